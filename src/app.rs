@@ -1,0 +1,1 @@
+//! Wires config, listeners, queue and delivery workers together; owns shutdown and reload.

@@ -1,0 +1,1 @@
+//! Mirror of the TOML policy file (serde only, no logic).

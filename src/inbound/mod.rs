@@ -1,0 +1,3 @@
+//! Listeners, the per-connection session driver and TLS.
+
+pub mod tls;

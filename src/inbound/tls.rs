@@ -1,0 +1,1 @@
+//! rustls server configuration from the policy's certificate and key.

@@ -1,0 +1,35 @@
+//! portcullis: a hardened SMTP edge relay.
+//!
+//! It accepts mail on port 25 (from the internet) and 587/465 (submission from users), enforces
+//! TLS, authentication, access lists and limits, writes every accepted message durably to its
+//! own spool before answering `250`, and forwards it to the mail server behind it.
+//!
+//! # Layout
+//!
+//! - [`config`]: the policy file. `raw` mirrors the TOML; `Config` is the validated, typed
+//!   policy compiled from it, with every error reported at once.
+//! - [`envelope`]: domain types: [`envelope::QueueId`], [`envelope::Address`],
+//!   [`envelope::Envelope`].
+//! - [`smtp`]: the sans-IO protocol engine: bytes in, events and replies out. No tokio, no
+//!   clock, no sockets.
+//! - [`policy`]: pure decisions compiled from `Config`, named after SMTP stages.
+//! - [`inbound`]: listeners, the per-connection driver, TLS.
+//! - [`queue`]: the durable spool, recovery and the data behind the `queue` commands.
+//! - [`outbound`]: the upstream SMTP client and delivery workers.
+//! - [`app`]: wires the above together and owns shutdown and reload.
+//!
+//! # One message
+//!
+//! listener accepts → policy connect check → greeting → session events (EHLO, STARTTLS, AUTH,
+//! MAIL, RCPT), each checked by policy → DATA streamed into a spool file under the size cap →
+//! end-of-data checks → `Received:` header → commit (fsync, rename, directory fsync) →
+//! `250 2.0.0 Ok: queued as ID` → delivery worker → upstream.
+
+pub mod app;
+pub mod config;
+pub mod envelope;
+pub mod inbound;
+pub mod outbound;
+pub mod policy;
+pub mod queue;
+pub mod smtp;

@@ -1,0 +1,1 @@
+//! Upstream SMTP client and delivery workers.

@@ -1,0 +1,1 @@
+//! Pure policy decisions compiled from the configuration, named after SMTP stages.

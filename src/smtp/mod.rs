@@ -1,0 +1,1 @@
+//! The sans-IO SMTP protocol engine.
