@@ -1,0 +1,287 @@
+//! Every reply a client can see, as named values in one place.
+//!
+//! A reply carries its RFC 5321 code, its RFC 3463 enhanced status code and a text that says
+//! what the client should do. The text never names a policy rule or a configuration key: the
+//! log line does that (DESIGN.md invariant 3).
+
+use std::borrow::Cow;
+use std::fmt::Write as _;
+
+/// One SMTP reply: `code enhanced text`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Reply {
+    pub code: u16,
+    /// RFC 3463 enhanced status code such as `5.7.1`; empty only for the greeting and the
+    /// EHLO reply, which precede ENHANCEDSTATUSCODES negotiation.
+    pub enhanced: &'static str,
+    pub text: Cow<'static, str>,
+}
+
+impl Reply {
+    /// A reply with fixed text.
+    pub const fn new(code: u16, enhanced: &'static str, text: &'static str) -> Reply {
+        Reply {
+            code,
+            enhanced,
+            text: Cow::Borrowed(text),
+        }
+    }
+
+    /// The same code with other text (for replies that carry a value, e.g. a queue id).
+    pub fn with_text(&self, text: impl Into<Cow<'static, str>>) -> Reply {
+        Reply {
+            code: self.code,
+            enhanced: self.enhanced,
+            text: text.into(),
+        }
+    }
+
+    /// True for 4xx and 5xx replies.
+    pub fn is_error(&self) -> bool {
+        self.code >= 400
+    }
+
+    /// True for 5xx replies.
+    pub fn is_permanent(&self) -> bool {
+        self.code >= 500
+    }
+
+    /// Append the wire form (`CODE SP ENHANCED SP TEXT CRLF`) to `out`.
+    pub fn write_to(&self, out: &mut Vec<u8>) {
+        let mut line = String::with_capacity(16 + self.text.len());
+        let _ = write!(line, "{}", self.code);
+        line.push(' ');
+        if !self.enhanced.is_empty() {
+            line.push_str(self.enhanced);
+            line.push(' ');
+        }
+        line.push_str(&self.text);
+        line.push_str("\r\n");
+        out.extend_from_slice(line.as_bytes());
+    }
+
+    /// Short form for logs: `550 5.7.1 Relay access denied`.
+    pub fn summary(&self) -> String {
+        if self.enhanced.is_empty() {
+            format!("{} {}", self.code, self.text)
+        } else {
+            format!("{} {} {}", self.code, self.enhanced, self.text)
+        }
+    }
+}
+
+impl std::fmt::Display for Reply {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.summary())
+    }
+}
+
+/// Write a multi-line reply: every line but the last as `CODE-TEXT`, the last as `CODE TEXT`.
+pub fn write_multiline(code: u16, lines: &[&str], out: &mut Vec<u8>) {
+    for (i, line) in lines.iter().enumerate() {
+        let sep = if i + 1 == lines.len() { ' ' } else { '-' };
+        out.extend_from_slice(format!("{code}{sep}{line}\r\n").as_bytes());
+    }
+}
+
+// --- Successful replies -------------------------------------------------------------------
+
+pub const OK: Reply = Reply::new(250, "2.0.0", "Ok");
+pub const SENDER_OK: Reply = Reply::new(250, "2.1.0", "Sender ok");
+pub const RECIPIENT_OK: Reply = Reply::new(250, "2.1.5", "Recipient ok");
+pub const RESET_OK: Reply = Reply::new(250, "2.0.0", "Reset");
+pub const NOOP_OK: Reply = Reply::new(250, "2.0.0", "Ok");
+/// The text is replaced with `Ok: queued as ID`.
+pub const QUEUED: Reply = Reply::new(250, "2.0.0", "Ok: queued");
+pub const START_DATA: Reply = Reply::new(354, "", "End data with <CR><LF>.<CR><LF>");
+pub const READY_FOR_TLS: Reply = Reply::new(220, "2.0.0", "Ready to start TLS");
+pub const BYE: Reply = Reply::new(221, "2.0.0", "Bye");
+pub const HELP: Reply = Reply::new(
+    214,
+    "2.0.0",
+    "Commands: EHLO HELO MAIL RCPT DATA RSET NOOP QUIT HELP VRFY STARTTLS AUTH",
+);
+pub const CANNOT_VRFY: Reply = Reply::new(
+    252,
+    "2.5.0",
+    "Cannot VRFY user, but will accept message and attempt delivery",
+);
+pub const AUTH_OK: Reply = Reply::new(235, "2.7.0", "Authentication successful");
+
+// --- Temporary failures -------------------------------------------------------------------
+
+pub const SHUTTING_DOWN: Reply = Reply::new(421, "4.3.0", "Service shutting down, try again later");
+pub const TOO_MANY_CONNECTIONS: Reply =
+    Reply::new(421, "4.3.2", "Too many connections, try again later");
+pub const TOO_MANY_FROM_IP: Reply = Reply::new(
+    421,
+    "4.7.0",
+    "Too many connections from your address, try again later",
+);
+pub const CONNECTION_RATE: Reply = Reply::new(
+    421,
+    "4.7.0",
+    "Connection rate limit exceeded, try again later",
+);
+pub const TOO_MANY_ERRORS: Reply = Reply::new(421, "4.7.0", "Too many errors, closing connection");
+pub const TIMEOUT: Reply = Reply::new(421, "4.4.2", "Timeout exceeded, closing connection");
+pub const SESSION_TOO_LONG: Reply = Reply::new(
+    421,
+    "4.4.2",
+    "Session time limit exceeded, closing connection",
+);
+pub const LINE_FLOOD: Reply = Reply::new(
+    421,
+    "4.7.0",
+    "Line too long without end, closing connection",
+);
+pub const LOCAL_ERROR: Reply =
+    Reply::new(451, "4.3.0", "Local error in processing, try again later");
+pub const RATE_LIMITED: Reply = Reply::new(451, "4.7.1", "Rate limit exceeded, try again later");
+pub const INSUFFICIENT_STORAGE: Reply =
+    Reply::new(452, "4.3.1", "Insufficient system storage, try again later");
+pub const TOO_MANY_RECIPIENTS: Reply = Reply::new(452, "4.5.3", "Too many recipients");
+pub const AUTH_LOCKED_OUT: Reply = Reply::new(
+    454,
+    "4.7.0",
+    "Too many authentication failures, try again later",
+);
+pub const AUTH_TEMPORARY: Reply = Reply::new(
+    454,
+    "4.7.0",
+    "Temporary authentication failure, try again later",
+);
+
+// --- Permanent failures -------------------------------------------------------------------
+
+pub const UNKNOWN_COMMAND: Reply = Reply::new(500, "5.5.1", "Command unrecognized");
+pub const LINE_TOO_LONG: Reply = Reply::new(500, "5.5.2", "Line too long");
+pub const BARE_LINE_ENDING: Reply = Reply::new(
+    500,
+    "5.5.2",
+    "Command lines must end with <CR><LF>; bare <CR> or <LF> not allowed",
+);
+pub const NUL_IN_COMMAND: Reply = Reply::new(500, "5.5.2", "NUL character not allowed");
+pub const AUTH_LINE_TOO_LONG: Reply =
+    Reply::new(500, "5.5.6", "Authentication exchange line is too long");
+pub const SYNTAX_ERROR: Reply = Reply::new(501, "5.5.2", "Syntax error in command or arguments");
+pub const HELO_SYNTAX: Reply = Reply::new(501, "5.5.2", "Syntax: EHLO hostname");
+pub const MAIL_SYNTAX: Reply = Reply::new(501, "5.5.2", "Syntax: MAIL FROM:<address>");
+pub const RCPT_SYNTAX: Reply = Reply::new(501, "5.5.2", "Syntax: RCPT TO:<address>");
+pub const BAD_SENDER_ADDRESS: Reply = Reply::new(553, "5.1.7", "Bad sender address syntax");
+pub const BAD_RECIPIENT_ADDRESS: Reply = Reply::new(553, "5.1.3", "Bad recipient address syntax");
+pub const NEED_SMTPUTF8: Reply = Reply::new(
+    553,
+    "5.6.7",
+    "Non-ASCII address requires SMTPUTF8 on MAIL FROM",
+);
+pub const BAD_BASE64: Reply = Reply::new(501, "5.5.2", "Invalid base64 data");
+pub const AUTH_CANCELLED: Reply = Reply::new(501, "5.7.0", "Authentication cancelled");
+pub const NOT_IMPLEMENTED: Reply = Reply::new(502, "5.5.1", "Command not implemented");
+pub const VRFY_DISABLED: Reply = Reply::new(502, "5.5.1", "VRFY command is disabled");
+pub const BAD_SEQUENCE: Reply = Reply::new(503, "5.5.1", "Bad sequence of commands");
+pub const NEED_HELO: Reply = Reply::new(503, "5.5.1", "Send EHLO or HELO first");
+pub const NEED_MAIL: Reply = Reply::new(503, "5.5.1", "Send MAIL FROM first");
+pub const NEED_RCPT: Reply = Reply::new(503, "5.5.1", "Send RCPT TO first");
+pub const NESTED_MAIL: Reply = Reply::new(503, "5.5.1", "Sender already specified");
+pub const ALREADY_AUTHENTICATED: Reply = Reply::new(503, "5.5.1", "Already authenticated");
+pub const AUTH_IN_TRANSACTION: Reply =
+    Reply::new(503, "5.5.1", "AUTH not allowed during a mail transaction");
+pub const ALREADY_TLS: Reply = Reply::new(503, "5.5.1", "TLS already active");
+pub const ACCESS_DENIED_AFTER_GREETING: Reply =
+    Reply::new(503, "5.7.1", "Access denied, please disconnect");
+pub const UNSUPPORTED_MECHANISM: Reply =
+    Reply::new(504, "5.5.4", "Unrecognized authentication mechanism");
+pub const UNSUPPORTED_PARAMETER: Reply =
+    Reply::new(555, "5.5.4", "Unsupported MAIL or RCPT parameter");
+pub const MUST_STARTTLS: Reply = Reply::new(530, "5.7.0", "Must issue a STARTTLS command first");
+pub const AUTH_REQUIRED: Reply = Reply::new(530, "5.7.0", "Authentication required");
+pub const AUTH_FAILED: Reply = Reply::new(535, "5.7.8", "Authentication credentials invalid");
+pub const AUTH_NEEDS_TLS: Reply = Reply::new(
+    538,
+    "5.7.11",
+    "Encryption required for requested authentication mechanism",
+);
+pub const STARTTLS_UNAVAILABLE: Reply = Reply::new(502, "5.5.1", "STARTTLS not available");
+pub const AUTH_UNAVAILABLE: Reply = Reply::new(502, "5.5.1", "AUTH not available");
+pub const MESSAGE_TOO_BIG: Reply = Reply::new(
+    552,
+    "5.3.4",
+    "Message size exceeds fixed maximum message size",
+);
+pub const BARE_LINE_ENDING_IN_DATA: Reply = Reply::new(
+    550,
+    "5.5.2",
+    "Message contains bare <CR> or <LF>; lines must end with <CR><LF>",
+);
+pub const TOO_MANY_HOPS: Reply = Reply::new(
+    554,
+    "5.4.6",
+    "Too many hops (Received headers), mail loop suspected",
+);
+pub const NO_VALID_RECIPIENTS: Reply = Reply::new(554, "5.5.1", "No valid recipients");
+pub const ACCESS_DENIED: Reply = Reply::new(554, "5.7.1", "Access denied");
+pub const EARLY_TALKER: Reply = Reply::new(
+    554,
+    "5.5.0",
+    "Protocol error: client sent data before the server's reply",
+);
+pub const RELAY_DENIED: Reply = Reply::new(550, "5.7.1", "Relay access denied");
+pub const UNKNOWN_USER: Reply =
+    Reply::new(550, "5.1.1", "Recipient address rejected: unknown user");
+pub const SENDER_NOT_OWNED: Reply =
+    Reply::new(553, "5.7.1", "Sender address rejected: not owned by user");
+pub const FROM_HEADER_NOT_OWNED: Reply = Reply::new(
+    550,
+    "5.7.1",
+    "From: header address rejected: not owned by user",
+);
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn wire_form_has_code_enhanced_and_crlf() {
+        let mut out = Vec::new();
+        RELAY_DENIED.write_to(&mut out);
+        assert_eq!(out, b"550 5.7.1 Relay access denied\r\n");
+        let mut out = Vec::new();
+        START_DATA.write_to(&mut out);
+        assert_eq!(out, b"354 End data with <CR><LF>.<CR><LF>\r\n");
+    }
+
+    #[test]
+    fn multiline_uses_dash_until_last() {
+        let mut out = Vec::new();
+        write_multiline(250, &["a", "b", "c"], &mut out);
+        assert_eq!(out, b"250-a\r\n250-b\r\n250 c\r\n");
+    }
+
+    #[test]
+    fn codes_match_enhanced_class() {
+        // The first digit of the enhanced code must agree with the reply class.
+        for r in [
+            OK,
+            QUEUED,
+            SHUTTING_DOWN,
+            TOO_MANY_CONNECTIONS,
+            LOCAL_ERROR,
+            INSUFFICIENT_STORAGE,
+            TOO_MANY_RECIPIENTS,
+            UNKNOWN_COMMAND,
+            LINE_TOO_LONG,
+            MUST_STARTTLS,
+            AUTH_NEEDS_TLS,
+            MESSAGE_TOO_BIG,
+            TOO_MANY_HOPS,
+            EARLY_TALKER,
+            RELAY_DENIED,
+            TIMEOUT,
+            AUTH_LOCKED_OUT,
+        ] {
+            let class = (r.code / 100).to_string();
+            assert!(r.enhanced.starts_with(&class), "{r}");
+        }
+    }
+}

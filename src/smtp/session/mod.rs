@@ -1,0 +1,853 @@
+//! The session state machine. See the module docs of [`crate::smtp`].
+
+use smtp_proto::{Error as ProtoError, MailFrom, RcptTo, Request};
+
+use super::data::{DataDecoder, DataFault};
+use super::line::{Frame, LineFramer};
+use super::reply::{self, Reply};
+use super::sasl::{self, Credentials, Mechanism, SaslError};
+use crate::envelope::{Address, Body, MailParams, ReversePath};
+
+/// Pending output above which [`Session::poll`] asks the driver to flush before it reads more
+/// commands, so a client that pipelines without reading replies cannot grow our buffer.
+const OUTPUT_HIGH_WATER: usize = 16 * 1024;
+
+/// Once this much consumed input sits at the front of the buffer, it is compacted.
+const COMPACT_AT: usize = 8 * 1024;
+
+/// Per-session protocol settings, taken from the listener and `[limits]`.
+#[derive(Debug, Clone)]
+pub struct SessionConfig {
+    /// Name in the banner and the EHLO reply.
+    pub hostname: String,
+    /// Octets per command line, including CRLF.
+    pub max_command_length: usize,
+    pub max_message_size: u64,
+    pub max_recipients: usize,
+    /// Error replies (4xx/5xx) before the session is closed with `421 4.7.0`.
+    pub max_errors: u32,
+    /// STARTTLS may be offered (a `starttls` listener before the handshake).
+    pub starttls: bool,
+    /// The session starts inside TLS (an `implicit` listener).
+    pub implicit_tls: bool,
+    /// MAIL and AUTH need TLS first.
+    pub require_tls: bool,
+    /// AUTH is offered (once TLS is up).
+    pub auth_enabled: bool,
+    /// MAIL needs AUTH first.
+    pub auth_required: bool,
+}
+
+/// One mail transaction: the sender and the recipients accepted so far.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Transaction {
+    pub from: ReversePath,
+    pub params: MailParams,
+    pub recipients: Vec<Address>,
+    /// Recipients refused so far (decides between `503` and `554` at DATA).
+    pub refused: u32,
+}
+
+/// What the driver must do next.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Event {
+    /// Write the pending output, then read more input (under the command or DATA timeout).
+    NeedInput,
+    /// Write the pending output before polling again.
+    Flush,
+    /// Write the pending output and close the connection.
+    Close,
+    /// The engine refused a command by itself; the reply is already queued. For the log.
+    Rejected { reply: Reply, rule: &'static str },
+    /// EHLO (`extended`) or HELO. Answer with `accept` or `reject`.
+    Helo { name: String, extended: bool },
+    /// `220` is queued: flush it, run the TLS handshake on the raw connection, then call
+    /// [`Session::tls_started`]. `discarded` octets the client pipelined after STARTTLS were
+    /// thrown away unexecuted (STARTTLS injection).
+    StartTls { discarded: usize },
+    /// A complete SASL exchange: verify, then `accept` or `reject`.
+    Auth(Credentials),
+    /// MAIL FROM passed protocol checks: `accept` or `reject`.
+    Mail {
+        from: ReversePath,
+        params: MailParams,
+    },
+    /// RCPT TO passed protocol checks: `accept` or `reject`.
+    Rcpt(Address),
+    /// DATA: prepare the spool, then `accept` (354) or `reject`.
+    DataStart,
+    /// Message octets are ready in [`Session::data_chunk`] (un-dot-stuffed, in order).
+    DataChunk,
+    /// The message ended cleanly: commit it, then `queued(id)` or `reject`.
+    DataEnd,
+    /// The message ended but is refused; the reply is queued. Discard what was spooled.
+    DataRejected(DataFault),
+}
+
+/// SASL exchange in progress.
+#[derive(Debug)]
+enum SaslStep {
+    PlainResponse,
+    LoginUser,
+    LoginPassword { login: String },
+}
+
+#[derive(Debug)]
+enum State {
+    /// Refused at connect: only QUIT is answered with anything but `503 5.7.1`.
+    Refused,
+    /// Connected (or just through STARTTLS): EHLO/HELO needed.
+    Fresh,
+    /// Greeted, no transaction.
+    Idle,
+    /// MAIL accepted, collecting recipients.
+    Mail(Transaction),
+    /// Receiving message octets.
+    Data {
+        tx: Transaction,
+        decoder: DataDecoder,
+        finished: bool,
+    },
+    /// In a SASL exchange.
+    Sasl(SaslStep),
+    /// Done: nothing more is read.
+    Closed,
+}
+
+/// A question put to the driver, waiting for its answer.
+#[derive(Debug)]
+enum Pending {
+    Helo {
+        name: String,
+        extended: bool,
+    },
+    Mail {
+        from: ReversePath,
+        params: MailParams,
+    },
+    Rcpt(Address),
+    DataStart,
+    DataEnd,
+    Auth(Credentials),
+}
+
+/// One SMTP server session, sans I/O.
+#[derive(Debug)]
+pub struct Session {
+    config: SessionConfig,
+    state: State,
+    pending: Option<Pending>,
+    helo: Option<String>,
+    extended: bool,
+    tls: bool,
+    user: Option<String>,
+    errors: u32,
+    input: Vec<u8>,
+    start: usize,
+    framer: LineFramer,
+    out: Vec<u8>,
+    chunk: Vec<u8>,
+}
+
+impl Session {
+    /// A new session; nothing is queued until [`Session::greet`] or [`Session::refuse`].
+    pub fn new(config: SessionConfig) -> Session {
+        let tls = config.implicit_tls;
+        Session {
+            config,
+            state: State::Fresh,
+            pending: None,
+            helo: None,
+            extended: false,
+            tls,
+            user: None,
+            errors: 0,
+            input: Vec::new(),
+            start: 0,
+            framer: LineFramer::default(),
+            out: Vec::new(),
+            chunk: Vec::new(),
+        }
+    }
+
+    /// Queue the `220` banner.
+    pub fn greet(&mut self) {
+        let banner = Reply {
+            code: 220,
+            enhanced: "",
+            text: format!("{} ESMTP ready", self.config.hostname).into(),
+        };
+        banner.write_to(&mut self.out);
+    }
+
+    /// Refuse the client at connect: queue `reply` (normally `554 5.7.1`) as the greeting and
+    /// answer every later command but QUIT with `503 5.7.1` (RFC 5321 §3.1).
+    pub fn refuse(&mut self, reply: &Reply) {
+        reply.write_to(&mut self.out);
+        self.state = State::Refused;
+    }
+
+    /// Queue `reply` and close (timeouts, shutdown, early talkers, connection caps).
+    pub fn close_with(&mut self, reply: &Reply) {
+        reply.write_to(&mut self.out);
+        self.state = State::Closed;
+        self.pending = None;
+    }
+
+    /// Append octets read from the client.
+    pub fn receive(&mut self, data: &[u8]) {
+        if matches!(self.state, State::Closed) {
+            return;
+        }
+        if self.start == self.input.len() {
+            self.input.clear();
+            self.start = 0;
+        } else if self.start >= COMPACT_AT {
+            self.input.drain(..self.start);
+            self.start = 0;
+        }
+        self.input.extend_from_slice(data);
+    }
+
+    /// Octets received but not yet processed.
+    pub fn buffered_input(&self) -> usize {
+        self.input.len() - self.start
+    }
+
+    /// Replies waiting to be written.
+    pub fn output(&self) -> &[u8] {
+        &self.out
+    }
+
+    /// Mark the output as written.
+    pub fn clear_output(&mut self) {
+        self.out.clear();
+        if self.out.capacity() > 4 * OUTPUT_HIGH_WATER {
+            self.out.shrink_to(1024);
+        }
+    }
+
+    /// The EHLO/HELO name, once given.
+    pub fn helo(&self) -> Option<&str> {
+        self.helo.as_deref()
+    }
+
+    /// The authenticated login, if any.
+    pub fn user(&self) -> Option<&str> {
+        self.user.as_deref()
+    }
+
+    /// True once TLS is active.
+    pub fn is_tls(&self) -> bool {
+        self.tls
+    }
+
+    /// True while message octets are being received (the driver applies the DATA timeout
+    /// and lets a shutdown wait for it).
+    pub fn in_data(&self) -> bool {
+        matches!(self.state, State::Data { .. })
+    }
+
+    /// True once the session has ended.
+    pub fn is_closed(&self) -> bool {
+        matches!(self.state, State::Closed)
+    }
+
+    /// The current transaction (valid from MAIL until the end of DATA).
+    pub fn transaction(&self) -> Option<&Transaction> {
+        match &self.state {
+            State::Mail(tx) | State::Data { tx, .. } => Some(tx),
+            _ => None,
+        }
+    }
+
+    /// The TLS handshake after STARTTLS succeeded: the session starts over (RFC 3207 §4.2).
+    pub fn tls_started(&mut self) {
+        self.tls = true;
+        self.helo = None;
+        self.extended = false;
+        self.user = None;
+        self.state = State::Fresh;
+    }
+
+    /// The client was silent too long.
+    pub fn timeout(&mut self) {
+        self.close_with(&reply::TIMEOUT);
+    }
+
+    /// Next thing for the driver to do.
+    pub fn poll(&mut self) -> Event {
+        debug_assert!(self.pending.is_none(), "poll() while a verdict is pending");
+        loop {
+            if self.pending.is_some() {
+                return Event::NeedInput;
+            }
+            if matches!(self.state, State::Closed) {
+                return Event::Close;
+            }
+            if self.out.len() >= OUTPUT_HIGH_WATER {
+                return Event::Flush;
+            }
+            let step = if matches!(self.state, State::Data { .. }) {
+                self.poll_data()
+            } else {
+                self.poll_command()
+            };
+            if let Some(event) = step {
+                return event;
+            }
+        }
+    }
+
+    /// The message octets announced by the last [`Event::DataChunk`].
+    pub fn data_chunk(&self) -> &[u8] {
+        &self.chunk
+    }
+
+    // --- Verdicts ------------------------------------------------------------------------
+
+    /// The driver accepts the pending request.
+    pub fn accept(&mut self) {
+        let Some(pending) = self.pending.take() else {
+            return;
+        };
+        match pending {
+            Pending::Helo { name, extended } => {
+                self.helo = Some(name);
+                self.extended = extended;
+                self.state = State::Idle;
+                if extended {
+                    self.write_ehlo();
+                } else {
+                    reply::Reply {
+                        code: 250,
+                        enhanced: "",
+                        text: self.config.hostname.clone().into(),
+                    }
+                    .write_to(&mut self.out);
+                }
+            }
+            Pending::Mail { from, params } => {
+                self.state = State::Mail(Transaction {
+                    from,
+                    params,
+                    recipients: Vec::new(),
+                    refused: 0,
+                });
+                reply::SENDER_OK.write_to(&mut self.out);
+            }
+            Pending::Rcpt(address) => {
+                if let State::Mail(tx) = &mut self.state {
+                    tx.recipients.push(address);
+                }
+                reply::RECIPIENT_OK.write_to(&mut self.out);
+            }
+            Pending::DataStart => {
+                if let State::Mail(tx) = std::mem::replace(&mut self.state, State::Idle) {
+                    self.state = State::Data {
+                        tx,
+                        decoder: DataDecoder::new(self.config.max_message_size),
+                        finished: false,
+                    };
+                }
+                reply::START_DATA.write_to(&mut self.out);
+            }
+            Pending::DataEnd => {
+                // A DataEnd must be answered with `queued` or `reject`; treat a bare accept
+                // as a local error rather than claim the message was queued.
+                self.state = State::Idle;
+                self.count_error(&reply::LOCAL_ERROR);
+            }
+            Pending::Auth(credentials) => {
+                self.user = Some(credentials.login);
+                self.state = State::Idle;
+                reply::AUTH_OK.write_to(&mut self.out);
+            }
+        }
+    }
+
+    /// The driver refuses the pending request with `reply` (which counts as an error).
+    pub fn reject(&mut self, reply: &Reply) {
+        let Some(pending) = self.pending.take() else {
+            return;
+        };
+        match pending {
+            Pending::Rcpt(_) => {
+                if let State::Mail(tx) = &mut self.state {
+                    tx.refused += 1;
+                }
+            }
+            Pending::DataEnd | Pending::Auth(_) => self.state = State::Idle,
+            Pending::Helo { .. } | Pending::Mail { .. } | Pending::DataStart => {}
+        }
+        self.count_error(reply);
+    }
+
+    /// The message of the pending DataEnd is durable under `id`.
+    pub fn queued(&mut self, id: &str) {
+        if matches!(self.pending.take(), Some(Pending::DataEnd)) {
+            self.state = State::Idle;
+            reply::QUEUED
+                .with_text(format!("Ok: queued as {id}"))
+                .write_to(&mut self.out);
+        }
+    }
+
+    // --- Internals -----------------------------------------------------------------------
+
+    fn write_ehlo(&mut self) {
+        let mut lines = vec![
+            self.config.hostname.clone(),
+            "PIPELINING".to_string(),
+            format!("SIZE {}", self.config.max_message_size),
+            "8BITMIME".to_string(),
+            "SMTPUTF8".to_string(),
+            "ENHANCEDSTATUSCODES".to_string(),
+        ];
+        if self.config.starttls && !self.tls {
+            lines.push("STARTTLS".to_string());
+        }
+        if self.config.auth_enabled && self.tls {
+            lines.push("AUTH PLAIN LOGIN".to_string());
+        }
+        lines.push("HELP".to_string());
+        let refs: Vec<&str> = lines.iter().map(String::as_str).collect();
+        reply::write_multiline(250, &refs, &mut self.out);
+    }
+
+    /// Queue an error reply and count it; past the budget, close with `421 4.7.0`.
+    fn count_error(&mut self, reply: &Reply) {
+        reply.write_to(&mut self.out);
+        self.errors += 1;
+        if self.errors >= self.config.max_errors {
+            self.close_with(&reply::TOO_MANY_ERRORS);
+        }
+    }
+
+    /// Refuse a command: queue the reply, count it, report it for the log.
+    fn refuse_command(&mut self, reply: Reply, rule: &'static str) -> Option<Event> {
+        self.count_error(&reply);
+        Some(Event::Rejected { reply, rule })
+    }
+
+    /// Close at once with `reply`, reporting it for the log.
+    fn fatal(&mut self, reply: Reply, rule: &'static str) -> Option<Event> {
+        self.close_with(&reply);
+        Some(Event::Rejected { reply, rule })
+    }
+
+    fn poll_data(&mut self) -> Option<Event> {
+        let State::Data {
+            decoder, finished, ..
+        } = &mut self.state
+        else {
+            return Some(Event::NeedInput);
+        };
+        if *finished {
+            self.pending = Some(Pending::DataEnd);
+            return Some(Event::DataEnd);
+        }
+        if self.start == self.input.len() {
+            return Some(Event::NeedInput);
+        }
+        self.chunk.clear();
+        let r = decoder.decode(&self.input[self.start..], &mut self.chunk);
+        self.start += r.consumed;
+        if r.finished {
+            if let Some(fault) = decoder.fault() {
+                self.state = State::Idle;
+                let reply = match fault {
+                    DataFault::BareLineEnding => reply::BARE_LINE_ENDING_IN_DATA,
+                    DataFault::TooBig => reply::MESSAGE_TOO_BIG,
+                };
+                self.count_error(&reply);
+                return Some(Event::DataRejected(fault));
+            }
+            *finished = true;
+            if self.chunk.is_empty() {
+                self.pending = Some(Pending::DataEnd);
+                return Some(Event::DataEnd);
+            }
+        }
+        if self.chunk.is_empty() {
+            return Some(Event::NeedInput);
+        }
+        Some(Event::DataChunk)
+    }
+
+    fn poll_command(&mut self) -> Option<Event> {
+        let sasl = matches!(self.state, State::Sasl(_));
+        let (frame, consumed) = self.framer.next(
+            &self.input[self.start..],
+            self.config.max_command_length,
+            sasl,
+        );
+        let base = self.start;
+        self.start += consumed;
+        let (line_start, line_end) = match frame {
+            Frame::Incomplete => return Some(Event::NeedInput),
+            Frame::Line { start, end } => (base + start, base + end),
+            Frame::Flood => return self.fatal(reply::LINE_FLOOD, "line_flood"),
+            other => {
+                if sasl {
+                    self.state = State::Idle;
+                }
+                let (reply, rule) = match other {
+                    Frame::Nul => (reply::NUL_IN_COMMAND, "nul_in_command"),
+                    Frame::BareCr => (reply::BARE_LINE_ENDING, "bare_cr_in_command"),
+                    Frame::BareLf => (reply::BARE_LINE_ENDING, "bare_lf_in_command"),
+                    Frame::TooLong { auth: true } => {
+                        (reply::AUTH_LINE_TOO_LONG, "auth_line_too_long")
+                    }
+                    _ => (reply::LINE_TOO_LONG, "command_too_long"),
+                };
+                return self.refuse_command(reply, rule);
+            }
+        };
+        match &self.state {
+            State::Sasl(_) => {
+                let line = self.input[line_start..line_end].to_vec();
+                self.sasl_response(&line)
+            }
+            State::Refused => {
+                if self.input[line_start..line_end].eq_ignore_ascii_case(b"QUIT") {
+                    self.close_with(&reply::BYE);
+                    return Some(Event::Close);
+                }
+                self.refuse_command(reply::ACCESS_DENIED_AFTER_GREETING, "access_denied")
+            }
+            _ => {
+                // smtp-proto wants the line with its line end.
+                let parsed = Request::parse(&mut self.input[line_start..line_end + 2].iter())
+                    .map(Request::into_owned);
+                let is_postmaster = self.input[line_start..line_end]
+                    .to_ascii_lowercase()
+                    .windows(12)
+                    .any(|w| w == b"<postmaster>");
+                self.command(parsed, is_postmaster)
+            }
+        }
+    }
+
+    fn command(
+        &mut self,
+        parsed: Result<Request<String>, ProtoError>,
+        is_postmaster: bool,
+    ) -> Option<Event> {
+        let request = match parsed {
+            Ok(r) => r,
+            Err(e) => return self.parse_error(e),
+        };
+        match request {
+            Request::Ehlo { host } => self.helo_command(host, true),
+            Request::Helo { host } => self.helo_command(host, false),
+            Request::Mail { from } => self.mail(from),
+            Request::Rcpt { to } => self.rcpt(to, is_postmaster),
+            Request::Data => self.data(),
+            Request::Rset => {
+                self.state = if self.helo.is_some() {
+                    State::Idle
+                } else {
+                    State::Fresh
+                };
+                reply::RESET_OK.write_to(&mut self.out);
+                None
+            }
+            Request::Noop { .. } => {
+                reply::NOOP_OK.write_to(&mut self.out);
+                None
+            }
+            Request::Help { .. } => {
+                reply::HELP.write_to(&mut self.out);
+                None
+            }
+            Request::Vrfy { .. } => {
+                reply::CANNOT_VRFY.write_to(&mut self.out);
+                None
+            }
+            Request::Quit => {
+                self.close_with(&reply::BYE);
+                Some(Event::Close)
+            }
+            Request::StartTls => self.starttls(),
+            Request::Auth {
+                mechanism,
+                initial_response,
+            } => self.auth(mechanism, initial_response),
+            Request::Expn { .. }
+            | Request::Etrn { .. }
+            | Request::Atrn { .. }
+            | Request::Bdat { .. }
+            | Request::Burl { .. }
+            | Request::Lhlo { .. } => {
+                self.refuse_command(reply::NOT_IMPLEMENTED, "not_implemented")
+            }
+        }
+    }
+
+    fn parse_error(&mut self, e: ProtoError) -> Option<Event> {
+        let (reply, rule) = match e {
+            ProtoError::UnknownCommand => (reply::UNKNOWN_COMMAND, "unknown_command"),
+            ProtoError::InvalidSenderAddress => (reply::BAD_SENDER_ADDRESS, "bad_sender_syntax"),
+            ProtoError::InvalidRecipientAddress => {
+                (reply::BAD_RECIPIENT_ADDRESS, "bad_recipient_syntax")
+            }
+            ProtoError::SyntaxError { syntax } => (
+                reply::SYNTAX_ERROR.with_text(format!("Syntax: {syntax}")),
+                "syntax_error",
+            ),
+            ProtoError::InvalidParameter { .. } | ProtoError::UnsupportedParameter { .. } => {
+                (reply::UNSUPPORTED_PARAMETER, "unsupported_parameter")
+            }
+            _ => (reply::SYNTAX_ERROR, "syntax_error"),
+        };
+        self.refuse_command(reply, rule)
+    }
+
+    /// RFC 2920 §3.1: EHLO, HELO and DATA end a pipelined group; a client that sent more
+    /// before seeing their reply is not a conforming SMTP client (or is a spam engine).
+    fn early_talker(&self) -> bool {
+        self.start < self.input.len()
+    }
+
+    fn helo_command(&mut self, host: String, extended: bool) -> Option<Event> {
+        if self.early_talker() {
+            return self.fatal(reply::EARLY_TALKER, "early_talker");
+        }
+        if host.is_empty() || host.chars().any(|c| c.is_control()) {
+            return self.refuse_command(reply::HELO_SYNTAX, "helo_syntax");
+        }
+        self.pending = Some(Pending::Helo {
+            name: host.clone(),
+            extended,
+        });
+        let name = host;
+        Some(Event::Helo { name, extended })
+    }
+
+    fn mail(&mut self, from: MailFrom<String>) -> Option<Event> {
+        if self.helo.is_none() {
+            return self.refuse_command(reply::NEED_HELO, "need_helo");
+        }
+        if matches!(self.state, State::Mail(_)) {
+            return self.refuse_command(reply::NESTED_MAIL, "nested_mail");
+        }
+        if self.config.require_tls && !self.tls {
+            return self.refuse_command(reply::MUST_STARTTLS, "require_tls");
+        }
+        if self.config.auth_required && self.user.is_none() {
+            return self.refuse_command(reply::AUTH_REQUIRED, "auth_required");
+        }
+        let params = match mail_params(&from, self.extended) {
+            Ok(p) => p,
+            Err(()) => return self.refuse_command(reply::UNSUPPORTED_PARAMETER, "mail_parameter"),
+        };
+        if params
+            .size
+            .is_some_and(|s| s > self.config.max_message_size)
+        {
+            return self.refuse_command(reply::MESSAGE_TOO_BIG, "declared_size");
+        }
+        let path = if from.address.is_empty() {
+            ReversePath::Null
+        } else {
+            match Address::parse(&from.address) {
+                Ok(a) => ReversePath::Address(a),
+                Err(_) => return self.refuse_command(reply::BAD_SENDER_ADDRESS, "bad_sender"),
+            }
+        };
+        if path.address().is_some_and(Address::is_utf8) && !params.smtputf8 {
+            return self.refuse_command(reply::NEED_SMTPUTF8, "utf8_without_smtputf8");
+        }
+        self.pending = Some(Pending::Mail {
+            from: path.clone(),
+            params: params.clone(),
+        });
+        Some(Event::Mail { from: path, params })
+    }
+
+    fn rcpt(&mut self, to: RcptTo<String>, is_postmaster: bool) -> Option<Event> {
+        let State::Mail(tx) = &self.state else {
+            return if self.helo.is_none() {
+                self.refuse_command(reply::NEED_HELO, "need_helo")
+            } else {
+                self.refuse_command(reply::NEED_MAIL, "need_mail")
+            };
+        };
+        if to.flags != 0 || to.orcpt.is_some() || to.rrvs != 0 {
+            return self.refuse_command(reply::UNSUPPORTED_PARAMETER, "rcpt_parameter");
+        }
+        let smtputf8 = tx.params.smtputf8;
+        let count = tx.recipients.len();
+        // smtp-proto reports `<postmaster>` (RFC 5321 §4.5.1) as an empty address.
+        let text = if to.address.is_empty() && is_postmaster {
+            format!("postmaster@{}", self.config.hostname)
+        } else {
+            to.address
+        };
+        let address = match Address::parse(&text) {
+            Ok(a) => a,
+            Err(_) => return self.refuse_command(reply::BAD_RECIPIENT_ADDRESS, "bad_recipient"),
+        };
+        if address.is_utf8() && !smtputf8 {
+            return self.refuse_command(reply::NEED_SMTPUTF8, "utf8_without_smtputf8");
+        }
+        if count >= self.config.max_recipients {
+            return self.refuse_command(reply::TOO_MANY_RECIPIENTS, "max_recipients");
+        }
+        self.pending = Some(Pending::Rcpt(address.clone()));
+        Some(Event::Rcpt(address))
+    }
+
+    fn data(&mut self) -> Option<Event> {
+        if self.early_talker() {
+            return self.fatal(reply::EARLY_TALKER, "early_talker");
+        }
+        let (reply, rule) = match &self.state {
+            State::Mail(tx) if !tx.recipients.is_empty() => {
+                self.pending = Some(Pending::DataStart);
+                return Some(Event::DataStart);
+            }
+            State::Mail(tx) if tx.refused > 0 => (reply::NO_VALID_RECIPIENTS, "no_valid_rcpt"),
+            State::Mail(_) => (reply::NEED_RCPT, "need_rcpt"),
+            _ if self.helo.is_none() => (reply::NEED_HELO, "need_helo"),
+            _ => (reply::NEED_MAIL, "need_mail"),
+        };
+        self.refuse_command(reply, rule)
+    }
+
+    fn starttls(&mut self) -> Option<Event> {
+        if self.tls {
+            return self.refuse_command(reply::ALREADY_TLS, "tls_active");
+        }
+        if !self.config.starttls {
+            return self.refuse_command(reply::STARTTLS_UNAVAILABLE, "starttls_unavailable");
+        }
+        // STARTTLS injection: whatever followed STARTTLS in the plaintext stream must never be
+        // executed, before or after the handshake.
+        let discarded = self.input.len() - self.start;
+        self.start = self.input.len();
+        reply::READY_FOR_TLS.write_to(&mut self.out);
+        Some(Event::StartTls { discarded })
+    }
+
+    fn auth(&mut self, mechanism: u64, initial: String) -> Option<Event> {
+        if !self.config.auth_enabled {
+            return self.refuse_command(reply::AUTH_UNAVAILABLE, "auth_unavailable");
+        }
+        if self.config.require_tls && !self.tls {
+            return self.refuse_command(reply::MUST_STARTTLS, "require_tls");
+        }
+        if !self.tls {
+            return self.refuse_command(reply::AUTH_NEEDS_TLS, "auth_without_tls");
+        }
+        if self.helo.is_none() {
+            return self.refuse_command(reply::NEED_HELO, "need_helo");
+        }
+        if self.user.is_some() {
+            return self.refuse_command(reply::ALREADY_AUTHENTICATED, "already_authenticated");
+        }
+        if matches!(self.state, State::Mail(_)) {
+            return self.refuse_command(reply::AUTH_IN_TRANSACTION, "auth_in_transaction");
+        }
+        let mechanism = match mechanism {
+            smtp_proto::AUTH_PLAIN => Mechanism::Plain,
+            smtp_proto::AUTH_LOGIN => Mechanism::Login,
+            _ => return self.refuse_command(reply::UNSUPPORTED_MECHANISM, "auth_mechanism"),
+        };
+        match (mechanism, initial.is_empty()) {
+            (Mechanism::Plain, true) => {
+                self.state = State::Sasl(SaslStep::PlainResponse);
+                Reply::new(334, "", "").write_to(&mut self.out);
+                None
+            }
+            (Mechanism::Login, true) => {
+                self.state = State::Sasl(SaslStep::LoginUser);
+                Reply::new(334, "", "VXNlcm5hbWU6").write_to(&mut self.out);
+                None
+            }
+            (Mechanism::Plain, false) => {
+                self.state = State::Sasl(SaslStep::PlainResponse);
+                self.sasl_response(initial.as_bytes())
+            }
+            (Mechanism::Login, false) => {
+                self.state = State::Sasl(SaslStep::LoginUser);
+                self.sasl_response(initial.as_bytes())
+            }
+        }
+    }
+
+    fn sasl_response(&mut self, line: &[u8]) -> Option<Event> {
+        let State::Sasl(step) = std::mem::replace(&mut self.state, State::Idle) else {
+            return Some(Event::NeedInput);
+        };
+        let result = sasl::decode_response(line).and_then(|decoded| match step {
+            SaslStep::PlainResponse => sasl::parse_plain(&decoded).map(Some),
+            SaslStep::LoginUser => {
+                let login = sasl::parse_login_field(decoded)?;
+                self.state = State::Sasl(SaslStep::LoginPassword { login });
+                Ok(None)
+            }
+            SaslStep::LoginPassword { login } => Ok(Some(Credentials {
+                mechanism: Mechanism::Login,
+                login,
+                password: sasl::parse_login_field(decoded)?,
+            })),
+        });
+        match result {
+            Ok(Some(credentials)) => {
+                self.pending = Some(Pending::Auth(credentials.clone()));
+                Some(Event::Auth(credentials))
+            }
+            Ok(None) => {
+                Reply::new(334, "", "UGFzc3dvcmQ6").write_to(&mut self.out);
+                None
+            }
+            Err(e) => {
+                self.state = State::Idle;
+                let (reply, rule) = match e {
+                    SaslError::Cancelled => (reply::AUTH_CANCELLED, "auth_cancelled"),
+                    SaslError::BadBase64 => (reply::BAD_BASE64, "auth_bad_base64"),
+                    SaslError::Malformed => (reply::BAD_BASE64, "auth_malformed"),
+                    SaslError::AuthzidMismatch => (reply::AUTH_FAILED, "auth_authzid_mismatch"),
+                };
+                self.refuse_command(reply, rule)
+            }
+        }
+    }
+}
+
+/// Translate MAIL FROM parameters into the ones portcullis honours; anything it does not
+/// advertise is refused rather than silently dropped.
+fn mail_params(from: &MailFrom<String>, extended: bool) -> Result<MailParams, ()> {
+    use smtp_proto::{MAIL_BODY_7BIT, MAIL_BODY_8BITMIME, MAIL_SMTPUTF8};
+    let known = MAIL_BODY_7BIT | MAIL_BODY_8BITMIME | MAIL_SMTPUTF8;
+    let unsupported = from.flags & !known != 0
+        || from.env_id.is_some()
+        || from.trans_id.is_some()
+        || from.solicit.is_some()
+        || from.mtrk.is_some()
+        || from.by != 0
+        || from.hold_for != 0
+        || from.hold_until != 0
+        || from.mt_priority != 0;
+    let any = from.flags != 0 || from.size != 0 || from.auth.is_some();
+    if unsupported || (!extended && any) {
+        return Err(());
+    }
+    let body = if from.flags & MAIL_BODY_8BITMIME != 0 {
+        Some(Body::EightBitMime)
+    } else if from.flags & MAIL_BODY_7BIT != 0 {
+        Some(Body::SevenBit)
+    } else {
+        None
+    };
+    Ok(MailParams {
+        body,
+        smtputf8: from.flags & MAIL_SMTPUTF8 != 0,
+        size: (from.size != 0).then_some(from.size as u64),
+    })
+}
+
+#[cfg(test)]
+mod tests;
