@@ -475,15 +475,21 @@ fn exact_id(name: &str) -> Option<QueueId> {
         .filter(|id| id.as_str() == name)
 }
 
-/// Open a message file, mapping "absent" to [`SpoolError::NotFound`].
+/// Open a message file, mapping "absent" to [`SpoolError::NotFound`]. Symlinks are not
+/// followed: nothing legitimate puts one in `queue/`, and following it could read a file
+/// outside the spool.
 fn open_message_file(path: &Path, id: &QueueId) -> Result<File, SpoolError> {
-    File::open(path).map_err(|e| {
-        if e.kind() == io::ErrorKind::NotFound {
-            SpoolError::NotFound(id.clone())
-        } else {
-            SpoolError::io("open", path)(e)
-        }
-    })
+    OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NOFOLLOW)
+        .open(path)
+        .map_err(|e| {
+            if e.kind() == io::ErrorKind::NotFound {
+                SpoolError::NotFound(id.clone())
+            } else {
+                SpoolError::io("open", path)(e)
+            }
+        })
 }
 
 /// Create a new private file (never reusing an existing one).

@@ -115,8 +115,10 @@ pub fn list_json(msgs: &[QueuedMessage], now: u64) -> String {
 }
 
 /// `queue show ID`: the envelope, the delivery state, then the message header section taken
-/// from `message_head` (the first bytes of the message: up to the first blank line, at most
-/// [`SHOW_HEADER_LIMIT`] bytes).
+/// from `message_head` (up to the first blank line, at most [`SHOW_HEADER_LIMIT`] bytes).
+/// Pass the first `SHOW_HEADER_LIMIT` bytes of the message, as returned by
+/// `Spool::read_message_head(id, SHOW_HEADER_LIMIT as u64)`: a shorter slice is taken to be
+/// the whole message.
 pub fn show(msg: &QueuedMessage, message_head: &[u8]) -> String {
     let mut out = String::new();
     show_envelope(&mut out, &msg.envelope, &msg.state, msg.size);

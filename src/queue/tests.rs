@@ -519,3 +519,17 @@ fn show_prints_envelope_state_and_headers_only() {
     assert!(text.contains("truncated"));
     assert!(text.len() < SHOW_HEADER_LIMIT + 4096);
 }
+
+#[test]
+fn symlinks_in_queue_are_not_followed() {
+    let (d, spool) = spool();
+    let outside = d.path().join("secret");
+    fs::write(&outside, b"secret").unwrap();
+    let id = QueueId::generate();
+    std::os::unix::fs::symlink(&outside, spool.root().join("queue").join(id.as_str())).unwrap();
+    assert!(spool.read_message(&id).is_err());
+    assert!(spool.list().unwrap().is_empty());
+    let report = spool.recover().unwrap();
+    assert_eq!(report.quarantined.len(), 1);
+    assert_eq!(fs::read(&outside).unwrap(), b"secret");
+}
