@@ -1,1 +1,562 @@
-//! The durable spool.
+//! The durable spool: one file per accepted message, committed before the client hears `250`.
+//!
+//! This module owns everything under the spool directory. It knows envelopes and message
+//! bytes, not sockets or SMTP: the inbound driver streams DATA into a [`SpoolWriter`], the
+//! delivery workers read with [`Spool::list`] / [`Spool::open_message`] and record progress
+//! with [`Spool::write_state`], and the `queue` commands use [`report`].
+//!
+//! # On-disk format
+//!
+//! ```text
+//! SPOOL/tmp/             messages being received (read by nobody but their writer)
+//! SPOOL/queue/ID         committed messages, one file each
+//! SPOOL/queue/ID.state   delivery progress (optional, replaced atomically)
+//! SPOOL/quarantine/      files recovery could not understand (moved here, never deleted)
+//! ```
+//!
+//! A message file is the line `PORTCULLIS-SPOOL 1\n`, then the [`Envelope`] as one line of
+//! JSON and `\n`, then the raw message bytes exactly as they will be sent upstream (CRLF line
+//! endings, already un-dot-stuffed). The envelope is known before DATA starts, so the header is
+//! written first and the message is streamed after it; the message size is the file length
+//! minus the header length. `ID.state` is a JSON [`DeliveryState`]; when absent the message is
+//! fresh (no attempts, due at its reception time).
+//!
+//! # Durability order (DESIGN invariant 1)
+//!
+//! [`SpoolWriter::commit`] does, in this order: flush the buffer, `fsync` the data
+//! (`sync_data`), `rename(tmp/ID, queue/ID)`, `fsync` the `queue/` directory, and only then
+//! returns. Why each step:
+//!
+//! - data fsync before rename: otherwise a power loss can leave a renamed, visible file whose
+//!   blocks were never written (zero-length or holes) — a "committed" message that is garbage;
+//! - rename as the commit point: it is atomic, so `queue/` only ever holds complete files and a
+//!   crash leaves either a leftover in `tmp/` (removed by [`Spool::recover`]) or the whole file;
+//! - directory fsync before replying: the rename itself is a change to the directory, and until
+//!   the directory is on disk a crash may undo it, losing a message already acknowledged.
+//!
+//! If a step fails the caller answers with a temporary error (4xx) instead of `250`. If only
+//! the final directory fsync fails the file is already visible in `queue/` and is left there:
+//! the client retries and the message may be delivered twice, which invariant 1 allows
+//! (at-least-once), whereas deleting it could race with a worker already sending it.
+//! `ID.state` is replaced the same way (temp file in `tmp/`, fsync, rename, directory fsync).
+//!
+//! # Use from async code
+//!
+//! Every method here is blocking. [`SpoolWriter::write`] only appends to a 64 KiB buffer and the
+//! page cache, so the relay calls it inline on the reactor. [`SpoolWriter::commit`] and
+//! [`Spool::write_state`] wait for the disk (fsync) and must run inside
+//! `tokio::task::spawn_blocking`; so should [`Spool::recover`], [`Spool::list`] and the reads
+//! of whole messages.
+//!
+//! # Recovery
+//!
+//! [`Spool::recover`] runs once at startup, before any worker reads the queue: it empties
+//! `tmp/`, moves whatever it does not understand in `queue/` to `quarantine/`, and removes state
+//! files whose message is gone. It never deletes a committed message (STYLE 10).
+//!
+//! Everything is safe to use from several processes at once (the relay and a `queue` command):
+//! file names are unique per writer and every visible change is a single rename or unlink.
+
+mod recover;
+pub mod report;
+mod state;
+mod writer;
+
+use std::ffi::CString;
+use std::fs::{self, File, OpenOptions};
+use std::io::{self, BufRead, BufReader, Read, Seek, SeekFrom, Write};
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use crate::envelope::{Envelope, QueueId};
+
+pub use recover::RecoveryReport;
+pub use state::{Attempt, DeliveryState};
+pub use writer::SpoolWriter;
+
+/// First line of every message file: format name and version.
+pub const MAGIC: &[u8] = b"PORTCULLIS-SPOOL 1\n";
+
+/// Longest envelope line accepted when reading a message file (bounds memory on a damaged or
+/// hostile file). A legal envelope with hundreds of 256-octet recipients is far smaller.
+pub const MAX_ENVELOPE_LINE: u64 = 1024 * 1024;
+
+/// Longest `ID.state` file read. The history grows by one short entry per attempt and retries
+/// stop at `queue.max_age`, so a real state file stays far below this.
+pub const MAX_STATE_FILE: u64 = 4 * 1024 * 1024;
+
+/// Suffix of delivery state files in `queue/`.
+pub const STATE_SUFFIX: &str = ".state";
+
+/// Permissions of spool directories: messages are private to the relay's user.
+const DIR_MODE: u32 = 0o700;
+/// Permissions of spool files.
+const FILE_MODE: u32 = 0o600;
+
+/// Per-process counter making temp file names unique (with the pid).
+static TEMP_COUNTER: AtomicU64 = AtomicU64::new(0);
+
+/// Errors of the spool. I/O errors are temporary (the client gets 4xx and retries); the rest
+/// describe a message that is absent or unreadable.
+#[derive(Debug, thiserror::Error)]
+pub enum SpoolError {
+    /// A file system operation failed; `op` names it (e.g. `fsync`, `rename`), `path` is the
+    /// file or directory involved.
+    #[error("spool {op} {}: {source}", path.display())]
+    Io {
+        /// The operation that failed.
+        op: &'static str,
+        /// The file or directory it was applied to.
+        path: PathBuf,
+        /// The underlying error.
+        #[source]
+        source: io::Error,
+    },
+    /// No committed message has this id.
+    #[error("no queued message {0}")]
+    NotFound(QueueId),
+    /// A committed message with this id already exists (an id collision: retrying with a
+    /// fresh id succeeds).
+    #[error("queued message {0} already exists")]
+    AlreadyExists(QueueId),
+    /// A spool file does not have the expected format.
+    #[error("corrupt spool file {}: {reason}", path.display())]
+    Corrupt {
+        /// The file that failed to parse.
+        path: PathBuf,
+        /// What was wrong with it.
+        reason: String,
+    },
+    /// An envelope or state could not be encoded as JSON.
+    #[error("cannot encode {what} as JSON: {source}")]
+    Encode {
+        /// What was being encoded (`envelope`, `state`).
+        what: &'static str,
+        /// The underlying error.
+        #[source]
+        source: serde_json::Error,
+    },
+}
+
+impl SpoolError {
+    /// True when retrying later may succeed (I/O trouble, id collision): the SMTP reply is 4xx.
+    pub fn is_temporary(&self) -> bool {
+        match self {
+            SpoolError::Io { .. } | SpoolError::AlreadyExists(_) => true,
+            SpoolError::NotFound(_) | SpoolError::Corrupt { .. } | SpoolError::Encode { .. } => {
+                false
+            }
+        }
+    }
+
+    fn io(op: &'static str, path: &Path) -> impl FnOnce(io::Error) -> SpoolError {
+        let path = path.to_path_buf();
+        move |source| SpoolError::Io { op, path, source }
+    }
+
+    fn corrupt(path: &Path, reason: impl Into<String>) -> SpoolError {
+        SpoolError::Corrupt {
+            path: path.to_path_buf(),
+            reason: reason.into(),
+        }
+    }
+}
+
+/// One committed message as read from the spool.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct QueuedMessage {
+    /// The envelope written at DATA time.
+    pub envelope: Envelope,
+    /// Delivery progress (fresh when there is no state file).
+    pub state: DeliveryState,
+    /// Size of the message bytes (without the spool header).
+    pub size: u64,
+    /// Path of the message file.
+    pub path: PathBuf,
+}
+
+impl QueuedMessage {
+    /// The queue id.
+    pub fn id(&self) -> &QueueId {
+        &self.envelope.id
+    }
+
+    /// Addresses of the recipients still pending.
+    pub fn pending(&self) -> impl Iterator<Item = &crate::envelope::Address> {
+        self.state.pending(&self.envelope)
+    }
+}
+
+/// Handle on a spool directory. Cheap to clone (an `Arc` inside) and shareable across threads.
+#[derive(Debug, Clone)]
+pub struct Spool {
+    inner: Arc<Dirs>,
+}
+
+#[derive(Debug)]
+struct Dirs {
+    root: PathBuf,
+    tmp: PathBuf,
+    queue: PathBuf,
+    quarantine: PathBuf,
+}
+
+impl Spool {
+    /// Open the spool at `root`, creating it and `tmp/`, `queue/` and `quarantine/` (mode 0700)
+    /// when missing, and check that it is writable by creating and removing a probe file in
+    /// `tmp/`. Does not run recovery.
+    pub fn open(root: &Path) -> Result<Spool, SpoolError> {
+        let dirs = Dirs {
+            root: root.to_path_buf(),
+            tmp: root.join("tmp"),
+            queue: root.join("queue"),
+            quarantine: root.join("quarantine"),
+        };
+        let mut builder = fs::DirBuilder::new();
+        builder.recursive(true).mode(DIR_MODE);
+        for dir in [&dirs.tmp, &dirs.queue, &dirs.quarantine] {
+            builder.create(dir).map_err(SpoolError::io("mkdir", dir))?;
+        }
+        let spool = Spool {
+            inner: Arc::new(dirs),
+        };
+        let probe = spool.temp_path("probe");
+        let mut file = create_new(&probe)?;
+        let written = file
+            .write_all(b"probe\n")
+            .map_err(SpoolError::io("write", &probe));
+        drop(file);
+        fs::remove_file(&probe).map_err(SpoolError::io("unlink", &probe))?;
+        written?;
+        Ok(spool)
+    }
+
+    /// The spool directory.
+    pub fn root(&self) -> &Path {
+        &self.inner.root
+    }
+
+    /// Free space for unprivileged writers on the spool's file system, in bytes
+    /// (`f_bavail * f_frsize` of `statvfs`).
+    pub fn free_space(&self) -> io::Result<u64> {
+        let path = CString::new(self.root().as_os_str().as_bytes())
+            .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
+        // SAFETY: statvfs is plain old data, valid when zeroed; `path` is a NUL-terminated
+        // string that outlives the call and `stat` is a valid out-pointer.
+        let mut stat: libc::statvfs = unsafe { std::mem::zeroed() };
+        let rc = unsafe { libc::statvfs(path.as_ptr(), &mut stat) };
+        if rc != 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // The field types differ between platforms (u32 / u64), hence the casts.
+        #[allow(clippy::unnecessary_cast)]
+        Ok((stat.f_bavail as u64).saturating_mul(stat.f_frsize as u64))
+    }
+
+    /// Start receiving a message: create `tmp/ID` (ID = `envelope.id`) and write the spool
+    /// header. Fails with [`SpoolError::AlreadyExists`] if `queue/ID` is already taken.
+    pub fn create(&self, envelope: &Envelope) -> Result<SpoolWriter, SpoolError> {
+        let id = envelope.id.clone();
+        let queue_path = self.message_path(&id);
+        if queue_path.exists() {
+            return Err(SpoolError::AlreadyExists(id));
+        }
+        let json = serde_json::to_vec(envelope).map_err(|source| SpoolError::Encode {
+            what: "envelope",
+            source,
+        })?;
+        let tmp_path = self.inner.tmp.join(id.as_str());
+        let file = create_new(&tmp_path)?;
+        let mut writer = SpoolWriter::new(id, file, tmp_path, queue_path, self.inner.queue.clone());
+        writer.write_header(&json)?;
+        Ok(writer)
+    }
+
+    /// Every committed message, sorted by id (that is, by age). Temp files are not looked at; a
+    /// file that cannot be parsed is skipped with a warning (recovery quarantines it) and a
+    /// message removed while listing is silently left out.
+    pub fn list(&self) -> Result<Vec<QueuedMessage>, SpoolError> {
+        let dir = &self.inner.queue;
+        let entries = fs::read_dir(dir).map_err(SpoolError::io("readdir", dir))?;
+        let mut ids = Vec::new();
+        for entry in entries {
+            let entry = entry.map_err(SpoolError::io("readdir", dir))?;
+            if let Some(id) = entry.file_name().to_str().and_then(exact_id) {
+                ids.push(id);
+            }
+        }
+        ids.sort();
+        let mut out = Vec::with_capacity(ids.len());
+        for id in ids {
+            match self.load(&id) {
+                Ok(msg) => out.push(msg),
+                Err(SpoolError::NotFound(_)) => {}
+                Err(e) => {
+                    tracing::warn!(queue_id = %id, error = %e, "skipping unreadable queue file")
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    /// Read one committed message's envelope, state and size. A state file that cannot be
+    /// parsed is logged and treated as fresh (recovery quarantines it): retrying a message is
+    /// safe, losing it is not.
+    pub fn load(&self, id: &QueueId) -> Result<QueuedMessage, SpoolError> {
+        let path = self.message_path(id);
+        let file = open_message_file(&path, id)?;
+        let len = file
+            .metadata()
+            .map_err(SpoolError::io("stat", &path))?
+            .len();
+        let mut reader = BufReader::new(file);
+        let (envelope, header_len) = read_header(&mut reader, &path)?;
+        if envelope.id != *id {
+            return Err(SpoolError::corrupt(
+                &path,
+                format!("envelope id {} does not match the file name", envelope.id),
+            ));
+        }
+        let state = match self.read_state(id, &envelope) {
+            Ok(Some(state)) => state,
+            Ok(None) => DeliveryState::fresh(envelope.received_at),
+            Err(e) => {
+                tracing::warn!(queue_id = %id, error = %e, "ignoring unreadable delivery state");
+                DeliveryState::fresh(envelope.received_at)
+            }
+        };
+        Ok(QueuedMessage {
+            size: len.saturating_sub(header_len),
+            envelope,
+            state,
+            path,
+        })
+    }
+
+    /// The raw message bytes of a committed message (for tests and `queue show`; delivery
+    /// streams with [`Spool::open_message`] instead).
+    pub fn read_message(&self, id: &QueueId) -> Result<Vec<u8>, SpoolError> {
+        let (mut file, _) = self.open_message(id)?;
+        let mut out = Vec::new();
+        file.read_to_end(&mut out)
+            .map_err(SpoolError::io("read", &self.message_path(id)))?;
+        Ok(out)
+    }
+
+    /// At most `limit` bytes from the start of a message (its headers, for `queue show`).
+    pub fn read_message_head(&self, id: &QueueId, limit: u64) -> Result<Vec<u8>, SpoolError> {
+        let (file, _) = self.open_message(id)?;
+        let mut out = Vec::new();
+        file.take(limit)
+            .read_to_end(&mut out)
+            .map_err(SpoolError::io("read", &self.message_path(id)))?;
+        Ok(out)
+    }
+
+    /// Open a committed message for streaming: the file, positioned at the first message byte,
+    /// and that offset. The open file stays readable even if the message is removed meanwhile.
+    pub fn open_message(&self, id: &QueueId) -> Result<(File, u64), SpoolError> {
+        let path = self.message_path(id);
+        let file = open_message_file(&path, id)?;
+        let mut reader = BufReader::new(file);
+        let (envelope, offset) = read_header(&mut reader, &path)?;
+        if envelope.id != *id {
+            return Err(SpoolError::corrupt(&path, "envelope id does not match"));
+        }
+        let mut file = reader.into_inner();
+        file.seek(SeekFrom::Start(offset))
+            .map_err(SpoolError::io("seek", &path))?;
+        Ok((file, offset))
+    }
+
+    /// Replace the delivery state of a message atomically: temp file in `tmp/`, fsync, rename
+    /// to `queue/ID.state`, directory fsync. Blocking (call from `spawn_blocking`). Fails with
+    /// [`SpoolError::NotFound`] when the message is gone (e.g. deleted by an operator).
+    pub fn write_state(&self, id: &QueueId, state: &DeliveryState) -> Result<(), SpoolError> {
+        let json = serde_json::to_vec(state).map_err(|source| SpoolError::Encode {
+            what: "state",
+            source,
+        })?;
+        let tmp = self.temp_path(&format!("{id}{STATE_SUFFIX}"));
+        let result = self.write_state_via(&tmp, id, &json);
+        if result.is_err() {
+            // Best effort: a leftover in tmp/ is harmless and removed at the next recovery.
+            let _ = fs::remove_file(&tmp);
+        }
+        result
+    }
+
+    fn write_state_via(&self, tmp: &Path, id: &QueueId, json: &[u8]) -> Result<(), SpoolError> {
+        let mut file = create_new(tmp)?;
+        file.write_all(json).map_err(SpoolError::io("write", tmp))?;
+        file.sync_data().map_err(SpoolError::io("fsync", tmp))?;
+        drop(file);
+        // Narrows (does not close) the window in which a state could be written for a message
+        // being deleted; recovery removes such orphans.
+        if !self.message_path(id).exists() {
+            let _ = fs::remove_file(tmp);
+            return Err(SpoolError::NotFound(id.clone()));
+        }
+        let dest = self.state_path(id);
+        fs::rename(tmp, &dest).map_err(SpoolError::io("rename", &dest))?;
+        sync_dir(&self.inner.queue)
+    }
+
+    /// Remove a message from the queue: `ID`, then `ID.state`, then fsync the directory.
+    /// Removing the message first means a crash in between leaves an orphan state (cleaned up
+    /// by recovery), never a message that forgot its progress. The caller logs the reason
+    /// (DESIGN invariant 2).
+    pub fn remove(&self, id: &QueueId) -> Result<(), SpoolError> {
+        let path = self.message_path(id);
+        let removed = match fs::remove_file(&path) {
+            Ok(()) => true,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => false,
+            Err(e) => return Err(SpoolError::io("unlink", &path)(e)),
+        };
+        let state = self.state_path(id);
+        match fs::remove_file(&state) {
+            Ok(()) => {}
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            Err(e) => return Err(SpoolError::io("unlink", &state)(e)),
+        }
+        sync_dir(&self.inner.queue)?;
+        if removed {
+            Ok(())
+        } else {
+            Err(SpoolError::NotFound(id.clone()))
+        }
+    }
+
+    /// `queue/ID`.
+    fn message_path(&self, id: &QueueId) -> PathBuf {
+        // QueueId admits only [0-9A-Z]{16}, so this cannot name anything outside queue/.
+        self.inner.queue.join(id.as_str())
+    }
+
+    /// `queue/ID.state`.
+    fn state_path(&self, id: &QueueId) -> PathBuf {
+        self.inner.queue.join(format!("{id}{STATE_SUFFIX}"))
+    }
+
+    /// A fresh, unique path in `tmp/` for a file named after `what`.
+    fn temp_path(&self, what: &str) -> PathBuf {
+        let n = TEMP_COUNTER.fetch_add(1, Ordering::Relaxed);
+        self.inner
+            .tmp
+            .join(format!("{what}.{}.{n}.tmp", std::process::id()))
+    }
+
+    /// Read `queue/ID.state`: `None` when absent, an error when unreadable or not matching.
+    fn read_state(
+        &self,
+        id: &QueueId,
+        envelope: &Envelope,
+    ) -> Result<Option<DeliveryState>, SpoolError> {
+        let path = self.state_path(id);
+        let state = match read_state_file(&path)? {
+            Some(state) => state,
+            None => return Ok(None),
+        };
+        state
+            .check_against(envelope)
+            .map_err(|reason| SpoolError::corrupt(&path, reason))?;
+        Ok(Some(state))
+    }
+}
+
+/// The id a `queue/` file name stands for, if it is exactly a queue id (upper case, as
+/// written). Anything else (state files, lower case, stray names) is not a message.
+fn exact_id(name: &str) -> Option<QueueId> {
+    name.parse::<QueueId>()
+        .ok()
+        .filter(|id| id.as_str() == name)
+}
+
+/// Open a message file, mapping "absent" to [`SpoolError::NotFound`]. Symlinks are not
+/// followed: nothing legitimate puts one in `queue/`, and following it could read a file
+/// outside the spool.
+fn open_message_file(path: &Path, id: &QueueId) -> Result<File, SpoolError> {
+    OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NOFOLLOW)
+        .open(path)
+        .map_err(|e| {
+            if e.kind() == io::ErrorKind::NotFound {
+                SpoolError::NotFound(id.clone())
+            } else {
+                SpoolError::io("open", path)(e)
+            }
+        })
+}
+
+/// Create a new private file (never reusing an existing one).
+fn create_new(path: &Path) -> Result<File, SpoolError> {
+    OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(FILE_MODE)
+        .open(path)
+        .map_err(SpoolError::io("create", path))
+}
+
+/// fsync a directory, making renames and unlinks in it durable.
+fn sync_dir(dir: &Path) -> Result<(), SpoolError> {
+    File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(SpoolError::io("fsync", dir))
+}
+
+/// Parse the spool header (magic line and envelope line) from the start of a message file.
+/// Returns the envelope and the header length, i.e. the offset of the message bytes.
+fn read_header(reader: &mut impl BufRead, path: &Path) -> Result<(Envelope, u64), SpoolError> {
+    let mut magic = Vec::with_capacity(MAGIC.len());
+    reader
+        .take(MAGIC.len() as u64)
+        .read_until(b'\n', &mut magic)
+        .map_err(SpoolError::io("read", path))?;
+    if magic != MAGIC {
+        return Err(SpoolError::corrupt(
+            path,
+            "missing PORTCULLIS-SPOOL 1 header",
+        ));
+    }
+    let mut line = Vec::new();
+    reader
+        .take(MAX_ENVELOPE_LINE)
+        .read_until(b'\n', &mut line)
+        .map_err(SpoolError::io("read", path))?;
+    if line.last() != Some(&b'\n') {
+        return Err(SpoolError::corrupt(
+            path,
+            "envelope line truncated or longer than the limit",
+        ));
+    }
+    let envelope: Envelope = serde_json::from_slice(&line)
+        .map_err(|e| SpoolError::corrupt(path, format!("envelope JSON: {e}")))?;
+    Ok((envelope, (MAGIC.len() + line.len()) as u64))
+}
+
+/// Read and parse a state file: `None` when absent.
+fn read_state_file(path: &Path) -> Result<Option<DeliveryState>, SpoolError> {
+    let file = match File::open(path) {
+        Ok(f) => f,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(SpoolError::io("open", path)(e)),
+    };
+    let mut bytes = Vec::new();
+    file.take(MAX_STATE_FILE + 1)
+        .read_to_end(&mut bytes)
+        .map_err(SpoolError::io("read", path))?;
+    if bytes.len() as u64 > MAX_STATE_FILE {
+        return Err(SpoolError::corrupt(path, "state file too large"));
+    }
+    serde_json::from_slice(&bytes)
+        .map(Some)
+        .map_err(|e| SpoolError::corrupt(path, format!("state JSON: {e}")))
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,271 @@
+//! Text behind `portcullis queue list|show`: pure formatting of [`QueuedMessage`]s, no I/O.
+//!
+//! The table and JSON shapes are an interface (DESIGN "Interface contract"): `list` prints a
+//! header row then exactly one row per message starting with its id; `list --json` prints one
+//! JSON object per line. Anything that came from a client or an upstream (HELO, addresses,
+//! errors, message headers) is passed through [`clean`] so it cannot break a row in two or send
+//! escape sequences to the operator's terminal.
+
+use std::fmt::Write as _;
+use std::net::SocketAddr;
+
+use serde_json::json;
+use time::OffsetDateTime;
+use time::format_description::well_known::Rfc3339;
+
+use super::{DeliveryState, QueuedMessage};
+use crate::envelope::{Envelope, RcptStatus};
+
+/// Most bytes of message headers [`show`] prints.
+pub const SHOW_HEADER_LIMIT: usize = 64 * 1024;
+
+/// Longest LAST ERROR shown in the table (the full text is in `list --json` and `show`).
+const TABLE_ERROR_WIDTH: usize = 80;
+
+/// Column titles of [`list_table`].
+const COLUMNS: [&str; 8] = [
+    "ID",
+    "AGE",
+    "SIZE",
+    "FROM",
+    "RCPTS",
+    "ATTEMPTS",
+    "NEXT",
+    "LAST ERROR",
+];
+
+/// The `queue list` table: a header row, then one row per message, columns aligned. An empty
+/// queue gives the header row alone. `now` is the current Unix time (for AGE).
+pub fn list_table(msgs: &[QueuedMessage], now: u64) -> String {
+    let rows: Vec<[String; 8]> = msgs
+        .iter()
+        .map(|m| {
+            let error = m.state.last_error.as_deref().map_or_else(
+                || "-".to_string(),
+                |e| truncate(&clean(e), TABLE_ERROR_WIDTH),
+            );
+            [
+                m.envelope.id.to_string(),
+                human_age(now.saturating_sub(m.envelope.received_at)),
+                m.size.to_string(),
+                clean(&m.envelope.mail_from.to_string()),
+                m.pending().count().to_string(),
+                m.state.attempts.to_string(),
+                rfc3339(m.state.next_attempt),
+                error,
+            ]
+        })
+        .collect();
+    let mut widths = COLUMNS.map(str::len);
+    for row in &rows {
+        for (w, cell) in widths.iter_mut().zip(row) {
+            *w = (*w).max(cell.chars().count());
+        }
+    }
+    let mut out = String::new();
+    push_row(&mut out, &COLUMNS.map(String::from), &widths);
+    for row in &rows {
+        push_row(&mut out, row, &widths);
+    }
+    out
+}
+
+fn push_row(out: &mut String, cells: &[String; 8], widths: &[usize; 8]) {
+    let mut line = String::new();
+    for (i, (cell, width)) in cells.iter().zip(widths).enumerate() {
+        if i + 1 == cells.len() {
+            line.push_str(cell);
+        } else {
+            let _ = write!(line, "{cell:<width$}  ");
+        }
+    }
+    out.push_str(line.trim_end());
+    out.push('\n');
+}
+
+/// `queue list --json`: one JSON object per message per line (nothing for an empty queue).
+/// Keys: `id`, `age_secs`, `size`, `from` (`<>` for the null sender), `rcpts` (pending
+/// recipient addresses), `recipients_total`, `attempts`, `next_attempt` (RFC 3339),
+/// `last_error` (null or string), `received_at` (RFC 3339), `listener`, `client_ip`,
+/// `auth_user` (null or string).
+pub fn list_json(msgs: &[QueuedMessage], now: u64) -> String {
+    let mut out = String::new();
+    for m in msgs {
+        let env = &m.envelope;
+        let value = json!({
+            "id": env.id.as_str(),
+            "age_secs": now.saturating_sub(env.received_at),
+            "size": m.size,
+            "from": env.mail_from.to_string(),
+            "rcpts": m.pending().map(|a| a.to_string()).collect::<Vec<_>>(),
+            "recipients_total": env.recipients.len(),
+            "attempts": m.state.attempts,
+            "next_attempt": rfc3339(m.state.next_attempt),
+            "last_error": m.state.last_error,
+            "received_at": rfc3339(env.received_at),
+            "listener": env.listener,
+            "client_ip": env.client_ip.to_string(),
+            "auth_user": env.auth_user,
+        });
+        // serde_json escapes control characters, so one object is always one line.
+        out.push_str(&value.to_string());
+        out.push('\n');
+    }
+    out
+}
+
+/// `queue show ID`: the envelope, the delivery state, then the message header section taken
+/// from `message_head` (up to the first blank line, at most [`SHOW_HEADER_LIMIT`] bytes).
+/// Pass the first `SHOW_HEADER_LIMIT` bytes of the message, as returned by
+/// `Spool::read_message_head(id, SHOW_HEADER_LIMIT as u64)`: a shorter slice is taken to be
+/// the whole message.
+pub fn show(msg: &QueuedMessage, message_head: &[u8]) -> String {
+    let mut out = String::new();
+    show_envelope(&mut out, &msg.envelope, &msg.state, msg.size);
+    let state = &msg.state;
+    let _ = writeln!(out, "\nDelivery");
+    let _ = writeln!(out, "  attempts:     {}", state.attempts);
+    let _ = writeln!(out, "  next attempt: {}", rfc3339(state.next_attempt));
+    let _ = writeln!(
+        out,
+        "  last error:   {}",
+        state.last_error.as_deref().map_or("-".into(), clean)
+    );
+    if state.history.is_empty() {
+        let _ = writeln!(out, "  history:      -");
+    } else {
+        let _ = writeln!(out, "  history:");
+        for attempt in &state.history {
+            let _ = writeln!(
+                out,
+                "    {}  {}  {}",
+                rfc3339(attempt.at),
+                attempt.upstream.as_deref().map_or("-".into(), clean),
+                clean(&attempt.outcome)
+            );
+        }
+    }
+    let _ = writeln!(out, "\nHeaders");
+    let (head, complete) = header_section(message_head);
+    for line in String::from_utf8_lossy(head).lines() {
+        let _ = writeln!(out, "  {}", clean(line));
+    }
+    if !complete {
+        let _ = writeln!(out, "  [header section truncated]");
+    }
+    out
+}
+
+fn show_envelope(out: &mut String, env: &Envelope, state: &DeliveryState, size: u64) {
+    let _ = writeln!(out, "Message {}", env.id);
+    let _ = writeln!(out, "  received:     {}", rfc3339(env.received_at));
+    let _ = writeln!(out, "  size:         {size} bytes");
+    let _ = writeln!(out, "  listener:     {}", clean(&env.listener));
+    let _ = writeln!(
+        out,
+        "  client:       {}",
+        SocketAddr::new(env.client_ip, env.client_port)
+    );
+    let _ = writeln!(out, "  helo:         {}", clean(&env.helo));
+    let tls = env
+        .tls
+        .as_ref()
+        .map_or("none".into(), |t| clean(&t.to_string()));
+    let _ = writeln!(out, "  tls:          {tls}");
+    let user = env.auth_user.as_deref().map_or("-".into(), clean);
+    let _ = writeln!(out, "  auth user:    {user}");
+    let _ = writeln!(out, "  from:         {}", clean(&env.mail_from.to_string()));
+    let mut params = Vec::new();
+    if let Some(body) = env.mail_params.body {
+        params.push(match body {
+            crate::envelope::Body::SevenBit => "BODY=7BIT".to_string(),
+            crate::envelope::Body::EightBitMime => "BODY=8BITMIME".to_string(),
+        });
+    }
+    if env.mail_params.smtputf8 {
+        params.push("SMTPUTF8".into());
+    }
+    if let Some(size) = env.mail_params.size {
+        params.push(format!("SIZE={size}"));
+    }
+    let params = if params.is_empty() {
+        "-".to_string()
+    } else {
+        params.join(" ")
+    };
+    let _ = writeln!(out, "  params:       {params}");
+    let _ = writeln!(out, "  recipients:");
+    for (i, r) in env.recipients.iter().enumerate() {
+        let status = match state.status_of(i) {
+            RcptStatus::Pending => "pending",
+            RcptStatus::Delivered => "delivered",
+            RcptStatus::Failed => "failed",
+        };
+        let _ = writeln!(out, "    {}  {status}", clean(&r.address.to_string()));
+    }
+}
+
+/// The header section of a message: everything before the first empty line, at most
+/// [`SHOW_HEADER_LIMIT`] bytes; and whether the section ended (blank line or end of message)
+/// within what was given.
+fn header_section(head: &[u8]) -> (&[u8], bool) {
+    if head.starts_with(b"\r\n") || head.starts_with(b"\n") {
+        return (&[], true);
+    }
+    let capped = &head[..head.len().min(SHOW_HEADER_LIMIT)];
+    // Keep the line end of the last header, drop the empty line.
+    let end = [&b"\r\n\r\n"[..], b"\n\n"]
+        .iter()
+        .filter_map(|sep| find(capped, sep).map(|i| i + sep.len() / 2))
+        .min();
+    match end {
+        Some(end) => (&capped[..end], true),
+        None => (capped, head.len() < SHOW_HEADER_LIMIT),
+    }
+}
+
+fn find(haystack: &[u8], needle: &[u8]) -> Option<usize> {
+    haystack.windows(needle.len()).position(|w| w == needle)
+}
+
+/// Seconds since the epoch as RFC 3339 UTC (`2024-05-01T12:00:00Z`); the raw number if out of
+/// range.
+pub fn rfc3339(secs: u64) -> String {
+    i64::try_from(secs)
+        .ok()
+        .and_then(|s| OffsetDateTime::from_unix_timestamp(s).ok())
+        .and_then(|t| t.format(&Rfc3339).ok())
+        .unwrap_or_else(|| secs.to_string())
+}
+
+/// An age in the largest whole unit: `45s`, `12m`, `3h`, `2d`.
+pub fn human_age(secs: u64) -> String {
+    match secs {
+        0..60 => format!("{secs}s"),
+        60..3600 => format!("{}m", secs / 60),
+        3600..86400 => format!("{}h", secs / 3600),
+        _ => format!("{}d", secs / 86400),
+    }
+}
+
+/// Replace control characters (newlines, escapes, DEL, C1) with `?` so text from the network
+/// cannot forge table rows or drive the terminal. Tabs become spaces.
+pub fn clean(text: &str) -> String {
+    text.chars()
+        .map(|c| match c {
+            '\t' => ' ',
+            c if c.is_control() => '?',
+            c => c,
+        })
+        .collect()
+}
+
+fn truncate(text: &str, max_chars: usize) -> String {
+    if text.chars().count() <= max_chars {
+        text.to_string()
+    } else {
+        let mut cut: String = text.chars().take(max_chars.saturating_sub(3)).collect();
+        cut.push_str("...");
+        cut
+    }
+}

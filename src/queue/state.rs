@@ -1,0 +1,112 @@
+//! Delivery progress of one queued message: the `ID.state` file.
+//!
+//! The envelope is written once at DATA time and never changed; everything that changes while
+//! a message waits (attempt count, next attempt, per-recipient outcome, history) lives here.
+//! The file is replaced atomically (temp file in `tmp/`, fsync, rename, directory fsync), so a
+//! reader sees either the previous state or the new one, never a mixture. A missing file means
+//! a fresh message: no attempts yet, due at its reception time.
+
+use serde::{Deserialize, Serialize};
+
+use crate::envelope::{Address, Envelope, RcptStatus};
+
+/// Delivery progress of one message, stored as JSON in `queue/ID.state`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DeliveryState {
+    /// Delivery attempts made so far.
+    pub attempts: u32,
+    /// When the next attempt is due, in seconds since the Unix epoch.
+    pub next_attempt: u64,
+    /// The error of the most recent failed attempt, as logged (may quote an upstream reply).
+    #[serde(default)]
+    pub last_error: Option<String>,
+    /// Status of each recipient, in the order of `Envelope::recipients`. Empty means every
+    /// recipient is still pending (a fresh message has no state file at all).
+    #[serde(default)]
+    pub recipients: Vec<RcptStatus>,
+    /// Every attempt, oldest first.
+    #[serde(default)]
+    pub history: Vec<Attempt>,
+}
+
+/// One delivery attempt, kept in [`DeliveryState::history`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Attempt {
+    /// When the attempt started, in seconds since the Unix epoch.
+    pub at: u64,
+    /// Name of the upstream tried, when one was reached or chosen.
+    #[serde(default)]
+    pub upstream: Option<String>,
+    /// What happened, in words (e.g. `delivered`, `451 4.3.0 try later`, `connect: timeout`).
+    pub outcome: String,
+}
+
+impl DeliveryState {
+    /// The state of a message that has never been tried: due at `received_at`.
+    pub fn fresh(received_at: u64) -> Self {
+        DeliveryState {
+            attempts: 0,
+            next_attempt: received_at,
+            last_error: None,
+            recipients: Vec::new(),
+            history: Vec::new(),
+        }
+    }
+
+    /// Status of recipient number `index` of the envelope (pending when not recorded).
+    pub fn status_of(&self, index: usize) -> RcptStatus {
+        self.recipients.get(index).copied().unwrap_or_default()
+    }
+
+    /// Check that this state fits `envelope`: the recipient list is empty or one entry per
+    /// envelope recipient. Anything else means the state belongs to another message or was
+    /// damaged, and must not be trusted.
+    pub fn check_against(&self, envelope: &Envelope) -> Result<(), String> {
+        if self.recipients.is_empty() || self.recipients.len() == envelope.recipients.len() {
+            Ok(())
+        } else {
+            Err(format!(
+                "state lists {} recipients, envelope has {}",
+                self.recipients.len(),
+                envelope.recipients.len()
+            ))
+        }
+    }
+
+    /// The envelope recipients still pending, in envelope order.
+    pub fn pending<'a>(&'a self, envelope: &'a Envelope) -> impl Iterator<Item = &'a Address> {
+        envelope
+            .recipients
+            .iter()
+            .enumerate()
+            .filter(|(i, _)| self.status_of(*i) == RcptStatus::Pending)
+            .map(|(_, r)| &r.address)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn missing_fields_default_and_round_trip() {
+        let s: DeliveryState = serde_json::from_str(r#"{"attempts":2,"next_attempt":5}"#).unwrap();
+        assert_eq!(s.attempts, 2);
+        assert!(s.recipients.is_empty() && s.history.is_empty() && s.last_error.is_none());
+        assert_eq!(s.status_of(3), RcptStatus::Pending);
+
+        let full = DeliveryState {
+            attempts: 1,
+            next_attempt: 10,
+            last_error: Some("451 later".into()),
+            recipients: vec![RcptStatus::Delivered, RcptStatus::Pending],
+            history: vec![Attempt {
+                at: 9,
+                upstream: Some("exchange".into()),
+                outcome: "451 later".into(),
+            }],
+        };
+        let json = serde_json::to_string(&full).unwrap();
+        assert_eq!(serde_json::from_str::<DeliveryState>(&json).unwrap(), full);
+    }
+}

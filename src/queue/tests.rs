@@ -1,0 +1,535 @@
+use std::fs;
+
+use super::report::{self, SHOW_HEADER_LIMIT};
+use super::*;
+use crate::envelope::{Address, MailParams, RcptStatus, Recipient, ReversePath, TlsInfo};
+
+fn envelope(rcpts: &[&str]) -> Envelope {
+    Envelope {
+        id: QueueId::generate(),
+        received_at: 1_700_000_000,
+        listener: "mx".into(),
+        client_ip: "192.0.2.7".parse().unwrap(),
+        client_port: 40000,
+        helo: "client.example".into(),
+        tls: Some(TlsInfo {
+            version: "TLSv1.3".into(),
+            cipher: "TLS13_AES_128_GCM_SHA256".into(),
+        }),
+        auth_user: None,
+        mail_from: ReversePath::Address(Address::parse("sender@example.org").unwrap()),
+        mail_params: MailParams::default(),
+        recipients: rcpts
+            .iter()
+            .map(|r| Recipient::new(Address::parse(r).unwrap()))
+            .collect(),
+    }
+}
+
+const BODY: &[u8] = b"Subject: hi\r\nFrom: a@example.org\r\n\r\nbody line\r\n.leading dot\r\n";
+
+fn spool() -> (tempfile::TempDir, Spool) {
+    let dir = tempfile::tempdir().unwrap();
+    let spool = Spool::open(&dir.path().join("spool")).unwrap();
+    (dir, spool)
+}
+
+fn commit(spool: &Spool, env: &Envelope, body: &[u8]) -> QueueId {
+    let mut w = spool.create(env).unwrap();
+    for chunk in body.chunks(7) {
+        w.write(chunk).unwrap();
+    }
+    assert_eq!(w.written(), body.len() as u64);
+    w.commit().unwrap()
+}
+
+fn names(dir: &Path) -> Vec<String> {
+    let mut v: Vec<String> = fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .collect();
+    v.sort();
+    v
+}
+
+#[test]
+fn open_creates_private_directories() {
+    use std::os::unix::fs::PermissionsExt;
+    let (_d, spool) = spool();
+    for sub in ["tmp", "queue", "quarantine"] {
+        let meta = fs::metadata(spool.root().join(sub)).unwrap();
+        assert!(meta.is_dir());
+        assert_eq!(meta.permissions().mode() & 0o777, 0o700, "{sub}");
+    }
+    assert!(
+        names(&spool.root().join("tmp")).is_empty(),
+        "probe left behind"
+    );
+}
+
+#[test]
+fn commit_then_load_round_trips_bytes_and_envelope() {
+    let (_d, spool) = spool();
+    let env = envelope(&["a@example.com", "b@example.com"]);
+    let id = commit(&spool, &env, BODY);
+    assert_eq!(id, env.id);
+    let msg = spool.load(&id).unwrap();
+    assert_eq!(msg.envelope, env);
+    assert_eq!(msg.size, BODY.len() as u64);
+    assert_eq!(msg.state, DeliveryState::fresh(env.received_at));
+    assert_eq!(msg.path, spool.root().join("queue").join(id.as_str()));
+    assert_eq!(spool.read_message(&id).unwrap(), BODY);
+
+    let (mut file, offset) = spool.open_message(&id).unwrap();
+    let mut streamed = Vec::new();
+    file.read_to_end(&mut streamed).unwrap();
+    assert_eq!(streamed, BODY);
+    assert_eq!(
+        offset + BODY.len() as u64,
+        fs::metadata(&msg.path).unwrap().len()
+    );
+    assert!(names(&spool.root().join("tmp")).is_empty());
+
+    let raw = fs::read(&msg.path).unwrap();
+    assert!(raw.starts_with(MAGIC));
+}
+
+#[test]
+fn dropped_or_aborted_writer_leaves_nothing() {
+    let (_d, spool) = spool();
+    let mut w = spool.create(&envelope(&["a@example.com"])).unwrap();
+    w.write(BODY).unwrap();
+    drop(w);
+    let w = spool.create(&envelope(&["a@example.com"])).unwrap();
+    w.abort();
+    assert!(names(&spool.root().join("tmp")).is_empty());
+    assert!(names(&spool.root().join("queue")).is_empty());
+    assert!(spool.list().unwrap().is_empty());
+}
+
+#[test]
+fn uncommitted_message_is_invisible_to_list_and_load() {
+    let (_d, spool) = spool();
+    let env = envelope(&["a@example.com"]);
+    let mut w = spool.create(&env).unwrap();
+    w.write(BODY).unwrap();
+    assert!(spool.list().unwrap().is_empty());
+    assert!(matches!(spool.load(&env.id), Err(SpoolError::NotFound(_))));
+    w.commit().unwrap();
+    assert_eq!(spool.list().unwrap().len(), 1);
+}
+
+#[test]
+fn list_is_sorted_and_skips_unparseable_files() {
+    let (_d, spool) = spool();
+    let a = commit(&spool, &envelope(&["a@example.com"]), BODY);
+    std::thread::sleep(std::time::Duration::from_millis(2));
+    let b = commit(&spool, &envelope(&["b@example.com"]), b"x\r\n");
+    let bad = QueueId::generate();
+    fs::write(spool.root().join("queue").join(bad.as_str()), b"garbage").unwrap();
+    fs::write(spool.root().join("tmp").join("leftover"), b"junk").unwrap();
+    let ids: Vec<QueueId> = spool
+        .list()
+        .unwrap()
+        .into_iter()
+        .map(|m| m.envelope.id)
+        .collect();
+    assert_eq!(ids, vec![a, b]);
+}
+
+#[test]
+fn create_refuses_an_id_already_committed() {
+    let (_d, spool) = spool();
+    let env = envelope(&["a@example.com"]);
+    commit(&spool, &env, BODY);
+    let err = spool.create(&env).unwrap_err();
+    assert!(matches!(err, SpoolError::AlreadyExists(_)) && err.is_temporary());
+    assert_eq!(spool.read_message(&env.id).unwrap(), BODY);
+}
+
+#[test]
+fn write_state_then_load_round_trips() {
+    let (_d, spool) = spool();
+    let env = envelope(&["a@example.com", "b@example.com"]);
+    let id = commit(&spool, &env, BODY);
+    let state = DeliveryState {
+        attempts: 2,
+        next_attempt: 1_700_000_600,
+        last_error: Some("451 4.3.0 try later".into()),
+        recipients: vec![RcptStatus::Delivered, RcptStatus::Pending],
+        history: vec![Attempt {
+            at: 1_700_000_100,
+            upstream: Some("exchange".into()),
+            outcome: "451 4.3.0 try later".into(),
+        }],
+    };
+    spool.write_state(&id, &state).unwrap();
+    spool.write_state(&id, &state).unwrap(); // replacing works too
+    let msg = spool.load(&id).unwrap();
+    assert_eq!(msg.state, state);
+    let pending: Vec<String> = msg.pending().map(|a| a.to_string()).collect();
+    assert_eq!(pending, ["b@example.com"]);
+    assert!(names(&spool.root().join("tmp")).is_empty());
+    assert_eq!(
+        names(&spool.root().join("queue")),
+        [id.to_string(), format!("{id}.state")]
+    );
+}
+
+#[test]
+fn write_state_for_a_missing_message_is_not_found() {
+    let (_d, spool) = spool();
+    let id = QueueId::generate();
+    let err = spool
+        .write_state(&id, &DeliveryState::fresh(0))
+        .unwrap_err();
+    assert!(matches!(err, SpoolError::NotFound(_)));
+    assert!(names(&spool.root().join("queue")).is_empty());
+    assert!(names(&spool.root().join("tmp")).is_empty());
+}
+
+#[test]
+fn corrupt_state_is_treated_as_fresh_by_load() {
+    let (_d, spool) = spool();
+    let env = envelope(&["a@example.com"]);
+    let id = commit(&spool, &env, BODY);
+    fs::write(
+        spool.root().join("queue").join(format!("{id}.state")),
+        b"{not json",
+    )
+    .unwrap();
+    assert_eq!(
+        spool.load(&id).unwrap().state,
+        DeliveryState::fresh(env.received_at)
+    );
+}
+
+#[test]
+fn remove_deletes_message_and_state() {
+    let (_d, spool) = spool();
+    let id = commit(&spool, &envelope(&["a@example.com"]), BODY);
+    spool.write_state(&id, &DeliveryState::fresh(5)).unwrap();
+    spool.remove(&id).unwrap();
+    assert!(names(&spool.root().join("queue")).is_empty());
+    assert!(matches!(spool.remove(&id), Err(SpoolError::NotFound(_))));
+    assert!(matches!(spool.load(&id), Err(SpoolError::NotFound(_))));
+    assert!(matches!(
+        spool.read_message(&id),
+        Err(SpoolError::NotFound(_))
+    ));
+}
+
+#[test]
+fn ids_from_user_input_cannot_escape_the_spool() {
+    for bad in [
+        "../../etc/passwd",
+        "../queue/AAAAAAAAAAAAAAAA",
+        "AAAAAAAAAAAAAAA/",
+        ".",
+    ] {
+        assert!(bad.parse::<QueueId>().is_err(), "{bad:?}");
+    }
+    // Lower case parses to the canonical upper-case id, which names a file inside queue/.
+    let (_d, spool) = spool();
+    let id: QueueId = "0123456789abcdef".parse().unwrap();
+    assert!(matches!(spool.load(&id), Err(SpoolError::NotFound(_))));
+}
+
+#[test]
+fn recovery_cleans_tmp_quarantines_garbage_and_keeps_good_messages() {
+    let (_d, spool) = spool();
+    let queue = spool.root().join("queue");
+    let quarantine = spool.root().join("quarantine");
+    let good = commit(&spool, &envelope(&["a@example.com"]), BODY);
+    let with_state = commit(&spool, &envelope(&["b@example.com"]), BODY);
+    spool
+        .write_state(&with_state, &DeliveryState::fresh(9))
+        .unwrap();
+
+    // Garbage under a valid id, a stray name, a truncated header, a wrong id inside.
+    let garbage = QueueId::generate();
+    fs::write(queue.join(garbage.as_str()), b"not a spool file").unwrap();
+    fs::write(queue.join("README"), b"hello").unwrap();
+    let truncated = QueueId::generate();
+    fs::write(
+        queue.join(truncated.as_str()),
+        b"PORTCULLIS-SPOOL 1\n{\"id\":\"",
+    )
+    .unwrap();
+    let renamed = QueueId::generate();
+    fs::copy(queue.join(good.as_str()), queue.join(renamed.as_str())).unwrap();
+    // An orphan state, a corrupt state of a good message, leftovers in tmp/.
+    let orphan = QueueId::generate();
+    fs::write(queue.join(format!("{orphan}.state")), b"{}").unwrap();
+    fs::write(queue.join(format!("{good}.state")), b"{broken").unwrap();
+    fs::write(spool.root().join("tmp").join("leftover"), b"x").unwrap();
+    fs::create_dir(spool.root().join("tmp").join("somedir")).unwrap();
+
+    let report = spool.recover().unwrap();
+    assert_eq!(report.queued, 2);
+    assert_eq!(report.tmp_removed, 2);
+    assert_eq!(report.orphans_removed, 1);
+    assert_eq!(report.quarantined.len(), 5, "{report:?}");
+    assert!(names(&spool.root().join("tmp")).is_empty());
+
+    let mut expected_queue = vec![
+        good.to_string(),
+        with_state.to_string(),
+        format!("{with_state}.state"),
+    ];
+    expected_queue.sort();
+    assert_eq!(names(&queue), expected_queue);
+    // Quarantined, not deleted, and intact.
+    assert_eq!(
+        fs::read(quarantine.join(garbage.as_str())).unwrap(),
+        b"not a spool file"
+    );
+    assert_eq!(fs::read(quarantine.join("README")).unwrap(), b"hello");
+    assert!(quarantine.join(truncated.as_str()).exists());
+    assert!(quarantine.join(renamed.as_str()).exists());
+    assert_eq!(
+        fs::read(quarantine.join(format!("{good}.state"))).unwrap(),
+        b"{broken"
+    );
+
+    // The good message stays queued with a fresh state; the other keeps its state.
+    let msgs = spool.list().unwrap();
+    assert_eq!(msgs.len(), 2);
+    assert_eq!(spool.load(&good).unwrap().state.next_attempt, 1_700_000_000);
+    assert_eq!(spool.load(&with_state).unwrap().state.next_attempt, 9);
+    assert_eq!(spool.read_message(&good).unwrap(), BODY);
+
+    // A second run finds nothing to do.
+    let again = spool.recover().unwrap();
+    assert_eq!(
+        again,
+        RecoveryReport {
+            queued: 2,
+            ..RecoveryReport::default()
+        }
+    );
+}
+
+#[test]
+fn recovery_quarantines_the_state_of_a_quarantined_message_and_avoids_name_clashes() {
+    let (_d, spool) = spool();
+    let queue = spool.root().join("queue");
+    let quarantine = spool.root().join("quarantine");
+    let id = QueueId::generate();
+    fs::write(queue.join(id.as_str()), b"bad").unwrap();
+    fs::write(queue.join(format!("{id}.state")), b"{}").unwrap();
+    fs::write(quarantine.join(id.as_str()), b"earlier").unwrap();
+    let report = spool.recover().unwrap();
+    assert_eq!(report.quarantined.len(), 2);
+    assert_eq!(report.orphans_removed, 0);
+    assert_eq!(fs::read(quarantine.join(id.as_str())).unwrap(), b"earlier");
+    assert_eq!(
+        fs::read(quarantine.join(format!("{id}.1"))).unwrap(),
+        b"bad"
+    );
+    assert!(quarantine.join(format!("{id}.state")).exists());
+}
+
+/// Regression: a crash after the data fsync but before the rename leaves a complete file in
+/// tmp/ that was never acknowledged; recovery must remove it and must not queue it.
+#[test]
+fn crash_between_fsync_and_rename_is_cleaned_up_by_recovery() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().join("spool");
+    let committed;
+    {
+        let spool = Spool::open(&root).unwrap();
+        committed = commit(&spool, &envelope(&["a@example.com"]), BODY);
+        // Simulate the crash: a complete, fsynced message file still named tmp/ID, exactly
+        // what a writer leaves when the process dies between sync_data and rename.
+        let env = envelope(&["b@example.com"]);
+        let mut bytes = MAGIC.to_vec();
+        bytes.extend(serde_json::to_vec(&env).unwrap());
+        bytes.push(b'\n');
+        bytes.extend(BODY);
+        let tmp_path = root.join("tmp").join(env.id.as_str());
+        let mut file = fs::File::create(&tmp_path).unwrap();
+        file.write_all(&bytes).unwrap();
+        file.sync_data().unwrap();
+    }
+    // "Restart".
+    let spool = Spool::open(&root).unwrap();
+    let report = spool.recover().unwrap();
+    assert_eq!(report.tmp_removed, 1);
+    assert_eq!(report.queued, 1);
+    let ids: Vec<QueueId> = spool
+        .list()
+        .unwrap()
+        .into_iter()
+        .map(|m| m.envelope.id)
+        .collect();
+    assert_eq!(ids, vec![committed]);
+    assert!(names(&root.join("tmp")).is_empty());
+}
+
+#[test]
+fn free_space_is_positive() {
+    let (_d, spool) = spool();
+    assert!(spool.free_space().unwrap() > 0);
+}
+
+#[test]
+fn error_classes() {
+    let io = SpoolError::Io {
+        op: "fsync",
+        path: "/x".into(),
+        source: io::Error::other("boom"),
+    };
+    assert!(io.is_temporary());
+    assert!(io.to_string().contains("fsync"));
+    assert!(!SpoolError::NotFound(QueueId::generate()).is_temporary());
+    assert!(!SpoolError::corrupt(Path::new("/x"), "bad").is_temporary());
+}
+
+// ---- report ----
+
+fn sample_messages() -> Vec<QueuedMessage> {
+    let mut a = envelope(&["a@example.com", "b@example.com"]);
+    a.mail_from = ReversePath::Null;
+    a.auth_user = Some("alice".into());
+    let b = envelope(&["c@example.com"]);
+    vec![
+        QueuedMessage {
+            path: PathBuf::from("/spool/queue").join(a.id.as_str()),
+            state: DeliveryState {
+                attempts: 3,
+                next_attempt: 1_700_000_900,
+                last_error: Some("451 4.4.1 no answer\r\nsecond line".into()),
+                recipients: vec![RcptStatus::Delivered, RcptStatus::Pending],
+                history: vec![Attempt {
+                    at: 1_700_000_050,
+                    upstream: Some("exchange".into()),
+                    outcome: "451 4.4.1 no answer".into(),
+                }],
+            },
+            size: 1234,
+            envelope: a,
+        },
+        QueuedMessage {
+            path: PathBuf::from("/spool/queue").join(b.id.as_str()),
+            state: DeliveryState::fresh(b.received_at),
+            size: 10,
+            envelope: b,
+        },
+    ]
+}
+
+#[test]
+fn table_has_header_and_one_row_per_message() {
+    let msgs = sample_messages();
+    let now = 1_700_000_000 + 3 * 3600 + 5;
+    let table = report::list_table(&msgs, now);
+    let lines: Vec<&str> = table.lines().collect();
+    assert_eq!(lines.len(), 3, "{table}");
+    assert!(lines[0].starts_with("ID ") && lines[0].contains("LAST ERROR"));
+    assert!(lines[1].starts_with(msgs[0].envelope.id.as_str()));
+    assert!(lines[2].starts_with(msgs[1].envelope.id.as_str()));
+    let cols: Vec<&str> = lines[1].split_whitespace().collect();
+    assert_eq!(
+        &cols[1..7],
+        ["3h", "1234", "<>", "1", "3", "2023-11-14T22:28:20Z"]
+    );
+    assert!(lines[1].contains("451 4.4.1 no answer??second line"));
+    assert_eq!(
+        lines[2].split_whitespace().nth(3),
+        Some("sender@example.org")
+    );
+
+    let empty = report::list_table(&[], now);
+    assert_eq!(empty.lines().count(), 1);
+    assert!(empty.starts_with("ID "));
+}
+
+#[test]
+fn human_ages() {
+    for (secs, text) in [
+        (0, "0s"),
+        (45, "45s"),
+        (720, "12m"),
+        (3 * 3600, "3h"),
+        (2 * 86400 + 5, "2d"),
+    ] {
+        assert_eq!(report::human_age(secs), text);
+    }
+    assert_eq!(report::rfc3339(0), "1970-01-01T00:00:00Z");
+    assert_eq!(report::rfc3339(u64::MAX), u64::MAX.to_string());
+}
+
+#[test]
+fn json_lines_parse_and_have_the_contract_keys() {
+    let msgs = sample_messages();
+    let out = report::list_json(&msgs, 1_700_000_100);
+    let lines: Vec<&str> = out.lines().collect();
+    assert_eq!(lines.len(), 2);
+    let v: serde_json::Value = serde_json::from_str(lines[0]).unwrap();
+    for key in [
+        "id",
+        "age_secs",
+        "size",
+        "from",
+        "rcpts",
+        "attempts",
+        "next_attempt",
+        "last_error",
+        "received_at",
+        "listener",
+        "client_ip",
+    ] {
+        assert!(v.get(key).is_some(), "missing {key}");
+    }
+    assert_eq!(v["id"], msgs[0].envelope.id.as_str());
+    assert_eq!(v["age_secs"], 100);
+    assert_eq!(v["from"], "<>");
+    assert_eq!(v["rcpts"], serde_json::json!(["b@example.com"]));
+    assert_eq!(v["next_attempt"], "2023-11-14T22:28:20Z");
+    assert_eq!(v["received_at"], "2023-11-14T22:13:20Z");
+    assert_eq!(v["client_ip"], "192.0.2.7");
+    let w: serde_json::Value = serde_json::from_str(lines[1]).unwrap();
+    assert!(w["last_error"].is_null());
+    assert_eq!(report::list_json(&[], 0), "");
+}
+
+#[test]
+fn show_prints_envelope_state_and_headers_only() {
+    let msgs = sample_messages();
+    let text = report::show(&msgs[0], BODY);
+    for needle in [
+        msgs[0].envelope.id.as_str(),
+        "192.0.2.7:40000",
+        "client.example",
+        "TLSv1.3",
+        "alice",
+        "a@example.com  delivered",
+        "b@example.com  pending",
+        "attempts:     3",
+        "exchange",
+        "Subject: hi",
+    ] {
+        assert!(text.contains(needle), "missing {needle:?} in\n{text}");
+    }
+    assert!(!text.contains("body line"), "{text}");
+
+    let huge = vec![b'X'; SHOW_HEADER_LIMIT + 10];
+    let text = report::show(&msgs[1], &huge);
+    assert!(text.contains("truncated"));
+    assert!(text.len() < SHOW_HEADER_LIMIT + 4096);
+}
+
+#[test]
+fn symlinks_in_queue_are_not_followed() {
+    let (d, spool) = spool();
+    let outside = d.path().join("secret");
+    fs::write(&outside, b"secret").unwrap();
+    let id = QueueId::generate();
+    std::os::unix::fs::symlink(&outside, spool.root().join("queue").join(id.as_str())).unwrap();
+    assert!(spool.read_message(&id).is_err());
+    assert!(spool.list().unwrap().is_empty());
+    let report = spool.recover().unwrap();
+    assert_eq!(report.quarantined.len(), 1);
+    assert_eq!(fs::read(&outside).unwrap(), b"secret");
+}
