@@ -1,1 +1,197 @@
-//! Wires config, listeners, queue and delivery workers together; owns shutdown and reload.
+//! Wires config, listeners and the spool together; owns shutdown and reload.
+//!
+//! Start: open and recover the spool, build the TLS configuration, bind every listener (a bind
+//! failure stops the start), then serve. SIGTERM/SIGINT: stop accepting, tell idle sessions
+//! `421 4.3.0`, give sessions in DATA up to [`SHUTDOWN_GRACE`] to finish, exit. SIGHUP: load
+//! the policy file again; a valid one applies to new sessions, an invalid one is logged and
+//! the running one stays (DESIGN.md invariant 6).
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use arc_swap::ArcSwap;
+use tokio::net::TcpListener;
+use tokio::signal::unix::{SignalKind, signal};
+use tokio::sync::{Notify, Semaphore};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::{error, info, warn};
+
+use crate::config::{Config, ConfigErrors};
+use crate::inbound::connection::Shared;
+use crate::inbound::limits::ConnectionCounter;
+use crate::inbound::listener::ListenerTask;
+use crate::inbound::{Runtime, tls};
+use crate::policy::Policy;
+use crate::queue::{Spool, SpoolError};
+
+/// How long sessions still receiving a message may take to finish after a shutdown signal.
+pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(30);
+
+/// Why the relay could not start or stopped with an error.
+#[derive(Debug, thiserror::Error)]
+pub enum AppError {
+    /// The policy is invalid (exit status 2).
+    #[error("invalid configuration:\n{0}")]
+    Config(#[from] ConfigErrors),
+    /// The TLS certificate or key could not be loaded (exit status 2).
+    #[error("tls: {0}")]
+    Tls(#[from] tls::TlsError),
+    /// The spool could not be opened or recovered.
+    #[error("spool: {0}")]
+    Spool(#[from] SpoolError),
+    /// A listener could not bind its address.
+    #[error("listener {name}: cannot bind {bind}: {source}")]
+    Bind {
+        name: String,
+        bind: std::net::SocketAddr,
+        source: std::io::Error,
+    },
+    /// Signal handlers could not be installed.
+    #[error("signals: {0}")]
+    Signal(std::io::Error),
+}
+
+impl AppError {
+    /// True for errors in the operator's input (exit status 2).
+    pub fn is_config(&self) -> bool {
+        matches!(self, AppError::Config(_) | AppError::Tls(_))
+    }
+}
+
+/// Build the inbound runtime (policy and TLS) for a configuration.
+pub fn runtime(config: Config) -> Result<Runtime, AppError> {
+    let tls = match &config.tls {
+        Some(t) => Some(tls::server_config(t, &config.server.hostname)?),
+        None => None,
+    };
+    Ok(Runtime {
+        policy: Policy::new(&config),
+        config: Arc::new(config),
+        tls,
+    })
+}
+
+/// Run the relay until a shutdown signal. `path` is the policy file, for SIGHUP.
+pub async fn run(config: Config, path: Option<PathBuf>) -> Result<(), AppError> {
+    let spool = Spool::open(&config.server.spool_dir)?;
+    let report = {
+        let spool = spool.clone();
+        tokio::task::spawn_blocking(move || spool.recover())
+            .await
+            .map_err(|e| AppError::Signal(std::io::Error::other(e)))??
+    };
+    info!(spool = %config.server.spool_dir.display(), %report, "spool recovered");
+    for w in config.warnings() {
+        warn!("{w}");
+    }
+    let runtime = Arc::new(ArcSwap::from_pointee(runtime(config)?));
+    let shutdown = CancellationToken::new();
+    let tracker = TaskTracker::new();
+    let cores = std::thread::available_parallelism().map_or(2, |n| n.get());
+    let shared = Shared {
+        spool,
+        shutdown: shutdown.clone(),
+        hash_slots: Arc::new(Semaphore::new(cores)),
+        queued: Arc::new(Notify::new()),
+    };
+    let counter = ConnectionCounter::default();
+
+    let snapshot = runtime.load_full();
+    let mut tasks = Vec::new();
+    for listener in &snapshot.config.listeners {
+        let socket = TcpListener::bind(listener.bind)
+            .await
+            .map_err(|source| AppError::Bind {
+                name: listener.name.clone(),
+                bind: listener.bind,
+                source,
+            })?;
+        tasks.push(ListenerTask {
+            config: listener.clone(),
+            socket,
+            runtime: runtime.clone(),
+            shared: shared.clone(),
+            counter: counter.clone(),
+            tracker: tracker.clone(),
+        });
+    }
+    let listeners: Vec<_> = tasks.into_iter().map(|t| tokio::spawn(t.run())).collect();
+    info!(
+        hostname = %snapshot.config.server.hostname,
+        listeners = snapshot.config.listeners.len(),
+        "portcullis started"
+    );
+    drop(snapshot);
+
+    let mut term = signal(SignalKind::terminate()).map_err(AppError::Signal)?;
+    let mut int = signal(SignalKind::interrupt()).map_err(AppError::Signal)?;
+    let mut hup = signal(SignalKind::hangup()).map_err(AppError::Signal)?;
+    loop {
+        tokio::select! {
+            _ = term.recv() => { info!("SIGTERM: shutting down"); break; }
+            _ = int.recv() => { info!("SIGINT: shutting down"); break; }
+            _ = hup.recv() => reload(&runtime, path.as_deref()),
+        }
+    }
+
+    shutdown.cancel();
+    for l in listeners {
+        let _ = l.await;
+    }
+    tracker.close();
+    if tokio::time::timeout(SHUTDOWN_GRACE, tracker.wait())
+        .await
+        .is_err()
+    {
+        warn!(
+            sessions = counter.total(),
+            "sessions still open after the shutdown grace period; closing them"
+        );
+    }
+    info!("portcullis stopped");
+    Ok(())
+}
+
+/// SIGHUP: load and validate the policy file; swap it in only if it is entirely valid.
+fn reload(runtime: &ArcSwap<Runtime>, path: Option<&std::path::Path>) {
+    let Some(path) = path else {
+        warn!("SIGHUP: running on the embedded default; nothing to reload");
+        return;
+    };
+    let new = match Config::load(path)
+        .map_err(AppError::from)
+        .and_then(runtime_checked)
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            error!(file = %path.display(), "reload refused, keeping the running configuration: {e}");
+            return;
+        }
+    };
+    let old = runtime.load();
+    let binds = |c: &Config| {
+        c.listeners
+            .iter()
+            .map(|l| (l.name.clone(), l.bind))
+            .collect::<Vec<_>>()
+    };
+    if binds(&old.config) != binds(&new.config) {
+        warn!(
+            "reload: listener names or binds changed; that takes a restart (new policy applies to the existing listeners)"
+        );
+    }
+    if old.config.server.spool_dir != new.config.server.spool_dir {
+        warn!("reload: spool_dir changed; that takes a restart");
+    }
+    for w in new.config.warnings() {
+        warn!("{w}");
+    }
+    runtime.store(Arc::new(new));
+    info!(file = %path.display(), "configuration reloaded");
+}
+
+fn runtime_checked(config: Config) -> Result<Runtime, AppError> {
+    runtime(config)
+}

@@ -1,1 +1,222 @@
-fn main() {}
+//! The `portcullis` command line: run the relay, check a policy file, manage the queue, hash
+//! passwords, make test certificates. `anyhow` lives here only.
+//!
+//! Exit status: 0 success, 2 bad input or configuration, 1 any other failure.
+
+use std::io::Read;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use anyhow::{Context, bail};
+use clap::{Parser, Subcommand};
+
+use portcullis::config::Config;
+use portcullis::envelope::{QueueId, unix_now};
+use portcullis::queue::{Spool, SpoolError, report};
+
+#[derive(Parser, Debug)]
+#[command(name = "portcullis", version, about = "A hardened SMTP edge relay")]
+struct Cli {
+    /// Policy file (TOML). Without it, `run` uses the embedded default.
+    #[arg(long, global = true, value_name = "FILE")]
+    config: Option<PathBuf>,
+    /// Spool directory for `queue` commands (default: the policy's spool_dir, else ./spool).
+    #[arg(long, global = true, value_name = "DIR")]
+    spool: Option<PathBuf>,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Run the relay.
+    Run,
+    /// Validate the policy file: print every error with its key (exit 2), or a summary.
+    CheckConfig,
+    /// Inspect and manage the spool.
+    Queue {
+        #[command(subcommand)]
+        action: QueueAction,
+    },
+    /// Read one password line from stdin and print its argon2id hash.
+    Passwd,
+    /// Write DIR/cert.pem and DIR/key.pem: a self-signed ECDSA P-256 certificate for HOST.
+    GenCert {
+        #[arg(long, value_name = "DIR")]
+        out: PathBuf,
+        #[arg(long, value_name = "HOST")]
+        name: String,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum QueueAction {
+    /// One row per queued message (or one JSON object per line with --json).
+    List {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Envelope, delivery history and headers of one message.
+    Show { id: String },
+}
+
+/// An error in the operator's input: exit status 2.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+struct UsageError(String);
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match dispatch(cli) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            if let Some(app) = e.downcast_ref::<portcullis::app::AppError>() {
+                eprintln!("portcullis: {app}");
+                return ExitCode::from(if app.is_config() { 2 } else { 1 });
+            }
+            eprintln!("portcullis: {e:#}");
+            if e.downcast_ref::<UsageError>().is_some() {
+                ExitCode::from(2)
+            } else {
+                ExitCode::from(1)
+            }
+        }
+    }
+}
+
+fn dispatch(cli: Cli) -> anyhow::Result<()> {
+    match cli.command {
+        Command::Run => run(cli.config),
+        Command::CheckConfig => check_config(cli.config.as_deref()),
+        Command::Queue { action } => queue(action, cli.config.as_deref(), cli.spool),
+        Command::Passwd => passwd(),
+        Command::GenCert { out, name } => {
+            let (cert, key) = portcullis::inbound::tls::write_cert_files(&out, &name)
+                .map_err(|e| UsageError(e.to_string()))?;
+            println!("wrote {} and {}", cert.display(), key.display());
+            Ok(())
+        }
+    }
+}
+
+/// Load the policy file, or report every error in it as a usage error.
+fn load_config(path: &Path) -> anyhow::Result<Config> {
+    Config::load(path).map_err(|errors| {
+        UsageError(format!(
+            "{} is invalid ({} error{}):\n{errors}",
+            path.display(),
+            errors.0.len(),
+            if errors.0.len() == 1 { "" } else { "s" }
+        ))
+        .into()
+    })
+}
+
+fn run(path: Option<PathBuf>) -> anyhow::Result<()> {
+    init_logging();
+    let config = match &path {
+        Some(p) => load_config(p)?,
+        None => {
+            tracing::warn!("no --config given: running on the embedded default policy");
+            Config::embedded_default()
+        }
+    };
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")?;
+    runtime.block_on(portcullis::app::run(config, path))?;
+    Ok(())
+}
+
+fn check_config(path: Option<&Path>) -> anyhow::Result<()> {
+    let Some(path) = path else {
+        return Err(UsageError("check-config needs --config FILE".into()).into());
+    };
+    let config = load_config(path)?;
+    // Certificates are part of the policy: a key that does not load must fail here too.
+    if let Some(tls) = &config.tls {
+        portcullis::inbound::tls::server_config(tls, &config.server.hostname)
+            .map_err(|e| UsageError(format!("{} is invalid:\ntls: {e}", path.display())))?;
+    }
+    print!("{}", config.summary());
+    let warnings = config.warnings();
+    if !warnings.is_empty() {
+        println!();
+        for w in warnings {
+            println!("warning: {w}");
+        }
+    }
+    println!("\n{}: OK", path.display());
+    Ok(())
+}
+
+fn spool_dir(config: Option<&Path>, spool: Option<PathBuf>) -> anyhow::Result<PathBuf> {
+    Ok(match (spool, config) {
+        (Some(dir), _) => dir,
+        (None, Some(path)) => load_config(path)?.server.spool_dir,
+        (None, None) => PathBuf::from("./spool"),
+    })
+}
+
+fn open_spool(dir: &Path) -> anyhow::Result<Spool> {
+    if !dir.join("queue").is_dir() {
+        bail!(UsageError(format!(
+            "no spool at {} (no queue/ directory); pass --spool DIR or --config FILE",
+            dir.display()
+        )));
+    }
+    Spool::open(dir).with_context(|| format!("cannot open spool {}", dir.display()))
+}
+
+fn queue(action: QueueAction, config: Option<&Path>, spool: Option<PathBuf>) -> anyhow::Result<()> {
+    let dir = spool_dir(config, spool)?;
+    let spool = open_spool(&dir)?;
+    match action {
+        QueueAction::List { json } => {
+            let msgs = spool.list()?;
+            if json {
+                print!("{}", report::list_json(&msgs, unix_now()));
+            } else {
+                print!("{}", report::list_table(&msgs, unix_now()));
+            }
+        }
+        QueueAction::Show { id } => {
+            let id: QueueId = id.parse().map_err(|e| UsageError(format!("{e}")))?;
+            let msg = match spool.load(&id) {
+                Ok(m) => m,
+                Err(SpoolError::NotFound(_)) => bail!("no message {id} in {}", dir.display()),
+                Err(e) => return Err(e.into()),
+            };
+            let head = spool.read_message_head(&id, report::SHOW_HEADER_LIMIT as u64)?;
+            print!("{}", report::show(&msg, &head));
+        }
+    }
+    Ok(())
+}
+
+fn passwd() -> anyhow::Result<()> {
+    let mut input = String::new();
+    std::io::stdin()
+        .take(64 * 1024)
+        .read_to_string(&mut input)
+        .context("cannot read the password from stdin")?;
+    let password = input.lines().next().unwrap_or("");
+    if password.is_empty() {
+        bail!(UsageError("empty password on stdin".into()));
+    }
+    let hash = portcullis::policy::credentials::hash_password(password)
+        .map_err(|e| anyhow::anyhow!("cannot hash password: {e}"))?;
+    println!("{hash}");
+    Ok(())
+}
+
+fn init_logging() {
+    use tracing_subscriber::EnvFilter;
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_target(false)
+        .init();
+}

@@ -1,1 +1,109 @@
-//! Pure policy decisions compiled from the configuration, named after SMTP stages.
+//! Pure policy decisions compiled from the configuration, named after the SMTP stage they act
+//! on: [`Policy::connect`], [`Policy::rcpt`]. Nothing here touches a socket or a clock; the
+//! driver asks, carries out the verdict and logs the rule that fired.
+//!
+//! A verdict that refuses carries the reply for the client (which never names the rule) and
+//! the rule name for the log.
+
+pub mod access;
+pub mod credentials;
+
+use std::net::IpAddr;
+
+use ipnet::IpNet;
+
+use crate::config::{Config, Listener};
+use crate::envelope::Address;
+use crate::smtp::Reply;
+use crate::smtp::reply;
+use access::{contains, normalize};
+
+/// A refusal: what the client is told and which rule fired.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Refusal {
+    pub reply: Reply,
+    pub rule: &'static str,
+}
+
+impl Refusal {
+    fn new(reply: Reply, rule: &'static str) -> Refusal {
+        Refusal { reply, rule }
+    }
+}
+
+/// Facts about the session a decision may depend on.
+#[derive(Debug, Clone, Copy)]
+pub struct SessionFacts<'a> {
+    pub client_ip: IpAddr,
+    pub user: Option<&'a str>,
+}
+
+/// The compiled policy of one configuration snapshot.
+#[derive(Debug, Clone)]
+pub struct Policy {
+    accepted_domains: Vec<String>,
+    relay_networks: Vec<IpNet>,
+    recipients: Option<Vec<String>>,
+}
+
+impl Policy {
+    pub fn new(config: &Config) -> Policy {
+        Policy {
+            accepted_domains: config.relay.accepted_domains.clone(),
+            relay_networks: config.relay.relay_networks.clone(),
+            recipients: config.relay.recipients.clone(),
+        }
+    }
+
+    /// Connect stage: the listener's deny list first, then its allow list.
+    pub fn connect(&self, listener: &Listener, ip: IpAddr) -> Result<(), Refusal> {
+        let ip = normalize(ip);
+        if contains(&listener.deny, ip) {
+            return Err(Refusal::new(reply::ACCESS_DENIED, "listener_deny"));
+        }
+        if !contains(&listener.allow, ip) {
+            return Err(Refusal::new(reply::ACCESS_DENIED, "listener_allow"));
+        }
+        Ok(())
+    }
+
+    /// True when the client may relay to any domain without authenticating.
+    pub fn is_relay_client(&self, ip: IpAddr) -> bool {
+        contains(&self.relay_networks, normalize(ip))
+    }
+
+    /// True when mail for `domain` (lower case) is accepted from anyone allowed to connect.
+    pub fn is_accepted_domain(&self, domain: &str) -> bool {
+        self.accepted_domains.iter().any(|d| d == domain)
+    }
+
+    /// RCPT stage: recipients in accepted domains are taken from anyone (and checked against
+    /// the recipient list when one is configured); other domains need AUTH or a relay network.
+    pub fn rcpt(&self, facts: &SessionFacts<'_>, to: &Address) -> Result<(), Refusal> {
+        let domain = to.domain_lower();
+        if self.is_accepted_domain(&domain) {
+            if routed(to) {
+                return Err(Refusal::new(reply::RELAY_DENIED, "routed_address"));
+            }
+            if let Some(list) = &self.recipients {
+                let full = format!("{}@{}", to.local().to_lowercase(), domain);
+                let wildcard = format!("@{domain}");
+                if !list.iter().any(|r| *r == full || *r == wildcard) {
+                    return Err(Refusal::new(reply::UNKNOWN_USER, "recipients_file"));
+                }
+            }
+            return Ok(());
+        }
+        if facts.user.is_some() || self.is_relay_client(facts.client_ip) {
+            return Ok(());
+        }
+        Err(Refusal::new(reply::RELAY_DENIED, "relay_denied"))
+    }
+}
+
+/// Addresses that route mail onward from the named domain (percent hack `u%other@ours`,
+/// bang paths `other!u@ours`, IP literals): accepting them for an accepted domain would let
+/// the next hop relay for strangers.
+fn routed(to: &Address) -> bool {
+    to.local().contains(['%', '!', '@']) || to.is_ip_literal()
+}

@@ -14,7 +14,9 @@
 //! `require_tls` / `auth = "required"` gates.
 
 pub mod data;
+pub mod headers;
 pub mod line;
+pub mod received;
 pub mod reply;
 pub mod sasl;
 mod session;

@@ -1,0 +1,581 @@
+//! Drives one SMTP session over a plain or TLS connection.
+//!
+//! The protocol lives in [`crate::smtp::Session`]; this driver only moves bytes, applies
+//! timeouts and shutdown, and carries out the events: policy checks, the TLS handshake,
+//! password checks off the reactor, and the spool. It is deliberately short and boring.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio::sync::{Notify, Semaphore};
+use tokio_rustls::TlsAcceptor;
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, info, warn};
+
+use super::Runtime;
+use super::stream::Stream;
+use super::tls::session_info;
+use crate::config::{Listener, ListenerTls};
+use crate::envelope::{Envelope, QueueId, Recipient, TlsInfo, unix_now};
+use crate::policy::{Refusal, SessionFacts};
+use crate::queue::{Spool, SpoolWriter};
+use crate::smtp::headers::{HeaderFilter, NamePattern, StripRules};
+use crate::smtp::received::{self, Trace};
+use crate::smtp::{Credentials, DataFault, Event, Reply, Session, SessionConfig, reply};
+
+/// Size of each read from the client.
+const READ_SIZE: usize = 8 * 1024;
+
+/// Longest a whole session may last, whatever it does (DESIGN.md invariant 4).
+pub const MAX_SESSION_TIME: Duration = Duration::from_secs(60 * 60);
+
+/// How long a TLS handshake may take.
+pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// How long a refused client may linger sending commands before it is disconnected.
+pub const REFUSED_LINGER: Duration = Duration::from_secs(10);
+
+/// Dependencies shared by every connection.
+#[derive(Debug, Clone)]
+pub struct Shared {
+    pub spool: Spool,
+    /// Stops accepting; idle sessions are told `421 4.3.0` at once.
+    pub shutdown: CancellationToken,
+    /// Bounds concurrent password hashing (argon2 takes ~19 MiB and real CPU per check).
+    pub hash_slots: Arc<Semaphore>,
+    /// Woken after every commit so delivery starts at once.
+    pub queued: Arc<Notify>,
+}
+
+/// How a session ended, for the session log line.
+#[derive(Debug, Default)]
+struct Outcome {
+    messages: u32,
+    reason: &'static str,
+}
+
+/// The spool file and header filter of a message being received.
+struct Incoming {
+    writer: SpoolWriter,
+    filter: HeaderFilter,
+    /// Set when writing failed: the rest of the message is read and dropped, then `451`.
+    failed: bool,
+    scratch: Vec<u8>,
+}
+
+/// One connection from accept to close.
+pub struct Connection {
+    runtime: Arc<Runtime>,
+    listener: Listener,
+    shared: Shared,
+    peer: SocketAddr,
+    session: Session,
+    tls: Option<TlsInfo>,
+    incoming: Option<Incoming>,
+    started: Instant,
+    outcome: Outcome,
+}
+
+impl Connection {
+    pub fn new(
+        runtime: Arc<Runtime>,
+        listener: Listener,
+        shared: Shared,
+        peer: SocketAddr,
+    ) -> Self {
+        let c = &runtime.config;
+        let session = Session::new(SessionConfig {
+            hostname: c.server.hostname.clone(),
+            max_command_length: c.limits.max_command_length,
+            max_message_size: c.limits.max_message_size,
+            max_recipients: c.limits.max_recipients,
+            max_errors: c.limits.max_errors,
+            starttls: listener.tls == ListenerTls::StartTls && runtime.tls.is_some(),
+            implicit_tls: listener.tls == ListenerTls::Implicit,
+            require_tls: listener.require_tls,
+            auth_enabled: listener.auth != crate::config::AuthMode::Off,
+            auth_required: listener.auth == crate::config::AuthMode::Required,
+        });
+        Connection {
+            runtime,
+            listener,
+            shared,
+            peer,
+            session,
+            tls: None,
+            incoming: None,
+            started: Instant::now(),
+            outcome: Outcome::default(),
+        }
+    }
+
+    /// Run the session to its end. `refusal` is set when the connect-stage policy refused.
+    pub async fn run(mut self, tcp: TcpStream, refusal: Option<Refusal>) {
+        info!(
+            peer = %self.peer, listener = %self.listener.name,
+            "session start"
+        );
+        let result = tokio::time::timeout(MAX_SESSION_TIME, self.serve(tcp, refusal)).await;
+        if result.is_err() {
+            self.outcome.reason = "session time limit";
+        }
+        if let Some(incoming) = self.incoming.take() {
+            incoming.writer.abort();
+        }
+        info!(
+            peer = %self.peer, listener = %self.listener.name,
+            tls = %self.tls.as_ref().map(|t| t.to_string()).unwrap_or_else(|| "none".into()),
+            user = self.session.user().unwrap_or("-"),
+            messages = self.outcome.messages,
+            secs = self.started.elapsed().as_secs_f32(),
+            reason = self.outcome.reason,
+            "session end"
+        );
+    }
+
+    async fn serve(&mut self, tcp: TcpStream, refusal: Option<Refusal>) {
+        let mut stream = if self.listener.tls == ListenerTls::Implicit {
+            match self.handshake(tcp).await {
+                Some(s) => s,
+                None => return,
+            }
+        } else {
+            Stream::Plain(tcp)
+        };
+        let pregreet = self.runtime.config.limits.pregreet_wait;
+        if !pregreet.is_zero() && refusal.is_none() && self.talks_first(&mut stream, pregreet).await
+        {
+            warn!(peer = %self.peer, rule = "pregreet", reply = %reply::EARLY_TALKER, "rejected");
+            self.session.close_with(&reply::EARLY_TALKER);
+            self.outcome.reason = "client talked before greeting";
+            let _ = self.flush(&mut stream).await;
+            return;
+        }
+        let linger = match refusal {
+            Some(r) => {
+                warn!(peer = %self.peer, rule = r.rule, reply = %r.reply, "rejected at connect");
+                self.session.refuse(&r.reply);
+                Some(Instant::now() + REFUSED_LINGER)
+            }
+            None => {
+                self.session.greet();
+                None
+            }
+        };
+        let mut buf = vec![0u8; READ_SIZE];
+        loop {
+            let event = self.session.poll();
+            match event {
+                Event::NeedInput => {
+                    if self.flush(&mut stream).await.is_err() {
+                        self.outcome.reason = "write error";
+                        return;
+                    }
+                    match self.read(&mut stream, &mut buf, linger).await {
+                        Some(0) => {
+                            self.outcome.reason = "client closed";
+                            return;
+                        }
+                        Some(n) => self.session.receive(&buf[..n]),
+                        None => {}
+                    }
+                }
+                Event::Flush => {
+                    if self.flush(&mut stream).await.is_err() {
+                        self.outcome.reason = "write error";
+                        return;
+                    }
+                }
+                Event::Close => {
+                    let _ = self.flush(&mut stream).await;
+                    let _ = stream.shutdown().await;
+                    if self.outcome.reason.is_empty() {
+                        self.outcome.reason = "closed";
+                    }
+                    return;
+                }
+                Event::Rejected { reply, rule } => self.log_rejection(&reply, rule),
+                Event::Helo { name, extended } => {
+                    debug!(peer = %self.peer, helo = %name, extended, "helo");
+                    self.session.accept();
+                }
+                Event::StartTls { discarded } => {
+                    if discarded > 0 {
+                        warn!(peer = %self.peer, discarded, rule = "starttls_injection",
+                            "discarded commands pipelined after STARTTLS");
+                    }
+                    if self.flush(&mut stream).await.is_err() {
+                        return;
+                    }
+                    let Stream::Plain(tcp) = stream else {
+                        return;
+                    };
+                    match self.handshake(tcp).await {
+                        Some(s) => stream = s,
+                        None => return,
+                    }
+                    self.session.tls_started();
+                }
+                Event::Auth(credentials) => self.auth(credentials).await,
+                Event::Mail { from, .. } => self.mail(&from.to_string()),
+                Event::Rcpt(to) => {
+                    let facts = SessionFacts {
+                        client_ip: self.peer.ip(),
+                        user: self.session.user(),
+                    };
+                    match self.runtime.policy.rcpt(&facts, &to) {
+                        Ok(()) => self.session.accept(),
+                        Err(r) => self.refuse(r),
+                    }
+                }
+                Event::DataStart => self.data_start(),
+                Event::DataChunk => self.data_chunk(),
+                Event::DataEnd => self.data_end().await,
+                Event::DataRejected(fault) => self.data_rejected(fault),
+            }
+        }
+    }
+
+    fn log_rejection(&self, reply: &Reply, rule: &str) {
+        info!(peer = %self.peer, listener = %self.listener.name, rule, reply = %reply, "rejected");
+    }
+
+    fn refuse(&mut self, r: Refusal) {
+        self.log_rejection(&r.reply, r.rule);
+        self.session.reject(&r.reply);
+    }
+
+    /// Write pending replies.
+    async fn flush(&mut self, stream: &mut Stream) -> std::io::Result<()> {
+        if self.session.output().is_empty() {
+            return Ok(());
+        }
+        let timeout = self.runtime.config.limits.command_timeout;
+        let write = async {
+            stream.write_all(self.session.output()).await?;
+            stream.flush().await
+        };
+        match tokio::time::timeout(timeout, write).await {
+            Ok(r) => {
+                self.session.clear_output();
+                r
+            }
+            Err(_) => Err(std::io::ErrorKind::TimedOut.into()),
+        }
+    }
+
+    /// Read once, under the command or DATA timeout. `None` means the session was told to
+    /// close (timeout or shutdown): the next poll returns `Close`.
+    async fn read(
+        &mut self,
+        stream: &mut Stream,
+        buf: &mut [u8],
+        linger: Option<Instant>,
+    ) -> Option<usize> {
+        let limits = &self.runtime.config.limits;
+        let mut timeout = if self.session.in_data() {
+            limits.data_timeout
+        } else {
+            limits.command_timeout
+        };
+        if let Some(deadline) = linger {
+            timeout = timeout.min(deadline.saturating_duration_since(Instant::now()));
+        }
+        // A session in DATA may finish its message during shutdown (the app bounds the wait).
+        let in_data = self.session.in_data();
+        tokio::select! {
+            r = stream.read(buf) => match r {
+                Ok(n) => Some(n),
+                Err(e) => {
+                    debug!(peer = %self.peer, error = %e, "read error");
+                    Some(0)
+                }
+            },
+            _ = tokio::time::sleep(timeout) => {
+                self.outcome.reason = "timeout";
+                self.log_rejection(&reply::TIMEOUT, "timeout");
+                self.session.timeout();
+                None
+            }
+            _ = self.shared.shutdown.cancelled(), if !in_data => {
+                self.outcome.reason = "shutdown";
+                self.session.close_with(&reply::SHUTTING_DOWN);
+                None
+            }
+        }
+    }
+
+    /// Before the greeting: true if the client sent anything within `wait`.
+    async fn talks_first(&self, stream: &mut Stream, wait: Duration) -> bool {
+        match stream {
+            Stream::Plain(tcp) => {
+                let mut probe = [0u8; 1];
+                matches!(
+                    tokio::time::timeout(wait, tcp.peek(&mut probe)).await,
+                    Ok(Ok(n)) if n > 0
+                )
+            }
+            // Implicit TLS: a client that completed the handshake speaks only after the banner.
+            Stream::Tls(_) => {
+                tokio::time::sleep(wait).await;
+                false
+            }
+        }
+    }
+
+    async fn handshake(&mut self, tcp: TcpStream) -> Option<Stream> {
+        let Some(config) = self.runtime.tls.clone() else {
+            warn!(peer = %self.peer, "TLS requested but no certificate is configured");
+            return None;
+        };
+        let acceptor = TlsAcceptor::from(config);
+        match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
+            Ok(Ok(tls)) => {
+                self.tls = session_info(tls.get_ref().1);
+                debug!(peer = %self.peer, tls = ?self.tls, "TLS established");
+                Some(Stream::Tls(Box::new(tls)))
+            }
+            Ok(Err(e)) => {
+                info!(peer = %self.peer, error = %e, "TLS handshake failed");
+                self.outcome.reason = "TLS handshake failed";
+                None
+            }
+            Err(_) => {
+                info!(peer = %self.peer, "TLS handshake timed out");
+                self.outcome.reason = "TLS handshake timeout";
+                None
+            }
+        }
+    }
+
+    async fn auth(&mut self, credentials: Credentials) {
+        let users = self
+            .runtime
+            .config
+            .auth
+            .as_ref()
+            .map(|a| a.users.clone())
+            .unwrap_or_default();
+        let login = credentials.login.clone();
+        let hash = users
+            .iter()
+            .find(|u| u.name == credentials.login)
+            .map(|u| u.password_hash.clone());
+        let known = hash.is_some();
+        // Unknown users are checked against a dummy hash so both answers take the same time.
+        let hash = hash.unwrap_or_else(|| crate::policy::credentials::DUMMY_HASH.to_string());
+        let permit = self.shared.hash_slots.clone().acquire_owned().await;
+        let ok = tokio::task::spawn_blocking(move || {
+            let _permit = permit;
+            crate::policy::credentials::verify_password(&hash, &credentials.password)
+        })
+        .await
+        .unwrap_or(false);
+        if ok && known {
+            info!(peer = %self.peer, user = %login, "authenticated");
+            self.session.accept();
+        } else {
+            self.refuse(Refusal {
+                reply: reply::AUTH_FAILED,
+                rule: if known {
+                    "auth_bad_password"
+                } else {
+                    "auth_unknown_user"
+                },
+            });
+        }
+    }
+
+    fn mail(&mut self, from: &str) {
+        let min_free = self.runtime.config.limits.min_free_space;
+        match self.shared.spool.free_space() {
+            Ok(free) if free < min_free => {
+                warn!(free, min_free, "spool free space below min_free_space");
+                return self.refuse(Refusal {
+                    reply: reply::INSUFFICIENT_STORAGE,
+                    rule: "min_free_space",
+                });
+            }
+            Err(e) => {
+                warn!(error = %e, "cannot read spool free space");
+                return self.refuse(Refusal {
+                    reply: reply::LOCAL_ERROR,
+                    rule: "spool_statvfs",
+                });
+            }
+            Ok(_) => {}
+        }
+        debug!(peer = %self.peer, from, "mail from");
+        self.session.accept();
+    }
+
+    fn data_start(&mut self) {
+        let Some(tx) = self.session.transaction() else {
+            return self.session.accept();
+        };
+        let config = &self.runtime.config;
+        let id = QueueId::generate();
+        let now = unix_now();
+        let envelope = Envelope {
+            id: id.clone(),
+            received_at: now,
+            listener: self.listener.name.clone(),
+            client_ip: crate::policy::access::normalize(self.peer.ip()),
+            client_port: self.peer.port(),
+            helo: self.session.helo().unwrap_or_default().to_string(),
+            tls: self.tls.clone(),
+            auth_user: self.session.user().map(str::to_string),
+            mail_from: tx.from.clone(),
+            mail_params: tx.params.clone(),
+            recipients: tx.recipients.iter().cloned().map(Recipient::new).collect(),
+        };
+        let single = (tx.recipients.len() == 1).then(|| tx.recipients[0].to_string());
+        let header = received::header(&Trace {
+            helo: &envelope.helo,
+            client_ip: envelope.client_ip,
+            hostname: &config.server.hostname,
+            extended: true,
+            tls: self.tls.as_ref(),
+            authenticated: envelope.auth_user.is_some(),
+            queue_id: id.as_str(),
+            single_recipient: single.as_deref(),
+            now,
+        });
+        let trusted =
+            envelope.auth_user.is_some() || self.runtime.policy.is_relay_client(self.peer.ip());
+        let rules = if trusted {
+            StripRules::default()
+        } else {
+            StripRules {
+                names: config
+                    .headers
+                    .strip_untrusted
+                    .iter()
+                    .map(|p| NamePattern::new(p))
+                    .collect(),
+                auth_results_for: Some(config.server.hostname.to_ascii_lowercase()),
+            }
+        };
+        let created = self.shared.spool.create(&envelope).and_then(|mut w| {
+            w.write(header.as_bytes())?;
+            Ok(w)
+        });
+        match created {
+            Ok(writer) => {
+                self.incoming = Some(Incoming {
+                    writer,
+                    filter: HeaderFilter::new(rules),
+                    failed: false,
+                    scratch: Vec::new(),
+                });
+                self.session.accept();
+            }
+            Err(e) => {
+                warn!(error = %e, "cannot create spool file");
+                self.refuse(Refusal {
+                    reply: reply::LOCAL_ERROR,
+                    rule: "spool_create",
+                });
+            }
+        }
+    }
+
+    fn data_chunk(&mut self) {
+        let Some(inc) = self.incoming.as_mut() else {
+            return;
+        };
+        if inc.failed {
+            return;
+        }
+        let chunk = self.session.data_chunk();
+        inc.scratch.clear();
+        let result = if inc.filter.push(chunk, &mut inc.scratch) {
+            inc.writer.write(&inc.scratch)
+        } else {
+            inc.writer.write(chunk)
+        };
+        if let Err(e) = result {
+            warn!(error = %e, "spool write failed; the message will be refused");
+            inc.failed = true;
+        }
+    }
+
+    async fn data_end(&mut self) {
+        let Some(mut inc) = self.incoming.take() else {
+            return self.session.reject(&reply::LOCAL_ERROR);
+        };
+        inc.scratch.clear();
+        inc.filter.finish(&mut inc.scratch);
+        if !inc.failed
+            && let Err(e) = inc.writer.write(&inc.scratch)
+        {
+            warn!(error = %e, "spool write failed");
+            inc.failed = true;
+        }
+        let hop_limit = self.runtime.config.limits.hop_limit;
+        if inc.filter.received_count() > hop_limit {
+            inc.writer.abort();
+            return self.refuse(Refusal {
+                reply: reply::TOO_MANY_HOPS,
+                rule: "hop_limit",
+            });
+        }
+        if inc.failed {
+            inc.writer.abort();
+            return self.refuse(Refusal {
+                reply: reply::LOCAL_ERROR,
+                rule: "spool_write",
+            });
+        }
+        if !inc.filter.stripped().is_empty() {
+            info!(peer = %self.peer, headers = ?inc.filter.stripped(), "removed untrusted headers");
+        }
+        let size = inc.writer.written();
+        let (from, rcpts) = match self.session.transaction() {
+            Some(tx) => (tx.from.to_string(), tx.recipients.len()),
+            None => (String::new(), 0),
+        };
+        // fsync, rename and directory fsync block: run them off the reactor.
+        match tokio::task::spawn_blocking(move || inc.writer.commit()).await {
+            Ok(Ok(id)) => {
+                info!(
+                    queue_id = %id, peer = %self.peer, listener = %self.listener.name,
+                    from = %from, rcpts, size, "queued"
+                );
+                self.outcome.messages += 1;
+                self.session.queued(id.as_str());
+                self.shared.queued.notify_one();
+            }
+            Ok(Err(e)) => {
+                warn!(error = %e, "spool commit failed");
+                self.refuse(Refusal {
+                    reply: reply::LOCAL_ERROR,
+                    rule: "spool_commit",
+                });
+            }
+            Err(e) => {
+                warn!(error = %e, "spool commit task failed");
+                self.refuse(Refusal {
+                    reply: reply::LOCAL_ERROR,
+                    rule: "spool_commit",
+                });
+            }
+        }
+    }
+
+    fn data_rejected(&mut self, fault: DataFault) {
+        if let Some(inc) = self.incoming.take() {
+            inc.writer.abort();
+        }
+        let (reply, rule) = match fault {
+            DataFault::BareLineEnding => {
+                (reply::BARE_LINE_ENDING_IN_DATA, "bare_line_ending_in_data")
+            }
+            DataFault::TooBig => (reply::MESSAGE_TOO_BIG, "max_message_size"),
+        };
+        self.log_rejection(&reply, rule);
+    }
+}

@@ -1,0 +1,105 @@
+//! Accept loop of one listener: connection caps, connect-stage policy, one task per session.
+//!
+//! When a cap is reached the client is told `421` and closed by a short task of its own; the
+//! accept loop itself never waits on a client.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use arc_swap::ArcSwap;
+use tokio::io::AsyncWriteExt;
+use tokio::net::{TcpListener, TcpStream};
+use tokio_util::task::TaskTracker;
+use tracing::{info, warn};
+
+use super::Runtime;
+use super::connection::{Connection, Shared};
+use super::limits::{ConnectionCounter, Full};
+use crate::config::Listener;
+use crate::smtp::{Reply, reply};
+
+/// How long a refused client is given to read its `421`.
+const REFUSAL_WRITE_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Pause after a failed accept (e.g. out of file descriptors) before trying again.
+const ACCEPT_ERROR_BACKOFF: Duration = Duration::from_millis(100);
+
+/// Everything one accept loop needs.
+pub struct ListenerTask {
+    /// The listener as configured at start (binds need a restart to change).
+    pub config: Listener,
+    pub socket: TcpListener,
+    /// The current configuration snapshot; replaced on reload.
+    pub runtime: Arc<ArcSwap<Runtime>>,
+    pub shared: Shared,
+    pub counter: ConnectionCounter,
+    pub tracker: TaskTracker,
+}
+
+impl ListenerTask {
+    /// Accept until shutdown.
+    pub async fn run(self) {
+        info!(listener = %self.config.name, bind = %self.config.bind, "listening");
+        loop {
+            let accepted = tokio::select! {
+                r = self.socket.accept() => r,
+                _ = self.shared.shutdown.cancelled() => break,
+            };
+            let (tcp, peer) = match accepted {
+                Ok(a) => a,
+                Err(e) => {
+                    warn!(listener = %self.config.name, error = %e, "accept failed");
+                    tokio::time::sleep(ACCEPT_ERROR_BACKOFF).await;
+                    continue;
+                }
+            };
+            let _ = tcp.set_nodelay(true);
+            let runtime = self.runtime.load_full();
+            // A reload may have changed this listener's lists and flags (not its bind).
+            let listener = runtime
+                .config
+                .listeners
+                .iter()
+                .find(|l| l.name == self.config.name)
+                .cloned()
+                .unwrap_or_else(|| self.config.clone());
+            let limits = &runtime.config.limits;
+            match self.counter.admit(
+                peer.ip(),
+                limits.max_connections,
+                limits.max_connections_per_ip,
+            ) {
+                Ok(slot) => {
+                    let refusal = runtime.policy.connect(&listener, peer.ip()).err();
+                    let shared = self.shared.clone();
+                    self.tracker.spawn(async move {
+                        let _slot = slot;
+                        Connection::new(runtime, listener, shared, peer)
+                            .run(tcp, refusal)
+                            .await;
+                    });
+                }
+                Err(full) => {
+                    let (reply, rule) = match full {
+                        Full::Total => (reply::TOO_MANY_CONNECTIONS, "max_connections"),
+                        Full::PerIp => (reply::TOO_MANY_FROM_IP, "max_connections_per_ip"),
+                    };
+                    warn!(peer = %peer, listener = %listener.name, rule, reply = %reply, "rejected at connect");
+                    self.tracker.spawn(refuse(tcp, reply));
+                }
+            }
+        }
+        info!(listener = %self.config.name, "stopped listening");
+    }
+}
+
+/// Tell a client it cannot be served now, then close.
+async fn refuse(mut tcp: TcpStream, reply: Reply) {
+    let mut out = Vec::new();
+    reply.write_to(&mut out);
+    let _ = tokio::time::timeout(REFUSAL_WRITE_TIMEOUT, async {
+        tcp.write_all(&out).await?;
+        tcp.shutdown().await
+    })
+    .await;
+}
