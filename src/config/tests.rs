@@ -1,0 +1,3 @@
+//! Table-driven tests of the policy compiler.
+
+use super::*;
