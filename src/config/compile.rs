@@ -36,6 +36,13 @@ const MIN_COMMAND_LENGTH: i64 = 512;
 /// Upper bound on `max_command_length`: the session's line buffer is bounded by it.
 const MAX_COMMAND_LENGTH: i64 = 65_536;
 
+/// The largest count a `usize` field accepts (TOML integers are `i64`).
+const MAX_USIZE: i64 = if (usize::MAX as u128) < (i64::MAX as u128) {
+    usize::MAX as i64
+} else {
+    i64::MAX
+};
+
 /// A top-level table: absent, present but unusable (already reported), or parsed.
 enum Section<T> {
     Absent,
@@ -60,12 +67,12 @@ impl<T: Default> Section<T> {
 struct Sections {
     server: Section<RawServer>,
     tls: Section<RawTls>,
-    listeners: Option<Vec<Option<RawListener>>>,
+    listeners: Section<Vec<Option<RawListener>>>,
     relay: Section<RawRelay>,
     auth: Section<RawAuth>,
     limits: Section<RawLimits>,
     rate_limits: Section<RawRateLimits>,
-    upstreams: Option<Vec<Option<RawUpstream>>>,
+    upstreams: Section<Vec<Option<RawUpstream>>>,
     headers: Section<RawHeaders>,
     queue: Section<RawQueue>,
 }
@@ -137,15 +144,25 @@ impl Compiler {
                 None => Section::Broken,
             }
         }
+        fn array<T: serde::de::DeserializeOwned>(
+            value: toml::Value,
+            name: &str,
+            errors: &mut Vec<ConfigError>,
+        ) -> Section<Vec<Option<T>>> {
+            match load::array_of_tables(value, name, errors) {
+                Some(t) => Section::Parsed(t),
+                None => Section::Broken,
+            }
+        }
         let mut s = Sections {
             server: Section::Absent,
             tls: Section::Absent,
-            listeners: None,
+            listeners: Section::Absent,
             relay: Section::Absent,
             auth: Section::Absent,
             limits: Section::Absent,
             rate_limits: Section::Absent,
-            upstreams: None,
+            upstreams: Section::Absent,
             headers: Section::Absent,
             queue: Section::Absent,
         };
@@ -154,16 +171,12 @@ impl Compiler {
             match name.as_str() {
                 "server" => s.server = section(value, &name, e),
                 "tls" => s.tls = section(value, &name, e),
-                "listeners" => {
-                    s.listeners = Some(load::array_of_tables(value, &name, e).unwrap_or_default())
-                }
+                "listeners" => s.listeners = array(value, &name, e),
                 "relay" => s.relay = section(value, &name, e),
                 "auth" => s.auth = section(value, &name, e),
                 "limits" => s.limits = section(value, &name, e),
                 "rate_limits" => s.rate_limits = section(value, &name, e),
-                "upstreams" => {
-                    s.upstreams = Some(load::array_of_tables(value, &name, e).unwrap_or_default())
-                }
+                "upstreams" => s.upstreams = array(value, &name, e),
                 "headers" => s.headers = section(value, &name, e),
                 "queue" => s.queue = section(value, &name, e),
                 _ => e.push(ConfigError::new(name, "unknown key")),
@@ -201,12 +214,14 @@ impl Compiler {
     }
 
     fn tls(&mut self, raw: RawTls) -> Tls {
-        let min_version = self.choice(
-            "tls.min_version",
-            raw.min_version,
-            TlsVersion::Tls12,
-            &[("1.2", TlsVersion::Tls12), ("1.3", TlsVersion::Tls13)],
-        );
+        let min_version = self
+            .choice(
+                "tls.min_version",
+                raw.min_version,
+                TlsVersion::Tls12,
+                &[("1.2", TlsVersion::Tls12), ("1.3", TlsVersion::Tls13)],
+            )
+            .unwrap_or(TlsVersion::Tls12);
         let cert = self.path("tls.cert", raw.cert);
         let key = self.path("tls.key", raw.key);
         let source = match (cert, key) {
@@ -239,12 +254,13 @@ impl Compiler {
 
     fn listeners(
         &mut self,
-        raw: Option<Vec<Option<RawListener>>>,
+        raw: Section<Vec<Option<RawListener>>>,
         tls_present: bool,
         auth_present: bool,
     ) -> Vec<Listener> {
-        let raw = raw.unwrap_or_default();
-        if raw.is_empty() {
+        let broken = matches!(raw, Section::Broken);
+        let raw = raw.or_default();
+        if raw.is_empty() && !broken {
             self.err(
                 "listeners",
                 "at least one [[listeners]] is required (e.g. bind = \"0.0.0.0:25\")",
@@ -287,7 +303,8 @@ impl Compiler {
                     None
                 }
             };
-            let tls = self.choice(
+            // An invalid tls or auth value was reported; checks that depend on it are skipped.
+            let tls_choice = self.choice(
                 &format!("{at}.tls"),
                 raw.tls,
                 ListenerTls::StartTls,
@@ -297,7 +314,8 @@ impl Compiler {
                     ("implicit", ListenerTls::Implicit),
                 ],
             );
-            if tls != ListenerTls::None && !tls_present {
+            let tls = tls_choice.unwrap_or(ListenerTls::StartTls);
+            if tls_choice.is_some() && tls != ListenerTls::None && !tls_present {
                 self.err(
                     format!("{at}.tls"),
                     format!(
@@ -311,16 +329,16 @@ impl Compiler {
                 );
             }
             let mut require_tls = raw.require_tls.unwrap_or(false);
-            match tls {
-                ListenerTls::None if require_tls => self.err(
+            match tls_choice {
+                Some(ListenerTls::None) if require_tls => self.err(
                     format!("{at}.require_tls"),
                     "cannot be true with tls = \"none\" (no client could ever send mail)",
                 ),
                 // The whole connection is TLS, so nothing is ever sent in clear.
-                ListenerTls::Implicit => require_tls = true,
+                Some(ListenerTls::Implicit) => require_tls = true,
                 _ => {}
             }
-            let auth = self.choice(
+            let auth_choice = self.choice(
                 &format!("{at}.auth"),
                 raw.auth,
                 AuthMode::Off,
@@ -330,6 +348,7 @@ impl Compiler {
                     ("required", AuthMode::Required),
                 ],
             );
+            let auth = auth_choice.unwrap_or(AuthMode::Off);
             if auth != AuthMode::Off && !auth_present {
                 self.err(
                     format!("{at}.auth"),
@@ -399,7 +418,7 @@ impl Compiler {
         // Room for one more message of the largest size, plus half again for the queue's
         // own files; 0 explicitly disables the check.
         let free_default = max_message_size.saturating_add(max_message_size / 2);
-        let max = usize::MAX as i64;
+        let max = MAX_USIZE;
         Limits {
             max_message_size,
             max_recipients: self.count("limits.max_recipients", raw.max_recipients, 100, 1, max),
@@ -452,9 +471,10 @@ impl Compiler {
         }
     }
 
-    fn upstreams(&mut self, raw: Option<Vec<Option<RawUpstream>>>) -> Vec<Upstream> {
-        let raw = raw.unwrap_or_default();
-        if raw.is_empty() {
+    fn upstreams(&mut self, raw: Section<Vec<Option<RawUpstream>>>) -> Vec<Upstream> {
+        let broken = matches!(raw, Section::Broken);
+        let raw = raw.or_default();
+        if raw.is_empty() && !broken {
             self.err(
                 "upstreams",
                 "at least one [[upstreams]] is required (e.g. address = \"exchange.example.internal:25\")",
@@ -487,16 +507,18 @@ impl Compiler {
                     String::new()
                 }
             };
-            let tls = self.choice(
-                &format!("{at}.tls"),
-                raw.tls,
-                UpstreamTls::Required,
-                &[
-                    ("none", UpstreamTls::None),
-                    ("opportunistic", UpstreamTls::Opportunistic),
-                    ("required", UpstreamTls::Required),
-                ],
-            );
+            let tls = self
+                .choice(
+                    &format!("{at}.tls"),
+                    raw.tls,
+                    UpstreamTls::Required,
+                    &[
+                        ("none", UpstreamTls::None),
+                        ("opportunistic", UpstreamTls::Opportunistic),
+                        ("required", UpstreamTls::Required),
+                    ],
+                )
+                .unwrap_or(UpstreamTls::Required);
             let ca = self.path(&format!("{at}.ca"), raw.ca);
             if let Some(ca) = &ca {
                 files::check_pem(ca, &format!("{at}.ca"), &mut self.errors);
@@ -535,7 +557,7 @@ impl Compiler {
                 raw.max_connections,
                 20,
                 1,
-                usize::MAX as i64,
+                MAX_USIZE,
             );
             upstreams.push(Upstream {
                 name,
@@ -617,21 +639,24 @@ impl Compiler {
         }
     }
 
-    /// One of a fixed set of strings.
+    /// One of a fixed set of strings; `None` (error reported) when it is none of them, so
+    /// that checks depending on the value can skip themselves.
     fn choice<T: Copy>(
         &mut self,
         key: &str,
         raw: Option<String>,
         default: T,
         options: &[(&str, T)],
-    ) -> T {
-        let Some(text) = raw else { return default };
+    ) -> Option<T> {
+        let Some(text) = raw else {
+            return Some(default);
+        };
         if let Some((_, value)) = options.iter().find(|(name, _)| *name == text) {
-            return *value;
+            return Some(*value);
         }
         let names: Vec<String> = options.iter().map(|(n, _)| format!("{n:?}")).collect();
         self.err(key, format!("{text:?} is not one of {}", names.join(", ")));
-        default
+        None
     }
 
     fn duration(
