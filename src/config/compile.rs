@@ -82,6 +82,15 @@ pub(super) fn compile(text: &str, source: Option<&Path>) -> Result<Config, Confi
     let document = load::parse_document(text).map_err(|e| ConfigErrors(vec![e]))?;
     let mut c = Compiler { errors: Vec::new() };
     let s = c.split(document);
+    // A key with a type error was removed before compiling its table; a later "is required"
+    // for it would only repeat the first error, so later errors on those keys are dropped.
+    let split_errors = c.errors.len();
+    let typed: HashSet<String> = c
+        .errors
+        .iter()
+        .filter(|e| e.message != "unknown key")
+        .map(|e| e.key.clone())
+        .collect();
 
     // A broken [tls] or [auth] counts as present: its own error was reported already.
     let tls_present = s.tls.is_present();
@@ -105,7 +114,10 @@ pub(super) fn compile(text: &str, source: Option<&Path>) -> Result<Config, Confi
     let queue = c.queue(s.queue.or_default());
 
     if !c.errors.is_empty() {
-        return Err(ConfigErrors(c.errors));
+        let mut errors = c.errors;
+        let later = errors.split_off(split_errors);
+        errors.extend(later.into_iter().filter(|e| !typed.contains(&e.key)));
+        return Err(ConfigErrors(errors));
     }
     Ok(Config {
         server,

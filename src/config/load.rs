@@ -48,20 +48,59 @@ pub(super) fn table<T: DeserializeOwned>(
         ));
         return None;
     }
-    let mut unknown = Vec::new();
-    let result = serde_ignored::deserialize(value, |ignored| {
-        let mut key = path.to_owned();
-        push_path(&mut key, &ignored);
-        unknown.push(ConfigError::new(key, "unknown key"));
-    });
-    errors.extend(unknown);
-    match result {
-        Ok(parsed) => Some(parsed),
-        Err(e) => {
-            errors.push(type_error(path, &e));
-            None
+    // On a type error, the offending key is reported and removed and the table is tried
+    // again, so every type error in the table is found and its other keys still compile
+    // (with the bad one at its default). Each round removes a key, so this ends.
+    let mut value = value;
+    let mut unknown: Vec<ConfigError> = Vec::new();
+    loop {
+        let mut round = Vec::new();
+        let result = serde_ignored::deserialize(value.clone(), |ignored| {
+            let mut key = path.to_owned();
+            push_path(&mut key, &ignored);
+            round.push(ConfigError::new(key, "unknown key"));
+        });
+        for e in round {
+            if !unknown.contains(&e) {
+                unknown.push(e);
+            }
+        }
+        match result {
+            Ok(parsed) => {
+                errors.append(&mut unknown);
+                return Some(parsed);
+            }
+            Err(e) => {
+                let (inner, error) = type_error(path, &e);
+                errors.push(error);
+                if !inner
+                    .as_deref()
+                    .is_some_and(|keys| remove(&mut value, keys))
+                {
+                    errors.append(&mut unknown);
+                    return None;
+                }
+            }
         }
     }
+}
+
+/// Removes the value at dotted `keys` inside `value`; false if there is none.
+fn remove(value: &mut toml::Value, keys: &str) -> bool {
+    let mut parts: Vec<&str> = keys.split('.').collect();
+    let Some(last) = parts.pop() else {
+        return false;
+    };
+    let mut table = value;
+    for part in parts {
+        match table.get_mut(part) {
+            Some(next) => table = next,
+            None => return false,
+        }
+    }
+    table
+        .as_table_mut()
+        .is_some_and(|t| t.remove(last).is_some())
 }
 
 /// Deserializes an array of tables at `path` (`listeners`) entry by entry. An entry that
@@ -118,7 +157,8 @@ fn push_path(key: &mut String, path: &serde_ignored::Path<'_>) {
 /// `toml::de::Error` keeps the keys leading to the error private but prints them, when it
 /// has no source text to quote (our case: we deserialize from a `Value`), as a last line
 /// `` in `a.b` ``; that line is the only way to recover them.
-fn type_error(path: &str, error: &toml::de::Error) -> ConfigError {
+/// Also returns the keys inside the table, when the error names them.
+fn type_error(path: &str, error: &toml::de::Error) -> (Option<String>, ConfigError) {
     let rendered = error.to_string();
     let inner = rendered
         .lines()
@@ -129,7 +169,10 @@ fn type_error(path: &str, error: &toml::de::Error) -> ConfigError {
         Some(keys) => format!("{path}.{keys}"),
         None => path.to_owned(),
     };
-    ConfigError::new(key, readable(error.message()))
+    (
+        inner.map(str::to_owned),
+        ConfigError::new(key, readable(error.message())),
+    )
 }
 
 /// Replaces Rust type names in serde messages with words an administrator knows.

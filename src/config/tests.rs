@@ -282,15 +282,23 @@ fn syntax_error_is_one_error_with_position() {
 #[test]
 fn type_errors_name_their_keys_and_do_not_hide_others() {
     let text = format!(
-        "{MINIMAL}\n[limits]\nmax_recipients = \"lots\"\n[queue]\nbounces = \"no\"\n\
-         [relay]\naccepted_domains = \"example.com\"\n"
+        "{MINIMAL}\n[limits]\nmax_recipients = \"lots\"\nmax_errors = true\n\
+         command_timeout = \"5 minutes\"\n[queue]\nbounces = \"no\"\n\
+         [relay]\naccepted_domains = \"example.com\"\n\
+         [[upstreams]]\naddress = 25\nbogus = 1\n"
     );
+    // Every type error in a table is found, the table's other keys still compile, and a key
+    // with a type error is not reported a second time as missing.
     assert_eq!(
         keys(&text),
         [
+            "limits.command_timeout",
+            "limits.max_errors",
             "limits.max_recipients",
             "queue.bounces",
-            "relay.accepted_domains"
+            "relay.accepted_domains",
+            "upstreams[1].address",
+            "upstreams[1].bogus",
         ]
     );
     let errs = errors(&text);
