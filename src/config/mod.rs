@@ -31,17 +31,25 @@ pub const DEFAULT_TOML: &str = include_str!("../../config/default.toml");
 /// A fully validated configuration.
 #[derive(Debug, Clone)]
 pub struct Config {
+    /// `[server]`.
     pub server: Server,
     /// `None` when no listener uses TLS and no `[tls]` table is given.
     pub tls: Option<Tls>,
+    /// `[[listeners]]`, in file order; at least one, names and binds unique.
     pub listeners: Vec<Listener>,
+    /// `[relay]`.
     pub relay: Relay,
     /// `None` when no listener allows AUTH and no `[auth]` table is given.
     pub auth: Option<Auth>,
+    /// `[limits]`.
     pub limits: Limits,
+    /// `[rate_limits]`.
     pub rate_limits: RateLimits,
+    /// `[[upstreams]]`, in file order; at least one, names unique.
     pub upstreams: Vec<Upstream>,
+    /// `[headers]`.
     pub headers: Headers,
+    /// `[queue]`.
     pub queue: Queue,
     /// Where the file came from (`None` for the embedded default). Relative paths in the file
     /// are resolved against the process working directory, not this file's directory, and
@@ -49,15 +57,21 @@ pub struct Config {
     pub source: Option<PathBuf>,
 }
 
+/// `[server]`.
 #[derive(Debug, Clone)]
 pub struct Server {
+    /// Name in the banner and EHLO: a valid domain name, lower-cased, no trailing dot.
     pub hostname: String,
+    /// The spool directory (default `/var/spool/portcullis`), as written.
     pub spool_dir: PathBuf,
 }
 
+/// `[tls] min_version`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum TlsVersion {
+    /// `"1.2"` (default).
     Tls12,
+    /// `"1.3"`.
     Tls13,
 }
 
@@ -77,55 +91,82 @@ pub enum CertSource {
     SelfSigned,
 }
 
+/// `[tls]`.
 #[derive(Debug, Clone)]
 pub struct Tls {
+    /// Certificate files, or a self-signed certificate when neither is given.
     pub source: CertSource,
+    /// Lowest TLS version accepted.
     pub min_version: TlsVersion,
 }
 
+/// `[[listeners]] tls`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ListenerTls {
+    /// `"none"`: plain text only.
     None,
+    /// `"starttls"` (default): plain text, upgraded by STARTTLS.
     StartTls,
+    /// `"implicit"`: TLS from the first byte (port 465); implies `require_tls`.
     Implicit,
 }
 
+/// `[[listeners]] auth`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum AuthMode {
+    /// `"off"` (default): AUTH is not offered.
     Off,
+    /// `"optional"`: AUTH offered; unauthenticated clients follow the relay rules.
     Optional,
+    /// `"required"`: MAIL before AUTH is refused.
     Required,
 }
 
+/// One `[[listeners]]` entry.
 #[derive(Debug, Clone)]
 pub struct Listener {
+    /// Name in logs (default `listener<index>`), unique.
     pub name: String,
+    /// Address to bind, unique.
     pub bind: SocketAddr,
+    /// TLS mode; anything but `None` means `Config::tls` is `Some`.
     pub tls: ListenerTls,
+    /// MAIL/AUTH before TLS → 530 5.7.0. Always true for `Implicit`, never with `None`.
     pub require_tls: bool,
+    /// AUTH mode; anything but `Off` means `Config::auth` is `Some`.
     pub auth: AuthMode,
+    /// Client networks allowed to connect (never empty; default everyone). Host bits cleared.
     pub allow: Vec<IpNet>,
+    /// Client networks refused, checked before `allow`. Host bits cleared.
     pub deny: Vec<IpNet>,
 }
 
+/// `[relay]`.
 #[derive(Debug, Clone)]
 pub struct Relay {
-    /// Lower case, no trailing dot.
+    /// Domains mail is accepted for from anyone allowed to connect. Lower case, no trailing
+    /// dot.
     pub accepted_domains: Vec<String>,
+    /// Clients that may send to any domain without AUTH. Host bits cleared.
     pub relay_networks: Vec<IpNet>,
+    /// Where `recipients` came from, as written.
     pub recipients_file: Option<PathBuf>,
     /// The valid recipients read from `recipients_file` at load: lower-cased addresses and
     /// `@domain` entries. `None` without a file (every address in an accepted domain is valid).
     pub recipients: Option<Vec<String>>,
 }
 
+/// `[auth]`.
 #[derive(Debug, Clone)]
 pub struct Auth {
     /// `None` when `[auth]` names no users file: then there are no users and nobody can
     /// authenticate (`warnings()` says so when a listener allows AUTH).
     pub users_file: Option<PathBuf>,
+    /// Failed AUTHs per client IP within `failure_window` before a lockout (≥ 1).
     pub max_failures: u32,
+    /// Window in which failures are counted (> 0).
     pub failure_window: Duration,
+    /// How long a locked-out IP gets 454 4.7.0 to every AUTH (> 0).
     pub lockout: Duration,
     /// The users read from `users_file` at load (empty without one). Names are unique.
     pub users: Vec<User>,
@@ -143,70 +184,105 @@ pub struct User {
     pub senders: Vec<String>,
 }
 
+/// `[limits]`. Every count and timeout is > 0 unless said otherwise.
 #[derive(Debug, Clone)]
 pub struct Limits {
+    /// Largest message in bytes.
     pub max_message_size: u64,
+    /// Recipients per message.
     pub max_recipients: usize,
+    /// Concurrent connections over all listeners.
     pub max_connections: usize,
+    /// Concurrent connections from one IP.
     pub max_connections_per_ip: usize,
+    /// Errors per session before it is closed.
     pub max_errors: u32,
-    /// Octets including CRLF.
+    /// Octets including CRLF, 512..=65536 (RFC 5321 §4.5.3.1.4 minimum).
     pub max_command_length: usize,
+    /// Spool free space in bytes below which mail is deferred; default 1.5 ×
+    /// `max_message_size`; 0 disables the check.
     pub min_free_space: u64,
+    /// Most `Received:` headers a message may carry.
     pub hop_limit: u32,
+    /// Pause before the banner (may be zero).
     pub pregreet_wait: Duration,
+    /// Time allowed per command.
     pub command_timeout: Duration,
+    /// Time allowed for the DATA phase.
     pub data_timeout: Duration,
 }
 
 /// A rate: `count` events per `per`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Rate {
+    /// Events allowed per `per` (≥ 1).
     pub count: u32,
+    /// One second, one minute or one hour.
     pub per: Duration,
 }
 
+/// `[rate_limits]`; `None` means unlimited.
 #[derive(Debug, Clone, Default)]
 pub struct RateLimits {
+    /// New connections per client IP (→ 421 4.7.0).
     pub connections_per_ip: Option<Rate>,
+    /// Messages per client IP (→ 451 4.7.1 at MAIL).
     pub messages_per_ip: Option<Rate>,
+    /// Messages per authenticated user (→ 451 4.7.1 at MAIL).
     pub messages_per_user: Option<Rate>,
+    /// Recipients per client IP (→ 451 4.7.1 at RCPT).
     pub recipients_per_ip: Option<Rate>,
 }
 
+/// `[[upstreams]] tls`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum UpstreamTls {
+    /// `"none"`: never STARTTLS.
     None,
+    /// `"opportunistic"`: STARTTLS when offered.
     Opportunistic,
+    /// `"required"` (default): no delivery without TLS.
     Required,
 }
 
+/// One `[[upstreams]]` entry.
 #[derive(Debug, Clone)]
 pub struct Upstream {
+    /// Name in logs (default `upstream<index>`), unique.
     pub name: String,
     /// `host:port` as written; resolved at connect time.
     pub address: String,
+    /// TLS policy towards this upstream.
     pub tls: UpstreamTls,
+    /// PEM CA bundle to verify it with, instead of the system roots; as written.
     pub ca: Option<PathBuf>,
     /// Lower case; empty means the default route.
     pub domains: Vec<String>,
+    /// AUTH user at the upstream; set exactly when `auth_password_file` is.
     pub auth_user: Option<String>,
+    /// File the password was read from, as written.
     pub auth_password_file: Option<PathBuf>,
     /// The password read from `auth_password_file` at load, trailing newline removed.
     pub auth_password: Option<String>,
+    /// Concurrent connections to this upstream (≥ 1).
     pub max_connections: usize,
 }
 
+/// `[headers]`.
 #[derive(Debug, Clone)]
 pub struct Headers {
     /// Header name patterns (case-insensitive, `*` as a trailing wildcard).
     pub strip_untrusted: Vec<String>,
 }
 
+/// `[queue]`.
 #[derive(Debug, Clone)]
 pub struct Queue {
+    /// Wait before each retry (non-empty, each > 0); the last repeats until `max_age`.
     pub retry: Vec<Duration>,
+    /// Age at which a message expires (> 0).
     pub max_age: Duration,
+    /// Send non-delivery reports; false: log permanent failures only.
     pub bounces: bool,
 }
 
