@@ -760,3 +760,76 @@ fn warnings_for_dangerous_combinations() {
     ));
     assert!(c.warnings().is_empty(), "{:?}", c.warnings());
 }
+
+/// The field names a derived `Deserialize` asks for, captured from its `deserialize_struct`
+/// call (the derive passes them all), so tests can compare `raw.rs` with the documentation.
+fn field_names<T: serde::de::DeserializeOwned>() -> Vec<&'static str> {
+    use serde::de::{Error as _, Visitor, value::Error};
+    struct Grab<'a>(&'a mut Vec<&'static str>);
+    impl<'de> serde::Deserializer<'de> for Grab<'_> {
+        type Error = Error;
+        fn deserialize_any<V: Visitor<'de>>(self, _: V) -> Result<V::Value, Error> {
+            Err(Error::custom("not a struct"))
+        }
+        fn deserialize_struct<V: Visitor<'de>>(
+            self,
+            _: &'static str,
+            fields: &'static [&'static str],
+            _: V,
+        ) -> Result<V::Value, Error> {
+            self.0.extend_from_slice(fields);
+            Err(Error::custom("fields captured"))
+        }
+        serde::forward_to_deserialize_any! {
+            bool i8 i16 i32 i64 i128 u8 u16 u32 u64 u128 f32 f64 char str string bytes
+            byte_buf option unit unit_struct newtype_struct seq tuple tuple_struct map enum
+            identifier ignored_any
+        }
+    }
+    let mut fields = Vec::new();
+    let _ = T::deserialize(Grab(&mut fields));
+    fields
+}
+
+#[test]
+fn portcullis_toml_documents_every_key_of_raw_rs() {
+    use super::raw::*;
+    let text = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/config/portcullis.toml"
+    ))
+    .expect("read config/portcullis.toml");
+    let doc: toml::Table = text.parse().expect("portcullis.toml parses");
+    let mut top: Vec<&str> = doc.keys().map(String::as_str).collect();
+    top.sort_unstable();
+    let mut expected = field_names::<RawConfig>();
+    expected.sort_unstable();
+    assert_eq!(top, expected, "top-level tables");
+    let sections: [(&str, Vec<&str>); 10] = [
+        ("server", field_names::<RawServer>()),
+        ("tls", field_names::<RawTls>()),
+        ("listeners", field_names::<RawListener>()),
+        ("relay", field_names::<RawRelay>()),
+        ("auth", field_names::<RawAuth>()),
+        ("limits", field_names::<RawLimits>()),
+        ("rate_limits", field_names::<RawRateLimits>()),
+        ("upstreams", field_names::<RawUpstream>()),
+        ("headers", field_names::<RawHeaders>()),
+        ("queue", field_names::<RawQueue>()),
+    ];
+    for (section, fields) in sections {
+        assert!(!fields.is_empty(), "{section}: no fields captured");
+        // For an array of tables the first entry is the one documenting every key.
+        let table = match &doc[section] {
+            toml::Value::Array(entries) => entries[0].as_table(),
+            other => other.as_table(),
+        }
+        .expect("a table");
+        for field in fields {
+            assert!(
+                table.contains_key(field),
+                "portcullis.toml does not document {section}.{field}"
+            );
+        }
+    }
+}
