@@ -8,9 +8,18 @@
 //! running configuration (DESIGN.md invariant 6).
 
 pub mod raw;
+pub mod units;
 
+mod compile;
+mod files;
+mod load;
+mod report;
+#[cfg(test)]
+mod tests;
+
+use std::fmt;
 use std::net::SocketAddr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use ipnet::IpNet;
@@ -22,153 +31,337 @@ pub const DEFAULT_TOML: &str = include_str!("../../config/default.toml");
 /// A fully validated configuration.
 #[derive(Debug, Clone)]
 pub struct Config {
+    /// `[server]`.
     pub server: Server,
     /// `None` when no listener uses TLS and no `[tls]` table is given.
     pub tls: Option<Tls>,
+    /// `[[listeners]]`, in file order; at least one, names and binds unique.
     pub listeners: Vec<Listener>,
+    /// `[relay]`.
     pub relay: Relay,
     /// `None` when no listener allows AUTH and no `[auth]` table is given.
     pub auth: Option<Auth>,
+    /// `[limits]`.
     pub limits: Limits,
+    /// `[rate_limits]`.
     pub rate_limits: RateLimits,
+    /// `[[upstreams]]`, in file order; at least one, names unique.
     pub upstreams: Vec<Upstream>,
+    /// `[headers]`.
     pub headers: Headers,
+    /// `[queue]`.
     pub queue: Queue,
-    /// Where the file came from (`None` for the embedded default); relative paths in the file
-    /// are resolved against its directory.
+    /// Where the file came from (`None` for the embedded default). Relative paths in the file
+    /// are resolved against the process working directory, not this file's directory, and
+    /// are stored as written.
     pub source: Option<PathBuf>,
 }
 
+/// `[server]`.
 #[derive(Debug, Clone)]
 pub struct Server {
+    /// Name in the banner and EHLO: a valid domain name, lower-cased, no trailing dot.
     pub hostname: String,
+    /// The spool directory (default `/var/spool/portcullis`), as written.
     pub spool_dir: PathBuf,
 }
 
+/// `[tls] min_version`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum TlsVersion {
+    /// `"1.2"` (default).
     Tls12,
+    /// `"1.3"`.
     Tls13,
 }
 
 /// Where the TLS certificate comes from.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum CertSource {
-    /// PEM files on disk (paths already resolved).
-    Files { cert: PathBuf, key: PathBuf },
-    /// Generate a self-signed certificate in memory at start (the embedded default only; a
-    /// warning is logged).
+    /// PEM files on disk (`[tls] cert` and `key`, stored as written; relative paths are
+    /// relative to the working directory). Both were readable and looked like PEM at load.
+    Files {
+        /// PEM certificate chain.
+        cert: PathBuf,
+        /// PEM private key.
+        key: PathBuf,
+    },
+    /// `[tls]` names neither `cert` nor `key`: a self-signed certificate is generated in memory
+    /// at start. For trying portcullis out only (clients cannot verify it); `warnings()` says so.
     SelfSigned,
 }
 
+/// `[tls]`.
 #[derive(Debug, Clone)]
 pub struct Tls {
+    /// Certificate files, or a self-signed certificate when neither is given.
     pub source: CertSource,
+    /// Lowest TLS version accepted.
     pub min_version: TlsVersion,
 }
 
+/// `[[listeners]] tls`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ListenerTls {
+    /// `"none"`: plain text only.
     None,
+    /// `"starttls"` (default): plain text, upgraded by STARTTLS.
     StartTls,
+    /// `"implicit"`: TLS from the first byte (port 465); implies `require_tls`.
     Implicit,
 }
 
+/// `[[listeners]] auth`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum AuthMode {
+    /// `"off"` (default): AUTH is not offered.
     Off,
+    /// `"optional"`: AUTH offered; unauthenticated clients follow the relay rules.
     Optional,
+    /// `"required"`: MAIL before AUTH is refused.
     Required,
 }
 
+/// One `[[listeners]]` entry.
 #[derive(Debug, Clone)]
 pub struct Listener {
+    /// Name in logs (default `listener<index>`), unique.
     pub name: String,
+    /// Address to bind, unique.
     pub bind: SocketAddr,
+    /// TLS mode; anything but `None` means `Config::tls` is `Some`.
     pub tls: ListenerTls,
+    /// MAIL/AUTH before TLS → 530 5.7.0. Always true for `Implicit`, never with `None`.
     pub require_tls: bool,
+    /// AUTH mode; anything but `Off` means `Config::auth` is `Some`.
     pub auth: AuthMode,
+    /// Client networks allowed to connect (never empty; default everyone). Host bits cleared.
     pub allow: Vec<IpNet>,
+    /// Client networks refused, checked before `allow`. Host bits cleared.
     pub deny: Vec<IpNet>,
 }
 
+/// `[relay]`.
 #[derive(Debug, Clone)]
 pub struct Relay {
-    /// Lower case, no trailing dot.
+    /// Domains mail is accepted for from anyone allowed to connect. Lower case, no trailing
+    /// dot.
     pub accepted_domains: Vec<String>,
+    /// Clients that may send to any domain without AUTH. Host bits cleared.
     pub relay_networks: Vec<IpNet>,
+    /// Where `recipients` came from, as written.
     pub recipients_file: Option<PathBuf>,
+    /// The valid recipients read from `recipients_file` at load: lower-cased addresses and
+    /// `@domain` entries. `None` without a file (every address in an accepted domain is valid).
+    pub recipients: Option<Vec<String>>,
 }
 
+/// `[auth]`.
 #[derive(Debug, Clone)]
 pub struct Auth {
-    pub users_file: PathBuf,
+    /// `None` when `[auth]` names no users file: then there are no users and nobody can
+    /// authenticate (`warnings()` says so when a listener allows AUTH).
+    pub users_file: Option<PathBuf>,
+    /// Failed AUTHs per client IP within `failure_window` before a lockout (≥ 1).
     pub max_failures: u32,
+    /// Window in which failures are counted (> 0).
     pub failure_window: Duration,
+    /// How long a locked-out IP gets 454 4.7.0 to every AUTH (> 0).
     pub lockout: Duration,
+    /// The users read from `users_file` at load (empty without one). Names are unique.
+    pub users: Vec<User>,
 }
 
+/// One user from the users file.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct User {
+    /// Login name (unique, as written).
+    pub name: String,
+    /// argon2id PHC string; it parsed with `argon2::PasswordHash::new` at load.
+    pub password_hash: String,
+    /// Envelope senders this user may use: `local@domain` or `@domain` (a whole domain); the
+    /// domain is lower-cased, the local part kept as written.
+    pub senders: Vec<String>,
+}
+
+/// `[limits]`. Every count and timeout is > 0 unless said otherwise.
 #[derive(Debug, Clone)]
 pub struct Limits {
+    /// Largest message in bytes.
     pub max_message_size: u64,
+    /// Recipients per message.
     pub max_recipients: usize,
+    /// Concurrent connections over all listeners.
     pub max_connections: usize,
+    /// Concurrent connections from one IP.
     pub max_connections_per_ip: usize,
+    /// Errors per session before it is closed.
     pub max_errors: u32,
-    /// Octets including CRLF.
+    /// Octets including CRLF, 512..=65536 (RFC 5321 §4.5.3.1.4 minimum).
     pub max_command_length: usize,
+    /// Spool free space in bytes below which mail is deferred; default 1.5 ×
+    /// `max_message_size`; 0 disables the check.
     pub min_free_space: u64,
+    /// Most `Received:` headers a message may carry.
     pub hop_limit: u32,
+    /// Pause before the banner (may be zero).
     pub pregreet_wait: Duration,
+    /// Time allowed per command.
     pub command_timeout: Duration,
+    /// Time allowed for the DATA phase.
     pub data_timeout: Duration,
 }
 
 /// A rate: `count` events per `per`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Rate {
+    /// Events allowed per `per` (≥ 1).
     pub count: u32,
+    /// One second, one minute or one hour.
     pub per: Duration,
 }
 
+/// `[rate_limits]`; `None` means unlimited.
 #[derive(Debug, Clone, Default)]
 pub struct RateLimits {
+    /// New connections per client IP (→ 421 4.7.0).
     pub connections_per_ip: Option<Rate>,
+    /// Messages per client IP (→ 451 4.7.1 at MAIL).
     pub messages_per_ip: Option<Rate>,
+    /// Messages per authenticated user (→ 451 4.7.1 at MAIL).
     pub messages_per_user: Option<Rate>,
+    /// Recipients per client IP (→ 451 4.7.1 at RCPT).
     pub recipients_per_ip: Option<Rate>,
 }
 
+/// `[[upstreams]] tls`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum UpstreamTls {
+    /// `"none"`: never STARTTLS.
     None,
+    /// `"opportunistic"`: STARTTLS when offered.
     Opportunistic,
+    /// `"required"` (default): no delivery without TLS.
     Required,
 }
 
+/// One `[[upstreams]]` entry.
 #[derive(Debug, Clone)]
 pub struct Upstream {
+    /// Name in logs (default `upstream<index>`), unique.
     pub name: String,
     /// `host:port` as written; resolved at connect time.
     pub address: String,
+    /// TLS policy towards this upstream.
     pub tls: UpstreamTls,
+    /// PEM CA bundle to verify it with, instead of the system roots; as written.
     pub ca: Option<PathBuf>,
     /// Lower case; empty means the default route.
     pub domains: Vec<String>,
+    /// AUTH user at the upstream; set exactly when `auth_password_file` is.
     pub auth_user: Option<String>,
+    /// File the password was read from, as written.
     pub auth_password_file: Option<PathBuf>,
+    /// The password read from `auth_password_file` at load, trailing newline removed.
+    pub auth_password: Option<String>,
+    /// Concurrent connections to this upstream (≥ 1).
     pub max_connections: usize,
 }
 
+/// `[headers]`.
 #[derive(Debug, Clone)]
 pub struct Headers {
     /// Header name patterns (case-insensitive, `*` as a trailing wildcard).
     pub strip_untrusted: Vec<String>,
 }
 
+/// `[queue]`.
 #[derive(Debug, Clone)]
 pub struct Queue {
+    /// Wait before each retry (non-empty, each > 0); the last repeats until `max_age`.
     pub retry: Vec<Duration>,
+    /// Age at which a message expires (> 0).
     pub max_age: Duration,
+    /// Send non-delivery reports; false: log permanent failures only.
     pub bounces: bool,
+}
+
+/// One thing wrong with a policy file: the dotted key that is wrong (`limits.max_errors`,
+/// `listeners[1].bind`), or `(syntax)` / `(file)` when no key applies, and what is wrong.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{key}: {message}")]
+pub struct ConfigError {
+    /// Dotted path of the key, e.g. `listeners[1].require_tls`.
+    pub key: String,
+    /// What is wrong, for an administrator.
+    pub message: String,
+}
+
+impl ConfigError {
+    /// An error about `key`.
+    pub fn new(key: impl Into<String>, message: impl Into<String>) -> Self {
+        ConfigError {
+            key: key.into(),
+            message: message.into(),
+        }
+    }
+}
+
+/// Every error found in one pass over a policy file (never empty when returned as an `Err`).
+/// `Display` prints one `key: message` per line.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub struct ConfigErrors(pub Vec<ConfigError>);
+
+impl fmt::Display for ConfigErrors {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for (i, error) in self.0.iter().enumerate() {
+            if i > 0 {
+                writeln!(f)?;
+            }
+            write!(f, "{error}")?;
+        }
+        Ok(())
+    }
+}
+
+impl Config {
+    /// Compiles a policy from TOML text. `source` is recorded in [`Config::source`]; files the
+    /// policy names (users, recipients, passwords, certificates) are read now, relative to the
+    /// working directory. Returns every error found, each with its key.
+    pub fn from_toml(text: &str, source: Option<&Path>) -> Result<Config, ConfigErrors> {
+        compile::compile(text, source)
+    }
+
+    /// Reads and compiles the policy file at `path`. A file that cannot be read is one error
+    /// with key `(file)`.
+    pub fn load(path: &Path) -> Result<Config, ConfigErrors> {
+        let text = std::fs::read_to_string(path).map_err(|e| {
+            ConfigErrors(vec![ConfigError::new(
+                "(file)",
+                format!("cannot read {}: {e}", path.display()),
+            )])
+        })?;
+        Self::from_toml(&text, Some(path))
+    }
+
+    /// The embedded default policy ([`DEFAULT_TOML`]).
+    ///
+    /// # Panics
+    /// Only if the committed `config/default.toml` is invalid, which a unit test rules out.
+    pub fn embedded_default() -> Config {
+        match Self::from_toml(DEFAULT_TOML, None) {
+            Ok(config) => config,
+            Err(errors) => panic!("config/default.toml is invalid:\n{errors}"),
+        }
+    }
+
+    /// A readable multi-line summary of the effective policy, for `portcullis check-config`.
+    pub fn summary(&self) -> String {
+        report::summary(self)
+    }
+
+    /// Dangerous but valid combinations, one sentence each, for the administrator.
+    pub fn warnings(&self) -> Vec<String> {
+        report::warnings(self)
+    }
 }

@@ -1,1 +1,229 @@
 //! Mirror of the TOML policy file (serde only, no logic).
+//!
+//! Every key is `Option` so that defaults are applied, and every value is checked, in one place:
+//! the compiler in [`super`]. Values that carry units (durations, sizes, rates) and enumerations
+//! (`tls = "starttls"`) are kept as strings here so that a bad one becomes a clear, keyed error
+//! in compilation instead of stopping deserialization. Unknown keys are not rejected here
+//! (`deny_unknown_fields` would stop at the first): the loader collects them all with
+//! `serde_ignored`.
+
+use serde::Deserialize;
+
+/// The whole policy file. The loader deserializes each top-level table on its own (so that a
+/// type error in one does not hide the others); this struct names them all.
+#[derive(Debug, Clone, Default, Deserialize)]
+pub struct RawConfig {
+    /// `[server]`
+    pub server: Option<RawServer>,
+    /// `[tls]`
+    pub tls: Option<RawTls>,
+    /// `[[listeners]]`
+    pub listeners: Option<Vec<RawListener>>,
+    /// `[relay]`
+    pub relay: Option<RawRelay>,
+    /// `[auth]`
+    pub auth: Option<RawAuth>,
+    /// `[limits]`
+    pub limits: Option<RawLimits>,
+    /// `[rate_limits]`
+    pub rate_limits: Option<RawRateLimits>,
+    /// `[[upstreams]]`
+    pub upstreams: Option<Vec<RawUpstream>>,
+    /// `[headers]`
+    pub headers: Option<RawHeaders>,
+    /// `[queue]`
+    pub queue: Option<RawQueue>,
+}
+
+/// `[server]`
+#[derive(Debug, Clone, Default, Deserialize)]
+pub struct RawServer {
+    /// Banner and EHLO name (required).
+    pub hostname: Option<String>,
+    /// Spool directory.
+    pub spool_dir: Option<String>,
+}
+
+/// `[tls]`
+#[derive(Debug, Clone, Default, Deserialize)]
+pub struct RawTls {
+    /// PEM certificate chain.
+    pub cert: Option<String>,
+    /// PEM private key.
+    pub key: Option<String>,
+    /// `"1.2"` or `"1.3"`.
+    pub min_version: Option<String>,
+}
+
+/// One `[[listeners]]` entry.
+#[derive(Debug, Clone, Default, Deserialize)]
+pub struct RawListener {
+    /// Name used in logs.
+    pub name: Option<String>,
+    /// Socket address to bind.
+    pub bind: Option<String>,
+    /// `"none"`, `"starttls"` or `"implicit"`.
+    pub tls: Option<String>,
+    /// Refuse MAIL/AUTH before TLS.
+    pub require_tls: Option<bool>,
+    /// `"off"`, `"optional"` or `"required"`.
+    pub auth: Option<String>,
+    /// Client CIDRs allowed to connect.
+    pub allow: Option<Vec<String>>,
+    /// Client CIDRs refused (checked first).
+    pub deny: Option<Vec<String>>,
+}
+
+/// `[relay]`
+#[derive(Debug, Clone, Default, Deserialize)]
+pub struct RawRelay {
+    /// Domains mail is accepted for.
+    pub accepted_domains: Option<Vec<String>>,
+    /// Networks that may relay to any domain without AUTH.
+    pub relay_networks: Option<Vec<String>>,
+    /// One address or `@domain` per line.
+    pub recipients_file: Option<String>,
+}
+
+/// `[auth]`
+#[derive(Debug, Clone, Default, Deserialize)]
+pub struct RawAuth {
+    /// TOML file of `[[users]]`.
+    pub users_file: Option<String>,
+    /// Failures per client IP within `failure_window` before a lockout.
+    pub max_failures: Option<i64>,
+    /// Window for counting failures.
+    pub failure_window: Option<String>,
+    /// Length of a lockout.
+    pub lockout: Option<String>,
+}
+
+/// A size: an integer (bytes) or a string with a unit (`"25MiB"`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RawSize {
+    /// A bare TOML integer: bytes.
+    Bytes(i64),
+    /// A string such as `"25MiB"`.
+    Text(String),
+}
+
+impl<'de> Deserialize<'de> for RawSize {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct SizeVisitor;
+        impl serde::de::Visitor<'_> for SizeVisitor {
+            type Value = RawSize;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("a size: an integer (bytes) or a string such as \"25MiB\"")
+            }
+            fn visit_i64<E: serde::de::Error>(self, v: i64) -> Result<RawSize, E> {
+                Ok(RawSize::Bytes(v))
+            }
+            fn visit_u64<E: serde::de::Error>(self, v: u64) -> Result<RawSize, E> {
+                i64::try_from(v)
+                    .map(RawSize::Bytes)
+                    .map_err(|_| E::custom("size is too large"))
+            }
+            fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<RawSize, E> {
+                Ok(RawSize::Text(v.to_owned()))
+            }
+        }
+        deserializer.deserialize_any(SizeVisitor)
+    }
+}
+
+/// `[limits]`
+#[derive(Debug, Clone, Default, Deserialize)]
+pub struct RawLimits {
+    /// Largest message accepted.
+    pub max_message_size: Option<RawSize>,
+    /// Recipients per message.
+    pub max_recipients: Option<i64>,
+    /// Concurrent connections, all listeners together.
+    pub max_connections: Option<i64>,
+    /// Concurrent connections from one IP.
+    pub max_connections_per_ip: Option<i64>,
+    /// Errors per session before it is closed.
+    pub max_errors: Option<i64>,
+    /// Octets per command line, CRLF included.
+    pub max_command_length: Option<i64>,
+    /// Spool free space below which mail is deferred.
+    pub min_free_space: Option<RawSize>,
+    /// Maximum `Received:` headers.
+    pub hop_limit: Option<i64>,
+    /// Pause before the banner.
+    pub pregreet_wait: Option<String>,
+    /// Time allowed per command.
+    pub command_timeout: Option<String>,
+    /// Time allowed for the whole DATA phase.
+    pub data_timeout: Option<String>,
+}
+
+/// `[rate_limits]`
+#[derive(Debug, Clone, Default, Deserialize)]
+pub struct RawRateLimits {
+    /// New connections per client IP.
+    pub connections_per_ip: Option<String>,
+    /// Messages per client IP.
+    pub messages_per_ip: Option<String>,
+    /// Messages per authenticated user.
+    pub messages_per_user: Option<String>,
+    /// Recipients per client IP.
+    pub recipients_per_ip: Option<String>,
+}
+
+/// One `[[upstreams]]` entry.
+#[derive(Debug, Clone, Default, Deserialize)]
+pub struct RawUpstream {
+    /// Name used in logs.
+    pub name: Option<String>,
+    /// `host:port`.
+    pub address: Option<String>,
+    /// `"none"`, `"opportunistic"` or `"required"`.
+    pub tls: Option<String>,
+    /// PEM CA bundle used instead of the system roots.
+    pub ca: Option<String>,
+    /// Recipient domains routed here; empty: the default route.
+    pub domains: Option<Vec<String>>,
+    /// AUTH user at the upstream.
+    pub auth_user: Option<String>,
+    /// File holding the AUTH password.
+    pub auth_password_file: Option<String>,
+    /// Concurrent connections to this upstream.
+    pub max_connections: Option<i64>,
+}
+
+/// `[headers]`
+#[derive(Debug, Clone, Default, Deserialize)]
+pub struct RawHeaders {
+    /// Header name patterns removed from mail that did not come from a trusted source.
+    pub strip_untrusted: Option<Vec<String>>,
+}
+
+/// `[queue]`
+#[derive(Debug, Clone, Default, Deserialize)]
+pub struct RawQueue {
+    /// Back-off schedule between attempts.
+    pub retry: Option<Vec<String>>,
+    /// Age after which a message expires.
+    pub max_age: Option<String>,
+    /// Send non-delivery reports.
+    pub bounces: Option<bool>,
+}
+
+/// The users file named by `auth.users_file`.
+#[derive(Debug, Clone, Default, Deserialize)]
+pub struct RawUsersFile {
+    /// `[[users]]`
+    pub users: Option<Vec<RawUser>>,
+}
+
+/// One `[[users]]` entry of the users file.
+#[derive(Debug, Clone, Default, Deserialize)]
+pub struct RawUser {
+    /// Login name.
+    pub name: Option<String>,
+    /// argon2id PHC string (`portcullis passwd`).
+    pub password_hash: Option<String>,
+    /// Envelope senders this user may use: `local@domain` or `@domain`.
+    pub senders: Option<Vec<String>>,
+}

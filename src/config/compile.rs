@@ -1,0 +1,887 @@
+//! Compilation of the raw mirror into a validated [`Config`]: defaults applied, every value
+//! checked, every error collected with its key.
+//!
+//! Each section is compiled even when an earlier one failed; a bad value is replaced by its
+//! default so later checks can still run, and the collected errors decide the result at the
+//! end. Checks that depend on another section (a listener using TLS needs `[tls]`) skip
+//! themselves when that section was present but broken, to avoid a second, misleading error.
+
+use std::collections::HashSet;
+use std::net::{IpAddr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use ipnet::IpNet;
+
+use super::raw::{
+    RawAuth, RawHeaders, RawLimits, RawListener, RawQueue, RawRateLimits, RawRelay, RawServer,
+    RawSize, RawTls, RawUpstream,
+};
+use super::units::{parse_duration, parse_rate, parse_size};
+use super::{
+    Auth, AuthMode, CertSource, Config, ConfigError, ConfigErrors, Headers, Limits, Listener,
+    ListenerTls, Queue, Rate, RateLimits, Relay, Server, Tls, TlsVersion, Upstream, UpstreamTls,
+    files, load,
+};
+
+/// Default `[server] spool_dir`.
+const DEFAULT_SPOOL_DIR: &str = "/var/spool/portcullis";
+/// Default `[headers] strip_untrusted`.
+const DEFAULT_STRIP_UNTRUSTED: [&str; 2] =
+    ["X-MS-Exchange-Organization-*", "X-MS-Exchange-Forest-*"];
+/// Default `[queue] retry`.
+const DEFAULT_RETRY: [&str; 7] = ["1m", "5m", "15m", "30m", "1h", "2h", "4h"];
+/// RFC 5321 §4.5.3.1.4: a command line of 512 octets must always be accepted.
+const MIN_COMMAND_LENGTH: i64 = 512;
+/// Upper bound on `max_command_length`: the session's line buffer is bounded by it.
+const MAX_COMMAND_LENGTH: i64 = 65_536;
+
+/// The largest count a `usize` field accepts (TOML integers are `i64`).
+const MAX_USIZE: i64 = if (usize::MAX as u128) < (i64::MAX as u128) {
+    usize::MAX as i64
+} else {
+    i64::MAX
+};
+
+/// A top-level table: absent, present but unusable (already reported), or parsed.
+enum Section<T> {
+    Absent,
+    Broken,
+    Parsed(T),
+}
+
+impl<T: Default> Section<T> {
+    fn is_present(&self) -> bool {
+        !matches!(self, Section::Absent)
+    }
+    /// The parsed table, or an empty one (all defaults) when absent or broken.
+    fn or_default(self) -> T {
+        match self {
+            Section::Parsed(t) => t,
+            _ => T::default(),
+        }
+    }
+}
+
+/// The document split into its top-level tables (the fields of `raw::RawConfig`).
+struct Sections {
+    server: Section<RawServer>,
+    tls: Section<RawTls>,
+    listeners: Section<Vec<Option<RawListener>>>,
+    relay: Section<RawRelay>,
+    auth: Section<RawAuth>,
+    limits: Section<RawLimits>,
+    rate_limits: Section<RawRateLimits>,
+    upstreams: Section<Vec<Option<RawUpstream>>>,
+    headers: Section<RawHeaders>,
+    queue: Section<RawQueue>,
+}
+
+/// Compiles TOML text into a `Config`, or every error found.
+pub(super) fn compile(text: &str, source: Option<&Path>) -> Result<Config, ConfigErrors> {
+    let document = load::parse_document(text).map_err(|e| ConfigErrors(vec![e]))?;
+    let mut c = Compiler { errors: Vec::new() };
+    let s = c.split(document);
+    // A key with a type error was removed before compiling its table; a later "is required"
+    // for it would only repeat the first error, so later errors on those keys are dropped.
+    let split_errors = c.errors.len();
+    let typed: HashSet<String> = c
+        .errors
+        .iter()
+        .filter(|e| e.message != "unknown key")
+        .map(|e| e.key.clone())
+        .collect();
+
+    // A broken [tls] or [auth] counts as present: its own error was reported already.
+    let tls_present = s.tls.is_present();
+    let auth_present = s.auth.is_present();
+
+    let server = c.server(s.server);
+    let tls = match s.tls {
+        Section::Parsed(raw) => Some(c.tls(raw)),
+        _ => None,
+    };
+    let listeners = c.listeners(s.listeners, tls_present, auth_present);
+    let relay = c.relay(s.relay.or_default());
+    let auth = match s.auth {
+        Section::Parsed(raw) => Some(c.auth(raw)),
+        _ => None,
+    };
+    let limits = c.limits(s.limits.or_default());
+    let rate_limits = c.rate_limits(s.rate_limits.or_default());
+    let upstreams = c.upstreams(s.upstreams);
+    let headers = c.headers(s.headers.or_default());
+    let queue = c.queue(s.queue.or_default());
+
+    if !c.errors.is_empty() {
+        let mut errors = c.errors;
+        let later = errors.split_off(split_errors);
+        errors.extend(later.into_iter().filter(|e| !typed.contains(&e.key)));
+        return Err(ConfigErrors(errors));
+    }
+    Ok(Config {
+        server,
+        tls,
+        listeners,
+        relay,
+        auth,
+        limits,
+        rate_limits,
+        upstreams,
+        headers,
+        queue,
+        source: source.map(Path::to_path_buf),
+    })
+}
+
+/// Accumulates errors while compiling.
+struct Compiler {
+    errors: Vec<ConfigError>,
+}
+
+impl Compiler {
+    fn err(&mut self, key: impl Into<String>, message: impl Into<String>) {
+        self.errors.push(ConfigError::new(key, message));
+    }
+
+    /// Splits the document into its top-level tables; anything else is an unknown key.
+    fn split(&mut self, document: toml::Table) -> Sections {
+        fn section<T: serde::de::DeserializeOwned>(
+            value: toml::Value,
+            name: &str,
+            errors: &mut Vec<ConfigError>,
+        ) -> Section<T> {
+            match load::table(value, name, &format!("[{name}]"), errors) {
+                Some(t) => Section::Parsed(t),
+                None => Section::Broken,
+            }
+        }
+        fn array<T: serde::de::DeserializeOwned>(
+            value: toml::Value,
+            name: &str,
+            errors: &mut Vec<ConfigError>,
+        ) -> Section<Vec<Option<T>>> {
+            match load::array_of_tables(value, name, errors) {
+                Some(t) => Section::Parsed(t),
+                None => Section::Broken,
+            }
+        }
+        let mut s = Sections {
+            server: Section::Absent,
+            tls: Section::Absent,
+            listeners: Section::Absent,
+            relay: Section::Absent,
+            auth: Section::Absent,
+            limits: Section::Absent,
+            rate_limits: Section::Absent,
+            upstreams: Section::Absent,
+            headers: Section::Absent,
+            queue: Section::Absent,
+        };
+        let e = &mut self.errors;
+        for (name, value) in document {
+            match name.as_str() {
+                "server" => s.server = section(value, &name, e),
+                "tls" => s.tls = section(value, &name, e),
+                "listeners" => s.listeners = array(value, &name, e),
+                "relay" => s.relay = section(value, &name, e),
+                "auth" => s.auth = section(value, &name, e),
+                "limits" => s.limits = section(value, &name, e),
+                "rate_limits" => s.rate_limits = section(value, &name, e),
+                "upstreams" => s.upstreams = array(value, &name, e),
+                "headers" => s.headers = section(value, &name, e),
+                "queue" => s.queue = section(value, &name, e),
+                _ => e.push(ConfigError::new(name, "unknown key")),
+            }
+        }
+        s
+    }
+
+    fn server(&mut self, raw: Section<RawServer>) -> Server {
+        let broken = matches!(raw, Section::Broken);
+        let raw = raw.or_default();
+        let hostname = match raw.hostname {
+            Some(h) => match check_domain(&h) {
+                Ok(h) => h,
+                Err(message) => {
+                    self.err("server.hostname", message);
+                    String::new()
+                }
+            },
+            None => {
+                if !broken {
+                    self.err(
+                        "server.hostname",
+                        "is required (the name in the banner and EHLO, e.g. relay.example.com)",
+                    );
+                }
+                String::new()
+            }
+        };
+        let spool_dir = self.path("server.spool_dir", raw.spool_dir);
+        Server {
+            hostname,
+            spool_dir: spool_dir.unwrap_or_else(|| PathBuf::from(DEFAULT_SPOOL_DIR)),
+        }
+    }
+
+    fn tls(&mut self, raw: RawTls) -> Tls {
+        let min_version = self
+            .choice(
+                "tls.min_version",
+                raw.min_version,
+                TlsVersion::Tls12,
+                &[("1.2", TlsVersion::Tls12), ("1.3", TlsVersion::Tls13)],
+            )
+            .unwrap_or(TlsVersion::Tls12);
+        let cert = self.path("tls.cert", raw.cert);
+        let key = self.path("tls.key", raw.key);
+        let source = match (cert, key) {
+            (Some(cert), Some(key)) => {
+                files::check_pem(&cert, "tls.cert", &mut self.errors);
+                files::check_pem(&key, "tls.key", &mut self.errors);
+                CertSource::Files { cert, key }
+            }
+            (None, None) => CertSource::SelfSigned,
+            (Some(_), None) => {
+                self.err(
+                    "tls.key",
+                    "is required when tls.cert is given (leave out both for a self-signed certificate)",
+                );
+                CertSource::SelfSigned
+            }
+            (None, Some(_)) => {
+                self.err(
+                    "tls.cert",
+                    "is required when tls.key is given (leave out both for a self-signed certificate)",
+                );
+                CertSource::SelfSigned
+            }
+        };
+        Tls {
+            source,
+            min_version,
+        }
+    }
+
+    fn listeners(
+        &mut self,
+        raw: Section<Vec<Option<RawListener>>>,
+        tls_present: bool,
+        auth_present: bool,
+    ) -> Vec<Listener> {
+        let broken = matches!(raw, Section::Broken);
+        let raw = raw.or_default();
+        if raw.is_empty() && !broken {
+            self.err(
+                "listeners",
+                "at least one [[listeners]] is required (e.g. bind = \"0.0.0.0:25\")",
+            );
+        }
+        let mut names = HashSet::new();
+        let mut binds = HashSet::new();
+        let mut listeners = Vec::new();
+        for (i, raw) in raw.into_iter().enumerate() {
+            let Some(raw) = raw else { continue };
+            let at = format!("listeners[{i}]");
+            let name = self.name(&format!("{at}.name"), raw.name, || format!("listener{i}"));
+            if !names.insert(name.clone()) {
+                self.err(
+                    format!("{at}.name"),
+                    format!("duplicate listener name {name:?}"),
+                );
+            }
+            let bind = match raw.bind {
+                Some(text) => match text.trim().parse::<SocketAddr>() {
+                    Ok(addr) => {
+                        if !binds.insert(addr) {
+                            self.err(
+                                format!("{at}.bind"),
+                                format!("{addr} is bound by another listener"),
+                            );
+                        }
+                        Some(addr)
+                    }
+                    Err(_) => {
+                        self.err(
+                            format!("{at}.bind"),
+                            format!("{text:?} is not an address and port (use e.g. 0.0.0.0:25, [::]:25, 127.0.0.1:2525)"),
+                        );
+                        None
+                    }
+                },
+                None => {
+                    self.err(format!("{at}.bind"), "is required (e.g. \"0.0.0.0:25\")");
+                    None
+                }
+            };
+            // An invalid tls or auth value was reported; checks that depend on it are skipped.
+            let tls_choice = self.choice(
+                &format!("{at}.tls"),
+                raw.tls,
+                ListenerTls::StartTls,
+                &[
+                    ("none", ListenerTls::None),
+                    ("starttls", ListenerTls::StartTls),
+                    ("implicit", ListenerTls::Implicit),
+                ],
+            );
+            let tls = tls_choice.unwrap_or(ListenerTls::StartTls);
+            if tls_choice.is_some() && tls != ListenerTls::None && !tls_present {
+                self.err(
+                    format!("{at}.tls"),
+                    format!(
+                        "{} needs a [tls] table (with cert and key; without them a self-signed \
+                         certificate is generated), or set tls = \"none\"",
+                        match tls {
+                            ListenerTls::Implicit => "tls = \"implicit\"",
+                            _ => "tls = \"starttls\" (the default)",
+                        }
+                    ),
+                );
+            }
+            let mut require_tls = raw.require_tls.unwrap_or(false);
+            match tls_choice {
+                Some(ListenerTls::None) if require_tls => self.err(
+                    format!("{at}.require_tls"),
+                    "cannot be true with tls = \"none\" (no client could ever send mail)",
+                ),
+                // The whole connection is TLS, so nothing is ever sent in clear.
+                Some(ListenerTls::Implicit) => require_tls = true,
+                _ => {}
+            }
+            let auth_choice = self.choice(
+                &format!("{at}.auth"),
+                raw.auth,
+                AuthMode::Off,
+                &[
+                    ("off", AuthMode::Off),
+                    ("optional", AuthMode::Optional),
+                    ("required", AuthMode::Required),
+                ],
+            );
+            let auth = auth_choice.unwrap_or(AuthMode::Off);
+            if auth != AuthMode::Off && !auth_present {
+                self.err(
+                    format!("{at}.auth"),
+                    "AUTH needs an [auth] table (with users_file), or set auth = \"off\"",
+                );
+            }
+            let allow = self.nets(&format!("{at}.allow"), raw.allow, &["0.0.0.0/0", "::/0"]);
+            if allow.is_empty() {
+                self.err(
+                    format!("{at}.allow"),
+                    "is empty, so nobody could connect (leave it out to allow everyone)",
+                );
+            }
+            let deny = self.nets(&format!("{at}.deny"), raw.deny, &[]);
+            if let Some(bind) = bind {
+                listeners.push(Listener {
+                    name,
+                    bind,
+                    tls,
+                    require_tls,
+                    auth,
+                    allow,
+                    deny,
+                });
+            }
+        }
+        listeners
+    }
+
+    fn relay(&mut self, raw: RawRelay) -> Relay {
+        let accepted_domains = self.domains("relay.accepted_domains", raw.accepted_domains);
+        let relay_networks = self.nets("relay.relay_networks", raw.relay_networks, &[]);
+        let recipients_file = self.path("relay.recipients_file", raw.recipients_file);
+        let recipients = recipients_file
+            .as_ref()
+            .map(|path| files::load_recipients(path, "relay.recipients_file", &mut self.errors));
+        Relay {
+            accepted_domains,
+            relay_networks,
+            recipients_file,
+            recipients,
+        }
+    }
+
+    fn auth(&mut self, raw: RawAuth) -> Auth {
+        let users_file = self.path("auth.users_file", raw.users_file);
+        let users = users_file
+            .as_ref()
+            .map(|path| files::load_users(path, "auth.users_file", &mut self.errors))
+            .unwrap_or_default();
+        Auth {
+            users_file,
+            max_failures: self.count("auth.max_failures", raw.max_failures, 5, 1, u32::MAX.into()),
+            failure_window: self.duration("auth.failure_window", raw.failure_window, "10m", false),
+            lockout: self.duration("auth.lockout", raw.lockout, "15m", false),
+            users,
+        }
+    }
+
+    fn limits(&mut self, raw: RawLimits) -> Limits {
+        let max_message_size = self.size(
+            "limits.max_message_size",
+            raw.max_message_size,
+            25 << 20,
+            false,
+        );
+        // Room for one more message of the largest size, plus half again for the queue's
+        // own files; 0 explicitly disables the check.
+        let free_default = max_message_size.saturating_add(max_message_size / 2);
+        let max = MAX_USIZE;
+        Limits {
+            max_message_size,
+            max_recipients: self.count("limits.max_recipients", raw.max_recipients, 100, 1, max),
+            max_connections: self.count(
+                "limits.max_connections",
+                raw.max_connections,
+                1000,
+                1,
+                max,
+            ),
+            max_connections_per_ip: self.count(
+                "limits.max_connections_per_ip",
+                raw.max_connections_per_ip,
+                20,
+                1,
+                max,
+            ),
+            max_errors: self.count("limits.max_errors", raw.max_errors, 10, 1, u32::MAX.into()),
+            max_command_length: self.count(
+                "limits.max_command_length",
+                raw.max_command_length,
+                1024,
+                MIN_COMMAND_LENGTH,
+                MAX_COMMAND_LENGTH,
+            ),
+            min_free_space: self.size(
+                "limits.min_free_space",
+                raw.min_free_space,
+                free_default,
+                true,
+            ),
+            hop_limit: self.count("limits.hop_limit", raw.hop_limit, 100, 1, u32::MAX.into()),
+            pregreet_wait: self.duration("limits.pregreet_wait", raw.pregreet_wait, "0s", true),
+            command_timeout: self.duration(
+                "limits.command_timeout",
+                raw.command_timeout,
+                "5m",
+                false,
+            ),
+            data_timeout: self.duration("limits.data_timeout", raw.data_timeout, "10m", false),
+        }
+    }
+
+    fn rate_limits(&mut self, raw: RawRateLimits) -> RateLimits {
+        RateLimits {
+            connections_per_ip: self.rate("rate_limits.connections_per_ip", raw.connections_per_ip),
+            messages_per_ip: self.rate("rate_limits.messages_per_ip", raw.messages_per_ip),
+            messages_per_user: self.rate("rate_limits.messages_per_user", raw.messages_per_user),
+            recipients_per_ip: self.rate("rate_limits.recipients_per_ip", raw.recipients_per_ip),
+        }
+    }
+
+    fn upstreams(&mut self, raw: Section<Vec<Option<RawUpstream>>>) -> Vec<Upstream> {
+        let broken = matches!(raw, Section::Broken);
+        let raw = raw.or_default();
+        if raw.is_empty() && !broken {
+            self.err(
+                "upstreams",
+                "at least one [[upstreams]] is required (e.g. address = \"exchange.example.internal:25\")",
+            );
+        }
+        let mut names = HashSet::new();
+        let mut upstreams = Vec::new();
+        for (i, raw) in raw.into_iter().enumerate() {
+            let Some(raw) = raw else { continue };
+            let at = format!("upstreams[{i}]");
+            let name = self.name(&format!("{at}.name"), raw.name, || format!("upstream{i}"));
+            if !names.insert(name.clone()) {
+                self.err(
+                    format!("{at}.name"),
+                    format!("duplicate upstream name {name:?}"),
+                );
+            }
+            let address = match raw.address {
+                Some(address) => {
+                    if let Err(message) = check_host_port(&address) {
+                        self.err(format!("{at}.address"), message);
+                    }
+                    address
+                }
+                None => {
+                    self.err(
+                        format!("{at}.address"),
+                        "is required (host:port, e.g. \"10.0.0.5:25\")",
+                    );
+                    String::new()
+                }
+            };
+            let tls = self
+                .choice(
+                    &format!("{at}.tls"),
+                    raw.tls,
+                    UpstreamTls::Required,
+                    &[
+                        ("none", UpstreamTls::None),
+                        ("opportunistic", UpstreamTls::Opportunistic),
+                        ("required", UpstreamTls::Required),
+                    ],
+                )
+                .unwrap_or(UpstreamTls::Required);
+            let ca = self.path(&format!("{at}.ca"), raw.ca);
+            if let Some(ca) = &ca {
+                files::check_pem(ca, &format!("{at}.ca"), &mut self.errors);
+            }
+            let domains = self.domains(&format!("{at}.domains"), raw.domains);
+            let auth_user = raw.auth_user;
+            if auth_user.as_deref().is_some_and(|u| u.trim().is_empty()) {
+                self.err(format!("{at}.auth_user"), "must not be empty");
+            }
+            let auth_password_file =
+                self.path(&format!("{at}.auth_password_file"), raw.auth_password_file);
+            let auth_password = match (&auth_user, &auth_password_file) {
+                (Some(_), Some(file)) => files::load_password(
+                    file,
+                    &format!("{at}.auth_password_file"),
+                    &mut self.errors,
+                ),
+                (Some(_), None) => {
+                    self.err(
+                        format!("{at}.auth_password_file"),
+                        "is required when auth_user is set",
+                    );
+                    None
+                }
+                (None, Some(_)) => {
+                    self.err(
+                        format!("{at}.auth_user"),
+                        "is required when auth_password_file is set",
+                    );
+                    None
+                }
+                (None, None) => None,
+            };
+            let max_connections = self.count(
+                &format!("{at}.max_connections"),
+                raw.max_connections,
+                20,
+                1,
+                MAX_USIZE,
+            );
+            upstreams.push(Upstream {
+                name,
+                address,
+                tls,
+                ca,
+                domains,
+                auth_user,
+                auth_password_file,
+                auth_password,
+                max_connections,
+            });
+        }
+        upstreams
+    }
+
+    fn headers(&mut self, raw: RawHeaders) -> Headers {
+        let patterns = raw
+            .strip_untrusted
+            .unwrap_or_else(|| DEFAULT_STRIP_UNTRUSTED.map(String::from).to_vec());
+        let mut strip_untrusted = Vec::new();
+        for (i, pattern) in patterns.into_iter().enumerate() {
+            match check_header_pattern(&pattern) {
+                Ok(()) => strip_untrusted.push(pattern),
+                Err(message) => self.err(format!("headers.strip_untrusted[{i}]"), message),
+            }
+        }
+        Headers { strip_untrusted }
+    }
+
+    fn queue(&mut self, raw: RawQueue) -> Queue {
+        let texts = raw
+            .retry
+            .unwrap_or_else(|| DEFAULT_RETRY.map(String::from).to_vec());
+        if texts.is_empty() {
+            self.err(
+                "queue.retry",
+                "must name at least one interval (e.g. [\"5m\", \"1h\"])",
+            );
+        }
+        let retry = texts
+            .into_iter()
+            .enumerate()
+            .map(|(i, t)| self.duration(&format!("queue.retry[{i}]"), Some(t), "1m", false))
+            .collect();
+        Queue {
+            retry,
+            max_age: self.duration("queue.max_age", raw.max_age, "5d", false),
+            bounces: raw.bounces.unwrap_or(true),
+        }
+    }
+
+    // ----- value helpers: each returns a usable value (the default on error) -----
+
+    /// A path; empty is an error. Stored as written.
+    fn path(&mut self, key: &str, raw: Option<String>) -> Option<PathBuf> {
+        match raw {
+            Some(p) if p.trim().is_empty() => {
+                self.err(key, "must not be empty (leave the key out instead)");
+                None
+            }
+            Some(p) => Some(PathBuf::from(p)),
+            None => None,
+        }
+    }
+
+    /// A listener or upstream name: non-empty, no control characters or blanks.
+    fn name(&mut self, key: &str, raw: Option<String>, default: impl FnOnce() -> String) -> String {
+        match raw {
+            Some(n) if n.is_empty() || n.chars().any(|c| c.is_control() || c.is_whitespace()) => {
+                self.err(
+                    key,
+                    format!("{n:?} is not a name (use letters, digits, - or _)"),
+                );
+                n
+            }
+            Some(n) => n,
+            None => default(),
+        }
+    }
+
+    /// One of a fixed set of strings; `None` (error reported) when it is none of them, so
+    /// that checks depending on the value can skip themselves.
+    fn choice<T: Copy>(
+        &mut self,
+        key: &str,
+        raw: Option<String>,
+        default: T,
+        options: &[(&str, T)],
+    ) -> Option<T> {
+        let Some(text) = raw else {
+            return Some(default);
+        };
+        if let Some((_, value)) = options.iter().find(|(name, _)| *name == text) {
+            return Some(*value);
+        }
+        let names: Vec<String> = options.iter().map(|(n, _)| format!("{n:?}")).collect();
+        self.err(key, format!("{text:?} is not one of {}", names.join(", ")));
+        None
+    }
+
+    fn duration(
+        &mut self,
+        key: &str,
+        raw: Option<String>,
+        default: &str,
+        zero_ok: bool,
+    ) -> Duration {
+        let fallback = parse_duration(default).unwrap_or_default();
+        let Some(text) = raw else { return fallback };
+        match parse_duration(&text) {
+            Ok(d) if d.is_zero() && !zero_ok => {
+                self.err(key, "must be greater than zero");
+                fallback
+            }
+            Ok(d) => d,
+            Err(e) => {
+                self.err(key, e.to_string());
+                fallback
+            }
+        }
+    }
+
+    fn size(&mut self, key: &str, raw: Option<RawSize>, default: u64, zero_ok: bool) -> u64 {
+        let parsed = match raw {
+            None => return default,
+            Some(RawSize::Bytes(n)) => u64::try_from(n).map_err(|_| format!("{n} is negative")),
+            Some(RawSize::Text(t)) => parse_size(&t).map_err(|e| e.to_string()),
+        };
+        match parsed {
+            Ok(0) if !zero_ok => {
+                self.err(key, "must be greater than zero");
+                default
+            }
+            Ok(n) => n,
+            Err(message) => {
+                self.err(key, message);
+                default
+            }
+        }
+    }
+
+    /// An integer in `min..=max`, converted to the field's type.
+    fn count<T: TryFrom<i64>>(
+        &mut self,
+        key: &str,
+        raw: Option<i64>,
+        default: T,
+        min: i64,
+        max: i64,
+    ) -> T {
+        let Some(n) = raw else { return default };
+        if n < min || n > max {
+            let message = if min == 1 && n <= 0 {
+                format!("must be at least 1 (got {n})")
+            } else {
+                format!("must be between {min} and {max} (got {n})")
+            };
+            self.err(key, message);
+            return default;
+        }
+        match T::try_from(n) {
+            Ok(v) => v,
+            Err(_) => {
+                self.err(key, format!("{n} is too large"));
+                default
+            }
+        }
+    }
+
+    fn rate(&mut self, key: &str, raw: Option<String>) -> Option<Rate> {
+        match parse_rate(&raw?) {
+            Ok(rate) => Some(rate),
+            Err(e) => {
+                self.err(key, e.to_string());
+                None
+            }
+        }
+    }
+
+    /// A list of CIDR prefixes; a bare address means that host alone. Host bits are cleared.
+    fn nets(&mut self, key: &str, raw: Option<Vec<String>>, default: &[&str]) -> Vec<IpNet> {
+        let texts = raw.unwrap_or_else(|| default.iter().map(|s| s.to_string()).collect());
+        let mut nets = Vec::new();
+        for (i, text) in texts.iter().enumerate() {
+            let t = text.trim();
+            let net = t
+                .parse::<IpNet>()
+                .or_else(|_| t.parse::<IpAddr>().map(IpNet::from));
+            match net {
+                Ok(net) => nets.push(net.trunc()),
+                Err(_) => self.err(
+                    format!("{key}[{i}]"),
+                    format!(
+                        "{text:?} is not a network (use e.g. 10.0.0.0/8, 192.0.2.7, 2001:db8::/32)"
+                    ),
+                ),
+            }
+        }
+        nets
+    }
+
+    /// A list of domains, lower-cased, trailing dot removed.
+    fn domains(&mut self, key: &str, raw: Option<Vec<String>>) -> Vec<String> {
+        let mut domains = Vec::new();
+        for (i, text) in raw.unwrap_or_default().iter().enumerate() {
+            match check_domain(text) {
+                Ok(d) => domains.push(d),
+                Err(message) => self.err(format!("{key}[{i}]"), message),
+            }
+        }
+        domains
+    }
+}
+
+/// Checks a domain name (letters, digits, hyphens; labels of 1–63; at most 253 in all) and
+/// returns it lower-cased without a trailing dot.
+pub(super) fn check_domain(text: &str) -> Result<String, String> {
+    let domain = text.strip_suffix('.').unwrap_or(text).to_ascii_lowercase();
+    let bad = |why: &str| Err(format!("{text:?} is not a domain name ({why})"));
+    if domain.is_empty() {
+        return bad("empty");
+    }
+    if domain.len() > 253 {
+        return bad("longer than 253 characters");
+    }
+    if domain.parse::<IpAddr>().is_ok() {
+        return bad("it is an IP address");
+    }
+    for label in domain.split('.') {
+        if label.is_empty() || label.len() > 63 {
+            return bad("each label between dots must have 1 to 63 characters");
+        }
+        if !label
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-')
+        {
+            return bad("only letters, digits, hyphens and dots are allowed");
+        }
+        if label.starts_with('-') || label.ends_with('-') {
+            return bad("a label cannot start or end with a hyphen");
+        }
+    }
+    Ok(domain)
+}
+
+/// Checks `local@domain` or `@domain`; returns it with the domain lower-cased.
+pub(super) fn check_sender(text: &str) -> Result<String, String> {
+    let text = text.trim();
+    let Some((local, domain)) = text.rsplit_once('@') else {
+        return Err(format!(
+            "{text:?} is not an address (use local@domain, or @domain for a whole domain)"
+        ));
+    };
+    let ok_local = local.len() <= 64
+        && local.bytes().all(|b| {
+            b.is_ascii_graphic()
+                && !matches!(
+                    b,
+                    b'<' | b'>'
+                        | b'@'
+                        | b'"'
+                        | b'('
+                        | b')'
+                        | b','
+                        | b';'
+                        | b':'
+                        | b'\\'
+                        | b'['
+                        | b']'
+                )
+        });
+    if !ok_local {
+        return Err(format!("{text:?} has an invalid local part"));
+    }
+    let domain = check_domain(domain)?;
+    Ok(format!("{local}@{domain}"))
+}
+
+/// Checks an upstream `host:port` (host a domain, IPv4 address or `[IPv6]`; port required).
+fn check_host_port(text: &str) -> Result<(), String> {
+    let bad = || {
+        format!(
+            "{text:?} is not host:port (use e.g. exchange.example.internal:25, 10.0.0.5:25, [2001:db8::5]:25)"
+        )
+    };
+    if text.parse::<SocketAddr>().is_ok() {
+        return Ok(());
+    }
+    let (host, port) = text.rsplit_once(':').ok_or_else(bad)?;
+    match port.parse::<u16>() {
+        Ok(p) if p > 0 => {}
+        _ => return Err(bad()),
+    }
+    if host.contains(':') || host.starts_with('[') {
+        return Err(bad());
+    }
+    check_domain(host).map(|_| ()).map_err(|_| bad())
+}
+
+/// Checks a header name pattern: header-name characters, `*` only at the end.
+fn check_header_pattern(pattern: &str) -> Result<(), String> {
+    let name = pattern.strip_suffix('*').unwrap_or(pattern);
+    let ok = !pattern.is_empty()
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_graphic() && b != b':' && b != b'*');
+    if ok {
+        Ok(())
+    } else {
+        Err(format!(
+            "{pattern:?} is not a header name pattern (e.g. \"X-Spam-*\": a name, optionally ending in *)"
+        ))
+    }
+}

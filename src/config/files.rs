@@ -1,0 +1,203 @@
+//! The files a policy names (users, recipients, upstream password, PEM certificates): read and
+//! validated at load, so a bad file never starts and never replaces a running policy.
+//!
+//! Every error is reported under the policy key that names the file (`auth.users_file`), with
+//! the place inside the file at the start of the message (`users[2].password_hash: …`,
+//! `line 3: …`).
+
+use std::collections::HashSet;
+use std::path::Path;
+
+use super::compile::check_sender;
+use super::raw::RawUser;
+use super::{ConfigError, User, load};
+
+/// Reads a file named by `key`; a missing or unreadable file is an error on `key`.
+fn read(path: &Path, key: &str, errors: &mut Vec<ConfigError>) -> Option<String> {
+    match std::fs::read_to_string(path) {
+        Ok(text) => Some(text),
+        Err(e) => {
+            errors.push(ConfigError::new(
+                key,
+                format!("cannot read {}: {e}", path.display()),
+            ));
+            None
+        }
+    }
+}
+
+/// Loads the users file (`[[users]]` with `name`, `password_hash`, `senders`).
+pub(super) fn load_users(path: &Path, key: &str, errors: &mut Vec<ConfigError>) -> Vec<User> {
+    let Some(text) = read(path, key, errors) else {
+        return Vec::new();
+    };
+    // Errors inside the file are collected with paths relative to it, then prefixed with the
+    // policy key that names the file.
+    let mut inner = Vec::new();
+    let users = parse_users(&text, &mut inner);
+    errors.extend(
+        inner
+            .into_iter()
+            .map(|e| ConfigError::new(key, format!("{}: {}", e.key, e.message))),
+    );
+    users
+}
+
+/// Parses and validates the text of a users file.
+fn parse_users(text: &str, errors: &mut Vec<ConfigError>) -> Vec<User> {
+    let document = match load::parse_document(text) {
+        Ok(document) => document,
+        Err(e) => {
+            errors.push(e);
+            return Vec::new();
+        }
+    };
+    // Each top-level key of the file is a field of `raw::RawUsersFile`; entries are
+    // deserialized one by one so that one bad entry hides nothing else.
+    let mut raw_users = Vec::new();
+    for (name, value) in document {
+        if name == "users" {
+            raw_users =
+                load::array_of_tables::<RawUser>(value, "users", errors).unwrap_or_default();
+        } else {
+            errors.push(ConfigError::new(name, "unknown key"));
+        }
+    }
+
+    let mut seen = HashSet::new();
+    let mut users = Vec::new();
+    for (i, raw) in raw_users.into_iter().enumerate() {
+        let Some(raw) = raw else { continue };
+        let at = format!("users[{i}]");
+        let before = errors.len();
+        let name = match raw.name {
+            Some(name) if !name.trim().is_empty() => {
+                if !seen.insert(name.clone()) {
+                    errors.push(ConfigError::new(
+                        format!("{at}.name"),
+                        format!("duplicate user {name:?}"),
+                    ));
+                }
+                name
+            }
+            Some(_) => {
+                errors.push(ConfigError::new(format!("{at}.name"), "must not be empty"));
+                String::new()
+            }
+            None => {
+                errors.push(ConfigError::new(format!("{at}.name"), "is required"));
+                String::new()
+            }
+        };
+        let password_hash = match raw.password_hash {
+            Some(hash) => {
+                if let Err(message) = check_password_hash(&hash) {
+                    errors.push(ConfigError::new(format!("{at}.password_hash"), message));
+                }
+                hash
+            }
+            None => {
+                errors.push(ConfigError::new(
+                    format!("{at}.password_hash"),
+                    "is required (make one with `portcullis passwd`)",
+                ));
+                String::new()
+            }
+        };
+        let mut senders = Vec::new();
+        for (j, sender) in raw.senders.unwrap_or_default().iter().enumerate() {
+            match check_sender(sender) {
+                Ok(sender) => senders.push(sender),
+                Err(message) => {
+                    errors.push(ConfigError::new(format!("{at}.senders[{j}]"), message))
+                }
+            }
+        }
+        if errors.len() == before {
+            users.push(User {
+                name,
+                password_hash,
+                senders,
+            });
+        }
+    }
+    users
+}
+
+/// A password hash must be a PHC string for argon2id (what `portcullis passwd` prints).
+fn check_password_hash(hash: &str) -> Result<(), String> {
+    let parsed = argon2::PasswordHash::new(hash).map_err(|e| {
+        format!("is not a PHC password hash ({e}); make one with `portcullis passwd`")
+    })?;
+    if parsed.algorithm != argon2::Algorithm::Argon2id.ident() {
+        return Err(format!(
+            "uses {}, not argon2id; make a new one with `portcullis passwd`",
+            parsed.algorithm
+        ));
+    }
+    if parsed.hash.is_none() {
+        return Err("has no hash value".to_owned());
+    }
+    Ok(())
+}
+
+/// Loads a recipients file: one address or `@domain` per line, `#` comments and blank lines
+/// ignored, lower-cased.
+pub(super) fn load_recipients(
+    path: &Path,
+    key: &str,
+    errors: &mut Vec<ConfigError>,
+) -> Vec<String> {
+    let Some(text) = read(path, key, errors) else {
+        return Vec::new();
+    };
+    let mut recipients = Vec::new();
+    for (n, line) in text.lines().enumerate() {
+        let line = line.split('#').next().unwrap_or("").trim();
+        if line.is_empty() {
+            continue;
+        }
+        match check_sender(line) {
+            Ok(entry) => recipients.push(entry.to_lowercase()),
+            Err(message) => errors.push(ConfigError::new(
+                key,
+                format!("{}: line {}: {message}", path.display(), n + 1),
+            )),
+        }
+    }
+    recipients
+}
+
+/// Reads a password file; one trailing newline (LF or CRLF) is removed. Empty is an error.
+pub(super) fn load_password(
+    path: &Path,
+    key: &str,
+    errors: &mut Vec<ConfigError>,
+) -> Option<String> {
+    let text = read(path, key, errors)?;
+    let password = text
+        .strip_suffix('\n')
+        .map(|t| t.strip_suffix('\r').unwrap_or(t))
+        .unwrap_or(&text);
+    if password.is_empty() {
+        errors.push(ConfigError::new(
+            key,
+            format!("{} is empty", path.display()),
+        ));
+        return None;
+    }
+    Some(password.to_owned())
+}
+
+/// Checks that a file named by `key` is readable and holds at least one PEM block. Parsing the
+/// certificate or key itself is the TLS module's job; this catches the wrong path early.
+pub(super) fn check_pem(path: &Path, key: &str, errors: &mut Vec<ConfigError>) {
+    if let Some(text) = read(path, key, errors)
+        && !text.contains("-----BEGIN ")
+    {
+        errors.push(ConfigError::new(
+            key,
+            format!("{} is not a PEM file (no -----BEGIN line)", path.display()),
+        ));
+    }
+}

@@ -1,0 +1,268 @@
+//! What `portcullis check-config` prints about a valid policy: a summary of the effective
+//! policy and warnings about dangerous but valid combinations.
+
+use std::fmt::Write as _;
+
+use ipnet::IpNet;
+
+use super::units::{format_duration, format_rate, format_size};
+use super::{AuthMode, CertSource, Config, ListenerTls, Rate, TlsVersion, UpstreamTls};
+
+/// IPv4 (or IPv6) prefixes this short or shorter in `relay_networks` make an open relay.
+const OPEN_RELAY_MAX_PREFIX: u8 = 7;
+
+fn is_everyone(net: &IpNet) -> bool {
+    net.prefix_len() == 0
+}
+
+/// Warnings, one sentence each.
+pub(super) fn warnings(config: &Config) -> Vec<String> {
+    let mut w = Vec::new();
+    let open: Vec<String> = config
+        .relay
+        .relay_networks
+        .iter()
+        .filter(|n| n.prefix_len() <= OPEN_RELAY_MAX_PREFIX)
+        .map(ToString::to_string)
+        .collect();
+    if !open.is_empty() {
+        w.push(format!(
+            "relay.relay_networks contains {}: clients from a large part of the internet may send \
+             mail to any domain without authenticating, which makes this an open relay.",
+            open.join(", ")
+        ));
+    }
+    for l in &config.listeners {
+        if l.auth != AuthMode::Off && l.tls == ListenerTls::None {
+            w.push(format!(
+                "Listener {:?} allows AUTH but has tls = \"none\": passwords would cross the \
+                 network unencrypted; use tls = \"starttls\" or \"implicit\".",
+                l.name
+            ));
+        }
+        if l.require_tls && l.bind.port() == 25 && l.allow.iter().any(is_everyone) {
+            w.push(format!(
+                "Listener {:?} requires TLS on port 25 and is open to everyone: a publicly \
+                 referenced MX must not require TLS (RFC 3207 section 4), or mail from servers \
+                 without TLS is lost; require TLS only where port 25 is restricted to known peers.",
+                l.name
+            ));
+        }
+    }
+    if let Some(tls) = &config.tls
+        && tls.source == CertSource::SelfSigned
+    {
+        w.push(
+            "No [tls] cert and key: a self-signed certificate is generated in memory at start; \
+             clients cannot verify it. Use it for trying portcullis out only."
+                .to_owned(),
+        );
+    }
+    let auth_used = config.listeners.iter().any(|l| l.auth != AuthMode::Off);
+    if let Some(auth) = &config.auth
+        && auth_used
+        && auth.users.is_empty()
+    {
+        w.push(
+            "[auth] has no users (no users_file, or an empty one): nobody can authenticate."
+                .to_owned(),
+        );
+    }
+    for u in &config.upstreams {
+        if u.auth_user.is_some() && u.tls != UpstreamTls::Required {
+            w.push(format!(
+                "Upstream {:?} authenticates without tls = \"required\": its password may be \
+                 sent unencrypted.",
+                u.name
+            ));
+        }
+    }
+    if !config.queue.bounces {
+        w.push(
+            "queue.bounces = false: senders are not told when their mail cannot be delivered \
+             (failures are only logged)."
+                .to_owned(),
+        );
+    }
+    w
+}
+
+fn nets(list: &[IpNet]) -> String {
+    if list.is_empty() {
+        return "(none)".to_owned();
+    }
+    list.iter()
+        .map(ToString::to_string)
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+fn list(items: &[String]) -> String {
+    if items.is_empty() {
+        "(none)".to_owned()
+    } else {
+        items.join(", ")
+    }
+}
+
+fn rate(r: Option<Rate>) -> String {
+    r.map_or_else(|| "unlimited".to_owned(), format_rate)
+}
+
+/// A readable multi-line summary of the effective policy.
+pub(super) fn summary(c: &Config) -> String {
+    // Writing to a String cannot fail; the results are ignored for that reason only.
+    let mut s = String::new();
+    let source = c.source.as_ref().map_or_else(
+        || "embedded default".to_owned(),
+        |p| p.display().to_string(),
+    );
+    let _ = writeln!(s, "policy: {source}");
+    let _ = writeln!(s, "hostname: {}", c.server.hostname);
+    let _ = writeln!(s, "spool: {}", c.server.spool_dir.display());
+    match &c.tls {
+        Some(tls) => {
+            let version = match tls.min_version {
+                TlsVersion::Tls12 => "1.2",
+                TlsVersion::Tls13 => "1.3",
+            };
+            let cert = match &tls.source {
+                CertSource::Files { cert, key } => {
+                    format!("cert {}, key {}", cert.display(), key.display())
+                }
+                CertSource::SelfSigned => "self-signed (generated in memory)".to_owned(),
+            };
+            let _ = writeln!(s, "tls: {cert}, minimum version {version}");
+        }
+        None => {
+            let _ = writeln!(s, "tls: not configured");
+        }
+    }
+    let _ = writeln!(s, "listeners:");
+    for l in &c.listeners {
+        let tls = match l.tls {
+            ListenerTls::None => "none",
+            ListenerTls::StartTls => "starttls",
+            ListenerTls::Implicit => "implicit",
+        };
+        let auth = match l.auth {
+            AuthMode::Off => "off",
+            AuthMode::Optional => "optional",
+            AuthMode::Required => "required",
+        };
+        let _ = writeln!(
+            s,
+            "  {} on {}: tls {tls}, require_tls {}, auth {auth}, allow {}, deny {}",
+            l.name,
+            l.bind,
+            l.require_tls,
+            nets(&l.allow),
+            nets(&l.deny)
+        );
+    }
+    let _ = writeln!(s, "relay:");
+    let _ = writeln!(s, "  accepted domains: {}", list(&c.relay.accepted_domains));
+    let _ = writeln!(s, "  relay networks: {}", nets(&c.relay.relay_networks));
+    match (&c.relay.recipients_file, &c.relay.recipients) {
+        (Some(file), Some(r)) => {
+            let _ = writeln!(
+                s,
+                "  recipients: {} entries from {}",
+                r.len(),
+                file.display()
+            );
+        }
+        _ => {
+            let _ = writeln!(s, "  recipients: any address in an accepted domain");
+        }
+    }
+    match &c.auth {
+        Some(a) => {
+            let file = a
+                .users_file
+                .as_ref()
+                .map_or_else(|| "no users file".to_owned(), |p| p.display().to_string());
+            let _ = writeln!(
+                s,
+                "auth: {} users ({file}); lockout {} after {} failures within {}",
+                a.users.len(),
+                format_duration(a.lockout),
+                a.max_failures,
+                format_duration(a.failure_window)
+            );
+        }
+        None => {
+            let _ = writeln!(s, "auth: not configured");
+        }
+    }
+    let l = &c.limits;
+    let _ = writeln!(s, "limits:");
+    let _ = writeln!(
+        s,
+        "  message size {}, recipients {}, hops {}, errors {}, command line {} octets",
+        format_size(l.max_message_size),
+        l.max_recipients,
+        l.hop_limit,
+        l.max_errors,
+        l.max_command_length
+    );
+    let _ = writeln!(
+        s,
+        "  connections {} total, {} per IP; min free space {}",
+        l.max_connections,
+        l.max_connections_per_ip,
+        format_size(l.min_free_space)
+    );
+    let _ = writeln!(
+        s,
+        "  timeouts: command {}, data {}; pregreet wait {}",
+        format_duration(l.command_timeout),
+        format_duration(l.data_timeout),
+        format_duration(l.pregreet_wait)
+    );
+    let r = &c.rate_limits;
+    let _ = writeln!(
+        s,
+        "rate limits: connections/IP {}, messages/IP {}, messages/user {}, recipients/IP {}",
+        rate(r.connections_per_ip),
+        rate(r.messages_per_ip),
+        rate(r.messages_per_user),
+        rate(r.recipients_per_ip)
+    );
+    let _ = writeln!(s, "upstreams:");
+    for u in &c.upstreams {
+        let tls = match u.tls {
+            UpstreamTls::None => "none",
+            UpstreamTls::Opportunistic => "opportunistic",
+            UpstreamTls::Required => "required",
+        };
+        let route = if u.domains.is_empty() {
+            "default route".to_owned()
+        } else {
+            format!("for {}", u.domains.join(", "))
+        };
+        let auth = u
+            .auth_user
+            .as_ref()
+            .map_or_else(|| "no auth".to_owned(), |user| format!("auth as {user}"));
+        let _ = writeln!(
+            s,
+            "  {} at {}: {route}, tls {tls}, {auth}, max {} connections",
+            u.name, u.address, u.max_connections
+        );
+    }
+    let _ = writeln!(
+        s,
+        "headers stripped from untrusted mail: {}",
+        list(&c.headers.strip_untrusted)
+    );
+    let retry: Vec<String> = c.queue.retry.iter().map(|d| format_duration(*d)).collect();
+    let _ = write!(
+        s,
+        "queue: retry {}, expire after {}, bounces {}",
+        retry.join(" "),
+        format_duration(c.queue.max_age),
+        if c.queue.bounces { "on" } else { "off" }
+    );
+    s
+}

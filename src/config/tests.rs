@@ -1,0 +1,835 @@
+//! Table-driven tests of the policy compiler: defaults, collected errors with their keys,
+//! unknown keys, the committed policy files, the files a policy names, and warnings.
+
+use std::path::Path;
+
+use super::*;
+
+/// The smallest valid policy; tests append tables to it.
+const MINIMAL: &str = r#"
+[server]
+hostname = "relay.example.com"
+
+[[listeners]]
+bind = "127.0.0.1:2525"
+tls = "none"
+
+[[upstreams]]
+address = "10.0.0.5:25"
+"#;
+
+fn ok(text: &str) -> Config {
+    match Config::from_toml(text, None) {
+        Ok(c) => c,
+        Err(e) => panic!("expected a valid policy, got:\n{e}\n--- policy:\n{text}"),
+    }
+}
+
+fn errors(text: &str) -> Vec<(String, String)> {
+    match Config::from_toml(text, None) {
+        Ok(_) => panic!("expected errors for:\n{text}"),
+        Err(e) => e.0.into_iter().map(|e| (e.key, e.message)).collect(),
+    }
+}
+
+fn keys(text: &str) -> Vec<String> {
+    let mut keys: Vec<String> = errors(text).into_iter().map(|(k, _)| k).collect();
+    keys.sort();
+    keys
+}
+
+/// An argon2id PHC string for `password` (fast parameters; only the format matters here).
+fn argon2id_hash(password: &str) -> String {
+    use argon2::password_hash::{PasswordHasher, SaltString};
+    let params = argon2::Params::new(8, 1, 1, None).expect("valid params");
+    let hasher = argon2::Argon2::new(argon2::Algorithm::Argon2id, argon2::Version::V0x13, params);
+    let salt = SaltString::from_b64("c29tZXNhbHRzYWx0").expect("valid salt");
+    hasher
+        .hash_password(password.as_bytes(), &salt)
+        .expect("hash")
+        .to_string()
+}
+
+fn write(dir: &Path, name: &str, text: &str) -> String {
+    let path = dir.join(name);
+    std::fs::write(&path, text).expect("write fixture");
+    path.display().to_string()
+}
+
+#[test]
+fn embedded_default_parses_and_says_what_it_is() {
+    let c = Config::embedded_default();
+    assert_eq!(c.server.hostname, "localhost");
+    assert_eq!(c.server.spool_dir, Path::new("./spool"));
+    assert_eq!(
+        c.tls.as_ref().map(|t| &t.source),
+        Some(&CertSource::SelfSigned)
+    );
+    let names: Vec<(&str, String, bool, AuthMode)> = c
+        .listeners
+        .iter()
+        .map(|l| (l.name.as_str(), l.bind.to_string(), l.require_tls, l.auth))
+        .collect();
+    assert_eq!(
+        names,
+        [
+            ("mx", "127.0.0.1:2525".to_owned(), false, AuthMode::Off),
+            (
+                "submission",
+                "127.0.0.1:2587".to_owned(),
+                true,
+                AuthMode::Required
+            ),
+        ]
+    );
+    assert_eq!(c.relay.accepted_domains, ["example.com", "localhost"]);
+    assert_eq!(c.upstreams[0].address, "127.0.0.1:25");
+    assert_eq!(c.upstreams[0].tls, UpstreamTls::Opportunistic);
+    assert!(
+        c.auth
+            .as_ref()
+            .is_some_and(|a| a.users.is_empty() && a.users_file.is_none())
+    );
+    let warnings = c.warnings().join("\n");
+    assert!(warnings.contains("self-signed"), "{warnings}");
+    assert!(warnings.contains("nobody can authenticate"), "{warnings}");
+    assert!(c.summary().contains("embedded default"));
+}
+
+#[test]
+fn defaults_are_applied() {
+    let c = ok(MINIMAL);
+    assert_eq!(c.server.spool_dir, Path::new("/var/spool/portcullis"));
+    assert!(c.tls.is_none() && c.auth.is_none() && c.source.is_none());
+    let l = &c.listeners[0];
+    assert_eq!(l.name, "listener0");
+    assert_eq!(
+        (l.tls, l.require_tls, l.auth),
+        (ListenerTls::None, false, AuthMode::Off)
+    );
+    assert_eq!(
+        l.allow,
+        [
+            "0.0.0.0/0".parse::<IpNet>().unwrap(),
+            "::/0".parse().unwrap()
+        ]
+    );
+    assert!(l.deny.is_empty());
+    assert!(c.relay.accepted_domains.is_empty() && c.relay.relay_networks.is_empty());
+    assert!(c.relay.recipients.is_none());
+    let lim = &c.limits;
+    assert_eq!(lim.max_message_size, 25 << 20);
+    assert_eq!(lim.min_free_space, (25 << 20) * 3 / 2);
+    assert_eq!(
+        (
+            lim.max_recipients,
+            lim.max_connections,
+            lim.max_connections_per_ip
+        ),
+        (100, 1000, 20)
+    );
+    assert_eq!(
+        (lim.max_errors, lim.max_command_length, lim.hop_limit),
+        (10, 1024, 100)
+    );
+    assert_eq!(lim.pregreet_wait, Duration::ZERO);
+    assert_eq!(lim.command_timeout, Duration::from_secs(300));
+    assert_eq!(lim.data_timeout, Duration::from_secs(600));
+    assert!(
+        c.rate_limits.connections_per_ip.is_none() && c.rate_limits.messages_per_user.is_none()
+    );
+    let u = &c.upstreams[0];
+    assert_eq!(u.name, "upstream0");
+    assert_eq!((u.tls, u.max_connections), (UpstreamTls::Required, 20));
+    assert!(u.domains.is_empty() && u.auth_user.is_none() && u.auth_password.is_none());
+    assert_eq!(
+        c.headers.strip_untrusted,
+        ["X-MS-Exchange-Organization-*", "X-MS-Exchange-Forest-*"]
+    );
+    let minutes: Vec<u64> = c.queue.retry.iter().map(|d| d.as_secs() / 60).collect();
+    assert_eq!(minutes, [1, 5, 15, 30, 60, 120, 240]);
+    assert_eq!(c.queue.max_age, Duration::from_secs(5 * 86_400));
+    assert!(c.queue.bounces);
+    assert!(c.warnings().is_empty(), "{:?}", c.warnings());
+}
+
+#[test]
+fn min_free_space_follows_max_message_size() {
+    let c = ok(&format!(
+        "{MINIMAL}\n[limits]\nmax_message_size = \"10MiB\"\n"
+    ));
+    assert_eq!(c.limits.min_free_space, 15 << 20);
+    let c = ok(&format!(
+        "{MINIMAL}\n[limits]\nmax_message_size = 1000\nmin_free_space = 0\n"
+    ));
+    assert_eq!(
+        (c.limits.max_message_size, c.limits.min_free_space),
+        (1000, 0)
+    );
+}
+
+#[test]
+fn every_error_is_collected_in_one_pass() {
+    let text = r#"
+[server]
+hostname = "relay..example.com"
+
+[[listeners]]
+bind = "127.0.0.1:2525"
+tls = "none"
+require_tls = true
+
+[limits]
+max_message_size = "25 megabytes"
+command_timeout = "5 minutes"
+
+[[upstreams]]
+address = "exchange.example.internal"
+
+[queue]
+retry = []
+"#;
+    let errs = errors(text);
+    let mut keys: Vec<&str> = errs.iter().map(|(k, _)| k.as_str()).collect();
+    keys.sort();
+    assert_eq!(
+        keys,
+        [
+            "limits.command_timeout",
+            "limits.max_message_size",
+            "listeners[0].require_tls",
+            "queue.retry",
+            "server.hostname",
+            "upstreams[0].address",
+        ]
+    );
+    let timeout = errs
+        .iter()
+        .find(|(k, _)| k == "limits.command_timeout")
+        .unwrap();
+    assert_eq!(
+        timeout.1,
+        r#""5 minutes" is not a duration (use e.g. 30s, 5m, 1h, 5d)"#
+    );
+}
+
+#[test]
+fn required_parts_missing() {
+    assert_eq!(keys(""), ["listeners", "server.hostname", "upstreams"]);
+    assert_eq!(
+        keys("[server]\nhostname = \"x.example\"\n[[listeners]]\nname = \"a\"\n[[upstreams]]\n"),
+        [
+            "listeners[0].bind",
+            "listeners[0].tls",
+            "upstreams[0].address"
+        ]
+    );
+}
+
+#[test]
+fn unknown_keys_are_all_reported_with_dotted_paths() {
+    let text = r#"
+bogus = 1
+[server]
+hostname = "relay.example.com"
+hostnme = "typo"
+
+[[listeners]]
+bind = "127.0.0.1:2525"
+tls = "none"
+
+[[listeners]]
+bind = "127.0.0.1:2526"
+tls = "none"
+requir_tls = true
+
+[limits]
+max_mesage_size = "1MiB"
+
+[extra.nested]
+x = 1
+
+[[upstreams]]
+address = "10.0.0.5:25"
+[upstreams.deep]
+y = 2
+"#;
+    let errs = errors(text);
+    assert!(errs.iter().all(|(_, m)| m == "unknown key"), "{errs:?}");
+    let mut keys: Vec<&str> = errs.iter().map(|(k, _)| k.as_str()).collect();
+    keys.sort();
+    assert_eq!(
+        keys,
+        [
+            "bogus",
+            "extra",
+            "limits.max_mesage_size",
+            "listeners[1].requir_tls",
+            "server.hostnme",
+            "upstreams[0].deep",
+        ]
+    );
+}
+
+#[test]
+fn syntax_error_is_one_error_with_position() {
+    let errs = errors("[server]\nhostname = \"a\"\n[[listeners]\n");
+    assert_eq!(errs.len(), 1);
+    assert_eq!(errs[0].0, "(syntax)");
+    assert!(errs[0].1.starts_with("line 3, column"), "{}", errs[0].1);
+}
+
+#[test]
+fn type_errors_name_their_keys_and_do_not_hide_others() {
+    let text = format!(
+        "{MINIMAL}\n[limits]\nmax_recipients = \"lots\"\nmax_errors = true\n\
+         command_timeout = \"5 minutes\"\n[queue]\nbounces = \"no\"\n\
+         [relay]\naccepted_domains = \"example.com\"\n\
+         [[upstreams]]\naddress = 25\nbogus = 1\n"
+    );
+    // Every type error in a table is found, the table's other keys still compile, and a key
+    // with a type error is not reported a second time as missing.
+    assert_eq!(
+        keys(&text),
+        [
+            "limits.command_timeout",
+            "limits.max_errors",
+            "limits.max_recipients",
+            "queue.bounces",
+            "relay.accepted_domains",
+            "upstreams[1].address",
+            "upstreams[1].bogus",
+        ]
+    );
+    let errs = errors(&text);
+    let recipients = errs
+        .iter()
+        .find(|(k, _)| k == "limits.max_recipients")
+        .unwrap();
+    assert!(
+        recipients.1.contains("expected an integer"),
+        "{}",
+        recipients.1
+    );
+    // A table where an array of tables belongs, and a value where a table belongs.
+    assert_eq!(
+        keys("server = 5\n[listeners]\nbind = \"x\"\n[[upstreams]]\naddress = \"a:1\"\n"),
+        ["listeners", "server"]
+    );
+}
+
+#[test]
+fn value_errors_table() {
+    // (snippet appended to MINIMAL, expected key of the single error)
+    let cases: &[(&str, &str)] = &[
+        (
+            "[limits]\nmax_command_length = 511",
+            "limits.max_command_length",
+        ),
+        (
+            "[limits]\nmax_command_length = 65537",
+            "limits.max_command_length",
+        ),
+        ("[limits]\nmax_message_size = 0", "limits.max_message_size"),
+        ("[limits]\nmax_message_size = -1", "limits.max_message_size"),
+        (
+            "[limits]\nmax_message_size = \"99999999999999TiB\"",
+            "limits.max_message_size",
+        ),
+        ("[limits]\nmax_recipients = 0", "limits.max_recipients"),
+        ("[limits]\nmax_connections = -5", "limits.max_connections"),
+        ("[limits]\nhop_limit = 0", "limits.hop_limit"),
+        ("[limits]\nmax_errors = 4294967296", "limits.max_errors"),
+        ("[limits]\ndata_timeout = \"0s\"", "limits.data_timeout"),
+        (
+            "[limits]\ncommand_timeout = \"99999999999999999999s\"",
+            "limits.command_timeout",
+        ),
+        (
+            "[rate_limits]\nmessages_per_ip = \"0/min\"",
+            "rate_limits.messages_per_ip",
+        ),
+        (
+            "[rate_limits]\nrecipients_per_ip = \"10/day\"",
+            "rate_limits.recipients_per_ip",
+        ),
+        (
+            "[relay]\naccepted_domains = [\"ok.example\", \"-bad.example\"]",
+            "relay.accepted_domains[1]",
+        ),
+        (
+            "[relay]\nrelay_networks = [\"10.0.0.0/33\"]",
+            "relay.relay_networks[0]",
+        ),
+        ("[queue]\nretry = [\"1m\", \"0s\"]", "queue.retry[1]"),
+        ("[queue]\nmax_age = \"5\"", "queue.max_age"),
+        (
+            "[headers]\nstrip_untrusted = [\"X-Bad: *\"]",
+            "headers.strip_untrusted[0]",
+        ),
+        ("[tls]\nmin_version = \"1.1\"", "tls.min_version"),
+        ("[tls]\ncert = \"c.pem\"", "tls.key"),
+        ("[tls]\nkey = \"k.pem\"", "tls.cert"),
+        ("[auth]\nmax_failures = 0", "auth.max_failures"),
+        ("[auth]\nlockout = \"15 minutes\"", "auth.lockout"),
+        (
+            "[auth]\nusers_file = \"/nonexistent/users.toml\"",
+            "auth.users_file",
+        ),
+        (
+            "[relay]\nrecipients_file = \"/nonexistent/rcpts\"",
+            "relay.recipients_file",
+        ),
+        (
+            "[[listeners]]\nbind = \"127.0.0.1:2525\"\ntls = \"none\"",
+            "listeners[1].bind",
+        ),
+        (
+            "[[listeners]]\nname = \"listener0\"\nbind = \"127.0.0.1:1\"\ntls = \"none\"",
+            "listeners[1].name",
+        ),
+        (
+            "[[listeners]]\nbind = \"localhost:25\"\ntls = \"none\"",
+            "listeners[1].bind",
+        ),
+        (
+            "[[listeners]]\nbind = \"127.0.0.1:1\"\ntls = \"tls\"",
+            "listeners[1].tls",
+        ),
+        ("[[listeners]]\nbind = \"127.0.0.1:1\"", "listeners[1].tls"),
+        (
+            "[[listeners]]\nbind = \"127.0.0.1:1\"\ntls = \"none\"\nauth = \"required\"",
+            "listeners[1].auth",
+        ),
+        (
+            "[[listeners]]\nbind = \"127.0.0.1:1\"\ntls = \"none\"\nauth = \"yes\"",
+            "listeners[1].auth",
+        ),
+        (
+            "[[listeners]]\nbind = \"127.0.0.1:1\"\ntls = \"none\"\nallow = []",
+            "listeners[1].allow",
+        ),
+        (
+            "[[listeners]]\nbind = \"127.0.0.1:1\"\ntls = \"none\"\ndeny = [\"nope\"]",
+            "listeners[1].deny[0]",
+        ),
+        (
+            "[[upstreams]]\nname = \"upstream0\"\naddress = \"a.example:25\"",
+            "upstreams[1].name",
+        ),
+        (
+            "[[upstreams]]\naddress = \"a.example:0\"",
+            "upstreams[1].address",
+        ),
+        (
+            "[[upstreams]]\naddress = \"::1:25\"",
+            "upstreams[1].address",
+        ),
+        (
+            "[[upstreams]]\naddress = \"a.example:25\"\ntls = \"maybe\"",
+            "upstreams[1].tls",
+        ),
+        (
+            "[[upstreams]]\naddress = \"a.example:25\"\nauth_user = \"u\"",
+            "upstreams[1].auth_password_file",
+        ),
+        (
+            "[[upstreams]]\naddress = \"a.example:25\"\nauth_password_file = \"p\"",
+            "upstreams[1].auth_user",
+        ),
+        (
+            "[[upstreams]]\naddress = \"a.example:25\"\nmax_connections = 0",
+            "upstreams[1].max_connections",
+        ),
+        (
+            "[[upstreams]]\naddress = \"a.example:25\"\nca = \"/nonexistent/ca.pem\"",
+            "upstreams[1].ca",
+        ),
+        (
+            "[[upstreams]]\naddress = \"a.example:25\"\ndomains = [\"A.Example.\", \"x y\"]",
+            "upstreams[1].domains[1]",
+        ),
+    ];
+    for (snippet, key) in cases {
+        let text = format!("{MINIMAL}\n{snippet}\n");
+        assert_eq!(keys(&text), [*key], "for snippet:\n{snippet}");
+    }
+}
+
+#[test]
+fn accepted_values_table() {
+    let c = ok(&format!(
+        "{MINIMAL}\n[relay]\naccepted_domains = [\"Example.COM.\"]\nrelay_networks = [\"192.0.2.7\", \"10.1.2.3/8\"]\n\
+         [[upstreams]]\naddress = \"[2001:db8::5]:25\"\ndomains = [\"B.Example\"]\n\
+         [[upstreams]]\naddress = \"mx.example.org:2525\"\n\
+         [[listeners]]\nbind = \"[::1]:2465\"\ntls = \"implicit\"\n[tls]\nmin_version = \"1.3\"\n\
+         [rate_limits]\nconnections_per_ip = \"60/min\"\n"
+    ));
+    assert_eq!(c.relay.accepted_domains, ["example.com"]);
+    let nets: Vec<String> = c
+        .relay
+        .relay_networks
+        .iter()
+        .map(ToString::to_string)
+        .collect();
+    assert_eq!(nets, ["192.0.2.7/32", "10.0.0.0/8"]);
+    assert_eq!(c.upstreams[1].domains, ["b.example"]);
+    assert_eq!(c.upstreams[2].name, "upstream2");
+    let implicit = &c.listeners[1];
+    assert_eq!(
+        (implicit.name.as_str(), implicit.tls),
+        ("listener1", ListenerTls::Implicit)
+    );
+    assert!(implicit.require_tls, "implicit TLS implies require_tls");
+    assert_eq!(
+        c.tls.as_ref().map(|t| t.min_version),
+        Some(TlsVersion::Tls13)
+    );
+    assert_eq!(
+        c.rate_limits.connections_per_ip,
+        Some(Rate {
+            count: 60,
+            per: Duration::from_secs(60)
+        })
+    );
+}
+
+#[test]
+fn portcullis_toml_documents_only_known_keys_and_is_valid() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let pem = "-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----\n";
+    let users = format!(
+        "[[users]]\nname = \"alice\"\npassword_hash = \"{}\"\nsenders = [\"alice@example.com\", \"@Example.ORG\"]\n",
+        argon2id_hash("secret")
+    );
+    // Each file the example names, replaced by a fixture with the same role.
+    let fixtures = [
+        ("certs/relay.crt", write(dir.path(), "relay.crt", pem)),
+        (
+            "certs/relay.key",
+            write(dir.path(), "relay.key", "-----BEGIN PRIVATE KEY-----\n"),
+        ),
+        (
+            "config/recipients.txt",
+            write(
+                dir.path(),
+                "rcpts",
+                "# staff\nBob@Example.com\n\n@example.org\n",
+            ),
+        ),
+        ("config/users.toml", write(dir.path(), "users.toml", &users)),
+        ("certs/exchange-ca.pem", write(dir.path(), "ca.pem", pem)),
+        (
+            "/etc/portcullis/upstream.pass",
+            write(dir.path(), "pass", "hunter2\n"),
+        ),
+    ];
+    let mut text = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/config/portcullis.toml"
+    ))
+    .expect("read config/portcullis.toml");
+    for (documented, fixture) in &fixtures {
+        let quoted = format!("\"{documented}\"");
+        assert!(
+            text.contains(&quoted),
+            "portcullis.toml no longer names {documented}"
+        );
+        text = text.replace(&quoted, &format!("{fixture:?}"));
+    }
+    let c = ok(&text);
+    assert_eq!(c.listeners.len(), 3);
+    assert_eq!(
+        c.relay.recipients.as_deref(),
+        Some(&["bob@example.com".to_owned(), "@example.org".to_owned()][..])
+    );
+    let auth = c.auth.as_ref().expect("auth");
+    assert_eq!(auth.users.len(), 1);
+    assert_eq!(auth.users[0].senders, ["alice@example.com", "@example.org"]);
+    assert_eq!(c.upstreams[0].auth_password.as_deref(), Some("hunter2"));
+    assert_eq!(c.limits.min_free_space, 40 << 20);
+    assert!(c.rate_limits.messages_per_user.is_some());
+    assert!(c.warnings().is_empty(), "{:?}", c.warnings());
+    let summary = c.summary();
+    for needle in [
+        "relay.example.com",
+        "partners on 0.0.0.0:2525",
+        "exchange at exchange.example.internal:25",
+        "1 users",
+    ] {
+        assert!(
+            summary.contains(needle),
+            "summary lacks {needle:?}:\n{summary}"
+        );
+    }
+}
+
+#[test]
+fn users_file_errors_are_keyed_inside_the_file() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let good = argon2id_hash("pw");
+    let argon2i = good.replacen("$argon2id$", "$argon2i$", 1);
+    let users = format!(
+        r#"
+[[users]]
+name = "alice"
+password_hash = "{good}"
+senders = ["alice@example.com"]
+
+[[users]]
+name = "alice"
+password_hash = "{good}"
+
+[[users]]
+name = "bob"
+password_hash = "plaintext"
+senders = ["bob", "@-bad.example"]
+pasword = "x"
+
+[[users]]
+name = "carol"
+password_hash = "{argon2i}"
+
+[[users]]
+name = "dave"
+
+[other]
+"#
+    );
+    let path = write(dir.path(), "users.toml", &users);
+    let text = format!("{MINIMAL}\n[auth]\nusers_file = {path:?}\n");
+    let errs = errors(&text);
+    assert!(errs.iter().all(|(k, _)| k == "auth.users_file"), "{errs:?}");
+    let mut places: Vec<&str> = errs
+        .iter()
+        .map(|(_, m)| m.split(": ").next().unwrap_or(""))
+        .collect();
+    places.sort();
+    assert_eq!(
+        places,
+        [
+            "other",
+            "users[1].name",
+            "users[2].password_hash",
+            "users[2].pasword",
+            "users[2].senders[0]",
+            "users[2].senders[1]",
+            "users[3].password_hash",
+            "users[4].password_hash",
+        ]
+    );
+    let display = ConfigErrors(vec![ConfigError::new(
+        "auth.users_file",
+        "users[3].password_hash: uses argon2i",
+    )]);
+    assert_eq!(
+        display.to_string(),
+        "auth.users_file: users[3].password_hash: uses argon2i"
+    );
+}
+
+#[test]
+fn users_file_syntax_error_is_reported_under_its_key() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = write(dir.path(), "users.toml", "[[users]\n");
+    let errs = errors(&format!("{MINIMAL}\n[auth]\nusers_file = {path:?}\n"));
+    assert_eq!(errs.len(), 1);
+    assert_eq!(errs[0].0, "auth.users_file");
+    assert!(errs[0].1.starts_with("(syntax): line 1"), "{}", errs[0].1);
+}
+
+#[test]
+fn recipients_and_password_files() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let rcpts = write(dir.path(), "rcpts", "ok@example.com\nnot an address\n");
+    let empty = write(dir.path(), "empty.pass", "\n");
+    let crlf = write(dir.path(), "crlf.pass", "s3cret\r\n");
+    let notpem = write(dir.path(), "cert.txt", "hello");
+    let errs = errors(&format!(
+        "{MINIMAL}\n[relay]\nrecipients_file = {rcpts:?}\n\
+         [[upstreams]]\naddress = \"a.example:25\"\nauth_user = \"u\"\nauth_password_file = {empty:?}\n\
+         [tls]\ncert = {notpem:?}\nkey = {notpem:?}\n"
+    ));
+    let mut keys: Vec<&str> = errs.iter().map(|(k, _)| k.as_str()).collect();
+    keys.sort();
+    assert_eq!(
+        keys,
+        [
+            "relay.recipients_file",
+            "tls.cert",
+            "tls.key",
+            "upstreams[1].auth_password_file"
+        ]
+    );
+    assert!(errs.iter().any(|(_, m)| m.contains("line 2")), "{errs:?}");
+
+    let c = ok(&format!(
+        "{MINIMAL}\n[[upstreams]]\naddress = \"a.example:25\"\nauth_user = \"u\"\nauth_password_file = {crlf:?}\n"
+    ));
+    assert_eq!(c.upstreams[1].auth_password.as_deref(), Some("s3cret"));
+}
+
+#[test]
+fn load_reports_unreadable_file_and_records_source() {
+    let err = Config::load(Path::new("/nonexistent/portcullis.toml")).unwrap_err();
+    assert_eq!(err.0.len(), 1);
+    assert_eq!(err.0[0].key, "(file)");
+
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = write(dir.path(), "p.toml", MINIMAL);
+    let c = Config::load(Path::new(&path)).expect("valid");
+    assert_eq!(c.source.as_deref(), Some(Path::new(&path)));
+}
+
+#[test]
+fn errors_display_one_per_line() {
+    let e = ConfigErrors(vec![
+        ConfigError::new("a.b", "is wrong"),
+        ConfigError::new("(syntax)", "line 1, column 2: bad"),
+    ]);
+    assert_eq!(
+        e.to_string(),
+        "a.b: is wrong\n(syntax): line 1, column 2: bad"
+    );
+}
+
+#[test]
+fn warnings_for_dangerous_combinations() {
+    // (snippet appended to MINIMAL, words the single warning must contain)
+    let cases: &[(&str, &str)] = &[
+        ("[relay]\nrelay_networks = [\"0.0.0.0/0\"]", "open relay"),
+        ("[relay]\nrelay_networks = [\"::/0\"]", "open relay"),
+        ("[relay]\nrelay_networks = [\"64.0.0.0/2\"]", "open relay"),
+        (
+            "[auth]\nusers_file = USERS\n[[listeners]]\nbind = \"127.0.0.1:1\"\ntls = \"none\"\nauth = \"optional\"",
+            "unencrypted",
+        ),
+        (
+            "[tls]\ncert = PEM\nkey = PEM\n[[listeners]]\nbind = \"0.0.0.0:25\"\nrequire_tls = true",
+            "RFC 3207",
+        ),
+        (
+            "[tls]\ncert = PEM\nkey = PEM\n[[listeners]]\nbind = \"[::]:25\"\ntls = \"implicit\"\nallow = [\"::/0\"]",
+            "RFC 3207",
+        ),
+        (
+            "[tls]\n[[listeners]]\nbind = \"127.0.0.1:1\"",
+            "self-signed",
+        ),
+        (
+            "[auth]\n[[listeners]]\nbind = \"127.0.0.1:1\"\ntls = \"none\"\nauth = \"required\"",
+            "unencrypted",
+        ),
+        ("[queue]\nbounces = false", "bounces"),
+        (
+            "[[upstreams]]\naddress = \"a.example:25\"\ntls = \"opportunistic\"\nauth_user = \"u\"\nauth_password_file = PASS",
+            "unencrypted",
+        ),
+    ];
+    let dir = tempfile::tempdir().expect("tempdir");
+    let pem = write(dir.path(), "c.pem", "-----BEGIN CERTIFICATE-----\n");
+    let pass = write(dir.path(), "pass", "pw\n");
+    let users = write(
+        dir.path(),
+        "users.toml",
+        &format!(
+            "[[users]]\nname = \"a\"\npassword_hash = \"{}\"\n",
+            argon2id_hash("pw")
+        ),
+    );
+    for (snippet, words) in cases {
+        let snippet = snippet
+            .replace("PEM", &format!("{pem:?}"))
+            .replace("PASS", &format!("{pass:?}"))
+            .replace("USERS", &format!("{users:?}"));
+        let c = ok(&format!("{MINIMAL}\n{snippet}\n"));
+        let warnings = c.warnings();
+        // The empty-[auth] case also (rightly) warns that nobody can authenticate.
+        let expected = if snippet.starts_with("[auth]\n[[") {
+            2
+        } else {
+            1
+        };
+        assert_eq!(warnings.len(), expected, "{snippet}: {warnings:?}");
+        assert!(warnings[0].contains(words), "{snippet}: {warnings:?}");
+    }
+    // Port 25 requiring TLS is fine when restricted to known peers; /8 is not an open relay.
+    let c = ok(&format!(
+        "{MINIMAL}\n[relay]\nrelay_networks = [\"10.0.0.0/8\"]\n[tls]\ncert = {pem:?}\nkey = {pem:?}\n\
+         [[listeners]]\nbind = \"0.0.0.0:25\"\nrequire_tls = true\nallow = [\"203.0.113.0/24\"]\n"
+    ));
+    assert!(c.warnings().is_empty(), "{:?}", c.warnings());
+}
+
+/// The field names a derived `Deserialize` asks for, captured from its `deserialize_struct`
+/// call (the derive passes them all), so tests can compare `raw.rs` with the documentation.
+fn field_names<T: serde::de::DeserializeOwned>() -> Vec<&'static str> {
+    use serde::de::{Error as _, Visitor, value::Error};
+    struct Grab<'a>(&'a mut Vec<&'static str>);
+    impl<'de> serde::Deserializer<'de> for Grab<'_> {
+        type Error = Error;
+        fn deserialize_any<V: Visitor<'de>>(self, _: V) -> Result<V::Value, Error> {
+            Err(Error::custom("not a struct"))
+        }
+        fn deserialize_struct<V: Visitor<'de>>(
+            self,
+            _: &'static str,
+            fields: &'static [&'static str],
+            _: V,
+        ) -> Result<V::Value, Error> {
+            self.0.extend_from_slice(fields);
+            Err(Error::custom("fields captured"))
+        }
+        serde::forward_to_deserialize_any! {
+            bool i8 i16 i32 i64 i128 u8 u16 u32 u64 u128 f32 f64 char str string bytes
+            byte_buf option unit unit_struct newtype_struct seq tuple tuple_struct map enum
+            identifier ignored_any
+        }
+    }
+    let mut fields = Vec::new();
+    let _ = T::deserialize(Grab(&mut fields));
+    fields
+}
+
+#[test]
+fn portcullis_toml_documents_every_key_of_raw_rs() {
+    use super::raw::*;
+    let text = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/config/portcullis.toml"
+    ))
+    .expect("read config/portcullis.toml");
+    let doc: toml::Table = text.parse().expect("portcullis.toml parses");
+    let mut top: Vec<&str> = doc.keys().map(String::as_str).collect();
+    top.sort_unstable();
+    let mut expected = field_names::<RawConfig>();
+    expected.sort_unstable();
+    assert_eq!(top, expected, "top-level tables");
+    let sections: [(&str, Vec<&str>); 10] = [
+        ("server", field_names::<RawServer>()),
+        ("tls", field_names::<RawTls>()),
+        ("listeners", field_names::<RawListener>()),
+        ("relay", field_names::<RawRelay>()),
+        ("auth", field_names::<RawAuth>()),
+        ("limits", field_names::<RawLimits>()),
+        ("rate_limits", field_names::<RawRateLimits>()),
+        ("upstreams", field_names::<RawUpstream>()),
+        ("headers", field_names::<RawHeaders>()),
+        ("queue", field_names::<RawQueue>()),
+    ];
+    for (section, fields) in sections {
+        assert!(!fields.is_empty(), "{section}: no fields captured");
+        // For an array of tables the first entry is the one documenting every key.
+        let table = match &doc[section] {
+            toml::Value::Array(entries) => entries[0].as_table(),
+            other => other.as_table(),
+        }
+        .expect("a table");
+        for field in fields {
+            assert!(
+                table.contains_key(field),
+                "portcullis.toml does not document {section}.{field}"
+            );
+        }
+    }
+}
