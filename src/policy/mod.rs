@@ -1,1 +1,3 @@
 //! Pure policy decisions compiled from the configuration, named after SMTP stages.
+
+pub mod credentials;
