@@ -1214,3 +1214,10 @@ fn size_overflow_does_not_wrap_to_a_small_size() {
     t.send("MAIL FROM:<a@b.example> SIZE=18446744073709551616")
         .expect_enh(503, "5.5.1");
 }
+
+#[test]
+fn size_overflow_without_angle_brackets_is_not_accepted() {
+    let mut t = T::ehlo(cfg());
+    let r = t.send("MAIL FROM:a@b.example SIZE=99999999999999999999999999");
+    assert_ne!(r.codes(), vec![250], "{r:?}");
+}
