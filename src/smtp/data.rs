@@ -190,7 +190,7 @@ mod tests {
         for step in [1, 2, 3, 7, 1000] {
             let (msg, end, fault) = run(b"Subject: x\r\n\r\n..dot\r\n.\r\nQUIT\r\n", step, 1000);
             assert_eq!(msg, b"Subject: x\r\n\r\n.dot\r\n", "step {step}");
-            assert_eq!(end, Some(28), "step {step}");
+            assert_eq!(end, Some(24), "step {step}");
             assert_eq!(fault, None);
         }
     }

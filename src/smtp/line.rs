@@ -118,10 +118,13 @@ impl LineFramer {
                 )
             }
             None if rest.len() >= limit => {
+                // Consume only the window: the line's remainder (and any pipelined lines
+                // after it) is handled by the discarding branch above. A trailing CR is kept
+                // so that it can pair with the LF that may follow.
                 self.discarding = true;
-                let keep = usize::from(rest.last() == Some(&b'\r'));
-                self.discarded = rest.len() - keep;
-                (Frame::TooLong { auth }, consumed + rest.len() - keep)
+                let keep = usize::from(window.last() == Some(&b'\r'));
+                self.discarded = window.len() - keep;
+                (Frame::TooLong { auth }, consumed + window.len() - keep)
             }
             None => (Frame::Incomplete, consumed),
         }
@@ -172,7 +175,7 @@ mod tests {
             // A bare LF is refused at once, and the text after it up to the CRLF is dropped.
             (
                 b"MAIL FROM:<a@b>\nRCPT TO:<c@d>\r\nNOOP\r\n",
-                &[Frame::BareLf, Frame::Line { start: 32, end: 36 }],
+                &[Frame::BareLf, Frame::Line { start: 31, end: 35 }],
             ),
             // LF-only lines: one refusal per line.
             (

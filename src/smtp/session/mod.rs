@@ -520,11 +520,13 @@ impl Session {
                 // smtp-proto wants the line with its line end.
                 let parsed = Request::parse(&mut self.input[line_start..line_end + 2].iter())
                     .map(Request::into_owned);
-                let is_postmaster = self.input[line_start..line_end]
+                let line = &self.input[line_start..line_end];
+                let is_postmaster = line
                     .to_ascii_lowercase()
                     .windows(12)
                     .any(|w| w == b"<postmaster>");
-                self.command(parsed, is_postmaster)
+                let declared = declared_size(line);
+                self.command(parsed, is_postmaster, declared)
             }
         }
     }
@@ -533,15 +535,26 @@ impl Session {
         &mut self,
         parsed: Result<Request<String>, ProtoError>,
         is_postmaster: bool,
+        declared: Option<u64>,
     ) -> Option<Event> {
         let request = match parsed {
             Ok(r) => r,
+            // smtp-proto refuses a SIZE of usize::MAX or more as an invalid parameter; that
+            // is a message too big, once the sequence checks have passed.
+            Err(ProtoError::InvalidParameter { param: "SIZE" })
+                if declared.is_some_and(|n| n > self.config.max_message_size) =>
+            {
+                let (reply, rule) = self
+                    .mail_gate()
+                    .unwrap_or((reply::MESSAGE_TOO_BIG, "declared_size"));
+                return self.refuse_command(reply, rule);
+            }
             Err(e) => return self.parse_error(e),
         };
         match request {
             Request::Ehlo { host } => self.helo_command(host, true),
             Request::Helo { host } => self.helo_command(host, false),
-            Request::Mail { from } => self.mail(from),
+            Request::Mail { from } => self.mail(from, declared),
             Request::Rcpt { to } => self.rcpt(to, is_postmaster),
             Request::Data => self.data(),
             Request::Rset => {
@@ -625,23 +638,33 @@ impl Session {
         Some(Event::Helo { name, extended })
     }
 
-    fn mail(&mut self, from: MailFrom<String>) -> Option<Event> {
+    /// Sequence and gate checks for MAIL FROM, before its arguments are looked at.
+    fn mail_gate(&self) -> Option<(Reply, &'static str)> {
         if self.helo.is_none() {
-            return self.refuse_command(reply::NEED_HELO, "need_helo");
+            Some((reply::NEED_HELO, "need_helo"))
+        } else if matches!(self.state, State::Mail(_)) {
+            Some((reply::NESTED_MAIL, "nested_mail"))
+        } else if self.config.require_tls && !self.tls {
+            Some((reply::MUST_STARTTLS, "require_tls"))
+        } else if self.config.auth_required && self.user.is_none() {
+            Some((reply::AUTH_REQUIRED, "auth_required"))
+        } else {
+            None
         }
-        if matches!(self.state, State::Mail(_)) {
-            return self.refuse_command(reply::NESTED_MAIL, "nested_mail");
+    }
+
+    fn mail(&mut self, from: MailFrom<String>, declared: Option<u64>) -> Option<Event> {
+        if let Some((reply, rule)) = self.mail_gate() {
+            return self.refuse_command(reply, rule);
         }
-        if self.config.require_tls && !self.tls {
-            return self.refuse_command(reply::MUST_STARTTLS, "require_tls");
-        }
-        if self.config.auth_required && self.user.is_none() {
-            return self.refuse_command(reply::AUTH_REQUIRED, "auth_required");
-        }
-        let params = match mail_params(&from, self.extended) {
+        let mut params = match mail_params(&from, self.extended) {
             Ok(p) => p,
             Err(()) => return self.refuse_command(reply::UNSUPPORTED_PARAMETER, "mail_parameter"),
         };
+        // smtp-proto's own value wraps past usize::MAX (26 nines read as 999999): trust ours.
+        if let Some(n) = declared {
+            params.size = (n != 0).then_some(n);
+        }
         if params
             .size
             .is_some_and(|s| s > self.config.max_message_size)
@@ -815,6 +838,29 @@ impl Session {
             }
         }
     }
+}
+
+/// The `SIZE=` value of a MAIL FROM line, read with saturation at `u64::MAX`. `None` when the
+/// line is not MAIL or has no well-formed SIZE parameter (smtp-proto reports the syntax).
+fn declared_size(line: &[u8]) -> Option<u64> {
+    if line.len() < 5 || !line[..5].eq_ignore_ascii_case(b"MAIL ") {
+        return None;
+    }
+    // Parameters follow the path; an address cannot contain `>` outside a quoted local
+    // part, and a SIZE inside one must not count, so look only after the last `>`.
+    let params = &line[line.iter().rposition(|&b| b == b'>')? + 1..];
+    params.split(|&b| b == b' ').find_map(|token| {
+        let value = token
+            .get(..5)
+            .filter(|k| k.eq_ignore_ascii_case(b"SIZE="))
+            .map(|_| &token[5..])?;
+        if value.is_empty() || !value.iter().all(u8::is_ascii_digit) {
+            return None;
+        }
+        Some(value.iter().fold(0u64, |n, &d| {
+            n.saturating_mul(10).saturating_add(u64::from(d - b'0'))
+        }))
+    })
 }
 
 /// Translate MAIL FROM parameters into the ones portcullis honours; anything it does not
