@@ -189,6 +189,9 @@ impl Session {
 
     /// Queue `reply` and close (timeouts, shutdown, early talkers, connection caps).
     pub fn close_with(&mut self, reply: &Reply) {
+        if matches!(self.state, State::Closed) {
+            return;
+        }
         reply.write_to(&mut self.out);
         self.state = State::Closed;
         self.pending = None;
