@@ -107,3 +107,70 @@ impl Policy {
 fn routed(to: &Address) -> bool {
     to.local().contains(['%', '!', '@']) || to.is_ip_literal()
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn policy(relay: &str) -> (Config, Policy) {
+        let text = format!(
+            "[server]\nhostname = \"relay.test\"\n[[listeners]]\nbind = \"127.0.0.1:2525\"\n\
+             tls = \"none\"\ndeny = [\"192.0.2.66/32\"]\nallow = [\"192.0.2.0/24\", \"2001:db8::/32\"]\n\
+             [relay]\n{relay}\n[[upstreams]]\naddress = \"127.0.0.1:25\"\n"
+        );
+        let config = Config::from_toml(&text, None).expect("valid test policy");
+        let policy = Policy::new(&config);
+        (config, policy)
+    }
+
+    fn facts(ip: &str, user: Option<&'static str>) -> SessionFacts<'static> {
+        SessionFacts {
+            client_ip: ip.parse().unwrap(),
+            user,
+        }
+    }
+
+    #[test]
+    fn connect_checks_deny_before_allow_and_maps_ipv4_in_ipv6() {
+        let (config, p) = policy("");
+        let l = &config.listeners[0];
+        let rule = |ip: &str| p.connect(l, ip.parse().unwrap()).err().map(|r| r.rule);
+        assert_eq!(rule("192.0.2.1"), None);
+        assert_eq!(rule("::ffff:192.0.2.1"), None);
+        assert_eq!(rule("2001:db8::1"), None);
+        assert_eq!(rule("192.0.2.66"), Some("listener_deny"));
+        assert_eq!(rule("::ffff:192.0.2.66"), Some("listener_deny"));
+        assert_eq!(rule("198.51.100.1"), Some("listener_allow"));
+    }
+
+    #[test]
+    fn relay_table() {
+        let (_, p) =
+            policy("accepted_domains = [\"example.com\"]\nrelay_networks = [\"10.0.0.0/8\"]");
+        let cases: &[(&str, Option<&'static str>, &str, Option<&str>)] = &[
+            ("192.0.2.1", None, "u@example.com", None),
+            ("192.0.2.1", None, "u@EXAMPLE.com.", None),
+            ("192.0.2.1", None, "u@other.test", Some("relay_denied")),
+            ("192.0.2.1", Some("alice"), "u@other.test", None),
+            ("10.1.2.3", None, "u@other.test", None),
+            ("::ffff:10.1.2.3", None, "u@other.test", None),
+            (
+                "192.0.2.1",
+                None,
+                "u%other.test@example.com",
+                Some("routed_address"),
+            ),
+            (
+                "192.0.2.1",
+                None,
+                "other.test!u@example.com",
+                Some("routed_address"),
+            ),
+        ];
+        for (ip, user, to, expected) in cases {
+            let to = Address::parse(to).unwrap();
+            let got = p.rcpt(&facts(ip, *user), &to).err().map(|r| r.rule);
+            assert_eq!(got.as_deref(), *expected, "{ip} {user:?} {to}");
+        }
+    }
+}
