@@ -33,7 +33,12 @@ fn mx_config(port: u16) -> String {
 }
 
 /// Four distinct mistakes, each naming its key.
-const INVALID_KEYS: [&str; 4] = ["bogus_key", "command_timeout", "allow", "hostname"];
+const INVALID_KEYS: [&str; 4] = [
+    "server.bogus_key",
+    "limits.command_timeout",
+    "listeners[0].allow",
+    "server.hostname",
+];
 
 fn invalid_config(port: u16) -> String {
     format!(
@@ -68,7 +73,10 @@ fn check_config_accepts_valid_and_reports_every_error() {
     assert_eq!(out.status.code(), Some(2), "{}", text(&out));
     let report = text(&out);
     for key in INVALID_KEYS {
-        assert!(report.contains(key), "check-config does not name {key}:\n{report}");
+        assert!(
+            report.contains(key),
+            "check-config does not name {key}:\n{report}"
+        );
     }
 
     // `run` refuses the same file with the same keys, and never listens.
@@ -86,7 +94,10 @@ fn check_config_accepts_valid_and_reports_every_error() {
             TcpStream::connect(("127.0.0.1", port)).is_err(),
             "run listens on an invalid config"
         );
-        assert!(Instant::now() < deadline, "run did not exit on an invalid config");
+        assert!(
+            Instant::now() < deadline,
+            "run did not exit on an invalid config"
+        );
         thread::sleep(Duration::from_millis(20));
     }
     let out = child.wait_with_output().unwrap();
@@ -178,7 +189,10 @@ fn run_without_config_uses_embedded_default() {
     let (code, reply) = c.send_message("a@example.com", &["b@example.com"], "Subject: d\n\nhi\n");
     assert_eq!(code, 250, "{reply}");
     let id = queue_id(&reply).unwrap();
-    assert!(dir.join("spool/queue").join(&id).is_file(), "not in ./spool");
+    assert!(
+        dir.join("spool/queue").join(&id).is_file(),
+        "not in ./spool"
+    );
     drop(guard);
 }
 
@@ -241,7 +255,10 @@ fn kill9_loses_no_acknowledged_message() {
     let quarantined: Vec<_> = fs::read_dir(relay.spool.join("quarantine"))
         .map(|d| d.flatten().map(|e| e.path()).collect())
         .unwrap_or_default();
-    assert!(quarantined.is_empty(), "recovery quarantined {quarantined:?}");
+    assert!(
+        quarantined.is_empty(),
+        "recovery quarantined {quarantined:?}"
+    );
     let queued: HashMap<String, (serde_json::Value, Vec<u8>)> = relay
         .queued_messages()
         .into_iter()
@@ -302,7 +319,8 @@ fn sigterm_drains_sessions_and_exits_zero() {
                 break;
             }
             Ok(mut s) => {
-                s.set_read_timeout(Some(Duration::from_millis(500))).unwrap();
+                s.set_read_timeout(Some(Duration::from_millis(500)))
+                    .unwrap();
                 let mut buf = [0u8; 256];
                 let n = std::io::Read::read(&mut s, &mut buf).unwrap_or(0);
                 assert!(
@@ -350,6 +368,9 @@ fn sighup_reloads_valid_policy_and_keeps_it_on_invalid() {
     let mut c = SmtpClient::connect_from("127.0.0.2", port);
     let text = c.expect_reply(554);
     assert!(text.starts_with("554 5.7.1"), "{text}");
+    let text = c.expect("EHLO client.test", 503);
+    assert!(text.starts_with("503 5.7.1"), "{text}");
+    c.expect("QUIT", 221);
     drop(c);
 
     fs::write(relay.config_path(), "[server]\nbogus = [\n").unwrap();
@@ -374,8 +395,11 @@ fn restart_quarantines_garbage_and_clears_tmp() {
     c.expect_reply(220);
     c.expect("EHLO client.test", 250);
     for i in 0..2 {
-        let (code, reply) =
-            c.send_message("a@example.com", &["b@example.com"], &format!("Subject: {i}\n\nx\n"));
+        let (code, reply) = c.send_message(
+            "a@example.com",
+            &["b@example.com"],
+            &format!("Subject: {i}\n\nx\n"),
+        );
         assert_eq!(code, 250, "{reply}");
         ids.push(queue_id(&reply).unwrap());
     }

@@ -80,11 +80,20 @@ fn plain_swaks_message_is_spooled_byte_identical_and_unstuffed() {
     assert_eq!(env["listener"], "mx");
     assert_eq!(env["client_ip"], "127.0.0.1");
     assert!(env.get("tls").is_none(), "{env}");
-    assert!(msg.starts_with(b"Received: "), "{}", String::from_utf8_lossy(&msg));
+    assert!(
+        msg.starts_with(b"Received: "),
+        "{}",
+        String::from_utf8_lossy(&msg)
+    );
     let body_start = msg
         .windows(data.len())
         .position(|w| w == data.as_bytes())
-        .unwrap_or_else(|| panic!("data not found byte-identical in\n{}", String::from_utf8_lossy(&msg)));
+        .unwrap_or_else(|| {
+            panic!(
+                "data not found byte-identical in\n{}",
+                String::from_utf8_lossy(&msg)
+            )
+        });
     // Nothing but our trace header before the client's content; after it only the CRLF that
     // swaks itself always sends before the final dot.
     assert_eq!(&msg[body_start + data.len()..], b"\r\n");
@@ -113,8 +122,15 @@ fn swaks_body_with_leading_dot_is_unstuffed() {
     );
     let id = queued_id(&out);
     let (_, msg) = spooled(&relay, &id);
-    assert!(contains(&msg, b"\r\n.hidden line\r\n"), "{}", String::from_utf8_lossy(&msg));
-    assert!(!contains(&msg, b"..hidden"), "dot-stuffing left in the spool");
+    assert!(
+        contains(&msg, b"\r\n.hidden line\r\n"),
+        "{}",
+        String::from_utf8_lossy(&msg)
+    );
+    assert!(
+        !contains(&msg, b"..hidden"),
+        "dot-stuffing left in the spool"
+    );
 }
 
 #[test]
@@ -129,7 +145,9 @@ fn starttls_swaks_records_tls_in_header_and_envelope() {
     );
     let id = queued_id(&out);
     let (env, msg) = spooled(&relay, &id);
-    let version = env["tls"]["version"].as_str().unwrap_or_else(|| panic!("{env}"));
+    let version = env["tls"]["version"]
+        .as_str()
+        .unwrap_or_else(|| panic!("{env}"));
     assert!(version == "TLSv1.3" || version == "TLSv1.2", "{version}");
     let header = String::from_utf8_lossy(&msg[..msg.len().min(400)]).into_owned();
     assert!(header.contains("ESMTPS"), "{header}");
@@ -188,8 +206,7 @@ fn submission_relay() -> Relay {
     );
     let port = free_port();
     let toml = config(
-        &[listener("submission", port, "starttls")
-            + "require_tls = true\nauth = \"required\"\n"],
+        &[listener("submission", port, "starttls") + "require_tls = true\nauth = \"required\"\n"],
         free_port(),
         "[relay]\naccepted_domains = [\"example.com\"]\n\n[auth]\nusers_file = \"{dir}/users.toml\"\n",
     );
@@ -366,7 +383,11 @@ fn queue_cli_lists_and_shows_messages() {
     assert!(shown.contains("Subject: cli test 1"), "{shown}");
 
     let out = relay.command(&["queue", "show", "0000000000000000"]);
-    assert!(!out.status.success(), "show of a missing id: {}", text(&out));
+    assert!(
+        !out.status.success(),
+        "show of a missing id: {}",
+        text(&out)
+    );
     let out = relay.command(&["queue", "show", "NOPE"]);
     assert_eq!(out.status.code(), Some(2), "bad id syntax: {}", text(&out));
 
