@@ -813,16 +813,17 @@ pub fn tls_client_config(cert: &Path) -> Arc<ClientConfig> {
     )
 }
 
-/// Run `swaks` with `args`; panics if it cannot be spawned (check [`swaks_available`] first).
+/// Run `swaks` with `args`. The swaks tests are part of the suite, not optional: without
+/// swaks they fail with this message rather than pass without testing anything.
 pub fn swaks(args: &[&str]) -> Output {
     Command::new("swaks")
         .args(args)
         .stdin(Stdio::null())
         .output()
-        .expect("spawn swaks")
+        .expect("swaks is required by the integration tests: apt-get install -y swaks")
 }
 
-/// Whether the `swaks` binary can be run (CI installs it with apt; tests skip without it).
+/// Whether the `swaks` binary can be run (CI installs it with apt).
 pub fn swaks_available() -> bool {
     Command::new("swaks")
         .arg("--version")
