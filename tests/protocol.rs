@@ -1,0 +1,450 @@
+//! Hostile clients and limits, against the real binary over raw TCP: SMTP smuggling, STARTTLS
+//! injection, early talkers, malformed command lines, size, session and connection limits,
+//! access lists, relay control, TLS gates and spool trouble. Each test asserts the exact reply
+//! (code and enhanced code), what is (not) in the spool and, where it helps, the logged rule.
+
+mod common;
+
+use std::fs;
+use std::time::Duration;
+
+use common::*;
+
+/// How long to wait for a log line.
+const LOG_WAIT: Duration = Duration::from_secs(2);
+
+/// `[relay]` accepting mail for example.com, plus `extra`.
+fn relay_extra(extra: &str) -> String {
+    format!("[relay]\naccepted_domains = [\"example.com\"]\n\n{extra}")
+}
+
+/// A relay with one plaintext listener `mx` (plus `listener_keys`), mail accepted for
+/// example.com, an upstream that is not listening (so queued mail stays queued), and `extra`.
+fn start(listener_keys: &str, extra: &str) -> Relay {
+    start_tls(listener_keys, "none", extra)
+}
+
+fn start_tls(listener_keys: &str, tls: &str, extra: &str) -> Relay {
+    let l = listener("mx", free_port(), tls) + listener_keys;
+    Relay::start(&config(&[l], free_port(), &relay_extra(extra)))
+}
+
+/// Assert that `reply` has `code` and every line carries the enhanced code `enhanced`.
+#[track_caller]
+fn assert_reply(reply: &(u16, String), code: u16, enhanced: &str) {
+    assert_eq!(reply.0, code, "expected {code} {enhanced}, got {:?}", reply.1);
+    for line in reply.1.lines() {
+        assert!(
+            line[4..].starts_with(enhanced),
+            "expected enhanced code {enhanced} in {line:?}"
+        );
+    }
+}
+
+/// Connect to the relay's listener and read the 220 greeting.
+fn greeted(relay: &Relay) -> SmtpClient {
+    greeted_from("127.0.0.1", relay)
+}
+
+fn greeted_from(ip: &str, relay: &Relay) -> SmtpClient {
+    let mut c = SmtpClient::connect_from(ip, relay.port(0));
+    c.expect_reply(220);
+    c
+}
+
+/// Connected, greeted and after `EHLO client.test`.
+fn ready(relay: &Relay) -> SmtpClient {
+    let mut c = greeted(relay);
+    c.expect("EHLO client.test", 250);
+    c
+}
+
+/// MAIL + RCPT + DATA (354), ready for content.
+fn in_data(c: &mut SmtpClient) {
+    c.expect("MAIL FROM:<a@example.com>", 250);
+    c.expect("RCPT TO:<b@example.com>", 250);
+    c.expect("DATA", 354);
+}
+
+#[track_caller]
+fn assert_log(relay: &Relay, needle: &str) {
+    assert!(
+        relay.wait_for_log(needle, LOG_WAIT),
+        "log does not name {needle:?}:\n{}",
+        relay.log()
+    );
+}
+
+#[track_caller]
+fn assert_closed(c: &mut SmtpClient) {
+    let rest = c.read_to_close();
+    assert!(rest.is_empty(), "expected close, got {rest:?}");
+}
+
+// --- 1. SMTP smuggling --------------------------------------------------------------------
+
+#[test]
+fn smuggled_end_of_data_with_bare_line_endings_is_rejected_and_nothing_queued() {
+    let relay = start("", "");
+    for variant in ["\n.\n", "\n.\r\n", "\r\n.\n", "\r.\r\n"] {
+        let mut c = ready(&relay);
+        in_data(&mut c);
+        let mut data = b"Subject: smuggling\r\n\r\nhello".to_vec();
+        data.extend_from_slice(variant.as_bytes());
+        data.extend_from_slice(
+            b"MAIL FROM:<evil@x.test>\r\nRCPT TO:<victim@example.com>\r\nDATA\r\nsmuggled\r\n",
+        );
+        data.extend_from_slice(b"\r\n.\r\n");
+        c.send_raw(&data);
+        assert_reply(&c.read_reply(), 550, "5.5.2");
+        // Exactly one reply for the whole thing: the next reply belongs to the NOOP.
+        assert_reply(&c.cmd("NOOP"), 250, "2.0.0");
+        assert!(
+            relay.queued_messages().is_empty(),
+            "variant {variant:?} queued something"
+        );
+        // The session is still usable.
+        let reply = c.send_message("a@example.com", &["b@example.com"], "Subject: clean\r\n\r\nok\r\n");
+        assert_reply(&reply, 250, "2.0.0");
+        let queued = relay.queued_messages();
+        assert_eq!(queued.len(), 1, "variant {variant:?}");
+        let (env, msg) = &queued[0];
+        let text = String::from_utf8_lossy(msg);
+        assert!(text.contains("Subject: clean") && !text.contains("smuggled"));
+        assert!(!env.to_string().contains("evil@x.test"), "{env}");
+        for f in relay.spool_files() {
+            fs::remove_file(&f).unwrap();
+            let _ = fs::remove_file(f.with_extension("state"));
+        }
+        c.expect("QUIT", 221);
+    }
+}
+
+// --- 2. STARTTLS injection ----------------------------------------------------------------
+
+#[test]
+fn commands_pipelined_after_starttls_are_discarded_not_executed_under_tls() {
+    let relay = start_tls("", "starttls", "");
+    let mut c = ready(&relay);
+    c.send_raw(b"STARTTLS\r\nMAIL FROM:<a@example.com>\r\n");
+    assert_reply(&c.read_reply(), 220, "2.0.0");
+    c.upgrade_tls(&relay.cert_path(), "localhost");
+    // The injected MAIL was not run, and the session state was reset: EHLO required again.
+    assert_reply(&c.cmd("MAIL FROM:<a@example.com>"), 503, "5.5.1");
+    assert_log(&relay, "starttls_injection");
+    c.expect("EHLO client.test", 250);
+    assert_reply(&c.cmd("MAIL FROM:<a@example.com>"), 250, "2.1.0");
+}
+
+// --- 3. Early talkers ---------------------------------------------------------------------
+
+#[test]
+fn client_talking_before_banner_is_rejected() {
+    let relay = start("", "[limits]\npregreet_wait = \"1s\"\n");
+    let mut c = SmtpClient::connect_from("127.0.0.2", relay.port(0));
+    c.send_raw(b"EHLO x\r\n");
+    assert_reply(&c.read_reply(), 554, "5.5.0");
+    assert_closed(&mut c);
+    assert_log(&relay, "rule=\"pregreet\"");
+}
+
+#[test]
+fn ehlo_pipelined_with_mail_is_an_early_talker() {
+    let relay = start("", "");
+    let mut c = greeted(&relay);
+    c.send_raw(b"EHLO x\r\nMAIL FROM:<a@example.com>\r\n");
+    assert_reply(&c.read_reply(), 554, "5.5.0");
+    assert_closed(&mut c);
+    assert_log(&relay, "early_talker");
+    assert!(relay.queued_messages().is_empty());
+}
+
+#[test]
+fn message_sent_before_354_is_an_early_talker() {
+    let relay = start("", "");
+    let mut c = ready(&relay);
+    c.expect("MAIL FROM:<a@example.com>", 250);
+    c.expect("RCPT TO:<b@example.com>", 250);
+    c.send_raw(b"DATA\r\nSubject: early\r\n\r\nbody\r\n.\r\n");
+    assert_reply(&c.read_reply(), 554, "5.5.0");
+    assert_closed(&mut c);
+    assert!(relay.queued_messages().is_empty());
+}
+
+#[test]
+fn final_dot_pipelined_with_quit_is_legal() {
+    let relay = start("", "");
+    let mut c = ready(&relay);
+    in_data(&mut c);
+    c.send_raw(b"Subject: x\r\n\r\nbody\r\n.\r\nQUIT\r\n");
+    assert_reply(&c.read_reply(), 250, "2.0.0");
+    assert_reply(&c.read_reply(), 221, "2.0.0");
+    assert_closed(&mut c);
+    assert_eq!(relay.queued_messages().len(), 1);
+}
+
+// --- 4. Command lines ---------------------------------------------------------------------
+
+#[test]
+fn bare_lf_in_command_is_rejected_and_not_executed() {
+    let relay = start("", "");
+    let mut c = ready(&relay);
+    c.send_raw(b"MAIL FROM:<a@example.com>\nRCPT TO:<b@example.com>\r\n");
+    assert_reply(&c.read_reply(), 500, "5.5.2");
+    assert_reply(&c.cmd("RCPT TO:<b@example.com>"), 503, "5.5.1");
+    assert_log(&relay, "bare_lf_in_command");
+}
+
+#[test]
+fn bare_cr_in_command_is_rejected() {
+    let relay = start("", "");
+    let mut c = ready(&relay);
+    c.send_raw(b"MAIL FROM:<a@example.com>\rRCPT TO:<b@example.com>\r\n");
+    assert_reply(&c.read_reply(), 500, "5.5.2");
+    assert_reply(&c.cmd("RCPT TO:<b@example.com>"), 503, "5.5.1");
+    assert_log(&relay, "bare_cr_in_command");
+}
+
+#[test]
+fn nul_in_command_is_rejected() {
+    let relay = start("", "");
+    let mut c = ready(&relay);
+    c.send_raw(b"MAIL FROM:<a@example.com>\0\r\n");
+    assert_reply(&c.read_reply(), 500, "5.5.2");
+    assert_reply(&c.cmd("RCPT TO:<b@example.com>"), 503, "5.5.1");
+    assert_log(&relay, "nul_in_command");
+}
+
+#[test]
+fn overlong_command_line_is_rejected_and_session_continues() {
+    let relay = start("", "[limits]\nmax_command_length = 1024\n");
+    let mut c = ready(&relay);
+    let line = format!("NOOP {}\r\n", "x".repeat(1993));
+    assert_eq!(line.len(), 2000);
+    c.send_raw(line.as_bytes());
+    assert_reply(&c.read_reply(), 500, "5.5.2");
+    assert_reply(&c.cmd("NOOP"), 250, "2.0.0");
+    assert_log(&relay, "command_too_long");
+}
+
+#[test]
+fn endless_line_without_line_end_closes_the_connection() {
+    let relay = start("", "");
+    let mut c = ready(&relay);
+    c.send_raw(&vec![b'a'; 70 * 1024]);
+    // The line is refused as soon as it passes max_command_length (500, its rest discarded),
+    // then the session is closed once 64 KiB went by without a line end.
+    assert_reply(&c.read_reply(), 500, "5.5.2");
+    assert_reply(&c.read_reply(), 421, "4.7.0");
+    assert_closed(&mut c);
+    assert_log(&relay, "line_flood");
+}
+
+// --- 5. Size ------------------------------------------------------------------------------
+
+#[test]
+fn message_over_max_size_is_rejected_after_reading_it_all() {
+    let relay = start("", "[limits]\nmax_message_size = \"10KiB\"\n");
+    let mut c = ready(&relay);
+    let body = format!("Subject: big\r\n\r\n{}", "0123456789abcdef\r\n".repeat(1024));
+    let reply = c.send_message("a@example.com", &["b@example.com"], &body);
+    assert_reply(&reply, 552, "5.3.4");
+    assert!(relay.queued_messages().is_empty());
+    // The whole message was read: the session is in sync.
+    assert_reply(&c.cmd("NOOP"), 250, "2.0.0");
+}
+
+#[test]
+fn declared_size_over_max_is_rejected_at_mail() {
+    let relay = start("", "[limits]\nmax_message_size = \"10KiB\"\n");
+    let mut c = ready(&relay);
+    assert_reply(&c.cmd("MAIL FROM:<a@example.com> SIZE=99999999"), 552, "5.3.4");
+    let overflow = c.cmd("MAIL FROM:<a@example.com> SIZE=999999999999999999999999999999");
+    assert_reply(&overflow, 552, "5.3.4");
+    assert!(relay.queued_messages().is_empty());
+}
+
+// --- 6. Limits ----------------------------------------------------------------------------
+
+#[test]
+fn too_many_errors_closes_the_session() {
+    let relay = start("", "[limits]\nmax_errors = 3\n");
+    let mut c = ready(&relay);
+    assert_reply(&c.cmd("FOO"), 500, "5.5.1");
+    assert_reply(&c.cmd("BAR"), 500, "5.5.1");
+    let reply = c.cmd("BAZ");
+    // The third error is answered, then the session ends with 421, or the 421 is the answer.
+    let last = if reply.0 == 500 { c.read_reply() } else { reply };
+    assert_reply(&last, 421, "4.7.0");
+    assert_closed(&mut c);
+}
+
+#[test]
+fn recipients_over_max_are_refused() {
+    let relay = start("", "[limits]\nmax_recipients = 2\n");
+    let mut c = ready(&relay);
+    c.expect("MAIL FROM:<a@example.com>", 250);
+    c.expect("RCPT TO:<b1@example.com>", 250);
+    c.expect("RCPT TO:<b2@example.com>", 250);
+    assert_reply(&c.cmd("RCPT TO:<b3@example.com>"), 452, "4.5.3");
+    c.expect("DATA", 354);
+    c.send_raw(b"Subject: x\r\n\r\nbody\r\n.\r\n");
+    assert_reply(&c.read_reply(), 250, "2.0.0");
+    let queued = relay.queued_messages();
+    assert_eq!(queued.len(), 1);
+    let env = queued[0].0.to_string();
+    assert!(env.contains("b2@example.com") && !env.contains("b3@example.com"), "{env}");
+}
+
+#[test]
+fn connections_over_global_max_are_refused() {
+    let relay = start("", "[limits]\nmax_connections = 2\nmax_connections_per_ip = 10\n");
+    let _a = greeted_from("127.0.0.2", &relay);
+    let _b = greeted_from("127.0.0.3", &relay);
+    let mut c = SmtpClient::connect_from("127.0.0.4", relay.port(0));
+    assert_reply(&c.read_reply(), 421, "4.3.2");
+    assert_closed(&mut c);
+}
+
+#[test]
+fn connections_over_per_ip_max_are_refused_for_that_ip_only() {
+    let relay = start("", "[limits]\nmax_connections_per_ip = 1\n");
+    let _a = greeted_from("127.0.0.2", &relay);
+    let mut b = SmtpClient::connect_from("127.0.0.2", relay.port(0));
+    assert_reply(&b.read_reply(), 421, "4.7.0");
+    assert_closed(&mut b);
+    let mut other = greeted_from("127.0.0.3", &relay);
+    other.expect("EHLO client.test", 250);
+}
+
+#[test]
+fn idle_client_is_timed_out() {
+    let relay = start("", "[limits]\ncommand_timeout = \"1s\"\n");
+    let mut c = ready(&relay);
+    assert_reply(&c.read_reply(), 421, "4.4.2");
+    assert_closed(&mut c);
+    assert_log(&relay, "timeout");
+}
+
+fn message_with_hops(hops: usize) -> String {
+    let mut m = String::new();
+    for i in 0..hops {
+        m.push_str(&format!(
+            "Received: from h{i}.test by h{}.test; Sun, 22 Nov 2026 10:00:00 +0000\r\n",
+            i + 1
+        ));
+    }
+    m.push_str("Subject: loop\r\n\r\nbody\r\n");
+    m
+}
+
+#[test]
+fn mail_loop_over_hop_limit_is_rejected() {
+    let relay = start("", "[limits]\nhop_limit = 3\n");
+    let mut c = ready(&relay);
+    let reply = c.send_message("a@example.com", &["b@example.com"], &message_with_hops(4));
+    assert_reply(&reply, 554, "5.4.6");
+    assert!(relay.queued_messages().is_empty());
+    assert_log(&relay, "hop_limit");
+    let reply = c.send_message("a@example.com", &["b@example.com"], &message_with_hops(3));
+    assert_reply(&reply, 250, "2.0.0");
+    assert_eq!(relay.queued_messages().len(), 1);
+}
+
+// --- 7. Access ----------------------------------------------------------------------------
+
+#[test]
+fn denied_client_is_refused_for_everything_but_quit() {
+    let relay = start("deny = [\"127.0.0.2/32\"]\n", "");
+    let mut c = SmtpClient::connect_from("127.0.0.2", relay.port(0));
+    assert_reply(&c.read_reply(), 554, "5.7.1");
+    assert_reply(&c.cmd("EHLO x"), 503, "5.7.1");
+    assert_reply(&c.cmd("MAIL FROM:<a@example.com>"), 503, "5.7.1");
+    assert_reply(&c.cmd("QUIT"), 221, "2.0.0");
+    let mut ok = greeted_from("127.0.0.3", &relay);
+    ok.expect("EHLO x", 250);
+}
+
+#[test]
+fn client_outside_allow_list_is_refused() {
+    let relay = start("allow = [\"127.0.0.4/32\"]\n", "");
+    let mut c = SmtpClient::connect_from("127.0.0.5", relay.port(0));
+    assert_reply(&c.read_reply(), 554, "5.7.1");
+    assert_reply(&c.cmd("EHLO x"), 503, "5.7.1");
+    let mut ok = greeted_from("127.0.0.4", &relay);
+    ok.expect("EHLO x", 250);
+}
+
+// --- 8. Relay -----------------------------------------------------------------------------
+
+#[test]
+fn open_relay_is_refused() {
+    let relay = start("", "");
+    let mut c = ready(&relay);
+    c.expect("MAIL FROM:<a@example.com>", 250);
+    assert_reply(&c.cmd("RCPT TO:<x@other.test>"), 550, "5.7.1");
+    assert_reply(&c.cmd("RCPT TO:<x%other.test@example.com>"), 550, "5.7.1");
+    assert_reply(&c.cmd("RCPT TO:<x@example.com>"), 250, "2.1.5");
+}
+
+#[test]
+fn relay_networks_may_send_anywhere() {
+    let l = listener("mx", free_port(), "none");
+    let extra = "[relay]\naccepted_domains = [\"example.com\"]\nrelay_networks = [\"127.0.0.0/8\"]\n";
+    let relay = Relay::start(&config(&[l], free_port(), extra));
+    let mut c = ready(&relay);
+    c.expect("MAIL FROM:<a@example.com>", 250);
+    assert_reply(&c.cmd("RCPT TO:<x@other.test>"), 250, "2.1.5");
+}
+
+// --- 9. TLS gates -------------------------------------------------------------------------
+
+#[test]
+fn require_tls_refuses_mail_in_plaintext() {
+    let relay = start_tls("require_tls = true\n", "starttls", "");
+    let mut c = greeted(&relay);
+    let ehlo = c.expect("EHLO client.test", 250);
+    assert!(ehlo.lines().any(|l| &l[4..] == "STARTTLS"), "{ehlo}");
+    let reply = c.cmd("MAIL FROM:<a@example.com>");
+    assert_reply(&reply, 530, "5.7.0");
+    assert!(reply.1.contains("Must issue a STARTTLS command first"), "{}", reply.1);
+    c.starttls(&relay.cert_path());
+    c.expect("EHLO client.test", 250);
+    assert_reply(&c.cmd("MAIL FROM:<a@example.com>"), 250, "2.1.0");
+}
+
+#[test]
+fn garbage_instead_of_client_hello_never_falls_back_to_plaintext() {
+    let relay = start_tls("", "starttls", "");
+    let mut c = ready(&relay);
+    c.expect("STARTTLS", 220);
+    c.send_raw(b"EHLO plaintext.test\r\nMAIL FROM:<a@example.com>\r\n");
+    let rest = c.read_to_close();
+    assert!(
+        !rest.contains("250"),
+        "relay answered in plaintext after STARTTLS: {rest:?}"
+    );
+}
+
+// --- 10. Spool trouble --------------------------------------------------------------------
+
+#[test]
+fn spool_without_free_space_refuses_mail() {
+    let relay = start("", "[limits]\nmin_free_space = \"1000000GiB\"\n");
+    let mut c = ready(&relay);
+    assert_reply(&c.cmd("MAIL FROM:<a@example.com>"), 452, "4.3.1");
+    assert_log(&relay, "min_free_space");
+}
+
+#[test]
+fn spool_write_error_is_a_temporary_failure_and_queues_nothing() {
+    let relay = start("", "");
+    let tmp = relay.spool.join("tmp");
+    fs::remove_dir_all(&tmp).unwrap();
+    fs::write(&tmp, b"not a directory").unwrap();
+    let mut c = ready(&relay);
+    let reply = c.send_message("a@example.com", &["b@example.com"], "Subject: x\r\n\r\nbody\r\n");
+    assert_reply(&reply, 451, "4.3.0");
+    assert!(relay.queued_messages().is_empty());
+    assert_log(&relay, "spool_create");
+}
