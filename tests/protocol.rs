@@ -272,10 +272,9 @@ fn too_many_errors_closes_the_session() {
     let mut c = ready(&relay);
     assert_reply(&c.cmd("FOO"), 500, "5.5.1");
     assert_reply(&c.cmd("BAR"), 500, "5.5.1");
-    let reply = c.cmd("BAZ");
-    // The third error is answered, then the session ends with 421, or the 421 is the answer.
-    let last = if reply.0 == 500 { c.read_reply() } else { reply };
-    assert_reply(&last, 421, "4.7.0");
+    // The third error is answered, then the session ends.
+    assert_reply(&c.cmd("BAZ"), 500, "5.5.1");
+    assert_reply(&c.read_reply(), 421, "4.7.0");
     assert_closed(&mut c);
 }
 
@@ -304,6 +303,7 @@ fn connections_over_global_max_are_refused() {
     let mut c = SmtpClient::connect_from("127.0.0.4", relay.port(0));
     assert_reply(&c.read_reply(), 421, "4.3.2");
     assert_closed(&mut c);
+    assert!(relay.queued_messages().is_empty());
 }
 
 #[test]
@@ -315,6 +315,21 @@ fn connections_over_per_ip_max_are_refused_for_that_ip_only() {
     assert_closed(&mut b);
     let mut other = greeted_from("127.0.0.3", &relay);
     other.expect("EHLO client.test", 250);
+    assert_log(&relay, "max_connections_per_ip");
+    // A closed connection gives its slot back.
+    drop(_a);
+    let mut again = SmtpClient::connect_from("127.0.0.2", relay.port(0));
+    let deadline = std::time::Instant::now() + LOG_WAIT;
+    loop {
+        let reply = again.read_reply();
+        if reply.0 == 220 || std::time::Instant::now() > deadline {
+            assert_reply(&reply, 220, "");
+            break;
+        }
+        // The relay may not have seen the close yet.
+        std::thread::sleep(Duration::from_millis(50));
+        again = SmtpClient::connect_from("127.0.0.2", relay.port(0));
+    }
 }
 
 #[test]
@@ -361,6 +376,7 @@ fn denied_client_is_refused_for_everything_but_quit() {
     assert_reply(&c.cmd("EHLO x"), 503, "5.7.1");
     assert_reply(&c.cmd("MAIL FROM:<a@example.com>"), 503, "5.7.1");
     assert_reply(&c.cmd("QUIT"), 221, "2.0.0");
+    assert_log(&relay, "listener_deny");
     let mut ok = greeted_from("127.0.0.3", &relay);
     ok.expect("EHLO x", 250);
 }
@@ -371,6 +387,7 @@ fn client_outside_allow_list_is_refused() {
     let mut c = SmtpClient::connect_from("127.0.0.5", relay.port(0));
     assert_reply(&c.read_reply(), 554, "5.7.1");
     assert_reply(&c.cmd("EHLO x"), 503, "5.7.1");
+    assert_log(&relay, "listener_allow");
     let mut ok = greeted_from("127.0.0.4", &relay);
     ok.expect("EHLO x", 250);
 }
@@ -385,6 +402,7 @@ fn open_relay_is_refused() {
     assert_reply(&c.cmd("RCPT TO:<x@other.test>"), 550, "5.7.1");
     assert_reply(&c.cmd("RCPT TO:<x%other.test@example.com>"), 550, "5.7.1");
     assert_reply(&c.cmd("RCPT TO:<x@example.com>"), 250, "2.1.5");
+    assert_log(&relay, "relay_denied");
 }
 
 #[test]
@@ -419,9 +437,16 @@ fn garbage_instead_of_client_hello_never_falls_back_to_plaintext() {
     let mut c = ready(&relay);
     c.expect("STARTTLS", 220);
     c.send_raw(b"EHLO plaintext.test\r\nMAIL FROM:<a@example.com>\r\n");
-    let rest = c.read_to_close();
+    assert_no_plaintext_after_starttls(&c.read_to_close());
+    assert_log(&relay, "TLS handshake failed");
+}
+
+/// What the relay sent after its STARTTLS 220 to a client that did not speak TLS: nothing, or
+/// a TLS alert record (content type 21), but never an SMTP reply line.
+#[track_caller]
+fn assert_no_plaintext_after_starttls(rest: &str) {
     assert!(
-        !rest.contains("250"),
+        rest.is_empty() || (rest.starts_with('\u{15}') && !rest.contains("\r\n")),
         "relay answered in plaintext after STARTTLS: {rest:?}"
     );
 }
@@ -443,8 +468,95 @@ fn spool_write_error_is_a_temporary_failure_and_queues_nothing() {
     fs::remove_dir_all(&tmp).unwrap();
     fs::write(&tmp, b"not a directory").unwrap();
     let mut c = ready(&relay);
-    let reply = c.send_message("a@example.com", &["b@example.com"], "Subject: x\r\n\r\nbody\r\n");
-    assert_reply(&reply, 451, "4.3.0");
+    c.expect("MAIL FROM:<a@example.com>", 250);
+    c.expect("RCPT TO:<b@example.com>", 250);
+    assert_reply(&c.cmd("DATA"), 451, "4.3.0");
     assert!(relay.queued_messages().is_empty());
     assert_log(&relay, "spool_create");
+    // Once the spool is repaired, the same session can send.
+    fs::remove_file(&tmp).unwrap();
+    fs::create_dir(&tmp).unwrap();
+    c.expect("RSET", 250);
+    let reply = c.send_message("a@example.com", &["b@example.com"], "Subject: x\r\n\r\nbody\r\n");
+    assert_reply(&reply, 250, "2.0.0");
+    assert_eq!(relay.queued_messages().len(), 1);
+}
+
+/// The smuggling sequences again, but with the payload arriving one octet per write, so the
+/// decoder sees the dot and its line ends in separate reads.
+#[test]
+fn smuggled_end_of_data_split_across_reads_is_rejected() {
+    let relay = start("", "");
+    for variant in ["\n.\n", "\n.\r\n", "\r\n.\n", "\r.\r\n"] {
+        let mut c = ready(&relay);
+        in_data(&mut c);
+        c.send_raw(b"Subject: smuggling\r\n\r\nhello");
+        for &b in variant.as_bytes() {
+            c.send_raw(&[b]);
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        c.send_raw(b"MAIL FROM:<evil@x.test>\r\nRCPT TO:<victim@example.com>\r\nDATA\r\n");
+        c.send_raw(b"smuggled\r\n\r\n.\r\n");
+        assert_reply(&c.read_reply(), 550, "5.5.2");
+        assert_reply(&c.cmd("NOOP"), 250, "2.0.0");
+        assert!(relay.queued_messages().is_empty(), "variant {variant:?}");
+    }
+}
+
+/// A bare LF right after the 354 (the dot at the very start of the content).
+#[test]
+fn smuggled_end_of_data_at_start_of_content_is_rejected() {
+    let relay = start("", "");
+    for start_of_content in [".\n", ".\r", "\n.\r\n"] {
+        let mut c = ready(&relay);
+        in_data(&mut c);
+        let mut data = start_of_content.as_bytes().to_vec();
+        data.extend_from_slice(b"MAIL FROM:<evil@x.test>\r\nRCPT TO:<victim@example.com>\r\n");
+        data.extend_from_slice(b"DATA\r\nsmuggled\r\n.\r\n");
+        c.send_raw(&data);
+        assert_reply(&c.read_reply(), 550, "5.5.2");
+        assert_reply(&c.cmd("NOOP"), 250, "2.0.0");
+        assert!(relay.queued_messages().is_empty(), "{start_of_content:?}");
+    }
+}
+
+/// STARTTLS with the injected command in a separate write that arrives before the client
+/// starts the handshake: the relay must treat it as (broken) TLS, never as a command.
+#[test]
+fn plaintext_command_after_starttls_220_is_never_executed() {
+    let relay = start_tls("", "starttls", "");
+    let mut c = ready(&relay);
+    c.expect("STARTTLS", 220);
+    c.send_raw(b"MAIL FROM:<a@example.com>\r\n");
+    assert_no_plaintext_after_starttls(&c.read_to_close());
+    assert!(relay.queued_messages().is_empty());
+    assert_log(&relay, "TLS handshake failed");
+}
+
+#[test]
+fn starttls_twice_is_refused() {
+    let relay = start_tls("", "starttls", "");
+    let mut c = ready(&relay);
+    c.starttls(&relay.cert_path());
+    let ehlo = c.expect("EHLO client.test", 250);
+    assert!(!ehlo.contains("STARTTLS"), "{ehlo}");
+    assert_reply(&c.cmd("STARTTLS"), 503, "5.5.1");
+}
+
+#[test]
+fn message_too_big_in_pipelined_writes_keeps_session_in_sync() {
+    let relay = start("", "[limits]\nmax_message_size = \"10KiB\"\n");
+    let mut c = ready(&relay);
+    in_data(&mut c);
+    let mut data = b"Subject: big\r\n\r\n".to_vec();
+    for _ in 0..2048 {
+        data.extend_from_slice(b"0123456789\r\n");
+    }
+    // A line that looks like a command inside the oversized message must stay content.
+    data.extend_from_slice(b"QUIT\r\n.\r\n");
+    c.send_raw(&data);
+    assert_reply(&c.read_reply(), 552, "5.3.4");
+    assert_reply(&c.cmd("NOOP"), 250, "2.0.0");
+    assert!(relay.queued_messages().is_empty());
+    assert_log(&relay, "message_size");
 }
