@@ -66,6 +66,16 @@ fn in_data(c: &mut SmtpClient) {
     c.expect("DATA", 354);
 }
 
+/// Wait until the relay has seen the harness's readiness probe close, so it holds no
+/// connection slot when a test of connection limits starts.
+fn wait_probe_gone(relay: &Relay) {
+    assert!(
+        relay.wait_for_log("session end", LOG_WAIT),
+        "readiness probe never ended:\n{}",
+        relay.log()
+    );
+}
+
 #[track_caller]
 fn assert_log(relay: &Relay, needle: &str) {
     assert!(
@@ -298,6 +308,7 @@ fn recipients_over_max_are_refused() {
 #[test]
 fn connections_over_global_max_are_refused() {
     let relay = start("", "[limits]\nmax_connections = 2\nmax_connections_per_ip = 10\n");
+    wait_probe_gone(&relay);
     let _a = greeted_from("127.0.0.2", &relay);
     let _b = greeted_from("127.0.0.3", &relay);
     let mut c = SmtpClient::connect_from("127.0.0.4", relay.port(0));
@@ -318,18 +329,9 @@ fn connections_over_per_ip_max_are_refused_for_that_ip_only() {
     assert_log(&relay, "max_connections_per_ip");
     // A closed connection gives its slot back.
     drop(_a);
-    let mut again = SmtpClient::connect_from("127.0.0.2", relay.port(0));
-    let deadline = std::time::Instant::now() + LOG_WAIT;
-    loop {
-        let reply = again.read_reply();
-        if reply.0 == 220 || std::time::Instant::now() > deadline {
-            assert_reply(&reply, 220, "");
-            break;
-        }
-        // The relay may not have seen the close yet.
-        std::thread::sleep(Duration::from_millis(50));
-        again = SmtpClient::connect_from("127.0.0.2", relay.port(0));
-    }
+    assert_log(&relay, "session end peer=127.0.0.2");
+    let mut again = greeted_from("127.0.0.2", &relay);
+    again.expect("EHLO client.test", 250);
 }
 
 #[test]
@@ -559,4 +561,93 @@ fn message_too_big_in_pipelined_writes_keeps_session_in_sync() {
     assert_reply(&c.cmd("NOOP"), 250, "2.0.0");
     assert!(relay.queued_messages().is_empty());
     assert_log(&relay, "message_size");
+}
+
+#[test]
+fn lowercase_received_headers_count_toward_hop_limit() {
+    let relay = start("", "[limits]\nhop_limit = 3\n");
+    let mut c = ready(&relay);
+    let body = message_with_hops(4)
+        .replacen("Received:", "received:", 1)
+        .replacen("Received:", "RECEIVED:", 1);
+    let reply = c.send_message("a@example.com", &["b@example.com"], &body);
+    assert_reply(&reply, 554, "5.4.6");
+    assert!(relay.queued_messages().is_empty());
+}
+
+#[test]
+fn source_routed_and_bang_path_recipients_are_not_relayed() {
+    let relay = start("", "");
+    let mut c = ready(&relay);
+    c.expect("MAIL FROM:<a@example.com>", 250);
+    for rcpt in [
+        "<@example.com:x@other.test>",
+        "<x!other.test@example.com>",
+        "<other.test!x@example.com>",
+        "<x@other.test@example.com>",
+        "<\"x@other.test\"@example.com>",
+    ] {
+        let reply = c.cmd(&format!("RCPT TO:{rcpt}"));
+        assert!(
+            matches!(reply.0, 550 | 553 | 501),
+            "{rcpt} accepted: {reply:?}"
+        );
+    }
+    assert_reply(&c.cmd("DATA"), 554, "5.5.1");
+    assert_log(&relay, "routed_address");
+}
+
+#[test]
+fn pipelined_mail_rcpt_data_is_legal() {
+    let relay = start("", "");
+    let mut c = ready(&relay);
+    c.send_raw(b"MAIL FROM:<a@example.com>\r\nRCPT TO:<b@example.com>\r\nDATA\r\n");
+    assert_reply(&c.read_reply(), 250, "2.1.0");
+    assert_reply(&c.read_reply(), 250, "2.1.5");
+    assert_eq!(c.read_reply().0, 354);
+    c.send_raw(b"Subject: x\r\n\r\nbody\r\n.\r\n");
+    assert_reply(&c.read_reply(), 250, "2.0.0");
+    assert_eq!(relay.queued_messages().len(), 1);
+}
+
+#[test]
+fn stalled_message_data_is_timed_out_and_not_queued() {
+    let relay = start("", "[limits]\ndata_timeout = \"1s\"\n");
+    let mut c = ready(&relay);
+    in_data(&mut c);
+    c.send_raw(b"Subject: slow\r\n\r\nstarted but never finished\r\n");
+    assert_reply(&c.read_reply(), 421, "4.4.2");
+    assert_closed(&mut c);
+    assert!(relay.queued_messages().is_empty());
+}
+
+#[test]
+fn recipient_count_restarts_with_each_transaction() {
+    let relay = start("", "[limits]\nmax_recipients = 2\n");
+    let mut c = ready(&relay);
+    c.expect("MAIL FROM:<a@example.com>", 250);
+    c.expect("RCPT TO:<b1@example.com>", 250);
+    c.expect("RCPT TO:<b2@example.com>", 250);
+    c.expect("RSET", 250);
+    c.expect("MAIL FROM:<a@example.com>", 250);
+    c.expect("RCPT TO:<b3@example.com>", 250);
+    c.expect("RCPT TO:<b4@example.com>", 250);
+    assert_reply(&c.cmd("RCPT TO:<b5@example.com>"), 452, "4.5.3");
+}
+
+#[test]
+fn refused_global_connection_gives_no_slot_away() {
+    let relay = start("", "[limits]\nmax_connections = 1\n");
+    wait_probe_gone(&relay);
+    let a = greeted_from("127.0.0.2", &relay);
+    for _ in 0..3 {
+        let mut c = SmtpClient::connect_from("127.0.0.3", relay.port(0));
+        assert_reply(&c.read_reply(), 421, "4.3.2");
+        assert_closed(&mut c);
+    }
+    drop(a);
+    // Once the relay has seen `a` close, one client fits again.
+    assert_log(&relay, "session end peer=127.0.0.2");
+    let mut c = greeted_from("127.0.0.3", &relay);
+    c.expect("EHLO x", 250);
 }
