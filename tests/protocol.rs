@@ -651,3 +651,74 @@ fn refused_global_connection_gives_no_slot_away() {
     let mut c = greeted_from("127.0.0.3", &relay);
     c.expect("EHLO x", 250);
 }
+
+/// Content of exactly `len` octets (headers, blank line, body lines of 'x', CRLF ends).
+fn content_of_len(len: usize) -> Vec<u8> {
+    let mut m = b"Subject: size\r\n\r\n".to_vec();
+    while m.len() < len {
+        let room = len - m.len();
+        if room <= 2 {
+            m.extend_from_slice(&b"\r\n"[..room]);
+            break;
+        }
+        let n = (room - 2).min(76);
+        m.extend(std::iter::repeat_n(b'x', n));
+        m.extend_from_slice(b"\r\n");
+    }
+    m.truncate(len);
+    if !m.ends_with(b"\r\n") {
+        let l = m.len();
+        m[l - 2..].copy_from_slice(b"\r\n");
+    }
+    m
+}
+
+#[test]
+fn message_size_limit_is_exact_at_the_boundary() {
+    let relay = start("", "[limits]\nmax_message_size = \"10KiB\"\n");
+    let mut c = ready(&relay);
+    in_data(&mut c);
+    let at = content_of_len(10 * 1024);
+    assert_eq!(at.len(), 10240);
+    c.send_raw(&at);
+    c.send_raw(b".\r\n");
+    assert_reply(&c.read_reply(), 250, "2.0.0");
+    in_data(&mut c);
+    let over = content_of_len(10 * 1024 + 2);
+    c.send_raw(&over);
+    c.send_raw(b".\r\n");
+    assert_reply(&c.read_reply(), 552, "5.3.4");
+    assert_eq!(relay.queued_messages().len(), 1);
+}
+
+#[test]
+fn next_transaction_pipelined_after_final_dot_is_legal() {
+    let relay = start("", "");
+    let mut c = ready(&relay);
+    in_data(&mut c);
+    c.send_raw(
+        b"Subject: 1\r\n\r\none\r\n.\r\nMAIL FROM:<a@example.com>\r\nRCPT TO:<c@example.com>\r\nDATA\r\n",
+    );
+    assert_reply(&c.read_reply(), 250, "2.0.0");
+    assert_reply(&c.read_reply(), 250, "2.1.0");
+    assert_reply(&c.read_reply(), 250, "2.1.5");
+    assert_eq!(c.read_reply().0, 354);
+    c.send_raw(b"Subject: 2\r\n\r\ntwo\r\n.\r\n");
+    assert_reply(&c.read_reply(), 250, "2.0.0");
+    assert_eq!(relay.queued_messages().len(), 2);
+}
+
+#[test]
+fn spool_commit_error_is_a_temporary_failure_and_leaves_no_temp_file() {
+    let relay = start("", "");
+    let queue = relay.spool.join("queue");
+    fs::remove_dir_all(&queue).unwrap();
+    fs::write(&queue, b"not a directory").unwrap();
+    let mut c = ready(&relay);
+    let reply = c.send_message("a@example.com", &["b@example.com"], "Subject: x\r\n\r\nbody\r\n");
+    assert_reply(&reply, 451, "4.3.0");
+    let leftovers: Vec<_> = fs::read_dir(relay.spool.join("tmp")).unwrap().collect();
+    assert!(leftovers.is_empty(), "temp files left: {leftovers:?}");
+    assert_log(&relay, "spool_commit");
+    assert_reply(&c.cmd("NOOP"), 250, "2.0.0");
+}
