@@ -722,3 +722,89 @@ fn spool_commit_error_is_a_temporary_failure_and_leaves_no_temp_file() {
     assert_log(&relay, "spool_commit");
     assert_reply(&c.cmd("NOOP"), 250, "2.0.0");
 }
+
+/// A slow-loris client trickling one octet at a time must not stretch the command timeout.
+#[test]
+fn trickled_command_does_not_extend_the_command_timeout() {
+    let relay = start("", "[limits]\ncommand_timeout = \"1s\"\n");
+    let mut tcp = std::net::TcpStream::connect(("127.0.0.1", relay.port(0))).unwrap();
+    tcp.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+    raw_read_until(&mut tcp, "220 ");
+    let text = trickle(&mut tcp, b"N");
+    assert!(text.contains("421 4.4.2"), "no timeout reply: {text:?}");
+}
+
+#[test]
+fn starttls_mid_transaction_leaves_no_transaction_behind() {
+    let relay = start_tls("", "starttls", "");
+    let mut c = ready(&relay);
+    c.expect("MAIL FROM:<a@example.com>", 250);
+    let (code, text) = c.cmd("STARTTLS");
+    if code == 220 {
+        c.upgrade_tls(&relay.cert_path(), "localhost");
+        c.expect("EHLO client.test", 250);
+        assert_reply(&c.cmd("RCPT TO:<b@example.com>"), 503, "5.5.1");
+    } else {
+        assert_eq!(code, 503, "{text}");
+    }
+}
+
+/// The DATA timeout bounds the whole message, not each read.
+#[test]
+fn trickled_message_does_not_extend_the_data_timeout() {
+    let relay = start("", "[limits]\ndata_timeout = \"1s\"\n");
+    let mut tcp = std::net::TcpStream::connect(("127.0.0.1", relay.port(0))).unwrap();
+    tcp.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+    raw_read_until(&mut tcp, "220 ");
+    raw_write(&mut tcp, b"EHLO client.test\r\n");
+    raw_read_until(&mut tcp, "250 ");
+    raw_write(&mut tcp, b"MAIL FROM:<a@example.com>\r\nRCPT TO:<b@example.com>\r\nDATA\r\n");
+    raw_read_until(&mut tcp, "354 ");
+    raw_write(&mut tcp, b"Subject: slow\r\n\r\n");
+    let text = trickle(&mut tcp, b"x\r\n");
+    assert!(text.contains("421 4.4.2"), "no timeout reply: {text:?}");
+    assert!(relay.queued_messages().is_empty());
+}
+
+/// Write, ignoring errors (the relay may have closed).
+fn raw_write(tcp: &mut std::net::TcpStream, bytes: &[u8]) {
+    use std::io::Write;
+    let _ = tcp.write_all(bytes);
+}
+
+/// Read until `needle` has been received; everything read.
+fn raw_read_until(tcp: &mut std::net::TcpStream, needle: &str) -> String {
+    use std::io::Read;
+    let mut got = Vec::new();
+    let mut chunk = [0u8; 4096];
+    while !String::from_utf8_lossy(&got).contains(needle) {
+        let n = tcp.read(&mut chunk).expect("read");
+        assert!(n > 0, "closed before {needle:?}: {:?}", String::from_utf8_lossy(&got));
+        got.extend_from_slice(&chunk[..n]);
+    }
+    String::from_utf8_lossy(&got).into_owned()
+}
+
+/// Send `unit` every 200 ms for up to 3 s, stopping when the relay closes; what it sent.
+/// Panics if the relay was still reading after 2.5 s (a 1 s timeout plus slack).
+fn trickle(tcp: &mut std::net::TcpStream, unit: &[u8]) -> String {
+    use std::io::Read;
+    use std::time::Instant;
+    tcp.set_read_timeout(Some(Duration::from_millis(100))).unwrap();
+    let started = Instant::now();
+    let mut got = Vec::new();
+    let mut chunk = [0u8; 512];
+    while started.elapsed() < Duration::from_secs(3) {
+        raw_write(tcp, unit);
+        match tcp.read(&mut chunk) {
+            Ok(0) => break,
+            Ok(n) => got.extend_from_slice(&chunk[..n]),
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => break,
+            Err(_) => {}
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let elapsed = started.elapsed();
+    assert!(elapsed < Duration::from_millis(2500), "closed only after {elapsed:?}");
+    String::from_utf8_lossy(&got).into_owned()
+}
