@@ -32,7 +32,11 @@ fn start_tls(listener_keys: &str, tls: &str, extra: &str) -> Relay {
 /// Assert that `reply` has `code` and every line carries the enhanced code `enhanced`.
 #[track_caller]
 fn assert_reply(reply: &(u16, String), code: u16, enhanced: &str) {
-    assert_eq!(reply.0, code, "expected {code} {enhanced}, got {:?}", reply.1);
+    assert_eq!(
+        reply.0, code,
+        "expected {code} {enhanced}, got {:?}",
+        reply.1
+    );
     for line in reply.1.lines() {
         assert!(
             line[4..].starts_with(enhanced),
@@ -114,7 +118,11 @@ fn smuggled_end_of_data_with_bare_line_endings_is_rejected_and_nothing_queued() 
             "variant {variant:?} queued something"
         );
         // The session is still usable.
-        let reply = c.send_message("a@example.com", &["b@example.com"], "Subject: clean\r\n\r\nok\r\n");
+        let reply = c.send_message(
+            "a@example.com",
+            &["b@example.com"],
+            "Subject: clean\r\n\r\nok\r\n",
+        );
         assert_reply(&reply, 250, "2.0.0");
         let queued = relay.queued_messages();
         assert_eq!(queued.len(), 1, "variant {variant:?}");
@@ -256,7 +264,10 @@ fn endless_line_without_line_end_closes_the_connection() {
 fn message_over_max_size_is_rejected_after_reading_it_all() {
     let relay = start("", "[limits]\nmax_message_size = \"10KiB\"\n");
     let mut c = ready(&relay);
-    let body = format!("Subject: big\r\n\r\n{}", "0123456789abcdef\r\n".repeat(1024));
+    let body = format!(
+        "Subject: big\r\n\r\n{}",
+        "0123456789abcdef\r\n".repeat(1024)
+    );
     let reply = c.send_message("a@example.com", &["b@example.com"], &body);
     assert_reply(&reply, 552, "5.3.4");
     assert!(relay.queued_messages().is_empty());
@@ -268,7 +279,11 @@ fn message_over_max_size_is_rejected_after_reading_it_all() {
 fn declared_size_over_max_is_rejected_at_mail() {
     let relay = start("", "[limits]\nmax_message_size = \"10KiB\"\n");
     let mut c = ready(&relay);
-    assert_reply(&c.cmd("MAIL FROM:<a@example.com> SIZE=99999999"), 552, "5.3.4");
+    assert_reply(
+        &c.cmd("MAIL FROM:<a@example.com> SIZE=99999999"),
+        552,
+        "5.3.4",
+    );
     let overflow = c.cmd("MAIL FROM:<a@example.com> SIZE=999999999999999999999999999999");
     assert_reply(&overflow, 552, "5.3.4");
     assert!(relay.queued_messages().is_empty());
@@ -302,12 +317,18 @@ fn recipients_over_max_are_refused() {
     let queued = relay.queued_messages();
     assert_eq!(queued.len(), 1);
     let env = queued[0].0.to_string();
-    assert!(env.contains("b2@example.com") && !env.contains("b3@example.com"), "{env}");
+    assert!(
+        env.contains("b2@example.com") && !env.contains("b3@example.com"),
+        "{env}"
+    );
 }
 
 #[test]
 fn connections_over_global_max_are_refused() {
-    let relay = start("", "[limits]\nmax_connections = 2\nmax_connections_per_ip = 10\n");
+    let relay = start(
+        "",
+        "[limits]\nmax_connections = 2\nmax_connections_per_ip = 10\n",
+    );
     wait_probe_gone(&relay);
     let _a = greeted_from("127.0.0.2", &relay);
     let _b = greeted_from("127.0.0.3", &relay);
@@ -410,7 +431,8 @@ fn open_relay_is_refused() {
 #[test]
 fn relay_networks_may_send_anywhere() {
     let l = listener("mx", free_port(), "none");
-    let extra = "[relay]\naccepted_domains = [\"example.com\"]\nrelay_networks = [\"127.0.0.0/8\"]\n";
+    let extra =
+        "[relay]\naccepted_domains = [\"example.com\"]\nrelay_networks = [\"127.0.0.0/8\"]\n";
     let relay = Relay::start(&config(&[l], free_port(), extra));
     let mut c = ready(&relay);
     c.expect("MAIL FROM:<a@example.com>", 250);
@@ -427,7 +449,11 @@ fn require_tls_refuses_mail_in_plaintext() {
     assert!(ehlo.lines().any(|l| &l[4..] == "STARTTLS"), "{ehlo}");
     let reply = c.cmd("MAIL FROM:<a@example.com>");
     assert_reply(&reply, 530, "5.7.0");
-    assert!(reply.1.contains("Must issue a STARTTLS command first"), "{}", reply.1);
+    assert!(
+        reply.1.contains("Must issue a STARTTLS command first"),
+        "{}",
+        reply.1
+    );
     c.starttls(&relay.cert_path());
     c.expect("EHLO client.test", 250);
     assert_reply(&c.cmd("MAIL FROM:<a@example.com>"), 250, "2.1.0");
@@ -479,7 +505,11 @@ fn spool_write_error_is_a_temporary_failure_and_queues_nothing() {
     fs::remove_file(&tmp).unwrap();
     fs::create_dir(&tmp).unwrap();
     c.expect("RSET", 250);
-    let reply = c.send_message("a@example.com", &["b@example.com"], "Subject: x\r\n\r\nbody\r\n");
+    let reply = c.send_message(
+        "a@example.com",
+        &["b@example.com"],
+        "Subject: x\r\n\r\nbody\r\n",
+    );
     assert_reply(&reply, 250, "2.0.0");
     assert_eq!(relay.queued_messages().len(), 1);
 }
@@ -715,7 +745,11 @@ fn spool_commit_error_is_a_temporary_failure_and_leaves_no_temp_file() {
     fs::remove_dir_all(&queue).unwrap();
     fs::write(&queue, b"not a directory").unwrap();
     let mut c = ready(&relay);
-    let reply = c.send_message("a@example.com", &["b@example.com"], "Subject: x\r\n\r\nbody\r\n");
+    let reply = c.send_message(
+        "a@example.com",
+        &["b@example.com"],
+        "Subject: x\r\n\r\nbody\r\n",
+    );
     assert_reply(&reply, 451, "4.3.0");
     let leftovers: Vec<_> = fs::read_dir(relay.spool.join("tmp")).unwrap().collect();
     assert!(leftovers.is_empty(), "temp files left: {leftovers:?}");
@@ -758,7 +792,10 @@ fn trickled_message_does_not_extend_the_data_timeout() {
     raw_read_until(&mut tcp, "220 ");
     raw_write(&mut tcp, b"EHLO client.test\r\n");
     raw_read_until(&mut tcp, "250 ");
-    raw_write(&mut tcp, b"MAIL FROM:<a@example.com>\r\nRCPT TO:<b@example.com>\r\nDATA\r\n");
+    raw_write(
+        &mut tcp,
+        b"MAIL FROM:<a@example.com>\r\nRCPT TO:<b@example.com>\r\nDATA\r\n",
+    );
     raw_read_until(&mut tcp, "354 ");
     raw_write(&mut tcp, b"Subject: slow\r\n\r\n");
     let text = trickle(&mut tcp, b"x\r\n");
@@ -779,7 +816,11 @@ fn raw_read_until(tcp: &mut std::net::TcpStream, needle: &str) -> String {
     let mut chunk = [0u8; 4096];
     while !String::from_utf8_lossy(&got).contains(needle) {
         let n = tcp.read(&mut chunk).expect("read");
-        assert!(n > 0, "closed before {needle:?}: {:?}", String::from_utf8_lossy(&got));
+        assert!(
+            n > 0,
+            "closed before {needle:?}: {:?}",
+            String::from_utf8_lossy(&got)
+        );
         got.extend_from_slice(&chunk[..n]);
     }
     String::from_utf8_lossy(&got).into_owned()
@@ -790,7 +831,8 @@ fn raw_read_until(tcp: &mut std::net::TcpStream, needle: &str) -> String {
 fn trickle(tcp: &mut std::net::TcpStream, unit: &[u8]) -> String {
     use std::io::Read;
     use std::time::Instant;
-    tcp.set_read_timeout(Some(Duration::from_millis(100))).unwrap();
+    tcp.set_read_timeout(Some(Duration::from_millis(100)))
+        .unwrap();
     let started = Instant::now();
     let mut got = Vec::new();
     let mut chunk = [0u8; 512];
@@ -805,6 +847,9 @@ fn trickle(tcp: &mut std::net::TcpStream, unit: &[u8]) -> String {
         std::thread::sleep(Duration::from_millis(200));
     }
     let elapsed = started.elapsed();
-    assert!(elapsed < Duration::from_millis(2500), "closed only after {elapsed:?}");
+    assert!(
+        elapsed < Duration::from_millis(2500),
+        "closed only after {elapsed:?}"
+    );
     String::from_utf8_lossy(&got).into_owned()
 }
