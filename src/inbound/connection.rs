@@ -77,6 +77,11 @@ pub struct Connection {
     incoming: Option<Incoming>,
     started: Instant,
     outcome: Outcome,
+    /// When the current command or message must be complete. `command_timeout` bounds each
+    /// command and `data_timeout` the whole message, not each read: otherwise a client
+    /// trickling one octet at a time keeps a session open until [`MAX_SESSION_TIME`]. `None`:
+    /// a new phase starts at the next read.
+    deadline: Option<Instant>,
 }
 
 impl Connection {
@@ -109,6 +114,7 @@ impl Connection {
             incoming: None,
             started: Instant::now(),
             outcome: Outcome::default(),
+            deadline: None,
         }
     }
 
@@ -231,10 +237,19 @@ impl Connection {
                         Err(r) => self.refuse(r),
                     }
                 }
-                Event::DataStart => self.data_start(),
+                Event::DataStart => {
+                    self.deadline = None;
+                    self.data_start();
+                }
                 Event::DataChunk => self.data_chunk(),
-                Event::DataEnd => self.data_end().await,
-                Event::DataRejected(fault) => self.data_rejected(fault),
+                Event::DataEnd => {
+                    self.deadline = None;
+                    self.data_end().await;
+                }
+                Event::DataRejected(fault) => {
+                    self.deadline = None;
+                    self.data_rejected(fault);
+                }
             }
         }
     }
@@ -276,16 +291,24 @@ impl Connection {
         linger: Option<Instant>,
     ) -> Option<usize> {
         let limits = &self.runtime.config.limits;
-        let mut timeout = if self.session.in_data() {
+        let in_data = self.session.in_data();
+        let limit = if in_data {
             limits.data_timeout
         } else {
             limits.command_timeout
         };
+        // Between commands (nothing partial buffered) the next command starts now; a partial
+        // command or a message keeps its deadline (reset at DATA start and end).
+        let deadline = match self.deadline {
+            Some(d) if in_data || self.session.buffered_input() > 0 => d,
+            _ => Instant::now() + limit,
+        };
+        self.deadline = Some(deadline);
+        let mut timeout = deadline.saturating_duration_since(Instant::now());
         if let Some(deadline) = linger {
             timeout = timeout.min(deadline.saturating_duration_since(Instant::now()));
         }
         // A session in DATA may finish its message during shutdown (the app bounds the wait).
-        let in_data = self.session.in_data();
         tokio::select! {
             r = stream.read(buf) => match r {
                 Ok(n) => Some(n),
