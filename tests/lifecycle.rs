@@ -154,6 +154,14 @@ fn gen_cert_and_passwd() {
 #[test]
 fn run_without_config_uses_embedded_default() {
     let dir = TestDir::new();
+    // The embedded default binds fixed ports: if something else already holds them, fail
+    // clearly instead of testing that other process.
+    for p in [2525, 2587] {
+        assert!(
+            TcpStream::connect(("127.0.0.1", p)).is_err(),
+            "port {p} is already in use by another process; this test needs it free"
+        );
+    }
     let child = Command::new(BIN)
         .arg("run")
         .current_dir(dir.path())
