@@ -524,10 +524,11 @@ impl Session {
                 let parsed = Request::parse(&mut self.input[line_start..line_end + 2].iter())
                     .map(Request::into_owned);
                 let line = &self.input[line_start..line_end];
-                let is_postmaster = line
-                    .to_ascii_lowercase()
-                    .windows(12)
-                    .any(|w| w == b"<postmaster>");
+                // smtp-proto reports `<postmaster>` as an empty address: only then look.
+                let is_postmaster = matches!(&parsed, Ok(Request::Rcpt { to }) if to.address.is_empty())
+                    && line
+                        .windows(12)
+                        .any(|w| w.eq_ignore_ascii_case(b"<postmaster>"));
                 let declared = declared_size(line);
                 self.command(parsed, is_postmaster, declared)
             }
@@ -660,14 +661,10 @@ impl Session {
         if let Some((reply, rule)) = self.mail_gate() {
             return self.refuse_command(reply, rule);
         }
-        let mut params = match mail_params(&from, self.extended) {
+        let params = match mail_params(&from, declared, self.extended) {
             Ok(p) => p,
             Err(()) => return self.refuse_command(reply::UNSUPPORTED_PARAMETER, "mail_parameter"),
         };
-        // smtp-proto's own value wraps past usize::MAX (26 nines read as 999999): trust ours.
-        if let Some(n) = declared {
-            params.size = (n != 0).then_some(n);
-        }
         if params
             .size
             .is_some_and(|s| s > self.config.max_message_size)
@@ -867,8 +864,14 @@ fn declared_size(line: &[u8]) -> Option<u64> {
 }
 
 /// Translate MAIL FROM parameters into the ones portcullis honours; anything it does not
-/// advertise is refused rather than silently dropped.
-fn mail_params(from: &MailFrom<String>, extended: bool) -> Result<MailParams, ()> {
+/// advertise is refused rather than silently dropped. `declared` is the SIZE value read by
+/// [`declared_size`]: smtp-proto's own `size` wraps past `usize::MAX` (26 nines read as
+/// 999999), so it is never used.
+fn mail_params(
+    from: &MailFrom<String>,
+    declared: Option<u64>,
+    extended: bool,
+) -> Result<MailParams, ()> {
     use smtp_proto::{MAIL_BODY_7BIT, MAIL_BODY_8BITMIME, MAIL_SMTPUTF8};
     let known = MAIL_BODY_7BIT | MAIL_BODY_8BITMIME | MAIL_SMTPUTF8;
     let unsupported = from.flags & !known != 0
@@ -880,7 +883,7 @@ fn mail_params(from: &MailFrom<String>, extended: bool) -> Result<MailParams, ()
         || from.hold_for != 0
         || from.hold_until != 0
         || from.mt_priority != 0;
-    let any = from.flags != 0 || from.size != 0 || from.auth.is_some();
+    let any = from.flags != 0 || declared.is_some() || from.auth.is_some();
     if unsupported || (!extended && any) {
         return Err(());
     }
@@ -894,7 +897,7 @@ fn mail_params(from: &MailFrom<String>, extended: bool) -> Result<MailParams, ()
     Ok(MailParams {
         body,
         smtputf8: from.flags & MAIL_SMTPUTF8 != 0,
-        size: (from.size != 0).then_some(from.size as u64),
+        size: declared.filter(|&n| n != 0),
     })
 }
 
