@@ -13,7 +13,7 @@ use std::time::Duration;
 use arc_swap::ArcSwap;
 use tokio::net::TcpListener;
 use tokio::signal::unix::{SignalKind, signal};
-use tokio::sync::{Notify, Semaphore};
+use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{error, info, warn};
@@ -48,6 +48,9 @@ pub enum AppError {
         bind: std::net::SocketAddr,
         source: std::io::Error,
     },
+    /// The spool recovery task panicked.
+    #[error("spool recovery failed: {0}")]
+    Recovery(tokio::task::JoinError),
     /// Signal handlers could not be installed.
     #[error("signals: {0}")]
     Signal(std::io::Error),
@@ -61,7 +64,7 @@ impl AppError {
 }
 
 /// Build the inbound runtime (policy and TLS) for a configuration.
-pub fn runtime(config: Config) -> Result<Runtime, AppError> {
+pub fn build_runtime(config: Config) -> Result<Runtime, AppError> {
     let tls = match &config.tls {
         Some(t) => Some(tls::server_config(t, &config.server.hostname)?),
         None => None,
@@ -80,13 +83,13 @@ pub async fn run(config: Config, path: Option<PathBuf>) -> Result<(), AppError> 
         let spool = spool.clone();
         tokio::task::spawn_blocking(move || spool.recover())
             .await
-            .map_err(|e| AppError::Signal(std::io::Error::other(e)))??
+            .map_err(AppError::Recovery)??
     };
     info!(spool = %config.server.spool_dir.display(), %report, "spool recovered");
     for w in config.warnings() {
         warn!("{w}");
     }
-    let runtime = Arc::new(ArcSwap::from_pointee(runtime(config)?));
+    let runtime = Arc::new(ArcSwap::from_pointee(build_runtime(config)?));
     let shutdown = CancellationToken::new();
     let tracker = TaskTracker::new();
     let cores = std::thread::available_parallelism().map_or(2, |n| n.get());
@@ -94,7 +97,6 @@ pub async fn run(config: Config, path: Option<PathBuf>) -> Result<(), AppError> 
         spool,
         shutdown: shutdown.clone(),
         hash_slots: Arc::new(Semaphore::new(cores)),
-        queued: Arc::new(Notify::new()),
     };
     let counter = ConnectionCounter::default();
 
@@ -162,7 +164,7 @@ fn reload(runtime: &ArcSwap<Runtime>, path: Option<&std::path::Path>) {
     };
     let new = match Config::load(path)
         .map_err(AppError::from)
-        .and_then(runtime_checked)
+        .and_then(build_runtime)
     {
         Ok(rt) => rt,
         Err(e) => {
@@ -190,8 +192,4 @@ fn reload(runtime: &ArcSwap<Runtime>, path: Option<&std::path::Path>) {
     }
     runtime.store(Arc::new(new));
     info!(file = %path.display(), "configuration reloaded");
-}
-
-fn runtime_checked(config: Config) -> Result<Runtime, AppError> {
-    runtime(config)
 }

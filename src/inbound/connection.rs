@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
-use tokio::sync::{Notify, Semaphore};
+use tokio::sync::Semaphore;
 use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
@@ -19,10 +19,10 @@ use super::Runtime;
 use super::stream::Stream;
 use super::tls::session_info;
 use crate::config::{Listener, ListenerTls};
-use crate::envelope::{Envelope, QueueId, Recipient, TlsInfo, unix_now};
+use crate::envelope::{Envelope, QueueId, Recipient, ReversePath, TlsInfo, unix_now};
 use crate::policy::{Refusal, SessionFacts};
 use crate::queue::{Spool, SpoolWriter};
-use crate::smtp::headers::{HeaderFilter, NamePattern, StripRules};
+use crate::smtp::headers::HeaderFilter;
 use crate::smtp::received::{self, Trace};
 use crate::smtp::{Credentials, DataFault, Event, Reply, Session, SessionConfig, reply};
 
@@ -46,8 +46,6 @@ pub struct Shared {
     pub shutdown: CancellationToken,
     /// Bounds concurrent password hashing (argon2 takes ~19 MiB and real CPU per check).
     pub hash_slots: Arc<Semaphore>,
-    /// Woken after every commit so delivery starts at once.
-    pub queued: Arc<Notify>,
 }
 
 /// How a session ended, for the session log line.
@@ -226,7 +224,7 @@ impl Connection {
                     self.session.tls_started();
                 }
                 Event::Auth(credentials) => self.auth(credentials).await,
-                Event::Mail { from, .. } => self.mail(&from.to_string()),
+                Event::Mail { from, .. } => self.mail(&from),
                 Event::Rcpt(to) => {
                     let facts = SessionFacts {
                         client_ip: self.peer.ip(),
@@ -375,18 +373,14 @@ impl Connection {
     }
 
     async fn auth(&mut self, credentials: Credentials) {
-        let users = self
+        let hash = self
             .runtime
             .config
             .auth
             .as_ref()
-            .map(|a| a.users.clone())
-            .unwrap_or_default();
-        let login = credentials.login.clone();
-        let hash = users
-            .iter()
-            .find(|u| u.name == credentials.login)
+            .and_then(|a| a.users.iter().find(|u| u.name == credentials.login))
             .map(|u| u.password_hash.clone());
+        let login = credentials.login.clone();
         let known = hash.is_some();
         // Unknown users are checked against a dummy hash so both answers take the same time.
         let hash = hash.unwrap_or_else(|| crate::policy::credentials::DUMMY_HASH.to_string());
@@ -412,7 +406,7 @@ impl Connection {
         }
     }
 
-    fn mail(&mut self, from: &str) {
+    fn mail(&mut self, from: &ReversePath) {
         let min_free = self.runtime.config.limits.min_free_space;
         match self.shared.spool.free_space() {
             Ok(free) if free < min_free => {
@@ -431,7 +425,7 @@ impl Connection {
             }
             Ok(_) => {}
         }
-        debug!(peer = %self.peer, from, "mail from");
+        debug!(peer = %self.peer, %from, "mail from");
         self.session.accept();
     }
 
@@ -460,28 +454,17 @@ impl Connection {
             helo: &envelope.helo,
             client_ip: envelope.client_ip,
             hostname: &config.server.hostname,
-            extended: true,
+            extended: self.session.is_extended(),
             tls: self.tls.as_ref(),
             authenticated: envelope.auth_user.is_some(),
             queue_id: id.as_str(),
             single_recipient: single.as_deref(),
             now,
         });
-        let trusted =
-            envelope.auth_user.is_some() || self.runtime.policy.is_relay_client(self.peer.ip());
-        let rules = if trusted {
-            StripRules::default()
-        } else {
-            StripRules {
-                names: config
-                    .headers
-                    .strip_untrusted
-                    .iter()
-                    .map(|p| NamePattern::new(p))
-                    .collect(),
-                auth_results_for: Some(config.server.hostname.to_ascii_lowercase()),
-            }
-        };
+        let rules = self.runtime.policy.header_rules(&SessionFacts {
+            client_ip: self.peer.ip(),
+            user: self.session.user(),
+        });
         let created = self.shared.spool.create(&envelope).and_then(|mut w| {
             w.write(header.as_bytes())?;
             Ok(w)
@@ -557,30 +540,24 @@ impl Connection {
             info!(peer = %self.peer, headers = ?inc.filter.stripped(), "removed untrusted headers");
         }
         let size = inc.writer.written();
-        let (from, rcpts) = match self.session.transaction() {
-            Some(tx) => (tx.from.to_string(), tx.recipients.len()),
-            None => (String::new(), 0),
-        };
         // fsync, rename and directory fsync block: run them off the reactor.
-        match tokio::task::spawn_blocking(move || inc.writer.commit()).await {
-            Ok(Ok(id)) => {
-                info!(
-                    queue_id = %id, peer = %self.peer, listener = %self.listener.name,
-                    from = %from, rcpts, size, "queued"
-                );
+        let committed = match tokio::task::spawn_blocking(move || inc.writer.commit()).await {
+            Ok(result) => result.map_err(|e| e.to_string()),
+            Err(join) => Err(join.to_string()),
+        };
+        match committed {
+            Ok(id) => {
+                if let Some(tx) = self.session.transaction() {
+                    info!(
+                        queue_id = %id, peer = %self.peer, listener = %self.listener.name,
+                        from = %tx.from, rcpts = tx.recipients.len(), size, "queued"
+                    );
+                }
                 self.outcome.messages += 1;
                 self.session.queued(id.as_str());
-                self.shared.queued.notify_one();
             }
-            Ok(Err(e)) => {
-                warn!(error = %e, "spool commit failed");
-                self.refuse(Refusal {
-                    reply: reply::LOCAL_ERROR,
-                    rule: "spool_commit",
-                });
-            }
-            Err(e) => {
-                warn!(error = %e, "spool commit task failed");
+            Err(error) => {
+                warn!(%error, "spool commit failed");
                 self.refuse(Refusal {
                     reply: reply::LOCAL_ERROR,
                     rule: "spool_commit",

@@ -9,12 +9,14 @@ pub mod access;
 pub mod credentials;
 
 use std::net::IpAddr;
+use std::sync::Arc;
 
 use ipnet::IpNet;
 
 use crate::config::{Config, Listener};
 use crate::envelope::Address;
 use crate::smtp::Reply;
+use crate::smtp::headers::{NamePattern, StripRules};
 use crate::smtp::reply;
 use access::{contains, normalize};
 
@@ -44,6 +46,10 @@ pub struct Policy {
     accepted_domains: Vec<String>,
     relay_networks: Vec<IpNet>,
     recipients: Option<Vec<String>>,
+    /// The header firewall for mail from strangers.
+    untrusted_headers: Arc<StripRules>,
+    /// Nothing is stripped from trusted mail.
+    trusted_headers: Arc<StripRules>,
 }
 
 impl Policy {
@@ -52,6 +58,28 @@ impl Policy {
             accepted_domains: config.relay.accepted_domains.clone(),
             relay_networks: config.relay.relay_networks.clone(),
             recipients: config.relay.recipients.clone(),
+            untrusted_headers: Arc::new(StripRules {
+                names: config
+                    .headers
+                    .strip_untrusted
+                    .iter()
+                    .map(|p| NamePattern::new(p))
+                    .collect(),
+                auth_results_for: Some(config.server.hostname.to_ascii_lowercase()),
+            }),
+            trusted_headers: Arc::new(StripRules::default()),
+        }
+    }
+
+    /// Data stage: which headers to remove before queuing. Mail from an authenticated user or a
+    /// relay network is trusted as it is; from anyone else, the `[headers] strip_untrusted`
+    /// names and any `Authentication-Results` claiming our hostname are removed, so nobody on
+    /// the internet can set an Exchange spam score or internal-auth header.
+    pub fn header_rules(&self, facts: &SessionFacts<'_>) -> Arc<StripRules> {
+        if facts.user.is_some() || self.is_relay_client(facts.client_ip) {
+            self.trusted_headers.clone()
+        } else {
+            self.untrusted_headers.clone()
         }
     }
 

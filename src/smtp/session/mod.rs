@@ -235,6 +235,11 @@ impl Session {
         self.helo.as_deref()
     }
 
+    /// True when the client greeted with EHLO rather than HELO.
+    pub fn is_extended(&self) -> bool {
+        self.extended
+    }
+
     /// The authenticated login, if any.
     pub fn user(&self) -> Option<&str> {
         self.user.as_deref()
