@@ -260,17 +260,16 @@ impl Spool {
     /// header. Fails with [`SpoolError::AlreadyExists`] if `queue/ID` is already taken.
     pub fn create(&self, envelope: &Envelope) -> Result<SpoolWriter, SpoolError> {
         let id = envelope.id.clone();
-        let queue_path = self.message_path(&id);
-        if queue_path.exists() {
+        // Fail fast, before the client sends the message; commit refuses atomically too.
+        if self.message_path(&id).exists() {
             return Err(SpoolError::AlreadyExists(id));
         }
         let json = serde_json::to_vec(envelope).map_err(|source| SpoolError::Encode {
             what: "envelope",
             source,
         })?;
-        let tmp_path = self.inner.tmp.join(id.as_str());
-        let file = create_new(&tmp_path)?;
-        let mut writer = SpoolWriter::new(id, file, tmp_path, queue_path, self.inner.queue.clone());
+        let file = create_new(&self.inner.tmp.join(id.as_str()))?;
+        let mut writer = SpoolWriter::new(id, file, self.inner.clone());
         writer.write_header(&json)?;
         Ok(writer)
     }
@@ -306,20 +305,12 @@ impl Spool {
     /// parsed is logged and treated as fresh (recovery quarantines it): retrying a message is
     /// safe, losing it is not.
     pub fn load(&self, id: &QueueId) -> Result<QueuedMessage, SpoolError> {
-        let path = self.message_path(id);
-        let file = open_message_file(&path, id)?;
-        let len = file
+        let (reader, envelope, header_len, path) = self.open_verified(id)?;
+        let len = reader
+            .get_ref()
             .metadata()
             .map_err(SpoolError::io("stat", &path))?
             .len();
-        let mut reader = BufReader::new(file);
-        let (envelope, header_len) = read_header(&mut reader, &path)?;
-        if envelope.id != *id {
-            return Err(SpoolError::corrupt(
-                &path,
-                format!("envelope id {} does not match the file name", envelope.id),
-            ));
-        }
         let state = match self.read_state(id, &envelope) {
             Ok(Some(state)) => state,
             Ok(None) => DeliveryState::fresh(envelope.received_at),
@@ -339,11 +330,7 @@ impl Spool {
     /// The raw message bytes of a committed message (for tests and `queue show`; delivery
     /// streams with [`Spool::open_message`] instead).
     pub fn read_message(&self, id: &QueueId) -> Result<Vec<u8>, SpoolError> {
-        let (mut file, _) = self.open_message(id)?;
-        let mut out = Vec::new();
-        file.read_to_end(&mut out)
-            .map_err(SpoolError::io("read", &self.message_path(id)))?;
-        Ok(out)
+        self.read_message_head(id, u64::MAX)
     }
 
     /// At most `limit` bytes from the start of a message (its headers, for `queue show`).
@@ -359,17 +346,29 @@ impl Spool {
     /// Open a committed message for streaming: the file, positioned at the first message byte,
     /// and that offset. The open file stays readable even if the message is removed meanwhile.
     pub fn open_message(&self, id: &QueueId) -> Result<(File, u64), SpoolError> {
-        let path = self.message_path(id);
-        let file = open_message_file(&path, id)?;
-        let mut reader = BufReader::new(file);
-        let (envelope, offset) = read_header(&mut reader, &path)?;
-        if envelope.id != *id {
-            return Err(SpoolError::corrupt(&path, "envelope id does not match"));
-        }
+        let (reader, _, offset, path) = self.open_verified(id)?;
         let mut file = reader.into_inner();
         file.seek(SeekFrom::Start(offset))
             .map_err(SpoolError::io("seek", &path))?;
         Ok((file, offset))
+    }
+
+    /// Open `queue/ID` and read its header, checking the envelope belongs to this file name.
+    /// Returns the reader (past the header), the envelope, the header length and the path.
+    fn open_verified(
+        &self,
+        id: &QueueId,
+    ) -> Result<(BufReader<File>, Envelope, u64, PathBuf), SpoolError> {
+        let path = self.message_path(id);
+        let mut reader = BufReader::new(open_message_file(&path, id)?);
+        let (envelope, header_len) = read_header(&mut reader, &path)?;
+        if envelope.id != *id {
+            return Err(SpoolError::corrupt(
+                &path,
+                format!("envelope id {} does not match the file name", envelope.id),
+            ));
+        }
+        Ok((reader, envelope, header_len, path))
     }
 
     /// Replace the delivery state of a message atomically: temp file in `tmp/`, fsync, rename
@@ -500,6 +499,40 @@ fn create_new(path: &Path) -> Result<File, SpoolError> {
         .mode(FILE_MODE)
         .open(path)
         .map_err(SpoolError::io("create", path))
+}
+
+/// Rename `from` to `to` unless `to` exists, atomically (`renameat2` with
+/// `RENAME_NOREPLACE`), so a committed message is never overwritten. File systems without it
+/// fall back to a check then a plain rename.
+fn rename_noreplace(from: &Path, to: &Path) -> io::Result<()> {
+    let c = |p: &Path| {
+        CString::new(p.as_os_str().as_bytes())
+            .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))
+    };
+    let (src, dst) = (c(from)?, c(to)?);
+    // SAFETY: both are NUL-terminated strings that outlive the call.
+    let rc = unsafe {
+        libc::renameat2(
+            libc::AT_FDCWD,
+            src.as_ptr(),
+            libc::AT_FDCWD,
+            dst.as_ptr(),
+            libc::RENAME_NOREPLACE,
+        )
+    };
+    if rc == 0 {
+        return Ok(());
+    }
+    let err = io::Error::last_os_error();
+    match err.raw_os_error() {
+        Some(libc::EINVAL) | Some(libc::ENOSYS) => {
+            if to.exists() {
+                return Err(io::ErrorKind::AlreadyExists.into());
+            }
+            fs::rename(from, to)
+        }
+        _ => Err(err),
+    }
 }
 
 /// fsync a directory, making renames and unlinks in it durable.

@@ -148,6 +148,21 @@ fn create_refuses_an_id_already_committed() {
 }
 
 #[test]
+fn commit_never_overwrites_a_message_committed_meanwhile() {
+    let (_d, spool) = spool();
+    let env = envelope(&["a@example.com"]);
+    let mut late = spool.create(&env).unwrap();
+    late.write(b"the second writer\r\n").unwrap();
+    // Another writer (e.g. a second relay on the same spool) commits the same id meanwhile.
+    let theirs = spool.root().join("queue").join(env.id.as_str());
+    fs::write(&theirs, b"committed by someone else").unwrap();
+    let err = late.commit().unwrap_err();
+    assert!(matches!(err, SpoolError::AlreadyExists(_)), "{err}");
+    assert_eq!(fs::read(&theirs).unwrap(), b"committed by someone else");
+    assert!(names(&spool.root().join("tmp")).is_empty());
+}
+
+#[test]
 fn write_state_then_load_round_trips() {
     let (_d, spool) = spool();
     let env = envelope(&["a@example.com", "b@example.com"]);

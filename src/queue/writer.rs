@@ -3,8 +3,9 @@
 use std::fs::{self, File};
 use std::io::{BufWriter, Write};
 use std::path::PathBuf;
+use std::sync::Arc;
 
-use super::{MAGIC, SpoolError, sync_dir};
+use super::{Dirs, MAGIC, SpoolError, rename_noreplace, sync_dir};
 use crate::envelope::QueueId;
 
 /// Size of the write buffer: DATA arrives in small chunks, the disk prefers large ones.
@@ -21,32 +22,27 @@ pub struct SpoolWriter {
     id: QueueId,
     /// `None` once [`SpoolWriter::commit`] took it.
     file: Option<BufWriter<File>>,
-    tmp_path: PathBuf,
-    queue_path: PathBuf,
-    queue_dir: PathBuf,
+    dirs: Arc<Dirs>,
     /// Message bytes written (the header not included).
     written: u64,
-    /// The temp file no longer exists under `tmp_path` (renamed or removed).
+    /// The temp file no longer exists in `tmp/` (renamed or removed).
     gone: bool,
 }
 
 impl SpoolWriter {
-    pub(super) fn new(
-        id: QueueId,
-        file: File,
-        tmp_path: PathBuf,
-        queue_path: PathBuf,
-        queue_dir: PathBuf,
-    ) -> Self {
+    pub(super) fn new(id: QueueId, file: File, dirs: Arc<Dirs>) -> Self {
         SpoolWriter {
             id,
             file: Some(BufWriter::with_capacity(BUFFER_SIZE, file)),
-            tmp_path,
-            queue_path,
-            queue_dir,
+            dirs,
             written: 0,
             gone: false,
         }
+    }
+
+    /// `tmp/ID`.
+    fn tmp_path(&self) -> PathBuf {
+        self.dirs.tmp.join(self.id.as_str())
     }
 
     /// Write the magic line and the envelope JSON line (`envelope_json` holds no newline:
@@ -88,18 +84,20 @@ impl SpoolWriter {
             .map_err(|e| self.io_error("write", e.into_error()))?;
         file.sync_data().map_err(|e| self.io_error("fsync", e))?;
         drop(file);
-        // Do not overwrite a committed message (an id collision); `create` checked already,
-        // this narrows the window further.
-        if self.queue_path.exists() {
-            return Err(SpoolError::AlreadyExists(self.id.clone()));
-        }
-        fs::rename(&self.tmp_path, &self.queue_path).map_err(|source| SpoolError::Io {
-            op: "rename",
-            path: self.queue_path.clone(),
-            source,
+        let queue_path = self.dirs.queue.join(self.id.as_str());
+        rename_noreplace(&self.tmp_path(), &queue_path).map_err(|source| {
+            if source.kind() == std::io::ErrorKind::AlreadyExists {
+                SpoolError::AlreadyExists(self.id.clone())
+            } else {
+                SpoolError::Io {
+                    op: "rename",
+                    path: queue_path.clone(),
+                    source,
+                }
+            }
         })?;
         self.gone = true;
-        if let Err(e) = sync_dir(&self.queue_dir) {
+        if let Err(e) = sync_dir(&self.dirs.queue) {
             // The file is visible in queue/ but maybe not durable: the caller answers 4xx and
             // the message may be delivered twice (allowed); removing it could race a worker.
             tracing::warn!(queue_id = %self.id, error = %e, "queue directory fsync failed after commit");
@@ -124,7 +122,7 @@ impl SpoolWriter {
     fn io_error(&self, op: &'static str, source: std::io::Error) -> SpoolError {
         SpoolError::Io {
             op,
-            path: self.tmp_path.clone(),
+            path: self.tmp_path(),
             source,
         }
     }
@@ -140,7 +138,7 @@ impl Drop for SpoolWriter {
         if let Some(buffered) = self.file.take() {
             drop(buffered.into_parts());
         }
-        if let Err(e) = fs::remove_file(&self.tmp_path) {
+        if let Err(e) = fs::remove_file(self.tmp_path()) {
             tracing::debug!(queue_id = %self.id, error = %e, "could not remove temp spool file");
         }
     }
