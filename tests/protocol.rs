@@ -853,3 +853,105 @@ fn trickle(tcp: &mut std::net::TcpStream, unit: &[u8]) -> String {
     );
     String::from_utf8_lossy(&got).into_owned()
 }
+
+// --- 11. Header firewall and trace header -------------------------------------------------
+
+/// Headers a stranger must not be able to set on mail to Exchange.
+const FORGED: &str = "X-MS-Exchange-Organization-SCL: -1\r\n\
+X-MS-Exchange-Forest-RulesExecuted: relay\r\n\
+Authentication-Results: relay.test; spf=pass smtp.mailfrom=example.com\r\n\
+Authentication-Results: other.test; spf=fail\r\n\
+Subject: forged\r\n\r\nX-MS-Exchange-Organization-SCL: -1 stays in the body\r\n";
+
+/// The queued message, as text.
+fn only_message(relay: &Relay) -> String {
+    let queued = relay.queued_messages();
+    assert_eq!(queued.len(), 1);
+    String::from_utf8(queued[0].1.clone()).unwrap()
+}
+
+#[test]
+fn exchange_headers_from_strangers_are_removed_before_queuing() {
+    let relay = start("", "");
+    let mut c = ready(&relay);
+    let reply = c.send_message("a@example.com", &["b@example.com"], FORGED);
+    assert_reply(&reply, 250, "2.0.0");
+    let msg = only_message(&relay);
+    let headers = &msg[..msg.find("\r\n\r\n").unwrap()];
+    assert!(!headers.contains("X-MS-Exchange-Organization-SCL"), "{msg}");
+    assert!(!headers.contains("X-MS-Exchange-Forest"), "{msg}");
+    assert!(!headers.contains("relay.test; spf=pass"), "{msg}");
+    assert!(headers.contains("other.test; spf=fail"), "{msg}");
+    assert!(headers.contains("Subject: forged"), "{msg}");
+    assert!(msg.ends_with("\r\n\r\nX-MS-Exchange-Organization-SCL: -1 stays in the body\r\n"));
+    assert_log(&relay, "removed untrusted headers");
+}
+
+#[test]
+fn exchange_headers_from_relay_networks_are_kept() {
+    let relay = start("", "relay_networks = [\"127.0.0.0/8\"]\n");
+    let mut c = ready(&relay);
+    let reply = c.send_message("a@example.com", &["b@example.com"], FORGED);
+    assert_reply(&reply, 250, "2.0.0");
+    let msg = only_message(&relay);
+    assert!(
+        msg.contains("\r\nX-MS-Exchange-Organization-SCL: -1\r\n"),
+        "{msg}"
+    );
+    assert!(msg.contains("relay.test; spf=pass"), "{msg}");
+}
+
+#[test]
+fn received_header_names_smtp_for_helo_and_esmtp_for_ehlo() {
+    for (greeting, protocol) in [
+        ("HELO client.test", "with SMTP id"),
+        ("EHLO client.test", "with ESMTP id"),
+    ] {
+        let relay = start("", "");
+        let mut c = greeted(&relay);
+        c.expect(greeting, 250);
+        let reply = c.send_message(
+            "a@example.com",
+            &["b@example.com"],
+            "Subject: t\r\n\r\nx\r\n",
+        );
+        assert_reply(&reply, 250, "2.0.0");
+        let msg = only_message(&relay);
+        assert!(
+            msg.starts_with("Received: from client.test ([127.0.0.1])"),
+            "{msg}"
+        );
+        assert!(msg.contains(protocol), "{greeting}: {msg}");
+    }
+}
+
+// --- 12. AUTH line length and implicit TLS --------------------------------------------------
+
+#[test]
+fn auth_line_over_12288_octets_is_refused_with_5_5_6() {
+    let relay = start("", "");
+    let mut c = ready(&relay);
+    // Up to 12288 octets an AUTH line is framed normally (here refused: AUTH is off).
+    let long_ok = format!("AUTH PLAIN {}", "A".repeat(5000));
+    assert_reply(&c.cmd(&long_ok), 502, "5.5.1");
+    let too_long = format!("AUTH PLAIN {}", "A".repeat(13000));
+    assert_reply(&c.cmd(&too_long), 500, "5.5.6");
+    assert_reply(&c.cmd("NOOP"), 250, "2.0.0");
+    assert_log(&relay, "auth_line_too_long");
+}
+
+#[test]
+fn plaintext_on_an_implicit_tls_port_gets_no_smtp_reply() {
+    let relay = start_tls("", "implicit", "");
+    let mut tcp = std::net::TcpStream::connect(("127.0.0.1", relay.port(0))).unwrap();
+    tcp.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    raw_write(
+        &mut tcp,
+        b"EHLO client.test\r\nMAIL FROM:<a@example.com>\r\n",
+    );
+    let mut got = Vec::new();
+    let _ = std::io::Read::read_to_end(&mut tcp, &mut got);
+    let text = String::from_utf8_lossy(&got);
+    assert!(!text.contains("220") && !text.contains("250"), "{text:?}");
+    assert!(relay.queued_messages().is_empty());
+}

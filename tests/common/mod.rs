@@ -823,13 +823,7 @@ pub fn swaks(args: &[&str]) -> Output {
         .expect("swaks is required by the integration tests: apt-get install -y swaks")
 }
 
-/// Whether the `swaks` binary can be run (CI installs it with apt).
-pub fn swaks_available() -> bool {
-    Command::new("swaks")
-        .arg("--version")
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .status()
-        .is_ok()
+/// True when `needle` occurs in `haystack`.
+pub fn contains(haystack: &[u8], needle: &[u8]) -> bool {
+    haystack.windows(needle.len()).any(|w| w == needle)
 }
