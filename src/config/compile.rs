@@ -284,13 +284,7 @@ impl Compiler {
         for (i, raw) in raw.into_iter().enumerate() {
             let Some(raw) = raw else { continue };
             let at = format!("listeners[{i}]");
-            let name = self.name(&format!("{at}.name"), raw.name, || format!("listener{i}"));
-            if !names.insert(name.clone()) {
-                self.err(
-                    format!("{at}.name"),
-                    format!("duplicate listener name {name:?}"),
-                );
-            }
+            let name = self.unique_name(&mut names, &at, raw.name, "listener", i);
             let bind = match raw.bind {
                 Some(text) => match text.trim().parse::<SocketAddr>() {
                     Ok(addr) => {
@@ -497,13 +491,7 @@ impl Compiler {
         for (i, raw) in raw.into_iter().enumerate() {
             let Some(raw) = raw else { continue };
             let at = format!("upstreams[{i}]");
-            let name = self.name(&format!("{at}.name"), raw.name, || format!("upstream{i}"));
-            if !names.insert(name.clone()) {
-                self.err(
-                    format!("{at}.name"),
-                    format!("duplicate upstream name {name:?}"),
-                );
-            }
+            let name = self.unique_name(&mut names, &at, raw.name, "upstream", i);
             let address = match raw.address {
                 Some(address) => {
                     if let Err(message) = check_host_port(&address) {
@@ -636,19 +624,32 @@ impl Compiler {
         }
     }
 
-    /// A listener or upstream name: non-empty, no control characters or blanks.
-    fn name(&mut self, key: &str, raw: Option<String>, default: impl FnOnce() -> String) -> String {
-        match raw {
+    /// The `name` of entry `at` of an array of tables (`kind` is `listener` or `upstream`):
+    /// as given, or `<kind><index>`; must be a plain word and unique among `seen`.
+    fn unique_name(
+        &mut self,
+        seen: &mut HashSet<String>,
+        at: &str,
+        raw: Option<String>,
+        kind: &str,
+        index: usize,
+    ) -> String {
+        let key = format!("{at}.name");
+        let name = match raw {
             Some(n) if n.is_empty() || n.chars().any(|c| c.is_control() || c.is_whitespace()) => {
                 self.err(
-                    key,
+                    &key,
                     format!("{n:?} is not a name (use letters, digits, - or _)"),
                 );
                 n
             }
             Some(n) => n,
-            None => default(),
+            None => format!("{kind}{index}"),
+        };
+        if !seen.insert(name.clone()) {
+            self.err(key, format!("duplicate {kind} name {name:?}"));
         }
+        name
     }
 
     /// One of a fixed set of strings; `None` (error reported) when it is none of them, so
