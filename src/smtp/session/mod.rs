@@ -128,7 +128,8 @@ enum Pending {
     Rcpt(Address),
     DataStart,
     DataEnd,
-    Auth(Credentials),
+    /// The login being checked.
+    Auth(String),
 }
 
 /// One SMTP server session, sans I/O.
@@ -366,8 +367,8 @@ impl Session {
                 self.state = State::Idle;
                 self.count_error(&reply::LOCAL_ERROR);
             }
-            Pending::Auth(credentials) => {
-                self.user = Some(credentials.login);
+            Pending::Auth(login) => {
+                self.user = Some(login);
                 self.state = State::Idle;
                 reply::AUTH_OK.write_to(&mut self.out);
             }
@@ -643,8 +644,10 @@ impl Session {
             name: host.clone(),
             extended,
         });
-        let name = host;
-        Some(Event::Helo { name, extended })
+        Some(Event::Helo {
+            name: host,
+            extended,
+        })
     }
 
     /// Sequence and gate checks for MAIL FROM, before its arguments are looked at.
@@ -824,7 +827,8 @@ impl Session {
         });
         match result {
             Ok(Some(credentials)) => {
-                self.pending = Some(Pending::Auth(credentials.clone()));
+                // Only the login is kept for the verdict; the password goes to the driver.
+                self.pending = Some(Pending::Auth(credentials.login.clone()));
                 Some(Event::Auth(credentials))
             }
             Ok(None) => {
