@@ -8,6 +8,7 @@
 pub mod access;
 pub mod credentials;
 
+use std::collections::HashSet;
 use std::net::IpAddr;
 use std::sync::Arc;
 
@@ -45,7 +46,8 @@ pub struct SessionFacts<'a> {
 pub struct Policy {
     accepted_domains: Vec<String>,
     relay_networks: Vec<IpNet>,
-    recipients: Option<Vec<String>>,
+    /// Lower-case addresses and `@domain` entries of `recipients_file`.
+    recipients: Option<HashSet<String>>,
     /// The header firewall for mail from strangers.
     untrusted_headers: Arc<StripRules>,
     /// Nothing is stripped from trusted mail.
@@ -57,7 +59,11 @@ impl Policy {
         Policy {
             accepted_domains: config.relay.accepted_domains.clone(),
             relay_networks: config.relay.relay_networks.clone(),
-            recipients: config.relay.recipients.clone(),
+            recipients: config
+                .relay
+                .recipients
+                .as_ref()
+                .map(|list| list.iter().cloned().collect()),
             untrusted_headers: Arc::new(StripRules {
                 names: config
                     .headers
@@ -113,10 +119,10 @@ impl Policy {
             if routed(to) {
                 return Err(Refusal::new(reply::RELAY_DENIED, "routed_address"));
             }
-            if let Some(list) = &self.recipients {
-                let full = format!("{}@{}", to.local().to_lowercase(), domain);
+            if let Some(known) = &self.recipients {
                 let wildcard = format!("@{domain}");
-                if !list.iter().any(|r| *r == full || *r == wildcard) {
+                let full = format!("{}{wildcard}", to.local().to_lowercase());
+                if !known.contains(&full) && !known.contains(&wildcard) {
                     return Err(Refusal::new(reply::UNKNOWN_USER, "recipients_file"));
                 }
             }
@@ -200,5 +206,30 @@ mod tests {
             let got = p.rcpt(&facts(ip, *user), &to).err().map(|r| r.rule);
             assert_eq!(got, *expected, "{ip} {user:?} {to}");
         }
+    }
+
+    #[test]
+    fn recipients_file_refuses_unknown_users_of_accepted_domains_only() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("recipients.txt");
+        std::fs::write(&file, "Alice@example.com\n@sales.example.com\n").unwrap();
+        let (_, p) = policy(&format!(
+            "accepted_domains = [\"example.com\", \"sales.example.com\"]\nrecipients_file = {:?}",
+            file.display().to_string()
+        ));
+        let rule = |to: &str, user| {
+            p.rcpt(&facts("192.0.2.1", user), &Address::parse(to).unwrap())
+                .err()
+                .map(|r| (r.rule, r.reply.code))
+        };
+        assert_eq!(rule("alice@example.com", None), None);
+        assert_eq!(rule("ALICE@Example.COM", None), None);
+        assert_eq!(rule("anyone@sales.example.com", None), None);
+        assert_eq!(
+            rule("bob@example.com", None),
+            Some(("recipients_file", 550))
+        );
+        // Mail relayed by an authenticated user to other domains is not checked against it.
+        assert_eq!(rule("bob@other.test", Some("alice")), None);
     }
 }
