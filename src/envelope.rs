@@ -376,6 +376,30 @@ pub fn unix_now() -> u64 {
         .unwrap_or(0)
 }
 
+/// An envelope for unit tests: TLS, a sender at example.org and `rcpts`.
+#[cfg(test)]
+pub(crate) fn sample_envelope(rcpts: &[&str]) -> Envelope {
+    Envelope {
+        id: QueueId::generate(),
+        received_at: 1_700_000_000,
+        listener: "mx".into(),
+        client_ip: "192.0.2.7".parse().unwrap(),
+        client_port: 40000,
+        helo: "client.example".into(),
+        tls: Some(TlsInfo {
+            version: "TLSv1.3".into(),
+            cipher: "TLS13_AES_128_GCM_SHA256".into(),
+        }),
+        auth_user: None,
+        mail_from: ReversePath::Address(Address::parse("sender@example.org").unwrap()),
+        mail_params: MailParams::default(),
+        recipients: rcpts
+            .iter()
+            .map(|r| Recipient::new(Address::parse(r).unwrap()))
+            .collect(),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -438,25 +462,12 @@ mod tests {
 
     #[test]
     fn envelope_round_trips_through_json() {
-        let env = Envelope {
-            id: QueueId::generate(),
-            received_at: 1_700_000_000,
-            listener: "mx".into(),
-            client_ip: "127.0.0.1".parse().unwrap(),
-            client_port: 40000,
-            helo: "client.example".into(),
-            tls: Some(TlsInfo {
-                version: "TLSv1.3".into(),
-                cipher: "TLS13_AES_128_GCM_SHA256".into(),
-            }),
-            auth_user: None,
-            mail_from: ReversePath::Null,
-            mail_params: MailParams {
-                body: Some(Body::EightBitMime),
-                smtputf8: false,
-                size: Some(1234),
-            },
-            recipients: vec![Recipient::new(Address::parse("a@example.com").unwrap())],
+        let mut env = sample_envelope(&["a@example.com"]);
+        env.mail_from = ReversePath::Null;
+        env.mail_params = MailParams {
+            body: Some(Body::EightBitMime),
+            smtputf8: false,
+            size: Some(1234),
         };
         let json = serde_json::to_string(&env).unwrap();
         let back: Envelope = serde_json::from_str(&json).unwrap();

@@ -2,29 +2,9 @@ use std::fs;
 
 use super::report::{self, SHOW_HEADER_LIMIT};
 use super::*;
-use crate::envelope::{Address, MailParams, RcptStatus, Recipient, ReversePath, TlsInfo};
+use crate::envelope::{RcptStatus, ReversePath};
 
-fn envelope(rcpts: &[&str]) -> Envelope {
-    Envelope {
-        id: QueueId::generate(),
-        received_at: 1_700_000_000,
-        listener: "mx".into(),
-        client_ip: "192.0.2.7".parse().unwrap(),
-        client_port: 40000,
-        helo: "client.example".into(),
-        tls: Some(TlsInfo {
-            version: "TLSv1.3".into(),
-            cipher: "TLS13_AES_128_GCM_SHA256".into(),
-        }),
-        auth_user: None,
-        mail_from: ReversePath::Address(Address::parse("sender@example.org").unwrap()),
-        mail_params: MailParams::default(),
-        recipients: rcpts
-            .iter()
-            .map(|r| Recipient::new(Address::parse(r).unwrap()))
-            .collect(),
-    }
-}
+use crate::envelope::sample_envelope as envelope;
 
 const BODY: &[u8] = b"Subject: hi\r\nFrom: a@example.org\r\n\r\nbody line\r\n.leading dot\r\n";
 
