@@ -23,6 +23,7 @@ use crate::inbound::connection::Shared;
 use crate::inbound::limits::ConnectionCounter;
 use crate::inbound::listener::ListenerTask;
 use crate::inbound::{Runtime, tls};
+use crate::outbound;
 use crate::policy::Policy;
 use crate::queue::{Spool, SpoolError};
 
@@ -51,6 +52,9 @@ pub enum AppError {
     /// The spool recovery task panicked.
     #[error("spool recovery failed: {0}")]
     Recovery(tokio::task::JoinError),
+    /// An upstream's TLS client configuration could not be built (exit status 2).
+    #[error("{0}")]
+    UpstreamTls(#[from] crate::outbound::ClientTlsError),
     /// Signal handlers could not be installed.
     #[error("signals: {0}")]
     Signal(std::io::Error),
@@ -59,7 +63,10 @@ pub enum AppError {
 impl AppError {
     /// True for errors in the operator's input (exit status 2).
     pub fn is_config(&self) -> bool {
-        matches!(self, AppError::Config(_) | AppError::Tls(_))
+        matches!(
+            self,
+            AppError::Config(_) | AppError::Tls(_) | AppError::UpstreamTls(_)
+        )
     }
 }
 
@@ -89,14 +96,17 @@ pub async fn run(config: Config, path: Option<PathBuf>) -> Result<(), AppError> 
     for w in config.warnings() {
         warn!("{w}");
     }
-    let runtime = Arc::new(ArcSwap::from_pointee(build_runtime(config)?));
     let shutdown = CancellationToken::new();
+    let delivery_stop = CancellationToken::new();
+    let delivery = outbound::start(&config, spool.clone(), delivery_stop.clone())?;
+    let runtime = Arc::new(ArcSwap::from_pointee(build_runtime(config)?));
     let tracker = TaskTracker::new();
     let cores = std::thread::available_parallelism().map_or(2, |n| n.get());
     let shared = Shared {
         spool,
         shutdown: shutdown.clone(),
         hash_slots: Arc::new(Semaphore::new(cores)),
+        queued: delivery.wake.clone(),
     };
     let counter = ConnectionCounter::default();
 
@@ -152,6 +162,19 @@ pub async fn run(config: Config, path: Option<PathBuf>) -> Result<(), AppError> 
             "sessions still open after the shutdown grace period; closing them"
         );
     }
+    // Inbound is done: stop starting deliveries, let those in flight finish their
+    // transaction (within the grace period; an abandoned one is simply tried again after
+    // the restart, since its state was never changed), then say QUIT to idle upstreams.
+    delivery_stop.cancel();
+    let _ = delivery.scheduler.await;
+    delivery.tracker.close();
+    if tokio::time::timeout(SHUTDOWN_GRACE, delivery.tracker.wait())
+        .await
+        .is_err()
+    {
+        warn!("deliveries still running after the shutdown grace period; abandoning them (they will be retried)");
+    }
+    delivery.context.upstreams.close_all().await;
     info!("portcullis stopped");
     Ok(())
 }

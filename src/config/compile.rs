@@ -559,6 +559,16 @@ impl Compiler {
                 1,
                 MAX_USIZE,
             );
+            let connect_timeout =
+                self.duration(&format!("{at}.connect_timeout"), raw.connect_timeout, "30s", false);
+            let timeout = self.duration(&format!("{at}.timeout"), raw.timeout, "5m", false);
+            let backoff = self.duration(&format!("{at}.backoff"), raw.backoff, "30s", false);
+            if tls == UpstreamTls::None && auth_user.is_some() {
+                self.err(
+                    format!("{at}.auth_user"),
+                    "needs tls = \"opportunistic\" or \"required\": portcullis never sends the upstream password in plaintext",
+                );
+            }
             upstreams.push(Upstream {
                 name,
                 address,
@@ -569,6 +579,9 @@ impl Compiler {
                 auth_password_file,
                 auth_password,
                 max_connections,
+                connect_timeout,
+                timeout,
+                backoff,
             });
         }
         upstreams

@@ -266,6 +266,13 @@ pub struct Upstream {
     pub auth_password: Option<String>,
     /// Concurrent connections to this upstream (≥ 1).
     pub max_connections: usize,
+    /// Time allowed to open the TCP connection.
+    pub connect_timeout: Duration,
+    /// Time allowed for each reply (the reply to the final dot gets twice this).
+    pub timeout: Duration,
+    /// Circuit breaker: after a connection-level failure the upstream is left alone this long,
+    /// doubling with each further failure up to 16 times; then one delivery probes it.
+    pub backoff: Duration,
 }
 
 /// `[headers]`.

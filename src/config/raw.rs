@@ -190,6 +190,12 @@ pub struct RawUpstream {
     pub auth_password_file: Option<String>,
     /// Concurrent connections to this upstream.
     pub max_connections: Option<i64>,
+    /// Time allowed to open a TCP connection.
+    pub connect_timeout: Option<String>,
+    /// Time allowed for each reply.
+    pub timeout: Option<String>,
+    /// Circuit breaker: how long the upstream is left alone after a failure.
+    pub backoff: Option<String>,
 }
 
 /// `[headers]`

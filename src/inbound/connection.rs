@@ -46,6 +46,8 @@ pub struct Shared {
     pub shutdown: CancellationToken,
     /// Bounds concurrent password hashing (argon2 takes ~19 MiB and real CPU per check).
     pub hash_slots: Arc<Semaphore>,
+    /// Told the id of each committed message, so delivery starts at once.
+    pub queued: tokio::sync::mpsc::UnboundedSender<crate::envelope::QueueId>,
 }
 
 /// How a session ended, for the session log line.
@@ -555,6 +557,9 @@ impl Connection {
                 }
                 self.outcome.messages += 1;
                 self.session.queued(id.as_str());
+                // After the 250 is queued for sending; a closed channel (shutdown) is fine:
+                // the message is on disk and the next start delivers it.
+                let _ = self.shared.queued.send(id);
             }
             Err(error) => {
                 warn!(%error, "spool commit failed");

@@ -1,1 +1,74 @@
 //! Upstream SMTP client and delivery workers.
+//!
+//! - [`client`]: one SMTP connection to an upstream (EHLO/HELO, STARTTLS, AUTH, pipelined
+//!   transactions, dot-stuffing, per-recipient outcomes).
+//! - [`reply`]: upstream replies, parsed and classified.
+//! - [`tls`]: the rustls client configuration of each upstream.
+//! - [`upstream`]: routing by recipient domain, failover order, circuit breakers and
+//!   connection pools.
+//! - [`deliver`]: one delivery attempt of one message, and what it records in the spool.
+//! - [`bounce`]: queueing a delivery status notification.
+//! - [`scheduler`]: when each message is due; starts deliveries.
+//!
+//! [`start`] wires them: the returned sender is given to the inbound side, which sends each
+//! message's id as soon as it is committed.
+
+pub mod bounce;
+pub mod client;
+pub mod deliver;
+pub mod reply;
+pub mod scheduler;
+pub mod tls;
+pub mod upstream;
+
+use std::sync::Arc;
+
+use tokio::sync::mpsc::{self, UnboundedSender};
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::config::Config;
+use crate::envelope::QueueId;
+use crate::queue::Spool;
+
+pub use deliver::Context;
+pub use tls::ClientTlsError;
+
+/// Delivery running in the background.
+pub struct Delivery {
+    /// Send a committed message's id here to have it delivered at once.
+    pub wake: UnboundedSender<QueueId>,
+    /// The scheduler task; ends after `shutdown` is cancelled.
+    pub scheduler: JoinHandle<()>,
+    /// Deliveries in flight.
+    pub tracker: TaskTracker,
+    /// Shared with the deliveries (to close idle connections at shutdown).
+    pub context: Arc<Context>,
+}
+
+/// Start the scheduler over `spool` with `config`'s upstreams and queue policy.
+pub fn start(
+    config: &Config,
+    spool: Spool,
+    shutdown: CancellationToken,
+) -> Result<Delivery, ClientTlsError> {
+    let (wake, incoming) = mpsc::unbounded_channel();
+    let context = Arc::new(Context {
+        spool,
+        upstreams: upstream::Upstreams::new(config)?,
+        hostname: config.server.hostname.clone(),
+        queue: config.queue.clone(),
+        wake: wake.clone(),
+    });
+    let tracker = TaskTracker::new();
+    let scheduler = tokio::spawn(
+        scheduler::Scheduler::new(context.clone(), incoming, shutdown, tracker.clone()).run(),
+    );
+    Ok(Delivery {
+        wake,
+        scheduler,
+        tracker,
+        context,
+    })
+}

@@ -1,0 +1,446 @@
+//! One delivery attempt of one queued message.
+//!
+//! Load the message; expire it when it is older than `queue.max_age`; group the pending
+//! recipients by route; for each group try the route's upstreams in order (skipping those
+//! whose breaker is open) until one completes a transaction; record each recipient's
+//! outcome; send a bounce for the recipients that failed for good; then either remove the
+//! message (nothing pending) or write its new state with the next attempt time.
+//!
+//! Ordering for durability: a bounce is committed to the spool before the state that marks
+//! its recipients failed, and the state is written before the message is removed, so a crash
+//! at any point repeats work (a duplicate delivery or bounce) but never loses a message or a
+//! bounce (DESIGN invariants 1 and 2).
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Instant;
+
+use tokio::sync::mpsc::UnboundedSender;
+use tracing::{error, info, warn};
+
+use super::client::{DotGate, MessageSource, RcptOutcome, Sent, Transaction};
+use super::upstream::{UpstreamRt, Upstreams};
+use crate::config;
+use crate::envelope::{Address, QueueId, RcptStatus, ReversePath, unix_now};
+use crate::queue::{Attempt, QueuedMessage, SendingMarker, Spool, SpoolError};
+
+/// Messages up to this size are read into memory in one go; larger ones are streamed from
+/// the spool file.
+const IN_MEMORY_MAX: u64 = 1024 * 1024;
+
+/// Everything a delivery needs.
+pub struct Context {
+    pub spool: Spool,
+    pub upstreams: Upstreams,
+    /// Our name: EHLO to upstreams, Reporting-MTA of bounces.
+    pub hostname: String,
+    pub queue: config::Queue,
+    /// Tells the scheduler about messages created here (bounces).
+    pub wake: UnboundedSender<QueueId>,
+}
+
+/// A recipient that failed for good in this attempt, for the bounce.
+#[derive(Debug, Clone)]
+pub struct FailedRcpt {
+    pub address: Address,
+    /// Enhanced status code, e.g. `5.1.1`.
+    pub status: String,
+    /// The upstream's reply or our reason.
+    pub text: String,
+    /// Host name of the upstream that refused it, when one did (the DSN's `Remote-MTA`).
+    pub upstream: Option<String>,
+}
+
+/// Run one attempt for `id`. Returns when it is due again (Unix seconds), or `None` when it
+/// left the queue (delivered, failed, expired, or deleted meanwhile).
+pub async fn deliver(ctx: Arc<Context>, id: QueueId) -> Option<u64> {
+    let loaded = {
+        let spool = ctx.spool.clone();
+        let id = id.clone();
+        tokio::task::spawn_blocking(move || load(&spool, &id)).await
+    };
+    let (msg, body) = match loaded {
+        Ok(Ok(loaded)) => loaded,
+        Ok(Err(SpoolError::NotFound(_))) => return None,
+        Ok(Err(e)) => {
+            error!(queue_id = %id, error = %e, "cannot read queued message; will try again");
+            return Some(unix_now() + ctx.queue.retry[0].as_secs().max(1));
+        }
+        Err(join) => {
+            error!(queue_id = %id, error = %join, "loading a queued message panicked");
+            return Some(unix_now() + ctx.queue.retry[0].as_secs().max(1));
+        }
+    };
+    Attempting { ctx, msg, body }.run().await
+}
+
+/// The message bytes of a loaded message.
+enum Bytes {
+    Memory(Arc<Vec<u8>>),
+    /// Too big for memory: reopened from the spool for each transaction.
+    Spooled,
+}
+
+fn load(spool: &Spool, id: &QueueId) -> Result<(QueuedMessage, Bytes), SpoolError> {
+    let msg = spool.load(id)?;
+    let body = if msg.size <= IN_MEMORY_MAX {
+        Bytes::Memory(Arc::new(spool.read_message(id)?))
+    } else {
+        Bytes::Spooled
+    };
+    Ok((msg, body))
+}
+
+struct Attempting {
+    ctx: Arc<Context>,
+    msg: QueuedMessage,
+    body: Bytes,
+}
+
+/// Asks the spool, right before the final dot, whether the message still exists (an operator
+/// may have deleted it); holds the "final dot sent" marker until the reply is in.
+struct Gate {
+    spool: Spool,
+    id: QueueId,
+    marker: Option<SendingMarker>,
+    deleted: bool,
+}
+
+impl DotGate for Gate {
+    fn allow(&mut self) -> bool {
+        match self.spool.begin_final_dot(&self.id) {
+            Ok(Some(marker)) => {
+                self.marker = Some(marker);
+                true
+            }
+            Ok(None) => {
+                self.deleted = true;
+                false
+            }
+            Err(e) => {
+                // Cannot tell: sending is the at-least-once choice.
+                warn!(queue_id = %self.id, error = %e, "cannot mark the final dot; sending anyway");
+                true
+            }
+        }
+    }
+}
+
+impl Attempting {
+    fn id(&self) -> &QueueId {
+        &self.msg.envelope.id
+    }
+
+    async fn run(mut self) -> Option<u64> {
+        let now = unix_now();
+        let expires = self.msg.envelope.received_at + self.ctx.queue.max_age.as_secs();
+        let pending: Vec<usize> = (0..self.msg.envelope.recipients.len())
+            .filter(|&i| self.msg.state.status_of(i) == RcptStatus::Pending)
+            .collect();
+        if self.msg.state.recipients.is_empty() {
+            self.msg.state.recipients = vec![RcptStatus::Pending; self.msg.envelope.recipients.len()];
+        }
+        let mut failed = Vec::new();
+        let mut errors = Vec::new();
+
+        if now >= expires {
+            let reason = format!(
+                "delivery time expired: not delivered within {}{}",
+                crate::queue::report::human_age(self.ctx.queue.max_age.as_secs()),
+                match &self.msg.state.last_error {
+                    Some(e) => format!("; last error: {e}"),
+                    None => String::new(),
+                }
+            );
+            for &i in &pending {
+                let address = self.msg.envelope.recipients[i].address.clone();
+                warn!(queue_id = %self.id(), rcpt = %address, reason = %reason, "expired");
+                self.msg.state.recipients[i] = RcptStatus::Failed;
+                failed.push(FailedRcpt {
+                    address,
+                    status: "4.4.7".into(),
+                    text: reason.clone(),
+                    upstream: None,
+                });
+            }
+        } else {
+            // Group the pending recipients by route (usually one group).
+            let mut groups: BTreeMap<Vec<usize>, Vec<usize>> = BTreeMap::new();
+            for &i in &pending {
+                let domain = self.msg.envelope.recipients[i].address.domain_lower();
+                let route = self.ctx.upstreams.route(&domain).to_vec();
+                groups.entry(route).or_default().push(i);
+            }
+            for (route, rcpts) in groups {
+                if self.try_route(&route, &rcpts, &mut failed, &mut errors).await {
+                    // Deleted by the operator while we were sending it.
+                    return None;
+                }
+            }
+        }
+
+        self.finish(now, expires, failed, errors).await
+    }
+
+    /// Deliver `rcpts` (indexes into the envelope) over `route`. Returns true when the message
+    /// turned out to be deleted by an operator.
+    async fn try_route(
+        &mut self,
+        route: &[usize],
+        rcpts: &[usize],
+        failed: &mut Vec<FailedRcpt>,
+        errors: &mut Vec<String>,
+    ) -> bool {
+        let id = self.id().clone();
+        if route.is_empty() {
+            let domain = self.msg.envelope.recipients[rcpts[0]].address.domain_lower();
+            error!(queue_id = %id, %domain, "no upstream route for this domain (no [[upstreams]] lists it and none has empty domains)");
+            errors.push(format!("no upstream route for {domain}"));
+            return false;
+        }
+        let upstreams: Vec<Arc<UpstreamRt>> =
+            route.iter().map(|&u| self.ctx.upstreams.get(u).clone()).collect();
+        for up in upstreams {
+            if !up.available(Instant::now()) {
+                errors.push(format!("upstream {} is down (circuit breaker open)", up.name()));
+                continue;
+            }
+            let started = unix_now();
+            match self.attempt(&up, rcpts).await {
+                Ok(sent) if sent.aborted => {
+                    info!(
+                        queue_id = %id, upstream = %up.name(),
+                        "deleted by an operator during delivery; transaction aborted before the final dot"
+                    );
+                    return true;
+                }
+                Ok(sent) => {
+                    up.succeeded();
+                    self.record(&up, started, rcpts, sent, failed, errors);
+                    return false;
+                }
+                Err(f) => {
+                    up.failed(Instant::now(), &f);
+                    let text = format!("upstream {}: {f}", up.name());
+                    info!(queue_id = %id, upstream = %up.name(), error = %f, "delivery attempt failed");
+                    self.msg.state.history.push(Attempt {
+                        at: started,
+                        upstream: Some(up.name().to_owned()),
+                        outcome: f.to_string(),
+                    });
+                    errors.push(text);
+                }
+            }
+        }
+        false
+    }
+
+    /// One transaction with one upstream, on a pooled connection (a second, fresh one when the
+    /// pooled connection turns out to have been closed while idle).
+    async fn attempt(&self, up: &UpstreamRt, rcpts: &[usize]) -> Result<Sent, super::client::Failure> {
+        let env = &self.msg.envelope;
+        let addresses: Vec<&Address> = rcpts.iter().map(|&i| &env.recipients[i].address).collect();
+        let tx = Transaction {
+            from: &env.mail_from,
+            params: &env.mail_params,
+            rcpts: &addresses,
+            size: self.msg.size,
+        };
+        for fresh_try in [false, true] {
+            let mut lease = up.lease(&self.ctx.hostname).await?;
+            let mut source = self.source().await.map_err(|e| super::client::Failure {
+                stage: "DATA",
+                detail: format!("reading the spool file: {e}"),
+                stale: false,
+            })?;
+            let mut gate = Gate {
+                spool: self.ctx.spool.clone(),
+                id: env.id.clone(),
+                marker: None,
+                deleted: false,
+            };
+            let result = lease.conn.send(&tx, &mut source, &mut gate).await;
+            drop(gate.marker.take());
+            up.release(lease);
+            match result {
+                Err(f) if f.stale && !fresh_try => continue,
+                other => return other,
+            }
+        }
+        unreachable!("the loop returns on its second pass")
+    }
+
+    async fn source(&self) -> Result<MessageSource, SpoolError> {
+        match &self.body {
+            Bytes::Memory(bytes) => Ok(MessageSource::Memory(bytes.clone())),
+            Bytes::Spooled => {
+                let spool = self.ctx.spool.clone();
+                let id = self.id().clone();
+                let (file, _) = tokio::task::spawn_blocking(move || spool.open_message(&id))
+                    .await
+                    .map_err(|e| SpoolError::Corrupt {
+                        path: Default::default(),
+                        reason: e.to_string(),
+                    })??;
+                Ok(MessageSource::File(tokio::fs::File::from_std(file)))
+            }
+        }
+    }
+
+    /// Apply a completed transaction's outcomes to the state, and log each.
+    fn record(
+        &mut self,
+        up: &UpstreamRt,
+        started: u64,
+        rcpts: &[usize],
+        sent: Sent,
+        failed: &mut Vec<FailedRcpt>,
+        errors: &mut Vec<String>,
+    ) {
+        let id = self.id().clone();
+        let mut summary = Vec::new();
+        for (&i, outcome) in rcpts.iter().zip(sent.rcpts) {
+            let address = self.msg.envelope.recipients[i].address.clone();
+            match outcome {
+                RcptOutcome::Delivered(reply) => {
+                    info!(queue_id = %id, upstream = %up.name(), rcpt = %address, reply = %reply, "delivered");
+                    self.msg.state.recipients[i] = RcptStatus::Delivered;
+                    summary.push(format!("{address}: {reply}"));
+                }
+                RcptOutcome::Deferred(text) => {
+                    info!(queue_id = %id, upstream = %up.name(), rcpt = %address, reply = %text, "deferred");
+                    errors.push(format!("upstream {}: {text}", up.name()));
+                    summary.push(format!("{address}: {text}"));
+                }
+                RcptOutcome::Failed { status, text } => {
+                    warn!(queue_id = %id, upstream = %up.name(), rcpt = %address, reply = %text, "failed permanently");
+                    self.msg.state.recipients[i] = RcptStatus::Failed;
+                    summary.push(format!("{address}: {text}"));
+                    failed.push(FailedRcpt {
+                        address,
+                        status,
+                        text,
+                        upstream: Some(super::tls::host_of(&up.config.address).to_owned()),
+                    });
+                }
+            }
+        }
+        self.msg.state.history.push(Attempt {
+            at: started,
+            upstream: Some(up.name().to_owned()),
+            outcome: summary.join("; "),
+        });
+    }
+
+    async fn finish(
+        mut self,
+        now: u64,
+        expires: u64,
+        failed: Vec<FailedRcpt>,
+        errors: Vec<String>,
+    ) -> Option<u64> {
+        let id = self.id().clone();
+        if !failed.is_empty() && !self.bounce(&failed).await {
+            // No bounce could be queued: keep those recipients pending so the failure is
+            // reported at the next attempt rather than lost.
+            for f in &failed {
+                for (i, r) in self.msg.envelope.recipients.iter().enumerate() {
+                    if r.address == f.address {
+                        self.msg.state.recipients[i] = RcptStatus::Pending;
+                    }
+                }
+            }
+        }
+        let pending = self.msg.state.recipients.iter().filter(|s| **s == RcptStatus::Pending).count();
+        let spool = self.ctx.spool.clone();
+        if pending == 0 {
+            let removed = {
+                let id = id.clone();
+                tokio::task::spawn_blocking(move || spool.remove(&id)).await
+            };
+            let failures = self.msg.state.recipients.iter().filter(|s| **s == RcptStatus::Failed).count();
+            match removed {
+                Ok(Ok(())) | Ok(Err(SpoolError::NotFound(_))) => {
+                    info!(queue_id = %id, delivered = self.msg.state.recipients.len() - failures, failed = failures, "removed from queue: finished");
+                    None
+                }
+                Ok(Err(e)) => {
+                    error!(queue_id = %id, error = %e, "cannot remove a finished message; it may be delivered again");
+                    Some(now + self.ctx.queue.retry[0].as_secs().max(1))
+                }
+                Err(e) => {
+                    error!(queue_id = %id, error = %e, "removing a finished message panicked");
+                    Some(now + self.ctx.queue.retry[0].as_secs().max(1))
+                }
+            }
+        } else {
+            let state = &mut self.msg.state;
+            state.attempts += 1;
+            let schedule = &self.ctx.queue.retry;
+            let wait = schedule[(state.attempts as usize - 1).min(schedule.len() - 1)];
+            state.next_attempt = (now + wait.as_secs().max(1)).min(expires.max(now + 1));
+            if let Some(e) = errors.first() {
+                state.last_error = Some(e.clone());
+            }
+            let next = state.next_attempt;
+            let state = state.clone();
+            let written = {
+                let id = id.clone();
+                tokio::task::spawn_blocking(move || spool.write_state(&id, &state)).await
+            };
+            match written {
+                Ok(Ok(())) => {}
+                // Deleted meanwhile: write_state refuses to create an orphan.
+                Ok(Err(SpoolError::NotFound(_))) => return None,
+                Ok(Err(e)) => error!(queue_id = %id, error = %e, "cannot record delivery progress; it will be repeated"),
+                Err(e) => error!(queue_id = %id, error = %e, "recording delivery progress panicked"),
+            }
+            info!(
+                queue_id = %id, pending, attempts = self.msg.state.attempts,
+                retry_in_secs = next.saturating_sub(now), "deferred"
+            );
+            Some(next)
+        }
+    }
+
+    /// Send a delivery status notification for `failed` to the envelope sender, unless the
+    /// sender is `<>` (never bounce a bounce) or bounces are off. False when a bounce was due
+    /// but could not be queued.
+    async fn bounce(&self, failed: &[FailedRcpt]) -> bool {
+        let id = self.id().clone();
+        let sender = match &self.msg.envelope.mail_from {
+            ReversePath::Null => {
+                info!(queue_id = %id, failed = failed.len(), "no bounce: the sender is <>");
+                return true;
+            }
+            ReversePath::Address(a) => a.clone(),
+        };
+        if !self.ctx.queue.bounces {
+            warn!(queue_id = %id, from = %sender, failed = failed.len(), "no bounce: [queue] bounces = false");
+            return true;
+        }
+        let spool = self.ctx.spool.clone();
+        let envelope = self.msg.envelope.clone();
+        let hostname = self.ctx.hostname.clone();
+        let failed = failed.to_vec();
+        let made = tokio::task::spawn_blocking(move || {
+            super::bounce::enqueue(&spool, &hostname, &envelope, &failed)
+        })
+        .await;
+        match made {
+            Ok(Ok(bounce_id)) => {
+                info!(queue_id = %id, bounce_id = %bounce_id, to = %sender, "bounce queued");
+                let _ = self.ctx.wake.send(bounce_id);
+                true
+            }
+            Ok(Err(e)) => {
+                error!(queue_id = %id, error = %e, "cannot queue the bounce; will try again");
+                false
+            }
+            Err(e) => {
+                error!(queue_id = %id, error = %e, "queueing the bounce panicked; will try again");
+                false
+            }
+        }
+    }
+}
