@@ -12,6 +12,8 @@
 //! SPOOL/queue/ID         committed messages, one file each
 //! SPOOL/queue/ID.state   delivery progress (optional, replaced atomically)
 //! SPOOL/quarantine/      files recovery could not understand (moved here, never deleted)
+//! SPOOL/control/         operator requests to the running relay (`retry.ID`, `retry.all`)
+//! SPOOL/sending/ID       a worker is sending the final dot of ID (see [`control`])
 //! ```
 //!
 //! A message file is the line `PORTCULLIS-SPOOL 1\n`, then the [`Envelope`] as one line of
@@ -56,7 +58,16 @@
 //!
 //! Everything is safe to use from several processes at once (the relay and a `queue` command):
 //! file names are unique per writer and every visible change is a single rename or unlink.
+//! How the `queue retry|delete|purge` commands reach a running relay, and how a deletion is
+//! coordinated with a worker sending the same message, is described in [`control`].
+//!
+//! # Bounces
+//!
+//! [`bounce`] builds RFC 3464 delivery status notifications (pure, no I/O); the relay queues
+//! one with [`Spool::enqueue`] like any other message.
 
+pub mod bounce;
+pub mod control;
 mod recover;
 pub mod report;
 mod state;
@@ -73,6 +84,9 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use crate::envelope::{Envelope, QueueId};
 
+pub use control::{
+    BadPurgeFilter, DeleteOutcome, PurgeFilter, Purged, Request, RetryTarget, SendingMarker,
+};
 pub use recover::RecoveryReport;
 pub use state::{Attempt, DeliveryState};
 pub use writer::SpoolWriter;
@@ -202,11 +216,13 @@ struct Dirs {
     tmp: PathBuf,
     queue: PathBuf,
     quarantine: PathBuf,
+    control: PathBuf,
+    sending: PathBuf,
 }
 
 impl Spool {
-    /// Open the spool at `root`, creating it and `tmp/`, `queue/` and `quarantine/` (mode 0700)
-    /// when missing, and check that it is writable by creating and removing a probe file in
+    /// Open the spool at `root`, creating it and `tmp/`, `queue/`, `quarantine/`, `control/` and
+    /// `sending/` (mode 0700) when missing, and check that it is writable by creating and removing a probe file in
     /// `tmp/`. Does not run recovery.
     pub fn open(root: &Path) -> Result<Spool, SpoolError> {
         let dirs = Dirs {
@@ -214,10 +230,18 @@ impl Spool {
             tmp: root.join("tmp"),
             queue: root.join("queue"),
             quarantine: root.join("quarantine"),
+            control: root.join("control"),
+            sending: root.join("sending"),
         };
         let mut builder = fs::DirBuilder::new();
         builder.recursive(true).mode(DIR_MODE);
-        for dir in [&dirs.tmp, &dirs.queue, &dirs.quarantine] {
+        for dir in [
+            &dirs.tmp,
+            &dirs.queue,
+            &dirs.quarantine,
+            &dirs.control,
+            &dirs.sending,
+        ] {
             builder.create(dir).map_err(SpoolError::io("mkdir", dir))?;
         }
         let spool = Spool {
@@ -272,6 +296,14 @@ impl Spool {
         let mut writer = SpoolWriter::new(id, file, self.inner.clone());
         writer.write_header(&json)?;
         Ok(writer)
+    }
+
+    /// Queue a complete message in one call (for messages the relay makes itself, such as
+    /// bounces): create, write, commit. Blocking (fsync).
+    pub fn enqueue(&self, envelope: &Envelope, message: &[u8]) -> Result<QueueId, SpoolError> {
+        let mut writer = self.create(envelope)?;
+        writer.write(message)?;
+        writer.commit()
     }
 
     /// Every committed message, sorted by id (that is, by age). Temp files are not looked at; a

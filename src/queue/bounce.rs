@@ -1,0 +1,648 @@
+//! Delivery status notifications (RFC 3464 bounces): pure construction, no I/O.
+//!
+//! When recipients fail permanently or a message expires, the relay tells the envelope sender
+//! with a DSN sent from the null sender `<>`: [`build_dsn`] makes the message, and
+//! [`bounce_envelope`] its envelope; the relay queues both with [`Spool::enqueue`]. No DSN is
+//! ever built for a message whose own sender is `<>` (a bounce of a bounce could loop between
+//! two relays forever); both functions return `None` then.
+//!
+//! The message is `multipart/report; report-type=delivery-status` (RFC 6522) with three parts:
+//! a plain-text explanation, the `message/delivery-status` fields, and the original header
+//! section as `text/rfc822-headers`, capped at [`MAX_RETURNED_HEADERS`] and cut between two
+//! header fields, never inside one. The body of the original message is not returned: it is
+//! what the sender already has, and returning it would double the traffic of a spam run's
+//! bounces.
+//!
+//! Output guarantees, whatever the input (upstream replies and original headers are untrusted):
+//! CRLF line endings only (no bare CR or LF), every line at most [`MAX_LINE`] octets, the MIME
+//! boundary absent from every part. Text from upstream replies is reduced to printable ASCII.
+//! When an address or the original headers are UTF-8, the parts use the RFC 6533 types
+//! (`message/global-delivery-status`, `message/global-headers`) and the envelope asks for
+//! 8BITMIME (and SMTPUTF8 when the sender's address needs it).
+//!
+//! [`Spool::enqueue`]: super::Spool::enqueue
+
+use std::fmt::Write as _;
+use std::net::{IpAddr, Ipv4Addr};
+
+use time::OffsetDateTime;
+use time::format_description::well_known::Rfc2822;
+
+use crate::envelope::{Address, Body, Envelope, MailParams, QueueId, Recipient, ReversePath};
+
+/// Most octets of the original header section returned in a DSN.
+pub const MAX_RETURNED_HEADERS: usize = 32 * 1024;
+
+/// Longest line of a DSN, without its CRLF (RFC 5322 §2.1.1 allows 998).
+pub const MAX_LINE: usize = 998;
+
+/// Most characters of one diagnostic text kept (upstream replies can be long multi-line
+/// texts; the first kilobyte says what went wrong).
+pub const MAX_DIAGNOSTIC: usize = 1024;
+
+/// Width at which long DSN fields are folded.
+const FOLD_WIDTH: usize = 76;
+
+/// Listener name recorded in the envelope of bounces the relay makes itself.
+pub const BOUNCE_LISTENER: &str = "bounce";
+
+/// Why a recipient failed, as written in its `Diagnostic-Code`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Diagnostic {
+    /// The upstream's SMTP reply, e.g. `550 5.1.1 <x@example.com>: user unknown`
+    /// (`Diagnostic-Code: smtp; …`).
+    Smtp(String),
+    /// A reason of our own, e.g. `message expired after 5d` (`Diagnostic-Code: X-Portcullis; …`).
+    Local(String),
+}
+
+/// One recipient the DSN reports as failed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FailedRecipient {
+    /// The recipient address.
+    pub address: Address,
+    /// RFC 3463 status, e.g. `5.1.1`, or `4.4.7` for an expired message. Anything that is not
+    /// `4.x.y` or `5.x.y` is reported as `5.0.0`.
+    pub status: String,
+    /// Why it failed.
+    pub diagnostic: Diagnostic,
+    /// Host name of the upstream that refused it, when one answered.
+    pub remote_mta: Option<String>,
+}
+
+/// Everything a DSN says.
+#[derive(Debug, Clone)]
+pub struct DsnInput<'a> {
+    /// Our host name (`server.hostname`): `Reporting-MTA` and the `MAILER-DAEMON` domain.
+    pub reporting_host: &'a str,
+    /// The envelope of the message that failed (sender, arrival time, queue id).
+    pub original: &'a Envelope,
+    /// The recipients that failed (at least one).
+    pub failed: &'a [FailedRecipient],
+    /// The start of the original message; its header section is returned, capped at
+    /// [`MAX_RETURNED_HEADERS`]. Giving the first `MAX_RETURNED_HEADERS + 2` bytes or more is
+    /// enough.
+    pub original_head: &'a [u8],
+    /// Now, in seconds since the Unix epoch (the `Date` of the DSN).
+    pub now: u64,
+}
+
+/// The complete DSN message (CRLF line endings, not dot-stuffed), or `None` when the original
+/// sender is `<>` or no recipient failed.
+pub fn build_dsn(input: &DsnInput<'_>) -> Option<Vec<u8>> {
+    let sender = input.original.mail_from.address()?;
+    if input.failed.is_empty() {
+        return None;
+    }
+    let host = ascii_token(input.reporting_host);
+    let id = &input.original.id;
+
+    let text = human_part(&host, input.failed);
+    let utf8_status = sender.is_utf8() || input.failed.iter().any(|f| f.address.is_utf8());
+    let status = status_part(&host, input.original.received_at, input.failed);
+    let headers = returned_headers(input.original_head);
+    let utf8_headers = !headers.is_ascii();
+
+    let mut boundary = format!("{id}.{}/{host}", input.now);
+    while [text.as_bytes(), status.as_bytes(), &headers]
+        .iter()
+        .any(|part| contains(part, boundary.as_bytes()))
+    {
+        boundary.push('=');
+    }
+
+    let mut out = Vec::with_capacity(text.len() + status.len() + headers.len() + 1024);
+    let mut head = String::new();
+    let _ = write!(
+        head,
+        "From: \"Mail Delivery System\" <MAILER-DAEMON@{host}>\r\n\
+         To: <{sender}>\r\n\
+         Subject: Undelivered Mail Returned to Sender\r\n\
+         Date: {date}\r\n\
+         Message-ID: <{now}.{id}.dsn@{host}>\r\n\
+         Auto-Submitted: auto-replied\r\n\
+         MIME-Version: 1.0\r\n\
+         Content-Type: multipart/report; report-type=delivery-status;\r\n\
+         \tboundary=\"{boundary}\"\r\n\
+         \r\n\
+         This is a MIME-encapsulated message.\r\n\
+         \r\n\
+         --{boundary}\r\n\
+         Content-Type: text/plain; charset=us-ascii\r\n\
+         Content-Description: Notification\r\n\
+         \r\n\
+         {text}\
+         \r\n\
+         --{boundary}\r\n\
+         Content-Type: message/{status_type}\r\n\
+         Content-Description: Delivery report\r\n\
+         \r\n\
+         {status}\
+         \r\n\
+         --{boundary}\r\n\
+         Content-Type: {headers_type}\r\n\
+         Content-Description: Undelivered message headers\r\n\
+         \r\n",
+        sender = header_safe(&sender.to_string()),
+        date = rfc5322_date(input.now),
+        now = input.now,
+        status_type = if utf8_status {
+            "global-delivery-status"
+        } else {
+            "delivery-status"
+        },
+        headers_type = if utf8_headers {
+            "message/global-headers"
+        } else {
+            "text/rfc822-headers"
+        },
+    );
+    out.extend_from_slice(head.as_bytes());
+    out.extend_from_slice(&headers);
+    out.extend_from_slice(format!("\r\n--{boundary}--\r\n").as_bytes());
+    Some(out)
+}
+
+/// The envelope of the DSN `dsn` for `original`: from `<>` to the original sender, received
+/// now on the [`BOUNCE_LISTENER`] from 127.0.0.1. `None` when the original sender is `<>`.
+/// BODY=8BITMIME when the DSN has 8-bit octets; SMTPUTF8 when the sender's address needs it.
+pub fn bounce_envelope(
+    original: &Envelope,
+    dsn: &[u8],
+    reporting_host: &str,
+    now: u64,
+) -> Option<Envelope> {
+    let sender = original.mail_from.address()?;
+    Some(Envelope {
+        id: QueueId::generate(),
+        received_at: now,
+        listener: BOUNCE_LISTENER.to_string(),
+        client_ip: IpAddr::V4(Ipv4Addr::LOCALHOST),
+        client_port: 0,
+        helo: ascii_token(reporting_host),
+        tls: None,
+        auth_user: None,
+        mail_from: ReversePath::Null,
+        mail_params: MailParams {
+            body: (!dsn.is_ascii()).then_some(Body::EightBitMime),
+            smtputf8: sender.is_utf8(),
+            size: Some(dsn.len() as u64),
+        },
+        recipients: vec![Recipient::new(sender.clone())],
+    })
+}
+
+/// The text/plain part: which recipients failed and why, wrapped at 76 columns.
+fn human_part(host: &str, failed: &[FailedRecipient]) -> String {
+    let mut out = format!(
+        "This is the mail system at host {host}.\r\n\
+         \r\n\
+         Your message could not be delivered to one or more recipients.\r\n\
+         It is attached below (headers only).\r\n\
+         \r\n\
+         For further assistance, please contact your postmaster and include\r\n\
+         this report.\r\n\
+         \r\n"
+    );
+    for f in failed {
+        let line = format!(
+            "<{}>: {}",
+            printable_ascii(&f.address.to_string()),
+            diagnostic_text(&f.diagnostic)
+        );
+        for piece in fold(&line, FOLD_WIDTH, "    ") {
+            out.push_str(&piece);
+            out.push_str("\r\n");
+        }
+    }
+    out
+}
+
+/// The delivery-status part: per-message fields, then one block per recipient.
+fn status_part(host: &str, arrival: u64, failed: &[FailedRecipient]) -> String {
+    let mut out = format!(
+        "Reporting-MTA: dns; {host}\r\nArrival-Date: {}\r\n",
+        rfc5322_date(arrival)
+    );
+    for f in failed {
+        let addr = f.address.to_string();
+        let addr_type = if f.address.is_utf8() {
+            "utf-8"
+        } else {
+            "rfc822"
+        };
+        let _ = write!(
+            out,
+            "\r\nFinal-Recipient: {addr_type}; {}\r\nAction: failed\r\nStatus: {}\r\n",
+            header_safe(&addr),
+            status_code(&f.status)
+        );
+        if let Some(mta) = &f.remote_mta {
+            let _ = write!(out, "Remote-MTA: dns; {}\r\n", ascii_token(mta));
+        }
+        let (kind, text) = match &f.diagnostic {
+            Diagnostic::Smtp(t) => ("smtp", t),
+            Diagnostic::Local(t) => ("X-Portcullis", t),
+        };
+        let field = format!("Diagnostic-Code: {kind}; {}", printable_ascii(text));
+        for piece in fold(&field, FOLD_WIDTH, "    ") {
+            out.push_str(&piece);
+            out.push_str("\r\n");
+        }
+    }
+    out
+}
+
+fn diagnostic_text(d: &Diagnostic) -> String {
+    match d {
+        Diagnostic::Smtp(t) => format!("the upstream server said: {}", printable_ascii(t)),
+        Diagnostic::Local(t) => printable_ascii(t),
+    }
+}
+
+/// `status` if it is an RFC 3463 code of class 4 or 5, else `5.0.0`.
+fn status_code(status: &str) -> &str {
+    let parts: Vec<&str> = status.split('.').collect();
+    let number = |p: &str| (1..=3).contains(&p.len()) && p.bytes().all(|b| b.is_ascii_digit());
+    match parts.as_slice() {
+        ["4" | "5", subject, detail] if number(subject) && number(detail) => status,
+        _ => "5.0.0",
+    }
+}
+
+/// The header section of `head` (up to, not including, the blank line), at most
+/// [`MAX_RETURNED_HEADERS`] octets and cut before the first header field that would not fit.
+/// Lines longer than [`MAX_LINE`] are cut, stray CR and LF become spaces, and every line ends
+/// in CRLF.
+fn returned_headers(head: &[u8]) -> Vec<u8> {
+    let mut out = Vec::new();
+    // Bytes of the header fields that fit so far, and the field being assembled.
+    let mut field: Vec<u8> = Vec::new();
+    let mut lines = split_lines(head);
+    let flush = |out: &mut Vec<u8>, field: &mut Vec<u8>| -> bool {
+        if out.len() + field.len() > MAX_RETURNED_HEADERS {
+            return false;
+        }
+        out.append(field);
+        true
+    };
+    for line in lines.by_ref() {
+        if line.is_empty() {
+            break;
+        }
+        let continuation = matches!(line[0], b' ' | b'\t');
+        if !continuation && !field.is_empty() && !flush(&mut out, &mut field) {
+            return out;
+        }
+        let line = &line[..line.len().min(MAX_LINE)];
+        field.extend(line.iter().map(|&b| match b {
+            b'\r' | b'\n' => b' ',
+            b => b,
+        }));
+        field.extend_from_slice(b"\r\n");
+    }
+    // The last field is complete only if the section ended inside what we were given: a blank
+    // line, or the end of a short head (the whole message). The caller passes enough bytes.
+    flush(&mut out, &mut field);
+    out
+}
+
+/// Split at CRLF; a final piece without CRLF is a line too. Lines never contain the CRLF.
+fn split_lines(bytes: &[u8]) -> impl Iterator<Item = &[u8]> {
+    let mut rest = bytes;
+    std::iter::from_fn(move || {
+        if rest.is_empty() {
+            return None;
+        }
+        match rest.windows(2).position(|w| w == b"\r\n") {
+            Some(i) => {
+                let line = &rest[..i];
+                rest = &rest[i + 2..];
+                Some(line)
+            }
+            None => {
+                let line = rest;
+                rest = &[];
+                Some(line)
+            }
+        }
+    })
+}
+
+/// Split ASCII `text` into lines of at most `width` octets where possible, breaking at spaces;
+/// continuation lines start with `indent`. A word longer than a line may be is cut. Callers
+/// pass text through [`printable_ascii`] first, so cutting at any octet is safe.
+fn fold(text: &str, width: usize, indent: &str) -> Vec<String> {
+    let mut lines = Vec::new();
+    let mut line = String::new();
+    for word in text.split(' ').filter(|w| !w.is_empty()) {
+        let word = &word[..word.len().min(MAX_LINE - indent.len() - 1)];
+        if !line.is_empty() && line.len() + 1 + word.len() > width {
+            lines.push(std::mem::replace(&mut line, indent.to_string()));
+        }
+        if !line.is_empty() && !line.ends_with(' ') {
+            line.push(' ');
+        }
+        line.push_str(word);
+    }
+    if !line.trim().is_empty() {
+        lines.push(line);
+    }
+    lines
+}
+
+/// Untrusted text as printable ASCII on one line: controls (CR, LF included) become spaces,
+/// other non-ASCII characters `?`; at most [`MAX_DIAGNOSTIC`] characters.
+fn printable_ascii(text: &str) -> String {
+    let mut out: String = text
+        .chars()
+        .take(MAX_DIAGNOSTIC)
+        .map(|c| match c {
+            c if c.is_ascii_control() || c.is_control() => ' ',
+            c if c.is_ascii() => c,
+            _ => '?',
+        })
+        .collect();
+    if text.chars().count() > MAX_DIAGNOSTIC {
+        out.push_str(" [...]");
+    }
+    out
+}
+
+/// A host name reduced to characters that are safe in a header and a boundary.
+fn ascii_token(text: &str) -> String {
+    let token: String = text
+        .chars()
+        .filter(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '-' | '[' | ']' | ':'))
+        .take(253)
+        .collect();
+    if token.is_empty() {
+        "localhost".into()
+    } else {
+        token
+    }
+}
+
+/// An address for a header line: validated addresses have no controls or spaces, but be sure.
+fn header_safe(text: &str) -> String {
+    text.chars()
+        .map(|c| if c.is_control() { '?' } else { c })
+        .collect()
+}
+
+/// RFC 5322 date-time in UTC, e.g. `Tue, 14 Nov 2023 22:13:20 +0000`.
+fn rfc5322_date(secs: u64) -> String {
+    i64::try_from(secs)
+        .ok()
+        .and_then(|s| OffsetDateTime::from_unix_timestamp(s).ok())
+        .and_then(|t| t.format(&Rfc2822).ok())
+        .unwrap_or_else(|| "Thu, 01 Jan 1970 00:00:00 +0000".into())
+}
+
+fn contains(haystack: &[u8], needle: &[u8]) -> bool {
+    haystack.windows(needle.len()).any(|w| w == needle)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::envelope::sample_envelope;
+    use mail_parser::{MessageParser, MimeHeaders, PartType};
+
+    fn failed(addr: &str, status: &str, d: Diagnostic, mta: Option<&str>) -> FailedRecipient {
+        FailedRecipient {
+            address: Address::parse(addr).unwrap(),
+            status: status.into(),
+            diagnostic: d,
+            remote_mta: mta.map(String::from),
+        }
+    }
+
+    const HEAD: &[u8] = b"Received: from client.example\r\n\tby relay.test; Tue, 14 Nov 2023\r\n\
+Subject: hello\r\nFrom: sender@example.org\r\nMessage-ID: <m1@example.org>\r\n\r\nbody\r\n.\r\n";
+
+    fn lines_ok(dsn: &[u8]) {
+        for (i, &b) in dsn.iter().enumerate() {
+            if b == b'\n' {
+                assert!(i > 0 && dsn[i - 1] == b'\r', "bare LF at {i}");
+            }
+            if b == b'\r' {
+                assert_eq!(dsn.get(i + 1), Some(&b'\n'), "bare CR at {i}");
+            }
+        }
+        assert!(dsn.ends_with(b"\r\n"));
+        for line in dsn.split(|&b| b == b'\n') {
+            assert!(line.len() <= MAX_LINE + 1, "line of {} octets", line.len());
+        }
+    }
+
+    #[test]
+    fn dsn_is_a_three_part_multipart_report_that_parses() {
+        let env = sample_envelope(&["a@example.com", "b@example.com"]);
+        let list = [
+            failed(
+                "a@example.com",
+                "5.1.1",
+                Diagnostic::Smtp("550 5.1.1 <a@example.com>: user unknown".into()),
+                Some("exchange.example.internal"),
+            ),
+            failed(
+                "b@example.com",
+                "4.4.7",
+                Diagnostic::Local("message expired after 5d".into()),
+                None,
+            ),
+        ];
+        let input = DsnInput {
+            reporting_host: "relay.test",
+            original: &env,
+            failed: &list,
+            original_head: HEAD,
+            now: 1_700_000_000,
+        };
+        let dsn = build_dsn(&input).unwrap();
+        lines_ok(&dsn);
+        let text = String::from_utf8(dsn.clone()).unwrap();
+        let msg = MessageParser::default().parse(&dsn).unwrap();
+        assert_eq!(msg.subject(), Some("Undelivered Mail Returned to Sender"));
+        let from = msg.from().unwrap().first().unwrap();
+        assert_eq!(from.address(), Some("MAILER-DAEMON@relay.test"));
+        assert_eq!(from.name(), Some("Mail Delivery System"));
+        assert_eq!(
+            msg.to().unwrap().first().unwrap().address(),
+            Some("sender@example.org")
+        );
+        assert!(text.contains("\r\nAuto-Submitted: auto-replied\r\n"));
+        assert!(text.contains("\r\nDate: Tue, 14 Nov 2023 22:13:20 +0000\r\n"));
+        let ct = msg.content_type().unwrap();
+        assert_eq!(ct.ctype(), "multipart");
+        assert_eq!(ct.subtype(), Some("report"));
+        assert_eq!(ct.attribute("report-type"), Some("delivery-status"));
+
+        let root = &msg.parts[0];
+        let PartType::Multipart(children) = &root.body else {
+            panic!("not multipart: {:?}", root.body);
+        };
+        assert_eq!(children.len(), 3);
+        let types: Vec<String> = children
+            .iter()
+            .map(|&i| {
+                let ct = msg.parts[i as usize].content_type().unwrap();
+                format!("{}/{}", ct.ctype(), ct.subtype().unwrap_or(""))
+            })
+            .collect();
+        assert_eq!(
+            types,
+            [
+                "text/plain",
+                "message/delivery-status",
+                "text/rfc822-headers"
+            ]
+        );
+        let human = msg.body_text(0).unwrap();
+        assert!(human.contains("<a@example.com>: the upstream server said: 550 5.1.1"));
+        assert!(human.contains("<b@example.com>: message expired after 5d"));
+
+        // The status part, checked in the raw text (field order and blank-line blocks).
+        assert!(text.contains(
+            "Reporting-MTA: dns; relay.test\r\nArrival-Date: Tue, 14 Nov 2023 22:13:20 +0000\r\n\
+             \r\nFinal-Recipient: rfc822; a@example.com\r\nAction: failed\r\nStatus: 5.1.1\r\n\
+             Remote-MTA: dns; exchange.example.internal\r\n\
+             Diagnostic-Code: smtp; 550 5.1.1 <a@example.com>: user unknown\r\n\
+             \r\nFinal-Recipient: rfc822; b@example.com\r\nAction: failed\r\nStatus: 4.4.7\r\n\
+             Diagnostic-Code: X-Portcullis; message expired after 5d\r\n"
+        ));
+        // The headers part: the header section only, not the body.
+        assert!(text.contains(
+            "Content-Description: Undelivered message headers\r\n\r\nReceived: from client.example\r\n\
+             \tby relay.test; Tue, 14 Nov 2023\r\nSubject: hello\r\nFrom: sender@example.org\r\n\
+             Message-ID: <m1@example.org>\r\n\r\n--"
+        ));
+        assert!(!text.contains("body\r\n"));
+    }
+
+    #[test]
+    fn no_dsn_for_the_null_sender_or_without_failures() {
+        let env = sample_envelope(&["a@example.com"]);
+        let list = [failed(
+            "a@example.com",
+            "5.1.1",
+            Diagnostic::Smtp("550 no".into()),
+            None,
+        )];
+        let input = DsnInput {
+            reporting_host: "relay.test",
+            original: &env,
+            failed: &[],
+            original_head: HEAD,
+            now: 1,
+        };
+        assert!(build_dsn(&input).is_none(), "no failed recipients");
+        let mut null = env.clone();
+        null.mail_from = ReversePath::Null;
+        let input = DsnInput {
+            original: &null,
+            failed: &list,
+            ..input
+        };
+        assert!(build_dsn(&input).is_none(), "bounce for <>");
+        assert!(bounce_envelope(&null, b"x", "relay.test", 1).is_none());
+    }
+
+    #[test]
+    fn returned_headers_are_capped_at_a_field_boundary() {
+        let mut head = Vec::new();
+        let field = format!("X-Filler: {}\r\n\t{}\r\n", "a".repeat(500), "b".repeat(480));
+        while head.len() < 3 * MAX_RETURNED_HEADERS {
+            head.extend_from_slice(field.as_bytes());
+        }
+        head.extend_from_slice(b"\r\nbody\r\n");
+        let out = returned_headers(&head);
+        assert!(out.len() <= MAX_RETURNED_HEADERS);
+        assert!(out.len() > MAX_RETURNED_HEADERS - field.len());
+        assert_eq!(out.len() % field.len(), 0, "cut inside a field");
+        assert!(out.starts_with(field.as_bytes()) && out.ends_with(b"\r\n"));
+    }
+
+    #[test]
+    fn hostile_input_still_gives_short_crlf_lines() {
+        let env = sample_envelope(&["a@example.com"]);
+        let long_reply = format!(
+            "550-5.7.1 first line\r\n550 5.7.1 {}\n\rbare\x1b[31m {}",
+            "word ".repeat(400),
+            "x".repeat(3000)
+        );
+        let list = [failed(
+            "a@example.com",
+            "2.0.0",
+            Diagnostic::Smtp(long_reply),
+            Some("evil host\r\nX-Injected: 1"),
+        )];
+        let head = format!(
+            "Subject: {}\r\nX-Bare: a\nb\rc\r\nX-Ok: 1\r\n\r\n",
+            "s".repeat(2000)
+        );
+        let input = DsnInput {
+            reporting_host: "relay.test",
+            original: &env,
+            failed: &list,
+            original_head: head.as_bytes(),
+            now: 1_700_000_000,
+        };
+        let dsn = build_dsn(&input).unwrap();
+        lines_ok(&dsn);
+        let text = String::from_utf8(dsn.clone()).unwrap();
+        assert!(
+            text.contains("\r\nStatus: 5.0.0\r\n"),
+            "class 2 status kept"
+        );
+        assert!(!text.contains("\r\nX-Injected"));
+        assert!(!text.contains('\x1b'));
+        assert!(text.contains("\r\nX-Bare: a b c\r\nX-Ok: 1\r\n"));
+        assert!(text.contains(" [...]"), "diagnostic not capped");
+        let msg = MessageParser::default().parse(&dsn).unwrap();
+        let PartType::Multipart(children) = &msg.parts[0].body else {
+            panic!("not multipart");
+        };
+        assert_eq!(children.len(), 3);
+    }
+
+    #[test]
+    fn bounce_envelope_goes_from_null_to_the_sender() {
+        let mut env = sample_envelope(&["a@example.com"]);
+        let dsn = b"ascii only\r\n";
+        let b = bounce_envelope(&env, dsn, "relay.test", 1_700_000_100).unwrap();
+        assert_eq!(b.mail_from, ReversePath::Null);
+        assert_eq!(b.recipients.len(), 1);
+        assert_eq!(b.recipients[0].address.to_string(), "sender@example.org");
+        assert_eq!(b.listener, BOUNCE_LISTENER);
+        assert_eq!(b.received_at, 1_700_000_100);
+        assert!(b.client_ip.is_loopback());
+        assert_eq!(b.mail_params.body, None);
+        assert!(!b.mail_params.smtputf8);
+        assert_eq!(b.mail_params.size, Some(dsn.len() as u64));
+        assert_ne!(b.id, env.id);
+
+        env.mail_from = ReversePath::Address(Address::parse("δοκιμή@example.org").unwrap());
+        let list = [failed(
+            "a@example.com",
+            "5.1.1",
+            Diagnostic::Smtp("550 no".into()),
+            None,
+        )];
+        let dsn = build_dsn(&DsnInput {
+            reporting_host: "relay.test",
+            original: &env,
+            failed: &list,
+            original_head: "Subject: ünïcode\r\n\r\n".as_bytes(),
+            now: 1,
+        })
+        .unwrap();
+        let text = String::from_utf8(dsn.clone()).unwrap();
+        assert!(text.contains("Content-Type: message/global-delivery-status\r\n"));
+        assert!(text.contains("Content-Type: message/global-headers\r\n"));
+        let b = bounce_envelope(&env, &dsn, "relay.test", 1).unwrap();
+        assert_eq!(b.mail_params.body, Some(Body::EightBitMime));
+        assert!(b.mail_params.smtputf8);
+    }
+}

@@ -1,0 +1,353 @@
+//! Operator commands to a running relay, and deletion coordinated with delivery workers.
+//!
+//! The `queue` commands run in a separate process from the relay, so everything here goes
+//! through files in the spool; no socket, no signal, no shared memory.
+//!
+//! # Requests: `SPOOL/control/`
+//!
+//! [`Spool::request_retry`] writes an empty file named `retry.all` or `retry.ID` into
+//! `control/`, atomically (created in `tmp/`, renamed into `control/`, directory fsynced so a
+//! request made while the relay is stopped survives a crash until its next start). The name is
+//! the whole request: asking twice for the same thing replaces the file, which is the same
+//! request. The relay calls [`Spool::take_requests`] at startup and about every 500 ms: it
+//! lists `control/`, unlinks each file, and only then returns the requests to act on. Acting
+//! after the unlink is what makes the protocol lossless: a request renamed in between the
+//! listing and the unlink is consumed, but the action that follows covers it too. Names it does
+//! not understand are removed with a warning (nothing but requests belongs there).
+//!
+//! The CLI never writes `queue/ID.state` to make a message due: a delivery worker may be
+//! replacing that file at the same moment, and one of the two writes would be lost. The relay
+//! owns the schedule; a request only asks it to change it.
+//!
+//! # Deletion while a worker sends: `SPOOL/sending/`
+//!
+//! The commit point of a deletion is the unlink of `queue/ID`. A worker that holds the message
+//! in memory (or an open file) must not send its final dot after that, and an operator must be
+//! told when it already had. The two sides do, in this order:
+//!
+//! ```text
+//! worker, before the final dot                 operator, Spool::delete
+//! (Spool::begin_final_dot)
+//!   1. create sending/ID                         a. unlink queue/ID, then ID.state, fsync
+//!   2. queue/ID still exists?                    b. sending/ID exists?
+//!        no  → remove sending/ID, abort (RSET)        yes → DeletedMaybeSent
+//!        yes → send the dot, keep the marker          no  → Deleted
+//!              until the outcome is recorded
+//! ```
+//!
+//! Each step is one system call on one file system, so they happen in some total order. If 2
+//! comes after a, the worker sees the message gone and aborts. Otherwise 2 came before a, so 1
+//! came before b and the operator sees the marker. Either the worker sees the deletion or the
+//! operator sees the marker; never neither. The converse is not exact: when 1 < a < 2 < b the
+//! worker aborts yet the operator is told the message may have been sent. That errs on the side
+//! of the warning, which is the safe side.
+//!
+//! The worker must keep the [`SendingMarker`] alive until the outcome is recorded in the spool
+//! (message removed, or state written), not merely until the reply to the dot arrives:
+//! otherwise a deletion between the two would report a delivered message as simply deleted.
+//! Markers are not fsynced: they only matter while both processes run, and
+//! [`Spool::recover`] removes any left over by a crash.
+//!
+//! [`Spool::recover`]: super::Spool::recover
+
+use std::fs::{self, OpenOptions};
+use std::io;
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::PathBuf;
+
+use super::{FILE_MODE, QueuedMessage, Spool, SpoolError, create_new, exact_id, sync_dir};
+use crate::envelope::{Address, QueueId, ReversePath};
+
+/// Prefix of retry request file names in `control/`.
+const RETRY_PREFIX: &str = "retry.";
+/// Name of the "retry everything" request.
+const RETRY_ALL: &str = "retry.all";
+
+/// Which messages a retry request is about.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RetryTarget {
+    /// Every queued message.
+    All,
+    /// These messages (sorted, no duplicates, when returned by [`Spool::take_requests`]).
+    Ids(Vec<QueueId>),
+}
+
+/// A request from an operator to the running relay.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Request {
+    /// Make these messages due now, overriding back-off, and reset the circuit breaker of
+    /// their upstream.
+    Retry(RetryTarget),
+}
+
+/// What [`Spool::delete`] did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DeleteOutcome {
+    /// The message was removed before any worker sent its final dot (a worker holding it
+    /// aborts its transaction).
+    Deleted,
+    /// The message was removed, but a worker had already sent (or was sending) its final dot:
+    /// the upstream may have accepted it.
+    DeletedMaybeSent,
+    /// No such message was queued.
+    NotFound,
+}
+
+/// Which messages `queue purge` removes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PurgeFilter {
+    /// Every queued message.
+    All,
+    /// Messages from the null sender `<>` (bounces), given as `--from '<>'`.
+    NullSender,
+    /// Messages whose envelope sender is this address: local part compared exactly, domain
+    /// case-insensitively.
+    Sender(Address),
+    /// Messages whose envelope sender's domain is this domain (case-insensitive; subdomains do
+    /// not match), given as `--from @DOMAIN`.
+    Domain(String),
+}
+
+/// Why a `--from` argument is not a filter.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("--from {0:?} is not an address, @domain or <>")]
+pub struct BadPurgeFilter(pub String);
+
+impl PurgeFilter {
+    /// Parse a `--from` argument: `<>` for the null sender, `@DOMAIN` for a whole domain,
+    /// otherwise an address (surrounding angle brackets allowed, a trailing dot on the domain
+    /// ignored, as at MAIL FROM).
+    pub fn parse_from(arg: &str) -> Result<PurgeFilter, BadPurgeFilter> {
+        let bad = || BadPurgeFilter(arg.to_string());
+        if arg == "<>" {
+            return Ok(PurgeFilter::NullSender);
+        }
+        if let Some(domain) = arg.strip_prefix('@') {
+            // Validate the domain with the address parser rather than a second grammar.
+            let probe = Address::parse(&format!("x@{domain}")).map_err(|_| bad())?;
+            return Ok(PurgeFilter::Domain(probe.domain().to_string()));
+        }
+        let bare = arg
+            .strip_prefix('<')
+            .and_then(|a| a.strip_suffix('>'))
+            .unwrap_or(arg);
+        Address::parse(bare)
+            .map(PurgeFilter::Sender)
+            .map_err(|_| bad())
+    }
+
+    /// True when a message from `sender` is selected.
+    pub fn matches(&self, sender: &ReversePath) -> bool {
+        match (self, sender) {
+            (PurgeFilter::All, _) => true,
+            (PurgeFilter::NullSender, ReversePath::Null) => true,
+            (PurgeFilter::Sender(want), ReversePath::Address(got)) => {
+                want.local() == got.local() && same_domain(want.domain(), got.domain())
+            }
+            (PurgeFilter::Domain(want), ReversePath::Address(got)) => {
+                same_domain(want, got.domain())
+            }
+            _ => false,
+        }
+    }
+}
+
+/// Domains compare case-insensitively, including non-ASCII (internationalised) labels.
+fn same_domain(a: &str, b: &str) -> bool {
+    a.eq_ignore_ascii_case(b) || a.to_lowercase() == b.to_lowercase()
+}
+
+/// One message selected by [`Spool::purge`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Purged {
+    /// The queue id.
+    pub id: QueueId,
+    /// Its envelope sender.
+    pub sender: ReversePath,
+    /// What the deletion did; `None` in a dry run.
+    pub outcome: Option<DeleteOutcome>,
+}
+
+/// Held by a delivery worker from just before it sends the final dot until the outcome is
+/// recorded in the spool; removes `sending/ID` when finished or dropped. See the module docs.
+#[derive(Debug)]
+pub struct SendingMarker {
+    id: QueueId,
+    path: PathBuf,
+}
+
+impl SendingMarker {
+    /// The message being sent.
+    pub fn id(&self) -> &QueueId {
+        &self.id
+    }
+
+    /// Remove the marker (same as dropping it; reads better at the end of a transaction).
+    pub fn finish(self) {}
+}
+
+impl Drop for SendingMarker {
+    fn drop(&mut self) {
+        match fs::remove_file(&self.path) {
+            Ok(()) => {}
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            // A leftover marker only makes a later deletion of this id warn needlessly, and
+            // recovery removes it at the next start.
+            Err(e) => {
+                tracing::warn!(queue_id = %self.id, error = %e, "cannot remove sending marker")
+            }
+        }
+    }
+}
+
+impl Spool {
+    /// Ask the running relay to retry `target` now (see the module docs). Blocking: writes
+    /// and fsyncs. Does not check that the messages exist; the relay ignores ids it does not
+    /// hold.
+    pub fn request_retry(&self, target: &RetryTarget) -> Result<(), SpoolError> {
+        match target {
+            RetryTarget::All => self.write_request(RETRY_ALL),
+            RetryTarget::Ids(ids) => ids
+                .iter()
+                .try_for_each(|id| self.write_request(&format!("{RETRY_PREFIX}{id}"))),
+        }?;
+        sync_dir(&self.inner.control)
+    }
+
+    fn write_request(&self, name: &str) -> Result<(), SpoolError> {
+        let tmp = self.temp_path(name);
+        drop(create_new(&tmp)?);
+        let dest = self.inner.control.join(name);
+        fs::rename(&tmp, &dest).map_err(|e| {
+            let _ = fs::remove_file(&tmp);
+            SpoolError::io("rename", &dest)(e)
+        })
+    }
+
+    /// Consume the pending operator requests: each file in `control/` is read and unlinked
+    /// before this returns, so act on every request returned. Retries are merged into at
+    /// most one [`Request::Retry`]: `All` if anyone asked for all, else the sorted ids.
+    /// Unknown names are removed with a warning. Blocking.
+    pub fn take_requests(&self) -> Result<Vec<Request>, SpoolError> {
+        let dir = &self.inner.control;
+        let mut all = false;
+        let mut ids = Vec::new();
+        for entry in fs::read_dir(dir).map_err(SpoolError::io("readdir", dir))? {
+            let entry = entry.map_err(SpoolError::io("readdir", dir))?;
+            let path = entry.path();
+            let name = entry.file_name();
+            let parsed = name.to_str().and_then(|n| {
+                if n == RETRY_ALL {
+                    Some(None)
+                } else {
+                    n.strip_prefix(RETRY_PREFIX).and_then(exact_id).map(Some)
+                }
+            });
+            let removed = if entry.file_type().is_ok_and(|t| t.is_dir()) {
+                fs::remove_dir_all(&path)
+            } else {
+                fs::remove_file(&path)
+            };
+            match removed {
+                Ok(()) => {}
+                // Consumed by a concurrent caller: it acts on it.
+                Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
+                Err(e) => return Err(SpoolError::io("unlink", &path)(e)),
+            }
+            match parsed {
+                Some(None) => all = true,
+                Some(Some(id)) => ids.push(id),
+                None => {
+                    tracing::warn!(path = %path.display(), "removed unknown file from the spool control directory")
+                }
+            }
+        }
+        let target = if all {
+            RetryTarget::All
+        } else if ids.is_empty() {
+            return Ok(Vec::new());
+        } else {
+            ids.sort();
+            ids.dedup();
+            RetryTarget::Ids(ids)
+        };
+        Ok(vec![Request::Retry(target)])
+    }
+
+    /// True when `queue/ID` exists (a committed message, possibly leaving at this moment).
+    pub fn contains(&self, id: &QueueId) -> bool {
+        fs::symlink_metadata(self.message_path(id)).is_ok()
+    }
+
+    /// Delete a message on an operator's command: unlink `queue/ID` (the commit point), then
+    /// `ID.state`, fsync `queue/`; then report whether a worker had begun its final dot (see
+    /// the module docs). The caller reports the deletion (DESIGN invariant 2). Blocking.
+    pub fn delete(&self, id: &QueueId) -> Result<DeleteOutcome, SpoolError> {
+        match self.remove(id) {
+            Ok(()) => {}
+            Err(SpoolError::NotFound(_)) => return Ok(DeleteOutcome::NotFound),
+            Err(e) => return Err(e),
+        }
+        Ok(if fs::symlink_metadata(self.marker_path(id)).is_ok() {
+            DeleteOutcome::DeletedMaybeSent
+        } else {
+            DeleteOutcome::Deleted
+        })
+    }
+
+    /// Called by a delivery worker right before it sends the final dot of `id`: creates
+    /// `sending/ID`, then checks that the message is still queued. `None` means it was deleted:
+    /// abort the transaction (RSET) and drop the message. Otherwise keep the returned marker
+    /// until the outcome is recorded in the spool. Blocking but fast (no fsync).
+    pub fn begin_final_dot(&self, id: &QueueId) -> Result<Option<SendingMarker>, SpoolError> {
+        let path = self.marker_path(id);
+        OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .mode(FILE_MODE)
+            .open(&path)
+            .map_err(SpoolError::io("create", &path))?;
+        let marker = SendingMarker {
+            id: id.clone(),
+            path,
+        };
+        let message = self.message_path(id);
+        match fs::symlink_metadata(&message) {
+            Ok(_) => Ok(Some(marker)),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(SpoolError::io("stat", &message)(e)),
+        }
+        // On `None` and on error, `marker` is dropped here, removing sending/ID.
+    }
+
+    /// Delete every message `filter` selects (see [`Spool::delete`]), or with `dry_run` only
+    /// list them; in queue order. A message that leaves the queue meanwhile is reported with
+    /// [`DeleteOutcome::NotFound`]. Blocking.
+    pub fn purge(&self, filter: &PurgeFilter, dry_run: bool) -> Result<Vec<Purged>, SpoolError> {
+        let selected: Vec<QueuedMessage> = self
+            .list()?
+            .into_iter()
+            .filter(|m| filter.matches(&m.envelope.mail_from))
+            .collect();
+        let mut out = Vec::with_capacity(selected.len());
+        for m in selected {
+            let outcome = if dry_run {
+                None
+            } else {
+                Some(self.delete(m.id())?)
+            };
+            out.push(Purged {
+                id: m.envelope.id,
+                sender: m.envelope.mail_from,
+                outcome,
+            });
+        }
+        Ok(out)
+    }
+
+    /// `sending/ID`.
+    fn marker_path(&self, id: &QueueId) -> PathBuf {
+        self.inner.sending.join(id.as_str())
+    }
+}
