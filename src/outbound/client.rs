@@ -350,7 +350,7 @@ impl Connection {
         &mut self,
         tx: &Transaction<'_>,
         message: &mut MessageSource,
-        gate: &mut dyn DotGate,
+        gate: &mut (dyn DotGate + Send),
     ) -> Result<Sent, Failure> {
         if let Some(refusal) = self.cannot_carry(tx) {
             let (status, text) = refusal;
@@ -433,7 +433,7 @@ impl Connection {
         &mut self,
         tx: &Transaction<'_>,
         message: &mut MessageSource,
-        gate: &mut dyn DotGate,
+        gate: &mut (dyn DotGate + Send),
         reused: bool,
     ) -> Result<Sent, Failure> {
         let mut outcomes: Vec<Option<RcptOutcome>> = vec![None; tx.rcpts.len()];
@@ -543,7 +543,7 @@ impl Connection {
         &mut self,
         tx: &Transaction<'_>,
         message: &mut MessageSource,
-        gate: &mut dyn DotGate,
+        gate: &mut (dyn DotGate + Send),
         data_reply: Reply,
         outcomes: Vec<Option<RcptOutcome>>,
     ) -> Result<Sent, Failure> {
