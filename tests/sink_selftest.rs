@@ -149,7 +149,10 @@ fn mail_and_data_replies_can_be_overridden_and_changed_live() {
     assert_eq!(code, 250);
     let messages = sink.messages();
     assert_eq!(messages.len(), 2);
-    assert!(messages.iter().all(|m| m.conn == 1), "one connection reused");
+    assert!(
+        messages.iter().all(|m| m.conn == 1),
+        "one connection reused"
+    );
     assert_eq!(sink.connections(), 1);
     assert!(sink.commands().contains(&"RSET".to_owned()));
 }
@@ -230,7 +233,10 @@ fn swaks_pipelined_delivery_is_clean() {
     let m = &sink.messages()[0];
     assert_eq!(m.rcpts, ["to@example.com", "cc@example.com"]);
     assert!(common::contains(&m.data, b"\r\n.starts with a dot\r\n"));
-    assert!(common::contains(&m.raw_data, b"\r\n..starts with a dot\r\n"));
+    assert!(common::contains(
+        &m.raw_data,
+        b"\r\n..starts with a dot\r\n"
+    ));
     assert!(sink.violations().is_empty(), "{:?}", sink.violations());
 }
 
@@ -270,7 +276,9 @@ fn starttls_required_before_mail() {
     assert!(sink.messages()[0].tls);
 
     let port = format!("127.0.0.1:{}", sink.port());
-    swaks_ok(&["--server", &port, "--from", "x@y.test", "--to", "z@y.test", "--tls"]);
+    swaks_ok(&[
+        "--server", &port, "--from", "x@y.test", "--to", "z@y.test", "--tls",
+    ]);
     assert!(sink.wait_for(2, WAIT));
     assert!(sink.messages()[1].tls);
     assert!(sink.violations().is_empty(), "{:?}", sink.violations());
@@ -461,8 +469,7 @@ fn postfix_relays_to_the_sink_over_starttls() {
         ..SinkConfig::default()
     });
     let port = free_port();
-    let Some(postfix) = Postfix::start(&dir.join("postfix"), port, sink.port(), &cert, &key)
-    else {
+    let Some(postfix) = Postfix::start(&dir.join("postfix"), port, sink.port(), &cert, &key) else {
         return;
     };
     let server = format!("127.0.0.1:{port}");

@@ -106,7 +106,10 @@ impl Postfix {
                 .and_then(|c| c.try_wait().ok().flatten())
             {
                 self.child = None;
-                panic!("postfix exited during start ({status}); log:\n{}", self.log());
+                panic!(
+                    "postfix exited during start ({status}); log:\n{}",
+                    self.log()
+                );
             }
             assert!(
                 Instant::now() < deadline,

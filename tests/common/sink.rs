@@ -322,12 +322,13 @@ fn accept_loop(listener: TcpListener, shared: Arc<Shared>) {
                 }
                 shared.active.fetch_add(1, Ordering::SeqCst);
                 let conn_shared = Arc::clone(&shared);
-                let spawned = thread::Builder::new()
-                    .name(format!("sink-conn-{n}"))
-                    .spawn(move || {
-                        serve(stream, n, &conn_shared);
-                        conn_shared.active.fetch_sub(1, Ordering::SeqCst);
-                    });
+                let spawned =
+                    thread::Builder::new()
+                        .name(format!("sink-conn-{n}"))
+                        .spawn(move || {
+                            serve(stream, n, &conn_shared);
+                            conn_shared.active.fetch_sub(1, Ordering::SeqCst);
+                        });
                 if spawned.is_err() {
                     shared.active.fetch_sub(1, Ordering::SeqCst);
                 }
@@ -376,6 +377,16 @@ enum Flow {
     End,
 }
 
+/// What a client's AUTH exchange came to.
+enum AuthOutcome {
+    /// `*`, or the connection closed.
+    Cancelled,
+    /// Not base64, or not the mechanism's format.
+    Malformed,
+    /// User name and password as sent.
+    Credentials(Vec<u8>, Vec<u8>),
+}
+
 /// The open mail transaction (after an accepted MAIL).
 struct Txn {
     mail_from: String,
@@ -420,7 +431,12 @@ fn serve(tcp: TcpStream, conn: usize, shared: &Shared) {
     };
     match session.run() {
         Ok(()) => {}
-        Err(e) if matches!(e.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut) => {
+        Err(e)
+            if matches!(
+                e.kind(),
+                io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+            ) =>
+        {
             let _ = session.reply("421 4.4.2 sink.test Error: timeout exceeded");
         }
         Err(e) => {
@@ -537,7 +553,8 @@ impl Session<'_> {
             let line = String::from_utf8_lossy(line).into_owned();
             lock(&self.shared.commands).push(line.clone());
             let config = self.config();
-            if !(config.pipelining && self.esmtp) && !self.buf.is_empty() {
+            let may_pipeline = config.pipelining && self.esmtp;
+            if !may_pipeline && !self.buf.is_empty() {
                 self.violation(format!(
                     "command sent before the reply to {line:?} without PIPELINING"
                 ));
@@ -684,18 +701,58 @@ impl Session<'_> {
         Ok(Flow::Go)
     }
 
-    /// One AUTH continuation line, decoded; `None` when the client cancelled (`*`) or the
-    /// connection closed.
-    fn auth_response(&mut self, prompt: &str) -> io::Result<Option<Result<Vec<u8>, ()>>> {
-        self.reply(prompt)?;
-        let Some(raw) = self.read_line(MAX_COMMAND_LINE)? else {
-            return Ok(None);
+    /// One AUTH response, decoded: `initial` if the client gave one on the AUTH line, else
+    /// read after sending `prompt`.
+    fn auth_response(
+        &mut self,
+        initial: Option<&str>,
+        prompt: &str,
+    ) -> io::Result<Result<Vec<u8>, AuthOutcome>> {
+        let text = match initial {
+            Some(text) => text.to_owned(),
+            None => {
+                self.reply(prompt)?;
+                match self.read_line(MAX_COMMAND_LINE)? {
+                    Some(raw) => String::from_utf8_lossy(&raw).trim_end().to_owned(),
+                    None => return Ok(Err(AuthOutcome::Cancelled)),
+                }
+            }
         };
-        let text = String::from_utf8_lossy(&raw).trim_end().to_owned();
-        if text == "*" {
-            return Ok(None);
-        }
-        Ok(Some(BASE64.decode(text.as_bytes()).map_err(|_| ())))
+        Ok(match text.as_str() {
+            "*" => Err(AuthOutcome::Cancelled),
+            "=" => Ok(Vec::new()),
+            _ => BASE64
+                .decode(text.as_bytes())
+                .map_err(|_| AuthOutcome::Malformed),
+        })
+    }
+
+    /// The exchange of one AUTH mechanism; `None` for a mechanism the sink does not know.
+    fn auth_exchange(
+        &mut self,
+        mechanism: &str,
+        initial: Option<&str>,
+    ) -> io::Result<Option<AuthOutcome>> {
+        let outcome = match mechanism {
+            "PLAIN" => match self.auth_response(initial, "334 ")? {
+                Err(outcome) => outcome,
+                Ok(bytes) => match bytes.split(|&b| b == 0).collect::<Vec<_>>().as_slice() {
+                    [_authzid, user, password] => {
+                        AuthOutcome::Credentials(user.to_vec(), password.to_vec())
+                    }
+                    _ => AuthOutcome::Malformed,
+                },
+            },
+            "LOGIN" => match self.auth_response(initial, "334 VXNlcm5hbWU6")? {
+                Err(outcome) => outcome,
+                Ok(user) => match self.auth_response(None, "334 UGFzc3dvcmQ6")? {
+                    Err(outcome) => outcome,
+                    Ok(password) => AuthOutcome::Credentials(user, password),
+                },
+            },
+            _ => return Ok(None),
+        };
+        Ok(Some(outcome))
     }
 
     fn auth(&mut self, arg: &str, config: &SinkConfig) -> io::Result<Flow> {
@@ -708,57 +765,22 @@ impl Session<'_> {
             return Ok(Flow::Go);
         }
         let (mechanism, initial) = match arg.split_once(' ') {
-            Some((m, i)) => (m.to_ascii_uppercase(), Some(i.trim().to_owned())),
+            Some((m, i)) => (m.to_ascii_uppercase(), Some(i.trim())),
             None => (arg.to_ascii_uppercase(), None),
         };
-        let decode = |s: &str| BASE64.decode(s.as_bytes()).map_err(|_| ());
-        let credentials = match mechanism.as_str() {
-            "PLAIN" => {
-                let response = match initial.as_deref() {
-                    Some("=") => Some(Ok(Vec::new())),
-                    Some(i) => Some(decode(i)),
-                    None => self.auth_response("334 ")?,
-                };
-                match response {
-                    None => None,
-                    Some(Err(())) => Some(Err(())),
-                    Some(Ok(bytes)) => {
-                        let parts: Vec<&[u8]> = bytes.split(|&b| b == 0).collect();
-                        match parts.as_slice() {
-                            [_authzid, u, p] => Some(Ok((u.to_vec(), p.to_vec()))),
-                            _ => Some(Err(())),
-                        }
-                    }
-                }
-            }
-            "LOGIN" => {
-                let u = match initial.as_deref() {
-                    Some(i) => Some(decode(i)),
-                    None => self.auth_response("334 VXNlcm5hbWU6")?,
-                };
-                match u {
-                    None => None,
-                    Some(Err(())) => Some(Err(())),
-                    Some(Ok(u)) => match self.auth_response("334 UGFzc3dvcmQ6")? {
-                        None => None,
-                        Some(Err(())) => Some(Err(())),
-                        Some(Ok(p)) => Some(Ok((u, p))),
-                    },
-                }
-            }
-            _ => {
-                self.reply("504 5.5.4 Unrecognized authentication type")?;
-                return Ok(Flow::Go);
-            }
-        };
-        match credentials {
-            None => self.reply("501 5.7.0 Authentication cancelled")?,
-            Some(Err(())) => self.reply("501 5.5.2 Cannot decode response")?,
-            Some(Ok((u, p))) if u == user.as_bytes() && p == password.as_bytes() => {
+        match self.auth_exchange(&mechanism, initial)? {
+            None => self.reply("504 5.5.4 Unrecognized authentication type")?,
+            Some(AuthOutcome::Cancelled) => self.reply("501 5.7.0 Authentication cancelled")?,
+            Some(AuthOutcome::Malformed) => self.reply("501 5.5.2 Cannot decode response")?,
+            Some(AuthOutcome::Credentials(u, p))
+                if u == user.as_bytes() && p == password.as_bytes() =>
+            {
                 self.auth = Some(user);
                 self.reply("235 2.7.0 Authentication successful")?;
             }
-            Some(Ok(_)) => self.reply("535 5.7.8 Authentication credentials invalid")?,
+            Some(AuthOutcome::Credentials(..)) => {
+                self.reply("535 5.7.8 Authentication credentials invalid")?;
+            }
         }
         Ok(Flow::Go)
     }
@@ -930,7 +952,8 @@ impl Session<'_> {
                 return Ok(Flow::End);
             }
         }
-        if !(self.esmtp && config.eightbitmime) && !data.is_ascii() {
+        let eight_bit_ok = self.esmtp && config.eightbitmime;
+        if !eight_bit_ok && !data.is_ascii() {
             self.violation("8-bit message data but 8BITMIME was not in effect");
         }
         if self.at(Stage::Dot)? == Flow::End {
@@ -944,9 +967,10 @@ impl Session<'_> {
             Some(limit) if data.len() as u64 > limit => {
                 "552 5.3.4 Message size exceeds fixed maximum message size".to_owned()
             }
-            _ => config.data_reply.clone().unwrap_or_else(|| {
-                "250 2.6.0 <id@sink.test> Queued mail for delivery".to_owned()
-            }),
+            _ => config
+                .data_reply
+                .clone()
+                .unwrap_or_else(|| "250 2.6.0 <id@sink.test> Queued mail for delivery".to_owned()),
         };
         if reply.starts_with('2') {
             lock(&self.shared.messages).push(Received {
