@@ -501,3 +501,46 @@ fn postfix_relays_to_the_sink_over_starttls() {
     assert!(data.contains("\r\n.dot line\r\n"), "{data}");
     assert!(sink.violations().is_empty(), "{:?}", sink.violations());
 }
+
+#[test]
+fn two_postfix_instances_run_side_by_side() {
+    let dir = TestDir::new();
+    let (cert, key) = write_certs(&dir.join("certs"));
+    let sink = Sink::start(SinkConfig::default());
+    let (port_a, port_b) = (free_port(), free_port());
+    let Some(a) = Postfix::start(&dir.join("a"), port_a, sink.port(), &cert, &key) else {
+        return;
+    };
+    let b =
+        Postfix::start(&dir.join("b"), port_b, sink.port(), &cert, &key).expect("second instance");
+    for port in [port_a, port_b] {
+        let server = format!("127.0.0.1:{port}");
+        swaks_ok(&[
+            "--server",
+            &server,
+            "--from",
+            "s@example.org",
+            "--to",
+            "r@example.com",
+        ]);
+    }
+    assert!(
+        sink.wait_for(2, Duration::from_secs(30)),
+        "logs:\n{}\n{}",
+        a.log(),
+        b.log()
+    );
+    let data: Vec<String> = sink
+        .messages()
+        .iter()
+        .map(|m| String::from_utf8_lossy(&m.data).into_owned())
+        .collect();
+    for port in [port_a, port_b] {
+        let by = format!("by postfix-{port}.test");
+        assert!(data.iter().any(|d| d.contains(&by)), "{by} in {data:?}");
+    }
+    drop(a);
+    let err = TcpStream::connect(("127.0.0.1", port_a)).expect_err("stopped instance listens");
+    assert_eq!(err.kind(), ErrorKind::ConnectionRefused);
+    assert!(TcpStream::connect(("127.0.0.1", port_b)).is_ok());
+}
