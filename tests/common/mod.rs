@@ -14,6 +14,9 @@
 // Each test file uses a different subset of the harness.
 #![allow(dead_code)]
 
+pub mod postfix;
+pub mod sink;
+
 use std::fs;
 use std::io::{self, Read, Write};
 use std::net::{IpAddr, SocketAddr, TcpListener, TcpStream};

@@ -1,0 +1,269 @@
+//! A private Postfix instance as an upstream, for the interoperability tests.
+//!
+//! [`Postfix::start`] writes a `main.cf` and `master.cf` of its own under the given directory
+//! (with its own queue and data directories there), so several instances can run side by side
+//! and none touches the system's Postfix. The instance listens on `127.0.0.1:port`, offers
+//! STARTTLS with the given certificate, accepts mail from 127.0.0.0/8 for any domain and relays
+//! all of it to `[127.0.0.1]:relay_to_port` (a [`super::sink::Sink`]): no DNS, no local
+//! delivery. The settings that are easy to get wrong carry a comment saying why.
+
+use std::fs;
+use std::net::{SocketAddr, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::thread::sleep;
+use std::time::{Duration, Instant};
+
+/// The Postfix control program; its absence means Postfix is not installed.
+pub const POSTFIX: &str = "/usr/sbin/postfix";
+
+/// Environment variable that turns a missing Postfix into a test failure (set by `.ci/run`).
+pub const REQUIRE_ENV: &str = "PORTCULLIS_REQUIRE_POSTFIX";
+
+/// How long [`Postfix::start`] waits for the SMTP listener.
+const START_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// How long [`Drop`] waits for `postfix stop` before killing the master.
+const STOP_TIMEOUT: Duration = Duration::from_secs(10);
+
+const POLL: Duration = Duration::from_millis(50);
+
+/// A running private Postfix. Stopped on drop (its log is printed if the test is panicking).
+pub struct Postfix {
+    config_dir: PathBuf,
+    log_path: PathBuf,
+    child: Option<Child>,
+    /// The SMTP port it listens on (127.0.0.1).
+    pub port: u16,
+}
+
+impl Postfix {
+    /// Start an instance in `dir` listening on 127.0.0.1:`port`, offering STARTTLS with the PEM
+    /// `cert` and `key`, relaying everything to 127.0.0.1:`relay_to_port`. `None` (after
+    /// printing why) when Postfix is not installed, unless [`REQUIRE_ENV`] is `1`: then it
+    /// panics. Panics if the instance does not come up.
+    pub fn start(
+        dir: &Path,
+        port: u16,
+        relay_to_port: u16,
+        cert: &Path,
+        key: &Path,
+    ) -> Option<Postfix> {
+        if !Path::new(POSTFIX).exists() {
+            assert!(
+                std::env::var(REQUIRE_ENV).as_deref() != Ok("1"),
+                "{REQUIRE_ENV}=1 but {POSTFIX} is missing: apt-get install -y postfix"
+            );
+            println!("postfix not installed: skipping");
+            return None;
+        }
+        let config_dir = dir.join("etc");
+        let log_path = dir.join("maillog");
+        for sub in ["etc", "queue", "data"] {
+            fs::create_dir_all(dir.join(sub))
+                .unwrap_or_else(|e| panic!("create {}: {e}", dir.join(sub).display()));
+        }
+        write(
+            &config_dir.join("main.cf"),
+            &main_cf(dir, port, relay_to_port, cert, key),
+        );
+        write(&config_dir.join("master.cf"), &master_cf(port));
+        let mut postfix = Postfix {
+            config_dir,
+            log_path,
+            child: None,
+            port,
+        };
+        // Creates the queue subdirectories with the owners the daemons expect.
+        let out = postfix.control(&["set-permissions"]);
+        assert!(
+            out.status.success(),
+            "postfix set-permissions failed:\n{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let child = Command::new(POSTFIX)
+            .arg("-c")
+            .arg(&postfix.config_dir)
+            .arg("start-fg")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("spawn postfix start-fg");
+        postfix.child = Some(child);
+        postfix.wait_listening();
+        Some(postfix)
+    }
+
+    fn wait_listening(&mut self) {
+        let deadline = Instant::now() + START_TIMEOUT;
+        let addr = SocketAddr::from(([127, 0, 0, 1], self.port));
+        while TcpStream::connect_timeout(&addr, POLL).is_err() {
+            if let Some(status) = self
+                .child
+                .as_mut()
+                .and_then(|c| c.try_wait().ok().flatten())
+            {
+                self.child = None;
+                panic!(
+                    "postfix exited during start ({status}); log:\n{}",
+                    self.log()
+                );
+            }
+            assert!(
+                Instant::now() < deadline,
+                "postfix not listening on {addr} after {START_TIMEOUT:?}; log:\n{}",
+                self.log()
+            );
+            sleep(POLL);
+        }
+    }
+
+    /// Run `postfix -c DIR args…`.
+    fn control(&self, args: &[&str]) -> std::process::Output {
+        Command::new(POSTFIX)
+            .arg("-c")
+            .arg(&self.config_dir)
+            .args(args)
+            .stdin(Stdio::null())
+            .output()
+            .expect("run postfix")
+    }
+
+    /// Its configuration directory (`main.cf`, `master.cf`).
+    pub fn config_dir(&self) -> &Path {
+        &self.config_dir
+    }
+
+    /// Its maillog so far.
+    pub fn log(&self) -> String {
+        String::from_utf8_lossy(&fs::read(&self.log_path).unwrap_or_default()).into_owned()
+    }
+
+    /// Wait until the maillog contains `needle`; false after `timeout`.
+    pub fn wait_for_log(&self, needle: &str, timeout: Duration) -> bool {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if self.log().contains(needle) {
+                return true;
+            }
+            if Instant::now() > deadline {
+                return false;
+            }
+            sleep(POLL);
+        }
+    }
+}
+
+impl Drop for Postfix {
+    fn drop(&mut self) {
+        let Some(mut child) = self.child.take() else {
+            return;
+        };
+        let _ = self.control(&["stop"]);
+        let deadline = Instant::now() + STOP_TIMEOUT;
+        loop {
+            match child.try_wait() {
+                Ok(Some(_)) => break,
+                Ok(None) if Instant::now() < deadline => sleep(POLL),
+                _ => {
+                    let _ = child.kill();
+                    let _ = child.wait();
+                    break;
+                }
+            }
+        }
+        if std::thread::panicking() {
+            eprintln!(
+                "---- postfix log ({}) ----\n{}",
+                self.log_path.display(),
+                self.log()
+            );
+        }
+    }
+}
+
+fn write(path: &Path, text: &str) {
+    fs::write(path, text).unwrap_or_else(|e| panic!("write {}: {e}", path.display()));
+}
+
+fn main_cf(dir: &Path, port: u16, relay_to_port: u16, cert: &Path, key: &Path) -> String {
+    let dir = dir.display();
+    let (cert, key) = (cert.display(), key.display());
+    format!(
+        "\
+# Private test instance; written by tests/common/postfix.rs.
+compatibility_level = 3.6
+# Unique per instance: its own host name, queue, data directory and log.
+myhostname = postfix-{port}.test
+mydomain = test
+myorigin = $myhostname
+queue_directory = {dir}/queue
+data_directory = {dir}/data
+mail_owner = postfix
+setgid_group = postdrop
+# Without maillog_file_prefixes, a maillog_file outside /var postfix exits 1 silently.
+maillog_file = {dir}/maillog
+maillog_file_prefixes = {dir}
+# Network: loopback only, relay everything from 127/8 to the sink, never deliver locally.
+inet_interfaces = 127.0.0.1
+inet_protocols = ipv4
+mynetworks = 127.0.0.0/8
+mydestination =
+local_recipient_maps =
+alias_maps =
+alias_database =
+local_transport = error:local delivery is disabled
+relay_domains =
+relayhost = [127.0.0.1]:{relay_to_port}
+smtpd_relay_restrictions = permit_mynetworks, reject_unauth_destination
+smtpd_recipient_restrictions = permit_mynetworks, reject
+# No DNS anywhere.
+smtp_dns_support_level = disabled
+smtp_host_lookup = native
+smtpd_peername_lookup = no
+# TLS: offered to clients; used to the sink when it offers it, never required.
+smtpd_tls_cert_file = {cert}
+smtpd_tls_key_file = {key}
+smtpd_tls_security_level = may
+smtp_tls_security_level = may
+smtpd_tls_received_header = yes
+message_size_limit = 52428800
+biff = no
+append_dot_mydomain = no
+readme_directory = no
+"
+    )
+}
+
+/// Debian's master.cf services, chroot off (the instance has no chroot jail), smtpd on the
+/// private port only.
+fn master_cf(port: u16) -> String {
+    format!(
+        "\
+127.0.0.1:{port} inet n - n - - smtpd
+pickup    unix  n       -       n       60      1       pickup
+cleanup   unix  n       -       n       -       0       cleanup
+qmgr      unix  n       -       n       300     1       qmgr
+tlsmgr    unix  -       -       n       1000?   1       tlsmgr
+rewrite   unix  -       -       n       -       -       trivial-rewrite
+bounce    unix  -       -       n       -       0       bounce
+defer     unix  -       -       n       -       0       bounce
+trace     unix  -       -       n       -       0       bounce
+verify    unix  -       -       n       -       1       verify
+flush     unix  n       -       n       1000?   0       flush
+proxymap  unix  -       -       n       -       -       proxymap
+proxywrite unix -       -       n       -       1       proxymap
+smtp      unix  -       -       n       -       -       smtp
+relay     unix  -       -       n       -       -       smtp
+showq     unix  n       -       n       -       -       showq
+error     unix  -       -       n       -       -       error
+retry     unix  -       -       n       -       -       error
+discard   unix  -       -       n       -       -       discard
+anvil     unix  -       -       n       -       1       anvil
+scache    unix  -       -       n       -       1       scache
+postlog   unix-dgram n  -       n       -       1       postlogd
+"
+    )
+}
