@@ -1,0 +1,774 @@
+//! Delivery end to end: the real binary forwards queued mail to a real SMTP server on loopback
+//! (the test sink in `common/sink.rs`, or a private Postfix), retries, fails over, bounces, and
+//! obeys the `queue` commands while it runs.
+
+mod common;
+
+use std::collections::{HashMap, HashSet};
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::TcpListener;
+use std::sync::mpsc;
+use std::thread;
+use std::time::{Duration, Instant};
+
+use common::sink::{Received, Sink, SinkConfig, Stage};
+use common::*;
+
+const WAIT: Duration = Duration::from_secs(15);
+
+/// An open MX listener, loopback may relay anywhere, one upstream `up` on `upstream_port`
+/// with short timers so retries happen within a test. `upstream_keys` go into the
+/// `[[upstreams]]` table; `extra` are more tables.
+fn relay_config(port: u16, upstream_port: u16, upstream_keys: &str, extra: &str) -> String {
+    config(
+        &[listener("mx", port, "none")],
+        upstream_port,
+        &format!(
+            "backoff = \"1s\"\ntimeout = \"2s\"\nconnect_timeout = \"2s\"\n{upstream_keys}\n\
+             [relay]\nrelay_networks = [\"127.0.0.0/8\"]\n\n\
+             [queue]\nretry = [\"1s\"]\n\n{extra}"
+        ),
+    )
+}
+
+fn start_relay(upstream_port: u16, upstream_keys: &str, extra: &str) -> Relay {
+    Relay::start(&relay_config(free_port(), upstream_port, upstream_keys, extra))
+}
+
+/// Send one message in its own session; returns its queue id (asserting the 250).
+fn send(relay: &Relay, from: &str, rcpts: &[&str], body: &str) -> String {
+    let mut c = SmtpClient::connect(relay.port(0));
+    c.expect_reply(220);
+    c.expect("EHLO client.test", 250);
+    let (code, text) = c.send_message(from, rcpts, body);
+    assert_eq!(code, 250, "message refused: {code} {text}");
+    c.cmd("QUIT");
+    queue_id(&text).expect("queue id in the 250")
+}
+
+fn body(subject: &str, text: &str) -> String {
+    format!("From: <a@example.org>\r\nTo: <b@example.com>\r\nSubject: {subject}\r\n\r\n{text}")
+}
+
+/// The message as the sink got it, minus our Received header (which must come first and be
+/// the only thing added).
+fn without_our_received(data: &[u8]) -> &[u8] {
+    assert!(
+        data.starts_with(b"Received: from "),
+        "first header is not our Received: {}",
+        String::from_utf8_lossy(&data[..data.len().min(200)])
+    );
+    // The header ends at the first CRLF not followed by folding whitespace.
+    let mut i = 0;
+    loop {
+        let end = i + data[i..].windows(2).position(|w| w == b"\r\n").expect("header end") + 2;
+        if !matches!(data.get(end), Some(b' ' | b'\t')) {
+            return &data[end..];
+        }
+        i = end;
+    }
+}
+
+fn subjects(messages: &[Received]) -> Vec<String> {
+    messages
+        .iter()
+        .filter_map(|m| {
+            let text = String::from_utf8_lossy(&m.data);
+            text.lines()
+                .find_map(|l| l.strip_prefix("Subject: ").map(|s| s.trim().to_owned()))
+        })
+        .collect()
+}
+
+fn assert_clean(sink: &Sink) {
+    assert!(sink.violations().is_empty(), "protocol violations: {:?}", sink.violations());
+}
+
+fn wait_until(timeout: Duration, mut done: impl FnMut() -> bool) -> bool {
+    let deadline = Instant::now() + timeout;
+    while Instant::now() < deadline {
+        if done() {
+            return true;
+        }
+        thread::sleep(Duration::from_millis(20));
+    }
+    done()
+}
+
+fn queue_list(relay: &Relay) -> String {
+    let out = relay.command(&["queue", "list"]);
+    assert!(out.status.success(), "queue list: {out:?}");
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+#[test]
+fn message_arrives_byte_identical_with_dot_stuffed_lines_intact() {
+    let sink = Sink::start(SinkConfig::default());
+    let relay = start_relay(sink.port(), "", "");
+    let text = "line one\r\n.leading dot\r\n..two dots\r\n.\r\n . space dot\r\nlast line\r\n";
+    let original = body("dots", text);
+    let id = send(&relay, "a@example.org", &["b@example.com", "c@example.net"], &original);
+
+    assert!(sink.wait_for(1, WAIT), "nothing reached the upstream");
+    let m = &sink.messages()[0];
+    assert_eq!(without_our_received(&m.data), original.as_bytes());
+    assert_eq!(m.mail_from, "a@example.org");
+    assert_eq!(m.rcpts, ["b@example.com", "c@example.net"]);
+    assert_eq!(m.helo, "relay.test");
+    assert!(contains(&m.raw_data, b"\r\n..leading dot\r\n...two dots\r\n..\r\n . space"));
+    assert!(m.raw_data.ends_with(b"last line\r\n.\r\n"));
+    assert_clean(&sink);
+    assert!(relay.wait_for_queue_len(0, WAIT), "message left in the queue");
+    // One message followed across both hops: our id with the upstream's reply.
+    assert!(relay.wait_for_log("Queued mail for delivery", WAIT));
+    let log = relay.log();
+    let line = log
+        .lines()
+        .find(|l| l.contains("delivered") && l.contains("Queued mail for delivery"))
+        .expect("delivered line");
+    assert!(line.contains(&id), "delivered line lacks the queue id: {line}");
+    assert!(log.contains("removed from queue"));
+}
+
+#[test]
+fn per_recipient_failure_delivers_the_rest_and_bounces_to_the_sender() {
+    let mut cfg = SinkConfig::default();
+    cfg.rcpt_replies.insert(
+        "nobody@example.com".into(),
+        "550 5.1.1 <nobody@example.com>: Recipient address rejected: User unknown".into(),
+    );
+    let sink = Sink::start(cfg);
+    let relay = start_relay(sink.port(), "", "");
+    let id = send(
+        &relay,
+        "alice@example.org",
+        &["bob@example.com", "nobody@example.com"],
+        &body("mixed", "hello\r\n"),
+    );
+
+    assert!(sink.wait_for(2, WAIT), "expected the message and a bounce");
+    let messages = sink.messages();
+    let original = messages.iter().find(|m| m.mail_from == "alice@example.org").unwrap();
+    assert_eq!(original.rcpts, ["bob@example.com"]);
+    let dsn = messages.iter().find(|m| m.mail_from.is_empty()).expect("a DSN from <>");
+    assert_eq!(dsn.rcpts, ["alice@example.org"]);
+    let text = String::from_utf8_lossy(&dsn.data);
+    for needle in [
+        "multipart/report",
+        "report-type=delivery-status",
+        "message/delivery-status",
+        "Final-Recipient: rfc822; nobody@example.com",
+        "Action: failed",
+        "Status: 5.1.1",
+        "User unknown",
+        "Subject: mixed",
+        "text/rfc822-headers",
+    ] {
+        assert!(text.contains(needle), "DSN lacks {needle:?}:\n{text}");
+    }
+    assert!(!text.contains("bob@example.com") || !text.contains("Final-Recipient: rfc822; bob"));
+    assert_clean(&sink);
+    assert!(relay.wait_for_queue_len(0, WAIT));
+    assert!(relay.log().contains(&format!("queue_id={id}")));
+    // Only the two messages: the DSN itself was delivered once, and nothing bounced it.
+    thread::sleep(Duration::from_millis(300));
+    assert_eq!(sink.messages().len(), 2);
+}
+
+#[test]
+fn null_sender_never_gets_a_bounce() {
+    let mut cfg = SinkConfig::default();
+    cfg.rcpt_replies.insert("nobody@example.com".into(), "550 5.1.1 unknown".into());
+    let sink = Sink::start(cfg);
+    let relay = start_relay(sink.port(), "", "");
+    send(&relay, "", &["nobody@example.com"], &body("bounce of a bounce", "x\r\n"));
+    assert!(relay.wait_for_log("no bounce: the sender is <>", WAIT));
+    assert!(relay.wait_for_queue_len(0, WAIT));
+    thread::sleep(Duration::from_millis(300));
+    assert!(sink.messages().is_empty(), "something was sent: {:?}", subjects(&sink.messages()));
+}
+
+#[test]
+fn bounces_off_logs_the_failure_and_sends_nothing() {
+    let mut cfg = SinkConfig::default();
+    cfg.rcpt_replies.insert("nobody@example.com".into(), "550 5.1.1 unknown".into());
+    let sink = Sink::start(cfg);
+    let relay = start_relay(sink.port(), "", "bounces = false\n");
+    // `bounces` belongs in [queue], which relay_config opens last: extra lands inside it.
+    send(&relay, "alice@example.org", &["nobody@example.com"], &body("no ndr", "x\r\n"));
+    assert!(relay.wait_for_log("no bounce: [queue] bounces = false", WAIT));
+    assert!(relay.wait_for_queue_len(0, WAIT));
+    thread::sleep(Duration::from_millis(300));
+    assert!(sink.messages().is_empty());
+}
+
+#[test]
+fn temporary_failure_is_retried_and_keeps_only_pending_recipients() {
+    let mut cfg = SinkConfig::default();
+    cfg.rcpt_replies
+        .insert("later@example.com".into(), "451 4.2.0 mailbox busy, try later".into());
+    let sink = Sink::start(cfg);
+    let relay = start_relay(sink.port(), "", "");
+    let id = send(
+        &relay,
+        "alice@example.org",
+        &["now@example.com", "later@example.com"],
+        &body("retry", "x\r\n"),
+    );
+    assert!(sink.wait_for(1, WAIT));
+    assert_eq!(sink.messages()[0].rcpts, ["now@example.com"]);
+    assert!(relay.wait_for_log("deferred", WAIT));
+    let list = queue_list(&relay);
+    assert!(list.contains(&id), "{list}");
+    assert!(list.contains("451 4.2.0"), "last error not listed:\n{list}");
+
+    sink.set_config(SinkConfig::default());
+    assert!(sink.wait_for(2, WAIT), "retry did not deliver");
+    assert_eq!(sink.messages()[1].rcpts, ["later@example.com"], "delivered twice to now@");
+    assert!(relay.wait_for_queue_len(0, WAIT));
+}
+
+#[test]
+fn outage_queues_100_messages_and_delivers_all_when_the_upstream_returns() {
+    let upstream_port = free_port();
+    let relay = start_relay(upstream_port, "", "");
+    let mut c = SmtpClient::connect(relay.port(0));
+    c.expect_reply(220);
+    c.expect("EHLO client.test", 250);
+    for i in 0..100 {
+        let (code, text) =
+            c.send_message("a@example.org", &["b@example.com"], &body(&format!("outage {i}"), "x\r\n"));
+        assert_eq!(code, 250, "message {i}: {text}");
+    }
+    c.cmd("QUIT");
+    assert_eq!(relay.spool_files().len(), 100);
+    assert!(relay.wait_for_log("upstream marked down", WAIT));
+
+    let sink = Sink::start_on(upstream_port, SinkConfig::default());
+    assert!(sink.wait_for(100, Duration::from_secs(30)), "only {} arrived", sink.messages().len());
+    let got: HashSet<String> = subjects(&sink.messages()).into_iter().collect();
+    assert_eq!(got.len(), 100);
+    assert!(relay.wait_for_queue_len(0, WAIT));
+    assert_clean(&sink);
+}
+
+#[test]
+fn failover_to_the_second_upstream_when_the_first_is_down() {
+    let sink = Sink::start(SinkConfig::default());
+    let extra = format!(
+        "[[upstreams]]\nname = \"second\"\naddress = \"127.0.0.1:{}\"\ntls = \"none\"\n",
+        sink.port()
+    );
+    let relay = start_relay(free_port(), "", &extra);
+    send(&relay, "a@example.org", &["b@example.com"], &body("failover", "x\r\n"));
+    assert!(sink.wait_for(1, WAIT));
+    assert!(relay.wait_for_log("upstream marked down", WAIT));
+    let log = relay.log();
+    assert!(log.contains("upstream=up"), "{log}");
+    assert!(log.lines().any(|l| l.contains("delivered") && l.contains("upstream=second")));
+    assert!(relay.wait_for_queue_len(0, WAIT));
+}
+
+#[test]
+fn recipient_domains_route_to_their_upstream() {
+    let default_sink = Sink::start(SinkConfig::default());
+    let special_sink = Sink::start(SinkConfig::default());
+    let extra = format!(
+        "[[upstreams]]\nname = \"special\"\naddress = \"127.0.0.1:{}\"\ntls = \"none\"\ndomains = [\"special.test\"]\n",
+        special_sink.port()
+    );
+    let relay = start_relay(default_sink.port(), "", &extra);
+    send(&relay, "a@example.org", &["x@special.test", "y@other.test"], &body("routes", "x\r\n"));
+    assert!(default_sink.wait_for(1, WAIT) && special_sink.wait_for(1, WAIT));
+    assert_eq!(special_sink.messages()[0].rcpts, ["x@special.test"]);
+    assert_eq!(default_sink.messages()[0].rcpts, ["y@other.test"]);
+}
+
+#[test]
+fn required_tls_verifies_the_upstream_certificate() {
+    let dir = TestDir::new();
+    let (cert, key) = write_certs(&dir.join("upstream-certs"));
+    let sink = Sink::start(SinkConfig {
+        starttls: true,
+        require_tls: true,
+        cert: Some((cert.clone(), key)),
+        ..SinkConfig::default()
+    });
+    // The config's upstream has tls = "none"; these keys come after it and would repeat it,
+    // so build this upstream by hand.
+    let port = free_port();
+    let toml = format!(
+        "[server]\nhostname = \"relay.test\"\nspool_dir = \"{{dir}}/spool\"\n\n{}\n\
+         [[upstreams]]\nname = \"up\"\naddress = \"127.0.0.1:{}\"\ntls = \"required\"\nca = \"{}\"\n\
+         backoff = \"1s\"\ntimeout = \"2s\"\n\n[relay]\nrelay_networks = [\"127.0.0.0/8\"]\n\n[queue]\nretry = [\"1s\"]\n",
+        listener("mx", port, "none"),
+        sink.port(),
+        cert.display()
+    );
+    let relay = Relay::start_in(dir, &toml);
+    send(&relay, "a@example.org", &["b@example.com"], &body("tls", "x\r\n"));
+    assert!(sink.wait_for(1, WAIT));
+    assert!(sink.messages()[0].tls, "delivered without TLS");
+    assert_clean(&sink);
+}
+
+#[test]
+fn required_tls_with_an_untrusted_certificate_never_falls_back_to_plaintext() {
+    let dir = TestDir::new();
+    let (cert, key) = write_certs(&dir.join("upstream-certs"));
+    let (other_ca, _) = write_certs(&dir.join("other-ca"));
+    let sink = Sink::start(SinkConfig {
+        starttls: true,
+        cert: Some((cert, key)),
+        ..SinkConfig::default()
+    });
+    let port = free_port();
+    let toml = format!(
+        "[server]\nhostname = \"relay.test\"\nspool_dir = \"{{dir}}/spool\"\n\n{}\n\
+         [[upstreams]]\nname = \"up\"\naddress = \"127.0.0.1:{}\"\ntls = \"required\"\nca = \"{}\"\n\
+         backoff = \"1s\"\ntimeout = \"2s\"\n\n[relay]\nrelay_networks = [\"127.0.0.0/8\"]\n\n[queue]\nretry = [\"1s\"]\n",
+        listener("mx", port, "none"),
+        sink.port(),
+        other_ca.display()
+    );
+    let relay = Relay::start_in(dir, &toml);
+    let id = send(&relay, "a@example.org", &["b@example.com"], &body("untrusted", "x\r\n"));
+    assert!(relay.wait_for_log("TLS handshake", WAIT));
+    thread::sleep(Duration::from_millis(1500));
+    assert!(sink.messages().is_empty(), "sent to an unverified upstream");
+    let list = queue_list(&relay);
+    assert!(list.contains(&id) && list.contains("TLS handshake"), "{list}");
+}
+
+#[test]
+fn opportunistic_tls_encrypts_when_offered_and_sends_plaintext_when_not() {
+    let dir = TestDir::new();
+    let (cert, key) = write_certs(&dir.join("upstream-certs"));
+    let with_tls = Sink::start(SinkConfig {
+        starttls: true,
+        cert: Some((cert, key)),
+        ..SinkConfig::default()
+    });
+    let without = Sink::start(SinkConfig::default());
+    let extra = format!(
+        "[[upstreams]]\nname = \"plain\"\naddress = \"127.0.0.1:{}\"\ntls = \"opportunistic\"\ndomains = [\"plain.test\"]\n",
+        without.port()
+    );
+    let relay = start_relay(with_tls.port(), "", &extra);
+    // `up` is tls = "none" in the shared config; make a second relay for the encrypted case.
+    drop(relay);
+    let port = free_port();
+    let toml = format!(
+        "[server]\nhostname = \"relay.test\"\nspool_dir = \"{{dir}}/spool\"\n\n{}\n\
+         [[upstreams]]\nname = \"up\"\naddress = \"127.0.0.1:{}\"\ntls = \"opportunistic\"\n\n{extra}\n\
+         [relay]\nrelay_networks = [\"127.0.0.0/8\"]\n",
+        listener("mx", port, "none"),
+        with_tls.port(),
+    );
+    let relay = Relay::start_in(dir, &toml);
+    send(&relay, "a@example.org", &["b@example.com", "c@plain.test"], &body("opportunistic", "x\r\n"));
+    assert!(with_tls.wait_for(1, WAIT) && without.wait_for(1, WAIT));
+    assert!(with_tls.messages()[0].tls);
+    assert!(!without.messages()[0].tls);
+}
+
+#[test]
+fn authenticates_to_the_upstream_over_tls() {
+    let dir = TestDir::new();
+    let (cert, key) = write_certs(&dir.join("upstream-certs"));
+    let sink = Sink::start(SinkConfig {
+        starttls: true,
+        cert: Some((cert.clone(), key)),
+        auth: Some(("relay".into(), "s3cret pass".into())),
+        ..SinkConfig::default()
+    });
+    let pass = dir.write("upstream.pass", "s3cret pass\n");
+    let port = free_port();
+    let toml = format!(
+        "[server]\nhostname = \"relay.test\"\nspool_dir = \"{{dir}}/spool\"\n\n{}\n\
+         [[upstreams]]\nname = \"up\"\naddress = \"127.0.0.1:{}\"\ntls = \"required\"\nca = \"{}\"\n\
+         auth_user = \"relay\"\nauth_password_file = \"{}\"\n\n[relay]\nrelay_networks = [\"127.0.0.0/8\"]\n",
+        listener("mx", port, "none"),
+        sink.port(),
+        cert.display(),
+        pass.display()
+    );
+    let relay = Relay::start_in(dir, &toml);
+    send(&relay, "a@example.org", &["b@example.com"], &body("auth", "x\r\n"));
+    assert!(sink.wait_for(1, WAIT));
+    assert_eq!(sink.messages()[0].auth.as_deref(), Some("relay"));
+    assert!(sink.messages()[0].tls);
+}
+
+#[test]
+fn upstream_without_8bitmime_or_with_a_smaller_size_is_a_clear_permanent_failure() {
+    let sink = Sink::start(SinkConfig {
+        eightbitmime: false,
+        size: Some(2000),
+        ..SinkConfig::default()
+    });
+    let relay = start_relay(sink.port(), "", "");
+    let mut c = SmtpClient::connect(relay.port(0));
+    c.expect_reply(220);
+    c.expect("EHLO client.test", 250);
+    c.expect("MAIL FROM:<alice@example.org> BODY=8BITMIME", 250);
+    c.expect("RCPT TO:<eight@example.com>", 250);
+    c.expect("DATA", 354);
+    c.send_raw("Subject: caf\u{e9}\r\n\r\n8-bit body \u{e9}\r\n.\r\n".as_bytes());
+    assert_eq!(c.read_reply().0, 250);
+    let big = body("big", &"0123456789012345678901234567890123456789\r\n".repeat(100));
+    let (code, _) = c.send_message("alice@example.org", &["big@example.com"], &big);
+    assert_eq!(code, 250);
+    c.cmd("QUIT");
+
+    assert!(sink.wait_for(2, WAIT), "expected two bounces");
+    let dsns: Vec<String> = sink
+        .messages()
+        .iter()
+        .map(|m| String::from_utf8_lossy(&m.data).into_owned())
+        .collect();
+    assert!(dsns.iter().any(|d| d.contains("Status: 5.6.3") && d.contains("eight@example.com")));
+    assert!(dsns.iter().any(|d| d.contains("Status: 5.3.4") && d.contains("big@example.com")));
+    assert!(sink.messages().iter().all(|m| m.mail_from.is_empty()));
+    assert_clean(&sink);
+    assert!(relay.wait_for_queue_len(0, WAIT));
+}
+
+#[test]
+fn connection_is_reused_with_rset_between_messages() {
+    let sink = Sink::start(SinkConfig::default());
+    let relay = start_relay(sink.port(), "max_connections = 1\n", "");
+    let mut c = SmtpClient::connect(relay.port(0));
+    c.expect_reply(220);
+    c.expect("EHLO client.test", 250);
+    for i in 0..3 {
+        assert_eq!(c.send_message("a@example.org", &["b@example.com"], &body(&format!("reuse {i}"), "x\r\n")).0, 250);
+        // Let each delivery finish so the next one finds the connection idle.
+        assert!(sink.wait_for(i + 1, WAIT));
+    }
+    c.cmd("QUIT");
+    assert_eq!(sink.connections(), 1, "a new connection per message");
+    let rsets = sink.commands().iter().filter(|c| c.eq_ignore_ascii_case("RSET")).count();
+    assert_eq!(rsets, 2);
+    assert!(sink.messages().iter().all(|m| m.conn == sink.messages()[0].conn));
+}
+
+#[test]
+fn without_pipelining_commands_go_one_by_one_and_helo_is_the_fallback() {
+    let sink = Sink::start(SinkConfig {
+        pipelining: false,
+        ehlo: false,
+        eightbitmime: false,
+        smtputf8: false,
+        ..SinkConfig::default()
+    });
+    let relay = start_relay(sink.port(), "", "");
+    send(&relay, "a@example.org", &["b@example.com", "c@example.com"], &body("helo", "x\r\n"));
+    assert!(sink.wait_for(1, WAIT));
+    assert_eq!(sink.messages()[0].helo, "relay.test");
+    assert!(sink.commands().iter().any(|c| c.starts_with("HELO ")));
+    assert_clean(&sink);
+}
+
+#[test]
+fn dropped_connection_and_stalled_upstream_are_retried() {
+    let sink = Sink::start(SinkConfig {
+        drop_after: Some(Stage::Dot),
+        ..SinkConfig::default()
+    });
+    let relay = start_relay(sink.port(), "", "");
+    let id = send(&relay, "a@example.org", &["b@example.com"], &body("drop", "x\r\n"));
+    assert!(relay.wait_for_log("connection closed by the upstream", WAIT));
+    assert!(queue_list(&relay).contains(&id));
+
+    sink.set_config(SinkConfig {
+        stall_at: Some(Stage::Mail),
+        ..SinkConfig::default()
+    });
+    assert!(relay.wait_for_log("no reply within", WAIT), "stall not detected");
+    assert!(sink.messages().is_empty());
+
+    sink.set_config(SinkConfig::default());
+    assert!(sink.wait_for(1, WAIT), "not delivered after the upstream recovered");
+    assert!(relay.wait_for_queue_len(0, WAIT));
+}
+
+#[test]
+fn back_pressure_opens_the_circuit_breaker() {
+    let sink = Sink::start(SinkConfig {
+        mail_reply: Some("452 4.3.1 Insufficient system resources".into()),
+        ..SinkConfig::default()
+    });
+    // A long back-off: once the breaker opens, nothing more is tried within the test.
+    let relay = start_relay(sink.port(), "", "");
+    drop(relay);
+    let relay = Relay::start(&config(
+        &[listener("mx", free_port(), "none")],
+        sink.port(),
+        "backoff = \"1h\"\n\n[relay]\nrelay_networks = [\"127.0.0.0/8\"]\n\n[queue]\nretry = [\"1s\"]\n",
+    ));
+    let id = send(&relay, "a@example.org", &["b@example.com"], &body("busy", "x\r\n"));
+    assert!(relay.wait_for_log("upstream marked down", WAIT));
+    let mails = |s: &Sink| s.commands().iter().filter(|c| c.starts_with("MAIL")).count();
+    let before = mails(&sink);
+    thread::sleep(Duration::from_millis(2500));
+    assert_eq!(mails(&sink), before, "the upstream was hammered while marked down");
+    assert!(queue_list(&relay).contains("4.3.1"));
+
+    // queue retry: due now and the breaker reset, so it goes at once.
+    sink.set_config(SinkConfig::default());
+    let out = relay.command(&["queue", "retry", &id]);
+    assert!(out.status.success(), "{out:?}");
+    assert!(sink.wait_for(1, Duration::from_secs(5)), "retry did not reset the breaker");
+}
+
+#[test]
+fn queue_retry_all_makes_everything_due_now() {
+    let port = free_port();
+    let relay = Relay::start(&config(
+        &[listener("mx", free_port(), "none")],
+        port,
+        "backoff = \"1h\"\n\n[relay]\nrelay_networks = [\"127.0.0.0/8\"]\n\n[queue]\nretry = [\"1h\"]\n",
+    ));
+    for i in 0..3 {
+        send(&relay, "a@example.org", &["b@example.com"], &body(&format!("r{i}"), "x\r\n"));
+    }
+    assert!(wait_until(WAIT, || relay.log().matches("retry_in_secs=3600").count() >= 3));
+    let sink = Sink::start_on(port, SinkConfig::default());
+    thread::sleep(Duration::from_millis(1000));
+    assert!(sink.messages().is_empty(), "retried before it was due");
+    let out = relay.command(&["queue", "retry", "--all"]);
+    assert!(out.status.success(), "{out:?}");
+    assert!(sink.wait_for(3, Duration::from_secs(5)));
+    assert!(relay.wait_for_queue_len(0, WAIT));
+}
+
+#[test]
+fn deleted_and_purged_messages_are_never_delivered() {
+    let port = free_port();
+    let relay = start_relay(port, "", "");
+    let junk: Vec<String> = (0..3)
+        .map(|i| send(&relay, "spam@junk.test", &["b@example.com"], &body(&format!("junk {i}"), "x\r\n")))
+        .collect();
+    let real = send(&relay, "alice@example.org", &["b@example.com"], &body("real", "x\r\n"));
+    let doomed = send(&relay, "bob@example.org", &["b@example.com"], &body("doomed", "x\r\n"));
+
+    let out = relay.command(&["queue", "delete", &doomed]);
+    assert!(out.status.success(), "{out:?}");
+    let out = relay.command(&["queue", "purge", "--from", "@JUNK.test"]);
+    assert!(out.status.success(), "{out:?}");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(junk.iter().all(|id| stdout.contains(id.as_str())), "{stdout}");
+    assert!(!stdout.contains(&real));
+
+    let sink = Sink::start_on(port, SinkConfig::default());
+    assert!(sink.wait_for(1, WAIT));
+    thread::sleep(Duration::from_millis(2500));
+    assert_eq!(subjects(&sink.messages()), ["real"]);
+    assert!(relay.wait_for_queue_len(0, WAIT));
+}
+
+/// A hand-driven upstream that answers 354 and then does not read the message until told,
+/// so the relay's worker is stuck writing it (socket buffers full) when the test deletes it.
+#[test]
+fn delete_during_delivery_aborts_before_the_final_dot() {
+    let upstream = TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = upstream.local_addr().unwrap().port();
+    let (go_tx, go_rx) = mpsc::channel::<()>();
+    let (result_tx, result_rx) = mpsc::channel::<Vec<u8>>();
+    let (in_data_tx, in_data_rx) = mpsc::channel::<()>();
+    thread::spawn(move || {
+        let (stream, _) = upstream.accept().unwrap();
+        let mut w = stream.try_clone().unwrap();
+        let mut r = BufReader::new(stream);
+        w.write_all(b"220 hand.test ESMTP\r\n").unwrap();
+        let mut line = String::new();
+        loop {
+            line.clear();
+            if r.read_line(&mut line).unwrap() == 0 {
+                return;
+            }
+            let cmd = line.trim_end().to_ascii_uppercase();
+            let reply: &[u8] = if cmd.starts_with("EHLO") {
+                b"250-hand.test\r\n250 8BITMIME\r\n"
+            } else if cmd == "DATA" {
+                b"354 go ahead\r\n"
+            } else {
+                b"250 ok\r\n"
+            };
+            w.write_all(reply).unwrap();
+            if cmd == "DATA" {
+                break;
+            }
+        }
+        in_data_tx.send(()).unwrap();
+        go_rx.recv().unwrap();
+        let mut rest = Vec::new();
+        let _ = r.read_to_end(&mut rest);
+        result_tx.send(rest).unwrap();
+    });
+    let relay = start_relay(port, "timeout = \"30s\"\n", "");
+    let big = body("big", &format!("{}\r\n", "x".repeat(998)).repeat(20_000));
+    let id = send(&relay, "a@example.org", &["b@example.com"], &big);
+    in_data_rx.recv_timeout(WAIT).expect("the relay never reached DATA");
+    thread::sleep(Duration::from_millis(500));
+    let out = relay.command(&["queue", "delete", &id]);
+    assert!(out.status.success(), "{out:?}");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(!stdout.contains("may have been delivered"), "{stdout}");
+    go_tx.send(()).unwrap();
+    let received = result_rx.recv_timeout(WAIT).expect("upstream thread");
+    assert!(!received.ends_with(b"\r\n.\r\n"), "the final dot was sent after the delete");
+    assert!(relay.wait_for_log("transaction aborted before the final dot", WAIT));
+    assert!(relay.spool_files().is_empty());
+}
+
+#[test]
+fn delete_after_the_final_dot_says_the_message_may_have_been_delivered() {
+    let sink = Sink::start(SinkConfig {
+        stall_at: Some(Stage::Dot),
+        ..SinkConfig::default()
+    });
+    let relay = start_relay(sink.port(), "timeout = \"10s\"\n", "");
+    let id = send(&relay, "a@example.org", &["b@example.com"], &body("late delete", "x\r\n"));
+    assert!(wait_until(WAIT, || relay.spool.join("sending").join(&id).exists()));
+    let out = relay.command(&["queue", "delete", &id]);
+    assert!(out.status.success(), "{out:?}");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(stdout.contains("may have been delivered"), "{stdout}");
+}
+
+#[test]
+fn kill_9_during_delivery_loses_nothing() {
+    let sink = Sink::start(SinkConfig::default());
+    let port = free_port();
+    let toml = relay_config(port, sink.port(), "", "");
+    let mut relay = Relay::start(&toml);
+    let mut c = SmtpClient::connect(relay.port(0));
+    c.expect_reply(220);
+    c.expect("EHLO client.test", 250);
+    let mut accepted = Vec::new();
+    for i in 0..60 {
+        let (code, _) = c.send_message("a@example.org", &["b@example.com"], &body(&format!("crash {i}"), "x\r\n"));
+        assert_eq!(code, 250);
+        accepted.push(format!("crash {i}"));
+    }
+    relay.kill9();
+    let delivered_before = sink.messages().len();
+    relay.restart();
+    assert!(
+        wait_until(Duration::from_secs(30), || {
+            let got: HashSet<String> = subjects(&sink.messages()).into_iter().collect();
+            accepted.iter().all(|s| got.contains(s))
+        }),
+        "messages lost after kill -9 ({delivered_before} delivered before it)"
+    );
+    assert!(relay.wait_for_queue_len(0, WAIT));
+}
+
+#[test]
+fn sigterm_during_a_stalled_delivery_keeps_the_message() {
+    let sink = Sink::start(SinkConfig {
+        stall_at: Some(Stage::Rcpt),
+        ..SinkConfig::default()
+    });
+    let mut relay = start_relay(sink.port(), "timeout = \"60s\"\n", "");
+    let id = send(&relay, "a@example.org", &["b@example.com"], &body("shutdown", "x\r\n"));
+    assert!(wait_until(WAIT, || sink.commands().iter().any(|c| c.starts_with("RCPT"))));
+    relay.sigterm();
+    assert!(relay.wait_exit(Duration::from_secs(45)).is_some(), "relay did not stop");
+    // Nothing half-marked: the message is there, with no state claiming progress.
+    assert_eq!(relay.spool_files().len(), 1);
+    sink.set_config(SinkConfig::default());
+    relay.restart();
+    assert!(sink.wait_for(1, WAIT));
+    assert!(subjects(&sink.messages()).contains(&"shutdown".to_owned()));
+    let _ = id;
+}
+
+#[test]
+fn expired_messages_bounce_with_status_4_4_7() {
+    let sink = Sink::start(SinkConfig::default());
+    // dead.test routes to a closed port; everything else (the bounce) to the sink.
+    let extra = format!(
+        "[[upstreams]]\nname = \"dead\"\naddress = \"127.0.0.1:{}\"\ntls = \"none\"\ndomains = [\"dead.test\"]\nbackoff = \"1s\"\n",
+        free_port()
+    );
+    let relay = Relay::start(&config(
+        &[listener("mx", free_port(), "none")],
+        sink.port(),
+        &format!("{extra}\n[relay]\nrelay_networks = [\"127.0.0.0/8\"]\n\n[queue]\nretry = [\"1s\"]\nmax_age = \"3s\"\n"),
+    ));
+    send(&relay, "alice@example.org", &["x@dead.test"], &body("expire", "x\r\n"));
+    assert!(sink.wait_for(1, Duration::from_secs(20)), "no expiry bounce");
+    let dsn = String::from_utf8_lossy(&sink.messages()[0].data).into_owned();
+    assert!(dsn.contains("Status: 4.4.7"), "{dsn}");
+    assert!(dsn.contains("x@dead.test"));
+    assert!(relay.wait_for_queue_len(0, WAIT));
+}
+
+#[test]
+fn swaks_through_portcullis_to_the_upstream() {
+    let sink = Sink::start(SinkConfig::default());
+    let relay = start_relay(sink.port(), "", "");
+    let out = swaks(&[
+        "--server",
+        &format!("127.0.0.1:{}", relay.port(0)),
+        "--from",
+        "alice@example.org",
+        "--to",
+        "bob@example.com",
+        "--header",
+        "Subject: via swaks",
+    ]);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(stdout.contains("250 2.0.0 Ok: queued as"), "{stdout}");
+    assert!(sink.wait_for(1, WAIT));
+    assert_eq!(subjects(&sink.messages()), ["via swaks"]);
+}
+
+/// Postfix from Debian's packages as the upstream, over STARTTLS with a verified certificate:
+/// a real MTA accepts what portcullis sends, and relays it on to the sink.
+#[test]
+fn interoperates_with_postfix_over_starttls() {
+    let dir = TestDir::new();
+    let (cert, key) = write_certs(&dir.join("postfix-certs"));
+    let sink = Sink::start(SinkConfig::default());
+    let postfix_port = free_port();
+    let Some(postfix) = common::postfix::Postfix::start(
+        &dir.join("postfix"),
+        postfix_port,
+        sink.port(),
+        &cert,
+        &key,
+    ) else {
+        return;
+    };
+    let port = free_port();
+    let toml = format!(
+        "[server]\nhostname = \"relay.test\"\nspool_dir = \"{{dir}}/spool\"\n\n{}\n\
+         [[upstreams]]\nname = \"postfix\"\naddress = \"127.0.0.1:{postfix_port}\"\ntls = \"required\"\nca = \"{}\"\n\n\
+         [relay]\nrelay_networks = [\"127.0.0.0/8\"]\n\n[queue]\nretry = [\"1s\"]\n",
+        listener("mx", port, "none"),
+        cert.display()
+    );
+    let relay = Relay::start_in(dir, &toml);
+    let text = "through postfix\r\n.dot line\r\n";
+    send(&relay, "alice@example.org", &["bob@example.com", "carol@example.net"], &body("postfix interop", text));
+    assert!(sink.wait_for(1, Duration::from_secs(30)), "postfix log:\n{}", postfix.log());
+    let m = &sink.messages()[0];
+    let data = String::from_utf8_lossy(&m.data);
+    assert!(data.contains("with ESMTPS"), "postfix did not record TLS:\n{data}");
+    assert!(data.contains(&body("postfix interop", text)[..0]));
+    assert!(data.ends_with("through postfix\r\n.dot line\r\n"), "{data}");
+    assert!(data.contains("Subject: postfix interop"));
+    let mut rcpts = m.rcpts.clone();
+    rcpts.sort();
+    assert_eq!(rcpts, ["bob@example.com", "carol@example.net"]);
+    assert!(relay.wait_for_queue_len(0, WAIT));
+    assert!(relay.log().contains("250 2.0.0 Ok: queued as"), "postfix's reply not logged");
+}
+
+/// Keep unused-import lints quiet for helpers only some tests use.
+#[allow(dead_code)]
+fn _unused(_: HashMap<(), ()>) {}
