@@ -2,6 +2,10 @@
 //! passwords, make test certificates. `anyhow` lives here only.
 //!
 //! Exit status: 0 success, 2 bad input or configuration, 1 any other failure.
+//!
+//! `queue retry|delete ID…` check every id's syntax first (one malformed id: exit 2, nothing
+//! done); an id that is well formed but not queued is reported on stderr, the other ids are
+//! still acted on, and the exit status is 1. `queue purge` that matches nothing exits 0.
 
 use std::io::Read;
 use std::path::{Path, PathBuf};
