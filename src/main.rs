@@ -2,6 +2,10 @@
 //! passwords, make test certificates. `anyhow` lives here only.
 //!
 //! Exit status: 0 success, 2 bad input or configuration, 1 any other failure.
+//!
+//! `queue retry|delete ID…` check every id's syntax first (one malformed id: exit 2, nothing
+//! done); an id that is well formed but not queued is reported on stderr, the other ids are
+//! still acted on, and the exit status is 1. `queue purge` that matches nothing exits 0.
 
 use std::io::Read;
 use std::path::{Path, PathBuf};
@@ -12,7 +16,7 @@ use clap::{Parser, Subcommand};
 
 use portcullis::config::Config;
 use portcullis::envelope::{QueueId, unix_now};
-use portcullis::queue::{Spool, SpoolError, report};
+use portcullis::queue::{DeleteOutcome, PurgeFilter, RetryTarget, Spool, SpoolError, report};
 
 #[derive(Parser, Debug)]
 #[command(name = "portcullis", version, about = "A hardened SMTP edge relay")]
@@ -58,6 +62,40 @@ enum QueueAction {
     },
     /// Envelope, delivery history and headers of one message.
     Show { id: String },
+    /// Make messages due now, overriding back-off and resetting their upstream's circuit
+    /// breaker. The running relay acts within a second (a stopped relay, when it starts).
+    Retry {
+        /// Queue ids.
+        #[arg(
+            value_name = "ID",
+            required_unless_present = "all",
+            conflicts_with = "all"
+        )]
+        ids: Vec<String>,
+        /// Every queued message.
+        #[arg(long)]
+        all: bool,
+    },
+    /// Remove messages from the queue. A worker sending one aborts unless its final dot was
+    /// already sent (then this says so).
+    Delete {
+        /// Queue ids.
+        #[arg(value_name = "ID", required = true)]
+        ids: Vec<String>,
+    },
+    /// Remove every message from a sender, a domain, or all of them; no confirmation.
+    Purge {
+        /// Envelope sender: ADDR (local part exact, domain any case), @DOMAIN (that domain,
+        /// not its subdomains), or '<>' (bounces).
+        #[arg(long, value_name = "ADDR", conflicts_with = "all")]
+        from: Option<String>,
+        /// Every queued message.
+        #[arg(long)]
+        all: bool,
+        /// Only list what would be deleted.
+        #[arg(long)]
+        dry_run: bool,
+    },
 }
 
 /// An error in the operator's input: exit status 2.
@@ -191,6 +229,87 @@ fn queue(action: QueueAction, config: Option<&Path>, spool: Option<PathBuf>) -> 
             let head = spool.read_message_head(&id, report::SHOW_HEADER_LIMIT as u64)?;
             print!("{}", report::show(&msg, &head));
         }
+        QueueAction::Retry { ids, all } => retry(&spool, &dir, &ids, all)?,
+        QueueAction::Delete { ids } => delete(&spool, &dir, &ids)?,
+        QueueAction::Purge { from, all, dry_run } => {
+            let filter = match (from, all) {
+                (Some(from), _) => {
+                    PurgeFilter::parse_from(&from).map_err(|e| UsageError(e.to_string()))?
+                }
+                (None, true) => PurgeFilter::All,
+                (None, false) => bail!(UsageError(
+                    "purge needs --from ADDR|@DOMAIN|'<>' or --all".into()
+                )),
+            };
+            let purged = spool.purge(&filter, dry_run)?;
+            let mut tally = report::Tally::new(dry_run);
+            for p in &purged {
+                println!(
+                    "{}",
+                    report::deletion_line(&p.id, Some(&p.sender), p.outcome)
+                );
+                tally.add(p.outcome);
+            }
+            println!("{}", tally.summary());
+        }
+    }
+    Ok(())
+}
+
+/// Parse every id first, so a typo changes nothing (exit 2).
+fn parse_ids(ids: &[String]) -> anyhow::Result<Vec<QueueId>> {
+    ids.iter()
+        .map(|s| s.parse().map_err(|e| UsageError(format!("{e}")).into()))
+        .collect()
+}
+
+/// `queue retry`: one request file per known id (unknown ids: stderr, exit 1 at the end).
+fn retry(spool: &Spool, dir: &Path, ids: &[String], all: bool) -> anyhow::Result<()> {
+    if all {
+        spool.request_retry(&RetryTarget::All)?;
+        let n = spool.list()?.len();
+        println!("retry requested for all queued messages ({n} now)");
+    } else {
+        let ids = parse_ids(ids)?;
+        let (known, unknown): (Vec<QueueId>, Vec<QueueId>) =
+            ids.into_iter().partition(|id| spool.contains(id));
+        for id in &unknown {
+            eprintln!("portcullis: no message {id} in {}", dir.display());
+        }
+        if !known.is_empty() {
+            spool.request_retry(&RetryTarget::Ids(known.clone()))?;
+        }
+        for id in &known {
+            println!("retry requested for {id}");
+        }
+        if !unknown.is_empty() {
+            bail!(
+                "{} of {} messages not found",
+                unknown.len(),
+                unknown.len() + known.len()
+            );
+        }
+    }
+    println!("{}", report::RETRY_NOTE);
+    Ok(())
+}
+
+/// `queue delete`: every known id is deleted even when some are unknown (stderr, exit 1).
+fn delete(spool: &Spool, dir: &Path, ids: &[String]) -> anyhow::Result<()> {
+    let ids = parse_ids(ids)?;
+    let mut tally = report::Tally::new(false);
+    for id in &ids {
+        let outcome = spool.delete(id)?;
+        if outcome == DeleteOutcome::NotFound {
+            eprintln!("portcullis: no message {id} in {}", dir.display());
+        } else {
+            println!("{}", report::deletion_line(id, None, Some(outcome)));
+        }
+        tally.add(Some(outcome));
+    }
+    println!("{}", tally.summary());
+    if tally.not_found > 0 {
+        bail!("{} of {} messages not found", tally.not_found, ids.len());
     }
     Ok(())
 }

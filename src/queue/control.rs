@@ -127,10 +127,12 @@ impl PurgeFilter {
             let probe = Address::parse(&format!("x@{domain}")).map_err(|_| bad())?;
             return Ok(PurgeFilter::Domain(probe.domain().to_string()));
         }
-        let bare = arg
-            .strip_prefix('<')
-            .and_then(|a| a.strip_suffix('>'))
-            .unwrap_or(arg);
+        let bare = match (arg.strip_prefix('<'), arg.ends_with('>')) {
+            (Some(inner), true) => &inner[..inner.len() - 1],
+            (None, false) => arg,
+            // One bracket without the other is a typo, not a strange local part.
+            _ => return Err(bad()),
+        };
         Address::parse(bare)
             .map(PurgeFilter::Sender)
             .map_err(|_| bad())

@@ -1,4 +1,4 @@
-//! Text behind `portcullis queue list|show`: pure formatting of [`QueuedMessage`]s, no I/O.
+//! Text behind `portcullis queue list|show|retry|delete|purge`: pure formatting, no I/O.
 //!
 //! The table and JSON shapes are an interface (DESIGN "Interface contract"): `list` prints a
 //! header row then exactly one row per message starting with its id; `list --json` prints one
@@ -13,8 +13,8 @@ use serde_json::json;
 use time::OffsetDateTime;
 use time::format_description::well_known::Rfc3339;
 
-use super::{DeliveryState, QueuedMessage};
-use crate::envelope::{Envelope, RcptStatus};
+use super::{DeleteOutcome, DeliveryState, QueuedMessage};
+use crate::envelope::{Envelope, QueueId, RcptStatus, ReversePath};
 
 /// Most bytes of message headers [`show`] prints.
 pub const SHOW_HEADER_LIMIT: usize = 64 * 1024;
@@ -203,6 +203,93 @@ fn show_envelope(out: &mut String, env: &Envelope, state: &DeliveryState, size: 
         };
         let _ = writeln!(out, "    {}  {status}", clean(&r.address.to_string()));
     }
+}
+
+/// Last line of `queue retry`: when the request takes effect.
+pub const RETRY_NOTE: &str =
+    "the running relay acts on this within a second (a stopped relay when it next starts)";
+
+/// Added to the line of a message deleted after a worker sent (or began sending) its final dot.
+pub const MAYBE_SENT_NOTE: &str =
+    "(its final dot had already been sent upstream; it may have been delivered)";
+
+/// One line of `queue delete` / `queue purge` output:
+/// `deleted ID [from SENDER] [MAYBE_SENT_NOTE]`, `would delete ID from SENDER` (dry run:
+/// `outcome` is `None`), or `gone ID [from SENDER] (left the queue meanwhile)`.
+pub fn deletion_line(
+    id: &QueueId,
+    sender: Option<&ReversePath>,
+    outcome: Option<DeleteOutcome>,
+) -> String {
+    let from = sender.map_or(String::new(), |s| {
+        format!(" from {}", clean(&s.to_string()))
+    });
+    match outcome {
+        None => format!("would delete {id}{from}"),
+        Some(DeleteOutcome::Deleted) => format!("deleted {id}{from}"),
+        Some(DeleteOutcome::DeletedMaybeSent) => format!("deleted {id}{from} {MAYBE_SENT_NOTE}"),
+        Some(DeleteOutcome::NotFound) => format!("gone {id}{from} (left the queue meanwhile)"),
+    }
+}
+
+/// Counts behind the summary line of `queue delete` / `queue purge`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Tally {
+    /// Deleted (including those possibly sent).
+    pub deleted: usize,
+    /// Deleted after their final dot was sent.
+    pub maybe_sent: usize,
+    /// Not queued (unknown id, or left the queue meanwhile).
+    pub not_found: usize,
+    /// Listed by a dry run.
+    pub would_delete: usize,
+    /// Counting a dry run (nothing deleted).
+    pub dry_run: bool,
+}
+
+impl Tally {
+    /// An empty tally, for a dry run or not.
+    pub fn new(dry_run: bool) -> Self {
+        Tally {
+            dry_run,
+            ..Tally::default()
+        }
+    }
+
+    /// Count one message (`None`: listed by a dry run).
+    pub fn add(&mut self, outcome: Option<DeleteOutcome>) {
+        match outcome {
+            None => self.would_delete += 1,
+            Some(DeleteOutcome::Deleted) => self.deleted += 1,
+            Some(DeleteOutcome::DeletedMaybeSent) => {
+                self.deleted += 1;
+                self.maybe_sent += 1;
+            }
+            Some(DeleteOutcome::NotFound) => self.not_found += 1,
+        }
+    }
+
+    /// `3 messages deleted`, with `, 1 possibly delivered` and `, 1 not found` when nonzero;
+    /// a dry run: `3 messages would be deleted (dry run)`.
+    pub fn summary(&self) -> String {
+        let mut out = if self.dry_run {
+            format!("{} would be deleted (dry run)", messages(self.would_delete))
+        } else {
+            format!("{} deleted", messages(self.deleted))
+        };
+        if self.maybe_sent > 0 {
+            let _ = write!(out, ", {} possibly delivered", self.maybe_sent);
+        }
+        if self.not_found > 0 {
+            let _ = write!(out, ", {} not found", self.not_found);
+        }
+        out
+    }
+}
+
+/// `1 message`, `2 messages`.
+fn messages(n: usize) -> String {
+    format!("{n} message{}", if n == 1 { "" } else { "s" })
 }
 
 /// The header section of a message: everything before the first empty line, at most

@@ -36,7 +36,7 @@ fn names(dir: &Path) -> Vec<String> {
 fn open_creates_private_directories() {
     use std::os::unix::fs::PermissionsExt;
     let (_d, spool) = spool();
-    for sub in ["tmp", "queue", "quarantine"] {
+    for sub in ["tmp", "queue", "quarantine", "control", "sending"] {
         let meta = fs::metadata(spool.root().join(sub)).unwrap();
         assert!(meta.is_dir());
         assert_eq!(meta.permissions().mode() & 0o777, 0o700, "{sub}");
@@ -527,4 +527,229 @@ fn symlinks_in_queue_are_not_followed() {
     let report = spool.recover().unwrap();
     assert_eq!(report.quarantined.len(), 1);
     assert_eq!(fs::read(&outside).unwrap(), b"secret");
+}
+
+fn from(env: Envelope, sender: &str) -> Envelope {
+    Envelope {
+        mail_from: if sender == "<>" {
+            ReversePath::Null
+        } else {
+            ReversePath::Address(sender.parse().unwrap())
+        },
+        ..env
+    }
+}
+
+#[test]
+fn retry_requests_are_merged_consumed_once_and_junk_is_removed() {
+    let (_d, spool) = spool();
+    let control = spool.root().join("control");
+    let (a, b) = (QueueId::generate(), QueueId::generate());
+    spool
+        .request_retry(&RetryTarget::Ids(vec![b.clone(), a.clone()]))
+        .unwrap();
+    spool
+        .request_retry(&RetryTarget::Ids(vec![a.clone()]))
+        .unwrap();
+    assert_eq!(
+        names(&control),
+        [format!("retry.{a}"), format!("retry.{b}")]
+    );
+    assert!(names(&spool.root().join("tmp")).is_empty());
+    fs::write(control.join("retry.not-an-id"), b"").unwrap();
+    fs::write(control.join("stray"), b"x").unwrap();
+
+    let mut want = vec![a.clone(), b.clone()];
+    want.sort();
+    assert_eq!(
+        spool.take_requests().unwrap(),
+        [Request::Retry(RetryTarget::Ids(want))]
+    );
+    assert!(names(&control).is_empty(), "requests and junk are consumed");
+    assert!(spool.take_requests().unwrap().is_empty());
+
+    spool.request_retry(&RetryTarget::Ids(vec![a])).unwrap();
+    spool.request_retry(&RetryTarget::All).unwrap();
+    assert_eq!(
+        spool.take_requests().unwrap(),
+        [Request::Retry(RetryTarget::All)]
+    );
+    assert!(names(&control).is_empty());
+}
+
+#[test]
+fn delete_removes_message_and_state_and_knows_unknown_ids() {
+    let (_d, spool) = spool();
+    let id = commit(&spool, &envelope(&["a@example.com"]), BODY);
+    spool.write_state(&id, &DeliveryState::fresh(5)).unwrap();
+    assert!(spool.contains(&id));
+    assert_eq!(spool.delete(&id).unwrap(), DeleteOutcome::Deleted);
+    assert!(!spool.contains(&id));
+    assert!(names(&spool.root().join("queue")).is_empty());
+    assert_eq!(spool.delete(&id).unwrap(), DeleteOutcome::NotFound);
+}
+
+#[test]
+fn final_dot_marker_tells_delete_and_delete_tells_the_worker() {
+    let (_d, spool) = spool();
+    let sending = spool.root().join("sending");
+    // The worker marks first: a deletion afterwards reports that it may have been sent.
+    let id = commit(&spool, &envelope(&["a@example.com"]), BODY);
+    let marker = spool
+        .begin_final_dot(&id)
+        .unwrap()
+        .expect("message is queued");
+    assert_eq!(marker.id(), &id);
+    assert_eq!(names(&sending), [id.to_string()]);
+    assert_eq!(spool.delete(&id).unwrap(), DeleteOutcome::DeletedMaybeSent);
+    marker.finish();
+    assert!(names(&sending).is_empty());
+
+    // Deleted first: the worker is told to abort, and leaves no marker behind.
+    let id = commit(&spool, &envelope(&["a@example.com"]), BODY);
+    assert_eq!(spool.delete(&id).unwrap(), DeleteOutcome::Deleted);
+    assert!(spool.begin_final_dot(&id).unwrap().is_none());
+    assert!(names(&sending).is_empty());
+
+    // A marker dropped without finish() is removed too; a later delete is a plain one.
+    let id = commit(&spool, &envelope(&["a@example.com"]), BODY);
+    drop(spool.begin_final_dot(&id).unwrap());
+    assert!(names(&sending).is_empty());
+    assert_eq!(spool.delete(&id).unwrap(), DeleteOutcome::Deleted);
+}
+
+#[test]
+fn recovery_removes_stale_markers_and_keeps_requests() {
+    let (_d, spool) = spool();
+    let id = commit(&spool, &envelope(&["a@example.com"]), BODY);
+    std::mem::forget(spool.begin_final_dot(&id).unwrap().unwrap()); // as a crash would
+    spool.request_retry(&RetryTarget::All).unwrap();
+    let report = spool.recover().unwrap();
+    assert_eq!(report.markers_removed, 1);
+    assert_eq!(report.queued, 1);
+    assert!(names(&spool.root().join("sending")).is_empty());
+    assert_eq!(names(&spool.root().join("control")), ["retry.all"]);
+    assert_eq!(spool.delete(&id).unwrap(), DeleteOutcome::Deleted);
+}
+
+#[test]
+fn purge_filter_parsing_and_matching() {
+    let addr = |s: &str| ReversePath::Address(s.parse().unwrap());
+    let cases: &[(&str, &str, bool)] = &[
+        ("spam@junk.example", "spam@junk.example", true),
+        ("spam@junk.example", "spam@JUNK.Example", true),
+        ("<spam@junk.example>", "spam@junk.example", true),
+        ("spam@junk.example.", "spam@junk.example", true),
+        ("spam@junk.example", "Spam@junk.example", false),
+        ("spam@junk.example", "spam2@junk.example", false),
+        ("spam@junk.example", "<>", false),
+        ("@junk.example", "anyone@JUNK.example", true),
+        ("@JUNK.EXAMPLE", "anyone@junk.example", true),
+        ("@junk.example", "anyone@sub.junk.example", false),
+        ("@junk.example", "<>", false),
+        ("<>", "<>", true),
+        ("<>", "a@junk.example", false),
+        ("@παράδειγμα.δοκιμή", "x@ΠΑΡΆΔΕΙΓΜΑ.δοκιμή", true),
+    ];
+    for &(arg, sender, want) in cases {
+        let filter = PurgeFilter::parse_from(arg).unwrap_or_else(|e| panic!("{arg}: {e}"));
+        let sender = if sender == "<>" {
+            ReversePath::Null
+        } else {
+            addr(sender)
+        };
+        assert_eq!(filter.matches(&sender), want, "{arg} vs {sender}");
+    }
+    for bad in ["", "@", "no-at-sign", "@bad domain", "a@-x.example", "<a@b"] {
+        assert!(PurgeFilter::parse_from(bad).is_err(), "{bad:?} accepted");
+    }
+    assert!(PurgeFilter::All.matches(&ReversePath::Null));
+}
+
+#[test]
+fn purge_dry_run_lists_and_purge_deletes_only_the_match() {
+    let (_d, spool) = spool();
+    let junk1 = commit(
+        &spool,
+        &from(envelope(&["a@example.com"]), "spam@junk.example"),
+        BODY,
+    );
+    let real = commit(
+        &spool,
+        &from(envelope(&["a@example.com"]), "boss@example.org"),
+        BODY,
+    );
+    let junk2 = commit(
+        &spool,
+        &from(envelope(&["b@example.com"]), "SPAM@Junk.example"),
+        BODY,
+    );
+    let filter = PurgeFilter::parse_from("@junk.example").unwrap();
+
+    let listed = spool.purge(&filter, true).unwrap();
+    let ids: Vec<&QueueId> = listed.iter().map(|p| &p.id).collect();
+    let mut want = vec![&junk1, &junk2];
+    want.sort();
+    assert_eq!(ids, want);
+    assert!(listed.iter().all(|p| p.outcome.is_none()));
+    assert_eq!(spool.list().unwrap().len(), 3, "dry run deleted something");
+
+    let purged = spool.purge(&filter, false).unwrap();
+    assert_eq!(purged.len(), 2);
+    assert!(
+        purged
+            .iter()
+            .all(|p| p.outcome == Some(DeleteOutcome::Deleted))
+    );
+    let left: Vec<QueueId> = spool
+        .list()
+        .unwrap()
+        .into_iter()
+        .map(|m| m.envelope.id)
+        .collect();
+    assert_eq!(left, [real]);
+}
+
+#[test]
+fn enqueue_commits_a_whole_message() {
+    let (_d, spool) = spool();
+    let env = envelope(&["a@example.com"]);
+    let id = spool.enqueue(&env, BODY).unwrap();
+    assert_eq!(spool.read_message(&id).unwrap(), BODY);
+    assert_eq!(spool.load(&id).unwrap().envelope, env);
+}
+
+#[test]
+fn deletion_lines_and_summaries() {
+    let id: QueueId = "0123456789ABCDEF".parse().unwrap();
+    let sender = ReversePath::Address("a@example.org".parse().unwrap());
+    assert_eq!(
+        report::deletion_line(&id, None, Some(DeleteOutcome::Deleted)),
+        "deleted 0123456789ABCDEF"
+    );
+    assert_eq!(
+        report::deletion_line(&id, Some(&sender), Some(DeleteOutcome::DeletedMaybeSent)),
+        format!(
+            "deleted 0123456789ABCDEF from a@example.org {}",
+            report::MAYBE_SENT_NOTE
+        )
+    );
+    assert_eq!(
+        report::deletion_line(&id, Some(&ReversePath::Null), None),
+        "would delete 0123456789ABCDEF from <>"
+    );
+    let mut t = report::Tally::new(false);
+    assert_eq!(t.summary(), "0 messages deleted");
+    t.add(Some(DeleteOutcome::Deleted));
+    assert_eq!(t.summary(), "1 message deleted");
+    t.add(Some(DeleteOutcome::DeletedMaybeSent));
+    t.add(Some(DeleteOutcome::NotFound));
+    assert_eq!(
+        t.summary(),
+        "2 messages deleted, 1 possibly delivered, 1 not found"
+    );
+    let mut dry = report::Tally::new(true);
+    assert_eq!(dry.summary(), "0 messages would be deleted (dry run)");
+    dry.add(None);
+    assert_eq!(dry.summary(), "1 message would be deleted (dry run)");
 }
