@@ -30,6 +30,11 @@ use crate::queue::{Spool, SpoolError};
 /// How long sessions still receiving a message may take to finish after a shutdown signal.
 pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(30);
 
+/// How long deliveries in flight may take to finish after the sessions are done. One cut
+/// short is not lost: its state was never changed, so it is simply tried again after the
+/// restart (at worst a duplicate, if its final dot was already sent).
+pub const DELIVERY_GRACE: Duration = Duration::from_secs(10);
+
 /// Why the relay could not start or stopped with an error.
 #[derive(Debug, thiserror::Error)]
 pub enum AppError {
@@ -168,11 +173,13 @@ pub async fn run(config: Config, path: Option<PathBuf>) -> Result<(), AppError> 
     delivery_stop.cancel();
     let _ = delivery.scheduler.await;
     delivery.tracker.close();
-    if tokio::time::timeout(SHUTDOWN_GRACE, delivery.tracker.wait())
+    if tokio::time::timeout(DELIVERY_GRACE, delivery.tracker.wait())
         .await
         .is_err()
     {
-        warn!("deliveries still running after the shutdown grace period; abandoning them (they will be retried)");
+        warn!(
+            "deliveries still running after the shutdown grace period; abandoning them (they will be retried)"
+        );
     }
     delivery.context.upstreams.close_all().await;
     info!("portcullis stopped");

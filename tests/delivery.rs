@@ -20,19 +20,33 @@ const WAIT: Duration = Duration::from_secs(15);
 /// with short timers so retries happen within a test. `upstream_keys` go into the
 /// `[[upstreams]]` table; `extra` are more tables.
 fn relay_config(port: u16, upstream_port: u16, upstream_keys: &str, extra: &str) -> String {
+    let mut keys = upstream_keys.to_owned();
+    for (key, value) in [
+        ("backoff", "1s"),
+        ("timeout", "2s"),
+        ("connect_timeout", "2s"),
+    ] {
+        if !upstream_keys.contains(&format!("{key} =")) {
+            keys.push_str(&format!("{key} = \"{value}\"\n"));
+        }
+    }
     config(
         &[listener("mx", port, "none")],
         upstream_port,
         &format!(
-            "backoff = \"1s\"\ntimeout = \"2s\"\nconnect_timeout = \"2s\"\n{upstream_keys}\n\
-             [relay]\nrelay_networks = [\"127.0.0.0/8\"]\n\n\
+            "{keys}\n[relay]\nrelay_networks = [\"127.0.0.0/8\"]\n\n\
              [queue]\nretry = [\"1s\"]\n\n{extra}"
         ),
     )
 }
 
 fn start_relay(upstream_port: u16, upstream_keys: &str, extra: &str) -> Relay {
-    Relay::start(&relay_config(free_port(), upstream_port, upstream_keys, extra))
+    Relay::start(&relay_config(
+        free_port(),
+        upstream_port,
+        upstream_keys,
+        extra,
+    ))
 }
 
 /// Send one message in its own session; returns its queue id (asserting the 250).
@@ -61,7 +75,12 @@ fn without_our_received(data: &[u8]) -> &[u8] {
     // The header ends at the first CRLF not followed by folding whitespace.
     let mut i = 0;
     loop {
-        let end = i + data[i..].windows(2).position(|w| w == b"\r\n").expect("header end") + 2;
+        let end = i
+            + data[i..]
+                .windows(2)
+                .position(|w| w == b"\r\n")
+                .expect("header end")
+            + 2;
         if !matches!(data.get(end), Some(b' ' | b'\t')) {
             return &data[end..];
         }
@@ -81,7 +100,11 @@ fn subjects(messages: &[Received]) -> Vec<String> {
 }
 
 fn assert_clean(sink: &Sink) {
-    assert!(sink.violations().is_empty(), "protocol violations: {:?}", sink.violations());
+    assert!(
+        sink.violations().is_empty(),
+        "protocol violations: {:?}",
+        sink.violations()
+    );
 }
 
 fn wait_until(timeout: Duration, mut done: impl FnMut() -> bool) -> bool {
@@ -95,8 +118,9 @@ fn wait_until(timeout: Duration, mut done: impl FnMut() -> bool) -> bool {
     done()
 }
 
+/// `queue list --json`: one JSON object per message.
 fn queue_list(relay: &Relay) -> String {
-    let out = relay.command(&["queue", "list"]);
+    let out = relay.command(&["queue", "list", "--json"]);
     assert!(out.status.success(), "queue list: {out:?}");
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
@@ -107,7 +131,12 @@ fn message_arrives_byte_identical_with_dot_stuffed_lines_intact() {
     let relay = start_relay(sink.port(), "", "");
     let text = "line one\r\n.leading dot\r\n..two dots\r\n.\r\n . space dot\r\nlast line\r\n";
     let original = body("dots", text);
-    let id = send(&relay, "a@example.org", &["b@example.com", "c@example.net"], &original);
+    let id = send(
+        &relay,
+        "a@example.org",
+        &["b@example.com", "c@example.net"],
+        &original,
+    );
 
     assert!(sink.wait_for(1, WAIT), "nothing reached the upstream");
     let m = &sink.messages()[0];
@@ -115,10 +144,16 @@ fn message_arrives_byte_identical_with_dot_stuffed_lines_intact() {
     assert_eq!(m.mail_from, "a@example.org");
     assert_eq!(m.rcpts, ["b@example.com", "c@example.net"]);
     assert_eq!(m.helo, "relay.test");
-    assert!(contains(&m.raw_data, b"\r\n..leading dot\r\n...two dots\r\n..\r\n . space"));
+    assert!(contains(
+        &m.raw_data,
+        b"\r\n..leading dot\r\n...two dots\r\n..\r\n . space"
+    ));
     assert!(m.raw_data.ends_with(b"last line\r\n.\r\n"));
     assert_clean(&sink);
-    assert!(relay.wait_for_queue_len(0, WAIT), "message left in the queue");
+    assert!(
+        relay.wait_for_queue_len(0, WAIT),
+        "message left in the queue"
+    );
     // One message followed across both hops: our id with the upstream's reply.
     assert!(relay.wait_for_log("Queued mail for delivery", WAIT));
     let log = relay.log();
@@ -126,7 +161,10 @@ fn message_arrives_byte_identical_with_dot_stuffed_lines_intact() {
         .lines()
         .find(|l| l.contains("delivered") && l.contains("Queued mail for delivery"))
         .expect("delivered line");
-    assert!(line.contains(&id), "delivered line lacks the queue id: {line}");
+    assert!(
+        line.contains(&id),
+        "delivered line lacks the queue id: {line}"
+    );
     assert!(log.contains("removed from queue"));
 }
 
@@ -148,9 +186,15 @@ fn per_recipient_failure_delivers_the_rest_and_bounces_to_the_sender() {
 
     assert!(sink.wait_for(2, WAIT), "expected the message and a bounce");
     let messages = sink.messages();
-    let original = messages.iter().find(|m| m.mail_from == "alice@example.org").unwrap();
+    let original = messages
+        .iter()
+        .find(|m| m.mail_from == "alice@example.org")
+        .unwrap();
     assert_eq!(original.rcpts, ["bob@example.com"]);
-    let dsn = messages.iter().find(|m| m.mail_from.is_empty()).expect("a DSN from <>");
+    let dsn = messages
+        .iter()
+        .find(|m| m.mail_from.is_empty())
+        .expect("a DSN from <>");
     assert_eq!(dsn.rcpts, ["alice@example.org"]);
     let text = String::from_utf8_lossy(&dsn.data);
     for needle in [
@@ -178,24 +222,40 @@ fn per_recipient_failure_delivers_the_rest_and_bounces_to_the_sender() {
 #[test]
 fn null_sender_never_gets_a_bounce() {
     let mut cfg = SinkConfig::default();
-    cfg.rcpt_replies.insert("nobody@example.com".into(), "550 5.1.1 unknown".into());
+    cfg.rcpt_replies
+        .insert("nobody@example.com".into(), "550 5.1.1 unknown".into());
     let sink = Sink::start(cfg);
     let relay = start_relay(sink.port(), "", "");
-    send(&relay, "", &["nobody@example.com"], &body("bounce of a bounce", "x\r\n"));
+    send(
+        &relay,
+        "",
+        &["nobody@example.com"],
+        &body("bounce of a bounce", "x\r\n"),
+    );
     assert!(relay.wait_for_log("no bounce: the sender is <>", WAIT));
     assert!(relay.wait_for_queue_len(0, WAIT));
     thread::sleep(Duration::from_millis(300));
-    assert!(sink.messages().is_empty(), "something was sent: {:?}", subjects(&sink.messages()));
+    assert!(
+        sink.messages().is_empty(),
+        "something was sent: {:?}",
+        subjects(&sink.messages())
+    );
 }
 
 #[test]
 fn bounces_off_logs_the_failure_and_sends_nothing() {
     let mut cfg = SinkConfig::default();
-    cfg.rcpt_replies.insert("nobody@example.com".into(), "550 5.1.1 unknown".into());
+    cfg.rcpt_replies
+        .insert("nobody@example.com".into(), "550 5.1.1 unknown".into());
     let sink = Sink::start(cfg);
     let relay = start_relay(sink.port(), "", "bounces = false\n");
     // `bounces` belongs in [queue], which relay_config opens last: extra lands inside it.
-    send(&relay, "alice@example.org", &["nobody@example.com"], &body("no ndr", "x\r\n"));
+    send(
+        &relay,
+        "alice@example.org",
+        &["nobody@example.com"],
+        &body("no ndr", "x\r\n"),
+    );
     assert!(relay.wait_for_log("no bounce: [queue] bounces = false", WAIT));
     assert!(relay.wait_for_queue_len(0, WAIT));
     thread::sleep(Duration::from_millis(300));
@@ -205,8 +265,10 @@ fn bounces_off_logs_the_failure_and_sends_nothing() {
 #[test]
 fn temporary_failure_is_retried_and_keeps_only_pending_recipients() {
     let mut cfg = SinkConfig::default();
-    cfg.rcpt_replies
-        .insert("later@example.com".into(), "451 4.2.0 mailbox busy, try later".into());
+    cfg.rcpt_replies.insert(
+        "later@example.com".into(),
+        "451 4.2.0 mailbox busy, try later".into(),
+    );
     let sink = Sink::start(cfg);
     let relay = start_relay(sink.port(), "", "");
     let id = send(
@@ -224,7 +286,11 @@ fn temporary_failure_is_retried_and_keeps_only_pending_recipients() {
 
     sink.set_config(SinkConfig::default());
     assert!(sink.wait_for(2, WAIT), "retry did not deliver");
-    assert_eq!(sink.messages()[1].rcpts, ["later@example.com"], "delivered twice to now@");
+    assert_eq!(
+        sink.messages()[1].rcpts,
+        ["later@example.com"],
+        "delivered twice to now@"
+    );
     assert!(relay.wait_for_queue_len(0, WAIT));
 }
 
@@ -236,8 +302,11 @@ fn outage_queues_100_messages_and_delivers_all_when_the_upstream_returns() {
     c.expect_reply(220);
     c.expect("EHLO client.test", 250);
     for i in 0..100 {
-        let (code, text) =
-            c.send_message("a@example.org", &["b@example.com"], &body(&format!("outage {i}"), "x\r\n"));
+        let (code, text) = c.send_message(
+            "a@example.org",
+            &["b@example.com"],
+            &body(&format!("outage {i}"), "x\r\n"),
+        );
         assert_eq!(code, 250, "message {i}: {text}");
     }
     c.cmd("QUIT");
@@ -245,7 +314,11 @@ fn outage_queues_100_messages_and_delivers_all_when_the_upstream_returns() {
     assert!(relay.wait_for_log("upstream marked down", WAIT));
 
     let sink = Sink::start_on(upstream_port, SinkConfig::default());
-    assert!(sink.wait_for(100, Duration::from_secs(30)), "only {} arrived", sink.messages().len());
+    assert!(
+        sink.wait_for(100, Duration::from_secs(30)),
+        "only {} arrived",
+        sink.messages().len()
+    );
     let got: HashSet<String> = subjects(&sink.messages()).into_iter().collect();
     assert_eq!(got.len(), 100);
     assert!(relay.wait_for_queue_len(0, WAIT));
@@ -260,12 +333,20 @@ fn failover_to_the_second_upstream_when_the_first_is_down() {
         sink.port()
     );
     let relay = start_relay(free_port(), "", &extra);
-    send(&relay, "a@example.org", &["b@example.com"], &body("failover", "x\r\n"));
+    send(
+        &relay,
+        "a@example.org",
+        &["b@example.com"],
+        &body("failover", "x\r\n"),
+    );
     assert!(sink.wait_for(1, WAIT));
     assert!(relay.wait_for_log("upstream marked down", WAIT));
     let log = relay.log();
     assert!(log.contains("upstream=up"), "{log}");
-    assert!(log.lines().any(|l| l.contains("delivered") && l.contains("upstream=second")));
+    assert!(
+        log.lines()
+            .any(|l| l.contains("delivered") && l.contains("upstream=second"))
+    );
     assert!(relay.wait_for_queue_len(0, WAIT));
 }
 
@@ -278,7 +359,12 @@ fn recipient_domains_route_to_their_upstream() {
         special_sink.port()
     );
     let relay = start_relay(default_sink.port(), "", &extra);
-    send(&relay, "a@example.org", &["x@special.test", "y@other.test"], &body("routes", "x\r\n"));
+    send(
+        &relay,
+        "a@example.org",
+        &["x@special.test", "y@other.test"],
+        &body("routes", "x\r\n"),
+    );
     assert!(default_sink.wait_for(1, WAIT) && special_sink.wait_for(1, WAIT));
     assert_eq!(special_sink.messages()[0].rcpts, ["x@special.test"]);
     assert_eq!(default_sink.messages()[0].rcpts, ["y@other.test"]);
@@ -306,7 +392,12 @@ fn required_tls_verifies_the_upstream_certificate() {
         cert.display()
     );
     let relay = Relay::start_in(dir, &toml);
-    send(&relay, "a@example.org", &["b@example.com"], &body("tls", "x\r\n"));
+    send(
+        &relay,
+        "a@example.org",
+        &["b@example.com"],
+        &body("tls", "x\r\n"),
+    );
     assert!(sink.wait_for(1, WAIT));
     assert!(sink.messages()[0].tls, "delivered without TLS");
     assert_clean(&sink);
@@ -332,12 +423,20 @@ fn required_tls_with_an_untrusted_certificate_never_falls_back_to_plaintext() {
         other_ca.display()
     );
     let relay = Relay::start_in(dir, &toml);
-    let id = send(&relay, "a@example.org", &["b@example.com"], &body("untrusted", "x\r\n"));
+    let id = send(
+        &relay,
+        "a@example.org",
+        &["b@example.com"],
+        &body("untrusted", "x\r\n"),
+    );
     assert!(relay.wait_for_log("TLS handshake", WAIT));
     thread::sleep(Duration::from_millis(1500));
     assert!(sink.messages().is_empty(), "sent to an unverified upstream");
     let list = queue_list(&relay);
-    assert!(list.contains(&id) && list.contains("TLS handshake"), "{list}");
+    assert!(
+        list.contains(&id) && list.contains("TLS handshake"),
+        "{list}"
+    );
 }
 
 #[test]
@@ -366,7 +465,12 @@ fn opportunistic_tls_encrypts_when_offered_and_sends_plaintext_when_not() {
         with_tls.port(),
     );
     let relay = Relay::start_in(dir, &toml);
-    send(&relay, "a@example.org", &["b@example.com", "c@plain.test"], &body("opportunistic", "x\r\n"));
+    send(
+        &relay,
+        "a@example.org",
+        &["b@example.com", "c@plain.test"],
+        &body("opportunistic", "x\r\n"),
+    );
     assert!(with_tls.wait_for(1, WAIT) && without.wait_for(1, WAIT));
     assert!(with_tls.messages()[0].tls);
     assert!(!without.messages()[0].tls);
@@ -394,7 +498,12 @@ fn authenticates_to_the_upstream_over_tls() {
         pass.display()
     );
     let relay = Relay::start_in(dir, &toml);
-    send(&relay, "a@example.org", &["b@example.com"], &body("auth", "x\r\n"));
+    send(
+        &relay,
+        "a@example.org",
+        &["b@example.com"],
+        &body("auth", "x\r\n"),
+    );
     assert!(sink.wait_for(1, WAIT));
     assert_eq!(sink.messages()[0].auth.as_deref(), Some("relay"));
     assert!(sink.messages()[0].tls);
@@ -402,35 +511,54 @@ fn authenticates_to_the_upstream_over_tls() {
 
 #[test]
 fn upstream_without_8bitmime_or_with_a_smaller_size_is_a_clear_permanent_failure() {
-    let sink = Sink::start(SinkConfig {
+    // strict.test goes to an upstream without 8BITMIME and with SIZE 5000; the bounces go
+    // to a lenient one.
+    let strict = Sink::start(SinkConfig {
         eightbitmime: false,
-        size: Some(2000),
+        size: Some(5000),
         ..SinkConfig::default()
     });
-    let relay = start_relay(sink.port(), "", "");
+    let lenient = Sink::start(SinkConfig::default());
+    let extra = format!(
+        "[[upstreams]]\nname = \"strict\"\naddress = \"127.0.0.1:{}\"\ntls = \"none\"\ndomains = [\"strict.test\"]\n",
+        strict.port()
+    );
+    let relay = start_relay(lenient.port(), "", &extra);
     let mut c = SmtpClient::connect(relay.port(0));
     c.expect_reply(220);
     c.expect("EHLO client.test", 250);
     c.expect("MAIL FROM:<alice@example.org> BODY=8BITMIME", 250);
-    c.expect("RCPT TO:<eight@example.com>", 250);
+    c.expect("RCPT TO:<eight@strict.test>", 250);
     c.expect("DATA", 354);
     c.send_raw("Subject: caf\u{e9}\r\n\r\n8-bit body \u{e9}\r\n.\r\n".as_bytes());
     assert_eq!(c.read_reply().0, 250);
-    let big = body("big", &"0123456789012345678901234567890123456789\r\n".repeat(100));
-    let (code, _) = c.send_message("alice@example.org", &["big@example.com"], &big);
+    let big = body(
+        "big",
+        &"0123456789012345678901234567890123456789\r\n".repeat(200),
+    );
+    let (code, _) = c.send_message("alice@example.org", &["big@strict.test"], &big);
     assert_eq!(code, 250);
     c.cmd("QUIT");
 
-    assert!(sink.wait_for(2, WAIT), "expected two bounces");
-    let dsns: Vec<String> = sink
+    assert!(lenient.wait_for(2, WAIT), "expected two bounces");
+    let dsns: Vec<String> = lenient
         .messages()
         .iter()
         .map(|m| String::from_utf8_lossy(&m.data).into_owned())
         .collect();
-    assert!(dsns.iter().any(|d| d.contains("Status: 5.6.3") && d.contains("eight@example.com")));
-    assert!(dsns.iter().any(|d| d.contains("Status: 5.3.4") && d.contains("big@example.com")));
-    assert!(sink.messages().iter().all(|m| m.mail_from.is_empty()));
-    assert_clean(&sink);
+    assert!(
+        dsns.iter()
+            .any(|d| d.contains("Status: 5.6.3") && d.contains("eight@strict.test"))
+    );
+    assert!(
+        dsns.iter()
+            .any(|d| d.contains("Status: 5.3.4") && d.contains("big@strict.test"))
+    );
+    assert!(lenient.messages().iter().all(|m| m.mail_from.is_empty()));
+    // Nothing was sent to the strict upstream: no MAIL at all, so nothing corrupted.
+    assert!(strict.messages().is_empty());
+    assert!(!strict.commands().iter().any(|c| c.starts_with("MAIL")));
+    assert_clean(&lenient);
     assert!(relay.wait_for_queue_len(0, WAIT));
 }
 
@@ -442,15 +570,31 @@ fn connection_is_reused_with_rset_between_messages() {
     c.expect_reply(220);
     c.expect("EHLO client.test", 250);
     for i in 0..3 {
-        assert_eq!(c.send_message("a@example.org", &["b@example.com"], &body(&format!("reuse {i}"), "x\r\n")).0, 250);
+        assert_eq!(
+            c.send_message(
+                "a@example.org",
+                &["b@example.com"],
+                &body(&format!("reuse {i}"), "x\r\n")
+            )
+            .0,
+            250
+        );
         // Let each delivery finish so the next one finds the connection idle.
         assert!(sink.wait_for(i + 1, WAIT));
     }
     c.cmd("QUIT");
     assert_eq!(sink.connections(), 1, "a new connection per message");
-    let rsets = sink.commands().iter().filter(|c| c.eq_ignore_ascii_case("RSET")).count();
+    let rsets = sink
+        .commands()
+        .iter()
+        .filter(|c| c.eq_ignore_ascii_case("RSET"))
+        .count();
     assert_eq!(rsets, 2);
-    assert!(sink.messages().iter().all(|m| m.conn == sink.messages()[0].conn));
+    assert!(
+        sink.messages()
+            .iter()
+            .all(|m| m.conn == sink.messages()[0].conn)
+    );
 }
 
 #[test]
@@ -463,7 +607,12 @@ fn without_pipelining_commands_go_one_by_one_and_helo_is_the_fallback() {
         ..SinkConfig::default()
     });
     let relay = start_relay(sink.port(), "", "");
-    send(&relay, "a@example.org", &["b@example.com", "c@example.com"], &body("helo", "x\r\n"));
+    send(
+        &relay,
+        "a@example.org",
+        &["b@example.com", "c@example.com"],
+        &body("helo", "x\r\n"),
+    );
     assert!(sink.wait_for(1, WAIT));
     assert_eq!(sink.messages()[0].helo, "relay.test");
     assert!(sink.commands().iter().any(|c| c.starts_with("HELO ")));
@@ -477,7 +626,12 @@ fn dropped_connection_and_stalled_upstream_are_retried() {
         ..SinkConfig::default()
     });
     let relay = start_relay(sink.port(), "", "");
-    let id = send(&relay, "a@example.org", &["b@example.com"], &body("drop", "x\r\n"));
+    let id = send(
+        &relay,
+        "a@example.org",
+        &["b@example.com"],
+        &body("drop", "x\r\n"),
+    );
     assert!(relay.wait_for_log("connection closed by the upstream", WAIT));
     assert!(queue_list(&relay).contains(&id));
 
@@ -485,11 +639,17 @@ fn dropped_connection_and_stalled_upstream_are_retried() {
         stall_at: Some(Stage::Mail),
         ..SinkConfig::default()
     });
-    assert!(relay.wait_for_log("no reply within", WAIT), "stall not detected");
+    assert!(
+        relay.wait_for_log("no reply within", WAIT),
+        "stall not detected"
+    );
     assert!(sink.messages().is_empty());
 
     sink.set_config(SinkConfig::default());
-    assert!(sink.wait_for(1, WAIT), "not delivered after the upstream recovered");
+    assert!(
+        sink.wait_for(1, WAIT),
+        "not delivered after the upstream recovered"
+    );
     assert!(relay.wait_for_queue_len(0, WAIT));
 }
 
@@ -507,19 +667,37 @@ fn back_pressure_opens_the_circuit_breaker() {
         sink.port(),
         "backoff = \"1h\"\n\n[relay]\nrelay_networks = [\"127.0.0.0/8\"]\n\n[queue]\nretry = [\"1s\"]\n",
     ));
-    let id = send(&relay, "a@example.org", &["b@example.com"], &body("busy", "x\r\n"));
+    let id = send(
+        &relay,
+        "a@example.org",
+        &["b@example.com"],
+        &body("busy", "x\r\n"),
+    );
     assert!(relay.wait_for_log("upstream marked down", WAIT));
-    let mails = |s: &Sink| s.commands().iter().filter(|c| c.starts_with("MAIL")).count();
+    let mails = |s: &Sink| {
+        s.commands()
+            .iter()
+            .filter(|c| c.starts_with("MAIL"))
+            .count()
+    };
     let before = mails(&sink);
     thread::sleep(Duration::from_millis(2500));
-    assert_eq!(mails(&sink), before, "the upstream was hammered while marked down");
-    assert!(queue_list(&relay).contains("4.3.1"));
+    assert_eq!(
+        mails(&sink),
+        before,
+        "the upstream was hammered while marked down"
+    );
+    let list = queue_list(&relay);
+    assert!(list.contains("4.3.1"), "{list}");
 
     // queue retry: due now and the breaker reset, so it goes at once.
     sink.set_config(SinkConfig::default());
     let out = relay.command(&["queue", "retry", &id]);
     assert!(out.status.success(), "{out:?}");
-    assert!(sink.wait_for(1, Duration::from_secs(5)), "retry did not reset the breaker");
+    assert!(
+        sink.wait_for(1, Duration::from_secs(5)),
+        "retry did not reset the breaker"
+    );
 }
 
 #[test]
@@ -531,9 +709,18 @@ fn queue_retry_all_makes_everything_due_now() {
         "backoff = \"1h\"\n\n[relay]\nrelay_networks = [\"127.0.0.0/8\"]\n\n[queue]\nretry = [\"1h\"]\n",
     ));
     for i in 0..3 {
-        send(&relay, "a@example.org", &["b@example.com"], &body(&format!("r{i}"), "x\r\n"));
+        send(
+            &relay,
+            "a@example.org",
+            &["b@example.com"],
+            &body(&format!("r{i}"), "x\r\n"),
+        );
     }
-    assert!(wait_until(WAIT, || relay.log().matches("retry_in_secs=3600").count() >= 3));
+    assert!(wait_until(WAIT, || relay
+        .log()
+        .matches("retry_in_secs=3600")
+        .count()
+        >= 3));
     let sink = Sink::start_on(port, SinkConfig::default());
     thread::sleep(Duration::from_millis(1000));
     assert!(sink.messages().is_empty(), "retried before it was due");
@@ -548,17 +735,37 @@ fn deleted_and_purged_messages_are_never_delivered() {
     let port = free_port();
     let relay = start_relay(port, "", "");
     let junk: Vec<String> = (0..3)
-        .map(|i| send(&relay, "spam@junk.test", &["b@example.com"], &body(&format!("junk {i}"), "x\r\n")))
+        .map(|i| {
+            send(
+                &relay,
+                "spam@junk.test",
+                &["b@example.com"],
+                &body(&format!("junk {i}"), "x\r\n"),
+            )
+        })
         .collect();
-    let real = send(&relay, "alice@example.org", &["b@example.com"], &body("real", "x\r\n"));
-    let doomed = send(&relay, "bob@example.org", &["b@example.com"], &body("doomed", "x\r\n"));
+    let real = send(
+        &relay,
+        "alice@example.org",
+        &["b@example.com"],
+        &body("real", "x\r\n"),
+    );
+    let doomed = send(
+        &relay,
+        "bob@example.org",
+        &["b@example.com"],
+        &body("doomed", "x\r\n"),
+    );
 
     let out = relay.command(&["queue", "delete", &doomed]);
     assert!(out.status.success(), "{out:?}");
     let out = relay.command(&["queue", "purge", "--from", "@JUNK.test"]);
     assert!(out.status.success(), "{out:?}");
     let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(junk.iter().all(|id| stdout.contains(id.as_str())), "{stdout}");
+    assert!(
+        junk.iter().all(|id| stdout.contains(id.as_str())),
+        "{stdout}"
+    );
     assert!(!stdout.contains(&real));
 
     let sink = Sink::start_on(port, SinkConfig::default());
@@ -610,7 +817,9 @@ fn delete_during_delivery_aborts_before_the_final_dot() {
     let relay = start_relay(port, "timeout = \"30s\"\n", "");
     let big = body("big", &format!("{}\r\n", "x".repeat(998)).repeat(20_000));
     let id = send(&relay, "a@example.org", &["b@example.com"], &big);
-    in_data_rx.recv_timeout(WAIT).expect("the relay never reached DATA");
+    in_data_rx
+        .recv_timeout(WAIT)
+        .expect("the relay never reached DATA");
     thread::sleep(Duration::from_millis(500));
     let out = relay.command(&["queue", "delete", &id]);
     assert!(out.status.success(), "{out:?}");
@@ -618,7 +827,10 @@ fn delete_during_delivery_aborts_before_the_final_dot() {
     assert!(!stdout.contains("may have been delivered"), "{stdout}");
     go_tx.send(()).unwrap();
     let received = result_rx.recv_timeout(WAIT).expect("upstream thread");
-    assert!(!received.ends_with(b"\r\n.\r\n"), "the final dot was sent after the delete");
+    assert!(
+        !received.ends_with(b"\r\n.\r\n"),
+        "the final dot was sent after the delete"
+    );
     assert!(relay.wait_for_log("transaction aborted before the final dot", WAIT));
     assert!(relay.spool_files().is_empty());
 }
@@ -630,8 +842,17 @@ fn delete_after_the_final_dot_says_the_message_may_have_been_delivered() {
         ..SinkConfig::default()
     });
     let relay = start_relay(sink.port(), "timeout = \"10s\"\n", "");
-    let id = send(&relay, "a@example.org", &["b@example.com"], &body("late delete", "x\r\n"));
-    assert!(wait_until(WAIT, || relay.spool.join("sending").join(&id).exists()));
+    let id = send(
+        &relay,
+        "a@example.org",
+        &["b@example.com"],
+        &body("late delete", "x\r\n"),
+    );
+    assert!(wait_until(WAIT, || relay
+        .spool
+        .join("sending")
+        .join(&id)
+        .exists()));
     let out = relay.command(&["queue", "delete", &id]);
     assert!(out.status.success(), "{out:?}");
     let stdout = String::from_utf8_lossy(&out.stdout);
@@ -649,7 +870,11 @@ fn kill_9_during_delivery_loses_nothing() {
     c.expect("EHLO client.test", 250);
     let mut accepted = Vec::new();
     for i in 0..60 {
-        let (code, _) = c.send_message("a@example.org", &["b@example.com"], &body(&format!("crash {i}"), "x\r\n"));
+        let (code, _) = c.send_message(
+            "a@example.org",
+            &["b@example.com"],
+            &body(&format!("crash {i}"), "x\r\n"),
+        );
         assert_eq!(code, 250);
         accepted.push(format!("crash {i}"));
     }
@@ -673,10 +898,21 @@ fn sigterm_during_a_stalled_delivery_keeps_the_message() {
         ..SinkConfig::default()
     });
     let mut relay = start_relay(sink.port(), "timeout = \"60s\"\n", "");
-    let id = send(&relay, "a@example.org", &["b@example.com"], &body("shutdown", "x\r\n"));
-    assert!(wait_until(WAIT, || sink.commands().iter().any(|c| c.starts_with("RCPT"))));
+    let id = send(
+        &relay,
+        "a@example.org",
+        &["b@example.com"],
+        &body("shutdown", "x\r\n"),
+    );
+    assert!(wait_until(WAIT, || sink
+        .commands()
+        .iter()
+        .any(|c| c.starts_with("RCPT"))));
     relay.sigterm();
-    assert!(relay.wait_exit(Duration::from_secs(45)).is_some(), "relay did not stop");
+    assert!(
+        relay.wait_exit(Duration::from_secs(45)).is_some(),
+        "relay did not stop"
+    );
     // Nothing half-marked: the message is there, with no state claiming progress.
     assert_eq!(relay.spool_files().len(), 1);
     sink.set_config(SinkConfig::default());
@@ -697,10 +933,20 @@ fn expired_messages_bounce_with_status_4_4_7() {
     let relay = Relay::start(&config(
         &[listener("mx", free_port(), "none")],
         sink.port(),
-        &format!("{extra}\n[relay]\nrelay_networks = [\"127.0.0.0/8\"]\n\n[queue]\nretry = [\"1s\"]\nmax_age = \"3s\"\n"),
+        &format!(
+            "{extra}\n[relay]\nrelay_networks = [\"127.0.0.0/8\"]\n\n[queue]\nretry = [\"1s\"]\nmax_age = \"3s\"\n"
+        ),
     ));
-    send(&relay, "alice@example.org", &["x@dead.test"], &body("expire", "x\r\n"));
-    assert!(sink.wait_for(1, Duration::from_secs(20)), "no expiry bounce");
+    send(
+        &relay,
+        "alice@example.org",
+        &["x@dead.test"],
+        &body("expire", "x\r\n"),
+    );
+    assert!(
+        sink.wait_for(1, Duration::from_secs(20)),
+        "no expiry bounce"
+    );
     let dsn = String::from_utf8_lossy(&sink.messages()[0].data).into_owned();
     assert!(dsn.contains("Status: 4.4.7"), "{dsn}");
     assert!(dsn.contains("x@dead.test"));
@@ -754,11 +1000,23 @@ fn interoperates_with_postfix_over_starttls() {
     );
     let relay = Relay::start_in(dir, &toml);
     let text = "through postfix\r\n.dot line\r\n";
-    send(&relay, "alice@example.org", &["bob@example.com", "carol@example.net"], &body("postfix interop", text));
-    assert!(sink.wait_for(1, Duration::from_secs(30)), "postfix log:\n{}", postfix.log());
+    send(
+        &relay,
+        "alice@example.org",
+        &["bob@example.com", "carol@example.net"],
+        &body("postfix interop", text),
+    );
+    assert!(
+        sink.wait_for(1, Duration::from_secs(30)),
+        "postfix log:\n{}",
+        postfix.log()
+    );
     let m = &sink.messages()[0];
     let data = String::from_utf8_lossy(&m.data);
-    assert!(data.contains("with ESMTPS"), "postfix did not record TLS:\n{data}");
+    assert!(
+        data.contains("with ESMTPS"),
+        "postfix did not record TLS:\n{data}"
+    );
     assert!(data.contains(&body("postfix interop", text)[..0]));
     assert!(data.ends_with("through postfix\r\n.dot line\r\n"), "{data}");
     assert!(data.contains("Subject: postfix interop"));
@@ -766,7 +1024,10 @@ fn interoperates_with_postfix_over_starttls() {
     rcpts.sort();
     assert_eq!(rcpts, ["bob@example.com", "carol@example.net"]);
     assert!(relay.wait_for_queue_len(0, WAIT));
-    assert!(relay.log().contains("250 2.0.0 Ok: queued as"), "postfix's reply not logged");
+    assert!(
+        relay.log().contains("250 2.0.0 Ok: queued as"),
+        "postfix's reply not logged"
+    );
 }
 
 /// Keep unused-import lints quiet for helpers only some tests use.

@@ -559,8 +559,12 @@ impl Compiler {
                 1,
                 MAX_USIZE,
             );
-            let connect_timeout =
-                self.duration(&format!("{at}.connect_timeout"), raw.connect_timeout, "30s", false);
+            let connect_timeout = self.duration(
+                &format!("{at}.connect_timeout"),
+                raw.connect_timeout,
+                "30s",
+                false,
+            );
             let timeout = self.duration(&format!("{at}.timeout"), raw.timeout, "5m", false);
             let backoff = self.duration(&format!("{at}.backoff"), raw.backoff, "30s", false);
             if tls == UpstreamTls::None && auth_user.is_some() {

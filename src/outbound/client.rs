@@ -259,7 +259,9 @@ impl Connection {
     }
 
     async fn hello(&mut self, hostname: &str) -> Result<(), Failure> {
-        let reply = self.command("EHLO", &format!("EHLO {hostname}\r\n")).await?;
+        let reply = self
+            .command("EHLO", &format!("EHLO {hostname}\r\n"))
+            .await?;
         if reply.is_positive() {
             self.ext = Extensions::parse(&reply);
             return Ok(());
@@ -268,7 +270,9 @@ impl Connection {
             return Err(failure("EHLO", reply.to_string()));
         }
         // RFC 5321 §4.1.4: a server that does not know EHLO; no extensions then.
-        let reply = self.command("HELO", &format!("HELO {hostname}\r\n")).await?;
+        let reply = self
+            .command("HELO", &format!("HELO {hostname}\r\n"))
+            .await?;
         if !reply.is_positive() {
             return Err(failure("HELO", reply.to_string()));
         }
@@ -438,7 +442,11 @@ impl Connection {
     ) -> Result<Sent, Failure> {
         let mut outcomes: Vec<Option<RcptOutcome>> = vec![None; tx.rcpts.len()];
         let mail = self.mail_command(tx);
-        let rcpts: Vec<String> = tx.rcpts.iter().map(|a| format!("RCPT TO:<{a}>\r\n")).collect();
+        let rcpts: Vec<String> = tx
+            .rcpts
+            .iter()
+            .map(|a| format!("RCPT TO:<{a}>\r\n"))
+            .collect();
 
         // Replies, in order: [RSET], MAIL, RCPT…, DATA. Pipelined: all sent at once.
         if self.ext.pipelining {
@@ -527,7 +535,10 @@ impl Connection {
         }
         if outcomes.iter().all(Option::is_some) {
             return Ok(Some(Sent {
-                rcpts: outcomes.iter_mut().map(|o| o.take().unwrap_or_else(|| unreachable!())).collect(),
+                rcpts: outcomes
+                    .iter_mut()
+                    .map(|o| o.take().unwrap_or_else(|| unreachable!()))
+                    .collect(),
                 aborted: false,
             }));
         }
@@ -778,7 +789,11 @@ impl AsyncRead for Io {
 }
 
 impl AsyncWrite for Io {
-    fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
         match self.get_mut() {
             Io::Plain(s) => Pin::new(s).poll_write(cx, buf),
             Io::Tls(s) => Pin::new(s.as_mut()).poll_write(cx, buf),

@@ -71,7 +71,15 @@ pub async fn deliver(ctx: Arc<Context>, id: QueueId) -> Option<u64> {
             return Some(unix_now() + ctx.queue.retry[0].as_secs().max(1));
         }
     };
-    Attempting { ctx, msg, body }.run().await
+    Attempting {
+        ctx,
+        msg,
+        body,
+        markers: Vec::new(),
+        not_before: 0,
+    }
+    .run()
+    .await
 }
 
 /// The message bytes of a loaded message.
@@ -95,6 +103,12 @@ struct Attempting {
     ctx: Arc<Context>,
     msg: QueuedMessage,
     body: Bytes,
+    /// "Final dot sent" markers, held until the outcome is on disk, so a `queue delete` in
+    /// between still says the message may have been delivered.
+    markers: Vec<SendingMarker>,
+    /// Unix time before which no upstream of some route will be tried (every upstream of it
+    /// had its circuit breaker open): retrying sooner would only find them down again.
+    not_before: u64,
 }
 
 /// Asks the spool, right before the final dot, whether the message still exists (an operator
@@ -138,7 +152,8 @@ impl Attempting {
             .filter(|&i| self.msg.state.status_of(i) == RcptStatus::Pending)
             .collect();
         if self.msg.state.recipients.is_empty() {
-            self.msg.state.recipients = vec![RcptStatus::Pending; self.msg.envelope.recipients.len()];
+            self.msg.state.recipients =
+                vec![RcptStatus::Pending; self.msg.envelope.recipients.len()];
         }
         let mut failed = Vec::new();
         let mut errors = Vec::new();
@@ -172,7 +187,10 @@ impl Attempting {
                 groups.entry(route).or_default().push(i);
             }
             for (route, rcpts) in groups {
-                if self.try_route(&route, &rcpts, &mut failed, &mut errors).await {
+                if self
+                    .try_route(&route, &rcpts, &mut failed, &mut errors)
+                    .await
+                {
                     // Deleted by the operator while we were sending it.
                     return None;
                 }
@@ -193,18 +211,32 @@ impl Attempting {
     ) -> bool {
         let id = self.id().clone();
         if route.is_empty() {
-            let domain = self.msg.envelope.recipients[rcpts[0]].address.domain_lower();
+            let domain = self.msg.envelope.recipients[rcpts[0]]
+                .address
+                .domain_lower();
             error!(queue_id = %id, %domain, "no upstream route for this domain (no [[upstreams]] lists it and none has empty domains)");
             errors.push(format!("no upstream route for {domain}"));
             return false;
         }
-        let upstreams: Vec<Arc<UpstreamRt>> =
-            route.iter().map(|&u| self.ctx.upstreams.get(u).clone()).collect();
+        let upstreams: Vec<Arc<UpstreamRt>> = route
+            .iter()
+            .map(|&u| self.ctx.upstreams.get(u).clone())
+            .collect();
+        let mut reopens = Vec::new();
+        let mut tried = false;
         for up in upstreams {
             if !up.available(Instant::now()) {
-                errors.push(format!("upstream {} is down (circuit breaker open)", up.name()));
+                if let Some((until, why)) = up.down() {
+                    let secs = until.saturating_duration_since(Instant::now()).as_secs() + 1;
+                    reopens.push(unix_now() + secs);
+                    errors.push(format!(
+                        "upstream {} is down for {secs}s more (circuit breaker) after: {why}",
+                        up.name()
+                    ));
+                }
                 continue;
             }
+            tried = true;
             let started = unix_now();
             match self.attempt(&up, rcpts).await {
                 Ok(sent) if sent.aborted => {
@@ -232,12 +264,19 @@ impl Attempting {
                 }
             }
         }
+        if !tried && let Some(first) = reopens.into_iter().min() {
+            self.not_before = self.not_before.max(first);
+        }
         false
     }
 
     /// One transaction with one upstream, on a pooled connection (a second, fresh one when the
     /// pooled connection turns out to have been closed while idle).
-    async fn attempt(&self, up: &UpstreamRt, rcpts: &[usize]) -> Result<Sent, super::client::Failure> {
+    async fn attempt(
+        &mut self,
+        up: &UpstreamRt,
+        rcpts: &[usize],
+    ) -> Result<Sent, super::client::Failure> {
         let env = &self.msg.envelope;
         let addresses: Vec<&Address> = rcpts.iter().map(|&i| &env.recipients[i].address).collect();
         let tx = Transaction {
@@ -260,8 +299,10 @@ impl Attempting {
                 deleted: false,
             };
             let result = lease.conn.send(&tx, &mut source, &mut gate).await;
-            drop(gate.marker.take());
             up.release(lease);
+            if let Some(marker) = gate.marker.take() {
+                self.markers.push(marker);
+            }
             match result {
                 Err(f) if f.stale && !fresh_try => continue,
                 other => return other,
@@ -351,14 +392,26 @@ impl Attempting {
                 }
             }
         }
-        let pending = self.msg.state.recipients.iter().filter(|s| **s == RcptStatus::Pending).count();
+        let pending = self
+            .msg
+            .state
+            .recipients
+            .iter()
+            .filter(|s| **s == RcptStatus::Pending)
+            .count();
         let spool = self.ctx.spool.clone();
         if pending == 0 {
             let removed = {
                 let id = id.clone();
                 tokio::task::spawn_blocking(move || spool.remove(&id)).await
             };
-            let failures = self.msg.state.recipients.iter().filter(|s| **s == RcptStatus::Failed).count();
+            let failures = self
+                .msg
+                .state
+                .recipients
+                .iter()
+                .filter(|s| **s == RcptStatus::Failed)
+                .count();
             match removed {
                 Ok(Ok(())) | Ok(Err(SpoolError::NotFound(_))) => {
                     info!(queue_id = %id, delivered = self.msg.state.recipients.len() - failures, failed = failures, "removed from queue: finished");
@@ -378,7 +431,9 @@ impl Attempting {
             state.attempts += 1;
             let schedule = &self.ctx.queue.retry;
             let wait = schedule[(state.attempts as usize - 1).min(schedule.len() - 1)];
-            state.next_attempt = (now + wait.as_secs().max(1)).min(expires.max(now + 1));
+            state.next_attempt = (now + wait.as_secs().max(1))
+                .max(self.not_before)
+                .min(expires.max(now + 1));
             if let Some(e) = errors.first() {
                 state.last_error = Some(e.clone());
             }
@@ -392,8 +447,12 @@ impl Attempting {
                 Ok(Ok(())) => {}
                 // Deleted meanwhile: write_state refuses to create an orphan.
                 Ok(Err(SpoolError::NotFound(_))) => return None,
-                Ok(Err(e)) => error!(queue_id = %id, error = %e, "cannot record delivery progress; it will be repeated"),
-                Err(e) => error!(queue_id = %id, error = %e, "recording delivery progress panicked"),
+                Ok(Err(e)) => {
+                    error!(queue_id = %id, error = %e, "cannot record delivery progress; it will be repeated")
+                }
+                Err(e) => {
+                    error!(queue_id = %id, error = %e, "recording delivery progress panicked")
+                }
             }
             info!(
                 queue_id = %id, pending, attempts = self.msg.state.attempts,

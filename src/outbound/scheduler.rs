@@ -78,7 +78,9 @@ impl Scheduler {
                 }
                 info!(messages = count, "delivery scheduler started");
             }
-            Ok(Err(e)) => error!(error = %e, "cannot list the spool; only new messages will be delivered until restart"),
+            Ok(Err(e)) => {
+                error!(error = %e, "cannot list the spool; only new messages will be delivered until restart")
+            }
             Err(e) => error!(error = %e, "listing the spool panicked"),
         }
 

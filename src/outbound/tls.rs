@@ -203,7 +203,10 @@ mod tests {
 
     #[test]
     fn host_part_of_addresses() {
-        assert_eq!(host_of("exchange.example.internal:25"), "exchange.example.internal");
+        assert_eq!(
+            host_of("exchange.example.internal:25"),
+            "exchange.example.internal"
+        );
         assert_eq!(host_of("127.0.0.1:2525"), "127.0.0.1");
         assert_eq!(host_of("[::1]:25"), "::1");
     }

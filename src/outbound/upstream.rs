@@ -161,14 +161,19 @@ impl UpstreamRt {
         self.breaker().try_pass(now, self.config.backoff)
     }
 
-    /// When the breaker lets the next delivery through (None: it is closed).
-    pub fn down_until(&self) -> Option<Instant> {
-        self.breaker().down_until
+    /// Why the breaker is open and how long it stays so (None: it is closed).
+    pub fn down(&self) -> Option<(Instant, String)> {
+        let b = self.breaker();
+        Some((b.down_until?, b.last_failure.clone().unwrap_or_default()))
     }
 
     /// Record a connection-level failure.
     pub fn failed(&self, now: Instant, failure: &Failure) {
-        let backoff = self.breaker().trip(now, self.config.backoff);
+        let backoff = {
+            let mut b = self.breaker();
+            b.last_failure = Some(failure.to_string());
+            b.trip(now, self.config.backoff)
+        };
         warn!(
             upstream = %self.name(), error = %failure, backoff_secs = backoff.as_secs(),
             "upstream marked down"
@@ -210,7 +215,9 @@ impl UpstreamRt {
         }
         let conn = match Connection::open(&self.config, self.tls.as_ref(), hostname, true).await {
             Ok(conn) => conn,
-            Err(f) if self.config.tls == UpstreamTls::Opportunistic && f.stage == "TLS handshake" => {
+            Err(f)
+                if self.config.tls == UpstreamTls::Opportunistic && f.stage == "TLS handshake" =>
+            {
                 warn!(
                     upstream = %self.name(), error = %f,
                     "opportunistic TLS failed; retrying this upstream in plaintext"
@@ -257,6 +264,8 @@ struct Breaker {
     failures: u32,
     /// Down until then; `None`: closed.
     down_until: Option<Instant>,
+    /// The failure that opened it, for the queue's `last_error`.
+    last_failure: Option<String>,
 }
 
 impl Breaker {
