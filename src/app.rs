@@ -217,6 +217,11 @@ fn reload(runtime: &ArcSwap<Runtime>, path: Option<&std::path::Path>) {
     if old.config.server.spool_dir != new.config.server.spool_dir {
         warn!("reload: spool_dir changed; that takes a restart");
     }
+    // Delivery is built once at start (TLS client configurations, pools, breakers).
+    let delivery_keys = |c: &Config| format!("{:?}{:?}", c.upstreams, c.queue);
+    if delivery_keys(&old.config) != delivery_keys(&new.config) {
+        warn!("reload: [[upstreams]] or [queue] changed; delivery uses them after a restart");
+    }
     for w in new.config.warnings() {
         warn!("{w}");
     }

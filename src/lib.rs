@@ -15,8 +15,10 @@
 //!   `Received:` header, both pure.
 //! - [`policy`]: pure decisions compiled from `Config`, named after SMTP stages.
 //! - [`inbound`]: listeners, the per-connection driver, TLS.
-//! - [`queue`]: the durable spool, recovery and the data behind the `queue` commands.
-//! - [`outbound`]: the upstream SMTP client and delivery workers.
+//! - [`queue`]: the durable spool, recovery, the operator control files behind the `queue`
+//!   commands (retry, delete, purge) and the bounce (RFC 3464) builder.
+//! - [`outbound`]: the upstream SMTP client, routing with failover and circuit breakers,
+//!   connection pools, delivery attempts and the scheduler that starts them.
 //! - [`app`]: wires the above together and owns shutdown and reload.
 //!
 //! # One message

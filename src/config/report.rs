@@ -71,11 +71,20 @@ pub(super) fn warnings(config: &Config) -> Vec<String> {
     for u in &config.upstreams {
         if u.auth_user.is_some() && u.tls != UpstreamTls::Required {
             w.push(format!(
-                "Upstream {:?} authenticates without tls = \"required\": its password may be \
-                 sent unencrypted.",
+                "Upstream {:?} authenticates with tls = \"opportunistic\": the upstream's \
+                 certificate is not verified, so a machine in the middle could collect the \
+                 password; use tls = \"required\" (with ca when it has a private CA).",
                 u.name
             ));
         }
+    }
+    if !config.upstreams.is_empty() && config.upstreams.iter().all(|u| !u.domains.is_empty()) {
+        w.push(
+            "No [[upstreams]] has empty domains (the default route): mail for any other domain \
+             (e.g. from relay_networks or authenticated users) cannot be delivered and waits in \
+             the queue until it expires."
+                .to_owned(),
+        );
     }
     if !config.queue.bounces {
         w.push(
@@ -247,8 +256,9 @@ pub(super) fn summary(c: &Config) -> String {
             .map_or_else(|| "no auth".to_owned(), |user| format!("auth as {user}"));
         let _ = writeln!(
             s,
-            "  {} at {}: {route}, tls {tls}, {auth}, max {} connections",
-            u.name, u.address, u.max_connections
+            "  {} at {}: {route}, tls {tls}, {auth}, max {} connections, timeout {:?}, \
+             circuit breaker back-off {:?}",
+            u.name, u.address, u.max_connections, u.timeout, u.backoff
         );
     }
     let _ = writeln!(

@@ -166,7 +166,6 @@ impl Spool {
         if !report.quarantined.is_empty() || report.orphans_removed > 0 {
             sync_dir(queue)?;
         }
-        tracing::info!(%report, "spool recovered");
         Ok(report)
     }
 
