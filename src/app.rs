@@ -63,14 +63,20 @@ impl AppError {
     }
 }
 
-/// Build the inbound runtime (policy and TLS) for a configuration.
-pub fn build_runtime(config: Config) -> Result<Runtime, AppError> {
+/// Build the inbound runtime (policy and TLS) for a configuration. On reload `previous` is the
+/// running runtime: rate-limit and AUTH-failure state is carried over where its settings did
+/// not change.
+pub fn build_runtime(config: Config, previous: Option<&Runtime>) -> Result<Runtime, AppError> {
     let tls = match &config.tls {
         Some(t) => Some(tls::server_config(t, &config.server.hostname)?),
         None => None,
     };
     Ok(Runtime {
-        policy: Policy::new(&config),
+        policy: Policy::new(
+            &config,
+            previous.map(|p| &p.policy),
+            std::time::Instant::now(),
+        ),
         config: Arc::new(config),
         tls,
     })
@@ -89,7 +95,7 @@ pub async fn run(config: Config, path: Option<PathBuf>) -> Result<(), AppError> 
     for w in config.warnings() {
         warn!("{w}");
     }
-    let runtime = Arc::new(ArcSwap::from_pointee(build_runtime(config)?));
+    let runtime = Arc::new(ArcSwap::from_pointee(build_runtime(config, None)?));
     let shutdown = CancellationToken::new();
     let tracker = TaskTracker::new();
     let cores = std::thread::available_parallelism().map_or(2, |n| n.get());
@@ -162,9 +168,10 @@ fn reload(runtime: &ArcSwap<Runtime>, path: Option<&std::path::Path>) {
         warn!("SIGHUP: running on the embedded default; nothing to reload");
         return;
     };
+    let old = runtime.load();
     let new = match Config::load(path)
         .map_err(AppError::from)
-        .and_then(build_runtime)
+        .and_then(|config| build_runtime(config, Some(&old)))
     {
         Ok(rt) => rt,
         Err(e) => {
@@ -172,7 +179,6 @@ fn reload(runtime: &ArcSwap<Runtime>, path: Option<&std::path::Path>) {
             return;
         }
     };
-    let old = runtime.load();
     let binds = |c: &Config| {
         c.listeners
             .iter()
