@@ -270,7 +270,7 @@ impl AuthGuard {
         // Report when the threshold is reached and at every further multiple of it, not on
         // every failure, so an attack does not flood the log.
         let f = record.window.failures;
-        if record.clients.len() >= 2 && f >= s.max_failures && f % s.max_failures == 0 {
+        if record.clients.len() >= 2 && f >= s.max_failures && f.is_multiple_of(s.max_failures) {
             report.spraying = Some((f, record.clients.len()));
         }
         report
