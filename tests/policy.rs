@@ -57,12 +57,7 @@ fn secret_hash() -> &'static str {
             .stdout(Stdio::piped())
             .spawn()
             .expect("spawn portcullis passwd");
-        child
-            .stdin
-            .take()
-            .unwrap()
-            .write_all(b"secret\n")
-            .unwrap();
+        child.stdin.take().unwrap().write_all(b"secret\n").unwrap();
         let out = child.wait_with_output().unwrap();
         assert!(out.status.success(), "portcullis passwd failed");
         String::from_utf8(out.stdout).unwrap().trim().to_string()
@@ -148,11 +143,17 @@ fn connections_per_ip_over_the_rate_get_421_at_the_greeting() {
     }
     let mut c = SmtpClient::connect_from("127.0.0.2", relay.port(0));
     assert_reply(&c.read_reply(), 421, "4.7.0");
-    assert!(c.read_to_close().is_empty(), "421 must close the connection");
+    assert!(
+        c.read_to_close().is_empty(),
+        "421 must close the connection"
+    );
     // Another client has its own budget.
     let mut c = SmtpClient::connect_from("127.0.0.3", relay.port(0));
     c.expect_reply(220);
-    assert_log(&relay, "rule=\"rate_limits.connections_per_ip\" limit=3/hour");
+    assert_log(
+        &relay,
+        "rule=\"rate_limits.connections_per_ip\" limit=3/hour",
+    );
 }
 
 #[test]
@@ -162,7 +163,11 @@ fn messages_per_ip_over_the_rate_get_451_at_mail_and_nothing_is_queued() {
     c.expect_reply(220);
     c.expect("EHLO client.test", 250);
     for _ in 0..2 {
-        let reply = c.send_message("a@other.test", &["b@example.com"], "Subject: x\r\n\r\nhi\r\n");
+        let reply = c.send_message(
+            "a@other.test",
+            &["b@example.com"],
+            "Subject: x\r\n\r\nhi\r\n",
+        );
         assert_eq!(reply.0, 250, "{reply:?}");
     }
     assert_reply(&c.cmd("MAIL FROM:<a@other.test>"), 451, "4.7.1");
@@ -200,7 +205,10 @@ fn compromised_account_is_stopped_at_its_budget_from_any_address() {
     // …while another user from that address is not affected.
     let mut c = authed(&relay, "127.0.0.3", "bob@example.com");
     assert_reply(&c.cmd("MAIL FROM:<bob@example.com>"), 250, "2.1.0");
-    assert_log(&relay, "rule=\"rate_limits.messages_per_user\" limit=2/hour");
+    assert_log(
+        &relay,
+        "rule=\"rate_limits.messages_per_user\" limit=2/hour",
+    );
     assert_eq!(relay.queued_messages().len(), 2);
 }
 
@@ -221,7 +229,10 @@ fn recipients_per_ip_over_the_rate_get_451_at_rcpt_and_are_not_queued() {
     c.expect("MAIL FROM:<a@other.test>", 250);
     assert_reply(&c.cmd("RCPT TO:<r5@example.com>"), 451, "4.7.1");
     assert_reply(&c.cmd("DATA"), 554, "5.5.1");
-    assert_log(&relay, "rule=\"rate_limits.recipients_per_ip\" limit=3/hour");
+    assert_log(
+        &relay,
+        "rule=\"rate_limits.recipients_per_ip\" limit=3/hour",
+    );
     let queued = relay.queued_messages();
     assert_eq!(queued.len(), 1);
     let rcpts = queued[0].0["recipients"].to_string();
@@ -247,7 +258,11 @@ fn reload_keeps_limiter_state_for_unchanged_quotas_and_resets_changed_ones() {
     let mut c = SmtpClient::connect_from("127.0.0.2", relay.port(0));
     c.expect_reply(220);
     c.expect("EHLO client.test", 250);
-    let reply = c.send_message("a@other.test", &["b@example.com"], "Subject: x\r\n\r\nhi\r\n");
+    let reply = c.send_message(
+        "a@other.test",
+        &["b@example.com"],
+        "Subject: x\r\n\r\nhi\r\n",
+    );
     assert_eq!(reply.0, 250, "{reply:?}");
     assert_reply(&c.cmd("MAIL FROM:<a@other.test>"), 451, "4.7.1");
 
@@ -283,7 +298,10 @@ fn reload_keeps_limiter_state_for_unchanged_quotas_and_resets_changed_ones() {
 
 #[test]
 fn brute_force_locks_the_client_out_even_for_the_right_password() {
-    let relay = submission("max_failures = 3\nfailure_window = \"10m\"\nlockout = \"15m\"\n", "");
+    let relay = submission(
+        "max_failures = 3\nfailure_window = \"10m\"\nlockout = \"15m\"\n",
+        "",
+    );
     let mut c = tls_from(&relay, "127.0.0.2");
     for pass in ["guess1", "guess2", "guess3"] {
         assert_reply(&c.cmd(&auth_plain("alice", pass)), 535, "5.7.8");
@@ -292,7 +310,11 @@ fn brute_force_locks_the_client_out_even_for_the_right_password() {
     assert_reply(&c.cmd("MAIL FROM:<alice@example.com>"), 530, "5.7.0");
     // A new connection from the same address is still locked out, whatever the login.
     let mut c = tls_from(&relay, "127.0.0.2");
-    assert_reply(&c.cmd(&auth_plain("bob@example.com", "secret")), 454, "4.7.0");
+    assert_reply(
+        &c.cmd(&auth_plain("bob@example.com", "secret")),
+        454,
+        "4.7.0",
+    );
     // The owner from another address is not.
     authed(&relay, "127.0.0.3", "alice");
     assert_log(&relay, "rule=\"auth_lockout\"");
@@ -331,7 +353,11 @@ fn envelope_sender_not_owned_after_auth_gets_553() {
     let relay = submission("", "");
     let mut c = authed(&relay, "127.0.0.2", "alice");
     assert_reply(&c.cmd("MAIL FROM:<ceo@example.com>"), 553, "5.7.1");
-    assert_reply(&c.cmd("MAIL FROM:<alice@example.com.evil.test>"), 553, "5.7.1");
+    assert_reply(
+        &c.cmd("MAIL FROM:<alice@example.com.evil.test>"),
+        553,
+        "5.7.1",
+    );
     assert_reply(&c.cmd("MAIL FROM:<Alice@example.com>"), 553, "5.7.1");
     assert_reply(&c.cmd("MAIL FROM:<alice@EXAMPLE.com>"), 250, "2.1.0");
     c.expect("RSET", 250);
@@ -381,11 +407,17 @@ fn from_header_not_owned_gets_550_and_is_not_queued() {
         assert!(!out.contains("queued as"), "{mech}:\n{out}");
     }
     assert!(relay.queued_messages().is_empty());
-    assert_log(&relay, "from_header=\"ceo@example.com\" rule=\"from_header_not_owned\"");
+    assert_log(
+        &relay,
+        "from_header=\"ceo@example.com\" rule=\"from_header_not_owned\"",
+    );
 
     for mech in ["PLAIN", "LOGIN"] {
         let out = send(mech, "Alice <alice@example.com>");
-        assert!(out.contains("<~  250 2.0.0 Ok: queued as "), "{mech}:\n{out}");
+        assert!(
+            out.contains("<~  250 2.0.0 Ok: queued as "),
+            "{mech}:\n{out}"
+        );
     }
     assert_eq!(relay.queued_messages().len(), 2);
 }
@@ -430,20 +462,20 @@ fn classic_open_relay_probes_are_refused_and_normalised_addresses_accepted() {
         ("<\"x!other.test\"@example.com>", 550, "5.7.1"),
         // Percent hack with the accepted domain in a different case.
         ("<x%other.test@EXAMPLE.COM>", 550, "5.7.1"),
-        // Address literals, v4 and v6 (even our own loopback).
-        ("<x@[127.0.0.1]>", 550, "5.7.1"),
-        ("<x@[IPv6:::1]>", 550, "5.7.1"),
+        // Address literals, v4 and v6 (even our own loopback), are not taken at all.
+        ("<x@[127.0.0.1]>", 553, "5.1.3"),
+        ("<x@[IPv6:::1]>", 553, "5.1.3"),
         // Trailing dot on a foreign domain is still foreign.
         ("<x@other.test.>", 550, "5.7.1"),
-        // Multi-hop source route through our domain.
+        // Multi-hop source route through our domain: the route is ignored (RFC 5321 §3.6.1)
+        // and the final address is foreign.
         ("<@example.com,@other.test:x@third.test>", 550, "5.7.1"),
     ];
     for (rcpt, code, enhanced) in refused {
         let reply = c.cmd(&format!("RCPT TO:{rcpt}"));
         assert!(
-            reply.0 == *code && reply.1[4..].starts_with(enhanced)
-                || matches!(reply.0, 501 | 553),
-            "{rcpt}: {reply:?}"
+            reply.0 == *code && reply.1[4..].starts_with(enhanced),
+            "{rcpt}: expected {code} {enhanced}, got {reply:?}"
         );
     }
     assert_reply(&c.cmd("DATA"), 554, "5.5.1");

@@ -365,4 +365,116 @@ mod tests {
         // Mail relayed by an authenticated user to other domains is not checked against it.
         assert_eq!(rule("bob@other.test", Some("alice")), None);
     }
+
+    /// A policy with users `alice` (senders alice@example.com) and `bob@example.com` (none),
+    /// plus `more` (further `[auth]` keys, then tables).
+    fn with_users(dir: &std::path::Path, more: &str) -> (Config, Policy) {
+        let users = dir.join("users.toml");
+        let hash = credentials::DUMMY_HASH;
+        std::fs::write(
+            &users,
+            format!(
+                "[[users]]\nname = \"alice\"\npassword_hash = \"{hash}\"\n\
+                 senders = [\"alice@example.com\"]\n\
+                 [[users]]\nname = \"bob@example.com\"\npassword_hash = \"{hash}\"\n"
+            ),
+        )
+        .unwrap();
+        policy(&format!(
+            "accepted_domains = [\"example.com\"]\n[auth]\nusers_file = {:?}\n{more}",
+            users.display().to_string()
+        ))
+    }
+
+    fn sender(s: &str) -> ReversePath {
+        ReversePath::Address(Address::parse(s).unwrap())
+    }
+
+    #[test]
+    fn mail_checks_ownership_only_after_auth() {
+        let dir = tempfile::tempdir().unwrap();
+        let (_, p) = with_users(dir.path(), "");
+        let rule = |user, from: &ReversePath| {
+            p.mail(&facts("192.0.2.1", user), from)
+                .err()
+                .map(|r| (r.rule, r.reply.code, r.reply.enhanced))
+        };
+        let spoof = sender("ceo@example.com");
+        assert_eq!(rule(None, &spoof), None);
+        assert_eq!(
+            rule(Some("alice"), &spoof),
+            Some(("sender_not_owned", 553, "5.7.1"))
+        );
+        assert_eq!(rule(Some("alice"), &sender("alice@Example.COM")), None);
+        assert_eq!(rule(Some("alice"), &ReversePath::Null), None);
+        assert_eq!(
+            rule(Some("bob@example.com"), &sender("bob@example.com")),
+            None
+        );
+        assert!(rule(Some("bob@example.com"), &spoof).is_some());
+        // A login the policy does not know owns nothing.
+        assert!(rule(Some("mallory"), &sender("mallory@example.com")).is_some());
+    }
+
+    #[test]
+    fn data_checks_the_from_header_of_authenticated_mail_only() {
+        let dir = tempfile::tempdir().unwrap();
+        let (_, p) = with_users(dir.path(), "");
+        let check = |user, section: &str| {
+            p.data(&facts("192.0.2.1", user), section.as_bytes())
+                .err()
+                .map(|(r, a)| (r.rule, r.reply.code, r.reply.enhanced, a))
+        };
+        assert_eq!(check(None, "From: ceo@example.com\r\n"), None);
+        assert!(p.needs_header_section(&facts("192.0.2.1", Some("alice"))));
+        assert!(!p.needs_header_section(&facts("192.0.2.1", None)));
+        assert_eq!(check(Some("alice"), "From: <alice@example.com>\r\n"), None);
+        assert_eq!(
+            check(Some("alice"), "From: CEO <ceo@example.com>\r\n"),
+            Some((
+                "from_header_not_owned",
+                550,
+                "5.7.1",
+                Some("ceo@example.com".to_string())
+            ))
+        );
+        assert_eq!(
+            check(Some("alice"), "Subject: x\r\n"),
+            Some(("from_header_missing", 550, "5.7.1", None))
+        );
+    }
+
+    #[test]
+    fn auth_gate_locks_out_and_state_survives_a_rebuild_with_equal_settings() {
+        let dir = tempfile::tempdir().unwrap();
+        let more = "max_failures = 2\n[rate_limits]\nmessages_per_ip = \"1/hour\"\n";
+        let (config, p) = with_users(dir.path(), more);
+        let t0 = Instant::now();
+        let ip: IpAddr = "192.0.2.1".parse().unwrap();
+        assert_eq!(p.auth_gate(ip, "alice", t0), Ok(Duration::ZERO));
+        assert_eq!(p.auth_outcome(ip, "alice", false, t0).locked_out, None);
+        assert_eq!(p.auth_outcome(ip, "alice", false, t0).locked_out, Some(2));
+        let locked = p.auth_gate(ip, "alice", t0).unwrap_err();
+        assert_eq!(
+            (locked.rule, locked.reply.code, locked.reply.enhanced),
+            ("auth_lockout", 454, "4.7.0")
+        );
+        assert!(p.message_rate(&facts("192.0.2.1", None), t0).is_ok());
+        assert!(p.message_rate(&facts("192.0.2.1", None), t0).is_err());
+
+        // Rebuilt from the same settings: the lockout and the spent budget remain.
+        let same = Policy::new(&config, Some(&p), t0);
+        assert!(same.auth_gate(ip, "bob@example.com", t0).is_err());
+        assert!(same.message_rate(&facts("192.0.2.1", None), t0).is_err());
+
+        // Changed settings start afresh.
+        let dir2 = tempfile::tempdir().unwrap();
+        let (changed, _) = with_users(
+            dir2.path(),
+            "max_failures = 3\n[rate_limits]\nmessages_per_ip = \"2/hour\"\n",
+        );
+        let fresh = Policy::new(&changed, Some(&same), t0);
+        assert!(fresh.auth_gate(ip, "alice", t0).is_ok());
+        assert!(fresh.message_rate(&facts("192.0.2.1", None), t0).is_ok());
+    }
 }
