@@ -71,7 +71,7 @@ pub(super) fn warnings(config: &Config) -> Vec<String> {
     if let Some(auth) = &config.auth
         && auth_used
     {
-        if config.rate_limits.messages_per_user.is_none() {
+        if config.rate_limits.messages_per_user.is_none() && !auth.users.is_empty() {
             w.push(
                 "A listener allows AUTH but rate_limits.messages_per_user is not set: a \
                  compromised account can send without limit."
