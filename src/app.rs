@@ -168,7 +168,7 @@ fn reload(runtime: &ArcSwap<Runtime>, path: Option<&std::path::Path>) {
         warn!("SIGHUP: running on the embedded default; nothing to reload");
         return;
     };
-    let old = runtime.load();
+    let old = runtime.load_full();
     let new = match Config::load(path)
         .map_err(AppError::from)
         .and_then(|config| build_runtime(config, Some(&old)))

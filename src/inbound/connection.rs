@@ -21,6 +21,7 @@ use super::tls::session_info;
 use crate::config::{Listener, ListenerTls};
 use crate::envelope::{Envelope, QueueId, Recipient, ReversePath, TlsInfo, unix_now};
 use crate::policy::limits::Limited;
+use crate::policy::lockout::{FailureReport, login_key};
 use crate::policy::senders::MAX_HEADER_CHECK;
 use crate::policy::{Refusal, SessionFacts};
 use crate::queue::{Spool, SpoolWriter};
@@ -399,8 +400,9 @@ impl Connection {
         let delay = match policy.auth_gate(ip, &credentials.login, Instant::now()) {
             Ok(delay) => delay,
             Err(r) => {
-                warn!(peer = %self.peer, listener = %self.listener.name, login = %credentials.login,
-                    rule = r.rule, reply = %r.reply, "rejected");
+                warn!(peer = %self.peer, listener = %self.listener.name,
+                    login = login_key(&credentials.login), rule = r.rule, reply = %r.reply,
+                    "rejected");
                 return self.session.reject(&r.reply);
             }
         };
@@ -432,18 +434,7 @@ impl Connection {
             .runtime
             .policy
             .auth_outcome(ip, &login, success, Instant::now());
-        if let Some(failures) = report.locked_out {
-            warn!(peer = %self.peer, listener = %self.listener.name, login = %login, failures,
-                rule = "auth_lockout", "client locked out after repeated AUTH failures");
-        }
-        if let Some((failures, clients)) = report.spraying {
-            warn!(login = %login, failures, distinct_ips = clients, last_peer = %self.peer,
-                rule = "auth_spraying", "password spraying against one login from several clients");
-        }
-        if !delay.is_zero() {
-            info!(peer = %self.peer, login = %login, delay_ms = delay.as_millis() as u64,
-                rule = "auth_spraying", "AUTH answer delayed");
-        }
+        self.log_auth_report(&login, &report, delay);
         if success {
             info!(peer = %self.peer, user = %login, "authenticated");
             self.session.accept();
@@ -456,6 +447,24 @@ impl Connection {
                     "auth_unknown_user"
                 },
             });
+        }
+    }
+
+    /// Log what an AUTH outcome led to: a lockout, a spraying alert, a delayed answer. The
+    /// login is shown cut to a bounded length (a SASL response may be 12 KiB).
+    fn log_auth_report(&self, login: &str, report: &FailureReport, delay: Duration) {
+        let login = login_key(login);
+        if let Some(failures) = report.locked_out {
+            warn!(peer = %self.peer, listener = %self.listener.name, login, failures,
+                rule = "auth_lockout", "client locked out after repeated AUTH failures");
+        }
+        if let Some((failures, clients)) = report.spraying {
+            warn!(login, failures, distinct_ips = clients, last_peer = %self.peer,
+                rule = "auth_spraying", "password spraying against one login from several clients");
+        }
+        if !delay.is_zero() {
+            info!(peer = %self.peer, login, delay_ms = delay.as_millis() as u64,
+                rule = "auth_spraying", "AUTH answer delayed");
         }
     }
 

@@ -127,7 +127,9 @@ pub struct AuthGuard {
     tables: Mutex<Tables>,
 }
 
-fn login_key(login: &str) -> &str {
+/// `login` cut to at most [`MAX_LOGIN_KEY`] octets (on a character boundary): its key in the
+/// login table, and the form shown in logs.
+pub fn login_key(login: &str) -> &str {
     if login.len() <= MAX_LOGIN_KEY {
         return login;
     }

@@ -83,7 +83,8 @@ impl Senders {
 pub enum FromProblem {
     /// No `From:` field with an address.
     Missing,
-    /// This `From:` address (as written) is not owned, or is not an address at all.
+    /// This `From:` address (as written, cut to 256 characters for the log) is not owned, or
+    /// is not an address at all.
     NotOwned(String),
 }
 
@@ -97,13 +98,13 @@ pub fn check_from_header(senders: &Senders, section: &[u8]) -> Result<(), FromPr
     let mut seen = false;
     for value in message.header_values(mail_parser::HeaderName::From) {
         let Some(list) = value.as_address() else {
-            return Err(FromProblem::NotOwned(format!("{value:?}")));
+            return Err(FromProblem::NotOwned(shown(&format!("{value:?}"))));
         };
         for addr in list.iter() {
             let text = addr.address().unwrap_or_default();
             match Address::parse(text) {
                 Ok(a) if senders.owns(&a) => seen = true,
-                _ => return Err(FromProblem::NotOwned(text.to_string())),
+                _ => return Err(FromProblem::NotOwned(shown(text))),
             }
         }
     }
@@ -112,6 +113,11 @@ pub fn check_from_header(senders: &Senders, section: &[u8]) -> Result<(), FromPr
     } else {
         Err(FromProblem::Missing)
     }
+}
+
+/// A header value cut to a length fit for a log line.
+fn shown(text: &str) -> String {
+    text.chars().take(256).collect()
 }
 
 #[cfg(test)]
