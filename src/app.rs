@@ -75,14 +75,20 @@ impl AppError {
     }
 }
 
-/// Build the inbound runtime (policy and TLS) for a configuration.
-pub fn build_runtime(config: Config) -> Result<Runtime, AppError> {
+/// Build the inbound runtime (policy and TLS) for a configuration. On reload `previous` is the
+/// running runtime: rate-limit and AUTH-failure state is carried over where its settings did
+/// not change.
+pub fn build_runtime(config: Config, previous: Option<&Runtime>) -> Result<Runtime, AppError> {
     let tls = match &config.tls {
         Some(t) => Some(tls::server_config(t, &config.server.hostname)?),
         None => None,
     };
     Ok(Runtime {
-        policy: Policy::new(&config),
+        policy: Policy::new(
+            &config,
+            previous.map(|p| &p.policy),
+            std::time::Instant::now(),
+        ),
         config: Arc::new(config),
         tls,
     })
@@ -104,7 +110,7 @@ pub async fn run(config: Config, path: Option<PathBuf>) -> Result<(), AppError> 
     let shutdown = CancellationToken::new();
     let delivery_stop = CancellationToken::new();
     let delivery = outbound::start(&config, spool.clone(), delivery_stop.clone())?;
-    let runtime = Arc::new(ArcSwap::from_pointee(build_runtime(config)?));
+    let runtime = Arc::new(ArcSwap::from_pointee(build_runtime(config, None)?));
     let tracker = TaskTracker::new();
     let cores = std::thread::available_parallelism().map_or(2, |n| n.get());
     let shared = Shared {
@@ -192,9 +198,10 @@ fn reload(runtime: &ArcSwap<Runtime>, path: Option<&std::path::Path>) {
         warn!("SIGHUP: running on the embedded default; nothing to reload");
         return;
     };
+    let old = runtime.load_full();
     let new = match Config::load(path)
         .map_err(AppError::from)
-        .and_then(build_runtime)
+        .and_then(|config| build_runtime(config, Some(&old)))
     {
         Ok(rt) => rt,
         Err(e) => {
@@ -202,7 +209,6 @@ fn reload(runtime: &ArcSwap<Runtime>, path: Option<&std::path::Path>) {
             return;
         }
     };
-    let old = runtime.load();
     let binds = |c: &Config| {
         c.listeners
             .iter()

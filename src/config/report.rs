@@ -68,6 +68,26 @@ pub(super) fn warnings(config: &Config) -> Vec<String> {
                 .to_owned(),
         );
     }
+    if let Some(auth) = &config.auth
+        && auth_used
+    {
+        if config.rate_limits.messages_per_user.is_none() && !auth.users.is_empty() {
+            w.push(
+                "A listener allows AUTH but rate_limits.messages_per_user is not set: a \
+                 compromised account can send without limit."
+                    .to_owned(),
+            );
+        }
+        for u in &auth.users {
+            if u.senders.is_empty() && !u.name.contains('@') {
+                w.push(format!(
+                    "User {:?} has no senders and its login is not an address: after AUTH it \
+                     may send as nobody (every MAIL FROM but <> is refused).",
+                    u.name
+                ));
+            }
+        }
+    }
     for u in &config.upstreams {
         if u.auth_user.is_some() && u.tls != UpstreamTls::Required {
             w.push(format!(

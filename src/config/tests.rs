@@ -733,7 +733,7 @@ fn warnings_for_dangerous_combinations() {
         dir.path(),
         "users.toml",
         &format!(
-            "[[users]]\nname = \"a\"\npassword_hash = \"{}\"\n",
+            "[[users]]\nname = \"a\"\npassword_hash = \"{}\"\nsenders = [\"a@example.com\"]\n",
             argon2id_hash("pw")
         ),
     );
@@ -744,12 +744,9 @@ fn warnings_for_dangerous_combinations() {
             .replace("USERS", &format!("{users:?}"));
         let c = ok(&format!("{MINIMAL}\n{snippet}\n"));
         let warnings = c.warnings();
-        // The empty-[auth] case also (rightly) warns that nobody can authenticate.
-        let expected = if snippet.starts_with("[auth]\n[[") {
-            2
-        } else {
-            1
-        };
+        // The empty-[auth] case also (rightly) warns that nobody can authenticate; with users,
+        // an AUTH listener without rate_limits.messages_per_user warns about that.
+        let expected = 1 + usize::from(snippet.contains("auth = "));
         assert_eq!(warnings.len(), expected, "{snippet}: {warnings:?}");
         assert!(warnings[0].contains(words), "{snippet}: {warnings:?}");
     }
@@ -832,4 +829,48 @@ fn portcullis_toml_documents_every_key_of_raw_rs() {
             );
         }
     }
+}
+
+#[test]
+fn warnings_for_auth_without_user_budget_and_users_who_own_no_sender() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let hash = argon2id_hash("pw");
+    let users = write(
+        dir.path(),
+        "users.toml",
+        &format!(
+            "[[users]]\nname = \"svc\"\npassword_hash = \"{hash}\"\n\
+             [[users]]\nname = \"bob@example.com\"\npassword_hash = \"{hash}\"\n\
+             [[users]]\nname = \"carol\"\npassword_hash = \"{hash}\"\nsenders = [\"@example.com\"]\n"
+        ),
+    );
+    let auth = format!(
+        "{MINIMAL}\n[tls]\n[auth]\nusers_file = {users:?}\n[[listeners]]\nbind = \"127.0.0.1:1\"\n\
+         auth = \"required\"\n"
+    );
+    let warnings = ok(&auth).warnings().join("\n");
+    assert!(
+        warnings.contains("messages_per_user is not set"),
+        "{warnings}"
+    );
+    assert!(
+        warnings.contains("User \"svc\" has no senders"),
+        "{warnings}"
+    );
+    assert!(!warnings.contains("bob@example.com"), "{warnings}");
+    assert!(!warnings.contains("carol"), "{warnings}");
+    let limited = ok(&format!(
+        "{auth}[rate_limits]\nmessages_per_user = \"100/hour\"\n"
+    ))
+    .warnings()
+    .join("\n");
+    assert!(!limited.contains("messages_per_user"), "{limited}");
+    // Without an AUTH listener, neither applies.
+    let off = ok(&format!("{MINIMAL}\n[auth]\nusers_file = {users:?}\n"))
+        .warnings()
+        .join("\n");
+    assert!(
+        !off.contains("messages_per_user") && !off.contains("svc"),
+        "{off}"
+    );
 }

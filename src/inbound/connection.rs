@@ -20,6 +20,9 @@ use super::stream::Stream;
 use super::tls::session_info;
 use crate::config::{Listener, ListenerTls};
 use crate::envelope::{Envelope, QueueId, Recipient, ReversePath, TlsInfo, unix_now};
+use crate::policy::limits::Limited;
+use crate::policy::lockout::{FailureReport, login_key};
+use crate::policy::senders::MAX_HEADER_CHECK;
 use crate::policy::{Refusal, SessionFacts};
 use crate::queue::{Spool, SpoolWriter};
 use crate::smtp::headers::HeaderFilter;
@@ -228,13 +231,14 @@ impl Connection {
                 Event::Auth(credentials) => self.auth(credentials).await,
                 Event::Mail { from, .. } => self.mail(&from),
                 Event::Rcpt(to) => {
-                    let facts = SessionFacts {
-                        client_ip: self.peer.ip(),
-                        user: self.session.user(),
-                    };
-                    match self.runtime.policy.rcpt(&facts, &to) {
-                        Ok(()) => self.session.accept(),
+                    let facts = self.facts();
+                    let policy = &self.runtime.policy;
+                    match policy.rcpt(&facts, &to) {
                         Err(r) => self.refuse(r),
+                        Ok(()) => match policy.recipient_rate(&facts, Instant::now()) {
+                            Err(l) => self.limited(l),
+                            Ok(()) => self.session.accept(),
+                        },
                     }
                 }
                 Event::DataStart => {
@@ -261,6 +265,24 @@ impl Connection {
     fn refuse(&mut self, r: Refusal) {
         self.log_rejection(&r.reply, r.rule);
         self.session.reject(&r.reply);
+    }
+
+    /// Refuse the pending command because a rate limit is exhausted; the log names the limit.
+    fn limited(&mut self, l: Limited) {
+        let reply = l.reply();
+        warn!(
+            peer = %self.peer, listener = %self.listener.name,
+            user = self.session.user().unwrap_or("-"),
+            rule = l.rule, limit = %l.limit_text(), reply = %reply, "rejected"
+        );
+        self.session.reject(&reply);
+    }
+
+    fn facts(&self) -> SessionFacts<'_> {
+        SessionFacts {
+            client_ip: self.peer.ip(),
+            user: self.session.user(),
+        }
     }
 
     /// Write pending replies.
@@ -375,6 +397,17 @@ impl Connection {
     }
 
     async fn auth(&mut self, credentials: Credentials) {
+        let ip = self.peer.ip();
+        let policy = &self.runtime.policy;
+        let delay = match policy.auth_gate(ip, &credentials.login, Instant::now()) {
+            Ok(delay) => delay,
+            Err(r) => {
+                warn!(peer = %self.peer, listener = %self.listener.name,
+                    login = login_key(&credentials.login), rule = r.rule, reply = %r.reply,
+                    "rejected");
+                return self.session.reject(&r.reply);
+            }
+        };
         let hash = self
             .runtime
             .config
@@ -386,14 +419,25 @@ impl Connection {
         let known = hash.is_some();
         // Unknown users are checked against a dummy hash so both answers take the same time.
         let hash = hash.unwrap_or_else(|| crate::policy::credentials::DUMMY_HASH.to_string());
-        let permit = self.shared.hash_slots.clone().acquire_owned().await;
-        let ok = tokio::task::spawn_blocking(move || {
-            let _permit = permit;
-            crate::policy::credentials::verify_password(&hash, &credentials.password)
-        })
-        .await
-        .unwrap_or(false);
-        if ok && known {
+        let slots = self.shared.hash_slots.clone();
+        let verify = async move {
+            let permit = slots.acquire_owned().await;
+            tokio::task::spawn_blocking(move || {
+                let _permit = permit;
+                crate::policy::credentials::verify_password(&hash, &credentials.password)
+            })
+            .await
+            .unwrap_or(false)
+        };
+        // A sprayed login is answered no sooner than `delay`, right password or wrong.
+        let (ok, ()) = tokio::join!(verify, tokio::time::sleep(delay));
+        let success = ok && known;
+        let report = self
+            .runtime
+            .policy
+            .auth_outcome(ip, &login, success, Instant::now());
+        self.log_auth_report(&login, &report, delay);
+        if success {
             info!(peer = %self.peer, user = %login, "authenticated");
             self.session.accept();
         } else {
@@ -408,7 +452,34 @@ impl Connection {
         }
     }
 
+    /// Log what an AUTH outcome led to: a lockout, a spraying alert, a delayed answer. The
+    /// login is shown cut to a bounded length (a SASL response may be 12 KiB).
+    fn log_auth_report(&self, login: &str, report: &FailureReport, delay: Duration) {
+        let login = login_key(login);
+        if let Some(failures) = report.locked_out {
+            warn!(peer = %self.peer, listener = %self.listener.name, login, failures,
+                rule = "auth_lockout", "client locked out after repeated AUTH failures");
+        }
+        if let Some((failures, clients)) = report.spraying {
+            warn!(login, failures, distinct_ips = clients, last_peer = %self.peer,
+                rule = "auth_spraying", "password spraying against one login from several clients");
+        }
+        if !delay.is_zero() {
+            info!(peer = %self.peer, login, delay_ms = delay.as_millis() as u64,
+                rule = "auth_spraying", "AUTH answer delayed");
+        }
+    }
+
     fn mail(&mut self, from: &ReversePath) {
+        let facts = self.facts();
+        if let Err(r) = self.runtime.policy.mail(&facts, from) {
+            info!(peer = %self.peer, user = facts.user.unwrap_or("-"), %from,
+                rule = r.rule, reply = %r.reply, "rejected");
+            return self.session.reject(&r.reply);
+        }
+        if let Err(l) = self.runtime.policy.message_rate(&facts, Instant::now()) {
+            return self.limited(l);
+        }
         let min_free = self.runtime.config.limits.min_free_space;
         match self.shared.spool.free_space() {
             Ok(free) if free < min_free => {
@@ -473,9 +544,13 @@ impl Connection {
         });
         match created {
             Ok(writer) => {
+                let mut filter = HeaderFilter::new(rules);
+                if self.runtime.policy.needs_header_section(&self.facts()) {
+                    filter.capture(MAX_HEADER_CHECK);
+                }
                 self.incoming = Some(Incoming {
                     writer,
-                    filter: HeaderFilter::new(rules),
+                    filter,
                     failed: false,
                     scratch: Vec::new(),
                 });
@@ -537,6 +612,17 @@ impl Connection {
                 reply: reply::LOCAL_ERROR,
                 rule: "spool_write",
             });
+        }
+        if let Err((r, address)) = self
+            .runtime
+            .policy
+            .data(&self.facts(), inc.filter.captured())
+        {
+            inc.writer.abort();
+            info!(peer = %self.peer, user = self.session.user().unwrap_or("-"),
+                from_header = address.as_deref().unwrap_or("-"),
+                rule = r.rule, reply = %r.reply, "rejected");
+            return self.session.reject(&r.reply);
         }
         if !inc.filter.stripped().is_empty() {
             info!(peer = %self.peer, headers = ?inc.filter.stripped(), "removed untrusted headers");

@@ -4,7 +4,7 @@
 //! accept loop itself never waits on a client.
 
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwap;
 use tokio::io::AsyncWriteExt;
@@ -71,6 +71,20 @@ impl ListenerTask {
             ) {
                 Ok(slot) => {
                     let refusal = runtime.policy.connect(&listener, peer.ip()).err();
+                    // Clients the access lists refuse are answered (554) without counting
+                    // against the connection rate; the others are counted here.
+                    if refusal.is_none()
+                        && let Err(l) = runtime.policy.connection_rate(peer.ip(), Instant::now())
+                    {
+                        let reply = l.reply();
+                        warn!(peer = %peer, listener = %listener.name, rule = l.rule,
+                            limit = %l.limit_text(), reply = %reply, "rejected at connect");
+                        self.tracker.spawn(async move {
+                            let _slot = slot;
+                            refuse(tcp, reply).await;
+                        });
+                        continue;
+                    }
                     let shared = self.shared.clone();
                     self.tracker.spawn(async move {
                         let _slot = slot;

@@ -1,25 +1,38 @@
 //! Pure policy decisions compiled from the configuration, named after the SMTP stage they act
-//! on: [`Policy::connect`], [`Policy::rcpt`]. Nothing here touches a socket or a clock; the
+//! on: [`Policy::connect`], [`Policy::auth_gate`], [`Policy::mail`], [`Policy::rcpt`],
+//! [`Policy::data`] and the rate checks beside them. Nothing here touches a socket or reads a
+//! clock; stateful decisions (rate limits, AUTH failures) take the time as an argument. The
 //! driver asks, carries out the verdict and logs the rule that fired.
 //!
 //! A verdict that refuses carries the reply for the client (which never names the rule) and
 //! the rule name for the log.
+//!
+//! The stateful tables ([`limits::Limiters`], [`lockout::AuthGuard`]) are shared through
+//! `Arc`s and carried from one `Policy` to the next on reload when their settings did not
+//! change, so a SIGHUP neither hands out fresh budgets nor lifts lockouts.
 
 pub mod access;
 pub mod credentials;
+pub mod limits;
+pub mod lockout;
+pub mod senders;
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::net::IpAddr;
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use ipnet::IpNet;
 
 use crate::config::{Config, Listener};
-use crate::envelope::Address;
+use crate::envelope::{Address, ReversePath};
 use crate::smtp::Reply;
 use crate::smtp::headers::{NamePattern, StripRules};
 use crate::smtp::reply;
 use access::{contains, normalize};
+use limits::{Limited, Limiters};
+use lockout::{AuthGuard, FailureReport, Gate, Settings};
+use senders::{FromProblem, Senders};
 
 /// A refusal: what the client is told and which rule fired.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -52,11 +65,35 @@ pub struct Policy {
     untrusted_headers: Arc<StripRules>,
     /// Nothing is stripped from trusted mail.
     trusted_headers: Arc<StripRules>,
+    /// The addresses each user (by login) may send as.
+    senders: HashMap<String, Senders>,
+    /// `[rate_limits]` tables (shared with the next policy where unchanged).
+    limiters: Limiters,
+    /// AUTH failure tables; `None` without `[auth]`.
+    auth_guard: Option<Arc<AuthGuard>>,
 }
 
 impl Policy {
-    pub fn new(config: &Config) -> Policy {
+    /// Compile `config`. The stateful tables of `previous` (the policy being replaced on
+    /// reload) are kept where their settings are unchanged; `now` anchors new tables' clocks.
+    pub fn new(config: &Config, previous: Option<&Policy>, now: Instant) -> Policy {
+        let auth_guard = config.auth.as_ref().map(|auth| {
+            let settings = Settings::from_config(auth);
+            previous
+                .and_then(|p| p.auth_guard.as_ref())
+                .filter(|g| g.settings() == settings)
+                .cloned()
+                .unwrap_or_else(|| Arc::new(AuthGuard::new(settings)))
+        });
         Policy {
+            senders: config
+                .auth
+                .iter()
+                .flat_map(|a| &a.users)
+                .map(|u| (u.name.clone(), Senders::new(&u.name, &u.senders)))
+                .collect(),
+            limiters: Limiters::new(&config.rate_limits, previous.map(|p| &p.limiters), now),
+            auth_guard,
             accepted_domains: config.relay.accepted_domains.clone(),
             relay_networks: config.relay.relay_networks.clone(),
             recipients: config
@@ -99,6 +136,102 @@ impl Policy {
             return Err(Refusal::new(reply::ACCESS_DENIED, "listener_allow"));
         }
         Ok(())
+    }
+
+    /// Connect stage, after the access lists: `[rate_limits] connections_per_ip`.
+    pub fn connection_rate(&self, ip: IpAddr, now: Instant) -> Result<(), Limited> {
+        self.limiters.connection(ip, now)
+    }
+
+    /// AUTH stage, before the password is verified: a locked-out client is refused without
+    /// verifying anything; a sprayed login is answered only after a delay.
+    pub fn auth_gate(&self, ip: IpAddr, login: &str, now: Instant) -> Result<Duration, Refusal> {
+        match self.auth_guard.as_ref().map(|g| g.gate(ip, login, now)) {
+            Some(Gate::LockedOut { .. }) => {
+                Err(Refusal::new(reply::AUTH_LOCKED_OUT, "auth_lockout"))
+            }
+            Some(Gate::Proceed { delay }) => Ok(delay),
+            None => Ok(Duration::ZERO),
+        }
+    }
+
+    /// AUTH stage, after verifying: record the outcome. A failure's report says whether it
+    /// locked the client out or shows the login being sprayed, for the log.
+    pub fn auth_outcome(
+        &self,
+        ip: IpAddr,
+        login: &str,
+        success: bool,
+        now: Instant,
+    ) -> FailureReport {
+        match &self.auth_guard {
+            Some(g) if success => {
+                g.success(ip);
+                FailureReport::default()
+            }
+            Some(g) => g.failure(ip, login, now),
+            None => FailureReport::default(),
+        }
+    }
+
+    /// MAIL stage: an authenticated user may use only the senders it owns (or `<>`; see
+    /// [`senders`]). Unauthenticated senders are not checked here.
+    pub fn mail(&self, facts: &SessionFacts<'_>, from: &ReversePath) -> Result<(), Refusal> {
+        let (Some(user), ReversePath::Address(address)) = (facts.user, from) else {
+            return Ok(());
+        };
+        if self.senders.get(user).is_some_and(|s| s.owns(address)) {
+            Ok(())
+        } else {
+            Err(Refusal::new(reply::SENDER_NOT_OWNED, "sender_not_owned"))
+        }
+    }
+
+    /// MAIL stage, after [`Policy::mail`]: `messages_per_user` and `messages_per_ip`.
+    pub fn message_rate(&self, facts: &SessionFacts<'_>, now: Instant) -> Result<(), Limited> {
+        self.limiters.message(facts.client_ip, facts.user, now)
+    }
+
+    /// RCPT stage, after [`Policy::rcpt`] accepted the recipient: `recipients_per_ip`.
+    pub fn recipient_rate(&self, facts: &SessionFacts<'_>, now: Instant) -> Result<(), Limited> {
+        self.limiters.recipient(facts.client_ip, now)
+    }
+
+    /// Whether the data stage needs the header section: only authenticated messages have
+    /// their `From:` checked.
+    pub fn needs_header_section(&self, facts: &SessionFacts<'_>) -> bool {
+        facts.user.is_some()
+    }
+
+    /// Data stage, before the message is committed: the `From:` header of an authenticated
+    /// message must name only addresses its user owns. `section` is the header section as
+    /// received (at most [`senders::MAX_HEADER_CHECK`] octets). On refusal the offending
+    /// address, if any, comes along for the log.
+    pub fn data(
+        &self,
+        facts: &SessionFacts<'_>,
+        section: &[u8],
+    ) -> Result<(), (Refusal, Option<String>)> {
+        let Some(user) = facts.user else {
+            return Ok(());
+        };
+        let Some(senders) = self.senders.get(user) else {
+            return Err((
+                Refusal::new(reply::FROM_HEADER_NOT_OWNED, "from_header_not_owned"),
+                None,
+            ));
+        };
+        match senders::check_from_header(senders, section) {
+            Ok(()) => Ok(()),
+            Err(FromProblem::Missing) => Err((
+                Refusal::new(reply::FROM_HEADER_NOT_OWNED, "from_header_missing"),
+                None,
+            )),
+            Err(FromProblem::NotOwned(a)) => Err((
+                Refusal::new(reply::FROM_HEADER_NOT_OWNED, "from_header_not_owned"),
+                Some(a),
+            )),
+        }
     }
 
     /// True when the client may relay to any domain without authenticating.
@@ -153,7 +286,7 @@ mod tests {
              [relay]\n{relay}\n[[upstreams]]\naddress = \"127.0.0.1:25\"\n"
         );
         let config = Config::from_toml(&text, None).expect("valid test policy");
-        let policy = Policy::new(&config);
+        let policy = Policy::new(&config, None, Instant::now());
         (config, policy)
     }
 
@@ -231,5 +364,117 @@ mod tests {
         );
         // Mail relayed by an authenticated user to other domains is not checked against it.
         assert_eq!(rule("bob@other.test", Some("alice")), None);
+    }
+
+    /// A policy with users `alice` (senders alice@example.com) and `bob@example.com` (none),
+    /// plus `more` (further `[auth]` keys, then tables).
+    fn with_users(dir: &std::path::Path, more: &str) -> (Config, Policy) {
+        let users = dir.join("users.toml");
+        let hash = credentials::DUMMY_HASH;
+        std::fs::write(
+            &users,
+            format!(
+                "[[users]]\nname = \"alice\"\npassword_hash = \"{hash}\"\n\
+                 senders = [\"alice@example.com\"]\n\
+                 [[users]]\nname = \"bob@example.com\"\npassword_hash = \"{hash}\"\n"
+            ),
+        )
+        .unwrap();
+        policy(&format!(
+            "accepted_domains = [\"example.com\"]\n[auth]\nusers_file = {:?}\n{more}",
+            users.display().to_string()
+        ))
+    }
+
+    fn sender(s: &str) -> ReversePath {
+        ReversePath::Address(Address::parse(s).unwrap())
+    }
+
+    #[test]
+    fn mail_checks_ownership_only_after_auth() {
+        let dir = tempfile::tempdir().unwrap();
+        let (_, p) = with_users(dir.path(), "");
+        let rule = |user, from: &ReversePath| {
+            p.mail(&facts("192.0.2.1", user), from)
+                .err()
+                .map(|r| (r.rule, r.reply.code, r.reply.enhanced))
+        };
+        let spoof = sender("ceo@example.com");
+        assert_eq!(rule(None, &spoof), None);
+        assert_eq!(
+            rule(Some("alice"), &spoof),
+            Some(("sender_not_owned", 553, "5.7.1"))
+        );
+        assert_eq!(rule(Some("alice"), &sender("alice@Example.COM")), None);
+        assert_eq!(rule(Some("alice"), &ReversePath::Null), None);
+        assert_eq!(
+            rule(Some("bob@example.com"), &sender("bob@example.com")),
+            None
+        );
+        assert!(rule(Some("bob@example.com"), &spoof).is_some());
+        // A login the policy does not know owns nothing.
+        assert!(rule(Some("mallory"), &sender("mallory@example.com")).is_some());
+    }
+
+    #[test]
+    fn data_checks_the_from_header_of_authenticated_mail_only() {
+        let dir = tempfile::tempdir().unwrap();
+        let (_, p) = with_users(dir.path(), "");
+        let check = |user, section: &str| {
+            p.data(&facts("192.0.2.1", user), section.as_bytes())
+                .err()
+                .map(|(r, a)| (r.rule, r.reply.code, r.reply.enhanced, a))
+        };
+        assert_eq!(check(None, "From: ceo@example.com\r\n"), None);
+        assert!(p.needs_header_section(&facts("192.0.2.1", Some("alice"))));
+        assert!(!p.needs_header_section(&facts("192.0.2.1", None)));
+        assert_eq!(check(Some("alice"), "From: <alice@example.com>\r\n"), None);
+        assert_eq!(
+            check(Some("alice"), "From: CEO <ceo@example.com>\r\n"),
+            Some((
+                "from_header_not_owned",
+                550,
+                "5.7.1",
+                Some("ceo@example.com".to_string())
+            ))
+        );
+        assert_eq!(
+            check(Some("alice"), "Subject: x\r\n"),
+            Some(("from_header_missing", 550, "5.7.1", None))
+        );
+    }
+
+    #[test]
+    fn auth_gate_locks_out_and_state_survives_a_rebuild_with_equal_settings() {
+        let dir = tempfile::tempdir().unwrap();
+        let more = "max_failures = 2\n[rate_limits]\nmessages_per_ip = \"1/hour\"\n";
+        let (config, p) = with_users(dir.path(), more);
+        let t0 = Instant::now();
+        let ip: IpAddr = "192.0.2.1".parse().unwrap();
+        assert_eq!(p.auth_gate(ip, "alice", t0), Ok(Duration::ZERO));
+        assert_eq!(p.auth_outcome(ip, "alice", false, t0).locked_out, None);
+        assert_eq!(p.auth_outcome(ip, "alice", false, t0).locked_out, Some(2));
+        let locked = p.auth_gate(ip, "alice", t0).unwrap_err();
+        assert_eq!(
+            (locked.rule, locked.reply.code, locked.reply.enhanced),
+            ("auth_lockout", 454, "4.7.0")
+        );
+        assert!(p.message_rate(&facts("192.0.2.1", None), t0).is_ok());
+        assert!(p.message_rate(&facts("192.0.2.1", None), t0).is_err());
+
+        // Rebuilt from the same settings: the lockout and the spent budget remain.
+        let same = Policy::new(&config, Some(&p), t0);
+        assert!(same.auth_gate(ip, "bob@example.com", t0).is_err());
+        assert!(same.message_rate(&facts("192.0.2.1", None), t0).is_err());
+
+        // Changed settings start afresh.
+        let dir2 = tempfile::tempdir().unwrap();
+        let (changed, _) = with_users(
+            dir2.path(),
+            "max_failures = 3\n[rate_limits]\nmessages_per_ip = \"2/hour\"\n",
+        );
+        let fresh = Policy::new(&changed, Some(&same), t0);
+        assert!(fresh.auth_gate(ip, "alice", t0).is_ok());
+        assert!(fresh.message_rate(&facts("192.0.2.1", None), t0).is_ok());
     }
 }

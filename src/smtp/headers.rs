@@ -5,6 +5,10 @@
 //! blank line that ends it is seen, the kept headers are emitted and the body passes through
 //! untouched. A header section longer than the cap is passed on as it is (it still counts
 //! `Received:` lines seen so far), so a hostile client cannot make us buffer a whole message.
+//!
+//! On request ([`HeaderFilter::capture`]) it also keeps a copy of the header section as
+//! received, up to a limit, for checks that need to parse it before the message is committed
+//! (the `From:` check of authenticated mail).
 
 use std::sync::Arc;
 
@@ -67,6 +71,9 @@ pub struct HeaderFilter {
     rules: Arc<StripRules>,
     received: u32,
     stripped: Vec<String>,
+    /// Octets of the header section to keep a copy of (0: none).
+    capture_limit: usize,
+    captured: Vec<u8>,
 }
 
 impl HeaderFilter {
@@ -77,7 +84,26 @@ impl HeaderFilter {
             rules,
             received: 0,
             stripped: Vec::new(),
+            capture_limit: 0,
+            captured: Vec::new(),
         }
+    }
+
+    /// Keep a copy of the first `limit` octets of the header section as received (before
+    /// anything is removed), for [`HeaderFilter::captured`].
+    pub fn capture(&mut self, limit: usize) {
+        self.capture_limit = limit;
+    }
+
+    /// The captured header section (empty without [`HeaderFilter::capture`]); complete once
+    /// the body started or [`HeaderFilter::finish`] was called.
+    pub fn captured(&self) -> &[u8] {
+        &self.captured
+    }
+
+    fn keep(&mut self, section: &[u8]) {
+        let n = section.len().min(self.capture_limit);
+        self.captured = section[..n].to_vec();
     }
 
     /// Number of `Received:` headers in the message.
@@ -107,6 +133,7 @@ impl HeaderFilter {
             Some(end) => {
                 let rest = self.buf.split_off(end);
                 let headers = std::mem::take(&mut self.buf);
+                self.keep(&headers);
                 self.filter(&headers, out);
                 out.extend_from_slice(&rest);
                 self.phase = Phase::Body;
@@ -114,6 +141,7 @@ impl HeaderFilter {
             None if self.buf.len() > MAX_HEADER_SECTION => {
                 // Too long to be a header section: count, then pass everything through.
                 let headers = std::mem::take(&mut self.buf);
+                self.keep(&headers);
                 self.count_only(&headers);
                 out.extend_from_slice(&headers);
                 self.phase = Phase::Body;
@@ -127,6 +155,7 @@ impl HeaderFilter {
     pub fn finish(&mut self, out: &mut Vec<u8>) {
         if let Phase::Headers = self.phase {
             let headers = std::mem::take(&mut self.buf);
+            self.keep(&headers);
             self.filter(&headers, out);
             self.phase = Phase::Body;
         }
@@ -282,6 +311,40 @@ Authentication-Results: other.example; spf=fail\r\nSubject: hi\r\n\r\nbody\r\nX-
         assert_eq!(out, b"\r\njust body\r\n");
         let (out, _) = run(b"", exchange_rules(), 2);
         assert!(out.is_empty());
+    }
+
+    #[test]
+    fn captures_the_header_section_as_received_up_to_the_limit() {
+        let msg = b"From: a@example.com\r\nX-MS-Exchange-Organization-SCL: -1\r\n\r\nbody\r\n";
+        for step in [1, 7, 4096] {
+            let mut f = HeaderFilter::new(Arc::new(exchange_rules()));
+            f.capture(1000);
+            let mut out = Vec::new();
+            for chunk in msg.chunks(step) {
+                if !f.push(chunk, &mut out) {
+                    out.extend_from_slice(chunk);
+                }
+            }
+            f.finish(&mut out);
+            assert_eq!(
+                f.captured(),
+                b"From: a@example.com\r\nX-MS-Exchange-Organization-SCL: -1\r\n"
+            );
+            assert!(!contains(&out, b"SCL"));
+        }
+        let mut f = HeaderFilter::new(Arc::new(StripRules::default()));
+        f.capture(6);
+        let mut out = Vec::new();
+        f.push(b"From: a@b\r\n", &mut out);
+        f.finish(&mut out);
+        assert_eq!(f.captured(), b"From: ");
+        // Without capture nothing is kept.
+        let (_, f) = run(msg, StripRules::default(), 3);
+        assert!(f.captured().is_empty());
+    }
+
+    fn contains(haystack: &[u8], needle: &[u8]) -> bool {
+        haystack.windows(needle.len()).any(|w| w == needle)
     }
 
     #[test]
