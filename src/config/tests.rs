@@ -723,7 +723,7 @@ fn warnings_for_dangerous_combinations() {
         ("[queue]\nbounces = false", "bounces"),
         (
             "[[upstreams]]\naddress = \"a.example:25\"\ntls = \"opportunistic\"\nauth_user = \"u\"\nauth_password_file = PASS",
-            "unencrypted",
+            "collect the password",
         ),
     ];
     let dir = tempfile::tempdir().expect("tempdir");
@@ -750,6 +750,13 @@ fn warnings_for_dangerous_combinations() {
         assert_eq!(warnings.len(), expected, "{snippet}: {warnings:?}");
         assert!(warnings[0].contains(words), "{snippet}: {warnings:?}");
     }
+    // Every upstream bound to domains: no default route.
+    let c = ok(&format!("{MINIMAL}domains = [\"example.com\"]\n"));
+    assert!(
+        c.warnings().iter().any(|w| w.contains("default route")),
+        "{:?}",
+        c.warnings()
+    );
     // Port 25 requiring TLS is fine when restricted to known peers; /8 is not an open relay.
     let c = ok(&format!(
         "{MINIMAL}\n[relay]\nrelay_networks = [\"10.0.0.0/8\"]\n[tls]\ncert = {pem:?}\nkey = {pem:?}\n\
