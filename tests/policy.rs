@@ -485,3 +485,36 @@ fn classic_open_relay_probes_are_refused_and_normalised_addresses_accepted() {
     // Normalisation: case of the domain and a trailing dot.
     assert_reply(&c.cmd("RCPT TO:<x@EXAMPLE.com.>"), 250, "2.1.5");
 }
+
+#[test]
+fn unknown_local_recipients_get_550_5_1_1_at_rcpt_and_nothing_is_queued() {
+    let dir = TestDir::new();
+    dir.write(
+        "recipients.txt",
+        "alice@example.com\n# the whole sales domain\n@sales.example.com\n",
+    );
+    let relay = Relay::start_in(
+        dir,
+        &config(
+            &[listener("mx", free_port(), "none")],
+            free_port(),
+            "[relay]\naccepted_domains = [\"example.com\", \"sales.example.com\"]\n\
+             recipients_file = \"{dir}/recipients.txt\"\n",
+        ),
+    );
+    let mut c = SmtpClient::connect_from("127.0.0.3", relay.port(0));
+    c.expect_reply(220);
+    c.expect("EHLO client.test", 250);
+    c.expect("MAIL FROM:<someone@elsewhere.test>", 250);
+    assert_reply(&c.cmd("RCPT TO:<random123@example.com>"), 550, "5.1.1");
+    // Exchange treats local parts case-insensitively; so does the recipients list.
+    assert_reply(&c.cmd("RCPT TO:<Alice@EXAMPLE.com>"), 250, "2.1.5");
+    assert_reply(&c.cmd("RCPT TO:<alice@Example.COM.>"), 250, "2.1.5");
+    assert_reply(&c.cmd("RCPT TO:<anyone@sales.example.com>"), 250, "2.1.5");
+    c.cmd("RSET");
+    c.expect("MAIL FROM:<someone@elsewhere.test>", 250);
+    assert_reply(&c.cmd("RCPT TO:<nobody@example.com>"), 550, "5.1.1");
+    assert_eq!(c.cmd("DATA").0, 554);
+    assert_log(&relay, "rule=");
+    assert!(relay.spool_files().is_empty());
+}
