@@ -1033,3 +1033,32 @@ fn interoperates_with_postfix_over_starttls() {
 /// Keep unused-import lints quiet for helpers only some tests use.
 #[allow(dead_code)]
 fn _unused(_: HashMap<(), ()>) {}
+
+#[test]
+fn upstream_without_smtputf8_gets_no_utf8_address_and_the_sender_a_5_6_7_bounce() {
+    let strict = Sink::start(SinkConfig {
+        smtputf8: false,
+        ..SinkConfig::default()
+    });
+    let lenient = Sink::start(SinkConfig::default());
+    let extra = format!(
+        "[[upstreams]]\nname = \"strict\"\naddress = \"127.0.0.1:{}\"\ntls = \"none\"\ndomains = [\"strict.test\"]\n",
+        strict.port()
+    );
+    let relay = start_relay(lenient.port(), "", &extra);
+    let mut c = SmtpClient::connect(relay.port(0));
+    c.expect_reply(220);
+    c.expect("EHLO client.test", 250);
+    c.expect("MAIL FROM:<alice@example.org> SMTPUTF8", 250);
+    c.expect("RCPT TO:<j\u{f6}rg@strict.test>", 250);
+    c.expect("DATA", 354);
+    c.send_raw(b"Subject: utf8\r\n\r\nhello\r\n.\r\n");
+    assert_eq!(c.read_reply().0, 250);
+    c.cmd("QUIT");
+    assert!(lenient.wait_for(1, WAIT), "no bounce");
+    let dsn = String::from_utf8_lossy(&lenient.messages()[0].data).into_owned();
+    assert!(dsn.contains("Status: 5.6.7"), "{dsn}");
+    assert!(strict.messages().is_empty());
+    assert!(!strict.commands().iter().any(|c| c.starts_with("MAIL")));
+    assert_clean(&lenient);
+}
