@@ -23,9 +23,10 @@ pub const REQUIRE_ENV: &str = "PORTCULLIS_REQUIRE_POSTFIX";
 /// How long [`Postfix::start`] waits for the SMTP listener.
 const START_TIMEOUT: Duration = Duration::from_secs(30);
 
-/// How long [`Drop`] waits for `postfix stop` before killing the master.
+/// How long [`Drop`] waits for the master to exit after SIGTERM before killing its group.
 const STOP_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// Interval of the polling waits.
 const POLL: Duration = Duration::from_millis(20);
 
 /// A running private Postfix. Stopped on drop (its log is printed if the test is panicking).
