@@ -544,3 +544,17 @@ fn two_postfix_instances_run_side_by_side() {
     assert_eq!(err.kind(), ErrorKind::ConnectionRefused);
     assert!(TcpStream::connect(("127.0.0.1", port_b)).is_ok());
 }
+
+#[test]
+fn postfix_stops_even_when_its_directory_was_removed_first() {
+    let dir = TestDir::new();
+    let (cert, key) = write_certs(&dir.join("certs"));
+    let port = free_port();
+    let Some(postfix) = Postfix::start(&dir.join("postfix"), port, free_port(), &cert, &key) else {
+        return;
+    };
+    drop(dir);
+    drop(postfix);
+    let err = TcpStream::connect(("127.0.0.1", port)).expect_err("postfix still listens");
+    assert_eq!(err.kind(), ErrorKind::ConnectionRefused);
+}

@@ -23,9 +23,10 @@ pub const REQUIRE_ENV: &str = "PORTCULLIS_REQUIRE_POSTFIX";
 /// How long [`Postfix::start`] waits for the SMTP listener.
 const START_TIMEOUT: Duration = Duration::from_secs(30);
 
-/// How long [`Drop`] waits for `postfix stop` before killing the master.
+/// How long [`Drop`] waits for the master to exit after SIGTERM before killing its group.
 const STOP_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// Interval of the polling waits.
 const POLL: Duration = Duration::from_millis(20);
 
 /// A running private Postfix. Stopped on drop (its log is printed if the test is panicking).
@@ -36,6 +37,9 @@ pub struct Postfix {
     output_path: PathBuf,
     log_path: PathBuf,
     child: Option<Child>,
+    /// The master's PID, read once it listens: stopping must not depend on the directory
+    /// still existing (a test may delete it before dropping this).
+    master: Option<libc::pid_t>,
     /// The SMTP port it listens on (127.0.0.1).
     pub port: u16,
 }
@@ -87,6 +91,7 @@ impl Postfix {
             output_path: dir.join("postfix.out"),
             log_path,
             child: None,
+            master: None,
             port,
         };
         // postfix-script reports configuration errors on stderr, not in the maillog.
@@ -102,6 +107,7 @@ impl Postfix {
             .expect("spawn postfix start-fg");
         postfix.child = Some(child);
         postfix.wait_listening();
+        postfix.master = postfix.master_pid();
         Some(postfix)
     }
 
@@ -176,7 +182,8 @@ impl Drop for Postfix {
         // of its own. SIGTERM to the master is what `postfix stop` does, without its one-second
         // polling; SIGKILL to the group is its fallback.
         let deadline = Instant::now() + STOP_TIMEOUT;
-        match self.master_pid().filter(|&pid| self.is_our_master(pid)) {
+        let master = self.master.or_else(|| self.master_pid());
+        match master.filter(|&pid| self.is_our_master(pid)) {
             Some(pid) => {
                 // SAFETY: kill(2) has no memory-safety preconditions; the PID was checked to
                 // be this instance's master just above.
@@ -215,13 +222,19 @@ impl Drop for Postfix {
 }
 
 impl Postfix {
-    /// The master's PID from `queue/pid/master.pid`.
+    /// The master's PID from `queue/pid/master.pid` (written before it opens its listeners;
+    /// polled briefly all the same).
     fn master_pid(&self) -> Option<libc::pid_t> {
-        fs::read_to_string(self.queue_dir.join("pid/master.pid"))
-            .ok()?
-            .trim()
-            .parse()
-            .ok()
+        let deadline = Instant::now() + Duration::from_secs(2);
+        loop {
+            let pid = fs::read_to_string(self.queue_dir.join("pid/master.pid"))
+                .ok()
+                .and_then(|text| text.trim().parse().ok());
+            if pid.is_some() || Instant::now() > deadline {
+                return pid;
+            }
+            sleep(POLL);
+        }
     }
 
     /// Whether `pid` is alive and is this instance's master (its working directory is the
