@@ -191,9 +191,15 @@ impl Drop for Postfix {
                 while self.is_our_master(pid) && Instant::now() < deadline {
                     sleep(POLL);
                 }
-                if self.is_our_master(pid) {
-                    // SAFETY: as above; a negative PID names the master's process group.
-                    unsafe { libc::kill(-pid, libc::SIGKILL) };
+                // The master's children (smtpd, qmgr, …) share its process group and hold
+                // the listening socket too; end any that outlive the master, and wait until
+                // the group is gone so the port refuses connections when drop returns.
+                // SAFETY: as above; a negative PID names the master's process group, which
+                // was this instance's a moment ago.
+                unsafe { libc::kill(-pid, libc::SIGKILL) };
+                // SAFETY: signal 0 only checks whether the group still has members.
+                while unsafe { libc::kill(-pid, 0) } == 0 && Instant::now() < deadline {
+                    sleep(POLL);
                 }
             }
             None => {
