@@ -6,13 +6,15 @@ Started by bench/run, which installs postfix, builds portcullis and exports:
 Knobs (environment): BENCH_MESSAGES (scenario A messages per counted run, default 20000),
 BENCH_RUNS (counted runs per relay and scenario, default 3), BENCH_WARMUP (messages in the
 warm-up run, default 2000), BENCH_BIG_MESSAGES (scenario B, default 50), BENCH_STRACE_MESSAGES
-(default 1000; 0 skips the fsync check), BENCH_OUT (also write the table to this file).
+(default 1000; 0 skips the fsync check), BENCH_C_RATE (scenario C rate,
+default half of Postfix's scenario A median), BENCH_C_SECONDS (default 15; 0 skips C), BENCH_OUT (also write the table to this file).
 Argument --smoke: scenario A for portcullis only (no Postfix, no scenario B, no strace).
 
 Every process started here is recorded in $BENCH_TMP/pids so that bench/run's trap can kill it
 by PID even if this script dies; on a normal exit this script stops them itself.
 """
 
+import json
 import os
 import re
 import signal
@@ -142,6 +144,19 @@ def status_kb(pid, key):
         with open(f"/proc/{pid}/status") as f:
             for line in f:
                 if line.startswith(key + ":"):
+                    return int(line.split()[1])
+    except OSError:
+        pass
+    return 0
+
+
+def pss_kb(pid):
+    """Proportional set size: shared pages (libraries, Postfix's shared text) are split among
+    the processes that map them, so a sum over many processes does not count them many times."""
+    try:
+        with open(f"/proc/{pid}/smaps_rollup") as f:
+            for line in f:
+                if line.startswith("Pss:"):
                     return int(line.split()[1])
     except OSError:
         pass
@@ -313,7 +328,7 @@ def run_once(relay, sink, messages, sessions, size, reuse, rss=False):
             src.kill()
             raise RuntimeError(f"smtp-source timed out: {' '.join(cmd)}")
         if rss:
-            peak_sum = max(peak_sum, sum(status_kb(p, "VmRSS") for p in tree(relay.root)))
+            peak_sum = max(peak_sum, sum(pss_kb(p) for p in tree(relay.root)))
         time.sleep(0.05 if rss else 0.2)
     got, t_last = sink.wait_for(base + messages)
     time.sleep(0.3)  # let the relay finish bookkeeping for the last message before reading CPU
@@ -394,6 +409,35 @@ def table_b(rows):
     return out
 
 
+def latency_c(relays, sink, rate, seconds):
+    """Scenario C: open-loop load at a fixed rate (bench/openloop.py); p50/p99 accept->250."""
+    log(f"== C open loop at {rate:.0f} msg/s for {seconds:.0f} s")
+    results = {r.name: [] for r in relays}
+    for i in range(RUNS):
+        for relay in relays:
+            base = sink.count
+            out = subprocess.run([sys.executable, os.path.join(BENCH_DIR, "openloop.py"),
+                                  str(relay.port), str(rate), str(seconds)],
+                                 capture_output=True, text=True, timeout=seconds + 120, check=True)
+            r = json.loads(out.stdout)
+            sink.wait_for(base + r["ok"])  # drain, so the next run starts on an empty queue
+            log(f"{relay.name}: {r}")
+            results[relay.name].append(r)
+    out = [f"Scenario C: open loop, a new connection every 1/{rate:.0f} s for {seconds:.0f} s, "
+           "latency from the scheduled start to the 250 after the final dot.", "",
+           "| scenario | relay | p50 ms median (range) | p99 ms median (range) | failed | "
+           "ratio p99 portcullis/Postfix |", "|---|---|---|---|---|---|"]
+    for name, rs in results.items():
+        ratio = ""
+        if name == "portcullis" and "postfix" in results:
+            ratio = "%.2f×" % (statistics.median(r["p99_ms"] for r in rs) /
+                               statistics.median(r["p99_ms"] for r in results["postfix"]))
+        out.append(f"| C {rate:.0f} msg/s open loop | {name} | "
+                   f"{fmt([r['p50_ms'] for r in rs], '.1f')} | {fmt([r['p99_ms'] for r in rs], '.1f')} | "
+                   f"{sum(r['failed'] for r in rs)} | {ratio} |")
+    return out
+
+
 def strace_pass(relay, sink, messages):
     """Attach strace to the running relay (all processes and threads) for one short pass of
     scenario A, and return the fsync-family calls per message."""
@@ -437,8 +481,13 @@ def main():
             b = [scenario("B 10 MiB × %d, 5 sessions" % BIG_MESSAGES, relays, sink,
                           BIG_MESSAGES, 5, BIG, False, 5, rss=True)]
             lines += ["", "Scenario B: peak RSS is VmHWM of the portcullis process (reset before "
-                      "each run); for Postfix the largest sampled sum of VmRSS over its processes.",
+                      "each run); for Postfix the largest sum of Pss over its processes, sampled every 50 ms.",
                       ""] + table_b(b)
+            c_rate = float(os.environ.get("BENCH_C_RATE", "0") or 0) or 0.5 * statistics.median(
+                r["msgs"] for r in a[0][1]["postfix"])
+            c_seconds = float(os.environ.get("BENCH_C_SECONDS", "15"))
+            if c_seconds > 0:
+                lines += [""] + latency_c(relays, sink, c_rate, c_seconds)
             if STRACE_MESSAGES:
                 lines += ["", "fsync check (strace -f -c attached to the whole relay during "
                           f"{STRACE_MESSAGES} messages of scenario A, new connections):", "",
