@@ -1062,3 +1062,34 @@ fn upstream_without_smtputf8_gets_no_utf8_address_and_the_sender_a_5_6_7_bounce(
     assert!(!strict.commands().iter().any(|c| c.starts_with("MAIL")));
     assert_clean(&lenient);
 }
+
+#[test]
+fn a_transaction_whose_recipients_were_all_refused_leaves_the_pooled_connection_clean() {
+    let mut cfg = SinkConfig::default();
+    cfg.rcpt_replies
+        .insert("nobody@example.com".into(), "550 5.1.1 unknown".into());
+    let sink = Sink::start(cfg);
+    let relay = start_relay(sink.port(), "max_connections = 1\n", "");
+    // MAIL accepted, every RCPT refused: the upstream's transaction is still open, so the next
+    // message on this connection must start with RSET or its MAIL is a nested MAIL.
+    send(
+        &relay,
+        "",
+        &["nobody@example.com"],
+        &body("refused", "x\r\n"),
+    );
+    assert!(relay.wait_for_log("no bounce: the sender is <>", WAIT));
+    send(
+        &relay,
+        "a@example.org",
+        &["b@example.com"],
+        &body("next", "x\r\n"),
+    );
+    assert!(
+        sink.wait_for(1, WAIT),
+        "second message not delivered:\n{}",
+        relay.log()
+    );
+    assert_eq!(subjects(&sink.messages()), ["next"]);
+    assert_eq!(sink.connections(), 1);
+}

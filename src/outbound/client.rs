@@ -183,7 +183,9 @@ pub struct Connection {
     pub tls: bool,
     /// Per-reply time limit.
     timeout: Duration,
-    /// Transactions completed on this connection.
+    /// Transactions started on this connection. Any but the first begins with RSET: the
+    /// previous one may have left the upstream's transaction open (MAIL accepted, every RCPT
+    /// refused), and a MAIL then would be a nested MAIL.
     pub transactions: u32,
     /// When the connection last finished a transaction.
     pub idle_since: Instant,
@@ -371,8 +373,10 @@ impl Connection {
             });
         }
         let reused = self.transactions > 0;
+        self.transactions += 1;
         self.reusable = false;
         let result = self.transaction(tx, message, gate, reused).await;
+        self.idle_since = Instant::now();
         if let Err(f) = &result
             && reused
             && f.stage == "RSET"
@@ -468,15 +472,12 @@ impl Connection {
             }
             let data_reply = self.read_reply("DATA", self.timeout).await?;
             if let Some(done) = self.envelope_outcome(&mail_reply, &rcpt_replies, &mut outcomes)? {
-                if data_reply.code == 354 {
-                    // The upstream wants a message for a transaction it refused; the state of
-                    // the session is unknown, so drop it rather than send anything.
-                    return Ok(self.closing(done));
-                }
-                self.reusable = true;
+                // A 354 here means the upstream wants a message for a transaction it refused;
+                // the state of the session is unknown, so drop it rather than send anything.
+                self.reusable = data_reply.code != 354;
                 return Ok(done);
             }
-            return self.data(tx, message, gate, data_reply, outcomes).await;
+            return self.data(message, gate, data_reply, outcomes).await;
         }
 
         if reused {
@@ -495,7 +496,7 @@ impl Connection {
             return Ok(done);
         }
         let data_reply = self.command("DATA", "DATA\r\n").await?;
-        self.data(tx, message, gate, data_reply, outcomes).await
+        self.data(message, gate, data_reply, outcomes).await
     }
 
     async fn expect_rset(&mut self) -> Result<(), Failure> {
@@ -533,58 +534,44 @@ impl Connection {
                 *slot = Some(RcptOutcome::from_reply("RCPT", reply));
             }
         }
-        if outcomes.iter().all(Option::is_some) {
-            return Ok(Some(Sent {
-                rcpts: outcomes
-                    .iter_mut()
-                    .map(|o| o.take().unwrap_or_else(|| unreachable!()))
-                    .collect(),
+        // Every recipient refused: the transaction ends here.
+        Ok(outcomes
+            .iter()
+            .cloned()
+            .collect::<Option<Vec<_>>>()
+            .map(|rcpts| Sent {
+                rcpts,
                 aborted: false,
-            }));
-        }
-        Ok(None)
-    }
-
-    fn closing(&mut self, sent: Sent) -> Sent {
-        self.reusable = false;
-        sent
+            }))
     }
 
     async fn data(
         &mut self,
-        tx: &Transaction<'_>,
         message: &mut MessageSource,
         gate: &mut (dyn DotGate + Send),
         data_reply: Reply,
         outcomes: Vec<Option<RcptOutcome>>,
     ) -> Result<Sent, Failure> {
-        let _ = tx;
-        let fill = |outcomes: Vec<Option<RcptOutcome>>, accepted: RcptOutcome| Sent {
-            rcpts: outcomes
-                .into_iter()
-                .map(|o| o.unwrap_or_else(|| accepted.clone()))
-                .collect(),
-            aborted: false,
-        };
         if data_reply.code == 421 {
             return Err(failure("DATA", data_reply.to_string()));
         }
         if data_reply.code != 354 {
-            let sent = fill(outcomes, RcptOutcome::from_reply("DATA", &data_reply));
             self.reusable = !data_reply.is_positive();
-            return Ok(sent);
+            return Ok(settle(
+                outcomes,
+                RcptOutcome::from_reply("DATA", &data_reply),
+                false,
+            ));
         }
         self.write_message(message).await?;
         if !gate.allow() {
             self.reusable = false;
             self.io = Io::Closed;
-            return Ok(Sent {
-                rcpts: outcomes
-                    .into_iter()
-                    .map(|o| o.unwrap_or_else(|| RcptOutcome::Deferred("aborted".into())))
-                    .collect(),
-                aborted: true,
-            });
+            return Ok(settle(
+                outcomes,
+                RcptOutcome::Deferred("aborted".into()),
+                true,
+            ));
         }
         self.write("end of data", b".\r\n").await?;
         let reply = self.read_reply("end of data", self.timeout * 2).await?;
@@ -596,10 +583,8 @@ impl Connection {
         } else {
             RcptOutcome::from_reply("end of data", &reply)
         };
-        self.transactions += 1;
-        self.idle_since = Instant::now();
         self.reusable = true;
-        Ok(fill(outcomes, accepted))
+        Ok(settle(outcomes, accepted, false))
     }
 
     /// Send the message dot-stuffed (RFC 5321 §4.5.2), ending in CRLF. The spool holds CRLF
@@ -728,6 +713,18 @@ impl Connection {
             let _ = self.io.shutdown().await;
         })
         .await;
+    }
+}
+
+/// The outcomes of a transaction: those already decided (refused recipients), and `accepted`
+/// for the recipients the upstream had accepted.
+fn settle(outcomes: Vec<Option<RcptOutcome>>, accepted: RcptOutcome, aborted: bool) -> Sent {
+    Sent {
+        rcpts: outcomes
+            .into_iter()
+            .map(|o| o.unwrap_or_else(|| accepted.clone()))
+            .collect(),
+        aborted,
     }
 }
 
