@@ -44,9 +44,7 @@ pub fn enqueue(
     };
     let dsn = build_dsn(&input).ok_or_else(not_bounceable)?;
     let envelope = bounce_envelope(original, &dsn, hostname, now).ok_or_else(not_bounceable)?;
-    let mut writer = spool.create(&envelope)?;
-    writer.write(&dsn)?;
-    writer.commit()
+    spool.enqueue(&envelope, &dsn)
 }
 
 /// `550 5.1.1 …`: an SMTP reply rather than a reason of our own.

@@ -42,6 +42,8 @@ pub struct Context {
 /// A recipient that failed for good in this attempt, for the bounce.
 #[derive(Debug, Clone)]
 pub struct FailedRcpt {
+    /// Its position in the envelope's recipients.
+    pub index: usize,
     pub address: Address,
     /// Enhanced status code, e.g. `5.1.1`.
     pub status: String,
@@ -55,20 +57,15 @@ pub struct FailedRcpt {
 /// left the queue (delivered, failed, expired, or deleted meanwhile).
 pub async fn deliver(ctx: Arc<Context>, id: QueueId) -> Option<u64> {
     let loaded = {
-        let spool = ctx.spool.clone();
         let id = id.clone();
-        tokio::task::spawn_blocking(move || load(&spool, &id)).await
+        on_spool(&ctx.spool, move |spool| load(spool, &id)).await
     };
     let (msg, body) = match loaded {
-        Ok(Ok(loaded)) => loaded,
-        Ok(Err(SpoolError::NotFound(_))) => return None,
-        Ok(Err(e)) => {
+        Ok(loaded) => loaded,
+        Err(SpoolError::NotFound(_)) => return None,
+        Err(e) => {
             error!(queue_id = %id, error = %e, "cannot read queued message; will try again");
-            return Some(unix_now() + ctx.queue.retry[0].as_secs().max(1));
-        }
-        Err(join) => {
-            error!(queue_id = %id, error = %join, "loading a queued message panicked");
-            return Some(unix_now() + ctx.queue.retry[0].as_secs().max(1));
+            return Some(ctx.soon());
         }
     };
     Attempting {
@@ -89,13 +86,34 @@ enum Bytes {
     Spooled,
 }
 
+/// Run blocking spool work off the reactor. A panic in it is reported as an I/O error of the
+/// spool, so callers have one error type to look at.
+pub(super) async fn on_spool<T: Send + 'static>(
+    spool: &Spool,
+    work: impl FnOnce(&Spool) -> Result<T, SpoolError> + Send + 'static,
+) -> Result<T, SpoolError> {
+    let handle = spool.clone();
+    tokio::task::spawn_blocking(move || work(&handle))
+        .await
+        .unwrap_or_else(|join| {
+            Err(SpoolError::Io {
+                op: "spool task",
+                path: spool.root().to_path_buf(),
+                source: std::io::Error::other(join.to_string()),
+            })
+        })
+}
+
+impl Context {
+    /// When to try again after a local error: the first retry interval from now.
+    fn soon(&self) -> u64 {
+        unix_now() + self.queue.retry[0].as_secs().max(1)
+    }
+}
+
 fn load(spool: &Spool, id: &QueueId) -> Result<(QueuedMessage, Bytes), SpoolError> {
-    let msg = spool.load(id)?;
-    let body = if msg.size <= IN_MEMORY_MAX {
-        Bytes::Memory(Arc::new(spool.read_message(id)?))
-    } else {
-        Bytes::Spooled
-    };
+    let (msg, body) = spool.load_with_body(id, IN_MEMORY_MAX)?;
+    let body = body.map_or(Bytes::Spooled, |b| Bytes::Memory(Arc::new(b)));
     Ok((msg, body))
 }
 
@@ -117,7 +135,6 @@ struct Gate {
     spool: Spool,
     id: QueueId,
     marker: Option<SendingMarker>,
-    deleted: bool,
 }
 
 impl DotGate for Gate {
@@ -127,10 +144,7 @@ impl DotGate for Gate {
                 self.marker = Some(marker);
                 true
             }
-            Ok(None) => {
-                self.deleted = true;
-                false
-            }
+            Ok(None) => false,
             Err(e) => {
                 // Cannot tell: sending is the at-least-once choice.
                 warn!(queue_id = %self.id, error = %e, "cannot mark the final dot; sending anyway");
@@ -172,6 +186,7 @@ impl Attempting {
                 warn!(queue_id = %self.id(), rcpt = %address, reason = %reason, "expired");
                 self.msg.state.recipients[i] = RcptStatus::Failed;
                 failed.push(FailedRcpt {
+                    index: i,
                     address,
                     status: "4.4.7".into(),
                     text: reason.clone(),
@@ -296,7 +311,6 @@ impl Attempting {
                 spool: self.ctx.spool.clone(),
                 id: env.id.clone(),
                 marker: None,
-                deleted: false,
             };
             let result = lease.conn.send(&tx, &mut source, &mut gate).await;
             up.release(lease);
@@ -315,14 +329,8 @@ impl Attempting {
         match &self.body {
             Bytes::Memory(bytes) => Ok(MessageSource::Memory(bytes.clone())),
             Bytes::Spooled => {
-                let spool = self.ctx.spool.clone();
                 let id = self.id().clone();
-                let (file, _) = tokio::task::spawn_blocking(move || spool.open_message(&id))
-                    .await
-                    .map_err(|e| SpoolError::Corrupt {
-                        path: Default::default(),
-                        reason: e.to_string(),
-                    })??;
+                let (file, _) = on_spool(&self.ctx.spool, move |s| s.open_message(&id)).await?;
                 Ok(MessageSource::File(tokio::fs::File::from_std(file)))
             }
         }
@@ -358,6 +366,7 @@ impl Attempting {
                     self.msg.state.recipients[i] = RcptStatus::Failed;
                     summary.push(format!("{address}: {text}"));
                     failed.push(FailedRcpt {
+                        index: i,
                         address,
                         status,
                         text,
@@ -385,11 +394,7 @@ impl Attempting {
             // No bounce could be queued: keep those recipients pending so the failure is
             // reported at the next attempt rather than lost.
             for f in &failed {
-                for (i, r) in self.msg.envelope.recipients.iter().enumerate() {
-                    if r.address == f.address {
-                        self.msg.state.recipients[i] = RcptStatus::Pending;
-                    }
-                }
+                self.msg.state.recipients[f.index] = RcptStatus::Pending;
             }
         }
         let pending = self
@@ -399,11 +404,10 @@ impl Attempting {
             .iter()
             .filter(|s| **s == RcptStatus::Pending)
             .count();
-        let spool = self.ctx.spool.clone();
         if pending == 0 {
             let removed = {
                 let id = id.clone();
-                tokio::task::spawn_blocking(move || spool.remove(&id)).await
+                on_spool(&self.ctx.spool, move |s| s.remove(&id)).await
             };
             let failures = self
                 .msg
@@ -413,17 +417,13 @@ impl Attempting {
                 .filter(|s| **s == RcptStatus::Failed)
                 .count();
             match removed {
-                Ok(Ok(())) | Ok(Err(SpoolError::NotFound(_))) => {
+                Ok(()) | Err(SpoolError::NotFound(_)) => {
                     info!(queue_id = %id, delivered = self.msg.state.recipients.len() - failures, failed = failures, "removed from queue: finished");
                     None
                 }
-                Ok(Err(e)) => {
-                    error!(queue_id = %id, error = %e, "cannot remove a finished message; it may be delivered again");
-                    Some(now + self.ctx.queue.retry[0].as_secs().max(1))
-                }
                 Err(e) => {
-                    error!(queue_id = %id, error = %e, "removing a finished message panicked");
-                    Some(now + self.ctx.queue.retry[0].as_secs().max(1))
+                    error!(queue_id = %id, error = %e, "cannot remove a finished message; it may be delivered again");
+                    Some(self.ctx.soon())
                 }
             }
         } else {
@@ -441,17 +441,14 @@ impl Attempting {
             let state = state.clone();
             let written = {
                 let id = id.clone();
-                tokio::task::spawn_blocking(move || spool.write_state(&id, &state)).await
+                on_spool(&self.ctx.spool, move |s| s.write_state(&id, &state)).await
             };
             match written {
-                Ok(Ok(())) => {}
+                Ok(()) => {}
                 // Deleted meanwhile: write_state refuses to create an orphan.
-                Ok(Err(SpoolError::NotFound(_))) => return None,
-                Ok(Err(e)) => {
-                    error!(queue_id = %id, error = %e, "cannot record delivery progress; it will be repeated")
-                }
+                Err(SpoolError::NotFound(_)) => return None,
                 Err(e) => {
-                    error!(queue_id = %id, error = %e, "recording delivery progress panicked")
+                    error!(queue_id = %id, error = %e, "cannot record delivery progress; it will be repeated")
                 }
             }
             info!(
@@ -478,26 +475,21 @@ impl Attempting {
             warn!(queue_id = %id, from = %sender, failed = failed.len(), "no bounce: [queue] bounces = false");
             return true;
         }
-        let spool = self.ctx.spool.clone();
         let envelope = self.msg.envelope.clone();
         let hostname = self.ctx.hostname.clone();
         let failed = failed.to_vec();
-        let made = tokio::task::spawn_blocking(move || {
-            super::bounce::enqueue(&spool, &hostname, &envelope, &failed)
+        let made = on_spool(&self.ctx.spool, move |s| {
+            super::bounce::enqueue(s, &hostname, &envelope, &failed)
         })
         .await;
         match made {
-            Ok(Ok(bounce_id)) => {
+            Ok(bounce_id) => {
                 info!(queue_id = %id, bounce_id = %bounce_id, to = %sender, "bounce queued");
                 let _ = self.ctx.wake.send(bounce_id);
                 true
             }
-            Ok(Err(e)) => {
-                error!(queue_id = %id, error = %e, "cannot queue the bounce; will try again");
-                false
-            }
             Err(e) => {
-                error!(queue_id = %id, error = %e, "queueing the bounce panicked; will try again");
+                error!(queue_id = %id, error = %e, "cannot queue the bounce; will try again");
                 false
             }
         }

@@ -16,7 +16,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{error, info, warn};
 
-use super::deliver::{Context, deliver};
+use super::deliver::{Context, deliver, on_spool};
 use crate::envelope::QueueId;
 use crate::queue::{Request, RetryTarget};
 
@@ -69,19 +69,17 @@ impl Scheduler {
 
     /// Run until shutdown: load the spool, then schedule.
     pub async fn run(mut self) {
-        let spool = self.ctx.spool.clone();
-        match tokio::task::spawn_blocking(move || spool.list()).await {
-            Ok(Ok(messages)) => {
+        match on_spool(&self.ctx.spool, |s| s.list()).await {
+            Ok(messages) => {
                 let count = messages.len();
                 for m in messages {
                     self.schedule(m.envelope.id, m.state.next_attempt);
                 }
                 info!(messages = count, "delivery scheduler started");
             }
-            Ok(Err(e)) => {
+            Err(e) => {
                 error!(error = %e, "cannot list the spool; only new messages will be delivered until restart")
             }
-            Err(e) => error!(error = %e, "listing the spool panicked"),
         }
 
         let (done_tx, mut done_rx) = mpsc::unbounded_channel::<(QueueId, Option<u64>)>();
@@ -156,14 +154,12 @@ impl Scheduler {
     /// Operator requests and idle connections.
     async fn control(&mut self) {
         self.ctx.upstreams.reap_idle();
-        let spool = self.ctx.spool.clone();
-        let requests = match tokio::task::spawn_blocking(move || spool.take_requests()).await {
-            Ok(Ok(r)) => r,
-            Ok(Err(e)) => {
+        let requests = match on_spool(&self.ctx.spool, |s| s.take_requests()).await {
+            Ok(r) => r,
+            Err(e) => {
                 warn!(error = %e, "cannot read queue control requests");
                 return;
             }
-            Err(_) => return,
         };
         for request in requests {
             match request {
@@ -193,9 +189,8 @@ impl Scheduler {
 
     /// Close the breakers of the upstreams that `id`'s pending recipients route to.
     async fn reset_breakers_for(&self, id: &QueueId) {
-        let spool = self.ctx.spool.clone();
         let id = id.clone();
-        let Ok(Ok(msg)) = tokio::task::spawn_blocking(move || spool.load(&id)).await else {
+        let Ok(msg) = on_spool(&self.ctx.spool, move |s| s.load(&id)).await else {
             return;
         };
         for rcpt in msg.pending() {

@@ -337,6 +337,31 @@ impl Spool {
     /// parsed is logged and treated as fresh (recovery quarantines it): retrying a message is
     /// safe, losing it is not.
     pub fn load(&self, id: &QueueId) -> Result<QueuedMessage, SpoolError> {
+        self.load_open(id).map(|(msg, _)| msg)
+    }
+
+    /// [`Spool::load`], and the message bytes too when they are at most `in_memory` octets,
+    /// read through the same open file (what a delivery attempt needs, with one open and one
+    /// header parse per message). `None` for a bigger message: stream it with
+    /// [`Spool::open_message`].
+    pub fn load_with_body(
+        &self,
+        id: &QueueId,
+        in_memory: u64,
+    ) -> Result<(QueuedMessage, Option<Vec<u8>>), SpoolError> {
+        let (msg, mut reader) = self.load_open(id)?;
+        if msg.size > in_memory {
+            return Ok((msg, None));
+        }
+        let mut body = Vec::with_capacity(usize::try_from(msg.size).unwrap_or(0));
+        reader
+            .read_to_end(&mut body)
+            .map_err(SpoolError::io("read", &msg.path))?;
+        Ok((msg, Some(body)))
+    }
+
+    /// Open `queue/ID`, parse its header and state; the reader is positioned at the message.
+    fn load_open(&self, id: &QueueId) -> Result<(QueuedMessage, BufReader<File>), SpoolError> {
         let (reader, envelope, header_len, path) = self.open_verified(id)?;
         let len = reader
             .get_ref()
@@ -351,12 +376,13 @@ impl Spool {
                 DeliveryState::fresh(envelope.received_at)
             }
         };
-        Ok(QueuedMessage {
+        let msg = QueuedMessage {
             size: len.saturating_sub(header_len),
             envelope,
             state,
             path,
-        })
+        };
+        Ok((msg, reader))
     }
 
     /// The raw message bytes of a committed message (for tests and `queue show`; delivery

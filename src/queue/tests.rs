@@ -720,6 +720,17 @@ fn enqueue_commits_a_whole_message() {
 }
 
 #[test]
+fn load_with_body_reads_small_messages_through_the_same_open() {
+    let (_d, spool) = spool();
+    let id = spool.enqueue(&envelope(&["a@example.com"]), BODY).unwrap();
+    let (msg, body) = spool.load_with_body(&id, BODY.len() as u64).unwrap();
+    assert_eq!(msg, spool.load(&id).unwrap());
+    assert_eq!(body.as_deref(), Some(BODY));
+    let (_, body) = spool.load_with_body(&id, BODY.len() as u64 - 1).unwrap();
+    assert_eq!(body, None, "a message over the limit is left for streaming");
+}
+
+#[test]
 fn deletion_lines_and_summaries() {
     let id: QueueId = "0123456789ABCDEF".parse().unwrap();
     let sender = ReversePath::Address("a@example.org".parse().unwrap());
