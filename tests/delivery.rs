@@ -9,7 +9,7 @@ use std::io::{BufRead, BufReader, Read, Write};
 use std::net::TcpListener;
 use std::sync::mpsc;
 use std::thread;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use common::sink::{Received, Sink, SinkConfig, Stage};
 use common::*;
@@ -119,17 +119,6 @@ fn assert_clean(sink: &Sink) {
         "protocol violations: {:?}",
         sink.violations()
     );
-}
-
-fn wait_until(timeout: Duration, mut done: impl FnMut() -> bool) -> bool {
-    let deadline = Instant::now() + timeout;
-    while Instant::now() < deadline {
-        if done() {
-            return true;
-        }
-        thread::sleep(Duration::from_millis(20));
-    }
-    done()
 }
 
 /// `queue list --json`: one JSON object per message.

@@ -20,33 +20,6 @@ use std::time::Duration;
 use base64::Engine;
 use common::*;
 
-/// How long to wait for a log line.
-const LOG_WAIT: Duration = Duration::from_secs(5);
-
-#[track_caller]
-fn assert_reply(reply: &(u16, String), code: u16, enhanced: &str) {
-    assert_eq!(
-        reply.0, code,
-        "expected {code} {enhanced}, got {:?}",
-        reply.1
-    );
-    for line in reply.1.lines() {
-        assert!(
-            line[4..].starts_with(enhanced),
-            "expected enhanced code {enhanced} in {line:?}"
-        );
-    }
-}
-
-#[track_caller]
-fn assert_log(relay: &Relay, needle: &str) {
-    assert!(
-        relay.wait_for_log(needle, LOG_WAIT),
-        "log does not contain {needle:?}:\n{}",
-        relay.log()
-    );
-}
-
 /// The argon2id hash of `secret`, made once with `portcullis passwd`.
 fn secret_hash() -> &'static str {
     static HASH: OnceLock<String> = OnceLock::new();

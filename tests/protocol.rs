@@ -10,9 +10,6 @@ use std::time::Duration;
 
 use common::*;
 
-/// How long to wait for a log line.
-const LOG_WAIT: Duration = Duration::from_secs(2);
-
 /// `[relay]` accepting mail for example.com, plus `extra`.
 fn relay_extra(extra: &str) -> String {
     format!("[relay]\naccepted_domains = [\"example.com\"]\n\n{extra}")
@@ -27,22 +24,6 @@ fn start(listener_keys: &str, extra: &str) -> Relay {
 fn start_tls(listener_keys: &str, tls: &str, extra: &str) -> Relay {
     let l = listener("mx", free_port(), tls) + listener_keys;
     Relay::start(&config(&[l], free_port(), &relay_extra(extra)))
-}
-
-/// Assert that `reply` has `code` and every line carries the enhanced code `enhanced`.
-#[track_caller]
-fn assert_reply(reply: &(u16, String), code: u16, enhanced: &str) {
-    assert_eq!(
-        reply.0, code,
-        "expected {code} {enhanced}, got {:?}",
-        reply.1
-    );
-    for line in reply.1.lines() {
-        assert!(
-            line[4..].starts_with(enhanced),
-            "expected enhanced code {enhanced} in {line:?}"
-        );
-    }
 }
 
 /// Connect to the relay's listener and read the 220 greeting.
@@ -76,15 +57,6 @@ fn wait_probe_gone(relay: &Relay) {
     assert!(
         relay.wait_for_log("session end", LOG_WAIT),
         "readiness probe never ended:\n{}",
-        relay.log()
-    );
-}
-
-#[track_caller]
-fn assert_log(relay: &Relay, needle: &str) {
-    assert!(
-        relay.wait_for_log(needle, LOG_WAIT),
-        "log does not name {needle:?}:\n{}",
         relay.log()
     );
 }

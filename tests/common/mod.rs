@@ -102,6 +102,49 @@ impl TestDir {
     }
 }
 
+/// Poll `done` until it holds; false if it still does not after `timeout`.
+pub fn wait_until(timeout: Duration, mut done: impl FnMut() -> bool) -> bool {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if done() {
+            return true;
+        }
+        if Instant::now() > deadline {
+            return false;
+        }
+        sleep(POLL);
+    }
+}
+
+/// How long tests wait for an expected log line.
+pub const LOG_WAIT: Duration = Duration::from_secs(5);
+
+/// Assert that `reply` has `code` and every line carries the enhanced code `enhanced`.
+#[track_caller]
+pub fn assert_reply(reply: &(u16, String), code: u16, enhanced: &str) {
+    assert_eq!(
+        reply.0, code,
+        "expected {code} {enhanced}, got {:?}",
+        reply.1
+    );
+    for line in reply.1.lines() {
+        assert!(
+            line[4..].starts_with(enhanced),
+            "expected enhanced code {enhanced} in {line:?}"
+        );
+    }
+}
+
+/// Assert that the relay logs `needle` within [`LOG_WAIT`].
+#[track_caller]
+pub fn assert_log(relay: &Relay, needle: &str) {
+    assert!(
+        relay.wait_for_log(needle, LOG_WAIT),
+        "log does not contain {needle:?}:\n{}",
+        relay.log()
+    );
+}
+
 /// Run `portcullis gen-cert --out DIR --name localhost` and return `(cert.pem, key.pem)`.
 pub fn write_certs(dir: &Path) -> (PathBuf, PathBuf) {
     let out = Command::new(BIN)
@@ -353,16 +396,7 @@ impl Relay {
 
     /// Wait until the log contains `needle`; false after `timeout`.
     pub fn wait_for_log(&self, needle: &str, timeout: Duration) -> bool {
-        let deadline = Instant::now() + timeout;
-        loop {
-            if self.log().contains(needle) {
-                return true;
-            }
-            if Instant::now() > deadline {
-                return false;
-            }
-            sleep(POLL);
-        }
+        wait_until(timeout, || self.log().contains(needle))
     }
 
     /// Send `signal` (e.g. `libc::SIGHUP`) to the relay.
@@ -440,16 +474,7 @@ impl Relay {
 
     /// Wait until the queue holds `count` messages; false after `timeout`.
     pub fn wait_for_queue_len(&self, count: usize, timeout: Duration) -> bool {
-        let deadline = Instant::now() + timeout;
-        loop {
-            if self.spool_files().len() == count {
-                return true;
-            }
-            if Instant::now() > deadline {
-                return false;
-            }
-            sleep(POLL);
-        }
+        wait_until(timeout, || self.spool_files().len() == count)
     }
 
     /// Run another `portcullis` command (e.g. `queue list`) against this relay's config;

@@ -160,16 +160,7 @@ impl Postfix {
 
     /// Wait until the maillog contains `needle`; false after `timeout`.
     pub fn wait_for_log(&self, needle: &str, timeout: Duration) -> bool {
-        let deadline = Instant::now() + timeout;
-        loop {
-            if self.log().contains(needle) {
-                return true;
-            }
-            if Instant::now() > deadline {
-                return false;
-            }
-            sleep(POLL);
-        }
+        super::wait_until(timeout, || self.log().contains(needle))
     }
 }
 

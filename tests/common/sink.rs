@@ -242,16 +242,7 @@ impl Sink {
 
     /// Wait until at least `count` messages were accepted; false after `timeout`.
     pub fn wait_for(&self, count: usize, timeout: Duration) -> bool {
-        let deadline = Instant::now() + timeout;
-        loop {
-            if lock(&self.shared.messages).len() >= count {
-                return true;
-            }
-            if Instant::now() > deadline {
-                return false;
-            }
-            sleep(POLL);
-        }
+        super::wait_until(timeout, || lock(&self.shared.messages).len() >= count)
     }
 
     /// TCP connections accepted so far.
