@@ -5,6 +5,7 @@
 mod common;
 
 use std::collections::HashSet;
+use std::fs;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::TcpListener;
 use std::sync::mpsc;
@@ -795,6 +796,25 @@ fn delete_during_delivery_aborts_before_the_final_dot() {
     assert!(relay.spool_files().is_empty());
 }
 
+/// Whether some process holds a `flock` on `path`, read from `/proc/locks` (taking a lock to
+/// find out would disturb the worker being observed).
+fn flock_held(path: &std::path::Path) -> bool {
+    use std::os::unix::fs::MetadataExt;
+    let Ok(meta) = fs::metadata(path) else {
+        return false;
+    };
+    let locks = fs::read_to_string("/proc/locks").unwrap_or_default();
+    // e.g. "1: FLOCK  ADVISORY  READ 4242 fd:01:1234567 0 EOF"; the inode ends the third field.
+    locks.lines().any(|line| {
+        let fields: Vec<&str> = line.split_whitespace().collect();
+        fields.get(1) == Some(&"FLOCK")
+            && fields
+                .get(5)
+                .and_then(|dev_ino| dev_ino.rsplit(':').next())
+                .is_some_and(|ino| ino == meta.ino().to_string())
+    })
+}
+
 #[test]
 fn delete_after_the_final_dot_says_the_message_may_have_been_delivered() {
     let sink = Sink::start(SinkConfig {
@@ -808,11 +828,9 @@ fn delete_after_the_final_dot_says_the_message_may_have_been_delivered() {
         &["b@example.com"],
         &body("late delete", "x\r\n"),
     );
-    assert!(wait_until(WAIT, || relay
-        .spool
-        .join("sending")
-        .join(&id)
-        .exists()));
+    // The worker locks the message file right before its final dot.
+    let path = relay.spool.join("queue").join(&id);
+    assert!(wait_until(WAIT, || flock_held(&path)));
     let out = relay.command(&["queue", "delete", &id]);
     assert!(out.status.success(), "{out:?}");
     let stdout = String::from_utf8_lossy(&out.stdout);

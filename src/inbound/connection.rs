@@ -49,8 +49,8 @@ pub struct Shared {
     pub shutdown: CancellationToken,
     /// Bounds concurrent password hashing (argon2 takes ~19 MiB and real CPU per check).
     pub hash_slots: Arc<Semaphore>,
-    /// Told the id of each committed message, so delivery starts at once.
-    pub queued: tokio::sync::mpsc::UnboundedSender<crate::envelope::QueueId>,
+    /// Told of each committed message, so delivery starts at once.
+    pub queued: tokio::sync::mpsc::UnboundedSender<crate::outbound::NewMessage>,
 }
 
 /// How a session ended, for the session log line.
@@ -629,12 +629,13 @@ impl Connection {
         }
         let size = inc.writer.written();
         // fsync, rename and directory fsync block: run them off the reactor.
-        let committed = match tokio::task::spawn_blocking(move || inc.writer.commit()).await {
-            Ok(result) => result.map_err(|e| e.to_string()),
-            Err(join) => Err(join.to_string()),
-        };
+        let committed =
+            match tokio::task::spawn_blocking(move || inc.writer.commit_and_keep()).await {
+                Ok(result) => result.map_err(|e| e.to_string()),
+                Err(join) => Err(join.to_string()),
+            };
         match committed {
-            Ok(id) => {
+            Ok((id, loaded)) => {
                 if let Some(tx) = self.session.transaction() {
                     info!(
                         queue_id = %id, peer = %self.peer, listener = %self.listener.name,
@@ -645,7 +646,10 @@ impl Connection {
                 self.session.queued(id.as_str());
                 // After the 250 is queued for sending; a closed channel (shutdown) is fine:
                 // the message is on disk and the next start delivers it.
-                let _ = self.shared.queued.send(id);
+                let _ = self
+                    .shared
+                    .queued
+                    .send(crate::outbound::NewMessage { id, loaded });
             }
             Err(error) => {
                 warn!(%error, "spool commit failed");

@@ -22,7 +22,7 @@ use super::client::{DotGate, MessageSource, RcptOutcome, Sent, Transaction};
 use super::upstream::{UpstreamRt, Upstreams};
 use crate::config;
 use crate::envelope::{Address, QueueId, RcptStatus, ReversePath, unix_now};
-use crate::queue::{Attempt, QueuedMessage, SendingMarker, Spool, SpoolError};
+use crate::queue::{Attempt, Loaded, QueuedMessage, SendLock, Spool, SpoolError};
 
 /// Messages up to this size are read into memory in one go; larger ones are streamed from
 /// the spool file.
@@ -36,7 +36,7 @@ pub struct Context {
     pub hostname: String,
     pub queue: config::Queue,
     /// Tells the scheduler about messages created here (bounces).
-    pub wake: UnboundedSender<QueueId>,
+    pub wake: UnboundedSender<super::NewMessage>,
 }
 
 /// A recipient that failed for good in this attempt, for the bounce.
@@ -53,14 +53,21 @@ pub struct FailedRcpt {
     pub upstream: Option<String>,
 }
 
-/// Run one attempt for `id`. Returns when it is due again (Unix seconds), or `None` when it
-/// left the queue (delivered, failed, expired, or deleted meanwhile).
-pub async fn deliver(ctx: Arc<Context>, id: QueueId) -> Option<u64> {
-    let loaded = {
-        let id = id.clone();
-        on_spool(&ctx.spool, move |spool| load(spool, &id)).await
+/// Run one attempt for `id`, from `loaded` when the message is already in memory, otherwise
+/// from the spool. Returns when it is due again (Unix seconds), or `None` when it left the
+/// queue (delivered, failed, expired, or deleted meanwhile).
+pub async fn deliver(ctx: Arc<Context>, id: QueueId, loaded: Option<Loaded>) -> Option<u64> {
+    let loaded = match loaded {
+        Some(loaded) => Ok(loaded),
+        None => {
+            let id = id.clone();
+            on_spool(&ctx.spool, move |spool| {
+                spool.load_with_body(&id, IN_MEMORY_MAX)
+            })
+            .await
+        }
     };
-    let (msg, body) = match loaded {
+    let Loaded { msg, body, lock } = match loaded {
         Ok(loaded) => loaded,
         Err(SpoolError::NotFound(_)) => return None,
         Err(e) => {
@@ -71,8 +78,8 @@ pub async fn deliver(ctx: Arc<Context>, id: QueueId) -> Option<u64> {
     Attempting {
         ctx,
         msg,
-        body,
-        markers: Vec::new(),
+        body: body.map_or(Bytes::Spooled, |b| Bytes::Memory(Arc::new(b))),
+        lock,
         not_before: 0,
     }
     .run()
@@ -111,43 +118,32 @@ impl Context {
     }
 }
 
-fn load(spool: &Spool, id: &QueueId) -> Result<(QueuedMessage, Bytes), SpoolError> {
-    let (msg, body) = spool.load_with_body(id, IN_MEMORY_MAX)?;
-    let body = body.map_or(Bytes::Spooled, |b| Bytes::Memory(Arc::new(b)));
-    Ok((msg, body))
-}
-
 struct Attempting {
     ctx: Arc<Context>,
     msg: QueuedMessage,
     body: Bytes,
-    /// "Final dot sent" markers, held until the outcome is on disk, so a `queue delete` in
-    /// between still says the message may have been delivered.
-    markers: Vec<SendingMarker>,
+    /// `queue/ID`, open for the whole attempt: its lock, taken before a final dot and held
+    /// until the outcome is on disk, tells a `queue delete` in between that the message may
+    /// have been delivered.
+    lock: SendLock,
     /// Unix time before which no upstream of some route will be tried (every upstream of it
     /// had its circuit breaker open): retrying sooner would only find them down again.
     not_before: u64,
 }
 
 /// Asks the spool, right before the final dot, whether the message still exists (an operator
-/// may have deleted it); holds the "final dot sent" marker until the reply is in.
-struct Gate {
-    spool: Spool,
-    id: QueueId,
-    marker: Option<SendingMarker>,
+/// may have deleted it), taking the lock that tells a later deletion it may have been sent.
+struct Gate<'a> {
+    lock: &'a SendLock,
 }
 
-impl DotGate for Gate {
+impl DotGate for Gate<'_> {
     fn allow(&mut self) -> bool {
-        match self.spool.begin_final_dot(&self.id) {
-            Ok(Some(marker)) => {
-                self.marker = Some(marker);
-                true
-            }
-            Ok(None) => false,
+        match self.lock.begin_final_dot() {
+            Ok(go) => go,
             Err(e) => {
                 // Cannot tell: sending is the at-least-once choice.
-                warn!(queue_id = %self.id, error = %e, "cannot mark the final dot; sending anyway");
+                warn!(queue_id = %self.lock.id(), error = %e, "cannot lock for the final dot; sending anyway");
                 true
             }
         }
@@ -307,16 +303,9 @@ impl Attempting {
                 detail: format!("reading the spool file: {e}"),
                 stale: false,
             })?;
-            let mut gate = Gate {
-                spool: self.ctx.spool.clone(),
-                id: env.id.clone(),
-                marker: None,
-            };
+            let mut gate = Gate { lock: &self.lock };
             let result = lease.conn.send(&tx, &mut source, &mut gate).await;
             up.release(lease);
-            if let Some(marker) = gate.marker.take() {
-                self.markers.push(marker);
-            }
             match result {
                 Err(f) if f.stale && !fresh_try => continue,
                 other => return other,
@@ -407,7 +396,7 @@ impl Attempting {
         if pending == 0 {
             let removed = {
                 let id = id.clone();
-                on_spool(&self.ctx.spool, move |s| s.remove(&id)).await
+                on_spool(&self.ctx.spool, move |s| s.remove_finished(&id)).await
             };
             let failures = self
                 .msg
@@ -485,7 +474,10 @@ impl Attempting {
         match made {
             Ok(bounce_id) => {
                 info!(queue_id = %id, bounce_id = %bounce_id, to = %sender, "bounce queued");
-                let _ = self.ctx.wake.send(bounce_id);
+                let _ = self.ctx.wake.send(super::NewMessage {
+                    id: bounce_id,
+                    loaded: None,
+                });
                 true
             }
             Err(e) => {

@@ -11,7 +11,8 @@
 //! - [`scheduler`]: when each message is due; starts deliveries.
 //!
 //! [`start`] wires them: the returned sender is given to the inbound side, which sends each
-//! message's id as soon as it is committed.
+//! message as soon as it is committed (with its bytes when small, so the first attempt does
+//! not read the file back).
 
 pub mod bounce;
 pub mod client;
@@ -30,15 +31,24 @@ use tokio_util::task::TaskTracker;
 
 use crate::config::Config;
 use crate::envelope::QueueId;
-use crate::queue::Spool;
+use crate::queue::{Loaded, Spool};
 
 pub use deliver::Context;
 pub use tls::ClientTlsError;
 
+/// A committed message for the scheduler, to be delivered at once.
+#[derive(Debug)]
+pub struct NewMessage {
+    pub id: QueueId,
+    /// The message as a first attempt needs it, when the committer kept it in memory
+    /// ([`crate::queue::SpoolWriter::commit_and_keep`]); `None`: read it from the spool.
+    pub loaded: Option<Loaded>,
+}
+
 /// Delivery running in the background.
 pub struct Delivery {
-    /// Send a committed message's id here to have it delivered at once.
-    pub wake: UnboundedSender<QueueId>,
+    /// Send each committed message here to have it delivered at once.
+    pub wake: UnboundedSender<NewMessage>,
     /// The scheduler task; ends after `shutdown` is cancelled.
     pub scheduler: JoinHandle<()>,
     /// Deliveries in flight.

@@ -1,8 +1,9 @@
 //! The delivery scheduler: knows when each queued message is due and starts its delivery.
 //!
 //! It holds the queue in memory as (due time, id) pairs, loaded from the spool at start. New
-//! messages arrive on a channel the moment they are committed (the inbound side sends the id
-//! after the `250`), so delivery starts without any polling delay. Every half second it picks
+//! messages arrive on a channel the moment they are committed (the inbound side sends the id,
+//! and the message itself when small, after the `250`), so delivery starts without any
+//! polling delay or reading the file back. Every half second it picks
 //! up operator requests (`queue retry`, through `SPOOL/control/`) and closes idle upstream
 //! connections. At most `max_in_flight` deliveries run at once (the sum of the upstreams'
 //! `max_connections`), and one message is never delivered twice at the same time.
@@ -18,7 +19,9 @@ use tracing::{error, info, warn};
 
 use super::deliver::{Context, deliver, on_spool};
 use crate::envelope::QueueId;
-use crate::queue::{Request, RetryTarget};
+use crate::queue::{Loaded, Request, RetryTarget};
+
+use super::NewMessage;
 
 /// How often operator requests are read and idle connections reaped.
 pub const CONTROL_INTERVAL: Duration = Duration::from_millis(500);
@@ -26,7 +29,7 @@ pub const CONTROL_INTERVAL: Duration = Duration::from_millis(500);
 /// The scheduler task.
 pub struct Scheduler {
     ctx: Arc<Context>,
-    incoming: UnboundedReceiver<QueueId>,
+    incoming: UnboundedReceiver<NewMessage>,
     shutdown: CancellationToken,
     tracker: TaskTracker,
     /// (due, id), earliest first.
@@ -37,6 +40,10 @@ pub struct Scheduler {
     busy: HashSet<QueueId>,
     /// Messages an operator asked to retry while they were being delivered.
     retry_when_done: HashSet<QueueId>,
+    /// A message just received, in memory, until the next dispatch: used if it starts at
+    /// once, dropped otherwise (it is read from the spool when its turn comes), so this holds
+    /// at most one message's bytes and open file.
+    fresh: Option<(QueueId, Loaded)>,
     max_in_flight: usize,
 }
 
@@ -44,7 +51,7 @@ impl Scheduler {
     /// A scheduler over `ctx`, woken by ids on `incoming`.
     pub fn new(
         ctx: Arc<Context>,
-        incoming: UnboundedReceiver<QueueId>,
+        incoming: UnboundedReceiver<NewMessage>,
         shutdown: CancellationToken,
         tracker: TaskTracker,
     ) -> Scheduler {
@@ -63,6 +70,7 @@ impl Scheduler {
             when: HashMap::new(),
             busy: HashSet::new(),
             retry_when_done: HashSet::new(),
+            fresh: None,
             max_in_flight,
         }
     }
@@ -97,7 +105,10 @@ impl Scheduler {
                         self.schedule(id, if retry { 0 } else { next });
                     }
                 }
-                Some(id) = self.incoming.recv() => self.schedule(id, 0),
+                Some(new) = self.incoming.recv() => {
+                    self.schedule(new.id.clone(), 0);
+                    self.fresh = new.loaded.map(|loaded| (new.id, loaded));
+                }
                 _ = control.tick() => self.control().await,
                 _ = tokio::time::sleep(wait) => {}
             }
@@ -136,11 +147,19 @@ impl Scheduler {
             self.busy.insert(id.clone());
             let ctx = self.ctx.clone();
             let done = done.clone();
+            let loaded = match self.fresh.take() {
+                Some((fresh, loaded)) if fresh == id => Some(loaded),
+                other => {
+                    self.fresh = other;
+                    None
+                }
+            };
             self.tracker.spawn(async move {
-                let next = deliver(ctx, id.clone()).await;
+                let next = deliver(ctx, id.clone(), loaded).await;
                 let _ = done.send((id, next));
             });
         }
+        self.fresh = None;
         if self.busy.len() >= self.max_in_flight {
             // Woken by a finished delivery.
             return Duration::from_secs(3600);

@@ -19,43 +19,43 @@
 //! replacing that file at the same moment, and one of the two writes would be lost. The relay
 //! owns the schedule; a request only asks it to change it.
 //!
-//! # Deletion while a worker sends: `SPOOL/sending/`
+//! # Deletion while a worker sends: a lock on `queue/ID`
 //!
 //! The commit point of a deletion is the unlink of `queue/ID`. A worker that holds the message
 //! in memory (or an open file) must not send its final dot after that, and an operator must be
-//! told when it already had. The two sides do, in this order:
+//! told when it already had. A worker keeps `queue/ID` open for its whole attempt (its
+//! [`SendLock`]); the two sides use `flock(2)` on that open file and its link count:
 //!
 //! ```text
 //! worker, before the final dot                 operator, Spool::delete
-//! (Spool::begin_final_dot)
-//!   1. create sending/ID                         a. unlink queue/ID, then ID.state, fsync
-//!   2. queue/ID still exists?                    b. sending/ID exists?
-//!        no  → remove sending/ID, abort (RSET)        yes → DeletedMaybeSent
-//!        yes → send the dot, keep the marker          no  → Deleted
+//! (SendLock::begin_final_dot)                  (opens queue/ID first)
+//!   1. shared lock (non-blocking)                a. unlink queue/ID, then ID.state, fsync
+//!        refused → being deleted: abort          b. exclusive lock (non-blocking)?
+//!   2. link count still 1?                            refused → DeletedMaybeSent
+//!        no  → deleted: abort (RSET)                  granted → Deleted
+//!        yes → send the dot, keep the lock
 //!              until the outcome is recorded
 //! ```
 //!
-//! Each step is one system call on one file system, so they happen in some total order. If 2
-//! comes after a, the worker sees the message gone and aborts. Otherwise 2 came before a, so 1
-//! came before b and the operator sees the marker. Either the worker sees the deletion or the
-//! operator sees the marker; never neither. The converse is not exact: when 1 < a < 2 < b the
-//! worker aborts yet the operator is told the message may have been sent. That errs on the side
-//! of the warning, which is the safe side.
+//! A shared and an exclusive lock exclude each other. If 1 came after b, the worker is refused
+//! (the operator still holds its lock) or, once the operator has closed the file, sees the link
+//! count at 0 (a came before b). Otherwise 1 came before b and the operator is refused. Either
+//! the worker sees the deletion or the operator sees the lock; never neither. The converse is
+//! not exact: when 1 < a < 2 < b the worker aborts yet the operator is told the message may
+//! have been sent. That errs on the side of the warning, which is the safe side.
 //!
-//! The worker must keep the [`SendingMarker`] alive until the outcome is recorded in the spool
-//! (message removed, or state written), not merely until the reply to the dot arrives:
-//! otherwise a deletion between the two would report a delivered message as simply deleted.
-//! Markers are not fsynced: they only matter while both processes run, and
-//! [`Spool::recover`] removes any left over by a crash.
-//!
-//! [`Spool::recover`]: super::Spool::recover
+//! The worker holds the lock until the outcome is recorded in the spool (message removed, or
+//! state written), not merely until the reply to the dot arrives: otherwise a deletion between
+//! the two would report a delivered message as simply deleted. The kernel drops the lock when
+//! the file is closed, so a crash leaves nothing stale behind, and the handshake costs two
+//! system calls on an already open file (no file is created or removed per message).
 
-use std::fs::{self, OpenOptions};
+use std::fs::{self, File};
 use std::io;
-use std::os::unix::fs::OpenOptionsExt;
-use std::path::PathBuf;
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::MetadataExt;
 
-use super::{FILE_MODE, QueuedMessage, Spool, SpoolError, create_new, exact_id, sync_dir};
+use super::{QueuedMessage, Spool, SpoolError, create_new, exact_id, sync_dir};
 use crate::envelope::{Address, QueueId, ReversePath};
 
 /// Prefix of retry request file names in `control/`.
@@ -170,35 +170,56 @@ pub struct Purged {
     pub outcome: Option<DeleteOutcome>,
 }
 
-/// Held by a delivery worker from just before it sends the final dot until the outcome is
-/// recorded in the spool; removes `sending/ID` when finished or dropped. See the module docs.
+/// `queue/ID`, held open by a delivery worker for its whole attempt; the final-dot handshake
+/// with [`Spool::delete`] locks it (see the module docs). Dropping it releases the lock.
 #[derive(Debug)]
-pub struct SendingMarker {
+pub struct SendLock {
     id: QueueId,
-    path: PathBuf,
+    file: File,
 }
 
-impl SendingMarker {
-    /// The message being sent.
+impl SendLock {
+    pub(super) fn new(id: QueueId, file: File) -> Self {
+        SendLock { id, file }
+    }
+
+    /// The message this lock is on.
     pub fn id(&self) -> &QueueId {
         &self.id
     }
 
-    /// Remove the marker (same as dropping it; reads better at the end of a transaction).
-    pub fn finish(self) {}
+    /// Called right before the final dot: takes the shared lock, then checks that the message
+    /// is still queued. `false` means it was deleted, or is being deleted: abort the
+    /// transaction (RSET) and drop the message. The lock stays held until `self` is dropped,
+    /// which must come after the outcome is recorded in the spool. Two system calls, no I/O.
+    pub fn begin_final_dot(&self) -> Result<bool, SpoolError> {
+        if !try_flock(&self.file, libc::LOCK_SH).map_err(|e| self.error("flock", e))? {
+            return Ok(false);
+        }
+        let meta = self.file.metadata().map_err(|e| self.error("stat", e))?;
+        Ok(meta.nlink() > 0)
+    }
+
+    fn error(&self, op: &'static str, source: io::Error) -> SpoolError {
+        SpoolError::Io {
+            op,
+            path: std::path::PathBuf::from(format!("queue/{}", self.id)),
+            source,
+        }
+    }
 }
 
-impl Drop for SendingMarker {
-    fn drop(&mut self) {
-        match fs::remove_file(&self.path) {
-            Ok(()) => {}
-            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
-            // A leftover marker only makes a later deletion of this id warn needlessly, and
-            // recovery removes it at the next start.
-            Err(e) => {
-                tracing::warn!(queue_id = %self.id, error = %e, "cannot remove sending marker")
-            }
-        }
+/// `flock(file, how | LOCK_NB)`: `Ok(false)` when another open file holds a conflicting lock.
+fn try_flock(file: &File, how: libc::c_int) -> io::Result<bool> {
+    // SAFETY: flock only reads its arguments; the descriptor is open for as long as `file`.
+    if unsafe { libc::flock(file.as_raw_fd(), how | libc::LOCK_NB) } == 0 {
+        return Ok(true);
+    }
+    let e = io::Error::last_os_error();
+    if e.kind() == io::ErrorKind::WouldBlock {
+        Ok(false)
+    } else {
+        Err(e)
     }
 }
 
@@ -285,42 +306,30 @@ impl Spool {
     /// `ID.state`, fsync `queue/`; then report whether a worker had begun its final dot (see
     /// the module docs). The caller reports the deletion (DESIGN invariant 2). Blocking.
     pub fn delete(&self, id: &QueueId) -> Result<DeleteOutcome, SpoolError> {
+        let path = self.message_path(id);
+        // Opened before the unlink, so the lock can still be asked for afterwards.
+        let file = match File::open(&path) {
+            Ok(file) => Some(file),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => None,
+            Err(e) => return Err(SpoolError::io("open", &path)(e)),
+        };
         match self.remove(id) {
             Ok(()) => {}
             Err(SpoolError::NotFound(_)) => return Ok(DeleteOutcome::NotFound),
             Err(e) => return Err(e),
         }
-        Ok(if fs::symlink_metadata(self.marker_path(id)).is_ok() {
+        let sending = match &file {
+            Some(file) => {
+                !try_flock(file, libc::LOCK_EX).map_err(SpoolError::io("flock", &path))?
+            }
+            // Created between our open and unlink: no worker had it long enough to send it.
+            None => false,
+        };
+        Ok(if sending {
             DeleteOutcome::DeletedMaybeSent
         } else {
             DeleteOutcome::Deleted
         })
-    }
-
-    /// Called by a delivery worker right before it sends the final dot of `id`: creates
-    /// `sending/ID`, then checks that the message is still queued. `None` means it was deleted:
-    /// abort the transaction (RSET) and drop the message. Otherwise keep the returned marker
-    /// until the outcome is recorded in the spool. Blocking but fast (no fsync).
-    pub fn begin_final_dot(&self, id: &QueueId) -> Result<Option<SendingMarker>, SpoolError> {
-        let path = self.marker_path(id);
-        OpenOptions::new()
-            .write(true)
-            .create(true)
-            .truncate(false)
-            .mode(FILE_MODE)
-            .open(&path)
-            .map_err(SpoolError::io("create", &path))?;
-        let marker = SendingMarker {
-            id: id.clone(),
-            path,
-        };
-        let message = self.message_path(id);
-        match fs::symlink_metadata(&message) {
-            Ok(_) => Ok(Some(marker)),
-            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
-            Err(e) => Err(SpoolError::io("stat", &message)(e)),
-        }
-        // On `None` and on error, `marker` is dropped here, removing sending/ID.
     }
 
     /// Delete every message `filter` selects (see [`Spool::delete`]), or with `dry_run` only
@@ -346,10 +355,5 @@ impl Spool {
             });
         }
         Ok(out)
-    }
-
-    /// `sending/ID`.
-    fn marker_path(&self, id: &QueueId) -> PathBuf {
-        self.inner.sending.join(id.as_str())
     }
 }

@@ -13,7 +13,6 @@
 //! SPOOL/queue/ID.state   delivery progress (optional, replaced atomically)
 //! SPOOL/quarantine/      files recovery could not understand (moved here, never deleted)
 //! SPOOL/control/         operator requests to the running relay (`retry.ID`, `retry.all`)
-//! SPOOL/sending/ID       a worker is sending the final dot of ID (see [`control`])
 //! ```
 //!
 //! A message file is the line `PORTCULLIS-SPOOL 1\n`, then the [`Envelope`] as one line of
@@ -85,7 +84,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use crate::envelope::{Envelope, QueueId};
 
 pub use control::{
-    BadPurgeFilter, DeleteOutcome, PurgeFilter, Purged, Request, RetryTarget, SendingMarker,
+    BadPurgeFilter, DeleteOutcome, PurgeFilter, Purged, Request, RetryTarget, SendLock,
 };
 pub use recover::RecoveryReport;
 pub use state::{Attempt, DeliveryState};
@@ -204,6 +203,16 @@ impl QueuedMessage {
     }
 }
 
+/// What a delivery attempt works from: the message, its bytes when small enough to hold in
+/// memory, and the open `queue/ID` as its [`SendLock`]. From [`Spool::load_with_body`], or
+/// straight from [`SpoolWriter::commit_and_keep`] for a message just received.
+#[derive(Debug)]
+pub struct Loaded {
+    pub msg: QueuedMessage,
+    pub body: Option<Vec<u8>>,
+    pub lock: SendLock,
+}
+
 /// Handle on a spool directory. Cheap to clone (an `Arc` inside) and shareable across threads.
 #[derive(Debug, Clone)]
 pub struct Spool {
@@ -217,13 +226,12 @@ struct Dirs {
     queue: PathBuf,
     quarantine: PathBuf,
     control: PathBuf,
-    sending: PathBuf,
 }
 
 impl Spool {
-    /// Open the spool at `root`, creating it and `tmp/`, `queue/`, `quarantine/`, `control/` and
-    /// `sending/` (mode 0700) when missing, and check that it is writable by creating and removing a probe file in
-    /// `tmp/`. Does not run recovery.
+    /// Open the spool at `root`, creating it and `tmp/`, `queue/`, `quarantine/` and `control/`
+    /// (mode 0700) when missing, and check that it is writable by creating and removing a probe
+    /// file in `tmp/`. Does not run recovery.
     pub fn open(root: &Path) -> Result<Spool, SpoolError> {
         let dirs = Dirs {
             root: root.to_path_buf(),
@@ -231,17 +239,10 @@ impl Spool {
             queue: root.join("queue"),
             quarantine: root.join("quarantine"),
             control: root.join("control"),
-            sending: root.join("sending"),
         };
         let mut builder = fs::DirBuilder::new();
         builder.recursive(true).mode(DIR_MODE);
-        for dir in [
-            &dirs.tmp,
-            &dirs.queue,
-            &dirs.quarantine,
-            &dirs.control,
-            &dirs.sending,
-        ] {
+        for dir in [&dirs.tmp, &dirs.queue, &dirs.quarantine, &dirs.control] {
             builder.create(dir).map_err(SpoolError::io("mkdir", dir))?;
         }
         let spool = Spool {
@@ -293,7 +294,7 @@ impl Spool {
             source,
         })?;
         let file = create_new(&self.inner.tmp.join(id.as_str()))?;
-        let mut writer = SpoolWriter::new(id, file, self.inner.clone());
+        let mut writer = SpoolWriter::new(envelope, file, self.inner.clone());
         writer.write_header(&json)?;
         Ok(writer)
     }
@@ -342,22 +343,24 @@ impl Spool {
 
     /// [`Spool::load`], and the message bytes too when they are at most `in_memory` octets,
     /// read through the same open file (what a delivery attempt needs, with one open and one
-    /// header parse per message). `None` for a bigger message: stream it with
-    /// [`Spool::open_message`].
-    pub fn load_with_body(
-        &self,
-        id: &QueueId,
-        in_memory: u64,
-    ) -> Result<(QueuedMessage, Option<Vec<u8>>), SpoolError> {
+    /// header parse per message). No bytes for a bigger message: stream it with
+    /// [`Spool::open_message`]. The file stays open as the attempt's [`SendLock`].
+    pub fn load_with_body(&self, id: &QueueId, in_memory: u64) -> Result<Loaded, SpoolError> {
         let (msg, mut reader) = self.load_open(id)?;
-        if msg.size > in_memory {
-            return Ok((msg, None));
-        }
-        let mut body = Vec::with_capacity(usize::try_from(msg.size).unwrap_or(0));
-        reader
-            .read_to_end(&mut body)
-            .map_err(SpoolError::io("read", &msg.path))?;
-        Ok((msg, Some(body)))
+        let body = if msg.size > in_memory {
+            None
+        } else {
+            let mut body = Vec::with_capacity(usize::try_from(msg.size).unwrap_or(0));
+            reader
+                .read_to_end(&mut body)
+                .map_err(SpoolError::io("read", &msg.path))?;
+            Some(body)
+        };
+        Ok(Loaded {
+            msg,
+            body,
+            lock: SendLock::new(id.clone(), reader.into_inner()),
+        })
     }
 
     /// Open `queue/ID`, parse its header and state; the reader is positioned at the message.
@@ -467,6 +470,31 @@ impl Spool {
     /// by recovery), never a message that forgot its progress. The caller logs the reason
     /// (DESIGN invariant 2).
     pub fn remove(&self, id: &QueueId) -> Result<(), SpoolError> {
+        let removed = self.unlink(id)?;
+        sync_dir(&self.inner.queue)?;
+        if removed {
+            Ok(())
+        } else {
+            Err(SpoolError::NotFound(id.clone()))
+        }
+    }
+
+    /// Remove a message every recipient of which is done (delivered, or failed with its bounce
+    /// queued): like [`Spool::remove`] but without the directory fsync. If a crash undoes the
+    /// unlink, the message comes back and is delivered again, which invariant 1 allows
+    /// (at-least-once); it can never be lost this way. The next fsync of `queue/` (the next
+    /// commit, typically milliseconds later) makes the unlink durable anyway. This saves one
+    /// disk flush per message on the busiest path.
+    pub fn remove_finished(&self, id: &QueueId) -> Result<(), SpoolError> {
+        if self.unlink(id)? {
+            Ok(())
+        } else {
+            Err(SpoolError::NotFound(id.clone()))
+        }
+    }
+
+    /// Unlink `queue/ID` then `queue/ID.state`; false when `queue/ID` did not exist.
+    fn unlink(&self, id: &QueueId) -> Result<bool, SpoolError> {
         let path = self.message_path(id);
         let removed = match fs::remove_file(&path) {
             Ok(()) => true,
@@ -479,12 +507,7 @@ impl Spool {
             Err(e) if e.kind() == io::ErrorKind::NotFound => {}
             Err(e) => return Err(SpoolError::io("unlink", &state)(e)),
         }
-        sync_dir(&self.inner.queue)?;
-        if removed {
-            Ok(())
-        } else {
-            Err(SpoolError::NotFound(id.clone()))
-        }
+        Ok(removed)
     }
 
     /// `queue/ID`.

@@ -9,8 +9,6 @@
 //!   cannot read today (a newer format, a disk error) that someone can still save.
 //! - An `ID.state` whose message is gone is removed: the message left the queue (delivered or
 //!   deleted) and a crash came between the two unlinks of [`Spool::remove`].
-//! - `sending/` holds markers of final dots being sent by workers of a previous run (see
-//!   [`super::control`]); no worker of this run has started, so they are all stale and removed.
 //! - `control/` is left alone: a request made while the relay was stopped takes effect now.
 //!
 //! Recovery runs once at startup, before delivery workers start; it is not meant to run
@@ -37,21 +35,17 @@ pub struct RecoveryReport {
     pub quarantined: Vec<PathBuf>,
     /// State files removed because their message no longer exists.
     pub orphans_removed: usize,
-    /// Stale `sending/` markers removed (left by a crash during a final dot).
-    pub markers_removed: usize,
 }
 
 impl fmt::Display for RecoveryReport {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(
             f,
-            "{} queued, {} temp files removed, {} quarantined, {} orphan states removed, \
-             {} stale sending markers removed",
+            "{} queued, {} temp files removed, {} quarantined, {} orphan states removed",
             self.queued,
             self.tmp_removed,
             self.quarantined.len(),
-            self.orphans_removed,
-            self.markers_removed
+            self.orphans_removed
         )
     }
 }
@@ -83,7 +77,6 @@ impl Spool {
     pub fn recover(&self) -> Result<RecoveryReport, SpoolError> {
         let mut report = RecoveryReport {
             tmp_removed: self.clear_tmp()?,
-            markers_removed: self.clear_markers()?,
             ..RecoveryReport::default()
         };
 
@@ -188,26 +181,6 @@ impl Spool {
         }
         if removed > 0 {
             sync_dir(tmp)?;
-        }
-        Ok(removed)
-    }
-
-    /// Remove every marker in `sending/`; returns how many were removed. Not fsynced: a
-    /// marker only means something while the process that made it runs.
-    fn clear_markers(&self) -> Result<usize, SpoolError> {
-        let dir = &self.inner.sending;
-        let mut removed = 0;
-        for entry in fs::read_dir(dir).map_err(SpoolError::io("readdir", dir))? {
-            let entry = entry.map_err(SpoolError::io("readdir", dir))?;
-            let path = entry.path();
-            tracing::warn!(path = %path.display(), "removing stale sending marker");
-            let result = if entry.file_type().is_ok_and(|t| t.is_dir()) {
-                fs::remove_dir_all(&path)
-            } else {
-                fs::remove_file(&path)
-            };
-            result.map_err(SpoolError::io("unlink", &path))?;
-            removed += 1;
         }
         Ok(removed)
     }

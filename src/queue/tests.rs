@@ -36,7 +36,7 @@ fn names(dir: &Path) -> Vec<String> {
 fn open_creates_private_directories() {
     use std::os::unix::fs::PermissionsExt;
     let (_d, spool) = spool();
-    for sub in ["tmp", "queue", "quarantine", "control", "sending"] {
+    for sub in ["tmp", "queue", "quarantine", "control"] {
         let meta = fs::metadata(spool.root().join(sub)).unwrap();
         assert!(meta.is_dir());
         assert_eq!(meta.permissions().mode() & 0o777, 0o700, "{sub}");
@@ -589,47 +589,80 @@ fn delete_removes_message_and_state_and_knows_unknown_ids() {
     assert_eq!(spool.delete(&id).unwrap(), DeleteOutcome::NotFound);
 }
 
+/// Whether another open file holds a lock on `path` that excludes an exclusive one.
+fn locked_by_someone(path: &std::path::Path) -> bool {
+    use std::os::fd::AsRawFd;
+    let probe = std::fs::File::open(path).unwrap();
+    // SAFETY: flock on a descriptor owned by `probe`, which outlives the call.
+    unsafe { libc::flock(probe.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) != 0 }
+}
+
 #[test]
-fn final_dot_marker_tells_delete_and_delete_tells_the_worker() {
+fn final_dot_lock_tells_delete_and_delete_tells_the_worker() {
     let (_d, spool) = spool();
-    let sending = spool.root().join("sending");
-    // The worker marks first: a deletion afterwards reports that it may have been sent.
+    // The worker locks first: a deletion afterwards reports that it may have been sent.
     let id = commit(&spool, &envelope(&["a@example.com"]), BODY);
-    let marker = spool
-        .begin_final_dot(&id)
-        .unwrap()
-        .expect("message is queued");
-    assert_eq!(marker.id(), &id);
-    assert_eq!(names(&sending), [id.to_string()]);
+    let Loaded { body, lock, .. } = spool.load_with_body(&id, 1 << 20).unwrap();
+    assert_eq!(body.as_deref(), Some(BODY));
+    assert_eq!(lock.id(), &id);
+    let path = spool.root().join("queue").join(id.as_str());
+    assert!(!locked_by_someone(&path), "loading alone must not lock");
+    assert!(lock.begin_final_dot().unwrap());
+    assert!(locked_by_someone(&path));
+    assert!(lock.begin_final_dot().unwrap(), "asking twice is harmless");
     assert_eq!(spool.delete(&id).unwrap(), DeleteOutcome::DeletedMaybeSent);
-    marker.finish();
-    assert!(names(&sending).is_empty());
+    drop(lock);
 
-    // Deleted first: the worker is told to abort, and leaves no marker behind.
+    // Deleted first: the worker is told to abort.
     let id = commit(&spool, &envelope(&["a@example.com"]), BODY);
+    let Loaded { lock, .. } = spool.load_with_body(&id, 1 << 20).unwrap();
     assert_eq!(spool.delete(&id).unwrap(), DeleteOutcome::Deleted);
-    assert!(spool.begin_final_dot(&id).unwrap().is_none());
-    assert!(names(&sending).is_empty());
+    assert!(!lock.begin_final_dot().unwrap());
 
-    // A marker dropped without finish() is removed too; a later delete is a plain one.
+    // Being deleted (the operator holds its lock): the worker aborts too.
     let id = commit(&spool, &envelope(&["a@example.com"]), BODY);
-    drop(spool.begin_final_dot(&id).unwrap());
-    assert!(names(&sending).is_empty());
+    let Loaded { lock, .. } = spool.load_with_body(&id, 1 << 20).unwrap();
+    let path = spool.root().join("queue").join(id.as_str());
+    let operator = std::fs::File::open(&path).unwrap();
+    {
+        use std::os::fd::AsRawFd;
+        // SAFETY: as in locked_by_someone.
+        assert_eq!(
+            unsafe { libc::flock(operator.as_raw_fd(), libc::LOCK_EX) },
+            0
+        );
+    }
+    assert!(!lock.begin_final_dot().unwrap());
+    drop(operator);
+
+    // A lock dropped (attempt over, or a crash) leaves nothing behind: a plain deletion.
+    assert!(lock.begin_final_dot().unwrap());
+    drop(lock);
+    assert!(!locked_by_someone(&path));
     assert_eq!(spool.delete(&id).unwrap(), DeleteOutcome::Deleted);
 }
 
 #[test]
-fn recovery_removes_stale_markers_and_keeps_requests() {
+fn remove_finished_unlinks_message_and_state() {
     let (_d, spool) = spool();
     let id = commit(&spool, &envelope(&["a@example.com"]), BODY);
-    std::mem::forget(spool.begin_final_dot(&id).unwrap().unwrap()); // as a crash would
+    spool.write_state(&id, &DeliveryState::fresh(5)).unwrap();
+    spool.remove_finished(&id).unwrap();
+    assert!(names(&spool.root().join("queue")).is_empty());
+    assert!(matches!(
+        spool.remove_finished(&id),
+        Err(SpoolError::NotFound(_))
+    ));
+}
+
+#[test]
+fn recovery_keeps_requests() {
+    let (_d, spool) = spool();
+    commit(&spool, &envelope(&["a@example.com"]), BODY);
     spool.request_retry(&RetryTarget::All).unwrap();
     let report = spool.recover().unwrap();
-    assert_eq!(report.markers_removed, 1);
     assert_eq!(report.queued, 1);
-    assert!(names(&spool.root().join("sending")).is_empty());
     assert_eq!(names(&spool.root().join("control")), ["retry.all"]);
-    assert_eq!(spool.delete(&id).unwrap(), DeleteOutcome::Deleted);
 }
 
 #[test]
@@ -723,11 +756,40 @@ fn enqueue_commits_a_whole_message() {
 fn load_with_body_reads_small_messages_through_the_same_open() {
     let (_d, spool) = spool();
     let id = spool.enqueue(&envelope(&["a@example.com"]), BODY).unwrap();
-    let (msg, body) = spool.load_with_body(&id, BODY.len() as u64).unwrap();
+    let Loaded { msg, body, .. } = spool.load_with_body(&id, BODY.len() as u64).unwrap();
     assert_eq!(msg, spool.load(&id).unwrap());
     assert_eq!(body.as_deref(), Some(BODY));
-    let (_, body) = spool.load_with_body(&id, BODY.len() as u64 - 1).unwrap();
+    let Loaded { body, .. } = spool.load_with_body(&id, BODY.len() as u64 - 1).unwrap();
     assert_eq!(body, None, "a message over the limit is left for streaming");
+}
+
+#[test]
+fn commit_and_keep_hands_over_what_load_would_read() {
+    let (_d, spool) = spool();
+    let env = envelope(&["a@example.com"]);
+    let mut w = spool.create(&env).unwrap();
+    for chunk in BODY.chunks(5) {
+        w.write(chunk).unwrap();
+    }
+    let (id, kept) = w.commit_and_keep().unwrap();
+    let kept = kept.expect("a small message is kept");
+    let Loaded { msg, body, .. } = spool.load_with_body(&id, 1 << 20).unwrap();
+    assert_eq!(kept.msg, msg);
+    assert_eq!(kept.body, body);
+    // Its open file is the message's lock: the final-dot handshake works through it.
+    assert!(kept.lock.begin_final_dot().unwrap());
+    assert_eq!(spool.delete(&id).unwrap(), DeleteOutcome::DeletedMaybeSent);
+
+    // A message over KEEP_MAX is committed the same but read back by delivery.
+    let env = envelope(&["b@example.com"]);
+    let mut w = spool.create(&env).unwrap();
+    let big = vec![b'x'; super::writer::KEEP_MAX + 1];
+    for chunk in big.chunks(4096) {
+        w.write(chunk).unwrap();
+    }
+    let (id, kept) = w.commit_and_keep().unwrap();
+    assert!(kept.is_none());
+    assert_eq!(spool.read_message(&id).unwrap(), big);
 }
 
 #[test]

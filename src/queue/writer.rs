@@ -5,11 +5,16 @@ use std::io::{BufWriter, Write};
 use std::path::PathBuf;
 use std::sync::Arc;
 
-use super::{Dirs, MAGIC, SpoolError, rename_noreplace, sync_dir};
-use crate::envelope::QueueId;
+use super::{Dirs, Loaded, MAGIC, QueuedMessage, SendLock, SpoolError, rename_noreplace, sync_dir};
+use crate::envelope::{Envelope, QueueId};
+use crate::queue::DeliveryState;
 
 /// Size of the write buffer: DATA arrives in small chunks, the disk prefers large ones.
 const BUFFER_SIZE: usize = 64 * 1024;
+
+/// Messages up to this size are also kept in memory while written, so that
+/// [`SpoolWriter::commit_and_keep`] can hand them to delivery without reading them back.
+pub const KEEP_MAX: usize = 64 * 1024;
 
 /// A message being written into `tmp/ID`, made visible in `queue/` only by [`commit`].
 ///
@@ -27,16 +32,22 @@ pub struct SpoolWriter {
     written: u64,
     /// The temp file no longer exists in `tmp/` (renamed or removed).
     gone: bool,
+    /// The envelope in the header, and a copy of the message bytes while they fit in
+    /// [`KEEP_MAX`] (`None` once they do not).
+    envelope: Envelope,
+    kept: Option<Vec<u8>>,
 }
 
 impl SpoolWriter {
-    pub(super) fn new(id: QueueId, file: File, dirs: Arc<Dirs>) -> Self {
+    pub(super) fn new(envelope: &Envelope, file: File, dirs: Arc<Dirs>) -> Self {
         SpoolWriter {
-            id,
+            id: envelope.id.clone(),
             file: Some(BufWriter::with_capacity(BUFFER_SIZE, file)),
             dirs,
             written: 0,
             gone: false,
+            envelope: envelope.clone(),
+            kept: Some(Vec::new()),
         }
     }
 
@@ -63,6 +74,13 @@ impl SpoolWriter {
     pub fn write(&mut self, data: &[u8]) -> Result<(), SpoolError> {
         self.put(data)?;
         self.written += data.len() as u64;
+        if let Some(kept) = &mut self.kept {
+            if kept.len() + data.len() <= KEEP_MAX {
+                kept.extend_from_slice(data);
+            } else {
+                self.kept = None;
+            }
+        }
         Ok(())
     }
 
@@ -74,7 +92,37 @@ impl SpoolWriter {
     /// Make the message durable and visible: flush, fsync the data, rename `tmp/ID` to
     /// `queue/ID`, fsync `queue/`. Blocking: call from `spawn_blocking`. Only after this
     /// returns `Ok` may the client be told `250`.
-    pub fn commit(mut self) -> Result<QueueId, SpoolError> {
+    pub fn commit(self) -> Result<QueueId, SpoolError> {
+        self.commit_file().map(|(id, _, _)| id)
+    }
+
+    /// [`SpoolWriter::commit`], and when the message was small enough to keep in memory
+    /// ([`KEEP_MAX`]) also the message as a delivery attempt would load it, with the still
+    /// open file as its [`SendLock`]: delivery starts without reading the file back.
+    pub fn commit_and_keep(self) -> Result<(QueueId, Option<Loaded>), SpoolError> {
+        let (id, file, kept) = self.commit_file()?;
+        let Some((envelope, body, size, path)) = kept else {
+            return Ok((id, None));
+        };
+        let loaded = Loaded {
+            msg: QueuedMessage {
+                state: DeliveryState::fresh(envelope.received_at),
+                envelope,
+                size,
+                path,
+            },
+            body: Some(body),
+            lock: SendLock::new(id.clone(), file),
+        };
+        Ok((id, Some(loaded)))
+    }
+
+    /// The commit itself; returns the file (now `queue/ID`), and the envelope, kept bytes,
+    /// size and path when the bytes were kept.
+    #[allow(clippy::type_complexity)]
+    fn commit_file(
+        mut self,
+    ) -> Result<(QueueId, File, Option<(Envelope, Vec<u8>, u64, PathBuf)>), SpoolError> {
         let Some(buffered) = self.file.take() else {
             // Unreachable: only commit takes the file, and it consumes the writer.
             return Err(self.io_error("flush", std::io::ErrorKind::Other.into()));
@@ -83,7 +131,6 @@ impl SpoolWriter {
             .into_inner()
             .map_err(|e| self.io_error("write", e.into_error()))?;
         file.sync_data().map_err(|e| self.io_error("fsync", e))?;
-        drop(file);
         let queue_path = self.dirs.queue.join(self.id.as_str());
         rename_noreplace(&self.tmp_path(), &queue_path).map_err(|source| {
             if source.kind() == std::io::ErrorKind::AlreadyExists {
@@ -103,7 +150,15 @@ impl SpoolWriter {
             tracing::warn!(queue_id = %self.id, error = %e, "queue directory fsync failed after commit");
             return Err(e);
         }
-        Ok(self.id.clone())
+        let kept = self.kept.take().map(|body| {
+            (
+                self.envelope.clone(),
+                body,
+                self.written,
+                queue_path.clone(),
+            )
+        });
+        Ok((self.id.clone(), file, kept))
     }
 
     /// Give up on this message: remove the temp file.
