@@ -79,7 +79,7 @@ pub async fn deliver(ctx: Arc<Context>, id: QueueId, loaded: Option<Loaded>) -> 
         ctx,
         msg,
         body: body.map_or(Bytes::Spooled, |b| Bytes::Memory(Arc::new(b))),
-        lock,
+        lock: Some(lock),
         not_before: 0,
     }
     .run()
@@ -124,8 +124,8 @@ struct Attempting {
     body: Bytes,
     /// `queue/ID`, open for the whole attempt: its lock, taken before a final dot and held
     /// until the outcome is on disk, tells a `queue delete` in between that the message may
-    /// have been delivered.
-    lock: SendLock,
+    /// have been delivered. Taken out only to be closed off the reactor (see the `Drop`).
+    lock: Option<SendLock>,
     /// Unix time before which no upstream of some route will be tried (every upstream of it
     /// had its circuit breaker open): retrying sooner would only find them down again.
     not_before: u64,
@@ -134,17 +134,35 @@ struct Attempting {
 /// Asks the spool, right before the final dot, whether the message still exists (an operator
 /// may have deleted it), taking the lock that tells a later deletion it may have been sent.
 struct Gate<'a> {
-    lock: &'a SendLock,
+    lock: Option<&'a SendLock>,
 }
 
 impl DotGate for Gate<'_> {
     fn allow(&mut self) -> bool {
-        match self.lock.begin_final_dot() {
+        let Some(lock) = self.lock else {
+            return true; // unreachable: the lock is only taken once the attempt is over
+        };
+        match lock.begin_final_dot() {
             Ok(go) => go,
             Err(e) => {
                 // Cannot tell: sending is the at-least-once choice.
-                warn!(queue_id = %self.lock.id(), error = %e, "cannot lock for the final dot; sending anyway");
+                warn!(queue_id = %lock.id(), error = %e, "cannot lock for the final dot; sending anyway");
                 true
+            }
+        }
+    }
+}
+
+impl Drop for Attempting {
+    /// Close the message file off the reactor: if the message was deleted meanwhile, this is
+    /// the last reference to the file and closing it frees its blocks, which may wait for
+    /// the disk.
+    fn drop(&mut self) {
+        if let Some(lock) = self.lock.take() {
+            match tokio::runtime::Handle::try_current() {
+                Ok(runtime) => drop(runtime.spawn_blocking(move || drop(lock))),
+                // The runtime is gone (process exit): nothing left to stall.
+                Err(_) => drop(lock),
             }
         }
     }
@@ -303,7 +321,9 @@ impl Attempting {
                 detail: format!("reading the spool file: {e}"),
                 stale: false,
             })?;
-            let mut gate = Gate { lock: &self.lock };
+            let mut gate = Gate {
+                lock: self.lock.as_ref(),
+            };
             let result = lease.conn.send(&tx, &mut source, &mut gate).await;
             up.release(lease);
             match result {
@@ -396,7 +416,15 @@ impl Attempting {
         if pending == 0 {
             let removed = {
                 let id = id.clone();
-                on_spool(&self.ctx.spool, move |s| s.remove_finished(&id)).await
+                // The last close of an unlinked file frees its blocks (on a file system mounted
+                // with `discard`, a synchronous discard): also off the reactor.
+                let lock = self.lock.take();
+                on_spool(&self.ctx.spool, move |s| {
+                    let removed = s.remove_finished(&id);
+                    drop(lock);
+                    removed
+                })
+                .await
             };
             let failures = self
                 .msg
