@@ -94,6 +94,44 @@ pub fn build_runtime(config: Config, previous: Option<&Runtime>) -> Result<Runti
     })
 }
 
+/// Raise the soft limit on open files to the hard limit (a relay holds one descriptor per
+/// client connection, plus upstream connections and spool files), and warn when even that
+/// cannot hold `max_connections` clients: beyond it, accepting fails instead of answering
+/// `421`. The usual soft limit is 1024; the hard limit is set by the service manager (e.g.
+/// systemd's `LimitNOFILE`).
+fn raise_fd_limit(max_connections: usize) {
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit/setrlimit only read and write the struct passed to them.
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) } != 0 {
+        return;
+    }
+    if limit.rlim_cur < limit.rlim_max {
+        let raised = libc::rlimit {
+            rlim_cur: limit.rlim_max,
+            rlim_max: limit.rlim_max,
+        };
+        // SAFETY: as above.
+        if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &raised) } == 0 {
+            limit = raised;
+        }
+    }
+    // Headroom for upstream connections, spool files, listeners and the log.
+    let needed = max_connections as u64 + 256;
+    if limit.rlim_cur < needed {
+        warn!(
+            open_files = limit.rlim_cur,
+            max_connections,
+            "the open-file limit is below limits.max_connections plus headroom; \
+             raise it (e.g. LimitNOFILE) or lower max_connections"
+        );
+    } else {
+        info!(open_files = limit.rlim_cur, "open-file limit");
+    }
+}
+
 /// Run the relay until a shutdown signal. `path` is the policy file, for SIGHUP.
 pub async fn run(config: Config, path: Option<PathBuf>) -> Result<(), AppError> {
     let spool = Spool::open(&config.server.spool_dir)?;
@@ -107,6 +145,7 @@ pub async fn run(config: Config, path: Option<PathBuf>) -> Result<(), AppError> 
     for w in config.warnings() {
         warn!("{w}");
     }
+    raise_fd_limit(config.limits.max_connections);
     let shutdown = CancellationToken::new();
     let delivery_stop = CancellationToken::new();
     let delivery = outbound::start(&config, spool.clone(), delivery_stop.clone())?;
