@@ -60,10 +60,31 @@ D_IDLE = int(os.environ.get("BENCH_D_IDLE", "10000"))
 D_SECONDS = float(os.environ.get("BENCH_D_SECONDS", "15"))
 E_SECONDS = float(os.environ.get("BENCH_E_SECONDS", "15"))
 E_CONNS = int(os.environ.get("BENCH_E_CONNS", "20"))
+# After the sink on the relays' upstream port was replaced (scenario C swaps smtp-sink for
+# loadgen's sink and back, and each loadgen run ends its sink), no mail may go through before
+# portcullis has dropped its pooled connections to the old one: it keeps them up to 10 s
+# (IDLE_TIMEOUT in src/outbound/upstream.rs), and when a dead pooled connection fails its RSET
+# the retry may take a second dead one from the pool, which marks the upstream down for 30 s
+# (its backoff) and stalls the run. Postfix keeps its cached connections 2 s.
+SINK_SWAP_PAUSE_S = 12.0
 # Scenario D: pause after the idle sessions are open before RSS is read (allocation settles).
 D_IDLE_SETTLE_S = 3.0
 # Idle sessions held to Postfix to find the size of the smtpd process serving one of them.
 POSTFIX_IDLE_SESSIONS = 5
+
+
+# time.monotonic() when a sink on the upstream port last went away (see SINK_SWAP_PAUSE_S).
+sink_gone_at = float("-inf")
+
+
+def settle():
+    """The pause before every run: SETTLE_S, and at least SINK_SWAP_PAUSE_S after a sink went."""
+    time.sleep(max(SETTLE_S, sink_gone_at + SINK_SWAP_PAUSE_S - time.monotonic(), 0))
+
+
+def sink_gone():
+    global sink_gone_at
+    sink_gone_at = time.monotonic()
 
 
 def log(*a):
@@ -296,6 +317,7 @@ class Sink:
     def stop(self):
         """Stop smtp-sink and free the port (scenario C puts loadgen's own sink there)."""
         stop_proc(self.proc)
+        sink_gone()
         self.reader.join(10)
 
     def _read(self):
@@ -452,8 +474,7 @@ def run_once(relay, sink, messages, sessions, size, reuse, rss=False):
     if reuse:
         cmd.append("-d")
     cmd.append(f"127.0.0.1:{relay.port}")
-    if SETTLE_S > 0:
-        time.sleep(SETTLE_S)
+    settle()
     base = sink.count
     if rss and relay.name == "portcullis":
         with open(f"/proc/{relay.root}/clear_refs", "w") as f:
@@ -578,10 +599,13 @@ def latency_c(relays, sink, rate, seconds):
     try:
         for i in range(RUNS):
             for relay in relays:
-                time.sleep(SETTLE_S)
-                r = loadgen(["openloop", "--target", f"127.0.0.1:{relay.port}", "--rate", str(rate),
-                             "--seconds", str(seconds), "--sink", f"127.0.0.1:{sink.port}"],
-                            timeout=seconds + 180)
+                settle()
+                try:
+                    r = loadgen(["openloop", "--target", f"127.0.0.1:{relay.port}", "--rate",
+                                 str(rate), "--seconds", str(seconds), "--sink",
+                                 f"127.0.0.1:{sink.port}"], timeout=seconds + 180)
+                finally:
+                    sink_gone()  # loadgen's sink ended with it
                 log(f"{relay.name}: {r}")
                 if r["arrived"] < r["ok"]:
                     log(f"warning: {relay.name}: {r['ok'] - r['arrived']} accepted messages did not "
@@ -615,7 +639,7 @@ def latency_c(relays, sink, rate, seconds):
 
 def active_run(relay, sink, rate, seconds):
     """Scenario D's active load: loadgen openloop through the relay to smtp-sink, drained."""
-    time.sleep(SETTLE_S)
+    settle()
     base = sink.count
     r = loadgen(["openloop", "--target", f"127.0.0.1:{relay.port}", "--rate", str(rate),
                  "--seconds", str(seconds)], timeout=seconds + 180)
@@ -669,10 +693,11 @@ def postfix_session_size(pf):
 
 
 def scenario_d(pc, pf, sink, rate, seconds, count):
-    """Scenario D (portcullis; Postfix only for its per-session process size): active p99 at
-    `rate` without, then with, `count` idle sessions held after EHLO; RSS growth per idle one."""
+    """Scenario D (portcullis; Postfix only for its per-session process size): RUNS active runs
+    at `rate` without idle sessions, then `count` sessions opened and held idle after EHLO, RSS
+    growth per idle session, and RUNS active runs while they are held."""
     log(f"== D {count} idle sessions, active load {rate:.0f} msg/s for {seconds:.0f} s")
-    base = active_run(pc, sink, rate, seconds)
+    base = [active_run(pc, sink, rate, seconds) for _ in range(RUNS)]
     time.sleep(2)
     rss0 = status_kb(pc.root, "VmRSS")
     fds0 = open_fds(pc.root)
@@ -682,35 +707,41 @@ def scenario_d(pc, pf, sink, rate, seconds, count):
         time.sleep(D_IDLE_SETTLE_S)
         rss1 = status_kb(pc.root, "VmRSS")
         fds1 = open_fds(pc.root)
-        loaded = active_run(pc, sink, rate, seconds)
+        loaded = [active_run(pc, sink, rate, seconds) for _ in range(RUNS)]
         rss2 = status_kb(pc.root, "VmRSS")
-        fds2 = open_fds(pc.root)  # the idle sessions must still be open after the active run
+        fds2 = open_fds(pc.root)
     finally:
         close_idle(idle)
     time.sleep(2)
-    log(f"portcullis VmRSS {rss0} kB before, {rss1} kB with {info['opened']} idle, {rss2} kB after "
-        f"the active run, {status_kb(pc.root, 'VmRSS')} kB after closing them; open fds "
-        f"{fds0} / {fds1} / {fds2}")
     opened = info["opened"]
+    log(f"portcullis VmRSS {rss0} kB before, {rss1} kB with {opened} idle, {rss2} kB after "
+        f"the active runs, {status_kb(pc.root, 'VmRSS')} kB after closing them; open fds "
+        f"{fds0} / {fds1} / {fds2}")
+    if fds2 - fds0 < opened:
+        log(f"warning: portcullis holds {fds2 - fds0} more fds than before the idle sessions, "
+            f"fewer than the {opened} opened: it closed some during the active runs")
     per_kb = (rss1 - rss0) / opened if opened else float("nan")
-    ratio = loaded["p99_ms"] / base["p99_ms"] if base["p99_ms"] else float("nan")
-    out = [f"Scenario D: {count} sessions held idle after EHLO (loadgen idle) while loadgen openloop "
-           f"runs at {rate:.0f} msg/s (half of portcullis's scenario A median, new connections, "
-           f"unless BENCH_D_RATE) for {seconds:.0f} s, once without and once with them. RSS is "
-           f"VmRSS of the portcullis process before and {D_IDLE_SETTLE_S:.0f} s after the idle "
-           f"sessions opened; open fds during the loaded run: {fds2 - fds0} more than before.", "",
+    p99 = lambda rs: statistics.median(r["p99_ms"] for r in rs)
+    out = [f"Scenario D: {count} sessions opened (loadgen idle) and held idle after EHLO; "
+           f"{RUNS} loadgen openloop runs of {seconds:.0f} s at {rate:.0f} msg/s (half of "
+           "portcullis's scenario A median, new connections, unless BENCH_D_RATE) before, and "
+           f"{RUNS} while they are held. RSS is VmRSS of the portcullis process before and "
+           f"{D_IDLE_SETTLE_S:.0f} s after the idle sessions opened; after the loaded runs "
+           f"portcullis still held {fds2 - fds0} more fds than before them.", "",
            "| relay | idle sessions opened | refused | RSS before → with idle MB | "
-           "KB per idle session | active p99 ms without idle (p50) | with idle (p50) | "
-           "ratio p99 with/without | active failed |",
-           "|---|---|---|---|---|---|---|---|---|",
+           "KB per idle session | active p99 ms without idle | with idle | "
+           "ratio p99 with/without | active p50 ms without / with | active failed |",
+           "|---|---|---|---|---|---|---|---|---|---|",
            f"| portcullis | {opened} | {info['refused']} | {rss0 / 1024:.1f} → {rss1 / 1024:.1f} | "
-           f"{per_kb:.1f} | {base['p99_ms']:.1f} ({base['p50_ms']:.1f}) | "
-           f"{loaded['p99_ms']:.1f} ({loaded['p50_ms']:.1f}) | {ratio:.2f}× | "
-           f"{base['failed']} / {loaded['failed']} |"]
+           f"{per_kb:.1f} | {fmt([r['p99_ms'] for r in base], '.1f')} | "
+           f"{fmt([r['p99_ms'] for r in loaded], '.1f')} | {p99(loaded) / p99(base):.2f}× | "
+           f"{statistics.median(r['p50_ms'] for r in base):.1f} / "
+           f"{statistics.median(r['p50_ms'] for r in loaded):.1f} | "
+           f"{sum(r['failed'] for r in base)} / {sum(r['failed'] for r in loaded)} |"]
     if pf is not None:
         (pss, rss, uss), n = postfix_session_size(pf)
-        out.append(f"| postfix (one smtpd process per session) | | | | {pss:.0f} Pss, {rss:.0f} RSS, "
-                   f"{uss:.0f} private (median of {n} idle smtpd) | | | | |")
+        out.append(f"| postfix: one smtpd process per session | | | | {pss:.0f} Pss, {rss:.0f} RSS, "
+                   f"{uss:.0f} private (median of {n} idle smtpd) | | | | | |")
     return out
 
 
