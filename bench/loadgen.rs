@@ -1,0 +1,962 @@
+//! Load generator for `bench/run`: scenarios C, D and E of BENCHMARKS.md.
+//!
+//! One binary, four subcommands; each prints exactly one JSON line on stdout (the figures) and
+//! writes nothing else there, so `bench/bench.py` can parse it.
+//!
+//! - `openloop --target ADDR --rate R --seconds S [--sink ADDR] [--wait S]`: starts one SMTP
+//!   session (new connection, EHLO, MAIL, RCPT, DATA, a 1 KB message, QUIT) every 1/R s on a
+//!   fixed schedule, whatever the server does, and measures from the *scheduled* start to the
+//!   250 after the final dot. With `--sink` the same process is also the relay's upstream: an
+//!   ESMTP sink that finds each message's `X-Bench-Seq` header and notes when its final dot
+//!   arrived, giving scheduled start → arrived at the sink.
+//! - `idle --target ADDR --count N [--parallel P]`: opens N sessions, reads the banner, sends
+//!   EHLO, reads the reply, and holds them; prints its line once all are open, then waits for
+//!   stdin to reach EOF (or SIGTERM/SIGINT) and closes them.
+//! - `tls-server --listen ADDR --cert PEM --key PEM`: the bare baseline for scenario E. A
+//!   tokio-rustls server that speaks just enough SMTP to reach STARTTLS, handshakes, answers the
+//!   client's one line (QUIT) with 221 and closes. Prints its counters when terminated.
+//! - `tls --target ADDR --conns C --seconds S [--name HOST] [--cert PEM]`: C concurrent loops of
+//!   connect, banner, EHLO, STARTTLS, a full TLS handshake (resumption disabled), QUIT over TLS,
+//!   221, close. The same client drives portcullis and `tls-server`.
+//!
+//! TLS on both sides mirrors portcullis (`src/inbound/tls.rs`): the aws-lc-rs provider built
+//! explicitly, TLS 1.3 and 1.2 offered, no client certificates, 0-RTT off, and otherwise the
+//! rustls defaults (a stateful session cache of 256 entries, two TLS 1.3 tickets sent after each
+//! handshake, no ticket encryption key). The client refuses resumption, so every handshake is a
+//! full one against either server. The certificate is self-signed: the client accepts the chain
+//! (or, with `--cert`, exactly that certificate) but still verifies the handshake signature with
+//! the provider's algorithms, identically for both servers.
+//!
+//! It is a measuring tool: a failure is counted (and the first one described in the JSON line),
+//! never retried, so a struggling server shows up in the figures.
+
+use std::collections::HashMap;
+use std::io::{self, Read, Write};
+use std::net::SocketAddr;
+use std::str::FromStr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, anyhow, bail};
+use rustls_pki_types::pem::PemObject;
+use rustls_pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
+use serde_json::json;
+use tokio::io::{
+    AsyncBufRead, AsyncBufReadExt, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader,
+};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::signal::unix::{SignalKind, signal};
+use tokio::sync::Semaphore;
+use tokio_rustls::rustls::client::Resumption;
+use tokio_rustls::rustls::client::danger::{
+    HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier,
+};
+use tokio_rustls::rustls::crypto::{CryptoProvider, aws_lc_rs};
+use tokio_rustls::rustls::sign::{CertifiedKey, SingleCertAndKey};
+use tokio_rustls::rustls::{
+    self, ClientConfig, DigitallySignedStruct, ServerConfig, SignatureScheme,
+    SupportedProtocolVersion,
+};
+use tokio_rustls::{TlsAcceptor, TlsConnector};
+
+/// Longest reply or command line accepted, CRLF included (message lines too, at the sink).
+const MAX_LINE: u64 = 64 * 1024;
+/// Time allowed for one whole session (openloop, tls) or one idle session's greeting.
+const SESSION_TIMEOUT: Duration = Duration::from_secs(60);
+/// Time allowed, after QUIT, for the server to close its side.
+const CLOSE_TIMEOUT: Duration = Duration::from_secs(5);
+/// Delay before the first scheduled session, so spawning the runtime is not measured.
+const SCHEDULE_LEAD: Duration = Duration::from_millis(100);
+/// Default `--wait`: how long `openloop --sink` waits for the last arrivals after the sends.
+const DEFAULT_SINK_WAIT_S: f64 = 30.0;
+/// Default `--parallel` for `idle`: sessions being opened at once. The listen backlog here is
+/// 1024 (tokio's default), so this stays far below it and no SYN is dropped.
+const DEFAULT_IDLE_PARALLEL: usize = 64;
+/// Message size of `openloop`, headers included.
+const MESSAGE_SIZE: usize = 1024;
+/// Protocol versions offered by both ends, as portcullis with `min_version = "1.2"`.
+const VERSIONS: &[&SupportedProtocolVersion] = &[&rustls::version::TLS13, &rustls::version::TLS12];
+
+fn main() {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let Some((command, rest)) = args.split_first() else {
+        usage();
+    };
+    let result = Args::parse(rest).and_then(|a| match command.as_str() {
+        "openloop" => openloop(&a),
+        "idle" => idle(&a),
+        "tls-server" => tls_server(&a),
+        "tls" => tls_client(&a),
+        _ => usage(),
+    });
+    if let Err(e) = result {
+        eprintln!("loadgen {command}: {e:#}");
+        std::process::exit(1);
+    }
+}
+
+fn usage() -> ! {
+    eprintln!(
+        "usage: loadgen openloop --target ADDR --rate R --seconds S [--sink ADDR] [--wait S]\n\
+         \x20      loadgen idle --target ADDR --count N [--parallel P]\n\
+         \x20      loadgen tls-server --listen ADDR --cert PEM --key PEM\n\
+         \x20      loadgen tls --target ADDR --conns C --seconds S [--name HOST] [--cert PEM]"
+    );
+    std::process::exit(2);
+}
+
+// ---- arguments -----------------------------------------------------------------------------
+
+/// `--key value` pairs.
+struct Args(HashMap<String, String>);
+
+impl Args {
+    fn parse(args: &[String]) -> anyhow::Result<Args> {
+        let mut map = HashMap::new();
+        let mut it = args.iter();
+        while let Some(key) = it.next() {
+            let name = key
+                .strip_prefix("--")
+                .ok_or_else(|| anyhow!("unexpected argument {key:?}"))?;
+            let value = it.next().ok_or_else(|| anyhow!("{key} needs a value"))?;
+            map.insert(name.to_owned(), value.clone());
+        }
+        Ok(Args(map))
+    }
+
+    fn opt<T: FromStr>(&self, name: &str) -> anyhow::Result<Option<T>>
+    where
+        T::Err: std::fmt::Display,
+    {
+        self.0
+            .get(name)
+            .map(|v| v.parse().map_err(|e| anyhow!("--{name} {v:?}: {e}")))
+            .transpose()
+    }
+
+    fn get<T: FromStr>(&self, name: &str) -> anyhow::Result<T>
+    where
+        T::Err: std::fmt::Display,
+    {
+        self.opt(name)?
+            .ok_or_else(|| anyhow!("--{name} is required"))
+    }
+}
+
+fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")
+}
+
+/// Print the one result line and make sure it leaves the process now (a pipe is block-buffered).
+fn emit(value: serde_json::Value) -> anyhow::Result<()> {
+    let mut out = io::stdout().lock();
+    writeln!(out, "{value}")?;
+    out.flush()?;
+    Ok(())
+}
+
+/// The first failure of a run, kept for the JSON line (later ones are only counted).
+#[derive(Default)]
+struct FirstError(Mutex<Option<String>>);
+
+impl FirstError {
+    fn note(&self, e: &anyhow::Error) {
+        let mut slot = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        if slot.is_none() {
+            *slot = Some(format!("{e:#}"));
+        }
+    }
+
+    fn get(&self) -> Option<String> {
+        self.0.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+}
+
+/// Nearest-rank percentile of sorted durations, in milliseconds (`null` when empty).
+fn percentile_ms(sorted: &[Duration], p: f64) -> Option<f64> {
+    let last = sorted.len().checked_sub(1)?;
+    let i = ((p * sorted.len() as f64) as usize).min(last);
+    Some(sorted[i].as_secs_f64() * 1000.0)
+}
+
+// ---- SMTP lines ----------------------------------------------------------------------------
+
+/// Read one line (up to and including LF) into `buf`; EOF and an over-long line are errors.
+async fn read_line<R: AsyncBufRead + Unpin>(r: &mut R, buf: &mut Vec<u8>) -> io::Result<()> {
+    buf.clear();
+    let n = AsyncReadExt::take(&mut *r, MAX_LINE)
+        .read_until(b'\n', buf)
+        .await?;
+    if n == 0 {
+        return Err(io::ErrorKind::UnexpectedEof.into());
+    }
+    if buf.last() != Some(&b'\n') {
+        return Err(io::Error::new(io::ErrorKind::InvalidData, "line too long"));
+    }
+    Ok(())
+}
+
+/// Read a whole (possibly multi-line) reply and return its code.
+async fn read_reply<R: AsyncBufRead + Unpin>(r: &mut R, buf: &mut Vec<u8>) -> anyhow::Result<u16> {
+    loop {
+        read_line(r, buf).await?;
+        let code = buf
+            .get(..3)
+            .and_then(|c| std::str::from_utf8(c).ok())
+            .and_then(|c| c.parse::<u16>().ok())
+            .ok_or_else(|| anyhow!("malformed reply {:?}", String::from_utf8_lossy(buf)))?;
+        if buf.get(3) != Some(&b'-') {
+            return Ok(code);
+        }
+    }
+}
+
+/// Read a reply and require the class of `expected` (2 for 2xx, 3 for 3xx).
+async fn expect<R: AsyncBufRead + Unpin>(
+    r: &mut R,
+    buf: &mut Vec<u8>,
+    expected: u16,
+    after: &str,
+) -> anyhow::Result<()> {
+    let code = read_reply(r, buf)
+        .await
+        .with_context(|| format!("after {after}"))?;
+    if code / 100 != expected {
+        bail!("{} after {after}", String::from_utf8_lossy(buf).trim_end());
+    }
+    Ok(())
+}
+
+/// Send `cmd` and require a reply of class `expected`.
+async fn command<S: AsyncBufRead + AsyncWrite + Unpin>(
+    s: &mut S,
+    buf: &mut Vec<u8>,
+    cmd: &str,
+    expected: u16,
+) -> anyhow::Result<()> {
+    s.write_all(cmd.as_bytes()).await?;
+    s.flush().await?;
+    expect(s, buf, expected, cmd.trim_end()).await
+}
+
+/// After QUIT: read the 221, then wait for the server to close first, so the TIME_WAIT state
+/// stays on the server's side and thousands of short sessions do not exhaust the client's
+/// ephemeral ports. Errors here do not fail a session whose work is done.
+async fn quit<S: AsyncBufRead + AsyncWrite + Unpin>(s: &mut S, buf: &mut Vec<u8>) {
+    let _ = tokio::time::timeout(CLOSE_TIMEOUT, async {
+        s.write_all(b"QUIT\r\n").await?;
+        s.flush().await?;
+        read_reply(s, buf).await?;
+        let mut rest = [0u8; 256];
+        while s.read(&mut rest).await? > 0 {}
+        anyhow::Ok(())
+    })
+    .await;
+}
+
+async fn connect(target: SocketAddr) -> anyhow::Result<TcpStream> {
+    let tcp = TcpStream::connect(target)
+        .await
+        .with_context(|| format!("connect {target}"))?;
+    tcp.set_nodelay(true)?;
+    Ok(tcp)
+}
+
+// ---- openloop ------------------------------------------------------------------------------
+
+/// Per scheduled session: when it got its 250 and when its message reached the sink, each as
+/// nanoseconds since the schedule's start plus one (0: not yet, or never).
+struct Timeline {
+    start: Instant,
+    run: String,
+    replied: Vec<AtomicU64>,
+    arrived: Vec<AtomicU64>,
+    arrivals: AtomicU64,
+    /// Messages at the sink that are not this run's (or a second copy of one of them).
+    stray: AtomicU64,
+}
+
+impl Timeline {
+    fn stamp(&self, slot: &AtomicU64, at: Instant) -> bool {
+        let ns = at.saturating_duration_since(self.start).as_nanos() as u64 + 1;
+        slot.compare_exchange(0, ns, Ordering::Relaxed, Ordering::Relaxed)
+            .is_ok()
+    }
+
+    /// Note the arrival at the sink of the message carrying `X-Bench-Seq: <value>`.
+    fn arrival(&self, value: Option<&str>, at: Instant) {
+        let seq = value
+            .and_then(|v| v.rsplit_once('-'))
+            .filter(|(run, _)| *run == self.run)
+            .and_then(|(_, n)| n.parse::<usize>().ok());
+        match seq.and_then(|n| self.arrived.get(n)) {
+            Some(slot) if self.stamp(slot, at) => {
+                self.arrivals.fetch_add(1, Ordering::Relaxed);
+            }
+            _ => {
+                self.stray.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+    }
+
+    /// Latencies of the stamped sessions in `slots`, measured from each one's scheduled start.
+    fn latencies(&self, slots: &[AtomicU64], rate: f64) -> Vec<Duration> {
+        let mut out: Vec<Duration> = slots
+            .iter()
+            .enumerate()
+            .filter_map(|(i, s)| {
+                let ns = s.load(Ordering::Relaxed).checked_sub(1)?;
+                Some(Duration::from_nanos(ns).saturating_sub(scheduled(i, rate)))
+            })
+            .collect();
+        out.sort_unstable();
+        out
+    }
+}
+
+/// Offset of session `i` from the schedule's start.
+fn scheduled(i: usize, rate: f64) -> Duration {
+    Duration::from_secs_f64(i as f64 / rate)
+}
+
+/// The 1 KB message of session `seq`, dot included: the sink recognises it by `X-Bench-Seq`.
+fn message(run: &str, seq: usize) -> Vec<u8> {
+    let mut m = format!(
+        "From: <bench@example.com>\r\nTo: <rcpt@example.net>\r\nSubject: open loop {seq}\r\n\
+         Message-ID: <{seq}.{run}@loadgen.bench>\r\nX-Bench-Seq: {run}-{seq}\r\n\r\n"
+    )
+    .into_bytes();
+    let line = [b"x".repeat(78).as_slice(), b"\r\n"].concat();
+    while m.len() + line.len() <= MESSAGE_SIZE {
+        m.extend_from_slice(&line);
+    }
+    m.extend_from_slice(b".\r\n");
+    m
+}
+
+fn openloop(a: &Args) -> anyhow::Result<()> {
+    let target: SocketAddr = a.get("target")?;
+    let rate: f64 = a.get("rate")?;
+    let seconds: f64 = a.get("seconds")?;
+    let sink: Option<SocketAddr> = a.opt("sink")?;
+    let wait = Duration::from_secs_f64(a.opt("wait")?.unwrap_or(DEFAULT_SINK_WAIT_S));
+    if !(rate > 0.0 && seconds > 0.0) {
+        bail!("--rate and --seconds must be positive");
+    }
+    let n = (rate * seconds).round() as usize;
+    let rt = runtime()?;
+    let run = format!(
+        "{:x}{:x}",
+        std::process::id(),
+        UnixTime::now().as_secs() & 0xffff_ffff
+    );
+    let timeline = Arc::new(Timeline {
+        start: Instant::now() + SCHEDULE_LEAD,
+        run,
+        replied: (0..n).map(|_| AtomicU64::new(0)).collect(),
+        arrived: (0..n).map(|_| AtomicU64::new(0)).collect(),
+        arrivals: AtomicU64::new(0),
+        stray: AtomicU64::new(0),
+    });
+    if let Some(addr) = sink {
+        let listener = rt.block_on(bind_retrying(addr))?;
+        rt.spawn(sink_accept(listener, timeline.clone()));
+    }
+    let errors = Arc::new(FirstError::default());
+
+    // The schedule is kept by this thread, not by a tokio timer (whose resolution is 1 ms):
+    // each session is handed to the runtime at its scheduled instant, or at once if late.
+    let mut sessions = Vec::with_capacity(n);
+    let mut max_lag = Duration::ZERO;
+    for seq in 0..n {
+        let at = timeline.start + scheduled(seq, rate);
+        let now = Instant::now();
+        if at > now {
+            std::thread::sleep(at - now);
+        } else {
+            max_lag = max_lag.max(now - at);
+        }
+        let (timeline, errors) = (timeline.clone(), errors.clone());
+        sessions.push(rt.spawn(async move {
+            let msg = message(&timeline.run, seq);
+            match tokio::time::timeout(SESSION_TIMEOUT, send_one(target, &msg)).await {
+                Ok(Ok(t250)) => {
+                    timeline.stamp(&timeline.replied[seq], t250);
+                }
+                Ok(Err(e)) => errors.note(&e),
+                Err(_) => errors.note(&anyhow!("session timed out")),
+            }
+        }));
+    }
+    let sends_done = Instant::now();
+    rt.block_on(async {
+        for s in sessions {
+            let _ = s.await;
+        }
+    });
+    let lat = timeline.latencies(&timeline.replied, rate);
+    let ok = lat.len();
+    let mut out = json!({
+        "sent": n,
+        "ok": ok,
+        "failed": n - ok,
+        "p50_ms": percentile_ms(&lat, 0.50),
+        "p99_ms": percentile_ms(&lat, 0.99),
+        "max_ms": lat.last().map(|d| d.as_secs_f64() * 1000.0),
+        "rate": rate,
+        "seconds": seconds,
+        "schedule_lag_max_ms": max_lag.as_secs_f64() * 1000.0,
+        "first_error": errors.get(),
+    });
+    if sink.is_some() {
+        let deadline = sends_done.max(Instant::now()) + wait;
+        while (timeline.arrivals.load(Ordering::Relaxed) as usize) < ok && Instant::now() < deadline
+        {
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        let arr = timeline.latencies(&timeline.arrived, rate);
+        out["arrived"] = json!(arr.len());
+        out["stray"] = json!(timeline.stray.load(Ordering::Relaxed));
+        out["sink_p50_ms"] = json!(percentile_ms(&arr, 0.50));
+        out["sink_p99_ms"] = json!(percentile_ms(&arr, 0.99));
+    }
+    emit(out)?;
+    // Sessions still held by the relays at the sink are simply dropped with the runtime.
+    rt.shutdown_background();
+    Ok(())
+}
+
+/// One session: returns the instant the 250 after the final dot was read.
+async fn send_one(target: SocketAddr, msg: &[u8]) -> anyhow::Result<Instant> {
+    let mut s = BufReader::with_capacity(1024, connect(target).await?);
+    let mut buf = Vec::with_capacity(256);
+    expect(&mut s, &mut buf, 2, "connect").await?;
+    command(&mut s, &mut buf, "EHLO loadgen.bench\r\n", 2).await?;
+    command(&mut s, &mut buf, "MAIL FROM:<bench@example.com>\r\n", 2).await?;
+    command(&mut s, &mut buf, "RCPT TO:<rcpt@example.net>\r\n", 2).await?;
+    command(&mut s, &mut buf, "DATA\r\n", 3).await?;
+    s.write_all(msg).await?;
+    s.flush().await?;
+    expect(&mut s, &mut buf, 2, "the final dot").await?;
+    let t250 = Instant::now();
+    quit(&mut s, &mut buf).await;
+    Ok(t250)
+}
+
+/// Bind the sink's port, retrying for a few seconds: the previous sink on that port may still be
+/// exiting. (tokio sets SO_REUSEADDR, so its old connections in TIME_WAIT are no obstacle.)
+async fn bind_retrying(addr: SocketAddr) -> anyhow::Result<TcpListener> {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        match TcpListener::bind(addr).await {
+            Ok(l) => return Ok(l),
+            Err(_) if Instant::now() < deadline => {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            Err(e) => return Err(e).with_context(|| format!("sink: cannot bind {addr}")),
+        }
+    }
+}
+
+async fn sink_accept(listener: TcpListener, timeline: Arc<Timeline>) {
+    loop {
+        let Ok((tcp, _)) = listener.accept().await else {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+            continue;
+        };
+        let _ = tcp.set_nodelay(true);
+        let timeline = timeline.clone();
+        // A broken relay connection only loses its own messages, which then never arrive.
+        tokio::spawn(async move {
+            let _ = sink_session(tcp, &timeline).await;
+        });
+    }
+}
+
+/// One relay connection to the sink: any number of transactions, pipelined commands answered in
+/// order. Replies are gathered and written when no more input is buffered, so a pipelined group
+/// gets its replies in one write and a lone command is answered at once.
+async fn sink_session(tcp: TcpStream, timeline: &Timeline) -> anyhow::Result<()> {
+    let mut s = BufReader::with_capacity(16 * 1024, tcp);
+    let mut out: Vec<u8> = b"220 loadgen.sink ESMTP\r\n".to_vec();
+    let mut line = Vec::with_capacity(1024);
+    loop {
+        if s.buffer().is_empty() && !out.is_empty() {
+            s.get_mut().write_all(&out).await?;
+            out.clear();
+        }
+        read_line(&mut s, &mut line).await?;
+        let verb = line
+            .get(..4)
+            .map(|v| v.to_ascii_uppercase())
+            .unwrap_or_default();
+        match verb.as_slice() {
+            b"EHLO" => out.extend_from_slice(
+                b"250-loadgen.sink\r\n250-PIPELINING\r\n250-8BITMIME\r\n250 SIZE 104857600\r\n",
+            ),
+            b"HELO" => out.extend_from_slice(b"250 loadgen.sink\r\n"),
+            b"MAIL" | b"RCPT" | b"RSET" | b"NOOP" => out.extend_from_slice(b"250 2.0.0 Ok\r\n"),
+            b"DATA" => {
+                out.extend_from_slice(b"354 End data with <CR><LF>.<CR><LF>\r\n");
+                s.get_mut().write_all(&out).await?;
+                out.clear();
+                let seq = sink_data(&mut s, &mut line).await?;
+                timeline.arrival(seq.as_deref(), Instant::now());
+                out.extend_from_slice(b"250 2.0.0 Ok: queued\r\n");
+            }
+            b"QUIT" => {
+                out.extend_from_slice(b"221 2.0.0 Bye\r\n");
+                s.get_mut().write_all(&out).await?;
+                return Ok(());
+            }
+            _ => out.extend_from_slice(b"502 5.5.2 Command not recognized\r\n"),
+        }
+    }
+}
+
+/// Read a message up to its final dot; return the value of its `X-Bench-Seq` header.
+async fn sink_data(
+    s: &mut BufReader<TcpStream>,
+    line: &mut Vec<u8>,
+) -> anyhow::Result<Option<String>> {
+    const HEADER: &[u8] = b"x-bench-seq:";
+    let mut in_headers = true;
+    let mut seq = None;
+    loop {
+        read_line(s, line).await?;
+        if line.as_slice() == b".\r\n" {
+            return Ok(seq);
+        }
+        if in_headers {
+            if line.as_slice() == b"\r\n" {
+                in_headers = false;
+            } else if line.len() > HEADER.len() && line[..HEADER.len()].eq_ignore_ascii_case(HEADER)
+            {
+                seq = Some(
+                    String::from_utf8_lossy(&line[HEADER.len()..])
+                        .trim()
+                        .to_owned(),
+                );
+            }
+        }
+    }
+}
+
+// ---- idle ----------------------------------------------------------------------------------
+
+/// Raise the soft RLIMIT_NOFILE to the hard limit and return the new limit.
+fn raise_nofile() -> io::Result<u64> {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit only writes the struct we pass, which lives for the call.
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    lim.rlim_cur = lim.rlim_max;
+    // SAFETY: setrlimit only reads the struct we pass.
+    if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &lim) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(lim.rlim_cur)
+}
+
+fn idle(a: &Args) -> anyhow::Result<()> {
+    let target: SocketAddr = a.get("target")?;
+    let count: usize = a.get("count")?;
+    let parallel: usize = a.opt("parallel")?.unwrap_or(DEFAULT_IDLE_PARALLEL).max(1);
+    let nofile = raise_nofile().context("cannot raise RLIMIT_NOFILE")?;
+    let rt = runtime()?;
+    rt.block_on(async {
+        let t0 = Instant::now();
+        let gate = Arc::new(Semaphore::new(parallel));
+        let errors = Arc::new(FirstError::default());
+        let tasks: Vec<_> = (0..count)
+            .map(|_| {
+                let (gate, errors) = (gate.clone(), errors.clone());
+                tokio::spawn(async move {
+                    let _permit = gate.acquire_owned().await.ok()?;
+                    match tokio::time::timeout(SESSION_TIMEOUT, open_idle(target)).await {
+                        Ok(Ok(tcp)) => Some(tcp),
+                        Ok(Err(e)) => {
+                            errors.note(&e);
+                            None
+                        }
+                        Err(_) => {
+                            errors.note(&anyhow!("greeting timed out"));
+                            None
+                        }
+                    }
+                })
+            })
+            .collect();
+        let mut held = Vec::with_capacity(count);
+        for t in tasks {
+            if let Ok(Some(tcp)) = t.await {
+                held.push(tcp);
+            }
+        }
+        emit(json!({
+            "opened": held.len(),
+            "refused": count - held.len(),
+            "seconds": t0.elapsed().as_secs_f64(),
+            "nofile": nofile,
+            "first_error": errors.get(),
+        }))?;
+        wait_for_release().await?;
+        drop(held);
+        anyhow::Ok(())
+    })
+}
+
+/// Connect, read the banner, EHLO, read the reply: a session now idle after EHLO.
+async fn open_idle(target: SocketAddr) -> anyhow::Result<TcpStream> {
+    let mut s = BufReader::with_capacity(512, connect(target).await?);
+    let mut buf = Vec::with_capacity(256);
+    expect(&mut s, &mut buf, 2, "connect").await?;
+    command(&mut s, &mut buf, "EHLO idle.loadgen.bench\r\n", 2).await?;
+    // The small read buffer goes; the socket stays open.
+    Ok(s.into_inner())
+}
+
+/// Until stdin reaches EOF (the parent closed it or died), SIGTERM or SIGINT.
+async fn wait_for_release() -> anyhow::Result<()> {
+    let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+    // tokio's stdin needs a feature this crate does not enable; a plain thread does the job.
+    std::thread::spawn(move || {
+        let mut stdin = io::stdin().lock();
+        let mut buf = [0u8; 256];
+        while matches!(stdin.read(&mut buf), Ok(n) if n > 0) {}
+        let _ = tx.send(());
+    });
+    let mut term = signal(SignalKind::terminate())?;
+    let mut int = signal(SignalKind::interrupt())?;
+    tokio::select! {
+        _ = rx => {}
+        _ = term.recv() => {}
+        _ = int.recv() => {}
+    }
+    Ok(())
+}
+
+// ---- tls-server ----------------------------------------------------------------------------
+
+/// The server configuration portcullis builds (`src/inbound/tls.rs`, `min_version = "1.2"`).
+fn server_config(cert: &str, key: &str) -> anyhow::Result<Arc<ServerConfig>> {
+    let provider = Arc::new(aws_lc_rs::default_provider());
+    let chain = CertificateDer::pem_file_iter(cert)
+        .with_context(|| format!("cannot read {cert}"))?
+        .collect::<Result<Vec<_>, _>>()
+        .with_context(|| format!("{cert}: malformed PEM"))?;
+    if chain.is_empty() {
+        bail!("{cert}: no certificate");
+    }
+    let key_der =
+        PrivateKeyDer::from_pem_file(key).with_context(|| format!("cannot read {key}"))?;
+    let signing_key = provider
+        .key_provider
+        .load_private_key(key_der)
+        .with_context(|| format!("{key}: unusable private key"))?;
+    let mut config = ServerConfig::builder_with_provider(provider)
+        .with_protocol_versions(VERSIONS)?
+        .with_no_client_auth()
+        .with_cert_resolver(Arc::new(SingleCertAndKey::from(CertifiedKey::new(
+            chain,
+            signing_key,
+        ))));
+    config.max_early_data_size = 0;
+    Ok(Arc::new(config))
+}
+
+#[derive(Default)]
+struct ServerCounters {
+    accepted: AtomicU64,
+    handshakes: AtomicU64,
+    failed: AtomicU64,
+}
+
+fn tls_server(a: &Args) -> anyhow::Result<()> {
+    let listen: SocketAddr = a.get("listen")?;
+    let acceptor = TlsAcceptor::from(server_config(
+        &a.get::<String>("cert")?,
+        &a.get::<String>("key")?,
+    )?);
+    let rt = runtime()?;
+    let counters = Arc::new(ServerCounters::default());
+    rt.block_on(async {
+        let listener = TcpListener::bind(listen)
+            .await
+            .with_context(|| format!("cannot bind {listen}"))?;
+        let mut term = signal(SignalKind::terminate())?;
+        let mut int = signal(SignalKind::interrupt())?;
+        loop {
+            let accepted = tokio::select! {
+                r = listener.accept() => r,
+                _ = term.recv() => break,
+                _ = int.recv() => break,
+            };
+            let Ok((tcp, _)) = accepted else {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            };
+            counters.accepted.fetch_add(1, Ordering::Relaxed);
+            let (acceptor, counters) = (acceptor.clone(), counters.clone());
+            tokio::spawn(async move {
+                match tokio::time::timeout(SESSION_TIMEOUT, starttls_session(tcp, acceptor)).await {
+                    Ok(Ok(true)) => counters.handshakes.fetch_add(1, Ordering::Relaxed),
+                    Ok(Ok(false)) => 0, // QUIT before STARTTLS (a readiness probe)
+                    _ => counters.failed.fetch_add(1, Ordering::Relaxed),
+                };
+            });
+        }
+        anyhow::Ok(())
+    })?;
+    emit(json!({
+        "accepted": counters.accepted.load(Ordering::Relaxed),
+        "handshakes": counters.handshakes.load(Ordering::Relaxed),
+        "failed": counters.failed.load(Ordering::Relaxed),
+    }))
+}
+
+/// Banner, EHLO, STARTTLS, handshake, one line, 221. Ok(false) if the client quit before TLS.
+async fn starttls_session(tcp: TcpStream, acceptor: TlsAcceptor) -> anyhow::Result<bool> {
+    tcp.set_nodelay(true)?;
+    let mut s = BufReader::with_capacity(1024, tcp);
+    let mut line = Vec::with_capacity(256);
+    s.get_mut()
+        .write_all(b"220 bench-tls.loadgen ESMTP\r\n")
+        .await?;
+    loop {
+        read_line(&mut s, &mut line).await?;
+        let verb = line
+            .get(..4)
+            .map(|v| v.to_ascii_uppercase())
+            .unwrap_or_default();
+        let reply: &[u8] = match verb.as_slice() {
+            b"EHLO" => b"250-bench-tls.loadgen\r\n250 STARTTLS\r\n",
+            b"HELO" => b"250 bench-tls.loadgen\r\n",
+            b"STAR" => break,
+            b"QUIT" => {
+                s.get_mut().write_all(b"221 2.0.0 Bye\r\n").await?;
+                return Ok(false);
+            }
+            _ => b"502 5.5.2 Command not recognized\r\n",
+        };
+        s.get_mut().write_all(reply).await?;
+    }
+    // As portcullis: nothing may be pipelined after STARTTLS (it would be plaintext injection).
+    if !s.buffer().is_empty() {
+        bail!("data pipelined after STARTTLS");
+    }
+    s.get_mut()
+        .write_all(b"220 2.0.0 Ready to start TLS\r\n")
+        .await?;
+    let tls = acceptor.accept(s.into_inner()).await?;
+    let mut s = BufReader::with_capacity(1024, tls);
+    read_line(&mut s, &mut line).await?;
+    s.get_mut().write_all(b"221 2.0.0 Bye\r\n").await?;
+    s.get_mut().shutdown().await?;
+    Ok(true)
+}
+
+// ---- tls -----------------------------------------------------------------------------------
+
+/// Accepts the server's (self-signed) chain, or only `pinned` when given, but verifies the
+/// handshake signature as any client must: a server without the private key fails.
+#[derive(Debug)]
+struct SelfSignedVerifier {
+    provider: Arc<CryptoProvider>,
+    pinned: Option<CertificateDer<'static>>,
+}
+
+impl ServerCertVerifier for SelfSignedVerifier {
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        _intermediates: &[CertificateDer<'_>],
+        _server_name: &ServerName<'_>,
+        _ocsp_response: &[u8],
+        _now: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        match &self.pinned {
+            Some(pinned) if pinned.as_ref() != end_entity.as_ref() => Err(
+                rustls::Error::InvalidCertificate(rustls::CertificateError::UnknownIssuer),
+            ),
+            _ => Ok(ServerCertVerified::assertion()),
+        }
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(
+            message,
+            cert,
+            dss,
+            &self.provider.signature_verification_algorithms,
+        )
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(
+            message,
+            cert,
+            dss,
+            &self.provider.signature_verification_algorithms,
+        )
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.provider
+            .signature_verification_algorithms
+            .supported_schemes()
+    }
+}
+
+fn client_config(pinned: Option<&str>) -> anyhow::Result<Arc<ClientConfig>> {
+    let provider = Arc::new(aws_lc_rs::default_provider());
+    let pinned = pinned
+        .map(|path| {
+            CertificateDer::from_pem_file(path).with_context(|| format!("cannot read {path}"))
+        })
+        .transpose()?;
+    let verifier = SelfSignedVerifier {
+        provider: provider.clone(),
+        pinned,
+    };
+    let mut config = ClientConfig::builder_with_provider(provider)
+        .with_protocol_versions(VERSIONS)?
+        .dangerous()
+        .with_custom_certificate_verifier(Arc::new(verifier))
+        .with_no_client_auth();
+    // Every handshake is a full one: no session IDs or tickets are stored or offered.
+    config.resumption = Resumption::disabled();
+    Ok(Arc::new(config))
+}
+
+/// What the first successful handshake negotiated, for the JSON line.
+#[derive(Default)]
+struct Negotiated(Mutex<Option<serde_json::Value>>);
+
+#[derive(Default)]
+struct ClientCounters {
+    handshakes: AtomicU64,
+    failed: AtomicU64,
+}
+
+fn tls_client(a: &Args) -> anyhow::Result<()> {
+    let target: SocketAddr = a.get("target")?;
+    let conns: usize = a.get("conns")?;
+    let seconds: f64 = a.get("seconds")?;
+    let name = ServerName::try_from(
+        a.opt::<String>("name")?
+            .unwrap_or_else(|| "bench.portcullis.test".to_owned()),
+    )?;
+    let connector = TlsConnector::from(client_config(a.opt::<String>("cert")?.as_deref())?);
+    let rt = runtime()?;
+    let counters = Arc::new(ClientCounters::default());
+    let errors = Arc::new(FirstError::default());
+    let negotiated = Arc::new(Negotiated::default());
+    let t0 = Instant::now();
+    let deadline = t0 + Duration::from_secs_f64(seconds);
+    rt.block_on(async {
+        let loops: Vec<_> = (0..conns.max(1))
+            .map(|_| {
+                let (connector, name) = (connector.clone(), name.clone());
+                let (counters, errors, negotiated) =
+                    (counters.clone(), errors.clone(), negotiated.clone());
+                tokio::spawn(async move {
+                    while Instant::now() < deadline {
+                        let once = starttls_once(target, &connector, name.clone(), &negotiated);
+                        match tokio::time::timeout(SESSION_TIMEOUT, once).await {
+                            Ok(Ok(())) => counters.handshakes.fetch_add(1, Ordering::Relaxed),
+                            Ok(Err(e)) => {
+                                errors.note(&e);
+                                counters.failed.fetch_add(1, Ordering::Relaxed)
+                            }
+                            Err(_) => {
+                                errors.note(&anyhow!("session timed out"));
+                                counters.failed.fetch_add(1, Ordering::Relaxed)
+                            }
+                        };
+                    }
+                })
+            })
+            .collect();
+        for l in loops {
+            let _ = l.await;
+        }
+    });
+    let elapsed = t0.elapsed().as_secs_f64();
+    let handshakes = counters.handshakes.load(Ordering::Relaxed);
+    let negotiated = negotiated
+        .0
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .take();
+    emit(json!({
+        "handshakes": handshakes,
+        "failed": counters.failed.load(Ordering::Relaxed),
+        "seconds": elapsed,
+        "per_sec": handshakes as f64 / elapsed,
+        "conns": conns,
+        "negotiated": negotiated,
+        "first_error": errors.get(),
+    }))
+}
+
+/// One STARTTLS session: banner, EHLO, STARTTLS, full handshake, QUIT over TLS, 221, close.
+async fn starttls_once(
+    target: SocketAddr,
+    connector: &TlsConnector,
+    name: ServerName<'static>,
+    negotiated: &Negotiated,
+) -> anyhow::Result<()> {
+    let mut s = BufReader::with_capacity(1024, connect(target).await?);
+    let mut buf = Vec::with_capacity(256);
+    expect(&mut s, &mut buf, 2, "connect").await?;
+    command(&mut s, &mut buf, "EHLO tls.loadgen.bench\r\n", 2).await?;
+    command(&mut s, &mut buf, "STARTTLS\r\n", 2).await?;
+    if !s.buffer().is_empty() {
+        bail!("server sent data after its STARTTLS reply");
+    }
+    let tls = connector
+        .connect(name, s.into_inner())
+        .await
+        .context("TLS handshake")?;
+    {
+        let mut slot = negotiated.0.lock().unwrap_or_else(|p| p.into_inner());
+        if slot.is_none() {
+            let conn = tls.get_ref().1;
+            *slot = Some(json!({
+                "version": conn.protocol_version().map(|v| format!("{v:?}")),
+                "suite": conn.negotiated_cipher_suite().map(|s| format!("{:?}", s.suite())),
+                "kx": conn.negotiated_key_exchange_group().map(|g| format!("{:?}", g.name())),
+            }));
+        }
+    }
+    let mut s = BufReader::with_capacity(1024, tls);
+    s.write_all(b"QUIT\r\n").await?;
+    s.flush().await?;
+    expect(&mut s, &mut buf, 2, "QUIT over TLS").await?;
+    // Let the server close first (TIME_WAIT on its side); its close_notify or FIN ends this.
+    let _ = tokio::time::timeout(CLOSE_TIMEOUT, async {
+        let mut rest = [0u8; 256];
+        while matches!(s.read(&mut rest).await, Ok(n) if n > 0) {}
+    })
+    .await;
+    Ok(())
+}
