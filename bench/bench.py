@@ -61,12 +61,11 @@ D_SECONDS = float(os.environ.get("BENCH_D_SECONDS", "15"))
 E_SECONDS = float(os.environ.get("BENCH_E_SECONDS", "15"))
 E_CONNS = int(os.environ.get("BENCH_E_CONNS", "20"))
 # After the sink on the relays' upstream port was replaced (scenario C swaps smtp-sink for
-# loadgen's sink and back, and each loadgen run ends its sink), no mail may go through before
-# portcullis has dropped its pooled connections to the old one: it keeps them up to 10 s
-# (IDLE_TIMEOUT in src/outbound/upstream.rs), and when a dead pooled connection fails its RSET
-# the retry may take a second dead one from the pool, which marks the upstream down for 30 s
-# (its backoff) and stalls the run. Postfix keeps its cached connections 2 s.
-SINK_SWAP_PAUSE_S = 12.0
+# loadgen's sink and back, and each loadgen run ends its sink), the relays' cached upstream
+# connections to the old one are dead. Postfix keeps its cached connections 2 s; portcullis
+# notices a dead pooled connection at its RSET, closes the rest of its pool and reconnects
+# (tests/delivery.rs, a_restarted_upstream_...). A short pause lets Postfix's cache expire.
+SINK_SWAP_PAUSE_S = 3.0
 # Scenario D: pause after the idle sessions are open before RSS is read (allocation settles).
 D_IDLE_SETTLE_S = 3.0
 # Idle sessions held to Postfix to find the size of the smtpd process serving one of them.

@@ -569,6 +569,55 @@ fn connection_is_reused_with_rset_between_messages() {
 }
 
 #[test]
+fn a_restarted_upstream_leaves_stale_pooled_connections_that_cost_no_delay() {
+    // Three deliveries at once, each held at the final dot: three pooled connections.
+    let sink = Sink::start(SinkConfig {
+        dot_delay: Some(Duration::from_millis(400)),
+        ..SinkConfig::default()
+    });
+    let port = sink.port();
+    let relay = start_relay(port, "max_connections = 3\n", "");
+    let senders: Vec<_> = (0..3)
+        .map(|i| {
+            let relay_port = relay.port(0);
+            thread::spawn(move || {
+                let mut c = SmtpClient::connect(relay_port);
+                c.expect_reply(220);
+                c.expect("EHLO client.test", 250);
+                let (code, _) = c.send_message(
+                    "a@example.org",
+                    &["b@example.com"],
+                    &body(&format!("pooled {i}"), "x\r\n"),
+                );
+                assert_eq!(code, 250);
+            })
+        })
+        .collect();
+    for s in senders {
+        s.join().unwrap();
+    }
+    assert!(sink.wait_for(3, WAIT));
+    assert_eq!(sink.connections(), 3);
+    // The upstream restarts: every pooled connection is now closed at the far end.
+    sink.stop();
+    let sink = Sink::start_on(port, SinkConfig::default());
+    let started = std::time::Instant::now();
+    send(
+        &relay,
+        "a@example.org",
+        &["b@example.com"],
+        &body("after restart", "x\r\n"),
+    );
+    assert!(sink.wait_for(1, WAIT), "not delivered after the restart");
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "delivery waited {:?}",
+        started.elapsed()
+    );
+    assert!(!relay.log().contains("marked down"), "{}", relay.log());
+}
+
+#[test]
 fn without_pipelining_commands_go_one_by_one_and_helo_is_the_fallback() {
     let sink = Sink::start(SinkConfig {
         pipelining: false,

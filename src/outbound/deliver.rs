@@ -327,7 +327,11 @@ impl Attempting {
             let result = lease.conn.send(&tx, &mut source, &mut gate).await;
             up.release(lease);
             match result {
-                Err(f) if f.stale && !fresh_try => continue,
+                Err(f) if f.stale && !fresh_try => {
+                    // The retry must get a new connection, not the next stale one.
+                    up.discard_idle();
+                    continue;
+                }
                 other => return other,
             }
         }

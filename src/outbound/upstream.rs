@@ -13,7 +13,9 @@
 //!
 //! Pool: at most `max_connections` connections per upstream, idle or busy. A connection that
 //! finished a transaction cleanly goes back to the pool and carries the next message (after
-//! RSET); one idle for longer than [`IDLE_TIMEOUT`] is closed.
+//! RSET); one idle for longer than [`IDLE_TIMEOUT`] is closed. One found closed by the
+//! upstream (at its RSET) makes the whole idle pool go, and the delivery retries once on a
+//! new connection: after an upstream restart every pooled connection is dead.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -227,6 +229,17 @@ impl UpstreamRt {
             Err(f) => return Err(f),
         };
         Ok(Lease { conn, permit })
+    }
+
+    /// Close every idle connection of this upstream: one of them was found closed by the
+    /// upstream (a restart, or its own idle timeout), and the others, pooled over the same
+    /// period, most likely are too. Retrying on each in turn would fail as many times and
+    /// trip the circuit breaker over connections that were merely stale.
+    pub fn discard_idle(&self) {
+        let idle: Vec<Pooled> = self.idle().drain(..).collect();
+        for p in idle {
+            tokio::spawn(p.conn.quit());
+        }
     }
 
     fn take_idle(&self) -> Option<Lease> {

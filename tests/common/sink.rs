@@ -104,6 +104,8 @@ pub struct SinkConfig {
     /// Stop answering (keep the socket open until the client or the sink closes it) when this
     /// stage is reached.
     pub stall_at: Option<Stage>,
+    /// Wait this long before answering the final dot (holds the client's connection busy).
+    pub dot_delay: Option<Duration>,
 }
 
 impl Default for SinkConfig {
@@ -124,6 +126,7 @@ impl Default for SinkConfig {
             data_reply: None,
             drop_after: None,
             stall_at: None,
+            dot_delay: None,
         }
     }
 }
@@ -951,6 +954,9 @@ impl Session<'_> {
             return Ok(Flow::End);
         }
         let config = self.config();
+        if let Some(delay) = config.dot_delay {
+            sleep(delay);
+        }
         let Some(txn) = self.txn.take() else {
             return Ok(Flow::End);
         };
