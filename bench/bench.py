@@ -505,6 +505,7 @@ def run_once(relay, sink, messages, sessions, size, reuse, rss=False):
     elapsed = t_last - t0
     r = {
         "relay": relay.name,
+        "sent": messages,
         "delivered": delivered,
         "elapsed": elapsed,
         "msgs": delivered / elapsed if elapsed > 0 else 0.0,
@@ -864,6 +865,12 @@ def main():
         if os.environ.get("BENCH_OUT"):
             with open(os.environ["BENCH_OUT"], "w") as f:
                 f.write(text + "\n")
+        # A run that lost messages measured nothing: fail (this is what the CI smoke pass checks).
+        short = [f"{r['relay']} delivered {r['delivered']} of {r['sent']}"
+                 for _, res in a for rs in res.values() for r in rs if r["delivered"] < r["sent"]]
+        if short:
+            log("FAILED: messages missing at the sink: " + "; ".join(short))
+            sys.exit(1)
     finally:
         for r in relays:
             try:
