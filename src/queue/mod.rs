@@ -13,6 +13,7 @@
 //! SPOOL/queue/ID.state   delivery progress (optional, replaced atomically)
 //! SPOOL/quarantine/      files recovery could not understand (moved here, never deleted)
 //! SPOOL/control/         operator requests to the running relay (`retry.ID`, `retry.all`)
+//! SPOOL/free/            files of finished messages, reused for new ones (see [`recycle`])
 //! ```
 //!
 //! A message file is the line `PORTCULLIS-SPOOL 1\n`, then the [`Envelope`] as one line of
@@ -68,6 +69,7 @@
 pub mod bounce;
 pub mod control;
 mod recover;
+mod recycle;
 pub mod report;
 mod state;
 mod writer;
@@ -226,25 +228,30 @@ struct Dirs {
     queue: PathBuf,
     quarantine: PathBuf,
     control: PathBuf,
+    /// `free/`, the files kept for reuse.
+    free: recycle::FreePool,
 }
 
 impl Spool {
-    /// Open the spool at `root`, creating it and `tmp/`, `queue/`, `quarantine/` and `control/`
-    /// (mode 0700) when missing, and check that it is writable by creating and removing a probe
-    /// file in `tmp/`. Does not run recovery.
+    /// Open the spool at `root`, creating it and `tmp/`, `queue/`, `quarantine/`, `control/`
+    /// and `free/` (mode 0700) when missing, and check that it is writable by creating and
+    /// removing a probe file in `tmp/`. Does not run recovery.
     pub fn open(root: &Path) -> Result<Spool, SpoolError> {
+        let mut builder = fs::DirBuilder::new();
+        builder.recursive(true).mode(DIR_MODE);
+        for sub in ["tmp", "queue", "quarantine", "control", "free"] {
+            let dir = root.join(sub);
+            builder.create(&dir).map_err(SpoolError::io("mkdir", &dir))?;
+        }
+        let free = root.join("free");
         let dirs = Dirs {
             root: root.to_path_buf(),
             tmp: root.join("tmp"),
             queue: root.join("queue"),
             quarantine: root.join("quarantine"),
             control: root.join("control"),
+            free: recycle::FreePool::load(&free).map_err(SpoolError::io("readdir", &free))?,
         };
-        let mut builder = fs::DirBuilder::new();
-        builder.recursive(true).mode(DIR_MODE);
-        for dir in [&dirs.tmp, &dirs.queue, &dirs.quarantine, &dirs.control] {
-            builder.create(dir).map_err(SpoolError::io("mkdir", dir))?;
-        }
         let spool = Spool {
             inner: Arc::new(dirs),
         };
@@ -293,8 +300,12 @@ impl Spool {
             what: "envelope",
             source,
         })?;
-        let file = create_new(&self.inner.tmp.join(id.as_str()))?;
-        let mut writer = SpoolWriter::new(envelope, file, self.inner.clone());
+        let tmp = self.inner.tmp.join(id.as_str());
+        let (file, reused) = match self.inner.free.take(&tmp) {
+            Some(file) => (file, true),
+            None => (create_new(&tmp)?, false),
+        };
+        let mut writer = SpoolWriter::new(envelope, file, reused, self.inner.clone());
         writer.write_header(&json)?;
         Ok(writer)
     }
@@ -480,17 +491,36 @@ impl Spool {
     }
 
     /// Remove a message every recipient of which is done (delivered, or failed with its bounce
-    /// queued): like [`Spool::remove`] but without the directory fsync. If a crash undoes the
-    /// unlink, the message comes back and is delivered again, which invariant 1 allows
-    /// (at-least-once); it can never be lost this way. The next fsync of `queue/` (the next
-    /// commit, typically milliseconds later) makes the unlink durable anyway. This saves one
-    /// disk flush per message on the busiest path.
-    pub fn remove_finished(&self, id: &QueueId) -> Result<(), SpoolError> {
-        if self.unlink(id)? {
+    /// queued): out of `queue/` into `free/` for reuse when it is small (see [`recycle`]), or
+    /// unlinked; then its state. Unlike [`Spool::remove`], no directory fsync: if a crash
+    /// undoes it, the message comes back and is delivered again, which invariant 1 allows
+    /// (at-least-once); it can never be lost this way, and the next fsync of `queue/` (the
+    /// next commit, typically milliseconds later) makes it durable anyway. This saves one disk
+    /// flush per message on the busiest path. `size` is the message's size, as loaded.
+    pub fn remove_finished(&self, id: &QueueId, size: u64) -> Result<(), SpoolError> {
+        let path = self.message_path(id);
+        // The header is small; what matters is whether the file is worth keeping.
+        let removed = self
+            .inner
+            .free
+            .give(&path, id.as_str(), size)
+            .map_err(SpoolError::io("unlink", &path))?;
+        let state = self.state_path(id);
+        match fs::remove_file(&state) {
+            Ok(()) => {}
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            Err(e) => return Err(SpoolError::io("unlink", &state)(e)),
+        }
+        if removed {
             Ok(())
         } else {
             Err(SpoolError::NotFound(id.clone()))
         }
+    }
+
+    /// How many files `free/` holds for reuse.
+    pub fn free_files(&self) -> usize {
+        self.inner.free.len()
     }
 
     /// Unlink `queue/ID` then `queue/ID.state`; false when `queue/ID` did not exist.

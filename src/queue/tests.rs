@@ -36,7 +36,7 @@ fn names(dir: &Path) -> Vec<String> {
 fn open_creates_private_directories() {
     use std::os::unix::fs::PermissionsExt;
     let (_d, spool) = spool();
-    for sub in ["tmp", "queue", "quarantine", "control"] {
+    for sub in ["tmp", "queue", "quarantine", "control", "free"] {
         let meta = fs::metadata(spool.root().join(sub)).unwrap();
         assert!(meta.is_dir());
         assert_eq!(meta.permissions().mode() & 0o777, 0o700, "{sub}");
@@ -643,16 +643,46 @@ fn final_dot_lock_tells_delete_and_delete_tells_the_worker() {
 }
 
 #[test]
-fn remove_finished_unlinks_message_and_state() {
+fn finished_messages_are_recycled_and_written_over_exactly() {
+    use std::os::unix::fs::MetadataExt;
     let (_d, spool) = spool();
-    let id = commit(&spool, &envelope(&["a@example.com"]), BODY);
+    let queue = spool.root().join("queue");
+    let free = spool.root().join("free");
+    let long = b"Subject: a long one\r\n\r\n".repeat(100);
+    let id = commit(&spool, &envelope(&["a@example.com"]), &long);
     spool.write_state(&id, &DeliveryState::fresh(5)).unwrap();
-    spool.remove_finished(&id).unwrap();
-    assert!(names(&spool.root().join("queue")).is_empty());
+    let inode = fs::metadata(queue.join(id.as_str())).unwrap().ino();
+    spool.remove_finished(&id, long.len() as u64).unwrap();
+    assert!(names(&queue).is_empty(), "message and state leave the queue");
+    assert_eq!(names(&free), [id.to_string()]);
     assert!(matches!(
-        spool.remove_finished(&id),
+        spool.remove_finished(&id, 1),
         Err(SpoolError::NotFound(_))
     ));
+
+    // The next message is written into that file, cut to its own length.
+    let env = envelope(&["b@example.com"]);
+    let short = commit(&spool, &env, BODY);
+    assert!(names(&free).is_empty());
+    assert_eq!(fs::metadata(queue.join(short.as_str())).unwrap().ino(), inode);
+    assert_eq!(spool.read_message(&short).unwrap(), BODY);
+    assert_eq!(spool.load(&short).unwrap().envelope, env);
+    assert_eq!(spool.load(&short).unwrap().size, BODY.len() as u64);
+
+    // A big message is unlinked, not kept.
+    let big = vec![b'x'; super::recycle::RECYCLE_MAX as usize + 1];
+    let id = commit(&spool, &envelope(&["c@example.com"]), &big);
+    spool.remove_finished(&id, big.len() as u64).unwrap();
+    assert!(names(&free).is_empty());
+    assert_eq!(names(&queue), [short.to_string()]);
+
+    // Free files survive a restart, and one removed by hand is simply skipped.
+    spool.remove_finished(&short, BODY.len() as u64).unwrap();
+    let again = Spool::open(spool.root()).unwrap();
+    assert_eq!(again.free_files(), 1);
+    fs::remove_file(free.join(short.as_str())).unwrap();
+    let id = commit(&again, &envelope(&["d@example.com"]), BODY);
+    assert_eq!(again.read_message(&id).unwrap(), BODY);
 }
 
 #[test]

@@ -30,6 +30,10 @@ pub struct SpoolWriter {
     dirs: Arc<Dirs>,
     /// Message bytes written (the header not included).
     written: u64,
+    /// All bytes written, header included: the file's length at commit.
+    length: u64,
+    /// The file was reused from `free/` and may be longer than what is written into it.
+    reused: bool,
     /// The temp file no longer exists in `tmp/` (renamed or removed).
     gone: bool,
     /// The envelope in the header, and a copy of the message bytes while they fit in
@@ -39,12 +43,14 @@ pub struct SpoolWriter {
 }
 
 impl SpoolWriter {
-    pub(super) fn new(envelope: &Envelope, file: File, dirs: Arc<Dirs>) -> Self {
+    pub(super) fn new(envelope: &Envelope, file: File, reused: bool, dirs: Arc<Dirs>) -> Self {
         SpoolWriter {
             id: envelope.id.clone(),
             file: Some(BufWriter::with_capacity(BUFFER_SIZE, file)),
             dirs,
             written: 0,
+            length: 0,
+            reused,
             gone: false,
             envelope: envelope.clone(),
             kept: Some(Vec::new()),
@@ -130,6 +136,11 @@ impl SpoolWriter {
         let file = buffered
             .into_inner()
             .map_err(|e| self.io_error("write", e.into_error()))?;
+        if self.reused {
+            // Cut what is left of the file's previous message; the fsync below covers it.
+            file.set_len(self.length)
+                .map_err(|e| self.io_error("truncate", e))?;
+        }
         file.sync_data().map_err(|e| self.io_error("fsync", e))?;
         let queue_path = self.dirs.queue.join(self.id.as_str());
         rename_noreplace(&self.tmp_path(), &queue_path).map_err(|source| {
@@ -171,6 +182,7 @@ impl SpoolWriter {
             Some(file) => file.write_all(data),
             None => Err(std::io::ErrorKind::Other.into()),
         };
+        self.length += data.len() as u64;
         result.map_err(|e| self.io_error("write", e))
     }
 

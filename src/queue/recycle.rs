@@ -1,0 +1,123 @@
+//! `SPOOL/free/`: files of finished messages, kept to be written over by new ones.
+//!
+//! Creating a file allocates an inode and removing one frees it and its blocks. On ext4
+//! without a journal (the spool's file system on the benchmark machines), allocating an inode
+//! skips every inode of the group deleted in the last minute (up to five: `recently_deleted`
+//! in `fs/ext4/ialloc.c`), so at a few thousand messages a second each new file scans
+//! hundreds of thousands of inodes under the directory's lock; and on a file system mounted
+//! with `discard`, freeing blocks waits for the disk. Both grow with the message rate, so a
+//! relay that creates and deletes one file per message slows down exactly when it is busiest.
+//!
+//! So a finished message is not unlinked: [`FreePool::give`] renames `queue/ID` to `free/ID`
+//! (the rename is its exit from the queue), and [`FreePool::take`] renames a free file to
+//! `tmp/NEWID` for the next message, which is written over it from the start and cut to its
+//! length at commit ([`super::SpoolWriter::commit`]), before the data fsync. No inode is
+//! allocated or freed and, for small messages, no block either.
+//!
+//! Bounds: at most [`FREE_MAX`] files, each of a message of at most [`RECYCLE_MAX`] bytes;
+//! anything else is unlinked as before. What a free file still holds (a delivered message) is
+//! overwritten by the next message written into it. The files may be removed at any time, by
+//! hand too: the pool then creates new files. Only the relay process recycles; the `queue`
+//! commands unlink.
+
+use std::fs::{self, File, OpenOptions};
+use std::io;
+use std::path::{Path, PathBuf};
+use std::sync::{Mutex, MutexGuard};
+
+/// Most files kept in `free/`: about the number of messages in flight at once, with room.
+pub const FREE_MAX: usize = 256;
+
+/// Largest message file (header included) that is recycled rather than unlinked, so `free/`
+/// holds at most `FREE_MAX * RECYCLE_MAX` bytes (16 MiB).
+pub const RECYCLE_MAX: u64 = 64 * 1024;
+
+/// The free files of one spool (names in `free/`).
+#[derive(Debug)]
+pub struct FreePool {
+    dir: PathBuf,
+    names: Mutex<Vec<String>>,
+}
+
+impl FreePool {
+    /// The pool over `dir` (created by the caller), with the files already there: up to
+    /// [`FREE_MAX`] regular files are kept, anything else is removed.
+    pub fn load(dir: &Path) -> io::Result<FreePool> {
+        let mut names = Vec::new();
+        for entry in fs::read_dir(dir)? {
+            let entry = entry?;
+            let name = entry.file_name().into_string().ok();
+            let regular = entry.file_type().is_ok_and(|t| t.is_file());
+            match name {
+                Some(name) if regular && names.len() < FREE_MAX => names.push(name),
+                _ if entry.file_type().is_ok_and(|t| t.is_dir()) => {
+                    fs::remove_dir_all(entry.path())?
+                }
+                _ => fs::remove_file(entry.path())?,
+            }
+        }
+        Ok(FreePool {
+            dir: dir.to_path_buf(),
+            names: Mutex::new(names),
+        })
+    }
+
+    /// Move a free file to `to` and open it for writing (not truncated: the writer cuts it to
+    /// length at commit). `None` when the pool is empty or the file could not be had (then the
+    /// caller creates a new one).
+    pub fn take(&self, to: &Path) -> Option<File> {
+        loop {
+            let name = self.names().pop()?;
+            match fs::rename(self.dir.join(&name), to) {
+                Ok(()) => {}
+                // Removed by hand meanwhile: try the next one.
+                Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
+                Err(e) => {
+                    tracing::debug!(error = %e, "cannot reuse a free spool file");
+                    return None;
+                }
+            }
+            return match OpenOptions::new().write(true).open(to) {
+                Ok(file) => Some(file),
+                Err(e) => {
+                    tracing::debug!(error = %e, "cannot open a reused spool file");
+                    let _ = fs::remove_file(to);
+                    None
+                }
+            };
+        }
+    }
+
+    /// Take `path` (a finished message of `len` bytes, named `name`) out of the queue: renamed
+    /// into the pool when it is small and there is room, unlinked otherwise. `Ok(false)` when
+    /// `path` did not exist.
+    pub fn give(&self, path: &Path, name: &str, len: u64) -> io::Result<bool> {
+        let mut names = self.names();
+        if len <= RECYCLE_MAX && names.len() < FREE_MAX {
+            match fs::rename(path, self.dir.join(name)) {
+                Ok(()) => {
+                    names.push(name.to_string());
+                    return Ok(true);
+                }
+                Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(false),
+                // E.g. free/ removed by hand: unlink instead.
+                Err(_) => {}
+            }
+        }
+        drop(names);
+        match fs::remove_file(path) {
+            Ok(()) => Ok(true),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(false),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// How many files the pool holds.
+    pub fn len(&self) -> usize {
+        self.names().len()
+    }
+
+    fn names(&self) -> MutexGuard<'_, Vec<String>> {
+        self.names.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
