@@ -423,9 +423,9 @@ impl Attempting {
                 // The last close of an unlinked file frees its blocks (on a file system mounted
                 // with `discard`, a synchronous discard): also off the reactor.
                 let lock = self.lock.take();
-                let size = self.msg.size;
+                let (size, attempts) = (self.msg.size, self.msg.state.attempts);
                 on_spool(&self.ctx.spool, move |s| {
-                    let removed = s.remove_finished(&id, size);
+                    let removed = s.remove_finished(&id, size, attempts);
                     drop(lock);
                     removed
                 })

@@ -32,7 +32,8 @@
 //! - data fsync before rename: otherwise a power loss can leave a renamed, visible file whose
 //!   blocks were never written (zero-length or holes) — a "committed" message that is garbage;
 //! - rename as the commit point: it is atomic, so `queue/` only ever holds complete files and a
-//!   crash leaves either a leftover in `tmp/` (removed by [`Spool::recover`]) or the whole file;
+//!   crash leaves either a leftover in `tmp/` (removed by [`Spool::recover`]) or in `free/` (a
+//!   reused file, junk until written over again; see [`recycle`]) or the whole file;
 //! - directory fsync before replying: the rename itself is a change to the directory, and until
 //!   the directory is on disk a crash may undo it, losing a message already acknowledged.
 //!
@@ -68,6 +69,7 @@
 
 pub mod bounce;
 pub mod control;
+mod group;
 mod recover;
 mod recycle;
 pub mod report;
@@ -230,6 +232,8 @@ struct Dirs {
     control: PathBuf,
     /// `free/`, the files kept for reuse.
     free: recycle::FreePool,
+    /// Shared fsyncs of `queue/` for commits.
+    queue_sync: group::DirSync,
 }
 
 impl Spool {
@@ -241,7 +245,9 @@ impl Spool {
         builder.recursive(true).mode(DIR_MODE);
         for sub in ["tmp", "queue", "quarantine", "control", "free"] {
             let dir = root.join(sub);
-            builder.create(&dir).map_err(SpoolError::io("mkdir", &dir))?;
+            builder
+                .create(&dir)
+                .map_err(SpoolError::io("mkdir", &dir))?;
         }
         let free = root.join("free");
         let dirs = Dirs {
@@ -251,6 +257,7 @@ impl Spool {
             quarantine: root.join("quarantine"),
             control: root.join("control"),
             free: recycle::FreePool::load(&free).map_err(SpoolError::io("readdir", &free))?,
+            queue_sync: group::DirSync::new(root.join("queue")),
         };
         let spool = Spool {
             inner: Arc::new(dirs),
@@ -300,12 +307,14 @@ impl Spool {
             what: "envelope",
             source,
         })?;
-        let tmp = self.inner.tmp.join(id.as_str());
-        let (file, reused) = match self.inner.free.take(&tmp) {
-            Some(file) => (file, true),
-            None => (create_new(&tmp)?, false),
+        let (file, path, reused) = match self.inner.free.take() {
+            Some((file, path)) => (file, path, true),
+            None => {
+                let tmp = self.inner.tmp.join(id.as_str());
+                (create_new(&tmp)?, tmp, false)
+            }
         };
-        let mut writer = SpoolWriter::new(envelope, file, reused, self.inner.clone());
+        let mut writer = SpoolWriter::new(envelope, file, path, reused, self.inner.clone());
         writer.write_header(&json)?;
         Ok(writer)
     }
@@ -496,8 +505,15 @@ impl Spool {
     /// undoes it, the message comes back and is delivered again, which invariant 1 allows
     /// (at-least-once); it can never be lost this way, and the next fsync of `queue/` (the
     /// next commit, typically milliseconds later) makes it durable anyway. This saves one disk
-    /// flush per message on the busiest path. `size` is the message's size, as loaded.
-    pub fn remove_finished(&self, id: &QueueId, size: u64) -> Result<(), SpoolError> {
+    /// flush per message on the busiest path. `size` (the message's, as loaded) decides
+    /// whether the file is kept for reuse; a message with no `attempts` recorded has no state
+    /// file to remove (an unreadable one, loaded as fresh, is left to recovery as an orphan).
+    pub fn remove_finished(
+        &self,
+        id: &QueueId,
+        size: u64,
+        attempts: u32,
+    ) -> Result<(), SpoolError> {
         let path = self.message_path(id);
         // The header is small; what matters is whether the file is worth keeping.
         let removed = self
@@ -505,11 +521,13 @@ impl Spool {
             .free
             .give(&path, id.as_str(), size)
             .map_err(SpoolError::io("unlink", &path))?;
-        let state = self.state_path(id);
-        match fs::remove_file(&state) {
-            Ok(()) => {}
-            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
-            Err(e) => return Err(SpoolError::io("unlink", &state)(e)),
+        if attempts > 0 {
+            let state = self.state_path(id);
+            match fs::remove_file(&state) {
+                Ok(()) => {}
+                Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+                Err(e) => return Err(SpoolError::io("unlink", &state)(e)),
+            }
         }
         if removed {
             Ok(())

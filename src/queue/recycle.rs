@@ -9,10 +9,10 @@
 //! relay that creates and deletes one file per message slows down exactly when it is busiest.
 //!
 //! So a finished message is not unlinked: [`FreePool::give`] renames `queue/ID` to `free/ID`
-//! (the rename is its exit from the queue), and [`FreePool::take`] renames a free file to
-//! `tmp/NEWID` for the next message, which is written over it from the start and cut to its
-//! length at commit ([`super::SpoolWriter::commit`]), before the data fsync. No inode is
-//! allocated or freed and, for small messages, no block either.
+//! (the rename is its exit from the queue), and [`FreePool::take`] hands a free file to the
+//! next message, which is written over it from the start, in place, cut to its length at
+//! commit ([`super::SpoolWriter::commit`]) before the data fsync, and renamed into `queue/`.
+//! No inode is allocated or freed and, for small messages, no block either.
 //!
 //! Bounds: at most [`FREE_MAX`] files, each of a message of at most [`RECYCLE_MAX`] bytes;
 //! anything else is unlinked as before. What a free file still holds (a delivered message) is
@@ -62,14 +62,17 @@ impl FreePool {
         })
     }
 
-    /// Move a free file to `to` and open it for writing (not truncated: the writer cuts it to
-    /// length at commit). `None` when the pool is empty or the file could not be had (then the
-    /// caller creates a new one).
-    pub fn take(&self, to: &Path) -> Option<File> {
+    /// A free file, opened for writing (not truncated: the writer cuts it to length at
+    /// commit), and its path. It stays in `free/` while the new message is written into it,
+    /// and leaves by the commit's rename into `queue/`: a crash meanwhile leaves a free file
+    /// with junk in it, which is what free files hold anyway. `None` when the pool is empty or
+    /// no file could be opened (then the caller creates a new one in `tmp/`).
+    pub fn take(&self) -> Option<(File, PathBuf)> {
         loop {
             let name = self.names().pop()?;
-            match fs::rename(self.dir.join(&name), to) {
-                Ok(()) => {}
+            let path = self.dir.join(&name);
+            match OpenOptions::new().write(true).open(&path) {
+                Ok(file) => return Some((file, path)),
                 // Removed by hand meanwhile: try the next one.
                 Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
                 Err(e) => {
@@ -77,14 +80,6 @@ impl FreePool {
                     return None;
                 }
             }
-            return match OpenOptions::new().write(true).open(to) {
-                Ok(file) => Some(file),
-                Err(e) => {
-                    tracing::debug!(error = %e, "cannot open a reused spool file");
-                    let _ = fs::remove_file(to);
-                    None
-                }
-            };
         }
     }
 

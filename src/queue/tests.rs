@@ -652,11 +652,14 @@ fn finished_messages_are_recycled_and_written_over_exactly() {
     let id = commit(&spool, &envelope(&["a@example.com"]), &long);
     spool.write_state(&id, &DeliveryState::fresh(5)).unwrap();
     let inode = fs::metadata(queue.join(id.as_str())).unwrap().ino();
-    spool.remove_finished(&id, long.len() as u64).unwrap();
-    assert!(names(&queue).is_empty(), "message and state leave the queue");
+    spool.remove_finished(&id, long.len() as u64, 1).unwrap();
+    assert!(
+        names(&queue).is_empty(),
+        "message and state leave the queue"
+    );
     assert_eq!(names(&free), [id.to_string()]);
     assert!(matches!(
-        spool.remove_finished(&id, 1),
+        spool.remove_finished(&id, 1, 1),
         Err(SpoolError::NotFound(_))
     ));
 
@@ -664,7 +667,10 @@ fn finished_messages_are_recycled_and_written_over_exactly() {
     let env = envelope(&["b@example.com"]);
     let short = commit(&spool, &env, BODY);
     assert!(names(&free).is_empty());
-    assert_eq!(fs::metadata(queue.join(short.as_str())).unwrap().ino(), inode);
+    assert_eq!(
+        fs::metadata(queue.join(short.as_str())).unwrap().ino(),
+        inode
+    );
     assert_eq!(spool.read_message(&short).unwrap(), BODY);
     assert_eq!(spool.load(&short).unwrap().envelope, env);
     assert_eq!(spool.load(&short).unwrap().size, BODY.len() as u64);
@@ -672,12 +678,12 @@ fn finished_messages_are_recycled_and_written_over_exactly() {
     // A big message is unlinked, not kept.
     let big = vec![b'x'; super::recycle::RECYCLE_MAX as usize + 1];
     let id = commit(&spool, &envelope(&["c@example.com"]), &big);
-    spool.remove_finished(&id, big.len() as u64).unwrap();
+    spool.remove_finished(&id, big.len() as u64, 0).unwrap();
     assert!(names(&free).is_empty());
     assert_eq!(names(&queue), [short.to_string()]);
 
     // Free files survive a restart, and one removed by hand is simply skipped.
-    spool.remove_finished(&short, BODY.len() as u64).unwrap();
+    spool.remove_finished(&short, BODY.len() as u64, 0).unwrap();
     let again = Spool::open(spool.root()).unwrap();
     assert_eq!(again.free_files(), 1);
     fs::remove_file(free.join(short.as_str())).unwrap();

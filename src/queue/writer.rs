@@ -5,7 +5,7 @@ use std::io::{BufWriter, Write};
 use std::path::PathBuf;
 use std::sync::Arc;
 
-use super::{Dirs, Loaded, MAGIC, QueuedMessage, SendLock, SpoolError, rename_noreplace, sync_dir};
+use super::{Dirs, Loaded, MAGIC, QueuedMessage, SendLock, SpoolError, rename_noreplace};
 use crate::envelope::{Envelope, QueueId};
 use crate::queue::DeliveryState;
 
@@ -32,8 +32,11 @@ pub struct SpoolWriter {
     written: u64,
     /// All bytes written, header included: the file's length at commit.
     length: u64,
-    /// The file was reused from `free/` and may be longer than what is written into it.
+    /// The file was reused from `free/` (and is written there) and may be longer than what is
+    /// written into it.
     reused: bool,
+    /// The file being written (see [`SpoolWriter::tmp_path`]).
+    path: PathBuf,
     /// The temp file no longer exists in `tmp/` (renamed or removed).
     gone: bool,
     /// The envelope in the header, and a copy of the message bytes while they fit in
@@ -43,8 +46,15 @@ pub struct SpoolWriter {
 }
 
 impl SpoolWriter {
-    pub(super) fn new(envelope: &Envelope, file: File, reused: bool, dirs: Arc<Dirs>) -> Self {
+    pub(super) fn new(
+        envelope: &Envelope,
+        file: File,
+        path: PathBuf,
+        reused: bool,
+        dirs: Arc<Dirs>,
+    ) -> Self {
         SpoolWriter {
+            path,
             id: envelope.id.clone(),
             file: Some(BufWriter::with_capacity(BUFFER_SIZE, file)),
             dirs,
@@ -57,9 +67,9 @@ impl SpoolWriter {
         }
     }
 
-    /// `tmp/ID`.
-    fn tmp_path(&self) -> PathBuf {
-        self.dirs.tmp.join(self.id.as_str())
+    /// Where the message is being written: `tmp/ID`, or the reused file in `free/`.
+    fn tmp_path(&self) -> &std::path::Path {
+        &self.path
     }
 
     /// Write the magic line and the envelope JSON line (`envelope_json` holds no newline:
@@ -96,7 +106,7 @@ impl SpoolWriter {
     }
 
     /// Make the message durable and visible: flush, fsync the data, rename `tmp/ID` to
-    /// `queue/ID`, fsync `queue/`. Blocking: call from `spawn_blocking`. Only after this
+    /// `queue/ID`, fsync `queue/` (shared with concurrent commits: [`super::group`]). Blocking: call from `spawn_blocking`. Only after this
     /// returns `Ok` may the client be told `250`.
     pub fn commit(self) -> Result<QueueId, SpoolError> {
         self.commit_file().map(|(id, _, _)| id)
@@ -143,7 +153,7 @@ impl SpoolWriter {
         }
         file.sync_data().map_err(|e| self.io_error("fsync", e))?;
         let queue_path = self.dirs.queue.join(self.id.as_str());
-        rename_noreplace(&self.tmp_path(), &queue_path).map_err(|source| {
+        rename_noreplace(self.tmp_path(), &queue_path).map_err(|source| {
             if source.kind() == std::io::ErrorKind::AlreadyExists {
                 SpoolError::AlreadyExists(self.id.clone())
             } else {
@@ -155,7 +165,7 @@ impl SpoolWriter {
             }
         })?;
         self.gone = true;
-        if let Err(e) = sync_dir(&self.dirs.queue) {
+        if let Err(e) = self.dirs.queue_sync.sync() {
             // The file is visible in queue/ but maybe not durable: the caller answers 4xx and
             // the message may be delivered twice (allowed); removing it could race a worker.
             tracing::warn!(queue_id = %self.id, error = %e, "queue directory fsync failed after commit");
@@ -189,7 +199,7 @@ impl SpoolWriter {
     fn io_error(&self, op: &'static str, source: std::io::Error) -> SpoolError {
         SpoolError::Io {
             op,
-            path: self.tmp_path(),
+            path: self.tmp_path().to_path_buf(),
             source,
         }
     }
