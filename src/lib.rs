@@ -16,7 +16,8 @@
 //! - [`policy`]: pure decisions compiled from `Config`, named after SMTP stages.
 //! - [`inbound`]: listeners, the per-connection driver, TLS.
 //! - [`queue`]: the durable spool, recovery, the operator control files behind the `queue`
-//!   commands (retry, delete, purge) and the bounce (RFC 3464) builder.
+//!   commands (retry, delete, purge), the reuse of finished message files and the bounce
+//!   (RFC 3464) builder.
 //! - [`outbound`]: the upstream SMTP client, routing with failover and circuit breakers,
 //!   connection pools, delivery attempts and the scheduler that starts them.
 //! - [`app`]: wires the above together and owns shutdown and reload.
@@ -25,8 +26,9 @@
 //!
 //! listener accepts → policy connect check → greeting → session events (EHLO, STARTTLS, AUTH,
 //! MAIL, RCPT), each checked by policy → DATA streamed into a spool file under the size cap →
-//! end-of-data checks → `Received:` header → commit (fsync, rename, directory fsync) →
-//! `250 2.0.0 Ok: queued as ID` → delivery worker → upstream.
+//! end-of-data checks → `Received:` header → commit (fsync, rename, directory fsync shared
+//! with concurrent commits) → `250 2.0.0 Ok: queued as ID` → the message, still in memory when
+//! small, to a delivery worker → upstream → the file leaves the queue (kept for reuse).
 
 pub mod app;
 pub mod config;
