@@ -28,8 +28,8 @@ use std::sync::{Mutex, MutexGuard};
 /// Most files kept in `free/`: about the number of messages in flight at once, with room.
 pub const FREE_MAX: usize = 256;
 
-/// Largest message file (header included) that is recycled rather than unlinked, so `free/`
-/// holds at most `FREE_MAX * RECYCLE_MAX` bytes (16 MiB).
+/// Largest message (its bytes, without the spool header) whose file is recycled rather than
+/// unlinked, so `free/` holds at most about `FREE_MAX * RECYCLE_MAX` bytes (16 MiB).
 pub const RECYCLE_MAX: u64 = 64 * 1024;
 
 /// The free files of one spool (names in `free/`).
@@ -83,7 +83,7 @@ impl FreePool {
         }
     }
 
-    /// Take `path` (a finished message of `len` bytes, named `name`) out of the queue: renamed
+    /// Take `path` (a finished message of `len` message bytes, named `name`) out of the queue: renamed
     /// into the pool when it is small and there is room, unlinked otherwise. `Ok(false)` when
     /// `path` did not exist.
     pub fn give(&self, path: &Path, name: &str, len: u64) -> io::Result<bool> {
