@@ -22,6 +22,7 @@
 
 use std::fs::{self, File, OpenOptions};
 use std::io;
+use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::sync::{Mutex, MutexGuard};
 
@@ -72,7 +73,17 @@ impl FreePool {
             let name = self.names().pop()?;
             let path = self.dir.join(&name);
             match OpenOptions::new().write(true).open(&path) {
-                Ok(file) => return Some((file, path)),
+                // A free file must have no other name. Only a crash in the middle of a rename,
+                // repaired by fsck on a file system without a journal, could leave one also
+                // linked in `queue/`: writing over it would destroy a queued message.
+                Ok(file) if file.metadata().is_ok_and(|m| m.nlink() == 1) => {
+                    return Some((file, path));
+                }
+                Ok(_) => {
+                    tracing::warn!(path = %path.display(), "a free spool file has another name; not reusing it");
+                    let _ = fs::remove_file(&path);
+                    continue;
+                }
                 // Removed by hand meanwhile: try the next one.
                 Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
                 Err(e) => {

@@ -682,6 +682,17 @@ fn finished_messages_are_recycled_and_written_over_exactly() {
     assert!(names(&free).is_empty());
     assert_eq!(names(&queue), [short.to_string()]);
 
+    // A free file that also has a name in queue/ (a rename torn by a crash) is never written
+    // over: the queued message keeps its bytes.
+    spool.remove_finished(&short, BODY.len() as u64, 0).unwrap();
+    fs::hard_link(free.join(short.as_str()), queue.join(short.as_str())).unwrap();
+    let id = commit(&spool, &envelope(&["e@example.com"]), b"new\r\n");
+    assert_eq!(spool.read_message(&short).unwrap(), BODY);
+    assert_eq!(spool.read_message(&id).unwrap(), b"new\r\n");
+    assert!(names(&free).is_empty());
+    spool.remove_finished(&id, 5, 0).unwrap();
+    fs::remove_file(free.join(id.as_str())).unwrap();
+
     // Free files survive a restart, and one removed by hand is simply skipped.
     spool.remove_finished(&short, BODY.len() as u64, 0).unwrap();
     let again = Spool::open(spool.root()).unwrap();
