@@ -19,13 +19,12 @@
 //!   connect, banner, EHLO, STARTTLS, a full TLS handshake (resumption disabled), QUIT over TLS,
 //!   221, close. The same client drives portcullis and `tls-server`.
 //!
-//! TLS on both sides mirrors portcullis (`src/inbound/tls.rs`): the aws-lc-rs provider built
-//! explicitly, TLS 1.3 and 1.2 offered, no client certificates, 0-RTT off, and otherwise the
-//! rustls defaults (a stateful session cache of 256 entries, two TLS 1.3 tickets sent after each
-//! handshake, no ticket encryption key). The client refuses resumption, so every handshake is a
-//! full one against either server. The certificate is self-signed: the client accepts the chain
-//! (or, with `--cert`, exactly that certificate) but still verifies the handshake signature with
-//! the provider's algorithms, identically for both servers.
+//! TLS on both sides is portcullis's own: `tls-server` builds its configuration with
+//! `portcullis::inbound::tls::server_config` (`[tls] cert` and `key`, `min_version = "1.2"`),
+//! and the client is `portcullis::outbound::tls::unverified_client_config` (the opportunistic
+//! upstream client: any certificate, handshake signatures verified) with resumption disabled,
+//! so every handshake is a full one against either server. With `--cert` the client also fails
+//! a session whose server presented another certificate.
 //!
 //! It is a measuring tool: a failure is counted (and the first one described in the JSON line),
 //! never retried, so a struggling server shows up in the figures.
@@ -40,7 +39,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, anyhow, bail};
 use rustls_pki_types::pem::PemObject;
-use rustls_pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
+use rustls_pki_types::{CertificateDer, ServerName, UnixTime};
 use serde_json::json;
 use tokio::io::{
     AsyncBufRead, AsyncBufReadExt, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader,
@@ -49,15 +48,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::signal::unix::{SignalKind, signal};
 use tokio::sync::Semaphore;
 use tokio_rustls::rustls::client::Resumption;
-use tokio_rustls::rustls::client::danger::{
-    HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier,
-};
-use tokio_rustls::rustls::crypto::{CryptoProvider, aws_lc_rs};
-use tokio_rustls::rustls::sign::{CertifiedKey, SingleCertAndKey};
-use tokio_rustls::rustls::{
-    self, ClientConfig, DigitallySignedStruct, ServerConfig, SignatureScheme,
-    SupportedProtocolVersion,
-};
+use tokio_rustls::rustls::{ClientConfig, ServerConfig};
 use tokio_rustls::{TlsAcceptor, TlsConnector};
 
 /// Longest reply or command line accepted, CRLF included (message lines too, at the sink).
@@ -75,8 +66,6 @@ const DEFAULT_SINK_WAIT_S: f64 = 30.0;
 const DEFAULT_IDLE_PARALLEL: usize = 64;
 /// Message size of `openloop`, headers included.
 const MESSAGE_SIZE: usize = 1024;
-/// Protocol versions offered by both ends, as portcullis with `min_version = "1.2"`.
-const VERSIONS: &[&SupportedProtocolVersion] = &[&rustls::version::TLS13, &rustls::version::TLS12];
 
 fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
@@ -646,31 +635,21 @@ async fn wait_for_release() -> anyhow::Result<()> {
 
 // ---- tls-server ----------------------------------------------------------------------------
 
-/// The server configuration portcullis builds (`src/inbound/tls.rs`, `min_version = "1.2"`).
+/// The server configuration portcullis itself builds for `[tls] cert`, `key` and
+/// `min_version = "1.2"` (its default): the same function, so the two servers differ only in
+/// what they do around the handshake.
 fn server_config(cert: &str, key: &str) -> anyhow::Result<Arc<ServerConfig>> {
-    let provider = Arc::new(aws_lc_rs::default_provider());
-    let chain = CertificateDer::pem_file_iter(cert)
-        .with_context(|| format!("cannot read {cert}"))?
-        .collect::<Result<Vec<_>, _>>()
-        .with_context(|| format!("{cert}: malformed PEM"))?;
-    if chain.is_empty() {
-        bail!("{cert}: no certificate");
-    }
-    let key_der =
-        PrivateKeyDer::from_pem_file(key).with_context(|| format!("cannot read {key}"))?;
-    let signing_key = provider
-        .key_provider
-        .load_private_key(key_der)
-        .with_context(|| format!("{key}: unusable private key"))?;
-    let mut config = ServerConfig::builder_with_provider(provider)
-        .with_protocol_versions(VERSIONS)?
-        .with_no_client_auth()
-        .with_cert_resolver(Arc::new(SingleCertAndKey::from(CertifiedKey::new(
-            chain,
-            signing_key,
-        ))));
-    config.max_early_data_size = 0;
-    Ok(Arc::new(config))
+    let tls = portcullis::config::Tls {
+        source: portcullis::config::CertSource::Files {
+            cert: cert.into(),
+            key: key.into(),
+        },
+        min_version: portcullis::config::TlsVersion::Tls12,
+    };
+    Ok(portcullis::inbound::tls::server_config(
+        &tls,
+        "bench.portcullis.test",
+    )?)
 }
 
 #[derive(Default)]
@@ -766,85 +745,20 @@ async fn starttls_session(tcp: TcpStream, acceptor: TlsAcceptor) -> anyhow::Resu
 
 // ---- tls -----------------------------------------------------------------------------------
 
-/// Accepts the server's (self-signed) chain, or only `pinned` when given, but verifies the
-/// handshake signature as any client must: a server without the private key fails.
-#[derive(Debug)]
-struct SelfSignedVerifier {
-    provider: Arc<CryptoProvider>,
-    pinned: Option<CertificateDer<'static>>,
-}
-
-impl ServerCertVerifier for SelfSignedVerifier {
-    fn verify_server_cert(
-        &self,
-        end_entity: &CertificateDer<'_>,
-        _intermediates: &[CertificateDer<'_>],
-        _server_name: &ServerName<'_>,
-        _ocsp_response: &[u8],
-        _now: UnixTime,
-    ) -> Result<ServerCertVerified, rustls::Error> {
-        match &self.pinned {
-            Some(pinned) if pinned.as_ref() != end_entity.as_ref() => Err(
-                rustls::Error::InvalidCertificate(rustls::CertificateError::UnknownIssuer),
-            ),
-            _ => Ok(ServerCertVerified::assertion()),
-        }
-    }
-
-    fn verify_tls12_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls12_signature(
-            message,
-            cert,
-            dss,
-            &self.provider.signature_verification_algorithms,
-        )
-    }
-
-    fn verify_tls13_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls13_signature(
-            message,
-            cert,
-            dss,
-            &self.provider.signature_verification_algorithms,
-        )
-    }
-
-    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.provider
-            .signature_verification_algorithms
-            .supported_schemes()
-    }
-}
-
-fn client_config(pinned: Option<&str>) -> anyhow::Result<Arc<ClientConfig>> {
-    let provider = Arc::new(aws_lc_rs::default_provider());
-    let pinned = pinned
-        .map(|path| {
-            CertificateDer::from_pem_file(path).with_context(|| format!("cannot read {path}"))
-        })
-        .transpose()?;
-    let verifier = SelfSignedVerifier {
-        provider: provider.clone(),
-        pinned,
-    };
-    let mut config = ClientConfig::builder_with_provider(provider)
-        .with_protocol_versions(VERSIONS)?
-        .dangerous()
-        .with_custom_certificate_verifier(Arc::new(verifier))
-        .with_no_client_auth();
-    // Every handshake is a full one: no session IDs or tickets are stored or offered.
+/// portcullis's own opportunistic client configuration (any certificate, handshake signatures
+/// verified), with resumption off so that every handshake is a full one.
+fn client_config() -> anyhow::Result<Arc<ClientConfig>> {
+    let mut config = portcullis::outbound::tls::unverified_client_config()?;
     config.resumption = Resumption::disabled();
     Ok(Arc::new(config))
+}
+
+/// `--cert`: the one certificate the server may present (checked after each handshake).
+fn pinned(path: Option<&str>) -> anyhow::Result<Option<CertificateDer<'static>>> {
+    path.map(|path| {
+        CertificateDer::from_pem_file(path).with_context(|| format!("cannot read {path}"))
+    })
+    .transpose()
 }
 
 /// What the first successful handshake negotiated, for the JSON line.
@@ -865,7 +779,8 @@ fn tls_client(a: &Args) -> anyhow::Result<()> {
         a.opt::<String>("name")?
             .unwrap_or_else(|| "bench.portcullis.test".to_owned()),
     )?;
-    let connector = TlsConnector::from(client_config(a.opt::<String>("cert")?.as_deref())?);
+    let connector = TlsConnector::from(client_config()?);
+    let pinned = Arc::new(pinned(a.opt::<String>("cert")?.as_deref())?);
     let rt = runtime()?;
     let counters = Arc::new(ClientCounters::default());
     let errors = Arc::new(FirstError::default());
@@ -876,11 +791,21 @@ fn tls_client(a: &Args) -> anyhow::Result<()> {
         let loops: Vec<_> = (0..conns.max(1))
             .map(|_| {
                 let (connector, name) = (connector.clone(), name.clone());
-                let (counters, errors, negotiated) =
-                    (counters.clone(), errors.clone(), negotiated.clone());
+                let (counters, errors, negotiated, pinned) = (
+                    counters.clone(),
+                    errors.clone(),
+                    negotiated.clone(),
+                    pinned.clone(),
+                );
                 tokio::spawn(async move {
                     while Instant::now() < deadline {
-                        let once = starttls_once(target, &connector, name.clone(), &negotiated);
+                        let once = starttls_once(
+                            target,
+                            &connector,
+                            name.clone(),
+                            pinned.as_ref().as_ref(),
+                            &negotiated,
+                        );
                         match tokio::time::timeout(SESSION_TIMEOUT, once).await {
                             Ok(Ok(())) => counters.handshakes.fetch_add(1, Ordering::Relaxed),
                             Ok(Err(e)) => {
@@ -923,6 +848,7 @@ async fn starttls_once(
     target: SocketAddr,
     connector: &TlsConnector,
     name: ServerName<'static>,
+    pinned: Option<&CertificateDer<'static>>,
     negotiated: &Negotiated,
 ) -> anyhow::Result<()> {
     let mut s = BufReader::with_capacity(1024, connect(target).await?);
@@ -937,6 +863,12 @@ async fn starttls_once(
         .connect(name, s.into_inner())
         .await
         .context("TLS handshake")?;
+    if let Some(pinned) = pinned {
+        let presented = tls.get_ref().1.peer_certificates().and_then(|c| c.first());
+        if presented != Some(pinned) {
+            bail!("the server presented another certificate than --cert");
+        }
+    }
     {
         let mut slot = negotiated.0.lock().unwrap_or_else(|p| p.into_inner());
         if slot.is_none() {

@@ -78,10 +78,7 @@ pub fn client_tls(upstream: &Upstream) -> Result<Option<ClientTls>, ClientTlsErr
         UpstreamTls::Required => builder
             .with_root_certificates(roots(upstream)?)
             .with_no_client_auth(),
-        UpstreamTls::Opportunistic => builder
-            .dangerous()
-            .with_custom_certificate_verifier(Arc::new(Unverified(provider)))
-            .with_no_client_auth(),
+        UpstreamTls::Opportunistic => unverified(builder, provider),
     };
     let host = host_of(&upstream.address);
     let server_name =
@@ -93,6 +90,25 @@ pub fn client_tls(upstream: &Upstream) -> Result<Option<ClientTls>, ClientTlsErr
         config: Arc::new(config),
         server_name,
     }))
+}
+
+/// A client configuration that encrypts without verifying the server's certificate but still
+/// checks the handshake signatures (opportunistic TLS; also the benchmark's STARTTLS client).
+pub fn unverified_client_config() -> Result<ClientConfig, rustls::Error> {
+    let provider = Arc::new(aws_lc_rs::default_provider());
+    let builder = ClientConfig::builder_with_provider(provider.clone())
+        .with_safe_default_protocol_versions()?;
+    Ok(unverified(builder, provider))
+}
+
+fn unverified(
+    builder: rustls::ConfigBuilder<ClientConfig, rustls::WantsVerifier>,
+    provider: Arc<CryptoProvider>,
+) -> ClientConfig {
+    builder
+        .dangerous()
+        .with_custom_certificate_verifier(Arc::new(Unverified(provider)))
+        .with_no_client_auth()
 }
 
 /// The host part of `host:port` or `[v6]:port`.
