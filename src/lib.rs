@@ -20,6 +20,7 @@
 //!   (RFC 3464) builder.
 //! - [`outbound`]: the upstream SMTP client, routing with failover and circuit breakers,
 //!   connection pools, delivery attempts and the scheduler that starts them.
+//! - [`stream`]: a connection that is plain TCP or TLS, for both directions.
 //! - [`app`]: wires the above together and owns shutdown and reload.
 //!
 //! # One message
@@ -38,3 +39,4 @@ pub mod outbound;
 pub mod policy;
 pub mod queue;
 pub mod smtp;
+pub mod stream;

@@ -16,7 +16,6 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
 use super::Runtime;
-use super::stream::Stream;
 use super::tls::session_info;
 use crate::config::{Listener, ListenerTls};
 use crate::envelope::{Envelope, QueueId, Recipient, ReversePath, TlsInfo, unix_now};
@@ -28,6 +27,7 @@ use crate::queue::{Spool, SpoolWriter};
 use crate::smtp::headers::HeaderFilter;
 use crate::smtp::received::{self, Trace};
 use crate::smtp::{Credentials, DataFault, Event, Reply, Session, SessionConfig, reply};
+use crate::stream::{ServerStream as Stream, closed};
 
 /// Size of each read from the client.
 const READ_SIZE: usize = 8 * 1024;
@@ -62,6 +62,7 @@ async fn read_into(
                 other => return other,
             }
         },
+        Stream::Closed => Err(closed()),
         Stream::Tls(tls) => {
             if tls_buf.is_empty() {
                 tls_buf.resize(READ_SIZE, 0);
@@ -408,6 +409,7 @@ impl Connection {
                 tokio::time::sleep(wait).await;
                 false
             }
+            Stream::Closed => false,
         }
     }
 

@@ -8,7 +8,6 @@
 pub mod connection;
 pub mod limits;
 pub mod listener;
-pub mod stream;
 pub mod tls;
 
 use std::sync::Arc;

@@ -17,22 +17,19 @@
 //! the upstream's circuit breaker and may try the next upstream. Replies that concern this
 //! message are per-recipient [`RcptOutcome`]s.
 
-use std::io;
-use std::pin::Pin;
-use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use base64::Engine;
 use base64::engine::general_purpose::STANDARD as BASE64;
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio_rustls::TlsConnector;
-use tokio_rustls::client::TlsStream;
 
 use super::reply::{MAX_REPLY_LINE, MAX_REPLY_LINES, Reply, parse_line};
 use super::tls::ClientTls;
 use crate::config::{Upstream, UpstreamTls};
 use crate::envelope::{Address, Body, MailParams, ReversePath};
+use crate::stream::{ClientStream, Stream};
 
 /// Size of the chunks the message is read and written in.
 const CHUNK: usize = 64 * 1024;
@@ -174,7 +171,7 @@ pub struct Sent {
 
 /// An open, greeted (and possibly TLS-protected and authenticated) upstream connection.
 pub struct Connection {
-    io: Io,
+    io: ClientStream,
     /// Received bytes not yet consumed.
     rbuf: Vec<u8>,
     /// Extensions from the last EHLO.
@@ -219,7 +216,7 @@ impl Connection {
         };
         let _ = tcp.set_nodelay(true);
         let mut conn = Connection {
-            io: Io::Plain(tcp),
+            io: Stream::Plain(tcp),
             rbuf: Vec::new(),
             ext: Extensions::default(),
             tls: false,
@@ -299,7 +296,7 @@ impl Connection {
                 "the upstream sent data after its 220 before the TLS handshake",
             ));
         }
-        let Io::Plain(tcp) = std::mem::replace(&mut self.io, Io::Closed) else {
+        let Stream::Plain(tcp) = std::mem::replace(&mut self.io, Stream::Closed) else {
             return Err(failure("STARTTLS", "connection already upgraded"));
         };
         let connector = TlsConnector::from(tls.config.clone());
@@ -310,7 +307,7 @@ impl Connection {
         .await
         {
             Ok(Ok(stream)) => {
-                self.io = Io::Tls(Box::new(stream));
+                self.io = Stream::Tls(Box::new(stream));
                 self.tls = true;
                 Ok(())
             }
@@ -566,7 +563,7 @@ impl Connection {
         self.write_message(message).await?;
         if !gate.allow() {
             self.reusable = false;
-            self.io = Io::Closed;
+            self.io = Stream::Closed;
             return Ok(settle(
                 outcomes,
                 RcptOutcome::Deferred("aborted".into()),
@@ -756,62 +753,6 @@ fn remember_tail(chunk: &[u8], last_two: &mut [u8; 2]) {
         [] => {}
         [b] => *last_two = [last_two[1], *b],
         [.., a, b] => *last_two = [*a, *b],
-    }
-}
-
-/// A plain or TLS connection.
-enum Io {
-    Plain(TcpStream),
-    Tls(Box<TlsStream<TcpStream>>),
-    /// After a failed upgrade or an abort: every operation fails.
-    Closed,
-}
-
-fn closed() -> io::Error {
-    io::Error::new(io::ErrorKind::NotConnected, "connection closed")
-}
-
-impl AsyncRead for Io {
-    fn poll_read(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<io::Result<()>> {
-        match self.get_mut() {
-            Io::Plain(s) => Pin::new(s).poll_read(cx, buf),
-            Io::Tls(s) => Pin::new(s.as_mut()).poll_read(cx, buf),
-            Io::Closed => Poll::Ready(Err(closed())),
-        }
-    }
-}
-
-impl AsyncWrite for Io {
-    fn poll_write(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<io::Result<usize>> {
-        match self.get_mut() {
-            Io::Plain(s) => Pin::new(s).poll_write(cx, buf),
-            Io::Tls(s) => Pin::new(s.as_mut()).poll_write(cx, buf),
-            Io::Closed => Poll::Ready(Err(closed())),
-        }
-    }
-
-    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        match self.get_mut() {
-            Io::Plain(s) => Pin::new(s).poll_flush(cx),
-            Io::Tls(s) => Pin::new(s.as_mut()).poll_flush(cx),
-            Io::Closed => Poll::Ready(Err(closed())),
-        }
-    }
-
-    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        match self.get_mut() {
-            Io::Plain(s) => Pin::new(s).poll_shutdown(cx),
-            Io::Tls(s) => Pin::new(s.as_mut()).poll_shutdown(cx),
-            Io::Closed => Poll::Ready(Ok(())),
-        }
     }
 }
 

@@ -1,5 +1,6 @@
-//! A client connection that is plain TCP or TLS, so the driver has one type to read and write
-//! and STARTTLS can swap one for the other.
+//! A connection that is plain TCP or TLS, in either direction (`T` is tokio-rustls's server or
+//! client stream), so a driver has one type to read and write and STARTTLS can swap one for
+//! the other.
 
 use std::io;
 use std::pin::Pin;
@@ -7,16 +8,27 @@ use std::task::{Context, Poll};
 
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
-use tokio_rustls::server::TlsStream;
 
-/// The client connection.
+/// A plain or TLS connection.
 #[derive(Debug)]
-pub enum Stream {
+pub enum Stream<T> {
     Plain(TcpStream),
-    Tls(Box<TlsStream<TcpStream>>),
+    Tls(Box<T>),
+    /// After a failed upgrade or an abort: every read and write fails, shutdown succeeds.
+    Closed,
 }
 
-impl AsyncRead for Stream {
+/// A client connection of the inbound side.
+pub type ServerStream = Stream<tokio_rustls::server::TlsStream<TcpStream>>;
+/// An upstream connection of the outbound side.
+pub type ClientStream = Stream<tokio_rustls::client::TlsStream<TcpStream>>;
+
+/// The error of every operation on [`Stream::Closed`].
+pub fn closed() -> io::Error {
+    io::Error::new(io::ErrorKind::NotConnected, "connection closed")
+}
+
+impl<T: AsyncRead + Unpin> AsyncRead for Stream<T> {
     fn poll_read(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
@@ -25,11 +37,12 @@ impl AsyncRead for Stream {
         match self.get_mut() {
             Stream::Plain(s) => Pin::new(s).poll_read(cx, buf),
             Stream::Tls(s) => Pin::new(s.as_mut()).poll_read(cx, buf),
+            Stream::Closed => Poll::Ready(Err(closed())),
         }
     }
 }
 
-impl AsyncWrite for Stream {
+impl<T: AsyncWrite + Unpin> AsyncWrite for Stream<T> {
     fn poll_write(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
@@ -38,6 +51,7 @@ impl AsyncWrite for Stream {
         match self.get_mut() {
             Stream::Plain(s) => Pin::new(s).poll_write(cx, buf),
             Stream::Tls(s) => Pin::new(s.as_mut()).poll_write(cx, buf),
+            Stream::Closed => Poll::Ready(Err(closed())),
         }
     }
 
@@ -45,6 +59,7 @@ impl AsyncWrite for Stream {
         match self.get_mut() {
             Stream::Plain(s) => Pin::new(s).poll_flush(cx),
             Stream::Tls(s) => Pin::new(s.as_mut()).poll_flush(cx),
+            Stream::Closed => Poll::Ready(Err(closed())),
         }
     }
 
@@ -52,6 +67,7 @@ impl AsyncWrite for Stream {
         match self.get_mut() {
             Stream::Plain(s) => Pin::new(s).poll_shutdown(cx),
             Stream::Tls(s) => Pin::new(s.as_mut()).poll_shutdown(cx),
+            Stream::Closed => Poll::Ready(Ok(())),
         }
     }
 }
