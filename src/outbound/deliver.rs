@@ -75,15 +75,70 @@ pub async fn deliver(ctx: Arc<Context>, id: QueueId, loaded: Option<Loaded>) -> 
             return Some(ctx.soon());
         }
     };
-    Attempting {
-        ctx,
+    let outcome = Attempting {
+        ctx: ctx.clone(),
         msg,
         body: body.map_or(Bytes::Spooled, |b| Bytes::Memory(Arc::new(b))),
-        lock: Some(lock),
+        lock: &lock,
         not_before: 0,
     }
     .run()
-    .await
+    .await;
+    // The message file is closed off the reactor in every case: if it was unlinked (removed
+    // here, or deleted by an operator), the last close frees its blocks, which on a file
+    // system mounted with `discard` waits for the disk.
+    match outcome {
+        Outcome::Due(next) => {
+            drop(tokio::task::spawn_blocking(move || drop(lock)));
+            Some(next)
+        }
+        Outcome::Gone => {
+            drop(tokio::task::spawn_blocking(move || drop(lock)));
+            None
+        }
+        Outcome::Finished {
+            delivered,
+            failed,
+            size,
+            attempts,
+        } => {
+            let removed = on_spool(&ctx.spool, {
+                let id = id.clone();
+                move |s| {
+                    let removed = s.remove_finished(&id, size, attempts);
+                    drop(lock);
+                    removed
+                }
+            })
+            .await;
+            match removed {
+                Ok(()) | Err(SpoolError::NotFound(_)) => {
+                    info!(queue_id = %id, delivered, failed, "removed from queue: finished");
+                    None
+                }
+                Err(e) => {
+                    error!(queue_id = %id, error = %e, "cannot remove a finished message; it may be delivered again");
+                    Some(ctx.soon())
+                }
+            }
+        }
+    }
+}
+
+/// How an attempt ended.
+enum Outcome {
+    /// Recipients remain: due again at this time (Unix seconds).
+    Due(u64),
+    /// The message was deleted meanwhile.
+    Gone,
+    /// Nothing is pending any more: the message is to leave the queue.
+    Finished {
+        delivered: usize,
+        failed: usize,
+        /// For [`Spool::remove_finished`].
+        size: u64,
+        attempts: u32,
+    },
 }
 
 /// The message bytes of a loaded message.
@@ -118,14 +173,14 @@ impl Context {
     }
 }
 
-struct Attempting {
+struct Attempting<'a> {
     ctx: Arc<Context>,
     msg: QueuedMessage,
     body: Bytes,
     /// `queue/ID`, open for the whole attempt: its lock, taken before a final dot and held
     /// until the outcome is on disk, tells a `queue delete` in between that the message may
-    /// have been delivered. Taken out only to be closed off the reactor (see the `Drop`).
-    lock: Option<SendLock>,
+    /// have been delivered.
+    lock: &'a SendLock,
     /// Unix time before which no upstream of some route will be tried (every upstream of it
     /// had its circuit breaker open): retrying sooner would only find them down again.
     not_before: u64,
@@ -134,46 +189,28 @@ struct Attempting {
 /// Asks the spool, right before the final dot, whether the message still exists (an operator
 /// may have deleted it), taking the lock that tells a later deletion it may have been sent.
 struct Gate<'a> {
-    lock: Option<&'a SendLock>,
+    lock: &'a SendLock,
 }
 
 impl DotGate for Gate<'_> {
     fn allow(&mut self) -> bool {
-        let Some(lock) = self.lock else {
-            return true; // unreachable: the lock is only taken once the attempt is over
-        };
-        match lock.begin_final_dot() {
+        match self.lock.begin_final_dot() {
             Ok(go) => go,
             Err(e) => {
                 // Cannot tell: sending is the at-least-once choice.
-                warn!(queue_id = %lock.id(), error = %e, "cannot lock for the final dot; sending anyway");
+                warn!(queue_id = %self.lock.id(), error = %e, "cannot lock for the final dot; sending anyway");
                 true
             }
         }
     }
 }
 
-impl Drop for Attempting {
-    /// Close the message file off the reactor: if the message was deleted meanwhile, this is
-    /// the last reference to the file and closing it frees its blocks, which may wait for
-    /// the disk.
-    fn drop(&mut self) {
-        if let Some(lock) = self.lock.take() {
-            match tokio::runtime::Handle::try_current() {
-                Ok(runtime) => drop(runtime.spawn_blocking(move || drop(lock))),
-                // The runtime is gone (process exit): nothing left to stall.
-                Err(_) => drop(lock),
-            }
-        }
-    }
-}
-
-impl Attempting {
+impl Attempting<'_> {
     fn id(&self) -> &QueueId {
         &self.msg.envelope.id
     }
 
-    async fn run(mut self) -> Option<u64> {
+    async fn run(mut self) -> Outcome {
         let now = unix_now();
         let expires = self.msg.envelope.received_at + self.ctx.queue.max_age.as_secs();
         let pending: Vec<usize> = (0..self.msg.envelope.recipients.len())
@@ -221,7 +258,7 @@ impl Attempting {
                     .await
                 {
                     // Deleted by the operator while we were sending it.
-                    return None;
+                    return Outcome::Gone;
                 }
             }
         }
@@ -321,9 +358,7 @@ impl Attempting {
                 detail: format!("reading the spool file: {e}"),
                 stale: false,
             })?;
-            let mut gate = Gate {
-                lock: self.lock.as_ref(),
-            };
+            let mut gate = Gate { lock: self.lock };
             let result = lease.conn.send(&tx, &mut source, &mut gate).await;
             up.release(lease);
             match result {
@@ -401,7 +436,7 @@ impl Attempting {
         expires: u64,
         failed: Vec<FailedRcpt>,
         errors: Vec<String>,
-    ) -> Option<u64> {
+    ) -> Outcome {
         let id = self.id().clone();
         if !failed.is_empty() && !self.bounce(&failed).await {
             // No bounce could be queued: keep those recipients pending so the failure is
@@ -418,35 +453,18 @@ impl Attempting {
             .filter(|s| **s == RcptStatus::Pending)
             .count();
         if pending == 0 {
-            let removed = {
-                let id = id.clone();
-                // The last close of an unlinked file frees its blocks (on a file system mounted
-                // with `discard`, a synchronous discard): also off the reactor.
-                let lock = self.lock.take();
-                let (size, attempts) = (self.msg.size, self.msg.state.attempts);
-                on_spool(&self.ctx.spool, move |s| {
-                    let removed = s.remove_finished(&id, size, attempts);
-                    drop(lock);
-                    removed
-                })
-                .await
-            };
-            let failures = self
+            let failed = self
                 .msg
                 .state
                 .recipients
                 .iter()
                 .filter(|s| **s == RcptStatus::Failed)
                 .count();
-            match removed {
-                Ok(()) | Err(SpoolError::NotFound(_)) => {
-                    info!(queue_id = %id, delivered = self.msg.state.recipients.len() - failures, failed = failures, "removed from queue: finished");
-                    None
-                }
-                Err(e) => {
-                    error!(queue_id = %id, error = %e, "cannot remove a finished message; it may be delivered again");
-                    Some(self.ctx.soon())
-                }
+            Outcome::Finished {
+                delivered: self.msg.state.recipients.len() - failed,
+                failed,
+                size: self.msg.size,
+                attempts: self.msg.state.attempts,
             }
         } else {
             let state = &mut self.msg.state;
@@ -468,7 +486,7 @@ impl Attempting {
             match written {
                 Ok(()) => {}
                 // Deleted meanwhile: write_state refuses to create an orphan.
-                Err(SpoolError::NotFound(_)) => return None,
+                Err(SpoolError::NotFound(_)) => return Outcome::Gone,
                 Err(e) => {
                     error!(queue_id = %id, error = %e, "cannot record delivery progress; it will be repeated")
                 }
@@ -477,7 +495,7 @@ impl Attempting {
                 queue_id = %id, pending, attempts = self.msg.state.attempts,
                 retry_in_secs = next.saturating_sub(now), "deferred"
             );
-            Some(next)
+            Outcome::Due(next)
         }
     }
 

@@ -147,13 +147,10 @@ impl Scheduler {
             self.busy.insert(id.clone());
             let ctx = self.ctx.clone();
             let done = done.clone();
-            let loaded = match self.fresh.take() {
-                Some((fresh, loaded)) if fresh == id => Some(loaded),
-                other => {
-                    self.fresh = other;
-                    None
-                }
-            };
+            let loaded = self
+                .fresh
+                .take_if(|(fresh, _)| *fresh == id)
+                .map(|(_, loaded)| loaded);
             self.tracker.spawn(async move {
                 let next = deliver(ctx, id.clone(), loaded).await;
                 let _ = done.send((id, next));

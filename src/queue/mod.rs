@@ -490,13 +490,15 @@ impl Spool {
     /// by recovery), never a message that forgot its progress. The caller logs the reason
     /// (DESIGN invariant 2).
     pub fn remove(&self, id: &QueueId) -> Result<(), SpoolError> {
-        let removed = self.unlink(id)?;
+        let path = self.message_path(id);
+        let removed = match fs::remove_file(&path) {
+            Ok(()) => true,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => false,
+            Err(e) => return Err(SpoolError::io("unlink", &path)(e)),
+        };
+        self.remove_state(id)?;
         sync_dir(&self.inner.queue)?;
-        if removed {
-            Ok(())
-        } else {
-            Err(SpoolError::NotFound(id.clone()))
-        }
+        found(removed, id)
     }
 
     /// Remove a message every recipient of which is done (delivered, or failed with its bounce
@@ -522,18 +524,9 @@ impl Spool {
             .give(&path, id.as_str(), size)
             .map_err(SpoolError::io("unlink", &path))?;
         if attempts > 0 {
-            let state = self.state_path(id);
-            match fs::remove_file(&state) {
-                Ok(()) => {}
-                Err(e) if e.kind() == io::ErrorKind::NotFound => {}
-                Err(e) => return Err(SpoolError::io("unlink", &state)(e)),
-            }
+            self.remove_state(id)?;
         }
-        if removed {
-            Ok(())
-        } else {
-            Err(SpoolError::NotFound(id.clone()))
-        }
+        found(removed, id)
     }
 
     /// How many files `free/` holds for reuse.
@@ -541,21 +534,15 @@ impl Spool {
         self.inner.free.len()
     }
 
-    /// Unlink `queue/ID` then `queue/ID.state`; false when `queue/ID` did not exist.
-    fn unlink(&self, id: &QueueId) -> Result<bool, SpoolError> {
-        let path = self.message_path(id);
-        let removed = match fs::remove_file(&path) {
-            Ok(()) => true,
-            Err(e) if e.kind() == io::ErrorKind::NotFound => false,
-            Err(e) => return Err(SpoolError::io("unlink", &path)(e)),
-        };
+    /// Unlink `queue/ID.state`, if there is one.
+    fn remove_state(&self, id: &QueueId) -> Result<(), SpoolError> {
         let state = self.state_path(id);
         match fs::remove_file(&state) {
-            Ok(()) => {}
-            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
-            Err(e) => return Err(SpoolError::io("unlink", &state)(e)),
+            Err(e) if e.kind() != io::ErrorKind::NotFound => {
+                Err(SpoolError::io("unlink", &state)(e))
+            }
+            _ => Ok(()),
         }
-        Ok(removed)
     }
 
     /// `queue/ID`.
@@ -661,6 +648,15 @@ fn rename_noreplace(from: &Path, to: &Path) -> io::Result<()> {
             fs::rename(from, to)
         }
         _ => Err(err),
+    }
+}
+
+/// `Ok` when a removal found the message, [`SpoolError::NotFound`] otherwise.
+fn found(removed: bool, id: &QueueId) -> Result<(), SpoolError> {
+    if removed {
+        Ok(())
+    } else {
+        Err(SpoolError::NotFound(id.clone()))
     }
 }
 

@@ -39,10 +39,9 @@ pub struct SpoolWriter {
     path: PathBuf,
     /// The temp file no longer exists in `tmp/` (renamed or removed).
     gone: bool,
-    /// The envelope in the header, and a copy of the message bytes while they fit in
+    /// The envelope in the header and a copy of the message bytes, while they fit in
     /// [`KEEP_MAX`] (`None` once they do not).
-    envelope: Envelope,
-    kept: Option<Vec<u8>>,
+    kept: Option<(Envelope, Vec<u8>)>,
 }
 
 impl SpoolWriter {
@@ -62,8 +61,7 @@ impl SpoolWriter {
             length: 0,
             reused,
             gone: false,
-            envelope: envelope.clone(),
-            kept: Some(Vec::new()),
+            kept: Some((envelope.clone(), Vec::new())),
         }
     }
 
@@ -90,7 +88,7 @@ impl SpoolWriter {
     pub fn write(&mut self, data: &[u8]) -> Result<(), SpoolError> {
         self.put(data)?;
         self.written += data.len() as u64;
-        if let Some(kept) = &mut self.kept {
+        if let Some((_, kept)) = &mut self.kept {
             if kept.len() + data.len() <= KEEP_MAX {
                 kept.extend_from_slice(data);
             } else {
@@ -106,25 +104,28 @@ impl SpoolWriter {
     }
 
     /// Make the message durable and visible: flush, fsync the data, rename `tmp/ID` to
-    /// `queue/ID`, fsync `queue/` (shared with concurrent commits: [`super::group`]). Blocking: call from `spawn_blocking`. Only after this
-    /// returns `Ok` may the client be told `250`.
-    pub fn commit(self) -> Result<QueueId, SpoolError> {
-        self.commit_file().map(|(id, _, _)| id)
+    /// `queue/ID`, fsync `queue/` (shared with concurrent commits: [`super::group`]).
+    /// Blocking: call from `spawn_blocking`. Only after this returns `Ok` may the client be
+    /// told `250`.
+    pub fn commit(mut self) -> Result<QueueId, SpoolError> {
+        self.commit_file()?;
+        Ok(self.id.clone())
     }
 
     /// [`SpoolWriter::commit`], and when the message was small enough to keep in memory
     /// ([`KEEP_MAX`]) also the message as a delivery attempt would load it, with the still
     /// open file as its [`SendLock`]: delivery starts without reading the file back.
-    pub fn commit_and_keep(self) -> Result<(QueueId, Option<Loaded>), SpoolError> {
-        let (id, file, kept) = self.commit_file()?;
-        let Some((envelope, body, size, path)) = kept else {
+    pub fn commit_and_keep(mut self) -> Result<(QueueId, Option<Loaded>), SpoolError> {
+        let (file, path) = self.commit_file()?;
+        let id = self.id.clone();
+        let Some((envelope, body)) = self.kept.take() else {
             return Ok((id, None));
         };
         let loaded = Loaded {
             msg: QueuedMessage {
                 state: DeliveryState::fresh(envelope.received_at),
                 envelope,
-                size,
+                size: self.written,
                 path,
             },
             body: Some(body),
@@ -133,14 +134,10 @@ impl SpoolWriter {
         Ok((id, Some(loaded)))
     }
 
-    /// The commit itself; returns the file (now `queue/ID`), and the envelope, kept bytes,
-    /// size and path when the bytes were kept.
-    #[allow(clippy::type_complexity)]
-    fn commit_file(
-        mut self,
-    ) -> Result<(QueueId, File, Option<(Envelope, Vec<u8>, u64, PathBuf)>), SpoolError> {
+    /// The commit itself; returns the file, now `queue/ID`, and that path.
+    fn commit_file(&mut self) -> Result<(File, PathBuf), SpoolError> {
         let Some(buffered) = self.file.take() else {
-            // Unreachable: only commit takes the file, and it consumes the writer.
+            // Unreachable: only a commit takes the file, and it consumes the writer.
             return Err(self.io_error("flush", std::io::ErrorKind::Other.into()));
         };
         let file = buffered
@@ -171,15 +168,7 @@ impl SpoolWriter {
             tracing::warn!(queue_id = %self.id, error = %e, "queue directory fsync failed after commit");
             return Err(e);
         }
-        let kept = self.kept.take().map(|body| {
-            (
-                self.envelope.clone(),
-                body,
-                self.written,
-                queue_path.clone(),
-            )
-        });
-        Ok((self.id.clone(), file, kept))
+        Ok((file, queue_path))
     }
 
     /// Give up on this message: remove the temp file.
