@@ -66,9 +66,7 @@ fn start_relay(upstream_port: u16, upstream_keys: &str, extra: &str) -> Relay {
 
 /// Send one message in its own session; returns its queue id (asserting the 250).
 fn send(relay: &Relay, from: &str, rcpts: &[&str], body: &str) -> String {
-    let mut c = SmtpClient::connect(relay.port(0));
-    c.expect_reply(220);
-    c.expect("EHLO client.test", 250);
+    let mut c = SmtpClient::greeted(relay.port(0));
     let (code, text) = c.send_message(from, rcpts, body);
     assert_eq!(code, 250, "message refused: {code} {text}");
     c.cmd("QUIT");
@@ -305,9 +303,7 @@ fn temporary_failure_is_retried_and_keeps_only_pending_recipients() {
 fn outage_queues_100_messages_and_delivers_all_when_the_upstream_returns() {
     let upstream_port = free_port();
     let relay = start_relay(upstream_port, "", "");
-    let mut c = SmtpClient::connect(relay.port(0));
-    c.expect_reply(220);
-    c.expect("EHLO client.test", 250);
+    let mut c = SmtpClient::greeted(relay.port(0));
     for i in 0..100 {
         let (code, text) = c.send_message(
             "a@example.org",
@@ -495,9 +491,7 @@ fn upstream_without_8bitmime_or_with_a_smaller_size_is_a_clear_permanent_failure
         strict.port()
     );
     let relay = start_relay(lenient.port(), "", &extra);
-    let mut c = SmtpClient::connect(relay.port(0));
-    c.expect_reply(220);
-    c.expect("EHLO client.test", 250);
+    let mut c = SmtpClient::greeted(relay.port(0));
     c.expect("MAIL FROM:<alice@example.org> BODY=8BITMIME", 250);
     c.expect("RCPT TO:<eight@strict.test>", 250);
     c.expect("DATA", 354);
@@ -537,9 +531,7 @@ fn upstream_without_8bitmime_or_with_a_smaller_size_is_a_clear_permanent_failure
 fn connection_is_reused_with_rset_between_messages() {
     let sink = Sink::start(SinkConfig::default());
     let relay = start_relay(sink.port(), "max_connections = 1\n", "");
-    let mut c = SmtpClient::connect(relay.port(0));
-    c.expect_reply(220);
-    c.expect("EHLO client.test", 250);
+    let mut c = SmtpClient::greeted(relay.port(0));
     for i in 0..3 {
         assert_eq!(
             c.send_message(
@@ -581,9 +573,7 @@ fn a_restarted_upstream_leaves_stale_pooled_connections_that_cost_no_delay() {
         .map(|i| {
             let relay_port = relay.port(0);
             thread::spawn(move || {
-                let mut c = SmtpClient::connect(relay_port);
-                c.expect_reply(220);
-                c.expect("EHLO client.test", 250);
+                let mut c = SmtpClient::greeted(relay_port);
                 let (code, _) = c.send_message(
                     "a@example.org",
                     &["b@example.com"],
@@ -892,9 +882,7 @@ fn kill_9_during_delivery_loses_nothing() {
     let port = free_port();
     let toml = relay_config(port, sink.port(), "", "");
     let mut relay = Relay::start(&toml);
-    let mut c = SmtpClient::connect(relay.port(0));
-    c.expect_reply(220);
-    c.expect("EHLO client.test", 250);
+    let mut c = SmtpClient::greeted(relay.port(0));
     let mut accepted = Vec::new();
     for i in 0..60 {
         let (code, _) = c.send_message(
@@ -1065,9 +1053,7 @@ fn upstream_without_smtputf8_gets_no_utf8_address_and_the_sender_a_5_6_7_bounce(
         strict.port()
     );
     let relay = start_relay(lenient.port(), "", &extra);
-    let mut c = SmtpClient::connect(relay.port(0));
-    c.expect_reply(220);
-    c.expect("EHLO client.test", 250);
+    let mut c = SmtpClient::greeted(relay.port(0));
     c.expect("MAIL FROM:<alice@example.org> SMTPUTF8", 250);
     c.expect("RCPT TO:<j\u{f6}rg@strict.test>", 250);
     c.expect("DATA", 354);

@@ -191,9 +191,7 @@ fn run_without_config_uses_embedded_default() {
         assert!(Instant::now() < deadline, "default relay not listening");
         thread::sleep(Duration::from_millis(20));
     }
-    let mut c = SmtpClient::connect(2525);
-    c.expect_reply(220);
-    c.expect("EHLO client.test", 250);
+    let mut c = SmtpClient::greeted(2525);
     let (code, reply) = c.send_message("a@example.com", &["b@example.com"], "Subject: d\n\nhi\n");
     assert_eq!(code, 250, "{reply}");
     let id = queue_id(&reply).unwrap();
@@ -217,9 +215,7 @@ fn kill9_loses_no_acknowledged_message() {
         handles.push(thread::spawn(move || {
             // Every failure after the kill is expected: stop at the first one.
             let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-                let mut c = SmtpClient::connect(port);
-                c.expect_reply(220);
-                c.expect("EHLO client.test", 250);
+                let mut c = SmtpClient::greeted(port);
                 for i in 0..PER_THREAD {
                     let body = format!(
                         "Subject: crash {t}/{i}\r\n\r\nthread {t} message {i}\r\n.dot line\r\n{}\r\n",
@@ -406,9 +402,7 @@ fn restart_quarantines_garbage_and_clears_tmp() {
     let port = free_port();
     let mut relay = Relay::start(&mx_config(port));
     let mut ids = Vec::new();
-    let mut c = SmtpClient::connect(port);
-    c.expect_reply(220);
-    c.expect("EHLO client.test", 250);
+    let mut c = SmtpClient::greeted(port);
     for i in 0..2 {
         let (code, reply) = c.send_message(
             "a@example.com",

@@ -38,9 +38,7 @@ fn relay() -> Relay {
 
 /// Send one message per sender over one session; their queue ids, in order.
 fn send_from(relay: &Relay, senders: &[&str]) -> Vec<String> {
-    let mut c = SmtpClient::connect(relay.port(0));
-    c.expect_reply(220);
-    c.expect("EHLO client.test", 250);
+    let mut c = SmtpClient::greeted(relay.port(0));
     let ids = senders
         .iter()
         .map(|from| {

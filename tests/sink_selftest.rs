@@ -28,10 +28,7 @@ fn swaks_ok(args: &[&str]) -> String {
 
 /// A client that has read the greeting and sent EHLO.
 fn greeted(sink: &Sink) -> SmtpClient {
-    let mut c = SmtpClient::connect(sink.port());
-    c.expect_reply(220);
-    c.expect("EHLO client.test", 250);
-    c
+    SmtpClient::greeted(sink.port())
 }
 
 /// A sink config offering STARTTLS with a fresh certificate in `dir`.

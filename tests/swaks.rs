@@ -247,17 +247,13 @@ fn mail_without_auth_and_auth_without_tls_get_530() {
     let relay = submission_relay();
     let cert = relay.cert_path();
     // TLS but no AUTH: MAIL → 530 5.7.0.
-    let mut c = SmtpClient::connect(relay.port(0));
-    c.expect_reply(220);
-    c.expect("EHLO client.test", 250);
+    let mut c = SmtpClient::greeted(relay.port(0));
     c.starttls(&cert);
     c.expect("EHLO client.test", 250);
     let text = c.expect("MAIL FROM:<alice@example.com>", 530);
     assert!(text.starts_with("530 5.7.0"), "{text}");
     // No TLS: AUTH → 530 5.7.0 (require_tls), MAIL too.
-    let mut c = SmtpClient::connect(relay.port(0));
-    c.expect_reply(220);
-    c.expect("EHLO client.test", 250);
+    let mut c = SmtpClient::greeted(relay.port(0));
     let text = c.expect("AUTH PLAIN AGFsaWNlAHNlY3JldA==", 530);
     assert!(text.starts_with("530 5.7.0"), "{text}");
     let text = c.expect("MAIL FROM:<alice@example.com>", 530);
@@ -303,9 +299,7 @@ fn queue_cli_lists_and_shows_messages() {
     let relay = mx_relay("none");
     let mut ids = Vec::new();
     for i in 0..2 {
-        let mut c = SmtpClient::connect(relay.port(0));
-        c.expect_reply(220);
-        c.expect("EHLO client.test", 250);
+        let mut c = SmtpClient::greeted(relay.port(0));
         let (code, reply) = c.send_message(
             "a@example.com",
             &["b@example.com"],

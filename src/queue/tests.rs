@@ -693,10 +693,14 @@ fn finished_messages_are_recycled_and_written_over_exactly() {
     spool.remove_finished(&id, 5, 0).unwrap();
     fs::remove_file(free.join(id.as_str())).unwrap();
 
-    // Free files survive a restart, and one removed by hand is simply skipped.
+    // Free files survive a restart, and one removed by hand is simply skipped. Anything but
+    // a regular file found in free/ at start is removed, never written into.
     spool.remove_finished(&short, BODY.len() as u64, 0).unwrap();
+    fs::create_dir(free.join("a-directory")).unwrap();
+    std::os::unix::fs::symlink(queue.join(id.as_str()), free.join("a-symlink")).unwrap();
     let again = Spool::open(spool.root()).unwrap();
     assert_eq!(again.free_files(), 1);
+    assert_eq!(names(&free), [short.to_string()]);
     fs::remove_file(free.join(short.as_str())).unwrap();
     let id = commit(&again, &envelope(&["d@example.com"]), BODY);
     assert_eq!(again.read_message(&id).unwrap(), BODY);

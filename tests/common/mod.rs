@@ -526,6 +526,15 @@ impl SmtpClient {
         SmtpClient::from_tcp(tcp)
     }
 
+    /// Connect, read the `220` greeting and say `EHLO client.test` (expecting `250`): where most
+    /// tests start.
+    pub fn greeted(port: u16) -> SmtpClient {
+        let mut c = SmtpClient::connect(port);
+        c.expect_reply(220);
+        c.expect("EHLO client.test", 250);
+        c
+    }
+
     /// Connect to 127.0.0.1:`port` from the local address `local_ip` (e.g. `127.0.0.2`; every
     /// 127/8 address works on Linux loopback), to test per-IP rules.
     pub fn connect_from(local_ip: &str, port: u16) -> SmtpClient {
