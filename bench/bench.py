@@ -540,15 +540,20 @@ def fmt(values, spec):
     return f"{med:{spec}} ({min(values):{spec}}–{max(values):{spec}})"
 
 
+def median_ratio(res, key):
+    """portcullis's median of `key` over Postfix's, as "N.NN×" ("" unless both ran)."""
+    if "postfix" not in res or "portcullis" not in res:
+        return ""
+    return "%.2f×" % (statistics.median(r[key] for r in res["portcullis"]) /
+                      statistics.median(r[key] for r in res["postfix"]))
+
+
 def table_a(rows):
     out = ["| scenario | relay | end-to-end msg/s median (range) | relay CPU ms/msg | "
            "smtp-source CPU ms/msg | ratio portcullis/Postfix msg/s |",
            "|---|---|---|---|---|---|"]
     for title, res in rows:
-        ratio = ""
-        if "postfix" in res and "portcullis" in res:
-            ratio = "%.2f×" % (statistics.median(r["msgs"] for r in res["portcullis"]) /
-                               statistics.median(r["msgs"] for r in res["postfix"]))
+        ratio = median_ratio(res, "msgs")
         for name, rs in res.items():
             out.append(f"| {title} | {name} | {fmt([r['msgs'] for r in rs], '.0f')} | "
                        f"{fmt([r['cpu_ms'] for r in rs], '.2f')} | "
@@ -561,10 +566,7 @@ def table_b(rows):
     out = ["| scenario | relay | MB/s median (range) | msg/s | peak RSS MB median (range) | "
            "relay CPU ms/msg | ratio portcullis/Postfix MB/s |", "|---|---|---|---|---|---|---|"]
     for title, res in rows:
-        ratio = ""
-        if "postfix" in res and "portcullis" in res:
-            ratio = "%.2f×" % (statistics.median(r["mbs"] for r in res["portcullis"]) /
-                               statistics.median(r["mbs"] for r in res["postfix"]))
+        ratio = median_ratio(res, "mbs")
         for name, rs in res.items():
             out.append(f"| {title} | {name} | {fmt([r['mbs'] for r in rs], '.0f')} | "
                        f"{statistics.median(r['msgs'] for r in rs):.1f} | "
