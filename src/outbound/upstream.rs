@@ -24,6 +24,7 @@ use std::time::{Duration, Instant};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tracing::{info, warn};
 
+use super::capabilities::CapabilityBook;
 use super::client::{Connection, Failure};
 use super::tls::{ClientTls, ClientTlsError, client_tls};
 use crate::config::{Config, Upstream, UpstreamTls};
@@ -34,39 +35,28 @@ pub const IDLE_TIMEOUT: Duration = Duration::from_secs(10);
 /// The back-off grows to at most this many times the configured `backoff`.
 const MAX_BACKOFF_FACTOR: u32 = 16;
 
-/// All upstreams and the routing table.
-pub struct Upstreams {
-    list: Vec<Arc<UpstreamRt>>,
+/// The routing table: which upstreams (by index in `[[upstreams]]`) serve a recipient domain.
+/// One function for delivery and for the checks at RCPT ([`super::capabilities`]), so what is
+/// checked is the route the message will take.
+#[derive(Debug, Clone, Default)]
+pub struct Routes {
     by_domain: HashMap<String, Vec<usize>>,
     default_route: Vec<usize>,
 }
 
-impl Upstreams {
-    /// Build the run-time upstreams (TLS client configurations included) from `config`.
-    pub fn new(config: &Config) -> Result<Upstreams, ClientTlsError> {
-        let mut list = Vec::new();
-        let mut by_domain: HashMap<String, Vec<usize>> = HashMap::new();
-        let mut default_route = Vec::new();
-        for (i, up) in config.upstreams.iter().enumerate() {
-            list.push(Arc::new(UpstreamRt {
-                tls: client_tls(up)?,
-                config: up.clone(),
-                slots: Arc::new(Semaphore::new(up.max_connections)),
-                idle: Mutex::new(Vec::new()),
-                breaker: Mutex::new(Breaker::default()),
-            }));
+impl Routes {
+    /// The routing table of `upstreams`.
+    pub fn new(upstreams: &[Upstream]) -> Routes {
+        let mut routes = Routes::default();
+        for (i, up) in upstreams.iter().enumerate() {
             if up.domains.is_empty() {
-                default_route.push(i);
+                routes.default_route.push(i);
             }
             for d in &up.domains {
-                by_domain.entry(d.clone()).or_default().push(i);
+                routes.by_domain.entry(d.clone()).or_default().push(i);
             }
         }
-        Ok(Upstreams {
-            list,
-            by_domain,
-            default_route,
-        })
+        routes
     }
 
     /// The upstreams for a recipient domain (lower case), in failover order. Empty when no
@@ -75,6 +65,68 @@ impl Upstreams {
         self.by_domain
             .get(domain.trim_end_matches('.'))
             .unwrap_or(&self.default_route)
+    }
+}
+
+/// All upstreams and the routing table.
+pub struct Upstreams {
+    list: Vec<Arc<UpstreamRt>>,
+    routes: Routes,
+}
+
+impl Upstreams {
+    /// Build the run-time upstreams (TLS client configurations included) from `config`; each
+    /// records what it learns from EHLO in `book`.
+    pub fn new(config: &Config, book: Arc<CapabilityBook>) -> Result<Upstreams, ClientTlsError> {
+        let mut list = Vec::new();
+        for (i, up) in config.upstreams.iter().enumerate() {
+            list.push(Arc::new(UpstreamRt {
+                index: i,
+                book: book.clone(),
+                tls: client_tls(up)?,
+                config: up.clone(),
+                slots: Arc::new(Semaphore::new(up.max_connections)),
+                idle: Mutex::new(Vec::new()),
+                breaker: Mutex::new(Breaker::default()),
+            }));
+        }
+        Ok(Upstreams {
+            list,
+            routes: Routes::new(&config.upstreams),
+        })
+    }
+
+    /// The upstreams for a recipient domain (lower case), in failover order ([`Routes::route`]).
+    pub fn route(&self, domain: &str) -> &[usize] {
+        self.routes.route(domain)
+    }
+
+    /// Connect to every upstream once, so each one's capabilities are known before mail is
+    /// accepted; the connection stays in the pool for the first delivery. Waits at most
+    /// `limit`; a failure is logged and leaves the breaker alone (the capabilities from the
+    /// spool, or [`crate::policy::capability::Capabilities::UNKNOWN`], stay in force).
+    pub async fn probe_all(&self, hostname: &str, limit: Duration) {
+        let mut probes = tokio::task::JoinSet::new();
+        for up in &self.list {
+            let (up, hostname) = (up.clone(), hostname.to_owned());
+            probes.spawn(async move {
+                match up.lease(&hostname).await {
+                    Ok(lease) => up.release(lease),
+                    Err(f) => warn!(
+                        upstream = %up.name(), error = %f,
+                        "capability probe failed; using the capabilities last seen"
+                    ),
+                }
+            });
+        }
+        let all = async { while probes.join_next().await.is_some() {} };
+        if tokio::time::timeout(limit, all).await.is_err() {
+            // Dropping the set aborts the probes still waiting.
+            warn!(
+                limit_secs = limit.as_secs(),
+                "capability probes did not all finish in time; using the capabilities last seen for the rest"
+            );
+        }
     }
 
     /// Upstream number `i`.
@@ -125,6 +177,10 @@ impl Upstreams {
 /// One upstream at run time.
 pub struct UpstreamRt {
     pub config: Upstream,
+    /// Its position in `[[upstreams]]`, its key in `book`.
+    index: usize,
+    /// Where the capabilities it announces are recorded.
+    book: Arc<CapabilityBook>,
     tls: Option<ClientTls>,
     slots: Arc<Semaphore>,
     idle: Mutex<Vec<Pooled>>,
@@ -228,6 +284,7 @@ impl UpstreamRt {
             }
             Err(f) => return Err(f),
         };
+        self.book.record(self.index, conn.capabilities());
         Ok(Lease { conn, permit })
     }
 
