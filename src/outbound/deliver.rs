@@ -294,7 +294,7 @@ impl Attempting<'_> {
         let mut reopens = Vec::new();
         let mut tried = false;
         for up in upstreams {
-            if !up.available(Instant::now()) {
+            let Some(pass) = up.available(Instant::now()) else {
                 if let Some((until, why)) = up.down() {
                     let secs = until.saturating_duration_since(Instant::now()).as_secs() + 1;
                     reopens.push(unix_now() + secs);
@@ -304,7 +304,7 @@ impl Attempting<'_> {
                     ));
                 }
                 continue;
-            }
+            };
             tried = true;
             let started = unix_now();
             match self.attempt(&up, rcpts).await {
@@ -321,7 +321,7 @@ impl Attempting<'_> {
                     return false;
                 }
                 Err(f) => {
-                    up.failed(Instant::now(), &f);
+                    up.failed(Instant::now(), &f, pass);
                     let text = format!("upstream {}: {f}", up.name());
                     info!(queue_id = %id, upstream = %up.name(), error = %f, "delivery attempt failed");
                     self.msg.state.history.push(Attempt {
