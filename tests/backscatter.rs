@@ -74,8 +74,7 @@ const ASCII_MESSAGE: &str = "From: <victim@third.test>\r\nTo: <kate@example.com>
                              Subject: plain\r\n\r\nhello\r\n";
 
 #[test]
-fn stranger_smtputf8_to_a_route_without_smtputf8_is_553_at_rcpt_and_nothing_is_queued_or_bounced()
-{
+fn stranger_smtputf8_to_a_route_without_smtputf8_is_553_at_rcpt_and_nothing_is_queued_or_bounced() {
     let sink = Sink::start(no_smtputf8());
     let relay = start_mx(sink.port(), "");
     let mut c = SmtpClient::greeted(relay.port(0));
@@ -134,7 +133,10 @@ fn non_ascii_subject_with_smtputf8_to_a_route_without_smtputf8_is_554_5_6_9_afte
     );
     assert_reply(&reply, 554, "5.6.9");
     assert_log(&relay, "rule=\"route_smtputf8_headers\"");
-    assert!(relay.spool_files().is_empty(), "a refused message was queued");
+    assert!(
+        relay.spool_files().is_empty(),
+        "a refused message was queued"
+    );
 
     // Non-ASCII in the body only needs no SMTPUTF8; the session goes on.
     let body_only = "Subject: plain\r\n\r\ncaf\u{e9}\r\n";
@@ -167,7 +169,11 @@ fn a_route_with_smtputf8_still_gets_utf8_addresses_and_headers_with_the_paramete
     c.cmd("QUIT");
     assert!(sink.wait_for(1, WAIT));
     let m = &sink.messages()[0];
-    assert!(m.mail_params.iter().any(|p| p == "SMTPUTF8"), "{:?}", m.mail_params);
+    assert!(
+        m.mail_params.iter().any(|p| p == "SMTPUTF8"),
+        "{:?}",
+        m.mail_params
+    );
     assert_eq!(m.rcpts, ["j\u{f6}rg@example.com"]);
 }
 
@@ -301,7 +307,11 @@ fn dsn_returns_at_most_8_kib_of_headers_and_names_a_remote_mta_only_by_its_host_
     assert!(dsn.contains("Remote-MTA: dns; localhost\r\n"), "{dsn}");
     assert!(dsn.contains("Status: 5.1.1"), "{dsn}");
     let headers = returned_headers(&dsn);
-    assert!(headers.len() <= 8 * 1024, "{} octets returned", headers.len());
+    assert!(
+        headers.len() <= 8 * 1024,
+        "{} octets returned",
+        headers.len()
+    );
     // Cut between fields, never inside one: the first fields are there, the last is not.
     assert!(headers.contains("Subject: padded\r\n"));
     assert!(!headers.contains("X-Pad-219"));
@@ -424,4 +434,21 @@ fn check_config_warns_when_everyone_may_send_to_any_local_part() {
     );
     assert_ne!(restricted, open);
     assert!(!check_config(&dir, &restricted).contains("backscatter"));
+}
+
+#[test]
+fn a_recipient_without_any_route_is_refused_at_rcpt_not_queued_until_it_expires() {
+    let sink = Sink::start(SinkConfig::default());
+    let config = mx_config(&format!("127.0.0.1:{}", sink.port()), "").replace(
+        "tls = \"none\"\nbackoff",
+        "tls = \"none\"\ndomains = [\"strict.test\"]\nbackoff",
+    );
+    let relay = Relay::start(&config);
+    let mut c = SmtpClient::greeted(relay.port(0));
+    c.expect("MAIL FROM:<a@third.test>", 250);
+    assert_reply(&c.cmd("RCPT TO:<kate@example.com>"), 550, "5.4.4");
+    assert_log(&relay, "rule=\"no_route\"");
+    c.expect("RCPT TO:<kate@strict.test>", 250);
+    c.expect("QUIT", 221);
+    assert!(relay.spool_files().is_empty());
 }

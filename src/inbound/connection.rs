@@ -281,7 +281,10 @@ impl Connection {
                 Event::Rcpt(to) => {
                     let facts = self.facts();
                     let policy = &self.runtime.policy;
-                    match policy.rcpt(&facts, &to).and_then(|()| self.route_carries(&to)) {
+                    match policy
+                        .rcpt(&facts, &to)
+                        .and_then(|()| self.route_carries(&to))
+                    {
                         Err(r) => self.refuse(r),
                         Ok(()) => match policy.recipient_rate(&facts, Instant::now()) {
                             Err(l) => self.limited(l),
@@ -306,14 +309,18 @@ impl Connection {
         }
     }
 
-    /// RCPT: can the route of `to` carry this transaction (SMTPUTF8, 8BITMIME, SIZE)? Decided
-    /// now, since a message accepted for a route that cannot take it could only be bounced.
+    /// RCPT: is there a route for `to`, and can it carry this transaction (SMTPUTF8,
+    /// 8BITMIME, SIZE)? Decided now, since a message accepted for a route that cannot take it
+    /// could only be bounced (or, without a route, wait in the queue until it expires).
     fn route_carries(&self, to: &Address) -> Result<(), Refusal> {
-        let (Some(tx), Some(caps)) = (
-            self.session.transaction(),
-            self.shared.capabilities.for_domain(&to.domain_lower()),
-        ) else {
+        let Some(tx) = self.session.transaction() else {
             return Ok(());
+        };
+        let Some(caps) = self.shared.capabilities.for_domain(&to.domain_lower()) else {
+            return Err(Refusal {
+                reply: reply::NO_ROUTE,
+                rule: "no_route",
+            });
         };
         capability::rcpt(&caps, &tx.from, &tx.params, to)
     }

@@ -14,6 +14,7 @@
 
 use std::fs;
 use std::io::Write as _;
+use std::os::unix::fs::OpenOptionsExt as _;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard};
 
@@ -57,11 +58,19 @@ pub struct CapabilityBook {
     upstreams: Vec<Upstream>,
     routes: Routes,
     /// `None`: not seen yet (neither now nor in the spool file).
-    known: Mutex<Vec<Option<(Capabilities, u64)>>>,
+    known: Mutex<Known>,
     /// The spool file; `None` keeps the book in memory only.
     path: Option<PathBuf>,
-    /// Serialises file writes, so the last write carries the latest state.
-    writing: Arc<Mutex<()>>,
+    /// Serialises file writes and holds the version last written, so a snapshot that lost
+    /// the race to the disk against a newer one is not written over it.
+    written: Arc<Mutex<u64>>,
+}
+
+/// The book's contents, with a version that grows with each change.
+#[derive(Debug)]
+struct Known {
+    upstreams: Vec<Option<(Capabilities, u64)>>,
+    version: u64,
 }
 
 impl CapabilityBook {
@@ -94,19 +103,23 @@ impl CapabilityBook {
         CapabilityBook {
             upstreams: upstreams.to_vec(),
             routes: Routes::new(upstreams),
-            known: Mutex::new(known),
+            known: Mutex::new(Known {
+                upstreams: known,
+                version: 0,
+            }),
             path,
-            writing: Arc::new(Mutex::new(())),
+            written: Arc::new(Mutex::new(0)),
         }
     }
 
-    fn known(&self) -> MutexGuard<'_, Vec<Option<(Capabilities, u64)>>> {
+    fn known(&self) -> MutexGuard<'_, Known> {
         self.known.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     /// The capabilities of upstream `index` ([`Capabilities::UNKNOWN`] until first seen).
     pub fn get(&self, index: usize) -> Capabilities {
         self.known()
+            .upstreams
             .get(index)
             .copied()
             .flatten()
@@ -123,6 +136,7 @@ impl CapabilityBook {
             .iter()
             .map(|&i| {
                 known
+                    .upstreams
                     .get(i)
                     .copied()
                     .flatten()
@@ -134,16 +148,17 @@ impl CapabilityBook {
     /// Record what upstream `index` announced on a new connection. A change is logged and
     /// written to the spool file (off the reactor); the same answer again costs a lock only.
     pub fn record(&self, index: usize, caps: Capabilities) {
-        let snapshot = {
+        let (snapshot, version) = {
             let mut known = self.known();
-            let Some(slot) = known.get_mut(index) else {
+            let Some(slot) = known.upstreams.get_mut(index) else {
                 return;
             };
             if slot.is_some_and(|(c, _)| c == caps) {
                 return;
             }
             *slot = Some((caps, unix_now()));
-            self.file_of(&known)
+            known.version += 1;
+            (self.file_of(&known.upstreams), known.version)
         };
         info!(
             upstream = %self.upstreams[index].name, smtputf8 = caps.smtputf8,
@@ -153,12 +168,17 @@ impl CapabilityBook {
         let Some(path) = self.path.clone() else {
             return;
         };
-        let writing = self.writing.clone();
-        let book = snapshot;
+        let written = self.written.clone();
         let write = move || {
-            let _one_at_a_time = writing.lock().unwrap_or_else(|p| p.into_inner());
-            if let Err(e) = write_file(&path, &book) {
-                warn!(file = %path.display(), error = %e, "cannot save upstream capabilities");
+            let mut last = written.lock().unwrap_or_else(|p| p.into_inner());
+            if *last >= version {
+                return;
+            }
+            match write_file(&path, &snapshot) {
+                Ok(()) => *last = version,
+                Err(e) => {
+                    warn!(file = %path.display(), error = %e, "cannot save upstream capabilities")
+                }
             }
         };
         match tokio::runtime::Handle::try_current() {
@@ -218,7 +238,13 @@ fn write_file(path: &Path, file: &File) -> std::io::Result<()> {
     let tmp = path.with_extension("json.tmp");
     let mut json = serde_json::to_vec_pretty(file).map_err(std::io::Error::other)?;
     json.push(b'\n');
-    let mut f = fs::File::create(&tmp)?;
+    // Only the relay's user reads it: it says which mail the relay accepts.
+    let mut f = fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(&tmp)?;
     f.write_all(&json)?;
     f.sync_data()?;
     drop(f);

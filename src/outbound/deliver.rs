@@ -468,9 +468,7 @@ impl Attempting<'_> {
                         address,
                         status,
                         text,
-                        upstream: remote
-                            .then(|| remote_mta(&up.config.address))
-                            .flatten(),
+                        upstream: remote.then(|| remote_mta(&up.config.address)).flatten(),
                     });
                 }
             }

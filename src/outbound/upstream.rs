@@ -491,14 +491,14 @@ mod tests {
         // first period failing after the probe passed changes nothing.
         let t1 = t0 + Duration::from_secs(30);
         let probe = b.try_pass(t1, base).unwrap();
-        assert!(matches!(
-            b.trip(t1, base, passes[0]),
-            Trip::Stale { .. }
-        ));
+        assert!(matches!(b.trip(t1, base, passes[0]), Trip::Stale { .. }));
         assert_eq!(b.trip(t1, base, probe), opened(60, 2));
-        assert_eq!(b.trip(t1, base, probe), Trip::Stale {
-            remaining: Duration::from_secs(60)
-        });
+        assert_eq!(
+            b.trip(t1, base, probe),
+            Trip::Stale {
+                remaining: Duration::from_secs(60)
+            }
+        );
     }
 
     /// A delivery that passed before a close and fails after it changes nothing: a success

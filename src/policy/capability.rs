@@ -81,10 +81,7 @@ pub fn rcpt(
     to: &Address,
 ) -> Result<(), Refusal> {
     if !caps.smtputf8 && (utf8_local(to) || from.address().is_some_and(utf8_local)) {
-        return Err(Refusal::new(
-            reply::ROUTE_NEEDS_SMTPUTF8,
-            "route_smtputf8",
-        ));
+        return Err(Refusal::new(reply::ROUTE_NEEDS_SMTPUTF8, "route_smtputf8"));
     }
     if params.body == Some(Body::EightBitMime) && !caps.eightbitmime {
         return Err(Refusal::new(reply::ROUTE_NO_8BITMIME, "route_8bitmime"));
@@ -159,9 +156,15 @@ mod tests {
         let smtputf8 = Some(("route_smtputf8", 553, "5.6.7"));
         assert_eq!(rule(&NONE, &utf8, &p, "kate@example.com"), smtputf8);
         assert_eq!(rule(&NONE, &ascii, &p, "käte@example.com"), smtputf8);
-        assert_eq!(rule(&Capabilities::UNKNOWN, &utf8, &p, "k@example.com"), smtputf8);
+        assert_eq!(
+            rule(&Capabilities::UNKNOWN, &utf8, &p, "k@example.com"),
+            smtputf8
+        );
         assert_eq!(rule(&NONE, &ascii, &p, "kate@example.com"), None);
-        assert_eq!(rule(&NONE, &ReversePath::Null, &p, "kate@example.com"), None);
+        assert_eq!(
+            rule(&NONE, &ReversePath::Null, &p, "kate@example.com"),
+            None
+        );
         assert_eq!(rule(&ALL, &utf8, &p, "käte@example.com"), None);
 
         let eight = params(Some(Body::EightBitMime), false, None);
@@ -169,7 +172,10 @@ mod tests {
             rule(&NONE, &ascii, &eight, "k@example.com"),
             Some(("route_8bitmime", 550, "5.6.3"))
         );
-        assert_eq!(rule(&Capabilities::UNKNOWN, &ascii, &eight, "k@example.com"), None);
+        assert_eq!(
+            rule(&Capabilities::UNKNOWN, &ascii, &eight, "k@example.com"),
+            None
+        );
         let seven = params(Some(Body::SevenBit), false, None);
         assert_eq!(rule(&NONE, &ascii, &seven, "k@example.com"), None);
 
@@ -178,7 +184,15 @@ mod tests {
             rule(&NONE, &ascii, &big, "k@example.com"),
             Some(("route_size", 552, "5.3.4"))
         );
-        assert_eq!(rule(&NONE, &ascii, &params(None, false, Some(1000)), "k@example.com"), None);
+        assert_eq!(
+            rule(
+                &NONE,
+                &ascii,
+                &params(None, false, Some(1000)),
+                "k@example.com"
+            ),
+            None
+        );
         assert_eq!(rule(&ALL, &ascii, &big, "k@example.com"), None);
     }
 
@@ -211,11 +225,14 @@ mod tests {
             eightbitmime: true,
             size: Some(5000),
         };
-        assert_eq!(a.meet(NONE), Capabilities {
-            smtputf8: false,
-            eightbitmime: false,
-            size: Some(1000)
-        });
+        assert_eq!(
+            a.meet(NONE),
+            Capabilities {
+                smtputf8: false,
+                eightbitmime: false,
+                size: Some(1000)
+            }
+        );
         assert_eq!(ALL.meet(a), a);
         assert_eq!(ALL.meet(ALL), ALL);
     }

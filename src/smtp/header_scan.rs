@@ -80,9 +80,15 @@ mod tests {
             assert!(!non_ascii && done, "cut {cut}");
         }
         // No header section at all: the message starts with the empty line.
-        assert_eq!(scan(&["\r\nSubject: caf\u{e9}\r\n".as_bytes()]), (false, true));
+        assert_eq!(
+            scan(&["\r\nSubject: caf\u{e9}\r\n".as_bytes()]),
+            (false, true)
+        );
         // A folded field's continuation is still the header section.
-        assert_eq!(scan(&["Subject: a\r\n \u{e9}\r\n\r\n".as_bytes()]), (true, true));
+        assert_eq!(
+            scan(&["Subject: a\r\n \u{e9}\r\n\r\n".as_bytes()]),
+            (true, true)
+        );
         // A message that is all header section.
         assert_eq!(scan(&["X: \u{e9}".as_bytes()]), (true, false));
     }

@@ -190,11 +190,9 @@ pub const ROUTE_NO_8BITMIME: Reply = Reply::new(
     "8-bit MIME content cannot be delivered to this recipient",
 );
 /// RFC 1870: the declared or received size is over what the route accepts.
-pub const ROUTE_SIZE: Reply = Reply::new(
-    552,
-    "5.3.4",
-    "Message too big for this recipient",
-);
+pub const ROUTE_SIZE: Reply = Reply::new(552, "5.3.4", "Message too big for this recipient");
+/// RFC 3463 5.4.4: no upstream serves the recipient's domain (no default route).
+pub const NO_ROUTE: Reply = Reply::new(550, "5.4.4", "Unable to route to this recipient");
 /// RFC 6531 §3.5: a UTF-8 header section for a route without SMTPUTF8, after the final dot.
 pub const UTF8_HEADERS_UNDELIVERABLE: Reply = Reply::new(
     554,
