@@ -19,7 +19,7 @@ use super::Runtime;
 use super::tls::session_info;
 use crate::config::{Listener, ListenerTls};
 use crate::envelope::{Address, Envelope, QueueId, Recipient, ReversePath, TlsInfo, unix_now};
-use crate::outbound::capabilities::CapabilityBook;
+use crate::outbound::capabilities::RouteCapabilities;
 use crate::policy::capability;
 use crate::policy::limits::Limited;
 use crate::policy::lockout::{FailureReport, login_key};
@@ -97,7 +97,7 @@ pub struct Shared {
     /// Told of each committed message, so delivery starts at once.
     pub queued: tokio::sync::mpsc::UnboundedSender<crate::outbound::NewMessage>,
     /// What the route to each recipient can carry (checked at RCPT and after the final dot).
-    pub capabilities: Arc<CapabilityBook>,
+    pub capabilities: RouteCapabilities,
 }
 
 /// How a session ended, for the session log line.

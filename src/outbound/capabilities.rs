@@ -2,9 +2,9 @@
 //!
 //! Every connection to an upstream (the probe at start, and each new delivery connection)
 //! records the extensions of its last EHLO reply ([`Capabilities`]: SMTPUTF8, 8BITMIME,
-//! SIZE). The inbound side asks [`CapabilityBook::for_domain`] at RCPT and after the final dot
-//! (see [`crate::policy::capability`]), through the same [`Routes`] delivery uses, so nothing
-//! is accepted that the route can only bounce.
+//! SIZE). The inbound side asks [`RouteCapabilities::for_domain`], a read-only view, at RCPT
+//! and after the final dot (see [`crate::policy::capability`]), through the same [`Routes`]
+//! delivery uses, so nothing is accepted that the route can only bounce.
 //!
 //! The book is kept in the spool as [`FILE_NAME`], a small JSON file replaced atomically
 //! (write a temporary file, fsync, rename, fsync the directory) whenever an upstream's answer
@@ -206,6 +206,23 @@ impl CapabilityBook {
                 })
                 .collect(),
         }
+    }
+}
+
+/// The read-only view of a [`CapabilityBook`] that the inbound side gets: it can ask what a
+/// route carries, not record anything.
+#[derive(Debug, Clone)]
+pub struct RouteCapabilities(Arc<CapabilityBook>);
+
+impl RouteCapabilities {
+    /// A view of `book`.
+    pub fn new(book: Arc<CapabilityBook>) -> RouteCapabilities {
+        RouteCapabilities(book)
+    }
+
+    /// See [`CapabilityBook::for_domain`].
+    pub fn for_domain(&self, domain: &str) -> Option<Capabilities> {
+        self.0.for_domain(domain)
     }
 }
 

@@ -58,8 +58,8 @@ pub struct Delivery {
     pub tracker: TaskTracker,
     /// Shared with the deliveries (to close idle connections at shutdown).
     pub context: Arc<Context>,
-    /// What each upstream can carry, for the inbound checks.
-    pub capabilities: Arc<capabilities::CapabilityBook>,
+    /// What each upstream can carry, for the inbound checks (read-only).
+    pub capabilities: capabilities::RouteCapabilities,
 }
 
 /// Start the scheduler over `spool` with `config`'s upstreams and queue policy.
@@ -89,6 +89,6 @@ pub fn start(
         scheduler,
         tracker,
         context,
-        capabilities: book,
+        capabilities: capabilities::RouteCapabilities::new(book),
     })
 }
