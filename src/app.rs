@@ -30,6 +30,10 @@ use crate::queue::{Spool, SpoolError};
 /// How long sessions still receiving a message may take to finish after a shutdown signal.
 pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(30);
 
+/// How long the start waits for the capability probe of every upstream
+/// ([`outbound::upstream::Upstreams::probe_all`]) before it opens the listeners anyway.
+pub const PROBE_WAIT: Duration = Duration::from_secs(5);
+
 /// How long deliveries in flight may take to finish after the sessions are done. One cut
 /// short is not lost: its state was never changed, so it is simply tried again after the
 /// restart (at worst a duplicate, if its final dot was already sent).
@@ -149,6 +153,13 @@ pub async fn run(config: Config, path: Option<PathBuf>) -> Result<(), AppError> 
     let shutdown = CancellationToken::new();
     let delivery_stop = CancellationToken::new();
     let delivery = outbound::start(&config, spool.clone(), delivery_stop.clone())?;
+    // Learn what each upstream can carry before accepting mail, so the first sessions are
+    // checked against what the upstreams say now rather than what they said last time.
+    delivery
+        .context
+        .upstreams
+        .probe_all(&config.server.hostname, PROBE_WAIT)
+        .await;
     let runtime = Arc::new(ArcSwap::from_pointee(build_runtime(config, None)?));
     let tracker = TaskTracker::new();
     let cores = std::thread::available_parallelism().map_or(2, |n| n.get());
@@ -157,6 +168,7 @@ pub async fn run(config: Config, path: Option<PathBuf>) -> Result<(), AppError> 
         shutdown: shutdown.clone(),
         hash_slots: Arc::new(Semaphore::new(cores)),
         queued: delivery.wake.clone(),
+        capabilities: delivery.capabilities.clone(),
     };
     let counter = ConnectionCounter::default();
 

@@ -19,7 +19,8 @@
 //!   commands (retry, delete, purge), the reuse of finished message files and the bounce
 //!   (RFC 3464) builder.
 //! - [`outbound`]: the upstream SMTP client, routing with failover and circuit breakers,
-//!   connection pools, delivery attempts and the scheduler that starts them.
+//!   connection pools, delivery attempts and the scheduler that starts them, and the
+//!   capabilities each upstream announced (shared with the inbound checks at RCPT and DATA).
 //! - [`stream`]: a connection that is plain TCP or TLS, for both directions.
 //! - [`app`]: wires the above together and owns shutdown and reload.
 //!

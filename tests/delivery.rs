@@ -477,57 +477,6 @@ fn authenticates_to_the_upstream_over_tls() {
 }
 
 #[test]
-fn upstream_without_8bitmime_or_with_a_smaller_size_is_a_clear_permanent_failure() {
-    // strict.test goes to an upstream without 8BITMIME and with SIZE 5000; the bounces go
-    // to a lenient one.
-    let strict = Sink::start(SinkConfig {
-        eightbitmime: false,
-        size: Some(5000),
-        ..SinkConfig::default()
-    });
-    let lenient = Sink::start(SinkConfig::default());
-    let extra = format!(
-        "[[upstreams]]\nname = \"strict\"\naddress = \"127.0.0.1:{}\"\ntls = \"none\"\ndomains = [\"strict.test\"]\n",
-        strict.port()
-    );
-    let relay = start_relay(lenient.port(), "", &extra);
-    let mut c = SmtpClient::greeted(relay.port(0));
-    c.expect("MAIL FROM:<alice@example.org> BODY=8BITMIME", 250);
-    c.expect("RCPT TO:<eight@strict.test>", 250);
-    c.expect("DATA", 354);
-    c.send_raw("Subject: caf\u{e9}\r\n\r\n8-bit body \u{e9}\r\n.\r\n".as_bytes());
-    assert_eq!(c.read_reply().0, 250);
-    let big = body(
-        "big",
-        &"0123456789012345678901234567890123456789\r\n".repeat(200),
-    );
-    let (code, _) = c.send_message("alice@example.org", &["big@strict.test"], &big);
-    assert_eq!(code, 250);
-    c.cmd("QUIT");
-
-    assert!(lenient.wait_for(2, WAIT), "expected two bounces");
-    let dsns: Vec<String> = lenient
-        .messages()
-        .iter()
-        .map(|m| String::from_utf8_lossy(&m.data).into_owned())
-        .collect();
-    assert!(
-        dsns.iter()
-            .any(|d| d.contains("Status: 5.6.3") && d.contains("eight@strict.test"))
-    );
-    assert!(
-        dsns.iter()
-            .any(|d| d.contains("Status: 5.3.4") && d.contains("big@strict.test"))
-    );
-    assert!(lenient.messages().iter().all(|m| m.mail_from.is_empty()));
-    // Nothing was sent to the strict upstream: no MAIL at all, so nothing corrupted.
-    assert!(strict.messages().is_empty());
-    assert!(!strict.commands().iter().any(|c| c.starts_with("MAIL")));
-    assert_clean(&lenient);
-    assert!(relay.wait_for_queue_len(0, WAIT));
-}
-
-#[test]
 fn connection_is_reused_with_rset_between_messages() {
     let sink = Sink::start(SinkConfig::default());
     let relay = start_relay(sink.port(), "max_connections = 1\n", "");
@@ -1042,33 +991,6 @@ fn interoperates_with_postfix_over_starttls() {
 }
 
 #[test]
-fn upstream_without_smtputf8_gets_no_utf8_address_and_the_sender_a_5_6_7_bounce() {
-    let strict = Sink::start(SinkConfig {
-        smtputf8: false,
-        ..SinkConfig::default()
-    });
-    let lenient = Sink::start(SinkConfig::default());
-    let extra = format!(
-        "[[upstreams]]\nname = \"strict\"\naddress = \"127.0.0.1:{}\"\ntls = \"none\"\ndomains = [\"strict.test\"]\n",
-        strict.port()
-    );
-    let relay = start_relay(lenient.port(), "", &extra);
-    let mut c = SmtpClient::greeted(relay.port(0));
-    c.expect("MAIL FROM:<alice@example.org> SMTPUTF8", 250);
-    c.expect("RCPT TO:<j\u{f6}rg@strict.test>", 250);
-    c.expect("DATA", 354);
-    c.send_raw(b"Subject: utf8\r\n\r\nhello\r\n.\r\n");
-    assert_eq!(c.read_reply().0, 250);
-    c.cmd("QUIT");
-    assert!(lenient.wait_for(1, WAIT), "no bounce");
-    let dsn = String::from_utf8_lossy(&lenient.messages()[0].data).into_owned();
-    assert!(dsn.contains("Status: 5.6.7"), "{dsn}");
-    assert!(strict.messages().is_empty());
-    assert!(!strict.commands().iter().any(|c| c.starts_with("MAIL")));
-    assert_clean(&lenient);
-}
-
-#[test]
 fn a_transaction_whose_recipients_were_all_refused_leaves_the_pooled_connection_clean() {
     let mut cfg = SinkConfig::default();
     cfg.rcpt_replies
@@ -1148,7 +1070,8 @@ fn a_garbled_or_endless_upstream_reply_defers_the_message() {
         &["b@example.com"],
         &body("garbled", "x\r\n"),
     );
-    assert!(relay.wait_for_log("reply code out of range", WAIT));
+    // The capability probe at start logs the same error; wait for the delivery's.
+    assert!(relay.wait_for_log(&format!("delivery attempt failed queue_id={id}"), WAIT));
     let list = queue_list(&relay);
     assert!(
         list.contains(&id) && list.contains("out of range"),

@@ -49,6 +49,19 @@ pub(super) fn warnings(config: &Config) -> Vec<String> {
             ));
         }
     }
+    if !config.relay.accepted_domains.is_empty() && config.relay.recipients_file.is_none() {
+        for l in &config.listeners {
+            if l.auth != AuthMode::Required && l.allow.iter().any(is_everyone) {
+                w.push(format!(
+                    "Listener {:?} is open to everyone and accepts mail for accepted_domains \
+                     without relay.recipients_file: mail to unknown recipients is accepted, then \
+                     bounced to its possibly forged sender (backscatter); export the valid \
+                     recipients to a recipients_file (see docs/policy.md).",
+                    l.name
+                ));
+            }
+        }
+    }
     if let Some(tls) = &config.tls
         && tls.source == CertSource::SelfSigned
     {

@@ -18,12 +18,15 @@ use tracing::{debug, info, warn};
 use super::Runtime;
 use super::tls::session_info;
 use crate::config::{Listener, ListenerTls};
-use crate::envelope::{Envelope, QueueId, Recipient, ReversePath, TlsInfo, unix_now};
+use crate::envelope::{Address, Envelope, QueueId, Recipient, ReversePath, TlsInfo, unix_now};
+use crate::outbound::capabilities::RouteCapabilities;
+use crate::policy::capability;
 use crate::policy::limits::Limited;
 use crate::policy::lockout::{FailureReport, login_key};
 use crate::policy::senders::MAX_HEADER_CHECK;
 use crate::policy::{Refusal, SessionFacts};
 use crate::queue::{Spool, SpoolWriter};
+use crate::smtp::header_scan::HeaderScan;
 use crate::smtp::headers::HeaderFilter;
 use crate::smtp::received::{self, Trace};
 use crate::smtp::{Credentials, DataFault, Event, Reply, Session, SessionConfig, reply};
@@ -93,6 +96,8 @@ pub struct Shared {
     pub hash_slots: Arc<Semaphore>,
     /// Told of each committed message, so delivery starts at once.
     pub queued: tokio::sync::mpsc::UnboundedSender<crate::outbound::NewMessage>,
+    /// What the route to each recipient can carry (checked at RCPT and after the final dot).
+    pub capabilities: RouteCapabilities,
 }
 
 /// How a session ended, for the session log line.
@@ -106,6 +111,8 @@ struct Outcome {
 struct Incoming {
     writer: SpoolWriter,
     filter: HeaderFilter,
+    /// Whether the header section, as written to the spool, is all ASCII.
+    scan: HeaderScan,
     /// Set when writing failed: the rest of the message is read and dropped, then `451`.
     failed: bool,
     scratch: Vec<u8>,
@@ -274,7 +281,10 @@ impl Connection {
                 Event::Rcpt(to) => {
                     let facts = self.facts();
                     let policy = &self.runtime.policy;
-                    match policy.rcpt(&facts, &to) {
+                    match policy
+                        .rcpt(&facts, &to)
+                        .and_then(|()| self.route_carries(&to))
+                    {
                         Err(r) => self.refuse(r),
                         Ok(()) => match policy.recipient_rate(&facts, Instant::now()) {
                             Err(l) => self.limited(l),
@@ -297,6 +307,33 @@ impl Connection {
                 }
             }
         }
+    }
+
+    /// RCPT: is there a route for `to`, and can it carry this transaction (SMTPUTF8,
+    /// 8BITMIME, SIZE)? Decided now, since a message accepted for a route that cannot take it
+    /// could only be bounced (or, without a route, wait in the queue until it expires).
+    fn route_carries(&self, to: &Address) -> Result<(), Refusal> {
+        let Some(tx) = self.session.transaction() else {
+            return Ok(());
+        };
+        let Some(caps) = self.shared.capabilities.for_domain(&to.domain_lower()) else {
+            return Err(Refusal {
+                reply: reply::NO_ROUTE,
+                rule: "no_route",
+            });
+        };
+        capability::rcpt(&caps, &tx.from, &tx.params, to)
+    }
+
+    /// End of data: can the route of every recipient carry the message as received?
+    fn routes_carry(&self, header_utf8: bool, size: u64) -> Result<(), Refusal> {
+        let Some(tx) = self.session.transaction() else {
+            return Ok(());
+        };
+        tx.recipients
+            .iter()
+            .filter_map(|to| self.shared.capabilities.for_domain(&to.domain_lower()))
+            .try_for_each(|caps| capability::data(&caps, &tx.params, header_utf8, size))
     }
 
     fn log_rejection(&self, reply: &Reply, rule: &str) {
@@ -593,6 +630,7 @@ impl Connection {
                 self.incoming = Some(Box::new(Incoming {
                     writer,
                     filter,
+                    scan: HeaderScan::new(),
                     failed: false,
                     scratch: Vec::new(),
                 }));
@@ -618,8 +656,10 @@ impl Connection {
         let chunk = self.session.data_chunk();
         inc.scratch.clear();
         let result = if inc.filter.push(chunk, &mut inc.scratch) {
+            inc.scan.push(&inc.scratch);
             inc.writer.write(&inc.scratch)
         } else {
+            inc.scan.push(chunk);
             inc.writer.write(chunk)
         };
         if let Err(e) = result {
@@ -634,6 +674,7 @@ impl Connection {
         };
         inc.scratch.clear();
         inc.filter.finish(&mut inc.scratch);
+        inc.scan.push(&inc.scratch);
         if !inc.failed
             && let Err(e) = inc.writer.write(&inc.scratch)
         {
@@ -665,6 +706,10 @@ impl Connection {
                 from_header = address.as_deref().unwrap_or("-"),
                 rule = r.rule, reply = %r.reply, "rejected");
             return self.session.reject(&r.reply);
+        }
+        if let Err(r) = self.routes_carry(inc.scan.non_ascii(), inc.writer.written()) {
+            inc.writer.abort();
+            return self.refuse(r);
         }
         if !inc.filter.stripped().is_empty() {
             info!(peer = %self.peer, headers = ?inc.filter.stripped(), "removed untrusted headers");

@@ -29,6 +29,7 @@ use super::reply::{MAX_REPLY_LINE, MAX_REPLY_LINES, Reply, parse_line};
 use super::tls::ClientTls;
 use crate::config::{Upstream, UpstreamTls};
 use crate::envelope::{Address, Body, MailParams, ReversePath};
+use crate::policy::capability::Capabilities;
 use crate::stream::{ClientStream, Stream};
 
 /// Size of the chunks the message is read and written in.
@@ -69,7 +70,13 @@ pub enum RcptOutcome {
     Deferred(String),
     /// Refused for good: `status` is the enhanced code for the bounce, `text` the upstream's
     /// reply (`550 5.1.1 …`) or, when the upstream cannot take the message at all, our reason.
-    Failed { status: String, text: String },
+    /// `remote`: the upstream answered this (the DSN's `Remote-MTA`); false for our own
+    /// reason, decided before sending anything.
+    Failed {
+        status: String,
+        text: String,
+        remote: bool,
+    },
 }
 
 impl RcptOutcome {
@@ -80,6 +87,7 @@ impl RcptOutcome {
             RcptOutcome::Failed {
                 status: reply.status(),
                 text: reply.to_string(),
+                remote: true,
             }
         }
     }
@@ -137,12 +145,17 @@ pub struct Transaction<'a> {
     pub rcpts: &'a [&'a Address],
     /// Size of the message in octets (before dot-stuffing).
     pub size: u64,
+    /// The header section has a non-ASCII octet ([`crate::smtp::header_scan::HeaderScan`]).
+    pub utf8_headers: bool,
 }
 
 impl Transaction<'_> {
-    /// True when the message or an address needs SMTPUTF8 (RFC 6531).
+    /// True when the message needs SMTPUTF8 (RFC 6531 §3.4): an address is non-ASCII, or the
+    /// client declared SMTPUTF8 and the header section is non-ASCII. A message whose
+    /// envelope and header section are all ASCII is sent without the parameter, even when
+    /// the client declared it, so any upstream can take it.
     fn needs_smtputf8(&self) -> bool {
-        self.params.smtputf8
+        (self.params.smtputf8 && self.utf8_headers)
             || self.from.address().is_some_and(Address::is_utf8)
             || self.rcpts.iter().any(|a| a.is_utf8())
     }
@@ -191,6 +204,15 @@ pub struct Connection {
 }
 
 impl Connection {
+    /// What the upstream's last EHLO said about the messages it can carry.
+    pub fn capabilities(&self) -> Capabilities {
+        Capabilities {
+            smtputf8: self.ext.smtputf8,
+            eightbitmime: self.ext.eightbitmime,
+            size: self.ext.size.filter(|&n| n > 0),
+        }
+    }
+
     /// Connect to `upstream` and prepare it for transactions. With `allow_tls` false an
     /// opportunistic upstream is used in plaintext (the retry after a failed handshake).
     pub async fn open(
@@ -364,6 +386,7 @@ impl Connection {
                     .map(|_| RcptOutcome::Failed {
                         status: status.to_owned(),
                         text: text.clone(),
+                        remote: false,
                     })
                     .collect(),
                 aborted: false,

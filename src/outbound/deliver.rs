@@ -23,6 +23,7 @@ use super::upstream::{UpstreamRt, Upstreams};
 use crate::config;
 use crate::envelope::{Address, QueueId, RcptStatus, ReversePath, unix_now};
 use crate::queue::{Attempt, Loaded, QueuedMessage, SendLock, Spool, SpoolError};
+use crate::smtp::header_scan::HeaderScan;
 
 /// Messages up to this size are read into memory in one go; larger ones are streamed from
 /// the spool file.
@@ -49,7 +50,9 @@ pub struct FailedRcpt {
     pub status: String,
     /// The upstream's reply or our reason.
     pub text: String,
-    /// Host name of the upstream that refused it, when one did (the DSN's `Remote-MTA`).
+    /// Host name of the upstream that refused it (the DSN's `Remote-MTA`, RFC 3464 §2.3.5):
+    /// only when an upstream actually answered, and only when it is configured by host name
+    /// (an `address` that is an IP has no name to report).
     pub upstream: Option<String>,
 }
 
@@ -291,7 +294,7 @@ impl Attempting<'_> {
         let mut reopens = Vec::new();
         let mut tried = false;
         for up in upstreams {
-            if !up.available(Instant::now()) {
+            let Some(pass) = up.available(Instant::now()) else {
                 if let Some((until, why)) = up.down() {
                     let secs = until.saturating_duration_since(Instant::now()).as_secs() + 1;
                     reopens.push(unix_now() + secs);
@@ -301,7 +304,7 @@ impl Attempting<'_> {
                     ));
                 }
                 continue;
-            }
+            };
             tried = true;
             let started = unix_now();
             match self.attempt(&up, rcpts).await {
@@ -318,7 +321,7 @@ impl Attempting<'_> {
                     return false;
                 }
                 Err(f) => {
-                    up.failed(Instant::now(), &f);
+                    up.failed(Instant::now(), &f, pass);
                     let text = format!("upstream {}: {f}", up.name());
                     info!(queue_id = %id, upstream = %up.name(), error = %f, "delivery attempt failed");
                     self.msg.state.history.push(Attempt {
@@ -343,6 +346,7 @@ impl Attempting<'_> {
         up: &UpstreamRt,
         rcpts: &[usize],
     ) -> Result<Sent, super::client::Failure> {
+        let utf8_headers = self.utf8_headers().await;
         let env = &self.msg.envelope;
         let addresses: Vec<&Address> = rcpts.iter().map(|&i| &env.recipients[i].address).collect();
         let tx = Transaction {
@@ -350,6 +354,7 @@ impl Attempting<'_> {
             params: &env.mail_params,
             rcpts: &addresses,
             size: self.msg.size,
+            utf8_headers,
         };
         for fresh_try in [false, true] {
             let mut lease = up.lease(&self.ctx.hostname).await?;
@@ -371,6 +376,47 @@ impl Attempting<'_> {
             }
         }
         unreachable!("the loop returns on its second pass")
+    }
+
+    /// Whether the header section has a non-ASCII octet: only asked when the client declared
+    /// SMTPUTF8 (otherwise the answer changes nothing). A spool file that cannot be read
+    /// counts as non-ASCII, the answer that never sends a UTF-8 header section without
+    /// SMTPUTF8.
+    async fn utf8_headers(&self) -> bool {
+        if !self.msg.envelope.mail_params.smtputf8 {
+            return false;
+        }
+        match &self.body {
+            Bytes::Memory(bytes) => {
+                let mut scan = HeaderScan::new();
+                scan.push(bytes);
+                scan.non_ascii()
+            }
+            Bytes::Spooled => {
+                let id = self.id().clone();
+                let scanned = on_spool(&self.ctx.spool, move |s| {
+                    let (mut file, _) = s.open_message(&id)?;
+                    let mut scan = HeaderScan::new();
+                    let mut buf = vec![0u8; 64 * 1024];
+                    while !scan.done() {
+                        let n = std::io::Read::read(&mut file, &mut buf).map_err(|e| {
+                            SpoolError::Io {
+                                op: "read",
+                                path: s.root().to_path_buf(),
+                                source: e,
+                            }
+                        })?;
+                        if n == 0 {
+                            break;
+                        }
+                        scan.push(&buf[..n]);
+                    }
+                    Ok(scan.non_ascii())
+                })
+                .await;
+                scanned.unwrap_or(true)
+            }
+        }
     }
 
     async fn source(&self) -> Result<MessageSource, SpoolError> {
@@ -409,7 +455,11 @@ impl Attempting<'_> {
                     errors.push(format!("upstream {}: {text}", up.name()));
                     summary.push(format!("{address}: {text}"));
                 }
-                RcptOutcome::Failed { status, text } => {
+                RcptOutcome::Failed {
+                    status,
+                    text,
+                    remote,
+                } => {
                     warn!(queue_id = %id, upstream = %up.name(), rcpt = %address, reply = %text, "failed permanently");
                     self.msg.state.recipients[i] = RcptStatus::Failed;
                     summary.push(format!("{address}: {text}"));
@@ -418,7 +468,7 @@ impl Attempting<'_> {
                         address,
                         status,
                         text,
-                        upstream: Some(super::tls::host_of(&up.config.address).to_owned()),
+                        upstream: remote.then(|| remote_mta(&up.config.address)).flatten(),
                     });
                 }
             }
@@ -536,5 +586,29 @@ impl Attempting<'_> {
                 false
             }
         }
+    }
+}
+
+/// The `Remote-MTA` name of an upstream at `address` (`host:port`): its configured host name,
+/// or `None` when it is configured by IP address (RFC 3464 §2.3.5 wants a `dns` name there).
+fn remote_mta(address: &str) -> Option<String> {
+    let host = super::tls::host_of(address);
+    (host.parse::<std::net::IpAddr>().is_err() && !host.is_empty()).then(|| host.to_owned())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::remote_mta;
+
+    #[test]
+    fn remote_mta_is_the_configured_host_name_never_an_ip() {
+        assert_eq!(
+            remote_mta("exchange.example.internal:25").as_deref(),
+            Some("exchange.example.internal")
+        );
+        assert_eq!(remote_mta("localhost:2525").as_deref(), Some("localhost"));
+        assert_eq!(remote_mta("10.0.0.5:25"), None);
+        assert_eq!(remote_mta("[2001:db8::5]:25"), None);
+        assert_eq!(remote_mta("[::1]:25"), None);
     }
 }

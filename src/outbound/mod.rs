@@ -1,5 +1,7 @@
 //! Upstream SMTP client and delivery workers.
 //!
+//! - [`capabilities`]: what each upstream last announced (SMTPUTF8, 8BITMIME, SIZE), kept in
+//!   the spool and shared read-only with the inbound side for its checks at RCPT and DATA.
 //! - [`client`]: one SMTP connection to an upstream (EHLO/HELO, STARTTLS, AUTH, pipelined
 //!   transactions, dot-stuffing, per-recipient outcomes).
 //! - [`reply`]: upstream replies, parsed and classified.
@@ -15,6 +17,7 @@
 //! not read the file back).
 
 pub mod bounce;
+pub mod capabilities;
 pub mod client;
 pub mod deliver;
 pub mod reply;
@@ -55,6 +58,8 @@ pub struct Delivery {
     pub tracker: TaskTracker,
     /// Shared with the deliveries (to close idle connections at shutdown).
     pub context: Arc<Context>,
+    /// What each upstream can carry, for the inbound checks (read-only).
+    pub capabilities: capabilities::RouteCapabilities,
 }
 
 /// Start the scheduler over `spool` with `config`'s upstreams and queue policy.
@@ -64,9 +69,13 @@ pub fn start(
     shutdown: CancellationToken,
 ) -> Result<Delivery, ClientTlsError> {
     let (wake, incoming) = mpsc::unbounded_channel();
+    let book = Arc::new(capabilities::CapabilityBook::load(
+        &config.upstreams,
+        Some(spool.root()),
+    ));
     let context = Arc::new(Context {
+        upstreams: upstream::Upstreams::new(config, book.clone())?,
         spool,
-        upstreams: upstream::Upstreams::new(config)?,
         hostname: config.server.hostname.clone(),
         queue: config.queue.clone(),
         wake: wake.clone(),
@@ -80,5 +89,6 @@ pub fn start(
         scheduler,
         tracker,
         context,
+        capabilities: capabilities::RouteCapabilities::new(book),
     })
 }

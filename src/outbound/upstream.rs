@@ -6,10 +6,17 @@
 //!
 //! Circuit breaker: a connection-level failure (refused connection, timeout, broken TLS, a
 //! `421` or `452 4.3.1` back-pressure reply) marks the upstream down for its `backoff`,
-//! doubling with each further failure up to 16 times. While down, deliveries skip it. When
+//! doubling with each failed probe up to 16 times. While down, deliveries skip it. When
 //! the back-off has passed, one delivery probes it (the breaker half-opens: the others keep
 //! skipping it until the probe ends); a success closes the breaker. `queue retry` closes it
 //! at once.
+//!
+//! One back-off step per probe, not per failing message: each delivery that passes the
+//! breaker holds a [`Pass`] naming the breaker's period (closed, or one half-open probe). The
+//! first failure of a period opens the breaker and starts a new period; failures of deliveries
+//! that passed in an earlier period (six queued messages started together while the breaker
+//! was closed, all failing within milliseconds) only confirm what is known and leave the
+//! back-off as it is.
 //!
 //! Pool: at most `max_connections` connections per upstream, idle or busy. A connection that
 //! finished a transaction cleanly goes back to the pool and carries the next message (after
@@ -24,6 +31,7 @@ use std::time::{Duration, Instant};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tracing::{info, warn};
 
+use super::capabilities::CapabilityBook;
 use super::client::{Connection, Failure};
 use super::tls::{ClientTls, ClientTlsError, client_tls};
 use crate::config::{Config, Upstream, UpstreamTls};
@@ -34,39 +42,28 @@ pub const IDLE_TIMEOUT: Duration = Duration::from_secs(10);
 /// The back-off grows to at most this many times the configured `backoff`.
 const MAX_BACKOFF_FACTOR: u32 = 16;
 
-/// All upstreams and the routing table.
-pub struct Upstreams {
-    list: Vec<Arc<UpstreamRt>>,
+/// The routing table: which upstreams (by index in `[[upstreams]]`) serve a recipient domain.
+/// One function for delivery and for the checks at RCPT ([`super::capabilities`]), so what is
+/// checked is the route the message will take.
+#[derive(Debug, Clone, Default)]
+pub struct Routes {
     by_domain: HashMap<String, Vec<usize>>,
     default_route: Vec<usize>,
 }
 
-impl Upstreams {
-    /// Build the run-time upstreams (TLS client configurations included) from `config`.
-    pub fn new(config: &Config) -> Result<Upstreams, ClientTlsError> {
-        let mut list = Vec::new();
-        let mut by_domain: HashMap<String, Vec<usize>> = HashMap::new();
-        let mut default_route = Vec::new();
-        for (i, up) in config.upstreams.iter().enumerate() {
-            list.push(Arc::new(UpstreamRt {
-                tls: client_tls(up)?,
-                config: up.clone(),
-                slots: Arc::new(Semaphore::new(up.max_connections)),
-                idle: Mutex::new(Vec::new()),
-                breaker: Mutex::new(Breaker::default()),
-            }));
+impl Routes {
+    /// The routing table of `upstreams`.
+    pub fn new(upstreams: &[Upstream]) -> Routes {
+        let mut routes = Routes::default();
+        for (i, up) in upstreams.iter().enumerate() {
             if up.domains.is_empty() {
-                default_route.push(i);
+                routes.default_route.push(i);
             }
             for d in &up.domains {
-                by_domain.entry(d.clone()).or_default().push(i);
+                routes.by_domain.entry(d.clone()).or_default().push(i);
             }
         }
-        Ok(Upstreams {
-            list,
-            by_domain,
-            default_route,
-        })
+        routes
     }
 
     /// The upstreams for a recipient domain (lower case), in failover order. Empty when no
@@ -75,6 +72,68 @@ impl Upstreams {
         self.by_domain
             .get(domain.trim_end_matches('.'))
             .unwrap_or(&self.default_route)
+    }
+}
+
+/// All upstreams and the routing table.
+pub struct Upstreams {
+    list: Vec<Arc<UpstreamRt>>,
+    routes: Routes,
+}
+
+impl Upstreams {
+    /// Build the run-time upstreams (TLS client configurations included) from `config`; each
+    /// records what it learns from EHLO in `book`.
+    pub fn new(config: &Config, book: Arc<CapabilityBook>) -> Result<Upstreams, ClientTlsError> {
+        let mut list = Vec::new();
+        for (i, up) in config.upstreams.iter().enumerate() {
+            list.push(Arc::new(UpstreamRt {
+                index: i,
+                book: book.clone(),
+                tls: client_tls(up)?,
+                config: up.clone(),
+                slots: Arc::new(Semaphore::new(up.max_connections)),
+                idle: Mutex::new(Vec::new()),
+                breaker: Mutex::new(Breaker::default()),
+            }));
+        }
+        Ok(Upstreams {
+            list,
+            routes: Routes::new(&config.upstreams),
+        })
+    }
+
+    /// The upstreams for a recipient domain (lower case), in failover order ([`Routes::route`]).
+    pub fn route(&self, domain: &str) -> &[usize] {
+        self.routes.route(domain)
+    }
+
+    /// Connect to every upstream once, so each one's capabilities are known before mail is
+    /// accepted; the connection stays in the pool for the first delivery. Waits at most
+    /// `limit`; a failure is logged and leaves the breaker alone (the capabilities from the
+    /// spool, or [`crate::policy::capability::Capabilities::UNKNOWN`], stay in force).
+    pub async fn probe_all(&self, hostname: &str, limit: Duration) {
+        let mut probes = tokio::task::JoinSet::new();
+        for up in &self.list {
+            let (up, hostname) = (up.clone(), hostname.to_owned());
+            probes.spawn(async move {
+                match up.lease(&hostname).await {
+                    Ok(lease) => up.release(lease),
+                    Err(f) => warn!(
+                        upstream = %up.name(), error = %f,
+                        "capability probe failed; using the capabilities last seen"
+                    ),
+                }
+            });
+        }
+        let all = async { while probes.join_next().await.is_some() {} };
+        if tokio::time::timeout(limit, all).await.is_err() {
+            // Dropping the set aborts the probes still waiting.
+            warn!(
+                limit_secs = limit.as_secs(),
+                "capability probes did not all finish in time; using the capabilities last seen for the rest"
+            );
+        }
     }
 
     /// Upstream number `i`.
@@ -125,6 +184,10 @@ impl Upstreams {
 /// One upstream at run time.
 pub struct UpstreamRt {
     pub config: Upstream,
+    /// Its position in `[[upstreams]]`, its key in `book`.
+    index: usize,
+    /// Where the capabilities it announces are recorded.
+    book: Arc<CapabilityBook>,
     tls: Option<ClientTls>,
     slots: Arc<Semaphore>,
     idle: Mutex<Vec<Pooled>>,
@@ -157,9 +220,9 @@ impl UpstreamRt {
         self.breaker.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// May a delivery use this upstream now? Takes the probe slot when the back-off has just
-    /// ended.
-    pub fn available(&self, now: Instant) -> bool {
+    /// May a delivery use this upstream now? `Some` (hand it to [`UpstreamRt::failed`] if the
+    /// delivery fails) takes the probe slot when the back-off has just ended.
+    pub fn available(&self, now: Instant) -> Option<Pass> {
         self.breaker().try_pass(now, self.config.backoff)
     }
 
@@ -169,17 +232,23 @@ impl UpstreamRt {
         Some((b.down_until?, b.last_failure.clone().unwrap_or_default()))
     }
 
-    /// Record a connection-level failure.
-    pub fn failed(&self, now: Instant, failure: &Failure) {
-        let backoff = {
+    /// Record a connection-level failure of a delivery that passed the breaker with `pass`.
+    pub fn failed(&self, now: Instant, failure: &Failure, pass: Pass) {
+        let tripped = {
             let mut b = self.breaker();
             b.last_failure = Some(failure.to_string());
-            b.trip(now, self.config.backoff)
+            b.trip(now, self.config.backoff, pass)
         };
-        warn!(
-            upstream = %self.name(), error = %failure, backoff_secs = backoff.as_secs(),
-            "upstream marked down"
-        );
+        match tripped {
+            Trip::Opened { backoff, failures } => warn!(
+                upstream = %self.name(), error = %failure, backoff_secs = backoff.as_secs(),
+                failed_probes = failures, "upstream marked down"
+            ),
+            Trip::Stale { remaining } => info!(
+                upstream = %self.name(), error = %failure, down_for_secs = remaining.as_secs(),
+                "delivery failed after the upstream was already marked down (or up again); back-off unchanged"
+            ),
+        }
     }
 
     /// Record a completed conversation.
@@ -228,6 +297,7 @@ impl UpstreamRt {
             }
             Err(f) => return Err(f),
         };
+        self.book.record(self.index, conn.capabilities());
         Ok(Lease { conn, permit })
     }
 
@@ -270,13 +340,33 @@ impl UpstreamRt {
     }
 }
 
+/// A delivery's passage through the breaker: the breaker period it started in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Pass {
+    period: u64,
+}
+
+/// What a failure did to the breaker.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Trip {
+    /// The first failure of its period: the breaker is open for `backoff`, after `failures`
+    /// consecutive failed periods.
+    Opened { backoff: Duration, failures: u32 },
+    /// The delivery passed in an earlier period: a concurrent delivery's failure already
+    /// opened the breaker for it, or a success closed it since. Nothing changes; it stays
+    /// open for `remaining` (zero when closed).
+    Stale { remaining: Duration },
+}
+
 /// Circuit breaker state of one upstream.
 #[derive(Debug, Default)]
 struct Breaker {
-    /// Consecutive failures.
+    /// Consecutive failed periods (each one back-off step).
     failures: u32,
     /// Down until then; `None`: closed.
     down_until: Option<Instant>,
+    /// The current period: a new one starts when the breaker opens and when a probe passes.
+    period: u64,
     /// The failure that opened it, for the queue's `last_error`.
     last_failure: Option<String>,
 }
@@ -287,28 +377,49 @@ impl Breaker {
         base * factor.min(MAX_BACKOFF_FACTOR)
     }
 
-    fn try_pass(&mut self, now: Instant, base: Duration) -> bool {
+    fn try_pass(&mut self, now: Instant, base: Duration) -> Option<Pass> {
         match self.down_until {
-            None => true,
+            None => Some(Pass {
+                period: self.period,
+            }),
             Some(until) if now >= until => {
-                // Half-open: this caller probes; others wait for another back-off.
+                // Half-open: this caller probes, in a period of its own; others wait for
+                // another back-off.
+                self.period += 1;
                 self.down_until = Some(now + self.backoff(base));
-                true
+                Some(Pass {
+                    period: self.period,
+                })
             }
-            Some(_) => false,
+            Some(_) => None,
         }
     }
 
-    fn trip(&mut self, now: Instant, base: Duration) -> Duration {
+    fn trip(&mut self, now: Instant, base: Duration, pass: Pass) -> Trip {
+        if pass.period != self.period {
+            return Trip::Stale {
+                remaining: self
+                    .down_until
+                    .map_or(Duration::ZERO, |u| u.saturating_duration_since(now)),
+            };
+        }
+        self.period += 1;
         self.failures = self.failures.saturating_add(1);
         let backoff = self.backoff(base);
         self.down_until = Some(now + backoff);
-        backoff
+        Trip::Opened {
+            backoff,
+            failures: self.failures,
+        }
     }
 
-    /// Close; true when it was open.
+    /// Close; true when it was open. A new period starts, so failures of deliveries that
+    /// passed before cannot reopen it without a step of their own being counted afresh.
     fn close(&mut self) -> bool {
         let was_open = self.down_until.is_some();
+        if was_open {
+            self.period += 1;
+        }
         self.failures = 0;
         self.down_until = None;
         was_open
@@ -319,25 +430,89 @@ impl Breaker {
 mod tests {
     use super::*;
 
+    fn opened(backoff: u64, failures: u32) -> Trip {
+        Trip::Opened {
+            backoff: Duration::from_secs(backoff),
+            failures,
+        }
+    }
+
     #[test]
     fn breaker_backs_off_doubling_and_probes_once() {
         let base = Duration::from_secs(30);
         let t0 = Instant::now();
         let mut b = Breaker::default();
-        assert!(b.try_pass(t0, base));
-        assert_eq!(b.trip(t0, base), Duration::from_secs(30));
-        assert!(!b.try_pass(t0 + Duration::from_secs(29), base));
+        let pass = b.try_pass(t0, base).unwrap();
+        assert_eq!(b.trip(t0, base, pass), opened(30, 1));
+        assert!(b.try_pass(t0 + Duration::from_secs(29), base).is_none());
         // Back-off over: one probe passes, the next caller does not.
         let t1 = t0 + Duration::from_secs(30);
-        assert!(b.try_pass(t1, base));
-        assert!(!b.try_pass(t1, base));
-        assert_eq!(b.trip(t1, base), Duration::from_secs(60));
+        let probe = b.try_pass(t1, base).unwrap();
+        assert!(b.try_pass(t1, base).is_none());
+        assert_eq!(b.trip(t1, base, probe), opened(60, 2));
+        let mut t = t1;
         for _ in 0..10 {
-            b.trip(t1, base);
+            t += b.backoff(base);
+            let probe = b.try_pass(t, base).unwrap();
+            b.trip(t, base, probe);
         }
         assert_eq!(b.backoff(base), base * MAX_BACKOFF_FACTOR);
         assert!(b.close());
-        assert!(b.try_pass(t1, base));
+        assert!(b.try_pass(t, base).is_some());
         assert!(!b.close());
+    }
+
+    /// Six queued messages started together while the breaker was closed and all failed
+    /// within milliseconds: one back-off step (30 s), not six (480 s).
+    #[test]
+    fn concurrent_failures_of_one_period_double_the_backoff_at_most_once() {
+        let base = Duration::from_secs(30);
+        let t0 = Instant::now();
+        let mut b = Breaker::default();
+        let passes: Vec<Pass> = (0..6).map(|_| b.try_pass(t0, base).unwrap()).collect();
+        let trips: Vec<Trip> = passes
+            .iter()
+            .enumerate()
+            .map(|(i, &p)| b.trip(t0 + Duration::from_millis(3 * i as u64), base, p))
+            .collect();
+        assert_eq!(trips[0], opened(30, 1));
+        for (i, t) in trips.iter().enumerate().skip(1) {
+            assert_eq!(
+                *t,
+                Trip::Stale {
+                    remaining: Duration::from_secs(30) - Duration::from_millis(3 * i as u64)
+                }
+            );
+        }
+        assert_eq!(b.backoff(base), base);
+        assert!(b.try_pass(t0 + Duration::from_secs(29), base).is_none());
+
+        // The probe after the back-off fails: the second step (60 s). A straggler from the
+        // first period failing after the probe passed changes nothing.
+        let t1 = t0 + Duration::from_secs(30);
+        let probe = b.try_pass(t1, base).unwrap();
+        assert!(matches!(b.trip(t1, base, passes[0]), Trip::Stale { .. }));
+        assert_eq!(b.trip(t1, base, probe), opened(60, 2));
+        assert_eq!(
+            b.trip(t1, base, probe),
+            Trip::Stale {
+                remaining: Duration::from_secs(60)
+            }
+        );
+    }
+
+    /// A delivery that passed before a close and fails after it changes nothing: a success
+    /// closed the breaker since it started.
+    #[test]
+    fn a_failure_from_before_a_close_does_not_count_against_the_next_period() {
+        let base = Duration::from_secs(30);
+        let t0 = Instant::now();
+        let mut b = Breaker::default();
+        let early = b.try_pass(t0, base).unwrap();
+        let other = b.try_pass(t0, base).unwrap();
+        assert_eq!(b.trip(t0, base, other), opened(30, 1));
+        assert!(b.close());
+        assert!(matches!(b.trip(t0, base, early), Trip::Stale { .. }));
+        assert!(b.try_pass(t0, base).is_some());
     }
 }

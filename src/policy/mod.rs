@@ -12,6 +12,7 @@
 //! change, so a SIGHUP neither hands out fresh budgets nor lifts lockouts.
 
 pub mod access;
+pub mod capability;
 pub mod credentials;
 pub mod limits;
 pub mod lockout;

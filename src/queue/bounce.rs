@@ -30,8 +30,11 @@ use time::format_description::well_known::Rfc2822;
 
 use crate::envelope::{Address, Body, Envelope, MailParams, QueueId, Recipient, ReversePath};
 
-/// Most octets of the original header section returned in a DSN.
-pub const MAX_RETURNED_HEADERS: usize = 32 * 1024;
+/// Most octets of the original header section returned in a DSN (8 KiB, cut between two
+/// header fields). Enough for the trace and the fields a sender needs to recognise the
+/// message; small enough that a DSN to a forged sender carries little of a stranger's
+/// content (RFC 3464 §5 leaves the amount returned to the reporting MTA).
+pub const MAX_RETURNED_HEADERS: usize = 8 * 1024;
 
 /// Longest line of a DSN, without its CRLF (RFC 5322 §2.1.1 allows 998).
 pub const MAX_LINE: usize = 998;

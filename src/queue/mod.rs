@@ -14,6 +14,8 @@
 //! SPOOL/quarantine/      files recovery could not understand (moved here, never deleted)
 //! SPOOL/control/         operator requests to the running relay (`retry.ID`, `retry.all`)
 //! SPOOL/free/            files of finished messages, reused for new ones (see [`recycle`])
+//! SPOOL/upstream-capabilities.json   what each upstream last announced; written by
+//!                        `outbound::capabilities`, not by this module
 //! ```
 //!
 //! A message file is the line `PORTCULLIS-SPOOL 1\n`, then the [`Envelope`] as one line of

@@ -175,6 +175,30 @@ pub const NEED_SMTPUTF8: Reply = Reply::new(
     "5.6.7",
     "Non-ASCII address requires SMTPUTF8 on MAIL FROM",
 );
+// What the route to the recipient cannot carry (see `policy::capability`). Refused at SMTP
+// time: accepting and bouncing later would send backscatter to possibly forged senders.
+/// RFC 6531 §3.5: a non-ASCII address for a route without SMTPUTF8.
+pub const ROUTE_NEEDS_SMTPUTF8: Reply = Reply::new(
+    553,
+    "5.6.7",
+    "Non-ASCII address cannot be delivered to this recipient",
+);
+/// RFC 6152 / RFC 3463 5.6.3: 8-bit content for a route without 8BITMIME (never converted).
+pub const ROUTE_NO_8BITMIME: Reply = Reply::new(
+    550,
+    "5.6.3",
+    "8-bit MIME content cannot be delivered to this recipient",
+);
+/// RFC 1870: the declared or received size is over what the route accepts.
+pub const ROUTE_SIZE: Reply = Reply::new(552, "5.3.4", "Message too big for this recipient");
+/// RFC 3463 5.4.4: no upstream serves the recipient's domain (no default route).
+pub const NO_ROUTE: Reply = Reply::new(550, "5.4.4", "Unable to route to this recipient");
+/// RFC 6531 §3.5: a UTF-8 header section for a route without SMTPUTF8, after the final dot.
+pub const UTF8_HEADERS_UNDELIVERABLE: Reply = Reply::new(
+    554,
+    "5.6.9",
+    "UTF-8 header message cannot be delivered to one or more recipients",
+);
 pub const BAD_BASE64: Reply = Reply::new(501, "5.5.2", "Invalid base64 data");
 pub const AUTH_CANCELLED: Reply = Reply::new(501, "5.7.0", "Authentication cancelled");
 pub const NOT_IMPLEMENTED: Reply = Reply::new(502, "5.5.1", "Command not implemented");
