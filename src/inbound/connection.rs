@@ -325,15 +325,20 @@ impl Connection {
         capability::rcpt(&caps, &tx.from, &tx.params, to)
     }
 
-    /// End of data: can the route of every recipient carry the message as received?
+    /// End of data: can the route of every recipient carry the message as received, by what
+    /// is known of the routes now (the envelope is checked again: an upstream may have been
+    /// seen with other capabilities while the message was being received)?
     fn routes_carry(&self, header_utf8: bool, size: u64) -> Result<(), Refusal> {
         let Some(tx) = self.session.transaction() else {
             return Ok(());
         };
-        tx.recipients
-            .iter()
-            .filter_map(|to| self.shared.capabilities.for_domain(&to.domain_lower()))
-            .try_for_each(|caps| capability::data(&caps, &tx.params, header_utf8, size))
+        tx.recipients.iter().try_for_each(|to| {
+            let Some(caps) = self.shared.capabilities.for_domain(&to.domain_lower()) else {
+                return Ok(());
+            };
+            capability::rcpt_at_data(&caps, &tx.from, &tx.params, to)?;
+            capability::data(&caps, &tx.params, header_utf8, size)
+        })
     }
 
     fn log_rejection(&self, reply: &Reply, rule: &str) {

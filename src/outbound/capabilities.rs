@@ -227,9 +227,21 @@ impl RouteCapabilities {
 }
 
 fn read_file(path: &Path) -> Option<File> {
-    let text = match fs::metadata(path) {
+    use std::os::unix::fs::MetadataExt;
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    let euid = unsafe { libc::geteuid() };
+    let text = match fs::symlink_metadata(path) {
         Ok(m) if m.len() > MAX_FILE => {
             warn!(file = %path.display(), "upstream capability file too large; ignored");
+            return None;
+        }
+        // Only a file the relay wrote decides what is accepted at RCPT: one planted by another
+        // user, writable by others, or a link could make it accept mail it must then bounce.
+        Ok(m) if !m.file_type().is_file() || m.uid() != euid || m.mode() & 0o022 != 0 => {
+            warn!(
+                file = %path.display(), uid = m.uid(), mode = format!("{:o}", m.mode() & 0o7777),
+                "upstream capability file not written by the relay (owner, mode or type); ignored"
+            );
             return None;
         }
         Ok(_) => fs::read(path),
@@ -323,6 +335,24 @@ mod tests {
             CapabilityBook::load(&moved, Some(dir.path())).get(0),
             Capabilities::UNKNOWN
         );
+        // A file writable by others, or planted by another user, is not believed.
+        use std::os::unix::fs::PermissionsExt;
+        let path = dir.path().join(FILE_NAME);
+        fs::set_permissions(&path, fs::Permissions::from_mode(0o666)).unwrap();
+        assert_eq!(
+            CapabilityBook::load(&ups, Some(dir.path())).get(0),
+            Capabilities::UNKNOWN
+        );
+        fs::set_permissions(&path, fs::Permissions::from_mode(0o600)).unwrap();
+        if unsafe { libc::geteuid() } == 0 {
+            std::os::unix::fs::chown(&path, Some(65534), None).unwrap();
+            assert_eq!(
+                CapabilityBook::load(&ups, Some(dir.path())).get(0),
+                Capabilities::UNKNOWN
+            );
+            std::os::unix::fs::chown(&path, Some(0), None).unwrap();
+        }
+        assert_eq!(CapabilityBook::load(&ups, Some(dir.path())).get(0), FULL);
         // A damaged file is ignored, not fatal.
         fs::write(dir.path().join(FILE_NAME), b"{not json").unwrap();
         assert_eq!(

@@ -593,7 +593,16 @@ impl Attempting<'_> {
 /// or `None` when it is configured by IP address (RFC 3464 §2.3.5 wants a `dns` name there).
 fn remote_mta(address: &str) -> Option<String> {
     let host = super::tls::host_of(address);
-    (host.parse::<std::net::IpAddr>().is_err() && !host.is_empty()).then(|| host.to_owned())
+    let host = host.strip_suffix('.').unwrap_or(host);
+    // A DNS name's last label is never all digits (RFC 3696 §2); anything else the resolver
+    // accepts (`10.0.0.5`, inet_aton shorthand such as `127.1` or `2130706433`, a bracketed
+    // literal) is an address, and RFC 3464 §2.3.5 wants no address in a `dns;` Remote-MTA.
+    let last = host.rsplit('.').next().unwrap_or("");
+    let is_name = !last.is_empty()
+        && !last.bytes().all(|b| b.is_ascii_digit())
+        && host.parse::<std::net::IpAddr>().is_err()
+        && !host.starts_with('[');
+    is_name.then(|| host.to_owned())
 }
 
 #[cfg(test)]
@@ -610,5 +619,13 @@ mod tests {
         assert_eq!(remote_mta("10.0.0.5:25"), None);
         assert_eq!(remote_mta("[2001:db8::5]:25"), None);
         assert_eq!(remote_mta("[::1]:25"), None);
+        // inet_aton shorthands connect to an address too.
+        assert_eq!(remote_mta("127.1:26006"), None);
+        assert_eq!(remote_mta("2130706433:25"), None);
+        assert_eq!(remote_mta("10.0.5.:25"), None);
+        assert_eq!(
+            remote_mta("mx1.example.net.:25").as_deref(),
+            Some("mx1.example.net")
+        );
     }
 }

@@ -312,10 +312,16 @@ impl UpstreamRt {
         }
     }
 
+    /// The most recent idle connection that is still fresh and whose EHLO matches the
+    /// capabilities last learnt for this upstream. A connection opened before the upstream
+    /// changed its extensions would carry out a transaction under other rules than those the
+    /// message was accepted by at RCPT, and fail it permanently (a bounce): it is closed
+    /// instead, and the caller opens a new one.
     fn take_idle(&self) -> Option<Lease> {
+        let current = self.book.get(self.index);
         let mut idle = self.idle();
         while let Some(p) = idle.pop() {
-            if p.conn.idle_since.elapsed() < IDLE_TIMEOUT {
+            if p.conn.idle_since.elapsed() < IDLE_TIMEOUT && p.conn.capabilities() == current {
                 return Some(Lease {
                     conn: p.conn,
                     permit: p.permit,

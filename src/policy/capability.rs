@@ -116,6 +116,23 @@ pub fn data(
     Ok(())
 }
 
+/// End of data, before the commit: [`rcpt`] again for one recipient, since what the route can
+/// carry may have been learnt anew while the message was being received (another session's
+/// connection saw a new EHLO). The same rules, with the replies a client may get after the
+/// final dot (RFC 5321 §4.3.2 lists no 553 there): `554 5.6.7` for an address that needs
+/// SMTPUTF8; `550 5.6.3` and `552 5.3.4` as at RCPT.
+pub fn rcpt_at_data(
+    caps: &Capabilities,
+    from: &ReversePath,
+    params: &MailParams,
+    to: &Address,
+) -> Result<(), Refusal> {
+    rcpt(caps, from, params, to).map_err(|r| match r.rule {
+        "route_smtputf8" => Refusal::new(reply::ADDRESS_NEEDS_SMTPUTF8_AT_DATA, r.rule),
+        _ => r,
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -216,6 +233,24 @@ mod tests {
             rule(&NONE, &undeclared, false, 1001),
             Some(("route_size", 552, "5.3.4"))
         );
+    }
+
+    #[test]
+    fn the_end_of_data_recheck_answers_with_data_phase_codes() {
+        let utf8 = ReversePath::Address(addr("jörg@third.test"));
+        let p = params(Some(Body::EightBitMime), true, None);
+        let r = rcpt_at_data(&NONE, &utf8, &p, &addr("k@example.com")).unwrap_err();
+        assert_eq!(
+            (r.rule, r.reply.code, r.reply.enhanced),
+            ("route_smtputf8", 554, "5.6.7")
+        );
+        let ascii = ReversePath::Address(addr("a@third.test"));
+        let r = rcpt_at_data(&NONE, &ascii, &p, &addr("k@example.com")).unwrap_err();
+        assert_eq!(
+            (r.rule, r.reply.code, r.reply.enhanced),
+            ("route_8bitmime", 550, "5.6.3")
+        );
+        assert!(rcpt_at_data(&ALL, &utf8, &p, &addr("k@example.com")).is_ok());
     }
 
     #[test]

@@ -289,24 +289,34 @@ fn returned_headers(head: &[u8]) -> Vec<u8> {
         out.append(field);
         true
     };
+    // Whether the last field is known to be whole: the blank line that ends the section was
+    // seen, or `head` is short enough to be the whole message rather than a cut of it.
+    let mut whole = head.len() <= MAX_RETURNED_HEADERS + 1;
     for line in lines.by_ref() {
         if line.is_empty() {
+            whole = true;
             break;
         }
         let continuation = matches!(line[0], b' ' | b'\t');
         if !continuation && !field.is_empty() && !flush(&mut out, &mut field) {
             return out;
         }
-        let line = &line[..line.len().min(MAX_LINE)];
+        // Shorten an over-long line, never inside a UTF-8 sequence.
+        let mut end = line.len().min(MAX_LINE);
+        while end < line.len() && end > 0 && line[end] & 0xC0 == 0x80 {
+            end -= 1;
+        }
+        let line = &line[..end];
         field.extend(line.iter().map(|&b| match b {
             b'\r' | b'\n' => b' ',
             b => b,
         }));
         field.extend_from_slice(b"\r\n");
     }
-    // The last field is complete only if the section ended inside what we were given: a blank
-    // line, or the end of a short head (the whole message). The caller passes enough bytes.
-    flush(&mut out, &mut field);
+    // A last field that `head` may have cut is left out: the cap is met between fields.
+    if whole {
+        flush(&mut out, &mut field);
+    }
     out
 }
 
@@ -565,6 +575,31 @@ Subject: hello\r\nFrom: sender@example.org\r\nMessage-ID: <m1@example.org>\r\n\r
         assert!(out.len() > MAX_RETURNED_HEADERS - field.len());
         assert_eq!(out.len() % field.len(), 0, "cut inside a field");
         assert!(out.starts_with(field.as_bytes()) && out.ends_with(b"\r\n"));
+    }
+
+    #[test]
+    fn a_field_cut_by_the_head_slice_is_never_returned_even_after_shortened_lines() {
+        // Shortened long lines leave room under the cap for the partial field at the end of
+        // the slice the caller passes; it must still be left out.
+        let mut head = format!("X-Long: {}\r\n", "l".repeat(3000)).into_bytes();
+        for i in 0..60 {
+            head.extend_from_slice(format!("X-Pad-{i:03}: {}\r\n", "0".repeat(200)).as_bytes());
+        }
+        head.extend_from_slice(b"\r\nbody\r\n");
+        let slice = &head[..MAX_RETURNED_HEADERS + 2];
+        let out = returned_headers(slice);
+        let text = String::from_utf8(out).unwrap();
+        for line in text.split_terminator("\r\n").skip(1) {
+            assert_eq!(
+                line.len(),
+                "X-Pad-000: ".len() + 200,
+                "cut inside a field: {line:?}"
+            );
+        }
+        // A line shortened at the line cap never ends inside a UTF-8 sequence.
+        let utf8 = format!("Subject: {}\r\n\r\n", "é".repeat(800));
+        let out = returned_headers(utf8.as_bytes());
+        assert!(std::str::from_utf8(&out).is_ok());
     }
 
     #[test]

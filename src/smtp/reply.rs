@@ -183,6 +183,13 @@ pub const ROUTE_NEEDS_SMTPUTF8: Reply = Reply::new(
     "5.6.7",
     "Non-ASCII address cannot be delivered to this recipient",
 );
+/// RFC 6531 §3.5, after the final dot: an address of the transaction needs SMTPUTF8 and the
+/// route, as last seen, lacks it (learnt while the message was being received).
+pub const ADDRESS_NEEDS_SMTPUTF8_AT_DATA: Reply = Reply::new(
+    554,
+    "5.6.7",
+    "Non-ASCII address cannot be delivered to one or more recipients",
+);
 /// RFC 6152 / RFC 3463 5.6.3: 8-bit content for a route without 8BITMIME (never converted).
 pub const ROUTE_NO_8BITMIME: Reply = Reply::new(
     550,
