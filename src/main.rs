@@ -197,19 +197,27 @@ fn spool_dir(config: Option<&Path>, spool: Option<PathBuf>) -> anyhow::Result<Pa
     })
 }
 
-fn open_spool(dir: &Path) -> anyhow::Result<Spool> {
+/// Open the spool for a `queue` command. Only `retry` creates files (its request), so only it
+/// opens the spool for writing (which may create missing subdirectories, given to the spool's
+/// owner); every other command creates and changes nothing but the messages it removes.
+fn open_spool(dir: &Path, writes: bool) -> anyhow::Result<Spool> {
     if !dir.join("queue").is_dir() {
         bail!(UsageError(format!(
             "no spool at {} (no queue/ directory); pass --spool DIR or --config FILE",
             dir.display()
         )));
     }
-    Spool::open(dir).with_context(|| format!("cannot open spool {}", dir.display()))
+    let spool = if writes {
+        Spool::open(dir)
+    } else {
+        Spool::open_existing(dir)
+    };
+    spool.with_context(|| format!("cannot open spool {}", dir.display()))
 }
 
 fn queue(action: QueueAction, config: Option<&Path>, spool: Option<PathBuf>) -> anyhow::Result<()> {
     let dir = spool_dir(config, spool)?;
-    let spool = open_spool(&dir)?;
+    let spool = open_spool(&dir, matches!(action, QueueAction::Retry { .. }))?;
     match action {
         QueueAction::List { json } => {
             let msgs = spool.list()?;
