@@ -1000,3 +1000,84 @@ fn a_free_file_of_another_user_is_never_written_into() {
     assert_eq!(spool.free_files(), 0);
     assert!(names(&free).is_empty());
 }
+
+#[test]
+fn list_and_show_escape_bidi_and_zero_width_characters() {
+    // U+202E makes `<\u{202e}gro.elpmaxe@knab-ecivres>` display as a bank's address.
+    let spoof = "\u{202e}gro.elpmaxe@knab-ecivres";
+    let mut msgs = sample_messages();
+    let env = &mut msgs[1].envelope;
+    env.mail_from = ReversePath::Address(crate::envelope::Address::parse(spoof).unwrap());
+    env.helo = "mx\u{200b}.example\u{2066}".into();
+    env.auth_user = Some("bob\u{feff}\u{e0041}".into());
+    msgs[1].state.last_error = Some("451 \u{200e}\u{200f}\u{2069} later".into());
+    let invisible = |text: &str| text.chars().filter(|&c| report::is_invisible(c)).count();
+
+    let table = report::list_table(&msgs, 1_700_000_000);
+    assert_eq!(invisible(&table), 0, "{table:?}");
+    assert!(table.contains(" ?gro.elpmaxe@knab-ecivres "), "{table}");
+    let shown = report::show(&msgs[1], b"Subject: \xe2\x80\xaeabc\r\n\r\n");
+    assert_eq!(invisible(&shown), 0, "{shown:?}");
+    assert!(shown.contains("helo:         mx?.example?"), "{shown}");
+    assert!(shown.contains("Subject: ?abc"), "{shown}");
+    let line = report::deletion_line(
+        &msgs[1].envelope.id,
+        Some(&msgs[1].envelope.mail_from),
+        None,
+    );
+    assert_eq!(invisible(&line), 0, "{line:?}");
+
+    let json = report::list_json(&msgs, 1_700_000_000);
+    assert_eq!(invisible(&json), 0, "{json:?}");
+    assert!(
+        json.contains(r#""from":"\u202egro.elpmaxe@knab-ecivres""#),
+        "{json}"
+    );
+    // Escaped, not altered: a JSON reader gets the original text back.
+    let row: serde_json::Value = serde_json::from_str(json.lines().nth(1).unwrap()).unwrap();
+    assert_eq!(row["from"], spoof);
+    assert_eq!(row["auth_user"], "bob\u{feff}\u{e0041}");
+    assert!(
+        json.contains(r"\udb40\udc41"),
+        "supplementary-plane escape: {json}"
+    );
+}
+
+#[test]
+fn invisible_characters_are_format_characters_and_separators_only() {
+    for c in [
+        '\u{ad}',
+        '\u{61c}',
+        '\u{180e}',
+        '\u{200b}',
+        '\u{200e}',
+        '\u{200f}',
+        '\u{2028}',
+        '\u{2029}',
+        '\u{202a}',
+        '\u{202e}',
+        '\u{2060}',
+        '\u{2066}',
+        '\u{2069}',
+        '\u{feff}',
+        '\u{fffb}',
+        '\u{1343f}',
+        '\u{e0001}',
+        '\u{e007f}',
+    ] {
+        assert!(report::is_invisible(c), "U+{:04X}", c as u32);
+    }
+    for c in [
+        'a',
+        ' ',
+        'é',
+        '\u{2027}',
+        '\u{2065}',
+        '\u{fffc}',
+        '\u{e0080}',
+        '\u{10ffff}',
+        '日',
+    ] {
+        assert!(!report::is_invisible(c), "U+{:04X}", c as u32);
+    }
+}
