@@ -169,13 +169,14 @@ pub async fn run(config: Config, path: Option<PathBuf>) -> Result<(), AppError> 
     let runtime = Arc::new(ArcSwap::from_pointee(build_runtime(config, None)?));
     let tracker = TaskTracker::new();
     let cores = std::thread::available_parallelism().map_or(2, |n| n.get());
+    let counter = ConnectionCounter::default();
     let shared = Shared {
         spool,
         shutdown: shutdown.clone(),
         hash_slots: Arc::new(Semaphore::new(cores)),
         queued: delivery.wake.clone(),
+        stress: counter.stress(),
     };
-    let counter = ConnectionCounter::default();
 
     let snapshot = runtime.load_full();
     let mut tasks = Vec::new();

@@ -93,6 +93,9 @@ pub struct Shared {
     pub hash_slots: Arc<Semaphore>,
     /// Told of each committed message, so delivery starts at once.
     pub queued: tokio::sync::mpsc::UnboundedSender<crate::outbound::NewMessage>,
+    /// True in stress mode: timeouts shrink to `limits.stress_timeout` (see
+    /// [`super::limits`]).
+    pub stress: tokio::sync::watch::Receiver<bool>,
 }
 
 /// How a session ended, for the session log line.
@@ -199,7 +202,7 @@ impl Connection {
         } else {
             Stream::Plain(tcp)
         };
-        let pregreet = self.runtime.config.limits.pregreet_wait;
+        let pregreet = self.phase_timeout(self.runtime.config.limits.pregreet_wait);
         if !pregreet.is_zero() && refusal.is_none() && self.talks_first(&mut stream, pregreet).await
         {
             warn!(peer = %self.peer, rule = "pregreet", reply = %reply::EARLY_TALKER, "rejected");
@@ -319,6 +322,36 @@ impl Connection {
         self.session.reject(&reply);
     }
 
+    /// Sleep for `normal`, or until `limits.stress_timeout` after stress mode starts (from
+    /// now if it is on already), whichever comes first: the timeout of a TLS handshake or of
+    /// writing a reply (see [`super::limits`]).
+    async fn phase_sleep(&self, normal: Duration) {
+        let mut stress = self.shared.stress.clone();
+        let stress_timeout = self.runtime.config.limits.stress_timeout;
+        tokio::select! {
+            _ = tokio::time::sleep(normal) => {}
+            _ = async {
+                let started = stress.wait_for(|s| *s).await.is_ok();
+                if started {
+                    tokio::time::sleep(stress_timeout).await;
+                } else {
+                    // The counter outlives every session; never cut short without it.
+                    std::future::pending::<()>().await;
+                }
+            } => {}
+        }
+    }
+
+    /// `normal`, or at most `limits.stress_timeout` in stress mode: the pause before the
+    /// greeting, decided as it starts (it is short anyway).
+    fn phase_timeout(&self, normal: Duration) -> Duration {
+        if *self.shared.stress.borrow() {
+            normal.min(self.runtime.config.limits.stress_timeout)
+        } else {
+            normal
+        }
+    }
+
     fn facts(&self) -> SessionFacts<'_> {
         SessionFacts {
             client_ip: self.peer.ip(),
@@ -331,22 +364,25 @@ impl Connection {
         if self.session.output().is_empty() {
             return Ok(());
         }
-        let timeout = self.runtime.config.limits.command_timeout;
         let write = async {
             stream.write_all(self.session.output()).await?;
             stream.flush().await
         };
-        match tokio::time::timeout(timeout, write).await {
-            Ok(r) => {
+        tokio::select! {
+            r = write => {
                 self.session.clear_output();
                 r
             }
-            Err(_) => Err(std::io::ErrorKind::TimedOut.into()),
+            _ = self.phase_sleep(self.runtime.config.limits.command_timeout) => {
+                Err(std::io::ErrorKind::TimedOut.into())
+            }
         }
     }
 
     /// Read once into the session, under the command or DATA timeout. `None` means the
-    /// session was told to close (timeout or shutdown): the next poll returns `Close`.
+    /// session was told to close (timeout or shutdown): the next poll returns `Close`. In
+    /// stress mode (also when it starts during the wait) a command has at most
+    /// `stress_timeout` and a message may not pause longer than that.
     async fn read(
         &mut self,
         stream: &mut Stream,
@@ -354,11 +390,14 @@ impl Connection {
         linger: Option<Instant>,
     ) -> Option<usize> {
         let limits = &self.runtime.config.limits;
+        let stress_timeout = limits.stress_timeout;
+        let mut stress = self.shared.stress.clone();
+        let mut stressed = *stress.borrow_and_update();
         let in_data = self.session.in_data();
-        let limit = if in_data {
-            limits.data_timeout
-        } else {
-            limits.command_timeout
+        let limit = match (in_data, stressed) {
+            (true, _) => limits.data_timeout,
+            (false, true) => limits.command_timeout.min(stress_timeout),
+            (false, false) => limits.command_timeout,
         };
         // Between commands (nothing partial buffered) the next command starts now; a partial
         // command or a message keeps its deadline (reset at DATA start and end).
@@ -367,29 +406,45 @@ impl Connection {
             _ => Instant::now() + limit,
         };
         self.deadline = Some(deadline);
-        let mut timeout = deadline.saturating_duration_since(Instant::now());
-        if let Some(deadline) = linger {
-            timeout = timeout.min(deadline.saturating_duration_since(Instant::now()));
-        }
-        // A session in DATA may finish its message during shutdown (the app bounds the wait).
-        tokio::select! {
-            r = read_into(stream, &mut self.session, tls_buf) => match r {
-                Ok(n) => Some(n),
-                Err(e) => {
-                    debug!(peer = %self.peer, error = %e, "read error");
-                    Some(0)
-                }
-            },
-            _ = tokio::time::sleep(timeout) => {
-                self.outcome.reason = "timeout";
-                self.log_rejection(&reply::TIMEOUT, "timeout");
-                self.session.timeout();
-                None
+        let started = Instant::now();
+        loop {
+            let mut until = self.deadline.unwrap_or(deadline);
+            if stressed && in_data {
+                until = until.min(started + stress_timeout);
             }
-            _ = self.shared.shutdown.cancelled(), if !in_data => {
-                self.outcome.reason = "shutdown";
-                self.session.close_with(&reply::SHUTTING_DOWN);
-                None
+            if let Some(linger) = linger {
+                until = until.min(linger);
+            }
+            let timeout = until.saturating_duration_since(Instant::now());
+            // A session in DATA may finish its message during shutdown (the app bounds the
+            // wait).
+            tokio::select! {
+                r = read_into(stream, &mut self.session, tls_buf) => return match r {
+                    Ok(n) => Some(n),
+                    Err(e) => {
+                        debug!(peer = %self.peer, error = %e, "read error");
+                        Some(0)
+                    }
+                },
+                _ = tokio::time::sleep(timeout) => {
+                    self.outcome.reason = "timeout";
+                    let rule = if stressed { "stress_timeout" } else { "timeout" };
+                    self.log_rejection(&reply::TIMEOUT, rule);
+                    self.session.timeout();
+                    return None;
+                }
+                _ = self.shared.shutdown.cancelled(), if !in_data => {
+                    self.outcome.reason = "shutdown";
+                    self.session.close_with(&reply::SHUTTING_DOWN);
+                    return None;
+                }
+                // Stress starts while this session waits: its current deadline is cut short.
+                _ = stress.wait_for(|s| *s), if !stressed => {
+                    stressed = true;
+                    if !in_data {
+                        self.deadline = Some(deadline.min(Instant::now() + stress_timeout));
+                    }
+                }
             }
         }
     }
@@ -419,7 +474,11 @@ impl Connection {
             return None;
         };
         let acceptor = TlsAcceptor::from(config);
-        match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
+        let accepted = tokio::select! {
+            r = acceptor.accept(tcp) => Ok(r),
+            _ = self.phase_sleep(HANDSHAKE_TIMEOUT) => Err(()),
+        };
+        match accepted {
             Ok(Ok(tls)) => {
                 self.tls = session_info(tls.get_ref().1);
                 debug!(peer = %self.peer, tls = ?self.tls, "TLS established");
