@@ -116,3 +116,57 @@ fn idle_connections_cannot_lock_out_a_newcomer_under_stress() {
         relay.log()
     );
 }
+
+/// Free space for unprivileged writers on the file system holding `path`, in bytes.
+fn free_space(path: &std::path::Path) -> u64 {
+    use std::os::unix::ffi::OsStrExt;
+    let c = std::ffi::CString::new(path.as_os_str().as_bytes()).unwrap();
+    // SAFETY: statvfs is plain old data, valid when zeroed; `c` outlives the call.
+    let mut stat: libc::statvfs = unsafe { std::mem::zeroed() };
+    assert_eq!(unsafe { libc::statvfs(c.as_ptr(), &mut stat) }, 0);
+    #[allow(clippy::unnecessary_cast)]
+    let free = (stat.f_bavail as u64) * (stat.f_frsize as u64);
+    free
+}
+
+/// `min_free_space` must hold for messages in flight, not only at each MAIL: with
+/// `max_message_size` at three quarters of the free space, one transaction without `SIZE`
+/// reserves that much, so a second one is refused `452 4.3.1` (before, both got `250` and
+/// could fill the disk together). A transaction declaring a small `SIZE` still fits; RSET
+/// gives the space back.
+#[test]
+fn min_free_space_holds_for_parallel_transactions() {
+    let dir = TestDir::new();
+    let max = free_space(dir.path()) / 4 * 3;
+    let port = free_port();
+    let toml = config(
+        &[listener("mx", port, "none")],
+        free_port(),
+        &format!(
+            "[relay]\naccepted_domains = [\"example.com\"]\n\n\
+             [limits]\nmax_message_size = {max}\nmin_free_space = \"1MiB\"\n"
+        ),
+    );
+    let relay = Relay::start_in(dir, &toml);
+
+    let mut first = SmtpClient::greeted(port);
+    first.expect("MAIL FROM:<a@example.org>", 250);
+    let mut second = SmtpClient::connect_from("127.0.0.2", port);
+    second.expect_reply(220);
+    second.expect("EHLO second.test", 250);
+    assert_reply(&second.cmd("MAIL FROM:<b@example.org>"), 452, "4.3.1");
+    assert_log(&relay, "rule=\"min_free_space\"");
+
+    let mut small = SmtpClient::connect_from("127.0.0.3", port);
+    small.expect_reply(220);
+    small.expect("EHLO small.test", 250);
+    small.expect("MAIL FROM:<c@example.org> SIZE=1000", 250);
+    small.expect("RCPT TO:<x@example.com>", 250);
+    small.expect("DATA", 354);
+    small.send_raw(b"Subject: small\r\n\r\nfits\r\n.\r\n");
+    small.expect_reply(250);
+
+    first.expect("RSET", 250);
+    second.expect("MAIL FROM:<b@example.org>", 250);
+    assert_reply(&first.cmd("MAIL FROM:<a@example.org>"), 452, "4.3.1");
+}

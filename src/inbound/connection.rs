@@ -23,6 +23,7 @@ use crate::policy::limits::Limited;
 use crate::policy::lockout::{FailureReport, login_key};
 use crate::policy::senders::MAX_HEADER_CHECK;
 use crate::policy::{Refusal, SessionFacts};
+use crate::queue::reserve::Reservation;
 use crate::queue::{Spool, SpoolWriter};
 use crate::smtp::headers::HeaderFilter;
 use crate::smtp::received::{self, Trace};
@@ -124,6 +125,9 @@ pub struct Connection {
     tls: Option<TlsInfo>,
     /// Boxed: a session between messages carries only the pointer.
     incoming: Option<Box<Incoming>>,
+    /// Free space held for the current transaction from MAIL to its end (see
+    /// [`crate::queue::reserve`]).
+    reservation: Option<Reservation>,
     started: Instant,
     outcome: Outcome,
     /// When the current command or message must be complete. `command_timeout` bounds each
@@ -161,6 +165,7 @@ impl Connection {
             session,
             tls: None,
             incoming: None,
+            reservation: None,
             started: Instant::now(),
             outcome: Outcome::default(),
             deadline: None,
@@ -227,6 +232,10 @@ impl Connection {
             let event = self.session.poll();
             match event {
                 Event::NeedInput => {
+                    // RSET, or a refused or finished transaction: its space is free again.
+                    if self.reservation.is_some() && self.session.transaction().is_none() {
+                        self.reservation = None;
+                    }
                     if self.flush(&mut stream).await.is_err() {
                         self.outcome.reason = "write error";
                         return;
@@ -273,7 +282,7 @@ impl Connection {
                     self.session.tls_started();
                 }
                 Event::Auth(credentials) => Box::pin(self.auth(credentials)).await,
-                Event::Mail { from, .. } => self.mail(&from),
+                Event::Mail { from, params } => self.mail(&from, &params),
                 Event::Rcpt(to) => {
                     let facts = self.facts();
                     let policy = &self.runtime.policy;
@@ -293,10 +302,12 @@ impl Connection {
                 Event::DataEnd => {
                     self.deadline = None;
                     Box::pin(self.data_end()).await;
+                    self.reservation = None;
                 }
                 Event::DataRejected(fault) => {
                     self.deadline = None;
                     self.data_rejected(fault);
+                    self.reservation = None;
                 }
             }
         }
@@ -571,7 +582,7 @@ impl Connection {
         }
     }
 
-    fn mail(&mut self, from: &ReversePath) {
+    fn mail(&mut self, from: &ReversePath, params: &crate::envelope::MailParams) {
         let facts = self.facts();
         if let Err(r) = self.runtime.policy.mail(&facts, from) {
             info!(peer = %self.peer, user = facts.user.unwrap_or("-"), %from,
@@ -581,14 +592,20 @@ impl Connection {
         if let Err(l) = self.runtime.policy.message_rate(&facts, Instant::now()) {
             return self.limited(l);
         }
-        let min_free = self.runtime.config.limits.min_free_space;
-        match self.shared.spool.free_space() {
-            Ok(free) if free < min_free => {
-                warn!(free, min_free, "spool free space below min_free_space");
-                return self.refuse(Refusal {
-                    reply: reply::INSUFFICIENT_STORAGE,
-                    rule: "min_free_space",
-                });
+        // The most this transaction may write, held until it ends (see queue::reserve).
+        self.reservation = None;
+        let limits = &self.runtime.config.limits;
+        let bytes = params
+            .size
+            .map_or(limits.max_message_size, |s| s.min(limits.max_message_size));
+        match self.shared.spool.reserve(bytes, limits.min_free_space) {
+            Ok(Ok(reservation)) => self.reservation = Some(reservation),
+            Ok(Err(short)) => {
+                warn!(peer = %self.peer, free = short.free, reserved = short.reserved,
+                    bytes = short.bytes, min_free = short.min_free, rule = "min_free_space",
+                    reply = %reply::INSUFFICIENT_STORAGE,
+                    "rejected: spool free space, minus messages in flight, below min_free_space");
+                return self.session.reject(&reply::INSUFFICIENT_STORAGE);
             }
             Err(e) => {
                 warn!(error = %e, "cannot read spool free space");
@@ -597,7 +614,6 @@ impl Connection {
                     rule: "spool_statvfs",
                 });
             }
-            Ok(_) => {}
         }
         debug!(peer = %self.peer, %from, "mail from");
         self.session.accept();

@@ -87,6 +87,7 @@ mod group;
 mod recover;
 mod recycle;
 pub mod report;
+pub mod reserve;
 mod state;
 mod writer;
 
@@ -279,6 +280,8 @@ struct Dirs {
     free: recycle::FreePool,
     /// Shared fsyncs of `queue/` for commits.
     queue_sync: group::DirSync,
+    /// Space promised to messages in flight (see [`reserve`]).
+    space: Arc<reserve::SpaceReserve>,
 }
 
 impl Spool {
@@ -340,6 +343,7 @@ impl Spool {
                 owner,
                 free,
                 queue_sync: group::DirSync::new(root.join("queue")),
+                space: Arc::default(),
             }),
         }
     }
@@ -418,6 +422,19 @@ impl Spool {
         // The field types differ between platforms (u32 / u64), hence the casts.
         #[allow(clippy::unnecessary_cast)]
         Ok((stat.f_bavail as u64).saturating_mul(stat.f_frsize as u64))
+    }
+
+    /// Reserve `bytes` of free space for a transaction about to write a message of at most
+    /// that size, unless that would take the free space (minus what other transactions have
+    /// reserved) below `min_free` bytes; `min_free == 0` disables the check. See [`reserve`].
+    /// Blocking (`statvfs`), but cheap.
+    pub fn reserve(
+        &self,
+        bytes: u64,
+        min_free: u64,
+    ) -> io::Result<Result<reserve::Reservation, reserve::Insufficient>> {
+        let free = if min_free == 0 { 0 } else { self.free_space()? };
+        Ok(self.inner.space.try_reserve(free, min_free, bytes))
     }
 
     /// Start receiving a message: create `tmp/ID` (ID = `envelope.id`) and write the spool
