@@ -162,6 +162,9 @@ pub async fn run(config: Config, path: Option<PathBuf>) -> Result<(), AppError> 
     for w in config.warnings() {
         warn!("{w}");
     }
+    for w in crate::config::perms::secret_file_warnings(&config) {
+        warn!("{w}");
+    }
     raise_fd_limit(config.limits.max_connections);
     let shutdown = CancellationToken::new();
     let delivery_stop = CancellationToken::new();

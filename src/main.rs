@@ -178,7 +178,8 @@ fn check_config(path: Option<&Path>) -> anyhow::Result<()> {
             .map_err(|e| UsageError(format!("{} is invalid:\ntls: {e}", path.display())))?;
     }
     print!("{}", config.summary());
-    let warnings = config.warnings();
+    let mut warnings = config.warnings();
+    warnings.extend(portcullis::config::perms::secret_file_warnings(&config));
     if !warnings.is_empty() {
         println!();
         for w in warnings {

@@ -13,6 +13,7 @@ pub mod units;
 mod compile;
 mod files;
 mod load;
+pub mod perms;
 mod report;
 #[cfg(test)]
 mod tests;
