@@ -112,6 +112,9 @@ struct Incoming {
     filter: HeaderFilter,
     /// Set when writing failed: the rest of the message is read and dropped, then `451`.
     failed: bool,
+    /// Set (with `failed`) when the message outgrew its space reservation and the free space
+    /// could not hold more: `452 4.3.1` instead.
+    storage_full: bool,
     scratch: Vec<u8>,
 }
 
@@ -669,6 +672,7 @@ impl Connection {
                     writer,
                     filter,
                     failed: false,
+                    storage_full: false,
                     scratch: Vec::new(),
                 }));
                 self.session.accept();
@@ -701,6 +705,43 @@ impl Connection {
             warn!(error = %e, "spool write failed; the message will be refused");
             inc.failed = true;
         }
+        let written = inc.writer.written();
+        if !self.hold_space(written)
+            && let Some(inc) = self.incoming.as_mut()
+        {
+            inc.failed = true;
+            inc.storage_full = true;
+        }
+    }
+
+    /// Keep the space reservation at least `written` octets (a message larger than its
+    /// declared SIZE grows it; see [`crate::queue::reserve`]). False when it cannot grow.
+    fn hold_space(&mut self, written: u64) -> bool {
+        let min_free = self.runtime.config.limits.min_free_space;
+        let Some(reservation) = self.reservation.as_mut() else {
+            return true;
+        };
+        if min_free == 0 || written <= reservation.bytes() {
+            return true;
+        }
+        let want = written.saturating_add(crate::queue::reserve::GROW_STEP);
+        match self
+            .shared
+            .spool
+            .grow_reservation(reservation, want, min_free)
+        {
+            Ok(Ok(())) => true,
+            Ok(Err(short)) => {
+                warn!(peer = %self.peer, free = short.free, reserved = short.reserved,
+                    bytes = short.bytes, min_free, rule = "min_free_space",
+                    "message outgrew its SIZE and the spool has no room for more; it will be refused");
+                false
+            }
+            Err(e) => {
+                warn!(error = %e, "cannot read spool free space");
+                false
+            }
+        }
     }
 
     async fn data_end(&mut self) {
@@ -725,9 +766,16 @@ impl Connection {
         }
         if inc.failed {
             inc.writer.abort();
-            return self.refuse(Refusal {
-                reply: reply::LOCAL_ERROR,
-                rule: "spool_write",
+            return self.refuse(if inc.storage_full {
+                Refusal {
+                    reply: reply::INSUFFICIENT_STORAGE,
+                    rule: "min_free_space",
+                }
+            } else {
+                Refusal {
+                    reply: reply::LOCAL_ERROR,
+                    rule: "spool_write",
+                }
             });
         }
         if let Err((r, address)) = self

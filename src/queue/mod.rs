@@ -437,6 +437,21 @@ impl Spool {
         Ok(self.inner.space.try_reserve(free, min_free, bytes))
     }
 
+    /// Grow `reservation` to `bytes` in all (a message larger than its declared `SIZE`),
+    /// under the rule of [`Spool::reserve`]. `min_free == 0`: nothing to do, no `statvfs`.
+    pub fn grow_reservation(
+        &self,
+        reservation: &mut reserve::Reservation,
+        bytes: u64,
+        min_free: u64,
+    ) -> io::Result<Result<(), reserve::Insufficient>> {
+        if min_free == 0 || bytes <= reservation.bytes() {
+            return Ok(Ok(()));
+        }
+        let free = self.free_space()?;
+        Ok(self.inner.space.grow(reservation, free, min_free, bytes))
+    }
+
     /// Start receiving a message: create `tmp/ID` (ID = `envelope.id`) and write the spool
     /// header. Fails with [`SpoolError::AlreadyExists`] if `queue/ID` is already taken.
     pub fn create(&self, envelope: &Envelope) -> Result<SpoolWriter, SpoolError> {

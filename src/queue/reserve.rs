@@ -11,10 +11,18 @@
 //! when the transaction ends: message committed or refused, RSET, a new MAIL, or the session
 //! closing.
 //!
+//! A client may declare a `SIZE` smaller than what it sends (RFC 1870 calls the value an
+//! estimate): once a message has written more than it reserved, the driver grows the
+//! reservation ([`SpaceReserve::grow`], in steps of [`GROW_STEP`]) under the same rule, and a
+//! message that cannot grow is refused at its end (`452 4.3.1`) rather than filling the disk.
+//!
 //! The count errs on the safe side: bytes a message in flight has already written are counted
 //! twice, once as used by the file system and once as reserved, until it ends.
 
 use std::sync::{Arc, Mutex};
+
+/// How much a reservation grows at a time once a message outgrows it (one `statvfs` per step).
+pub const GROW_STEP: u64 = 1 << 20;
 
 /// Bytes reserved by the transactions in flight on one spool.
 #[derive(Debug, Default)]
@@ -77,6 +85,39 @@ impl SpaceReserve {
                 free,
                 reserved: *reserved,
                 bytes,
+                min_free,
+            }),
+        }
+    }
+
+    /// Grow `reservation` (taken from this reserve) to `bytes` in all, under the rule of
+    /// [`SpaceReserve::try_reserve`] for the extra bytes; `free` and `min_free` as there. A
+    /// reservation already that large, or `min_free == 0`, succeeds without change.
+    pub fn grow(
+        &self,
+        reservation: &mut Reservation,
+        free: u64,
+        min_free: u64,
+        bytes: u64,
+    ) -> Result<(), Insufficient> {
+        if min_free == 0 || bytes <= reservation.bytes {
+            return Ok(());
+        }
+        let extra = bytes - reservation.bytes;
+        let mut reserved = self.lock();
+        let left = free
+            .checked_sub(*reserved)
+            .and_then(|f| f.checked_sub(extra));
+        match left {
+            Some(left) if left >= min_free => {
+                *reserved += extra;
+                reservation.bytes = bytes;
+                Ok(())
+            }
+            _ => Err(Insufficient {
+                free,
+                reserved: *reserved,
+                bytes: extra,
                 min_free,
             }),
         }
@@ -151,6 +192,30 @@ mod tests {
         // The disk filled up meanwhile: 50 free, 90 reserved.
         assert!(reserve.try_reserve(50, 1, 0).is_err());
         assert!(reserve.try_reserve(u64::MAX, 1, u64::MAX).is_err());
+    }
+
+    /// SIZE=1 is no way around the reserve: a message that outgrows its reservation must grow
+    /// it under the same rule, and cannot once the reserve would be breached.
+    #[test]
+    fn a_message_larger_than_its_declared_size_cannot_grow_past_the_reserve() {
+        let reserve = Arc::new(SpaceReserve::default());
+        let free = 60 * MIB;
+        let mut liar = reserve.try_reserve(free, 4 * MIB, 1).unwrap();
+        let other = reserve.try_reserve(free, 4 * MIB, 40 * MIB).unwrap();
+        reserve.grow(&mut liar, free, 4 * MIB, 10 * MIB).unwrap();
+        assert_eq!((liar.bytes(), reserve.reserved()), (10 * MIB, 50 * MIB));
+        // Shrinking is not a thing; asking for less changes nothing.
+        reserve.grow(&mut liar, free, 4 * MIB, MIB).unwrap();
+        assert_eq!(liar.bytes(), 10 * MIB);
+        let short = reserve
+            .grow(&mut liar, free, 4 * MIB, 17 * MIB)
+            .unwrap_err();
+        assert_eq!((short.bytes, short.reserved), (7 * MIB, 50 * MIB));
+        assert_eq!(liar.bytes(), 10 * MIB);
+        drop(other);
+        reserve.grow(&mut liar, free, 4 * MIB, 17 * MIB).unwrap();
+        drop(liar);
+        assert_eq!(reserve.reserved(), 0);
     }
 
     #[test]
