@@ -370,4 +370,7 @@ fn queue_list_and_show_escape_bidirectional_characters() {
     }
     let show = String::from_utf8(relay.command(&["queue", "show", &id]).stdout).unwrap();
     assert!(show.contains("Subject: ?invoice??"), "{show}");
+    // The relay's own log quotes the sender too: escaped there as well.
+    assert_log(&relay, r"from=\u{202e}gro.elpmaxe@knab-ecivres");
+    assert!(!relay.log().contains('\u{202e}'), "raw U+202E in the log");
 }
