@@ -9,12 +9,15 @@ connections were told. The relay runs on the default limits (stress_threshold 80
 stress_timeout 10s, command_timeout 5m); only the listener and spool are set.
 
 Usage: bench/stress_idle.py [PORTCULLIS_BINARY]   (default target/debug/portcullis)
-Environment: STRESS_IDLE (default 1000), STRESS_ADDRS (default 50).
+Environment: STRESS_IDLE (default 1000), STRESS_ADDRS (default 50), STRESS_RECONNECT=1: the
+attacker opens a new idle connection as soon as one of its connections is closed or refused
+(the newcomer then competes with it for each freed slot).
 Everything stays on 127.0.0.0/8. Exit status 0 when the newcomer was greeted within 15 s.
 """
 
 import os
 import resource
+import select
 import socket
 import subprocess
 import sys
@@ -24,6 +27,7 @@ import time
 BIN = sys.argv[1] if len(sys.argv) > 1 else "target/debug/portcullis"
 IDLE = int(os.environ.get("STRESS_IDLE", "1000"))
 ADDRS = int(os.environ.get("STRESS_ADDRS", "50"))
+RECONNECT = os.environ.get("STRESS_RECONNECT") == "1"
 LIMIT_S = 15.0
 
 
@@ -88,6 +92,8 @@ def main():
                   f"(filled in {time.time() - t_fill:.2f} s)")
             start = time.time()
             attempts = 0
+            told = {}
+            reconnected = 0
             while True:
                 attempts += 1
                 s = connect("127.0.4.1", port)
@@ -98,11 +104,33 @@ def main():
                 if time.time() - start > 60:
                     print(f"no 220 after 60 s (last reply {reply!r})")
                     return 1
-                time.sleep(0.5)
+                if not RECONNECT:
+                    time.sleep(0.5)
+                    continue
+                # Half a second of the attacker refilling every slot the relay frees.
+                until = time.time() + 0.5
+                while time.time() < until:
+                    ready, _, _ = select.select(idle, [], [], max(0.0, until - time.time()))
+                    for r in ready:
+                        line = read_line(r)[:9] or "closed"
+                        told[line] = told.get(line, 0) + 1
+                        r.close()
+                        idle.remove(r)
+                        n = reconnected + IDLE
+                        reconnected += 1
+                        try:
+                            c = connect(f"127.0.3.{1 + n % ADDRS}", port)
+                            if read_line(c).startswith("220"):
+                                idle.append(c)
+                            else:
+                                c.close()
+                        except OSError:
+                            pass
+            if RECONNECT:
+                print(f"attacker reconnected {reconnected} times")
             waited = time.time() - start
             print(f"newcomer greeted after {waited:.2f} s ({attempts} attempts; "
                   f"earlier ones: 421 4.3.2)")
-            told = {}
             for s in idle:
                 try:
                     line = read_line(s)[:9] or "closed"
