@@ -421,6 +421,7 @@ impl Connection {
         };
         self.deadline = Some(deadline);
         let started = Instant::now();
+        let mut watching = !stressed;
         loop {
             let mut until = self.deadline.unwrap_or(deadline);
             if stressed && in_data {
@@ -453,10 +454,14 @@ impl Connection {
                     return None;
                 }
                 // Stress starts while this session waits: its current deadline is cut short.
-                _ = stress.wait_for(|s| *s), if !stressed => {
-                    stressed = true;
-                    if !in_data {
-                        self.deadline = Some(deadline.min(Instant::now() + stress_timeout));
+                started_now = stress.wait_for(|s| *s), if watching => {
+                    // Err: the counter is gone (the relay is stopping); stop watching.
+                    watching = false;
+                    if started_now.is_ok() {
+                        stressed = true;
+                        if !in_data {
+                            self.deadline = Some(deadline.min(Instant::now() + stress_timeout));
+                        }
                     }
                 }
             }
