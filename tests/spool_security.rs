@@ -182,11 +182,15 @@ fn relay_refuses_to_start_on_a_spool_others_can_write() {
     assert_start_refused(&relay, &relay.spool, "chmod 700");
     chmod(&relay.spool, 0o700);
 
+    // Another user's spool: refused before anything is created in it.
+    fs::remove_dir(relay.spool.join("rejected")).unwrap();
     chown(&relay.spool, NOBODY, NOGROUP);
     assert_start_refused(&relay, &relay.spool, "chown");
-    // Refused before anything was created in it for its owner.
+    assert!(!relay.spool.join("rejected").exists());
+    // Fixed as the message says: the relay starts (and makes what is missing).
     chown(&relay.spool, 0, 0);
     relay.restart();
+    assert!(relay.spool.join("rejected").is_dir());
 }
 
 /// Every entry under `root`: relative path → (uid, gid, mode, mtime in ns).
