@@ -48,7 +48,8 @@ pub enum AppError {
     /// The TLS certificate or key could not be loaded (exit status 2).
     #[error("tls: {0}")]
     Tls(#[from] tls::TlsError),
-    /// The spool could not be opened or recovered.
+    /// The spool could not be opened or recovered, or is unsafe (another user could write
+    /// into it: exit status 2).
     #[error("spool: {0}")]
     Spool(#[from] SpoolError),
     /// A listener could not bind its address.
@@ -74,7 +75,10 @@ impl AppError {
     pub fn is_config(&self) -> bool {
         matches!(
             self,
-            AppError::Config(_) | AppError::Tls(_) | AppError::UpstreamTls(_)
+            AppError::Config(_)
+                | AppError::Tls(_)
+                | AppError::UpstreamTls(_)
+                | AppError::Spool(SpoolError::Unsafe { .. })
         )
     }
 }
@@ -136,9 +140,22 @@ fn raise_fd_limit(max_connections: usize) {
     }
 }
 
+/// Open the spool, refusing one another user could write into (see [`Spool::check_safe`]):
+/// checked before anything is created in it, and again after.
+fn open_spool(dir: &std::path::Path) -> Result<Spool, AppError> {
+    // SAFETY: geteuid has no preconditions.
+    let uid = unsafe { libc::geteuid() };
+    if dir.exists() {
+        Spool::open_existing(dir)?.check_safe(uid)?;
+    }
+    let spool = Spool::open(dir)?;
+    spool.check_safe(uid)?;
+    Ok(spool)
+}
+
 /// Run the relay until a shutdown signal. `path` is the policy file, for SIGHUP.
 pub async fn run(config: Config, path: Option<PathBuf>) -> Result<(), AppError> {
-    let spool = Spool::open(&config.server.spool_dir)?;
+    let spool = open_spool(&config.server.spool_dir)?;
     let report = {
         let spool = spool.clone();
         tokio::task::spawn_blocking(move || spool.recover())
@@ -147,6 +164,9 @@ pub async fn run(config: Config, path: Option<PathBuf>) -> Result<(), AppError> 
     };
     info!(spool = %config.server.spool_dir.display(), %report, "spool recovered");
     for w in config.warnings() {
+        warn!("{w}");
+    }
+    for w in crate::config::perms::secret_file_warnings(&config) {
         warn!("{w}");
     }
     raise_fd_limit(config.limits.max_connections);
@@ -163,14 +183,15 @@ pub async fn run(config: Config, path: Option<PathBuf>) -> Result<(), AppError> 
     let runtime = Arc::new(ArcSwap::from_pointee(build_runtime(config, None)?));
     let tracker = TaskTracker::new();
     let cores = std::thread::available_parallelism().map_or(2, |n| n.get());
+    let counter = ConnectionCounter::default();
     let shared = Shared {
         spool,
         shutdown: shutdown.clone(),
         hash_slots: Arc::new(Semaphore::new(cores)),
         queued: delivery.wake.clone(),
         capabilities: delivery.capabilities.clone(),
+        stress: counter.stress(),
     };
-    let counter = ConnectionCounter::default();
 
     let snapshot = runtime.load_full();
     let mut tasks = Vec::new();

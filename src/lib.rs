@@ -16,8 +16,8 @@
 //! - [`policy`]: pure decisions compiled from `Config`, named after SMTP stages.
 //! - [`inbound`]: listeners, the per-connection driver, TLS.
 //! - [`queue`]: the durable spool, recovery, the operator control files behind the `queue`
-//!   commands (retry, delete, purge), the reuse of finished message files and the bounce
-//!   (RFC 3464) builder.
+//!   commands (retry, delete, purge), the reuse of finished message files, the free-space
+//!   reserve for messages in flight and the bounce (RFC 3464) builder.
 //! - [`outbound`]: the upstream SMTP client, routing with failover and circuit breakers,
 //!   connection pools, delivery attempts and the scheduler that starts them, and the
 //!   capabilities each upstream announced (shared with the inbound checks at RCPT and DATA).

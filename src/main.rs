@@ -178,7 +178,8 @@ fn check_config(path: Option<&Path>) -> anyhow::Result<()> {
             .map_err(|e| UsageError(format!("{} is invalid:\ntls: {e}", path.display())))?;
     }
     print!("{}", config.summary());
-    let warnings = config.warnings();
+    let mut warnings = config.warnings();
+    warnings.extend(portcullis::config::perms::secret_file_warnings(&config));
     if !warnings.is_empty() {
         println!();
         for w in warnings {
@@ -197,19 +198,27 @@ fn spool_dir(config: Option<&Path>, spool: Option<PathBuf>) -> anyhow::Result<Pa
     })
 }
 
-fn open_spool(dir: &Path) -> anyhow::Result<Spool> {
+/// Open the spool for a `queue` command. Only `retry` creates files (its request), so only it
+/// opens the spool for writing (which may create missing subdirectories, given to the spool's
+/// owner); every other command creates and changes nothing but the messages it removes.
+fn open_spool(dir: &Path, writes: bool) -> anyhow::Result<Spool> {
     if !dir.join("queue").is_dir() {
         bail!(UsageError(format!(
             "no spool at {} (no queue/ directory); pass --spool DIR or --config FILE",
             dir.display()
         )));
     }
-    Spool::open(dir).with_context(|| format!("cannot open spool {}", dir.display()))
+    let spool = if writes {
+        Spool::open(dir)
+    } else {
+        Spool::open_existing(dir)
+    };
+    spool.with_context(|| format!("cannot open spool {}", dir.display()))
 }
 
 fn queue(action: QueueAction, config: Option<&Path>, spool: Option<PathBuf>) -> anyhow::Result<()> {
     let dir = spool_dir(config, spool)?;
-    let spool = open_spool(&dir)?;
+    let spool = open_spool(&dir, matches!(action, QueueAction::Retry { .. }))?;
     match action {
         QueueAction::List { json } => {
             let msgs = spool.list()?;
@@ -335,9 +344,41 @@ fn init_logging() {
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
     tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr)
+        .with_writer(|| EscapingWriter(std::io::stderr()))
         // Colour codes only on a terminal: a log file or journal gets plain text.
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_target(false)
         .init();
+}
+
+/// The log's writer: stderr, with every invisible character (bidirectional overrides,
+/// zero-width characters: `portcullis::queue::report::is_invisible`) written as `\u{…}`.
+/// Log lines quote addresses, HELO names and headers from the network; raw, a U+202E would make
+/// `<\u{202e}gro.elpmaxe@knab-ecivres>` read as a trusted address in a terminal or pager. The
+/// formatter hands over one whole line per event, so a character is never split across writes.
+struct EscapingWriter(std::io::Stderr);
+
+impl std::io::Write for EscapingWriter {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        use portcullis::queue::report::is_invisible;
+        match std::str::from_utf8(buf) {
+            Ok(text) if text.chars().any(is_invisible) => {
+                let mut out = String::with_capacity(text.len() + 16);
+                for c in text.chars() {
+                    if is_invisible(c) {
+                        out.push_str(&c.escape_unicode().to_string());
+                    } else {
+                        out.push(c);
+                    }
+                }
+                self.0.write_all(out.as_bytes())?;
+                Ok(buf.len())
+            }
+            _ => self.0.write(buf),
+        }
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.0.flush()
+    }
 }

@@ -262,14 +262,11 @@ fn kill9_loses_no_acknowledged_message() {
         })
         .unwrap_or_default();
     assert!(tmp.is_empty(), "left in spool/tmp: {tmp:?}");
-    // A partial file would be quarantined by recovery and so vanish from the queue unseen.
-    let quarantined: Vec<_> = fs::read_dir(relay.spool.join("quarantine"))
+    // A partial file would be rejected by recovery and so vanish from the queue unseen.
+    let rejected: Vec<_> = fs::read_dir(relay.spool.join("rejected"))
         .map(|d| d.flatten().map(|e| e.path()).collect())
         .unwrap_or_default();
-    assert!(
-        quarantined.is_empty(),
-        "recovery quarantined {quarantined:?}"
-    );
+    assert!(rejected.is_empty(), "recovery rejected {rejected:?}");
     let queued: HashMap<String, (serde_json::Value, Vec<u8>)> = relay
         .queued_messages()
         .into_iter()
@@ -398,7 +395,7 @@ fn sighup_reloads_valid_policy_and_keeps_it_on_invalid() {
 }
 
 #[test]
-fn restart_quarantines_garbage_and_clears_tmp() {
+fn restart_rejects_garbage_and_clears_tmp() {
     let port = free_port();
     let mut relay = Relay::start(&mx_config(port));
     let mut ids = Vec::new();
@@ -427,7 +424,7 @@ fn restart_quarantines_garbage_and_clears_tmp() {
 
     assert!(!relay.spool.join("queue/GARBAGE").exists());
     assert_eq!(
-        fs::read(relay.spool.join("quarantine/GARBAGE")).expect("GARBAGE not quarantined"),
+        fs::read(relay.spool.join("rejected/GARBAGE")).expect("GARBAGE not rejected"),
         garbage
     );
     assert!(!leftover.exists(), "tmp leftover not removed");

@@ -425,16 +425,12 @@ impl Compiler {
         // own files; 0 explicitly disables the check.
         let free_default = max_message_size.saturating_add(max_message_size / 2);
         let max = MAX_USIZE;
+        let max_connections: usize =
+            self.count("limits.max_connections", raw.max_connections, 1000, 1, max);
         Limits {
             max_message_size,
             max_recipients: self.count("limits.max_recipients", raw.max_recipients, 100, 1, max),
-            max_connections: self.count(
-                "limits.max_connections",
-                raw.max_connections,
-                1000,
-                1,
-                max,
-            ),
+            max_connections,
             max_connections_per_ip: self.count(
                 "limits.max_connections_per_ip",
                 raw.max_connections_per_ip,
@@ -465,6 +461,18 @@ impl Compiler {
                 false,
             ),
             data_timeout: self.duration("limits.data_timeout", raw.data_timeout, "10m", false),
+            stress_connections: {
+                let percent: usize =
+                    self.count("limits.stress_threshold", raw.stress_threshold, 80, 1, 100);
+                // Rounded up, at least one connection.
+                max_connections.saturating_mul(percent).div_ceil(100).max(1)
+            },
+            stress_timeout: self.duration(
+                "limits.stress_timeout",
+                raw.stress_timeout,
+                "10s",
+                false,
+            ),
         }
     }
 

@@ -13,6 +13,7 @@ pub mod units;
 mod compile;
 mod files;
 mod load;
+pub mod perms;
 mod report;
 #[cfg(test)]
 mod tests;
@@ -210,6 +211,14 @@ pub struct Limits {
     pub command_timeout: Duration,
     /// Time allowed for the DATA phase.
     pub data_timeout: Duration,
+    /// Stress mode (Postfix's `${stress?…}` model) starts when open connections reach this
+    /// many (`stress_threshold` percent of `max_connections`, at least 1), or when a
+    /// connection is refused for `max_connections`; it ends when they fall below half of it.
+    pub stress_connections: usize,
+    /// In stress mode: the time allowed per command, before the greeting and for a TLS
+    /// handshake, and the longest a session in DATA may go without sending an octet (each at
+    /// most its normal value). Default 10 s.
+    pub stress_timeout: Duration,
 }
 
 /// A rate: `count` events per `per`.

@@ -156,6 +156,10 @@ pub struct RawLimits {
     pub command_timeout: Option<String>,
     /// Time allowed for the whole DATA phase.
     pub data_timeout: Option<String>,
+    /// Percent of `max_connections` at which stress mode starts.
+    pub stress_threshold: Option<i64>,
+    /// Command, idle and handshake timeout in stress mode.
+    pub stress_timeout: Option<String>,
 }
 
 /// `[rate_limits]`

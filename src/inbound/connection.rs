@@ -25,6 +25,7 @@ use crate::policy::limits::Limited;
 use crate::policy::lockout::{FailureReport, login_key};
 use crate::policy::senders::MAX_HEADER_CHECK;
 use crate::policy::{Refusal, SessionFacts};
+use crate::queue::reserve::Reservation;
 use crate::queue::{Spool, SpoolWriter};
 use crate::smtp::header_scan::HeaderScan;
 use crate::smtp::headers::HeaderFilter;
@@ -98,6 +99,9 @@ pub struct Shared {
     pub queued: tokio::sync::mpsc::UnboundedSender<crate::outbound::NewMessage>,
     /// What the route to each recipient can carry (checked at RCPT and after the final dot).
     pub capabilities: RouteCapabilities,
+    /// True in stress mode: timeouts shrink to `limits.stress_timeout` (see
+    /// [`super::limits`]).
+    pub stress: tokio::sync::watch::Receiver<bool>,
 }
 
 /// How a session ended, for the session log line.
@@ -115,6 +119,9 @@ struct Incoming {
     scan: HeaderScan,
     /// Set when writing failed: the rest of the message is read and dropped, then `451`.
     failed: bool,
+    /// Set (with `failed`) when the message outgrew its space reservation and the free space
+    /// could not hold more: `452 4.3.1` instead.
+    storage_full: bool,
     scratch: Vec<u8>,
 }
 
@@ -128,6 +135,9 @@ pub struct Connection {
     tls: Option<TlsInfo>,
     /// Boxed: a session between messages carries only the pointer.
     incoming: Option<Box<Incoming>>,
+    /// Free space held for the current transaction from MAIL to its end (see
+    /// [`crate::queue::reserve`]).
+    reservation: Option<Reservation>,
     started: Instant,
     outcome: Outcome,
     /// When the current command or message must be complete. `command_timeout` bounds each
@@ -165,6 +175,7 @@ impl Connection {
             session,
             tls: None,
             incoming: None,
+            reservation: None,
             started: Instant::now(),
             outcome: Outcome::default(),
             deadline: None,
@@ -206,7 +217,7 @@ impl Connection {
         } else {
             Stream::Plain(tcp)
         };
-        let pregreet = self.runtime.config.limits.pregreet_wait;
+        let pregreet = self.phase_timeout(self.runtime.config.limits.pregreet_wait);
         if !pregreet.is_zero() && refusal.is_none() && self.talks_first(&mut stream, pregreet).await
         {
             warn!(peer = %self.peer, rule = "pregreet", reply = %reply::EARLY_TALKER, "rejected");
@@ -231,6 +242,10 @@ impl Connection {
             let event = self.session.poll();
             match event {
                 Event::NeedInput => {
+                    // RSET, or a refused or finished transaction: its space is free again.
+                    if self.reservation.is_some() && self.session.transaction().is_none() {
+                        self.reservation = None;
+                    }
                     if self.flush(&mut stream).await.is_err() {
                         self.outcome.reason = "write error";
                         return;
@@ -277,7 +292,7 @@ impl Connection {
                     self.session.tls_started();
                 }
                 Event::Auth(credentials) => Box::pin(self.auth(credentials)).await,
-                Event::Mail { from, .. } => self.mail(&from),
+                Event::Mail { from, params } => self.mail(&from, &params),
                 Event::Rcpt(to) => {
                     let facts = self.facts();
                     let policy = &self.runtime.policy;
@@ -300,10 +315,12 @@ impl Connection {
                 Event::DataEnd => {
                     self.deadline = None;
                     Box::pin(self.data_end()).await;
+                    self.reservation = None;
                 }
                 Event::DataRejected(fault) => {
                     self.deadline = None;
                     self.data_rejected(fault);
+                    self.reservation = None;
                 }
             }
         }
@@ -361,6 +378,36 @@ impl Connection {
         self.session.reject(&reply);
     }
 
+    /// Sleep for `normal`, or until `limits.stress_timeout` after stress mode starts (from
+    /// now if it is on already), whichever comes first: the timeout of a TLS handshake or of
+    /// writing a reply (see [`super::limits`]).
+    async fn phase_sleep(&self, normal: Duration) {
+        let mut stress = self.shared.stress.clone();
+        let stress_timeout = self.runtime.config.limits.stress_timeout;
+        tokio::select! {
+            _ = tokio::time::sleep(normal) => {}
+            _ = async {
+                let started = stress.wait_for(|s| *s).await.is_ok();
+                if started {
+                    tokio::time::sleep(stress_timeout).await;
+                } else {
+                    // The counter outlives every session; never cut short without it.
+                    std::future::pending::<()>().await;
+                }
+            } => {}
+        }
+    }
+
+    /// `normal`, or at most `limits.stress_timeout` in stress mode: the pause before the
+    /// greeting, decided as it starts (it is short anyway).
+    fn phase_timeout(&self, normal: Duration) -> Duration {
+        if *self.shared.stress.borrow() {
+            normal.min(self.runtime.config.limits.stress_timeout)
+        } else {
+            normal
+        }
+    }
+
     fn facts(&self) -> SessionFacts<'_> {
         SessionFacts {
             client_ip: self.peer.ip(),
@@ -373,22 +420,25 @@ impl Connection {
         if self.session.output().is_empty() {
             return Ok(());
         }
-        let timeout = self.runtime.config.limits.command_timeout;
         let write = async {
             stream.write_all(self.session.output()).await?;
             stream.flush().await
         };
-        match tokio::time::timeout(timeout, write).await {
-            Ok(r) => {
+        tokio::select! {
+            r = write => {
                 self.session.clear_output();
                 r
             }
-            Err(_) => Err(std::io::ErrorKind::TimedOut.into()),
+            _ = self.phase_sleep(self.runtime.config.limits.command_timeout) => {
+                Err(std::io::ErrorKind::TimedOut.into())
+            }
         }
     }
 
     /// Read once into the session, under the command or DATA timeout. `None` means the
-    /// session was told to close (timeout or shutdown): the next poll returns `Close`.
+    /// session was told to close (timeout or shutdown): the next poll returns `Close`. In
+    /// stress mode (also when it starts during the wait) a command has at most
+    /// `stress_timeout` and a message may not pause longer than that.
     async fn read(
         &mut self,
         stream: &mut Stream,
@@ -396,11 +446,14 @@ impl Connection {
         linger: Option<Instant>,
     ) -> Option<usize> {
         let limits = &self.runtime.config.limits;
+        let stress_timeout = limits.stress_timeout;
+        let mut stress = self.shared.stress.clone();
+        let mut stressed = *stress.borrow_and_update();
         let in_data = self.session.in_data();
-        let limit = if in_data {
-            limits.data_timeout
-        } else {
-            limits.command_timeout
+        let limit = match (in_data, stressed) {
+            (true, _) => limits.data_timeout,
+            (false, true) => limits.command_timeout.min(stress_timeout),
+            (false, false) => limits.command_timeout,
         };
         // Between commands (nothing partial buffered) the next command starts now; a partial
         // command or a message keeps its deadline (reset at DATA start and end).
@@ -409,29 +462,50 @@ impl Connection {
             _ => Instant::now() + limit,
         };
         self.deadline = Some(deadline);
-        let mut timeout = deadline.saturating_duration_since(Instant::now());
-        if let Some(deadline) = linger {
-            timeout = timeout.min(deadline.saturating_duration_since(Instant::now()));
-        }
-        // A session in DATA may finish its message during shutdown (the app bounds the wait).
-        tokio::select! {
-            r = read_into(stream, &mut self.session, tls_buf) => match r {
-                Ok(n) => Some(n),
-                Err(e) => {
-                    debug!(peer = %self.peer, error = %e, "read error");
-                    Some(0)
-                }
-            },
-            _ = tokio::time::sleep(timeout) => {
-                self.outcome.reason = "timeout";
-                self.log_rejection(&reply::TIMEOUT, "timeout");
-                self.session.timeout();
-                None
+        let started = Instant::now();
+        let mut watching = !stressed;
+        loop {
+            let mut until = self.deadline.unwrap_or(deadline);
+            if stressed && in_data {
+                until = until.min(started + stress_timeout);
             }
-            _ = self.shared.shutdown.cancelled(), if !in_data => {
-                self.outcome.reason = "shutdown";
-                self.session.close_with(&reply::SHUTTING_DOWN);
-                None
+            if let Some(linger) = linger {
+                until = until.min(linger);
+            }
+            let timeout = until.saturating_duration_since(Instant::now());
+            // A session in DATA may finish its message during shutdown (the app bounds the
+            // wait).
+            tokio::select! {
+                r = read_into(stream, &mut self.session, tls_buf) => return match r {
+                    Ok(n) => Some(n),
+                    Err(e) => {
+                        debug!(peer = %self.peer, error = %e, "read error");
+                        Some(0)
+                    }
+                },
+                _ = tokio::time::sleep(timeout) => {
+                    self.outcome.reason = "timeout";
+                    let rule = if stressed { "stress_timeout" } else { "timeout" };
+                    self.log_rejection(&reply::TIMEOUT, rule);
+                    self.session.timeout();
+                    return None;
+                }
+                _ = self.shared.shutdown.cancelled(), if !in_data => {
+                    self.outcome.reason = "shutdown";
+                    self.session.close_with(&reply::SHUTTING_DOWN);
+                    return None;
+                }
+                // Stress starts while this session waits: its current deadline is cut short.
+                started_now = stress.wait_for(|s| *s), if watching => {
+                    // Err: the counter is gone (the relay is stopping); stop watching.
+                    watching = false;
+                    if started_now.is_ok() {
+                        stressed = true;
+                        if !in_data {
+                            self.deadline = Some(deadline.min(Instant::now() + stress_timeout));
+                        }
+                    }
+                }
             }
         }
     }
@@ -461,7 +535,11 @@ impl Connection {
             return None;
         };
         let acceptor = TlsAcceptor::from(config);
-        match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
+        let accepted = tokio::select! {
+            r = acceptor.accept(tcp) => Ok(r),
+            _ = self.phase_sleep(HANDSHAKE_TIMEOUT) => Err(()),
+        };
+        match accepted {
             Ok(Ok(tls)) => {
                 self.tls = session_info(tls.get_ref().1);
                 debug!(peer = %self.peer, tls = ?self.tls, "TLS established");
@@ -554,7 +632,7 @@ impl Connection {
         }
     }
 
-    fn mail(&mut self, from: &ReversePath) {
+    fn mail(&mut self, from: &ReversePath, params: &crate::envelope::MailParams) {
         let facts = self.facts();
         if let Err(r) = self.runtime.policy.mail(&facts, from) {
             info!(peer = %self.peer, user = facts.user.unwrap_or("-"), %from,
@@ -564,14 +642,20 @@ impl Connection {
         if let Err(l) = self.runtime.policy.message_rate(&facts, Instant::now()) {
             return self.limited(l);
         }
-        let min_free = self.runtime.config.limits.min_free_space;
-        match self.shared.spool.free_space() {
-            Ok(free) if free < min_free => {
-                warn!(free, min_free, "spool free space below min_free_space");
-                return self.refuse(Refusal {
-                    reply: reply::INSUFFICIENT_STORAGE,
-                    rule: "min_free_space",
-                });
+        // The most this transaction may write, held until it ends (see queue::reserve).
+        self.reservation = None;
+        let limits = &self.runtime.config.limits;
+        let bytes = params
+            .size
+            .map_or(limits.max_message_size, |s| s.min(limits.max_message_size));
+        match self.shared.spool.reserve(bytes, limits.min_free_space) {
+            Ok(Ok(reservation)) => self.reservation = Some(reservation),
+            Ok(Err(short)) => {
+                warn!(peer = %self.peer, free = short.free, reserved = short.reserved,
+                    bytes = short.bytes, min_free = short.min_free, rule = "min_free_space",
+                    reply = %reply::INSUFFICIENT_STORAGE,
+                    "rejected: spool free space, minus messages in flight, below min_free_space");
+                return self.session.reject(&reply::INSUFFICIENT_STORAGE);
             }
             Err(e) => {
                 warn!(error = %e, "cannot read spool free space");
@@ -580,7 +664,6 @@ impl Connection {
                     rule: "spool_statvfs",
                 });
             }
-            Ok(_) => {}
         }
         debug!(peer = %self.peer, %from, "mail from");
         self.session.accept();
@@ -637,6 +720,7 @@ impl Connection {
                     filter,
                     scan: HeaderScan::new(),
                     failed: false,
+                    storage_full: false,
                     scratch: Vec::new(),
                 }));
                 self.session.accept();
@@ -671,6 +755,43 @@ impl Connection {
             warn!(error = %e, "spool write failed; the message will be refused");
             inc.failed = true;
         }
+        let written = inc.writer.written();
+        if !self.hold_space(written)
+            && let Some(inc) = self.incoming.as_mut()
+        {
+            inc.failed = true;
+            inc.storage_full = true;
+        }
+    }
+
+    /// Keep the space reservation at least `written` octets (a message larger than its
+    /// declared SIZE grows it; see [`crate::queue::reserve`]). False when it cannot grow.
+    fn hold_space(&mut self, written: u64) -> bool {
+        let min_free = self.runtime.config.limits.min_free_space;
+        let Some(reservation) = self.reservation.as_mut() else {
+            return true;
+        };
+        if min_free == 0 || written <= reservation.bytes() {
+            return true;
+        }
+        let want = written.saturating_add(crate::queue::reserve::GROW_STEP);
+        match self
+            .shared
+            .spool
+            .grow_reservation(reservation, want, min_free)
+        {
+            Ok(Ok(())) => true,
+            Ok(Err(short)) => {
+                warn!(peer = %self.peer, free = short.free, reserved = short.reserved,
+                    bytes = short.bytes, min_free, rule = "min_free_space",
+                    "message outgrew its SIZE and the spool has no room for more; it will be refused");
+                false
+            }
+            Err(e) => {
+                warn!(error = %e, "cannot read spool free space");
+                false
+            }
+        }
     }
 
     async fn data_end(&mut self) {
@@ -696,9 +817,16 @@ impl Connection {
         }
         if inc.failed {
             inc.writer.abort();
-            return self.refuse(Refusal {
-                reply: reply::LOCAL_ERROR,
-                rule: "spool_write",
+            return self.refuse(if inc.storage_full {
+                Refusal {
+                    reply: reply::INSUFFICIENT_STORAGE,
+                    rule: "min_free_space",
+                }
+            } else {
+                Refusal {
+                    reply: reply::LOCAL_ERROR,
+                    rule: "spool_write",
+                }
             });
         }
         if let Err((r, address)) = self

@@ -1,21 +1,51 @@
-//! Connection accounting: total and per-IP counts, shared by every listener.
+//! Connection accounting: total and per-IP counts, shared by every listener, and stress mode.
+//!
+//! # Stress mode
+//!
+//! Idle connections are cheap to hold and each one takes a slot of `max_connections` for up to
+//! `command_timeout`: 1,000 of them from 50 addresses (20 each, within the per-IP cap) lock
+//! everyone else out with `421 4.3.2` for minutes. As in Postfix (`smtpd_timeout =
+//! ${stress?10}{300}s`), the relay enters stress mode under connection pressure: when open
+//! connections reach `limits.stress_threshold` percent of `max_connections`, or a client is
+//! refused for `max_connections`. In stress mode sessions get `limits.stress_timeout` per
+//! command, for the TLS handshake and before the greeting, and a session in DATA that sends
+//! nothing for that long is closed: idle slots free up within seconds and a waiting client
+//! gets in. Sessions already open when stress starts have their current deadline cut too.
+//! Stress mode ends when open connections fall below half of the threshold (hysteresis, so it
+//! does not flap); its start and end are logged once each (`rule="stress"`).
 
 use std::collections::HashMap;
 use std::net::IpAddr;
 use std::sync::{Arc, Mutex};
 
+use tokio::sync::watch;
+use tracing::{info, warn};
+
 use crate::policy::access::normalize;
 
 /// Counts open connections; a [`Slot`] holds one and gives it back when dropped.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone)]
 pub struct ConnectionCounter {
     inner: Arc<Mutex<Counts>>,
+    /// True while in stress mode; sessions watch it (see the module docs).
+    stress: Arc<watch::Sender<bool>>,
+}
+
+impl Default for ConnectionCounter {
+    fn default() -> Self {
+        ConnectionCounter {
+            inner: Arc::default(),
+            stress: Arc::new(watch::Sender::new(false)),
+        }
+    }
 }
 
 #[derive(Debug, Default)]
 struct Counts {
     total: usize,
     per_ip: HashMap<IpAddr, usize>,
+    /// The stress threshold last given to [`ConnectionCounter::admit`] (0: none yet).
+    stress_at: usize,
 }
 
 /// Why a connection was not admitted.
@@ -26,11 +56,21 @@ pub enum Full {
 }
 
 impl ConnectionCounter {
-    /// Take a slot for `ip` if both caps allow it.
-    pub fn admit(&self, ip: IpAddr, max_total: usize, max_per_ip: usize) -> Result<Slot, Full> {
+    /// Take a slot for `ip` if both caps allow it. `stress_at` is the number of open
+    /// connections at which stress mode starts (`Limits::stress_connections`); a refusal for
+    /// `max_total` starts it too.
+    pub fn admit(
+        &self,
+        ip: IpAddr,
+        max_total: usize,
+        max_per_ip: usize,
+        stress_at: usize,
+    ) -> Result<Slot, Full> {
         let ip = normalize(ip);
         let mut c = self.inner.lock().unwrap_or_else(|e| e.into_inner());
+        c.stress_at = stress_at;
         if c.total >= max_total {
+            self.enter_stress(c.total, "max_connections reached");
             return Err(Full::Total);
         }
         let n = c.per_ip.entry(ip).or_insert(0);
@@ -39,10 +79,39 @@ impl ConnectionCounter {
         }
         *n += 1;
         c.total += 1;
+        if c.total >= stress_at {
+            self.enter_stress(c.total, "stress_threshold reached");
+        }
         Ok(Slot {
             counter: self.clone(),
             ip,
         })
+    }
+
+    /// Start stress mode unless already in it (called with the counts locked, so start and
+    /// end are logged in order).
+    fn enter_stress(&self, connections: usize, why: &'static str) {
+        if self
+            .stress
+            .send_if_modified(|s| !std::mem::replace(s, true))
+        {
+            warn!(
+                connections,
+                why,
+                rule = "stress",
+                "stress mode on: shorter timeouts while connections are scarce"
+            );
+        }
+    }
+
+    /// A receiver of the stress flag (true in stress mode).
+    pub fn stress(&self) -> watch::Receiver<bool> {
+        self.stress.subscribe()
+    }
+
+    /// True in stress mode.
+    pub fn in_stress(&self) -> bool {
+        *self.stress.borrow()
     }
 
     /// Open connections now.
@@ -68,6 +137,18 @@ impl Drop for Slot {
                 c.per_ip.remove(&self.ip);
             }
         }
+        if c.total < c.stress_at.div_ceil(2)
+            && self
+                .counter
+                .stress
+                .send_if_modified(|s| std::mem::replace(s, false))
+        {
+            info!(
+                connections = c.total,
+                rule = "stress",
+                "stress mode off: normal timeouts again"
+            );
+        }
     }
 }
 
@@ -80,13 +161,40 @@ mod tests {
         let c = ConnectionCounter::default();
         let a: IpAddr = "192.0.2.1".parse().unwrap();
         let b: IpAddr = "192.0.2.2".parse().unwrap();
-        let s1 = c.admit(a, 3, 2).unwrap();
-        let _s2 = c.admit(a, 3, 2).unwrap();
-        assert_eq!(c.admit(a, 3, 2).unwrap_err(), Full::PerIp);
-        let _s3 = c.admit(b, 3, 2).unwrap();
-        assert_eq!(c.admit(b, 3, 2).unwrap_err(), Full::Total);
+        let s1 = c.admit(a, 3, 2, 3).unwrap();
+        let _s2 = c.admit(a, 3, 2, 3).unwrap();
+        assert_eq!(c.admit(a, 3, 2, 3).unwrap_err(), Full::PerIp);
+        let _s3 = c.admit(b, 3, 2, 3).unwrap();
+        assert_eq!(c.admit(b, 3, 2, 3).unwrap_err(), Full::Total);
         drop(s1);
-        assert!(c.admit(a, 3, 2).is_ok());
+        assert!(c.admit(a, 3, 2, 3).is_ok());
         assert_eq!(c.total(), 2);
+    }
+
+    #[test]
+    fn stress_starts_at_the_threshold_and_ends_below_half_of_it() {
+        let c = ConnectionCounter::default();
+        let rx = c.stress();
+        let ip = |n: u8| IpAddr::from([192, 0, 2, n]);
+        // Threshold 4 of 10: three connections are not stress.
+        let mut slots: Vec<Slot> = (1..=3).map(|n| c.admit(ip(n), 10, 5, 4).unwrap()).collect();
+        assert!(!*rx.borrow());
+        slots.push(c.admit(ip(4), 10, 5, 4).unwrap());
+        assert!(*rx.borrow(), "4 of threshold 4");
+        // Down to 2 (not below half of 4): still stress; to 1: over.
+        slots.truncate(2);
+        assert!(c.in_stress());
+        slots.truncate(1);
+        assert!(!c.in_stress());
+    }
+
+    #[test]
+    fn refusing_for_max_connections_starts_stress_below_the_threshold() {
+        let c = ConnectionCounter::default();
+        let ip = IpAddr::from([192, 0, 2, 1]);
+        let _slot = c.admit(ip, 1, 5, 100).unwrap();
+        assert!(!c.in_stress());
+        assert_eq!(c.admit(ip, 1, 5, 100).unwrap_err(), Full::Total);
+        assert!(c.in_stress());
     }
 }

@@ -68,6 +68,7 @@ impl ListenerTask {
                 peer.ip(),
                 limits.max_connections,
                 limits.max_connections_per_ip,
+                limits.stress_connections,
             ) {
                 Ok(slot) => {
                     let refusal = runtime.policy.connect(&listener, peer.ip()).err();

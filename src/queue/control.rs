@@ -55,7 +55,7 @@ use std::io;
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::MetadataExt;
 
-use super::{QueuedMessage, Spool, SpoolError, create_new, exact_id, sync_dir};
+use super::{QueuedMessage, Spool, SpoolError, create_new, exact_id, give_to, sync_dir};
 use crate::envelope::{Address, QueueId, ReversePath};
 
 /// Prefix of retry request file names in `control/`.
@@ -240,6 +240,11 @@ impl Spool {
     fn write_request(&self, name: &str) -> Result<(), SpoolError> {
         let tmp = self.temp_path(name);
         drop(create_new(&tmp)?);
+        // Run as root on the relay's spool, the request must still be the relay's to remove.
+        if let Err(e) = give_to(&tmp, self.inner.owner) {
+            let _ = fs::remove_file(&tmp);
+            return Err(e);
+        }
         let dest = self.inner.control.join(name);
         fs::rename(&tmp, &dest).map_err(|e| {
             let _ = fs::remove_file(&tmp);

@@ -11,7 +11,9 @@
 //! SPOOL/tmp/             messages being received (read by nobody but their writer)
 //! SPOOL/queue/ID         committed messages, one file each
 //! SPOOL/queue/ID.state   delivery progress (optional, replaced atomically)
-//! SPOOL/quarantine/      files recovery could not understand (moved here, never deleted)
+//! SPOOL/rejected/        files recovery refused: unparseable, or not written by the relay
+//!                        (wrong owner or mode, not a regular file); moved here, never deleted,
+//!                        never delivered, listed or restored by any command
 //! SPOOL/control/         operator requests to the running relay (`retry.ID`, `retry.all`)
 //! SPOOL/free/            files of finished messages, reused for new ones (see [`recycle`])
 //! SPOOL/upstream-capabilities.json   what each upstream last announced; written by
@@ -56,8 +58,20 @@
 //! # Recovery
 //!
 //! [`Spool::recover`] runs once at startup, before any worker reads the queue: it empties
-//! `tmp/`, moves whatever it does not understand in `queue/` to `quarantine/`, and removes state
-//! files whose message is gone. It never deletes a committed message (STYLE 10).
+//! `tmp/`, moves whatever it does not understand or did not write in `queue/` to `rejected/`, and
+//! removes state files whose message is gone. It never deletes a committed message (STYLE 10).
+//!
+//! # Who may write the spool
+//!
+//! A message file is trusted as written by the relay: its envelope carries `auth_user`, and it
+//! is sent upstream without the `Received:` header or header firewall of a live session. So
+//! only the relay's user may write the spool. [`Spool::check_safe`] (at startup) refuses a
+//! spool directory or subdirectory that is group- or world-writable, not a directory, or owned
+//! by another user than the relay's; every message and state file is checked when opened (see
+//! [`trust`]): a file not owned by the spool's owner, with group or other write permission, or
+//! not a regular file, is never read as a message. The spool's owner is the owner of the spool
+//! directory, so a `queue` command run as root judges files as the relay does, and creates its
+//! files for that owner (see [`Spool::open`]).
 //!
 //! Everything is safe to use from several processes at once (the relay and a `queue` command):
 //! file names are unique per writer and every visible change is a single rename or unlink.
@@ -75,6 +89,7 @@ mod group;
 mod recover;
 mod recycle;
 pub mod report;
+pub mod reserve;
 mod state;
 mod writer;
 
@@ -82,7 +97,7 @@ use std::ffi::CString;
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, BufRead, BufReader, Read, Seek, SeekFrom, Write};
 use std::os::unix::ffi::OsStrExt;
-use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+use std::os::unix::fs::{DirBuilderExt, MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -110,10 +125,16 @@ pub const MAX_STATE_FILE: u64 = 4 * 1024 * 1024;
 /// Suffix of delivery state files in `queue/`.
 pub const STATE_SUFFIX: &str = ".state";
 
+/// The subdirectories of the spool (see the module docs).
+const SUBDIRS: [&str; 5] = ["tmp", "queue", "rejected", "control", "free"];
+
 /// Permissions of spool directories: messages are private to the relay's user.
 const DIR_MODE: u32 = 0o700;
 /// Permissions of spool files.
 const FILE_MODE: u32 = 0o600;
+
+/// Mode bits that let someone other than the owner write (group and other write).
+const FOREIGN_WRITE: u32 = 0o022;
 
 /// Per-process counter making temp file names unique (with the pid).
 static TEMP_COUNTER: AtomicU64 = AtomicU64::new(0);
@@ -149,6 +170,26 @@ pub enum SpoolError {
         /// What was wrong with it.
         reason: String,
     },
+    /// A spool file was not written by the relay (wrong owner, group- or world-writable, not a
+    /// regular file): it is never read as a message (recovery moves it to `rejected/`).
+    #[error("untrusted spool file {}: {reason}", path.display())]
+    Untrusted {
+        /// The file.
+        path: PathBuf,
+        /// Which check failed (owner, mode, file type).
+        reason: String,
+    },
+    /// The spool directory or one of its subdirectories may be written by someone other than
+    /// the relay's user: the relay refuses to start (exit status 2).
+    #[error("unsafe spool directory {}: {problem}; fix: {fix}", path.display())]
+    Unsafe {
+        /// The directory.
+        path: PathBuf,
+        /// What is wrong with it.
+        problem: String,
+        /// The command that fixes it (e.g. `chmod 700 PATH`).
+        fix: String,
+    },
     /// An envelope or state could not be encoded as JSON.
     #[error("cannot encode {what} as JSON: {source}")]
     Encode {
@@ -165,9 +206,11 @@ impl SpoolError {
     pub fn is_temporary(&self) -> bool {
         match self {
             SpoolError::Io { .. } | SpoolError::AlreadyExists(_) => true,
-            SpoolError::NotFound(_) | SpoolError::Corrupt { .. } | SpoolError::Encode { .. } => {
-                false
-            }
+            SpoolError::NotFound(_)
+            | SpoolError::Corrupt { .. }
+            | SpoolError::Untrusted { .. }
+            | SpoolError::Unsafe { .. }
+            | SpoolError::Encode { .. } => false,
         }
     }
 
@@ -230,40 +273,46 @@ struct Dirs {
     root: PathBuf,
     tmp: PathBuf,
     queue: PathBuf,
-    quarantine: PathBuf,
+    rejected: PathBuf,
     control: PathBuf,
+    /// Owner (uid, gid) of the spool directory: the relay's user. Files not owned by it are
+    /// never read as messages; files a `queue` command run as root creates are given to it.
+    owner: (u32, u32),
     /// `free/`, the files kept for reuse.
     free: recycle::FreePool,
     /// Shared fsyncs of `queue/` for commits.
     queue_sync: group::DirSync,
+    /// Space promised to messages in flight (see [`reserve`]).
+    space: Arc<reserve::SpaceReserve>,
 }
 
 impl Spool {
-    /// Open the spool at `root`, creating it and `tmp/`, `queue/`, `quarantine/`, `control/`
-    /// and `free/` (mode 0700) when missing, and check that it is writable by creating and
-    /// removing a probe file in `tmp/`. Does not run recovery.
+    /// Open the spool at `root` for writing, creating it and `tmp/`, `queue/`, `rejected/`,
+    /// `control/` and `free/` (mode 0700) when missing, and check that it is writable by
+    /// creating and removing a probe file in `tmp/`. Does not run recovery. What it creates
+    /// is given to the owner of `root` when that is not the caller (a `queue` command run as
+    /// root on the relay's spool), so the relay can still write it.
     pub fn open(root: &Path) -> Result<Spool, SpoolError> {
         let mut builder = fs::DirBuilder::new();
         builder.recursive(true).mode(DIR_MODE);
-        for sub in ["tmp", "queue", "quarantine", "control", "free"] {
+        builder
+            .create(root)
+            .map_err(SpoolError::io("mkdir", root))?;
+        let owner = owner_of(root)?;
+        for sub in SUBDIRS {
             let dir = root.join(sub);
+            if fs::symlink_metadata(&dir).is_ok() {
+                continue;
+            }
             builder
                 .create(&dir)
                 .map_err(SpoolError::io("mkdir", &dir))?;
+            give_to(&dir, owner)?;
         }
         let free = root.join("free");
-        let dirs = Dirs {
-            root: root.to_path_buf(),
-            tmp: root.join("tmp"),
-            queue: root.join("queue"),
-            quarantine: root.join("quarantine"),
-            control: root.join("control"),
-            free: recycle::FreePool::load(&free).map_err(SpoolError::io("readdir", &free))?,
-            queue_sync: group::DirSync::new(root.join("queue")),
-        };
-        let spool = Spool {
-            inner: Arc::new(dirs),
-        };
+        let pool =
+            recycle::FreePool::load(&free, owner.0).map_err(SpoolError::io("readdir", &free))?;
+        let spool = Spool::with(root, owner, pool);
         let probe = spool.temp_path("probe");
         let mut file = create_new(&probe)?;
         let written = file
@@ -273,6 +322,86 @@ impl Spool {
         fs::remove_file(&probe).map_err(SpoolError::io("unlink", &probe))?;
         written?;
         Ok(spool)
+    }
+
+    /// Open an existing spool without creating, changing or removing anything (for the `queue`
+    /// commands that only read, or only unlink messages): no directory is made, no probe
+    /// written, `free/` is not looked at. Fails with [`SpoolError::NotFound`]-free I/O errors
+    /// when `root` cannot be read.
+    pub fn open_existing(root: &Path) -> Result<Spool, SpoolError> {
+        let owner = owner_of(root)?;
+        let pool = recycle::FreePool::empty(&root.join("free"));
+        Ok(Spool::with(root, owner, pool))
+    }
+
+    fn with(root: &Path, owner: (u32, u32), free: recycle::FreePool) -> Spool {
+        Spool {
+            inner: Arc::new(Dirs {
+                root: root.to_path_buf(),
+                tmp: root.join("tmp"),
+                queue: root.join("queue"),
+                rejected: root.join("rejected"),
+                control: root.join("control"),
+                owner,
+                free,
+                queue_sync: group::DirSync::new(root.join("queue")),
+                space: Arc::default(),
+            }),
+        }
+    }
+
+    /// Refuse a spool another user could write into (DESIGN "Spool directories"): the spool
+    /// directory and each of its subdirectories must be a directory (not a symlink), owned by
+    /// `uid` (the relay's effective uid), without group or other write permission; a missing
+    /// subdirectory passes (it is created private). The error names the path and the command
+    /// that fixes it. Blocking (a few `lstat`s).
+    pub fn check_safe(&self, uid: u32) -> Result<(), SpoolError> {
+        let dirs = std::iter::once(self.root().to_path_buf())
+            .chain(SUBDIRS.iter().map(|s| self.root().join(s)));
+        for dir in dirs {
+            let meta = match fs::symlink_metadata(&dir) {
+                Ok(meta) => meta,
+                // Not made yet: `open` creates it private.
+                Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
+                Err(e) => return Err(SpoolError::io("stat", &dir)(e)),
+            };
+            let unsafe_dir = |problem: String, fix: String| SpoolError::Unsafe {
+                path: dir.clone(),
+                problem,
+                fix,
+            };
+            if !meta.file_type().is_dir() {
+                return Err(unsafe_dir(
+                    "not a directory (a symlink or a file)".into(),
+                    format!(
+                        "replace it with a directory: rm {0} && mkdir -m 700 {0}",
+                        dir.display()
+                    ),
+                ));
+            }
+            if meta.uid() != uid {
+                return Err(unsafe_dir(
+                    format!(
+                        "owned by uid {}, but the relay runs as uid {uid}",
+                        meta.uid()
+                    ),
+                    format!(
+                        "chown -R {uid} {} (or run the relay as its owner)",
+                        self.root().display()
+                    ),
+                ));
+            }
+            if meta.mode() & FOREIGN_WRITE != 0 {
+                return Err(unsafe_dir(
+                    format!(
+                        "group- or world-writable (mode {:04o})",
+                        meta.mode() & 0o7777
+                    ),
+                    format!("chmod 700 {}", dir.display()),
+                ));
+            }
+        }
+        Ok(())
     }
 
     /// The spool directory.
@@ -295,6 +424,34 @@ impl Spool {
         // The field types differ between platforms (u32 / u64), hence the casts.
         #[allow(clippy::unnecessary_cast)]
         Ok((stat.f_bavail as u64).saturating_mul(stat.f_frsize as u64))
+    }
+
+    /// Reserve `bytes` of free space for a transaction about to write a message of at most
+    /// that size, unless that would take the free space (minus what other transactions have
+    /// reserved) below `min_free` bytes; `min_free == 0` disables the check. See [`reserve`].
+    /// Blocking (`statvfs`), but cheap.
+    pub fn reserve(
+        &self,
+        bytes: u64,
+        min_free: u64,
+    ) -> io::Result<Result<reserve::Reservation, reserve::Insufficient>> {
+        let free = if min_free == 0 { 0 } else { self.free_space()? };
+        Ok(self.inner.space.try_reserve(free, min_free, bytes))
+    }
+
+    /// Grow `reservation` to `bytes` in all (a message larger than its declared `SIZE`),
+    /// under the rule of [`Spool::reserve`]. `min_free == 0`: nothing to do, no `statvfs`.
+    pub fn grow_reservation(
+        &self,
+        reservation: &mut reserve::Reservation,
+        bytes: u64,
+        min_free: u64,
+    ) -> io::Result<Result<(), reserve::Insufficient>> {
+        if min_free == 0 || bytes <= reservation.bytes() {
+            return Ok(Ok(()));
+        }
+        let free = self.free_space()?;
+        Ok(self.inner.space.grow(reservation, free, min_free, bytes))
     }
 
     /// Start receiving a message: create `tmp/ID` (ID = `envelope.id`) and write the spool
@@ -330,7 +487,8 @@ impl Spool {
     }
 
     /// Every committed message, sorted by id (that is, by age). Temp files are not looked at; a
-    /// file that cannot be parsed is skipped with a warning (recovery quarantines it) and a
+    /// file that cannot be parsed or was not written by the relay is skipped with a warning
+    /// (recovery moves it to `rejected/`) and a
     /// message removed while listing is silently left out.
     pub fn list(&self) -> Result<Vec<QueuedMessage>, SpoolError> {
         let dir = &self.inner.queue;
@@ -357,7 +515,7 @@ impl Spool {
     }
 
     /// Read one committed message's envelope, state and size. A state file that cannot be
-    /// parsed is logged and treated as fresh (recovery quarantines it): retrying a message is
+    /// parsed (or is untrusted) is logged and treated as fresh (recovery rejects it): retrying a message is
     /// safe, losing it is not.
     pub fn load(&self, id: &QueueId) -> Result<QueuedMessage, SpoolError> {
         self.load_open(id).map(|(msg, _)| msg)
@@ -443,7 +601,7 @@ impl Spool {
         id: &QueueId,
     ) -> Result<(BufReader<File>, Envelope, u64, PathBuf), SpoolError> {
         let path = self.message_path(id);
-        let mut reader = BufReader::new(open_message_file(&path, id)?);
+        let mut reader = BufReader::new(open_message_file(&path, id, self.inner.owner.0)?);
         let (envelope, header_len) = read_header(&mut reader, &path)?;
         if envelope.id != *id {
             return Err(SpoolError::corrupt(
@@ -573,7 +731,7 @@ impl Spool {
         envelope: &Envelope,
     ) -> Result<Option<DeliveryState>, SpoolError> {
         let path = self.state_path(id);
-        let state = match read_state_file(&path)? {
+        let state = match read_state_file(&path, self.inner.owner.0)? {
             Some(state) => state,
             None => return Ok(None),
         };
@@ -595,10 +753,10 @@ fn exact_id(name: &str) -> Option<QueueId> {
 /// Open a message file, mapping "absent" to [`SpoolError::NotFound`]. Symlinks are not
 /// followed: nothing legitimate puts one in `queue/`, and following it could read a file
 /// outside the spool.
-fn open_message_file(path: &Path, id: &QueueId) -> Result<File, SpoolError> {
-    OpenOptions::new()
+fn open_message_file(path: &Path, id: &QueueId, owner: u32) -> Result<File, SpoolError> {
+    let file = OpenOptions::new()
         .read(true)
-        .custom_flags(libc::O_NOFOLLOW)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
         .open(path)
         .map_err(|e| {
             if e.kind() == io::ErrorKind::NotFound {
@@ -606,7 +764,53 @@ fn open_message_file(path: &Path, id: &QueueId) -> Result<File, SpoolError> {
             } else {
                 SpoolError::io("open", path)(e)
             }
-        })
+        })?;
+    let meta = file.metadata().map_err(SpoolError::io("stat", path))?;
+    trust(&meta, owner).map_err(|reason| SpoolError::Untrusted {
+        path: path.to_path_buf(),
+        reason,
+    })?;
+    Ok(file)
+}
+
+/// Whether a spool file's metadata says the relay wrote it: a regular file owned by `owner`
+/// (the spool's owner) that no one else may write. `Err` says which check failed. Taken from
+/// the open file (`fstat`) or from `lstat`, never by following a symlink.
+pub(crate) fn trust(meta: &fs::Metadata, owner: u32) -> Result<(), String> {
+    if !meta.file_type().is_file() {
+        return Err("not a regular file".into());
+    }
+    if meta.uid() != owner {
+        return Err(format!(
+            "owned by uid {}, not by the spool's owner (uid {owner})",
+            meta.uid()
+        ));
+    }
+    if meta.mode() & FOREIGN_WRITE != 0 {
+        return Err(format!(
+            "group- or world-writable (mode {:04o})",
+            meta.mode() & 0o7777
+        ));
+    }
+    Ok(())
+}
+
+/// Owner (uid, gid) of the spool directory.
+fn owner_of(root: &Path) -> Result<(u32, u32), SpoolError> {
+    let meta = fs::metadata(root).map_err(SpoolError::io("stat", root))?;
+    Ok((meta.uid(), meta.gid()))
+}
+
+/// Give `path` (just created by this process) to `owner` when this process is not that user,
+/// as when root runs a `queue` command on the relay's spool: otherwise the relay could not
+/// write what the command created, or would refuse to start.
+fn give_to(path: &Path, owner: (u32, u32)) -> Result<(), SpoolError> {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } == owner.0 {
+        return Ok(());
+    }
+    std::os::unix::fs::lchown(path, Some(owner.0), Some(owner.1))
+        .map_err(SpoolError::io("chown", path))
 }
 
 /// Create a new private file (never reusing an existing one).
@@ -700,12 +904,21 @@ fn read_header(reader: &mut impl BufRead, path: &Path) -> Result<(Envelope, u64)
 }
 
 /// Read and parse a state file: `None` when absent.
-fn read_state_file(path: &Path) -> Result<Option<DeliveryState>, SpoolError> {
-    let file = match File::open(path) {
+fn read_state_file(path: &Path, owner: u32) -> Result<Option<DeliveryState>, SpoolError> {
+    let file = match OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
+        .open(path)
+    {
         Ok(f) => f,
         Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
         Err(e) => return Err(SpoolError::io("open", path)(e)),
     };
+    let meta = file.metadata().map_err(SpoolError::io("stat", path))?;
+    trust(&meta, owner).map_err(|reason| SpoolError::Untrusted {
+        path: path.to_path_buf(),
+        reason,
+    })?;
     let mut bytes = Vec::new();
     file.take(MAX_STATE_FILE + 1)
         .read_to_end(&mut bytes)

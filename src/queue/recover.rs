@@ -4,9 +4,13 @@
 //!
 //! - `tmp/` holds only files whose writer is gone (a crash before commit, or a state update
 //!   that was never renamed): nothing in it was acknowledged, so it is removed.
-//! - In `queue/`, anything that is not a readable message `ID` or a parseable `ID.state` is
-//!   moved to `quarantine/` for an operator to look at, never deleted: it may be a message we
-//!   cannot read today (a newer format, a disk error) that someone can still save.
+//! - In `queue/`, anything that is not a readable message `ID` or a parseable `ID.state`, and
+//!   any file the relay did not write (not owned by the spool's owner, group- or
+//!   world-writable, not a regular file: see [`super::trust`]), is moved to `rejected/` for an
+//!   operator to look at, logged with its id and the reason, never deleted: it may be a
+//!   message we cannot read today (a newer format, a disk error) that someone can still save.
+//!   Nothing in `rejected/` is ever delivered, listed or restored by a command: a file planted
+//!   by another user must not be sent upstream with its forged envelope (`auth_user`).
 //! - An `ID.state` whose message is gone is removed: the message left the queue (delivered or
 //!   deleted) and a crash came between the two unlinks of [`Spool::remove`].
 //! - `control/` is left alone: a request made while the relay was stopped takes effect now.
@@ -17,7 +21,7 @@
 use std::collections::{HashMap, HashSet};
 use std::ffi::OsStr;
 use std::fmt;
-use std::fs::{self, File};
+use std::fs;
 use std::io::BufReader;
 use std::path::{Path, PathBuf};
 
@@ -31,8 +35,8 @@ pub struct RecoveryReport {
     pub queued: usize,
     /// Files removed from `tmp/` (unfinished messages and state updates; none acknowledged).
     pub tmp_removed: usize,
-    /// Where each quarantined file now is (inside `quarantine/`).
-    pub quarantined: Vec<PathBuf>,
+    /// Where each rejected file now is (inside `rejected/`).
+    pub rejected: Vec<PathBuf>,
     /// State files removed because their message no longer exists.
     pub orphans_removed: usize,
 }
@@ -41,10 +45,10 @@ impl fmt::Display for RecoveryReport {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(
             f,
-            "{} queued, {} temp files removed, {} quarantined, {} orphan states removed",
+            "{} queued, {} temp files removed, {} rejected, {} orphan states removed",
             self.queued,
             self.tmp_removed,
-            self.quarantined.len(),
+            self.rejected.len(),
             self.orphans_removed
         )
     }
@@ -72,7 +76,7 @@ fn classify(name: &OsStr) -> Entry {
 
 impl Spool {
     /// Recover the spool after a restart or crash (see the module docs of `recover`): empty
-    /// `tmp/`, quarantine what cannot be understood in `queue/`, remove orphan state files.
+    /// `tmp/`, reject what cannot be understood or was not written by the relay in `queue/`, remove orphan state files.
     /// Each action is logged with `warn!`. Blocking; call before starting delivery.
     pub fn recover(&self) -> Result<RecoveryReport, SpoolError> {
         let mut report = RecoveryReport {
@@ -83,36 +87,42 @@ impl Spool {
         let queue = &self.inner.queue;
         let mut messages = Vec::new();
         let mut states = Vec::new();
+        let mut rejected_early = HashSet::new();
         for entry in fs::read_dir(queue).map_err(SpoolError::io("readdir", queue))? {
             let entry = entry.map_err(SpoolError::io("readdir", queue))?;
             let path = entry.path();
-            let is_file = entry.file_type().is_ok_and(|t| t.is_file());
-            match classify(&entry.file_name()) {
-                Entry::Message(id) if is_file => messages.push((id, path)),
-                Entry::State(id) if is_file => states.push((id, path)),
-                _ => self.quarantine(
-                    &path,
-                    "not a spool file name or not a regular file",
-                    &mut report,
-                )?,
+            // lstat: a symlink is judged as itself, never by what it points to.
+            let trusted = match entry.metadata() {
+                Ok(meta) => super::trust(&meta, self.inner.owner.0),
+                Err(e) => Err(format!("cannot stat: {e}")),
+            };
+            match (classify(&entry.file_name()), trusted) {
+                (Entry::Message(id), Ok(())) => messages.push((id, path)),
+                (Entry::State(id), Ok(())) => states.push((id, path)),
+                (Entry::Message(id), Err(reason)) => {
+                    self.reject(&path, &reason, &mut report)?;
+                    rejected_early.insert(id);
+                }
+                (Entry::State(_), Err(reason)) => self.reject(&path, &reason, &mut report)?,
+                (Entry::Stray, _) => self.reject(&path, "not a spool file name", &mut report)?,
             }
         }
 
         // Ids whose message file stays in queue/ (readable, or unreadable for a reason that
-        // may pass, such as an I/O error: those are left alone, not quarantined).
+        // may pass, such as an I/O error: those are left alone, not rejected).
         let mut present = HashSet::new();
-        let mut quarantined_ids = HashSet::new();
+        let mut rejected_ids = rejected_early;
         let mut envelopes = HashMap::new();
         for (id, path) in messages {
-            match check_message(&id, &path) {
+            match check_message(&id, &path, self.inner.owner.0) {
                 Ok(envelope) => {
                     report.queued += 1;
                     envelopes.insert(id.clone(), envelope);
                     present.insert(id);
                 }
-                Err(SpoolError::Corrupt { reason, .. }) => {
-                    self.quarantine(&path, &reason, &mut report)?;
-                    quarantined_ids.insert(id);
+                Err(SpoolError::Corrupt { reason, .. } | SpoolError::Untrusted { reason, .. }) => {
+                    self.reject(&path, &reason, &mut report)?;
+                    rejected_ids.insert(id);
                 }
                 Err(e) => {
                     tracing::warn!(queue_id = %id, error = %e, "cannot read queued message; leaving it in place");
@@ -123,9 +133,9 @@ impl Spool {
 
         for (id, path) in states {
             if !present.contains(&id) {
-                if quarantined_ids.contains(&id) {
+                if rejected_ids.contains(&id) {
                     // Keep the progress next to the message it describes.
-                    self.quarantine(&path, "its message was quarantined", &mut report)?;
+                    self.reject(&path, "its message was rejected", &mut report)?;
                 } else {
                     tracing::warn!(queue_id = %id, path = %path.display(), "removing delivery state of a message no longer queued");
                     fs::remove_file(&path).map_err(SpoolError::io("unlink", &path))?;
@@ -133,19 +143,20 @@ impl Spool {
                 }
                 continue;
             }
-            let parsed =
-                read_state_file(&path).and_then(|state| match (state, envelopes.get(&id)) {
+            let parsed = read_state_file(&path, self.inner.owner.0).and_then(|state| {
+                match (state, envelopes.get(&id)) {
                     (Some(state), Some(envelope)) => state
                         .check_against(envelope)
                         .map_err(|reason| SpoolError::corrupt(&path, reason)),
                     _ => Ok(()),
-                });
+                }
+            });
             match parsed {
                 Ok(()) => {}
-                Err(SpoolError::Corrupt { reason, .. }) => {
+                Err(SpoolError::Corrupt { reason, .. } | SpoolError::Untrusted { reason, .. }) => {
                     // The message stays queued and restarts with a fresh state: it may be
                     // delivered again to some recipients (at-least-once), never lost.
-                    self.quarantine(&path, &reason, &mut report)?;
+                    self.reject(&path, &reason, &mut report)?;
                 }
                 Err(e) => {
                     tracing::warn!(queue_id = %id, error = %e, "cannot read delivery state; leaving it in place");
@@ -153,10 +164,10 @@ impl Spool {
             }
         }
 
-        if !report.quarantined.is_empty() {
-            sync_dir(&self.inner.quarantine)?;
+        if !report.rejected.is_empty() {
+            sync_dir(&self.inner.rejected)?;
         }
-        if !report.quarantined.is_empty() || report.orphans_removed > 0 {
+        if !report.rejected.is_empty() || report.orphans_removed > 0 {
             sync_dir(queue)?;
         }
         Ok(report)
@@ -185,32 +196,43 @@ impl Spool {
         Ok(removed)
     }
 
-    /// Move `path` into `quarantine/` under its own name (with a numeric suffix if taken).
-    fn quarantine(
+    /// Move `path` into `rejected/` under its own name (with a numeric suffix if taken), and
+    /// log it with its queue id (when the name is one) and `reason`.
+    fn reject(
         &self,
         path: &Path,
         reason: &str,
         report: &mut RecoveryReport,
     ) -> Result<(), SpoolError> {
         let name = path.file_name().unwrap_or(OsStr::new("unnamed"));
-        let mut dest = self.inner.quarantine.join(name);
+        let mut dest = self.inner.rejected.join(name);
         let mut n = 1u32;
         while fs::symlink_metadata(&dest).is_ok() {
             let mut suffixed = name.to_os_string();
             suffixed.push(format!(".{n}"));
-            dest = self.inner.quarantine.join(suffixed);
+            dest = self.inner.rejected.join(suffixed);
             n += 1;
         }
-        tracing::warn!(path = %path.display(), to = %dest.display(), reason, "quarantining spool file");
+        let queue_id = name
+            .to_str()
+            .map(|n| n.strip_suffix(STATE_SUFFIX).unwrap_or(n))
+            .and_then(exact_id)
+            .map_or_else(|| "-".to_string(), |id| id.to_string());
+        tracing::warn!(queue_id, path = %path.display(), to = %dest.display(), reason,
+            rule = "spool_rejected", "spool file rejected: never delivered");
         fs::rename(path, &dest).map_err(SpoolError::io("rename", path))?;
-        report.quarantined.push(dest);
+        report.rejected.push(dest);
         Ok(())
     }
 }
 
 /// Read the header of a message file and check its id against the file name.
-fn check_message(id: &QueueId, path: &Path) -> Result<crate::envelope::Envelope, SpoolError> {
-    let file = File::open(path).map_err(SpoolError::io("open", path))?;
+fn check_message(
+    id: &QueueId,
+    path: &Path,
+    owner: u32,
+) -> Result<crate::envelope::Envelope, SpoolError> {
+    let file = super::open_message_file(path, id, owner)?;
     let (envelope, _) = read_header(&mut BufReader::new(file), path)?;
     if envelope.id != *id {
         return Err(SpoolError::corrupt(

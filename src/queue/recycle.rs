@@ -22,7 +22,7 @@
 
 use std::fs::{self, File, OpenOptions};
 use std::io;
-use std::os::unix::fs::MetadataExt;
+use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::{Mutex, MutexGuard};
 
@@ -37,18 +37,24 @@ pub const RECYCLE_MAX: u64 = 64 * 1024;
 #[derive(Debug)]
 pub struct FreePool {
     dir: PathBuf,
+    /// The spool's owner: a free file owned by anyone else is never written into (its owner
+    /// could read or change the message written there).
+    owner: u32,
     names: Mutex<Vec<String>>,
 }
 
 impl FreePool {
     /// The pool over `dir` (created by the caller), with the files already there: up to
-    /// [`FREE_MAX`] regular files are kept, anything else is removed.
-    pub fn load(dir: &Path) -> io::Result<FreePool> {
+    /// [`FREE_MAX`] regular files owned by `owner` (the spool's owner) that no one else may
+    /// write are kept, anything else is removed.
+    pub fn load(dir: &Path, owner: u32) -> io::Result<FreePool> {
         let mut names = Vec::new();
         for entry in fs::read_dir(dir)? {
             let entry = entry?;
             let name = entry.file_name().into_string().ok();
-            let regular = entry.file_type().is_ok_and(|t| t.is_file());
+            let regular = entry
+                .metadata()
+                .is_ok_and(|m| super::trust(&m, owner).is_ok());
             match name {
                 Some(name) if regular && names.len() < FREE_MAX => names.push(name),
                 _ if entry.file_type().is_ok_and(|t| t.is_dir()) => {
@@ -59,8 +65,19 @@ impl FreePool {
         }
         Ok(FreePool {
             dir: dir.to_path_buf(),
+            owner,
             names: Mutex::new(names),
         })
+    }
+
+    /// A pool that holds nothing and looks at nothing on disk (for the `queue` commands, which
+    /// never recycle). Files given to it are unlinked.
+    pub fn empty(dir: &Path) -> FreePool {
+        FreePool {
+            dir: dir.to_path_buf(),
+            owner: 0,
+            names: Mutex::new(Vec::new()),
+        }
     }
 
     /// A free file, opened for writing (not truncated: the writer cuts it to length at
@@ -72,15 +89,23 @@ impl FreePool {
         loop {
             let name = self.names().pop()?;
             let path = self.dir.join(&name);
-            match OpenOptions::new().write(true).open(&path) {
+            match OpenOptions::new()
+                .write(true)
+                .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
+                .open(&path)
+            {
                 // A free file must have no other name. Only a crash in the middle of a rename,
                 // repaired by fsck on a file system without a journal, could leave one also
                 // linked in `queue/`: writing over it would destroy a queued message.
-                Ok(file) if file.metadata().is_ok_and(|m| m.nlink() == 1) => {
+                Ok(file)
+                    if file
+                        .metadata()
+                        .is_ok_and(|m| m.nlink() == 1 && super::trust(&m, self.owner).is_ok()) =>
+                {
                     return Some((file, path));
                 }
                 Ok(_) => {
-                    tracing::warn!(path = %path.display(), "a free spool file has another name; not reusing it");
+                    tracing::warn!(path = %path.display(), "a free spool file has another name or was not written by the relay; not reusing it");
                     let _ = fs::remove_file(&path);
                     continue;
                 }

@@ -107,8 +107,9 @@ pub fn list_json(msgs: &[QueuedMessage], now: u64) -> String {
             "client_ip": env.client_ip.to_string(),
             "auth_user": env.auth_user,
         });
-        // serde_json escapes control characters, so one object is always one line.
-        out.push_str(&value.to_string());
+        // serde_json escapes control characters, so one object is always one line;
+        // json_line escapes the invisible ones too.
+        out.push_str(&json_line(&value));
         out.push('\n');
     }
     out
@@ -335,16 +336,76 @@ pub fn human_age(secs: u64) -> String {
     }
 }
 
-/// Replace control characters (newlines, escapes, DEL, C1) with `?` so text from the network
-/// cannot forge table rows or drive the terminal. Tabs become spaces.
+/// Replace control characters (newlines, escapes, DEL, C1) and invisible format characters
+/// (see [`is_invisible`]: bidirectional overrides, zero-width characters) with `?`, so text from
+/// the network can neither forge table rows, drive the terminal, nor display as something it
+/// is not (`<\u{202E}gro.elpmaxe@knab-ecivres>` shows as a trusted-looking address). Tabs
+/// become spaces.
 pub fn clean(text: &str) -> String {
     text.chars()
         .map(|c| match c {
             '\t' => ' ',
-            c if c.is_control() => '?',
+            c if c.is_control() || is_invisible(c) => '?',
             c => c,
         })
         .collect()
+}
+
+/// Format characters (Unicode general category Cf, as of Unicode 16.0) and the line and
+/// paragraph separators (Zl, Zp): characters that display as nothing or change how the text
+/// around them displays (U+202E RIGHT-TO-LEFT OVERRIDE, U+2066..U+2069 isolates, U+200B ZERO
+/// WIDTH SPACE, U+200E/F direction marks, U+FEFF, tag characters…). Control characters (Cc)
+/// are `char::is_control`.
+pub fn is_invisible(c: char) -> bool {
+    /// Inclusive ranges of Cf, sorted, plus U+2028..U+2029 (Zl, Zp).
+    const RANGES: [(u32, u32); 22] = [
+        (0x00AD, 0x00AD),
+        (0x0600, 0x0605),
+        (0x061C, 0x061C),
+        (0x06DD, 0x06DD),
+        (0x070F, 0x070F),
+        (0x0890, 0x0891),
+        (0x08E2, 0x08E2),
+        (0x180E, 0x180E),
+        (0x200B, 0x200F),
+        (0x2028, 0x202E),
+        (0x2060, 0x2064),
+        (0x2066, 0x206F),
+        (0xFEFF, 0xFEFF),
+        (0xFFF9, 0xFFFB),
+        (0x110BD, 0x110BD),
+        (0x110CD, 0x110CD),
+        (0x13430, 0x1343F),
+        (0x1BCA0, 0x1BCA3),
+        (0x1D173, 0x1D17A),
+        (0xE0001, 0xE0001),
+        (0xE0020, 0xE007F),
+        (u32::MAX, u32::MAX),
+    ];
+    let c = c as u32;
+    let i = RANGES.partition_point(|&(_, hi)| hi < c);
+    RANGES[i].0 <= c
+}
+
+/// Serialize one JSON value on one line with every invisible character (see
+/// [`is_invisible`]) written as a `\uXXXX` escape, as serde_json already writes control
+/// characters: the data is unchanged for a JSON reader, and a terminal shows the escape
+/// instead of obeying it. These characters can only occur inside strings, where the escape
+/// is valid.
+pub fn json_line(value: &serde_json::Value) -> String {
+    let raw = value.to_string();
+    let mut out = String::with_capacity(raw.len());
+    for c in raw.chars() {
+        if is_invisible(c) {
+            let mut units = [0u16; 2];
+            for unit in c.encode_utf16(&mut units) {
+                let _ = write!(out, "\\u{unit:04x}");
+            }
+        } else {
+            out.push(c);
+        }
+    }
+    out
 }
 
 fn truncate(text: &str, max_chars: usize) -> String {

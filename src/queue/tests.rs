@@ -36,7 +36,7 @@ fn names(dir: &Path) -> Vec<String> {
 fn open_creates_private_directories() {
     use std::os::unix::fs::PermissionsExt;
     let (_d, spool) = spool();
-    for sub in ["tmp", "queue", "quarantine", "control", "free"] {
+    for sub in ["tmp", "queue", "rejected", "control", "free"] {
         let meta = fs::metadata(spool.root().join(sub)).unwrap();
         assert!(meta.is_dir());
         assert_eq!(meta.permissions().mode() & 0o777, 0o700, "{sub}");
@@ -231,10 +231,10 @@ fn ids_from_user_input_cannot_escape_the_spool() {
 }
 
 #[test]
-fn recovery_cleans_tmp_quarantines_garbage_and_keeps_good_messages() {
+fn recovery_cleans_tmp_rejects_garbage_and_keeps_good_messages() {
     let (_d, spool) = spool();
     let queue = spool.root().join("queue");
-    let quarantine = spool.root().join("quarantine");
+    let rejected = spool.root().join("rejected");
     let good = commit(&spool, &envelope(&["a@example.com"]), BODY);
     let with_state = commit(&spool, &envelope(&["b@example.com"]), BODY);
     spool
@@ -264,7 +264,7 @@ fn recovery_cleans_tmp_quarantines_garbage_and_keeps_good_messages() {
     assert_eq!(report.queued, 2);
     assert_eq!(report.tmp_removed, 2);
     assert_eq!(report.orphans_removed, 1);
-    assert_eq!(report.quarantined.len(), 5, "{report:?}");
+    assert_eq!(report.rejected.len(), 5, "{report:?}");
     assert!(names(&spool.root().join("tmp")).is_empty());
 
     let mut expected_queue = vec![
@@ -274,16 +274,16 @@ fn recovery_cleans_tmp_quarantines_garbage_and_keeps_good_messages() {
     ];
     expected_queue.sort();
     assert_eq!(names(&queue), expected_queue);
-    // Quarantined, not deleted, and intact.
+    // Rejected, not deleted, and intact.
     assert_eq!(
-        fs::read(quarantine.join(garbage.as_str())).unwrap(),
+        fs::read(rejected.join(garbage.as_str())).unwrap(),
         b"not a spool file"
     );
-    assert_eq!(fs::read(quarantine.join("README")).unwrap(), b"hello");
-    assert!(quarantine.join(truncated.as_str()).exists());
-    assert!(quarantine.join(renamed.as_str()).exists());
+    assert_eq!(fs::read(rejected.join("README")).unwrap(), b"hello");
+    assert!(rejected.join(truncated.as_str()).exists());
+    assert!(rejected.join(renamed.as_str()).exists());
     assert_eq!(
-        fs::read(quarantine.join(format!("{good}.state"))).unwrap(),
+        fs::read(rejected.join(format!("{good}.state"))).unwrap(),
         b"{broken"
     );
 
@@ -306,23 +306,20 @@ fn recovery_cleans_tmp_quarantines_garbage_and_keeps_good_messages() {
 }
 
 #[test]
-fn recovery_quarantines_the_state_of_a_quarantined_message_and_avoids_name_clashes() {
+fn recovery_rejects_the_state_of_a_rejected_message_and_avoids_name_clashes() {
     let (_d, spool) = spool();
     let queue = spool.root().join("queue");
-    let quarantine = spool.root().join("quarantine");
+    let rejected = spool.root().join("rejected");
     let id = QueueId::generate();
     fs::write(queue.join(id.as_str()), b"bad").unwrap();
     fs::write(queue.join(format!("{id}.state")), b"{}").unwrap();
-    fs::write(quarantine.join(id.as_str()), b"earlier").unwrap();
+    fs::write(rejected.join(id.as_str()), b"earlier").unwrap();
     let report = spool.recover().unwrap();
-    assert_eq!(report.quarantined.len(), 2);
+    assert_eq!(report.rejected.len(), 2);
     assert_eq!(report.orphans_removed, 0);
-    assert_eq!(fs::read(quarantine.join(id.as_str())).unwrap(), b"earlier");
-    assert_eq!(
-        fs::read(quarantine.join(format!("{id}.1"))).unwrap(),
-        b"bad"
-    );
-    assert!(quarantine.join(format!("{id}.state")).exists());
+    assert_eq!(fs::read(rejected.join(id.as_str())).unwrap(), b"earlier");
+    assert_eq!(fs::read(rejected.join(format!("{id}.1"))).unwrap(), b"bad");
+    assert!(rejected.join(format!("{id}.state")).exists());
 }
 
 /// Regression: a crash after the data fsync but before the rename leaves a complete file in
@@ -525,7 +522,7 @@ fn symlinks_in_queue_are_not_followed() {
     assert!(spool.read_message(&id).is_err());
     assert!(spool.list().unwrap().is_empty());
     let report = spool.recover().unwrap();
-    assert_eq!(report.quarantined.len(), 1);
+    assert_eq!(report.rejected.len(), 1);
     assert_eq!(fs::read(&outside).unwrap(), b"secret");
 }
 
@@ -876,4 +873,211 @@ fn deletion_lines_and_summaries() {
     assert_eq!(dry.summary(), "0 messages would be deleted (dry run)");
     dry.add(None);
     assert_eq!(dry.summary(), "1 message would be deleted (dry run)");
+}
+
+/// The uid of `nobody`: a user other than the one running the tests (which run as root, so
+/// they may chown).
+const OTHER_UID: u32 = 65534;
+
+fn chown(path: &Path, uid: u32) {
+    std::os::unix::fs::chown(path, Some(uid), None).unwrap();
+}
+
+fn chmod(path: &Path, mode: u32) {
+    use std::os::unix::fs::PermissionsExt;
+    fs::set_permissions(path, fs::Permissions::from_mode(mode)).unwrap();
+}
+
+fn euid() -> u32 {
+    // SAFETY: geteuid has no preconditions.
+    unsafe { libc::geteuid() }
+}
+
+#[test]
+fn recovery_rejects_message_files_another_user_wrote_or_may_write() {
+    let (_d, spool) = spool();
+    let queue = spool.root().join("queue");
+    let good = commit(&spool, &envelope(&["a@example.com"]), BODY);
+    // Well-formed copies under ids of their own: one owned by another user, one
+    // world-writable, one whose state file is another user's.
+    let plant = |f: &dyn Fn(&Path)| {
+        let mut env = envelope(&["victim@example.com"]);
+        env.auth_user = Some("forged".into());
+        let id = commit(&spool, &env, BODY);
+        f(&queue.join(id.as_str()));
+        id
+    };
+    let foreign = plant(&|p| chown(p, OTHER_UID));
+    let writable = plant(&|p| chmod(p, 0o666));
+    spool.write_state(&good, &DeliveryState::fresh(5)).unwrap();
+    chown(&queue.join(format!("{good}.state")), OTHER_UID);
+    // Before recovery, no reader takes them as messages.
+    for id in [&foreign, &writable] {
+        assert!(
+            matches!(spool.load(id), Err(SpoolError::Untrusted { .. })),
+            "{id} was loaded"
+        );
+    }
+    assert_eq!(
+        spool
+            .list()
+            .unwrap()
+            .iter()
+            .map(|m| m.id().clone())
+            .collect::<Vec<_>>(),
+        vec![good.clone()]
+    );
+    // The foreign state is ignored (fresh), not believed.
+    assert_eq!(spool.load(&good).unwrap().state.next_attempt, 1_700_000_000);
+
+    let report = spool.recover().unwrap();
+    assert_eq!(report.queued, 1, "{report:?}");
+    assert_eq!(report.rejected.len(), 3, "{report:?}");
+    let rejected = names(&spool.root().join("rejected"));
+    let mut want = vec![
+        foreign.to_string(),
+        writable.to_string(),
+        format!("{good}.state"),
+    ];
+    want.sort();
+    assert_eq!(rejected, want);
+    assert_eq!(names(&queue), vec![good.to_string()]);
+}
+
+#[test]
+fn check_safe_refuses_a_spool_directory_others_can_write() {
+    let (_d, spool) = spool();
+    let me = euid();
+    spool.check_safe(me).unwrap();
+
+    let queue = spool.root().join("queue");
+    chmod(&queue, 0o777);
+    match spool.check_safe(me) {
+        Err(SpoolError::Unsafe { path, fix, .. }) => {
+            assert_eq!(path, queue);
+            assert_eq!(fix, format!("chmod 700 {}", queue.display()));
+        }
+        other => panic!("world-writable queue/ accepted: {other:?}"),
+    }
+    chmod(&queue, 0o700);
+    chmod(spool.root(), 0o770);
+    assert!(
+        matches!(spool.check_safe(me), Err(SpoolError::Unsafe { path, .. }) if path == spool.root())
+    );
+    chmod(spool.root(), 0o700);
+
+    let control = spool.root().join("control");
+    chown(&control, OTHER_UID);
+    let err = spool.check_safe(me).unwrap_err();
+    assert!(
+        matches!(&err, SpoolError::Unsafe { path, fix, .. } if *path == control && fix.starts_with("chown")),
+        "{err:?}"
+    );
+    assert!(err.to_string().contains(&control.display().to_string()));
+}
+
+#[test]
+fn open_existing_creates_and_removes_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().join("spool");
+    fs::create_dir_all(root.join("queue")).unwrap();
+    fs::write(root.join("queue").join("README"), b"x").unwrap();
+    let spool = Spool::open_existing(&root).unwrap();
+    assert!(spool.list().unwrap().is_empty());
+    assert_eq!(names(&root), vec!["queue".to_string()]);
+    assert_eq!(names(&root.join("queue")), vec!["README".to_string()]);
+}
+
+#[test]
+fn a_free_file_of_another_user_is_never_written_into() {
+    let (_d, spool) = spool();
+    let free = spool.root().join("free");
+    fs::write(free.join("PLANTED"), b"x").unwrap();
+    chown(&free.join("PLANTED"), OTHER_UID);
+    fs::write(free.join("WRITABLE"), b"x").unwrap();
+    chmod(&free.join("WRITABLE"), 0o622);
+    let spool = Spool::open(spool.root()).unwrap();
+    assert_eq!(spool.free_files(), 0);
+    assert!(names(&free).is_empty());
+}
+
+#[test]
+fn list_and_show_escape_bidi_and_zero_width_characters() {
+    // U+202E makes `<\u{202e}gro.elpmaxe@knab-ecivres>` display as a bank's address.
+    let spoof = "\u{202e}gro.elpmaxe@knab-ecivres";
+    let mut msgs = sample_messages();
+    let env = &mut msgs[1].envelope;
+    env.mail_from = ReversePath::Address(crate::envelope::Address::parse(spoof).unwrap());
+    env.helo = "mx\u{200b}.example\u{2066}".into();
+    env.auth_user = Some("bob\u{feff}\u{e0041}".into());
+    msgs[1].state.last_error = Some("451 \u{200e}\u{200f}\u{2069} later".into());
+    let invisible = |text: &str| text.chars().filter(|&c| report::is_invisible(c)).count();
+
+    let table = report::list_table(&msgs, 1_700_000_000);
+    assert_eq!(invisible(&table), 0, "{table:?}");
+    assert!(table.contains(" ?gro.elpmaxe@knab-ecivres "), "{table}");
+    let shown = report::show(&msgs[1], b"Subject: \xe2\x80\xaeabc\r\n\r\n");
+    assert_eq!(invisible(&shown), 0, "{shown:?}");
+    assert!(shown.contains("helo:         mx?.example?"), "{shown}");
+    assert!(shown.contains("Subject: ?abc"), "{shown}");
+    let line = report::deletion_line(
+        &msgs[1].envelope.id,
+        Some(&msgs[1].envelope.mail_from),
+        None,
+    );
+    assert_eq!(invisible(&line), 0, "{line:?}");
+
+    let json = report::list_json(&msgs, 1_700_000_000);
+    assert_eq!(invisible(&json), 0, "{json:?}");
+    assert!(
+        json.contains(r#""from":"\u202egro.elpmaxe@knab-ecivres""#),
+        "{json}"
+    );
+    // Escaped, not altered: a JSON reader gets the original text back.
+    let row: serde_json::Value = serde_json::from_str(json.lines().nth(1).unwrap()).unwrap();
+    assert_eq!(row["from"], spoof);
+    assert_eq!(row["auth_user"], "bob\u{feff}\u{e0041}");
+    assert!(
+        json.contains(r"\udb40\udc41"),
+        "supplementary-plane escape: {json}"
+    );
+}
+
+#[test]
+fn invisible_characters_are_format_characters_and_separators_only() {
+    for c in [
+        '\u{ad}',
+        '\u{61c}',
+        '\u{180e}',
+        '\u{200b}',
+        '\u{200e}',
+        '\u{200f}',
+        '\u{2028}',
+        '\u{2029}',
+        '\u{202a}',
+        '\u{202e}',
+        '\u{2060}',
+        '\u{2066}',
+        '\u{2069}',
+        '\u{feff}',
+        '\u{fffb}',
+        '\u{1343f}',
+        '\u{e0001}',
+        '\u{e007f}',
+    ] {
+        assert!(report::is_invisible(c), "U+{:04X}", c as u32);
+    }
+    for c in [
+        'a',
+        ' ',
+        'é',
+        '\u{2027}',
+        '\u{2065}',
+        '\u{fffc}',
+        '\u{e0080}',
+        '\u{10ffff}',
+        '日',
+    ] {
+        assert!(!report::is_invisible(c), "U+{:04X}", c as u32);
+    }
 }
