@@ -223,8 +223,8 @@ fn check_config_warns_about_weak_and_mixed_argon2_parameters() {
         .arg(&path)
         .output()
         .unwrap();
-    let text = String::from_utf8_lossy(&out.stdout).to_string()
-        + &String::from_utf8_lossy(&out.stderr);
+    let text =
+        String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "{text}");
     assert!(
         text.contains("User \"carol\" has password hashes with argon2id m=8,t=1,p=1, weaker than every argon2id configuration of the OWASP Password Storage Cheat Sheet"),
@@ -235,7 +235,10 @@ fn check_config_warns_about_weak_and_mixed_argon2_parameters() {
         text.contains("mixes argon2 parameter sets: most users have argon2id m=19456,t=2,p=1"),
         "{text}"
     );
-    assert!(text.contains("argon2id m=65536,t=3,p=1 (\"dave\")"), "{text}");
+    assert!(
+        text.contains("argon2id m=65536,t=3,p=1 (\"dave\")"),
+        "{text}"
+    );
 
     // One parameter set that meets OWASP: neither warning.
     dir.write(
@@ -250,8 +253,8 @@ fn check_config_warns_about_weak_and_mixed_argon2_parameters() {
         .arg(&path)
         .output()
         .unwrap();
-    let text = String::from_utf8_lossy(&out.stdout).to_string()
-        + &String::from_utf8_lossy(&out.stderr);
+    let text =
+        String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "{text}");
     assert!(!text.contains("OWASP"), "{text}");
     assert!(!text.contains("mixes argon2"), "{text}");
