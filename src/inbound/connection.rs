@@ -16,7 +16,7 @@ use tracing::{debug, info, warn};
 
 use super::Runtime;
 use super::tls::session_info;
-use super::verifier::Verifier;
+use super::verifier::{Lane, Verifier};
 use crate::config::{Listener, ListenerTls};
 use crate::envelope::{Envelope, QueueId, Recipient, ReversePath, TlsInfo, unix_now};
 use crate::policy::limits::Limited;
@@ -452,9 +452,14 @@ impl Connection {
         let (hash, known) = self.runtime.policy.auth_hash(&credentials.login);
         let login = credentials.login;
         let delay = attempt.delay;
+        let lane = if attempt.known {
+            Lane::Known
+        } else {
+            Lane::Other
+        };
         let answer_at = tokio::time::Instant::now() + delay;
         let verifier = Arc::clone(&self.shared.verifier);
-        let Ok(result) = verifier.submit(hash, credentials.password) else {
+        let Ok(result) = verifier.submit(hash, credentials.password, lane) else {
             // Nothing was verified: the reservation is given back, not counted.
             attempt.release();
             verifier.notify_settled();

@@ -19,15 +19,15 @@
 //!   ([`crate::policy::lockout::MAX_IN_FLIGHT_PER_CLIENT`]), so one address cannot fill the
 //!   queue.
 
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::mpsc::{Receiver, SyncSender, sync_channel};
-use std::sync::{Arc, Mutex};
+use std::collections::VecDeque;
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 
 use tokio::sync::{Notify, oneshot};
 
 use crate::policy::credentials::verify_with_memory;
 
-/// Verifications that may wait for a verifier thread; more are refused as [`Busy`].
+/// Verifications that may wait for a verifier thread in each lane; more are refused as
+/// [`Busy`].
 pub const MAX_WAITING_VERIFICATIONS: usize = 32;
 
 /// The number of verifier threads the relay starts: the number of cores the process may use
@@ -41,89 +41,127 @@ pub fn hash_slots() -> usize {
 #[error("all password verifiers are busy")]
 pub struct Busy;
 
+/// Which queue a verification waits in. Threads always take [`Lane::Known`] jobs first.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Lane {
+    /// A login that succeeded from this client before
+    /// ([`crate::policy::lockout::Attempt::known`]).
+    Known,
+    /// Everyone else.
+    Other,
+}
+
 struct Job {
     hash: Arc<str>,
     password: String,
+    lane: Lane,
     reply: oneshot::Sender<bool>,
 }
 
+#[derive(Default)]
+struct Lanes {
+    known: VecDeque<Job>,
+    other: VecDeque<Job>,
+    /// Jobs of each lane submitted and not finished (waiting or running): [known, other].
+    pending: [usize; 2],
+    closed: bool,
+}
+
+struct Queue {
+    lanes: Mutex<Lanes>,
+    ready: Condvar,
+}
+
+impl Queue {
+    fn lock(&self) -> MutexGuard<'_, Lanes> {
+        self.lanes.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
 /// The pool. Dropping it lets the threads end once the queue is empty.
-#[derive(Debug)]
 pub struct Verifier {
-    jobs: SyncSender<Job>,
-    /// Jobs submitted and not finished (waiting or running).
-    pending: Arc<AtomicUsize>,
-    /// `slots + waiting`: the most jobs `pending` may reach.
+    queue: Arc<Queue>,
+    /// `slots + waiting`: the most jobs one lane may have pending.
     capacity: usize,
     /// Told each time an AUTH result has been recorded (see [`Verifier::settled`]).
     settled: Notify,
 }
 
+impl std::fmt::Debug for Verifier {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Verifier")
+            .field("capacity", &self.capacity)
+            .finish_non_exhaustive()
+    }
+}
+
+fn index(lane: Lane) -> usize {
+    match lane {
+        Lane::Known => 0,
+        Lane::Other => 1,
+    }
+}
+
 impl Verifier {
-    /// Spawn `slots` verifier threads (≥ 1) with room for `waiting` more jobs in the queue.
+    /// Spawn `slots` verifier threads (≥ 1) with room for `waiting` more jobs in each lane.
     ///
     /// # Errors
     /// The OS refused to create a thread.
     pub fn start(slots: usize, waiting: usize) -> std::io::Result<Verifier> {
         let slots = slots.max(1);
-        let capacity = slots + waiting;
-        let (jobs, queue) = sync_channel::<Job>(capacity);
-        let queue = Arc::new(Mutex::new(queue));
-        let pending = Arc::new(AtomicUsize::new(0));
+        let queue = Arc::new(Queue {
+            lanes: Mutex::new(Lanes::default()),
+            ready: Condvar::new(),
+        });
         for i in 0..slots {
             let queue = Arc::clone(&queue);
-            let pending = Arc::clone(&pending);
             std::thread::Builder::new()
                 .name(format!("argon2-{i}"))
-                .spawn(move || work(&queue, &pending))?;
+                .spawn(move || work(&queue))?;
         }
         Ok(Verifier {
-            jobs,
-            pending,
-            capacity,
+            queue,
+            capacity: slots + waiting,
             settled: Notify::new(),
         })
     }
 
-    /// Queue the verification of `password` against the PHC string `hash`; the receiver
-    /// yields whether it matched.
+    /// Queue the verification of `password` against the PHC string `hash` in `lane`; the
+    /// receiver yields whether it matched.
     ///
     /// # Errors
-    /// [`Busy`] when every thread is busy and [`MAX_WAITING_VERIFICATIONS`] (as configured)
-    /// jobs already wait.
+    /// [`Busy`] when the lane already has every thread's worth of jobs plus `waiting` more
+    /// ([`MAX_WAITING_VERIFICATIONS`] in the relay).
     pub fn submit(
         &self,
         hash: Arc<str>,
         password: String,
+        lane: Lane,
     ) -> Result<oneshot::Receiver<bool>, Busy> {
-        let admitted = self
-            .pending
-            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
-                (n < self.capacity).then_some(n + 1)
-            });
-        if admitted.is_err() {
-            return Err(Busy);
-        }
         let (reply, result) = oneshot::channel();
-        if self
-            .jobs
-            .try_send(Job {
-                hash,
-                password,
-                reply,
-            })
-            .is_err()
-        {
-            // Cannot be full (pending bounds it) and the threads never hang up first.
-            self.pending.fetch_sub(1, Ordering::AcqRel);
+        let mut lanes = self.queue.lock();
+        if lanes.pending[index(lane)] >= self.capacity {
             return Err(Busy);
         }
+        lanes.pending[index(lane)] += 1;
+        let job = Job {
+            hash,
+            password,
+            lane,
+            reply,
+        };
+        match lane {
+            Lane::Known => lanes.known.push_back(job),
+            Lane::Other => lanes.other.push_back(job),
+        }
+        drop(lanes);
+        self.queue.ready.notify_one();
         Ok(result)
     }
 
-    /// Jobs waiting or running now.
+    /// Jobs waiting or running now, all lanes.
     pub fn pending(&self) -> usize {
-        self.pending.load(Ordering::Acquire)
+        self.queue.lock().pending.iter().sum()
     }
 
     /// Resolves at the next [`Verifier::notify_settled`]: an AUTH held back because its
@@ -138,22 +176,32 @@ impl Verifier {
     }
 }
 
-impl std::fmt::Debug for Job {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("Job")
+impl Drop for Verifier {
+    fn drop(&mut self) {
+        self.queue.lock().closed = true;
+        self.queue.ready.notify_all();
     }
 }
 
-/// One verifier thread: take jobs until the pool is dropped, in the same argon2 memory.
-fn work(queue: &Mutex<Receiver<Job>>, pending: &AtomicUsize) {
+/// One verifier thread: take jobs (known lane first) until the pool is dropped, in the same
+/// argon2 memory.
+fn work(queue: &Queue) {
     let mut blocks = Vec::new();
     loop {
-        let job = match queue.lock().unwrap_or_else(|e| e.into_inner()).recv() {
-            Ok(job) => job,
-            Err(_) => return,
+        let job = {
+            let mut lanes = queue.lock();
+            loop {
+                if let Some(job) = lanes.known.pop_front().or_else(|| lanes.other.pop_front()) {
+                    break job;
+                }
+                if lanes.closed {
+                    return;
+                }
+                lanes = queue.ready.wait(lanes).unwrap_or_else(|e| e.into_inner());
+            }
         };
         let ok = verify_with_memory(&job.hash, &job.password, &mut blocks);
-        pending.fetch_sub(1, Ordering::AcqRel);
+        queue.lock().pending[index(job.lane)] -= 1;
         // The session may be gone; nobody is left to tell.
         let _ = job.reply.send(ok);
     }
@@ -168,11 +216,45 @@ mod tests {
     async fn verifies_right_and_wrong_passwords() {
         let v = Verifier::start(2, 4).unwrap();
         let hash: Arc<str> = hash_password("secret").unwrap().into();
-        let right = v.submit(Arc::clone(&hash), "secret".into()).unwrap();
-        let wrong = v.submit(hash, "guess".into()).unwrap();
+        let right = v
+            .submit(Arc::clone(&hash), "secret".into(), Lane::Other)
+            .unwrap();
+        let wrong = v.submit(hash, "guess".into(), Lane::Known).unwrap();
         assert!(right.await.unwrap());
         assert!(!wrong.await.unwrap());
         assert_eq!(v.pending(), 0);
+    }
+
+    #[tokio::test]
+    async fn known_logins_have_their_own_lane_and_go_first() {
+        // The flood fills the other lane; a known user is still admitted, and verified
+        // before the strangers that were waiting.
+        let v = Verifier::start(1, 2).unwrap();
+        let slow: Arc<str> = "$argon2id$v=19$m=19456,t=40,p=1$3C056/yWongzKuiNtDZD6w$MyPqlOLCva2ktGsHp6KlygtFPfGTe5FCWyJ6XljeRlE".into();
+        let flood: Vec<_> = (0..3)
+            .map(|_| {
+                v.submit(Arc::clone(&slow), "x".into(), Lane::Other)
+                    .unwrap()
+            })
+            .collect();
+        assert_eq!(
+            v.submit(Arc::clone(&slow), "x".into(), Lane::Other)
+                .unwrap_err(),
+            Busy
+        );
+        let user: Arc<str> = hash_password("secret").unwrap().into();
+        let known = v.submit(user, "secret".into(), Lane::Known).unwrap();
+        assert!(known.await.unwrap());
+        // The one thread took the known job before the second and third strangers (it may
+        // have been busy with the first): those are still waiting or running.
+        let mut flood = flood.into_iter().skip(1);
+        let mut second = flood.next().unwrap();
+        assert_eq!(
+            second.try_recv(),
+            Err(tokio::sync::oneshot::error::TryRecvError::Empty)
+        );
+        assert!(!second.await.unwrap());
+        assert!(!flood.next().unwrap().await.unwrap());
     }
 
     #[tokio::test]
@@ -182,7 +264,7 @@ mod tests {
         // Slow enough (t = 40 passes of 19 MiB) that the first is still running.
         let slow: Arc<str> = "$argon2id$v=19$m=19456,t=40,p=1$3C056/yWongzKuiNtDZD6w$MyPqlOLCva2ktGsHp6KlygtFPfGTe5FCWyJ6XljeRlE".into();
         let results: Vec<_> = (0..4)
-            .map(|_| v.submit(Arc::clone(&slow), "x".into()))
+            .map(|_| v.submit(Arc::clone(&slow), "x".into(), Lane::Other))
             .collect();
         let busy = results.iter().filter(|r| r.is_err()).count();
         assert_eq!(busy, 2);
@@ -192,6 +274,6 @@ mod tests {
         }
         // Once they are done, there is room again.
         assert_eq!(v.pending(), 0);
-        assert!(v.submit(slow, "x".into()).is_ok());
+        assert!(v.submit(slow, "x".into(), Lane::Other).is_ok());
     }
 }

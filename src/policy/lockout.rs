@@ -93,6 +93,14 @@ pub const MAX_LOGINS_PER_CLIENT: usize = 8;
 /// Verifications in flight per client entry at most; further AUTHs wait ([`Gate::Busy`]).
 pub const MAX_IN_FLIGHT_PER_CLIENT: u32 = 1;
 
+/// How long a successful AUTH of a login from a client makes that pair "known": its later
+/// AUTHs are verified ahead of strangers' ([`Attempt::known`]).
+pub const KNOWN_PAIR_TTL: Duration = Duration::from_secs(7 * 24 * 3600);
+
+/// (client, login) pairs remembered as known at most; beyond, the oldest are forgotten (which
+/// only costs them their priority).
+pub const MAX_KNOWN_PAIRS: usize = 10_000;
+
 /// A full table is swept for settled entries at most this often (a sweep is a scan of the
 /// table; a flood must not make every AUTH pay for one).
 pub const SWEEP_INTERVAL: Duration = Duration::from_secs(1);
@@ -260,6 +268,8 @@ struct Tables {
     logins_swept: Option<Instant>,
     /// The failures of logins that found the login table full.
     overflow: LoginRecord,
+    /// (exact client, login hash) pairs with a successful AUTH, and when.
+    known: HashMap<(ClientKey, u64), Instant>,
 }
 
 /// The failure tables. Shared by every session; outlives a configuration when its
@@ -280,6 +290,10 @@ pub struct AuthGuard {
 pub struct Attempt {
     /// Answer no sooner than this (a sprayed login).
     pub delay: Duration,
+    /// This login succeeded from this client within [`KNOWN_PAIR_TTL`]: verify it ahead of
+    /// strangers, so a flood of invented logins does not keep the real users out. It says
+    /// nothing an attacker can use: a pair becomes known only by a right password.
+    pub known: bool,
     reservation: Option<Reservation>,
 }
 
@@ -298,6 +312,7 @@ impl Attempt {
     pub fn unguarded() -> Attempt {
         Attempt {
             delay: Duration::ZERO,
+            known: false,
             reservation: None,
         }
     }
@@ -380,6 +395,7 @@ impl AuthGuard {
                 logins: HashMap::new(),
                 logins_swept: None,
                 overflow: LoginRecord::new(Instant::now()),
+                known: HashMap::new(),
             }),
         }
     }
@@ -436,8 +452,13 @@ impl AuthGuard {
             }
             None => 0,
         };
+        let known = t
+            .known
+            .get(&(ClientKey::new(ip), self.login_hash(login)))
+            .is_some_and(|&at| now.saturating_duration_since(at) < KNOWN_PAIR_TTL);
         Gate::Proceed(Attempt {
             delay: spray_delay(failures, s.max_failures),
+            known,
             reservation: Some(Reservation {
                 guard: Arc::clone(self),
                 level,
@@ -501,6 +522,7 @@ impl AuthGuard {
                 let (_, n) = client.logins.swap_remove(i);
                 client.window.failures = client.window.failures.saturating_sub(n);
             }
+            remember_known(&mut t.known, (ClientKey::new(r.ip), login_hash), now);
             return report;
         }
         client.window.failures += 1;
@@ -561,6 +583,28 @@ impl AuthGuard {
         let t = self.lock();
         (t.clients.iter().map(|l| l.map.len()).sum(), t.logins.len())
     }
+}
+
+/// Remember a known pair; a full table first forgets expired pairs, then the oldest tenth
+/// (one scan per tenth of the table, not one per success).
+fn remember_known(
+    known: &mut HashMap<(ClientKey, u64), Instant>,
+    pair: (ClientKey, u64),
+    now: Instant,
+) {
+    if !known.contains_key(&pair) && known.len() >= MAX_KNOWN_PAIRS {
+        known.retain(|_, &mut at| now.saturating_duration_since(at) < KNOWN_PAIR_TTL);
+        if known.len() >= MAX_KNOWN_PAIRS {
+            let mut ages: Vec<(Instant, (ClientKey, u64))> =
+                known.iter().map(|(k, &at)| (at, *k)).collect();
+            let evict = (MAX_KNOWN_PAIRS / 10).max(1);
+            ages.select_nth_unstable_by_key(evict - 1, |(at, _)| *at);
+            for (_, k) in &ages[..evict] {
+                known.remove(k);
+            }
+        }
+    }
+    known.insert(pair, now);
 }
 
 /// The delay before answering an AUTH for a login with `failures` recent failures.
@@ -752,6 +796,23 @@ mod tests {
         let colleague = proceed(&g, a, "carol", t0);
         assert_eq!(colleague.settle(false, t0).locked_out, Some(3));
         assert!(locked(&g, a, t0));
+    }
+
+    #[test]
+    fn only_a_login_that_succeeded_from_a_client_is_known_there() {
+        let g = guard();
+        let t0 = Instant::now();
+        let a = ip("192.0.2.1");
+        let first = proceed(&g, a, "alice", t0);
+        assert!(!first.known);
+        first.settle(true, t0);
+        let again = proceed(&g, a, "alice", t0 + Duration::from_secs(60));
+        assert!(again.known);
+        again.settle(false, t0);
+        // Not another login from there, nor the login from elsewhere; not forever.
+        assert!(!proceed(&g, a, "bob", t0).known);
+        assert!(!proceed(&g, ip("192.0.2.2"), "alice", t0).known);
+        assert!(!proceed(&g, a, "alice", t0 + KNOWN_PAIR_TTL).known);
     }
 
     #[test]
