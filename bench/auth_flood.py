@@ -9,7 +9,9 @@ free loopback port, then:
 2. flood: AUTH_FLOOD_CONNS (default 300) clients at once, each from its own address
    127.x.y.z, each one connection after another for AUTH_FLOOD_SECONDS (default 30): EHLO,
    STARTTLS, EHLO, AUTH PLAIN with a random login and password. Meanwhile alice logs in every
-   0.5 s and the relay's RSS (VmRSS of /proc/PID/status) is sampled every 0.2 s;
+   0.5 s from 127.0.0.1 (where she logged in before: a known pair), a newcomer logs in as
+   alice every 0.5 s from a fresh address 127.0.1.N (never seen: verified in the strangers'
+   lane), and the relay's RSS (VmRSS of /proc/PID/status) is sampled every 0.2 s;
 3. after: RSS AUTH_FLOOD_AFTER seconds (default 60) after the flood ends, and alice again.
 
 Prints RSS before / peak during / after (MiB), alice's latency (median, p90, max) idle and
@@ -200,6 +202,22 @@ def run(relay, port, tmp):
                 user_codes[str(e)[:40]] = user_codes.get(str(e)[:40], 0) + 1
             stop.wait(0.5)
 
+    fresh = []
+    fresh_codes = {}
+
+    def newcomer():
+        n = 0
+        while not stop.is_set():
+            n += 1
+            try:
+                code, took = attempt(port, ctx, f"127.0.1.{n % 250 + 1}", "alice", "secret")
+                if code == 235:
+                    fresh.append(took)
+                fresh_codes[code] = fresh_codes.get(code, 0) + 1
+            except (OSError, smtplib.SMTPException) as e:
+                fresh_codes[str(e)[:40]] = fresh_codes.get(str(e)[:40], 0) + 1
+            stop.wait(0.5)
+
     peak = [rss_before]
 
     def sampler():
@@ -208,7 +226,7 @@ def run(relay, port, tmp):
             stop.wait(0.2)
 
     threads = [threading.Thread(target=flooder, args=(i,)) for i in range(CONNS)]
-    threads += [threading.Thread(target=real_user), threading.Thread(target=sampler)]
+    threads += [threading.Thread(target=t) for t in (real_user, newcomer, sampler)]
     for t in threads:
         t.start()
     time.sleep(SECONDS)
@@ -227,6 +245,7 @@ def run(relay, port, tmp):
     print(f"flood replies: {dict(sorted(replies.items()))}, connection errors {errors[0]}")
     print(f"alice idle:         {summary(idle)}")
     print(f"alice during flood: {summary(during)}; replies {user_codes}")
+    print(f"newcomer during:    {summary(fresh)} (235 only); replies {fresh_codes}")
     print(f"alice after:        {summary(after)}")
     print(f"RSS MiB: at start {rss_start:.1f}, before flood {rss_before:.1f}, "
           f"peak during {peak[0]:.1f}, at end {rss_end:.1f}, {AFTER:.0f} s after {rss_after:.1f}")

@@ -11,10 +11,12 @@
 //!   argon2 memory of the whole process is at most `slots × m` (with the default m = 19 MiB
 //!   on two cores: 38 MiB), whatever the load, and it is not returned to the allocator to be
 //!   fragmented between verifications.
-//! - At most [`MAX_WAITING_VERIFICATIONS`] verifications wait for a thread; beyond that
-//!   [`Verifier::submit`] says [`Busy`] at once and the AUTH is answered `454 4.7.0` (rule
-//!   `auth_busy`), so a flood costs a bounded queue and bounded waiting, and a real user's
-//!   verification waits behind at most that many others (about 16 × 50 ms on two cores).
+//! - Jobs wait in two lanes of at most [`MAX_WAITING_VERIFICATIONS`] each: [`Lane::Known`]
+//!   (a login that succeeded from the same client before), which the threads always serve
+//!   first, and [`Lane::Other`]. Beyond that [`Verifier::submit`] says [`Busy`] at once and the
+//!   AUTH is answered `454 4.7.0` (rule `auth_busy`), so a flood costs a bounded queue and
+//!   bounded waiting; a flood of invented logins fills only the other lane, and a real user
+//!   logging in from a familiar address waits behind at most the verifications running.
 //! - Per client, the lockout tables allow one verification in flight at a time
 //!   ([`crate::policy::lockout::MAX_IN_FLIGHT_PER_CLIENT`]), so one address cannot fill the
 //!   queue.

@@ -249,7 +249,7 @@ mod tests {
             HashParams::of(&dummy_hash([])),
             Some(HashParams::default_set())
         );
-        assert_eq!(HashParams::of(&DUMMY_HASH), Some(HashParams::default_set()));
+        assert_eq!(HashParams::of(DUMMY_HASH), Some(HashParams::default_set()));
         let tie = dummy_hash([c.as_str(), a.as_str()]);
         assert_eq!(HashParams::of(&tie), HashParams::of(&a));
         // Fresh salt and output each time.
