@@ -1,11 +1,12 @@
 //! AUTH lockouts that hold, against the real binary on loopback: a success does not reset
 //! another login's failures, parallel connections cannot verify more than `max_failures`
 //! guesses, a correct password behind a shared (NAT) address is verified after its
-//! colleagues' attempts rather than refused, and `check-config` reports argon2 parameters
-//! that are weak or mixed.
+//! colleagues' attempts rather than refused, a flood of strangers gets `454 4.7.0` once the
+//! verification queue is full while a user who logged in from the same address before still
+//! gets in, and `check-config` reports argon2 parameters that are weak or mixed.
 //!
-//! Flooding the failure table (50,500 addresses) and the verifier queue are tested in-process
-//! (`policy::lockout`, `inbound::verifier`), where time and table sizes are arguments.
+//! Flooding the failure table (50,500 addresses) is tested in-process (`policy::lockout`),
+//! where time and table sizes are arguments.
 
 mod common;
 
@@ -258,4 +259,62 @@ fn check_config_warns_about_weak_and_mixed_argon2_parameters() {
     assert!(out.status.success(), "{text}");
     assert!(!text.contains("OWASP"), "{text}");
     assert!(!text.contains("mixes argon2"), "{text}");
+}
+
+#[test]
+fn strangers_flooding_auth_get_454_when_the_queue_is_full_and_a_known_user_still_gets_in() {
+    // Every hash (and so the dummy for unknown logins) costs about 0.3 s here, so all the
+    // strangers' AUTHs arrive while the first verifications run: hash slots + 32 of them are
+    // admitted to the strangers' queue (one per core running, 32 waiting), the rest get 454
+    // at once and nothing is verified for them.
+    // Alice has logged in from her address before: her AUTH has its own queue and gets in.
+    let dir = TestDir::new();
+    let toml = policy(&dir, "max_failures = 5\n");
+    let slow = hash_with(19456, 16, "secret");
+    dir.write(
+        "users.toml",
+        format!(
+            "[[users]]\nname = \"alice\"\npassword_hash = \"{slow}\"\nsenders = [\"alice@example.com\"]\n"
+        ),
+    );
+    let relay = Relay::start_in(dir, &toml);
+    let slots = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let admitted = slots + 32;
+    let strangers = admitted + 6;
+    assert_reply(
+        &tls_from(&relay, "127.0.0.6").cmd(&auth_plain("alice", "secret")),
+        235,
+        "2.7.0",
+    );
+
+    let mut alice = tls_from(&relay, "127.0.0.6");
+    let mut flood: Vec<SmtpClient> = (0..strangers)
+        .map(|i| tls_from(&relay, &format!("127.20.{}.{}", i / 200, i % 200 + 1)))
+        .collect();
+    for (i, c) in flood.iter_mut().enumerate() {
+        c.send_raw(format!("{}\r\n", auth_plain(&format!("intruder{i}"), "guess")).as_bytes());
+    }
+    assert_reply(&alice.cmd(&auth_plain("alice", "secret")), 235, "2.7.0");
+
+    let replies: Vec<(u16, String)> = flood.iter_mut().map(|c| codes(&c.read_reply())).collect();
+    let busy = replies
+        .iter()
+        .filter(|r| **r == (454, "4.7.0".to_string()))
+        .count();
+    let verified = replies
+        .iter()
+        .filter(|r| **r == (535, "5.7.8".to_string()))
+        .count();
+    assert_eq!(
+        (busy, verified),
+        (strangers - admitted, admitted),
+        "{replies:?}"
+    );
+    let log = relay.log();
+    assert_eq!(
+        count(&log, "rule=\"auth_busy\""),
+        strangers - admitted,
+        "{log}"
+    );
+    assert_eq!(count(&log, "rule=\"auth_unknown_user\""), admitted, "{log}");
 }
