@@ -36,11 +36,13 @@
 //!   applies to every address in it, so a flood locks out its own prefixes (and whoever shares
 //!   them) and never lifts anyone's lockout. The table holds at most [`MAX_TRACKED_CLIENTS`]
 //!   exact entries plus [`MAX_COARSE_CLIENTS`] per coarser level plus the two catch-all
-//!   entries: about 70,000 entries of under 300 bytes, so under 20 MiB.
+//!   entries: about 70,000 entries of at most about 300 bytes (8 logins each), about 20 MiB.
 //!
 //! The login table likewise never evicts a login with failures in its window: when it holds
 //! [`MAX_TRACKED_LOGINS`], further logins share one overflow entry (so a flood of invented
-//! logins slows those logins, and cannot clear the record of a sprayed one).
+//! logins slows those logins, and cannot clear the record of a sprayed one): at most about
+//! 7 MiB (a 256-octet key and 16 clients per login). The known pairs of [`Attempt::known`]
+//! take under 1 MiB ([`MAX_KNOWN_PAIRS`]).
 //!
 //! Windows are fixed, starting at the first failure of a key: simple, and at most twice
 //! `max_failures` failures can fall in any `failure_window`.
