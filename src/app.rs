@@ -13,7 +13,6 @@ use std::time::Duration;
 use arc_swap::ArcSwap;
 use tokio::net::TcpListener;
 use tokio::signal::unix::{SignalKind, signal};
-use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{error, info, warn};
@@ -22,6 +21,7 @@ use crate::config::{Config, ConfigErrors};
 use crate::inbound::connection::Shared;
 use crate::inbound::limits::ConnectionCounter;
 use crate::inbound::listener::ListenerTask;
+use crate::inbound::verifier::{MAX_WAITING_VERIFICATIONS, Verifier, hash_slots};
 use crate::inbound::{Runtime, tls};
 use crate::outbound;
 use crate::policy::Policy;
@@ -68,6 +68,9 @@ pub enum AppError {
     /// Signal handlers could not be installed.
     #[error("signals: {0}")]
     Signal(std::io::Error),
+    /// The password verifier threads could not be started.
+    #[error("password verifier: {0}")]
+    Verifier(std::io::Error),
 }
 
 impl AppError {
@@ -182,12 +185,13 @@ pub async fn run(config: Config, path: Option<PathBuf>) -> Result<(), AppError> 
         .await;
     let runtime = Arc::new(ArcSwap::from_pointee(build_runtime(config, None)?));
     let tracker = TaskTracker::new();
-    let cores = std::thread::available_parallelism().map_or(2, |n| n.get());
     let counter = ConnectionCounter::default();
     let shared = Shared {
         spool,
         shutdown: shutdown.clone(),
-        hash_slots: Arc::new(Semaphore::new(cores)),
+        verifier: Arc::new(
+            Verifier::start(hash_slots(), MAX_WAITING_VERIFICATIONS).map_err(AppError::Verifier)?,
+        ),
         queued: delivery.wake.clone(),
         capabilities: delivery.capabilities.clone(),
         stress: counter.stress(),

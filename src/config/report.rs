@@ -91,6 +91,7 @@ pub(super) fn warnings(config: &Config) -> Vec<String> {
                     .to_owned(),
             );
         }
+        w.extend(password_hash_warnings(&auth.users));
         for u in &auth.users {
             if u.senders.is_empty() && !u.name.contains('@') {
                 w.push(format!(
@@ -127,6 +128,64 @@ pub(super) fn warnings(config: &Config) -> Vec<String> {
         );
     }
     w
+}
+
+/// Users whose hashes are weaker than every argon2id configuration of the OWASP Password
+/// Storage Cheat Sheet, and users files mixing parameter sets: an unknown login costs what
+/// the most common set costs, so a user with another set is told apart from an unknown login
+/// by the time the answer takes.
+fn password_hash_warnings(users: &[super::User]) -> Vec<String> {
+    use crate::policy::credentials::{HashParams, OWASP_MIN_M_KIB, OWASP_MIN_M_T};
+    let mut w = Vec::new();
+    let mut sets: Vec<(HashParams, Vec<&str>)> = Vec::new();
+    for u in users {
+        let Some(p) = HashParams::of(&u.password_hash) else {
+            continue;
+        };
+        match sets.iter_mut().find(|(q, _)| *q == p) {
+            Some((_, names)) => names.push(&u.name),
+            None => sets.push((p, vec![&u.name])),
+        }
+    }
+    for (p, names) in &sets {
+        if p.below_owasp() {
+            w.push(format!(
+                "{} {} {} password hashes with {p}, weaker than every argon2id configuration \
+                 of the OWASP Password Storage Cheat Sheet (argon2id with m >= \
+                 {OWASP_MIN_M_KIB} KiB and m*t >= {OWASP_MIN_M_T}): a stolen users file is \
+                 cheap to crack; set new passwords with `portcullis passwd`.",
+                if names.len() == 1 { "User" } else { "Users" },
+                quoted(names),
+                if names.len() == 1 { "has" } else { "have" },
+            ));
+        }
+    }
+    if sets.len() > 1 {
+        let common = crate::policy::credentials::most_common_params(
+            users.iter().map(|u| u.password_hash.as_str()),
+        );
+        let others: Vec<String> = sets
+            .iter()
+            .filter(|(p, _)| *p != common)
+            .map(|(p, names)| format!("{p} ({})", quoted(names)))
+            .collect();
+        w.push(format!(
+            "The users file mixes argon2 parameter sets: most users have {common}, others {}. \
+             Unknown logins are checked at the cost of {common}, so the time AUTH takes tells \
+             those other users apart from unknown logins; give every user the same parameters \
+             (`portcullis passwd`).",
+            others.join(", ")
+        ));
+    }
+    w
+}
+
+fn quoted(names: &[&str]) -> String {
+    names
+        .iter()
+        .map(|n| format!("{n:?}"))
+        .collect::<Vec<_>>()
+        .join(", ")
 }
 
 fn nets(list: &[IpNet]) -> String {

@@ -10,21 +10,21 @@ use std::time::{Duration, Instant};
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
-use tokio::sync::Semaphore;
 use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
 use super::Runtime;
 use super::tls::session_info;
+use super::verifier::{Lane, Verifier};
 use crate::config::{Listener, ListenerTls};
 use crate::envelope::{Address, Envelope, QueueId, Recipient, ReversePath, TlsInfo, unix_now};
 use crate::outbound::capabilities::RouteCapabilities;
 use crate::policy::capability;
 use crate::policy::limits::Limited;
-use crate::policy::lockout::{FailureReport, login_key};
+use crate::policy::lockout::{Attempt, FailureReport, login_key};
 use crate::policy::senders::MAX_HEADER_CHECK;
-use crate::policy::{Refusal, SessionFacts};
+use crate::policy::{AuthHold, Refusal, SessionFacts};
 use crate::queue::reserve::Reservation;
 use crate::queue::{Spool, SpoolWriter};
 use crate::smtp::header_scan::HeaderScan;
@@ -84,6 +84,13 @@ pub const MAX_SESSION_TIME: Duration = Duration::from_secs(60 * 60);
 /// How long a TLS handshake may take.
 pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(30);
 
+/// How long an AUTH waits for its client's verifications in flight before `454 4.7.0`.
+pub const AUTH_WAIT: Duration = Duration::from_secs(10);
+
+/// How often a waiting AUTH looks at the lockout table again even when no result was
+/// announced (an attempt dropped by another session announces nothing).
+pub const AUTH_RECHECK: Duration = Duration::from_millis(250);
+
 /// How long a refused client may linger sending commands before it is disconnected.
 pub const REFUSED_LINGER: Duration = Duration::from_secs(10);
 
@@ -93,8 +100,8 @@ pub struct Shared {
     pub spool: Spool,
     /// Stops accepting; idle sessions are told `421 4.3.0` at once.
     pub shutdown: CancellationToken,
-    /// Bounds concurrent password hashing (argon2 takes ~19 MiB and real CPU per check).
-    pub hash_slots: Arc<Semaphore>,
+    /// Verifies passwords on its own threads, in bounded memory, behind a bounded queue.
+    pub verifier: Arc<Verifier>,
     /// Told of each committed message, so delivery starts at once.
     pub queued: tokio::sync::mpsc::UnboundedSender<crate::outbound::NewMessage>,
     /// What the route to each recipient can carry (checked at RCPT and after the final dot).
@@ -559,45 +566,35 @@ impl Connection {
     }
 
     async fn auth(&mut self, credentials: Credentials) {
-        let ip = self.peer.ip();
-        let policy = &self.runtime.policy;
-        let delay = match policy.auth_gate(ip, &credentials.login, Instant::now()) {
-            Ok(delay) => delay,
-            Err(r) => {
-                warn!(peer = %self.peer, listener = %self.listener.name,
-                    login = login_key(&credentials.login), rule = r.rule, reply = %r.reply,
-                    "rejected");
-                return self.session.reject(&r.reply);
-            }
+        let Some(attempt) = self.auth_attempt(&credentials.login).await else {
+            return;
         };
-        let hash = self
-            .runtime
-            .config
-            .auth
-            .as_ref()
-            .and_then(|a| a.users.iter().find(|u| u.name == credentials.login))
-            .map(|u| u.password_hash.clone());
-        let login = credentials.login.clone();
-        let known = hash.is_some();
-        // Unknown users are checked against a dummy hash so both answers take the same time.
-        let hash = hash.unwrap_or_else(|| crate::policy::credentials::DUMMY_HASH.to_string());
-        let slots = self.shared.hash_slots.clone();
-        let verify = async move {
-            let permit = slots.acquire_owned().await;
-            tokio::task::spawn_blocking(move || {
-                let _permit = permit;
-                crate::policy::credentials::verify_password(&hash, &credentials.password)
-            })
-            .await
-            .unwrap_or(false)
+        let (hash, known) = self.runtime.policy.auth_hash(&credentials.login);
+        let login = credentials.login;
+        let delay = attempt.delay;
+        let lane = if attempt.known {
+            Lane::Known
+        } else {
+            Lane::Other
         };
-        // A sprayed login is answered no sooner than `delay`, right password or wrong.
-        let (ok, ()) = tokio::join!(verify, tokio::time::sleep(delay));
+        let answer_at = tokio::time::Instant::now() + delay;
+        let verifier = Arc::clone(&self.shared.verifier);
+        let Ok(result) = verifier.submit(hash, credentials.password, lane) else {
+            // Nothing was verified: the reservation is given back, not counted.
+            attempt.release();
+            verifier.notify_settled();
+            return self.refuse(Refusal {
+                reply: reply::AUTH_TEMPORARY,
+                rule: "auth_busy",
+            });
+        };
+        // A verifier thread that died would drop the sender: that is no success.
+        let ok = result.await.unwrap_or(false);
         let success = ok && known;
-        let report = self
-            .runtime
-            .policy
-            .auth_outcome(ip, &login, success, Instant::now());
+        let report = attempt.settle(success, Instant::now());
+        verifier.notify_settled();
+        // A sprayed login is answered no sooner than `delay`, right password or wrong.
+        tokio::time::sleep_until(answer_at).await;
         self.log_auth_report(&login, &report, delay);
         if success {
             info!(peer = %self.peer, user = %login, "authenticated");
@@ -611,6 +608,40 @@ impl Connection {
                     "auth_unknown_user"
                 },
             });
+        }
+    }
+
+    /// The AUTH gate: refuse a locked-out client; while the client's failure budget is held
+    /// by verifications in flight, wait for them to settle (re-checking at least every
+    /// [`AUTH_RECHECK`], for at most [`AUTH_WAIT`], then `454 4.7.0`, rule `auth_busy`).
+    async fn auth_attempt(&mut self, login: &str) -> Option<Attempt> {
+        let ip = self.peer.ip();
+        let verifier = Arc::clone(&self.shared.verifier);
+        let deadline = tokio::time::Instant::now() + AUTH_WAIT;
+        loop {
+            // Registered before the check, so a result recorded in between is not missed.
+            let settled = verifier.settled();
+            tokio::pin!(settled);
+            settled.as_mut().enable();
+            match self.runtime.policy.auth_gate(ip, login, Instant::now()) {
+                Ok(attempt) => return Some(attempt),
+                Err(AuthHold::Refused(r)) => {
+                    warn!(peer = %self.peer, listener = %self.listener.name,
+                        login = login_key(login), rule = r.rule, reply = %r.reply, "rejected");
+                    self.session.reject(&r.reply);
+                    return None;
+                }
+                Err(AuthHold::Wait) => {}
+            }
+            let now = tokio::time::Instant::now();
+            if now >= deadline {
+                self.refuse(Refusal {
+                    reply: reply::AUTH_TEMPORARY,
+                    rule: "auth_busy",
+                });
+                return None;
+            }
+            let _ = tokio::time::timeout_at(deadline.min(now + AUTH_RECHECK), settled).await;
         }
     }
 

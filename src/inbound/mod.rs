@@ -9,6 +9,7 @@ pub mod connection;
 pub mod limits;
 pub mod listener;
 pub mod tls;
+pub mod verifier;
 
 use std::sync::Arc;
 

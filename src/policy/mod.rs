@@ -21,7 +21,7 @@ pub mod senders;
 use std::collections::{HashMap, HashSet};
 use std::net::IpAddr;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use ipnet::IpNet;
 
@@ -32,7 +32,7 @@ use crate::smtp::headers::{NamePattern, StripRules};
 use crate::smtp::reply;
 use access::{contains, normalize};
 use limits::{Limited, Limiters};
-use lockout::{AuthGuard, FailureReport, Gate, Settings};
+use lockout::{Attempt, AuthGuard, Gate, Settings};
 use senders::{FromProblem, Senders};
 
 /// A refusal: what the client is told and which rule fired.
@@ -72,6 +72,19 @@ pub struct Policy {
     limiters: Limiters,
     /// AUTH failure tables; `None` without `[auth]`.
     auth_guard: Option<Arc<AuthGuard>>,
+    /// Each user's argon2 PHC string, by login.
+    password_hashes: HashMap<String, Arc<str>>,
+    /// What unknown logins are verified against ([`credentials::dummy_hash`]).
+    dummy_hash: Arc<str>,
+}
+
+/// Why an AUTH does not go on to verification now.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum AuthHold {
+    /// Refuse it (a locked-out client).
+    Refused(Refusal),
+    /// The client's budget is held by verifications in flight: ask again once one settles.
+    Wait,
 }
 
 impl Policy {
@@ -95,6 +108,19 @@ impl Policy {
                 .collect(),
             limiters: Limiters::new(&config.rate_limits, previous.map(|p| &p.limiters), now),
             auth_guard,
+            password_hashes: config
+                .auth
+                .iter()
+                .flat_map(|a| &a.users)
+                .map(|u| (u.name.clone(), Arc::from(u.password_hash.as_str())))
+                .collect(),
+            dummy_hash: Arc::from(credentials::dummy_hash(
+                config
+                    .auth
+                    .iter()
+                    .flat_map(|a| &a.users)
+                    .map(|u| u.password_hash.as_str()),
+            )),
             accepted_domains: config.relay.accepted_domains.clone(),
             relay_networks: config.relay.relay_networks.clone(),
             recipients: config
@@ -145,33 +171,30 @@ impl Policy {
     }
 
     /// AUTH stage, before the password is verified: a locked-out client is refused without
-    /// verifying anything; a sprayed login is answered only after a delay.
-    pub fn auth_gate(&self, ip: IpAddr, login: &str, now: Instant) -> Result<Duration, Refusal> {
-        match self.auth_guard.as_ref().map(|g| g.gate(ip, login, now)) {
-            Some(Gate::LockedOut { .. }) => {
-                Err(Refusal::new(reply::AUTH_LOCKED_OUT, "auth_lockout"))
-            }
-            Some(Gate::Proceed { delay }) => Ok(delay),
-            None => Ok(Duration::ZERO),
+    /// verifying anything; a client whose failure budget is held by verifications in flight
+    /// waits ([`AuthHold::Wait`]); otherwise the attempt reserves one failure (see
+    /// [`lockout`]) and says how long a sprayed login's answer is delayed. Settle the returned
+    /// [`Attempt`] with the verification's result.
+    pub fn auth_gate(&self, ip: IpAddr, login: &str, now: Instant) -> Result<Attempt, AuthHold> {
+        match self.auth_guard.as_ref().map(|g| g.begin(ip, login, now)) {
+            Some(Gate::LockedOut { .. }) => Err(AuthHold::Refused(Refusal::new(
+                reply::AUTH_LOCKED_OUT,
+                "auth_lockout",
+            ))),
+            Some(Gate::Busy) => Err(AuthHold::Wait),
+            Some(Gate::Proceed(attempt)) => Ok(attempt),
+            None => Ok(Attempt::unguarded()),
         }
     }
 
-    /// AUTH stage, after verifying: record the outcome. A failure's report says whether it
-    /// locked the client out or shows the login being sprayed, for the log.
-    pub fn auth_outcome(
-        &self,
-        ip: IpAddr,
-        login: &str,
-        success: bool,
-        now: Instant,
-    ) -> FailureReport {
-        match &self.auth_guard {
-            Some(g) if success => {
-                g.success(ip);
-                FailureReport::default()
-            }
-            Some(g) => g.failure(ip, login, now),
-            None => FailureReport::default(),
+    /// The PHC string to verify `login`'s password against: the user's own hash, or, for an
+    /// unknown login, a dummy hash with the parameters most users have, so that an unknown
+    /// login costs what a known one costs (no timing oracle for which logins exist). The flag
+    /// says whether the login is known.
+    pub fn auth_hash(&self, login: &str) -> (Arc<str>, bool) {
+        match self.password_hashes.get(login) {
+            Some(hash) => (Arc::clone(hash), true),
+            None => (Arc::clone(&self.dummy_hash), false),
         }
     }
 
@@ -452,10 +475,12 @@ mod tests {
         let (config, p) = with_users(dir.path(), more);
         let t0 = Instant::now();
         let ip: IpAddr = "192.0.2.1".parse().unwrap();
-        assert_eq!(p.auth_gate(ip, "alice", t0), Ok(Duration::ZERO));
-        assert_eq!(p.auth_outcome(ip, "alice", false, t0).locked_out, None);
-        assert_eq!(p.auth_outcome(ip, "alice", false, t0).locked_out, Some(2));
-        let locked = p.auth_gate(ip, "alice", t0).unwrap_err();
+        let fail = |p: &Policy| p.auth_gate(ip, "alice", t0).unwrap().settle(false, t0);
+        assert_eq!(fail(&p).locked_out, None);
+        assert_eq!(fail(&p).locked_out, Some(2));
+        let Err(AuthHold::Refused(locked)) = p.auth_gate(ip, "alice", t0) else {
+            panic!("not locked out");
+        };
         assert_eq!(
             (locked.rule, locked.reply.code, locked.reply.enhanced),
             ("auth_lockout", 454, "4.7.0")
