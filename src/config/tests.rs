@@ -541,7 +541,9 @@ fn portcullis_toml_documents_only_known_keys_and_is_valid() {
     assert_eq!(c.listeners.len(), 3);
     assert_eq!(
         c.relay.recipients.as_deref(),
-        Some(&["bob@example.com".to_owned(), "@example.org".to_owned()][..])
+        // Canonical form: the domain lower case, the local part as written (matching ignores
+        // its ASCII case, see Address::matches).
+        Some(&["Bob@example.com".to_owned(), "@example.org".to_owned()][..])
     );
     let auth = c.auth.as_ref().expect("auth");
     assert_eq!(auth.users.len(), 1);
