@@ -175,6 +175,35 @@ impl Address {
         Ok(address)
     }
 
+    /// An address from its local part's *content* (quotes and quoted-pairs already removed)
+    /// and a domain, as an RFC 5322 reader such as mail-parser reports an addr-spec
+    /// (`"john doe"@x` as `john doe` and `x`). Same rules and canonical form as
+    /// [`Address::parse`].
+    ///
+    /// # Errors
+    /// [`AddressError::EmptyLocalPart`], [`AddressError::ControlCharacter`] for a character
+    /// no local part may hold, the domain errors of [`Address::parse`], and
+    /// [`AddressError::TooLong`] when the canonical form is over [`MAX_ADDRESS_LEN`] octets.
+    pub fn from_parts(local: &str, domain: &str) -> Result<Address, AddressError> {
+        if local.is_empty() {
+            return Err(AddressError::EmptyLocalPart);
+        }
+        if local.len() > MAX_ADDRESS_LEN || domain.len() > MAX_ADDRESS_LEN {
+            return Err(AddressError::TooLong);
+        }
+        if !local.chars().all(is_content_char) {
+            return Err(AddressError::ControlCharacter);
+        }
+        let address = Address {
+            local: local.to_owned(),
+            domain: parse_domain_part(domain)?,
+        };
+        if address.to_string().len() > MAX_ADDRESS_LEN {
+            return Err(AddressError::TooLong);
+        }
+        Ok(address)
+    }
+
     /// Read an address from the spool. Message files written before the canonical form
     /// stored the local part's content unquoted (`john.doe@x`, or `x>y@x` for `"x>y"@x`);
     /// text that is not a valid RFC 5321 address is read that way: split at the last `@`,
@@ -948,6 +977,30 @@ mod tests {
             assert_canonical_text(&text);
             assert_eq!(Address::parse(&text), Ok(a));
         }
+    }
+
+    #[test]
+    fn from_parts_takes_content_as_an_rfc_5322_reader_reports_it() {
+        let a = Address::from_parts("john doe", "Example.COM").unwrap();
+        assert_eq!(a, Address::parse("\"john doe\"@example.com").unwrap());
+        assert_eq!(
+            Address::from_parts("x>y", "bücher.example")
+                .unwrap()
+                .to_string(),
+            "\"x>y\"@xn--bcher-kva.example"
+        );
+        assert_eq!(
+            Address::from_parts("", "x.test"),
+            Err(AddressError::EmptyLocalPart)
+        );
+        assert_eq!(
+            Address::from_parts("a\r\nb", "x.test"),
+            Err(AddressError::ControlCharacter)
+        );
+        assert_eq!(
+            Address::from_parts("a", "xn--a.test"),
+            Err(AddressError::BadIdna)
+        );
     }
 
     #[test]

@@ -86,7 +86,10 @@ fn quoted_local_part_with_angle_bracket_reaches_upstream_quoted_not_as_parameter
     send_raw_envelope(
         &relay,
         "MAIL FROM:<s@other.test>",
-        &["RCPT TO:<\"x>y\"@example.com>", "RCPT TO:<\"a;b\\\"c\"@example.com>"],
+        &[
+            "RCPT TO:<\"x>y\"@example.com>",
+            "RCPT TO:<\"a;b\\\"c\"@example.com>",
+        ],
     );
     assert!(sink.wait_for(1, DELIVERY_WAIT), "{}", relay.log());
     assert_eq!(
@@ -108,7 +111,10 @@ fn quoted_local_part_with_space_is_accepted_and_forwarded_quoted() {
         &relay,
         "MAIL FROM:<\"jane roe\"@other.test>",
         // Needless quotes are dropped: `"plain"` is the dot-string `plain`.
-        &["RCPT TO:<\"john doe\"@example.com>", "RCPT TO:<\"plain\"@Example.COM>"],
+        &[
+            "RCPT TO:<\"john doe\"@example.com>",
+            "RCPT TO:<\"plain\"@Example.COM>",
+        ],
     );
     assert!(sink.wait_for(1, DELIVERY_WAIT), "{}", relay.log());
     assert_eq!(
@@ -134,7 +140,11 @@ fn kelvin_sign_local_part_does_not_match_an_ascii_recipients_file_entry() {
     // U+212A KELVIN SIGN lower-cases to `k` under Unicode rules; it is another mailbox.
     let reply = c.cmd("RCPT TO:<\u{212A}ate@example.com>");
     assert_reply(&reply, 550, "5.1.1");
-    assert!(!reply.1.contains("recipients"), "reply names the rule: {}", reply.1);
+    assert!(
+        !reply.1.contains("recipients"),
+        "reply names the rule: {}",
+        reply.1
+    );
     assert_log(&relay, "rule=\"recipients_file\"");
     // ASCII case is ignored, as before.
     c.expect("RCPT TO:<Kate@Example.com>", 250);
@@ -157,7 +167,10 @@ fn u_label_recipient_is_accepted_for_an_a_label_domain_and_forwarded_as_the_a_la
     send_raw_envelope(
         &relay,
         "MAIL FROM:<x@other.test> SMTPUTF8",
-        &["RCPT TO:<info@bücher.example>", "RCPT TO:<sales@BÜCHER.example>"],
+        &[
+            "RCPT TO:<info@bücher.example>",
+            "RCPT TO:<sales@BÜCHER.example>",
+        ],
     );
     assert!(sink.wait_for(1, DELIVERY_WAIT), "{}", relay.log());
     assert_eq!(
@@ -215,7 +228,10 @@ fn check_config_accepts_u_labels_and_utf8_senders_and_reports_a_labels() {
          password_hash = \"$argon2id$v=19$m=19456,t=2,p=1$c29tZXNhbHQ$RdescudvJCsgt3ub+b+dWRWJTmaaJObG\"\n\
          senders = [\"jörg@bücher.example\", \"\\\"j r\\\"@bücher.example\", \"@faß.example\"]\n",
     );
-    dir.write("recipients.txt", "info@bücher.example  # shop\na#b@example.com\n");
+    dir.write(
+        "recipients.txt",
+        "info@bücher.example  # shop\na#b@example.com\n",
+    );
     let toml = dir.expand(&config(
         &[listener("mx", free_port(), "none")],
         free_port(),
@@ -279,7 +295,10 @@ fn queue_commands_show_and_match_the_canonical_form() {
         .collect();
     let row = rows.iter().find(|r| r["id"] == quoted.as_str()).unwrap();
     assert_eq!(row["from"], "\"Jane Roe\"@other.test");
-    assert_eq!(row["rcpts"], serde_json::json!(["\"john doe\"@example.com"]));
+    assert_eq!(
+        row["rcpts"],
+        serde_json::json!(["\"john doe\"@example.com"])
+    );
 
     let out = relay.command(&["queue", "show", &quoted]);
     let text = String::from_utf8_lossy(&out.stdout);
@@ -291,12 +310,19 @@ fn queue_commands_show_and_match_the_canonical_form() {
         .into_iter()
         .map(|(env, _)| env["mail_from"].as_str().unwrap().to_owned())
         .collect();
-    assert!(spooled.contains(&"\"Jane Roe\"@other.test".to_owned()), "{spooled:?}");
+    assert!(
+        spooled.contains(&"\"Jane Roe\"@other.test".to_owned()),
+        "{spooled:?}"
+    );
 
     // purge --from compares like the policy: ASCII case ignored, KELVIN SIGN is not `k`.
     let out = relay.command(&["queue", "purge", "--dry-run", "--from", "kate@other.test"]);
     assert_eq!(out.status.code(), Some(0), "{}", show(&out));
-    assert!(!String::from_utf8_lossy(&out.stdout).contains(&kelvin), "{}", show(&out));
+    assert!(
+        !String::from_utf8_lossy(&out.stdout).contains(&kelvin),
+        "{}",
+        show(&out)
+    );
     let out = relay.command(&[
         "queue",
         "purge",
@@ -305,8 +331,16 @@ fn queue_commands_show_and_match_the_canonical_form() {
         "\"jane roe\"@OTHER.test",
     ]);
     let text = String::from_utf8_lossy(&out.stdout);
-    assert!(text.contains(&quoted) && !text.contains(&kelvin), "{}", show(&out));
+    assert!(
+        text.contains(&quoted) && !text.contains(&kelvin),
+        "{}",
+        show(&out)
+    );
     let out = relay.command(&["queue", "purge", "--from", "\u{212A}ate@other.test"]);
     let text = String::from_utf8_lossy(&out.stdout);
-    assert!(text.contains(&kelvin) && !text.contains(&quoted), "{}", show(&out));
+    assert!(
+        text.contains(&kelvin) && !text.contains(&quoted),
+        "{}",
+        show(&out)
+    );
 }

@@ -394,6 +394,36 @@ mod tests {
         assert_eq!(rule("bob@other.test", Some("alice")), None);
     }
 
+    #[test]
+    fn recipients_file_matches_ascii_case_only_and_domains_as_a_labels() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("recipients.txt");
+        std::fs::write(
+            &file,
+            "kate@example.com\n\"John Doe\"@example.com\nJörg@bücher.example\n# c\n",
+        )
+        .unwrap();
+        let (_, p) = policy(&format!(
+            "accepted_domains = [\"example.com\", \"xn--bcher-kva.example\"]\n\
+             recipients_file = {:?}",
+            file.display().to_string()
+        ));
+        let rule = |to: &str| {
+            p.rcpt(&facts("192.0.2.1", None), &Address::parse(to).unwrap())
+                .err()
+                .map(|r| r.rule)
+        };
+        assert_eq!(rule("KATE@example.com"), None);
+        // U+212A KELVIN SIGN lower-cases to `k` in Unicode: not the same mailbox.
+        assert_eq!(rule("\u{212A}ate@example.com"), Some("recipients_file"));
+        assert_eq!(rule("\"john doe\"@example.com"), None);
+        assert_eq!(rule("john.doe@example.com"), Some("recipients_file"));
+        assert_eq!(rule("Jörg@xn--bcher-kva.example"), None);
+        assert_eq!(rule("Jörg@BÜCHER.example"), None);
+        // Non-ASCII local parts are byte-exact: no case folding.
+        assert_eq!(rule("jörg@bücher.example"), Some("recipients_file"));
+    }
+
     /// A policy with users `alice` (senders alice@example.com) and `bob@example.com` (none),
     /// plus `more` (further `[auth]` keys, then tables).
     fn with_users(dir: &std::path::Path, more: &str) -> (Config, Policy) {

@@ -158,6 +158,24 @@ mod tests {
     }
 
     #[test]
+    fn utf8_senders_match_in_either_domain_form_without_case_folding() {
+        let s = senders("jörg", &["jörg@bücher.example", "@faß.example"]);
+        assert!(owns(&s, "jörg@xn--bcher-kva.example"));
+        assert!(owns(&s, "jörg@BÜCHER.example"));
+        assert!(
+            !owns(&s, "JÖRG@bücher.example"),
+            "non-ASCII local parts are byte-exact"
+        );
+        assert!(owns(&s, "anyone@xn--fa-hia.example"));
+        assert!(
+            !owns(&s, "anyone@fass.example"),
+            "ß is not ss (non-transitional)"
+        );
+        let k = senders("kate", &["kate@example.com"]);
+        assert!(!owns(&k, "\u{212A}ate@example.com"));
+    }
+
+    #[test]
     fn from_header_table() {
         let s = senders("alice", &["alice@example.com", "@example.org"]);
         let check = |headers: &str| check_from_header(&s, headers.as_bytes());
