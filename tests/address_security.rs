@@ -344,3 +344,48 @@ fn queue_commands_show_and_match_the_canonical_form() {
         show(&out)
     );
 }
+
+#[test]
+fn bounce_names_quoted_addresses_in_their_canonical_form() {
+    let mut cfg = SinkConfig::default();
+    // The sink keys replies by the lower-cased text between `<` and the first `>`.
+    cfg.rcpt_replies.insert(
+        "\"john doe\"@example.com".into(),
+        "550 5.1.1 Recipient address rejected: User unknown".into(),
+    );
+    let sink = Sink::start(cfg);
+    let relay = mx(sink.port(), "accepted_domains = [\"example.com\"]");
+    send_raw_envelope(
+        &relay,
+        "MAIL FROM:<\"jane roe\"@Other.test>",
+        &[
+            "RCPT TO:<\"john doe\"@example.com>",
+            "RCPT TO:<ok@example.com>",
+        ],
+    );
+    assert!(
+        sink.wait_for(2, DELIVERY_WAIT),
+        "expected the message and a bounce\n{}",
+        relay.log()
+    );
+    let messages = sink.messages();
+    let dsn = messages
+        .iter()
+        .find(|m| m.mail_from.is_empty())
+        .expect("a DSN from <>");
+    assert_eq!(dsn.rcpts, ["\"jane roe\"@other.test"]);
+    assert!(
+        sink.commands()
+            .contains(&"RCPT TO:<\"jane roe\"@other.test>".to_owned()),
+        "{:?}",
+        sink.commands()
+    );
+    let text = String::from_utf8_lossy(&dsn.data);
+    for needle in [
+        "To: <\"jane roe\"@other.test>",
+        "Final-Recipient: rfc822; \"john doe\"@example.com",
+        "<\"john doe\"@example.com>: ",
+    ] {
+        assert!(text.contains(needle), "DSN lacks {needle:?}:\n{text}");
+    }
+}
