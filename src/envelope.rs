@@ -6,7 +6,7 @@
 //! `queue` or `outbound`.
 
 use std::fmt;
-use std::net::IpAddr;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::str::FromStr;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{SystemTime, UNIX_EPOCH};
@@ -96,14 +96,29 @@ impl fmt::Display for QueueId {
     }
 }
 
-/// A mailbox `local@domain` as it appeared in a MAIL or RCPT command, validated.
+/// A mailbox `Local-part@Domain` (RFC 5321 §4.1.2, with the UTF-8 extensions of RFC 6531),
+/// validated and held in one canonical form, so that what policy checks is exactly what is
+/// written upstream, into DSNs, logs, the spool and the queue commands.
 ///
-/// The local part is kept exactly as the client sent it (it is the recipient domain's to
-/// interpret); the domain is kept as sent too, and compared case-insensitively through
-/// [`Address::domain_lower`]. A trailing dot on the domain is removed at parse time so
-/// `user@example.com.` and `user@example.com` are one address.
+/// - The local part is kept as its *content*: the quoted-string `"john doe"` is stored as
+///   `john doe`, quoted-pairs resolved (`"a\"b"` is `a"b`). [`fmt::Display`] writes it back
+///   as a Dot-string when it is one, else as a Quoted-string with only `"` and `\` escaped
+///   (RFC 5321 §4.1.2: no needless quoted-pairs). So `"a.b"@x` and `a.b@x` are one address,
+///   and a `>`, space or `;` inside the local part always stays inside quotes: it can neither
+///   end the path nor add a parameter on the next hop. The content is at least one
+///   character of printable ASCII, space, or non-ASCII other than control characters and
+///   white space.
+/// - The domain is a domain name in its A-label form, lower case (UTS #46 ToASCII,
+///   non-transitional, so `faß.example` is `xn--fa-hia.example` and stays distinct from
+///   `fass.example`), without a trailing root dot; or an address literal (RFC 5321 §4.1.3),
+///   `[192.0.2.1]` or `[IPv6:2001:db8::1]`, with the address in its standard text form.
+/// - The whole canonical text is at most [`MAX_ADDRESS_LEN`] octets.
+///
+/// Derived equality is exact (same content, same domain): it is what the round trip
+/// `parse(format(a)) == a` promises. Policy compares mailboxes with [`Address::matches`],
+/// which also ignores ASCII case in the local part.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
-#[serde(try_from = "String", into = "String")]
+#[serde(try_from = "StoredAddress", into = "String")]
 pub struct Address {
     local: String,
     domain: String,
@@ -116,51 +131,112 @@ pub enum AddressError {
     MissingDomain,
     #[error("address has an empty local part")]
     EmptyLocalPart,
+    #[error("address local part is neither a dot-string nor a quoted-string")]
+    BadLocalPart,
     #[error("address domain is empty or malformed")]
     BadDomain,
-    #[error("address is longer than 256 octets")]
+    /// A domain with non-ASCII characters or an `xn--` label that UTS #46 refuses (RFC 5891).
+    #[error("address domain is not a valid internationalised domain name")]
+    BadIdna,
+    #[error("address is longer than 254 octets")]
     TooLong,
     #[error("address contains a control character or space")]
     ControlCharacter,
 }
 
-/// RFC 5321 §4.5.3.1.3: a path is at most 256 octets including the angle brackets.
+/// Longest address in octets: RFC 5321 §4.5.3.1.3 allows a path of 256 octets, and the path
+/// is the address between `<` and `>`. Applies to the input and to the canonical form.
 pub const MAX_ADDRESS_LEN: usize = 254;
 
 impl Address {
-    /// Parse `local@domain`, splitting at the last `@` (a quoted local part may contain one).
+    /// Parse the RFC 5321 text form `Local-part@Domain`, as it stands between `<` and `>`
+    /// (source route already removed).
+    ///
+    /// The local part is a Dot-string (RFC 5321 §4.1.2; RFC 6531 adds non-ASCII characters
+    /// to `atext`) or a Quoted-string; the domain a domain name in U-label or A-label form
+    /// (one trailing dot tolerated) or an address literal.
+    ///
+    /// # Errors
+    /// [`AddressError::BadIdna`] for a domain that UTS #46 refuses, [`AddressError::TooLong`]
+    /// when the input or the canonical form is over [`MAX_ADDRESS_LEN`] octets, and the
+    /// other variants for the syntax fault they name.
     pub fn parse(s: &str) -> Result<Address, AddressError> {
         if s.len() > MAX_ADDRESS_LEN {
             return Err(AddressError::TooLong);
         }
-        if s.chars().any(|c| c.is_control() || c == ' ') {
-            return Err(AddressError::ControlCharacter);
+        let (local, domain) = split_local_part(s)?;
+        let address = Address {
+            local,
+            domain: parse_domain_part(domain)?,
+        };
+        if address.to_string().len() > MAX_ADDRESS_LEN {
+            return Err(AddressError::TooLong);
         }
-        let (local, domain) = s.rsplit_once('@').ok_or(AddressError::MissingDomain)?;
+        Ok(address)
+    }
+
+    /// An address from its local part's *content* (quotes and quoted-pairs already removed)
+    /// and a domain, as an RFC 5322 reader such as mail-parser reports an addr-spec
+    /// (`"john doe"@x` as `john doe` and `x`). Same rules and canonical form as
+    /// [`Address::parse`].
+    ///
+    /// # Errors
+    /// [`AddressError::EmptyLocalPart`], [`AddressError::ControlCharacter`] for a character
+    /// no local part may hold, the domain errors of [`Address::parse`], and
+    /// [`AddressError::TooLong`] when the canonical form is over [`MAX_ADDRESS_LEN`] octets.
+    pub fn from_parts(local: &str, domain: &str) -> Result<Address, AddressError> {
         if local.is_empty() {
             return Err(AddressError::EmptyLocalPart);
         }
-        let domain = domain.strip_suffix('.').unwrap_or(domain);
-        if !valid_domain(domain) {
-            return Err(AddressError::BadDomain);
+        if local.len() > MAX_ADDRESS_LEN || domain.len() > MAX_ADDRESS_LEN {
+            return Err(AddressError::TooLong);
         }
-        Ok(Address {
-            local: local.to_string(),
-            domain: domain.to_string(),
-        })
+        if !local.chars().all(is_content_char) {
+            return Err(AddressError::ControlCharacter);
+        }
+        let address = Address {
+            local: local.to_owned(),
+            domain: parse_domain_part(domain)?,
+        };
+        if address.to_string().len() > MAX_ADDRESS_LEN {
+            return Err(AddressError::TooLong);
+        }
+        Ok(address)
     }
 
+    /// Read an address from the spool. Message files written before the canonical form
+    /// stored the local part's content unquoted (`john.doe@x`, or `x>y@x` for `"x>y"@x`);
+    /// text that is not a valid RFC 5321 address is read that way: split at the last `@`,
+    /// the local part taken as content. Both forms agree on every Dot-string, so the only
+    /// text read differently from how it was meant is an old local part that itself has
+    /// the shape of a quoted-string (`"a"`, from a client that sent `"\"a\""`); it is read
+    /// as `a`, an address the same client could have sent directly. No length limit is
+    /// applied to the old form, so a message accepted then is still delivered now.
+    pub fn from_stored(s: &str) -> Result<Address, AddressError> {
+        match Address::parse(s) {
+            Ok(a) => Ok(a),
+            Err(first) => {
+                let (local, domain) = s.rsplit_once('@').ok_or(first.clone())?;
+                // The older parser refused spaces and control characters too.
+                if local.is_empty() || !local.chars().all(|c| c != ' ' && is_content_char(c)) {
+                    return Err(first);
+                }
+                Ok(Address {
+                    local: local.to_owned(),
+                    domain: parse_domain_part(domain).map_err(|_| first)?,
+                })
+            }
+        }
+    }
+
+    /// The local part's content (quotes and quoted-pairs removed); see [`Address`].
     pub fn local(&self) -> &str {
         &self.local
     }
 
+    /// The canonical domain: a lower-case A-label domain name or an address literal.
     pub fn domain(&self) -> &str {
         &self.domain
-    }
-
-    /// The domain in lower case, for matching against configured domains.
-    pub fn domain_lower(&self) -> String {
-        self.domain.to_ascii_lowercase()
     }
 
     /// True when the domain is an address literal such as `[192.0.2.1]`.
@@ -168,39 +244,192 @@ impl Address {
         self.domain.starts_with('[')
     }
 
-    /// True when the address contains non-ASCII characters (needs SMTPUTF8 to be relayed).
+    /// True when the address needs SMTPUTF8 to be relayed (RFC 6531): its local part has
+    /// non-ASCII characters. The canonical domain is always ASCII.
     pub fn is_utf8(&self) -> bool {
-        !self.local.is_ascii() || !self.domain.is_ascii()
+        !self.local.is_ascii()
+    }
+
+    /// True when `self` and `other` name the same mailbox for policy: the same domain, and
+    /// local parts equal ignoring ASCII case when both are ASCII, byte for byte otherwise.
+    ///
+    /// No Unicode case folding or normalisation: U+212A KELVIN SIGN lower-cases to `k`, so
+    /// folding would let `\u{212A}ate@x` pass a check written for `kate@x` and then be
+    /// delivered as itself. The same rule serves the relay check, recipients_file, sender
+    /// ownership and `queue purge --from`.
+    pub fn matches(&self, other: &Address) -> bool {
+        self.domain == other.domain && local_parts_match(&self.local, &other.local)
+    }
+
+    /// The form under which this address is looked up in a set built from the same form:
+    /// ASCII local parts lower-cased, others unchanged (see [`Address::matches`]), so
+    /// `a.for_matching() == b.for_matching()` exactly when `a.matches(b)`.
+    pub fn for_matching(&self) -> Address {
+        if self.local.is_ascii() {
+            Address {
+                local: self.local.to_ascii_lowercase(),
+                domain: self.domain.clone(),
+            }
+        } else {
+            self.clone()
+        }
     }
 }
 
-/// A domain name (dot-separated labels of letters, digits, hyphens and, for internationalised
-/// names, non-ASCII characters) or an address literal in brackets.
-fn valid_domain(domain: &str) -> bool {
-    if domain.is_empty() || domain.len() > 253 {
-        return false;
+/// Local parts compared the way [`Address::matches`] documents.
+fn local_parts_match(a: &str, b: &str) -> bool {
+    if a.is_ascii() && b.is_ascii() {
+        a.eq_ignore_ascii_case(b)
+    } else {
+        a == b
     }
-    if let Some(literal) = domain.strip_prefix('[') {
-        let Some(inner) = literal.strip_suffix(']') else {
-            return false;
+}
+
+/// A character allowed in a local part's content: printable ASCII or space, or non-ASCII
+/// that is neither a control character nor white space (U+0085, U+2028 and the like would
+/// end a line in some readers).
+fn is_content_char(c: char) -> bool {
+    if c.is_ascii() {
+        matches!(c, ' '..='~')
+    } else {
+        !c.is_control() && !c.is_whitespace()
+    }
+}
+
+/// RFC 5322 `atext` with RFC 6531's UTF8-non-ascii: what a Dot-string atom is made of.
+fn is_atext(c: char) -> bool {
+    if c.is_ascii() {
+        c.is_ascii_alphanumeric() || "!#$%&'*+-/=?^_`{|}~".contains(c)
+    } else {
+        is_content_char(c)
+    }
+}
+
+/// True when `local` can be written as an RFC 5321 Dot-string.
+fn is_dot_string(local: &str) -> bool {
+    local
+        .split('.')
+        .all(|atom| !atom.is_empty() && atom.chars().all(is_atext))
+}
+
+/// Splits `Local-part@rest`, returning the local part's content and the text after `@`.
+fn split_local_part(s: &str) -> Result<(String, &str), AddressError> {
+    if let Some(quoted) = s.strip_prefix('"') {
+        let mut content = String::new();
+        let mut chars = quoted.char_indices();
+        while let Some((i, c)) = chars.next() {
+            match c {
+                '"' => {
+                    let rest = &quoted[i + 1..];
+                    let domain = rest.strip_prefix('@').ok_or(if rest.is_empty() {
+                        AddressError::MissingDomain
+                    } else {
+                        AddressError::BadLocalPart
+                    })?;
+                    if content.is_empty() {
+                        return Err(AddressError::EmptyLocalPart);
+                    }
+                    return Ok((content, domain));
+                }
+                // quoted-pairSMTP: a backslash and one printable ASCII character or space.
+                '\\' => match chars.next() {
+                    Some((_, e)) if matches!(e, ' '..='~') => content.push(e),
+                    Some((_, e)) if e.is_control() => return Err(AddressError::ControlCharacter),
+                    _ => return Err(AddressError::BadLocalPart),
+                },
+                c if is_content_char(c) => content.push(c),
+                c if c.is_control() || c.is_whitespace() => {
+                    return Err(AddressError::ControlCharacter);
+                }
+                _ => return Err(AddressError::BadLocalPart),
+            }
+        }
+        return Err(AddressError::BadLocalPart);
+    }
+    let (local, domain) = s.split_once('@').ok_or(AddressError::MissingDomain)?;
+    if local.is_empty() {
+        return Err(AddressError::EmptyLocalPart);
+    }
+    if local.chars().any(|c| c.is_control() || c.is_whitespace()) {
+        return Err(AddressError::ControlCharacter);
+    }
+    if !is_dot_string(local) {
+        return Err(AddressError::BadLocalPart);
+    }
+    Ok((local.to_owned(), domain))
+}
+
+/// The domain of an address: an address literal or a domain name (see [`canonical_domain`]).
+fn parse_domain_part(text: &str) -> Result<String, AddressError> {
+    if let Some(literal) = text.strip_prefix('[') {
+        let inner = literal.strip_suffix(']').ok_or(AddressError::BadDomain)?;
+        return match inner.get(..5) {
+            Some(tag) if tag.eq_ignore_ascii_case("IPv6:") => inner[5..]
+                .parse::<Ipv6Addr>()
+                .map(|ip| format!("[IPv6:{ip}]"))
+                .map_err(|_| AddressError::BadDomain),
+            _ => inner
+                .parse::<Ipv4Addr>()
+                .map(|ip| format!("[{ip}]"))
+                .map_err(|_| AddressError::BadDomain),
         };
-        let inner = inner.strip_prefix("IPv6:").unwrap_or(inner);
-        return inner.parse::<IpAddr>().is_ok();
     }
-    domain.split('.').all(|label| {
-        !label.is_empty()
-            && label.len() <= 63
-            && !label.starts_with('-')
-            && !label.ends_with('-')
-            && label
-                .chars()
-                .all(|c| c.is_ascii_alphanumeric() || c == '-' || !c.is_ascii())
-    })
+    canonical_domain(text)
+}
+
+/// The canonical form of a domain name: UTS #46 ToASCII (non-transitional, STD3 ASCII rules,
+/// hyphens checked in the first and last position only, DNS lengths verified: labels of 1
+/// to 63 octets, at most 253 in all), which yields the A-label form in lower case. One
+/// trailing root dot is removed first. `Bücher.Example.` and `xn--bcher-kva.example` both
+/// give `xn--bcher-kva.example`; `faß.example` gives `xn--fa-hia.example`, not
+/// `fass.example`.
+///
+/// Used for every domain that is compared: addresses, `accepted_domains`, upstream
+/// `domains`, `senders` and recipients_file entries, and `queue purge --from @DOMAIN`.
+///
+/// # Errors
+/// [`AddressError::BadIdna`] when the name has non-ASCII characters or an `xn--` label and
+/// UTS #46 refuses it (RFC 5891 §4), [`AddressError::BadDomain`] for any other malformed
+/// name.
+pub fn canonical_domain(text: &str) -> Result<String, AddressError> {
+    let name = text.strip_suffix('.').unwrap_or(text);
+    if name.is_empty() || name.len() > 1024 {
+        return Err(AddressError::BadDomain);
+    }
+    idna::uts46::Uts46::new()
+        .to_ascii(
+            name.as_bytes(),
+            idna::uts46::AsciiDenyList::STD3,
+            idna::uts46::Hyphens::CheckFirstLast,
+            idna::uts46::DnsLength::Verify,
+        )
+        .map(|a| a.into_owned())
+        .map_err(|_| {
+            let lower = name.to_ascii_lowercase();
+            if !name.is_ascii() || lower.starts_with("xn--") || lower.contains(".xn--") {
+                AddressError::BadIdna
+            } else {
+                AddressError::BadDomain
+            }
+        })
 }
 
 impl fmt::Display for Address {
+    /// The canonical RFC 5321 text: Dot-string or Quoted-string, `@`, canonical domain.
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}@{}", self.local, self.domain)
+        if is_dot_string(&self.local) {
+            f.write_str(&self.local)?;
+        } else {
+            f.write_str("\"")?;
+            for c in self.local.chars() {
+                if c == '"' || c == '\\' {
+                    f.write_str("\\")?;
+                }
+                write!(f, "{c}")?;
+            }
+            f.write_str("\"")?;
+        }
+        write!(f, "@{}", self.domain)
     }
 }
 
@@ -221,6 +450,19 @@ impl TryFrom<String> for Address {
 impl From<Address> for String {
     fn from(a: Address) -> String {
         a.to_string()
+    }
+}
+
+/// An address as stored in the spool (serde only): read with [`Address::from_stored`], so
+/// message files written in the older unquoted form still load.
+#[derive(Deserialize)]
+#[serde(transparent)]
+struct StoredAddress(String);
+
+impl TryFrom<StoredAddress> for Address {
+    type Error = AddressError;
+    fn try_from(s: StoredAddress) -> Result<Self, Self::Error> {
+        Address::from_stored(&s.0)
     }
 }
 
@@ -251,13 +493,15 @@ impl fmt::Display for ReversePath {
     }
 }
 
+/// The spool form (serde): empty or `<>` for the null sender, else an address read with
+/// [`Address::from_stored`].
 impl TryFrom<String> for ReversePath {
     type Error = AddressError;
     fn try_from(s: String) -> Result<Self, Self::Error> {
         if s.is_empty() || s == "<>" {
             Ok(ReversePath::Null)
         } else {
-            Address::parse(&s).map(ReversePath::Address)
+            Address::from_stored(&s).map(ReversePath::Address)
         }
     }
 }
@@ -431,33 +675,367 @@ mod tests {
 
     #[test]
     fn address_parsing_table() {
+        // (input, local part content, canonical domain, canonical text)
         let ok = [
-            ("user@example.com", "user", "example.com"),
-            ("User@Example.COM.", "User", "Example.COM"),
-            ("\"a@b\"@example.com", "\"a@b\"", "example.com"),
-            ("x@[192.0.2.1]", "x", "[192.0.2.1]"),
-            ("x@[IPv6:::1]", "x", "[IPv6:::1]"),
-            ("δοκιμή@παράδειγμα.δοκιμή", "δοκιμή", "παράδειγμα.δοκιμή"),
+            (
+                "user@example.com",
+                "user",
+                "example.com",
+                "user@example.com",
+            ),
+            (
+                "User@Example.COM.",
+                "User",
+                "example.com",
+                "User@example.com",
+            ),
+            (
+                "a.b+c@example.com",
+                "a.b+c",
+                "example.com",
+                "a.b+c@example.com",
+            ),
+            (
+                "\"a@b\"@example.com",
+                "a@b",
+                "example.com",
+                "\"a@b\"@example.com",
+            ),
+            (
+                "\"x>y\"@example.com",
+                "x>y",
+                "example.com",
+                "\"x>y\"@example.com",
+            ),
+            (
+                "\"john doe\"@example.com",
+                "john doe",
+                "example.com",
+                "\"john doe\"@example.com",
+            ),
+            ("\"a\\\"b\"@x.test", "a\"b", "x.test", "\"a\\\"b\"@x.test"),
+            ("\"a\\\\b\"@x.test", "a\\b", "x.test", "\"a\\\\b\"@x.test"),
+            // Needless quoting and quoted-pairs are dropped: one address, one form.
+            ("\"a.b\"@x.test", "a.b", "x.test", "a.b@x.test"),
+            ("\"\\a\"@x.test", "a", "x.test", "a@x.test"),
+            ("\"a..b\"@x.test", "a..b", "x.test", "\"a..b\"@x.test"),
+            ("\".a\"@x.test", ".a", "x.test", "\".a\"@x.test"),
+            ("\"a;b c\"@x.test", "a;b c", "x.test", "\"a;b c\"@x.test"),
+            ("x@[192.0.2.1]", "x", "[192.0.2.1]", "x@[192.0.2.1]"),
+            ("x@[IPv6:::1]", "x", "[IPv6:::1]", "x@[IPv6:::1]"),
+            ("x@[ipv6:0:0::1]", "x", "[IPv6:::1]", "x@[IPv6:::1]"),
+            (
+                "δοκιμή@παράδειγμα.δοκιμή",
+                "δοκιμή",
+                "xn--hxajbheg2az3al.xn--jxalpdlp",
+                "δοκιμή@xn--hxajbheg2az3al.xn--jxalpdlp",
+            ),
+            (
+                "info@Bücher.example",
+                "info",
+                "xn--bcher-kva.example",
+                "info@xn--bcher-kva.example",
+            ),
+            (
+                "info@XN--BCHER-KVA.example",
+                "info",
+                "xn--bcher-kva.example",
+                "info@xn--bcher-kva.example",
+            ),
         ];
-        for (input, local, domain) in ok {
+        for (input, local, domain, text) in ok {
             let a = Address::parse(input).unwrap_or_else(|e| panic!("{input}: {e}"));
             assert_eq!((a.local(), a.domain()), (local, domain), "{input}");
+            assert_eq!(a.to_string(), text, "{input}");
         }
         let bad = [
-            "",
-            "user",
-            "@example.com",
-            "user@",
-            "user@.com",
-            "user@exa mple.com",
-            "user@-bad.com",
-            "user@[999.1.1.1]",
-            "us\ner@example.com",
+            ("", AddressError::MissingDomain),
+            ("user", AddressError::MissingDomain),
+            ("@example.com", AddressError::EmptyLocalPart),
+            ("\"\"@example.com", AddressError::EmptyLocalPart),
+            ("user@", AddressError::BadDomain),
+            ("user@.com", AddressError::BadDomain),
+            ("user@exa mple.com", AddressError::BadDomain),
+            ("user@-bad.com", AddressError::BadDomain),
+            ("user@a_b.com", AddressError::BadDomain),
+            ("user@[999.1.1.1]", AddressError::BadDomain),
+            ("user@[::1]", AddressError::BadDomain),
+            ("user@[IPv6:1.2.3.4]", AddressError::BadDomain),
+            ("us\ner@example.com", AddressError::ControlCharacter),
+            ("us er@example.com", AddressError::ControlCharacter),
+            ("a\u{2028}b@example.com", AddressError::ControlCharacter),
+            ("\"a\rb\"@example.com", AddressError::ControlCharacter),
+            ("\"a\\\nb\"@example.com", AddressError::ControlCharacter),
+            ("x>y@example.com", AddressError::BadLocalPart),
+            ("a..b@example.com", AddressError::BadLocalPart),
+            (".a@example.com", AddressError::BadLocalPart),
+            ("a.@example.com", AddressError::BadLocalPart),
+            ("a\"b\"@example.com", AddressError::BadLocalPart),
+            ("\"ab\"c@example.com", AddressError::BadLocalPart),
+            ("\"ab@example.com", AddressError::BadLocalPart),
+            ("\"ab\\\u{e9}\"@example.com", AddressError::BadLocalPart),
+            ("a@b@example.com", AddressError::BadDomain),
+            ("x@xn--a.example", AddressError::BadIdna),
+            ("x@b\u{fffd}cher.example", AddressError::BadIdna),
         ];
-        for input in bad {
-            assert!(Address::parse(input).is_err(), "{input:?} accepted");
+        for (input, error) in bad {
+            assert_eq!(Address::parse(input), Err(error), "{input:?}");
         }
-        assert!(Address::parse(&format!("{}@example.com", "a".repeat(300))).is_err());
+        assert_eq!(
+            Address::parse(&format!("{}@example.com", "a".repeat(300))),
+            Err(AddressError::TooLong)
+        );
+        // 252 octets in, but the A-label makes the canonical form 258.
+        let long = format!("{}@bücher.example", "a".repeat(236));
+        assert!(long.len() <= MAX_ADDRESS_LEN);
+        assert_eq!(Address::parse(&long), Err(AddressError::TooLong));
+    }
+
+    #[test]
+    fn idn_domains_compare_as_a_labels_and_sharp_s_is_not_ss() {
+        let u = Address::parse("info@bücher.example").unwrap();
+        let a = Address::parse("info@xn--bcher-kva.example").unwrap();
+        assert_eq!(u, a);
+        assert!(!u.is_utf8(), "the canonical domain is ASCII");
+        let sharp = canonical_domain("faß.example").unwrap();
+        assert_eq!(sharp, "xn--fa-hia.example", "UTS #46 non-transitional");
+        assert_ne!(sharp, canonical_domain("fass.example").unwrap());
+        assert_eq!(canonical_domain("Example.COM.").unwrap(), "example.com");
+        assert_eq!(canonical_domain("a.b.."), Err(AddressError::BadDomain));
+        assert_eq!(
+            canonical_domain(&format!("{}.example", "a".repeat(64))),
+            Err(AddressError::BadDomain)
+        );
+    }
+
+    #[test]
+    fn ascii_local_parts_match_ignoring_case_and_others_byte_for_byte() {
+        let p = |s: &str| Address::parse(s).unwrap();
+        assert!(p("Kate@Example.com").matches(&p("kate@example.com")));
+        assert!(p("\"John Doe\"@x.test").matches(&p("\"john doe\"@x.test")));
+        // U+212A KELVIN SIGN lower-cases to `k` with Unicode rules: never folded here.
+        assert!(!p("\u{212A}ate@example.com").matches(&p("kate@example.com")));
+        assert!(!p("Élise@x.test").matches(&p("élise@x.test")));
+        // No normalisation: precomposed é and e + combining acute are different mailboxes.
+        assert!(!p("\u{e9}@x.test").matches(&p("e\u{301}@x.test")));
+        assert!(p("élise@x.test").matches(&p("élise@X.TEST")));
+        assert!(!p("kate@example.com").matches(&p("kate@example.org")));
+        for (a, b) in [
+            ("Kate@x.test", "kate@x.test"),
+            ("\u{212A}ate@x.test", "kate@x.test"),
+            ("Élise@x.test", "élise@x.test"),
+        ] {
+            let (a, b) = (p(a), p(b));
+            assert_eq!(
+                a.matches(&b),
+                a.for_matching() == b.for_matching(),
+                "{a} {b}"
+            );
+        }
+    }
+
+    /// Checks the canonical text: no CR or LF anywhere, no `>`, space or `"` outside the
+    /// quotes of the local part, and it is `Local-part@Domain` with a quoted local part only
+    /// when the content is not a dot-string.
+    fn assert_canonical_text(text: &str) {
+        assert!(!text.contains(['\r', '\n']), "{text:?}");
+        let rest = match text.strip_prefix('"') {
+            Some(q) => {
+                let mut chars = q.char_indices();
+                let mut end = None;
+                while let Some((i, c)) = chars.next() {
+                    match c {
+                        '\\' => {
+                            chars.next();
+                        }
+                        '"' => {
+                            end = Some(i + 1);
+                            break;
+                        }
+                        _ => {}
+                    }
+                }
+                &q[end.unwrap_or_else(|| panic!("unterminated quotes in {text:?}"))..]
+            }
+            None => text,
+        };
+        assert!(!rest.contains(['>', ' ', '"', '<']), "{text:?}");
+    }
+
+    #[test]
+    fn every_parsed_address_formats_to_text_that_parses_back_to_it() {
+        use rand::rngs::StdRng;
+        use rand::{Rng, SeedableRng};
+        const PIECES: &[&str] = &[
+            "a",
+            "Z",
+            "0",
+            ".",
+            "..",
+            "@",
+            "\"",
+            "\\",
+            " ",
+            ">",
+            "<",
+            ";",
+            ",",
+            ":",
+            "(",
+            ")",
+            "[",
+            "]",
+            "!",
+            "#",
+            "{",
+            "}",
+            "~",
+            "=",
+            "\r",
+            "\n",
+            "\t",
+            "\0",
+            "\u{7f}",
+            "é",
+            "ß",
+            "\u{212A}",
+            "δ",
+            "\u{85}",
+            "\u{a0}",
+            "\u{2028}",
+            "\u{200d}",
+            "\u{fffd}",
+            "xn--",
+            "bücher",
+            "-",
+            "1",
+            "\"a\"",
+            "\\\"",
+            "\\\\",
+            "[IPv6:",
+            "192.0.2.1",
+            "::1",
+            "faß",
+        ];
+        let mut rng = StdRng::seed_from_u64(0x5EED_ADD5);
+        let mut accepted = 0;
+        for _ in 0..100_000 {
+            let n = rng.random_range(1..12);
+            let mut s = String::new();
+            if rng.random_bool(0.3) {
+                s.push('"');
+            }
+            for _ in 0..n {
+                s.push_str(PIECES[rng.random_range(0..PIECES.len())]);
+            }
+            if rng.random_bool(0.7) {
+                let domains = [
+                    "x.test",
+                    "Bücher.example",
+                    "[192.0.2.1]",
+                    "faß.EXAMPLE.",
+                    "a",
+                ];
+                s.push_str(if rng.random_bool(0.3) { "\"@" } else { "@" });
+                s.push_str(domains[rng.random_range(0..domains.len())]);
+            }
+            let Ok(a) = Address::parse(&s) else { continue };
+            accepted += 1;
+            let text = a.to_string();
+            assert_eq!(Address::parse(&text).as_ref(), Ok(&a), "{s:?} -> {text:?}");
+            assert_canonical_text(&text);
+            // The spool reads its own form back unchanged.
+            assert_eq!(Address::from_stored(&text).as_ref(), Ok(&a), "{text:?}");
+        }
+        assert!(
+            accepted > 3_000,
+            "generator too narrow: {accepted} accepted"
+        );
+    }
+
+    #[test]
+    fn any_local_part_content_survives_quoting() {
+        use rand::rngs::StdRng;
+        use rand::{Rng, SeedableRng};
+        let alphabet: Vec<char> = (' '..='~').chain("é\u{212A}δß中😀".chars()).collect();
+        let mut rng = StdRng::seed_from_u64(7);
+        for _ in 0..20_000 {
+            let content: String = (0..rng.random_range(1..30))
+                .map(|_| alphabet[rng.random_range(0..alphabet.len())])
+                .collect();
+            let escaped: String = content
+                .chars()
+                .flat_map(|c| match c {
+                    '"' | '\\' => vec!['\\', c],
+                    c => vec![c],
+                })
+                .collect();
+            let a = Address::parse(&format!("\"{escaped}\"@x.test"))
+                .unwrap_or_else(|e| panic!("{content:?}: {e}"));
+            assert_eq!(a.local(), content);
+            let text = a.to_string();
+            assert_canonical_text(&text);
+            assert_eq!(Address::parse(&text), Ok(a));
+        }
+    }
+
+    #[test]
+    fn from_parts_takes_content_as_an_rfc_5322_reader_reports_it() {
+        let a = Address::from_parts("john doe", "Example.COM").unwrap();
+        assert_eq!(a, Address::parse("\"john doe\"@example.com").unwrap());
+        assert_eq!(
+            Address::from_parts("x>y", "bücher.example")
+                .unwrap()
+                .to_string(),
+            "\"x>y\"@xn--bcher-kva.example"
+        );
+        assert_eq!(
+            Address::from_parts("", "x.test"),
+            Err(AddressError::EmptyLocalPart)
+        );
+        assert_eq!(
+            Address::from_parts("a\r\nb", "x.test"),
+            Err(AddressError::ControlCharacter)
+        );
+        assert_eq!(
+            Address::from_parts("a", "xn--a.test"),
+            Err(AddressError::BadIdna)
+        );
+    }
+
+    #[test]
+    fn spool_reads_the_older_unquoted_form() {
+        // Written before the canonical form: the local part's content, unquoted.
+        for (old, local, text) in [
+            ("x>y@example.com", "x>y", "\"x>y\"@example.com"),
+            ("a\"b@example.com", "a\"b", "\"a\\\"b\"@example.com"),
+            ("a@b@example.com", "a@b", "\"a@b\"@example.com"),
+            ("plain@Example.COM", "plain", "plain@example.com"),
+        ] {
+            let a = Address::from_stored(old).unwrap_or_else(|e| panic!("{old}: {e}"));
+            assert_eq!((a.local(), a.to_string().as_str()), (local, text));
+        }
+        for bad in [
+            "no-at",
+            "@x.test",
+            "a b@x.test",
+            "a\r\n@x.test",
+            "a@-x.test",
+        ] {
+            assert!(Address::from_stored(bad).is_err(), "{bad:?}");
+        }
+        let json = r#"{"id":"0123456789ABCDEF","received_at":1,"listener":"mx","client_ip":"192.0.2.1",
+            "client_port":1,"helo":"h","mail_from":"x>y@example.com",
+            "recipients":[{"address":"a;b@example.com"}]}"#;
+        let env: Envelope = serde_json::from_str(json).unwrap();
+        assert_eq!(env.mail_from.to_string(), "\"x>y\"@example.com");
+        assert_eq!(env.recipients[0].address.to_string(), "\"a;b\"@example.com");
+        // And what is written now is the canonical form.
+        let again = serde_json::to_string(&env).unwrap();
+        assert!(
+            again.contains(r#""mail_from":"\"x>y\"@example.com""#),
+            "{again}"
+        );
     }
 
     #[test]

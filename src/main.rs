@@ -85,8 +85,9 @@ enum QueueAction {
     },
     /// Remove every message from a sender, a domain, or all of them; no confirmation.
     Purge {
-        /// Envelope sender: ADDR (local part exact, domain any case), @DOMAIN (that domain,
-        /// not its subdomains), or '<>' (bounces).
+        /// Envelope sender: ADDR (an ASCII local part in any case, a non-ASCII one exactly;
+        /// the domain in any case, U-label or A-label), @DOMAIN (that domain, not its
+        /// subdomains), or '<>' (bounces).
         #[arg(long, value_name = "ADDR", conflicts_with = "all")]
         from: Option<String>,
         /// Every queued message.

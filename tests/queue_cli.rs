@@ -176,9 +176,10 @@ fn purge_from_an_address_takes_only_the_junk_senders_mail() {
         stdout(&out),
         format!(
             "would delete {} from spammer@junk.example\n\
-             would delete {} from spammer@JUNK.example\n\
-             2 messages would be deleted (dry run)\n",
-            ids[0], ids[2]
+             would delete {} from spammer@junk.example\n\
+             would delete {} from Spammer@junk.example\n\
+             3 messages would be deleted (dry run)\n",
+            ids[0], ids[2], ids[3]
         )
     );
     assert_eq!(queued(&relay), ids, "dry run deleted something");
@@ -189,15 +190,15 @@ fn purge_from_an_address_takes_only_the_junk_senders_mail() {
         stdout(&out),
         format!(
             "deleted {} from spammer@junk.example\n\
-             deleted {} from spammer@JUNK.example\n\
-             2 messages deleted\n",
-            ids[0], ids[2]
+             deleted {} from spammer@junk.example\n\
+             deleted {} from Spammer@junk.example\n\
+             3 messages deleted\n",
+            ids[0], ids[2], ids[3]
         )
     );
-    assert_eq!(
-        queued(&relay),
-        [ids[1].clone(), ids[3].clone(), ids[4].clone()]
-    );
+    // Addresses are shown in their canonical form (domain lower case) and compared like the
+    // policy does: an ASCII local part ignoring case.
+    assert_eq!(queued(&relay), [ids[1].clone(), ids[4].clone()]);
 
     // Nothing left to match: still success, with a zero summary.
     let out = relay.command(&["queue", "purge", "--from", "spammer@junk.example"]);
@@ -223,7 +224,7 @@ fn purge_from_a_domain_and_of_bounces_and_all() {
     assert_eq!(
         stdout(&out),
         format!(
-            "deleted {} from a@junk.example\ndeleted {} from b@Junk.Example\n2 messages deleted\n",
+            "deleted {} from a@junk.example\ndeleted {} from b@junk.example\n2 messages deleted\n",
             ids[0], ids[2]
         )
     );

@@ -13,6 +13,8 @@ use std::time::Duration;
 
 use ipnet::IpNet;
 
+use crate::envelope::{Address, AddressError, canonical_domain};
+
 use super::raw::{
     RawAuth, RawHeaders, RawLimits, RawListener, RawQueue, RawRateLimits, RawRelay, RawServer,
     RawSize, RawTls, RawUpstream,
@@ -811,68 +813,58 @@ impl Compiler {
     }
 }
 
-/// Checks a domain name (letters, digits, hyphens; labels of 1–63; at most 253 in all) and
-/// returns it lower-cased without a trailing dot.
+/// Checks a domain name, in U-label or A-label form, and returns its canonical form (see
+/// [`canonical_domain`]): the A-label form in lower case, without a trailing dot, so that it
+/// compares equal to the domain of every address written either way.
 pub(super) fn check_domain(text: &str) -> Result<String, String> {
-    let domain = text.strip_suffix('.').unwrap_or(text).to_ascii_lowercase();
     let bad = |why: &str| Err(format!("{text:?} is not a domain name ({why})"));
-    if domain.is_empty() {
+    let name = text.strip_suffix('.').unwrap_or(text);
+    if name.is_empty() {
         return bad("empty");
     }
-    if domain.len() > 253 {
-        return bad("longer than 253 characters");
-    }
-    if domain.parse::<IpAddr>().is_ok() {
+    if name.parse::<IpAddr>().is_ok() {
         return bad("it is an IP address");
     }
-    for label in domain.split('.') {
-        if label.is_empty() || label.len() > 63 {
-            return bad("each label between dots must have 1 to 63 characters");
-        }
-        if !label
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b == b'-')
-        {
-            return bad("only letters, digits, hyphens and dots are allowed");
-        }
-        if label.starts_with('-') || label.ends_with('-') {
-            return bad("a label cannot start or end with a hyphen");
-        }
+    match canonical_domain(name) {
+        Ok(domain) => Ok(domain),
+        Err(AddressError::BadIdna) => bad(
+            "not a valid internationalised name: UTS #46 refuses it; write it in U-labels, e.g. \
+             bücher.example, or as A-labels, e.g. xn--bcher-kva.example",
+        ),
+        Err(_) => bad(
+            "labels between dots of 1 to 63 letters, digits or hyphens, not starting or ending \
+             with a hyphen; at most 253 characters in all",
+        ),
     }
-    Ok(domain)
 }
 
-/// Checks `local@domain` or `@domain`; returns it with the domain lower-cased.
+/// Checks a `senders` or recipients_file entry: an address (`local@domain`, the local part a
+/// dot-string or a quoted-string, RFC 5321 §4.1.2) or `@domain` (a whole domain). Returns the
+/// entry in canonical form: the address as [`Address`] writes it (domain as its A-label, lower
+/// case), or `@` and the canonical domain. U-labels and UTF-8 local parts are accepted.
 pub(super) fn check_sender(text: &str) -> Result<String, String> {
     let text = text.trim();
-    let Some((local, domain)) = text.rsplit_once('@') else {
+    if let Some(domain) = text.strip_prefix('@') {
+        return check_domain(domain).map(|d| format!("@{d}"));
+    }
+    if !text.contains('@') {
         return Err(format!(
             "{text:?} is not an address (use local@domain, or @domain for a whole domain)"
         ));
-    };
-    let ok_local = local.len() <= 64
-        && local.bytes().all(|b| {
-            b.is_ascii_graphic()
-                && !matches!(
-                    b,
-                    b'<' | b'>'
-                        | b'@'
-                        | b'"'
-                        | b'('
-                        | b')'
-                        | b','
-                        | b';'
-                        | b':'
-                        | b'\\'
-                        | b'['
-                        | b']'
-                )
-        });
-    if !ok_local {
-        return Err(format!("{text:?} has an invalid local part"));
     }
-    let domain = check_domain(domain)?;
-    Ok(format!("{local}@{domain}"))
+    match Address::parse(text) {
+        Ok(address) if address.is_ip_literal() => Err(format!(
+            "{text:?} has an address literal as its domain; use a domain name"
+        )),
+        Ok(address) => Ok(address.to_string()),
+        Err(AddressError::BadIdna | AddressError::BadDomain) => {
+            let (_, domain) = text.rsplit_once('@').unwrap_or_default();
+            Err(check_domain(domain)
+                .err()
+                .unwrap_or_else(|| format!("{text:?} is not an address (malformed domain)")))
+        }
+        Err(e) => Err(format!("{text:?} is not an address: {e}")),
+    }
 }
 
 /// Checks an upstream `host:port` (host a domain, IPv4 address or `[IPv6]`; port required).

@@ -141,8 +141,10 @@ fn check_password_hash(hash: &str) -> Result<(), String> {
     Ok(())
 }
 
-/// Loads a recipients file: one address or `@domain` per line, `#` comments and blank lines
-/// ignored, lower-cased.
+/// Loads a recipients file: one address or `@domain` per line, U-labels or A-labels, blank
+/// lines and comments ignored. Entries are returned in canonical form (see `check_sender`); a
+/// local part keeps its case, because matching ignores ASCII case only (see
+/// [`crate::envelope::Address::matches`]).
 pub(super) fn load_recipients(
     path: &Path,
     key: &str,
@@ -153,12 +155,12 @@ pub(super) fn load_recipients(
     };
     let mut recipients = Vec::new();
     for (n, line) in text.lines().enumerate() {
-        let line = line.split('#').next().unwrap_or("").trim();
+        let line = strip_comment(line).trim();
         if line.is_empty() {
             continue;
         }
         match check_sender(line) {
-            Ok(entry) => recipients.push(entry.to_lowercase()),
+            Ok(entry) => recipients.push(entry),
             Err(message) => errors.push(ConfigError::new(
                 key,
                 format!("{}: line {}: {message}", path.display(), n + 1),
@@ -166,6 +168,26 @@ pub(super) fn load_recipients(
         }
     }
     recipients
+}
+
+/// A recipients file line without its comment: `#` starts one at the beginning of the line or
+/// after white space, outside a quoted local part (`#` is a legal character of a local part:
+/// `a#b@example.com` is one address).
+fn strip_comment(line: &str) -> &str {
+    let mut quoted = false;
+    let mut escaped = false;
+    let mut previous = ' ';
+    for (i, c) in line.char_indices() {
+        match c {
+            _ if escaped => escaped = false,
+            '\\' if quoted => escaped = true,
+            '"' => quoted = !quoted,
+            '#' if !quoted && previous.is_whitespace() => return &line[..i],
+            _ => {}
+        }
+        previous = c;
+    }
+    line
 }
 
 /// Reads a password file; one trailing newline (LF or CRLF) is removed. Empty is an error.

@@ -145,15 +145,16 @@ pub struct Listener {
 /// `[relay]`.
 #[derive(Debug, Clone)]
 pub struct Relay {
-    /// Domains mail is accepted for from anyone allowed to connect. Lower case, no trailing
-    /// dot.
+    /// Domains mail is accepted for from anyone allowed to connect, in canonical form (A-label,
+    /// lower case, no trailing dot; see [`crate::envelope::canonical_domain`]).
     pub accepted_domains: Vec<String>,
     /// Clients that may send to any domain without AUTH. Host bits cleared.
     pub relay_networks: Vec<IpNet>,
     /// Where `recipients` came from, as written.
     pub recipients_file: Option<PathBuf>,
-    /// The valid recipients read from `recipients_file` at load: lower-cased addresses and
-    /// `@domain` entries. `None` without a file (every address in an accepted domain is valid).
+    /// The valid recipients read from `recipients_file` at load: addresses and `@domain`
+    /// entries in canonical form (as [`crate::envelope::Address`] writes them; domains as
+    /// A-labels). `None` without a file (every address in an accepted domain is valid).
     pub recipients: Option<Vec<String>>,
 }
 
@@ -180,8 +181,8 @@ pub struct User {
     pub name: String,
     /// argon2id PHC string; it parsed with `argon2::PasswordHash::new` at load.
     pub password_hash: String,
-    /// Envelope senders this user may use: `local@domain` or `@domain` (a whole domain); the
-    /// domain is lower-cased, the local part kept as written.
+    /// Envelope senders this user may use: `local@domain` or `@domain` (a whole domain), in
+    /// canonical form (as [`crate::envelope::Address`] writes them; domains as A-labels).
     pub senders: Vec<String>,
 }
 
@@ -265,7 +266,8 @@ pub struct Upstream {
     pub tls: UpstreamTls,
     /// PEM CA bundle to verify it with, instead of the system roots; as written.
     pub ca: Option<PathBuf>,
-    /// Lower case; empty means the default route.
+    /// Recipient domains routed here, in canonical form (A-label, lower case); empty means
+    /// the default route.
     pub domains: Vec<String>,
     /// AUTH user at the upstream; set exactly when `auth_password_file` is.
     pub auth_user: Option<String>,

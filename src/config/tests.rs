@@ -542,7 +542,9 @@ fn portcullis_toml_documents_only_known_keys_and_is_valid() {
     assert_eq!(c.listeners.len(), 3);
     assert_eq!(
         c.relay.recipients.as_deref(),
-        Some(&["bob@example.com".to_owned(), "@example.org".to_owned()][..])
+        // Canonical form: the domain lower case, the local part as written (matching ignores
+        // its ASCII case, see Address::matches).
+        Some(&["Bob@example.com".to_owned(), "@example.org".to_owned()][..])
     );
     let auth = c.auth.as_ref().expect("auth");
     assert_eq!(auth.users.len(), 1);
@@ -881,4 +883,47 @@ fn warnings_for_auth_without_user_budget_and_users_who_own_no_sender() {
         !off.contains("messages_per_user") && !off.contains("svc"),
         "{off}"
     );
+}
+
+#[test]
+fn domains_and_addresses_are_compiled_to_their_canonical_forms() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let rcpts = write(
+        dir.path(),
+        "rcpts",
+        "# staff\ninfo@Bücher.example   # shop\na#b@example.com\n\"John Doe\"@example.com\n\
+         @FAß.example\n\u{212A}ate@example.com\n",
+    );
+    let c = ok(&format!(
+        "{MINIMAL}\n[relay]\naccepted_domains = [\"Bücher.Example.\", \"xn--fa-hia.example\"]\n\
+         recipients_file = {rcpts:?}\n\
+         [[upstreams]]\naddress = \"a.example:25\"\ndomains = [\"BÜCHER.example\"]\n"
+    ));
+    assert_eq!(
+        c.relay.accepted_domains,
+        ["xn--bcher-kva.example", "xn--fa-hia.example"]
+    );
+    assert_eq!(c.upstreams[1].domains, ["xn--bcher-kva.example"]);
+    assert_eq!(
+        c.relay.recipients.as_deref().unwrap(),
+        [
+            "info@xn--bcher-kva.example",
+            "a#b@example.com",
+            "\"John Doe\"@example.com",
+            "@xn--fa-hia.example",
+            "\u{212A}ate@example.com",
+        ]
+    );
+    for (bad, why) in [
+        ("xn--a.example", "internationalised"),
+        ("b\u{fffd}cher.example", "internationalised"),
+        ("-x.example", "hyphen"),
+    ] {
+        let errs = errors(&format!(
+            "{MINIMAL}\n[relay]\naccepted_domains = [\"ok.example\", {bad:?}]\n"
+        ));
+        assert_eq!(errs.len(), 1, "{bad}: {errs:?}");
+        assert_eq!(errs[0].0, "relay.accepted_domains[1]");
+        assert!(errs[0].1.contains(why), "{bad}: {}", errs[0].1);
+    }
 }

@@ -340,7 +340,7 @@ impl Connection {
         let Some(tx) = self.session.transaction() else {
             return Ok(());
         };
-        let Some(caps) = self.shared.capabilities.for_domain(&to.domain_lower()) else {
+        let Some(caps) = self.shared.capabilities.for_domain(to.domain()) else {
             return Err(Refusal {
                 reply: reply::NO_ROUTE,
                 rule: "no_route",
@@ -357,7 +357,7 @@ impl Connection {
             return Ok(());
         };
         tx.recipients.iter().try_for_each(|to| {
-            let Some(caps) = self.shared.capabilities.for_domain(&to.domain_lower()) else {
+            let Some(caps) = self.shared.capabilities.for_domain(to.domain()) else {
                 return Ok(());
             };
             capability::rcpt_at_data(&caps, &tx.from, &tx.params, to)?;

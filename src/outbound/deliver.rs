@@ -251,7 +251,7 @@ impl Attempting<'_> {
             // Group the pending recipients by route (usually one group).
             let mut groups: BTreeMap<Vec<usize>, Vec<usize>> = BTreeMap::new();
             for &i in &pending {
-                let domain = self.msg.envelope.recipients[i].address.domain_lower();
+                let domain = self.msg.envelope.recipients[i].address.domain().to_owned();
                 let route = self.ctx.upstreams.route(&domain).to_vec();
                 groups.entry(route).or_default().push(i);
             }
@@ -282,7 +282,8 @@ impl Attempting<'_> {
         if route.is_empty() {
             let domain = self.msg.envelope.recipients[rcpts[0]]
                 .address
-                .domain_lower();
+                .domain()
+                .to_owned();
             error!(queue_id = %id, %domain, "no upstream route for this domain (no [[upstreams]] lists it and none has empty domains)");
             errors.push(format!("no upstream route for {domain}"));
             return false;

@@ -210,7 +210,7 @@ impl Scheduler {
             return;
         };
         for rcpt in msg.pending() {
-            for &u in self.ctx.upstreams.route(&rcpt.domain_lower()) {
+            for &u in self.ctx.upstreams.route(rcpt.domain()) {
                 self.ctx.upstreams.get(u).reset_breaker();
             }
         }

@@ -66,12 +66,14 @@ impl Routes {
         routes
     }
 
-    /// The upstreams for a recipient domain (lower case), in failover order. Empty when no
-    /// upstream lists the domain and there is no default route.
+    /// The upstreams for a recipient domain, in failover order. Empty when no upstream lists
+    /// the domain and there is no default route. `domain` is an [`Address::domain`]: the
+    /// canonical A-label form in lower case, the form `upstreams[].domains` is compiled to,
+    /// so `bücher.example` and `xn--bcher-kva.example` take the same route.
+    ///
+    /// [`Address::domain`]: crate::envelope::Address::domain
     pub fn route(&self, domain: &str) -> &[usize] {
-        self.by_domain
-            .get(domain.trim_end_matches('.'))
-            .unwrap_or(&self.default_route)
+        self.by_domain.get(domain).unwrap_or(&self.default_route)
     }
 }
 

@@ -60,8 +60,8 @@ pub struct SessionFacts<'a> {
 pub struct Policy {
     accepted_domains: Vec<String>,
     relay_networks: Vec<IpNet>,
-    /// Lower-case addresses and `@domain` entries of `recipients_file`.
-    recipients: Option<HashSet<String>>,
+    /// The entries of `recipients_file`.
+    recipients: Option<KnownRecipients>,
     /// The header firewall for mail from strangers.
     untrusted_headers: Arc<StripRules>,
     /// Nothing is stripped from trusted mail.
@@ -127,7 +127,7 @@ impl Policy {
                 .relay
                 .recipients
                 .as_ref()
-                .map(|list| list.iter().cloned().collect()),
+                .map(|list| KnownRecipients::new(list)),
             untrusted_headers: Arc::new(StripRules {
                 names: config
                     .headers
@@ -263,7 +263,8 @@ impl Policy {
         contains(&self.relay_networks, normalize(ip))
     }
 
-    /// True when mail for `domain` (lower case) is accepted from anyone allowed to connect.
+    /// True when mail for `domain` (canonical: an [`Address::domain`]) is accepted from anyone
+    /// allowed to connect.
     pub fn is_accepted_domain(&self, domain: &str) -> bool {
         self.accepted_domains.iter().any(|d| d == domain)
     }
@@ -271,17 +272,12 @@ impl Policy {
     /// RCPT stage: recipients in accepted domains are taken from anyone (and checked against
     /// the recipient list when one is configured); other domains need AUTH or a relay network.
     pub fn rcpt(&self, facts: &SessionFacts<'_>, to: &Address) -> Result<(), Refusal> {
-        let domain = to.domain_lower();
-        if self.is_accepted_domain(&domain) {
+        if self.is_accepted_domain(to.domain()) {
             if routed(to) {
                 return Err(Refusal::new(reply::RELAY_DENIED, "routed_address"));
             }
-            if let Some(known) = &self.recipients {
-                let wildcard = format!("@{domain}");
-                let full = format!("{}{wildcard}", to.local().to_lowercase());
-                if !known.contains(&full) && !known.contains(&wildcard) {
-                    return Err(Refusal::new(reply::UNKNOWN_USER, "recipients_file"));
-                }
+            if self.recipients.as_ref().is_some_and(|k| !k.contains(to)) {
+                return Err(Refusal::new(reply::UNKNOWN_USER, "recipients_file"));
             }
             return Ok(());
         }
@@ -289,6 +285,38 @@ impl Policy {
             return Ok(());
         }
         Err(Refusal::new(reply::RELAY_DENIED, "relay_denied"))
+    }
+}
+
+/// The entries of `recipients_file`, for lookups that match as [`Address::matches`] says.
+#[derive(Debug, Clone)]
+struct KnownRecipients {
+    /// Exact addresses, in [`Address::for_matching`] form.
+    addresses: HashSet<Address>,
+    /// `@domain` entries: canonical domains.
+    domains: HashSet<String>,
+}
+
+impl KnownRecipients {
+    /// From the canonical entries config compiled; an entry that does not parse (config
+    /// refuses those) matches nothing, so the list can only shrink, never open up.
+    fn new(entries: &[String]) -> KnownRecipients {
+        let mut known = KnownRecipients {
+            addresses: HashSet::new(),
+            domains: HashSet::new(),
+        };
+        for entry in entries {
+            if let Some(domain) = entry.strip_prefix('@') {
+                known.domains.insert(domain.to_owned());
+            } else if let Ok(a) = Address::parse(entry) {
+                known.addresses.insert(a.for_matching());
+            }
+        }
+        known
+    }
+
+    fn contains(&self, to: &Address) -> bool {
+        self.domains.contains(to.domain()) || self.addresses.contains(&to.for_matching())
     }
 }
 
@@ -388,6 +416,36 @@ mod tests {
         );
         // Mail relayed by an authenticated user to other domains is not checked against it.
         assert_eq!(rule("bob@other.test", Some("alice")), None);
+    }
+
+    #[test]
+    fn recipients_file_matches_ascii_case_only_and_domains_as_a_labels() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("recipients.txt");
+        std::fs::write(
+            &file,
+            "kate@example.com\n\"John Doe\"@example.com\nJörg@bücher.example\n# c\n",
+        )
+        .unwrap();
+        let (_, p) = policy(&format!(
+            "accepted_domains = [\"example.com\", \"xn--bcher-kva.example\"]\n\
+             recipients_file = {:?}",
+            file.display().to_string()
+        ));
+        let rule = |to: &str| {
+            p.rcpt(&facts("192.0.2.1", None), &Address::parse(to).unwrap())
+                .err()
+                .map(|r| r.rule)
+        };
+        assert_eq!(rule("KATE@example.com"), None);
+        // U+212A KELVIN SIGN lower-cases to `k` in Unicode: not the same mailbox.
+        assert_eq!(rule("\u{212A}ate@example.com"), Some("recipients_file"));
+        assert_eq!(rule("\"john doe\"@example.com"), None);
+        assert_eq!(rule("john.doe@example.com"), Some("recipients_file"));
+        assert_eq!(rule("Jörg@xn--bcher-kva.example"), None);
+        assert_eq!(rule("Jörg@BÜCHER.example"), None);
+        // Non-ASCII local parts are byte-exact: no case folding.
+        assert_eq!(rule("jörg@bücher.example"), Some("recipients_file"));
     }
 
     /// A policy with users `alice` (senders alice@example.com) and `bob@example.com` (none),

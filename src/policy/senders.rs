@@ -2,9 +2,10 @@
 //! (`MAIL FROM`) and in the `From:` header.
 //!
 //! Decisions (documented for operators in `docs/policy.md`):
-//! - An entry of a user's `senders` is an exact address (local part compared as written, the
-//!   domain case-insensitively, a trailing dot ignored) or `@domain` (every address of exactly
-//!   that domain, not its subdomains).
+//! - An entry of a user's `senders` is an exact address or `@domain` (every address of exactly
+//!   that domain, not its subdomains). Addresses match as [`Address::matches`] says: the
+//!   domain in its canonical A-label form (so U-labels and A-labels are one domain), an ASCII
+//!   local part ignoring case, a non-ASCII one byte for byte.
 //! - A user with no `senders` owns its login when the login is an address, and nothing
 //!   otherwise.
 //! - The null sender `<>` is allowed in the envelope: read receipts (RFC 8098) and some
@@ -17,7 +18,7 @@
 //! - The header check reads at most [`MAX_HEADER_CHECK`] octets of the header section; a
 //!   `From:` beyond that is not seen, so the message counts as having none.
 
-use crate::envelope::Address;
+use crate::envelope::{Address, canonical_domain};
 
 /// Octets of the header section kept for the `From:` check of an authenticated message.
 pub const MAX_HEADER_CHECK: usize = 64 * 1024;
@@ -25,31 +26,26 @@ pub const MAX_HEADER_CHECK: usize = 64 * 1024;
 /// One `senders` entry.
 #[derive(Debug, Clone, PartialEq, Eq)]
 enum Pattern {
-    /// Local part as written, domain lower case.
-    Address { local: String, domain: String },
-    /// Lower case.
+    /// One mailbox.
+    Address(Address),
+    /// A whole domain, canonical (A-label, lower case).
     Domain(String),
 }
 
 impl Pattern {
+    /// An entry in either form (config has already checked and canonicalised it; the login
+    /// of a user without `senders` has not been, so anything else is `None`).
     fn parse(entry: &str) -> Option<Pattern> {
-        if let Some(domain) = entry.strip_prefix('@') {
-            let domain = domain.strip_suffix('.').unwrap_or(domain);
-            return (!domain.is_empty()).then(|| Pattern::Domain(domain.to_ascii_lowercase()));
+        match entry.strip_prefix('@') {
+            Some(domain) => canonical_domain(domain).ok().map(Pattern::Domain),
+            None => Address::parse(entry).ok().map(Pattern::Address),
         }
-        let a = Address::parse(entry).ok()?;
-        Some(Pattern::Address {
-            local: a.local().to_string(),
-            domain: a.domain_lower(),
-        })
     }
 
     fn matches(&self, a: &Address) -> bool {
         match self {
-            Pattern::Address { local, domain } => {
-                a.local() == local && a.domain().eq_ignore_ascii_case(domain)
-            }
-            Pattern::Domain(domain) => a.domain().eq_ignore_ascii_case(domain),
+            Pattern::Address(owned) => owned.matches(a),
+            Pattern::Domain(domain) => a.domain() == domain,
         }
     }
 }
@@ -139,8 +135,8 @@ mod tests {
         assert!(owns(&s, "alice@example.com"));
         assert!(owns(&s, "alice@EXAMPLE.com."));
         assert!(
-            !owns(&s, "Alice@example.com"),
-            "local parts are compared as written"
+            owns(&s, "Alice@example.com"),
+            "ASCII local parts are compared ignoring case"
         );
         assert!(!owns(&s, "bob@example.com"));
         assert!(owns(&s, "anyone@sales.example.com"));
@@ -159,6 +155,24 @@ mod tests {
             &senders("bob@example.com", &["b@example.org"]),
             "bob@example.com"
         ));
+    }
+
+    #[test]
+    fn utf8_senders_match_in_either_domain_form_without_case_folding() {
+        let s = senders("jörg", &["jörg@bücher.example", "@faß.example"]);
+        assert!(owns(&s, "jörg@xn--bcher-kva.example"));
+        assert!(owns(&s, "jörg@BÜCHER.example"));
+        assert!(
+            !owns(&s, "JÖRG@bücher.example"),
+            "non-ASCII local parts are byte-exact"
+        );
+        assert!(owns(&s, "anyone@xn--fa-hia.example"));
+        assert!(
+            !owns(&s, "anyone@fass.example"),
+            "ß is not ss (non-transitional)"
+        );
+        let k = senders("kate", &["kate@example.com"]);
+        assert!(!owns(&k, "\u{212A}ate@example.com"));
     }
 
     #[test]

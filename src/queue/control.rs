@@ -56,7 +56,7 @@ use std::os::fd::AsRawFd;
 use std::os::unix::fs::MetadataExt;
 
 use super::{QueuedMessage, Spool, SpoolError, create_new, exact_id, give_to, sync_dir};
-use crate::envelope::{Address, QueueId, ReversePath};
+use crate::envelope::{Address, QueueId, ReversePath, canonical_domain};
 
 /// Prefix of retry request file names in `control/`.
 const RETRY_PREFIX: &str = "retry.";
@@ -100,11 +100,12 @@ pub enum PurgeFilter {
     All,
     /// Messages from the null sender `<>` (bounces), given as `--from '<>'`.
     NullSender,
-    /// Messages whose envelope sender is this address: local part compared exactly, domain
-    /// case-insensitively.
+    /// Messages whose envelope sender is this address, compared as [`Address::matches`] does
+    /// everywhere else: the canonical domain (A-label, lower case), an ASCII local part
+    /// ignoring case, a non-ASCII one byte for byte.
     Sender(Address),
-    /// Messages whose envelope sender's domain is this domain (case-insensitive; subdomains do
-    /// not match), given as `--from @DOMAIN`.
+    /// Messages whose envelope sender's domain is this domain (canonical form, so a U-label
+    /// and its A-label are one domain; subdomains do not match), given as `--from @DOMAIN`.
     Domain(String),
 }
 
@@ -114,18 +115,19 @@ pub enum PurgeFilter {
 pub struct BadPurgeFilter(pub String);
 
 impl PurgeFilter {
-    /// Parse a `--from` argument: `<>` for the null sender, `@DOMAIN` for a whole domain,
-    /// otherwise an address (surrounding angle brackets allowed, a trailing dot on the domain
-    /// ignored, as at MAIL FROM).
+    /// Parse a `--from` argument: `<>` for the null sender, `@DOMAIN` for a whole domain
+    /// (U-label or A-label), otherwise an address in its RFC 5321 form, quoted local part
+    /// included (surrounding angle brackets allowed, a trailing dot on the domain ignored, as
+    /// at MAIL FROM).
     pub fn parse_from(arg: &str) -> Result<PurgeFilter, BadPurgeFilter> {
         let bad = || BadPurgeFilter(arg.to_string());
         if arg == "<>" {
             return Ok(PurgeFilter::NullSender);
         }
         if let Some(domain) = arg.strip_prefix('@') {
-            // Validate the domain with the address parser rather than a second grammar.
-            let probe = Address::parse(&format!("x@{domain}")).map_err(|_| bad())?;
-            return Ok(PurgeFilter::Domain(probe.domain().to_string()));
+            return canonical_domain(domain)
+                .map(PurgeFilter::Domain)
+                .map_err(|_| bad());
         }
         let bare = match (arg.strip_prefix('<'), arg.ends_with('>')) {
             (Some(inner), true) => &inner[..inner.len() - 1],
@@ -143,20 +145,11 @@ impl PurgeFilter {
         match (self, sender) {
             (PurgeFilter::All, _) => true,
             (PurgeFilter::NullSender, ReversePath::Null) => true,
-            (PurgeFilter::Sender(want), ReversePath::Address(got)) => {
-                want.local() == got.local() && same_domain(want.domain(), got.domain())
-            }
-            (PurgeFilter::Domain(want), ReversePath::Address(got)) => {
-                same_domain(want, got.domain())
-            }
+            (PurgeFilter::Sender(want), ReversePath::Address(got)) => want.matches(got),
+            (PurgeFilter::Domain(want), ReversePath::Address(got)) => want == got.domain(),
             _ => false,
         }
     }
-}
-
-/// Domains compare case-insensitively, including non-ASCII (internationalised) labels.
-fn same_domain(a: &str, b: &str) -> bool {
-    a.eq_ignore_ascii_case(b) || a.to_lowercase() == b.to_lowercase()
 }
 
 /// One message selected by [`Spool::purge`].

@@ -721,7 +721,17 @@ fn purge_filter_parsing_and_matching() {
         ("spam@junk.example", "spam@JUNK.Example", true),
         ("<spam@junk.example>", "spam@junk.example", true),
         ("spam@junk.example.", "spam@junk.example", true),
-        ("spam@junk.example", "Spam@junk.example", false),
+        // The same comparison as every policy check: ASCII local parts ignore case, non-ASCII
+        // ones are byte-exact (U+212A KELVIN SIGN is not `k`), domains compare as A-labels.
+        ("spam@junk.example", "Spam@junk.example", true),
+        ("kate@junk.example", "\u{212A}ate@junk.example", false),
+        (
+            "\"john doe\"@junk.example",
+            "\"John Doe\"@junk.example",
+            true,
+        ),
+        ("@bücher.example", "x@xn--bcher-kva.example", true),
+        ("@xn--bcher-kva.example", "x@BÜCHER.example", true),
         ("spam@junk.example", "spam2@junk.example", false),
         ("spam@junk.example", "<>", false),
         ("@junk.example", "anyone@JUNK.example", true),

@@ -6,7 +6,7 @@ use super::data::{DataDecoder, DataFault};
 use super::line::{Frame, LineFramer};
 use super::reply::{self, Reply};
 use super::sasl::{self, Credentials, Mechanism, SaslError};
-use crate::envelope::{Address, Body, MailParams, ReversePath};
+use crate::envelope::{Address, AddressError, Body, MailParams, ReversePath};
 
 /// Pending output above which [`Session::poll`] asks the driver to flush before it reads more
 /// commands, so a client that pipelines without reading replies cannot grow our buffer.
@@ -530,13 +530,11 @@ impl Session {
                 let parsed = Request::parse(&mut self.input[line_start..line_end + 2].iter())
                     .map(Request::into_owned);
                 let line = &self.input[line_start..line_end];
-                // smtp-proto reports `<postmaster>` as an empty address: only then look.
-                let is_postmaster = matches!(&parsed, Ok(Request::Rcpt { to }) if to.address.is_empty())
-                    && line
-                        .windows(12)
-                        .any(|w| w.eq_ignore_ascii_case(b"<postmaster>"));
+                // The path as the client wrote it: the address is parsed from this text by
+                // our own grammar, not taken from smtp-proto, which removes quotes.
+                let path = path_text(line).map(str::to_owned);
                 let declared = declared_size(line);
-                self.command(parsed, is_postmaster, declared)
+                self.command(parsed, path, declared)
             }
         }
     }
@@ -544,7 +542,7 @@ impl Session {
     fn command(
         &mut self,
         parsed: Result<Request<String>, ProtoError>,
-        is_postmaster: bool,
+        path: Option<String>,
         declared: Option<u64>,
     ) -> Option<Event> {
         let request = match parsed {
@@ -564,8 +562,8 @@ impl Session {
         match request {
             Request::Ehlo { host } => self.helo_command(host, true),
             Request::Helo { host } => self.helo_command(host, false),
-            Request::Mail { from } => self.mail(from, declared),
-            Request::Rcpt { to } => self.rcpt(to, is_postmaster),
+            Request::Mail { from } => self.mail(from, path, declared),
+            Request::Rcpt { to } => self.rcpt(to, path),
             Request::Data => self.data(),
             Request::Rset => {
                 self.state = if self.helo.is_some() {
@@ -665,7 +663,12 @@ impl Session {
         }
     }
 
-    fn mail(&mut self, from: MailFrom<String>, declared: Option<u64>) -> Option<Event> {
+    fn mail(
+        &mut self,
+        from: MailFrom<String>,
+        path: Option<String>,
+        declared: Option<u64>,
+    ) -> Option<Event> {
         if let Some((reply, rule)) = self.mail_gate() {
             return self.refuse_command(reply, rule);
         }
@@ -679,15 +682,26 @@ impl Session {
         {
             return self.refuse_command(reply::MESSAGE_TOO_BIG, "declared_size");
         }
-        let path = if from.address.is_empty() {
+        let raw = path.as_deref().unwrap_or_default();
+        let path = if raw.is_empty() && from.address.is_empty() {
             ReversePath::Null
         } else {
-            match Address::parse(&from.address) {
+            match path_address(raw, &from.address) {
                 Ok(a) => ReversePath::Address(a),
-                Err(_) => return self.refuse_command(reply::BAD_SENDER_ADDRESS, "bad_sender"),
+                Err(PathFault::Syntax) => {
+                    return self.refuse_command(reply::MAIL_SYNTAX, "path_syntax");
+                }
+                Err(PathFault::Address(AddressError::BadIdna)) => {
+                    return self.refuse_command(reply::BAD_SENDER_ADDRESS, "bad_idna");
+                }
+                Err(PathFault::Address(_)) => {
+                    return self.refuse_command(reply::BAD_SENDER_ADDRESS, "bad_sender");
+                }
             }
         };
-        if path.address().is_some_and(Address::is_utf8) && !params.smtputf8 {
+        // The text as sent decides: a U-label domain needs SMTPUTF8 although the canonical
+        // form is its A-label.
+        if !raw.is_ascii() && !params.smtputf8 {
             return self.refuse_command(reply::NEED_SMTPUTF8, "utf8_without_smtputf8");
         }
         self.pending = Some(Pending::Mail {
@@ -697,7 +711,7 @@ impl Session {
         Some(Event::Mail { from: path, params })
     }
 
-    fn rcpt(&mut self, to: RcptTo<String>, is_postmaster: bool) -> Option<Event> {
+    fn rcpt(&mut self, to: RcptTo<String>, path: Option<String>) -> Option<Event> {
         let State::Mail(tx) = &self.state else {
             return if self.helo.is_none() {
                 self.refuse_command(reply::NEED_HELO, "need_helo")
@@ -710,17 +724,28 @@ impl Session {
         }
         let smtputf8 = tx.params.smtputf8;
         let count = tx.recipients.len();
-        // smtp-proto reports `<postmaster>` (RFC 5321 §4.5.1) as an empty address.
-        let text = if to.address.is_empty() && is_postmaster {
-            format!("postmaster@{}", self.config.hostname)
+        let raw = path.as_deref().unwrap_or_default();
+        // `<postmaster>` without a domain (RFC 5321 §4.5.1) is ours; smtp-proto reports it
+        // as an empty address.
+        let parsed = if to.address.is_empty() && raw.eq_ignore_ascii_case("postmaster") {
+            Address::parse(&format!("postmaster@{}", self.config.hostname))
+                .map_err(PathFault::Address)
         } else {
-            to.address
+            path_address(raw, &to.address)
         };
-        let address = match Address::parse(&text) {
+        let address = match parsed {
             Ok(a) => a,
-            Err(_) => return self.refuse_command(reply::BAD_RECIPIENT_ADDRESS, "bad_recipient"),
+            Err(PathFault::Syntax) => {
+                return self.refuse_command(reply::RCPT_SYNTAX, "path_syntax");
+            }
+            Err(PathFault::Address(AddressError::BadIdna)) => {
+                return self.refuse_command(reply::BAD_RECIPIENT_ADDRESS, "bad_idna");
+            }
+            Err(PathFault::Address(_)) => {
+                return self.refuse_command(reply::BAD_RECIPIENT_ADDRESS, "bad_recipient");
+            }
         };
-        if address.is_utf8() && !smtputf8 {
+        if !raw.is_ascii() && !smtputf8 {
             return self.refuse_command(reply::NEED_SMTPUTF8, "utf8_without_smtputf8");
         }
         if count >= self.config.max_recipients {
@@ -846,6 +871,62 @@ impl Session {
                 self.refuse_command(reply, rule)
             }
         }
+    }
+}
+
+/// The text between `<` and `>` of a MAIL FROM or RCPT TO line, as sent, without a source
+/// route (`@a,@b:`, which RFC 5321 §4.1.2 says to accept and ignore). `None` when the line
+/// has no complete path or it is not UTF-8.
+///
+/// The end of the path is found the way smtp-proto finds it (a `"` toggles quoting, `\`
+/// inside quotes escapes the next octet, the first `>` outside quotes ends the path), and
+/// [`path_address`] then checks that both read the same address, so the parameters that
+/// smtp-proto parsed after its `>` are the ones after ours.
+fn path_text(line: &[u8]) -> Option<&str> {
+    let start = line.iter().position(|&b| b == b'<')? + 1;
+    let mut quoted = false;
+    let mut escaped = false;
+    let mut end = None;
+    for (i, &b) in line.iter().enumerate().skip(start) {
+        match b {
+            _ if escaped => escaped = false,
+            b'\\' if quoted => escaped = true,
+            b'"' => quoted = !quoted,
+            b'>' if !quoted => {
+                end = Some(i);
+                break;
+            }
+            _ => {}
+        }
+    }
+    let text = std::str::from_utf8(&line[start..end?])
+        .ok()?
+        .trim_matches(' ');
+    Some(match text.strip_prefix('@') {
+        Some(route) => route.split_once(':').map_or(text, |(_, rest)| rest),
+        None => text,
+    })
+}
+
+/// Why a path's address is refused.
+#[derive(Debug, PartialEq, Eq)]
+enum PathFault {
+    /// Our reading of the path and smtp-proto's differ, or there is no path text: a syntax
+    /// error (501), never a guess at which reading the next hop would take.
+    Syntax,
+    /// The path is not an acceptable address (553).
+    Address(AddressError),
+}
+
+/// The address of a path: `raw` (from [`path_text`]) parsed by [`Address::parse`], which keeps
+/// the local part's quoting information, after checking that smtp-proto's unquoted reading
+/// `proto` names the same local part and domain text.
+fn path_address(raw: &str, proto: &str) -> Result<Address, PathFault> {
+    let address = Address::parse(raw).map_err(PathFault::Address)?;
+    let (_, domain) = raw.rsplit_once('@').ok_or(PathFault::Syntax)?;
+    match proto.rsplit_once('@') {
+        Some((local, d)) if local == address.local() && d == domain => Ok(address),
+        _ => Err(PathFault::Syntax),
     }
 }
 

@@ -1221,3 +1221,120 @@ fn size_overflow_without_angle_brackets_is_not_accepted() {
     let r = t.send("MAIL FROM:a@b.example SIZE=99999999999999999999999999");
     assert_ne!(r.codes(), vec![250], "{r:?}");
 }
+
+/// The recipients and sender of the open transaction, in canonical text.
+fn envelope_text(t: &T) -> (String, Vec<String>) {
+    let tx = t.s.transaction().expect("a transaction");
+    (
+        tx.from.to_string(),
+        tx.recipients.iter().map(|r| r.to_string()).collect(),
+    )
+}
+
+#[test]
+fn quoted_local_parts_keep_their_quotes_so_nothing_is_injected_upstream() {
+    let mut t = T::ehlo(cfg());
+    t.send("MAIL FROM:<\"a b\"@b.example> BODY=8BITMIME")
+        .expect(250);
+    t.send("RCPT TO:<\"x>y\"@d.example>").expect(250);
+    t.send("RCPT TO:<\"john doe\"@d.example>").expect(250);
+    t.send("RCPT TO:<\"semi;colon\\\"q\"@d.example>")
+        .expect(250);
+    let (from, rcpts) = envelope_text(&t);
+    assert_eq!(from, "\"a b\"@b.example");
+    assert_eq!(
+        rcpts,
+        [
+            "\"x>y\"@d.example",
+            "\"john doe\"@d.example",
+            "\"semi;colon\\\"q\"@d.example",
+        ]
+    );
+    // Needless quotes are dropped: one mailbox, one form.
+    t.send("RSET").expect(250);
+    t.send("MAIL FROM:<\"plain.dot\"@b.example>").expect(250);
+    assert_eq!(envelope_text(&t).0, "plain.dot@b.example");
+}
+
+#[test]
+fn a_path_read_differently_by_smtp_proto_is_a_syntax_error() {
+    use super::{PathFault, path_address, path_text};
+    assert_eq!(
+        path_text(b"RCPT TO:<\"x>y\"@d.example> X=1"),
+        Some("\"x>y\"@d.example")
+    );
+    assert_eq!(
+        path_text(b"MAIL FROM:<@a,@b:u@d.example>"),
+        Some("u@d.example")
+    );
+    assert_eq!(path_text(b"MAIL FROM: < >"), Some(""));
+    assert_eq!(path_text(b"MAIL FROM:<u@d.example"), None);
+    assert!(path_address("\"x>y\"@d.example", "x>y@d.example").is_ok());
+    assert_eq!(
+        path_address("u@d.example", "v@d.example"),
+        Err(PathFault::Syntax)
+    );
+    assert_eq!(
+        path_address("u@d.example", "u@e.example"),
+        Err(PathFault::Syntax)
+    );
+}
+
+#[test]
+fn source_routes_are_ignored_and_paths_that_are_not_addresses_refused() {
+    let mut t = T::ehlo(cfg());
+    t.send("MAIL FROM:<@relay.example,@other.example:a@b.example>")
+        .expect(250);
+    t.send("RCPT TO:<@relay.example:r@d.example>").expect(250);
+    assert_eq!(envelope_text(&t).1, ["r@d.example"]);
+    for (line, code, enh, rule) in [
+        (
+            "RCPT TO:<x>y@d.example>",
+            553,
+            "5.1.3",
+            "bad_recipient_syntax",
+        ),
+        (
+            "RCPT TO:<a..b@d.example>",
+            553,
+            "5.1.3",
+            "bad_recipient_syntax",
+        ),
+        (
+            "RCPT TO:<\"\"@d.example>",
+            553,
+            "5.1.3",
+            "bad_recipient_syntax",
+        ),
+        (
+            "RCPT TO:<a\u{7f}b@d.example>",
+            553,
+            "5.1.3",
+            "bad_recipient",
+        ),
+        ("RCPT TO:<r@xn--a.example>", 553, "5.1.3", "bad_idna"),
+    ] {
+        t.send(line).expect_enh(code, enh);
+        assert_eq!(t.rules().last(), Some(&rule), "{line}");
+    }
+    t.send("RSET").expect(250);
+    t.send("MAIL FROM:<postmaster>").expect_enh(553, "5.1.7");
+    t.send("MAIL FROM:<s@xn--a.example>")
+        .expect_enh(553, "5.1.7");
+    assert_eq!(t.rules().last(), Some(&"bad_idna"));
+}
+
+#[test]
+fn u_label_domains_need_smtputf8_and_are_kept_as_a_labels() {
+    let mut t = T::ehlo(cfg());
+    t.send("MAIL FROM:<a@bücher.example>")
+        .expect_enh(553, "5.6.7");
+    t.send("MAIL FROM:<a@b.example> SMTPUTF8").expect(250);
+    t.send("RCPT TO:<info@Bücher.example>").expect(250);
+    t.send("RCPT TO:<\u{212A}ate@d.example>").expect(250);
+    let (_, rcpts) = envelope_text(&t);
+    assert_eq!(
+        rcpts,
+        ["info@xn--bcher-kva.example", "\u{212A}ate@d.example"]
+    );
+}
