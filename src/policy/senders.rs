@@ -311,4 +311,52 @@ mod tests {
             Err(FromProblem::NotOwned(_)) | Err(FromProblem::Missing)
         ));
     }
+
+    #[test]
+    fn display_names_naming_someone_else_are_refused() {
+        let s = senders("alice", &["alice@example.com"]);
+        let check = |headers: &str| check_from_header(&s, headers.as_bytes());
+        let spoofs = [
+            "From: ceo@example.com <alice@example.com>\r\n",
+            "From: \"CEO (ceo@example.com)\" <alice@example.com>\r\n",
+            "From: =?utf-8?Q?CEO_<ceo=40example.com>?= <alice@example.com>\r\n",
+            "From: \"ceo@example.com\" <alice@example.com>\r\n",
+            "From: =?utf-8?B?Q0VPIDxjZW9AZXhhbXBsZS5jb20+?= <alice@example.com>\r\n",
+            "From: \"Alice\" <alice@example.com>\r\nFrom: \"via ceo@example.com\" <alice@example.com>\r\n",
+        ];
+        for spoof in spoofs {
+            assert_eq!(
+                check(spoof),
+                Err(FromProblem::DisplayName("ceo@example.com".into())),
+                "{spoof:?}"
+            );
+        }
+        let honest = [
+            "From: Alice Example <alice@example.com>\r\n",
+            "From: \"alice@example.com\" <alice@example.com>\r\n",
+            "From: =?utf-8?Q?Al=C3=AFce?= <alice@example.com>\r\n",
+            "From: \"Alice @ Example\" <alice@example.com>\r\n",
+        ];
+        for h in honest {
+            assert_eq!(check(h), Ok(()), "{h:?}");
+        }
+        // Off: only the addresses count.
+        let mut off = FromCheck::new(s.clone(), false);
+        off.from_field(spoofs[0].as_bytes());
+        assert_eq!(off.finish(), Ok(()));
+    }
+
+    #[test]
+    fn a_second_from_anywhere_in_the_section_is_checked() {
+        let s = senders("alice", &["alice@example.com"]);
+        let mut section = b"From: alice@example.com\r\n".to_vec();
+        for _ in 0..2000 {
+            section.extend_from_slice(format!("X-Pad: {}\r\n", "p".repeat(100)).as_bytes());
+        }
+        section.extend_from_slice(b"From : ceo@example.com\r\n");
+        assert_eq!(
+            check_from_header(&s, &section),
+            Err(FromProblem::NotOwned("ceo@example.com".into()))
+        );
+    }
 }
