@@ -112,7 +112,11 @@ fn headers_of(data: &[u8]) -> String {
 /// was refused before it on this session was never delivered.
 fn only_the_honest_message_arrives(c: &mut SmtpClient, sink: &Sink, from: &str, header: &str) {
     let body = format!("From: {header}\r\nSubject: honest\r\n\r\nok\r\n");
-    assert_reply(&c.send_message(from, &["b@example.com"], &body), 250, "2.0.0");
+    assert_reply(
+        &c.send_message(from, &["b@example.com"], &body),
+        250,
+        "2.0.0",
+    );
     assert!(sink.wait_for(1, WAIT), "the honest message did not arrive");
     let messages = sink.messages();
     assert_eq!(messages.len(), 1);
@@ -129,7 +133,11 @@ fn whitespace_before_the_colon_does_not_get_an_exchange_header_past_the_firewall
         "{SCL} : -1\r\n{SCL}\t:-1\r\nX-MS-Exchange-CrossTenant-AuthAs: Internal\r\n\
          X-MS-Exchange-CrossPremises-AuthSource: x\r\nSubject: t\r\n\r\nbody\r\n"
     );
-    assert_reply(&c.send_message("a@other.test", &["b@example.com"], &body), 250, "2.0.0");
+    assert_reply(
+        &c.send_message("a@other.test", &["b@example.com"], &body),
+        250,
+        "2.0.0",
+    );
     assert!(sink.wait_for(1, WAIT));
     let headers = headers_of(&sink.messages()[0].data);
     assert!(!headers.contains("X-MS-Exchange"), "{headers}");
@@ -148,10 +156,17 @@ fn a_header_section_over_1_mib_does_not_turn_the_firewall_off() {
     body.push_str(&format!("{SCL}: -1\r\nSubject: big\r\n\r\nbody\r\n"));
     assert!(body.len() > 1 << 20);
     let mut c = stranger(&relay);
-    assert_reply(&c.send_message("a@other.test", &["b@example.com"], &body), 250, "2.0.0");
+    assert_reply(
+        &c.send_message("a@other.test", &["b@example.com"], &body),
+        250,
+        "2.0.0",
+    );
     assert!(sink.wait_for(1, WAIT));
     let headers = headers_of(&sink.messages()[0].data);
-    assert!(!headers.contains(SCL), "an Exchange field reached the upstream");
+    assert!(
+        !headers.contains(SCL),
+        "an Exchange field reached the upstream"
+    );
     assert_eq!(headers.matches("X-Pad: ").count(), 9_500);
     assert!(headers.ends_with("Subject: big\r\n"));
     assert_log(&relay, "count=2");
@@ -166,10 +181,18 @@ fn authentication_results_in_our_name_are_stripped_in_every_rfc_8601_form() {
                 Authentication-Results : relay.test;\r\n dkim=pass\r\n\
                 Authentication-Results: mx.other.test; dmarc=fail\r\n\
                 Subject: ar\r\n\r\nbody\r\n";
-    assert_reply(&c.send_message("a@other.test", &["b@example.com"], body), 250, "2.0.0");
+    assert_reply(
+        &c.send_message("a@other.test", &["b@example.com"], body),
+        250,
+        "2.0.0",
+    );
     assert!(sink.wait_for(1, WAIT));
     let headers = headers_of(&sink.messages()[0].data);
-    assert_eq!(headers.matches("Authentication-Results").count(), 1, "{headers}");
+    assert_eq!(
+        headers.matches("Authentication-Results").count(),
+        1,
+        "{headers}"
+    );
     assert!(headers.contains("Authentication-Results: mx.other.test; dmarc=fail\r\n"));
 }
 
@@ -180,11 +203,42 @@ fn authserv_id_decides_which_authentication_results_are_ours() {
     let body = "Authentication-Results: (node 2) Cluster.Example.Com; dmarc=pass\r\n\
                 Authentication-Results: relay.test; spf=pass\r\n\
                 Subject: ar\r\n\r\nbody\r\n";
-    assert_reply(&c.send_message("a@other.test", &["b@example.com"], body), 250, "2.0.0");
+    assert_reply(
+        &c.send_message("a@other.test", &["b@example.com"], body),
+        250,
+        "2.0.0",
+    );
     assert!(sink.wait_for(1, WAIT));
     let headers = headers_of(&sink.messages()[0].data);
     assert!(!headers.contains("luster"), "{headers}");
     assert!(headers.contains("Authentication-Results: relay.test; spf=pass\r\n"));
+}
+
+#[test]
+fn received_fields_with_whitespace_before_the_colon_count_towards_the_hop_limit() {
+    let sink = Sink::start(SinkConfig::default());
+    let toml = config(
+        &[listener("mx", free_port(), "none")],
+        sink.port(),
+        "[relay]\naccepted_domains = [\"example.com\"]\n[limits]\nhop_limit = 2\n",
+    );
+    let relay = Relay::start(&toml);
+    let mut c = stranger(&relay);
+    let body = "Received : from a\r\nReceived\t: from b\r\n received: from c\r\nSubject: loop\r\n\r\nx\r\n";
+    // The third line folds into the second field: two Received fields, within the limit.
+    assert_reply(
+        &c.send_message("a@other.test", &["b@example.com"], body),
+        250,
+        "2.0.0",
+    );
+    let body =
+        "Received : from a\r\nReceived\t: from b\r\nSubject: x\r\nreceived : from c\r\n\r\nx\r\n";
+    assert_reply(
+        &c.send_message("a@other.test", &["b@example.com"], body),
+        554,
+        "5.4.6",
+    );
+    assert_log(&relay, "rule=\"hop_limit\"");
 }
 
 // --- From: ownership -------------------------------------------------------------------------
@@ -218,7 +272,11 @@ fn display_names_naming_another_address_are_refused() {
         let body = format!("From: {from}\r\nSubject: wire transfer\r\n\r\nplease pay\r\n");
         let reply = c.send_message("alice@example.com", &["b@example.com"], &body);
         assert_reply(&reply, 550, "5.7.1");
-        assert!(!reply.1.contains("display"), "the reply names the rule: {}", reply.1);
+        assert!(
+            !reply.1.contains("display"),
+            "the reply names the rule: {}",
+            reply.1
+        );
         c.expect("RSET", 250);
     }
     assert_log(&relay, "rule=\"from_display_name\"");
@@ -272,7 +330,11 @@ fn a_2_mb_header_line_without_crlf_gets_a_clean_reply_in_bounded_memory() {
     // Warm up: one ordinary message, so the baseline includes a session in DATA.
     let mut warm = stranger(&relay);
     assert_reply(
-        &warm.send_message("a@other.test", &["b@example.com"], "Subject: w\r\n\r\nw\r\n"),
+        &warm.send_message(
+            "a@other.test",
+            &["b@example.com"],
+            "Subject: w\r\n\r\nw\r\n",
+        ),
         250,
         "2.0.0",
     );

@@ -221,12 +221,8 @@ impl Policy {
         let Some(check) = check else {
             return Ok(());
         };
-        let refuse = |rule, address| {
-            Err((
-                Refusal::new(reply::FROM_HEADER_NOT_OWNED, rule),
-                address,
-            ))
-        };
+        let refuse =
+            |rule, address| Err((Refusal::new(reply::FROM_HEADER_NOT_OWNED, rule), address));
         match check.finish() {
             Ok(()) => Ok(()),
             Err(FromProblem::Missing) => refuse("from_header_missing", None),
@@ -423,10 +419,8 @@ mod tests {
         let (_, p) = with_users(dir.path(), "");
         let check = |user, section: &str| {
             let mut from = p.from_check(&facts("192.0.2.1", user));
-            let mut reader = crate::smtp::headers::HeaderFilter::with_inspector(
-                Arc::default(),
-                from.take(),
-            );
+            let mut reader =
+                crate::smtp::headers::HeaderFilter::with_inspector(Arc::default(), from.take());
             let mut out = Vec::new();
             reader.push(section.as_bytes(), &mut out);
             reader.finish(&mut out);
@@ -438,7 +432,10 @@ mod tests {
         assert!(p.from_check(&facts("192.0.2.1", Some("alice"))).is_some());
         assert!(p.from_check(&facts("192.0.2.1", None)).is_none());
         assert_eq!(
-            check(Some("alice"), "From: ceo@example.com <alice@example.com>\r\n"),
+            check(
+                Some("alice"),
+                "From: ceo@example.com <alice@example.com>\r\n"
+            ),
             Some((
                 "from_display_name",
                 550,

@@ -215,10 +215,8 @@ fn foreign_address_in(senders: &Senders, name: &str) -> Option<String> {
 /// display names included: what [`FromCheck`] does during DATA.
 pub fn check_from_header(senders: &Senders, section: &[u8]) -> Result<(), FromProblem> {
     let check = FromCheck::new(senders.clone(), true);
-    let mut reader = crate::smtp::headers::HeaderFilter::with_inspector(
-        std::sync::Arc::default(),
-        check,
-    );
+    let mut reader =
+        crate::smtp::headers::HeaderFilter::with_inspector(std::sync::Arc::default(), check);
     let mut out = Vec::new();
     reader.push(section, &mut out);
     reader.finish(&mut out);

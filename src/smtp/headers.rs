@@ -165,6 +165,10 @@ pub struct HeaderFilter<I: FieldInspector = ()> {
     buf: Vec<u8>,
     /// In `Name`: where the name's first octet is in `buf` (None: not seen yet).
     name_start: Option<usize>,
+    /// Of a held field: where its name is in `buf`, and where its value starts (after the
+    /// colon that ended the name, which need not be the first colon of the line).
+    name_at: (usize, usize),
+    value_at: usize,
     rules: Arc<StripRules>,
     received: u32,
     stripped: Vec<String>,
@@ -187,6 +191,8 @@ impl<I: FieldInspector> HeaderFilter<I> {
             state: State::LineStart,
             buf: Vec::new(),
             name_start: None,
+            name_at: (0, 0),
+            value_at: 0,
             rules,
             received: 0,
             stripped: Vec::new(),
@@ -214,7 +220,8 @@ impl<I: FieldInspector> HeaderFilter<I> {
     fn note_stripped(&mut self, name: &[u8]) {
         self.stripped_count += 1;
         if self.stripped.len() < MAX_LOGGED_STRIPPED {
-            self.stripped.push(String::from_utf8_lossy(name).into_owned());
+            self.stripped
+                .push(String::from_utf8_lossy(name).into_owned());
         }
     }
 
@@ -388,6 +395,8 @@ impl<I: FieldInspector> HeaderFilter<I> {
     /// do with the field.
     fn named(&mut self, start: usize, end: usize, out: &mut Vec<u8>) {
         let name = trim_end(&self.buf[start..end]);
+        self.name_at = (start, start + name.len());
+        self.value_at = (end + 1).min(self.buf.len());
         self.inspector.name(name);
         let text = String::from_utf8_lossy(name);
         if name.eq_ignore_ascii_case(b"Received") {
@@ -438,8 +447,8 @@ impl<I: FieldInspector> HeaderFilter<I> {
     fn end_field(&mut self, action: Action, out: &mut Vec<u8>) {
         if let Action::Hold(kind) = action {
             match kind {
-                WholeField::AuthenticationResults if self.ours(&self.buf) => {
-                    let name = field_name(&self.buf).to_vec();
+                WholeField::AuthenticationResults if self.ours(&self.buf[self.value_at..]) => {
+                    let name = self.buf[self.name_at.0..self.name_at.1].to_vec();
                     self.note_stripped(&name);
                 }
                 WholeField::From | WholeField::Sender => {
@@ -453,14 +462,13 @@ impl<I: FieldInspector> HeaderFilter<I> {
         self.state = State::LineStart;
     }
 
-    /// True when this `Authentication-Results:` field must be removed: it claims our
-    /// authserv-id, or has none that can be read (a reader might take it for ours).
-    fn ours(&self, field: &[u8]) -> bool {
+    /// True when the `Authentication-Results:` field with this value must be removed: it
+    /// claims our authserv-id, or has none that can be read (a reader might take it for ours).
+    fn ours(&self, value: &[u8]) -> bool {
         let Some(id) = &self.rules.auth_results_for else {
             return false;
         };
-        let colon = field.iter().position(|&b| b == b':').map_or(0, |p| p + 1);
-        match authserv_id(&field[colon..]) {
+        match authserv_id(value) {
             Some(found) => same_domain(&found, id),
             None => true,
         }
@@ -469,7 +477,7 @@ impl<I: FieldInspector> HeaderFilter<I> {
     fn refuse(&mut self) {
         let name = match self.name_start {
             Some(start) if matches!(self.state, State::Name) => &self.buf[start..],
-            _ => field_name(&self.buf),
+            _ => &self.buf[self.name_at.0..self.name_at.1],
         };
         self.too_large = Some(String::from_utf8_lossy(name).chars().take(64).collect());
         self.buf = Vec::new();
@@ -477,19 +485,12 @@ impl<I: FieldInspector> HeaderFilter<I> {
     }
 }
 
-/// The name of a held field: the octets before its colon, trimmed.
-fn field_name(field: &[u8]) -> &[u8] {
-    let colon = field.iter().position(|&b| b == b':').unwrap_or(0);
-    trim_end(trim_start(&field[..colon]))
-}
-
-fn trim_start(b: &[u8]) -> &[u8] {
-    let n = b.iter().take_while(|c| c.is_ascii_whitespace()).count();
-    &b[n..]
-}
-
 fn trim_end(b: &[u8]) -> &[u8] {
-    let n = b.iter().rev().take_while(|c| c.is_ascii_whitespace()).count();
+    let n = b
+        .iter()
+        .rev()
+        .take_while(|c| c.is_ascii_whitespace())
+        .count();
     &b[..b.len() - n]
 }
 

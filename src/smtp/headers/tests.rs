@@ -69,11 +69,15 @@ Received : x\r\nSubject: kept\r\n\r\n";
 fn leading_whitespace_and_colons_do_not_hide_a_name() {
     // A line starting with white space that continues no field, and colons before the name,
     // are read as mail-parser reads them: the name is what follows.
-    let msg = b" X-MS-Exchange-Organization-SCL: -1\r\nno colon here\r\n\t:X-MS-Exchange-Forest-A: 1\r\n\
+    let msg =
+        b" X-MS-Exchange-Organization-SCL: -1\r\nno colon here\r\n\t:X-MS-Exchange-Forest-A: 1\r\n\
 Subject: kept\r\n\r\n";
     for step in STEPS {
         let (out, _) = run(msg, exchange_rules(), step);
-        assert_eq!(out, b"no colon here\r\nSubject: kept\r\n\r\n", "step {step}");
+        assert_eq!(
+            out, b"no colon here\r\nSubject: kept\r\n\r\n",
+            "step {step}"
+        );
     }
 }
 
@@ -184,7 +188,11 @@ fn message_without_body_and_without_headers() {
     let (out, _) = run(b"", exchange_rules(), 2);
     assert!(out.is_empty());
     // A last field with no line end and a name without colon at the very end.
-    let (out, _) = run(b"A: 1\r\nX-MS-Exchange-Organization-SCL", exchange_rules(), 3);
+    let (out, _) = run(
+        b"A: 1\r\nX-MS-Exchange-Organization-SCL",
+        exchange_rules(),
+        3,
+    );
     assert_eq!(out, b"A: 1\r\n");
     let (out, _) = run(b"A: 1\r\nB", exchange_rules(), 3);
     assert_eq!(out, b"A: 1\r\nB");
@@ -205,10 +213,11 @@ fn every_from_and_sender_field_reaches_the_inspector_whole() {
     for _ in 0..1000 {
         msg.extend_from_slice(format!("X-Pad: {}\r\n", "p".repeat(100)).as_bytes());
     }
-    msg.extend_from_slice(b"from :\r\n ceo@example.com\r\nSender: s@example.com\r\n\r\nFrom: body@x\r\n");
+    msg.extend_from_slice(
+        b"from :\r\n ceo@example.com\r\nSender: s@example.com\r\n\r\nFrom: body@x\r\n",
+    );
     for step in [1, 9, 4096] {
-        let mut f =
-            HeaderFilter::with_inspector(Arc::new(StripRules::default()), Seen::default());
+        let mut f = HeaderFilter::with_inspector(Arc::new(StripRules::default()), Seen::default());
         let mut out = Vec::new();
         for chunk in msg.chunks(step) {
             if !f.push(chunk, &mut out) {
@@ -232,13 +241,34 @@ fn every_from_and_sender_field_reaches_the_inspector_whole() {
 #[test]
 fn authserv_id_by_the_rfc_8601_grammar() {
     let id = |v: &str| authserv_id(v.as_bytes()).map(|b| String::from_utf8(b).unwrap());
-    assert_eq!(id(" relay.example.com; spf=pass").as_deref(), Some("relay.example.com"));
-    assert_eq!(id(" (x) relay.example.com; dmarc=pass").as_deref(), Some("relay.example.com"));
-    assert_eq!(id(" (a (nested \\) ) comment)\r\n\trelay.example.com 1; none").as_deref(), Some("relay.example.com"));
-    assert_eq!(id(" \"relay.example.com\"; spf=pass").as_deref(), Some("relay.example.com"));
-    assert_eq!(id(" \"relay\\.example.com\" ; spf=pass").as_deref(), Some("relay.example.com"));
-    assert_eq!(id(" relay.example.com(x); spf=pass").as_deref(), Some("relay.example.com"));
-    assert_eq!(id(" RELAY.Example.COM.; spf=pass").as_deref(), Some("RELAY.Example.COM."));
+    assert_eq!(
+        id(" relay.example.com; spf=pass").as_deref(),
+        Some("relay.example.com")
+    );
+    assert_eq!(
+        id(" (x) relay.example.com; dmarc=pass").as_deref(),
+        Some("relay.example.com")
+    );
+    assert_eq!(
+        id(" (a (nested \\) ) comment)\r\n\trelay.example.com 1; none").as_deref(),
+        Some("relay.example.com")
+    );
+    assert_eq!(
+        id(" \"relay.example.com\"; spf=pass").as_deref(),
+        Some("relay.example.com")
+    );
+    assert_eq!(
+        id(" \"relay\\.example.com\" ; spf=pass").as_deref(),
+        Some("relay.example.com")
+    );
+    assert_eq!(
+        id(" relay.example.com(x); spf=pass").as_deref(),
+        Some("relay.example.com")
+    );
+    assert_eq!(
+        id(" RELAY.Example.COM.; spf=pass").as_deref(),
+        Some("RELAY.Example.COM.")
+    );
     assert_eq!(id(" (never ends relay.example.com; spf=pass"), None);
     assert_eq!(id(" ; spf=pass"), None);
     assert_eq!(id(" \"unterminated"), None);
@@ -255,6 +285,8 @@ fn authentication_results_in_our_name_are_removed_in_every_form() {
         "Authentication-Results : relay.example.com;\r\n dmarc=pass\r\n",
         "authentication-results:\r\n (a (b)) RELAY.EXAMPLE.COM 1; spf=pass\r\n",
         "Authentication-Results: (unterminated relay.example.com; dmarc=pass\r\n",
+        ": Authentication-Results: relay.example.com; dmarc=pass\r\n",
+        "::Authentication-Results :relay.example.com; dmarc=pass\r\n",
     ];
     for field in ours {
         let msg = format!("Subject: s\r\n{field}\r\nbody");
@@ -317,8 +349,16 @@ fn output_does_not_depend_on_chunking() {
         state
     };
     let atoms: [&[u8]; 10] = [
-        b":", b" ", b"\t", b"\r\n", b"X-MS-Exchange-Organization-SCL", b"From", b"a@b",
-        b"Authentication-Results", b"relay.example.com;", b"(c)",
+        b":",
+        b" ",
+        b"\t",
+        b"\r\n",
+        b"X-MS-Exchange-Organization-SCL",
+        b"From",
+        b"a@b",
+        b"Authentication-Results",
+        b"relay.example.com;",
+        b"(c)",
     ];
     for _ in 0..500 {
         let mut msg = Vec::new();
@@ -328,7 +368,12 @@ fn output_does_not_depend_on_chunking() {
         let (whole, f1) = run(&msg, exchange_rules(), msg.len().max(1));
         for step in [1, 2, 5] {
             let (out, f) = run(&msg, exchange_rules(), step);
-            assert_eq!(out, whole, "{:?} step {step}", String::from_utf8_lossy(&msg));
+            assert_eq!(
+                out,
+                whole,
+                "{:?} step {step}",
+                String::from_utf8_lossy(&msg)
+            );
             assert_eq!(f.stripped(), f1.stripped());
             assert_eq!(f.received_count(), f1.received_count());
         }

@@ -1,0 +1,89 @@
+//! Differential fuzzing of the header-field reader (`smtp::headers`) against mail-parser 0.11,
+//! the reference RFC 5322 reader: a field that one part of the relay sees must not be
+//! invisible to another, or to the mail server behind it.
+//!
+//! Input: arbitrary octets, made into what the DATA phase can deliver (it refuses a bare CR or
+//! bare LF): every CR is dropped and every LF becomes CRLF.
+//!
+//! Compared: the sequence of field names, ASCII case folded (mail-parser spells known names
+//! its own way), as `headers::field_names` reports them and as mail-parser's
+//! `parse_headers(..).headers()` names them. The reader's list must start with mail-parser's,
+//! and may be longer in one documented case only: mail-parser ends the header section at a
+//! line of only white space that does not continue a field, where the reader reads on (it
+//! filters more, never less). Also checked: filtering the section in random chunks emits
+//! the same octets as in one piece, and the reader never holds more than `MAX_BUFFERED`.
+
+#![no_main]
+
+use std::sync::Arc;
+
+use libfuzzer_sys::fuzz_target;
+use portcullis::smtp::headers::{self, HeaderFilter, NamePattern, StripRules};
+
+fuzz_target!(|data: &[u8]| {
+    if data.is_empty() {
+        return;
+    }
+    let seed = data[0];
+    let mut section = Vec::with_capacity(data.len() * 2);
+    for &b in &data[1..] {
+        match b {
+            b'\r' => {}
+            b'\n' => section.extend_from_slice(b"\r\n"),
+            b => section.push(b),
+        }
+    }
+
+    let ours: Vec<String> = headers::field_names(&section)
+        .iter()
+        .map(|n| String::from_utf8_lossy(n).to_ascii_lowercase())
+        .collect();
+    let theirs: Vec<String> = mail_parser::MessageParser::new()
+        .parse_headers(&section)
+        .map(|m| {
+            m.headers()
+                .iter()
+                .map(|h| h.name.as_str().to_ascii_lowercase())
+                .collect()
+        })
+        .unwrap_or_default();
+
+    assert!(
+        ours.starts_with(&theirs),
+        "names differ:\nreader:      {ours:?}\nmail-parser: {theirs:?}\ninput: {:?}",
+        String::from_utf8_lossy(&section)
+    );
+    if ours.len() > theirs.len() {
+        let blank_with_space = section
+            .split(|&b| b == b'\n')
+            .any(|l| l != b"\r" && !l.is_empty() && l.iter().all(|b| b.is_ascii_whitespace()));
+        assert!(
+            blank_with_space,
+            "reader sees more fields without a white-space line:\nreader:      {ours:?}\n\
+             mail-parser: {theirs:?}\ninput: {:?}",
+            String::from_utf8_lossy(&section)
+        );
+    }
+
+    // Chunking never changes the output.
+    let rules = Arc::new(StripRules {
+        names: vec![NamePattern::new("X-MS-Exchange-Organization-*"), NamePattern::new("Subject")],
+        auth_results_for: Some("relay.example.com".into()),
+    });
+    let whole = filter(&section, rules.clone(), section.len().max(1));
+    let step = usize::from(seed % 16) + 1;
+    assert_eq!(filter(&section, rules, step), whole, "chunked at {step}");
+});
+
+fn filter(section: &[u8], rules: Arc<StripRules>, step: usize) -> Vec<u8> {
+    let mut f = HeaderFilter::new(rules);
+    let mut out = Vec::new();
+    for chunk in section.chunks(step) {
+        if !f.push(chunk, &mut out) {
+            out.extend_from_slice(chunk);
+        }
+        assert!(f.buffered() <= headers::MAX_BUFFERED);
+    }
+    f.finish(&mut out);
+    out
+}
