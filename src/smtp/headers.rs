@@ -12,7 +12,9 @@
 //! the name ends at the first colon; white space before the colon (RFC 5322 §4.5.3, obsolete
 //! syntax that receivers must accept) and at the start of a line that does not continue a
 //! field is not part of the name; colons before the first name character are skipped; a line
-//! with no colon is not a field and is passed on as it is. A line that starts with white space
+//! with no colon is not a field and is passed on as it is. White space inside a name does not
+//! hide a standard one (mail-parser reads `Fr om:` as `From:`), and strip patterns match the
+//! name with or without it. A line that starts with white space
 //! continues the field before it (folding, §2.2.3).
 //!
 //! Memory is bounded whatever the client sends: the reader holds at most [`MAX_BUFFERED`]
@@ -398,13 +400,18 @@ impl<I: FieldInspector> HeaderFilter<I> {
         self.name_at = (start, start + name.len());
         self.value_at = (end + 1).min(self.buf.len());
         self.inspector.name(name);
+        // mail-parser recognises a standard name with white space inside it ("Fr om" is
+        // From); for names it does not know it keeps the white space. Decide on both forms.
+        let compact: Vec<u8> = name.iter().copied().filter(|b| !b.is_ascii_whitespace()).collect();
         let text = String::from_utf8_lossy(name);
-        if name.eq_ignore_ascii_case(b"Received") {
+        let compact_text = String::from_utf8_lossy(&compact);
+        if compact.eq_ignore_ascii_case(b"Received") {
             self.received += 1;
         }
-        let action = if self.rules.names.iter().any(|p| p.matches(&text)) {
+        let strip = |p: &NamePattern| p.matches(&text) || p.matches(&compact_text);
+        let action = if self.rules.names.iter().any(strip) {
             Action::Strip
-        } else if let Some(kind) = WholeField::of(name) {
+        } else if let Some(kind) = WholeField::of(&compact) {
             Action::Hold(kind)
         } else {
             Action::Pass

@@ -66,6 +66,22 @@ Received : x\r\nSubject: kept\r\n\r\n";
 }
 
 #[test]
+fn whitespace_inside_a_name_does_not_hide_it() {
+    let msg = b"X-MS-Exchange- Organization-SCL: -1\r\nRe ceived: x\r\nFr\tom : a@b\r\nSubject: kept\r\n\r\n";
+    for step in STEPS {
+        let mut f = HeaderFilter::with_inspector(Arc::new(exchange_rules()), Seen::default());
+        let mut out = Vec::new();
+        for chunk in msg.chunks(step) {
+            assert!(f.push(chunk, &mut out));
+        }
+        f.finish(&mut out);
+        assert_eq!(out, b"Re ceived: x\r\nFr\tom : a@b\r\nSubject: kept\r\n\r\n");
+        assert_eq!(f.received_count(), 1);
+        assert_eq!(f.into_inspector().0, [(WholeField::From, b"Fr\tom : a@b\r\n".to_vec())]);
+    }
+}
+
+#[test]
 fn leading_whitespace_and_colons_do_not_hide_a_name() {
     // A line starting with white space that continues no field, and colons before the name,
     // are read as mail-parser reads them: the name is what follows.
