@@ -407,7 +407,11 @@ impl<I: FieldInspector> HeaderFilter<I> {
         self.inspector.name(name);
         // mail-parser recognises a standard name with white space inside it ("Fr om" is
         // From); for names it does not know it keeps the white space. Decide on both forms.
-        let compact: Vec<u8> = name.iter().copied().filter(|b| !b.is_ascii_whitespace()).collect();
+        let compact: Vec<u8> = name
+            .iter()
+            .copied()
+            .filter(|b| !b.is_ascii_whitespace())
+            .collect();
         let text = String::from_utf8_lossy(name);
         let compact_text = String::from_utf8_lossy(&compact);
         if compact.eq_ignore_ascii_case(b"Received") {

@@ -75,9 +75,15 @@ fn whitespace_inside_a_name_does_not_hide_it() {
             assert!(f.push(chunk, &mut out));
         }
         f.finish(&mut out);
-        assert_eq!(out, b"Re ceived: x\r\nFr\tom : a@b\r\nSubject: kept\r\n\r\n");
+        assert_eq!(
+            out,
+            b"Re ceived: x\r\nFr\tom : a@b\r\nSubject: kept\r\n\r\n"
+        );
         assert_eq!(f.received_count(), 1);
-        assert_eq!(f.into_inspector().0, [(WholeField::From, b"Fr\tom : a@b\r\n".to_vec())]);
+        assert_eq!(
+            f.into_inspector().0,
+            [(WholeField::From, b"Fr\tom : a@b\r\n".to_vec())]
+        );
     }
 }
 
