@@ -131,8 +131,8 @@ impl<T: FieldInspector> FieldInspector for Option<T> {
     }
 }
 
-/// Names of removed fields kept for the log; the rest are only counted, so a message of many
-/// removed fields costs no memory.
+/// Names of removed fields kept for the log (each cut to 64 characters); the rest are only
+/// counted, so a message of many removed fields costs no memory.
 pub const MAX_LOGGED_STRIPPED: usize = 16;
 
 /// Where the reader is in the header section.
@@ -227,8 +227,9 @@ impl<I: FieldInspector> HeaderFilter<I> {
     fn note_stripped(&mut self, name: &[u8]) {
         self.stripped_count += 1;
         if self.stripped.len() < MAX_LOGGED_STRIPPED {
-            self.stripped
-                .push(String::from_utf8_lossy(name).into_owned());
+            // Cut: a name may be up to 64 KiB long.
+            let shown = String::from_utf8_lossy(name).chars().take(64).collect();
+            self.stripped.push(shown);
         }
     }
 

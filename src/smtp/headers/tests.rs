@@ -352,6 +352,9 @@ fn stripped_names_kept_for_the_log_are_bounded() {
     assert!(out.is_empty());
     assert_eq!(f.stripped_count(), 1000);
     assert_eq!(f.stripped().len(), MAX_LOGGED_STRIPPED);
+    let long = format!("X-MS-Exchange-Organization-{}: 1\r\n", "a".repeat(60_000));
+    let (_, f) = run(long.as_bytes(), exchange_rules(), 4096);
+    assert_eq!(f.stripped()[0].len(), 64);
 }
 
 #[test]
