@@ -11,7 +11,8 @@
 //! - [`envelope`]: domain types: [`envelope::QueueId`], [`envelope::Address`],
 //!   [`envelope::Envelope`].
 //! - [`smtp`]: the sans-IO protocol engine: bytes in, events and replies out. No tokio, no
-//!   clock, no sockets. Also the streaming header filter (hop count, header firewall) and the
+//!   clock, no sockets. Also the one streaming header-field reader every header check uses
+//!   (hop count, header firewall, the `From:` fields for the ownership check) and the
 //!   `Received:` header, both pure.
 //! - [`policy`]: pure decisions compiled from `Config`, named after SMTP stages.
 //! - [`inbound`]: listeners, the per-connection driver, TLS.

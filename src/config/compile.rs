@@ -29,8 +29,15 @@ use super::{
 /// Default `[server] spool_dir`.
 const DEFAULT_SPOOL_DIR: &str = "/var/spool/portcullis";
 /// Default `[headers] strip_untrusted`.
-const DEFAULT_STRIP_UNTRUSTED: [&str; 2] =
-    ["X-MS-Exchange-Organization-*", "X-MS-Exchange-Forest-*"];
+/// Exchange's internal header families: Exchange trusts them as set by its own servers (spam
+/// verdict, internal authentication, cross-premises and cross-tenant routing), so nobody
+/// outside may set them.
+pub const DEFAULT_STRIP_UNTRUSTED: [&str; 4] = [
+    "X-MS-Exchange-Organization-*",
+    "X-MS-Exchange-Forest-*",
+    "X-MS-Exchange-CrossPremises-*",
+    "X-MS-Exchange-CrossTenant-*",
+];
 /// Default `[queue] retry`.
 const DEFAULT_RETRY: [&str; 7] = ["1m", "5m", "15m", "30m", "1h", "2h", "4h"];
 /// RFC 5321 §4.5.3.1.4: a command line of 512 octets must always be accepted.
@@ -221,7 +228,15 @@ impl Compiler {
             }
         };
         let spool_dir = self.path("server.spool_dir", raw.spool_dir);
+        let authserv_id = match raw.authserv_id {
+            Some(id) => check_domain(&id).unwrap_or_else(|message| {
+                self.err("server.authserv_id", message);
+                String::new()
+            }),
+            None => hostname.clone(),
+        };
         Server {
+            authserv_id,
             hostname,
             spool_dir: spool_dir.unwrap_or_else(|| PathBuf::from(DEFAULT_SPOOL_DIR)),
         }
@@ -413,6 +428,7 @@ impl Compiler {
             failure_window: self.duration("auth.failure_window", raw.failure_window, "10m", false),
             lockout: self.duration("auth.lockout", raw.lockout, "15m", false),
             users,
+            check_display_name: raw.check_display_name.unwrap_or(true),
         }
     }
 

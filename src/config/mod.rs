@@ -65,6 +65,10 @@ pub struct Server {
     pub hostname: String,
     /// The spool directory (default `/var/spool/portcullis`), as written.
     pub spool_dir: PathBuf,
+    /// The authserv-id (RFC 8601 §2.5) this relay's `Authentication-Results:` carry: a valid
+    /// domain name, lower-cased, no trailing dot (default: `hostname`). Every node of a
+    /// cluster uses the same one. Such a field arriving from untrusted mail is removed.
+    pub authserv_id: String,
 }
 
 /// `[tls] min_version`.
@@ -172,6 +176,9 @@ pub struct Auth {
     pub lockout: Duration,
     /// The users read from `users_file` at load (empty without one). Names are unique.
     pub users: Vec<User>,
+    /// Refuse (`550 5.7.1`) an authenticated message whose `From:` display name, after RFC
+    /// 2047 decoding and unquoting, contains an address the user does not own (default true).
+    pub check_display_name: bool,
 }
 
 /// One user from the users file.

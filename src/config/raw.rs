@@ -42,6 +42,8 @@ pub struct RawServer {
     pub hostname: Option<String>,
     /// Spool directory.
     pub spool_dir: Option<String>,
+    /// The authserv-id of our `Authentication-Results:` (RFC 8601).
+    pub authserv_id: Option<String>,
 }
 
 /// `[tls]`
@@ -96,6 +98,8 @@ pub struct RawAuth {
     pub failure_window: Option<String>,
     /// Length of a lockout.
     pub lockout: Option<String>,
+    /// Refuse a `From:` display name that names an address the user does not own.
+    pub check_display_name: Option<bool>,
 }
 
 /// A size: an integer (bytes) or a string with a unit (`"25MiB"`).

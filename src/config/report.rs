@@ -291,6 +291,15 @@ pub(super) fn summary(c: &Config) -> String {
                 a.max_failures,
                 format_duration(a.failure_window)
             );
+            let _ = writeln!(
+                s,
+                "  From: display names naming addresses a user does not own: {}",
+                if a.check_display_name {
+                    "refused"
+                } else {
+                    "not checked"
+                }
+            );
         }
         None => {
             let _ = writeln!(s, "auth: not configured");
@@ -355,8 +364,9 @@ pub(super) fn summary(c: &Config) -> String {
     }
     let _ = writeln!(
         s,
-        "headers stripped from untrusted mail: {}",
-        list(&c.headers.strip_untrusted)
+        "headers stripped from untrusted mail: {}, and Authentication-Results for {}",
+        list(&c.headers.strip_untrusted),
+        c.server.authserv_id
     );
     let retry: Vec<String> = c.queue.retry.iter().map(|d| format_duration(*d)).collect();
     let _ = write!(

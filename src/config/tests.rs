@@ -145,8 +145,15 @@ fn defaults_are_applied() {
     assert!(u.domains.is_empty() && u.auth_user.is_none() && u.auth_password.is_none());
     assert_eq!(
         c.headers.strip_untrusted,
-        ["X-MS-Exchange-Organization-*", "X-MS-Exchange-Forest-*"]
+        [
+            "X-MS-Exchange-Organization-*",
+            "X-MS-Exchange-Forest-*",
+            "X-MS-Exchange-CrossPremises-*",
+            "X-MS-Exchange-CrossTenant-*"
+        ]
     );
+    assert_eq!(c.server.authserv_id, c.server.hostname);
+    assert!(c.auth.as_ref().is_none_or(|a| a.check_display_name));
     let minutes: Vec<u64> = c.queue.retry.iter().map(|d| d.as_secs() / 60).collect();
     assert_eq!(minutes, [1, 5, 15, 30, 60, 120, 240]);
     assert_eq!(c.queue.max_age, Duration::from_secs(5 * 86_400));

@@ -23,12 +23,12 @@ use crate::outbound::capabilities::RouteCapabilities;
 use crate::policy::capability;
 use crate::policy::limits::Limited;
 use crate::policy::lockout::{Attempt, FailureReport, login_key};
-use crate::policy::senders::MAX_HEADER_CHECK;
+use crate::policy::senders::FromCheck;
 use crate::policy::{AuthHold, Refusal, SessionFacts};
 use crate::queue::reserve::Reservation;
 use crate::queue::{Spool, SpoolWriter};
 use crate::smtp::header_scan::HeaderScan;
-use crate::smtp::headers::HeaderFilter;
+use crate::smtp::headers::{HeaderFilter, MAX_WHOLE_FIELD};
 use crate::smtp::received::{self, Trace};
 use crate::smtp::{Credentials, DataFault, Event, Reply, Session, SessionConfig, reply};
 use crate::stream::{ServerStream as Stream, closed};
@@ -121,7 +121,8 @@ struct Outcome {
 /// The spool file and header filter of a message being received.
 struct Incoming {
     writer: SpoolWriter,
-    filter: HeaderFilter,
+    /// The one header reader: hop count, header firewall and the `From:` check.
+    filter: HeaderFilter<Option<FromCheck>>,
     /// Whether the header section, as written to the spool, is all ASCII.
     scan: HeaderScan,
     /// Set when writing failed: the rest of the message is read and dropped, then `451`.
@@ -742,10 +743,8 @@ impl Connection {
         });
         match created {
             Ok(writer) => {
-                let mut filter = HeaderFilter::new(rules);
-                if self.runtime.policy.needs_header_section(&self.facts()) {
-                    filter.capture(MAX_HEADER_CHECK);
-                }
+                let check = self.runtime.policy.from_check(&self.facts());
+                let filter = HeaderFilter::with_inspector(rules, check);
                 self.incoming = Some(Box::new(Incoming {
                     writer,
                     filter,
@@ -838,6 +837,14 @@ impl Connection {
             warn!(error = %e, "spool write failed");
             inc.failed = true;
         }
+        if let Some(name) = inc.filter.too_large() {
+            inc.writer.abort();
+            info!(peer = %self.peer, field = name, max = MAX_WHOLE_FIELD, "header field too large");
+            return self.refuse(Refusal {
+                reply: reply::HEADER_TOO_LARGE,
+                rule: "header_too_large",
+            });
+        }
         let hop_limit = self.runtime.config.limits.hop_limit;
         if inc.filter.received_count() > hop_limit {
             inc.writer.abort();
@@ -860,11 +867,7 @@ impl Connection {
                 }
             });
         }
-        if let Err((r, address)) = self
-            .runtime
-            .policy
-            .data(&self.facts(), inc.filter.captured())
-        {
+        if let Err((r, address)) = self.runtime.policy.data(inc.filter.inspector_mut().take()) {
             inc.writer.abort();
             info!(peer = %self.peer, user = self.session.user().unwrap_or("-"),
                 from_header = address.as_deref().unwrap_or("-"),
@@ -875,8 +878,9 @@ impl Connection {
             inc.writer.abort();
             return self.refuse(r);
         }
-        if !inc.filter.stripped().is_empty() {
-            info!(peer = %self.peer, headers = ?inc.filter.stripped(), "removed untrusted headers");
+        if inc.filter.stripped_count() > 0 {
+            info!(peer = %self.peer, headers = ?inc.filter.stripped(),
+                count = inc.filter.stripped_count(), "removed untrusted headers");
         }
         let size = inc.writer.written();
         // fsync, rename and directory fsync block: run them off the reactor.

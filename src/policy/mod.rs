@@ -33,7 +33,7 @@ use crate::smtp::reply;
 use access::{contains, normalize};
 use limits::{Limited, Limiters};
 use lockout::{Attempt, AuthGuard, Gate, Settings};
-use senders::{FromProblem, Senders};
+use senders::{FromCheck, FromProblem, Senders};
 
 /// A refusal: what the client is told and which rule fired.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -68,6 +68,8 @@ pub struct Policy {
     trusted_headers: Arc<StripRules>,
     /// The addresses each user (by login) may send as.
     senders: HashMap<String, Senders>,
+    /// `[auth] check_display_name`.
+    check_display_name: bool,
     /// `[rate_limits]` tables (shared with the next policy where unchanged).
     limiters: Limiters,
     /// AUTH failure tables; `None` without `[auth]`.
@@ -106,6 +108,7 @@ impl Policy {
                 .flat_map(|a| &a.users)
                 .map(|u| (u.name.clone(), Senders::new(&u.name, &u.senders)))
                 .collect(),
+            check_display_name: config.auth.as_ref().is_none_or(|a| a.check_display_name),
             limiters: Limiters::new(&config.rate_limits, previous.map(|p| &p.limiters), now),
             auth_guard,
             password_hashes: config
@@ -135,7 +138,7 @@ impl Policy {
                     .iter()
                     .map(|p| NamePattern::new(p))
                     .collect(),
-                auth_results_for: Some(config.server.hostname.to_ascii_lowercase()),
+                auth_results_for: Some(config.server.authserv_id.clone()),
             }),
             trusted_headers: Arc::new(StripRules::default()),
         }
@@ -143,7 +146,7 @@ impl Policy {
 
     /// Data stage: which headers to remove before queuing. Mail from an authenticated user or a
     /// relay network is trusted as it is; from anyone else, the `[headers] strip_untrusted`
-    /// names and any `Authentication-Results` claiming our hostname are removed, so nobody on
+    /// names and any `Authentication-Results` claiming our authserv-id are removed, so nobody on
     /// the internet can set an Exchange spam score or internal-auth header.
     pub fn header_rules(&self, facts: &SessionFacts<'_>) -> Arc<StripRules> {
         if facts.user.is_some() || self.is_relay_client(facts.client_ip) {
@@ -221,40 +224,34 @@ impl Policy {
         self.limiters.recipient(facts.client_ip, now)
     }
 
-    /// Whether the data stage needs the header section: only authenticated messages have
-    /// their `From:` checked.
-    pub fn needs_header_section(&self, facts: &SessionFacts<'_>) -> bool {
-        facts.user.is_some()
+    /// The `From:` check an authenticated message gets during DATA (`None` for other mail):
+    /// fed every `From:` field by the header reader, judged by [`Policy::data`].
+    pub fn from_check(&self, facts: &SessionFacts<'_>) -> Option<FromCheck> {
+        let user = facts.user?;
+        let senders = self
+            .senders
+            .get(user)
+            .cloned()
+            .unwrap_or_else(|| Senders::new("", &[]));
+        Some(FromCheck::new(senders, self.check_display_name))
     }
 
     /// Data stage, before the message is committed: the `From:` header of an authenticated
-    /// message must name only addresses its user owns. `section` is the header section as
-    /// received (at most [`senders::MAX_HEADER_CHECK`] octets). On refusal the offending
-    /// address, if any, comes along for the log.
-    pub fn data(
-        &self,
-        facts: &SessionFacts<'_>,
-        section: &[u8],
-    ) -> Result<(), (Refusal, Option<String>)> {
-        let Some(user) = facts.user else {
+    /// message must name only addresses its user owns, in its addresses and (with `[auth]
+    /// check_display_name`) its display names. `check` is what [`Policy::from_check`] gave,
+    /// after the header section was read. On refusal the offending address, if any, comes
+    /// along for the log.
+    pub fn data(&self, check: Option<FromCheck>) -> Result<(), (Refusal, Option<String>)> {
+        let Some(check) = check else {
             return Ok(());
         };
-        let Some(senders) = self.senders.get(user) else {
-            return Err((
-                Refusal::new(reply::FROM_HEADER_NOT_OWNED, "from_header_not_owned"),
-                None,
-            ));
-        };
-        match senders::check_from_header(senders, section) {
+        let refuse =
+            |rule, address| Err((Refusal::new(reply::FROM_HEADER_NOT_OWNED, rule), address));
+        match check.finish() {
             Ok(()) => Ok(()),
-            Err(FromProblem::Missing) => Err((
-                Refusal::new(reply::FROM_HEADER_NOT_OWNED, "from_header_missing"),
-                None,
-            )),
-            Err(FromProblem::NotOwned(a)) => Err((
-                Refusal::new(reply::FROM_HEADER_NOT_OWNED, "from_header_not_owned"),
-                Some(a),
-            )),
+            Err(FromProblem::Missing) => refuse("from_header_missing", None),
+            Err(FromProblem::NotOwned(a)) => refuse("from_header_not_owned", Some(a)),
+            Err(FromProblem::DisplayName(a)) => refuse("from_display_name", Some(a)),
         }
     }
 
@@ -503,13 +500,31 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let (_, p) = with_users(dir.path(), "");
         let check = |user, section: &str| {
-            p.data(&facts("192.0.2.1", user), section.as_bytes())
+            let mut from = p.from_check(&facts("192.0.2.1", user));
+            let mut reader =
+                crate::smtp::headers::HeaderFilter::with_inspector(Arc::default(), from.take());
+            let mut out = Vec::new();
+            reader.push(section.as_bytes(), &mut out);
+            reader.finish(&mut out);
+            p.data(reader.into_inspector())
                 .err()
                 .map(|(r, a)| (r.rule, r.reply.code, r.reply.enhanced, a))
         };
         assert_eq!(check(None, "From: ceo@example.com\r\n"), None);
-        assert!(p.needs_header_section(&facts("192.0.2.1", Some("alice"))));
-        assert!(!p.needs_header_section(&facts("192.0.2.1", None)));
+        assert!(p.from_check(&facts("192.0.2.1", Some("alice"))).is_some());
+        assert!(p.from_check(&facts("192.0.2.1", None)).is_none());
+        assert_eq!(
+            check(
+                Some("alice"),
+                "From: ceo@example.com <alice@example.com>\r\n"
+            ),
+            Some((
+                "from_display_name",
+                550,
+                "5.7.1",
+                Some("ceo@example.com".to_string())
+            ))
+        );
         assert_eq!(check(Some("alice"), "From: <alice@example.com>\r\n"), None);
         assert_eq!(
             check(Some("alice"), "From: CEO <ceo@example.com>\r\n"),

@@ -1,19 +1,48 @@
-//! End-of-data checks on the header section, streamed: the loop detector (`Received:` count)
-//! and the header firewall (removing headers an untrusted sender must not set).
+//! The header-field reader: one streaming reading of the header section (RFC 5322 §2.2, §3.6)
+//! shared by every end-of-data check, so no two checks can see different fields.
 //!
-//! [`HeaderFilter`] buffers only the header section (up to [`MAX_HEADER_SECTION`]); once the
-//! blank line that ends it is seen, the kept headers are emitted and the body passes through
-//! untouched. A header section longer than the cap is passed on as it is (it still counts
-//! `Received:` lines seen so far), so a hostile client cannot make us buffer a whole message.
+//! [`HeaderFilter`] is fed the message octets as they arrive and, per field:
+//! - counts `Received:` fields (the loop detector);
+//! - removes the fields an untrusted sender must not set (the header firewall,
+//!   [`StripRules`]), including an `Authentication-Results:` in our name (RFC 8601 §5);
+//! - hands each complete `From:` and `Sender:` field to a [`FieldInspector`] (the ownership
+//!   check of authenticated mail).
 //!
-//! On request ([`HeaderFilter::capture`]) it also keeps a copy of the header section as
-//! received, up to a limit, for checks that need to parse it before the message is committed
-//! (the `From:` check of authenticated mail).
+//! Field names are read the way a conformant RFC 5322 reader (mail-parser 0.11) reads them:
+//! the name ends at the first colon; white space before the colon (RFC 5322 §4.5.3, obsolete
+//! syntax that receivers must accept) and at the start of a line that does not continue a
+//! field is not part of the name; colons before the first name character are skipped; a line
+//! with no colon is not a field and is passed on as it is. White space inside a name does not
+//! hide a standard one (mail-parser reads `Fr om:` as `From:`), and strip patterns match the
+//! name with or without it. A line that starts with white space
+//! continues the field before it (folding, §2.2.3).
+//!
+//! Memory is bounded whatever the client sends: the reader holds at most [`MAX_BUFFERED`]
+//! octets. A field that is passed on or removed is decided by its name and then streamed (its
+//! value is never held, so lines over 998 octets pass); only the name is held until its colon.
+//! `From:`, `Sender:` and `Authentication-Results:` are held whole, up to
+//! [`MAX_WHOLE_FIELD`]. A field name or a held field longer than that makes the message
+//! refused ([`HeaderFilter::too_large`], `552 5.3.4`): no size ever turns a check off.
+//!
+//! Differences from mail-parser (checked by the `header_fields` fuzz target):
+//! - mail-parser ends the header section at a line of only white space that does not continue
+//!   a field; this reader ends it only at an empty line, so such a line and what follows are
+//!   still read as header fields (filtering more, never less).
+//! - mail-parser's date parser (`Date:`, `Resent-Date:`, the date in `Received:`) reads two
+//!   octets after a time-zone letter without looking for a line end, so `Date: -k` swallows
+//!   the next line (or the empty line ending the section). RFC 5322 ends the field at that
+//!   line end, and so does this reader.
 
 use std::sync::Arc;
 
-/// Header octets buffered at most before the section is passed through unfiltered.
-pub const MAX_HEADER_SECTION: usize = 1024 * 1024;
+/// The largest field held whole (`From:`, `Sender:`, `Authentication-Results:`), and the
+/// largest field name (octets before the colon), in octets including CRLFs: 64 KiB. Longer:
+/// the message is refused with `552 5.3.4`.
+pub const MAX_WHOLE_FIELD: usize = 64 * 1024;
+
+/// Octets the reader holds at most at any time, whatever the client sends: one field name or
+/// one whole field.
+pub const MAX_BUFFERED: usize = MAX_WHOLE_FIELD;
 
 /// A header-name pattern: exact (case-insensitive) or a prefix ending in `*`.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -52,312 +81,525 @@ impl NamePattern {
 pub struct StripRules {
     /// Header names to remove.
     pub names: Vec<NamePattern>,
-    /// Remove `Authentication-Results:` whose authserv-id is this host (lower case): only
-    /// our own server may claim to have authenticated a message.
+    /// Remove every `Authentication-Results:` whose authserv-id (RFC 8601 §2.5) is this
+    /// domain (lower case, no trailing dot), or cannot be read at all: only our own server
+    /// may claim to have authenticated a message.
     pub auth_results_for: Option<String>,
 }
 
-#[derive(Debug)]
-enum Phase {
-    Headers,
-    Body,
+/// The fields read whole.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WholeField {
+    From,
+    Sender,
+    AuthenticationResults,
 }
 
-/// Streaming filter over the message octets.
+impl WholeField {
+    fn of(name: &[u8]) -> Option<WholeField> {
+        if name.eq_ignore_ascii_case(b"From") {
+            Some(WholeField::From)
+        } else if name.eq_ignore_ascii_case(b"Sender") {
+            Some(WholeField::Sender)
+        } else if name.eq_ignore_ascii_case(b"Authentication-Results") {
+            Some(WholeField::AuthenticationResults)
+        } else {
+            None
+        }
+    }
+}
+
+/// Receives each complete `From:` and `Sender:` field (name, colon, value and CRLFs, as
+/// received), in order, however far down the header section it stands.
+pub trait FieldInspector {
+    fn field(&mut self, kind: WholeField, field: &[u8]);
+
+    /// Every field name as read (white space trimmed), before anything is decided on it.
+    fn name(&mut self, _name: &[u8]) {}
+}
+
+/// No inspection.
+impl FieldInspector for () {
+    fn field(&mut self, _: WholeField, _: &[u8]) {}
+}
+
+impl<T: FieldInspector> FieldInspector for Option<T> {
+    fn field(&mut self, kind: WholeField, field: &[u8]) {
+        if let Some(inner) = self {
+            inner.field(kind, field);
+        }
+    }
+}
+
+/// Names of removed fields kept for the log (each cut to 64 characters); the rest are only
+/// counted, so a message of many removed fields costs no memory.
+pub const MAX_LOGGED_STRIPPED: usize = 16;
+
+/// Where the reader is in the header section.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum State {
+    /// At the start of a line that begins a new field (or the end of the section).
+    LineStart,
+    /// After a CR at the start of a line: the blank line ending the section, if LF follows.
+    BlankCr,
+    /// Reading a field name (held in `buf`) up to its colon.
+    Name,
+    /// In a field's value; `Action` says what happens to its octets.
+    Value(Action),
+    /// After the LF ending a line of the field: a space or tab next continues it.
+    LineEnd(Action),
+    /// The header section has ended: octets pass untouched.
+    Body,
+    /// A field was too long: nothing more is emitted, the message is refused.
+    TooLarge,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Action {
+    /// Emitted as it arrives.
+    Pass,
+    /// Dropped as it arrives.
+    Strip,
+    /// Held in `buf` until the field ends.
+    Hold(WholeField),
+}
+
+/// Streaming header-field reader and filter over the message octets.
 #[derive(Debug)]
-pub struct HeaderFilter {
-    phase: Phase,
+pub struct HeaderFilter<I: FieldInspector = ()> {
+    state: State,
+    /// The current field's name, or the whole field; never over [`MAX_BUFFERED`].
     buf: Vec<u8>,
+    /// In `Name`: where the name's first octet is in `buf` (None: not seen yet).
+    name_start: Option<usize>,
+    /// Of a held field: where its name is in `buf`, and where its value starts (after the
+    /// colon that ended the name, which need not be the first colon of the line).
+    name_at: (usize, usize),
+    value_at: usize,
     rules: Arc<StripRules>,
     received: u32,
     stripped: Vec<String>,
-    /// Octets of the header section to keep a copy of (0: none).
-    capture_limit: usize,
-    captured: Vec<u8>,
+    stripped_count: usize,
+    too_large: Option<String>,
+    inspector: I,
 }
 
-impl HeaderFilter {
-    pub fn new(rules: Arc<StripRules>) -> HeaderFilter {
+impl HeaderFilter<()> {
+    /// A filter with no field inspection.
+    pub fn new(rules: Arc<StripRules>) -> HeaderFilter<()> {
+        HeaderFilter::with_inspector(rules, ())
+    }
+}
+
+impl<I: FieldInspector> HeaderFilter<I> {
+    /// A filter handing `From:` and `Sender:` fields to `inspector`.
+    pub fn with_inspector(rules: Arc<StripRules>, inspector: I) -> HeaderFilter<I> {
         HeaderFilter {
-            phase: Phase::Headers,
+            state: State::LineStart,
             buf: Vec::new(),
+            name_start: None,
+            name_at: (0, 0),
+            value_at: 0,
             rules,
             received: 0,
             stripped: Vec::new(),
-            capture_limit: 0,
-            captured: Vec::new(),
+            stripped_count: 0,
+            too_large: None,
+            inspector,
         }
     }
 
-    /// Keep a copy of the first `limit` octets of the header section as received (before
-    /// anything is removed), for [`HeaderFilter::captured`].
-    pub fn capture(&mut self, limit: usize) {
-        self.capture_limit = limit;
-    }
-
-    /// The captured header section (empty without [`HeaderFilter::capture`]); complete once
-    /// the body started or [`HeaderFilter::finish`] was called.
-    pub fn captured(&self) -> &[u8] {
-        &self.captured
-    }
-
-    fn keep(&mut self, section: &[u8]) {
-        let n = section.len().min(self.capture_limit);
-        self.captured = section[..n].to_vec();
-    }
-
-    /// Number of `Received:` headers in the message.
+    /// Number of `Received:` fields in the header section.
     pub fn received_count(&self) -> u32 {
         self.received
     }
 
-    /// Names of the headers removed, in order (for the log).
+    /// Names of the first [`MAX_LOGGED_STRIPPED`] fields removed, in order (for the log).
     pub fn stripped(&self) -> &[String] {
         &self.stripped
     }
 
-    /// Feed message octets; octets ready to be written go to `out`. In the body phase this
-    /// returns `false` and leaves `out` alone: the caller writes `chunk` itself (no copy).
-    pub fn push(&mut self, chunk: &[u8], out: &mut Vec<u8>) -> bool {
-        if let Phase::Body = self.phase {
-            return false;
+    /// Number of fields removed.
+    pub fn stripped_count(&self) -> usize {
+        self.stripped_count
+    }
+
+    fn note_stripped(&mut self, name: &[u8]) {
+        self.stripped_count += 1;
+        if self.stripped.len() < MAX_LOGGED_STRIPPED {
+            // Cut: a name may be up to 64 KiB long.
+            let shown = String::from_utf8_lossy(name).chars().take(64).collect();
+            self.stripped.push(shown);
         }
-        let searched_from = self.buf.len().saturating_sub(3);
-        self.buf.extend_from_slice(chunk);
-        let end = if self.buf.starts_with(b"\r\n") {
-            Some(0)
-        } else {
-            find(&self.buf[searched_from..], b"\r\n\r\n").map(|p| searched_from + p + 2)
-        };
-        match end {
-            Some(end) => {
-                let rest = self.buf.split_off(end);
-                let headers = std::mem::take(&mut self.buf);
-                self.keep(&headers);
-                self.filter(&headers, out);
-                out.extend_from_slice(&rest);
-                self.phase = Phase::Body;
-            }
-            None if self.buf.len() > MAX_HEADER_SECTION => {
-                // Too long to be a header section: count, then pass everything through.
-                let headers = std::mem::take(&mut self.buf);
-                self.keep(&headers);
-                self.count_only(&headers);
-                out.extend_from_slice(&headers);
-                self.phase = Phase::Body;
-            }
-            None => {}
+    }
+
+    /// Appends to `buf` without letting its capacity pass [`MAX_BUFFERED`] (the caller
+    /// checked the length).
+    fn hold(&mut self, bytes: &[u8]) {
+        let needed = self.buf.len() + bytes.len();
+        if needed > self.buf.capacity() {
+            let target = (self.buf.capacity() * 2).clamp(needed.max(256), MAX_BUFFERED.max(needed));
+            self.buf.reserve_exact(target - self.buf.len());
+        }
+        self.buf.extend_from_slice(bytes);
+    }
+
+    /// The name (cut to 64 characters) of a field or field name longer than
+    /// [`MAX_WHOLE_FIELD`]: the message must be refused with `552 5.3.4`. Nothing is emitted
+    /// after it.
+    pub fn too_large(&self) -> Option<&str> {
+        self.too_large.as_deref()
+    }
+
+    /// The inspector, with what it saw.
+    pub fn inspector(&self) -> &I {
+        &self.inspector
+    }
+
+    /// The inspector, to take what it found.
+    pub fn inspector_mut(&mut self) -> &mut I {
+        &mut self.inspector
+    }
+
+    /// Gives the inspector back (call after [`HeaderFilter::finish`]).
+    pub fn into_inspector(self) -> I {
+        self.inspector
+    }
+
+    /// Octets currently held (at most [`MAX_BUFFERED`]).
+    pub fn buffered(&self) -> usize {
+        self.buf.len()
+    }
+
+    /// Feed message octets; octets ready to be written go to `out`. In the body this returns
+    /// `false` and leaves `out` alone: the caller writes `chunk` itself (no copy).
+    pub fn push(&mut self, chunk: &[u8], out: &mut Vec<u8>) -> bool {
+        match self.state {
+            State::Body => return false,
+            State::TooLarge => return true,
+            _ => {}
+        }
+        let mut rest = chunk;
+        while !rest.is_empty() {
+            rest = match self.state {
+                State::Body => {
+                    out.extend_from_slice(rest);
+                    &[]
+                }
+                State::TooLarge => &[],
+                State::LineStart => self.line_start(rest, out),
+                State::BlankCr => {
+                    if rest[0] == b'\n' {
+                        out.extend_from_slice(b"\r\n");
+                        self.state = State::Body;
+                        &rest[1..]
+                    } else {
+                        // A CR alone (the DATA phase refuses the message anyway): read as
+                        // the start of a name, where a reader treats it as white space.
+                        self.begin_name(b"\r");
+                        rest
+                    }
+                }
+                State::Name => self.name(rest, out),
+                State::Value(action) => self.value(action, rest, out),
+                State::LineEnd(action) => {
+                    if matches!(rest[0], b' ' | b'\t') {
+                        self.state = State::Value(action);
+                    } else {
+                        self.end_field(action, out);
+                    }
+                    rest
+                }
+            };
         }
         true
     }
 
     /// End of message: a message with no body (no blank line) is all header section.
     pub fn finish(&mut self, out: &mut Vec<u8>) {
-        if let Phase::Headers = self.phase {
-            let headers = std::mem::take(&mut self.buf);
-            self.keep(&headers);
-            self.filter(&headers, out);
-            self.phase = Phase::Body;
+        match self.state {
+            State::BlankCr => {
+                out.push(b'\r');
+            }
+            State::Name => {
+                // mail-parser reads a last line without colon as a field name: decide on it
+                // the same way, so a name at the very end is filtered too.
+                let end = self.buf.len();
+                match self.name_start {
+                    Some(start) => self.named(start, end, out),
+                    None => out.append(&mut self.buf),
+                }
+                if let State::Value(action) = self.state {
+                    self.end_field(action, out);
+                }
+            }
+            State::Value(action) | State::LineEnd(action) => self.end_field(action, out),
+            State::LineStart | State::Body | State::TooLarge => {}
+        }
+        if self.state != State::TooLarge {
+            self.state = State::Body;
         }
     }
 
-    fn count_only(&mut self, section: &[u8]) {
-        for field in fields(section) {
-            if field_name(field).is_some_and(|n| n.eq_ignore_ascii_case("Received")) {
-                self.received += 1;
+    fn line_start<'a>(&mut self, rest: &'a [u8], out: &mut Vec<u8>) -> &'a [u8] {
+        match rest[0] {
+            b'\r' => {
+                self.state = State::BlankCr;
+                &rest[1..]
+            }
+            b'\n' => {
+                out.push(b'\n');
+                self.state = State::Body;
+                &rest[1..]
+            }
+            _ => {
+                self.begin_name(&[]);
+                rest
             }
         }
     }
 
-    fn filter(&mut self, section: &[u8], out: &mut Vec<u8>) {
-        for field in fields(section) {
-            let Some(name) = field_name(field) else {
-                out.extend_from_slice(field);
-                continue;
-            };
-            if name.eq_ignore_ascii_case("Received") {
-                self.received += 1;
-            }
-            if self.should_strip(name, field) {
-                self.stripped.push(name.to_string());
-            } else {
-                out.extend_from_slice(field);
-            }
-        }
+    fn begin_name(&mut self, held: &[u8]) {
+        self.buf.clear();
+        self.buf.extend_from_slice(held);
+        self.name_start = None;
+        self.state = State::Name;
     }
 
-    fn should_strip(&self, name: &str, field: &[u8]) -> bool {
-        if self.rules.names.iter().any(|p| p.matches(name)) {
-            return true;
-        }
-        if let Some(host) = &self.rules.auth_results_for
-            && name.eq_ignore_ascii_case("Authentication-Results")
-        {
-            let value = &field[name.len() + 1..];
-            let value = String::from_utf8_lossy(value);
-            let authserv = value
-                .split(';')
-                .next()
-                .unwrap_or("")
-                .split_whitespace()
-                .next()
-                .unwrap_or("");
-            return authserv.eq_ignore_ascii_case(host);
-        }
-        false
-    }
-}
-
-/// Split a header section into fields, each with its continuation lines and CRLFs.
-fn fields(section: &[u8]) -> impl Iterator<Item = &[u8]> {
-    let mut pos = 0;
-    std::iter::from_fn(move || {
-        if pos >= section.len() {
-            return None;
-        }
-        let start = pos;
-        loop {
-            match find(&section[pos..], b"\r\n") {
-                Some(p) => {
-                    pos += p + 2;
-                    let next = section.get(pos);
-                    if !matches!(next, Some(b' ') | Some(b'\t')) {
-                        break;
+    /// Reads name octets up to the colon, the end of the line, or the bound.
+    fn name<'a>(&mut self, rest: &'a [u8], out: &mut Vec<u8>) -> &'a [u8] {
+        for (i, &b) in rest.iter().enumerate() {
+            if self.buf.len() >= MAX_WHOLE_FIELD {
+                self.refuse();
+                return &[];
+            }
+            self.hold(&[b]);
+            match b {
+                b'\n' => {
+                    // No colon: not a field. Passed on as it is.
+                    out.append(&mut self.buf);
+                    self.state = State::LineStart;
+                    return &rest[i + 1..];
+                }
+                b':' => {
+                    if let Some(start) = self.name_start {
+                        let end = self.buf.len() - 1;
+                        self.named(start, end, out);
+                        return &rest[i + 1..];
                     }
                 }
-                None => {
-                    pos = section.len();
-                    break;
+                b if b.is_ascii_whitespace() => {}
+                _ => {
+                    if self.name_start.is_none() {
+                        self.name_start = Some(self.buf.len() - 1);
+                    }
                 }
             }
         }
-        Some(&section[start..pos])
-    })
-}
-
-/// The field name, if the field starts with `name:` (printable ASCII, no spaces).
-fn field_name(field: &[u8]) -> Option<&str> {
-    let colon = field.iter().position(|&b| b == b':')?;
-    let name = &field[..colon];
-    if name.is_empty() || !name.iter().all(|&b| b.is_ascii_graphic()) {
-        return None;
+        &[]
     }
-    std::str::from_utf8(name).ok()
+
+    /// The name is `buf[start..end]` (white space at its end trimmed here): decide what to
+    /// do with the field.
+    fn named(&mut self, start: usize, end: usize, out: &mut Vec<u8>) {
+        let name = trim_end(&self.buf[start..end]);
+        self.name_at = (start, start + name.len());
+        self.value_at = (end + 1).min(self.buf.len());
+        self.inspector.name(name);
+        // mail-parser recognises a standard name with white space inside it ("Fr om" is
+        // From); for names it does not know it keeps the white space. Decide on both forms.
+        let compact: Vec<u8> = name
+            .iter()
+            .copied()
+            .filter(|b| !b.is_ascii_whitespace())
+            .collect();
+        let text = String::from_utf8_lossy(name);
+        let compact_text = String::from_utf8_lossy(&compact);
+        if compact.eq_ignore_ascii_case(b"Received") {
+            self.received += 1;
+        }
+        let strip = |p: &NamePattern| p.matches(&text) || p.matches(&compact_text);
+        let action = if self.rules.names.iter().any(strip) {
+            Action::Strip
+        } else if let Some(kind) = WholeField::of(&compact) {
+            Action::Hold(kind)
+        } else {
+            Action::Pass
+        };
+        match action {
+            Action::Strip => {
+                let name = name.to_vec();
+                self.note_stripped(&name);
+                self.buf.clear();
+            }
+            Action::Pass => out.append(&mut self.buf),
+            Action::Hold(_) => {}
+        }
+        self.state = State::Value(action);
+    }
+
+    /// Value octets up to and including the next LF.
+    fn value<'a>(&mut self, action: Action, rest: &'a [u8], out: &mut Vec<u8>) -> &'a [u8] {
+        let (line, after, ended) = match rest.iter().position(|&b| b == b'\n') {
+            Some(p) => (&rest[..=p], &rest[p + 1..], true),
+            None => (rest, &[][..], false),
+        };
+        match action {
+            Action::Pass => out.extend_from_slice(line),
+            Action::Strip => {}
+            Action::Hold(_) => {
+                if self.buf.len() + line.len() > MAX_WHOLE_FIELD {
+                    self.refuse();
+                    return &[];
+                }
+                self.hold(line);
+            }
+        }
+        if ended {
+            self.state = State::LineEnd(action);
+        }
+        after
+    }
+
+    fn end_field(&mut self, action: Action, out: &mut Vec<u8>) {
+        if let Action::Hold(kind) = action {
+            match kind {
+                WholeField::AuthenticationResults if self.ours(&self.buf[self.value_at..]) => {
+                    let name = self.buf[self.name_at.0..self.name_at.1].to_vec();
+                    self.note_stripped(&name);
+                }
+                WholeField::From | WholeField::Sender => {
+                    self.inspector.field(kind, &self.buf);
+                    out.extend_from_slice(&self.buf);
+                }
+                WholeField::AuthenticationResults => out.extend_from_slice(&self.buf),
+            }
+            self.buf.clear();
+        }
+        self.state = State::LineStart;
+    }
+
+    /// True when the `Authentication-Results:` field with this value must be removed: it
+    /// claims our authserv-id, or has none that can be read (a reader might take it for ours).
+    fn ours(&self, value: &[u8]) -> bool {
+        let Some(id) = &self.rules.auth_results_for else {
+            return false;
+        };
+        match authserv_id(value) {
+            Some(found) => same_domain(&found, id),
+            None => true,
+        }
+    }
+
+    fn refuse(&mut self) {
+        let name = match self.name_start {
+            Some(start) if matches!(self.state, State::Name) => &self.buf[start..],
+            _ => &self.buf[self.name_at.0..self.name_at.1],
+        };
+        self.too_large = Some(String::from_utf8_lossy(name).chars().take(64).collect());
+        self.buf = Vec::new();
+        self.state = State::TooLarge;
+    }
 }
 
-fn find(haystack: &[u8], needle: &[u8]) -> Option<usize> {
-    haystack.windows(needle.len()).position(|w| w == needle)
+fn trim_end(b: &[u8]) -> &[u8] {
+    let n = b
+        .iter()
+        .rev()
+        .take_while(|c| c.is_ascii_whitespace())
+        .count();
+    &b[..b.len() - n]
+}
+
+/// Every field name a header section contains, as this reader sees them (white space
+/// trimmed), in order; for tests and the fuzz target that compares it with mail-parser.
+pub fn field_names(section: &[u8]) -> Vec<Vec<u8>> {
+    struct Names(Vec<Vec<u8>>);
+    impl FieldInspector for Names {
+        fn field(&mut self, _: WholeField, _: &[u8]) {}
+        fn name(&mut self, name: &[u8]) {
+            self.0.push(name.to_vec());
+        }
+    }
+    let mut filter = HeaderFilter::with_inspector(Arc::default(), Names(Vec::new()));
+    let mut out = Vec::new();
+    filter.push(section, &mut out);
+    filter.finish(&mut out);
+    filter.into_inspector().0
+}
+
+/// The authserv-id of an `Authentication-Results:` value (RFC 8601 §2.2: `[CFWS]
+/// authserv-id`, where authserv-id is a `value`, a token or a quoted-string of RFC 2045
+/// §5.1), unquoted; `None` when the value does not start with one.
+pub fn authserv_id(value: &[u8]) -> Option<Vec<u8>> {
+    let mut i = skip_cfws(value, 0)?;
+    match value.get(i)? {
+        b'"' => {
+            let mut id = Vec::new();
+            i += 1;
+            loop {
+                match *value.get(i)? {
+                    b'"' => return (!id.is_empty()).then_some(id),
+                    b'\\' => {
+                        id.push(*value.get(i + 1)?);
+                        i += 2;
+                    }
+                    // Folding inside a quoted-string is not part of it (RFC 5322 §3.2.4).
+                    b'\r' | b'\n' => i += 1,
+                    b => {
+                        id.push(b);
+                        i += 1;
+                    }
+                }
+            }
+        }
+        _ => {
+            let id: Vec<u8> = value[i..]
+                .iter()
+                .copied()
+                .take_while(|&b| is_token_octet(b))
+                .collect();
+            (!id.is_empty()).then_some(id)
+        }
+    }
+}
+
+/// RFC 2045 §5.1 token: any octet but SP, CTLs and tspecials (UTF-8 octets allowed, RFC
+/// 6532).
+fn is_token_octet(b: u8) -> bool {
+    b > b' ' && b != 0x7f && !b"()<>@,;:\\\"/[]?=".contains(&b)
+}
+
+/// Skips white space, folding and (nested) comments (RFC 5322 §3.2.2 CFWS); `None` for a
+/// comment that never ends.
+fn skip_cfws(v: &[u8], mut i: usize) -> Option<usize> {
+    loop {
+        match v.get(i) {
+            Some(b' ' | b'\t' | b'\r' | b'\n') => i += 1,
+            Some(b'(') => {
+                let mut depth = 1usize;
+                i += 1;
+                while depth > 0 {
+                    match *v.get(i)? {
+                        b'\\' => i += 1,
+                        b'(' => depth += 1,
+                        b')' => depth -= 1,
+                        _ => {}
+                    }
+                    i += 1;
+                }
+            }
+            _ => return Some(i),
+        }
+    }
+}
+
+/// `found` names the domain `ours` (lower case, no trailing dot): ASCII case-insensitive,
+/// trailing dots ignored.
+fn same_domain(found: &[u8], ours: &str) -> bool {
+    let n = found.iter().rev().take_while(|&&b| b == b'.').count();
+    found[..found.len() - n].eq_ignore_ascii_case(ours.as_bytes())
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn run(msg: &[u8], rules: StripRules, step: usize) -> (Vec<u8>, HeaderFilter) {
-        let mut f = HeaderFilter::new(Arc::new(rules));
-        let mut out = Vec::new();
-        for chunk in msg.chunks(step) {
-            if !f.push(chunk, &mut out) {
-                out.extend_from_slice(chunk);
-            }
-        }
-        f.finish(&mut out);
-        (out, f)
-    }
-
-    fn exchange_rules() -> StripRules {
-        StripRules {
-            names: vec![
-                NamePattern::new("X-MS-Exchange-Organization-*"),
-                NamePattern::new("X-MS-Exchange-Forest-*"),
-            ],
-            auth_results_for: Some("relay.example.com".into()),
-        }
-    }
-
-    #[test]
-    fn counts_received_and_strips_across_chunk_boundaries() {
-        let msg = b"Received: from a\r\n\tby b\r\nReceived: x\r\nX-MS-Exchange-Organization-SCL: -1\r\n\
-X-Ms-Exchange-Forest-Foo: y\r\n  folded\r\nAuthentication-Results: relay.example.com; spf=pass\r\n\
-Authentication-Results: other.example; spf=fail\r\nSubject: hi\r\n\r\nbody\r\nX-MS-Exchange-Organization-SCL: 9\r\n";
-        for step in [1, 2, 5, 17, 4096] {
-            let (out, f) = run(msg, exchange_rules(), step);
-            assert_eq!(f.received_count(), 2, "step {step}");
-            let text = String::from_utf8(out).unwrap();
-            assert!(!text.contains("SCL: -1"), "step {step}");
-            assert!(!text.contains("Forest"), "step {step}");
-            assert!(!text.contains("relay.example.com; spf=pass"), "step {step}");
-            assert!(text.contains("other.example; spf=fail"), "step {step}");
-            // The body is never filtered.
-            assert!(text.ends_with("\r\n\r\nbody\r\nX-MS-Exchange-Organization-SCL: 9\r\n"));
-            assert_eq!(f.stripped().len(), 3);
-        }
-    }
-
-    #[test]
-    fn no_rules_is_identity() {
-        let msg = b"A: 1\r\nB: 2\r\n\r\nbody\r\n";
-        let (out, f) = run(msg, StripRules::default(), 3);
-        assert_eq!(out, msg);
-        assert_eq!(f.received_count(), 0);
-    }
-
-    #[test]
-    fn message_without_body_and_without_headers() {
-        let (out, f) = run(b"Received: x\r\nSubject: y\r\n", StripRules::default(), 4);
-        assert_eq!(out, b"Received: x\r\nSubject: y\r\n");
-        assert_eq!(f.received_count(), 1);
-        let (out, _) = run(b"\r\njust body\r\n", exchange_rules(), 2);
-        assert_eq!(out, b"\r\njust body\r\n");
-        let (out, _) = run(b"", exchange_rules(), 2);
-        assert!(out.is_empty());
-    }
-
-    #[test]
-    fn captures_the_header_section_as_received_up_to_the_limit() {
-        let msg = b"From: a@example.com\r\nX-MS-Exchange-Organization-SCL: -1\r\n\r\nbody\r\n";
-        for step in [1, 7, 4096] {
-            let mut f = HeaderFilter::new(Arc::new(exchange_rules()));
-            f.capture(1000);
-            let mut out = Vec::new();
-            for chunk in msg.chunks(step) {
-                if !f.push(chunk, &mut out) {
-                    out.extend_from_slice(chunk);
-                }
-            }
-            f.finish(&mut out);
-            assert_eq!(
-                f.captured(),
-                b"From: a@example.com\r\nX-MS-Exchange-Organization-SCL: -1\r\n"
-            );
-            assert!(!contains(&out, b"SCL"));
-        }
-        let mut f = HeaderFilter::new(Arc::new(StripRules::default()));
-        f.capture(6);
-        let mut out = Vec::new();
-        f.push(b"From: a@b\r\n", &mut out);
-        f.finish(&mut out);
-        assert_eq!(f.captured(), b"From: ");
-        // Without capture nothing is kept.
-        let (_, f) = run(msg, StripRules::default(), 3);
-        assert!(f.captured().is_empty());
-    }
-
-    fn contains(haystack: &[u8], needle: &[u8]) -> bool {
-        haystack.windows(needle.len()).any(|w| w == needle)
-    }
-
-    #[test]
-    fn patterns() {
-        assert!(
-            NamePattern::new("X-MS-Exchange-Organization-*")
-                .matches("x-ms-exchange-organization-scl")
-        );
-        assert!(!NamePattern::new("X-MS-Exchange-Organization-*").matches("X-MS-Exchange-Org"));
-        assert!(NamePattern::new("X-Spam").matches("x-spam"));
-        assert!(!NamePattern::new("X-Spam").matches("x-spam-score"));
-        assert!(!NamePattern::new("X-Spam").matches("x-spa"));
-        // Non-ASCII names never panic on a char boundary.
-        assert!(!NamePattern::new("X-MS-*").matches("X-Mxé"));
-    }
-}
+mod tests;

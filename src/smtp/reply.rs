@@ -240,6 +240,8 @@ pub const MESSAGE_TOO_BIG: Reply = Reply::new(
     "5.3.4",
     "Message size exceeds fixed maximum message size",
 );
+/// A header field (or field name) longer than the header reader holds (64 KiB).
+pub const HEADER_TOO_LARGE: Reply = Reply::new(552, "5.3.4", "Message header field too long");
 pub const BARE_LINE_ENDING_IN_DATA: Reply = Reply::new(
     550,
     "5.5.2",
