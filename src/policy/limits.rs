@@ -376,6 +376,9 @@ impl<K: TableKey> Store<K> {
         key: &K,
         f: impl Fn(Option<Nanos>) -> Result<(T, Nanos), E>,
     ) -> Result<T, E> {
+        // The latest time any caller passed in: never earlier than the time governor reads
+        // for this check, so a key swept as restored is restored for it too (or was restored
+        // microseconds before, for a check racing one with a later time).
         let now = self.clock.nanos();
         let mut t = self.lock();
         let level = t.home(key, now, self.bounds);
