@@ -8,40 +8,87 @@
 //! of an IPv6 address, since one IPv6 host usually holds a whole /64 and could otherwise take
 //! a fresh budget for every address in it. Users are keyed by login.
 //!
-//! Memory is bounded: keys whose state is indistinguishable from a fresh one are dropped every
-//! [`PRUNE_INTERVAL`], and a table that still holds [`MAX_KEYS`] after pruning is started over
-//! (and says so in the log) rather than grow without end. Starting over forgets budgets, which
-//! lets the offenders of such a flood through for a moment; refusing every newcomer instead
-//! would let anyone with enough addresses shut the relay for everybody.
+//! # What a flood cannot do to a table
+//!
+//! A limit must never fail open, and the tables must stay bounded however many distinct
+//! clients an attacker has (IPv6 /64s are cheap). So:
+//!
+//! - **A budget in use is never forgotten.** Only a key whose budget is fully restored (its
+//!   state says nothing a fresh key would not) is ever dropped: every [`PRUNE_INTERVAL`], and
+//!   from a full level when a new key needs room (at most once per [`FULL_SWEEP_INTERVAL`], a
+//!   sweep being a scan of the level). No table is ever emptied, so a client that is being
+//!   limited stays limited until its budget refills with time, however many others arrive.
+//! - **New clients of a full table are counted under a coarser prefix.** When the table holds
+//!   [`MAX_KEYS`] exact clients whose budgets are in use, a new client is counted under its
+//!   IPv4 /24, then /16, then /8, then one key for all of IPv4 (IPv6: /48, /32, /16, then all
+//!   of IPv6), the same prefixes as the AUTH lockout table ([`PREFIXES_V4`], [`PREFIXES_V6`]),
+//!   with at most [`MAX_COARSE_KEYS`] keys per level (IPv4 and IPv6 together; the last level
+//!   holds at most two keys). Every client in such a prefix shares its budget: under a flood,
+//!   bystanders in an attacker's prefix are limited with it, and a flood that exhausts the
+//!   prefixes reaches the family's single key, where newcomers of that family share one
+//!   budget. Clients already counted keep their own budget. A client is always counted by
+//!   the finest key that holds a budget for it, and a key is created only for a client that
+//!   no key covers, so a client never moves to a fresh budget while its own is in use. This
+//!   also holds after the flood: a prefix key counts every newcomer it covers until its
+//!   budget is restored (at most `per` after its last event) and pruned, since the table
+//!   cannot tell them from the clients it counted.
+//! - **Logins** exist only after a successful AUTH, so their number is at most the users in
+//!   the users file; the table is bounded anyway, at [`MAX_USERS`] logins (keys cut to
+//!   [`MAX_LOGIN_KEY`](super::lockout::MAX_LOGIN_KEY) octets), beyond which new logins share
+//!   one overflow budget, under the same rules.
+//!
+//! A table that starts counting new keys coarser logs a warning ("rate limit table full"),
+//! and a pruning that finds room again logs it too: at most once per [`PRUNE_INTERVAL`] each,
+//! never once per key.
+//!
+//! Memory: a client table holds at most `MAX_KEYS + 3 × MAX_COARSE_KEYS + 2` keys of 32
+//! octets in hash tables: 11.3 MiB with every level full, 12.4 MiB at the peak of growing
+//! there (measured with a counting allocator), and pruning gives it back once the flood's
+//! budgets are restored. A login table holds at most `MAX_USERS + 1` logins: 3.1 MiB for
+//! logins of 25 octets, 14.3 MiB for logins of `MAX_LOGIN_KEY` octets.
 
+use std::collections::HashMap;
 use std::fmt;
 use std::hash::Hash;
 use std::net::{IpAddr, Ipv6Addr};
 use std::num::NonZeroU32;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
-use arc_swap::ArcSwap;
 use governor::clock::Clock;
 use governor::middleware::NoOpMiddleware;
-use governor::state::keyed::HashMapStateStore;
+use governor::nanos::Nanos;
+use governor::state::StateStore;
 use governor::{Quota, RateLimiter};
-use tracing::warn;
+use ipnet::IpNet;
+use tracing::{info, warn};
 
 use super::access::normalize;
+use super::lockout::{PREFIXES_V4, PREFIXES_V6, login_key};
 use crate::config::units::format_rate;
 use crate::config::{Rate, RateLimits};
 use crate::smtp::{Reply, reply};
 
-/// How often stale keys are dropped from a table.
+/// How often keys whose budgets are fully restored are dropped from a table.
 pub const PRUNE_INTERVAL: Duration = Duration::from_secs(60);
 
-/// Most keys one table holds (about 100 bytes each) before it is started over.
+/// Exact clients (IPv4 address, IPv6 /64) one table holds at most; beyond, new clients are
+/// counted under a coarser prefix.
 pub const MAX_KEYS: usize = 200_000;
 
-/// A table that is full is pruned at most this often.
-const FULL_PRUNE_INTERVAL: Duration = Duration::from_secs(1);
+/// Keys per coarser prefix level (IPv4 /24, /16, /8 with IPv6 /48, /32, /16) one table holds
+/// at most; beyond, the next coarser level is used, down to one key per address family.
+pub const MAX_COARSE_KEYS: usize = 20_000;
+
+/// Logins one `messages_per_user` table holds at most; beyond, new logins share one budget.
+pub const MAX_USERS: usize = 50_000;
+
+/// A full level is swept of restored budgets at most this often (a sweep is a scan of the
+/// level; a flood must not make every check pay for one).
+pub const FULL_SWEEP_INTERVAL: Duration = Duration::from_secs(1);
+
+const _: () = assert!(PREFIXES_V4.len() == PREFIXES_V6.len());
 
 /// The key of a client for per-IP limits and AUTH failure counting.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -67,6 +114,61 @@ impl fmt::Display for ClientKey {
             v4 => write!(f, "{v4}"),
         }
     }
+}
+
+/// How many keys a table holds at each level.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Bounds {
+    /// Exact keys (clients or logins).
+    pub exact: usize,
+    /// Keys per coarser level, the last level excepted: it has no bound, and holds one key
+    /// per address family (clients) or the one overflow key (logins).
+    pub coarse: usize,
+}
+
+/// A key of a [`KeyedLimit`], and the coarser keys that count it when the table is full.
+pub trait TableKey: Hash + Eq + Clone {
+    /// A key of the coarser levels.
+    type Coarse: Hash + Eq + Clone;
+    /// Coarser levels (at least one); the last one has no bound, so it must hold few keys.
+    const COARSE_LEVELS: usize;
+    /// The size of the relay's tables for this kind of key.
+    const BOUNDS: Bounds;
+    /// The key that counts `self` at coarser level `level`, from 1 (finest) to
+    /// [`TableKey::COARSE_LEVELS`].
+    fn coarse(&self, level: usize) -> Self::Coarse;
+}
+
+/// Clients: IPv4 /24, /16, /8, all; IPv6 /48, /32, /16, all ([`PREFIXES_V4`], [`PREFIXES_V6`]).
+impl TableKey for ClientKey {
+    type Coarse = IpNet;
+    const COARSE_LEVELS: usize = PREFIXES_V4.len() - 1;
+    const BOUNDS: Bounds = Bounds {
+        exact: MAX_KEYS,
+        coarse: MAX_COARSE_KEYS,
+    };
+
+    fn coarse(&self, level: usize) -> IpNet {
+        let len = match self.0 {
+            IpAddr::V4(_) => PREFIXES_V4[level],
+            IpAddr::V6(_) => PREFIXES_V6[level],
+        };
+        IpNet::new(self.0, len)
+            .expect("prefix lengths are valid for their family")
+            .trunc()
+    }
+}
+
+/// Logins: one overflow key shared by the logins that find the table full.
+impl TableKey for String {
+    type Coarse = ();
+    const COARSE_LEVELS: usize = 1;
+    const BOUNDS: Bounds = Bounds {
+        exact: MAX_USERS,
+        coarse: 0,
+    };
+
+    fn coarse(&self, _level: usize) {}
 }
 
 /// A rate limit was exceeded: which one, for the log, and the reply for the client.
@@ -122,59 +224,271 @@ impl InputClock {
             u64::try_from(at.saturating_duration_since(self.origin).as_nanos()).unwrap_or(u64::MAX);
         self.now.fetch_max(nanos, Ordering::AcqRel).max(nanos)
     }
+
+    /// Nanoseconds since `origin`: the latest time any caller passed in.
+    fn nanos(&self) -> u64 {
+        self.now.load(Ordering::Acquire)
+    }
 }
 
 impl Clock for InputClock {
     type Instant = Duration;
 
     fn now(&self) -> Duration {
-        Duration::from_nanos(self.now.load(Ordering::Acquire))
+        Duration::from_nanos(self.nanos())
     }
 }
 
-type Limiter<K> = RateLimiter<K, HashMapStateStore<K>, InputClock, NoOpMiddleware<Duration>>;
-
-/// One keyed limit: a rate and the budgets of every key seen recently.
-pub struct KeyedLimit<K: Hash + Eq + Clone> {
-    rate: Rate,
-    quota: Quota,
-    clock: InputClock,
-    limiter: ArcSwap<Limiter<K>>,
-    /// Clock reading (nanoseconds) of the last pruning.
-    last_prune: AtomicU64,
-    max_keys: usize,
+/// One level of a table: GCRA theoretical arrival times (nanoseconds on the table's clock) by
+/// key, and when the level was last swept because it was full.
+#[derive(Debug)]
+struct Level<Q> {
+    map: HashMap<Q, u64>,
+    swept: Option<u64>,
 }
 
-impl<K: Hash + Eq + Clone> fmt::Debug for KeyedLimit<K> {
+impl<Q: Hash + Eq> Level<Q> {
+    fn new() -> Level<Q> {
+        Level {
+            map: HashMap::new(),
+            swept: None,
+        }
+    }
+
+    /// Drop the keys whose budget is fully restored at `now`: a theoretical arrival time not
+    /// after `now` lets a full burst through, exactly as a key never seen.
+    fn drop_restored(&mut self, now: u64) {
+        self.map.retain(|_, &mut tat| tat > now);
+    }
+}
+
+#[derive(Debug)]
+struct Tables<K: TableKey> {
+    exact: Level<K>,
+    /// Levels 1 ..= `K::COARSE_LEVELS`, finest first.
+    coarse: Vec<Level<K::Coarse>>,
+    /// New keys are being counted at a coarser level (for logging the change once).
+    coarsening: bool,
+}
+
+impl<K: TableKey> Tables<K> {
+    fn new() -> Tables<K> {
+        Tables {
+            exact: Level::new(),
+            coarse: (0..K::COARSE_LEVELS).map(|_| Level::new()).collect(),
+            coarsening: false,
+        }
+    }
+
+    fn len(&self) -> usize {
+        self.exact.map.len() + self.coarse.iter().map(|l| l.map.len()).sum::<usize>()
+    }
+
+    fn level_len(&self, level: usize) -> usize {
+        match level {
+            0 => self.exact.map.len(),
+            l => self.coarse[l - 1].map.len(),
+        }
+    }
+
+    fn get(&self, level: usize, key: &K) -> Option<u64> {
+        match level {
+            0 => self.exact.map.get(key).copied(),
+            l => self.coarse[l - 1].map.get(&key.coarse(l)).copied(),
+        }
+    }
+
+    fn insert(&mut self, level: usize, key: &K, tat: u64) {
+        match level {
+            0 => self.exact.map.insert(key.clone(), tat),
+            l => self.coarse[l - 1].map.insert(key.coarse(l), tat),
+        };
+    }
+
+    /// The level that counts `key`: the finest that already holds a key for it; else the
+    /// finest with room, after sweeping a full level of restored budgets (at most once per
+    /// [`FULL_SWEEP_INTERVAL`]). The last level has no bound, so there is always one.
+    ///
+    /// A key is created only for a client that no key covers yet. So a client's finest key
+    /// can change only when that key is dropped (its budget restored): a finer key created
+    /// later for someone else would cover them both, and the coarser key covers that someone.
+    fn home(&mut self, key: &K, now: u64, bounds: Bounds) -> usize {
+        if let Some(level) = (0..=K::COARSE_LEVELS).find(|&l| self.get(l, key).is_some()) {
+            return level;
+        }
+        for level in 0..K::COARSE_LEVELS {
+            let max = if level == 0 {
+                bounds.exact
+            } else {
+                bounds.coarse
+            };
+            if self.level_len(level) >= max {
+                let swept = match level {
+                    0 => &mut self.exact.swept,
+                    l => &mut self.coarse[l - 1].swept,
+                };
+                if swept.is_none_or(|at| {
+                    Duration::from_nanos(now.saturating_sub(at)) >= FULL_SWEEP_INTERVAL
+                }) {
+                    *swept = Some(now);
+                    match level {
+                        0 => self.exact.drop_restored(now),
+                        l => self.coarse[l - 1].drop_restored(now),
+                    }
+                }
+            }
+            if self.level_len(level) < max {
+                return level;
+            }
+        }
+        K::COARSE_LEVELS
+    }
+
+    /// Drop every restored budget; release memory a flood left behind.
+    fn prune(&mut self, now: u64) {
+        self.exact.drop_restored(now);
+        self.exact.map.shrink_to_fit();
+        for level in &mut self.coarse {
+            level.drop_restored(now);
+            level.map.shrink_to_fit();
+        }
+    }
+}
+
+/// The state behind one [`KeyedLimit`]: it maps each key to the level that counts it, under
+/// one lock, so the bounds hold exactly however many checks run at once.
+struct Store<K: TableKey> {
+    bounds: Bounds,
+    clock: InputClock,
+    /// The policy key, for the log.
+    rule: &'static str,
+    rate: Rate,
+    tables: Mutex<Tables<K>>,
+}
+
+impl<K: TableKey> Store<K> {
+    fn lock(&self) -> MutexGuard<'_, Tables<K>> {
+        self.tables.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn measure_and_replace<T, E>(
+        &self,
+        key: &K,
+        f: impl Fn(Option<Nanos>) -> Result<(T, Nanos), E>,
+    ) -> Result<T, E> {
+        // The latest time any caller passed in: never earlier than the time governor reads
+        // for this check, so a key swept as restored is restored for it too (or was restored
+        // microseconds before, for a check racing one with a later time).
+        let now = self.clock.nanos();
+        let mut t = self.lock();
+        let level = t.home(key, now, self.bounds);
+        let held = t.get(level, key);
+        let outcome = f(held.map(Nanos::new));
+        if let Ok((_, tat)) = &outcome {
+            t.insert(level, key, tat.as_u64());
+        }
+        // Log when new keys start going to a coarser level, not for each of them.
+        let new_coarse = level > 0 && held.is_none();
+        let started_coarsening = new_coarse && !t.coarsening;
+        t.coarsening |= new_coarse;
+        let keys = t.len();
+        drop(t);
+        if started_coarsening {
+            warn!(
+                table = self.rule,
+                limit = %format_rate(self.rate),
+                keys,
+                "rate limit table full of budgets in use; new clients are counted by prefix \
+                 (new logins share one budget)"
+            );
+        }
+        outcome.map(|(result, _)| result)
+    }
+
+    fn prune(&self, now: u64) {
+        let mut t = self.lock();
+        t.prune(now);
+        let room_again = t.coarsening && t.exact.map.len() < self.bounds.exact;
+        t.coarsening &= !room_again;
+        let keys = t.len();
+        drop(t);
+        if room_again {
+            info!(
+                table = self.rule,
+                limit = %format_rate(self.rate),
+                keys,
+                "rate limit table has room again; new clients are counted exactly"
+            );
+        }
+    }
+}
+
+/// The [`StateStore`] a governor limiter reads and writes: a handle on the [`Store`] that
+/// [`KeyedLimit`] also holds, for pruning.
+struct SharedStore<K: TableKey>(Arc<Store<K>>);
+
+impl<K: TableKey> StateStore for SharedStore<K> {
+    type Key = K;
+
+    fn measure_and_replace<T, F, E>(&self, key: &K, f: F) -> Result<T, E>
+    where
+        F: Fn(Option<Nanos>) -> Result<(T, Nanos), E>,
+    {
+        self.0.measure_and_replace(key, f)
+    }
+}
+
+type Limiter<K> = RateLimiter<K, SharedStore<K>, InputClock, NoOpMiddleware<Duration>>;
+
+/// One keyed limit: a rate and the budgets of every key seen recently (bounded as the module
+/// docs say).
+pub struct KeyedLimit<K: TableKey> {
+    rate: Rate,
+    store: Arc<Store<K>>,
+    limiter: Limiter<K>,
+    /// Clock reading (nanoseconds) of the last pruning.
+    last_prune: AtomicU64,
+}
+
+impl<K: TableKey> fmt::Debug for KeyedLimit<K> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("KeyedLimit")
+            .field("rule", &self.store.rule)
             .field("rate", &format_rate(self.rate))
-            .field("keys", &self.limiter.load().len())
+            .field("keys", &self.len())
             .finish()
     }
 }
 
-impl<K: Hash + Eq + Clone> KeyedLimit<K> {
-    /// A fresh table for `rate`, its clock starting at `origin`.
+impl<K: TableKey> KeyedLimit<K> {
+    /// A fresh table for `rate` of the relay's size ([`TableKey::BOUNDS`]), its clock starting
+    /// at `origin`.
     pub fn new(rate: Rate, origin: Instant) -> KeyedLimit<K> {
-        Self::with_max_keys(rate, origin, MAX_KEYS)
+        Self::build(rate, origin, K::BOUNDS, "rate_limits")
     }
 
-    fn with_max_keys(rate: Rate, origin: Instant, max_keys: usize) -> KeyedLimit<K> {
+    fn build(rate: Rate, origin: Instant, bounds: Bounds, rule: &'static str) -> KeyedLimit<K> {
         let count = NonZeroU32::new(rate.count).unwrap_or(NonZeroU32::MIN);
         let period = (rate.per / count.get()).max(Duration::from_nanos(1));
         let quota = Quota::with_period(period)
             .expect("period is at least one nanosecond")
             .allow_burst(count);
+        // The limiter takes its start from the clock, at 0 here: the theoretical arrival
+        // times it stores are then readings of the same clock, which pruning compares them to.
         let clock = InputClock::new(origin);
-        let limiter = RateLimiter::hashmap_with_clock(quota, clock.clone());
+        let store = Arc::new(Store {
+            bounds,
+            clock: clock.clone(),
+            rule,
+            rate,
+            tables: Mutex::new(Tables::new()),
+        });
+        let limiter = RateLimiter::new(quota, SharedStore(Arc::clone(&store)), clock);
         KeyedLimit {
             rate,
-            quota,
-            clock,
-            limiter: ArcSwap::from_pointee(limiter),
+            store,
+            limiter,
             last_prune: AtomicU64::new(0),
-            max_keys,
         }
     }
 
@@ -183,17 +497,18 @@ impl<K: Hash + Eq + Clone> KeyedLimit<K> {
         self.rate
     }
 
-    /// Take one event from `key`'s budget at `now`; false when the budget is spent (nothing
-    /// is taken then).
+    /// Take one event from `key`'s budget at `now` (the budget of the prefix or overflow key
+    /// that counts it when the table is full); false when the budget is spent (nothing is
+    /// taken then).
     pub fn check(&self, key: &K, now: Instant) -> bool {
-        let t = self.clock.set(now);
+        let t = self.store.clock.set(now);
         self.housekeep(t);
-        self.limiter.load().check_key(key).is_ok()
+        self.limiter.check_key(key).is_ok()
     }
 
-    /// Keys held now.
+    /// Keys held now, at every level.
     pub fn len(&self) -> usize {
-        self.limiter.load().len()
+        self.store.lock().len()
     }
 
     /// True when no key is held.
@@ -203,31 +518,14 @@ impl<K: Hash + Eq + Clone> KeyedLimit<K> {
 
     fn housekeep(&self, t: u64) {
         let last = self.last_prune.load(Ordering::Acquire);
-        let since = Duration::from_nanos(t.saturating_sub(last));
-        let limiter = self.limiter.load();
-        let due = since >= PRUNE_INTERVAL
-            || (since >= FULL_PRUNE_INTERVAL && limiter.len() >= self.max_keys);
         // One caller prunes; the others go on with their check.
-        if !due
-            || self
+        if Duration::from_nanos(t.saturating_sub(last)) >= PRUNE_INTERVAL
+            && self
                 .last_prune
                 .compare_exchange(last, t, Ordering::AcqRel, Ordering::Acquire)
-                .is_err()
+                .is_ok()
         {
-            return;
-        }
-        limiter.retain_recent();
-        limiter.shrink_to_fit();
-        if limiter.len() >= self.max_keys {
-            warn!(
-                keys = limiter.len(),
-                limit = %format_rate(self.rate),
-                "rate limit table full of active keys; starting it over"
-            );
-            self.limiter.store(Arc::new(RateLimiter::hashmap_with_clock(
-                self.quota,
-                self.clock.clone(),
-            )));
+            self.store.prune(t);
         }
     }
 }
@@ -243,19 +541,20 @@ pub struct Limiters {
 }
 
 /// The table for `rate`: `previous` when its rate is the same, else a fresh one.
-fn table<K: Hash + Eq + Clone>(
+fn table<K: TableKey>(
     rate: Option<Rate>,
     previous: Option<&Arc<KeyedLimit<K>>>,
     origin: Instant,
+    rule: &'static str,
 ) -> Option<Arc<KeyedLimit<K>>> {
     let rate = rate?;
     match previous {
         Some(p) if p.rate() == rate => Some(p.clone()),
-        _ => Some(Arc::new(KeyedLimit::new(rate, origin))),
+        _ => Some(Arc::new(KeyedLimit::build(rate, origin, K::BOUNDS, rule))),
     }
 }
 
-fn take<K: Hash + Eq + Clone>(
+fn take<K: TableKey>(
     table: &Option<Arc<KeyedLimit<K>>>,
     rule: &'static str,
     key: &K,
@@ -279,21 +578,25 @@ impl Limiters {
                 config.connections_per_ip,
                 previous.and_then(|p| p.connections_per_ip.as_ref()),
                 origin,
+                CONNECTIONS_PER_IP,
             ),
             messages_per_ip: table(
                 config.messages_per_ip,
                 previous.and_then(|p| p.messages_per_ip.as_ref()),
                 origin,
+                MESSAGES_PER_IP,
             ),
             messages_per_user: table(
                 config.messages_per_user,
                 previous.and_then(|p| p.messages_per_user.as_ref()),
                 origin,
+                MESSAGES_PER_USER,
             ),
             recipients_per_ip: table(
                 config.recipients_per_ip,
                 previous.and_then(|p| p.recipients_per_ip.as_ref()),
                 origin,
+                RECIPIENTS_PER_IP,
             ),
         }
     }
@@ -315,7 +618,7 @@ impl Limiters {
             take(
                 &self.messages_per_user,
                 MESSAGES_PER_USER,
-                &user.to_string(),
+                &login_key(user).to_string(),
                 now,
             )?;
         }
@@ -340,6 +643,10 @@ impl Limiters {
 
 #[cfg(test)]
 mod tests {
+    use std::net::Ipv4Addr;
+
+    use super::super::lockout::MAX_LOGIN_KEY;
+
     use super::*;
 
     fn rate(count: u32, secs: u64) -> Rate {
@@ -353,11 +660,35 @@ mod tests {
         s.parse().unwrap()
     }
 
+    fn client(s: &str) -> ClientKey {
+        ClientKey::new(ip(s))
+    }
+
+    /// A client table with `exact` exact keys and `coarse` keys per coarser level.
+    fn small(r: Rate, t0: Instant, exact: usize, coarse: usize) -> KeyedLimit<ClientKey> {
+        KeyedLimit::build(r, t0, Bounds { exact, coarse }, "test")
+    }
+
+    /// Keys held at each level, exact first.
+    fn levels<K: TableKey>(l: &KeyedLimit<K>) -> Vec<usize> {
+        let t = l.store.lock();
+        (0..=K::COARSE_LEVELS).map(|i| t.level_len(i)).collect()
+    }
+
+    /// Spend `key`'s whole budget at `now`: every check passes until one is refused.
+    fn exhaust<K: TableKey>(l: &KeyedLimit<K>, key: &K, now: Instant) {
+        let mut taken = 0;
+        while l.check(key, now) {
+            taken += 1;
+            assert!(taken <= 1_000_000, "the budget never ran out");
+        }
+    }
+
     #[test]
     fn burst_then_one_per_period() {
         let t0 = Instant::now();
         let l = KeyedLimit::new(rate(3, 60), t0);
-        let k = ClientKey::new(ip("192.0.2.1"));
+        let k = client("192.0.2.1");
         assert!(l.check(&k, t0));
         assert!(l.check(&k, t0));
         assert!(l.check(&k, t0));
@@ -367,50 +698,234 @@ mod tests {
         assert!(l.check(&k, t0 + Duration::from_secs(20)));
         assert!(!l.check(&k, t0 + Duration::from_secs(21)));
         // Another key has its own budget.
-        assert!(l.check(&ClientKey::new(ip("192.0.2.2")), t0));
+        assert!(l.check(&client("192.0.2.2"), t0));
     }
 
     #[test]
     fn keys_map_ipv4_in_ipv6_and_group_ipv6_by_64() {
+        assert_eq!(client("::ffff:192.0.2.1"), client("192.0.2.1"));
+        assert_eq!(client("2001:db8:1:2::1"), client("2001:db8:1:2:ffff::9"));
+        assert_ne!(client("2001:db8:1:2::1"), client("2001:db8:1:3::1"));
+        assert_eq!(client("2001:db8:1:2::1").to_string(), "2001:db8:1:2::/64");
         assert_eq!(
-            ClientKey::new(ip("::ffff:192.0.2.1")),
-            ClientKey::new(ip("192.0.2.1"))
+            client("192.0.2.77").coarse(1),
+            "192.0.2.0/24".parse::<IpNet>().unwrap()
         );
         assert_eq!(
-            ClientKey::new(ip("2001:db8:1:2::1")),
-            ClientKey::new(ip("2001:db8:1:2:ffff::9"))
-        );
-        assert_ne!(
-            ClientKey::new(ip("2001:db8:1:2::1")),
-            ClientKey::new(ip("2001:db8:1:3::1"))
+            client("2001:db8:1:2::1").coarse(2),
+            "2001:db8::/32".parse::<IpNet>().unwrap()
         );
         assert_eq!(
-            ClientKey::new(ip("2001:db8:1:2::1")).to_string(),
-            "2001:db8:1:2::/64"
+            client("2001:db8:1:2::1").coarse(ClientKey::COARSE_LEVELS),
+            "::/0".parse::<IpNet>().unwrap()
         );
     }
 
     #[test]
-    fn stale_keys_are_pruned_and_a_full_table_starts_over() {
+    fn only_restored_budgets_are_pruned() {
         let t0 = Instant::now();
-        let l: KeyedLimit<u32> = KeyedLimit::with_max_keys(rate(1, 1), t0, 10);
-        for k in 0..5 {
-            assert!(l.check(&k, t0));
+        let l = small(rate(1, 1), t0, 10, 4);
+        for k in 0..5u32 {
+            assert!(l.check(&ClientKey(IpAddr::from(Ipv4Addr::from(k))), t0));
         }
         assert_eq!(l.len(), 5);
         // After the prune interval the five are as good as new and dropped.
-        assert!(l.check(&99, t0 + PRUNE_INTERVAL));
+        assert!(l.check(&client("192.0.2.99"), t0 + PRUNE_INTERVAL));
         assert_eq!(l.len(), 1);
-        // Ten keys that stay live (one event an hour) fill a table; a check a second later
-        // finds it still full after pruning and starts it over.
-        let l: KeyedLimit<u32> = KeyedLimit::with_max_keys(rate(1, 3600), t0, 10);
-        for k in 0..10 {
-            assert!(l.check(&k, t0));
+        // Budgets still in use (one event an hour) are kept by every pruning.
+        let l = small(rate(1, 3600), t0, 10, 4);
+        for k in 0..10u32 {
+            assert!(l.check(&ClientKey(IpAddr::from(Ipv4Addr::from(k))), t0));
         }
-        assert_eq!(l.len(), 10);
-        assert!(!l.check(&3, t0));
-        assert!(l.check(&3, t0 + FULL_PRUNE_INTERVAL));
-        assert_eq!(l.len(), 1);
+        let later = t0 + PRUNE_INTERVAL * 59;
+        assert!(!l.check(&ClientKey(IpAddr::from(Ipv4Addr::from(3))), later));
+        assert_eq!(levels(&l), [10, 0, 0, 0, 0]);
+        // At the hour they are restored, and the next pruning drops them.
+        assert!(l.check(&client("192.0.2.1"), t0 + Duration::from_secs(3600)));
+        assert_eq!(levels(&l), [1, 0, 0, 0, 0]);
+    }
+
+    #[test]
+    fn flooding_the_rate_table_never_restores_a_limited_clients_budget() {
+        // 10 an hour: one event back every 6 minutes. A table of 8 exact clients and 4 keys
+        // per coarser level, flooded by 50,000 distinct addresses over 250 s.
+        let t0 = Instant::now();
+        let l = small(rate(10, 3600), t0, 8, 4);
+        let spammer = client("192.0.2.1");
+        exhaust(&l, &spammer, t0);
+        let step = Duration::from_millis(5);
+        let mut now = t0;
+        for i in 0..50_000u32 {
+            now = t0 + step * i;
+            l.check(
+                &ClientKey(IpAddr::from(Ipv4Addr::from(0x0a00_0000 + i))),
+                now,
+            );
+            if i % 997 == 0 {
+                assert!(!l.check(&spammer, now), "the flood restored its budget");
+            }
+            assert!(l.len() <= 8 + 3 * 4 + 2, "{:?}", levels(&l));
+        }
+        assert!(!l.check(&spammer, now), "the flood restored its budget");
+        // The flood filled the exact table, four /24s (10.0.0-3.0/24), then went on in its
+        // /16, which its own burst spent: bystanders in that /16 share its budget ...
+        assert_eq!(levels(&l), [8, 4, 1, 0, 0]);
+        assert!(!l.check(&client("10.0.250.1"), now));
+        // ... and those elsewhere get their own prefix's budget.
+        assert!(l.check(&client("198.51.100.7"), now));
+        assert_eq!(levels(&l), [8, 4, 2, 0, 0]);
+        // The spammer's budget comes back with time only: one event after 6 minutes.
+        let refill = t0 + Duration::from_secs(360);
+        assert!(!l.check(&spammer, refill - Duration::from_millis(1)));
+        assert!(l.check(&spammer, refill));
+        assert!(!l.check(&spammer, refill));
+    }
+
+    #[test]
+    fn restored_budgets_make_room_for_exact_keys_again() {
+        let t0 = Instant::now();
+        // 1 a second: a client's budget is restored a second after its event.
+        let l = small(rate(1, 1), t0, 4, 2);
+        let limited = client("192.0.2.1");
+        exhaust(&l, &limited, t0);
+        for i in 1..=3u32 {
+            assert!(l.check(
+                &ClientKey(IpAddr::from(Ipv4Addr::from(0x0a00_0000 + i))),
+                t0
+            ));
+        }
+        // Full: a newcomer is counted by its /24 and spends that.
+        assert!(l.check(&client("198.51.100.1"), t0));
+        assert!(!l.check(&client("198.51.100.2"), t0));
+        assert_eq!(levels(&l), [4, 1, 0, 0, 0]);
+        // A second later every budget is restored: a sweep of the full level makes room.
+        let t1 = t0 + FULL_SWEEP_INTERVAL;
+        assert!(l.check(&client("203.0.113.5"), t1));
+        assert_eq!(levels(&l), [1, 1, 0, 0, 0]);
+        // The /24 key is restored too but not yet pruned: its clients keep using it until it
+        // is, which costs them nothing (a restored budget is a full one).
+        assert!(l.check(&client("198.51.100.2"), t1));
+    }
+
+    #[test]
+    fn an_ipv6_flood_is_counted_by_its_own_prefixes() {
+        let t0 = Instant::now();
+        let l = small(rate(5, 3600), t0, 8, 4);
+        // A limited client, and one with a budget in use.
+        let limited = client("3fff:1:2:3::1");
+        exhaust(&l, &limited, t0);
+        let regular = client("3fff:2:0:1::1");
+        assert!(l.check(&regular, t0));
+        // An attacker with 2001:db8::/32 takes a fresh /48 and /64 for every connection.
+        for i in 0..20_000u32 {
+            let a = IpAddr::from(Ipv6Addr::new(0x2001, 0xdb8, i as u16, i as u16, 0, 0, 0, 1));
+            l.check(&ClientKey::new(a), t0 + Duration::from_millis(u64::from(i)));
+            assert!(l.len() <= 8 + 3 * 4 + 2, "{:?}", levels(&l));
+        }
+        let now = t0 + Duration::from_secs(20);
+        // Exact table full (2 clients and 6 of the flood's /64s), four of its /48s, then its
+        // whole /32, whose budget it spent at once.
+        assert_eq!(levels(&l), [8, 4, 1, 0, 0]);
+        assert!(!l.check(&client("2001:db8:ffff:1::1"), now));
+        assert!(!l.check(&limited, now), "the flood restored a budget");
+        // The client counted before the flood keeps its own budget (4 of 5 left).
+        for _ in 0..4 {
+            assert!(l.check(&regular, now));
+        }
+        assert!(!l.check(&regular, now));
+        // A newcomer from another /32 is counted by that /32, an IPv4 one by its /16 (the
+        // /24-/48 level is full of the flood's /48s).
+        assert!(l.check(&client("3fff:3::1"), now));
+        assert!(l.check(&client("192.0.2.1"), now));
+        assert_eq!(levels(&l), [8, 4, 3, 0, 0]);
+        // The limited client gets one event back after 12 minutes, not before.
+        let refill = t0 + Duration::from_secs(720);
+        assert!(!l.check(&limited, refill - Duration::from_millis(1)));
+        assert!(l.check(&limited, refill));
+    }
+
+    #[test]
+    fn a_flood_past_every_prefix_level_shares_one_budget_per_family() {
+        let t0 = Instant::now();
+        let l = small(rate(3, 3600), t0, 2, 2);
+        let limited = client("192.0.2.1");
+        exhaust(&l, &limited, t0);
+        // Every connection from another IPv6 /16.
+        for i in 0..1000u32 {
+            let a = IpAddr::from(Ipv6Addr::new(0x2000 + i as u16, 1, 2, 3, 0, 0, 0, 1));
+            l.check(&ClientKey::new(a), t0);
+        }
+        // 2 exact, 2 per coarser level, then the one key of all of IPv6, spent at once.
+        assert_eq!(levels(&l), [2, 2, 2, 2, 1]);
+        assert!(!l.check(&client("3fff::1"), t0));
+        assert!(!l.check(&limited, t0));
+        // IPv4 newcomers share the IPv4 key instead: the IPv6 flood does not spend it.
+        assert!(l.check(&client("198.51.100.1"), t0));
+        assert!(l.check(&client("203.0.113.1"), t0));
+        assert_eq!(levels(&l), [2, 2, 2, 2, 2]);
+    }
+
+    #[test]
+    fn logins_beyond_the_table_share_one_overflow_budget_and_never_reset_a_limited_one() {
+        let t0 = Instant::now();
+        let l: KeyedLimit<String> = KeyedLimit::build(
+            rate(2, 3600),
+            t0,
+            Bounds {
+                exact: 4,
+                coarse: 0,
+            },
+            "test",
+        );
+        let alice = "alice".to_string();
+        exhaust(&l, &alice, t0);
+        for i in 0..1000 {
+            l.check(&format!("user{i}"), t0 + Duration::from_millis(i));
+            assert!(l.len() <= 5, "{:?}", levels(&l));
+        }
+        let now = t0 + Duration::from_secs(1);
+        assert!(!l.check(&alice, now), "new logins restored a budget");
+        assert_eq!(levels(&l), [4, 1]);
+        // Users seen before the table filled keep their own budgets ...
+        assert!(l.check(&"user0".to_string(), now));
+        // ... those after it share the overflow budget, which the others spent.
+        assert!(!l.check(&"user999".to_string(), now));
+        assert!(!l.check(&"newcomer".to_string(), now));
+        // Alice gets one message back after half an hour.
+        let refill = t0 + Duration::from_secs(1800);
+        assert!(!l.check(&alice, refill - Duration::from_millis(1)));
+        assert!(l.check(&alice, refill));
+    }
+
+    #[test]
+    fn tables_of_the_relay_stay_within_their_bounds() {
+        let t0 = Instant::now();
+        let l: KeyedLimit<ClientKey> = KeyedLimit::new(rate(1, 3600), t0);
+        // A distinct /24 (and so a distinct /16 every 256) per connection.
+        for i in 0..(MAX_KEYS + 2 * MAX_COARSE_KEYS + 10) as u32 {
+            l.check(&ClientKey(IpAddr::from(Ipv4Addr::from(i << 8))), t0);
+        }
+        let held = levels(&l);
+        assert_eq!(held[0], MAX_KEYS);
+        assert_eq!(held[1], MAX_COARSE_KEYS);
+        assert!(held[2] <= MAX_COARSE_KEYS && held[3] <= 256 && held[4] <= 2);
+        // Logins: long ones are cut to one key, and the table has its own bound.
+        let l = Limiters::new(
+            &RateLimits {
+                messages_per_user: Some(rate(2, 3600)),
+                ..RateLimits::default()
+            },
+            None,
+            t0,
+        );
+        let long = "x".repeat(MAX_LOGIN_KEY);
+        let a = ip("192.0.2.1");
+        assert!(l.message(a, Some(&format!("{long}1")), t0).is_ok());
+        assert!(l.message(a, Some(&format!("{long}2")), t0).is_ok());
+        assert!(l.message(a, Some(&format!("{long}3")), t0).is_err());
+        let users = l.messages_per_user.as_ref().unwrap();
+        assert_eq!(users.len(), 1);
+        assert_eq!(String::BOUNDS.exact, MAX_USERS);
     }
 
     #[test]
