@@ -1,5 +1,9 @@
 //! Connection accounting: total and per-IP counts, shared by every listener, and stress mode.
 //!
+//! Clients are counted as the rate limits and AUTH lockouts count them ([`ClientKey`]): an IPv4
+//! address as it is, an IPv6 address by its /64, since one IPv6 host usually holds a whole /64
+//! and could otherwise open `max_connections_per_ip` connections from each of its addresses.
+//!
 //! # Stress mode
 //!
 //! Idle connections are cheap to hold and each one takes a slot of `max_connections` for up to
@@ -21,7 +25,7 @@ use std::sync::{Arc, Mutex};
 use tokio::sync::watch;
 use tracing::{info, warn};
 
-use crate::policy::access::normalize;
+use crate::policy::limits::ClientKey;
 
 /// Counts open connections; a [`Slot`] holds one and gives it back when dropped.
 #[derive(Debug, Clone)]
@@ -43,7 +47,7 @@ impl Default for ConnectionCounter {
 #[derive(Debug, Default)]
 struct Counts {
     total: usize,
-    per_ip: HashMap<IpAddr, usize>,
+    per_ip: HashMap<ClientKey, usize>,
     /// The stress threshold last given to [`ConnectionCounter::admit`] (0: none yet).
     stress_at: usize,
 }
@@ -56,7 +60,7 @@ pub enum Full {
 }
 
 impl ConnectionCounter {
-    /// Take a slot for `ip` if both caps allow it. `stress_at` is the number of open
+    /// Take a slot for `ip` (counted by [`ClientKey`]) if both caps allow it. `stress_at` is the number of open
     /// connections at which stress mode starts (`Limits::stress_connections`); a refusal for
     /// `max_total` starts it too.
     pub fn admit(
@@ -66,7 +70,7 @@ impl ConnectionCounter {
         max_per_ip: usize,
         stress_at: usize,
     ) -> Result<Slot, Full> {
-        let ip = normalize(ip);
+        let ip = ClientKey::new(ip);
         let mut c = self.inner.lock().unwrap_or_else(|e| e.into_inner());
         c.stress_at = stress_at;
         if c.total >= max_total {
@@ -124,7 +128,7 @@ impl ConnectionCounter {
 #[derive(Debug)]
 pub struct Slot {
     counter: ConnectionCounter,
-    ip: IpAddr,
+    ip: ClientKey,
 }
 
 impl Drop for Slot {
@@ -155,6 +159,21 @@ impl Drop for Slot {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_ipv6_host_cannot_multiply_the_per_ip_cap_across_its_64() {
+        let counter = ConnectionCounter::default();
+        let ip = |n: u16| IpAddr::from([0x2001, 0xdb8, 0, 1, 0, 0, 0, n]);
+        let held: Vec<Slot> = (1..=3)
+            .map(|n| counter.admit(ip(n), 100, 3, 100).unwrap())
+            .collect();
+        assert_eq!(counter.admit(ip(4), 100, 3, 100).unwrap_err(), Full::PerIp);
+        // Another /64 has its own count.
+        let other = IpAddr::from([0x2001, 0xdb8, 0, 2, 0, 0, 0, 1]);
+        assert!(counter.admit(other, 100, 3, 100).is_ok());
+        drop(held);
+        assert!(counter.admit(ip(9), 100, 3, 100).is_ok());
+    }
 
     #[test]
     fn caps_and_release() {
