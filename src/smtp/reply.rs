@@ -199,6 +199,12 @@ pub const UTF8_HEADERS_UNDELIVERABLE: Reply = Reply::new(
     "5.6.9",
     "UTF-8 header message cannot be delivered to one or more recipients",
 );
+/// RFC 3207 §4: STARTTLS takes no parameters.
+pub const STARTTLS_SYNTAX: Reply = Reply::new(501, "5.5.4", "Syntax: STARTTLS");
+/// RFC 5321 §4.1.1.4: DATA takes no parameters.
+pub const DATA_SYNTAX: Reply = Reply::new(501, "5.5.4", "Syntax: DATA");
+/// RFC 5321 §4.1.1.5: RSET takes no parameters.
+pub const RSET_SYNTAX: Reply = Reply::new(501, "5.5.4", "Syntax: RSET");
 pub const BAD_BASE64: Reply = Reply::new(501, "5.5.2", "Invalid base64 data");
 pub const AUTH_CANCELLED: Reply = Reply::new(501, "5.7.0", "Authentication cancelled");
 pub const NOT_IMPLEMENTED: Reply = Reply::new(502, "5.5.1", "Command not implemented");

@@ -536,6 +536,12 @@ impl Session {
                         .windows(12)
                         .any(|w| w.eq_ignore_ascii_case(b"<postmaster>"));
                 let declared = declared_size(line);
+                if has_argument(line)
+                    && let Ok(request) = &parsed
+                    && let Some((reply, rule)) = no_argument_allowed(request)
+                {
+                    return self.refuse_command(reply, rule);
+                }
                 self.command(parsed, is_postmaster, declared)
             }
         }
@@ -846,6 +852,25 @@ impl Session {
                 self.refuse_command(reply, rule)
             }
         }
+    }
+}
+
+/// True when a command line carries anything after its verb but trailing blanks. smtp-proto
+/// skips whatever follows STARTTLS, DATA and RSET, so the session looks itself.
+fn has_argument(line: &[u8]) -> bool {
+    let verb_end = line.iter().position(|&b| b == b' ').unwrap_or(line.len());
+    line[verb_end..].iter().any(|&b| b != b' ' && b != b'\t')
+}
+
+/// The refusal for a verb whose grammar has no argument, when one was given: STARTTLS
+/// (RFC 3207 §4: `501` and the session stays in plaintext), DATA and RSET (RFC 5321 §4.1.1.4,
+/// §4.1.1.5). QUIT is answered whatever follows it: refusing it would only keep the session.
+fn no_argument_allowed(request: &Request<String>) -> Option<(Reply, &'static str)> {
+    match request {
+        Request::StartTls => Some((reply::STARTTLS_SYNTAX, "starttls_argument")),
+        Request::Data => Some((reply::DATA_SYNTAX, "data_argument")),
+        Request::Rset => Some((reply::RSET_SYNTAX, "rset_argument")),
+        _ => None,
     }
 }
 
