@@ -13,6 +13,8 @@ use std::time::Duration;
 
 use ipnet::IpNet;
 
+use crate::envelope::Address;
+
 use super::raw::{
     RawAuth, RawHeaders, RawLimits, RawListener, RawQueue, RawRateLimits, RawRelay, RawServer,
     RawSize, RawTls, RawUpstream,
@@ -102,7 +104,7 @@ pub(super) fn compile(text: &str, source: Option<&Path>) -> Result<Config, Confi
         _ => None,
     };
     let listeners = c.listeners(s.listeners, tls_present, auth_present);
-    let relay = c.relay(s.relay.or_default());
+    let relay = c.relay(s.relay.or_default(), &server.hostname);
     let auth = match s.auth {
         Section::Parsed(raw) => Some(c.auth(raw)),
         _ => None,
@@ -384,8 +386,19 @@ impl Compiler {
         listeners
     }
 
-    fn relay(&mut self, raw: RawRelay) -> Relay {
+    fn relay(&mut self, raw: RawRelay, hostname: &str) -> Relay {
         let accepted_domains = self.domains("relay.accepted_domains", raw.accepted_domains);
+        let default_postmaster = format!(
+            "postmaster@{}",
+            accepted_domains.first().map_or(hostname, String::as_str)
+        );
+        let postmaster = match raw.postmaster {
+            Some(text) => Address::parse(&text).unwrap_or_else(|e| {
+                self.err("relay.postmaster", format!("{text:?} is not an address ({e})"));
+                Address::parse(&default_postmaster).unwrap_or_else(|_| placeholder_postmaster())
+            }),
+            None => Address::parse(&default_postmaster).unwrap_or_else(|_| placeholder_postmaster()),
+        };
         let relay_networks = self.nets("relay.relay_networks", raw.relay_networks, &[]);
         let recipients_file = self.path("relay.recipients_file", raw.recipients_file);
         let recipients = recipients_file
@@ -396,6 +409,7 @@ impl Compiler {
             relay_networks,
             recipients_file,
             recipients,
+            postmaster,
         }
     }
 
@@ -801,6 +815,12 @@ impl Compiler {
         }
         domains
     }
+}
+
+/// Stands in for the postmaster address when the configuration is invalid anyway (a missing or
+/// broken `server.hostname` was reported already): never reaches a running relay.
+fn placeholder_postmaster() -> Address {
+    Address::parse("postmaster@invalid").expect("a valid literal address")
 }
 
 /// Checks a domain name (letters, digits, hyphens; labels of 1–63; at most 253 in all) and

@@ -24,6 +24,8 @@ use std::time::Duration;
 
 use ipnet::IpNet;
 
+use crate::envelope::Address;
+
 /// The embedded default policy (`config/default.toml`), used by `portcullis run` without
 /// `--config`.
 pub const DEFAULT_TOML: &str = include_str!("../../config/default.toml");
@@ -154,6 +156,9 @@ pub struct Relay {
     /// The valid recipients read from `recipients_file` at load: lower-cased addresses and
     /// `@domain` entries. `None` without a file (every address in an accepted domain is valid).
     pub recipients: Option<Vec<String>>,
+    /// Where `RCPT TO:<postmaster>` (RFC 5321 §4.5.1, no domain, any case) is delivered. Default:
+    /// `postmaster@` the first accepted domain, or `postmaster@server.hostname` without one.
+    pub postmaster: Address,
 }
 
 /// `[auth]`.

@@ -83,6 +83,8 @@ pub struct RawRelay {
     pub relay_networks: Option<Vec<String>>,
     /// One address or `@domain` per line.
     pub recipients_file: Option<String>,
+    /// Where `RCPT TO:<postmaster>` is delivered.
+    pub postmaster: Option<String>,
 }
 
 /// `[auth]`

@@ -99,6 +99,15 @@ fn embedded_default_parses_and_says_what_it_is() {
 #[test]
 fn defaults_are_applied() {
     let c = ok(MINIMAL);
+    // No accepted domain: postmaster@ the server's hostname.
+    assert_eq!(
+        c.relay.postmaster.to_string(),
+        format!("postmaster@{}", c.server.hostname)
+    );
+    let with_domains = ok(&format!(
+        "{MINIMAL}\n[relay]\naccepted_domains = [\"Example.COM\", \"example.org\"]\n"
+    ));
+    assert_eq!(with_domains.relay.postmaster.to_string(), "postmaster@example.com");
     assert_eq!(c.server.spool_dir, Path::new("/var/spool/portcullis"));
     assert!(c.tls.is_none() && c.auth.is_none() && c.source.is_none());
     let l = &c.listeners[0];
@@ -380,6 +389,7 @@ fn value_errors_table() {
             "[relay]\nrecipients_file = \"/nonexistent/rcpts\"",
             "relay.recipients_file",
         ),
+        ("[relay]\npostmaster = \"no at sign\"", "relay.postmaster"),
         (
             "[[listeners]]\nbind = \"127.0.0.1:2525\"\ntls = \"none\"",
             "listeners[1].bind",

@@ -147,6 +147,7 @@ impl Connection {
         let c = &runtime.config;
         let session = Session::new(SessionConfig {
             hostname: c.server.hostname.clone(),
+            postmaster: c.relay.postmaster.to_string(),
             max_command_length: c.limits.max_command_length,
             max_message_size: c.limits.max_message_size,
             max_recipients: c.limits.max_recipients,
@@ -281,10 +282,13 @@ impl Connection {
                 Event::Rcpt(to) => {
                     let facts = self.facts();
                     let policy = &self.runtime.policy;
-                    match policy
-                        .rcpt(&facts, &to)
-                        .and_then(|()| self.route_carries(&to))
-                    {
+                    let verdict = if policy.is_postmaster(&to, self.session.rcpt_is_postmaster()) {
+                        debug!(peer = %self.peer, %to, "postmaster recipient");
+                        Ok(())
+                    } else {
+                        policy.rcpt(&facts, &to)
+                    };
+                    match verdict.and_then(|()| self.route_carries(&to)) {
                         Err(r) => self.refuse(r),
                         Ok(()) => match policy.recipient_rate(&facts, Instant::now()) {
                             Err(l) => self.limited(l),

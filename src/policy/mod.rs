@@ -245,6 +245,16 @@ impl Policy {
         self.accepted_domains.iter().any(|d| d == domain)
     }
 
+    /// RCPT stage, before [`Policy::rcpt`]: true for a postmaster recipient, which is accepted
+    /// from anyone the listener takes unauthenticated mail from, whatever `recipients_file`
+    /// says (RFC 5321 §4.5.1): `<postmaster>` without a domain (`bare`, already mapped to
+    /// `[relay] postmaster`), and `postmaster@` every accepted domain, in any case. Listeners
+    /// with `auth = "required"` refuse MAIL before AUTH, so this opens nothing there.
+    pub fn is_postmaster(&self, to: &Address, bare: bool) -> bool {
+        bare || (to.local().eq_ignore_ascii_case("postmaster")
+            && self.is_accepted_domain(&to.domain_lower()))
+    }
+
     /// RCPT stage: recipients in accepted domains are taken from anyone (and checked against
     /// the recipient list when one is configured); other domains need AUTH or a relay network.
     pub fn rcpt(&self, facts: &SessionFacts<'_>, to: &Address) -> Result<(), Refusal> {

@@ -20,6 +20,9 @@ const COMPACT_AT: usize = 8 * 1024;
 pub struct SessionConfig {
     /// Name in the banner and the EHLO reply.
     pub hostname: String,
+    /// Where `RCPT TO:<postmaster>` (RFC 5321 §4.5.1: no domain, any case) is delivered: the
+    /// `[relay] postmaster` address.
+    pub postmaster: String,
     /// Octets per command line, including CRLF.
     pub max_command_length: usize,
     pub max_message_size: u64,
@@ -125,7 +128,11 @@ enum Pending {
         from: ReversePath,
         params: MailParams,
     },
-    Rcpt(Address),
+    Rcpt {
+        address: Address,
+        /// Written as `<postmaster>`, without a domain.
+        postmaster: bool,
+    },
     DataStart,
     DataEnd,
     /// The login being checked.
@@ -246,6 +253,19 @@ impl Session {
         self.user.as_deref()
     }
 
+    /// True while the pending RCPT was written `<postmaster>` (RFC 5321 §4.5.1): the address of
+    /// its [`Event::Rcpt`] is then the configured postmaster, which must be accepted whatever
+    /// the relay rules say.
+    pub fn rcpt_is_postmaster(&self) -> bool {
+        matches!(
+            self.pending,
+            Some(Pending::Rcpt {
+                postmaster: true,
+                ..
+            })
+        )
+    }
+
     /// True once TLS is active.
     pub fn is_tls(&self) -> bool {
         self.tls
@@ -345,7 +365,7 @@ impl Session {
                 });
                 reply::SENDER_OK.write_to(&mut self.out);
             }
-            Pending::Rcpt(address) => {
+            Pending::Rcpt { address, .. } => {
                 if let State::Mail(tx) = &mut self.state {
                     tx.recipients.push(address);
                 }
@@ -381,7 +401,7 @@ impl Session {
             return;
         };
         match pending {
-            Pending::Rcpt(_) => {
+            Pending::Rcpt { .. } => {
                 if let State::Mail(tx) = &mut self.state {
                     tx.refused += 1;
                 }
@@ -717,8 +737,9 @@ impl Session {
         let smtputf8 = tx.params.smtputf8;
         let count = tx.recipients.len();
         // smtp-proto reports `<postmaster>` (RFC 5321 §4.5.1) as an empty address.
-        let text = if to.address.is_empty() && is_postmaster {
-            format!("postmaster@{}", self.config.hostname)
+        let postmaster = to.address.is_empty() && is_postmaster;
+        let text = if postmaster {
+            self.config.postmaster.clone()
         } else {
             to.address
         };
@@ -732,7 +753,10 @@ impl Session {
         if count >= self.config.max_recipients {
             return self.refuse_command(reply::TOO_MANY_RECIPIENTS, "max_recipients");
         }
-        self.pending = Some(Pending::Rcpt(address.clone()));
+        self.pending = Some(Pending::Rcpt {
+            address: address.clone(),
+            postmaster,
+        });
         Some(Event::Rcpt(address))
     }
 

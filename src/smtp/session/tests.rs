@@ -14,6 +14,7 @@ const HOST: &str = "mx.example";
 fn cfg() -> SessionConfig {
     SessionConfig {
         hostname: HOST.to_string(),
+        postmaster: "postmaster@example.net".to_string(),
         max_command_length: 512,
         max_message_size: 1000,
         max_recipients: 3,
@@ -1098,7 +1099,7 @@ fn postmaster_without_domain() {
     t.send("RCPT TO:<postmaster>").expect(250);
     t.send("RCPT TO:<Postmaster>").expect(250);
     let rcpts = &t.s.transaction().unwrap().recipients;
-    assert_eq!(rcpts[0].to_string(), "postmaster@mx.example");
+    assert_eq!(rcpts[0].to_string(), "postmaster@example.net");
     t.send("RCPT TO:<>").expect_enh(553, "5.1.3");
 }
 
