@@ -102,3 +102,88 @@ fn postmaster_without_the_key_goes_to_postmaster_at_the_first_accepted_domain() 
     assert!(sink.wait_for(1, WAIT), "nothing delivered:\n{}", relay.log());
     assert_eq!(sink.messages()[0].rcpts, ["postmaster@example.com"]);
 }
+
+// --- 552 5.5.3 at RCPT is "too many recipients" (RFC 5321 §4.5.3.1.10) ----------------------
+
+/// Fast retries, so a deferred recipient is retried within a test.
+const FAST_RETRY: &str = "[queue]\nretry = [\"1s\"]\n";
+
+fn too_many(n: usize) -> SinkConfig {
+    SinkConfig {
+        max_rcpts: Some((n, "552 5.5.3 Too many recipients".to_owned())),
+        ..SinkConfig::default()
+    }
+}
+
+#[test]
+fn upstream_552_5_5_3_at_rcpt_continues_on_the_same_connection_and_bounces_nothing() {
+    let sink = Sink::start(too_many(2));
+    let relay = start_with("", "none", sink.port(), FAST_RETRY);
+    let mut c = ready(relay.port(0));
+    let rcpts = ["r1@example.com", "r2@example.com", "r3@example.com", "r4@example.com", "r5@example.com"];
+    // Over the size kept in memory: each transaction reads the spool file again.
+    let body = format!("Subject: many\r\n\r\n{}", format!("{}\r\n", "y".repeat(70)).repeat(1600));
+    let reply = c.send_message("s@example.com", &rcpts, &body);
+    assert_reply(&reply, 250, "2.0.0");
+    assert!(sink.wait_for(3, WAIT), "not all delivered:\n{}", relay.log());
+    let got: Vec<(Vec<String>, usize)> =
+        sink.messages().iter().map(|m| (m.rcpts.clone(), m.conn)).collect();
+    assert_eq!(
+        got,
+        [
+            (vec!["r1@example.com".to_owned(), "r2@example.com".to_owned()], 1),
+            (vec!["r3@example.com".to_owned(), "r4@example.com".to_owned()], 1),
+            (vec!["r5@example.com".to_owned()], 1),
+        ]
+    );
+    let first = &sink.messages()[0].data;
+    for m in sink.messages() {
+        // The whole message each time (the same Received: header first, then the body).
+        assert!(m.data == *first && m.data.ends_with(body.as_bytes()), "message {:?} differs", m.rcpts);
+    }
+    assert!(relay.wait_for_queue_len(0, WAIT), "still queued:\n{}", relay.log());
+    // No bounce (a message from <>) ever reached the upstream.
+    assert_eq!(sink.messages().len(), 3, "{:?}", sink.messages());
+    assert!(!relay.log().contains("failed permanently"), "{}", relay.log());
+    assert!(sink.violations().is_empty(), "{:?}", sink.violations());
+}
+
+#[test]
+fn upstream_refusing_every_rcpt_as_too_many_is_not_looped_on_and_retried_later() {
+    let sink = Sink::start(too_many(0));
+    let relay = start_with("", "none", sink.port(), "[queue]\nretry = [\"4s\"]\n");
+    let mut c = ready(relay.port(0));
+    let reply = c.send_message("s@example.com", &["x@example.com", "y@example.com"], "Subject: t\r\n\r\nhi\r\n");
+    assert_reply(&reply, 250, "2.0.0");
+    assert_log(&relay, "rcpt=y@example.com reply=RCPT: 552 5.5.3 Too many recipients");
+    let rcpt_commands = || sink.commands().iter().filter(|l| l.starts_with("RCPT")).count();
+    // The attempt is over (both deferred) after one transaction of two RCPTs, not a new
+    // transaction per refusal; the retry is seconds away.
+    assert_eq!(rcpt_commands(), 2, "{:?}", sink.commands());
+    sink.set_config(SinkConfig::default());
+    assert!(sink.wait_for(1, WAIT), "never retried:\n{}", relay.log());
+    let m = &sink.messages()[0];
+    assert_eq!(m.rcpts, ["x@example.com", "y@example.com"]);
+    assert_eq!(m.mail_from, "s@example.com", "a bounce was sent: {:?}", sink.messages());
+    assert!(!relay.log().contains("failed permanently"), "{}", relay.log());
+}
+
+#[test]
+fn upstream_552_mailbox_full_at_rcpt_still_bounces() {
+    let mut config = SinkConfig::default();
+    config
+        .rcpt_replies
+        .insert("full@example.com".to_owned(), "552 5.2.2 Mailbox full".to_owned());
+    let sink = Sink::start(config);
+    let relay = start_with("", "none", sink.port(), FAST_RETRY);
+    let mut c = ready(relay.port(0));
+    let reply = c.send_message("s@example.com", &["full@example.com", "ok@example.com"], "Subject: t\r\n\r\nhi\r\n");
+    assert_reply(&reply, 250, "2.0.0");
+    // The message to ok@, then the bounce for full@ to the sender.
+    assert!(sink.wait_for(2, WAIT), "{}", relay.log());
+    let messages = sink.messages();
+    assert_eq!(messages[0].rcpts, ["ok@example.com"]);
+    let bounce = &messages[1];
+    assert_eq!((bounce.mail_from.as_str(), bounce.rcpts.as_slice()), ("", &["s@example.com".to_owned()][..]));
+    assert!(contains(&bounce.data, b"Status: 5.2.2"), "{}", String::from_utf8_lossy(&bounce.data));
+}
