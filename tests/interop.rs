@@ -187,3 +187,38 @@ fn upstream_552_mailbox_full_at_rcpt_still_bounces() {
     assert_eq!((bounce.mail_from.as_str(), bounce.rcpts.as_slice()), ("", &["s@example.com".to_owned()][..]));
     assert!(contains(&bounce.data, b"Status: 5.2.2"), "{}", String::from_utf8_lossy(&bounce.data));
 }
+
+// --- 421 4.4.2 at the session time limit (RFC 5321 §4.5.3.2) --------------------------------
+
+#[test]
+fn session_time_limit_sends_421_4_4_2_before_closing_busy_and_in_data() {
+    let relay = start_with("", "none", free_port(), "[limits]\nsession_timeout = \"2s\"\n");
+    let started = std::time::Instant::now();
+    // A busy session: a command every 200 ms, each answered, until the limit.
+    let mut busy = ready(relay.port(0));
+    // A session in the middle of a message, trickling a line every 200 ms.
+    let mut data = ready(relay.port(0));
+    data.expect("MAIL FROM:<a@example.com>", 250);
+    data.expect("RCPT TO:<b@example.com>", 250);
+    data.expect("DATA", 354);
+    data.send_raw(b"Subject: slow\r\n\r\n");
+    let mut busy_reply = None;
+    while busy_reply.is_none() && started.elapsed() < Duration::from_secs(10) {
+        std::thread::sleep(Duration::from_millis(200));
+        // `busy` connected first, so it reaches the limit first: while it is open, so is `data`.
+        let r = busy.cmd("NOOP");
+        if r.0 != 250 {
+            busy_reply = Some(r);
+        } else {
+            data.send_raw(b"line\r\n");
+        }
+    }
+    let busy_reply = busy_reply.expect("the busy session was never closed");
+    assert_reply(&busy_reply, 421, "4.4.2");
+    assert!(started.elapsed() >= Duration::from_secs(2), "closed early");
+    assert!(busy.read_to_close().is_empty());
+    assert_reply(&data.read_reply(), 421, "4.4.2");
+    assert!(data.read_to_close().is_empty());
+    assert!(relay.queued_messages().is_empty(), "a partial message was queued");
+    assert_log(&relay, "rule=\"session_time_limit\"");
+}

@@ -479,6 +479,12 @@ impl Compiler {
                 false,
             ),
             data_timeout: self.duration("limits.data_timeout", raw.data_timeout, "10m", false),
+            session_timeout: self.duration(
+                "limits.session_timeout",
+                raw.session_timeout,
+                "1h",
+                false,
+            ),
         }
     }
 

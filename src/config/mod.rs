@@ -215,6 +215,9 @@ pub struct Limits {
     pub command_timeout: Duration,
     /// Time allowed for the DATA phase.
     pub data_timeout: Duration,
+    /// Time allowed for a whole session, from accept; then `421 4.4.2` and close, in the middle
+    /// of a message too (RFC 5321 §4.5.3.2 allows the server to end a session that is too long).
+    pub session_timeout: Duration,
 }
 
 /// A rate: `count` events per `per`.

@@ -158,6 +158,8 @@ pub struct RawLimits {
     pub command_timeout: Option<String>,
     /// Time allowed for the whole DATA phase.
     pub data_timeout: Option<String>,
+    /// Time allowed for a whole session.
+    pub session_timeout: Option<String>,
 }
 
 /// `[rate_limits]`

@@ -257,9 +257,10 @@ pub(super) fn summary(c: &Config) -> String {
     );
     let _ = writeln!(
         s,
-        "  timeouts: command {}, data {}; pregreet wait {}",
+        "  timeouts: command {}, data {}, session {}; pregreet wait {}",
         format_duration(l.command_timeout),
         format_duration(l.data_timeout),
+        format_duration(l.session_timeout),
         format_duration(l.pregreet_wait)
     );
     let r = &c.rate_limits;

@@ -77,8 +77,10 @@ async fn read_into(
     }
 }
 
-/// Longest a whole session may last, whatever it does (DESIGN.md invariant 4).
-pub const MAX_SESSION_TIME: Duration = Duration::from_secs(60 * 60);
+/// How long past `[limits] session_timeout` a session may still run, a backstop for a
+/// step that is not a read (a stalled write of the `421` itself is bounded by
+/// `command_timeout`, added to this).
+pub const SESSION_GRACE: Duration = Duration::from_secs(60);
 
 /// How long a TLS handshake may take.
 pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(30);
@@ -132,7 +134,7 @@ pub struct Connection {
     outcome: Outcome,
     /// When the current command or message must be complete. `command_timeout` bounds each
     /// command and `data_timeout` the whole message, not each read: otherwise a client
-    /// trickling one octet at a time keeps a session open until [`MAX_SESSION_TIME`]. `None`:
+    /// trickling one octet at a time keeps a session open until `session_timeout`. `None`:
     /// a new phase starts at the next read.
     deadline: Option<Instant>,
 }
@@ -180,8 +182,14 @@ impl Connection {
             peer = %self.peer, listener = %self.listener.name,
             "session start"
         );
-        let result = tokio::time::timeout(MAX_SESSION_TIME, self.serve(tcp, refusal)).await;
+        // The session itself says `421 4.4.2` at `session_timeout` (see `read`); this bounds
+        // everything else, e.g. a client that stops reading our replies.
+        let limits = &self.runtime.config.limits;
+        let backstop = limits.session_timeout + limits.command_timeout + SESSION_GRACE;
+        let result = tokio::time::timeout(backstop, self.serve(tcp, refusal)).await;
         if result.is_err() {
+            warn!(peer = %self.peer, listener = %self.listener.name, rule = "session_time_limit",
+                "session closed without a reply: its time limit passed while it was not reading");
             self.outcome.reason = "session time limit";
         }
         if let Some(incoming) = self.incoming.take() {
@@ -395,6 +403,16 @@ impl Connection {
         linger: Option<Instant>,
     ) -> Option<usize> {
         let limits = &self.runtime.config.limits;
+        // RFC 5321 §4.5.3.2: whatever the session is doing, at its time limit it is told
+        // `421 4.4.2` before the connection closes.
+        let session_left =
+            (self.started + limits.session_timeout).saturating_duration_since(Instant::now());
+        if session_left.is_zero() {
+            self.outcome.reason = "session time limit";
+            self.log_rejection(&reply::SESSION_TOO_LONG, "session_time_limit");
+            self.session.close_with(&reply::SESSION_TOO_LONG);
+            return None;
+        }
         let in_data = self.session.in_data();
         let limit = if in_data {
             limits.data_timeout
@@ -412,6 +430,8 @@ impl Connection {
         if let Some(deadline) = linger {
             timeout = timeout.min(deadline.saturating_duration_since(Instant::now()));
         }
+        let session_ends = session_left <= timeout;
+        timeout = timeout.min(session_left);
         // A session in DATA may finish its message during shutdown (the app bounds the wait).
         tokio::select! {
             r = read_into(stream, &mut self.session, tls_buf) => match r {
@@ -421,7 +441,13 @@ impl Connection {
                     Some(0)
                 }
             },
-            _ = tokio::time::sleep(timeout) => {
+            _ = tokio::time::sleep(timeout), if session_ends => {
+                self.outcome.reason = "session time limit";
+                self.log_rejection(&reply::SESSION_TOO_LONG, "session_time_limit");
+                self.session.close_with(&reply::SESSION_TOO_LONG);
+                None
+            }
+            _ = tokio::time::sleep(timeout), if !session_ends => {
                 self.outcome.reason = "timeout";
                 self.log_rejection(&reply::TIMEOUT, "timeout");
                 self.session.timeout();
