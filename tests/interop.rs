@@ -222,3 +222,75 @@ fn session_time_limit_sends_421_4_4_2_before_closing_busy_and_in_data() {
     assert!(relay.queued_messages().is_empty(), "a partial message was queued");
     assert_log(&relay, "rule=\"session_time_limit\"");
 }
+
+// --- A password check that fails inside the relay is 454 4.7.0, not counted ------------------
+
+/// Parses as an argon2id PHC string (so the users file loads) but argon2 refuses to verify
+/// with it (m=1 KiB): every check of this user fails inside the relay.
+const UNUSABLE_HASH: &str =
+    "$argon2id$v=19$m=1,t=1,p=1$c29tZXNhbHRzb21lc2FsdA$MyPqlOLCva2ktGsHp6KlygtFPfGTe5FCWyJ6XljeRlE";
+
+/// The argon2id hash of `password`, made with `portcullis passwd`.
+fn passwd(password: &str) -> String {
+    use std::io::Write;
+    use std::process::{Command, Stdio};
+    let mut child = Command::new(BIN)
+        .arg("passwd")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("spawn portcullis passwd");
+    let mut stdin = child.stdin.take().unwrap();
+    stdin.write_all(format!("{password}\n").as_bytes()).unwrap();
+    drop(stdin);
+    let out = child.wait_with_output().unwrap();
+    assert!(out.status.success(), "portcullis passwd failed");
+    String::from_utf8(out.stdout).unwrap().trim().to_owned()
+}
+
+fn auth_plain(user: &str, pass: &str) -> String {
+    use base64::Engine;
+    let token = base64::engine::general_purpose::STANDARD.encode(format!("\0{user}\0{pass}"));
+    format!("AUTH PLAIN {token}")
+}
+
+/// A submission listener (STARTTLS, AUTH required) with the users of `users_toml`, then `extra`.
+fn submission(users_toml: &str, upstream_port: u16, extra: &str) -> Relay {
+    let dir = TestDir::new();
+    dir.write("users.toml", users_toml);
+    let toml = config(
+        &[listener("submission", free_port(), "starttls") + "require_tls = true\nauth = \"required\"\n"],
+        upstream_port,
+        &format!(
+            "[relay]\naccepted_domains = [\"example.com\"]\n\n\
+             [auth]\nusers_file = \"{{dir}}/users.toml\"\n{extra}"
+        ),
+    );
+    Relay::start_in(dir, &toml)
+}
+
+/// Greeted, through STARTTLS, EHLO again: ready for AUTH.
+fn over_tls(relay: &Relay) -> SmtpClient {
+    let mut c = ready(relay.port(0));
+    c.starttls(&relay.cert_path());
+    c.expect("EHLO client.test", 250);
+    c
+}
+
+#[test]
+fn password_verifier_failure_is_454_4_7_0_and_does_not_lock_the_client_out() {
+    let users = format!(
+        "[[users]]\nname = \"broken\"\npassword_hash = \"{UNUSABLE_HASH}\"\n\n\
+         [[users]]\nname = \"alice\"\npassword_hash = \"{}\"\nsenders = [\"alice@example.com\"]\n",
+        passwd("secret")
+    );
+    let relay = submission(&users, free_port(), "max_failures = 2\n");
+    let mut c = over_tls(&relay);
+    for _ in 0..3 {
+        assert_reply(&c.cmd(&auth_plain("broken", "anything")), 454, "4.7.0");
+    }
+    assert_log(&relay, "rule=\"auth_verifier_failed\"");
+    // Three local failures, max_failures = 2: the client is not locked out.
+    assert_reply(&c.cmd(&auth_plain("alice", "secret")), 235, "2.7.0");
+    assert!(!relay.log().contains("auth_lockout"), "{}", relay.log());
+}

@@ -529,17 +529,31 @@ impl Connection {
         // Unknown users are checked against a dummy hash so both answers take the same time.
         let hash = hash.unwrap_or_else(|| crate::policy::credentials::DUMMY_HASH.to_string());
         let slots = self.shared.hash_slots.clone();
+        // `Err`: the check itself failed (the verifier panicked, the pool is gone, argon2
+        // refused the stored parameters): not the client's fault.
         let verify = async move {
-            let permit = slots.acquire_owned().await;
+            let permit = slots.acquire_owned().await.map_err(|e| e.to_string())?;
             tokio::task::spawn_blocking(move || {
                 let _permit = permit;
-                crate::policy::credentials::verify_password(&hash, &credentials.password)
+                crate::policy::credentials::check_password(&hash, &credentials.password)
             })
             .await
-            .unwrap_or(false)
+            .map_err(|e| e.to_string())?
+            .map_err(|e| e.to_string())
         };
         // A sprayed login is answered no sooner than `delay`, right password or wrong.
-        let (ok, ()) = tokio::join!(verify, tokio::time::sleep(delay));
+        let (checked, ()) = tokio::join!(verify, tokio::time::sleep(delay));
+        let ok = match checked {
+            Ok(ok) => ok,
+            Err(error) => {
+                // RFC 4954 §6: 454 4.7.0 for a temporary failure; not recorded as a failure,
+                // so a broken verifier cannot lock users out.
+                warn!(peer = %self.peer, listener = %self.listener.name,
+                    login = login_key(&login), %error, rule = "auth_verifier_failed",
+                    reply = %reply::AUTH_TEMPORARY, "rejected");
+                return self.session.reject(&reply::AUTH_TEMPORARY);
+            }
+        };
         let success = ok && known;
         let report = self
             .runtime

@@ -33,9 +33,38 @@ pub fn verify_password(hash: &str, password: &str) -> bool {
         .is_ok()
 }
 
+/// Like [`verify_password`], but tells a wrong password (`Ok(false)`) from a check that
+/// could not be made (`Err`): a malformed hash, parameters argon2 refuses (`m=1`), memory it
+/// cannot get. The latter is a local failure, answered `454 4.7.0` and not counted against the
+/// client (RFC 4954 §6).
+pub fn check_password(
+    hash: &str,
+    password: &str,
+) -> Result<bool, argon2::password_hash::Error> {
+    let parsed = PasswordHash::new(hash)?;
+    match Argon2::default().verify_password(password.as_bytes(), &parsed) {
+        Ok(()) => Ok(true),
+        Err(argon2::password_hash::Error::Password) => Ok(false),
+        Err(e) => Err(e),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A PHC string that parses as argon2id but whose parameters argon2 refuses (m=1 KiB).
+    const UNUSABLE_HASH: &str =
+        "$argon2id$v=19$m=1,t=1,p=1$c29tZXNhbHRzb21lc2FsdA$MyPqlOLCva2ktGsHp6KlygtFPfGTe5FCWyJ6XljeRlE";
+
+    #[test]
+    fn a_check_that_cannot_be_made_is_an_error_not_a_wrong_password() {
+        assert!(check_password(UNUSABLE_HASH, "x").is_err());
+        assert!(check_password("not a hash", "x").is_err());
+        assert_eq!(check_password(DUMMY_HASH, "guess").ok(), Some(false));
+        let hash = hash_password("pw").unwrap();
+        assert_eq!(check_password(&hash, "pw").ok(), Some(true));
+    }
 
     #[test]
     fn hash_verifies_and_wrong_password_does_not() {
