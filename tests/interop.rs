@@ -294,3 +294,74 @@ fn password_verifier_failure_is_454_4_7_0_and_does_not_lock_the_client_out() {
     assert_reply(&c.cmd(&auth_plain("alice", "secret")), 235, "2.7.0");
     assert!(!relay.log().contains("auth_lockout"), "{}", relay.log());
 }
+
+// --- Delivery status notifications (RFC 3464) ------------------------------------------------
+
+/// The upstream's long refusal, as Postfix words it: folding it must not change it.
+const LONG_REFUSAL: &str = "550 5.1.1 <kate@example.com>: Recipient address rejected: \
+                            User unknown in virtual mailbox table";
+
+/// The bounce the sink received (the message from `<>`), once there is one.
+fn bounce_of(sink: &Sink, relay: &Relay) -> common::sink::Received {
+    assert!(
+        wait_until(WAIT, || sink.messages().iter().any(|m| m.mail_from.is_empty())),
+        "no bounce:\n{}",
+        relay.log()
+    );
+    sink.messages().into_iter().find(|m| m.mail_from.is_empty()).unwrap()
+}
+
+/// Unfold a header section or part (RFC 5322 §2.2.3): remove each CRLF before a space or tab.
+fn unfold(text: &str) -> String {
+    text.replace("\r\n ", " ").replace("\r\n\t", "\t")
+}
+
+#[test]
+fn dsn_diagnostic_code_unfolds_to_the_upstream_reply_unchanged() {
+    let mut config = SinkConfig::default();
+    config.rcpt_replies.insert("kate@example.com".to_owned(), LONG_REFUSAL.to_owned());
+    let sink = Sink::start(config);
+    let relay = start_with("", "none", sink.port(), FAST_RETRY);
+    let mut c = ready(relay.port(0));
+    let reply = c.send_message("s@example.com", &["kate@example.com"], "Subject: t\r\n\r\nhi\r\n");
+    assert_reply(&reply, 250, "2.0.0");
+    let bounce = bounce_of(&sink, &relay);
+    let text = String::from_utf8(bounce.data.clone()).unwrap();
+    // Folded (the field is longer than 76), and unfolded it is the reply exactly.
+    let field = format!("Diagnostic-Code: smtp; {LONG_REFUSAL}");
+    assert!(!text.contains(&field), "not folded:\n{text}");
+    assert!(unfold(&text).contains(&format!("{field}\r\n")), "{text}");
+    assert!(text.lines().all(|l| l.len() <= 998));
+}
+
+#[test]
+fn dsn_text_part_for_a_utf8_address_is_utf8_quoted_printable() {
+    let mut config = SinkConfig::default();
+    config
+        .rcpt_replies
+        .insert("ü@example.com".to_owned(), "550 5.1.1 no such user".to_owned());
+    let sink = Sink::start(config);
+    let relay = start_with("", "none", sink.port(), FAST_RETRY);
+    let mut c = ready(relay.port(0));
+    c.expect("MAIL FROM:<s@example.com> SMTPUTF8", 250);
+    c.expect("RCPT TO:<ü@example.com>", 250);
+    c.expect("DATA", 354);
+    c.send_raw(b"Subject: t\r\n\r\nhi\r\n.\r\n");
+    assert_reply(&c.read_reply(), 250, "2.0.0");
+    let bounce = bounce_of(&sink, &relay);
+    let text = String::from_utf8_lossy(&bounce.data).into_owned();
+    assert!(
+        text.contains(
+            "Content-Type: text/plain; charset=utf-8\r\n\
+             Content-Transfer-Encoding: quoted-printable\r\n"
+        ),
+        "{text}"
+    );
+    // The text part is 7-bit, and reads back as the address itself (not `?@`).
+    assert!(text.contains("<=C3=BC@example.com>: the upstream server said: 550 5.1.1"), "{text}");
+    let parsed = mail_parser::MessageParser::default().parse(&bounce.data).unwrap();
+    let human = parsed.body_text(0).unwrap();
+    assert!(human.contains("<ü@example.com>: "), "{human}");
+    assert!(!human.contains("<?@example.com>"), "{human}");
+    assert!(sink.violations().is_empty(), "{:?}", sink.violations());
+}
