@@ -365,3 +365,37 @@ fn dsn_text_part_for_a_utf8_address_is_utf8_quoted_printable() {
     assert!(!human.contains("<?@example.com>"), "{human}");
     assert!(sink.violations().is_empty(), "{:?}", sink.violations());
 }
+
+// --- tls = "opportunistic" with a ca: warned, since nothing is verified against it -----------
+
+fn check_config(dir: &TestDir, text: &str) -> String {
+    let path = dir.write("check.toml", dir.expand(text));
+    let out = std::process::Command::new(BIN)
+        .args(["check-config", "--config"])
+        .arg(&path)
+        .output()
+        .expect("spawn portcullis");
+    assert!(out.status.success(), "{out:?}");
+    format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr))
+}
+
+#[test]
+fn opportunistic_upstream_with_a_ca_is_warned_about_by_check_config_and_at_start() {
+    let dir = TestDir::new();
+    let (cert, _) = write_certs(&dir.join("certs"));
+    let base = config(&[listener("mx", free_port(), "none")], free_port(), &relay_extra(""));
+    let with = |tls: &str| {
+        base.replace(
+            "tls = \"none\"\n\n[relay]",
+            &format!("tls = \"{tls}\"\nca = \"{}\"\n\n[relay]", cert.display()),
+        )
+    };
+    let warning = "Upstream \"up\" sets ca but has tls = \"opportunistic\": its certificate is \
+                   not verified against that CA (only tls = \"required\" verifies)";
+    let opportunistic = with("opportunistic");
+    assert_ne!(opportunistic, base);
+    assert!(check_config(&dir, &opportunistic).contains(warning));
+    assert!(!check_config(&dir, &with("required")).contains("sets ca"));
+    let relay = Relay::start_in(dir, &opportunistic);
+    assert_log(&relay, warning);
+}

@@ -102,6 +102,20 @@ pub(super) fn warnings(config: &Config) -> Vec<String> {
         }
     }
     for u in &config.upstreams {
+        // Only "required" verifies: "opportunistic" encrypts when it can but takes any
+        // certificate, and "none" never starts TLS. An operator who names a CA expects it used.
+        if u.ca.is_some() && u.tls != UpstreamTls::Required {
+            w.push(format!(
+                "Upstream {:?} sets ca but has tls = \"{}\": its certificate is not verified \
+                 against that CA (only tls = \"required\" verifies); use tls = \"required\".",
+                u.name,
+                if u.tls == UpstreamTls::None {
+                    "none"
+                } else {
+                    "opportunistic"
+                }
+            ));
+        }
         if u.auth_user.is_some() && u.tls != UpstreamTls::Required {
             w.push(format!(
                 "Upstream {:?} authenticates with tls = \"opportunistic\": the upstream's \
