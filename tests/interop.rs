@@ -399,3 +399,55 @@ fn opportunistic_upstream_with_a_ca_is_warned_about_by_check_config_and_at_start
     let relay = Relay::start_in(dir, &opportunistic);
     assert_log(&relay, warning);
 }
+
+// --- 8-bit content without BODY=8BITMIME (smtplib send_message, msmtp) -----------------------
+
+const EIGHT_BIT: &str = "Subject: Gr\u{fc}\u{df}e\r\nMIME-Version: 1.0\r\n\
+                         Content-Type: text/plain; charset=utf-8\r\n\
+                         Content-Transfer-Encoding: 8bit\r\n\r\nSch\u{f6}ne Gr\u{fc}\u{df}e\r\n";
+
+#[test]
+fn undeclared_8bit_content_is_passed_upstream_with_body_8bitmime() {
+    let sink = Sink::start(SinkConfig::default());
+    let relay = start_with("", "none", sink.port(), "");
+    let mut c = ready(relay.port(0));
+    // Small (kept in memory), then over 64 KiB (the spool file's header is on disk by then),
+    // then 7-bit: only the 8-bit ones are declared.
+    let big = format!("{EIGHT_BIT}{}", "0123456789abcdef\r\n".repeat(5000));
+    for body in [EIGHT_BIT, big.as_str(), "Subject: ascii\r\n\r\nplain\r\n"] {
+        let reply = c.send_message("a@example.com", &["b@example.com"], body);
+        assert_reply(&reply, 250, "2.0.0");
+    }
+    assert!(sink.wait_for(3, WAIT), "{}", relay.log());
+    // Deliveries run concurrently: find each message by its end.
+    let messages = sink.messages();
+    for (eight, body) in [(true, EIGHT_BIT), (true, big.as_str()), (false, "plain\r\n")] {
+        let m = messages
+            .iter()
+            .find(|m| m.data.ends_with(body.as_bytes()))
+            .expect("a message is missing or changed");
+        let declared = m.mail_params.contains(&"BODY=8BITMIME".to_owned());
+        assert_eq!(declared, eight, "{:?}", m.mail_params);
+    }
+    assert!(sink.violations().is_empty(), "{:?}", sink.violations());
+}
+
+#[test]
+fn undeclared_8bit_content_for_a_route_without_8bitmime_is_554_5_6_3_and_not_queued() {
+    let sink = Sink::start(SinkConfig {
+        eightbitmime: false,
+        ..SinkConfig::default()
+    });
+    let relay = start_with("", "none", sink.port(), "");
+    let mut c = ready(relay.port(0));
+    let reply = c.send_message("a@example.com", &["b@example.com"], EIGHT_BIT);
+    assert_reply(&reply, 554, "5.6.3");
+    assert_log(&relay, "rule=\"route_8bit_undeclared\"");
+    assert!(relay.queued_messages().is_empty(), "queued after 554");
+    // The session goes on; 7-bit mail still goes through.
+    let reply = c.send_message("a@example.com", &["b@example.com"], "Subject: ascii\r\n\r\nplain\r\n");
+    assert_reply(&reply, 250, "2.0.0");
+    assert!(sink.wait_for(1, WAIT), "{}", relay.log());
+    assert_eq!(sink.messages().len(), 1);
+    assert!(sink.violations().is_empty(), "{:?}", sink.violations());
+}

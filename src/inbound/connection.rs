@@ -115,6 +115,12 @@ struct Incoming {
     filter: HeaderFilter,
     /// Whether the header section, as written to the spool, is all ASCII.
     scan: HeaderScan,
+    /// The envelope written at the head of the spool file (rewritten when the message turns
+    /// out to be undeclared 8-bit).
+    envelope: Envelope,
+    /// An octet over 127 was received (RFC 6152): decided while receiving, so nothing reads
+    /// the message again.
+    eight_bit: bool,
     /// Set when writing failed: the rest of the message is read and dropped, then `451`.
     failed: bool,
     scratch: Vec<u8>,
@@ -338,14 +344,16 @@ impl Connection {
     }
 
     /// End of data: can the route of every recipient carry the message as received?
-    fn routes_carry(&self, header_utf8: bool, size: u64) -> Result<(), Refusal> {
+    fn routes_carry(&self, header_utf8: bool, eight_bit: bool, size: u64) -> Result<(), Refusal> {
         let Some(tx) = self.session.transaction() else {
             return Ok(());
         };
         tx.recipients
             .iter()
             .filter_map(|to| self.shared.capabilities.for_domain(&to.domain_lower()))
-            .try_for_each(|caps| capability::data(&caps, &tx.params, header_utf8, size))
+            .try_for_each(|caps| {
+                capability::data(&caps, &tx.params, header_utf8, eight_bit, size)
+            })
     }
 
     fn log_rejection(&self, reply: &Reply, rule: &str) {
@@ -675,6 +683,8 @@ impl Connection {
                     writer,
                     filter,
                     scan: HeaderScan::new(),
+                    envelope,
+                    eight_bit: false,
                     failed: false,
                     scratch: Vec::new(),
                 }));
@@ -701,9 +711,11 @@ impl Connection {
         inc.scratch.clear();
         let result = if inc.filter.push(chunk, &mut inc.scratch) {
             inc.scan.push(&inc.scratch);
+            inc.eight_bit |= !inc.scratch.is_ascii();
             inc.writer.write(&inc.scratch)
         } else {
             inc.scan.push(chunk);
+            inc.eight_bit |= !chunk.is_ascii();
             inc.writer.write(chunk)
         };
         if let Err(e) = result {
@@ -719,6 +731,7 @@ impl Connection {
         inc.scratch.clear();
         inc.filter.finish(&mut inc.scratch);
         inc.scan.push(&inc.scratch);
+        inc.eight_bit |= !inc.scratch.is_ascii();
         if !inc.failed
             && let Err(e) = inc.writer.write(&inc.scratch)
         {
@@ -751,9 +764,24 @@ impl Connection {
                 rule = r.rule, reply = %r.reply, "rejected");
             return self.session.reject(&r.reply);
         }
-        if let Err(r) = self.routes_carry(inc.scan.non_ascii(), inc.writer.written()) {
+        if let Err(r) =
+            self.routes_carry(inc.scan.non_ascii(), inc.eight_bit, inc.writer.written())
+        {
             inc.writer.abort();
             return self.refuse(r);
+        }
+        if inc.eight_bit
+            && inc.envelope.mail_params.body != Some(crate::envelope::Body::EightBitMime)
+        {
+            if let Err(e) = inc.writer.declare_8bitmime(&inc.envelope) {
+                warn!(error = %e, "cannot record BODY=8BITMIME in the spool file");
+                inc.writer.abort();
+                return self.refuse(Refusal {
+                    reply: reply::LOCAL_ERROR,
+                    rule: "spool_write",
+                });
+            }
+            debug!(peer = %self.peer, "8-bit content without BODY=8BITMIME: declared upstream");
         }
         if !inc.filter.stripped().is_empty() {
             info!(peer = %self.peer, headers = ?inc.filter.stripped(), "removed untrusted headers");

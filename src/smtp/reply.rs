@@ -189,6 +189,13 @@ pub const ROUTE_NO_8BITMIME: Reply = Reply::new(
     "5.6.3",
     "8-bit MIME content cannot be delivered to this recipient",
 );
+/// RFC 6152 / RFC 3463 5.6.3: 8-bit octets in a message that did not declare `BODY=8BITMIME`,
+/// for a route without 8BITMIME, after the final dot (never converted).
+pub const UNDECLARED_8BIT_UNDELIVERABLE: Reply = Reply::new(
+    554,
+    "5.6.3",
+    "8-bit content cannot be delivered to one or more recipients",
+);
 /// RFC 1870: the declared or received size is over what the route accepts.
 pub const ROUTE_SIZE: Reply = Reply::new(552, "5.3.4", "Message too big for this recipient");
 /// RFC 3463 5.4.4: no upstream serves the recipient's domain (no default route).
