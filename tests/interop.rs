@@ -451,3 +451,220 @@ fn undeclared_8bit_content_for_a_route_without_8bitmime_is_554_5_6_3_and_not_que
     assert_eq!(sink.messages().len(), 1);
     assert!(sink.violations().is_empty(), "{:?}", sink.violations());
 }
+
+// --- bare_lf: LF-only messages from real clients; smuggling refused in every mode ------------
+
+/// What a mode does with a message whose only fault is a bare LF.
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum Expect {
+    Refused,
+    Normalized,
+}
+
+/// A plaintext MX listener with `bare_lf = mode` (none: the default), and `relay_networks`.
+fn mx_with_bare_lf(mode: Option<&str>, relay_networks: &str, upstream_port: u16) -> Relay {
+    let keys = mode.map(|m| format!("bare_lf = \"{m}\"\n")).unwrap_or_default();
+    let l = listener("mx", free_port(), "none") + &keys;
+    Relay::start(&config(
+        &[l],
+        upstream_port,
+        &format!(
+            "[relay]\naccepted_domains = [\"example.com\"]\nrelay_networks = [{relay_networks}]\n"
+        ),
+    ))
+}
+
+#[test]
+fn smuggling_is_refused_in_every_bare_lf_mode_and_lf_only_lines_follow_the_mode() {
+    let variants = ["\n.\n", "\n.\r\n", "\r\n.\n", "\r.\r\n", "\n.\r", "\r\n.\r", "\r.\n"];
+    let cases = [
+        (Some("reject"), "\"127.0.0.0/8\"", Expect::Refused),
+        (Some("normalize"), "", Expect::Normalized),
+        // trusted (also the default): strangers are refused, relay_networks normalised.
+        (Some("trusted"), "", Expect::Refused),
+        (None, "", Expect::Refused),
+        (None, "\"127.0.0.0/8\"", Expect::Normalized),
+    ];
+    for (mode, networks, expect) in cases {
+        let sink = Sink::start(SinkConfig::default());
+        let relay = mx_with_bare_lf(mode, networks, sink.port());
+        let mut c = ready(relay.port(0));
+        let mut accepted = 0;
+        for variant in variants {
+            c.expect("MAIL FROM:<a@example.com>", 250);
+            c.expect("RCPT TO:<b@example.com>", 250);
+            c.expect("DATA", 354);
+            let mut data = format!("Subject: smuggling\r\n\r\nhello{variant}").into_bytes();
+            data.extend_from_slice(
+                b"MAIL FROM:<evil@x.test>\r\nRCPT TO:<victim@example.com>\r\nDATA\r\nsmuggled\r\n",
+            );
+            data.extend_from_slice(b"\r\n.\r\n");
+            c.send_raw(&data);
+            let bare_cr = variant.contains("\r.") || variant.ends_with('\r');
+            let reply = c.read_reply();
+            if expect == Expect::Normalized && !bare_cr {
+                assert_reply(&reply, 250, "2.0.0");
+                accepted += 1;
+            } else {
+                assert_reply(&reply, 550, "5.5.2");
+            }
+            // Exactly one reply for the whole thing: the next one belongs to the NOOP.
+            assert_reply(&c.cmd("NOOP"), 250, "2.0.0");
+        }
+        c.expect("QUIT", 221);
+        let case = format!("{mode:?} relay_networks=[{networks}]");
+        assert!(sink.wait_for(accepted, WAIT), "{case}: {}", relay.log());
+        assert!(relay.wait_for_queue_len(0, WAIT), "{case}: {}", relay.log());
+        let messages = sink.messages();
+        assert_eq!(messages.len(), accepted, "{case}");
+        for m in &messages {
+            // One envelope, ours; the smuggled commands are only text inside the message.
+            assert_eq!((m.mail_from.as_str(), m.rcpts.as_slice()), ("a@example.com", &["b@example.com".to_owned()][..]), "{case}");
+            assert!(contains(&m.data, b"\r\nMAIL FROM:<evil@x.test>\r\n"), "{case}");
+        }
+        // What reached the upstream is clean SMTP: no bare LF or CR, lines dot-stuffed.
+        assert!(sink.violations().is_empty(), "{case}: {:?}", sink.violations());
+        assert_eq!(sink.commands().iter().filter(|l| l.contains("evil")).count(), 0, "{case}");
+    }
+}
+
+#[test]
+fn bare_lf_normalize_stores_crlf_and_restuffs_dots_upstream() {
+    let sink = Sink::start(SinkConfig::default());
+    let relay = mx_with_bare_lf(Some("normalize"), "", sink.port());
+    let mut c = ready(relay.port(0));
+    c.expect("MAIL FROM:<a@example.com>", 250);
+    c.expect("RCPT TO:<b@example.com>", 250);
+    c.expect("DATA", 354);
+    // As smtplib sends an LF-only message: dots doubled after LF, CRLF before the terminator.
+    c.send_raw(b"Subject: lf\n\none\n..dot\n.\ntwo\n\r\n.\r\n");
+    assert_reply(&c.read_reply(), 250, "2.0.0");
+    // Command lines still need CRLF.
+    c.send_raw(b"NOOP\n");
+    assert_reply(&c.read_reply(), 500, "5.5.2");
+    assert!(sink.wait_for(1, WAIT), "{}", relay.log());
+    let m = &sink.messages()[0];
+    assert!(m.data.ends_with(b"Subject: lf\r\n\r\none\r\n.dot\r\n.\r\ntwo\r\n\r\n"), "{:?}", String::from_utf8_lossy(&m.data));
+    assert!(contains(&m.raw_data, b"\r\n..dot\r\n..\r\ntwo\r\n"), "{:?}", String::from_utf8_lossy(&m.raw_data));
+    assert!(sink.violations().is_empty(), "{:?}", sink.violations());
+}
+
+// --- Real clients ----------------------------------------------------------------------------
+
+/// Environment variable that turns a missing client (python3, curl) into a test failure (set by
+/// `.ci/run`, which installs them).
+const REQUIRE_CLIENTS: &str = "PORTCULLIS_REQUIRE_CLIENTS";
+
+/// The path of `program` on PATH; `None` (the test is skipped, saying why) when it is missing,
+/// unless [`REQUIRE_CLIENTS`] is `1`: then the test fails.
+fn client(program: &str) -> Option<std::path::PathBuf> {
+    let found = std::env::var_os("PATH").and_then(|paths| {
+        std::env::split_paths(&paths)
+            .map(|dir| dir.join(program))
+            .find(|p| p.is_file())
+    });
+    if found.is_none() {
+        assert!(
+            std::env::var(REQUIRE_CLIENTS).as_deref() != Ok("1"),
+            "{REQUIRE_CLIENTS}=1 but {program} is missing: apt-get install -y {program}"
+        );
+        eprintln!("skipped: {program} is not installed");
+    }
+    found
+}
+
+/// A submission relay (STARTTLS, AUTH required, bare_lf left at its default) with the user
+/// `alice` (password `secret`) owning alice@example.com, in front of `sink`.
+fn submission_for_clients(sink: &Sink) -> Relay {
+    let users = format!(
+        "[[users]]\nname = \"alice\"\npassword_hash = \"{}\"\nsenders = [\"alice@example.com\"]\n",
+        passwd("secret")
+    );
+    submission(&users, sink.port(), "")
+}
+
+/// The body of an LF-only test message as the sink must receive it, with CRLF.
+const CLIENT_BODY_CRLF: &[u8] = b"line one\r\n.dot line\r\nline three\r\n";
+
+const SMTPLIB_SCRIPT: &str = r#"
+import smtplib, sys
+from email.message import EmailMessage
+port = int(sys.argv[1])
+m = EmailMessage()
+m["From"] = "alice@example.com"
+m["To"] = "bob@example.com"
+m["Subject"] = "smtplib LF-only"
+m.set_content("line one\n.dot line\nline three\n")
+data = m.as_bytes()
+assert b"\r" not in data, "expected an LF-only message"
+with smtplib.SMTP("127.0.0.1", port, local_hostname="client.test", timeout=20) as s:
+    s.starttls()
+    s.login("alice", "secret")
+    refused = s.sendmail("alice@example.com", ["bob@example.com"], data)
+    assert not refused, refused
+print("sent")
+"#;
+
+#[test]
+fn python_smtplib_lf_only_submission_is_accepted_and_forwarded_with_crlf() {
+    let Some(python) = client("python3") else {
+        return;
+    };
+    let sink = Sink::start(SinkConfig::default());
+    let relay = submission_for_clients(&sink);
+    let out = std::process::Command::new(python)
+        .arg("-c")
+        .arg(SMTPLIB_SCRIPT)
+        .arg(relay.port(0).to_string())
+        .output()
+        .expect("run python3");
+    assert!(
+        out.status.success(),
+        "smtplib failed: {}{}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr),
+        relay.log()
+    );
+    assert!(sink.wait_for(1, WAIT), "{}", relay.log());
+    let m = &sink.messages()[0];
+    assert_eq!((m.mail_from.as_str(), m.rcpts.as_slice()), ("alice@example.com", &["bob@example.com".to_owned()][..]));
+    assert!(contains(&m.data, b"\r\nSubject: smtplib LF-only\r\n"), "{}", String::from_utf8_lossy(&m.data));
+    assert!(contains(&m.data, CLIENT_BODY_CRLF), "{}", String::from_utf8_lossy(&m.data));
+    assert!(sink.violations().is_empty(), "{:?}", sink.violations());
+}
+
+#[test]
+fn curl_upload_of_an_lf_only_file_is_accepted_and_forwarded_with_crlf() {
+    let Some(curl) = client("curl") else {
+        return;
+    };
+    let sink = Sink::start(SinkConfig::default());
+    let relay = submission_for_clients(&sink);
+    let file = relay.dir().write(
+        "mail.txt",
+        "From: alice@example.com\nTo: bob@example.com\nSubject: curl LF-only\n\n\
+         line one\n.dot line\nline three\n",
+    );
+    let out = std::process::Command::new(curl)
+        .args(["--silent", "--show-error", "--max-time", "20", "--ssl-reqd", "--insecure"])
+        .arg("--url")
+        .arg(format!("smtp://127.0.0.1:{}/client.test", relay.port(0)))
+        .args(["--user", "alice:secret", "--mail-from", "alice@example.com"])
+        .args(["--mail-rcpt", "bob@example.com", "--upload-file"])
+        .arg(&file)
+        .output()
+        .expect("run curl");
+    assert!(
+        out.status.success(),
+        "curl failed: {}{}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr),
+        relay.log()
+    );
+    assert!(sink.wait_for(1, WAIT), "{}", relay.log());
+    let m = &sink.messages()[0];
+    assert_eq!((m.mail_from.as_str(), m.rcpts.as_slice()), ("alice@example.com", &["bob@example.com".to_owned()][..]));
+    assert!(contains(&m.data, b"\r\nSubject: curl LF-only\r\n\r\n"), "{}", String::from_utf8_lossy(&m.data));
+    assert!(contains(&m.data, CLIENT_BODY_CRLF), "{}", String::from_utf8_lossy(&m.data));
+    assert!(sink.violations().is_empty(), "{:?}", sink.violations());
+}

@@ -21,7 +21,7 @@ use super::raw::{
 };
 use super::units::{parse_duration, parse_rate, parse_size};
 use super::{
-    Auth, AuthMode, CertSource, Config, ConfigError, ConfigErrors, Headers, Limits, Listener,
+    Auth, AuthMode, BareLf, CertSource, Config, ConfigError, ConfigErrors, Headers, Limits, Listener,
     ListenerTls, Queue, Rate, RateLimits, Relay, Server, Tls, TlsVersion, Upstream, UpstreamTls,
     files, load,
 };
@@ -371,6 +371,18 @@ impl Compiler {
                 );
             }
             let deny = self.nets(&format!("{at}.deny"), raw.deny, &[]);
+            let bare_lf = self
+                .choice(
+                    &format!("{at}.bare_lf"),
+                    raw.bare_lf,
+                    BareLf::Trusted,
+                    &[
+                        ("reject", BareLf::Reject),
+                        ("normalize", BareLf::Normalize),
+                        ("trusted", BareLf::Trusted),
+                    ],
+                )
+                .unwrap_or(BareLf::Trusted);
             if let Some(bind) = bind {
                 listeners.push(Listener {
                     name,
@@ -380,6 +392,7 @@ impl Compiler {
                     auth,
                     allow,
                     deny,
+                    bare_lf,
                 });
             }
         }

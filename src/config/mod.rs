@@ -124,6 +124,20 @@ pub enum AuthMode {
     Required,
 }
 
+/// `[[listeners]] bare_lf`: what a bare LF inside DATA gets. In every mode the end of data is
+/// only `<CRLF>.<CRLF>` (RFC 5321 §4.1.1.4), a bare CR in DATA is refused with `550 5.5.2`, and
+/// command lines need CRLF (`500 5.5.2`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BareLf {
+    /// `"reject"`: the message is refused with `550 5.5.2`.
+    Reject,
+    /// `"normalize"`: stored and forwarded as CRLF, dot-stuffing re-applied upstream.
+    Normalize,
+    /// `"trusted"` (default): normalize for authenticated sessions and `relay_networks`
+    /// clients, reject for everyone else.
+    Trusted,
+}
+
 /// One `[[listeners]]` entry.
 #[derive(Debug, Clone)]
 pub struct Listener {
@@ -141,6 +155,8 @@ pub struct Listener {
     pub allow: Vec<IpNet>,
     /// Client networks refused, checked before `allow`. Host bits cleared.
     pub deny: Vec<IpNet>,
+    /// What a bare LF inside DATA gets.
+    pub bare_lf: BareLf,
 }
 
 /// `[relay]`.

@@ -72,6 +72,8 @@ pub struct RawListener {
     pub allow: Option<Vec<String>>,
     /// Client CIDRs refused (checked first).
     pub deny: Option<Vec<String>>,
+    /// `"reject"`, `"normalize"` or `"trusted"`.
+    pub bare_lf: Option<String>,
 }
 
 /// `[relay]`

@@ -116,6 +116,7 @@ fn defaults_are_applied() {
         (l.tls, l.require_tls, l.auth),
         (ListenerTls::None, false, AuthMode::Off)
     );
+    assert_eq!(l.bare_lf, super::BareLf::Trusted);
     assert_eq!(
         l.allow,
         [
@@ -392,6 +393,10 @@ fn value_errors_table() {
             "relay.recipients_file",
         ),
         ("[relay]\npostmaster = \"no at sign\"", "relay.postmaster"),
+        (
+            "[[listeners]]\nbind = \"127.0.0.1:2526\"\ntls = \"none\"\nbare_lf = \"allow\"",
+            "listeners[1].bare_lf",
+        ),
         (
             "[[listeners]]\nbind = \"127.0.0.1:2525\"\ntls = \"none\"",
             "listeners[1].bind",

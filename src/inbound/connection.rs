@@ -688,7 +688,11 @@ impl Connection {
                     failed: false,
                     scratch: Vec::new(),
                 }));
-                self.session.accept();
+                let normalize = self
+                    .runtime
+                    .policy
+                    .normalize_bare_lf(&self.listener, &self.facts());
+                self.session.accept_data(normalize);
             }
             Err(e) => {
                 warn!(error = %e, "cannot create spool file");

@@ -668,7 +668,7 @@ impl Connection {
     }
 
     /// Send the message dot-stuffed (RFC 5321 §4.5.2), ending in CRLF. The spool holds CRLF
-    /// line endings only (bare CR/LF are refused at DATA), so stuffing after each LF is exact.
+    /// line endings only (a bare CR is refused at DATA, a bare LF refused or stored as CRLF), so stuffing after each LF is exact.
     async fn write_message(&mut self, message: &mut MessageSource) -> Result<(), Failure> {
         let mut at_line_start = true;
         let mut last_two = [b'\r', b'\n'];

@@ -25,7 +25,7 @@ use std::time::{Duration, Instant};
 
 use ipnet::IpNet;
 
-use crate::config::{Config, Listener};
+use crate::config::{BareLf, Config, Listener};
 use crate::envelope::{Address, ReversePath};
 use crate::smtp::Reply;
 use crate::smtp::headers::{NamePattern, StripRules};
@@ -232,6 +232,17 @@ impl Policy {
                 Refusal::new(reply::FROM_HEADER_NOT_OWNED, "from_header_not_owned"),
                 Some(a),
             )),
+        }
+    }
+
+    /// DATA stage: whether a bare LF in the message is stored as CRLF (true) or refused, per
+    /// the listener's `bare_lf`; `trusted` normalises for authenticated sessions and
+    /// `relay_networks` clients only.
+    pub fn normalize_bare_lf(&self, listener: &Listener, facts: &SessionFacts<'_>) -> bool {
+        match listener.bare_lf {
+            BareLf::Reject => false,
+            BareLf::Normalize => true,
+            BareLf::Trusted => facts.user.is_some() || self.is_relay_client(facts.client_ip),
         }
     }
 

@@ -371,16 +371,7 @@ impl Session {
                 }
                 reply::RECIPIENT_OK.write_to(&mut self.out);
             }
-            Pending::DataStart => {
-                if let State::Mail(tx) = std::mem::replace(&mut self.state, State::Idle) {
-                    self.state = State::Data {
-                        tx,
-                        decoder: DataDecoder::new(self.config.max_message_size),
-                        finished: false,
-                    };
-                }
-                reply::START_DATA.write_to(&mut self.out);
-            }
+            Pending::DataStart => self.start_data(DataDecoder::new(self.config.max_message_size)),
             Pending::DataEnd => {
                 // A DataEnd must be answered with `queued` or `reject`; treat a bare accept
                 // as a local error rather than claim the message was queued.
@@ -393,6 +384,33 @@ impl Session {
                 reply::AUTH_OK.write_to(&mut self.out);
             }
         }
+    }
+
+    /// The driver accepts a pending DATA (`354`); a bare LF in the message is stored as CRLF
+    /// when `normalize_bare_lf`, else it is refused (`550 5.5.2`) like a bare CR. Any other
+    /// pending request is accepted as by [`Session::accept`].
+    pub fn accept_data(&mut self, normalize_bare_lf: bool) {
+        if !matches!(self.pending, Some(Pending::DataStart)) {
+            return self.accept();
+        }
+        self.pending = None;
+        let max = self.config.max_message_size;
+        self.start_data(if normalize_bare_lf {
+            DataDecoder::normalizing(max)
+        } else {
+            DataDecoder::new(max)
+        });
+    }
+
+    fn start_data(&mut self, decoder: DataDecoder) {
+        if let State::Mail(tx) = std::mem::replace(&mut self.state, State::Idle) {
+            self.state = State::Data {
+                tx,
+                decoder,
+                finished: false,
+            };
+        }
+        reply::START_DATA.write_to(&mut self.out);
     }
 
     /// The driver refuses the pending request with `reply` (which counts as an error).
