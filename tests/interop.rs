@@ -43,9 +43,17 @@ fn starttls_with_a_parameter_is_501_and_the_session_stays_in_plaintext() {
     assert_reply(&c.cmd("NOOP"), 250, "2.0.0");
     assert_reply(&c.cmd("DATA now"), 501, "5.5.4");
     assert_reply(&c.cmd("RSET all"), 501, "5.5.4");
-    let reply = c.send_message("a@example.com", &["b@example.com"], "Subject: t\r\n\r\nok\r\n");
+    let reply = c.send_message(
+        "a@example.com",
+        &["b@example.com"],
+        "Subject: t\r\n\r\nok\r\n",
+    );
     assert_reply(&reply, 250, "2.0.0");
-    assert!(sink.wait_for(1, WAIT), "nothing delivered:\n{}", relay.log());
+    assert!(
+        sink.wait_for(1, WAIT),
+        "nothing delivered:\n{}",
+        relay.log()
+    );
     let m = &sink.messages()[0];
     assert_eq!(m.rcpts, ["b@example.com"]);
     assert!(!m.tls);
@@ -85,7 +93,11 @@ fn postmaster_from_a_stranger_is_accepted_despite_recipients_file_and_goes_to_re
     c.expect("DATA", 354);
     c.send_raw(b"Subject: abuse report\r\n\r\nhello\r\n.\r\n");
     assert_reply(&c.read_reply(), 250, "2.0.0");
-    assert!(sink.wait_for(1, WAIT), "nothing delivered:\n{}", relay.log());
+    assert!(
+        sink.wait_for(1, WAIT),
+        "nothing delivered:\n{}",
+        relay.log()
+    );
     let m = &sink.messages()[0];
     assert_eq!(m.mail_from, "someone@stranger.test");
     assert_eq!(m.rcpts, ["hostmaster@corp.test", "POSTMASTER@Example.COM"]);
@@ -99,7 +111,11 @@ fn postmaster_without_the_key_goes_to_postmaster_at_the_first_accepted_domain() 
     let mut c = ready(relay.port(0));
     let reply = c.send_message("", &["postmaster"], "Subject: t\r\n\r\nok\r\n");
     assert_reply(&reply, 250, "2.0.0");
-    assert!(sink.wait_for(1, WAIT), "nothing delivered:\n{}", relay.log());
+    assert!(
+        sink.wait_for(1, WAIT),
+        "nothing delivered:\n{}",
+        relay.log()
+    );
     assert_eq!(sink.messages()[0].rcpts, ["postmaster@example.com"]);
 }
 
@@ -120,31 +136,65 @@ fn upstream_552_5_5_3_at_rcpt_continues_on_the_same_connection_and_bounces_nothi
     let sink = Sink::start(too_many(2));
     let relay = start_with("", "none", sink.port(), FAST_RETRY);
     let mut c = ready(relay.port(0));
-    let rcpts = ["r1@example.com", "r2@example.com", "r3@example.com", "r4@example.com", "r5@example.com"];
+    let rcpts = [
+        "r1@example.com",
+        "r2@example.com",
+        "r3@example.com",
+        "r4@example.com",
+        "r5@example.com",
+    ];
     // Over the size kept in memory: each transaction reads the spool file again.
-    let body = format!("Subject: many\r\n\r\n{}", format!("{}\r\n", "y".repeat(70)).repeat(1600));
+    let body = format!(
+        "Subject: many\r\n\r\n{}",
+        format!("{}\r\n", "y".repeat(70)).repeat(1600)
+    );
     let reply = c.send_message("s@example.com", &rcpts, &body);
     assert_reply(&reply, 250, "2.0.0");
-    assert!(sink.wait_for(3, WAIT), "not all delivered:\n{}", relay.log());
-    let got: Vec<(Vec<String>, usize)> =
-        sink.messages().iter().map(|m| (m.rcpts.clone(), m.conn)).collect();
+    assert!(
+        sink.wait_for(3, WAIT),
+        "not all delivered:\n{}",
+        relay.log()
+    );
+    let got: Vec<(Vec<String>, usize)> = sink
+        .messages()
+        .iter()
+        .map(|m| (m.rcpts.clone(), m.conn))
+        .collect();
     assert_eq!(
         got,
         [
-            (vec!["r1@example.com".to_owned(), "r2@example.com".to_owned()], 1),
-            (vec!["r3@example.com".to_owned(), "r4@example.com".to_owned()], 1),
+            (
+                vec!["r1@example.com".to_owned(), "r2@example.com".to_owned()],
+                1
+            ),
+            (
+                vec!["r3@example.com".to_owned(), "r4@example.com".to_owned()],
+                1
+            ),
             (vec!["r5@example.com".to_owned()], 1),
         ]
     );
     let first = &sink.messages()[0].data;
     for m in sink.messages() {
         // The whole message each time (the same Received: header first, then the body).
-        assert!(m.data == *first && m.data.ends_with(body.as_bytes()), "message {:?} differs", m.rcpts);
+        assert!(
+            m.data == *first && m.data.ends_with(body.as_bytes()),
+            "message {:?} differs",
+            m.rcpts
+        );
     }
-    assert!(relay.wait_for_queue_len(0, WAIT), "still queued:\n{}", relay.log());
+    assert!(
+        relay.wait_for_queue_len(0, WAIT),
+        "still queued:\n{}",
+        relay.log()
+    );
     // No bounce (a message from <>) ever reached the upstream.
     assert_eq!(sink.messages().len(), 3, "{:?}", sink.messages());
-    assert!(!relay.log().contains("failed permanently"), "{}", relay.log());
+    assert!(
+        !relay.log().contains("failed permanently"),
+        "{}",
+        relay.log()
+    );
     assert!(sink.violations().is_empty(), "{:?}", sink.violations());
 }
 
@@ -153,10 +203,22 @@ fn upstream_refusing_every_rcpt_as_too_many_is_not_looped_on_and_retried_later()
     let sink = Sink::start(too_many(0));
     let relay = start_with("", "none", sink.port(), "[queue]\nretry = [\"4s\"]\n");
     let mut c = ready(relay.port(0));
-    let reply = c.send_message("s@example.com", &["x@example.com", "y@example.com"], "Subject: t\r\n\r\nhi\r\n");
+    let reply = c.send_message(
+        "s@example.com",
+        &["x@example.com", "y@example.com"],
+        "Subject: t\r\n\r\nhi\r\n",
+    );
     assert_reply(&reply, 250, "2.0.0");
-    assert_log(&relay, "rcpt=y@example.com reply=RCPT: 552 5.5.3 Too many recipients");
-    let rcpt_commands = || sink.commands().iter().filter(|l| l.starts_with("RCPT")).count();
+    assert_log(
+        &relay,
+        "rcpt=y@example.com reply=RCPT: 552 5.5.3 Too many recipients",
+    );
+    let rcpt_commands = || {
+        sink.commands()
+            .iter()
+            .filter(|l| l.starts_with("RCPT"))
+            .count()
+    };
     // The attempt is over (both deferred) after one transaction of two RCPTs, not a new
     // transaction per refusal; the retry is seconds away.
     assert_eq!(rcpt_commands(), 2, "{:?}", sink.commands());
@@ -164,35 +226,61 @@ fn upstream_refusing_every_rcpt_as_too_many_is_not_looped_on_and_retried_later()
     assert!(sink.wait_for(1, WAIT), "never retried:\n{}", relay.log());
     let m = &sink.messages()[0];
     assert_eq!(m.rcpts, ["x@example.com", "y@example.com"]);
-    assert_eq!(m.mail_from, "s@example.com", "a bounce was sent: {:?}", sink.messages());
-    assert!(!relay.log().contains("failed permanently"), "{}", relay.log());
+    assert_eq!(
+        m.mail_from,
+        "s@example.com",
+        "a bounce was sent: {:?}",
+        sink.messages()
+    );
+    assert!(
+        !relay.log().contains("failed permanently"),
+        "{}",
+        relay.log()
+    );
 }
 
 #[test]
 fn upstream_552_mailbox_full_at_rcpt_still_bounces() {
     let mut config = SinkConfig::default();
-    config
-        .rcpt_replies
-        .insert("full@example.com".to_owned(), "552 5.2.2 Mailbox full".to_owned());
+    config.rcpt_replies.insert(
+        "full@example.com".to_owned(),
+        "552 5.2.2 Mailbox full".to_owned(),
+    );
     let sink = Sink::start(config);
     let relay = start_with("", "none", sink.port(), FAST_RETRY);
     let mut c = ready(relay.port(0));
-    let reply = c.send_message("s@example.com", &["full@example.com", "ok@example.com"], "Subject: t\r\n\r\nhi\r\n");
+    let reply = c.send_message(
+        "s@example.com",
+        &["full@example.com", "ok@example.com"],
+        "Subject: t\r\n\r\nhi\r\n",
+    );
     assert_reply(&reply, 250, "2.0.0");
     // The message to ok@, then the bounce for full@ to the sender.
     assert!(sink.wait_for(2, WAIT), "{}", relay.log());
     let messages = sink.messages();
     assert_eq!(messages[0].rcpts, ["ok@example.com"]);
     let bounce = &messages[1];
-    assert_eq!((bounce.mail_from.as_str(), bounce.rcpts.as_slice()), ("", &["s@example.com".to_owned()][..]));
-    assert!(contains(&bounce.data, b"Status: 5.2.2"), "{}", String::from_utf8_lossy(&bounce.data));
+    assert_eq!(
+        (bounce.mail_from.as_str(), bounce.rcpts.as_slice()),
+        ("", &["s@example.com".to_owned()][..])
+    );
+    assert!(
+        contains(&bounce.data, b"Status: 5.2.2"),
+        "{}",
+        String::from_utf8_lossy(&bounce.data)
+    );
 }
 
 // --- 421 4.4.2 at the session time limit (RFC 5321 §4.5.3.2) --------------------------------
 
 #[test]
 fn session_time_limit_sends_421_4_4_2_before_closing_busy_and_in_data() {
-    let relay = start_with("", "none", free_port(), "[limits]\nsession_timeout = \"2s\"\n");
+    let relay = start_with(
+        "",
+        "none",
+        free_port(),
+        "[limits]\nsession_timeout = \"2s\"\n",
+    );
     let started = std::time::Instant::now();
     // A busy session: a command every 200 ms, each answered, until the limit.
     let mut busy = ready(relay.port(0));
@@ -219,7 +307,10 @@ fn session_time_limit_sends_421_4_4_2_before_closing_busy_and_in_data() {
     assert!(busy.read_to_close().is_empty());
     assert_reply(&data.read_reply(), 421, "4.4.2");
     assert!(data.read_to_close().is_empty());
-    assert!(relay.queued_messages().is_empty(), "a partial message was queued");
+    assert!(
+        relay.queued_messages().is_empty(),
+        "a partial message was queued"
+    );
     assert_log(&relay, "rule=\"session_time_limit\"");
 }
 
@@ -259,7 +350,8 @@ fn submission(users_toml: &str, upstream_port: u16, extra: &str) -> Relay {
     let dir = TestDir::new();
     dir.write("users.toml", users_toml);
     let toml = config(
-        &[listener("submission", free_port(), "starttls") + "require_tls = true\nauth = \"required\"\n"],
+        &[listener("submission", free_port(), "starttls")
+            + "require_tls = true\nauth = \"required\"\n"],
         upstream_port,
         &format!(
             "[relay]\naccepted_domains = [\"example.com\"]\n\n\
@@ -304,11 +396,17 @@ const LONG_REFUSAL: &str = "550 5.1.1 <kate@example.com>: Recipient address reje
 /// The bounce the sink received (the message from `<>`), once there is one.
 fn bounce_of(sink: &Sink, relay: &Relay) -> common::sink::Received {
     assert!(
-        wait_until(WAIT, || sink.messages().iter().any(|m| m.mail_from.is_empty())),
+        wait_until(WAIT, || sink
+            .messages()
+            .iter()
+            .any(|m| m.mail_from.is_empty())),
         "no bounce:\n{}",
         relay.log()
     );
-    sink.messages().into_iter().find(|m| m.mail_from.is_empty()).unwrap()
+    sink.messages()
+        .into_iter()
+        .find(|m| m.mail_from.is_empty())
+        .unwrap()
 }
 
 /// Unfold a header section or part (RFC 5322 §2.2.3): remove each CRLF before a space or tab.
@@ -319,11 +417,17 @@ fn unfold(text: &str) -> String {
 #[test]
 fn dsn_diagnostic_code_unfolds_to_the_upstream_reply_unchanged() {
     let mut config = SinkConfig::default();
-    config.rcpt_replies.insert("kate@example.com".to_owned(), LONG_REFUSAL.to_owned());
+    config
+        .rcpt_replies
+        .insert("kate@example.com".to_owned(), LONG_REFUSAL.to_owned());
     let sink = Sink::start(config);
     let relay = start_with("", "none", sink.port(), FAST_RETRY);
     let mut c = ready(relay.port(0));
-    let reply = c.send_message("s@example.com", &["kate@example.com"], "Subject: t\r\n\r\nhi\r\n");
+    let reply = c.send_message(
+        "s@example.com",
+        &["kate@example.com"],
+        "Subject: t\r\n\r\nhi\r\n",
+    );
     assert_reply(&reply, 250, "2.0.0");
     let bounce = bounce_of(&sink, &relay);
     let text = String::from_utf8(bounce.data.clone()).unwrap();
@@ -337,9 +441,10 @@ fn dsn_diagnostic_code_unfolds_to_the_upstream_reply_unchanged() {
 #[test]
 fn dsn_text_part_for_a_utf8_address_is_utf8_quoted_printable() {
     let mut config = SinkConfig::default();
-    config
-        .rcpt_replies
-        .insert("ü@example.com".to_owned(), "550 5.1.1 no such user".to_owned());
+    config.rcpt_replies.insert(
+        "ü@example.com".to_owned(),
+        "550 5.1.1 no such user".to_owned(),
+    );
     let sink = Sink::start(config);
     let relay = start_with("", "none", sink.port(), FAST_RETRY);
     let mut c = ready(relay.port(0));
@@ -358,8 +463,13 @@ fn dsn_text_part_for_a_utf8_address_is_utf8_quoted_printable() {
         "{text}"
     );
     // The text part is 7-bit, and reads back as the address itself (not `?@`).
-    assert!(text.contains("<=C3=BC@example.com>: the upstream server said: 550 5.1.1"), "{text}");
-    let parsed = mail_parser::MessageParser::default().parse(&bounce.data).unwrap();
+    assert!(
+        text.contains("<=C3=BC@example.com>: the upstream server said: 550 5.1.1"),
+        "{text}"
+    );
+    let parsed = mail_parser::MessageParser::default()
+        .parse(&bounce.data)
+        .unwrap();
     let human = parsed.body_text(0).unwrap();
     assert!(human.contains("<ü@example.com>: "), "{human}");
     assert!(!human.contains("<?@example.com>"), "{human}");
@@ -376,14 +486,22 @@ fn check_config(dir: &TestDir, text: &str) -> String {
         .output()
         .expect("spawn portcullis");
     assert!(out.status.success(), "{out:?}");
-    format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr))
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    )
 }
 
 #[test]
 fn opportunistic_upstream_with_a_ca_is_warned_about_by_check_config_and_at_start() {
     let dir = TestDir::new();
     let (cert, _) = write_certs(&dir.join("certs"));
-    let base = config(&[listener("mx", free_port(), "none")], free_port(), &relay_extra(""));
+    let base = config(
+        &[listener("mx", free_port(), "none")],
+        free_port(),
+        &relay_extra(""),
+    );
     let with = |tls: &str| {
         base.replace(
             "tls = \"none\"\n\n[relay]",
@@ -421,7 +539,11 @@ fn undeclared_8bit_content_is_passed_upstream_with_body_8bitmime() {
     assert!(sink.wait_for(3, WAIT), "{}", relay.log());
     // Deliveries run concurrently: find each message by its end.
     let messages = sink.messages();
-    for (eight, body) in [(true, EIGHT_BIT), (true, big.as_str()), (false, "plain\r\n")] {
+    for (eight, body) in [
+        (true, EIGHT_BIT),
+        (true, big.as_str()),
+        (false, "plain\r\n"),
+    ] {
         let m = messages
             .iter()
             .find(|m| m.data.ends_with(body.as_bytes()))
@@ -445,7 +567,11 @@ fn undeclared_8bit_content_for_a_route_without_8bitmime_is_554_5_6_3_and_not_que
     assert_log(&relay, "rule=\"route_8bit_undeclared\"");
     assert!(relay.queued_messages().is_empty(), "queued after 554");
     // The session goes on; 7-bit mail still goes through.
-    let reply = c.send_message("a@example.com", &["b@example.com"], "Subject: ascii\r\n\r\nplain\r\n");
+    let reply = c.send_message(
+        "a@example.com",
+        &["b@example.com"],
+        "Subject: ascii\r\n\r\nplain\r\n",
+    );
     assert_reply(&reply, 250, "2.0.0");
     assert!(sink.wait_for(1, WAIT), "{}", relay.log());
     assert_eq!(sink.messages().len(), 1);
@@ -463,7 +589,9 @@ enum Expect {
 
 /// A plaintext MX listener with `bare_lf = mode` (none: the default), and `relay_networks`.
 fn mx_with_bare_lf(mode: Option<&str>, relay_networks: &str, upstream_port: u16) -> Relay {
-    let keys = mode.map(|m| format!("bare_lf = \"{m}\"\n")).unwrap_or_default();
+    let keys = mode
+        .map(|m| format!("bare_lf = \"{m}\"\n"))
+        .unwrap_or_default();
     let l = listener("mx", free_port(), "none") + &keys;
     Relay::start(&config(
         &[l],
@@ -476,7 +604,9 @@ fn mx_with_bare_lf(mode: Option<&str>, relay_networks: &str, upstream_port: u16)
 
 #[test]
 fn smuggling_is_refused_in_every_bare_lf_mode_and_lf_only_lines_follow_the_mode() {
-    let variants = ["\n.\n", "\n.\r\n", "\r\n.\n", "\r.\r\n", "\n.\r", "\r\n.\r", "\r.\n"];
+    let variants = [
+        "\n.\n", "\n.\r\n", "\r\n.\n", "\r.\r\n", "\n.\r", "\r\n.\r", "\r.\n",
+    ];
     let cases = [
         (Some("reject"), "\"127.0.0.0/8\"", Expect::Refused),
         (Some("normalize"), "", Expect::Normalized),
@@ -519,12 +649,30 @@ fn smuggling_is_refused_in_every_bare_lf_mode_and_lf_only_lines_follow_the_mode(
         assert_eq!(messages.len(), accepted, "{case}");
         for m in &messages {
             // One envelope, ours; the smuggled commands are only text inside the message.
-            assert_eq!((m.mail_from.as_str(), m.rcpts.as_slice()), ("a@example.com", &["b@example.com".to_owned()][..]), "{case}");
-            assert!(contains(&m.data, b"\r\nMAIL FROM:<evil@x.test>\r\n"), "{case}");
+            assert_eq!(
+                (m.mail_from.as_str(), m.rcpts.as_slice()),
+                ("a@example.com", &["b@example.com".to_owned()][..]),
+                "{case}"
+            );
+            assert!(
+                contains(&m.data, b"\r\nMAIL FROM:<evil@x.test>\r\n"),
+                "{case}"
+            );
         }
         // What reached the upstream is clean SMTP: no bare LF or CR, lines dot-stuffed.
-        assert!(sink.violations().is_empty(), "{case}: {:?}", sink.violations());
-        assert_eq!(sink.commands().iter().filter(|l| l.contains("evil")).count(), 0, "{case}");
+        assert!(
+            sink.violations().is_empty(),
+            "{case}: {:?}",
+            sink.violations()
+        );
+        assert_eq!(
+            sink.commands()
+                .iter()
+                .filter(|l| l.contains("evil"))
+                .count(),
+            0,
+            "{case}"
+        );
     }
 }
 
@@ -544,8 +692,17 @@ fn bare_lf_normalize_stores_crlf_and_restuffs_dots_upstream() {
     assert_reply(&c.read_reply(), 500, "5.5.2");
     assert!(sink.wait_for(1, WAIT), "{}", relay.log());
     let m = &sink.messages()[0];
-    assert!(m.data.ends_with(b"Subject: lf\r\n\r\none\r\n.dot\r\n.\r\ntwo\r\n\r\n"), "{:?}", String::from_utf8_lossy(&m.data));
-    assert!(contains(&m.raw_data, b"\r\n..dot\r\n..\r\ntwo\r\n"), "{:?}", String::from_utf8_lossy(&m.raw_data));
+    assert!(
+        m.data
+            .ends_with(b"Subject: lf\r\n\r\none\r\n.dot\r\n.\r\ntwo\r\n\r\n"),
+        "{:?}",
+        String::from_utf8_lossy(&m.data)
+    );
+    assert!(
+        contains(&m.raw_data, b"\r\n..dot\r\n..\r\ntwo\r\n"),
+        "{:?}",
+        String::from_utf8_lossy(&m.raw_data)
+    );
     assert!(sink.violations().is_empty(), "{:?}", sink.violations());
 }
 
@@ -627,9 +784,20 @@ fn python_smtplib_lf_only_submission_is_accepted_and_forwarded_with_crlf() {
     );
     assert!(sink.wait_for(1, WAIT), "{}", relay.log());
     let m = &sink.messages()[0];
-    assert_eq!((m.mail_from.as_str(), m.rcpts.as_slice()), ("alice@example.com", &["bob@example.com".to_owned()][..]));
-    assert!(contains(&m.data, b"\r\nSubject: smtplib LF-only\r\n"), "{}", String::from_utf8_lossy(&m.data));
-    assert!(contains(&m.data, CLIENT_BODY_CRLF), "{}", String::from_utf8_lossy(&m.data));
+    assert_eq!(
+        (m.mail_from.as_str(), m.rcpts.as_slice()),
+        ("alice@example.com", &["bob@example.com".to_owned()][..])
+    );
+    assert!(
+        contains(&m.data, b"\r\nSubject: smtplib LF-only\r\n"),
+        "{}",
+        String::from_utf8_lossy(&m.data)
+    );
+    assert!(
+        contains(&m.data, CLIENT_BODY_CRLF),
+        "{}",
+        String::from_utf8_lossy(&m.data)
+    );
     assert!(sink.violations().is_empty(), "{:?}", sink.violations());
 }
 
@@ -646,7 +814,14 @@ fn curl_upload_of_an_lf_only_file_is_accepted_and_forwarded_with_crlf() {
          line one\n.dot line\nline three\n",
     );
     let out = std::process::Command::new(curl)
-        .args(["--silent", "--show-error", "--max-time", "20", "--ssl-reqd", "--insecure"])
+        .args([
+            "--silent",
+            "--show-error",
+            "--max-time",
+            "20",
+            "--ssl-reqd",
+            "--insecure",
+        ])
         .arg("--url")
         .arg(format!("smtp://127.0.0.1:{}/client.test", relay.port(0)))
         .args(["--user", "alice:secret", "--mail-from", "alice@example.com"])
@@ -663,8 +838,19 @@ fn curl_upload_of_an_lf_only_file_is_accepted_and_forwarded_with_crlf() {
     );
     assert!(sink.wait_for(1, WAIT), "{}", relay.log());
     let m = &sink.messages()[0];
-    assert_eq!((m.mail_from.as_str(), m.rcpts.as_slice()), ("alice@example.com", &["bob@example.com".to_owned()][..]));
-    assert!(contains(&m.data, b"\r\nSubject: curl LF-only\r\n\r\n"), "{}", String::from_utf8_lossy(&m.data));
-    assert!(contains(&m.data, CLIENT_BODY_CRLF), "{}", String::from_utf8_lossy(&m.data));
+    assert_eq!(
+        (m.mail_from.as_str(), m.rcpts.as_slice()),
+        ("alice@example.com", &["bob@example.com".to_owned()][..])
+    );
+    assert!(
+        contains(&m.data, b"\r\nSubject: curl LF-only\r\n\r\n"),
+        "{}",
+        String::from_utf8_lossy(&m.data)
+    );
+    assert!(
+        contains(&m.data, CLIENT_BODY_CRLF),
+        "{}",
+        String::from_utf8_lossy(&m.data)
+    );
     assert!(sink.violations().is_empty(), "{:?}", sink.violations());
 }

@@ -21,9 +21,9 @@ use super::raw::{
 };
 use super::units::{parse_duration, parse_rate, parse_size};
 use super::{
-    Auth, AuthMode, BareLf, CertSource, Config, ConfigError, ConfigErrors, Headers, Limits, Listener,
-    ListenerTls, Queue, Rate, RateLimits, Relay, Server, Tls, TlsVersion, Upstream, UpstreamTls,
-    files, load,
+    Auth, AuthMode, BareLf, CertSource, Config, ConfigError, ConfigErrors, Headers, Limits,
+    Listener, ListenerTls, Queue, Rate, RateLimits, Relay, Server, Tls, TlsVersion, Upstream,
+    UpstreamTls, files, load,
 };
 
 /// Default `[server] spool_dir`.
@@ -407,10 +407,15 @@ impl Compiler {
         );
         let postmaster = match raw.postmaster {
             Some(text) => Address::parse(&text).unwrap_or_else(|e| {
-                self.err("relay.postmaster", format!("{text:?} is not an address ({e})"));
+                self.err(
+                    "relay.postmaster",
+                    format!("{text:?} is not an address ({e})"),
+                );
                 Address::parse(&default_postmaster).unwrap_or_else(|_| placeholder_postmaster())
             }),
-            None => Address::parse(&default_postmaster).unwrap_or_else(|_| placeholder_postmaster()),
+            None => {
+                Address::parse(&default_postmaster).unwrap_or_else(|_| placeholder_postmaster())
+            }
         };
         let relay_networks = self.nets("relay.relay_networks", raw.relay_networks, &[]);
         let recipients_file = self.path("relay.recipients_file", raw.recipients_file);

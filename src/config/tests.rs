@@ -107,7 +107,10 @@ fn defaults_are_applied() {
     let with_domains = ok(&format!(
         "{MINIMAL}\n[relay]\naccepted_domains = [\"Example.COM\", \"example.org\"]\n"
     ));
-    assert_eq!(with_domains.relay.postmaster.to_string(), "postmaster@example.com");
+    assert_eq!(
+        with_domains.relay.postmaster.to_string(),
+        "postmaster@example.com"
+    );
     assert_eq!(c.server.spool_dir, Path::new("/var/spool/portcullis"));
     assert!(c.tls.is_none() && c.auth.is_none() && c.source.is_none());
     let l = &c.listeners[0];
@@ -352,7 +355,10 @@ fn value_errors_table() {
         ("[limits]\nhop_limit = 0", "limits.hop_limit"),
         ("[limits]\nmax_errors = 4294967296", "limits.max_errors"),
         ("[limits]\ndata_timeout = \"0s\"", "limits.data_timeout"),
-        ("[limits]\nsession_timeout = \"0s\"", "limits.session_timeout"),
+        (
+            "[limits]\nsession_timeout = \"0s\"",
+            "limits.session_timeout",
+        ),
         (
             "[limits]\ncommand_timeout = \"99999999999999999999s\"",
             "limits.command_timeout",

@@ -351,9 +351,7 @@ impl Connection {
         tx.recipients
             .iter()
             .filter_map(|to| self.shared.capabilities.for_domain(&to.domain_lower()))
-            .try_for_each(|caps| {
-                capability::data(&caps, &tx.params, header_utf8, eight_bit, size)
-            })
+            .try_for_each(|caps| capability::data(&caps, &tx.params, header_utf8, eight_bit, size))
     }
 
     fn log_rejection(&self, reply: &Reply, rule: &str) {
@@ -768,8 +766,7 @@ impl Connection {
                 rule = r.rule, reply = %r.reply, "rejected");
             return self.session.reject(&r.reply);
         }
-        if let Err(r) =
-            self.routes_carry(inc.scan.non_ascii(), inc.eight_bit, inc.writer.written())
+        if let Err(r) = self.routes_carry(inc.scan.non_ascii(), inc.eight_bit, inc.writer.written())
         {
             inc.writer.abort();
             return self.refuse(r);

@@ -61,10 +61,10 @@ impl Reply {
     /// says to treat as temporary. Other `552`s (`5.2.2` mailbox full, `5.3.4` too big) keep
     /// their permanent meaning.
     pub fn is_too_many_recipients(&self) -> bool {
-        match (self.code, self.enhanced()) {
-            (452, None | Some("4.5.3")) | (552, None | Some("5.5.3")) => true,
-            _ => false,
-        }
+        matches!(
+            (self.code, self.enhanced()),
+            (452, None | Some("4.5.3")) | (552, None | Some("5.5.3"))
+        )
     }
 
     /// Exchange (and others) signal "too busy, come back later" with `421` or
@@ -147,7 +147,11 @@ mod tests {
             (550, "5.5.3 Too many recipients", false),
         ];
         for (code, text, want) in cases {
-            assert_eq!(reply(code, text).is_too_many_recipients(), want, "{code} {text}");
+            assert_eq!(
+                reply(code, text).is_too_many_recipients(),
+                want,
+                "{code} {text}"
+            );
         }
     }
 

@@ -37,10 +37,7 @@ pub fn verify_password(hash: &str, password: &str) -> bool {
 /// could not be made (`Err`): a malformed hash, parameters argon2 refuses (`m=1`), memory it
 /// cannot get. The latter is a local failure, answered `454 4.7.0` and not counted against the
 /// client (RFC 4954 §6).
-pub fn check_password(
-    hash: &str,
-    password: &str,
-) -> Result<bool, argon2::password_hash::Error> {
+pub fn check_password(hash: &str, password: &str) -> Result<bool, argon2::password_hash::Error> {
     let parsed = PasswordHash::new(hash)?;
     match Argon2::default().verify_password(password.as_bytes(), &parsed) {
         Ok(()) => Ok(true),
@@ -54,8 +51,7 @@ mod tests {
     use super::*;
 
     /// A PHC string that parses as argon2id but whose parameters argon2 refuses (m=1 KiB).
-    const UNUSABLE_HASH: &str =
-        "$argon2id$v=19$m=1,t=1,p=1$c29tZXNhbHRzb21lc2FsdA$MyPqlOLCva2ktGsHp6KlygtFPfGTe5FCWyJ6XljeRlE";
+    const UNUSABLE_HASH: &str = "$argon2id$v=19$m=1,t=1,p=1$c29tZXNhbHRzb21lc2FsdA$MyPqlOLCva2ktGsHp6KlygtFPfGTe5FCWyJ6XljeRlE";
 
     #[test]
     fn a_check_that_cannot_be_made_is_an_error_not_a_wrong_password() {

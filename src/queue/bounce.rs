@@ -624,7 +624,11 @@ Subject: hello\r\nFrom: sender@example.org\r\nMessage-ID: <m1@example.org>\r\n\r
             "short",
         ];
         let hostile = format!("Diagnostic-Code: smtp; 550 {}", "x".repeat(1100));
-        assert!(fold_field(&hostile, FOLD_WIDTH).iter().all(|l| l.len() <= MAX_LINE));
+        assert!(
+            fold_field(&hostile, FOLD_WIDTH)
+                .iter()
+                .all(|l| l.len() <= MAX_LINE)
+        );
         for text in cases {
             let lines = fold_field(text, FOLD_WIDTH);
             assert_eq!(lines.concat(), text, "{lines:?}");
@@ -641,11 +645,13 @@ Subject: hello\r\nFrom: sender@example.org\r\nMessage-ID: <m1@example.org>\r\n\r
 
     #[test]
     fn quoted_printable_is_7bit_short_lined_and_exact() {
-        let text = "<ü@example.com>: no = sign lost \r\ntrailing space \r\n".to_owned()
-            + &"é".repeat(60);
+        let text =
+            "<ü@example.com>: no = sign lost \r\ntrailing space \r\n".to_owned() + &"é".repeat(60);
         let qp = quoted_printable(&text);
         assert!(qp.is_ascii());
-        assert!(qp.starts_with("<=C3=BC@example.com>: no =3D sign lost=20\r\ntrailing space=20\r\n"));
+        assert!(
+            qp.starts_with("<=C3=BC@example.com>: no =3D sign lost=20\r\ntrailing space=20\r\n")
+        );
         assert!(qp.split("\r\n").all(|l| l.len() <= 76), "{qp}");
         // Decoding gives the text back.
         let mut decoded = Vec::new();

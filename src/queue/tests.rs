@@ -893,7 +893,10 @@ fn declare_8bitmime_rewrites_the_envelope_in_place() {
         w.declare_8bitmime(&env).unwrap();
         let (id, loaded) = w.commit_and_keep().unwrap();
         if let Some(loaded) = loaded {
-            assert_eq!(loaded.msg.envelope.mail_params.body, Some(Body::EightBitMime));
+            assert_eq!(
+                loaded.msg.envelope.mail_params.body,
+                Some(Body::EightBitMime)
+            );
         }
         let msg = spool.load(&id).unwrap();
         assert_eq!(msg.envelope.mail_params.body, Some(Body::EightBitMime));

@@ -357,8 +357,7 @@ mod tests {
             assert_eq!(end, Some(input.len()));
             assert_eq!(fault, None);
             assert_eq!(
-                msg,
-                b"Subject: x\r\n\r\nline\r\n.dot\r\n.\r\n.\r\nend\r\n\r\n",
+                msg, b"Subject: x\r\n\r\nline\r\n.dot\r\n.\r\n.\r\nend\r\n\r\n",
                 "step {step}"
             );
         }
