@@ -6,7 +6,7 @@ use std::fmt::Write as _;
 use ipnet::IpNet;
 
 use super::units::{format_duration, format_rate, format_size};
-use super::{AuthMode, CertSource, Config, ListenerTls, Rate, TlsVersion, UpstreamTls};
+use super::{AuthMode, BareLf, CertSource, Config, ListenerTls, Rate, TlsVersion, UpstreamTls};
 
 /// IPv4 (or IPv6) prefixes this short or shorter in `relay_networks` make an open relay.
 const OPEN_RELAY_MAX_PREFIX: u8 = 7;
@@ -206,9 +206,14 @@ pub(super) fn summary(c: &Config) -> String {
             AuthMode::Optional => "optional",
             AuthMode::Required => "required",
         };
+        let bare_lf = match l.bare_lf {
+            BareLf::Reject => "reject",
+            BareLf::Normalize => "normalize",
+            BareLf::Trusted => "trusted",
+        };
         let _ = writeln!(
             s,
-            "  {} on {}: tls {tls}, require_tls {}, auth {auth}, allow {}, deny {}",
+            "  {} on {}: tls {tls}, require_tls {}, auth {auth}, bare_lf {bare_lf}, allow {}, deny {}",
             l.name,
             l.bind,
             l.require_tls,
@@ -219,6 +224,7 @@ pub(super) fn summary(c: &Config) -> String {
     let _ = writeln!(s, "relay:");
     let _ = writeln!(s, "  accepted domains: {}", list(&c.relay.accepted_domains));
     let _ = writeln!(s, "  relay networks: {}", nets(&c.relay.relay_networks));
+    let _ = writeln!(s, "  postmaster: {}", c.relay.postmaster);
     match (&c.relay.recipients_file, &c.relay.recipients) {
         (Some(file), Some(r)) => {
             let _ = writeln!(
