@@ -713,11 +713,11 @@ impl Connection {
         inc.scratch.clear();
         let result = if inc.filter.push(chunk, &mut inc.scratch) {
             inc.scan.push(&inc.scratch);
-            inc.eight_bit |= !inc.scratch.is_ascii();
+            inc.eight_bit = inc.eight_bit || !inc.scratch.is_ascii();
             inc.writer.write(&inc.scratch)
         } else {
             inc.scan.push(chunk);
-            inc.eight_bit |= !chunk.is_ascii();
+            inc.eight_bit = inc.eight_bit || !chunk.is_ascii();
             inc.writer.write(chunk)
         };
         if let Err(e) = result {
@@ -733,7 +733,7 @@ impl Connection {
         inc.scratch.clear();
         inc.filter.finish(&mut inc.scratch);
         inc.scan.push(&inc.scratch);
-        inc.eight_bit |= !inc.scratch.is_ascii();
+        inc.eight_bit = inc.eight_bit || !inc.scratch.is_ascii();
         if !inc.failed
             && let Err(e) = inc.writer.write(&inc.scratch)
         {
