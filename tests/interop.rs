@@ -854,3 +854,25 @@ fn curl_upload_of_an_lf_only_file_is_accepted_and_forwarded_with_crlf() {
     );
     assert!(sink.violations().is_empty(), "{:?}", sink.violations());
 }
+
+#[test]
+fn postmaster_on_a_listener_with_auth_required_still_requires_auth() {
+    let users = format!(
+        "[[users]]\nname = \"alice\"\npassword_hash = \"{}\"\nsenders = [\"alice@example.com\"]\n",
+        passwd("secret")
+    );
+    let sink = Sink::start(SinkConfig::default());
+    let relay = submission(&users, sink.port(), "");
+    let mut c = over_tls(&relay);
+    assert_reply(&c.cmd("MAIL FROM:<someone@stranger.test>"), 530, "5.7.0");
+    assert_reply(&c.cmd("RCPT TO:<postmaster>"), 503, "5.5.1");
+    assert_reply(&c.cmd(&auth_plain("alice", "secret")), 235, "2.7.0");
+    let reply = c.send_message(
+        "alice@example.com",
+        &["postmaster"],
+        "From: alice@example.com\r\nSubject: t\r\n\r\nhi\r\n",
+    );
+    assert_reply(&reply, 250, "2.0.0");
+    assert!(sink.wait_for(1, WAIT), "{}", relay.log());
+    assert_eq!(sink.messages()[0].rcpts, ["postmaster@example.com"]);
+}
