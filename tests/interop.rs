@@ -133,7 +133,19 @@ fn too_many(n: usize) -> SinkConfig {
 
 #[test]
 fn upstream_552_5_5_3_at_rcpt_continues_on_the_same_connection_and_bounces_nothing() {
-    let sink = Sink::start(too_many(2));
+    too_many_continues(true);
+}
+
+#[test]
+fn upstream_552_5_5_3_without_pipelining_continues_on_the_same_connection() {
+    too_many_continues(false);
+}
+
+fn too_many_continues(pipelining: bool) {
+    let sink = Sink::start(SinkConfig {
+        pipelining,
+        ..too_many(2)
+    });
     let relay = start_with("", "none", sink.port(), FAST_RETRY);
     let mut c = ready(relay.port(0));
     let rcpts = [
