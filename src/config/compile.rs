@@ -21,9 +21,9 @@ use super::raw::{
 };
 use super::units::{parse_duration, parse_rate, parse_size};
 use super::{
-    Auth, AuthMode, CertSource, Config, ConfigError, ConfigErrors, Headers, Limits, Listener,
-    ListenerTls, Queue, Rate, RateLimits, Relay, Server, Tls, TlsVersion, Upstream, UpstreamTls,
-    files, load,
+    Auth, AuthMode, BareLf, CertSource, Config, ConfigError, ConfigErrors, Headers, Limits,
+    Listener, ListenerTls, Queue, Rate, RateLimits, Relay, Server, Tls, TlsVersion, Upstream,
+    UpstreamTls, files, load,
 };
 
 /// Default `[server] spool_dir`.
@@ -111,7 +111,7 @@ pub(super) fn compile(text: &str, source: Option<&Path>) -> Result<Config, Confi
         _ => None,
     };
     let listeners = c.listeners(s.listeners, tls_present, auth_present);
-    let relay = c.relay(s.relay.or_default());
+    let relay = c.relay(s.relay.or_default(), &server.hostname);
     let auth = match s.auth {
         Section::Parsed(raw) => Some(c.auth(raw)),
         _ => None,
@@ -386,6 +386,18 @@ impl Compiler {
                 );
             }
             let deny = self.nets(&format!("{at}.deny"), raw.deny, &[]);
+            let bare_lf = self
+                .choice(
+                    &format!("{at}.bare_lf"),
+                    raw.bare_lf,
+                    BareLf::Trusted,
+                    &[
+                        ("reject", BareLf::Reject),
+                        ("normalize", BareLf::Normalize),
+                        ("trusted", BareLf::Trusted),
+                    ],
+                )
+                .unwrap_or(BareLf::Trusted);
             if let Some(bind) = bind {
                 listeners.push(Listener {
                     name,
@@ -395,14 +407,31 @@ impl Compiler {
                     auth,
                     allow,
                     deny,
+                    bare_lf,
                 });
             }
         }
         listeners
     }
 
-    fn relay(&mut self, raw: RawRelay) -> Relay {
+    fn relay(&mut self, raw: RawRelay, hostname: &str) -> Relay {
         let accepted_domains = self.domains("relay.accepted_domains", raw.accepted_domains);
+        let default_postmaster = format!(
+            "postmaster@{}",
+            accepted_domains.first().map_or(hostname, String::as_str)
+        );
+        let postmaster = match raw.postmaster {
+            Some(text) => Address::parse(&text).unwrap_or_else(|e| {
+                self.err(
+                    "relay.postmaster",
+                    format!("{text:?} is not an address ({e})"),
+                );
+                Address::parse(&default_postmaster).unwrap_or_else(|_| placeholder_postmaster())
+            }),
+            None => {
+                Address::parse(&default_postmaster).unwrap_or_else(|_| placeholder_postmaster())
+            }
+        };
         let relay_networks = self.nets("relay.relay_networks", raw.relay_networks, &[]);
         let recipients_file = self.path("relay.recipients_file", raw.recipients_file);
         let recipients = recipients_file
@@ -413,6 +442,7 @@ impl Compiler {
             relay_networks,
             recipients_file,
             recipients,
+            postmaster,
         }
     }
 
@@ -489,6 +519,12 @@ impl Compiler {
                 "limits.stress_timeout",
                 raw.stress_timeout,
                 "10s",
+                false,
+            ),
+            session_timeout: self.duration(
+                "limits.session_timeout",
+                raw.session_timeout,
+                "1h",
                 false,
             ),
         }
@@ -827,6 +863,12 @@ impl Compiler {
         }
         domains
     }
+}
+
+/// Stands in for the postmaster address when the configuration is invalid anyway (a missing or
+/// broken `server.hostname` was reported already): never reaches a running relay.
+fn placeholder_postmaster() -> Address {
+    Address::parse("postmaster@invalid").expect("a valid literal address")
 }
 
 /// Checks a domain name, in U-label or A-label form, and returns its canonical form (see

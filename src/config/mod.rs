@@ -25,6 +25,8 @@ use std::time::Duration;
 
 use ipnet::IpNet;
 
+use crate::envelope::Address;
+
 /// The embedded default policy (`config/default.toml`), used by `portcullis run` without
 /// `--config`.
 pub const DEFAULT_TOML: &str = include_str!("../../config/default.toml");
@@ -127,6 +129,20 @@ pub enum AuthMode {
     Required,
 }
 
+/// `[[listeners]] bare_lf`: what a bare LF inside DATA gets. In every mode the end of data is
+/// only `<CRLF>.<CRLF>` (RFC 5321 §4.1.1.4), a bare CR in DATA is refused with `550 5.5.2`, and
+/// command lines need CRLF (`500 5.5.2`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BareLf {
+    /// `"reject"`: the message is refused with `550 5.5.2`.
+    Reject,
+    /// `"normalize"`: stored and forwarded as CRLF, dot-stuffing re-applied upstream.
+    Normalize,
+    /// `"trusted"` (default): normalize for authenticated sessions and `relay_networks`
+    /// clients, reject for everyone else.
+    Trusted,
+}
+
 /// One `[[listeners]]` entry.
 #[derive(Debug, Clone)]
 pub struct Listener {
@@ -144,6 +160,8 @@ pub struct Listener {
     pub allow: Vec<IpNet>,
     /// Client networks refused, checked before `allow`. Host bits cleared.
     pub deny: Vec<IpNet>,
+    /// What a bare LF inside DATA gets.
+    pub bare_lf: BareLf,
 }
 
 /// `[relay]`.
@@ -160,6 +178,9 @@ pub struct Relay {
     /// entries in canonical form (as [`crate::envelope::Address`] writes them; domains as
     /// A-labels). `None` without a file (every address in an accepted domain is valid).
     pub recipients: Option<Vec<String>>,
+    /// Where `RCPT TO:<postmaster>` (RFC 5321 §4.5.1, no domain, any case) is delivered. Default:
+    /// `postmaster@` the first accepted domain, or `postmaster@server.hostname` without one.
+    pub postmaster: Address,
 }
 
 /// `[auth]`.
@@ -227,6 +248,9 @@ pub struct Limits {
     /// handshake, and the longest a session in DATA may go without sending an octet (each at
     /// most its normal value). Default 10 s.
     pub stress_timeout: Duration,
+    /// Time allowed for a whole session, from accept; then `421 4.4.2` and close, in the middle
+    /// of a message too (RFC 5321 §4.5.3.2 allows the server to end a session that is too long).
+    pub session_timeout: Duration,
 }
 
 /// A rate: `count` events per `per`.

@@ -74,6 +74,8 @@ pub struct RawListener {
     pub allow: Option<Vec<String>>,
     /// Client CIDRs refused (checked first).
     pub deny: Option<Vec<String>>,
+    /// `"reject"`, `"normalize"` or `"trusted"`.
+    pub bare_lf: Option<String>,
 }
 
 /// `[relay]`
@@ -85,6 +87,8 @@ pub struct RawRelay {
     pub relay_networks: Option<Vec<String>>,
     /// One address or `@domain` per line.
     pub recipients_file: Option<String>,
+    /// Where `RCPT TO:<postmaster>` is delivered.
+    pub postmaster: Option<String>,
 }
 
 /// `[auth]`
@@ -164,6 +168,8 @@ pub struct RawLimits {
     pub stress_threshold: Option<i64>,
     /// Command, idle and handshake timeout in stress mode.
     pub stress_timeout: Option<String>,
+    /// Time allowed for a whole session.
+    pub session_timeout: Option<String>,
 }
 
 /// `[rate_limits]`

@@ -6,7 +6,7 @@ use std::fmt::Write as _;
 use ipnet::IpNet;
 
 use super::units::{format_duration, format_rate, format_size};
-use super::{AuthMode, CertSource, Config, ListenerTls, Rate, TlsVersion, UpstreamTls};
+use super::{AuthMode, BareLf, CertSource, Config, ListenerTls, Rate, TlsVersion, UpstreamTls};
 
 /// IPv4 (or IPv6) prefixes this short or shorter in `relay_networks` make an open relay.
 const OPEN_RELAY_MAX_PREFIX: u8 = 7;
@@ -103,6 +103,20 @@ pub(super) fn warnings(config: &Config) -> Vec<String> {
         }
     }
     for u in &config.upstreams {
+        // Only "required" verifies: "opportunistic" encrypts when it can but takes any
+        // certificate, and "none" never starts TLS. An operator who names a CA expects it used.
+        if u.ca.is_some() && u.tls != UpstreamTls::Required {
+            w.push(format!(
+                "Upstream {:?} sets ca but has tls = \"{}\": its certificate is not verified \
+                 against that CA (only tls = \"required\" verifies); use tls = \"required\".",
+                u.name,
+                if u.tls == UpstreamTls::None {
+                    "none"
+                } else {
+                    "opportunistic"
+                }
+            ));
+        }
         if u.auth_user.is_some() && u.tls != UpstreamTls::Required {
             w.push(format!(
                 "Upstream {:?} authenticates with tls = \"opportunistic\": the upstream's \
@@ -251,9 +265,14 @@ pub(super) fn summary(c: &Config) -> String {
             AuthMode::Optional => "optional",
             AuthMode::Required => "required",
         };
+        let bare_lf = match l.bare_lf {
+            BareLf::Reject => "reject",
+            BareLf::Normalize => "normalize",
+            BareLf::Trusted => "trusted",
+        };
         let _ = writeln!(
             s,
-            "  {} on {}: tls {tls}, require_tls {}, auth {auth}, allow {}, deny {}",
+            "  {} on {}: tls {tls}, require_tls {}, auth {auth}, bare_lf {bare_lf}, allow {}, deny {}",
             l.name,
             l.bind,
             l.require_tls,
@@ -264,6 +283,7 @@ pub(super) fn summary(c: &Config) -> String {
     let _ = writeln!(s, "relay:");
     let _ = writeln!(s, "  accepted domains: {}", list(&c.relay.accepted_domains));
     let _ = writeln!(s, "  relay networks: {}", nets(&c.relay.relay_networks));
+    let _ = writeln!(s, "  postmaster: {}", c.relay.postmaster);
     match (&c.relay.recipients_file, &c.relay.recipients) {
         (Some(file), Some(r)) => {
             let _ = writeln!(
@@ -325,9 +345,10 @@ pub(super) fn summary(c: &Config) -> String {
     );
     let _ = writeln!(
         s,
-        "  timeouts: command {}, data {}; pregreet wait {}",
+        "  timeouts: command {}, data {}, session {}; pregreet wait {}",
         format_duration(l.command_timeout),
         format_duration(l.data_timeout),
+        format_duration(l.session_timeout),
         format_duration(l.pregreet_wait)
     );
     let r = &c.rate_limits;

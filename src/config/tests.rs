@@ -100,6 +100,18 @@ fn embedded_default_parses_and_says_what_it_is() {
 #[test]
 fn defaults_are_applied() {
     let c = ok(MINIMAL);
+    // No accepted domain: postmaster@ the server's hostname.
+    assert_eq!(
+        c.relay.postmaster.to_string(),
+        format!("postmaster@{}", c.server.hostname)
+    );
+    let with_domains = ok(&format!(
+        "{MINIMAL}\n[relay]\naccepted_domains = [\"Example.COM\", \"example.org\"]\n"
+    ));
+    assert_eq!(
+        with_domains.relay.postmaster.to_string(),
+        "postmaster@example.com"
+    );
     assert_eq!(c.server.spool_dir, Path::new("/var/spool/portcullis"));
     assert!(c.tls.is_none() && c.auth.is_none() && c.source.is_none());
     let l = &c.listeners[0];
@@ -108,6 +120,7 @@ fn defaults_are_applied() {
         (l.tls, l.require_tls, l.auth),
         (ListenerTls::None, false, AuthMode::Off)
     );
+    assert_eq!(l.bare_lf, super::BareLf::Trusted);
     assert_eq!(
         l.allow,
         [
@@ -136,6 +149,7 @@ fn defaults_are_applied() {
     assert_eq!(lim.pregreet_wait, Duration::ZERO);
     assert_eq!(lim.command_timeout, Duration::from_secs(300));
     assert_eq!(lim.data_timeout, Duration::from_secs(600));
+    assert_eq!(lim.session_timeout, Duration::from_secs(3600));
     assert!(
         c.rate_limits.connections_per_ip.is_none() && c.rate_limits.messages_per_user.is_none()
     );
@@ -350,6 +364,10 @@ fn value_errors_table() {
         ("[limits]\nmax_errors = 4294967296", "limits.max_errors"),
         ("[limits]\ndata_timeout = \"0s\"", "limits.data_timeout"),
         (
+            "[limits]\nsession_timeout = \"0s\"",
+            "limits.session_timeout",
+        ),
+        (
             "[limits]\ncommand_timeout = \"99999999999999999999s\"",
             "limits.command_timeout",
         ),
@@ -387,6 +405,11 @@ fn value_errors_table() {
         (
             "[relay]\nrecipients_file = \"/nonexistent/rcpts\"",
             "relay.recipients_file",
+        ),
+        ("[relay]\npostmaster = \"no at sign\"", "relay.postmaster"),
+        (
+            "[[listeners]]\nbind = \"127.0.0.1:2526\"\ntls = \"none\"\nbare_lf = \"allow\"",
+            "listeners[1].bare_lf",
         ),
         (
             "[[listeners]]\nbind = \"127.0.0.1:2525\"\ntls = \"none\"",

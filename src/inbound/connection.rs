@@ -21,6 +21,7 @@ use crate::config::{Listener, ListenerTls};
 use crate::envelope::{Address, Envelope, QueueId, Recipient, ReversePath, TlsInfo, unix_now};
 use crate::outbound::capabilities::RouteCapabilities;
 use crate::policy::capability;
+use crate::policy::credentials::CheckError;
 use crate::policy::limits::Limited;
 use crate::policy::lockout::{Attempt, FailureReport, login_key};
 use crate::policy::senders::FromCheck;
@@ -78,8 +79,10 @@ async fn read_into(
     }
 }
 
-/// Longest a whole session may last, whatever it does (DESIGN.md invariant 4).
-pub const MAX_SESSION_TIME: Duration = Duration::from_secs(60 * 60);
+/// How long past `[limits] session_timeout` a session may still run, a backstop for a
+/// step that is not a read (a stalled write of the `421` itself is bounded by
+/// `command_timeout`, added to this).
+pub const SESSION_GRACE: Duration = Duration::from_secs(60);
 
 /// How long a TLS handshake may take.
 pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(30);
@@ -125,6 +128,12 @@ struct Incoming {
     filter: HeaderFilter<Option<FromCheck>>,
     /// Whether the header section, as written to the spool, is all ASCII.
     scan: HeaderScan,
+    /// The envelope written at the head of the spool file (rewritten when the message turns
+    /// out to be undeclared 8-bit).
+    envelope: Envelope,
+    /// An octet over 127 was received (RFC 6152): decided while receiving, so nothing reads
+    /// the message again.
+    eight_bit: bool,
     /// Set when writing failed: the rest of the message is read and dropped, then `451`.
     failed: bool,
     /// Set (with `failed`) when the message outgrew its space reservation and the free space
@@ -150,7 +159,7 @@ pub struct Connection {
     outcome: Outcome,
     /// When the current command or message must be complete. `command_timeout` bounds each
     /// command and `data_timeout` the whole message, not each read: otherwise a client
-    /// trickling one octet at a time keeps a session open until [`MAX_SESSION_TIME`]. `None`:
+    /// trickling one octet at a time keeps a session open until `session_timeout`. `None`:
     /// a new phase starts at the next read.
     deadline: Option<Instant>,
 }
@@ -165,6 +174,7 @@ impl Connection {
         let c = &runtime.config;
         let session = Session::new(SessionConfig {
             hostname: c.server.hostname.clone(),
+            postmaster: c.relay.postmaster.to_string(),
             max_command_length: c.limits.max_command_length,
             max_message_size: c.limits.max_message_size,
             max_recipients: c.limits.max_recipients,
@@ -198,8 +208,14 @@ impl Connection {
             peer = %self.peer, listener = %self.listener.name,
             "session start"
         );
-        let result = tokio::time::timeout(MAX_SESSION_TIME, self.serve(tcp, refusal)).await;
+        // The session itself says `421 4.4.2` at `session_timeout` (see `read`); this bounds
+        // everything else, e.g. a client that stops reading our replies.
+        let limits = &self.runtime.config.limits;
+        let backstop = limits.session_timeout + limits.command_timeout + SESSION_GRACE;
+        let result = tokio::time::timeout(backstop, self.serve(tcp, refusal)).await;
         if result.is_err() {
+            warn!(peer = %self.peer, listener = %self.listener.name, rule = "session_time_limit",
+                "session closed without a reply: its time limit passed while it was not reading");
             self.outcome.reason = "session time limit";
         }
         if let Some(incoming) = self.incoming.take() {
@@ -304,10 +320,13 @@ impl Connection {
                 Event::Rcpt(to) => {
                     let facts = self.facts();
                     let policy = &self.runtime.policy;
-                    match policy
-                        .rcpt(&facts, &to)
-                        .and_then(|()| self.route_carries(&to))
-                    {
+                    let verdict = if policy.is_postmaster(&to, self.session.rcpt_is_postmaster()) {
+                        debug!(peer = %self.peer, %to, "postmaster recipient");
+                        Ok(())
+                    } else {
+                        policy.rcpt(&facts, &to)
+                    };
+                    match verdict.and_then(|()| self.route_carries(&to)) {
                         Err(r) => self.refuse(r),
                         Ok(()) => match policy.recipient_rate(&facts, Instant::now()) {
                             Err(l) => self.limited(l),
@@ -352,8 +371,9 @@ impl Connection {
 
     /// End of data: can the route of every recipient carry the message as received, by what
     /// is known of the routes now (the envelope is checked again: an upstream may have been
-    /// seen with other capabilities while the message was being received)?
-    fn routes_carry(&self, header_utf8: bool, size: u64) -> Result<(), Refusal> {
+    /// seen with other capabilities while the message was being received)? `eight_bit`: the
+    /// message has 8-bit octets.
+    fn routes_carry(&self, header_utf8: bool, eight_bit: bool, size: u64) -> Result<(), Refusal> {
         let Some(tx) = self.session.transaction() else {
             return Ok(());
         };
@@ -362,7 +382,7 @@ impl Connection {
                 return Ok(());
             };
             capability::rcpt_at_data(&caps, &tx.from, &tx.params, to)?;
-            capability::data(&caps, &tx.params, header_utf8, size)
+            capability::data(&caps, &tx.params, header_utf8, eight_bit, size)
         })
     }
 
@@ -454,6 +474,15 @@ impl Connection {
         linger: Option<Instant>,
     ) -> Option<usize> {
         let limits = &self.runtime.config.limits;
+        // RFC 5321 §4.5.3.2: whatever the session is doing, at its time limit it is told
+        // `421 4.4.2` before the connection closes.
+        let session_end = self.started + limits.session_timeout;
+        if session_end <= Instant::now() {
+            self.outcome.reason = "session time limit";
+            self.log_rejection(&reply::SESSION_TOO_LONG, "session_time_limit");
+            self.session.close_with(&reply::SESSION_TOO_LONG);
+            return None;
+        }
         let stress_timeout = limits.stress_timeout;
         let mut stress = self.shared.stress.clone();
         let mut stressed = *stress.borrow_and_update();
@@ -480,7 +509,10 @@ impl Connection {
             if let Some(linger) = linger {
                 until = until.min(linger);
             }
-            let timeout = until.saturating_duration_since(Instant::now());
+            let session_ends = session_end <= until;
+            let timeout = until
+                .min(session_end)
+                .saturating_duration_since(Instant::now());
             // A session in DATA may finish its message during shutdown (the app bounds the
             // wait).
             tokio::select! {
@@ -491,7 +523,13 @@ impl Connection {
                         Some(0)
                     }
                 },
-                _ = tokio::time::sleep(timeout) => {
+                _ = tokio::time::sleep(timeout), if session_ends => {
+                    self.outcome.reason = "session time limit";
+                    self.log_rejection(&reply::SESSION_TOO_LONG, "session_time_limit");
+                    self.session.close_with(&reply::SESSION_TOO_LONG);
+                    return None;
+                }
+                _ = tokio::time::sleep(timeout), if !session_ends => {
                     self.outcome.reason = "timeout";
                     let rule = if stressed { "stress_timeout" } else { "timeout" };
                     self.log_rejection(&reply::TIMEOUT, rule);
@@ -589,8 +627,24 @@ impl Connection {
                 rule: "auth_busy",
             });
         };
-        // A verifier thread that died would drop the sender: that is no success.
-        let ok = result.await.unwrap_or(false);
+        // `Err`: the check itself failed (argon2 refused the stored parameters, the verifier
+        // panicked, or its thread is gone and dropped the sender): not the client's fault.
+        let checked = result
+            .await
+            .unwrap_or_else(|_| Err(CheckError::Verifier("verifier thread gone".into())));
+        let ok = match checked {
+            Ok(ok) => ok,
+            Err(error) => {
+                // RFC 4954 §6: 454 4.7.0 for a temporary failure; the reservation is given
+                // back, not recorded as a failure, so a broken verifier cannot lock users out.
+                attempt.release();
+                verifier.notify_settled();
+                warn!(peer = %self.peer, listener = %self.listener.name,
+                    login = login_key(&login), %error, rule = "auth_verifier_failed",
+                    reply = %reply::AUTH_TEMPORARY, "rejected");
+                return self.session.reject(&reply::AUTH_TEMPORARY);
+            }
+        };
         let success = ok && known;
         let report = attempt.settle(success, Instant::now());
         verifier.notify_settled();
@@ -749,11 +803,17 @@ impl Connection {
                     writer,
                     filter,
                     scan: HeaderScan::new(),
+                    envelope,
+                    eight_bit: false,
                     failed: false,
                     storage_full: false,
                     scratch: Vec::new(),
                 }));
-                self.session.accept();
+                let normalize = self
+                    .runtime
+                    .policy
+                    .normalize_bare_lf(&self.listener, &self.facts());
+                self.session.accept_data(normalize);
             }
             Err(e) => {
                 warn!(error = %e, "cannot create spool file");
@@ -776,9 +836,11 @@ impl Connection {
         inc.scratch.clear();
         let result = if inc.filter.push(chunk, &mut inc.scratch) {
             inc.scan.push(&inc.scratch);
+            inc.eight_bit = inc.eight_bit || !inc.scratch.is_ascii();
             inc.writer.write(&inc.scratch)
         } else {
             inc.scan.push(chunk);
+            inc.eight_bit = inc.eight_bit || !chunk.is_ascii();
             inc.writer.write(chunk)
         };
         if let Err(e) = result {
@@ -831,6 +893,7 @@ impl Connection {
         inc.scratch.clear();
         inc.filter.finish(&mut inc.scratch);
         inc.scan.push(&inc.scratch);
+        inc.eight_bit = inc.eight_bit || !inc.scratch.is_ascii();
         if !inc.failed
             && let Err(e) = inc.writer.write(&inc.scratch)
         {
@@ -874,9 +937,23 @@ impl Connection {
                 rule = r.rule, reply = %r.reply, "rejected");
             return self.session.reject(&r.reply);
         }
-        if let Err(r) = self.routes_carry(inc.scan.non_ascii(), inc.writer.written()) {
+        if let Err(r) = self.routes_carry(inc.scan.non_ascii(), inc.eight_bit, inc.writer.written())
+        {
             inc.writer.abort();
             return self.refuse(r);
+        }
+        if inc.eight_bit
+            && inc.envelope.mail_params.body != Some(crate::envelope::Body::EightBitMime)
+        {
+            if let Err(e) = inc.writer.declare_8bitmime(&inc.envelope) {
+                warn!(error = %e, "cannot record BODY=8BITMIME in the spool file");
+                inc.writer.abort();
+                return self.refuse(Refusal {
+                    reply: reply::LOCAL_ERROR,
+                    rule: "spool_write",
+                });
+            }
+            debug!(peer = %self.peer, "8-bit content without BODY=8BITMIME: declared upstream");
         }
         if inc.filter.stripped_count() > 0 {
             info!(peer = %self.peer, headers = ?inc.filter.stripped(),

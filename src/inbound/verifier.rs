@@ -26,7 +26,7 @@ use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 
 use tokio::sync::{Notify, oneshot};
 
-use crate::policy::credentials::verify_with_memory;
+use crate::policy::credentials::{CheckError, verify_with_memory};
 
 /// Verifications that may wait for a verifier thread in each lane; more are refused as
 /// [`Busy`].
@@ -57,7 +57,7 @@ struct Job {
     hash: Arc<str>,
     password: String,
     lane: Lane,
-    reply: oneshot::Sender<bool>,
+    reply: oneshot::Sender<Result<bool, CheckError>>,
 }
 
 #[derive(Default)]
@@ -139,7 +139,7 @@ impl Verifier {
         hash: Arc<str>,
         password: String,
         lane: Lane,
-    ) -> Result<oneshot::Receiver<bool>, Busy> {
+    ) -> Result<oneshot::Receiver<Result<bool, CheckError>>, Busy> {
         let (reply, result) = oneshot::channel();
         let mut lanes = self.queue.lock();
         if lanes.pending[index(lane)] >= self.capacity {
@@ -202,10 +202,18 @@ fn work(queue: &Queue) {
                 lanes = queue.ready.wait(lanes).unwrap_or_else(|e| e.into_inner());
             }
         };
-        let ok = verify_with_memory(&job.hash, &job.password, &mut blocks);
+        // A panic inside argon2 must neither kill this thread (the pool would shrink) nor
+        // count against the client: it is a local failure.
+        let checked = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            verify_with_memory(&job.hash, &job.password, &mut blocks)
+        }))
+        .unwrap_or_else(|_| {
+            blocks = Vec::new();
+            Err(CheckError::Verifier("panicked".into()))
+        });
         queue.lock().pending[index(job.lane)] -= 1;
         // The session may be gone; nobody is left to tell.
-        let _ = job.reply.send(ok);
+        let _ = job.reply.send(checked);
     }
 }
 
@@ -222,8 +230,8 @@ mod tests {
             .submit(Arc::clone(&hash), "secret".into(), Lane::Other)
             .unwrap();
         let wrong = v.submit(hash, "guess".into(), Lane::Known).unwrap();
-        assert!(right.await.unwrap());
-        assert!(!wrong.await.unwrap());
+        assert!(right.await.unwrap().unwrap());
+        assert!(!wrong.await.unwrap().unwrap());
         assert_eq!(v.pending(), 0);
     }
 
@@ -246,7 +254,7 @@ mod tests {
         );
         let user: Arc<str> = hash_password("secret").unwrap().into();
         let known = v.submit(user, "secret".into(), Lane::Known).unwrap();
-        assert!(known.await.unwrap());
+        assert!(known.await.unwrap().unwrap());
         // The one thread took the known job before the second and third strangers (it may
         // have been busy with the first): those are still waiting or running.
         let mut flood = flood.into_iter().skip(1);
@@ -255,8 +263,8 @@ mod tests {
             second.try_recv(),
             Err(tokio::sync::oneshot::error::TryRecvError::Empty)
         );
-        assert!(!second.await.unwrap());
-        assert!(!flood.next().unwrap().await.unwrap());
+        assert!(!second.await.unwrap().unwrap());
+        assert!(!flood.next().unwrap().await.unwrap().unwrap());
     }
 
     #[tokio::test]
@@ -272,7 +280,7 @@ mod tests {
         assert_eq!(busy, 2);
         assert_eq!(results[2].as_ref().unwrap_err(), &Busy);
         for r in results.into_iter().flatten() {
-            assert!(!r.await.unwrap());
+            assert!(!r.await.unwrap().unwrap());
         }
         // Once they are done, there is room again.
         assert_eq!(v.pending(), 0);

@@ -21,7 +21,7 @@ use std::time::{Duration, Instant};
 
 use base64::Engine;
 use base64::engine::general_purpose::STANDARD as BASE64;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncReadExt, AsyncSeekExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio_rustls::TlsConnector;
 
@@ -201,6 +201,9 @@ pub struct Connection {
     pub idle_since: Instant,
     /// False once anything went wrong: never reuse it.
     pub reusable: bool,
+    /// Indexes (into the transaction's recipients) of those the last transaction's upstream
+    /// refused as too many recipients ([`Reply::is_too_many_recipients`]).
+    too_many: Vec<usize>,
 }
 
 impl Connection {
@@ -246,6 +249,7 @@ impl Connection {
             transactions: 0,
             idle_since: Instant::now(),
             reusable: true,
+            too_many: Vec::new(),
         };
         let greeting = conn.read_reply("greeting", conn.timeout).await?;
         if !greeting.is_positive() {
@@ -371,12 +375,65 @@ impl Connection {
 
     /// Run one transaction for `tx`, sending `message`. `gate` is asked right before the final
     /// dot whether to go on.
+    ///
+    /// Recipients the upstream refused as too many (RFC 5321 §4.5.3.1.10) are deferred, never
+    /// bounced. While a transaction delivered at least one recipient, those left over go at
+    /// once in a new transaction on the same connection; an upstream that refuses every RCPT
+    /// of a transaction is not asked again (they wait for the next retry).
     pub async fn send(
         &mut self,
         tx: &Transaction<'_>,
         message: &mut MessageSource,
         gate: &mut (dyn DotGate + Send),
     ) -> Result<Sent, Failure> {
+        let mut sent = self.send_once(tx, message, gate).await?;
+        let mut left: Vec<usize> = std::mem::take(&mut self.too_many);
+        let mut delivered_last = sent
+            .rcpts
+            .iter()
+            .any(|o| matches!(o, RcptOutcome::Delivered(_)));
+        while !left.is_empty() && delivered_last && !sent.aborted && self.reusable {
+            let rcpts: Vec<&Address> = left.iter().map(|&i| tx.rcpts[i]).collect();
+            let next = Transaction {
+                rcpts: &rcpts,
+                ..*tx
+            };
+            match self.send_once(&next, message, gate).await {
+                Ok(more) => {
+                    delivered_last = more
+                        .rcpts
+                        .iter()
+                        .any(|o| matches!(o, RcptOutcome::Delivered(_)));
+                    sent.aborted |= more.aborted;
+                    for (&i, outcome) in left.iter().zip(more.rcpts) {
+                        sent.rcpts[i] = outcome;
+                    }
+                    left = std::mem::take(&mut self.too_many)
+                        .into_iter()
+                        .map(|k| left[k])
+                        .collect();
+                }
+                // The first transaction's outcomes stand (they are delivered); the rest wait
+                // for the next attempt, with this failure as their reason.
+                Err(f) => {
+                    for &i in &left {
+                        sent.rcpts[i] = RcptOutcome::Deferred(f.to_string());
+                    }
+                    break;
+                }
+            }
+        }
+        Ok(sent)
+    }
+
+    /// One transaction: [`Connection::send`] without the continuation.
+    async fn send_once(
+        &mut self,
+        tx: &Transaction<'_>,
+        message: &mut MessageSource,
+        gate: &mut (dyn DotGate + Send),
+    ) -> Result<Sent, Failure> {
+        self.too_many.clear();
         if let Some(refusal) = self.cannot_carry(tx) {
             let (status, text) = refusal;
             return Ok(Sent {
@@ -531,7 +588,7 @@ impl Connection {
     /// Apply the MAIL and RCPT replies. `Some` when the transaction ends here (MAIL refused
     /// or no recipient accepted), with every outcome filled in.
     fn envelope_outcome(
-        &self,
+        &mut self,
         mail: &Reply,
         rcpts: &[Reply],
         outcomes: &mut [Option<RcptOutcome>],
@@ -546,11 +603,14 @@ impl Connection {
                 aborted: false,
             }));
         }
-        for (slot, reply) in outcomes.iter_mut().zip(rcpts) {
+        for (i, (slot, reply)) in outcomes.iter_mut().zip(rcpts).enumerate() {
             if reply.is_back_pressure() {
                 return Err(failure("RCPT", reply.to_string()));
             }
-            if !reply.is_positive() {
+            if reply.is_too_many_recipients() {
+                self.too_many.push(i);
+                *slot = Some(RcptOutcome::Deferred(format!("RCPT: {reply}")));
+            } else if !reply.is_positive() {
                 *slot = Some(RcptOutcome::from_reply("RCPT", reply));
             }
         }
@@ -608,7 +668,7 @@ impl Connection {
     }
 
     /// Send the message dot-stuffed (RFC 5321 §4.5.2), ending in CRLF. The spool holds CRLF
-    /// line endings only (bare CR/LF are refused at DATA), so stuffing after each LF is exact.
+    /// line endings only (a bare CR is refused at DATA, a bare LF refused or stored as CRLF), so stuffing after each LF is exact.
     async fn write_message(&mut self, message: &mut MessageSource) -> Result<(), Failure> {
         let mut at_line_start = true;
         let mut last_two = [b'\r', b'\n'];
@@ -623,6 +683,12 @@ impl Connection {
                 }
             }
             MessageSource::File(file) => {
+                // Where the message starts: a second transaction on the same connection (too
+                // many recipients) sends it again from there.
+                let start = file
+                    .stream_position()
+                    .await
+                    .map_err(|e| failure("DATA", format!("reading the spool file: {e}")))?;
                 let mut buf = vec![0u8; CHUNK];
                 loop {
                     let n = file
@@ -637,6 +703,9 @@ impl Connection {
                     remember_tail(&buf[..n], &mut last_two);
                     self.write("DATA", &out).await?;
                 }
+                file.seek(std::io::SeekFrom::Start(start))
+                    .await
+                    .map_err(|e| failure("DATA", format!("reading the spool file: {e}")))?;
             }
         }
         if last_two != [b'\r', b'\n'] {

@@ -56,6 +56,17 @@ impl Reply {
         }
     }
 
+    /// "Too many recipients" in reply to RCPT (RFC 5321 §4.5.3.1.10): `452` with `4.5.3` or
+    /// no enhanced code, and `552` with `5.5.3` or none, which older servers send and the RFC
+    /// says to treat as temporary. Other `552`s (`5.2.2` mailbox full, `5.3.4` too big) keep
+    /// their permanent meaning.
+    pub fn is_too_many_recipients(&self) -> bool {
+        matches!(
+            (self.code, self.enhanced()),
+            (452, None | Some("4.5.3")) | (552, None | Some("5.5.3"))
+        )
+    }
+
     /// Exchange (and others) signal "too busy, come back later" with `421` or
     /// `452 4.3.1 Insufficient system resources`: the upstream as a whole is unwell, not this
     /// message. Such replies open the circuit breaker.
@@ -120,6 +131,27 @@ mod tests {
         Reply {
             code,
             lines: vec![text.to_owned()],
+        }
+    }
+
+    #[test]
+    fn too_many_recipients_includes_552_5_5_3_and_not_other_552s() {
+        let cases = [
+            (452, "4.5.3 Too many recipients", true),
+            (452, "Too many recipients", true),
+            (552, "5.5.3 Too many recipients", true),
+            (552, "Too many recipients", true),
+            (452, "4.3.1 Insufficient system storage", false),
+            (552, "5.2.2 Mailbox full", false),
+            (552, "5.3.4 Message too big", false),
+            (550, "5.5.3 Too many recipients", false),
+        ];
+        for (code, text, want) in cases {
+            assert_eq!(
+                reply(code, text).is_too_many_recipients(),
+                want,
+                "{code} {text}"
+            );
         }
     }
 

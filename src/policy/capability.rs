@@ -17,6 +17,10 @@
 //! | `SIZE=` over the route's SIZE                      | RCPT            | `552 5.3.4` | `route_size`               |
 //! | SMTPUTF8 declared and a non-ASCII header section, route without SMTPUTF8 | end of data | `554 5.6.9` (RFC 6531 §3.5) | `route_smtputf8_headers` |
 //! | message over the route's SIZE                      | end of data     | `552 5.3.4` | `route_size`               |
+//! | 8-bit octets without `BODY=8BITMIME`, route without 8BITMIME | end of data | `554 5.6.3` | `route_8bit_undeclared` |
+//!
+//! 8-bit content that was not declared is otherwise passed on with `BODY=8BITMIME` (decided on
+//! the octets received, not on `Content-Transfer-Encoding`).
 //!
 //! `550` rather than `554` for 8BITMIME: RFC 5321 §4.3.2 does not list 554 among the replies
 //! to RCPT; 5.6.3 is RFC 3463's "conversion required but not supported".
@@ -97,13 +101,21 @@ pub fn rcpt(
 /// End of data, before the commit: can the route with capabilities `caps` carry the message
 /// received? `header_utf8`: its header section has a non-ASCII octet; `size`: its size in
 /// octets as it would be sent. A header section that is all ASCII needs no SMTPUTF8 even when
-/// the client declared it: the message is then sent without the parameter.
+/// the client declared it: the message is then sent without the parameter. `eight_bit`: the
+/// message has an octet over 127.
 pub fn data(
     caps: &Capabilities,
     params: &MailParams,
     header_utf8: bool,
+    eight_bit: bool,
     size: u64,
 ) -> Result<(), Refusal> {
+    if eight_bit && params.body != Some(Body::EightBitMime) && !caps.eightbitmime {
+        return Err(Refusal::new(
+            reply::UNDECLARED_8BIT_UNDELIVERABLE,
+            "route_8bit_undeclared",
+        ));
+    }
     if params.smtputf8 && header_utf8 && !caps.smtputf8 {
         return Err(Refusal::new(
             reply::UTF8_HEADERS_UNDELIVERABLE,
@@ -218,7 +230,7 @@ mod tests {
         let declared = params(None, true, None);
         let undeclared = params(None, false, None);
         let rule = |caps: &Capabilities, p: &MailParams, utf8: bool, size: u64| {
-            data(caps, p, utf8, size)
+            data(caps, p, utf8, false, size)
                 .err()
                 .map(|r| (r.rule, r.reply.code, r.reply.enhanced))
         };
@@ -251,6 +263,25 @@ mod tests {
             ("route_8bitmime", 550, "5.6.3")
         );
         assert!(rcpt_at_data(&ALL, &utf8, &p, &addr("k@example.com")).is_ok());
+    }
+
+    #[test]
+    fn data_refuses_undeclared_8bit_only_for_a_route_without_8bitmime() {
+        let rule = |caps: &Capabilities, p: &MailParams, eight_bit: bool| {
+            data(caps, p, false, eight_bit, 10)
+                .err()
+                .map(|r| (r.rule, r.reply.code, r.reply.enhanced))
+        };
+        let undeclared = params(None, false, None);
+        let seven = params(Some(Body::SevenBit), false, None);
+        let declared = params(Some(Body::EightBitMime), false, None);
+        let refused = Some(("route_8bit_undeclared", 554, "5.6.3"));
+        assert_eq!(rule(&NONE, &undeclared, true), refused);
+        assert_eq!(rule(&NONE, &seven, true), refused);
+        assert_eq!(rule(&NONE, &undeclared, false), None);
+        assert_eq!(rule(&ALL, &undeclared, true), None);
+        // Declared 8BITMIME was decided at RCPT already.
+        assert_eq!(rule(&NONE, &declared, true), None);
     }
 
     #[test]

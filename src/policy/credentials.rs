@@ -143,50 +143,70 @@ pub fn hash_password(password: &str) -> Result<String, argon2::password_hash::Er
         .to_string())
 }
 
+/// Why a password could not be checked at all: a local failure, not a wrong password. The
+/// client gets `454 4.7.0` and the attempt is not counted against it (RFC 4954 §6).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum CheckError {
+    /// The stored hash is not an argon2 PHC string this build can read.
+    #[error("the stored hash is not a usable argon2 PHC string: {0}")]
+    Malformed(String),
+    /// argon2 refused the stored parameters (e.g. `m=1`) or could not run with them.
+    #[error("argon2 refused the stored parameters: {0}")]
+    Refused(String),
+    /// The verifier itself failed (a panic, a verifier thread gone).
+    #[error("the password verifier failed: {0}")]
+    Verifier(String),
+}
+
 /// Whether `password` matches the PHC string `hash`, allocating the argon2 memory for this
 /// one check. A malformed hash or an unsupported algorithm never matches.
 pub fn verify_password(hash: &str, password: &str) -> bool {
+    verify_with_memory(hash, password, &mut Vec::new()).unwrap_or(false)
+}
+
+/// Like [`verify_password`], but tells a wrong password (`Ok(false)`) from a check that
+/// could not be made ([`CheckError`]).
+pub fn check_password(hash: &str, password: &str) -> Result<bool, CheckError> {
     verify_with_memory(hash, password, &mut Vec::new())
 }
 
-/// Whether `password` matches the PHC string `hash`, with
+/// Whether `password` matches the PHC string `hash` (`Ok(false)`: a wrong password), with
 /// the argon2 working memory taken from `blocks`: grown to the hash's `m` (in 1 KiB blocks)
 /// when shorter, never shrunk, so a caller that keeps `blocks` holds at most the largest `m`
-/// it has met. The comparison is constant-time. A malformed hash never matches.
-pub fn verify_with_memory(hash: &str, password: &str, blocks: &mut Vec<Block>) -> bool {
-    let Ok(parsed) = PasswordHash::new(hash) else {
-        return false;
-    };
-    let (Ok(algorithm), Ok(params), Some(expected), Some(salt)) = (
-        Algorithm::try_from(parsed.algorithm),
-        Params::try_from(&parsed),
-        parsed.hash,
-        parsed.salt,
-    ) else {
-        return false;
+/// it has met. The comparison is constant-time.
+///
+/// # Errors
+/// [`CheckError::Malformed`] for a hash that cannot be read, [`CheckError::Refused`] for
+/// parameters argon2 will not run with.
+pub fn verify_with_memory(
+    hash: &str,
+    password: &str,
+    blocks: &mut Vec<Block>,
+) -> Result<bool, CheckError> {
+    let malformed = |e: &dyn std::fmt::Display| CheckError::Malformed(e.to_string());
+    let parsed = PasswordHash::new(hash).map_err(|e| malformed(&e))?;
+    let algorithm = Algorithm::try_from(parsed.algorithm).map_err(|e| malformed(&e))?;
+    let params = Params::try_from(&parsed).map_err(|e| CheckError::Refused(e.to_string()))?;
+    let (Some(expected), Some(salt)) = (parsed.hash, parsed.salt) else {
+        return Err(CheckError::Malformed("no salt or no hash".into()));
     };
     let version = match parsed.version.map(Version::try_from) {
         None => Version::default(),
         Some(Ok(v)) => v,
-        Some(Err(_)) => return false,
+        Some(Err(e)) => return Err(malformed(&e)),
     };
     let mut salt_buf = [0u8; 64];
-    let Ok(salt) = salt.decode_b64(&mut salt_buf) else {
-        return false;
-    };
+    let salt = salt.decode_b64(&mut salt_buf).map_err(|e| malformed(&e))?;
     let needed = params.block_count();
     if blocks.len() < needed {
         blocks.resize(needed, Block::default());
     }
     let mut out = vec![0u8; expected.len()];
-    if Argon2::new(algorithm, version, params)
+    Argon2::new(algorithm, version, params)
         .hash_password_into_with_memory(password.as_bytes(), salt, &mut out, &mut blocks[..])
-        .is_err()
-    {
-        return false;
-    }
+        .map_err(|e| CheckError::Refused(e.to_string()))?;
     // Output's equality is constant-time.
-    Output::new(&out).is_ok_and(|computed| computed == expected)
+    Ok(Output::new(&out).is_ok_and(|computed| computed == expected))
 }
 
 #[cfg(test)]
@@ -200,6 +220,18 @@ mod tests {
             .hash_password(password.as_bytes(), &salt)
             .unwrap()
             .to_string()
+    }
+
+    /// A PHC string that parses as argon2id but whose parameters argon2 refuses (m=1 KiB).
+    const UNUSABLE_HASH: &str = "$argon2id$v=19$m=1,t=1,p=1$c29tZXNhbHRzb21lc2FsdA$MyPqlOLCva2ktGsHp6KlygtFPfGTe5FCWyJ6XljeRlE";
+
+    #[test]
+    fn a_check_that_cannot_be_made_is_an_error_not_a_wrong_password() {
+        assert!(check_password(UNUSABLE_HASH, "x").is_err());
+        assert!(check_password("not a hash", "x").is_err());
+        assert_eq!(check_password(DUMMY_HASH, "guess").ok(), Some(false));
+        let hash = hash_password("pw").unwrap();
+        assert_eq!(check_password(&hash, "pw").ok(), Some(true));
     }
 
     #[test]
@@ -219,11 +251,11 @@ mod tests {
         let small = hash_with(8, 1, "a");
         let large = hash_with(64, 2, "b");
         let mut blocks = Vec::new();
-        assert!(verify_with_memory(&small, "a", &mut blocks));
+        assert!(verify_with_memory(&small, "a", &mut blocks).unwrap());
         assert_eq!(blocks.len(), 8);
-        assert!(verify_with_memory(&large, "b", &mut blocks));
-        assert!(!verify_with_memory(&large, "a", &mut blocks));
-        assert!(verify_with_memory(&small, "a", &mut blocks));
+        assert!(verify_with_memory(&large, "b", &mut blocks).unwrap());
+        assert!(!verify_with_memory(&large, "a", &mut blocks).unwrap());
+        assert!(verify_with_memory(&small, "a", &mut blocks).unwrap());
         assert_eq!(blocks.len(), 64);
         // The same result as the argon2 crate's own verifier.
         use argon2::password_hash::PasswordVerifier;

@@ -25,7 +25,7 @@ use std::time::Instant;
 
 use ipnet::IpNet;
 
-use crate::config::{Config, Listener};
+use crate::config::{BareLf, Config, Listener};
 use crate::envelope::{Address, ReversePath};
 use crate::smtp::Reply;
 use crate::smtp::headers::{NamePattern, StripRules};
@@ -255,6 +255,17 @@ impl Policy {
         }
     }
 
+    /// DATA stage: whether a bare LF in the message is stored as CRLF (true) or refused, per
+    /// the listener's `bare_lf`; `trusted` normalises for authenticated sessions and
+    /// `relay_networks` clients only.
+    pub fn normalize_bare_lf(&self, listener: &Listener, facts: &SessionFacts<'_>) -> bool {
+        match listener.bare_lf {
+            BareLf::Reject => false,
+            BareLf::Normalize => true,
+            BareLf::Trusted => facts.user.is_some() || self.is_relay_client(facts.client_ip),
+        }
+    }
+
     /// True when the client may relay to any domain without authenticating.
     pub fn is_relay_client(&self, ip: IpAddr) -> bool {
         contains(&self.relay_networks, normalize(ip))
@@ -264,6 +275,16 @@ impl Policy {
     /// allowed to connect.
     pub fn is_accepted_domain(&self, domain: &str) -> bool {
         self.accepted_domains.iter().any(|d| d == domain)
+    }
+
+    /// RCPT stage, before [`Policy::rcpt`]: true for a postmaster recipient, which is accepted
+    /// from anyone the listener takes unauthenticated mail from, whatever `recipients_file`
+    /// says (RFC 5321 §4.5.1): `<postmaster>` without a domain (`bare`, already mapped to
+    /// `[relay] postmaster`), and `postmaster@` every accepted domain, in any case. Listeners
+    /// with `auth = "required"` refuse MAIL before AUTH, so this opens nothing there.
+    pub fn is_postmaster(&self, to: &Address, bare: bool) -> bool {
+        bare || (to.local().eq_ignore_ascii_case("postmaster")
+            && self.is_accepted_domain(to.domain()))
     }
 
     /// RCPT stage: recipients in accepted domains are taken from anyone (and checked against

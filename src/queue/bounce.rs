@@ -18,7 +18,9 @@
 //! boundary absent from every part. Text from upstream replies is reduced to printable ASCII.
 //! When an address or the original headers are UTF-8, the parts use the RFC 6533 types
 //! (`message/global-delivery-status`, `message/global-headers`) and the envelope asks for
-//! 8BITMIME (and SMTPUTF8 when the sender's address needs it).
+//! 8BITMIME (and SMTPUTF8 when the sender's address needs it); the text part then shows the
+//! address as it is, `charset=utf-8` and quoted-printable. Long fields are folded before a
+//! space, so that unfolding gives back the text unchanged.
 //!
 //! [`Spool::enqueue`]: super::Spool::enqueue
 
@@ -101,6 +103,16 @@ pub fn build_dsn(input: &DsnInput<'_>) -> Option<Vec<u8>> {
     let id = &input.original.id;
 
     let text = human_part(&host, input.failed);
+    // RFC 2045/2046: a text part that needs more than ASCII (a UTF-8 address) says so and is
+    // quoted-printable, so it stays 7-bit and crosses any path.
+    let (text_charset, text) = if text.is_ascii() {
+        ("us-ascii\r\n", text)
+    } else {
+        (
+            "utf-8\r\nContent-Transfer-Encoding: quoted-printable\r\n",
+            quoted_printable(&text),
+        )
+    };
     let utf8_status = sender.is_utf8() || input.failed.iter().any(|f| f.address.is_utf8());
     let status = status_part(&host, input.original.received_at, input.failed);
     let headers = returned_headers(input.original_head);
@@ -131,7 +143,7 @@ pub fn build_dsn(input: &DsnInput<'_>) -> Option<Vec<u8>> {
          This is a MIME-encapsulated message.\r\n\
          \r\n\
          --{boundary}\r\n\
-         Content-Type: text/plain; charset=us-ascii\r\n\
+         Content-Type: text/plain; charset={text_charset}\
          Content-Description: Notification\r\n\
          \r\n\
          {text}\
@@ -208,9 +220,11 @@ fn human_part(host: &str, failed: &[FailedRecipient]) -> String {
          \r\n"
     );
     for f in failed {
+        // The address as it is (a validated address has no controls), UTF-8 included: the
+        // part is then sent as UTF-8 quoted-printable. Upstream text stays printable ASCII.
         let line = format!(
             "<{}>: {}",
-            printable_ascii(&f.address.to_string()),
+            header_safe(&f.address.to_string()),
             diagnostic_text(&f.diagnostic)
         );
         for piece in fold(&line, FOLD_WIDTH, "    ") {
@@ -248,7 +262,7 @@ fn status_part(host: &str, arrival: u64, failed: &[FailedRecipient]) -> String {
             Diagnostic::Local(t) => ("X-Portcullis", t),
         };
         let field = format!("Diagnostic-Code: {kind}; {}", printable_ascii(text));
-        for piece in fold(&field, FOLD_WIDTH, "    ") {
+        for piece in fold_field(&field, FOLD_WIDTH) {
             out.push_str(&piece);
             out.push_str("\r\n");
         }
@@ -342,14 +356,18 @@ fn split_lines(bytes: &[u8]) -> impl Iterator<Item = &[u8]> {
     })
 }
 
-/// Split ASCII `text` into lines of at most `width` octets where possible, breaking at spaces;
-/// continuation lines start with `indent`. A word longer than a line may be is cut. Callers
-/// pass text through [`printable_ascii`] first, so cutting at any octet is safe.
+/// Split `text` into lines of at most `width` octets where possible, breaking at spaces, for
+/// display (not for header fields: see [`fold_field`]); continuation lines start with `indent`.
+/// A word longer than a line may be is cut, at a character boundary.
 fn fold(text: &str, width: usize, indent: &str) -> Vec<String> {
     let mut lines = Vec::new();
     let mut line = String::new();
     for word in text.split(' ').filter(|w| !w.is_empty()) {
-        let word = &word[..word.len().min(MAX_LINE - indent.len() - 1)];
+        let mut end = word.len().min(MAX_LINE - indent.len() - 1);
+        while !word.is_char_boundary(end) {
+            end -= 1;
+        }
+        let word = &word[..end];
         if !line.is_empty() && line.len() + 1 + word.len() > width {
             lines.push(std::mem::replace(&mut line, indent.to_string()));
         }
@@ -362,6 +380,79 @@ fn fold(text: &str, width: usize, indent: &str) -> Vec<String> {
         lines.push(line);
     }
     lines
+}
+
+/// Fold a header field (RFC 5322 §2.2.3) before a space, which then starts the continuation
+/// line: unfolding (removing each CRLF) gives back `text` exactly, with no whitespace added or
+/// lost. Lines are at most `width` octets where a space allows; a run without one stays whole
+/// up to [`MAX_LINE`], past which it is cut. No line is whitespace only.
+fn fold_field(text: &str, width: usize) -> Vec<String> {
+    let mut lines = Vec::new();
+    let mut rest = text;
+    while rest.len() > width {
+        // The last space that leaves something but spaces before it on this line, else the
+        // first such space further on.
+        let breaks = |i: &usize| *i > 0 && !rest[..*i].trim().is_empty();
+        let cut = rest.as_bytes()[..=width]
+            .iter()
+            .enumerate()
+            .rev()
+            .filter(|(_, b)| **b == b' ')
+            .map(|(i, _)| i)
+            .find(breaks)
+            .or_else(|| {
+                rest.bytes()
+                    .enumerate()
+                    .skip(width)
+                    .filter(|(_, b)| *b == b' ')
+                    .map(|(i, _)| i)
+                    .find(breaks)
+            });
+        let Some(cut) = cut else { break };
+        lines.push(rest[..cut].to_owned());
+        rest = &rest[cut..];
+    }
+    // A run without a space longer than a line may be (hostile upstream text): cut, since
+    // RFC 5322 §2.1.1 does not allow the line.
+    let mut end = rest.len().min(MAX_LINE);
+    while !rest.is_char_boundary(end) {
+        end -= 1;
+    }
+    lines.push(rest[..end].to_owned());
+    lines
+}
+
+/// `text` (CRLF line ends) as quoted-printable (RFC 2045 §6.7): every non-ASCII octet, `=` and
+/// control as `=XX`, a space or tab before a line end encoded too, lines soft-broken (`=`) to
+/// at most 76 characters.
+fn quoted_printable(text: &str) -> String {
+    const WIDTH: usize = 76;
+    let mut out = String::with_capacity(text.len() * 11 / 10);
+    for (n, line) in text.split("\r\n").enumerate() {
+        if n > 0 {
+            out.push_str("\r\n");
+        }
+        let bytes = line.as_bytes();
+        let mut column = 0;
+        for (i, &b) in bytes.iter().enumerate() {
+            let last = i + 1 == bytes.len();
+            let literal = matches!(b, 33..=60 | 62..=126) || (matches!(b, b' ' | b'\t') && !last);
+            let piece = if literal {
+                char::from(b).to_string()
+            } else {
+                format!("={b:02X}")
+            };
+            // Room for the piece, and for a soft break after it unless the line ends here.
+            let needed = piece.len() + usize::from(!last);
+            if column + needed > WIDTH {
+                out.push_str("=\r\n");
+                column = 0;
+            }
+            out.push_str(&piece);
+            column += piece.len();
+        }
+    }
+    out
 }
 
 /// Untrusted text as printable ASCII on one line: controls (CR, LF included) become spaces,
@@ -532,6 +623,61 @@ Subject: hello\r\nFrom: sender@example.org\r\nMessage-ID: <m1@example.org>\r\n\r
              Message-ID: <m1@example.org>\r\n\r\n--"
         ));
         assert!(!text.contains("body\r\n"));
+    }
+
+    #[test]
+    fn folded_fields_unfold_to_the_same_text() {
+        let cases = [
+            "Diagnostic-Code: smtp; 550 5.1.1 <kate@example.com>: Recipient address rejected: User unknown in virtual mailbox table",
+            "Diagnostic-Code: smtp; 550  two  spaces  kept  everywhere  and  a  long  tail  of  words  that  must  fold",
+            "Diagnostic-Code: smtp; 550 averyveryveryveryveryveryveryveryveryveryveryveryveryveryveryveryverylongword then more",
+            "short",
+        ];
+        let hostile = format!("Diagnostic-Code: smtp; 550 {}", "x".repeat(1100));
+        assert!(
+            fold_field(&hostile, FOLD_WIDTH)
+                .iter()
+                .all(|l| l.len() <= MAX_LINE)
+        );
+        for text in cases {
+            let lines = fold_field(text, FOLD_WIDTH);
+            assert_eq!(lines.concat(), text, "{lines:?}");
+            for (i, line) in lines.iter().enumerate() {
+                assert!(!line.trim().is_empty(), "{lines:?}");
+                assert_eq!(i > 0, line.starts_with(' '), "{lines:?}");
+            }
+            assert!(lines.iter().all(|l| l.len() <= FOLD_WIDTH) || text.contains("veryvery"));
+        }
+        let lines = fold_field(cases[0], FOLD_WIDTH);
+        assert_eq!(lines.len(), 2);
+        assert!(lines[1].starts_with(" ") && !lines[1].starts_with("  "));
+    }
+
+    #[test]
+    fn quoted_printable_is_7bit_short_lined_and_exact() {
+        let text =
+            "<ü@example.com>: no = sign lost \r\ntrailing space \r\n".to_owned() + &"é".repeat(60);
+        let qp = quoted_printable(&text);
+        assert!(qp.is_ascii());
+        assert!(
+            qp.starts_with("<=C3=BC@example.com>: no =3D sign lost=20\r\ntrailing space=20\r\n")
+        );
+        assert!(qp.split("\r\n").all(|l| l.len() <= 76), "{qp}");
+        // Decoding gives the text back.
+        let mut decoded = Vec::new();
+        let soft = qp.replace("=\r\n", "");
+        let b = soft.as_bytes();
+        let mut i = 0;
+        while i < b.len() {
+            if b[i] == b'=' {
+                decoded.push(u8::from_str_radix(&soft[i + 1..i + 3], 16).unwrap());
+                i += 3;
+            } else {
+                decoded.push(b[i]);
+                i += 1;
+            }
+        }
+        assert_eq!(String::from_utf8(decoded).unwrap(), text);
     }
 
     #[test]

@@ -102,7 +102,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use crate::envelope::{Envelope, QueueId};
+use crate::envelope::{Body, Envelope, QueueId};
 
 pub use control::{
     BadPurgeFilter, DeleteOutcome, PurgeFilter, Purged, Request, RetryTarget, SendLock,
@@ -473,8 +473,19 @@ impl Spool {
                 (create_new(&tmp)?, tmp, false)
             }
         };
+        // Room for `BODY=8BITMIME`, should the message turn out to be 8-bit without declaring
+        // it (SpoolWriter::declare_8bitmime).
+        let room = if envelope.mail_params.body == Some(Body::EightBitMime) {
+            0
+        } else {
+            let mut upgraded = envelope.clone();
+            upgraded.mail_params.body = Some(Body::EightBitMime);
+            serde_json::to_vec(&upgraded)
+                .map_or(0, |j| j.len())
+                .saturating_sub(json.len())
+        };
         let mut writer = SpoolWriter::new(envelope, file, path, reused, self.inner.clone());
-        writer.write_header(&json)?;
+        writer.write_header(&json, room)?;
         Ok(writer)
     }
 

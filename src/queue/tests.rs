@@ -1091,3 +1091,33 @@ fn invisible_characters_are_format_characters_and_separators_only() {
         assert!(!report::is_invisible(c), "U+{:04X}", c as u32);
     }
 }
+
+/// Undeclared 8-bit content is recorded in the envelope in place, whether the header is still
+/// buffered or already on disk, and the message bytes are untouched.
+#[test]
+fn declare_8bitmime_rewrites_the_envelope_in_place() {
+    use crate::envelope::Body;
+    let (_d, spool) = spool();
+    let big = vec![b'x'; 200 * 1024];
+    for body in [BODY, big.as_slice()] {
+        let env = envelope(&["a@example.com"]);
+        assert_eq!(env.mail_params.body, None);
+        let mut w = spool.create(&env).unwrap();
+        w.write(body).unwrap();
+        w.declare_8bitmime(&env).unwrap();
+        let (id, loaded) = w.commit_and_keep().unwrap();
+        if let Some(loaded) = loaded {
+            assert_eq!(
+                loaded.msg.envelope.mail_params.body,
+                Some(Body::EightBitMime)
+            );
+        }
+        let msg = spool.load(&id).unwrap();
+        assert_eq!(msg.envelope.mail_params.body, Some(Body::EightBitMime));
+        assert_eq!(msg.envelope.recipients, env.recipients);
+        let (mut file, _) = spool.open_message(&id).unwrap();
+        let mut read = Vec::new();
+        std::io::Read::read_to_end(&mut file, &mut read).unwrap();
+        assert_eq!(read, body);
+    }
+}

@@ -2,11 +2,12 @@
 
 use std::fs::{self, File};
 use std::io::{BufWriter, Write};
+use std::os::unix::fs::FileExt;
 use std::path::PathBuf;
 use std::sync::Arc;
 
 use super::{Dirs, Loaded, MAGIC, QueuedMessage, SendLock, SpoolError, rename_noreplace};
-use crate::envelope::{Envelope, QueueId};
+use crate::envelope::{Body, Envelope, QueueId};
 use crate::queue::DeliveryState;
 
 /// Size of the write buffer: DATA arrives in small chunks, the disk prefers large ones.
@@ -42,6 +43,9 @@ pub struct SpoolWriter {
     /// The envelope in the header and a copy of the message bytes, while they fit in
     /// [`KEEP_MAX`] (`None` once they do not).
     kept: Option<(Envelope, Vec<u8>)>,
+    /// Octets of the envelope line (JSON and the blank room after it, without the newline),
+    /// which [`SpoolWriter::declare_8bitmime`] may rewrite in place.
+    header_line: usize,
 }
 
 impl SpoolWriter {
@@ -62,6 +66,7 @@ impl SpoolWriter {
             reused,
             gone: false,
             kept: Some((envelope.clone(), Vec::new())),
+            header_line: 0,
         }
     }
 
@@ -72,10 +77,50 @@ impl SpoolWriter {
 
     /// Write the magic line and the envelope JSON line (`envelope_json` holds no newline:
     /// serde_json's compact form escapes them inside strings).
-    pub(super) fn write_header(&mut self, envelope_json: &[u8]) -> Result<(), SpoolError> {
+    /// `room` blanks follow the JSON (JSON allows trailing whitespace), so that a longer
+    /// envelope can replace it in place.
+    pub(super) fn write_header(
+        &mut self,
+        envelope_json: &[u8],
+        room: usize,
+    ) -> Result<(), SpoolError> {
         self.put(MAGIC)?;
         self.put(envelope_json)?;
+        self.put(&vec![b' '; room])?;
+        self.header_line = envelope_json.len() + room;
         self.put(b"\n")
+    }
+
+    /// The message turned out to hold 8-bit octets that MAIL FROM did not declare: record
+    /// `BODY=8BITMIME` in its envelope (RFC 6152), so delivery declares it upstream. `envelope`
+    /// is the one given to [`super::Spool::create`]. Rewrites the envelope line in place, in
+    /// the room `create` left for this; nothing is read back. Not yet durable: the commit's
+    /// fsync covers it.
+    pub fn declare_8bitmime(&mut self, envelope: &Envelope) -> Result<(), SpoolError> {
+        let mut upgraded = envelope.clone();
+        upgraded.mail_params.body = Some(Body::EightBitMime);
+        let mut line = serde_json::to_vec(&upgraded).map_err(|source| SpoolError::Encode {
+            what: "envelope",
+            source,
+        })?;
+        if line.len() > self.header_line {
+            // Unreachable: `create` leaves room for exactly this change.
+            return Err(self.io_error("rewrite envelope", std::io::ErrorKind::InvalidData.into()));
+        }
+        line.resize(self.header_line, b' ');
+        let Some(buffered) = self.file.as_mut() else {
+            return Err(self.io_error("write", std::io::ErrorKind::Other.into()));
+        };
+        // Flush first: a header still in the buffer would otherwise be written over the new
+        // one later.
+        let result = buffered
+            .flush()
+            .and_then(|()| buffered.get_ref().write_all_at(&line, MAGIC.len() as u64));
+        result.map_err(|e| self.io_error("write", e))?;
+        if let Some((kept, _)) = &mut self.kept {
+            *kept = upgraded;
+        }
+        Ok(())
     }
 
     /// The queue id this message will have.

@@ -4,9 +4,17 @@
 //! one that ended the DATA command. A bare LF or a bare CR never ends a line here, so
 //! `<LF>.<LF>`, `<LF>.<CRLF>`, `<CRLF>.<LF>`, `<CR>.<CR>` and friends are ordinary
 //! message bytes: they can never end the message early and let the rest be read as commands
-//! (the 2023 "SMTP smuggling" advisories). A message that contains any bare CR or bare LF is
-//! read to its real end and then refused with `550 5.5.2`; portcullis never normalises it,
-//! because a downstream server might interpret the same bytes differently.
+//! (the 2023 "SMTP smuggling" advisories). A message that contains any bare CR is read to its
+//! real end and then refused with `550 5.5.2`. A bare LF is refused the same way, unless the
+//! decoder was made with [`DataDecoder::normalizing`] (the listener's `bare_lf`): then it is
+//! stored as CRLF, so no server downstream can read the stored bytes differently, and the
+//! relay dot-stuffs the stored lines again when it sends them on. Real submission clients
+//! (Python's smtplib, curl) send LF-only messages; Postfix calls this
+//! `smtpd_forbid_bare_newline = normalize`.
+//!
+//! After a bare LF, a line that starts with `..` loses one dot (the client stuffed it, as
+//! smtplib does); a single dot is kept, since it was not stuffing: `<LF>.<CRLF>` is the line
+//! `.`, never the end of the message.
 //!
 //! The decoder only counts bytes past `max_size`; it never buffers a whole message.
 
@@ -31,6 +39,10 @@ enum Pos {
     Text,
     /// After a CR inside a line.
     Cr,
+    /// At the start of a line after a bare LF that was normalised to CRLF.
+    LfLineStart,
+    /// After a `.` at the start of such a line.
+    LfDot,
 }
 
 /// Streaming decoder for one message body.
@@ -41,6 +53,8 @@ pub struct DataDecoder {
     /// Decoded octets so far (including those past the limit, which are discarded).
     size: u64,
     bare_line_ending: bool,
+    /// Store a bare LF as CRLF instead of refusing the message.
+    normalize_lf: bool,
 }
 
 /// What one call to [`DataDecoder::decode`] found.
@@ -53,13 +67,24 @@ pub struct Decoded {
 }
 
 impl DataDecoder {
-    /// A decoder positioned just after the CRLF of the DATA command.
+    /// A decoder positioned just after the CRLF of the DATA command, that refuses a message
+    /// with a bare CR or LF. `max_size` in octets, as decoded.
     pub fn new(max_size: u64) -> Self {
         DataDecoder {
             pos: Pos::LineStart,
             max_size,
             size: 0,
             bare_line_ending: false,
+            normalize_lf: false,
+        }
+    }
+
+    /// Like [`DataDecoder::new`], but a bare LF is stored as CRLF (see the module docs). A
+    /// bare CR is still refused, and the end is still only `<CRLF>.<CRLF>`.
+    pub fn normalizing(max_size: u64) -> Self {
+        DataDecoder {
+            normalize_lf: true,
+            ..DataDecoder::new(max_size)
         }
     }
 
@@ -98,9 +123,7 @@ impl DataDecoder {
                         if input[i] == b'\r' {
                             self.pos = Pos::Cr;
                         } else {
-                            // A bare LF: an ordinary octet that marks the message as refused.
-                            self.bare_line_ending = true;
-                            self.emit(b"\n", out);
+                            self.bare_lf(out);
                         }
                         i += 1;
                     }
@@ -134,6 +157,23 @@ impl DataDecoder {
                     self.emit(b"\r", out);
                     self.pos = Pos::Text;
                 }
+                Pos::LfLineStart => {
+                    if input[i] == b'.' {
+                        self.pos = Pos::LfDot;
+                        i += 1;
+                    } else {
+                        self.pos = Pos::Text;
+                    }
+                }
+                Pos::LfDot => {
+                    // `..`: a stuffed dot, one is dropped. Anything else: the dot was text
+                    // (a CR here can only start a line end, never the end of the message).
+                    self.emit(b".", out);
+                    if input[i] == b'.' {
+                        i += 1;
+                    }
+                    self.pos = Pos::Text;
+                }
                 Pos::Cr => {
                     if input[i] == b'\n' {
                         self.emit(b"\r\n", out);
@@ -150,6 +190,18 @@ impl DataDecoder {
         Decoded {
             consumed: input.len(),
             finished: false,
+        }
+    }
+
+    /// A bare LF inside the message: stored as CRLF when normalising, else kept as it is and
+    /// the message marked as refused.
+    fn bare_lf(&mut self, out: &mut Vec<u8>) {
+        if self.normalize_lf {
+            self.emit(b"\r\n", out);
+            self.pos = Pos::LfLineStart;
+        } else {
+            self.bare_line_ending = true;
+            self.emit(b"\n", out);
         }
     }
 
@@ -234,6 +286,84 @@ mod tests {
                 assert_eq!(fault, Some(DataFault::BareLineEnding), "variant {v:?}");
             }
         }
+    }
+
+    /// Like `run`, with a normalising decoder.
+    fn run_normalizing(input: &[u8], step: usize) -> (Vec<u8>, Option<usize>, Option<DataFault>) {
+        let mut d = DataDecoder::normalizing(1 << 20);
+        let mut out = Vec::new();
+        let mut offset = 0;
+        while offset < input.len() {
+            let end = (offset + step).min(input.len());
+            let r = d.decode(&input[offset..end], &mut out);
+            offset += r.consumed;
+            if r.finished {
+                return (out, Some(offset), d.fault());
+            }
+        }
+        (out, None, d.fault())
+    }
+
+    fn has_bare_lf(bytes: &[u8]) -> bool {
+        bytes
+            .iter()
+            .enumerate()
+            .any(|(i, &b)| b == b'\n' && (i == 0 || bytes[i - 1] != b'\r'))
+    }
+
+    /// Normalising changes what a bare LF means inside the message, never where it ends: every
+    /// smuggling variant is still message text; a bare CR is still refused.
+    #[test]
+    fn normalizing_smuggling_variants_never_end_data_and_bare_cr_is_still_refused() {
+        let variants: &[&[u8]] = &[
+            b"\n.\n", b"\n.\r\n", b"\r\n.\n", b"\r.\r", b"\r.\r\n", b"\r\n.\r", b"\n.\r", b"\r.\n",
+        ];
+        for v in variants {
+            let mut input = b"Subject: a\r\n\r\nbody".to_vec();
+            input.extend_from_slice(v);
+            input.extend_from_slice(b"MAIL FROM:<evil@x>\r\nRCPT TO:<v@y>\r\nDATA\r\nsmuggled\r\n");
+            for step in [1, 4, 4096] {
+                let (_, end, _) = run_normalizing(&input, step);
+                assert_eq!(end, None, "variant {v:?} ended the message (step {step})");
+            }
+            input.extend_from_slice(b".\r\n");
+            for step in [1, 3, 4096] {
+                let (msg, end, fault) = run_normalizing(&input, step);
+                assert_eq!(end, Some(input.len()), "variant {v:?}");
+                let bare_cr = v.windows(2).any(|w| w[0] == b'\r' && w[1] != b'\n')
+                    || v.last() == Some(&b'\r');
+                if bare_cr {
+                    assert_eq!(fault, Some(DataFault::BareLineEnding), "variant {v:?}");
+                } else {
+                    assert_eq!(fault, None, "variant {v:?}");
+                    assert!(!has_bare_lf(&msg), "variant {v:?}: {msg:?}");
+                    assert!(contains_smuggled(&msg), "variant {v:?}");
+                }
+            }
+        }
+    }
+
+    fn contains_smuggled(msg: &[u8]) -> bool {
+        msg.windows(18).any(|w| w == b"MAIL FROM:<evil@x>")
+    }
+
+    #[test]
+    fn normalizing_stores_lf_lines_as_crlf_and_unstuffs_only_doubled_dots() {
+        // What smtplib.sendmail sends for an LF-only message: periods doubled after LF, CRLF
+        // added before the terminator.
+        let input = b"Subject: x\n\nline\n..dot\n.\n..\nend\n\r\n.\r\n";
+        for step in [1, 2, 5, 4096] {
+            let (msg, end, fault) = run_normalizing(input, step);
+            assert_eq!(end, Some(input.len()));
+            assert_eq!(fault, None);
+            assert_eq!(
+                msg, b"Subject: x\r\n\r\nline\r\n.dot\r\n.\r\n.\r\nend\r\n\r\n",
+                "step {step}"
+            );
+        }
+        // CRLF lines are unstuffed as always.
+        let (msg, _, _) = run_normalizing(b"a\r\n..b\r\n.\r\n", 1);
+        assert_eq!(msg, b"a\r\n.b\r\n");
     }
 
     #[test]

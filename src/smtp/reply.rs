@@ -196,6 +196,13 @@ pub const ROUTE_NO_8BITMIME: Reply = Reply::new(
     "5.6.3",
     "8-bit MIME content cannot be delivered to this recipient",
 );
+/// RFC 6152 / RFC 3463 5.6.3: 8-bit octets in a message that did not declare `BODY=8BITMIME`,
+/// for a route without 8BITMIME, after the final dot (never converted).
+pub const UNDECLARED_8BIT_UNDELIVERABLE: Reply = Reply::new(
+    554,
+    "5.6.3",
+    "8-bit content cannot be delivered to one or more recipients",
+);
 /// RFC 1870: the declared or received size is over what the route accepts.
 pub const ROUTE_SIZE: Reply = Reply::new(552, "5.3.4", "Message too big for this recipient");
 /// RFC 3463 5.4.4: no upstream serves the recipient's domain (no default route).
@@ -206,6 +213,12 @@ pub const UTF8_HEADERS_UNDELIVERABLE: Reply = Reply::new(
     "5.6.9",
     "UTF-8 header message cannot be delivered to one or more recipients",
 );
+/// RFC 3207 §4: STARTTLS takes no parameters.
+pub const STARTTLS_SYNTAX: Reply = Reply::new(501, "5.5.4", "Syntax: STARTTLS");
+/// RFC 5321 §4.1.1.4: DATA takes no parameters.
+pub const DATA_SYNTAX: Reply = Reply::new(501, "5.5.4", "Syntax: DATA");
+/// RFC 5321 §4.1.1.5: RSET takes no parameters.
+pub const RSET_SYNTAX: Reply = Reply::new(501, "5.5.4", "Syntax: RSET");
 pub const BAD_BASE64: Reply = Reply::new(501, "5.5.2", "Invalid base64 data");
 pub const AUTH_CANCELLED: Reply = Reply::new(501, "5.7.0", "Authentication cancelled");
 pub const NOT_IMPLEMENTED: Reply = Reply::new(502, "5.5.1", "Command not implemented");

@@ -106,6 +106,9 @@ pub struct SinkConfig {
     pub stall_at: Option<Stage>,
     /// Wait this long before answering the final dot (holds the client's connection busy).
     pub dot_delay: Option<Duration>,
+    /// `(n, reply)`: once a transaction has `n` recipients, every further RCPT in it gets
+    /// `reply` (e.g. `"552 5.5.3 Too many recipients"`, as older servers send).
+    pub max_rcpts: Option<(usize, String)>,
 }
 
 impl Default for SinkConfig {
@@ -127,6 +130,7 @@ impl Default for SinkConfig {
             drop_after: None,
             stall_at: None,
             dot_delay: None,
+            max_rcpts: None,
         }
     }
 }
@@ -891,11 +895,14 @@ impl Session<'_> {
             self.reply("553 5.6.7 Address requires SMTPUTF8")?;
             return Ok(Flow::Go);
         }
-        let reply = config
-            .rcpt_replies
-            .get(&address.to_lowercase())
-            .cloned()
-            .unwrap_or_else(|| "250 2.1.5 Ok".to_owned());
+        let reply = match &config.max_rcpts {
+            Some((n, reply)) if txn.rcpts.len() >= *n => reply.clone(),
+            _ => config
+                .rcpt_replies
+                .get(&address.to_lowercase())
+                .cloned()
+                .unwrap_or_else(|| "250 2.1.5 Ok".to_owned()),
+        };
         if reply.starts_with('2')
             && let Some(txn) = &mut self.txn
         {

@@ -20,6 +20,9 @@ const COMPACT_AT: usize = 8 * 1024;
 pub struct SessionConfig {
     /// Name in the banner and the EHLO reply.
     pub hostname: String,
+    /// Where `RCPT TO:<postmaster>` (RFC 5321 §4.5.1: no domain, any case) is delivered: the
+    /// `[relay] postmaster` address.
+    pub postmaster: String,
     /// Octets per command line, including CRLF.
     pub max_command_length: usize,
     pub max_message_size: u64,
@@ -125,7 +128,11 @@ enum Pending {
         from: ReversePath,
         params: MailParams,
     },
-    Rcpt(Address),
+    Rcpt {
+        address: Address,
+        /// Written as `<postmaster>`, without a domain.
+        postmaster: bool,
+    },
     DataStart,
     DataEnd,
     /// The login being checked.
@@ -246,6 +253,19 @@ impl Session {
         self.user.as_deref()
     }
 
+    /// True while the pending RCPT was written `<postmaster>` (RFC 5321 §4.5.1): the address of
+    /// its [`Event::Rcpt`] is then the configured postmaster, which must be accepted whatever
+    /// the relay rules say.
+    pub fn rcpt_is_postmaster(&self) -> bool {
+        matches!(
+            self.pending,
+            Some(Pending::Rcpt {
+                postmaster: true,
+                ..
+            })
+        )
+    }
+
     /// True once TLS is active.
     pub fn is_tls(&self) -> bool {
         self.tls
@@ -345,22 +365,13 @@ impl Session {
                 });
                 reply::SENDER_OK.write_to(&mut self.out);
             }
-            Pending::Rcpt(address) => {
+            Pending::Rcpt { address, .. } => {
                 if let State::Mail(tx) = &mut self.state {
                     tx.recipients.push(address);
                 }
                 reply::RECIPIENT_OK.write_to(&mut self.out);
             }
-            Pending::DataStart => {
-                if let State::Mail(tx) = std::mem::replace(&mut self.state, State::Idle) {
-                    self.state = State::Data {
-                        tx,
-                        decoder: DataDecoder::new(self.config.max_message_size),
-                        finished: false,
-                    };
-                }
-                reply::START_DATA.write_to(&mut self.out);
-            }
+            Pending::DataStart => self.start_data(DataDecoder::new(self.config.max_message_size)),
             Pending::DataEnd => {
                 // A DataEnd must be answered with `queued` or `reject`; treat a bare accept
                 // as a local error rather than claim the message was queued.
@@ -375,13 +386,40 @@ impl Session {
         }
     }
 
+    /// The driver accepts a pending DATA (`354`); a bare LF in the message is stored as CRLF
+    /// when `normalize_bare_lf`, else it is refused (`550 5.5.2`) like a bare CR. Any other
+    /// pending request is accepted as by [`Session::accept`].
+    pub fn accept_data(&mut self, normalize_bare_lf: bool) {
+        if !matches!(self.pending, Some(Pending::DataStart)) {
+            return self.accept();
+        }
+        self.pending = None;
+        let max = self.config.max_message_size;
+        self.start_data(if normalize_bare_lf {
+            DataDecoder::normalizing(max)
+        } else {
+            DataDecoder::new(max)
+        });
+    }
+
+    fn start_data(&mut self, decoder: DataDecoder) {
+        if let State::Mail(tx) = std::mem::replace(&mut self.state, State::Idle) {
+            self.state = State::Data {
+                tx,
+                decoder,
+                finished: false,
+            };
+        }
+        reply::START_DATA.write_to(&mut self.out);
+    }
+
     /// The driver refuses the pending request with `reply` (which counts as an error).
     pub fn reject(&mut self, reply: &Reply) {
         let Some(pending) = self.pending.take() else {
             return;
         };
         match pending {
-            Pending::Rcpt(_) => {
+            Pending::Rcpt { .. } => {
                 if let State::Mail(tx) = &mut self.state {
                     tx.refused += 1;
                 }
@@ -534,6 +572,12 @@ impl Session {
                 // our own grammar, not taken from smtp-proto, which removes quotes.
                 let path = path_text(line).map(str::to_owned);
                 let declared = declared_size(line);
+                if has_argument(line)
+                    && let Ok(request) = &parsed
+                    && let Some((reply, rule)) = no_argument_allowed(request)
+                {
+                    return self.refuse_command(reply, rule);
+                }
                 self.command(parsed, path, declared)
             }
         }
@@ -725,11 +769,11 @@ impl Session {
         let smtputf8 = tx.params.smtputf8;
         let count = tx.recipients.len();
         let raw = path.as_deref().unwrap_or_default();
-        // `<postmaster>` without a domain (RFC 5321 §4.5.1) is ours; smtp-proto reports it
-        // as an empty address.
-        let parsed = if to.address.is_empty() && raw.eq_ignore_ascii_case("postmaster") {
-            Address::parse(&format!("postmaster@{}", self.config.hostname))
-                .map_err(PathFault::Address)
+        // `<postmaster>` without a domain (RFC 5321 §4.5.1, any case) goes to the configured
+        // `[relay] postmaster`; smtp-proto reports it as an empty address.
+        let postmaster = to.address.is_empty() && raw.eq_ignore_ascii_case("postmaster");
+        let parsed = if postmaster {
+            Address::parse(&self.config.postmaster).map_err(PathFault::Address)
         } else {
             path_address(raw, &to.address)
         };
@@ -751,7 +795,10 @@ impl Session {
         if count >= self.config.max_recipients {
             return self.refuse_command(reply::TOO_MANY_RECIPIENTS, "max_recipients");
         }
-        self.pending = Some(Pending::Rcpt(address.clone()));
+        self.pending = Some(Pending::Rcpt {
+            address: address.clone(),
+            postmaster,
+        });
         Some(Event::Rcpt(address))
     }
 
@@ -927,6 +974,25 @@ fn path_address(raw: &str, proto: &str) -> Result<Address, PathFault> {
     match proto.rsplit_once('@') {
         Some((local, d)) if local == address.local() && d == domain => Ok(address),
         _ => Err(PathFault::Syntax),
+    }
+}
+
+/// True when a command line carries anything after its verb but trailing blanks. smtp-proto
+/// skips whatever follows STARTTLS, DATA and RSET, so the session looks itself.
+fn has_argument(line: &[u8]) -> bool {
+    let verb_end = line.iter().position(|&b| b == b' ').unwrap_or(line.len());
+    line[verb_end..].iter().any(|&b| b != b' ' && b != b'\t')
+}
+
+/// The refusal for a verb whose grammar has no argument, when one was given: STARTTLS
+/// (RFC 3207 §4: `501` and the session stays in plaintext), DATA and RSET (RFC 5321 §4.1.1.4,
+/// §4.1.1.5). QUIT is answered whatever follows it: refusing it would only keep the session.
+fn no_argument_allowed(request: &Request<String>) -> Option<(Reply, &'static str)> {
+    match request {
+        Request::StartTls => Some((reply::STARTTLS_SYNTAX, "starttls_argument")),
+        Request::Data => Some((reply::DATA_SYNTAX, "data_argument")),
+        Request::Rset => Some((reply::RSET_SYNTAX, "rset_argument")),
+        _ => None,
     }
 }
 

@@ -14,6 +14,7 @@ const HOST: &str = "mx.example";
 fn cfg() -> SessionConfig {
     SessionConfig {
         hostname: HOST.to_string(),
+        postmaster: "postmaster@example.net".to_string(),
         max_command_length: 512,
         max_message_size: 1000,
         max_recipients: 3,
@@ -841,6 +842,32 @@ fn error_budget_reply_text() {
 
 // --- STARTTLS --------------------------------------------------------------------------------
 
+/// RFC 3207 §4: STARTTLS takes no parameters; with one it is refused and nothing of the
+/// session changes (no TLS, nothing discarded). DATA and RSET likewise take none.
+#[test]
+fn verbs_without_parameters_refuse_one_with_501_5_5_4() {
+    let mut t = T::ehlo(cfg());
+    t.auto_tls = false;
+    t.send("STARTTLS foo")
+        .expect_reply(&reply::STARTTLS_SYNTAX)
+        .expect_enh(501, "5.5.4");
+    assert_eq!(t.count(|e| matches!(e, Event::StartTls { .. })), 0);
+    assert!(!t.s.is_tls());
+    t.send("MAIL FROM:<a@b.example>").expect(250);
+    t.send("RCPT TO:<c@d.example>").expect(250);
+    t.send("DATA x").expect_enh(501, "5.5.4");
+    t.send("RSET x").expect_enh(501, "5.5.4");
+    // Still in the transaction: neither DATA nor RSET ran.
+    assert!(t.s.transaction().is_some());
+    t.send("RSET  ").expect_enh(250, "2.0.0");
+    assert!(t.s.transaction().is_none());
+    assert_eq!(
+        t.rules(),
+        ["starttls_argument", "data_argument", "rset_argument"]
+    );
+    t.send("STARTTLS").expect_enh(220, "2.0.0");
+}
+
 #[test]
 fn starttls_injection_is_discarded() {
     let mut t = T::ehlo(cfg());
@@ -1098,7 +1125,7 @@ fn postmaster_without_domain() {
     t.send("RCPT TO:<postmaster>").expect(250);
     t.send("RCPT TO:<Postmaster>").expect(250);
     let rcpts = &t.s.transaction().unwrap().recipients;
-    assert_eq!(rcpts[0].to_string(), "postmaster@mx.example");
+    assert_eq!(rcpts[0].to_string(), "postmaster@example.net");
     t.send("RCPT TO:<>").expect_enh(553, "5.1.3");
 }
 
