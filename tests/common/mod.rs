@@ -45,13 +45,31 @@ const POLL: Duration = Duration::from_millis(20);
 /// The relay binary under test.
 pub const BIN: &str = env!("CARGO_BIN_EXE_portcullis");
 
-/// A loopback TCP port that was free a moment ago (bind port 0, read it, close). Racy in
-/// theory, fine for tests.
+/// A loopback TCP port that was free a moment ago, for a listener the test starts later.
+///
+/// Taken below the kernel's ephemeral range (32768 and up here), which the relay's and the
+/// tests' outgoing connections draw their source ports from: a port picked by binding port 0
+/// could be taken by such a connection before the relay binds it, and a test's readiness check
+/// would then talk to the wrong process. Each test process walks its own stretch of
+/// 10000–32767 (from its pid), never handing out a port twice.
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .expect("bind 127.0.0.1:0")
-        .port()
+    use std::sync::atomic::{AtomicU32, Ordering};
+    const LOW: u32 = 10_000;
+    const SPAN: u32 = 22_768;
+    static NEXT: AtomicU32 = AtomicU32::new(u32::MAX);
+    let _ = NEXT.compare_exchange(
+        u32::MAX,
+        (std::process::id() * 2_003) % SPAN,
+        Ordering::Relaxed,
+        Ordering::Relaxed,
+    );
+    for _ in 0..SPAN {
+        let port = (LOW + NEXT.fetch_add(1, Ordering::Relaxed) % SPAN) as u16;
+        if TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
+    panic!("no free loopback port below the ephemeral range")
 }
 
 /// A temporary directory, removed on drop, with helpers to fill it.
@@ -316,6 +334,7 @@ impl Relay {
             .append(true)
             .open(&self.log_path)
             .expect("open relay log");
+        let log_start = log.metadata().map_or(0, |m| m.len() as usize);
         let mut cmd = Command::new(BIN);
         cmd.arg("run")
             .arg("--config")
@@ -346,8 +365,17 @@ impl Relay {
                 self.kill9();
                 panic!("relay not listening on {pending:?} after {START_TIMEOUT:?}; log:\n{log}");
             }
+            // Listening by this run's own word (its log since the spawn), then accepting: a
+            // port answered by some other process never counts.
+            let log = self.log();
+            let this_run = log.get(log_start..).unwrap_or_default();
             pending.retain(|&port| {
-                TcpStream::connect_timeout(&SocketAddr::from(([127, 0, 0, 1], port)), POLL).is_err()
+                let said = this_run
+                    .lines()
+                    .any(|l| l.contains(" listening ") && l.ends_with(&format!(":{port}")));
+                !said
+                    || TcpStream::connect_timeout(&SocketAddr::from(([127, 0, 0, 1], port)), POLL)
+                        .is_err()
             });
             if !pending.is_empty() {
                 sleep(POLL);
