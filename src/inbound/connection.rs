@@ -94,6 +94,13 @@ pub const AUTH_WAIT: Duration = Duration::from_secs(10);
 /// announced (an attempt dropped by another session announces nothing).
 pub const AUTH_RECHECK: Duration = Duration::from_millis(250);
 
+/// The minimum data rate of a message in stress mode, in octets per second averaged since its
+/// data started: a session in DATA must have received `(elapsed - stress_timeout) ×` this
+/// many octets, or it is closed with `421 4.4.2` (rule `stress_data_rate`). Postfix's
+/// `smtpd_min_data_rate` is the model. A client trickling one octet per `stress_timeout`
+/// otherwise holds a slot for `data_timeout`; 1 KiB/s is slower than any real sender.
+pub const STRESS_MIN_DATA_RATE: u64 = 1024;
+
 /// How long a refused client may linger sending commands before it is disconnected.
 pub const REFUSED_LINGER: Duration = Duration::from_secs(10);
 
@@ -162,6 +169,9 @@ pub struct Connection {
     /// trickling one octet at a time keeps a session open until `session_timeout`. `None`:
     /// a new phase starts at the next read.
     deadline: Option<Instant>,
+    /// When the current message's data started (first read after `354`) and the octets read
+    /// since: the minimum data rate of stress mode ([`STRESS_MIN_DATA_RATE`]).
+    data_progress: Option<(Instant, u64)>,
 }
 
 impl Connection {
@@ -197,6 +207,7 @@ impl Connection {
             started: Instant::now(),
             outcome: Outcome::default(),
             deadline: None,
+            data_progress: None,
         }
     }
 
@@ -286,6 +297,13 @@ impl Connection {
                     }
                 }
                 Event::Close => {
+                    if self.session.closed_for_junk() {
+                        self.outcome.reason = "too many commands without progress";
+                        self.log_rejection(
+                            &reply::TOO_MANY_JUNK_COMMANDS,
+                            "stress_junk_commands",
+                        );
+                    }
                     let _ = self.flush(&mut stream).await;
                     let _ = stream.shutdown().await;
                     if self.outcome.reason.is_empty() {
@@ -341,11 +359,13 @@ impl Connection {
                 Event::DataChunk => self.data_chunk(),
                 Event::DataEnd => {
                     self.deadline = None;
+                    self.data_progress = None;
                     Box::pin(self.data_end()).await;
                     self.reservation = None;
                 }
                 Event::DataRejected(fault) => {
                     self.deadline = None;
+                    self.data_progress = None;
                     self.data_rejected(fault);
                     self.reservation = None;
                 }
@@ -486,7 +506,21 @@ impl Connection {
         let stress_timeout = limits.stress_timeout;
         let mut stress = self.shared.stress.clone();
         let mut stressed = *stress.borrow_and_update();
+        self.session.set_stressed(stressed);
         let in_data = self.session.in_data();
+        if !in_data {
+            self.data_progress = None;
+        }
+        let (data_started, data_octets) = if in_data {
+            *self.data_progress.get_or_insert((Instant::now(), 0))
+        } else {
+            (Instant::now(), 0)
+        };
+        // Stress mode, DATA: the instant the octets received so far fall below the minimum
+        // rate (after `stress_timeout` of grace).
+        let rate_deadline = data_started
+            + stress_timeout
+            + Duration::from_millis(data_octets.saturating_mul(1000) / STRESS_MIN_DATA_RATE);
         let limit = match (in_data, stressed) {
             (true, _) => limits.data_timeout,
             (false, true) => limits.command_timeout.min(stress_timeout),
@@ -503,8 +537,13 @@ impl Connection {
         let mut watching = !stressed;
         loop {
             let mut until = self.deadline.unwrap_or(deadline);
+            let mut too_slow = false;
             if stressed && in_data {
                 until = until.min(started + stress_timeout);
+                if rate_deadline < until {
+                    until = rate_deadline;
+                    too_slow = true;
+                }
             }
             if let Some(linger) = linger {
                 until = until.min(linger);
@@ -517,7 +556,12 @@ impl Connection {
             // wait).
             tokio::select! {
                 r = read_into(stream, &mut self.session, tls_buf) => return match r {
-                    Ok(n) => Some(n),
+                    Ok(n) => {
+                        if let Some((_, octets)) = &mut self.data_progress {
+                            *octets += n as u64;
+                        }
+                        Some(n)
+                    }
                     Err(e) => {
                         debug!(peer = %self.peer, error = %e, "read error");
                         Some(0)
@@ -529,7 +573,16 @@ impl Connection {
                     self.session.close_with(&reply::SESSION_TOO_LONG);
                     return None;
                 }
-                _ = tokio::time::sleep(timeout), if !session_ends => {
+                _ = tokio::time::sleep(timeout), if !session_ends && too_slow => {
+                    self.outcome.reason = "data too slow";
+                    warn!(peer = %self.peer, listener = %self.listener.name,
+                        octets = data_octets, secs = data_started.elapsed().as_secs_f32(),
+                        min_rate = STRESS_MIN_DATA_RATE, rule = "stress_data_rate",
+                        reply = %reply::DATA_TOO_SLOW, "rejected");
+                    self.session.close_with(&reply::DATA_TOO_SLOW);
+                    return None;
+                }
+                _ = tokio::time::sleep(timeout), if !session_ends && !too_slow => {
                     self.outcome.reason = "timeout";
                     let rule = if stressed { "stress_timeout" } else { "timeout" };
                     self.log_rejection(&reply::TIMEOUT, rule);
@@ -547,6 +600,7 @@ impl Connection {
                     watching = false;
                     if started_now.is_ok() {
                         stressed = true;
+                        self.session.set_stressed(true);
                         if !in_data {
                             self.deadline = Some(deadline.min(Instant::now() + stress_timeout));
                         }
