@@ -421,9 +421,22 @@ fn queue_list_and_log_escape_default_ignorable_code_points() {
                 h as u32
             );
         }
-        assert_log(&relay, &format!("from=pay{}pal@example.org", h.escape_unicode()));
+        assert_log(
+            &relay,
+            &format!("from=pay{}pal@example.org", h.escape_unicode()),
+        );
     }
-    assert_eq!(list.matches("pay?pal@example.org").count(), hidden.len(), "{list}");
-    assert!(json.contains(r#""from":"pay\u034fpal@example.org""#), "{json}");
-    assert!(json.contains(r#""from":"pay\udb40\udd00pal@example.org""#), "{json}");
+    assert_eq!(
+        list.matches("pay?pal@example.org").count(),
+        hidden.len(),
+        "{list}"
+    );
+    assert!(
+        json.contains(r#""from":"pay\u034fpal@example.org""#),
+        "{json}"
+    );
+    assert!(
+        json.contains(r#""from":"pay\udb40\udd00pal@example.org""#),
+        "{json}"
+    );
 }

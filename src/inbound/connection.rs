@@ -87,7 +87,9 @@ pub const SESSION_GRACE: Duration = Duration::from_secs(60);
 /// How long a TLS handshake may take.
 pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(30);
 
-/// How long an AUTH waits for its client's verifications in flight before `454 4.7.0`.
+/// How long an AUTH waits for its client's verifications in flight before `454 4.7.0`, and
+/// again how long it waits for its own verification to be run (rule `auth_busy` either way,
+/// the failure budget given back): at most twice this in all.
 pub const AUTH_WAIT: Duration = Duration::from_secs(10);
 
 /// How often a waiting AUTH looks at the lockout table again even when no result was
@@ -299,10 +301,7 @@ impl Connection {
                 Event::Close => {
                     if self.session.closed_for_junk() {
                         self.outcome.reason = "too many commands without progress";
-                        self.log_rejection(
-                            &reply::TOO_MANY_JUNK_COMMANDS,
-                            "stress_junk_commands",
-                        );
+                        self.log_rejection(&reply::TOO_MANY_JUNK_COMMANDS, "stress_junk_commands");
                     }
                     let _ = self.flush(&mut stream).await;
                     let _ = stream.shutdown().await;
@@ -672,8 +671,18 @@ impl Connection {
         };
         let answer_at = tokio::time::Instant::now() + delay;
         let verifier = Arc::clone(&self.shared.verifier);
-        let Ok(result) = verifier.submit(hash, credentials.password, lane) else {
+        let Ok(result) = verifier.submit(hash, credentials.password, &login, lane) else {
             // Nothing was verified: the reservation is given back, not counted.
+            attempt.release();
+            verifier.notify_settled();
+            return self.refuse(Refusal {
+                reply: reply::AUTH_TEMPORARY,
+                rule: "auth_busy",
+            });
+        };
+        // The wait for a verifier thread is bounded too: under a flood that outlasts
+        // AUTH_WAIT, `454 4.7.0`; dropping the receiver cancels the job if it has not started.
+        let Ok(result) = tokio::time::timeout(AUTH_WAIT, result).await else {
             attempt.release();
             verifier.notify_settled();
             return self.refuse(Refusal {
@@ -683,9 +692,8 @@ impl Connection {
         };
         // `Err`: the check itself failed (argon2 refused the stored parameters, the verifier
         // panicked, or its thread is gone and dropped the sender): not the client's fault.
-        let checked = result
-            .await
-            .unwrap_or_else(|_| Err(CheckError::Verifier("verifier thread gone".into())));
+        let checked =
+            result.unwrap_or_else(|_| Err(CheckError::Verifier("verifier thread gone".into())));
         let ok = match checked {
             Ok(ok) => ok,
             Err(error) => {

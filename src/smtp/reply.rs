@@ -133,11 +133,8 @@ pub const TOO_MANY_JUNK_COMMANDS: Reply = Reply::new(
     "Server busy, too many commands without progress, closing connection",
 );
 /// Stress mode: a message arriving slower than the minimum data rate.
-pub const DATA_TOO_SLOW: Reply = Reply::new(
-    421,
-    "4.4.2",
-    "Message data too slow, closing connection",
-);
+pub const DATA_TOO_SLOW: Reply =
+    Reply::new(421, "4.4.2", "Message data too slow, closing connection");
 pub const SESSION_TOO_LONG: Reply = Reply::new(
     421,
     "4.4.2",

@@ -336,8 +336,7 @@ impl Session {
     /// in which case `421 4.7.0` is queued and the session is closed.
     fn junk(&mut self) -> bool {
         self.junk = self.junk.saturating_add(1);
-        if self.stressed && self.junk > STRESS_JUNK_LIMIT && !matches!(self.state, State::Closed)
-        {
+        if self.stressed && self.junk > STRESS_JUNK_LIMIT && !matches!(self.state, State::Closed) {
             self.close_with(&reply::TOO_MANY_JUNK_COMMANDS);
             self.junk_closed = true;
             return true;
