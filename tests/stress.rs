@@ -1,6 +1,6 @@
 //! Resources an attacker can exhaust, against the real binary on loopback: stress mode (idle
-//! connections must not lock everyone else out) and the `min_free_space` reserve for messages
-//! in flight.
+//! connections, NOOP keepalives and trickled messages must not lock everyone else out) and the
+//! `min_free_space` reserve for messages in flight.
 
 mod common;
 
