@@ -509,17 +509,9 @@ impl Connection {
         let in_data = self.session.in_data();
         if !in_data {
             self.data_progress = None;
+        } else if self.data_progress.is_none() {
+            self.data_progress = Some((Instant::now(), 0));
         }
-        let (data_started, data_octets) = if in_data {
-            *self.data_progress.get_or_insert((Instant::now(), 0))
-        } else {
-            (Instant::now(), 0)
-        };
-        // Stress mode, DATA: the instant the octets received so far fall below the minimum
-        // rate (after `stress_timeout` of grace).
-        let rate_deadline = data_started
-            + stress_timeout
-            + Duration::from_millis(data_octets.saturating_mul(1000) / STRESS_MIN_DATA_RATE);
         let limit = match (in_data, stressed) {
             (true, _) => limits.data_timeout,
             (false, true) => limits.command_timeout.min(stress_timeout),
@@ -539,7 +531,9 @@ impl Connection {
             let mut too_slow = false;
             if stressed && in_data {
                 until = until.min(started + stress_timeout);
-                if rate_deadline < until {
+                if let Some(rate_deadline) = self.data_rate_deadline(stress_timeout)
+                    && rate_deadline < until
+                {
                     until = rate_deadline;
                     too_slow = true;
                 }
@@ -572,16 +566,17 @@ impl Connection {
                     self.session.close_with(&reply::SESSION_TOO_LONG);
                     return None;
                 }
-                _ = tokio::time::sleep(timeout), if !session_ends && too_slow => {
-                    self.outcome.reason = "data too slow";
-                    warn!(peer = %self.peer, listener = %self.listener.name,
-                        octets = data_octets, secs = data_started.elapsed().as_secs_f32(),
-                        min_rate = STRESS_MIN_DATA_RATE, rule = "stress_data_rate",
-                        reply = %reply::DATA_TOO_SLOW, "rejected");
-                    self.session.close_with(&reply::DATA_TOO_SLOW);
-                    return None;
-                }
-                _ = tokio::time::sleep(timeout), if !session_ends && !too_slow => {
+                _ = tokio::time::sleep(timeout), if !session_ends => {
+                    if too_slow {
+                        self.outcome.reason = "data too slow";
+                        let (since, octets) = self.data_progress.unwrap_or((Instant::now(), 0));
+                        warn!(peer = %self.peer, listener = %self.listener.name,
+                            octets, secs = since.elapsed().as_secs_f32(),
+                            min_rate = STRESS_MIN_DATA_RATE, rule = "stress_data_rate",
+                            reply = %reply::DATA_TOO_SLOW, "rejected");
+                        self.session.close_with(&reply::DATA_TOO_SLOW);
+                        return None;
+                    }
                     self.outcome.reason = "timeout";
                     let rule = if stressed { "stress_timeout" } else { "timeout" };
                     self.log_rejection(&reply::TIMEOUT, rule);
@@ -607,6 +602,17 @@ impl Connection {
                 }
             }
         }
+    }
+
+    /// In DATA: the instant the octets received so far fall below [`STRESS_MIN_DATA_RATE`]
+    /// averaged since the data started, after `grace` (`stress_timeout`).
+    fn data_rate_deadline(&self, grace: Duration) -> Option<Instant> {
+        let (since, octets) = self.data_progress?;
+        Some(
+            since
+                + grace
+                + Duration::from_millis(octets.saturating_mul(1000) / STRESS_MIN_DATA_RATE),
+        )
     }
 
     /// Before the greeting: true if the client sent anything within `wait`.
