@@ -11,7 +11,8 @@ stress_timeout 10s, command_timeout 5m); only the listener and spool are set.
 Usage: bench/stress_idle.py [PORTCULLIS_BINARY]   (default target/debug/portcullis)
 Environment: STRESS_IDLE (default 1000), STRESS_ADDRS (default 50), STRESS_RECONNECT=1: the
 attacker opens a new idle connection as soon as one of its connections is closed or refused
-(the newcomer then competes with it for each freed slot).
+(the newcomer then competes with it for each freed slot). STRESS_KEEPALIVE=SECS: each idle
+connection sends NOOP every SECS seconds (from when all are held) and stays while it gets 250.
 Everything stays on 127.0.0.0/8. Exit status 0 when the newcomer was greeted within 15 s.
 """
 
@@ -28,6 +29,7 @@ BIN = sys.argv[1] if len(sys.argv) > 1 else "target/debug/portcullis"
 IDLE = int(os.environ.get("STRESS_IDLE", "1000"))
 ADDRS = int(os.environ.get("STRESS_ADDRS", "50"))
 RECONNECT = os.environ.get("STRESS_RECONNECT") == "1"
+KEEPALIVE = float(os.environ.get("STRESS_KEEPALIVE", "0"))
 LIMIT_S = 15.0
 
 
@@ -53,6 +55,41 @@ def read_line(s):
             break
         data += chunk
     return data.decode(errors="replace").strip()
+
+
+def keepalive(idle, told, next_noop, until):
+    """Until `until`: send NOOP on every idle connection when `next_noop` has come, and read
+    the replies; a connection told anything but 250 (or closed) is dropped and counted in
+    `told`. Returns when the next NOOPs are due."""
+    poller = select.poll()
+    by_fd = {s.fileno(): s for s in idle}
+    for fd in by_fd:
+        poller.register(fd, select.POLLIN)
+    while time.time() < until:
+        if time.time() >= next_noop:
+            for s in list(idle):
+                try:
+                    s.sendall(b"NOOP\r\n")
+                except OSError:
+                    pass
+            next_noop += KEEPALIVE
+        wait_ms = max(0, int(1000 * (min(until, next_noop) - time.time())))
+        for fd, _ in poller.poll(wait_ms):
+            s = by_fd.get(fd)
+            if s is None:
+                continue
+            try:
+                line = read_line(s)
+            except OSError as e:
+                line = type(e).__name__
+            if line.startswith("250"):
+                continue
+            told[line[:9] or "closed"] = told.get(line[:9] or "closed", 0) + 1
+            poller.unregister(fd)
+            del by_fd[fd]
+            idle.remove(s)
+            s.close()
+    return next_noop
 
 
 def main():
@@ -91,6 +128,7 @@ def main():
             print(f"{IDLE} idle connections from {ADDRS} addresses held "
                   f"(filled in {time.time() - t_fill:.2f} s)")
             start = time.time()
+            next_noop = start
             attempts = 0
             told = {}
             reconnected = 0
@@ -104,6 +142,9 @@ def main():
                 if time.time() - start > 60:
                     print(f"no 220 after 60 s (last reply {reply!r})")
                     return 1
+                if KEEPALIVE:
+                    next_noop = keepalive(idle, told, next_noop, time.time() + 0.5)
+                    continue
                 if not RECONNECT:
                     time.sleep(0.5)
                     continue

@@ -3,7 +3,8 @@
 //! guesses, a correct password behind a shared (NAT) address is verified after its
 //! colleagues' attempts rather than refused, a flood of strangers gets `454 4.7.0` once the
 //! verification queue is full while a user who logged in from the same address before still
-//! gets in, and `check-config` reports argon2 parameters that are weak or mixed.
+//! gets in, one valid account's flood of correct logins cannot stall other known users, and
+//! `check-config` reports argon2 parameters that are weak or mixed.
 //!
 //! Flooding the failure table (50,500 addresses) is tested in-process (`policy::lockout`),
 //! where time and table sizes are arguments.
@@ -317,4 +318,73 @@ fn strangers_flooding_auth_get_454_when_the_queue_is_full_and_a_known_user_still
         "{log}"
     );
     assert_eq!(count(&log, "rule=\"auth_unknown_user\""), admitted, "{log}");
+}
+
+/// Someone with alice's password logs in once from 16 addresses (each becomes "known" for
+/// alice), then sends a correct AUTH from all 16 at once; carol, known at her own address,
+/// logs in right after. Only two of alice's verifications may wait in the known queue, the rest
+/// queue with strangers, so carol is verified after at most those two and the ones running.
+/// Before, every one of alice's 16 went first (carol got `454` or waited for all of them).
+#[test]
+fn one_valid_account_cannot_stall_other_known_logins() {
+    let dir = TestDir::new();
+    let toml = policy(&dir, "max_failures = 5\n");
+    // About 0.3 s per verification, so the flood is queued while the first ones run.
+    let slow = hash_with(19456, 16, "secret");
+    dir.write(
+        "users.toml",
+        format!(
+            "[[users]]\nname = \"alice\"\npassword_hash = \"{slow}\"\nsenders = [\"alice@example.com\"]\n\n\
+             [[users]]\nname = \"carol\"\npassword_hash = \"{slow}\"\nsenders = [\"carol@example.com\"]\n"
+        ),
+    );
+    let relay = Relay::start_in(dir, &toml);
+    let slots = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let addrs: Vec<String> = (1..=16).map(|i| format!("127.21.0.{i}")).collect();
+    // Each address (and carol's) becomes known by one successful login.
+    let mut flood: Vec<SmtpClient> = thread::scope(|s| {
+        let known: Vec<_> = addrs
+            .iter()
+            .map(|ip| {
+                let relay = &relay;
+                s.spawn(move || {
+                    let mut c = tls_from(relay, ip);
+                    assert_reply(&c.cmd(&auth_plain("alice", "secret")), 235, "2.7.0");
+                    tls_from(relay, ip)
+                })
+            })
+            .collect();
+        known.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    assert_reply(
+        &tls_from(&relay, "127.21.1.1").cmd(&auth_plain("carol", "secret")),
+        235,
+        "2.7.0",
+    );
+    let mut carol = tls_from(&relay, "127.21.1.1");
+
+    for c in &mut flood {
+        c.send_raw(format!("{}\r\n", auth_plain("alice", "secret")).as_bytes());
+    }
+    // Let the flood's verifications be queued before carol's.
+    thread::sleep(std::time::Duration::from_millis(200));
+    let answered = std::sync::Mutex::new(Vec::new());
+    thread::scope(|s| {
+        for (i, c) in flood.iter_mut().enumerate() {
+            let answered = &answered;
+            s.spawn(move || {
+                assert_reply(&c.read_reply(), 235, "2.7.0");
+                answered.lock().unwrap().push(format!("alice{i}"));
+            });
+        }
+        assert_reply(&carol.cmd(&auth_plain("carol", "secret")), 235, "2.7.0");
+        answered.lock().unwrap().push("carol".to_string());
+    });
+    let order = answered.into_inner().unwrap();
+    let before_carol = order.iter().position(|n| n == "carol").unwrap();
+    // Two of alice's in the known queue ahead of carol, plus one running per hash slot.
+    assert!(
+        before_carol <= 2 + slots,
+        "{before_carol} of alice's logins were verified before carol's: {order:?}"
+    );
 }

@@ -382,3 +382,61 @@ fn queue_list_and_show_escape_bidirectional_characters() {
     assert_log(&relay, r"from=\u{202e}gro.elpmaxe@knab-ecivres");
     assert!(!relay.log().contains('\u{202e}'), "raw U+202E in the log");
 }
+
+/// Default-ignorable code points that are not format characters display as nothing too:
+/// `MAIL FROM:<pay\u{34f}pal@example.org>` reads as `paypal@example.org`. The combining
+/// grapheme joiner, the Hangul fillers, variation selectors and U+2800 are escaped in
+/// `queue list`, `list --json` and the log.
+#[test]
+fn queue_list_and_log_escape_default_ignorable_code_points() {
+    let sink = Sink::start(SinkConfig::default());
+    let relay = relay_with_upstream(sink.port());
+    sink.stop();
+    let hidden = [
+        '\u{34f}',
+        '\u{3164}',
+        '\u{115f}',
+        '\u{1160}',
+        '\u{ffa0}',
+        '\u{fe0f}',
+        '\u{e0100}',
+        '\u{2800}',
+    ];
+    let mut c = SmtpClient::greeted(relay.port(0));
+    for h in hidden {
+        c.expect(&format!("MAIL FROM:<pay{h}pal@example.org> SMTPUTF8"), 250);
+        c.expect("RCPT TO:<rcpt@example.com>", 250);
+        c.expect("DATA", 354);
+        c.send_raw(b"Subject: x\r\n\r\nx\r\n.\r\n");
+        c.expect_reply(250);
+    }
+    let list = String::from_utf8(relay.command(&["queue", "list"]).stdout).unwrap();
+    let json = String::from_utf8(relay.command(&["queue", "list", "--json"]).stdout).unwrap();
+    let log = relay.log();
+    for h in hidden {
+        for (what, text) in [("list", &list), ("--json", &json), ("log", &log)] {
+            assert!(
+                !text.contains(h),
+                "{what} printed U+{:04X} raw: {text:?}",
+                h as u32
+            );
+        }
+        assert_log(
+            &relay,
+            &format!("from=pay{}pal@example.org", h.escape_unicode()),
+        );
+    }
+    assert_eq!(
+        list.matches("pay?pal@example.org").count(),
+        hidden.len(),
+        "{list}"
+    );
+    assert!(
+        json.contains(r#""from":"pay\u034fpal@example.org""#),
+        "{json}"
+    );
+    assert!(
+        json.contains(r#""from":"pay\udb40\udd00pal@example.org""#),
+        "{json}"
+    );
+}

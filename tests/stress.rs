@@ -1,10 +1,10 @@
 //! Resources an attacker can exhaust, against the real binary on loopback: stress mode (idle
-//! connections must not lock everyone else out) and the `min_free_space` reserve for messages
-//! in flight.
+//! connections, NOOP keepalives and trickled messages must not lock everyone else out) and the
+//! `min_free_space` reserve for messages in flight.
 
 mod common;
 
-use std::io::Read;
+use std::io::{ErrorKind, Read, Write};
 use std::net::{IpAddr, SocketAddr, TcpStream};
 use std::thread::sleep;
 use std::time::{Duration, Instant};
@@ -169,4 +169,175 @@ fn min_free_space_holds_for_parallel_transactions() {
     first.expect("RSET", 250);
     second.expect("MAIL FROM:<b@example.org>", 250);
     assert_reply(&first.cmd("MAIL FROM:<a@example.org>"), 452, "4.3.1");
+}
+
+/// Idle clients that send `NOOP` more often than `stress_timeout` renew their per-command
+/// deadline forever: 39 of them (from two addresses) plus one refused newcomer start stress
+/// mode, and they keep sending NOOP every 500 ms. The second command without progress in stress
+/// mode is answered `421 4.7.0` and the session closes (rule `stress_junk_commands`), so the
+/// newcomer gets its `220` in seconds; before, it got `421 4.3.2` for as long as the
+/// keepalives went on.
+#[test]
+fn noop_keepalives_cannot_hold_connection_slots_under_stress() {
+    let mx = free_port();
+    let toml = config(
+        &[listener("mx", mx, "none")],
+        free_port(),
+        "[relay]\naccepted_domains = [\"example.com\"]\n\n\
+         [limits]\nmax_connections = 40\nmax_connections_per_ip = 20\n\
+         stress_timeout = \"2s\"\n",
+    );
+    let relay = Relay::start(&toml);
+    let mut idle: Vec<Option<SmtpClient>> = (0..40)
+        .map(|i| {
+            let mut c = SmtpClient::connect_from(&format!("127.0.3.{}", 1 + i % 2), mx);
+            c.expect_reply(220);
+            c.expect("EHLO keepalive.test", 250);
+            Some(c)
+        })
+        .collect();
+    let started = Instant::now();
+    let mut refused = SmtpClient::connect_from("127.0.4.1", mx);
+    assert_reply(&refused.read_reply(), 421, "4.3.2");
+    assert_log(&relay, "stress mode on");
+
+    let mut closed_for_junk = 0;
+    let greeted = loop {
+        for slot in &mut idle {
+            let Some(c) = slot else { continue };
+            c.send_raw(b"NOOP\r\n");
+            let reply = c.read_reply();
+            if reply.0 != 250 {
+                assert_reply(&reply, 421, "4.7.0");
+                c.read_to_close();
+                closed_for_junk += 1;
+                *slot = None;
+            }
+        }
+        let mut c = SmtpClient::connect_from("127.0.4.1", mx);
+        let reply = c.read_reply();
+        if reply.0 == 220 {
+            break c;
+        }
+        assert_reply(&reply, 421, "4.3.2");
+        assert!(
+            started.elapsed() < Duration::from_secs(15),
+            "no 220 within 15 s while the others send NOOP"
+        );
+        sleep(Duration::from_millis(500));
+    };
+    eprintln!("newcomer greeted after {:?}", started.elapsed());
+    assert!(closed_for_junk > 0);
+    assert_log(&relay, "rule=\"stress_junk_commands\"");
+    let mut greeted = greeted;
+    greeted.expect("EHLO new.test", 250);
+    greeted.expect("MAIL FROM:<a@example.org>", 250);
+}
+
+/// While stressed, a message must arrive at the minimum data rate (1 KiB/s) averaged since
+/// its data started, after `stress_timeout` of grace: a client trickling one octet every
+/// 500 ms (never pausing as long as `stress_timeout`) is told `421 4.4.2` within seconds (rule
+/// `stress_data_rate`) instead of holding its slot for `data_timeout`; a 2 MiB message sent
+/// at an ordinary speed in the same stress period is queued.
+#[test]
+fn a_trickled_message_cannot_hold_a_slot_under_stress() {
+    let mx = free_port();
+    let toml = config(
+        &[listener("mx", mx, "none")],
+        free_port(),
+        "[relay]\naccepted_domains = [\"example.com\"]\n\n\
+         [limits]\nmax_connections = 40\nstress_threshold = 5\n\
+         max_message_size = \"10MiB\"\nstress_timeout = \"2s\"\n",
+    );
+    let relay = Relay::start(&toml);
+    // The trickler on a raw socket, so that it can poll for the server's reply.
+    let mut trickler = silent_connection("127.0.5.1", mx);
+    assert!(raw_reply(&mut trickler).starts_with("220 "));
+    // The second connection reaches the threshold (5 % of 40 = 2).
+    let mut sender = SmtpClient::connect_from("127.0.5.2", mx);
+    sender.expect_reply(220);
+    assert_log(&relay, "stress mode on");
+    for (cmd, code) in [
+        ("EHLO slow.test", "250 "),
+        ("MAIL FROM:<a@example.org>", "250 "),
+        ("RCPT TO:<b@example.com>", "250 "),
+        ("DATA", "354 "),
+    ] {
+        trickler.write_all(format!("{cmd}\r\n").as_bytes()).unwrap();
+        let reply = raw_reply(&mut trickler);
+        assert!(reply.contains(code), "{cmd}: {reply}");
+    }
+    sender.expect("EHLO fast.test", 250);
+    sender.expect("MAIL FROM:<c@example.org>", 250);
+    sender.expect("RCPT TO:<d@example.com>", 250);
+    sender.expect("DATA", 354);
+
+    trickler
+        .set_read_timeout(Some(Duration::from_millis(100)))
+        .unwrap();
+    let started = Instant::now();
+    let line = [b'x'; 1022];
+    let mut sent_fast = 0;
+    let mut rounds = 0;
+    let closed = loop {
+        // The ordinary sender: 64 KiB every 100 ms (640 KiB/s), up to 2 MiB.
+        if sent_fast < 2 << 20 {
+            let mut chunk = Vec::new();
+            for _ in 0..64 {
+                chunk.extend_from_slice(&line);
+                chunk.extend_from_slice(b"\r\n");
+            }
+            sender.send_raw(&chunk);
+            sent_fast += chunk.len();
+        }
+        if rounds % 5 == 0 {
+            // One octet every 500 ms; a write after the server closed may fail.
+            let _ = trickler.write_all(b"y");
+        }
+        rounds += 1;
+        let mut buf = [0u8; 256];
+        match trickler.read(&mut buf) {
+            Ok(n) => break String::from_utf8_lossy(&buf[..n]).into_owned(),
+            Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => {}
+            Err(e) => panic!("trickler: {e}"),
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "the trickling client was not closed"
+        );
+    };
+    eprintln!("trickler closed after {:?}", started.elapsed());
+    assert!(closed.starts_with("421 4.4.2 "), "{closed:?}");
+    assert_log(&relay, "rule=\"stress_data_rate\"");
+    while sent_fast < 2 << 20 {
+        let mut chunk = Vec::new();
+        for _ in 0..64 {
+            chunk.extend_from_slice(&line);
+            chunk.extend_from_slice(b"\r\n");
+        }
+        sender.send_raw(&chunk);
+        sent_fast += chunk.len();
+        sleep(Duration::from_millis(100));
+    }
+    sender.send_raw(b".\r\n");
+    sender.expect_reply(250);
+    assert!(relay.wait_for_queue_len(1, Duration::from_secs(5)));
+}
+
+/// Read one complete reply (up to its last line) from a raw socket.
+fn raw_reply(tcp: &mut TcpStream) -> String {
+    let mut out = Vec::new();
+    let mut byte = [0u8; 1];
+    loop {
+        let n = tcp.read(&mut byte).unwrap();
+        assert_eq!(n, 1, "closed: {:?}", String::from_utf8_lossy(&out));
+        out.push(byte[0]);
+        if out.ends_with(b"\r\n") {
+            let text = String::from_utf8_lossy(&out);
+            let last = text.trim_end().rsplit("\r\n").next().unwrap_or("");
+            if last.as_bytes().get(3) == Some(&b' ') {
+                return text.into_owned();
+            }
+        }
+    }
 }

@@ -87,12 +87,21 @@ pub const SESSION_GRACE: Duration = Duration::from_secs(60);
 /// How long a TLS handshake may take.
 pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(30);
 
-/// How long an AUTH waits for its client's verifications in flight before `454 4.7.0`.
+/// How long an AUTH waits for its client's verifications in flight before `454 4.7.0`, and
+/// again how long it waits for its own verification to be run (rule `auth_busy` either way,
+/// the failure budget given back): at most twice this in all.
 pub const AUTH_WAIT: Duration = Duration::from_secs(10);
 
 /// How often a waiting AUTH looks at the lockout table again even when no result was
 /// announced (an attempt dropped by another session announces nothing).
 pub const AUTH_RECHECK: Duration = Duration::from_millis(250);
+
+/// The minimum data rate of a message in stress mode, in octets per second averaged since its
+/// data started: a session in DATA must have received `(elapsed - stress_timeout) ×` this
+/// many octets, or it is closed with `421 4.4.2` (rule `stress_data_rate`). Postfix's
+/// `smtpd_min_data_rate` is the model. A client trickling one octet per `stress_timeout`
+/// otherwise holds a slot for `data_timeout`; 1 KiB/s is slower than any real sender.
+pub const STRESS_MIN_DATA_RATE: u64 = 1024;
 
 /// How long a refused client may linger sending commands before it is disconnected.
 pub const REFUSED_LINGER: Duration = Duration::from_secs(10);
@@ -162,6 +171,9 @@ pub struct Connection {
     /// trickling one octet at a time keeps a session open until `session_timeout`. `None`:
     /// a new phase starts at the next read.
     deadline: Option<Instant>,
+    /// When the current message's data started (first read after `354`) and the octets read
+    /// since: the minimum data rate of stress mode ([`STRESS_MIN_DATA_RATE`]).
+    data_progress: Option<(Instant, u64)>,
 }
 
 impl Connection {
@@ -197,6 +209,7 @@ impl Connection {
             started: Instant::now(),
             outcome: Outcome::default(),
             deadline: None,
+            data_progress: None,
         }
     }
 
@@ -286,6 +299,10 @@ impl Connection {
                     }
                 }
                 Event::Close => {
+                    if self.session.closed_for_junk() {
+                        self.outcome.reason = "too many commands without progress";
+                        self.log_rejection(&reply::TOO_MANY_JUNK_COMMANDS, "stress_junk_commands");
+                    }
                     let _ = self.flush(&mut stream).await;
                     let _ = stream.shutdown().await;
                     if self.outcome.reason.is_empty() {
@@ -341,11 +358,13 @@ impl Connection {
                 Event::DataChunk => self.data_chunk(),
                 Event::DataEnd => {
                     self.deadline = None;
+                    self.data_progress = None;
                     Box::pin(self.data_end()).await;
                     self.reservation = None;
                 }
                 Event::DataRejected(fault) => {
                     self.deadline = None;
+                    self.data_progress = None;
                     self.data_rejected(fault);
                     self.reservation = None;
                 }
@@ -486,7 +505,13 @@ impl Connection {
         let stress_timeout = limits.stress_timeout;
         let mut stress = self.shared.stress.clone();
         let mut stressed = *stress.borrow_and_update();
+        self.session.set_stressed(stressed);
         let in_data = self.session.in_data();
+        if !in_data {
+            self.data_progress = None;
+        } else if self.data_progress.is_none() {
+            self.data_progress = Some((Instant::now(), 0));
+        }
         let limit = match (in_data, stressed) {
             (true, _) => limits.data_timeout,
             (false, true) => limits.command_timeout.min(stress_timeout),
@@ -503,8 +528,15 @@ impl Connection {
         let mut watching = !stressed;
         loop {
             let mut until = self.deadline.unwrap_or(deadline);
+            let mut too_slow = false;
             if stressed && in_data {
                 until = until.min(started + stress_timeout);
+                if let Some(rate_deadline) = self.data_rate_deadline(stress_timeout)
+                    && rate_deadline < until
+                {
+                    until = rate_deadline;
+                    too_slow = true;
+                }
             }
             if let Some(linger) = linger {
                 until = until.min(linger);
@@ -517,7 +549,12 @@ impl Connection {
             // wait).
             tokio::select! {
                 r = read_into(stream, &mut self.session, tls_buf) => return match r {
-                    Ok(n) => Some(n),
+                    Ok(n) => {
+                        if let Some((_, octets)) = &mut self.data_progress {
+                            *octets += n as u64;
+                        }
+                        Some(n)
+                    }
                     Err(e) => {
                         debug!(peer = %self.peer, error = %e, "read error");
                         Some(0)
@@ -530,6 +567,16 @@ impl Connection {
                     return None;
                 }
                 _ = tokio::time::sleep(timeout), if !session_ends => {
+                    if too_slow {
+                        self.outcome.reason = "data too slow";
+                        let (since, octets) = self.data_progress.unwrap_or((Instant::now(), 0));
+                        warn!(peer = %self.peer, listener = %self.listener.name,
+                            octets, secs = since.elapsed().as_secs_f32(),
+                            min_rate = STRESS_MIN_DATA_RATE, rule = "stress_data_rate",
+                            reply = %reply::DATA_TOO_SLOW, "rejected");
+                        self.session.close_with(&reply::DATA_TOO_SLOW);
+                        return None;
+                    }
                     self.outcome.reason = "timeout";
                     let rule = if stressed { "stress_timeout" } else { "timeout" };
                     self.log_rejection(&reply::TIMEOUT, rule);
@@ -547,6 +594,7 @@ impl Connection {
                     watching = false;
                     if started_now.is_ok() {
                         stressed = true;
+                        self.session.set_stressed(true);
                         if !in_data {
                             self.deadline = Some(deadline.min(Instant::now() + stress_timeout));
                         }
@@ -554,6 +602,17 @@ impl Connection {
                 }
             }
         }
+    }
+
+    /// In DATA: the instant the octets received so far fall below [`STRESS_MIN_DATA_RATE`]
+    /// averaged since the data started, after `grace` (`stress_timeout`).
+    fn data_rate_deadline(&self, grace: Duration) -> Option<Instant> {
+        let (since, octets) = self.data_progress?;
+        Some(
+            since
+                + grace
+                + Duration::from_millis(octets.saturating_mul(1000) / STRESS_MIN_DATA_RATE),
+        )
     }
 
     /// Before the greeting: true if the client sent anything within `wait`.
@@ -618,8 +677,18 @@ impl Connection {
         };
         let answer_at = tokio::time::Instant::now() + delay;
         let verifier = Arc::clone(&self.shared.verifier);
-        let Ok(result) = verifier.submit(hash, credentials.password, lane) else {
+        let Ok(result) = verifier.submit(hash, credentials.password, &login, lane) else {
             // Nothing was verified: the reservation is given back, not counted.
+            attempt.release();
+            verifier.notify_settled();
+            return self.refuse(Refusal {
+                reply: reply::AUTH_TEMPORARY,
+                rule: "auth_busy",
+            });
+        };
+        // The wait for a verifier thread is bounded too: under a flood that outlasts
+        // AUTH_WAIT, `454 4.7.0`; dropping the receiver cancels the job if it has not started.
+        let Ok(result) = tokio::time::timeout(AUTH_WAIT, result).await else {
             attempt.release();
             verifier.notify_settled();
             return self.refuse(Refusal {
@@ -629,9 +698,8 @@ impl Connection {
         };
         // `Err`: the check itself failed (argon2 refused the stored parameters, the verifier
         // panicked, or its thread is gone and dropped the sender): not the client's fault.
-        let checked = result
-            .await
-            .unwrap_or_else(|_| Err(CheckError::Verifier("verifier thread gone".into())));
+        let checked =
+            result.unwrap_or_else(|_| Err(CheckError::Verifier("verifier thread gone".into())));
         let ok = match checked {
             Ok(ok) => ok,
             Err(error) => {

@@ -12,16 +12,26 @@
 //!   on two cores: 38 MiB), whatever the load, and it is not returned to the allocator to be
 //!   fragmented between verifications.
 //! - Jobs wait in two lanes of at most [`MAX_WAITING_VERIFICATIONS`] each: [`Lane::Known`]
-//!   (a login that succeeded from the same client before), which the threads always serve
-//!   first, and [`Lane::Other`]. Beyond that [`Verifier::submit`] says [`Busy`] at once and the
-//!   AUTH is answered `454 4.7.0` (rule `auth_busy`), so a flood costs a bounded queue and
-//!   bounded waiting; a flood of invented logins fills only the other lane, and a real user
-//!   logging in from a familiar address waits behind at most the verifications running.
+//!   (a login that succeeded from the same client before) and [`Lane::Other`]. Beyond that
+//!   [`Verifier::submit`] says [`Busy`] at once and the AUTH is answered `454 4.7.0` (rule
+//!   `auth_busy`), so a flood costs a bounded queue and bounded waiting; a flood of invented
+//!   logins fills only the other lane, and a real user logging in from a familiar address
+//!   waits behind at most the verifications running and a few known ones.
+//! - The known lane is a privilege a password buys, so one stolen password must not buy all
+//!   of it: at most [`KNOWN_PER_LOGIN`] verifications of one login wait or run in the known
+//!   lane at a time; more of the same login are queued in the other lane, as strangers'.
+//! - The threads take known jobs first, but never more than [`KNOWN_BURST`] in a row while an
+//!   other job waits: a stream of successful logins cannot starve the other lane.
+//! - A job whose session stopped waiting for it (an AUTH gives up after
+//!   [`super::connection::AUTH_WAIT`] with `454 4.7.0`) is dropped unverified when a thread
+//!   reaches it, so an abandoned queue costs no hashing.
 //! - Per client, the lockout tables allow one verification in flight at a time
 //!   ([`crate::policy::lockout::MAX_IN_FLIGHT_PER_CLIENT`]), so one address cannot fill the
 //!   queue.
 
-use std::collections::VecDeque;
+use std::collections::{HashMap, VecDeque};
+use std::hash::{BuildHasher, RandomState};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 
 use tokio::sync::{Notify, oneshot};
@@ -31,6 +41,13 @@ use crate::policy::credentials::{CheckError, verify_with_memory};
 /// Verifications that may wait for a verifier thread in each lane; more are refused as
 /// [`Busy`].
 pub const MAX_WAITING_VERIFICATIONS: usize = 32;
+
+/// Verifications of one login that may wait or run in [`Lane::Known`] at a time; more are
+/// queued in [`Lane::Other`].
+pub const KNOWN_PER_LOGIN: usize = 2;
+
+/// Known jobs a thread takes in a row while an other job waits; the next is an other job.
+pub const KNOWN_BURST: u32 = 3;
 
 /// The number of verifier threads the relay starts: the number of cores the process may use
 /// (at least 1), so that hashing can take every core but never more.
@@ -43,7 +60,8 @@ pub fn hash_slots() -> usize {
 #[error("all password verifiers are busy")]
 pub struct Busy;
 
-/// Which queue a verification waits in. Threads always take [`Lane::Known`] jobs first.
+/// Which queue a verification waits in. Threads take [`Lane::Known`] jobs first, at most
+/// [`KNOWN_BURST`] in a row while an other job waits.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Lane {
     /// A login that succeeded from this client before
@@ -57,6 +75,8 @@ struct Job {
     hash: Arc<str>,
     password: String,
     lane: Lane,
+    /// The login's key in [`Lanes::known_by_login`] (known-lane jobs only).
+    login: u64,
     reply: oneshot::Sender<Result<bool, CheckError>>,
 }
 
@@ -66,12 +86,49 @@ struct Lanes {
     other: VecDeque<Job>,
     /// Jobs of each lane submitted and not finished (waiting or running): [known, other].
     pending: [usize; 2],
+    /// Known-lane jobs pending per login (hashed), at most [`KNOWN_PER_LOGIN`] each.
+    known_by_login: HashMap<u64, usize>,
+    /// Known jobs taken in a row since the last other job.
+    known_streak: u32,
     closed: bool,
+}
+
+impl Lanes {
+    /// The next job to run: known first, but an other job after [`KNOWN_BURST`] known ones
+    /// in a row.
+    fn next(&mut self) -> Option<Job> {
+        let take_other = self.known.is_empty() || self.known_streak >= KNOWN_BURST;
+        let job = if take_other {
+            self.other.pop_front().or_else(|| self.known.pop_front())
+        } else {
+            self.known.pop_front()
+        }?;
+        match job.lane {
+            Lane::Known => self.known_streak = self.known_streak.saturating_add(1),
+            Lane::Other => self.known_streak = 0,
+        }
+        Some(job)
+    }
+
+    /// A job is finished (run or dropped): it no longer counts.
+    fn finish(&mut self, job: &Job) {
+        self.pending[index(job.lane)] -= 1;
+        if job.lane == Lane::Known
+            && let Some(n) = self.known_by_login.get_mut(&job.login)
+        {
+            *n -= 1;
+            if *n == 0 {
+                self.known_by_login.remove(&job.login);
+            }
+        }
+    }
 }
 
 struct Queue {
     lanes: Mutex<Lanes>,
     ready: Condvar,
+    /// Verifications run so far (jobs dropped unverified are not counted).
+    verified: AtomicU64,
 }
 
 impl Queue {
@@ -87,6 +144,9 @@ pub struct Verifier {
     capacity: usize,
     /// Told each time an AUTH result has been recorded (see [`Verifier::settled`]).
     settled: Notify,
+    /// Keys logins for [`KNOWN_PER_LOGIN`] (random per process, so logins chosen to collide
+    /// cannot be precomputed).
+    hasher: RandomState,
 }
 
 impl std::fmt::Debug for Verifier {
@@ -114,6 +174,7 @@ impl Verifier {
         let queue = Arc::new(Queue {
             lanes: Mutex::new(Lanes::default()),
             ready: Condvar::new(),
+            verified: AtomicU64::new(0),
         });
         for i in 0..slots {
             let queue = Arc::clone(&queue);
@@ -125,11 +186,15 @@ impl Verifier {
             queue,
             capacity: slots + waiting,
             settled: Notify::new(),
+            hasher: RandomState::new(),
         })
     }
 
     /// Queue the verification of `password` against the PHC string `hash` in `lane`; the
-    /// receiver yields whether it matched.
+    /// receiver yields whether it matched. `login` is the SASL authentication identity: a
+    /// [`Lane::Known`] job of a login that already has [`KNOWN_PER_LOGIN`] pending there is
+    /// queued in [`Lane::Other`]. Dropping the receiver before a thread reaches the job
+    /// cancels it.
     ///
     /// # Errors
     /// [`Busy`] when the lane already has every thread's worth of jobs plus `waiting` more
@@ -138,18 +203,32 @@ impl Verifier {
         &self,
         hash: Arc<str>,
         password: String,
+        login: &str,
         lane: Lane,
     ) -> Result<oneshot::Receiver<Result<bool, CheckError>>, Busy> {
         let (reply, result) = oneshot::channel();
+        let key = self.hasher.hash_one(login);
         let mut lanes = self.queue.lock();
+        let lane = match lane {
+            Lane::Known
+                if lanes.known_by_login.get(&key).copied().unwrap_or(0) >= KNOWN_PER_LOGIN =>
+            {
+                Lane::Other
+            }
+            lane => lane,
+        };
         if lanes.pending[index(lane)] >= self.capacity {
             return Err(Busy);
         }
         lanes.pending[index(lane)] += 1;
+        if lane == Lane::Known {
+            *lanes.known_by_login.entry(key).or_insert(0) += 1;
+        }
         let job = Job {
             hash,
             password,
             lane,
+            login: key,
             reply,
         };
         match lane {
@@ -159,6 +238,22 @@ impl Verifier {
         drop(lanes);
         self.queue.ready.notify_one();
         Ok(result)
+    }
+
+    /// Verifications run since the pool started.
+    pub fn verified(&self) -> u64 {
+        self.queue.verified.load(Ordering::Relaxed)
+    }
+
+    /// Jobs of `lane` waiting or running now.
+    pub fn pending_in(&self, lane: Lane) -> usize {
+        self.queue.lock().pending[index(lane)]
+    }
+
+    /// True when no login has a known-lane job pending (for tests).
+    #[cfg(test)]
+    fn known_logins_empty(&self) -> bool {
+        self.queue.lock().known_by_login.is_empty()
     }
 
     /// Jobs waiting or running now, all lanes.
@@ -185,7 +280,7 @@ impl Drop for Verifier {
     }
 }
 
-/// One verifier thread: take jobs (known lane first) until the pool is dropped, in the same
+/// One verifier thread: take jobs ([`Lanes::next`]) until the pool is dropped, in the same
 /// argon2 memory.
 fn work(queue: &Queue) {
     let mut blocks = Vec::new();
@@ -193,7 +288,12 @@ fn work(queue: &Queue) {
         let job = {
             let mut lanes = queue.lock();
             loop {
-                if let Some(job) = lanes.known.pop_front().or_else(|| lanes.other.pop_front()) {
+                if let Some(job) = lanes.next() {
+                    if job.reply.is_closed() {
+                        // Its AUTH gave up waiting: nobody needs the answer.
+                        lanes.finish(&job);
+                        continue;
+                    }
                     break job;
                 }
                 if lanes.closed {
@@ -211,7 +311,8 @@ fn work(queue: &Queue) {
             blocks = Vec::new();
             Err(CheckError::Verifier("panicked".into()))
         });
-        queue.lock().pending[index(job.lane)] -= 1;
+        queue.verified.fetch_add(1, Ordering::Relaxed);
+        queue.lock().finish(&job);
         // The session may be gone; nobody is left to tell.
         let _ = job.reply.send(checked);
     }
@@ -227,9 +328,9 @@ mod tests {
         let v = Verifier::start(2, 4).unwrap();
         let hash: Arc<str> = hash_password("secret").unwrap().into();
         let right = v
-            .submit(Arc::clone(&hash), "secret".into(), Lane::Other)
+            .submit(Arc::clone(&hash), "secret".into(), "user", Lane::Other)
             .unwrap();
-        let wrong = v.submit(hash, "guess".into(), Lane::Known).unwrap();
+        let wrong = v.submit(hash, "guess".into(), "user", Lane::Known).unwrap();
         assert!(right.await.unwrap().unwrap());
         assert!(!wrong.await.unwrap().unwrap());
         assert_eq!(v.pending(), 0);
@@ -243,17 +344,19 @@ mod tests {
         let slow: Arc<str> = "$argon2id$v=19$m=19456,t=40,p=1$3C056/yWongzKuiNtDZD6w$MyPqlOLCva2ktGsHp6KlygtFPfGTe5FCWyJ6XljeRlE".into();
         let flood: Vec<_> = (0..3)
             .map(|_| {
-                v.submit(Arc::clone(&slow), "x".into(), Lane::Other)
+                v.submit(Arc::clone(&slow), "x".into(), "user", Lane::Other)
                     .unwrap()
             })
             .collect();
         assert_eq!(
-            v.submit(Arc::clone(&slow), "x".into(), Lane::Other)
+            v.submit(Arc::clone(&slow), "x".into(), "user", Lane::Other)
                 .unwrap_err(),
             Busy
         );
         let user: Arc<str> = hash_password("secret").unwrap().into();
-        let known = v.submit(user, "secret".into(), Lane::Known).unwrap();
+        let known = v
+            .submit(user, "secret".into(), "user", Lane::Known)
+            .unwrap();
         assert!(known.await.unwrap().unwrap());
         // The one thread took the known job before the second and third strangers (it may
         // have been busy with the first): those are still waiting or running.
@@ -274,7 +377,7 @@ mod tests {
         // Slow enough (t = 40 passes of 19 MiB) that the first is still running.
         let slow: Arc<str> = "$argon2id$v=19$m=19456,t=40,p=1$3C056/yWongzKuiNtDZD6w$MyPqlOLCva2ktGsHp6KlygtFPfGTe5FCWyJ6XljeRlE".into();
         let results: Vec<_> = (0..4)
-            .map(|_| v.submit(Arc::clone(&slow), "x".into(), Lane::Other))
+            .map(|_| v.submit(Arc::clone(&slow), "x".into(), "user", Lane::Other))
             .collect();
         let busy = results.iter().filter(|r| r.is_err()).count();
         assert_eq!(busy, 2);
@@ -284,6 +387,86 @@ mod tests {
         }
         // Once they are done, there is room again.
         assert_eq!(v.pending(), 0);
-        assert!(v.submit(slow, "x".into(), Lane::Other).is_ok());
+        assert!(v.submit(slow, "x".into(), "user", Lane::Other).is_ok());
+    }
+
+    /// Slow enough (t = 40 passes of 19 MiB) that a job is still running when the next ones
+    /// are submitted.
+    const SLOW: &str = "$argon2id$v=19$m=19456,t=40,p=1$3C056/yWongzKuiNtDZD6w$MyPqlOLCva2ktGsHp6KlygtFPfGTe5FCWyJ6XljeRlE";
+
+    #[tokio::test]
+    async fn one_login_cannot_fill_the_known_lane() {
+        // An attacker with alice's password, known for alice at many addresses: only
+        // KNOWN_PER_LOGIN of her verifications are in the known lane, the rest queue with the
+        // strangers, and carol (known at her address) still has a place in the known lane.
+        let v = Verifier::start(1, 8).unwrap();
+        let slow: Arc<str> = SLOW.into();
+        let alice: Vec<_> = (0..5)
+            .map(|_| {
+                v.submit(Arc::clone(&slow), "x".into(), "alice", Lane::Known)
+                    .unwrap()
+            })
+            .collect();
+        assert_eq!(v.pending_in(Lane::Known), KNOWN_PER_LOGIN);
+        assert_eq!(v.pending_in(Lane::Other), 5 - KNOWN_PER_LOGIN);
+        let carol = v
+            .submit(Arc::clone(&slow), "x".into(), "carol", Lane::Known)
+            .unwrap();
+        assert_eq!(v.pending_in(Lane::Known), KNOWN_PER_LOGIN + 1);
+        // Abandoned, they are dropped unverified (at most the one running is verified).
+        drop((alice, carol));
+        let _ = v
+            .submit(Arc::clone(&slow), "x".into(), "alice", Lane::Known)
+            .unwrap()
+            .await;
+        assert_eq!(v.pending(), 0);
+        assert!(v.verified() <= 2, "{} verified", v.verified());
+        assert!(v.known_logins_empty());
+    }
+
+    #[tokio::test]
+    async fn a_job_nobody_waits_for_is_not_verified() {
+        // One thread busy with a slow job; the next job's AUTH gives up (drops its receiver):
+        // the thread skips it, and only the first and the third are verified.
+        let v = Verifier::start(1, 4).unwrap();
+        let slow: Arc<str> = SLOW.into();
+        let first = v
+            .submit(Arc::clone(&slow), "x".into(), "a", Lane::Other)
+            .unwrap();
+        let abandoned = v
+            .submit(Arc::clone(&slow), "x".into(), "b", Lane::Other)
+            .unwrap();
+        drop(abandoned);
+        let user: Arc<str> = hash_password("secret").unwrap().into();
+        let third = v.submit(user, "secret".into(), "c", Lane::Other).unwrap();
+        assert!(!first.await.unwrap().unwrap());
+        assert!(third.await.unwrap().unwrap());
+        assert_eq!(v.verified(), 2);
+        assert_eq!(v.pending(), 0);
+    }
+
+    #[test]
+    fn a_stream_of_known_jobs_cannot_starve_the_other_lane() {
+        let job = |lane| {
+            let (reply, _) = oneshot::channel();
+            Job {
+                hash: "".into(),
+                password: String::new(),
+                lane,
+                login: 0,
+                reply,
+            }
+        };
+        let mut lanes = Lanes::default();
+        for _ in 0..10 {
+            lanes.known.push_back(job(Lane::Known));
+        }
+        for _ in 0..2 {
+            lanes.other.push_back(job(Lane::Other));
+        }
+        let order: String = std::iter::from_fn(|| lanes.next())
+            .map(|j| if j.lane == Lane::Known { 'K' } else { 'O' })
+            .collect();
+        assert_eq!(order, "KKKOKKKOKKKK");
     }
 }

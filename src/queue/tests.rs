@@ -1054,7 +1054,7 @@ fn list_and_show_escape_bidi_and_zero_width_characters() {
 }
 
 #[test]
-fn invisible_characters_are_format_characters_and_separators_only() {
+fn invisible_characters_are_format_separators_and_default_ignorables_only() {
     for c in [
         '\u{ad}',
         '\u{61c}',
@@ -1074,6 +1074,26 @@ fn invisible_characters_are_format_characters_and_separators_only() {
         '\u{1343f}',
         '\u{e0001}',
         '\u{e007f}',
+        // Default_Ignorable_Code_Point that are not Cf, and U+2800.
+        '\u{34f}',
+        '\u{115f}',
+        '\u{1160}',
+        '\u{17b4}',
+        '\u{17b5}',
+        '\u{180b}',
+        '\u{180f}',
+        '\u{2065}',
+        '\u{2800}',
+        '\u{3164}',
+        '\u{fe00}',
+        '\u{fe0f}',
+        '\u{ffa0}',
+        '\u{fff0}',
+        '\u{e0000}',
+        '\u{e0080}',
+        '\u{e0100}',
+        '\u{e01ef}',
+        '\u{e0fff}',
     ] {
         assert!(report::is_invisible(c), "U+{:04X}", c as u32);
     }
@@ -1082,9 +1102,15 @@ fn invisible_characters_are_format_characters_and_separators_only() {
         ' ',
         'é',
         '\u{2027}',
-        '\u{2065}',
+        '\u{034e}',
+        '\u{1161}',
+        '\u{17b6}',
+        '\u{2801}',
+        '\u{3165}',
+        '\u{fe10}',
+        '\u{ffa1}',
         '\u{fffc}',
-        '\u{e0080}',
+        '\u{e1000}',
         '\u{10ffff}',
         '日',
     ] {

@@ -125,6 +125,16 @@ pub const CONNECTION_RATE: Reply = Reply::new(
 );
 pub const TOO_MANY_ERRORS: Reply = Reply::new(421, "4.7.0", "Too many errors, closing connection");
 pub const TIMEOUT: Reply = Reply::new(421, "4.4.2", "Timeout exceeded, closing connection");
+/// Stress mode: a second command that makes no progress (RFC 5321 §4.2.5 lets a server close
+/// with `421` when it must shut a session down).
+pub const TOO_MANY_JUNK_COMMANDS: Reply = Reply::new(
+    421,
+    "4.7.0",
+    "Server busy, too many commands without progress, closing connection",
+);
+/// Stress mode: a message arriving slower than the minimum data rate.
+pub const DATA_TOO_SLOW: Reply =
+    Reply::new(421, "4.4.2", "Message data too slow, closing connection");
 pub const SESSION_TOO_LONG: Reply = Reply::new(
     421,
     "4.4.2",
@@ -324,6 +334,8 @@ mod tests {
             EARLY_TALKER,
             RELAY_DENIED,
             TIMEOUT,
+            TOO_MANY_JUNK_COMMANDS,
+            DATA_TOO_SLOW,
             AUTH_LOCKED_OUT,
         ] {
             let class = (r.code / 100).to_string();

@@ -15,6 +15,11 @@ const OUTPUT_HIGH_WATER: usize = 16 * 1024;
 /// Once this much consumed input sits at the front of the buffer, it is compacted.
 const COMPACT_AT: usize = 8 * 1024;
 
+/// Commands without progress a session may send while the relay is in stress mode (see
+/// [`Session::set_stressed`]); the next one is answered `421 4.7.0` and the session closes.
+/// Postfix's `smtpd_junk_command_limit = ${stress?1}` is the model.
+pub const STRESS_JUNK_LIMIT: u32 = 1;
+
 /// Per-session protocol settings, taken from the listener and `[limits]`.
 #[derive(Debug, Clone)]
 pub struct SessionConfig {
@@ -150,6 +155,13 @@ pub struct Session {
     tls: bool,
     user: Option<String>,
     errors: u32,
+    /// Commands without progress since the session started or last queued a message (see
+    /// [`Session::set_stressed`]).
+    junk: u32,
+    /// The relay is in stress mode: at most [`STRESS_JUNK_LIMIT`] junk commands.
+    stressed: bool,
+    /// The session was closed for too many junk commands (for the driver's log).
+    junk_closed: bool,
     input: Vec<u8>,
     start: usize,
     framer: LineFramer,
@@ -170,6 +182,9 @@ impl Session {
             tls,
             user: None,
             errors: 0,
+            junk: 0,
+            stressed: false,
+            junk_closed: false,
             input: Vec::new(),
             start: 0,
             framer: LineFramer::default(),
@@ -297,6 +312,36 @@ impl Session {
         self.extended = false;
         self.user = None;
         self.state = State::Fresh;
+    }
+
+    /// Whether the relay is in stress mode, set by the driver before each read. While it is,
+    /// a session may send at most [`STRESS_JUNK_LIMIT`] commands that make no progress; the
+    /// next is answered `421 4.7.0` ([`reply::TOO_MANY_JUNK_COMMANDS`]) and the session
+    /// closes, so a client cannot hold a scarce connection slot by renewing its per-command
+    /// timeout. Junk commands are NOOP, RSET, HELP, VRFY, EXPN and the other commands not
+    /// implemented, EHLO/HELO after one was accepted (until STARTTLS), and every command
+    /// refused (by the engine or the driver, AUTH included). They are counted over the whole
+    /// session, also before stress mode started, and the count starts over when a message is
+    /// queued (progress).
+    pub fn set_stressed(&mut self, stressed: bool) {
+        self.stressed = stressed;
+    }
+
+    /// True when the session was closed by the junk-command limit of stress mode.
+    pub fn closed_for_junk(&self) -> bool {
+        self.junk_closed
+    }
+
+    /// Count a command that makes no progress; true when it passes the stress-mode limit,
+    /// in which case `421 4.7.0` is queued and the session is closed.
+    fn junk(&mut self) -> bool {
+        self.junk = self.junk.saturating_add(1);
+        if self.stressed && self.junk > STRESS_JUNK_LIMIT && !matches!(self.state, State::Closed) {
+            self.close_with(&reply::TOO_MANY_JUNK_COMMANDS);
+            self.junk_closed = true;
+            return true;
+        }
+        false
     }
 
     /// The client was silent too long.
@@ -434,6 +479,7 @@ impl Session {
     pub fn queued(&mut self, id: &str) {
         if matches!(self.pending.take(), Some(Pending::DataEnd)) {
             self.state = State::Idle;
+            self.junk = 0;
             reply::QUEUED
                 .with_text(format!("Ok: queued as {id}"))
                 .write_to(&mut self.out);
@@ -468,6 +514,9 @@ impl Session {
         self.errors += 1;
         if self.errors >= self.config.max_errors {
             self.close_with(&reply::TOO_MANY_ERRORS);
+        } else {
+            // A refused command made no progress.
+            self.junk();
         }
     }
 
@@ -609,6 +658,12 @@ impl Session {
             Request::Mail { from } => self.mail(from, path, declared),
             Request::Rcpt { to } => self.rcpt(to, path),
             Request::Data => self.data(),
+            Request::Rset | Request::Noop { .. } | Request::Help { .. } | Request::Vrfy { .. }
+                if self.junk() =>
+            {
+                // Closed: the driver logs why (`closed_for_junk`).
+                None
+            }
             Request::Rset => {
                 self.state = if self.helo.is_some() {
                     State::Idle
@@ -678,6 +733,10 @@ impl Session {
     fn helo_command(&mut self, host: String, extended: bool) -> Option<Event> {
         if self.early_talker() {
             return self.fatal(reply::EARLY_TALKER, "early_talker");
+        }
+        // Greeting again (RFC 5321 §4.1.4 allows it) resets nothing a client needs twice.
+        if self.helo.is_some() && self.junk() {
+            return None;
         }
         if host.is_empty() || host.chars().any(|c| c.is_control()) {
             return self.refuse_command(reply::HELO_SYNTAX, "helo_syntax");
