@@ -265,7 +265,7 @@ fn display_names_naming_another_address_are_refused() {
     let (sink, relay) = submission("");
     let mut c = alice(&relay);
     for from in [
-        "ceo@example.com <alice@example.com>",
+        "\"ceo@example.com\" <alice@example.com>",
         "\"CEO (ceo@example.com)\" <alice@example.com>",
         "=?utf-8?Q?CEO_<ceo=40example.com>?= <alice@example.com>",
     ] {
@@ -293,7 +293,7 @@ fn display_names_naming_another_address_are_refused() {
 fn display_names_are_not_checked_when_check_display_name_is_off() {
     let (sink, relay) = submission("check_display_name = false\n");
     let mut c = alice(&relay);
-    let body = "From: ceo@example.com <alice@example.com>\r\nSubject: x\r\n\r\nhi\r\n";
+    let body = "From: \"ceo@example.com\" <alice@example.com>\r\nSubject: x\r\n\r\nhi\r\n";
     let reply = c.send_message("alice@example.com", &["b@example.com"], body);
     assert_reply(&reply, 250, "2.0.0");
     assert!(sink.wait_for(1, WAIT));
