@@ -153,8 +153,8 @@ enum State {
     BlankCr,
     /// Reading a field name (held in `buf`) up to its colon.
     Name,
-    /// After the LF ending a line of a name without colon: a space or tab next continues
-    /// the name (folding before the colon); anything else makes the line no field.
+    /// After the LF ending a line without colon: a space or tab next continues it (folding
+    /// before the colon: the field is removed); anything else makes the line no field.
     NameLineEnd,
     /// In a field's value; `Action` says what happens to its octets.
     Value(Action),
@@ -323,7 +323,14 @@ impl<I: FieldInspector> HeaderFilter<I> {
                 State::Name => self.name(rest, out),
                 State::NameLineEnd => {
                     if matches!(rest[0], b' ' | b'\t') {
-                        self.state = State::Name;
+                        // A name folded before its colon: a reader that unfolds first
+                        // reads the first line as the name, mail-parser the last line.
+                        // Readers disagree, so the field is removed, whatever its name.
+                        let first = self.buf.split(|&b| b == b'\n').next().unwrap_or(&[]);
+                        let first = trim_end(first.trim_ascii_start()).to_vec();
+                        self.note_stripped(&first);
+                        self.buf.clear();
+                        self.state = State::Value(Action::Strip);
                     } else {
                         // No colon: not a field. Passed on as it is.
                         out.append(&mut self.buf);
@@ -418,8 +425,8 @@ impl<I: FieldInspector> HeaderFilter<I> {
             self.hold(&[b]);
             match b {
                 b'\n' => {
-                    // No colon yet: a continuation line may still bring it (`Name\r\n : v`
-                    // reads as field `Name` to a reader that unfolds first, RFC 5322 §2.2.3).
+                    // No colon: not a field, unless a continuation line follows (`Name\r\n
+                    // : v` is field `Name` to a reader that unfolds first, RFC 5322 §2.2.3).
                     self.state = State::NameLineEnd;
                     return &rest[i + 1..];
                 }
