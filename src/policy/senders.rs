@@ -17,9 +17,15 @@
 //!   `Sender:` is not checked.
 //! - Every `From:` field of the whole header section is checked, as the shared header reader
 //!   ([`crate::smtp::headers`]) reads it; a `From:` field over 64 KiB refuses the message.
+//! - A `From:` field must be an unambiguous mailbox-list (RFC 5322 §3.4): group syntax, an `@`
+//!   outside the angle brackets of a mailbox with an angle-addr, and unterminated quotes,
+//!   comments or angle brackets are refused ([`FromProblem::Ambiguous`]), because readers
+//!   disagree on who the author is. A bare addr-spec with CFWS inside is read as the address
+//!   it denotes. Addresses must be owned in this reading and in mail-parser's.
 //! - A display name that, after RFC 2047 decoding and unquoting, contains an address the user
 //!   does not own (`"ceo@example.com" <alice@example.com>`) is refused like a foreign address
-//!   (`[auth] check_display_name`, on by default).
+//!   (`[auth] check_display_name`, on by default). Phrases, comments and encoded words are
+//!   searched, after dropping invisible characters and reading `@`/`.` look-alikes as ASCII.
 
 use crate::envelope::{Address, canonical_domain};
 use crate::smtp::headers::{fold_lookalike, is_invisible};
@@ -131,7 +137,8 @@ impl FromCheck {
         let whole = || shown(&String::from_utf8_lossy(field));
         // Our own reading first: it refuses what readers may disagree on, and gives each
         // mailbox's address and every text a reader may show as its name.
-        let mailboxes = mailbox_list(field_value(field)).ok_or_else(|| FromProblem::Ambiguous(whole()))?;
+        let mailboxes =
+            mailbox_list(field_value(field)).ok_or_else(|| FromProblem::Ambiguous(whole()))?;
         for m in &mailboxes {
             match Address::parse(&m.address) {
                 Ok(a) if self.senders.owns(&a) => {}
@@ -375,7 +382,10 @@ impl Reading {
 
 /// Reads a comment (the `(` already read) into `shown`, unescaped, nested comments
 /// included; `None` when it never ends.
-fn read_comment(chars: &mut std::iter::Peekable<std::str::Chars<'_>>, shown: &mut String) -> Option<()> {
+fn read_comment(
+    chars: &mut std::iter::Peekable<std::str::Chars<'_>>,
+    shown: &mut String,
+) -> Option<()> {
     let mut depth = 1usize;
     loop {
         match chars.next()? {
@@ -691,17 +701,9 @@ mod tests {
             ("From: ceo(x)@example.com\r\n", "ceo@example.com"),
             ("From: ceo\r\n @example.com\r\n", "ceo@example.com"),
         ] {
-            assert_eq!(
-                check(h),
-                Err(FromProblem::NotOwned(read.into())),
-                "{h:?}"
-            );
+            assert_eq!(check(h), Err(FromProblem::NotOwned(read.into())), "{h:?}");
         }
-        for h in [
-            "From: alice @ example.com\r\n",
-        ] {
-            assert_eq!(check(h), Ok(()), "{h:?}");
-        }
+        assert_eq!(check("From: alice @ example.com\r\n"), Ok(()));
         // mail-parser reads these as name "alice", address "@example.com": where the two
         // readings differ, the field is refused.
         assert!(check("From: \"alice\"@example.com\r\n").is_err());

@@ -4,15 +4,19 @@
 //! [`HeaderFilter`] is fed the message octets as they arrive and, per field:
 //! - counts `Received:` fields (the loop detector);
 //! - removes the fields an untrusted sender must not set (the header firewall,
-//!   [`StripRules`]), including an `Authentication-Results:` in our name (RFC 8601 §5);
+//!   [`StripRules`]), including an `Authentication-Results:` or `ARC-Authentication-Results:`
+//!   in our name (RFC 8601 §5, RFC 8617 §4.1.1);
 //! - hands each complete `From:` and `Sender:` field to a [`FieldInspector`] (the ownership
 //!   check of authenticated mail).
 //!
 //! Field names are read the way a conformant RFC 5322 reader (mail-parser 0.11) reads them:
 //! the name ends at the first colon; white space before the colon (RFC 5322 §4.5.3, obsolete
-//! syntax that receivers must accept) and at the start of a line that does not continue a
-//! field is not part of the name; colons before the first name character are skipped; a line
-//! with no colon is not a field and is passed on as it is. White space inside a name does not
+//! syntax that receivers must accept) is not part of the name; colons before the first name
+//! character are skipped; a line with no colon is not a field and is passed on as it is.
+//! Lines that continue no field are removed, whatever the rules: folded lines before the first
+//! field (upstream they would continue the `Received:` field the relay prepends), and a line
+//! without colon followed by folded lines (`Name\r\n : value`: a reader that unfolds first
+//! reads the first line as the name, mail-parser the last one, so readers disagree). White space inside a name does not
 //! hide a standard one (mail-parser reads `Fr om:` as `From:`), and strip patterns match the
 //! name with or without it. A line that starts with white space
 //! continues the field before it (folding, §2.2.3).
@@ -81,13 +85,14 @@ impl NamePattern {
 pub struct StripRules {
     /// Header names to remove.
     pub names: Vec<NamePattern>,
-    /// Remove every `Authentication-Results:` whose authserv-id (RFC 8601 §2.5) is this
-    /// domain (lower case, no trailing dot), or cannot be read at all: only our own server
-    /// may claim to have authenticated a message.
+    /// Remove every `Authentication-Results:` and `ARC-Authentication-Results:` whose
+    /// authserv-id (RFC 8601 §2.5) is this domain (lower case, no trailing dot; compared as
+    /// a domain, see `same_domain`), or cannot be read at all: only our own server may claim
+    /// to have authenticated a message.
     pub auth_results_for: Option<String>,
 }
 
-/// The fields read whole.
+/// The fields read whole (the `Authentication-Results:` kinds are decided on when complete).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum WholeField {
     From,

@@ -414,7 +414,8 @@ fn output_does_not_depend_on_chunking() {
 
 #[test]
 fn folded_lines_before_the_first_field_are_removed() {
-    let msg = b"\tfrom evil ([10.9.9.9]) by mx.partner.example; Mon, 30 Nov 2026 17:00:00 +0000\r\n \
+    let msg =
+        b"\tfrom evil ([10.9.9.9]) by mx.partner.example; Mon, 30 Nov 2026 17:00:00 +0000\r\n \
 continued: x\r\nSubject: kept\r\n\r\n\tbody\r\n";
     for step in STEPS {
         let (out, f) = run(msg, exchange_rules(), step);
@@ -440,8 +441,7 @@ Subject\r\n\t: folded\r\n  again\r\nSubject: kept\r\n\r\n";
     for step in STEPS {
         let (out, f) = run(msg, exchange_rules(), step);
         assert_eq!(
-            out,
-            b"No-Colon-Line\r\nSubject: kept\r\n\r\n",
+            out, b"No-Colon-Line\r\nSubject: kept\r\n\r\n",
             "step {step}"
         );
         assert_eq!(
