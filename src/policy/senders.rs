@@ -467,7 +467,7 @@ fn foreign_address_in(senders: &Senders, name: &str) -> Option<String> {
         if local.is_empty() || domain.is_empty() {
             continue;
         }
-        if spaced.contains(&at) && !domain.contains('.') {
+        if spaced.binary_search(&at).is_ok() && !domain.contains('.') {
             continue;
         }
         let text = format!("{local}@{domain}");
