@@ -20,6 +20,7 @@
 use std::sync::Arc;
 
 use libfuzzer_sys::fuzz_target;
+use portcullis::policy::senders::{Senders, check_from_header};
 use portcullis::smtp::headers::{self, HeaderFilter, NamePattern, StripRules};
 
 fuzz_target!(|data: &[u8]| {
@@ -47,6 +48,10 @@ fuzz_target!(|data: &[u8]| {
     let whole = filter(&section, rules.clone(), section.len().max(1));
     let step = usize::from(seed % 16) + 1;
     assert_eq!(filter(&section, rules, step), whole, "chunked at {step}");
+
+    // The From: check of authenticated mail reads any section without panicking.
+    let alice = Senders::new("alice", &["alice@example.com".to_string()]);
+    let _ = check_from_header(&alice, &section);
 
     let ours: Vec<String> = headers::field_names(&section)
         .iter()
@@ -106,7 +111,10 @@ fn without_removed_lines(section: &[u8]) -> Vec<u8> {
     let mut last = Last::Start;
     let mut rest = section;
     while !rest.is_empty() {
-        let len = rest.iter().position(|&b| b == b'\n').map_or(rest.len(), |p| p + 1);
+        let len = rest
+            .iter()
+            .position(|&b| b == b'\n')
+            .map_or(rest.len(), |p| p + 1);
         let (line, after) = rest.split_at(len);
         if line == b"\r\n" || line == b"\n" {
             out.extend_from_slice(rest);
