@@ -265,7 +265,7 @@ fn display_names_naming_another_address_are_refused() {
     let (sink, relay) = submission("");
     let mut c = alice(&relay);
     for from in [
-        "ceo@example.com <alice@example.com>",
+        "\"ceo@example.com\" <alice@example.com>",
         "\"CEO (ceo@example.com)\" <alice@example.com>",
         "=?utf-8?Q?CEO_<ceo=40example.com>?= <alice@example.com>",
     ] {
@@ -293,7 +293,7 @@ fn display_names_naming_another_address_are_refused() {
 fn display_names_are_not_checked_when_check_display_name_is_off() {
     let (sink, relay) = submission("check_display_name = false\n");
     let mut c = alice(&relay);
-    let body = "From: ceo@example.com <alice@example.com>\r\nSubject: x\r\n\r\nhi\r\n";
+    let body = "From: \"ceo@example.com\" <alice@example.com>\r\nSubject: x\r\n\r\nhi\r\n";
     let reply = c.send_message("alice@example.com", &["b@example.com"], body);
     assert_reply(&reply, 250, "2.0.0");
     assert!(sink.wait_for(1, WAIT));
@@ -376,4 +376,129 @@ fn a_2_mb_header_line_without_crlf_gets_a_clean_reply_in_bounded_memory() {
     assert!(sink.wait_for(11, WAIT));
     let long = &sink.messages()[1].data;
     assert!(long.len() > 2_000_000);
+}
+
+// --- From: fields readers disagree on, invisible characters, trace and folding -----------------
+
+#[test]
+fn from_fields_with_group_syntax_or_an_at_outside_the_angle_addr_are_refused() {
+    let (sink, relay) = submission("");
+    let mut c = alice(&relay);
+    // python3's email package (policy=default) reads each as from ceo@example.com.
+    for from in [
+        "CEO <ceo@example.com>: alice@example.com;",
+        "ceo@example.com: alice@example.com;",
+        "<ceo@example.com>:;alice@example.com",
+        "ceo @ example.com <alice@example.com>",
+        "\"ceo\"@example.com <alice@example.com>",
+        "ceo(x)@example.com <alice@example.com>",
+        "ceo\r\n @example.com <alice@example.com>",
+        "\"ceo@example.com\": alice@example.com;",
+    ] {
+        let body = format!("From: {from}\r\nSubject: wire transfer\r\n\r\nplease pay\r\n");
+        let reply = c.send_message("alice@example.com", &["b@example.com"], &body);
+        assert_reply(&reply, 550, "5.7.1");
+        c.expect("RSET", 250);
+    }
+    assert_log(&relay, "rule=\"from_header_ambiguous\"");
+    // A bare addr-spec with CFWS inside is the address it denotes.
+    let body = "From: ceo @ example.com\r\nSubject: x\r\n\r\nhi\r\n";
+    let reply = c.send_message("alice@example.com", &["b@example.com"], body);
+    assert_reply(&reply, 550, "5.7.1");
+    c.expect("RSET", 250);
+    assert_log(&relay, "rule=\"from_header_not_owned\"");
+    assert!(relay.spool_files().is_empty());
+    only_the_honest_message_arrives(
+        &mut c,
+        &sink,
+        "alice@example.com",
+        "\"Alice: the boss\" <alice@example.com>",
+    );
+}
+
+#[test]
+fn invisible_or_look_alike_characters_do_not_hide_an_address_in_a_display_name() {
+    let (sink, relay) = submission("");
+    let mut c = alice(&relay);
+    for from in [
+        // U+200B zero-width space, U+00AD soft hyphen, U+FF20 full-width @, U+FE6B small @,
+        // U+3002 ideographic full stop, an encoded word with a raw @ inside it.
+        "=?utf-8?Q?ceo=E2=80=8B=40example.com?= <alice@example.com>",
+        "=?utf-8?Q?ceo=E2=80=8B@example.com?= <alice@example.com>",
+        "=?utf-8?Q?ceo=C2=AD=40example.com?= <alice@example.com>",
+        "=?utf-8?Q?ceo=40=E2=80=8Bexample.com?= <alice@example.com>",
+        "=?utf-8?Q?ceo=EF=BC=A0example.com?= <alice@example.com>",
+        "=?utf-8?Q?ceo=EF=B9=ABexample.com?= <alice@example.com>",
+        "=?utf-8?Q?ceo=40example=E3=80=82com?= <alice@example.com>",
+        "\"ceo @ example.com\" <alice@example.com>",
+        "Alice <alice@example.com> (ceo@example.com)",
+    ] {
+        let body = format!("From: {from}\r\nSubject: wire transfer\r\n\r\nplease pay\r\n");
+        let reply = c.send_message("alice@example.com", &["b@example.com"], &body);
+        assert_reply(&reply, 550, "5.7.1");
+        c.expect("RSET", 250);
+    }
+    assert_log(&relay, "rule=\"from_display_name\"");
+    assert!(relay.spool_files().is_empty());
+    only_the_honest_message_arrives(
+        &mut c,
+        &sink,
+        "alice@example.com",
+        "=?utf-8?Q?Al=C3=AFce=E2=80=8B?= <alice@example.com>",
+    );
+}
+
+#[test]
+fn a_stranger_cannot_continue_the_relays_received_field() {
+    let (sink, relay) = mx("");
+    let mut c = stranger(&relay);
+    let body = "\tfrom evil ([10.9.9.9]) by mx.partner.example; Mon, 30 Nov 2026 17:00:00 +0000\r\n \
+                with ESMTPS id forged\r\nSubject: trace\r\n\r\nbody\r\n";
+    assert_reply(
+        &c.send_message("a@other.test", &["b@example.com"], body),
+        250,
+        "2.0.0",
+    );
+    assert!(sink.wait_for(1, WAIT));
+    let headers = headers_of(&sink.messages()[0].data);
+    assert!(!headers.contains("10.9.9.9"), "{headers}");
+    assert!(!headers.contains("forged"), "{headers}");
+    assert!(headers.starts_with("Received: "), "{headers}");
+    // Our Received: field, then the sender's first real field.
+    let lines: Vec<&str> = headers.split("\r\n").collect();
+    let first_other = lines
+        .iter()
+        .position(|l| !l.starts_with([' ', '\t']) && !l.starts_with("Received: "))
+        .unwrap();
+    assert_eq!(lines[first_other], "Subject: trace", "{headers}");
+    assert_log(&relay, "removed untrusted headers");
+}
+
+#[test]
+fn fields_folded_before_the_colon_and_arc_results_in_our_name_are_stripped() {
+    let (sink, relay) = mx("");
+    let mut c = stranger(&relay);
+    let body = format!(
+        "{SCL}\r\n : -1\r\n\
+         Authentication-Results\r\n : relay.test; dmarc=pass\r\n\
+         Authentication-Results: \"relay.test \"; spf=pass\r\n\
+         ARC-Authentication-Results: i=1; relay.test; dmarc=pass\r\n\
+         ARC-Authentication-Results: i=1; mx.other.test; dmarc=fail\r\n\
+         Subject: folded\r\n\r\nbody\r\n"
+    );
+    assert_reply(
+        &c.send_message("a@other.test", &["b@example.com"], &body),
+        250,
+        "2.0.0",
+    );
+    assert!(sink.wait_for(1, WAIT));
+    let headers = headers_of(&sink.messages()[0].data);
+    assert!(!headers.contains("SCL"), "{headers}");
+    assert!(!headers.contains("relay.test;"), "{headers}");
+    assert!(!headers.contains("relay.test \""), "{headers}");
+    assert!(
+        headers.contains("ARC-Authentication-Results: i=1; mx.other.test; dmarc=fail\r\n"),
+        "{headers}"
+    );
+    assert!(headers.ends_with("Subject: folded\r\n"), "{headers}");
 }

@@ -252,6 +252,7 @@ impl Policy {
             Err(FromProblem::Missing) => refuse("from_header_missing", None),
             Err(FromProblem::NotOwned(a)) => refuse("from_header_not_owned", Some(a)),
             Err(FromProblem::DisplayName(a)) => refuse("from_display_name", Some(a)),
+            Err(FromProblem::Ambiguous(a)) => refuse("from_header_ambiguous", Some(a)),
         }
     }
 
@@ -537,7 +538,7 @@ mod tests {
         assert_eq!(
             check(
                 Some("alice"),
-                "From: ceo@example.com <alice@example.com>\r\n"
+                "From: \"ceo@example.com\" <alice@example.com>\r\n"
             ),
             Some((
                 "from_display_name",

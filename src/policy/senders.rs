@@ -17,11 +17,18 @@
 //!   `Sender:` is not checked.
 //! - Every `From:` field of the whole header section is checked, as the shared header reader
 //!   ([`crate::smtp::headers`]) reads it; a `From:` field over 64 KiB refuses the message.
+//! - A `From:` field must be an unambiguous mailbox-list (RFC 5322 §3.4): group syntax, an `@`
+//!   outside the angle brackets of a mailbox with an angle-addr, and unterminated quotes,
+//!   comments or angle brackets are refused ([`FromProblem::Ambiguous`]), because readers
+//!   disagree on who the author is. A bare addr-spec with CFWS inside is read as the address
+//!   it denotes. Addresses must be owned in this reading and in mail-parser's.
 //! - A display name that, after RFC 2047 decoding and unquoting, contains an address the user
 //!   does not own (`"ceo@example.com" <alice@example.com>`) is refused like a foreign address
-//!   (`[auth] check_display_name`, on by default).
+//!   (`[auth] check_display_name`, on by default). Phrases, comments and encoded words are
+//!   searched, after dropping invisible characters and reading `@`/`.` look-alikes as ASCII.
 
 use crate::envelope::{Address, canonical_domain};
+use crate::smtp::headers::{fold_lookalike, is_invisible};
 
 /// One `senders` entry.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -85,6 +92,12 @@ pub enum FromProblem {
     /// A display name (RFC 5322 §3.4), after RFC 2047 decoding and unquoting, contains this
     /// address, which the user does not own.
     DisplayName(String),
+    /// The `From:` field is not an unambiguous mailbox-list: group syntax (`:` or `;`
+    /// outside quotes, comments and angle brackets), an `@` outside the angle brackets of a
+    /// mailbox that has an angle-addr, two angle-addrs in one mailbox, or an unterminated
+    /// quoted-string, comment or angle-addr. Readers disagree on who the author of such a
+    /// field is. The field as written, cut to 256 characters for the log.
+    Ambiguous(String),
 }
 
 /// The `From:` check of one authenticated message, fed each `From:` field as the header
@@ -121,20 +134,34 @@ impl FromCheck {
     }
 
     fn check(&mut self, field: &[u8]) -> Result<(), FromProblem> {
+        let whole = || shown(&String::from_utf8_lossy(field));
+        // Our own reading first: it refuses what readers may disagree on, and gives each
+        // mailbox's address and every text a reader may show as its name.
+        let mailboxes =
+            mailbox_list(field_value(field)).ok_or_else(|| FromProblem::Ambiguous(whole()))?;
+        for m in &mailboxes {
+            match Address::parse(&m.address) {
+                Ok(a) if self.senders.owns(&a) => {}
+                _ => return Err(FromProblem::NotOwned(shown(&m.address))),
+            }
+        }
+        // mail-parser's reading too (the reading of a conformant RFC 5322 reader): both must
+        // name only owned addresses.
         let parsed = mail_parser::MessageParser::new().parse_headers(field);
         let value = parsed
             .as_ref()
             .and_then(|m| m.header_values(mail_parser::HeaderName::From).next());
         let Some(list) = value.and_then(|v| v.as_address()) else {
             // A From: field that is not an address list names nobody we could check.
-            return Err(FromProblem::NotOwned(shown(&String::from_utf8_lossy(
-                field,
-            ))));
+            return Err(FromProblem::NotOwned(whole()));
         };
         let mut any = false;
         for addr in list.iter() {
             let text = addr.address().unwrap_or_default();
-            match Address::parse(text) {
+            // mail-parser keeps the white space of `alice @ example.com`; the address it
+            // denotes has none.
+            let compact: String = text.chars().filter(|c| !c.is_whitespace()).collect();
+            match Address::parse(text).or_else(|_| Address::parse(&compact)) {
                 Ok(a) if self.senders.owns(&a) => any = true,
                 _ => return Err(FromProblem::NotOwned(shown(text))),
             }
@@ -145,10 +172,16 @@ impl FromCheck {
                 return Err(FromProblem::DisplayName(shown(&foreign)));
             }
         }
-        if !any {
-            return Err(FromProblem::NotOwned(shown(&String::from_utf8_lossy(
-                field,
-            ))));
+        if self.display_names {
+            for m in &mailboxes {
+                let decoded = decode_encoded_words(&m.shown);
+                if let Some(foreign) = foreign_address_in(&self.senders, &decoded) {
+                    return Err(FromProblem::DisplayName(shown(&foreign)));
+                }
+            }
+        }
+        if !any || mailboxes.is_empty() {
+            return Err(FromProblem::NotOwned(whole()));
         }
         self.seen = true;
         Ok(())
@@ -173,10 +206,248 @@ impl crate::smtp::headers::FieldInspector for FromCheck {
     }
 }
 
+/// The value of a whole `From:` field as the header reader hands it over: after the colon
+/// that ends the name (colons and white space before the name are not part of it).
+fn field_value(field: &[u8]) -> &[u8] {
+    let start = field
+        .iter()
+        .position(|&b| !b.is_ascii_whitespace() && b != b':')
+        .unwrap_or(field.len());
+    match field[start..].iter().position(|&b| b == b':') {
+        Some(p) => &field[start + p + 1..],
+        None => &[],
+    }
+}
+
+/// One mailbox of a `From:` field as [`mailbox_list`] reads it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Mailbox {
+    /// The address: an angle-addr's content, or the bare addr-spec, with comments and
+    /// white space removed (quoted-strings kept, for [`Address::parse`] to resolve).
+    address: String,
+    /// Everything else a reader may show: the phrase (quoted-strings unquoted), comments
+    /// (unescaped) and stray atoms, joined by spaces; RFC 2047 words still encoded.
+    shown: String,
+}
+
+/// Reads a `From:` value as an RFC 5322 §3.4 mailbox-list, strictly: `None` when it is not
+/// an unambiguous one (see [`FromProblem::Ambiguous`]). Folding is removed first; empty
+/// list elements (RFC 5322 §4.4 obs-mbox-list) are skipped.
+fn mailbox_list(value: &[u8]) -> Option<Vec<Mailbox>> {
+    let unfolded: Vec<u8> = value
+        .iter()
+        .copied()
+        .filter(|&b| b != b'\r' && b != b'\n')
+        .collect();
+    let text = String::from_utf8_lossy(&unfolded);
+    let mut chars = text.chars().peekable();
+    let mut list = Vec::new();
+    let mut m = Reading::default();
+    while let Some(c) = chars.next() {
+        match c {
+            '"' => {
+                m.bare.push('"');
+                loop {
+                    match chars.next()? {
+                        '\\' => {
+                            let e = chars.next()?;
+                            m.bare.push('\\');
+                            m.bare.push(e);
+                            m.words.push(e);
+                        }
+                        '"' => break,
+                        q => {
+                            m.bare.push(q);
+                            m.words.push(q);
+                        }
+                    }
+                }
+                m.bare.push('"');
+                m.words.push(' ');
+            }
+            '(' => read_comment(&mut chars, &mut m.comments)?,
+            '<' => {
+                if m.angle.is_some() {
+                    return None;
+                }
+                let mut inner = String::new();
+                loop {
+                    match chars.next()? {
+                        '>' => break,
+                        '(' => read_comment(&mut chars, &mut m.comments)?,
+                        '"' => {
+                            inner.push('"');
+                            loop {
+                                match chars.next()? {
+                                    '\\' => {
+                                        inner.push('\\');
+                                        inner.push(chars.next()?);
+                                    }
+                                    '"' => break,
+                                    q => inner.push(q),
+                                }
+                            }
+                            inner.push('"');
+                        }
+                        '<' => return None,
+                        w if w.is_whitespace() => {}
+                        a => inner.push(a),
+                    }
+                }
+                m.angle = Some(inner);
+            }
+            ':' | ';' | '>' => return None,
+            ',' => list.extend(std::mem::take(&mut m).finish()?),
+            '[' => {
+                m.bare.push('[');
+                loop {
+                    let d = chars.next()?;
+                    m.bare.push(d);
+                    if d == ']' {
+                        break;
+                    }
+                }
+            }
+            w if w.is_whitespace() => m.words.push(' '),
+            '=' if chars.peek() == Some(&'?') => {
+                // An RFC 2047 encoded word is one atom to the readers that decode it
+                // (mail-parser decodes one with specials inside it): read it whole.
+                let mut word = String::from('=');
+                let mut marks = 0;
+                loop {
+                    let e = chars.next()?;
+                    if e.is_whitespace() {
+                        return None;
+                    }
+                    word.push(e);
+                    if e == '?' {
+                        marks += 1;
+                    }
+                    if marks >= 4 && e == '=' && word.ends_with("?=") {
+                        break;
+                    }
+                }
+                m.bare.push_str(&word);
+                m.words.push_str(&word);
+            }
+            a => {
+                if a == '@' {
+                    m.at_outside = true;
+                }
+                m.bare.push(a);
+                m.words.push(a);
+            }
+        }
+    }
+    list.extend(m.finish()?);
+    Some(list)
+}
+
+/// One mailbox being read by [`mailbox_list`].
+#[derive(Debug, Default)]
+struct Reading {
+    /// Outside comments and angle brackets, white space dropped: the addr-spec when there
+    /// is no angle-addr.
+    bare: String,
+    /// Atoms and unquoted quoted-strings outside the angle brackets, with spaces.
+    words: String,
+    /// Comment contents, unescaped, each followed by a space.
+    comments: String,
+    /// The angle-addr's content.
+    angle: Option<String>,
+    /// An `@` outside quotes, comments and angle brackets.
+    at_outside: bool,
+}
+
+impl Reading {
+    /// The mailbox read, `Ok(None)` for an empty list element, `None` when ambiguous.
+    fn finish(self) -> Option<Option<Mailbox>> {
+        let mailbox = match self.angle {
+            // An `@` outside the angle brackets: one reader takes it for the address,
+            // another for the display name.
+            Some(_) if self.at_outside => return None,
+            Some(address) => Mailbox {
+                address,
+                shown: format!("{} {}", self.words, self.comments),
+            },
+            None => Mailbox {
+                address: self.bare,
+                shown: self.comments,
+            },
+        };
+        let empty = mailbox.address.is_empty() && mailbox.shown.trim().is_empty();
+        Some((!empty).then_some(mailbox))
+    }
+}
+
+/// Reads a comment (the `(` already read) into `shown`, unescaped, nested comments
+/// included; `None` when it never ends.
+fn read_comment(
+    chars: &mut std::iter::Peekable<std::str::Chars<'_>>,
+    shown: &mut String,
+) -> Option<()> {
+    let mut depth = 1usize;
+    loop {
+        match chars.next()? {
+            '\\' => shown.push(chars.next()?),
+            '(' => {
+                depth += 1;
+                shown.push(' ');
+            }
+            ')' => {
+                depth -= 1;
+                shown.push(' ');
+                if depth == 0 {
+                    return Some(());
+                }
+            }
+            c => shown.push(c),
+        }
+    }
+}
+
+/// Decodes the RFC 2047 encoded words of `text` (as mail-parser does in unstructured text).
+fn decode_encoded_words(text: &str) -> String {
+    if !text.contains("=?") {
+        return text.to_string();
+    }
+    let field = format!("Subject: {}\r\n", text.replace(['\r', '\n'], " "));
+    mail_parser::MessageParser::new()
+        .parse_headers(field.as_bytes())
+        .and_then(|m| m.subject().map(str::to_string))
+        .unwrap_or_else(|| text.to_string())
+}
+
 /// The first address-like text (`local@domain`, RFC 5322 §3.4.1 dot-atom form) in a display
-/// name (already decoded and unquoted by the parser) that `senders` does not own. Comments,
-/// angle brackets and quotes around it do not hide it.
+/// name (already decoded and unquoted) that `senders` does not own. Comments, angle brackets
+/// and quotes around it do not hide it, nor do invisible characters inside it (dropped, see
+/// [`is_invisible`]), `@` and `.` look-alikes (read as ASCII, see [`fold_lookalike`]) or
+/// white space around the `@` (`ceo @ example.com`: counted when the domain has a dot, so
+/// `Alice @ Example` is still a name).
 fn foreign_address_in(senders: &Senders, name: &str) -> Option<String> {
+    let name: String = name
+        .chars()
+        .filter(|&c| !is_invisible(c))
+        .map(fold_lookalike)
+        .collect();
+    // Collapse white space around each `@`, remembering which `@` had some.
+    let mut collapsed = String::with_capacity(name.len());
+    let mut spaced = Vec::new();
+    let mut rest = name.as_str();
+    while let Some(at) = rest.find('@') {
+        let before = &rest[..at];
+        let trimmed = before.trim_end();
+        collapsed.push_str(trimmed);
+        let after = &rest[at + 1..];
+        let after_trimmed = after.trim_start();
+        if trimmed.len() != before.len() || after_trimmed.len() != after.len() {
+            spaced.push(collapsed.len());
+        }
+        collapsed.push('@');
+        rest = after_trimmed;
+    }
+    collapsed.push_str(rest);
+    let name = collapsed.as_str();
     let local_char = |c: char| c.is_alphanumeric() || "!#$%&'*+-/=?^_`{|}~.".contains(c);
     let domain_char = |c: char| c.is_alphanumeric() || c == '-' || c == '.';
     for (at, _) in name.match_indices('@') {
@@ -194,6 +465,9 @@ fn foreign_address_in(senders: &Senders, name: &str) -> Option<String> {
         let local = name[local_start..at].trim_matches('.');
         let domain = name[at + 1..domain_end].trim_matches('.');
         if local.is_empty() || domain.is_empty() {
+            continue;
+        }
+        if spaced.binary_search(&at).is_ok() && !domain.contains('.') {
             continue;
         }
         let text = format!("{local}@{domain}");
@@ -329,7 +603,6 @@ mod tests {
         let s = senders("alice", &["alice@example.com"]);
         let check = |headers: &str| check_from_header(&s, headers.as_bytes());
         let spoofs = [
-            "From: ceo@example.com <alice@example.com>\r\n",
             "From: \"CEO (ceo@example.com)\" <alice@example.com>\r\n",
             "From: =?utf-8?Q?CEO_<ceo=40example.com>?= <alice@example.com>\r\n",
             "From: \"ceo@example.com\" <alice@example.com>\r\n",
@@ -369,6 +642,112 @@ mod tests {
         assert_eq!(
             check_from_header(&s, &section),
             Err(FromProblem::NotOwned("ceo@example.com".into()))
+        );
+    }
+
+    #[test]
+    fn group_syntax_and_at_signs_outside_the_angle_addr_are_ambiguous() {
+        let s = senders("alice", &["alice@example.com"]);
+        let check = |headers: &str| check_from_header(&s, headers.as_bytes());
+        // Each is read as from ceo@example.com by python's email package (policy=default).
+        let ambiguous = [
+            "From: CEO <ceo@example.com>: alice@example.com;\r\n",
+            "From: ceo@example.com: alice@example.com;\r\n",
+            "From: <ceo@example.com>:;alice@example.com\r\n",
+            "From: ceo @ example.com <alice@example.com>\r\n",
+            "From: \"ceo\"@example.com <alice@example.com>\r\n",
+            "From: ceo(x)@example.com <alice@example.com>\r\n",
+            "From: ceo\r\n @example.com <alice@example.com>\r\n",
+            "From: \"ceo@example.com\": alice@example.com;\r\n",
+            "From: ceo@example.com <alice@example.com>\r\n",
+            "From: <alice@example.com> <ceo@example.com>\r\n",
+            "From: <alice@example.com> ceo@example.com\r\n",
+            "From: Alice <alice@example.com\r\n",
+            "From: \"Alice <alice@example.com>\r\n",
+            "From: (Alice <alice@example.com>\r\n",
+            "From: alice@example.com>\r\n",
+            "From: =?utf-8?Q?ceo@example.com <alice@example.com>\r\n",
+        ];
+        for h in ambiguous {
+            assert!(
+                matches!(check(h), Err(FromProblem::Ambiguous(_))),
+                "{h:?}: {:?}",
+                check(h)
+            );
+        }
+        // Still refused with the display-name rule off.
+        let mut off = FromCheck::new(s.clone(), false);
+        off.from_field(ambiguous[3].as_bytes());
+        assert!(matches!(off.finish(), Err(FromProblem::Ambiguous(_))));
+        let fine = [
+            "From: Alice <alice@example.com>, alice@example.com (Alice)\r\n",
+            "From: \"Alice: the boss; really\" <alice@example.com>\r\n",
+            "From: alice@example.com,\r\n",
+            "From: <\"alice\"@example.com>\r\n",
+            "From: Alice <alice@example.com> (work)\r\n",
+        ];
+        for h in fine {
+            assert_eq!(check(h), Ok(()), "{h:?}");
+        }
+    }
+
+    #[test]
+    fn a_bare_addr_spec_with_cfws_inside_is_read_as_the_address_it_denotes() {
+        let s = senders("alice", &["alice@example.com"]);
+        let check = |headers: &str| check_from_header(&s, headers.as_bytes());
+        for (h, read) in [
+            ("From: ceo @ example.com\r\n", "ceo@example.com"),
+            ("From: \"ceo\"@example.com\r\n", "\"ceo\"@example.com"),
+            ("From: ceo(x)@example.com\r\n", "ceo@example.com"),
+            ("From: ceo\r\n @example.com\r\n", "ceo@example.com"),
+        ] {
+            assert_eq!(check(h), Err(FromProblem::NotOwned(read.into())), "{h:?}");
+        }
+        assert_eq!(check("From: alice @ example.com\r\n"), Ok(()));
+        // mail-parser reads these as name "alice", address "@example.com": where the two
+        // readings differ, the field is refused.
+        assert!(check("From: \"alice\"@example.com\r\n").is_err());
+        assert!(check("From: alice(x)@example.com\r\n").is_err());
+        assert!(check("From: alice\r\n @example.com\r\n").is_err());
+        assert_eq!(
+            check("From: alice@example.com (ceo@example.com)\r\n"),
+            Err(FromProblem::DisplayName("ceo@example.com".into()))
+        );
+    }
+
+    #[test]
+    fn invisible_and_look_alike_characters_do_not_hide_an_address_in_a_display_name() {
+        let s = senders("alice", &["alice@example.com"]);
+        let check = |headers: &str| check_from_header(&s, headers.as_bytes());
+        let spoofs = [
+            "From: \"ceo\u{200b}@example.com\" <alice@example.com>\r\n",
+            "From: =?utf-8?Q?ceo=E2=80=8B=40example.com?= <alice@example.com>\r\n",
+            "From: =?utf-8?Q?ceo=E2=80=8B@example.com?= <alice@example.com>\r\n",
+            "From: \"ceo\u{00ad}@example.com\" <alice@example.com>\r\n",
+            "From: \"ceo@\u{200b}example.com\" <alice@example.com>\r\n",
+            "From: \"ceo\u{ff20}example.com\" <alice@example.com>\r\n",
+            "From: \"ceo\u{fe6b}example.com\" <alice@example.com>\r\n",
+            "From: \"ceo@example\u{3002}com\" <alice@example.com>\r\n",
+            "From: \"ceo @ example.com\" <alice@example.com>\r\n",
+            "From: \"c\u{feff}eo\u{2060}@\u{034f}example\u{ff0e}com\" <alice@example.com>\r\n",
+            "From: Alice (ceo@example.com) <alice@example.com>\r\n",
+            "From: Alice <alice@example.com> (ceo@example.com)\r\n",
+            "From: Alice <(ceo@example.com)alice@example.com>\r\n",
+        ];
+        for spoof in spoofs {
+            assert_eq!(
+                check(spoof),
+                Err(FromProblem::DisplayName("ceo@example.com".into())),
+                "{spoof:?}"
+            );
+        }
+        assert_eq!(
+            check("From: \"Alice @ Example\" <alice@example.com>\r\n"),
+            Ok(())
+        );
+        assert_eq!(
+            check("From: \"alice\u{200b}@example.com\" <alice@example.com>\r\n"),
+            Ok(())
         );
     }
 }

@@ -4,15 +4,19 @@
 //! [`HeaderFilter`] is fed the message octets as they arrive and, per field:
 //! - counts `Received:` fields (the loop detector);
 //! - removes the fields an untrusted sender must not set (the header firewall,
-//!   [`StripRules`]), including an `Authentication-Results:` in our name (RFC 8601 §5);
+//!   [`StripRules`]), including an `Authentication-Results:` or `ARC-Authentication-Results:`
+//!   in our name (RFC 8601 §5, RFC 8617 §4.1.1);
 //! - hands each complete `From:` and `Sender:` field to a [`FieldInspector`] (the ownership
 //!   check of authenticated mail).
 //!
 //! Field names are read the way a conformant RFC 5322 reader (mail-parser 0.11) reads them:
 //! the name ends at the first colon; white space before the colon (RFC 5322 §4.5.3, obsolete
-//! syntax that receivers must accept) and at the start of a line that does not continue a
-//! field is not part of the name; colons before the first name character are skipped; a line
-//! with no colon is not a field and is passed on as it is. White space inside a name does not
+//! syntax that receivers must accept) is not part of the name; colons before the first name
+//! character are skipped; a line with no colon is not a field and is passed on as it is.
+//! Lines that continue no field are removed, whatever the rules: folded lines before the first
+//! field (upstream they would continue the `Received:` field the relay prepends), and a line
+//! without colon followed by folded lines (`Name\r\n : value`: a reader that unfolds first
+//! reads the first line as the name, mail-parser the last one, so readers disagree). White space inside a name does not
 //! hide a standard one (mail-parser reads `Fr om:` as `From:`), and strip patterns match the
 //! name with or without it. A line that starts with white space
 //! continues the field before it (folding, §2.2.3).
@@ -81,18 +85,22 @@ impl NamePattern {
 pub struct StripRules {
     /// Header names to remove.
     pub names: Vec<NamePattern>,
-    /// Remove every `Authentication-Results:` whose authserv-id (RFC 8601 §2.5) is this
-    /// domain (lower case, no trailing dot), or cannot be read at all: only our own server
-    /// may claim to have authenticated a message.
+    /// Remove every `Authentication-Results:` and `ARC-Authentication-Results:` whose
+    /// authserv-id (RFC 8601 §2.5) is this domain (lower case, no trailing dot; compared as
+    /// a domain, see `same_domain`), or cannot be read at all: only our own server may claim
+    /// to have authenticated a message.
     pub auth_results_for: Option<String>,
 }
 
-/// The fields read whole.
+/// The fields read whole (the `Authentication-Results:` kinds are decided on when complete).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum WholeField {
     From,
     Sender,
     AuthenticationResults,
+    /// `ARC-Authentication-Results:` (RFC 8617 §4.1.1): `i=N;` then an
+    /// Authentication-Results value.
+    ArcAuthenticationResults,
 }
 
 impl WholeField {
@@ -103,6 +111,8 @@ impl WholeField {
             Some(WholeField::Sender)
         } else if name.eq_ignore_ascii_case(b"Authentication-Results") {
             Some(WholeField::AuthenticationResults)
+        } else if name.eq_ignore_ascii_case(b"ARC-Authentication-Results") {
+            Some(WholeField::ArcAuthenticationResults)
         } else {
             None
         }
@@ -135,6 +145,10 @@ impl<T: FieldInspector> FieldInspector for Option<T> {
 /// counted, so a message of many removed fields costs no memory.
 pub const MAX_LOGGED_STRIPPED: usize = 16;
 
+/// The name logged for folded lines at the very start of the header section, which continue
+/// no field and are removed.
+pub const LEADING_FOLDED: &[u8] = b"(folded line before the first field)";
+
 /// Where the reader is in the header section.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum State {
@@ -144,6 +158,9 @@ enum State {
     BlankCr,
     /// Reading a field name (held in `buf`) up to its colon.
     Name,
+    /// After the LF ending a line without colon: a space or tab next continues it (folding
+    /// before the colon: the field is removed); anything else makes the line no field.
+    NameLineEnd,
     /// In a field's value; `Action` says what happens to its octets.
     Value(Action),
     /// After the LF ending a line of the field: a space or tab next continues it.
@@ -181,6 +198,8 @@ pub struct HeaderFilter<I: FieldInspector = ()> {
     stripped: Vec<String>,
     stripped_count: usize,
     too_large: Option<String>,
+    /// False until the first line of the header section has begun.
+    started: bool,
     inspector: I,
 }
 
@@ -205,6 +224,7 @@ impl<I: FieldInspector> HeaderFilter<I> {
             stripped: Vec::new(),
             stripped_count: 0,
             too_large: None,
+            started: false,
             inspector,
         }
     }
@@ -228,7 +248,12 @@ impl<I: FieldInspector> HeaderFilter<I> {
         self.stripped_count += 1;
         if self.stripped.len() < MAX_LOGGED_STRIPPED {
             // Cut: a name may be up to 64 KiB long.
-            let shown = String::from_utf8_lossy(name).chars().take(64).collect();
+            // Control characters (a folded name holds CRLFs) are shown as spaces.
+            let shown = String::from_utf8_lossy(name)
+                .chars()
+                .map(|c| if c.is_control() { ' ' } else { c })
+                .take(64)
+                .collect();
             self.stripped.push(shown);
         }
     }
@@ -301,6 +326,23 @@ impl<I: FieldInspector> HeaderFilter<I> {
                     }
                 }
                 State::Name => self.name(rest, out),
+                State::NameLineEnd => {
+                    if matches!(rest[0], b' ' | b'\t') {
+                        // A name folded before its colon: a reader that unfolds first
+                        // reads the first line as the name, mail-parser the last line.
+                        // Readers disagree, so the field is removed, whatever its name.
+                        let first = self.buf.split(|&b| b == b'\n').next().unwrap_or(&[]);
+                        let first = trim_end(first.trim_ascii_start()).to_vec();
+                        self.note_stripped(&first);
+                        self.buf.clear();
+                        self.state = State::Value(Action::Strip);
+                    } else {
+                        // No colon: not a field. Passed on as it is.
+                        out.append(&mut self.buf);
+                        self.state = State::LineStart;
+                    }
+                    rest
+                }
                 State::Value(action) => self.value(action, rest, out),
                 State::LineEnd(action) => {
                     if matches!(rest[0], b' ' | b'\t') {
@@ -320,6 +362,9 @@ impl<I: FieldInspector> HeaderFilter<I> {
         match self.state {
             State::BlankCr => {
                 out.push(b'\r');
+            }
+            State::NameLineEnd => {
+                out.append(&mut self.buf);
             }
             State::Name => {
                 // mail-parser reads a last line without colon as a field name: decide on it
@@ -342,7 +387,16 @@ impl<I: FieldInspector> HeaderFilter<I> {
     }
 
     fn line_start<'a>(&mut self, rest: &'a [u8], out: &mut Vec<u8>) -> &'a [u8] {
+        let first = !std::mem::replace(&mut self.started, true);
         match rest[0] {
+            b' ' | b'\t' if first => {
+                // White space at the very start continues no field of the message, but it
+                // would continue the `Received:` field the relay prepends: removed with
+                // its continuation lines, so nobody can write into our trace field.
+                self.note_stripped(LEADING_FOLDED);
+                self.state = State::Value(Action::Strip);
+                rest
+            }
             b'\r' => {
                 self.state = State::BlankCr;
                 &rest[1..]
@@ -376,9 +430,9 @@ impl<I: FieldInspector> HeaderFilter<I> {
             self.hold(&[b]);
             match b {
                 b'\n' => {
-                    // No colon: not a field. Passed on as it is.
-                    out.append(&mut self.buf);
-                    self.state = State::LineStart;
+                    // No colon: not a field, unless a continuation line follows (`Name\r\n
+                    // : v` is field `Name` to a reader that unfolds first, RFC 5322 §2.2.3).
+                    self.state = State::NameLineEnd;
                     return &rest[i + 1..];
                 }
                 b':' => {
@@ -464,7 +518,9 @@ impl<I: FieldInspector> HeaderFilter<I> {
     fn end_field(&mut self, action: Action, out: &mut Vec<u8>) {
         if let Action::Hold(kind) = action {
             match kind {
-                WholeField::AuthenticationResults if self.ours(&self.buf[self.value_at..]) => {
+                WholeField::AuthenticationResults | WholeField::ArcAuthenticationResults
+                    if self.ours(kind, &self.buf[self.value_at..]) =>
+                {
                     let name = self.buf[self.name_at.0..self.name_at.1].to_vec();
                     self.note_stripped(&name);
                 }
@@ -472,7 +528,9 @@ impl<I: FieldInspector> HeaderFilter<I> {
                     self.inspector.field(kind, &self.buf);
                     out.extend_from_slice(&self.buf);
                 }
-                WholeField::AuthenticationResults => out.extend_from_slice(&self.buf),
+                WholeField::AuthenticationResults | WholeField::ArcAuthenticationResults => {
+                    out.extend_from_slice(&self.buf)
+                }
             }
             self.buf.clear();
         }
@@ -481,9 +539,17 @@ impl<I: FieldInspector> HeaderFilter<I> {
 
     /// True when the `Authentication-Results:` field with this value must be removed: it
     /// claims our authserv-id, or has none that can be read (a reader might take it for ours).
-    fn ours(&self, value: &[u8]) -> bool {
+    /// An `ARC-Authentication-Results:` value is read past its `i=N;` instance tag.
+    fn ours(&self, kind: WholeField, value: &[u8]) -> bool {
         let Some(id) = &self.rules.auth_results_for else {
             return false;
+        };
+        let value = match kind {
+            WholeField::ArcAuthenticationResults => match after_instance_tag(value) {
+                Some(rest) => rest,
+                None => return true,
+            },
+            _ => value,
         };
         match authserv_id(value) {
             Some(found) => same_domain(&found, id),
@@ -594,11 +660,94 @@ fn skip_cfws(v: &[u8], mut i: usize) -> Option<usize> {
     }
 }
 
-/// `found` names the domain `ours` (lower case, no trailing dot): ASCII case-insensitive,
-/// trailing dots ignored.
+/// The rest of an `ARC-Authentication-Results:` value after its instance tag (RFC 8617
+/// §4.1.1: `[CFWS] "i" [CFWS] "=" [CFWS] 1*2DIGIT [CFWS] ";"`); `None` when it has none.
+fn after_instance_tag(v: &[u8]) -> Option<&[u8]> {
+    let mut i = skip_cfws(v, 0)?;
+    if !v.get(i)?.eq_ignore_ascii_case(&b'i') {
+        return None;
+    }
+    i = skip_cfws(v, i + 1)?;
+    if *v.get(i)? != b'=' {
+        return None;
+    }
+    i = skip_cfws(v, i + 1)?;
+    let digits = v[i..].iter().take_while(|b| b.is_ascii_digit()).count();
+    if digits == 0 {
+        return None;
+    }
+    i = skip_cfws(v, i + digits)?;
+    if *v.get(i)? != b';' {
+        return None;
+    }
+    Some(&v[i + 1..])
+}
+
+/// `found` names the domain `ours` (lower case, no trailing dot). Compared as a domain the
+/// way a reader displaying it would: white space (Unicode, e.g. U+00A0) and invisible
+/// format characters anywhere in it are dropped, trailing dots ignored, and both sides go
+/// through [`crate::envelope::canonical_domain`] (UTS #46: case, U+3002 and other dot
+/// look-alikes, U-labels).
 fn same_domain(found: &[u8], ours: &str) -> bool {
-    let n = found.iter().rev().take_while(|&&b| b == b'.').count();
-    found[..found.len() - n].eq_ignore_ascii_case(ours.as_bytes())
+    let text: String = String::from_utf8_lossy(found)
+        .chars()
+        .filter(|&c| !c.is_whitespace() && !is_invisible(c))
+        .map(fold_lookalike)
+        .collect();
+    let text = text.trim_end_matches('.');
+    if text.eq_ignore_ascii_case(ours) {
+        return true;
+    }
+    let canon = |d: &str| crate::envelope::canonical_domain(d).ok();
+    matches!((canon(text), canon(ours)), (Some(a), Some(b)) if a == b)
+}
+
+/// True for a character a reader shows as nothing: Unicode Default_Ignorable_Code_Point
+/// (DerivedCoreProperties.txt: soft hyphen U+00AD, combining grapheme joiner U+034F, Hangul
+/// fillers U+115F/U+1160/U+3164/U+FFA0, zero-width and bidi controls U+200B–U+200F and
+/// U+202A–U+202E, U+2060–U+206F, variation selectors, U+FEFF, tags) and the other format
+/// characters (General_Category Cf). Dropped before text is searched for an address or a
+/// domain, so invisible characters cannot hide one.
+pub fn is_invisible(c: char) -> bool {
+    matches!(
+        c,
+        '\u{00AD}'
+            | '\u{034F}'
+            | '\u{061C}'
+            | '\u{0600}'..='\u{0605}'
+            | '\u{06DD}'
+            | '\u{070F}'
+            | '\u{0890}'..='\u{0891}'
+            | '\u{08E2}'
+            | '\u{115F}'..='\u{1160}'
+            | '\u{17B4}'..='\u{17B5}'
+            | '\u{180B}'..='\u{180F}'
+            | '\u{200B}'..='\u{200F}'
+            | '\u{202A}'..='\u{202E}'
+            | '\u{2060}'..='\u{206F}'
+            | '\u{3164}'
+            | '\u{FE00}'..='\u{FE0F}'
+            | '\u{FEFF}'
+            | '\u{FFA0}'
+            | '\u{FFF0}'..='\u{FFFB}'
+            | '\u{110BD}'
+            | '\u{110CD}'
+            | '\u{13430}'..='\u{1343F}'
+            | '\u{1BCA0}'..='\u{1BCA3}'
+            | '\u{1D173}'..='\u{1D17A}'
+            | '\u{E0000}'..='\u{E0FFF}'
+    )
+}
+
+/// Maps the characters a reader takes for `@` (U+FF20 full-width, U+FE6B small) and for
+/// `.` (U+FF0E full-width, U+3002 ideographic, U+FF61 half-width ideographic) to ASCII;
+/// every other character is returned as it is.
+pub fn fold_lookalike(c: char) -> char {
+    match c {
+        '\u{FF20}' | '\u{FE6B}' => '@',
+        '\u{FF0E}' | '\u{3002}' | '\u{FF61}' => '.',
+        c => c,
+    }
 }
 
 #[cfg(test)]

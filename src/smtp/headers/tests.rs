@@ -96,10 +96,7 @@ fn leading_whitespace_and_colons_do_not_hide_a_name() {
 Subject: kept\r\n\r\n";
     for step in STEPS {
         let (out, _) = run(msg, exchange_rules(), step);
-        assert_eq!(
-            out, b"no colon here\r\nSubject: kept\r\n\r\n",
-            "step {step}"
-        );
+        assert_eq!(out, b"Subject: kept\r\n\r\n", "step {step}");
     }
 }
 
@@ -412,5 +409,84 @@ fn output_does_not_depend_on_chunking() {
             assert_eq!(f.stripped(), f1.stripped());
             assert_eq!(f.received_count(), f1.received_count());
         }
+    }
+}
+
+#[test]
+fn folded_lines_before_the_first_field_are_removed() {
+    let msg =
+        b"\tfrom evil ([10.9.9.9]) by mx.partner.example; Mon, 30 Nov 2026 17:00:00 +0000\r\n \
+continued: x\r\nSubject: kept\r\n\r\n\tbody\r\n";
+    for step in STEPS {
+        let (out, f) = run(msg, exchange_rules(), step);
+        assert_eq!(out, b"Subject: kept\r\n\r\n\tbody\r\n", "step {step}");
+        assert_eq!(f.stripped(), [String::from_utf8_lossy(LEADING_FOLDED)]);
+    }
+    // A folded line after a field continues it, as always.
+    let (out, _) = run(b"Subject: a\r\n\tb\r\n\r\n", StripRules::default(), 1);
+    assert_eq!(out, b"Subject: a\r\n\tb\r\n\r\n");
+    // A section that starts with a space-only line is not a blank line either.
+    let (out, _) = run(b" \r\nSubject: a\r\n\r\n", StripRules::default(), 1);
+    assert_eq!(out, b"Subject: a\r\n\r\n");
+}
+
+#[test]
+fn folding_before_the_colon_does_not_hide_the_field_name() {
+    // A reader that unfolds first sees the first line's name, mail-parser the last line's
+    // (`X-Pad\r\n :From: v` is From to it): such a field is removed, whatever its names.
+    let msg = b"X-MS-Exchange-Organization-SCL\r\n : -1\r\n\
+Authentication-Results\r\n : relay.example.com; dmarc=pass\r\n\
+No-Colon-Line\r\nX-Pad\r\n\t:X-MS-Exchange-Forest-A: 1\r\n\
+Subject\r\n\t: folded\r\n  again\r\nSubject: kept\r\n\r\n";
+    for step in STEPS {
+        let (out, f) = run(msg, exchange_rules(), step);
+        assert_eq!(
+            out, b"No-Colon-Line\r\nSubject: kept\r\n\r\n",
+            "step {step}"
+        );
+        assert_eq!(
+            f.stripped(),
+            [
+                "X-MS-Exchange-Organization-SCL",
+                "Authentication-Results",
+                "X-Pad",
+                "Subject"
+            ]
+        );
+    }
+}
+
+#[test]
+fn authserv_id_variants_of_ours_are_stripped() {
+    let rules = || StripRules {
+        names: Vec::new(),
+        auth_results_for: Some("relay.example.com".into()),
+    };
+    for field in [
+        "Authentication-Results: relay.example.com\u{a0}; dmarc=pass\r\n",
+        "Authentication-Results: \"relay.example.com \"; dmarc=pass\r\n",
+        "Authentication-Results: relay\u{3002}example\u{3002}com; dmarc=pass\r\n",
+        "Authentication-Results: relay.example\u{ff0e}com; dmarc=pass\r\n",
+        "Authentication-Results: relay.exa\u{200b}mple.com; dmarc=pass\r\n",
+        "Authentication-Results: RELAY.example.com.; dmarc=pass\r\n",
+        "ARC-Authentication-Results: i=1; relay.example.com; dmarc=pass\r\n",
+        "ARC-Authentication-Results: i = 2 (x) ; (y) \"Relay.Example.com\"; spf=pass\r\n",
+        "ARC-Authentication-Results: relay.example.com; dmarc=pass\r\n",
+    ] {
+        let msg = format!("{field}Subject: x\r\n\r\n");
+        for step in STEPS {
+            let (out, f) = run(msg.as_bytes(), rules(), step);
+            assert_eq!(out, b"Subject: x\r\n\r\n", "{field:?} step {step}");
+            assert_eq!(f.stripped_count(), 1);
+        }
+    }
+    for field in [
+        "Authentication-Results: mx.partner.example; dmarc=pass\r\n",
+        "ARC-Authentication-Results: i=1; mx.partner.example; dmarc=pass\r\n",
+        "Authentication-Results: relay.example.com.evil.test; dmarc=pass\r\n",
+    ] {
+        let msg = format!("{field}Subject: x\r\n\r\n");
+        let (out, _) = run(msg.as_bytes(), rules(), 7);
+        assert_eq!(out, msg.as_bytes(), "{field:?}");
     }
 }
