@@ -23,6 +23,8 @@
 //!   connection pools, delivery attempts and the scheduler that starts them, and the
 //!   capabilities each upstream announced (shared with the inbound checks at RCPT and DATA).
 //! - [`stream`]: a connection that is plain TCP or TLS, for both directions.
+//! - [`text`]: Unicode hygiene for network text: characters that display as nothing, and
+//!   look-alikes of `@` and `.` (one table for the queue commands, the log and the checks).
 //! - [`app`]: wires the above together and owns shutdown and reload.
 //!
 //! # One message
@@ -42,3 +44,4 @@ pub mod policy;
 pub mod queue;
 pub mod smtp;
 pub mod stream;
+pub mod text;

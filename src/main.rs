@@ -353,7 +353,7 @@ fn init_logging() {
 }
 
 /// The log's writer: stderr, with every invisible character (bidirectional overrides,
-/// zero-width characters: `portcullis::queue::report::is_invisible`) written as `\u{…}`.
+/// zero-width characters: `portcullis::text::is_invisible`) written as `\u{…}`.
 /// Log lines quote addresses, HELO names and headers from the network; raw, a U+202E would make
 /// `<\u{202e}gro.elpmaxe@knab-ecivres>` read as a trusted address in a terminal or pager. The
 /// formatter hands over one whole line per event, so a character is never split across writes.
@@ -361,7 +361,7 @@ struct EscapingWriter(std::io::Stderr);
 
 impl std::io::Write for EscapingWriter {
     fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        use portcullis::queue::report::is_invisible;
+        use portcullis::text::is_invisible;
         match std::str::from_utf8(buf) {
             Ok(text) if text.chars().any(is_invisible) => {
                 let mut out = String::with_capacity(text.len() + 16);

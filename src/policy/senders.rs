@@ -28,7 +28,7 @@
 //!   searched, after dropping invisible characters and reading `@`/`.` look-alikes as ASCII.
 
 use crate::envelope::{Address, canonical_domain};
-use crate::smtp::headers::{fold_lookalike, is_invisible};
+use crate::text::{fold_lookalike, is_invisible};
 
 /// One `senders` entry.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -39,6 +39,8 @@
 
 use std::sync::Arc;
 
+use crate::text::{fold_lookalike, is_invisible};
+
 /// The largest field held whole (`From:`, `Sender:`, `Authentication-Results:`), and the
 /// largest field name (octets before the colon), in octets including CRLFs: 64 KiB. Longer:
 /// the message is refused with `552 5.3.4`.
@@ -700,54 +702,6 @@ fn same_domain(found: &[u8], ours: &str) -> bool {
     }
     let canon = |d: &str| crate::envelope::canonical_domain(d).ok();
     matches!((canon(text), canon(ours)), (Some(a), Some(b)) if a == b)
-}
-
-/// True for a character a reader shows as nothing: Unicode Default_Ignorable_Code_Point
-/// (DerivedCoreProperties.txt: soft hyphen U+00AD, combining grapheme joiner U+034F, Hangul
-/// fillers U+115F/U+1160/U+3164/U+FFA0, zero-width and bidi controls U+200B–U+200F and
-/// U+202A–U+202E, U+2060–U+206F, variation selectors, U+FEFF, tags) and the other format
-/// characters (General_Category Cf). Dropped before text is searched for an address or a
-/// domain, so invisible characters cannot hide one.
-pub fn is_invisible(c: char) -> bool {
-    matches!(
-        c,
-        '\u{00AD}'
-            | '\u{034F}'
-            | '\u{061C}'
-            | '\u{0600}'..='\u{0605}'
-            | '\u{06DD}'
-            | '\u{070F}'
-            | '\u{0890}'..='\u{0891}'
-            | '\u{08E2}'
-            | '\u{115F}'..='\u{1160}'
-            | '\u{17B4}'..='\u{17B5}'
-            | '\u{180B}'..='\u{180F}'
-            | '\u{200B}'..='\u{200F}'
-            | '\u{202A}'..='\u{202E}'
-            | '\u{2060}'..='\u{206F}'
-            | '\u{3164}'
-            | '\u{FE00}'..='\u{FE0F}'
-            | '\u{FEFF}'
-            | '\u{FFA0}'
-            | '\u{FFF0}'..='\u{FFFB}'
-            | '\u{110BD}'
-            | '\u{110CD}'
-            | '\u{13430}'..='\u{1343F}'
-            | '\u{1BCA0}'..='\u{1BCA3}'
-            | '\u{1D173}'..='\u{1D17A}'
-            | '\u{E0000}'..='\u{E0FFF}'
-    )
-}
-
-/// Maps the characters a reader takes for `@` (U+FF20 full-width, U+FE6B small) and for
-/// `.` (U+FF0E full-width, U+3002 ideographic, U+FF61 half-width ideographic) to ASCII;
-/// every other character is returned as it is.
-pub fn fold_lookalike(c: char) -> char {
-    match c {
-        '\u{FF20}' | '\u{FE6B}' => '@',
-        '\u{FF0E}' | '\u{3002}' | '\u{FF61}' => '.',
-        c => c,
-    }
 }
 
 #[cfg(test)]
