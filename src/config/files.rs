@@ -138,6 +138,21 @@ fn check_password_hash(hash: &str) -> Result<(), String> {
     if parsed.hash.is_none() {
         return Err("has no hash value".to_owned());
     }
+    // Parameters argon2 refuses (e.g. m=1) would make every AUTH for this user a local failure
+    // (454) that is quicker than a real check: refused here, not found at the first login.
+    argon2::Params::try_from(&parsed).map_err(|e| {
+        format!("has argon2 parameters that cannot be used ({e}); make a new one with `portcullis passwd`")
+    })?;
+    if let Some(version) = parsed.version {
+        argon2::Version::try_from(version)
+            .map_err(|e| format!("has an unsupported argon2 version ({e})"))?;
+    }
+    let mut salt = [0u8; 64];
+    parsed
+        .salt
+        .ok_or("has no salt")?
+        .decode_b64(&mut salt)
+        .map_err(|e| format!("has a salt that cannot be decoded ({e})"))?;
     Ok(())
 }
 

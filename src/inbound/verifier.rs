@@ -425,6 +425,29 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_check_that_cannot_be_made_is_an_error_and_the_thread_goes_on() {
+        // argon2 refuses m=1: the session answers 454 4.7.0 and counts nothing (RFC 4954 §6).
+        const UNUSABLE: &str = "$argon2id$v=19$m=1,t=1,p=1$c29tZXNhbHRzb21lc2FsdA$MyPqlOLCva2ktGsHp6KlygtFPfGTe5FCWyJ6XljeRlE";
+        let v = Verifier::start(1, 4).unwrap();
+        let broken = v
+            .submit(UNUSABLE.into(), "x".into(), "a", Lane::Other)
+            .unwrap();
+        assert!(matches!(broken.await.unwrap(), Err(CheckError::Refused(_))));
+        let malformed = v
+            .submit("nonsense".into(), "x".into(), "a", Lane::Other)
+            .unwrap();
+        assert!(matches!(
+            malformed.await.unwrap(),
+            Err(CheckError::Malformed(_))
+        ));
+        // The same thread still verifies.
+        let user: Arc<str> = hash_password("secret").unwrap().into();
+        let ok = v.submit(user, "secret".into(), "b", Lane::Other).unwrap();
+        assert!(ok.await.unwrap().unwrap());
+        assert_eq!(v.pending(), 0);
+    }
+
+    #[tokio::test]
     async fn a_job_nobody_waits_for_is_not_verified() {
         // One thread busy with a slow job; the next job's AUTH gives up (drops its receiver):
         // the thread skips it, and only the first and the third are verified.
