@@ -327,6 +327,32 @@ fn session_time_limit_sends_421_4_4_2_before_closing_busy_and_in_data() {
     assert_log(&relay, "rule=\"session_time_limit\"");
 }
 
+#[test]
+fn session_time_limit_holds_during_a_stalled_tls_handshake() {
+    // No SMTP reply can be sent in the middle of a handshake: the connection is closed at the
+    // session's limit (2 s) instead of after the 30 s handshake timeout.
+    let relay = start_with(
+        "",
+        "starttls",
+        free_port(),
+        "[limits]\nsession_timeout = \"2s\"\n",
+    );
+    let mut c = ready(relay.port(0));
+    c.expect("STARTTLS", 220);
+    let started = std::time::Instant::now();
+    // The first bytes of a TLS record header, then nothing.
+    c.send_raw(b"\x16\x03\x01\x00\x50\x01");
+    assert!(c.read_to_close().is_empty());
+    assert!(
+        started.elapsed() < Duration::from_secs(10),
+        "closed after {:?}",
+        started.elapsed()
+    );
+    assert!(wait_until(WAIT, || relay.log().contains(
+        "session time limit reached during the TLS handshake"
+    )));
+}
+
 // --- A password check that fails inside the relay is 454 4.7.0, not counted ------------------
 
 /// Parses as an argon2id PHC string, but argon2 refuses its parameters (m=1 KiB).

@@ -640,9 +640,13 @@ impl Connection {
             return None;
         };
         let acceptor = TlsAcceptor::from(config);
+        // The session's time limit holds during a handshake too; no SMTP reply can be sent
+        // in the middle of one, so the connection is only closed (and logged).
+        let session_end = self.started + self.runtime.config.limits.session_timeout;
+        let session_left = session_end.saturating_duration_since(Instant::now());
         let accepted = tokio::select! {
             r = acceptor.accept(tcp) => Ok(r),
-            _ = self.phase_sleep(HANDSHAKE_TIMEOUT) => Err(()),
+            _ = self.phase_sleep(HANDSHAKE_TIMEOUT.min(session_left)) => Err(()),
         };
         match accepted {
             Ok(Ok(tls)) => {
@@ -653,6 +657,12 @@ impl Connection {
             Ok(Err(e)) => {
                 info!(peer = %self.peer, error = %e, "TLS handshake failed");
                 self.outcome.reason = "TLS handshake failed";
+                None
+            }
+            Err(_) if Instant::now() >= session_end => {
+                info!(peer = %self.peer, listener = %self.listener.name,
+                    rule = "session_time_limit", "session time limit reached during the TLS handshake; closed");
+                self.outcome.reason = "session time limit";
                 None
             }
             Err(_) => {
