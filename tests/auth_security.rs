@@ -11,33 +11,13 @@
 
 mod common;
 
-use std::io::Write;
-use std::process::{Command, Stdio};
-use std::sync::OnceLock;
+use std::process::Command;
 use std::thread;
 
 use argon2::password_hash::SaltString;
 use argon2::password_hash::rand_core::OsRng;
 use argon2::{Algorithm, Argon2, Params, PasswordHasher, Version};
-use base64::Engine;
 use common::*;
-
-/// The argon2id hash of `secret`, made once with `portcullis passwd`.
-fn secret_hash() -> &'static str {
-    static HASH: OnceLock<String> = OnceLock::new();
-    HASH.get_or_init(|| {
-        let mut child = Command::new(BIN)
-            .arg("passwd")
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .spawn()
-            .expect("spawn portcullis passwd");
-        child.stdin.take().unwrap().write_all(b"secret\n").unwrap();
-        let out = child.wait_with_output().unwrap();
-        assert!(out.status.success(), "portcullis passwd failed");
-        String::from_utf8(out.stdout).unwrap().trim().to_string()
-    })
-}
 
 /// An argon2id hash of `password` with m = `m` KiB and t = `t`.
 fn hash_with(m: u32, t: u32, password: &str) -> String {
@@ -75,21 +55,6 @@ fn submission(auth_keys: &str) -> Relay {
     let dir = TestDir::new();
     let toml = policy(&dir, auth_keys);
     Relay::start_in(dir, &toml)
-}
-
-/// Connected from `ip`, through STARTTLS and EHLO again: ready for AUTH.
-fn tls_from(relay: &Relay, ip: &str) -> SmtpClient {
-    let mut c = SmtpClient::connect_from(ip, relay.port(0));
-    c.expect_reply(220);
-    c.expect("EHLO client.test", 250);
-    c.starttls(&relay.cert_path());
-    c.expect("EHLO client.test", 250);
-    c
-}
-
-fn auth_plain(user: &str, pass: &str) -> String {
-    let token = base64::engine::general_purpose::STANDARD.encode(format!("\0{user}\0{pass}"));
-    format!("AUTH PLAIN {token}")
 }
 
 /// The reply code and enhanced code of a reply.

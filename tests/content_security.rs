@@ -9,9 +9,6 @@
 
 mod common;
 
-use std::io::Write;
-use std::process::{Command, Stdio};
-use std::sync::OnceLock;
 use std::time::Duration;
 
 use base64::Engine;
@@ -36,23 +33,6 @@ fn mx(server_keys: &str) -> (Sink, Relay) {
         &format!("hostname = \"relay.test\"\n{server_keys}"),
     );
     (sink, Relay::start(&toml))
-}
-
-/// The argon2id hash of `secret`, made once with `portcullis passwd`.
-fn secret_hash() -> &'static str {
-    static HASH: OnceLock<String> = OnceLock::new();
-    HASH.get_or_init(|| {
-        let mut child = Command::new(BIN)
-            .arg("passwd")
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .spawn()
-            .expect("spawn portcullis passwd");
-        child.stdin.take().unwrap().write_all(b"secret\n").unwrap();
-        let out = child.wait_with_output().unwrap();
-        assert!(out.status.success(), "portcullis passwd failed");
-        String::from_utf8(out.stdout).unwrap().trim().to_string()
-    })
 }
 
 /// Submission (STARTTLS, AUTH required) with user `alice` (password `secret`) owning

@@ -892,3 +892,39 @@ pub fn swaks(args: &[&str]) -> Output {
 pub fn contains(haystack: &[u8], needle: &[u8]) -> bool {
     haystack.windows(needle.len()).any(|w| w == needle)
 }
+
+/// The argon2id hash of `secret`, made once with `portcullis passwd`.
+pub fn secret_hash() -> &'static str {
+    use std::io::Write;
+    use std::sync::OnceLock;
+    static HASH: OnceLock<String> = OnceLock::new();
+    HASH.get_or_init(|| {
+        let mut child = Command::new(BIN)
+            .arg("passwd")
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
+            .expect("spawn portcullis passwd");
+        child.stdin.take().unwrap().write_all(b"secret\n").unwrap();
+        let out = child.wait_with_output().unwrap();
+        assert!(out.status.success(), "portcullis passwd failed");
+        String::from_utf8(out.stdout).unwrap().trim().to_string()
+    })
+}
+
+/// Connected from `ip`, through STARTTLS and EHLO again: ready for AUTH.
+pub fn tls_from(relay: &Relay, ip: &str) -> SmtpClient {
+    let mut c = SmtpClient::connect_from(ip, relay.port(0));
+    c.expect_reply(220);
+    c.expect("EHLO client.test", 250);
+    c.starttls(&relay.cert_path());
+    c.expect("EHLO client.test", 250);
+    c
+}
+
+/// `AUTH PLAIN` with the initial response for `user` and `pass` (RFC 4616).
+pub fn auth_plain(user: &str, pass: &str) -> String {
+    use base64::Engine;
+    let token = base64::engine::general_purpose::STANDARD.encode(format!("\0{user}\0{pass}"));
+    format!("AUTH PLAIN {token}")
+}
