@@ -967,9 +967,10 @@ fn dsn_for_a_utf8_recipient_reaches_a_sender_whose_route_lacks_8bitmime() {
 #[test]
 fn undeliverable_dsn_is_logged_as_lost_with_the_reason() {
     let mut config = SinkConfig::default();
-    config
-        .rcpt_replies
-        .insert("x@example.com".to_owned(), "550 5.1.1 no such user".to_owned());
+    config.rcpt_replies.insert(
+        "x@example.com".to_owned(),
+        "550 5.1.1 no such user".to_owned(),
+    );
     config.rcpt_replies.insert(
         "gone@example.com".to_owned(),
         "550 5.1.1 sender mailbox gone".to_owned(),
@@ -984,7 +985,10 @@ fn undeliverable_dsn_is_logged_as_lost_with_the_reason() {
     );
     assert_reply(&reply, 250, "2.0.0");
     assert_log(&relay, "DSN lost");
-    assert_log(&relay, "<gone@example.com> 5.1.1 550 5.1.1 sender mailbox gone");
+    assert_log(
+        &relay,
+        "<gone@example.com> 5.1.1 550 5.1.1 sender mailbox gone",
+    );
     assert!(relay.wait_for_queue_len(0, WAIT), "{}", relay.log());
     assert!(sink.messages().is_empty(), "{:?}", sink.messages());
 }
@@ -1015,7 +1019,11 @@ fn without_pipelining_no_rcpt_is_sent_after_too_many_recipients() {
         .filter(|l| l.starts_with("RCPT"))
         .count();
     assert_eq!(rcpt_commands, 68, "{:?}", sink.commands());
-    assert!(!relay.log().contains("failed permanently"), "{}", relay.log());
+    assert!(
+        !relay.log().contains("failed permanently"),
+        "{}",
+        relay.log()
+    );
     assert!(sink.violations().is_empty(), "{:?}", sink.violations());
 }
 
