@@ -932,3 +932,204 @@ fn postmaster_on_a_listener_with_auth_required_still_requires_auth() {
     assert!(sink.wait_for(1, WAIT), "{}", relay.log());
     assert_eq!(sink.messages()[0].rcpts, ["postmaster@example.com"]);
 }
+
+// --- A DSN crosses a 7-bit path; RCPTs stop at too many recipients; folding and addresses ----
+
+/// The default route `up` at `sink`, and `up7` (an upstream without 8BITMIME or SMTPUTF8) for
+/// no8bit.test at `sink7`.
+fn with_7bit_route(sink: &Sink, sink7: &Sink) -> Relay {
+    let extra = format!(
+        "{FAST_RETRY}\n[[upstreams]]\nname = \"up7\"\naddress = \"127.0.0.1:{}\"\n\
+         tls = \"none\"\ndomains = [\"no8bit.test\"]\n",
+        sink7.port()
+    );
+    start_with("", "none", sink.port(), &extra)
+}
+
+fn sink_7bit() -> Sink {
+    Sink::start(SinkConfig {
+        eightbitmime: false,
+        smtputf8: false,
+        ..SinkConfig::default()
+    })
+}
+
+#[test]
+fn dsn_for_a_utf8_recipient_reaches_a_sender_whose_route_lacks_8bitmime() {
+    let mut config = SinkConfig::default();
+    config.rcpt_replies.insert(
+        "ü@example.com".to_owned(),
+        "550 5.1.1 no such user".to_owned(),
+    );
+    let sink = Sink::start(config);
+    let sink7 = sink_7bit();
+    let relay = with_7bit_route(&sink, &sink7);
+    let mut c = ready(relay.port(0));
+    c.expect("MAIL FROM:<snd@no8bit.test> SMTPUTF8", 250);
+    c.expect("RCPT TO:<ü@example.com>", 250);
+    c.expect("DATA", 354);
+    c.send_raw("Subject: Grüße\r\n\r\nhi\r\n.\r\n".as_bytes());
+    assert_reply(&c.read_reply(), 250, "2.0.0");
+    let bounce = bounce_of(&sink7, &relay);
+    assert_eq!(bounce.rcpts, ["snd@no8bit.test"]);
+    // 7-bit: no BODY=8BITMIME, no SMTPUTF8, and not one 8-bit octet.
+    assert!(
+        !bounce
+            .mail_params
+            .iter()
+            .any(|p| p.starts_with("BODY") || p == "SMTPUTF8"),
+        "{:?}",
+        bounce.mail_params
+    );
+    assert!(bounce.data.is_ascii());
+    let text = String::from_utf8(bounce.data.clone()).unwrap();
+    assert!(
+        text.contains(
+            "Content-Type: message/global-delivery-status\r\n\
+             Content-Transfer-Encoding: quoted-printable\r\n"
+        ),
+        "{text}"
+    );
+    assert!(
+        text.contains("\r\nFinal-Recipient: utf-8; =C3=BC@example.com\r\n"),
+        "{text}"
+    );
+    assert!(
+        text.contains(
+            "Content-Type: message/global-headers\r\n\
+             Content-Transfer-Encoding: quoted-printable\r\n"
+        ),
+        "{text}"
+    );
+    assert!(text.contains("\r\nSubject: Gr=C3=BC=C3=9Fe\r\n"), "{text}");
+    assert!(relay.wait_for_queue_len(0, WAIT), "{}", relay.log());
+    assert!(!relay.log().contains("DSN lost"), "{}", relay.log());
+    assert!(sink7.violations().is_empty(), "{:?}", sink7.violations());
+}
+
+#[test]
+fn undeliverable_dsn_is_logged_as_lost_with_the_reason() {
+    let mut config = SinkConfig::default();
+    config.rcpt_replies.insert(
+        "x@example.com".to_owned(),
+        "550 5.1.1 no such user".to_owned(),
+    );
+    config.rcpt_replies.insert(
+        "gone@example.com".to_owned(),
+        "550 5.1.1 sender mailbox gone".to_owned(),
+    );
+    let sink = Sink::start(config);
+    let relay = start_with("", "none", sink.port(), FAST_RETRY);
+    let mut c = ready(relay.port(0));
+    let reply = c.send_message(
+        "gone@example.com",
+        &["x@example.com"],
+        "Subject: t\r\n\r\nhi\r\n",
+    );
+    assert_reply(&reply, 250, "2.0.0");
+    assert_log(&relay, "DSN lost");
+    assert_log(
+        &relay,
+        "<gone@example.com> 5.1.1 550 5.1.1 sender mailbox gone",
+    );
+    assert!(relay.wait_for_queue_len(0, WAIT), "{}", relay.log());
+    assert!(sink.messages().is_empty(), "{:?}", sink.messages());
+}
+
+#[test]
+fn without_pipelining_no_rcpt_is_sent_after_too_many_recipients() {
+    let sink = Sink::start(SinkConfig {
+        pipelining: false,
+        ..too_many(7)
+    });
+    let relay = start_with("", "none", sink.port(), FAST_RETRY);
+    let mut c = ready(relay.port(0));
+    let rcpts: Vec<String> = (0..60).map(|i| format!("r{i:02}@example.com")).collect();
+    let rcpts: Vec<&str> = rcpts.iter().map(String::as_str).collect();
+    let reply = c.send_message("s@example.com", &rcpts, "Subject: many\r\n\r\nhi\r\n");
+    assert_reply(&reply, 250, "2.0.0");
+    // 60 recipients, 7 a transaction: 9 transactions on one connection.
+    assert!(sink.wait_for(9, WAIT), "{}", relay.log());
+    assert!(relay.wait_for_queue_len(0, WAIT), "{}", relay.log());
+    let messages = sink.messages();
+    let delivered: Vec<String> = messages.iter().flat_map(|m| m.rcpts.clone()).collect();
+    assert_eq!(delivered, rcpts);
+    assert!(messages.iter().all(|m| m.conn == 1 && m.rcpts.len() <= 7));
+    // Each of the 8 full transactions asks for one recipient too many, and no more: 60 + 8.
+    let rcpt_commands = sink
+        .commands()
+        .iter()
+        .filter(|l| l.starts_with("RCPT"))
+        .count();
+    assert_eq!(rcpt_commands, 68, "{:?}", sink.commands());
+    assert!(
+        !relay.log().contains("failed permanently"),
+        "{}",
+        relay.log()
+    );
+    assert!(sink.violations().is_empty(), "{:?}", sink.violations());
+}
+
+#[test]
+fn dsn_diagnostic_code_keeps_tabs_and_has_no_whitespace_only_line() {
+    let refusal = format!(
+        "550 5.1.1 a tab\there, then {}end ",
+        "words to fold ".repeat(8)
+    );
+    let mut config = SinkConfig::default();
+    config
+        .rcpt_replies
+        .insert("kate@example.com".to_owned(), refusal.clone());
+    let sink = Sink::start(config);
+    let relay = start_with("", "none", sink.port(), FAST_RETRY);
+    let mut c = ready(relay.port(0));
+    let reply = c.send_message(
+        "s@example.com",
+        &["kate@example.com"],
+        "Subject: t\r\n\r\nhi\r\n",
+    );
+    assert_reply(&reply, 250, "2.0.0");
+    let bounce = bounce_of(&sink, &relay);
+    let text = String::from_utf8(bounce.data.clone()).unwrap();
+    let field = format!("Diagnostic-Code: smtp; {}", refusal.trim_end());
+    assert!(!text.contains(&field), "not folded:\n{text}");
+    assert!(unfold(&text).contains(&format!("{field}\r\n")), "{text}");
+    for line in text.split("\r\n").filter(|l| !l.is_empty()) {
+        assert!(
+            !line.trim().is_empty(),
+            "white space only line {line:?}:\n{text}"
+        );
+    }
+}
+
+#[test]
+fn dsn_text_part_shows_a_quoted_address_with_its_spaces() {
+    let mut config = SinkConfig::default();
+    config.rcpt_replies.insert(
+        "\"a  b\"@example.com".to_owned(),
+        "550 5.1.1 no such user".to_owned(),
+    );
+    let sink = Sink::start(config);
+    let relay = start_with("", "none", sink.port(), FAST_RETRY);
+    let mut c = ready(relay.port(0));
+    let reply = c.send_message(
+        "s@example.com",
+        &["\"a  b\"@example.com"],
+        "Subject: t\r\n\r\nhi\r\n",
+    );
+    assert_reply(&reply, 250, "2.0.0");
+    let bounce = bounce_of(&sink, &relay);
+    let parsed = mail_parser::MessageParser::default()
+        .parse(&bounce.data)
+        .unwrap();
+    let human = parsed.body_text(0).unwrap();
+    assert!(
+        human.contains("<\"a  b\"@example.com>: the upstream server said: 550 5.1.1"),
+        "{human}"
+    );
+    let text = String::from_utf8(bounce.data.clone()).unwrap();
+    assert!(
+        text.contains("\r\nFinal-Recipient: rfc822; \"a  b\"@example.com\r\n"),
+        "{text}"
+    );
+}

@@ -565,7 +565,16 @@ impl Connection {
         let mut rcpt_replies = Vec::new();
         if mail_reply.is_positive() {
             for r in &rcpts {
-                rcpt_replies.push(self.command("RCPT", r).await?);
+                let reply = self.command("RCPT", r).await?;
+                // The upstream has said this transaction takes no more recipients (RFC 5321
+                // §4.5.3.1.10): asking for each of the rest would only draw the same reply,
+                // quadratically many RCPTs over the continuation transactions. The rest wait
+                // for the next transaction ([`Connection::envelope_outcome`]).
+                let full = reply.is_too_many_recipients();
+                rcpt_replies.push(reply);
+                if full {
+                    break;
+                }
             }
         }
         if let Some(done) = self.envelope_outcome(&mail_reply, &rcpt_replies, &mut outcomes)? {
@@ -586,7 +595,9 @@ impl Connection {
     }
 
     /// Apply the MAIL and RCPT replies. `Some` when the transaction ends here (MAIL refused
-    /// or no recipient accepted), with every outcome filled in.
+    /// or no recipient accepted), with every outcome filled in. `rcpts` may be shorter than
+    /// `outcomes` only when its last reply is too many recipients: the recipients not asked
+    /// for are then deferred to the continuation like the refused one.
     fn envelope_outcome(
         &mut self,
         mail: &Reply,
@@ -612,6 +623,16 @@ impl Connection {
                 *slot = Some(RcptOutcome::Deferred(format!("RCPT: {reply}")));
             } else if !reply.is_positive() {
                 *slot = Some(RcptOutcome::from_reply("RCPT", reply));
+            }
+        }
+        // Recipients not asked for, after an RCPT refused as too many recipients (only
+        // without pipelining): they wait for the next transaction, like the refused one.
+        if let Some(last) = rcpts.last().filter(|r| r.is_too_many_recipients()) {
+            for (i, slot) in outcomes.iter_mut().enumerate().skip(rcpts.len()) {
+                self.too_many.push(i);
+                *slot = Some(RcptOutcome::Deferred(format!(
+                    "RCPT not sent after: {last}"
+                )));
             }
         }
         // Every recipient refused: the transaction ends here.

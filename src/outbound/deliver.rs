@@ -557,7 +557,25 @@ impl Attempting<'_> {
         let id = self.id().clone();
         let sender = match &self.msg.envelope.mail_from {
             ReversePath::Null => {
-                info!(queue_id = %id, failed = failed.len(), "no bounce: the sender is <>");
+                // Nothing can be told of this failure (RFC 5321 §4.5.5: no notification to
+                // the null reverse-path); when the message is one of our own DSNs, a sender
+                // is never told that their mail failed, which an operator must hear of.
+                let reasons: Vec<String> = failed
+                    .iter()
+                    .map(|f| format!("<{}> {} {}", f.address, f.status, f.text))
+                    .collect();
+                let reasons = reasons.join("; ");
+                if self.msg.envelope.listener == crate::queue::bounce::BOUNCE_LISTENER {
+                    error!(
+                        queue_id = %id, failed = failed.len(), reason = ?reasons,
+                        "DSN lost: a delivery status notification failed for good and, its sender being <>, no bounce can be sent; the original sender is never told"
+                    );
+                } else {
+                    warn!(
+                        queue_id = %id, failed = failed.len(), reason = ?reasons,
+                        "no bounce: the sender is <>; the failure is reported to no one"
+                    );
+                }
                 return true;
             }
             ReversePath::Address(a) => a.clone(),

@@ -115,10 +115,12 @@ pub fn parse_line(line: &[u8]) -> Result<ReplyLine, String> {
         Some(b'-') => (false, &line[4..]),
         Some(_) => return Err(format!("malformed reply line {:?}", shown())),
     };
-    // Control characters from the peer never reach our logs or bounces.
+    // Control characters from the peer never reach our logs or bounces. A tab is white
+    // space, not a control, to a reader of the reply: kept, so that the DSN's Diagnostic-Code
+    // gives the reply back exactly (RFC 3464 §2.3.6).
     let text = String::from_utf8_lossy(text)
         .chars()
-        .map(|c| if c.is_control() { ' ' } else { c })
+        .map(|c| if c.is_control() && c != '\t' { ' ' } else { c })
         .collect();
     Ok(ReplyLine { code, last, text })
 }
@@ -132,6 +134,13 @@ mod tests {
             code,
             lines: vec![text.to_owned()],
         }
+    }
+
+    #[test]
+    fn reply_text_keeps_tabs_and_trailing_space_but_not_other_controls() {
+        let line = parse_line(b"550 5.1.1 a tab\there\x1b[31m\x00 end ").unwrap();
+        assert_eq!(line.text, "5.1.1 a tab\there [31m  end ");
+        assert!(line.last);
     }
 
     #[test]

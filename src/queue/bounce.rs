@@ -17,10 +17,12 @@
 //! CRLF line endings only (no bare CR or LF), every line at most [`MAX_LINE`] octets, the MIME
 //! boundary absent from every part. Text from upstream replies is reduced to printable ASCII.
 //! When an address or the original headers are UTF-8, the parts use the RFC 6533 types
-//! (`message/global-delivery-status`, `message/global-headers`) and the envelope asks for
-//! 8BITMIME (and SMTPUTF8 when the sender's address needs it); the text part then shows the
-//! address as it is, `charset=utf-8` and quoted-printable. Long fields are folded before a
-//! space, so that unfolding gives back the text unchanged.
+//! (`message/global-delivery-status`, `message/global-headers`), quoted-printable (RFC 6533
+//! §6 requires a transfer encoding on a 7-bit path, and the path of a DSN is not known when
+//! it is built); the text part then shows the address as it is, `charset=utf-8` and
+//! quoted-printable. So a DSN is 7-bit and needs neither 8BITMIME nor SMTPUTF8, unless the
+//! address it goes to (the `To:` field and the forward-path) is itself UTF-8. Long fields are
+//! folded before white space, so that unfolding gives back the text unchanged.
 //!
 //! [`Spool::enqueue`]: super::Spool::enqueue
 
@@ -44,6 +46,9 @@ pub const MAX_LINE: usize = 998;
 /// Most characters of one diagnostic text kept (upstream replies can be long multi-line
 /// texts; the first kilobyte says what went wrong).
 pub const MAX_DIAGNOSTIC: usize = 1024;
+
+/// The header field of a part sent quoted-printable.
+const QP_HEADER: &str = "Content-Transfer-Encoding: quoted-printable\r\n";
 
 /// Width at which long DSN fields are folded.
 const FOLD_WIDTH: usize = 76;
@@ -110,13 +115,29 @@ pub fn build_dsn(input: &DsnInput<'_>) -> Option<Vec<u8>> {
     } else {
         (
             "utf-8\r\nContent-Transfer-Encoding: quoted-printable\r\n",
-            quoted_printable(&text),
+            quoted_printable(text.as_bytes()),
         )
     };
     let utf8_status = sender.is_utf8() || input.failed.iter().any(|f| f.address.is_utf8());
     let status = status_part(&host, input.original.received_at, input.failed);
     let headers = returned_headers(input.original_head);
     let utf8_headers = !headers.is_ascii();
+    // RFC 6533 §6.1/§6.3: the global types "will typically contain octets with the 8th bit
+    // set. As a result a transfer encoding is required when a 7-bit transport is used." The
+    // DSN's path is not known here (and may be 7-bit: an upstream without 8BITMIME), and a
+    // DSN that cannot be delivered is lost for good (its sender is <>), so a part with 8-bit
+    // octets is always quoted-printable: the DSN stays 7-bit, and the ASCII of the fields
+    // stays readable.
+    let (status_cte, status) = if status.is_ascii() {
+        ("", status)
+    } else {
+        (QP_HEADER, quoted_printable(status.as_bytes()))
+    };
+    let (headers_cte, headers) = if headers.is_ascii() {
+        ("", headers)
+    } else {
+        (QP_HEADER, quoted_printable(&headers).into_bytes())
+    };
 
     let mut boundary = format!("{id}.{}/{host}", input.now);
     while [text.as_bytes(), status.as_bytes(), &headers]
@@ -150,12 +171,14 @@ pub fn build_dsn(input: &DsnInput<'_>) -> Option<Vec<u8>> {
          \r\n\
          --{boundary}\r\n\
          Content-Type: message/{status_type}\r\n\
+         {status_cte}\
          Content-Description: Delivery report\r\n\
          \r\n\
          {status}\
          \r\n\
          --{boundary}\r\n\
          Content-Type: {headers_type}\r\n\
+         {headers_cte}\
          Content-Description: Undelivered message headers\r\n\
          \r\n",
         sender = header_safe(&sender.to_string()),
@@ -180,7 +203,8 @@ pub fn build_dsn(input: &DsnInput<'_>) -> Option<Vec<u8>> {
 
 /// The envelope of the DSN `dsn` for `original`: from `<>` to the original sender, received
 /// now on the [`BOUNCE_LISTENER`] from 127.0.0.1. `None` when the original sender is `<>`.
-/// BODY=8BITMIME when the DSN has 8-bit octets; SMTPUTF8 when the sender's address needs it.
+/// BODY=8BITMIME when the DSN has 8-bit octets (only a UTF-8 `To:` can put them there: the
+/// parts are 7-bit); SMTPUTF8 when the sender's address needs it (RFC 6531 §3.4).
 pub fn bounce_envelope(
     original: &Envelope,
     dsn: &[u8],
@@ -222,12 +246,15 @@ fn human_part(host: &str, failed: &[FailedRecipient]) -> String {
     for f in failed {
         // The address as it is (a validated address has no controls), UTF-8 included: the
         // part is then sent as UTF-8 quoted-printable. Upstream text stays printable ASCII.
-        let line = format!(
-            "<{}>: {}",
-            header_safe(&f.address.to_string()),
-            diagnostic_text(&f.diagnostic)
-        );
-        for piece in fold(&line, FOLD_WIDTH, "    ") {
+        // The address is one piece, never broken or respaced: a quoted local part may hold
+        // spaces (`"a  b"@example.com`) and must read exactly as it was written.
+        let address = format!("<{}>:", header_safe(&f.address.to_string()));
+        for piece in fold(
+            &address,
+            &diagnostic_text(&f.diagnostic),
+            FOLD_WIDTH,
+            "    ",
+        ) {
             out.push_str(&piece);
             out.push_str("\r\n");
         }
@@ -356,25 +383,50 @@ fn split_lines(bytes: &[u8]) -> impl Iterator<Item = &[u8]> {
     })
 }
 
-/// Split `text` into lines of at most `width` octets where possible, breaking at spaces, for
-/// display (not for header fields: see [`fold_field`]); continuation lines start with `indent`.
-/// A word longer than a line may be is cut, at a character boundary.
-fn fold(text: &str, width: usize, indent: &str) -> Vec<String> {
-    let mut lines = Vec::new();
-    let mut line = String::new();
-    for word in text.split(' ').filter(|w| !w.is_empty()) {
-        let mut end = word.len().min(MAX_LINE - indent.len() - 1);
+/// `first` then `text`, separated by a space, in lines of at most `width` octets where
+/// possible, for display (not for header fields: see [`fold_field`]); continuation lines start
+/// with `indent`. `first` is never broken. `text` is broken only at a single space between two
+/// words, which the line break replaces; every other space (a run of them, as in a quoted
+/// local part) is kept, so nothing is collapsed. A word longer than a line may be is cut, at a
+/// character boundary.
+fn fold(first: &str, text: &str, width: usize, indent: &str) -> Vec<String> {
+    let limit = MAX_LINE - indent.len() - 1;
+    let cut = |word: &str| -> String {
+        let mut end = word.len().min(limit);
         while !word.is_char_boundary(end) {
             end -= 1;
         }
-        let word = &word[..end];
+        word[..end].to_owned()
+    };
+    // Words: the pieces between single spaces, runs of spaces staying inside a word.
+    let mut words = vec![cut(first)];
+    let mut word = String::new();
+    let mut chars = text.chars().peekable();
+    let mut prev_space = true;
+    while let Some(c) = chars.next() {
+        let next_space = chars.peek().is_none_or(|&n| n == ' ');
+        if c == ' ' && !prev_space && !next_space {
+            words.push(cut(&std::mem::take(&mut word)));
+        } else {
+            word.push(c);
+        }
+        prev_space = c == ' ';
+    }
+    if !word.trim().is_empty() {
+        words.push(cut(word.trim_end()));
+    }
+    let mut lines = Vec::new();
+    let mut line = String::new();
+    for word in words.into_iter().filter(|w| !w.is_empty()) {
         if !line.is_empty() && line.len() + 1 + word.len() > width {
             lines.push(std::mem::replace(&mut line, indent.to_string()));
+            line.push_str(&word);
+            continue;
         }
-        if !line.is_empty() && !line.ends_with(' ') {
+        if !line.is_empty() {
             line.push(' ');
         }
-        line.push_str(word);
+        line.push_str(&word);
     }
     if !line.trim().is_empty() {
         lines.push(line);
@@ -382,38 +434,36 @@ fn fold(text: &str, width: usize, indent: &str) -> Vec<String> {
     lines
 }
 
-/// Fold a header field (RFC 5322 §2.2.3) before a space, which then starts the continuation
-/// line: unfolding (removing each CRLF) gives back `text` exactly, with no whitespace added or
-/// lost. Lines are at most `width` octets where a space allows; a run without one stays whole
-/// up to [`MAX_LINE`], past which it is cut. No line is whitespace only.
+/// Fold a header field (RFC 5322 §2.2.3) before a space or tab that has more text after it
+/// on the line; that white space then starts the continuation line, so unfolding (removing
+/// each CRLF) gives back `text` exactly, with no white space added, lost or changed (a tab
+/// stays a tab). White space at the end of `text` is dropped rather than folded: a
+/// continuation line of white space only is obsolete syntax (RFC 5322 §3.2.2, §4.2) that
+/// must not be generated. Lines are at most `width` octets where white space allows; a run
+/// without any stays whole up to [`MAX_LINE`], past which it is cut. No line is white space
+/// only.
 fn fold_field(text: &str, width: usize) -> Vec<String> {
+    let wsp = |b: u8| b == b' ' || b == b'\t';
     let mut lines = Vec::new();
-    let mut rest = text;
+    let mut rest = text.trim_end_matches([' ', '\t']);
     while rest.len() > width {
-        // The last space that leaves something but spaces before it on this line, else the
-        // first such space further on.
-        let breaks = |i: &usize| *i > 0 && !rest[..*i].trim().is_empty();
-        let cut = rest.as_bytes()[..=width]
-            .iter()
-            .enumerate()
+        let bytes = rest.as_bytes();
+        // A fold point: white space with more than white space before it on this line (and,
+        // `rest` having no trailing white space, always text after it).
+        let breaks = |i: &usize| {
+            wsp(bytes[*i]) && *i > 0 && !rest[..*i].trim_matches([' ', '\t']).is_empty()
+        };
+        // The last fold point within the width, else the first one further on.
+        let cut = (0..=width)
             .rev()
-            .filter(|(_, b)| **b == b' ')
-            .map(|(i, _)| i)
             .find(breaks)
-            .or_else(|| {
-                rest.bytes()
-                    .enumerate()
-                    .skip(width)
-                    .filter(|(_, b)| *b == b' ')
-                    .map(|(i, _)| i)
-                    .find(breaks)
-            });
+            .or_else(|| (width + 1..bytes.len()).find(breaks));
         let Some(cut) = cut else { break };
         lines.push(rest[..cut].to_owned());
         rest = &rest[cut..];
     }
-    // A run without a space longer than a line may be (hostile upstream text): cut, since
-    // RFC 5322 §2.1.1 does not allow the line.
+    // A run without white space longer than a line may be (hostile upstream text): cut,
+    // since RFC 5322 §2.1.1 does not allow the line.
     let mut end = rest.len().min(MAX_LINE);
     while !rest.is_char_boundary(end) {
         end -= 1;
@@ -424,15 +474,15 @@ fn fold_field(text: &str, width: usize) -> Vec<String> {
 
 /// `text` (CRLF line ends) as quoted-printable (RFC 2045 §6.7): every non-ASCII octet, `=` and
 /// control as `=XX`, a space or tab before a line end encoded too, lines soft-broken (`=`) to
-/// at most 76 characters.
-fn quoted_printable(text: &str) -> String {
+/// at most 76 characters. Octets, not characters: an original header that is not UTF-8 is
+/// carried unchanged.
+fn quoted_printable(text: &[u8]) -> String {
     const WIDTH: usize = 76;
     let mut out = String::with_capacity(text.len() * 11 / 10);
-    for (n, line) in text.split("\r\n").enumerate() {
+    for (n, bytes) in split_crlf(text).enumerate() {
         if n > 0 {
             out.push_str("\r\n");
         }
-        let bytes = line.as_bytes();
         let mut column = 0;
         for (i, &b) in bytes.iter().enumerate() {
             let last = i + 1 == bytes.len();
@@ -455,13 +505,33 @@ fn quoted_printable(text: &str) -> String {
     out
 }
 
-/// Untrusted text as printable ASCII on one line: controls (CR, LF included) become spaces,
-/// other non-ASCII characters `?`; at most [`MAX_DIAGNOSTIC`] characters.
+/// Split at every CRLF, like `str::split("\r\n")`: n CRLFs give n + 1 pieces.
+fn split_crlf(bytes: &[u8]) -> impl Iterator<Item = &[u8]> {
+    let mut rest = Some(bytes);
+    std::iter::from_fn(move || {
+        let r = rest?;
+        match r.windows(2).position(|w| w == b"\r\n") {
+            Some(i) => {
+                rest = Some(&r[i + 2..]);
+                Some(&r[..i])
+            }
+            None => {
+                rest = None;
+                Some(r)
+            }
+        }
+    })
+}
+
+/// Untrusted text as printable ASCII on one line: a tab stays a tab (folding white space,
+/// RFC 5322 §3.2.2), other controls (CR, LF included) become spaces, other non-ASCII
+/// characters `?`; at most [`MAX_DIAGNOSTIC`] characters.
 fn printable_ascii(text: &str) -> String {
     let mut out: String = text
         .chars()
         .take(MAX_DIAGNOSTIC)
         .map(|c| match c {
+            '\t' => '\t',
             c if c.is_ascii_control() || c.is_control() => ' ',
             c if c.is_ascii() => c,
             _ => '?',
@@ -657,7 +727,7 @@ Subject: hello\r\nFrom: sender@example.org\r\nMessage-ID: <m1@example.org>\r\n\r
     fn quoted_printable_is_7bit_short_lined_and_exact() {
         let text =
             "<ü@example.com>: no = sign lost \r\ntrailing space \r\n".to_owned() + &"é".repeat(60);
-        let qp = quoted_printable(&text);
+        let qp = quoted_printable(text.as_bytes());
         assert!(qp.is_ascii());
         assert!(
             qp.starts_with("<=C3=BC@example.com>: no =3D sign lost=20\r\ntrailing space=20\r\n")
@@ -828,5 +898,160 @@ Subject: hello\r\nFrom: sender@example.org\r\nMessage-ID: <m1@example.org>\r\n\r
         let b = bounce_envelope(&env, &dsn, "relay.test", 1).unwrap();
         assert_eq!(b.mail_params.body, Some(Body::EightBitMime));
         assert!(b.mail_params.smtputf8);
+    }
+
+    /// Decode quoted-printable (RFC 2045 §6.7), for checking what the parts carry.
+    fn qp_decode(qp: &str) -> Vec<u8> {
+        let soft = qp.replace("=\r\n", "");
+        let b = soft.as_bytes();
+        let mut out = Vec::new();
+        let mut i = 0;
+        while i < b.len() {
+            if b[i] == b'=' {
+                out.push(u8::from_str_radix(&soft[i + 1..i + 3], 16).unwrap());
+                i += 3;
+            } else {
+                out.push(b[i]);
+                i += 1;
+            }
+        }
+        out
+    }
+
+    #[test]
+    fn dsn_with_utf8_recipient_and_headers_is_7bit_for_an_ascii_sender() {
+        let env = sample_envelope(&["ü@dest.test"]);
+        let list = [failed(
+            "ü@dest.test",
+            "5.1.1",
+            Diagnostic::Smtp("550 5.1.1 no such user".into()),
+            None,
+        )];
+        // A header that is not UTF-8 at all (Latin-1 é) is carried octet for octet.
+        let mut head = "Subject: Grüße\r\nX-Latin1: caf".as_bytes().to_vec();
+        head.extend_from_slice(b"\xE9\r\n\r\nbody\r\n");
+        let dsn = build_dsn(&DsnInput {
+            reporting_host: "relay.test",
+            original: &env,
+            failed: &list,
+            original_head: &head,
+            now: 1_700_000_000,
+        })
+        .unwrap();
+        lines_ok(&dsn);
+        assert!(dsn.is_ascii(), "{}", String::from_utf8_lossy(&dsn));
+        let text = String::from_utf8(dsn.clone()).unwrap();
+        assert!(text.contains(
+            "Content-Type: message/global-delivery-status\r\n\
+             Content-Transfer-Encoding: quoted-printable\r\n"
+        ));
+        assert!(text.contains(
+            "Content-Type: message/global-headers\r\n\
+             Content-Transfer-Encoding: quoted-printable\r\n"
+        ));
+        assert!(text.contains("\r\nFinal-Recipient: utf-8; =C3=BC@dest.test\r\n"));
+        // Each part decodes to exactly what it would carry unencoded.
+        let part = |desc: &str| {
+            let start = text.find(desc).unwrap() + desc.len() + 4;
+            let end = start + text[start..].find("\r\n--").unwrap();
+            qp_decode(&text[start..end])
+        };
+        let status = part("Content-Description: Delivery report");
+        assert_eq!(
+            String::from_utf8(status).unwrap(),
+            status_part("relay.test", env.received_at, &list)
+        );
+        let headers = part("Content-Description: Undelivered message headers");
+        assert_eq!(
+            headers,
+            b"Subject: Gr\xC3\xBC\xC3\x9Fe\r\nX-Latin1: caf\xE9\r\n"
+        );
+        let b = bounce_envelope(&env, &dsn, "relay.test", 1).unwrap();
+        assert_eq!(b.mail_params.body, None, "a 7-bit DSN asks for 8BITMIME");
+        assert!(!b.mail_params.smtputf8, "an ASCII sender asks for SMTPUTF8");
+        // It still parses as a three-part report.
+        let msg = MessageParser::default().parse(&dsn).unwrap();
+        let PartType::Multipart(children) = &msg.parts[0].body else {
+            panic!("not multipart");
+        };
+        assert_eq!(children.len(), 3);
+    }
+
+    #[test]
+    fn diagnostic_code_folding_keeps_tabs_and_makes_no_whitespace_only_line() {
+        let reply = format!("550 5.1.1 a tab\there {} end ", "word ".repeat(30));
+        let list = [failed(
+            "a@example.com",
+            "5.1.1",
+            Diagnostic::Smtp(reply.clone()),
+            None,
+        )];
+        let status = status_part("relay.test", 0, &list);
+        let lines: Vec<&str> = status.split("\r\n").collect();
+        let at = lines
+            .iter()
+            .position(|l| l.starts_with("Diagnostic-Code:"))
+            .unwrap();
+        let field: Vec<&str> = lines[at..]
+            .iter()
+            .take_while(|l| !l.is_empty())
+            .copied()
+            .collect();
+        assert!(field.len() > 1, "not folded: {field:?}");
+        for line in &field {
+            assert!(!line.trim().is_empty(), "whitespace-only line: {field:?}");
+            assert!(!line.ends_with(' '), "{field:?}");
+            assert!(line.len() <= FOLD_WIDTH, "{field:?}");
+        }
+        assert_eq!(
+            field.join(""),
+            format!("Diagnostic-Code: smtp; {}", reply.trim_end()),
+            "unfolding does not give back the reply"
+        );
+        // Folding at a tab: the tab starts the continuation line, unchanged.
+        let text = format!("Diagnostic-Code: smtp; {}\tz", "y".repeat(52));
+        let lines = fold_field(&text, FOLD_WIDTH);
+        assert_eq!(lines, [&text[..text.len() - 2], "\tz"]);
+        // Trailing white space only past the width: dropped, not folded onto its own line.
+        let text = format!("Diagnostic-Code: smtp; {} \t ", "y".repeat(52));
+        assert_eq!(fold_field(&text, FOLD_WIDTH), [text.trim_end()]);
+    }
+
+    #[test]
+    fn human_part_shows_a_quoted_address_with_its_spaces() {
+        let addr = Address::parse("\"a  b\"@dest.test").unwrap();
+        assert_eq!(addr.to_string(), "\"a  b\"@dest.test");
+        let list = [FailedRecipient {
+            address: addr,
+            status: "5.1.1".into(),
+            diagnostic: Diagnostic::Smtp(format!(
+                "550 5.1.1 <\"a  b\"@dest.test>:  two spaces kept {}",
+                "long ".repeat(20)
+            )),
+            remote_mta: None,
+        }];
+        let text = human_part("relay.test", &list);
+        assert!(
+            text.contains("\r\n<\"a  b\"@dest.test>: the upstream server said: 550 5.1.1\r\n"),
+            "{text}"
+        );
+        // The diagnostic's own runs of spaces are not collapsed either.
+        assert!(
+            text.contains("<\"a  b\"@dest.test>:  two spaces kept"),
+            "{text}"
+        );
+        // An address longer than a line is never broken.
+        let long = format!("{}@{}.test", "l".repeat(60), "d".repeat(60));
+        let list = [failed(
+            &long,
+            "5.1.1",
+            Diagnostic::Local("gone".into()),
+            None,
+        )];
+        let text = human_part("relay.test", &list);
+        assert!(
+            text.contains(&format!("\r\n<{long}>:\r\n    gone\r\n")),
+            "{text}"
+        );
     }
 }
