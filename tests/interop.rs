@@ -359,30 +359,6 @@ fn session_time_limit_holds_during_a_stalled_tls_handshake() {
 const UNUSABLE_HASH: &str =
     "$argon2id$v=19$m=1,t=1,p=1$c29tZXNhbHRzb21lc2FsdA$MyPqlOLCva2ktGsHp6KlygtFPfGTe5FCWyJ6XljeRlE";
 
-/// The argon2id hash of `password`, made with `portcullis passwd`.
-fn passwd(password: &str) -> String {
-    use std::io::Write;
-    use std::process::{Command, Stdio};
-    let mut child = Command::new(BIN)
-        .arg("passwd")
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .spawn()
-        .expect("spawn portcullis passwd");
-    let mut stdin = child.stdin.take().unwrap();
-    stdin.write_all(format!("{password}\n").as_bytes()).unwrap();
-    drop(stdin);
-    let out = child.wait_with_output().unwrap();
-    assert!(out.status.success(), "portcullis passwd failed");
-    String::from_utf8(out.stdout).unwrap().trim().to_owned()
-}
-
-fn auth_plain(user: &str, pass: &str) -> String {
-    use base64::Engine;
-    let token = base64::engine::general_purpose::STANDARD.encode(format!("\0{user}\0{pass}"));
-    format!("AUTH PLAIN {token}")
-}
-
 /// A submission listener (STARTTLS, AUTH required) with the users of `users_toml`, then `extra`.
 fn submission(users_toml: &str, upstream_port: u16, extra: &str) -> Relay {
     let dir = TestDir::new();

@@ -893,23 +893,27 @@ pub fn contains(haystack: &[u8], needle: &[u8]) -> bool {
     haystack.windows(needle.len()).any(|w| w == needle)
 }
 
+/// The argon2id hash of `password`, made with `portcullis passwd`.
+pub fn passwd(password: &str) -> String {
+    use std::io::Write;
+    let mut child = Command::new(BIN)
+        .arg("passwd")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("spawn portcullis passwd");
+    let mut stdin = child.stdin.take().unwrap();
+    stdin.write_all(format!("{password}\n").as_bytes()).unwrap();
+    drop(stdin);
+    let out = child.wait_with_output().unwrap();
+    assert!(out.status.success(), "portcullis passwd failed");
+    String::from_utf8(out.stdout).unwrap().trim().to_owned()
+}
+
 /// The argon2id hash of `secret`, made once with `portcullis passwd`.
 pub fn secret_hash() -> &'static str {
-    use std::io::Write;
-    use std::sync::OnceLock;
-    static HASH: OnceLock<String> = OnceLock::new();
-    HASH.get_or_init(|| {
-        let mut child = Command::new(BIN)
-            .arg("passwd")
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .spawn()
-            .expect("spawn portcullis passwd");
-        child.stdin.take().unwrap().write_all(b"secret\n").unwrap();
-        let out = child.wait_with_output().unwrap();
-        assert!(out.status.success(), "portcullis passwd failed");
-        String::from_utf8(out.stdout).unwrap().trim().to_string()
-    })
+    static HASH: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    HASH.get_or_init(|| passwd("secret"))
 }
 
 /// Connected from `ip`, through STARTTLS and EHLO again: ready for AUTH.
