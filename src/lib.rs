@@ -15,7 +15,8 @@
 //!   (hop count, header firewall, the `From:` fields for the ownership check) and the
 //!   `Received:` header, both pure.
 //! - [`policy`]: pure decisions compiled from `Config`, named after SMTP stages.
-//! - [`inbound`]: listeners, the per-connection driver, TLS.
+//! - [`inbound`]: listeners, the per-connection driver, TLS, connection accounting with stress
+//!   mode, and the bounded pool of threads that verify passwords.
 //! - [`queue`]: the durable spool, recovery, the operator control files behind the `queue`
 //!   commands (retry, delete, purge), the reuse of finished message files, the free-space
 //!   reserve for messages in flight and the bounce (RFC 3464) builder.
