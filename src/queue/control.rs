@@ -102,7 +102,10 @@ pub enum PurgeFilter {
     NullSender,
     /// Messages whose envelope sender is this address, compared as [`Address::matches`] does
     /// everywhere else: the canonical domain (A-label, lower case), an ASCII local part
-    /// ignoring case, a non-ASCII one byte for byte.
+    /// ignoring case, a non-ASCII one byte for byte. (The interface contract in DESIGN.md says
+    /// "exactly, domain case-insensitive"; this departs from it on purpose so that every
+    /// comparison of an address in the relay is the same one: what the relay check and sender
+    /// ownership treat as one mailbox, purge treats as one too.)
     Sender(Address),
     /// Messages whose envelope sender's domain is this domain (canonical form, so a U-label
     /// and its A-label are one domain; subdomains do not match), given as `--from @DOMAIN`.
