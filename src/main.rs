@@ -178,6 +178,20 @@ fn check_config(path: Option<&Path>) -> anyhow::Result<()> {
         portcullis::inbound::tls::server_config(tls, &config.server.hostname)
             .map_err(|e| UsageError(format!("{} is invalid:\ntls: {e}", path.display())))?;
     }
+    // A spool the relay would refuse to start on (others may write into it) fails here too.
+    // Its owner is taken as the relay's user, since check-config may run as root.
+    let spool = &config.server.spool_dir;
+    if let Ok(meta) = std::fs::metadata(spool) {
+        use std::os::unix::fs::MetadataExt;
+        portcullis::queue::Spool::open_existing(spool)
+            .and_then(|s| s.check_safe(meta.uid()))
+            .map_err(|e| {
+                UsageError(format!(
+                    "{} is invalid:\nserver.spool_dir: {e}",
+                    path.display()
+                ))
+            })?;
+    }
     print!("{}", config.summary());
     let mut warnings = config.warnings();
     warnings.extend(portcullis::config::perms::secret_file_warnings(&config));

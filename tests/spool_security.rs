@@ -154,16 +154,24 @@ fn spool_files_the_relay_did_not_write_are_rejected_at_restart_and_never_deliver
 /// Run `portcullis run` on `relay`'s config and expect it to refuse to start (exit 2) with a
 /// message naming `path` and `fix`.
 fn assert_start_refused(relay: &Relay, path: &Path, fix: &str) {
+    assert_command_refuses("run", relay, path, fix);
+}
+
+/// `portcullis COMMAND --config …` exits 2 naming `path` and `fix`.
+fn assert_command_refuses(command: &str, relay: &Relay, path: &Path, fix: &str) {
     let out = Command::new(BIN)
-        .args(["run", "--config"])
+        .args([command, "--config"])
         .arg(relay.config_path())
         .current_dir(relay.dir().path())
         .output()
         .unwrap();
     let said = text(&out);
-    assert_eq!(out.status.code(), Some(2), "{said}");
-    assert!(said.contains(&path.display().to_string()), "{said}");
-    assert!(said.contains(fix), "{said}");
+    assert_eq!(out.status.code(), Some(2), "{command}: {said}");
+    assert!(
+        said.contains(&path.display().to_string()),
+        "{command}: {said}"
+    );
+    assert!(said.contains(fix), "{command}: {said}");
 }
 
 /// A spool directory or subdirectory that is group- or world-writable, or owned by another
@@ -176,10 +184,14 @@ fn relay_refuses_to_start_on_a_spool_others_can_write() {
 
     chmod(&queue, 0o777);
     assert_start_refused(&relay, &queue, &format!("chmod 700 {}", queue.display()));
+    // check-config says so too, rather than OK for a spool the relay will not start on.
+    let fix = format!("chmod 700 {}", queue.display());
+    assert_command_refuses("check-config", &relay, &queue, &fix);
     chmod(&queue, 0o700);
 
     chmod(&relay.spool, 0o775);
     assert_start_refused(&relay, &relay.spool, "chmod 700");
+    assert_command_refuses("check-config", &relay, &relay.spool, "chmod 700");
     chmod(&relay.spool, 0o700);
 
     // Another user's spool: refused before anything is created in it.
