@@ -28,7 +28,6 @@ use crate::policy::senders::FromCheck;
 use crate::policy::{AuthHold, Refusal, SessionFacts};
 use crate::queue::reserve::Reservation;
 use crate::queue::{Spool, SpoolWriter};
-use crate::smtp::header_scan::HeaderScan;
 use crate::smtp::headers::{HeaderFilter, MAX_WHOLE_FIELD};
 use crate::smtp::received::{self, Trace};
 use crate::smtp::{Credentials, DataFault, Event, Reply, Session, SessionConfig, reply};
@@ -135,8 +134,6 @@ struct Incoming {
     writer: SpoolWriter,
     /// The one header reader: hop count, header firewall and the `From:` check.
     filter: HeaderFilter<Option<FromCheck>>,
-    /// Whether the header section, as written to the spool, is all ASCII.
-    scan: HeaderScan,
     /// The envelope written at the head of the spool file (rewritten when the message turns
     /// out to be undeclared 8-bit).
     envelope: Envelope,
@@ -880,7 +877,6 @@ impl Connection {
                 self.incoming = Some(Box::new(Incoming {
                     writer,
                     filter,
-                    scan: HeaderScan::new(),
                     envelope,
                     eight_bit: false,
                     failed: false,
@@ -913,11 +909,9 @@ impl Connection {
         let chunk = self.session.data_chunk();
         inc.scratch.clear();
         let result = if inc.filter.push(chunk, &mut inc.scratch) {
-            inc.scan.push(&inc.scratch);
             inc.eight_bit = inc.eight_bit || !inc.scratch.is_ascii();
             inc.writer.write(&inc.scratch)
         } else {
-            inc.scan.push(chunk);
             inc.eight_bit = inc.eight_bit || !chunk.is_ascii();
             inc.writer.write(chunk)
         };
@@ -970,7 +964,6 @@ impl Connection {
         };
         inc.scratch.clear();
         inc.filter.finish(&mut inc.scratch);
-        inc.scan.push(&inc.scratch);
         inc.eight_bit = inc.eight_bit || !inc.scratch.is_ascii();
         if !inc.failed
             && let Err(e) = inc.writer.write(&inc.scratch)
@@ -1015,23 +1008,37 @@ impl Connection {
                 rule = r.rule, reply = %r.reply, "rejected");
             return self.session.reject(&r.reply);
         }
-        if let Err(r) = self.routes_carry(inc.scan.non_ascii(), inc.eight_bit, inc.writer.written())
-        {
+        let header_utf8 = inc.filter.non_ascii();
+        if let Err(r) = self.routes_carry(header_utf8, inc.eight_bit, inc.writer.written()) {
             inc.writer.abort();
             return self.refuse(r);
         }
-        if inc.eight_bit
-            && inc.envelope.mail_params.body != Some(crate::envelope::Body::EightBitMime)
-        {
-            if let Err(e) = inc.writer.declare_8bitmime(&inc.envelope) {
-                warn!(error = %e, "cannot record BODY=8BITMIME in the spool file");
+        // What the message turned out to need, recorded once in its envelope so delivery
+        // declares exactly that upstream: BODY=8BITMIME for 8-bit octets MAIL did not declare
+        // (RFC 6152), and no SMTPUTF8 when envelope and header section are ASCII whatever was
+        // declared (RFC 6531 §3.4: any upstream can then take it).
+        let declared = &inc.envelope.mail_params;
+        let mut needed = declared.clone();
+        if inc.eight_bit {
+            needed.body = Some(crate::envelope::Body::EightBitMime);
+        }
+        let utf8_address = inc
+            .envelope
+            .mail_from
+            .address()
+            .is_some_and(Address::is_utf8)
+            || inc.envelope.recipients.iter().any(|r| r.address.is_utf8());
+        needed.smtputf8 = declared.smtputf8 && (header_utf8 || utf8_address);
+        if needed != *declared {
+            debug!(peer = %self.peer, params = ?needed, "MAIL parameters as the message needs them");
+            if let Err(e) = inc.writer.rewrite_mail_params(&inc.envelope, needed) {
+                warn!(error = %e, "cannot record the message's MAIL parameters in the spool file");
                 inc.writer.abort();
                 return self.refuse(Refusal {
                     reply: reply::LOCAL_ERROR,
                     rule: "spool_write",
                 });
             }
-            debug!(peer = %self.peer, "8-bit content without BODY=8BITMIME: declared upstream");
         }
         if inc.filter.stripped_count() > 0 {
             info!(peer = %self.peer, headers = ?inc.filter.stripped(),

@@ -145,17 +145,14 @@ pub struct Transaction<'a> {
     pub rcpts: &'a [&'a Address],
     /// Size of the message in octets (before dot-stuffing).
     pub size: u64,
-    /// The header section has a non-ASCII octet ([`crate::smtp::header_scan::HeaderScan`]).
-    pub utf8_headers: bool,
 }
 
 impl Transaction<'_> {
-    /// True when the message needs SMTPUTF8 (RFC 6531 §3.4): an address is non-ASCII, or the
-    /// client declared SMTPUTF8 and the header section is non-ASCII. A message whose
-    /// envelope and header section are all ASCII is sent without the parameter, even when
-    /// the client declared it, so any upstream can take it.
+    /// True when the message needs SMTPUTF8 (RFC 6531 §3.4): its envelope says so (the relay
+    /// keeps SMTPUTF8 there only for a message whose envelope or header section is not
+    /// ASCII, decided once at the final dot), or an address is non-ASCII.
     fn needs_smtputf8(&self) -> bool {
-        (self.params.smtputf8 && self.utf8_headers)
+        self.params.smtputf8
             || self.from.address().is_some_and(Address::is_utf8)
             || self.rcpts.iter().any(|a| a.is_utf8())
     }

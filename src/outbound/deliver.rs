@@ -23,7 +23,6 @@ use super::upstream::{UpstreamRt, Upstreams};
 use crate::config;
 use crate::envelope::{Address, QueueId, RcptStatus, ReversePath, unix_now};
 use crate::queue::{Attempt, Loaded, QueuedMessage, SendLock, Spool, SpoolError};
-use crate::smtp::header_scan::HeaderScan;
 
 /// Messages up to this size are read into memory in one go; larger ones are streamed from
 /// the spool file.
@@ -347,7 +346,6 @@ impl Attempting<'_> {
         up: &UpstreamRt,
         rcpts: &[usize],
     ) -> Result<Sent, super::client::Failure> {
-        let utf8_headers = self.utf8_headers().await;
         let env = &self.msg.envelope;
         let addresses: Vec<&Address> = rcpts.iter().map(|&i| &env.recipients[i].address).collect();
         let tx = Transaction {
@@ -355,7 +353,6 @@ impl Attempting<'_> {
             params: &env.mail_params,
             rcpts: &addresses,
             size: self.msg.size,
-            utf8_headers,
         };
         for fresh_try in [false, true] {
             let mut lease = up.lease(&self.ctx.hostname).await?;
@@ -377,47 +374,6 @@ impl Attempting<'_> {
             }
         }
         unreachable!("the loop returns on its second pass")
-    }
-
-    /// Whether the header section has a non-ASCII octet: only asked when the client declared
-    /// SMTPUTF8 (otherwise the answer changes nothing). A spool file that cannot be read
-    /// counts as non-ASCII, the answer that never sends a UTF-8 header section without
-    /// SMTPUTF8.
-    async fn utf8_headers(&self) -> bool {
-        if !self.msg.envelope.mail_params.smtputf8 {
-            return false;
-        }
-        match &self.body {
-            Bytes::Memory(bytes) => {
-                let mut scan = HeaderScan::new();
-                scan.push(bytes);
-                scan.non_ascii()
-            }
-            Bytes::Spooled => {
-                let id = self.id().clone();
-                let scanned = on_spool(&self.ctx.spool, move |s| {
-                    let (mut file, _) = s.open_message(&id)?;
-                    let mut scan = HeaderScan::new();
-                    let mut buf = vec![0u8; 64 * 1024];
-                    while !scan.done() {
-                        let n = std::io::Read::read(&mut file, &mut buf).map_err(|e| {
-                            SpoolError::Io {
-                                op: "read",
-                                path: s.root().to_path_buf(),
-                                source: e,
-                            }
-                        })?;
-                        if n == 0 {
-                            break;
-                        }
-                        scan.push(&buf[..n]);
-                    }
-                    Ok(scan.non_ascii())
-                })
-                .await;
-                scanned.unwrap_or(true)
-            }
-        }
     }
 
     async fn source(&self) -> Result<MessageSource, SpoolError> {

@@ -474,7 +474,7 @@ impl Spool {
             }
         };
         // Room for `BODY=8BITMIME`, should the message turn out to be 8-bit without declaring
-        // it (SpoolWriter::declare_8bitmime).
+        // it (SpoolWriter::rewrite_mail_params).
         let room = if envelope.mail_params.body == Some(Body::EightBitMime) {
             0
         } else {

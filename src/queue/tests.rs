@@ -1118,32 +1118,39 @@ fn invisible_characters_are_format_separators_and_default_ignorables_only() {
     }
 }
 
-/// Undeclared 8-bit content is recorded in the envelope in place, whether the header is still
-/// buffered or already on disk, and the message bytes are untouched.
+/// The MAIL parameters a message turned out to need (undeclared 8-bit content, a declared
+/// SMTPUTF8 it does not need) are recorded in the envelope in place, whether the header is
+/// still buffered or already on disk, and the message bytes are untouched.
 #[test]
-fn declare_8bitmime_rewrites_the_envelope_in_place() {
-    use crate::envelope::Body;
+fn rewrite_mail_params_rewrites_the_envelope_in_place() {
+    use crate::envelope::{Body, MailParams};
     let (_d, spool) = spool();
     let big = vec![b'x'; 200 * 1024];
-    for body in [BODY, big.as_slice()] {
-        let env = envelope(&["a@example.com"]);
-        assert_eq!(env.mail_params.body, None);
-        let mut w = spool.create(&env).unwrap();
-        w.write(body).unwrap();
-        w.declare_8bitmime(&env).unwrap();
-        let (id, loaded) = w.commit_and_keep().unwrap();
-        if let Some(loaded) = loaded {
-            assert_eq!(
-                loaded.msg.envelope.mail_params.body,
-                Some(Body::EightBitMime)
-            );
+    for smtputf8 in [false, true] {
+        for body in [BODY, big.as_slice()] {
+            let mut env = envelope(&["a@example.com"]);
+            env.mail_params.smtputf8 = smtputf8;
+            assert_eq!(env.mail_params.body, None);
+            let needed = MailParams {
+                body: Some(Body::EightBitMime),
+                smtputf8: false,
+                ..env.mail_params.clone()
+            };
+            let mut w = spool.create(&env).unwrap();
+            w.write(body).unwrap();
+            w.rewrite_mail_params(&env, needed.clone()).unwrap();
+            let (id, loaded) = w.commit_and_keep().unwrap();
+            if let Some(loaded) = loaded {
+                assert_eq!(loaded.msg.envelope.mail_params, needed);
+            }
+            let msg = spool.load(&id).unwrap();
+            assert_eq!(msg.envelope.mail_params.body, Some(Body::EightBitMime));
+            assert!(!msg.envelope.mail_params.smtputf8);
+            assert_eq!(msg.envelope.recipients, env.recipients);
+            let (mut file, _) = spool.open_message(&id).unwrap();
+            let mut read = Vec::new();
+            std::io::Read::read_to_end(&mut file, &mut read).unwrap();
+            assert_eq!(read, body);
         }
-        let msg = spool.load(&id).unwrap();
-        assert_eq!(msg.envelope.mail_params.body, Some(Body::EightBitMime));
-        assert_eq!(msg.envelope.recipients, env.recipients);
-        let (mut file, _) = spool.open_message(&id).unwrap();
-        let mut read = Vec::new();
-        std::io::Read::read_to_end(&mut file, &mut read).unwrap();
-        assert_eq!(read, body);
     }
 }

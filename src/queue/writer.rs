@@ -7,7 +7,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use super::{Dirs, Loaded, MAGIC, QueuedMessage, SendLock, SpoolError, rename_noreplace};
-use crate::envelope::{Body, Envelope, QueueId};
+use crate::envelope::{Envelope, MailParams, QueueId};
 use crate::queue::DeliveryState;
 
 /// Size of the write buffer: DATA arrives in small chunks, the disk prefers large ones.
@@ -44,7 +44,7 @@ pub struct SpoolWriter {
     /// [`KEEP_MAX`] (`None` once they do not).
     kept: Option<(Envelope, Vec<u8>)>,
     /// Octets of the envelope line (JSON and the blank room after it, without the newline),
-    /// which [`SpoolWriter::declare_8bitmime`] may rewrite in place.
+    /// which [`SpoolWriter::rewrite_mail_params`] may rewrite in place.
     header_line: usize,
 }
 
@@ -91,14 +91,19 @@ impl SpoolWriter {
         self.put(b"\n")
     }
 
-    /// The message turned out to hold 8-bit octets that MAIL FROM did not declare: record
-    /// `BODY=8BITMIME` in its envelope (RFC 6152), so delivery declares it upstream. `envelope`
-    /// is the one given to [`super::Spool::create`]. Rewrites the envelope line in place, in
-    /// the room `create` left for this; nothing is read back. Not yet durable: the commit's
-    /// fsync covers it.
-    pub fn declare_8bitmime(&mut self, envelope: &Envelope) -> Result<(), SpoolError> {
+    /// Record the MAIL parameters the message turned out to need in its envelope, so delivery
+    /// declares exactly these upstream: `BODY=8BITMIME` for 8-bit octets MAIL FROM did not
+    /// declare (RFC 6152), no `SMTPUTF8` for a message that is all ASCII (RFC 6531 §3.4).
+    /// `envelope` is the one given to [`super::Spool::create`]. Rewrites the envelope line in
+    /// place, in the room `create` left for adding `BODY=8BITMIME` (dropping SMTPUTF8 only
+    /// shortens it); nothing is read back. Not yet durable: the commit's fsync covers it.
+    pub fn rewrite_mail_params(
+        &mut self,
+        envelope: &Envelope,
+        params: MailParams,
+    ) -> Result<(), SpoolError> {
         let mut upgraded = envelope.clone();
-        upgraded.mail_params.body = Some(Body::EightBitMime);
+        upgraded.mail_params = params;
         let mut line = serde_json::to_vec(&upgraded).map_err(|source| SpoolError::Encode {
             what: "envelope",
             source,

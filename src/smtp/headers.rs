@@ -202,6 +202,8 @@ pub struct HeaderFilter<I: FieldInspector = ()> {
     too_large: Option<String>,
     /// False until the first line of the header section has begun.
     started: bool,
+    /// A non-ASCII octet was written for the header section (removed fields do not count).
+    non_ascii: bool,
     inspector: I,
 }
 
@@ -227,8 +229,16 @@ impl<I: FieldInspector> HeaderFilter<I> {
             stripped_count: 0,
             too_large: None,
             started: false,
+            non_ascii: false,
             inspector,
         }
+    }
+
+    /// True when the header section as written (after filtering) has a non-ASCII octet: such
+    /// a message needs SMTPUTF8 when the client declared it (RFC 6531 §3.4), and one whose
+    /// envelope and header section are ASCII does not, whatever was declared.
+    pub fn non_ascii(&self) -> bool {
+        self.non_ascii
     }
 
     /// Number of `Received:` fields in the header section.
@@ -306,10 +316,13 @@ impl<I: FieldInspector> HeaderFilter<I> {
             State::TooLarge => return true,
             _ => {}
         }
+        let from = out.len();
+        let mut body_from = None;
         let mut rest = chunk;
         while !rest.is_empty() {
             rest = match self.state {
                 State::Body => {
+                    body_from = Some(out.len());
                     out.extend_from_slice(rest);
                     &[]
                 }
@@ -356,11 +369,14 @@ impl<I: FieldInspector> HeaderFilter<I> {
                 }
             };
         }
+        let header_end = body_from.unwrap_or(out.len());
+        self.non_ascii |= !out[from..header_end].is_ascii();
         true
     }
 
     /// End of message: a message with no body (no blank line) is all header section.
     pub fn finish(&mut self, out: &mut Vec<u8>) {
+        let from = out.len();
         match self.state {
             State::BlankCr => {
                 out.push(b'\r');
@@ -383,6 +399,7 @@ impl<I: FieldInspector> HeaderFilter<I> {
             State::Value(action) | State::LineEnd(action) => self.end_field(action, out),
             State::LineStart | State::Body | State::TooLarge => {}
         }
+        self.non_ascii |= !out[from..].is_ascii();
         if self.state != State::TooLarge {
             self.state = State::Body;
         }

@@ -14,7 +14,6 @@
 //! `require_tls` / `auth = "required"` gates.
 
 pub mod data;
-pub mod header_scan;
 pub mod headers;
 pub mod line;
 pub mod received;

@@ -490,3 +490,49 @@ fn authserv_id_variants_of_ours_are_stripped() {
         assert_eq!(out, msg.as_bytes(), "{field:?}");
     }
 }
+
+/// `non_ascii` of a filter fed `parts` then finished.
+fn non_ascii(parts: &[&[u8]]) -> bool {
+    let mut f = HeaderFilter::new(Arc::new(StripRules::default()));
+    let mut out = Vec::new();
+    for p in parts {
+        if !f.push(p, &mut out) {
+            out.extend_from_slice(p);
+        }
+    }
+    f.finish(&mut out);
+    f.non_ascii()
+}
+
+#[test]
+fn only_the_header_section_counts_as_non_ascii_across_any_chunking() {
+    let msg = "Subject: caf\u{e9}\r\nTo: a@b\r\n\r\nbody\r\n".as_bytes();
+    for cut in 0..msg.len() {
+        assert!(non_ascii(&[&msg[..cut], &msg[cut..]]), "cut {cut}");
+    }
+    let body_only = "Subject: x\r\n\r\ncaf\u{e9}\r\n".as_bytes();
+    for cut in 0..body_only.len() {
+        assert!(
+            !non_ascii(&[&body_only[..cut], &body_only[cut..]]),
+            "cut {cut}"
+        );
+    }
+    // No header section at all: the message starts with the empty line.
+    assert!(!non_ascii(&["\r\nSubject: caf\u{e9}\r\n".as_bytes()]));
+    // A folded field's continuation is still the header section.
+    assert!(non_ascii(&["Subject: a\r\n \u{e9}\r\n\r\n".as_bytes()]));
+    // A message that is all header section.
+    assert!(non_ascii(&["X: \u{e9}".as_bytes()]));
+    // A removed field does not count: it is not sent.
+    let mut f = HeaderFilter::new(Arc::new(StripRules {
+        names: vec![NamePattern::new("X-Strip")],
+        ..StripRules::default()
+    }));
+    let mut out = Vec::new();
+    f.push(
+        "X-Strip: caf\u{e9}\r\nSubject: x\r\n\r\n".as_bytes(),
+        &mut out,
+    );
+    f.finish(&mut out);
+    assert!(!f.non_ascii());
+}
