@@ -12,7 +12,6 @@
 mod common;
 
 use std::fs;
-use std::process::Command;
 use std::time::Duration;
 
 use common::sink::{Sink, SinkConfig, Stage};
@@ -391,21 +390,6 @@ fn six_messages_failing_at_once_move_the_backoff_one_step() {
     assert!(log.contains("backoff_secs=30 failed_probes=1"), "{log}");
     assert_eq!(log.matches("back-off unchanged").count(), 5, "{log}");
     assert!(!log.contains("backoff_secs=60"), "{log}");
-}
-
-fn check_config(dir: &TestDir, text: &str) -> String {
-    let path = dir.write("check.toml", dir.expand(text));
-    let out = Command::new(BIN)
-        .args(["check-config", "--config"])
-        .arg(&path)
-        .output()
-        .expect("spawn portcullis");
-    assert!(out.status.success(), "{out:?}");
-    format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    )
 }
 
 #[test]

@@ -932,3 +932,20 @@ pub fn auth_plain(user: &str, pass: &str) -> String {
     let token = base64::engine::general_purpose::STANDARD.encode(format!("\0{user}\0{pass}"));
     format!("AUTH PLAIN {token}")
 }
+
+/// `portcullis check-config` on `text` (with `{dir}` expanded), which must pass: its report
+/// and warnings, stdout then stderr.
+pub fn check_config(dir: &TestDir, text: &str) -> String {
+    let path = dir.write("check.toml", dir.expand(text));
+    let out = Command::new(BIN)
+        .args(["check-config", "--config"])
+        .arg(&path)
+        .output()
+        .expect("spawn portcullis");
+    assert!(out.status.success(), "{out:?}");
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    )
+}
