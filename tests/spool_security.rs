@@ -101,6 +101,9 @@ fn spool_files_the_relay_did_not_write_are_rejected_at_restart_and_never_deliver
     let upstream = free_port();
     let mut relay = relay_with_upstream(upstream);
     let own = queue_one(&relay, "a@example.org", "own");
+    // Its first attempt (upstream down) writes its state file, planted over below.
+    let state = relay.spool.join("queue").join(format!("{own}.state"));
+    assert!(wait_until(Duration::from_secs(10), || state.exists()));
     stop(&mut relay);
 
     let foreign = "0AAAAAAAAAAAAAAA";
@@ -111,11 +114,8 @@ fn spool_files_the_relay_did_not_write_are_rejected_at_restart_and_never_deliver
         NOGROUP,
     );
     chmod(&plant(&relay.spool, &own, writable, "forged"), 0o666);
-    // A state file planted next to the relay's own message is not believed either.
-    let state = relay.spool.join("queue").join(format!("{own}.state"));
-    if state.exists() {
-        chown(&state, NOBODY, NOGROUP);
-    }
+    // A state file of another owner next to the relay's own message is not believed either.
+    chown(&state, NOBODY, NOGROUP);
 
     let sink = Sink::start_on(upstream, SinkConfig::default());
     relay.restart();
@@ -129,6 +129,14 @@ fn spool_files_the_relay_did_not_write_are_rejected_at_restart_and_never_deliver
         let kept = relay.spool.join("rejected").join(id);
         assert!(kept.exists(), "{id} not in rejected/");
     }
+    assert!(
+        relay
+            .spool
+            .join("rejected")
+            .join(format!("{own}.state"))
+            .exists(),
+        "the foreign state file was not rejected"
+    );
     let out = relay.command(&["queue", "list"]);
     assert!(out.status.success(), "{}", text(&out));
     let listing = String::from_utf8_lossy(&out.stdout);

@@ -474,15 +474,13 @@ impl Spool {
             }
         };
         // Room for `BODY=8BITMIME`, should the message turn out to be 8-bit without declaring
-        // it (SpoolWriter::rewrite_mail_params).
+        // it (SpoolWriter::rewrite_mail_params): at most the whole field, since `MailParams`
+        // leaves out what is not set. A constant, so no second serialization per message.
+        const ROOM: usize = r#""body":"8bitmime","#.len();
         let room = if envelope.mail_params.body == Some(Body::EightBitMime) {
             0
         } else {
-            let mut upgraded = envelope.clone();
-            upgraded.mail_params.body = Some(Body::EightBitMime);
-            serde_json::to_vec(&upgraded)
-                .map_or(0, |j| j.len())
-                .saturating_sub(json.len())
+            ROOM
         };
         let mut writer = SpoolWriter::new(envelope, file, path, reused, self.inner.clone());
         writer.write_header(&json, room)?;
