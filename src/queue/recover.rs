@@ -94,7 +94,11 @@ impl Spool {
             // lstat: a symlink is judged as itself, never by what it points to.
             let trusted = match entry.metadata() {
                 Ok(meta) => super::trust(&meta, self.inner.owner.0),
-                Err(e) => Err(format!("cannot stat: {e}")),
+                // Gone since the directory was read (a `queue delete` beside the start).
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+                // Judged when it is opened below, which checks the open file again: an I/O
+                // error that may pass leaves a file in place, it never rejects it for good.
+                Err(_) => Ok(()),
             };
             match (classify(&entry.file_name()), trusted) {
                 (Entry::Message(id), Ok(())) => messages.push((id, path)),
@@ -218,9 +222,13 @@ impl Spool {
             .map(|n| n.strip_suffix(STATE_SUFFIX).unwrap_or(n))
             .and_then(exact_id)
             .map_or_else(|| "-".to_string(), |id| id.to_string());
+        match fs::rename(path, &dest) {
+            // Removed meanwhile (a `queue delete` beside the start): nothing left to reject.
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+            r => r.map_err(SpoolError::io("rename", path))?,
+        }
         tracing::warn!(queue_id, path = %path.display(), to = %dest.display(), reason,
             rule = "spool_rejected", "spool file rejected: never delivered");
-        fs::rename(path, &dest).map_err(SpoolError::io("rename", path))?;
         report.rejected.push(dest);
         Ok(())
     }
