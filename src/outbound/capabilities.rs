@@ -227,27 +227,29 @@ impl RouteCapabilities {
 }
 
 fn read_file(path: &Path) -> Option<File> {
-    use std::os::unix::fs::MetadataExt;
+    use crate::queue::{Opened, open_trusted};
+    use std::io::Read;
+    // The relay runs as the spool's owner (it refuses to start otherwise).
     // SAFETY: geteuid has no preconditions and cannot fail.
-    let euid = unsafe { libc::geteuid() };
-    let text = match fs::symlink_metadata(path) {
-        Ok(m) if m.len() > MAX_FILE => {
-            warn!(file = %path.display(), "upstream capability file too large; ignored");
+    let owner = unsafe { libc::geteuid() };
+    // Only a file the relay wrote decides what is accepted at RCPT: one planted by another
+    // user, writable by others, or a link could make it accept mail it must then bounce.
+    let text = match open_trusted(path, owner, false) {
+        Ok(file) => {
+            let mut text = Vec::new();
+            file.take(MAX_FILE + 1).read_to_end(&mut text).map(|_| text)
+        }
+        Err(Opened::Untrusted(reason)) => {
+            warn!(file = %path.display(), reason, "upstream capability file not written by the relay; ignored");
             return None;
         }
-        // Only a file the relay wrote decides what is accepted at RCPT: one planted by another
-        // user, writable by others, or a link could make it accept mail it must then bounce.
-        Ok(m) if !m.file_type().is_file() || m.uid() != euid || m.mode() & 0o022 != 0 => {
-            warn!(
-                file = %path.display(), uid = m.uid(), mode = format!("{:o}", m.mode() & 0o7777),
-                "upstream capability file not written by the relay (owner, mode or type); ignored"
-            );
-            return None;
-        }
-        Ok(_) => fs::read(path),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return None,
-        Err(e) => Err(e),
+        Err(Opened::Io(e)) if e.kind() == std::io::ErrorKind::NotFound => return None,
+        Err(Opened::Io(e)) => Err(e),
     };
+    if text.as_ref().is_ok_and(|t| t.len() as u64 > MAX_FILE) {
+        warn!(file = %path.display(), "upstream capability file too large; ignored");
+        return None;
+    }
     match text.map(|t| serde_json::from_slice::<File>(&t)) {
         Ok(Ok(file)) => Some(file),
         Ok(Err(e)) => {

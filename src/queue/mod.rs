@@ -763,22 +763,45 @@ fn exact_id(name: &str) -> Option<QueueId> {
 /// followed: nothing legitimate puts one in `queue/`, and following it could read a file
 /// outside the spool.
 fn open_message_file(path: &Path, id: &QueueId, owner: u32) -> Result<File, SpoolError> {
+    open_trusted(path, owner, false).map_err(|e| match e {
+        Opened::Io(e) if e.kind() == io::ErrorKind::NotFound => SpoolError::NotFound(id.clone()),
+        e => e.into_spool_error(path),
+    })
+}
+
+/// Why [`open_trusted`] gave no file.
+pub(crate) enum Opened {
+    /// The open or the `fstat` failed (`NotFound` included).
+    Io(io::Error),
+    /// The file is there but the relay did not write it: why ([`trust`]).
+    Untrusted(String),
+}
+
+impl Opened {
+    fn into_spool_error(self, path: &Path) -> SpoolError {
+        match self {
+            Opened::Io(e) => SpoolError::io("open", path)(e),
+            Opened::Untrusted(reason) => SpoolError::Untrusted {
+                path: path.to_path_buf(),
+                reason,
+            },
+        }
+    }
+}
+
+/// Open a file the relay wrote: without following a link (`O_NOFOLLOW`), without blocking on
+/// a planted FIFO (`O_NONBLOCK`), and only when the open file itself (`fstat`, so nothing can
+/// be swapped in between) passes [`trust`] for `owner`. For reading, or for writing when
+/// `write`. Every reader of spool files goes through here.
+pub(crate) fn open_trusted(path: &Path, owner: u32, write: bool) -> Result<File, Opened> {
     let file = OpenOptions::new()
-        .read(true)
+        .read(!write)
+        .write(write)
         .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
         .open(path)
-        .map_err(|e| {
-            if e.kind() == io::ErrorKind::NotFound {
-                SpoolError::NotFound(id.clone())
-            } else {
-                SpoolError::io("open", path)(e)
-            }
-        })?;
-    let meta = file.metadata().map_err(SpoolError::io("stat", path))?;
-    trust(&meta, owner).map_err(|reason| SpoolError::Untrusted {
-        path: path.to_path_buf(),
-        reason,
-    })?;
+        .map_err(Opened::Io)?;
+    let meta = file.metadata().map_err(Opened::Io)?;
+    trust(&meta, owner).map_err(Opened::Untrusted)?;
     Ok(file)
 }
 
@@ -914,20 +937,11 @@ fn read_header(reader: &mut impl BufRead, path: &Path) -> Result<(Envelope, u64)
 
 /// Read and parse a state file: `None` when absent.
 fn read_state_file(path: &Path, owner: u32) -> Result<Option<DeliveryState>, SpoolError> {
-    let file = match OpenOptions::new()
-        .read(true)
-        .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
-        .open(path)
-    {
+    let file = match open_trusted(path, owner, false) {
         Ok(f) => f,
-        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
-        Err(e) => return Err(SpoolError::io("open", path)(e)),
+        Err(Opened::Io(e)) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(e.into_spool_error(path)),
     };
-    let meta = file.metadata().map_err(SpoolError::io("stat", path))?;
-    trust(&meta, owner).map_err(|reason| SpoolError::Untrusted {
-        path: path.to_path_buf(),
-        reason,
-    })?;
     let mut bytes = Vec::new();
     file.take(MAX_STATE_FILE + 1)
         .read_to_end(&mut bytes)

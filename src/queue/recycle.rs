@@ -20,9 +20,9 @@
 //! hand too: the pool then creates new files. Only the relay process recycles; the `queue`
 //! commands unlink.
 
-use std::fs::{self, File, OpenOptions};
+use std::fs::{self, File};
 use std::io;
-use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
+use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::sync::{Mutex, MutexGuard};
 
@@ -89,29 +89,21 @@ impl FreePool {
         loop {
             let name = self.names().pop()?;
             let path = self.dir.join(&name);
-            match OpenOptions::new()
-                .write(true)
-                .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
-                .open(&path)
-            {
+            match super::open_trusted(&path, self.owner, true) {
                 // A free file must have no other name. Only a crash in the middle of a rename,
                 // repaired by fsck on a file system without a journal, could leave one also
                 // linked in `queue/`: writing over it would destroy a queued message.
-                Ok(file)
-                    if file
-                        .metadata()
-                        .is_ok_and(|m| m.nlink() == 1 && super::trust(&m, self.owner).is_ok()) =>
-                {
+                Ok(file) if file.metadata().is_ok_and(|m| m.nlink() == 1) => {
                     return Some((file, path));
                 }
-                Ok(_) => {
+                Ok(_) | Err(super::Opened::Untrusted(_)) => {
                     tracing::warn!(path = %path.display(), "a free spool file has another name or was not written by the relay; not reusing it");
                     let _ = fs::remove_file(&path);
                     continue;
                 }
                 // Removed by hand meanwhile: try the next one.
-                Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
-                Err(e) => {
+                Err(super::Opened::Io(e)) if e.kind() == io::ErrorKind::NotFound => continue,
+                Err(super::Opened::Io(e)) => {
                     tracing::debug!(error = %e, "cannot reuse a free spool file");
                     return None;
                 }
