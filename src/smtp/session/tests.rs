@@ -1365,3 +1365,62 @@ fn u_label_domains_need_smtputf8_and_are_kept_as_a_labels() {
         ["info@xn--bcher-kva.example", "\u{212A}ate@d.example"]
     );
 }
+
+// --- Stress mode: commands that make no progress ---------------------------------------------
+
+#[test]
+fn stress_mode_closes_a_session_at_its_second_junk_command() {
+    // Each kind of junk, twice, in stress mode: the second one closes with 421 4.7.0.
+    for junk in [
+        "NOOP",
+        "RSET",
+        "HELP",
+        "VRFY x",
+        "EXPN x",
+        "EHLO again.example",
+        "BOGUS",
+    ] {
+        let mut t = T::ehlo(cfg());
+        t.s.set_stressed(true);
+        let first = t.send(junk);
+        assert!(!first.replies.is_empty(), "{junk}");
+        t.assert_open();
+        // A refused command keeps its own reply, then 421 closes (as for max_errors).
+        let second = t.send(junk);
+        assert_eq!(second.codes().last(), Some(&421), "{junk}");
+        assert!(t.s.closed_for_junk(), "{junk}");
+        t.assert_closed();
+    }
+    // A policy refusal counts too: a refused RCPT, then a NOOP.
+    let mut t = T::ehlo(cfg());
+    t.s.set_stressed(true);
+    t.send("MAIL FROM:<a@b.example>").expect(250);
+    t.reject_next(reply::RELAY_DENIED);
+    t.send("RCPT TO:<x@elsewhere.example>").expect(550);
+    t.send("NOOP").expect_enh(421, "4.7.0");
+    assert!(t.s.closed_for_junk());
+}
+
+#[test]
+fn junk_commands_are_not_limited_outside_stress_mode_and_progress_resets_the_count() {
+    let mut t = T::ehlo(cfg());
+    for _ in 0..20 {
+        t.send("NOOP").expect(250);
+    }
+    assert!(!t.s.closed_for_junk());
+    // Commands before stress mode count: the next junk command once stressed closes.
+    t.s.set_stressed(true);
+    t.send("NOOP").expect_enh(421, "4.7.0");
+
+    // A queued message starts the count over.
+    let mut t = T::ehlo(cfg());
+    t.s.set_stressed(true);
+    t.send("NOOP").expect(250);
+    t.envelope();
+    t.send("DATA").expect(354);
+    t.send_raw(b"Subject: x\r\n\r\nx\r\n.\r\n").expect(250);
+    assert_eq!(t.queued.len(), 1);
+    t.send("NOOP").expect(250);
+    t.assert_open();
+    t.send("NOOP").expect_enh(421, "4.7.0");
+}
