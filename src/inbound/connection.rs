@@ -694,10 +694,23 @@ impl Connection {
             });
         };
         // The wait for a verifier thread is bounded too: under a flood that outlasts
-        // AUTH_WAIT, `454 4.7.0`; dropping the receiver cancels the job if it has not started.
-        let Ok(result) = tokio::time::timeout(AUTH_WAIT, result).await else {
-            attempt.release();
-            verifier.notify_settled();
+        // AUTH_WAIT, `454 4.7.0` now. The verification may already be running, so its
+        // reservation is not given back here: it is kept until the result is known and then
+        // recorded like any other (a failure counts), so a client cannot have more checks in
+        // flight than the lockout allows by letting earlier ones time out.
+        let mut result = result;
+        let Ok(result) = tokio::time::timeout(AUTH_WAIT, &mut result).await else {
+            let verifier = Arc::clone(&verifier);
+            tokio::spawn(async move {
+                match result.await {
+                    Ok(Ok(ok)) => {
+                        attempt.settle(ok && known, Instant::now());
+                    }
+                    // Not verified (a local failure): nothing to count.
+                    _ => attempt.release(),
+                }
+                verifier.notify_settled();
+            });
             return self.refuse(Refusal {
                 reply: reply::AUTH_TEMPORARY,
                 rule: "auth_busy",
