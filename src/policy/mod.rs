@@ -67,7 +67,7 @@ pub struct Policy {
     /// Nothing is stripped from trusted mail.
     trusted_headers: Arc<StripRules>,
     /// The addresses each user (by login) may send as.
-    senders: HashMap<String, Senders>,
+    senders: HashMap<String, Arc<Senders>>,
     /// `[auth] check_display_name`.
     check_display_name: bool,
     /// `[rate_limits]` tables (shared with the next policy where unchanged).
@@ -106,7 +106,7 @@ impl Policy {
                 .auth
                 .iter()
                 .flat_map(|a| &a.users)
-                .map(|u| (u.name.clone(), Senders::new(&u.name, &u.senders)))
+                .map(|u| (u.name.clone(), Arc::new(Senders::new(&u.name, &u.senders))))
                 .collect(),
             check_display_name: config.auth.as_ref().is_none_or(|a| a.check_display_name),
             limiters: Limiters::new(&config.rate_limits, previous.map(|p| &p.limiters), now),
@@ -232,7 +232,8 @@ impl Policy {
             .senders
             .get(user)
             .cloned()
-            .unwrap_or_else(|| Senders::new("", &[]));
+            // A login without an entry owns nothing (it cannot authenticate anyway).
+            .unwrap_or_else(|| Arc::new(Senders::new("", &[])));
         Some(FromCheck::new(senders, self.check_display_name))
     }
 

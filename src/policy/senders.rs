@@ -27,6 +27,8 @@
 //!   (`[auth] check_display_name`, on by default). Phrases, comments and encoded words are
 //!   searched, after dropping invisible characters and reading `@`/`.` look-alikes as ASCII.
 
+use std::sync::Arc;
+
 use crate::envelope::{Address, canonical_domain};
 use crate::text::{fold_lookalike, is_invisible};
 
@@ -105,7 +107,8 @@ pub enum FromProblem {
 /// section it stands. Holds only its verdict, not the fields.
 #[derive(Debug, Clone)]
 pub struct FromCheck {
-    senders: Senders,
+    /// Shared with the policy: a message's check copies no list.
+    senders: Arc<Senders>,
     display_names: bool,
     seen: bool,
     problem: Option<FromProblem>,
@@ -114,7 +117,7 @@ pub struct FromCheck {
 impl FromCheck {
     /// A check against `senders`; `display_names` also refuses display names that contain an
     /// address not owned (`[auth] check_display_name`).
-    pub fn new(senders: Senders, display_names: bool) -> FromCheck {
+    pub fn new(senders: Arc<Senders>, display_names: bool) -> FromCheck {
         FromCheck {
             senders,
             display_names,
@@ -484,7 +487,7 @@ fn foreign_address_in(senders: &Senders, name: &str) -> Option<String> {
 /// Check every `From:` field of `section` (a whole header section) against `senders`,
 /// display names included: what [`FromCheck`] does during DATA.
 pub fn check_from_header(senders: &Senders, section: &[u8]) -> Result<(), FromProblem> {
-    let check = FromCheck::new(senders.clone(), true);
+    let check = FromCheck::new(Arc::new(senders.clone()), true);
     let mut reader =
         crate::smtp::headers::HeaderFilter::with_inspector(std::sync::Arc::default(), check);
     let mut out = Vec::new();
@@ -626,7 +629,7 @@ mod tests {
             assert_eq!(check(h), Ok(()), "{h:?}");
         }
         // Off: only the addresses count.
-        let mut off = FromCheck::new(s.clone(), false);
+        let mut off = FromCheck::new(Arc::new(s.clone()), false);
         off.from_field(spoofs[0].as_bytes());
         assert_eq!(off.finish(), Ok(()));
     }
@@ -676,7 +679,7 @@ mod tests {
             );
         }
         // Still refused with the display-name rule off.
-        let mut off = FromCheck::new(s.clone(), false);
+        let mut off = FromCheck::new(Arc::new(s.clone()), false);
         off.from_field(ambiguous[3].as_bytes());
         assert!(matches!(off.finish(), Err(FromProblem::Ambiguous(_))));
         let fine = [
