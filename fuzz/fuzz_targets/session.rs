@@ -45,7 +45,7 @@ impl Driver {
         let small = flags & 0x80 != 0;
         let config = SessionConfig {
             hostname: "mx.example".into(),
-            postmaster: "postmaster@mx.example".into(),
+            postmaster: portcullis::envelope::Address::parse("postmaster@mx.example").unwrap(),
             max_command_length: if small { 64 } else { 1024 },
             max_message_size: if small { 100 } else { 100_000 },
             max_recipients: if small { 2 } else { 100 },

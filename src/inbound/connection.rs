@@ -183,7 +183,7 @@ impl Connection {
         let c = &runtime.config;
         let session = Session::new(SessionConfig {
             hostname: c.server.hostname.clone(),
-            postmaster: c.relay.postmaster.to_string(),
+            postmaster: c.relay.postmaster.clone(),
             max_command_length: c.limits.max_command_length,
             max_message_size: c.limits.max_message_size,
             max_recipients: c.limits.max_recipients,

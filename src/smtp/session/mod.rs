@@ -27,7 +27,7 @@ pub struct SessionConfig {
     pub hostname: String,
     /// Where `RCPT TO:<postmaster>` (RFC 5321 §4.5.1: no domain, any case) is delivered: the
     /// `[relay] postmaster` address.
-    pub postmaster: String,
+    pub postmaster: Address,
     /// Octets per command line, including CRLF.
     pub max_command_length: usize,
     pub max_message_size: u64,
@@ -832,7 +832,7 @@ impl Session {
         // `[relay] postmaster`; smtp-proto reports it as an empty address.
         let postmaster = to.address.is_empty() && raw.eq_ignore_ascii_case("postmaster");
         let parsed = if postmaster {
-            Address::parse(&self.config.postmaster).map_err(PathFault::Address)
+            Ok(self.config.postmaster.clone())
         } else {
             path_address(raw, &to.address)
         };

@@ -14,7 +14,7 @@ const HOST: &str = "mx.example";
 fn cfg() -> SessionConfig {
     SessionConfig {
         hostname: HOST.to_string(),
-        postmaster: "postmaster@example.net".to_string(),
+        postmaster: crate::envelope::Address::parse("postmaster@example.net").unwrap(),
         max_command_length: 512,
         max_message_size: 1000,
         max_recipients: 3,
