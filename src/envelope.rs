@@ -184,6 +184,7 @@ impl Address {
     /// [`AddressError::EmptyLocalPart`], [`AddressError::ControlCharacter`] for a character
     /// no local part may hold, the domain errors of [`Address::parse`], and
     /// [`AddressError::TooLong`] when the canonical form is over [`MAX_ADDRESS_LEN`] octets.
+    #[cfg(test)]
     pub fn from_parts(local: &str, domain: &str) -> Result<Address, AddressError> {
         if local.is_empty() {
             return Err(AddressError::EmptyLocalPart);

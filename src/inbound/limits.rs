@@ -114,6 +114,7 @@ impl ConnectionCounter {
     }
 
     /// True in stress mode.
+    #[cfg(test)]
     pub fn in_stress(&self) -> bool {
         *self.stress.borrow()
     }

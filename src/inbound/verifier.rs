@@ -241,11 +241,13 @@ impl Verifier {
     }
 
     /// Verifications run since the pool started.
+    #[cfg(test)]
     pub fn verified(&self) -> u64 {
         self.queue.verified.load(Ordering::Relaxed)
     }
 
     /// Jobs of `lane` waiting or running now.
+    #[cfg(test)]
     pub fn pending_in(&self, lane: Lane) -> usize {
         self.queue.lock().pending[index(lane)]
     }
@@ -257,6 +259,7 @@ impl Verifier {
     }
 
     /// Jobs waiting or running now, all lanes.
+    #[cfg(test)]
     pub fn pending(&self) -> usize {
         self.queue.lock().pending.iter().sum()
     }

@@ -124,6 +124,7 @@ impl SpaceReserve {
     }
 
     /// Bytes reserved now.
+    #[cfg(test)]
     pub fn reserved(&self) -> u64 {
         *self.lock()
     }

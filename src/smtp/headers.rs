@@ -289,6 +289,7 @@ impl<I: FieldInspector> HeaderFilter<I> {
     }
 
     /// The inspector, with what it saw.
+    #[cfg(test)]
     pub fn inspector(&self) -> &I {
         &self.inspector
     }
