@@ -161,7 +161,14 @@ impl Transaction<'_> {
 /// The message bytes, in memory (small messages) or read from the spool file as sent.
 pub enum MessageSource {
     Memory(std::sync::Arc<Vec<u8>>),
-    File(tokio::fs::File),
+    /// The spool file, positioned at the message's first octet `start`; `sent` once it has
+    /// been read through, so a second transaction on the same connection (too many
+    /// recipients) seeks back first, and the usual single send costs no seek.
+    File {
+        file: tokio::fs::File,
+        start: u64,
+        sent: bool,
+    },
 }
 
 /// Called right before the final dot: `false` aborts the transaction (the connection is then
@@ -700,13 +707,12 @@ impl Connection {
                     self.write("DATA", &out).await?;
                 }
             }
-            MessageSource::File(file) => {
-                // Where the message starts: a second transaction on the same connection (too
-                // many recipients) sends it again from there.
-                let start = file
-                    .stream_position()
-                    .await
-                    .map_err(|e| failure("DATA", format!("reading the spool file: {e}")))?;
+            MessageSource::File { file, start, sent } => {
+                if std::mem::replace(sent, true) {
+                    file.seek(std::io::SeekFrom::Start(*start))
+                        .await
+                        .map_err(|e| failure("DATA", format!("reading the spool file: {e}")))?;
+                }
                 let mut buf = vec![0u8; CHUNK];
                 loop {
                     let n = file
@@ -721,9 +727,6 @@ impl Connection {
                     remember_tail(&buf[..n], &mut last_two);
                     self.write("DATA", &out).await?;
                 }
-                file.seek(std::io::SeekFrom::Start(start))
-                    .await
-                    .map_err(|e| failure("DATA", format!("reading the spool file: {e}")))?;
             }
         }
         if last_two != [b'\r', b'\n'] {

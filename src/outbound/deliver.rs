@@ -381,8 +381,12 @@ impl Attempting<'_> {
             Bytes::Memory(bytes) => Ok(MessageSource::Memory(bytes.clone())),
             Bytes::Spooled => {
                 let id = self.id().clone();
-                let (file, _) = on_spool(&self.ctx.spool, move |s| s.open_message(&id)).await?;
-                Ok(MessageSource::File(tokio::fs::File::from_std(file)))
+                let (file, start) = on_spool(&self.ctx.spool, move |s| s.open_message(&id)).await?;
+                Ok(MessageSource::File {
+                    file: tokio::fs::File::from_std(file),
+                    start,
+                    sent: false,
+                })
             }
         }
     }
