@@ -112,6 +112,11 @@ impl CapabilityBook {
         }
     }
 
+    /// The routing table, the one delivery and the checks at RCPT both use.
+    pub fn routes(&self) -> &Routes {
+        &self.routes
+    }
+
     fn known(&self) -> MutexGuard<'_, Known> {
         self.known.lock().unwrap_or_else(|p| p.into_inner())
     }

@@ -80,7 +80,9 @@ impl Routes {
 /// All upstreams and the routing table.
 pub struct Upstreams {
     list: Vec<Arc<UpstreamRt>>,
-    routes: Routes,
+    /// Holds the routing table ([`CapabilityBook::routes`]): one table for delivery and for
+    /// the checks at RCPT.
+    book: Arc<CapabilityBook>,
 }
 
 impl Upstreams {
@@ -99,15 +101,12 @@ impl Upstreams {
                 breaker: Mutex::new(Breaker::default()),
             }));
         }
-        Ok(Upstreams {
-            list,
-            routes: Routes::new(&config.upstreams),
-        })
+        Ok(Upstreams { list, book })
     }
 
     /// The upstreams for a recipient domain (lower case), in failover order ([`Routes::route`]).
     pub fn route(&self, domain: &str) -> &[usize] {
-        self.routes.route(domain)
+        self.book.routes().route(domain)
     }
 
     /// Connect to every upstream once, so each one's capabilities are known before mail is
