@@ -375,17 +375,13 @@ struct EscapingWriter(std::io::Stderr);
 
 impl std::io::Write for EscapingWriter {
     fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        use portcullis::text::is_invisible;
-        match std::str::from_utf8(buf) {
-            Ok(text) if text.chars().any(is_invisible) => {
-                let mut out = String::with_capacity(text.len() + 16);
-                for c in text.chars() {
-                    if is_invisible(c) {
-                        out.push_str(&c.escape_unicode().to_string());
-                    } else {
-                        out.push(c);
-                    }
-                }
+        let escaped = std::str::from_utf8(buf).map(|text| {
+            portcullis::text::escape_invisible(text, |c, out| {
+                out.extend(c.escape_unicode());
+            })
+        });
+        match escaped {
+            Ok(std::borrow::Cow::Owned(out)) => {
                 self.0.write_all(out.as_bytes())?;
                 Ok(buf.len())
             }

@@ -5,6 +5,8 @@
 //! the `From:` check drops them before it looks for an address in a display name, and the
 //! header reader drops them before it compares an authserv-id.
 
+use std::borrow::Cow;
+
 /// Characters that display as nothing or change how the text around them displays: format
 /// characters (general category Cf), the line and paragraph separators (Zl, Zp), every
 /// Default_Ignorable_Code_Point (Unicode DerivedCoreProperties.txt), and U+2800 BRAILLE
@@ -59,4 +61,21 @@ pub fn fold_lookalike(c: char) -> char {
         '\u{FF0E}' | '\u{3002}' | '\u{FF61}' => '.',
         c => c,
     }
+}
+
+/// `text` with every character of [`is_invisible`] replaced by what `escape` writes for it
+/// (the rest unchanged); borrowed, with no copy, when there is none.
+pub fn escape_invisible(text: &str, escape: impl Fn(char, &mut String)) -> Cow<'_, str> {
+    if !text.chars().any(is_invisible) {
+        return Cow::Borrowed(text);
+    }
+    let mut out = String::with_capacity(text.len() + 16);
+    for c in text.chars() {
+        if is_invisible(c) {
+            escape(c, &mut out);
+        } else {
+            out.push(c);
+        }
+    }
+    Cow::Owned(out)
 }

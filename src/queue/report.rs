@@ -359,18 +359,13 @@ pub fn clean(text: &str) -> String {
 /// is valid.
 pub fn json_line(value: &serde_json::Value) -> String {
     let raw = value.to_string();
-    let mut out = String::with_capacity(raw.len());
-    for c in raw.chars() {
-        if is_invisible(c) {
-            let mut units = [0u16; 2];
-            for unit in c.encode_utf16(&mut units) {
-                let _ = write!(out, "\\u{unit:04x}");
-            }
-        } else {
-            out.push(c);
+    crate::text::escape_invisible(&raw, |c, out| {
+        let mut units = [0u16; 2];
+        for unit in c.encode_utf16(&mut units) {
+            let _ = write!(out, "\\u{unit:04x}");
         }
-    }
-    out
+    })
+    .into_owned()
 }
 
 fn truncate(text: &str, max_chars: usize) -> String {
