@@ -126,22 +126,23 @@ impl FromCheck {
         }
     }
 
-    /// Checks one complete `From:` field (name, colon, value, CRLFs as received).
-    pub fn from_field(&mut self, field: &[u8]) {
+    /// Checks one complete `From:` field (name, colon, value, CRLFs as received); `value` is
+    /// its part after the colon, as the header reader found it (one reading of the name for
+    /// the filter and the check).
+    pub fn from_field(&mut self, field: &[u8], value: &[u8]) {
         if self.problem.is_some() {
             return;
         }
-        if let Err(p) = self.check(field) {
+        if let Err(p) = self.check(field, value) {
             self.problem = Some(p);
         }
     }
 
-    fn check(&mut self, field: &[u8]) -> Result<(), FromProblem> {
+    fn check(&mut self, field: &[u8], value: &[u8]) -> Result<(), FromProblem> {
         let whole = || shown(&String::from_utf8_lossy(field));
         // Our own reading first: it refuses what readers may disagree on, and gives each
         // mailbox's address and every text a reader may show as its name.
-        let mailboxes =
-            mailbox_list(field_value(field)).ok_or_else(|| FromProblem::Ambiguous(whole()))?;
+        let mailboxes = mailbox_list(value).ok_or_else(|| FromProblem::Ambiguous(whole()))?;
         for m in &mailboxes {
             match Address::parse(&m.address) {
                 Ok(a) if self.senders.owns(&a) => {}
@@ -202,23 +203,10 @@ impl FromCheck {
 }
 
 impl crate::smtp::headers::FieldInspector for FromCheck {
-    fn field(&mut self, kind: crate::smtp::headers::WholeField, field: &[u8]) {
+    fn field(&mut self, kind: crate::smtp::headers::WholeField, field: &[u8], value: &[u8]) {
         if kind == crate::smtp::headers::WholeField::From {
-            self.from_field(field);
+            self.from_field(field, value);
         }
-    }
-}
-
-/// The value of a whole `From:` field as the header reader hands it over: after the colon
-/// that ends the name (colons and white space before the name are not part of it).
-fn field_value(field: &[u8]) -> &[u8] {
-    let start = field
-        .iter()
-        .position(|&b| !b.is_ascii_whitespace() && b != b':')
-        .unwrap_or(field.len());
-    match field[start..].iter().position(|&b| b == b':') {
-        Some(p) => &field[start + p + 1..],
-        None => &[],
     }
 }
 
@@ -505,6 +493,11 @@ fn shown(text: &str) -> String {
 mod tests {
     use super::*;
 
+    /// The part of a test `From:` line after its colon.
+    fn value_of(field: &str) -> &[u8] {
+        field.split_once(':').unwrap().1.as_bytes()
+    }
+
     fn senders(login: &str, entries: &[&str]) -> Senders {
         let entries: Vec<String> = entries.iter().map(|s| s.to_string()).collect();
         Senders::new(login, &entries)
@@ -630,7 +623,7 @@ mod tests {
         }
         // Off: only the addresses count.
         let mut off = FromCheck::new(Arc::new(s.clone()), false);
-        off.from_field(spoofs[0].as_bytes());
+        off.from_field(spoofs[0].as_bytes(), value_of(spoofs[0]));
         assert_eq!(off.finish(), Ok(()));
     }
 
@@ -680,7 +673,7 @@ mod tests {
         }
         // Still refused with the display-name rule off.
         let mut off = FromCheck::new(Arc::new(s.clone()), false);
-        off.from_field(ambiguous[3].as_bytes());
+        off.from_field(ambiguous[3].as_bytes(), value_of(ambiguous[3]));
         assert!(matches!(off.finish(), Err(FromProblem::Ambiguous(_))));
         let fine = [
             "From: Alice <alice@example.com>, alice@example.com (Alice)\r\n",

@@ -124,7 +124,9 @@ impl WholeField {
 /// Receives each complete `From:` and `Sender:` field (name, colon, value and CRLFs, as
 /// received), in order, however far down the header section it stands.
 pub trait FieldInspector {
-    fn field(&mut self, kind: WholeField, field: &[u8]);
+    /// `field` is the whole field as received (name, colon, value, CRLFs); `value` the part
+    /// after the colon that ends its name, as the reader found it.
+    fn field(&mut self, kind: WholeField, field: &[u8], value: &[u8]);
 
     /// Every field name as read (white space trimmed), before anything is decided on it.
     fn name(&mut self, _name: &[u8]) {}
@@ -132,13 +134,13 @@ pub trait FieldInspector {
 
 /// No inspection.
 impl FieldInspector for () {
-    fn field(&mut self, _: WholeField, _: &[u8]) {}
+    fn field(&mut self, _: WholeField, _: &[u8], _: &[u8]) {}
 }
 
 impl<T: FieldInspector> FieldInspector for Option<T> {
-    fn field(&mut self, kind: WholeField, field: &[u8]) {
+    fn field(&mut self, kind: WholeField, field: &[u8], value: &[u8]) {
         if let Some(inner) = self {
-            inner.field(kind, field);
+            inner.field(kind, field, value);
         }
     }
 }
@@ -545,7 +547,8 @@ impl<I: FieldInspector> HeaderFilter<I> {
                     self.note_stripped(&name);
                 }
                 WholeField::From | WholeField::Sender => {
-                    self.inspector.field(kind, &self.buf);
+                    self.inspector
+                        .field(kind, &self.buf, &self.buf[self.value_at..]);
                     out.extend_from_slice(&self.buf);
                 }
                 WholeField::AuthenticationResults | WholeField::ArcAuthenticationResults => {
@@ -602,7 +605,7 @@ fn trim_end(b: &[u8]) -> &[u8] {
 pub fn field_names(section: &[u8]) -> Vec<Vec<u8>> {
     struct Names(Vec<Vec<u8>>);
     impl FieldInspector for Names {
-        fn field(&mut self, _: WholeField, _: &[u8]) {}
+        fn field(&mut self, _: WholeField, _: &[u8], _: &[u8]) {}
         fn name(&mut self, name: &[u8]) {
             self.0.push(name.to_vec());
         }

@@ -231,7 +231,7 @@ fn message_without_body_and_without_headers() {
 struct Seen(Vec<(WholeField, Vec<u8>)>);
 
 impl FieldInspector for Seen {
-    fn field(&mut self, kind: WholeField, field: &[u8]) {
+    fn field(&mut self, kind: WholeField, field: &[u8], _: &[u8]) {
         self.0.push((kind, field.to_vec()));
     }
 }
