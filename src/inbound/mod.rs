@@ -5,6 +5,8 @@
 //! TLS stream, carrying out its events against the policy and the spool; [`tls`] builds the
 //! rustls configuration. Nothing here decides policy: it asks [`crate::policy`].
 
+#![warn(clippy::too_many_lines)]
+
 pub mod connection;
 pub mod limits;
 pub mod listener;

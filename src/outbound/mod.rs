@@ -16,6 +16,8 @@
 //! message as soon as it is committed (with its bytes when small, so the first attempt does
 //! not read the file back).
 
+#![warn(clippy::too_many_lines)]
+
 pub mod bounce;
 pub mod capabilities;
 pub mod client;

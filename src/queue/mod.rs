@@ -83,6 +83,8 @@
 //! [`bounce`] builds RFC 3464 delivery status notifications (pure, no I/O); the relay queues
 //! one with [`Spool::enqueue`] like any other message.
 
+#![warn(clippy::too_many_lines)]
+
 pub mod bounce;
 pub mod control;
 mod group;
