@@ -43,6 +43,7 @@ pub mod inbound;
 pub mod outbound;
 pub mod policy;
 pub mod queue;
+pub mod routes;
 pub mod smtp;
 pub mod stream;
 pub mod text;

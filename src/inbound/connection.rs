@@ -15,21 +15,20 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
 use super::Runtime;
+use super::assembly::{Arrival, Assembly, Space};
 use super::tls::session_info;
 use super::verifier::{Lane, Verifier};
 use crate::config::{Listener, ListenerTls};
-use crate::envelope::{Address, Envelope, QueueId, Recipient, ReversePath, TlsInfo, unix_now};
-use crate::outbound::capabilities::RouteCapabilities;
+use crate::envelope::{Address, ReversePath, TlsInfo};
 use crate::policy::capability;
 use crate::policy::credentials::CheckError;
 use crate::policy::limits::Limited;
 use crate::policy::lockout::{Attempt, FailureReport, login_key};
-use crate::policy::senders::FromCheck;
 use crate::policy::{AuthHold, Refusal, SessionFacts};
 use crate::queue::reserve::Reservation;
-use crate::queue::{Spool, SpoolWriter};
-use crate::smtp::headers::{HeaderFilter, MAX_WHOLE_FIELD};
-use crate::smtp::received::{self, Trace};
+use crate::queue::{Committed, Spool};
+use crate::routes::RouteCapabilities;
+use crate::smtp::headers::MAX_WHOLE_FIELD;
 use crate::smtp::{Credentials, DataFault, Event, Reply, Session, SessionConfig, reply};
 use crate::stream::{ServerStream as Stream, closed};
 
@@ -114,7 +113,7 @@ pub struct Shared {
     /// Verifies passwords on its own threads, in bounded memory, behind a bounded queue.
     pub verifier: Arc<Verifier>,
     /// Told of each committed message, so delivery starts at once.
-    pub queued: tokio::sync::mpsc::UnboundedSender<crate::outbound::NewMessage>,
+    pub queued: tokio::sync::mpsc::UnboundedSender<Committed>,
     /// What the route to each recipient can carry (checked at RCPT and after the final dot).
     pub capabilities: RouteCapabilities,
     /// True in stress mode: timeouts shrink to `limits.stress_timeout` (see
@@ -129,25 +128,6 @@ struct Outcome {
     reason: &'static str,
 }
 
-/// The spool file and header filter of a message being received.
-struct Incoming {
-    writer: SpoolWriter,
-    /// The one header reader: hop count, header firewall and the `From:` check.
-    filter: HeaderFilter<Option<FromCheck>>,
-    /// The envelope written at the head of the spool file (rewritten when the message turns
-    /// out to be undeclared 8-bit).
-    envelope: Envelope,
-    /// An octet over 127 was received (RFC 6152): decided while receiving, so nothing reads
-    /// the message again.
-    eight_bit: bool,
-    /// Set when writing failed: the rest of the message is read and dropped, then `451`.
-    failed: bool,
-    /// Set (with `failed`) when the message outgrew its space reservation and the free space
-    /// could not hold more: `452 4.3.1` instead.
-    storage_full: bool,
-    scratch: Vec<u8>,
-}
-
 /// One connection from accept to close.
 pub struct Connection {
     runtime: Arc<Runtime>,
@@ -156,8 +136,9 @@ pub struct Connection {
     peer: SocketAddr,
     session: Session,
     tls: Option<TlsInfo>,
-    /// Boxed: a session between messages carries only the pointer.
-    incoming: Option<Box<Incoming>>,
+    /// The message being received. Boxed: a session between messages carries only the
+    /// pointer.
+    assembly: Option<Box<Assembly>>,
     /// Free space held for the current transaction from MAIL to its end (see
     /// [`crate::queue::reserve`]).
     reservation: Option<Reservation>,
@@ -201,7 +182,7 @@ impl Connection {
             peer,
             session,
             tls: None,
-            incoming: None,
+            assembly: None,
             reservation: None,
             started: Instant::now(),
             outcome: Outcome::default(),
@@ -228,9 +209,8 @@ impl Connection {
                 "session closed without a reply: its time limit passed while it was not reading");
             self.outcome.reason = "session time limit";
         }
-        if let Some(incoming) = self.incoming.take() {
-            incoming.writer.abort();
-        }
+        // An unfinished message's spool file is removed with it.
+        self.assembly = None;
         info!(
             peer = %self.peer, listener = %self.listener.name,
             tls = %self.tls.as_ref().map(|t| t.to_string()).unwrap_or_else(|| "none".into()),
@@ -843,258 +823,138 @@ impl Connection {
         self.session.accept();
     }
 
+    /// DATA: start assembling the message (`354`), or refuse when its spool file cannot be
+    /// created.
     fn data_start(&mut self) {
         let Some(tx) = self.session.transaction() else {
             return self.session.accept();
         };
-        let config = &self.runtime.config;
-        let id = QueueId::generate();
-        let now = unix_now();
-        let envelope = Envelope {
-            id: id.clone(),
-            received_at: now,
-            listener: self.listener.name.clone(),
-            client_ip: crate::policy::access::normalize(self.peer.ip()),
-            client_port: self.peer.port(),
-            helo: self.session.helo().unwrap_or_default().to_string(),
-            tls: self.tls.clone(),
-            auth_user: self.session.user().map(str::to_string),
-            mail_from: tx.from.clone(),
-            mail_params: tx.params.clone(),
-            recipients: tx.recipients.iter().cloned().map(Recipient::new).collect(),
-        };
-        let single = (tx.recipients.len() == 1).then(|| tx.recipients[0].to_string());
-        let header = received::header(&Trace {
-            helo: &envelope.helo,
-            client_ip: envelope.client_ip,
-            hostname: &config.server.hostname,
-            extended: self.session.is_extended(),
-            tls: self.tls.as_ref(),
-            authenticated: envelope.auth_user.is_some(),
-            queue_id: id.as_str(),
-            single_recipient: single.as_deref(),
-            now,
-        });
-        let rules = self.runtime.policy.header_rules(&SessionFacts {
+        // Fields, not `self.facts()`: the reservation is borrowed apart from the rest.
+        let facts = SessionFacts {
             client_ip: self.peer.ip(),
             user: self.session.user(),
-        });
-        let created = self.shared.spool.create(&envelope).and_then(|mut w| {
-            w.write(header.as_bytes())?;
-            Ok(w)
-        });
-        match created {
-            Ok(writer) => {
-                let check = self.runtime.policy.from_check(&self.facts());
-                let filter = HeaderFilter::with_inspector(rules, check);
-                self.incoming = Some(Box::new(Incoming {
-                    writer,
-                    filter,
-                    envelope,
-                    eight_bit: false,
-                    failed: false,
-                    storage_full: false,
-                    scratch: Vec::new(),
-                }));
-                let normalize = self
-                    .runtime
-                    .policy
-                    .normalize_bare_lf(&self.listener, &self.facts());
+        };
+        let policy = &self.runtime.policy;
+        let arrival = Arrival {
+            listener: &self.listener.name,
+            peer: self.peer,
+            helo: self.session.helo().unwrap_or_default(),
+            extended: self.session.is_extended(),
+            tls: self.tls.as_ref(),
+            auth_user: self.session.user(),
+            transaction: tx,
+            hostname: &self.runtime.config.server.hostname,
+        };
+        let space = Space {
+            reservation: &mut self.reservation,
+            min_free: self.runtime.config.limits.min_free_space,
+        };
+        let started = Assembly::start(
+            &self.shared.spool,
+            &arrival,
+            policy.header_rules(&facts),
+            policy.from_check(&facts),
+            space,
+        );
+        match started {
+            Ok(assembly) => {
+                self.assembly = Some(Box::new(assembly));
+                let normalize = policy.normalize_bare_lf(&self.listener, &self.facts());
                 self.session.accept_data(normalize);
             }
             Err(e) => {
-                warn!(error = %e, "cannot create spool file");
-                self.refuse(Refusal {
-                    reply: reply::LOCAL_ERROR,
-                    rule: "spool_create",
-                });
+                warn!(peer = %self.peer, error = %e, "cannot create spool file");
+                self.refuse(e.refusal());
             }
         }
     }
 
     fn data_chunk(&mut self) {
-        let Some(inc) = self.incoming.as_mut() else {
-            return;
-        };
-        if inc.failed {
-            return;
-        }
-        let chunk = self.session.data_chunk();
-        inc.scratch.clear();
-        let result = if inc.filter.push(chunk, &mut inc.scratch) {
-            inc.eight_bit = inc.eight_bit || !inc.scratch.is_ascii();
-            inc.writer.write(&inc.scratch)
-        } else {
-            inc.eight_bit = inc.eight_bit || !chunk.is_ascii();
-            inc.writer.write(chunk)
-        };
-        if let Err(e) = result {
-            warn!(error = %e, "spool write failed; the message will be refused");
-            inc.failed = true;
-        }
-        let written = inc.writer.written();
-        if !self.hold_space(written)
-            && let Some(inc) = self.incoming.as_mut()
-        {
-            inc.failed = true;
-            inc.storage_full = true;
+        if let Some(assembly) = self.assembly.as_mut() {
+            assembly.push(self.session.data_chunk());
         }
     }
 
-    /// Keep the space reservation at least `written` octets (a message larger than its
-    /// declared SIZE grows it; see [`crate::queue::reserve`]). False when it cannot grow.
-    fn hold_space(&mut self, written: u64) -> bool {
-        let min_free = self.runtime.config.limits.min_free_space;
-        let Some(reservation) = self.reservation.as_mut() else {
-            return true;
-        };
-        if min_free == 0 || written <= reservation.bytes() {
-            return true;
-        }
-        let want = written.saturating_add(crate::queue::reserve::GROW_STEP);
-        match self
-            .shared
-            .spool
-            .grow_reservation(reservation, want, min_free)
-        {
-            Ok(Ok(())) => true,
-            Ok(Err(short)) => {
-                warn!(peer = %self.peer, free = short.free, reserved = short.reserved,
-                    bytes = short.bytes, min_free, rule = "min_free_space",
-                    "message outgrew its SIZE and the spool has no room for more; it will be refused");
-                false
-            }
-            Err(e) => {
-                warn!(error = %e, "cannot read spool free space");
-                false
-            }
-        }
-    }
-
+    /// The final dot: the end-of-data checks, then the commit and `250`.
     async fn data_end(&mut self) {
-        let Some(mut inc) = self.incoming.take() else {
+        let Some(mut assembly) = self.assembly.take() else {
             return self.session.reject(&reply::LOCAL_ERROR);
         };
-        inc.scratch.clear();
-        inc.filter.finish(&mut inc.scratch);
-        inc.eight_bit = inc.eight_bit || !inc.scratch.is_ascii();
-        if !inc.failed
-            && let Err(e) = inc.writer.write(&inc.scratch)
-        {
-            warn!(error = %e, "spool write failed");
-            inc.failed = true;
+        assembly.finish();
+        // A refused message's spool file goes with its assembly.
+        if !self.end_of_data(&mut assembly) {
+            return;
         }
-        if let Some(name) = inc.filter.too_large() {
-            inc.writer.abort();
+        let size = assembly.size();
+        match assembly.commit().await {
+            Ok(committed) => self.queued(committed, size),
+            Err(e) => {
+                warn!(peer = %self.peer, error = %e, "spool commit failed");
+                self.refuse(e.refusal());
+            }
+        }
+    }
+
+    /// The end-of-data checks, in order: header field size, hop count, the spool writes, the
+    /// `From:` check, the routes. False when the message was refused (the reply is queued).
+    fn end_of_data(&mut self, assembly: &mut Assembly) -> bool {
+        if let Some(name) = assembly.header_too_large() {
             info!(peer = %self.peer, field = name, max = MAX_WHOLE_FIELD, "header field too large");
-            return self.refuse(Refusal {
+            self.refuse(Refusal {
                 reply: reply::HEADER_TOO_LARGE,
                 rule: "header_too_large",
             });
+            return false;
         }
-        let hop_limit = self.runtime.config.limits.hop_limit;
-        if inc.filter.received_count() > hop_limit {
-            inc.writer.abort();
-            return self.refuse(Refusal {
+        if assembly.received_count() > self.runtime.config.limits.hop_limit as usize {
+            self.refuse(Refusal {
                 reply: reply::TOO_MANY_HOPS,
                 rule: "hop_limit",
             });
+            return false;
         }
-        if inc.failed {
-            inc.writer.abort();
-            return self.refuse(if inc.storage_full {
-                Refusal {
-                    reply: reply::INSUFFICIENT_STORAGE,
-                    rule: "min_free_space",
-                }
-            } else {
-                Refusal {
-                    reply: reply::LOCAL_ERROR,
-                    rule: "spool_write",
-                }
-            });
+        if let Some(failure) = assembly.write_failed() {
+            self.refuse(failure.refusal());
+            return false;
         }
-        if let Err((r, address)) = self.runtime.policy.data(inc.filter.inspector_mut().take()) {
-            inc.writer.abort();
+        if let Err((r, address)) = self.runtime.policy.data(assembly.take_from_check()) {
             info!(peer = %self.peer, user = self.session.user().unwrap_or("-"),
                 from_header = address.as_deref().unwrap_or("-"),
                 rule = r.rule, reply = %r.reply, "rejected");
-            return self.session.reject(&r.reply);
+            self.session.reject(&r.reply);
+            return false;
         }
-        let header_utf8 = inc.filter.non_ascii();
-        if let Err(r) = self.routes_carry(header_utf8, inc.eight_bit, inc.writer.written()) {
-            inc.writer.abort();
-            return self.refuse(r);
+        let carried = self.routes_carry(
+            assembly.header_utf8(),
+            assembly.eight_bit(),
+            assembly.size(),
+        );
+        if let Err(r) = carried {
+            self.refuse(r);
+            return false;
         }
-        // What the message turned out to need, recorded once in its envelope so delivery
-        // declares exactly that upstream: BODY=8BITMIME for 8-bit octets MAIL did not declare
-        // (RFC 6152), and no SMTPUTF8 when envelope and header section are ASCII whatever was
-        // declared (RFC 6531 §3.4: any upstream can then take it).
-        let declared = &inc.envelope.mail_params;
-        let mut needed = declared.clone();
-        if inc.eight_bit {
-            needed.body = Some(crate::envelope::Body::EightBitMime);
+        true
+    }
+
+    /// The message (`size` octets) is durable: log it, tell the session (`250`), hand it to
+    /// delivery.
+    fn queued(&mut self, committed: Committed, size: u64) {
+        let id = &committed.id;
+        if let Some(tx) = self.session.transaction() {
+            info!(
+                queue_id = %id, peer = %self.peer, listener = %self.listener.name,
+                from = %tx.from, rcpts = tx.recipients.len(), size, "queued"
+            );
         }
-        let utf8_address = inc
-            .envelope
-            .mail_from
-            .address()
-            .is_some_and(Address::is_utf8)
-            || inc.envelope.recipients.iter().any(|r| r.address.is_utf8());
-        needed.smtputf8 = declared.smtputf8 && (header_utf8 || utf8_address);
-        if needed != *declared {
-            debug!(peer = %self.peer, params = ?needed, "MAIL parameters as the message needs them");
-            if let Err(e) = inc.writer.rewrite_mail_params(&inc.envelope, needed) {
-                warn!(error = %e, "cannot record the message's MAIL parameters in the spool file");
-                inc.writer.abort();
-                return self.refuse(Refusal {
-                    reply: reply::LOCAL_ERROR,
-                    rule: "spool_write",
-                });
-            }
-        }
-        if inc.filter.stripped_count() > 0 {
-            info!(peer = %self.peer, headers = ?inc.filter.stripped(),
-                count = inc.filter.stripped_count(), "removed untrusted headers");
-        }
-        let size = inc.writer.written();
-        // fsync, rename and directory fsync block: run them off the reactor.
-        let committed =
-            match tokio::task::spawn_blocking(move || inc.writer.commit_and_keep()).await {
-                Ok(result) => result.map_err(|e| e.to_string()),
-                Err(join) => Err(join.to_string()),
-            };
-        match committed {
-            Ok((id, loaded)) => {
-                if let Some(tx) = self.session.transaction() {
-                    info!(
-                        queue_id = %id, peer = %self.peer, listener = %self.listener.name,
-                        from = %tx.from, rcpts = tx.recipients.len(), size, "queued"
-                    );
-                }
-                self.outcome.messages += 1;
-                self.session.queued(id.as_str());
-                // After the 250 is queued for sending; a closed channel (shutdown) is fine:
-                // the message is on disk and the next start delivers it.
-                let _ = self
-                    .shared
-                    .queued
-                    .send(crate::outbound::NewMessage { id, loaded });
-            }
-            Err(error) => {
-                warn!(%error, "spool commit failed");
-                self.refuse(Refusal {
-                    reply: reply::LOCAL_ERROR,
-                    rule: "spool_commit",
-                });
-            }
-        }
+        self.outcome.messages += 1;
+        self.session.queued(id.as_str());
+        // After the 250 is queued for sending; a closed channel (shutdown) is fine: the
+        // message is on disk and the next start delivers it.
+        let _ = self.shared.queued.send(committed);
     }
 
     fn data_rejected(&mut self, fault: DataFault) {
-        if let Some(inc) = self.incoming.take() {
-            inc.writer.abort();
-        }
+        self.assembly = None;
         let (reply, rule) = match fault {
             DataFault::BareLineEnding => {
                 (reply::BARE_LINE_ENDING_IN_DATA, "bare_line_ending_in_data")

@@ -7,6 +7,7 @@
 
 #![warn(clippy::too_many_lines)]
 
+pub mod assembly;
 pub mod connection;
 pub mod limits;
 pub mod listener;

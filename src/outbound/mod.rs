@@ -1,7 +1,5 @@
 //! Upstream SMTP client and delivery workers.
 //!
-//! - [`capabilities`]: what each upstream last announced (SMTPUTF8, 8BITMIME, SIZE), kept in
-//!   the spool and shared read-only with the inbound side for its checks at RCPT and DATA.
 //! - [`client`]: one SMTP connection to an upstream (EHLO/HELO, STARTTLS, AUTH, pipelined
 //!   transactions, dot-stuffing, per-recipient outcomes).
 //! - [`reply`]: upstream replies, parsed and classified.
@@ -19,7 +17,6 @@
 #![warn(clippy::too_many_lines)]
 
 pub mod bounce;
-pub mod capabilities;
 pub mod client;
 pub mod deliver;
 pub mod reply;
@@ -35,20 +32,14 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::config::Config;
-use crate::envelope::QueueId;
-use crate::queue::{Loaded, Spool};
+use crate::queue::Spool;
 
 pub use deliver::Context;
 pub use tls::ClientTlsError;
 
-/// A committed message for the scheduler, to be delivered at once.
-#[derive(Debug)]
-pub struct NewMessage {
-    pub id: QueueId,
-    /// The message as a first attempt needs it, when the committer kept it in memory
-    /// ([`crate::queue::SpoolWriter::commit_and_keep`]); `None`: read it from the spool.
-    pub loaded: Option<Loaded>,
-}
+/// A committed message for the scheduler, to be delivered at once: the hand-off type is the
+/// queue's ([`crate::queue::Committed`]), so the inbound side never names this module.
+pub use crate::queue::Committed as NewMessage;
 
 /// Delivery running in the background.
 pub struct Delivery {
@@ -61,7 +52,7 @@ pub struct Delivery {
     /// Shared with the deliveries (to close idle connections at shutdown).
     pub context: Arc<Context>,
     /// What each upstream can carry, for the inbound checks (read-only).
-    pub capabilities: capabilities::RouteCapabilities,
+    pub capabilities: crate::routes::RouteCapabilities,
 }
 
 /// Start the scheduler over `spool` with `config`'s upstreams and queue policy.
@@ -71,7 +62,7 @@ pub fn start(
     shutdown: CancellationToken,
 ) -> Result<Delivery, ClientTlsError> {
     let (wake, incoming) = mpsc::unbounded_channel();
-    let book = Arc::new(capabilities::CapabilityBook::load(
+    let book = Arc::new(crate::routes::CapabilityBook::load(
         &config.upstreams,
         Some(spool.root()),
     ));
@@ -91,6 +82,6 @@ pub fn start(
         scheduler,
         tracker,
         context,
-        capabilities: capabilities::RouteCapabilities::new(book),
+        capabilities: crate::routes::RouteCapabilities::new(book),
     })
 }

@@ -24,58 +24,22 @@
 //! upstream (at its RSET) makes the whole idle pool go, and the delivery retries once on a
 //! new connection: after an upstream restart every pooled connection is dead.
 
-use std::collections::HashMap;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tracing::{info, warn};
 
-use super::capabilities::CapabilityBook;
 use super::client::{Connection, Failure};
 use super::tls::{ClientTls, ClientTlsError, client_tls};
 use crate::config::{Config, Upstream, UpstreamTls};
+use crate::routes::CapabilityBook;
 
 /// How long an idle upstream connection is kept for the next message.
 pub const IDLE_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// The back-off grows to at most this many times the configured `backoff`.
 const MAX_BACKOFF_FACTOR: u32 = 16;
-
-/// The routing table: which upstreams (by index in `[[upstreams]]`) serve a recipient domain.
-/// One function for delivery and for the checks at RCPT ([`super::capabilities`]), so what is
-/// checked is the route the message will take.
-#[derive(Debug, Clone, Default)]
-pub struct Routes {
-    by_domain: HashMap<String, Vec<usize>>,
-    default_route: Vec<usize>,
-}
-
-impl Routes {
-    /// The routing table of `upstreams`.
-    pub fn new(upstreams: &[Upstream]) -> Routes {
-        let mut routes = Routes::default();
-        for (i, up) in upstreams.iter().enumerate() {
-            if up.domains.is_empty() {
-                routes.default_route.push(i);
-            }
-            for d in &up.domains {
-                routes.by_domain.entry(d.clone()).or_default().push(i);
-            }
-        }
-        routes
-    }
-
-    /// The upstreams for a recipient domain, in failover order. Empty when no upstream lists
-    /// the domain and there is no default route. `domain` is an [`Address::domain`]: the
-    /// canonical A-label form in lower case, the form `upstreams[].domains` is compiled to,
-    /// so `bücher.example` and `xn--bcher-kva.example` take the same route.
-    ///
-    /// [`Address::domain`]: crate::envelope::Address::domain
-    pub fn route(&self, domain: &str) -> &[usize] {
-        self.by_domain.get(domain).unwrap_or(&self.default_route)
-    }
-}
 
 /// All upstreams and the routing table.
 pub struct Upstreams {

@@ -17,7 +17,7 @@
 //! SPOOL/control/         operator requests to the running relay (`retry.ID`, `retry.all`)
 //! SPOOL/free/            files of finished messages, reused for new ones (see [`recycle`])
 //! SPOOL/upstream-capabilities.json   what each upstream last announced; written by
-//!                        `outbound::capabilities`, not by this module
+//!                        `crate::routes`, not by this module
 //! ```
 //!
 //! A message file is the line `PORTCULLIS-SPOOL 1\n`, then the [`Envelope`] as one line of
@@ -111,7 +111,7 @@ pub use control::{
 };
 pub use recover::RecoveryReport;
 pub use state::{Attempt, DeliveryState};
-pub use writer::SpoolWriter;
+pub use writer::{Committed, SpoolWriter};
 
 /// First line of every message file: format name and version.
 pub const MAGIC: &[u8] = b"PORTCULLIS-SPOOL 1\n";
@@ -437,23 +437,23 @@ impl Spool {
         bytes: u64,
         min_free: u64,
     ) -> io::Result<Result<reserve::Reservation, reserve::Insufficient>> {
-        let free = if min_free == 0 { 0 } else { self.free_space()? };
-        Ok(self.inner.space.try_reserve(free, min_free, bytes))
+        self.inner
+            .space
+            .reserve(|| self.free_space(), min_free, bytes)
     }
 
-    /// Grow `reservation` to `bytes` in all (a message larger than its declared `SIZE`),
-    /// under the rule of [`Spool::reserve`]. `min_free == 0`: nothing to do, no `statvfs`.
-    pub fn grow_reservation(
+    /// Keep `reservation` ahead of a message that has written `written` bytes (one larger
+    /// than its declared `SIZE`), under the rule of [`Spool::reserve`]: see
+    /// [`reserve::SpaceReserve::hold`]. `statvfs` only when it must grow.
+    pub fn hold_reservation(
         &self,
         reservation: &mut reserve::Reservation,
-        bytes: u64,
+        written: u64,
         min_free: u64,
     ) -> io::Result<Result<(), reserve::Insufficient>> {
-        if min_free == 0 || bytes <= reservation.bytes() {
-            return Ok(Ok(()));
-        }
-        let free = self.free_space()?;
-        Ok(self.inner.space.grow(reservation, free, min_free, bytes))
+        self.inner
+            .space
+            .hold(reservation, || self.free_space(), min_free, written)
     }
 
     /// Start receiving a message: create `tmp/ID` (ID = `envelope.id`) and write the spool

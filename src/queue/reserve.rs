@@ -13,12 +13,13 @@
 //!
 //! A client may declare a `SIZE` smaller than what it sends (RFC 1870 calls the value an
 //! estimate): once a message has written more than it reserved, the driver grows the
-//! reservation ([`SpaceReserve::grow`], in steps of [`GROW_STEP`]) under the same rule, and a
+//! reservation ([`SpaceReserve::hold`], in steps of [`GROW_STEP`]) under the same rule, and a
 //! message that cannot grow is refused at its end (`452 4.3.1`) rather than filling the disk.
 //!
 //! The count errs on the safe side: bytes a message in flight has already written are counted
 //! twice, once as used by the file system and once as reserved, until it ends.
 
+use std::io;
 use std::sync::{Arc, Mutex};
 
 /// How much a reservation grows at a time once a message outgrows it (one `statvfs` per step).
@@ -37,7 +38,7 @@ pub struct Reservation {
     bytes: u64,
 }
 
-/// Why [`SpaceReserve::try_reserve`] refused: the figures, in bytes, for the log line.
+/// Why [`SpaceReserve::reserve`] or [`SpaceReserve::hold`] refused: the figures, in bytes, for the log line.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
 #[error(
     "{bytes} more bytes would leave {free} free minus {reserved} reserved below min_free_space {min_free}"
@@ -47,71 +48,78 @@ pub struct Insufficient {
     pub free: u64,
     /// Already reserved by other transactions.
     pub reserved: u64,
-    /// What this transaction asked for.
+    /// What this transaction asked for (in addition to what it holds already).
     pub bytes: u64,
     /// `limits.min_free_space`.
     pub min_free: u64,
 }
 
 impl SpaceReserve {
-    /// Reserve `bytes` when `free` (the file system's free space now, in bytes) minus what is
-    /// reserved already minus `bytes` stays at or above `min_free`. `min_free == 0` disables
-    /// the check (`limits.min_free_space = 0`): nothing is reserved or refused.
-    pub fn try_reserve(
+    /// Reserve `bytes` when the free space (`free()`, the file system's free space now, in
+    /// bytes; asked only when needed) minus what is reserved already minus `bytes` stays at
+    /// or above `min_free`. `min_free == 0` disables the check (`limits.min_free_space = 0`):
+    /// nothing is reserved or refused, and `free` is not asked.
+    ///
+    /// # Errors
+    /// The outer error is `free`'s; the inner one says the reserve would be breached.
+    pub fn reserve(
         self: &Arc<Self>,
-        free: u64,
+        free: impl FnOnce() -> io::Result<u64>,
         min_free: u64,
         bytes: u64,
-    ) -> Result<Reservation, Insufficient> {
-        if min_free == 0 {
-            return Ok(Reservation {
-                reserve: self.clone(),
-                bytes: 0,
-            });
-        }
-        let mut reserved = self.lock();
-        let left = free
-            .checked_sub(*reserved)
-            .and_then(|f| f.checked_sub(bytes));
-        match left {
-            Some(left) if left >= min_free => {
-                *reserved += bytes;
-                Ok(Reservation {
-                    reserve: self.clone(),
-                    bytes,
-                })
-            }
-            _ => Err(Insufficient {
-                free,
-                reserved: *reserved,
-                bytes,
-                min_free,
-            }),
-        }
+    ) -> io::Result<Result<Reservation, Insufficient>> {
+        let mut reservation = Reservation {
+            reserve: self.clone(),
+            bytes: 0,
+        };
+        Ok(self
+            .take(&mut reservation, free, min_free, bytes)?
+            .map(|()| reservation))
     }
 
-    /// Grow `reservation` (taken from this reserve) to `bytes` in all, under the rule of
-    /// [`SpaceReserve::try_reserve`] for the extra bytes; `free` and `min_free` as there. A
-    /// reservation already that large, or `min_free == 0`, succeeds without change.
-    pub fn grow(
+    /// Keep `reservation` (taken from this reserve) ahead of a message that has written
+    /// `written` bytes: once it has written more than is held, grow the reservation to
+    /// `written +` [`GROW_STEP`] under the rule of [`SpaceReserve::reserve`] for the extra
+    /// bytes. A reservation still ahead, or `min_free == 0`, succeeds without change and
+    /// without asking `free`.
+    ///
+    /// # Errors
+    /// As [`SpaceReserve::reserve`]; the reservation is then unchanged.
+    pub fn hold(
         &self,
         reservation: &mut Reservation,
-        free: u64,
+        free: impl FnOnce() -> io::Result<u64>,
         min_free: u64,
-        bytes: u64,
-    ) -> Result<(), Insufficient> {
-        if min_free == 0 || bytes <= reservation.bytes {
-            return Ok(());
+        written: u64,
+    ) -> io::Result<Result<(), Insufficient>> {
+        if written <= reservation.bytes {
+            return Ok(Ok(()));
         }
-        let extra = bytes - reservation.bytes;
+        let extra = written.saturating_add(GROW_STEP) - reservation.bytes;
+        self.take(reservation, free, min_free, extra)
+    }
+
+    /// The one rule: add `extra` bytes to `reservation` when the free space minus everything
+    /// reserved minus `extra` stays at or above `min_free` (never when `min_free == 0`).
+    fn take(
+        &self,
+        reservation: &mut Reservation,
+        free: impl FnOnce() -> io::Result<u64>,
+        min_free: u64,
+        extra: u64,
+    ) -> io::Result<Result<(), Insufficient>> {
+        if min_free == 0 {
+            return Ok(Ok(()));
+        }
+        let free = free()?;
         let mut reserved = self.lock();
         let left = free
             .checked_sub(*reserved)
             .and_then(|f| f.checked_sub(extra));
-        match left {
+        Ok(match left {
             Some(left) if left >= min_free => {
                 *reserved += extra;
-                reservation.bytes = bytes;
+                reservation.bytes += extra;
                 Ok(())
             }
             _ => Err(Insufficient {
@@ -120,7 +128,7 @@ impl SpaceReserve {
                 bytes: extra,
                 min_free,
             }),
-        }
+        })
     }
 
     /// Bytes reserved now.
@@ -154,19 +162,44 @@ mod tests {
 
     const MIB: u64 = 1 << 20;
 
+    /// A file system reporting `free` bytes.
+    fn at(free: u64) -> impl FnOnce() -> io::Result<u64> {
+        move || Ok(free)
+    }
+
+    fn reserve(
+        r: &Arc<SpaceReserve>,
+        free: u64,
+        min_free: u64,
+        bytes: u64,
+    ) -> Result<Reservation, Insufficient> {
+        r.reserve(at(free), min_free, bytes).unwrap()
+    }
+
+    /// Hold for a message that has written `written` bytes.
+    fn hold(
+        r: &SpaceReserve,
+        held: &mut Reservation,
+        free: u64,
+        min_free: u64,
+        written: u64,
+    ) -> Result<(), Insufficient> {
+        r.hold(held, at(free), min_free, written).unwrap()
+    }
+
     /// The reproduction in figures: a 60 MiB spool, min_free_space 4 MiB, eight
     /// parallel 9 MiB messages. Without reservations all eight passed the MAIL check and filled
     /// the disk; now the sixth is refused until one ends.
     #[test]
     fn parallel_messages_cannot_take_free_space_below_the_reserve() {
-        let reserve = Arc::new(SpaceReserve::default());
+        let r = Arc::new(SpaceReserve::default());
         let free = 60 * MIB;
         let mut held = Vec::new();
         for _ in 0..6 {
-            held.push(reserve.try_reserve(free, 4 * MIB, 9 * MIB).unwrap());
+            held.push(reserve(&r, free, 4 * MIB, 9 * MIB).unwrap());
         }
-        assert_eq!(reserve.reserved(), 54 * MIB);
-        let refused = reserve.try_reserve(free, 4 * MIB, 9 * MIB).unwrap_err();
+        assert_eq!(r.reserved(), 54 * MIB);
+        let refused = reserve(&r, free, 4 * MIB, 9 * MIB).unwrap_err();
         assert_eq!(
             refused,
             Insufficient {
@@ -177,53 +210,69 @@ mod tests {
             }
         );
         // A small declared SIZE still fits; the refused one fits once a message ends.
-        let small = reserve.try_reserve(free, 4 * MIB, MIB).unwrap();
+        let small = reserve(&r, free, 4 * MIB, MIB).unwrap();
         drop(small);
         drop(held.pop());
-        assert_eq!(reserve.reserved(), 45 * MIB);
-        assert!(reserve.try_reserve(free, 4 * MIB, 9 * MIB).is_ok());
+        assert_eq!(r.reserved(), 45 * MIB);
+        assert!(reserve(&r, free, 4 * MIB, 9 * MIB).is_ok());
         drop(held);
-        assert_eq!(reserve.reserved(), 0);
+        assert_eq!(r.reserved(), 0);
     }
 
     #[test]
     fn free_space_below_what_is_reserved_refuses_without_overflow() {
-        let reserve = Arc::new(SpaceReserve::default());
-        let _a = reserve.try_reserve(100, 1, 90).unwrap();
+        let r = Arc::new(SpaceReserve::default());
+        let _a = reserve(&r, 100, 1, 90).unwrap();
         // The disk filled up meanwhile: 50 free, 90 reserved.
-        assert!(reserve.try_reserve(50, 1, 0).is_err());
-        assert!(reserve.try_reserve(u64::MAX, 1, u64::MAX).is_err());
+        assert!(reserve(&r, 50, 1, 0).is_err());
+        assert!(reserve(&r, u64::MAX, 1, u64::MAX).is_err());
     }
 
     /// SIZE=1 is no way around the reserve: a message that outgrows its reservation must grow
     /// it under the same rule, and cannot once the reserve would be breached.
     #[test]
     fn a_message_larger_than_its_declared_size_cannot_grow_past_the_reserve() {
-        let reserve = Arc::new(SpaceReserve::default());
+        let r = Arc::new(SpaceReserve::default());
         let free = 60 * MIB;
-        let mut liar = reserve.try_reserve(free, 4 * MIB, 1).unwrap();
-        let other = reserve.try_reserve(free, 4 * MIB, 40 * MIB).unwrap();
-        reserve.grow(&mut liar, free, 4 * MIB, 10 * MIB).unwrap();
-        assert_eq!((liar.bytes(), reserve.reserved()), (10 * MIB, 50 * MIB));
-        // Shrinking is not a thing; asking for less changes nothing.
-        reserve.grow(&mut liar, free, 4 * MIB, MIB).unwrap();
+        let mut liar = reserve(&r, free, 4 * MIB, 1).unwrap();
+        let other = reserve(&r, free, 4 * MIB, 40 * MIB).unwrap();
+        // 9 MiB written: held up to one step ahead.
+        hold(&r, &mut liar, free, 4 * MIB, 9 * MIB).unwrap();
+        assert_eq!((liar.bytes(), r.reserved()), (10 * MIB, 50 * MIB));
+        // Shrinking is not a thing; what is held covers less written.
+        hold(&r, &mut liar, free, 4 * MIB, MIB).unwrap();
         assert_eq!(liar.bytes(), 10 * MIB);
-        let short = reserve
-            .grow(&mut liar, free, 4 * MIB, 17 * MIB)
-            .unwrap_err();
+        let short = hold(&r, &mut liar, free, 4 * MIB, 16 * MIB).unwrap_err();
         assert_eq!((short.bytes, short.reserved), (7 * MIB, 50 * MIB));
         assert_eq!(liar.bytes(), 10 * MIB);
         drop(other);
-        reserve.grow(&mut liar, free, 4 * MIB, 17 * MIB).unwrap();
+        hold(&r, &mut liar, free, 4 * MIB, 16 * MIB).unwrap();
+        assert_eq!(liar.bytes(), 17 * MIB);
         drop(liar);
-        assert_eq!(reserve.reserved(), 0);
+        assert_eq!(r.reserved(), 0);
     }
 
     #[test]
-    fn zero_min_free_space_disables_the_reserve() {
-        let reserve = Arc::new(SpaceReserve::default());
-        let r = reserve.try_reserve(0, 0, u64::MAX).unwrap();
-        assert_eq!(r.bytes(), 0);
-        assert_eq!(reserve.reserved(), 0);
+    fn zero_min_free_space_disables_the_reserve_without_asking_the_file_system() {
+        let r = Arc::new(SpaceReserve::default());
+        let unasked = || -> io::Result<u64> { panic!("statvfs with min_free_space = 0") };
+        let mut held = r.reserve(unasked, 0, u64::MAX).unwrap().unwrap();
+        assert_eq!(held.bytes(), 0);
+        r.hold(&mut held, unasked, 0, u64::MAX).unwrap().unwrap();
+        assert_eq!((held.bytes(), r.reserved()), (0, 0));
+    }
+
+    /// A reservation still ahead of what is written asks nothing of the file system (one
+    /// `statvfs` per step, not per chunk); one that must grow and cannot read the free space
+    /// reports that error and holds what it held.
+    #[test]
+    fn the_free_space_is_read_only_when_the_reservation_must_grow() {
+        let r = Arc::new(SpaceReserve::default());
+        let mut held = reserve(&r, 10 * MIB, MIB, 2 * MIB).unwrap();
+        let unasked = || -> io::Result<u64> { panic!("statvfs while the reservation is ahead") };
+        r.hold(&mut held, unasked, MIB, 2 * MIB).unwrap().unwrap();
+        let failing = || -> io::Result<u64> { Err(io::ErrorKind::PermissionDenied.into()) };
+        assert!(r.hold(&mut held, failing, MIB, 3 * MIB).is_err());
+        assert_eq!((held.bytes(), r.reserved()), (2 * MIB, 2 * MIB));
     }
 }

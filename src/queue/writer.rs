@@ -17,6 +17,18 @@ const BUFFER_SIZE: usize = 64 * 1024;
 /// [`SpoolWriter::commit_and_keep`] can hand them to delivery without reading them back.
 pub const KEEP_MAX: usize = 64 * 1024;
 
+/// A message just made durable, handed from the receiving side to delivery (through the
+/// channel `app` connects them with), so delivery starts at once.
+#[derive(Debug)]
+pub struct Committed {
+    /// The message's queue id (`queue/ID`).
+    pub id: QueueId,
+    /// The message as a first delivery attempt needs it, when the committer kept it in memory
+    /// ([`SpoolWriter::commit_and_keep`], at most [`KEEP_MAX`] octets); `None`: read it from
+    /// the spool.
+    pub loaded: Option<Loaded>,
+}
+
 /// A message being written into `tmp/ID`, made visible in `queue/` only by [`commit`].
 ///
 /// Dropping a writer without committing removes the temp file (best effort; recovery removes

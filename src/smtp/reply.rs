@@ -275,6 +275,12 @@ pub const TOO_MANY_HOPS: Reply = Reply::new(
     "5.4.6",
     "Too many hops (Received headers), mail loop suspected",
 );
+/// A spool error no retry cures (RFC 3463 X.3.0; the temporary kind is [`LOCAL_ERROR`]).
+pub const LOCAL_ERROR_PERMANENT: Reply = Reply::new(
+    554,
+    "5.3.0",
+    "Local error in processing, message not accepted",
+);
 pub const NO_VALID_RECIPIENTS: Reply = Reply::new(554, "5.5.1", "No valid recipients");
 pub const ACCESS_DENIED: Reply = Reply::new(554, "5.7.1", "Access denied");
 pub const EARLY_TALKER: Reply = Reply::new(

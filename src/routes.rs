@@ -1,4 +1,7 @@
-//! What each upstream last said it can carry, shared read-only with the inbound side.
+//! The routing table ([`Routes`]: which upstreams serve a recipient domain) and what each
+//! upstream last said it can carry ([`CapabilityBook`]), shared by delivery and, read-only,
+//! by the inbound checks. Both sides depend on this module; neither depends on the other.
+//!
 //!
 //! Every connection to an upstream (the probe at start, and each new delivery connection)
 //! records the extensions of its last EHLO reply ([`Capabilities`]: SMTPUTF8, 8BITMIME,
@@ -12,6 +15,7 @@
 //! entry counts only for the upstream with the same `name` and `address`. Until an upstream
 //! was first seen, [`Capabilities::UNKNOWN`] applies.
 
+use std::collections::HashMap;
 use std::fs;
 use std::io::Write as _;
 use std::os::unix::fs::OpenOptionsExt as _;
@@ -21,10 +25,44 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use serde::{Deserialize, Serialize};
 use tracing::{info, warn};
 
-use super::upstream::Routes;
 use crate::config::Upstream;
 use crate::envelope::unix_now;
 use crate::policy::capability::Capabilities;
+
+/// The routing table: which upstreams (by index in `[[upstreams]]`) serve a recipient domain.
+/// One function for delivery and for the checks at RCPT ([`RouteCapabilities`]), so what is
+/// checked is the route the message will take.
+#[derive(Debug, Clone, Default)]
+pub struct Routes {
+    by_domain: HashMap<String, Vec<usize>>,
+    default_route: Vec<usize>,
+}
+
+impl Routes {
+    /// The routing table of `upstreams`.
+    pub fn new(upstreams: &[Upstream]) -> Routes {
+        let mut routes = Routes::default();
+        for (i, up) in upstreams.iter().enumerate() {
+            if up.domains.is_empty() {
+                routes.default_route.push(i);
+            }
+            for d in &up.domains {
+                routes.by_domain.entry(d.clone()).or_default().push(i);
+            }
+        }
+        routes
+    }
+
+    /// The upstreams for a recipient domain, in failover order. Empty when no upstream lists
+    /// the domain and there is no default route. `domain` is an [`Address::domain`]: the
+    /// canonical A-label form in lower case, the form `upstreams[].domains` is compiled to,
+    /// so `bücher.example` and `xn--bcher-kva.example` take the same route.
+    ///
+    /// [`Address::domain`]: crate::envelope::Address::domain
+    pub fn route(&self, domain: &str) -> &[usize] {
+        self.by_domain.get(domain).unwrap_or(&self.default_route)
+    }
+}
 
 /// The file in the spool directory that keeps the last capabilities of each upstream.
 pub const FILE_NAME: &str = "upstream-capabilities.json";
