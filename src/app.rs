@@ -2,7 +2,7 @@
 //!
 //! Start: open and recover the spool, build the TLS configuration, bind every listener (a bind
 //! failure stops the start), then serve. SIGTERM/SIGINT: stop accepting, tell idle sessions
-//! `421 4.3.0`, give sessions in DATA up to [`SHUTDOWN_GRACE`] to finish, exit. SIGHUP: load
+//! `421 4.3.0`, give sessions in DATA up to `[limits] shutdown_grace` to finish, exit. SIGHUP: load
 //! the policy file again; a valid one applies to new sessions, an invalid one is logged and
 //! the running one stays (DESIGN.md invariant 6).
 
@@ -11,24 +11,15 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
-use tokio::net::TcpListener;
 use tokio::signal::unix::{SignalKind, signal};
 use tokio_util::sync::CancellationToken;
-use tokio_util::task::TaskTracker;
 use tracing::{error, info, warn};
 
 use crate::config::{Config, ConfigErrors};
-use crate::inbound::connection::Shared;
-use crate::inbound::limits::ConnectionCounter;
-use crate::inbound::listener::ListenerTask;
-use crate::inbound::verifier::{MAX_WAITING_VERIFICATIONS, Verifier, hash_slots};
-use crate::inbound::{Runtime, tls};
+use crate::inbound::{self, Runtime, tls};
 use crate::outbound;
 use crate::policy::Policy;
 use crate::queue::{Spool, SpoolError};
-
-/// How long sessions still receiving a message may take to finish after a shutdown signal.
-pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(30);
 
 /// How long the start waits for the capability probe of every upstream
 /// ([`outbound::upstream::Upstreams::probe_all`]) before it opens the listeners anyway.
@@ -52,13 +43,9 @@ pub enum AppError {
     /// into it: exit status 2).
     #[error("spool: {0}")]
     Spool(#[from] SpoolError),
-    /// A listener could not bind its address.
-    #[error("listener {name}: cannot bind {bind}: {source}")]
-    Bind {
-        name: String,
-        bind: std::net::SocketAddr,
-        source: std::io::Error,
-    },
+    /// A listener could not bind its address, or the password verifier could not start.
+    #[error(transparent)]
+    Inbound(#[from] inbound::StartError),
     /// The spool recovery task panicked.
     #[error("spool recovery failed: {0}")]
     Recovery(tokio::task::JoinError),
@@ -68,9 +55,6 @@ pub enum AppError {
     /// Signal handlers could not be installed.
     #[error("signals: {0}")]
     Signal(std::io::Error),
-    /// The password verifier threads could not be started.
-    #[error("password verifier: {0}")]
-    Verifier(std::io::Error),
 }
 
 impl AppError {
@@ -158,6 +142,44 @@ fn open_spool(dir: &std::path::Path) -> Result<Spool, AppError> {
 
 /// Run the relay until a shutdown signal. `path` is the policy file, for SIGHUP.
 pub async fn run(config: Config, path: Option<PathBuf>) -> Result<(), AppError> {
+    let spool = prepare_spool(&config).await?;
+    raise_fd_limit(config.limits.max_connections);
+    let delivery_stop = CancellationToken::new();
+    let delivery = outbound::start(&config, spool.clone(), delivery_stop.clone())?;
+    // Learn what each upstream can carry before accepting mail, so the first sessions are
+    // checked against what the upstreams say now rather than what they said last time.
+    delivery
+        .context
+        .upstreams
+        .probe_all(&config.server.hostname, PROBE_WAIT)
+        .await;
+    let runtime = Arc::new(ArcSwap::from_pointee(build_runtime(config, None)?));
+    let deps = inbound::Deps {
+        spool,
+        queued: delivery.wake.clone(),
+        capabilities: delivery.capabilities.clone(),
+    };
+    let inbound = inbound::start(runtime.clone(), deps).await?;
+    let snapshot = runtime.load();
+    info!(
+        hostname = %snapshot.config.server.hostname,
+        listeners = snapshot.config.listeners.len(),
+        "portcullis started"
+    );
+    drop(snapshot);
+
+    wait_for_shutdown(&runtime, path.as_deref()).await?;
+    // The grace of the configuration running now (a reload may have changed it).
+    inbound
+        .stop(runtime.load().config.limits.shutdown_grace)
+        .await;
+    stop_delivery(delivery, delivery_stop).await;
+    info!("portcullis stopped");
+    Ok(())
+}
+
+/// Open the spool and recover it (off the reactor), then log the configuration's warnings.
+async fn prepare_spool(config: &Config) -> Result<Spool, AppError> {
     let spool = open_spool(&config.server.spool_dir)?;
     let report = {
         let spool = spool.clone();
@@ -169,90 +191,34 @@ pub async fn run(config: Config, path: Option<PathBuf>) -> Result<(), AppError> 
     for w in config.warnings() {
         warn!("{w}");
     }
-    for w in crate::config::perms::secret_file_warnings(&config) {
+    for w in crate::config::perms::secret_file_warnings(config) {
         warn!("{w}");
     }
-    raise_fd_limit(config.limits.max_connections);
-    let shutdown = CancellationToken::new();
-    let delivery_stop = CancellationToken::new();
-    let delivery = outbound::start(&config, spool.clone(), delivery_stop.clone())?;
-    // Learn what each upstream can carry before accepting mail, so the first sessions are
-    // checked against what the upstreams say now rather than what they said last time.
-    delivery
-        .context
-        .upstreams
-        .probe_all(&config.server.hostname, PROBE_WAIT)
-        .await;
-    let runtime = Arc::new(ArcSwap::from_pointee(build_runtime(config, None)?));
-    let tracker = TaskTracker::new();
-    let counter = ConnectionCounter::default();
-    let shared = Shared {
-        spool,
-        shutdown: shutdown.clone(),
-        verifier: Arc::new(
-            Verifier::start(hash_slots(), MAX_WAITING_VERIFICATIONS).map_err(AppError::Verifier)?,
-        ),
-        queued: delivery.wake.clone(),
-        capabilities: delivery.capabilities.clone(),
-        stress: counter.stress(),
-    };
+    Ok(spool)
+}
 
-    let snapshot = runtime.load_full();
-    let mut tasks = Vec::new();
-    for listener in &snapshot.config.listeners {
-        let socket = TcpListener::bind(listener.bind)
-            .await
-            .map_err(|source| AppError::Bind {
-                name: listener.name.clone(),
-                bind: listener.bind,
-                source,
-            })?;
-        tasks.push(ListenerTask {
-            config: listener.clone(),
-            socket,
-            runtime: runtime.clone(),
-            shared: shared.clone(),
-            counter: counter.clone(),
-            tracker: tracker.clone(),
-        });
-    }
-    let listeners: Vec<_> = tasks.into_iter().map(|t| tokio::spawn(t.run())).collect();
-    info!(
-        hostname = %snapshot.config.server.hostname,
-        listeners = snapshot.config.listeners.len(),
-        "portcullis started"
-    );
-    drop(snapshot);
-
+/// Serve SIGHUP (reload) until SIGTERM or SIGINT.
+async fn wait_for_shutdown(
+    runtime: &ArcSwap<Runtime>,
+    path: Option<&std::path::Path>,
+) -> Result<(), AppError> {
     let mut term = signal(SignalKind::terminate()).map_err(AppError::Signal)?;
     let mut int = signal(SignalKind::interrupt()).map_err(AppError::Signal)?;
     let mut hup = signal(SignalKind::hangup()).map_err(AppError::Signal)?;
     loop {
         tokio::select! {
-            _ = term.recv() => { info!("SIGTERM: shutting down"); break; }
-            _ = int.recv() => { info!("SIGINT: shutting down"); break; }
-            _ = hup.recv() => reload(&runtime, path.as_deref()),
+            _ = term.recv() => { info!("SIGTERM: shutting down"); return Ok(()); }
+            _ = int.recv() => { info!("SIGINT: shutting down"); return Ok(()); }
+            _ = hup.recv() => reload(runtime, path),
         }
     }
+}
 
-    shutdown.cancel();
-    for l in listeners {
-        let _ = l.await;
-    }
-    tracker.close();
-    if tokio::time::timeout(SHUTDOWN_GRACE, tracker.wait())
-        .await
-        .is_err()
-    {
-        warn!(
-            sessions = counter.total(),
-            "sessions still open after the shutdown grace period; closing them"
-        );
-    }
-    // Inbound is done: stop starting deliveries, let those in flight finish their
-    // transaction (within the grace period; an abandoned one is simply tried again after
-    // the restart, since its state was never changed), then say QUIT to idle upstreams.
-    delivery_stop.cancel();
+/// Inbound is done: stop starting deliveries, let those in flight finish their transaction
+/// (within [`DELIVERY_GRACE`]; an abandoned one is simply tried again after the restart,
+/// since its state was never changed), then say QUIT to idle upstreams.
+async fn stop_delivery(delivery: outbound::Delivery, stop: CancellationToken) {
+    stop.cancel();
     let _ = delivery.scheduler.await;
     delivery.tracker.close();
     if tokio::time::timeout(DELIVERY_GRACE, delivery.tracker.wait())
@@ -264,8 +230,6 @@ pub async fn run(config: Config, path: Option<PathBuf>) -> Result<(), AppError> 
         );
     }
     delivery.context.upstreams.close_all().await;
-    info!("portcullis stopped");
-    Ok(())
 }
 
 /// SIGHUP: load and validate the policy file; swap it in only if it is entirely valid.

@@ -527,6 +527,7 @@ impl Compiler {
                 "1h",
                 false,
             ),
+            shutdown_grace: self.duration("limits.shutdown_grace", raw.shutdown_grace, "30s", true),
         }
     }
 

@@ -251,6 +251,10 @@ pub struct Limits {
     /// Time allowed for a whole session, from accept; then `421 4.4.2` and close, in the middle
     /// of a message too (RFC 5321 §4.5.3.2 allows the server to end a session that is too long).
     pub session_timeout: Duration,
+    /// After SIGTERM or SIGINT: how long sessions still receiving a message may take to
+    /// finish (each gets its `250` if it commits within it); then the relay exits and what
+    /// they sent is not queued. Default 30 s; zero exits at once.
+    pub shutdown_grace: Duration,
 }
 
 /// A rate: `count` events per `per`.

@@ -170,6 +170,8 @@ pub struct RawLimits {
     pub stress_timeout: Option<String>,
     /// Time allowed for a whole session.
     pub session_timeout: Option<String>,
+    /// Time sessions in DATA may take to finish after a shutdown signal.
+    pub shutdown_grace: Option<String>,
 }
 
 /// `[rate_limits]`

@@ -345,11 +345,12 @@ pub(super) fn summary(c: &Config) -> String {
     );
     let _ = writeln!(
         s,
-        "  timeouts: command {}, data {}, session {}; pregreet wait {}",
+        "  timeouts: command {}, data {}, session {}; pregreet wait {}; shutdown grace {}",
         format_duration(l.command_timeout),
         format_duration(l.data_timeout),
         format_duration(l.session_timeout),
-        format_duration(l.pregreet_wait)
+        format_duration(l.pregreet_wait),
+        format_duration(l.shutdown_grace)
     );
     let r = &c.rate_limits;
     let _ = writeln!(

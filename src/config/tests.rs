@@ -150,6 +150,7 @@ fn defaults_are_applied() {
     assert_eq!(lim.command_timeout, Duration::from_secs(300));
     assert_eq!(lim.data_timeout, Duration::from_secs(600));
     assert_eq!(lim.session_timeout, Duration::from_secs(3600));
+    assert_eq!(lim.shutdown_grace, Duration::from_secs(30));
     assert!(
         c.rate_limits.connections_per_ip.is_none() && c.rate_limits.messages_per_user.is_none()
     );
@@ -363,6 +364,10 @@ fn value_errors_table() {
         ("[limits]\nhop_limit = 0", "limits.hop_limit"),
         ("[limits]\nmax_errors = 4294967296", "limits.max_errors"),
         ("[limits]\ndata_timeout = \"0s\"", "limits.data_timeout"),
+        (
+            "[limits]\nshutdown_grace = \"soon\"",
+            "limits.shutdown_grace",
+        ),
         (
             "[limits]\nsession_timeout = \"0s\"",
             "limits.session_timeout",

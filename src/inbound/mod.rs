@@ -1,9 +1,12 @@
-//! Listeners, the per-connection session driver and TLS.
+//! Listeners, the per-connection session driver, message assembly and TLS.
 //!
+//! [`start`] binds every listener and returns the [`Inbound`] handle `app` stops them with;
 //! [`listener`] accepts connections and enforces the connection caps (refusing with `421`
 //! rather than blocking); [`connection`] drives one [`crate::smtp::Session`] over a plain or
-//! TLS stream, carrying out its events against the policy and the spool; [`tls`] builds the
-//! rustls configuration. Nothing here decides policy: it asks [`crate::policy`].
+//! TLS stream, carrying out its events against the policy; [`assembly`] turns one message
+//! into a committed spool file; [`tls`] builds the rustls configuration. Nothing here decides
+//! policy (it asks [`crate::policy`]) and nothing here knows delivery: a committed message
+//! leaves as a [`Committed`] on the channel `app` gives [`start`].
 
 #![warn(clippy::too_many_lines)]
 
@@ -14,12 +17,27 @@ pub mod listener;
 pub mod tls;
 pub mod verifier;
 
+use std::net::SocketAddr;
 use std::sync::Arc;
+use std::time::Duration;
 
+use arc_swap::ArcSwap;
+use tokio::net::TcpListener;
+use tokio::sync::mpsc::UnboundedSender;
+use tokio::task::JoinHandle;
 use tokio_rustls::rustls::ServerConfig;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::warn;
 
 use crate::config::Config;
 use crate::policy::Policy;
+use crate::queue::{Committed, Spool};
+use crate::routes::RouteCapabilities;
+use connection::Shared;
+use limits::ConnectionCounter;
+use listener::ListenerTask;
+use verifier::{MAX_WAITING_VERIFICATIONS, Verifier, hash_slots};
 
 /// One configuration snapshot as the inbound side uses it. A session takes an `Arc` of this
 /// at accept time and keeps it to the end, so a reload never changes the rules under a
@@ -30,4 +48,120 @@ pub struct Runtime {
     pub policy: Policy,
     /// `None` when no listener uses TLS.
     pub tls: Option<Arc<ServerConfig>>,
+}
+
+/// What the inbound side is given by the rest of the relay (only `app` builds this).
+#[derive(Debug)]
+pub struct Deps {
+    /// Where messages are written.
+    pub spool: Spool,
+    /// Told of each committed message, after its `250` is queued; whoever holds the receiver
+    /// delivers it. A closed channel is fine: the message is on disk.
+    pub queued: UnboundedSender<Committed>,
+    /// What the route to each recipient can carry (checked at RCPT and after the final dot).
+    pub capabilities: RouteCapabilities,
+}
+
+/// Why the inbound side could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    /// A listener could not bind its address.
+    #[error("listener {name}: cannot bind {bind}: {source}")]
+    Bind {
+        /// `[[listeners]] name`.
+        name: String,
+        /// `[[listeners]] bind`.
+        bind: SocketAddr,
+        /// Why `bind(2)` failed.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The password verifier threads could not be started.
+    #[error("password verifier: {0}")]
+    Verifier(#[source] std::io::Error),
+}
+
+/// The running inbound side: every listener's accept loop and the sessions they started.
+#[derive(Debug)]
+pub struct Inbound {
+    listeners: Vec<JoinHandle<()>>,
+    sessions: TaskTracker,
+    counter: ConnectionCounter,
+    /// Stops accepting; idle sessions are told `421 4.3.0` at once.
+    shutdown: CancellationToken,
+}
+
+/// Start the inbound side on the configuration `runtime` holds now (a reload replaces it for
+/// new sessions; binds take a restart): start the password verifier and bind every listener,
+/// then accept on each. Nothing accepts until every listener is bound.
+///
+/// # Errors
+/// [`StartError::Bind`] for the first listener that cannot bind (none is then accepting),
+/// [`StartError::Verifier`] when the verifier threads cannot start.
+pub async fn start(runtime: Arc<ArcSwap<Runtime>>, deps: Deps) -> Result<Inbound, StartError> {
+    let counter = ConnectionCounter::default();
+    let shutdown = CancellationToken::new();
+    let verifier =
+        Verifier::start(hash_slots(), MAX_WAITING_VERIFICATIONS).map_err(StartError::Verifier)?;
+    let shared = Shared {
+        spool: deps.spool,
+        shutdown: shutdown.clone(),
+        verifier: Arc::new(verifier),
+        queued: deps.queued,
+        capabilities: deps.capabilities,
+        stress: counter.stress(),
+    };
+    let sessions = TaskTracker::new();
+    let snapshot = runtime.load_full();
+    let mut tasks = Vec::new();
+    for listener in &snapshot.config.listeners {
+        let socket = TcpListener::bind(listener.bind)
+            .await
+            .map_err(|source| StartError::Bind {
+                name: listener.name.clone(),
+                bind: listener.bind,
+                source,
+            })?;
+        tasks.push(ListenerTask {
+            config: listener.clone(),
+            socket,
+            runtime: runtime.clone(),
+            shared: shared.clone(),
+            counter: counter.clone(),
+            tracker: sessions.clone(),
+        });
+    }
+    let listeners = tasks.into_iter().map(|t| tokio::spawn(t.run())).collect();
+    Ok(Inbound {
+        listeners,
+        sessions,
+        counter,
+        shutdown,
+    })
+}
+
+impl Inbound {
+    /// Stop: close every listener, tell idle sessions `421 4.3.0`, and give sessions in DATA
+    /// up to `grace` (`[limits] shutdown_grace`) to finish their message. False when some were
+    /// still open after it: they are abandoned (their spool files are removed as they drop,
+    /// or by recovery at the next start), their messages not queued.
+    pub async fn stop(self, grace: Duration) -> bool {
+        self.shutdown.cancel();
+        for listener in self.listeners {
+            let _ = listener.await;
+        }
+        self.sessions.close();
+        if tokio::time::timeout(grace, self.sessions.wait())
+            .await
+            .is_err()
+        {
+            warn!(
+                sessions = self.counter.total(),
+                grace_secs = grace.as_secs_f32(),
+                "sessions still open after the shutdown grace period; closing them"
+            );
+            return false;
+        }
+        true
+    }
 }
