@@ -155,7 +155,7 @@ pub const LEADING_FOLDED: &[u8] = b"(folded line before the first field)";
 
 /// Where the reader is in the header section.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum State {
+enum ReaderState {
     /// At the start of a line that begins a new field (or the end of the section).
     LineStart,
     /// After a CR at the start of a line: the blank line ending the section, if LF follows.
@@ -188,7 +188,7 @@ enum Action {
 /// Streaming header-field reader and filter over the message octets.
 #[derive(Debug)]
 pub struct HeaderFilter<I: FieldInspector = ()> {
-    state: State,
+    state: ReaderState,
     /// The current field's name, or the whole field; never over [`MAX_BUFFERED`].
     buf: Vec<u8>,
     /// In `Name`: where the name's first octet is in `buf` (None: not seen yet).
@@ -220,7 +220,7 @@ impl<I: FieldInspector> HeaderFilter<I> {
     /// A filter handing `From:` and `Sender:` fields to `inspector`.
     pub fn with_inspector(rules: Arc<StripRules>, inspector: I) -> HeaderFilter<I> {
         HeaderFilter {
-            state: State::LineStart,
+            state: ReaderState::LineStart,
             buf: Vec::new(),
             name_start: None,
             name_at: (0, 0),
@@ -315,8 +315,8 @@ impl<I: FieldInspector> HeaderFilter<I> {
     /// `false` and leaves `out` alone: the caller writes `chunk` itself (no copy).
     pub fn push(&mut self, chunk: &[u8], out: &mut Vec<u8>) -> bool {
         match self.state {
-            State::Body => return false,
-            State::TooLarge => return true,
+            ReaderState::Body => return false,
+            ReaderState::TooLarge => return true,
             _ => {}
         }
         let from = out.len();
@@ -324,17 +324,17 @@ impl<I: FieldInspector> HeaderFilter<I> {
         let mut rest = chunk;
         while !rest.is_empty() {
             rest = match self.state {
-                State::Body => {
+                ReaderState::Body => {
                     body_from = Some(out.len());
                     out.extend_from_slice(rest);
                     &[]
                 }
-                State::TooLarge => &[],
-                State::LineStart => self.line_start(rest, out),
-                State::BlankCr => {
+                ReaderState::TooLarge => &[],
+                ReaderState::LineStart => self.line_start(rest, out),
+                ReaderState::BlankCr => {
                     if rest[0] == b'\n' {
                         out.extend_from_slice(b"\r\n");
-                        self.state = State::Body;
+                        self.state = ReaderState::Body;
                         &rest[1..]
                     } else {
                         // A CR alone (the DATA phase refuses the message anyway): read as
@@ -343,8 +343,8 @@ impl<I: FieldInspector> HeaderFilter<I> {
                         rest
                     }
                 }
-                State::Name => self.name(rest, out),
-                State::NameLineEnd => {
+                ReaderState::Name => self.name(rest, out),
+                ReaderState::NameLineEnd => {
                     if matches!(rest[0], b' ' | b'\t') {
                         // A name folded before its colon: a reader that unfolds first
                         // reads the first line as the name, mail-parser the last line.
@@ -353,18 +353,18 @@ impl<I: FieldInspector> HeaderFilter<I> {
                         let first = trim_end(first.trim_ascii_start()).to_vec();
                         self.note_stripped(&first);
                         self.buf.clear();
-                        self.state = State::Value(Action::Strip);
+                        self.state = ReaderState::Value(Action::Strip);
                     } else {
                         // No colon: not a field. Passed on as it is.
                         out.append(&mut self.buf);
-                        self.state = State::LineStart;
+                        self.state = ReaderState::LineStart;
                     }
                     rest
                 }
-                State::Value(action) => self.value(action, rest, out),
-                State::LineEnd(action) => {
+                ReaderState::Value(action) => self.value(action, rest, out),
+                ReaderState::LineEnd(action) => {
                     if matches!(rest[0], b' ' | b'\t') {
-                        self.state = State::Value(action);
+                        self.state = ReaderState::Value(action);
                     } else {
                         self.end_field(action, out);
                     }
@@ -381,13 +381,13 @@ impl<I: FieldInspector> HeaderFilter<I> {
     pub fn finish(&mut self, out: &mut Vec<u8>) {
         let from = out.len();
         match self.state {
-            State::BlankCr => {
+            ReaderState::BlankCr => {
                 out.push(b'\r');
             }
-            State::NameLineEnd => {
+            ReaderState::NameLineEnd => {
                 out.append(&mut self.buf);
             }
-            State::Name => {
+            ReaderState::Name => {
                 // mail-parser reads a last line without colon as a field name: decide on it
                 // the same way, so a name at the very end is filtered too.
                 let end = self.buf.len();
@@ -395,16 +395,18 @@ impl<I: FieldInspector> HeaderFilter<I> {
                     Some(start) => self.named(start, end, out),
                     None => out.append(&mut self.buf),
                 }
-                if let State::Value(action) = self.state {
+                if let ReaderState::Value(action) = self.state {
                     self.end_field(action, out);
                 }
             }
-            State::Value(action) | State::LineEnd(action) => self.end_field(action, out),
-            State::LineStart | State::Body | State::TooLarge => {}
+            ReaderState::Value(action) | ReaderState::LineEnd(action) => {
+                self.end_field(action, out)
+            }
+            ReaderState::LineStart | ReaderState::Body | ReaderState::TooLarge => {}
         }
         self.non_ascii |= !out[from..].is_ascii();
-        if self.state != State::TooLarge {
-            self.state = State::Body;
+        if self.state != ReaderState::TooLarge {
+            self.state = ReaderState::Body;
         }
     }
 
@@ -416,16 +418,16 @@ impl<I: FieldInspector> HeaderFilter<I> {
                 // would continue the `Received:` field the relay prepends: removed with
                 // its continuation lines, so nobody can write into our trace field.
                 self.note_stripped(LEADING_FOLDED);
-                self.state = State::Value(Action::Strip);
+                self.state = ReaderState::Value(Action::Strip);
                 rest
             }
             b'\r' => {
-                self.state = State::BlankCr;
+                self.state = ReaderState::BlankCr;
                 &rest[1..]
             }
             b'\n' => {
                 out.push(b'\n');
-                self.state = State::Body;
+                self.state = ReaderState::Body;
                 &rest[1..]
             }
             _ => {
@@ -439,7 +441,7 @@ impl<I: FieldInspector> HeaderFilter<I> {
         self.buf.clear();
         self.buf.extend_from_slice(held);
         self.name_start = None;
-        self.state = State::Name;
+        self.state = ReaderState::Name;
     }
 
     /// Reads name octets up to the colon, the end of the line, or the bound.
@@ -454,7 +456,7 @@ impl<I: FieldInspector> HeaderFilter<I> {
                 b'\n' => {
                     // No colon: not a field, unless a continuation line follows (`Name\r\n
                     // : v` is field `Name` to a reader that unfolds first, RFC 5322 §2.2.3).
-                    self.state = State::NameLineEnd;
+                    self.state = ReaderState::NameLineEnd;
                     return &rest[i + 1..];
                 }
                 b':' => {
@@ -511,7 +513,7 @@ impl<I: FieldInspector> HeaderFilter<I> {
             Action::Pass => out.append(&mut self.buf),
             Action::Hold(_) => {}
         }
-        self.state = State::Value(action);
+        self.state = ReaderState::Value(action);
     }
 
     /// Value octets up to and including the next LF.
@@ -532,7 +534,7 @@ impl<I: FieldInspector> HeaderFilter<I> {
             }
         }
         if ended {
-            self.state = State::LineEnd(action);
+            self.state = ReaderState::LineEnd(action);
         }
         after
     }
@@ -557,7 +559,7 @@ impl<I: FieldInspector> HeaderFilter<I> {
             }
             self.buf.clear();
         }
-        self.state = State::LineStart;
+        self.state = ReaderState::LineStart;
     }
 
     /// True when the `Authentication-Results:` field with this value must be removed: it
@@ -582,12 +584,12 @@ impl<I: FieldInspector> HeaderFilter<I> {
 
     fn refuse(&mut self) {
         let name = match self.name_start {
-            Some(start) if matches!(self.state, State::Name) => &self.buf[start..],
+            Some(start) if matches!(self.state, ReaderState::Name) => &self.buf[start..],
             _ => &self.buf[self.name_at.0..self.name_at.1],
         };
         self.too_large = Some(String::from_utf8_lossy(name).chars().take(64).collect());
         self.buf = Vec::new();
-        self.state = State::TooLarge;
+        self.state = ReaderState::TooLarge;
     }
 }
 

@@ -100,8 +100,9 @@ enum SaslStep {
     LoginPassword { login: String },
 }
 
+/// Where the session is in the protocol.
 #[derive(Debug)]
-enum State {
+enum SessionState {
     /// Refused at connect: only QUIT is answered with anything but `503 5.7.1`.
     Refused,
     /// Connected (or just through STARTTLS): EHLO/HELO needed.
@@ -148,7 +149,7 @@ enum Pending {
 #[derive(Debug)]
 pub struct Session {
     config: SessionConfig,
-    state: State,
+    state: SessionState,
     pending: Option<Pending>,
     helo: Option<String>,
     extended: bool,
@@ -175,7 +176,7 @@ impl Session {
         let tls = config.implicit_tls;
         Session {
             config,
-            state: State::Fresh,
+            state: SessionState::Fresh,
             pending: None,
             helo: None,
             extended: false,
@@ -207,22 +208,22 @@ impl Session {
     /// answer every later command but QUIT with `503 5.7.1` (RFC 5321 §3.1).
     pub fn refuse(&mut self, reply: &Reply) {
         reply.write_to(&mut self.out);
-        self.state = State::Refused;
+        self.state = SessionState::Refused;
     }
 
     /// Queue `reply` and close (timeouts, shutdown, early talkers, connection caps).
     pub fn close_with(&mut self, reply: &Reply) {
-        if matches!(self.state, State::Closed) {
+        if matches!(self.state, SessionState::Closed) {
             return;
         }
         reply.write_to(&mut self.out);
-        self.state = State::Closed;
+        self.state = SessionState::Closed;
         self.pending = None;
     }
 
     /// Append octets read from the client.
     pub fn receive(&mut self, data: &[u8]) {
-        if matches!(self.state, State::Closed) {
+        if matches!(self.state, SessionState::Closed) {
             return;
         }
         if self.start == self.input.len() {
@@ -289,18 +290,18 @@ impl Session {
     /// True while message octets are being received (the driver applies the DATA timeout
     /// and lets a shutdown wait for it).
     pub fn in_data(&self) -> bool {
-        matches!(self.state, State::Data { .. })
+        matches!(self.state, SessionState::Data { .. })
     }
 
     /// True once the session has ended.
     pub fn is_closed(&self) -> bool {
-        matches!(self.state, State::Closed)
+        matches!(self.state, SessionState::Closed)
     }
 
     /// The current transaction (valid from MAIL until the end of DATA).
     pub fn transaction(&self) -> Option<&Transaction> {
         match &self.state {
-            State::Mail(tx) | State::Data { tx, .. } => Some(tx),
+            SessionState::Mail(tx) | SessionState::Data { tx, .. } => Some(tx),
             _ => None,
         }
     }
@@ -311,7 +312,7 @@ impl Session {
         self.helo = None;
         self.extended = false;
         self.user = None;
-        self.state = State::Fresh;
+        self.state = SessionState::Fresh;
     }
 
     /// Whether the relay is in stress mode, set by the driver before each read. While it is,
@@ -336,7 +337,10 @@ impl Session {
     /// in which case `421 4.7.0` is queued and the session is closed.
     fn junk(&mut self) -> bool {
         self.junk = self.junk.saturating_add(1);
-        if self.stressed && self.junk > STRESS_JUNK_LIMIT && !matches!(self.state, State::Closed) {
+        if self.stressed
+            && self.junk > STRESS_JUNK_LIMIT
+            && !matches!(self.state, SessionState::Closed)
+        {
             self.close_with(&reply::TOO_MANY_JUNK_COMMANDS);
             self.junk_closed = true;
             return true;
@@ -356,13 +360,13 @@ impl Session {
             if self.pending.is_some() {
                 return Event::NeedInput;
             }
-            if matches!(self.state, State::Closed) {
+            if matches!(self.state, SessionState::Closed) {
                 return Event::Close;
             }
             if self.out.len() >= OUTPUT_HIGH_WATER {
                 return Event::Flush;
             }
-            let step = if matches!(self.state, State::Data { .. }) {
+            let step = if matches!(self.state, SessionState::Data { .. }) {
                 self.poll_data()
             } else {
                 self.poll_command()
@@ -389,7 +393,7 @@ impl Session {
             Pending::Helo { name, extended } => {
                 self.helo = Some(name);
                 self.extended = extended;
-                self.state = State::Idle;
+                self.state = SessionState::Idle;
                 if extended {
                     self.write_ehlo();
                 } else {
@@ -402,7 +406,7 @@ impl Session {
                 }
             }
             Pending::Mail { from, params } => {
-                self.state = State::Mail(Transaction {
+                self.state = SessionState::Mail(Transaction {
                     from,
                     params,
                     recipients: Vec::new(),
@@ -411,21 +415,22 @@ impl Session {
                 reply::SENDER_OK.write_to(&mut self.out);
             }
             Pending::Rcpt { address, .. } => {
-                if let State::Mail(tx) = &mut self.state {
+                if let SessionState::Mail(tx) = &mut self.state {
                     tx.recipients.push(address);
                 }
                 reply::RECIPIENT_OK.write_to(&mut self.out);
             }
-            Pending::DataStart => self.start_data(DataDecoder::new(self.config.max_message_size)),
+            // Bare LF refused: what `accept_data(false)` does.
+            Pending::DataStart => self.start_data(false),
             Pending::DataEnd => {
                 // A DataEnd must be answered with `queued` or `reject`; treat a bare accept
                 // as a local error rather than claim the message was queued.
-                self.state = State::Idle;
+                self.state = SessionState::Idle;
                 self.count_error(&reply::LOCAL_ERROR);
             }
             Pending::Auth(login) => {
                 self.user = Some(login);
-                self.state = State::Idle;
+                self.state = SessionState::Idle;
                 reply::AUTH_OK.write_to(&mut self.out);
             }
         }
@@ -439,17 +444,19 @@ impl Session {
             return self.accept();
         }
         self.pending = None;
+        self.start_data(normalize_bare_lf);
+    }
+
+    /// The one way into DATA: the decoder (see [`Session::accept_data`]), the state, `354`.
+    fn start_data(&mut self, normalize_bare_lf: bool) {
         let max = self.config.max_message_size;
-        self.start_data(if normalize_bare_lf {
+        let decoder = if normalize_bare_lf {
             DataDecoder::normalizing(max)
         } else {
             DataDecoder::new(max)
-        });
-    }
-
-    fn start_data(&mut self, decoder: DataDecoder) {
-        if let State::Mail(tx) = std::mem::replace(&mut self.state, State::Idle) {
-            self.state = State::Data {
+        };
+        if let SessionState::Mail(tx) = std::mem::replace(&mut self.state, SessionState::Idle) {
+            self.state = SessionState::Data {
                 tx,
                 decoder,
                 finished: false,
@@ -465,11 +472,11 @@ impl Session {
         };
         match pending {
             Pending::Rcpt { .. } => {
-                if let State::Mail(tx) = &mut self.state {
+                if let SessionState::Mail(tx) = &mut self.state {
                     tx.refused += 1;
                 }
             }
-            Pending::DataEnd | Pending::Auth(_) => self.state = State::Idle,
+            Pending::DataEnd | Pending::Auth(_) => self.state = SessionState::Idle,
             Pending::Helo { .. } | Pending::Mail { .. } | Pending::DataStart => {}
         }
         self.count_error(reply);
@@ -478,7 +485,7 @@ impl Session {
     /// The message of the pending DataEnd is durable under `id`.
     pub fn queued(&mut self, id: &str) {
         if matches!(self.pending.take(), Some(Pending::DataEnd)) {
-            self.state = State::Idle;
+            self.state = SessionState::Idle;
             self.junk = 0;
             reply::QUEUED
                 .with_text(format!("Ok: queued as {id}"))
@@ -533,7 +540,7 @@ impl Session {
     }
 
     fn poll_data(&mut self) -> Option<Event> {
-        let State::Data {
+        let SessionState::Data {
             decoder, finished, ..
         } = &mut self.state
         else {
@@ -551,7 +558,7 @@ impl Session {
         self.start += r.consumed;
         if r.finished {
             if let Some(fault) = decoder.fault() {
-                self.state = State::Idle;
+                self.state = SessionState::Idle;
                 let reply = match fault {
                     DataFault::BareLineEnding => reply::BARE_LINE_ENDING_IN_DATA,
                     DataFault::TooBig => reply::MESSAGE_TOO_BIG,
@@ -572,7 +579,7 @@ impl Session {
     }
 
     fn poll_command(&mut self) -> Option<Event> {
-        let sasl = matches!(self.state, State::Sasl(_));
+        let sasl = matches!(self.state, SessionState::Sasl(_));
         let (frame, consumed) = self.framer.next(
             &self.input[self.start..],
             self.config.max_command_length,
@@ -586,7 +593,7 @@ impl Session {
             Frame::Flood => return self.fatal(reply::LINE_FLOOD, "line_flood"),
             other => {
                 if sasl {
-                    self.state = State::Idle;
+                    self.state = SessionState::Idle;
                 }
                 let (reply, rule) = match other {
                     Frame::Nul => (reply::NUL_IN_COMMAND, "nul_in_command"),
@@ -601,11 +608,11 @@ impl Session {
             }
         };
         match &self.state {
-            State::Sasl(_) => {
+            SessionState::Sasl(_) => {
                 let line = self.input[line_start..line_end].to_vec();
                 self.sasl_response(&line)
             }
-            State::Refused => {
+            SessionState::Refused => {
                 if self.input[line_start..line_end].eq_ignore_ascii_case(b"QUIT") {
                     self.close_with(&reply::BYE);
                     return Some(Event::Close);
@@ -666,9 +673,9 @@ impl Session {
             }
             Request::Rset => {
                 self.state = if self.helo.is_some() {
-                    State::Idle
+                    SessionState::Idle
                 } else {
-                    State::Fresh
+                    SessionState::Fresh
                 };
                 reply::RESET_OK.write_to(&mut self.out);
                 None
@@ -755,7 +762,7 @@ impl Session {
     fn mail_gate(&self) -> Option<(Reply, &'static str)> {
         if self.helo.is_none() {
             Some((reply::NEED_HELO, "need_helo"))
-        } else if matches!(self.state, State::Mail(_)) {
+        } else if matches!(self.state, SessionState::Mail(_)) {
             Some((reply::NESTED_MAIL, "nested_mail"))
         } else if self.config.require_tls && !self.tls {
             Some((reply::MUST_STARTTLS, "require_tls"))
@@ -777,7 +784,10 @@ impl Session {
         }
         let params = match mail_params(&from, declared, self.extended) {
             Ok(p) => p,
-            Err(()) => return self.refuse_command(reply::UNSUPPORTED_PARAMETER, "mail_parameter"),
+            // Both kinds: `555 5.5.4` (RFC 5321 §4.1.1.11), rule `mail_parameter`.
+            Err(MailParamError::Unsupported | MailParamError::WithoutEhlo) => {
+                return self.refuse_command(reply::UNSUPPORTED_PARAMETER, "mail_parameter");
+            }
         };
         if params
             .size
@@ -785,7 +795,10 @@ impl Session {
         {
             return self.refuse_command(reply::MESSAGE_TOO_BIG, "declared_size");
         }
-        let raw = path.as_deref().unwrap_or_default();
+        // No readable path text (not UTF-8): a syntax error, like a path read two ways.
+        let Some(raw) = path.as_deref() else {
+            return self.refuse_command(reply::MAIL_SYNTAX, "path_syntax");
+        };
         let path = if raw.is_empty() && from.address.is_empty() {
             ReversePath::Null
         } else {
@@ -815,7 +828,7 @@ impl Session {
     }
 
     fn rcpt(&mut self, to: RcptTo<String>, path: Option<String>) -> Option<Event> {
-        let State::Mail(tx) = &self.state else {
+        let SessionState::Mail(tx) = &self.state else {
             return if self.helo.is_none() {
                 self.refuse_command(reply::NEED_HELO, "need_helo")
             } else {
@@ -827,7 +840,9 @@ impl Session {
         }
         let smtputf8 = tx.params.smtputf8;
         let count = tx.recipients.len();
-        let raw = path.as_deref().unwrap_or_default();
+        let Some(raw) = path.as_deref() else {
+            return self.refuse_command(reply::RCPT_SYNTAX, "path_syntax");
+        };
         // `<postmaster>` without a domain (RFC 5321 §4.5.1, any case) goes to the configured
         // `[relay] postmaster`; smtp-proto reports it as an empty address.
         let postmaster = to.address.is_empty() && raw.eq_ignore_ascii_case("postmaster");
@@ -866,12 +881,14 @@ impl Session {
             return self.fatal(reply::EARLY_TALKER, "early_talker");
         }
         let (reply, rule) = match &self.state {
-            State::Mail(tx) if !tx.recipients.is_empty() => {
+            SessionState::Mail(tx) if !tx.recipients.is_empty() => {
                 self.pending = Some(Pending::DataStart);
                 return Some(Event::DataStart);
             }
-            State::Mail(tx) if tx.refused > 0 => (reply::NO_VALID_RECIPIENTS, "no_valid_rcpt"),
-            State::Mail(_) => (reply::NEED_RCPT, "need_rcpt"),
+            SessionState::Mail(tx) if tx.refused > 0 => {
+                (reply::NO_VALID_RECIPIENTS, "no_valid_rcpt")
+            }
+            SessionState::Mail(_) => (reply::NEED_RCPT, "need_rcpt"),
             _ if self.helo.is_none() => (reply::NEED_HELO, "need_helo"),
             _ => (reply::NEED_MAIL, "need_mail"),
         };
@@ -909,7 +926,7 @@ impl Session {
         if self.user.is_some() {
             return self.refuse_command(reply::ALREADY_AUTHENTICATED, "already_authenticated");
         }
-        if matches!(self.state, State::Mail(_)) {
+        if matches!(self.state, SessionState::Mail(_)) {
             return self.refuse_command(reply::AUTH_IN_TRANSACTION, "auth_in_transaction");
         }
         let mechanism = match mechanism {
@@ -919,35 +936,36 @@ impl Session {
         };
         match (mechanism, initial.is_empty()) {
             (Mechanism::Plain, true) => {
-                self.state = State::Sasl(SaslStep::PlainResponse);
+                self.state = SessionState::Sasl(SaslStep::PlainResponse);
                 Reply::new(334, "", "").write_to(&mut self.out);
                 None
             }
             (Mechanism::Login, true) => {
-                self.state = State::Sasl(SaslStep::LoginUser);
+                self.state = SessionState::Sasl(SaslStep::LoginUser);
                 Reply::new(334, "", "VXNlcm5hbWU6").write_to(&mut self.out);
                 None
             }
             (Mechanism::Plain, false) => {
-                self.state = State::Sasl(SaslStep::PlainResponse);
+                self.state = SessionState::Sasl(SaslStep::PlainResponse);
                 self.sasl_response(initial.as_bytes())
             }
             (Mechanism::Login, false) => {
-                self.state = State::Sasl(SaslStep::LoginUser);
+                self.state = SessionState::Sasl(SaslStep::LoginUser);
                 self.sasl_response(initial.as_bytes())
             }
         }
     }
 
     fn sasl_response(&mut self, line: &[u8]) -> Option<Event> {
-        let State::Sasl(step) = std::mem::replace(&mut self.state, State::Idle) else {
+        let SessionState::Sasl(step) = std::mem::replace(&mut self.state, SessionState::Idle)
+        else {
             return Some(Event::NeedInput);
         };
         let result = sasl::decode_response(line).and_then(|decoded| match step {
             SaslStep::PlainResponse => sasl::parse_plain(&decoded).map(Some),
             SaslStep::LoginUser => {
                 let login = sasl::parse_login_field(decoded)?;
-                self.state = State::Sasl(SaslStep::LoginPassword { login });
+                self.state = SessionState::Sasl(SaslStep::LoginPassword { login });
                 Ok(None)
             }
             SaslStep::LoginPassword { login } => Ok(Some(Credentials {
@@ -967,7 +985,7 @@ impl Session {
                 None
             }
             Err(e) => {
-                self.state = State::Idle;
+                self.state = SessionState::Idle;
                 let (reply, rule) = match e {
                     SaslError::Cancelled => (reply::AUTH_CANCELLED, "auth_cancelled"),
                     SaslError::BadBase64 => (reply::BAD_BASE64, "auth_bad_base64"),
@@ -1078,6 +1096,17 @@ fn declared_size(line: &[u8]) -> Option<u64> {
     })
 }
 
+/// Why MAIL FROM parameters are refused (`555 5.5.4`, RFC 5321 §4.1.1.11 and §4.1.4).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+enum MailParamError {
+    /// A parameter portcullis does not advertise (DSN's ENVID, DELIVERBY, FUTURERELEASE, …).
+    #[error("MAIL parameter not advertised")]
+    Unsupported,
+    /// A parameter after HELO: service extensions need EHLO (RFC 5321 §4.1.1.1).
+    #[error("MAIL parameter after HELO")]
+    WithoutEhlo,
+}
+
 /// Translate MAIL FROM parameters into the ones portcullis honours; anything it does not
 /// advertise is refused rather than silently dropped. `declared` is the SIZE value read by
 /// [`declared_size`]: smtp-proto's own `size` wraps past `usize::MAX` (26 nines read as
@@ -1086,7 +1115,7 @@ fn mail_params(
     from: &MailFrom<String>,
     declared: Option<u64>,
     extended: bool,
-) -> Result<MailParams, ()> {
+) -> Result<MailParams, MailParamError> {
     use smtp_proto::{MAIL_BODY_7BIT, MAIL_BODY_8BITMIME, MAIL_SMTPUTF8};
     let known = MAIL_BODY_7BIT | MAIL_BODY_8BITMIME | MAIL_SMTPUTF8;
     let unsupported = from.flags & !known != 0
@@ -1098,9 +1127,11 @@ fn mail_params(
         || from.hold_for != 0
         || from.hold_until != 0
         || from.mt_priority != 0;
-    let any = from.flags != 0 || declared.is_some() || from.auth.is_some();
-    if unsupported || (!extended && any) {
-        return Err(());
+    if unsupported {
+        return Err(MailParamError::Unsupported);
+    }
+    if !extended && (from.flags != 0 || declared.is_some() || from.auth.is_some()) {
+        return Err(MailParamError::WithoutEhlo);
     }
     let body = if from.flags & MAIL_BODY_8BITMIME != 0 {
         Some(Body::EightBitMime)

@@ -1424,3 +1424,66 @@ fn junk_commands_are_not_limited_outside_stress_mode_and_progress_resets_the_cou
     t.assert_open();
     t.send("NOOP").expect_enh(421, "4.7.0");
 }
+
+/// A path whose text is not UTF-8 cannot be read, let alone checked as a mailbox: a syntax
+/// error in the command's arguments (`501`, RFC 5321 §4.2.2; rule `path_syntax`, like a path
+/// smtp-proto reads otherwise), not a mailbox refused (`553`, as before).
+#[test]
+fn a_path_that_is_not_utf8_is_a_syntax_error() {
+    let mut t = T::ehlo(cfg());
+    for line in [
+        &b"MAIL FROM:<a\xff@b.example>\r\n"[..],
+        b"MAIL FROM:<a@b.example\xc3>\r\n",
+    ] {
+        t.send_raw(line).expect_enh(501, "5.5.2");
+        assert_eq!(t.rules().last(), Some(&"path_syntax"));
+    }
+    assert_eq!(t.mails(), 0);
+    t.send("MAIL FROM:<a@b.example>").expect(250);
+    t.send_raw(b"RCPT TO:<r\xff@d.example>\r\n")
+        .expect_enh(501, "5.5.2");
+    assert_eq!(t.rules().last(), Some(&"path_syntax"));
+    t.send("RCPT TO:<r@d.example>").expect(250);
+}
+
+/// Parameters after HELO and parameters not advertised are refused for their own reasons,
+/// with the one reply and rule (`555 5.5.4`, `mail_parameter`).
+#[test]
+fn mail_parameters_are_refused_for_a_named_reason() {
+    use super::{MailParamError, mail_params};
+    use smtp_proto::{MAIL_BODY_8BITMIME, MailFrom};
+    let plain = MailFrom {
+        address: "a@b.example".to_string(),
+        ..MailFrom::default()
+    };
+    let eight_bit = MailFrom {
+        flags: MAIL_BODY_8BITMIME,
+        ..plain.clone()
+    };
+    let env_id = MailFrom {
+        env_id: Some("x".to_string()),
+        ..plain.clone()
+    };
+    assert!(mail_params(&plain, None, false).is_ok());
+    assert_eq!(
+        mail_params(&eight_bit, None, false),
+        Err(MailParamError::WithoutEhlo)
+    );
+    assert_eq!(
+        mail_params(&plain, Some(10), false),
+        Err(MailParamError::WithoutEhlo)
+    );
+    assert_eq!(
+        mail_params(&env_id, None, true),
+        Err(MailParamError::Unsupported)
+    );
+    assert_eq!(
+        mail_params(&eight_bit, Some(10), true).map(|p| (p.body, p.size)),
+        Ok((Some(crate::envelope::Body::EightBitMime), Some(10)))
+    );
+    let mut t = T::new(cfg());
+    t.send("HELO c.example").expect(250);
+    t.send("MAIL FROM:<a@b.example> BODY=8BITMIME")
+        .expect_enh(555, "5.5.4");
+    assert_eq!(t.rules().last(), Some(&"mail_parameter"));
+}
