@@ -55,14 +55,7 @@ impl ListenerTask {
             };
             let _ = tcp.set_nodelay(true);
             let runtime = self.runtime.load_full();
-            // A reload may have changed this listener's lists and flags (not its bind).
-            let listener = runtime
-                .config
-                .listeners
-                .iter()
-                .find(|l| l.name == self.config.name)
-                .cloned()
-                .unwrap_or_else(|| self.config.clone());
+            let listener = self.current(&runtime);
             let limits = &runtime.config.limits;
             match self.counter.admit(
                 peer.ip(),
@@ -105,6 +98,18 @@ impl ListenerTask {
             }
         }
         info!(listener = %self.config.name, "stopped listening");
+    }
+
+    /// This listener as `runtime` configures it: a reload may have changed its lists and
+    /// flags (not its bind).
+    fn current(&self, runtime: &Runtime) -> Listener {
+        runtime
+            .config
+            .listeners
+            .iter()
+            .find(|l| l.name == self.config.name)
+            .cloned()
+            .unwrap_or_else(|| self.config.clone())
     }
 }
 

@@ -286,78 +286,76 @@ fn io_error(errno: i32) -> SpoolError {
     }
 }
 
-/// The class of a spool error decides the reply: full file system or quota `452 4.3.1`
-/// (rule `min_free_space`), other trouble a retry may cure `451 4.3.0` with the step's rule,
-/// an error no retry cures `554 5.3.0`.
+/// `(reply, rule)` of a refusal, for comparing.
+fn answer(refusal: &Refusal) -> (u16, &'static str, &'static str) {
+    (refusal.reply.code, refusal.reply.enhanced, refusal.rule)
+}
+
+/// A full file system or quota is `452 4.3.1` (rule `min_free_space`) at every step, while
+/// receiving too.
+#[test]
+fn a_full_file_system_or_quota_is_insufficient_storage() {
+    let full = (452, "4.3.1", "min_free_space");
+    for errno in [libc::ENOSPC, libc::EDQUOT] {
+        for error in [
+            AssemblyError::Create(io_error(errno)),
+            AssemblyError::Rewrite(io_error(errno)),
+            AssemblyError::Commit(io_error(errno)),
+        ] {
+            assert_eq!(answer(&error.refusal()), full, "{error:?}");
+        }
+        assert_eq!(
+            WriteFailure::of(&io_error(errno)),
+            WriteFailure::StorageFull
+        );
+    }
+    assert_eq!(answer(&WriteFailure::StorageFull.refusal()), full);
+}
+
+/// Trouble a retry may cure is `451 4.3.0` with the rule of the step that failed; an error
+/// no retry cures is `554 5.3.0`.
 #[tokio::test]
-async fn the_spool_error_class_decides_the_reply() {
-    let encode = || SpoolError::Encode {
+async fn other_spool_errors_answer_by_their_class_with_the_rule_of_their_step() {
+    let encode = SpoolError::Encode {
         what: "envelope",
         source: serde_json::from_str::<u8>("x").unwrap_err(),
     };
     let task = tokio::spawn(std::future::pending::<()>());
     task.abort();
     let join = task.await.unwrap_err();
-    let id = crate::envelope::QueueId::generate();
+    let id = QueueId::generate();
     let table = [
         (
-            AssemblyError::Create(io_error(libc::ENOSPC)),
-            reply::INSUFFICIENT_STORAGE,
-            "min_free_space",
-        ),
-        (
-            AssemblyError::Commit(io_error(libc::EDQUOT)),
-            reply::INSUFFICIENT_STORAGE,
-            "min_free_space",
-        ),
-        (
             AssemblyError::Create(io_error(libc::EIO)),
-            reply::LOCAL_ERROR,
-            "spool_create",
+            (451, "4.3.0", "spool_create"),
         ),
         (
             AssemblyError::Create(SpoolError::AlreadyExists(id)),
-            reply::LOCAL_ERROR,
-            "spool_create",
+            (451, "4.3.0", "spool_create"),
         ),
         (
             AssemblyError::Rewrite(io_error(libc::EIO)),
-            reply::LOCAL_ERROR,
-            "spool_write",
+            (451, "4.3.0", "spool_write"),
         ),
         (
             AssemblyError::Commit(io_error(libc::EIO)),
-            reply::LOCAL_ERROR,
-            "spool_commit",
+            (451, "4.3.0", "spool_commit"),
         ),
         (
             AssemblyError::CommitTask(join),
-            reply::LOCAL_ERROR,
-            "spool_commit",
+            (451, "4.3.0", "spool_commit"),
         ),
         (
-            AssemblyError::Create(encode()),
-            reply::LOCAL_ERROR_PERMANENT,
-            "spool_create",
+            AssemblyError::Create(encode),
+            (554, "5.3.0", "spool_create"),
         ),
     ];
-    for (error, want_reply, want_rule) in table {
-        let refusal = error.refusal();
-        assert_eq!(
-            (&refusal.reply, refusal.rule),
-            (&want_reply, want_rule),
-            "{error:?}"
-        );
+    for (error, want) in table {
+        assert_eq!(answer(&error.refusal()), want, "{error:?}");
     }
-    assert_eq!(
-        WriteFailure::of(&io_error(libc::ENOSPC)),
-        WriteFailure::StorageFull
-    );
-    assert_eq!(
-        WriteFailure::of(&io_error(libc::EDQUOT)),
-        WriteFailure::StorageFull
-    );
     assert_eq!(WriteFailure::of(&io_error(libc::EIO)), WriteFailure::Io);
-    let io = WriteFailure::Io.refusal();
-    assert_eq!((io.reply, io.rule), (reply::LOCAL_ERROR, "spool_write"));
+    assert_eq!(
+        answer(&WriteFailure::Io.refusal()),
+        (451, "4.3.0", "spool_write")
+    );
 }
