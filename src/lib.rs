@@ -15,24 +15,31 @@
 //!   (hop count, header firewall, the `From:` fields for the ownership check) and the
 //!   `Received:` header, both pure.
 //! - [`policy`]: pure decisions compiled from `Config`, named after SMTP stages.
-//! - [`inbound`]: listeners, the per-connection driver, TLS, connection accounting with stress
-//!   mode, and the bounded pool of threads that verify passwords.
+//! - [`inbound`]: [`inbound::start`] binds the listeners; the per-connection driver, message
+//!   assembly ([`inbound::assembly::Assembly`]: envelope, `Received:`, header filter, spool
+//!   writer, commit; a new per-message header or check of the message's content lands there),
+//!   TLS, connection accounting with stress mode, and the bounded pool of threads that verify
+//!   passwords. It hands each committed message on as a [`queue::Committed`] and never names
+//!   `outbound`.
 //! - [`queue`]: the durable spool, recovery, the operator control files behind the `queue`
 //!   commands (retry, delete, purge), the reuse of finished message files, the free-space
 //!   reserve for messages in flight and the bounce (RFC 3464) builder.
-//! - [`outbound`]: the upstream SMTP client, routing with failover and circuit breakers,
-//!   connection pools, delivery attempts and the scheduler that starts them, and the
-//!   capabilities each upstream announced (shared with the inbound checks at RCPT and DATA).
+//! - [`outbound`]: the upstream SMTP client, failover and circuit breakers, connection pools,
+//!   delivery attempts and the scheduler that starts them.
+//! - [`routes`]: the routing table and the capabilities each upstream announced, shared by
+//!   delivery and the inbound checks at RCPT and DATA (the one module both sides use).
 //! - [`stream`]: a connection that is plain TCP or TLS, for both directions.
 //! - [`text`]: Unicode hygiene for network text: characters that display as nothing, and
 //!   look-alikes of `@` and `.` (one table for the queue commands, the log and the checks).
-//! - [`app`]: wires the above together and owns shutdown and reload.
+//! - [`app`]: wires the above together (the only module that names both `inbound` and
+//!   `outbound`) and owns shutdown and reload.
 //!
 //! # One message
 //!
 //! listener accepts → policy connect check → greeting → session events (EHLO, STARTTLS, AUTH,
-//! MAIL, RCPT), each checked by policy → DATA streamed into a spool file under the size cap →
-//! end-of-data checks → `Received:` header → commit (fsync, rename, directory fsync shared
+//! MAIL, RCPT), each checked by policy → DATA: an assembly writes the `Received:` header, then
+//! streams the message through the header filter into a spool file under the size cap →
+//! end-of-data checks on what the assembly read → commit (fsync, rename, directory fsync shared
 //! with concurrent commits) → `250 2.0.0 Ok: queued as ID` → the message, still in memory when
 //! small, to a delivery worker → upstream → the file leaves the queue (kept for reuse).
 

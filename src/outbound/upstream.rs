@@ -68,7 +68,7 @@ impl Upstreams {
         Ok(Upstreams { list, book })
     }
 
-    /// The upstreams for a recipient domain (lower case), in failover order ([`Routes::route`]).
+    /// The upstreams for a recipient domain (lower case), in failover order ([`crate::routes::Routes::route`]).
     pub fn route(&self, domain: &str) -> &[usize] {
         self.book.routes().route(domain)
     }

@@ -24,7 +24,7 @@ pub struct Committed {
     /// The message's queue id (`queue/ID`).
     pub id: QueueId,
     /// The message as a first delivery attempt needs it, when the committer kept it in memory
-    /// ([`SpoolWriter::commit_and_keep`], at most [`KEEP_MAX`] octets); `None`: read it from
+    /// ([`SpoolWriter::commit_and_keep`], at most `KEEP_MAX` octets); `None`: read it from
     /// the spool.
     pub loaded: Option<Loaded>,
 }
