@@ -139,8 +139,8 @@ pub struct Connection {
     /// The message being received. Boxed: a session between messages carries only the
     /// pointer.
     assembly: Option<Box<Assembly>>,
-    /// Free space held for the current transaction from MAIL to its end (see
-    /// [`crate::queue::reserve`]).
+    /// Free space held for the current transaction from MAIL until DATA hands it to the
+    /// message's [`Assembly`] (see [`crate::queue::reserve`]).
     reservation: Option<Reservation>,
     started: Instant,
     outcome: Outcome,
