@@ -19,8 +19,8 @@ use tracing::{error, info, warn};
 
 use crate::config::{Config, ConfigErrors};
 use crate::inbound::connection::Shared;
-use crate::inbound::limits::ConnectionCounter;
 use crate::inbound::listener::ListenerTask;
+use crate::inbound::pressure::ConnectionCounter;
 use crate::inbound::verifier::{MAX_WAITING_VERIFICATIONS, Verifier, hash_slots};
 use crate::inbound::{Runtime, tls};
 use crate::outbound;

@@ -66,6 +66,7 @@ use tracing::{info, warn};
 
 use super::access::normalize;
 use super::lockout::{PREFIXES_V4, PREFIXES_V6, login_key};
+use super::store::RateKey;
 use crate::config::units::format_rate;
 use crate::config::{Rate, RateLimits};
 use crate::smtp::{Reply, reply};
@@ -200,6 +201,31 @@ const CONNECTIONS_PER_IP: &str = "rate_limits.connections_per_ip";
 const MESSAGES_PER_IP: &str = "rate_limits.messages_per_ip";
 const MESSAGES_PER_USER: &str = "rate_limits.messages_per_user";
 const RECIPIENTS_PER_IP: &str = "rate_limits.recipients_per_ip";
+
+/// One of the `[rate_limits]` budgets.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum RateLimit {
+    /// `connections_per_ip`, at connect: `421 4.7.0`.
+    ConnectionsPerIp,
+    /// `messages_per_ip`, at MAIL: `451 4.7.1`.
+    MessagesPerIp,
+    /// `messages_per_user`, at MAIL of an authenticated session: `451 4.7.1`.
+    MessagesPerUser,
+    /// `recipients_per_ip`, at RCPT: `451 4.7.1`.
+    RecipientsPerIp,
+}
+
+impl RateLimit {
+    /// The policy key, also the `rule=` of a refusal.
+    pub fn rule(self) -> &'static str {
+        match self {
+            RateLimit::ConnectionsPerIp => CONNECTIONS_PER_IP,
+            RateLimit::MessagesPerIp => MESSAGES_PER_IP,
+            RateLimit::MessagesPerUser => MESSAGES_PER_USER,
+            RateLimit::RecipientsPerIp => RECIPIENTS_PER_IP,
+        }
+    }
+}
 
 /// A governor clock that shows the time the caller last passed in (never going backwards), so
 /// decisions take the time as an input and tests need no sleeping.
@@ -601,43 +627,34 @@ impl Limiters {
         }
     }
 
-    /// A new connection from `ip`.
-    pub fn connection(&self, ip: IpAddr, now: Instant) -> Result<(), Limited> {
-        take(
-            &self.connections_per_ip,
-            CONNECTIONS_PER_IP,
-            &ClientKey::new(ip),
-            now,
-        )
-    }
-
-    /// A new message (MAIL) from `ip`, by `user` when authenticated. The user's budget is
-    /// checked first: a compromised account is stopped wherever it connects from.
-    pub fn message(&self, ip: IpAddr, user: Option<&str>, now: Instant) -> Result<(), Limited> {
-        if let Some(user) = user {
-            take(
-                &self.messages_per_user,
-                MESSAGES_PER_USER,
-                &login_key(user).to_string(),
-                now,
-            )?;
+    /// Take one event from the `limit` budget of `key` at `now` (see
+    /// [`super::store::Store::take`]). A login's budget is keyed by
+    /// [`login_key`]; a key of the wrong kind for `limit` is not counted.
+    ///
+    /// # Errors
+    /// [`Limited`] when the budget is spent.
+    pub fn take(&self, limit: RateLimit, key: &RateKey, now: Instant) -> Result<(), Limited> {
+        let rule = limit.rule();
+        let clients = match limit {
+            RateLimit::ConnectionsPerIp => &self.connections_per_ip,
+            RateLimit::MessagesPerIp => &self.messages_per_ip,
+            RateLimit::RecipientsPerIp => &self.recipients_per_ip,
+            RateLimit::MessagesPerUser => {
+                return match key {
+                    RateKey::Login(user) => take(
+                        &self.messages_per_user,
+                        rule,
+                        &login_key(user).to_string(),
+                        now,
+                    ),
+                    RateKey::Client(_) => Ok(()),
+                };
+            }
+        };
+        match key {
+            RateKey::Client(ip) => take(clients, rule, &ClientKey::new(*ip), now),
+            RateKey::Login(_) => Ok(()),
         }
-        take(
-            &self.messages_per_ip,
-            MESSAGES_PER_IP,
-            &ClientKey::new(ip),
-            now,
-        )
-    }
-
-    /// One more recipient (RCPT) from `ip`.
-    pub fn recipient(&self, ip: IpAddr, now: Instant) -> Result<(), Limited> {
-        take(
-            &self.recipients_per_ip,
-            RECIPIENTS_PER_IP,
-            &ClientKey::new(ip),
-            now,
-        )
     }
 }
 
@@ -648,6 +665,25 @@ mod tests {
     use super::super::lockout::MAX_LOGIN_KEY;
 
     use super::*;
+
+    /// The checks of each stage, as the MAIL stage orders them (user before client).
+    impl Limiters {
+        fn connection(&self, ip: IpAddr, now: Instant) -> Result<(), Limited> {
+            self.take(RateLimit::ConnectionsPerIp, &RateKey::Client(ip), now)
+        }
+
+        fn message(&self, ip: IpAddr, user: Option<&str>, now: Instant) -> Result<(), Limited> {
+            if let Some(user) = user {
+                let login = RateKey::Login(user.to_string());
+                self.take(RateLimit::MessagesPerUser, &login, now)?;
+            }
+            self.take(RateLimit::MessagesPerIp, &RateKey::Client(ip), now)
+        }
+
+        fn recipient(&self, ip: IpAddr, now: Instant) -> Result<(), Limited> {
+            self.take(RateLimit::RecipientsPerIp, &RateKey::Client(ip), now)
+        }
+    }
 
     fn rate(count: u32, secs: u64) -> Rate {
         Rate {

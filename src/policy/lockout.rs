@@ -24,7 +24,7 @@
 //!   before the password is verified, and the reservation counts as a failure until
 //!   [`Attempt::settle`] records the result: `failures + in flight` never exceeds
 //!   `max_failures`. A client has at most [`MAX_IN_FLIGHT_PER_CLIENT`] verification in flight;
-//!   a further AUTH from it gets [`Gate::Busy`] and waits for that result (the driver bounds the
+//!   a further AUTH from it gets [`GateDecisionDecision::Busy`] and waits for that result (the driver bounds the
 //!   wait), so the colleagues of an office behind one NAT address are verified one after
 //!   another rather than refused, and a correct password waits for at most the verifications
 //!   ahead of it. An attempt dropped without a result stays counted as a failure.
@@ -92,7 +92,7 @@ pub const MAX_CLIENTS_PER_LOGIN: usize = 16;
 /// own); failures of further logins are counted for no login.
 pub const MAX_LOGINS_PER_CLIENT: usize = 8;
 
-/// Verifications in flight per client entry at most; further AUTHs wait ([`Gate::Busy`]).
+/// Verifications in flight per client entry at most; further AUTHs wait ([`GateDecisionDecision::Busy`]).
 pub const MAX_IN_FLIGHT_PER_CLIENT: u32 = 1;
 
 /// How long a successful AUTH of a login from a client makes that pair "known": its later
@@ -156,7 +156,7 @@ impl Settings {
 
 /// What to do with an AUTH before verifying its password.
 #[derive(Debug)]
-pub enum Gate {
+pub enum GateDecision {
     /// The client (or a prefix it is counted under) is locked out: answer `454 4.7.0`,
     /// verify nothing.
     LockedOut { remaining: Duration },
@@ -284,6 +284,9 @@ pub struct AuthGuard {
     /// logins that collide).
     hasher: RandomState,
     tables: Mutex<Tables>,
+    /// Told whenever a reservation ends (settled, released or dropped): an AUTH held back by
+    /// [`GateDecision::Busy`] waits on it ([`AuthGuard::settled`]) before asking again.
+    settled: tokio::sync::Notify,
 }
 
 /// An AUTH allowed to verify: it holds a reservation in its client's entry that counts as a
@@ -399,7 +402,16 @@ impl AuthGuard {
                 overflow: LoginRecord::new(Instant::now()),
                 known: HashMap::new(),
             }),
+            settled: tokio::sync::Notify::new(),
         }
+    }
+
+    /// Resolves once any attempt has ended (settled, released, or dropped without a
+    /// result). Create it before asking [`AuthGuard::begin`] (and `enable` it), so an end in
+    /// between is not missed. Every way an attempt ends tells it, so a waiter needs no
+    /// polling.
+    pub fn settled(&self) -> tokio::sync::futures::Notified<'_> {
+        self.settled.notified()
     }
 
     pub fn settings(&self) -> Settings {
@@ -417,7 +429,7 @@ impl AuthGuard {
     /// Before verifying an AUTH for `login` from `ip` at `now`: refuse a locked-out client,
     /// hold back a client whose budget is taken by verifications in flight, or reserve one
     /// failure and let it verify.
-    pub fn begin(self: &Arc<Self>, ip: IpAddr, login: &str, now: Instant) -> Gate {
+    pub fn begin(self: &Arc<Self>, ip: IpAddr, login: &str, now: Instant) -> GateDecision {
         let s = self.settings;
         let nets = prefixes(ip);
         let mut t = self.lock();
@@ -429,7 +441,7 @@ impl AuthGuard {
             .filter_map(|(net, level)| level.map.get(net).and_then(|r| r.locked(now)))
             .max()
         {
-            return Gate::LockedOut { remaining };
+            return GateDecision::LockedOut { remaining };
         }
         let level = self.home(t, &nets, now);
         let record = t.clients[level]
@@ -440,7 +452,7 @@ impl AuthGuard {
         if record.in_flight >= MAX_IN_FLIGHT_PER_CLIENT
             || record.window.failures + record.in_flight >= s.max_failures
         {
-            return Gate::Busy;
+            return GateDecision::Busy;
         }
         record.in_flight += 1;
         let name = login_key(login);
@@ -458,7 +470,7 @@ impl AuthGuard {
             .known
             .get(&(ClientKey::new(ip), self.login_hash(login)))
             .is_some_and(|&at| now.saturating_duration_since(at) < KNOWN_PAIR_TTL);
-        Gate::Proceed(Attempt {
+        GateDecision::Proceed(Attempt {
             delay: spray_delay(failures, s.max_failures),
             known,
             reservation: Some(Reservation {
@@ -503,9 +515,18 @@ impl AuthGuard {
         if let Some(client) = t.clients[r.level].map.get_mut(&r.net) {
             client.in_flight = client.in_flight.saturating_sub(1);
         }
+        drop(t);
+        self.settled.notify_waiters();
     }
 
+    /// Record a result (see [`Attempt::settle`]) and wake the AUTHs waiting for one.
     fn settle(&self, r: &Reservation, success: bool, now: Instant) -> FailureReport {
+        let report = self.record(r, success, now);
+        self.settled.notify_waiters();
+        report
+    }
+
+    fn record(&self, r: &Reservation, success: bool, now: Instant) -> FailureReport {
         let s = self.settings;
         let login_hash = self.login_hash(&r.login);
         let mut report = FailureReport::default();
@@ -640,7 +661,7 @@ mod tests {
 
     fn proceed(g: &Arc<AuthGuard>, a: IpAddr, login: &str, now: Instant) -> Attempt {
         match g.begin(a, login, now) {
-            Gate::Proceed(attempt) => attempt,
+            GateDecision::Proceed(attempt) => attempt,
             other => panic!("{a} {login}: expected to proceed, got {other:?}"),
         }
     }
@@ -651,7 +672,7 @@ mod tests {
     }
 
     fn locked(g: &Arc<AuthGuard>, a: IpAddr, now: Instant) -> bool {
-        matches!(g.begin(a, "anyone", now), Gate::LockedOut { .. })
+        matches!(g.begin(a, "anyone", now), GateDecision::LockedOut { .. })
     }
 
     fn delay(g: &Arc<AuthGuard>, a: IpAddr, login: &str, now: Instant) -> Duration {
@@ -674,7 +695,7 @@ mod tests {
         let t1 = t0 + Duration::from_secs(60);
         assert!(matches!(
             g.begin(a, "dave", t1),
-            Gate::LockedOut { remaining } if remaining == Duration::from_secs(840)
+            GateDecision::LockedOut { remaining } if remaining == Duration::from_secs(840)
         ));
         assert_eq!(delay(&g, ip("192.0.2.2"), "dave", t1), Duration::ZERO);
         // The same /64 is the same client; IPv4-mapped is IPv4.
@@ -707,12 +728,12 @@ mod tests {
         'rounds: for round in 0..6 {
             for _ in 0..4 {
                 match g.begin(a, "bob", t0) {
-                    Gate::Proceed(attempt) => {
+                    GateDecision::Proceed(attempt) => {
                         verified_guesses += 1;
                         attempt.settle(false, t0);
                     }
-                    Gate::LockedOut { .. } => break 'rounds,
-                    Gate::Busy => panic!("nothing is in flight"),
+                    GateDecision::LockedOut { .. } => break 'rounds,
+                    GateDecision::Busy => panic!("nothing is in flight"),
                 }
             }
             assert!(round == 0, "still not locked out in round {round}");
@@ -764,14 +785,14 @@ mod tests {
         let mut in_flight: Vec<Attempt> = Vec::new();
         for _ in 0..60 {
             match g.begin(a, "bob", t0) {
-                Gate::Proceed(attempt) => in_flight.push(attempt),
-                Gate::Busy => {
+                GateDecision::Proceed(attempt) => in_flight.push(attempt),
+                GateDecision::Busy => {
                     // Only one verification at a time per client: settle it, as a worker would.
                     assert_eq!(in_flight.len(), MAX_IN_FLIGHT_PER_CLIENT as usize);
                     verified += 1;
                     in_flight.pop().unwrap().settle(false, t0);
                 }
-                Gate::LockedOut { .. } => {}
+                GateDecision::LockedOut { .. } => {}
             }
         }
         verified += in_flight.len();
@@ -790,7 +811,7 @@ mod tests {
         // A colleague behind the same address is being verified with the last failure left.
         let colleague = proceed(&g, a, "carol", t0);
         // Alice is held back, not locked out and not counted ...
-        assert!(matches!(g.begin(a, "alice", t0), Gate::Busy));
+        assert!(matches!(g.begin(a, "alice", t0), GateDecision::Busy));
         // ... and goes ahead as soon as the colleague's login turns out right.
         colleague.settle(true, t0);
         proceed(&g, a, "alice", t0).settle(true, t0);
@@ -855,7 +876,7 @@ mod tests {
         for i in 0..50_500u32 {
             now = t0 + step * i;
             let a = IpAddr::from(std::net::Ipv4Addr::from(0x0a00_0000 + i));
-            if let Gate::Proceed(attempt) = g.begin(a, &format!("user{i}"), now) {
+            if let GateDecision::Proceed(attempt) = g.begin(a, &format!("user{i}"), now) {
                 attempt.settle(false, now);
             }
             let (clients, logins) = g.len();

@@ -29,50 +29,27 @@
 
 use std::sync::Arc;
 
-use crate::envelope::{Address, canonical_domain};
+use super::pattern::AddressPattern;
+use crate::envelope::Address;
 use crate::text::{fold_lookalike, is_invisible};
-
-/// One `senders` entry.
-#[derive(Debug, Clone, PartialEq, Eq)]
-enum Pattern {
-    /// One mailbox.
-    Address(Address),
-    /// A whole domain, canonical (A-label, lower case).
-    Domain(String),
-}
-
-impl Pattern {
-    /// An entry in either form (config has already checked and canonicalised it; the login
-    /// of a user without `senders` has not been, so anything else is `None`).
-    fn parse(entry: &str) -> Option<Pattern> {
-        match entry.strip_prefix('@') {
-            Some(domain) => canonical_domain(domain).ok().map(Pattern::Domain),
-            None => Address::parse(entry).ok().map(Pattern::Address),
-        }
-    }
-
-    fn matches(&self, a: &Address) -> bool {
-        match self {
-            Pattern::Address(owned) => owned.matches(a),
-            Pattern::Domain(domain) => a.domain() == domain,
-        }
-    }
-}
 
 /// The addresses one user may send as.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Senders(Vec<Pattern>);
+pub struct Senders(Vec<AddressPattern>);
 
 impl Senders {
     /// From the user's `senders` entries; with none, the login if it is an address.
     pub fn new(login: &str, entries: &[String]) -> Senders {
         let patterns = if entries.is_empty() {
-            Pattern::parse(login)
-                .filter(|p| matches!(p, Pattern::Address { .. }))
+            AddressPattern::parse(login)
+                .filter(|p| matches!(p, AddressPattern::Address(_)))
                 .into_iter()
                 .collect()
         } else {
-            entries.iter().filter_map(|e| Pattern::parse(e)).collect()
+            entries
+                .iter()
+                .filter_map(|e| AddressPattern::parse(e))
+                .collect()
         };
         Senders(patterns)
     }
@@ -189,6 +166,15 @@ impl FromCheck {
         }
         self.seen = true;
         Ok(())
+    }
+
+    /// The verdict so far, as [`FromCheck::finish`] would give it, without consuming the check.
+    pub fn verdict(&self) -> Result<(), FromProblem> {
+        match &self.problem {
+            Some(p) => Err(p.clone()),
+            None if self.seen => Ok(()),
+            None => Err(FromProblem::Missing),
+        }
     }
 
     /// The verdict once the header section has been read: the first problem found, or
