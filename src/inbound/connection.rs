@@ -31,12 +31,23 @@ use crate::policy::senders::FromCheck;
 use crate::policy::stage::{
     EndOfData, Input, RcptFacts, StageFacts, TransactionFacts, WriteFailure,
 };
-use crate::policy::{Refusal, SessionFacts};
+use crate::policy::{Detail, Refusal, SessionFacts};
 use crate::queue::{Spool, SpoolWriter};
 use crate::smtp::headers::HeaderFilter;
 use crate::smtp::received::{self, Trace};
 use crate::smtp::{Credentials, DataFault, Event, Reply, Session, SessionConfig, reply};
 use crate::stream::{ServerStream, Stream, closed};
+
+/// A refusal's log line, at warning level when `$warning`.
+macro_rules! rejected {
+    ($warning:expr, $($rest:tt)*) => {
+        if $warning {
+            warn!($($rest)*)
+        } else {
+            info!($($rest)*)
+        }
+    };
+}
 
 /// What the driver reads from and writes to: TCP on the wire, an in-memory pipe in tests.
 pub trait Io: AsyncRead + AsyncWrite + Unpin + Send {}
@@ -499,12 +510,21 @@ impl SessionDriver {
 
     /// Log a refusal: its rule, its reply and what else it says.
     fn refuse_log(&self, r: &Refusal) {
-        let detail = r.detail.as_deref();
-        let user = self.session.user();
-        if r.warning {
-            warn!(rule = r.rule, reply = %r.reply, user, detail, "rejected");
-        } else {
-            info!(rule = r.rule, reply = %r.reply, user, detail, "rejected");
+        let user = self.session.user().unwrap_or("-");
+        let (rule, reply) = (r.rule, &r.reply);
+        match &r.detail {
+            None => rejected!(r.warning, user, rule, reply = %reply, "rejected"),
+            Some(Detail::Limit(limit)) => {
+                rejected!(r.warning, user, rule, limit = %limit, reply = %reply, "rejected");
+            }
+            Some(Detail::Login(login)) => {
+                rejected!(r.warning, login = login.as_str(), rule, reply = %reply, "rejected");
+            }
+            Some(Detail::FromHeader(from)) => rejected!(r.warning, user,
+                from_header = from.as_str(), rule, reply = %reply, "rejected"),
+            Some(Detail::Text(detail)) => {
+                rejected!(r.warning, user, rule, reply = %reply, detail = %detail, "rejected");
+            }
         }
     }
 

@@ -49,8 +49,8 @@ pub struct Refusal {
     pub reply: Reply,
     /// The `rule=` of the log line; never shown to the client (DESIGN.md invariant 3).
     pub rule: &'static str,
-    /// What else the log line says (the limit, the login, the offending address).
-    pub detail: Option<String>,
+    /// What else the log line says.
+    pub detail: Option<Detail>,
     /// Logged as a warning: the refusal may mean an attack or a local problem.
     pub warning: bool,
 }
@@ -67,9 +67,9 @@ impl Refusal {
     }
 
     /// The same, with `detail` in the log line.
-    pub fn with_detail(self, detail: impl Into<String>) -> Refusal {
+    pub fn with_detail(self, detail: Detail) -> Refusal {
         Refusal {
-            detail: Some(detail.into()),
+            detail: Some(detail),
             ..self
         }
     }
@@ -81,6 +81,20 @@ impl Refusal {
             ..self
         }
     }
+}
+
+/// What a refusal's log line says besides its rule and reply, each under its own field name.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Detail {
+    /// `limit=`: the rate limit exceeded, as the policy file writes it (`120/min`).
+    Limit(String),
+    /// `login=`: the SASL authentication identity, cut to
+    /// [`lockout::MAX_LOGIN_KEY`] octets.
+    Login(String),
+    /// `from_header=`: the `From:` address that is not owned.
+    FromHeader(String),
+    /// `detail=`: anything else (free-space numbers, an I/O error, a field name).
+    Text(String),
 }
 
 /// What the DATA stage applies to the message while it is received (nothing here refuses).
@@ -516,7 +530,7 @@ mod tests {
                 "from_display_name",
                 550,
                 "5.7.1",
-                Some("ceo@example.com".to_string())
+                Some(Detail::FromHeader("ceo@example.com".to_string()))
             ))
         );
         assert_eq!(check(Some("alice"), "From: <alice@example.com>\r\n"), None);
@@ -526,7 +540,7 @@ mod tests {
                 "from_header_not_owned",
                 550,
                 "5.7.1",
-                Some("ceo@example.com".to_string())
+                Some(Detail::FromHeader("ceo@example.com".to_string()))
             ))
         );
         assert_eq!(

@@ -26,7 +26,7 @@ use super::capability::{self, Capabilities};
 use super::limits::{Limited, RateLimit};
 use super::senders::{FromCheck, FromProblem};
 use super::store::RateKey;
-use super::{Policy, Refusal, SessionFacts};
+use super::{Detail, Policy, Refusal, SessionFacts};
 use crate::config::Listener;
 use crate::envelope::{Address, MailParams, ReversePath};
 use crate::policy::access::{contains, normalize};
@@ -421,7 +421,7 @@ impl Policy {
         match check {
             Check::HeaderSize => match end.header_too_large {
                 Some(name) => Err(Refusal::new(reply::HEADER_TOO_LARGE, "header_too_large")
-                    .with_detail(format!("field {name}"))),
+                    .with_detail(Detail::Text(format!("header field {name} too large")))),
                 None => Ok(()),
             },
             Check::HopLimit if end.received_count > self.hop_limit => {
@@ -452,11 +452,11 @@ impl Policy {
             Input::Auth { login, .. } => login,
             _ => "",
         };
-        let shown = || super::lockout::login_key(login).to_string();
+        let shown = || Detail::Login(super::lockout::login_key(login).to_string());
         let refusal = match answer {
             Answer::Allowed | Answer::Looked(_) => return None,
             Answer::Limited(l) => Refusal::new(l.reply(), l.rule)
-                .with_detail(format!("limit {}", l.limit_text()))
+                .with_detail(Detail::Limit(l.limit_text()))
                 .warning(),
             Answer::LockedOut => Refusal::new(reply::AUTH_LOCKED_OUT, "auth_lockout")
                 .with_detail(shown())
@@ -477,14 +477,17 @@ impl Policy {
             // RFC 4954 §6: 454 4.7.0 for a temporary failure, nothing counted.
             Answer::VerifierFailed(error) => {
                 Refusal::new(reply::AUTH_TEMPORARY, "auth_verifier_failed")
-                    .with_detail(format!("{}: {error}", shown()))
+                    .with_detail(Detail::Text(format!(
+                        "{}: {error}",
+                        super::lockout::login_key(login)
+                    )))
                     .warning()
             }
             Answer::NoSpace(detail) => Refusal::new(reply::INSUFFICIENT_STORAGE, "min_free_space")
-                .with_detail(detail)
+                .with_detail(Detail::Text(detail))
                 .warning(),
             Answer::SpaceUnknown(detail) => {
-                Refusal::new(reply::LOCAL_ERROR, "spool_statvfs").with_detail(detail)
+                Refusal::new(reply::LOCAL_ERROR, "spool_statvfs").with_detail(Detail::Text(detail))
             }
         };
         Some(refusal)
@@ -528,7 +531,7 @@ pub(super) fn from_header(check: Option<&FromCheck>) -> Result<(), Refusal> {
     let refuse = |rule, address: Option<String>| {
         let r = Refusal::new(reply::FROM_HEADER_NOT_OWNED, rule);
         Err(match address {
-            Some(a) => r.with_detail(a),
+            Some(a) => r.with_detail(Detail::FromHeader(a)),
             None => r,
         })
     };
@@ -538,5 +541,372 @@ pub(super) fn from_header(check: Option<&FromCheck>) -> Result<(), Refusal> {
         Err(FromProblem::NotOwned(a)) => refuse("from_header_not_owned", Some(a)),
         Err(FromProblem::DisplayName(a)) => refuse("from_display_name", Some(a)),
         Err(FromProblem::Ambiguous(a)) => refuse("from_header_ambiguous", Some(a)),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Instant;
+
+    use super::*;
+    use crate::config::{Config, Rate};
+    use crate::policy::credentials::DUMMY_HASH;
+
+    /// A policy with `accepted_domains = ["example.com"]`, user `alice` (sender
+    /// alice@example.com), `max_message_size = 1000` and `hop_limit = 2`.
+    fn policy() -> (tempfile::TempDir, Config, Policy) {
+        let dir = tempfile::tempdir().unwrap();
+        let users = dir.path().join("users.toml");
+        std::fs::write(
+            &users,
+            format!(
+                "[[users]]\nname = \"alice\"\npassword_hash = \"{DUMMY_HASH}\"\n\
+                 senders = [\"alice@example.com\"]\n"
+            ),
+        )
+        .unwrap();
+        let text = format!(
+            "[server]\nhostname = \"relay.test\"\n[[listeners]]\nbind = \"127.0.0.1:2525\"\n\
+             tls = \"none\"\ndeny = [\"192.0.2.66/32\"]\nallow = [\"192.0.2.0/24\"]\n\
+             [relay]\naccepted_domains = [\"example.com\"]\n[auth]\nusers_file = {:?}\n\
+             [limits]\nmax_message_size = 1000\nhop_limit = 2\n\
+             [[upstreams]]\naddress = \"127.0.0.1:25\"\n",
+            users.display().to_string()
+        );
+        let config = Config::from_toml(&text, None).expect("valid test policy");
+        let policy = Policy::new(&config, None, Instant::now());
+        (dir, config, policy)
+    }
+
+    /// Evaluate to the end, answering each effect with `answer`: the effects asked for, in
+    /// order, and the rule that refused (`None`: accepted).
+    fn run(
+        policy: &Policy,
+        mut evaluation: Evaluation,
+        facts: &StageFacts<'_>,
+        mut answer: impl FnMut(&Effect) -> Answer,
+    ) -> (Vec<Effect>, Option<&'static str>) {
+        let mut asked = Vec::new();
+        let mut given = None;
+        loop {
+            match policy.evaluate(&mut evaluation, facts, given.take()) {
+                Verdict::Accept => return (asked, None),
+                Verdict::Refuse(r) => return (asked, Some(r.rule)),
+                Verdict::Effect(e) => {
+                    given = Some(answer(&e));
+                    asked.push(e);
+                }
+            }
+        }
+    }
+
+    fn facts<'a>(
+        config: &'a Config,
+        ip: &str,
+        user: Option<&'a str>,
+        input: Input<'a>,
+    ) -> StageFacts<'a> {
+        StageFacts {
+            session: SessionFacts {
+                client_ip: ip.parse().unwrap(),
+                user,
+            },
+            listener: &config.listeners[0],
+            input,
+        }
+    }
+
+    fn limited(limit: RateLimit) -> Answer {
+        Answer::Limited(Limited {
+            rule: limit.rule(),
+            limit: Rate {
+                count: 1,
+                per: std::time::Duration::from_secs(60),
+            },
+        })
+    }
+
+    fn allowed(_: &Effect) -> Answer {
+        Answer::Allowed
+    }
+
+    fn client(ip: &str) -> RateKey {
+        RateKey::Client(ip.parse().unwrap())
+    }
+
+    #[test]
+    fn connect_checks_deny_then_allow_then_the_connection_rate() {
+        let (_d, c, p) = policy();
+        let rate = Effect::Rate(RateLimit::ConnectionsPerIp, client("192.0.2.1"));
+        let connect = |ip, answer: fn(&Effect) -> Answer| {
+            run(
+                &p,
+                Evaluation::new(Stage::Connect),
+                &facts(&c, ip, None, Input::Connect),
+                answer,
+            )
+        };
+        // Refused by the lists: no budget is taken.
+        assert_eq!(
+            connect("192.0.2.66", allowed),
+            (vec![], Some("listener_deny"))
+        );
+        assert_eq!(
+            connect("::ffff:192.0.2.66", allowed),
+            (vec![], Some("listener_deny"))
+        );
+        assert_eq!(
+            connect("198.51.100.1", allowed),
+            (vec![], Some("listener_allow"))
+        );
+        assert_eq!(connect("192.0.2.1", allowed), (vec![rate.clone()], None));
+        let over = connect("192.0.2.1", |_| limited(RateLimit::ConnectionsPerIp));
+        assert_eq!(over, (vec![rate], Some("rate_limits.connections_per_ip")));
+    }
+
+    #[test]
+    fn mail_checks_ownership_then_user_then_client_budget_then_reserves_space() {
+        let (_d, c, p) = policy();
+        let owned = ReversePath::Address(Address::parse("alice@example.com").unwrap());
+        let spoof = ReversePath::Address(Address::parse("ceo@example.com").unwrap());
+        let mail = |user, from, size, answer: &dyn Fn(&Effect) -> Answer| {
+            let input = Input::Mail { from, size };
+            run(
+                &p,
+                Evaluation::new(Stage::Mail),
+                &facts(&c, "192.0.2.1", user, input),
+                answer,
+            )
+        };
+        let user_rate = Effect::Rate(RateLimit::MessagesPerUser, RateKey::Login("alice".into()));
+        let ip_rate = Effect::Rate(RateLimit::MessagesPerIp, client("192.0.2.1"));
+        let reserve = |bytes| Effect::ReserveSpace { bytes };
+        assert_eq!(
+            mail(Some("alice"), &spoof, None, &allowed),
+            (vec![], Some("sender_not_owned"))
+        );
+        assert_eq!(
+            mail(Some("alice"), &owned, Some(10), &allowed),
+            (vec![user_rate.clone(), ip_rate.clone(), reserve(10)], None)
+        );
+        // Unauthenticated: no user budget; no SIZE, or one over the cap: the cap is held.
+        assert_eq!(
+            mail(None, &spoof, None, &allowed),
+            (vec![ip_rate.clone(), reserve(1000)], None)
+        );
+        assert_eq!(mail(None, &spoof, Some(5000), &allowed).0[1], reserve(1000));
+        let user_spent = |e: &Effect| match e {
+            Effect::Rate(RateLimit::MessagesPerUser, _) => limited(RateLimit::MessagesPerUser),
+            _ => Answer::Allowed,
+        };
+        assert_eq!(
+            mail(Some("alice"), &owned, None, &user_spent),
+            (vec![user_rate], Some("rate_limits.messages_per_user"))
+        );
+        let full = |e: &Effect| match e {
+            Effect::ReserveSpace { .. } => Answer::NoSpace("full".into()),
+            _ => Answer::Allowed,
+        };
+        assert_eq!(mail(None, &owned, None, &full).1, Some("min_free_space"));
+        let unknown = |e: &Effect| match e {
+            Effect::ReserveSpace { .. } => Answer::SpaceUnknown("statvfs".into()),
+            _ => Answer::Allowed,
+        };
+        assert_eq!(mail(None, &owned, None, &unknown).1, Some("spool_statvfs"));
+    }
+
+    #[test]
+    fn rcpt_checks_relaying_then_the_route_then_the_recipient_budget() {
+        let (_d, c, p) = policy();
+        let from = ReversePath::Null;
+        let params = MailParams::default();
+        let caps = Capabilities {
+            smtputf8: false,
+            eightbitmime: true,
+            size: None,
+        };
+        let rcpt = |to: &str, route, answer: &dyn Fn(&Effect) -> Answer| {
+            let to = Address::parse(to).unwrap();
+            let input = Input::Rcpt(RcptFacts {
+                to: &to,
+                bare_postmaster: false,
+                transaction: Some(TransactionFacts {
+                    from: &from,
+                    params: &params,
+                }),
+                route,
+            });
+            run(
+                &p,
+                Evaluation::new(Stage::Rcpt),
+                &facts(&c, "192.0.2.1", None, input),
+                answer,
+            )
+        };
+        let rate = Effect::Rate(RateLimit::RecipientsPerIp, client("192.0.2.1"));
+        // Relaying is refused before the route is looked at or a budget is taken.
+        assert_eq!(
+            rcpt("u@other.test", None, &allowed),
+            (vec![], Some("relay_denied"))
+        );
+        assert_eq!(
+            rcpt("u@example.com", None, &allowed),
+            (vec![], Some("no_route"))
+        );
+        assert_eq!(
+            rcpt("jörg@example.com", Some(caps), &allowed),
+            (vec![], Some("route_smtputf8"))
+        );
+        assert_eq!(
+            rcpt("u@example.com", Some(caps), &allowed),
+            (vec![rate.clone()], None)
+        );
+        let spent = |_: &Effect| limited(RateLimit::RecipientsPerIp);
+        assert_eq!(
+            rcpt("u@example.com", Some(caps), &spent),
+            (vec![rate], Some("rate_limits.recipients_per_ip"))
+        );
+    }
+
+    #[test]
+    fn auth_asks_the_lockout_gate_before_verifying_and_names_the_outcome() {
+        let (_d, c, p) = policy();
+        let auth = |login, answer: &dyn Fn(&Effect) -> Answer| {
+            let input = Input::Auth {
+                login,
+                password: "pw",
+            };
+            let (asked, rule) = run(
+                &p,
+                Evaluation::new(Stage::Auth),
+                &facts(&c, "192.0.2.1", None, input),
+                answer,
+            );
+            let kinds: Vec<&str> = asked
+                .iter()
+                .map(|e| match e {
+                    Effect::AuthGate { .. } => "gate",
+                    Effect::VerifyPassword { known: true, .. } => "verify known",
+                    Effect::VerifyPassword { known: false, .. } => "verify unknown",
+                    _ => "other",
+                })
+                .collect();
+            (kinds, rule)
+        };
+        let verified = |matched| {
+            move |e: &Effect| match e {
+                Effect::VerifyPassword { .. } => Answer::Password { matched },
+                _ => Answer::Allowed,
+            }
+        };
+        assert_eq!(
+            auth("alice", &|_| Answer::LockedOut),
+            (vec!["gate"], Some("auth_lockout"))
+        );
+        assert_eq!(
+            auth("alice", &|_| Answer::Busy),
+            (vec!["gate"], Some("auth_busy"))
+        );
+        assert_eq!(
+            auth("alice", &verified(true)),
+            (vec!["gate", "verify known"], None)
+        );
+        assert_eq!(
+            auth("alice", &verified(false)),
+            (vec!["gate", "verify known"], Some("auth_bad_password"))
+        );
+        // An unknown login is verified too (against the dummy hash) and never succeeds.
+        assert_eq!(
+            auth("mallory", &verified(true)),
+            (vec!["gate", "verify unknown"], Some("auth_unknown_user"))
+        );
+        let broken = |e: &Effect| match e {
+            Effect::VerifyPassword { .. } => {
+                Answer::VerifierFailed(CheckError::Verifier("test".into()))
+            }
+            _ => Answer::Allowed,
+        };
+        assert_eq!(auth("alice", &broken).1, Some("auth_verifier_failed"));
+    }
+
+    #[test]
+    fn end_of_data_refuses_by_the_first_rule_that_fires() {
+        let (_d, c, p) = policy();
+        let from = ReversePath::Null;
+        let params = MailParams::default();
+        let recipients = [Address::parse("u@example.com").unwrap()];
+        let seven_bit = |_: &str| {
+            Some(Capabilities {
+                smtputf8: false,
+                eightbitmime: false,
+                size: Some(100),
+            })
+        };
+        let check = p.from_check(&SessionFacts {
+            client_ip: "192.0.2.1".parse().unwrap(),
+            user: Some("alice"),
+        });
+        let end = |too_large, hops, failed, from_check, size| {
+            let input = Input::DataEnd(EndOfData {
+                header_too_large: too_large,
+                received_count: hops,
+                write_failed: failed,
+                from_check,
+                header_utf8: false,
+                eight_bit: false,
+                size,
+                transaction: TransactionFacts {
+                    from: &from,
+                    params: &params,
+                },
+                recipients: &recipients,
+                route: &seven_bit,
+            });
+            run(
+                &p,
+                Evaluation::new(Stage::DataEnd),
+                &facts(&c, "192.0.2.1", None, input),
+                allowed,
+            )
+            .1
+        };
+        // Every rule would fire; each row takes away the one that fired before.
+        let io = Some(WriteFailure::Io);
+        let full = Some(WriteFailure::StorageFull);
+        let no_from = check.as_ref();
+        assert_eq!(
+            end(Some("Subject"), 3, io, no_from, 500),
+            Some("header_too_large")
+        );
+        assert_eq!(end(None, 3, io, no_from, 500), Some("hop_limit"));
+        assert_eq!(end(None, 2, io, no_from, 500), Some("spool_write"));
+        assert_eq!(end(None, 2, full, no_from, 500), Some("min_free_space"));
+        assert_eq!(
+            end(None, 2, None, no_from, 500),
+            Some("from_header_missing")
+        );
+        assert_eq!(end(None, 2, None, None, 500), Some("route_size"));
+        assert_eq!(end(None, 2, None, None, 50), None);
+    }
+
+    #[test]
+    fn a_lookup_started_at_connect_is_awaited_at_rcpt() {
+        // The shape a DNSBL check takes: started with the connection, read at each RCPT.
+        let (_d, c, p) = policy();
+        const AT_CONNECT: &[Check] = &[Check::ListenerAllow, Check::Start(Lookup::Echo(7))];
+        const AT_RCPT: &[Check] = &[Check::Await(Lookup::Echo(7))];
+        let connect = facts(&c, "192.0.2.1", None, Input::Connect);
+        let (asked, rule) = run(&p, Evaluation::of(AT_CONNECT), &connect, allowed);
+        assert_eq!((asked, rule), (vec![Effect::Start(Lookup::Echo(7))], None));
+        let mut read = Evaluation::of(AT_RCPT);
+        let Verdict::Effect(Effect::Await(Lookup::Echo(7))) = p.evaluate(&mut read, &connect, None)
+        else {
+            panic!("the lookup is not awaited");
+        };
+        let answer = Answer::Looked(LookupResult::Echo(7));
+        assert!(matches!(
+            p.evaluate(&mut read, &connect, Some(answer)),
+            Verdict::Accept
+        ));
     }
 }
