@@ -641,6 +641,8 @@ pub fn spray_delay(failures: u32, max_failures: u32) -> Duration {
 
 #[cfg(test)]
 mod tests {
+    use std::future::Future;
+
     use super::*;
 
     fn settings(max_failures: u32) -> Settings {
@@ -680,6 +682,30 @@ mod tests {
         let d = attempt.delay;
         attempt.settle(true, now);
         d
+    }
+
+    #[test]
+    fn every_way_an_attempt_ends_wakes_the_auths_waiting_for_one() {
+        // A second AUTH from a client with a verification in flight waits for it to end; it
+        // is woken whether that attempt is settled, released or dropped (no polling).
+        let g = guard();
+        let (a, t0) = (ip("192.0.2.1"), Instant::now());
+        let ends: [fn(Attempt, Instant); 3] = [
+            |attempt, now| drop(attempt.settle(false, now)),
+            |attempt, _| attempt.release(),
+            |attempt, _| drop(attempt),
+        ];
+        let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+        for end in ends {
+            let attempt = proceed(&g, a, "alice", t0);
+            let waiter = g.settled();
+            tokio::pin!(waiter);
+            waiter.as_mut().enable();
+            assert!(matches!(g.begin(a, "alice", t0), GateDecision::Busy));
+            assert!(waiter.as_mut().poll(&mut cx).is_pending());
+            end(attempt, t0);
+            assert!(waiter.as_mut().poll(&mut cx).is_ready());
+        }
     }
 
     #[test]
