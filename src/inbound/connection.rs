@@ -942,22 +942,8 @@ impl SessionDriver {
             inc.writer.abort();
             return self.refuse(r);
         }
-        // What the message turned out to need, recorded once in its envelope so delivery
-        // declares exactly that upstream: BODY=8BITMIME for 8-bit octets MAIL did not declare
-        // (RFC 6152), and no SMTPUTF8 when envelope and header section are ASCII whatever was
-        // declared (RFC 6531 §3.4: any upstream can then take it).
         let declared = &inc.envelope.mail_params;
-        let mut needed = declared.clone();
-        if inc.eight_bit {
-            needed.body = Some(crate::envelope::Body::EightBitMime);
-        }
-        let utf8_address = inc
-            .envelope
-            .mail_from
-            .address()
-            .is_some_and(Address::is_utf8)
-            || inc.envelope.recipients.iter().any(|r| r.address.is_utf8());
-        needed.smtputf8 = declared.smtputf8 && (inc.filter.non_ascii() || utf8_address);
+        let needed = needed_params(&inc);
         if needed != *declared {
             debug!(params = ?needed, "MAIL parameters as the message needs them");
             if let Err(e) = inc.writer.rewrite_mail_params(&inc.envelope, needed) {
@@ -1053,6 +1039,26 @@ impl SessionDriver {
             .decide(&self.runtime, &self.shared, &facts)
             .await
     }
+}
+
+/// What the message turned out to need, recorded once in its envelope so delivery declares
+/// exactly that upstream: BODY=8BITMIME for 8-bit octets MAIL did not declare (RFC 6152), and
+/// no SMTPUTF8 when envelope and header section are ASCII whatever was declared (RFC 6531
+/// §3.4: any upstream can then take it).
+fn needed_params(inc: &Incoming) -> crate::envelope::MailParams {
+    let declared = &inc.envelope.mail_params;
+    let mut needed = declared.clone();
+    if inc.eight_bit {
+        needed.body = Some(crate::envelope::Body::EightBitMime);
+    }
+    let utf8_address = inc
+        .envelope
+        .mail_from
+        .address()
+        .is_some_and(Address::is_utf8)
+        || inc.envelope.recipients.iter().any(|r| r.address.is_utf8());
+    needed.smtputf8 = declared.smtputf8 && (inc.filter.non_ascii() || utf8_address);
+    needed
 }
 
 /// What ended a wait in [`SessionDriver::read`].

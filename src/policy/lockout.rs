@@ -691,7 +691,9 @@ mod tests {
         let g = guard();
         let (a, t0) = (ip("192.0.2.1"), Instant::now());
         let ends: [fn(Attempt, Instant); 3] = [
-            |attempt, now| drop(attempt.settle(false, now)),
+            |attempt, now| {
+                attempt.settle(false, now);
+            },
             |attempt, _| attempt.release(),
             |attempt, _| drop(attempt),
         ];

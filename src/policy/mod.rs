@@ -213,7 +213,7 @@ impl Policy {
         DataRules {
             normalize_bare_lf: self.normalize_bare_lf(listener, facts),
             header_rules: self.header_rules(facts),
-            from_check: self.from_check(facts),
+            from_check: self.header_from_check(facts),
         }
     }
 
@@ -244,7 +244,7 @@ impl Policy {
     /// The `From:` check an authenticated message gets during DATA (`None` for other mail):
     /// fed every `From:` field by the header reader, judged at the end of data
     /// ([`stage::Check::FromHeader`]).
-    fn from_check(&self, facts: &SessionFacts<'_>) -> Option<FromCheck> {
+    fn header_from_check(&self, facts: &SessionFacts<'_>) -> Option<FromCheck> {
         let user = facts.user?;
         let senders = self
             .senders
@@ -508,7 +508,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let (_, p) = with_users(dir.path(), "");
         let check = |user, section: &str| {
-            let mut from = p.from_check(&facts("192.0.2.1", user));
+            let mut from = p.header_from_check(&facts("192.0.2.1", user));
             let mut reader =
                 crate::smtp::headers::HeaderFilter::with_inspector(Arc::default(), from.take());
             let mut out = Vec::new();
@@ -519,8 +519,11 @@ mod tests {
                 .map(|r| (r.rule, r.reply.code, r.reply.enhanced, r.detail))
         };
         assert_eq!(check(None, "From: ceo@example.com\r\n"), None);
-        assert!(p.from_check(&facts("192.0.2.1", Some("alice"))).is_some());
-        assert!(p.from_check(&facts("192.0.2.1", None)).is_none());
+        assert!(
+            p.header_from_check(&facts("192.0.2.1", Some("alice")))
+                .is_some()
+        );
+        assert!(p.header_from_check(&facts("192.0.2.1", None)).is_none());
         assert_eq!(
             check(
                 Some("alice"),

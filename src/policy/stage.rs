@@ -275,7 +275,7 @@ pub struct EndOfData<'a> {
     pub received_count: usize,
     /// Writing the spool file failed.
     pub write_failed: Option<WriteFailure>,
-    /// The `From:` check of an authenticated message (see [`Policy::from_check`]), fed the
+    /// The `From:` check of an authenticated message (see [`Policy::data_start`]), fed the
     /// whole header section.
     pub from_check: Option<&'a FromCheck>,
     /// The header section has a non-ASCII octet.
@@ -842,7 +842,7 @@ mod tests {
                 size: Some(100),
             })
         };
-        let check = p.from_check(&SessionFacts {
+        let check = p.header_from_check(&SessionFacts {
             client_ip: "192.0.2.1".parse().unwrap(),
             user: Some("alice"),
         });
