@@ -30,9 +30,9 @@
 //!   ahead of it. An attempt dropped without a result stays counted as a failure.
 //! - **Evict a lockout by flooding.** Entries that are locked, in flight, or hold failures
 //!   inside their window are never removed. When the exact table is full (after dropping
-//!   settled entries, at most once per [`SWEEP_INTERVAL`]), a new client is counted under its
+//!   settled entries, at most once per [`SWEEP_INTERVAL`](super::prefix::SWEEP_INTERVAL)), a new client is counted under its
 //!   coarser prefix instead: IPv4 /24, /16, /8, then one entry for all of IPv4; IPv6 /48, /32,
-//!   /16, then one for all of IPv6 ([`PREFIXES_V4`], [`PREFIXES_V6`]). A lockout of a prefix
+//!   /16, then one for all of IPv6 ([`PREFIXES_V4`](super::prefix::PREFIXES_V4), [`PREFIXES_V6`](super::prefix::PREFIXES_V6)). A lockout of a prefix
 //!   applies to every address in it, so a flood locks out its own prefixes (and whoever shares
 //!   them) and never lifts anyone's lockout. The table holds at most [`MAX_TRACKED_CLIENTS`]
 //!   exact entries plus [`MAX_COARSE_CLIENTS`] per coarser level plus the two catch-all
@@ -55,8 +55,8 @@ use std::time::{Duration, Instant};
 
 use ipnet::IpNet;
 
-use super::access::normalize;
 use super::limits::ClientKey;
+use super::prefix::{LEVELS, Level, Levels, home, prefixes};
 use crate::config::Auth;
 
 /// First delay for a sprayed login.
@@ -72,12 +72,6 @@ pub const MAX_TRACKED_CLIENTS: usize = 50_000;
 /// Entries per coarser prefix level (IPv4 /24, /16, /8 with IPv6 /48, /32, /16) at most;
 /// beyond, the next coarser level is used, down to one entry per address family.
 pub const MAX_COARSE_CLIENTS: usize = 5_000;
-
-/// Prefix lengths, finest first, under which an IPv4 client's failures are counted.
-pub const PREFIXES_V4: [u8; 5] = [32, 24, 16, 8, 0];
-
-/// Prefix lengths, finest first, under which an IPv6 client's failures are counted.
-pub const PREFIXES_V6: [u8; 5] = [64, 48, 32, 16, 0];
 
 /// Logins tracked at most; beyond, new logins share one overflow entry.
 pub const MAX_TRACKED_LOGINS: usize = 10_000;
@@ -103,14 +97,10 @@ pub const KNOWN_PAIR_TTL: Duration = Duration::from_secs(7 * 24 * 3600);
 /// only costs them their priority).
 pub const MAX_KNOWN_PAIRS: usize = 10_000;
 
-/// A full table is swept for settled entries at most this often (a sweep is a scan of the
-/// table; a flood must not make every AUTH pay for one).
-pub const SWEEP_INTERVAL: Duration = Duration::from_secs(1);
-
-/// How many entries each table may hold. [`Bounds::DEFAULT`] is what the relay uses; tests
+/// How many entries each table may hold. [`GuardBounds::DEFAULT`] is what the relay uses; tests
 /// use small tables.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Bounds {
+pub struct GuardBounds {
     /// Exact client entries ([`MAX_TRACKED_CLIENTS`]).
     pub clients: usize,
     /// Entries per coarser prefix level ([`MAX_COARSE_CLIENTS`]).
@@ -119,8 +109,8 @@ pub struct Bounds {
     pub logins: usize,
 }
 
-impl Bounds {
-    pub const DEFAULT: Bounds = Bounds {
+impl GuardBounds {
+    pub const DEFAULT: GuardBounds = GuardBounds {
         clients: MAX_TRACKED_CLIENTS,
         coarse: MAX_COARSE_CLIENTS,
         logins: MAX_TRACKED_LOGINS,
@@ -129,7 +119,7 @@ impl Bounds {
     fn level(&self, level: usize) -> usize {
         match level {
             0 => self.clients,
-            l if l == PREFIXES_V4.len() - 1 => usize::MAX,
+            l if l == LEVELS - 1 => usize::MAX,
             _ => self.coarse,
         }
     }
@@ -255,19 +245,11 @@ impl LoginRecord {
     }
 }
 
-/// One level of the client table and when it was last swept.
-#[derive(Debug)]
-struct Level {
-    map: HashMap<IpNet, ClientRecord>,
-    swept: Option<Instant>,
-}
-
 #[derive(Debug)]
 struct Tables {
-    /// Indexed like [`PREFIXES_V4`] / [`PREFIXES_V6`]: exact clients first.
-    clients: Vec<Level>,
-    logins: HashMap<String, LoginRecord>,
-    logins_swept: Option<Instant>,
+    /// Indexed like [`PREFIXES_V4`](super::prefix::PREFIXES_V4) / [`PREFIXES_V6`](super::prefix::PREFIXES_V6): exact clients first.
+    clients: Vec<Level<IpNet, ClientRecord, Instant>>,
+    logins: Level<String, LoginRecord, Instant>,
     /// The failures of logins that found the login table full.
     overflow: LoginRecord,
     /// (exact client, login hash) pairs with a successful AUTH, and when.
@@ -279,7 +261,7 @@ struct Tables {
 #[derive(Debug)]
 pub struct AuthGuard {
     settings: Settings,
-    bounds: Bounds,
+    bounds: GuardBounds,
     /// Keys the hashes of logins kept per client (random per process, so nobody can choose
     /// logins that collide).
     hasher: RandomState,
@@ -363,42 +345,44 @@ pub fn login_key(login: &str) -> &str {
     &login[..end]
 }
 
-/// The prefixes `ip` is counted under, finest first (see [`PREFIXES_V4`], [`PREFIXES_V6`]).
-fn prefixes(ip: IpAddr) -> [IpNet; 5] {
-    let ip = normalize(ip);
-    let lens = if ip.is_ipv4() {
-        PREFIXES_V4
-    } else {
-        PREFIXES_V6
-    };
-    lens.map(|len| {
-        IpNet::new(ip, len)
-            .expect("prefix lengths are valid for their family")
-            .trunc()
-    })
+/// The client table's levels for one client, as [`home`] sees them.
+struct ClientLevels<'t> {
+    levels: &'t mut [Level<IpNet, ClientRecord, Instant>],
+    nets: &'t [IpNet; LEVELS],
+    bounds: GuardBounds,
+    now: Instant,
+    window: Duration,
+}
+
+impl Levels for ClientLevels<'_> {
+    fn levels(&self) -> usize {
+        LEVELS
+    }
+
+    fn holds(&self, level: usize) -> bool {
+        self.levels[level].map.contains_key(&self.nets[level])
+    }
+
+    fn make_room(&mut self, level: usize) -> bool {
+        let (now, window) = (self.now, self.window);
+        self.levels[level].make_room(self.bounds.level(level), now, |r| !r.settled(now, window))
+    }
 }
 
 impl AuthGuard {
-    /// Tables of the default size ([`Bounds::DEFAULT`]).
+    /// Tables of the default size ([`GuardBounds::DEFAULT`]).
     pub fn new(settings: Settings) -> AuthGuard {
-        AuthGuard::with_bounds(settings, Bounds::DEFAULT)
+        AuthGuard::with_bounds(settings, GuardBounds::DEFAULT)
     }
 
-    pub fn with_bounds(settings: Settings, bounds: Bounds) -> AuthGuard {
+    pub fn with_bounds(settings: Settings, bounds: GuardBounds) -> AuthGuard {
         AuthGuard {
             settings,
             bounds,
             hasher: RandomState::new(),
             tables: Mutex::new(Tables {
-                clients: PREFIXES_V4
-                    .iter()
-                    .map(|_| Level {
-                        map: HashMap::new(),
-                        swept: None,
-                    })
-                    .collect(),
-                logins: HashMap::new(),
-                logins_swept: None,
+                clients: (0..LEVELS).map(|_| Level::default()).collect(),
+                logins: Level::default(),
                 overflow: LoginRecord::new(Instant::now()),
                 known: HashMap::new(),
             }),
@@ -456,10 +440,10 @@ impl AuthGuard {
         }
         record.in_flight += 1;
         let name = login_key(login);
-        let failures = match t.logins.get(name) {
+        let failures = match t.logins.map.get(name) {
             Some(r) if !r.window.expired(now, s.failure_window) => r.window.failures,
             Some(_) => 0,
-            None if t.logins.len() >= self.bounds.logins
+            None if t.logins.map.len() >= self.bounds.logins
                 && !t.overflow.window.expired(now, s.failure_window) =>
             {
                 t.overflow.window.failures
@@ -484,30 +468,15 @@ impl AuthGuard {
         })
     }
 
-    /// The level that counts a client: the finest that already has an entry for it, else the
-    /// finest with room (sweeping a full level of settled entries first, at most once per
-    /// [`SWEEP_INTERVAL`]). The last level has no bound, so there is always one.
-    fn home(&self, t: &mut Tables, nets: &[IpNet; 5], now: Instant) -> usize {
-        if let Some(level) = (0..nets.len()).find(|&l| t.clients[l].map.contains_key(&nets[l])) {
-            return level;
-        }
-        let window = self.settings.failure_window;
-        for l in 0..nets.len() {
-            let max = self.bounds.level(l);
-            let level = &mut t.clients[l];
-            if level.map.len() >= max
-                && level
-                    .swept
-                    .is_none_or(|at| now.saturating_duration_since(at) >= SWEEP_INTERVAL)
-            {
-                level.map.retain(|_, r| !r.settled(now, window));
-                level.swept = Some(now);
-            }
-            if level.map.len() < max {
-                return l;
-            }
-        }
-        nets.len() - 1
+    /// The level that counts a client ([`home`]).
+    fn home(&self, t: &mut Tables, nets: &[IpNet; LEVELS], now: Instant) -> usize {
+        home(&mut ClientLevels {
+            levels: &mut t.clients,
+            nets,
+            bounds: self.bounds,
+            now,
+            window: self.settings.failure_window,
+        })
     }
 
     fn release(&self, r: &Reservation) {
@@ -585,18 +554,15 @@ impl AuthGuard {
     /// of logins with failures in their window.
     fn login_record<'t>(&self, t: &'t mut Tables, name: &str, now: Instant) -> &'t mut LoginRecord {
         let window = self.settings.failure_window;
-        if !t.logins.contains_key(name) && t.logins.len() >= self.bounds.logins {
-            if t.logins_swept
-                .is_none_or(|at| now.saturating_duration_since(at) >= SWEEP_INTERVAL)
-            {
-                t.logins.retain(|_, l| !l.window.expired(now, window));
-                t.logins_swept = Some(now);
-            }
-            if t.logins.len() >= self.bounds.logins {
-                return &mut t.overflow;
-            }
+        if !t.logins.map.contains_key(name)
+            && !t
+                .logins
+                .make_room(self.bounds.logins, now, |l| !l.window.expired(now, window))
+        {
+            return &mut t.overflow;
         }
         t.logins
+            .map
             .entry(name.to_string())
             .or_insert_with(|| LoginRecord::new(now))
     }
@@ -604,7 +570,10 @@ impl AuthGuard {
     /// Entries held (clients at every level, logins without the overflow entry).
     pub fn len(&self) -> (usize, usize) {
         let t = self.lock();
-        (t.clients.iter().map(|l| l.map.len()).sum(), t.logins.len())
+        (
+            t.clients.iter().map(|l| l.map.len()).sum(),
+            t.logins.map.len(),
+        )
     }
 }
 
@@ -887,7 +856,7 @@ mod tests {
                 failure_window: Duration::from_secs(600),
                 lockout: Duration::from_secs(3600),
             },
-            Bounds {
+            GuardBounds {
                 clients: 8,
                 coarse: 4,
                 logins: 4,
@@ -924,7 +893,7 @@ mod tests {
     fn flooding_the_login_table_never_clears_a_sprayed_login() {
         let g = Arc::new(AuthGuard::with_bounds(
             settings(3),
-            Bounds {
+            GuardBounds {
                 clients: 1000,
                 coarse: 10,
                 logins: 4,

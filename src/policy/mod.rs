@@ -22,6 +22,7 @@ pub mod credentials;
 pub mod limits;
 pub mod lockout;
 pub mod pattern;
+pub mod prefix;
 pub mod senders;
 pub mod stage;
 pub mod store;
