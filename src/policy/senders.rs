@@ -223,23 +223,7 @@ fn mailbox_list(value: &[u8]) -> Option<Vec<Mailbox>> {
     while let Some(c) = chars.next() {
         match c {
             '"' => {
-                m.bare.push('"');
-                loop {
-                    match chars.next()? {
-                        '\\' => {
-                            let e = chars.next()?;
-                            m.bare.push('\\');
-                            m.bare.push(e);
-                            m.words.push(e);
-                        }
-                        '"' => break,
-                        q => {
-                            m.bare.push(q);
-                            m.words.push(q);
-                        }
-                    }
-                }
-                m.bare.push('"');
+                read_quoted(&mut chars, &mut m.bare, Some(&mut m.words))?;
                 m.words.push(' ');
             }
             '(' => read_comment(&mut chars, &mut m.comments)?,
@@ -252,20 +236,7 @@ fn mailbox_list(value: &[u8]) -> Option<Vec<Mailbox>> {
                     match chars.next()? {
                         '>' => break,
                         '(' => read_comment(&mut chars, &mut m.comments)?,
-                        '"' => {
-                            inner.push('"');
-                            loop {
-                                match chars.next()? {
-                                    '\\' => {
-                                        inner.push('\\');
-                                        inner.push(chars.next()?);
-                                    }
-                                    '"' => break,
-                                    q => inner.push(q),
-                                }
-                            }
-                            inner.push('"');
-                        }
+                        '"' => read_quoted(&mut chars, &mut inner, None)?,
                         '<' => return None,
                         w if w.is_whitespace() => {}
                         a => inner.push(a),
@@ -355,6 +326,33 @@ impl Reading {
         let empty = mailbox.address.is_empty() && mailbox.shown.trim().is_empty();
         Some((!empty).then_some(mailbox))
     }
+}
+
+/// Reads a quoted-string (RFC 5322 §3.2.4; the opening `"` already read): appended to `raw` as
+/// written, quotes and quoted-pairs included (for [`Address::parse`] to resolve), and its
+/// content unescaped to `unquoted` (what a reader shows). `None` when it never ends.
+fn read_quoted(
+    chars: &mut std::iter::Peekable<std::str::Chars<'_>>,
+    raw: &mut String,
+    mut unquoted: Option<&mut String>,
+) -> Option<()> {
+    raw.push('"');
+    loop {
+        let c = match chars.next()? {
+            '"' => break,
+            '\\' => {
+                raw.push('\\');
+                chars.next()?
+            }
+            c => c,
+        };
+        raw.push(c);
+        if let Some(shown) = unquoted.as_mut() {
+            shown.push(c);
+        }
+    }
+    raw.push('"');
+    Some(())
 }
 
 /// Reads a comment (the `(` already read) into `shown`, unescaped, nested comments
