@@ -32,11 +32,17 @@ use crate::queue::reserve::Reservation;
 /// the failure budget given back): at most twice this in all.
 pub const AUTH_WAIT: Duration = Duration::from_secs(10);
 
+/// What one step of an evaluation works with.
+#[derive(Clone, Copy)]
+struct Step<'a> {
+    runtime: &'a Runtime,
+    shared: &'a Shared,
+    facts: &'a StageFacts<'a>,
+}
+
 /// What one session keeps between effects.
 #[derive(Debug, Default)]
 pub struct Effects {
-    /// The AUTH attempt the gate let through, until its password is verified.
-    attempt: Option<Attempt>,
     /// Free space held for the current transaction from MAIL to its end (see
     /// [`crate::queue::reserve`]).
     pub reservation: Option<Reservation>,
@@ -69,6 +75,14 @@ impl Effects {
         facts: &StageFacts<'_>,
     ) -> Result<(), Refusal> {
         let mut answer = None;
+        // The AUTH attempt the gate let through, until its password is verified: it lives
+        // only as long as the stage (dropped unsettled, it counts as a failure).
+        let mut attempt = None;
+        let step = Step {
+            runtime,
+            shared,
+            facts,
+        };
         loop {
             match runtime
                 .policy
@@ -77,7 +91,7 @@ impl Effects {
                 Verdict::Accept => return Ok(()),
                 Verdict::Refuse(refusal) => return Err(refusal),
                 Verdict::Effect(effect) => {
-                    answer = Some(self.carry_out(effect, runtime, shared, facts).await);
+                    answer = Some(self.carry_out(effect, step, &mut attempt).await);
                 }
             }
         }
@@ -86,10 +100,14 @@ impl Effects {
     async fn carry_out(
         &mut self,
         effect: Effect,
-        runtime: &Runtime,
-        shared: &Shared,
-        facts: &StageFacts<'_>,
+        step: Step<'_>,
+        attempt: &mut Option<Attempt>,
     ) -> Answer {
+        let Step {
+            runtime,
+            shared,
+            facts,
+        } = step;
         let store = runtime.policy.store();
         let now = Instant::now().into_std();
         match effect {
@@ -97,13 +115,14 @@ impl Effects {
                 Ok(()) => Answer::Allowed,
                 Err(limited) => Answer::Limited(limited),
             },
-            Effect::AuthGate { login } => self.auth_gate(runtime, facts, &login).await,
+            Effect::AuthGate { login } => auth_gate(runtime, facts, &login, attempt).await,
             Effect::VerifyPassword { hash, known } => {
                 let Input::Auth { login, password } = facts.input else {
                     return Answer::Busy;
                 };
+                let attempt = attempt.take().unwrap_or_else(Attempt::unguarded);
                 let password = password.to_string();
-                self.verify(shared, hash, known, login, password).await
+                verify(shared, attempt, (hash, known), login, password).await
             }
             Effect::ReserveSpace { bytes } => self.reserve(runtime, shared, bytes),
             Effect::Start(lookup) => {
@@ -112,98 +131,6 @@ impl Effects {
             }
             Effect::Await(lookup) => Answer::Looked(self.lookups.finish(lookup).await),
         }
-    }
-
-    /// The AUTH gate: a locked-out client is answered at once; while the client's failure
-    /// budget is held by verifications in flight, wait until one ends (every attempt that
-    /// ends wakes the waiters, see [`crate::policy::lockout::AuthGuard::settled`]), for at
-    /// most [`AUTH_WAIT`], then [`Answer::Busy`].
-    async fn auth_gate(
-        &mut self,
-        runtime: &Runtime,
-        facts: &StageFacts<'_>,
-        login: &str,
-    ) -> Answer {
-        let store = runtime.policy.store();
-        let deadline = Instant::now() + AUTH_WAIT;
-        loop {
-            // Registered before the check, so an attempt ending in between is not missed.
-            let settled = store.auth_settled();
-            tokio::pin!(settled);
-            if let Some(settled) = settled.as_mut().as_pin_mut() {
-                settled.enable();
-            }
-            match store.auth_gate(facts.session.client_ip, login, Instant::now().into_std()) {
-                GateDecision::LockedOut { .. } => return Answer::LockedOut,
-                GateDecision::Proceed(attempt) => {
-                    self.attempt = Some(attempt);
-                    return Answer::Allowed;
-                }
-                GateDecision::Busy => {}
-            }
-            let Some(settled) = settled.as_pin_mut() else {
-                return Answer::Busy;
-            };
-            if tokio::time::timeout_at(deadline, settled).await.is_err() {
-                return Answer::Busy;
-            }
-        }
-    }
-
-    /// Verify on the verifier pool, settle the attempt with the result, and answer no
-    /// sooner than the attempt's delay (a sprayed login).
-    async fn verify(
-        &mut self,
-        shared: &Shared,
-        hash: Arc<str>,
-        known: bool,
-        login: &str,
-        password: String,
-    ) -> Answer {
-        let attempt = self.attempt.take().unwrap_or_else(Attempt::unguarded);
-        let lane = if attempt.known {
-            Lane::Known
-        } else {
-            Lane::Other
-        };
-        let delay = attempt.delay;
-        let answer_at = Instant::now() + delay;
-        let Ok(mut result) = shared.verifier.submit(hash, password, login, lane) else {
-            // Nothing was verified: the reservation is given back, not counted.
-            attempt.release();
-            return Answer::Busy;
-        };
-        // The wait for a verifier thread is bounded too: under a flood that outlasts
-        // AUTH_WAIT, `454 4.7.0` now. The verification may already be running, so its
-        // reservation is not given back here: it is kept until the result is known and then
-        // recorded like any other (a failure counts), so a client cannot have more checks in
-        // flight than the lockout allows by letting earlier ones time out.
-        let Ok(result) = tokio::time::timeout(AUTH_WAIT, &mut result).await else {
-            tokio::spawn(async move {
-                match result.await {
-                    Ok(Ok(matched)) => {
-                        attempt.settle(matched && known, Instant::now().into_std());
-                    }
-                    // Not verified (a local failure): nothing to count.
-                    _ => attempt.release(),
-                }
-            });
-            return Answer::Busy;
-        };
-        // `Err`: the verifier thread is gone and dropped the sender: not the client's fault.
-        let matched = match result.unwrap_or_else(|_| Err(CheckError::Verifier("gone".into()))) {
-            Ok(matched) => matched,
-            Err(error) => {
-                // Given back, not recorded: a broken verifier cannot lock users out.
-                attempt.release();
-                return Answer::VerifierFailed(error);
-            }
-        };
-        let report = attempt.settle(matched && known, Instant::now().into_std());
-        // A sprayed login is answered no sooner than `delay`, right password or wrong.
-        tokio::time::sleep_until(answer_at).await;
-        log_auth_report(login, &report, delay);
-        Answer::Password { matched }
     }
 
     /// Hold `bytes` of spool space for the transaction (replacing any earlier reservation).
@@ -223,6 +150,96 @@ impl Effects {
             Err(e) => Answer::SpaceUnknown(format!("cannot read spool free space: {e}")),
         }
     }
+}
+
+/// The AUTH gate: a locked-out client is answered at once; while the client's failure
+/// budget is held by verifications in flight, wait until one ends (every attempt that
+/// ends wakes the waiters, see [`crate::policy::lockout::AuthGuard::settled`]), for at
+/// most [`AUTH_WAIT`], then [`Answer::Busy`].
+async fn auth_gate(
+    runtime: &Runtime,
+    facts: &StageFacts<'_>,
+    login: &str,
+    attempt: &mut Option<Attempt>,
+) -> Answer {
+    let store = runtime.policy.store();
+    let deadline = Instant::now() + AUTH_WAIT;
+    loop {
+        // Registered before the check, so an attempt ending in between is not missed.
+        let settled = store.auth_settled();
+        tokio::pin!(settled);
+        if let Some(settled) = settled.as_mut().as_pin_mut() {
+            settled.enable();
+        }
+        match store.auth_gate(facts.session.client_ip, login, Instant::now().into_std()) {
+            GateDecision::LockedOut { .. } => return Answer::LockedOut,
+            GateDecision::Proceed(proceed) => {
+                *attempt = Some(proceed);
+                return Answer::Allowed;
+            }
+            GateDecision::Busy => {}
+        }
+        let Some(settled) = settled.as_pin_mut() else {
+            return Answer::Busy;
+        };
+        if tokio::time::timeout_at(deadline, settled).await.is_err() {
+            return Answer::Busy;
+        }
+    }
+}
+
+/// Verify on the verifier pool, settle the attempt with the result, and answer no
+/// sooner than the attempt's delay (a sprayed login).
+async fn verify(
+    shared: &Shared,
+    attempt: Attempt,
+    (hash, known): (Arc<str>, bool),
+    login: &str,
+    password: String,
+) -> Answer {
+    let lane = if attempt.known {
+        Lane::Known
+    } else {
+        Lane::Other
+    };
+    let delay = attempt.delay;
+    let answer_at = Instant::now() + delay;
+    let Ok(mut result) = shared.verifier.submit(hash, password, login, lane) else {
+        // Nothing was verified: the reservation is given back, not counted.
+        attempt.release();
+        return Answer::Busy;
+    };
+    // The wait for a verifier thread is bounded too: under a flood that outlasts
+    // AUTH_WAIT, `454 4.7.0` now. The verification may already be running, so its
+    // reservation is not given back here: it is kept until the result is known and then
+    // recorded like any other (a failure counts), so a client cannot have more checks in
+    // flight than the lockout allows by letting earlier ones time out.
+    let Ok(result) = tokio::time::timeout(AUTH_WAIT, &mut result).await else {
+        tokio::spawn(async move {
+            match result.await {
+                Ok(Ok(matched)) => {
+                    attempt.settle(matched && known, Instant::now().into_std());
+                }
+                // Not verified (a local failure): nothing to count.
+                _ => attempt.release(),
+            }
+        });
+        return Answer::Busy;
+    };
+    // `Err`: the verifier thread is gone and dropped the sender: not the client's fault.
+    let matched = match result.unwrap_or_else(|_| Err(CheckError::Verifier("gone".into()))) {
+        Ok(matched) => matched,
+        Err(error) => {
+            // Given back, not recorded: a broken verifier cannot lock users out.
+            attempt.release();
+            return Answer::VerifierFailed(error);
+        }
+    };
+    let report = attempt.settle(matched && known, Instant::now().into_std());
+    // A sprayed login is answered no sooner than `delay`, right password or wrong.
+    tokio::time::sleep_until(answer_at).await;
+    log_auth_report(login, &report, delay);
+    Answer::Password { matched }
 }
 
 /// Log what an AUTH outcome led to: a lockout, a spraying alert, a delayed answer. The login
