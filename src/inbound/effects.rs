@@ -4,10 +4,10 @@
 //! The session driver calls [`Effects::decide`] for every stage; it never orders checks
 //! itself. Each [`Effect`] is carried out here once, whichever stage asks for it: rate
 //! budgets and the AUTH lockout gate by the policy's [`crate::policy::store::Store`],
-//! passwords by the [`Verifier`] pool, free space by the spool. State an effect leaves for
-//! later (the AUTH attempt between the gate and the verification, the transaction's space
-//! reservation, lookups started at one stage and read at a later one) is kept in
-//! [`Effects`], one per session.
+//! passwords by the [`super::verifier::Verifier`] pool, free space by the spool. State an
+//! effect leaves for a later stage (the transaction's space reservation, lookups started at
+//! one stage and read at a later one) is kept in [`Effects`], one per session; the AUTH
+//! attempt between the gate and the verification lives only as long as its stage.
 
 use std::sync::Arc;
 use std::time::Duration;
