@@ -359,7 +359,8 @@ impl Policy {
         Verdict::Accept
     }
 
-    /// Run one check: [`Verdict::Accept`] when it passes.
+    /// Run one check: [`Verdict::Accept`] when it passes. A check that does not apply to the
+    /// stage's input (only possible in a list of one's own, [`Evaluation::of`]) passes.
     fn check(&self, check: Check, facts: &StageFacts<'_>) -> Verdict {
         let ip = facts.session.client_ip;
         let client = || RateKey::Client(ip);
@@ -410,7 +411,6 @@ impl Policy {
     /// RCPT: the relay rules, postmaster excepted (RFC 5321 §4.5.1).
     fn recipient_allowed(&self, facts: &StageFacts<'_>, r: &RcptFacts<'_>) -> Result<(), Refusal> {
         if self.is_postmaster(r.to, r.bare_postmaster) {
-            tracing::debug!(to = %r.to, "postmaster recipient");
             return Ok(());
         }
         self.rcpt(&facts.session, r.to)
