@@ -11,14 +11,19 @@ use tokio::task::JoinHandle;
 use tokio_rustls::rustls;
 use tokio_util::sync::CancellationToken;
 
+use std::future::Future;
+use std::task::Poll;
+
 use super::Runtime;
 use super::connection::{SessionDriver, Shared};
+use super::effects::Effects;
 use super::verifier::Verifier;
 use crate::config::Config;
 use crate::outbound::NewMessage;
 use crate::outbound::capabilities::{CapabilityBook, RouteCapabilities};
-use crate::policy::Policy;
-use crate::policy::lockout::GateDecision;
+use crate::policy::lockout::{Attempt, GateDecision};
+use crate::policy::stage::{Input, StageFacts};
+use crate::policy::{Policy, SessionFacts};
 use crate::queue::Spool;
 use crate::smtp::{Reply, reply};
 
@@ -29,6 +34,35 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> ClientIo for S {}
 
 /// The client address every session comes from.
 const PEER: &str = "192.0.2.1:40000";
+
+/// What sessions share, with the ends of its channels the relay would hold.
+struct Parts {
+    shared: Shared,
+    queued: mpsc::UnboundedReceiver<NewMessage>,
+    stress: watch::Sender<bool>,
+}
+
+impl Parts {
+    /// A spool under `dir`, one verifier thread, no stress.
+    fn new(dir: &std::path::Path, runtime: &Runtime) -> Parts {
+        let book = CapabilityBook::load(&runtime.config.upstreams, None);
+        let (stress, stress_rx) = watch::channel(false);
+        let (queued_tx, queued) = mpsc::unbounded_channel();
+        let shared = Shared {
+            spool: Spool::open(&dir.join("spool")).unwrap(),
+            shutdown: CancellationToken::new(),
+            verifier: Arc::new(Verifier::start(1, 4).unwrap()),
+            queued: queued_tx,
+            capabilities: RouteCapabilities::new(Arc::new(book)),
+            stress: stress_rx,
+        };
+        Parts {
+            shared,
+            queued,
+            stress,
+        }
+    }
+}
 
 /// One session of the real driver, and the client's end of its pipe.
 struct Harness {
@@ -70,9 +104,7 @@ impl Harness {
     fn start(listener: &str, more: &str) -> Harness {
         let dir = tempfile::tempdir().unwrap();
         if more.contains("{dir}/users.toml") {
-            let hash = crate::policy::credentials::DUMMY_HASH;
-            let users = format!("[[users]]\nname = \"alice\"\npassword_hash = \"{hash}\"\n");
-            std::fs::write(dir.path().join("users.toml"), users).unwrap();
+            write_users(dir.path());
         }
         if listener.contains("starttls") {
             super::tls::write_cert_files(dir.path(), "localhost").unwrap();
@@ -82,24 +114,12 @@ impl Harness {
     }
 
     fn with_runtime(dir: tempfile::TempDir, runtime: Arc<Runtime>) -> Harness {
-        let spool = Spool::open(&dir.path().join("spool")).unwrap();
-        let book = CapabilityBook::load(&runtime.config.upstreams, None);
-        let (stress, stress_rx) = watch::channel(false);
-        let (queued_tx, queued) = mpsc::unbounded_channel();
-        let verifier = Arc::new(Verifier::start(1, 4).unwrap());
-        let shutdown = CancellationToken::new();
-        let shared = Shared {
-            spool,
-            shutdown: shutdown.clone(),
-            verifier: Arc::clone(&verifier),
-            queued: queued_tx,
-            capabilities: RouteCapabilities::new(Arc::new(book)),
-            stress: stress_rx,
-        };
+        let parts = Parts::new(dir.path(), &runtime);
         let (client, server) = tokio::io::duplex(64 * 1024);
         let listener = runtime.config.listeners[0].clone();
         let peer: SocketAddr = PEER.parse().unwrap();
         let driver_runtime = Arc::clone(&runtime);
+        let shared = parts.shared.clone();
         let session = tokio::spawn(async move {
             let mut driver = SessionDriver::new(driver_runtime, listener, shared, peer);
             driver.run(server).await;
@@ -107,11 +127,11 @@ impl Harness {
         Harness {
             io: Box::new(client),
             runtime,
-            shutdown,
-            verifier,
-            queued,
+            shutdown: parts.shared.shutdown,
+            verifier: parts.shared.verifier,
+            queued: parts.queued,
             session,
-            _stress: stress,
+            _stress: parts.stress,
             dir,
         }
     }
@@ -177,6 +197,13 @@ impl Harness {
         (&mut self.session).await.unwrap();
         String::from_utf8(rest).unwrap()
     }
+}
+
+/// `users.toml` with the one user `alice`.
+fn write_users(dir: &std::path::Path) {
+    let hash = crate::policy::credentials::DUMMY_HASH;
+    let users = format!("[[users]]\nname = \"alice\"\npassword_hash = \"{hash}\"\n");
+    std::fs::write(dir.join("users.toml"), users).unwrap();
 }
 
 /// A reply as the client reads it off the wire.
@@ -328,4 +355,70 @@ async fn a_client_over_its_connection_rate_gets_421_and_is_closed() {
     let dir = tempfile::tempdir().unwrap();
     let mut again = Harness::with_runtime(dir, Arc::clone(&h.runtime));
     assert_eq!(again.until_closed().await, wire(&reply::CONNECTION_RATE));
+}
+
+/// The AUTH stage of a client whose one verification in flight (`in_flight`) is still
+/// unsettled, under `max_failures = 1`: it waits. `end` ends that attempt once the stage is
+/// waiting; the stage's rule and how long it waited.
+async fn auth_held_back_by(end: impl FnOnce(Attempt)) -> (&'static str, Duration) {
+    let dir = tempfile::tempdir().unwrap();
+    write_users(dir.path());
+    let more = "[auth]\nusers_file = \"{dir}/users.toml\"\nmax_failures = 1\n";
+    let runtime = runtime(dir.path(), "tls = \"none\"\nauth = \"optional\"", more);
+    let parts = Parts::new(dir.path(), &runtime);
+    let ip = PEER.parse::<SocketAddr>().unwrap().ip();
+    let now = tokio::time::Instant::now().into_std();
+    let GateDecision::Proceed(in_flight) = runtime.policy.store().auth_gate(ip, "alice", now)
+    else {
+        panic!("a fresh client is let through");
+    };
+    let facts = StageFacts {
+        session: SessionFacts {
+            client_ip: ip,
+            user: None,
+        },
+        listener: &runtime.config.listeners[0],
+        input: Input::Auth {
+            login: "alice",
+            password: "secret",
+        },
+    };
+    let mut effects = Effects::default();
+    let started = tokio::time::Instant::now();
+    let decide = effects.decide(&runtime, &parts.shared, &facts);
+    tokio::pin!(decide);
+    // One poll: the gate says the budget is in flight and the stage waits.
+    let first = std::future::poll_fn(|cx| Poll::Ready(decide.as_mut().poll(cx))).await;
+    assert!(first.is_pending());
+    end(in_flight);
+    let refusal = decide.await.expect_err("refused");
+    (refusal.rule, started.elapsed())
+}
+
+#[tokio::test(start_paused = true)]
+async fn an_auth_waiting_for_an_attempt_in_flight_is_woken_when_it_is_settled() {
+    let settle = |attempt: Attempt| {
+        attempt.settle(false, tokio::time::Instant::now().into_std());
+    };
+    // Woken at once (no polling interval, no timeout) and finds the client locked out.
+    assert_eq!(
+        auth_held_back_by(settle).await,
+        ("auth_lockout", Duration::ZERO)
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn an_auth_waiting_for_an_attempt_in_flight_is_woken_when_it_is_dropped() {
+    // An attempt dropped without a result counts as a failure, and wakes the waiters too.
+    assert_eq!(
+        auth_held_back_by(drop).await,
+        ("auth_lockout", Duration::ZERO)
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn an_auth_whose_client_stays_busy_gets_454_after_auth_wait() {
+    let mut kept = None;
+    let (rule, waited) = auth_held_back_by(|attempt| kept = Some(attempt)).await;
+    assert_eq!((rule, waited), ("auth_busy", super::effects::AUTH_WAIT));
 }
