@@ -66,8 +66,8 @@ impl Effects {
         self.decide_with(evaluation, runtime, shared, facts).await
     }
 
-    /// [`Effects::decide`] with an evaluation of the caller's.
-    pub async fn decide_with(
+    /// [`Effects::decide`] with an evaluation of the caller's (a list of checks of its own).
+    pub(super) async fn decide_with(
         &mut self,
         mut evaluation: Evaluation,
         runtime: &Runtime,
@@ -131,6 +131,12 @@ impl Effects {
             }
             Effect::Await(lookup) => Answer::Looked(self.lookups.finish(lookup).await),
         }
+    }
+
+    /// Lookups started and not read yet.
+    #[cfg(test)]
+    pub(super) fn pending_lookups(&self) -> usize {
+        self.lookups.0.len()
     }
 
     /// Hold `bytes` of spool space for the transaction (replacing any earlier reservation).
@@ -311,5 +317,30 @@ async fn resolve(lookup: Lookup) -> LookupResult {
             tokio::task::yield_now().await;
             LookupResult::Echo(n)
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test(start_paused = true)]
+    async fn a_started_lookup_is_read_once_and_one_never_started_reads_as_such() {
+        let mut lookups = Lookups::default();
+        lookups.start(Lookup::Echo(7));
+        // Started twice, run once.
+        lookups.start(Lookup::Echo(7));
+        lookups.start(Lookup::Echo(8));
+        assert_eq!(lookups.0.len(), 2);
+        assert_eq!(lookups.finish(Lookup::Echo(7)).await, LookupResult::Echo(7));
+        assert_eq!(
+            lookups.finish(Lookup::Echo(7)).await,
+            LookupResult::NotStarted
+        );
+        assert_eq!(
+            lookups.finish(Lookup::Echo(9)).await,
+            LookupResult::NotStarted
+        );
+        assert_eq!(lookups.finish(Lookup::Echo(8)).await, LookupResult::Echo(8));
     }
 }

@@ -22,7 +22,7 @@ use crate::config::Config;
 use crate::outbound::NewMessage;
 use crate::outbound::capabilities::{CapabilityBook, RouteCapabilities};
 use crate::policy::lockout::{Attempt, GateDecision};
-use crate::policy::stage::{Input, StageFacts};
+use crate::policy::stage::{Check, Evaluation, Input, Lookup, StageFacts};
 use crate::policy::{Policy, SessionFacts};
 use crate::queue::Spool;
 use crate::smtp::{Reply, reply};
@@ -421,4 +421,29 @@ async fn an_auth_whose_client_stays_busy_gets_454_after_auth_wait() {
     let mut kept = None;
     let (rule, waited) = auth_held_back_by(|attempt| kept = Some(attempt)).await;
     assert_eq!((rule, waited), ("auth_busy", super::effects::AUTH_WAIT));
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_lookup_started_at_connect_is_read_at_rcpt_from_the_sessions_pending_effects() {
+    const AT_CONNECT: &[Check] = &[Check::Start(Lookup::Echo(7))];
+    const AT_RCPT: &[Check] = &[Check::Await(Lookup::Echo(7))];
+    let dir = tempfile::tempdir().unwrap();
+    let runtime = runtime(dir.path(), NO_TLS, "");
+    let parts = Parts::new(dir.path(), &runtime);
+    let facts = StageFacts {
+        session: SessionFacts {
+            client_ip: PEER.parse::<SocketAddr>().unwrap().ip(),
+            user: None,
+        },
+        listener: &runtime.config.listeners[0],
+        input: Input::Connect,
+    };
+    let mut effects = Effects::default();
+    let shared = &parts.shared;
+    let connect = effects.decide_with(Evaluation::of(AT_CONNECT), &runtime, shared, &facts);
+    assert_eq!(connect.await, Ok(()));
+    assert_eq!(effects.pending_lookups(), 1);
+    let rcpt = effects.decide_with(Evaluation::of(AT_RCPT), &runtime, shared, &facts);
+    assert_eq!(rcpt.await, Ok(()));
+    assert_eq!(effects.pending_lookups(), 0);
 }
