@@ -24,7 +24,7 @@
 //!   before the password is verified, and the reservation counts as a failure until
 //!   [`Attempt::settle`] records the result: `failures + in flight` never exceeds
 //!   `max_failures`. A client has at most [`MAX_IN_FLIGHT_PER_CLIENT`] verification in flight;
-//!   a further AUTH from it gets [`GateDecisionDecision::Busy`] and waits for that result (the driver bounds the
+//!   a further AUTH from it gets [`GateDecision::Busy`] and waits for that result (the driver bounds the
 //!   wait), so the colleagues of an office behind one NAT address are verified one after
 //!   another rather than refused, and a correct password waits for at most the verifications
 //!   ahead of it. An attempt dropped without a result stays counted as a failure.
@@ -86,7 +86,7 @@ pub const MAX_CLIENTS_PER_LOGIN: usize = 16;
 /// own); failures of further logins are counted for no login.
 pub const MAX_LOGINS_PER_CLIENT: usize = 8;
 
-/// Verifications in flight per client entry at most; further AUTHs wait ([`GateDecisionDecision::Busy`]).
+/// Verifications in flight per client entry at most; further AUTHs wait ([`GateDecision::Busy`]).
 pub const MAX_IN_FLIGHT_PER_CLIENT: u32 = 1;
 
 /// How long a successful AUTH of a login from a client makes that pair "known": its later
