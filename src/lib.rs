@@ -14,13 +14,22 @@
 //!   clock, no sockets. Also the one streaming header-field reader every header check uses
 //!   (hop count, header firewall, the `From:` fields for the ownership check) and the
 //!   `Received:` header, both pure.
-//! - [`policy`]: pure decisions compiled from `Config`, named after SMTP stages.
-//! - [`inbound`]: [`inbound::start`] binds the listeners; the per-connection driver, message
-//!   assembly ([`inbound::assembly::Assembly`]: envelope, `Received:`, header filter, spool
-//!   writer, commit; a new per-message header or check of the message's content lands there),
-//!   TLS, connection accounting with stress mode, and the bounded pool of threads that verify
-//!   passwords. It hands each committed message on as a [`queue::Committed`] and never names
-//!   `outbound`.
+//! - [`policy`]: pure decisions compiled from `Config`. Every SMTP stage (connect, HELO, AUTH,
+//!   MAIL, RCPT, end of data) is evaluated by `policy::stage`: its checks are listed once, in
+//!   order, in `Stage::checks`, and each step answers one `Verdict`: accept, refuse (reply and
+//!   rule), or an `Effect` for the driver (a rate budget, the AUTH lockout gate, a password
+//!   verification, spool space, a lookup started at one stage and awaited at a later one).
+//!   Rate budgets and AUTH failure records live in `policy::store::Store` (in this process
+//!   today). A new check is a `Check` in its stage's list; one that needs I/O is also a new
+//!   `Effect`, carried out once in `inbound::effects`.
+//! - [`inbound`]: listeners (one `session` tracing span per connection), the session driver
+//!   (`connection`: generic over its byte stream, one method per stage, only moving bytes),
+//!   the effect runner (`effects`), TLS, connection accounting with stress mode (`pressure`),
+//!   message assembly ([`inbound::assembly::Assembly`]: envelope, `Received:`, header filter,
+//!   spool writer, commit; a new per-message header or check of the message's content lands
+//!   there), and the bounded pool of threads that verify passwords. [`inbound::start`] binds
+//!   the listeners. It hands each committed message on as a [`queue::Committed`] and never
+//!   names `outbound`.
 //! - [`queue`]: the durable spool, recovery, the operator control files behind the `queue`
 //!   commands (retry, delete, purge), the reuse of finished message files, the free-space
 //!   reserve for messages in flight and the bounce (RFC 3464) builder.

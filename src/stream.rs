@@ -1,6 +1,7 @@
-//! A connection that is plain TCP or TLS, in either direction (`T` is tokio-rustls's server or
-//! client stream), so a driver has one type to read and write and STARTTLS can swap one for
-//! the other.
+//! A connection that is plain or TLS, in either direction (`T` is tokio-rustls's server or
+//! client stream over `P`), so a driver has one type to read and write and STARTTLS can swap
+//! one for the other. `P` is TCP on the wire; the session driver takes any byte stream, so
+//! tests drive it over an in-memory pipe.
 
 use std::io;
 use std::pin::Pin;
@@ -11,15 +12,15 @@ use tokio::net::TcpStream;
 
 /// A plain or TLS connection.
 #[derive(Debug)]
-pub enum Stream<T> {
-    Plain(TcpStream),
+pub enum Stream<T, P = TcpStream> {
+    Plain(P),
     Tls(Box<T>),
     /// After a failed upgrade or an abort: every read and write fails, shutdown succeeds.
     Closed,
 }
 
-/// A client connection of the inbound side.
-pub type ServerStream = Stream<tokio_rustls::server::TlsStream<TcpStream>>;
+/// A client connection of the inbound side over `S` (TCP, or an in-memory pipe in tests).
+pub type ServerStream<S = TcpStream> = Stream<tokio_rustls::server::TlsStream<S>, S>;
 /// An upstream connection of the outbound side.
 pub type ClientStream = Stream<tokio_rustls::client::TlsStream<TcpStream>>;
 
@@ -28,7 +29,7 @@ pub fn closed() -> io::Error {
     io::Error::new(io::ErrorKind::NotConnected, "connection closed")
 }
 
-impl<T: AsyncRead + Unpin> AsyncRead for Stream<T> {
+impl<T: AsyncRead + Unpin, P: AsyncRead + Unpin> AsyncRead for Stream<T, P> {
     fn poll_read(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
@@ -42,7 +43,7 @@ impl<T: AsyncRead + Unpin> AsyncRead for Stream<T> {
     }
 }
 
-impl<T: AsyncWrite + Unpin> AsyncWrite for Stream<T> {
+impl<T: AsyncWrite + Unpin, P: AsyncWrite + Unpin> AsyncWrite for Stream<T, P> {
     fn poll_write(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,

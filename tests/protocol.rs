@@ -322,7 +322,7 @@ fn connections_over_per_ip_max_are_refused_for_that_ip_only() {
     assert_log(&relay, "max_connections_per_ip");
     // A closed connection gives its slot back.
     drop(_a);
-    assert_log(&relay, "session end peer=127.0.0.2");
+    assert_log(&relay, "peer=127.0.0.2}: session end");
     let mut again = greeted_from("127.0.0.2", &relay);
     again.expect("EHLO client.test", 250);
 }
@@ -649,7 +649,7 @@ fn refused_global_connection_gives_no_slot_away() {
     }
     drop(a);
     // Once the relay has seen `a` close, one client fits again.
-    assert_log(&relay, "session end peer=127.0.0.2");
+    assert_log(&relay, "peer=127.0.0.2}: session end");
     let mut c = greeted_from("127.0.0.3", &relay);
     c.expect("EHLO x", 250);
 }

@@ -26,6 +26,7 @@ use tracing::{debug, info, warn};
 use crate::envelope::{Address, Body, Envelope, MailParams, QueueId, Recipient, TlsInfo, unix_now};
 use crate::policy::Refusal;
 use crate::policy::senders::FromCheck;
+use crate::policy::stage::WriteFailure;
 use crate::queue::reserve::Reservation;
 use crate::queue::{Committed, Spool, SpoolError, SpoolWriter};
 use crate::smtp::headers::{HeaderFilter, StripRules};
@@ -64,38 +65,13 @@ pub struct Space<'a> {
     pub min_free: u64,
 }
 
-/// Why writing the message failed while it was received: the rest of it is read and dropped,
-/// then it is refused with [`WriteFailure::refusal`].
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum WriteFailure {
-    /// The file system or the reserve has no room for more (ENOSPC, EDQUOT, or a message
-    /// that outgrew its reservation): `452 4.3.1`, rule `min_free_space`.
-    StorageFull,
-    /// Any other write error: `451 4.3.0`, rule `spool_write`.
-    Io,
-}
-
-impl WriteFailure {
-    /// The failure class of a spool write error.
-    pub fn of(error: &SpoolError) -> WriteFailure {
-        match SpoolErrorClass::of(error) {
-            SpoolErrorClass::StorageFull => WriteFailure::StorageFull,
-            SpoolErrorClass::Temporary | SpoolErrorClass::Permanent => WriteFailure::Io,
-        }
-    }
-
-    /// The reply and rule the message is refused with.
-    pub fn refusal(self) -> Refusal {
-        match self {
-            WriteFailure::StorageFull => Refusal {
-                reply: reply::INSUFFICIENT_STORAGE,
-                rule: "min_free_space",
-            },
-            WriteFailure::Io => Refusal {
-                reply: reply::LOCAL_ERROR,
-                rule: "spool_write",
-            },
-        }
+/// The failure class of a spool write error while the message is received: a full file
+/// system or quota is [`WriteFailure::StorageFull`] (`452 4.3.1`), anything else
+/// [`WriteFailure::Io`] (`451 4.3.0`); the end-of-data stage decides the reply.
+pub fn write_failure(error: &SpoolError) -> WriteFailure {
+    match SpoolErrorClass::of(error) {
+        SpoolErrorClass::StorageFull => WriteFailure::StorageFull,
+        SpoolErrorClass::Temporary | SpoolErrorClass::Permanent => WriteFailure::Io,
     }
 }
 
@@ -131,18 +107,11 @@ impl SpoolErrorClass {
     /// a full file system is always `min_free_space`, like the reserve's own refusals).
     pub fn refusal(self, rule: &'static str) -> Refusal {
         match self {
-            SpoolErrorClass::StorageFull => Refusal {
-                reply: reply::INSUFFICIENT_STORAGE,
-                rule: "min_free_space",
-            },
-            SpoolErrorClass::Temporary => Refusal {
-                reply: reply::LOCAL_ERROR,
-                rule,
-            },
-            SpoolErrorClass::Permanent => Refusal {
-                reply: reply::LOCAL_ERROR_PERMANENT,
-                rule,
-            },
+            SpoolErrorClass::StorageFull => {
+                Refusal::new(reply::INSUFFICIENT_STORAGE, "min_free_space")
+            }
+            SpoolErrorClass::Temporary => Refusal::new(reply::LOCAL_ERROR, rule),
+            SpoolErrorClass::Permanent => Refusal::new(reply::LOCAL_ERROR_PERMANENT, rule),
         }
     }
 }
@@ -198,7 +167,6 @@ pub struct Assembly {
     reservation: Option<Reservation>,
     spool: Spool,
     min_free: u64,
-    peer: SocketAddr,
     scratch: Vec<u8>,
 }
 
@@ -232,7 +200,6 @@ impl Assembly {
             reservation: space.reservation.take(),
             spool: spool.clone(),
             min_free: space.min_free,
-            peer: arrival.peer,
             scratch: Vec::new(),
         })
     }
@@ -257,8 +224,8 @@ impl Assembly {
             self.writer.write(chunk)
         };
         if let Err(e) = result {
-            warn!(peer = %self.peer, error = %e, "spool write failed; the message will be refused");
-            self.failure = Some(WriteFailure::of(&e));
+            warn!(error = %e, "spool write failed; the message will be refused");
+            self.failure = Some(write_failure(&e));
         }
         if !self.hold_space() {
             self.failure = Some(WriteFailure::StorageFull);
@@ -274,8 +241,8 @@ impl Assembly {
         if self.failure.is_none()
             && let Err(e) = self.writer.write(&self.scratch)
         {
-            warn!(peer = %self.peer, error = %e, "spool write failed");
-            self.failure = Some(WriteFailure::of(&e));
+            warn!(error = %e, "spool write failed");
+            self.failure = Some(write_failure(&e));
         }
     }
 
@@ -292,13 +259,18 @@ impl Assembly {
         {
             Ok(Ok(())) => true,
             Ok(Err(short)) => {
-                warn!(peer = %self.peer, free = short.free, reserved = short.reserved,
-                    bytes = short.bytes, min_free = self.min_free, rule = "min_free_space",
-                    "message outgrew its SIZE and the spool has no room for more; it will be refused");
+                warn!(
+                    free = short.free,
+                    reserved = short.reserved,
+                    bytes = short.bytes,
+                    min_free = self.min_free,
+                    rule = "min_free_space",
+                    "message outgrew its SIZE and the spool has no room for more; it will be refused"
+                );
                 false
             }
             Err(e) => {
-                warn!(peer = %self.peer, error = %e, "cannot read spool free space");
+                warn!(error = %e, "cannot read spool free space");
                 false
             }
         }
@@ -353,13 +325,13 @@ impl Assembly {
         let declared = &self.envelope.mail_params;
         let needed = needed_params(&self.envelope, self.header_utf8(), self.eight_bit);
         if needed != *declared {
-            debug!(peer = %self.peer, params = ?needed, "MAIL parameters as the message needs them");
+            debug!(params = ?needed, "MAIL parameters as the message needs them");
             self.writer
                 .rewrite_mail_params(&self.envelope, needed)
                 .map_err(AssemblyError::Rewrite)?;
         }
         if self.filter.stripped_count() > 0 {
-            info!(peer = %self.peer, headers = ?self.filter.stripped(),
+            info!(headers = ?self.filter.stripped(),
                 count = self.filter.stripped_count(), "removed untrusted headers");
         }
         let writer = self.writer;

@@ -1,70 +1,97 @@
-//! Drives one SMTP session over a plain or TLS connection.
+//! Drives one SMTP session over any byte stream: plain, or TLS after STARTTLS or on an
+//! implicit-TLS listener.
 //!
-//! The protocol lives in [`crate::smtp::Session`]; this driver only moves bytes, applies
-//! timeouts and shutdown, and carries out the events: policy checks, the TLS handshake,
-//! password checks off the reactor, and the spool. It is deliberately short and boring.
+//! The protocol lives in [`crate::smtp::Session`] and the decisions in
+//! [`crate::policy::stage`]; this driver only moves bytes, applies timeouts and shutdown, and
+//! dispatches each [`Event`] to one method per stage, which hands the stage's facts to the
+//! effect runner ([`super::effects`]) and answers with the verdict. It is deliberately short
+//! and boring. Its log lines carry the peer through the `session` span the listener opens.
 
 use std::net::SocketAddr;
+use std::ops::ControlFlow;
+use std::pin::Pin;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::task::Poll;
+use std::time::Duration;
 
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpStream;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
+use tokio::time::Instant;
 use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
 use super::Runtime;
 use super::assembly::{Arrival, Assembly, Space};
+use super::effects::Effects;
 use super::tls::session_info;
-use super::verifier::{Lane, Verifier};
+use super::verifier::Verifier;
 use crate::config::{Listener, ListenerTls};
 use crate::envelope::{Address, ReversePath, TlsInfo};
-use crate::policy::capability;
-use crate::policy::credentials::CheckError;
-use crate::policy::limits::Limited;
-use crate::policy::lockout::{Attempt, FailureReport, login_key};
-use crate::policy::{AuthHold, Refusal, SessionFacts};
-use crate::queue::reserve::Reservation;
+use crate::policy::stage::{EndOfData, Input, RcptFacts, StageFacts, TransactionFacts};
+use crate::policy::{Detail, Refusal, SessionFacts};
 use crate::queue::{Committed, Spool};
 use crate::routes::RouteCapabilities;
-use crate::smtp::headers::MAX_WHOLE_FIELD;
 use crate::smtp::{Credentials, DataFault, Event, Reply, Session, SessionConfig, reply};
-use crate::stream::{ServerStream as Stream, closed};
+use crate::stream::{ServerStream, Stream, closed};
+
+/// A refusal's log line, at warning level when `$warning`.
+macro_rules! rejected {
+    ($warning:expr, $($rest:tt)*) => {
+        if $warning {
+            warn!($($rest)*)
+        } else {
+            info!($($rest)*)
+        }
+    };
+}
+
+/// What the driver reads from and writes to: TCP on the wire, an in-memory pipe in tests.
+pub trait Io: AsyncRead + AsyncWrite + Unpin + Send {}
+
+impl<S: AsyncRead + AsyncWrite + Unpin + Send> Io for S {}
 
 /// Size of each read from the client.
 const READ_SIZE: usize = 8 * 1024;
 
 thread_local! {
     /// The read buffer of plain connections, one per runtime thread instead of one per
-    /// connection: a plain session waits for its socket to be readable without holding any
-    /// buffer, then reads into this one and hands the octets to the session at once. Ten
-    /// thousand idle connections cost no read buffers.
+    /// connection: a plain session waits for its stream to be readable without holding any
+    /// buffer, then reads into this one and hands the octets to the session within the same
+    /// poll (it is never held across an await). Ten thousand idle connections cost no read
+    /// buffers.
     static READ_BUF: std::cell::RefCell<Box<[u8]>> =
         std::cell::RefCell::new(vec![0u8; READ_SIZE].into_boxed_slice());
+}
+
+/// Read once from `io` into the thread's [`READ_BUF`] and hand the octets to `take`; the
+/// number of octets, 0 at end of stream.
+async fn read_plain<S: Io>(io: &mut S, mut take: impl FnMut(&[u8])) -> std::io::Result<usize> {
+    std::future::poll_fn(|cx| {
+        READ_BUF.with_borrow_mut(|buf| {
+            let mut read = ReadBuf::new(buf);
+            match Pin::new(&mut *io).poll_read(cx, &mut read) {
+                Poll::Ready(Ok(())) => {
+                    take(read.filled());
+                    Poll::Ready(Ok(read.filled().len()))
+                }
+                Poll::Ready(Err(e)) => Poll::Ready(Err(e)),
+                Poll::Pending => Poll::Pending,
+            }
+        })
+    })
+    .await
 }
 
 /// Read once from `stream` into `session`; the number of octets, 0 at end of stream. A TLS
 /// stream reads through `tls_buf` (allocated at its first read): rustls keeps buffers of its
 /// own per connection anyway.
-async fn read_into(
-    stream: &mut Stream,
+async fn read_into<S: Io>(
+    stream: &mut ServerStream<S>,
     session: &mut Session,
     tls_buf: &mut Vec<u8>,
 ) -> std::io::Result<usize> {
     match stream {
-        Stream::Plain(tcp) => loop {
-            tcp.readable().await?;
-            let read = READ_BUF.with_borrow_mut(|buf| {
-                let n = tcp.try_read(buf)?;
-                session.receive(&buf[..n]);
-                Ok::<usize, std::io::Error>(n)
-            });
-            match read {
-                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
-                other => return other,
-            }
-        },
+        Stream::Plain(io) => read_plain(io, |octets| session.receive(octets)).await,
         Stream::Closed => Err(closed()),
         Stream::Tls(tls) => {
             if tls_buf.is_empty() {
@@ -84,15 +111,6 @@ pub const SESSION_GRACE: Duration = Duration::from_secs(60);
 
 /// How long a TLS handshake may take.
 pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(30);
-
-/// How long an AUTH waits for its client's verifications in flight before `454 4.7.0`, and
-/// again how long it waits for its own verification to be run (rule `auth_busy` either way,
-/// the failure budget given back): at most twice this in all.
-pub const AUTH_WAIT: Duration = Duration::from_secs(10);
-
-/// How often a waiting AUTH looks at the lockout table again even when no result was
-/// announced (an attempt dropped by another session announces nothing).
-pub const AUTH_RECHECK: Duration = Duration::from_millis(250);
 
 /// The minimum data rate of a message in stress mode, in octets per second averaged since its
 /// data started: a session in DATA must have received `(elapsed - stress_timeout) ×` this
@@ -117,19 +135,19 @@ pub struct Shared {
     /// What the route to each recipient can carry (checked at RCPT and after the final dot).
     pub capabilities: RouteCapabilities,
     /// True in stress mode: timeouts shrink to `limits.stress_timeout` (see
-    /// [`super::limits`]).
+    /// [`super::pressure`]).
     pub stress: tokio::sync::watch::Receiver<bool>,
 }
 
 /// How a session ended, for the session log line.
 #[derive(Debug, Default)]
-struct Outcome {
+struct SessionEnd {
     messages: u32,
     reason: &'static str,
 }
 
 /// One connection from accept to close.
-pub struct Connection {
+pub struct SessionDriver {
     runtime: Arc<Runtime>,
     listener: Listener,
     shared: Shared,
@@ -139,11 +157,11 @@ pub struct Connection {
     /// The message being received. Boxed: a session between messages carries only the
     /// pointer.
     assembly: Option<Box<Assembly>>,
-    /// Free space held for the current transaction from MAIL until DATA hands it to the
-    /// message's [`Assembly`] (see [`crate::queue::reserve`]).
-    reservation: Option<Reservation>,
+    /// What the effects of the stages leave for later (AUTH attempt, space reservation,
+    /// lookups started at one stage and read at a later one).
+    effects: Effects,
     started: Instant,
-    outcome: Outcome,
+    end: SessionEnd,
     /// When the current command or message must be complete. `command_timeout` bounds each
     /// command and `data_timeout` the whole message, not each read: otherwise a client
     /// trickling one octet at a time keeps a session open until `session_timeout`. `None`:
@@ -152,9 +170,11 @@ pub struct Connection {
     /// When the current message's data started (first read after `354`) and the octets read
     /// since: the minimum data rate of stress mode ([`STRESS_MIN_DATA_RATE`]).
     data_progress: Option<(Instant, u64)>,
+    /// A client refused at connect is disconnected at this time ([`REFUSED_LINGER`]).
+    linger: Option<Instant>,
 }
 
-impl Connection {
+impl SessionDriver {
     pub fn new(
         runtime: Arc<Runtime>,
         listener: Listener,
@@ -175,7 +195,7 @@ impl Connection {
             auth_enabled: listener.auth != crate::config::AuthMode::Off,
             auth_required: listener.auth == crate::config::AuthMode::Required,
         });
-        Connection {
+        SessionDriver {
             runtime,
             listener,
             shared,
@@ -183,228 +203,316 @@ impl Connection {
             session,
             tls: None,
             assembly: None,
-            reservation: None,
+            effects: Effects::default(),
             started: Instant::now(),
-            outcome: Outcome::default(),
+            end: SessionEnd::default(),
             deadline: None,
             data_progress: None,
+            linger: None,
         }
     }
 
-    /// Run the session to its end. `refusal` is set when the connect-stage policy refused.
-    /// Takes `&mut self`, not `self`: an async fn keeps a by-value argument twice in its
-    /// future, and an idle session's memory is mostly that future.
-    pub async fn run(&mut self, tcp: TcpStream, refusal: Option<Refusal>) {
-        info!(
-            peer = %self.peer, listener = %self.listener.name,
-            "session start"
-        );
+    /// Run the session to its end, connect stage included. Takes `&mut self`, not `self`: an
+    /// async fn keeps a by-value argument twice in its future, and an idle session's memory
+    /// is mostly that future.
+    pub async fn run<S: Io>(&mut self, io: S) {
+        info!("session start");
         // The session itself says `421 4.4.2` at `session_timeout` (see `read`); this bounds
         // everything else, e.g. a client that stops reading our replies.
         let limits = &self.runtime.config.limits;
         let backstop = limits.session_timeout + limits.command_timeout + SESSION_GRACE;
-        let result = tokio::time::timeout(backstop, self.serve(tcp, refusal)).await;
+        let result = tokio::time::timeout(backstop, self.serve(io)).await;
         if result.is_err() {
-            warn!(peer = %self.peer, listener = %self.listener.name, rule = "session_time_limit",
-                "session closed without a reply: its time limit passed while it was not reading");
-            self.outcome.reason = "session time limit";
+            warn!(
+                rule = "session_time_limit",
+                "session closed without a reply: its time limit passed while it was not reading"
+            );
+            self.end.reason = "session time limit";
         }
         // An unfinished message's spool file is removed with it.
         self.assembly = None;
         info!(
-            peer = %self.peer, listener = %self.listener.name,
             tls = %self.tls.as_ref().map(|t| t.to_string()).unwrap_or_else(|| "none".into()),
             user = self.session.user().unwrap_or("-"),
-            messages = self.outcome.messages,
+            messages = self.end.messages,
             secs = self.started.elapsed().as_secs_f32(),
-            reason = self.outcome.reason,
+            reason = self.end.reason,
             "session end"
         );
     }
 
-    async fn serve(&mut self, tcp: TcpStream, refusal: Option<Refusal>) {
-        let mut stream = if self.listener.tls == ListenerTls::Implicit {
-            match Box::pin(self.handshake(tcp)).await {
-                Some(s) => s,
-                None => return,
-            }
-        } else {
-            Stream::Plain(tcp)
-        };
-        let pregreet = self.phase_timeout(self.runtime.config.limits.pregreet_wait);
-        if !pregreet.is_zero() && refusal.is_none() && self.talks_first(&mut stream, pregreet).await
-        {
-            warn!(peer = %self.peer, rule = "pregreet", reply = %reply::EARLY_TALKER, "rejected");
-            self.session.close_with(&reply::EARLY_TALKER);
-            self.outcome.reason = "client talked before greeting";
-            let _ = self.flush(&mut stream).await;
+    /// The session's main loop: open, then dispatch each event of the protocol engine.
+    async fn serve<S: Io>(&mut self, io: S) {
+        let Some(mut stream) = Box::pin(self.open(io)).await else {
             return;
-        }
-        let linger = match refusal {
-            Some(r) => {
-                warn!(peer = %self.peer, rule = r.rule, reply = %r.reply, "rejected at connect");
-                self.session.refuse(&r.reply);
-                Some(Instant::now() + REFUSED_LINGER)
-            }
-            None => {
-                self.session.greet();
-                None
-            }
         };
         let mut tls_buf = Vec::new();
         loop {
             let event = self.session.poll();
-            match event {
-                Event::NeedInput => {
-                    // RSET, or a refused or finished transaction: its space is free again.
-                    if self.reservation.is_some() && self.session.transaction().is_none() {
-                        self.reservation = None;
-                    }
-                    if self.flush(&mut stream).await.is_err() {
-                        self.outcome.reason = "write error";
-                        return;
-                    }
-                    if self.read(&mut stream, &mut tls_buf, linger).await == Some(0) {
-                        self.outcome.reason = "client closed";
-                        return;
-                    }
-                }
-                Event::Flush => {
-                    if self.flush(&mut stream).await.is_err() {
-                        self.outcome.reason = "write error";
-                        return;
-                    }
-                }
-                Event::Close => {
-                    if self.session.closed_for_junk() {
-                        self.outcome.reason = "too many commands without progress";
-                        self.log_rejection(&reply::TOO_MANY_JUNK_COMMANDS, "stress_junk_commands");
-                    }
-                    let _ = self.flush(&mut stream).await;
-                    let _ = stream.shutdown().await;
-                    if self.outcome.reason.is_empty() {
-                        self.outcome.reason = "closed";
-                    }
-                    return;
-                }
-                Event::Rejected { reply, rule } => self.log_rejection(&reply, rule),
-                Event::Helo { name, extended } => {
-                    debug!(peer = %self.peer, helo = %name, extended, "helo");
-                    self.session.accept();
-                }
-                Event::StartTls { discarded } => {
-                    if discarded > 0 {
-                        warn!(peer = %self.peer, discarded, rule = "starttls_injection",
-                            "discarded commands pipelined after STARTTLS");
-                    }
-                    if self.flush(&mut stream).await.is_err() {
-                        return;
-                    }
-                    let Stream::Plain(tcp) = stream else {
-                        return;
-                    };
-                    match Box::pin(self.handshake(tcp)).await {
-                        Some(s) => stream = s,
-                        None => return,
-                    }
-                    self.session.tls_started();
-                }
-                Event::Auth(credentials) => Box::pin(self.auth(credentials)).await,
-                Event::Mail { from, params } => self.mail(&from, &params),
-                Event::Rcpt(to) => {
-                    let facts = self.facts();
-                    let policy = &self.runtime.policy;
-                    let verdict = if policy.is_postmaster(&to, self.session.rcpt_is_postmaster()) {
-                        debug!(peer = %self.peer, %to, "postmaster recipient");
-                        Ok(())
-                    } else {
-                        policy.rcpt(&facts, &to)
-                    };
-                    match verdict.and_then(|()| self.route_carries(&to)) {
-                        Err(r) => self.refuse(r),
-                        Ok(()) => match policy.recipient_rate(&facts, Instant::now()) {
-                            Err(l) => self.limited(l),
-                            Ok(()) => self.session.accept(),
-                        },
-                    }
-                }
-                Event::DataStart => {
-                    self.deadline = None;
-                    self.data_start();
-                }
-                Event::DataChunk => self.data_chunk(),
-                Event::DataEnd => {
-                    self.deadline = None;
-                    self.data_progress = None;
-                    Box::pin(self.data_end()).await;
-                    self.reservation = None;
-                }
-                Event::DataRejected(fault) => {
-                    self.deadline = None;
-                    self.data_progress = None;
-                    self.data_rejected(fault);
-                    self.reservation = None;
-                }
+            if self
+                .dispatch(event, &mut stream, &mut tls_buf)
+                .await
+                .is_break()
+            {
+                return;
             }
         }
     }
 
-    /// RCPT: is there a route for `to`, and can it carry this transaction (SMTPUTF8,
-    /// 8BITMIME, SIZE)? Decided now, since a message accepted for a route that cannot take it
-    /// could only be bounced (or, without a route, wait in the queue until it expires).
-    fn route_carries(&self, to: &Address) -> Result<(), Refusal> {
-        let Some(tx) = self.session.transaction() else {
-            return Ok(());
-        };
-        let Some(caps) = self.shared.capabilities.for_domain(to.domain()) else {
-            return Err(Refusal {
-                reply: reply::NO_ROUTE,
-                rule: "no_route",
-            });
-        };
-        capability::rcpt(&caps, &tx.from, &tx.params, to)
+    /// Carry out one event; `Break` ends the session.
+    async fn dispatch<S: Io>(
+        &mut self,
+        event: Event,
+        stream: &mut ServerStream<S>,
+        tls_buf: &mut Vec<u8>,
+    ) -> ControlFlow<()> {
+        match event {
+            Event::NeedInput => return self.need_input(stream, tls_buf).await,
+            Event::Flush => return self.flush_or_end(stream).await,
+            Event::Close => {
+                self.close(stream).await;
+                return ControlFlow::Break(());
+            }
+            Event::Rejected { reply, rule } => self.log_rejection(&reply, rule),
+            Event::Helo { name, extended } => Box::pin(self.helo(&name, extended)).await,
+            Event::StartTls { discarded } => {
+                return Box::pin(self.starttls(stream, discarded)).await;
+            }
+            Event::Auth(credentials) => Box::pin(self.auth(credentials)).await,
+            Event::Mail { from, params } => Box::pin(self.mail(&from, params.size)).await,
+            Event::Rcpt(to) => Box::pin(self.rcpt(&to)).await,
+            Event::DataStart => {
+                self.deadline = None;
+                self.data_start();
+            }
+            Event::DataChunk => self.data_chunk(),
+            Event::DataEnd => {
+                self.deadline = None;
+                self.data_progress = None;
+                Box::pin(self.data_end()).await;
+                self.effects.reservation = None;
+            }
+            Event::DataRejected(fault) => {
+                self.deadline = None;
+                self.data_progress = None;
+                self.data_rejected(fault);
+                self.effects.reservation = None;
+            }
+        }
+        ControlFlow::Continue(())
     }
 
-    /// End of data: can the route of every recipient carry the message as received, by what
-    /// is known of the routes now (the envelope is checked again: an upstream may have been
-    /// seen with other capabilities while the message was being received)? `eight_bit`: the
-    /// message has 8-bit octets.
-    fn routes_carry(&self, header_utf8: bool, eight_bit: bool, size: u64) -> Result<(), Refusal> {
-        let Some(tx) = self.session.transaction() else {
-            return Ok(());
+    /// Connect stage, implicit TLS, the pause before the greeting, and the greeting (or the
+    /// connect-stage refusal). `None`: the session is over.
+    async fn open<S: Io>(&mut self, io: S) -> Option<ServerStream<S>> {
+        let refusal = self.stage(Input::Connect).await.err();
+        if let Some(r) = refusal.as_ref().filter(|r| r.reply.code == 421) {
+            // A rate limit: told at once and closed, before any TLS handshake.
+            self.end.reason = "connection rate";
+            let mut stream = Stream::Plain(io);
+            self.session.close_with(&r.reply);
+            self.refuse_log(r);
+            let _ = self.flush(&mut stream).await;
+            let _ = stream.shutdown().await;
+            return None;
+        }
+        let mut stream = if self.listener.tls == ListenerTls::Implicit {
+            self.handshake(io).await?
+        } else {
+            Stream::Plain(io)
         };
-        tx.recipients.iter().try_for_each(|to| {
-            let Some(caps) = self.shared.capabilities.for_domain(to.domain()) else {
-                return Ok(());
-            };
-            capability::rcpt_at_data(&caps, &tx.from, &tx.params, to)?;
-            capability::data(&caps, &tx.params, header_utf8, eight_bit, size)
-        })
+        let pregreet = self.phase_timeout(self.runtime.config.limits.pregreet_wait);
+        if !pregreet.is_zero() && refusal.is_none() && talks_first(&mut stream, pregreet).await {
+            warn!(rule = "pregreet", reply = %reply::EARLY_TALKER, "rejected");
+            self.session.close_with(&reply::EARLY_TALKER);
+            self.end.reason = "client talked before greeting";
+            let _ = self.flush(&mut stream).await;
+            return None;
+        }
+        match refusal {
+            Some(r) => {
+                warn!(rule = r.rule, reply = %r.reply, "rejected at connect");
+                self.session.refuse(&r.reply);
+                self.linger = Some(Instant::now() + REFUSED_LINGER);
+            }
+            None => self.session.greet(),
+        }
+        Some(stream)
+    }
+
+    /// Write what is pending and read more (RSET, or a refused or finished transaction,
+    /// frees its space first).
+    async fn need_input<S: Io>(
+        &mut self,
+        stream: &mut ServerStream<S>,
+        tls_buf: &mut Vec<u8>,
+    ) -> ControlFlow<()> {
+        if self.effects.reservation.is_some() && self.session.transaction().is_none() {
+            self.effects.reservation = None;
+        }
+        self.flush_or_end(stream).await?;
+        if self.read(stream, tls_buf).await == Some(0) {
+            self.end.reason = "client closed";
+            return ControlFlow::Break(());
+        }
+        ControlFlow::Continue(())
+    }
+
+    async fn flush_or_end<S: Io>(&mut self, stream: &mut ServerStream<S>) -> ControlFlow<()> {
+        if self.flush(stream).await.is_err() {
+            self.end.reason = "write error";
+            return ControlFlow::Break(());
+        }
+        ControlFlow::Continue(())
+    }
+
+    async fn close<S: Io>(&mut self, stream: &mut ServerStream<S>) {
+        if self.session.closed_for_junk() {
+            self.end.reason = "too many commands without progress";
+            self.log_rejection(&reply::TOO_MANY_JUNK_COMMANDS, "stress_junk_commands");
+        }
+        let _ = self.flush(stream).await;
+        let _ = stream.shutdown().await;
+        if self.end.reason.is_empty() {
+            self.end.reason = "closed";
+        }
+    }
+
+    /// STARTTLS (RFC 3207): the `220` is flushed, then the handshake replaces the stream.
+    async fn starttls<S: Io>(
+        &mut self,
+        stream: &mut ServerStream<S>,
+        discarded: usize,
+    ) -> ControlFlow<()> {
+        if discarded > 0 {
+            warn!(
+                discarded,
+                rule = "starttls_injection",
+                "discarded commands pipelined after STARTTLS"
+            );
+        }
+        if self.flush(stream).await.is_err() {
+            return ControlFlow::Break(());
+        }
+        let Stream::Plain(io) = std::mem::replace(stream, Stream::Closed) else {
+            return ControlFlow::Break(());
+        };
+        *stream = match self.handshake(io).await {
+            Some(s) => s,
+            None => return ControlFlow::Break(()),
+        };
+        self.session.tls_started();
+        ControlFlow::Continue(())
+    }
+
+    /// Evaluate the stage `input` is for, with the session's facts, carrying out its effects.
+    async fn stage(&mut self, input: Input<'_>) -> Result<(), Refusal> {
+        let facts = StageFacts {
+            session: SessionFacts {
+                client_ip: self.peer.ip(),
+                user: self.session.user(),
+            },
+            listener: &self.listener,
+            input,
+        };
+        (self.effects)
+            .decide(&self.runtime, &self.shared, &facts)
+            .await
+    }
+
+    /// Accept the pending command, or refuse it as the verdict says.
+    fn answer(&mut self, verdict: Result<(), Refusal>) {
+        match verdict {
+            Ok(()) => self.session.accept(),
+            Err(r) => self.refuse(r),
+        }
+    }
+
+    async fn helo(&mut self, name: &str, extended: bool) {
+        debug!(helo = %name, extended, "helo");
+        let verdict = self.stage(Input::Helo { name }).await;
+        self.answer(verdict);
+    }
+
+    async fn auth(&mut self, credentials: Credentials) {
+        let Credentials {
+            login, password, ..
+        } = credentials;
+        let input = Input::Auth {
+            login: &login,
+            password: &password,
+        };
+        let verdict = self.stage(input).await;
+        if verdict.is_ok() {
+            info!(user = %login, "authenticated");
+        }
+        self.answer(verdict);
+    }
+
+    async fn mail(&mut self, from: &ReversePath, size: Option<u64>) {
+        let verdict = self.stage(Input::Mail { from, size }).await;
+        if verdict.is_ok() {
+            debug!(%from, "mail from");
+        }
+        self.answer(verdict);
+    }
+
+    async fn rcpt(&mut self, to: &Address) {
+        let tx = self.session.transaction();
+        let facts = StageFacts {
+            session: SessionFacts {
+                client_ip: self.peer.ip(),
+                user: self.session.user(),
+            },
+            listener: &self.listener,
+            input: Input::Rcpt(RcptFacts {
+                to,
+                bare_postmaster: self.session.rcpt_is_postmaster(),
+                transaction: tx.map(|t| TransactionFacts {
+                    from: &t.from,
+                    params: &t.params,
+                }),
+                route: self.shared.capabilities.for_domain(to.domain()),
+            }),
+        };
+        let verdict = (self.effects)
+            .decide(&self.runtime, &self.shared, &facts)
+            .await;
+        self.answer(verdict);
     }
 
     fn log_rejection(&self, reply: &Reply, rule: &str) {
-        info!(peer = %self.peer, listener = %self.listener.name, rule, reply = %reply, "rejected");
+        info!(rule, reply = %reply, "rejected");
+    }
+
+    /// Log a refusal: its rule, its reply and what else it says.
+    fn refuse_log(&self, r: &Refusal) {
+        let user = self.session.user().unwrap_or("-");
+        let (rule, reply) = (r.rule, &r.reply);
+        match &r.detail {
+            None => rejected!(r.warning, user, rule, reply = %reply, "rejected"),
+            Some(Detail::Limit(limit)) => {
+                rejected!(r.warning, user, rule, limit = %limit, reply = %reply, "rejected");
+            }
+            Some(Detail::Login(login)) => {
+                rejected!(r.warning, login = login.as_str(), rule, reply = %reply, "rejected");
+            }
+            Some(Detail::FromHeader(from)) => rejected!(r.warning, user,
+                from_header = from.as_str(), rule, reply = %reply, "rejected"),
+            Some(Detail::Text(detail)) => {
+                rejected!(r.warning, user, rule, reply = %reply, detail = %detail, "rejected");
+            }
+        }
     }
 
     fn refuse(&mut self, r: Refusal) {
-        self.log_rejection(&r.reply, r.rule);
+        self.refuse_log(&r);
         self.session.reject(&r.reply);
-    }
-
-    /// Refuse the pending command because a rate limit is exhausted; the log names the limit.
-    fn limited(&mut self, l: Limited) {
-        let reply = l.reply();
-        warn!(
-            peer = %self.peer, listener = %self.listener.name,
-            user = self.session.user().unwrap_or("-"),
-            rule = l.rule, limit = %l.limit_text(), reply = %reply, "rejected"
-        );
-        self.session.reject(&reply);
     }
 
     /// Sleep for `normal`, or until `limits.stress_timeout` after stress mode starts (from
     /// now if it is on already), whichever comes first: the timeout of a TLS handshake or of
-    /// writing a reply (see [`super::limits`]).
+    /// writing a reply (see [`super::pressure`]).
     async fn phase_sleep(&self, normal: Duration) {
         let mut stress = self.shared.stress.clone();
         let stress_timeout = self.runtime.config.limits.stress_timeout;
@@ -440,7 +548,7 @@ impl Connection {
     }
 
     /// Write pending replies.
-    async fn flush(&mut self, stream: &mut Stream) -> std::io::Result<()> {
+    async fn flush<S: Io>(&mut self, stream: &mut ServerStream<S>) -> std::io::Result<()> {
         if self.session.output().is_empty() {
             return Ok(());
         }
@@ -463,27 +571,71 @@ impl Connection {
     /// session was told to close (timeout or shutdown): the next poll returns `Close`. In
     /// stress mode (also when it starts during the wait) a command has at most
     /// `stress_timeout` and a message may not pause longer than that.
-    async fn read(
+    async fn read<S: Io>(
         &mut self,
-        stream: &mut Stream,
+        stream: &mut ServerStream<S>,
         tls_buf: &mut Vec<u8>,
-        linger: Option<Instant>,
     ) -> Option<usize> {
-        let limits = &self.runtime.config.limits;
         // RFC 5321 §4.5.3.2: whatever the session is doing, at its time limit it is told
         // `421 4.4.2` before the connection closes.
-        let session_end = self.started + limits.session_timeout;
+        let session_end = self.started + self.runtime.config.limits.session_timeout;
         if session_end <= Instant::now() {
-            self.outcome.reason = "session time limit";
-            self.log_rejection(&reply::SESSION_TOO_LONG, "session_time_limit");
-            self.session.close_with(&reply::SESSION_TOO_LONG);
-            return None;
+            return self.session_time_limit();
         }
-        let stress_timeout = limits.stress_timeout;
         let mut stress = self.shared.stress.clone();
         let mut stressed = *stress.borrow_and_update();
         self.session.set_stressed(stressed);
         let in_data = self.session.in_data();
+        let deadline = self.phase_deadline(in_data, stressed);
+        let started = Instant::now();
+        let mut watching = !stressed;
+        loop {
+            let (until, too_slow) = self.read_until(in_data, stressed, started, deadline);
+            let session_ends = session_end <= until;
+            // A session in DATA may finish its message during shutdown (the app bounds the
+            // wait).
+            let wake = tokio::select! {
+                r = read_into(stream, &mut self.session, tls_buf) => Wake::Read(r),
+                () = tokio::time::sleep_until(until.min(session_end)) => Wake::Deadline,
+                () = self.shared.shutdown.cancelled(), if !in_data => Wake::Shutdown,
+                // Stress starts while this session waits: its current deadline is cut short.
+                r = stress.wait_for(|s| *s), if watching => Wake::Stress(r.is_ok()),
+            };
+            match wake {
+                Wake::Read(r) => return self.count_read(r),
+                Wake::Deadline if session_ends => return self.session_time_limit(),
+                Wake::Deadline if too_slow => return self.too_slow(),
+                Wake::Deadline => return self.timed_out(stressed),
+                Wake::Shutdown => {
+                    self.end.reason = "shutdown";
+                    self.session.close_with(&reply::SHUTTING_DOWN);
+                    return None;
+                }
+                // Not started: the counter is gone (the relay is stopping); stop watching.
+                Wake::Stress(started_now) => {
+                    watching = false;
+                    if started_now {
+                        stressed = true;
+                        self.stress_started(in_data, deadline);
+                    }
+                }
+            }
+        }
+    }
+
+    /// Stress mode started during a read: a command's deadline is cut to `stress_timeout`.
+    fn stress_started(&mut self, in_data: bool, deadline: Instant) {
+        self.session.set_stressed(true);
+        if !in_data {
+            let stress_timeout = self.runtime.config.limits.stress_timeout;
+            self.deadline = Some(deadline.min(Instant::now() + stress_timeout));
+        }
+    }
+
+    /// The deadline of the command or message being read (see [`SessionDriver::deadline`]),
+    /// starting the data-rate count when a message starts.
+    fn phase_deadline(&mut self, in_data: bool, stressed: bool) -> Instant {
+        let limits = &self.runtime.config.limits;
         if !in_data {
             self.data_progress = None;
         } else if self.data_progress.is_none() {
@@ -491,7 +643,7 @@ impl Connection {
         }
         let limit = match (in_data, stressed) {
             (true, _) => limits.data_timeout,
-            (false, true) => limits.command_timeout.min(stress_timeout),
+            (false, true) => limits.command_timeout.min(limits.stress_timeout),
             (false, false) => limits.command_timeout,
         };
         // Between commands (nothing partial buffered) the next command starts now; a partial
@@ -501,84 +653,76 @@ impl Connection {
             _ => Instant::now() + limit,
         };
         self.deadline = Some(deadline);
-        let started = Instant::now();
-        let mut watching = !stressed;
-        loop {
-            let mut until = self.deadline.unwrap_or(deadline);
-            let mut too_slow = false;
-            if stressed && in_data {
-                until = until.min(started + stress_timeout);
-                if let Some(rate_deadline) = self.data_rate_deadline(stress_timeout)
-                    && rate_deadline < until
-                {
-                    until = rate_deadline;
-                    too_slow = true;
-                }
-            }
-            if let Some(linger) = linger {
-                until = until.min(linger);
-            }
-            let session_ends = session_end <= until;
-            let timeout = until
-                .min(session_end)
-                .saturating_duration_since(Instant::now());
-            // A session in DATA may finish its message during shutdown (the app bounds the
-            // wait).
-            tokio::select! {
-                r = read_into(stream, &mut self.session, tls_buf) => return match r {
-                    Ok(n) => {
-                        if let Some((_, octets)) = &mut self.data_progress {
-                            *octets += n as u64;
-                        }
-                        Some(n)
-                    }
-                    Err(e) => {
-                        debug!(peer = %self.peer, error = %e, "read error");
-                        Some(0)
-                    }
-                },
-                _ = tokio::time::sleep(timeout), if session_ends => {
-                    self.outcome.reason = "session time limit";
-                    self.log_rejection(&reply::SESSION_TOO_LONG, "session_time_limit");
-                    self.session.close_with(&reply::SESSION_TOO_LONG);
-                    return None;
-                }
-                _ = tokio::time::sleep(timeout), if !session_ends => {
-                    if too_slow {
-                        self.outcome.reason = "data too slow";
-                        let (since, octets) = self.data_progress.unwrap_or((Instant::now(), 0));
-                        warn!(peer = %self.peer, listener = %self.listener.name,
-                            octets, secs = since.elapsed().as_secs_f32(),
-                            min_rate = STRESS_MIN_DATA_RATE, rule = "stress_data_rate",
-                            reply = %reply::DATA_TOO_SLOW, "rejected");
-                        self.session.close_with(&reply::DATA_TOO_SLOW);
-                        return None;
-                    }
-                    self.outcome.reason = "timeout";
-                    let rule = if stressed { "stress_timeout" } else { "timeout" };
-                    self.log_rejection(&reply::TIMEOUT, rule);
-                    self.session.timeout();
-                    return None;
-                }
-                _ = self.shared.shutdown.cancelled(), if !in_data => {
-                    self.outcome.reason = "shutdown";
-                    self.session.close_with(&reply::SHUTTING_DOWN);
-                    return None;
-                }
-                // Stress starts while this session waits: its current deadline is cut short.
-                started_now = stress.wait_for(|s| *s), if watching => {
-                    // Err: the counter is gone (the relay is stopping); stop watching.
-                    watching = false;
-                    if started_now.is_ok() {
-                        stressed = true;
-                        self.session.set_stressed(true);
-                        if !in_data {
-                            self.deadline = Some(deadline.min(Instant::now() + stress_timeout));
-                        }
-                    }
-                }
+        deadline
+    }
+
+    /// When the current read gives up, and whether that is the stress data rate.
+    fn read_until(
+        &self,
+        in_data: bool,
+        stressed: bool,
+        started: Instant,
+        deadline: Instant,
+    ) -> (Instant, bool) {
+        let stress_timeout = self.runtime.config.limits.stress_timeout;
+        let mut until = self.deadline.unwrap_or(deadline);
+        let mut too_slow = false;
+        if stressed && in_data {
+            until = until.min(started + stress_timeout);
+            if let Some(rate_deadline) = self.data_rate_deadline(stress_timeout)
+                && rate_deadline < until
+            {
+                until = rate_deadline;
+                too_slow = true;
             }
         }
+        if let Some(linger) = self.linger {
+            until = until.min(linger);
+        }
+        (until, too_slow)
+    }
+
+    fn count_read(&mut self, read: std::io::Result<usize>) -> Option<usize> {
+        match read {
+            Ok(n) => {
+                if let Some((_, octets)) = &mut self.data_progress {
+                    *octets += n as u64;
+                }
+                Some(n)
+            }
+            Err(e) => {
+                debug!(error = %e, "read error");
+                Some(0)
+            }
+        }
+    }
+
+    fn session_time_limit(&mut self) -> Option<usize> {
+        self.end.reason = "session time limit";
+        self.log_rejection(&reply::SESSION_TOO_LONG, "session_time_limit");
+        self.session.close_with(&reply::SESSION_TOO_LONG);
+        None
+    }
+
+    fn too_slow(&mut self) -> Option<usize> {
+        self.end.reason = "data too slow";
+        let (since, octets) = self.data_progress.unwrap_or((Instant::now(), 0));
+        warn!(octets, secs = since.elapsed().as_secs_f32(), min_rate = STRESS_MIN_DATA_RATE,
+            rule = "stress_data_rate", reply = %reply::DATA_TOO_SLOW, "rejected");
+        self.session.close_with(&reply::DATA_TOO_SLOW);
+        None
+    }
+
+    fn timed_out(&mut self, stressed: bool) -> Option<usize> {
+        self.end.reason = "timeout";
+        let rule = if stressed {
+            "stress_timeout"
+        } else {
+            "timeout"
+        };
+        self.log_rejection(&reply::TIMEOUT, rule);
+        self.session.timeout();
+        None
     }
 
     /// In DATA: the instant the octets received so far fall below [`STRESS_MIN_DATA_RATE`]
@@ -592,28 +736,9 @@ impl Connection {
         )
     }
 
-    /// Before the greeting: true if the client sent anything within `wait`.
-    async fn talks_first(&self, stream: &mut Stream, wait: Duration) -> bool {
-        match stream {
-            Stream::Plain(tcp) => {
-                let mut probe = [0u8; 1];
-                matches!(
-                    tokio::time::timeout(wait, tcp.peek(&mut probe)).await,
-                    Ok(Ok(n)) if n > 0
-                )
-            }
-            // Implicit TLS: a client that completed the handshake speaks only after the banner.
-            Stream::Tls(_) => {
-                tokio::time::sleep(wait).await;
-                false
-            }
-            Stream::Closed => false,
-        }
-    }
-
-    async fn handshake(&mut self, tcp: TcpStream) -> Option<Stream> {
+    async fn handshake<S: Io>(&mut self, io: S) -> Option<ServerStream<S>> {
         let Some(config) = self.runtime.tls.clone() else {
-            warn!(peer = %self.peer, "TLS requested but no certificate is configured");
+            warn!("TLS requested but no certificate is configured");
             return None;
         };
         let acceptor = TlsAcceptor::from(config);
@@ -622,205 +747,34 @@ impl Connection {
         let session_end = self.started + self.runtime.config.limits.session_timeout;
         let session_left = session_end.saturating_duration_since(Instant::now());
         let accepted = tokio::select! {
-            r = acceptor.accept(tcp) => Ok(r),
-            _ = self.phase_sleep(HANDSHAKE_TIMEOUT.min(session_left)) => Err(()),
+            r = acceptor.accept(io) => Some(r),
+            () = self.phase_sleep(HANDSHAKE_TIMEOUT.min(session_left)) => None,
         };
         match accepted {
-            Ok(Ok(tls)) => {
+            Some(Ok(tls)) => {
                 self.tls = session_info(tls.get_ref().1);
-                debug!(peer = %self.peer, tls = ?self.tls, "TLS established");
+                debug!(tls = ?self.tls, "TLS established");
                 Some(Stream::Tls(Box::new(tls)))
             }
-            Ok(Err(e)) => {
-                info!(peer = %self.peer, error = %e, "TLS handshake failed");
-                self.outcome.reason = "TLS handshake failed";
+            Some(Err(e)) => {
+                info!(error = %e, "TLS handshake failed");
+                self.end.reason = "TLS handshake failed";
                 None
             }
-            Err(_) if Instant::now() >= session_end => {
-                info!(peer = %self.peer, listener = %self.listener.name,
-                    rule = "session_time_limit", "session time limit reached during the TLS handshake; closed");
-                self.outcome.reason = "session time limit";
+            None if Instant::now() >= session_end => {
+                info!(
+                    rule = "session_time_limit",
+                    "session time limit reached during the TLS handshake; closed"
+                );
+                self.end.reason = "session time limit";
                 None
             }
-            Err(_) => {
-                info!(peer = %self.peer, "TLS handshake timed out");
-                self.outcome.reason = "TLS handshake timeout";
+            None => {
+                info!("TLS handshake timed out");
+                self.end.reason = "TLS handshake timeout";
                 None
             }
         }
-    }
-
-    async fn auth(&mut self, credentials: Credentials) {
-        let Some(attempt) = self.auth_attempt(&credentials.login).await else {
-            return;
-        };
-        let (hash, known) = self.runtime.policy.auth_hash(&credentials.login);
-        let login = credentials.login;
-        let delay = attempt.delay;
-        let lane = if attempt.known {
-            Lane::Known
-        } else {
-            Lane::Other
-        };
-        let answer_at = tokio::time::Instant::now() + delay;
-        let verifier = Arc::clone(&self.shared.verifier);
-        let Ok(result) = verifier.submit(hash, credentials.password, &login, lane) else {
-            // Nothing was verified: the reservation is given back, not counted.
-            attempt.release();
-            verifier.notify_settled();
-            return self.refuse(Refusal {
-                reply: reply::AUTH_TEMPORARY,
-                rule: "auth_busy",
-            });
-        };
-        // The wait for a verifier thread is bounded too: under a flood that outlasts
-        // AUTH_WAIT, `454 4.7.0` now. The verification may already be running, so its
-        // reservation is not given back here: it is kept until the result is known and then
-        // recorded like any other (a failure counts), so a client cannot have more checks in
-        // flight than the lockout allows by letting earlier ones time out.
-        let mut result = result;
-        let Ok(result) = tokio::time::timeout(AUTH_WAIT, &mut result).await else {
-            let verifier = Arc::clone(&verifier);
-            tokio::spawn(async move {
-                match result.await {
-                    Ok(Ok(ok)) => {
-                        attempt.settle(ok && known, Instant::now());
-                    }
-                    // Not verified (a local failure): nothing to count.
-                    _ => attempt.release(),
-                }
-                verifier.notify_settled();
-            });
-            return self.refuse(Refusal {
-                reply: reply::AUTH_TEMPORARY,
-                rule: "auth_busy",
-            });
-        };
-        // `Err`: the check itself failed (argon2 refused the stored parameters, the verifier
-        // panicked, or its thread is gone and dropped the sender): not the client's fault.
-        let checked =
-            result.unwrap_or_else(|_| Err(CheckError::Verifier("verifier thread gone".into())));
-        let ok = match checked {
-            Ok(ok) => ok,
-            Err(error) => {
-                // RFC 4954 §6: 454 4.7.0 for a temporary failure; the reservation is given
-                // back, not recorded as a failure, so a broken verifier cannot lock users out.
-                attempt.release();
-                verifier.notify_settled();
-                warn!(peer = %self.peer, listener = %self.listener.name,
-                    login = login_key(&login), %error, rule = "auth_verifier_failed",
-                    reply = %reply::AUTH_TEMPORARY, "rejected");
-                return self.session.reject(&reply::AUTH_TEMPORARY);
-            }
-        };
-        let success = ok && known;
-        let report = attempt.settle(success, Instant::now());
-        verifier.notify_settled();
-        // A sprayed login is answered no sooner than `delay`, right password or wrong.
-        tokio::time::sleep_until(answer_at).await;
-        self.log_auth_report(&login, &report, delay);
-        if success {
-            info!(peer = %self.peer, user = %login, "authenticated");
-            self.session.accept();
-        } else {
-            self.refuse(Refusal {
-                reply: reply::AUTH_FAILED,
-                rule: if known {
-                    "auth_bad_password"
-                } else {
-                    "auth_unknown_user"
-                },
-            });
-        }
-    }
-
-    /// The AUTH gate: refuse a locked-out client; while the client's failure budget is held
-    /// by verifications in flight, wait for them to settle (re-checking at least every
-    /// [`AUTH_RECHECK`], for at most [`AUTH_WAIT`], then `454 4.7.0`, rule `auth_busy`).
-    async fn auth_attempt(&mut self, login: &str) -> Option<Attempt> {
-        let ip = self.peer.ip();
-        let verifier = Arc::clone(&self.shared.verifier);
-        let deadline = tokio::time::Instant::now() + AUTH_WAIT;
-        loop {
-            // Registered before the check, so a result recorded in between is not missed.
-            let settled = verifier.settled();
-            tokio::pin!(settled);
-            settled.as_mut().enable();
-            match self.runtime.policy.auth_gate(ip, login, Instant::now()) {
-                Ok(attempt) => return Some(attempt),
-                Err(AuthHold::Refused(r)) => {
-                    warn!(peer = %self.peer, listener = %self.listener.name,
-                        login = login_key(login), rule = r.rule, reply = %r.reply, "rejected");
-                    self.session.reject(&r.reply);
-                    return None;
-                }
-                Err(AuthHold::Wait) => {}
-            }
-            let now = tokio::time::Instant::now();
-            if now >= deadline {
-                self.refuse(Refusal {
-                    reply: reply::AUTH_TEMPORARY,
-                    rule: "auth_busy",
-                });
-                return None;
-            }
-            let _ = tokio::time::timeout_at(deadline.min(now + AUTH_RECHECK), settled).await;
-        }
-    }
-
-    /// Log what an AUTH outcome led to: a lockout, a spraying alert, a delayed answer. The
-    /// login is shown cut to a bounded length (a SASL response may be 12 KiB).
-    fn log_auth_report(&self, login: &str, report: &FailureReport, delay: Duration) {
-        let login = login_key(login);
-        if let Some(failures) = report.locked_out {
-            warn!(peer = %self.peer, listener = %self.listener.name, login, failures,
-                rule = "auth_lockout", "client locked out after repeated AUTH failures");
-        }
-        if let Some((failures, clients)) = report.spraying {
-            warn!(login, failures, distinct_ips = clients, last_peer = %self.peer,
-                rule = "auth_spraying", "password spraying against one login from several clients");
-        }
-        if !delay.is_zero() {
-            info!(peer = %self.peer, login, delay_ms = delay.as_millis() as u64,
-                rule = "auth_spraying", "AUTH answer delayed");
-        }
-    }
-
-    fn mail(&mut self, from: &ReversePath, params: &crate::envelope::MailParams) {
-        let facts = self.facts();
-        if let Err(r) = self.runtime.policy.mail(&facts, from) {
-            info!(peer = %self.peer, user = facts.user.unwrap_or("-"), %from,
-                rule = r.rule, reply = %r.reply, "rejected");
-            return self.session.reject(&r.reply);
-        }
-        if let Err(l) = self.runtime.policy.message_rate(&facts, Instant::now()) {
-            return self.limited(l);
-        }
-        // The most this transaction may write, held until it ends (see queue::reserve).
-        self.reservation = None;
-        let limits = &self.runtime.config.limits;
-        let bytes = params
-            .size
-            .map_or(limits.max_message_size, |s| s.min(limits.max_message_size));
-        match self.shared.spool.reserve(bytes, limits.min_free_space) {
-            Ok(Ok(reservation)) => self.reservation = Some(reservation),
-            Ok(Err(short)) => {
-                warn!(peer = %self.peer, free = short.free, reserved = short.reserved,
-                    bytes = short.bytes, min_free = short.min_free, rule = "min_free_space",
-                    reply = %reply::INSUFFICIENT_STORAGE,
-                    "rejected: spool free space, minus messages in flight, below min_free_space");
-                return self.session.reject(&reply::INSUFFICIENT_STORAGE);
-            }
-            Err(e) => {
-                warn!(error = %e, "cannot read spool free space");
-                return self.refuse(Refusal {
-                    reply: reply::LOCAL_ERROR,
-                    rule: "spool_statvfs",
-                });
-            }
-        }
-        debug!(peer = %self.peer, %from, "mail from");
-        self.session.accept();
     }
 
     /// DATA: start assembling the message (`354`), or refuse when its spool file cannot be
@@ -829,12 +783,10 @@ impl Connection {
         let Some(tx) = self.session.transaction() else {
             return self.session.accept();
         };
-        // Fields, not `self.facts()`: the reservation is borrowed apart from the rest.
-        let facts = SessionFacts {
-            client_ip: self.peer.ip(),
-            user: self.session.user(),
-        };
-        let policy = &self.runtime.policy;
+        let rules = self
+            .runtime
+            .policy
+            .data_start(&self.listener, &self.facts());
         let arrival = Arrival {
             listener: &self.listener.name,
             peer: self.peer,
@@ -846,24 +798,23 @@ impl Connection {
             hostname: &self.runtime.config.server.hostname,
         };
         let space = Space {
-            reservation: &mut self.reservation,
+            reservation: &mut self.effects.reservation,
             min_free: self.runtime.config.limits.min_free_space,
         };
         let started = Assembly::start(
             &self.shared.spool,
             &arrival,
-            policy.header_rules(&facts),
-            policy.from_check(&facts),
+            rules.header_rules,
+            rules.from_check,
             space,
         );
         match started {
             Ok(assembly) => {
                 self.assembly = Some(Box::new(assembly));
-                let normalize = policy.normalize_bare_lf(&self.listener, &self.facts());
-                self.session.accept_data(normalize);
+                self.session.accept_data(rules.normalize_bare_lf);
             }
             Err(e) => {
-                warn!(peer = %self.peer, error = %e, "cannot create spool file");
+                warn!(error = %e, "cannot create spool file");
                 self.refuse(e.refusal());
             }
         }
@@ -875,65 +826,24 @@ impl Connection {
         }
     }
 
-    /// The final dot: the end-of-data checks, then the commit and `250`.
+    /// The final dot: the end-of-data stage, then the commit and `250`.
     async fn data_end(&mut self) {
         let Some(mut assembly) = self.assembly.take() else {
             return self.session.reject(&reply::LOCAL_ERROR);
         };
         assembly.finish();
         // A refused message's spool file goes with its assembly.
-        if !self.end_of_data(&mut assembly) {
-            return;
+        if let Err(r) = self.end_of_data(&mut assembly).await {
+            return self.refuse(r);
         }
         let size = assembly.size();
         match assembly.commit().await {
             Ok(committed) => self.queued(committed, size),
             Err(e) => {
-                warn!(peer = %self.peer, error = %e, "spool commit failed");
+                warn!(error = %e, "spool commit failed");
                 self.refuse(e.refusal());
             }
         }
-    }
-
-    /// The end-of-data checks, in order: header field size, hop count, the spool writes, the
-    /// `From:` check, the routes. False when the message was refused (the reply is queued).
-    fn end_of_data(&mut self, assembly: &mut Assembly) -> bool {
-        if let Some(name) = assembly.header_too_large() {
-            info!(peer = %self.peer, field = name, max = MAX_WHOLE_FIELD, "header field too large");
-            self.refuse(Refusal {
-                reply: reply::HEADER_TOO_LARGE,
-                rule: "header_too_large",
-            });
-            return false;
-        }
-        if assembly.received_count() > self.runtime.config.limits.hop_limit as usize {
-            self.refuse(Refusal {
-                reply: reply::TOO_MANY_HOPS,
-                rule: "hop_limit",
-            });
-            return false;
-        }
-        if let Some(failure) = assembly.write_failed() {
-            self.refuse(failure.refusal());
-            return false;
-        }
-        if let Err((r, address)) = self.runtime.policy.data(assembly.take_from_check()) {
-            info!(peer = %self.peer, user = self.session.user().unwrap_or("-"),
-                from_header = address.as_deref().unwrap_or("-"),
-                rule = r.rule, reply = %r.reply, "rejected");
-            self.session.reject(&r.reply);
-            return false;
-        }
-        let carried = self.routes_carry(
-            assembly.header_utf8(),
-            assembly.eight_bit(),
-            assembly.size(),
-        );
-        if let Err(r) = carried {
-            self.refuse(r);
-            return false;
-        }
-        true
     }
 
     /// The message (`size` octets) is durable: log it, tell the session (`250`), hand it to
@@ -942,11 +852,10 @@ impl Connection {
         let id = &committed.id;
         if let Some(tx) = self.session.transaction() {
             info!(
-                queue_id = %id, peer = %self.peer, listener = %self.listener.name,
-                from = %tx.from, rcpts = tx.recipients.len(), size, "queued"
+                queue_id = %id, from = %tx.from, rcpts = tx.recipients.len(), size, "queued"
             );
         }
-        self.outcome.messages += 1;
+        self.end.messages += 1;
         self.session.queued(id.as_str());
         // After the 250 is queued for sending; a closed channel (shutdown) is fine: the
         // message is on disk and the next start delivers it.
@@ -963,13 +872,75 @@ impl Connection {
         };
         self.log_rejection(&reply, rule);
     }
+
+    /// The end-of-data stage over what the assembly found.
+    async fn end_of_data(&mut self, assembly: &mut Assembly) -> Result<(), Refusal> {
+        let Some(tx) = self.session.transaction() else {
+            return Err(Refusal::new(reply::LOCAL_ERROR, "spool_write"));
+        };
+        let from_check = assembly.take_from_check();
+        let capabilities = &self.shared.capabilities;
+        let route = |domain: &str| capabilities.for_domain(domain);
+        let input = Input::DataEnd(EndOfData {
+            header_too_large: assembly.header_too_large(),
+            received_count: assembly.received_count(),
+            write_failed: assembly.write_failed(),
+            from_check: from_check.as_ref(),
+            header_utf8: assembly.header_utf8(),
+            eight_bit: assembly.eight_bit(),
+            size: assembly.size(),
+            transaction: TransactionFacts {
+                from: &tx.from,
+                params: &tx.params,
+            },
+            recipients: &tx.recipients,
+            route: &route,
+        });
+        let facts = StageFacts {
+            session: SessionFacts {
+                client_ip: self.peer.ip(),
+                user: self.session.user(),
+            },
+            listener: &self.listener,
+            input,
+        };
+        (self.effects)
+            .decide(&self.runtime, &self.shared, &facts)
+            .await
+    }
+}
+
+/// What ended a wait in [`SessionDriver::read`].
+enum Wake {
+    Read(std::io::Result<usize>),
+    Deadline,
+    Shutdown,
+    /// Stress mode started (false: its sender is gone).
+    Stress(bool),
+}
+
+/// Before the greeting: true if the client sent anything within `wait`. What it sent is read
+/// and dropped: a client that talks first is refused anyway.
+async fn talks_first<S: Io>(stream: &mut ServerStream<S>, wait: Duration) -> bool {
+    match stream {
+        Stream::Plain(io) => matches!(
+            tokio::time::timeout(wait, read_plain(io, |_| {})).await,
+            Ok(Ok(n)) if n > 0
+        ),
+        // Implicit TLS: a client that completed the handshake speaks only after the banner.
+        Stream::Tls(_) => {
+            tokio::time::sleep(wait).await;
+            false
+        }
+        Stream::Closed => false,
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    fn future_size<A, B, C, F: std::future::Future>(_: fn(A, B, C) -> F) -> usize {
+    fn future_size<A, B, F: std::future::Future>(_: fn(A, B) -> F) -> usize {
         std::mem::size_of::<F>()
     }
 
@@ -979,11 +950,9 @@ mod tests {
     /// `run(self)` instead of `run(&mut self)` the future was 4.4 KB.
     #[test]
     fn an_idle_session_stays_small() {
-        let connection = std::mem::size_of::<Connection>();
-        let run = future_size(
-            |c: &mut Connection, tcp: TcpStream, refusal: Option<Refusal>| c.run(tcp, refusal),
-        );
-        assert!(connection <= 1024, "Connection is {connection} bytes");
+        let driver = std::mem::size_of::<SessionDriver>();
+        let run = future_size(|d: &mut SessionDriver, tcp: tokio::net::TcpStream| d.run(tcp));
+        assert!(driver <= 1024, "SessionDriver is {driver} bytes");
         assert!(run <= 1536, "the session future is {run} bytes");
     }
 }

@@ -1,20 +1,22 @@
-//! Accept loop of one listener: connection caps, connect-stage policy, one task per session.
+//! Accept loop of one listener: connection caps, then one task per session (whose driver runs
+//! the connect stage), instrumented with a `session` span that gives every log line of the
+//! session its listener and peer.
 //!
 //! When a cap is reached the client is told `421` and closed by a short task of its own; the
 //! accept loop itself never waits on a client.
 
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use arc_swap::ArcSwap;
 use tokio::io::AsyncWriteExt;
 use tokio::net::{TcpListener, TcpStream};
 use tokio_util::task::TaskTracker;
-use tracing::{info, warn};
+use tracing::{Instrument, info, info_span, warn};
 
 use super::Runtime;
-use super::connection::{Connection, Shared};
-use super::limits::{ConnectionCounter, Full};
+use super::connection::{SessionDriver, Shared};
+use super::pressure::{ConnectionCounter, Full};
 use crate::config::Listener;
 use crate::smtp::{Reply, reply};
 
@@ -64,28 +66,19 @@ impl ListenerTask {
                 limits.stress_connections,
             ) {
                 Ok(slot) => {
-                    let refusal = runtime.policy.connect(&listener, peer.ip()).err();
-                    // Clients the access lists refuse are answered (554) without counting
-                    // against the connection rate; the others are counted here.
-                    if refusal.is_none()
-                        && let Err(l) = runtime.policy.connection_rate(peer.ip(), Instant::now())
-                    {
-                        let reply = l.reply();
-                        warn!(peer = %peer, listener = %listener.name, rule = l.rule,
-                            limit = %l.limit_text(), reply = %reply, "rejected at connect");
-                        self.tracker.spawn(async move {
-                            let _slot = slot;
-                            refuse(tcp, reply).await;
-                        });
-                        continue;
-                    }
                     let shared = self.shared.clone();
-                    self.tracker.spawn(async move {
-                        let _slot = slot;
-                        Connection::new(runtime, listener, shared, peer)
-                            .run(tcp, refusal)
-                            .await;
-                    });
+                    // The peer last, so a line reads `…peer=192.0.2.1}: session end …`.
+                    let span = info_span!("session", listener = %listener.name,
+                        client_port = peer.port(), peer = %peer.ip());
+                    self.tracker.spawn(
+                        async move {
+                            let _slot = slot;
+                            SessionDriver::new(runtime, listener, shared, peer)
+                                .run(tcp)
+                                .await;
+                        }
+                        .instrument(span),
+                    );
                 }
                 Err(full) => {
                     let (reply, rule) = match full {

@@ -2,20 +2,28 @@
 //!
 //! [`start`] binds every listener and returns the [`Inbound`] handle `app` stops them with;
 //! [`listener`] accepts connections and enforces the connection caps (refusing with `421`
-//! rather than blocking); [`connection`] drives one [`crate::smtp::Session`] over a plain or
-//! TLS stream, carrying out its events against the policy; [`assembly`] turns one message
-//! into a committed spool file; [`tls`] builds the rustls configuration. Nothing here decides
-//! policy (it asks [`crate::policy`]) and nothing here knows delivery: a committed message
-//! leaves as a [`Committed`] on the channel `app` gives [`start`].
+//! rather than blocking), opening a `session` tracing span per connection; [`pressure`]
+//! counts connections and decides stress mode; [`connection`] drives one
+//! [`crate::smtp::Session`] over any byte stream (plain, then TLS), dispatching each event to
+//! its stage; [`effects`] carries out what the policy's stage evaluators ask for (rate
+//! budgets, the AUTH gate, password verification on the [`verifier`] pool, spool space,
+//! lookups); [`assembly`] turns one message into a committed spool file; [`tls`] builds the
+//! rustls configuration. Nothing here decides policy (it asks [`crate::policy`]) and nothing
+//! here knows delivery: a committed message leaves as a [`Committed`] on the channel `app`
+//! gives [`start`].
 
 #![warn(clippy::too_many_lines)]
 
 pub mod assembly;
 pub mod connection;
-pub mod limits;
+pub mod effects;
 pub mod listener;
+pub mod pressure;
 pub mod tls;
 pub mod verifier;
+
+#[cfg(test)]
+mod tests;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -35,8 +43,8 @@ use crate::policy::Policy;
 use crate::queue::{Committed, Spool};
 use crate::routes::RouteCapabilities;
 use connection::Shared;
-use limits::ConnectionCounter;
 use listener::ListenerTask;
+use pressure::ConnectionCounter;
 use verifier::{MAX_WAITING_VERIFICATIONS, Verifier, hash_slots};
 
 /// One configuration snapshot as the inbound side uses it. A session takes an `Arc` of this

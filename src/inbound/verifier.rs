@@ -23,7 +23,7 @@
 //! - The threads take known jobs first, but never more than [`KNOWN_BURST`] in a row while an
 //!   other job waits: a stream of successful logins cannot starve the other lane.
 //! - A job whose session stopped waiting for it (an AUTH gives up after
-//!   [`super::connection::AUTH_WAIT`] with `454 4.7.0`) is dropped unverified when a thread
+//!   [`super::effects::AUTH_WAIT`] with `454 4.7.0`) is dropped unverified when a thread
 //!   reaches it, so an abandoned queue costs no hashing.
 //! - Per client, the lockout tables allow one verification in flight at a time
 //!   ([`crate::policy::lockout::MAX_IN_FLIGHT_PER_CLIENT`]), so one address cannot fill the
@@ -34,7 +34,7 @@ use std::hash::{BuildHasher, RandomState};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 
-use tokio::sync::{Notify, oneshot};
+use tokio::sync::oneshot;
 
 use crate::policy::credentials::{CheckError, verify_with_memory};
 
@@ -142,8 +142,6 @@ pub struct Verifier {
     queue: Arc<Queue>,
     /// `slots + waiting`: the most jobs one lane may have pending.
     capacity: usize,
-    /// Told each time an AUTH result has been recorded (see [`Verifier::settled`]).
-    settled: Notify,
     /// Keys logins for [`KNOWN_PER_LOGIN`] (random per process, so logins chosen to collide
     /// cannot be precomputed).
     hasher: RandomState,
@@ -185,7 +183,6 @@ impl Verifier {
         Ok(Verifier {
             queue,
             capacity: slots + waiting,
-            settled: Notify::new(),
             hasher: RandomState::new(),
         })
     }
@@ -262,17 +259,6 @@ impl Verifier {
     #[cfg(test)]
     pub fn pending(&self) -> usize {
         self.queue.lock().pending.iter().sum()
-    }
-
-    /// Resolves at the next [`Verifier::notify_settled`]: an AUTH held back because its
-    /// client's budget was in flight waits on this before asking again.
-    pub fn settled(&self) -> tokio::sync::futures::Notified<'_> {
-        self.settled.notified()
-    }
-
-    /// An AUTH result has been recorded: wake the AUTHs waiting for one.
-    pub fn notify_settled(&self) {
-        self.settled.notify_waiters();
     }
 }
 

@@ -15,13 +15,13 @@
 //!
 //! - **A budget in use is never forgotten.** Only a key whose budget is fully restored (its
 //!   state says nothing a fresh key would not) is ever dropped: every [`PRUNE_INTERVAL`], and
-//!   from a full level when a new key needs room (at most once per [`FULL_SWEEP_INTERVAL`], a
+//!   from a full level when a new key needs room (at most once per [`SWEEP_INTERVAL`](prefix::SWEEP_INTERVAL), a
 //!   sweep being a scan of the level). No table is ever emptied, so a client that is being
 //!   limited stays limited until its budget refills with time, however many others arrive.
 //! - **New clients of a full table are counted under a coarser prefix.** When the table holds
 //!   [`MAX_KEYS`] exact clients whose budgets are in use, a new client is counted under its
 //!   IPv4 /24, then /16, then /8, then one key for all of IPv4 (IPv6: /48, /32, /16, then all
-//!   of IPv6), the same prefixes as the AUTH lockout table ([`PREFIXES_V4`], [`PREFIXES_V6`]),
+//!   of IPv6), the same prefixes as the AUTH lockout table ([`PREFIXES_V4`](prefix::PREFIXES_V4), [`PREFIXES_V6`](prefix::PREFIXES_V6)),
 //!   with at most [`MAX_COARSE_KEYS`] keys per level (IPv4 and IPv6 together; the last level
 //!   holds at most two keys). Every client in such a prefix shares its budget: under a flood,
 //!   bystanders in an attacker's prefix are limited with it, and a flood that exhausts the
@@ -47,7 +47,6 @@
 //! budgets are restored. A login table holds at most `MAX_USERS + 1` logins: 3.1 MiB for
 //! logins of 25 octets, 14.3 MiB for logins of `MAX_LOGIN_KEY` octets.
 
-use std::collections::HashMap;
 use std::fmt;
 use std::hash::Hash;
 use std::net::{IpAddr, Ipv6Addr};
@@ -65,7 +64,9 @@ use ipnet::IpNet;
 use tracing::{info, warn};
 
 use super::access::normalize;
-use super::lockout::{PREFIXES_V4, PREFIXES_V6, login_key};
+use super::lockout::login_key;
+use super::prefix::{self, LEVELS};
+use super::store::RateKey;
 use crate::config::units::format_rate;
 use crate::config::{Rate, RateLimits};
 use crate::smtp::{Reply, reply};
@@ -83,12 +84,6 @@ pub const MAX_COARSE_KEYS: usize = 20_000;
 
 /// Logins one `messages_per_user` table holds at most; beyond, new logins share one budget.
 pub const MAX_USERS: usize = 50_000;
-
-/// A full level is swept of restored budgets at most this often (a sweep is a scan of the
-/// level; a flood must not make every check pay for one).
-pub const FULL_SWEEP_INTERVAL: Duration = Duration::from_secs(1);
-
-const _: () = assert!(PREFIXES_V4.len() == PREFIXES_V6.len());
 
 /// The key of a client for per-IP limits and AUTH failure counting.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -139,23 +134,17 @@ pub trait TableKey: Hash + Eq + Clone {
     fn coarse(&self, level: usize) -> Self::Coarse;
 }
 
-/// Clients: IPv4 /24, /16, /8, all; IPv6 /48, /32, /16, all ([`PREFIXES_V4`], [`PREFIXES_V6`]).
+/// Clients: IPv4 /24, /16, /8, all; IPv6 /48, /32, /16, all ([`PREFIXES_V4`](prefix::PREFIXES_V4), [`PREFIXES_V6`](prefix::PREFIXES_V6)).
 impl TableKey for ClientKey {
     type Coarse = IpNet;
-    const COARSE_LEVELS: usize = PREFIXES_V4.len() - 1;
+    const COARSE_LEVELS: usize = LEVELS - 1;
     const BOUNDS: Bounds = Bounds {
         exact: MAX_KEYS,
         coarse: MAX_COARSE_KEYS,
     };
 
     fn coarse(&self, level: usize) -> IpNet {
-        let len = match self.0 {
-            IpAddr::V4(_) => PREFIXES_V4[level],
-            IpAddr::V6(_) => PREFIXES_V6[level],
-        };
-        IpNet::new(self.0, len)
-            .expect("prefix lengths are valid for their family")
-            .trunc()
+        prefix::prefix(self.0, level)
     }
 }
 
@@ -201,6 +190,31 @@ const MESSAGES_PER_IP: &str = "rate_limits.messages_per_ip";
 const MESSAGES_PER_USER: &str = "rate_limits.messages_per_user";
 const RECIPIENTS_PER_IP: &str = "rate_limits.recipients_per_ip";
 
+/// One of the `[rate_limits]` budgets.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum RateLimit {
+    /// `connections_per_ip`, at connect: `421 4.7.0`.
+    ConnectionsPerIp,
+    /// `messages_per_ip`, at MAIL: `451 4.7.1`.
+    MessagesPerIp,
+    /// `messages_per_user`, at MAIL of an authenticated session: `451 4.7.1`.
+    MessagesPerUser,
+    /// `recipients_per_ip`, at RCPT: `451 4.7.1`.
+    RecipientsPerIp,
+}
+
+impl RateLimit {
+    /// The policy key, also the `rule=` of a refusal.
+    pub fn rule(self) -> &'static str {
+        match self {
+            RateLimit::ConnectionsPerIp => CONNECTIONS_PER_IP,
+            RateLimit::MessagesPerIp => MESSAGES_PER_IP,
+            RateLimit::MessagesPerUser => MESSAGES_PER_USER,
+            RateLimit::RecipientsPerIp => RECIPIENTS_PER_IP,
+        }
+    }
+}
+
 /// A governor clock that shows the time the caller last passed in (never going backwards), so
 /// decisions take the time as an input and tests need no sleeping.
 #[derive(Debug, Clone)]
@@ -240,26 +254,13 @@ impl Clock for InputClock {
 }
 
 /// One level of a table: GCRA theoretical arrival times (nanoseconds on the table's clock) by
-/// key, and when the level was last swept because it was full.
-#[derive(Debug)]
-struct Level<Q> {
-    map: HashMap<Q, u64>,
-    swept: Option<u64>,
-}
+/// key.
+type Level<Q> = prefix::Level<Q, u64, u64>;
 
-impl<Q: Hash + Eq> Level<Q> {
-    fn new() -> Level<Q> {
-        Level {
-            map: HashMap::new(),
-            swept: None,
-        }
-    }
-
-    /// Drop the keys whose budget is fully restored at `now`: a theoretical arrival time not
-    /// after `now` lets a full burst through, exactly as a key never seen.
-    fn drop_restored(&mut self, now: u64) {
-        self.map.retain(|_, &mut tat| tat > now);
-    }
+/// A theoretical arrival time not after `now` lets a full burst through, exactly as a key
+/// never seen: such a key may be dropped.
+fn in_use(tat: u64, now: u64) -> bool {
+    tat > now
 }
 
 #[derive(Debug)]
@@ -274,21 +275,14 @@ struct Tables<K: TableKey> {
 impl<K: TableKey> Tables<K> {
     fn new() -> Tables<K> {
         Tables {
-            exact: Level::new(),
-            coarse: (0..K::COARSE_LEVELS).map(|_| Level::new()).collect(),
+            exact: Level::default(),
+            coarse: (0..K::COARSE_LEVELS).map(|_| Level::default()).collect(),
             coarsening: false,
         }
     }
 
     fn len(&self) -> usize {
         self.exact.map.len() + self.coarse.iter().map(|l| l.map.len()).sum::<usize>()
-    }
-
-    fn level_len(&self, level: usize) -> usize {
-        match level {
-            0 => self.exact.map.len(),
-            l => self.coarse[l - 1].map.len(),
-        }
     }
 
     fn get(&self, level: usize, key: &K) -> Option<u64> {
@@ -305,59 +299,57 @@ impl<K: TableKey> Tables<K> {
         };
     }
 
-    /// The level that counts `key`: the finest that already holds a key for it; else the
-    /// finest with room, after sweeping a full level of restored budgets (at most once per
-    /// [`FULL_SWEEP_INTERVAL`]). The last level has no bound, so there is always one.
-    ///
-    /// A key is created only for a client that no key covers yet. So a client's finest key
-    /// can change only when that key is dropped (its budget restored): a finer key created
-    /// later for someone else would cover them both, and the coarser key covers that someone.
+    /// The level that counts `key` ([`prefix::home`]; the last level has no bound).
     fn home(&mut self, key: &K, now: u64, bounds: Bounds) -> usize {
-        if let Some(level) = (0..=K::COARSE_LEVELS).find(|&l| self.get(l, key).is_some()) {
-            return level;
-        }
-        for level in 0..K::COARSE_LEVELS {
-            let max = if level == 0 {
-                bounds.exact
-            } else {
-                bounds.coarse
-            };
-            if self.level_len(level) >= max {
-                let swept = match level {
-                    0 => &mut self.exact.swept,
-                    l => &mut self.coarse[l - 1].swept,
-                };
-                if swept.is_none_or(|at| {
-                    Duration::from_nanos(now.saturating_sub(at)) >= FULL_SWEEP_INTERVAL
-                }) {
-                    *swept = Some(now);
-                    match level {
-                        0 => self.exact.drop_restored(now),
-                        l => self.coarse[l - 1].drop_restored(now),
-                    }
-                }
-            }
-            if self.level_len(level) < max {
-                return level;
-            }
-        }
-        K::COARSE_LEVELS
+        prefix::home(&mut KeyLevels {
+            tables: self,
+            key,
+            bounds,
+            now,
+        })
     }
 
     /// Drop every restored budget; release memory a flood left behind.
     fn prune(&mut self, now: u64) {
-        self.exact.drop_restored(now);
+        self.exact.map.retain(|_, &mut tat| in_use(tat, now));
         self.exact.map.shrink_to_fit();
         for level in &mut self.coarse {
-            level.drop_restored(now);
+            level.map.retain(|_, &mut tat| in_use(tat, now));
             level.map.shrink_to_fit();
         }
     }
 }
 
-/// The state behind one [`KeyedLimit`]: it maps each key to the level that counts it, under
+/// A table's levels for one key, as [`prefix::home`] sees them.
+struct KeyLevels<'t, K: TableKey> {
+    tables: &'t mut Tables<K>,
+    key: &'t K,
+    bounds: Bounds,
+    now: u64,
+}
+
+impl<K: TableKey> prefix::Levels for KeyLevels<'_, K> {
+    fn levels(&self) -> usize {
+        K::COARSE_LEVELS + 1
+    }
+
+    fn holds(&self, level: usize) -> bool {
+        self.tables.get(level, self.key).is_some()
+    }
+
+    fn make_room(&mut self, level: usize) -> bool {
+        let now = self.now;
+        let keep = |&tat: &u64| in_use(tat, now);
+        match level {
+            0 => self.tables.exact.make_room(self.bounds.exact, now, keep),
+            l => self.tables.coarse[l - 1].make_room(self.bounds.coarse, now, keep),
+        }
+    }
+}
+
+/// The budgets behind one [`KeyedLimit`]: it maps each key to the level that counts it, under
 /// one lock, so the bounds hold exactly however many checks run at once.
-struct Store<K: TableKey> {
+struct Budgets<K: TableKey> {
     bounds: Bounds,
     clock: InputClock,
     /// The policy key, for the log.
@@ -366,7 +358,7 @@ struct Store<K: TableKey> {
     tables: Mutex<Tables<K>>,
 }
 
-impl<K: TableKey> Store<K> {
+impl<K: TableKey> Budgets<K> {
     fn lock(&self) -> MutexGuard<'_, Tables<K>> {
         self.tables.lock().unwrap_or_else(|e| e.into_inner())
     }
@@ -423,11 +415,11 @@ impl<K: TableKey> Store<K> {
     }
 }
 
-/// The [`StateStore`] a governor limiter reads and writes: a handle on the [`Store`] that
+/// The [`StateStore`] a governor limiter reads and writes: a handle on the [`Budgets`] that
 /// [`KeyedLimit`] also holds, for pruning.
-struct SharedStore<K: TableKey>(Arc<Store<K>>);
+struct SharedBudgets<K: TableKey>(Arc<Budgets<K>>);
 
-impl<K: TableKey> StateStore for SharedStore<K> {
+impl<K: TableKey> StateStore for SharedBudgets<K> {
     type Key = K;
 
     fn measure_and_replace<T, F, E>(&self, key: &K, f: F) -> Result<T, E>
@@ -438,13 +430,13 @@ impl<K: TableKey> StateStore for SharedStore<K> {
     }
 }
 
-type Limiter<K> = RateLimiter<K, SharedStore<K>, InputClock, NoOpMiddleware<Duration>>;
+type Limiter<K> = RateLimiter<K, SharedBudgets<K>, InputClock, NoOpMiddleware<Duration>>;
 
 /// One keyed limit: a rate and the budgets of every key seen recently (bounded as the module
 /// docs say).
 pub struct KeyedLimit<K: TableKey> {
     rate: Rate,
-    store: Arc<Store<K>>,
+    store: Arc<Budgets<K>>,
     limiter: Limiter<K>,
     /// Clock reading (nanoseconds) of the last pruning.
     last_prune: AtomicU64,
@@ -476,14 +468,14 @@ impl<K: TableKey> KeyedLimit<K> {
         // The limiter takes its start from the clock, at 0 here: the theoretical arrival
         // times it stores are then readings of the same clock, which pruning compares them to.
         let clock = InputClock::new(origin);
-        let store = Arc::new(Store {
+        let store = Arc::new(Budgets {
             bounds,
             clock: clock.clone(),
             rule,
             rate,
             tables: Mutex::new(Tables::new()),
         });
-        let limiter = RateLimiter::new(quota, SharedStore(Arc::clone(&store)), clock);
+        let limiter = RateLimiter::new(quota, SharedBudgets(Arc::clone(&store)), clock);
         KeyedLimit {
             rate,
             store,
@@ -601,43 +593,34 @@ impl Limiters {
         }
     }
 
-    /// A new connection from `ip`.
-    pub fn connection(&self, ip: IpAddr, now: Instant) -> Result<(), Limited> {
-        take(
-            &self.connections_per_ip,
-            CONNECTIONS_PER_IP,
-            &ClientKey::new(ip),
-            now,
-        )
-    }
-
-    /// A new message (MAIL) from `ip`, by `user` when authenticated. The user's budget is
-    /// checked first: a compromised account is stopped wherever it connects from.
-    pub fn message(&self, ip: IpAddr, user: Option<&str>, now: Instant) -> Result<(), Limited> {
-        if let Some(user) = user {
-            take(
-                &self.messages_per_user,
-                MESSAGES_PER_USER,
-                &login_key(user).to_string(),
-                now,
-            )?;
+    /// Take one event from the `limit` budget of `key` at `now` (see
+    /// [`super::store::Store::take`]). A login's budget is keyed by
+    /// [`login_key`]; a key of the wrong kind for `limit` is not counted.
+    ///
+    /// # Errors
+    /// [`Limited`] when the budget is spent.
+    pub fn take(&self, limit: RateLimit, key: &RateKey, now: Instant) -> Result<(), Limited> {
+        let rule = limit.rule();
+        let clients = match limit {
+            RateLimit::ConnectionsPerIp => &self.connections_per_ip,
+            RateLimit::MessagesPerIp => &self.messages_per_ip,
+            RateLimit::RecipientsPerIp => &self.recipients_per_ip,
+            RateLimit::MessagesPerUser => {
+                return match key {
+                    RateKey::Login(user) => take(
+                        &self.messages_per_user,
+                        rule,
+                        &login_key(user).to_string(),
+                        now,
+                    ),
+                    RateKey::Client(_) => Ok(()),
+                };
+            }
+        };
+        match key {
+            RateKey::Client(ip) => take(clients, rule, &ClientKey::new(*ip), now),
+            RateKey::Login(_) => Ok(()),
         }
-        take(
-            &self.messages_per_ip,
-            MESSAGES_PER_IP,
-            &ClientKey::new(ip),
-            now,
-        )
-    }
-
-    /// One more recipient (RCPT) from `ip`.
-    pub fn recipient(&self, ip: IpAddr, now: Instant) -> Result<(), Limited> {
-        take(
-            &self.recipients_per_ip,
-            RECIPIENTS_PER_IP,
-            &ClientKey::new(ip),
-            now,
-        )
     }
 }
 
@@ -648,6 +631,25 @@ mod tests {
     use super::super::lockout::MAX_LOGIN_KEY;
 
     use super::*;
+
+    /// The checks of each stage, as the MAIL stage orders them (user before client).
+    impl Limiters {
+        fn connection(&self, ip: IpAddr, now: Instant) -> Result<(), Limited> {
+            self.take(RateLimit::ConnectionsPerIp, &RateKey::Client(ip), now)
+        }
+
+        fn message(&self, ip: IpAddr, user: Option<&str>, now: Instant) -> Result<(), Limited> {
+            if let Some(user) = user {
+                let login = RateKey::Login(user.to_string());
+                self.take(RateLimit::MessagesPerUser, &login, now)?;
+            }
+            self.take(RateLimit::MessagesPerIp, &RateKey::Client(ip), now)
+        }
+
+        fn recipient(&self, ip: IpAddr, now: Instant) -> Result<(), Limited> {
+            self.take(RateLimit::RecipientsPerIp, &RateKey::Client(ip), now)
+        }
+    }
 
     fn rate(count: u32, secs: u64) -> Rate {
         Rate {
@@ -672,7 +674,9 @@ mod tests {
     /// Keys held at each level, exact first.
     fn levels<K: TableKey>(l: &KeyedLimit<K>) -> Vec<usize> {
         let t = l.store.lock();
-        (0..=K::COARSE_LEVELS).map(|i| t.level_len(i)).collect()
+        std::iter::once(t.exact.map.len())
+            .chain(t.coarse.iter().map(|l| l.map.len()))
+            .collect()
     }
 
     /// Spend `key`'s whole budget at `now`: every check passes until one is refused.
@@ -799,7 +803,7 @@ mod tests {
         assert!(!l.check(&client("198.51.100.2"), t0));
         assert_eq!(levels(&l), [4, 1, 0, 0, 0]);
         // A second later every budget is restored: a sweep of the full level makes room.
-        let t1 = t0 + FULL_SWEEP_INTERVAL;
+        let t1 = t0 + prefix::SWEEP_INTERVAL;
         assert!(l.check(&client("203.0.113.5"), t1));
         assert_eq!(levels(&l), [1, 1, 0, 0, 0]);
         // The /24 key is restored too but not yet pruned: its clients keep using it until it

@@ -24,15 +24,15 @@
 //!   before the password is verified, and the reservation counts as a failure until
 //!   [`Attempt::settle`] records the result: `failures + in flight` never exceeds
 //!   `max_failures`. A client has at most [`MAX_IN_FLIGHT_PER_CLIENT`] verification in flight;
-//!   a further AUTH from it gets [`Gate::Busy`] and waits for that result (the driver bounds the
+//!   a further AUTH from it gets [`GateDecision::Busy`] and waits for that result (the driver bounds the
 //!   wait), so the colleagues of an office behind one NAT address are verified one after
 //!   another rather than refused, and a correct password waits for at most the verifications
 //!   ahead of it. An attempt dropped without a result stays counted as a failure.
 //! - **Evict a lockout by flooding.** Entries that are locked, in flight, or hold failures
 //!   inside their window are never removed. When the exact table is full (after dropping
-//!   settled entries, at most once per [`SWEEP_INTERVAL`]), a new client is counted under its
+//!   settled entries, at most once per [`SWEEP_INTERVAL`](super::prefix::SWEEP_INTERVAL)), a new client is counted under its
 //!   coarser prefix instead: IPv4 /24, /16, /8, then one entry for all of IPv4; IPv6 /48, /32,
-//!   /16, then one for all of IPv6 ([`PREFIXES_V4`], [`PREFIXES_V6`]). A lockout of a prefix
+//!   /16, then one for all of IPv6 ([`PREFIXES_V4`](super::prefix::PREFIXES_V4), [`PREFIXES_V6`](super::prefix::PREFIXES_V6)). A lockout of a prefix
 //!   applies to every address in it, so a flood locks out its own prefixes (and whoever shares
 //!   them) and never lifts anyone's lockout. The table holds at most [`MAX_TRACKED_CLIENTS`]
 //!   exact entries plus [`MAX_COARSE_CLIENTS`] per coarser level plus the two catch-all
@@ -55,8 +55,8 @@ use std::time::{Duration, Instant};
 
 use ipnet::IpNet;
 
-use super::access::normalize;
 use super::limits::ClientKey;
+use super::prefix::{LEVELS, Level, Levels, home, prefixes};
 use crate::config::Auth;
 
 /// First delay for a sprayed login.
@@ -73,12 +73,6 @@ pub const MAX_TRACKED_CLIENTS: usize = 50_000;
 /// beyond, the next coarser level is used, down to one entry per address family.
 pub const MAX_COARSE_CLIENTS: usize = 5_000;
 
-/// Prefix lengths, finest first, under which an IPv4 client's failures are counted.
-pub const PREFIXES_V4: [u8; 5] = [32, 24, 16, 8, 0];
-
-/// Prefix lengths, finest first, under which an IPv6 client's failures are counted.
-pub const PREFIXES_V6: [u8; 5] = [64, 48, 32, 16, 0];
-
 /// Logins tracked at most; beyond, new logins share one overflow entry.
 pub const MAX_TRACKED_LOGINS: usize = 10_000;
 
@@ -92,7 +86,7 @@ pub const MAX_CLIENTS_PER_LOGIN: usize = 16;
 /// own); failures of further logins are counted for no login.
 pub const MAX_LOGINS_PER_CLIENT: usize = 8;
 
-/// Verifications in flight per client entry at most; further AUTHs wait ([`Gate::Busy`]).
+/// Verifications in flight per client entry at most; further AUTHs wait ([`GateDecision::Busy`]).
 pub const MAX_IN_FLIGHT_PER_CLIENT: u32 = 1;
 
 /// How long a successful AUTH of a login from a client makes that pair "known": its later
@@ -103,14 +97,10 @@ pub const KNOWN_PAIR_TTL: Duration = Duration::from_secs(7 * 24 * 3600);
 /// only costs them their priority).
 pub const MAX_KNOWN_PAIRS: usize = 10_000;
 
-/// A full table is swept for settled entries at most this often (a sweep is a scan of the
-/// table; a flood must not make every AUTH pay for one).
-pub const SWEEP_INTERVAL: Duration = Duration::from_secs(1);
-
-/// How many entries each table may hold. [`Bounds::DEFAULT`] is what the relay uses; tests
+/// How many entries each table may hold. [`GuardBounds::DEFAULT`] is what the relay uses; tests
 /// use small tables.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Bounds {
+pub struct GuardBounds {
     /// Exact client entries ([`MAX_TRACKED_CLIENTS`]).
     pub clients: usize,
     /// Entries per coarser prefix level ([`MAX_COARSE_CLIENTS`]).
@@ -119,8 +109,8 @@ pub struct Bounds {
     pub logins: usize,
 }
 
-impl Bounds {
-    pub const DEFAULT: Bounds = Bounds {
+impl GuardBounds {
+    pub const DEFAULT: GuardBounds = GuardBounds {
         clients: MAX_TRACKED_CLIENTS,
         coarse: MAX_COARSE_CLIENTS,
         logins: MAX_TRACKED_LOGINS,
@@ -129,7 +119,7 @@ impl Bounds {
     fn level(&self, level: usize) -> usize {
         match level {
             0 => self.clients,
-            l if l == PREFIXES_V4.len() - 1 => usize::MAX,
+            l if l == LEVELS - 1 => usize::MAX,
             _ => self.coarse,
         }
     }
@@ -156,7 +146,7 @@ impl Settings {
 
 /// What to do with an AUTH before verifying its password.
 #[derive(Debug)]
-pub enum Gate {
+pub enum GateDecision {
     /// The client (or a prefix it is counted under) is locked out: answer `454 4.7.0`,
     /// verify nothing.
     LockedOut { remaining: Duration },
@@ -255,19 +245,11 @@ impl LoginRecord {
     }
 }
 
-/// One level of the client table and when it was last swept.
-#[derive(Debug)]
-struct Level {
-    map: HashMap<IpNet, ClientRecord>,
-    swept: Option<Instant>,
-}
-
 #[derive(Debug)]
 struct Tables {
-    /// Indexed like [`PREFIXES_V4`] / [`PREFIXES_V6`]: exact clients first.
-    clients: Vec<Level>,
-    logins: HashMap<String, LoginRecord>,
-    logins_swept: Option<Instant>,
+    /// Indexed like [`PREFIXES_V4`](super::prefix::PREFIXES_V4) / [`PREFIXES_V6`](super::prefix::PREFIXES_V6): exact clients first.
+    clients: Vec<Level<IpNet, ClientRecord, Instant>>,
+    logins: Level<String, LoginRecord, Instant>,
     /// The failures of logins that found the login table full.
     overflow: LoginRecord,
     /// (exact client, login hash) pairs with a successful AUTH, and when.
@@ -279,11 +261,14 @@ struct Tables {
 #[derive(Debug)]
 pub struct AuthGuard {
     settings: Settings,
-    bounds: Bounds,
+    bounds: GuardBounds,
     /// Keys the hashes of logins kept per client (random per process, so nobody can choose
     /// logins that collide).
     hasher: RandomState,
     tables: Mutex<Tables>,
+    /// Told whenever a reservation ends (settled, released or dropped): an AUTH held back by
+    /// [`GateDecision::Busy`] waits on it ([`AuthGuard::settled`]) before asking again.
+    settled: tokio::sync::Notify,
 }
 
 /// An AUTH allowed to verify: it holds a reservation in its client's entry that counts as a
@@ -360,46 +345,57 @@ pub fn login_key(login: &str) -> &str {
     &login[..end]
 }
 
-/// The prefixes `ip` is counted under, finest first (see [`PREFIXES_V4`], [`PREFIXES_V6`]).
-fn prefixes(ip: IpAddr) -> [IpNet; 5] {
-    let ip = normalize(ip);
-    let lens = if ip.is_ipv4() {
-        PREFIXES_V4
-    } else {
-        PREFIXES_V6
-    };
-    lens.map(|len| {
-        IpNet::new(ip, len)
-            .expect("prefix lengths are valid for their family")
-            .trunc()
-    })
+/// The client table's levels for one client, as [`home`] sees them.
+struct ClientLevels<'t> {
+    levels: &'t mut [Level<IpNet, ClientRecord, Instant>],
+    nets: &'t [IpNet; LEVELS],
+    bounds: GuardBounds,
+    now: Instant,
+    window: Duration,
+}
+
+impl Levels for ClientLevels<'_> {
+    fn levels(&self) -> usize {
+        LEVELS
+    }
+
+    fn holds(&self, level: usize) -> bool {
+        self.levels[level].map.contains_key(&self.nets[level])
+    }
+
+    fn make_room(&mut self, level: usize) -> bool {
+        let (now, window) = (self.now, self.window);
+        self.levels[level].make_room(self.bounds.level(level), now, |r| !r.settled(now, window))
+    }
 }
 
 impl AuthGuard {
-    /// Tables of the default size ([`Bounds::DEFAULT`]).
+    /// Tables of the default size ([`GuardBounds::DEFAULT`]).
     pub fn new(settings: Settings) -> AuthGuard {
-        AuthGuard::with_bounds(settings, Bounds::DEFAULT)
+        AuthGuard::with_bounds(settings, GuardBounds::DEFAULT)
     }
 
-    pub fn with_bounds(settings: Settings, bounds: Bounds) -> AuthGuard {
+    pub fn with_bounds(settings: Settings, bounds: GuardBounds) -> AuthGuard {
         AuthGuard {
             settings,
             bounds,
             hasher: RandomState::new(),
             tables: Mutex::new(Tables {
-                clients: PREFIXES_V4
-                    .iter()
-                    .map(|_| Level {
-                        map: HashMap::new(),
-                        swept: None,
-                    })
-                    .collect(),
-                logins: HashMap::new(),
-                logins_swept: None,
+                clients: (0..LEVELS).map(|_| Level::default()).collect(),
+                logins: Level::default(),
                 overflow: LoginRecord::new(Instant::now()),
                 known: HashMap::new(),
             }),
+            settled: tokio::sync::Notify::new(),
         }
+    }
+
+    /// Resolves once any attempt has ended (settled, released, or dropped without a
+    /// result). Create it before asking [`AuthGuard::begin`] (and `enable` it), so an end in
+    /// between is not missed. Every way an attempt ends tells it, so a waiter needs no
+    /// polling.
+    pub fn settled(&self) -> tokio::sync::futures::Notified<'_> {
+        self.settled.notified()
     }
 
     pub fn settings(&self) -> Settings {
@@ -417,7 +413,7 @@ impl AuthGuard {
     /// Before verifying an AUTH for `login` from `ip` at `now`: refuse a locked-out client,
     /// hold back a client whose budget is taken by verifications in flight, or reserve one
     /// failure and let it verify.
-    pub fn begin(self: &Arc<Self>, ip: IpAddr, login: &str, now: Instant) -> Gate {
+    pub fn begin(self: &Arc<Self>, ip: IpAddr, login: &str, now: Instant) -> GateDecision {
         let s = self.settings;
         let nets = prefixes(ip);
         let mut t = self.lock();
@@ -429,7 +425,7 @@ impl AuthGuard {
             .filter_map(|(net, level)| level.map.get(net).and_then(|r| r.locked(now)))
             .max()
         {
-            return Gate::LockedOut { remaining };
+            return GateDecision::LockedOut { remaining };
         }
         let level = self.home(t, &nets, now);
         let record = t.clients[level]
@@ -440,14 +436,14 @@ impl AuthGuard {
         if record.in_flight >= MAX_IN_FLIGHT_PER_CLIENT
             || record.window.failures + record.in_flight >= s.max_failures
         {
-            return Gate::Busy;
+            return GateDecision::Busy;
         }
         record.in_flight += 1;
         let name = login_key(login);
-        let failures = match t.logins.get(name) {
+        let failures = match t.logins.map.get(name) {
             Some(r) if !r.window.expired(now, s.failure_window) => r.window.failures,
             Some(_) => 0,
-            None if t.logins.len() >= self.bounds.logins
+            None if t.logins.map.len() >= self.bounds.logins
                 && !t.overflow.window.expired(now, s.failure_window) =>
             {
                 t.overflow.window.failures
@@ -458,7 +454,7 @@ impl AuthGuard {
             .known
             .get(&(ClientKey::new(ip), self.login_hash(login)))
             .is_some_and(|&at| now.saturating_duration_since(at) < KNOWN_PAIR_TTL);
-        Gate::Proceed(Attempt {
+        GateDecision::Proceed(Attempt {
             delay: spray_delay(failures, s.max_failures),
             known,
             reservation: Some(Reservation {
@@ -472,30 +468,15 @@ impl AuthGuard {
         })
     }
 
-    /// The level that counts a client: the finest that already has an entry for it, else the
-    /// finest with room (sweeping a full level of settled entries first, at most once per
-    /// [`SWEEP_INTERVAL`]). The last level has no bound, so there is always one.
-    fn home(&self, t: &mut Tables, nets: &[IpNet; 5], now: Instant) -> usize {
-        if let Some(level) = (0..nets.len()).find(|&l| t.clients[l].map.contains_key(&nets[l])) {
-            return level;
-        }
-        let window = self.settings.failure_window;
-        for l in 0..nets.len() {
-            let max = self.bounds.level(l);
-            let level = &mut t.clients[l];
-            if level.map.len() >= max
-                && level
-                    .swept
-                    .is_none_or(|at| now.saturating_duration_since(at) >= SWEEP_INTERVAL)
-            {
-                level.map.retain(|_, r| !r.settled(now, window));
-                level.swept = Some(now);
-            }
-            if level.map.len() < max {
-                return l;
-            }
-        }
-        nets.len() - 1
+    /// The level that counts a client ([`home`]).
+    fn home(&self, t: &mut Tables, nets: &[IpNet; LEVELS], now: Instant) -> usize {
+        home(&mut ClientLevels {
+            levels: &mut t.clients,
+            nets,
+            bounds: self.bounds,
+            now,
+            window: self.settings.failure_window,
+        })
     }
 
     fn release(&self, r: &Reservation) {
@@ -503,9 +484,18 @@ impl AuthGuard {
         if let Some(client) = t.clients[r.level].map.get_mut(&r.net) {
             client.in_flight = client.in_flight.saturating_sub(1);
         }
+        drop(t);
+        self.settled.notify_waiters();
     }
 
+    /// Record a result (see [`Attempt::settle`]) and wake the AUTHs waiting for one.
     fn settle(&self, r: &Reservation, success: bool, now: Instant) -> FailureReport {
+        let report = self.record(r, success, now);
+        self.settled.notify_waiters();
+        report
+    }
+
+    fn record(&self, r: &Reservation, success: bool, now: Instant) -> FailureReport {
         let s = self.settings;
         let login_hash = self.login_hash(&r.login);
         let mut report = FailureReport::default();
@@ -564,18 +554,15 @@ impl AuthGuard {
     /// of logins with failures in their window.
     fn login_record<'t>(&self, t: &'t mut Tables, name: &str, now: Instant) -> &'t mut LoginRecord {
         let window = self.settings.failure_window;
-        if !t.logins.contains_key(name) && t.logins.len() >= self.bounds.logins {
-            if t.logins_swept
-                .is_none_or(|at| now.saturating_duration_since(at) >= SWEEP_INTERVAL)
-            {
-                t.logins.retain(|_, l| !l.window.expired(now, window));
-                t.logins_swept = Some(now);
-            }
-            if t.logins.len() >= self.bounds.logins {
-                return &mut t.overflow;
-            }
+        if !t.logins.map.contains_key(name)
+            && !t
+                .logins
+                .make_room(self.bounds.logins, now, |l| !l.window.expired(now, window))
+        {
+            return &mut t.overflow;
         }
         t.logins
+            .map
             .entry(name.to_string())
             .or_insert_with(|| LoginRecord::new(now))
     }
@@ -583,7 +570,10 @@ impl AuthGuard {
     /// Entries held (clients at every level, logins without the overflow entry).
     pub fn len(&self) -> (usize, usize) {
         let t = self.lock();
-        (t.clients.iter().map(|l| l.map.len()).sum(), t.logins.len())
+        (
+            t.clients.iter().map(|l| l.map.len()).sum(),
+            t.logins.map.len(),
+        )
     }
 }
 
@@ -620,6 +610,8 @@ pub fn spray_delay(failures: u32, max_failures: u32) -> Duration {
 
 #[cfg(test)]
 mod tests {
+    use std::future::Future;
+
     use super::*;
 
     fn settings(max_failures: u32) -> Settings {
@@ -640,7 +632,7 @@ mod tests {
 
     fn proceed(g: &Arc<AuthGuard>, a: IpAddr, login: &str, now: Instant) -> Attempt {
         match g.begin(a, login, now) {
-            Gate::Proceed(attempt) => attempt,
+            GateDecision::Proceed(attempt) => attempt,
             other => panic!("{a} {login}: expected to proceed, got {other:?}"),
         }
     }
@@ -651,7 +643,7 @@ mod tests {
     }
 
     fn locked(g: &Arc<AuthGuard>, a: IpAddr, now: Instant) -> bool {
-        matches!(g.begin(a, "anyone", now), Gate::LockedOut { .. })
+        matches!(g.begin(a, "anyone", now), GateDecision::LockedOut { .. })
     }
 
     fn delay(g: &Arc<AuthGuard>, a: IpAddr, login: &str, now: Instant) -> Duration {
@@ -659,6 +651,32 @@ mod tests {
         let d = attempt.delay;
         attempt.settle(true, now);
         d
+    }
+
+    #[test]
+    fn every_way_an_attempt_ends_wakes_the_auths_waiting_for_one() {
+        // A second AUTH from a client with a verification in flight waits for it to end; it
+        // is woken whether that attempt is settled, released or dropped (no polling).
+        let g = guard();
+        let (a, t0) = (ip("192.0.2.1"), Instant::now());
+        let ends: [fn(Attempt, Instant); 3] = [
+            |attempt, now| {
+                attempt.settle(false, now);
+            },
+            |attempt, _| attempt.release(),
+            |attempt, _| drop(attempt),
+        ];
+        let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+        for end in ends {
+            let attempt = proceed(&g, a, "alice", t0);
+            let waiter = g.settled();
+            tokio::pin!(waiter);
+            waiter.as_mut().enable();
+            assert!(matches!(g.begin(a, "alice", t0), GateDecision::Busy));
+            assert!(waiter.as_mut().poll(&mut cx).is_pending());
+            end(attempt, t0);
+            assert!(waiter.as_mut().poll(&mut cx).is_ready());
+        }
     }
 
     #[test]
@@ -674,7 +692,7 @@ mod tests {
         let t1 = t0 + Duration::from_secs(60);
         assert!(matches!(
             g.begin(a, "dave", t1),
-            Gate::LockedOut { remaining } if remaining == Duration::from_secs(840)
+            GateDecision::LockedOut { remaining } if remaining == Duration::from_secs(840)
         ));
         assert_eq!(delay(&g, ip("192.0.2.2"), "dave", t1), Duration::ZERO);
         // The same /64 is the same client; IPv4-mapped is IPv4.
@@ -707,12 +725,12 @@ mod tests {
         'rounds: for round in 0..6 {
             for _ in 0..4 {
                 match g.begin(a, "bob", t0) {
-                    Gate::Proceed(attempt) => {
+                    GateDecision::Proceed(attempt) => {
                         verified_guesses += 1;
                         attempt.settle(false, t0);
                     }
-                    Gate::LockedOut { .. } => break 'rounds,
-                    Gate::Busy => panic!("nothing is in flight"),
+                    GateDecision::LockedOut { .. } => break 'rounds,
+                    GateDecision::Busy => panic!("nothing is in flight"),
                 }
             }
             assert!(round == 0, "still not locked out in round {round}");
@@ -764,14 +782,14 @@ mod tests {
         let mut in_flight: Vec<Attempt> = Vec::new();
         for _ in 0..60 {
             match g.begin(a, "bob", t0) {
-                Gate::Proceed(attempt) => in_flight.push(attempt),
-                Gate::Busy => {
+                GateDecision::Proceed(attempt) => in_flight.push(attempt),
+                GateDecision::Busy => {
                     // Only one verification at a time per client: settle it, as a worker would.
                     assert_eq!(in_flight.len(), MAX_IN_FLIGHT_PER_CLIENT as usize);
                     verified += 1;
                     in_flight.pop().unwrap().settle(false, t0);
                 }
-                Gate::LockedOut { .. } => {}
+                GateDecision::LockedOut { .. } => {}
             }
         }
         verified += in_flight.len();
@@ -790,7 +808,7 @@ mod tests {
         // A colleague behind the same address is being verified with the last failure left.
         let colleague = proceed(&g, a, "carol", t0);
         // Alice is held back, not locked out and not counted ...
-        assert!(matches!(g.begin(a, "alice", t0), Gate::Busy));
+        assert!(matches!(g.begin(a, "alice", t0), GateDecision::Busy));
         // ... and goes ahead as soon as the colleague's login turns out right.
         colleague.settle(true, t0);
         proceed(&g, a, "alice", t0).settle(true, t0);
@@ -838,7 +856,7 @@ mod tests {
                 failure_window: Duration::from_secs(600),
                 lockout: Duration::from_secs(3600),
             },
-            Bounds {
+            GuardBounds {
                 clients: 8,
                 coarse: 4,
                 logins: 4,
@@ -855,7 +873,7 @@ mod tests {
         for i in 0..50_500u32 {
             now = t0 + step * i;
             let a = IpAddr::from(std::net::Ipv4Addr::from(0x0a00_0000 + i));
-            if let Gate::Proceed(attempt) = g.begin(a, &format!("user{i}"), now) {
+            if let GateDecision::Proceed(attempt) = g.begin(a, &format!("user{i}"), now) {
                 attempt.settle(false, now);
             }
             let (clients, logins) = g.len();
@@ -875,7 +893,7 @@ mod tests {
     fn flooding_the_login_table_never_clears_a_sprayed_login() {
         let g = Arc::new(AuthGuard::with_bounds(
             settings(3),
-            Bounds {
+            GuardBounds {
                 clients: 1000,
                 coarse: 10,
                 logins: 4,

@@ -29,50 +29,27 @@
 
 use std::sync::Arc;
 
-use crate::envelope::{Address, canonical_domain};
+use super::pattern::AddressPattern;
+use crate::envelope::Address;
 use crate::text::{fold_lookalike, is_invisible};
-
-/// One `senders` entry.
-#[derive(Debug, Clone, PartialEq, Eq)]
-enum Pattern {
-    /// One mailbox.
-    Address(Address),
-    /// A whole domain, canonical (A-label, lower case).
-    Domain(String),
-}
-
-impl Pattern {
-    /// An entry in either form (config has already checked and canonicalised it; the login
-    /// of a user without `senders` has not been, so anything else is `None`).
-    fn parse(entry: &str) -> Option<Pattern> {
-        match entry.strip_prefix('@') {
-            Some(domain) => canonical_domain(domain).ok().map(Pattern::Domain),
-            None => Address::parse(entry).ok().map(Pattern::Address),
-        }
-    }
-
-    fn matches(&self, a: &Address) -> bool {
-        match self {
-            Pattern::Address(owned) => owned.matches(a),
-            Pattern::Domain(domain) => a.domain() == domain,
-        }
-    }
-}
 
 /// The addresses one user may send as.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Senders(Vec<Pattern>);
+pub struct Senders(Vec<AddressPattern>);
 
 impl Senders {
     /// From the user's `senders` entries; with none, the login if it is an address.
     pub fn new(login: &str, entries: &[String]) -> Senders {
         let patterns = if entries.is_empty() {
-            Pattern::parse(login)
-                .filter(|p| matches!(p, Pattern::Address { .. }))
+            AddressPattern::parse(login)
+                .filter(|p| matches!(p, AddressPattern::Address(_)))
                 .into_iter()
                 .collect()
         } else {
-            entries.iter().filter_map(|e| Pattern::parse(e)).collect()
+            entries
+                .iter()
+                .filter_map(|e| AddressPattern::parse(e))
+                .collect()
         };
         Senders(patterns)
     }
@@ -191,6 +168,15 @@ impl FromCheck {
         Ok(())
     }
 
+    /// The verdict so far, as [`FromCheck::finish`] would give it, without consuming the check.
+    pub fn verdict(&self) -> Result<(), FromProblem> {
+        match &self.problem {
+            Some(p) => Err(p.clone()),
+            None if self.seen => Ok(()),
+            None => Err(FromProblem::Missing),
+        }
+    }
+
     /// The verdict once the header section has been read: the first problem found, or
     /// [`FromProblem::Missing`] when there was no `From:` field.
     pub fn finish(self) -> Result<(), FromProblem> {
@@ -237,23 +223,7 @@ fn mailbox_list(value: &[u8]) -> Option<Vec<Mailbox>> {
     while let Some(c) = chars.next() {
         match c {
             '"' => {
-                m.bare.push('"');
-                loop {
-                    match chars.next()? {
-                        '\\' => {
-                            let e = chars.next()?;
-                            m.bare.push('\\');
-                            m.bare.push(e);
-                            m.words.push(e);
-                        }
-                        '"' => break,
-                        q => {
-                            m.bare.push(q);
-                            m.words.push(q);
-                        }
-                    }
-                }
-                m.bare.push('"');
+                read_quoted(&mut chars, &mut m.bare, Some(&mut m.words))?;
                 m.words.push(' ');
             }
             '(' => read_comment(&mut chars, &mut m.comments)?,
@@ -266,20 +236,7 @@ fn mailbox_list(value: &[u8]) -> Option<Vec<Mailbox>> {
                     match chars.next()? {
                         '>' => break,
                         '(' => read_comment(&mut chars, &mut m.comments)?,
-                        '"' => {
-                            inner.push('"');
-                            loop {
-                                match chars.next()? {
-                                    '\\' => {
-                                        inner.push('\\');
-                                        inner.push(chars.next()?);
-                                    }
-                                    '"' => break,
-                                    q => inner.push(q),
-                                }
-                            }
-                            inner.push('"');
-                        }
+                        '"' => read_quoted(&mut chars, &mut inner, None)?,
                         '<' => return None,
                         w if w.is_whitespace() => {}
                         a => inner.push(a),
@@ -369,6 +326,33 @@ impl Reading {
         let empty = mailbox.address.is_empty() && mailbox.shown.trim().is_empty();
         Some((!empty).then_some(mailbox))
     }
+}
+
+/// Reads a quoted-string (RFC 5322 §3.2.4; the opening `"` already read): appended to `raw` as
+/// written, quotes and quoted-pairs included (for [`Address::parse`] to resolve), and its
+/// content unescaped to `unquoted` (what a reader shows). `None` when it never ends.
+fn read_quoted(
+    chars: &mut std::iter::Peekable<std::str::Chars<'_>>,
+    raw: &mut String,
+    mut unquoted: Option<&mut String>,
+) -> Option<()> {
+    raw.push('"');
+    loop {
+        let c = match chars.next()? {
+            '"' => break,
+            '\\' => {
+                raw.push('\\');
+                chars.next()?
+            }
+            c => c,
+        };
+        raw.push(c);
+        if let Some(shown) = unquoted.as_mut() {
+            shown.push(c);
+        }
+    }
+    raw.push('"');
+    Some(())
 }
 
 /// Reads a comment (the `(` already read) into `shown`, unescaped, nested comments

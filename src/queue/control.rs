@@ -56,7 +56,8 @@ use std::os::fd::AsRawFd;
 use std::os::unix::fs::MetadataExt;
 
 use super::{QueuedMessage, Spool, SpoolError, create_new, exact_id, give_to, sync_dir};
-use crate::envelope::{Address, QueueId, ReversePath, canonical_domain};
+use crate::envelope::{Address, QueueId, ReversePath};
+use crate::policy::pattern::AddressPattern;
 
 /// Prefix of retry request file names in `control/`.
 const RETRY_PREFIX: &str = "retry.";
@@ -100,16 +101,14 @@ pub enum PurgeFilter {
     All,
     /// Messages from the null sender `<>` (bounces), given as `--from '<>'`.
     NullSender,
-    /// Messages whose envelope sender is this address, compared as [`Address::matches`] does
-    /// everywhere else: the canonical domain (A-label, lower case), an ASCII local part
-    /// ignoring case, a non-ASCII one byte for byte. (The interface contract in DESIGN.md says
-    /// "exactly, domain case-insensitive"; this departs from it on purpose so that every
-    /// comparison of an address in the relay is the same one: what the relay check and sender
-    /// ownership treat as one mailbox, purge treats as one too.)
-    Sender(Address),
-    /// Messages whose envelope sender's domain is this domain (canonical form, so a U-label
-    /// and its A-label are one domain; subdomains do not match), given as `--from @DOMAIN`.
-    Domain(String),
+    /// Messages whose envelope sender is this address, or (`--from @DOMAIN`) in this domain,
+    /// compared as [`AddressPattern::matches`] does everywhere else: the canonical domain
+    /// (A-label, lower case; subdomains do not match), an ASCII local part ignoring case, a
+    /// non-ASCII one byte for byte. (The interface contract in DESIGN.md says "exactly, domain
+    /// case-insensitive"; this departs from it on purpose so that every comparison of an
+    /// address in the relay is the same one: what the relay check and sender ownership treat
+    /// as one mailbox, purge treats as one too.)
+    Sender(AddressPattern),
 }
 
 /// Why a `--from` argument is not a filter.
@@ -127,10 +126,10 @@ impl PurgeFilter {
         if arg == "<>" {
             return Ok(PurgeFilter::NullSender);
         }
-        if let Some(domain) = arg.strip_prefix('@') {
-            return canonical_domain(domain)
-                .map(PurgeFilter::Domain)
-                .map_err(|_| bad());
+        if arg.starts_with('@') {
+            return AddressPattern::parse(arg)
+                .map(PurgeFilter::Sender)
+                .ok_or_else(bad);
         }
         let bare = match (arg.strip_prefix('<'), arg.ends_with('>')) {
             (Some(inner), true) => &inner[..inner.len() - 1],
@@ -139,7 +138,7 @@ impl PurgeFilter {
             _ => return Err(bad()),
         };
         Address::parse(bare)
-            .map(PurgeFilter::Sender)
+            .map(|a| PurgeFilter::Sender(AddressPattern::Address(a)))
             .map_err(|_| bad())
     }
 
@@ -149,7 +148,6 @@ impl PurgeFilter {
             (PurgeFilter::All, _) => true,
             (PurgeFilter::NullSender, ReversePath::Null) => true,
             (PurgeFilter::Sender(want), ReversePath::Address(got)) => want.matches(got),
-            (PurgeFilter::Domain(want), ReversePath::Address(got)) => want == got.domain(),
             _ => false,
         }
     }

@@ -1,0 +1,449 @@
+//! The real session driver over an in-memory pipe (`tokio::io::duplex`), with paused time
+//! and a spool in a temporary directory: what the driver answers, in what order, and when.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::sync::{mpsc, watch};
+use tokio::task::JoinHandle;
+use tokio_rustls::rustls;
+use tokio_util::sync::CancellationToken;
+
+use std::future::Future;
+use std::task::Poll;
+
+use super::Runtime;
+use super::connection::{SessionDriver, Shared};
+use super::effects::Effects;
+use super::verifier::Verifier;
+use crate::config::Config;
+use crate::policy::lockout::{Attempt, GateDecision};
+use crate::policy::stage::{Check, Evaluation, Input, Lookup, StageFacts};
+use crate::policy::{Policy, SessionFacts};
+use crate::queue::Committed;
+use crate::queue::Spool;
+use crate::routes::{CapabilityBook, RouteCapabilities};
+use crate::smtp::{Reply, reply};
+
+/// The client's end of the pipe, plain or TLS.
+trait ClientIo: AsyncRead + AsyncWrite + Unpin + Send {}
+
+impl<S: AsyncRead + AsyncWrite + Unpin + Send> ClientIo for S {}
+
+/// The client address every session comes from.
+const PEER: &str = "192.0.2.1:40000";
+
+/// What sessions share, with the ends of its channels the relay would hold.
+struct Parts {
+    shared: Shared,
+    queued: mpsc::UnboundedReceiver<Committed>,
+    stress: watch::Sender<bool>,
+}
+
+impl Parts {
+    /// A spool under `dir`, one verifier thread, no stress.
+    fn new(dir: &std::path::Path, runtime: &Runtime) -> Parts {
+        let book = CapabilityBook::load(&runtime.config.upstreams, None);
+        let (stress, stress_rx) = watch::channel(false);
+        let (queued_tx, queued) = mpsc::unbounded_channel();
+        let shared = Shared {
+            spool: Spool::open(&dir.join("spool")).unwrap(),
+            shutdown: CancellationToken::new(),
+            verifier: Arc::new(Verifier::start(1, 4).unwrap()),
+            queued: queued_tx,
+            capabilities: RouteCapabilities::new(Arc::new(book)),
+            stress: stress_rx,
+        };
+        Parts {
+            shared,
+            queued,
+            stress,
+        }
+    }
+}
+
+/// One session of the real driver, and the client's end of its pipe.
+struct Harness {
+    io: Box<dyn ClientIo>,
+    runtime: Arc<Runtime>,
+    shutdown: CancellationToken,
+    verifier: Arc<Verifier>,
+    queued: mpsc::UnboundedReceiver<Committed>,
+    session: JoinHandle<()>,
+    _stress: watch::Sender<bool>,
+    dir: tempfile::TempDir,
+}
+
+/// The runtime for a policy file made of a minimal relay and `more` (extra tables and keys,
+/// appended; `listener` is added to the one listener's table). `{dir}` in either stands for
+/// the temporary directory.
+fn runtime(dir: &std::path::Path, listener: &str, more: &str) -> Runtime {
+    let dir = dir.display().to_string();
+    let text = format!(
+        "[server]\nhostname = \"relay.test\"\n[[listeners]]\nname = \"mx\"\n\
+         bind = \"127.0.0.1:2525\"\n{listener}\n[relay]\naccepted_domains = [\"example.com\"]\n\
+         [[upstreams]]\naddress = \"127.0.0.1:25\"\n{more}\n"
+    )
+    .replace("{dir}", &dir);
+    let config = Config::from_toml(&text, None).expect("valid test policy");
+    let tls = config
+        .tls
+        .as_ref()
+        .map(|t| super::tls::server_config(t, &config.server.hostname).expect("test certificate"));
+    Runtime {
+        policy: Policy::new(&config, None, std::time::Instant::now()),
+        config: Arc::new(config),
+        tls,
+    }
+}
+
+impl Harness {
+    /// Start a session under the policy of [`runtime`].
+    fn start(listener: &str, more: &str) -> Harness {
+        let dir = tempfile::tempdir().unwrap();
+        if more.contains("{dir}/users.toml") {
+            write_users(dir.path());
+        }
+        if listener.contains("starttls") {
+            super::tls::write_cert_files(dir.path(), "localhost").unwrap();
+        }
+        let runtime = Arc::new(runtime(dir.path(), listener, more));
+        Harness::with_runtime(dir, runtime)
+    }
+
+    fn with_runtime(dir: tempfile::TempDir, runtime: Arc<Runtime>) -> Harness {
+        let parts = Parts::new(dir.path(), &runtime);
+        let (client, server) = tokio::io::duplex(64 * 1024);
+        let listener = runtime.config.listeners[0].clone();
+        let peer: SocketAddr = PEER.parse().unwrap();
+        let driver_runtime = Arc::clone(&runtime);
+        let shared = parts.shared.clone();
+        let session = tokio::spawn(async move {
+            let mut driver = SessionDriver::new(driver_runtime, listener, shared, peer);
+            driver.run(server).await;
+        });
+        Harness {
+            io: Box::new(client),
+            runtime,
+            shutdown: parts.shared.shutdown,
+            verifier: parts.shared.verifier,
+            queued: parts.queued,
+            session,
+            _stress: parts.stress,
+            dir,
+        }
+    }
+
+    /// The next complete reply (every line up to the one with a space after the code).
+    async fn reply(&mut self) -> String {
+        let mut text = Vec::new();
+        loop {
+            let mut octet = [0u8; 1];
+            if self.io.read(&mut octet).await.unwrap() == 0 {
+                break;
+            }
+            text.push(octet[0]);
+            let line_start = text[..text.len() - 1]
+                .iter()
+                .rposition(|&b| b == b'\n')
+                .map_or(0, |i| i + 1);
+            let line = &text[line_start..];
+            if line.ends_with(b"\r\n") && line.get(3) == Some(&b' ') {
+                break;
+            }
+        }
+        String::from_utf8(text).unwrap()
+    }
+
+    async fn send(&mut self, line: &str) {
+        self.io
+            .write_all(format!("{line}\r\n").as_bytes())
+            .await
+            .unwrap();
+    }
+
+    async fn cmd(&mut self, line: &str) -> String {
+        self.send(line).await;
+        self.reply().await
+    }
+
+    /// STARTTLS, trusting the certificate [`Harness::start`] wrote.
+    async fn starttls(&mut self) {
+        assert!(self.cmd("STARTTLS").await.starts_with("220 "));
+        let pem = std::fs::read(self.dir.path().join("cert.pem")).unwrap();
+        let mut roots = rustls::RootCertStore::empty();
+        use rustls::pki_types::pem::PemObject;
+        roots
+            .add(rustls::pki_types::CertificateDer::from_pem_slice(&pem).unwrap())
+            .unwrap();
+        let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+        let config = rustls::ClientConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+        let connector = tokio_rustls::TlsConnector::from(Arc::new(config));
+        let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
+        let plain = std::mem::replace(&mut self.io, Box::new(tokio::io::empty()));
+        self.io = Box::new(connector.connect(name, plain).await.unwrap());
+    }
+
+    /// Everything until the driver closes the connection, then wait for the session's end.
+    async fn until_closed(&mut self) -> String {
+        let mut rest = Vec::new();
+        let _ = self.io.read_to_end(&mut rest).await;
+        (&mut self.session).await.unwrap();
+        String::from_utf8(rest).unwrap()
+    }
+}
+
+/// `users.toml` with the one user `alice`.
+fn write_users(dir: &std::path::Path) {
+    let hash = crate::policy::credentials::DUMMY_HASH;
+    let users = format!("[[users]]\nname = \"alice\"\npassword_hash = \"{hash}\"\n");
+    std::fs::write(dir.join("users.toml"), users).unwrap();
+}
+
+/// A reply as the client reads it off the wire.
+fn wire(r: &Reply) -> String {
+    let mut out = Vec::new();
+    r.write_to(&mut out);
+    String::from_utf8(out).unwrap()
+}
+
+const NO_TLS: &str = "tls = \"none\"";
+
+#[tokio::test(start_paused = true)]
+async fn the_greeting_names_the_host_and_ehlo_is_answered() {
+    let mut h = Harness::start(NO_TLS, "");
+    let greeting = h.reply().await;
+    assert!(greeting.starts_with("220 relay.test "), "{greeting}");
+    let ehlo = h.cmd("EHLO client.test").await;
+    assert!(ehlo.starts_with("250-relay.test"), "{ehlo}");
+    assert_eq!(h.cmd("QUIT").await.get(..3), Some("221"));
+    h.until_closed().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_relay_attempt_gets_the_relay_denied_reply_and_nothing_is_queued() {
+    let mut h = Harness::start(NO_TLS, "");
+    h.reply().await;
+    h.cmd("EHLO client.test").await;
+    assert!(h.cmd("MAIL FROM:<a@sender.test>").await.starts_with("250 "));
+    assert_eq!(
+        h.cmd("RCPT TO:<u@other.test>").await,
+        wire(&reply::RELAY_DENIED)
+    );
+    // The transaction has no recipient: DATA is refused and nothing reaches the queue.
+    assert!(h.cmd("DATA").await.starts_with("554 "));
+    h.cmd("QUIT").await;
+    h.until_closed().await;
+    assert!(h.queued.try_recv().is_err());
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_message_for_an_accepted_domain_is_queued_and_announced() {
+    let mut h = Harness::start(NO_TLS, "");
+    h.reply().await;
+    h.cmd("EHLO client.test").await;
+    h.cmd("MAIL FROM:<a@sender.test>").await;
+    assert!(h.cmd("RCPT TO:<u@example.com>").await.starts_with("250 "));
+    assert!(h.cmd("DATA").await.starts_with("354 "));
+    let queued = h.cmd("Subject: hi\r\n\r\nbody\r\n.").await;
+    assert!(queued.starts_with("250 2.0.0 Ok: queued as "), "{queued}");
+    let announced = h.queued.recv().await.expect("delivery is told");
+    assert!(queued.contains(announced.id.as_str()));
+    h.cmd("QUIT").await;
+    h.until_closed().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_locked_out_client_is_refused_before_any_password_is_verified() {
+    let mut h = Harness::start(
+        "tls = \"starttls\"\nauth = \"optional\"",
+        "[tls]\ncert = \"{dir}/cert.pem\"\nkey = \"{dir}/key.pem\"\n\
+         [auth]\nusers_file = \"{dir}/users.toml\"\nmax_failures = 1\n",
+    );
+    // One failure from this client (recorded as the verifier would) locks it out.
+    let ip = PEER.parse::<SocketAddr>().unwrap().ip();
+    let now = tokio::time::Instant::now().into_std();
+    let GateDecision::Proceed(attempt) = h.runtime.policy.store().auth_gate(ip, "alice", now)
+    else {
+        panic!("a fresh client is let through");
+    };
+    assert_eq!(attempt.settle(false, now).locked_out, Some(1));
+    h.reply().await;
+    h.cmd("EHLO client.test").await;
+    h.starttls().await;
+    h.cmd("EHLO client.test").await;
+    // The right password, and still the lockout reply: nothing was verified.
+    let auth = h.cmd("AUTH PLAIN AGFsaWNlAHNlY3JldA==").await;
+    assert_eq!(auth, wire(&reply::AUTH_LOCKED_OUT));
+    assert_eq!(h.verifier.verified(), 0);
+    assert!(h.cmd("QUIT").await.starts_with("221 "));
+}
+
+#[tokio::test(start_paused = true)]
+async fn an_idle_client_is_told_421_at_the_command_timeout_without_real_waiting() {
+    let mut h = Harness::start(NO_TLS, "[limits]\ncommand_timeout = \"5m\"\n");
+    h.reply().await;
+    let started = tokio::time::Instant::now();
+    assert_eq!(h.reply().await, wire(&reply::TIMEOUT));
+    assert_eq!(started.elapsed().as_secs(), 300);
+    h.until_closed().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_busy_session_is_closed_with_421_at_its_time_limit() {
+    let mut h = Harness::start(
+        NO_TLS,
+        "[limits]\ncommand_timeout = \"5m\"\nsession_timeout = \"10m\"\n",
+    );
+    h.reply().await;
+    let started = tokio::time::Instant::now();
+    // A command every four minutes never meets the command timeout…
+    for _ in 0..2 {
+        tokio::time::sleep(Duration::from_secs(240)).await;
+        assert!(h.cmd("NOOP").await.starts_with("250 "));
+    }
+    // …and the session's time limit ends it while it waits for the third.
+    assert_eq!(h.reply().await, wire(&reply::SESSION_TOO_LONG));
+    assert_eq!(started.elapsed().as_secs(), 600);
+    h.until_closed().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_client_that_talks_before_the_greeting_is_refused() {
+    let mut h = Harness::start(NO_TLS, "[limits]\npregreet_wait = \"3s\"\n");
+    h.send("EHLO early.test").await;
+    assert_eq!(h.until_closed().await, wire(&reply::EARLY_TALKER));
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_patient_client_is_greeted_after_the_pregreet_wait() {
+    let mut h = Harness::start(NO_TLS, "[limits]\npregreet_wait = \"3s\"\n");
+    let started = tokio::time::Instant::now();
+    assert!(h.reply().await.starts_with("220 "));
+    assert_eq!(started.elapsed().as_secs(), 3);
+}
+
+#[tokio::test(start_paused = true)]
+async fn shutdown_tells_an_idle_session_421_and_closes_it() {
+    let mut h = Harness::start(NO_TLS, "");
+    h.reply().await;
+    h.cmd("EHLO client.test").await;
+    h.shutdown.cancel();
+    assert_eq!(h.until_closed().await, wire(&reply::SHUTTING_DOWN));
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_denied_client_is_refused_at_the_greeting_and_then_at_every_command() {
+    let mut h = Harness::start("tls = \"none\"\ndeny = [\"192.0.2.0/24\"]", "");
+    assert_eq!(h.reply().await, wire(&reply::ACCESS_DENIED));
+    assert!(h.cmd("EHLO client.test").await.starts_with("503 5.7.1"));
+    assert!(h.cmd("QUIT").await.starts_with("221 "));
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_client_over_its_connection_rate_gets_421_and_is_closed() {
+    let mut h = Harness::start(NO_TLS, "[rate_limits]\nconnections_per_ip = \"1/hour\"\n");
+    let first = h.reply().await;
+    assert!(first.starts_with("220 "), "{first}");
+    // A second session of the same runtime, from the same address.
+    let dir = tempfile::tempdir().unwrap();
+    let mut again = Harness::with_runtime(dir, Arc::clone(&h.runtime));
+    assert_eq!(again.until_closed().await, wire(&reply::CONNECTION_RATE));
+}
+
+/// The AUTH stage of a client whose one verification in flight (`in_flight`) is still
+/// unsettled, under `max_failures = 1`: it waits. `end` ends that attempt once the stage is
+/// waiting; the stage's rule and how long it waited.
+async fn auth_held_back_by(end: impl FnOnce(Attempt)) -> (&'static str, Duration) {
+    let dir = tempfile::tempdir().unwrap();
+    write_users(dir.path());
+    let more = "[auth]\nusers_file = \"{dir}/users.toml\"\nmax_failures = 1\n";
+    let runtime = runtime(dir.path(), "tls = \"none\"\nauth = \"optional\"", more);
+    let parts = Parts::new(dir.path(), &runtime);
+    let ip = PEER.parse::<SocketAddr>().unwrap().ip();
+    let now = tokio::time::Instant::now().into_std();
+    let GateDecision::Proceed(in_flight) = runtime.policy.store().auth_gate(ip, "alice", now)
+    else {
+        panic!("a fresh client is let through");
+    };
+    let facts = StageFacts {
+        session: SessionFacts {
+            client_ip: ip,
+            user: None,
+        },
+        listener: &runtime.config.listeners[0],
+        input: Input::Auth {
+            login: "alice",
+            password: "secret",
+        },
+    };
+    let mut effects = Effects::default();
+    let started = tokio::time::Instant::now();
+    let decide = effects.decide(&runtime, &parts.shared, &facts);
+    tokio::pin!(decide);
+    // One poll: the gate says the budget is in flight and the stage waits.
+    let first = std::future::poll_fn(|cx| Poll::Ready(decide.as_mut().poll(cx))).await;
+    assert!(first.is_pending());
+    end(in_flight);
+    let refusal = decide.await.expect_err("refused");
+    (refusal.rule, started.elapsed())
+}
+
+#[tokio::test(start_paused = true)]
+async fn an_auth_waiting_for_an_attempt_in_flight_is_woken_when_it_is_settled() {
+    let settle = |attempt: Attempt| {
+        attempt.settle(false, tokio::time::Instant::now().into_std());
+    };
+    // Woken at once (no polling interval, no timeout) and finds the client locked out.
+    assert_eq!(
+        auth_held_back_by(settle).await,
+        ("auth_lockout", Duration::ZERO)
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn an_auth_waiting_for_an_attempt_in_flight_is_woken_when_it_is_dropped() {
+    // An attempt dropped without a result counts as a failure, and wakes the waiters too.
+    assert_eq!(
+        auth_held_back_by(drop).await,
+        ("auth_lockout", Duration::ZERO)
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn an_auth_whose_client_stays_busy_gets_454_after_auth_wait() {
+    let mut kept = None;
+    let (rule, waited) = auth_held_back_by(|attempt| kept = Some(attempt)).await;
+    assert_eq!((rule, waited), ("auth_busy", super::effects::AUTH_WAIT));
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_lookup_started_at_connect_is_read_at_rcpt_from_the_sessions_pending_effects() {
+    const AT_CONNECT: &[Check] = &[Check::Start(Lookup::Echo(7))];
+    const AT_RCPT: &[Check] = &[Check::Await(Lookup::Echo(7))];
+    let dir = tempfile::tempdir().unwrap();
+    let runtime = runtime(dir.path(), NO_TLS, "");
+    let parts = Parts::new(dir.path(), &runtime);
+    let facts = StageFacts {
+        session: SessionFacts {
+            client_ip: PEER.parse::<SocketAddr>().unwrap().ip(),
+            user: None,
+        },
+        listener: &runtime.config.listeners[0],
+        input: Input::Connect,
+    };
+    let mut effects = Effects::default();
+    let shared = &parts.shared;
+    let connect = effects.decide_with(Evaluation::of(AT_CONNECT), &runtime, shared, &facts);
+    assert_eq!(connect.await, Ok(()));
+    assert_eq!(effects.pending_lookups(), 1);
+    let rcpt = effects.decide_with(Evaluation::of(AT_RCPT), &runtime, shared, &facts);
+    assert_eq!(rcpt.await, Ok(()));
+    assert_eq!(effects.pending_lookups(), 0);
+}

@@ -1,0 +1,162 @@
+//! The store that answers the stateful effects of the stage evaluators ([`super::stage`]):
+//! rate budgets (`[rate_limits]`) and the AUTH failure tables (`[auth]` lockout and
+//! spraying). The session driver carries an [`Effect`](super::stage::Effect) out by asking
+//! the store and hands the answer back to the evaluator, so where the state lives is the
+//! store's business: today in this process ([`Store::Local`]); a store shared by several
+//! nodes (Redis) is another variant, with no change to the evaluators or the driver.
+//!
+//! Every call takes the time as an argument; nothing here reads a clock or touches a socket.
+
+use std::net::IpAddr;
+use std::sync::Arc;
+use std::time::Instant;
+
+use super::limits::{Limited, Limiters, RateLimit};
+use super::lockout::{AuthGuard, GateDecision, Settings};
+use crate::config::Config;
+
+/// Where the rate budgets and AUTH failure records live.
+#[derive(Debug, Clone)]
+pub enum Store {
+    /// In this process: the tables of [`super::limits`] and [`super::lockout`]. They outlive
+    /// a configuration (see [`Store::new`]).
+    Local(LocalStore),
+}
+
+/// The tables of a [`Store::Local`].
+#[derive(Debug, Clone)]
+pub struct LocalStore {
+    /// `[rate_limits]` tables.
+    limiters: Limiters,
+    /// AUTH failure tables; `None` without `[auth]`.
+    auth_guard: Option<Arc<AuthGuard>>,
+}
+
+/// Whom a rate budget belongs to.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RateKey {
+    /// A client address (counted by [`super::limits::ClientKey`]).
+    Client(IpAddr),
+    /// An authenticated login.
+    Login(String),
+}
+
+impl Store {
+    /// The store for `config`. The tables of `previous` (the store being replaced on reload)
+    /// are kept where their settings are unchanged, so a SIGHUP neither hands out fresh
+    /// budgets nor lifts lockouts; `now` anchors new tables' clocks.
+    pub fn new(config: &Config, previous: Option<&Store>, now: Instant) -> Store {
+        let previous = previous.map(|Store::Local(l)| l);
+        let auth_guard = config.auth.as_ref().map(|auth| {
+            let settings = Settings::from_config(auth);
+            previous
+                .and_then(|p| p.auth_guard.as_ref())
+                .filter(|g| g.settings() == settings)
+                .cloned()
+                .unwrap_or_else(|| Arc::new(AuthGuard::new(settings)))
+        });
+        Store::Local(LocalStore {
+            limiters: Limiters::new(&config.rate_limits, previous.map(|p| &p.limiters), now),
+            auth_guard,
+        })
+    }
+
+    /// Take one event from the `limit` budget of `key` at `now`.
+    ///
+    /// # Errors
+    /// [`Limited`] when the budget is spent (nothing is taken then). A limit that is not
+    /// configured, or a key of the wrong kind for it, always has room.
+    pub fn take(&self, limit: RateLimit, key: &RateKey, now: Instant) -> Result<(), Limited> {
+        match self {
+            Store::Local(l) => l.limiters.take(limit, key, now),
+        }
+    }
+
+    /// Before verifying an AUTH for `login` from `ip` at `now`: see
+    /// [`AuthGuard::begin`]. Without `[auth]` every attempt proceeds, uncounted.
+    pub fn auth_gate(&self, ip: IpAddr, login: &str, now: Instant) -> GateDecision {
+        match self {
+            Store::Local(l) => match &l.auth_guard {
+                Some(guard) => guard.begin(ip, login, now),
+                None => GateDecision::Proceed(super::lockout::Attempt::unguarded()),
+            },
+        }
+    }
+}
+
+impl Store {
+    /// Resolves once any AUTH attempt of this store has ended; `None` when there are no
+    /// AUTH failure records (the gate never holds an attempt back then). See
+    /// [`AuthGuard::settled`].
+    pub fn auth_settled(&self) -> Option<tokio::sync::futures::Notified<'_>> {
+        match self {
+            Store::Local(l) => l.auth_guard.as_ref().map(|g| g.settled()),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::policy::lockout::GateDecision;
+
+    fn config(auth: &str, rates: &str) -> (tempfile::TempDir, Config) {
+        let dir = tempfile::tempdir().unwrap();
+        let users = dir.path().join("users.toml");
+        let hash = crate::policy::credentials::DUMMY_HASH;
+        std::fs::write(
+            &users,
+            format!("[[users]]\nname = \"alice\"\npassword_hash = \"{hash}\"\n"),
+        )
+        .unwrap();
+        let text = format!(
+            "[server]\nhostname = \"relay.test\"\n[[listeners]]\nbind = \"127.0.0.1:2525\"\n\
+             tls = \"none\"\n[auth]\nusers_file = {:?}\n{auth}\n[rate_limits]\n{rates}\n\
+             [[upstreams]]\naddress = \"127.0.0.1:25\"\n",
+            users.display().to_string()
+        );
+        (
+            dir,
+            Config::from_toml(&text, None).expect("valid test policy"),
+        )
+    }
+
+    #[test]
+    fn a_rebuilt_store_keeps_lockouts_and_spent_budgets_unless_their_settings_changed() {
+        let (_d, c) = config("max_failures = 2", "messages_per_ip = \"1/hour\"");
+        let t0 = Instant::now();
+        let ip: IpAddr = "192.0.2.1".parse().unwrap();
+        let store = Store::new(&c, None, t0);
+        let fail = |s: &Store| match s.auth_gate(ip, "alice", t0) {
+            GateDecision::Proceed(a) => a.settle(false, t0),
+            other => panic!("{other:?}"),
+        };
+        assert_eq!(fail(&store).locked_out, None);
+        assert_eq!(fail(&store).locked_out, Some(2));
+        assert!(matches!(
+            store.auth_gate(ip, "alice", t0),
+            GateDecision::LockedOut { .. }
+        ));
+        let client = RateKey::Client(ip);
+        assert!(store.take(RateLimit::MessagesPerIp, &client, t0).is_ok());
+        let limited = store
+            .take(RateLimit::MessagesPerIp, &client, t0)
+            .unwrap_err();
+        assert_eq!(limited.rule, "rate_limits.messages_per_ip");
+
+        let same = Store::new(&c, Some(&store), t0);
+        assert!(matches!(
+            same.auth_gate(ip, "bob", t0),
+            GateDecision::LockedOut { .. }
+        ));
+        assert!(same.take(RateLimit::MessagesPerIp, &client, t0).is_err());
+
+        let (_d2, changed) = config("max_failures = 3", "messages_per_ip = \"2/hour\"");
+        let fresh = Store::new(&changed, Some(&same), t0);
+        assert!(matches!(
+            fresh.auth_gate(ip, "alice", t0),
+            GateDecision::Proceed(_)
+        ));
+        assert!(fresh.take(RateLimit::MessagesPerIp, &client, t0).is_ok());
+    }
+}
