@@ -4,6 +4,8 @@
 //!   the spool and shared read-only with the inbound side for its checks at RCPT and DATA.
 //! - [`client`]: one SMTP connection to an upstream (EHLO/HELO, STARTTLS, AUTH, pipelined
 //!   transactions, dot-stuffing, per-recipient outcomes).
+//! - [`error`]: what can go wrong with an upstream, by kind ([`error::ClientError`]); the
+//!   caller's behaviour (stale retry, plaintext retry, circuit breaker) depends on the kind.
 //! - [`reply`]: upstream replies, parsed and classified.
 //! - [`tls`]: the rustls client configuration of each upstream.
 //! - [`upstream`]: routing by recipient domain, failover order, circuit breakers and
@@ -22,6 +24,7 @@ pub mod bounce;
 pub mod capabilities;
 pub mod client;
 pub mod deliver;
+pub mod error;
 pub mod reply;
 pub mod scheduler;
 pub mod tls;

@@ -32,7 +32,8 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tracing::{info, warn};
 
 use super::capabilities::CapabilityBook;
-use super::client::{Connection, Failure};
+use super::client::UpstreamConnection;
+use super::error::ClientError;
 use super::tls::{ClientTls, ClientTlsError, client_tls};
 use crate::config::{Config, Upstream, UpstreamTls};
 
@@ -157,7 +158,7 @@ impl Upstreams {
     /// Close connections idle for longer than [`IDLE_TIMEOUT`].
     pub fn reap_idle(&self) {
         for up in &self.list {
-            let expired: Vec<Connection> = {
+            let expired: Vec<UpstreamConnection> = {
                 let mut idle = up.idle();
                 let (keep, old) = idle
                     .drain(..)
@@ -197,13 +198,13 @@ pub struct UpstreamRt {
 
 /// An idle connection with its pool slot.
 struct Pooled {
-    conn: Connection,
+    conn: UpstreamConnection,
     permit: OwnedSemaphorePermit,
 }
 
 /// A connection checked out of the pool; give it back with [`UpstreamRt::release`].
 pub struct Lease {
-    pub conn: Connection,
+    pub conn: UpstreamConnection,
     permit: OwnedSemaphorePermit,
 }
 
@@ -234,7 +235,12 @@ impl UpstreamRt {
     }
 
     /// Record a connection-level failure of a delivery that passed the breaker with `pass`.
-    pub fn failed(&self, now: Instant, failure: &Failure, pass: Pass) {
+    /// Only the upstream's own failures count ([`ClientError::is_upstream_fault`]): a stale
+    /// pooled connection or an unreadable spool file leaves the breaker as it is.
+    pub fn failed(&self, now: Instant, failure: &ClientError, pass: Pass) {
+        if !failure.is_upstream_fault() {
+            return;
+        }
         let tripped = {
             let mut b = self.breaker();
             b.last_failure = Some(failure.to_string());
@@ -267,7 +273,11 @@ impl UpstreamRt {
     }
 
     /// A connection: an idle one from the pool, or a new one once a slot is free.
-    pub async fn lease(&self, hostname: &str) -> Result<Lease, Failure> {
+    ///
+    /// # Errors
+    /// What [`UpstreamConnection::open`] returns, after the plaintext retry of an
+    /// opportunistic upstream whose TLS handshake failed; [`ClientError::ShuttingDown`].
+    pub async fn lease(&self, hostname: &str) -> Result<Lease, ClientError> {
         if let Some(lease) = self.take_idle() {
             return Ok(lease);
         }
@@ -276,25 +286,20 @@ impl UpstreamRt {
             .clone()
             .acquire_owned()
             .await
-            .map_err(|_| Failure {
-                stage: "connect",
-                detail: "shutting down".into(),
-                stale: false,
-            })?;
+            .map_err(|_| ClientError::ShuttingDown)?;
         // A connection may have come back while we waited.
         if let Some(lease) = self.take_idle() {
             return Ok(lease);
         }
-        let conn = match Connection::open(&self.config, self.tls.as_ref(), hostname, true).await {
+        let tls = self.tls.as_ref();
+        let conn = match UpstreamConnection::open(&self.config, tls, hostname, true).await {
             Ok(conn) => conn,
-            Err(f)
-                if self.config.tls == UpstreamTls::Opportunistic && f.stage == "TLS handshake" =>
-            {
+            Err(f) if self.config.tls == UpstreamTls::Opportunistic && f.is_tls_handshake() => {
                 warn!(
                     upstream = %self.name(), error = %f,
                     "opportunistic TLS failed; retrying this upstream in plaintext"
                 );
-                Connection::open(&self.config, None, hostname, false).await?
+                UpstreamConnection::open(&self.config, None, hostname, false).await?
             }
             Err(f) => return Err(f),
         };
