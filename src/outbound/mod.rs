@@ -30,6 +30,9 @@ pub mod scheduler;
 pub mod tls;
 pub mod upstream;
 
+#[cfg(test)]
+mod wire_tests;
+
 use std::sync::Arc;
 
 use tokio::sync::mpsc::{self, UnboundedSender};

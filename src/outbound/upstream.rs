@@ -92,15 +92,7 @@ impl Upstreams {
     pub fn new(config: &Config, book: Arc<CapabilityBook>) -> Result<Upstreams, ClientTlsError> {
         let mut list = Vec::new();
         for (i, up) in config.upstreams.iter().enumerate() {
-            list.push(Arc::new(UpstreamRt {
-                index: i,
-                book: book.clone(),
-                tls: client_tls(up)?,
-                config: up.clone(),
-                slots: Arc::new(Semaphore::new(up.max_connections)),
-                idle: Mutex::new(Vec::new()),
-                breaker: Mutex::new(Breaker::default()),
-            }));
+            list.push(Arc::new(UpstreamRt::new(i, up, book.clone())?));
         }
         Ok(Upstreams { list, book })
     }
@@ -209,6 +201,27 @@ pub struct Lease {
 }
 
 impl UpstreamRt {
+    /// Upstream number `index` of `[[upstreams]]`, with its TLS client configuration, an
+    /// empty pool and a closed breaker; what it learns from EHLO goes to `book`.
+    ///
+    /// # Errors
+    /// [`ClientTlsError`] when its TLS client configuration cannot be built.
+    pub fn new(
+        index: usize,
+        config: &Upstream,
+        book: Arc<CapabilityBook>,
+    ) -> Result<UpstreamRt, ClientTlsError> {
+        Ok(UpstreamRt {
+            index,
+            book,
+            tls: client_tls(config)?,
+            config: config.clone(),
+            slots: Arc::new(Semaphore::new(config.max_connections)),
+            idle: Mutex::new(Vec::new()),
+            breaker: Mutex::new(Breaker::default()),
+        })
+    }
+
     /// The upstream's name.
     pub fn name(&self) -> &str {
         &self.config.name
