@@ -23,6 +23,9 @@
 //! - [`outbound`]: the upstream SMTP client, routing with failover and circuit breakers,
 //!   connection pools, delivery attempts and the scheduler that starts them, and the
 //!   capabilities each upstream announced (shared with the inbound checks at RCPT and DATA).
+//!   What can go wrong with an upstream is a kind of `outbound::error::ClientError` (a new
+//!   kind goes there, with its effect on the breaker); replies that concern one message are
+//!   per-recipient outcomes carrying the upstream's reply unchanged into the DSN.
 //! - [`stream`]: a connection that is plain TCP or TLS, for both directions.
 //! - [`text`]: Unicode hygiene for network text: characters that display as nothing, and
 //!   look-alikes of `@` and `.` (one table for the queue commands, the log and the checks).
