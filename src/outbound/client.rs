@@ -26,7 +26,7 @@ use tokio::io::{AsyncReadExt, AsyncSeekExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio_rustls::TlsConnector;
 
-use super::error::{ClientError, Direction, Stage, TlsFailure, Unsupported, Wait};
+use super::error::{ClientError, Direction, TlsFailure, Unsupported, UpstreamStage, Wait};
 use super::reply::{MAX_REPLY_LINE, ReplyReader, UpstreamReply};
 use super::tls::ClientTls;
 use crate::config::{Upstream, UpstreamTls};
@@ -52,7 +52,7 @@ pub enum RcptOutcome {
 impl RcptOutcome {
     /// The outcome of a refusal `reply` at `stage`: deferred when it is a 4xx, failed for
     /// good otherwise (RFC 5321 §4.2.1).
-    fn from_reply(stage: Stage, reply: &UpstreamReply) -> RcptOutcome {
+    fn from_reply(stage: UpstreamStage, reply: &UpstreamReply) -> RcptOutcome {
         if reply.is_transient() {
             RcptOutcome::Deferred(Deferral::Reply {
                 stage,
@@ -77,7 +77,10 @@ impl RcptOutcome {
 pub enum Deferral {
     /// A 4xx to `stage`, or a too-many-recipients reply to RCPT (RFC 5321 §4.5.3.1.10).
     #[error("{stage}: {reply}")]
-    Reply { stage: Stage, reply: UpstreamReply },
+    Reply {
+        stage: UpstreamStage,
+        reply: UpstreamReply,
+    },
     /// Not asked for: the upstream refused an earlier recipient of the transaction as too
     /// many recipients with `after` (without pipelining the rest is not sent).
     #[error("RCPT not sent after: {after}")]
@@ -95,7 +98,10 @@ pub enum Deferral {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Rejection {
     /// A 5xx to `stage`, as the upstream sent it.
-    Reply { stage: Stage, reply: UpstreamReply },
+    Reply {
+        stage: UpstreamStage,
+        reply: UpstreamReply,
+    },
     /// The upstream cannot carry the message as it is.
     Incapable(Incapable),
 }
@@ -316,10 +322,12 @@ impl UpstreamConnection {
         allow_tls: bool,
     ) -> Result<UpstreamConnection, ClientError> {
         let mut conn = UpstreamConnection::connect(upstream).await?;
-        let greeting = conn.read_reply(Stage::Greeting, conn.timeout).await?;
+        let greeting = conn
+            .read_reply(UpstreamStage::Greeting, conn.timeout)
+            .await?;
         if !greeting.is_positive() {
             return Err(ClientError::Refused {
-                stage: Stage::Greeting,
+                stage: UpstreamStage::Greeting,
                 reply: greeting,
             });
         }
@@ -352,7 +360,7 @@ impl UpstreamConnection {
             Ok(Err(e)) => return Err(ClientError::Connect(e)),
             Err(_) => {
                 return Err(ClientError::Timeout {
-                    stage: Stage::Connect,
+                    stage: UpstreamStage::Connect,
                     wait: Wait::Connect,
                     after: upstream.connect_timeout,
                 });
@@ -373,7 +381,7 @@ impl UpstreamConnection {
 
     async fn hello(&mut self, hostname: &str) -> Result<(), ClientError> {
         let reply = self
-            .command(Stage::Ehlo, &format!("EHLO {hostname}\r\n"))
+            .command(UpstreamStage::Ehlo, &format!("EHLO {hostname}\r\n"))
             .await?;
         if reply.is_positive() {
             self.ext = Extensions::parse(&reply);
@@ -381,17 +389,17 @@ impl UpstreamConnection {
         }
         if reply.code == 421 || reply.is_transient() {
             return Err(ClientError::Refused {
-                stage: Stage::Ehlo,
+                stage: UpstreamStage::Ehlo,
                 reply,
             });
         }
         // RFC 5321 §4.1.4: a server that does not know EHLO; no extensions then.
         let reply = self
-            .command(Stage::Helo, &format!("HELO {hostname}\r\n"))
+            .command(UpstreamStage::Helo, &format!("HELO {hostname}\r\n"))
             .await?;
         if !reply.is_positive() {
             return Err(ClientError::Refused {
-                stage: Stage::Helo,
+                stage: UpstreamStage::Helo,
                 reply,
             });
         }
@@ -400,11 +408,13 @@ impl UpstreamConnection {
     }
 
     async fn starttls(&mut self, tls: &ClientTls, policy: UpstreamTls) -> Result<(), ClientError> {
-        let reply = self.command(Stage::StartTls, "STARTTLS\r\n").await?;
+        let reply = self
+            .command(UpstreamStage::StartTls, "STARTTLS\r\n")
+            .await?;
         if !reply.is_positive() {
             if policy == UpstreamTls::Required {
                 return Err(ClientError::Refused {
-                    stage: Stage::StartTls,
+                    stage: UpstreamStage::StartTls,
                     reply,
                 });
             }
@@ -434,23 +444,28 @@ impl UpstreamConnection {
 
     async fn authenticate(&mut self, user: &str, password: &str) -> Result<(), ClientError> {
         let refused = |reply| ClientError::Refused {
-            stage: Stage::Auth,
+            stage: UpstreamStage::Auth,
             reply,
         };
         let reply = if self.ext.auth_plain {
             let token = BASE64.encode(format!("\0{user}\0{password}"));
-            self.command(Stage::Auth, &format!("AUTH PLAIN {token}\r\n"))
+            self.command(UpstreamStage::Auth, &format!("AUTH PLAIN {token}\r\n"))
                 .await?
         } else if self.ext.auth_login {
             // RFC 4954 §4 with the LOGIN mechanism: a 334 challenge before each value.
             for line in ["AUTH LOGIN".to_owned(), BASE64.encode(user)] {
-                let reply = self.command(Stage::Auth, &format!("{line}\r\n")).await?;
+                let reply = self
+                    .command(UpstreamStage::Auth, &format!("{line}\r\n"))
+                    .await?;
                 if reply.code != 334 {
                     return Err(refused(reply));
                 }
             }
-            self.command(Stage::Auth, &format!("{}\r\n", BASE64.encode(password)))
-                .await?
+            self.command(
+                UpstreamStage::Auth,
+                &format!("{}\r\n", BASE64.encode(password)),
+            )
+            .await?
         } else {
             return Err(Unsupported::AuthMechanism.into());
         };
@@ -534,7 +549,9 @@ impl UpstreamConnection {
         match result {
             // Anything going wrong at the RSET that opens a reused connection: the upstream
             // closed it while it was idle (a restart, its own idle timeout).
-            Err(e) if reused && e.stage() == Stage::Rset => Err(ClientError::Stale(Box::new(e))),
+            Err(e) if reused && e.stage() == UpstreamStage::Rset => {
+                Err(ClientError::Stale(Box::new(e)))
+            }
             other => other,
         }
     }
@@ -594,18 +611,18 @@ impl UpstreamConnection {
             return self.pipelined(&mail, &rcpts, message, gate, reused).await;
         }
         if reused {
-            self.write(Stage::Rset, b"RSET\r\n").await?;
+            self.write(UpstreamStage::Rset, b"RSET\r\n").await?;
             self.expect_rset().await?;
         }
-        let mail_reply = self.command(Stage::Mail, &mail).await?;
+        let mail_reply = self.command(UpstreamStage::Mail, &mail).await?;
         let mut rcpt_replies = Vec::new();
         if mail_reply.is_positive() {
             for r in &rcpts {
-                let reply = self.command(Stage::Rcpt, r).await?;
+                let reply = self.command(UpstreamStage::Rcpt, r).await?;
                 // The upstream has said this transaction takes no more recipients (RFC 5321
                 // §4.5.3.1.10): asking for each of the rest would only draw the same reply,
                 // quadratically many RCPTs over the continuation transactions. The rest wait
-                // for the next transaction ([`Tally::settle`]).
+                // for the next transaction ([`EnvelopeReplies::settle`]).
                 let full = reply.is_too_many_recipients();
                 rcpt_replies.push(reply);
                 if full {
@@ -613,13 +630,13 @@ impl UpstreamConnection {
                 }
             }
         }
-        let mut tally = Tally::new(tx.rcpts.len());
-        if let Some(done) = tally.settle(&mail_reply, &rcpt_replies)? {
+        let mut replies = EnvelopeReplies::new(tx.rcpts.len());
+        if let Some(done) = replies.settle(&mail_reply, &rcpt_replies)? {
             self.reusable = true;
             return Ok(done);
         }
-        let data_reply = self.command(Stage::Data, "DATA\r\n").await?;
-        self.data(message, gate, data_reply, tally).await
+        let data_reply = self.command(UpstreamStage::Data, "DATA\r\n").await?;
+        self.data(message, gate, data_reply, replies).await
     }
 
     /// [`UpstreamConnection::transaction`] with PIPELINING (RFC 2920): [RSET], MAIL, RCPT…
@@ -639,33 +656,33 @@ impl UpstreamConnection {
         batch.push_str(mail);
         rcpts.iter().for_each(|r| batch.push_str(r));
         batch.push_str("DATA\r\n");
-        self.write(Stage::Mail, batch.as_bytes()).await?;
+        self.write(UpstreamStage::Mail, batch.as_bytes()).await?;
         if reused {
             self.expect_rset().await?;
         }
-        let mail_reply = self.read_reply(Stage::Mail, self.timeout).await?;
+        let mail_reply = self.read_reply(UpstreamStage::Mail, self.timeout).await?;
         let mut rcpt_replies = Vec::with_capacity(rcpts.len());
         for _ in rcpts {
-            rcpt_replies.push(self.read_reply(Stage::Rcpt, self.timeout).await?);
+            rcpt_replies.push(self.read_reply(UpstreamStage::Rcpt, self.timeout).await?);
         }
-        let data_reply = self.read_reply(Stage::Data, self.timeout).await?;
-        let mut tally = Tally::new(rcpts.len());
-        if let Some(done) = tally.settle(&mail_reply, &rcpt_replies)? {
+        let data_reply = self.read_reply(UpstreamStage::Data, self.timeout).await?;
+        let mut replies = EnvelopeReplies::new(rcpts.len());
+        if let Some(done) = replies.settle(&mail_reply, &rcpt_replies)? {
             // A 354 here means the upstream wants a message for a transaction it refused;
             // the state of the session is unknown, so drop it rather than send anything.
             self.reusable = data_reply.code != 354;
             return Ok(done);
         }
-        self.data(message, gate, data_reply, tally).await
+        self.data(message, gate, data_reply, replies).await
     }
 
     async fn expect_rset(&mut self) -> Result<(), ClientError> {
-        let reply = self.read_reply(Stage::Rset, self.timeout).await?;
+        let reply = self.read_reply(UpstreamStage::Rset, self.timeout).await?;
         if reply.is_positive() {
             Ok(())
         } else {
             Err(ClientError::Refused {
-                stage: Stage::Rset,
+                stage: UpstreamStage::Rset,
                 reply,
             })
         }
@@ -676,40 +693,42 @@ impl UpstreamConnection {
         message: &mut MessageSource,
         gate: &mut (dyn DotGate + Send),
         data_reply: UpstreamReply,
-        tally: Tally,
+        replies: EnvelopeReplies,
     ) -> Result<Once, ClientError> {
         if data_reply.code == 421 {
             return Err(ClientError::BackPressure {
-                stage: Stage::Data,
+                stage: UpstreamStage::Data,
                 reply: data_reply,
             });
         }
         if data_reply.code != 354 {
             self.reusable = !data_reply.is_positive();
-            let refused = RcptOutcome::from_reply(Stage::Data, &data_reply);
-            return Ok(tally.finish(refused, false));
+            let refused = RcptOutcome::from_reply(UpstreamStage::Data, &data_reply);
+            return Ok(replies.finish(refused, false));
         }
         self.write_message(message).await?;
         if !gate.allow() {
             self.reusable = false;
             self.io = Stream::Closed;
-            return Ok(tally.finish(RcptOutcome::Deferred(Deferral::Aborted), true));
+            return Ok(replies.finish(RcptOutcome::Deferred(Deferral::Aborted), true));
         }
-        self.write(Stage::Dot, b".\r\n").await?;
-        let reply = self.read_reply(Stage::Dot, self.timeout * 2).await?;
+        self.write(UpstreamStage::Dot, b".\r\n").await?;
+        let reply = self
+            .read_reply(UpstreamStage::Dot, self.timeout * 2)
+            .await?;
         if reply.code == 421 {
             return Err(ClientError::BackPressure {
-                stage: Stage::Dot,
+                stage: UpstreamStage::Dot,
                 reply,
             });
         }
         let accepted = if reply.is_positive() {
             RcptOutcome::Delivered(reply)
         } else {
-            RcptOutcome::from_reply(Stage::Dot, &reply)
+            RcptOutcome::from_reply(UpstreamStage::Dot, &reply)
         };
         self.reusable = true;
-        Ok(tally.finish(accepted, false))
+        Ok(replies.finish(accepted, false))
     }
 
     /// Send the message dot-stuffed (RFC 5321 §4.5.2), ending in CRLF. The spool holds CRLF
@@ -723,12 +742,12 @@ impl UpstreamConnection {
                 for chunk in bytes.as_slice().chunks(CHUNK) {
                     out.clear();
                     stuffer.push(chunk, &mut out);
-                    self.write(Stage::Data, &out).await?;
+                    self.write(UpstreamStage::Data, &out).await?;
                 }
             }
             MessageSource::File { file, start, sent } => {
                 let local = |source| ClientError::Local {
-                    stage: Stage::Data,
+                    stage: UpstreamStage::Data,
                     source,
                 };
                 if std::mem::replace(sent, true) {
@@ -744,23 +763,27 @@ impl UpstreamConnection {
                     }
                     out.clear();
                     stuffer.push(&buf[..n], &mut out);
-                    self.write(Stage::Data, &out).await?;
+                    self.write(UpstreamStage::Data, &out).await?;
                 }
             }
         }
         if stuffer.last_two != [b'\r', b'\n'] {
-            self.write(Stage::Data, b"\r\n").await?;
+            self.write(UpstreamStage::Data, b"\r\n").await?;
         }
         Ok(())
     }
 
     /// Send `line` and read its reply.
-    async fn command(&mut self, stage: Stage, line: &str) -> Result<UpstreamReply, ClientError> {
+    async fn command(
+        &mut self,
+        stage: UpstreamStage,
+        line: &str,
+    ) -> Result<UpstreamReply, ClientError> {
         self.write(stage, line.as_bytes()).await?;
         self.read_reply(stage, self.timeout).await
     }
 
-    async fn write(&mut self, stage: Stage, bytes: &[u8]) -> Result<(), ClientError> {
+    async fn write(&mut self, stage: UpstreamStage, bytes: &[u8]) -> Result<(), ClientError> {
         let io = &mut self.io;
         let result = tokio::time::timeout(self.timeout, async {
             io.write_all(bytes).await?;
@@ -792,7 +815,7 @@ impl UpstreamConnection {
     /// connection not reusable.
     async fn read_reply(
         &mut self,
-        stage: Stage,
+        stage: UpstreamStage,
         limit: Duration,
     ) -> Result<UpstreamReply, ClientError> {
         let result = self.read_reply_within(stage, limit).await;
@@ -804,7 +827,7 @@ impl UpstreamConnection {
 
     async fn read_reply_within(
         &mut self,
-        stage: Stage,
+        stage: UpstreamStage,
         limit: Duration,
     ) -> Result<UpstreamReply, ClientError> {
         let deadline = tokio::time::Instant::now() + limit;
@@ -849,8 +872,10 @@ impl UpstreamConnection {
     /// Say QUIT and close (best effort, bounded).
     pub async fn quit(mut self) {
         let _ = tokio::time::timeout(Duration::from_secs(5), async {
-            if self.write(Stage::Quit, b"QUIT\r\n").await.is_ok() {
-                let _ = self.read_reply(Stage::Quit, Duration::from_secs(5)).await;
+            if self.write(UpstreamStage::Quit, b"QUIT\r\n").await.is_ok() {
+                let _ = self
+                    .read_reply(UpstreamStage::Quit, Duration::from_secs(5))
+                    .await;
             }
             let _ = self.io.shutdown().await;
         })
@@ -860,14 +885,14 @@ impl UpstreamConnection {
 
 /// The outcomes of one transaction's recipients as the MAIL and RCPT replies decide them;
 /// `None` for a recipient the upstream accepted (decided by the reply to DATA or the dot).
-struct Tally {
+struct EnvelopeReplies {
     outcomes: Vec<Option<RcptOutcome>>,
     too_many: Vec<usize>,
 }
 
-impl Tally {
-    fn new(rcpts: usize) -> Tally {
-        Tally {
+impl EnvelopeReplies {
+    fn new(rcpts: usize) -> EnvelopeReplies {
+        EnvelopeReplies {
             outcomes: vec![None; rcpts],
             too_many: Vec::new(),
         }
@@ -887,10 +912,10 @@ impl Tally {
             reply: reply.clone(),
         };
         if mail.is_back_pressure() {
-            return Err(back_pressure(Stage::Mail, mail));
+            return Err(back_pressure(UpstreamStage::Mail, mail));
         }
         if !mail.is_positive() {
-            let outcome = RcptOutcome::from_reply(Stage::Mail, mail);
+            let outcome = RcptOutcome::from_reply(UpstreamStage::Mail, mail);
             return Ok(Some(Once::done(Sent {
                 rcpts: vec![outcome; self.outcomes.len()],
                 aborted: false,
@@ -898,16 +923,16 @@ impl Tally {
         }
         for (i, (slot, reply)) in self.outcomes.iter_mut().zip(rcpts).enumerate() {
             if reply.is_back_pressure() {
-                return Err(back_pressure(Stage::Rcpt, reply));
+                return Err(back_pressure(UpstreamStage::Rcpt, reply));
             }
             if reply.is_too_many_recipients() {
                 self.too_many.push(i);
                 *slot = Some(RcptOutcome::Deferred(Deferral::Reply {
-                    stage: Stage::Rcpt,
+                    stage: UpstreamStage::Rcpt,
                     reply: reply.clone(),
                 }));
             } else if !reply.is_positive() {
-                *slot = Some(RcptOutcome::from_reply(Stage::Rcpt, reply));
+                *slot = Some(RcptOutcome::from_reply(UpstreamStage::Rcpt, reply));
             }
         }
         // Recipients not asked for, after an RCPT refused as too many recipients (only

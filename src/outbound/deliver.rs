@@ -355,7 +355,7 @@ impl Attempting<'_> {
         for fresh_try in [false, true] {
             let mut lease = up.lease(&self.ctx.hostname).await?;
             let mut source = self.source().await.map_err(|e| ClientError::Local {
-                stage: super::error::Stage::Data,
+                stage: super::error::UpstreamStage::Data,
                 source: std::io::Error::other(e),
             })?;
             let mut gate = Gate { lock: self.lock };

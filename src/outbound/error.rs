@@ -28,7 +28,7 @@ use super::reply::{GarbledReply, UpstreamReply};
 
 /// The step of the conversation with an upstream (RFC 5321 §4.1, RFC 3207, RFC 4954).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum Stage {
+pub enum UpstreamStage {
     /// The TCP connection.
     Connect,
     /// The `220` greeting (RFC 5321 §4.3.1).
@@ -49,27 +49,27 @@ pub enum Stage {
     Quit,
 }
 
-impl Stage {
+impl UpstreamStage {
     /// The stage as the log names it.
     pub fn as_str(self) -> &'static str {
         match self {
-            Stage::Connect => "connect",
-            Stage::Greeting => "greeting",
-            Stage::Ehlo => "EHLO",
-            Stage::Helo => "HELO",
-            Stage::StartTls => "STARTTLS",
-            Stage::Auth => "AUTH",
-            Stage::Mail => "MAIL",
-            Stage::Rcpt => "RCPT",
-            Stage::Data => "DATA",
-            Stage::Dot => "end of data",
-            Stage::Rset => "RSET",
-            Stage::Quit => "QUIT",
+            UpstreamStage::Connect => "connect",
+            UpstreamStage::Greeting => "greeting",
+            UpstreamStage::Ehlo => "EHLO",
+            UpstreamStage::Helo => "HELO",
+            UpstreamStage::StartTls => "STARTTLS",
+            UpstreamStage::Auth => "AUTH",
+            UpstreamStage::Mail => "MAIL",
+            UpstreamStage::Rcpt => "RCPT",
+            UpstreamStage::Data => "DATA",
+            UpstreamStage::Dot => "end of data",
+            UpstreamStage::Rset => "RSET",
+            UpstreamStage::Quit => "QUIT",
         }
     }
 }
 
-impl fmt::Display for Stage {
+impl fmt::Display for UpstreamStage {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(self.as_str())
     }
@@ -164,34 +164,43 @@ pub enum ClientError {
     /// A time limit ran out at `stage`, waiting for `wait`; `after` is the limit.
     #[error("{stage}: {}", timeout_text(*.wait, *.after))]
     Timeout {
-        stage: Stage,
+        stage: UpstreamStage,
         wait: Wait,
         after: Duration,
     },
     /// Reading or writing failed at `stage` (a reset, a broken pipe).
     #[error("{stage}: {direction}: {source}")]
     Io {
-        stage: Stage,
+        stage: UpstreamStage,
         direction: Direction,
         source: std::io::Error,
     },
     /// The upstream closed the connection at `stage`.
     #[error("{stage}: connection closed by the upstream")]
-    Closed { stage: Stage },
+    Closed { stage: UpstreamStage },
     /// STARTTLS or the handshake after it failed.
     #[error(transparent)]
     Tls(#[from] TlsFailure),
     /// The upstream refused a step that concerns the whole connection (greeting, EHLO,
     /// STARTTLS with `tls = "required"`, AUTH, RSET) with `reply`.
     #[error("{stage}: {reply}")]
-    Refused { stage: Stage, reply: UpstreamReply },
+    Refused {
+        stage: UpstreamStage,
+        reply: UpstreamReply,
+    },
     /// `421`, or `452 4.3.1`, at `stage`: the upstream as a whole is too busy
     /// ([`UpstreamReply::is_back_pressure`]).
     #[error("{stage}: {reply}")]
-    BackPressure { stage: Stage, reply: UpstreamReply },
+    BackPressure {
+        stage: UpstreamStage,
+        reply: UpstreamReply,
+    },
     /// The upstream's bytes at `stage` are not a valid reply.
     #[error("{stage}: {kind}")]
-    Garbled { stage: Stage, kind: GarbledReply },
+    Garbled {
+        stage: UpstreamStage,
+        kind: GarbledReply,
+    },
     /// The upstream cannot do what its configuration asks.
     #[error(transparent)]
     Unsupported(#[from] Unsupported),
@@ -202,7 +211,7 @@ pub enum ClientError {
     /// The message could not be read from the spool at `stage`.
     #[error("{stage}: reading the spool file: {source}")]
     Local {
-        stage: Stage,
+        stage: UpstreamStage,
         source: std::io::Error,
     },
     /// The pool is closed: the relay is shutting down.
@@ -220,9 +229,9 @@ fn timeout_text(wait: Wait, after: Duration) -> String {
 
 impl ClientError {
     /// The stage it happened at.
-    pub fn stage(&self) -> Stage {
+    pub fn stage(&self) -> UpstreamStage {
         match self {
-            ClientError::Connect(_) | ClientError::ShuttingDown => Stage::Connect,
+            ClientError::Connect(_) | ClientError::ShuttingDown => UpstreamStage::Connect,
             ClientError::Timeout { stage, .. }
             | ClientError::Io { stage, .. }
             | ClientError::Closed { stage }
@@ -230,8 +239,8 @@ impl ClientError {
             | ClientError::BackPressure { stage, .. }
             | ClientError::Garbled { stage, .. }
             | ClientError::Local { stage, .. } => *stage,
-            ClientError::Tls(_) => Stage::StartTls,
-            ClientError::Unsupported(_) => Stage::Auth,
+            ClientError::Tls(_) => UpstreamStage::StartTls,
+            ClientError::Unsupported(_) => UpstreamStage::Auth,
             ClientError::Stale(inner) => inner.stage(),
         }
     }
@@ -281,6 +290,14 @@ mod tests {
         }
     }
 
+    fn timeout(stage: UpstreamStage, wait: Wait, secs: u64) -> ClientError {
+        ClientError::Timeout {
+            stage,
+            wait,
+            after: Duration::from_secs(secs),
+        }
+    }
+
     /// The log and `last_error` read as before the errors had kinds.
     #[test]
     fn display_is_the_stage_then_what_happened() {
@@ -291,31 +308,21 @@ mod tests {
                 "connect: connection refused".into(),
             ),
             (
-                ClientError::Timeout {
-                    stage: Stage::Connect,
-                    wait: Wait::Connect,
-                    after: Duration::from_secs(5),
-                },
+                timeout(UpstreamStage::Connect, Wait::Connect, 5),
                 "connect: timed out after 5s".into(),
             ),
             (
-                ClientError::Timeout {
-                    stage: Stage::Ehlo,
-                    wait: Wait::Reply,
-                    after: Duration::from_secs(2),
-                },
+                timeout(UpstreamStage::Ehlo, Wait::Reply, 2),
                 "EHLO: no reply within 2s".into(),
             ),
             (
-                ClientError::Timeout {
-                    stage: Stage::Data,
-                    wait: Wait::Write,
-                    after: Duration::from_secs(2),
-                },
+                timeout(UpstreamStage::Data, Wait::Write, 2),
                 "DATA: write timed out".into(),
             ),
             (
-                ClientError::Stale(Box::new(ClientError::Closed { stage: Stage::Rset })),
+                ClientError::Stale(Box::new(ClientError::Closed {
+                    stage: UpstreamStage::Rset,
+                })),
                 "RSET: connection closed by the upstream".into(),
             ),
             (
@@ -324,14 +331,14 @@ mod tests {
             ),
             (
                 ClientError::BackPressure {
-                    stage: Stage::Rcpt,
+                    stage: UpstreamStage::Rcpt,
                     reply: reply(452, "4.3.1 Insufficient system resources"),
                 },
                 "RCPT: 452 4.3.1 Insufficient system resources".into(),
             ),
             (
                 ClientError::Garbled {
-                    stage: Stage::Dot,
+                    stage: UpstreamStage::Dot,
                     kind: GarbledReply::LineTooLong,
                 },
                 "end of data: reply line too long".into(),
@@ -348,11 +355,13 @@ mod tests {
 
     #[test]
     fn only_the_upstreams_own_failures_count_against_its_breaker() {
-        let closed = || ClientError::Closed { stage: Stage::Rset };
+        let closed = || ClientError::Closed {
+            stage: UpstreamStage::Rset,
+        };
         assert!(closed().is_upstream_fault());
         assert!(!ClientError::Stale(Box::new(closed())).is_upstream_fault());
         let local = ClientError::Local {
-            stage: Stage::Data,
+            stage: UpstreamStage::Data,
             source: std::io::Error::other("gone"),
         };
         assert!(!local.is_upstream_fault());

@@ -13,7 +13,7 @@ use super::client::{
     DotGate, Incapable, MailTransaction, MessageSource, RcptOutcome, Rejection, Sent,
     UpstreamConnection,
 };
-use super::error::{ClientError, Stage, TlsFailure, Wait};
+use super::error::{ClientError, TlsFailure, UpstreamStage, Wait};
 use super::reply::{GarbledReply, UpstreamReply};
 use super::upstream::UpstreamRt;
 use crate::config::{Upstream, UpstreamTls};
@@ -177,7 +177,7 @@ async fn a_refused_recipient_carries_the_upstreams_multi_line_reply_to_its_dsn_d
     assert_eq!(
         rejection,
         &Rejection::Reply {
-            stage: Stage::Rcpt,
+            stage: UpstreamStage::Rcpt,
             reply: refusal.clone()
         }
     );
@@ -224,7 +224,7 @@ async fn back_pressure_at_mail_fails_the_transaction_and_opens_the_breaker() {
     let mut lease = up.lease("relay.test").await.unwrap();
     let error = send(&mut lease.conn, &["b@example.com"]).await.unwrap_err();
     assert!(
-        matches!(&error, ClientError::BackPressure { stage: Stage::Mail, reply } if reply.code == 421),
+        matches!(&error, ClientError::BackPressure { stage: UpstreamStage::Mail, reply } if reply.code == 421),
         "{error:?}"
     );
     assert_eq!(error.to_string(), "MAIL: 421 4.3.2 too busy");
@@ -257,7 +257,7 @@ async fn a_pooled_connection_closed_while_idle_is_stale_and_the_retry_gets_a_fre
     let ClientError::Stale(inner) = &error else {
         panic!("not stale: {error:?}");
     };
-    assert_eq!(inner.stage(), Stage::Rset);
+    assert_eq!(inner.stage(), UpstreamStage::Rset);
     up.failed(Instant::now(), &error, pass);
     assert!(
         up.down().is_none(),
@@ -341,7 +341,7 @@ async fn a_silent_upstream_times_out_at_the_stage_it_was_waiting_at() {
         matches!(
             error,
             ClientError::Timeout {
-                stage: Stage::Ehlo,
+                stage: UpstreamStage::Ehlo,
                 wait: Wait::Reply,
                 ..
             }
@@ -363,7 +363,7 @@ async fn a_garbled_reply_is_an_error_of_its_stage() {
         matches!(
             error,
             ClientError::Garbled {
-                stage: Stage::Ehlo,
+                stage: UpstreamStage::Ehlo,
                 kind: GarbledReply::Inconsistent
             }
         ),
