@@ -8,7 +8,8 @@
 //! - its text form (`Display`, the log, `last_error` and the DSN's Diagnostic-Code) has no CR
 //!   or LF;
 //! - the enhanced status code, when found, starts the first line and is `class.subject.detail`
-//!   with class 2, 4 or 5 and one to three digits each (RFC 3463); `status()` always is;
+//!   with class 2, 4 or 5 and one to three digits each (RFC 3463); `status()` always is, but
+//!   for a 3xx;
 //! - written back in wire form, it parses (`UpstreamReply::parse`) to the same reply.
 //!
 //! After an error the reader is dropped (as the client drops the connection) and a new one
@@ -49,7 +50,11 @@ fn check(reply: &UpstreamReply) {
         assert!(reply.lines[0].starts_with(enhanced), "{reply:?}");
         assert!(is_status(enhanced), "{enhanced:?}");
     }
-    assert!(is_status(&reply.status()), "{reply:?}");
+    // RFC 3463 has no class 3: a 3xx gives `3.0.0`, which the DSN builder reports as
+    // `5.0.0`.
+    if !reply.is_intermediate() {
+        assert!(is_status(&reply.status()), "{reply:?}");
+    }
     // Classifications never panic and agree with the code.
     if reply.is_back_pressure() || reply.is_too_many_recipients() {
         assert!(matches!(reply.code, 421 | 452 | 552), "{reply:?}");

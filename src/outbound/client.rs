@@ -167,20 +167,30 @@ impl Incapable {
     }
 }
 
-/// ESMTP extensions the upstream announced in its EHLO reply.
+/// ESMTP extensions the upstream announced in its EHLO reply (RFC 5321 §4.1.1.1).
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Extensions {
+    /// PIPELINING (RFC 2920).
     pub pipelining: bool,
+    /// STARTTLS (RFC 3207).
     pub starttls: bool,
+    /// 8BITMIME (RFC 6152).
     pub eightbitmime: bool,
+    /// SMTPUTF8 (RFC 6531).
     pub smtputf8: bool,
-    /// SIZE limit; `Some(0)` means "SIZE supported, no fixed limit".
+    /// SIZE limit in octets (RFC 1870); `Some(0)` means "SIZE supported, no fixed limit",
+    /// also when the parameter is not a number.
     pub size: Option<u64>,
+    /// AUTH with PLAIN among its mechanisms (RFC 4954, RFC 4616).
     pub auth_plain: bool,
+    /// AUTH with LOGIN among its mechanisms.
     pub auth_login: bool,
 }
 
 impl Extensions {
+    /// The extensions in a positive EHLO reply: each line after the first starts with a
+    /// keyword, matched without regard to case; unknown keywords are ignored. Never fails:
+    /// the reply has been bounded and cleaned by [`super::reply`] already.
     pub fn parse(reply: &UpstreamReply) -> Extensions {
         let mut ext = Extensions::default();
         // The first line is the greeting name; each further line is one extension.
