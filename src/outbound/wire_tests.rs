@@ -371,3 +371,99 @@ async fn a_garbled_reply_is_an_error_of_its_stage() {
     );
     assert!(error.is_upstream_fault());
 }
+
+/// An upstream on a loopback port that offers STARTTLS and then does a TLS handshake with the
+/// self-signed certificate `cert` for 127.0.0.1, answering the EHLO after it.
+async fn tls_responder(cert: &str, key: &str) -> u16 {
+    use rustls_pki_types::pem::PemObject;
+    use rustls_pki_types::{CertificateDer, PrivateKeyDer};
+    use tokio_rustls::rustls::{ServerConfig, crypto::aws_lc_rs};
+
+    let chain = vec![CertificateDer::from_pem_slice(cert.as_bytes()).unwrap()];
+    let key = PrivateKeyDer::from_pem_slice(key.as_bytes()).unwrap();
+    let config = ServerConfig::builder_with_provider(Arc::new(aws_lc_rs::default_provider()))
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_no_client_auth()
+        .with_single_cert(chain, key)
+        .unwrap();
+    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    tokio::spawn(async move {
+        let (mut tcp, _) = listener.accept().await.unwrap();
+        let mut line = String::new();
+        let script = [
+            "220 up.test ESMTP\r\n",
+            "250-up.test\r\n250 STARTTLS\r\n",
+            "220 2.0.0 go ahead\r\n",
+        ];
+        for reply in script {
+            tcp.write_all(reply.as_bytes()).await.unwrap();
+            if !reply.starts_with("220 2") {
+                read_line(&mut tcp, &mut line).await;
+            }
+        }
+        let Ok(mut tls) = acceptor.accept(tcp).await else {
+            return;
+        };
+        read_line(&mut tls, &mut line).await;
+        let _ = tls.write_all(b"250 up.test\r\n").await;
+        read_line(&mut tls, &mut line).await;
+    });
+    port
+}
+
+/// Read up to and including the next LF, one octet at a time (nothing after it is consumed).
+async fn read_line(io: &mut (impl tokio::io::AsyncRead + Unpin), line: &mut String) {
+    use tokio::io::AsyncReadExt;
+    line.clear();
+    let mut byte = [0u8; 1];
+    while io.read(&mut byte).await.unwrap_or(0) == 1 {
+        line.push(char::from(byte[0]));
+        if byte[0] == b'\n' {
+            return;
+        }
+    }
+}
+
+fn write_ca(dir: &std::path::Path, pem: &str) -> std::path::PathBuf {
+    let path = dir.join("ca.pem");
+    std::fs::write(&path, pem).unwrap();
+    path
+}
+
+/// `tls = "required"`: the upstream's certificate is verified against `ca`; one signed by
+/// another key fails as a certificate error, and is never retried in plaintext.
+#[tokio::test]
+async fn required_tls_verifies_the_certificate_and_a_wrong_one_is_a_certificate_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let (cert, key) = crate::inbound::tls::generate_self_signed("127.0.0.1").unwrap();
+    let (other, _) = crate::inbound::tls::generate_self_signed("127.0.0.1").unwrap();
+
+    let port = tls_responder(&cert, &key).await;
+    let config = Upstream {
+        ca: Some(write_ca(dir.path(), &cert)),
+        ..upstream(port, UpstreamTls::Required)
+    };
+    let up = upstream_rt(&config);
+    let lease = up.lease("relay.test").await.unwrap();
+    assert!(lease.conn.tls);
+
+    let port = tls_responder(&cert, &key).await;
+    let config = Upstream {
+        ca: Some(write_ca(dir.path(), &other)),
+        ..upstream(port, UpstreamTls::Required)
+    };
+    let up = upstream_rt(&config);
+    let error = up
+        .lease("relay.test")
+        .await
+        .err()
+        .expect("a wrong certificate");
+    assert!(
+        matches!(error, ClientError::Tls(TlsFailure::Certificate(_))),
+        "{error:?}"
+    );
+    assert!(error.is_upstream_fault());
+}
