@@ -354,10 +354,7 @@ impl Attempting<'_> {
         };
         for fresh_try in [false, true] {
             let mut lease = up.lease(&self.ctx.hostname).await?;
-            let mut source = self.source().await.map_err(|e| ClientError::Local {
-                stage: super::error::UpstreamStage::Data,
-                source: std::io::Error::other(e),
-            })?;
+            let mut source = self.source().await.map_err(ClientError::Spool)?;
             let mut gate = Gate { lock: self.lock };
             let result = lease.conn.send(&tx, &mut source, &mut gate).await;
             up.release(lease);

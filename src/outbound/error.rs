@@ -8,8 +8,9 @@
 //!   connection ([`super::upstream`]).
 //! - [`ClientError::Tls`] from the handshake ([`ClientError::is_tls_handshake`]): an
 //!   opportunistic upstream is retried in plaintext.
-//! - [`ClientError::Local`]: the spool file could not be read; not the upstream's fault, so
-//!   it does not count against the circuit breaker ([`ClientError::is_upstream_fault`]).
+//! - [`ClientError::Local`], [`ClientError::Spool`]: the spool file could not be read; not the
+//!   upstream's fault, so it does not count against the circuit breaker
+//!   ([`ClientError::is_upstream_fault`]).
 //! - every other kind opens the circuit breaker and the delivery tries the next upstream.
 //!
 //! Replies that concern one message (a 5xx to RCPT, a 4xx to DATA) are not errors but
@@ -214,6 +215,9 @@ pub enum ClientError {
         stage: UpstreamStage,
         source: std::io::Error,
     },
+    /// The message could not be opened in the spool for this transaction.
+    #[error("DATA: reading the spool file: {0}")]
+    Spool(#[source] crate::queue::SpoolError),
     /// The pool is closed: the relay is shutting down.
     #[error("connect: shutting down")]
     ShuttingDown,
@@ -240,6 +244,7 @@ impl ClientError {
             | ClientError::Garbled { stage, .. }
             | ClientError::Local { stage, .. } => *stage,
             ClientError::Tls(_) => UpstreamStage::StartTls,
+            ClientError::Spool(_) => UpstreamStage::Data,
             ClientError::Unsupported(_) => UpstreamStage::Auth,
             ClientError::Stale(inner) => inner.stage(),
         }
@@ -263,7 +268,10 @@ impl ClientError {
     pub fn is_upstream_fault(&self) -> bool {
         !matches!(
             self,
-            ClientError::Stale(_) | ClientError::Local { .. } | ClientError::ShuttingDown
+            ClientError::Stale(_)
+                | ClientError::Local { .. }
+                | ClientError::Spool(_)
+                | ClientError::ShuttingDown
         )
     }
 
