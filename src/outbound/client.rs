@@ -90,7 +90,7 @@ pub enum Deferral {
     Aborted,
     /// The continuation transaction for recipients left over as too many failed.
     #[error(transparent)]
-    Failed(Arc<ClientError>),
+    ContinuationFailed(Arc<ClientError>),
 }
 
 /// Why a recipient failed for good: the upstream's reply, or a reason of our own found
@@ -528,7 +528,8 @@ impl UpstreamConnection {
                 Err(e) => {
                     let e = Arc::new(e);
                     for &i in &left {
-                        sent.rcpts[i] = RcptOutcome::Deferred(Deferral::Failed(e.clone()));
+                        sent.rcpts[i] =
+                            RcptOutcome::Deferred(Deferral::ContinuationFailed(e.clone()));
                     }
                     break;
                 }
