@@ -467,3 +467,20 @@ async fn required_tls_verifies_the_certificate_and_a_wrong_one_is_a_certificate_
     );
     assert!(error.is_upstream_fault());
 }
+
+/// An unreadable spool file is our problem, not the upstream's: the breaker stays closed.
+#[test]
+fn a_spool_error_leaves_the_breaker_closed() {
+    let up = upstream_rt(&upstream(9, UpstreamTls::None));
+    let pass = up.available(Instant::now()).unwrap();
+    let gone = crate::queue::SpoolError::NotFound(crate::envelope::QueueId::generate());
+    let error = ClientError::Spool(gone);
+    assert!(
+        error
+            .to_string()
+            .starts_with("DATA: reading the spool file: ")
+    );
+    up.failed(Instant::now(), &error, pass);
+    assert!(up.down().is_none());
+    assert!(up.available(Instant::now()).is_some());
+}
