@@ -6,8 +6,8 @@
 //!
 //! Circuit breaker: a connection-level failure (refused connection, timeout, broken TLS, a
 //! `421` or `452 4.3.1` back-pressure reply; [`ClientError::is_upstream_fault`], so not a
-//! stale pooled connection nor an unreadable spool file) marks the upstream down for its `backoff`,
-//! doubling with each failed probe up to 16 times. While down, deliveries skip it. When
+//! stale pooled connection nor an unreadable spool file) marks the upstream down for its
+//! `backoff`, doubling with each failed probe up to 16 times. While down, deliveries skip it. When
 //! the back-off has passed, one delivery probes it (the breaker half-opens: the others keep
 //! skipping it until the probe ends); a success closes the breaker. `queue retry` closes it
 //! at once.

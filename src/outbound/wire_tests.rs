@@ -223,10 +223,10 @@ async fn back_pressure_at_mail_fails_the_transaction_and_opens_the_breaker() {
     let pass = up.available(Instant::now()).unwrap();
     let mut lease = up.lease("relay.test").await.unwrap();
     let error = send(&mut lease.conn, &["b@example.com"]).await.unwrap_err();
-    assert!(
-        matches!(&error, ClientError::BackPressure { stage: UpstreamStage::Mail, reply } if reply.code == 421),
-        "{error:?}"
-    );
+    let ClientError::BackPressure { stage, reply } = &error else {
+        panic!("not back-pressure: {error:?}");
+    };
+    assert_eq!((*stage, reply.code), (UpstreamStage::Mail, 421));
     assert_eq!(error.to_string(), "MAIL: 421 4.3.2 too busy");
     up.failed(Instant::now(), &error, pass);
     assert!(up.down().is_some());
