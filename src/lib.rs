@@ -34,7 +34,10 @@
 //!   commands (retry, delete, purge), the reuse of finished message files, the free-space
 //!   reserve for messages in flight and the bounce (RFC 3464) builder.
 //! - [`outbound`]: the upstream SMTP client, failover and circuit breakers, connection pools,
-//!   delivery attempts and the scheduler that starts them.
+//!   delivery attempts and the scheduler that starts them. What can go wrong with an upstream
+//!   is a kind of `outbound::error::ClientError` (a new kind goes there, with its effect on the
+//!   breaker); replies that concern one message are per-recipient outcomes carrying the
+//!   upstream's reply unchanged into the DSN.
 //! - [`routes`]: the routing table and the capabilities each upstream announced, shared by
 //!   delivery and the inbound checks at RCPT and DATA (the one module both sides use).
 //! - [`stream`]: a connection that is plain TCP or TLS, for both directions.

@@ -436,3 +436,38 @@ fn a_recipient_without_any_route_is_refused_at_rcpt_not_queued_until_it_expires(
     c.expect("QUIT", 221);
     assert!(relay.spool_files().is_empty());
 }
+
+/// The upstream's reply reaches the DSN as the upstream sent it: a multi-line refusal with an
+/// enhanced status code gives that code as the `Status` and every line, in order, in the
+/// `Diagnostic-Code` (RFC 3464 §2.3.4, §2.3.6).
+#[test]
+fn a_multi_line_upstream_refusal_reaches_the_dsn_with_its_enhanced_status_and_every_line() {
+    let mut config = SinkConfig::default();
+    config.rcpt_replies.insert(
+        "nobody@example.com".into(),
+        "550-5.7.26 This mail has been blocked because the sender is\r\n\
+         550-5.7.26 unauthenticated. Senders must authenticate\r\n\
+         550 5.7.26 with SPF or DKIM."
+            .into(),
+    );
+    let sink = Sink::start(config);
+    let relay = start_mx(sink.port(), "");
+    let mut c = SmtpClient::greeted(relay.port(0));
+    let (code, text) = transaction(
+        &mut c,
+        "<a@example.org>",
+        &["nobody@example.com"],
+        "Subject: blocked\r\n\r\nbody\r\n",
+    );
+    assert_eq!(code, 250, "{text}");
+    c.cmd("QUIT");
+    assert!(sink.wait_for(1, WAIT), "no DSN:\n{}", relay.log());
+    let dsn = String::from_utf8(sink.messages()[0].data.clone()).unwrap();
+    assert!(dsn.contains("\r\nStatus: 5.7.26\r\n"), "{dsn}");
+    // Folding puts a CRLF before a space; unfolded, the field is the reply's lines joined.
+    let unfolded = dsn.replace("\r\n ", " ");
+    let field = "\r\nDiagnostic-Code: smtp; 550 5.7.26 This mail has been blocked because the \
+                 sender is 5.7.26 unauthenticated. Senders must authenticate 5.7.26 with SPF or \
+                 DKIM.\r\n";
+    assert!(unfolded.contains(field), "{dsn}");
+}

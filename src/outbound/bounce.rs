@@ -3,7 +3,7 @@
 use super::deliver::FailedRcpt;
 use crate::envelope::{Envelope, QueueId, unix_now};
 use crate::queue::bounce::{
-    Diagnostic, DsnInput, FailedRecipient, MAX_RETURNED_HEADERS, bounce_envelope, build_dsn,
+    DsnInput, FailedRecipient, MAX_RETURNED_HEADERS, bounce_envelope, build_dsn,
 };
 use crate::queue::{Spool, SpoolError};
 
@@ -22,11 +22,7 @@ pub fn enqueue(
         .map(|f| FailedRecipient {
             address: f.address.clone(),
             status: f.status.clone(),
-            diagnostic: if is_smtp_reply(&f.text) {
-                Diagnostic::Smtp(f.text.clone())
-            } else {
-                Diagnostic::Local(f.text.clone())
-            },
+            diagnostic: f.diagnostic.clone(),
             remote_mta: f.upstream.clone(),
         })
         .collect();
@@ -45,10 +41,4 @@ pub fn enqueue(
     let dsn = build_dsn(&input).ok_or_else(not_bounceable)?;
     let envelope = bounce_envelope(original, &dsn, hostname, now).ok_or_else(not_bounceable)?;
     spool.enqueue(&envelope, &dsn)
-}
-
-/// `550 5.1.1 …`: an SMTP reply rather than a reason of our own.
-fn is_smtp_reply(text: &str) -> bool {
-    let b = text.as_bytes();
-    b.len() >= 4 && b[..3].iter().all(u8::is_ascii_digit) && b[3] == b' '
 }

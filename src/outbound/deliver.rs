@@ -18,10 +18,12 @@ use std::time::Instant;
 use tokio::sync::mpsc::UnboundedSender;
 use tracing::{error, info, warn};
 
-use super::client::{DotGate, MessageSource, RcptOutcome, Sent, Transaction};
+use super::client::{DotGate, MailTransaction, MessageSource, RcptOutcome, Sent};
+use super::error::ClientError;
 use super::upstream::{UpstreamRt, Upstreams};
 use crate::config;
 use crate::envelope::{Address, QueueId, RcptStatus, ReversePath, unix_now};
+use crate::queue::bounce::Diagnostic;
 use crate::queue::{Attempt, Loaded, QueuedMessage, SendLock, Spool, SpoolError};
 
 /// Messages up to this size are read into memory in one go; larger ones are streamed from
@@ -48,7 +50,7 @@ pub struct FailedRcpt {
     /// Enhanced status code, e.g. `5.1.1`.
     pub status: String,
     /// The upstream's reply or our reason.
-    pub text: String,
+    pub diagnostic: Diagnostic,
     /// Host name of the upstream that refused it (the DSN's `Remote-MTA`, RFC 3464 §2.3.5):
     /// only when an upstream actually answered, and only when it is configured by host name
     /// (an `address` that is an IP has no name to report).
@@ -242,7 +244,7 @@ impl Attempting<'_> {
                     index: i,
                     address,
                     status: "4.4.7".into(),
-                    text: reason.clone(),
+                    diagnostic: Diagnostic::Local(reason.clone()),
                     upstream: None,
                 });
             }
@@ -341,14 +343,10 @@ impl Attempting<'_> {
 
     /// One transaction with one upstream, on a pooled connection (a second, fresh one when the
     /// pooled connection turns out to have been closed while idle).
-    async fn attempt(
-        &mut self,
-        up: &UpstreamRt,
-        rcpts: &[usize],
-    ) -> Result<Sent, super::client::Failure> {
+    async fn attempt(&mut self, up: &UpstreamRt, rcpts: &[usize]) -> Result<Sent, ClientError> {
         let env = &self.msg.envelope;
         let addresses: Vec<&Address> = rcpts.iter().map(|&i| &env.recipients[i].address).collect();
-        let tx = Transaction {
+        let tx = MailTransaction {
             from: &env.mail_from,
             params: &env.mail_params,
             rcpts: &addresses,
@@ -356,16 +354,12 @@ impl Attempting<'_> {
         };
         for fresh_try in [false, true] {
             let mut lease = up.lease(&self.ctx.hostname).await?;
-            let mut source = self.source().await.map_err(|e| super::client::Failure {
-                stage: "DATA",
-                detail: format!("reading the spool file: {e}"),
-                stale: false,
-            })?;
+            let mut source = self.source().await.map_err(ClientError::Spool)?;
             let mut gate = Gate { lock: self.lock };
             let result = lease.conn.send(&tx, &mut source, &mut gate).await;
             up.release(lease);
             match result {
-                Err(f) if f.stale && !fresh_try => {
+                Err(ClientError::Stale(_)) if !fresh_try => {
                     // The retry must get a new connection, not the next stale one.
                     up.discard_idle();
                     continue;
@@ -416,20 +410,19 @@ impl Attempting<'_> {
                     errors.push(format!("upstream {}: {text}", up.name()));
                     summary.push(format!("{address}: {text}"));
                 }
-                RcptOutcome::Failed {
-                    status,
-                    text,
-                    remote,
-                } => {
-                    warn!(queue_id = %id, upstream = %up.name(), rcpt = %address, reply = %text, "failed permanently");
+                RcptOutcome::Failed(rejection) => {
+                    warn!(queue_id = %id, upstream = %up.name(), rcpt = %address, reply = %rejection, "failed permanently");
                     self.msg.state.recipients[i] = RcptStatus::Failed;
-                    summary.push(format!("{address}: {text}"));
+                    summary.push(format!("{address}: {rejection}"));
                     failed.push(FailedRcpt {
                         index: i,
                         address,
-                        status,
-                        text,
-                        upstream: remote.then(|| remote_mta(&up.config.address)).flatten(),
+                        status: rejection.status(),
+                        diagnostic: rejection.diagnostic(),
+                        upstream: rejection
+                            .is_remote()
+                            .then(|| remote_mta(&up.config.address))
+                            .flatten(),
                     });
                 }
             }
@@ -522,7 +515,7 @@ impl Attempting<'_> {
                 // is never told that their mail failed, which an operator must hear of.
                 let reasons: Vec<String> = failed
                     .iter()
-                    .map(|f| format!("<{}> {} {}", f.address, f.status, f.text))
+                    .map(|f| format!("<{}> {} {}", f.address, f.status, f.diagnostic))
                     .collect();
                 let reasons = reasons.join("; ");
                 if self.msg.envelope.listener == crate::queue::bounce::BOUNCE_LISTENER {

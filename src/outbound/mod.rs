@@ -2,6 +2,8 @@
 //!
 //! - [`client`]: one SMTP connection to an upstream (EHLO/HELO, STARTTLS, AUTH, pipelined
 //!   transactions, dot-stuffing, per-recipient outcomes).
+//! - [`error`]: what can go wrong with an upstream, by kind ([`error::ClientError`]); the
+//!   caller's behaviour (stale retry, plaintext retry, circuit breaker) depends on the kind.
 //! - [`reply`]: upstream replies, parsed and classified.
 //! - [`tls`]: the rustls client configuration of each upstream.
 //! - [`upstream`]: routing by recipient domain, failover order, circuit breakers and
@@ -19,10 +21,14 @@
 pub mod bounce;
 pub mod client;
 pub mod deliver;
+pub mod error;
 pub mod reply;
 pub mod scheduler;
 pub mod tls;
 pub mod upstream;
+
+#[cfg(test)]
+mod wire_tests;
 
 use std::sync::Arc;
 

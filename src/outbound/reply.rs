@@ -1,24 +1,35 @@
-//! Replies from an upstream: parsing multi-line replies and classifying them.
+//! Replies from an upstream (RFC 5321 §4.2): parsing multi-line replies and classifying them.
+//!
+//! The upstream is not trusted: a reply line is at most [`MAX_REPLY_LINE`] octets, a reply at
+//! most [`MAX_REPLY_LINES`] lines, every line of a reply carries the same code, and control
+//! characters never reach a log or a bounce. [`ReplyReader`] assembles one reply from lines
+//! and is what the client and the `upstream_reply` fuzz target run.
+//!
+//! smtp-proto's response parser is not used here: it joins the lines into one string (the
+//! EHLO keywords and the DSN need them apart), does not check that every line carries the same
+//! code, and reads only one-digit enhanced status subjects and details (RFC 3463 allows up to
+//! three, e.g. `5.7.26`).
 
 use std::fmt;
 
-/// Longest reply line accepted from an upstream (RFC 5321 allows 512 octets; Exchange stays
-/// well below). Longer means a broken or hostile peer.
+/// Longest reply line accepted from an upstream, in octets without the line ending (RFC 5321
+/// §4.5.3.1.5 allows 512; Exchange stays well below). Longer means a broken or hostile peer.
 pub const MAX_REPLY_LINE: usize = 4096;
 
 /// Most lines in one multi-line reply (an EHLO reply has one per extension).
 pub const MAX_REPLY_LINES: usize = 128;
 
-/// One complete reply: its code and the text of each line (without code and separator).
+/// One complete reply from an upstream: its code and the text of each line (without code and
+/// separator), as received but for control characters (replaced by a space).
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Reply {
-    /// The three-digit code.
+pub struct UpstreamReply {
+    /// The three-digit code, 200 to 599.
     pub code: u16,
-    /// Text of each line, in order.
+    /// Text of each line, in order; at least one, at most [`MAX_REPLY_LINES`].
     pub lines: Vec<String>,
 }
 
-impl Reply {
+impl UpstreamReply {
     /// 2xx.
     pub fn is_positive(&self) -> bool {
         (200..300).contains(&self.code)
@@ -34,7 +45,7 @@ impl Reply {
         (400..500).contains(&self.code)
     }
 
-    /// The enhanced status code (RFC 3463) at the start of the first line, if any.
+    /// The enhanced status code (RFC 3463 §2, RFC 2034) at the start of the first line, if any.
     pub fn enhanced(&self) -> Option<&str> {
         let first = self.lines.first()?;
         let code = first.split(' ').next()?;
@@ -47,8 +58,8 @@ impl Reply {
         ok.then_some(code)
     }
 
-    /// The enhanced status code for a delivery status notification: the reply's own, or
-    /// `X.0.0` from the basic code.
+    /// The enhanced status code for a delivery status notification (RFC 3464 §2.3.4): the
+    /// reply's own, or `X.0.0` from the basic code.
     pub fn status(&self) -> String {
         match self.enhanced() {
             Some(code) => code.to_owned(),
@@ -73,9 +84,36 @@ impl Reply {
     pub fn is_back_pressure(&self) -> bool {
         self.code == 421 || (self.code == 452 && self.enhanced() == Some("4.3.1"))
     }
+
+    /// Parse one complete reply from `bytes`: lines ending in CRLF (or a bare LF), the last
+    /// one `NNN text` or `NNN`. Bytes after the last line are an error too. For tests and
+    /// fuzzing; the client reads replies from the wire with [`ReplyReader`].
+    ///
+    /// # Errors
+    /// [`GarbledReply`] for anything [`ReplyReader::push_line`] refuses, for a reply that does
+    /// not end, and for bytes after its end.
+    pub fn parse(bytes: &[u8]) -> Result<UpstreamReply, GarbledReply> {
+        let mut reader = ReplyReader::default();
+        let mut rest = bytes;
+        while let Some(end) = rest.iter().position(|&b| b == b'\n') {
+            let line = &rest[..end];
+            rest = &rest[end + 1..];
+            let line = line.strip_suffix(b"\r").unwrap_or(line);
+            if let Some(reply) = reader.push_line(line)? {
+                return match rest.is_empty() {
+                    true => Ok(reply),
+                    false => Err(GarbledReply::Trailing),
+                };
+            }
+        }
+        match rest.len() > MAX_REPLY_LINE {
+            true => Err(GarbledReply::LineTooLong),
+            false => Err(GarbledReply::Unfinished),
+        }
+    }
 }
 
-impl fmt::Display for Reply {
+impl fmt::Display for UpstreamReply {
     /// `250 2.6.0 <id> Queued mail for delivery`; continuation lines joined with a space.
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "{}", self.code)?;
@@ -88,32 +126,68 @@ impl fmt::Display for Reply {
     }
 }
 
+/// Why bytes from an upstream are not a reply. The text is what the log and the queue's
+/// `last_error` show after the stage (`MAIL: reply line too long`).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum GarbledReply {
+    /// Not `NNN`, `NNN text` or `NNN-text`; `shown`: the first 80 octets, for the log.
+    #[error("malformed reply line {shown:?}")]
+    Malformed { shown: String },
+    /// A code outside 200–599 (RFC 5321 §4.2.1 defines the classes 2 to 5; 1yz is unused).
+    #[error("reply code out of range in {shown:?}")]
+    CodeOutOfRange { shown: String },
+    /// A continuation line with another code than the first line (RFC 5321 §4.2.1).
+    #[error("inconsistent multi-line reply")]
+    Inconsistent,
+    /// More than [`MAX_REPLY_LINES`] lines in one reply.
+    #[error("inconsistent multi-line reply: more than {MAX_REPLY_LINES} lines")]
+    TooManyLines,
+    /// A line longer than [`MAX_REPLY_LINE`] octets.
+    #[error("reply line too long")]
+    LineTooLong,
+    /// The input ended inside a reply ([`UpstreamReply::parse`] only).
+    #[error("reply ends without its last line")]
+    Unfinished,
+    /// Bytes after the last line of the reply ([`UpstreamReply::parse`] only).
+    #[error("data after the last line of a reply")]
+    Trailing,
+}
+
 /// What one reply line says.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ReplyLine {
+    /// The three-digit code, 200 to 599.
     pub code: u16,
     /// False for `NNN-text` (more lines follow).
     pub last: bool,
+    /// The text after the separator, control characters but tab replaced by a space.
     pub text: String,
 }
 
 /// Parse one reply line (without its line ending).
-pub fn parse_line(line: &[u8]) -> Result<ReplyLine, String> {
+///
+/// # Errors
+/// [`GarbledReply::Malformed`], [`GarbledReply::CodeOutOfRange`], and
+/// [`GarbledReply::LineTooLong`] beyond [`MAX_REPLY_LINE`] octets.
+pub fn parse_line(line: &[u8]) -> Result<ReplyLine, GarbledReply> {
     let shown = || String::from_utf8_lossy(&line[..line.len().min(80)]).into_owned();
+    if line.len() > MAX_REPLY_LINE {
+        return Err(GarbledReply::LineTooLong);
+    }
     if line.len() < 3 || !line[..3].iter().all(u8::is_ascii_digit) {
-        return Err(format!("malformed reply line {:?}", shown()));
+        return Err(GarbledReply::Malformed { shown: shown() });
     }
     let code = u16::from(line[0] - b'0') * 100
         + u16::from(line[1] - b'0') * 10
         + u16::from(line[2] - b'0');
     if !(200..600).contains(&code) {
-        return Err(format!("reply code out of range in {:?}", shown()));
+        return Err(GarbledReply::CodeOutOfRange { shown: shown() });
     }
     let (last, text) = match line.get(3) {
         None => (true, &[][..]),
         Some(b' ') => (true, &line[4..]),
         Some(b'-') => (false, &line[4..]),
-        Some(_) => return Err(format!("malformed reply line {:?}", shown())),
+        Some(_) => return Err(GarbledReply::Malformed { shown: shown() }),
     };
     // Control characters from the peer never reach our logs or bounces. A tab is white
     // space, not a control, to a reader of the reply: kept, so that the DSN's Diagnostic-Code
@@ -125,12 +199,47 @@ pub fn parse_line(line: &[u8]) -> Result<ReplyLine, String> {
     Ok(ReplyLine { code, last, text })
 }
 
+/// Assembles one reply from its lines, checking that they agree and bounding their number.
+#[derive(Debug, Default)]
+pub struct ReplyReader {
+    code: Option<u16>,
+    lines: Vec<String>,
+}
+
+impl ReplyReader {
+    /// Take the next line (without its line ending). `Some` when it was the reply's last.
+    ///
+    /// # Errors
+    /// [`GarbledReply`]: what [`parse_line`] refuses, a code other than the first line's
+    /// ([`GarbledReply::Inconsistent`]), a line beyond [`MAX_REPLY_LINES`]. The reader is of
+    /// no further use then (the connection cannot be trusted to be in step).
+    pub fn push_line(&mut self, line: &[u8]) -> Result<Option<UpstreamReply>, GarbledReply> {
+        let parsed = parse_line(line)?;
+        if self.code.is_some_and(|c| c != parsed.code) {
+            return Err(GarbledReply::Inconsistent);
+        }
+        if self.lines.len() >= MAX_REPLY_LINES {
+            return Err(GarbledReply::TooManyLines);
+        }
+        self.code = Some(parsed.code);
+        self.lines.push(parsed.text);
+        if !parsed.last {
+            return Ok(None);
+        }
+        self.code = None;
+        Ok(Some(UpstreamReply {
+            code: parsed.code,
+            lines: std::mem::take(&mut self.lines),
+        }))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    fn reply(code: u16, text: &str) -> Reply {
-        Reply {
+    fn reply(code: u16, text: &str) -> UpstreamReply {
+        UpstreamReply {
             code,
             lines: vec![text.to_owned()],
         }
@@ -197,5 +306,58 @@ mod tests {
         assert_eq!(reply(550, "no such user").status(), "5.0.0");
         assert_eq!(reply(550, "5.1.1 unknown").status(), "5.1.1");
         assert_eq!(reply(550, "5.1 x").enhanced(), None);
+        assert_eq!(reply(550, "5.7.26 unauthenticated").status(), "5.7.26");
+    }
+
+    /// Each way an upstream can garble a reply, as a table: the parse keeps the lines and
+    /// codes apart and refuses what RFC 5321 §4.2.1 does not allow.
+    #[test]
+    fn whole_replies_parse_and_garbled_ones_are_refused_by_kind() {
+        let ok = UpstreamReply::parse(b"550-5.1.1 first\r\n550-5.1.1 second\n550 5.1.1 third\r\n");
+        assert_eq!(
+            ok,
+            Ok(UpstreamReply {
+                code: 550,
+                lines: vec![
+                    "5.1.1 first".into(),
+                    "5.1.1 second".into(),
+                    "5.1.1 third".into()
+                ],
+            })
+        );
+        let many = "250-x\r\n".repeat(MAX_REPLY_LINES) + "250 y\r\n";
+        let exactly = "250-x\r\n".repeat(MAX_REPLY_LINES - 1) + "250 y\r\n";
+        let long = format!("250 {}\r\n", "x".repeat(MAX_REPLY_LINE));
+        let cases: [(&[u8], GarbledReply); 7] = [
+            (b"250-a\r\n251 b\r\n", GarbledReply::Inconsistent),
+            (many.as_bytes(), GarbledReply::TooManyLines),
+            (long.as_bytes(), GarbledReply::LineTooLong),
+            (b"250-a\r\n250-b\r\n", GarbledReply::Unfinished),
+            (b"250 a\r\n250 b\r\n", GarbledReply::Trailing),
+            (
+                b"25x a\r\n",
+                GarbledReply::Malformed {
+                    shown: "25x a".into(),
+                },
+            ),
+            (
+                b"199 a\r\n",
+                GarbledReply::CodeOutOfRange {
+                    shown: "199 a".into(),
+                },
+            ),
+        ];
+        for (bytes, want) in cases {
+            assert_eq!(
+                UpstreamReply::parse(bytes),
+                Err(want),
+                "{}",
+                String::from_utf8_lossy(bytes)
+            );
+        }
+        assert_eq!(
+            UpstreamReply::parse(exactly.as_bytes()).map(|r| r.lines.len()),
+            Ok(MAX_REPLY_LINES)
+        );
     }
 }

@@ -27,11 +27,11 @@ use crate::config::{Upstream, UpstreamTls};
 #[derive(Debug, thiserror::Error)]
 pub enum ClientTlsError {
     /// The `ca` bundle could not be read or holds no usable certificate.
-    #[error("upstream {upstream}: ca {path}: {reason}")]
+    #[error("upstream {upstream}: ca {path}: {problem}")]
     Ca {
         upstream: String,
         path: String,
-        reason: String,
+        problem: CaProblem,
     },
     /// `ca` is not set and the system has no usable root certificates.
     #[error("upstream {upstream}: no system root certificates found; set ca")]
@@ -45,6 +45,20 @@ pub enum ClientTlsError {
         upstream: String,
         source: rustls::Error,
     },
+}
+
+/// What is wrong with an upstream's `ca` bundle.
+#[derive(Debug, thiserror::Error)]
+pub enum CaProblem {
+    /// The file cannot be read, or is not PEM.
+    #[error("{0}")]
+    Pem(#[from] rustls_pki_types::pem::Error),
+    /// A certificate rustls cannot use as a trust anchor.
+    #[error("unusable certificate: {0}")]
+    Unusable(#[from] rustls::Error),
+    /// No `BEGIN CERTIFICATE` section.
+    #[error("no certificate found")]
+    Empty,
 }
 
 /// What an upstream connection needs for STARTTLS.
@@ -125,15 +139,13 @@ fn roots(upstream: &Upstream) -> Result<RootCertStore, ClientTlsError> {
     let mut store = RootCertStore::empty();
     match &upstream.ca {
         Some(path) => {
-            let ca_error = |reason: String| ClientTlsError::Ca {
+            let ca_error = |problem: CaProblem| ClientTlsError::Ca {
                 upstream: upstream.name.clone(),
                 path: path.display().to_string(),
-                reason,
+                problem,
             };
-            for cert in read_certs(path).map_err(ca_error)? {
-                store
-                    .add(cert)
-                    .map_err(|e| ca_error(format!("unusable certificate: {e}")))?;
+            for cert in read_certs(path).map_err(|e| ca_error(e.into()))? {
+                store.add(cert).map_err(|e| ca_error(e.into()))?;
             }
         }
         None => {
@@ -146,7 +158,7 @@ fn roots(upstream: &Upstream) -> Result<RootCertStore, ClientTlsError> {
             Some(path) => ClientTlsError::Ca {
                 upstream: upstream.name.clone(),
                 path: path.display().to_string(),
-                reason: "no certificate found".into(),
+                problem: CaProblem::Empty,
             },
             None => ClientTlsError::NoRoots {
                 upstream: upstream.name.clone(),
@@ -156,11 +168,8 @@ fn roots(upstream: &Upstream) -> Result<RootCertStore, ClientTlsError> {
     Ok(store)
 }
 
-fn read_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, String> {
-    CertificateDer::pem_file_iter(path)
-        .map_err(|e| e.to_string())?
-        .collect::<Result<Vec<_>, _>>()
-        .map_err(|e| e.to_string())
+fn read_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, rustls_pki_types::pem::Error> {
+    CertificateDer::pem_file_iter(path)?.collect()
 }
 
 /// Accepts any certificate but still checks the handshake signatures, so the session keys

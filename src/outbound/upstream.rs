@@ -5,8 +5,9 @@
 //! route), in file order. The first available one is tried, then the next (failover).
 //!
 //! Circuit breaker: a connection-level failure (refused connection, timeout, broken TLS, a
-//! `421` or `452 4.3.1` back-pressure reply) marks the upstream down for its `backoff`,
-//! doubling with each failed probe up to 16 times. While down, deliveries skip it. When
+//! `421` or `452 4.3.1` back-pressure reply; [`ClientError::is_upstream_fault`], so not a
+//! stale pooled connection nor an unreadable spool file) marks the upstream down for its
+//! `backoff`, doubling with each failed probe up to 16 times. While down, deliveries skip it. When
 //! the back-off has passed, one delivery probes it (the breaker half-opens: the others keep
 //! skipping it until the probe ends); a success closes the breaker. `queue retry` closes it
 //! at once.
@@ -30,7 +31,8 @@ use std::time::{Duration, Instant};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tracing::{info, warn};
 
-use super::client::{Connection, Failure};
+use super::client::UpstreamConnection;
+use super::error::ClientError;
 use super::tls::{ClientTls, ClientTlsError, client_tls};
 use crate::config::{Config, Upstream, UpstreamTls};
 use crate::routes::CapabilityBook;
@@ -55,15 +57,7 @@ impl Upstreams {
     pub fn new(config: &Config, book: Arc<CapabilityBook>) -> Result<Upstreams, ClientTlsError> {
         let mut list = Vec::new();
         for (i, up) in config.upstreams.iter().enumerate() {
-            list.push(Arc::new(UpstreamRt {
-                index: i,
-                book: book.clone(),
-                tls: client_tls(up)?,
-                config: up.clone(),
-                slots: Arc::new(Semaphore::new(up.max_connections)),
-                idle: Mutex::new(Vec::new()),
-                breaker: Mutex::new(Breaker::default()),
-            }));
+            list.push(Arc::new(UpstreamRt::new(i, up, book.clone())?));
         }
         Ok(Upstreams { list, book })
     }
@@ -121,7 +115,7 @@ impl Upstreams {
     /// Close connections idle for longer than [`IDLE_TIMEOUT`].
     pub fn reap_idle(&self) {
         for up in &self.list {
-            let expired: Vec<Connection> = {
+            let expired: Vec<UpstreamConnection> = {
                 let mut idle = up.idle();
                 let (keep, old) = idle
                     .drain(..)
@@ -161,17 +155,38 @@ pub struct UpstreamRt {
 
 /// An idle connection with its pool slot.
 struct Pooled {
-    conn: Connection,
+    conn: UpstreamConnection,
     permit: OwnedSemaphorePermit,
 }
 
 /// A connection checked out of the pool; give it back with [`UpstreamRt::release`].
 pub struct Lease {
-    pub conn: Connection,
+    pub conn: UpstreamConnection,
     permit: OwnedSemaphorePermit,
 }
 
 impl UpstreamRt {
+    /// Upstream number `index` of `[[upstreams]]`, with its TLS client configuration, an
+    /// empty pool and a closed breaker; what it learns from EHLO goes to `book`.
+    ///
+    /// # Errors
+    /// [`ClientTlsError`] when its TLS client configuration cannot be built.
+    pub fn new(
+        index: usize,
+        config: &Upstream,
+        book: Arc<CapabilityBook>,
+    ) -> Result<UpstreamRt, ClientTlsError> {
+        Ok(UpstreamRt {
+            index,
+            book,
+            tls: client_tls(config)?,
+            config: config.clone(),
+            slots: Arc::new(Semaphore::new(config.max_connections)),
+            idle: Mutex::new(Vec::new()),
+            breaker: Mutex::new(Breaker::default()),
+        })
+    }
+
     /// The upstream's name.
     pub fn name(&self) -> &str {
         &self.config.name
@@ -198,7 +213,12 @@ impl UpstreamRt {
     }
 
     /// Record a connection-level failure of a delivery that passed the breaker with `pass`.
-    pub fn failed(&self, now: Instant, failure: &Failure, pass: Pass) {
+    /// Only the upstream's own failures count ([`ClientError::is_upstream_fault`]): a stale
+    /// pooled connection or an unreadable spool file leaves the breaker as it is.
+    pub fn failed(&self, now: Instant, failure: &ClientError, pass: Pass) {
+        if !failure.is_upstream_fault() {
+            return;
+        }
         let tripped = {
             let mut b = self.breaker();
             b.last_failure = Some(failure.to_string());
@@ -231,7 +251,11 @@ impl UpstreamRt {
     }
 
     /// A connection: an idle one from the pool, or a new one once a slot is free.
-    pub async fn lease(&self, hostname: &str) -> Result<Lease, Failure> {
+    ///
+    /// # Errors
+    /// What [`UpstreamConnection::open`] returns, after the plaintext retry of an
+    /// opportunistic upstream whose TLS handshake failed; [`ClientError::ShuttingDown`].
+    pub async fn lease(&self, hostname: &str) -> Result<Lease, ClientError> {
         if let Some(lease) = self.take_idle() {
             return Ok(lease);
         }
@@ -240,25 +264,20 @@ impl UpstreamRt {
             .clone()
             .acquire_owned()
             .await
-            .map_err(|_| Failure {
-                stage: "connect",
-                detail: "shutting down".into(),
-                stale: false,
-            })?;
+            .map_err(|_| ClientError::ShuttingDown)?;
         // A connection may have come back while we waited.
         if let Some(lease) = self.take_idle() {
             return Ok(lease);
         }
-        let conn = match Connection::open(&self.config, self.tls.as_ref(), hostname, true).await {
+        let tls = self.tls.as_ref();
+        let conn = match UpstreamConnection::open(&self.config, tls, hostname, true).await {
             Ok(conn) => conn,
-            Err(f)
-                if self.config.tls == UpstreamTls::Opportunistic && f.stage == "TLS handshake" =>
-            {
+            Err(f) if self.config.tls == UpstreamTls::Opportunistic && f.is_tls_handshake() => {
                 warn!(
                     upstream = %self.name(), error = %f,
                     "opportunistic TLS failed; retrying this upstream in plaintext"
                 );
-                Connection::open(&self.config, None, hostname, false).await?
+                UpstreamConnection::open(&self.config, None, hostname, false).await?
             }
             Err(f) => return Err(f),
         };

@@ -33,6 +33,7 @@ use time::OffsetDateTime;
 use time::format_description::well_known::Rfc2822;
 
 use crate::envelope::{Address, Body, Envelope, MailParams, QueueId, Recipient, ReversePath};
+use crate::outbound::reply::UpstreamReply;
 
 /// Most octets of the original header section returned in a DSN (8 KiB, cut between two
 /// header fields). Enough for the trace and the fields a sender needs to recognise the
@@ -56,14 +57,25 @@ const FOLD_WIDTH: usize = 76;
 /// Listener name recorded in the envelope of bounces the relay makes itself.
 pub const BOUNCE_LISTENER: &str = "bounce";
 
-/// Why a recipient failed, as written in its `Diagnostic-Code`.
+/// Why a recipient failed, as written in its `Diagnostic-Code` (RFC 3464 §2.3.6). Decided
+/// where the failure is known: the upstream client's reply as received, or our reason.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Diagnostic {
     /// The upstream's SMTP reply, e.g. `550 5.1.1 <x@example.com>: user unknown`
-    /// (`Diagnostic-Code: smtp; …`).
-    Smtp(String),
+    /// (`Diagnostic-Code: smtp; …`), its lines joined with a space.
+    Smtp(UpstreamReply),
     /// A reason of our own, e.g. `message expired after 5d` (`Diagnostic-Code: X-Portcullis; …`).
     Local(String),
+}
+
+impl std::fmt::Display for Diagnostic {
+    /// The reply (`550 5.1.1 …`, continuation lines joined with a space) or our reason.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Diagnostic::Smtp(reply) => reply.fmt(f),
+            Diagnostic::Local(text) => f.write_str(text),
+        }
+    }
 }
 
 /// One recipient the DSN reports as failed.
@@ -284,11 +296,12 @@ fn status_part(host: &str, arrival: u64, failed: &[FailedRecipient]) -> String {
         if let Some(mta) = &f.remote_mta {
             let _ = write!(out, "Remote-MTA: dns; {}\r\n", ascii_token(mta));
         }
-        let (kind, text) = match &f.diagnostic {
-            Diagnostic::Smtp(t) => ("smtp", t),
-            Diagnostic::Local(t) => ("X-Portcullis", t),
+        let kind = match &f.diagnostic {
+            Diagnostic::Smtp(_) => "smtp",
+            Diagnostic::Local(_) => "X-Portcullis",
         };
-        let field = format!("Diagnostic-Code: {kind}; {}", printable_ascii(text));
+        let text = f.diagnostic.to_string();
+        let field = format!("Diagnostic-Code: {kind}; {}", printable_ascii(&text));
         for piece in fold_field(&field, FOLD_WIDTH) {
             out.push_str(&piece);
             out.push_str("\r\n");
@@ -299,7 +312,10 @@ fn status_part(host: &str, arrival: u64, failed: &[FailedRecipient]) -> String {
 
 fn diagnostic_text(d: &Diagnostic) -> String {
     match d {
-        Diagnostic::Smtp(t) => format!("the upstream server said: {}", printable_ascii(t)),
+        Diagnostic::Smtp(reply) => format!(
+            "the upstream server said: {}",
+            printable_ascii(&reply.to_string())
+        ),
         Diagnostic::Local(t) => printable_ascii(t),
     }
 }
@@ -583,6 +599,16 @@ mod tests {
     use crate::envelope::sample_envelope;
     use mail_parser::{MessageParser, MimeHeaders, PartType};
 
+    /// `Diagnostic::Smtp` of a reply as one line: the code, then the text as it stands
+    /// (hostile text included, to test what the builder makes of it).
+    fn smtp(text: &str) -> Diagnostic {
+        let (code, rest) = text.split_at(3);
+        Diagnostic::Smtp(UpstreamReply {
+            code: code.parse().unwrap(),
+            lines: vec![rest.strip_prefix(' ').unwrap_or(rest).to_owned()],
+        })
+    }
+
     fn failed(addr: &str, status: &str, d: Diagnostic, mta: Option<&str>) -> FailedRecipient {
         FailedRecipient {
             address: Address::parse(addr).unwrap(),
@@ -617,7 +643,7 @@ Subject: hello\r\nFrom: sender@example.org\r\nMessage-ID: <m1@example.org>\r\n\r
             failed(
                 "a@example.com",
                 "5.1.1",
-                Diagnostic::Smtp("550 5.1.1 <a@example.com>: user unknown".into()),
+                smtp("550 5.1.1 <a@example.com>: user unknown"),
                 Some("exchange.example.internal"),
             ),
             failed(
@@ -753,12 +779,7 @@ Subject: hello\r\nFrom: sender@example.org\r\nMessage-ID: <m1@example.org>\r\n\r
     #[test]
     fn no_dsn_for_the_null_sender_or_without_failures() {
         let env = sample_envelope(&["a@example.com"]);
-        let list = [failed(
-            "a@example.com",
-            "5.1.1",
-            Diagnostic::Smtp("550 no".into()),
-            None,
-        )];
+        let list = [failed("a@example.com", "5.1.1", smtp("550 no"), None)];
         let input = DsnInput {
             reporting_host: "relay.test",
             original: &env,
@@ -829,7 +850,7 @@ Subject: hello\r\nFrom: sender@example.org\r\nMessage-ID: <m1@example.org>\r\n\r
         let list = [failed(
             "a@example.com",
             "2.0.0",
-            Diagnostic::Smtp(long_reply),
+            smtp(&long_reply),
             Some("evil host\r\nX-Injected: 1"),
         )];
         let head = format!(
@@ -878,12 +899,7 @@ Subject: hello\r\nFrom: sender@example.org\r\nMessage-ID: <m1@example.org>\r\n\r
         assert_ne!(b.id, env.id);
 
         env.mail_from = ReversePath::Address(Address::parse("δοκιμή@example.org").unwrap());
-        let list = [failed(
-            "a@example.com",
-            "5.1.1",
-            Diagnostic::Smtp("550 no".into()),
-            None,
-        )];
+        let list = [failed("a@example.com", "5.1.1", smtp("550 no"), None)];
         let dsn = build_dsn(&DsnInput {
             reporting_host: "relay.test",
             original: &env,
@@ -924,7 +940,7 @@ Subject: hello\r\nFrom: sender@example.org\r\nMessage-ID: <m1@example.org>\r\n\r
         let list = [failed(
             "ü@dest.test",
             "5.1.1",
-            Diagnostic::Smtp("550 5.1.1 no such user".into()),
+            smtp("550 5.1.1 no such user"),
             None,
         )];
         // A header that is not UTF-8 at all (Latin-1 é) is carried octet for octet.
@@ -980,12 +996,7 @@ Subject: hello\r\nFrom: sender@example.org\r\nMessage-ID: <m1@example.org>\r\n\r
     #[test]
     fn diagnostic_code_folding_keeps_tabs_and_makes_no_whitespace_only_line() {
         let reply = format!("550 5.1.1 a tab\there {} end ", "word ".repeat(30));
-        let list = [failed(
-            "a@example.com",
-            "5.1.1",
-            Diagnostic::Smtp(reply.clone()),
-            None,
-        )];
+        let list = [failed("a@example.com", "5.1.1", smtp(&reply), None)];
         let status = status_part("relay.test", 0, &list);
         let lines: Vec<&str> = status.split("\r\n").collect();
         let at = lines
@@ -1024,7 +1035,7 @@ Subject: hello\r\nFrom: sender@example.org\r\nMessage-ID: <m1@example.org>\r\n\r
         let list = [FailedRecipient {
             address: addr,
             status: "5.1.1".into(),
-            diagnostic: Diagnostic::Smtp(format!(
+            diagnostic: smtp(&format!(
                 "550 5.1.1 <\"a  b\"@dest.test>:  two spaces kept {}",
                 "long ".repeat(20)
             )),
