@@ -34,11 +34,6 @@ pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(30);
 /// ([`outbound::upstream::Upstreams::probe_all`]) before it opens the listeners anyway.
 pub const PROBE_WAIT: Duration = Duration::from_secs(5);
 
-/// How long deliveries in flight may take to finish after the sessions are done. One cut
-/// short is not lost: its state was never changed, so it is simply tried again after the
-/// restart (at worst a duplicate, if its final dot was already sent).
-pub const DELIVERY_GRACE: Duration = Duration::from_secs(10);
-
 /// Why the relay could not start or stopped with an error.
 #[derive(Debug, thiserror::Error)]
 pub enum AppError {
@@ -180,6 +175,7 @@ pub async fn run(config: Config, path: Option<PathBuf>) -> Result<(), AppError> 
     // checked against what the upstreams say now rather than what they said last time.
     delivery
         .context
+        .load()
         .upstreams
         .probe_all(&config.server.hostname, PROBE_WAIT)
         .await;
@@ -253,9 +249,10 @@ pub async fn run(config: Config, path: Option<PathBuf>) -> Result<(), AppError> 
     // transaction (within the grace period; an abandoned one is simply tried again after
     // the restart, since its state was never changed), then say QUIT to idle upstreams.
     delivery_stop.cancel();
-    let _ = delivery.scheduler.await;
+    let _ = delivery.manager.await;
     delivery.tracker.close();
-    if tokio::time::timeout(DELIVERY_GRACE, delivery.tracker.wait())
+    let grace = delivery.context.load().queue.delivery_grace;
+    if tokio::time::timeout(grace, delivery.tracker.wait())
         .await
         .is_err()
     {
@@ -263,7 +260,7 @@ pub async fn run(config: Config, path: Option<PathBuf>) -> Result<(), AppError> 
             "deliveries still running after the shutdown grace period; abandoning them (they will be retried)"
         );
     }
-    delivery.context.upstreams.close_all().await;
+    delivery.context.load_full().upstreams.close_all().await;
     info!("portcullis stopped");
     Ok(())
 }

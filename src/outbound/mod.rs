@@ -8,63 +8,55 @@
 //! - [`tls`]: the rustls client configuration of each upstream.
 //! - [`upstream`]: routing by recipient domain, failover order, circuit breakers and
 //!   connection pools.
-//! - [`deliver`]: one delivery attempt of one message, and what it records in the spool.
-//! - [`bounce`]: queueing a delivery status notification.
-//! - [`scheduler`]: when each message is due; starts deliveries.
+//! - [`deliver`]: the sending of one delivery attempt (the queue manager's
+//!   [`Courier`](crate::queue::attempt::Courier)): reports per-recipient results, writes
+//!   nothing.
 //!
-//! [`start`] wires them: the returned sender is given to the inbound side, which sends each
-//! message as soon as it is committed (with its bytes when small, so the first attempt does
-//! not read the file back).
+//! [`start`] wires them to the queue manager ([`crate::queue::manager`]), which decides when
+//! each message is due, records outcomes and queues bounces: the returned sender is given to
+//! the inbound side, which sends each message as soon as it is committed (with its bytes when
+//! small, so the first attempt does not read the file back).
 
 #![warn(clippy::too_many_lines)]
 
-pub mod bounce;
 pub mod capabilities;
 pub mod client;
 pub mod deliver;
 pub mod reply;
-pub mod scheduler;
 pub mod tls;
 pub mod upstream;
 
 use std::sync::Arc;
 
+use arc_swap::ArcSwap;
 use tokio::sync::mpsc::{self, UnboundedSender};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::config::Config;
-use crate::envelope::QueueId;
-use crate::queue::{Loaded, Spool};
+use crate::queue::Spool;
+use crate::queue::manager::Manager;
 
+pub use crate::queue::manager::NewMessage;
 pub use deliver::Context;
 pub use tls::ClientTlsError;
-
-/// A committed message for the scheduler, to be delivered at once.
-#[derive(Debug)]
-pub struct NewMessage {
-    pub id: QueueId,
-    /// The message as a first attempt needs it, when the committer kept it in memory
-    /// ([`crate::queue::SpoolWriter::commit_and_keep`]); `None`: read it from the spool.
-    pub loaded: Option<Loaded>,
-}
 
 /// Delivery running in the background.
 pub struct Delivery {
     /// Send each committed message here to have it delivered at once.
     pub wake: UnboundedSender<NewMessage>,
-    /// The scheduler task; ends after `shutdown` is cancelled.
-    pub scheduler: JoinHandle<()>,
-    /// Deliveries in flight.
+    /// The queue manager task; ends after `shutdown` is cancelled.
+    pub manager: JoinHandle<()>,
+    /// Attempts in flight.
     pub tracker: TaskTracker,
-    /// Shared with the deliveries (to close idle connections at shutdown).
-    pub context: Arc<Context>,
+    /// The delivery context new attempts use; [`Delivery::reload`] swaps it.
+    pub context: Arc<ArcSwap<Context>>,
     /// What each upstream can carry, for the inbound checks (read-only).
     pub capabilities: capabilities::RouteCapabilities,
 }
 
-/// Start the scheduler over `spool` with `config`'s upstreams and queue policy.
+/// Start the queue manager over `spool` with `config`'s upstreams and queue policy.
 pub fn start(
     config: &Config,
     spool: Spool,
@@ -75,20 +67,18 @@ pub fn start(
         &config.upstreams,
         Some(spool.root()),
     ));
-    let context = Arc::new(Context {
+    let context = Arc::new(ArcSwap::from_pointee(Context {
         upstreams: upstream::Upstreams::new(config, book.clone())?,
-        spool,
         hostname: config.server.hostname.clone(),
         queue: config.queue.clone(),
-        wake: wake.clone(),
-    });
+    }));
     let tracker = TaskTracker::new();
-    let scheduler = tokio::spawn(
-        scheduler::Scheduler::new(context.clone(), incoming, shutdown, tracker.clone()).run(),
+    let manager = tokio::spawn(
+        Manager::new(spool, context.clone(), incoming, shutdown, tracker.clone()).run(),
     );
     Ok(Delivery {
         wake,
-        scheduler,
+        manager,
         tracker,
         context,
         capabilities: capabilities::RouteCapabilities::new(book),

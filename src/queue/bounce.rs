@@ -1,4 +1,5 @@
-//! Delivery status notifications (RFC 3464 bounces): pure construction, no I/O.
+//! Delivery status notifications (RFC 3464 bounces): pure construction, and [`enqueue`],
+//! which commits one to the spool.
 //!
 //! When recipients fail permanently or a message expires, the relay tells the envelope sender
 //! with a DSN sent from the null sender `<>`: [`build_dsn`] makes the message, and
@@ -32,7 +33,11 @@ use std::net::{IpAddr, Ipv4Addr};
 use time::OffsetDateTime;
 use time::format_description::well_known::Rfc2822;
 
-use crate::envelope::{Address, Body, Envelope, MailParams, QueueId, Recipient, ReversePath};
+use super::schedule::FailedRcpt;
+use super::{Spool, SpoolError};
+use crate::envelope::{
+    Address, Body, Envelope, MailParams, QueueId, Recipient, ReversePath, unix_now,
+};
 
 /// Most octets of the original header section returned in a DSN (8 KiB, cut between two
 /// header fields). Enough for the trace and the fields a sender needs to recognise the
@@ -64,6 +69,21 @@ pub enum Diagnostic {
     Smtp(String),
     /// A reason of our own, e.g. `message expired after 5d` (`Diagnostic-Code: X-Portcullis; …`).
     Local(String),
+}
+
+impl Diagnostic {
+    /// The reply or reason as received or written (for the log and the state file).
+    pub fn text(&self) -> &str {
+        match self {
+            Diagnostic::Smtp(t) | Diagnostic::Local(t) => t,
+        }
+    }
+}
+
+impl std::fmt::Display for Diagnostic {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.text())
+    }
 }
 
 /// One recipient the DSN reports as failed.
@@ -229,6 +249,44 @@ pub fn bounce_envelope(
         },
         recipients: vec![Recipient::new(sender.clone())],
     })
+}
+
+/// Build the bounce for the `failed` recipients of `original` and commit it to the spool
+/// (fsync and all, like any accepted message); returns its id. Blocking: run it in
+/// `spawn_blocking`. Errors: those of the spool, and [`SpoolError::Corrupt`] when no DSN can
+/// be built (the sender is `<>`: check with [`super::schedule::bounce_decision`] first).
+pub fn enqueue(
+    spool: &Spool,
+    reporting_host: &str,
+    original: &Envelope,
+    failed: &[FailedRcpt],
+) -> Result<QueueId, SpoolError> {
+    let head = spool.read_message_head(&original.id, MAX_RETURNED_HEADERS as u64 + 2)?;
+    let failed: Vec<FailedRecipient> = failed
+        .iter()
+        .map(|f| FailedRecipient {
+            address: f.address.clone(),
+            status: f.status.clone(),
+            diagnostic: f.diagnostic.clone(),
+            remote_mta: f.upstream.clone(),
+        })
+        .collect();
+    let now = unix_now();
+    let input = DsnInput {
+        reporting_host,
+        original,
+        failed: &failed,
+        original_head: &head,
+        now,
+    };
+    let not_bounceable = || SpoolError::Corrupt {
+        path: spool.root().to_path_buf(),
+        reason: format!("no bounce can be built for {} (sender <>)", original.id),
+    };
+    let dsn = build_dsn(&input).ok_or_else(not_bounceable)?;
+    let envelope =
+        bounce_envelope(original, &dsn, reporting_host, now).ok_or_else(not_bounceable)?;
+    spool.enqueue(&envelope, &dsn)
 }
 
 /// The text/plain part: which recipients failed and why, wrapped at 76 columns.

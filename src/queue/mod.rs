@@ -85,13 +85,16 @@
 
 #![warn(clippy::too_many_lines)]
 
+pub mod attempt;
 pub mod bounce;
 pub mod control;
 mod group;
+pub mod manager;
 mod recover;
 mod recycle;
 pub mod report;
 pub mod reserve;
+pub mod schedule;
 mod state;
 mod writer;
 
@@ -110,7 +113,7 @@ pub use control::{
     BadPurgeFilter, DeleteOutcome, PurgeFilter, Purged, Request, RetryTarget, SendLock,
 };
 pub use recover::RecoveryReport;
-pub use state::{Attempt, DeliveryState};
+pub use state::{Attempt, DeliveryState, Hold, StateMismatch};
 pub use writer::SpoolWriter;
 
 /// First line of every message file: format name and version.
@@ -748,7 +751,7 @@ impl Spool {
         };
         state
             .check_against(envelope)
-            .map_err(|reason| SpoolError::corrupt(&path, reason))?;
+            .map_err(|mismatch| SpoolError::corrupt(&path, mismatch.to_string()))?;
         Ok(Some(state))
     }
 }

@@ -151,7 +151,7 @@ impl Spool {
                 match (state, envelopes.get(&id)) {
                     (Some(state), Some(envelope)) => state
                         .check_against(envelope)
-                        .map_err(|reason| SpoolError::corrupt(&path, reason)),
+                        .map_err(|mismatch| SpoolError::corrupt(&path, mismatch.to_string())),
                     _ => Ok(()),
                 }
             });

@@ -27,6 +27,30 @@ pub struct DeliveryState {
     /// Every attempt, oldest first.
     #[serde(default)]
     pub history: Vec<Attempt>,
+    /// Set while the message is held: the queue manager neither delivers, bounces nor
+    /// expires it until it is released. Absent (and not written) when not held, so a state
+    /// file of a message never held is the same as before holds existed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hold: Option<Hold>,
+}
+
+/// Why and since when a message is held.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Hold {
+    /// When the hold was placed, in seconds since the Unix epoch.
+    pub since: u64,
+    /// Why, for the operator (e.g. `account contained`).
+    pub reason: String,
+}
+
+/// A state file that does not belong to its envelope.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[error("state lists {state} recipients, envelope has {envelope}")]
+pub struct StateMismatch {
+    /// Recipients the state lists.
+    pub state: usize,
+    /// Recipients the envelope has.
+    pub envelope: usize,
 }
 
 /// One delivery attempt, kept in [`DeliveryState::history`].
@@ -50,6 +74,7 @@ impl DeliveryState {
             last_error: None,
             recipients: Vec::new(),
             history: Vec::new(),
+            hold: None,
         }
     }
 
@@ -61,15 +86,14 @@ impl DeliveryState {
     /// Check that this state fits `envelope`: the recipient list is empty or one entry per
     /// envelope recipient. Anything else means the state belongs to another message or was
     /// damaged, and must not be trusted.
-    pub fn check_against(&self, envelope: &Envelope) -> Result<(), String> {
+    pub fn check_against(&self, envelope: &Envelope) -> Result<(), StateMismatch> {
         if self.recipients.is_empty() || self.recipients.len() == envelope.recipients.len() {
             Ok(())
         } else {
-            Err(format!(
-                "state lists {} recipients, envelope has {}",
-                self.recipients.len(),
-                envelope.recipients.len()
-            ))
+            Err(StateMismatch {
+                state: self.recipients.len(),
+                envelope: envelope.recipients.len(),
+            })
         }
     }
 
@@ -105,8 +129,23 @@ mod tests {
                 upstream: Some("exchange".into()),
                 outcome: "451 later".into(),
             }],
+            hold: None,
         };
         let json = serde_json::to_string(&full).unwrap();
         assert_eq!(serde_json::from_str::<DeliveryState>(&json).unwrap(), full);
+        assert!(
+            !json.contains("hold"),
+            "a state never held is written as before: {json}"
+        );
+
+        let held = DeliveryState {
+            hold: Some(Hold {
+                since: 7,
+                reason: "account contained".into(),
+            }),
+            ..full
+        };
+        let json = serde_json::to_string(&held).unwrap();
+        assert_eq!(serde_json::from_str::<DeliveryState>(&json).unwrap(), held);
     }
 }

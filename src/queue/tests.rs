@@ -157,6 +157,7 @@ fn write_state_then_load_round_trips() {
             upstream: Some("exchange".into()),
             outcome: "451 4.3.0 try later".into(),
         }],
+        hold: None,
     };
     spool.write_state(&id, &state).unwrap();
     spool.write_state(&id, &state).unwrap(); // replacing works too
@@ -398,6 +399,7 @@ fn sample_messages() -> Vec<QueuedMessage> {
                     upstream: Some("exchange".into()),
                     outcome: "451 4.4.1 no answer".into(),
                 }],
+                hold: None,
             },
             size: 1234,
             envelope: a,
