@@ -24,7 +24,7 @@ use tokio_util::task::TaskTracker;
 use tracing::{Instrument, error, info, info_span, warn};
 
 use super::attempt::{self, AttemptEnd, Courier, Ended, on_spool};
-use super::{Loaded, Request, RetryTarget, Spool};
+use super::{Loaded, Request, RetryTarget, Spool, SpoolError};
 use crate::envelope::QueueId;
 
 /// How often operator requests are read and idle connections reaped.
@@ -96,6 +96,8 @@ pub struct Manager<C: Courier> {
     busy: HashSet<QueueId>,
     /// Messages an operator asked to retry while they were being attempted.
     retry_when_done: HashSet<QueueId>,
+    /// Messages to hold once their attempt in flight ends.
+    hold_when_done: HashSet<QueueId>,
     /// A message just received, in memory, until the next dispatch: used if it starts at
     /// once, dropped otherwise (it is read from the spool when its turn comes), so this holds
     /// at most one message's bytes and open file.
@@ -122,6 +124,7 @@ impl<C: Courier> Manager<C> {
             when: HashMap::new(),
             busy: HashSet::new(),
             retry_when_done: HashSet::new(),
+            hold_when_done: HashSet::new(),
             fresh: None,
         }
     }
@@ -144,7 +147,7 @@ impl<C: Courier> Manager<C> {
             tokio::select! {
                 biased;
                 () = self.shutdown.cancelled() => break,
-                Some(ended) = done_rx.recv() => self.ended(ended),
+                Some(ended) = done_rx.recv() => self.ended(ended).await,
                 Some(new) = self.incoming.recv() => {
                     self.schedule(new.id.clone(), 0);
                     self.fresh = new.loaded.map(|loaded| (new.id, loaded));
@@ -175,14 +178,67 @@ impl<C: Courier> Manager<C> {
     }
 
     /// An attempt ended: schedule what it left (and its bounce).
-    fn ended(&mut self, ended: Ended) {
+    async fn ended(&mut self, ended: Ended) {
         self.busy.remove(&ended.id);
         let retry = self.retry_when_done.remove(&ended.id);
+        let hold = self.hold_when_done.remove(&ended.id);
         if let Some(bounce) = ended.bounce {
             self.schedule(bounce, 0);
         }
         if let AttemptEnd::Due(next) = ended.end {
-            self.schedule(ended.id, if retry { 0 } else { next });
+            if hold {
+                self.hold(ended.id, true).await;
+            } else {
+                self.schedule(ended.id, if retry { 0 } else { next });
+            }
+        }
+    }
+
+    /// Hold (`hold` true) or release `id`, recorded in its state. A message being attempted
+    /// is held when its attempt ends (its outcome is recorded first); a released one is due
+    /// now.
+    async fn hold(&mut self, id: QueueId, hold: bool) {
+        if self.busy.contains(&id) {
+            if hold {
+                self.hold_when_done.insert(id);
+            } else {
+                self.hold_when_done.remove(&id);
+            }
+            return;
+        }
+        let was_due = self.when.remove(&id);
+        if let Some(at) = was_due {
+            self.due.remove(&(at, id.clone()));
+        }
+        let now = self.clock.now();
+        let written = on_spool(&self.spool, {
+            let id = id.clone();
+            move |s| {
+                let mut msg = s.load(&id)?;
+                if hold {
+                    msg.state.hold(now, "held by request");
+                } else {
+                    msg.state.release(now);
+                }
+                s.write_state(&id, &msg.state)
+                    .map(|()| msg.state.hold.is_some())
+            }
+        })
+        .await;
+        match written {
+            Ok(true) => {
+                info!(queue_id = %id, "held: not delivered, bounced or expired until released")
+            }
+            Ok(false) => {
+                info!(queue_id = %id, "released: due now");
+                self.schedule(id, 0);
+            }
+            Err(SpoolError::NotFound(_)) => {}
+            Err(e) => {
+                error!(queue_id = %id, error = %e, "cannot record the hold; the message stays as it was");
+                // As it was: due when it was (an attempt finds a held message held).
+                self.schedule(id, was_due.unwrap_or(0));
+            }
         }
     }
 
@@ -278,6 +334,8 @@ impl<C: Courier> Manager<C> {
                         self.retry(id).await;
                     }
                 }
+                Request::Hold(id) => self.hold(id, true).await,
+                Request::Release(id) => self.hold(id, false).await,
             }
         }
     }

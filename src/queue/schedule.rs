@@ -88,9 +88,13 @@ pub enum Plan {
     Send(Vec<RouteGroup>),
 }
 
-/// When `envelope` expires: its reception plus `max_age` (Unix seconds).
-pub fn expires_at(envelope: &Envelope, max_age: Duration) -> u64 {
-    envelope.received_at.saturating_add(max_age.as_secs())
+/// When a message expires: its reception plus `max_age`, plus the time it was held (Unix
+/// seconds).
+pub fn expires_at(envelope: &Envelope, state: &DeliveryState, max_age: Duration) -> u64 {
+    envelope
+        .received_at
+        .saturating_add(max_age.as_secs())
+        .saturating_add(state.held_for)
 }
 
 /// The reason given for an expired recipient, in the log and in its DSN.
@@ -117,7 +121,7 @@ pub fn plan(
         return Plan::Held;
     }
     let pending = pending_indexes(&msg.state, &msg.envelope);
-    if now >= expires_at(&msg.envelope, queue.max_age) {
+    if now >= expires_at(&msg.envelope, &msg.state, queue.max_age) {
         let reason = expiry_reason(queue.max_age, msg.state.last_error.as_deref());
         let failed = pending
             .into_iter()
@@ -249,13 +253,14 @@ pub fn settle(
             failed,
         };
     }
+    let expires = expires_at(msg, state, queue.max_age);
     state.attempts += 1;
     state.next_attempt = next_attempt(
         state.attempts,
         facts.now,
         &queue.retry,
         facts.not_before,
-        expires_at(msg, queue.max_age),
+        expires,
     );
     if let Some(e) = facts.errors.first() {
         state.last_error = Some(e.clone());

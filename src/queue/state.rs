@@ -32,6 +32,14 @@ pub struct DeliveryState {
     /// file of a message never held is the same as before holds existed.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub hold: Option<Hold>,
+    /// Seconds the message spent held before its last release: its expiry (`queue.max_age`)
+    /// is pushed back by as much, so a hold never makes a message expire. Not written when 0.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub held_for: u64,
+}
+
+fn is_zero(n: &u64) -> bool {
+    *n == 0
 }
 
 /// Why and since when a message is held.
@@ -75,6 +83,25 @@ impl DeliveryState {
             recipients: Vec::new(),
             history: Vec::new(),
             hold: None,
+            held_for: 0,
+        }
+    }
+
+    /// Hold the message from `now` (Unix seconds) for `reason`; a held message stays held
+    /// (since its first hold).
+    pub fn hold(&mut self, now: u64, reason: &str) {
+        self.hold.get_or_insert_with(|| Hold {
+            since: now,
+            reason: reason.to_owned(),
+        });
+    }
+
+    /// Release a held message at `now` (Unix seconds): due at once, its expiry pushed back by
+    /// the time it was held. No effect when not held.
+    pub fn release(&mut self, now: u64) {
+        if let Some(hold) = self.hold.take() {
+            self.held_for = self.held_for.saturating_add(now.saturating_sub(hold.since));
+            self.next_attempt = now;
         }
     }
 
@@ -130,6 +157,7 @@ mod tests {
                 outcome: "451 later".into(),
             }],
             hold: None,
+            held_for: 0,
         };
         let json = serde_json::to_string(&full).unwrap();
         assert_eq!(serde_json::from_str::<DeliveryState>(&json).unwrap(), full);
@@ -147,5 +175,27 @@ mod tests {
         };
         let json = serde_json::to_string(&held).unwrap();
         assert_eq!(serde_json::from_str::<DeliveryState>(&json).unwrap(), held);
+    }
+
+    #[test]
+    fn release_makes_due_now_and_pushes_expiry_back_by_the_time_held() {
+        let mut s = DeliveryState::fresh(100);
+        s.next_attempt = 500;
+        s.hold(200, "contained");
+        s.hold(250, "again"); // stays held since the first hold
+        assert_eq!(
+            s.hold.as_ref().map(|h| (h.since, h.reason.as_str())),
+            Some((200, "contained"))
+        );
+        s.release(1_200);
+        assert_eq!(
+            (s.hold.clone(), s.held_for, s.next_attempt),
+            (None, 1_000, 1_200)
+        );
+        s.release(2_000); // not held: nothing changes
+        assert_eq!((s.held_for, s.next_attempt), (1_000, 1_200));
+        s.hold(3_000, "again");
+        s.release(3_500);
+        assert_eq!(s.held_for, 1_500);
     }
 }

@@ -158,6 +158,7 @@ fn write_state_then_load_round_trips() {
             outcome: "451 4.3.0 try later".into(),
         }],
         hold: None,
+        held_for: 0,
     };
     spool.write_state(&id, &state).unwrap();
     spool.write_state(&id, &state).unwrap(); // replacing works too
@@ -400,6 +401,7 @@ fn sample_messages() -> Vec<QueuedMessage> {
                     outcome: "451 4.4.1 no answer".into(),
                 }],
                 hold: None,
+                held_for: 0,
             },
             size: 1234,
             envelope: a,
