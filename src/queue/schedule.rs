@@ -282,3 +282,286 @@ pub struct AttemptFacts<'a> {
     /// From [`AttemptReport::errors`].
     pub errors: &'a [String],
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::envelope::sample_envelope;
+
+    const T0: u64 = 1_700_000_000;
+
+    fn queue(retry: &[u64], max_age: u64, bounces: bool) -> config::Queue {
+        config::Queue {
+            retry: retry.iter().map(|s| Duration::from_secs(*s)).collect(),
+            max_age: Duration::from_secs(max_age),
+            bounces,
+            delivery_grace: Duration::from_secs(10),
+        }
+    }
+
+    fn message(rcpts: &[&str], statuses: &[RcptStatus]) -> QueuedMessage {
+        let envelope = sample_envelope(rcpts);
+        let mut state = DeliveryState::fresh(envelope.received_at);
+        state.recipients = statuses.to_vec();
+        QueuedMessage {
+            envelope,
+            state,
+            size: 10,
+            path: "/spool/queue/X".into(),
+        }
+    }
+
+    /// Route by domain: `a.example` → [0, 1], `b.example` → [2], anything else → none.
+    fn route(domain: &str) -> Vec<usize> {
+        match domain {
+            "a.example" => vec![0, 1],
+            "b.example" => vec![2],
+            _ => vec![],
+        }
+    }
+
+    fn failed(index: usize, address: &str, diagnostic: Diagnostic) -> FailedRcpt {
+        FailedRcpt {
+            index,
+            address: Address::parse(address).unwrap(),
+            status: "5.1.1".into(),
+            diagnostic,
+            upstream: None,
+        }
+    }
+
+    #[test]
+    fn plan_groups_pending_recipients_by_route_in_envelope_order() {
+        use RcptStatus::{Delivered, Failed, Pending};
+        let q = queue(&[60], 3600, true);
+        let rcpts = [
+            "1@a.example",
+            "2@b.example",
+            "3@a.example",
+            "4@c.example",
+            "5@a.example",
+        ];
+        let cases: [(&[RcptStatus], Vec<RouteGroup>); 3] = [
+            (
+                &[],
+                vec![
+                    RouteGroup {
+                        route: vec![],
+                        rcpts: vec![3],
+                    },
+                    RouteGroup {
+                        route: vec![0, 1],
+                        rcpts: vec![0, 2, 4],
+                    },
+                    RouteGroup {
+                        route: vec![2],
+                        rcpts: vec![1],
+                    },
+                ],
+            ),
+            (
+                &[Delivered, Pending, Failed, Delivered, Pending],
+                vec![
+                    RouteGroup {
+                        route: vec![0, 1],
+                        rcpts: vec![4],
+                    },
+                    RouteGroup {
+                        route: vec![2],
+                        rcpts: vec![1],
+                    },
+                ],
+            ),
+            (&[Delivered, Delivered, Failed, Failed, Delivered], vec![]),
+        ];
+        for (statuses, want) in cases {
+            let msg = message(&rcpts, statuses);
+            assert_eq!(
+                plan(&msg, T0 + 10, &q, route),
+                Plan::Send(want),
+                "{statuses:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn plan_expires_pending_recipients_at_max_age_with_4_4_7_and_the_last_error() {
+        let q = queue(&[60], 3600, true);
+        let mut msg = message(
+            &["1@a.example", "2@a.example"],
+            &[RcptStatus::Delivered, RcptStatus::Pending],
+        );
+        assert!(matches!(plan(&msg, T0 + 3599, &q, route), Plan::Send(_)));
+        msg.state.last_error = Some("upstream x: 451 4.3.0 later".into());
+        let want = failed(
+            1,
+            "2@a.example",
+            Diagnostic::Local(
+                "delivery time expired: not delivered within 1h; last error: upstream x: 451 4.3.0 later".into(),
+            ),
+        );
+        let want = FailedRcpt {
+            status: "4.4.7".into(),
+            ..want
+        };
+        assert_eq!(plan(&msg, T0 + 3600, &q, route), Plan::Expired(vec![want]));
+        // Time spent held pushes expiry back.
+        msg.state.held_for = 100;
+        assert!(matches!(plan(&msg, T0 + 3650, &q, route), Plan::Send(_)));
+        assert!(matches!(plan(&msg, T0 + 3700, &q, route), Plan::Expired(_)));
+    }
+
+    #[test]
+    fn expiry_reason_reads_as_before() {
+        assert_eq!(
+            expiry_reason(Duration::from_secs(5 * 86_400), None),
+            "delivery time expired: not delivered within 5d"
+        );
+    }
+
+    #[test]
+    fn a_held_message_is_neither_sent_nor_expired() {
+        let q = queue(&[60], 3600, true);
+        let mut msg = message(&["1@a.example"], &[]);
+        msg.state.hold(T0, "contained");
+        assert_eq!(plan(&msg, T0 + 10, &q, route), Plan::Held);
+        assert_eq!(plan(&msg, T0 + 100_000, &q, route), Plan::Held);
+        msg.state.release(T0 + 100_000);
+        assert!(matches!(plan(&msg, T0 + 100_000, &q, route), Plan::Send(_)));
+    }
+
+    #[test]
+    fn next_attempt_follows_the_schedule_breakers_and_expiry() {
+        let retry = [60, 300, 900].map(Duration::from_secs);
+        // (attempts, now, not_before, expires) → due
+        let cases = [
+            (1, 1000, 0, 99_999, 1060),
+            (2, 1000, 0, 99_999, 1300),
+            (3, 1000, 0, 99_999, 1900),
+            (9, 1000, 0, 99_999, 1900),    // the last interval repeats
+            (1, 1000, 5000, 99_999, 5000), // a breaker open until later
+            (3, 1000, 0, 1200, 1200),      // capped at expiry
+            (3, 1000, 0, 900, 1001),       // already expired: next second
+            (0, 1000, 0, 99_999, 1060),
+        ];
+        for (attempts, now, not_before, expires, want) in cases {
+            assert_eq!(
+                next_attempt(attempts, now, &retry, not_before, expires),
+                want,
+                "{attempts} {now} {not_before} {expires}"
+            );
+        }
+        assert_eq!(next_attempt(1, 1000, &[Duration::ZERO], 0, 99_999), 1001);
+    }
+
+    #[test]
+    fn bounce_decision_spares_the_null_sender_and_names_lost_dsns() {
+        let mut env = sample_envelope(&["1@a.example"]);
+        let sender = Address::parse("sender@example.org").unwrap();
+        assert_eq!(
+            bounce_decision(&env, true),
+            BounceDecision::Send(sender.clone())
+        );
+        assert_eq!(
+            bounce_decision(&env, false),
+            BounceDecision::Disabled(sender)
+        );
+        env.mail_from = ReversePath::Null;
+        assert_eq!(
+            bounce_decision(&env, true),
+            BounceDecision::NullSender { dsn_lost: false }
+        );
+        env.listener = BOUNCE_LISTENER.into();
+        assert_eq!(
+            bounce_decision(&env, false),
+            BounceDecision::NullSender { dsn_lost: true }
+        );
+    }
+
+    #[test]
+    fn record_then_settle_finishes_or_reschedules() {
+        let q = queue(&[60, 300], 3600, true);
+        let mut msg = message(&["1@a.example", "2@a.example", "3@b.example"], &[]);
+        let gone = failed(
+            1,
+            "2@a.example",
+            Diagnostic::Smtp("550 5.1.1 no such user".into()),
+        );
+        let report = AttemptReport {
+            results: vec![
+                (0, RcptResult::Delivered),
+                (1, RcptResult::Failed(gone.clone())),
+            ],
+            history: vec![Attempt {
+                at: T0,
+                upstream: Some("x".into()),
+                outcome: "..".into(),
+            }],
+            errors: vec!["upstream y: connect: refused".into()],
+            not_before: 0,
+            deleted: false,
+        };
+        let fails = record(&mut msg.state, 3, report);
+        assert_eq!(fails, vec![gone.clone()]);
+        use RcptStatus::{Delivered, Failed, Pending};
+        assert_eq!(msg.state.recipients, [Delivered, Failed, Pending]);
+        let facts = AttemptFacts {
+            now: T0 + 10,
+            failed: &fails,
+            bounce_queued: true,
+            not_before: 0,
+            errors: &["upstream y: connect: refused".into()],
+        };
+        let settled = settle(&mut msg.state, &msg.envelope, &q, &facts);
+        assert_eq!(settled, Settled::Due(T0 + 70));
+        assert_eq!((msg.state.attempts, msg.state.next_attempt), (1, T0 + 70));
+        assert_eq!(
+            msg.state.last_error.as_deref(),
+            Some("upstream y: connect: refused")
+        );
+        assert_eq!(msg.state.history.len(), 1);
+
+        let last = AttemptReport {
+            results: vec![(2, RcptResult::Delivered)],
+            ..AttemptReport::default()
+        };
+        assert!(record(&mut msg.state, 3, last).is_empty());
+        let facts = AttemptFacts {
+            errors: &[],
+            failed: &[],
+            ..facts
+        };
+        let settled = settle(&mut msg.state, &msg.envelope, &q, &facts);
+        assert_eq!(
+            settled,
+            Settled::Finished {
+                delivered: 2,
+                failed: 1
+            }
+        );
+    }
+
+    #[test]
+    fn failed_recipients_stay_pending_when_their_bounce_was_not_queued() {
+        let q = queue(&[60], 3600, true);
+        let mut msg = message(&["1@a.example"], &[]);
+        let gone = failed(0, "1@a.example", Diagnostic::Smtp("550 5.1.1 no".into()));
+        let report = AttemptReport {
+            results: vec![(0, RcptResult::Failed(gone))],
+            ..AttemptReport::default()
+        };
+        let fails = record(&mut msg.state, 1, report);
+        let facts = AttemptFacts {
+            now: T0,
+            failed: &fails,
+            bounce_queued: false,
+            not_before: 0,
+            errors: &[],
+        };
+        assert_eq!(
+            settle(&mut msg.state, &msg.envelope, &q, &facts),
+            Settled::Due(T0 + 60)
+        );
+        assert_eq!(msg.state.recipients, [RcptStatus::Pending]);
+    }
+}
