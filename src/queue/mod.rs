@@ -960,4 +960,6 @@ fn read_state_file(path: &Path, owner: u32) -> Result<Option<DeliveryState>, Spo
 }
 
 #[cfg(test)]
+mod manager_tests;
+#[cfg(test)]
 mod tests;
