@@ -379,3 +379,47 @@ async fn a_held_message_is_neither_attempted_nor_expired_until_released() {
     assert_eq!((&sent.id, sent.rcpts.as_slice()), (&held, &[0][..]));
     h.gone(&held).await;
 }
+
+/// A message file as the previous version wrote it: each recipient with `"status":"pending"`.
+fn write_previous_version_file(spool: &Spool, rcpts: &[&str]) -> QueueId {
+    use std::io::Write as _;
+    use std::os::unix::fs::OpenOptionsExt as _;
+    let env = sample_envelope(rcpts);
+    let mut json = serde_json::to_value(&env).unwrap();
+    for r in json["recipients"].as_array_mut().unwrap() {
+        r["status"] = "pending".into();
+    }
+    let mut bytes = super::MAGIC.to_vec();
+    bytes.extend_from_slice(json.to_string().as_bytes());
+    bytes.extend_from_slice(b"\nSubject: old\r\n\r\nwritten by the previous version\r\n");
+    let path = spool.root().join("queue").join(env.id.as_str());
+    let mut file = std::fs::OpenOptions::new()
+        .create_new(true)
+        .write(true)
+        .mode(0o600)
+        .open(path)
+        .unwrap();
+    file.write_all(&bytes).unwrap();
+    env.id
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_spool_file_of_the_previous_version_is_recovered_and_delivered() {
+    let mut h = start(&[60], 1, None);
+    let id = write_previous_version_file(&h.spool, &["a@example.com", "b@example.com"]);
+    let report = h.spool.recover().unwrap();
+    assert!(report.rejected.is_empty(), "{report}");
+    assert_eq!(report.queued, 1);
+    let msg = h.spool.load(&id).unwrap();
+    let addresses: Vec<String> = msg.pending().map(ToString::to_string).collect();
+    assert_eq!(addresses, ["a@example.com", "b@example.com"]);
+    // Written back, the recipients no longer carry a status of their own.
+    let json = serde_json::to_string(&msg.envelope).unwrap();
+    assert!(!json.contains("status"), "{json}");
+
+    h.run();
+    let sent = h.next_sent().await;
+    assert_eq!((&sent.id, sent.rcpts.as_slice()), (&id, &[0, 1][..]));
+    assert!(sent.bytes.ends_with(b"written by the previous version\r\n"));
+    h.gone(&id).await;
+}
