@@ -316,7 +316,127 @@ fn remote_mta(address: &str) -> Option<String> {
 
 #[cfg(test)]
 mod tests {
+    use std::sync::Arc;
+
+    use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+    use tokio::net::TcpListener;
+
     use super::remote_mta;
+    use super::*;
+    use crate::config::{Config, UpstreamTls};
+    use crate::envelope::sample_envelope;
+    use crate::outbound::capabilities::CapabilityBook;
+    use crate::queue::Spool;
+    use crate::queue::schedule::RouteGroup;
+
+    /// A loopback upstream for one connection: accepts `@example.com` recipients except
+    /// `nobody@`, which it refuses with `550 5.1.1`. Returns the message bytes it received.
+    async fn upstream(listener: TcpListener) -> Vec<u8> {
+        let (sock, _) = listener.accept().await.unwrap();
+        let (r, mut w) = sock.into_split();
+        let mut r = BufReader::new(r);
+        w.write_all(b"220 up.example ESMTP\r\n").await.unwrap();
+        let (mut data, mut in_data, mut line) = (Vec::new(), false, Vec::new());
+        loop {
+            line.clear();
+            if r.read_until(b'\n', &mut line).await.unwrap() == 0 {
+                return data;
+            }
+            if in_data {
+                if line == b".\r\n" {
+                    in_data = false;
+                    w.write_all(b"250 2.0.0 queued as UP1\r\n").await.unwrap();
+                } else {
+                    data.extend_from_slice(&line);
+                }
+                continue;
+            }
+            let reply: &[u8] = match line.get(..4).map(<[u8]>::to_ascii_uppercase).as_deref() {
+                Some(b"EHLO") => b"250-up.example\r\n250 PIPELINING\r\n",
+                Some(b"RCPT") if line.windows(7).any(|w| w == b"nobody@") => {
+                    b"550 5.1.1 <nobody@example.com>: no such user\r\n"
+                }
+                Some(b"MAIL" | b"RCPT" | b"RSET") => b"250 2.1.0 ok\r\n",
+                Some(b"DATA") => {
+                    in_data = true;
+                    b"354 go on\r\n"
+                }
+                Some(b"QUIT") => {
+                    w.write_all(b"221 bye\r\n").await.unwrap();
+                    return data;
+                }
+                _ => b"500 5.5.1 what\r\n",
+            };
+            w.write_all(reply).await.unwrap();
+        }
+    }
+
+    fn context(port: u16) -> Context {
+        let mut config = Config::embedded_default();
+        config.upstreams.truncate(1);
+        config.upstreams[0].address = format!("localhost:{port}");
+        config.upstreams[0].tls = UpstreamTls::None;
+        let book = Arc::new(CapabilityBook::load(&config.upstreams, None));
+        Context {
+            upstreams: Upstreams::new(&config, book).unwrap(),
+            hostname: "relay.example".into(),
+            queue: config.queue.clone(),
+        }
+    }
+
+    // Real time: with paused time the runtime, idle while the loopback socket is on its way,
+    // would jump to the client's reply timeouts and fire them.
+    #[tokio::test]
+    async fn an_attempt_reports_each_recipient_and_writes_nothing() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let ctx = context(listener.local_addr().unwrap().port());
+        let received = tokio::spawn(upstream(listener));
+        let dir = tempfile::tempdir().unwrap();
+        let spool = Spool::open(dir.path()).unwrap();
+        let env = sample_envelope(&["a@example.com", "nobody@example.com"]);
+        let body = b"Subject: t\r\n\r\n.dot-stuffed on the wire\r\n";
+        let id = spool.enqueue(&env, body).unwrap();
+        let loaded = spool.load_with_body(&id, 1 << 20).unwrap();
+        let bytes = MessageBytes::Memory(Arc::new(loaded.body.clone().unwrap()));
+        let groups = [RouteGroup {
+            route: vec![0],
+            rcpts: vec![0, 1],
+        }];
+        let job = Job {
+            spool: &spool,
+            msg: &loaded.msg,
+            bytes: &bytes,
+            lock: &loaded.lock,
+            groups: &groups,
+        };
+        let report = ctx.send(job).await;
+
+        let refused = FailedRcpt {
+            index: 1,
+            address: env.recipients[1].address.clone(),
+            status: "5.1.1".into(),
+            diagnostic: Diagnostic::Smtp("550 5.1.1 <nobody@example.com>: no such user".into()),
+            upstream: Some("localhost".into()),
+        };
+        assert_eq!(
+            report.results,
+            [(0, RcptResult::Delivered), (1, RcptResult::Failed(refused))]
+        );
+        assert_eq!(report.history.len(), 1);
+        assert_eq!(report.history[0].upstream.as_deref(), Some("default"));
+        assert!(report.errors.is_empty() && !report.deleted && report.not_before == 0);
+        // Sending only: the spool still holds the message, with no state and no bounce.
+        assert_eq!(spool.list().unwrap().len(), 1);
+        assert_eq!(
+            spool.load(&id).unwrap().state,
+            crate::queue::DeliveryState::fresh(env.received_at)
+        );
+        ctx.upstreams.close_all().await;
+        assert_eq!(
+            received.await.unwrap(),
+            b"Subject: t\r\n\r\n..dot-stuffed on the wire\r\n"
+        );
+    }
 
     #[test]
     fn remote_mta_is_the_configured_host_name_never_an_ip() {
