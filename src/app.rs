@@ -227,7 +227,7 @@ pub async fn run(config: Config, path: Option<PathBuf>) -> Result<(), AppError> 
         tokio::select! {
             _ = term.recv() => { info!("SIGTERM: shutting down"); break; }
             _ = int.recv() => { info!("SIGINT: shutting down"); break; }
-            _ = hup.recv() => reload(&runtime, path.as_deref()),
+            _ = hup.recv() => reload(&runtime, path.as_deref(), &delivery, &shared.spool),
         }
     }
 
@@ -265,8 +265,14 @@ pub async fn run(config: Config, path: Option<PathBuf>) -> Result<(), AppError> 
     Ok(())
 }
 
-/// SIGHUP: load and validate the policy file; swap it in only if it is entirely valid.
-fn reload(runtime: &ArcSwap<Runtime>, path: Option<&std::path::Path>) {
+/// SIGHUP: load and validate the policy file; swap it in only if it is entirely valid. Its
+/// `[[upstreams]]` and `[queue]` go to `delivery` (new attempts and the RCPT route checks).
+fn reload(
+    runtime: &ArcSwap<Runtime>,
+    path: Option<&std::path::Path>,
+    delivery: &outbound::Delivery,
+    spool: &Spool,
+) {
     let Some(path) = path else {
         warn!("SIGHUP: running on the embedded default; nothing to reload");
         return;
@@ -296,10 +302,15 @@ fn reload(runtime: &ArcSwap<Runtime>, path: Option<&std::path::Path>) {
     if old.config.server.spool_dir != new.config.server.spool_dir {
         warn!("reload: spool_dir changed; that takes a restart");
     }
-    // Delivery is built once at start (TLS client configurations, pools, breakers).
-    let delivery_keys = |c: &Config| format!("{:?}{:?}", c.upstreams, c.queue);
+    // Rebuilt only when changed: a rebuild starts breakers and connection pools afresh.
+    let delivery_keys = |c: &Config| format!("{:?}{:?}{}", c.upstreams, c.queue, c.server.hostname);
     if delivery_keys(&old.config) != delivery_keys(&new.config) {
-        warn!("reload: [[upstreams]] or [queue] changed; delivery uses them after a restart");
+        match delivery.reload(&new.config, spool) {
+            Ok(()) => info!("reload: [[upstreams]] and [queue] apply to new delivery attempts"),
+            Err(e) => error!(
+                "reload: cannot build the new upstreams, delivery keeps the previous [[upstreams]] and [queue]: {e}"
+            ),
+        }
     }
     for w in new.config.warnings() {
         warn!("{w}");

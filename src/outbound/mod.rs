@@ -56,6 +56,40 @@ pub struct Delivery {
     pub capabilities: capabilities::RouteCapabilities,
 }
 
+impl Delivery {
+    /// Apply a reloaded configuration's `[[upstreams]]`, `[queue]` and host name: attempts
+    /// started from now on use the new routes, upstreams and retry schedule, those in flight
+    /// finish on the old ones (whose idle connections are then closed); the inbound checks at
+    /// RCPT see the new routing table at once. Breakers and pools start afresh. The new
+    /// upstreams are probed in the background for their capabilities (until then the ones the
+    /// spool file recorded for the same name and address hold). Errors: an upstream's TLS
+    /// client configuration cannot be built; nothing is changed then.
+    pub fn reload(&self, config: &Config, spool: &Spool) -> Result<(), ClientTlsError> {
+        let book = Arc::new(capabilities::CapabilityBook::load(
+            &config.upstreams,
+            Some(spool.root()),
+        ));
+        let context = Arc::new(Context {
+            upstreams: upstream::Upstreams::new(config, book.clone())?,
+            hostname: config.server.hostname.clone(),
+            queue: config.queue.clone(),
+        });
+        let old = self.context.swap(context.clone());
+        self.capabilities.replace(book);
+        self.tracker.spawn(async move {
+            context
+                .upstreams
+                .probe_all(&context.hostname, PROBE_WAIT)
+                .await;
+            old.upstreams.close_all().await;
+        });
+        Ok(())
+    }
+}
+
+/// How long a reload's capability probe of the new upstreams may take.
+const PROBE_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
+
 /// Start the queue manager over `spool` with `config`'s upstreams and queue policy.
 pub fn start(
     config: &Config,
