@@ -806,28 +806,41 @@ pub(crate) fn open_trusted(path: &Path, owner: u32, write: bool) -> Result<File,
         .open(path)
         .map_err(Opened::Io)?;
     let meta = file.metadata().map_err(Opened::Io)?;
-    trust(&meta, owner).map_err(Opened::Untrusted)?;
+    trust(&meta, owner).map_err(|d| Opened::Untrusted(d.to_string()))?;
     Ok(file)
+}
+
+/// Why a spool file is not trusted as written by the relay.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub(crate) enum Distrust {
+    /// A directory, symlink, FIFO, device or socket.
+    #[error("not a regular file")]
+    NotRegular,
+    /// Owned by another user than the spool's owner.
+    #[error("owned by uid {uid}, not by the spool's owner (uid {owner})")]
+    ForeignOwner { uid: u32, owner: u32 },
+    /// Writable by the group or others (`mode`: the permission bits).
+    #[error("group- or world-writable (mode {mode:04o})")]
+    ForeignWritable { mode: u32 },
 }
 
 /// Whether a spool file's metadata says the relay wrote it: a regular file owned by `owner`
 /// (the spool's owner) that no one else may write. `Err` says which check failed. Taken from
 /// the open file (`fstat`) or from `lstat`, never by following a symlink.
-pub(crate) fn trust(meta: &fs::Metadata, owner: u32) -> Result<(), String> {
+pub(crate) fn trust(meta: &fs::Metadata, owner: u32) -> Result<(), Distrust> {
     if !meta.file_type().is_file() {
-        return Err("not a regular file".into());
+        return Err(Distrust::NotRegular);
     }
     if meta.uid() != owner {
-        return Err(format!(
-            "owned by uid {}, not by the spool's owner (uid {owner})",
-            meta.uid()
-        ));
+        return Err(Distrust::ForeignOwner {
+            uid: meta.uid(),
+            owner,
+        });
     }
     if meta.mode() & FOREIGN_WRITE != 0 {
-        return Err(format!(
-            "group- or world-writable (mode {:04o})",
-            meta.mode() & 0o7777
-        ));
+        return Err(Distrust::ForeignWritable {
+            mode: meta.mode() & 0o7777,
+        });
     }
     Ok(())
 }

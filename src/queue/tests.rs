@@ -232,18 +232,17 @@ fn ids_from_user_input_cannot_escape_the_spool() {
     assert!(matches!(spool.load(&id), Err(SpoolError::NotFound(_))));
 }
 
-#[test]
-fn recovery_cleans_tmp_rejects_garbage_and_keeps_good_messages() {
-    let (_d, spool) = spool();
-    let queue = spool.root().join("queue");
-    let rejected = spool.root().join("rejected");
-    let good = commit(&spool, &envelope(&["a@example.com"]), BODY);
-    let with_state = commit(&spool, &envelope(&["b@example.com"]), BODY);
-    spool
-        .write_state(&with_state, &DeliveryState::fresh(9))
-        .unwrap();
+/// The files recovery must reject or remove, beside `good`.
+struct Planted {
+    garbage: QueueId,
+    truncated: QueueId,
+    renamed: QueueId,
+}
 
-    // Garbage under a valid id, a stray name, a truncated header, a wrong id inside.
+/// Garbage under a valid id, a stray name, a truncated header, a wrong id inside; an orphan
+/// state, a corrupt state of `good`, leftovers in tmp/.
+fn plant_garbage(spool: &Spool, good: &QueueId) -> Planted {
+    let queue = spool.root().join("queue");
     let garbage = QueueId::generate();
     fs::write(queue.join(garbage.as_str()), b"not a spool file").unwrap();
     fs::write(queue.join("README"), b"hello").unwrap();
@@ -255,12 +254,35 @@ fn recovery_cleans_tmp_rejects_garbage_and_keeps_good_messages() {
     .unwrap();
     let renamed = QueueId::generate();
     fs::copy(queue.join(good.as_str()), queue.join(renamed.as_str())).unwrap();
-    // An orphan state, a corrupt state of a good message, leftovers in tmp/.
     let orphan = QueueId::generate();
     fs::write(queue.join(format!("{orphan}.state")), b"{}").unwrap();
     fs::write(queue.join(format!("{good}.state")), b"{broken").unwrap();
     fs::write(spool.root().join("tmp").join("leftover"), b"x").unwrap();
     fs::create_dir(spool.root().join("tmp").join("somedir")).unwrap();
+
+    Planted {
+        garbage,
+        truncated,
+        renamed,
+    }
+}
+
+#[test]
+fn recovery_cleans_tmp_rejects_garbage_and_keeps_good_messages() {
+    let (_d, spool) = spool();
+    let queue = spool.root().join("queue");
+    let rejected = spool.root().join("rejected");
+    let good = commit(&spool, &envelope(&["a@example.com"]), BODY);
+    let with_state = commit(&spool, &envelope(&["b@example.com"]), BODY);
+    spool
+        .write_state(&with_state, &DeliveryState::fresh(9))
+        .unwrap();
+
+    let Planted {
+        garbage,
+        truncated,
+        renamed,
+    } = plant_garbage(&spool, &good);
 
     let report = spool.recover().unwrap();
     assert_eq!(report.queued, 2);
