@@ -18,10 +18,15 @@
 //! - [`inbound`]: listeners, the per-connection driver, TLS, connection accounting with stress
 //!   mode, and the bounded pool of threads that verify passwords.
 //! - [`queue`]: the durable spool, recovery, the operator control files behind the `queue`
-//!   commands (retry, delete, purge), the reuse of finished message files, the free-space
-//!   reserve for messages in flight and the bounce (RFC 3464) builder.
+//!   commands (retry, delete, purge; hold and release), the reuse of finished message files,
+//!   the free-space reserve for messages in flight, the bounces (RFC 3464: built and queued),
+//!   and the queue manager: scheduling decisions as pure functions (`queue::schedule`: plan
+//!   an attempt, record its results, next attempt, expiry, bounce or not, hold) carried out by
+//!   one task (`queue::manager`, one attempt's bookkeeping in `queue::attempt`). A new queue
+//!   state goes into `DeliveryState` (`queue/state.rs`) and is decided in `schedule::plan`.
 //! - [`outbound`]: the upstream SMTP client, routing with failover and circuit breakers,
-//!   connection pools, delivery attempts and the scheduler that starts them, and the
+//!   connection pools, the sending of one attempt (`outbound::deliver`, the queue manager's
+//!   `Courier`: it sends and reports per-recipient results, it writes nothing), and the
 //!   capabilities each upstream announced (shared with the inbound checks at RCPT and DATA).
 //! - [`stream`]: a connection that is plain TCP or TLS, for both directions.
 //! - [`text`]: Unicode hygiene for network text: characters that display as nothing, and
@@ -34,7 +39,8 @@
 //! MAIL, RCPT), each checked by policy → DATA streamed into a spool file under the size cap →
 //! end-of-data checks → `Received:` header → commit (fsync, rename, directory fsync shared
 //! with concurrent commits) → `250 2.0.0 Ok: queued as ID` → the message, still in memory when
-//! small, to a delivery worker → upstream → the file leaves the queue (kept for reuse).
+//! small, to the queue manager → an attempt: plan (`queue::schedule`), send (`outbound`),
+//! record (bounce, then state or removal) → the file leaves the queue (kept for reuse).
 
 pub mod app;
 pub mod config;

@@ -1,4 +1,4 @@
-//! Upstream SMTP client and delivery workers.
+//! Upstream SMTP client and the sending of delivery attempts.
 //!
 //! - [`capabilities`]: what each upstream last announced (SMTPUTF8, 8BITMIME, SIZE), kept in
 //!   the spool and shared read-only with the inbound side for its checks at RCPT and DATA.

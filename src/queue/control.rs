@@ -14,6 +14,8 @@
 //! after the unlink is what makes the protocol lossless: a request renamed in between the
 //! listing and the unlink is consumed, but the action that follows covers it too. Names it does
 //! not understand are removed with a warning (nothing but requests belongs there).
+//! [`Spool::request_hold`] asks the same way to hold (`hold.ID`) or release (`release.ID`) a
+//! message; the relay's queue manager records the hold in `ID.state`.
 //!
 //! The CLI never writes `queue/ID.state` to make a message due: a delivery worker may be
 //! replacing that file at the same moment, and one of the two writes would be lost. The relay

@@ -2,8 +2,9 @@
 //!
 //! This module owns everything under the spool directory. It knows envelopes and message
 //! bytes, not sockets or SMTP: the inbound driver streams DATA into a [`SpoolWriter`], the
-//! delivery workers read with [`Spool::list`] / [`Spool::open_message`] and record progress
-//! with [`Spool::write_state`], and the `queue` commands use [`report`].
+//! queue manager ([`manager`]) decides when each message is attempted ([`schedule`], pure),
+//! hands the attempt to the outbound side (an [`attempt::Courier`]) and records its outcome
+//! with [`Spool::write_state`] ([`attempt`]), and the `queue` commands use [`report`].
 //!
 //! # On-disk format
 //!
@@ -80,8 +81,16 @@
 //!
 //! # Bounces
 //!
-//! [`bounce`] builds RFC 3464 delivery status notifications (pure, no I/O); the relay queues
-//! one with [`Spool::enqueue`] like any other message.
+//! [`bounce`] builds RFC 3464 delivery status notifications (pure) and queues one with
+//! [`Spool::enqueue`] like any other message ([`bounce::enqueue`]); [`schedule`] decides
+//! whether one is due.
+//!
+//! # Hold
+//!
+//! A held message ([`DeliveryState::hold`]) is neither attempted, bounced nor expired until
+//! released; the time it spends held pushes its expiry back. Holds are asked for through
+//! `control/` ([`Spool::request_hold`]) and written by the queue manager, which owns the
+//! state files of a running relay.
 
 #![warn(clippy::too_many_lines)]
 
