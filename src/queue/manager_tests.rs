@@ -31,7 +31,7 @@ enum Answer {
 
 /// One call of [`Courier::send`], as seen by the courier.
 #[derive(Debug)]
-struct Sent {
+struct Seen {
     id: QueueId,
     rcpts: Vec<usize>,
     /// The manager's clock when the attempt was sent (Unix seconds).
@@ -46,7 +46,7 @@ struct Scripted {
     max_in_flight: usize,
     clock: Clock,
     answer: Mutex<Answer>,
-    sent: mpsc::UnboundedSender<Sent>,
+    sent: mpsc::UnboundedSender<Seen>,
     /// When set, each send waits for a permit (to keep attempts in flight).
     gate: Option<Arc<Semaphore>>,
     in_flight: AtomicUsize,
@@ -70,7 +70,7 @@ impl Courier for Scripted {
         let now = self.in_flight.fetch_add(1, Ordering::SeqCst) + 1;
         self.most_in_flight.fetch_max(now, Ordering::SeqCst);
         let rcpts: Vec<usize> = job.groups.iter().flat_map(|g| g.rcpts.clone()).collect();
-        let _ = self.sent.send(Sent {
+        let _ = self.sent.send(Seen {
             id: job.msg.id().clone(),
             rcpts: rcpts.clone(),
             at: self.clock.now(),
@@ -119,7 +119,7 @@ struct Harness {
     _dir: tempfile::TempDir,
     spool: Spool,
     courier: Arc<Scripted>,
-    sent: mpsc::UnboundedReceiver<Sent>,
+    sent: mpsc::UnboundedReceiver<Seen>,
     wake: mpsc::UnboundedSender<NewMessage>,
     stop: CancellationToken,
     /// Until [`Harness::run`].
@@ -200,7 +200,7 @@ impl Harness {
     }
 
     /// The next attempt the courier sees (fails the test after an hour of paused time).
-    async fn next_sent(&mut self) -> Sent {
+    async fn next_sent(&mut self) -> Seen {
         tokio::time::timeout(Duration::from_secs(3600), self.sent.recv())
             .await
             .expect("an attempt within the hour")
