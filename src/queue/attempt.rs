@@ -178,7 +178,9 @@ impl<C: Courier> Attempting<'_, C> {
         } = self.loaded;
         let id = msg.envelope.id.clone();
         let queue = self.courier.queue();
-        let plan = schedule::plan(&msg, self.clock.now(), queue, |d| self.courier.route(d));
+        // The attempt's time: expiry is judged and the next attempt counted from its start.
+        let now = self.clock.now();
+        let plan = schedule::plan(&msg, now, queue, |d| self.courier.route(d));
         let report = match plan {
             Plan::Held => {
                 info!(queue_id = %id, "held: not attempted");
@@ -216,7 +218,7 @@ impl<C: Courier> Attempting<'_, C> {
         };
         let bounce = recorder.bounce(&failed).await;
         let facts = AttemptFacts {
-            now: self.clock.now(),
+            now,
             failed: &failed,
             bounce_queued: bounce.is_ok(),
             not_before,

@@ -227,7 +227,7 @@ pub enum Settled {
     Due(u64),
 }
 
-/// Settle `state` after an attempt that ended at `now`: when the bounce for `failed` could not
+/// Settle `state` after an attempt that started at `facts.now`: when the bounce for `failed` could not
 /// be queued (`bounce_queued` false), those recipients become pending again so the failure
 /// is reported at the next attempt rather than lost; then either nothing is pending
 /// (finished) or the attempt count, next attempt time and last error are updated.
@@ -271,7 +271,7 @@ pub fn settle(
 /// The facts of an attempt that [`settle`] needs.
 #[derive(Debug, Clone, Copy)]
 pub struct AttemptFacts<'a> {
-    /// When the attempt ended (Unix seconds).
+    /// When the attempt started (Unix seconds): the next attempt is counted from it.
     pub now: u64,
     /// Recipients that failed for good in it.
     pub failed: &'a [FailedRcpt],
