@@ -564,6 +564,27 @@ fn from(env: Envelope, sender: &str) -> Envelope {
 }
 
 #[test]
+fn hold_and_release_requests_follow_the_merged_retry_in_name_order() {
+    let (_d, spool) = spool();
+    let (a, b) = (QueueId::generate(), QueueId::generate());
+    spool.request_hold(&b, false).unwrap();
+    spool.request_hold(&a, true).unwrap();
+    spool
+        .request_retry(&RetryTarget::Ids(vec![b.clone()]))
+        .unwrap();
+    fs::write(spool.root().join("control").join("hold.not-an-id"), b"").unwrap();
+    assert_eq!(
+        spool.take_requests().unwrap(),
+        [
+            Request::Retry(RetryTarget::Ids(vec![b.clone()])),
+            Request::Hold(a),
+            Request::Release(b),
+        ]
+    );
+    assert!(names(&spool.root().join("control")).is_empty());
+}
+
+#[test]
 fn retry_requests_are_merged_consumed_once_and_junk_is_removed() {
     let (_d, spool) = spool();
     let control = spool.root().join("control");
