@@ -25,11 +25,6 @@ use crate::queue::{Spool, SpoolError};
 /// ([`outbound::upstream::Upstreams::probe_all`]) before it opens the listeners anyway.
 pub const PROBE_WAIT: Duration = Duration::from_secs(5);
 
-/// How long deliveries in flight may take to finish after the sessions are done. One cut
-/// short is not lost: its state was never changed, so it is simply tried again after the
-/// restart (at worst a duplicate, if its final dot was already sent).
-pub const DELIVERY_GRACE: Duration = Duration::from_secs(10);
-
 /// Why the relay could not start or stopped with an error.
 #[derive(Debug, thiserror::Error)]
 pub enum AppError {
@@ -150,12 +145,13 @@ pub async fn run(config: Config, path: Option<PathBuf>) -> Result<(), AppError> 
     // checked against what the upstreams say now rather than what they said last time.
     delivery
         .context
+        .load()
         .upstreams
         .probe_all(&config.server.hostname, PROBE_WAIT)
         .await;
     let runtime = Arc::new(ArcSwap::from_pointee(build_runtime(config, None)?));
     let deps = inbound::Deps {
-        spool,
+        spool: spool.clone(),
         queued: delivery.wake.clone(),
         capabilities: delivery.capabilities.clone(),
     };
@@ -168,7 +164,7 @@ pub async fn run(config: Config, path: Option<PathBuf>) -> Result<(), AppError> 
     );
     drop(snapshot);
 
-    wait_for_shutdown(&runtime, path.as_deref()).await?;
+    wait_for_shutdown(&runtime, path.as_deref(), &delivery, &spool).await?;
     // The grace of the configuration running now (a reload may have changed it).
     inbound
         .stop(runtime.load().config.limits.shutdown_grace)
@@ -201,6 +197,8 @@ async fn prepare_spool(config: &Config) -> Result<Spool, AppError> {
 async fn wait_for_shutdown(
     runtime: &ArcSwap<Runtime>,
     path: Option<&std::path::Path>,
+    delivery: &outbound::Delivery,
+    spool: &Spool,
 ) -> Result<(), AppError> {
     let mut term = signal(SignalKind::terminate()).map_err(AppError::Signal)?;
     let mut int = signal(SignalKind::interrupt()).map_err(AppError::Signal)?;
@@ -209,19 +207,20 @@ async fn wait_for_shutdown(
         tokio::select! {
             _ = term.recv() => { info!("SIGTERM: shutting down"); return Ok(()); }
             _ = int.recv() => { info!("SIGINT: shutting down"); return Ok(()); }
-            _ = hup.recv() => reload(runtime, path),
+            _ = hup.recv() => reload(runtime, path, delivery, spool),
         }
     }
 }
 
 /// Inbound is done: stop starting deliveries, let those in flight finish their transaction
-/// (within [`DELIVERY_GRACE`]; an abandoned one is simply tried again after the restart,
+/// (within `[queue] delivery_grace`; an abandoned one is simply tried again after the restart,
 /// since its state was never changed), then say QUIT to idle upstreams.
 async fn stop_delivery(delivery: outbound::Delivery, stop: CancellationToken) {
     stop.cancel();
-    let _ = delivery.scheduler.await;
+    let _ = delivery.manager.await;
     delivery.tracker.close();
-    if tokio::time::timeout(DELIVERY_GRACE, delivery.tracker.wait())
+    let grace = delivery.context.load().queue.delivery_grace;
+    if tokio::time::timeout(grace, delivery.tracker.wait())
         .await
         .is_err()
     {
@@ -229,11 +228,17 @@ async fn stop_delivery(delivery: outbound::Delivery, stop: CancellationToken) {
             "deliveries still running after the shutdown grace period; abandoning them (they will be retried)"
         );
     }
-    delivery.context.upstreams.close_all().await;
+    delivery.context.load_full().upstreams.close_all().await;
 }
 
-/// SIGHUP: load and validate the policy file; swap it in only if it is entirely valid.
-fn reload(runtime: &ArcSwap<Runtime>, path: Option<&std::path::Path>) {
+/// SIGHUP: load and validate the policy file; swap it in only if it is entirely valid. Its
+/// `[[upstreams]]` and `[queue]` go to `delivery` (new attempts and the RCPT route checks).
+fn reload(
+    runtime: &ArcSwap<Runtime>,
+    path: Option<&std::path::Path>,
+    delivery: &outbound::Delivery,
+    spool: &Spool,
+) {
     let Some(path) = path else {
         warn!("SIGHUP: running on the embedded default; nothing to reload");
         return;
@@ -263,10 +268,15 @@ fn reload(runtime: &ArcSwap<Runtime>, path: Option<&std::path::Path>) {
     if old.config.server.spool_dir != new.config.server.spool_dir {
         warn!("reload: spool_dir changed; that takes a restart");
     }
-    // Delivery is built once at start (TLS client configurations, pools, breakers).
-    let delivery_keys = |c: &Config| format!("{:?}{:?}", c.upstreams, c.queue);
+    // Rebuilt only when changed: a rebuild starts breakers and connection pools afresh.
+    let delivery_keys = |c: &Config| format!("{:?}{:?}{}", c.upstreams, c.queue, c.server.hostname);
     if delivery_keys(&old.config) != delivery_keys(&new.config) {
-        warn!("reload: [[upstreams]] or [queue] changed; delivery uses them after a restart");
+        match delivery.reload(&new.config, spool) {
+            Ok(()) => info!("reload: [[upstreams]] and [queue] apply to new delivery attempts"),
+            Err(e) => error!(
+                "reload: cannot build the new upstreams, delivery keeps the previous [[upstreams]] and [queue]: {e}"
+            ),
+        }
     }
     for w in new.config.warnings() {
         warn!("{w}");

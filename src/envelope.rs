@@ -570,20 +570,18 @@ pub enum RcptStatus {
     Failed,
 }
 
-/// One recipient of a queued message.
+/// One recipient of a queued message: its forward-path. Its delivery status is kept in the
+/// queue's state file ([`crate::queue::DeliveryState`]), the one place it is written. Spool
+/// files of earlier versions also carry a `status` here, always `pending`: it is ignored when
+/// read.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Recipient {
     pub address: Address,
-    #[serde(default)]
-    pub status: RcptStatus,
 }
 
 impl Recipient {
     pub fn new(address: Address) -> Self {
-        Recipient {
-            address,
-            status: RcptStatus::Pending,
-        }
+        Recipient { address }
     }
 }
 

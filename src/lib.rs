@@ -31,13 +31,18 @@
 //!   the listeners. It hands each committed message on as a [`queue::Committed`] and never
 //!   names `outbound`.
 //! - [`queue`]: the durable spool, recovery, the operator control files behind the `queue`
-//!   commands (retry, delete, purge), the reuse of finished message files, the free-space
-//!   reserve for messages in flight and the bounce (RFC 3464) builder.
+//!   commands (retry, delete, purge; hold and release), the reuse of finished message files,
+//!   the free-space reserve for messages in flight, the bounces (RFC 3464: built and queued),
+//!   and the queue manager: scheduling decisions as pure functions (`queue::schedule`: plan
+//!   an attempt, record its results, next attempt, expiry, bounce or not, hold) carried out by
+//!   one task (`queue::manager`, one attempt's bookkeeping in `queue::attempt`). A new queue
+//!   state goes into `DeliveryState` (`queue/state.rs`) and is decided in `schedule::plan`.
 //! - [`outbound`]: the upstream SMTP client, failover and circuit breakers, connection pools,
-//!   delivery attempts and the scheduler that starts them. What can go wrong with an upstream
-//!   is a kind of `outbound::error::ClientError` (a new kind goes there, with its effect on the
-//!   breaker); replies that concern one message are per-recipient outcomes carrying the
-//!   upstream's reply unchanged into the DSN.
+//!   and the sending of one attempt (`outbound::deliver`, the queue manager's `Courier`: it
+//!   sends and reports per-recipient results, it writes nothing). What can go wrong with an
+//!   upstream is a kind of `outbound::error::ClientError` (a new kind goes there, with its
+//!   effect on the breaker); replies that concern one message are per-recipient outcomes
+//!   carrying the upstream's reply unchanged into the DSN.
 //! - [`routes`]: the routing table and the capabilities each upstream announced, shared by
 //!   delivery and the inbound checks at RCPT and DATA (the one module both sides use).
 //! - [`stream`]: a connection that is plain TCP or TLS, for both directions.
@@ -53,7 +58,8 @@
 //! streams the message through the header filter into a spool file under the size cap →
 //! end-of-data checks on what the assembly read → commit (fsync, rename, directory fsync shared
 //! with concurrent commits) → `250 2.0.0 Ok: queued as ID` → the message, still in memory when
-//! small, to a delivery worker → upstream → the file leaves the queue (kept for reuse).
+//! small, to the queue manager → an attempt: plan (`queue::schedule`), send (`outbound`),
+//! record (bounce, then state or removal) → the file leaves the queue (kept for reuse).
 
 pub mod app;
 pub mod config;

@@ -253,19 +253,25 @@ impl CapabilityBook {
 }
 
 /// The read-only view of a [`CapabilityBook`] that the inbound side gets: it can ask what a
-/// route carries, not record anything.
+/// route carries, not record anything. A reload of `[[upstreams]]` replaces the book behind
+/// every clone at once ([`RouteCapabilities::replace`]).
 #[derive(Debug, Clone)]
-pub struct RouteCapabilities(Arc<CapabilityBook>);
+pub struct RouteCapabilities(Arc<arc_swap::ArcSwap<CapabilityBook>>);
 
 impl RouteCapabilities {
     /// A view of `book`.
     pub fn new(book: Arc<CapabilityBook>) -> RouteCapabilities {
-        RouteCapabilities(book)
+        RouteCapabilities(Arc::new(arc_swap::ArcSwap::new(book)))
     }
 
     /// See [`CapabilityBook::for_domain`].
     pub fn for_domain(&self, domain: &str) -> Option<Capabilities> {
-        self.0.for_domain(domain)
+        self.0.load().for_domain(domain)
+    }
+
+    /// Answer from `book` from now on (the routing table of a reloaded configuration).
+    pub fn replace(&self, book: Arc<CapabilityBook>) {
+        self.0.store(book);
     }
 }
 

@@ -687,6 +687,7 @@ impl Compiler {
             retry,
             max_age: self.duration("queue.max_age", raw.max_age, "5d", false),
             bounces: raw.bounces.unwrap_or(true),
+            delivery_grace: self.duration("queue.delivery_grace", raw.delivery_grace, "10s", true),
         }
     }
 

@@ -337,6 +337,10 @@ pub struct Queue {
     pub max_age: Duration,
     /// Send non-delivery reports; false: log permanent failures only.
     pub bounces: bool,
+    /// How long shutdown waits for deliveries in flight to finish their transaction (0 and
+    /// up). One still running then is abandoned and tried again after the restart (at worst
+    /// a duplicate, if its final dot was already sent). Default 10 s.
+    pub delivery_grace: Duration,
 }
 
 /// One thing wrong with a policy file: the dotted key that is wrong (`limits.max_errors`,

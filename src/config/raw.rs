@@ -230,6 +230,8 @@ pub struct RawQueue {
     pub max_age: Option<String>,
     /// Send non-delivery reports.
     pub bounces: Option<bool>,
+    /// How long shutdown waits for deliveries in flight.
+    pub delivery_grace: Option<String>,
 }
 
 /// The users file named by `auth.users_file`.

@@ -173,6 +173,7 @@ fn defaults_are_applied() {
     assert_eq!(minutes, [1, 5, 15, 30, 60, 120, 240]);
     assert_eq!(c.queue.max_age, Duration::from_secs(5 * 86_400));
     assert!(c.queue.bounces);
+    assert_eq!(c.queue.delivery_grace, Duration::from_secs(10));
     assert!(c.warnings().is_empty(), "{:?}", c.warnings());
 }
 
@@ -394,6 +395,7 @@ fn value_errors_table() {
         ),
         ("[queue]\nretry = [\"1m\", \"0s\"]", "queue.retry[1]"),
         ("[queue]\nmax_age = \"5\"", "queue.max_age"),
+        ("[queue]\ndelivery_grace = \"soon\"", "queue.delivery_grace"),
         (
             "[headers]\nstrip_untrusted = [\"X-Bad: *\"]",
             "headers.strip_untrusted[0]",

@@ -1,202 +1,96 @@
-//! One delivery attempt of one queued message.
+//! One delivery attempt's sending: the outbound side of the queue manager's [`Courier`].
 //!
-//! Load the message; expire it when it is older than `queue.max_age`; group the pending
-//! recipients by route; for each group try the route's upstreams in order (skipping those
-//! whose breaker is open) until one completes a transaction; record each recipient's
-//! outcome; send a bounce for the recipients that failed for good; then either remove the
-//! message (nothing pending) or write its new state with the next attempt time.
-//!
-//! Ordering for durability: a bounce is committed to the spool before the state that marks
-//! its recipients failed, and the state is written before the message is removed, so a crash
-//! at any point repeats work (a duplicate delivery or bounce) but never loses a message or a
-//! bounce (DESIGN invariants 1 and 2).
+//! Given a plan (the message and its pending recipients grouped by route), try each route's
+//! upstreams in order (skipping those whose breaker is open) until one completes a
+//! transaction, and report each recipient's result. Nothing here writes the spool or queues
+//! a bounce: the queue manager ([`crate::queue::manager`]) records the report.
 
-use std::collections::BTreeMap;
-use std::sync::Arc;
 use std::time::Instant;
 
-use tokio::sync::mpsc::UnboundedSender;
 use tracing::{error, info, warn};
 
 use super::client::{DotGate, MailTransaction, MessageSource, RcptOutcome, Sent};
 use super::error::ClientError;
 use super::upstream::{UpstreamRt, Upstreams};
 use crate::config;
-use crate::envelope::{Address, QueueId, RcptStatus, ReversePath, unix_now};
-use crate::queue::bounce::Diagnostic;
-use crate::queue::{Attempt, Loaded, QueuedMessage, SendLock, Spool, SpoolError};
-
-/// Messages up to this size are read into memory in one go; larger ones are streamed from
-/// the spool file.
-const IN_MEMORY_MAX: u64 = 1024 * 1024;
+use crate::envelope::{Address, QueueId, unix_now};
+use crate::queue::attempt::{Courier, Job, MessageBytes, on_spool};
+use crate::queue::schedule::{AttemptReport, FailedRcpt, RcptResult};
+use crate::queue::{Attempt, SendLock, SpoolError};
 
 /// Everything a delivery needs.
 pub struct Context {
-    pub spool: Spool,
     pub upstreams: Upstreams,
     /// Our name: EHLO to upstreams, Reporting-MTA of bounces.
     pub hostname: String,
     pub queue: config::Queue,
-    /// Tells the scheduler about messages created here (bounces).
-    pub wake: UnboundedSender<super::NewMessage>,
 }
 
-/// A recipient that failed for good in this attempt, for the bounce.
-#[derive(Debug, Clone)]
-pub struct FailedRcpt {
-    /// Its position in the envelope's recipients.
-    pub index: usize,
-    pub address: Address,
-    /// Enhanced status code, e.g. `5.1.1`.
-    pub status: String,
-    /// The upstream's reply or our reason.
-    pub diagnostic: Diagnostic,
-    /// Host name of the upstream that refused it (the DSN's `Remote-MTA`, RFC 3464 §2.3.5):
-    /// only when an upstream actually answered, and only when it is configured by host name
-    /// (an `address` that is an IP has no name to report).
-    pub upstream: Option<String>,
-}
-
-/// Run one attempt for `id`, from `loaded` when the message is already in memory, otherwise
-/// from the spool. Returns when it is due again (Unix seconds), or `None` when it left the
-/// queue (delivered, failed, expired, or deleted meanwhile).
-pub async fn deliver(ctx: Arc<Context>, id: QueueId, loaded: Option<Loaded>) -> Option<u64> {
-    let loaded = match loaded {
-        Some(loaded) => Ok(loaded),
-        None => {
-            let id = id.clone();
-            on_spool(&ctx.spool, move |spool| {
-                spool.load_with_body(&id, IN_MEMORY_MAX)
-            })
-            .await
-        }
-    };
-    let Loaded { msg, body, lock } = match loaded {
-        Ok(loaded) => loaded,
-        Err(SpoolError::NotFound(_)) => return None,
-        Err(e) => {
-            error!(queue_id = %id, error = %e, "cannot read queued message; will try again");
-            return Some(ctx.soon());
-        }
-    };
-    let outcome = Attempting {
-        ctx: ctx.clone(),
-        msg,
-        body: body.map_or(Bytes::Spooled, |b| Bytes::Memory(Arc::new(b))),
-        lock: &lock,
-        not_before: 0,
+impl Courier for Context {
+    fn queue(&self) -> &config::Queue {
+        &self.queue
     }
-    .run()
-    .await;
-    // The message file is closed off the reactor in every case: if it was unlinked (removed
-    // here, or deleted by an operator), the last close frees its blocks, which on a file
-    // system mounted with `discard` waits for the disk.
-    match outcome {
-        Outcome::Due(next) => {
-            drop(tokio::task::spawn_blocking(move || drop(lock)));
-            Some(next)
-        }
-        Outcome::Gone => {
-            drop(tokio::task::spawn_blocking(move || drop(lock)));
-            None
-        }
-        Outcome::Finished {
-            delivered,
-            failed,
-            size,
-            attempts,
-        } => {
-            let removed = on_spool(&ctx.spool, {
-                let id = id.clone();
-                move |s| {
-                    let removed = s.remove_finished(&id, size, attempts);
-                    drop(lock);
-                    removed
-                }
-            })
-            .await;
-            match removed {
-                Ok(()) | Err(SpoolError::NotFound(_)) => {
-                    info!(queue_id = %id, delivered, failed, "removed from queue: finished");
-                    None
-                }
-                Err(e) => {
-                    error!(queue_id = %id, error = %e, "cannot remove a finished message; it may be delivered again");
-                    Some(ctx.soon())
-                }
+
+    fn hostname(&self) -> &str {
+        &self.hostname
+    }
+
+    fn route(&self, domain: &str) -> Vec<usize> {
+        self.upstreams.route(domain).to_vec()
+    }
+
+    fn max_in_flight(&self) -> usize {
+        self.upstreams
+            .iter()
+            .map(|u| u.config.max_connections)
+            .sum::<usize>()
+            .max(1)
+    }
+
+    async fn send<'a>(&'a self, job: Job<'a>) -> AttemptReport {
+        let mut sending = Sending {
+            ctx: self,
+            job,
+            report: AttemptReport::default(),
+        };
+        for group in job.groups {
+            sending.try_route(&group.route, &group.rcpts).await;
+            if sending.report.deleted {
+                break;
             }
         }
+        sending.report
+    }
+
+    fn upkeep(&self) {
+        self.upstreams.reap_idle();
+    }
+
+    fn reset_all(&self) {
+        self.upstreams.reset_all();
+    }
+
+    fn reset_route(&self, route: &[usize]) {
+        for &u in route {
+            self.upstreams.get(u).reset_breaker();
+        }
     }
 }
 
-/// How an attempt ended.
-enum Outcome {
-    /// Recipients remain: due again at this time (Unix seconds).
-    Due(u64),
-    /// The message was deleted meanwhile.
-    Gone,
-    /// Nothing is pending any more: the message is to leave the queue.
-    Finished {
-        delivered: usize,
-        failed: usize,
-        /// For [`Spool::remove_finished`].
-        size: u64,
-        attempts: u32,
-    },
-}
-
-/// The message bytes of a loaded message.
-enum Bytes {
-    Memory(Arc<Vec<u8>>),
-    /// Too big for memory: reopened from the spool for each transaction.
-    Spooled,
-}
-
-/// Run blocking spool work off the reactor. A panic in it is reported as an I/O error of the
-/// spool, so callers have one error type to look at.
-pub(super) async fn on_spool<T: Send + 'static>(
-    spool: &Spool,
-    work: impl FnOnce(&Spool) -> Result<T, SpoolError> + Send + 'static,
-) -> Result<T, SpoolError> {
-    let handle = spool.clone();
-    tokio::task::spawn_blocking(move || work(&handle))
-        .await
-        .unwrap_or_else(|join| {
-            Err(SpoolError::Io {
-                op: "spool task",
-                path: spool.root().to_path_buf(),
-                source: std::io::Error::other(join.to_string()),
-            })
-        })
-}
-
-impl Context {
-    /// When to try again after a local error: the first retry interval from now.
-    fn soon(&self) -> u64 {
-        unix_now() + self.queue.retry[0].as_secs().max(1)
-    }
-}
-
-struct Attempting<'a> {
-    ctx: Arc<Context>,
-    msg: QueuedMessage,
-    body: Bytes,
-    /// `queue/ID`, open for the whole attempt: its lock, taken before a final dot and held
-    /// until the outcome is on disk, tells a `queue delete` in between that the message may
-    /// have been delivered.
-    lock: &'a SendLock,
-    /// Unix time before which no upstream of some route will be tried (every upstream of it
-    /// had its circuit breaker open): retrying sooner would only find them down again.
-    not_before: u64,
+/// The sending half of one attempt: the job, and the report it fills in.
+struct Sending<'a> {
+    ctx: &'a Context,
+    job: Job<'a>,
+    report: AttemptReport,
 }
 
 /// Asks the spool, right before the final dot, whether the message still exists (an operator
 /// may have deleted it), taking the lock that tells a later deletion it may have been sent.
-struct Gate<'a> {
+struct FinalDotLock<'a> {
     lock: &'a SendLock,
 }
 
-impl DotGate for Gate<'_> {
+impl DotGate for FinalDotLock<'_> {
     fn allow(&mut self) -> bool {
         match self.lock.begin_final_dot() {
             Ok(go) => go,
@@ -209,102 +103,29 @@ impl DotGate for Gate<'_> {
     }
 }
 
-impl Attempting<'_> {
-    fn id(&self) -> &QueueId {
-        &self.msg.envelope.id
+impl Sending<'_> {
+    fn address(&self, rcpt: usize) -> &Address {
+        &self.job.msg.envelope.recipients[rcpt].address
     }
 
-    async fn run(mut self) -> Outcome {
-        let now = unix_now();
-        let expires = self.msg.envelope.received_at + self.ctx.queue.max_age.as_secs();
-        let pending: Vec<usize> = (0..self.msg.envelope.recipients.len())
-            .filter(|&i| self.msg.state.status_of(i) == RcptStatus::Pending)
-            .collect();
-        if self.msg.state.recipients.is_empty() {
-            self.msg.state.recipients =
-                vec![RcptStatus::Pending; self.msg.envelope.recipients.len()];
-        }
-        let mut failed = Vec::new();
-        let mut errors = Vec::new();
-
-        if now >= expires {
-            let reason = format!(
-                "delivery time expired: not delivered within {}{}",
-                crate::queue::report::human_age(self.ctx.queue.max_age.as_secs()),
-                match &self.msg.state.last_error {
-                    Some(e) => format!("; last error: {e}"),
-                    None => String::new(),
-                }
-            );
-            for &i in &pending {
-                let address = self.msg.envelope.recipients[i].address.clone();
-                warn!(queue_id = %self.id(), rcpt = %address, reason = %reason, "expired");
-                self.msg.state.recipients[i] = RcptStatus::Failed;
-                failed.push(FailedRcpt {
-                    index: i,
-                    address,
-                    status: "4.4.7".into(),
-                    diagnostic: Diagnostic::Local(reason.clone()),
-                    upstream: None,
-                });
-            }
-        } else {
-            // Group the pending recipients by route (usually one group).
-            let mut groups: BTreeMap<Vec<usize>, Vec<usize>> = BTreeMap::new();
-            for &i in &pending {
-                let domain = self.msg.envelope.recipients[i].address.domain().to_owned();
-                let route = self.ctx.upstreams.route(&domain).to_vec();
-                groups.entry(route).or_default().push(i);
-            }
-            for (route, rcpts) in groups {
-                if self
-                    .try_route(&route, &rcpts, &mut failed, &mut errors)
-                    .await
-                {
-                    // Deleted by the operator while we were sending it.
-                    return Outcome::Gone;
-                }
-            }
-        }
-
-        self.finish(now, expires, failed, errors).await
-    }
-
-    /// Deliver `rcpts` (indexes into the envelope) over `route`. Returns true when the message
-    /// turned out to be deleted by an operator.
-    async fn try_route(
-        &mut self,
-        route: &[usize],
-        rcpts: &[usize],
-        failed: &mut Vec<FailedRcpt>,
-        errors: &mut Vec<String>,
-    ) -> bool {
-        let id = self.id().clone();
+    /// Deliver `rcpts` (indexes into the envelope) over `route`; sets `report.deleted` when
+    /// the message turned out to be deleted by an operator.
+    async fn try_route(&mut self, route: &[usize], rcpts: &[usize]) {
+        let id = self.job.msg.id().clone();
         if route.is_empty() {
-            let domain = self.msg.envelope.recipients[rcpts[0]]
-                .address
-                .domain()
-                .to_owned();
+            let domain = self.address(rcpts[0]).domain().to_owned();
             error!(queue_id = %id, %domain, "no upstream route for this domain (no [[upstreams]] lists it and none has empty domains)");
-            errors.push(format!("no upstream route for {domain}"));
-            return false;
+            self.report
+                .errors
+                .push(format!("no upstream route for {domain}"));
+            return;
         }
-        let upstreams: Vec<Arc<UpstreamRt>> = route
-            .iter()
-            .map(|&u| self.ctx.upstreams.get(u).clone())
-            .collect();
         let mut reopens = Vec::new();
         let mut tried = false;
-        for up in upstreams {
+        for &u in route {
+            let up = self.ctx.upstreams.get(u).clone();
             let Some(pass) = up.available(Instant::now()) else {
-                if let Some((until, why)) = up.down() {
-                    let secs = until.saturating_duration_since(Instant::now()).as_secs() + 1;
-                    reopens.push(unix_now() + secs);
-                    errors.push(format!(
-                        "upstream {} is down for {secs}s more (circuit breaker) after: {why}",
-                        up.name()
-                    ));
-                }
+                reopens.extend(self.breaker_open(&up));
                 continue;
             };
             tried = true;
@@ -315,47 +136,62 @@ impl Attempting<'_> {
                         queue_id = %id, upstream = %up.name(),
                         "deleted by an operator during delivery; transaction aborted before the final dot"
                     );
-                    return true;
+                    self.report.deleted = true;
+                    return;
                 }
                 Ok(sent) => {
                     up.succeeded();
-                    self.record(&up, started, rcpts, sent, failed, errors);
-                    return false;
+                    self.record(&up, started, rcpts, sent);
+                    return;
                 }
                 Err(f) => {
                     up.failed(Instant::now(), &f, pass);
-                    let text = format!("upstream {}: {f}", up.name());
                     info!(queue_id = %id, upstream = %up.name(), error = %f, "delivery attempt failed");
-                    self.msg.state.history.push(Attempt {
+                    self.report.history.push(Attempt {
                         at: started,
                         upstream: Some(up.name().to_owned()),
                         outcome: f.to_string(),
                     });
-                    errors.push(text);
+                    self.report
+                        .errors
+                        .push(format!("upstream {}: {f}", up.name()));
                 }
             }
         }
         if !tried && let Some(first) = reopens.into_iter().min() {
-            self.not_before = self.not_before.max(first);
+            self.report.not_before = self.report.not_before.max(first);
         }
-        false
+    }
+
+    /// An upstream skipped because its breaker is open: when it reopens (Unix seconds).
+    fn breaker_open(&mut self, up: &UpstreamRt) -> Option<u64> {
+        let (until, why) = up.down()?;
+        let secs = until.saturating_duration_since(Instant::now()).as_secs() + 1;
+        self.report.errors.push(format!(
+            "upstream {} is down for {secs}s more (circuit breaker) after: {why}",
+            up.name()
+        ));
+        Some(unix_now() + secs)
     }
 
     /// One transaction with one upstream, on a pooled connection (a second, fresh one when the
     /// pooled connection turns out to have been closed while idle).
     async fn attempt(&mut self, up: &UpstreamRt, rcpts: &[usize]) -> Result<Sent, ClientError> {
-        let env = &self.msg.envelope;
+        let msg = self.job.msg;
+        let env = &msg.envelope;
         let addresses: Vec<&Address> = rcpts.iter().map(|&i| &env.recipients[i].address).collect();
         let tx = MailTransaction {
             from: &env.mail_from,
             params: &env.mail_params,
             rcpts: &addresses,
-            size: self.msg.size,
+            size: msg.size,
         };
         for fresh_try in [false, true] {
             let mut lease = up.lease(&self.ctx.hostname).await?;
             let mut source = self.source().await.map_err(ClientError::Spool)?;
-            let mut gate = Gate { lock: self.lock };
+            let mut gate = FinalDotLock {
+                lock: self.job.lock,
+            };
             let result = lease.conn.send(&tx, &mut source, &mut gate).await;
             up.release(lease);
             match result {
@@ -371,11 +207,11 @@ impl Attempting<'_> {
     }
 
     async fn source(&self) -> Result<MessageSource, SpoolError> {
-        match &self.body {
-            Bytes::Memory(bytes) => Ok(MessageSource::Memory(bytes.clone())),
-            Bytes::Spooled => {
-                let id = self.id().clone();
-                let (file, start) = on_spool(&self.ctx.spool, move |s| s.open_message(&id)).await?;
+        match self.job.bytes {
+            MessageBytes::Memory(bytes) => Ok(MessageSource::Memory(bytes.clone())),
+            MessageBytes::Spooled => {
+                let id = self.job.msg.id().clone();
+                let (file, start) = on_spool(self.job.spool, move |s| s.open_message(&id)).await?;
                 Ok(MessageSource::File {
                     file: tokio::fs::File::from_std(file),
                     start,
@@ -385,178 +221,61 @@ impl Attempting<'_> {
         }
     }
 
-    /// Apply a completed transaction's outcomes to the state, and log each.
-    fn record(
-        &mut self,
-        up: &UpstreamRt,
-        started: u64,
-        rcpts: &[usize],
-        sent: Sent,
-        failed: &mut Vec<FailedRcpt>,
-        errors: &mut Vec<String>,
-    ) {
-        let id = self.id().clone();
+    /// Report a completed transaction's per-recipient outcomes, and log each.
+    fn record(&mut self, up: &UpstreamRt, started: u64, rcpts: &[usize], sent: Sent) {
         let mut summary = Vec::new();
         for (&i, outcome) in rcpts.iter().zip(sent.rcpts) {
-            let address = self.msg.envelope.recipients[i].address.clone();
-            match outcome {
-                RcptOutcome::Delivered(reply) => {
-                    info!(queue_id = %id, upstream = %up.name(), rcpt = %address, reply = %reply, "delivered");
-                    self.msg.state.recipients[i] = RcptStatus::Delivered;
-                    summary.push(format!("{address}: {reply}"));
-                }
-                RcptOutcome::Deferred(text) => {
-                    info!(queue_id = %id, upstream = %up.name(), rcpt = %address, reply = %text, "deferred");
-                    errors.push(format!("upstream {}: {text}", up.name()));
-                    summary.push(format!("{address}: {text}"));
-                }
-                RcptOutcome::Failed(rejection) => {
-                    warn!(queue_id = %id, upstream = %up.name(), rcpt = %address, reply = %rejection, "failed permanently");
-                    self.msg.state.recipients[i] = RcptStatus::Failed;
-                    summary.push(format!("{address}: {rejection}"));
-                    failed.push(FailedRcpt {
-                        index: i,
-                        address,
-                        status: rejection.status(),
-                        diagnostic: rejection.diagnostic(),
-                        upstream: rejection
-                            .is_remote()
-                            .then(|| remote_mta(&up.config.address))
-                            .flatten(),
-                    });
-                }
+            let address = self.address(i).clone();
+            let (result, text) = rcpt_result(self.job.msg.id(), up, i, &address, outcome);
+            if result == RcptResult::Deferred {
+                self.report
+                    .errors
+                    .push(format!("upstream {}: {text}", up.name()));
             }
+            summary.push(format!("{address}: {text}"));
+            self.report.results.push((i, result));
         }
-        self.msg.state.history.push(Attempt {
+        self.report.history.push(Attempt {
             at: started,
             upstream: Some(up.name().to_owned()),
             outcome: summary.join("; "),
         });
     }
+}
 
-    async fn finish(
-        mut self,
-        now: u64,
-        expires: u64,
-        failed: Vec<FailedRcpt>,
-        errors: Vec<String>,
-    ) -> Outcome {
-        let id = self.id().clone();
-        if !failed.is_empty() && !self.bounce(&failed).await {
-            // No bounce could be queued: keep those recipients pending so the failure is
-            // reported at the next attempt rather than lost.
-            for f in &failed {
-                self.msg.state.recipients[f.index] = RcptStatus::Pending;
-            }
+/// The one place a transaction's outcome for recipient `index` becomes the queue's
+/// per-recipient result (and the text of it for the history), logged.
+fn rcpt_result(
+    id: &QueueId,
+    up: &UpstreamRt,
+    index: usize,
+    address: &Address,
+    outcome: RcptOutcome,
+) -> (RcptResult, String) {
+    match outcome {
+        RcptOutcome::Delivered(reply) => {
+            info!(queue_id = %id, upstream = %up.name(), rcpt = %address, reply = %reply, "delivered");
+            (RcptResult::Delivered, reply.to_string())
         }
-        let pending = self
-            .msg
-            .state
-            .recipients
-            .iter()
-            .filter(|s| **s == RcptStatus::Pending)
-            .count();
-        if pending == 0 {
-            let failed = self
-                .msg
-                .state
-                .recipients
-                .iter()
-                .filter(|s| **s == RcptStatus::Failed)
-                .count();
-            Outcome::Finished {
-                delivered: self.msg.state.recipients.len() - failed,
-                failed,
-                size: self.msg.size,
-                attempts: self.msg.state.attempts,
-            }
-        } else {
-            let state = &mut self.msg.state;
-            state.attempts += 1;
-            let schedule = &self.ctx.queue.retry;
-            let wait = schedule[(state.attempts as usize - 1).min(schedule.len() - 1)];
-            state.next_attempt = (now + wait.as_secs().max(1))
-                .max(self.not_before)
-                .min(expires.max(now + 1));
-            if let Some(e) = errors.first() {
-                state.last_error = Some(e.clone());
-            }
-            let next = state.next_attempt;
-            let state = state.clone();
-            let written = {
-                let id = id.clone();
-                on_spool(&self.ctx.spool, move |s| s.write_state(&id, &state)).await
+        RcptOutcome::Deferred(deferral) => {
+            let text = deferral.to_string();
+            info!(queue_id = %id, upstream = %up.name(), rcpt = %address, reply = %text, "deferred");
+            (RcptResult::Deferred, text)
+        }
+        RcptOutcome::Failed(rejection) => {
+            let text = rejection.to_string();
+            warn!(queue_id = %id, upstream = %up.name(), rcpt = %address, reply = %text, "failed permanently");
+            let failed = FailedRcpt {
+                index,
+                address: address.clone(),
+                status: rejection.status(),
+                diagnostic: rejection.diagnostic(),
+                upstream: rejection
+                    .is_remote()
+                    .then(|| remote_mta(&up.config.address))
+                    .flatten(),
             };
-            match written {
-                Ok(()) => {}
-                // Deleted meanwhile: write_state refuses to create an orphan.
-                Err(SpoolError::NotFound(_)) => return Outcome::Gone,
-                Err(e) => {
-                    error!(queue_id = %id, error = %e, "cannot record delivery progress; it will be repeated")
-                }
-            }
-            info!(
-                queue_id = %id, pending, attempts = self.msg.state.attempts,
-                retry_in_secs = next.saturating_sub(now), "deferred"
-            );
-            Outcome::Due(next)
-        }
-    }
-
-    /// Send a delivery status notification for `failed` to the envelope sender, unless the
-    /// sender is `<>` (never bounce a bounce) or bounces are off. False when a bounce was due
-    /// but could not be queued.
-    async fn bounce(&self, failed: &[FailedRcpt]) -> bool {
-        let id = self.id().clone();
-        let sender = match &self.msg.envelope.mail_from {
-            ReversePath::Null => {
-                // Nothing can be told of this failure (RFC 5321 §4.5.5: no notification to
-                // the null reverse-path); when the message is one of our own DSNs, a sender
-                // is never told that their mail failed, which an operator must hear of.
-                let reasons: Vec<String> = failed
-                    .iter()
-                    .map(|f| format!("<{}> {} {}", f.address, f.status, f.diagnostic))
-                    .collect();
-                let reasons = reasons.join("; ");
-                if self.msg.envelope.listener == crate::queue::bounce::BOUNCE_LISTENER {
-                    error!(
-                        queue_id = %id, failed = failed.len(), reason = ?reasons,
-                        "DSN lost: a delivery status notification failed for good and, its sender being <>, no bounce can be sent; the original sender is never told"
-                    );
-                } else {
-                    warn!(
-                        queue_id = %id, failed = failed.len(), reason = ?reasons,
-                        "no bounce: the sender is <>; the failure is reported to no one"
-                    );
-                }
-                return true;
-            }
-            ReversePath::Address(a) => a.clone(),
-        };
-        if !self.ctx.queue.bounces {
-            warn!(queue_id = %id, from = %sender, failed = failed.len(), "no bounce: [queue] bounces = false");
-            return true;
-        }
-        let envelope = self.msg.envelope.clone();
-        let hostname = self.ctx.hostname.clone();
-        let failed = failed.to_vec();
-        let made = on_spool(&self.ctx.spool, move |s| {
-            super::bounce::enqueue(s, &hostname, &envelope, &failed)
-        })
-        .await;
-        match made {
-            Ok(bounce_id) => {
-                info!(queue_id = %id, bounce_id = %bounce_id, to = %sender, "bounce queued");
-                let _ = self.ctx.wake.send(super::NewMessage {
-                    id: bounce_id,
-                    loaded: None,
-                });
-                true
-            }
-            Err(e) => {
-                error!(queue_id = %id, error = %e, "cannot queue the bounce; will try again");
-                false
-            }
+            (RcptResult::Failed(failed), text)
         }
     }
 }
@@ -579,7 +298,127 @@ fn remote_mta(address: &str) -> Option<String> {
 
 #[cfg(test)]
 mod tests {
+    use std::sync::Arc;
+
+    use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+    use tokio::net::TcpListener;
+
     use super::remote_mta;
+    use super::*;
+    use crate::config::{Config, UpstreamTls};
+    use crate::envelope::sample_envelope;
+    use crate::queue::Spool;
+    use crate::queue::schedule::RouteGroup;
+    use crate::routes::CapabilityBook;
+
+    /// A loopback upstream for one connection: accepts `@example.com` recipients except
+    /// `nobody@`, which it refuses with `550 5.1.1`. Returns the message bytes it received.
+    async fn upstream(listener: TcpListener) -> Vec<u8> {
+        let (sock, _) = listener.accept().await.unwrap();
+        let (r, mut w) = sock.into_split();
+        let mut r = BufReader::new(r);
+        w.write_all(b"220 up.example ESMTP\r\n").await.unwrap();
+        let (mut data, mut in_data, mut line) = (Vec::new(), false, Vec::new());
+        loop {
+            line.clear();
+            if r.read_until(b'\n', &mut line).await.unwrap() == 0 {
+                return data;
+            }
+            if in_data {
+                if line == b".\r\n" {
+                    in_data = false;
+                    w.write_all(b"250 2.0.0 queued as UP1\r\n").await.unwrap();
+                } else {
+                    data.extend_from_slice(&line);
+                }
+                continue;
+            }
+            let reply: &[u8] = match line.get(..4).map(<[u8]>::to_ascii_uppercase).as_deref() {
+                Some(b"EHLO") => b"250-up.example\r\n250 PIPELINING\r\n",
+                Some(b"RCPT") if line.windows(7).any(|w| w == b"nobody@") => {
+                    b"550 5.1.1 <nobody@example.com>: no such user\r\n"
+                }
+                Some(b"MAIL" | b"RCPT" | b"RSET") => b"250 2.1.0 ok\r\n",
+                Some(b"DATA") => {
+                    in_data = true;
+                    b"354 go on\r\n"
+                }
+                Some(b"QUIT") => {
+                    w.write_all(b"221 bye\r\n").await.unwrap();
+                    return data;
+                }
+                _ => b"500 5.5.1 what\r\n",
+            };
+            w.write_all(reply).await.unwrap();
+        }
+    }
+
+    fn context(port: u16) -> Context {
+        let mut config = Config::embedded_default();
+        config.upstreams.truncate(1);
+        config.upstreams[0].address = format!("localhost:{port}");
+        config.upstreams[0].tls = UpstreamTls::None;
+        let book = Arc::new(CapabilityBook::load(&config.upstreams, None));
+        Context {
+            upstreams: Upstreams::new(&config, book).unwrap(),
+            hostname: "relay.example".into(),
+            queue: config.queue.clone(),
+        }
+    }
+
+    // Real time: with paused time the runtime, idle while the loopback socket is on its way,
+    // would jump to the client's reply timeouts and fire them.
+    #[tokio::test]
+    async fn an_attempt_reports_each_recipient_and_writes_nothing() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let ctx = context(listener.local_addr().unwrap().port());
+        let received = tokio::spawn(upstream(listener));
+        let dir = tempfile::tempdir().unwrap();
+        let spool = Spool::open(dir.path()).unwrap();
+        let env = sample_envelope(&["a@example.com", "nobody@example.com"]);
+        let body = b"Subject: t\r\n\r\n.dot-stuffed on the wire\r\n";
+        let id = spool.enqueue(&env, body).unwrap();
+        let loaded = spool.load_with_body(&id, 1 << 20).unwrap();
+        let bytes = MessageBytes::Memory(Arc::new(loaded.body.clone().unwrap()));
+        let groups = [RouteGroup {
+            route: vec![0],
+            rcpts: vec![0, 1],
+        }];
+        let job = Job {
+            spool: &spool,
+            msg: &loaded.msg,
+            bytes: &bytes,
+            lock: &loaded.lock,
+            groups: &groups,
+        };
+        let report = ctx.send(job).await;
+
+        let refused = FailedRcpt {
+            index: 1,
+            address: env.recipients[1].address.clone(),
+            status: "5.1.1".into(),
+            diagnostic: crate::queue::bounce::smtp("550 5.1.1 <nobody@example.com>: no such user"),
+            upstream: Some("localhost".into()),
+        };
+        assert_eq!(
+            report.results,
+            [(0, RcptResult::Delivered), (1, RcptResult::Failed(refused))]
+        );
+        assert_eq!(report.history.len(), 1);
+        assert_eq!(report.history[0].upstream.as_deref(), Some("default"));
+        assert!(report.errors.is_empty() && !report.deleted && report.not_before == 0);
+        // Sending only: the spool still holds the message, with no state and no bounce.
+        assert_eq!(spool.list().unwrap().len(), 1);
+        assert_eq!(
+            spool.load(&id).unwrap().state,
+            crate::queue::DeliveryState::fresh(env.received_at)
+        );
+        ctx.upstreams.close_all().await;
+        assert_eq!(
+            received.await.unwrap(),
+            b"Subject: t\r\n\r\n..dot-stuffed on the wire\r\n"
+        );
+    }
 
     #[test]
     fn remote_mta_is_the_configured_host_name_never_an_ip() {

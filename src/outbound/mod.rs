@@ -1,4 +1,4 @@
-//! Upstream SMTP client and delivery workers.
+//! Upstream SMTP client and the sending of delivery attempts.
 //!
 //! - [`client`]: one SMTP connection to an upstream (EHLO/HELO, STARTTLS, AUTH, pipelined
 //!   transactions, dot-stuffing, per-recipient outcomes).
@@ -8,22 +8,21 @@
 //! - [`tls`]: the rustls client configuration of each upstream.
 //! - [`upstream`]: routing by recipient domain, failover order, circuit breakers and
 //!   connection pools.
-//! - [`deliver`]: one delivery attempt of one message, and what it records in the spool.
-//! - [`bounce`]: queueing a delivery status notification.
-//! - [`scheduler`]: when each message is due; starts deliveries.
+//! - [`deliver`]: the sending of one delivery attempt (the queue manager's
+//!   [`Courier`](crate::queue::attempt::Courier)): reports per-recipient results, writes
+//!   nothing.
 //!
-//! [`start`] wires them: the returned sender is given to the inbound side, which sends each
-//! message as soon as it is committed (with its bytes when small, so the first attempt does
-//! not read the file back).
+//! [`start`] wires them to the queue manager ([`crate::queue::manager`]), which decides when
+//! each message is due, records outcomes and queues bounces: the returned sender is given to
+//! the inbound side, which sends each message as soon as it is committed (with its bytes when
+//! small, so the first attempt does not read the file back).
 
 #![warn(clippy::too_many_lines)]
 
-pub mod bounce;
 pub mod client;
 pub mod deliver;
 pub mod error;
 pub mod reply;
-pub mod scheduler;
 pub mod tls;
 pub mod upstream;
 
@@ -32,6 +31,7 @@ mod wire_tests;
 
 use std::sync::Arc;
 
+use arc_swap::ArcSwap;
 use tokio::sync::mpsc::{self, UnboundedSender};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
@@ -39,29 +39,61 @@ use tokio_util::task::TaskTracker;
 
 use crate::config::Config;
 use crate::queue::Spool;
+use crate::queue::manager::Manager;
 
+use crate::queue::Committed;
 pub use deliver::Context;
 pub use tls::ClientTlsError;
-
-/// A committed message for the scheduler, to be delivered at once: the hand-off type is the
-/// queue's ([`crate::queue::Committed`]), so the inbound side never names this module.
-pub use crate::queue::Committed as NewMessage;
 
 /// Delivery running in the background.
 pub struct Delivery {
     /// Send each committed message here to have it delivered at once.
-    pub wake: UnboundedSender<NewMessage>,
-    /// The scheduler task; ends after `shutdown` is cancelled.
-    pub scheduler: JoinHandle<()>,
-    /// Deliveries in flight.
+    pub wake: UnboundedSender<Committed>,
+    /// The queue manager task; ends after `shutdown` is cancelled.
+    pub manager: JoinHandle<()>,
+    /// Attempts in flight.
     pub tracker: TaskTracker,
-    /// Shared with the deliveries (to close idle connections at shutdown).
-    pub context: Arc<Context>,
+    /// The delivery context new attempts use; [`Delivery::reload`] swaps it.
+    pub context: Arc<ArcSwap<Context>>,
     /// What each upstream can carry, for the inbound checks (read-only).
     pub capabilities: crate::routes::RouteCapabilities,
 }
 
-/// Start the scheduler over `spool` with `config`'s upstreams and queue policy.
+impl Delivery {
+    /// Apply a reloaded configuration's `[[upstreams]]`, `[queue]` and host name: attempts
+    /// started from now on use the new routes, upstreams and retry schedule, those in flight
+    /// finish on the old ones (whose idle connections are then closed); the inbound checks at
+    /// RCPT see the new routing table at once. Breakers and pools start afresh. The new
+    /// upstreams are probed in the background for their capabilities (until then the ones the
+    /// spool file recorded for the same name and address hold). Errors: an upstream's TLS
+    /// client configuration cannot be built; nothing is changed then.
+    pub fn reload(&self, config: &Config, spool: &Spool) -> Result<(), ClientTlsError> {
+        let book = Arc::new(crate::routes::CapabilityBook::load(
+            &config.upstreams,
+            Some(spool.root()),
+        ));
+        let context = Arc::new(Context {
+            upstreams: upstream::Upstreams::new(config, book.clone())?,
+            hostname: config.server.hostname.clone(),
+            queue: config.queue.clone(),
+        });
+        let old = self.context.swap(context.clone());
+        self.capabilities.replace(book);
+        self.tracker.spawn(async move {
+            context
+                .upstreams
+                .probe_all(&context.hostname, PROBE_WAIT)
+                .await;
+            old.upstreams.close_all().await;
+        });
+        Ok(())
+    }
+}
+
+/// How long a reload's capability probe of the new upstreams may take.
+const PROBE_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// Start the queue manager over `spool` with `config`'s upstreams and queue policy.
 pub fn start(
     config: &Config,
     spool: Spool,
@@ -72,20 +104,18 @@ pub fn start(
         &config.upstreams,
         Some(spool.root()),
     ));
-    let context = Arc::new(Context {
+    let context = Arc::new(ArcSwap::from_pointee(Context {
         upstreams: upstream::Upstreams::new(config, book.clone())?,
-        spool,
         hostname: config.server.hostname.clone(),
         queue: config.queue.clone(),
-        wake: wake.clone(),
-    });
+    }));
     let tracker = TaskTracker::new();
-    let scheduler = tokio::spawn(
-        scheduler::Scheduler::new(context.clone(), incoming, shutdown, tracker.clone()).run(),
+    let manager = tokio::spawn(
+        Manager::new(spool, context.clone(), incoming, shutdown, tracker.clone()).run(),
     );
     Ok(Delivery {
         wake,
-        scheduler,
+        manager,
         tracker,
         context,
         capabilities: crate::routes::RouteCapabilities::new(book),

@@ -1,4 +1,5 @@
-//! Delivery status notifications (RFC 3464 bounces): pure construction, no I/O.
+//! Delivery status notifications (RFC 3464 bounces): pure construction, and [`enqueue`],
+//! which commits one to the spool.
 //!
 //! When recipients fail permanently or a message expires, the relay tells the envelope sender
 //! with a DSN sent from the null sender `<>`: [`build_dsn`] makes the message, and
@@ -32,7 +33,11 @@ use std::net::{IpAddr, Ipv4Addr};
 use time::OffsetDateTime;
 use time::format_description::well_known::Rfc2822;
 
-use crate::envelope::{Address, Body, Envelope, MailParams, QueueId, Recipient, ReversePath};
+use super::schedule::FailedRcpt;
+use super::{Spool, SpoolError};
+use crate::envelope::{
+    Address, Body, Envelope, MailParams, QueueId, Recipient, ReversePath, unix_now,
+};
 use crate::outbound::reply::UpstreamReply;
 
 /// Most octets of the original header section returned in a DSN (8 KiB, cut between two
@@ -78,6 +83,17 @@ impl std::fmt::Display for Diagnostic {
     }
 }
 
+/// `Diagnostic::Smtp` of a reply as one line: the code, then the text as it stands (hostile
+/// text included, to test what the builder makes of it). For tests only.
+#[cfg(test)]
+pub(crate) fn smtp(text: &str) -> Diagnostic {
+    let (code, rest) = text.split_at(3);
+    Diagnostic::Smtp(UpstreamReply {
+        code: code.parse().unwrap(),
+        lines: vec![rest.strip_prefix(' ').unwrap_or(rest).to_owned()],
+    })
+}
+
 /// One recipient the DSN reports as failed.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct FailedRecipient {
@@ -117,100 +133,146 @@ pub fn build_dsn(input: &DsnInput<'_>) -> Option<Vec<u8>> {
         return None;
     }
     let host = ascii_token(input.reporting_host);
-    let id = &input.original.id;
-
-    let text = human_part(&host, input.failed);
-    // RFC 2045/2046: a text part that needs more than ASCII (a UTF-8 address) says so and is
-    // quoted-printable, so it stays 7-bit and crosses any path.
-    let (text_charset, text) = if text.is_ascii() {
-        ("us-ascii\r\n", text)
-    } else {
-        (
-            "utf-8\r\nContent-Transfer-Encoding: quoted-printable\r\n",
-            quoted_printable(text.as_bytes()),
-        )
-    };
-    let utf8_status = sender.is_utf8() || input.failed.iter().any(|f| f.address.is_utf8());
-    let status = status_part(&host, input.original.received_at, input.failed);
-    let headers = returned_headers(input.original_head);
-    let utf8_headers = !headers.is_ascii();
-    // RFC 6533 §6.1/§6.3: the global types "will typically contain octets with the 8th bit
-    // set. As a result a transfer encoding is required when a 7-bit transport is used." The
-    // DSN's path is not known here (and may be 7-bit: an upstream without 8BITMIME), and a
-    // DSN that cannot be delivered is lost for good (its sender is <>), so a part with 8-bit
-    // octets is always quoted-printable: the DSN stays 7-bit, and the ASCII of the fields
-    // stays readable.
-    let (status_cte, status) = if status.is_ascii() {
-        ("", status)
-    } else {
-        (QP_HEADER, quoted_printable(status.as_bytes()))
-    };
-    let (headers_cte, headers) = if headers.is_ascii() {
-        ("", headers)
-    } else {
-        (QP_HEADER, quoted_printable(&headers).into_bytes())
-    };
-
-    let mut boundary = format!("{id}.{}/{host}", input.now);
-    while [text.as_bytes(), status.as_bytes(), &headers]
-        .iter()
-        .any(|part| contains(part, boundary.as_bytes()))
-    {
-        boundary.push('=');
-    }
-
-    let mut out = Vec::with_capacity(text.len() + status.len() + headers.len() + 1024);
-    let mut head = String::new();
-    let _ = write!(
-        head,
-        "From: \"Mail Delivery System\" <MAILER-DAEMON@{host}>\r\n\
-         To: <{sender}>\r\n\
-         Subject: Undelivered Mail Returned to Sender\r\n\
-         Date: {date}\r\n\
-         Message-ID: <{now}.{id}.dsn@{host}>\r\n\
-         Auto-Submitted: auto-replied\r\n\
-         MIME-Version: 1.0\r\n\
-         Content-Type: multipart/report; report-type=delivery-status;\r\n\
-         \tboundary=\"{boundary}\"\r\n\
-         \r\n\
-         This is a MIME-encapsulated message.\r\n\
-         \r\n\
-         --{boundary}\r\n\
-         Content-Type: text/plain; charset={text_charset}\
-         Content-Description: Notification\r\n\
-         \r\n\
-         {text}\
-         \r\n\
-         --{boundary}\r\n\
-         Content-Type: message/{status_type}\r\n\
-         {status_cte}\
-         Content-Description: Delivery report\r\n\
-         \r\n\
-         {status}\
-         \r\n\
-         --{boundary}\r\n\
-         Content-Type: {headers_type}\r\n\
-         {headers_cte}\
-         Content-Description: Undelivered message headers\r\n\
-         \r\n",
-        sender = header_safe(&sender.to_string()),
-        date = rfc5322_date(input.now),
-        now = input.now,
-        status_type = if utf8_status {
-            "global-delivery-status"
-        } else {
-            "delivery-status"
-        },
-        headers_type = if utf8_headers {
-            "message/global-headers"
-        } else {
-            "text/rfc822-headers"
-        },
-    );
-    out.extend_from_slice(head.as_bytes());
-    out.extend_from_slice(&headers);
+    let parts = Parts::encode(input, &host, sender.is_utf8());
+    let boundary = parts.boundary(&input.original.id, input.now, &host);
+    let mut out =
+        Vec::with_capacity(parts.text.len() + parts.status.len() + parts.headers.len() + 1024);
+    out.extend_from_slice(parts.head(input, &host, sender, &boundary).as_bytes());
+    out.extend_from_slice(&parts.headers);
     out.extend_from_slice(format!("\r\n--{boundary}--\r\n").as_bytes());
     Some(out)
+}
+
+/// The three parts of a DSN, each encoded for a 7-bit path, with the MIME fields that say how.
+struct Parts {
+    /// `charset=` value of the text part, with its transfer encoding field when one is needed.
+    text_charset: &'static str,
+    text: String,
+    /// RFC 6533 `message/global-delivery-status` (a UTF-8 address is reported).
+    utf8_status: bool,
+    status_cte: &'static str,
+    status: String,
+    /// RFC 6533 `message/global-headers` (the returned header section is UTF-8).
+    utf8_headers: bool,
+    headers_cte: &'static str,
+    headers: Vec<u8>,
+}
+
+impl Parts {
+    fn encode(input: &DsnInput<'_>, host: &str, sender_utf8: bool) -> Parts {
+        let text = human_part(host, input.failed);
+        // RFC 2045/2046: a text part that needs more than ASCII (a UTF-8 address) says so and
+        // is quoted-printable, so it stays 7-bit and crosses any path.
+        let (text_charset, text) = if text.is_ascii() {
+            ("us-ascii\r\n", text)
+        } else {
+            (
+                "utf-8\r\nContent-Transfer-Encoding: quoted-printable\r\n",
+                quoted_printable(text.as_bytes()),
+            )
+        };
+        let utf8_status = sender_utf8 || input.failed.iter().any(|f| f.address.is_utf8());
+        let status = status_part(host, input.original.received_at, input.failed);
+        let headers = returned_headers(input.original_head);
+        let utf8_headers = !headers.is_ascii();
+        // RFC 6533 §6.1/§6.3: the global types "will typically contain octets with the 8th
+        // bit set. As a result a transfer encoding is required when a 7-bit transport is
+        // used." The DSN's path is not known here (and may be 7-bit: an upstream without
+        // 8BITMIME), and a DSN that cannot be delivered is lost for good (its sender is <>),
+        // so a part with 8-bit octets is always quoted-printable: the DSN stays 7-bit, and
+        // the ASCII of the fields stays readable.
+        let (status_cte, status) = if status.is_ascii() {
+            ("", status)
+        } else {
+            (QP_HEADER, quoted_printable(status.as_bytes()))
+        };
+        let (headers_cte, headers) = if headers.is_ascii() {
+            ("", headers)
+        } else {
+            (QP_HEADER, quoted_printable(&headers).into_bytes())
+        };
+        Parts {
+            text_charset,
+            text,
+            utf8_status,
+            status_cte,
+            status,
+            utf8_headers,
+            headers_cte,
+            headers,
+        }
+    }
+
+    /// A MIME boundary found in no part.
+    fn boundary(&self, id: &QueueId, now: u64, host: &str) -> String {
+        let mut boundary = format!("{id}.{now}/{host}");
+        while [self.text.as_bytes(), self.status.as_bytes(), &self.headers]
+            .iter()
+            .any(|part| contains(part, boundary.as_bytes()))
+        {
+            boundary.push('=');
+        }
+        boundary
+    }
+
+    /// Everything up to the returned header section: the DSN's header, the text and status
+    /// parts, and the header of the third part.
+    fn head(&self, input: &DsnInput<'_>, host: &str, sender: &Address, boundary: &str) -> String {
+        let mut head = String::new();
+        let _ = write!(
+            head,
+            "From: \"Mail Delivery System\" <MAILER-DAEMON@{host}>\r\n\
+             To: <{sender}>\r\n\
+             Subject: Undelivered Mail Returned to Sender\r\n\
+             Date: {date}\r\n\
+             Message-ID: <{now}.{id}.dsn@{host}>\r\n\
+             Auto-Submitted: auto-replied\r\n\
+             MIME-Version: 1.0\r\n\
+             Content-Type: multipart/report; report-type=delivery-status;\r\n\
+             \tboundary=\"{boundary}\"\r\n\
+             \r\n\
+             This is a MIME-encapsulated message.\r\n\
+             \r\n\
+             --{boundary}\r\n\
+             Content-Type: text/plain; charset={text_charset}\
+             Content-Description: Notification\r\n\
+             \r\n\
+             {text}\
+             \r\n\
+             --{boundary}\r\n\
+             Content-Type: message/{status_type}\r\n\
+             {status_cte}\
+             Content-Description: Delivery report\r\n\
+             \r\n\
+             {status}\
+             \r\n\
+             --{boundary}\r\n\
+             Content-Type: {headers_type}\r\n\
+             {headers_cte}\
+             Content-Description: Undelivered message headers\r\n\
+             \r\n",
+            sender = header_safe(&sender.to_string()),
+            date = rfc5322_date(input.now),
+            now = input.now,
+            id = input.original.id,
+            text_charset = self.text_charset,
+            text = self.text,
+            status_cte = self.status_cte,
+            status = self.status,
+            headers_cte = self.headers_cte,
+            status_type = if self.utf8_status {
+                "global-delivery-status"
+            } else {
+                "delivery-status"
+            },
+            headers_type = if self.utf8_headers {
+                "message/global-headers"
+            } else {
+                "text/rfc822-headers"
+            },
+        );
+        head
+    }
 }
 
 /// The envelope of the DSN `dsn` for `original`: from `<>` to the original sender, received
@@ -241,6 +303,44 @@ pub fn bounce_envelope(
         },
         recipients: vec![Recipient::new(sender.clone())],
     })
+}
+
+/// Build the bounce for the `failed` recipients of `original` and commit it to the spool
+/// (fsync and all, like any accepted message); returns its id. Blocking: run it in
+/// `spawn_blocking`. Errors: those of the spool, and [`SpoolError::Corrupt`] when no DSN can
+/// be built (the sender is `<>`: check with [`super::schedule::bounce_decision`] first).
+pub fn enqueue(
+    spool: &Spool,
+    reporting_host: &str,
+    original: &Envelope,
+    failed: &[FailedRcpt],
+) -> Result<QueueId, SpoolError> {
+    let head = spool.read_message_head(&original.id, MAX_RETURNED_HEADERS as u64 + 2)?;
+    let failed: Vec<FailedRecipient> = failed
+        .iter()
+        .map(|f| FailedRecipient {
+            address: f.address.clone(),
+            status: f.status.clone(),
+            diagnostic: f.diagnostic.clone(),
+            remote_mta: f.upstream.clone(),
+        })
+        .collect();
+    let now = unix_now();
+    let input = DsnInput {
+        reporting_host,
+        original,
+        failed: &failed,
+        original_head: &head,
+        now,
+    };
+    let not_bounceable = || SpoolError::Corrupt {
+        path: spool.root().to_path_buf(),
+        reason: format!("no bounce can be built for {} (sender <>)", original.id),
+    };
+    let dsn = build_dsn(&input).ok_or_else(not_bounceable)?;
+    let envelope =
+        bounce_envelope(original, &dsn, reporting_host, now).ok_or_else(not_bounceable)?;
+    spool.enqueue(&envelope, &dsn)
 }
 
 /// The text/plain part: which recipients failed and why, wrapped at 76 columns.
@@ -599,15 +699,7 @@ mod tests {
     use crate::envelope::sample_envelope;
     use mail_parser::{MessageParser, MimeHeaders, PartType};
 
-    /// `Diagnostic::Smtp` of a reply as one line: the code, then the text as it stands
-    /// (hostile text included, to test what the builder makes of it).
-    fn smtp(text: &str) -> Diagnostic {
-        let (code, rest) = text.split_at(3);
-        Diagnostic::Smtp(UpstreamReply {
-            code: code.parse().unwrap(),
-            lines: vec![rest.strip_prefix(' ').unwrap_or(rest).to_owned()],
-        })
-    }
+    use super::smtp;
 
     fn failed(addr: &str, status: &str, d: Diagnostic, mta: Option<&str>) -> FailedRecipient {
         FailedRecipient {
@@ -634,6 +726,33 @@ Subject: hello\r\nFrom: sender@example.org\r\nMessage-ID: <m1@example.org>\r\n\r
         for line in dsn.split(|&b| b == b'\n') {
             assert!(line.len() <= MAX_LINE + 1, "line of {} octets", line.len());
         }
+    }
+
+    /// The DSN's subject, `From:` (the relay's MAILER-DAEMON) and `To:` (the original sender).
+    fn assert_from_mailer_daemon_to_the_sender(msg: &mail_parser::Message<'_>) {
+        assert_eq!(msg.subject(), Some("Undelivered Mail Returned to Sender"));
+        let from = msg.from().unwrap().first().unwrap();
+        assert_eq!(from.address(), Some("MAILER-DAEMON@relay.test"));
+        assert_eq!(from.name(), Some("Mail Delivery System"));
+        assert_eq!(
+            msg.to().unwrap().first().unwrap().address(),
+            Some("sender@example.org")
+        );
+    }
+
+    /// The content types of the parts of a multipart message, in order.
+    fn part_types(msg: &mail_parser::Message<'_>) -> Vec<String> {
+        let root = &msg.parts[0];
+        let PartType::Multipart(children) = &root.body else {
+            panic!("not multipart: {:?}", root.body);
+        };
+        children
+            .iter()
+            .map(|&i| {
+                let ct = msg.parts[i as usize].content_type().unwrap();
+                format!("{}/{}", ct.ctype(), ct.subtype().unwrap_or(""))
+            })
+            .collect()
     }
 
     #[test]
@@ -664,14 +783,7 @@ Subject: hello\r\nFrom: sender@example.org\r\nMessage-ID: <m1@example.org>\r\n\r
         lines_ok(&dsn);
         let text = String::from_utf8(dsn.clone()).unwrap();
         let msg = MessageParser::default().parse(&dsn).unwrap();
-        assert_eq!(msg.subject(), Some("Undelivered Mail Returned to Sender"));
-        let from = msg.from().unwrap().first().unwrap();
-        assert_eq!(from.address(), Some("MAILER-DAEMON@relay.test"));
-        assert_eq!(from.name(), Some("Mail Delivery System"));
-        assert_eq!(
-            msg.to().unwrap().first().unwrap().address(),
-            Some("sender@example.org")
-        );
+        assert_from_mailer_daemon_to_the_sender(&msg);
         assert!(text.contains("\r\nAuto-Submitted: auto-replied\r\n"));
         assert!(text.contains("\r\nDate: Tue, 14 Nov 2023 22:13:20 +0000\r\n"));
         let ct = msg.content_type().unwrap();
@@ -679,20 +791,8 @@ Subject: hello\r\nFrom: sender@example.org\r\nMessage-ID: <m1@example.org>\r\n\r
         assert_eq!(ct.subtype(), Some("report"));
         assert_eq!(ct.attribute("report-type"), Some("delivery-status"));
 
-        let root = &msg.parts[0];
-        let PartType::Multipart(children) = &root.body else {
-            panic!("not multipart: {:?}", root.body);
-        };
-        assert_eq!(children.len(), 3);
-        let types: Vec<String> = children
-            .iter()
-            .map(|&i| {
-                let ct = msg.parts[i as usize].content_type().unwrap();
-                format!("{}/{}", ct.ctype(), ct.subtype().unwrap_or(""))
-            })
-            .collect();
         assert_eq!(
-            types,
+            part_types(&msg),
             [
                 "text/plain",
                 "message/delivery-status",

@@ -14,6 +14,8 @@
 //! after the unlink is what makes the protocol lossless: a request renamed in between the
 //! listing and the unlink is consumed, but the action that follows covers it too. Names it does
 //! not understand are removed with a warning (nothing but requests belongs there).
+//! [`Spool::request_hold`] asks the same way to hold (`hold.ID`) or release (`release.ID`) a
+//! message; the relay's queue manager records the hold in `ID.state`.
 //!
 //! The CLI never writes `queue/ID.state` to make a message due: a delivery worker may be
 //! replacing that file at the same moment, and one of the two writes would be lost. The relay
@@ -63,6 +65,10 @@ use crate::policy::pattern::AddressPattern;
 const RETRY_PREFIX: &str = "retry.";
 /// Name of the "retry everything" request.
 const RETRY_ALL: &str = "retry.all";
+/// Prefix of hold request file names in `control/`.
+const HOLD_PREFIX: &str = "hold.";
+/// Prefix of release request file names in `control/`.
+const RELEASE_PREFIX: &str = "release.";
 
 /// Which messages a retry request is about.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -79,6 +85,30 @@ pub enum Request {
     /// Make these messages due now, overriding back-off, and reset the circuit breaker of
     /// their upstream.
     Retry(RetryTarget),
+    /// Hold this message: not delivered, bounced or expired until released.
+    Hold(QueueId),
+    /// Release this held message: due now.
+    Release(QueueId),
+}
+
+/// One file of `control/`, understood.
+enum Parsed {
+    RetryAll,
+    Retry(QueueId),
+    Hold(QueueId),
+    Release(QueueId),
+}
+
+/// The request a `control/` file name stands for, if any.
+fn parse_request(name: &str) -> Option<Parsed> {
+    if name == RETRY_ALL {
+        return Some(Parsed::RetryAll);
+    }
+    let id = |prefix: &str| name.strip_prefix(prefix).and_then(exact_id);
+    id(RETRY_PREFIX)
+        .map(Parsed::Retry)
+        .or_else(|| id(HOLD_PREFIX).map(Parsed::Hold))
+        .or_else(|| id(RELEASE_PREFIX).map(Parsed::Release))
 }
 
 /// What [`Spool::delete`] did.
@@ -92,6 +122,21 @@ pub enum DeleteOutcome {
     DeletedMaybeSent,
     /// No such message was queued.
     NotFound,
+}
+
+/// Remove a `control/` entry; false when it was already gone (taken by a concurrent caller).
+fn take_file(entry: &fs::DirEntry) -> Result<bool, SpoolError> {
+    let path = entry.path();
+    let removed = if entry.file_type().is_ok_and(|t| t.is_dir()) {
+        fs::remove_dir_all(&path)
+    } else {
+        fs::remove_file(&path)
+    };
+    match removed {
+        Ok(()) => Ok(true),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(false),
+        Err(e) => Err(SpoolError::io("unlink", &path)(e)),
+    }
 }
 
 /// Which messages `queue purge` removes.
@@ -246,54 +291,59 @@ impl Spool {
         })
     }
 
+    /// Ask the running relay to hold `id` (`hold` true) or release it (false), through
+    /// `control/` like [`Spool::request_retry`]: the relay's queue manager records the hold
+    /// in the message's state, since it owns that file. Blocking.
+    pub fn request_hold(&self, id: &QueueId, hold: bool) -> Result<(), SpoolError> {
+        let prefix = if hold { HOLD_PREFIX } else { RELEASE_PREFIX };
+        self.write_request(&format!("{prefix}{id}"))?;
+        sync_dir(&self.inner.control)
+    }
+
     /// Consume the pending operator requests: each file in `control/` is read and unlinked
     /// before this returns, so act on every request returned. Retries are merged into at
-    /// most one [`Request::Retry`]: `All` if anyone asked for all, else the sorted ids.
-    /// Unknown names are removed with a warning. Blocking.
+    /// most one [`Request::Retry`] (first): `All` if anyone asked for all, else the sorted
+    /// ids; holds and releases follow in name order. Unknown names are removed with a
+    /// warning. Blocking.
     pub fn take_requests(&self) -> Result<Vec<Request>, SpoolError> {
         let dir = &self.inner.control;
         let mut all = false;
         let mut ids = Vec::new();
-        for entry in fs::read_dir(dir).map_err(SpoolError::io("readdir", dir))? {
-            let entry = entry.map_err(SpoolError::io("readdir", dir))?;
+        let mut others = Vec::new();
+        let mut entries: Vec<fs::DirEntry> = fs::read_dir(dir)
+            .map_err(SpoolError::io("readdir", dir))?
+            .collect::<Result<_, _>>()
+            .map_err(SpoolError::io("readdir", dir))?;
+        entries.sort_by_key(fs::DirEntry::file_name);
+        for entry in entries {
             let path = entry.path();
-            let name = entry.file_name();
-            let parsed = name.to_str().and_then(|n| {
-                if n == RETRY_ALL {
-                    Some(None)
-                } else {
-                    n.strip_prefix(RETRY_PREFIX).and_then(exact_id).map(Some)
-                }
-            });
-            let removed = if entry.file_type().is_ok_and(|t| t.is_dir()) {
-                fs::remove_dir_all(&path)
-            } else {
-                fs::remove_file(&path)
-            };
-            match removed {
-                Ok(()) => {}
+            let parsed = entry.file_name().to_str().and_then(parse_request);
+            if !take_file(&entry)? {
                 // Consumed by a concurrent caller: it acts on it.
-                Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
-                Err(e) => return Err(SpoolError::io("unlink", &path)(e)),
+                continue;
             }
             match parsed {
-                Some(None) => all = true,
-                Some(Some(id)) => ids.push(id),
+                Some(Parsed::RetryAll) => all = true,
+                Some(Parsed::Retry(id)) => ids.push(id),
+                Some(Parsed::Hold(id)) => others.push(Request::Hold(id)),
+                Some(Parsed::Release(id)) => others.push(Request::Release(id)),
                 None => {
                     tracing::warn!(path = %path.display(), "removed unknown file from the spool control directory")
                 }
             }
         }
-        let target = if all {
-            RetryTarget::All
-        } else if ids.is_empty() {
-            return Ok(Vec::new());
+        ids.sort();
+        ids.dedup();
+        let retry = if all {
+            Some(RetryTarget::All)
         } else {
-            ids.sort();
-            ids.dedup();
-            RetryTarget::Ids(ids)
+            (!ids.is_empty()).then_some(RetryTarget::Ids(ids))
         };
-        Ok(vec![Request::Retry(target)])
+        Ok(retry
+            .map(Request::Retry)
+            .into_iter()
+            .chain(others)
+            .collect())
     }
 
     /// True when `queue/ID` exists (a committed message, possibly leaving at this moment).

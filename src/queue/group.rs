@@ -8,6 +8,7 @@
 //! one each; a lone commit costs exactly what it did (DESIGN invariant 1, "group commit").
 
 use std::fs::File;
+use std::io;
 use std::path::PathBuf;
 use std::sync::{Condvar, Mutex, MutexGuard};
 
@@ -17,26 +18,43 @@ use super::SpoolError;
 #[derive(Debug)]
 pub struct DirSync {
     dir: PathBuf,
-    state: Mutex<State>,
+    state: Mutex<Rounds>,
     finished: Condvar,
 }
 
+/// The fsyncs of the directory so far.
 #[derive(Debug)]
-struct State {
+struct Rounds {
     /// fsyncs started so far; the one running, if any, is number `started`.
     started: u64,
     /// The number of the last fsync that finished.
     finished: u64,
     running: bool,
-    /// The outcome of fsync number `finished` (the error's text when it failed).
-    last: Result<(), String>,
+    /// The outcome of fsync number `finished`.
+    last: Result<(), FsyncFailed>,
+}
+
+/// A failed fsync, kept to be reported to every caller it covered.
+#[derive(Debug, Clone)]
+struct FsyncFailed {
+    kind: io::ErrorKind,
+    text: String,
+}
+
+impl From<io::Error> for FsyncFailed {
+    fn from(e: io::Error) -> FsyncFailed {
+        FsyncFailed {
+            kind: e.kind(),
+            text: e.to_string(),
+        }
+    }
 }
 
 impl DirSync {
     pub fn new(dir: PathBuf) -> DirSync {
         DirSync {
             dir,
-            state: Mutex::new(State {
+            state: Mutex::new(Rounds {
                 started: 0,
                 finished: 0,
                 running: false,
@@ -66,7 +84,7 @@ impl DirSync {
             drop(state);
             let result = File::open(&self.dir)
                 .and_then(|d| d.sync_all())
-                .map_err(|e| e.to_string());
+                .map_err(FsyncFailed::from);
             state = self.lock();
             state.running = false;
             state.finished = number;
@@ -75,15 +93,15 @@ impl DirSync {
         }
     }
 
-    fn lock(&self) -> MutexGuard<'_, State> {
+    fn lock(&self) -> MutexGuard<'_, Rounds> {
         self.state.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    fn error(&self, text: String) -> SpoolError {
+    fn error(&self, failed: FsyncFailed) -> SpoolError {
         SpoolError::Io {
             op: "fsync",
             path: self.dir.clone(),
-            source: std::io::Error::other(text),
+            source: io::Error::new(failed.kind, failed.text),
         }
     }
 }

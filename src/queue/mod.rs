@@ -2,8 +2,9 @@
 //!
 //! This module owns everything under the spool directory. It knows envelopes and message
 //! bytes, not sockets or SMTP: the inbound driver streams DATA into a [`SpoolWriter`], the
-//! delivery workers read with [`Spool::list`] / [`Spool::open_message`] and record progress
-//! with [`Spool::write_state`], and the `queue` commands use [`report`].
+//! queue manager ([`manager`]) decides when each message is attempted ([`schedule`], pure),
+//! hands the attempt to the outbound side (an [`attempt::Courier`]) and records its outcome
+//! with [`Spool::write_state`] ([`attempt`]), and the `queue` commands use [`report`].
 //!
 //! # On-disk format
 //!
@@ -80,18 +81,29 @@
 //!
 //! # Bounces
 //!
-//! [`bounce`] builds RFC 3464 delivery status notifications (pure, no I/O); the relay queues
-//! one with [`Spool::enqueue`] like any other message.
+//! [`bounce`] builds RFC 3464 delivery status notifications (pure) and queues one with
+//! [`Spool::enqueue`] like any other message ([`bounce::enqueue`]); [`schedule`] decides
+//! whether one is due.
+//!
+//! # Hold
+//!
+//! A held message ([`DeliveryState::hold`]) is neither attempted, bounced nor expired until
+//! released; the time it spends held pushes its expiry back. Holds are asked for through
+//! `control/` ([`Spool::request_hold`]) and written by the queue manager, which owns the
+//! state files of a running relay.
 
 #![warn(clippy::too_many_lines)]
 
+pub mod attempt;
 pub mod bounce;
 pub mod control;
 mod group;
+pub mod manager;
 mod recover;
 mod recycle;
 pub mod report;
 pub mod reserve;
+pub mod schedule;
 mod state;
 mod writer;
 
@@ -110,7 +122,7 @@ pub use control::{
     BadPurgeFilter, DeleteOutcome, PurgeFilter, Purged, Request, RetryTarget, SendLock,
 };
 pub use recover::RecoveryReport;
-pub use state::{Attempt, DeliveryState};
+pub use state::{Attempt, DeliveryState, Hold, StateMismatch};
 pub use writer::{Committed, SpoolWriter};
 
 /// First line of every message file: format name and version.
@@ -748,7 +760,7 @@ impl Spool {
         };
         state
             .check_against(envelope)
-            .map_err(|reason| SpoolError::corrupt(&path, reason))?;
+            .map_err(|mismatch| SpoolError::corrupt(&path, mismatch.to_string()))?;
         Ok(Some(state))
     }
 }
@@ -803,28 +815,41 @@ pub(crate) fn open_trusted(path: &Path, owner: u32, write: bool) -> Result<File,
         .open(path)
         .map_err(Opened::Io)?;
     let meta = file.metadata().map_err(Opened::Io)?;
-    trust(&meta, owner).map_err(Opened::Untrusted)?;
+    trust(&meta, owner).map_err(|d| Opened::Untrusted(d.to_string()))?;
     Ok(file)
+}
+
+/// Why a spool file is not trusted as written by the relay.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub(crate) enum Distrust {
+    /// A directory, symlink, FIFO, device or socket.
+    #[error("not a regular file")]
+    NotRegular,
+    /// Owned by another user than the spool's owner.
+    #[error("owned by uid {uid}, not by the spool's owner (uid {owner})")]
+    ForeignOwner { uid: u32, owner: u32 },
+    /// Writable by the group or others (`mode`: the permission bits).
+    #[error("group- or world-writable (mode {mode:04o})")]
+    ForeignWritable { mode: u32 },
 }
 
 /// Whether a spool file's metadata says the relay wrote it: a regular file owned by `owner`
 /// (the spool's owner) that no one else may write. `Err` says which check failed. Taken from
 /// the open file (`fstat`) or from `lstat`, never by following a symlink.
-pub(crate) fn trust(meta: &fs::Metadata, owner: u32) -> Result<(), String> {
+pub(crate) fn trust(meta: &fs::Metadata, owner: u32) -> Result<(), Distrust> {
     if !meta.file_type().is_file() {
-        return Err("not a regular file".into());
+        return Err(Distrust::NotRegular);
     }
     if meta.uid() != owner {
-        return Err(format!(
-            "owned by uid {}, not by the spool's owner (uid {owner})",
-            meta.uid()
-        ));
+        return Err(Distrust::ForeignOwner {
+            uid: meta.uid(),
+            owner,
+        });
     }
     if meta.mode() & FOREIGN_WRITE != 0 {
-        return Err(format!(
-            "group- or world-writable (mode {:04o})",
-            meta.mode() & 0o7777
-        ));
+        return Err(Distrust::ForeignWritable {
+            mode: meta.mode() & 0o7777,
+        });
     }
     Ok(())
 }
@@ -956,5 +981,7 @@ fn read_state_file(path: &Path, owner: u32) -> Result<Option<DeliveryState>, Spo
         .map_err(|e| SpoolError::corrupt(path, format!("state JSON: {e}")))
 }
 
+#[cfg(test)]
+mod manager_tests;
 #[cfg(test)]
 mod tests;

@@ -26,7 +26,7 @@ use std::io::BufReader;
 use std::path::{Path, PathBuf};
 
 use super::{STATE_SUFFIX, Spool, SpoolError, exact_id, read_header, read_state_file, sync_dir};
-use crate::envelope::QueueId;
+use crate::envelope::{Envelope, QueueId};
 
 /// What [`Spool::recover`] found and did.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -74,6 +74,23 @@ fn classify(name: &OsStr) -> Entry {
     }
 }
 
+/// What [`Spool::recover`] found in `queue/` (trusted files, by id).
+#[derive(Default)]
+struct Scan {
+    messages: Vec<(QueueId, PathBuf)>,
+    states: Vec<(QueueId, PathBuf)>,
+    /// Messages already rejected (not written by the relay).
+    rejected: HashSet<QueueId>,
+}
+
+/// The messages after their envelopes were read.
+struct Checked {
+    /// Ids whose message file stays in `queue/`.
+    present: HashSet<QueueId>,
+    rejected: HashSet<QueueId>,
+    envelopes: HashMap<QueueId, Envelope>,
+}
+
 impl Spool {
     /// Recover the spool after a restart or crash (see the module docs of `recover`): empty
     /// `tmp/`, reject what cannot be understood or was not written by the relay in `queue/`, remove orphan state files.
@@ -83,11 +100,22 @@ impl Spool {
             tmp_removed: self.clear_tmp()?,
             ..RecoveryReport::default()
         };
+        let scan = self.scan_queue(&mut report)?;
+        let checked = self.check_messages(scan.messages, scan.rejected, &mut report)?;
+        self.check_states(scan.states, &checked, &mut report)?;
+        if !report.rejected.is_empty() {
+            sync_dir(&self.inner.rejected)?;
+        }
+        if !report.rejected.is_empty() || report.orphans_removed > 0 {
+            sync_dir(&self.inner.queue)?;
+        }
+        Ok(report)
+    }
 
+    /// List `queue/`: message and state files the relay wrote, by id; reject the rest.
+    fn scan_queue(&self, report: &mut RecoveryReport) -> Result<Scan, SpoolError> {
         let queue = &self.inner.queue;
-        let mut messages = Vec::new();
-        let mut states = Vec::new();
-        let mut rejected_early = HashSet::new();
+        let mut scan = Scan::default();
         for entry in fs::read_dir(queue).map_err(SpoolError::io("readdir", queue))? {
             let entry = entry.map_err(SpoolError::io("readdir", queue))?;
             let path = entry.path();
@@ -101,21 +129,32 @@ impl Spool {
                 Err(_) => Ok(()),
             };
             match (classify(&entry.file_name()), trusted) {
-                (Entry::Message(id), Ok(())) => messages.push((id, path)),
-                (Entry::State(id), Ok(())) => states.push((id, path)),
+                (Entry::Message(id), Ok(())) => scan.messages.push((id, path)),
+                (Entry::State(id), Ok(())) => scan.states.push((id, path)),
                 (Entry::Message(id), Err(reason)) => {
-                    self.reject(&path, &reason, &mut report)?;
-                    rejected_early.insert(id);
+                    self.reject(&path, &reason.to_string(), report)?;
+                    scan.rejected.insert(id);
                 }
-                (Entry::State(_), Err(reason)) => self.reject(&path, &reason, &mut report)?,
-                (Entry::Stray, _) => self.reject(&path, "not a spool file name", &mut report)?,
+                (Entry::State(_), Err(reason)) => {
+                    self.reject(&path, &reason.to_string(), report)?;
+                }
+                (Entry::Stray, _) => self.reject(&path, "not a spool file name", report)?,
             }
         }
+        Ok(scan)
+    }
 
+    /// Read every message's envelope; reject those that cannot be understood or were not
+    /// written by the relay (joining `rejected`).
+    fn check_messages(
+        &self,
+        messages: Vec<(QueueId, PathBuf)>,
+        mut rejected: HashSet<QueueId>,
+        report: &mut RecoveryReport,
+    ) -> Result<Checked, SpoolError> {
         // Ids whose message file stays in queue/ (readable, or unreadable for a reason that
         // may pass, such as an I/O error: those are left alone, not rejected).
         let mut present = HashSet::new();
-        let mut rejected_ids = rejected_early;
         let mut envelopes = HashMap::new();
         for (id, path) in messages {
             match check_message(&id, &path, self.inner.owner.0) {
@@ -125,8 +164,8 @@ impl Spool {
                     present.insert(id);
                 }
                 Err(SpoolError::Corrupt { reason, .. } | SpoolError::Untrusted { reason, .. }) => {
-                    self.reject(&path, &reason, &mut report)?;
-                    rejected_ids.insert(id);
+                    self.reject(&path, &reason, report)?;
+                    rejected.insert(id);
                 }
                 Err(e) => {
                     tracing::warn!(queue_id = %id, error = %e, "cannot read queued message; leaving it in place");
@@ -134,12 +173,25 @@ impl Spool {
                 }
             }
         }
+        Ok(Checked {
+            present,
+            rejected,
+            envelopes,
+        })
+    }
 
+    /// Keep the state files of present messages that fit them; reject or remove the others.
+    fn check_states(
+        &self,
+        states: Vec<(QueueId, PathBuf)>,
+        checked: &Checked,
+        report: &mut RecoveryReport,
+    ) -> Result<(), SpoolError> {
         for (id, path) in states {
-            if !present.contains(&id) {
-                if rejected_ids.contains(&id) {
+            if !checked.present.contains(&id) {
+                if checked.rejected.contains(&id) {
                     // Keep the progress next to the message it describes.
-                    self.reject(&path, "its message was rejected", &mut report)?;
+                    self.reject(&path, "its message was rejected", report)?;
                 } else {
                     tracing::warn!(queue_id = %id, path = %path.display(), "removing delivery state of a message no longer queued");
                     fs::remove_file(&path).map_err(SpoolError::io("unlink", &path))?;
@@ -148,10 +200,10 @@ impl Spool {
                 continue;
             }
             let parsed = read_state_file(&path, self.inner.owner.0).and_then(|state| {
-                match (state, envelopes.get(&id)) {
+                match (state, checked.envelopes.get(&id)) {
                     (Some(state), Some(envelope)) => state
                         .check_against(envelope)
-                        .map_err(|reason| SpoolError::corrupt(&path, reason)),
+                        .map_err(|mismatch| SpoolError::corrupt(&path, mismatch.to_string())),
                     _ => Ok(()),
                 }
             });
@@ -160,21 +212,14 @@ impl Spool {
                 Err(SpoolError::Corrupt { reason, .. } | SpoolError::Untrusted { reason, .. }) => {
                     // The message stays queued and restarts with a fresh state: it may be
                     // delivered again to some recipients (at-least-once), never lost.
-                    self.reject(&path, &reason, &mut report)?;
+                    self.reject(&path, &reason, report)?;
                 }
                 Err(e) => {
                     tracing::warn!(queue_id = %id, error = %e, "cannot read delivery state; leaving it in place");
                 }
             }
         }
-
-        if !report.rejected.is_empty() {
-            sync_dir(&self.inner.rejected)?;
-        }
-        if !report.rejected.is_empty() || report.orphans_removed > 0 {
-            sync_dir(queue)?;
-        }
-        Ok(report)
+        Ok(())
     }
 
     /// Remove everything in `tmp/`; returns how many entries were removed.

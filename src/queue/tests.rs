@@ -157,6 +157,8 @@ fn write_state_then_load_round_trips() {
             upstream: Some("exchange".into()),
             outcome: "451 4.3.0 try later".into(),
         }],
+        hold: None,
+        held_for: 0,
     };
     spool.write_state(&id, &state).unwrap();
     spool.write_state(&id, &state).unwrap(); // replacing works too
@@ -230,18 +232,17 @@ fn ids_from_user_input_cannot_escape_the_spool() {
     assert!(matches!(spool.load(&id), Err(SpoolError::NotFound(_))));
 }
 
-#[test]
-fn recovery_cleans_tmp_rejects_garbage_and_keeps_good_messages() {
-    let (_d, spool) = spool();
-    let queue = spool.root().join("queue");
-    let rejected = spool.root().join("rejected");
-    let good = commit(&spool, &envelope(&["a@example.com"]), BODY);
-    let with_state = commit(&spool, &envelope(&["b@example.com"]), BODY);
-    spool
-        .write_state(&with_state, &DeliveryState::fresh(9))
-        .unwrap();
+/// The files recovery must reject or remove, beside `good`.
+struct Planted {
+    garbage: QueueId,
+    truncated: QueueId,
+    renamed: QueueId,
+}
 
-    // Garbage under a valid id, a stray name, a truncated header, a wrong id inside.
+/// Garbage under a valid id, a stray name, a truncated header, a wrong id inside; an orphan
+/// state, a corrupt state of `good`, leftovers in tmp/.
+fn plant_garbage(spool: &Spool, good: &QueueId) -> Planted {
+    let queue = spool.root().join("queue");
     let garbage = QueueId::generate();
     fs::write(queue.join(garbage.as_str()), b"not a spool file").unwrap();
     fs::write(queue.join("README"), b"hello").unwrap();
@@ -253,12 +254,35 @@ fn recovery_cleans_tmp_rejects_garbage_and_keeps_good_messages() {
     .unwrap();
     let renamed = QueueId::generate();
     fs::copy(queue.join(good.as_str()), queue.join(renamed.as_str())).unwrap();
-    // An orphan state, a corrupt state of a good message, leftovers in tmp/.
     let orphan = QueueId::generate();
     fs::write(queue.join(format!("{orphan}.state")), b"{}").unwrap();
     fs::write(queue.join(format!("{good}.state")), b"{broken").unwrap();
     fs::write(spool.root().join("tmp").join("leftover"), b"x").unwrap();
     fs::create_dir(spool.root().join("tmp").join("somedir")).unwrap();
+
+    Planted {
+        garbage,
+        truncated,
+        renamed,
+    }
+}
+
+#[test]
+fn recovery_cleans_tmp_rejects_garbage_and_keeps_good_messages() {
+    let (_d, spool) = spool();
+    let queue = spool.root().join("queue");
+    let rejected = spool.root().join("rejected");
+    let good = commit(&spool, &envelope(&["a@example.com"]), BODY);
+    let with_state = commit(&spool, &envelope(&["b@example.com"]), BODY);
+    spool
+        .write_state(&with_state, &DeliveryState::fresh(9))
+        .unwrap();
+
+    let Planted {
+        garbage,
+        truncated,
+        renamed,
+    } = plant_garbage(&spool, &good);
 
     let report = spool.recover().unwrap();
     assert_eq!(report.queued, 2);
@@ -398,6 +422,8 @@ fn sample_messages() -> Vec<QueuedMessage> {
                     upstream: Some("exchange".into()),
                     outcome: "451 4.4.1 no answer".into(),
                 }],
+                hold: None,
+                held_for: 0,
             },
             size: 1234,
             envelope: a,
@@ -535,6 +561,27 @@ fn from(env: Envelope, sender: &str) -> Envelope {
         },
         ..env
     }
+}
+
+#[test]
+fn hold_and_release_requests_follow_the_merged_retry_in_name_order() {
+    let (_d, spool) = spool();
+    let (a, b) = (QueueId::generate(), QueueId::generate());
+    spool.request_hold(&b, false).unwrap();
+    spool.request_hold(&a, true).unwrap();
+    spool
+        .request_retry(&RetryTarget::Ids(vec![b.clone()]))
+        .unwrap();
+    fs::write(spool.root().join("control").join("hold.not-an-id"), b"").unwrap();
+    assert_eq!(
+        spool.take_requests().unwrap(),
+        [
+            Request::Retry(RetryTarget::Ids(vec![b.clone()])),
+            Request::Hold(a),
+            Request::Release(b),
+        ]
+    );
+    assert!(names(&spool.root().join("control")).is_empty());
 }
 
 #[test]

@@ -1,0 +1,381 @@
+//! One attempt of one queued message, as the queue manager runs it: load the message, ask
+//! [`schedule::plan`] what to do, have the [`Courier`] send it, then record the outcome —
+//! bounce first, then the state (or the removal).
+//!
+//! Ordering for durability (DESIGN invariants 1 and 2): a bounce is committed to the spool
+//! before the state that marks its recipients failed, and the state is written before the
+//! message is removed, so a crash at any point repeats work (a duplicate delivery or bounce)
+//! but never loses a message or a bounce. `queue/ID` stays open (its [`SendLock`]) from the
+//! load until the outcome is on disk, so a `queue delete` in between knows the message may
+//! have been delivered.
+
+use std::future::Future;
+use std::sync::Arc;
+
+use tracing::{error, info, warn};
+
+use super::bounce;
+use super::manager::Clock;
+use super::schedule::{
+    self, AttemptFacts, AttemptReport, BounceDecision, FailedRcpt, Plan, RcptResult, RouteGroup,
+    Settled,
+};
+use super::{Loaded, QueuedMessage, SendLock, Spool, SpoolError};
+use crate::config;
+use crate::envelope::QueueId;
+
+/// Messages up to this size are read into memory in one go; larger ones are streamed from
+/// the spool file.
+pub const IN_MEMORY_MAX: u64 = 1024 * 1024;
+
+/// What sends a planned attempt: the outbound side. The queue manager holds one per
+/// configuration; a reload swaps it for new attempts while those in flight keep theirs.
+pub trait Courier: Send + Sync + 'static {
+    /// The `[queue]` policy in force with this courier.
+    fn queue(&self) -> &config::Queue;
+    /// Our name: the Reporting-MTA of bounces.
+    fn hostname(&self) -> &str;
+    /// Upstream indexes serving `domain`, in failover order; empty when none does.
+    fn route(&self, domain: &str) -> Vec<usize>;
+    /// Most deliveries at once (at least 1).
+    fn max_in_flight(&self) -> usize;
+    /// Try every group of `job` on its route and report per-recipient results. Sends only:
+    /// writes nothing to the spool and enqueues nothing.
+    fn send<'a>(&'a self, job: Job<'a>) -> impl Future<Output = AttemptReport> + Send + 'a;
+    /// Periodic upkeep (every [`super::manager::CONTROL_INTERVAL`]): close idle connections.
+    fn upkeep(&self);
+    /// `queue retry --all`: forget every circuit breaker.
+    fn reset_all(&self);
+    /// `queue retry ID`: forget the circuit breakers of the upstreams on `route`.
+    fn reset_route(&self, route: &[usize]);
+}
+
+/// The bytes of a message under delivery.
+#[derive(Debug, Clone)]
+pub enum MessageBytes {
+    /// Small enough to hold in memory (at most [`IN_MEMORY_MAX`]).
+    Memory(Arc<Vec<u8>>),
+    /// Too big for memory: reopened from the spool ([`Spool::open_message`]) for each
+    /// transaction.
+    Spooled,
+}
+
+/// One planned attempt, handed to [`Courier::send`].
+#[derive(Debug, Clone, Copy)]
+pub struct Job<'a> {
+    pub spool: &'a Spool,
+    pub msg: &'a QueuedMessage,
+    pub bytes: &'a MessageBytes,
+    /// Take [`SendLock::begin_final_dot`] right before each final dot.
+    pub lock: &'a SendLock,
+    /// The recipients to send to, by route.
+    pub groups: &'a [RouteGroup],
+}
+
+/// How an attempt ended, for the manager.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AttemptEnd {
+    /// Recipients remain: due again at this time (Unix seconds).
+    Due(u64),
+    /// The message left the queue (finished, expired and bounced, or deleted meanwhile).
+    Left,
+    /// The message is held: not scheduled until released.
+    Held,
+}
+
+/// What the manager learns from one attempt.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Ended {
+    pub id: QueueId,
+    pub end: AttemptEnd,
+    /// A bounce queued by this attempt, to be scheduled now.
+    pub bounce: Option<QueueId>,
+}
+
+/// Run blocking spool work off the reactor. A panic in it is reported as an I/O error of the
+/// spool, so callers have one error type to look at.
+pub async fn on_spool<T: Send + 'static>(
+    spool: &Spool,
+    work: impl FnOnce(&Spool) -> Result<T, SpoolError> + Send + 'static,
+) -> Result<T, SpoolError> {
+    let handle = spool.clone();
+    tokio::task::spawn_blocking(move || work(&handle))
+        .await
+        .unwrap_or_else(|join| {
+            Err(SpoolError::Io {
+                op: "spool task",
+                path: spool.root().to_path_buf(),
+                source: std::io::Error::other(join.to_string()),
+            })
+        })
+}
+
+/// Close `queue/ID` off the reactor: if it was unlinked (removed here, or deleted by an
+/// operator), the last close frees its blocks, which on a file system mounted with `discard`
+/// waits for the disk.
+fn close_off_reactor(lock: SendLock) {
+    drop(tokio::task::spawn_blocking(move || drop(lock)));
+}
+
+/// Run one attempt of `id`, from `loaded` when the message is already in memory.
+pub async fn run<C: Courier>(
+    spool: Spool,
+    courier: Arc<C>,
+    clock: Clock,
+    id: QueueId,
+    loaded: Option<Loaded>,
+) -> Ended {
+    let soon = soon(courier.queue(), clock.now());
+    let loaded = match loaded {
+        Some(loaded) => Ok(loaded),
+        None => {
+            let id = id.clone();
+            on_spool(&spool, move |s| s.load_with_body(&id, IN_MEMORY_MAX)).await
+        }
+    };
+    let end = |end| Ended {
+        id: id.clone(),
+        end,
+        bounce: None,
+    };
+    match loaded {
+        Ok(loaded) => Attempting {
+            spool: &spool,
+            courier: &*courier,
+            clock,
+            loaded,
+        }
+        .run()
+        .await
+        .unwrap_or_else(|| end(AttemptEnd::Left)),
+        Err(SpoolError::NotFound(_)) => end(AttemptEnd::Left),
+        Err(e) => {
+            error!(queue_id = %id, error = %e, "cannot read queued message; will try again");
+            end(AttemptEnd::Due(soon))
+        }
+    }
+}
+
+/// When to try again after a local error: the first retry interval from `now`.
+fn soon(queue: &config::Queue, now: u64) -> u64 {
+    now + queue.retry.first().map_or(1, |d| d.as_secs().max(1))
+}
+
+struct Attempting<'a, C> {
+    spool: &'a Spool,
+    courier: &'a C,
+    clock: Clock,
+    loaded: Loaded,
+}
+
+impl<C: Courier> Attempting<'_, C> {
+    /// `None` when the message was deleted meanwhile.
+    async fn run(self) -> Option<Ended> {
+        let Loaded {
+            mut msg,
+            body,
+            lock,
+        } = self.loaded;
+        let id = msg.envelope.id.clone();
+        let queue = self.courier.queue();
+        // The attempt's time: expiry is judged and the next attempt counted from its start.
+        let now = self.clock.now();
+        let plan = schedule::plan(&msg, now, queue, |d| self.courier.route(d));
+        let report = match plan {
+            Plan::Held => {
+                info!(queue_id = %id, "held: not attempted");
+                close_off_reactor(lock);
+                return Some(Ended {
+                    id,
+                    end: AttemptEnd::Held,
+                    bounce: None,
+                });
+            }
+            Plan::Expired(failed) => expired(&id, failed),
+            Plan::Send(groups) => {
+                let bytes = body.map_or(MessageBytes::Spooled, |b| MessageBytes::Memory(b.into()));
+                let job = Job {
+                    spool: self.spool,
+                    msg: &msg,
+                    bytes: &bytes,
+                    lock: &lock,
+                    groups: &groups,
+                };
+                self.courier.send(job).await
+            }
+        };
+        if report.deleted {
+            close_off_reactor(lock);
+            return None;
+        }
+        let (not_before, errors) = (report.not_before, report.errors.clone());
+        let count = msg.envelope.recipients.len();
+        let failed = schedule::record(&mut msg.state, count, report);
+        let recorder = Recorder {
+            spool: self.spool,
+            courier: self.courier,
+            msg: &mut msg,
+        };
+        let bounce = recorder.bounce(&failed).await;
+        let facts = AttemptFacts {
+            now,
+            failed: &failed,
+            bounce_queued: bounce.is_ok(),
+            not_before,
+            errors: &errors,
+        };
+        let end = recorder.settle(&facts, lock).await?;
+        Some(Ended {
+            id,
+            end,
+            bounce: bounce.ok().flatten(),
+        })
+    }
+}
+
+/// The report of an attempt that found the message expired: every pending recipient fails.
+fn expired(id: &QueueId, failed: Vec<FailedRcpt>) -> AttemptReport {
+    for f in &failed {
+        warn!(queue_id = %id, rcpt = %f.address, reason = %f.diagnostic, "expired");
+    }
+    AttemptReport {
+        results: failed
+            .into_iter()
+            .map(|f| (f.index, RcptResult::Failed(f)))
+            .collect(),
+        ..AttemptReport::default()
+    }
+}
+
+/// Writes an attempt's outcome: the bounce, then the state or the removal.
+struct Recorder<'a, C> {
+    spool: &'a Spool,
+    courier: &'a C,
+    msg: &'a mut QueuedMessage,
+}
+
+/// A bounce was due but could not be queued (the error is logged).
+#[derive(Debug, Clone, Copy)]
+struct BounceNotQueued;
+
+impl<C: Courier> Recorder<'_, C> {
+    /// Report `failed` to the sender as [`schedule::bounce_decision`] says. `Ok(Some(id))`: a
+    /// bounce was queued; `Ok(None)`: none was due.
+    async fn bounce(&self, failed: &[FailedRcpt]) -> Result<Option<QueueId>, BounceNotQueued> {
+        if failed.is_empty() {
+            return Ok(None);
+        }
+        let id = &self.msg.envelope.id;
+        let queue = self.courier.queue();
+        let sender = match schedule::bounce_decision(&self.msg.envelope, queue.bounces) {
+            BounceDecision::Send(sender) => sender,
+            BounceDecision::NullSender { dsn_lost } => {
+                log_unreported(id, failed, dsn_lost);
+                return Ok(None);
+            }
+            BounceDecision::Disabled(sender) => {
+                warn!(queue_id = %id, from = %sender, failed = failed.len(), "no bounce: [queue] bounces = false");
+                return Ok(None);
+            }
+        };
+        let envelope = self.msg.envelope.clone();
+        let hostname = self.courier.hostname().to_owned();
+        let failed = failed.to_vec();
+        let made = on_spool(self.spool, move |s| {
+            bounce::enqueue(s, &hostname, &envelope, &failed)
+        })
+        .await;
+        match made {
+            Ok(bounce_id) => {
+                info!(queue_id = %id, bounce_id = %bounce_id, to = %sender, "bounce queued");
+                Ok(Some(bounce_id))
+            }
+            Err(e) => {
+                error!(queue_id = %id, error = %e, "cannot queue the bounce; will try again");
+                Err(BounceNotQueued)
+            }
+        }
+    }
+
+    /// Settle the state and write it (recipients remain) or remove the message (none
+    /// remain). `None` when the message was deleted meanwhile.
+    async fn settle(self, facts: &AttemptFacts<'_>, lock: SendLock) -> Option<AttemptEnd> {
+        let queue = self.courier.queue();
+        let settled = schedule::settle(&mut self.msg.state, &self.msg.envelope, queue, facts);
+        let id = self.msg.envelope.id.clone();
+        match settled {
+            Settled::Finished { delivered, failed } => {
+                let (size, attempts) = (self.msg.size, self.msg.state.attempts);
+                let removed = on_spool(self.spool, {
+                    let id = id.clone();
+                    move |s| {
+                        let removed = s.remove_finished(&id, size, attempts);
+                        drop(lock);
+                        removed
+                    }
+                })
+                .await;
+                match removed {
+                    Ok(()) | Err(SpoolError::NotFound(_)) => {
+                        info!(queue_id = %id, delivered, failed, "removed from queue: finished");
+                        Some(AttemptEnd::Left)
+                    }
+                    Err(e) => {
+                        error!(queue_id = %id, error = %e, "cannot remove a finished message; it may be delivered again");
+                        Some(AttemptEnd::Due(soon(queue, facts.now)))
+                    }
+                }
+            }
+            Settled::Due(next) => {
+                let end = self.write_state(facts.now).await;
+                close_off_reactor(lock);
+                end.map(|()| AttemptEnd::Due(next))
+            }
+        }
+    }
+
+    /// Write the state of a message that stays queued. `None`: it was deleted meanwhile.
+    async fn write_state(&self, now: u64) -> Option<()> {
+        let id = self.msg.envelope.id.clone();
+        let state = self.msg.state.clone();
+        let written = {
+            let id = id.clone();
+            let state = state.clone();
+            on_spool(self.spool, move |s| s.write_state(&id, &state)).await
+        };
+        match written {
+            Ok(()) => {}
+            // Deleted meanwhile: write_state refuses to create an orphan.
+            Err(SpoolError::NotFound(_)) => return None,
+            Err(e) => {
+                error!(queue_id = %id, error = %e, "cannot record delivery progress; it will be repeated")
+            }
+        }
+        let pending = schedule::pending_indexes(&state, &self.msg.envelope).len();
+        info!(
+            queue_id = %id, pending, attempts = state.attempts,
+            retry_in_secs = state.next_attempt.saturating_sub(now), "deferred"
+        );
+        Some(())
+    }
+}
+
+/// Log failures that no bounce reports (the reverse-path is `<>`).
+fn log_unreported(id: &QueueId, failed: &[FailedRcpt], dsn_lost: bool) {
+    let reasons: Vec<String> = failed
+        .iter()
+        .map(|f| format!("<{}> {} {}", f.address, f.status, f.diagnostic))
+        .collect();
+    let reasons = reasons.join("; ");
+    if dsn_lost {
+        error!(
+            queue_id = %id, failed = failed.len(), reason = ?reasons,
+            "DSN lost: a delivery status notification failed for good and, its sender being <>, no bounce can be sent; the original sender is never told"
+        );
+    } else {
+        warn!(
+            queue_id = %id, failed = failed.len(), reason = ?reasons,
+            "no bounce: the sender is <>; the failure is reported to no one"
+        );
+    }
+}

@@ -1,0 +1,356 @@
+//! The queue manager: one task that knows when each queued message is due and starts its
+//! attempts.
+//!
+//! It owns the due set ((due time, id) pairs, loaded from the spool at start), the operator
+//! requests (`queue retry`, through `SPOOL/control/`, read every [`CONTROL_INTERVAL`]), and
+//! the scheduling of the bounces attempts queue. New messages arrive on a channel the moment
+//! they are committed (the inbound side sends the id, and the message itself when small,
+//! after the `250`), so delivery starts without any polling delay or reading the file back.
+//! At most [`Courier::max_in_flight`] attempts run at once, and one message is never
+//! attempted twice at the same time. Each attempt ([`super::attempt`]) runs in its own task
+//! under a `delivery` span carrying its `queue_id`.
+//!
+//! The [`Courier`] is read anew for each attempt, so a reload that swaps it applies to new
+//! attempts while those in flight finish with the one they started with.
+
+use std::collections::{BTreeSet, HashMap, HashSet};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use arc_swap::ArcSwap;
+use tokio::sync::mpsc::{self, UnboundedReceiver};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::{Instrument, error, info, info_span, warn};
+
+use super::attempt::{self, AttemptEnd, Courier, Ended, on_spool};
+use super::{Committed, Loaded, Request, RetryTarget, Spool, SpoolError};
+use crate::envelope::QueueId;
+
+/// How often operator requests are read and idle connections reaped.
+pub const CONTROL_INTERVAL: Duration = Duration::from_millis(500);
+
+/// Where the manager reads the time, in Unix milliseconds.
+#[derive(Debug, Clone, Copy)]
+pub enum Clock {
+    /// The system clock.
+    System,
+    /// Tokio's clock, counted from a Unix time: moves with paused time in tests.
+    Tokio {
+        /// Unix milliseconds at `start`.
+        base_ms: u64,
+        start: tokio::time::Instant,
+    },
+}
+
+impl Clock {
+    /// A clock on tokio's time that reads `unix_secs` now.
+    pub fn tokio_at(unix_secs: u64) -> Clock {
+        Clock::Tokio {
+            base_ms: unix_secs * 1000,
+            start: tokio::time::Instant::now(),
+        }
+    }
+
+    /// Unix milliseconds.
+    pub fn now_millis(&self) -> u64 {
+        match self {
+            Clock::System => SystemTime::now()
+                .duration_since(UNIX_EPOCH)
+                .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX)),
+            Clock::Tokio { base_ms, start } => {
+                base_ms + u64::try_from(start.elapsed().as_millis()).unwrap_or(u64::MAX)
+            }
+        }
+    }
+
+    /// Unix seconds.
+    pub fn now(&self) -> u64 {
+        self.now_millis() / 1000
+    }
+}
+
+/// The queue manager task.
+pub struct Manager<C: Courier> {
+    spool: Spool,
+    /// Swapped by a reload; each attempt takes the one current when it starts.
+    courier: Arc<ArcSwap<C>>,
+    clock: Clock,
+    incoming: UnboundedReceiver<Committed>,
+    shutdown: CancellationToken,
+    tracker: TaskTracker,
+    /// (due, id), earliest first.
+    due: BTreeSet<(u64, QueueId)>,
+    /// When each scheduled message is due (the index into `due`).
+    when: HashMap<QueueId, u64>,
+    /// Messages being attempted now.
+    busy: HashSet<QueueId>,
+    /// Messages an operator asked to retry while they were being attempted.
+    retry_when_done: HashSet<QueueId>,
+    /// Messages to hold once their attempt in flight ends.
+    hold_when_done: HashSet<QueueId>,
+    /// A message just received, in memory, until the next dispatch: used if it starts at
+    /// once, dropped otherwise (it is read from the spool when its turn comes), so this holds
+    /// at most one message's bytes and open file.
+    fresh: Option<(QueueId, Loaded)>,
+}
+
+impl<C: Courier> Manager<C> {
+    /// A manager of `spool`, attempting with the current `courier`, woken by `incoming`.
+    pub fn new(
+        spool: Spool,
+        courier: Arc<ArcSwap<C>>,
+        incoming: UnboundedReceiver<Committed>,
+        shutdown: CancellationToken,
+        tracker: TaskTracker,
+    ) -> Manager<C> {
+        Manager {
+            spool,
+            courier,
+            clock: Clock::System,
+            incoming,
+            shutdown,
+            tracker,
+            due: BTreeSet::new(),
+            when: HashMap::new(),
+            busy: HashSet::new(),
+            retry_when_done: HashSet::new(),
+            hold_when_done: HashSet::new(),
+            fresh: None,
+        }
+    }
+
+    /// Read the time from `clock` instead of the system clock (tests with paused time).
+    #[must_use]
+    pub fn with_clock(mut self, clock: Clock) -> Manager<C> {
+        self.clock = clock;
+        self
+    }
+
+    /// Run until shutdown: load the spool, then schedule.
+    pub async fn run(mut self) {
+        self.load().await;
+        let (done_tx, mut done_rx) = mpsc::unbounded_channel::<Ended>();
+        let mut control = tokio::time::interval(CONTROL_INTERVAL);
+        control.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            let wait = self.dispatch(&done_tx);
+            tokio::select! {
+                biased;
+                () = self.shutdown.cancelled() => break,
+                Some(ended) = done_rx.recv() => self.ended(ended).await,
+                Some(new) = self.incoming.recv() => {
+                    self.schedule(new.id.clone(), 0);
+                    self.fresh = new.loaded.map(|loaded| (new.id, loaded));
+                }
+                _ = control.tick() => self.control().await,
+                () = tokio::time::sleep(wait) => {}
+            }
+        }
+        info!(in_flight = self.busy.len(), "delivery scheduler stopping");
+    }
+
+    /// Schedule every queued message that is not held, at its next attempt time.
+    async fn load(&mut self) {
+        match on_spool(&self.spool, |s| s.list()).await {
+            Ok(messages) => {
+                let count = messages.len();
+                for m in messages {
+                    if m.state.hold.is_none() {
+                        self.schedule(m.envelope.id, m.state.next_attempt);
+                    }
+                }
+                info!(messages = count, "delivery scheduler started");
+            }
+            Err(e) => {
+                error!(error = %e, "cannot list the spool; only new messages will be delivered until restart")
+            }
+        }
+    }
+
+    /// An attempt ended: schedule what it left (and its bounce).
+    async fn ended(&mut self, ended: Ended) {
+        self.busy.remove(&ended.id);
+        let retry = self.retry_when_done.remove(&ended.id);
+        let hold = self.hold_when_done.remove(&ended.id);
+        if let Some(bounce) = ended.bounce {
+            self.schedule(bounce, 0);
+        }
+        if let AttemptEnd::Due(next) = ended.end {
+            if hold {
+                self.hold(ended.id, true).await;
+            } else {
+                self.schedule(ended.id, if retry { 0 } else { next });
+            }
+        }
+    }
+
+    /// Hold (`hold` true) or release `id`, recorded in its state. A message being attempted
+    /// is held when its attempt ends (its outcome is recorded first); a released one is due
+    /// now.
+    async fn hold(&mut self, id: QueueId, hold: bool) {
+        if self.busy.contains(&id) {
+            if hold {
+                self.hold_when_done.insert(id);
+            } else {
+                self.hold_when_done.remove(&id);
+            }
+            return;
+        }
+        let was_due = self.when.remove(&id);
+        if let Some(at) = was_due {
+            self.due.remove(&(at, id.clone()));
+        }
+        let now = self.clock.now();
+        let written = on_spool(&self.spool, {
+            let id = id.clone();
+            move |s| {
+                let mut msg = s.load(&id)?;
+                if hold {
+                    msg.state.hold(now, "held by request");
+                } else {
+                    msg.state.release(now);
+                }
+                s.write_state(&id, &msg.state)
+                    .map(|()| msg.state.hold.is_some())
+            }
+        })
+        .await;
+        match written {
+            Ok(true) => {
+                info!(queue_id = %id, "held: not delivered, bounced or expired until released")
+            }
+            Ok(false) => {
+                info!(queue_id = %id, "released: due now");
+                self.schedule(id, 0);
+            }
+            Err(SpoolError::NotFound(_)) => {}
+            Err(e) => {
+                error!(queue_id = %id, error = %e, "cannot record the hold; the message stays as it was");
+                // As it was: due when it was (an attempt finds a held message held).
+                self.schedule(id, was_due.unwrap_or(0));
+            }
+        }
+    }
+
+    /// Put `id` in the schedule, due at `at` (Unix seconds; 0 = now). A message being
+    /// attempted is left to its attempt, which reschedules it.
+    fn schedule(&mut self, id: QueueId, at: u64) {
+        if self.busy.contains(&id) {
+            return;
+        }
+        if let Some(old) = self.when.insert(id.clone(), at) {
+            self.due.remove(&(old, id.clone()));
+        }
+        self.due.insert((at, id));
+    }
+
+    /// Start every due attempt there is room for; returns how long to sleep until the next
+    /// one is due.
+    fn dispatch(&mut self, done: &mpsc::UnboundedSender<Ended>) -> Duration {
+        let now_ms = self.clock.now_millis();
+        let now = now_ms / 1000;
+        let max_in_flight = self.courier.load().max_in_flight().max(1);
+        while self.busy.len() < max_in_flight {
+            let Some((at, _)) = self.due.first() else {
+                break;
+            };
+            if *at > now {
+                break;
+            }
+            let Some((_, id)) = self.due.pop_first() else {
+                break;
+            };
+            self.start(id, done);
+        }
+        self.fresh = None;
+        if self.busy.len() >= max_in_flight {
+            // Woken by a finished attempt.
+            return Duration::from_secs(3600);
+        }
+        match self.due.first() {
+            Some((at, _)) => Duration::from_millis((at * 1000).saturating_sub(now_ms).max(1)),
+            None => Duration::from_secs(3600),
+        }
+    }
+
+    /// Start the attempt of `id` in its own task.
+    fn start(&mut self, id: QueueId, done: &mpsc::UnboundedSender<Ended>) {
+        self.when.remove(&id);
+        self.busy.insert(id.clone());
+        let loaded = self
+            .fresh
+            .take_if(|(fresh, _)| *fresh == id)
+            .map(|(_, loaded)| loaded);
+        let span = info_span!("delivery", queue_id = %id);
+        let work = attempt::run(
+            self.spool.clone(),
+            self.courier.load_full(),
+            self.clock,
+            id,
+            loaded,
+        );
+        let done = done.clone();
+        self.tracker.spawn(
+            async move {
+                let _ = done.send(work.await);
+            }
+            .instrument(span),
+        );
+    }
+
+    /// Operator requests and upkeep.
+    async fn control(&mut self) {
+        self.courier.load().upkeep();
+        let requests = match on_spool(&self.spool, |s| s.take_requests()).await {
+            Ok(r) => r,
+            Err(e) => {
+                warn!(error = %e, "cannot read queue control requests");
+                return;
+            }
+        };
+        for request in requests {
+            match request {
+                Request::Retry(RetryTarget::All) => {
+                    info!("queue retry --all: every message is due now; circuit breakers reset");
+                    self.courier.load().reset_all();
+                    let ids: Vec<QueueId> = self.when.keys().cloned().collect();
+                    for id in ids {
+                        self.schedule(id, 0);
+                    }
+                    self.retry_when_done.extend(self.busy.iter().cloned());
+                }
+                Request::Retry(RetryTarget::Ids(ids)) => {
+                    for id in ids {
+                        self.retry(id).await;
+                    }
+                }
+                Request::Hold(id) => self.hold(id, true).await,
+                Request::Release(id) => self.hold(id, false).await,
+            }
+        }
+    }
+
+    /// `queue retry ID`: reset the breakers of its routes, make it due now.
+    async fn retry(&mut self, id: QueueId) {
+        self.reset_breakers_for(&id).await;
+        info!(queue_id = %id, "queue retry: due now");
+        if self.busy.contains(&id) {
+            self.retry_when_done.insert(id);
+        } else {
+            self.schedule(id, 0);
+        }
+    }
+
+    /// Close the breakers of the upstreams that `id`'s pending recipients route to.
+    async fn reset_breakers_for(&self, id: &QueueId) {
+        let id = id.clone();
+        let Ok(msg) = on_spool(&self.spool, move |s| s.load(&id)).await else {
+            return;
+        };
+        let courier = self.courier.load();
+        for rcpt in msg.pending() {
+            courier.reset_route(&courier.route(rcpt.domain()));
+        }
+    }
+}

@@ -1,0 +1,442 @@
+//! The queue manager in process, with paused time, a real spool in a temporary directory and
+//! a scripted [`Courier`] (the manager is under test, not delivery).
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use arc_swap::ArcSwap;
+use tokio::sync::{Semaphore, mpsc};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use super::Committed;
+use super::attempt::{Courier, Job, MessageBytes};
+use super::manager::{Clock, Manager};
+use super::schedule::{AttemptReport, FailedRcpt, RcptResult};
+use super::{DeliveryState, RetryTarget, Spool};
+use crate::config;
+use crate::envelope::{QueueId, RcptStatus, ReversePath, sample_envelope};
+
+/// The Unix time the tests' clock starts at (the sample envelope's reception).
+const T0: u64 = 1_700_000_000;
+
+/// What the scripted courier answers for each recipient.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Answer {
+    Deliver,
+    Defer,
+    Refuse,
+}
+
+/// One call of [`Courier::send`], as seen by the courier.
+#[derive(Debug)]
+struct Seen {
+    id: QueueId,
+    rcpts: Vec<usize>,
+    /// The manager's clock when the attempt was sent (Unix seconds).
+    at: u64,
+    null_sender: bool,
+    /// The message bytes (every test message is small enough to be held in memory).
+    bytes: Vec<u8>,
+}
+
+struct Scripted {
+    queue: config::Queue,
+    max_in_flight: usize,
+    clock: Clock,
+    answer: Mutex<Answer>,
+    sent: mpsc::UnboundedSender<Seen>,
+    /// When set, each send waits for a permit (to keep attempts in flight).
+    gate: Option<Arc<Semaphore>>,
+    in_flight: AtomicUsize,
+    most_in_flight: AtomicUsize,
+}
+
+impl Courier for Scripted {
+    fn queue(&self) -> &config::Queue {
+        &self.queue
+    }
+    fn hostname(&self) -> &str {
+        "relay.example"
+    }
+    fn route(&self, _domain: &str) -> Vec<usize> {
+        vec![0]
+    }
+    fn max_in_flight(&self) -> usize {
+        self.max_in_flight
+    }
+    async fn send<'a>(&'a self, job: Job<'a>) -> AttemptReport {
+        let now = self.in_flight.fetch_add(1, Ordering::SeqCst) + 1;
+        self.most_in_flight.fetch_max(now, Ordering::SeqCst);
+        let rcpts: Vec<usize> = job.groups.iter().flat_map(|g| g.rcpts.clone()).collect();
+        let _ = self.sent.send(Seen {
+            id: job.msg.id().clone(),
+            rcpts: rcpts.clone(),
+            at: self.clock.now(),
+            null_sender: job.msg.envelope.mail_from == ReversePath::Null,
+            bytes: match job.bytes {
+                MessageBytes::Memory(b) => b.to_vec(),
+                MessageBytes::Spooled => Vec::new(),
+            },
+        });
+        if let Some(gate) = &self.gate {
+            gate.acquire().await.expect("gate open").forget();
+        }
+        self.in_flight.fetch_sub(1, Ordering::SeqCst);
+        let answer = *self.answer.lock().unwrap();
+        let results = rcpts
+            .into_iter()
+            .map(|i| (i, result(answer, i, job)))
+            .collect();
+        AttemptReport {
+            results,
+            errors: vec!["upstream up: 451 4.3.0 later".into()],
+            ..AttemptReport::default()
+        }
+    }
+    fn upkeep(&self) {}
+    fn reset_all(&self) {}
+    fn reset_route(&self, _route: &[usize]) {}
+}
+
+fn result(answer: Answer, index: usize, job: Job<'_>) -> RcptResult {
+    match answer {
+        Answer::Deliver => RcptResult::Delivered,
+        Answer::Defer => RcptResult::Deferred,
+        Answer::Refuse => RcptResult::Failed(FailedRcpt {
+            index,
+            address: job.msg.envelope.recipients[index].address.clone(),
+            status: "5.1.1".into(),
+            diagnostic: crate::queue::bounce::smtp("550 5.1.1 no such user"),
+            upstream: None,
+        }),
+    }
+}
+
+/// A running manager over a fresh spool.
+struct Harness {
+    _dir: tempfile::TempDir,
+    spool: Spool,
+    courier: Arc<Scripted>,
+    sent: mpsc::UnboundedReceiver<Seen>,
+    wake: mpsc::UnboundedSender<Committed>,
+    stop: CancellationToken,
+    /// Until [`Harness::run`].
+    manager: Option<Manager<Scripted>>,
+}
+
+/// A manager with the retry schedule `retry` (seconds) and `max_age` ten times its sum.
+fn start(retry: &[u64], max_in_flight: usize, gate: Option<Arc<Semaphore>>) -> Harness {
+    let dir = tempfile::tempdir().unwrap();
+    let spool = Spool::open(&dir.path().join("spool")).unwrap();
+    let (sent_tx, sent) = mpsc::unbounded_channel();
+    let clock = Clock::tokio_at(T0);
+    let courier = Arc::new(Scripted {
+        queue: config::Queue {
+            retry: retry.iter().map(|s| Duration::from_secs(*s)).collect(),
+            max_age: Duration::from_secs(10 * retry.iter().sum::<u64>()),
+            bounces: true,
+            delivery_grace: Duration::from_secs(10),
+        },
+        max_in_flight,
+        clock,
+        answer: Mutex::new(Answer::Deliver),
+        sent: sent_tx,
+        gate,
+        in_flight: AtomicUsize::new(0),
+        most_in_flight: AtomicUsize::new(0),
+    });
+    let (wake, incoming) = mpsc::unbounded_channel();
+    let stop = CancellationToken::new();
+    let manager = Manager::new(
+        spool.clone(),
+        Arc::new(ArcSwap::new(courier.clone())),
+        incoming,
+        stop.clone(),
+        TaskTracker::new(),
+    )
+    .with_clock(clock);
+    Harness {
+        _dir: dir,
+        spool,
+        courier,
+        sent,
+        wake,
+        stop,
+        manager: Some(manager),
+    }
+}
+
+impl Harness {
+    /// Start the manager (it lists the spool first).
+    fn run(&mut self) {
+        tokio::spawn(self.manager.take().expect("started once").run());
+    }
+
+    /// Commit a message to `rcpts`, due at `due` (Unix seconds; `None`: fresh, told to the
+    /// manager at once).
+    fn queue(&self, rcpts: &[&str], due: Option<u64>) -> QueueId {
+        let mut env = sample_envelope(rcpts);
+        env.received_at = self.courier.clock.now();
+        let id = self
+            .spool
+            .enqueue(&env, b"Subject: t\r\n\r\nhi\r\n")
+            .unwrap();
+        match due {
+            Some(at) => {
+                let mut state = DeliveryState::fresh(env.received_at);
+                state.next_attempt = at;
+                self.spool.write_state(&id, &state).unwrap();
+            }
+            None => self
+                .wake
+                .send(Committed {
+                    id: id.clone(),
+                    loaded: None,
+                })
+                .unwrap(),
+        }
+        id
+    }
+
+    /// The next attempt the courier sees (fails the test after an hour of paused time).
+    async fn next_sent(&mut self) -> Seen {
+        tokio::time::timeout(Duration::from_secs(3600), self.sent.recv())
+            .await
+            .expect("an attempt within the hour")
+            .expect("the courier lives")
+    }
+
+    /// Wait until `id` has left the spool.
+    async fn gone(&self, id: &QueueId) {
+        for _ in 0..1000 {
+            if !self.spool.contains(id) {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        panic!("{id} never left the queue");
+    }
+
+    /// Wait until the manager has taken every request in `control/`.
+    async fn requests_taken(&self) {
+        let control = self.spool.root().join("control");
+        for _ in 0..1000 {
+            if std::fs::read_dir(&control).unwrap().next().is_none() {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        panic!("the requests were never taken");
+    }
+
+    /// Wait until `id`'s state satisfies `check`.
+    async fn state_until(&self, id: &QueueId, check: impl Fn(&DeliveryState) -> bool) {
+        for _ in 0..1000 {
+            if self.spool.load(id).is_ok_and(|m| check(&m.state)) {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        panic!("the state of {id} never got there");
+    }
+}
+
+impl Drop for Harness {
+    fn drop(&mut self) {
+        self.stop.cancel();
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn queued_messages_are_attempted_in_due_order_at_their_due_time() {
+    let mut h = start(&[60], 1, None);
+    let late = h.queue(&["a@example.com"], Some(T0 + 30));
+    let first = h.queue(&["b@example.com"], Some(T0 + 10));
+    let middle = h.queue(&["c@example.com"], Some(T0 + 20));
+    h.run();
+    let a = h.next_sent().await;
+    let b = h.next_sent().await;
+    let c = h.next_sent().await;
+    assert_eq!([&a.id, &b.id, &c.id], [&first, &middle, &late]);
+    assert_eq!([a.at, b.at, c.at], [T0 + 10, T0 + 20, T0 + 30]);
+    h.gone(&late).await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_deferred_message_is_attempted_again_after_each_retry_interval() {
+    let mut h = start(&[60, 300], 1, None);
+    *h.courier.answer.lock().unwrap() = Answer::Defer;
+    h.run();
+    let id = h.queue(&["a@example.com", "b@example.com"], None);
+    let times = [
+        h.next_sent().await,
+        h.next_sent().await,
+        h.next_sent().await,
+    ];
+    assert!(times.iter().all(|s| s.id == id && s.rcpts == [0, 1]));
+    let first = times[0].at;
+    assert_eq!([times[1].at, times[2].at], [first + 60, first + 360]);
+    let state = h.spool.load(&id).unwrap().state;
+    assert_eq!(
+        state.last_error.as_deref(),
+        Some("upstream up: 451 4.3.0 later")
+    );
+    assert!(state.attempts >= 2);
+
+    *h.courier.answer.lock().unwrap() = Answer::Deliver;
+    assert_eq!(h.next_sent().await.at, first + 660);
+    h.gone(&id).await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn at_most_max_in_flight_attempts_run_at_once_and_all_finish() {
+    let gate = Arc::new(Semaphore::new(0));
+    let mut h = start(&[60], 2, Some(gate.clone()));
+    h.run();
+    let ids: Vec<QueueId> = (0..5).map(|_| h.queue(&["a@example.com"], None)).collect();
+    let first = [h.next_sent().await, h.next_sent().await];
+    // Two are in flight and held there: the sync point for "no third one started".
+    assert_eq!(h.courier.in_flight.load(Ordering::SeqCst), 2);
+    assert!(h.sent.try_recv().is_err(), "a third attempt started");
+    gate.add_permits(5);
+    let mut seen: Vec<QueueId> = first.into_iter().map(|s| s.id).collect();
+    for _ in 0..3 {
+        seen.push(h.next_sent().await.id);
+    }
+    seen.sort();
+    assert_eq!(seen, ids, "each message attempted exactly once");
+    for id in &ids {
+        h.gone(id).await;
+    }
+    assert_eq!(h.courier.most_in_flight.load(Ordering::SeqCst), 2);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_retry_requested_during_an_attempt_makes_it_due_again_when_it_ends() {
+    let gate = Arc::new(Semaphore::new(0));
+    let mut h = start(&[3600], 4, Some(gate.clone()));
+    *h.courier.answer.lock().unwrap() = Answer::Defer;
+    h.run();
+    let id = h.queue(&["a@example.com"], None);
+    let first = h.next_sent().await;
+    h.spool
+        .request_retry(&RetryTarget::Ids(vec![id.clone()]))
+        .unwrap();
+    // The manager takes the request while the attempt is still in flight.
+    h.requests_taken().await;
+    gate.add_permits(2);
+    let again = h.next_sent().await;
+    assert_eq!(again.id, id);
+    assert!(
+        again.at < first.at + 60,
+        "retried at +{}s instead of at once",
+        again.at - first.at
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_refused_recipient_is_bounced_and_the_bounce_is_attempted() {
+    let mut h = start(&[60], 2, None);
+    *h.courier.answer.lock().unwrap() = Answer::Refuse;
+    h.run();
+    let id = h.queue(&["a@example.com"], None);
+    assert_eq!(h.next_sent().await.id, id);
+    let bounce = h.next_sent().await;
+    assert!(bounce.null_sender, "the second attempt is the DSN, from <>");
+    let dsn = String::from_utf8_lossy(&bounce.bytes);
+    assert!(dsn.contains("550 5.1.1 no such user"), "{dsn}");
+    h.gone(&id).await;
+    // The DSN itself is refused: from <>, it is not bounced again, and leaves the queue.
+    h.gone(&bounce.id).await;
+    assert!(h.spool.list().unwrap().is_empty(), "a bounce of the bounce");
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_held_message_is_neither_attempted_nor_expired_until_released() {
+    let mut h = start(&[5], 1, None);
+    let held = h.queue(&["held@example.com"], Some(T0 + 5));
+    h.spool.request_hold(&held, true).unwrap();
+    h.run();
+    h.state_until(&held, |s| s.hold.is_some()).await;
+    // Past its due time, every retry and max_age (50 s).
+    tokio::time::sleep(Duration::from_secs(120)).await;
+    // Sync point: a message queued now is attempted; the held one never was before it.
+    let other = h.queue(&["other@example.com"], None);
+    assert_eq!(h.next_sent().await.id, other);
+    h.gone(&other).await;
+    let msg = h.spool.load(&held).unwrap();
+    assert_eq!(msg.state.status_of(0), RcptStatus::Pending);
+    assert_eq!(msg.state.attempts, 0);
+    assert_eq!(
+        h.spool.list().unwrap().len(),
+        1,
+        "no bounce for a held message"
+    );
+
+    h.spool.request_hold(&held, false).unwrap();
+    let sent = h.next_sent().await;
+    assert_eq!((&sent.id, sent.rcpts.as_slice()), (&held, &[0][..]));
+    h.gone(&held).await;
+}
+
+/// A message file as the previous version wrote it: each recipient with `"status":"pending"`.
+fn write_previous_version_file(spool: &Spool, rcpts: &[&str]) -> QueueId {
+    use std::io::Write as _;
+    use std::os::unix::fs::OpenOptionsExt as _;
+    let env = sample_envelope(rcpts);
+    let mut json = serde_json::to_value(&env).unwrap();
+    for r in json["recipients"].as_array_mut().unwrap() {
+        r["status"] = "pending".into();
+    }
+    let mut bytes = super::MAGIC.to_vec();
+    bytes.extend_from_slice(json.to_string().as_bytes());
+    bytes.extend_from_slice(b"\nSubject: old\r\n\r\nwritten by the previous version\r\n");
+    let path = spool.root().join("queue").join(env.id.as_str());
+    let mut file = std::fs::OpenOptions::new()
+        .create_new(true)
+        .write(true)
+        .mode(0o600)
+        .open(path)
+        .unwrap();
+    file.write_all(&bytes).unwrap();
+    env.id
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_spool_file_of_the_previous_version_is_recovered_and_delivered() {
+    let mut h = start(&[60], 1, None);
+    let id = write_previous_version_file(&h.spool, &["a@example.com", "b@example.com"]);
+    let report = h.spool.recover().unwrap();
+    assert!(report.rejected.is_empty(), "{report}");
+    assert_eq!(report.queued, 1);
+    let msg = h.spool.load(&id).unwrap();
+    let addresses: Vec<String> = msg.pending().map(ToString::to_string).collect();
+    assert_eq!(addresses, ["a@example.com", "b@example.com"]);
+    // Written back, the recipients no longer carry a status of their own.
+    let json = serde_json::to_string(&msg.envelope).unwrap();
+    assert!(!json.contains("status"), "{json}");
+
+    h.run();
+    let sent = h.next_sent().await;
+    assert_eq!((&sent.id, sent.rcpts.as_slice()), (&id, &[0, 1][..]));
+    assert!(sent.bytes.ends_with(b"written by the previous version\r\n"));
+    h.gone(&id).await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_hold_in_the_state_file_survives_a_restart() {
+    let mut h = start(&[5], 1, None);
+    let held = h.queue(&["held@example.com"], Some(T0));
+    let mut state = h.spool.load(&held).unwrap().state;
+    state.hold(T0, "contained");
+    h.spool.write_state(&held, &state).unwrap();
+    h.run();
+    // Sync point: a message queued after the start is attempted; the held one never was.
+    tokio::time::sleep(Duration::from_secs(120)).await;
+    let other = h.queue(&["other@example.com"], None);
+    assert_eq!(h.next_sent().await.id, other);
+    h.gone(&other).await;
+    assert_eq!(h.spool.load(&held).unwrap().state, state);
+}

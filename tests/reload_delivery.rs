@@ -1,0 +1,101 @@
+//! SIGHUP applies `[[upstreams]]` and `[queue]`: new delivery attempts use the new routes and
+//! upstreams, and the checks at RCPT see the new routing table.
+
+mod common;
+
+use std::time::Duration;
+
+use common::sink::{Sink, SinkConfig};
+use common::*;
+
+const WAIT: Duration = Duration::from_secs(15);
+
+/// An open MX listener relaying for loopback, and the given `[[upstreams]]` tables.
+fn policy(port: u16, upstreams: &str) -> String {
+    format!(
+        "[server]\nhostname = \"relay.test\"\nspool_dir = \"{{dir}}/spool\"\n\n{}\n{upstreams}\n\
+         [relay]\nrelay_networks = [\"127.0.0.0/8\"]\n\n[queue]\nretry = [\"1s\"]\n",
+        listener("mx", port, "none")
+    )
+}
+
+/// One `[[upstreams]]` table without TLS and with short timers.
+fn upstream(name: &str, port: u16, domains: &[&str]) -> String {
+    let domains: Vec<String> = domains.iter().map(|d| format!("\"{d}\"")).collect();
+    format!(
+        "[[upstreams]]\nname = \"{name}\"\naddress = \"127.0.0.1:{port}\"\ntls = \"none\"\n\
+         domains = [{}]\nbackoff = \"1s\"\ntimeout = \"2s\"\nconnect_timeout = \"2s\"\n\n",
+        domains.join(", ")
+    )
+}
+
+/// Send one message in its own session; returns the final reply.
+fn send(relay: &Relay, rcpt: &str) -> (u16, String) {
+    let mut c = SmtpClient::greeted(relay.port(0));
+    let reply = c.send_message(
+        "a@example.org",
+        &[rcpt],
+        "From: <a@example.org>\r\nSubject: reload\r\n\r\nhello\r\n",
+    );
+    c.cmd("QUIT");
+    reply
+}
+
+#[test]
+fn sighup_moves_queued_mail_to_new_upstreams_and_routes_new_domains() {
+    let sink = Sink::start(SinkConfig::default());
+    let port = free_port();
+    let dead = free_port();
+    let relay = Relay::start(&policy(port, &upstream("up", dead, &["example.com"])));
+
+    let (code, text) = send(&relay, "b@example.com");
+    assert_eq!(code, 250, "{text}");
+    let id = queue_id(&text).expect("queue id in the 250");
+    assert!(
+        relay.wait_for_log(&format!("delivery attempt failed queue_id={id}"), WAIT),
+        "the only upstream is down, yet no attempt failed"
+    );
+    let (code, _) = send(&relay, "c@new.example");
+    assert_eq!(code, 550, "a domain no upstream serves is refused at RCPT");
+    assert_log(&relay, "rule=\"no_route\"");
+
+    let upstreams = format!(
+        "{}{}",
+        upstream("up", sink.port(), &["example.com"]),
+        upstream("second", sink.port(), &["new.example"])
+    );
+    std::fs::write(
+        relay.config_path(),
+        relay.dir().expand(&policy(port, &upstreams)),
+    )
+    .unwrap();
+    relay.sighup();
+    assert!(
+        relay.wait_for_log("configuration reloaded", WAIT),
+        "no reload in the log"
+    );
+
+    assert!(
+        sink.wait_for(1, WAIT),
+        "queued message not delivered after the reload"
+    );
+    assert!(
+        relay.wait_for_queue_len(0, WAIT),
+        "the message left the queue"
+    );
+    let (code, text) = send(&relay, "c@new.example");
+    assert_eq!(
+        code, 250,
+        "the domain routed by the new config is refused: {text}"
+    );
+    assert!(
+        sink.wait_for(2, WAIT),
+        "the newly routed message was not delivered"
+    );
+    let rcpts: Vec<String> = sink
+        .messages()
+        .iter()
+        .flat_map(|m| m.rcpts.clone())
+        .collect();
+    assert_eq!(rcpts, ["b@example.com", "c@new.example"]);
+}
