@@ -57,7 +57,7 @@ fn starttls_with_a_parameter_is_501_and_the_session_stays_in_plaintext() {
     let m = &sink.messages()[0];
     assert_eq!(m.rcpts, ["b@example.com"]);
     assert!(!m.tls);
-    assert_log(&relay, "rule=\"starttls_argument\"");
+    assert_log_fields(&relay, &[("rule", "starttls_argument")]);
     // A plain STARTTLS (trailing blanks allowed) still works afterwards.
     c.expect("STARTTLS ", 220);
     c.upgrade_tls(&relay.cert_path(), "localhost");
@@ -324,7 +324,7 @@ fn session_time_limit_sends_421_4_4_2_before_closing_busy_and_in_data() {
         relay.queued_messages().is_empty(),
         "a partial message was queued"
     );
-    assert_log(&relay, "rule=\"session_time_limit\"");
+    assert_log_fields(&relay, &[("rule", "session_time_limit")]);
 }
 
 #[test]
@@ -581,7 +581,7 @@ fn undeclared_8bit_content_for_a_route_without_8bitmime_is_554_5_6_3_and_not_que
     let mut c = ready(relay.port(0));
     let reply = c.send_message("a@example.com", &["b@example.com"], EIGHT_BIT);
     assert_reply(&reply, 554, "5.6.3");
-    assert_log(&relay, "rule=\"route_8bit_undeclared\"");
+    assert_log_fields(&relay, &[("rule", "route_8bit_undeclared")]);
     assert!(relay.queued_messages().is_empty(), "queued after 554");
     // The session goes on; 7-bit mail still goes through.
     let reply = c.send_message(
