@@ -527,7 +527,7 @@ impl Attempting<'_> {
                 let reasons = reasons.join("; ");
                 if self.msg.envelope.listener == crate::queue::bounce::BOUNCE_LISTENER {
                     error!(
-                        queue_id = %id, failed = failed.len(), reason = ?reasons,
+                        rule = "dsn_lost", queue_id = %id, failed = failed.len(), reason = ?reasons,
                         "DSN lost: a delivery status notification failed for good and, its sender being <>, no bounce can be sent; the original sender is never told"
                     );
                 } else {
