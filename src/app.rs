@@ -281,7 +281,7 @@ fn reload(runtime: &ArcSwap<Runtime>, path: Option<&std::path::Path>) {
     {
         Ok(rt) => rt,
         Err(e) => {
-            error!(file = %path.display(), "reload refused, keeping the running configuration: {e}");
+            error!(rule = "reload_refused", file = %path.display(), "reload refused, keeping the running configuration: {e}");
             return;
         }
     };
@@ -308,5 +308,5 @@ fn reload(runtime: &ArcSwap<Runtime>, path: Option<&std::path::Path>) {
         warn!("{w}");
     }
     runtime.store(Arc::new(new));
-    info!(file = %path.display(), "configuration reloaded");
+    info!(rule = "reload", file = %path.display(), "configuration reloaded");
 }

@@ -278,11 +278,7 @@ fn strangers_flooding_auth_get_454_when_the_queue_is_full_and_a_known_user_still
         "{replies:?}"
     );
     let log = relay.log();
-    assert_eq!(
-        count(&log, "auth_busy"),
-        strangers - admitted,
-        "{log}"
-    );
+    assert_eq!(count(&log, "auth_busy"), strangers - admitted, "{log}");
     assert_eq!(count(&log, "auth_unknown_user"), admitted, "{log}");
 }
 

@@ -122,7 +122,11 @@ fn rfc3339_secs(text: &str) -> i64 {
     };
     // Days from a 360-day year are wrong across month ends, so count real days per month.
     let (year, month, day) = (n(0..4), n(5..7), n(8..10));
-    let (y, m) = if month <= 2 { (year - 1, month + 9) } else { (year, month - 3) };
+    let (y, m) = if month <= 2 {
+        (year - 1, month + 9)
+    } else {
+        (year, month - 3)
+    };
     let days = 365 * y + y / 4 - y / 100 + y / 400 + (153 * m + 2) / 5 + day - 1;
     days * 86_400 + n(11..13) * 3_600 + n(14..16) * 60 + n(17..19)
 }

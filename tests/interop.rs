@@ -965,7 +965,11 @@ fn dsn_for_a_utf8_recipient_reaches_a_sender_whose_route_lacks_8bitmime() {
     );
     assert!(text.contains("\r\nSubject: Gr=C3=BC=C3=9Fe\r\n"), "{text}");
     assert!(relay.wait_for_queue_len(0, WAIT), "{}", relay.log());
-    assert!(!relay.has_fields(&[("rule", "dsn_lost")]), "{}", relay.log());
+    assert!(
+        !relay.has_fields(&[("rule", "dsn_lost")]),
+        "{}",
+        relay.log()
+    );
     assert!(sink7.violations().is_empty(), "{:?}", sink7.violations());
 }
 
@@ -993,7 +997,10 @@ fn undeliverable_dsn_is_logged_as_lost_with_the_reason() {
         &relay,
         &[
             ("rule", "dsn_lost"),
-            ("reason", "<gone@example.com> 5.1.1 550 5.1.1 sender mailbox gone"),
+            (
+                "reason",
+                "<gone@example.com> 5.1.1 550 5.1.1 sender mailbox gone",
+            ),
         ],
     );
     assert!(relay.wait_for_queue_len(0, WAIT), "{}", relay.log());

@@ -503,6 +503,7 @@ fn smuggled_end_of_data_split_across_reads_is_rejected() {
         c.send_raw(b"Subject: smuggling\r\n\r\nhello");
         for &b in variant.as_bytes() {
             c.send_raw(&[b]);
+            // Pacing: each octet in its own read on the relay's side.
             std::thread::sleep(Duration::from_millis(5));
         }
         c.send_raw(b"MAIL FROM:<evil@x.test>\r\nRCPT TO:<victim@example.com>\r\nDATA\r\n");
@@ -822,6 +823,7 @@ fn trickle(tcp: &mut std::net::TcpStream, unit: &[u8]) -> String {
             Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => break,
             Err(_) => {}
         }
+        // Pacing: a slow sender, the client under test.
         std::thread::sleep(Duration::from_millis(200));
     }
     let elapsed = started.elapsed();
