@@ -170,7 +170,8 @@ pub fn assert_log(relay: &Relay, needle: &str) {
 /// end another key: `id` never matches `queue_id=`), and the value must end there (a space,
 /// `}`, `,`, `:` or the end of the line follows it), so `rule=hop` never matches
 /// `rule="hop_limit"`. A `value` ending in `*` matches every value starting with the rest
-/// (`("reply", "250 2.0.0 Ok: queued as *")`).
+/// (`("reply", "250 2.0.0 Ok: queued as *")`). A bare value that holds spaces (a reply)
+/// has no end mark of its own, so its leading words match too: give the whole value.
 pub fn line_has_field(line: &str, key: &str, value: &str) -> bool {
     let needle = format!("{key}=");
     let (value, prefix) = match value.strip_suffix('*') {
