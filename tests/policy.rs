@@ -13,7 +13,6 @@ mod common;
 
 use std::fs;
 use std::process::Output;
-use std::time::Duration;
 
 use common::*;
 
