@@ -154,7 +154,9 @@ pub fn assert_reply(reply: &(u16, String), code: u16, enhanced: &str) {
     }
 }
 
-/// Assert that the relay logs `needle` within [`LOG_WAIT`].
+/// Assert that the relay prints `needle` within [`LOG_WAIT`]: for text it prints word for word
+/// as part of its interface (a `check-config` warning, an escaped address under test). Log
+/// events are matched by their fields instead: [`assert_log_fields`].
 #[track_caller]
 pub fn assert_log(relay: &Relay, needle: &str) {
     assert!(
