@@ -304,8 +304,8 @@ fn sigterm_drains_sessions_and_exits_zero() {
     busy.expect("RCPT TO:<b@example.com>", 250);
     busy.expect("DATA", 354);
     busy.send_raw(b"Subject: in flight\r\n\r\nfirst half\r\n");
-    // Both sessions are established on the relay before the signal.
-    thread::sleep(Duration::from_millis(100));
+    // Both sessions are established on the relay before the signal: it answered each (the
+    // EHLO, the 354), so `busy` is in DATA and `idle` between transactions.
 
     relay.sigterm();
     let (code, text) = idle.read_reply();
