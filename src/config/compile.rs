@@ -19,7 +19,7 @@ use super::raw::{
     RawAuth, RawHeaders, RawLimits, RawListener, RawQueue, RawRateLimits, RawRelay, RawServer,
     RawSize, RawTls, RawUpstream,
 };
-use super::units::{parse_duration, parse_rate, parse_size};
+use super::units::{UnitError, parse_duration, parse_rate, parse_size};
 use super::value::{DomainProblem, ValueError};
 use super::{
     Auth, AuthMode, BareLf, CertSource, Config, ConfigError, ConfigErrors, Headers, Limits,
@@ -779,8 +779,8 @@ impl Compiler {
     fn size(&mut self, key: &str, raw: Option<RawSize>, default: u64, zero_ok: bool) -> u64 {
         let parsed = match raw {
             None => return default,
-            Some(RawSize::Bytes(n)) => u64::try_from(n).map_err(|_| format!("{n} is negative")),
-            Some(RawSize::Text(t)) => parse_size(&t).map_err(|e| e.to_string()),
+            Some(RawSize::Bytes(n)) => u64::try_from(n).map_err(|_| UnitError::Negative(n)),
+            Some(RawSize::Text(t)) => parse_size(&t),
         };
         match parsed {
             Ok(0) if !zero_ok => {
@@ -788,8 +788,8 @@ impl Compiler {
                 default
             }
             Ok(n) => n,
-            Err(message) => {
-                self.err(key, message);
+            Err(e) => {
+                self.err(key, e.to_string());
                 default
             }
         }

@@ -1051,3 +1051,15 @@ fn value_errors_keep_their_check_config_text() {
         "{text}"
     );
 }
+
+#[test]
+fn negative_size_is_refused_with_its_value() {
+    let text = format!("{MINIMAL}\n[limits]\nmax_message_size = -1\n");
+    assert_eq!(
+        errors(&text),
+        [(
+            "limits.max_message_size".to_owned(),
+            "-1 is negative".to_owned()
+        )]
+    );
+}
