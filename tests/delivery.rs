@@ -469,10 +469,17 @@ fn required_tls_with_an_untrusted_certificate_never_falls_back_to_plaintext() {
         &body("untrusted", "x\r\n"),
     );
     // The capability probe at start fails the same way: wait for the delivery attempts' own
-    // error in the queue, and for the retry (`retry = ["1s"]`) to have failed too, so that
-    // neither the first attempt nor a later one fell back to plaintext.
-    assert!(wait_until(WAIT, || attempts(&relay, &id) >= 2
-        && last_error_contains(&relay, &id, "TLS handshake")));
+    // error in the queue, from a retry that reached the upstream again (not one the breaker
+    // deferred), so that neither the first attempt nor a later one fell back to plaintext.
+    let retried_over_tls = || {
+        attempts(&relay, &id) >= 2
+            && queue_entry(&relay, &id).is_some_and(|m| {
+                m["last_error"]
+                    .as_str()
+                    .is_some_and(|e| e.contains("TLS handshake") && !e.contains("circuit breaker"))
+            })
+    };
+    assert!(wait_until(WAIT, retried_over_tls), "{}", queue_list(&relay));
     assert!(sink.messages().is_empty(), "sent to an unverified upstream");
     let list = queue_list(&relay);
     assert!(
