@@ -250,7 +250,7 @@ fn reload(
     {
         Ok(rt) => rt,
         Err(e) => {
-            error!(file = %path.display(), "reload refused, keeping the running configuration: {e}");
+            error!(rule = "reload_refused", file = %path.display(), "reload refused, keeping the running configuration: {e}");
             return;
         }
     };
@@ -282,5 +282,5 @@ fn reload(
         warn!("{w}");
     }
     runtime.store(Arc::new(new));
-    info!(file = %path.display(), "configuration reloaded");
+    info!(rule = "reload", file = %path.display(), "configuration reloaded");
 }

@@ -122,7 +122,7 @@ fn whitespace_before_the_colon_does_not_get_an_exchange_header_past_the_firewall
     let headers = headers_of(&sink.messages()[0].data);
     assert!(!headers.contains("X-MS-Exchange"), "{headers}");
     assert!(headers.ends_with("Subject: t\r\n"), "{headers}");
-    assert_log(&relay, "removed untrusted headers");
+    assert_log_fields(&relay, &[("headers", "*"), ("count", "4")]);
 }
 
 #[test]
@@ -149,7 +149,7 @@ fn a_header_section_over_1_mib_does_not_turn_the_firewall_off() {
     );
     assert_eq!(headers.matches("X-Pad: ").count(), 9_500);
     assert!(headers.ends_with("Subject: big\r\n"));
-    assert_log(&relay, "count=2");
+    assert_log_fields(&relay, &[("headers", "*"), ("count", "2")]);
 }
 
 #[test]
@@ -218,7 +218,7 @@ fn received_fields_with_whitespace_before_the_colon_count_towards_the_hop_limit(
         554,
         "5.4.6",
     );
-    assert_log(&relay, "rule=\"hop_limit\"");
+    assert_log_fields(&relay, &[("rule", "hop_limit")]);
 }
 
 // --- From: ownership -------------------------------------------------------------------------
@@ -235,7 +235,7 @@ fn a_second_from_past_64_kib_is_refused() {
     body.push_str("From : ceo@example.com\r\nSubject: x\r\n\r\nhi\r\n");
     let reply = c.send_message("alice@example.com", &["b@example.com"], &body);
     assert_reply(&reply, 550, "5.7.1");
-    assert_log(&relay, "rule=\"from_header_not_owned\"");
+    assert_log_fields(&relay, &[("rule", "from_header_not_owned")]);
     assert!(relay.spool_files().is_empty());
     only_the_honest_message_arrives(&mut c, &sink, "alice@example.com", "alice@example.com");
 }
@@ -259,7 +259,7 @@ fn display_names_naming_another_address_are_refused() {
         );
         c.expect("RSET", 250);
     }
-    assert_log(&relay, "rule=\"from_display_name\"");
+    assert_log_fields(&relay, &[("rule", "from_display_name")]);
     assert!(relay.spool_files().is_empty());
     only_the_honest_message_arrives(
         &mut c,
@@ -291,7 +291,7 @@ fn a_from_field_over_64_kib_is_refused_with_552_and_nothing_is_queued() {
     );
     let reply = c.send_message("a@other.test", &["b@example.com"], &body);
     assert_reply(&reply, 552, "5.3.4");
-    assert_log(&relay, "rule=\"header_too_large\"");
+    assert_log_fields(&relay, &[("rule", "header_too_large")]);
     assert!(relay.spool_files().is_empty());
     only_the_honest_message_arrives(&mut c, &sink, "a@other.test", "a@other.test");
 }
@@ -380,13 +380,13 @@ fn from_fields_with_group_syntax_or_an_at_outside_the_angle_addr_are_refused() {
         assert_reply(&reply, 550, "5.7.1");
         c.expect("RSET", 250);
     }
-    assert_log(&relay, "rule=\"from_header_ambiguous\"");
+    assert_log_fields(&relay, &[("rule", "from_header_ambiguous")]);
     // A bare addr-spec with CFWS inside is the address it denotes.
     let body = "From: ceo @ example.com\r\nSubject: x\r\n\r\nhi\r\n";
     let reply = c.send_message("alice@example.com", &["b@example.com"], body);
     assert_reply(&reply, 550, "5.7.1");
     c.expect("RSET", 250);
-    assert_log(&relay, "rule=\"from_header_not_owned\"");
+    assert_log_fields(&relay, &[("rule", "from_header_not_owned")]);
     assert!(relay.spool_files().is_empty());
     only_the_honest_message_arrives(
         &mut c,
@@ -418,7 +418,7 @@ fn invisible_or_look_alike_characters_do_not_hide_an_address_in_a_display_name()
         assert_reply(&reply, 550, "5.7.1");
         c.expect("RSET", 250);
     }
-    assert_log(&relay, "rule=\"from_display_name\"");
+    assert_log_fields(&relay, &[("rule", "from_display_name")]);
     assert!(relay.spool_files().is_empty());
     only_the_honest_message_arrives(
         &mut c,
@@ -451,7 +451,8 @@ fn a_stranger_cannot_continue_the_relays_received_field() {
         .position(|l| !l.starts_with([' ', '\t']) && !l.starts_with("Received: "))
         .unwrap();
     assert_eq!(lines[first_other], "Subject: trace", "{headers}");
-    assert_log(&relay, "removed untrusted headers");
+    // The fields removed are logged (how many, and which).
+    assert_log_fields(&relay, &[("headers", "*"), ("count", "*")]);
 }
 
 #[test]

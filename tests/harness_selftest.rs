@@ -221,3 +221,52 @@ fn reply_split_across_writes() {
     assert_eq!(c.read_reply(), (250, "250-one\n250 two".to_owned()));
     server.join().unwrap();
 }
+
+#[test]
+fn log_field_matcher_finds_whole_fields_in_span_prefix_and_event() {
+    let event = "2026-11-30T19:20:25Z  INFO rejected peer=127.0.0.1:46287 listener=mx \
+                 rule=\"max_message_size\" reply=552 5.3.4 Message size exceeds";
+    let span = "2026-11-30T19:20:25Z  INFO delivery{queue_id=2QBWTJKDK8KE4ETM}: delivered \
+                upstream=up rcpt=b@example.com";
+    let session = "2026-11-30T19:20:25Z  INFO session{peer=127.0.0.2:5555}: session end \
+                   reason=\"TLS handshake failed\"";
+    let cases: &[(&str, &str, &str, bool)] = &[
+        (event, "rule", "max_message_size", true),
+        // A value must end where the field does: no prefix of it matches…
+        (event, "rule", "max_message", false),
+        (event, "rule", "message_size", false),
+        // …unless asked for with `*`.
+        (event, "rule", "max_*", true),
+        (event, "reply", "552 5.3.4 Message size exceeds", true),
+        (event, "reply", "552 5.3.4*", true),
+        // A bare value has no end mark of its own: one with spaces matches word by word.
+        (event, "reply", "552", true),
+        (event, "reply", "552 5.3", false),
+        (event, "listener", "mx", true),
+        // A key must start a field: `id` is not the end of `queue_id`.
+        (span, "id", "2QBWTJKDK8KE4ETM", false),
+        (span, "queue_id", "2QBWTJKDK8KE4ETM", true),
+        (span, "queue_id", "2QBWTJKDK8KE4ET", false),
+        (span, "upstream", "up", true),
+        (session, "peer", "127.0.0.2:*", true),
+        (session, "peer", "127.0.0.3:*", false),
+        (session, "reason", "TLS handshake failed", true),
+        (session, "reason", "TLS handshake", false),
+        (session, "rule", "*", false),
+    ];
+    for &(line, key, value, want) in cases {
+        assert_eq!(
+            line_has_field(line, key, value),
+            want,
+            "{key}={value} in {line:?}"
+        );
+    }
+    let log = format!("{event}\n{span}\n{session}\n");
+    assert!(log_has_fields(
+        &log,
+        &[("upstream", "up"), ("queue_id", "*")]
+    ));
+    // Every field on the same line, not spread over two.
+    assert!(!log_has_fields(&log, &[("upstream", "up"), ("rule", "*")]));
+    assert_eq!(count_log_fields(&log, &[("peer", "*")]), 2);
+}

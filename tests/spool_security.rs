@@ -119,8 +119,9 @@ fn spool_files_the_relay_did_not_write_are_rejected_at_restart_and_never_deliver
 
     let sink = Sink::start_on(upstream, SinkConfig::default());
     relay.restart();
-    assert_log(&relay, &format!("queue_id=\"{foreign}\""));
-    assert_log(&relay, &format!("queue_id=\"{writable}\""));
+    for id in [foreign, writable] {
+        assert_log_fields(&relay, &[("rule", "spool_rejected"), ("queue_id", id)]);
+    }
     for id in [foreign, writable] {
         assert!(
             !relay.spool.join("queue").join(id).exists(),
@@ -399,7 +400,7 @@ fn queue_list_and_show_escape_bidirectional_characters() {
     let show = String::from_utf8(relay.command(&["queue", "show", &id]).stdout).unwrap();
     assert!(show.contains("Subject: ?invoice??"), "{show}");
     // The relay's own log quotes the sender too: escaped there as well.
-    assert_log(&relay, r"from=\u{202e}gro.elpmaxe@knab-ecivres");
+    assert_log_fields(&relay, &[("from", r"\u{202e}gro.elpmaxe@knab-ecivres")]);
     assert!(!relay.log().contains('\u{202e}'), "raw U+202E in the log");
 }
 
@@ -441,10 +442,8 @@ fn queue_list_and_log_escape_default_ignorable_code_points() {
                 h as u32
             );
         }
-        assert_log(
-            &relay,
-            &format!("from=pay{}pal@example.org", h.escape_unicode()),
-        );
+        let escaped = format!("pay{}pal@example.org", h.escape_unicode());
+        assert_log_fields(&relay, &[("from", &escaped)]);
     }
     assert_eq!(
         list.matches("pay?pal@example.org").count(),

@@ -19,7 +19,8 @@ use super::raw::{
     RawAuth, RawHeaders, RawLimits, RawListener, RawQueue, RawRateLimits, RawRelay, RawServer,
     RawSize, RawTls, RawUpstream,
 };
-use super::units::{parse_duration, parse_rate, parse_size};
+use super::units::{UnitError, parse_duration, parse_rate, parse_size};
+use super::value::{DomainProblem, ValueError};
 use super::{
     Auth, AuthMode, BareLf, CertSource, Config, ConfigError, ConfigErrors, Headers, Limits,
     Listener, ListenerTls, Queue, Rate, RateLimits, Relay, Server, Tls, TlsVersion, Upstream,
@@ -213,7 +214,7 @@ impl Compiler {
             Some(h) => match check_domain(&h) {
                 Ok(h) => h,
                 Err(message) => {
-                    self.err("server.hostname", message);
+                    self.err("server.hostname", message.to_string());
                     String::new()
                 }
             },
@@ -230,7 +231,7 @@ impl Compiler {
         let spool_dir = self.path("server.spool_dir", raw.spool_dir);
         let authserv_id = match raw.authserv_id {
             Some(id) => check_domain(&id).unwrap_or_else(|message| {
-                self.err("server.authserv_id", message);
+                self.err("server.authserv_id", message.to_string());
                 String::new()
             }),
             None => hostname.clone(),
@@ -558,7 +559,7 @@ impl Compiler {
             let address = match raw.address {
                 Some(address) => {
                     if let Err(message) = check_host_port(&address) {
-                        self.err(format!("{at}.address"), message);
+                        self.err(format!("{at}.address"), message.to_string());
                     }
                     address
                 }
@@ -662,7 +663,9 @@ impl Compiler {
         for (i, pattern) in patterns.into_iter().enumerate() {
             match check_header_pattern(&pattern) {
                 Ok(()) => strip_untrusted.push(pattern),
-                Err(message) => self.err(format!("headers.strip_untrusted[{i}]"), message),
+                Err(message) => {
+                    self.err(format!("headers.strip_untrusted[{i}]"), message.to_string());
+                }
             }
         }
         Headers { strip_untrusted }
@@ -778,8 +781,8 @@ impl Compiler {
     fn size(&mut self, key: &str, raw: Option<RawSize>, default: u64, zero_ok: bool) -> u64 {
         let parsed = match raw {
             None => return default,
-            Some(RawSize::Bytes(n)) => u64::try_from(n).map_err(|_| format!("{n} is negative")),
-            Some(RawSize::Text(t)) => parse_size(&t).map_err(|e| e.to_string()),
+            Some(RawSize::Bytes(n)) => u64::try_from(n).map_err(|_| UnitError::Negative(n)),
+            Some(RawSize::Text(t)) => parse_size(&t),
         };
         match parsed {
             Ok(0) if !zero_ok => {
@@ -787,8 +790,8 @@ impl Compiler {
                 default
             }
             Ok(n) => n,
-            Err(message) => {
-                self.err(key, message);
+            Err(e) => {
+                self.err(key, e.to_string());
                 default
             }
         }
@@ -860,7 +863,7 @@ impl Compiler {
         for (i, text) in raw.unwrap_or_default().iter().enumerate() {
             match check_domain(text) {
                 Ok(d) => domains.push(d),
-                Err(message) => self.err(format!("{key}[{i}]"), message),
+                Err(message) => self.err(format!("{key}[{i}]"), message.to_string()),
             }
         }
         domains
@@ -876,25 +879,24 @@ fn placeholder_postmaster() -> Address {
 /// Checks a domain name, in U-label or A-label form, and returns its canonical form (see
 /// [`canonical_domain`]): the A-label form in lower case, without a trailing dot, so that it
 /// compares equal to the domain of every address written either way.
-pub(super) fn check_domain(text: &str) -> Result<String, String> {
-    let bad = |why: &str| Err(format!("{text:?} is not a domain name ({why})"));
+pub(super) fn check_domain(text: &str) -> Result<String, ValueError> {
+    let bad = |problem| {
+        Err(ValueError::Domain {
+            text: text.to_owned(),
+            problem,
+        })
+    };
     let name = text.strip_suffix('.').unwrap_or(text);
     if name.is_empty() {
-        return bad("empty");
+        return bad(DomainProblem::Empty);
     }
     if name.parse::<IpAddr>().is_ok() {
-        return bad("it is an IP address");
+        return bad(DomainProblem::IpAddress);
     }
     match canonical_domain(name) {
         Ok(domain) => Ok(domain),
-        Err(AddressError::BadIdna) => bad(
-            "not a valid internationalised name: UTS #46 refuses it; write it in U-labels, e.g. \
-             bücher.example, or as A-labels, e.g. xn--bcher-kva.example",
-        ),
-        Err(_) => bad(
-            "labels between dots of 1 to 63 letters, digits or hyphens, not starting or ending \
-             with a hyphen; at most 253 characters in all",
-        ),
+        Err(AddressError::BadIdna) => bad(DomainProblem::Idna),
+        Err(_) => bad(DomainProblem::Labels),
     }
 }
 
@@ -902,37 +904,35 @@ pub(super) fn check_domain(text: &str) -> Result<String, String> {
 /// dot-string or a quoted-string, RFC 5321 §4.1.2) or `@domain` (a whole domain). Returns the
 /// entry in canonical form: the address as [`Address`] writes it (domain as its A-label, lower
 /// case), or `@` and the canonical domain. U-labels and UTF-8 local parts are accepted.
-pub(super) fn check_sender(text: &str) -> Result<String, String> {
+pub(super) fn check_sender(text: &str) -> Result<String, ValueError> {
     let text = text.trim();
     if let Some(domain) = text.strip_prefix('@') {
         return check_domain(domain).map(|d| format!("@{d}"));
     }
+    let owned = || text.to_owned();
     if !text.contains('@') {
-        return Err(format!(
-            "{text:?} is not an address (use local@domain, or @domain for a whole domain)"
-        ));
+        return Err(ValueError::NotAnAddress { text: owned() });
     }
     match Address::parse(text) {
-        Ok(address) if address.is_ip_literal() => Err(format!(
-            "{text:?} has an address literal as its domain; use a domain name"
-        )),
+        Ok(address) if address.is_ip_literal() => Err(ValueError::AddressLiteral { text: owned() }),
         Ok(address) => Ok(address.to_string()),
         Err(AddressError::BadIdna | AddressError::BadDomain) => {
             let (_, domain) = text.rsplit_once('@').unwrap_or_default();
             Err(check_domain(domain)
                 .err()
-                .unwrap_or_else(|| format!("{text:?} is not an address (malformed domain)")))
+                .unwrap_or_else(|| ValueError::MalformedDomain { text: owned() }))
         }
-        Err(e) => Err(format!("{text:?} is not an address: {e}")),
+        Err(reason) => Err(ValueError::Address {
+            text: owned(),
+            reason,
+        }),
     }
 }
 
 /// Checks an upstream `host:port` (host a domain, IPv4 address or `[IPv6]`; port required).
-fn check_host_port(text: &str) -> Result<(), String> {
-    let bad = || {
-        format!(
-            "{text:?} is not host:port (use e.g. exchange.example.internal:25, 10.0.0.5:25, [2001:db8::5]:25)"
-        )
+pub(super) fn check_host_port(text: &str) -> Result<(), ValueError> {
+    let bad = || ValueError::HostPort {
+        text: text.to_owned(),
     };
     if text.parse::<SocketAddr>().is_ok() {
         return Ok(());
@@ -949,7 +949,7 @@ fn check_host_port(text: &str) -> Result<(), String> {
 }
 
 /// Checks a header name pattern: header-name characters, `*` only at the end.
-fn check_header_pattern(pattern: &str) -> Result<(), String> {
+pub(super) fn check_header_pattern(pattern: &str) -> Result<(), ValueError> {
     let name = pattern.strip_suffix('*').unwrap_or(pattern);
     let ok = !pattern.is_empty()
         && name
@@ -958,8 +958,8 @@ fn check_header_pattern(pattern: &str) -> Result<(), String> {
     if ok {
         Ok(())
     } else {
-        Err(format!(
-            "{pattern:?} is not a header name pattern (e.g. \"X-Spam-*\": a name, optionally ending in *)"
-        ))
+        Err(ValueError::HeaderPattern {
+            pattern: pattern.to_owned(),
+        })
     }
 }

@@ -10,6 +10,7 @@ use std::path::Path;
 
 use super::compile::check_sender;
 use super::raw::RawUser;
+use super::value::{HashProblem, ValueError};
 use super::{ConfigError, User, load};
 
 /// Reads a file named by `key`; a missing or unreadable file is an error on `key`.
@@ -92,6 +93,7 @@ fn parse_users(text: &str, errors: &mut Vec<ConfigError>) -> Vec<User> {
         let password_hash = match raw.password_hash {
             Some(hash) => {
                 if let Err(message) = check_password_hash(&hash) {
+                    let message = message.to_string();
                     errors.push(ConfigError::new(format!("{at}.password_hash"), message));
                 }
                 hash
@@ -108,9 +110,10 @@ fn parse_users(text: &str, errors: &mut Vec<ConfigError>) -> Vec<User> {
         for (j, sender) in raw.senders.unwrap_or_default().iter().enumerate() {
             match check_sender(sender) {
                 Ok(sender) => senders.push(sender),
-                Err(message) => {
-                    errors.push(ConfigError::new(format!("{at}.senders[{j}]"), message))
-                }
+                Err(message) => errors.push(ConfigError::new(
+                    format!("{at}.senders[{j}]"),
+                    message.to_string(),
+                )),
             }
         }
         if errors.len() == before {
@@ -125,34 +128,29 @@ fn parse_users(text: &str, errors: &mut Vec<ConfigError>) -> Vec<User> {
 }
 
 /// A password hash must be a PHC string for argon2id (what `portcullis passwd` prints).
-fn check_password_hash(hash: &str) -> Result<(), String> {
-    let parsed = argon2::PasswordHash::new(hash).map_err(|e| {
-        format!("is not a PHC password hash ({e}); make one with `portcullis passwd`")
-    })?;
+pub(super) fn check_password_hash(hash: &str) -> Result<(), ValueError> {
+    let parsed = argon2::PasswordHash::new(hash).map_err(HashProblem::NotPhc)?;
     if parsed.algorithm != argon2::Algorithm::Argon2id.ident() {
-        return Err(format!(
-            "uses {}, not argon2id; make a new one with `portcullis passwd`",
-            parsed.algorithm
-        ));
+        return Err(HashProblem::NotArgon2id {
+            algorithm: parsed.algorithm.to_string(),
+        }
+        .into());
     }
     if parsed.hash.is_none() {
-        return Err("has no hash value".to_owned());
+        return Err(HashProblem::NoHashValue.into());
     }
     // Parameters argon2 refuses (e.g. m=1) would make every AUTH for this user a local failure
     // (454) that is quicker than a real check: refused here, not found at the first login.
-    argon2::Params::try_from(&parsed).map_err(|e| {
-        format!("has argon2 parameters that cannot be used ({e}); make a new one with `portcullis passwd`")
-    })?;
+    argon2::Params::try_from(&parsed).map_err(HashProblem::UnusableParams)?;
     if let Some(version) = parsed.version {
-        argon2::Version::try_from(version)
-            .map_err(|e| format!("has an unsupported argon2 version ({e})"))?;
+        argon2::Version::try_from(version).map_err(HashProblem::UnsupportedVersion)?;
     }
     let mut salt = [0u8; 64];
     parsed
         .salt
-        .ok_or("has no salt")?
+        .ok_or(HashProblem::NoSalt)?
         .decode_b64(&mut salt)
-        .map_err(|e| format!("has a salt that cannot be decoded ({e})"))?;
+        .map_err(HashProblem::BadSalt)?;
     Ok(())
 }
 

@@ -17,6 +17,7 @@ pub mod perms;
 mod report;
 #[cfg(test)]
 mod tests;
+pub mod value;
 
 use std::fmt;
 use std::net::SocketAddr;

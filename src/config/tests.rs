@@ -964,3 +964,109 @@ fn domains_and_addresses_are_compiled_to_their_canonical_forms() {
         assert!(errs[0].1.contains(why), "{bad}: {}", errs[0].1);
     }
 }
+
+/// The value checks answer with a typed [`ValueError`](super::value::ValueError) whose text
+/// is, word for word, what `check-config` printed before it was typed.
+#[test]
+fn value_errors_keep_their_check_config_text() {
+    use super::compile::{check_domain, check_header_pattern, check_host_port, check_sender};
+    use super::files::check_password_hash;
+    use super::value::{DomainProblem, HashProblem, ValueError};
+    let labels = "labels between dots of 1 to 63 letters, digits or hyphens, not starting or \
+                  ending with a hyphen; at most 253 characters in all";
+    let domain = |text: &str| check_domain(text).map(|_| ()).unwrap_err().to_string();
+    let sender = |text: &str| check_sender(text).map(|_| ()).unwrap_err().to_string();
+    let cases: Vec<(String, String)> = vec![
+        (domain(""), r#""" is not a domain name (empty)"#.into()),
+        (domain("."), r#""." is not a domain name (empty)"#.into()),
+        (
+            domain("10.0.0.1"),
+            r#""10.0.0.1" is not a domain name (it is an IP address)"#.into(),
+        ),
+        (
+            domain("a..b"),
+            format!(r#""a..b" is not a domain name ({labels})"#),
+        ),
+        (
+            domain("xn--zz.example"),
+            "\"xn--zz.example\" is not a domain name (not a valid internationalised name: UTS \
+             #46 refuses it; write it in U-labels, e.g. bücher.example, or as A-labels, e.g. \
+             xn--bcher-kva.example)"
+                .into(),
+        ),
+        (
+            sender("alice"),
+            r#""alice" is not an address (use local@domain, or @domain for a whole domain)"#
+                .into(),
+        ),
+        (
+            sender("a@[192.0.2.1]"),
+            r#""a@[192.0.2.1]" has an address literal as its domain; use a domain name"#.into(),
+        ),
+        (
+            sender("@-bad-.example"),
+            format!(r#""-bad-.example" is not a domain name ({labels})"#),
+        ),
+        (
+            sender("a b@example.com"),
+            r#""a b@example.com" is not an address: address contains a control character or space"#
+                .into(),
+        ),
+        (
+            check_host_port("exchange.example").unwrap_err().to_string(),
+            r#""exchange.example" is not host:port (use e.g. exchange.example.internal:25, 10.0.0.5:25, [2001:db8::5]:25)"#
+                .into(),
+        ),
+        (
+            check_header_pattern("X-*-Spam").unwrap_err().to_string(),
+            r#""X-*-Spam" is not a header name pattern (e.g. "X-Spam-*": a name, optionally ending in *)"#
+                .into(),
+        ),
+        (
+            check_password_hash("$argon2i$v=19$m=19456,t=2,p=1$c29tZXNhbHRzYWx0$AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA")
+                .unwrap_err()
+                .to_string(),
+            "uses argon2i, not argon2id; make a new one with `portcullis passwd`".into(),
+        ),
+        (
+            check_password_hash("$argon2id$v=19$m=19456,t=2,p=1$c29tZXNhbHRzYWx0")
+                .unwrap_err()
+                .to_string(),
+            "has no hash value".into(),
+        ),
+    ];
+    for (got, want) in cases {
+        assert_eq!(got, want);
+    }
+    // The class, not only the text.
+    assert_eq!(
+        check_domain("10.0.0.1"),
+        Err(ValueError::Domain {
+            text: "10.0.0.1".into(),
+            problem: DomainProblem::IpAddress
+        })
+    );
+    assert!(matches!(
+        check_password_hash("plaintext"),
+        Err(ValueError::PasswordHash(HashProblem::NotPhc(_)))
+    ));
+    let unusable = "$argon2id$v=19$m=1,t=1,p=1$c29tZXNhbHRzb21lc2FsdA$MyPqlOLCva2ktGsHp6KlygtFPfGTe5FCWyJ6XljeRlE";
+    let text = check_password_hash(unusable).unwrap_err().to_string();
+    assert!(
+        text.starts_with("has argon2 parameters that cannot be used (")
+            && text.ends_with("); make a new one with `portcullis passwd`"),
+        "{text}"
+    );
+}
+
+#[test]
+fn negative_size_is_refused_with_its_value() {
+    let text = format!("{MINIMAL}\n[limits]\nmax_message_size = -1\n");
+    assert_eq!(
+        errors(&text),
+        [(
+            "limits.max_message_size".to_owned(),
+            "-1 is negative".to_owned()
+        )]
+    );
+}

@@ -24,6 +24,9 @@ pub enum UnitError {
     /// Well formed but too large to represent.
     #[error("{0:?} is too large")]
     Overflow(String),
+    /// A size written as a negative TOML integer.
+    #[error("{0} is negative")]
+    Negative(i64),
 }
 
 /// Splits `"25MiB"` into `("25", "MiB")`, allowing blanks between number and unit.

@@ -226,7 +226,7 @@ impl UpstreamRt {
         };
         match tripped {
             Trip::Opened { backoff, failures } => warn!(
-                upstream = %self.name(), error = %failure, backoff_secs = backoff.as_secs(),
+                rule = "upstream_down", upstream = %self.name(), error = %failure, backoff_secs = backoff.as_secs(),
                 failed_probes = failures, "upstream marked down"
             ),
             Trip::Stale { remaining } => info!(

@@ -369,7 +369,7 @@ fn log_unreported(id: &QueueId, failed: &[FailedRcpt], dsn_lost: bool) {
     let reasons = reasons.join("; ");
     if dsn_lost {
         error!(
-            queue_id = %id, failed = failed.len(), reason = ?reasons,
+            queue_id = %id, failed = failed.len(), reason = ?reasons, rule = "dsn_lost",
             "DSN lost: a delivery status notification failed for good and, its sender being <>, no bounce can be sent; the original sender is never told"
         );
     } else {

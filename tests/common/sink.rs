@@ -51,6 +51,9 @@ const POLL: Duration = Duration::from_millis(10);
 /// How long [`Sink::stop`] waits for connection threads to end after closing their sockets.
 const STOP_GRACE: Duration = Duration::from_secs(2);
 
+/// How long [`Sink::start_on`] retries binding a port that is still in use.
+const BIND_RETRY: Duration = Duration::from_secs(5);
+
 /// A point in the SMTP dialogue where the sink can drop the connection or stall.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Stage {
@@ -198,14 +201,11 @@ impl Sink {
             !config.starttls || config.cert.is_some(),
             "SinkConfig: starttls needs cert"
         );
-        let deadline = Instant::now() + Duration::from_secs(5);
+        let deadline = Instant::now() + BIND_RETRY;
         let listener = loop {
             match TcpListener::bind(("127.0.0.1", port)) {
                 Ok(l) => break l,
-                Err(e) if port != 0 && Instant::now() < deadline => {
-                    let _ = e;
-                    sleep(Duration::from_millis(50));
-                }
+                Err(_) if port != 0 && Instant::now() < deadline => sleep(POLL),
                 Err(e) => panic!("sink: bind 127.0.0.1:{port}: {e}"),
             }
         };
