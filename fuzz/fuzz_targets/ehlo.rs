@@ -16,7 +16,7 @@
 
 use libfuzzer_sys::fuzz_target;
 use portcullis::outbound::client::Extensions;
-use portcullis::outbound::reply::UpstreamReply;
+use portcullis::smtp::upstream_reply::UpstreamReply;
 use smtp_proto::{
     AUTH_LOGIN, AUTH_PLAIN, EXT_8BIT_MIME, EXT_PIPELINING, EXT_SIZE, EXT_SMTP_UTF8,
     EXT_START_TLS, EhloResponse,

@@ -1,4 +1,4 @@
-//! The upstream reply parser (`outbound::reply`) on hostile input.
+//! The upstream reply parser (`smtp::upstream_reply`) on hostile input.
 //!
 //! Input: any octets, as an upstream would send them, read line by line (LF, optional CR)
 //! through `ReplyReader` the way the client reads the wire. For every reply it completes:
@@ -18,7 +18,7 @@
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use portcullis::outbound::reply::{MAX_REPLY_LINE, MAX_REPLY_LINES, ReplyReader, UpstreamReply};
+use portcullis::smtp::upstream_reply::{MAX_REPLY_LINE, MAX_REPLY_LINES, ReplyReader, UpstreamReply};
 
 fn is_status(code: &str) -> bool {
     let parts: Vec<&str> = code.split('.').collect();

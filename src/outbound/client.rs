@@ -27,12 +27,12 @@ use tokio::net::TcpStream;
 use tokio_rustls::TlsConnector;
 
 use super::error::{ClientError, Direction, TlsFailure, Unsupported, UpstreamStage, Wait};
-use super::reply::{MAX_REPLY_LINE, ReplyReader, UpstreamReply};
 use super::tls::ClientTls;
 use crate::config::{Upstream, UpstreamTls};
 use crate::envelope::{Address, Body, MailParams, ReversePath};
 use crate::policy::capability::Capabilities;
 use crate::queue::bounce::Diagnostic;
+use crate::smtp::upstream_reply::{MAX_REPLY_LINE, ReplyReader, UpstreamReply};
 use crate::stream::{ClientStream, Stream};
 
 /// Size of the chunks the message is read and written in.
@@ -190,7 +190,7 @@ pub struct Extensions {
 impl Extensions {
     /// The extensions in a positive EHLO reply: each line after the first starts with a
     /// keyword, matched without regard to case; unknown keywords are ignored. Never fails:
-    /// the reply has been bounded and cleaned by [`super::reply`] already.
+    /// the reply has been bounded and cleaned by [`crate::smtp::upstream_reply`] already.
     pub fn parse(reply: &UpstreamReply) -> Extensions {
         let mut ext = Extensions::default();
         // The first line is the greeting name; each further line is one extension.
@@ -856,7 +856,9 @@ impl UpstreamConnection {
                 }
             }
             if self.rbuf.len() > MAX_REPLY_LINE {
-                return Err(garbled(super::reply::GarbledReply::LineTooLong));
+                return Err(garbled(
+                    crate::smtp::upstream_reply::GarbledReply::LineTooLong,
+                ));
             }
             let mut chunk = [0u8; 4096];
             match tokio::time::timeout_at(deadline, self.io.read(&mut chunk)).await {

@@ -25,7 +25,7 @@
 use std::fmt;
 use std::time::Duration;
 
-use super::reply::{GarbledReply, UpstreamReply};
+use crate::smtp::upstream_reply::{GarbledReply, UpstreamReply};
 
 /// The step of the conversation with an upstream (RFC 5321 §4.1, RFC 3207, RFC 4954).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]

@@ -4,7 +4,6 @@
 //!   transactions, dot-stuffing, per-recipient outcomes).
 //! - [`error`]: what can go wrong with an upstream, by kind ([`error::ClientError`]); the
 //!   caller's behaviour (stale retry, plaintext retry, circuit breaker) depends on the kind.
-//! - [`reply`]: upstream replies, parsed and classified.
 //! - [`tls`]: the rustls client configuration of each upstream.
 //! - [`upstream`]: routing by recipient domain, failover order, circuit breakers and
 //!   connection pools.
@@ -22,7 +21,7 @@
 pub mod client;
 pub mod deliver;
 pub mod error;
-pub mod reply;
+
 pub mod tls;
 pub mod upstream;
 

@@ -13,12 +13,12 @@ use super::client::{
     UpstreamConnection,
 };
 use super::error::{ClientError, TlsFailure, UpstreamStage, Wait};
-use super::reply::{GarbledReply, UpstreamReply};
 use super::upstream::UpstreamRt;
 use crate::config::{Upstream, UpstreamTls};
 use crate::envelope::{Address, MailParams, ReversePath};
 use crate::queue::bounce::Diagnostic;
 use crate::routes::CapabilityBook;
+use crate::smtp::upstream_reply::{GarbledReply, UpstreamReply};
 
 /// What the scripted upstream does with a command line.
 enum Act {

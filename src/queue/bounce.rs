@@ -38,7 +38,7 @@ use super::{Spool, SpoolError};
 use crate::envelope::{
     Address, Body, Envelope, MailParams, QueueId, Recipient, ReversePath, unix_now,
 };
-use crate::outbound::reply::UpstreamReply;
+use crate::smtp::upstream_reply::UpstreamReply;
 
 /// Most octets of the original header section returned in a DSN (8 KiB, cut between two
 /// header fields). Enough for the trace and the fields a sender needs to recognise the

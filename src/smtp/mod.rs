@@ -12,6 +12,9 @@
 //! syntax, sequence, line framing, ESMTP parameters, PIPELINING group rules, the smuggling
 //! rule in DATA, STARTTLS injection, the error budget, size and recipient caps, and the
 //! `require_tls` / `auth = "required"` gates.
+//!
+//! [`upstream_reply`] is the other direction: replies an upstream sends us, parsed and
+//! classified (the upstream client and the DSN builder use it).
 
 pub mod data;
 pub mod headers;
@@ -20,6 +23,7 @@ pub mod received;
 pub mod reply;
 pub mod sasl;
 mod session;
+pub mod upstream_reply;
 
 pub use data::DataFault;
 pub use reply::Reply;
