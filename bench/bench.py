@@ -14,7 +14,9 @@ BENCH_D_IDLE (idle sessions held in scenario D, default 10000), BENCH_D_RATE (sc
 active load, default half of portcullis's scenario A median), BENCH_D_SECONDS (length of each of
 D's two active runs, default 15; 0 skips D), BENCH_E_SECONDS (length of each scenario E run,
 default 15; 0 skips E), BENCH_E_CONNS (concurrent STARTTLS clients in E, default 20),
-BENCH_OUT (also write the tables to this file).
+BENCH_OUT (also write the tables to this file), BENCH_BEFORE_BIN (a second portcullis binary,
+e.g. a build of the commit before a change, run beside the first in scenario A as
+"portcullis-before").
 Argument --smoke: scenario A for portcullis only (no Postfix, no scenarios B to E, no strace).
 
 Every process started here is recorded in $BENCH_TMP/pids so that bench/run's trap can kill it
@@ -350,16 +352,19 @@ class Sink:
 # ---- the relays --------------------------------------------------------------------------
 
 class Portcullis:
-    name = "portcullis"
+    """portcullis on the bench policy; `binary` and `name` let a second build (BENCH_BEFORE_BIN,
+    e.g. the commit before a change) run beside it in scenario A."""
 
-    def __init__(self, sink_port):
-        self.dir = os.path.join(TMP, "portcullis")
+    def __init__(self, sink_port, binary=None, name="portcullis"):
+        self.name = name
+        binary = binary or BIN
+        self.dir = os.path.join(TMP, name)
         os.makedirs(self.dir, exist_ok=True)
         self.port = free_port()
         self.tls_port = free_port()
         # The STARTTLS listener's certificate (ECDSA P-256), also served by loadgen tls-server.
         self.tls_dir = os.path.join(self.dir, "tls")
-        subprocess.run([BIN, "gen-cert", "--out", self.tls_dir, "--name", "bench.portcullis.test"],
+        subprocess.run([binary, "gen-cert", "--out", self.tls_dir, "--name", "bench.portcullis.test"],
                        check=True, timeout=60, stdout=subprocess.DEVNULL)
         self.cert = os.path.join(self.tls_dir, "cert.pem")
         self.key = os.path.join(self.tls_dir, "key.pem")
@@ -371,7 +376,7 @@ class Portcullis:
         self.config = os.path.join(self.dir, "portcullis.toml")
         with open(self.config, "w") as f:
             f.write(cfg)
-        self.proc = spawn([BIN, "run", "--config", self.config], cwd=self.dir,
+        self.proc = spawn([binary, "run", "--config", self.config], cwd=self.dir,
                           stdout=open(os.path.join(self.dir, "log"), "w"), stderr=subprocess.STDOUT,
                           preexec_fn=raise_nofile)
         wait_port(self.port, proc=self.proc)
@@ -540,11 +545,11 @@ def fmt(values, spec):
     return f"{med:{spec}} ({min(values):{spec}}–{max(values):{spec}})"
 
 
-def median_ratio(res, key):
-    """portcullis's median of `key` over Postfix's, as "N.NN×" ("" unless both ran)."""
-    if "postfix" not in res or "portcullis" not in res:
+def median_ratio(res, key, name="portcullis"):
+    """`name`'s median of `key` over Postfix's, as "N.NN×" ("" unless both ran)."""
+    if "postfix" not in res or name not in res:
         return ""
-    return "%.2f×" % (statistics.median(r[key] for r in res["portcullis"]) /
+    return "%.2f×" % (statistics.median(r[key] for r in res[name]) /
                       statistics.median(r[key] for r in res["postfix"]))
 
 
@@ -553,12 +558,12 @@ def table_a(rows):
            "smtp-source CPU ms/msg | ratio portcullis/Postfix msg/s |",
            "|---|---|---|---|---|---|"]
     for title, res in rows:
-        ratio = median_ratio(res, "msgs")
         for name, rs in res.items():
+            ratio = median_ratio(res, "msgs", name) if name != "postfix" else ""
             out.append(f"| {title} | {name} | {fmt([r['msgs'] for r in rs], '.0f')} | "
                        f"{fmt([r['cpu_ms'] for r in rs], '.2f')} | "
                        f"{statistics.median(r['gen_cpu_ms'] for r in rs):.2f} | "
-                       f"{ratio if name == 'portcullis' else ''} |")
+                       f"{ratio} |")
     return out
 
 
@@ -829,11 +834,18 @@ def main():
         relays.append(Portcullis(sink.port))
         if not SMOKE:
             relays.append(Postfix(sink.port))
-        log("relays up: " + ", ".join(f"{r.name} on 127.0.0.1:{r.port} (pid {r.root})" for r in relays))
-        a = [scenario("A 1 KB, 20 sessions, new connection per message", relays, sink,
+        a_relays = list(relays)
+        if os.environ.get("BENCH_BEFORE_BIN"):
+            a_relays.append(Portcullis(sink.port, os.environ["BENCH_BEFORE_BIN"],
+                                       "portcullis-before"))
+        log("relays up: " + ", ".join(f"{r.name} on 127.0.0.1:{r.port} (pid {r.root})"
+                                      for r in a_relays))
+        a = [scenario("A 1 KB, 20 sessions, new connection per message", a_relays, sink,
                       MESSAGES, 20, SMALL, False, WARMUP),
-             scenario("A 1 KB, 20 sessions, connection reuse (-d)", relays, sink,
+             scenario("A 1 KB, 20 sessions, connection reuse (-d)", a_relays, sink,
                       MESSAGES, 20, SMALL, True, WARMUP)]
+        for extra in a_relays[len(relays):]:
+            extra.stop()
         lines = [f"Scenario A: {MESSAGES} messages per counted run, {RUNS} counted runs per relay "
                  f"after a {WARMUP}-message warm-up, alternating.", ""] + table_a(a)
         if not SMOKE:
