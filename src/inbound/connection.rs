@@ -305,7 +305,7 @@ impl SessionDriver {
     /// Connect stage, implicit TLS, the pause before the greeting, and the greeting (or the
     /// connect-stage refusal). `None`: the session is over.
     async fn open<S: Io>(&mut self, io: S) -> Option<ServerStream<S>> {
-        let refusal = self.stage(Input::Connect).await.err();
+        let refusal = self.stage(|_| Input::Connect).await.err();
         if let Some(r) = refusal.as_ref().filter(|r| r.reply.code == 421) {
             // A rate limit: told at once and closed, before any TLS handshake.
             self.end.reason = "connection rate";
@@ -405,19 +405,30 @@ impl SessionDriver {
         ControlFlow::Continue(())
     }
 
-    /// Evaluate the stage `input` is for, with the session's facts, carrying out its effects.
-    async fn stage(&mut self, input: Input<'_>) -> Result<(), Refusal> {
+    /// Evaluate one stage: `input` builds what the stage is about (it may borrow the
+    /// session: the transaction, the recipients), and the effect runner carries out the
+    /// effects the stage asks for until its verdict. Every stage runs through here.
+    async fn stage<'d>(
+        &'d mut self,
+        input: impl FnOnce(&'d Session) -> Input<'d>,
+    ) -> Result<(), Refusal> {
+        // Borrowed field by field: the facts read the session while the effects change.
+        let SessionDriver {
+            runtime,
+            listener,
+            shared,
+            peer,
+            session,
+            effects,
+            ..
+        } = self;
+        let session: &'d Session = session;
         let facts = StageFacts {
-            session: SessionFacts {
-                client_ip: self.peer.ip(),
-                user: self.session.user(),
-            },
-            listener: &self.listener,
-            input,
+            session: session_facts(*peer, session),
+            listener,
+            input: input(session),
         };
-        (self.effects)
-            .decide(&self.runtime, &self.shared, &facts)
-            .await
+        effects.decide(runtime, shared, &facts).await
     }
 
     /// Accept the pending command, or refuse it as the verdict says.
@@ -430,7 +441,7 @@ impl SessionDriver {
 
     async fn helo(&mut self, name: &str, extended: bool) {
         debug!(helo = %name, extended, "helo");
-        let verdict = self.stage(Input::Helo { name }).await;
+        let verdict = self.stage(|_| Input::Helo { name }).await;
         self.answer(verdict);
     }
 
@@ -438,11 +449,11 @@ impl SessionDriver {
         let Credentials {
             login, password, ..
         } = credentials;
-        let input = Input::Auth {
+        let verdict = (self.stage(|_| Input::Auth {
             login: &login,
             password: &password,
-        };
-        let verdict = self.stage(input).await;
+        }))
+        .await;
         if verdict.is_ok() {
             info!(user = %login, "authenticated");
         }
@@ -450,7 +461,7 @@ impl SessionDriver {
     }
 
     async fn mail(&mut self, from: &ReversePath, size: Option<u64>) {
-        let verdict = self.stage(Input::Mail { from, size }).await;
+        let verdict = self.stage(|_| Input::Mail { from, size }).await;
         if verdict.is_ok() {
             debug!(%from, "mail from");
         }
@@ -458,26 +469,19 @@ impl SessionDriver {
     }
 
     async fn rcpt(&mut self, to: &Address) {
-        let tx = self.session.transaction();
-        let facts = StageFacts {
-            session: SessionFacts {
-                client_ip: self.peer.ip(),
-                user: self.session.user(),
-            },
-            listener: &self.listener,
-            input: Input::Rcpt(RcptFacts {
+        let route = self.shared.capabilities.for_domain(to.domain());
+        let verdict = (self.stage(|session| {
+            Input::Rcpt(RcptFacts {
                 to,
-                bare_postmaster: self.session.rcpt_is_postmaster(),
-                transaction: tx.map(|t| TransactionFacts {
+                bare_postmaster: session.rcpt_is_postmaster(),
+                transaction: session.transaction().map(|t| TransactionFacts {
                     from: &t.from,
                     params: &t.params,
                 }),
-                route: self.shared.capabilities.for_domain(to.domain()),
-            }),
-        };
-        let verdict = (self.effects)
-            .decide(&self.runtime, &self.shared, &facts)
-            .await;
+                route,
+            })
+        }))
+        .await;
         self.answer(verdict);
     }
 
@@ -537,13 +541,6 @@ impl SessionDriver {
             normal.min(self.runtime.config.limits.stress_timeout)
         } else {
             normal
-        }
-    }
-
-    fn facts(&self) -> SessionFacts<'_> {
-        SessionFacts {
-            client_ip: self.peer.ip(),
-            user: self.session.user(),
         }
     }
 
@@ -786,7 +783,7 @@ impl SessionDriver {
         let rules = self
             .runtime
             .policy
-            .data_start(&self.listener, &self.facts());
+            .data_start(&self.listener, &session_facts(self.peer, &self.session));
         let arrival = Arrival {
             listener: &self.listener.name,
             peer: self.peer,
@@ -875,38 +872,35 @@ impl SessionDriver {
 
     /// The end-of-data stage over what the assembly found.
     async fn end_of_data(&mut self, assembly: &mut Assembly) -> Result<(), Refusal> {
-        let Some(tx) = self.session.transaction() else {
+        if self.session.transaction().is_none() {
             return Err(Refusal::new(reply::LOCAL_ERROR, "spool_write"));
-        };
+        }
         let from_check = assembly.take_from_check();
-        let capabilities = &self.shared.capabilities;
-        let route = |domain: &str| capabilities.for_domain(domain);
-        let input = Input::DataEnd(EndOfData {
-            header_too_large: assembly.header_too_large(),
-            received_count: assembly.received_count(),
-            write_failed: assembly.write_failed(),
-            from_check: from_check.as_ref(),
-            header_utf8: assembly.header_utf8(),
-            eight_bit: assembly.eight_bit(),
-            size: assembly.size(),
-            transaction: TransactionFacts {
-                from: &tx.from,
-                params: &tx.params,
-            },
-            recipients: &tx.recipients,
-            route: &route,
-        });
-        let facts = StageFacts {
-            session: SessionFacts {
-                client_ip: self.peer.ip(),
-                user: self.session.user(),
-            },
-            listener: &self.listener,
-            input,
-        };
-        (self.effects)
-            .decide(&self.runtime, &self.shared, &facts)
-            .await
+        // Its own handle on the routes: the stage borrows the driver.
+        let capabilities = self.shared.capabilities.clone();
+        let route = move |domain: &str| capabilities.for_domain(domain);
+        let assembly = &*assembly;
+        (self.stage(|session| {
+            let tx = session
+                .transaction()
+                .expect("a session in DATA has a transaction");
+            Input::DataEnd(EndOfData {
+                header_too_large: assembly.header_too_large(),
+                received_count: assembly.received_count(),
+                write_failed: assembly.write_failed(),
+                from_check: from_check.as_ref(),
+                header_utf8: assembly.header_utf8(),
+                eight_bit: assembly.eight_bit(),
+                size: assembly.size(),
+                transaction: TransactionFacts {
+                    from: &tx.from,
+                    params: &tx.params,
+                },
+                recipients: &tx.recipients,
+                route: &route,
+            })
+        }))
+        .await
     }
 }
 
@@ -917,6 +911,15 @@ enum Wake {
     Shutdown,
     /// Stress mode started (false: its sender is gone).
     Stress(bool),
+}
+
+/// The facts every stage reads about the session: the client's address and its AUTH
+/// identity, if any.
+fn session_facts(peer: SocketAddr, session: &Session) -> SessionFacts<'_> {
+    SessionFacts {
+        client_ip: peer.ip(),
+        user: session.user(),
+    }
 }
 
 /// Before the greeting: true if the client sent anything within `wait`. What it sent is read
