@@ -212,16 +212,29 @@ impl SessionDriver {
         }
     }
 
-    /// Run the session to its end, connect stage included. Takes `&mut self`, not `self`: an
+    /// Run the session to its end: the connect stage first (a `421` there closes the
+    /// connection at once, with no session start or end line), then the session. Takes `&mut self`, not `self`: an
     /// async fn keeps a by-value argument twice in its future, and an idle session's memory
     /// is mostly that future.
     pub async fn run<S: Io>(&mut self, io: S) {
+        let refusal = Box::pin(self.stage(|_| Input::Connect)).await.err();
+        if let Some(r) = refusal.as_ref().filter(|r| r.reply.code == 421) {
+            // A `421` closes the channel (RFC 5321 §3.8): a client over its connection rate
+            // is refused like one over a connection cap, before any TLS handshake and with
+            // no session of its own, within the listener's `REFUSAL_WRITE_TIMEOUT`.
+            let limit = match &r.detail {
+                Some(Detail::Limit(limit)) => Some(limit.as_str()),
+                _ => None,
+            };
+            warn!(rule = r.rule, limit, reply = %r.reply, "rejected at connect");
+            return super::listener::refuse(io, &r.reply).await;
+        }
         info!("session start");
         // The session itself says `421 4.4.2` at `session_timeout` (see `read`); this bounds
         // everything else, e.g. a client that stops reading our replies.
         let limits = &self.runtime.config.limits;
         let backstop = limits.session_timeout + limits.command_timeout + SESSION_GRACE;
-        let result = tokio::time::timeout(backstop, self.serve(io)).await;
+        let result = tokio::time::timeout(backstop, self.serve(io, refusal)).await;
         if result.is_err() {
             warn!(
                 rule = "session_time_limit",
@@ -242,8 +255,8 @@ impl SessionDriver {
     }
 
     /// The session's main loop: open, then dispatch each event of the protocol engine.
-    async fn serve<S: Io>(&mut self, io: S) {
-        let Some(mut stream) = Box::pin(self.open(io)).await else {
+    async fn serve<S: Io>(&mut self, io: S, refusal: Option<Refusal>) {
+        let Some(mut stream) = Box::pin(self.open(io, refusal)).await else {
             return;
         };
         let mut tls_buf = Vec::new();
@@ -302,20 +315,9 @@ impl SessionDriver {
         ControlFlow::Continue(())
     }
 
-    /// Connect stage, implicit TLS, the pause before the greeting, and the greeting (or the
-    /// connect-stage refusal). `None`: the session is over.
-    async fn open<S: Io>(&mut self, io: S) -> Option<ServerStream<S>> {
-        let refusal = self.stage(|_| Input::Connect).await.err();
-        if let Some(r) = refusal.as_ref().filter(|r| r.reply.code == 421) {
-            // A rate limit: told at once and closed, before any TLS handshake.
-            self.end.reason = "connection rate";
-            let mut stream = Stream::Plain(io);
-            self.session.close_with(&r.reply);
-            self.refuse_log(r);
-            let _ = self.flush(&mut stream).await;
-            let _ = stream.shutdown().await;
-            return None;
-        }
+    /// Implicit TLS, the pause before the greeting, and the greeting (or the connect stage's
+    /// `refusal`). `None`: the session is over.
+    async fn open<S: Io>(&mut self, io: S, refusal: Option<Refusal>) -> Option<ServerStream<S>> {
         let mut stream = if self.listener.tls == ListenerTls::Implicit {
             self.handshake(io).await?
         } else {

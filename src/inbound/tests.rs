@@ -19,8 +19,10 @@ use super::connection::{SessionDriver, Shared};
 use super::effects::Effects;
 use super::verifier::Verifier;
 use crate::config::Config;
+use crate::policy::limits::RateLimit;
 use crate::policy::lockout::{Attempt, GateDecision};
 use crate::policy::stage::{Check, Evaluation, Input, Lookup, StageFacts};
+use crate::policy::store::RateKey;
 use crate::policy::{Policy, SessionFacts};
 use crate::queue::Committed;
 use crate::queue::Spool;
@@ -355,6 +357,31 @@ async fn a_client_over_its_connection_rate_gets_421_and_is_closed() {
     let dir = tempfile::tempdir().unwrap();
     let mut again = Harness::with_runtime(dir, Arc::clone(&h.runtime));
     assert_eq!(again.until_closed().await, wire(&reply::CONNECTION_RATE));
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_client_over_its_connection_rate_that_does_not_read_is_closed_after_the_refusal_timeout()
+{
+    let dir = tempfile::tempdir().unwrap();
+    let more =
+        "[rate_limits]\nconnections_per_ip = \"1/hour\"\n[limits]\ncommand_timeout = \"5m\"\n";
+    let runtime = Arc::new(runtime(dir.path(), NO_TLS, more));
+    let parts = Parts::new(dir.path(), &runtime);
+    let peer: SocketAddr = PEER.parse().unwrap();
+    // An earlier connection spent the budget.
+    let now = tokio::time::Instant::now().into_std();
+    let (limit, key) = (RateLimit::ConnectionsPerIp, RateKey::Client(peer.ip()));
+    assert!(runtime.policy.store().take(limit, &key, now).is_ok());
+    let listener = runtime.config.listeners[0].clone();
+    let mut driver = SessionDriver::new(Arc::clone(&runtime), listener, parts.shared, peer);
+    // This one's pipe holds less than the `421`, and the client never reads.
+    let (mut client, server) = tokio::io::duplex(8);
+    let started = tokio::time::Instant::now();
+    driver.run(server).await;
+    assert_eq!(started.elapsed(), super::listener::REFUSAL_WRITE_TIMEOUT);
+    let mut head = [0u8; 3];
+    client.read_exact(&mut head).await.unwrap();
+    assert_eq!(&head, b"421");
 }
 
 /// The AUTH stage of a client whose one verification in flight (`in_flight`) is still
