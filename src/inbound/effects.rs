@@ -21,7 +21,7 @@ use super::connection::Shared;
 use super::verifier::Lane;
 use crate::policy::Refusal;
 use crate::policy::credentials::CheckError;
-use crate::policy::lockout::{Attempt, FailureReport, GateDecision, login_key};
+use crate::policy::lockout::{AuthAttempt, FailureReport, GateDecision, login_key};
 use crate::policy::stage::{
     Answer, Effect, Evaluation, Input, Lookup, LookupResult, StageFacts, Verdict,
 };
@@ -101,7 +101,7 @@ impl Effects {
         &mut self,
         effect: Effect,
         step: Step<'_>,
-        attempt: &mut Option<Attempt>,
+        attempt: &mut Option<AuthAttempt>,
     ) -> Answer {
         let Step {
             runtime,
@@ -120,7 +120,7 @@ impl Effects {
                 let Input::Auth { login, password } = facts.input else {
                     return Answer::Busy;
                 };
-                let attempt = attempt.take().unwrap_or_else(Attempt::unguarded);
+                let attempt = attempt.take().unwrap_or_else(AuthAttempt::unguarded);
                 let password = password.to_string();
                 verify(shared, attempt, (hash, known), login, password).await
             }
@@ -166,7 +166,7 @@ async fn auth_gate(
     runtime: &Runtime,
     facts: &StageFacts<'_>,
     login: &str,
-    attempt: &mut Option<Attempt>,
+    attempt: &mut Option<AuthAttempt>,
 ) -> Answer {
     let store = runtime.policy.store();
     let deadline = Instant::now() + AUTH_WAIT;
@@ -198,7 +198,7 @@ async fn auth_gate(
 /// sooner than the attempt's delay (a sprayed login).
 async fn verify(
     shared: &Shared,
-    attempt: Attempt,
+    attempt: AuthAttempt,
     (hash, known): (Arc<str>, bool),
     login: &str,
     password: String,

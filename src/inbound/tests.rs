@@ -20,7 +20,7 @@ use super::effects::Effects;
 use super::verifier::Verifier;
 use crate::config::Config;
 use crate::policy::limits::RateLimit;
-use crate::policy::lockout::{Attempt, GateDecision};
+use crate::policy::lockout::{AuthAttempt, GateDecision};
 use crate::policy::stage::{Check, Evaluation, Input, Lookup, StageFacts};
 use crate::policy::store::RateKey;
 use crate::policy::{Policy, SessionFacts};
@@ -387,7 +387,7 @@ async fn a_client_over_its_connection_rate_that_does_not_read_is_closed_after_th
 /// The AUTH stage of a client whose one verification in flight (`in_flight`) is still
 /// unsettled, under `max_failures = 1`: it waits. `end` ends that attempt once the stage is
 /// waiting; the stage's rule and how long it waited.
-async fn auth_held_back_by(end: impl FnOnce(Attempt)) -> (&'static str, Duration) {
+async fn auth_held_back_by(end: impl FnOnce(AuthAttempt)) -> (&'static str, Duration) {
     let dir = tempfile::tempdir().unwrap();
     write_users(dir.path());
     let more = "[auth]\nusers_file = \"{dir}/users.toml\"\nmax_failures = 1\n";
@@ -424,7 +424,7 @@ async fn auth_held_back_by(end: impl FnOnce(Attempt)) -> (&'static str, Duration
 
 #[tokio::test(start_paused = true)]
 async fn an_auth_waiting_for_an_attempt_in_flight_is_woken_when_it_is_settled() {
-    let settle = |attempt: Attempt| {
+    let settle = |attempt: AuthAttempt| {
         attempt.settle(false, tokio::time::Instant::now().into_std());
     };
     // Woken at once (no polling interval, no timeout) and finds the client locked out.

@@ -65,7 +65,7 @@ pub struct Busy;
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Lane {
     /// A login that succeeded from this client before
-    /// ([`crate::policy::lockout::Attempt::known`]).
+    /// ([`crate::policy::lockout::AuthAttempt::known`]).
     Known,
     /// Everyone else.
     Other,
