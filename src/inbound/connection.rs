@@ -294,23 +294,10 @@ impl SessionDriver {
             Event::Auth(credentials) => Box::pin(self.auth(credentials)).await,
             Event::Mail { from, params } => Box::pin(self.mail(&from, params.size)).await,
             Event::Rcpt(to) => Box::pin(self.rcpt(&to)).await,
-            Event::DataStart => {
-                self.deadline = None;
-                self.data_start();
-            }
+            Event::DataStart => self.data_start(),
             Event::DataChunk => self.data_chunk(),
-            Event::DataEnd => {
-                self.deadline = None;
-                self.data_progress = None;
-                Box::pin(self.data_end()).await;
-                self.effects.reservation = None;
-            }
-            Event::DataRejected(fault) => {
-                self.deadline = None;
-                self.data_progress = None;
-                self.data_rejected(fault);
-                self.effects.reservation = None;
-            }
+            Event::DataEnd => Box::pin(self.data_end()).await,
+            Event::DataRejected(fault) => self.data_rejected(fault),
         }
         ControlFlow::Continue(())
     }
@@ -779,6 +766,8 @@ impl SessionDriver {
     /// DATA: start assembling the message (`354`), or refuse when its spool file cannot be
     /// created.
     fn data_start(&mut self) {
+        // The message's own deadline (`data_timeout`) starts at its first read.
+        self.deadline = None;
         let Some(tx) = self.session.transaction() else {
             return self.session.accept();
         };
@@ -827,6 +816,7 @@ impl SessionDriver {
 
     /// The final dot: the end-of-data stage, then the commit and `250`.
     async fn data_end(&mut self) {
+        self.message_ended();
         let Some(mut assembly) = self.assembly.take() else {
             return self.session.reject(&reply::LOCAL_ERROR);
         };
@@ -861,7 +851,16 @@ impl SessionDriver {
         let _ = self.shared.queued.send(committed);
     }
 
+    /// The message's data is over, whatever becomes of it: the next command has a deadline
+    /// of its own, and the transaction's space reservation is given back.
+    fn message_ended(&mut self) {
+        self.deadline = None;
+        self.data_progress = None;
+        self.effects.reservation = None;
+    }
+
     fn data_rejected(&mut self, fault: DataFault) {
+        self.message_ended();
         self.assembly = None;
         let (reply, rule) = match fault {
             DataFault::BareLineEnding => {
