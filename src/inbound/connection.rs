@@ -3,9 +3,12 @@
 //!
 //! The protocol lives in [`crate::smtp::Session`] and the decisions in
 //! [`crate::policy::stage`]; this driver only moves bytes, applies timeouts and shutdown, and
-//! dispatches each [`Event`] to one method per stage, which hands the stage's facts to the
-//! effect runner ([`super::effects`]) and answers with the verdict. It is deliberately short
-//! and boring. Its log lines carry the peer through the `session` span the listener opens.
+//! dispatches each [`Event`] to one method per stage. Every stage runs through one method,
+//! `SessionDriver::stage`, which hands the stage's facts to the effect runner
+//! ([`super::effects`]) and returns the verdict; a stage handler only builds its input and
+//! answers. A new check therefore never touches this file (see [`crate::policy::stage`]).
+//! It is deliberately short and boring. Its log lines carry the peer through the `session`
+//! span the listener opens.
 
 use std::net::SocketAddr;
 use std::ops::ControlFlow;
