@@ -298,7 +298,7 @@ fn work(queue: &Queue) {
         }))
         .unwrap_or_else(|_| {
             blocks = Vec::new();
-            Err(CheckError::Verifier("panicked".into()))
+            Err(CheckError::VerifierPanicked)
         });
         queue.verified.fetch_add(1, Ordering::Relaxed);
         queue.lock().finish(&job);

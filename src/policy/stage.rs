@@ -821,9 +821,7 @@ mod tests {
             (vec!["gate", "verify unknown"], Some("auth_unknown_user"))
         );
         let broken = |e: &Effect| match e {
-            Effect::VerifyPassword { .. } => {
-                Answer::VerifierFailed(CheckError::Verifier("test".into()))
-            }
+            Effect::VerifyPassword { .. } => Answer::VerifierFailed(CheckError::VerifierPanicked),
             _ => Answer::Allowed,
         };
         assert_eq!(auth("alice", &broken).1, Some("auth_verifier_failed"));
