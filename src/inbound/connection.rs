@@ -160,7 +160,7 @@ pub struct SessionDriver {
     /// The message being received. Boxed: a session between messages carries only the
     /// pointer.
     assembly: Option<Box<Assembly>>,
-    /// What the effects of the stages leave for later (AUTH attempt, space reservation,
+    /// What the effects of the stages leave for later (the transaction's space reservation,
     /// lookups started at one stage and read at a later one).
     effects: Effects,
     started: Instant,
@@ -339,8 +339,8 @@ impl SessionDriver {
         stream: &mut ServerStream<S>,
         tls_buf: &mut Vec<u8>,
     ) -> ControlFlow<()> {
-        if self.effects.reservation.is_some() && self.session.transaction().is_none() {
-            self.effects.reservation = None;
+        if self.session.transaction().is_none() {
+            self.effects.transaction_ended();
         }
         self.flush_or_end(stream).await?;
         if self.read(stream, tls_buf).await == Some(0) {
@@ -859,7 +859,7 @@ impl SessionDriver {
     fn message_ended(&mut self) {
         self.deadline = None;
         self.data_progress = None;
-        self.effects.reservation = None;
+        self.effects.transaction_ended();
     }
 
     fn data_rejected(&mut self, fault: DataFault) {

@@ -133,6 +133,12 @@ impl Effects {
         }
     }
 
+    /// The transaction is over (RSET, refused, or its message done or refused): its space
+    /// reservation, if the assembly did not take it, is given back.
+    pub fn transaction_ended(&mut self) {
+        self.reservation = None;
+    }
+
     /// Lookups started and not read yet.
     #[cfg(test)]
     pub(super) fn pending_lookups(&self) -> usize {
