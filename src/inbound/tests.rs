@@ -262,6 +262,26 @@ async fn a_message_for_an_accepted_domain_is_queued_and_announced() {
 }
 
 #[tokio::test(start_paused = true)]
+async fn a_message_over_the_hop_limit_is_refused_after_the_final_dot_and_nothing_is_queued() {
+    let mut h = Harness::start(NO_TLS, "[limits]\nhop_limit = 1\n");
+    h.reply().await;
+    h.cmd("EHLO client.test").await;
+    h.cmd("MAIL FROM:<a@sender.test>").await;
+    assert!(h.cmd("RCPT TO:<u@example.com>").await.starts_with("250 "));
+    assert!(h.cmd("DATA").await.starts_with("354 "));
+    let looped = "Received: from a\r\nReceived: from b\r\nSubject: hi\r\n\r\nbody\r\n.";
+    assert_eq!(h.cmd(looped).await, wire(&reply::TOO_MANY_HOPS));
+    h.cmd("QUIT").await;
+    h.until_closed().await;
+    assert!(h.queued.try_recv().is_err());
+    // Neither committed nor left behind: the refused message's file went with it.
+    for dir in ["spool/queue", "spool/tmp"] {
+        let files = std::fs::read_dir(h.dir.path().join(dir)).unwrap().count();
+        assert_eq!(files, 0, "{dir}");
+    }
+}
+
+#[tokio::test(start_paused = true)]
 async fn a_locked_out_client_is_refused_before_any_password_is_verified() {
     let mut h = Harness::start(
         "tls = \"starttls\"\nauth = \"optional\"",
