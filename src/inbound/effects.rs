@@ -154,12 +154,8 @@ impl Effects {
                 self.reservation = Some(reservation);
                 Answer::Allowed
             }
-            Ok(Err(short)) => Answer::NoSpace(format!(
-                "spool free space {} minus {} reserved for messages in flight leaves no {} \
-                 above min_free_space {}",
-                short.free, short.reserved, short.bytes, short.min_free
-            )),
-            Err(e) => Answer::SpaceUnknown(format!("cannot read spool free space: {e}")),
+            Ok(Err(short)) => Answer::NoSpace(short),
+            Err(e) => Answer::SpaceUnknown(e),
         }
     }
 }
