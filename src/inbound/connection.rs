@@ -225,11 +225,12 @@ impl SessionDriver {
             // A `421` closes the channel (RFC 5321 §3.8): a client over its connection rate
             // is refused like one over a connection cap, before any TLS handshake and with
             // no session of its own, within the listener's `REFUSAL_WRITE_TIMEOUT`.
-            let limit = match &r.detail {
-                Some(Detail::Limit(limit)) => Some(limit.as_str()),
-                _ => None,
-            };
-            warn!(rule = r.rule, limit, reply = %r.reply, "rejected at connect");
+            match &r.detail {
+                Some(Detail::Limit(limit)) => {
+                    warn!(rule = r.rule, limit = %limit, reply = %r.reply, "rejected at connect");
+                }
+                _ => warn!(rule = r.rule, reply = %r.reply, "rejected at connect"),
+            }
             return super::listener::refuse(io, &r.reply).await;
         }
         info!("session start");
