@@ -235,7 +235,7 @@ async fn verify(
         return Answer::Busy;
     };
     // `Err`: the verifier thread is gone and dropped the sender: not the client's fault.
-    let matched = match result.unwrap_or_else(|_| Err(CheckError::VerifierGone)) {
+    let matched = match result.unwrap_or(Err(CheckError::VerifierGone)) {
         Ok(matched) => matched,
         Err(error) => {
             // Given back, not recorded: a broken verifier cannot lock users out.
