@@ -216,22 +216,13 @@ impl SessionDriver {
     }
 
     /// Run the session to its end: the connect stage first (a `421` there closes the
-    /// connection at once, with no session start or end line), then the session. Takes `&mut self`, not `self`: an
-    /// async fn keeps a by-value argument twice in its future, and an idle session's memory
-    /// is mostly that future.
+    /// connection at once, with no session start or end line), then the session. Takes
+    /// `&mut self`, not `self`: an async fn keeps a by-value argument twice in its future,
+    /// and an idle session's memory is mostly that future.
     pub async fn run<S: Io>(&mut self, io: S) {
         let refusal = Box::pin(self.stage(|_| Input::Connect)).await.err();
         if let Some(r) = refusal.as_ref().filter(|r| r.reply.code == 421) {
-            // A `421` closes the channel (RFC 5321 §3.8): a client over its connection rate
-            // is refused like one over a connection cap, before any TLS handshake and with
-            // no session of its own, within the listener's `REFUSAL_WRITE_TIMEOUT`.
-            match &r.detail {
-                Some(Detail::Limit(limit)) => {
-                    warn!(rule = r.rule, limit = %limit, reply = %r.reply, "rejected at connect");
-                }
-                _ => warn!(rule = r.rule, reply = %r.reply, "rejected at connect"),
-            }
-            return super::listener::refuse(io, &r.reply).await;
+            return closed_at_connect(io, r).await;
         }
         info!("session start");
         // The session itself says `421 4.4.2` at `session_timeout` (see `read`); this bounds
@@ -916,6 +907,19 @@ enum Wake {
     Shutdown,
     /// Stress mode started (false: its sender is gone).
     Stress(bool),
+}
+
+/// A `421` closes the channel (RFC 5321 §3.8): a client the connect stage refuses so (over
+/// its connection rate) is refused like one over a connection cap, before any TLS handshake,
+/// with no session of its own, and given the listener's `REFUSAL_WRITE_TIMEOUT` to read it.
+async fn closed_at_connect<S: Io>(io: S, r: &Refusal) {
+    match &r.detail {
+        Some(Detail::Limit(limit)) => {
+            warn!(rule = r.rule, limit = %limit, reply = %r.reply, "rejected at connect");
+        }
+        _ => warn!(rule = r.rule, reply = %r.reply, "rejected at connect"),
+    }
+    super::listener::refuse(io, &r.reply).await;
 }
 
 /// The facts every stage reads about the session: the client's address and its AUTH
