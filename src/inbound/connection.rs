@@ -128,6 +128,7 @@ pub const REFUSED_LINGER: Duration = Duration::from_secs(10);
 /// Dependencies shared by every connection.
 #[derive(Debug, Clone)]
 pub struct Shared {
+    /// Where messages are written, and the free-space reserve of messages in flight.
     pub spool: Spool,
     /// Stops accepting; idle sessions are told `421 4.3.0` at once.
     pub shutdown: CancellationToken,
