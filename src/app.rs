@@ -270,8 +270,10 @@ fn reload(
         warn!("reload: spool_dir changed; that takes a restart");
     }
     // Rebuilt only when changed: a rebuild starts breakers and connection pools afresh.
-    let delivery_keys = |c: &Config| format!("{:?}{:?}{}", c.upstreams, c.queue, c.server.hostname);
-    if delivery_keys(&old.config) != delivery_keys(&new.config) {
+    let (was, is) = (&old.config, &new.config);
+    if (&was.upstreams, &was.queue, &was.server.hostname)
+        != (&is.upstreams, &is.queue, &is.server.hostname)
+    {
         // An upstream whose TLS client cannot be built stops a start (exit status 2), so it
         // makes the whole file invalid here too: nothing of it applies, inbound included.
         if let Err(e) = delivery.reload(&new.config, spool) {
