@@ -231,8 +231,9 @@ async fn stop_delivery(delivery: outbound::Delivery, stop: CancellationToken) {
     delivery.context.load_full().upstreams.close_all().await;
 }
 
-/// SIGHUP: load and validate the policy file; swap it in only if it is entirely valid. Its
-/// `[[upstreams]]` and `[queue]` go to `delivery` (new attempts and the RCPT route checks).
+/// SIGHUP: load and validate the policy file; swap it in only if it is entirely valid (an
+/// upstream TLS client that cannot be built included). Its `[[upstreams]]` and `[queue]` go
+/// to `delivery` (new attempts and the RCPT route checks).
 fn reload(
     runtime: &ArcSwap<Runtime>,
     path: Option<&std::path::Path>,
@@ -269,14 +270,17 @@ fn reload(
         warn!("reload: spool_dir changed; that takes a restart");
     }
     // Rebuilt only when changed: a rebuild starts breakers and connection pools afresh.
-    let delivery_keys = |c: &Config| format!("{:?}{:?}{}", c.upstreams, c.queue, c.server.hostname);
-    if delivery_keys(&old.config) != delivery_keys(&new.config) {
-        match delivery.reload(&new.config, spool) {
-            Ok(()) => info!("reload: [[upstreams]] and [queue] apply to new delivery attempts"),
-            Err(e) => error!(
-                "reload: cannot build the new upstreams, delivery keeps the previous [[upstreams]] and [queue]: {e}"
-            ),
+    let (was, is) = (&old.config, &new.config);
+    if (&was.upstreams, &was.queue, &was.server.hostname)
+        != (&is.upstreams, &is.queue, &is.server.hostname)
+    {
+        // An upstream whose TLS client cannot be built stops a start (exit status 2), so it
+        // makes the whole file invalid here too: nothing of it applies, inbound included.
+        if let Err(e) = delivery.reload(&new.config, spool) {
+            error!(rule = "reload_refused", file = %path.display(), "reload refused, keeping the running configuration: {e}");
+            return;
         }
+        info!("reload: [[upstreams]] and [queue] apply to new delivery attempts");
     }
     for w in new.config.warnings() {
         warn!("{w}");

@@ -99,3 +99,35 @@ fn sighup_moves_queued_mail_to_new_upstreams_and_routes_new_domains() {
         .collect();
     assert_eq!(rcpts, ["b@example.com", "c@new.example"]);
 }
+
+#[test]
+fn sighup_with_an_upstream_tls_client_that_cannot_be_built_is_refused_whole() {
+    let port = free_port();
+    let dead = free_port();
+    let relay = Relay::start(&policy(port, &upstream("up", dead, &["example.com"])));
+    // A PEM file without a certificate: it passes the config check, and is no usable CA.
+    let ca = relay.dir().expand("{dir}/no-cert.pem");
+    std::fs::write(
+        &ca,
+        "-----BEGIN PRIVATE KEY-----\nAAAA\n-----END PRIVATE KEY-----\n",
+    )
+    .unwrap();
+    let up = upstream("up", dead, &["example.com"]).replace(
+        "tls = \"none\"",
+        &format!("tls = \"required\"\nca = \"{ca}\""),
+    );
+    // The same file denies the client: applied, it would be refused at connect.
+    let text = policy(port, &up).replace(
+        "tls = \"none\"\n",
+        "tls = \"none\"\ndeny = [\"127.0.0.2/32\"]\n",
+    );
+    std::fs::write(relay.config_path(), relay.dir().expand(&text)).unwrap();
+    relay.sighup();
+    assert!(
+        relay.wait_for_fields(&[("rule", "reload_refused")], WAIT),
+        "the reload was not refused"
+    );
+    let mut c = SmtpClient::connect_from("127.0.0.2", port);
+    c.expect_reply(220);
+    c.expect("QUIT", 221);
+}

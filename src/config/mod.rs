@@ -292,7 +292,7 @@ pub enum UpstreamTls {
 }
 
 /// One `[[upstreams]]` entry.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Upstream {
     /// Name in logs (default `upstream<index>`), unique.
     pub name: String,
@@ -330,7 +330,7 @@ pub struct Headers {
 }
 
 /// `[queue]`.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Queue {
     /// Wait before each retry (non-empty, each > 0); the last repeats until `max_age`.
     pub retry: Vec<Duration>,

@@ -3,9 +3,12 @@
 //!
 //! The protocol lives in [`crate::smtp::Session`] and the decisions in
 //! [`crate::policy::stage`]; this driver only moves bytes, applies timeouts and shutdown, and
-//! dispatches each [`Event`] to one method per stage, which hands the stage's facts to the
-//! effect runner ([`super::effects`]) and answers with the verdict. It is deliberately short
-//! and boring. Its log lines carry the peer through the `session` span the listener opens.
+//! dispatches each [`Event`] to one method per stage. Every stage runs through one method,
+//! `SessionDriver::stage`, which hands the stage's facts to the effect runner
+//! ([`super::effects`]) and returns the verdict; a stage handler only builds its input and
+//! answers. A new check therefore never touches this file (see [`crate::policy::stage`]).
+//! It is deliberately short and boring. Its log lines carry the peer through the `session`
+//! span the listener opens.
 
 use std::net::SocketAddr;
 use std::ops::ControlFlow;
@@ -125,6 +128,7 @@ pub const REFUSED_LINGER: Duration = Duration::from_secs(10);
 /// Dependencies shared by every connection.
 #[derive(Debug, Clone)]
 pub struct Shared {
+    /// Where messages are written, and the free-space reserve of messages in flight.
     pub spool: Spool,
     /// Stops accepting; idle sessions are told `421 4.3.0` at once.
     pub shutdown: CancellationToken,
@@ -157,7 +161,7 @@ pub struct SessionDriver {
     /// The message being received. Boxed: a session between messages carries only the
     /// pointer.
     assembly: Option<Box<Assembly>>,
-    /// What the effects of the stages leave for later (AUTH attempt, space reservation,
+    /// What the effects of the stages leave for later (the transaction's space reservation,
     /// lookups started at one stage and read at a later one).
     effects: Effects,
     started: Instant,
@@ -212,16 +216,21 @@ impl SessionDriver {
         }
     }
 
-    /// Run the session to its end, connect stage included. Takes `&mut self`, not `self`: an
-    /// async fn keeps a by-value argument twice in its future, and an idle session's memory
-    /// is mostly that future.
+    /// Run the session to its end: the connect stage first (a `421` there closes the
+    /// connection at once, with no session start or end line), then the session. Takes
+    /// `&mut self`, not `self`: an async fn keeps a by-value argument twice in its future,
+    /// and an idle session's memory is mostly that future.
     pub async fn run<S: Io>(&mut self, io: S) {
+        let refusal = Box::pin(self.stage(|_| Input::Connect)).await.err();
+        if let Some(r) = refusal.as_ref().filter(|r| r.reply.code == 421) {
+            return closed_at_connect(io, r).await;
+        }
         info!("session start");
         // The session itself says `421 4.4.2` at `session_timeout` (see `read`); this bounds
         // everything else, e.g. a client that stops reading our replies.
         let limits = &self.runtime.config.limits;
         let backstop = limits.session_timeout + limits.command_timeout + SESSION_GRACE;
-        let result = tokio::time::timeout(backstop, self.serve(io)).await;
+        let result = tokio::time::timeout(backstop, self.serve(io, refusal)).await;
         if result.is_err() {
             warn!(
                 rule = "session_time_limit",
@@ -242,8 +251,8 @@ impl SessionDriver {
     }
 
     /// The session's main loop: open, then dispatch each event of the protocol engine.
-    async fn serve<S: Io>(&mut self, io: S) {
-        let Some(mut stream) = Box::pin(self.open(io)).await else {
+    async fn serve<S: Io>(&mut self, io: S, refusal: Option<Refusal>) {
+        let Some(mut stream) = Box::pin(self.open(io, refusal)).await else {
             return;
         };
         let mut tls_buf = Vec::new();
@@ -281,41 +290,17 @@ impl SessionDriver {
             Event::Auth(credentials) => Box::pin(self.auth(credentials)).await,
             Event::Mail { from, params } => Box::pin(self.mail(&from, params.size)).await,
             Event::Rcpt(to) => Box::pin(self.rcpt(&to)).await,
-            Event::DataStart => {
-                self.deadline = None;
-                self.data_start();
-            }
+            Event::DataStart => self.data_start(),
             Event::DataChunk => self.data_chunk(),
-            Event::DataEnd => {
-                self.deadline = None;
-                self.data_progress = None;
-                Box::pin(self.data_end()).await;
-                self.effects.reservation = None;
-            }
-            Event::DataRejected(fault) => {
-                self.deadline = None;
-                self.data_progress = None;
-                self.data_rejected(fault);
-                self.effects.reservation = None;
-            }
+            Event::DataEnd => Box::pin(self.data_end()).await,
+            Event::DataRejected(fault) => self.data_rejected(fault),
         }
         ControlFlow::Continue(())
     }
 
-    /// Connect stage, implicit TLS, the pause before the greeting, and the greeting (or the
-    /// connect-stage refusal). `None`: the session is over.
-    async fn open<S: Io>(&mut self, io: S) -> Option<ServerStream<S>> {
-        let refusal = self.stage(Input::Connect).await.err();
-        if let Some(r) = refusal.as_ref().filter(|r| r.reply.code == 421) {
-            // A rate limit: told at once and closed, before any TLS handshake.
-            self.end.reason = "connection rate";
-            let mut stream = Stream::Plain(io);
-            self.session.close_with(&r.reply);
-            self.refuse_log(r);
-            let _ = self.flush(&mut stream).await;
-            let _ = stream.shutdown().await;
-            return None;
-        }
+    /// Implicit TLS, the pause before the greeting, and the greeting (or the connect stage's
+    /// `refusal`). `None`: the session is over.
+    async fn open<S: Io>(&mut self, io: S, refusal: Option<Refusal>) -> Option<ServerStream<S>> {
         let mut stream = if self.listener.tls == ListenerTls::Implicit {
             self.handshake(io).await?
         } else {
@@ -347,8 +332,8 @@ impl SessionDriver {
         stream: &mut ServerStream<S>,
         tls_buf: &mut Vec<u8>,
     ) -> ControlFlow<()> {
-        if self.effects.reservation.is_some() && self.session.transaction().is_none() {
-            self.effects.reservation = None;
+        if self.session.transaction().is_none() {
+            self.effects.transaction_ended();
         }
         self.flush_or_end(stream).await?;
         if self.read(stream, tls_buf).await == Some(0) {
@@ -405,19 +390,30 @@ impl SessionDriver {
         ControlFlow::Continue(())
     }
 
-    /// Evaluate the stage `input` is for, with the session's facts, carrying out its effects.
-    async fn stage(&mut self, input: Input<'_>) -> Result<(), Refusal> {
+    /// Evaluate one stage: `input` builds what the stage is about (it may borrow the
+    /// session: the transaction, the recipients), and the effect runner carries out the
+    /// effects the stage asks for until its verdict. Every stage runs through here.
+    async fn stage<'d>(
+        &'d mut self,
+        input: impl FnOnce(&'d Session) -> Input<'d>,
+    ) -> Result<(), Refusal> {
+        // Borrowed field by field: the facts read the session while the effects change.
+        let SessionDriver {
+            runtime,
+            listener,
+            shared,
+            peer,
+            session,
+            effects,
+            ..
+        } = self;
+        let session: &'d Session = session;
         let facts = StageFacts {
-            session: SessionFacts {
-                client_ip: self.peer.ip(),
-                user: self.session.user(),
-            },
-            listener: &self.listener,
-            input,
+            session: session_facts(*peer, session),
+            listener,
+            input: input(session),
         };
-        (self.effects)
-            .decide(&self.runtime, &self.shared, &facts)
-            .await
+        effects.decide(runtime, shared, &facts).await
     }
 
     /// Accept the pending command, or refuse it as the verdict says.
@@ -430,7 +426,7 @@ impl SessionDriver {
 
     async fn helo(&mut self, name: &str, extended: bool) {
         debug!(helo = %name, extended, "helo");
-        let verdict = self.stage(Input::Helo { name }).await;
+        let verdict = self.stage(|_| Input::Helo { name }).await;
         self.answer(verdict);
     }
 
@@ -438,11 +434,11 @@ impl SessionDriver {
         let Credentials {
             login, password, ..
         } = credentials;
-        let input = Input::Auth {
+        let verdict = (self.stage(|_| Input::Auth {
             login: &login,
             password: &password,
-        };
-        let verdict = self.stage(input).await;
+        }))
+        .await;
         if verdict.is_ok() {
             info!(user = %login, "authenticated");
         }
@@ -450,7 +446,7 @@ impl SessionDriver {
     }
 
     async fn mail(&mut self, from: &ReversePath, size: Option<u64>) {
-        let verdict = self.stage(Input::Mail { from, size }).await;
+        let verdict = self.stage(|_| Input::Mail { from, size }).await;
         if verdict.is_ok() {
             debug!(%from, "mail from");
         }
@@ -458,26 +454,19 @@ impl SessionDriver {
     }
 
     async fn rcpt(&mut self, to: &Address) {
-        let tx = self.session.transaction();
-        let facts = StageFacts {
-            session: SessionFacts {
-                client_ip: self.peer.ip(),
-                user: self.session.user(),
-            },
-            listener: &self.listener,
-            input: Input::Rcpt(RcptFacts {
+        let route = self.shared.capabilities.for_domain(to.domain());
+        let verdict = (self.stage(|session| {
+            Input::Rcpt(RcptFacts {
                 to,
-                bare_postmaster: self.session.rcpt_is_postmaster(),
-                transaction: tx.map(|t| TransactionFacts {
+                bare_postmaster: session.rcpt_is_postmaster(),
+                transaction: session.transaction().map(|t| TransactionFacts {
                     from: &t.from,
                     params: &t.params,
                 }),
-                route: self.shared.capabilities.for_domain(to.domain()),
-            }),
-        };
-        let verdict = (self.effects)
-            .decide(&self.runtime, &self.shared, &facts)
-            .await;
+                route,
+            })
+        }))
+        .await;
         self.answer(verdict);
     }
 
@@ -537,13 +526,6 @@ impl SessionDriver {
             normal.min(self.runtime.config.limits.stress_timeout)
         } else {
             normal
-        }
-    }
-
-    fn facts(&self) -> SessionFacts<'_> {
-        SessionFacts {
-            client_ip: self.peer.ip(),
-            user: self.session.user(),
         }
     }
 
@@ -780,13 +762,15 @@ impl SessionDriver {
     /// DATA: start assembling the message (`354`), or refuse when its spool file cannot be
     /// created.
     fn data_start(&mut self) {
+        // The message's own deadline (`data_timeout`) starts at its first read.
+        self.deadline = None;
         let Some(tx) = self.session.transaction() else {
             return self.session.accept();
         };
         let rules = self
             .runtime
             .policy
-            .data_start(&self.listener, &self.facts());
+            .data_start(&self.listener, &session_facts(self.peer, &self.session));
         let arrival = Arrival {
             listener: &self.listener.name,
             peer: self.peer,
@@ -828,6 +812,7 @@ impl SessionDriver {
 
     /// The final dot: the end-of-data stage, then the commit and `250`.
     async fn data_end(&mut self) {
+        self.message_ended();
         let Some(mut assembly) = self.assembly.take() else {
             return self.session.reject(&reply::LOCAL_ERROR);
         };
@@ -862,7 +847,16 @@ impl SessionDriver {
         let _ = self.shared.queued.send(committed);
     }
 
+    /// The message's data is over, whatever becomes of it: the next command has a deadline
+    /// of its own, and the transaction's space reservation is given back.
+    fn message_ended(&mut self) {
+        self.deadline = None;
+        self.data_progress = None;
+        self.effects.transaction_ended();
+    }
+
     fn data_rejected(&mut self, fault: DataFault) {
+        self.message_ended();
         self.assembly = None;
         let (reply, rule) = match fault {
             DataFault::BareLineEnding => {
@@ -875,38 +869,35 @@ impl SessionDriver {
 
     /// The end-of-data stage over what the assembly found.
     async fn end_of_data(&mut self, assembly: &mut Assembly) -> Result<(), Refusal> {
-        let Some(tx) = self.session.transaction() else {
+        if self.session.transaction().is_none() {
             return Err(Refusal::new(reply::LOCAL_ERROR, "spool_write"));
-        };
+        }
         let from_check = assembly.take_from_check();
-        let capabilities = &self.shared.capabilities;
-        let route = |domain: &str| capabilities.for_domain(domain);
-        let input = Input::DataEnd(EndOfData {
-            header_too_large: assembly.header_too_large(),
-            received_count: assembly.received_count(),
-            write_failed: assembly.write_failed(),
-            from_check: from_check.as_ref(),
-            header_utf8: assembly.header_utf8(),
-            eight_bit: assembly.eight_bit(),
-            size: assembly.size(),
-            transaction: TransactionFacts {
-                from: &tx.from,
-                params: &tx.params,
-            },
-            recipients: &tx.recipients,
-            route: &route,
-        });
-        let facts = StageFacts {
-            session: SessionFacts {
-                client_ip: self.peer.ip(),
-                user: self.session.user(),
-            },
-            listener: &self.listener,
-            input,
-        };
-        (self.effects)
-            .decide(&self.runtime, &self.shared, &facts)
-            .await
+        // Its own handle on the routes: the stage borrows the driver.
+        let capabilities = self.shared.capabilities.clone();
+        let route = move |domain: &str| capabilities.for_domain(domain);
+        let assembly = &*assembly;
+        (self.stage(|session| {
+            let tx = session
+                .transaction()
+                .expect("a session in DATA has a transaction");
+            Input::DataEnd(EndOfData {
+                header_too_large: assembly.header_too_large(),
+                received_count: assembly.received_count(),
+                write_failed: assembly.write_failed(),
+                from_check: from_check.as_ref(),
+                header_utf8: assembly.header_utf8(),
+                eight_bit: assembly.eight_bit(),
+                size: assembly.size(),
+                transaction: TransactionFacts {
+                    from: &tx.from,
+                    params: &tx.params,
+                },
+                recipients: &tx.recipients,
+                route: &route,
+            })
+        }))
+        .await
     }
 }
 
@@ -917,6 +908,28 @@ enum Wake {
     Shutdown,
     /// Stress mode started (false: its sender is gone).
     Stress(bool),
+}
+
+/// A `421` closes the channel (RFC 5321 §3.8): a client the connect stage refuses so (over
+/// its connection rate) is refused like one over a connection cap, before any TLS handshake,
+/// with no session of its own, and given the listener's `REFUSAL_WRITE_TIMEOUT` to read it.
+async fn closed_at_connect<S: Io>(io: S, r: &Refusal) {
+    match &r.detail {
+        Some(Detail::Limit(limit)) => {
+            warn!(rule = r.rule, limit = %limit, reply = %r.reply, "rejected at connect");
+        }
+        _ => warn!(rule = r.rule, reply = %r.reply, "rejected at connect"),
+    }
+    super::listener::refuse(io, &r.reply).await;
+}
+
+/// The facts every stage reads about the session: the client's address and its AUTH
+/// identity, if any.
+fn session_facts(peer: SocketAddr, session: &Session) -> SessionFacts<'_> {
+    SessionFacts {
+        client_ip: peer.ip(),
+        user: session.user(),
+    }
 }
 
 /// Before the greeting: true if the client sent anything within `wait`. What it sent is read

@@ -21,7 +21,7 @@ use super::connection::Shared;
 use super::verifier::Lane;
 use crate::policy::Refusal;
 use crate::policy::credentials::CheckError;
-use crate::policy::lockout::{Attempt, FailureReport, GateDecision, login_key};
+use crate::policy::lockout::{AuthAttempt, FailureReport, GateDecision, login_key};
 use crate::policy::stage::{
     Answer, Effect, Evaluation, Input, Lookup, LookupResult, StageFacts, Verdict,
 };
@@ -101,7 +101,7 @@ impl Effects {
         &mut self,
         effect: Effect,
         step: Step<'_>,
-        attempt: &mut Option<Attempt>,
+        attempt: &mut Option<AuthAttempt>,
     ) -> Answer {
         let Step {
             runtime,
@@ -120,7 +120,7 @@ impl Effects {
                 let Input::Auth { login, password } = facts.input else {
                     return Answer::Busy;
                 };
-                let attempt = attempt.take().unwrap_or_else(Attempt::unguarded);
+                let attempt = attempt.take().unwrap_or_else(AuthAttempt::unguarded);
                 let password = password.to_string();
                 verify(shared, attempt, (hash, known), login, password).await
             }
@@ -131,6 +131,12 @@ impl Effects {
             }
             Effect::Await(lookup) => Answer::Looked(self.lookups.finish(lookup).await),
         }
+    }
+
+    /// The transaction is over (RSET, refused, or its message done or refused): its space
+    /// reservation, if the assembly did not take it, is given back.
+    pub fn transaction_ended(&mut self) {
+        self.reservation = None;
     }
 
     /// Lookups started and not read yet.
@@ -148,12 +154,8 @@ impl Effects {
                 self.reservation = Some(reservation);
                 Answer::Allowed
             }
-            Ok(Err(short)) => Answer::NoSpace(format!(
-                "spool free space {} minus {} reserved for messages in flight leaves no {} \
-                 above min_free_space {}",
-                short.free, short.reserved, short.bytes, short.min_free
-            )),
-            Err(e) => Answer::SpaceUnknown(format!("cannot read spool free space: {e}")),
+            Ok(Err(short)) => Answer::NoSpace(short),
+            Err(e) => Answer::SpaceUnknown(e),
         }
     }
 }
@@ -166,7 +168,7 @@ async fn auth_gate(
     runtime: &Runtime,
     facts: &StageFacts<'_>,
     login: &str,
-    attempt: &mut Option<Attempt>,
+    attempt: &mut Option<AuthAttempt>,
 ) -> Answer {
     let store = runtime.policy.store();
     let deadline = Instant::now() + AUTH_WAIT;
@@ -198,7 +200,7 @@ async fn auth_gate(
 /// sooner than the attempt's delay (a sprayed login).
 async fn verify(
     shared: &Shared,
-    attempt: Attempt,
+    attempt: AuthAttempt,
     (hash, known): (Arc<str>, bool),
     login: &str,
     password: String,
@@ -233,7 +235,7 @@ async fn verify(
         return Answer::Busy;
     };
     // `Err`: the verifier thread is gone and dropped the sender: not the client's fault.
-    let matched = match result.unwrap_or_else(|_| Err(CheckError::Verifier("gone".into()))) {
+    let matched = match result.unwrap_or(Err(CheckError::VerifierGone)) {
         Ok(matched) => matched,
         Err(error) => {
             // Given back, not recorded: a broken verifier cannot lock users out.

@@ -9,8 +9,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
-use tokio::io::AsyncWriteExt;
-use tokio::net::{TcpListener, TcpStream};
+use tokio::io::{AsyncWrite, AsyncWriteExt};
+use tokio::net::TcpListener;
 use tokio_util::task::TaskTracker;
 use tracing::{Instrument, info, info_span, warn};
 
@@ -20,8 +20,8 @@ use super::pressure::{ConnectionCounter, Full};
 use crate::config::Listener;
 use crate::smtp::{Reply, reply};
 
-/// How long a refused client is given to read its `421`.
-const REFUSAL_WRITE_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long a client refused at connect with a `421` is given to read it.
+pub const REFUSAL_WRITE_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Pause after a failed accept (e.g. out of file descriptors) before trying again.
 const ACCEPT_ERROR_BACKOFF: Duration = Duration::from_millis(100);
@@ -86,7 +86,7 @@ impl ListenerTask {
                         Full::PerIp => (reply::TOO_MANY_FROM_IP, "max_connections_per_ip"),
                     };
                     warn!(peer = %peer, listener = %listener.name, rule, reply = %reply, "rejected at connect");
-                    self.tracker.spawn(refuse(tcp, reply));
+                    self.tracker.spawn(async move { refuse(tcp, &reply).await });
                 }
             }
         }
@@ -106,13 +106,16 @@ impl ListenerTask {
     }
 }
 
-/// Tell a client it cannot be served now, then close.
-async fn refuse(mut tcp: TcpStream, reply: Reply) {
+/// Tell a client it cannot be served now (a `421`: RFC 5321 §3.8, the server closes the
+/// channel), then close; a client that does not read it within [`REFUSAL_WRITE_TIMEOUT`] is
+/// closed anyway. Used for the connection caps here and for a `421` of the connect stage
+/// (the connection rate) in the session driver.
+pub(super) async fn refuse<S: AsyncWrite + Unpin>(mut io: S, reply: &Reply) {
     let mut out = Vec::new();
     reply.write_to(&mut out);
     let _ = tokio::time::timeout(REFUSAL_WRITE_TIMEOUT, async {
-        tcp.write_all(&out).await?;
-        tcp.shutdown().await
+        io.write_all(&out).await?;
+        io.shutdown().await
     })
     .await;
 }

@@ -19,8 +19,10 @@ use super::connection::{SessionDriver, Shared};
 use super::effects::Effects;
 use super::verifier::Verifier;
 use crate::config::Config;
-use crate::policy::lockout::{Attempt, GateDecision};
+use crate::policy::limits::RateLimit;
+use crate::policy::lockout::{AuthAttempt, GateDecision};
 use crate::policy::stage::{Check, Evaluation, Input, Lookup, StageFacts};
+use crate::policy::store::RateKey;
 use crate::policy::{Policy, SessionFacts};
 use crate::queue::Committed;
 use crate::queue::Spool;
@@ -260,6 +262,26 @@ async fn a_message_for_an_accepted_domain_is_queued_and_announced() {
 }
 
 #[tokio::test(start_paused = true)]
+async fn a_message_over_the_hop_limit_is_refused_after_the_final_dot_and_nothing_is_queued() {
+    let mut h = Harness::start(NO_TLS, "[limits]\nhop_limit = 1\n");
+    h.reply().await;
+    h.cmd("EHLO client.test").await;
+    h.cmd("MAIL FROM:<a@sender.test>").await;
+    assert!(h.cmd("RCPT TO:<u@example.com>").await.starts_with("250 "));
+    assert!(h.cmd("DATA").await.starts_with("354 "));
+    let looped = "Received: from a\r\nReceived: from b\r\nSubject: hi\r\n\r\nbody\r\n.";
+    assert_eq!(h.cmd(looped).await, wire(&reply::TOO_MANY_HOPS));
+    h.cmd("QUIT").await;
+    h.until_closed().await;
+    assert!(h.queued.try_recv().is_err());
+    // Neither committed nor left behind: the refused message's file went with it.
+    for dir in ["spool/queue", "spool/tmp"] {
+        let files = std::fs::read_dir(h.dir.path().join(dir)).unwrap().count();
+        assert_eq!(files, 0, "{dir}");
+    }
+}
+
+#[tokio::test(start_paused = true)]
 async fn a_locked_out_client_is_refused_before_any_password_is_verified() {
     let mut h = Harness::start(
         "tls = \"starttls\"\nauth = \"optional\"",
@@ -357,10 +379,35 @@ async fn a_client_over_its_connection_rate_gets_421_and_is_closed() {
     assert_eq!(again.until_closed().await, wire(&reply::CONNECTION_RATE));
 }
 
+#[tokio::test(start_paused = true)]
+async fn a_client_over_its_connection_rate_that_does_not_read_is_closed_after_the_refusal_timeout()
+{
+    let dir = tempfile::tempdir().unwrap();
+    let more =
+        "[rate_limits]\nconnections_per_ip = \"1/hour\"\n[limits]\ncommand_timeout = \"5m\"\n";
+    let runtime = Arc::new(runtime(dir.path(), NO_TLS, more));
+    let parts = Parts::new(dir.path(), &runtime);
+    let peer: SocketAddr = PEER.parse().unwrap();
+    // An earlier connection spent the budget.
+    let now = tokio::time::Instant::now().into_std();
+    let (limit, key) = (RateLimit::ConnectionsPerIp, RateKey::Client(peer.ip()));
+    assert!(runtime.policy.store().take(limit, &key, now).is_ok());
+    let listener = runtime.config.listeners[0].clone();
+    let mut driver = SessionDriver::new(Arc::clone(&runtime), listener, parts.shared, peer);
+    // This one's pipe holds less than the `421`, and the client never reads.
+    let (mut client, server) = tokio::io::duplex(8);
+    let started = tokio::time::Instant::now();
+    driver.run(server).await;
+    assert_eq!(started.elapsed(), super::listener::REFUSAL_WRITE_TIMEOUT);
+    let mut head = [0u8; 3];
+    client.read_exact(&mut head).await.unwrap();
+    assert_eq!(&head, b"421");
+}
+
 /// The AUTH stage of a client whose one verification in flight (`in_flight`) is still
 /// unsettled, under `max_failures = 1`: it waits. `end` ends that attempt once the stage is
 /// waiting; the stage's rule and how long it waited.
-async fn auth_held_back_by(end: impl FnOnce(Attempt)) -> (&'static str, Duration) {
+async fn auth_held_back_by(end: impl FnOnce(AuthAttempt)) -> (&'static str, Duration) {
     let dir = tempfile::tempdir().unwrap();
     write_users(dir.path());
     let more = "[auth]\nusers_file = \"{dir}/users.toml\"\nmax_failures = 1\n";
@@ -397,7 +444,7 @@ async fn auth_held_back_by(end: impl FnOnce(Attempt)) -> (&'static str, Duration
 
 #[tokio::test(start_paused = true)]
 async fn an_auth_waiting_for_an_attempt_in_flight_is_woken_when_it_is_settled() {
-    let settle = |attempt: Attempt| {
+    let settle = |attempt: AuthAttempt| {
         attempt.settle(false, tokio::time::Instant::now().into_std());
     };
     // Woken at once (no polling interval, no timeout) and finds the client locked out.

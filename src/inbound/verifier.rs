@@ -65,7 +65,7 @@ pub struct Busy;
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Lane {
     /// A login that succeeded from this client before
-    /// ([`crate::policy::lockout::Attempt::known`]).
+    /// ([`crate::policy::lockout::AuthAttempt::known`]).
     Known,
     /// Everyone else.
     Other,
@@ -298,7 +298,7 @@ fn work(queue: &Queue) {
         }))
         .unwrap_or_else(|_| {
             blocks = Vec::new();
-            Err(CheckError::Verifier("panicked".into()))
+            Err(CheckError::VerifierPanicked)
         });
         queue.verified.fetch_add(1, Ordering::Relaxed);
         queue.lock().finish(&job);
@@ -330,7 +330,7 @@ mod tests {
         // The flood fills the other lane; a known user is still admitted, and verified
         // before the strangers that were waiting.
         let v = Verifier::start(1, 2).unwrap();
-        let slow: Arc<str> = "$argon2id$v=19$m=19456,t=40,p=1$3C056/yWongzKuiNtDZD6w$MyPqlOLCva2ktGsHp6KlygtFPfGTe5FCWyJ6XljeRlE".into();
+        let slow: Arc<str> = SLOW.into();
         let flood: Vec<_> = (0..3)
             .map(|_| {
                 v.submit(Arc::clone(&slow), "x".into(), "user", Lane::Other)
@@ -363,8 +363,7 @@ mod tests {
     async fn a_full_queue_is_refused_at_once_not_waited_for() {
         // One thread, one waiting place: of four jobs submitted at once, two are taken.
         let v = Verifier::start(1, 1).unwrap();
-        // Slow enough (t = 40 passes of 19 MiB) that the first is still running.
-        let slow: Arc<str> = "$argon2id$v=19$m=19456,t=40,p=1$3C056/yWongzKuiNtDZD6w$MyPqlOLCva2ktGsHp6KlygtFPfGTe5FCWyJ6XljeRlE".into();
+        let slow: Arc<str> = SLOW.into();
         let results: Vec<_> = (0..4)
             .map(|_| v.submit(Arc::clone(&slow), "x".into(), "user", Lane::Other))
             .collect();

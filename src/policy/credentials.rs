@@ -154,9 +154,12 @@ pub enum CheckError {
     /// argon2 refused the stored parameters (e.g. `m=1`) or could not run with them.
     #[error("argon2 refused the stored parameters: {0}")]
     Refused(String),
-    /// The verifier itself failed (a panic, a verifier thread gone).
-    #[error("the password verifier failed: {0}")]
-    Verifier(String),
+    /// The verification panicked (the verifier thread survives it).
+    #[error("the password verifier failed: panicked")]
+    VerifierPanicked,
+    /// The verifier thread is gone before it answered.
+    #[error("the password verifier failed: gone")]
+    VerifierGone,
 }
 
 /// Whether `password` matches the PHC string `hash`, allocating the argon2 memory for this

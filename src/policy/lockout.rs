@@ -22,7 +22,7 @@
 //!   knowing one password does not buy fresh guesses at another.
 //! - **Overshoot it with parallel connections.** [`AuthGuard::begin`] reserves a failure
 //!   before the password is verified, and the reservation counts as a failure until
-//!   [`Attempt::settle`] records the result: `failures + in flight` never exceeds
+//!   [`AuthAttempt::settle`] records the result: `failures + in flight` never exceeds
 //!   `max_failures`. A client has at most [`MAX_IN_FLIGHT_PER_CLIENT`] verification in flight;
 //!   a further AUTH from it gets [`GateDecision::Busy`] and waits for that result (the driver bounds the
 //!   wait), so the colleagues of an office behind one NAT address are verified one after
@@ -41,7 +41,7 @@
 //! The login table likewise never evicts a login with failures in its window: when it holds
 //! [`MAX_TRACKED_LOGINS`], further logins share one overflow entry (so a flood of invented
 //! logins slows those logins, and cannot clear the record of a sprayed one): at most about
-//! 7 MiB (a 256-octet key and 16 clients per login). The known pairs of [`Attempt::known`]
+//! 7 MiB (a 256-octet key and 16 clients per login). The known pairs of [`AuthAttempt::known`]
 //! take under 1 MiB ([`MAX_KNOWN_PAIRS`]).
 //!
 //! Windows are fixed, starting at the first failure of a key: simple, and at most twice
@@ -90,7 +90,7 @@ pub const MAX_LOGINS_PER_CLIENT: usize = 8;
 pub const MAX_IN_FLIGHT_PER_CLIENT: u32 = 1;
 
 /// How long a successful AUTH of a login from a client makes that pair "known": its later
-/// AUTHs are verified ahead of strangers' ([`Attempt::known`]).
+/// AUTHs are verified ahead of strangers' ([`AuthAttempt::known`]).
 pub const KNOWN_PAIR_TTL: Duration = Duration::from_secs(7 * 24 * 3600);
 
 /// (client, login) pairs remembered as known at most; beyond, the oldest are forgotten (which
@@ -153,8 +153,8 @@ pub enum GateDecision {
     /// The client's failure budget is taken by verifications in flight, or it has
     /// [`MAX_IN_FLIGHT_PER_CLIENT`] of them: ask again when one has settled.
     Busy,
-    /// Verify, then [`Attempt::settle`]; do not reply before `attempt.delay` has passed.
-    Proceed(Attempt),
+    /// Verify, then [`AuthAttempt::settle`]; do not reply before `attempt.delay` has passed.
+    Proceed(AuthAttempt),
 }
 
 /// What a failed AUTH led to, for the log.
@@ -272,20 +272,21 @@ pub struct AuthGuard {
 }
 
 /// An AUTH allowed to verify: it holds a reservation in its client's entry that counts as a
-/// failure until [`Attempt::settle`] (or, if dropped unsettled, for good).
+/// failure until [`AuthAttempt::settle`] (or, if dropped unsettled, for good).
 #[derive(Debug)]
-pub struct Attempt {
+pub struct AuthAttempt {
     /// Answer no sooner than this (a sprayed login).
     pub delay: Duration,
     /// This login succeeded from this client within [`KNOWN_PAIR_TTL`]: verify it ahead of
     /// strangers, so a flood of invented logins does not keep the real users out. It says
     /// nothing an attacker can use: a pair becomes known only by a right password.
     pub known: bool,
-    reservation: Option<Reservation>,
+    reservation: Option<FailureReservation>,
 }
 
+/// The failure an attempt holds in the lockout tables until it is settled.
 #[derive(Debug)]
-struct Reservation {
+struct FailureReservation {
     guard: Arc<AuthGuard>,
     level: usize,
     net: IpNet,
@@ -294,10 +295,10 @@ struct Reservation {
     started: Instant,
 }
 
-impl Attempt {
+impl AuthAttempt {
     /// An attempt that nothing counts (a policy without `[auth]`).
-    pub fn unguarded() -> Attempt {
-        Attempt {
+    pub fn unguarded() -> AuthAttempt {
+        AuthAttempt {
             delay: Duration::ZERO,
             known: false,
             reservation: None,
@@ -314,7 +315,7 @@ impl Attempt {
     }
 }
 
-impl Attempt {
+impl AuthAttempt {
     /// Nothing was verified (the verifier was busy): give the reservation back uncounted.
     pub fn release(mut self) {
         if let Some(r) = self.reservation.take() {
@@ -323,7 +324,7 @@ impl Attempt {
     }
 }
 
-impl Drop for Attempt {
+impl Drop for AuthAttempt {
     /// A verification whose result never arrived stays a failure (at the time it started).
     fn drop(&mut self) {
         if let Some(r) = self.reservation.take() {
@@ -454,10 +455,10 @@ impl AuthGuard {
             .known
             .get(&(ClientKey::new(ip), self.login_hash(login)))
             .is_some_and(|&at| now.saturating_duration_since(at) < KNOWN_PAIR_TTL);
-        GateDecision::Proceed(Attempt {
+        GateDecision::Proceed(AuthAttempt {
             delay: spray_delay(failures, s.max_failures),
             known,
-            reservation: Some(Reservation {
+            reservation: Some(FailureReservation {
                 guard: Arc::clone(self),
                 level,
                 net: nets[level],
@@ -479,7 +480,7 @@ impl AuthGuard {
         })
     }
 
-    fn release(&self, r: &Reservation) {
+    fn release(&self, r: &FailureReservation) {
         let mut t = self.lock();
         if let Some(client) = t.clients[r.level].map.get_mut(&r.net) {
             client.in_flight = client.in_flight.saturating_sub(1);
@@ -488,14 +489,14 @@ impl AuthGuard {
         self.settled.notify_waiters();
     }
 
-    /// Record a result (see [`Attempt::settle`]) and wake the AUTHs waiting for one.
-    fn settle(&self, r: &Reservation, success: bool, now: Instant) -> FailureReport {
+    /// Record a result (see [`AuthAttempt::settle`]) and wake the AUTHs waiting for one.
+    fn settle(&self, r: &FailureReservation, success: bool, now: Instant) -> FailureReport {
         let report = self.record(r, success, now);
         self.settled.notify_waiters();
         report
     }
 
-    fn record(&self, r: &Reservation, success: bool, now: Instant) -> FailureReport {
+    fn record(&self, r: &FailureReservation, success: bool, now: Instant) -> FailureReport {
         let s = self.settings;
         let login_hash = self.login_hash(&r.login);
         let mut report = FailureReport::default();
@@ -630,7 +631,7 @@ mod tests {
         s.parse().unwrap()
     }
 
-    fn proceed(g: &Arc<AuthGuard>, a: IpAddr, login: &str, now: Instant) -> Attempt {
+    fn proceed(g: &Arc<AuthGuard>, a: IpAddr, login: &str, now: Instant) -> AuthAttempt {
         match g.begin(a, login, now) {
             GateDecision::Proceed(attempt) => attempt,
             other => panic!("{a} {login}: expected to proceed, got {other:?}"),
@@ -659,7 +660,7 @@ mod tests {
         // is woken whether that attempt is settled, released or dropped (no polling).
         let g = guard();
         let (a, t0) = (ip("192.0.2.1"), Instant::now());
-        let ends: [fn(Attempt, Instant); 3] = [
+        let ends: [fn(AuthAttempt, Instant); 3] = [
             |attempt, now| {
                 attempt.settle(false, now);
             },
@@ -779,7 +780,7 @@ mod tests {
         let t0 = Instant::now();
         let a = ip("192.0.2.1");
         let mut verified = 0;
-        let mut in_flight: Vec<Attempt> = Vec::new();
+        let mut in_flight: Vec<AuthAttempt> = Vec::new();
         for _ in 0..60 {
             match g.begin(a, "bob", t0) {
                 GateDecision::Proceed(attempt) => in_flight.push(attempt),

@@ -168,20 +168,11 @@ impl FromCheck {
         Ok(())
     }
 
-    /// The verdict so far, as [`FromCheck::finish`] would give it, without consuming the check.
+    /// The verdict once the header section has been read: the first problem found, or
+    /// [`FromProblem::Missing`] when there was no `From:` field.
     pub fn verdict(&self) -> Result<(), FromProblem> {
         match &self.problem {
             Some(p) => Err(p.clone()),
-            None if self.seen => Ok(()),
-            None => Err(FromProblem::Missing),
-        }
-    }
-
-    /// The verdict once the header section has been read: the first problem found, or
-    /// [`FromProblem::Missing`] when there was no `From:` field.
-    pub fn finish(self) -> Result<(), FromProblem> {
-        match self.problem {
-            Some(p) => Err(p),
             None if self.seen => Ok(()),
             None => Err(FromProblem::Missing),
         }
@@ -465,7 +456,7 @@ pub fn check_from_header(senders: &Senders, section: &[u8]) -> Result<(), FromPr
     let mut out = Vec::new();
     reader.push(section, &mut out);
     reader.finish(&mut out);
-    reader.into_inspector().finish()
+    reader.into_inspector().verdict()
 }
 
 /// A header value cut to a length fit for a log line.
@@ -608,7 +599,7 @@ mod tests {
         // Off: only the addresses count.
         let mut off = FromCheck::new(Arc::new(s.clone()), false);
         off.from_field(spoofs[0].as_bytes(), value_of(spoofs[0]));
-        assert_eq!(off.finish(), Ok(()));
+        assert_eq!(off.verdict(), Ok(()));
     }
 
     #[test]
@@ -658,7 +649,7 @@ mod tests {
         // Still refused with the display-name rule off.
         let mut off = FromCheck::new(Arc::new(s.clone()), false);
         off.from_field(ambiguous[3].as_bytes(), value_of(ambiguous[3]));
-        assert!(matches!(off.finish(), Err(FromProblem::Ambiguous(_))));
+        assert!(matches!(off.verdict(), Err(FromProblem::Ambiguous(_))));
         let fine = [
             "From: Alice <alice@example.com>, alice@example.com (Alice)\r\n",
             "From: \"Alice: the boss; really\" <alice@example.com>\r\n",

@@ -31,6 +31,7 @@ use crate::config::Listener;
 use crate::envelope::{Address, MailParams, ReversePath};
 use crate::policy::access::{contains, normalize};
 use crate::policy::credentials::CheckError;
+use crate::queue::reserve::Insufficient;
 use crate::smtp::reply;
 
 /// The SMTP stages a policy decides at (RFC 5321 §3: session initiation, client
@@ -194,11 +195,10 @@ pub enum Answer {
     Password { matched: bool },
     /// The verification itself failed (not the client's fault): nothing counted.
     VerifierFailed(CheckError),
-    /// The spool's free space, minus messages in flight, is below `min_free_space`; the
-    /// numbers for the log.
-    NoSpace(String),
-    /// The spool's free space could not be read.
-    SpaceUnknown(String),
+    /// The spool's free space, minus messages in flight, is below `min_free_space`.
+    NoSpace(Insufficient),
+    /// The spool's free space could not be read (`statvfs` failed).
+    SpaceUnknown(std::io::Error),
     /// What a lookup found.
     Looked(LookupResult),
 }
@@ -483,12 +483,13 @@ impl Policy {
                     )))
                     .warning()
             }
-            Answer::NoSpace(detail) => Refusal::new(reply::INSUFFICIENT_STORAGE, "min_free_space")
-                .with_detail(Detail::Text(detail))
+            Answer::NoSpace(short) => Refusal::new(reply::INSUFFICIENT_STORAGE, "min_free_space")
+                .with_detail(Detail::Text(short.to_string()))
                 .warning(),
-            Answer::SpaceUnknown(detail) => {
-                Refusal::new(reply::LOCAL_ERROR, "spool_statvfs").with_detail(Detail::Text(detail))
-            }
+            Answer::SpaceUnknown(error) => Refusal::new(reply::LOCAL_ERROR, "spool_statvfs")
+                .with_detail(Detail::Text(format!(
+                    "cannot read spool free space: {error}"
+                ))),
         };
         Some(refusal)
     }
@@ -704,12 +705,19 @@ mod tests {
             (vec![user_rate], Some("rate_limits.messages_per_user"))
         );
         let full = |e: &Effect| match e {
-            Effect::ReserveSpace { .. } => Answer::NoSpace("full".into()),
+            Effect::ReserveSpace { .. } => Answer::NoSpace(Insufficient {
+                free: 100,
+                reserved: 50,
+                bytes: 1000,
+                min_free: 10,
+            }),
             _ => Answer::Allowed,
         };
         assert_eq!(mail(None, &owned, None, &full).1, Some("min_free_space"));
         let unknown = |e: &Effect| match e {
-            Effect::ReserveSpace { .. } => Answer::SpaceUnknown("statvfs".into()),
+            Effect::ReserveSpace { .. } => {
+                Answer::SpaceUnknown(std::io::ErrorKind::PermissionDenied.into())
+            }
             _ => Answer::Allowed,
         };
         assert_eq!(mail(None, &owned, None, &unknown).1, Some("spool_statvfs"));
@@ -821,9 +829,7 @@ mod tests {
             (vec!["gate", "verify unknown"], Some("auth_unknown_user"))
         );
         let broken = |e: &Effect| match e {
-            Effect::VerifyPassword { .. } => {
-                Answer::VerifierFailed(CheckError::Verifier("test".into()))
-            }
+            Effect::VerifyPassword { .. } => Answer::VerifierFailed(CheckError::VerifierPanicked),
             _ => Answer::Allowed,
         };
         assert_eq!(auth("alice", &broken).1, Some("auth_verifier_failed"));

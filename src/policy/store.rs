@@ -78,7 +78,7 @@ impl Store {
         match self {
             Store::Local(l) => match &l.auth_guard {
                 Some(guard) => guard.begin(ip, login, now),
-                None => GateDecision::Proceed(super::lockout::Attempt::unguarded()),
+                None => GateDecision::Proceed(super::lockout::AuthAttempt::unguarded()),
             },
         }
     }

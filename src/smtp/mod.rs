@@ -28,4 +28,4 @@ pub mod upstream_reply;
 pub use data::DataFault;
 pub use reply::Reply;
 pub use sasl::{Credentials, Mechanism};
-pub use session::{Event, Session, SessionConfig, Transaction};
+pub use session::{Event, STRESS_JUNK_LIMIT, Session, SessionConfig, Transaction};
