@@ -291,8 +291,8 @@ pub enum UpstreamTls {
     Required,
 }
 
-/// One `[[upstreams]]` entry.
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// One `[[upstreams]]` entry. Its `Debug` form leaves the password out.
+#[derive(Clone, PartialEq, Eq)]
 pub struct Upstream {
     /// Name in logs (default `upstream<index>`), unique.
     pub name: String,
@@ -320,6 +320,25 @@ pub struct Upstream {
     /// Circuit breaker: after a connection-level failure the upstream is left alone this long,
     /// doubling with each further failure up to 16 times; then one delivery probes it.
     pub backoff: Duration,
+}
+
+impl std::fmt::Debug for Upstream {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Upstream")
+            .field("name", &self.name)
+            .field("address", &self.address)
+            .field("tls", &self.tls)
+            .field("ca", &self.ca)
+            .field("domains", &self.domains)
+            .field("auth_user", &self.auth_user)
+            .field("auth_password_file", &self.auth_password_file)
+            .field("auth_password", &self.auth_password.as_ref().map(|_| "<redacted>"))
+            .field("max_connections", &self.max_connections)
+            .field("connect_timeout", &self.connect_timeout)
+            .field("timeout", &self.timeout)
+            .field("backoff", &self.backoff)
+            .finish()
+    }
 }
 
 /// `[headers]`.

@@ -587,6 +587,8 @@ fn portcullis_toml_documents_only_known_keys_and_is_valid() {
     assert_eq!(auth.users.len(), 1);
     assert_eq!(auth.users[0].senders, ["alice@example.com", "@example.org"]);
     assert_eq!(c.upstreams[0].auth_password.as_deref(), Some("hunter2"));
+    // Nothing that prints the configuration shows the password.
+    assert!(!format!("{:?}", c.upstreams[0]).contains("hunter2"));
     assert_eq!(c.limits.min_free_space, 40 << 20);
     assert!(c.rate_limits.messages_per_user.is_some());
     assert!(c.warnings().is_empty(), "{:?}", c.warnings());
