@@ -292,7 +292,7 @@ pub enum UpstreamTls {
 }
 
 /// One `[[upstreams]]` entry.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Upstream {
     /// Name in logs (default `upstream<index>`), unique.
     pub name: String,

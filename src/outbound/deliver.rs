@@ -5,6 +5,7 @@
 //! transaction, and report each recipient's result. Nothing here writes the spool or queues
 //! a bounce: the queue manager ([`crate::queue::manager`]) records the report.
 
+use std::sync::Arc;
 use std::time::Instant;
 
 use tracing::{error, info, warn};
@@ -20,7 +21,8 @@ use crate::queue::{Attempt, SendLock, SpoolError};
 
 /// Everything a delivery needs.
 pub struct Context {
-    pub upstreams: Upstreams,
+    /// Shared with the next context when a reload leaves `[[upstreams]]` as they are.
+    pub upstreams: Arc<Upstreams>,
     /// Our name: EHLO to upstreams, Reporting-MTA of bounces.
     pub hostname: String,
     pub queue: config::Queue,
@@ -360,7 +362,7 @@ mod tests {
         config.upstreams[0].tls = UpstreamTls::None;
         let book = Arc::new(CapabilityBook::load(&config.upstreams, None));
         Context {
-            upstreams: Upstreams::new(&config, book).unwrap(),
+            upstreams: Arc::new(Upstreams::new(&config, book).unwrap()),
             hostname: "relay.example".into(),
             queue: config.queue.clone(),
         }

@@ -61,22 +61,44 @@ pub struct Delivery {
 impl Delivery {
     /// Apply a reloaded configuration's `[[upstreams]]`, `[queue]` and host name: attempts
     /// started from now on use the new routes, upstreams and retry schedule, those in flight
-    /// finish on the old ones (whose idle connections are then closed); the inbound checks at
-    /// RCPT see the new routing table at once. Breakers and pools start afresh. The new
-    /// upstreams are probed in the background for their capabilities (until then the ones the
-    /// spool file recorded for the same name and address hold). Errors: an upstream's TLS
-    /// client configuration cannot be built; nothing is changed then.
+    /// finish on the context they started with; the inbound checks at RCPT see the new routing
+    /// table at once.
+    ///
+    /// When `[[upstreams]]` and the host name are unchanged, the running upstreams (routing
+    /// table, capabilities, breakers, pools) carry on as they are and only `[queue]` changes.
+    /// Otherwise the upstreams are built anew: an unchanged entry keeps its circuit breaker and
+    /// connection slots ([`upstream::Upstreams::renew`]), every other starts with a closed
+    /// breaker; the new upstreams are probed in the background for their capabilities (until
+    /// then the ones the spool file recorded for the same name and address hold), then the
+    /// previous upstreams' idle connections are closed.
+    ///
+    /// # Errors
+    /// [`ClientTlsError`]: an upstream's TLS client configuration cannot be built; nothing is
+    /// changed then.
     pub fn reload(&self, config: &Config, spool: &Spool) -> Result<(), ClientTlsError> {
+        let old = self.context.load_full();
+        let same_upstreams = old.hostname == config.server.hostname
+            && old.upstreams.configured_as(&config.upstreams);
+        if same_upstreams {
+            self.context.store(Arc::new(Context {
+                upstreams: old.upstreams.clone(),
+                hostname: old.hostname.clone(),
+                queue: config.queue.clone(),
+            }));
+            return Ok(());
+        }
         let book = Arc::new(crate::routes::CapabilityBook::load(
             &config.upstreams,
             Some(spool.root()),
         ));
+        let upstreams =
+            upstream::Upstreams::renew(config, book.clone(), Some(&old.upstreams))?;
         let context = Arc::new(Context {
-            upstreams: upstream::Upstreams::new(config, book.clone())?,
+            upstreams: Arc::new(upstreams),
             hostname: config.server.hostname.clone(),
             queue: config.queue.clone(),
         });
-        let old = self.context.swap(context.clone());
+        self.context.store(context.clone());
         self.capabilities.replace(book);
         self.tracker.spawn(async move {
             context
@@ -104,7 +126,7 @@ pub fn start(
         Some(spool.root()),
     ));
     let context = Arc::new(ArcSwap::from_pointee(Context {
-        upstreams: upstream::Upstreams::new(config, book.clone())?,
+        upstreams: Arc::new(upstream::Upstreams::new(config, book.clone())?),
         hostname: config.server.hostname.clone(),
         queue: config.queue.clone(),
     }));
