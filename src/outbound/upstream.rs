@@ -525,6 +525,35 @@ mod tests {
         );
     }
 
+    /// A stale pooled connection, an unreadable spool file or shutdown says nothing about the
+    /// upstream: the breaker stays closed. A refused connection opens it.
+    #[test]
+    fn only_the_upstreams_own_failures_open_its_breaker() {
+        let config = Config::embedded_default();
+        let book = Arc::new(CapabilityBook::load(&config.upstreams, None));
+        let up = UpstreamRt::new(0, &config.upstreams[0], book).unwrap();
+        let io = || std::io::Error::from(std::io::ErrorKind::ConnectionRefused);
+        let not_its_fault = [
+            ClientError::Stale(Box::new(ClientError::Closed {
+                stage: super::super::error::UpstreamStage::Rset,
+            })),
+            ClientError::Local {
+                stage: super::super::error::UpstreamStage::Data,
+                source: std::io::Error::other("EIO"),
+            },
+            ClientError::ShuttingDown,
+        ];
+        for failure in &not_its_fault {
+            let pass = up.available(Instant::now()).unwrap();
+            up.failed(Instant::now(), failure, pass);
+            assert!(up.down().is_none(), "{failure} opened the breaker");
+        }
+        let pass = up.available(Instant::now()).unwrap();
+        up.failed(Instant::now(), &ClientError::Connect(io()), pass);
+        assert!(up.down().is_some());
+        assert!(up.available(Instant::now()).is_none());
+    }
+
     /// A delivery that passed before a close and fails after it changes nothing: a success
     /// closed the breaker since it started.
     #[test]
