@@ -91,8 +91,7 @@ impl Delivery {
             &config.upstreams,
             Some(spool.root()),
         ));
-        let upstreams =
-            upstream::Upstreams::renew(config, book.clone(), Some(&old.upstreams))?;
+        let upstreams = upstream::Upstreams::renew(config, book.clone(), Some(&old.upstreams))?;
         let context = Arc::new(Context {
             upstreams: Arc::new(upstreams),
             hostname: config.server.hostname.clone(),
@@ -180,7 +179,13 @@ mod tests {
     }
 
     fn down(delivery: &Delivery, index: usize) -> bool {
-        delivery.context.load().upstreams.get(index).down().is_some()
+        delivery
+            .context
+            .load()
+            .upstreams
+            .get(index)
+            .down()
+            .is_some()
     }
 
     #[tokio::test]

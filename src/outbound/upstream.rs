@@ -91,7 +91,11 @@ impl Upstreams {
     /// Are these the upstreams `upstreams` configures, entry for entry and in order?
     pub fn configured_as(&self, upstreams: &[Upstream]) -> bool {
         self.list.len() == upstreams.len()
-            && self.list.iter().zip(upstreams).all(|(rt, up)| rt.config == *up)
+            && self
+                .list
+                .iter()
+                .zip(upstreams)
+                .all(|(rt, up)| rt.config == *up)
     }
 
     /// The upstreams for a recipient domain (lower case), in failover order ([`crate::routes::Routes::route`]).
