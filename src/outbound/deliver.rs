@@ -189,8 +189,9 @@ impl Sending<'_> {
             size: msg.size,
         };
         for fresh_try in [false, true] {
-            let mut lease = up.lease(&self.ctx.hostname).await?;
+            // The message first: a spool that cannot be read leaves the pool as it was.
             let mut source = self.source().await.map_err(ClientError::Spool)?;
+            let mut lease = up.lease(&self.ctx.hostname).await?;
             let mut gate = FinalDotLock {
                 lock: self.job.lock,
             };
