@@ -15,7 +15,7 @@ use super::error::ClientError;
 use super::upstream::{UpstreamRt, Upstreams};
 use crate::config;
 use crate::envelope::{Address, QueueId, unix_now};
-use crate::queue::attempt::{Courier, Job, MessageBytes, on_spool};
+use crate::queue::attempt::{Consignment, Courier, MessageBytes, on_spool};
 use crate::queue::schedule::{AttemptReport, FailedRcpt, RcptResult};
 use crate::queue::{Attempt, SendLock, SpoolError};
 
@@ -49,7 +49,7 @@ impl Courier for Context {
             .max(1)
     }
 
-    async fn send<'a>(&'a self, job: Job<'a>) -> AttemptReport {
+    async fn send<'a>(&'a self, job: Consignment<'a>) -> AttemptReport {
         let mut sending = Sending {
             ctx: self,
             job,
@@ -82,7 +82,7 @@ impl Courier for Context {
 /// The sending half of one attempt: the job, and the report it fills in.
 struct Sending<'a> {
     ctx: &'a Context,
-    job: Job<'a>,
+    job: Consignment<'a>,
     report: AttemptReport,
 }
 
@@ -387,7 +387,7 @@ mod tests {
             route: vec![0],
             rcpts: vec![0, 1],
         }];
-        let job = Job {
+        let job = Consignment {
             spool: &spool,
             msg: &loaded.msg,
             bytes: &bytes,

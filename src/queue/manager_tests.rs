@@ -11,7 +11,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use super::Committed;
-use super::attempt::{Courier, Job, MessageBytes};
+use super::attempt::{Consignment, Courier, MessageBytes};
 use super::manager::{Clock, Manager};
 use super::schedule::{AttemptReport, FailedRcpt, RcptResult};
 use super::{DeliveryState, RetryTarget, Spool};
@@ -66,7 +66,7 @@ impl Courier for Scripted {
     fn max_in_flight(&self) -> usize {
         self.max_in_flight
     }
-    async fn send<'a>(&'a self, job: Job<'a>) -> AttemptReport {
+    async fn send<'a>(&'a self, job: Consignment<'a>) -> AttemptReport {
         let now = self.in_flight.fetch_add(1, Ordering::SeqCst) + 1;
         self.most_in_flight.fetch_max(now, Ordering::SeqCst);
         let rcpts: Vec<usize> = job.groups.iter().flat_map(|g| g.rcpts.clone()).collect();
@@ -100,7 +100,7 @@ impl Courier for Scripted {
     fn reset_route(&self, _route: &[usize]) {}
 }
 
-fn result(answer: Answer, index: usize, job: Job<'_>) -> RcptResult {
+fn result(answer: Answer, index: usize, job: Consignment<'_>) -> RcptResult {
     match answer {
         Answer::Deliver => RcptResult::Delivered,
         Answer::Defer => RcptResult::Deferred,
