@@ -34,7 +34,8 @@ pub struct FailedRcpt {
     pub index: usize,
     /// The forward-path.
     pub address: Address,
-    /// Enhanced status code (RFC 3463), e.g. `5.1.1`.
+    /// Enhanced status code (RFC 3463), e.g. `5.1.1`, or `4.4.7` for an expired message. The
+    /// DSN reports anything that is not `4.x.y` or `5.x.y` as `5.0.0`.
     pub status: String,
     /// The upstream's reply, unchanged, or our reason.
     pub diagnostic: Diagnostic,
