@@ -1,9 +1,11 @@
 //! The queue manager: one task that knows when each queued message is due and starts its
 //! attempts.
 //!
-//! It owns the due set ((due time, id) pairs, loaded from the spool at start), the operator
-//! requests (`queue retry`, through `SPOOL/control/`, read every [`CONTROL_INTERVAL`]), and
-//! the scheduling of the bounces attempts queue. New messages arrive on a channel the moment
+//! It owns the due set ((due time, id) pairs, loaded from the spool at start; held messages
+//! are not in it), the operator requests (`queue retry`, hold and release, through
+//! `SPOOL/control/`, read every [`CONTROL_INTERVAL`]; a hold is written to the message's state
+//! by the manager itself, or once the message's attempt in flight has ended), and the
+//! scheduling of the bounces attempts queue. New messages arrive on a channel the moment
 //! they are committed (the inbound side sends the id, and the message itself when small,
 //! after the `250`), so delivery starts without any polling delay or reading the file back.
 //! At most [`Courier::max_in_flight`] attempts run at once, and one message is never
