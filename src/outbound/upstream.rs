@@ -558,6 +558,33 @@ mod tests {
         assert!(up.available(Instant::now()).is_none());
     }
 
+    /// Renewed for a reload, an unchanged upstream shares its breaker and its connection slots
+    /// with its predecessor (wherever it now stands in the list), so attempts still in flight
+    /// on the old one and new ones together stay within `max_connections`; a changed one
+    /// shares nothing.
+    #[test]
+    fn a_renewed_upstream_keeps_breaker_and_slots_only_when_its_entry_is_unchanged() {
+        let config = Config::embedded_default();
+        let book = || Arc::new(CapabilityBook::load(&config.upstreams, None));
+        let old = Upstreams::new(&config, book()).unwrap();
+        let mut added = config.upstreams[0].clone();
+        added.name = "added".into();
+        let mut changed = config.upstreams[0].clone();
+        changed.max_connections += 1;
+        let mut next = config.clone();
+        next.upstreams = vec![added, config.upstreams[0].clone()];
+        let new = Upstreams::renew(&next, book(), Some(&old)).unwrap();
+        assert!(Arc::ptr_eq(&new.get(1).slots, &old.get(0).slots));
+        assert!(Arc::ptr_eq(&new.get(1).breaker, &old.get(0).breaker));
+        assert!(!Arc::ptr_eq(&new.get(0).slots, &old.get(0).slots));
+        assert!(new.configured_as(&next.upstreams) && !old.configured_as(&next.upstreams));
+
+        next.upstreams = vec![changed];
+        let new = Upstreams::renew(&next, book(), Some(&old)).unwrap();
+        assert!(!Arc::ptr_eq(&new.get(0).slots, &old.get(0).slots));
+        assert!(!Arc::ptr_eq(&new.get(0).breaker, &old.get(0).breaker));
+    }
+
     /// A delivery that passed before a close and fails after it changes nothing: a success
     /// closed the breaker since it started.
     #[test]
