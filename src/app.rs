@@ -269,7 +269,7 @@ fn reload(
     if old.config.server.spool_dir != new.config.server.spool_dir {
         warn!("reload: spool_dir changed; that takes a restart");
     }
-    // Rebuilt only when changed: a rebuild starts breakers and connection pools afresh.
+    // Only when changed ([`outbound::Delivery::reload`] keeps what did not change).
     let (was, is) = (&old.config, &new.config);
     if (&was.upstreams, &was.queue, &was.server.hostname)
         != (&is.upstreams, &is.queue, &is.server.hostname)

@@ -36,13 +36,16 @@
 //!   and the queue manager: scheduling decisions as pure functions (`queue::schedule`: plan
 //!   an attempt, record its results, next attempt, expiry, bounce or not, hold) carried out by
 //!   one task (`queue::manager`, one attempt's bookkeeping in `queue::attempt`). A new queue
-//!   state goes into `DeliveryState` (`queue/state.rs`) and is decided in `schedule::plan`.
+//!   state goes into `DeliveryState` (`queue/state.rs`), is decided in `schedule::plan` and
+//!   followed up in `schedule::after_attempt` (see the `queue` module's "Hold").
 //! - [`outbound`]: the upstream SMTP client, failover and circuit breakers, connection pools,
 //!   and the sending of one attempt (`outbound::deliver`, the queue manager's `Courier`: it
 //!   sends and reports per-recipient results, it writes nothing). What can go wrong with an
 //!   upstream is a kind of `outbound::error::ClientError` (a new kind goes there, with its
-//!   effect on the breaker); replies that concern one message are per-recipient outcomes
-//!   carrying the upstream's reply unchanged into the DSN.
+//!   effect on the breaker in `ClientError::is_upstream_fault`); replies that concern one
+//!   message are per-recipient outcomes carrying the upstream's reply unchanged into the DSN.
+//!   `outbound::Delivery::reload` applies a reloaded `[[upstreams]]` and `[queue]` to new
+//!   attempts.
 //! - [`routes`]: the routing table and the capabilities each upstream announced, shared by
 //!   delivery and the inbound checks at RCPT and DATA (the one module both sides use).
 //! - [`stream`]: a connection that is plain TCP or TLS, for both directions.

@@ -3,6 +3,7 @@
 #![allow(dead_code)]
 
 use portcullis::smtp::DataFault;
+use portcullis::smtp::upstream_reply::UpstreamReply;
 
 /// Deterministic chunk sizes from one seed byte: the low bits pick the size range (from
 /// byte-at-a-time to large reads), the rest seed a small xorshift.
@@ -100,4 +101,15 @@ pub fn reference_decode(input: &[u8], max: u64) -> Reference {
         size,
         fault,
     }
+}
+
+/// `reply` as an upstream sends it: `CODE-text` lines, the last `CODE text`, each ending in
+/// CRLF (RFC 5321 §4.2.1).
+pub fn wire(reply: &UpstreamReply) -> Vec<u8> {
+    let mut out = Vec::new();
+    for (i, line) in reply.lines.iter().enumerate() {
+        let sep = if i + 1 == reply.lines.len() { ' ' } else { '-' };
+        out.extend_from_slice(format!("{}{sep}{line}\r\n", reply.code).as_bytes());
+    }
+    out
 }

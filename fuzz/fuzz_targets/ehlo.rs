@@ -14,6 +14,9 @@
 
 #![no_main]
 
+mod common;
+
+use common::wire;
 use libfuzzer_sys::fuzz_target;
 use portcullis::outbound::client::Extensions;
 use portcullis::smtp::upstream_reply::UpstreamReply;
@@ -66,15 +69,6 @@ fn is_plain(reply: &UpstreamReply) -> bool {
     reply.code == 250
         && reply.lines.iter().all(plain_line)
         && reply.lines.iter().skip(1).all(plain_ext)
-}
-
-fn wire(reply: &UpstreamReply) -> Vec<u8> {
-    let mut out = Vec::new();
-    for (i, line) in reply.lines.iter().enumerate() {
-        let sep = if i + 1 == reply.lines.len() { ' ' } else { '-' };
-        out.extend_from_slice(format!("{}{sep}{line}\r\n", reply.code).as_bytes());
-    }
-    out
 }
 
 fn compare_with_smtp_proto(reply: &UpstreamReply, ext: &Extensions) {

@@ -17,6 +17,9 @@
 
 #![no_main]
 
+mod common;
+
+use common::wire;
 use libfuzzer_sys::fuzz_target;
 use portcullis::smtp::upstream_reply::{MAX_REPLY_LINE, MAX_REPLY_LINES, ReplyReader, UpstreamReply};
 
@@ -25,15 +28,6 @@ fn is_status(code: &str) -> bool {
     let number = |p: &str| (1..=3).contains(&p.len()) && p.bytes().all(|b| b.is_ascii_digit());
     matches!(parts[..], [class, subject, detail]
         if matches!(class, "2" | "4" | "5") && number(subject) && number(detail))
-}
-
-fn wire(reply: &UpstreamReply) -> Vec<u8> {
-    let mut out = Vec::new();
-    for (i, line) in reply.lines.iter().enumerate() {
-        let sep = if i + 1 == reply.lines.len() { ' ' } else { '-' };
-        out.extend_from_slice(format!("{}{sep}{line}\r\n", reply.code).as_bytes());
-    }
-    out
 }
 
 fn check(reply: &UpstreamReply) {

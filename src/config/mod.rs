@@ -332,7 +332,10 @@ impl std::fmt::Debug for Upstream {
             .field("domains", &self.domains)
             .field("auth_user", &self.auth_user)
             .field("auth_password_file", &self.auth_password_file)
-            .field("auth_password", &self.auth_password.as_ref().map(|_| "<redacted>"))
+            .field(
+                "auth_password",
+                &self.auth_password.as_ref().map(|_| "<redacted>"),
+            )
             .field("max_connections", &self.max_connections)
             .field("connect_timeout", &self.connect_timeout)
             .field("timeout", &self.timeout)

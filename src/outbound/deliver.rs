@@ -5,6 +5,7 @@
 //! transaction, and report each recipient's result. Nothing here writes the spool or queues
 //! a bounce: the queue manager ([`crate::queue::manager`]) records the report.
 
+use std::sync::Arc;
 use std::time::Instant;
 
 use tracing::{error, info, warn};
@@ -14,13 +15,14 @@ use super::error::ClientError;
 use super::upstream::{UpstreamRt, Upstreams};
 use crate::config;
 use crate::envelope::{Address, QueueId, unix_now};
-use crate::queue::attempt::{Courier, Job, MessageBytes, on_spool};
+use crate::queue::attempt::{Consignment, Courier, MessageBytes, on_spool};
 use crate::queue::schedule::{AttemptReport, FailedRcpt, RcptResult};
 use crate::queue::{Attempt, SendLock, SpoolError};
 
 /// Everything a delivery needs.
 pub struct Context {
-    pub upstreams: Upstreams,
+    /// Shared with the next context when a reload leaves `[[upstreams]]` as they are.
+    pub upstreams: Arc<Upstreams>,
     /// Our name: EHLO to upstreams, Reporting-MTA of bounces.
     pub hostname: String,
     pub queue: config::Queue,
@@ -47,7 +49,7 @@ impl Courier for Context {
             .max(1)
     }
 
-    async fn send<'a>(&'a self, job: Job<'a>) -> AttemptReport {
+    async fn send<'a>(&'a self, job: Consignment<'a>) -> AttemptReport {
         let mut sending = Sending {
             ctx: self,
             job,
@@ -80,7 +82,7 @@ impl Courier for Context {
 /// The sending half of one attempt: the job, and the report it fills in.
 struct Sending<'a> {
     ctx: &'a Context,
-    job: Job<'a>,
+    job: Consignment<'a>,
     report: AttemptReport,
 }
 
@@ -187,8 +189,9 @@ impl Sending<'_> {
             size: msg.size,
         };
         for fresh_try in [false, true] {
-            let mut lease = up.lease(&self.ctx.hostname).await?;
+            // The message first: a spool that cannot be read leaves the pool as it was.
             let mut source = self.source().await.map_err(ClientError::Spool)?;
+            let mut lease = up.lease(&self.ctx.hostname).await?;
             let mut gate = FinalDotLock {
                 lock: self.job.lock,
             };
@@ -360,7 +363,7 @@ mod tests {
         config.upstreams[0].tls = UpstreamTls::None;
         let book = Arc::new(CapabilityBook::load(&config.upstreams, None));
         Context {
-            upstreams: Upstreams::new(&config, book).unwrap(),
+            upstreams: Arc::new(Upstreams::new(&config, book).unwrap()),
             hostname: "relay.example".into(),
             queue: config.queue.clone(),
         }
@@ -384,7 +387,7 @@ mod tests {
             route: vec![0],
             rcpts: vec![0, 1],
         }];
-        let job = Job {
+        let job = Consignment {
             spool: &spool,
             msg: &loaded.msg,
             bytes: &bytes,

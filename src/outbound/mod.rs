@@ -61,22 +61,43 @@ pub struct Delivery {
 impl Delivery {
     /// Apply a reloaded configuration's `[[upstreams]]`, `[queue]` and host name: attempts
     /// started from now on use the new routes, upstreams and retry schedule, those in flight
-    /// finish on the old ones (whose idle connections are then closed); the inbound checks at
-    /// RCPT see the new routing table at once. Breakers and pools start afresh. The new
-    /// upstreams are probed in the background for their capabilities (until then the ones the
-    /// spool file recorded for the same name and address hold). Errors: an upstream's TLS
-    /// client configuration cannot be built; nothing is changed then.
+    /// finish on the context they started with; the inbound checks at RCPT see the new routing
+    /// table at once.
+    ///
+    /// When `[[upstreams]]` and the host name are unchanged, the running upstreams (routing
+    /// table, capabilities, breakers, pools) carry on as they are and only `[queue]` changes.
+    /// Otherwise the upstreams are built anew: an unchanged entry keeps its circuit breaker and
+    /// connection slots ([`upstream::Upstreams::renew`]), every other starts with a closed
+    /// breaker; the new upstreams are probed in the background for their capabilities (until
+    /// then the ones the spool file recorded for the same name and address hold), then the
+    /// previous upstreams' idle connections are closed.
+    ///
+    /// # Errors
+    /// [`ClientTlsError`]: an upstream's TLS client configuration cannot be built; nothing is
+    /// changed then.
     pub fn reload(&self, config: &Config, spool: &Spool) -> Result<(), ClientTlsError> {
+        let old = self.context.load_full();
+        let same_upstreams = old.hostname == config.server.hostname
+            && old.upstreams.configured_as(&config.upstreams);
+        if same_upstreams {
+            self.context.store(Arc::new(Context {
+                upstreams: old.upstreams.clone(),
+                hostname: old.hostname.clone(),
+                queue: config.queue.clone(),
+            }));
+            return Ok(());
+        }
         let book = Arc::new(crate::routes::CapabilityBook::load(
             &config.upstreams,
             Some(spool.root()),
         ));
+        let upstreams = upstream::Upstreams::renew(config, book.clone(), Some(&old.upstreams))?;
         let context = Arc::new(Context {
-            upstreams: upstream::Upstreams::new(config, book.clone())?,
+            upstreams: Arc::new(upstreams),
             hostname: config.server.hostname.clone(),
             queue: config.queue.clone(),
         });
-        let old = self.context.swap(context.clone());
+        self.context.store(context.clone());
         self.capabilities.replace(book);
         self.tracker.spawn(async move {
             context
@@ -104,7 +125,7 @@ pub fn start(
         Some(spool.root()),
     ));
     let context = Arc::new(ArcSwap::from_pointee(Context {
-        upstreams: upstream::Upstreams::new(config, book.clone())?,
+        upstreams: Arc::new(upstream::Upstreams::new(config, book.clone())?),
         hostname: config.server.hostname.clone(),
         queue: config.queue.clone(),
     }));
@@ -119,4 +140,86 @@ pub fn start(
         context,
         capabilities: crate::routes::RouteCapabilities::new(book),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::{Duration, Instant};
+
+    use super::*;
+    use crate::config::{Upstream, UpstreamTls};
+    use crate::outbound::error::ClientError;
+
+    /// An upstream on a loopback port nothing listens on.
+    fn upstream(name: &str) -> Upstream {
+        let mut up = Config::embedded_default().upstreams[0].clone();
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .map(|a| a.port())
+            .unwrap();
+        up.name = name.into();
+        up.address = format!("127.0.0.1:{port}");
+        up.tls = UpstreamTls::None;
+        up
+    }
+
+    fn config(upstreams: &[&Upstream], retry_secs: u64) -> Config {
+        let mut config = Config::embedded_default();
+        config.upstreams = upstreams.iter().map(|u| (*u).clone()).collect();
+        config.queue.retry = vec![Duration::from_secs(retry_secs)];
+        config
+    }
+
+    /// Open the breaker of upstream `index` of the running context.
+    fn trip(delivery: &Delivery, index: usize) {
+        let up = delivery.context.load().upstreams.get(index).clone();
+        let pass = up.available(Instant::now()).unwrap();
+        let refused = std::io::Error::from(std::io::ErrorKind::ConnectionRefused);
+        up.failed(Instant::now(), &ClientError::Connect(refused), pass);
+    }
+
+    fn down(delivery: &Delivery, index: usize) -> bool {
+        delivery
+            .context
+            .load()
+            .upstreams
+            .get(index)
+            .down()
+            .is_some()
+    }
+
+    #[tokio::test]
+    async fn a_reload_keeps_the_breakers_and_pools_of_unchanged_upstreams() {
+        let dir = tempfile::tempdir().unwrap();
+        let spool = Spool::open(dir.path()).unwrap();
+        let shutdown = CancellationToken::new();
+        let (a, b) = (upstream("a"), upstream("b"));
+        let delivery = start(&config(&[&a], 60), spool.clone(), shutdown.clone()).unwrap();
+        trip(&delivery, 0);
+        let running = delivery.context.load().upstreams.clone();
+
+        // [queue] only: the same upstreams carry on, the new retry schedule applies.
+        delivery.reload(&config(&[&a], 5), &spool).unwrap();
+        let now = delivery.context.load_full();
+        assert!(Arc::ptr_eq(&now.upstreams, &running));
+        assert_eq!(now.queue.retry, [Duration::from_secs(5)]);
+        assert!(down(&delivery, 0));
+
+        // An upstream added in front: `a` moves to index 1 and is still known to be down.
+        delivery.reload(&config(&[&b, &a], 5), &spool).unwrap();
+        assert!(!Arc::ptr_eq(&delivery.context.load().upstreams, &running));
+        assert_eq!(delivery.context.load().upstreams.get(1).name(), "a");
+        assert!(!down(&delivery, 0) && down(&delivery, 1));
+
+        // `a` changed (another address): a new upstream, with a closed breaker.
+        let moved = Upstream {
+            address: upstream("a").address,
+            ..a.clone()
+        };
+        delivery.reload(&config(&[&b, &moved], 5), &spool).unwrap();
+        assert!(!down(&delivery, 1));
+
+        shutdown.cancel();
+        delivery.manager.await.unwrap();
+    }
 }

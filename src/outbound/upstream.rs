@@ -24,6 +24,11 @@
 //! RSET); one idle for longer than [`IDLE_TIMEOUT`] is closed. One found closed by the
 //! upstream (at its RSET) makes the whole idle pool go, and the delivery retries once on a
 //! new connection: after an upstream restart every pooled connection is dead.
+//!
+//! Reload ([`super::Delivery::reload`]): unchanged `[[upstreams]]` (and host name) keep the
+//! running upstreams as they are, pools and breakers included. Otherwise the upstreams are
+//! built anew ([`Upstreams::renew`]); each one whose entry did not change keeps its breaker and
+//! its connection slots, and only its idle connections are closed.
 
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
@@ -55,11 +60,42 @@ impl Upstreams {
     /// Build the run-time upstreams (TLS client configurations included) from `config`; each
     /// records what it learns from EHLO in `book`.
     pub fn new(config: &Config, book: Arc<CapabilityBook>) -> Result<Upstreams, ClientTlsError> {
+        Upstreams::renew(config, book, None)
+    }
+
+    /// Like [`Upstreams::new`], for a reload that replaces `previous`: an upstream whose
+    /// `[[upstreams]]` entry is unchanged (same name, same settings) keeps its circuit breaker
+    /// and its connection slots, so a reload neither forgets that it is down nor lets the
+    /// attempts still in flight on `previous` and the new ones together open more than its
+    /// `max_connections`. Its idle pool starts empty (`previous`'s is closed by the caller).
+    ///
+    /// # Errors
+    /// [`ClientTlsError`] when an upstream's TLS client configuration cannot be built.
+    pub fn renew(
+        config: &Config,
+        book: Arc<CapabilityBook>,
+        previous: Option<&Upstreams>,
+    ) -> Result<Upstreams, ClientTlsError> {
         let mut list = Vec::new();
         for (i, up) in config.upstreams.iter().enumerate() {
-            list.push(Arc::new(UpstreamRt::new(i, up, book.clone())?));
+            let mut rt = UpstreamRt::new(i, up, book.clone())?;
+            if let Some(same) = previous.and_then(|p| p.iter().find(|old| old.config == *up)) {
+                rt.slots = same.slots.clone();
+                rt.breaker = same.breaker.clone();
+            }
+            list.push(Arc::new(rt));
         }
         Ok(Upstreams { list, book })
+    }
+
+    /// Are these the upstreams `upstreams` configures, entry for entry and in order?
+    pub fn configured_as(&self, upstreams: &[Upstream]) -> bool {
+        self.list.len() == upstreams.len()
+            && self
+                .list
+                .iter()
+                .zip(upstreams)
+                .all(|(rt, up)| rt.config == *up)
     }
 
     /// The upstreams for a recipient domain (lower case), in failover order ([`crate::routes::Routes::route`]).
@@ -148,9 +184,11 @@ pub struct UpstreamRt {
     /// Where the capabilities it announces are recorded.
     book: Arc<CapabilityBook>,
     tls: Option<ClientTls>,
+    /// At most `max_connections` leases; shared like `breaker`.
     slots: Arc<Semaphore>,
     idle: Mutex<Vec<Pooled>>,
-    breaker: Mutex<Breaker>,
+    /// Shared with the same upstream's successor after a reload ([`Upstreams::renew`]).
+    breaker: Arc<Mutex<Breaker>>,
 }
 
 /// An idle connection with its pool slot.
@@ -183,7 +221,7 @@ impl UpstreamRt {
             config: config.clone(),
             slots: Arc::new(Semaphore::new(config.max_connections)),
             idle: Mutex::new(Vec::new()),
-            breaker: Mutex::new(Breaker::default()),
+            breaker: Arc::new(Mutex::new(Breaker::default())),
         })
     }
 
@@ -489,6 +527,62 @@ mod tests {
                 remaining: Duration::from_secs(60)
             }
         );
+    }
+
+    /// A stale pooled connection, an unreadable spool file or shutdown says nothing about the
+    /// upstream: the breaker stays closed. A refused connection opens it.
+    #[test]
+    fn only_the_upstreams_own_failures_open_its_breaker() {
+        let config = Config::embedded_default();
+        let book = Arc::new(CapabilityBook::load(&config.upstreams, None));
+        let up = UpstreamRt::new(0, &config.upstreams[0], book).unwrap();
+        let io = || std::io::Error::from(std::io::ErrorKind::ConnectionRefused);
+        let not_its_fault = [
+            ClientError::Stale(Box::new(ClientError::Closed {
+                stage: super::super::error::UpstreamStage::Rset,
+            })),
+            ClientError::Local {
+                stage: super::super::error::UpstreamStage::Data,
+                source: std::io::Error::other("EIO"),
+            },
+            ClientError::ShuttingDown,
+        ];
+        for failure in &not_its_fault {
+            let pass = up.available(Instant::now()).unwrap();
+            up.failed(Instant::now(), failure, pass);
+            assert!(up.down().is_none(), "{failure} opened the breaker");
+        }
+        let pass = up.available(Instant::now()).unwrap();
+        up.failed(Instant::now(), &ClientError::Connect(io()), pass);
+        assert!(up.down().is_some());
+        assert!(up.available(Instant::now()).is_none());
+    }
+
+    /// Renewed for a reload, an unchanged upstream shares its breaker and its connection slots
+    /// with its predecessor (wherever it now stands in the list), so attempts still in flight
+    /// on the old one and new ones together stay within `max_connections`; a changed one
+    /// shares nothing.
+    #[test]
+    fn a_renewed_upstream_keeps_breaker_and_slots_only_when_its_entry_is_unchanged() {
+        let config = Config::embedded_default();
+        let book = || Arc::new(CapabilityBook::load(&config.upstreams, None));
+        let old = Upstreams::new(&config, book()).unwrap();
+        let mut added = config.upstreams[0].clone();
+        added.name = "added".into();
+        let mut changed = config.upstreams[0].clone();
+        changed.max_connections += 1;
+        let mut next = config.clone();
+        next.upstreams = vec![added, config.upstreams[0].clone()];
+        let new = Upstreams::renew(&next, book(), Some(&old)).unwrap();
+        assert!(Arc::ptr_eq(&new.get(1).slots, &old.get(0).slots));
+        assert!(Arc::ptr_eq(&new.get(1).breaker, &old.get(0).breaker));
+        assert!(!Arc::ptr_eq(&new.get(0).slots, &old.get(0).slots));
+        assert!(new.configured_as(&next.upstreams) && !old.configured_as(&next.upstreams));
+
+        next.upstreams = vec![changed];
+        let new = Upstreams::renew(&next, book(), Some(&old)).unwrap();
+        assert!(!Arc::ptr_eq(&new.get(0).slots, &old.get(0).slots));
+        assert!(!Arc::ptr_eq(&new.get(0).breaker, &old.get(0).breaker));
     }
 
     /// A delivery that passed before a close and fails after it changes nothing: a success

@@ -41,7 +41,7 @@ pub trait Courier: Send + Sync + 'static {
     fn max_in_flight(&self) -> usize;
     /// Try every group of `job` on its route and report per-recipient results. Sends only:
     /// writes nothing to the spool and enqueues nothing.
-    fn send<'a>(&'a self, job: Job<'a>) -> impl Future<Output = AttemptReport> + Send + 'a;
+    fn send<'a>(&'a self, job: Consignment<'a>) -> impl Future<Output = AttemptReport> + Send + 'a;
     /// Periodic upkeep (every [`super::manager::CONTROL_INTERVAL`]): close idle connections.
     fn upkeep(&self);
     /// `queue retry --all`: forget every circuit breaker.
@@ -60,9 +60,10 @@ pub enum MessageBytes {
     Spooled,
 }
 
-/// One planned attempt, handed to [`Courier::send`].
+/// One planned attempt, handed to [`Courier::send`]: the message, its bytes and the
+/// recipients to send to, by route.
 #[derive(Debug, Clone, Copy)]
-pub struct Job<'a> {
+pub struct Consignment<'a> {
     pub spool: &'a Spool,
     pub msg: &'a QueuedMessage,
     pub bytes: &'a MessageBytes,
@@ -194,7 +195,7 @@ impl<C: Courier> Attempting<'_, C> {
             Plan::Expired(failed) => expired(&id, failed),
             Plan::Send(groups) => {
                 let bytes = body.map_or(MessageBytes::Spooled, |b| MessageBytes::Memory(b.into()));
-                let job = Job {
+                let job = Consignment {
                     spool: self.spool,
                     msg: &msg,
                     bytes: &bytes,

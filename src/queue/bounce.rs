@@ -94,20 +94,6 @@ pub(crate) fn smtp(text: &str) -> Diagnostic {
     })
 }
 
-/// One recipient the DSN reports as failed.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct FailedRecipient {
-    /// The recipient address.
-    pub address: Address,
-    /// RFC 3463 status, e.g. `5.1.1`, or `4.4.7` for an expired message. Anything that is not
-    /// `4.x.y` or `5.x.y` is reported as `5.0.0`.
-    pub status: String,
-    /// Why it failed.
-    pub diagnostic: Diagnostic,
-    /// Host name of the upstream that refused it, when one answered.
-    pub remote_mta: Option<String>,
-}
-
 /// Everything a DSN says.
 #[derive(Debug, Clone)]
 pub struct DsnInput<'a> {
@@ -116,7 +102,7 @@ pub struct DsnInput<'a> {
     /// The envelope of the message that failed (sender, arrival time, queue id).
     pub original: &'a Envelope,
     /// The recipients that failed (at least one).
-    pub failed: &'a [FailedRecipient],
+    pub failed: &'a [FailedRcpt],
     /// The start of the original message; its header section is returned, capped at
     /// [`MAX_RETURNED_HEADERS`]. Giving the first `MAX_RETURNED_HEADERS + 2` bytes or more is
     /// enough.
@@ -316,20 +302,11 @@ pub fn enqueue(
     failed: &[FailedRcpt],
 ) -> Result<QueueId, SpoolError> {
     let head = spool.read_message_head(&original.id, MAX_RETURNED_HEADERS as u64 + 2)?;
-    let failed: Vec<FailedRecipient> = failed
-        .iter()
-        .map(|f| FailedRecipient {
-            address: f.address.clone(),
-            status: f.status.clone(),
-            diagnostic: f.diagnostic.clone(),
-            remote_mta: f.upstream.clone(),
-        })
-        .collect();
     let now = unix_now();
     let input = DsnInput {
         reporting_host,
         original,
-        failed: &failed,
+        failed,
         original_head: &head,
         now,
     };
@@ -344,7 +321,7 @@ pub fn enqueue(
 }
 
 /// The text/plain part: which recipients failed and why, wrapped at 76 columns.
-fn human_part(host: &str, failed: &[FailedRecipient]) -> String {
+fn human_part(host: &str, failed: &[FailedRcpt]) -> String {
     let mut out = format!(
         "This is the mail system at host {host}.\r\n\
          \r\n\
@@ -375,7 +352,7 @@ fn human_part(host: &str, failed: &[FailedRecipient]) -> String {
 }
 
 /// The delivery-status part: per-message fields, then one block per recipient.
-fn status_part(host: &str, arrival: u64, failed: &[FailedRecipient]) -> String {
+fn status_part(host: &str, arrival: u64, failed: &[FailedRcpt]) -> String {
     let mut out = format!(
         "Reporting-MTA: dns; {host}\r\nArrival-Date: {}\r\n",
         rfc5322_date(arrival)
@@ -393,7 +370,7 @@ fn status_part(host: &str, arrival: u64, failed: &[FailedRecipient]) -> String {
             header_safe(&addr),
             status_code(&f.status)
         );
-        if let Some(mta) = &f.remote_mta {
+        if let Some(mta) = &f.upstream {
             let _ = write!(out, "Remote-MTA: dns; {}\r\n", ascii_token(mta));
         }
         let kind = match &f.diagnostic {
@@ -701,12 +678,13 @@ mod tests {
 
     use super::smtp;
 
-    fn failed(addr: &str, status: &str, d: Diagnostic, mta: Option<&str>) -> FailedRecipient {
-        FailedRecipient {
+    fn failed(addr: &str, status: &str, d: Diagnostic, mta: Option<&str>) -> FailedRcpt {
+        FailedRcpt {
+            index: 0,
             address: Address::parse(addr).unwrap(),
             status: status.into(),
             diagnostic: d,
-            remote_mta: mta.map(String::from),
+            upstream: mta.map(String::from),
         }
     }
 
@@ -1132,14 +1110,15 @@ Subject: hello\r\nFrom: sender@example.org\r\nMessage-ID: <m1@example.org>\r\n\r
     fn human_part_shows_a_quoted_address_with_its_spaces() {
         let addr = Address::parse("\"a  b\"@dest.test").unwrap();
         assert_eq!(addr.to_string(), "\"a  b\"@dest.test");
-        let list = [FailedRecipient {
+        let list = [FailedRcpt {
+            index: 0,
             address: addr,
             status: "5.1.1".into(),
             diagnostic: smtp(&format!(
                 "550 5.1.1 <\"a  b\"@dest.test>:  two spaces kept {}",
                 "long ".repeat(20)
             )),
-            remote_mta: None,
+            upstream: None,
         }];
         let text = human_part("relay.test", &list);
         assert!(

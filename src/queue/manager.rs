@@ -1,9 +1,11 @@
 //! The queue manager: one task that knows when each queued message is due and starts its
 //! attempts.
 //!
-//! It owns the due set ((due time, id) pairs, loaded from the spool at start), the operator
-//! requests (`queue retry`, through `SPOOL/control/`, read every [`CONTROL_INTERVAL`]), and
-//! the scheduling of the bounces attempts queue. New messages arrive on a channel the moment
+//! It owns the due set ((due time, id) pairs, loaded from the spool at start; held messages
+//! are not in it), the operator requests (`queue retry`, hold and release, through
+//! `SPOOL/control/`, read every [`CONTROL_INTERVAL`]; a hold is written to the message's state
+//! by the manager itself, or once the message's attempt in flight has ended), and the
+//! scheduling of the bounces attempts queue. New messages arrive on a channel the moment
 //! they are committed (the inbound side sends the id, and the message itself when small,
 //! after the `250`), so delivery starts without any polling delay or reading the file back.
 //! At most [`Courier::max_in_flight`] attempts run at once, and one message is never
@@ -23,7 +25,8 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{Instrument, error, info, info_span, warn};
 
-use super::attempt::{self, AttemptEnd, Courier, Ended, on_spool};
+use super::attempt::{self, Courier, Ended, on_spool};
+use super::schedule::{self, AfterAttempt};
 use super::{Committed, Loaded, Request, RetryTarget, Spool, SpoolError};
 use crate::envelope::QueueId;
 
@@ -87,8 +90,9 @@ pub struct Manager<C: Courier> {
     busy: HashSet<QueueId>,
     /// Messages an operator asked to retry while they were being attempted.
     retry_when_done: HashSet<QueueId>,
-    /// Messages to hold once their attempt in flight ends.
-    hold_when_done: HashSet<QueueId>,
+    /// Messages to hold (true) or release (false) once their attempt in flight ends: the
+    /// last such request wins.
+    hold_when_done: HashMap<QueueId, bool>,
     /// A message just received, in memory, until the next dispatch: used if it starts at
     /// once, dropped otherwise (it is read from the spool when its turn comes), so this holds
     /// at most one message's bytes and open file.
@@ -115,7 +119,7 @@ impl<C: Courier> Manager<C> {
             when: HashMap::new(),
             busy: HashSet::new(),
             retry_when_done: HashSet::new(),
-            hold_when_done: HashSet::new(),
+            hold_when_done: HashMap::new(),
             fresh: None,
         }
     }
@@ -176,12 +180,10 @@ impl<C: Courier> Manager<C> {
         if let Some(bounce) = ended.bounce {
             self.schedule(bounce, 0);
         }
-        if let AttemptEnd::Due(next) = ended.end {
-            if hold {
-                self.hold(ended.id, true).await;
-            } else {
-                self.schedule(ended.id, if retry { 0 } else { next });
-            }
+        match schedule::after_attempt(ended.end, retry, hold) {
+            AfterAttempt::Nothing => {}
+            AfterAttempt::Due(at) => self.schedule(ended.id, at),
+            AfterAttempt::Hold(hold) => self.hold(ended.id, hold).await,
         }
     }
 
@@ -190,11 +192,7 @@ impl<C: Courier> Manager<C> {
     /// now.
     async fn hold(&mut self, id: QueueId, hold: bool) {
         if self.busy.contains(&id) {
-            if hold {
-                self.hold_when_done.insert(id);
-            } else {
-                self.hold_when_done.remove(&id);
-            }
+            self.hold_when_done.insert(id, hold);
             return;
         }
         let was_due = self.when.remove(&id);

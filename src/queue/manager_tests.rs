@@ -11,7 +11,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use super::Committed;
-use super::attempt::{Courier, Job, MessageBytes};
+use super::attempt::{Consignment, Courier, MessageBytes};
 use super::manager::{Clock, Manager};
 use super::schedule::{AttemptReport, FailedRcpt, RcptResult};
 use super::{DeliveryState, RetryTarget, Spool};
@@ -66,7 +66,7 @@ impl Courier for Scripted {
     fn max_in_flight(&self) -> usize {
         self.max_in_flight
     }
-    async fn send<'a>(&'a self, job: Job<'a>) -> AttemptReport {
+    async fn send<'a>(&'a self, job: Consignment<'a>) -> AttemptReport {
         let now = self.in_flight.fetch_add(1, Ordering::SeqCst) + 1;
         self.most_in_flight.fetch_max(now, Ordering::SeqCst);
         let rcpts: Vec<usize> = job.groups.iter().flat_map(|g| g.rcpts.clone()).collect();
@@ -100,7 +100,7 @@ impl Courier for Scripted {
     fn reset_route(&self, _route: &[usize]) {}
 }
 
-fn result(answer: Answer, index: usize, job: Job<'_>) -> RcptResult {
+fn result(answer: Answer, index: usize, job: Consignment<'_>) -> RcptResult {
     match answer {
         Answer::Deliver => RcptResult::Delivered,
         Answer::Defer => RcptResult::Deferred,
@@ -439,4 +439,31 @@ async fn a_hold_in_the_state_file_survives_a_restart() {
     assert_eq!(h.next_sent().await.id, other);
     h.gone(&other).await;
     assert_eq!(h.spool.load(&held).unwrap().state, state);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_hold_requested_during_an_attempt_holds_the_message_when_it_ends() {
+    let gate = Arc::new(Semaphore::new(0));
+    let mut h = start(&[60], 4, Some(gate.clone()));
+    *h.courier.answer.lock().unwrap() = Answer::Defer;
+    h.run();
+    let id = h.queue(&["a@example.com"], None);
+    h.next_sent().await;
+    h.spool.request_hold(&id, true).unwrap();
+    // The manager takes the request while the attempt is still in flight.
+    h.requests_taken().await;
+    gate.add_permits(10);
+    h.state_until(&id, |s| s.hold.is_some() && s.attempts == 1)
+        .await;
+    // Past its retry time (60 s): a message queued now is the next one attempted.
+    tokio::time::sleep(Duration::from_secs(120)).await;
+    *h.courier.answer.lock().unwrap() = Answer::Deliver;
+    let other = h.queue(&["other@example.com"], None);
+    assert_eq!(h.next_sent().await.id, other);
+    h.gone(&other).await;
+    assert_eq!(h.spool.load(&id).unwrap().state.attempts, 1);
+
+    h.spool.request_hold(&id, false).unwrap();
+    assert_eq!(h.next_sent().await.id, id);
+    h.gone(&id).await;
 }

@@ -15,7 +15,8 @@
 //! SPOOL/rejected/        files recovery refused: unparseable, or not written by the relay
 //!                        (wrong owner or mode, not a regular file); moved here, never deleted,
 //!                        never delivered, listed or restored by any command
-//! SPOOL/control/         operator requests to the running relay (`retry.ID`, `retry.all`)
+//! SPOOL/control/         operator requests to the running relay (`retry.ID`, `retry.all`,
+//!                        `hold.ID`, `release.ID`)
 //! SPOOL/free/            files of finished messages, reused for new ones (see [`recycle`])
 //! SPOOL/upstream-capabilities.json   what each upstream last announced; written by
 //!                        `crate::routes`, not by this module
@@ -38,7 +39,7 @@
 //!   blocks were never written (zero-length or holes) — a "committed" message that is garbage;
 //! - rename as the commit point: it is atomic, so `queue/` only ever holds complete files and a
 //!   crash leaves either a leftover in `tmp/` (removed by [`Spool::recover`]) or in `free/` (a
-//!   reused file, junk until written over again; see [`recycle`]) or the whole file;
+//!   reused file, junk until written over again; see the `recycle` module) or the whole file;
 //! - directory fsync before replying: the rename itself is a change to the directory, and until
 //!   the directory is on disk a crash may undo it, losing a message already acknowledged.
 //!
@@ -69,7 +70,7 @@
 //! only the relay's user may write the spool. [`Spool::check_safe`] (at startup) refuses a
 //! spool directory or subdirectory that is group- or world-writable, not a directory, or owned
 //! by another user than the relay's; every message and state file is checked when opened (see
-//! [`trust`]): a file not owned by the spool's owner, with group or other write permission, or
+//! `trust`): a file not owned by the spool's owner, with group or other write permission, or
 //! not a regular file, is never read as a message. The spool's owner is the owner of the spool
 //! directory, so a `queue` command run as root judges files as the relay does, and creates its
 //! files for that owner (see [`Spool::open`]).
@@ -91,6 +92,11 @@
 //! released; the time it spends held pushes its expiry back. Holds are asked for through
 //! `control/` ([`Spool::request_hold`]) and written by the queue manager, which owns the
 //! state files of a running relay.
+//!
+//! A new queue state (quarantine, say) goes the same way: a field of [`DeliveryState`] (absent
+//! from files that do not use it, so older spools read as before), a [`schedule::Plan`] that
+//! [`schedule::plan`] answers for it, the [`attempt::AttemptEnd`] its attempt reports, and
+//! what the manager does then in [`schedule::after_attempt`].
 
 #![warn(clippy::too_many_lines)]
 
@@ -685,7 +691,7 @@ impl Spool {
     }
 
     /// Remove a message every recipient of which is done (delivered, or failed with its bounce
-    /// queued): out of `queue/` into `free/` for reuse when it is small (see [`recycle`]), or
+    /// queued): out of `queue/` into `free/` for reuse when it is small (see the `recycle` module), or
     /// unlinked; then its state. Unlike [`Spool::remove`], no directory fsync: if a crash
     /// undoes it, the message comes back and is delivered again, which invariant 1 allows
     /// (at-least-once); it can never be lost this way, and the next fsync of `queue/` (the

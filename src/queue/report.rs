@@ -128,6 +128,15 @@ pub fn show(msg: &QueuedMessage, message_head: &[u8]) -> String {
     let _ = writeln!(out, "\nDelivery");
     let _ = writeln!(out, "  attempts:     {}", state.attempts);
     let _ = writeln!(out, "  next attempt: {}", rfc3339(state.next_attempt));
+    // Only for a held message, so the output of every other one is as it always was.
+    if let Some(hold) = &state.hold {
+        let _ = writeln!(
+            out,
+            "  held:         since {} ({}): not delivered, bounced or expired until released",
+            rfc3339(hold.since),
+            clean(&hold.reason)
+        );
+    }
     let _ = writeln!(
         out,
         "  last error:   {}",

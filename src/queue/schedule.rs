@@ -9,12 +9,15 @@
 //! - [`record`]: a delivery's per-recipient results written into the [`DeliveryState`];
 //! - [`bounce_decision`]: whether failed recipients are reported to the sender (RFC 3464);
 //! - [`settle`]: what the attempt leaves (finished, or due again at [`next_attempt`]).
+//! - [`after_attempt`]: what the manager does with the message then, given the operator
+//!   requests (retry, hold, release) that came while the attempt was in flight.
 //!
 //! Times are Unix seconds.
 
 use std::collections::BTreeMap;
 use std::time::Duration;
 
+use super::attempt::AttemptEnd;
 use super::bounce::{BOUNCE_LISTENER, Diagnostic};
 use super::state::{Attempt, DeliveryState};
 use super::{QueuedMessage, report::human_age};
@@ -31,7 +34,8 @@ pub struct FailedRcpt {
     pub index: usize,
     /// The forward-path.
     pub address: Address,
-    /// Enhanced status code (RFC 3463), e.g. `5.1.1`.
+    /// Enhanced status code (RFC 3463), e.g. `5.1.1`, or `4.4.7` for an expired message. The
+    /// DSN reports anything that is not `4.x.y` or `5.x.y` as `5.0.0`.
     pub status: String,
     /// The upstream's reply, unchanged, or our reason.
     pub diagnostic: Diagnostic,
@@ -266,6 +270,33 @@ pub fn settle(
         state.last_error = Some(e.clone());
     }
     Settled::Due(state.next_attempt)
+}
+
+/// What the queue manager does with a message once its attempt has ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AfterAttempt {
+    /// Nothing: it left the queue, or it is held and stays so.
+    Nothing,
+    /// Put it back in the schedule, due at this time (Unix seconds; 0: now).
+    Due(u64),
+    /// Hold it (true) or release it (false), as an operator asked during the attempt.
+    Hold(bool),
+}
+
+/// Decide what follows an attempt that ended with `end`, given the requests that came while it
+/// was in flight: `retry` (`queue retry`: due now rather than at its next attempt) and `hold`
+/// (the last hold (true) or release (false) asked for, if any). A release that arrives while a
+/// held message is being looked at is carried out, not lost.
+pub fn after_attempt(end: AttemptEnd, retry: bool, hold: Option<bool>) -> AfterAttempt {
+    match (end, hold) {
+        (AttemptEnd::Left, _) | (AttemptEnd::Held, None | Some(true)) => AfterAttempt::Nothing,
+        (AttemptEnd::Held, Some(false)) | (AttemptEnd::Due(_), Some(true)) => {
+            AfterAttempt::Hold(hold == Some(true))
+        }
+        (AttemptEnd::Due(next), None | Some(false)) => {
+            AfterAttempt::Due(if retry { 0 } else { next })
+        }
+    }
 }
 
 /// The facts of an attempt that [`settle`] needs.
@@ -563,5 +594,35 @@ mod tests {
             Settled::Due(T0 + 60)
         );
         assert_eq!(msg.state.recipients, [RcptStatus::Pending]);
+    }
+
+    #[test]
+    fn after_an_attempt_requests_that_came_meanwhile_are_carried_out() {
+        use AfterAttempt::{Due, Hold, Nothing};
+        let due = AttemptEnd::Due(T0 + 60);
+        let cases = [
+            // (end, retry, hold or release, what follows)
+            (due, false, None, Due(T0 + 60)),
+            (due, true, None, Due(0)),
+            (due, false, Some(true), Hold(true)),
+            (due, true, Some(true), Hold(true)),
+            // A hold then a release during the attempt: as if neither came.
+            (due, false, Some(false), Due(T0 + 60)),
+            (due, true, Some(false), Due(0)),
+            (AttemptEnd::Held, false, None, Nothing),
+            (AttemptEnd::Held, true, Some(true), Nothing),
+            // Released while its attempt found it held: the release is not lost.
+            (AttemptEnd::Held, false, Some(false), Hold(false)),
+            (AttemptEnd::Held, true, Some(false), Hold(false)),
+            (AttemptEnd::Left, true, Some(true), Nothing),
+            (AttemptEnd::Left, false, Some(false), Nothing),
+        ];
+        for (end, retry, hold, expected) in cases {
+            assert_eq!(
+                after_attempt(end, retry, hold),
+                expected,
+                "{end:?} retry={retry} hold={hold:?}"
+            );
+        }
     }
 }

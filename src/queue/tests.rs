@@ -531,6 +531,15 @@ fn show_prints_envelope_state_and_headers_only() {
         assert!(text.contains(needle), "missing {needle:?} in\n{text}");
     }
     assert!(!text.contains("body line"), "{text}");
+    assert!(!text.contains("held"), "not held: {text}");
+
+    let mut held = msgs[0].clone();
+    held.state.hold(1_700_000_000, "account contained");
+    let text = report::show(&held, BODY);
+    assert!(
+        text.contains("  held:         since 2023-11-14T22:13:20Z (account contained)"),
+        "{text}"
+    );
 
     let huge = vec![b'X'; SHOW_HEADER_LIMIT + 10];
     let text = report::show(&msgs[1], &huge);

@@ -166,7 +166,7 @@ impl SpoolWriter {
     }
 
     /// Make the message durable and visible: flush, fsync the data, rename `tmp/ID` to
-    /// `queue/ID`, fsync `queue/` (shared with concurrent commits: [`super::group`]).
+    /// `queue/ID`, fsync `queue/` (shared with concurrent commits: the `group` module).
     /// Blocking: call from `spawn_blocking`. Only after this returns `Ok` may the client be
     /// told `250`.
     pub fn commit(mut self) -> Result<QueueId, SpoolError> {
@@ -175,7 +175,7 @@ impl SpoolWriter {
     }
 
     /// [`SpoolWriter::commit`], and when the message was small enough to keep in memory
-    /// ([`KEEP_MAX`]) also the message as a delivery attempt would load it, with the still
+    /// (`KEEP_MAX`) also the message as a delivery attempt would load it, with the still
     /// open file as its [`SendLock`]: delivery starts without reading the file back.
     pub fn commit_and_keep(mut self) -> Result<(QueueId, Option<Loaded>), SpoolError> {
         let (file, path) = self.commit_file()?;
