@@ -11,7 +11,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
-use tokio::signal::unix::{SignalKind, signal};
+use tokio::signal::unix::{Signal, SignalKind, signal};
 use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn};
 
@@ -137,6 +137,10 @@ fn open_spool(dir: &std::path::Path) -> Result<Spool, AppError> {
 
 /// Run the relay until a shutdown signal. `path` is the policy file, for SIGHUP.
 pub async fn run(config: Config, path: Option<PathBuf>) -> Result<(), AppError> {
+    // Installed first: a SIGHUP (e.g. `systemctl reload`) or SIGTERM during recovery and the
+    // capability probe would otherwise kill the process by the signal's default action. Both
+    // are taken up once the relay serves.
+    let signals = Signals::install()?;
     let spool = prepare_spool(&config).await?;
     raise_fd_limit(config.limits.max_connections);
     let delivery_stop = CancellationToken::new();
@@ -164,7 +168,7 @@ pub async fn run(config: Config, path: Option<PathBuf>) -> Result<(), AppError> 
     );
     drop(snapshot);
 
-    wait_for_shutdown(&runtime, path.as_deref(), &delivery, &spool).await?;
+    wait_for_shutdown(signals, &runtime, path.as_deref(), &delivery, &spool).await;
     // The grace of the configuration running now (a reload may have changed it).
     inbound
         .stop(runtime.load().config.limits.shutdown_grace)
@@ -193,21 +197,37 @@ async fn prepare_spool(config: &Config) -> Result<Spool, AppError> {
     Ok(spool)
 }
 
+/// The signals the relay acts on.
+struct Signals {
+    term: Signal,
+    int: Signal,
+    hup: Signal,
+}
+
+impl Signals {
+    fn install() -> Result<Signals, AppError> {
+        let on = |kind| signal(kind).map_err(AppError::Signal);
+        Ok(Signals {
+            term: on(SignalKind::terminate())?,
+            int: on(SignalKind::interrupt())?,
+            hup: on(SignalKind::hangup())?,
+        })
+    }
+}
+
 /// Serve SIGHUP (reload) until SIGTERM or SIGINT.
 async fn wait_for_shutdown(
+    mut signals: Signals,
     runtime: &ArcSwap<Runtime>,
     path: Option<&std::path::Path>,
     delivery: &outbound::Delivery,
     spool: &Spool,
-) -> Result<(), AppError> {
-    let mut term = signal(SignalKind::terminate()).map_err(AppError::Signal)?;
-    let mut int = signal(SignalKind::interrupt()).map_err(AppError::Signal)?;
-    let mut hup = signal(SignalKind::hangup()).map_err(AppError::Signal)?;
+) {
     loop {
         tokio::select! {
-            _ = term.recv() => { info!("SIGTERM: shutting down"); return Ok(()); }
-            _ = int.recv() => { info!("SIGINT: shutting down"); return Ok(()); }
-            _ = hup.recv() => reload(runtime, path, delivery, spool),
+            _ = signals.term.recv() => { info!("SIGTERM: shutting down"); return; }
+            _ = signals.int.recv() => { info!("SIGINT: shutting down"); return; }
+            _ = signals.hup.recv() => reload(runtime, path, delivery, spool),
         }
     }
 }
@@ -269,10 +289,13 @@ fn reload(
     if old.config.server.spool_dir != new.config.server.spool_dir {
         warn!("reload: spool_dir changed; that takes a restart");
     }
-    // Only when changed ([`outbound::Delivery::reload`] keeps what did not change).
+    // When changed, or when an upstream names a `ca` bundle, which may have been replaced
+    // under the same path (a SIGHUP reads every file the policy names again, as it does the
+    // listeners' certificate); [`outbound::Delivery::reload`] keeps what did not change.
     let (was, is) = (&old.config, &new.config);
     if (&was.upstreams, &was.queue, &was.server.hostname)
         != (&is.upstreams, &is.queue, &is.server.hostname)
+        || is.upstreams.iter().any(|u| u.ca.is_some())
     {
         // An upstream whose TLS client cannot be built stops a start (exit status 2), so it
         // makes the whole file invalid here too: nothing of it applies, inbound included.

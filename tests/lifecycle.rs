@@ -439,3 +439,47 @@ fn restart_rejects_garbage_and_clears_tmp() {
     }
     assert!(!listing.contains("GARBAGE"));
 }
+
+/// A SIGHUP (e.g. `systemctl reload`) while the relay is still starting, here waiting for the
+/// capability probe of an upstream that accepts and never answers, does not kill it: it goes
+/// on to serve.
+#[test]
+fn sighup_during_start_does_not_kill_the_relay() {
+    let upstream = free_port();
+    let hole = std::net::TcpListener::bind(("127.0.0.1", upstream)).unwrap();
+    hole.set_nonblocking(true).unwrap();
+    let port = free_port();
+    let dir = TestDir::new();
+    let policy = dir.expand(&config(&[listener("mx", port, "none")], upstream, ""));
+    let path = dir.write("portcullis.toml", &policy);
+    let mut child = Command::new(BIN)
+        .args(["run", "--config"])
+        .arg(&path)
+        .current_dir(dir.path())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    // The probe has connected: the spool is recovered and the relay waits for the upstream.
+    let mut held = None;
+    assert!(
+        wait_until(Duration::from_secs(15), || {
+            held = hole.accept().ok();
+            held.is_some()
+        }),
+        "no capability probe"
+    );
+    let hup = Command::new("kill")
+        .args(["-HUP", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(hup.success());
+    let serving = wait_until(Duration::from_secs(15), || {
+        TcpStream::connect(("127.0.0.1", port)).is_ok()
+    });
+    let exited = child.try_wait().unwrap();
+    let _ = child.kill();
+    let _ = child.wait();
+    assert!(exited.is_none(), "the relay died of the SIGHUP: {exited:?}");
+    assert!(serving, "the relay never listened");
+}

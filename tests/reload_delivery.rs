@@ -131,3 +131,43 @@ fn sighup_with_an_upstream_tls_client_that_cannot_be_built_is_refused_whole() {
     c.expect_reply(220);
     c.expect("QUIT", 221);
 }
+
+#[test]
+fn sighup_reads_an_upstream_ca_bundle_replaced_under_the_same_path() {
+    let dir = TestDir::new();
+    let (cert, key) = write_certs(&dir.join("upstream-certs"));
+    let (other_ca, _) = write_certs(&dir.join("other-ca"));
+    let ca = dir.join("ca.pem");
+    std::fs::copy(&other_ca, &ca).unwrap();
+    let sink = Sink::start(SinkConfig {
+        starttls: true,
+        cert: Some((cert.clone(), key)),
+        ..SinkConfig::default()
+    });
+    let up = upstream("up", sink.port(), &[])
+        .replace("127.0.0.1", "localhost")
+        .replace(
+            "tls = \"none\"",
+            &format!("tls = \"required\"\nca = \"{}\"", ca.display()),
+        );
+    let relay = Relay::start_in(dir, &policy(free_port(), &up));
+    let (code, text) = send(&relay, "b@example.com");
+    assert_eq!(code, 250, "{text}");
+    let id = queue_id(&text).expect("queue id in the 250");
+    // Refused by the bundle it was started with: the upstream's certificate is not from it.
+    assert!(
+        relay.wait_for_fields(&[("queue_id", &id), ("error", "TLS handshake*")], WAIT),
+        "no failed TLS attempt for {id}"
+    );
+    // The bundle is replaced under the same path; the policy file does not change.
+    std::fs::copy(&cert, &ca).unwrap();
+    relay.sighup();
+    assert!(
+        wait_until(WAIT, || sink.messages().len() == 1),
+        "not delivered with the replaced bundle"
+    );
+    assert!(
+        relay.wait_for_queue_len(0, WAIT),
+        "the message left the queue"
+    );
+}

@@ -393,10 +393,11 @@ pub(super) fn summary(c: &Config) -> String {
     let retry: Vec<String> = c.queue.retry.iter().map(|d| format_duration(*d)).collect();
     let _ = write!(
         s,
-        "queue: retry {}, expire after {}, bounces {}",
+        "queue: retry {}, expire after {}, bounces {}, delivery grace {}",
         retry.join(" "),
         format_duration(c.queue.max_age),
-        if c.queue.bounces { "on" } else { "off" }
+        if c.queue.bounces { "on" } else { "off" },
+        format_duration(c.queue.delivery_grace)
     );
     s
 }

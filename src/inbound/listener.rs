@@ -59,6 +59,10 @@ impl ListenerTask {
             let runtime = self.runtime.load_full();
             let listener = self.current(&runtime);
             let limits = &runtime.config.limits;
+            // The peer last, so a line reads `…peer=192.0.2.1}: session end …`. The
+            // refusals of a full listener carry it too.
+            let span = info_span!("session", listener = %listener.name,
+                client_port = peer.port(), peer = %peer.ip());
             match self.counter.admit(
                 peer.ip(),
                 limits.max_connections,
@@ -67,9 +71,6 @@ impl ListenerTask {
             ) {
                 Ok(slot) => {
                     let shared = self.shared.clone();
-                    // The peer last, so a line reads `…peer=192.0.2.1}: session end …`.
-                    let span = info_span!("session", listener = %listener.name,
-                        client_port = peer.port(), peer = %peer.ip());
                     self.tracker.spawn(
                         async move {
                             let _slot = slot;
@@ -85,7 +86,7 @@ impl ListenerTask {
                         Full::Total => (reply::TOO_MANY_CONNECTIONS, "max_connections"),
                         Full::PerIp => (reply::TOO_MANY_FROM_IP, "max_connections_per_ip"),
                     };
-                    warn!(peer = %peer, listener = %listener.name, rule, reply = %reply, "rejected at connect");
+                    span.in_scope(|| warn!(rule, reply = %reply, "rejected at connect"));
                     self.tracker.spawn(async move { refuse(tcp, &reply).await });
                 }
             }

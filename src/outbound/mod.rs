@@ -64,8 +64,9 @@ impl Delivery {
     /// finish on the context they started with; the inbound checks at RCPT see the new routing
     /// table at once.
     ///
-    /// When `[[upstreams]]` and the host name are unchanged, the running upstreams (routing
-    /// table, capabilities, breakers, pools) carry on as they are and only `[queue]` changes.
+    /// When `[[upstreams]]` and the host name are unchanged and no upstream names a `ca`
+    /// bundle, the running upstreams (routing table, capabilities, breakers, pools) carry on as
+    /// they are and only `[queue]` changes.
     /// Otherwise the upstreams are built anew: an unchanged entry keeps its circuit breaker and
     /// connection slots ([`upstream::Upstreams::renew`]), every other starts with a closed
     /// breaker; the new upstreams are probed in the background for their capabilities (until
@@ -77,8 +78,11 @@ impl Delivery {
     /// changed then.
     pub fn reload(&self, config: &Config, spool: &Spool) -> Result<(), ClientTlsError> {
         let old = self.context.load_full();
+        // An upstream with a `ca` bundle gets a new TLS client even when its entry is
+        // unchanged: the file may have been replaced under the same path.
         let same_upstreams = old.hostname == config.server.hostname
-            && old.upstreams.configured_as(&config.upstreams);
+            && old.upstreams.configured_as(&config.upstreams)
+            && config.upstreams.iter().all(|u| u.ca.is_none());
         if same_upstreams {
             self.context.store(Arc::new(Context {
                 upstreams: old.upstreams.clone(),
@@ -99,7 +103,8 @@ impl Delivery {
         });
         self.context.store(context.clone());
         self.capabilities.replace(book);
-        self.tracker.spawn(async move {
+        // Not in `tracker`: the probe is no delivery, and shutdown does not wait for it.
+        tokio::spawn(async move {
             context
                 .upstreams
                 .probe_all(&context.hostname, PROBE_WAIT)
