@@ -191,10 +191,16 @@ pub fn parse_line(line: &[u8]) -> Result<ReplyLine, GarbledReply> {
     };
     // Control characters from the peer never reach our logs or bounces. A tab is white
     // space, not a control, to a reader of the reply: kept, so that the DSN's Diagnostic-Code
-    // gives the reply back exactly (RFC 3464 §2.3.6).
+    // gives the reply back exactly (RFC 3464 §2.3.6). Octets that are not UTF-8 become `?`,
+    // not U+FFFD (three octets): the text is never longer than the line it came from, so a
+    // reply within the limits stays within them when it is written out again.
     let text = String::from_utf8_lossy(text)
         .chars()
-        .map(|c| if c.is_control() && c != '\t' { ' ' } else { c })
+        .map(|c| match c {
+            '\u{FFFD}' => '?',
+            c if c.is_control() && c != '\t' => ' ',
+            c => c,
+        })
         .collect();
     Ok(ReplyLine { code, last, text })
 }
@@ -250,6 +256,20 @@ mod tests {
         let line = parse_line(b"550 5.1.1 a tab\there\x1b[31m\x00 end ").unwrap();
         assert_eq!(line.text, "5.1.1 a tab\there [31m  end ");
         assert!(line.last);
+    }
+
+    /// Found by the fuzz target: 4,000 octets of which some are not UTF-8 once grew past
+    /// `MAX_REPLY_LINE` as U+FFFD, so the reply written out again did not parse.
+    #[test]
+    fn octets_that_are_not_utf8_never_make_a_line_longer() {
+        let mut raw = b"550 ".to_vec();
+        raw.extend(std::iter::repeat_n(0xffu8, MAX_REPLY_LINE - 4));
+        let line = parse_line(&raw).unwrap();
+        assert_eq!(line.text, "?".repeat(MAX_REPLY_LINE - 4));
+        raw.extend(b"\r\n");
+        let reply = UpstreamReply::parse(&raw).unwrap();
+        let wire = format!("{} {}\r\n", reply.code, reply.lines[0]);
+        assert_eq!(UpstreamReply::parse(wire.as_bytes()), Ok(reply));
     }
 
     #[test]
