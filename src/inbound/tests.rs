@@ -171,6 +171,20 @@ impl Harness {
         self.reply().await
     }
 
+    /// Greeting, EHLO, MAIL and one accepted recipient, then DATA accepted: the client is
+    /// ready to send the message.
+    async fn ready_for_data(&mut self) {
+        self.reply().await;
+        self.cmd("EHLO client.test").await;
+        self.cmd("MAIL FROM:<a@sender.test>").await;
+        assert!(
+            self.cmd("RCPT TO:<u@example.com>")
+                .await
+                .starts_with("250 ")
+        );
+        assert!(self.cmd("DATA").await.starts_with("354 "));
+    }
+
     /// STARTTLS, trusting the certificate [`Harness::start`] wrote.
     async fn starttls(&mut self) {
         assert!(self.cmd("STARTTLS").await.starts_with("220 "));
@@ -248,11 +262,7 @@ async fn a_relay_attempt_gets_the_relay_denied_reply_and_nothing_is_queued() {
 #[tokio::test(start_paused = true)]
 async fn a_message_for_an_accepted_domain_is_queued_and_announced() {
     let mut h = Harness::start(NO_TLS, "");
-    h.reply().await;
-    h.cmd("EHLO client.test").await;
-    h.cmd("MAIL FROM:<a@sender.test>").await;
-    assert!(h.cmd("RCPT TO:<u@example.com>").await.starts_with("250 "));
-    assert!(h.cmd("DATA").await.starts_with("354 "));
+    h.ready_for_data().await;
     let queued = h.cmd("Subject: hi\r\n\r\nbody\r\n.").await;
     assert!(queued.starts_with("250 2.0.0 Ok: queued as "), "{queued}");
     let announced = h.queued.recv().await.expect("delivery is told");
@@ -264,11 +274,7 @@ async fn a_message_for_an_accepted_domain_is_queued_and_announced() {
 #[tokio::test(start_paused = true)]
 async fn a_message_over_the_hop_limit_is_refused_after_the_final_dot_and_nothing_is_queued() {
     let mut h = Harness::start(NO_TLS, "[limits]\nhop_limit = 1\n");
-    h.reply().await;
-    h.cmd("EHLO client.test").await;
-    h.cmd("MAIL FROM:<a@sender.test>").await;
-    assert!(h.cmd("RCPT TO:<u@example.com>").await.starts_with("250 "));
-    assert!(h.cmd("DATA").await.starts_with("354 "));
+    h.ready_for_data().await;
     let looped = "Received: from a\r\nReceived: from b\r\nSubject: hi\r\n\r\nbody\r\n.";
     assert_eq!(h.cmd(looped).await, wire(&reply::TOO_MANY_HOPS));
     h.cmd("QUIT").await;
