@@ -331,12 +331,7 @@ mod tests {
         // before the strangers that were waiting.
         let v = Verifier::start(1, 2).unwrap();
         let slow: Arc<str> = SLOW.into();
-        let flood: Vec<_> = (0..3)
-            .map(|_| {
-                v.submit(Arc::clone(&slow), "x".into(), "user", Lane::Other)
-                    .unwrap()
-            })
-            .collect();
+        let flood = submit_slow(&v, 3, "user", Lane::Other);
         assert_eq!(
             v.submit(Arc::clone(&slow), "x".into(), "user", Lane::Other)
                 .unwrap_err(),
@@ -378,6 +373,18 @@ mod tests {
         assert!(v.submit(slow, "x".into(), "user", Lane::Other).is_ok());
     }
 
+    /// `n` wrong passwords against [`SLOW`] for `login` in `lane`, each admitted.
+    fn submit_slow(
+        v: &Verifier,
+        n: usize,
+        login: &str,
+        lane: Lane,
+    ) -> Vec<oneshot::Receiver<Result<bool, CheckError>>> {
+        (0..n)
+            .map(|_| v.submit(SLOW.into(), "x".into(), login, lane).unwrap())
+            .collect()
+    }
+
     /// Slow enough (t = 40 passes of 19 MiB) that a job is still running when the next ones
     /// are submitted.
     const SLOW: &str = "$argon2id$v=19$m=19456,t=40,p=1$3C056/yWongzKuiNtDZD6w$MyPqlOLCva2ktGsHp6KlygtFPfGTe5FCWyJ6XljeRlE";
@@ -389,12 +396,7 @@ mod tests {
         // strangers, and carol (known at her address) still has a place in the known lane.
         let v = Verifier::start(1, 8).unwrap();
         let slow: Arc<str> = SLOW.into();
-        let alice: Vec<_> = (0..5)
-            .map(|_| {
-                v.submit(Arc::clone(&slow), "x".into(), "alice", Lane::Known)
-                    .unwrap()
-            })
-            .collect();
+        let alice = submit_slow(&v, 5, "alice", Lane::Known);
         assert_eq!(v.pending_in(Lane::Known), KNOWN_PER_LOGIN);
         assert_eq!(v.pending_in(Lane::Other), 5 - KNOWN_PER_LOGIN);
         let carol = v
