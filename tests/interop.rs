@@ -442,6 +442,20 @@ fn bounce_of(sink: &Sink, relay: &Relay) -> common::sink::Received {
         .unwrap()
 }
 
+/// The bounce for a message to `rcpt`, which the upstream refuses at RCPT with `refusal`.
+fn bounce_for_refused(rcpt: &str, refusal: &str) -> common::sink::Received {
+    let mut config = SinkConfig::default();
+    config
+        .rcpt_replies
+        .insert(rcpt.to_owned(), refusal.to_owned());
+    let sink = Sink::start(config);
+    let relay = start_with("", "none", sink.port(), FAST_RETRY);
+    let mut c = ready(relay.port(0));
+    let reply = c.send_message("s@example.com", &[rcpt], "Subject: t\r\n\r\nhi\r\n");
+    assert_reply(&reply, 250, "2.0.0");
+    bounce_of(&sink, &relay)
+}
+
 /// Unfold a header section or part (RFC 5322 §2.2.3): remove each CRLF before a space or tab.
 fn unfold(text: &str) -> String {
     text.replace("\r\n ", " ").replace("\r\n\t", "\t")
@@ -449,20 +463,7 @@ fn unfold(text: &str) -> String {
 
 #[test]
 fn dsn_diagnostic_code_unfolds_to_the_upstream_reply_unchanged() {
-    let mut config = SinkConfig::default();
-    config
-        .rcpt_replies
-        .insert("kate@example.com".to_owned(), LONG_REFUSAL.to_owned());
-    let sink = Sink::start(config);
-    let relay = start_with("", "none", sink.port(), FAST_RETRY);
-    let mut c = ready(relay.port(0));
-    let reply = c.send_message(
-        "s@example.com",
-        &["kate@example.com"],
-        "Subject: t\r\n\r\nhi\r\n",
-    );
-    assert_reply(&reply, 250, "2.0.0");
-    let bounce = bounce_of(&sink, &relay);
+    let bounce = bounce_for_refused("kate@example.com", LONG_REFUSAL);
     let text = String::from_utf8(bounce.data.clone()).unwrap();
     // Folded (the field is longer than 76), and unfolded it is the reply exactly.
     let field = format!("Diagnostic-Code: smtp; {LONG_REFUSAL}");
@@ -1043,20 +1044,7 @@ fn dsn_diagnostic_code_keeps_tabs_and_has_no_whitespace_only_line() {
         "550 5.1.1 a tab\there, then {}end ",
         "words to fold ".repeat(8)
     );
-    let mut config = SinkConfig::default();
-    config
-        .rcpt_replies
-        .insert("kate@example.com".to_owned(), refusal.clone());
-    let sink = Sink::start(config);
-    let relay = start_with("", "none", sink.port(), FAST_RETRY);
-    let mut c = ready(relay.port(0));
-    let reply = c.send_message(
-        "s@example.com",
-        &["kate@example.com"],
-        "Subject: t\r\n\r\nhi\r\n",
-    );
-    assert_reply(&reply, 250, "2.0.0");
-    let bounce = bounce_of(&sink, &relay);
+    let bounce = bounce_for_refused("kate@example.com", &refusal);
     let text = String::from_utf8(bounce.data.clone()).unwrap();
     let field = format!("Diagnostic-Code: smtp; {}", refusal.trim_end());
     assert!(!text.contains(&field), "not folded:\n{text}");
@@ -1071,21 +1059,7 @@ fn dsn_diagnostic_code_keeps_tabs_and_has_no_whitespace_only_line() {
 
 #[test]
 fn dsn_text_part_shows_a_quoted_address_with_its_spaces() {
-    let mut config = SinkConfig::default();
-    config.rcpt_replies.insert(
-        "\"a  b\"@example.com".to_owned(),
-        "550 5.1.1 no such user".to_owned(),
-    );
-    let sink = Sink::start(config);
-    let relay = start_with("", "none", sink.port(), FAST_RETRY);
-    let mut c = ready(relay.port(0));
-    let reply = c.send_message(
-        "s@example.com",
-        &["\"a  b\"@example.com"],
-        "Subject: t\r\n\r\nhi\r\n",
-    );
-    assert_reply(&reply, 250, "2.0.0");
-    let bounce = bounce_of(&sink, &relay);
+    let bounce = bounce_for_refused("\"a  b\"@example.com", "550 5.1.1 no such user");
     let parsed = mail_parser::MessageParser::default()
         .parse(&bounce.data)
         .unwrap();

@@ -338,10 +338,9 @@ impl<C: Courier> Recorder<'_, C> {
     /// Write the state of a message that stays queued. `None`: it was deleted meanwhile.
     async fn write_state(&self, now: u64) -> Option<()> {
         let id = self.msg.envelope.id.clone();
-        let state = self.msg.state.clone();
+        let state = &self.msg.state;
         let written = {
-            let id = id.clone();
-            let state = state.clone();
+            let (id, state) = (id.clone(), state.clone());
             on_spool(self.spool, move |s| s.write_state(&id, &state)).await
         };
         match written {
@@ -352,7 +351,7 @@ impl<C: Courier> Recorder<'_, C> {
                 error!(queue_id = %id, error = %e, "cannot record delivery progress; it will be repeated")
             }
         }
-        let pending = schedule::pending_indexes(&state, &self.msg.envelope).len();
+        let pending = schedule::pending_indexes(state, &self.msg.envelope).len();
         info!(
             queue_id = %id, pending, attempts = state.attempts,
             retry_in_secs = state.next_attempt.saturating_sub(now), "deferred"
