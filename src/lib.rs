@@ -66,6 +66,7 @@
 
 pub mod app;
 pub mod config;
+pub mod dns;
 pub mod envelope;
 pub mod inbound;
 pub mod outbound;

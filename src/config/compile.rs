@@ -22,9 +22,9 @@ use super::raw::{
 use super::units::{UnitError, parse_duration, parse_rate, parse_size};
 use super::value::{DomainProblem, ValueError};
 use super::{
-    Auth, AuthMode, BareLf, CertSource, Config, ConfigError, ConfigErrors, Headers, Limits,
-    Listener, ListenerTls, Queue, Rate, RateLimits, Relay, Server, Tls, TlsVersion, Upstream,
-    UpstreamTls, files, load,
+    Auth, AuthMode, BareLf, CertSource, Config, ConfigError, ConfigErrors, Dkim, Dmarc, Dns, Dnsbl,
+    Doctor, Headers, Limits, Listener, ListenerTls, QuarantineHeader, Queue, Rate, RateLimits,
+    Relay, Server, Spf, Tls, TlsVersion, Upstream, UpstreamTls, Verify, files, load,
 };
 
 /// Default `[server] spool_dir`.
@@ -140,6 +140,26 @@ pub(super) fn compile(text: &str, source: Option<&Path>) -> Result<Config, Confi
         upstreams,
         headers,
         queue,
+        dns: Dns {
+            nameservers: Vec::new(),
+            timeout: std::time::Duration::from_secs(5),
+        },
+        spf: Spf::default(),
+        dkim: Dkim::default(),
+        dmarc: Dmarc {
+            verify: Verify::Off,
+            quarantine_header: QuarantineHeader {
+                name: "X-Portcullis-Quarantine".to_string(),
+                value: "dmarc".to_string(),
+            },
+            own_domains_reject: false,
+        },
+        dnsbl: Dnsbl {
+            threshold: 1,
+            exempt: Vec::new(),
+            zones: Vec::new(),
+        },
+        doctor: Doctor::default(),
         source: source.map(Path::to_path_buf),
     })
 }
@@ -650,6 +670,7 @@ impl Compiler {
                 connect_timeout,
                 timeout,
                 backoff,
+                sign: false,
             });
         }
         upstreams

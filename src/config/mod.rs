@@ -10,6 +10,7 @@
 pub mod raw;
 pub mod units;
 
+mod checks;
 mod compile;
 mod files;
 mod load;
@@ -18,6 +19,10 @@ mod report;
 #[cfg(test)]
 mod tests;
 pub mod value;
+
+pub use checks::{
+    Dkim, DkimSign, Dmarc, Dns, Dnsbl, DnsblZone, Doctor, QuarantineHeader, Spf, Verify,
+};
 
 use std::fmt;
 use std::net::SocketAddr;
@@ -55,6 +60,18 @@ pub struct Config {
     pub headers: Headers,
     /// `[queue]`.
     pub queue: Queue,
+    /// `[dns]`.
+    pub dns: Dns,
+    /// `[spf]`.
+    pub spf: Spf,
+    /// `[dkim]`.
+    pub dkim: Dkim,
+    /// `[dmarc]`.
+    pub dmarc: Dmarc,
+    /// `[dnsbl]`.
+    pub dnsbl: Dnsbl,
+    /// `[doctor]`.
+    pub doctor: Doctor,
     /// Where the file came from (`None` for the embedded default). Relative paths in the file
     /// are resolved against the process working directory, not this file's directory, and
     /// are stored as written.
@@ -320,6 +337,9 @@ pub struct Upstream {
     /// Circuit breaker: after a connection-level failure the upstream is left alone this long,
     /// doubling with each further failure up to 16 times; then one delivery probes it.
     pub backoff: Duration,
+    /// `sign = true`: mail routed here is DKIM-signed per `[[dkim.sign]]` (a smarthost
+    /// towards the internet).
+    pub sign: bool,
 }
 
 impl std::fmt::Debug for Upstream {
@@ -340,6 +360,7 @@ impl std::fmt::Debug for Upstream {
             .field("connect_timeout", &self.connect_timeout)
             .field("timeout", &self.timeout)
             .field("backoff", &self.backoff)
+            .field("sign", &self.sign)
             .finish()
     }
 }

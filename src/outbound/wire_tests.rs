@@ -105,6 +105,7 @@ fn upstream(port: u16, tls: UpstreamTls) -> Upstream {
         connect_timeout: Duration::from_secs(5),
         timeout: Duration::from_secs(5),
         backoff: Duration::from_secs(30),
+        sign: false,
     }
 }
 
