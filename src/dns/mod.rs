@@ -10,7 +10,7 @@
 //! in a bounded cache.
 //!
 //! - [`keys`]: DKIM private keys (PEM: PKCS#8, or PKCS#1 for RSA).
-//! - [`cache`]: the bounded TTL cache of parsed records.
+//! - [`cache`]: the bounded TTL caches of parsed records.
 //! - [`verify`]: SPF, iprev, and a message's DKIM signatures, ARC chain and DMARC policy.
 //! - [`results`]: our `Authentication-Results:` field.
 //! - [`dnsbl`]: DNSBL query names and lookups.
