@@ -51,6 +51,22 @@ pub struct Dkim {
     pub sign: Vec<DkimSign>,
 }
 
+/// The header fields `[[dkim.sign]]` signs by default (`h=`): `From` twice, so that a second
+/// `From:` added in transit breaks the signature (oversigning, RFC 6376 §8.15), then the
+/// fields receivers display or use to thread and decode the message.
+pub const DEFAULT_DKIM_HEADERS: [&str; 10] = [
+    "From",
+    "From",
+    "To",
+    "Cc",
+    "Subject",
+    "Date",
+    "Message-ID",
+    "Reply-To",
+    "MIME-Version",
+    "Content-Type",
+];
+
 /// One `[[dkim.sign]]` entry.
 #[derive(Debug, Clone)]
 pub struct DkimSign {

@@ -16,16 +16,19 @@ use ipnet::IpNet;
 use crate::envelope::{Address, AddressError, canonical_domain};
 
 use super::raw::{
-    RawAuth, RawHeaders, RawLimits, RawListener, RawQueue, RawRateLimits, RawRelay, RawServer,
-    RawSize, RawTls, RawUpstream,
+    RawAuth, RawDkim, RawDkimSign, RawDmarc, RawDns, RawDnsbl, RawDnsblZone, RawDoctor, RawHeaders,
+    RawLimits, RawListener, RawQueue, RawRateLimits, RawRelay, RawServer, RawSize, RawSpf, RawTls,
+    RawUpstream,
 };
 use super::units::{UnitError, parse_duration, parse_rate, parse_size};
 use super::value::{DomainProblem, ValueError};
 use super::{
-    Auth, AuthMode, BareLf, CertSource, Config, ConfigError, ConfigErrors, Dkim, Dmarc, Dns, Dnsbl,
-    Doctor, Headers, Limits, Listener, ListenerTls, QuarantineHeader, Queue, Rate, RateLimits,
-    Relay, Server, Spf, Tls, TlsVersion, Upstream, UpstreamTls, Verify, files, load,
+    Auth, AuthMode, BareLf, CertSource, Config, ConfigError, ConfigErrors, Headers, Limits,
+    Listener, ListenerTls, Queue, Rate, RateLimits, Relay, Server, Tls, TlsVersion, Upstream,
+    UpstreamTls, Verify, files, load,
 };
+
+mod checks;
 
 /// Default `[server] spool_dir`.
 const DEFAULT_SPOOL_DIR: &str = "/var/spool/portcullis";
@@ -85,6 +88,16 @@ struct Sections {
     upstreams: Section<Vec<Option<RawUpstream>>>,
     headers: Section<RawHeaders>,
     queue: Section<RawQueue>,
+    dns: Section<RawDns>,
+    spf: Section<RawSpf>,
+    dkim: Section<RawDkim>,
+    /// `[[dkim.sign]]`, read entry by entry apart from the rest of `[dkim]`.
+    dkim_sign: Section<Vec<Option<RawDkimSign>>>,
+    dmarc: Section<RawDmarc>,
+    dnsbl: Section<RawDnsbl>,
+    /// `[[dnsbl.zones]]`, read entry by entry apart from the rest of `[dnsbl]`.
+    dnsbl_zones: Section<Vec<Option<RawDnsblZone>>>,
+    doctor: Section<RawDoctor>,
 }
 
 /// Compiles TOML text into a `Config`, or every error found.
@@ -120,8 +133,26 @@ pub(super) fn compile(text: &str, source: Option<&Path>) -> Result<Config, Confi
     let limits = c.limits(s.limits.or_default());
     let rate_limits = c.rate_limits(s.rate_limits.or_default());
     let upstreams = c.upstreams(s.upstreams);
-    let headers = c.headers(s.headers.or_default());
+    let mut headers = c.headers(s.headers.or_default());
     let queue = c.queue(s.queue.or_default());
+    let dns = c.dns(s.dns.or_default());
+    let spf = c.spf(s.spf.or_default());
+    let dkim = c.dkim(s.dkim.or_default(), s.dkim_sign);
+    let dmarc = c.dmarc(s.dmarc.or_default());
+    let dnsbl = c.dnsbl(s.dnsbl.or_default(), s.dnsbl_zones);
+    let doctor = c.doctor(s.doctor.or_default());
+    // The quarantine field is ours to add: one arriving from a stranger is removed with the
+    // other untrusted fields, so it cannot make a transport rule junk someone else's mail
+    // (or, set by a spammer to something else, be mistaken for ours).
+    let quarantine = &dmarc.quarantine_header.name;
+    if dmarc.verify != Verify::Off
+        && !headers
+            .strip_untrusted
+            .iter()
+            .any(|p| p.eq_ignore_ascii_case(quarantine))
+    {
+        headers.strip_untrusted.push(quarantine.clone());
+    }
 
     if !c.errors.is_empty() {
         let mut errors = c.errors;
@@ -140,26 +171,12 @@ pub(super) fn compile(text: &str, source: Option<&Path>) -> Result<Config, Confi
         upstreams,
         headers,
         queue,
-        dns: Dns {
-            nameservers: Vec::new(),
-            timeout: std::time::Duration::from_secs(5),
-        },
-        spf: Spf::default(),
-        dkim: Dkim::default(),
-        dmarc: Dmarc {
-            verify: Verify::Off,
-            quarantine_header: QuarantineHeader {
-                name: "X-Portcullis-Quarantine".to_string(),
-                value: "dmarc".to_string(),
-            },
-            own_domains_reject: false,
-        },
-        dnsbl: Dnsbl {
-            threshold: 1,
-            exempt: Vec::new(),
-            zones: Vec::new(),
-        },
-        doctor: Doctor::default(),
+        dns,
+        spf,
+        dkim,
+        dmarc,
+        dnsbl,
+        doctor,
         source: source.map(Path::to_path_buf),
     })
 }
@@ -207,6 +224,14 @@ impl Compiler {
             upstreams: Section::Absent,
             headers: Section::Absent,
             queue: Section::Absent,
+            dns: Section::Absent,
+            spf: Section::Absent,
+            dkim: Section::Absent,
+            dkim_sign: Section::Absent,
+            dmarc: Section::Absent,
+            dnsbl: Section::Absent,
+            dnsbl_zones: Section::Absent,
+            doctor: Section::Absent,
         };
         let e = &mut self.errors;
         for (name, value) in document {
@@ -221,6 +246,24 @@ impl Compiler {
                 "upstreams" => s.upstreams = array(value, &name, e),
                 "headers" => s.headers = section(value, &name, e),
                 "queue" => s.queue = section(value, &name, e),
+                "dns" => s.dns = section(value, &name, e),
+                "spf" => s.spf = section(value, &name, e),
+                "dkim" => {
+                    let (table, sign) = split_off(value, "sign");
+                    s.dkim = section(table, &name, e);
+                    if let Some(sign) = sign {
+                        s.dkim_sign = array(sign, "dkim.sign", e);
+                    }
+                }
+                "dmarc" => s.dmarc = section(value, &name, e),
+                "dnsbl" => {
+                    let (table, zones) = split_off(value, "zones");
+                    s.dnsbl = section(table, &name, e);
+                    if let Some(zones) = zones {
+                        s.dnsbl_zones = array(zones, "dnsbl.zones", e);
+                    }
+                }
+                "doctor" => s.doctor = section(value, &name, e),
                 _ => e.push(ConfigError::new(name, "unknown key")),
             }
         }
@@ -670,7 +713,7 @@ impl Compiler {
                 connect_timeout,
                 timeout,
                 backoff,
-                sign: false,
+                sign: raw.sign.unwrap_or(false),
             });
         }
         upstreams
@@ -889,6 +932,14 @@ impl Compiler {
         }
         domains
     }
+}
+
+/// `value` without its key `inner` (when `value` is a table holding it), and that key's value:
+/// an array of tables inside a table is read entry by entry on its own, so that one bad entry
+/// hides neither the others nor the table's other keys.
+fn split_off(mut value: toml::Value, inner: &str) -> (toml::Value, Option<toml::Value>) {
+    let taken = value.as_table_mut().and_then(|t| t.remove(inner));
+    (value, taken)
 }
 
 /// Stands in for the postmaster address when the configuration is invalid anyway (a missing or

@@ -21,7 +21,8 @@ mod tests;
 pub mod value;
 
 pub use checks::{
-    Dkim, DkimSign, Dmarc, Dns, Dnsbl, DnsblZone, Doctor, QuarantineHeader, Spf, Verify,
+    DEFAULT_DKIM_HEADERS, Dkim, DkimSign, Dmarc, Dns, Dnsbl, DnsblZone, Doctor, QuarantineHeader,
+    Spf, Verify,
 };
 
 use std::fmt;

@@ -1,5 +1,5 @@
 //! Who may read the secrets a policy names: the TLS private key, the AUTH users file (password
-//! hashes) and the upstream password files.
+//! hashes), the upstream password files and the DKIM signing keys.
 //!
 //! [`secret_file_warnings`] warns when such a file is readable (or writable) by every user, or
 //! by a group the relay's user is not in: whoever is in that group can read the key or the
@@ -78,6 +78,9 @@ fn secret_files(config: &Config) -> Vec<(String, PathBuf)> {
         if let Some(path) = &u.auth_password_file {
             files.push((format!("upstreams[{i}].auth_password_file"), path.clone()));
         }
+    }
+    for (i, s) in config.dkim.sign.iter().enumerate() {
+        files.push((format!("dkim.sign[{i}].key"), s.key_path.clone()));
     }
     files
 }

@@ -33,6 +33,18 @@ pub struct RawConfig {
     pub headers: Option<RawHeaders>,
     /// `[queue]`
     pub queue: Option<RawQueue>,
+    /// `[dns]`
+    pub dns: Option<RawDns>,
+    /// `[spf]`
+    pub spf: Option<RawSpf>,
+    /// `[dkim]` (with `[[dkim.sign]]`)
+    pub dkim: Option<RawDkim>,
+    /// `[dmarc]`
+    pub dmarc: Option<RawDmarc>,
+    /// `[dnsbl]` (with `[[dnsbl.zones]]`)
+    pub dnsbl: Option<RawDnsbl>,
+    /// `[doctor]`
+    pub doctor: Option<RawDoctor>,
 }
 
 /// `[server]`
@@ -212,6 +224,8 @@ pub struct RawUpstream {
     pub timeout: Option<String>,
     /// Circuit breaker: how long the upstream is left alone after a failure.
     pub backoff: Option<String>,
+    /// DKIM-sign mail routed here per `[[dkim.sign]]`.
+    pub sign: Option<bool>,
 }
 
 /// `[headers]`
@@ -232,6 +246,88 @@ pub struct RawQueue {
     pub bounces: Option<bool>,
     /// How long shutdown waits for deliveries in flight.
     pub delivery_grace: Option<String>,
+}
+
+/// `[dns]`
+#[derive(Debug, Clone, Default, Deserialize)]
+pub struct RawDns {
+    /// `"IP"` or `"IP:PORT"` (IPv6 as `"[::1]:53"` or `"::1"`).
+    pub nameservers: Option<Vec<String>>,
+    /// Time allowed for one query.
+    pub timeout: Option<String>,
+}
+
+/// `[spf]`
+#[derive(Debug, Clone, Default, Deserialize)]
+pub struct RawSpf {
+    /// `"off"`, `"record"` or `"enforce"`.
+    pub verify: Option<String>,
+}
+
+/// `[dkim]`. The loader reads `sign` entry by entry (like `[[listeners]]`), so this table is
+/// deserialized without it.
+#[derive(Debug, Clone, Default, Deserialize)]
+pub struct RawDkim {
+    /// `"off"` or `"record"`.
+    pub verify: Option<String>,
+    /// `[[dkim.sign]]`
+    pub sign: Option<Vec<RawDkimSign>>,
+}
+
+/// One `[[dkim.sign]]` entry.
+#[derive(Debug, Clone, Default, Deserialize)]
+pub struct RawDkimSign {
+    /// The signing domain (`d=`).
+    pub domain: Option<String>,
+    /// The selector (`s=`).
+    pub selector: Option<String>,
+    /// PEM private key file.
+    pub key: Option<String>,
+    /// Header fields signed (`h=`).
+    pub headers: Option<Vec<String>>,
+}
+
+/// `[dmarc]`
+#[derive(Debug, Clone, Default, Deserialize)]
+pub struct RawDmarc {
+    /// `"off"`, `"record"` or `"enforce"`.
+    pub verify: Option<String>,
+    /// `"Name: value"`.
+    pub quarantine_header: Option<String>,
+    /// `"reject"`.
+    pub own_domains: Option<String>,
+}
+
+/// `[dnsbl]`. The loader reads `zones` entry by entry, so this table is deserialized
+/// without it.
+#[derive(Debug, Clone, Default, Deserialize)]
+pub struct RawDnsbl {
+    /// Sum of the listing zones' weights at which a client is refused.
+    pub threshold: Option<i64>,
+    /// Client networks never looked up.
+    pub exempt: Option<Vec<String>>,
+    /// `[[dnsbl.zones]]`
+    pub zones: Option<Vec<RawDnsblZone>>,
+}
+
+/// One `[[dnsbl.zones]]` entry.
+#[derive(Debug, Clone, Default, Deserialize)]
+pub struct RawDnsblZone {
+    /// The zone queried.
+    pub zone: Option<String>,
+    /// The name shown in refusals.
+    pub name: Option<String>,
+    /// What a listing adds towards the threshold.
+    pub weight: Option<i64>,
+    /// The A records that count as listed.
+    pub answers: Option<Vec<String>>,
+}
+
+/// `[doctor]`
+#[derive(Debug, Clone, Default, Deserialize)]
+pub struct RawDoctor {
+    /// Our outbound addresses.
+    pub egress: Option<Vec<String>>,
 }
 
 /// The users file named by `auth.users_file`.

@@ -65,6 +65,66 @@ pub enum ValueError {
         /// The pattern as written.
         pattern: String,
     },
+    /// A `[dns] nameservers` entry that is not `IP` or `IP:PORT` (IPv6 as `[::1]:53` or a bare
+    /// `::1`; port 1 to 65535, default 53).
+    #[error(
+        "{text:?} is not a name server address (use e.g. 127.0.0.1, 192.0.2.53:5353, ::1 or [::1]:53)"
+    )]
+    Nameserver {
+        /// The entry as written.
+        text: String,
+    },
+    /// A header field name with a character RFC 5322 §3.6.8 does not allow (printable ASCII
+    /// but `:`), or empty.
+    #[error("{name:?} is not a header field name (printable ASCII without spaces or colons)")]
+    HeaderName {
+        /// The name as written.
+        name: String,
+    },
+    /// A `quarantine_header` that is not one `Name: value` field we may add.
+    #[error("{text:?} is not one header field \"Name: value\" ({problem})")]
+    QuarantineHeader {
+        /// The value as written.
+        text: String,
+        /// What is wrong with it.
+        problem: &'static str,
+    },
+    /// A DKIM selector that is not a sequence of DNS labels (RFC 6376 §3.1).
+    #[error(
+        "{text:?} is not a DKIM selector (labels of letters, digits, hyphens or underscores          separated by dots, e.g. s2026)"
+    )]
+    Selector {
+        /// The selector as written.
+        text: String,
+    },
+    /// A DNSBL `answers` entry that is not an IPv4 address in 127.0.0.0/8 (RFC 5782 §2.1).
+    #[error("{text:?} is not a DNSBL answer: an IPv4 address in 127.0.0.0/8, e.g. 127.0.0.2")]
+    DnsblAnswer {
+        /// The entry as written.
+        text: String,
+    },
+    /// A DNSBL `answers` entry in 127.255.255.0/24: lists answer so when they refuse our
+    /// queries (e.g. ones arriving through a public resolver), never to mean "listed".
+    #[error(
+        "{text:?} is in 127.255.255.0/24, which lists answer when they refuse our queries \
+         (e.g. through a public resolver); it never means listed"
+    )]
+    DnsblRefusalAnswer {
+        /// The entry as written.
+        text: String,
+    },
+    /// A public zone name (shown in SMTP replies) that is empty or not printable ASCII.
+    #[error("{text:?} cannot be shown in a reply: use printable ASCII, e.g. the zone's own name")]
+    ReplyText {
+        /// The value as written.
+        text: String,
+    },
+    /// An address in a list of addresses (`[doctor] egress`) that is not an IP address.
+    #[error("{text:?} is not an IP address (e.g. 198.51.100.7 or 2001:db8::7)")]
+    IpAddress {
+        /// The entry as written.
+        text: String,
+    },
     /// A password hash that cannot be used; see [`HashProblem`].
     #[error("{0}")]
     PasswordHash(#[from] HashProblem),

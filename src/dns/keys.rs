@@ -157,9 +157,12 @@ impl SigningKey {
             },
         })?;
         match &der {
-            PrivateKeyDer::Pkcs1(pkcs1) => {
-                rsa_key(path, pkcs1.secret_pkcs1_der(), RsaDer::Pkcs1, der.clone_key())
-            }
+            PrivateKeyDer::Pkcs1(pkcs1) => rsa_key(
+                path,
+                pkcs1.secret_pkcs1_der(),
+                RsaDer::Pkcs1,
+                der.clone_key(),
+            ),
             PrivateKeyDer::Pkcs8(pkcs8) => {
                 let bytes = pkcs8.secret_pkcs8_der();
                 match pkcs8_algorithm(bytes) {
