@@ -6,7 +6,9 @@ use std::fmt::Write as _;
 use ipnet::IpNet;
 
 use super::units::{format_duration, format_rate, format_size};
-use super::{AuthMode, BareLf, CertSource, Config, ListenerTls, Rate, TlsVersion, UpstreamTls};
+use super::{
+    AuthMode, BareLf, CertSource, Config, ListenerTls, Rate, TlsVersion, UpstreamTls, Verify,
+};
 
 /// IPv4 (or IPv6) prefixes this short or shorter in `relay_networks` make an open relay.
 const OPEN_RELAY_MAX_PREFIX: u8 = 7;
@@ -134,10 +136,94 @@ pub(super) fn warnings(config: &Config) -> Vec<String> {
                 .to_owned(),
         );
     }
+    w.extend(check_warnings(config));
     if !config.queue.bounces {
         w.push(
             "queue.bounces = false: senders are not told when their mail cannot be delivered \
              (failures are only logged)."
+                .to_owned(),
+        );
+    }
+    w
+}
+
+/// The names of the DNS checks that run on untrusted mail.
+fn dns_checks(c: &Config) -> Vec<&'static str> {
+    let dmarc = c.dmarc.verify != Verify::Off;
+    let mut checks = Vec::new();
+    if c.spf.verify != Verify::Off || dmarc {
+        checks.push("SPF");
+    }
+    if c.dkim.verify || dmarc {
+        checks.push("DKIM");
+    }
+    if dmarc {
+        checks.push("DMARC");
+    }
+    if !c.dnsbl.zones.is_empty() {
+        checks.push("DNSBL");
+    }
+    checks
+}
+
+/// Warnings about the mail-authentication, DNSBL and signing sections.
+fn check_warnings(c: &Config) -> Vec<String> {
+    let mut w = Vec::new();
+    if c.spf.verify == Verify::Enforce {
+        w.push(
+            "[spf] verify = \"enforce\" refuses mail whose SPF result is fail at MAIL FROM, \
+             which includes mail forwarded by mailing lists and forwarders that DKIM would \
+             have passed under DMARC (RFC 7489 section 10.1); prefer verify = \"record\" with \
+             [dmarc] verify = \"enforce\"."
+                .to_owned(),
+        );
+    }
+    let signers: Vec<&str> = c
+        .upstreams
+        .iter()
+        .filter(|u| u.sign)
+        .map(|u| u.name.as_str())
+        .collect();
+    if !signers.is_empty() && c.dkim.sign.is_empty() {
+        w.push(format!(
+            "{} {} sign = true but there is no [[dkim.sign]]: no mail is signed.",
+            if signers.len() == 1 {
+                "Upstream"
+            } else {
+                "Upstreams"
+            },
+            quoted(&signers),
+        ));
+    }
+    if signers.is_empty() && !c.dkim.sign.is_empty() {
+        w.push(
+            "[[dkim.sign]] is set but no [[upstreams]] has sign = true: no mail is signed (set \
+             sign = true on the smarthost towards the internet)."
+                .to_owned(),
+        );
+    }
+    let checks = dns_checks(c);
+    if !checks.is_empty() && c.dns.nameservers.is_empty() {
+        w.push(format!(
+            "{} {} the system resolver (/etc/resolv.conf, no [dns] nameservers): DNSBLs refuse \
+             queries that arrive through public resolvers (answering 127.255.255.x), and the \
+             results are only as trustworthy as that resolver; set [dns] nameservers to a \
+             validating resolver of your own.",
+            checks.join(", "),
+            if checks.len() == 1 { "uses" } else { "use" },
+        ));
+    }
+    let weights: u64 = c.dnsbl.zones.iter().map(|z| u64::from(z.weight)).sum();
+    if !c.dnsbl.zones.is_empty() && weights < u64::from(c.dnsbl.threshold) {
+        w.push(format!(
+            "dnsbl.threshold is {} but the weights of all zones add up to {weights}: no client \
+             is ever refused.",
+            c.dnsbl.threshold
+        ));
+    }
+    if c.dmarc.own_domains_reject && c.dmarc.verify == Verify::Off {
+        w.push(
+            "dmarc.own_domains = \"reject\" has no effect while [dmarc] verify = \"off\"."
                 .to_owned(),
         );
     }
@@ -377,10 +463,11 @@ pub(super) fn summary(c: &Config) -> String {
             .auth_user
             .as_ref()
             .map_or_else(|| "no auth".to_owned(), |user| format!("auth as {user}"));
+        let sign = if u.sign { ", DKIM-signs" } else { "" };
         let _ = writeln!(
             s,
             "  {} at {}: {route}, tls {tls}, {auth}, max {} connections, timeout {:?}, \
-             circuit breaker back-off {:?}",
+             circuit breaker back-off {:?}{sign}",
             u.name, u.address, u.max_connections, u.timeout, u.backoff
         );
     }
@@ -390,6 +477,7 @@ pub(super) fn summary(c: &Config) -> String {
         list(&c.headers.strip_untrusted),
         c.server.authserv_id
     );
+    checks_summary(&mut s, c);
     let retry: Vec<String> = c.queue.retry.iter().map(|d| format_duration(*d)).collect();
     let _ = write!(
         s,
@@ -400,4 +488,124 @@ pub(super) fn summary(c: &Config) -> String {
         format_duration(c.queue.delivery_grace)
     );
     s
+}
+
+/// How a check's `verify` reads in the summary.
+fn verify(v: Verify) -> &'static str {
+    match v {
+        Verify::Off => "off",
+        Verify::Record => "record",
+        Verify::Enforce => "enforce",
+    }
+}
+
+/// The mail-authentication, DNSBL and signing part of the summary.
+fn checks_summary(s: &mut String, c: &Config) {
+    let dmarc_on = c.dmarc.verify != Verify::Off;
+    let _ = writeln!(s, "mail authentication (untrusted mail only):");
+    let servers: Vec<String> = c.dns.nameservers.iter().map(ToString::to_string).collect();
+    let _ = writeln!(
+        s,
+        "  resolver: {}, timeout {} per query",
+        if servers.is_empty() {
+            "the system's (/etc/resolv.conf)".to_owned()
+        } else {
+            servers.join(", ")
+        },
+        format_duration(c.dns.timeout)
+    );
+    let spf = match c.spf.verify {
+        Verify::Off if dmarc_on => "record (run for DMARC)",
+        Verify::Enforce => "enforce (fail: 550 5.7.23 at MAIL, temperror: 451 4.7.24)",
+        v => verify(v),
+    };
+    let _ = writeln!(s, "  spf: {spf}");
+    let dkim = match (c.dkim.verify, dmarc_on) {
+        (true, _) => "record",
+        (false, true) => "record (run for DMARC)",
+        (false, false) => "off",
+    };
+    let _ = writeln!(
+        s,
+        "  dkim verification: {dkim}; arc and iprev recorded with them"
+    );
+    let q = &c.dmarc.quarantine_header;
+    let dmarc = match c.dmarc.verify {
+        Verify::Enforce => format!(
+            "enforce (p=reject: 550 5.7.1 after the final dot; p=quarantine: adds \"{}: {}\", \
+             removed from untrusted mail)",
+            q.name, q.value
+        ),
+        v => verify(v).to_owned(),
+    };
+    let own = if c.dmarc.own_domains_reject {
+        "; mail from strangers in our accepted domains judged as p=reject"
+    } else {
+        ""
+    };
+    let _ = writeln!(s, "  dmarc: {dmarc}{own}");
+    if c.dnsbl.zones.is_empty() {
+        let _ = writeln!(s, "  dnsbl: off");
+    } else {
+        let zones: Vec<String> = c.dnsbl.zones.iter().map(zone_summary).collect();
+        let _ = writeln!(
+            s,
+            "  dnsbl: {}; refused at RCPT (550 5.7.1) at weight {} or more; exempt {}",
+            zones.join(", "),
+            c.dnsbl.threshold,
+            nets(&c.dnsbl.exempt)
+        );
+    }
+    let _ = writeln!(s, "dkim signing (authenticated and relay_networks mail):");
+    if c.dkim.sign.is_empty() {
+        let _ = writeln!(s, "  no keys");
+    }
+    for k in &c.dkim.sign {
+        let _ = writeln!(
+            s,
+            "  {} selector {}: {}, key {}, headers {}",
+            k.domain,
+            k.selector,
+            k.key.algorithm(),
+            k.key_path.display(),
+            k.headers.join(" ")
+        );
+    }
+    let signers: Vec<&str> = c
+        .upstreams
+        .iter()
+        .filter(|u| u.sign)
+        .map(|u| u.name.as_str())
+        .collect();
+    let _ = writeln!(
+        s,
+        "  signed when routed to: {}",
+        if signers.is_empty() {
+            "no upstream".to_owned()
+        } else {
+            signers.join(", ")
+        }
+    );
+    if !c.doctor.egress.is_empty() {
+        let egress: Vec<String> = c.doctor.egress.iter().map(ToString::to_string).collect();
+        let _ = writeln!(s, "doctor egress addresses: {}", egress.join(", "));
+    }
+}
+
+fn zone_summary(z: &super::DnsblZone) -> String {
+    // A zone with its own name may hold an access key (Spamhaus DQS): never printed.
+    let zone = if z.name == z.zone {
+        z.zone.clone()
+    } else {
+        format!("{:?} (zone not shown: it may hold an access key)", z.name)
+    };
+    let answers = match &z.answers {
+        None => "any 127.0.0.0/8 answer".to_owned(),
+        Some(list) => list
+            .iter()
+            .map(ToString::to_string)
+            .collect::<Vec<_>>()
+            .join(" "),
+    };
+    format!("{zone} (weight {}, {answers})", z.weight)
 }
