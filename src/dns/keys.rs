@@ -395,6 +395,189 @@ fn rsa_modulus_bits(der: &[u8]) -> Option<u32> {
 mod tests {
     use super::*;
 
+    /// Runs `openssl` with `args` in `dir`, returning its standard output.
+    fn openssl(dir: &Path, args: &[&str]) -> Vec<u8> {
+        let out = std::process::Command::new("openssl")
+            .args(args)
+            .current_dir(dir)
+            .output()
+            .expect("openssl is installed (Debian's openssl package)");
+        assert!(
+            out.status.success(),
+            "openssl {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        out.stdout
+    }
+
+    /// The DER SubjectPublicKeyInfo of the key in `file`, as openssl writes it.
+    fn openssl_spki(dir: &Path, file: &str) -> Vec<u8> {
+        openssl(dir, &["pkey", "-in", file, "-pubout", "-outform", "DER"])
+    }
+
+    fn load(dir: &Path, file: &str) -> Result<SigningKey, KeyError> {
+        SigningKey::load(&dir.join(file))
+    }
+
+    #[test]
+    fn rsa_keys_load_from_pkcs1_and_pkcs8_with_their_size_and_published_key() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let d = dir.path();
+        openssl(d, &["genrsa", "-traditional", "-out", "pkcs1.pem", "2048"]);
+        let pkcs8 = openssl(
+            d,
+            &[
+                "genpkey",
+                "-algorithm",
+                "RSA",
+                "-pkeyopt",
+                "rsa_keygen_bits:3072",
+            ],
+        );
+        std::fs::write(d.join("pkcs8.pem"), pkcs8).expect("write");
+        let pem = std::fs::read_to_string(d.join("pkcs1.pem")).expect("read");
+        assert!(pem.starts_with("-----BEGIN RSA PRIVATE KEY-----"), "{pem}");
+        for (file, bits) in [("pkcs1.pem", 2048), ("pkcs8.pem", 3072)] {
+            let key = load(d, file).unwrap_or_else(|e| panic!("{file}: {e}"));
+            assert_eq!(key.algorithm(), KeyAlgorithm::Rsa { bits }, "{file}");
+            assert!(matches!(key.dkim_key(), DkimKey::Rsa(_)));
+            // p= is the SubjectPublicKeyInfo OpenDKIM publishes (not the bare RSAPublicKey).
+            let spki = openssl_spki(d, file);
+            assert_eq!(key.public_key(), spki, "{file}");
+            let p = base64::engine::general_purpose::STANDARD.encode(&spki);
+            assert_eq!(key.dns_record(), format!("v=DKIM1; k=rsa; p={p}"));
+        }
+    }
+
+    #[test]
+    fn ed25519_key_loads_and_publishes_the_raw_32_octets() {
+        use mail_auth::common::crypto::SigningKey as _;
+        let dir = tempfile::tempdir().expect("tempdir");
+        let d = dir.path();
+        openssl(d, &["genpkey", "-algorithm", "ed25519", "-out", "ed.pem"]);
+        let key = load(d, "ed.pem").expect("an Ed25519 PKCS#8 key loads");
+        assert_eq!(key.algorithm(), KeyAlgorithm::Ed25519);
+        // RFC 8463 §4.2: p= is the raw key, the last 32 octets of the SubjectPublicKeyInfo.
+        let spki = openssl_spki(d, "ed.pem");
+        let raw = spki[spki.len() - 32..].to_vec();
+        assert_eq!(key.public_key(), raw);
+        let p = base64::engine::general_purpose::STANDARD.encode(&raw);
+        assert_eq!(key.dns_record(), format!("v=DKIM1; k=ed25519; p={p}"));
+        // The key signs, and the published half verifies what it signed.
+        let input: &[u8] = b"canonicalized header section";
+        let signature = key.dkim_key().sign(input).expect("sign");
+        let digest = aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, input);
+        aws_lc_rs::signature::UnparsedPublicKey::new(&aws_lc_rs::signature::ED25519, &raw)
+            .verify(digest.as_ref(), &signature)
+            .expect("the published key verifies the signature");
+    }
+
+    #[test]
+    fn rsa_under_2048_bits_is_refused_with_its_size() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let d = dir.path();
+        openssl(d, &["genrsa", "-traditional", "-out", "pkcs1.pem", "1024"]);
+        let pkcs8 = openssl(
+            d,
+            &[
+                "genpkey",
+                "-algorithm",
+                "RSA",
+                "-pkeyopt",
+                "rsa_keygen_bits:1024",
+            ],
+        );
+        std::fs::write(d.join("pkcs8.pem"), pkcs8).expect("write");
+        for file in ["pkcs1.pem", "pkcs8.pem"] {
+            let err = load(d, file).expect_err("1024-bit RSA is refused");
+            assert!(
+                matches!(
+                    err,
+                    KeyError::RsaTooSmall {
+                        bits: Some(1024),
+                        ..
+                    }
+                ),
+                "{file}: {err:?}"
+            );
+            let text = err.to_string();
+            assert!(
+                text.contains("1024 bits") && text.contains("2048"),
+                "{text}"
+            );
+        }
+    }
+
+    #[test]
+    fn unusable_files_get_typed_errors_naming_the_file() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let d = dir.path();
+        openssl(
+            d,
+            &[
+                "genpkey",
+                "-algorithm",
+                "EC",
+                "-pkeyopt",
+                "ec_paramgen_curve:P-256",
+                "-out",
+                "ec8.pem",
+            ],
+        );
+        openssl(
+            d,
+            &[
+                "ecparam",
+                "-name",
+                "prime256v1",
+                "-genkey",
+                "-noout",
+                "-out",
+                "sec1.pem",
+            ],
+        );
+        openssl(
+            d,
+            &[
+                "genpkey",
+                "-algorithm",
+                "ed25519",
+                "-aes256",
+                "-pass",
+                "pass:x",
+                "-out",
+                "enc.pem",
+            ],
+        );
+        std::fs::write(
+            d.join("cert.pem"),
+            "-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----\n",
+        )
+        .expect("write");
+        std::fs::write(
+            d.join("broken.pem"),
+            "-----BEGIN RSA PRIVATE KEY-----\nMIIBOgIBAAJBAK==\n-----END RSA PRIVATE KEY-----\n",
+        )
+        .expect("write");
+        std::fs::write(d.join("big.pem"), vec![b'A'; 70 * 1024]).expect("write");
+        let cases: [(&str, fn(&KeyError) -> bool); 7] = [
+            ("missing.pem", |e| matches!(e, KeyError::Unreadable { .. })),
+            ("ec8.pem", |e| matches!(e, KeyError::Unsupported { .. })),
+            ("sec1.pem", |e| matches!(e, KeyError::Unsupported { .. })),
+            ("enc.pem", |e| matches!(e, KeyError::NotPem { .. })),
+            ("cert.pem", |e| matches!(e, KeyError::NotPem { .. })),
+            ("broken.pem", |e| {
+                matches!(e, KeyError::Invalid { .. } | KeyError::NotPem { .. })
+            }),
+            ("big.pem", |e| matches!(e, KeyError::TooLarge { .. })),
+        ];
+        for (file, expected) in cases {
+            let err = load(d, file).expect_err(file);
+            assert!(expected(&err), "{file}: {err:?}");
+            assert!(err.to_string().contains(file), "{file}: {err}");
+        }
+    }
+
     #[test]
     fn bit_length_ignores_leading_zero_octets() {
         for (bytes, bits) in [
