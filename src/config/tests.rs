@@ -561,6 +561,10 @@ fn portcullis_toml_documents_only_known_keys_and_is_valid() {
             "/etc/portcullis/upstream.pass",
             write(dir.path(), "pass", "hunter2\n"),
         ),
+        (
+            "/etc/portcullis/dkim/s2026.pem",
+            dkim_key(dir.path(), "s2026.pem", "ed25519"),
+        ),
     ];
     let mut text = std::fs::read_to_string(concat!(
         env!("CARGO_MANIFEST_DIR"),
@@ -591,6 +595,26 @@ fn portcullis_toml_documents_only_known_keys_and_is_valid() {
     assert!(!format!("{:?}", c.upstreams[0]).contains("hunter2"));
     assert_eq!(c.limits.min_free_space, 40 << 20);
     assert!(c.rate_limits.messages_per_user.is_some());
+    // The documented mail-authentication policy: recorded SPF and DKIM, enforced DMARC, one
+    // DNSBL, one signing key, signed towards the smarthost only.
+    assert_eq!(
+        (c.spf.verify, c.dkim.verify, c.dmarc.verify),
+        (Verify::Record, true, Verify::Enforce)
+    );
+    assert_eq!(c.dkim.sign.len(), 1);
+    assert_eq!(c.dkim.sign[0].headers, DEFAULT_DKIM_HEADERS);
+    assert_eq!(c.dnsbl.zones.len(), 1);
+    let signing: Vec<(&str, bool)> = c
+        .upstreams
+        .iter()
+        .map(|u| (u.name.as_str(), u.sign))
+        .collect();
+    assert_eq!(signing, [("exchange", false), ("smarthost", true)]);
+    assert!(
+        c.headers
+            .strip_untrusted
+            .contains(&"X-Portcullis-Quarantine".to_owned())
+    );
     assert!(c.warnings().is_empty(), "{:?}", c.warnings());
     let summary = c.summary();
     for needle in [
@@ -851,7 +875,7 @@ fn portcullis_toml_documents_every_key_of_raw_rs() {
     let mut expected = field_names::<RawConfig>();
     expected.sort_unstable();
     assert_eq!(top, expected, "top-level tables");
-    let sections: [(&str, Vec<&str>); 10] = [
+    let sections: [(&str, Vec<&str>); 16] = [
         ("server", field_names::<RawServer>()),
         ("tls", field_names::<RawTls>()),
         ("listeners", field_names::<RawListener>()),
@@ -862,7 +886,26 @@ fn portcullis_toml_documents_every_key_of_raw_rs() {
         ("upstreams", field_names::<RawUpstream>()),
         ("headers", field_names::<RawHeaders>()),
         ("queue", field_names::<RawQueue>()),
+        ("dns", field_names::<RawDns>()),
+        ("spf", field_names::<RawSpf>()),
+        ("dkim", field_names::<RawDkim>()),
+        ("dmarc", field_names::<RawDmarc>()),
+        ("dnsbl", field_names::<RawDnsbl>()),
+        ("doctor", field_names::<RawDoctor>()),
     ];
+    let nested: [(&str, &str, Vec<&str>); 2] = [
+        ("dkim", "sign", field_names::<RawDkimSign>()),
+        ("dnsbl", "zones", field_names::<RawDnsblZone>()),
+    ];
+    for (section, inner, fields) in nested {
+        let entry = doc[section][inner][0].as_table().expect("a table");
+        for field in fields {
+            assert!(
+                entry.contains_key(field),
+                "portcullis.toml does not document {section}.{inner}.{field}"
+            );
+        }
+    }
     for (section, fields) in sections {
         assert!(!fields.is_empty(), "{section}: no fields captured");
         // For an array of tables the first entry is the one documenting every key.
@@ -1070,5 +1113,448 @@ fn negative_size_is_refused_with_its_value() {
             "limits.max_message_size".to_owned(),
             "-1 is negative".to_owned()
         )]
+    );
+}
+
+/// Makes a DKIM key in `dir` with openssl: `kind` is `ed25519` or an RSA size in bits.
+fn dkim_key(dir: &Path, name: &str, kind: &str) -> String {
+    let path = dir.join(name);
+    let mut args = vec!["genpkey", "-out", path.to_str().expect("utf-8 path")];
+    let bits = format!("rsa_keygen_bits:{kind}");
+    if kind == "ed25519" {
+        args.extend(["-algorithm", "ed25519"]);
+    } else {
+        args.extend(["-algorithm", "RSA", "-pkeyopt", &bits]);
+    }
+    let status = std::process::Command::new("openssl")
+        .args(&args)
+        .stderr(std::process::Stdio::null())
+        .status()
+        .expect("openssl is installed");
+    assert!(status.success(), "openssl {args:?}");
+    std::fs::set_permissions(&path, std::os::unix::fs::PermissionsExt::from_mode(0o600))
+        .expect("chmod");
+    path.display().to_string()
+}
+
+#[test]
+fn mail_auth_sections_default_to_off() {
+    let c = ok(MINIMAL);
+    assert_eq!(c.dns.nameservers, []);
+    assert_eq!(c.dns.timeout, Duration::from_secs(5));
+    assert_eq!(c.spf.verify, Verify::Off);
+    assert!(!c.dkim.verify && c.dkim.sign.is_empty());
+    assert_eq!(c.dmarc.verify, Verify::Off);
+    assert_eq!(
+        c.dmarc.quarantine_header,
+        QuarantineHeader {
+            name: "X-Portcullis-Quarantine".into(),
+            value: "dmarc".into()
+        }
+    );
+    assert!(!c.dmarc.own_domains_reject);
+    assert_eq!((c.dnsbl.threshold, c.dnsbl.zones.len()), (1, 0));
+    assert!(c.dnsbl.exempt.is_empty() && c.doctor.egress.is_empty());
+    assert!(!c.upstreams[0].sign);
+    // DMARC off: the quarantine field is not added to the untrusted strip list.
+    assert_eq!(c.headers.strip_untrusted.len(), 4);
+    let summary = c.summary();
+    for needle in ["spf: off", "dmarc: off", "dnsbl: off", "no keys"] {
+        assert!(summary.contains(needle), "{needle:?}:\n{summary}");
+    }
+}
+
+#[test]
+fn mail_auth_sections_parse_every_key() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let ed = dkim_key(dir.path(), "ed.pem", "ed25519");
+    let c = ok(&format!(
+        r#"{MINIMAL}sign = true
+[dns]
+nameservers = ["127.0.0.1", "127.0.0.2:5353", "::1", "[::1]:5300", "[2001:db8::53]"]
+timeout = "2s"
+[spf]
+verify = "enforce"
+[dkim]
+verify = "record"
+[[dkim.sign]]
+domain = "Bücher.Example."
+selector = "S2026"
+key = {ed:?}
+[[dkim.sign]]
+domain = "example.com"
+selector = "ed"
+key = {ed:?}
+headers = ["from", "Subject"]
+[dmarc]
+verify = "enforce"
+quarantine_header = "X-Spam-Flag:  YES"
+own_domains = "reject"
+[dnsbl]
+threshold = 2
+exempt = ["192.0.2.0/24"]
+[[dnsbl.zones]]
+zone = "Zen.Spamhaus.ORG."
+[[dnsbl.zones]]
+zone = "key123.zen.dq.spamhaus.net"
+name = "zen.spamhaus.org (DQS)"
+weight = 3
+answers = ["127.0.0.2", "127.0.0.4"]
+[doctor]
+egress = ["198.51.100.7", "2001:db8::7"]
+"#
+    ));
+    let servers: Vec<String> = c.dns.nameservers.iter().map(ToString::to_string).collect();
+    assert_eq!(
+        servers,
+        [
+            "127.0.0.1:53",
+            "127.0.0.2:5353",
+            "[::1]:53",
+            "[::1]:5300",
+            "[2001:db8::53]:53"
+        ]
+    );
+    assert_eq!(c.dns.timeout, Duration::from_secs(2));
+    assert_eq!(c.spf.verify, Verify::Enforce);
+    assert!(c.dkim.verify);
+    let signs: Vec<(&str, &str)> = c
+        .dkim
+        .sign
+        .iter()
+        .map(|s| (s.domain.as_str(), s.selector.as_str()))
+        .collect();
+    assert_eq!(
+        signs,
+        [("xn--bcher-kva.example", "s2026"), ("example.com", "ed")]
+    );
+    assert_eq!(c.dkim.sign[0].headers, DEFAULT_DKIM_HEADERS);
+    assert_eq!(c.dkim.sign[1].headers, ["from", "Subject"]);
+    assert_eq!(
+        c.dkim.sign[0].key.algorithm(),
+        crate::dns::keys::KeyAlgorithm::Ed25519
+    );
+    assert_eq!(c.dkim.sign[0].key_path, Path::new(&ed));
+    assert_eq!(c.dmarc.verify, Verify::Enforce);
+    assert_eq!(
+        c.dmarc.quarantine_header,
+        QuarantineHeader {
+            name: "X-Spam-Flag".into(),
+            value: "YES".into()
+        }
+    );
+    assert!(c.dmarc.own_domains_reject);
+    // DMARC on: the quarantine field arriving from strangers is removed.
+    assert_eq!(
+        c.headers.strip_untrusted.last().map(String::as_str),
+        Some("X-Spam-Flag")
+    );
+    assert_eq!(c.dnsbl.threshold, 2);
+    assert_eq!(c.dnsbl.exempt, ["192.0.2.0/24".parse::<IpNet>().unwrap()]);
+    assert_eq!(
+        c.dnsbl.zones,
+        [
+            DnsblZone {
+                zone: "zen.spamhaus.org".into(),
+                name: "zen.spamhaus.org".into(),
+                weight: 1,
+                answers: None,
+            },
+            DnsblZone {
+                zone: "key123.zen.dq.spamhaus.net".into(),
+                name: "zen.spamhaus.org (DQS)".into(),
+                weight: 3,
+                answers: Some(vec![
+                    "127.0.0.2".parse().unwrap(),
+                    "127.0.0.4".parse().unwrap()
+                ]),
+            },
+        ]
+    );
+    let egress: Vec<String> = c.doctor.egress.iter().map(ToString::to_string).collect();
+    assert_eq!(egress, ["198.51.100.7", "2001:db8::7"]);
+    assert!(c.upstreams[0].sign);
+    let summary = c.summary();
+    for needle in [
+        "resolver: 127.0.0.1:53, 127.0.0.2:5353",
+        "spf: enforce (fail: 550 5.7.23",
+        "dkim verification: record",
+        "adds \"X-Spam-Flag: YES\"",
+        "judged as p=reject",
+        "zen.spamhaus.org (weight 1, any 127.0.0.0/8 answer)",
+        "\"zen.spamhaus.org (DQS)\" (zone not shown",
+        "at weight 2 or more; exempt 192.0.2.0/24",
+        "xn--bcher-kva.example selector s2026: ed25519-sha256",
+        "signed when routed to: upstream0",
+        "DKIM-signs",
+        "doctor egress addresses: 198.51.100.7, 2001:db8::7",
+    ] {
+        assert!(summary.contains(needle), "{needle:?}:\n{summary}");
+    }
+    // The access key in a zone's name is never printed.
+    assert!(!summary.contains("key123"), "{summary}");
+}
+
+#[test]
+fn mail_auth_value_errors_table() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let ed = dkim_key(dir.path(), "ed.pem", "ed25519");
+    let rsa1024 = dkim_key(dir.path(), "rsa1024.pem", "1024");
+    let notkey = write(dir.path(), "notkey.pem", "hello\n");
+    // (snippet appended to MINIMAL, expected key of the single error)
+    let cases: &[(&str, &str)] = &[
+        (
+            "[dns]\nnameservers = [\"dns.example\"]",
+            "dns.nameservers[0]",
+        ),
+        (
+            "[dns]\nnameservers = [\"1.2.3.4\", \"127.0.0.1:0\"]",
+            "dns.nameservers[1]",
+        ),
+        (
+            "[dns]\nnameservers = [\"[127.0.0.1]\"]",
+            "dns.nameservers[0]",
+        ),
+        ("[dns]\nnameservers = [\"::1:53:x\"]", "dns.nameservers[0]"),
+        ("[dns]\ntimeout = \"0s\"", "dns.timeout"),
+        ("[dns]\ntimeout = \"61s\"", "dns.timeout"),
+        ("[dns]\ntimeout = \"soon\"", "dns.timeout"),
+        ("[dns]\nresolver = \"x\"", "dns.resolver"),
+        ("[spf]\nverify = \"on\"", "spf.verify"),
+        ("[dkim]\nverify = \"enforce\"", "dkim.verify"),
+        ("[dkim]\nsign = 5", "dkim.sign"),
+        (
+            "[[dkim.sign]]\nselector = \"s\"\nkey = ED",
+            "dkim.sign[0].domain",
+        ),
+        (
+            "[[dkim.sign]]\ndomain = \"a.example\"\nkey = ED",
+            "dkim.sign[0].selector",
+        ),
+        (
+            "[[dkim.sign]]\ndomain = \"a.example\"\nselector = \"s\"",
+            "dkim.sign[0].key",
+        ),
+        (
+            "[[dkim.sign]]\ndomain = \"a..example\"\nselector = \"s\"\nkey = ED",
+            "dkim.sign[0].domain",
+        ),
+        (
+            "[[dkim.sign]]\ndomain = \"a.example\"\nselector = \"s 1\"\nkey = ED",
+            "dkim.sign[0].selector",
+        ),
+        (
+            "[[dkim.sign]]\ndomain = \"a.example\"\nselector = \"s\"\nkey = RSA1024",
+            "dkim.sign[0].key",
+        ),
+        (
+            "[[dkim.sign]]\ndomain = \"a.example\"\nselector = \"s\"\nkey = NOTKEY",
+            "dkim.sign[0].key",
+        ),
+        (
+            "[[dkim.sign]]\ndomain = \"a.example\"\nselector = \"s\"\nkey = \"/nonexistent/k.pem\"",
+            "dkim.sign[0].key",
+        ),
+        (
+            "[[dkim.sign]]\ndomain = \"a.example\"\nselector = \"s\"\nkey = ED\nheaders = [\"To\", \"Subject\"]",
+            "dkim.sign[0].headers",
+        ),
+        (
+            "[[dkim.sign]]\ndomain = \"a.example\"\nselector = \"s\"\nkey = ED\nheaders = [\"From\", \"Bad Name\"]",
+            "dkim.sign[0].headers[1]",
+        ),
+        (
+            "[[dkim.sign]]\ndomain = \"a.example\"\nselector = \"s\"\nkey = ED\nhedaers = []",
+            "dkim.sign[0].hedaers",
+        ),
+        (
+            "[[dkim.sign]]\ndomain = \"a.example\"\nselector = \"s\"\nkey = ED\n[[dkim.sign]]\ndomain = \"A.example\"\nselector = \"S\"\nkey = ED",
+            "dkim.sign[1].selector",
+        ),
+        ("[dmarc]\nverify = \"quarantine\"", "dmarc.verify"),
+        ("[dmarc]\nown_domains = \"quarantine\"", "dmarc.own_domains"),
+        (
+            "[dmarc]\nquarantine_header = \"X-Quarantine\"",
+            "dmarc.quarantine_header",
+        ),
+        (
+            "[dmarc]\nquarantine_header = \"X Quarantine: yes\"",
+            "dmarc.quarantine_header",
+        ),
+        (
+            "[dmarc]\nquarantine_header = \"X-Quarantine:\"",
+            "dmarc.quarantine_header",
+        ),
+        (
+            "[dmarc]\nquarantine_header = \"X-Quarantine: yes\\r\\nBcc: x@example.com\"",
+            "dmarc.quarantine_header",
+        ),
+        (
+            "[dmarc]\nquarantine_header = \"Subject: [SPAM]\"",
+            "dmarc.quarantine_header",
+        ),
+        (
+            "[dmarc]\nquarantine_header = \"X-Q*: yes\"",
+            "dmarc.quarantine_header",
+        ),
+        ("[dnsbl]\nthreshold = 0", "dnsbl.threshold"),
+        ("[dnsbl]\nexempt = [\"nope\"]", "dnsbl.exempt[0]"),
+        ("[[dnsbl.zones]]\nname = \"x\"", "dnsbl.zones[0].zone"),
+        (
+            "[[dnsbl.zones]]\nzone = \"not a zone\"",
+            "dnsbl.zones[0].zone",
+        ),
+        (
+            "[[dnsbl.zones]]\nzone = \"192.0.2.1\"",
+            "dnsbl.zones[0].zone",
+        ),
+        (
+            "[[dnsbl.zones]]\nzone = \"a.example\"\nweight = 0",
+            "dnsbl.zones[0].weight",
+        ),
+        (
+            "[[dnsbl.zones]]\nzone = \"a.example\"\nname = \"\"",
+            "dnsbl.zones[0].name",
+        ),
+        (
+            "[[dnsbl.zones]]\nzone = \"a.example\"\nname = \"a\\r\\n250 ok\"",
+            "dnsbl.zones[0].name",
+        ),
+        (
+            "[[dnsbl.zones]]\nzone = \"a.example\"\nanswers = []",
+            "dnsbl.zones[0].answers",
+        ),
+        (
+            "[[dnsbl.zones]]\nzone = \"a.example\"\nanswers = [\"127.0.0.2\", \"10.0.0.2\"]",
+            "dnsbl.zones[0].answers[1]",
+        ),
+        (
+            "[[dnsbl.zones]]\nzone = \"a.example\"\nanswers = [\"::1\"]",
+            "dnsbl.zones[0].answers[0]",
+        ),
+        (
+            "[[dnsbl.zones]]\nzone = \"a.example\"\nanswers = [\"127.255.255.254\"]",
+            "dnsbl.zones[0].answers[0]",
+        ),
+        (
+            "[[dnsbl.zones]]\nzone = \"a.example\"\n[[dnsbl.zones]]\nzone = \"A.example.\"",
+            "dnsbl.zones[1].zone",
+        ),
+        (
+            "[[dnsbl.zones]]\nzone = \"a.example\"\nlist = \"x\"",
+            "dnsbl.zones[0].list",
+        ),
+        ("[doctor]\negress = [\"mx.example\"]", "doctor.egress[0]"),
+        (
+            "[[upstreams]]\naddress = \"a.example:25\"\nsign = \"yes\"",
+            "upstreams[1].sign",
+        ),
+    ];
+    for (snippet, key) in cases {
+        let snippet = snippet
+            .replace("RSA1024", &format!("{rsa1024:?}"))
+            .replace("NOTKEY", &format!("{notkey:?}"))
+            .replace("ED", &format!("{ed:?}"));
+        let text = format!("{MINIMAL}\n{snippet}\n");
+        assert_eq!(keys(&text), [*key], "for snippet:\n{snippet}");
+    }
+    // The messages say what is wrong.
+    let rsa = errors(&format!(
+        "{MINIMAL}\n[[dkim.sign]]\ndomain = \"a.example\"\nselector = \"s\"\nkey = {rsa1024:?}\n"
+    ));
+    assert!(
+        rsa[0].1.contains("1024 bits") && rsa[0].1.contains("2048"),
+        "{rsa:?}"
+    );
+    let refusal = errors(&format!(
+        "{MINIMAL}\n[[dnsbl.zones]]\nzone = \"a.example\"\nanswers = [\"127.255.255.254\"]\n"
+    ));
+    assert!(refusal[0].1.contains("refuse our queries"), "{refusal:?}");
+}
+
+#[test]
+fn errors_in_several_dkim_and_dnsbl_entries_are_all_reported() {
+    let text = format!(
+        "{MINIMAL}\n[dkim]\nverify = \"maybe\"\n[[dkim.sign]]\ndomain = 5\n[[dkim.sign]]\n\
+         domain = \"b.example\"\n[dnsbl]\nthreshold = 0\n[[dnsbl.zones]]\nzone = \"-x\"\n\
+         [[dnsbl.zones]]\nzone = \"ok.example\"\nweight = -1\n"
+    );
+    assert_eq!(
+        keys(&text),
+        [
+            "dkim.sign[0].domain",
+            "dkim.sign[0].key",
+            "dkim.sign[0].selector",
+            "dkim.sign[1].key",
+            "dkim.sign[1].selector",
+            "dkim.verify",
+            "dnsbl.threshold",
+            "dnsbl.zones[0].zone",
+            "dnsbl.zones[1].weight",
+        ]
+    );
+}
+
+#[test]
+fn warnings_for_mail_auth_combinations() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let ed = dkim_key(dir.path(), "ed.pem", "ed25519");
+    let dns = "[dns]\nnameservers = [\"127.0.0.1\"]\n";
+    let sign = format!("[[dkim.sign]]\ndomain = \"example.com\"\nselector = \"s\"\nkey = {ed:?}\n");
+    // (text appended to MINIMAL, words the single warning must contain)
+    let cases: Vec<(String, &str)> = vec![
+        (
+            format!("{dns}[spf]\nverify = \"enforce\""),
+            "RFC 7489 section 10.1",
+        ),
+        ("sign = true".to_owned(), "no [[dkim.sign]]"),
+        (sign.clone(), "no [[upstreams]] has sign = true"),
+        ("[spf]\nverify = \"record\"".to_owned(), "system resolver"),
+        (
+            "[dmarc]\nverify = \"record\"".to_owned(),
+            "SPF, DKIM, DMARC use the system resolver",
+        ),
+        (
+            "[[dnsbl.zones]]\nzone = \"bl.example\"".to_owned(),
+            "DNSBL uses the system resolver",
+        ),
+        (
+            format!(
+                "{dns}[dnsbl]\nthreshold = 3\n[[dnsbl.zones]]\nzone = \"bl.example\"\nweight = 2"
+            ),
+            "no client is ever refused",
+        ),
+        ("[dmarc]\nown_domains = \"reject\"".to_owned(), "no effect"),
+    ];
+    for (snippet, words) in &cases {
+        let c = ok(&format!("{MINIMAL}{snippet}\n"));
+        let warnings = c.warnings();
+        assert_eq!(warnings.len(), 1, "{snippet}: {warnings:?}");
+        assert!(warnings[0].contains(words), "{snippet}: {warnings:?}");
+    }
+    // Everything on, with our own resolver and a signing upstream: no warning.
+    let c = ok(&format!(
+        "{MINIMAL}sign = true\n{dns}{sign}[spf]\nverify = \"record\"\n[dkim]\nverify = \"record\"\n\
+         [dmarc]\nverify = \"enforce\"\nown_domains = \"reject\"\n[[dnsbl.zones]]\nzone = \"bl.example\"\n"
+    ));
+    assert!(c.warnings().is_empty(), "{:?}", c.warnings());
+}
+
+#[test]
+fn a_dkim_key_readable_by_others_is_warned_about() {
+    use std::os::unix::fs::PermissionsExt as _;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let ed = dkim_key(dir.path(), "ed.pem", "ed25519");
+    let policy = format!(
+        "{MINIMAL}sign = true\n[[dkim.sign]]\ndomain = \"example.com\"\nselector = \"s\"\nkey = {ed:?}\n"
+    );
+    let c = ok(&policy);
+    assert_eq!(perms::secret_file_warnings(&c), Vec::<String>::new());
+    std::fs::set_permissions(&ed, std::fs::Permissions::from_mode(0o644)).expect("chmod");
+    let warnings = perms::secret_file_warnings(&ok(&policy));
+    assert_eq!(warnings.len(), 1, "{warnings:?}");
+    assert!(
+        warnings[0].starts_with("dkim.sign[0].key ") && warnings[0].contains("every user"),
+        "{warnings:?}"
     );
 }

@@ -181,12 +181,10 @@ impl Compiler {
                 }
             },
             None => {
-                if self.errors.len() == before {
-                    self.err(
-                        format!("{at}.key"),
-                        "is required (a PEM private key file, e.g. \"/etc/portcullis/dkim/s2026.pem\")",
-                    );
-                }
+                self.err(
+                    format!("{at}.key"),
+                    "is required (a PEM private key file, e.g. \"/etc/portcullis/dkim/s2026.pem\")",
+                );
                 None
             }
         };
