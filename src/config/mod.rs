@@ -369,7 +369,10 @@ impl std::fmt::Debug for Upstream {
 /// `[headers]`.
 #[derive(Debug, Clone)]
 pub struct Headers {
-    /// Header name patterns (case-insensitive, `*` as a trailing wildcard).
+    /// Header name patterns (case-insensitive, `*` as a trailing wildcard), removed from
+    /// untrusted mail. While `[dmarc] verify` is not `"off"`, the name of
+    /// `dmarc.quarantine_header` is among them (added at compilation), so only the relay sets
+    /// that field.
     pub strip_untrusted: Vec<String>,
 }
 

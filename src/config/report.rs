@@ -525,10 +525,12 @@ fn checks_summary(s: &mut String, c: &Config) {
         (false, true) => "record (run for DMARC)",
         (false, false) => "off",
     };
-    let _ = writeln!(
-        s,
-        "  dkim verification: {dkim}; arc and iprev recorded with them"
-    );
+    let arc = if dkim == "off" {
+        ""
+    } else {
+        "; arc and iprev recorded with it"
+    };
+    let _ = writeln!(s, "  dkim verification: {dkim}{arc}");
     let q = &c.dmarc.quarantine_header;
     let dmarc = match c.dmarc.verify {
         Verify::Enforce => format!(
