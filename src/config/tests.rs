@@ -1558,3 +1558,33 @@ fn a_dkim_key_readable_by_others_is_warned_about() {
         "{warnings:?}"
     );
 }
+
+#[test]
+fn the_quarantine_field_is_stripped_from_untrusted_mail_while_dmarc_runs() {
+    // (snippet, whether the default quarantine field is among the untrusted strip names, count)
+    let cases = [
+        ("[dmarc]\nverify = \"off\"", false, 4),
+        ("[dmarc]\nverify = \"record\"", true, 5),
+        ("[dmarc]\nverify = \"enforce\"", true, 5),
+        // Already listed (in any case): not added twice.
+        (
+            "[dmarc]\nverify = \"enforce\"\n[headers]\nstrip_untrusted = [\"x-portcullis-QUARANTINE\"]",
+            true,
+            1,
+        ),
+    ];
+    for (snippet, stripped, count) in cases {
+        let c = ok(&format!(
+            "{MINIMAL}\n[dns]\nnameservers = [\"127.0.0.1\"]\n{snippet}\n"
+        ));
+        let names = &c.headers.strip_untrusted;
+        assert_eq!(
+            names
+                .iter()
+                .any(|n| n.eq_ignore_ascii_case("X-Portcullis-Quarantine")),
+            stripped,
+            "{snippet}: {names:?}"
+        );
+        assert_eq!(names.len(), count, "{snippet}: {names:?}");
+    }
+}
