@@ -65,13 +65,12 @@ impl SigningKey {
             reason: e.to_string(),
         };
         if let Ok(der) = PrivatePkcs1KeyDer::from_pem_slice(&pem) {
-            let rsa = RsaKey::<Sha256>::from_key_der(PrivateKeyDer::Pkcs1(der))
-                .map_err(unsupported)?;
+            let rsa =
+                RsaKey::<Sha256>::from_key_der(PrivateKeyDer::Pkcs1(der)).map_err(unsupported)?;
             return Ok(SigningKey::rsa(rsa));
         }
-        let der = PrivatePkcs8KeyDer::from_pem_slice(&pem).map_err(|_| KeyError::NotPem {
-            path: shown(),
-        })?;
+        let der = PrivatePkcs8KeyDer::from_pem_slice(&pem)
+            .map_err(|_| KeyError::NotPem { path: shown() })?;
         if let Ok(ed) = Ed25519Key::from_pkcs8_maybe_unchecked_der(der.secret_pkcs8_der()) {
             let public_key = ed.public_key();
             return Ok(SigningKey {

@@ -44,7 +44,11 @@ fn which_answers_count() {
         ("127.255.255.254", Some(&only_2), Answer::Refused),
     ];
     for (answer, accepted, expected) in table {
-        assert_eq!(classify(a(answer), accepted), expected, "{answer} {accepted:?}");
+        assert_eq!(
+            classify(a(answer), accepted),
+            expected,
+            "{answer} {accepted:?}"
+        );
     }
 }
 
@@ -66,11 +70,19 @@ async fn listings_from_every_zone_add_up_and_others_do_not_count() {
     caches.add_ipv4("9.2.0.192.one.test", vec![v4("127.0.0.2")], later());
     caches.add_ipv4("9.2.0.192.two.test", vec![v4("127.0.0.4")], later());
     caches.add_ipv4("9.2.0.192.picky.test", vec![v4("127.0.0.3")], later());
-    caches.add_ipv4("9.2.0.192.refusing.test", vec![v4("127.255.255.254")], later());
+    caches.add_ipv4(
+        "9.2.0.192.refusing.test",
+        vec![v4("127.255.255.254")],
+        later(),
+    );
     let zones = [
         zone("one.test", 1, None),
         zone("two.test", 2, None),
-        zone("picky.test", 5, Some(vec!["127.0.0.2".parse().expect("ip")])),
+        zone(
+            "picky.test",
+            5,
+            Some(vec!["127.0.0.2".parse().expect("ip")]),
+        ),
         zone("refusing.test", 5, None),
         // Not in the caches: the lookup goes to a closed port and fails.
         zone("unreachable.test", 7, None),
@@ -103,7 +115,10 @@ async fn an_ipv4_mapped_client_is_looked_up_as_ipv4() {
         later(),
     );
     let check = resolver
-        .dnsbl("::ffff:127.0.0.9".parse().expect("ip"), &[zone("bl.test", 1, None)])
+        .dnsbl(
+            "::ffff:127.0.0.9".parse().expect("ip"),
+            &[zone("bl.test", 1, None)],
+        )
         .await;
     assert_eq!(check.score, 1);
 }

@@ -10,7 +10,7 @@ use mail_auth::common::verify::DomainKey;
 use mail_auth::{AuthenticatedMessage, DkimResult};
 
 use super::*;
-use crate::config::{Dns, DkimSign};
+use crate::config::{DkimSign, Dns};
 use crate::dns::Resolver;
 use crate::dns::keys::SigningKey;
 
@@ -96,11 +96,9 @@ pub(crate) fn later() -> Instant {
 /// Publish `entry`'s public key in `resolver`'s caches.
 fn publish(resolver: &Resolver, entry: &DkimSign) {
     let name = format!("{}._domainkey.{}", entry.selector, entry.domain);
-    resolver.caches().add_txt::<DomainKey>(
-        &name,
-        entry.key.dns_record().as_bytes(),
-        later(),
-    );
+    resolver
+        .caches()
+        .add_txt::<DomainKey>(&name, entry.key.dns_record().as_bytes(), later());
 }
 
 const MESSAGE: &str = concat!(
@@ -140,9 +138,7 @@ fn parsed_signatures(fields: &str) -> Vec<mail_auth::dkim::Signature> {
     fields
         .split("DKIM-Signature:")
         .skip(1)
-        .map(|value| {
-            mail_auth::dkim::Signature::parse(value.as_bytes()).expect("our field parses")
-        })
+        .map(|value| mail_auth::dkim::Signature::parse(value.as_bytes()).expect("our field parses"))
         .collect()
 }
 
@@ -152,7 +148,10 @@ fn an_rsa_signature_verifies() {
     let e = entry("example.test", "rsa", rsa_key());
     publish(&resolver, &e);
     let (_, message) = signed(MESSAGE, &[&e]);
-    assert_eq!(verify(&resolver, message.as_bytes()), vec![DkimResult::Pass]);
+    assert_eq!(
+        verify(&resolver, message.as_bytes()),
+        vec![DkimResult::Pass]
+    );
 }
 
 #[test]
@@ -165,7 +164,10 @@ fn an_ed25519_signature_verifies() {
         parsed_signatures(&fields)[0].a,
         mail_auth::common::crypto::Algorithm::Ed25519Sha256
     );
-    assert_eq!(verify(&resolver, message.as_bytes()), vec![DkimResult::Pass]);
+    assert_eq!(
+        verify(&resolver, message.as_bytes()),
+        vec![DkimResult::Pass]
+    );
 }
 
 #[test]
@@ -191,7 +193,10 @@ fn two_entries_for_one_domain_add_two_signatures_in_entry_order() {
     let signers = signers_for(MESSAGE.as_bytes(), &entries);
     assert_eq!(signers.len(), 2);
     let (fields, message) = signed(MESSAGE, &signers);
-    let selectors: Vec<String> = parsed_signatures(&fields).into_iter().map(|s| s.s).collect();
+    let selectors: Vec<String> = parsed_signatures(&fields)
+        .into_iter()
+        .map(|s| s.s)
+        .collect();
     assert_eq!(selectors, ["rsa", "ed"]);
     assert_eq!(
         verify(&resolver, message.as_bytes()),
