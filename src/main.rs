@@ -3,6 +3,9 @@
 //!
 //! Exit status: 0 success, 2 bad input or configuration, 1 any other failure.
 //!
+//! `doctor DOMAIN` exits 0 whenever its checks ran, whatever they found; 2 without
+//! `--config` or for a DOMAIN that is not a domain name; 1 when the policy cannot be loaded.
+//!
 //! `queue retry|delete ID…` check every id's syntax first (one malformed id: exit 2, nothing
 //! done); an id that is well formed but not queued is reported on stderr, the other ids are
 //! still acted on, and the exit status is 1. `queue purge` that matches nothing exits 0.

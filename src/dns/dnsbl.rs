@@ -17,6 +17,7 @@ use crate::config::DnsblZone;
 pub struct Listing {
     /// The zone's public `name`.
     pub name: String,
+    /// The zone's `weight`, added towards `[dnsbl] threshold`.
     pub weight: u32,
     /// The A record that counted.
     pub answer: IpAddr,

@@ -45,6 +45,7 @@ impl Status {
 /// One finding.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct Finding {
+    /// ok, warn or fail.
     pub status: Status,
     /// `spf`, `dkim`, `dmarc` or `fcrdns`.
     pub check: &'static str,
@@ -59,6 +60,8 @@ pub struct Finding {
 pub struct Report {
     /// The domain checked (as given, lower-cased).
     pub domain: String,
+    /// SPF findings first, then DKIM (one per `[[dkim.sign]]` entry), DMARC, FCrDNS (one
+    /// per egress address).
     pub findings: Vec<Finding>,
 }
 
