@@ -215,3 +215,44 @@ fn the_json_form_is_one_object_with_the_findings() {
             {"status": "warn", "check": "dmarc", "found": "x", "fix": "y"}]})
     );
 }
+
+#[tokio::test]
+async fn an_ipv6_egress_is_confirmed_through_its_aaaa_record_and_a_revoked_key_fails() {
+    let resolver = offline_resolver();
+    let mut config = config();
+    published(&resolver, &config);
+    let v6: std::net::Ipv6Addr = "2001:db8::7".parse().expect("ip");
+    config.doctor.egress = vec![IpAddr::V6(v6)];
+    let caches = resolver.caches();
+    caches.add_txt::<Spf>("example.test", b"v=spf1 ip6:2001:db8::/32 -all", later());
+    caches.add_ptr(IpAddr::V6(v6), vec!["out6.example.test."], later());
+    caches.add_ipv6("out6.example.test", vec![v6], later());
+    caches.add_txt::<DomainKey>(
+        "ed._domainkey.example.test",
+        b"v=DKIM1; k=ed25519; p=",
+        later(),
+    );
+    let report = run(&resolver, &config, "example.test").await;
+    let text = report.text();
+    assert!(
+        text.contains("ok spf: 2001:db8::7 is authorised for example.test (pass)\n"),
+        "{text}"
+    );
+    assert!(
+        text.contains("ok fcrdns: 2001:db8::7 -> out6.example.test -> 2001:db8::7\n"),
+        "{text}"
+    );
+    let ed = report
+        .findings
+        .iter()
+        .find(|f| f.check == "dkim" && f.found.contains("ed._domainkey"))
+        .expect("the ed25519 finding");
+    assert_eq!(ed.status, Status::Fail, "{text}");
+    assert!(
+        ed.fix
+            .as_deref()
+            .expect("fix")
+            .contains("v=DKIM1; k=ed25519; p="),
+        "{text}"
+    );
+}
