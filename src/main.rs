@@ -3,6 +3,9 @@
 //!
 //! Exit status: 0 success, 2 bad input or configuration, 1 any other failure.
 //!
+//! `doctor DOMAIN` exits 0 whenever its checks ran, whatever they found; 2 without
+//! `--config` or for a DOMAIN that is not a domain name; 1 when the policy cannot be loaded.
+//!
 //! `queue retry|delete ID…` check every id's syntax first (one malformed id: exit 2, nothing
 //! done); an id that is well formed but not queued is reported on stderr, the other ids are
 //! still acted on, and the exit status is 1. `queue purge` that matches nothing exits 0.
@@ -50,6 +53,16 @@ enum Command {
         out: PathBuf,
         #[arg(long, value_name = "HOST")]
         name: String,
+    },
+    /// Pre-flight our own outbound mail for DOMAIN: SPF, DKIM keys, DMARC, FCrDNS of the
+    /// [doctor] egress addresses, each finding with its fix. Exit 0 whatever it finds.
+    Doctor {
+        /// The domain we send mail for.
+        #[arg(value_name = "DOMAIN")]
+        domain: String,
+        /// Print one JSON object.
+        #[arg(long)]
+        json: bool,
     },
 }
 
@@ -129,6 +142,7 @@ fn dispatch(cli: Cli) -> anyhow::Result<()> {
         Command::CheckConfig => check_config(cli.config.as_deref()),
         Command::Queue { action } => queue(action, cli.config.as_deref(), cli.spool),
         Command::Passwd => passwd(),
+        Command::Doctor { domain, json } => doctor(cli.config.as_deref(), &domain, json),
         Command::GenCert { out, name } => {
             let (cert, key) = portcullis::inbound::tls::write_cert_files(&out, &name)
                 .map_err(|e| UsageError(e.to_string()))?;
@@ -202,6 +216,31 @@ fn check_config(path: Option<&Path>) -> anyhow::Result<()> {
         }
     }
     println!("\n{}: OK", path.display());
+    Ok(())
+}
+
+/// `portcullis doctor DOMAIN`: the checks are in `dns::doctor`; this loads the policy and
+/// prints the report.
+fn doctor(path: Option<&Path>, domain: &str, json: bool) -> anyhow::Result<()> {
+    let Some(path) = path else {
+        return Err(UsageError("doctor needs --config FILE".into()).into());
+    };
+    let domain = portcullis::envelope::canonical_domain(domain)
+        .map_err(|e| UsageError(format!("{domain}: not a domain name ({e})")))?;
+    // A policy that cannot be loaded is not a usage error here: exit 1.
+    let config = load_config(path).map_err(|e| anyhow::anyhow!("{e}"))?;
+    let resolver =
+        portcullis::dns::Resolver::new(&config.dns).context("cannot set up the resolver")?;
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")?;
+    let report = runtime.block_on(portcullis::dns::doctor::run(&resolver, &config, &domain));
+    if json {
+        println!("{}", serde_json::to_string(&report)?);
+    } else {
+        print!("{}", report.text());
+    }
     Ok(())
 }
 

@@ -1,1 +1,402 @@
 //! `portcullis doctor DOMAIN`: a pre-flight of our own outbound mail's published records.
+//!
+//! Through the relay's own [`Resolver`] it checks what receivers will check of mail we send
+//! for DOMAIN: SPF (RFC 7208) authorises each `[doctor] egress` address, each `[[dkim.sign]]`
+//! key of DOMAIN is the one published at its selector (RFC 6376 §3.6.2), the DMARC record
+//! (RFC 7489 §6.3) parses and what it asks for, and each egress address has a
+//! forward-confirmed PTR record (FCrDNS, RFC 8601 §3 iprev). Each finding says what to
+//! publish to fix it. Nothing here changes anything; a lookup error is a finding too.
+
+use std::net::IpAddr;
+
+use mail_auth::common::crypto::SigningKey as _;
+use mail_auth::common::verify::DomainKey;
+use mail_auth::dmarc::{Dmarc, Policy};
+use mail_auth::spf::Spf;
+use mail_auth::spf::verify::SpfParameters;
+use mail_auth::{DnsError, SpfResult};
+use serde::Serialize;
+
+use super::Resolver;
+use crate::config::Config;
+
+/// How a finding stands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Status {
+    /// As it should be.
+    Ok,
+    /// Works, but weaker than it should be, or could not be checked.
+    Warn,
+    /// Receivers will judge our mail badly.
+    Fail,
+}
+
+impl Status {
+    fn as_str(self) -> &'static str {
+        match self {
+            Status::Ok => "ok",
+            Status::Warn => "warn",
+            Status::Fail => "fail",
+        }
+    }
+}
+
+/// One finding.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Finding {
+    /// ok, warn or fail.
+    pub status: Status,
+    /// `spf`, `dkim`, `dmarc` or `fcrdns`.
+    pub check: &'static str,
+    /// What was found.
+    pub found: String,
+    /// What to publish or configure to fix it (none when `status` is ok).
+    pub fix: Option<String>,
+}
+
+/// Every finding for one domain.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Report {
+    /// The domain checked (as given, lower-cased).
+    pub domain: String,
+    /// SPF findings first, then DKIM (one per `[[dkim.sign]]` entry), DMARC, FCrDNS (one
+    /// per egress address).
+    pub findings: Vec<Finding>,
+}
+
+impl Report {
+    /// One line per finding: `STATUS CHECK: FOUND` and, when there is one, `; fix: FIX`.
+    pub fn text(&self) -> String {
+        let mut out = String::new();
+        for f in &self.findings {
+            out.push_str(f.status.as_str());
+            out.push(' ');
+            out.push_str(f.check);
+            out.push_str(": ");
+            out.push_str(&f.found);
+            if let Some(fix) = &f.fix {
+                out.push_str("; fix: ");
+                out.push_str(fix);
+            }
+            out.push('\n');
+        }
+        out
+    }
+}
+
+fn finding(status: Status, check: &'static str, found: String, fix: Option<String>) -> Finding {
+    Finding {
+        status,
+        check,
+        found,
+        fix,
+    }
+}
+
+/// A lookup that found nothing usable: no record (`Fail`, fix it by publishing), or a DNS
+/// error (`Warn`: nothing is known).
+fn missing(error: &mail_auth::Error) -> Status {
+    match error {
+        mail_auth::Error::Dns(DnsError::Resolver(_)) => Status::Warn,
+        _ => Status::Fail,
+    }
+}
+
+/// The SPF mechanism that authorises `ip`.
+fn spf_mechanism(ip: IpAddr) -> String {
+    match ip {
+        IpAddr::V4(v4) => format!("ip4:{v4}"),
+        IpAddr::V6(v6) => format!("ip6:{v6}"),
+    }
+}
+
+/// Run every check of `domain` (a domain name; compared as given, lower-cased) with
+/// `config`'s `[doctor] egress`, `[[dkim.sign]]` and `server.hostname`.
+pub async fn run(resolver: &Resolver, config: &Config, domain: &str) -> Report {
+    let domain = domain.trim_end_matches('.').to_ascii_lowercase();
+    let mut findings = Vec::new();
+    findings.extend(spf(resolver, config, &domain).await);
+    findings.extend(dkim(resolver, config, &domain).await);
+    findings.push(dmarc(resolver, &domain).await);
+    findings.extend(fcrdns(resolver, &config.doctor.egress).await);
+    Report { domain, findings }
+}
+
+async fn spf(resolver: &Resolver, config: &Config, domain: &str) -> Vec<Finding> {
+    let egress = &config.doctor.egress;
+    let mechanisms: Vec<String> = egress.iter().copied().map(spf_mechanism).collect();
+    let suggested = format!("publish TXT at {domain}: \"v=spf1 {} -all\"", {
+        if mechanisms.is_empty() {
+            "ip4:OUR-ADDRESS".to_string()
+        } else {
+            mechanisms.join(" ")
+        }
+    });
+    let record = resolver
+        .authenticator()
+        .txt_lookup::<Spf>(domain, Some(&resolver.caches().txt))
+        .await;
+    let mut findings = vec![match record {
+        Ok(_) => finding(
+            Status::Ok,
+            "spf",
+            format!("the SPF record at {domain} parses"),
+            None,
+        ),
+        Err(e) => finding(
+            missing(&e),
+            "spf",
+            format!("no valid SPF record at {domain} ({e})"),
+            Some(suggested),
+        ),
+    }];
+    if egress.is_empty() {
+        findings.push(finding(
+            Status::Warn,
+            "spf",
+            "no [doctor] egress addresses configured: which addresses SPF must authorise is unknown".into(),
+            Some("list our outbound addresses in [doctor] egress".into()),
+        ));
+    }
+    let hostname = config.server.hostname.as_str();
+    let sender = format!("postmaster@{domain}");
+    for &ip in egress {
+        let params = SpfParameters::verify_mail_from(ip, hostname, hostname, &sender);
+        let output = resolver
+            .authenticator()
+            .verify_spf(resolver.caches().parameters(params))
+            .await;
+        findings.push(match output.result() {
+            SpfResult::Pass => finding(
+                Status::Ok,
+                "spf",
+                format!("{ip} is authorised for {domain} (pass)"),
+                None,
+            ),
+            SpfResult::TempError => finding(
+                Status::Warn,
+                "spf",
+                format!("{ip} could not be checked for {domain} (temperror)"),
+                None,
+            ),
+            other => finding(
+                Status::Fail,
+                "spf",
+                format!("{ip} is not authorised for {domain} ({other})"),
+                Some(format!(
+                    "add {} to the SPF record at {domain}",
+                    spf_mechanism(ip)
+                )),
+            ),
+        });
+    }
+    findings
+}
+
+/// A probe signed with our key and verified with the published one: the keys match exactly
+/// when it verifies, whichever encoding `p=` uses (SubjectPublicKeyInfo or bare RSAPublicKey).
+const PROBE: &[u8] = b"portcullis doctor: does the published key match ours?";
+
+async fn dkim(resolver: &Resolver, config: &Config, domain: &str) -> Vec<Finding> {
+    let entries: Vec<_> = config
+        .dkim
+        .sign
+        .iter()
+        .filter(|e| e.domain == domain)
+        .collect();
+    if entries.is_empty() {
+        return vec![finding(
+            Status::Warn,
+            "dkim",
+            format!("no [[dkim.sign]] entry for {domain}: its mail is not signed"),
+            Some(format!(
+                "add a [[dkim.sign]] entry with domain = \"{domain}\""
+            )),
+        )];
+    }
+    let mut findings = Vec::new();
+    for entry in entries {
+        let name = format!("{}._domainkey.{domain}", entry.selector);
+        let publish = Some(format!(
+            "publish TXT at {name}: \"{}\"",
+            entry.key.dns_record()
+        ));
+        let record = resolver
+            .authenticator()
+            .txt_lookup::<DomainKey>(name.as_str(), Some(&resolver.caches().txt))
+            .await;
+        findings.push(match record {
+            Ok(published) => {
+                let key = entry.key.dkim_key();
+                let matches = key
+                    .sign(PROBE)
+                    .and_then(|sig| published.p.verify_bytes(PROBE, &sig, key.algorithm()))
+                    .is_ok();
+                if matches {
+                    finding(
+                        Status::Ok,
+                        "dkim",
+                        format!("{name} publishes the key of {}", entry.key_path.display()),
+                        None,
+                    )
+                } else {
+                    finding(
+                        Status::Fail,
+                        "dkim",
+                        format!(
+                            "{name} publishes another key than {}",
+                            entry.key_path.display()
+                        ),
+                        publish,
+                    )
+                }
+            }
+            Err(e) => finding(
+                missing(&e),
+                "dkim",
+                format!("no valid DKIM key record at {name} ({e})"),
+                publish,
+            ),
+        });
+    }
+    findings
+}
+
+fn policy_name(policy: Policy) -> &'static str {
+    match policy {
+        Policy::None | Policy::Unspecified => "none",
+        Policy::Quarantine => "quarantine",
+        Policy::Reject => "reject",
+    }
+}
+
+async fn dmarc(resolver: &Resolver, domain: &str) -> Finding {
+    let name = format!("_dmarc.{domain}");
+    let suggested = Some(format!(
+        "publish TXT at {name}: \"v=DMARC1; p=quarantine; rua=mailto:postmaster@{domain}\""
+    ));
+    let record = resolver
+        .authenticator()
+        .txt_lookup::<Dmarc>(name.as_str(), Some(&resolver.caches().txt))
+        .await;
+    let dmarc = match record {
+        Ok(dmarc) => dmarc,
+        Err(e) => {
+            return finding(
+                missing(&e),
+                "dmarc",
+                format!("no valid DMARC record at {name} ({e})"),
+                suggested,
+            );
+        }
+    };
+    // mail-auth keeps the address of a `mailto:` URI only.
+    let rua: Vec<String> = dmarc
+        .rua
+        .iter()
+        .map(|u| format!("mailto:{}", u.uri()))
+        .collect();
+    let found = format!(
+        "{name}: p={} sp={} np={}{} rua={}",
+        policy_name(dmarc.p),
+        policy_name(dmarc.sp),
+        policy_name(dmarc.np),
+        if dmarc.t {
+            " t=y (testing: one step lower)"
+        } else {
+            ""
+        },
+        if rua.is_empty() {
+            "none".into()
+        } else {
+            rua.join(",")
+        },
+    );
+    if rua.is_empty() {
+        finding(
+            Status::Warn,
+            "dmarc",
+            found,
+            Some(format!(
+                "add rua=mailto:postmaster@{domain} to {name} to receive aggregate reports"
+            )),
+        )
+    } else {
+        finding(Status::Ok, "dmarc", found, None)
+    }
+}
+
+async fn fcrdns(resolver: &Resolver, egress: &[IpAddr]) -> Vec<Finding> {
+    let mut findings = Vec::new();
+    for &ip in egress {
+        findings.push(fcrdns_one(resolver, ip).await);
+    }
+    findings
+}
+
+async fn fcrdns_one(resolver: &Resolver, ip: IpAddr) -> Finding {
+    let auth = resolver.authenticator();
+    let caches = resolver.caches();
+    let fix = Some(format!(
+        "ask the owner of {ip} (the hosting or network provider) for a PTR record naming a host \
+         whose {} record is {ip}",
+        if ip.is_ipv4() { "A" } else { "AAAA" }
+    ));
+    let names = match auth.ptr_lookup(ip, Some(&caches.ptr)).await {
+        Ok(names) if !names.rrset.is_empty() => names.rrset,
+        Ok(_) => {
+            return finding(
+                Status::Fail,
+                "fcrdns",
+                format!("{ip} has no PTR record"),
+                fix,
+            );
+        }
+        Err(e) => {
+            return finding(
+                missing(&e),
+                "fcrdns",
+                format!("{ip} has no PTR record ({e})"),
+                fix,
+            );
+        }
+    };
+    for name in names.iter() {
+        let forward: Vec<IpAddr> = match ip {
+            IpAddr::V4(_) => auth
+                .ipv4_lookup(name.as_ref(), Some(&caches.ipv4))
+                .await
+                .map(|r| r.rrset.iter().copied().map(IpAddr::V4).collect())
+                .unwrap_or_default(),
+            IpAddr::V6(_) => auth
+                .ipv6_lookup(name.as_ref(), Some(&caches.ipv6))
+                .await
+                .map(|r| r.rrset.iter().copied().map(IpAddr::V6).collect())
+                .unwrap_or_default(),
+        };
+        if forward.contains(&ip) {
+            let name = name.trim_end_matches('.');
+            return finding(
+                Status::Ok,
+                "fcrdns",
+                format!("{ip} -> {name} -> {ip}"),
+                None,
+            );
+        }
+    }
+    let shown: Vec<&str> = names.iter().map(|n| n.trim_end_matches('.')).collect();
+    finding(
+        Status::Fail,
+        "fcrdns",
+        format!("{ip} -> {} does not resolve back to {ip}", shown.join(", ")),
+        Some(format!(
+            "publish {} {ip} at {}",
+            if ip.is_ipv4() { "A" } else { "AAAA" },
+            shown.first().copied().unwrap_or_default()
+        )),
+    )
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,4 +1,14 @@
 //! DKIM signing (RFC 6376 §5, relaxed/relaxed) of trusted outbound mail.
+//!
+//! Which entries sign a message is decided by its one `From:` field ([`signers_for`]); each
+//! entry adds its own signature ([`sign`]), so a domain with an RSA and an Ed25519 key is
+//! verifiable by receivers that know only RSA (RFC 8463 §4). Signatures carry `t=` and no
+//! `l=` (a body length limit lets anyone append to the signed body, RFC 6376 §8.2). The keys
+//! are borrowed from the policy, never copied per message.
+
+use mail_auth::common::crypto::{Algorithm, DkimKey, SigningKey};
+use mail_auth::common::headers::{HeaderWriter, Writable};
+use mail_auth::dkim::{Canonicalization, DkimSigner};
 
 use crate::config::DkimSign;
 
@@ -14,20 +24,88 @@ pub enum SignError {
     },
 }
 
+/// mail-auth's signer owns its key; this lends it ours for one message.
+struct KeyRef<'a>(&'a DkimKey);
+
+impl SigningKey for KeyRef<'_> {
+    type Hasher = <DkimKey as SigningKey>::Hasher;
+
+    fn sign(&self, input: impl Writable) -> mail_auth::Result<Vec<u8>> {
+        self.0.sign(input)
+    }
+
+    fn algorithm(&self) -> Algorithm {
+        self.0.algorithm()
+    }
+}
+
 /// The `DKIM-Signature:` fields (each folded, ending in CRLF), one per entry in `entries`
-/// order, over `message` (header section and body, CRLF), to be prepended to it.
+/// order, over `message` (header section and body, CRLF), to be prepended to it. Each signs
+/// the entry's `headers` that the message has, plus every name listed more often than the
+/// message has that field (an oversigned name: an added field of that name breaks the
+/// signature, RFC 6376 §8.15).
 ///
 /// # Errors
-/// [`SignError`] when an entry cannot sign.
+/// [`SignError`] when an entry cannot sign (the message has none of the entry's header
+/// fields, or the key fails); no signature is returned then.
 pub fn sign(message: &[u8], entries: &[&DkimSign]) -> Result<String, SignError> {
-    let _ = (message, entries);
-    todo!()
+    let mut fields = String::with_capacity(entries.len() * 512);
+    for entry in entries {
+        let signature = DkimSigner::from_key(KeyRef(entry.key.dkim_key()))
+            .domain(entry.domain.as_str())
+            .selector(entry.selector.as_str())
+            .headers(entry.headers.iter().map(String::as_str))
+            .header_canonicalization(Canonicalization::Relaxed)
+            .body_canonicalization(Canonicalization::Relaxed)
+            .sign(message)
+            .map_err(|e| SignError::Failed {
+                domain: entry.domain.clone(),
+                selector: entry.selector.clone(),
+                reason: e.to_string(),
+            })?;
+        fields.push_str(&signature.to_header());
+    }
+    Ok(fields)
 }
 
 /// The entries that sign `message`: those whose `domain` is the domain of its one `From:`
 /// address (compared as lower-case A-labels), in configuration order; none when `From:` is
 /// missing or names several domains.
+///
+/// The header section must have exactly one `From:` field (RFC 5322 §3.6) whose addresses
+/// all have one domain; a message with several `From:` fields is signed by nobody, since
+/// receivers disagree on which one DMARC judges.
 pub fn signers_for<'a>(message: &[u8], entries: &'a [DkimSign]) -> Vec<&'a DkimSign> {
-    let _ = (message, entries);
-    todo!()
+    if entries.is_empty() {
+        return Vec::new();
+    }
+    let Some(domain) = from_domain(message) else {
+        return Vec::new();
+    };
+    entries.iter().filter(|e| e.domain == domain).collect()
 }
+
+/// The one domain of the one `From:` field of `message`, as a lower-case A-label.
+fn from_domain(message: &[u8]) -> Option<String> {
+    let parsed = mail_parser::MessageParser::new().parse_headers(message)?;
+    let mut values = parsed.header_values(mail_parser::HeaderName::From);
+    let value = values.next()?;
+    if values.next().is_some() {
+        return None;
+    }
+    let mut domain: Option<String> = None;
+    for addr in value.as_address()?.iter() {
+        let address = addr.address()?;
+        let (_, part) = address.rsplit_once('@')?;
+        let canonical = crate::envelope::canonical_domain(part.trim()).ok()?;
+        match &domain {
+            Some(d) if *d != canonical => return None,
+            Some(_) => {}
+            None => domain = Some(canonical),
+        }
+    }
+    domain
+}
+
+#[cfg(test)]
+pub(crate) mod tests;
