@@ -491,6 +491,9 @@ impl SessionDriver {
             Some(Detail::Text(detail)) => {
                 rejected!(r.warning, user, rule, reply = %reply, detail = %detail, "rejected");
             }
+            Some(Detail::Dnsbl(listed)) => {
+                rejected!(r.warning, user, rule, reply = %reply, dnsbl = %listed, "rejected");
+            }
         }
     }
 

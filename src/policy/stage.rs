@@ -27,7 +27,12 @@ use super::limits::{Limited, RateLimit};
 use super::senders::{FromCheck, FromProblem};
 use super::store::RateKey;
 use super::{Detail, Policy, Refusal, SessionFacts};
-use crate::config::Listener;
+use crate::config::{Listener, Verify};
+use crate::dns::dnsbl::DnsblCheck;
+use crate::dns::sign::SignError;
+use crate::dns::verify::{
+    IprevCheck, MessageChecks, SpfCheck,
+};
 use crate::envelope::{Address, MailParams, ReversePath};
 use crate::policy::access::{contains, normalize};
 use crate::policy::credentials::CheckError;
@@ -98,6 +103,22 @@ pub enum Check {
     FromHeader,
     /// Every recipient's route can carry the message as received.
     RoutesCarry,
+    /// SPF of an untrusted transaction (an effect, RFC 7208): the reverse-path, or the HELO
+    /// name for `<>`, when `[spf]` or `[dmarc]` verify. `[spf] verify = "enforce"`: `fail`
+    /// → `550 5.7.23`, `temperror` → `451 4.7.24` (RFC 7372), rule `spf`.
+    Spf,
+    /// An untrusted client listed by `[[dnsbl.zones]]` at or over `[dnsbl] threshold` (an
+    /// effect: the lookup started at connect): `550 5.7.1` naming the lists, rule `dnsbl`,
+    /// postmaster excepted (RFC 5321 §4.5.1).
+    Dnsbl,
+    /// DKIM, ARC and DMARC of an untrusted message (an effect) when `[dkim] verify` or
+    /// `[dmarc] verify`: under `[dmarc] verify = "enforce"`, a `From:` without exactly one
+    /// domain or a DMARC `fail` of a `p=reject` domain → `550 5.7.1`, rule `dmarc`; no
+    /// verification slot in time → `451 4.3.0`, rule `mail_auth_busy`.
+    Authenticate,
+    /// DKIM-sign trusted mail routed to an upstream with `sign = true` (an effect): a
+    /// signing failure → `451 4.3.0`, rule `dkim_sign`.
+    Sign,
     /// Start an asynchronous lookup, read at a later stage.
     Start(Lookup),
     /// Read a lookup started at an earlier stage.
@@ -110,15 +131,41 @@ impl Stage {
     pub fn checks(self) -> &'static [Check] {
         use Check::*;
         match self {
-            Stage::Connect => &[ListenerDeny, ListenerAllow, ConnectionRate],
+            // The lookups start only once the client may stay, and never delay the greeting
+            // (the driver starts them and goes on).
+            Stage::Connect => &[
+                ListenerDeny,
+                ListenerAllow,
+                ConnectionRate,
+                Start(Lookup::Dnsbl),
+                Start(Lookup::Iprev),
+            ],
             // Nothing is checked at HELO yet (an SPF check of the HELO name would go here).
             Stage::Helo => &[],
             Stage::Auth => &[AuthLockout, AuthPassword],
             // The user's budget first: a compromised account is stopped wherever it
-            // connects from. Space is reserved last, once the message may come.
-            Stage::Mail => &[SenderOwned, UserMessageRate, ClientMessageRate, SpoolSpace],
-            Stage::Rcpt => &[RecipientAllowed, RouteCarries, RecipientRate],
-            Stage::DataEnd => &[HeaderSize, HopLimit, SpoolWritten, FromHeader, RoutesCarry],
+            // connects from. SPF after the budgets (a flood costs no DNS queries). Space is
+            // reserved last, once the message may come.
+            Stage::Mail => &[
+                SenderOwned,
+                UserMessageRate,
+                ClientMessageRate,
+                Spf,
+                SpoolSpace,
+            ],
+            // A relay attempt is refused as such whether or not the client is listed.
+            Stage::Rcpt => &[RecipientAllowed, Dnsbl, RouteCarries, RecipientRate],
+            // The cheap checks of what was received first; signatures are verified (or
+            // made) only for a message nothing else refuses.
+            Stage::DataEnd => &[
+                HeaderSize,
+                HopLimit,
+                SpoolWritten,
+                FromHeader,
+                RoutesCarry,
+                Authenticate,
+                Sign,
+            ],
         }
     }
 }
@@ -157,20 +204,41 @@ pub enum Effect {
     Start(Lookup),
     /// The result of a `Lookup` started earlier: [`Answer::Looked`].
     Await(Lookup),
+    /// SPF of the transaction (RFC 7208 §2.3–2.4) through the relay's resolver; the driver
+    /// keeps the result for the transaction (`Authentication-Results:`, DMARC) until RSET or
+    /// the next MAIL: [`Answer::Spf`].
+    Spf,
+    /// Verify the message: its DKIM signatures and ARC chain, and DMARC when `dmarc`, in a
+    /// bounded number of verifications at once: [`Answer::Authenticated`] or
+    /// [`Answer::AuthenticationBusy`].
+    Authenticate { dmarc: bool },
+    /// DKIM-sign the message with the `[[dkim.sign]]` entries of its `From:` domain (none:
+    /// nothing to do) off the reactor: [`Answer::Signed`] or [`Answer::SignFailed`].
+    Sign,
 }
 
 /// An asynchronous lookup that may be started at one stage and read at a later one. A DNS
 /// lookup (DNSBL, SPF) is a variant here, answered by the driver's resolver.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Lookup {
+    /// The client's address in every `[[dnsbl.zones]]` (RFC 5782): started at connect, read
+    /// at each RCPT.
+    Dnsbl,
+    /// iprev (RFC 8601 §3) of the client: started at connect, read for the
+    /// `Authentication-Results:` field.
+    Iprev,
     /// A lookup that answers its own number: shows the start/await shape in tests.
     #[cfg(test)]
     Echo(u32),
 }
 
-/// What a lookup found.
+/// What a lookup found. A finished lookup answers the same result to every await.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum LookupResult {
+    /// The zones that list the client (none: not listed, or the lookups failed).
+    Dnsbl(DnsblCheck),
+    /// The client's confirmed PTR name, or why not.
+    Iprev(IprevCheck),
     /// The answer of [`Lookup::Echo`].
     #[cfg(test)]
     Echo(u32),
@@ -201,6 +269,16 @@ pub enum Answer {
     SpaceUnknown(std::io::Error),
     /// What a lookup found.
     Looked(LookupResult),
+    /// What SPF found for the transaction.
+    Spf(SpfCheck),
+    /// What the message's verification found.
+    Authenticated(Box<MessageChecks>),
+    /// No verification slot was free within the data timeout: nothing was verified.
+    AuthenticationBusy,
+    /// The message was signed with this many signatures (0: its `From:` domain has no key).
+    Signed(usize),
+    /// Signing failed.
+    SignFailed(SignError),
 }
 
 /// How writing the message into the spool failed.
@@ -401,8 +479,33 @@ impl Policy {
             (Check::RecipientAllowed, Input::Rcpt(r)) => refused(self.recipient_allowed(facts, r)),
             (Check::RouteCarries, Input::Rcpt(r)) => refused(route_carries(r)),
             (Check::RecipientRate, _) => effect(Effect::Rate(RateLimit::RecipientsPerIp, client())),
-            (Check::Start(lookup), _) => effect(Effect::Start(lookup)),
+            (Check::Start(lookup), _) if self.lookup_applies(lookup, &facts.session) => {
+                effect(Effect::Start(lookup))
+            }
+            (Check::Start(_), _) => Verdict::Accept,
             (Check::Await(lookup), _) => effect(Effect::Await(lookup)),
+            (Check::Spf, Input::Mail { .. }) if self.spf_runs(&facts.session) => {
+                effect(Effect::Spf)
+            }
+            (Check::Dnsbl, Input::Rcpt(r))
+                if self.dnsbl_applies(&facts.session)
+                    && !self.is_postmaster(r.to, r.bare_postmaster) =>
+            {
+                effect(Effect::Await(Lookup::Dnsbl))
+            }
+            (Check::Authenticate, Input::DataEnd(_)) if self.untrusted(&facts.session) => {
+                match (self.mail_auth.dkim_verify, self.mail_auth.dmarc) {
+                    (false, Verify::Off) => Verdict::Accept,
+                    (_, dmarc) => effect(Effect::Authenticate {
+                        dmarc: dmarc != Verify::Off,
+                    }),
+                }
+            }
+            (Check::Sign, Input::DataEnd(end))
+                if !self.untrusted(&facts.session) && self.signs_for(end.recipients) =>
+            {
+                effect(Effect::Sign)
+            }
             (check, Input::DataEnd(end)) => refused(self.end_of_data(check, end)),
             _ => Verdict::Accept,
         }
@@ -436,6 +539,7 @@ impl Policy {
             },
             Check::FromHeader => from_header(end.from_check),
             Check::RoutesCarry => routes_carry(end),
+            // Effects, asked for in `check` when they apply.
             _ => Ok(()),
         }
     }
@@ -454,7 +558,19 @@ impl Policy {
         };
         let shown = || Detail::Login(super::lockout::login_key(login).to_string());
         let refusal = match answer {
-            Answer::Allowed | Answer::Looked(_) => return None,
+            Answer::Allowed | Answer::Signed(_) => return None,
+            Answer::Looked(LookupResult::Dnsbl(check)) => {
+                return self.dnsbl_refusal(facts, &check);
+            }
+            Answer::Looked(_) => return None,
+            Answer::Spf(check) => return self.spf_refusal(&check),
+            Answer::Authenticated(checks) => return self.dmarc_refusal(&checks),
+            Answer::AuthenticationBusy => {
+                Refusal::new(reply::AUTHENTICATION_BUSY, "mail_auth_busy").warning()
+            }
+            Answer::SignFailed(error) => Refusal::new(reply::SIGNING_FAILED, "dkim_sign")
+                .with_detail(Detail::Text(error.to_string()))
+                .warning(),
             Answer::Limited(l) => Refusal::new(l.reply(), l.rule)
                 .with_detail(Detail::Limit(l.limit_text()))
                 .warning(),
