@@ -47,6 +47,10 @@ pub enum AppError {
     /// An upstream's TLS client configuration could not be built (exit status 2).
     #[error("{0}")]
     UpstreamTls(#[from] crate::outbound::ClientTlsError),
+    /// The resolver of `[dns]` could not be set up (no `[dns] nameservers` and an unreadable
+    /// system configuration; exit status 2).
+    #[error("dns: {0}")]
+    Resolver(#[from] crate::dns::ResolverError),
     /// Signal handlers could not be installed.
     #[error("signals: {0}")]
     Signal(std::io::Error),
@@ -60,20 +64,23 @@ impl AppError {
             AppError::Config(_)
                 | AppError::Tls(_)
                 | AppError::UpstreamTls(_)
+                | AppError::Resolver(_)
                 | AppError::Spool(SpoolError::Unsafe { .. })
         )
     }
 }
 
-/// Build the inbound runtime (policy and TLS) for a configuration. On reload `previous` is the
-/// running runtime: rate-limit and AUTH-failure state is carried over where its settings did
-/// not change.
+/// Build the inbound runtime (policy, TLS and resolver) for a configuration. On reload
+/// `previous` is the running runtime: rate-limit and AUTH-failure state is carried over where
+/// its settings did not change, and so is the resolver (with its caches) when `[dns]` did not.
 pub fn build_runtime(config: Config, previous: Option<&Runtime>) -> Result<Runtime, AppError> {
     let tls = match &config.tls {
         Some(t) => Some(tls::server_config(t, &config.server.hostname)?),
         None => None,
     };
+    let resolver = resolver_for(&config, previous)?;
     Ok(Runtime {
+        resolver,
         policy: Policy::new(
             &config,
             previous.map(|p| &p.policy),
@@ -82,6 +89,36 @@ pub fn build_runtime(config: Config, previous: Option<&Runtime>) -> Result<Runti
         config: Arc::new(config),
         tls,
     })
+}
+
+/// The resolver a configuration's checks use: `None` when no check needs DNS (SPF, DKIM
+/// verification, DMARC, DNSBL; signing needs none), the previous snapshot's when `[dns]` is
+/// unchanged, else a new one.
+///
+/// # Errors
+/// [`AppError::Resolver`] when it cannot be built: the relay does not start, or the reload is
+/// refused.
+fn resolver_for(
+    config: &Config,
+    previous: Option<&Runtime>,
+) -> Result<Option<crate::dns::Resolver>, AppError> {
+    use crate::config::Verify;
+    let needed = config.spf.verify != Verify::Off
+        || config.dkim.verify
+        || config.dmarc.verify != Verify::Off
+        || !config.dnsbl.zones.is_empty();
+    if !needed {
+        return Ok(None);
+    }
+    if let Some(previous) = previous
+        && previous.config.dns == config.dns
+        && let Some(resolver) = &previous.resolver
+    {
+        return Ok(Some(resolver.clone()));
+    }
+    let resolver = crate::dns::Resolver::new(&config.dns)?;
+    info!(nameservers = ?config.dns.nameservers, timeout = ?config.dns.timeout, "resolver ready");
+    Ok(Some(resolver))
 }
 
 /// Raise the soft limit on open files to the hard limit (a relay holds one descriptor per

@@ -56,6 +56,9 @@ pub struct Runtime {
     pub policy: Policy,
     /// `None` when no listener uses TLS.
     pub tls: Option<Arc<ServerConfig>>,
+    /// The resolver built from this snapshot's `[dns]` (shared with the previous snapshot
+    /// when `[dns]` did not change); `None` when no check needs DNS.
+    pub resolver: Option<crate::dns::Resolver>,
 }
 
 /// What the inbound side is given by the rest of the relay (only `app` builds this).
@@ -118,6 +121,9 @@ pub async fn start(runtime: Arc<ArcSwap<Runtime>>, deps: Deps) -> Result<Inbound
         queued: deps.queued,
         capabilities: deps.capabilities,
         stress: counter.stress(),
+        verifications: Arc::new(tokio::sync::Semaphore::new(
+            effects::verification_slots(),
+        )),
     };
     let sessions = TaskTracker::new();
     let snapshot = runtime.load_full();

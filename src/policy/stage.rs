@@ -299,10 +299,12 @@ pub enum Input<'a> {
     Helo { name: &'a str },
     /// AUTH as `login` (the SASL authentication identity) with `password`.
     Auth { login: &'a str, password: &'a str },
-    /// MAIL FROM with its declared SIZE (RFC 1870), if any.
+    /// MAIL FROM with its declared SIZE (RFC 1870), if any, and the HELO/EHLO name (SPF's
+    /// identity for a null reverse-path).
     Mail {
         from: &'a ReversePath,
         size: Option<u64>,
+        helo: &'a str,
     },
     /// RCPT TO.
     Rcpt(RcptFacts<'a>),
@@ -366,6 +368,8 @@ pub struct EndOfData<'a> {
     pub transaction: TransactionFacts<'a>,
     /// The forward-paths.
     pub recipients: &'a [Address],
+    /// The HELO/EHLO name (for DMARC's SPF side when the reverse-path is null).
+    pub helo: &'a str,
     /// What the route to a domain can carry (`None`: no route, which is not refused here:
     /// RCPT refused it, and one may have gone since).
     pub route: &'a (dyn Fn(&str) -> Option<Capabilities> + Sync),
@@ -787,7 +791,11 @@ mod tests {
         let owned = ReversePath::Address(Address::parse("alice@example.com").unwrap());
         let spoof = ReversePath::Address(Address::parse("ceo@example.com").unwrap());
         let mail = |user, from, size, answer: &dyn Fn(&Effect) -> Answer| {
-            let input = Input::Mail { from, size };
+            let input = Input::Mail {
+                from,
+                size,
+                helo: "client.test",
+            };
             run(
                 &p,
                 Evaluation::new(Stage::Mail),
@@ -982,6 +990,7 @@ mod tests {
                     params: &params,
                 },
                 recipients: &recipients,
+                helo: "client.test",
                 route: &seven_bit,
             });
             run(

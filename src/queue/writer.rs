@@ -1,7 +1,7 @@
 //! [`SpoolWriter`]: one message being received, in `tmp/ID` until committed.
 
 use std::fs::{self, File};
-use std::io::{BufWriter, Write};
+use std::io::{BufWriter, Read, Seek, SeekFrom, Write};
 use std::os::unix::fs::FileExt;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -165,6 +165,118 @@ impl SpoolWriter {
         self.written
     }
 
+    /// Write out what is buffered (into the page cache; no fsync), so that the file holds
+    /// the whole message for [`SpoolWriter::message`].
+    pub fn flush(&mut self) -> Result<(), SpoolError> {
+        let result = match self.file.as_mut() {
+            Some(file) => file.flush(),
+            None => Err(std::io::ErrorKind::Other.into()),
+        };
+        result.map_err(|e| self.io_error("write", e))
+    }
+
+    /// The message bytes written so far (the spool header not included), after
+    /// [`SpoolWriter::flush`]: the copy kept in memory when the message is at most
+    /// [`KEEP_MAX`] octets, else the file mapped read-only, exactly the written range (a
+    /// reused file may be longer). Nothing else writes the file while the writer lives, and
+    /// the mapping is dropped before the writer is committed or dropped.
+    pub fn message(&self) -> Result<MessageBytes, SpoolError> {
+        if let Some((_, kept)) = &self.kept {
+            return Ok(MessageBytes::Kept(kept.clone()));
+        }
+        let Some(buffered) = self.file.as_ref() else {
+            return Err(self.io_error("mmap", std::io::ErrorKind::Other.into()));
+        };
+        let len = usize::try_from(self.written)
+            .map_err(|_| self.io_error("mmap", std::io::ErrorKind::FileTooLarge.into()))?;
+        if len == 0 {
+            return Ok(MessageBytes::Kept(Vec::new()));
+        }
+        // SAFETY: the mapping covers only bytes already written (flushed) by this writer,
+        // which owns the file until commit and never truncates or rewrites that range
+        // while a `MessageBytes` of it is alive (the assembly drops it before committing);
+        // another process changing a spool file under the relay is outside the spool's
+        // contract (mode 0600, owned by the relay's user).
+        let map = unsafe {
+            memmap2::MmapOptions::new()
+                .offset(self.length - self.written)
+                .len(len)
+                .map(buffered.get_ref())
+        };
+        map.map(MessageBytes::Mapped)
+            .map_err(|e| self.io_error("mmap", e))
+    }
+
+    /// Put `fields` (whole header fields, each ending in CRLF) in front of the message:
+    /// a new temp file gets the spool header, `fields` and a copy of the message
+    /// (`copy_file_range` through [`std::io::copy`]: no copy through user space), and
+    /// replaces the old one, which is removed. The spool format is unchanged (magic,
+    /// envelope line, message). Blocking: call from `spawn_blocking`. Nothing is visible in
+    /// `queue/` until [`SpoolWriter::commit`]; a crash leaves only temp files, which
+    /// recovery removes. The caller holds free space for both copies while this runs.
+    ///
+    /// # Errors
+    /// [`SpoolError::Io`] when the new file cannot be created or written; the writer then
+    /// still holds the old file, unchanged, and the new one is removed.
+    pub fn prepend(&mut self, fields: &[u8]) -> Result<(), SpoolError> {
+        if fields.is_empty() {
+            return Ok(());
+        }
+        self.flush()?;
+        let prefix = self.length - self.written;
+        let tmp = self.dirs.tmp.join(self.id.as_str());
+        // The message may be in `tmp/ID` itself (a new file) or in a reused one in `free/`.
+        let new_path = if self.path == tmp {
+            self.dirs.tmp.join(format!("{}.prepend", self.id.as_str()))
+        } else {
+            tmp
+        };
+        let mut new = super::create_new(&new_path)?;
+        if let Err(e) = self.copy_into(&mut new, prefix, fields) {
+            drop(new);
+            let _ = fs::remove_file(&new_path);
+            return Err(e);
+        }
+        let old = std::mem::replace(&mut self.path, new_path);
+        self.file = Some(BufWriter::with_capacity(BUFFER_SIZE, new));
+        if let Err(e) = fs::remove_file(&old) {
+            // Recovery removes a leftover temp file; one in `free/` is written over later.
+            tracing::debug!(queue_id = %self.id, error = %e, "could not remove the replaced spool file");
+        }
+        self.reused = false;
+        self.written += fields.len() as u64;
+        self.length += fields.len() as u64;
+        if let Some((_, kept)) = &mut self.kept {
+            if kept.len() + fields.len() <= KEEP_MAX {
+                kept.splice(0..0, fields.iter().copied());
+            } else {
+                self.kept = None;
+            }
+        }
+        Ok(())
+    }
+
+    /// Write the spool header (`prefix` octets) of the current file, `fields`, then the
+    /// message into `new`.
+    fn copy_into(&self, new: &mut File, prefix: u64, fields: &[u8]) -> Result<(), SpoolError> {
+        let Some(buffered) = self.file.as_ref() else {
+            return Err(self.io_error("write", std::io::ErrorKind::Other.into()));
+        };
+        let mut old = buffered.get_ref();
+        let mut head = vec![0u8; usize::try_from(prefix).unwrap_or(0)];
+        let copied = old
+            .read_exact_at(&mut head, 0)
+            .and_then(|()| new.write_all(&head))
+            .and_then(|()| new.write_all(fields))
+            .and_then(|()| old.seek(SeekFrom::Start(prefix)))
+            .and_then(|_| std::io::copy(&mut old.take(self.written), new));
+        match copied {
+            Ok(n) if n == self.written => Ok(()),
+            Ok(_) => Err(self.io_error("copy", std::io::ErrorKind::UnexpectedEof.into())),
+            Err(e) => Err(self.io_error("copy", e)),
+        }
+    }
+
     /// Make the message durable and visible: flush, fsync the data, rename `tmp/ID` to
     /// `queue/ID`, fsync `queue/` (shared with concurrent commits: the `group` module).
     /// Blocking: call from `spawn_blocking`. Only after this returns `Ok` may the client be
@@ -252,6 +364,27 @@ impl SpoolWriter {
             op,
             path: self.tmp_path().to_path_buf(),
             source,
+        }
+    }
+}
+
+/// A message's bytes for reading it whole (DKIM verification and signing): the writer's
+/// in-memory copy, or the spool file mapped read-only.
+#[derive(Debug)]
+pub enum MessageBytes {
+    /// A copy of the bytes kept in memory (at most [`KEEP_MAX`] octets).
+    Kept(Vec<u8>),
+    /// The written range of the spool file, mapped.
+    Mapped(memmap2::Mmap),
+}
+
+impl std::ops::Deref for MessageBytes {
+    type Target = [u8];
+
+    fn deref(&self) -> &[u8] {
+        match self {
+            MessageBytes::Kept(bytes) => bytes,
+            MessageBytes::Mapped(map) => map,
         }
     }
 }
