@@ -392,8 +392,15 @@ impl Assembly {
         let Some(reservation) = self.reservation.as_mut() else {
             return Ok(());
         };
-        let peak = self.writer.written().saturating_mul(2).saturating_add(extra);
-        match self.spool.hold_reservation(reservation, peak, self.min_free) {
+        let peak = self
+            .writer
+            .written()
+            .saturating_mul(2)
+            .saturating_add(extra);
+        match self
+            .spool
+            .hold_reservation(reservation, peak, self.min_free)
+        {
             Ok(Ok(())) => Ok(()),
             Ok(Err(short)) => Err(AssemblyError::PrependSpace(short)),
             Err(e) => Err(AssemblyError::Prepend(SpoolError::Io {

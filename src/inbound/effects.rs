@@ -20,18 +20,18 @@ use super::Runtime;
 use super::assembly::Assembly;
 use super::connection::Shared;
 use super::verifier::Lane;
-use crate::policy::Refusal;
-use crate::policy::credentials::CheckError;
-use crate::policy::lockout::{AuthAttempt, FailureReport, GateDecision, login_key};
-use crate::policy::stage::{
-    Answer, Effect, Evaluation, Input, Lookup, LookupResult, StageFacts, Verdict,
-};
 use crate::dns::Resolver;
 use crate::dns::dnsbl::DnsblCheck;
 use crate::dns::verify::{
     CHECK_DEADLINE_QUERIES, IprevCheck, IprevResult, MessageChecks, MessageFacts, SpfCheck,
 };
 use crate::envelope::ReversePath;
+use crate::policy::Refusal;
+use crate::policy::credentials::CheckError;
+use crate::policy::lockout::{AuthAttempt, FailureReport, GateDecision, login_key};
+use crate::policy::stage::{
+    Answer, Effect, Evaluation, Input, Lookup, LookupResult, StageFacts, Verdict,
+};
 use crate::queue::reserve::Reservation;
 
 /// How long an AUTH waits for its client's verifications in flight before `454 4.7.0`, and
@@ -328,7 +328,12 @@ impl Effects {
         if self.spf.is_none() && message.is_none() && iprev.is_none() {
             return String::new();
         }
-        log_results(queue_id, self.spf.as_ref(), iprev.as_ref(), message.as_deref());
+        log_results(
+            queue_id,
+            self.spf.as_ref(),
+            iprev.as_ref(),
+            message.as_deref(),
+        );
         let recorded = crate::dns::results::Recorded {
             authserv_id: &runtime.config.server.authserv_id,
             client_ip,
@@ -338,7 +343,11 @@ impl Effects {
         };
         let mut fields = crate::dns::results::authentication_results(&recorded);
         if let Some(quarantine) = message.and_then(|m| runtime.policy.quarantine_field(&m)) {
-            info!(queue_id, rule = "dmarc", "DMARC quarantine: marked with the quarantine header");
+            info!(
+                queue_id,
+                rule = "dmarc",
+                "DMARC quarantine: marked with the quarantine header"
+            );
             fields.push_str(&quarantine);
         }
         fields
@@ -536,8 +545,14 @@ fn log_results(
     iprev: Option<&IprevCheck>,
     message: Option<&MessageChecks>,
 ) {
-    let spf = spf.map_or_else(|| "-".to_string(), |c| format!("{:?}", c.result).to_lowercase());
-    let iprev = iprev.map_or_else(|| "-".to_string(), |c| format!("{:?}", c.result).to_lowercase());
+    let spf = spf.map_or_else(
+        || "-".to_string(),
+        |c| format!("{:?}", c.result).to_lowercase(),
+    );
+    let iprev = iprev.map_or_else(
+        || "-".to_string(),
+        |c| format!("{:?}", c.result).to_lowercase(),
+    );
     let dkim = message.map_or_else(
         || "-".to_string(),
         |m| {
@@ -551,13 +566,18 @@ fn log_results(
                 .join(",")
         },
     );
-    let arc = message
-        .and_then(|m| m.arc.as_ref())
-        .map_or_else(|| "-".to_string(), |a| format!("{:?}", a.result).to_lowercase());
-    let dmarc = message
-        .and_then(|m| m.dmarc.as_ref())
-        .map_or_else(|| "-".to_string(), |d| format!("{:?}", d.result).to_lowercase());
-    info!(queue_id, spf, dkim, dmarc, arc, iprev, "mail authentication");
+    let arc = message.and_then(|m| m.arc.as_ref()).map_or_else(
+        || "-".to_string(),
+        |a| format!("{:?}", a.result).to_lowercase(),
+    );
+    let dmarc = message.and_then(|m| m.dmarc.as_ref()).map_or_else(
+        || "-".to_string(),
+        |d| format!("{:?}", d.result).to_lowercase(),
+    );
+    info!(
+        queue_id,
+        spf, dkim, dmarc, arc, iprev, "mail authentication"
+    );
 }
 
 /// A lookup in flight, or its result (kept: a lookup awaited at several RCPTs answers each
@@ -698,8 +718,7 @@ mod tests {
             resolve(Lookup::Dnsbl, None, Vec::new(), ip).await,
             LookupResult::Dnsbl(DnsblCheck::default())
         );
-        let LookupResult::Iprev(iprev) = resolve(Lookup::Iprev, None, Vec::new(), ip).await
-        else {
+        let LookupResult::Iprev(iprev) = resolve(Lookup::Iprev, None, Vec::new(), ip).await else {
             panic!("an iprev lookup answers iprev");
         };
         assert_eq!(iprev.result, IprevResult::TempError);

@@ -121,9 +121,7 @@ pub async fn start(runtime: Arc<ArcSwap<Runtime>>, deps: Deps) -> Result<Inbound
         queued: deps.queued,
         capabilities: deps.capabilities,
         stress: counter.stress(),
-        verifications: Arc::new(tokio::sync::Semaphore::new(
-            effects::verification_slots(),
-        )),
+        verifications: Arc::new(tokio::sync::Semaphore::new(effects::verification_slots())),
     };
     let sessions = TaskTracker::new();
     let snapshot = runtime.load_full();

@@ -57,6 +57,7 @@ impl Parts {
             queued: queued_tx,
             capabilities: RouteCapabilities::new(Arc::new(book)),
             stress: stress_rx,
+            verifications: Arc::new(tokio::sync::Semaphore::new(2)),
         };
         Parts {
             shared,
@@ -98,7 +99,19 @@ fn runtime(dir: &std::path::Path, listener: &str, more: &str) -> Runtime {
         policy: Policy::new(&config, None, std::time::Instant::now()),
         config: Arc::new(config),
         tls,
+        resolver: Some(loopback_resolver()),
     }
+}
+
+/// A resolver whose one name server is a loopback port nobody serves: every answer a test
+/// needs is pre-filled in its caches, and anything else fails at once (never a query
+/// leaving the machine).
+fn loopback_resolver() -> crate::dns::Resolver {
+    let dns = crate::config::Dns {
+        nameservers: vec!["127.0.0.1:9".parse().unwrap()],
+        timeout: Duration::from_secs(1),
+    };
+    crate::dns::Resolver::new(&dns).expect("a resolver over loopback")
 }
 
 impl Harness {

@@ -13,7 +13,9 @@ use super::stage::{Input, Lookup, StageFacts};
 use super::{Detail, Policy, Refusal, SessionFacts};
 use crate::config::{Config, QuarantineHeader, Verify};
 use crate::dns::dnsbl::DnsblCheck;
-use crate::dns::verify::{DmarcPolicy, DmarcResult, FromDomain, MessageChecks, SpfCheck, SpfResult};
+use crate::dns::verify::{
+    DmarcPolicy, DmarcResult, FromDomain, MessageChecks, SpfCheck, SpfResult,
+};
 use crate::routes::Routes;
 use crate::smtp::reply;
 
@@ -230,4 +232,73 @@ pub fn dnsbl_field(check: &DnsblCheck) -> String {
     }
     out.push_str(&format!("score={}", check.score));
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Instant;
+
+    use super::*;
+    use crate::envelope::Address;
+
+    /// Two upstreams: `exchange` for example.com (never signs) and the default route
+    /// `smarthost` (signs).
+    fn policy() -> Policy {
+        let text = "[server]\nhostname = \"relay.test\"\n[[listeners]]\nbind = \"127.0.0.1:2525\"\n\
+             tls = \"none\"\n[relay]\naccepted_domains = [\"example.com\"]\n\
+             [[upstreams]]\nname = \"exchange\"\naddress = \"127.0.0.1:25\"\n\
+             domains = [\"example.com\"]\n\
+             [[upstreams]]\nname = \"smarthost\"\naddress = \"127.0.0.1:26\"\n";
+        let mut config = Config::from_toml(text, None).expect("valid test policy");
+        config.upstreams[1].sign = true;
+        let mut policy = Policy::new(&config, None, Instant::now());
+        // As `[[dkim.sign]]` entries would make it (their keys are loaded by the config).
+        policy.mail_auth.signing = Some(Signing {
+            routes: Routes::new(&config.upstreams),
+            sign: config.upstreams.iter().map(|u| u.sign).collect(),
+        });
+        policy
+    }
+
+    fn to(list: &[&str]) -> Vec<Address> {
+        list.iter().map(|a| Address::parse(a).unwrap()).collect()
+    }
+
+    #[test]
+    fn mail_is_signed_when_a_recipient_routes_to_a_signing_upstream() {
+        let p = policy();
+        assert!(p.signs_for(&to(&["x@internet.test"])));
+        assert!(p.signs_for(&to(&["u@example.com", "x@internet.test"])));
+        // Mail handed to Exchange only is not signed here.
+        assert!(!p.signs_for(&to(&["u@example.com"])));
+        assert!(!p.signs_for(&[]));
+    }
+
+    #[test]
+    fn without_signing_entries_nothing_is_signed() {
+        let mut p = policy();
+        p.mail_auth.signing = None;
+        assert!(!p.signs_for(&to(&["x@internet.test"])));
+    }
+
+    #[test]
+    fn the_quarantine_header_is_removed_from_untrusted_mail_only() {
+        let p = policy();
+        let untrusted = SessionFacts {
+            client_ip: "192.0.2.1".parse().unwrap(),
+            user: None,
+        };
+        let rules = p.header_rules(&untrusted);
+        assert!(
+            rules
+                .names
+                .iter()
+                .any(|n| n.matches("x-portcullis-quarantine"))
+        );
+        let trusted = SessionFacts {
+            user: Some("alice"),
+            ..untrusted
+        };
+        assert!(p.header_rules(&trusted).names.is_empty());
+    }
 }

@@ -178,11 +178,8 @@ pub const AUTH_TEMPORARY: Reply = Reply::new(
     "Temporary authentication failure, try again later",
 );
 /// SPF `temperror` under `[spf] verify = "enforce"` (RFC 7372 §3.2: 4.7.24).
-pub const SPF_TEMPERROR: Reply = Reply::new(
-    451,
-    "4.7.24",
-    "SPF validation error (DNS), try again later",
-);
+pub const SPF_TEMPERROR: Reply =
+    Reply::new(451, "4.7.24", "SPF validation error (DNS), try again later");
 /// No verification of the message's signatures could start in time (every slot busy).
 pub const AUTHENTICATION_BUSY: Reply = Reply::new(
     451,
