@@ -184,9 +184,8 @@ impl SpoolWriter {
         if let Some((_, kept)) = &self.kept {
             return Ok(MessageBytes::Kept(kept.clone()));
         }
-        let Some(buffered) = self.file.as_ref() else {
-            return Err(self.io_error("mmap", std::io::ErrorKind::Other.into()));
-        };
+        // The writer's descriptor is write-only: read through one of our own.
+        let file = File::open(self.tmp_path()).map_err(|e| self.io_error("open", e))?;
         let len = usize::try_from(self.written)
             .map_err(|_| self.io_error("mmap", std::io::ErrorKind::FileTooLarge.into()))?;
         if len == 0 {
@@ -201,7 +200,7 @@ impl SpoolWriter {
             memmap2::MmapOptions::new()
                 .offset(self.length - self.written)
                 .len(len)
-                .map(buffered.get_ref())
+                .map(&file)
         };
         map.map(MessageBytes::Mapped)
             .map_err(|e| self.io_error("mmap", e))
@@ -259,17 +258,15 @@ impl SpoolWriter {
     /// Write the spool header (`prefix` octets) of the current file, `fields`, then the
     /// message into `new`.
     fn copy_into(&self, new: &mut File, prefix: u64, fields: &[u8]) -> Result<(), SpoolError> {
-        let Some(buffered) = self.file.as_ref() else {
-            return Err(self.io_error("write", std::io::ErrorKind::Other.into()));
-        };
-        let mut old = buffered.get_ref();
+        // The writer's descriptor is write-only: read through one of our own.
+        let mut old = File::open(self.tmp_path()).map_err(|e| self.io_error("open", e))?;
         let mut head = vec![0u8; usize::try_from(prefix).unwrap_or(0)];
         let copied = old
             .read_exact_at(&mut head, 0)
             .and_then(|()| new.write_all(&head))
             .and_then(|()| new.write_all(fields))
             .and_then(|()| old.seek(SeekFrom::Start(prefix)))
-            .and_then(|_| std::io::copy(&mut old.take(self.written), new));
+            .and_then(|_| std::io::copy(&mut (&mut old).take(self.written), new));
         match copied {
             Ok(n) if n == self.written => Ok(()),
             Ok(_) => Err(self.io_error("copy", std::io::ErrorKind::UnexpectedEof.into())),
@@ -402,5 +399,114 @@ impl Drop for SpoolWriter {
         if let Err(e) = fs::remove_file(self.tmp_path()) {
             tracing::debug!(queue_id = %self.id, error = %e, "could not remove temp spool file");
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::Spool;
+    use crate::envelope::sample_envelope;
+
+    fn files(dir: &std::path::Path) -> Vec<String> {
+        let mut names: Vec<String> = std::fs::read_dir(dir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .collect();
+        names.sort();
+        names
+    }
+
+    /// A message of `len` octets: short header lines and a body of lines.
+    fn message(len: usize) -> Vec<u8> {
+        let mut m = b"Received: from client.test\r\nSubject: hi\r\n\r\n".to_vec();
+        while m.len() < len {
+            m.extend_from_slice(b"0123456789abcdef0123456789abcdef0123456789\r\n");
+        }
+        m
+    }
+
+    const FIELDS: &[u8] =
+        b"Authentication-Results: relay.test; spf=pass smtp.mailfrom=a@b.test\r\n";
+
+    /// Prepend `FIELDS` to a message of `len` octets: before the commit nothing is in
+    /// `queue/` and one file is in `tmp/`; the committed message is exactly the fields and
+    /// the message.
+    fn prepend_and_commit(spool: &Spool, root: &std::path::Path, len: usize) {
+        let envelope = sample_envelope(&["u@example.com"]);
+        let body = message(len);
+        let queued = files(&root.join("queue"));
+        let mut writer = spool.create(&envelope).unwrap();
+        for chunk in body.chunks(7000) {
+            writer.write(chunk).unwrap();
+        }
+        writer.flush().unwrap();
+        assert_eq!(
+            &*writer.message().unwrap(),
+            &body[..],
+            "read back as written"
+        );
+        writer.prepend(FIELDS).unwrap();
+        assert_eq!(
+            files(&root.join("queue")),
+            queued,
+            "nothing visible before commit"
+        );
+        assert_eq!(files(&root.join("tmp")).len(), 1, "the old file is gone");
+        assert_eq!(writer.written(), (FIELDS.len() + body.len()) as u64);
+        let (id, kept) = writer.commit_and_keep().unwrap();
+        let mut expected = FIELDS.to_vec();
+        expected.extend_from_slice(&body);
+        assert_eq!(spool.read_message(&id).unwrap(), expected);
+        if let Some(loaded) = kept {
+            assert_eq!(loaded.body.as_deref(), Some(&expected[..]));
+        }
+        assert!(files(&root.join("tmp")).is_empty());
+    }
+
+    #[test]
+    fn prepended_fields_are_committed_above_the_message_small_and_large() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path().join("spool");
+        let spool = Spool::open(&root).unwrap();
+        prepend_and_commit(&spool, &root, 1000);
+        // Over KEEP_MAX: read back through the mapping, copied file to file.
+        prepend_and_commit(&spool, &root, super::KEEP_MAX + 50_000);
+    }
+
+    #[test]
+    fn fields_prepended_in_a_reused_longer_file_leave_nothing_of_its_old_message() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path().join("spool");
+        let spool = Spool::open(&root).unwrap();
+        let old = sample_envelope(&["u@example.com"]);
+        let mut writer = spool.create(&old).unwrap();
+        writer.write(&message(60_000)).unwrap();
+        let id = writer.commit().unwrap();
+        spool.remove_finished(&id, 60_000, 0).unwrap();
+        assert_eq!(spool.free_files(), 1);
+        // The next message is written over that file, and is much shorter.
+        prepend_and_commit(&spool, &root, 500);
+        assert!(
+            files(&root.join("free")).is_empty(),
+            "the replaced free file is removed"
+        );
+    }
+
+    #[test]
+    fn prepending_nothing_keeps_the_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path().join("spool");
+        let spool = Spool::open(&root).unwrap();
+        let envelope = sample_envelope(&["u@example.com"]);
+        let mut writer = spool.create(&envelope).unwrap();
+        writer.write(b"Subject: x\r\n\r\nbody\r\n").unwrap();
+        let before = files(&root.join("tmp"));
+        writer.prepend(b"").unwrap();
+        assert_eq!(files(&root.join("tmp")), before);
+        let id = writer.commit().unwrap();
+        assert_eq!(
+            spool.read_message(&id).unwrap(),
+            b"Subject: x\r\n\r\nbody\r\n"
+        );
     }
 }
