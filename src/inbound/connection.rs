@@ -854,6 +854,11 @@ impl SessionDriver {
         assembly.finish();
         // A refused message's spool file goes with its assembly.
         if let Err(r) = self.end_of_data(&mut assembly).await {
+            // What the checks found is logged with the queue id the message would have had.
+            let client_ip = self.peer.ip();
+            (self.effects)
+                .message_fields(&self.runtime, client_ip, assembly.id().as_str())
+                .await;
             self.effects.message_ended();
             return self.refuse(r);
         }

@@ -4,17 +4,22 @@
 //! The session driver calls [`Effects::decide`] for every stage; it never orders checks
 //! itself. Each [`Effect`] is carried out here once, whichever stage asks for it: rate
 //! budgets and the AUTH lockout gate by the policy's [`crate::policy::store::Store`],
-//! passwords by the [`super::verifier::Verifier`] pool, free space by the spool. State an
-//! effect leaves for a later stage (the transaction's space reservation, lookups started at
-//! one stage and read at a later one) is kept in [`Effects`], one per session; the AUTH
-//! attempt between the gate and the verification lives only as long as its stage.
+//! passwords by the [`super::verifier::Verifier`] pool, free space by the spool, DNS
+//! lookups (DNSBL, iprev, SPF) and the message's verification by the snapshot's
+//! [`Resolver`], DKIM signing off the reactor. State an effect leaves for a later stage (the
+//! transaction's space reservation and SPF result, lookups started at one stage and read at
+//! later ones, what the message's checks found) is kept in [`Effects`], one per session; the
+//! AUTH attempt between the gate and the verification lives only as long as its stage.
+//!
+//! No DNS error stops a session: every lookup is bounded ([`check_deadline`]) and a failed
+//! one answers what the policy counts it as (`temperror`, or "not listed" for a DNSBL).
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
-use tracing::{info, warn};
+use tracing::{Instrument, info, warn};
 
 use super::Runtime;
 use super::assembly::Assembly;
@@ -605,7 +610,9 @@ impl Lookups {
     ) {
         // A lookup started twice is run once: keep the first.
         if self.0.iter().all(|(l, _)| *l != lookup) {
-            let task = tokio::spawn(resolve(lookup, resolver, zones, ip));
+            // In the session's span: its log lines (a listing, a timeout) name the client.
+            let resolving = resolve(lookup, resolver, zones, ip).in_current_span();
+            let task = tokio::spawn(resolving);
             self.0.push((lookup, Pending::Running(task)));
         }
     }

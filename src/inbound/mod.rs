@@ -7,7 +7,9 @@
 //! [`crate::smtp::Session`] over any byte stream (plain, then TLS), dispatching each event to
 //! its stage; [`effects`] carries out what the policy's stage evaluators ask for (rate
 //! budgets, the AUTH gate, password verification on the [`verifier`] pool, spool space,
-//! lookups); [`assembly`] turns one message into a committed spool file; [`tls`] builds the
+//! DNS lookups, the message's DKIM/ARC/DMARC verification in a bounded number of slots, DKIM
+//! signing); [`assembly`] turns one message into a committed spool file, our
+//! `Authentication-Results:` or `DKIM-Signature:` fields above it; [`tls`] builds the
 //! rustls configuration. Nothing here decides policy (it asks [`crate::policy`]) and nothing
 //! here knows delivery: a committed message leaves as a [`Committed`] on the channel `app`
 //! gives [`start`].

@@ -3,7 +3,9 @@
 //! stage's checks in the order [`stage::Stage::checks`] declares, and answers with one
 //! [`stage::Verdict`]: accept, refuse (a reply and a rule), or an effect the driver carries
 //! out (a rate budget, the AUTH lockout gate, a password verification, a spool reservation,
-//! a lookup) before evaluation goes on. The DATA-start decisions, which refuse nothing, are
+//! a DNS lookup, the message's verification or signing) before evaluation goes on. Which
+//! mail SPF, DKIM, DMARC, DNSBL and signing apply to, and what their results mean, is
+//! [`mailauth`]. The DATA-start decisions, which refuse nothing, are
 //! [`Policy::data_start`]. Nothing here touches a socket or reads a clock; the driver asks,
 //! carries out the verdict and logs the rule that fired.
 //!

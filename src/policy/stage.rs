@@ -5,8 +5,9 @@
 //! order until one refuses ([`Verdict::Refuse`]), one needs something only the driver can do
 //! ([`Verdict::Effect`]), or all have passed ([`Verdict::Accept`]). The driver carries an
 //! effect out and calls again with its [`Answer`]; evaluation goes on from the check that
-//! asked. So a check that needs a shared counter, a password verification or (next) a DNS
-//! lookup is a new [`Check`] and, when it needs something new done, a new [`Effect`]: the
+//! asked. So a check that needs a shared counter, a password verification or a DNS lookup
+//! (SPF at MAIL, DNSBL at RCPT, DKIM/ARC/DMARC and signing after the final dot) is a new
+//! [`Check`] and, when it needs something new done, a new [`Effect`]: the
 //! driver's effect runner learns the effect once, and no stage handler changes.
 //!
 //! Effects: rate budgets and the AUTH lockout gate are answered by the
