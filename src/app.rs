@@ -348,3 +348,32 @@ fn reload(
     runtime.store(Arc::new(new));
     info!(rule = "reload", file = %path.display(), "configuration reloaded");
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::Verify;
+
+    fn config(spf: Verify, timeout: u64) -> Config {
+        let text = "[server]\nhostname = \"relay.test\"\n[[listeners]]\nbind = \"127.0.0.1:2525\"\n\
+             tls = \"none\"\n[[upstreams]]\naddress = \"127.0.0.1:25\"\n";
+        let mut config = Config::from_toml(text, None).expect("valid test policy");
+        config.spf.verify = spf;
+        config.dns.nameservers = vec!["127.0.0.1:5353".parse().unwrap()];
+        config.dns.timeout = Duration::from_secs(timeout);
+        config
+    }
+
+    #[tokio::test]
+    async fn a_reload_keeps_the_resolver_and_its_caches_unless_dns_changed() {
+        let none = build_runtime(config(Verify::Off, 5), None).unwrap();
+        assert!(none.resolver.is_none(), "no check: no resolver");
+        let first = build_runtime(config(Verify::Record, 5), None).unwrap();
+        let same = build_runtime(config(Verify::Enforce, 5), Some(&first)).unwrap();
+        let caches = |rt: &Runtime| std::ptr::from_ref(rt.resolver.as_ref().unwrap().caches());
+        assert_eq!(caches(&first), caches(&same));
+        let changed = build_runtime(config(Verify::Record, 2), Some(&first)).unwrap();
+        assert_ne!(caches(&first), caches(&changed));
+        assert_eq!(changed.resolver.unwrap().timeout(), Duration::from_secs(2));
+    }
+}

@@ -73,6 +73,8 @@ struct Harness {
     runtime: Arc<Runtime>,
     shutdown: CancellationToken,
     verifier: Arc<Verifier>,
+    /// The message verification slots the session shares.
+    verifications: Arc<tokio::sync::Semaphore>,
     queued: mpsc::UnboundedReceiver<Committed>,
     session: JoinHandle<()>,
     _stress: watch::Sender<bool>,
@@ -144,6 +146,7 @@ impl Harness {
             runtime,
             shutdown: parts.shared.shutdown,
             verifier: parts.shared.verifier,
+            verifications: parts.shared.verifications,
             queued: parts.queued,
             session,
             _stress: parts.stress,
@@ -765,4 +768,24 @@ async fn trusted_mail_for_exchange_only_is_not_signed() {
     let message = signed_to(&mut h, "u@example.com").await;
     assert!(message.starts_with("Received: "), "{message}");
     assert!(!message.contains("DKIM-Signature:"), "{message}");
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_message_waits_for_a_verification_slot_at_most_the_data_timeout_then_gets_451() {
+    let verify = |c: &mut Config| {
+        c.dkim.verify = true;
+        c.limits.data_timeout = Duration::from_secs(60);
+    };
+    let mut h = start_checked(verify, |_| {});
+    // Every slot is taken by other sessions' verifications.
+    let slots = Arc::clone(&h.verifications);
+    let _taken = slots.acquire_many_owned(2).await.unwrap();
+    h.ready_for_data().await;
+    let started = tokio::time::Instant::now();
+    let reply = h.cmd("From: x@sender.test\r\n\r\nbody\r\n.").await;
+    assert_eq!(reply, wire(&reply::AUTHENTICATION_BUSY));
+    assert_eq!(started.elapsed(), Duration::from_secs(60));
+    h.cmd("QUIT").await;
+    h.until_closed().await;
+    h.nothing_queued();
 }

@@ -354,6 +354,21 @@ mod tests {
     use super::*;
 
     #[test]
+    fn a_dnsbl_refusal_names_the_client_and_only_printable_list_names() {
+        let v6: std::net::IpAddr = "2001:db8::9".parse().unwrap();
+        assert_eq!(
+            dnsbl_listed(v6, &["a.test", "b.test"]).to_string(),
+            "550 5.7.1 Service unavailable; client [2001:db8::9] blocked using a.test, b.test"
+        );
+        let v4: std::net::IpAddr = "192.0.2.9".parse().unwrap();
+        let r = dnsbl_listed(v4, &["bad\r\nname.test"]);
+        assert_eq!(
+            r.text,
+            "Service unavailable; client [192.0.2.9] blocked using badname.test"
+        );
+    }
+
+    #[test]
     fn wire_form_has_code_enhanced_and_crlf() {
         let mut out = Vec::new();
         RELAY_DENIED.write_to(&mut out);
