@@ -855,18 +855,18 @@ impl SessionDriver {
         // A refused message's spool file goes with its assembly.
         if let Err(r) = self.end_of_data(&mut assembly).await {
             // What the checks found is logged with the queue id the message would have had.
-            let client_ip = self.peer.ip();
+            let facts = session_facts(self.peer, &self.session);
             (self.effects)
-                .message_fields(&self.runtime, client_ip, assembly.id().as_str())
+                .message_fields(&self.runtime, &facts, assembly.id().as_str())
                 .await;
             self.effects.message_ended();
             return self.refuse(r);
         }
         // Our Authentication-Results: (and quarantine field) or DKIM-Signature:s go above
         // our Received:.
-        let client_ip = self.peer.ip();
+        let facts = session_facts(self.peer, &self.session);
         let fields = (self.effects)
-            .message_fields(&self.runtime, client_ip, assembly.id().as_str())
+            .message_fields(&self.runtime, &facts, assembly.id().as_str())
             .await;
         self.effects.message_ended();
         let size = assembly.size() + fields.len() as u64;

@@ -233,9 +233,11 @@ impl Effects {
         let Some(resolver) = &step.runtime.resolver else {
             return Answer::AuthenticationBusy;
         };
-        let wait = step.runtime.config.limits.data_timeout;
+        // The wait for a slot and the verification together: at most the data timeout (the
+        // dns functions bound each check; this is the backstop).
+        let until = Instant::now() + step.runtime.config.limits.data_timeout;
         let slots = &step.shared.verifications;
-        let Ok(Ok(_slot)) = tokio::time::timeout(wait, slots.acquire()).await else {
+        let Ok(Ok(_slot)) = tokio::time::timeout_at(until, slots.acquire()).await else {
             return Answer::AuthenticationBusy;
         };
         let bytes = match assembly.message() {
@@ -264,7 +266,11 @@ impl Effects {
             dmarc,
             own_domains,
         };
-        let checks = resolver.authenticate(&bytes, facts).await;
+        let Ok(checks) = tokio::time::timeout_at(until, resolver.authenticate(&bytes, facts)).await
+        else {
+            warn!("message verification did not finish within the data timeout");
+            return Answer::AuthenticationBusy;
+        };
         self.message = Some(Box::new(checks.clone()));
         Answer::Authenticated(Box::new(checks))
     }
@@ -314,17 +320,22 @@ impl Effects {
     }
 
     /// What the message's checks left to put above it: the `DKIM-Signature:` fields of a
-    /// signed message, or our `Authentication-Results:` (when a check ran) and the
-    /// quarantine field. `queue_id` is logged with the results.
+    /// signed message, or, for untrusted mail (`session`), our `Authentication-Results:`
+    /// (when a check ran) and the quarantine field. `queue_id` is logged with the results.
     pub async fn message_fields(
         &mut self,
         runtime: &Runtime,
-        client_ip: std::net::IpAddr,
+        session: &crate::policy::SessionFacts<'_>,
         queue_id: &str,
     ) -> String {
         if let Some(signatures) = self.signatures.take() {
             return signatures;
         }
+        // A client that authenticated after connect may have an iprev result: not recorded.
+        if !runtime.policy.untrusted(session) {
+            return String::new();
+        }
+        let client_ip = session.client_ip;
         let message = self.message.take();
         let iprev = match self.lookups.finish(Lookup::Iprev).await {
             LookupResult::Iprev(check) => Some(check),
