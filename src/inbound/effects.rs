@@ -633,7 +633,10 @@ impl Lookups {
             return LookupResult::NotStarted;
         };
         if let Pending::Running(task) = pending {
-            let result = task.await.unwrap_or(LookupResult::NotStarted);
+            let result = task.await.unwrap_or_else(|e| {
+                warn!(error = %e, lookup = ?lookup, "lookup task failed; counted as not done");
+                LookupResult::NotStarted
+            });
             *pending = Pending::Done(result);
         }
         match pending {

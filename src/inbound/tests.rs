@@ -789,3 +789,45 @@ async fn a_message_waits_for_a_verification_slot_at_most_the_data_timeout_then_g
     h.until_closed().await;
     h.nothing_queued();
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_dnsbl_server_that_never_answers_neither_delays_the_greeting_nor_refuses() {
+    // A name server on loopback that reads nothing and answers nothing.
+    let silent = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    let dns = crate::config::Dns {
+        nameservers: vec![silent.local_addr().unwrap()],
+        timeout: Duration::from_secs(5),
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let base = runtime(dir.path(), NO_TLS, "");
+    let mut config = (*base.config).clone();
+    config.dnsbl.zones = vec![crate::config::DnsblZone {
+        zone: "bl.test".into(),
+        name: "bl.test".into(),
+        weight: 1,
+        answers: None,
+    }];
+    let runtime = Runtime {
+        policy: Policy::new(&config, None, std::time::Instant::now()),
+        config: Arc::new(config),
+        tls: None,
+        resolver: Some(crate::dns::Resolver::new(&dns).unwrap()),
+    };
+    let mut h = Harness::with_runtime(dir, Arc::new(runtime));
+    let started = tokio::time::Instant::now();
+    assert!(h.reply().await.starts_with("220 "));
+    assert_eq!(
+        started.elapsed(),
+        Duration::ZERO,
+        "the greeting never waits"
+    );
+    h.cmd("EHLO client.test").await;
+    h.cmd("MAIL FROM:<a@sender.test>").await;
+    // The lookup times out: not listed.
+    assert!(h.cmd("RCPT TO:<u@example.com>").await.starts_with("250 "));
+    let bound = dns.timeout * crate::dns::verify::CHECK_DEADLINE_QUERIES;
+    assert!(started.elapsed() <= bound, "{:?}", started.elapsed());
+    h.cmd("QUIT").await;
+    h.until_closed().await;
+    drop(silent);
+}
