@@ -47,6 +47,10 @@ pub enum AppError {
     /// An upstream's TLS client configuration could not be built (exit status 2).
     #[error("{0}")]
     UpstreamTls(#[from] crate::outbound::ClientTlsError),
+    /// The resolver of `[dns]` could not be set up (no `[dns] nameservers` and an unreadable
+    /// system configuration; exit status 2).
+    #[error("dns: {0}")]
+    Resolver(#[from] crate::dns::ResolverError),
     /// Signal handlers could not be installed.
     #[error("signals: {0}")]
     Signal(std::io::Error),
@@ -60,20 +64,23 @@ impl AppError {
             AppError::Config(_)
                 | AppError::Tls(_)
                 | AppError::UpstreamTls(_)
+                | AppError::Resolver(_)
                 | AppError::Spool(SpoolError::Unsafe { .. })
         )
     }
 }
 
-/// Build the inbound runtime (policy and TLS) for a configuration. On reload `previous` is the
-/// running runtime: rate-limit and AUTH-failure state is carried over where its settings did
-/// not change.
+/// Build the inbound runtime (policy, TLS and resolver) for a configuration. On reload
+/// `previous` is the running runtime: rate-limit and AUTH-failure state is carried over where
+/// its settings did not change, and so is the resolver (with its caches) when `[dns]` did not.
 pub fn build_runtime(config: Config, previous: Option<&Runtime>) -> Result<Runtime, AppError> {
     let tls = match &config.tls {
         Some(t) => Some(tls::server_config(t, &config.server.hostname)?),
         None => None,
     };
+    let resolver = resolver_for(&config, previous)?;
     Ok(Runtime {
+        resolver,
         policy: Policy::new(
             &config,
             previous.map(|p| &p.policy),
@@ -82,6 +89,36 @@ pub fn build_runtime(config: Config, previous: Option<&Runtime>) -> Result<Runti
         config: Arc::new(config),
         tls,
     })
+}
+
+/// The resolver a configuration's checks use: `None` when no check needs DNS (SPF, DKIM
+/// verification, DMARC, DNSBL; signing needs none), the previous snapshot's when `[dns]` is
+/// unchanged, else a new one.
+///
+/// # Errors
+/// [`AppError::Resolver`] when it cannot be built: the relay does not start, or the reload is
+/// refused.
+fn resolver_for(
+    config: &Config,
+    previous: Option<&Runtime>,
+) -> Result<Option<crate::dns::Resolver>, AppError> {
+    use crate::config::Verify;
+    let needed = config.spf.verify != Verify::Off
+        || config.dkim.verify
+        || config.dmarc.verify != Verify::Off
+        || !config.dnsbl.zones.is_empty();
+    if !needed {
+        return Ok(None);
+    }
+    if let Some(previous) = previous
+        && previous.config.dns == config.dns
+        && let Some(resolver) = &previous.resolver
+    {
+        return Ok(Some(resolver.clone()));
+    }
+    let resolver = crate::dns::Resolver::new(&config.dns)?;
+    info!(nameservers = ?config.dns.nameservers, timeout = ?config.dns.timeout, "resolver ready");
+    Ok(Some(resolver))
 }
 
 /// Raise the soft limit on open files to the hard limit (a relay holds one descriptor per
@@ -310,4 +347,33 @@ fn reload(
     }
     runtime.store(Arc::new(new));
     info!(rule = "reload", file = %path.display(), "configuration reloaded");
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::Verify;
+
+    fn config(spf: Verify, timeout: u64) -> Config {
+        let text = "[server]\nhostname = \"relay.test\"\n[[listeners]]\nbind = \"127.0.0.1:2525\"\n\
+             tls = \"none\"\n[[upstreams]]\naddress = \"127.0.0.1:25\"\n";
+        let mut config = Config::from_toml(text, None).expect("valid test policy");
+        config.spf.verify = spf;
+        config.dns.nameservers = vec!["127.0.0.1:5353".parse().unwrap()];
+        config.dns.timeout = Duration::from_secs(timeout);
+        config
+    }
+
+    #[tokio::test]
+    async fn a_reload_keeps_the_resolver_and_its_caches_unless_dns_changed() {
+        let none = build_runtime(config(Verify::Off, 5), None).unwrap();
+        assert!(none.resolver.is_none(), "no check: no resolver");
+        let first = build_runtime(config(Verify::Record, 5), None).unwrap();
+        let same = build_runtime(config(Verify::Enforce, 5), Some(&first)).unwrap();
+        let caches = |rt: &Runtime| std::ptr::from_ref(rt.resolver.as_ref().unwrap().caches());
+        assert_eq!(caches(&first), caches(&same));
+        let changed = build_runtime(config(Verify::Record, 2), Some(&first)).unwrap();
+        assert_ne!(caches(&first), caches(&changed));
+        assert_eq!(changed.resolver.unwrap().timeout(), Duration::from_secs(2));
+    }
 }

@@ -28,7 +28,7 @@ use crate::policy::Refusal;
 use crate::policy::senders::FromCheck;
 use crate::policy::stage::WriteFailure;
 use crate::queue::reserve::Reservation;
-use crate::queue::{Committed, Spool, SpoolError, SpoolWriter};
+use crate::queue::{Committed, MessageBytes, Spool, SpoolError, SpoolWriter};
 use crate::smtp::headers::{HeaderFilter, StripRules};
 use crate::smtp::received::{self, Trace};
 use crate::smtp::{Transaction, reply};
@@ -125,6 +125,14 @@ pub enum AssemblyError {
     /// The MAIL parameters the message needs could not be recorded (rule `spool_write`).
     #[error("cannot record the message's MAIL parameters in the spool file: {0}")]
     Rewrite(#[source] SpoolError),
+    /// The fields added above the message (`Authentication-Results:`, `DKIM-Signature:`)
+    /// could not be written (rule `spool_write`).
+    #[error("cannot add header fields to the spool file: {0}")]
+    Prepend(#[source] SpoolError),
+    /// The spool has no room for the copy that adding header fields makes (rule
+    /// `min_free_space`, `452 4.3.1`).
+    #[error("no spool space to add header fields: {0}")]
+    PrependSpace(crate::queue::reserve::Insufficient),
     /// Flush, fsync, rename or the directory fsync failed (rule `spool_commit`).
     #[error("spool commit failed: {0}")]
     Commit(#[source] SpoolError),
@@ -141,6 +149,10 @@ impl AssemblyError {
             AssemblyError::Create(e) => (e, "spool_create"),
             AssemblyError::Rewrite(e) => (e, "spool_write"),
             AssemblyError::Commit(e) => (e, "spool_commit"),
+            AssemblyError::Prepend(e) => (e, "spool_write"),
+            AssemblyError::PrependSpace(_) => {
+                return SpoolErrorClass::StorageFull.refusal("min_free_space");
+            }
             AssemblyError::CommitTask(_) => {
                 return SpoolErrorClass::Temporary.refusal("spool_commit");
             }
@@ -239,11 +251,23 @@ impl Assembly {
         self.filter.finish(&mut self.scratch);
         self.eight_bit = self.eight_bit || !self.scratch.is_ascii();
         if self.failure.is_none()
-            && let Err(e) = self.writer.write(&self.scratch)
+            && let Err(e) = self
+                .writer
+                .write(&self.scratch)
+                .and_then(|()| self.writer.flush())
         {
             warn!(error = %e, "spool write failed");
             self.failure = Some(write_failure(&e));
         }
+    }
+
+    /// The message as written (our `Received:` first), after [`Assembly::finish`], for the
+    /// checks that read it whole: from memory when small, else the spool file mapped.
+    ///
+    /// # Errors
+    /// [`SpoolError`] when the file cannot be mapped.
+    pub fn message(&self) -> Result<MessageBytes, SpoolError> {
+        self.writer.message()
     }
 
     /// Keep the space reservation ahead of what is written (a message larger than its
@@ -321,7 +345,22 @@ impl Assembly {
     /// [`AssemblyError::Rewrite`], [`AssemblyError::Commit`] or [`AssemblyError::CommitTask`];
     /// the spool file is then gone (a commit whose directory fsync failed excepted, see
     /// [`SpoolWriter::commit`]), never half-written in `queue/`.
-    pub async fn commit(mut self) -> Result<Committed, AssemblyError> {
+    pub async fn commit(self) -> Result<Committed, AssemblyError> {
+        self.commit_with(String::new()).await
+    }
+
+    /// [`Assembly::commit`], with `fields` (whole header fields, CRLF-terminated: our
+    /// `Authentication-Results:`, the quarantine field, `DKIM-Signature:`s) put above the
+    /// message first ([`SpoolWriter::prepend`]), off the reactor. Free space for the copy
+    /// that makes is reserved first (`452 4.3.1` when there is none).
+    ///
+    /// # Errors
+    /// As [`Assembly::commit`], and [`AssemblyError::Prepend`] /
+    /// [`AssemblyError::PrependSpace`].
+    pub async fn commit_with(mut self, fields: String) -> Result<Committed, AssemblyError> {
+        if !fields.is_empty() {
+            self.hold_copy_space(fields.len() as u64)?;
+        }
         let declared = &self.envelope.mail_params;
         let needed = needed_params(&self.envelope, self.header_utf8(), self.eight_bit);
         if needed != *declared {
@@ -334,13 +373,42 @@ impl Assembly {
             info!(headers = ?self.filter.stripped(),
                 count = self.filter.stripped_count(), "removed untrusted headers");
         }
-        let writer = self.writer;
-        // fsync, rename and directory fsync block: run them off the reactor.
-        let (id, loaded) = tokio::task::spawn_blocking(move || writer.commit_and_keep())
-            .await
-            .map_err(AssemblyError::CommitTask)?
-            .map_err(AssemblyError::Commit)?;
+        let mut writer = self.writer;
+        // The copy, fsync, rename and directory fsync block: run them off the reactor.
+        let (id, loaded) = tokio::task::spawn_blocking(move || {
+            writer
+                .prepend(fields.as_bytes())
+                .map_err(AssemblyError::Prepend)?;
+            writer.commit_and_keep().map_err(AssemblyError::Commit)
+        })
+        .await
+        .map_err(AssemblyError::CommitTask)??;
         Ok(Committed { id, loaded })
+    }
+
+    /// Hold space for two copies of the message plus `extra` octets while
+    /// [`SpoolWriter::prepend`] copies it (the old file goes once the new one is written).
+    fn hold_copy_space(&mut self, extra: u64) -> Result<(), AssemblyError> {
+        let Some(reservation) = self.reservation.as_mut() else {
+            return Ok(());
+        };
+        let peak = self
+            .writer
+            .written()
+            .saturating_mul(2)
+            .saturating_add(extra);
+        match self
+            .spool
+            .hold_reservation(reservation, peak, self.min_free)
+        {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(short)) => Err(AssemblyError::PrependSpace(short)),
+            Err(e) => Err(AssemblyError::Prepend(SpoolError::Io {
+                op: "statvfs",
+                path: self.spool.root().to_path_buf(),
+                source: e,
+            })),
+        }
     }
 }
 

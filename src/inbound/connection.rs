@@ -141,6 +141,9 @@ pub struct Shared {
     /// True in stress mode: timeouts shrink to `limits.stress_timeout` (see
     /// [`super::pressure`]).
     pub stress: tokio::sync::watch::Receiver<bool>,
+    /// The slots of message verifications in flight (see
+    /// [`super::effects::VERIFICATIONS_PER_CORE`]).
+    pub verifications: Arc<tokio::sync::Semaphore>,
 }
 
 /// How a session ended, for the session log line.
@@ -416,6 +419,30 @@ impl SessionDriver {
         effects.decide(runtime, shared, &facts).await
     }
 
+    /// [`SessionDriver::stage`] for the end-of-data stage of `message`.
+    async fn stage_message<'d>(
+        &'d mut self,
+        message: &Assembly,
+        input: impl FnOnce(&'d Session) -> Input<'d>,
+    ) -> Result<(), Refusal> {
+        let SessionDriver {
+            runtime,
+            listener,
+            shared,
+            peer,
+            session,
+            effects,
+            ..
+        } = self;
+        let session: &'d Session = session;
+        let facts = StageFacts {
+            session: session_facts(*peer, session),
+            listener,
+            input: input(session),
+        };
+        (effects.decide_message(runtime, shared, &facts, message)).await
+    }
+
     /// Accept the pending command, or refuse it as the verdict says.
     fn answer(&mut self, verdict: Result<(), Refusal>) {
         match verdict {
@@ -446,7 +473,12 @@ impl SessionDriver {
     }
 
     async fn mail(&mut self, from: &ReversePath, size: Option<u64>) {
-        let verdict = self.stage(|_| Input::Mail { from, size }).await;
+        let verdict = (self.stage(|session| Input::Mail {
+            from,
+            size,
+            helo: session.helo().unwrap_or_default(),
+        }))
+        .await;
         if verdict.is_ok() {
             debug!(%from, "mail from");
         }
@@ -490,6 +522,9 @@ impl SessionDriver {
                 from_header = from.as_str(), rule, reply = %reply, "rejected"),
             Some(Detail::Text(detail)) => {
                 rejected!(r.warning, user, rule, reply = %reply, detail = %detail, "rejected");
+            }
+            Some(Detail::Dnsbl(listed)) => {
+                rejected!(r.warning, user, rule, reply = %reply, dnsbl = %listed, "rejected");
             }
         }
     }
@@ -819,10 +854,23 @@ impl SessionDriver {
         assembly.finish();
         // A refused message's spool file goes with its assembly.
         if let Err(r) = self.end_of_data(&mut assembly).await {
+            // What the checks found is logged with the queue id the message would have had.
+            let facts = session_facts(self.peer, &self.session);
+            (self.effects)
+                .message_fields(&self.runtime, &facts, assembly.id().as_str())
+                .await;
+            self.effects.message_ended();
             return self.refuse(r);
         }
-        let size = assembly.size();
-        match assembly.commit().await {
+        // Our Authentication-Results: (and quarantine field) or DKIM-Signature:s go above
+        // our Received:.
+        let facts = session_facts(self.peer, &self.session);
+        let fields = (self.effects)
+            .message_fields(&self.runtime, &facts, assembly.id().as_str())
+            .await;
+        self.effects.message_ended();
+        let size = assembly.size() + fields.len() as u64;
+        match assembly.commit_with(fields).await {
             Ok(committed) => self.queued(committed, size),
             Err(e) => {
                 warn!(error = %e, "spool commit failed");
@@ -848,11 +896,12 @@ impl SessionDriver {
     }
 
     /// The message's data is over, whatever becomes of it: the next command has a deadline
-    /// of its own, and the transaction's space reservation is given back.
+    /// of its own, and the transaction's space reservation is given back (the
+    /// transaction's SPF result stays for the end-of-data checks).
     fn message_ended(&mut self) {
         self.deadline = None;
         self.data_progress = None;
-        self.effects.transaction_ended();
+        self.effects.reservation = None;
     }
 
     fn data_rejected(&mut self, fault: DataFault) {
@@ -877,7 +926,7 @@ impl SessionDriver {
         let capabilities = self.shared.capabilities.clone();
         let route = move |domain: &str| capabilities.for_domain(domain);
         let assembly = &*assembly;
-        (self.stage(|session| {
+        (self.stage_message(assembly, |session| {
             let tx = session
                 .transaction()
                 .expect("a session in DATA has a transaction");
@@ -894,6 +943,7 @@ impl SessionDriver {
                     params: &tx.params,
                 },
                 recipients: &tx.recipients,
+                helo: session.helo().unwrap_or_default(),
                 route: &route,
             })
         }))

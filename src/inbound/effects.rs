@@ -4,21 +4,33 @@
 //! The session driver calls [`Effects::decide`] for every stage; it never orders checks
 //! itself. Each [`Effect`] is carried out here once, whichever stage asks for it: rate
 //! budgets and the AUTH lockout gate by the policy's [`crate::policy::store::Store`],
-//! passwords by the [`super::verifier::Verifier`] pool, free space by the spool. State an
-//! effect leaves for a later stage (the transaction's space reservation, lookups started at
-//! one stage and read at a later one) is kept in [`Effects`], one per session; the AUTH
-//! attempt between the gate and the verification lives only as long as its stage.
+//! passwords by the [`super::verifier::Verifier`] pool, free space by the spool, DNS
+//! lookups (DNSBL, iprev, SPF) and the message's verification by the snapshot's
+//! [`Resolver`], DKIM signing off the reactor. State an effect leaves for a later stage (the
+//! transaction's space reservation and SPF result, lookups started at one stage and read at
+//! later ones, what the message's checks found) is kept in [`Effects`], one per session; the
+//! AUTH attempt between the gate and the verification lives only as long as its stage.
+//!
+//! No DNS error stops a session: every lookup is bounded ([`check_deadline`]) and a failed
+//! one answers what the policy counts it as (`temperror`, or "not listed" for a DNSBL).
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
-use tracing::{info, warn};
+use tracing::{Instrument, info, warn};
 
 use super::Runtime;
+use super::assembly::Assembly;
 use super::connection::Shared;
 use super::verifier::Lane;
+use crate::dns::Resolver;
+use crate::dns::dnsbl::DnsblCheck;
+use crate::dns::verify::{
+    CHECK_DEADLINE_QUERIES, IprevCheck, IprevResult, MessageChecks, MessageFacts, SpfCheck,
+};
+use crate::envelope::ReversePath;
 use crate::policy::Refusal;
 use crate::policy::credentials::CheckError;
 use crate::policy::lockout::{AuthAttempt, FailureReport, GateDecision, login_key};
@@ -38,6 +50,22 @@ struct Step<'a> {
     runtime: &'a Runtime,
     shared: &'a Shared,
     facts: &'a StageFacts<'a>,
+    /// The message, at the end-of-data stage.
+    message: Option<&'a Assembly>,
+}
+
+/// Verifications of messages (DKIM, ARC, DMARC) in flight at once, per available core:
+/// each holds a whole message in reach (mapped or, up to `KEEP_MAX`, in memory) and spends
+/// CPU on hashes and signatures, so their number is bounded whatever the number of
+/// sessions; twice the cores keeps the cores busy while some verifications wait for DNS.
+/// A session finding no slot free waits for one, at most `[limits] data_timeout`, then
+/// gets `451 4.3.0` (rule `mail_auth_busy`).
+pub const VERIFICATIONS_PER_CORE: usize = 2;
+
+/// The bound of [`VERIFICATIONS_PER_CORE`] on this machine.
+pub fn verification_slots() -> usize {
+    let cores = std::thread::available_parallelism().map_or(1, std::num::NonZeroUsize::get);
+    cores * VERIFICATIONS_PER_CORE
 }
 
 /// What one session keeps between effects.
@@ -46,8 +74,14 @@ pub struct Effects {
     /// Free space held for the current transaction from MAIL to its end (see
     /// [`crate::queue::reserve`]).
     pub reservation: Option<Reservation>,
-    /// Lookups started and not read yet.
+    /// Lookups started at one stage and read at later ones.
     lookups: Lookups,
+    /// SPF of the current transaction (checked at MAIL), until RSET or the next MAIL.
+    spf: Option<SpfCheck>,
+    /// What the current message's verification found, until the message is done.
+    message: Option<Box<MessageChecks>>,
+    /// The current message's `DKIM-Signature:` fields, until the message is done.
+    signatures: Option<String>,
 }
 
 impl Effects {
@@ -66,27 +100,52 @@ impl Effects {
         self.decide_with(evaluation, runtime, shared, facts).await
     }
 
-    /// [`Effects::decide`] with an evaluation of the caller's (a list of checks of its own).
-    pub(super) async fn decide_with(
+    /// [`Effects::decide`] for the end-of-data stage of `message`, whose bytes the
+    /// verification and signing effects read.
+    pub async fn decide_message(
         &mut self,
-        mut evaluation: Evaluation,
         runtime: &Runtime,
         shared: &Shared,
         facts: &StageFacts<'_>,
+        message: &Assembly,
     ) -> Result<(), Refusal> {
-        let mut answer = None;
-        // The AUTH attempt the gate let through, until its password is verified: it lives
-        // only as long as the stage (dropped unsettled, it counts as a failure).
-        let mut attempt = None;
+        let evaluation = Evaluation::new(facts.input.stage());
         let step = Step {
             runtime,
             shared,
             facts,
+            message: Some(message),
         };
+        self.run(evaluation, step).await
+    }
+
+    /// [`Effects::decide`] with an evaluation of the caller's (a list of checks of its own).
+    pub(super) async fn decide_with(
+        &mut self,
+        evaluation: Evaluation,
+        runtime: &Runtime,
+        shared: &Shared,
+        facts: &StageFacts<'_>,
+    ) -> Result<(), Refusal> {
+        let step = Step {
+            runtime,
+            shared,
+            facts,
+            message: None,
+        };
+        self.run(evaluation, step).await
+    }
+
+    async fn run(&mut self, mut evaluation: Evaluation, step: Step<'_>) -> Result<(), Refusal> {
+        let mut answer = None;
+        // The AUTH attempt the gate let through, until its password is verified: it lives
+        // only as long as the stage (dropped unsettled, it counts as a failure).
+        let mut attempt = None;
         loop {
-            match runtime
+            match step
+                .runtime
                 .policy
-                .evaluate(&mut evaluation, facts, answer.take())
+                .evaluate(&mut evaluation, step.facts, answer.take())
             {
                 Verdict::Accept => return Ok(()),
                 Verdict::Refuse(refusal) => return Err(refusal),
@@ -107,6 +166,7 @@ impl Effects {
             runtime,
             shared,
             facts,
+            ..
         } = step;
         let store = runtime.policy.store();
         let now = Instant::now().into_std();
@@ -126,23 +186,212 @@ impl Effects {
             }
             Effect::ReserveSpace { bytes } => self.reserve(runtime, shared, bytes),
             Effect::Start(lookup) => {
-                self.lookups.start(lookup);
+                let (resolver, zones) = (runtime.resolver.clone(), zones(runtime, lookup));
+                self.lookups
+                    .start(lookup, resolver, zones, facts.session.client_ip);
                 Answer::Allowed
             }
             Effect::Await(lookup) => Answer::Looked(self.lookups.finish(lookup).await),
+            Effect::Spf => self.spf(runtime, facts).await,
+            Effect::Authenticate { dmarc } => self.authenticate(step, dmarc).await,
+            Effect::Sign => self.sign(step).await,
         }
+    }
+
+    /// SPF of the transaction: the reverse-path, or the HELO name for `<>`; kept for the
+    /// transaction.
+    async fn spf(&mut self, runtime: &Runtime, facts: &StageFacts<'_>) -> Answer {
+        let Input::Mail { from, helo, .. } = facts.input else {
+            return Answer::Allowed;
+        };
+        let ip = facts.session.client_ip;
+        let reverse_path = match from {
+            ReversePath::Address(a) => Some(a.to_string()),
+            ReversePath::Null => None,
+        };
+        let check = match &runtime.resolver {
+            Some(resolver) => {
+                let deadline = check_deadline(resolver);
+                let spf = resolver.spf(ip, helo, reverse_path.as_deref());
+                match tokio::time::timeout(deadline, spf).await {
+                    Ok(check) => check,
+                    Err(_) => spf_timed_out(helo, reverse_path.as_deref()),
+                }
+            }
+            None => spf_timed_out(helo, reverse_path.as_deref()),
+        };
+        self.spf = Some(check.clone());
+        Answer::Spf(check)
+    }
+
+    /// DKIM, ARC and (when `dmarc`) DMARC of the message, in one of the bounded
+    /// verification slots ([`verification_slots`]); what it found is kept for the message.
+    async fn authenticate(&mut self, step: Step<'_>, dmarc: bool) -> Answer {
+        let (Some(assembly), Input::DataEnd(end)) = (step.message, &step.facts.input) else {
+            return Answer::Allowed;
+        };
+        let Some(resolver) = &step.runtime.resolver else {
+            return Answer::AuthenticationBusy;
+        };
+        // The wait for a slot and the verification together: at most the data timeout (the
+        // dns functions bound each check; this is the backstop).
+        let until = Instant::now() + step.runtime.config.limits.data_timeout;
+        let slots = &step.shared.verifications;
+        let Ok(Ok(_slot)) = tokio::time::timeout_at(until, slots.acquire()).await else {
+            return Answer::AuthenticationBusy;
+        };
+        let bytes = match assembly.message() {
+            Ok(bytes) => bytes,
+            Err(e) => {
+                warn!(error = %e, "cannot read the message back for verification");
+                return Answer::AuthenticationBusy;
+            }
+        };
+        let config = &step.runtime.config;
+        let own_domains: &[String] = if config.dmarc.own_domains_reject {
+            &config.relay.accepted_domains
+        } else {
+            &[]
+        };
+        let mail_from_domain = match end.transaction.from {
+            ReversePath::Address(a) => a.domain(),
+            ReversePath::Null => end.helo,
+        };
+        let facts = MessageFacts {
+            client_ip: step.facts.session.client_ip,
+            helo: end.helo,
+            mail_from_domain,
+            spf: self.spf.as_ref(),
+            dkim: true,
+            dmarc,
+            own_domains,
+        };
+        let Ok(checks) = tokio::time::timeout_at(until, resolver.authenticate(&bytes, facts)).await
+        else {
+            warn!("message verification did not finish within the data timeout");
+            return Answer::AuthenticationBusy;
+        };
+        self.message = Some(Box::new(checks.clone()));
+        Answer::Authenticated(Box::new(checks))
+    }
+
+    /// Sign the message with the `[[dkim.sign]]` entries of its `From:` domain, off the
+    /// reactor; the fields are kept for the message.
+    async fn sign(&mut self, step: Step<'_>) -> Answer {
+        let Some(assembly) = step.message else {
+            return Answer::Allowed;
+        };
+        let bytes = match assembly.message() {
+            Ok(bytes) => bytes,
+            Err(e) => {
+                return Answer::SignFailed(crate::dns::sign::SignError::Failed {
+                    domain: String::new(),
+                    selector: String::new(),
+                    reason: format!("cannot read the message back: {e}"),
+                });
+            }
+        };
+        let entries: Vec<crate::config::DkimSign> =
+            crate::dns::sign::signers_for(&bytes, &step.runtime.config.dkim.sign)
+                .into_iter()
+                .cloned()
+                .collect();
+        if entries.is_empty() {
+            return Answer::Signed(0);
+        }
+        let count = entries.len();
+        let signed = tokio::task::spawn_blocking(move || {
+            let entries: Vec<&crate::config::DkimSign> = entries.iter().collect();
+            crate::dns::sign::sign(&bytes, &entries)
+        })
+        .await;
+        match signed {
+            Ok(Ok(fields)) => {
+                self.signatures = Some(fields);
+                Answer::Signed(count)
+            }
+            Ok(Err(e)) => Answer::SignFailed(e),
+            Err(e) => Answer::SignFailed(crate::dns::sign::SignError::Failed {
+                domain: String::new(),
+                selector: String::new(),
+                reason: format!("signing task failed: {e}"),
+            }),
+        }
+    }
+
+    /// What the message's checks left to put above it: the `DKIM-Signature:` fields of a
+    /// signed message, or, for untrusted mail (`session`), our `Authentication-Results:`
+    /// (when a check ran) and the quarantine field. `queue_id` is logged with the results.
+    pub async fn message_fields(
+        &mut self,
+        runtime: &Runtime,
+        session: &crate::policy::SessionFacts<'_>,
+        queue_id: &str,
+    ) -> String {
+        if let Some(signatures) = self.signatures.take() {
+            return signatures;
+        }
+        // A client that authenticated after connect may have an iprev result: not recorded.
+        if !runtime.policy.untrusted(session) {
+            return String::new();
+        }
+        let client_ip = session.client_ip;
+        let message = self.message.take();
+        let iprev = match self.lookups.finish(Lookup::Iprev).await {
+            LookupResult::Iprev(check) => Some(check),
+            _ => None,
+        };
+        if self.spf.is_none() && message.is_none() && iprev.is_none() {
+            return String::new();
+        }
+        log_results(
+            queue_id,
+            self.spf.as_ref(),
+            iprev.as_ref(),
+            message.as_deref(),
+        );
+        let recorded = crate::dns::results::Recorded {
+            authserv_id: &runtime.config.server.authserv_id,
+            client_ip,
+            spf: self.spf.as_ref(),
+            iprev: iprev.as_ref(),
+            message: message.as_deref(),
+        };
+        let mut fields = crate::dns::results::authentication_results(&recorded);
+        if let Some(quarantine) = message.and_then(|m| runtime.policy.quarantine_field(&m)) {
+            info!(
+                queue_id,
+                rule = "dmarc",
+                "DMARC quarantine: marked with the quarantine header"
+            );
+            fields.push_str(&quarantine);
+        }
+        fields
     }
 
     /// The transaction is over (RSET, refused, or its message done or refused): its space
     /// reservation, if the assembly did not take it, is given back.
     pub fn transaction_ended(&mut self) {
         self.reservation = None;
+        self.spf = None;
+        self.message_ended();
     }
 
-    /// Lookups started and not read yet.
+    /// The message is done (committed or refused): what its checks found is dropped; the
+    /// transaction's SPF result stays until the transaction ends.
+    pub fn message_ended(&mut self) {
+        self.message = None;
+        self.signatures = None;
+    }
+
+    /// Lookups started and not yet finished.
     #[cfg(test)]
     pub(super) fn pending_lookups(&self) -> usize {
-        self.lookups.0.len()
+        self.lookups
+            .0
+            .iter()
+            .filter(|(_, p)| matches!(p, Pending::Running(_)))
+            .count()
     }
 
     /// Hold `bytes` of spool space for the transaction (replacing any earlier reservation).
@@ -281,41 +530,178 @@ fn log_auth_report(login: &str, report: &FailureReport, delay: Duration) {
     }
 }
 
-/// Lookups a session started ([`Effect::Start`]) and has not read yet ([`Effect::Await`]).
-/// Dropping the table (the session ended) abandons them.
+/// The time one whole check may take: [`CHECK_DEADLINE_QUERIES`] queries' timeouts (the dns
+/// functions bound themselves; this is the backstop that keeps a session from waiting on a
+/// resolver that never answers).
+fn check_deadline(resolver: &Resolver) -> Duration {
+    resolver.timeout() * CHECK_DEADLINE_QUERIES
+}
+
+/// The SPF result of a check that could not finish: `temperror`, never a pass.
+fn spf_timed_out(helo: &str, reverse_path: Option<&str>) -> SpfCheck {
+    use crate::dns::verify::{SpfIdentity, SpfResult};
+    let (identity, subject) = match reverse_path {
+        Some(path) => (SpfIdentity::MailFrom, path),
+        None => (SpfIdentity::Helo, helo),
+    };
+    let domain = subject.rsplit_once('@').map_or(subject, |(_, d)| d);
+    SpfCheck {
+        result: SpfResult::TempError,
+        identity,
+        subject: subject.to_string(),
+        domain: domain.to_string(),
+        detail: Some("SPF check did not finish in time".to_string()),
+    }
+}
+
+/// The one log line of a message's authentication results, with its queue id.
+fn log_results(
+    queue_id: &str,
+    spf: Option<&SpfCheck>,
+    iprev: Option<&IprevCheck>,
+    message: Option<&MessageChecks>,
+) {
+    let spf = spf.map_or_else(
+        || "-".to_string(),
+        |c| format!("{:?}", c.result).to_lowercase(),
+    );
+    let iprev = iprev.map_or_else(
+        || "-".to_string(),
+        |c| format!("{:?}", c.result).to_lowercase(),
+    );
+    let dkim = message.map_or_else(
+        || "-".to_string(),
+        |m| {
+            if m.dkim.is_empty() {
+                return "none".to_string();
+            }
+            m.dkim
+                .iter()
+                .map(|d| format!("{}:{}", d.domain, format!("{:?}", d.result).to_lowercase()))
+                .collect::<Vec<_>>()
+                .join(",")
+        },
+    );
+    let arc = message.and_then(|m| m.arc.as_ref()).map_or_else(
+        || "-".to_string(),
+        |a| format!("{:?}", a.result).to_lowercase(),
+    );
+    let dmarc = message.and_then(|m| m.dmarc.as_ref()).map_or_else(
+        || "-".to_string(),
+        |d| format!("{:?}", d.result).to_lowercase(),
+    );
+    info!(
+        queue_id,
+        spf, dkim, dmarc, arc, iprev, "mail authentication"
+    );
+}
+
+/// A lookup in flight, or its result (kept: a lookup awaited at several RCPTs answers each
+/// time).
+#[derive(Debug)]
+enum Pending {
+    Running(JoinHandle<LookupResult>),
+    Done(LookupResult),
+}
+
+/// Lookups a session started ([`Effect::Start`]) and their results once read
+/// ([`Effect::Await`]). Dropping the table (the session ended) abandons those in flight.
 #[derive(Debug, Default)]
-struct Lookups(Vec<(Lookup, JoinHandle<LookupResult>)>);
+struct Lookups(Vec<(Lookup, Pending)>);
 
 impl Lookups {
-    fn start(&mut self, lookup: Lookup) {
-        // A lookup started twice is read once: keep the first.
+    /// Start `lookup` for the client `ip` (its DNSBL `zones`, if it is one) through
+    /// `resolver`.
+    fn start(
+        &mut self,
+        lookup: Lookup,
+        resolver: Option<Resolver>,
+        zones: Vec<crate::config::DnsblZone>,
+        ip: std::net::IpAddr,
+    ) {
+        // A lookup started twice is run once: keep the first.
         if self.0.iter().all(|(l, _)| *l != lookup) {
-            self.0.push((lookup, tokio::spawn(resolve(lookup))));
+            // In the session's span: its log lines (a listing, a timeout) name the client.
+            let resolving = resolve(lookup, resolver, zones, ip).in_current_span();
+            let task = tokio::spawn(resolving);
+            self.0.push((lookup, Pending::Running(task)));
         }
     }
 
     async fn finish(&mut self, lookup: Lookup) -> LookupResult {
-        let Some(i) = self.0.iter().position(|(l, _)| *l == lookup) else {
+        let Some((_, pending)) = self.0.iter_mut().find(|(l, _)| *l == lookup) else {
             return LookupResult::NotStarted;
         };
-        let (_, task) = self.0.swap_remove(i);
-        task.await.unwrap_or(LookupResult::NotStarted)
+        if let Pending::Running(task) = pending {
+            let result = task.await.unwrap_or_else(|e| {
+                warn!(error = %e, lookup = ?lookup, "lookup task failed; counted as not done");
+                LookupResult::NotStarted
+            });
+            *pending = Pending::Done(result);
+        }
+        match pending {
+            Pending::Done(result) => result.clone(),
+            Pending::Running(_) => LookupResult::NotStarted,
+        }
     }
 }
 
 impl Drop for Lookups {
     fn drop(&mut self) {
-        for (_, task) in &self.0 {
-            task.abort();
+        for (_, pending) in &self.0 {
+            if let Pending::Running(task) = pending {
+                task.abort();
+            }
         }
     }
 }
 
-/// Carry out one lookup (a DNS query, once there are any).
-async fn resolve(lookup: Lookup) -> LookupResult {
+/// The zones a DNSBL lookup queries (none for other lookups).
+fn zones(runtime: &Runtime, lookup: Lookup) -> Vec<crate::config::DnsblZone> {
     match lookup {
+        Lookup::Dnsbl => runtime.config.dnsbl.zones.clone(),
+        _ => Vec::new(),
+    }
+}
+
+/// Carry out one lookup, within [`check_deadline`]: a DNSBL lookup that fails or times out
+/// is "not listed", an iprev one `temperror`.
+async fn resolve(
+    lookup: Lookup,
+    resolver: Option<Resolver>,
+    zones: Vec<crate::config::DnsblZone>,
+    ip: std::net::IpAddr,
+) -> LookupResult {
+    let not_listed = || LookupResult::Dnsbl(DnsblCheck::default());
+    let iprev_failed = || {
+        LookupResult::Iprev(IprevCheck {
+            result: IprevResult::TempError,
+            name: None,
+        })
+    };
+    match (lookup, resolver) {
+        (Lookup::Dnsbl, Some(r)) => {
+            let found = tokio::time::timeout(check_deadline(&r), r.dnsbl(ip, &zones)).await;
+            match found {
+                Ok(check) => {
+                    if !check.listed.is_empty() {
+                        info!(dnsbl = %crate::policy::mailauth::dnsbl_field(&check), "client listed");
+                    }
+                    LookupResult::Dnsbl(check)
+                }
+                Err(_) => {
+                    warn!("DNSBL lookups did not finish in time; counted as not listed");
+                    not_listed()
+                }
+            }
+        }
+        (Lookup::Dnsbl, None) => not_listed(),
+        (Lookup::Iprev, Some(r)) => tokio::time::timeout(check_deadline(&r), r.iprev(ip))
+            .await
+            .map_or_else(|_| iprev_failed(), LookupResult::Iprev),
+        (Lookup::Iprev, None) => iprev_failed(),
         #[cfg(test)]
-        Lookup::Echo(n) => {
+        (Lookup::Echo(n), _) => {
             tokio::task::yield_now().await;
             LookupResult::Echo(n)
         }
@@ -327,22 +713,35 @@ mod tests {
     use super::*;
 
     #[tokio::test(start_paused = true)]
-    async fn a_started_lookup_is_read_once_and_one_never_started_reads_as_such() {
+    async fn a_started_lookup_answers_every_read_and_one_never_started_reads_as_such() {
         let mut lookups = Lookups::default();
-        lookups.start(Lookup::Echo(7));
+        let ip: std::net::IpAddr = "192.0.2.1".parse().unwrap();
+        let mut start = |l| lookups.start(l, None, Vec::new(), ip);
+        start(Lookup::Echo(7));
         // Started twice, run once.
-        lookups.start(Lookup::Echo(7));
-        lookups.start(Lookup::Echo(8));
+        start(Lookup::Echo(7));
+        start(Lookup::Echo(8));
         assert_eq!(lookups.0.len(), 2);
         assert_eq!(lookups.finish(Lookup::Echo(7)).await, LookupResult::Echo(7));
-        assert_eq!(
-            lookups.finish(Lookup::Echo(7)).await,
-            LookupResult::NotStarted
-        );
+        // Read again (a second RCPT): the kept result.
+        assert_eq!(lookups.finish(Lookup::Echo(7)).await, LookupResult::Echo(7));
         assert_eq!(
             lookups.finish(Lookup::Echo(9)).await,
             LookupResult::NotStarted
         );
         assert_eq!(lookups.finish(Lookup::Echo(8)).await, LookupResult::Echo(8));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn lookups_without_a_resolver_count_as_not_listed_and_temperror() {
+        let ip: std::net::IpAddr = "192.0.2.1".parse().unwrap();
+        assert_eq!(
+            resolve(Lookup::Dnsbl, None, Vec::new(), ip).await,
+            LookupResult::Dnsbl(DnsblCheck::default())
+        );
+        let LookupResult::Iprev(iprev) = resolve(Lookup::Iprev, None, Vec::new(), ip).await else {
+            panic!("an iprev lookup answers iprev");
+        };
+        assert_eq!(iprev.result, IprevResult::TempError);
     }
 }

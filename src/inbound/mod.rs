@@ -7,7 +7,9 @@
 //! [`crate::smtp::Session`] over any byte stream (plain, then TLS), dispatching each event to
 //! its stage; [`effects`] carries out what the policy's stage evaluators ask for (rate
 //! budgets, the AUTH gate, password verification on the [`verifier`] pool, spool space,
-//! lookups); [`assembly`] turns one message into a committed spool file; [`tls`] builds the
+//! DNS lookups, the message's DKIM/ARC/DMARC verification in a bounded number of slots, DKIM
+//! signing); [`assembly`] turns one message into a committed spool file, our
+//! `Authentication-Results:` or `DKIM-Signature:` fields above it; [`tls`] builds the
 //! rustls configuration. Nothing here decides policy (it asks [`crate::policy`]) and nothing
 //! here knows delivery: a committed message leaves as a [`Committed`] on the channel `app`
 //! gives [`start`].
@@ -56,6 +58,9 @@ pub struct Runtime {
     pub policy: Policy,
     /// `None` when no listener uses TLS.
     pub tls: Option<Arc<ServerConfig>>,
+    /// The resolver built from this snapshot's `[dns]` (shared with the previous snapshot
+    /// when `[dns]` did not change); `None` when no check needs DNS.
+    pub resolver: Option<crate::dns::Resolver>,
 }
 
 /// What the inbound side is given by the rest of the relay (only `app` builds this).
@@ -118,6 +123,7 @@ pub async fn start(runtime: Arc<ArcSwap<Runtime>>, deps: Deps) -> Result<Inbound
         queued: deps.queued,
         capabilities: deps.capabilities,
         stress: counter.stress(),
+        verifications: Arc::new(tokio::sync::Semaphore::new(effects::verification_slots())),
     };
     let sessions = TaskTracker::new();
     let snapshot = runtime.load_full();

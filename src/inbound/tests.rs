@@ -57,6 +57,7 @@ impl Parts {
             queued: queued_tx,
             capabilities: RouteCapabilities::new(Arc::new(book)),
             stress: stress_rx,
+            verifications: Arc::new(tokio::sync::Semaphore::new(2)),
         };
         Parts {
             shared,
@@ -72,6 +73,8 @@ struct Harness {
     runtime: Arc<Runtime>,
     shutdown: CancellationToken,
     verifier: Arc<Verifier>,
+    /// The message verification slots the session shares.
+    verifications: Arc<tokio::sync::Semaphore>,
     queued: mpsc::UnboundedReceiver<Committed>,
     session: JoinHandle<()>,
     _stress: watch::Sender<bool>,
@@ -98,7 +101,19 @@ fn runtime(dir: &std::path::Path, listener: &str, more: &str) -> Runtime {
         policy: Policy::new(&config, None, std::time::Instant::now()),
         config: Arc::new(config),
         tls,
+        resolver: Some(loopback_resolver()),
     }
+}
+
+/// A resolver whose one name server is a loopback port nobody serves: every answer a test
+/// needs is pre-filled in its caches, and anything else fails at once (never a query
+/// leaving the machine).
+fn loopback_resolver() -> crate::dns::Resolver {
+    let dns = crate::config::Dns {
+        nameservers: vec!["127.0.0.1:9".parse().unwrap()],
+        timeout: Duration::from_secs(1),
+    };
+    crate::dns::Resolver::new(&dns).expect("a resolver over loopback")
 }
 
 impl Harness {
@@ -131,6 +146,7 @@ impl Harness {
             runtime,
             shutdown: parts.shared.shutdown,
             verifier: parts.shared.verifier,
+            verifications: parts.shared.verifications,
             queued: parts.queued,
             session,
             _stress: parts.stress,
@@ -499,4 +515,319 @@ async fn a_lookup_started_at_connect_is_read_at_rcpt_from_the_sessions_pending_e
     let rcpt = effects.decide_with(Evaluation::of(AT_RCPT), &runtime, shared, &facts);
     assert_eq!(rcpt.await, Ok(()));
     assert_eq!(effects.pending_lookups(), 0);
+}
+
+/// A session under the policy of [`runtime`] with `change` made to the compiled
+/// configuration (the mail-authentication sections), over [`loopback_resolver`] whose caches
+/// `records` pre-fills.
+fn start_checked(
+    change: impl FnOnce(&mut Config),
+    records: impl FnOnce(&crate::dns::cache::Caches),
+) -> Harness {
+    let dir = tempfile::tempdir().unwrap();
+    let base = runtime(dir.path(), NO_TLS, "");
+    let mut config = (*base.config).clone();
+    change(&mut config);
+    let resolver = loopback_resolver();
+    records(resolver.caches());
+    client_records(resolver.caches());
+    let runtime = Runtime {
+        policy: Policy::new(&config, None, std::time::Instant::now()),
+        config: Arc::new(config),
+        tls: None,
+        resolver: Some(resolver),
+    };
+    Harness::with_runtime(dir, Arc::new(runtime))
+}
+
+fn later() -> std::time::Instant {
+    std::time::Instant::now() + Duration::from_secs(3600)
+}
+
+/// The client's PTR and A records (iprev passes), and `sender.test`'s SPF record, which
+/// authorises nobody.
+fn client_records(caches: &crate::dns::cache::Caches) {
+    let ip = PEER.parse::<SocketAddr>().unwrap().ip();
+    caches.add_ptr(ip, vec!["client.test."], later());
+    caches.add_ipv4("client.test", vec!["192.0.2.1".parse().unwrap()], later());
+    caches.add_txt::<mail_auth::spf::Spf>("sender.test", b"v=spf1 -all", later());
+}
+
+/// `_dmarc.DOMAIN` publishing `record`.
+fn dmarc_record(caches: &crate::dns::cache::Caches, domain: &str, record: &str) {
+    let name = format!("_dmarc.{domain}");
+    caches.add_txt::<mail_auth::dmarc::Dmarc>(&name, record.as_bytes(), later());
+}
+
+impl Harness {
+    /// The committed message `id`'s bytes as queued.
+    fn queued_message(&self, id: &crate::envelope::QueueId) -> String {
+        let spool = Spool::open_existing(&self.dir.path().join("spool")).unwrap();
+        String::from_utf8(spool.read_message(id).unwrap()).unwrap()
+    }
+
+    /// Nothing was queued and no spool file is left behind.
+    fn nothing_queued(&mut self) {
+        assert!(self.queued.try_recv().is_err());
+        for dir in ["spool/queue", "spool/tmp"] {
+            let files = std::fs::read_dir(self.dir.path().join(dir))
+                .unwrap()
+                .count();
+            assert_eq!(files, 0, "{dir}");
+        }
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn an_spf_fail_is_refused_at_mail_under_enforce_and_the_transaction_never_starts() {
+    let mut h = start_checked(|c| c.spf.verify = crate::config::Verify::Enforce, |_| {});
+    h.reply().await;
+    h.cmd("EHLO client.test").await;
+    let mail = h.cmd("MAIL FROM:<a@sender.test>").await;
+    assert!(mail.starts_with("550 5.7.23 "), "{mail}");
+    assert!(h.cmd("RCPT TO:<u@example.com>").await.starts_with("503 "));
+    h.cmd("QUIT").await;
+    h.until_closed().await;
+    h.nothing_queued();
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_listed_client_is_refused_at_every_rcpt_but_postmaster() {
+    let zones = |c: &mut Config| {
+        c.dnsbl.zones = vec![crate::config::DnsblZone {
+            zone: "key.bl.test".into(),
+            name: "bl.test".into(),
+            weight: 1,
+            answers: None,
+        }];
+    };
+    let listed = |caches: &crate::dns::cache::Caches| {
+        let name = "1.2.0.192.key.bl.test";
+        caches.add_ipv4(name, vec!["127.0.0.2".parse().unwrap()], later());
+    };
+    let mut h = start_checked(zones, listed);
+    h.reply().await;
+    h.cmd("EHLO client.test").await;
+    assert!(h.cmd("MAIL FROM:<a@sender.test>").await.starts_with("250 "));
+    let blocked = "550 5.7.1 Service unavailable; client [192.0.2.1] blocked using bl.test\r\n";
+    assert_eq!(h.cmd("RCPT TO:<u@example.com>").await, blocked);
+    assert_eq!(h.cmd("RCPT TO:<v@example.com>").await, blocked);
+    assert!(
+        h.cmd("RCPT TO:<postmaster@example.com>")
+            .await
+            .starts_with("250 ")
+    );
+    h.cmd("QUIT").await;
+    h.until_closed().await;
+}
+
+/// A DMARC-enforcing session sending `From: x@FROM_DOMAIN` with a body: the reply to the
+/// final dot.
+async fn dmarc_enforced(h: &mut Harness, from_domain: &str) -> String {
+    h.ready_for_data().await;
+    let message = format!(
+        "From: x@{from_domain}\r\nX-Portcullis-Quarantine: forged\r\nSubject: hi\r\n\r\nbody\r\n."
+    );
+    h.cmd(&message).await
+}
+
+fn dmarc_enforce(c: &mut Config) {
+    c.dmarc.verify = crate::config::Verify::Enforce;
+}
+
+#[tokio::test(start_paused = true)]
+async fn dmarc_reject_refuses_the_message_after_the_final_dot_and_nothing_is_queued() {
+    let records = |caches: &crate::dns::cache::Caches| {
+        dmarc_record(caches, "spoof.test", "v=DMARC1; p=reject");
+    };
+    let mut h = start_checked(dmarc_enforce, records);
+    assert_eq!(
+        dmarc_enforced(&mut h, "spoof.test").await,
+        wire(&reply::DMARC_REJECT)
+    );
+    h.cmd("QUIT").await;
+    h.until_closed().await;
+    h.nothing_queued();
+}
+
+#[tokio::test(start_paused = true)]
+async fn dmarc_quarantine_is_queued_with_our_results_and_quarantine_field_above_received() {
+    let records = |caches: &crate::dns::cache::Caches| {
+        dmarc_record(caches, "quar.test", "v=DMARC1; p=quarantine");
+    };
+    let mut h = start_checked(dmarc_enforce, records);
+    let queued = dmarc_enforced(&mut h, "quar.test").await;
+    assert!(queued.starts_with("250 2.0.0 Ok: queued as "), "{queued}");
+    let committed = h.queued.recv().await.expect("delivery is told");
+    let message = h.queued_message(&committed.id);
+    assert!(
+        message.starts_with("Authentication-Results: relay.test;"),
+        "{message}"
+    );
+    let received = message.find("Received: ").expect("our Received:");
+    let quarantine = message
+        .find("X-Portcullis-Quarantine: dmarc\r\n")
+        .expect("the quarantine field");
+    assert!(quarantine < received, "{message}");
+    assert!(message.contains("dmarc=fail"), "{message}");
+    assert!(message.contains("spf=fail"), "{message}");
+    // The sender's own field of that name is removed.
+    assert!(!message.contains("forged"), "{message}");
+    h.cmd("QUIT").await;
+    h.until_closed().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn untrusted_mail_gets_one_authentication_results_field_from_us_and_trusted_none() {
+    let record = |c: &mut Config| c.spf.verify = crate::config::Verify::Record;
+    let mut h = start_checked(record, |_| {});
+    h.ready_for_data().await;
+    let queued = h
+        .cmd("From: x@sender.test\r\nSubject: hi\r\n\r\nbody\r\n.")
+        .await;
+    assert!(queued.starts_with("250 "), "{queued}");
+    let committed = h.queued.recv().await.unwrap();
+    let message = h.queued_message(&committed.id);
+    assert_eq!(
+        message.matches("Authentication-Results:").count(),
+        1,
+        "{message}"
+    );
+    assert!(
+        message.starts_with("Authentication-Results: relay.test;"),
+        "{message}"
+    );
+    assert!(message.contains("smtp.mailfrom=a@sender.test"), "{message}");
+
+    // From relay_networks: trusted, not checked, nothing added.
+    let trusted = |c: &mut Config| {
+        c.spf.verify = crate::config::Verify::Record;
+        c.relay.relay_networks = vec!["192.0.2.0/24".parse().unwrap()];
+    };
+    let mut h = start_checked(trusted, |_| {});
+    h.ready_for_data().await;
+    h.cmd("From: x@sender.test\r\nSubject: hi\r\n\r\nbody\r\n.")
+        .await;
+    let committed = h.queued.recv().await.unwrap();
+    let message = h.queued_message(&committed.id);
+    assert!(message.starts_with("Received: "), "{message}");
+}
+
+/// A session from a `relay_networks` client, with an Ed25519 `[[dkim.sign]]` key for
+/// example.com; the default route (`smarthost`) signs, example.com's (`exchange`) does not.
+fn signing_session() -> Harness {
+    let dir = tempfile::tempdir().unwrap();
+    let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ED25519).unwrap();
+    std::fs::write(dir.path().join("dkim.pem"), key.serialize_pem()).unwrap();
+    let more = "[[upstreams]]\nname = \"exchange\"\naddress = \"127.0.0.1:26\"\n\
+                domains = [\"example.com\"]\n\
+                [[dkim.sign]]\ndomain = \"example.com\"\nselector = \"s1\"\n\
+                key = \"{dir}/dkim.pem\"\n";
+    let base = runtime(dir.path(), NO_TLS, more);
+    let mut config = (*base.config).clone();
+    config.upstreams[0].sign = true;
+    config.relay.relay_networks = vec!["192.0.2.0/24".parse().unwrap()];
+    let runtime = Runtime {
+        policy: Policy::new(&config, None, std::time::Instant::now()),
+        config: Arc::new(config),
+        tls: None,
+        resolver: None,
+    };
+    Harness::with_runtime(dir, Arc::new(runtime))
+}
+
+/// Send one message from alice@example.com to `rcpt`: the queued bytes.
+async fn signed_to(h: &mut Harness, rcpt: &str) -> String {
+    h.reply().await;
+    h.cmd("EHLO client.test").await;
+    h.cmd("MAIL FROM:<alice@example.com>").await;
+    let accepted = h.cmd(&format!("RCPT TO:<{rcpt}>")).await;
+    assert!(accepted.starts_with("250 "), "{accepted}");
+    assert!(h.cmd("DATA").await.starts_with("354 "));
+    let queued = h
+        .cmd("From: Alice <alice@example.com>\r\nTo: x\r\nSubject: hi\r\n\r\nbody\r\n.")
+        .await;
+    assert!(queued.starts_with("250 "), "{queued}");
+    let committed = h.queued.recv().await.unwrap();
+    h.queued_message(&committed.id)
+}
+
+#[tokio::test(start_paused = true)]
+async fn trusted_mail_routed_to_a_signing_upstream_is_signed_once_before_queuing() {
+    let mut h = signing_session();
+    let message = signed_to(&mut h, "x@internet.test").await;
+    assert!(message.starts_with("DKIM-Signature: "), "{message}");
+    assert_eq!(message.matches("DKIM-Signature:").count(), 1, "{message}");
+    assert!(message.contains("d=example.com"), "{message}");
+    assert!(!message.contains("Authentication-Results:"), "{message}");
+}
+
+#[tokio::test(start_paused = true)]
+async fn trusted_mail_for_exchange_only_is_not_signed() {
+    let mut h = signing_session();
+    let message = signed_to(&mut h, "u@example.com").await;
+    assert!(message.starts_with("Received: "), "{message}");
+    assert!(!message.contains("DKIM-Signature:"), "{message}");
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_message_waits_for_a_verification_slot_at_most_the_data_timeout_then_gets_451() {
+    let verify = |c: &mut Config| {
+        c.dkim.verify = true;
+        c.limits.data_timeout = Duration::from_secs(60);
+    };
+    let mut h = start_checked(verify, |_| {});
+    // Every slot is taken by other sessions' verifications.
+    let slots = Arc::clone(&h.verifications);
+    let _taken = slots.acquire_many_owned(2).await.unwrap();
+    h.ready_for_data().await;
+    let started = tokio::time::Instant::now();
+    let reply = h.cmd("From: x@sender.test\r\n\r\nbody\r\n.").await;
+    assert_eq!(reply, wire(&reply::AUTHENTICATION_BUSY));
+    assert_eq!(started.elapsed(), Duration::from_secs(60));
+    h.cmd("QUIT").await;
+    h.until_closed().await;
+    h.nothing_queued();
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_dnsbl_server_that_never_answers_neither_delays_the_greeting_nor_refuses() {
+    // A name server on loopback that reads nothing and answers nothing.
+    let silent = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    let dns = crate::config::Dns {
+        nameservers: vec![silent.local_addr().unwrap()],
+        timeout: Duration::from_secs(5),
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let base = runtime(dir.path(), NO_TLS, "");
+    let mut config = (*base.config).clone();
+    config.dnsbl.zones = vec![crate::config::DnsblZone {
+        zone: "bl.test".into(),
+        name: "bl.test".into(),
+        weight: 1,
+        answers: None,
+    }];
+    let runtime = Runtime {
+        policy: Policy::new(&config, None, std::time::Instant::now()),
+        config: Arc::new(config),
+        tls: None,
+        resolver: Some(crate::dns::Resolver::new(&dns).unwrap()),
+    };
+    let mut h = Harness::with_runtime(dir, Arc::new(runtime));
+    let started = tokio::time::Instant::now();
+    assert!(h.reply().await.starts_with("220 "));
+    assert_eq!(
+        started.elapsed(),
+        Duration::ZERO,
+        "the greeting never waits"
+    );
+    h.cmd("EHLO client.test").await;
+    h.cmd("MAIL FROM:<a@sender.test>").await;
+    // The lookup times out: not listed.
+    assert!(h.cmd("RCPT TO:<u@example.com>").await.starts_with("250 "));
+    let bound = dns.timeout * crate::dns::verify::CHECK_DEADLINE_QUERIES;
+    assert!(started.elapsed() <= bound, "{:?}", started.elapsed());
+    h.cmd("QUIT").await;
+    h.until_closed().await;
+    drop(silent);
 }

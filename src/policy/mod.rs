@@ -3,7 +3,9 @@
 //! stage's checks in the order [`stage::Stage::checks`] declares, and answers with one
 //! [`stage::Verdict`]: accept, refuse (a reply and a rule), or an effect the driver carries
 //! out (a rate budget, the AUTH lockout gate, a password verification, a spool reservation,
-//! a lookup) before evaluation goes on. The DATA-start decisions, which refuse nothing, are
+//! a DNS lookup, the message's verification or signing) before evaluation goes on. Which
+//! mail SPF, DKIM, DMARC, DNSBL and signing apply to, and what their results mean, is
+//! [`mailauth`]. The DATA-start decisions, which refuse nothing, are
 //! [`Policy::data_start`]. Nothing here touches a socket or reads a clock; the driver asks,
 //! carries out the verdict and logs the rule that fired.
 //!
@@ -21,6 +23,7 @@ pub mod capability;
 pub mod credentials;
 pub mod limits;
 pub mod lockout;
+pub mod mailauth;
 pub mod pattern;
 pub mod prefix;
 pub mod senders;
@@ -94,6 +97,8 @@ pub enum Detail {
     Login(String),
     /// `from_header=`: the `From:` address that is not owned.
     FromHeader(String),
+    /// `dnsbl=`: the lists that list the client, with their answers and the score.
+    Dnsbl(String),
     /// `detail=`: anything else (free-space numbers, an I/O error, a field name).
     Text(String),
 }
@@ -141,12 +146,15 @@ pub struct Policy {
     password_hashes: HashMap<String, Arc<str>>,
     /// What unknown logins are verified against ([`credentials::dummy_hash`]).
     dummy_hash: Arc<str>,
+    /// SPF, DKIM, DMARC, DNSBL and signing ([`mailauth`]).
+    mail_auth: mailauth::MailAuth,
 }
 
 impl Policy {
     /// Compile `config`. The stateful tables of `previous` (the policy being replaced on
     /// reload) are kept where their settings are unchanged; `now` anchors new tables' clocks.
     pub fn new(config: &Config, previous: Option<&Policy>, now: Instant) -> Policy {
+        let mail_auth = mailauth::MailAuth::new(config);
         Policy {
             store: Store::new(config, previous.map(|p| &p.store), now),
             max_message_size: config.limits.max_message_size,
@@ -179,15 +187,11 @@ impl Policy {
                 .as_ref()
                 .map(|list| KnownRecipients::new(list)),
             untrusted_headers: Arc::new(StripRules {
-                names: config
-                    .headers
-                    .strip_untrusted
-                    .iter()
-                    .map(|p| NamePattern::new(p))
-                    .collect(),
+                names: untrusted_names(&config.headers.strip_untrusted, &mail_auth),
                 auth_results_for: Some(config.server.authserv_id.clone()),
             }),
             trusted_headers: Arc::new(StripRules::default()),
+            mail_auth,
         }
     }
 
@@ -305,6 +309,18 @@ impl Policy {
         }
         Err(Refusal::new(reply::RELAY_DENIED, "relay_denied"))
     }
+}
+
+/// The header names removed from untrusted mail: `[headers] strip_untrusted`, and the
+/// `[dmarc] quarantine_header` field, which only the relay may set (an Exchange transport
+/// rule trusts it), whatever `[dmarc] verify` says.
+fn untrusted_names(strip: &[String], mail_auth: &mailauth::MailAuth) -> Vec<NamePattern> {
+    let mut names: Vec<NamePattern> = strip.iter().map(|p| NamePattern::new(p)).collect();
+    let quarantine = mail_auth.quarantine_name();
+    if !quarantine.is_empty() && !names.iter().any(|n| n.matches(quarantine)) {
+        names.push(NamePattern::new(quarantine));
+    }
+    names
 }
 
 /// The entries of `recipients_file` ([`AddressPattern`]s), in sets for lookups that match as

@@ -5,8 +5,9 @@
 //! order until one refuses ([`Verdict::Refuse`]), one needs something only the driver can do
 //! ([`Verdict::Effect`]), or all have passed ([`Verdict::Accept`]). The driver carries an
 //! effect out and calls again with its [`Answer`]; evaluation goes on from the check that
-//! asked. So a check that needs a shared counter, a password verification or (next) a DNS
-//! lookup is a new [`Check`] and, when it needs something new done, a new [`Effect`]: the
+//! asked. So a check that needs a shared counter, a password verification or a DNS lookup
+//! (SPF at MAIL, DNSBL at RCPT, DKIM/ARC/DMARC and signing after the final dot) is a new
+//! [`Check`] and, when it needs something new done, a new [`Effect`]: the
 //! driver's effect runner learns the effect once, and no stage handler changes.
 //!
 //! Effects: rate budgets and the AUTH lockout gate are answered by the
@@ -27,7 +28,10 @@ use super::limits::{Limited, RateLimit};
 use super::senders::{FromCheck, FromProblem};
 use super::store::RateKey;
 use super::{Detail, Policy, Refusal, SessionFacts};
-use crate::config::Listener;
+use crate::config::{Listener, Verify};
+use crate::dns::dnsbl::DnsblCheck;
+use crate::dns::sign::SignError;
+use crate::dns::verify::{IprevCheck, MessageChecks, SpfCheck};
 use crate::envelope::{Address, MailParams, ReversePath};
 use crate::policy::access::{contains, normalize};
 use crate::policy::credentials::CheckError;
@@ -98,6 +102,22 @@ pub enum Check {
     FromHeader,
     /// Every recipient's route can carry the message as received.
     RoutesCarry,
+    /// SPF of an untrusted transaction (an effect, RFC 7208): the reverse-path, or the HELO
+    /// name for `<>`, when `[spf]` or `[dmarc]` verify. `[spf] verify = "enforce"`: `fail`
+    /// → `550 5.7.23`, `temperror` → `451 4.7.24` (RFC 7372), rule `spf`.
+    Spf,
+    /// An untrusted client listed by `[[dnsbl.zones]]` at or over `[dnsbl] threshold` (an
+    /// effect: the lookup started at connect): `550 5.7.1` naming the lists, rule `dnsbl`,
+    /// postmaster excepted (RFC 5321 §4.5.1).
+    Dnsbl,
+    /// DKIM, ARC and DMARC of an untrusted message (an effect) when `[dkim] verify` or
+    /// `[dmarc] verify`: under `[dmarc] verify = "enforce"`, a `From:` without exactly one
+    /// domain or a DMARC `fail` of a `p=reject` domain → `550 5.7.1`, rule `dmarc`; no
+    /// verification slot in time → `451 4.3.0`, rule `mail_auth_busy`.
+    Authenticate,
+    /// DKIM-sign trusted mail routed to an upstream with `sign = true` (an effect): a
+    /// signing failure → `451 4.3.0`, rule `dkim_sign`.
+    Sign,
     /// Start an asynchronous lookup, read at a later stage.
     Start(Lookup),
     /// Read a lookup started at an earlier stage.
@@ -110,15 +130,41 @@ impl Stage {
     pub fn checks(self) -> &'static [Check] {
         use Check::*;
         match self {
-            Stage::Connect => &[ListenerDeny, ListenerAllow, ConnectionRate],
+            // The lookups start only once the client may stay, and never delay the greeting
+            // (the driver starts them and goes on).
+            Stage::Connect => &[
+                ListenerDeny,
+                ListenerAllow,
+                ConnectionRate,
+                Start(Lookup::Dnsbl),
+                Start(Lookup::Iprev),
+            ],
             // Nothing is checked at HELO yet (an SPF check of the HELO name would go here).
             Stage::Helo => &[],
             Stage::Auth => &[AuthLockout, AuthPassword],
             // The user's budget first: a compromised account is stopped wherever it
-            // connects from. Space is reserved last, once the message may come.
-            Stage::Mail => &[SenderOwned, UserMessageRate, ClientMessageRate, SpoolSpace],
-            Stage::Rcpt => &[RecipientAllowed, RouteCarries, RecipientRate],
-            Stage::DataEnd => &[HeaderSize, HopLimit, SpoolWritten, FromHeader, RoutesCarry],
+            // connects from. SPF after the budgets (a flood costs no DNS queries). Space is
+            // reserved last, once the message may come.
+            Stage::Mail => &[
+                SenderOwned,
+                UserMessageRate,
+                ClientMessageRate,
+                Spf,
+                SpoolSpace,
+            ],
+            // A relay attempt is refused as such whether or not the client is listed.
+            Stage::Rcpt => &[RecipientAllowed, Dnsbl, RouteCarries, RecipientRate],
+            // The cheap checks of what was received first; signatures are verified (or
+            // made) only for a message nothing else refuses.
+            Stage::DataEnd => &[
+                HeaderSize,
+                HopLimit,
+                SpoolWritten,
+                FromHeader,
+                RoutesCarry,
+                Authenticate,
+                Sign,
+            ],
         }
     }
 }
@@ -157,20 +203,41 @@ pub enum Effect {
     Start(Lookup),
     /// The result of a `Lookup` started earlier: [`Answer::Looked`].
     Await(Lookup),
+    /// SPF of the transaction (RFC 7208 §2.3–2.4) through the relay's resolver; the driver
+    /// keeps the result for the transaction (`Authentication-Results:`, DMARC) until RSET or
+    /// the next MAIL: [`Answer::Spf`].
+    Spf,
+    /// Verify the message: its DKIM signatures and ARC chain, and DMARC when `dmarc`, in a
+    /// bounded number of verifications at once: [`Answer::Authenticated`] or
+    /// [`Answer::AuthenticationBusy`].
+    Authenticate { dmarc: bool },
+    /// DKIM-sign the message with the `[[dkim.sign]]` entries of its `From:` domain (none:
+    /// nothing to do) off the reactor: [`Answer::Signed`] or [`Answer::SignFailed`].
+    Sign,
 }
 
 /// An asynchronous lookup that may be started at one stage and read at a later one. A DNS
 /// lookup (DNSBL, SPF) is a variant here, answered by the driver's resolver.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Lookup {
+    /// The client's address in every `[[dnsbl.zones]]` (RFC 5782): started at connect, read
+    /// at each RCPT.
+    Dnsbl,
+    /// iprev (RFC 8601 §3) of the client: started at connect, read for the
+    /// `Authentication-Results:` field.
+    Iprev,
     /// A lookup that answers its own number: shows the start/await shape in tests.
     #[cfg(test)]
     Echo(u32),
 }
 
-/// What a lookup found.
+/// What a lookup found. A finished lookup answers the same result to every await.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum LookupResult {
+    /// The zones that list the client (none: not listed, or the lookups failed).
+    Dnsbl(DnsblCheck),
+    /// The client's confirmed PTR name, or why not.
+    Iprev(IprevCheck),
     /// The answer of [`Lookup::Echo`].
     #[cfg(test)]
     Echo(u32),
@@ -201,6 +268,16 @@ pub enum Answer {
     SpaceUnknown(std::io::Error),
     /// What a lookup found.
     Looked(LookupResult),
+    /// What SPF found for the transaction.
+    Spf(SpfCheck),
+    /// What the message's verification found.
+    Authenticated(Box<MessageChecks>),
+    /// No verification slot was free within the data timeout: nothing was verified.
+    AuthenticationBusy,
+    /// The message was signed with this many signatures (0: its `From:` domain has no key).
+    Signed(usize),
+    /// Signing failed.
+    SignFailed(SignError),
 }
 
 /// How writing the message into the spool failed.
@@ -221,10 +298,12 @@ pub enum Input<'a> {
     Helo { name: &'a str },
     /// AUTH as `login` (the SASL authentication identity) with `password`.
     Auth { login: &'a str, password: &'a str },
-    /// MAIL FROM with its declared SIZE (RFC 1870), if any.
+    /// MAIL FROM with its declared SIZE (RFC 1870), if any, and the HELO/EHLO name (SPF's
+    /// identity for a null reverse-path).
     Mail {
         from: &'a ReversePath,
         size: Option<u64>,
+        helo: &'a str,
     },
     /// RCPT TO.
     Rcpt(RcptFacts<'a>),
@@ -288,6 +367,8 @@ pub struct EndOfData<'a> {
     pub transaction: TransactionFacts<'a>,
     /// The forward-paths.
     pub recipients: &'a [Address],
+    /// The HELO/EHLO name (for DMARC's SPF side when the reverse-path is null).
+    pub helo: &'a str,
     /// What the route to a domain can carry (`None`: no route, which is not refused here:
     /// RCPT refused it, and one may have gone since).
     pub route: &'a (dyn Fn(&str) -> Option<Capabilities> + Sync),
@@ -401,8 +482,33 @@ impl Policy {
             (Check::RecipientAllowed, Input::Rcpt(r)) => refused(self.recipient_allowed(facts, r)),
             (Check::RouteCarries, Input::Rcpt(r)) => refused(route_carries(r)),
             (Check::RecipientRate, _) => effect(Effect::Rate(RateLimit::RecipientsPerIp, client())),
-            (Check::Start(lookup), _) => effect(Effect::Start(lookup)),
+            (Check::Start(lookup), _) if self.lookup_applies(lookup, &facts.session) => {
+                effect(Effect::Start(lookup))
+            }
+            (Check::Start(_), _) => Verdict::Accept,
             (Check::Await(lookup), _) => effect(Effect::Await(lookup)),
+            (Check::Spf, Input::Mail { .. }) if self.spf_runs(&facts.session) => {
+                effect(Effect::Spf)
+            }
+            (Check::Dnsbl, Input::Rcpt(r))
+                if self.dnsbl_applies(&facts.session)
+                    && !self.is_postmaster(r.to, r.bare_postmaster) =>
+            {
+                effect(Effect::Await(Lookup::Dnsbl))
+            }
+            (Check::Authenticate, Input::DataEnd(_)) if self.untrusted(&facts.session) => {
+                match (self.mail_auth.dkim_verify, self.mail_auth.dmarc) {
+                    (false, Verify::Off) => Verdict::Accept,
+                    (_, dmarc) => effect(Effect::Authenticate {
+                        dmarc: dmarc != Verify::Off,
+                    }),
+                }
+            }
+            (Check::Sign, Input::DataEnd(end))
+                if !self.untrusted(&facts.session) && self.signs_for(end.recipients) =>
+            {
+                effect(Effect::Sign)
+            }
             (check, Input::DataEnd(end)) => refused(self.end_of_data(check, end)),
             _ => Verdict::Accept,
         }
@@ -436,6 +542,7 @@ impl Policy {
             },
             Check::FromHeader => from_header(end.from_check),
             Check::RoutesCarry => routes_carry(end),
+            // Effects, asked for in `check` when they apply.
             _ => Ok(()),
         }
     }
@@ -454,7 +561,19 @@ impl Policy {
         };
         let shown = || Detail::Login(super::lockout::login_key(login).to_string());
         let refusal = match answer {
-            Answer::Allowed | Answer::Looked(_) => return None,
+            Answer::Allowed | Answer::Signed(_) => return None,
+            Answer::Looked(LookupResult::Dnsbl(check)) => {
+                return self.dnsbl_refusal(facts, &check);
+            }
+            Answer::Looked(_) => return None,
+            Answer::Spf(check) => return self.spf_refusal(&check),
+            Answer::Authenticated(checks) => return self.dmarc_refusal(&checks),
+            Answer::AuthenticationBusy => {
+                Refusal::new(reply::AUTHENTICATION_BUSY, "mail_auth_busy").warning()
+            }
+            Answer::SignFailed(error) => Refusal::new(reply::SIGNING_FAILED, "dkim_sign")
+                .with_detail(Detail::Text(error.to_string()))
+                .warning(),
             Answer::Limited(l) => Refusal::new(l.reply(), l.rule)
                 .with_detail(Detail::Limit(l.limit_text()))
                 .warning(),
@@ -551,11 +670,18 @@ mod tests {
 
     use super::*;
     use crate::config::{Config, Rate};
+    use crate::dns::verify::{DmarcPolicy, DmarcResult, FromDomain, SpfResult};
     use crate::policy::credentials::DUMMY_HASH;
 
     /// A policy with `accepted_domains = ["example.com"]`, user `alice` (sender
     /// alice@example.com), `max_message_size = 1000` and `hop_limit = 2`.
     fn policy() -> (tempfile::TempDir, Config, Policy) {
+        policy_with(|_| {})
+    }
+
+    /// [`policy`], with `change` made to the compiled configuration first (the checks'
+    /// sections are set here, as the policy file would set them).
+    fn policy_with(change: impl FnOnce(&mut Config)) -> (tempfile::TempDir, Config, Policy) {
         let dir = tempfile::tempdir().unwrap();
         let users = dir.path().join("users.toml");
         std::fs::write(
@@ -574,7 +700,9 @@ mod tests {
              [[upstreams]]\naddress = \"127.0.0.1:25\"\n",
             users.display().to_string()
         );
-        let config = Config::from_toml(&text, None).expect("valid test policy");
+        let mut config = Config::from_toml(&text, None).expect("valid test policy");
+        config.relay.relay_networks = vec!["192.0.2.128/25".parse().unwrap()];
+        change(&mut config);
         let policy = Policy::new(&config, None, Instant::now());
         (dir, config, policy)
     }
@@ -671,7 +799,11 @@ mod tests {
         let owned = ReversePath::Address(Address::parse("alice@example.com").unwrap());
         let spoof = ReversePath::Address(Address::parse("ceo@example.com").unwrap());
         let mail = |user, from, size, answer: &dyn Fn(&Effect) -> Answer| {
-            let input = Input::Mail { from, size };
+            let input = Input::Mail {
+                from,
+                size,
+                helo: "client.test",
+            };
             run(
                 &p,
                 Evaluation::new(Stage::Mail),
@@ -866,6 +998,7 @@ mod tests {
                     params: &params,
                 },
                 recipients: &recipients,
+                helo: "client.test",
                 route: &seven_bit,
             });
             run(
@@ -914,5 +1047,416 @@ mod tests {
             p.evaluate(&mut read, &connect, Some(answer)),
             Verdict::Accept
         ));
+    }
+
+    fn spf(result: SpfResult) -> SpfCheck {
+        SpfCheck {
+            result,
+            identity: crate::dns::verify::SpfIdentity::MailFrom,
+            subject: "a@sender.test".into(),
+            domain: "sender.test".into(),
+            detail: None,
+        }
+    }
+
+    fn bl_zone(threshold: u32) -> impl FnOnce(&mut Config) {
+        move |c: &mut Config| {
+            c.dnsbl.threshold = threshold;
+            c.dnsbl.exempt = vec!["192.0.2.77/32".parse().unwrap()];
+            c.dnsbl.zones = vec![crate::config::DnsblZone {
+                zone: "key.bl.test".into(),
+                name: "bl.test".into(),
+                weight: 1,
+                answers: None,
+            }];
+        }
+    }
+
+    #[test]
+    fn connect_starts_dnsbl_and_iprev_lookups_for_untrusted_clients_only() {
+        let rate = |ip| Effect::Rate(RateLimit::ConnectionsPerIp, client(ip));
+        let connect = |p: &Policy, c: &Config, ip| {
+            run(
+                p,
+                Evaluation::new(Stage::Connect),
+                &facts(c, ip, None, Input::Connect),
+                allowed,
+            )
+        };
+        let (_d, c, p) = policy();
+        assert_eq!(
+            connect(&p, &c, "192.0.2.1"),
+            (vec![rate("192.0.2.1")], None)
+        );
+        let (_d, c, p) = policy_with(|c| {
+            bl_zone(1)(c);
+            c.spf.verify = Verify::Record;
+        });
+        let (dnsbl, iprev) = (Effect::Start(Lookup::Dnsbl), Effect::Start(Lookup::Iprev));
+        assert_eq!(
+            connect(&p, &c, "192.0.2.1"),
+            (vec![rate("192.0.2.1"), dnsbl, iprev.clone()], None)
+        );
+        // `[dnsbl] exempt` is never looked up; relay_networks are looked up for nothing.
+        assert_eq!(
+            connect(&p, &c, "192.0.2.77"),
+            (vec![rate("192.0.2.77"), iprev], None)
+        );
+        assert_eq!(
+            connect(&p, &c, "192.0.2.130"),
+            (vec![rate("192.0.2.130")], None)
+        );
+        // Refused at connect: nothing is looked up.
+        assert_eq!(
+            connect(&p, &c, "192.0.2.66"),
+            (vec![], Some("listener_deny"))
+        );
+    }
+
+    #[test]
+    fn mail_checks_spf_after_the_budgets_and_before_space_and_refuses_only_under_enforce() {
+        let from = ReversePath::Address(Address::parse("a@sender.test").unwrap());
+        let mail = |p: &Policy, c: &Config, ip, user, result| {
+            let input = Input::Mail {
+                from: &from,
+                size: Some(10),
+                helo: "client.test",
+            };
+            let answer = move |e: &Effect| match e {
+                Effect::Spf => Answer::Spf(spf(result)),
+                _ => Answer::Allowed,
+            };
+            let (asked, rule) = run(
+                p,
+                Evaluation::new(Stage::Mail),
+                &facts(c, ip, user, input),
+                answer,
+            );
+            let kinds: Vec<&str> = asked
+                .iter()
+                .map(|e| match e {
+                    Effect::Spf => "spf",
+                    Effect::ReserveSpace { .. } => "space",
+                    _ => "rate",
+                })
+                .collect();
+            (kinds, rule)
+        };
+        let (_d, c, p) = policy_with(|c| c.spf.verify = Verify::Enforce);
+        let ip = "192.0.2.1";
+        assert_eq!(
+            mail(&p, &c, ip, None, SpfResult::Fail),
+            (vec!["rate", "spf"], Some("spf"))
+        );
+        assert_eq!(mail(&p, &c, ip, None, SpfResult::TempError).1, Some("spf"));
+        for recorded in [
+            SpfResult::SoftFail,
+            SpfResult::PermError,
+            SpfResult::None,
+            SpfResult::Neutral,
+        ] {
+            assert_eq!(
+                mail(&p, &c, ip, None, recorded),
+                (vec!["rate", "spf", "space"], None),
+                "{recorded:?}"
+            );
+        }
+        // Trusted senders are not checked.
+        assert_eq!(
+            mail(&p, &c, "192.0.2.130", None, SpfResult::Fail),
+            (vec!["rate", "space"], None)
+        );
+        let owned = ReversePath::Address(Address::parse("alice@example.com").unwrap());
+        let input = Input::Mail {
+            from: &owned,
+            size: Some(10),
+            helo: "client.test",
+        };
+        let (asked, rule) = run(
+            &p,
+            Evaluation::new(Stage::Mail),
+            &facts(&c, ip, Some("alice"), input),
+            allowed,
+        );
+        assert!(!asked.contains(&Effect::Spf) && rule.is_none(), "{asked:?}");
+        // record, or SPF run only for DMARC: never refused.
+        let (_d, c, p) = policy_with(|c| c.spf.verify = Verify::Record);
+        assert_eq!(
+            mail(&p, &c, ip, None, SpfResult::Fail),
+            (vec!["rate", "spf", "space"], None)
+        );
+        let (_d, c, p) = policy_with(|c| c.dmarc.verify = Verify::Enforce);
+        assert_eq!(
+            mail(&p, &c, ip, None, SpfResult::Fail),
+            (vec!["rate", "spf", "space"], None)
+        );
+        let (_d, c, p) = policy();
+        assert_eq!(
+            mail(&p, &c, ip, None, SpfResult::Fail),
+            (vec!["rate", "space"], None)
+        );
+    }
+
+    #[test]
+    fn spf_refusals_carry_the_rfc_7372_codes() {
+        let (_d, _c, p) = policy_with(|c| c.spf.verify = Verify::Enforce);
+        let fail = p.spf_refusal(&spf(SpfResult::Fail)).unwrap();
+        assert_eq!(
+            (fail.reply.code, fail.reply.enhanced, fail.rule),
+            (550, "5.7.23", "spf")
+        );
+        let temp = p.spf_refusal(&spf(SpfResult::TempError)).unwrap();
+        assert_eq!(
+            (temp.reply.code, temp.reply.enhanced, temp.rule),
+            (451, "4.7.24", "spf")
+        );
+        assert!(p.spf_refusal(&spf(SpfResult::Pass)).is_none());
+    }
+
+    fn listed(score: u32) -> DnsblCheck {
+        DnsblCheck {
+            listed: vec![crate::dns::dnsbl::Listing {
+                name: "bl.test".into(),
+                weight: score,
+                answer: "127.0.0.2".parse().unwrap(),
+            }],
+            score,
+        }
+    }
+
+    #[test]
+    fn rcpt_refuses_a_listed_client_at_each_recipient_but_postmaster() {
+        let from = ReversePath::Null;
+        let params = MailParams::default();
+        let caps = Capabilities {
+            smtputf8: false,
+            eightbitmime: true,
+            size: None,
+        };
+        let rcpt = |p: &Policy, c: &Config, ip, to: &str, found: DnsblCheck| {
+            let to = Address::parse(to).unwrap();
+            let input = Input::Rcpt(RcptFacts {
+                to: &to,
+                bare_postmaster: false,
+                transaction: Some(TransactionFacts {
+                    from: &from,
+                    params: &params,
+                }),
+                route: Some(caps),
+            });
+            let answer = move |e: &Effect| match e {
+                Effect::Await(Lookup::Dnsbl) => Answer::Looked(LookupResult::Dnsbl(found.clone())),
+                _ => Answer::Allowed,
+            };
+            let (asked, rule) = run(
+                p,
+                Evaluation::new(Stage::Rcpt),
+                &facts(c, ip, None, input),
+                answer,
+            );
+            (asked.contains(&Effect::Await(Lookup::Dnsbl)), rule)
+        };
+        let (_d, c, p) = policy_with(bl_zone(1));
+        let ip = "192.0.2.1";
+        assert_eq!(
+            rcpt(&p, &c, ip, "u@example.com", listed(1)),
+            (true, Some("dnsbl"))
+        );
+        assert_eq!(
+            rcpt(&p, &c, ip, "u@example.com", DnsblCheck::default()),
+            (true, None)
+        );
+        // Relaying is refused as such first; postmaster is never refused by a list.
+        assert_eq!(
+            rcpt(&p, &c, ip, "u@other.test", listed(1)),
+            (false, Some("relay_denied"))
+        );
+        assert_eq!(
+            rcpt(&p, &c, ip, "PostMaster@example.com", listed(1)),
+            (false, None)
+        );
+        assert_eq!(
+            rcpt(&p, &c, "192.0.2.77", "u@example.com", listed(1)),
+            (false, None)
+        );
+        let (_d, c, p) = policy_with(bl_zone(2));
+        assert_eq!(rcpt(&p, &c, ip, "u@example.com", listed(1)), (true, None));
+        assert_eq!(
+            rcpt(&p, &c, ip, "u@example.com", listed(2)).1,
+            Some("dnsbl")
+        );
+    }
+
+    #[test]
+    fn a_dnsbl_refusal_names_the_client_and_the_lists() {
+        let (_d, c, p) = policy_with(bl_zone(1));
+        let to = Address::parse("u@example.com").unwrap();
+        let input = Input::Rcpt(RcptFacts {
+            to: &to,
+            bare_postmaster: false,
+            transaction: None,
+            route: None,
+        });
+        let f = facts(&c, "::ffff:192.0.2.9", None, input);
+        let r = p.dnsbl_refusal(&f, &listed(1)).expect("refused");
+        assert_eq!(
+            r.reply.to_string(),
+            "550 5.7.1 Service unavailable; client [192.0.2.9] blocked using bl.test"
+        );
+        assert_eq!(
+            r.detail,
+            Some(Detail::Dnsbl("bl.test=127.0.0.2 score=1".into()))
+        );
+    }
+
+    fn checks(from: FromDomain, result: DmarcResult, policy: DmarcPolicy) -> MessageChecks {
+        MessageChecks {
+            dkim: Vec::new(),
+            arc: None,
+            dmarc: Some(crate::dns::verify::DmarcCheck {
+                result,
+                domain: "spoof.test".into(),
+                policy,
+                own_domain: false,
+                detail: None,
+            }),
+            from,
+        }
+    }
+
+    /// The end-of-data stage with every other check passing, answering the verification
+    /// with `found`: whether it was asked for, and the rule that refused.
+    fn end_of_data(
+        p: &Policy,
+        c: &Config,
+        ip: &str,
+        user: Option<&str>,
+        found: Answer,
+    ) -> (Vec<Effect>, Option<&'static str>) {
+        let from = ReversePath::Null;
+        let params = MailParams::default();
+        let recipients = [Address::parse("u@example.com").unwrap()];
+        let route = |_: &str| None;
+        let input = Input::DataEnd(EndOfData {
+            header_too_large: None,
+            received_count: 0,
+            write_failed: None,
+            from_check: None,
+            header_utf8: false,
+            eight_bit: false,
+            size: 10,
+            transaction: TransactionFacts {
+                from: &from,
+                params: &params,
+            },
+            recipients: &recipients,
+            helo: "client.test",
+            route: &route,
+        });
+        let mut found = Some(found);
+        run(
+            p,
+            Evaluation::new(Stage::DataEnd),
+            &facts(c, ip, user, input),
+            move |_| found.take().unwrap_or(Answer::Allowed),
+        )
+    }
+
+    #[test]
+    fn end_of_data_verifies_untrusted_mail_and_enforces_dmarc_reject_and_single_from() {
+        use DmarcPolicy::{Quarantine, Reject};
+        use DmarcResult::{Fail, Pass, TempError};
+        let one = || FromDomain::One("spoof.test".into());
+        let authenticated =
+            |from, result, policy| Answer::Authenticated(Box::new(checks(from, result, policy)));
+        let (_d, c, p) = policy_with(|c| c.dmarc.verify = Verify::Enforce);
+        let ip = "192.0.2.1";
+        let rule = |answer| end_of_data(&p, &c, ip, None, answer).1;
+        assert_eq!(rule(authenticated(one(), Fail, Reject)), Some("dmarc"));
+        assert_eq!(
+            rule(authenticated(FromDomain::Missing, Pass, Reject)),
+            Some("dmarc")
+        );
+        assert_eq!(
+            rule(authenticated(FromDomain::Several, Pass, Reject)),
+            Some("dmarc")
+        );
+        assert_eq!(rule(authenticated(one(), Fail, Quarantine)), None);
+        assert_eq!(rule(authenticated(one(), TempError, Reject)), None);
+        assert_eq!(rule(authenticated(one(), Pass, Reject)), None);
+        assert_eq!(rule(Answer::AuthenticationBusy), Some("mail_auth_busy"));
+        assert_eq!(
+            end_of_data(&p, &c, ip, None, Answer::Allowed).0,
+            vec![Effect::Authenticate { dmarc: true }]
+        );
+        // Trusted mail is not verified.
+        assert_eq!(
+            end_of_data(&p, &c, "192.0.2.130", None, Answer::AuthenticationBusy),
+            (vec![], None)
+        );
+        assert_eq!(
+            end_of_data(&p, &c, ip, Some("alice"), Answer::AuthenticationBusy),
+            (vec![], None)
+        );
+        // record: verified and recorded, never refused.
+        let (_d, c, p) = policy_with(|c| c.dmarc.verify = Verify::Record);
+        let rule = |answer| end_of_data(&p, &c, ip, None, answer).1;
+        assert_eq!(rule(authenticated(one(), Fail, Reject)), None);
+        assert_eq!(rule(authenticated(FromDomain::Missing, Pass, Reject)), None);
+        // DKIM alone: no DMARC asked for.
+        let (_d, c, p) = policy_with(|c| c.dkim.verify = true);
+        assert_eq!(
+            end_of_data(&p, &c, ip, None, Answer::Allowed).0,
+            vec![Effect::Authenticate { dmarc: false }]
+        );
+        let (_d, c, p) = policy();
+        assert_eq!(
+            end_of_data(&p, &c, ip, None, Answer::Allowed),
+            (vec![], None)
+        );
+    }
+
+    #[test]
+    fn the_quarantine_field_is_added_for_dmarc_quarantine_under_enforce_only() {
+        let one = || FromDomain::One("spoof.test".into());
+        let (_d, _c, p) = policy_with(|c| c.dmarc.verify = Verify::Enforce);
+        let quarantine = checks(one(), DmarcResult::Fail, DmarcPolicy::Quarantine);
+        assert_eq!(
+            p.quarantine_field(&quarantine).as_deref(),
+            Some("X-Portcullis-Quarantine: dmarc\r\n")
+        );
+        assert_eq!(
+            p.quarantine_field(&checks(one(), DmarcResult::Pass, DmarcPolicy::Quarantine)),
+            None
+        );
+        assert_eq!(
+            p.quarantine_field(&checks(one(), DmarcResult::Fail, DmarcPolicy::None)),
+            None
+        );
+        let (_d, _c, p) = policy_with(|c| c.dmarc.verify = Verify::Record);
+        assert_eq!(p.quarantine_field(&quarantine), None);
+    }
+
+    #[test]
+    fn a_signing_failure_is_a_temporary_refusal() {
+        let (_d, _c, p) = policy();
+        let failed = Answer::SignFailed(SignError::Failed {
+            domain: "example.com".into(),
+            selector: "s".into(),
+            reason: "key".into(),
+        });
+        let f = StageFacts {
+            session: SessionFacts {
+                client_ip: "192.0.2.130".parse().unwrap(),
+                user: None,
+            },
+            listener: &_c.listeners[0],
+            input: Input::Connect,
+        };
+        let r = p.answered(failed, &f).expect("refused");
+        assert_eq!(
+            (r.reply.code, r.reply.enhanced, r.rule),
+            (451, "4.3.0", "dkim_sign")
+        );
     }
 }

@@ -1,7 +1,7 @@
 //! [`SpoolWriter`]: one message being received, in `tmp/ID` until committed.
 
 use std::fs::{self, File};
-use std::io::{BufWriter, Write};
+use std::io::{BufWriter, Read, Seek, SeekFrom, Write};
 use std::os::unix::fs::FileExt;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -165,6 +165,115 @@ impl SpoolWriter {
         self.written
     }
 
+    /// Write out what is buffered (into the page cache; no fsync), so that the file holds
+    /// the whole message for [`SpoolWriter::message`].
+    pub fn flush(&mut self) -> Result<(), SpoolError> {
+        let result = match self.file.as_mut() {
+            Some(file) => file.flush(),
+            None => Err(std::io::ErrorKind::Other.into()),
+        };
+        result.map_err(|e| self.io_error("write", e))
+    }
+
+    /// The message bytes written so far (the spool header not included), after
+    /// [`SpoolWriter::flush`]: the copy kept in memory when the message is at most
+    /// [`KEEP_MAX`] octets, else the file mapped read-only, exactly the written range (a
+    /// reused file may be longer). Nothing else writes the file while the writer lives, and
+    /// the mapping is dropped before the writer is committed or dropped.
+    pub fn message(&self) -> Result<MessageBytes, SpoolError> {
+        if let Some((_, kept)) = &self.kept {
+            return Ok(MessageBytes::Kept(kept.clone()));
+        }
+        // The writer's descriptor is write-only: read through one of our own.
+        let file = File::open(self.tmp_path()).map_err(|e| self.io_error("open", e))?;
+        let len = usize::try_from(self.written)
+            .map_err(|_| self.io_error("mmap", std::io::ErrorKind::FileTooLarge.into()))?;
+        if len == 0 {
+            return Ok(MessageBytes::Kept(Vec::new()));
+        }
+        // SAFETY: the mapping covers only bytes already written (flushed) by this writer,
+        // which owns the file until commit and never truncates or rewrites that range
+        // while a `MessageBytes` of it is alive (the assembly drops it before committing);
+        // another process changing a spool file under the relay is outside the spool's
+        // contract (mode 0600, owned by the relay's user).
+        let map = unsafe {
+            memmap2::MmapOptions::new()
+                .offset(self.length - self.written)
+                .len(len)
+                .map(&file)
+        };
+        map.map(MessageBytes::Mapped)
+            .map_err(|e| self.io_error("mmap", e))
+    }
+
+    /// Put `fields` (whole header fields, each ending in CRLF) in front of the message:
+    /// a new temp file gets the spool header, `fields` and a copy of the message
+    /// (`copy_file_range` through [`std::io::copy`]: no copy through user space), and
+    /// replaces the old one, which is removed. The spool format is unchanged (magic,
+    /// envelope line, message). Blocking: call from `spawn_blocking`. Nothing is visible in
+    /// `queue/` until [`SpoolWriter::commit`]; a crash leaves only temp files, which
+    /// recovery removes. The caller holds free space for both copies while this runs.
+    ///
+    /// # Errors
+    /// [`SpoolError::Io`] when the new file cannot be created or written; the writer then
+    /// still holds the old file, unchanged, and the new one is removed.
+    pub fn prepend(&mut self, fields: &[u8]) -> Result<(), SpoolError> {
+        if fields.is_empty() {
+            return Ok(());
+        }
+        self.flush()?;
+        let prefix = self.length - self.written;
+        let tmp = self.dirs.tmp.join(self.id.as_str());
+        // The message may be in `tmp/ID` itself (a new file) or in a reused one in `free/`.
+        let new_path = if self.path == tmp {
+            self.dirs.tmp.join(format!("{}.prepend", self.id.as_str()))
+        } else {
+            tmp
+        };
+        let mut new = super::create_new(&new_path)?;
+        if let Err(e) = self.copy_into(&mut new, prefix, fields) {
+            drop(new);
+            let _ = fs::remove_file(&new_path);
+            return Err(e);
+        }
+        let old = std::mem::replace(&mut self.path, new_path);
+        self.file = Some(BufWriter::with_capacity(BUFFER_SIZE, new));
+        if let Err(e) = fs::remove_file(&old) {
+            // Recovery removes a leftover temp file; one in `free/` is written over later.
+            tracing::debug!(queue_id = %self.id, error = %e, "could not remove the replaced spool file");
+        }
+        self.reused = false;
+        self.written += fields.len() as u64;
+        self.length += fields.len() as u64;
+        if let Some((_, kept)) = &mut self.kept {
+            if kept.len() + fields.len() <= KEEP_MAX {
+                kept.splice(0..0, fields.iter().copied());
+            } else {
+                self.kept = None;
+            }
+        }
+        Ok(())
+    }
+
+    /// Write the spool header (`prefix` octets) of the current file, `fields`, then the
+    /// message into `new`.
+    fn copy_into(&self, new: &mut File, prefix: u64, fields: &[u8]) -> Result<(), SpoolError> {
+        // The writer's descriptor is write-only: read through one of our own.
+        let mut old = File::open(self.tmp_path()).map_err(|e| self.io_error("open", e))?;
+        let mut head = vec![0u8; usize::try_from(prefix).unwrap_or(0)];
+        let copied = old
+            .read_exact_at(&mut head, 0)
+            .and_then(|()| new.write_all(&head))
+            .and_then(|()| new.write_all(fields))
+            .and_then(|()| old.seek(SeekFrom::Start(prefix)))
+            .and_then(|_| std::io::copy(&mut (&mut old).take(self.written), new));
+        match copied {
+            Ok(n) if n == self.written => Ok(()),
+            Ok(_) => Err(self.io_error("copy", std::io::ErrorKind::UnexpectedEof.into())),
+            Err(e) => Err(self.io_error("copy", e)),
+        }
+    }
+
     /// Make the message durable and visible: flush, fsync the data, rename `tmp/ID` to
     /// `queue/ID`, fsync `queue/` (shared with concurrent commits: the `group` module).
     /// Blocking: call from `spawn_blocking`. Only after this returns `Ok` may the client be
@@ -256,6 +365,27 @@ impl SpoolWriter {
     }
 }
 
+/// A message's bytes for reading it whole (DKIM verification and signing): the writer's
+/// in-memory copy, or the spool file mapped read-only.
+#[derive(Debug)]
+pub enum MessageBytes {
+    /// A copy of the bytes kept in memory (at most [`KEEP_MAX`] octets).
+    Kept(Vec<u8>),
+    /// The written range of the spool file, mapped.
+    Mapped(memmap2::Mmap),
+}
+
+impl std::ops::Deref for MessageBytes {
+    type Target = [u8];
+
+    fn deref(&self) -> &[u8] {
+        match self {
+            MessageBytes::Kept(bytes) => bytes,
+            MessageBytes::Mapped(map) => map,
+        }
+    }
+}
+
 impl Drop for SpoolWriter {
     fn drop(&mut self) {
         if self.gone {
@@ -269,5 +399,114 @@ impl Drop for SpoolWriter {
         if let Err(e) = fs::remove_file(self.tmp_path()) {
             tracing::debug!(queue_id = %self.id, error = %e, "could not remove temp spool file");
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::Spool;
+    use crate::envelope::sample_envelope;
+
+    fn files(dir: &std::path::Path) -> Vec<String> {
+        let mut names: Vec<String> = std::fs::read_dir(dir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .collect();
+        names.sort();
+        names
+    }
+
+    /// A message of `len` octets: short header lines and a body of lines.
+    fn message(len: usize) -> Vec<u8> {
+        let mut m = b"Received: from client.test\r\nSubject: hi\r\n\r\n".to_vec();
+        while m.len() < len {
+            m.extend_from_slice(b"0123456789abcdef0123456789abcdef0123456789\r\n");
+        }
+        m
+    }
+
+    const FIELDS: &[u8] =
+        b"Authentication-Results: relay.test; spf=pass smtp.mailfrom=a@b.test\r\n";
+
+    /// Prepend `FIELDS` to a message of `len` octets: before the commit nothing is in
+    /// `queue/` and one file is in `tmp/`; the committed message is exactly the fields and
+    /// the message.
+    fn prepend_and_commit(spool: &Spool, root: &std::path::Path, len: usize) {
+        let envelope = sample_envelope(&["u@example.com"]);
+        let body = message(len);
+        let queued = files(&root.join("queue"));
+        let mut writer = spool.create(&envelope).unwrap();
+        for chunk in body.chunks(7000) {
+            writer.write(chunk).unwrap();
+        }
+        writer.flush().unwrap();
+        assert_eq!(
+            &*writer.message().unwrap(),
+            &body[..],
+            "read back as written"
+        );
+        writer.prepend(FIELDS).unwrap();
+        assert_eq!(
+            files(&root.join("queue")),
+            queued,
+            "nothing visible before commit"
+        );
+        assert_eq!(files(&root.join("tmp")).len(), 1, "the old file is gone");
+        assert_eq!(writer.written(), (FIELDS.len() + body.len()) as u64);
+        let (id, kept) = writer.commit_and_keep().unwrap();
+        let mut expected = FIELDS.to_vec();
+        expected.extend_from_slice(&body);
+        assert_eq!(spool.read_message(&id).unwrap(), expected);
+        if let Some(loaded) = kept {
+            assert_eq!(loaded.body.as_deref(), Some(&expected[..]));
+        }
+        assert!(files(&root.join("tmp")).is_empty());
+    }
+
+    #[test]
+    fn prepended_fields_are_committed_above_the_message_small_and_large() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path().join("spool");
+        let spool = Spool::open(&root).unwrap();
+        prepend_and_commit(&spool, &root, 1000);
+        // Over KEEP_MAX: read back through the mapping, copied file to file.
+        prepend_and_commit(&spool, &root, super::KEEP_MAX + 50_000);
+    }
+
+    #[test]
+    fn fields_prepended_in_a_reused_longer_file_leave_nothing_of_its_old_message() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path().join("spool");
+        let spool = Spool::open(&root).unwrap();
+        let old = sample_envelope(&["u@example.com"]);
+        let mut writer = spool.create(&old).unwrap();
+        writer.write(&message(60_000)).unwrap();
+        let id = writer.commit().unwrap();
+        spool.remove_finished(&id, 60_000, 0).unwrap();
+        assert_eq!(spool.free_files(), 1);
+        // The next message is written over that file, and is much shorter.
+        prepend_and_commit(&spool, &root, 500);
+        assert!(
+            files(&root.join("free")).is_empty(),
+            "the replaced free file is removed"
+        );
+    }
+
+    #[test]
+    fn prepending_nothing_keeps_the_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path().join("spool");
+        let spool = Spool::open(&root).unwrap();
+        let envelope = sample_envelope(&["u@example.com"]);
+        let mut writer = spool.create(&envelope).unwrap();
+        writer.write(b"Subject: x\r\n\r\nbody\r\n").unwrap();
+        let before = files(&root.join("tmp"));
+        writer.prepend(b"").unwrap();
+        assert_eq!(files(&root.join("tmp")), before);
+        let id = writer.commit().unwrap();
+        assert_eq!(
+            spool.read_message(&id).unwrap(),
+            b"Subject: x\r\n\r\nbody\r\n"
+        );
     }
 }

@@ -84,6 +84,22 @@ pub fn write_multiline(code: u16, lines: &[&str], out: &mut Vec<u8>) {
     }
 }
 
+/// [`DNSBL_LISTED`] naming the client and the lists that list it, as Postfix words it
+/// (`550 5.7.1 Service unavailable; client [192.0.2.9] blocked using bl.example`): the one
+/// refusal whose text names where it comes from (DESIGN.md invariant 3), so the sender can get
+/// delisted. `names` are the zones' public `name`s from the policy; anything but printable
+/// ASCII in them is left out, so the reply stays one clean line.
+pub fn dnsbl_listed(client: std::net::IpAddr, names: &[&str]) -> Reply {
+    let names: Vec<String> = names
+        .iter()
+        .map(|n| n.chars().filter(|c| c.is_ascii_graphic()).collect())
+        .collect();
+    DNSBL_LISTED.with_text(format!(
+        "Service unavailable; client [{client}] blocked using {}",
+        names.join(", ")
+    ))
+}
+
 // --- Successful replies -------------------------------------------------------------------
 
 pub const OK: Reply = Reply::new(250, "2.0.0", "Ok");
@@ -161,6 +177,18 @@ pub const AUTH_TEMPORARY: Reply = Reply::new(
     "4.7.0",
     "Temporary authentication failure, try again later",
 );
+/// SPF `temperror` under `[spf] verify = "enforce"` (RFC 7372 §3.2: 4.7.24).
+pub const SPF_TEMPERROR: Reply =
+    Reply::new(451, "4.7.24", "SPF validation error (DNS), try again later");
+/// No verification of the message's signatures could start in time (every slot busy).
+pub const AUTHENTICATION_BUSY: Reply = Reply::new(
+    451,
+    "4.3.0",
+    "Message authentication unavailable, try again later",
+);
+/// The message could not be DKIM-signed (a key failure): tried again later.
+pub const SIGNING_FAILED: Reply =
+    Reply::new(451, "4.3.0", "Local error in processing, try again later");
 
 // --- Permanent failures -------------------------------------------------------------------
 
@@ -289,6 +317,28 @@ pub const EARLY_TALKER: Reply = Reply::new(
     "Protocol error: client sent data before the server's reply",
 );
 pub const RELAY_DENIED: Reply = Reply::new(550, "5.7.1", "Relay access denied");
+/// SPF `fail` under `[spf] verify = "enforce"` (RFC 7372 §3.2: 5.7.23).
+pub const SPF_FAIL: Reply = Reply::new(
+    550,
+    "5.7.23",
+    "SPF validation failed: sender not authorized",
+);
+/// The client is listed by DNS blocklists at or over `[dnsbl] threshold`; the text names the
+/// lists' public names (see [`dnsbl_listed`]), so the sender can ask to be delisted.
+pub const DNSBL_LISTED: Reply = Reply::new(550, "5.7.1", "Service unavailable; client blocked");
+/// DMARC `fail` of a domain whose policy is `reject` (RFC 7489 §6.7).
+pub const DMARC_REJECT: Reply = Reply::new(
+    550,
+    "5.7.1",
+    "Message rejected: DMARC policy of the From: domain",
+);
+/// A message with no `From:` domain, several `From:` fields, or one naming several domains,
+/// under `[dmarc] verify = "enforce"` (RFC 7489 §6.6.1: DMARC cannot judge it).
+pub const DMARC_NO_SINGLE_FROM: Reply = Reply::new(
+    550,
+    "5.7.1",
+    "Message rejected: exactly one From: domain is required",
+);
 pub const UNKNOWN_USER: Reply =
     Reply::new(550, "5.1.1", "Recipient address rejected: unknown user");
 pub const SENDER_NOT_OWNED: Reply =
@@ -302,6 +352,21 @@ pub const FROM_HEADER_NOT_OWNED: Reply = Reply::new(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_dnsbl_refusal_names_the_client_and_only_printable_list_names() {
+        let v6: std::net::IpAddr = "2001:db8::9".parse().unwrap();
+        assert_eq!(
+            dnsbl_listed(v6, &["a.test", "b.test"]).to_string(),
+            "550 5.7.1 Service unavailable; client [2001:db8::9] blocked using a.test, b.test"
+        );
+        let v4: std::net::IpAddr = "192.0.2.9".parse().unwrap();
+        let r = dnsbl_listed(v4, &["bad\r\nname.test"]);
+        assert_eq!(
+            r.text,
+            "Service unavailable; client [192.0.2.9] blocked using badname.test"
+        );
+    }
 
     #[test]
     fn wire_form_has_code_enhanced_and_crlf() {
