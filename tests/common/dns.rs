@@ -470,3 +470,82 @@ pub fn dkimpy_verify(dns_port: u16, message: &[u8]) -> Vec<(String, String, Stri
         })
         .collect()
 }
+
+/// A DNS server on 127.0.0.1 that answers over UDP like `upstream` (an [`Nsd`] port), each
+/// answer held back `delay`: a slow list or a slow authoritative server. Its threads end
+/// when it is dropped (the receiving thread within 50 ms, forwarding ones on their own).
+pub struct SlowDns {
+    port: u16,
+    queries: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    _tcp: TcpListener,
+}
+
+impl SlowDns {
+    /// Listen on a free port (UDP; a TCP listener nobody accepts holds the TCP port) and
+    /// forward each query to 127.0.0.1:`upstream` after `delay`.
+    pub fn start(upstream: u16, delay: Duration) -> SlowDns {
+        use std::sync::Arc;
+        use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+        let (udp, tcp, port) = loop {
+            let port = free_port();
+            let Ok(udp) = UdpSocket::bind(("127.0.0.1", port)) else {
+                continue;
+            };
+            let Ok(tcp) = TcpListener::bind(("127.0.0.1", port)) else {
+                continue;
+            };
+            break (udp, tcp, port);
+        };
+        udp.set_read_timeout(Some(Duration::from_millis(50)))
+            .expect("set read timeout");
+        let queries = Arc::new(AtomicUsize::new(0));
+        let stop = Arc::new(AtomicBool::new(false));
+        let (q, st) = (queries.clone(), stop.clone());
+        std::thread::spawn(move || {
+            let mut buf = [0u8; 4096];
+            while !st.load(Ordering::Relaxed) {
+                let Ok((n, from)) = udp.recv_from(&mut buf) else {
+                    continue;
+                };
+                q.fetch_add(1, Ordering::Relaxed);
+                let query = buf[..n].to_vec();
+                let reply_to = udp.try_clone().expect("clone UDP socket");
+                std::thread::spawn(move || {
+                    std::thread::sleep(delay);
+                    let out = UdpSocket::bind(("127.0.0.1", 0)).expect("bind UDP");
+                    out.set_read_timeout(Some(Duration::from_secs(2)))
+                        .expect("timeout");
+                    let mut answer = [0u8; 4096];
+                    if out.send_to(&query, ("127.0.0.1", upstream)).is_ok()
+                        && let Ok(n) = out.recv(&mut answer)
+                    {
+                        let _ = reply_to.send_to(&answer[..n], from);
+                    }
+                });
+            }
+        });
+        SlowDns {
+            port,
+            queries,
+            stop,
+            _tcp: tcp,
+        }
+    }
+
+    /// `127.0.0.1:PORT`, for `[dns] nameservers`.
+    pub fn address(&self) -> String {
+        SocketAddr::from(([127, 0, 0, 1], self.port)).to_string()
+    }
+
+    /// Queries received so far.
+    pub fn queries(&self) -> usize {
+        self.queries.load(std::sync::atomic::Ordering::Relaxed)
+    }
+}
+
+impl Drop for SlowDns {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    }
+}
