@@ -962,12 +962,8 @@ fn dmarc_enforce_refuses_no_from_or_several_from_domains() {
         let reply = send(&mut c, "alice@good.test", &[&rcpt], msg.as_bytes());
         assert_reply(&reply, 550, "5.7.1");
     }
-    assert_eq!(
-        count_log_fields(&s.relay.log(), &[("rule", "dmarc")]) >= 3,
-        true,
-        "{}",
-        s.relay.log()
-    );
+    let refusals = count_log_fields(&s.relay.log(), &[("rule", "dmarc")]);
+    assert!(refusals >= 3, "{}", s.relay.log());
     assert!(s.relay.spool_files().is_empty());
     only_honest_delivered(&s, &mut c);
 }
