@@ -685,6 +685,31 @@ fn dkim_rsa_sha1_signature_is_not_pass() {
 }
 
 #[test]
+fn dkim_malformed_signature_tags_are_recorded_and_never_pass() {
+    let s = setup(UP_KEYS, "[dkim]\nverify = \"record\"\n");
+    let hostile = [
+        "v=1; a=rsa-sha256; d=good.test; s=rsa; h=from; bh=; b=",
+        "v=1; a=rsa-sha256; d=good.test; s=rsa; h=from; bh=%%%; b=!!!; l=99999999999999999999",
+        "v=1; a=rot13-sha512; d=good.test; s=rsa; h=from; bh=AAAA; b=AAAA",
+        "v=1; a=rsa-sha256; d=good.test; i=@evil.test; s=rsa; h=subject; bh=AAAA; b=AAAA",
+        "v=1; a=rsa-sha256; d=; s=; h=; bh=; b=",
+        "v=1; a=ed25519-sha256; d=good.test; s=nothing; h=from; bh=AAAA; b=AAAA",
+        "garbage without tags \u{1}",
+    ];
+    let mut msg: String = hostile
+        .iter()
+        .map(|tags| format!("DKIM-Signature: {tags}\r\n"))
+        .collect();
+    msg.push_str(&message(Some("<alice@good.test>"), "malformed", "Hello."));
+    let msg = msg.replace("\u{1}", "x");
+    let ar = send_and_read_results(&s, "alice@good.test", msg.as_bytes());
+    let dkim = resinfos(&ar, "dkim");
+    assert!(!dkim.is_empty(), "{ar}");
+    assert!(dkim.iter().all(|r| !r.starts_with("dkim=pass")), "{ar}");
+    assert_no_panic(&s.relay);
+}
+
+#[test]
 fn arc_sealed_forward_shows_arc_pass() {
     let s = setup(UP_KEYS, "[dkim]\nverify = \"record\"\n");
     let k = keys();
