@@ -694,14 +694,13 @@ fn dkim_malformed_signature_tags_are_recorded_and_never_pass() {
         "v=1; a=rsa-sha256; d=good.test; i=@evil.test; s=rsa; h=subject; bh=AAAA; b=AAAA",
         "v=1; a=rsa-sha256; d=; s=; h=; bh=; b=",
         "v=1; a=ed25519-sha256; d=good.test; s=nothing; h=from; bh=AAAA; b=AAAA",
-        "garbage without tags \u{1}",
+        "garbage without tags",
     ];
     let mut msg: String = hostile
         .iter()
         .map(|tags| format!("DKIM-Signature: {tags}\r\n"))
         .collect();
     msg.push_str(&message(Some("<alice@good.test>"), "malformed", "Hello."));
-    let msg = msg.replace("\u{1}", "x");
     let ar = send_and_read_results(&s, "alice@good.test", msg.as_bytes());
     let dkim = resinfos(&ar, "dkim");
     assert!(!dkim.is_empty(), "{ar}");
