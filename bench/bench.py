@@ -18,6 +18,17 @@ BENCH_OUT (also write the tables to this file), BENCH_BEFORE_BIN (a second portc
 e.g. a build of the commit before a change, run beside the first in scenario A as
 "portcullis-before").
 Argument --smoke: scenario A for portcullis only (no Postfix, no scenarios B to E, no strace).
+Argument --auth: scenario F only (both relays, plus the DKIM signing cost).
+
+Scenario F (issue 14) is scenario A with SPF, DKIM and DMARC verification on: portcullis
+(`[spf] verify = "record"`, `[dkim] verify = "record"`, `[dmarc] verify = "enforce"`, `[dns]`
+at 127.0.0.1:53) against Postfix with OpenDKIM (verifying), OpenDMARC and
+postfix-policyd-spf-python, on the same DKIM-signed message (smtp-source -F), from a client that
+is untrusted on both sides. nsd serves the zones on 127.0.0.1:53; OpenDMARC and policyd-spf read
+/etc/resolv.conf, which bench/run points at 127.0.0.1 for the run (this script refuses to run F
+otherwise). Knobs: BENCH_F_MESSAGES (per counted run, default 5000), BENCH_F_WARMUP (default
+500), BENCH_F_RELAYS (default "portcullis,postfix"; "postfix" alone measures only the Postfix
+stack), BENCH_SIGN_COUNT (signatures per key type in the signing cost, default 2000; 0 skips it).
 
 Every process started here is recorded in $BENCH_TMP/pids so that bench/run's trap can kill it
 by PID even if this script dies; on a normal exit this script stops them itself.
@@ -40,6 +51,12 @@ TMP = os.environ["BENCH_TMP"]
 BIN = os.environ["BENCH_BIN"]
 LOADGEN = os.environ["BENCH_LOADGEN"]
 SMOKE = "--smoke" in sys.argv[1:]
+AUTH_ONLY = "--auth" in sys.argv[1:]
+F_MESSAGES = int(os.environ.get("BENCH_F_MESSAGES", "5000"))
+F_WARMUP = int(os.environ.get("BENCH_F_WARMUP", "500"))
+F_RELAYS = [n.strip() for n in os.environ.get("BENCH_F_RELAYS", "portcullis,postfix").split(",")
+            if n.strip()]
+SIGN_COUNT = int(os.environ.get("BENCH_SIGN_COUNT", "2000"))
 MESSAGES = int(os.environ.get("BENCH_MESSAGES", "20000"))
 RUNS = int(os.environ.get("BENCH_RUNS", "3"))
 WARMUP = int(os.environ.get("BENCH_WARMUP", str(min(2000, MESSAGES))))
@@ -218,6 +235,11 @@ def cpu_ticks(root):
     return total
 
 
+def stack_ticks(relay):
+    """CPU time of a relay and its companion processes (Postfix's milters in scenario F)."""
+    return sum(cpu_ticks(r) for r in [relay.root, *getattr(relay, "companions", [])])
+
+
 def status_kb(pid, key):
     try:
         with open(f"/proc/{pid}/status") as f:
@@ -299,17 +321,19 @@ class Sink:
     """smtp-sink -c: its running counters (cumulative 'mesg=N') are read as they are printed;
     the time each new count is seen is the arrival time of that message."""
 
-    def __init__(self, port):
+    def __init__(self, port, dump=None):
         self.port = port
         self.cv = threading.Condition()
         self.proc = None
-        self.start()
+        self.start(dump)
 
-    def start(self):
-        """Start smtp-sink on the port; its count starts again from 0."""
+    def start(self, dump=None):
+        """Start smtp-sink on the port; its count starts again from 0. With `dump` (a directory
+        writable by nobody) every message is also written there, one file each."""
         self.count = 0
         self.t_last = time.monotonic()
-        self.proc = spawn(["smtp-sink", "-u", "nobody", "-c", f"127.0.0.1:{self.port}", "1024"],
+        extra = ["-d", os.path.join(dump, "%H%M%S.")] if dump else []
+        self.proc = spawn(["smtp-sink", "-u", "nobody", *extra, "-c", f"127.0.0.1:{self.port}", "1024"],
                           stdout=subprocess.PIPE, stderr=open(os.path.join(TMP, "sink.err"), "a"))
         self.reader = threading.Thread(target=self._read, daemon=True)
         self.reader.start()
@@ -355,10 +379,10 @@ class Portcullis:
     """portcullis on the bench policy; `binary` and `name` let a second build (BENCH_BEFORE_BIN,
     e.g. the commit before a change) run beside it in scenario A."""
 
-    def __init__(self, sink_port, binary=None, name="portcullis"):
+    def __init__(self, sink_port, binary=None, name="portcullis", edit_config=None):
         self.name = name
         binary = binary or BIN
-        self.dir = os.path.join(TMP, name)
+        self.dir = os.path.join(TMP, name + ("-auth" if edit_config else ""))
         os.makedirs(self.dir, exist_ok=True)
         self.port = free_port()
         self.tls_port = free_port()
@@ -373,6 +397,8 @@ class Portcullis:
         cfg = cfg.replace("127.0.0.1:25250", f"127.0.0.1:{self.port}")
         cfg = cfg.replace("127.0.0.1:25251", f"127.0.0.1:{self.tls_port}")
         cfg = cfg.replace("127.0.0.1:25260", f"127.0.0.1:{sink_port}")
+        if edit_config:
+            cfg = edit_config(cfg)
         self.config = os.path.join(self.dir, "portcullis.toml")
         with open(self.config, "w") as f:
             f.write(cfg)
@@ -393,10 +419,10 @@ class Portcullis:
 
 class Postfix:
     """A private Postfix instance: own config dir, queue and data dir under BENCH_TMP."""
-    name = "postfix"
-
-    def __init__(self, sink_port):
-        self.dir = os.path.join(TMP, "postfix")
+    def __init__(self, sink_port, name="postfix", main_extra="", master_extra="", companions=()):
+        self.name = name
+        self.companions = list(companions)  # PIDs whose CPU counts towards this relay
+        self.dir = os.path.join(TMP, name)
         etc, queue, data = (os.path.join(self.dir, d) for d in ("etc", "queue", "data"))
         for d in (etc, queue, data):
             os.makedirs(d, exist_ok=True)
@@ -412,7 +438,7 @@ class Postfix:
         if n != 1:
             raise RuntimeError(f"{master}: expected one 'smtp inet' line, found {n}")
         with open(os.path.join(etc, "master.cf"), "w") as f:
-            f.write(mcf)
+            f.write(mcf + master_extra)
         main = f"""# written by bench/bench.py
 compatibility_level = 3.6
 queue_directory = {queue}
@@ -439,6 +465,10 @@ message_size_limit = 52428800
 mailbox_size_limit = 0
 biff = no
 """
+        for line in main_extra.strip().splitlines():  # later settings override earlier ones
+            key = line.split("=")[0].strip()
+            main = re.sub(rf"(?m)^{re.escape(key)} =.*\n", "", main)
+        main += main_extra
         with open(os.path.join(etc, "main.cf"), "w") as f:
             f.write(main)
         run = lambda *a: subprocess.run(["postconf", "-c", etc, *a], check=True, timeout=30)
@@ -472,9 +502,12 @@ biff = no
 
 # ---- one run -----------------------------------------------------------------------------
 
-def run_once(relay, sink, messages, sessions, size, reuse, rss=False):
-    cmd = ["smtp-source", "-s", str(sessions), "-l", str(size), "-m", str(messages),
-           "-f", "bench@example.com", "-t", "rcpt@example.net"]
+def run_once(relay, sink, messages, sessions, size, reuse, rss=False, source=None, dns_root=None):
+    """One counted run. `source` replaces smtp-source's sender, recipient and message
+    arguments (scenario F: -F FILE, -M HELO, -f, -t); `dns_root` is a DNS server whose CPU per
+    message is reported as dns_cpu_ms."""
+    cmd = ["smtp-source", "-s", str(sessions), "-m", str(messages)]
+    cmd += source or ["-l", str(size), "-f", "bench@example.com", "-t", "rcpt@example.net"]
     if reuse:
         cmd.append("-d")
     cmd.append(f"127.0.0.1:{relay.port}")
@@ -484,7 +517,8 @@ def run_once(relay, sink, messages, sessions, size, reuse, rss=False):
         with open(f"/proc/{relay.root}/clear_refs", "w") as f:
             f.write("5")  # resets VmHWM, so the peak is this run's
     peak_sum = 0
-    c0 = cpu_ticks(relay.root)
+    c0 = stack_ticks(relay)
+    d0 = cpu_ticks(dns_root) if dns_root else 0
     t0 = time.monotonic()
     src = spawn(cmd, stdout=subprocess.DEVNULL, stderr=open(os.path.join(TMP, "source.err"), "a"))
     deadline = t0 + max(120, messages * size / 5e6, messages / 50)
@@ -501,7 +535,8 @@ def run_once(relay, sink, messages, sessions, size, reuse, rss=False):
         time.sleep(0.05 if rss else 0.2)
     got, t_last = sink.wait_for(base + messages)
     time.sleep(0.3)  # let the relay finish bookkeeping for the last message before reading CPU
-    c1 = cpu_ticks(relay.root)
+    c1 = stack_ticks(relay)
+    d1 = cpu_ticks(dns_root) if dns_root else 0
     delivered = got - base
     if src.returncode != 0:
         log(f"warning: smtp-source exited {src.returncode} ({relay.name})")
@@ -517,6 +552,7 @@ def run_once(relay, sink, messages, sessions, size, reuse, rss=False):
         "mbs": delivered * size / 1e6 / elapsed if elapsed > 0 else 0.0,
         "cpu_ms": (c1 - c0) * 1000 / CLK_TCK / max(delivered, 1),
         "gen_cpu_ms": (ru.ru_utime + ru.ru_stime) * 1000 / max(messages, 1),
+        "dns_cpu_ms": (d1 - d0) * 1000 / CLK_TCK / max(delivered, 1),
     }
     if rss:
         r["rss_mb"] = (status_kb(relay.root, "VmHWM") / 1024 if relay.name == "portcullis"
@@ -527,16 +563,16 @@ def run_once(relay, sink, messages, sessions, size, reuse, rss=False):
     return r
 
 
-def scenario(title, relays, sink, messages, sessions, size, reuse, warmup, rss=False):
+def scenario(title, relays, sink, messages, sessions, size, reuse, warmup, rss=False, **kw):
     log(f"== {title}")
     for relay in relays:
         if warmup:
             log(f"warm-up {relay.name} ({warmup} messages)")
-            run_once(relay, sink, warmup, sessions, size, reuse, rss)
+            run_once(relay, sink, warmup, sessions, size, reuse, rss, **kw)
     results = {r.name: [] for r in relays}
     for i in range(RUNS):  # alternate A B A B so drift hits both alike
         for relay in relays:
-            results[relay.name].append(run_once(relay, sink, messages, sessions, size, reuse, rss))
+            results[relay.name].append(run_once(relay, sink, messages, sessions, size, reuse, rss, **kw))
     return title, results
 
 
@@ -826,8 +862,440 @@ def strace_pass(relay, sink, messages):
     return relay.name, r["delivered"], counts, per
 
 
-def main():
+# ---- scenario F: SPF + DKIM + DMARC verification (issue 14) --------------------------------
+
+# SPF, DKIM key and DMARC p=reject, all served by nsd. Not under "test.": Debian's opendkim
+# resolves with libunbound, whose built-in local zones answer NXDOMAIN for "test." (RFC 6761).
+SENDER_DOMAIN = "sender.example"
+SELECTOR = "bench"
+HELO_NAME = f"helo.{SENDER_DOMAIN}"
+F_SENDER = f"bench@{SENDER_DOMAIN}"
+F_RCPT = "rcpt@example.net"        # an accepted (relay) domain of both relays, routed to the sink
+AUTHSERV_PORTCULLIS = "bench.portcullis.test"
+AUTHSERV_POSTFIX = "bench-postfix.localdomain"
+# The load generator connects from 127.0.0.1; both relays trust only this other address, so
+# the client is a stranger to both and every check applies.
+TRUSTED_NET = "127.0.0.2/32"
+# TTL of every record: portcullis caches answers within it; the milters query nsd each time.
+ZONE_TTL = 3600
+DKIM_SIGN_PY = r'''
+import sys, dkim
+key, msg_in, msg_out, sel, dom = sys.argv[1:6]
+msg = open(msg_in, "rb").read()
+hdrs = [b"from", b"to", b"subject", b"date", b"message-id", b"mime-version", b"content-type"]
+sig = dkim.sign(msg, sel.encode(), dom.encode(), open(key, "rb").read(), include_headers=hdrs,
+                canonicalize=(b"relaxed", b"relaxed"))
+open(msg_out, "wb").write(sig + msg)
+'''
+
+
+def resolv_is_loopback():
+    """True when /etc/resolv.conf names 127.0.0.1 as its only nameserver: the milters and
+    policyd-spf use it, and a query for the test zones must never leave the machine."""
+    with open("/etc/resolv.conf") as f:
+        ns = [l.split()[1] for l in f if l.split()[:1] == ["nameserver"] and len(l.split()) > 1]
+    return ns == ["127.0.0.1"]
+
+
+def dns_query_ok(name, port=53, qtype=6, timeout=1.0):
+    """One UDP query to 127.0.0.1:port; True when the answer is authoritative with NOERROR."""
+    q = b"\x12\x34\x00\x00\x00\x01\x00\x00\x00\x00\x00\x00"
+    q += b"".join(bytes([len(p)]) + p.encode() for p in name.split(".")) + b"\x00"
+    q += qtype.to_bytes(2, "big") + b"\x00\x01"
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        s.settimeout(timeout)
+        try:
+            s.sendto(q, ("127.0.0.1", port))
+            r = s.recv(4096)
+        except OSError:
+            return False
+    return len(r) >= 4 and r[:2] == b"\x12\x34" and r[2] & 0x04 and (r[3] & 0x0F) == 0
+
+
+def txt_strings(value, n=200):
+    """A TXT value as quoted strings of at most `n` bytes (one string holds at most 255)."""
+    return " ".join(f'"{value[i:i + n]}"' for i in range(0, len(value), n))
+
+
+class AuthStack:
+    """What scenario F shares: the DKIM key, the signed message, nsd on 127.0.0.1:53."""
+
+    def __init__(self):
+        self.dir = os.path.join(TMP, "auth")
+        os.makedirs(self.dir, exist_ok=True)
+        os.chmod(self.dir, 0o755)  # policyd-spf runs as nobody and reads its config here
+        self.key = os.path.join(self.dir, "dkim.pem")
+        subprocess.run(["openssl", "genpkey", "-algorithm", "RSA", "-pkeyopt",
+                        "rsa_keygen_bits:2048", "-out", self.key], check=True, timeout=60,
+                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        pub = subprocess.run(["openssl", "pkey", "-in", self.key, "-pubout", "-outform", "DER"],
+                             check=True, timeout=30, capture_output=True).stdout
+        import base64
+        self.pub_b64 = base64.b64encode(pub).decode()
+        self.message = self.sign_template()
+        self.nsd = self.start_nsd()
+
+    def sign_template(self):
+        """Sign a ~1 KB message once with dkimpy (Debian's python3-dkim, rsa-sha256,
+        relaxed/relaxed); returns the path of its LF form for smtp-source -F, which sends each
+        line with CRLF, i.e. exactly the signed bytes."""
+        body = "".join(f"Line {i:02d} of the scenario F message, the same bytes for both relays.\r\n"
+                       for i in range(9))
+        msg = (f"From: Bench Sender <{F_SENDER}>\r\nTo: <{F_RCPT}>\r\n"
+               "Subject: scenario F\r\nDate: Tue, 01 Dec 2026 00:00:00 +0000\r\n"
+               f"Message-ID: <scenario-f@{SENDER_DOMAIN}>\r\nMIME-Version: 1.0\r\n"
+               "Content-Type: text/plain; charset=us-ascii\r\n\r\n" + body)
+        raw, signed = os.path.join(self.dir, "message.eml"), os.path.join(self.dir, "signed.eml")
+        with open(raw, "w", newline="") as f:
+            f.write(msg)
+        # Debian's module is importable only from the system interpreter.
+        subprocess.run(["/usr/bin/python3", "-c", DKIM_SIGN_PY, self.key, raw, signed, SELECTOR,
+                        SENDER_DOMAIN], check=True, timeout=60)
+        with open(signed, "rb") as f:
+            data = f.read()
+        self.size = len(data)
+        out = os.path.join(self.dir, "signed.lf")
+        with open(out, "wb") as f:
+            f.write(data.replace(b"\r\n", b"\n"))
+        return out
+
+    def start_nsd(self):
+        soa = f"@ IN SOA ns1.{SENDER_DOMAIN}. hostmaster.{SENDER_DOMAIN}. 1 3600 600 86400 300\n@ IN NS ns1.{SENDER_DOMAIN}.\n"
+        zones = {
+            SENDER_DOMAIN: soa + "ns1 IN A 127.0.0.1\n"
+            '@ IN TXT "v=spf1 ip4:127.0.0.1 -all"\n'
+            f"helo IN A 127.0.0.1\n"
+            'helo IN TXT "v=spf1 a -all"\n'
+            "client IN A 127.0.0.1\n"
+            f"{SELECTOR}._domainkey IN TXT ( {txt_strings('v=DKIM1; k=rsa; p=' + self.pub_b64)} )\n"
+            '_dmarc IN TXT "v=DMARC1; p=reject"\n',
+            # iprev of the client: 127.0.0.1 → client.SENDER_DOMAIN → 127.0.0.1
+            "0.0.127.in-addr.arpa": soa + f"1 IN PTR client.{SENDER_DOMAIN}.\n",
+            # The parent zone too, so that a lookup above the sender's domain (DMARC's
+            # organizational domain) gets NXDOMAIN, not nsd's REFUSED for a zone it lacks.
+            "example": f"@ IN SOA ns1.{SENDER_DOMAIN}. hostmaster.{SENDER_DOMAIN}. 1 3600 600 86400 300\n"
+                       f"@ IN NS ns1.{SENDER_DOMAIN}.\n",
+        }
+        conf = [f"""server:
+    ip-address: 127.0.0.1
+    port: 53
+    do-ip6: no
+    username: ""
+    chroot: ""
+    zonesdir: "{self.dir}"
+    database: ""
+    pidfile: "{self.dir}/nsd.pid"
+    zonelistfile: "{self.dir}/zone.list"
+    xfrdfile: "{self.dir}/xfrd.state"
+    xfrdir: "{self.dir}"
+    logfile: "{self.dir}/nsd.log"
+    verbosity: 1
+    server-count: 1
+remote-control:
+    control-enable: no
+"""]
+        for name, body in zones.items():
+            with open(os.path.join(self.dir, f"{name}.zone"), "w") as f:
+                f.write(f"$ORIGIN {name}.\n$TTL {ZONE_TTL}\n{body}")
+            conf.append(f'zone:\n    name: "{name}"\n    zonefile: "{name}.zone"\n')
+        path = os.path.join(self.dir, "nsd.conf")
+        with open(path, "w") as f:
+            f.write("".join(conf))
+        subprocess.run(["nsd-checkconf", path], check=True, timeout=30)
+        if dns_query_ok(SENDER_DOMAIN):
+            raise RuntimeError(f"something already answers for {SENDER_DOMAIN} on 127.0.0.1:53")
+        p = spawn(["nsd", "-d", "-c", path], stdout=subprocess.DEVNULL,
+                  stderr=open(os.path.join(self.dir, "nsd.err"), "w"))
+        deadline = time.monotonic() + 30
+        while not dns_query_ok(SENDER_DOMAIN):
+            if p.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"nsd did not serve {SENDER_DOMAIN} on 127.0.0.1:53 "
+                                   f"(see {self.dir}/nsd.err, nsd.log)")
+            time.sleep(0.1)
+        return p
+
+    def source_args(self):
+        return ["-F", self.message, "-M", HELO_NAME, "-f", F_SENDER, "-t", F_RCPT]
+
+    def stop(self):
+        stop_proc(self.nsd)
+
+
+def portcullis_auth_config(cfg):
+    """The bench policy with verification on and 127.0.0.1 a stranger (mail for example.net
+    accepted as an MX would, routed to the sink by the default route)."""
+    cfg = cfg.replace('relay_networks = ["127.0.0.0/8"]',
+                      f'relay_networks = ["{TRUSTED_NET}"]     # the load generator is a stranger\n'
+                      'accepted_domains = ["example.net"]')
+    cfg = cfg.replace('spool_dir = "./spool"',
+                      f'spool_dir = "./spool"\nauthserv_id = "{AUTHSERV_PORTCULLIS}"')
+    return cfg + """
+[dns]
+nameservers = ["127.0.0.1:53"]
+timeout = "5s"
+
+[spf]
+verify = "record"
+
+[dkim]
+verify = "record"
+
+[dmarc]
+verify = "enforce"
+"""
+
+
+def start_milters(d):
+    """OpenDKIM (verifying) and OpenDMARC as inet milters on loopback; returns their
+    processes and the smtpd_milters value. Debian's opendkim resolves with libunbound, which
+    ignores /etc/resolv.conf and would recurse from the root servers: `Nameservers` sends its
+    queries to nsd. (Its `ResolverConfiguration`, an unbound.conf, is read again for each
+    message from concurrent threads, and libunbound's parser then crashed opendkim here.)"""
+    with open(os.path.join(d, "internal"), "w") as f:
+        f.write("127.0.0.2\n")  # neither milter treats the load generator as one of ours
+    dkim_port, dmarc_port = free_port(), free_port()
+    with open(os.path.join(d, "opendkim.conf"), "w") as f:
+        f.write(f"""Mode v
+Socket inet:{dkim_port}@127.0.0.1
+PidFile {d}/opendkim.pid
+Syslog no
+Background no
+AuthservID {AUTHSERV_POSTFIX}
+InternalHosts {d}/internal
+UMask 022
+Nameservers 127.0.0.1
+""")
+    with open(os.path.join(d, "opendmarc.conf"), "w") as f:
+        f.write(f"""Socket inet:{dmarc_port}@127.0.0.1
+PidFile {d}/opendmarc.pid
+Syslog false
+Background false
+AuthservID {AUTHSERV_POSTFIX}
+TrustedAuthservIDs {AUTHSERV_POSTFIX}
+IgnoreHosts {d}/internal
+IgnoreAuthenticatedClients true
+RejectFailures true
+SPFIgnoreResults false
+SPFSelfValidate false
+""")
+    dkim = spawn(["opendkim", "-f", "-x", os.path.join(d, "opendkim.conf")],
+                 stdout=subprocess.DEVNULL, stderr=open(os.path.join(d, "opendkim.err"), "w"))
+    dmarc = spawn(["opendmarc", "-f", "-c", os.path.join(d, "opendmarc.conf")],
+                  stdout=subprocess.DEVNULL, stderr=open(os.path.join(d, "opendmarc.err"), "w"))
+    for p, port in ((dkim, dkim_port), (dmarc, dmarc_port)):
+        deadline = time.monotonic() + 30
+        while True:
+            if p.poll() is not None:
+                raise RuntimeError(f"{p.args[0]} exited ({p.returncode}): see {d}/{p.args[0]}.err")
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                break
+            except OSError:
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"{p.args[0]} does not listen on 127.0.0.1:{port}")
+                time.sleep(0.1)
+    return [dkim, dmarc], f"inet:127.0.0.1:{dkim_port}, inet:127.0.0.1:{dmarc_port}"
+
+
+def postfix_auth(sink_port):
+    """Postfix with the usual companions: policyd-spf (spawned by master, checked at RCPT
+    before any permit), OpenDKIM then OpenDMARC as milters; mynetworks leaves 127.0.0.1 out."""
+    d = os.path.join(TMP, "postfix-auth-milters")
+    os.makedirs(d, exist_ok=True)
+    os.chmod(d, 0o755)
+    spf_conf = os.path.join(d, "policyd-spf.conf")
+    with open(spf_conf, "w") as f:
+        # HELO is not checked (portcullis checks it only for a null reverse-path);
+        # skip_addresses would otherwise exempt 127.0.0.0/8, our client.
+        f.write("debugLevel = 0\nTestOnly = 1\nHELO_reject = No_Check\nMail_From_reject = Fail\n"
+                "PermError_reject = False\nTempError_Defer = False\nskip_addresses = 127.0.0.2/32\n")
+    os.chmod(spf_conf, 0o644)
+    milters, smtpd_milters = start_milters(d)
+    main = f"""mynetworks = {TRUSTED_NET}
+relay_domains = example.net
+smtpd_relay_restrictions = permit_mynetworks, reject_unauth_destination
+smtpd_recipient_restrictions = check_policy_service unix:private/policyd-spf, permit
+policyd-spf_time_limit = 3600
+smtpd_milters = {smtpd_milters}
+non_smtpd_milters =
+milter_default_action = tempfail
+"""
+    master = ("policyd-spf unix - n n - 0 spawn\n"
+              f"  user=nobody argv=/usr/bin/policyd-spf {spf_conf}\n")
+    try:
+        return Postfix(sink_port, "postfix-auth", main, master, [m.pid for m in milters]), milters
+    except Exception:
+        for m in milters:
+            stop_proc(m)
+        raise
+
+
+def header_fields(msg):
+    """The unfolded header fields of a dumped message, as (name lower-case, value)."""
+    head = msg.split(b"\n\n", 1)[0].decode("utf-8", "replace").replace("\r", "")
+    fields = []
+    for line in head.split("\n"):
+        if line[:1] in (" ", "\t") and fields:
+            fields[-1] = (fields[-1][0], fields[-1][1] + " " + line.strip())
+        elif ":" in line:
+            k, v = line.split(":", 1)
+            fields.append((k.strip().lower(), v.strip()))
+    return fields
+
+
+def check_auth_results(relays, stack, port):
+    """Send one signed message through each relay to a dumping sink and require spf=pass,
+    dkim=pass and dmarc=pass in what the relay added (Postfix: policyd-spf's Received-SPF,
+    OpenDKIM's and OpenDMARC's Authentication-Results). Returns {relay: [result fields]}."""
+    dump = os.path.join(stack.dir, "dump")
+    os.makedirs(dump, exist_ok=True)
+    os.chmod(dump, 0o777)
+    sink = Sink(port, dump)
+    seen = {}
+    try:
+        for relay in relays:
+            before = set(os.listdir(dump))
+            subprocess.run(["smtp-source", "-m", "1", *stack.source_args(), f"127.0.0.1:{relay.port}"],
+                           check=True, timeout=60)
+            got, _ = sink.wait_for(sink.count + 1, stall=20)
+            new = sorted(set(os.listdir(dump)) - before)
+            if not new:
+                raise RuntimeError(f"F check: the message through {relay.name} did not reach the sink")
+            time.sleep(0.2)
+            with open(os.path.join(dump, new[-1]), "rb") as f:
+                fields = header_fields(f.read())
+            res = [f"{k}: {v}" for k, v in fields
+                   if k in ("authentication-results", "received-spf")]
+            text = " ".join(res).lower()
+            missing = [w for w in ("spf=pass" if "postfix" not in relay.name else "received-spf: pass",
+                                   "dkim=pass", "dmarc=pass") if w not in text]
+            if "dmarc=pass" not in text and isinstance(relay, Portcullis):
+                # The verdict is also in portcullis's log line "mail authentication"; say
+                # where it was found when the field lacks it.
+                with open(os.path.join(relay.dir, "log"), errors="replace") as f:
+                    if any('dmarc="pass"' in l for l in f if "mail authentication" in l):
+                        res.append('(not in Authentication-Results; log: dmarc="pass")')
+                        text += " dmarc=pass"
+                        missing.remove("dmarc=pass")
+            log(f"F check {relay.name}: " + " | ".join(res))
+            if missing:
+                raise RuntimeError(f"F check: {relay.name} did not record {missing}: {res}")
+            seen[relay.name] = res
+    finally:
+        sink.stop()
+    return seen
+
+
+def dkim_sign_cost(key):
+    """loadgen dkim-sign: CPU per signature of a 10 KB message, RSA-2048 and Ed25519."""
+    return loadgen(["dkim-sign", "--rsa-key", key, "--count", str(SIGN_COUNT)], timeout=600)
+
+
+def scenario_f():
+    """Scenario F: returns the report lines."""
+    if not resolv_is_loopback():
+        raise RuntimeError("scenario F: /etc/resolv.conf must name only 127.0.0.1 (bench/run "
+                           "points it there for the run); refusing to let the milters query elsewhere")
+    stack = AuthStack()
+    port = free_port()
+    relays, milters, sink = [], [], None
+
+    def start_relays():
+        if "portcullis" in F_RELAYS:
+            relays.append(Portcullis(port, name="portcullis", edit_config=portcullis_auth_config))
+        if "postfix" in F_RELAYS:
+            pf, ms = postfix_auth(port)
+            relays.append(pf)
+            milters.extend(ms)
+        log("F relays up: " + ", ".join(f"{r.name} on 127.0.0.1:{r.port}" for r in relays))
+
+    def stop_relays():
+        for r in relays:
+            try:
+                r.stop()
+            except Exception as e:
+                log(f"stopping {r.name}: {e}")
+        for m in milters:
+            stop_proc(m)
+        relays.clear()
+        milters.clear()
+
+    try:
+        # The check runs against a dumping sink; the relays are then started afresh against
+        # the plain one, so no connection they pooled to the first sink is left to fail.
+        start_relays()
+        seen = check_auth_results(relays, stack, port)
+        stop_relays()
+        sink = Sink(port)
+        start_relays()
+        title, res = scenario("F 1 KB DKIM-signed, SPF+DKIM+DMARC, 20 sessions, new connection per message",
+                              relays, sink, F_MESSAGES, 20, stack.size, False, F_WARMUP,
+                              source=stack.source_args(), dns_root=stack.nsd.pid)
+    finally:
+        stop_relays()
+        if sink is not None:
+            stop_proc(sink.proc)
+        stack.stop()
+    out = [f"Scenario F: scenario A (new connection per message) with SPF, DKIM and DMARC "
+           f"verification, {F_MESSAGES} messages per counted run, {RUNS} counted runs per relay after "
+           f"a {F_WARMUP}-message warm-up, alternating; the same {stack.size}-byte DKIM-signed "
+           "message (rsa-sha256, relaxed/relaxed, dkimpy) from 127.0.0.1, a stranger to both relays; "
+           "zones served by nsd on 127.0.0.1:53. Relay CPU: portcullis's process; Postfix's master "
+           "tree (smtpd, cleanup, qmgr, smtp, policyd-spf, …) plus opendkim and opendmarc. nsd's CPU "
+           "is counted apart.", "",
+           "| scenario | relay | end-to-end msg/s median (range) | stack CPU ms/msg | "
+           "nsd CPU ms/msg | smtp-source CPU ms/msg | ratio portcullis/Postfix msg/s |",
+           "|---|---|---|---|---|---|---|"]
+    pf_name = "postfix-auth"
+    for name, rs in res.items():
+        ratio = ""
+        if name == "portcullis" and pf_name in res:
+            ratio = "%.2f×" % (statistics.median(r["msgs"] for r in rs) /
+                               statistics.median(r["msgs"] for r in res[pf_name]))
+        label = ("Postfix + OpenDKIM + OpenDMARC + policyd-spf" if name == pf_name else name)
+        out.append(f"| F SPF+DKIM+DMARC | {label} | {fmt([r['msgs'] for r in rs], '.0f')} | "
+                   f"{fmt([r['cpu_ms'] for r in rs], '.2f')} | "
+                   f"{statistics.median(r['dns_cpu_ms'] for r in rs):.3f} | "
+                   f"{statistics.median(r['gen_cpu_ms'] for r in rs):.2f} | {ratio} |")
+    for name in ("portcullis", pf_name):
+        if name not in res:
+            out.append(f"| F SPF+DKIM+DMARC | {name} | not measured (BENCH_F_RELAYS) | | | | |")
+    out += ["", "What each relay recorded for one message (checked before the runs):", ""]
+    for name, fields in seen.items():
+        out += [f"- {name}:"] + [f"  - `{f}`" for f in fields]
+    if SIGN_COUNT > 0:
+        sc = dkim_sign_cost(stack.key)
+        out += ["", f"DKIM signing cost (loadgen dkim-sign, mail-auth with aws-lc-rs, relaxed/relaxed, "
+                f"one thread, {sc['count']} signatures per key after a warm-up) of a "
+                f"{sc['message_bytes']}-byte message:", "",
+                "| key | CPU ms per signature | wall ms per signature |", "|---|---|---|",
+                f"| RSA-2048 | {sc['rsa2048']['cpu_ms']:.3f} | {sc['rsa2048']['wall_ms']:.3f} |",
+                f"| Ed25519 | {sc['ed25519']['cpu_ms']:.3f} | {sc['ed25519']['wall_ms']:.3f} |"]
+    short = [f"{r['relay']} delivered {r['delivered']} of {r['sent']}"
+             for rs in res.values() for r in rs if r["delivered"] < r["sent"]]
+    return out, short
+
+
+def main_auth():
+    """--auth: scenario F alone."""
     started = time.monotonic()
+    lines, short = scenario_f()
+    lines += ["", f"Total wall time of the measurements: {time.monotonic() - started:.0f} s."]
+    text = "\n".join(lines)
+    print(text, flush=True)
+    if os.environ.get("BENCH_OUT"):
+        with open(os.environ["BENCH_OUT"], "w") as f:
+            f.write(text + "\n")
+    if short:
+        log("FAILED: messages missing at the sink: " + "; ".join(short))
+        sys.exit(1)
+
+
+def main():
+    if AUTH_ONLY:
+        return main_auth()
+    started = time.monotonic()
+    f_short = []
     sink = Sink(free_port())
     relays = []
     try:
@@ -873,6 +1341,9 @@ def main():
                     lines.append(f"| {name} | {n} | " +
                                  ", ".join(f"{k} {v}" for k, v in sorted(counts.items())) + " | " +
                                  ", ".join(f"{k} {v:.2f}" for k, v in sorted(per.items())) + " |")
+        if not SMOKE:
+            f_lines, f_short = scenario_f()
+            lines += [""] + f_lines
         lines += ["", f"Total wall time of the measurements: {time.monotonic() - started:.0f} s."]
         text = "\n".join(lines)
         print(text, flush=True)
@@ -882,6 +1353,7 @@ def main():
         # A run that lost messages measured nothing: fail (this is what the CI smoke pass checks).
         short = [f"{r['relay']} delivered {r['delivered']} of {r['sent']}"
                  for _, res in a for rs in res.values() for r in rs if r["delivered"] < r["sent"]]
+        short += f_short
         if short:
             log("FAILED: messages missing at the sink: " + "; ".join(short))
             sys.exit(1)

@@ -18,6 +18,12 @@
 //! - `tls --target ADDR --conns C --seconds S [--name HOST] [--cert PEM]`: C concurrent loops of
 //!   connect, banner, EHLO, STARTTLS, a full TLS handshake (resumption disabled), QUIT over TLS,
 //!   221, close. The same client drives portcullis and `tls-server`.
+//! - `dkim-sign --rsa-key PEM [--size BYTES] [--count N]`: DKIM signing cost (issue 14's goal:
+//!   under 0.5 ms of CPU per 10 KB message). Signs one message of `--size` bytes (default
+//!   10,240) `--count` times (default 2,000) with the RSA-2048 key in PEM (PKCS#8 or PKCS#1) and
+//!   with a freshly generated Ed25519 key, relaxed/relaxed over the default header list of
+//!   `[[dkim.sign]]`, on one thread; reports that thread's CPU time (getrusage RUSAGE_THREAD)
+//!   and the wall time per signature, each including the `DKIM-Signature:` field's formatting.
 //!
 //! TLS on both sides is portcullis's own: `tls-server` builds its configuration with
 //! `portcullis::inbound::tls::server_config` (`[tls] cert` and `key`, `min_version = "1.2"`),
@@ -77,6 +83,7 @@ fn main() {
         "idle" => idle(&a),
         "tls-server" => tls_server(&a),
         "tls" => tls_client(&a),
+        "dkim-sign" => dkim_sign(&a),
         _ => usage(),
     });
     if let Err(e) = result {
@@ -90,7 +97,8 @@ fn usage() -> ! {
         "usage: loadgen openloop --target ADDR --rate R --seconds S [--sink ADDR] [--wait S]\n\
          \x20      loadgen idle --target ADDR --count N [--parallel P]\n\
          \x20      loadgen tls-server --listen ADDR --cert PEM --key PEM\n\
-         \x20      loadgen tls --target ADDR --conns C --seconds S [--name HOST] [--cert PEM]"
+         \x20      loadgen tls --target ADDR --conns C --seconds S [--name HOST] [--cert PEM]\n\
+         \x20      loadgen dkim-sign --rsa-key PEM [--size BYTES] [--count N]"
     );
     std::process::exit(2);
 }
@@ -891,4 +899,131 @@ async fn starttls_once(
     })
     .await;
     Ok(())
+}
+
+// ---- dkim-sign ---------------------------------------------------------------------------
+
+/// Default `dkim-sign --size`: the issue's 10 KB message, headers included.
+const DKIM_MESSAGE_SIZE: usize = 10 * 1024;
+/// Default `dkim-sign --count`: signatures per key type.
+const DKIM_DEFAULT_COUNT: u32 = 2000;
+/// Signatures made before the measured ones (page faults, lazy initialisation).
+const DKIM_WARMUP: u32 = 50;
+/// The default `headers` of `[[dkim.sign]]` (DESIGN.md, Wave 2 contract): From oversigned.
+const DKIM_HEADERS: [&str; 10] = [
+    "From",
+    "From",
+    "To",
+    "Cc",
+    "Subject",
+    "Date",
+    "Message-ID",
+    "Reply-To",
+    "MIME-Version",
+    "Content-Type",
+];
+
+fn dkim_sign(a: &Args) -> anyhow::Result<()> {
+    use mail_auth::common::crypto::{Ed25519Key, RsaKey, Sha256};
+    let size: usize = a.opt("size")?.unwrap_or(DKIM_MESSAGE_SIZE);
+    let count: u32 = a.opt("count")?.unwrap_or(DKIM_DEFAULT_COUNT);
+    if count == 0 {
+        bail!("--count must be at least 1");
+    }
+    let pem_path: String = a.get("rsa-key")?;
+    let der = rustls_pki_types::PrivateKeyDer::from_pem_file(&pem_path)
+        .map_err(|e| anyhow!("{pem_path}: no private key in PEM: {e}"))?;
+    let rsa = RsaKey::<Sha256>::from_key_der(der)
+        .map_err(|e| anyhow!("{pem_path}: not an RSA private key: {e}"))?;
+    let ed_der =
+        Ed25519Key::generate_pkcs8().map_err(|e| anyhow!("Ed25519 key generation: {e}"))?;
+    let ed = Ed25519Key::from_pkcs8_der(&ed_der).map_err(|e| anyhow!("Ed25519 key: {e}"))?;
+    let message = dkim_message(size);
+    let rsa_figures = time_signing(rsa, &message, count)?;
+    let ed_figures = time_signing(ed, &message, count)?;
+    println!(
+        "{}",
+        json!({
+            "message_bytes": message.len(),
+            "count": count,
+            "rsa2048": rsa_figures,
+            "ed25519": ed_figures,
+        })
+    );
+    Ok(())
+}
+
+/// A message of `size` bytes (at least the header section): the signed header fields, then
+/// 76-character body lines.
+fn dkim_message(size: usize) -> Vec<u8> {
+    let mut m = b"From: Bench Sender <sender@sign.test>\r\n\
+        To: rcpt@example.net\r\n\
+        Subject: DKIM signing cost\r\n\
+        Date: Tue, 01 Dec 2026 00:00:00 +0000\r\n\
+        Message-ID: <dkim-sign-bench@sign.test>\r\n\
+        MIME-Version: 1.0\r\n\
+        Content-Type: text/plain; charset=us-ascii\r\n\r\n"
+        .to_vec();
+    let line = [b'x'; 76];
+    while m.len() + line.len() + 2 <= size {
+        m.extend_from_slice(&line);
+        m.extend_from_slice(b"\r\n");
+    }
+    let rest = size.saturating_sub(m.len() + 2);
+    if rest > 0 {
+        m.extend(std::iter::repeat_n(b'y', rest));
+        m.extend_from_slice(b"\r\n");
+    }
+    m
+}
+
+/// Signs `message` `count` times with `key` after a warm-up; {"cpu_ms", "wall_ms"} per signature.
+fn time_signing<K>(key: K, message: &[u8], count: u32) -> anyhow::Result<serde_json::Value>
+where
+    K: mail_auth::common::crypto::SigningKey,
+{
+    use mail_auth::common::headers::HeaderWriter;
+    use mail_auth::dkim::{Canonicalization, DkimSigner};
+    let signer = DkimSigner::from_key(key)
+        .domain("sign.test")
+        .selector("bench")
+        .headers(DKIM_HEADERS)
+        .header_canonicalization(Canonicalization::Relaxed)
+        .body_canonicalization(Canonicalization::Relaxed);
+    let mut sink = 0usize;
+    let mut once = || -> anyhow::Result<()> {
+        let sig = signer
+            .sign(message)
+            .map_err(|e| anyhow!("signing failed: {e}"))?;
+        sink = sink.wrapping_add(sig.to_header().len());
+        Ok(())
+    };
+    for _ in 0..DKIM_WARMUP {
+        once()?;
+    }
+    let (cpu0, wall0) = (thread_cpu()?, Instant::now());
+    for _ in 0..count {
+        once()?;
+    }
+    let (cpu, wall) = (thread_cpu()? - cpu0, wall0.elapsed());
+    std::hint::black_box(sink);
+    Ok(json!({
+        "cpu_ms": cpu.as_secs_f64() * 1000.0 / f64::from(count),
+        "wall_ms": wall.as_secs_f64() * 1000.0 / f64::from(count),
+    }))
+}
+
+/// CPU time (user + system) of the calling thread.
+fn thread_cpu() -> anyhow::Result<Duration> {
+    // SAFETY: getrusage only writes the struct it is given, which is zero-initialised plain data.
+    let mut ru: libc::rusage = unsafe { std::mem::zeroed() };
+    // SAFETY: a valid pointer to an rusage struct that lives across the call.
+    if unsafe { libc::getrusage(libc::RUSAGE_THREAD, &raw mut ru) } != 0 {
+        return Err(io::Error::last_os_error()).context("getrusage(RUSAGE_THREAD)");
+    }
+    let tv = |t: libc::timeval| {
+        Duration::from_secs(u64::try_from(t.tv_sec).unwrap_or(0))
+            + Duration::from_micros(u64::try_from(t.tv_usec).unwrap_or(0))
+    };
+    Ok(tv(ru.ru_utime) + tv(ru.ru_stime))
 }
