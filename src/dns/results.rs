@@ -87,7 +87,7 @@ fn fold(authserv_id: &str, resinfos: &[Vec<String>]) -> String {
         return field;
     }
     for (i, resinfo) in resinfos.iter().enumerate() {
-        field.push(';');
+        field.push_str(";\r\n");
         let mut line = String::from(" ");
         for (j, word) in resinfo.iter().enumerate() {
             let last = i + 1 == resinfos.len() && j + 1 == resinfo.len();
@@ -102,7 +102,6 @@ fn fold(authserv_id: &str, resinfos: &[Vec<String>]) -> String {
             }
             line.push_str(word);
         }
-        field.push_str("\r\n");
         field.push_str(&line);
     }
     field.push_str("\r\n");
