@@ -124,9 +124,9 @@ fn is_token(value: &str) -> bool {
 /// A property value (RFC 8601 §2.2 `pvalue`): a token, `local@domain` of atoms, or else a
 /// quoted-string.
 fn pvalue(value: &str) -> String {
-    let address_of_tokens = value.rsplit_once('@').is_some_and(|(local, domain)| {
-        (local.is_empty() || is_token(local)) && is_token(domain)
-    });
+    let address_of_tokens = value
+        .rsplit_once('@')
+        .is_some_and(|(local, domain)| (local.is_empty() || is_token(local)) && is_token(domain));
     if is_token(value) || address_of_tokens {
         value.to_string()
     } else {

@@ -282,9 +282,8 @@ impl Resolver {
         };
         let result = match &output.result {
             LibIprev::Pass => IprevResult::Pass,
-            LibIprev::Fail(_) | LibIprev::PermError(AuthError::Dns(DnsError::RecordNotFound(_))) => {
-                IprevResult::Fail
-            }
+            LibIprev::Fail(_)
+            | LibIprev::PermError(AuthError::Dns(DnsError::RecordNotFound(_))) => IprevResult::Fail,
             LibIprev::TempError(_) => IprevResult::TempError,
             LibIprev::PermError(_) => IprevResult::PermError,
             LibIprev::None => IprevResult::None,
@@ -370,9 +369,10 @@ impl Resolver {
         let (dkim, for_dmarc) = self.judge_signatures(&parsed, &outputs, deadline).await;
         let arc = Some(self.arc(&parsed, deadline).await);
         let dmarc = match (&from, facts.dmarc) {
-            (FromDomain::One(domain), true) => {
-                Some(self.dmarc(&parsed, &for_dmarc, &facts, domain, deadline).await)
-            }
+            (FromDomain::One(domain), true) => Some(
+                self.dmarc(&parsed, &for_dmarc, &facts, domain, deadline)
+                    .await,
+            ),
             _ => None,
         };
         MessageChecks {

@@ -121,7 +121,8 @@ fn hostile_values_are_quoted_or_escaped() {
     assert!(field.contains("policy.iprev=\"2001:db8::1\""), "{field}");
     assert!(field.contains(r"(evil\) dkim=pass \(x)"), "{field}");
     let results = parse(&field);
-    let expected = [("spf", "pass"), ("iprev", "fail")].map(|(m, r)| (m.to_string(), r.to_string()));
+    let expected =
+        [("spf", "pass"), ("iprev", "fail")].map(|(m, r)| (m.to_string(), r.to_string()));
     assert_eq!(results, expected, "{field}");
 }
 
@@ -168,7 +169,10 @@ fn parse(field: &str) -> Vec<(String, String)> {
 fn every_method_result_reads_back_and_the_authserv_id_is_ours() {
     let field = all_checks();
     let pairs: Vec<(String, String)> = parse(&field);
-    let pairs: Vec<(&str, &str)> = pairs.iter().map(|(m, r)| (m.as_str(), r.as_str())).collect();
+    let pairs: Vec<(&str, &str)> = pairs
+        .iter()
+        .map(|(m, r)| (m.as_str(), r.as_str()))
+        .collect();
     assert_eq!(
         pairs,
         [
@@ -181,5 +185,8 @@ fn every_method_result_reads_back_and_the_authserv_id_is_ours() {
         ]
     );
     let value = field.strip_prefix("Authentication-Results:").unwrap();
-    assert_eq!(authserv_id(value.as_bytes()).as_deref(), Some(&b"mx.example.com"[..]));
+    assert_eq!(
+        authserv_id(value.as_bytes()).as_deref(),
+        Some(&b"mx.example.com"[..])
+    );
 }

@@ -24,23 +24,33 @@ fn later() -> Instant {
 }
 
 fn offline() -> Resolver {
-    let authenticator =
-        MessageAuthenticator::new(ResolverConfig::from_name_servers(vec![]), ResolverOpts::default())
-            .expect("resolver");
-    Resolver::from_parts(authenticator, Duration::from_millis(300), Caches::with_capacity(64))
+    let authenticator = MessageAuthenticator::new(
+        ResolverConfig::from_name_servers(vec![]),
+        ResolverOpts::default(),
+    )
+    .expect("resolver");
+    Resolver::from_parts(
+        authenticator,
+        Duration::from_millis(300),
+        Caches::with_capacity(64),
+    )
 }
 
 /// A name that does not exist (NXDOMAIN), as mail-auth caches a failed TXT lookup.
 fn nxdomain(resolver: &Resolver, name: &str) {
     resolver.caches().txt.insert(
         name.into(),
-        Txt::Error(AuthError::Dns(DnsError::RecordNotFound(ResponseCode::NXDomain))),
+        Txt::Error(AuthError::Dns(DnsError::RecordNotFound(
+            ResponseCode::NXDomain,
+        ))),
         later(),
     );
 }
 
 fn spf_record(resolver: &Resolver, name: &str, record: &str) {
-    resolver.caches().add_txt::<Spf>(name, record.as_bytes(), later());
+    resolver
+        .caches()
+        .add_txt::<Spf>(name, record.as_bytes(), later());
 }
 
 async fn spf_of(resolver: &Resolver, record: &str) -> SpfCheck {
@@ -58,7 +68,10 @@ async fn spf_results_follow_the_record() {
         ("v=spf1 ip4:198.51.100.1 ~all", SpfResult::SoftFail),
         ("v=spf1 ?all", SpfResult::Neutral),
         ("v=spf1 ip4:not-an-address -all", SpfResult::PermError),
-        ("v=spf1 include:missing.example.org -all", SpfResult::PermError),
+        (
+            "v=spf1 include:missing.example.org -all",
+            SpfResult::PermError,
+        ),
     ];
     for (record, expected) in cases {
         let resolver = offline();
@@ -74,9 +87,13 @@ async fn spf_results_follow_the_record() {
 async fn spf_none_without_a_record_and_for_a_domain_literal() {
     let resolver = offline();
     nxdomain(&resolver, "example.org.");
-    let check = resolver.spf(CLIENT, "mx.example.org", Some("u@example.org")).await;
+    let check = resolver
+        .spf(CLIENT, "mx.example.org", Some("u@example.org"))
+        .await;
     assert_eq!(check.result, SpfResult::None);
-    let check = resolver.spf(CLIENT, "mx.example.org", Some("u@[192.0.2.1]")).await;
+    let check = resolver
+        .spf(CLIENT, "mx.example.org", Some("u@[192.0.2.1]"))
+        .await;
     assert_eq!(check.result, SpfResult::None);
 }
 
@@ -93,15 +110,25 @@ async fn spf_of_a_null_reverse_path_checks_the_helo_name() {
 #[tokio::test]
 async fn spf_over_ten_lookups_or_looping_includes_is_permerror() {
     let resolver = offline();
-    let chain: String = (0..11).map(|i| format!(" include:i{i}.example.org")).collect();
+    let chain: String = (0..11)
+        .map(|i| format!(" include:i{i}.example.org"))
+        .collect();
     for i in 0..11 {
-        spf_record(&resolver, &format!("i{i}.example.org"), "v=spf1 ?ip4:203.0.113.1");
+        spf_record(
+            &resolver,
+            &format!("i{i}.example.org"),
+            "v=spf1 ?ip4:203.0.113.1",
+        );
     }
     let check = spf_of(&resolver, &format!("v=spf1{chain} -all")).await;
     assert_eq!(check.result, SpfResult::PermError);
 
     let resolver = offline();
-    spf_record(&resolver, "loop.example.org", "v=spf1 include:example.org -all");
+    spf_record(
+        &resolver,
+        "loop.example.org",
+        "v=spf1 include:example.org -all",
+    );
     let check = spf_of(&resolver, "v=spf1 include:loop.example.org -all").await;
     assert_eq!(check.result, SpfResult::PermError, "include loop");
 
@@ -117,26 +144,36 @@ async fn spf_lookup_error_is_temperror_never_pass() {
     // a:uncached.example.org is not in the caches: the lookup fails.
     let check = spf_of(&resolver, "v=spf1 a:uncached.example.org +all").await;
     assert_eq!(check.result, SpfResult::TempError);
-    let check = resolver.spf(CLIENT, "mx.example.org", Some("u@uncached.example.net")).await;
+    let check = resolver
+        .spf(CLIENT, "mx.example.org", Some("u@uncached.example.net"))
+        .await;
     assert_eq!(check.result, SpfResult::TempError);
 }
 
 #[tokio::test]
 async fn iprev_passes_when_the_ptr_name_resolves_back_and_fails_otherwise() {
     let resolver = offline();
-    resolver.caches().add_ptr(CLIENT, vec!["mail.example.org."], later());
     resolver
         .caches()
-        .add_ipv4("mail.example.org", vec![Ipv4Addr::new(192, 0, 2, 10)], later());
+        .add_ptr(CLIENT, vec!["mail.example.org."], later());
+    resolver.caches().add_ipv4(
+        "mail.example.org",
+        vec![Ipv4Addr::new(192, 0, 2, 10)],
+        later(),
+    );
     let check = resolver.iprev(CLIENT).await;
     assert_eq!(check.result, IprevResult::Pass);
     assert_eq!(check.name.as_deref(), Some("mail.example.org"));
 
     let resolver = offline();
-    resolver.caches().add_ptr(CLIENT, vec!["mail.example.org."], later());
     resolver
         .caches()
-        .add_ipv4("mail.example.org", vec![Ipv4Addr::new(198, 51, 100, 1)], later());
+        .add_ptr(CLIENT, vec!["mail.example.org."], later());
+    resolver.caches().add_ipv4(
+        "mail.example.org",
+        vec![Ipv4Addr::new(198, 51, 100, 1)],
+        later(),
+    );
     let check = resolver.iprev(CLIENT).await;
     assert_eq!(check.result, IprevResult::Fail);
 }
@@ -162,8 +199,14 @@ fn keys() -> Keys {
         .expect("Ed25519 key")
         .serialize_der();
     Keys {
-        rsa_public: RsaKey::<Sha256>::from_key_der(rustls_pki_types::PrivateKeyDer::Pkcs8(rsa_der.clone().into())).expect("key").public_key(),
-        ed_public: Ed25519Key::from_pkcs8_der(&ed_der).expect("key").public_key(),
+        rsa_public: RsaKey::<Sha256>::from_key_der(rustls_pki_types::PrivateKeyDer::Pkcs8(
+            rsa_der.clone().into(),
+        ))
+        .expect("key")
+        .public_key(),
+        ed_public: Ed25519Key::from_pkcs8_der(&ed_der)
+            .expect("key")
+            .public_key(),
         rsa_der,
         ed_der,
     }
@@ -180,7 +223,10 @@ fn publish_key(resolver: &Resolver, name: &str, k: &str, public: &[u8]) {
 const SIGNED: [&str; 5] = ["From", "To", "Subject", "Date", "Message-ID"];
 
 fn sign_rsa(keys: &Keys, domain: &str, message: &str) -> String {
-    let key = RsaKey::<Sha256>::from_key_der(rustls_pki_types::PrivateKeyDer::Pkcs8(keys.rsa_der.clone().into())).expect("key");
+    let key = RsaKey::<Sha256>::from_key_der(rustls_pki_types::PrivateKeyDer::Pkcs8(
+        keys.rsa_der.clone().into(),
+    ))
+    .expect("key");
     let signature = DkimSigner::from_key(key)
         .domain(domain)
         .selector("rsa")
@@ -217,8 +263,18 @@ fn facts<'a>(spf: Option<&'a SpfCheck>, own: &'a [String]) -> MessageFacts<'a> {
 /// `None`); the tree walk's other names do not exist.
 fn with_records(keys: &Keys, dmarc: Option<&str>) -> Resolver {
     let resolver = offline();
-    publish_key(&resolver, "rsa._domainkey.example.org", "rsa", &keys.rsa_public);
-    publish_key(&resolver, "ed._domainkey.example.org", "ed25519", &keys.ed_public);
+    publish_key(
+        &resolver,
+        "rsa._domainkey.example.org",
+        "rsa",
+        &keys.rsa_public,
+    );
+    publish_key(
+        &resolver,
+        "ed._domainkey.example.org",
+        "ed25519",
+        &keys.ed_public,
+    );
     match dmarc {
         Some(record) => {
             resolver
@@ -227,7 +283,12 @@ fn with_records(keys: &Keys, dmarc: Option<&str>) -> Resolver {
         }
         None => nxdomain(&resolver, "_dmarc.example.org."),
     }
-    for name in ["_dmarc.org.", "_dmarc.sub.example.org.", "_dmarc.example.net.", "_dmarc.net."] {
+    for name in [
+        "_dmarc.org.",
+        "_dmarc.sub.example.org.",
+        "_dmarc.example.net.",
+        "_dmarc.net.",
+    ] {
         nxdomain(&resolver, name);
     }
     resolver
@@ -237,8 +298,14 @@ fn with_records(keys: &Keys, dmarc: Option<&str>) -> Resolver {
 async fn dkim_passes_rsa_and_ed25519_signatures_each_reported_in_order() {
     let keys = keys();
     let resolver = with_records(&keys, Some("v=DMARC1; p=reject"));
-    let message = sign_ed(&keys, "example.org", &sign_rsa(&keys, "example.org", MESSAGE));
-    let checks = resolver.authenticate(message.as_bytes(), facts(None, &[])).await;
+    let message = sign_ed(
+        &keys,
+        "example.org",
+        &sign_rsa(&keys, "example.org", MESSAGE),
+    );
+    let checks = resolver
+        .authenticate(message.as_bytes(), facts(None, &[]))
+        .await;
     let results: Vec<_> = checks
         .dkim
         .iter()
@@ -264,10 +331,15 @@ async fn dkim_of_a_modified_body_fails_and_dmarc_rejects() {
     let keys = keys();
     let resolver = with_records(&keys, Some("v=DMARC1; p=reject"));
     let message = sign_rsa(&keys, "example.org", MESSAGE).replace("Hello.", "Hello!");
-    let checks = resolver.authenticate(message.as_bytes(), facts(None, &[])).await;
+    let checks = resolver
+        .authenticate(message.as_bytes(), facts(None, &[]))
+        .await;
     assert_eq!(checks.dkim[0].result, DkimResult::Fail);
     let dmarc = checks.dmarc.expect("dmarc ran");
-    assert_eq!((dmarc.result, dmarc.policy), (DmarcResult::Fail, DmarcPolicy::Reject));
+    assert_eq!(
+        (dmarc.result, dmarc.policy),
+        (DmarcResult::Fail, DmarcPolicy::Reject)
+    );
     assert!(!dmarc.own_domain);
 }
 
@@ -296,18 +368,30 @@ async fn dmarc_policy_follows_p_sp_and_t() {
     let sub = MESSAGE.replace("alice@example.org", "alice@sub.example.org");
     let cases = [
         ("v=DMARC1; p=quarantine", MESSAGE, DmarcPolicy::Quarantine),
-        ("v=DMARC1; p=reject; sp=none", sub.as_str(), DmarcPolicy::None),
+        (
+            "v=DMARC1; p=reject; sp=none",
+            sub.as_str(),
+            DmarcPolicy::None,
+        ),
         ("v=DMARC1; p=reject; t=y", MESSAGE, DmarcPolicy::Quarantine),
         ("v=DMARC1; p=quarantine; t=y", MESSAGE, DmarcPolicy::None),
     ];
     for (record, message, expected) in cases {
         let resolver = with_records(&keys, Some(record));
-        resolver
-            .caches()
-            .add_ipv4("sub.example.org", vec![Ipv4Addr::new(192, 0, 2, 99)], later());
-        let checks = resolver.authenticate(message.as_bytes(), facts(None, &[])).await;
+        resolver.caches().add_ipv4(
+            "sub.example.org",
+            vec![Ipv4Addr::new(192, 0, 2, 99)],
+            later(),
+        );
+        let checks = resolver
+            .authenticate(message.as_bytes(), facts(None, &[]))
+            .await;
         let dmarc = checks.dmarc.expect("dmarc ran");
-        assert_eq!((dmarc.result, dmarc.policy), (DmarcResult::Fail, expected), "{record}");
+        assert_eq!(
+            (dmarc.result, dmarc.policy),
+            (DmarcResult::Fail, expected),
+            "{record}"
+        );
     }
 }
 
@@ -316,23 +400,40 @@ async fn own_domains_reject_without_a_record() {
     let keys = keys();
     let resolver = with_records(&keys, None);
     let own = ["example.org".to_string()];
-    let checks = resolver.authenticate(MESSAGE.as_bytes(), facts(None, &own)).await;
+    let checks = resolver
+        .authenticate(MESSAGE.as_bytes(), facts(None, &own))
+        .await;
     let dmarc = checks.dmarc.expect("dmarc ran");
-    assert_eq!((dmarc.result, dmarc.policy), (DmarcResult::Fail, DmarcPolicy::Reject));
+    assert_eq!(
+        (dmarc.result, dmarc.policy),
+        (DmarcResult::Fail, DmarcPolicy::Reject)
+    );
     assert!(dmarc.own_domain);
     // Not one of ours: no record is no policy.
-    let checks = resolver.authenticate(MESSAGE.as_bytes(), facts(None, &[])).await;
+    let checks = resolver
+        .authenticate(MESSAGE.as_bytes(), facts(None, &[]))
+        .await;
     let dmarc = checks.dmarc.expect("dmarc ran");
-    assert_eq!((dmarc.result, dmarc.policy), (DmarcResult::None, DmarcPolicy::None));
+    assert_eq!(
+        (dmarc.result, dmarc.policy),
+        (DmarcResult::None, DmarcPolicy::None)
+    );
 }
 
 #[tokio::test]
 async fn dmarc_lookup_failure_is_temperror() {
     let keys = keys();
     let resolver = offline();
-    publish_key(&resolver, "rsa._domainkey.example.org", "rsa", &keys.rsa_public);
+    publish_key(
+        &resolver,
+        "rsa._domainkey.example.org",
+        "rsa",
+        &keys.rsa_public,
+    );
     // _dmarc.example.org is not cached: the lookup fails.
-    let checks = resolver.authenticate(MESSAGE.as_bytes(), facts(None, &[])).await;
+    let checks = resolver
+        .authenticate(MESSAGE.as_bytes(), facts(None, &[]))
+        .await;
     assert_eq!(checks.dmarc.map(|d| d.result), Some(DmarcResult::TempError));
 }
 
@@ -341,9 +442,18 @@ async fn from_missing_several_fields_or_several_domains_skip_dmarc() {
     let resolver = offline();
     let cases = [
         ("To: b@example.net\r\n\r\nbody\r\n", FromDomain::Missing),
-        ("From: a@example.org\r\nFrom: a@example.com\r\n\r\nbody\r\n", FromDomain::Several),
-        ("From: a@example.org, b@example.com\r\n\r\nbody\r\n", FromDomain::Several),
-        ("From: a@example.org, b@EXAMPLE.org\r\n\r\nbody\r\n", FromDomain::One("example.org".into())),
+        (
+            "From: a@example.org\r\nFrom: a@example.com\r\n\r\nbody\r\n",
+            FromDomain::Several,
+        ),
+        (
+            "From: a@example.org, b@example.com\r\n\r\nbody\r\n",
+            FromDomain::Several,
+        ),
+        (
+            "From: a@example.org, b@EXAMPLE.org\r\n\r\nbody\r\n",
+            FromDomain::One("example.org".into()),
+        ),
         ("From: undisclosed\r\n\r\nbody\r\n", FromDomain::Missing),
     ];
     for (message, expected) in cases {
@@ -368,7 +478,9 @@ async fn malformed_signatures_and_empty_input_never_panic() {
         "\r\n\r\n",
     ];
     for message in messages {
-        let checks = resolver.authenticate(message.as_bytes(), facts(None, &[])).await;
+        let checks = resolver
+            .authenticate(message.as_bytes(), facts(None, &[]))
+            .await;
         for check in &checks.dkim {
             assert_ne!(check.result, DkimResult::Pass, "{message:?}");
         }
@@ -393,7 +505,14 @@ async fn a_signature_with_a_key_under_1024_bits_is_policy_not_pass() {
         .expect("base64");
     publish_key(&resolver, "rsa._domainkey.example.org", "rsa", &small);
     let message = sign_rsa(&keys, "example.org", MESSAGE);
-    let checks = resolver.authenticate(message.as_bytes(), facts(None, &[])).await;
-    assert_eq!(checks.dkim[0].result, DkimResult::Policy, "{:?}", checks.dkim[0]);
+    let checks = resolver
+        .authenticate(message.as_bytes(), facts(None, &[]))
+        .await;
+    assert_eq!(
+        checks.dkim[0].result,
+        DkimResult::Policy,
+        "{:?}",
+        checks.dkim[0]
+    );
     assert_eq!(checks.dmarc.map(|d| d.result), Some(DmarcResult::Fail));
 }
