@@ -516,3 +516,64 @@ async fn a_signature_with_a_key_under_1024_bits_is_policy_not_pass() {
     );
     assert_eq!(checks.dmarc.map(|d| d.result), Some(DmarcResult::Fail));
 }
+
+#[tokio::test]
+async fn arc_is_none_without_a_chain_and_passes_a_sealed_one() {
+    use mail_auth::AuthenticationResults;
+    use mail_auth::arc::ArcSealer;
+
+    let keys = keys();
+    let resolver = with_records(&keys, Some("v=DMARC1; p=none"));
+    let checks = resolver
+        .authenticate(MESSAGE.as_bytes(), facts(None, &[]))
+        .await;
+    assert_eq!(
+        checks.arc.map(|a| (a.result, a.instances)),
+        Some((ArcResult::None, 0))
+    );
+
+    let parsed = AuthenticatedMessage::parse(MESSAGE.as_bytes()).expect("message");
+    let arc_output = resolver
+        .authenticator()
+        .verify_arc(resolver.caches().parameters(&parsed))
+        .await;
+    let results = AuthenticationResults::new("forwarder.example.org");
+    let key = Ed25519Key::from_pkcs8_der(&keys.ed_der).expect("key");
+    let set = ArcSealer::from_key(key)
+        .domain("example.org")
+        .selector("ed")
+        .headers(["From", "To", "Subject"])
+        .seal(&parsed, &results, &arc_output)
+        .expect("seal");
+    let sealed = format!("{}{MESSAGE}", set.to_header());
+    let checks = resolver
+        .authenticate(sealed.as_bytes(), facts(None, &[]))
+        .await;
+    assert_eq!(
+        checks.arc.map(|a| (a.result, a.instances)),
+        Some((ArcResult::Pass, 1))
+    );
+
+    let broken = sealed.replace("Hello.", "Changed.");
+    let checks = resolver
+        .authenticate(broken.as_bytes(), facts(None, &[]))
+        .await;
+    assert_eq!(checks.arc.map(|a| a.result), Some(ArcResult::Fail));
+}
+
+#[tokio::test]
+async fn dkim_key_lookup_failure_is_temperror_never_pass() {
+    let keys = keys();
+    let resolver = with_records(&keys, Some("v=DMARC1; p=reject"));
+    let message = sign_rsa(&keys, "example.org", MESSAGE).replace("s=rsa;", "s=uncached;");
+    let checks = resolver
+        .authenticate(message.as_bytes(), facts(None, &[]))
+        .await;
+    assert_eq!(
+        checks.dkim[0].result,
+        DkimResult::TempError,
+        "{:?}",
+        checks.dkim
+    );
+    assert_eq!(checks.dmarc.map(|d| d.result), Some(DmarcResult::TempError));
+}
