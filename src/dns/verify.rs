@@ -18,7 +18,8 @@ use mail_auth::dmarc::verify::DmarcParameters;
 use mail_auth::spf::verify::SpfParameters;
 use mail_auth::{
     AuthenticatedMessage, DkimOutput, DkimResult as LibDkim, DmarcResult as LibDmarc, DnsError,
-    Error as AuthError, IprevResult as LibIprev, ResolverCache, SpfOutput, SpfResult as LibSpf,
+    Error as AuthError, IprevResult as LibIprev, Parameters, RecordSet, ResolverCache, SpfOutput,
+    SpfResult as LibSpf, Txt,
 };
 use tokio::time::{Instant, timeout, timeout_at};
 
@@ -245,10 +246,33 @@ impl Resolver {
             SpfIdentity::Helo => SpfParameters::verify_ehlo(client_ip, helo, SPF_HOST_DOMAIN),
         };
         let budget = self.check_deadline();
-        let evaluation = self
-            .authenticator()
-            .check_host(self.caches().parameters(params));
+        let voids = VoidCount::default();
+        let caches = self.caches();
+        let (txt, mx) = (
+            voids.watch(&caches.txt, Kind::Other),
+            voids.watch(&caches.mx, Kind::Other),
+        );
+        let (ipv4, ipv6) = (
+            voids.watch(&caches.ipv4, Kind::Ipv4),
+            voids.watch(&caches.ipv6, Kind::Ipv6),
+        );
+        let ptr = voids.watch(&caches.ptr, Kind::Other);
+        let params = Parameters::new(params)
+            .with_txt_cache(&txt)
+            .with_mx_cache(&mx)
+            .with_ipv4_cache(&ipv4)
+            .with_ipv6_cache(&ipv6)
+            .with_ptr_cache(&ptr);
+        let evaluation = self.authenticator().check_host(params);
         match timeout(budget, evaluation).await {
+            Ok(output)
+                if output.result() != LibSpf::TempError && voids.total() > MAX_VOID_LOOKUPS =>
+            {
+                check.result = SpfResult::PermError;
+                check.detail = Some(format!(
+                    "more than {MAX_VOID_LOOKUPS} void lookups (RFC 7208 §4.6.4)"
+                ));
+            }
             Ok(output) => {
                 check.result = spf_result(output.result());
                 check.detail = match check.result {
@@ -582,6 +606,130 @@ impl Resolver {
             check.own_domain = true;
         }
         check
+    }
+}
+
+/// RFC 7208 §4.6.4: void lookups (NXDOMAIN or no answer) one SPF check may make.
+pub const MAX_VOID_LOOKUPS: u32 = 2;
+
+/// Which cache a lookup went through (an `exists:` reads the A cache, then the AAAA cache).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Kind {
+    Ipv4,
+    Ipv6,
+    Other,
+}
+
+/// Counts the void lookups of one SPF check as mail-auth's lookups go through the caches,
+/// since mail-auth does not limit them. A cached answer that is empty or NXDOMAIN is void; a
+/// cache miss that no answer follows (mail-auth caches every answer it gets) is void too,
+/// except for `exists:`, whose answer mail-auth never caches (a miss in the A cache then in
+/// the AAAA cache): those are not counted, so this never counts a lookup that answered.
+#[derive(Debug, Default)]
+struct VoidCount {
+    state: std::sync::Mutex<VoidState>,
+}
+
+#[derive(Debug, Default)]
+struct VoidState {
+    voids: u32,
+    /// A miss not yet followed by an answer.
+    pending: Option<Kind>,
+}
+
+impl VoidCount {
+    fn watch<'a, C>(&'a self, cache: &'a C, kind: Kind) -> Watched<'a, C> {
+        Watched {
+            cache,
+            count: self,
+            kind,
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, VoidState> {
+        self.state
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Void lookups so far, a last unanswered miss included.
+    fn total(&self) -> u32 {
+        let state = self.lock();
+        state.voids + u32::from(state.pending.is_some())
+    }
+
+    fn looked_up(&self, kind: Kind, found: Option<bool>) {
+        let mut state = self.lock();
+        match (state.pending.take(), kind) {
+            // exists: the same name in the AAAA cache after the A cache; answer unknown.
+            (Some(Kind::Ipv4), Kind::Ipv6) => return,
+            (Some(_), _) => state.voids += 1,
+            (None, _) => {}
+        }
+        match found {
+            Some(true) => state.voids += 1,
+            Some(false) => {}
+            None => state.pending = Some(kind),
+        }
+    }
+
+    fn answered(&self, void: bool) {
+        let mut state = self.lock();
+        state.pending = None;
+        state.voids += u32::from(void);
+    }
+}
+
+/// An answer that says nothing exists (RFC 7208 §4.6.4 "void").
+trait Void {
+    fn is_void(&self) -> bool;
+}
+
+impl Void for Txt {
+    fn is_void(&self) -> bool {
+        matches!(
+            self,
+            Txt::Error(AuthError::Dns(DnsError::RecordNotFound(_)))
+        )
+    }
+}
+
+impl<T> Void for RecordSet<T> {
+    fn is_void(&self) -> bool {
+        self.rrset.is_empty()
+    }
+}
+
+/// A cache whose reads and writes are counted by a [`VoidCount`].
+struct Watched<'a, C> {
+    cache: &'a C,
+    count: &'a VoidCount,
+    kind: Kind,
+}
+
+impl<K, V: Void, C: ResolverCache<K, V>> ResolverCache<K, V> for Watched<'_, C> {
+    fn get<Q>(&self, name: &Q) -> Option<V>
+    where
+        K: std::borrow::Borrow<Q>,
+        Q: std::hash::Hash + Eq + ?Sized,
+    {
+        let value = self.cache.get(name);
+        self.count
+            .looked_up(self.kind, value.as_ref().map(Void::is_void));
+        value
+    }
+
+    fn remove<Q>(&self, name: &Q) -> Option<V>
+    where
+        K: std::borrow::Borrow<Q>,
+        Q: std::hash::Hash + Eq + ?Sized,
+    {
+        self.cache.remove(name)
+    }
+
+    fn insert(&self, key: K, value: V, valid_until: std::time::Instant) {
+        self.count.answered(value.is_void());
+        self.cache.insert(key, value, valid_until);
     }
 }
 

@@ -577,3 +577,24 @@ async fn dkim_key_lookup_failure_is_temperror_never_pass() {
     );
     assert_eq!(checks.dmarc.map(|d| d.result), Some(DmarcResult::TempError));
 }
+
+#[tokio::test]
+async fn spf_over_two_void_lookups_is_permerror() {
+    let resolver = offline();
+    for name in ["v1.example.org", "v2.example.org", "v3.example.org"] {
+        resolver.caches().add_ipv4(name, vec![], later());
+    }
+    let two = "v=spf1 a:v1.example.org a:v2.example.org -all";
+    assert_eq!(spf_of(&resolver, two).await.result, SpfResult::Fail);
+    let three = "v=spf1 a:v1.example.org a:v2.example.org a:v3.example.org -all";
+    let check = spf_of(&resolver, three).await;
+    assert_eq!(check.result, SpfResult::PermError, "{check:?}");
+
+    let resolver = offline();
+    for name in ["n1.example.org.", "n2.example.org.", "n3.example.org."] {
+        nxdomain(&resolver, name);
+    }
+    let three =
+        "v=spf1 ?include:n1.example.org ?include:n2.example.org ?include:n3.example.org -all";
+    assert_eq!(spf_of(&resolver, three).await.result, SpfResult::PermError);
+}
