@@ -29,16 +29,26 @@ fuzz_target!(|data: &[u8]| {
     let dmarc = parts.next().unwrap_or_default();
     let message = parts.next().unwrap_or_default();
 
-    let runtime = tokio::runtime::Builder::new_current_thread()
+    RUNTIME.with(|runtime| runtime.block_on(check(spf, key, dmarc, message)));
+});
+
+thread_local! {
+    /// One runtime and resolver for every input (building them is most of an execution);
+    /// the caches, where the input goes, are new each time.
+    static RUNTIME: tokio::runtime::Runtime = tokio::runtime::Builder::new_current_thread()
         .enable_time()
         .build()
         .expect("runtime");
-    runtime.block_on(async {
-        let authenticator = MessageAuthenticator::new(
-            ResolverConfig::from_name_servers(vec![]),
-            ResolverOpts::default(),
-        )
-        .expect("resolver");
+    static AUTHENTICATOR: MessageAuthenticator = MessageAuthenticator::new(
+        ResolverConfig::from_name_servers(vec![]),
+        ResolverOpts::default(),
+    )
+    .expect("resolver");
+}
+
+async fn check(spf: &[u8], key: &[u8], dmarc: &[u8], message: &[u8]) {
+    {
+        let authenticator = AUTHENTICATOR.with(Clone::clone);
         let caches = Caches::with_capacity(64);
         let until = Instant::now() + Duration::from_secs(600);
         caches.add_txt::<Spf>("example.org", spf, until);
@@ -66,14 +76,13 @@ fuzz_target!(|data: &[u8]| {
                 assert_eq!(check.domain, "example.org", "{check:?}");
             }
         }
-        let _ = portcullis::dns::results::authentication_results(
-            &portcullis::dns::results::Recorded {
+        let _ =
+            portcullis::dns::results::authentication_results(&portcullis::dns::results::Recorded {
                 authserv_id: "mx.example.com",
                 client_ip: client,
                 spf: Some(&spf),
                 iprev: None,
                 message: Some(&checks),
-            },
-        );
-    });
-});
+            });
+    }
+}
