@@ -62,10 +62,7 @@ fn check(a: &Address) {
                 format!("{}@{}", a.local(), a.domain()),
                 "{line:?}"
             );
-            assert!(
-                to.flags == 0 && to.orcpt.is_none(),
-                "parameter injected: {line:?}"
-            );
+            assert!(to.flags == 0 && to.orcpt.is_none(), "parameter injected: {line:?}");
         }
         other => panic!("{line:?} read as {other:?}"),
     }

@@ -61,10 +61,7 @@ fuzz_target!(|data: &[u8]| {
         }
         assert_eq!(r.consumed, n);
     }
-    assert_eq!(
-        normalized_end, expected.end,
-        "normalizing moved the end of data"
-    );
+    assert_eq!(normalized_end, expected.end, "normalizing moved the end of data");
     if normalized_end.is_some() && normalizing.fault().is_none() {
         let bare_lf = stored
             .iter()

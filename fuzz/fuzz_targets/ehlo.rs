@@ -21,8 +21,8 @@ use libfuzzer_sys::fuzz_target;
 use portcullis::outbound::client::Extensions;
 use portcullis::smtp::upstream_reply::UpstreamReply;
 use smtp_proto::{
-    AUTH_LOGIN, AUTH_PLAIN, EXT_8BIT_MIME, EXT_PIPELINING, EXT_SIZE, EXT_SMTP_UTF8, EXT_START_TLS,
-    EhloResponse,
+    AUTH_LOGIN, AUTH_PLAIN, EXT_8BIT_MIME, EXT_PIPELINING, EXT_SIZE, EXT_SMTP_UTF8,
+    EXT_START_TLS, EhloResponse,
 };
 
 /// The extensions by a reading independent of `Extensions::parse`'s: each line's keyword
@@ -63,13 +63,8 @@ fn is_plain(reply: &UpstreamReply) -> bool {
         let mut words = l.split(' ');
         let keyword = words.next().unwrap_or("");
         let size_ok = !keyword.eq_ignore_ascii_case("SIZE")
-            || words
-                .next()
-                .is_none_or(|n| n.len() <= 18 && n.bytes().all(|b| b.is_ascii_digit()));
-        keyword
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b == b'-')
-            && size_ok
+            || words.next().is_none_or(|n| n.len() <= 18 && n.bytes().all(|b| b.is_ascii_digit()));
+        keyword.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-') && size_ok
     };
     reply.code == 250
         && reply.lines.iter().all(plain_line)
@@ -91,16 +86,8 @@ fn compare_with_smtp_proto(reply: &UpstreamReply, ext: &Extensions) {
     if let Some(size) = ext.size {
         assert_eq!(size, theirs.size as u64, "{text}");
     }
-    assert_eq!(
-        ext.auth_plain,
-        theirs.auth_mechanisms & AUTH_PLAIN != 0,
-        "{text}"
-    );
-    assert_eq!(
-        ext.auth_login,
-        theirs.auth_mechanisms & AUTH_LOGIN != 0,
-        "{text}"
-    );
+    assert_eq!(ext.auth_plain, theirs.auth_mechanisms & AUTH_PLAIN != 0, "{text}");
+    assert_eq!(ext.auth_login, theirs.auth_mechanisms & AUTH_LOGIN != 0, "{text}");
 }
 
 fuzz_target!(|data: &[u8]| {

@@ -21,9 +21,7 @@ mod common;
 
 use common::wire;
 use libfuzzer_sys::fuzz_target;
-use portcullis::smtp::upstream_reply::{
-    MAX_REPLY_LINE, MAX_REPLY_LINES, ReplyReader, UpstreamReply,
-};
+use portcullis::smtp::upstream_reply::{MAX_REPLY_LINE, MAX_REPLY_LINES, ReplyReader, UpstreamReply};
 
 fn is_status(code: &str) -> bool {
     let parts: Vec<&str> = code.split('.').collect();
@@ -34,16 +32,10 @@ fn is_status(code: &str) -> bool {
 
 fn check(reply: &UpstreamReply) {
     assert!((200..600).contains(&reply.code), "{reply:?}");
-    assert!(
-        (1..=MAX_REPLY_LINES).contains(&reply.lines.len()),
-        "{reply:?}"
-    );
+    assert!((1..=MAX_REPLY_LINES).contains(&reply.lines.len()), "{reply:?}");
     for line in &reply.lines {
         assert!(line.chars().count() <= MAX_REPLY_LINE, "{reply:?}");
-        assert!(
-            !line.chars().any(|c| c.is_control() && c != '\t'),
-            "{reply:?}"
-        );
+        assert!(!line.chars().any(|c| c.is_control() && c != '\t'), "{reply:?}");
     }
     let text = reply.to_string();
     assert!(!text.contains(['\r', '\n']), "{text:?}");
