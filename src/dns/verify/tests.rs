@@ -598,3 +598,41 @@ async fn spf_over_two_void_lookups_is_permerror() {
         "v=spf1 ?include:n1.example.org ?include:n2.example.org ?include:n3.example.org -all";
     assert_eq!(spf_of(&resolver, three).await.result, SpfResult::PermError);
 }
+
+/// `MESSAGE` signed with rsa-sha1 (by OpenSSL, which still signs with SHA-1) and its key.
+const SHA1_SIGNATURE: &str = "DKIM-Signature: v=1; a=rsa-sha1; s=sha1; d=example.org; c=relaxed/relaxed;\r\n\
+    \th=Message-ID:Date:Subject:To:From; t=1796090391; bh=2+689OSH6dJ8r+u45EO4VHI\r\n\
+    \tBWe8=; b=NYZrUb6DkbVYQujMsyj4vAqZszn+pg7LDiIU9IBJ1LJHprUZbqA+Qg27FrMtUeKi99\r\n\
+    \tZ4xk6ThuY0Giw+cBIQYt9skoY1PQRKpc2CiTDs9knW1BlgUECwzj6oxrAGtEbF+qUgFdJFU3bQH\r\n\
+    \t27uWiNLTHB3wF0NJrMmM/j8bgbj7IC1TKHm+4jq1bLZ7wYi+LIjfI+LkXExFbbw0DO49AGsDWjF\r\n\
+    \tO1NT4XVl/mtFYjCiN1FKU8zQ4KLroGYk6uIrHRud5CKFTi17BeDEHaMnfIaWM/QPcNcPuBHpsSg\r\n\
+    \tj47DkaXgclJ1m5jY1VXXI062zLFf1acDEsBCu7S2iX0cncvZqOA==;\r\n";
+const SHA1_KEY: &str = "MIIBIjANBgkqhkiG9w0BAQEFAAOCAQ8AMIIBCgKCAQEAtRDuJxHn2FOSvE3w7jKbmQ86oEz9a1PNtrhl+4YojVdS9+bNWwYaTedVa0mV49Zp2GET78rsL8zHtWJ47G993vI6irVOgbC8Qnv0tVY8ncqteERW60Iy3VHY1sL/F7IiuSh4ae6JhMDLBc5fY+OcNx6nzwatGCQUi3LnXdbJVhGQ+lPEdPVWY2JjcoG9B6BC5OEUhs9MmahjqvUnia3y+DGTKx8j21CvHxcznCgkEMmmVoeXirvohS7hqEM4K+LK1z/0oCC2dwx8XZeVemtXdo+X6SHi1RVbtA/rfJgpr3o4AsBLwntGyadsWYbYJV/dGtECSFZrIwHMFVL+/xsTBwIDAQAB";
+
+#[tokio::test]
+async fn an_rsa_sha1_signature_that_verifies_is_policy_not_pass() {
+    let keys = keys();
+    let resolver = with_records(&keys, Some("v=DMARC1; p=reject"));
+    let key = base64::engine::general_purpose::STANDARD
+        .decode(SHA1_KEY)
+        .expect("base64");
+    publish_key(&resolver, "sha1._domainkey.example.org", "rsa", &key);
+    let message = format!("{SHA1_SIGNATURE}{MESSAGE}");
+    let checks = resolver
+        .authenticate(message.as_bytes(), facts(None, &[]))
+        .await;
+    assert_eq!(
+        checks.dkim[0].result,
+        DkimResult::Policy,
+        "{:?}",
+        checks.dkim
+    );
+    assert_eq!(checks.dkim[0].algorithm, "rsa-sha1");
+    assert_eq!(checks.dmarc.map(|d| d.result), Some(DmarcResult::Fail));
+    // The same signature with its body changed is a plain fail.
+    let changed = message.replace("Hello.", "Hello!");
+    let checks = resolver
+        .authenticate(changed.as_bytes(), facts(None, &[]))
+        .await;
+    assert_eq!(checks.dkim[0].result, DkimResult::Fail);
+}
