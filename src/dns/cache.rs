@@ -201,6 +201,14 @@ impl Caches {
         self.txt.insert(fqdn(name), value, valid_until);
     }
 
+    /// Pre-fill: `name` has no TXT record (NXDOMAIN), as a real lookup would cache it.
+    pub fn add_no_txt(&self, name: &str, valid_until: Instant) {
+        let missing = mail_auth::Error::Dns(mail_auth::DnsError::RecordNotFound(
+            mail_auth::hickory_resolver::proto::op::ResponseCode::NXDomain,
+        ));
+        self.txt.insert(fqdn(name), Txt::Error(missing), valid_until);
+    }
+
     /// Pre-fill: the A records of `name`.
     pub fn add_ipv4(&self, name: &str, addresses: Vec<Ipv4Addr>, valid_until: Instant) {
         self.ipv4
