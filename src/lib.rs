@@ -8,6 +8,11 @@
 //!
 //! - [`config`]: the policy file. `raw` mirrors the TOML; `Config` is the validated, typed
 //!   policy compiled from it, with every error reported at once.
+//! - [`dns`]: the relay's resolver (`[dns]`, bounded TTL caches) and the glue to mail-auth:
+//!   SPF, iprev, a message's DKIM signatures, ARC chain and DMARC policy (each answering what
+//!   it found, never a reply), DNSBL lookups, our `Authentication-Results:` field, DKIM signing
+//!   and the `doctor` pre-flight. What a result means for the session is decided in `policy`
+//!   (`policy::mailauth`), and carried out by `inbound::effects`.
 //! - [`envelope`]: domain types: [`envelope::QueueId`], [`envelope::Address`],
 //!   [`envelope::Envelope`].
 //! - [`smtp`]: the sans-IO protocol engine: bytes in, events and replies out. No tokio, no

@@ -206,7 +206,8 @@ impl Caches {
         let missing = mail_auth::Error::Dns(mail_auth::DnsError::RecordNotFound(
             mail_auth::hickory_resolver::proto::op::ResponseCode::NXDomain,
         ));
-        self.txt.insert(fqdn(name), Txt::Error(missing), valid_until);
+        self.txt
+            .insert(fqdn(name), Txt::Error(missing), valid_until);
     }
 
     /// Pre-fill: the A records of `name`.
