@@ -480,16 +480,8 @@ fn spf_enforce_temperror_is_451_4_7_24_and_other_sessions_go_on() {
 #[test]
 fn spf_record_accepts_fail_and_records_it() {
     let s = setup(UP_KEYS, "[spf]\nverify = \"record\"\n");
-    let mut c = stranger(&s.relay);
     let msg = message(Some("<alice@reject.test>"), "recorded", "Hello.");
-    let reply = send(
-        &mut c,
-        "alice@reject.test",
-        &[&format!("user@{OURS}")],
-        msg.as_bytes(),
-    );
-    assert_reply(&reply, 250, "2.0.0");
-    let ar = our_results(&delivered(&s.sink));
+    let ar = send_and_read_results(&s, "alice@reject.test", msg.as_bytes());
     assert_eq!(result_of(&ar, "spf"), "fail", "{ar}");
     let spf = &resinfos(&ar, "spf")[0];
     assert!(
@@ -593,16 +585,8 @@ fn spf_looping_and_over_limit_records_are_permerror() {
 #[test]
 fn spf_record_split_over_many_strings_parses() {
     let s = setup(UP_KEYS, "[spf]\nverify = \"record\"\n");
-    let mut c = stranger(&s.relay);
     let msg = message(Some("<a@split.test>"), "split", "Hello.");
-    let reply = send(
-        &mut c,
-        "a@split.test",
-        &[&format!("user@{OURS}")],
-        msg.as_bytes(),
-    );
-    assert_reply(&reply, 250, "2.0.0");
-    let ar = our_results(&delivered(&s.sink));
+    let ar = send_and_read_results(&s, "a@split.test", msg.as_bytes());
     assert_eq!(result_of(&ar, "spf"), "pass", "{ar}");
 }
 

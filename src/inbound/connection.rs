@@ -400,6 +400,24 @@ impl SessionDriver {
         &'d mut self,
         input: impl FnOnce(&'d Session) -> Input<'d>,
     ) -> Result<(), Refusal> {
+        self.stage_of(None, input).await
+    }
+
+    /// [`SessionDriver::stage`] for the end-of-data stage of `message`, whose bytes the
+    /// verification and signing effects read.
+    async fn stage_message<'d>(
+        &'d mut self,
+        message: &Assembly,
+        input: impl FnOnce(&'d Session) -> Input<'d>,
+    ) -> Result<(), Refusal> {
+        self.stage_of(Some(message), input).await
+    }
+
+    async fn stage_of<'d>(
+        &'d mut self,
+        message: Option<&Assembly>,
+        input: impl FnOnce(&'d Session) -> Input<'d>,
+    ) -> Result<(), Refusal> {
         // Borrowed field by field: the facts read the session while the effects change.
         let SessionDriver {
             runtime,
@@ -416,31 +434,14 @@ impl SessionDriver {
             listener,
             input: input(session),
         };
-        effects.decide(runtime, shared, &facts).await
-    }
-
-    /// [`SessionDriver::stage`] for the end-of-data stage of `message`.
-    async fn stage_message<'d>(
-        &'d mut self,
-        message: &Assembly,
-        input: impl FnOnce(&'d Session) -> Input<'d>,
-    ) -> Result<(), Refusal> {
-        let SessionDriver {
-            runtime,
-            listener,
-            shared,
-            peer,
-            session,
-            effects,
-            ..
-        } = self;
-        let session: &'d Session = session;
-        let facts = StageFacts {
-            session: session_facts(*peer, session),
-            listener,
-            input: input(session),
-        };
-        (effects.decide_message(runtime, shared, &facts, message)).await
+        match message {
+            Some(message) => {
+                effects
+                    .decide_message(runtime, shared, &facts, message)
+                    .await
+            }
+            None => effects.decide(runtime, shared, &facts).await,
+        }
     }
 
     /// Accept the pending command, or refuse it as the verdict says.
