@@ -14,20 +14,6 @@ use crate::config::{DkimSign, Dns};
 use crate::dns::Resolver;
 use crate::dns::keys::SigningKey;
 
-/// The contract's default header list.
-pub(crate) const HEADERS: [&str; 10] = [
-    "From",
-    "From",
-    "To",
-    "Cc",
-    "Subject",
-    "Date",
-    "Message-ID",
-    "Reply-To",
-    "MIME-Version",
-    "Content-Type",
-];
-
 /// A key made once per test run by `openssl` (`genrsa -traditional`: PKCS#1, as OpenDKIM
 /// keys are; `genpkey -algorithm ed25519`: PKCS#8).
 fn generated(name: &str, args: &[&str]) -> Arc<SigningKey> {
@@ -74,7 +60,10 @@ pub(crate) fn entry(domain: &str, selector: &str, key: Arc<SigningKey>) -> DkimS
         selector: selector.into(),
         key_path: PathBuf::from(format!("/keys/{selector}.pem")),
         key,
-        headers: HEADERS.iter().map(|h| h.to_string()).collect(),
+        headers: crate::config::DEFAULT_DKIM_HEADERS
+            .iter()
+            .map(|h| h.to_string())
+            .collect(),
     }
 }
 
