@@ -112,15 +112,15 @@ impl Resolver {
         let answers = match tokio::time::timeout(self.timeout(), lookup).await {
             Ok(Ok(records)) => records.rrset,
             Ok(Err(mail_auth::Error::Dns(mail_auth::DnsError::RecordNotFound(_)))) => {
-                tracing::debug!(zone = %zone.zone, %ip, "dnsbl: not listed");
+                tracing::debug!(zone = %zone.name, %ip, "dnsbl: not listed");
                 return None;
             }
             Ok(Err(error)) => {
-                tracing::info!(zone = %zone.zone, %ip, %error, "dnsbl: lookup failed, counted as not listed");
+                tracing::info!(zone = %zone.name, %ip, %error, "dnsbl: lookup failed, counted as not listed");
                 return None;
             }
             Err(_) => {
-                tracing::info!(zone = %zone.zone, %ip, timeout = ?self.timeout(), "dnsbl: lookup timed out, counted as not listed");
+                tracing::info!(zone = %zone.name, %ip, timeout = ?self.timeout(), "dnsbl: lookup timed out, counted as not listed");
                 return None;
             }
         };
@@ -135,10 +135,10 @@ impl Resolver {
                     });
                 }
                 Answer::Refused => {
-                    tracing::warn!(zone = %zone.zone, %answer, "dnsbl: the list refuses our queries (answer in 127.255.255.0/24); counted as not listed");
+                    tracing::warn!(zone = %zone.name, %answer, "dnsbl: the list refuses our queries (answer in 127.255.255.0/24); counted as not listed");
                 }
                 Answer::Other => {
-                    tracing::info!(zone = %zone.zone, %ip, %answer, "dnsbl: answer not in the zone's answers, counted as not listed");
+                    tracing::info!(zone = %zone.name, %ip, %answer, "dnsbl: answer not in the zone's answers, counted as not listed");
                 }
             }
         }

@@ -94,12 +94,24 @@ fn finding(status: Status, check: &'static str, found: String, fix: Option<Strin
     }
 }
 
-/// A lookup that found nothing usable: no record (`Fail`, fix it by publishing), or a DNS
-/// error (`Warn`: nothing is known).
-fn missing(error: &mail_auth::Error) -> Status {
+/// A lookup that found nothing usable. No record, or one that does not parse: `Fail`, with
+/// `absent` as what was found and `fix` (publish). A DNS error (a timeout, SERVFAIL): `Warn`,
+/// nothing is known, so no fix is suggested (publishing would replace what may be there).
+fn lookup_failed(
+    error: &mail_auth::Error,
+    check: &'static str,
+    name: &str,
+    absent: String,
+    fix: Option<String>,
+) -> Finding {
     match error {
-        mail_auth::Error::Dns(DnsError::Resolver(_)) => Status::Warn,
-        _ => Status::Fail,
+        mail_auth::Error::Dns(DnsError::Resolver(_)) => finding(
+            Status::Warn,
+            check,
+            format!("could not look up {name} ({error}): what it publishes is unknown"),
+            None,
+        ),
+        _ => finding(Status::Fail, check, absent, fix),
     }
 }
 
@@ -144,9 +156,10 @@ async fn spf(resolver: &Resolver, config: &Config, domain: &str) -> Vec<Finding>
             format!("the SPF record at {domain} parses"),
             None,
         ),
-        Err(e) => finding(
-            missing(&e),
+        Err(e) => lookup_failed(
+            &e,
             "spf",
+            domain,
             format!("no valid SPF record at {domain} ({e})"),
             Some(suggested),
         ),
@@ -252,9 +265,10 @@ async fn dkim(resolver: &Resolver, config: &Config, domain: &str) -> Vec<Finding
                     )
                 }
             }
-            Err(e) => finding(
-                missing(&e),
+            Err(e) => lookup_failed(
+                &e,
                 "dkim",
+                &name,
                 format!("no valid DKIM key record at {name} ({e})"),
                 publish,
             ),
@@ -283,9 +297,10 @@ async fn dmarc(resolver: &Resolver, domain: &str) -> Finding {
     let dmarc = match record {
         Ok(dmarc) => dmarc,
         Err(e) => {
-            return finding(
-                missing(&e),
+            return lookup_failed(
+                &e,
                 "dmarc",
+                &name,
                 format!("no valid DMARC record at {name} ({e})"),
                 suggested,
             );
@@ -354,9 +369,10 @@ async fn fcrdns_one(resolver: &Resolver, ip: IpAddr) -> Finding {
             );
         }
         Err(e) => {
-            return finding(
-                missing(&e),
+            return lookup_failed(
+                &e,
                 "fcrdns",
+                &ip.to_string(),
                 format!("{ip} has no PTR record ({e})"),
                 fix,
             );

@@ -30,7 +30,7 @@ use std::time::Duration;
 
 use mail_auth::MessageAuthenticator;
 use mail_auth::hickory_resolver::config::{
-    ConnectionConfig, NameServerConfig, ResolverConfig, ResolverOpts,
+    ConnectionConfig, NameServerConfig, ResolveHosts, ResolverConfig, ResolverOpts,
 };
 
 use crate::config::Dns;
@@ -101,6 +101,9 @@ impl Resolver {
         options.timeout = config.timeout;
         options.attempts = 1;
         options.cache_size = RECORD_CACHE_ENTRIES;
+        // Every name goes to the name servers: never /etc/hosts, where a host name of this
+        // machine would otherwise pass an SPF `a:` or confirm an iprev name nobody published.
+        options.use_hosts_file = ResolveHosts::Never;
         // Names are always absolute here; never try them under a search domain.
         options.ndots = 0;
         let authenticator = MessageAuthenticator::new(resolver_config, options)

@@ -8,6 +8,7 @@
 use std::net::IpAddr;
 use std::time::Duration;
 
+use futures_util::future::join_all;
 use mail_auth::common::crypto::Algorithm;
 use mail_auth::common::resolver::ToFqdn;
 use mail_auth::common::to_a_label;
@@ -357,7 +358,7 @@ impl Resolver {
     /// move to another worker meanwhile.
     pub async fn authenticate(&self, message: &[u8], facts: MessageFacts<'_>) -> MessageChecks {
         let run_dkim = facts.dkim || facts.dmarc;
-        let Some(parsed) = parse_off_reactor(message) else {
+        let Some(mut parsed) = parse_off_reactor(message) else {
             return MessageChecks {
                 dkim: Vec::new(),
                 arc: run_dkim.then(|| ArcCheck {
@@ -378,26 +379,32 @@ impl Resolver {
                 from,
             };
         }
+        // Each signature on its own deadline, all at once: one whose key lookup never
+        // answers is a temperror by itself and cannot make the others (an aligned one that
+        // fails, say) temperrors too. Past MAX_SIGNATURES, signatures are not looked at.
+        parsed.dkim_headers.truncate(MAX_SIGNATURES);
+        let singles: Vec<AuthenticatedMessage<'_>> = parsed
+            .dkim_headers
+            .iter()
+            .map(|header| AuthenticatedMessage {
+                dkim_headers: vec![header.clone()],
+                errors: Vec::new(),
+                ..parsed.clone()
+            })
+            .collect();
         let deadline = Instant::now() + self.check_deadline();
-        let verification = self
-            .authenticator()
-            .verify_dkim(self.caches().parameters(&parsed));
-        let outputs = match timeout_at(deadline, verification).await {
-            Ok(outputs) => outputs,
-            Err(_) => parsed
-                .dkim_headers
-                .iter()
-                .map(|h| DkimOutput::temp_err(deadline_error()).with_signature(&h.header))
-                .collect(),
-        };
+        let outputs = join_all(singles.iter().map(|one| self.verify_one(one, deadline))).await;
         let (dkim, for_dmarc) = self.judge_signatures(&parsed, &outputs, deadline).await;
-        let arc = Some(self.arc(&parsed, deadline).await);
-        let dmarc = match (&from, facts.dmarc) {
-            (FromDomain::One(domain), true) => Some(
-                self.dmarc(&parsed, &for_dmarc, &facts, domain, deadline)
-                    .await,
-            ),
-            _ => None,
+        let arc = Some(self.arc(&parsed).await);
+        let (from, dmarc) = match (from, facts.dmarc) {
+            (FromDomain::One(domain), true) => {
+                match self.dmarc(&parsed, &for_dmarc, &facts, &domain).await {
+                    Some(check) => (FromDomain::One(domain), Some(check)),
+                    // mail-auth found other From: domains than we did: refused as several.
+                    None => (FromDomain::Several, None),
+                }
+            }
+            (from, _) => (from, None),
         };
         MessageChecks {
             dkim,
@@ -417,22 +424,15 @@ impl Resolver {
     ) -> (Vec<DkimCheck>, Vec<DkimOutput<'x>>) {
         let mut checks = Vec::new();
         let mut for_dmarc = Vec::new();
-        for output in outputs {
-            let Some(signature) = output.signature() else {
-                continue; // malformed signatures: from `parsed.errors` below
-            };
-            let Some(header) = parsed
-                .dkim_headers
-                .iter()
-                .find(|h| std::ptr::eq(&h.header, signature))
-            else {
-                continue;
-            };
+        for (header, output) in parsed.dkim_headers.iter().zip(outputs) {
             let signature = &header.header;
             let (result, detail) = self.judge_signature(output, signature, deadline).await;
             if result == DkimResult::Policy {
                 let refused = AuthError::Dkim(DkimError::UnsupportedAlgorithm);
                 for_dmarc.push(DkimOutput::fail(refused).with_signature(signature));
+            } else if result == DkimResult::TempError {
+                // Never a pass for DMARC, whatever mail-auth said (the key size unknown).
+                for_dmarc.push(DkimOutput::temp_err(deadline_error()).with_signature(signature));
             } else {
                 for_dmarc.push(output.clone());
             }
@@ -449,6 +449,9 @@ impl Resolver {
         for header in &parsed.errors {
             if !is_field(header.name, "dkim-signature") {
                 continue;
+            }
+            if checks.len() >= MAX_SIGNATURES {
+                break;
             }
             let (result, detail) = match &header.header {
                 AuthError::Dkim(DkimError::SignatureLength) => (
@@ -514,7 +517,8 @@ impl Resolver {
         Some(key.p.public_key_bits())
     }
 
-    async fn arc(&self, parsed: &AuthenticatedMessage<'_>, deadline: Instant) -> ArcCheck {
+    async fn arc(&self, parsed: &AuthenticatedMessage<'_>) -> ArcCheck {
+        let deadline = Instant::now() + self.check_deadline();
         let instances = parsed
             .as_headers
             .iter()
@@ -551,8 +555,8 @@ impl Resolver {
         dkim: &'x [DkimOutput<'x>],
         facts: &MessageFacts<'x>,
         from_domain: &str,
-        deadline: Instant,
-    ) -> DmarcCheck {
+    ) -> Option<DmarcCheck> {
+        let deadline = Instant::now() + self.check_deadline();
         let spf = SpfOutput::new(facts.mail_from_domain.to_string()).with_result(
             facts
                 .spf
@@ -563,6 +567,11 @@ impl Resolver {
             .authenticator()
             .verify_dmarc(self.caches().parameters(params));
         let mut check = match timeout_at(deadline, evaluation).await {
+            Ok(output) if output.domain() != from_domain => {
+                // mail-auth reads the From: domains otherwise (it compares them as written):
+                // no DMARC verdict, which must not pass for one.
+                return None;
+            }
             Ok(output) => DmarcCheck {
                 result: match output.result() {
                     LibDmarc::Pass => DmarcResult::Pass,
@@ -605,9 +614,31 @@ impl Resolver {
             check.policy = DmarcPolicy::Reject;
             check.own_domain = true;
         }
-        check
+        Some(check)
+    }
+
+    /// mail-auth's verification of the one signature of `one`, by `deadline`.
+    async fn verify_one<'x>(
+        &'x self,
+        one: &'x AuthenticatedMessage<'x>,
+        deadline: Instant,
+    ) -> DkimOutput<'x> {
+        let timed_out =
+            || DkimOutput::temp_err(deadline_error()).with_signature(&one.dkim_headers[0].header);
+        let verification = self
+            .authenticator()
+            .verify_dkim(self.caches().parameters(one));
+        match timeout_at(deadline, verification).await {
+            Ok(mut outputs) => outputs.pop().unwrap_or_else(timed_out),
+            Err(_) => timed_out(),
+        }
     }
 }
+
+/// DKIM signatures verified per message (in header order), and malformed ones recorded: the
+/// rest are ignored, so a message of thousands of signatures costs no more than this many key
+/// lookups and verifications, and our `Authentication-Results:` stays short.
+pub const MAX_SIGNATURES: usize = 8;
 
 /// RFC 7208 §4.6.4: void lookups (NXDOMAIN or no answer) one SPF check may make.
 pub const MAX_VOID_LOOKUPS: u32 = 2;
@@ -745,7 +776,11 @@ fn parse_off_reactor(message: &[u8]) -> Option<AuthenticatedMessage<'_>> {
 }
 
 /// The `From:` domains (RFC 7489 §6.6.1): the fields are counted here, since mail-auth
-/// merges the addresses of every `From:` field into one list.
+/// merges the addresses of every `From:` field into one list. An address without a domain, or
+/// whose domain is not a host name as DMARC looks it up (a trailing dot, an empty or over-long
+/// label, a domain literal, any octet outside letters, digits, `-` and `_` once in A-labels),
+/// makes the whole field `Missing`: such a domain has no DMARC record to find, so it would
+/// otherwise slip past enforcement.
 fn from_domain(parsed: &AuthenticatedMessage<'_>) -> FromDomain {
     let fields = parsed
         .headers
@@ -755,13 +790,17 @@ fn from_domain(parsed: &AuthenticatedMessage<'_>) -> FromDomain {
     if fields > 1 {
         return FromDomain::Several;
     }
-    let mut domains: Vec<String> = parsed
-        .from
-        .iter()
-        .filter_map(|address| address.rsplit_once('@'))
-        .map(|(_, domain)| to_a_label(domain.trim_end_matches('.')).to_ascii_lowercase())
-        .filter(|domain| !domain.is_empty())
-        .collect();
+    let mut domains = Vec::new();
+    for address in &parsed.from {
+        let Some((_, domain)) = address.rsplit_once('@') else {
+            return FromDomain::Missing;
+        };
+        let domain = to_a_label(domain).to_ascii_lowercase();
+        if !is_host_name(&domain) {
+            return FromDomain::Missing;
+        }
+        domains.push(domain);
+    }
     domains.sort();
     domains.dedup();
     match domains.len() {
@@ -769,6 +808,19 @@ fn from_domain(parsed: &AuthenticatedMessage<'_>) -> FromDomain {
         1 => FromDomain::One(domains.remove(0)),
         _ => FromDomain::Several,
     }
+}
+
+/// A host name in A-labels (RFC 1123 §2.1, `_` allowed as DNS allows it): 1 to 63 octets per
+/// label, at most 253 in all, at least two labels, no trailing dot.
+fn is_host_name(domain: &str) -> bool {
+    domain.len() <= 253
+        && domain.contains('.')
+        && domain.split('.').all(|label| {
+            (1..=63).contains(&label.len())
+                && label
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+        })
 }
 
 /// A field name, white space inside it ignored (mail-auth reads `F r o m` as From).

@@ -256,3 +256,25 @@ async fn an_ipv6_egress_is_confirmed_through_its_aaaa_record_and_a_revoked_key_f
         "{text}"
     );
 }
+
+#[tokio::test]
+async fn a_record_that_cannot_be_looked_up_is_unknown_not_missing() {
+    // Nothing cached and no name server answers: every lookup is a resolver error.
+    let resolver = offline_resolver();
+    let report = run(&resolver, &config(), "example.test").await;
+    let dmarc = report
+        .findings
+        .iter()
+        .find(|f| f.check == "dmarc")
+        .expect("a dmarc finding");
+    assert_eq!(dmarc.status, Status::Warn, "{dmarc:?}");
+    assert!(
+        dmarc
+            .found
+            .starts_with("could not look up _dmarc.example.test")
+    );
+    assert_eq!(
+        dmarc.fix, None,
+        "no record to publish is suggested: one may be there"
+    );
+}

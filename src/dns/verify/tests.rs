@@ -636,3 +636,49 @@ async fn an_rsa_sha1_signature_that_verifies_is_policy_not_pass() {
         .await;
     assert_eq!(checks.dkim[0].result, DkimResult::Fail);
 }
+
+#[tokio::test]
+async fn a_from_domain_dmarc_cannot_look_up_counts_as_missing() {
+    let resolver = with_records(&keys(), Some("v=DMARC1; p=reject"));
+    let long = "a".repeat(64);
+    let froms = [
+        "ceo@example.org.".to_string(),
+        "X <ceo@example.org.>".to_string(),
+        "ceo@example..org".to_string(),
+        "ceo@.example.org".to_string(),
+        "ceo@[127.0.0.1]".to_string(),
+        "ceo@example.org\\".to_string(),
+        format!("ceo@{long}.example.org"),
+        "ceo@org".to_string(),
+        "<ceo@example.org>, <x@>".to_string(),
+    ];
+    for from in froms {
+        let message = format!("From: {from}\r\nSubject: s\r\n\r\nbody\r\n");
+        let checks = resolver
+            .authenticate(message.as_bytes(), facts(None, &[]))
+            .await;
+        assert_eq!(checks.from, FromDomain::Missing, "{from}");
+        assert_eq!(checks.dmarc, None, "{from}");
+    }
+}
+
+#[tokio::test]
+async fn at_most_max_signatures_are_verified_and_recorded() {
+    let resolver = with_records(&keys(), Some("v=DMARC1; p=reject"));
+    let signature = "DKIM-Signature: v=1; a=rsa-sha256; d=example.org; s=rsa; h=from; \
+                     bh=AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA=; b=AAAA\r\n";
+    let message = format!(
+        "{}From: a@example.org\r\n\r\nbody\r\n",
+        signature.repeat(3 * MAX_SIGNATURES)
+    );
+    let checks = resolver
+        .authenticate(message.as_bytes(), facts(None, &[]))
+        .await;
+    assert_eq!(checks.dkim.len(), MAX_SIGNATURES);
+    assert!(checks.dkim.iter().all(|c| c.result != DkimResult::Pass));
+    let dmarc = checks.dmarc.expect("dmarc ran");
+    assert_eq!(
+        (dmarc.result, dmarc.policy),
+        (DmarcResult::Fail, DmarcPolicy::Reject)
+    );
+}
