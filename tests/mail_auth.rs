@@ -907,7 +907,10 @@ fn dmarc_reject_refuses_spoofed_mail_after_the_dot_and_queues_nothing() {
         spoof.as_bytes(),
     );
     assert_reply(&reply, 550, "5.7.1");
-    assert_log_fields(&s.relay, &[("rule", "dmarc")]);
+    assert_log_fields(
+        &s.relay,
+        &[("rule", "dmarc"), ("queue_id", "*"), ("reply", "*")],
+    );
     assert!(s.relay.spool_files().is_empty());
     only_honest_delivered(&s, &mut c);
 }

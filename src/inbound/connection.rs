@@ -861,7 +861,10 @@ impl SessionDriver {
                 .message_fields(&self.runtime, &facts, assembly.id().as_str())
                 .await;
             self.effects.message_ended();
-            return self.refuse(r);
+            // The refusal line carries the queue id too, so `rule=dmarc` and the results
+            // logged above are found together.
+            let span = tracing::info_span!("message", queue_id = %assembly.id().as_str());
+            return span.in_scope(|| self.refuse(r));
         }
         // Our Authentication-Results: (and quarantine field) or DKIM-Signature:s go above
         // our Received:.
