@@ -93,6 +93,9 @@ fn zones() -> Vec<Zone> {
             "split IN TXT {}",
             txt_strings(&format!("v=spf1 {split}ip4:127.0.0.0/8 -all"), 10)
         ))
+        // Two SPF records (RFC 7208 §4.5: permerror), the first one authorising loopback.
+        .record("twice IN TXT \"v=spf1 ip4:127.0.0.0/8 -all\"")
+        .record("twice IN TXT \"v=spf1 -all\"")
         // The DNSBL.
         .record("9.0.0.127.bl IN A 127.0.0.2")
         .record("9.0.0.127.bl IN TXT \"listed for testing\"")
@@ -580,6 +583,14 @@ fn spf_looping_and_over_limit_records_are_permerror() {
         assert_eq!(result_of(&ar, "spf"), "permerror", "{domain}: {ar}");
     }
     assert_no_panic(&s.relay);
+}
+
+#[test]
+fn spf_two_records_are_permerror_and_not_refused_under_enforce() {
+    let s = setup(UP_KEYS, "[spf]\nverify = \"enforce\"\n");
+    let msg = message(Some("<a@twice.test>"), "twice", "Hello.");
+    let ar = send_and_read_results(&s, "a@twice.test", msg.as_bytes());
+    assert_eq!(result_of(&ar, "spf"), "permerror", "{ar}");
 }
 
 #[test]

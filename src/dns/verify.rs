@@ -16,6 +16,7 @@ use mail_auth::common::verify::{DomainKey, VerifySignature};
 use mail_auth::dkim::{DkimError, Signature};
 use mail_auth::dmarc::Policy;
 use mail_auth::dmarc::verify::DmarcParameters;
+use mail_auth::hickory_resolver::proto::rr::{Name, RData};
 use mail_auth::spf::verify::SpfParameters;
 use mail_auth::{
     AuthenticatedMessage, DkimOutput, DkimResult as LibDkim, DmarcResult as LibDmarc, DnsError,
@@ -238,6 +239,12 @@ impl Resolver {
         if !is_domain_name(domain) {
             // RFC 7208 §4.3: a malformed domain is "none" at once.
             check.detail = Some("not a domain name (RFC 7208 §4.3)".to_string());
+            return check;
+        }
+        if self.spf_records(domain).await > 1 {
+            // mail-auth would take the first record that parses.
+            check.result = SpfResult::PermError;
+            check.detail = Some("several SPF records (RFC 7208 §4.5)".to_string());
             return check;
         }
         let params = match identity {
@@ -617,6 +624,33 @@ impl Resolver {
         Some(check)
     }
 
+    /// How many TXT records at `domain` are SPF records (RFC 7208 §4.5: more than one is a
+    /// permerror). A lookup that fails counts none: `check_host` then meets the same trouble.
+    async fn spf_records(&self, domain: &str) -> usize {
+        let Ok(name) = Name::from_str_relaxed(domain.to_fqdn().as_ref()) else {
+            return 0;
+        };
+        let lookup = self.authenticator().resolver().txt_lookup(name);
+        let Ok(Ok(answers)) = timeout(self.timeout(), lookup).await else {
+            return 0;
+        };
+        answers
+            .answers()
+            .iter()
+            .filter(|record| match &record.data {
+                RData::TXT(txt) => {
+                    let text: Vec<u8> = txt
+                        .txt_data
+                        .iter()
+                        .flat_map(|s| s.iter().copied())
+                        .collect();
+                    is_spf_record(&text)
+                }
+                _ => false,
+            })
+            .count()
+    }
+
     /// mail-auth's verification of the one signature of `one`, by `deadline`.
     async fn verify_one<'x>(
         &'x self,
@@ -808,6 +842,14 @@ fn from_domain(parsed: &AuthenticatedMessage<'_>) -> FromDomain {
         1 => FromDomain::One(domains.remove(0)),
         _ => FromDomain::Several,
     }
+}
+
+/// A TXT record that is an SPF record: `v=spf1` alone or followed by a space (RFC 7208
+/// §4.5), in any case.
+fn is_spf_record(text: &[u8]) -> bool {
+    text.len() >= 6
+        && text[..6].eq_ignore_ascii_case(b"v=spf1")
+        && text.get(6).is_none_or(|&b| b == b' ')
 }
 
 /// A host name in A-labels (RFC 1123 §2.1, `_` allowed as DNS allows it): 1 to 63 octets per
