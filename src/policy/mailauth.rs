@@ -1,8 +1,8 @@
 //! Mail authentication and reputation as policy: which sessions SPF, DNSBL, DKIM, ARC, DMARC
 //! and iprev apply to, which mail is DKIM-signed, and what their results mean for the reply.
 //!
-//! "Untrusted" mail is mail that is neither authenticated nor from `relay_networks` (the same
-//! line the header firewall draws): the checks apply to it only, and signing to the rest
+//! "Untrusted" mail is mail that is neither authenticated nor from `relay_networks`
+//! ([`Policy::untrusted`], the line the header firewall draws): the checks apply to it only, and signing to the rest
 //! only. What a check found comes from `crate::dns` as a `*Check` value; the decisions here
 //! are pure functions of it and the compiled `[spf]`, `[dkim]`, `[dmarc]` and `[dnsbl]`.
 
@@ -85,12 +85,6 @@ impl MailAuth {
 }
 
 impl Policy {
-    /// True for a session whose mail is judged: neither authenticated nor from
-    /// `relay_networks`.
-    pub fn untrusted(&self, facts: &SessionFacts<'_>) -> bool {
-        facts.user.is_none() && !self.is_relay_client(facts.client_ip)
-    }
-
     /// Whether `lookup` is started for this session at connect: DNSBL for an untrusted
     /// client outside `[dnsbl] exempt` when zones are configured; iprev for an untrusted
     /// client when any check that records it runs.

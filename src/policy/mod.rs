@@ -200,10 +200,10 @@ impl Policy {
     /// names and any `Authentication-Results` claiming our authserv-id are removed, so nobody on
     /// the internet can set an Exchange spam score or internal-auth header.
     fn header_rules(&self, facts: &SessionFacts<'_>) -> Arc<StripRules> {
-        if facts.user.is_some() || self.is_relay_client(facts.client_ip) {
-            self.trusted_headers.clone()
-        } else {
+        if self.untrusted(facts) {
             self.untrusted_headers.clone()
+        } else {
+            self.trusted_headers.clone()
         }
     }
 
@@ -267,8 +267,16 @@ impl Policy {
         match listener.bare_lf {
             BareLf::Reject => false,
             BareLf::Normalize => true,
-            BareLf::Trusted => facts.user.is_some() || self.is_relay_client(facts.client_ip),
+            BareLf::Trusted => !self.untrusted(facts),
         }
+    }
+
+    /// True for a session whose mail is judged: neither authenticated nor from
+    /// `relay_networks`. The one line between trusted and untrusted mail: the header
+    /// firewall, `bare_lf = "trusted"`, SPF, DKIM verification, DMARC, DNSBL and signing
+    /// all draw it here.
+    pub fn untrusted(&self, facts: &SessionFacts<'_>) -> bool {
+        facts.user.is_none() && !self.is_relay_client(facts.client_ip)
     }
 
     /// True when the client may relay to any domain without authenticating.
