@@ -745,6 +745,28 @@ mod tests {
         }
     }
 
+    /// The route of an accepted domain's upstream: 8BITMIME, no SMTPUTF8, no SIZE.
+    const ROUTE: Capabilities = Capabilities {
+        smtputf8: false,
+        eightbitmime: true,
+        size: None,
+    };
+
+    /// RCPT TO:<`to`> in the transaction MAIL FROM:<`from`> with `params`, routed by `route`.
+    fn rcpt_in_transaction<'a>(
+        to: &'a Address,
+        from: &'a ReversePath,
+        params: &'a MailParams,
+        route: Option<Capabilities>,
+    ) -> Input<'a> {
+        Input::Rcpt(RcptFacts {
+            to,
+            bare_postmaster: false,
+            transaction: Some(TransactionFacts { from, params }),
+            route,
+        })
+    }
+
     fn limited(limit: RateLimit) -> Answer {
         Answer::Limited(Limited {
             rule: limit.rule(),
@@ -860,22 +882,9 @@ mod tests {
         let (_d, c, p) = policy();
         let from = ReversePath::Null;
         let params = MailParams::default();
-        let caps = Capabilities {
-            smtputf8: false,
-            eightbitmime: true,
-            size: None,
-        };
         let rcpt = |to: &str, route, answer: &dyn Fn(&Effect) -> Answer| {
             let to = Address::parse(to).unwrap();
-            let input = Input::Rcpt(RcptFacts {
-                to: &to,
-                bare_postmaster: false,
-                transaction: Some(TransactionFacts {
-                    from: &from,
-                    params: &params,
-                }),
-                route,
-            });
+            let input = rcpt_in_transaction(&to, &from, &params, route);
             run(
                 &p,
                 Evaluation::new(Stage::Rcpt),
@@ -894,16 +903,16 @@ mod tests {
             (vec![], Some("no_route"))
         );
         assert_eq!(
-            rcpt("jörg@example.com", Some(caps), &allowed),
+            rcpt("jörg@example.com", Some(ROUTE), &allowed),
             (vec![], Some("route_smtputf8"))
         );
         assert_eq!(
-            rcpt("u@example.com", Some(caps), &allowed),
+            rcpt("u@example.com", Some(ROUTE), &allowed),
             (vec![rate.clone()], None)
         );
         let spent = |_: &Effect| limited(RateLimit::RecipientsPerIp);
         assert_eq!(
-            rcpt("u@example.com", Some(caps), &spent),
+            rcpt("u@example.com", Some(ROUTE), &spent),
             (vec![rate], Some("rate_limits.recipients_per_ip"))
         );
     }
@@ -1228,22 +1237,9 @@ mod tests {
     fn rcpt_refuses_a_listed_client_at_each_recipient_but_postmaster() {
         let from = ReversePath::Null;
         let params = MailParams::default();
-        let caps = Capabilities {
-            smtputf8: false,
-            eightbitmime: true,
-            size: None,
-        };
         let rcpt = |p: &Policy, c: &Config, ip, to: &str, found: DnsblCheck| {
             let to = Address::parse(to).unwrap();
-            let input = Input::Rcpt(RcptFacts {
-                to: &to,
-                bare_postmaster: false,
-                transaction: Some(TransactionFacts {
-                    from: &from,
-                    params: &params,
-                }),
-                route: Some(caps),
-            });
+            let input = rcpt_in_transaction(&to, &from, &params, Some(ROUTE));
             let answer = move |e: &Effect| match e {
                 Effect::Await(Lookup::Dnsbl) => Answer::Looked(LookupResult::Dnsbl(found.clone())),
                 _ => Answer::Allowed,
