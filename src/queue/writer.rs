@@ -53,8 +53,10 @@ pub struct SpoolWriter {
     /// The temp file no longer exists in `tmp/` (renamed or removed).
     gone: bool,
     /// The envelope in the header and a copy of the message bytes, while they fit in
-    /// [`KEEP_MAX`] (`None` once they do not).
-    kept: Option<(Envelope, Vec<u8>)>,
+    /// [`KEEP_MAX`] (`None` once they do not). Shared with the [`MessageBytes`] that
+    /// [`SpoolWriter::message`] hands out, so reading the message whole copies nothing; none
+    /// is alive while the writer writes or commits, so those change it in place.
+    kept: Option<(Envelope, Arc<Vec<u8>>)>,
     /// Octets of the envelope line (JSON and the blank room after it, without the newline),
     /// which [`SpoolWriter::rewrite_mail_params`] may rewrite in place.
     header_line: usize,
@@ -77,7 +79,7 @@ impl SpoolWriter {
             length: 0,
             reused,
             gone: false,
-            kept: Some((envelope.clone(), Vec::new())),
+            kept: Some((envelope.clone(), Arc::default())),
             header_line: 0,
         }
     }
@@ -152,7 +154,7 @@ impl SpoolWriter {
         self.written += data.len() as u64;
         if let Some((_, kept)) = &mut self.kept {
             if kept.len() + data.len() <= KEEP_MAX {
-                kept.extend_from_slice(data);
+                Arc::make_mut(kept).extend_from_slice(data);
             } else {
                 self.kept = None;
             }
@@ -182,14 +184,14 @@ impl SpoolWriter {
     /// the mapping is dropped before the writer is committed or dropped.
     pub fn message(&self) -> Result<MessageBytes, SpoolError> {
         if let Some((_, kept)) = &self.kept {
-            return Ok(MessageBytes::Kept(kept.clone()));
+            return Ok(MessageBytes::Kept(Arc::clone(kept)));
         }
         // The writer's descriptor is write-only: read through one of our own.
         let file = File::open(self.tmp_path()).map_err(|e| self.io_error("open", e))?;
         let len = usize::try_from(self.written)
             .map_err(|_| self.io_error("mmap", std::io::ErrorKind::FileTooLarge.into()))?;
         if len == 0 {
-            return Ok(MessageBytes::Kept(Vec::new()));
+            return Ok(MessageBytes::Kept(Arc::default()));
         }
         // SAFETY: the mapping covers only bytes already written (flushed) by this writer,
         // which owns the file until commit and never truncates or rewrites that range
@@ -247,7 +249,7 @@ impl SpoolWriter {
         self.length += fields.len() as u64;
         if let Some((_, kept)) = &mut self.kept {
             if kept.len() + fields.len() <= KEEP_MAX {
-                kept.splice(0..0, fields.iter().copied());
+                Arc::make_mut(kept).splice(0..0, fields.iter().copied());
             } else {
                 self.kept = None;
             }
@@ -299,7 +301,7 @@ impl SpoolWriter {
                 size: self.written,
                 path,
             },
-            body: Some(body),
+            body: Some(Arc::unwrap_or_clone(body)),
             lock: SendLock::new(id.clone(), file),
         };
         Ok((id, Some(loaded)))
@@ -369,8 +371,8 @@ impl SpoolWriter {
 /// in-memory copy, or the spool file mapped read-only.
 #[derive(Debug)]
 pub enum MessageBytes {
-    /// A copy of the bytes kept in memory (at most [`KEEP_MAX`] octets).
-    Kept(Vec<u8>),
+    /// The writer's in-memory copy of the bytes (at most [`KEEP_MAX`] octets), shared.
+    Kept(Arc<Vec<u8>>),
     /// The written range of the spool file, mapped.
     Mapped(memmap2::Mmap),
 }
@@ -489,6 +491,30 @@ mod tests {
         assert!(
             files(&root.join("free")).is_empty(),
             "the replaced free file is removed"
+        );
+    }
+
+    #[test]
+    fn a_small_message_is_read_from_the_kept_copy_which_never_changes_under_its_reader() {
+        let dir = tempfile::tempdir().unwrap();
+        let spool = Spool::open(&dir.path().join("spool")).unwrap();
+        let mut writer = spool.create(&sample_envelope(&["u@example.com"])).unwrap();
+        writer.write(b"Subject: x\r\n\r\n").unwrap();
+        writer.flush().unwrap();
+        let read = writer.message().unwrap();
+        assert!(
+            matches!(read, super::MessageBytes::Kept(_)),
+            "no mapping, no copy"
+        );
+        // Written on while read (not what the relay does): the reader keeps what it read.
+        writer.write(b"body\r\n").unwrap();
+        writer.prepend(b"X-A: 1\r\n").unwrap();
+        assert_eq!(&*read, b"Subject: x\r\n\r\n");
+        drop(read);
+        let id = writer.commit().unwrap();
+        assert_eq!(
+            spool.read_message(&id).unwrap(),
+            b"X-A: 1\r\nSubject: x\r\n\r\nbody\r\n"
         );
     }
 
