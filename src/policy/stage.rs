@@ -571,7 +571,7 @@ impl Policy {
             Answer::AuthenticationBusy => {
                 Refusal::new(reply::AUTHENTICATION_BUSY, "mail_auth_busy").warning()
             }
-            Answer::SignFailed(error) => Refusal::new(reply::SIGNING_FAILED, "dkim_sign")
+            Answer::SignFailed(error) => Refusal::new(reply::LOCAL_ERROR, "dkim_sign")
                 .with_detail(Detail::Text(error.to_string()))
                 .warning(),
             Answer::Limited(l) => Refusal::new(l.reply(), l.rule)

@@ -186,9 +186,6 @@ pub const AUTHENTICATION_BUSY: Reply = Reply::new(
     "4.3.0",
     "Message authentication unavailable, try again later",
 );
-/// The message could not be DKIM-signed (a key failure): tried again later.
-pub const SIGNING_FAILED: Reply =
-    Reply::new(451, "4.3.0", "Local error in processing, try again later");
 
 // --- Permanent failures -------------------------------------------------------------------
 
