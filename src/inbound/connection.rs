@@ -853,26 +853,21 @@ impl SessionDriver {
             return self.session.reject(&reply::LOCAL_ERROR);
         };
         assembly.finish();
-        // A refused message's spool file goes with its assembly.
-        if let Err(r) = self.end_of_data(&mut assembly).await {
-            // What the checks found is logged with the queue id the message would have had.
-            let facts = session_facts(self.peer, &self.session);
-            (self.effects)
-                .message_fields(&self.runtime, &facts, assembly.id().as_str())
-                .await;
-            self.effects.message_ended();
-            // The refusal line carries the queue id too, so `rule=dmarc` and the results
-            // logged above are found together.
-            let span = tracing::info_span!("message", queue_id = %assembly.id().as_str());
-            return span.in_scope(|| self.refuse(r));
-        }
+        let verdict = self.end_of_data(&mut assembly).await;
         // Our Authentication-Results: (and quarantine field) or DKIM-Signature:s go above
-        // our Received:.
+        // our Received:; what the checks found is logged with the queue id, refused or not.
         let facts = session_facts(self.peer, &self.session);
         let fields = (self.effects)
             .message_fields(&self.runtime, &facts, assembly.id().as_str())
             .await;
         self.effects.message_ended();
+        // A refused message's spool file goes with its assembly.
+        if let Err(r) = verdict {
+            // The refusal line carries the queue id too, so `rule=dmarc` and the results
+            // logged above are found together.
+            let span = tracing::info_span!("message", queue_id = %assembly.id().as_str());
+            return span.in_scope(|| self.refuse(r));
+        }
         let size = assembly.size() + fields.len() as u64;
         match assembly.commit_with(fields).await {
             Ok(committed) => self.queued(committed, size),
