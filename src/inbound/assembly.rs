@@ -28,7 +28,7 @@ use crate::policy::Refusal;
 use crate::policy::senders::FromCheck;
 use crate::policy::stage::WriteFailure;
 use crate::queue::reserve::Reservation;
-use crate::queue::{Committed, MessageBytes, Spool, SpoolError, SpoolWriter};
+use crate::queue::{Committed, Spool, SpoolError, SpoolWriter, WrittenMessage};
 use crate::smtp::headers::{HeaderFilter, StripRules};
 use crate::smtp::received::{self, Trace};
 use crate::smtp::{Transaction, reply};
@@ -266,7 +266,7 @@ impl Assembly {
     ///
     /// # Errors
     /// [`SpoolError`] when the file cannot be mapped.
-    pub fn message(&self) -> Result<MessageBytes, SpoolError> {
+    pub fn message(&self) -> Result<WrittenMessage, SpoolError> {
         self.writer.message()
     }
 

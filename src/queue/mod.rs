@@ -129,7 +129,7 @@ pub use control::{
 };
 pub use recover::RecoveryReport;
 pub use state::{Attempt, DeliveryState, Hold, StateMismatch};
-pub use writer::{Committed, MessageBytes, SpoolWriter};
+pub use writer::{Committed, SpoolWriter, WrittenMessage};
 
 /// First line of every message file: format name and version.
 pub const MAGIC: &[u8] = b"PORTCULLIS-SPOOL 1\n";

@@ -53,7 +53,7 @@ pub struct SpoolWriter {
     /// The temp file no longer exists in `tmp/` (renamed or removed).
     gone: bool,
     /// The envelope in the header and a copy of the message bytes, while they fit in
-    /// [`KEEP_MAX`] (`None` once they do not). Shared with the [`MessageBytes`] that
+    /// [`KEEP_MAX`] (`None` once they do not). Shared with the [`WrittenMessage`] that
     /// [`SpoolWriter::message`] hands out, so reading the message whole copies nothing; none
     /// is alive while the writer writes or commits, so those change it in place.
     kept: Option<(Envelope, Arc<Vec<u8>>)>,
@@ -182,20 +182,20 @@ impl SpoolWriter {
     /// [`KEEP_MAX`] octets, else the file mapped read-only, exactly the written range (a
     /// reused file may be longer). Nothing else writes the file while the writer lives, and
     /// the mapping is dropped before the writer is committed or dropped.
-    pub fn message(&self) -> Result<MessageBytes, SpoolError> {
+    pub fn message(&self) -> Result<WrittenMessage, SpoolError> {
         if let Some((_, kept)) = &self.kept {
-            return Ok(MessageBytes::Kept(Arc::clone(kept)));
+            return Ok(WrittenMessage::Kept(Arc::clone(kept)));
         }
         // The writer's descriptor is write-only: read through one of our own.
         let file = File::open(self.tmp_path()).map_err(|e| self.io_error("open", e))?;
         let len = usize::try_from(self.written)
             .map_err(|_| self.io_error("mmap", std::io::ErrorKind::FileTooLarge.into()))?;
         if len == 0 {
-            return Ok(MessageBytes::Kept(Arc::default()));
+            return Ok(WrittenMessage::Kept(Arc::default()));
         }
         // SAFETY: the mapping covers only bytes already written (flushed) by this writer,
         // which owns the file until commit and never truncates or rewrites that range
-        // while a `MessageBytes` of it is alive (the assembly drops it before committing);
+        // while a `WrittenMessage` of it is alive (the assembly drops it before committing);
         // another process changing a spool file under the relay is outside the spool's
         // contract (mode 0600, owned by the relay's user).
         let map = unsafe {
@@ -204,7 +204,7 @@ impl SpoolWriter {
                 .len(len)
                 .map(&file)
         };
-        map.map(MessageBytes::Mapped)
+        map.map(WrittenMessage::Mapped)
             .map_err(|e| self.io_error("mmap", e))
     }
 
@@ -370,20 +370,20 @@ impl SpoolWriter {
 /// A message's bytes for reading it whole (DKIM verification and signing): the writer's
 /// in-memory copy, or the spool file mapped read-only.
 #[derive(Debug)]
-pub enum MessageBytes {
+pub enum WrittenMessage {
     /// The writer's in-memory copy of the bytes (at most [`KEEP_MAX`] octets), shared.
     Kept(Arc<Vec<u8>>),
     /// The written range of the spool file, mapped.
     Mapped(memmap2::Mmap),
 }
 
-impl std::ops::Deref for MessageBytes {
+impl std::ops::Deref for WrittenMessage {
     type Target = [u8];
 
     fn deref(&self) -> &[u8] {
         match self {
-            MessageBytes::Kept(bytes) => bytes,
-            MessageBytes::Mapped(map) => map,
+            WrittenMessage::Kept(bytes) => bytes,
+            WrittenMessage::Mapped(map) => map,
         }
     }
 }
@@ -503,7 +503,7 @@ mod tests {
         writer.flush().unwrap();
         let read = writer.message().unwrap();
         assert!(
-            matches!(read, super::MessageBytes::Kept(_)),
+            matches!(read, super::WrittenMessage::Kept(_)),
             "no mapping, no copy"
         );
         // Written on while read (not what the relay does): the reader keeps what it read.
