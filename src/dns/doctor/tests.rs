@@ -278,3 +278,27 @@ async fn a_record_that_cannot_be_looked_up_is_unknown_not_missing() {
         "no record to publish is suggested: one may be there"
     );
 }
+
+#[tokio::test]
+async fn a_ptr_name_whose_address_cannot_be_looked_up_is_unknown_not_refuted() {
+    // The PTR record is known, its name's A record is not, and no name server answers.
+    let resolver = offline_resolver();
+    let ip: IpAddr = EGRESS.parse().expect("ip");
+    resolver
+        .caches()
+        .add_ptr(ip, vec!["out.example.test."], later());
+    let report = run(&resolver, &config(), "example.test").await;
+    let fcrdns = report
+        .findings
+        .iter()
+        .find(|f| f.check == "fcrdns")
+        .expect("an fcrdns finding");
+    assert_eq!(fcrdns.status, Status::Warn, "{fcrdns:?}");
+    assert!(
+        fcrdns
+            .found
+            .starts_with("could not look up out.example.test"),
+        "{fcrdns:?}"
+    );
+    assert_eq!(fcrdns.fix, None, "an A record may well be published");
+}
