@@ -166,6 +166,15 @@ fn dns_checks(c: &Config) -> Vec<&'static str> {
     checks
 }
 
+/// The names of the upstreams with `sign = true`, in file order.
+fn signing_upstreams(c: &Config) -> Vec<&str> {
+    c.upstreams
+        .iter()
+        .filter(|u| u.sign)
+        .map(|u| u.name.as_str())
+        .collect()
+}
+
 /// Warnings about the mail-authentication, DNSBL and signing sections.
 fn check_warnings(c: &Config) -> Vec<String> {
     let mut w = Vec::new();
@@ -178,12 +187,7 @@ fn check_warnings(c: &Config) -> Vec<String> {
                 .to_owned(),
         );
     }
-    let signers: Vec<&str> = c
-        .upstreams
-        .iter()
-        .filter(|u| u.sign)
-        .map(|u| u.name.as_str())
-        .collect();
+    let signers = signing_upstreams(c);
     if !signers.is_empty() && c.dkim.sign.is_empty() {
         w.push(format!(
             "{} {} sign = true but there is no [[dkim.sign]]: no mail is signed.",
@@ -573,12 +577,7 @@ fn checks_summary(s: &mut String, c: &Config) {
             k.headers.join(" ")
         );
     }
-    let signers: Vec<&str> = c
-        .upstreams
-        .iter()
-        .filter(|u| u.sign)
-        .map(|u| u.name.as_str())
-        .collect();
+    let signers = signing_upstreams(c);
     let _ = writeln!(
         s,
         "  signed when routed to: {}",

@@ -1588,3 +1588,16 @@ fn the_quarantine_field_is_stripped_from_untrusted_mail_while_dmarc_runs() {
         assert_eq!(names.len(), count, "{snippet}: {names:?}");
     }
 }
+
+#[test]
+fn selector_message_is_one_sentence_without_a_run_of_spaces() {
+    let text = super::value::ValueError::Selector {
+        text: "s 1".to_owned(),
+    }
+    .to_string();
+    assert!(
+        text.contains("hyphens or underscores separated by dots"),
+        "{text}"
+    );
+    assert!(!text.contains("  "), "{text}");
+}

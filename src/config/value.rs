@@ -91,7 +91,8 @@ pub enum ValueError {
     },
     /// A DKIM selector that is not a sequence of DNS labels (RFC 6376 §3.1).
     #[error(
-        "{text:?} is not a DKIM selector (labels of letters, digits, hyphens or underscores          separated by dots, e.g. s2026)"
+        "{text:?} is not a DKIM selector (labels of letters, digits, hyphens or underscores \
+         separated by dots, e.g. s2026)"
     )]
     Selector {
         /// The selector as written.

@@ -4,10 +4,9 @@
 //! `127.255.255.x` answer as a warning, since lists answer so when they refuse our queries).
 
 use std::fmt::Write as _;
-use std::future::Future;
 use std::net::{IpAddr, Ipv4Addr};
-use std::pin::Pin;
-use std::task::Poll;
+
+use futures_util::future::join_all;
 
 use super::Resolver;
 use crate::config::DnsblZone;
@@ -90,13 +89,7 @@ impl Resolver {
     /// answers are cached within their TTL (the resolver's A cache). Never fails: a zone that
     /// errs or times out does not list the client.
     pub async fn dnsbl(&self, ip: IpAddr, zones: &[DnsblZone]) -> DnsblCheck {
-        let lookups: Vec<Pin<Box<dyn Future<Output = Option<Listing>> + Send + '_>>> = zones
-            .iter()
-            .map(|zone| {
-                Box::pin(self.zone_lookup(ip, zone))
-                    as Pin<Box<dyn Future<Output = Option<Listing>> + Send + '_>>
-            })
-            .collect();
+        let lookups = zones.iter().map(|zone| self.zone_lookup(ip, zone));
         let listed: Vec<Listing> = join_all(lookups).await.into_iter().flatten().collect();
         let score = listed
             .iter()
@@ -144,30 +137,6 @@ impl Resolver {
         }
         listing
     }
-}
-
-/// Drive every future to completion concurrently on the caller's task; the outputs in input
-/// order.
-async fn join_all<T>(mut futures: Vec<Pin<Box<dyn Future<Output = T> + Send + '_>>>) -> Vec<T> {
-    let mut outputs: Vec<Option<T>> = futures.iter().map(|_| None).collect();
-    std::future::poll_fn(|cx| {
-        let mut pending = false;
-        for (future, output) in futures.iter_mut().zip(outputs.iter_mut()) {
-            if output.is_none() {
-                match future.as_mut().poll(cx) {
-                    Poll::Ready(value) => *output = Some(value),
-                    Poll::Pending => pending = true,
-                }
-            }
-        }
-        if pending {
-            Poll::Pending
-        } else {
-            Poll::Ready(())
-        }
-    })
-    .await;
-    outputs.into_iter().flatten().collect()
 }
 
 #[cfg(test)]

@@ -9,15 +9,15 @@
 
 use std::net::IpAddr;
 
+use mail_auth::DnsError;
 use mail_auth::common::crypto::SigningKey as _;
 use mail_auth::common::verify::DomainKey;
 use mail_auth::dmarc::{Dmarc, Policy};
 use mail_auth::spf::Spf;
-use mail_auth::spf::verify::SpfParameters;
-use mail_auth::{DnsError, SpfResult};
 use serde::Serialize;
 
 use super::Resolver;
+use super::verify::SpfResult;
 use crate::config::Config;
 
 /// How a finding stands.
@@ -175,12 +175,10 @@ async fn spf(resolver: &Resolver, config: &Config, domain: &str) -> Vec<Finding>
     let hostname = config.server.hostname.as_str();
     let sender = format!("postmaster@{domain}");
     for &ip in egress {
-        let params = SpfParameters::verify_mail_from(ip, hostname, hostname, &sender);
-        let output = resolver
-            .authenticator()
-            .verify_spf(resolver.caches().parameters(params))
-            .await;
-        findings.push(match output.result() {
+        // The relay's own check, so the doctor judges as the relay does (several SPF
+        // records, void lookups, the deadline).
+        let check = resolver.spf(ip, hostname, Some(&sender)).await;
+        findings.push(match check.result {
             SpfResult::Pass => finding(
                 Status::Ok,
                 "spf",
@@ -196,7 +194,7 @@ async fn spf(resolver: &Resolver, config: &Config, domain: &str) -> Vec<Finding>
             other => finding(
                 Status::Fail,
                 "spf",
-                format!("{ip} is not authorised for {domain} ({other})"),
+                format!("{ip} is not authorised for {domain} ({other:?})"),
                 Some(format!(
                     "add {} to the SPF record at {domain}",
                     spf_mechanism(ip)
@@ -378,40 +376,45 @@ async fn fcrdns_one(resolver: &Resolver, ip: IpAddr) -> Finding {
             );
         }
     };
-    for name in names.iter() {
-        let forward: Vec<IpAddr> = match ip {
+    let shown: Vec<&str> = names.iter().map(|n| n.trim_end_matches('.')).collect();
+    let forward_type = if ip.is_ipv4() { "A" } else { "AAAA" };
+    // A forward lookup that failed leaves the name unconfirmed, not refuted.
+    let mut failed = None;
+    for (name, shown_name) in names.iter().zip(&shown) {
+        let forward: Result<Vec<IpAddr>, _> = match ip {
             IpAddr::V4(_) => auth
                 .ipv4_lookup(name.as_ref(), Some(&caches.ipv4))
                 .await
-                .map(|r| r.rrset.iter().copied().map(IpAddr::V4).collect())
-                .unwrap_or_default(),
+                .map(|r| r.rrset.iter().copied().map(IpAddr::V4).collect()),
             IpAddr::V6(_) => auth
                 .ipv6_lookup(name.as_ref(), Some(&caches.ipv6))
                 .await
-                .map(|r| r.rrset.iter().copied().map(IpAddr::V6).collect())
-                .unwrap_or_default(),
+                .map(|r| r.rrset.iter().copied().map(IpAddr::V6).collect()),
         };
-        if forward.contains(&ip) {
-            let name = name.trim_end_matches('.');
-            return finding(
-                Status::Ok,
-                "fcrdns",
-                format!("{ip} -> {name} -> {ip}"),
-                None,
-            );
+        match forward {
+            Ok(addresses) if addresses.contains(&ip) => {
+                return finding(
+                    Status::Ok,
+                    "fcrdns",
+                    format!("{ip} -> {shown_name} -> {ip}"),
+                    None,
+                );
+            }
+            Ok(_) => {}
+            Err(e) => {
+                failed.get_or_insert((*shown_name, e));
+            }
         }
     }
-    let shown: Vec<&str> = names.iter().map(|n| n.trim_end_matches('.')).collect();
-    finding(
-        Status::Fail,
-        "fcrdns",
-        format!("{ip} -> {} does not resolve back to {ip}", shown.join(", ")),
-        Some(format!(
-            "publish {} {ip} at {}",
-            if ip.is_ipv4() { "A" } else { "AAAA" },
-            shown.first().copied().unwrap_or_default()
-        )),
-    )
+    let found = format!("{ip} -> {} does not resolve back to {ip}", shown.join(", "));
+    let fix = Some(format!(
+        "publish {forward_type} {ip} at {}",
+        shown.first().copied().unwrap_or_default()
+    ));
+    match failed {
+        Some((name, e)) => lookup_failed(&e, "fcrdns", name, found, fix),
+        None => finding(Status::Fail, "fcrdns", found, fix),
+    }
 }
 
 #[cfg(test)]

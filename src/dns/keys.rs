@@ -609,11 +609,66 @@ mod tests {
         ] {
             assert!(tlv(bad).is_none(), "{bad:?}");
             assert!(pkcs8_algorithm(bad).is_none());
+            assert!(pkcs8_private_key(bad).is_none());
             assert!(rsa_modulus_bits(bad).is_none());
+        }
+        // Well-formed DER of the wrong shape: a SET, a SEQUENCE without its INTEGER, one
+        // whose inner lengths overrun the outer one.
+        for bad in [
+            &[0x31, 0x03, 0x02, 0x01, 0x00][..],
+            &[0x30, 0x02, 0x04, 0x00][..],
+            &[0x30, 0x04, 0x02, 0x01, 0x00, 0x30][..],
+            &[0x30, 0x05, 0x02, 0x01, 0x00, 0x02, 0x05][..],
+        ] {
+            assert!(pkcs8_algorithm(bad).is_none(), "{bad:?}");
+            assert!(pkcs8_private_key(bad).is_none(), "{bad:?}");
+            assert!(rsa_modulus_bits(bad).is_none(), "{bad:?}");
         }
         assert_eq!(
             tlv(&[0x02, 0x81, 0x01, 0x07, 0xaa]),
             Some((0x02, &[0x07][..], &[0xaa][..]))
+        );
+    }
+
+    /// PEM `PRIVATE KEY` around `der`.
+    fn pkcs8_pem(der: &[u8]) -> String {
+        let b64 = base64::engine::general_purpose::STANDARD.encode(der);
+        format!("-----BEGIN PRIVATE KEY-----\n{b64}\n-----END PRIVATE KEY-----\n")
+    }
+
+    #[test]
+    fn hostile_pkcs8_is_refused_without_panicking() {
+        let path = Path::new("hostile.pem");
+        // PrivateKeyInfo { 0, { rsaEncryption, NULL }, OCTET STRING { SEQUENCE { 0 } } }:
+        // an RSA key with no modulus.
+        let rsa_without_modulus = [
+            0x30, 0x19, 0x02, 0x01, 0x00, 0x30, 0x0d, 0x06, 0x09, 0x2a, 0x86, 0x48, 0x86, 0xf7,
+            0x0d, 0x01, 0x01, 0x01, 0x05, 0x00, 0x04, 0x05, 0x30, 0x03, 0x02, 0x01, 0x00,
+        ];
+        // The same around an unknown OID (1.2.3).
+        let unknown = [
+            0x30, 0x10, 0x02, 0x01, 0x00, 0x30, 0x04, 0x06, 0x02, 0x2a, 0x03, 0x04, 0x05, 0x30,
+            0x03, 0x02, 0x01, 0x00,
+        ];
+        // An outer length longer than the input.
+        let truncated = [0x30, 0x7f, 0x02, 0x01, 0x00];
+        let err = SigningKey::from_pem(pkcs8_pem(&rsa_without_modulus).as_bytes(), path)
+            .expect_err("an RSA key without a modulus");
+        assert!(
+            matches!(
+                err,
+                KeyError::Invalid { kind: "RSA", .. } | KeyError::RsaTooSmall { bits: None, .. }
+            ),
+            "{err:?}"
+        );
+        let err = SigningKey::from_pem(pkcs8_pem(&unknown).as_bytes(), path)
+            .expect_err("an unknown algorithm");
+        assert!(matches!(err, KeyError::Unsupported { .. }), "{err:?}");
+        let err = SigningKey::from_pem(pkcs8_pem(&truncated).as_bytes(), path)
+            .expect_err("truncated DER");
+        assert!(
+            matches!(err, KeyError::Invalid { kind: "PKCS#8", .. }),
+            "{err:?}"
         );
     }
 }

@@ -278,3 +278,56 @@ async fn a_record_that_cannot_be_looked_up_is_unknown_not_missing() {
         "no record to publish is suggested: one may be there"
     );
 }
+
+#[tokio::test]
+async fn a_ptr_name_whose_address_cannot_be_looked_up_is_unknown_not_refuted() {
+    // The PTR record is known, its name's A record is not, and no name server answers.
+    let resolver = offline_resolver();
+    let ip: IpAddr = EGRESS.parse().expect("ip");
+    resolver
+        .caches()
+        .add_ptr(ip, vec!["out.example.test."], later());
+    let report = run(&resolver, &config(), "example.test").await;
+    let fcrdns = report
+        .findings
+        .iter()
+        .find(|f| f.check == "fcrdns")
+        .expect("an fcrdns finding");
+    assert_eq!(fcrdns.status, Status::Warn, "{fcrdns:?}");
+    assert!(
+        fcrdns
+            .found
+            .starts_with("could not look up out.example.test"),
+        "{fcrdns:?}"
+    );
+    assert_eq!(fcrdns.fix, None, "an A record may well be published");
+}
+
+#[tokio::test]
+async fn an_address_is_judged_as_the_relay_judges_it() {
+    // An address the SPF record does not cover: the relay's check says fail, and so does
+    // the doctor.
+    let resolver = offline_resolver();
+    let config = config();
+    published(&resolver, &config);
+    resolver
+        .caches()
+        .add_txt::<Spf>("example.test", b"v=spf1 ip4:198.51.100.0/24 -all", later());
+    let ip: IpAddr = EGRESS.parse().expect("ip");
+    let relay = resolver
+        .spf(ip, &config.server.hostname, Some("postmaster@example.test"))
+        .await;
+    assert_eq!(relay.result, SpfResult::Fail, "{relay:?}");
+    let report = run(&resolver, &config, "example.test").await;
+    let spf: Vec<&Finding> = report
+        .findings
+        .iter()
+        .filter(|f| f.check == "spf")
+        .collect();
+    assert_eq!(spf.len(), 2, "{spf:?}");
+    assert_eq!(spf[1].status, Status::Fail, "{spf:?}");
+    assert_eq!(
+        spf[1].found,
+        "192.0.2.7 is not authorised for example.test (Fail)"
+    );
+}
