@@ -522,20 +522,31 @@ fn spf_does_not_judge_authenticated_or_relay_networks_mail() {
         UP_KEYS,
         "[spf]\nverify = \"enforce\"\n[dmarc]\nverify = \"enforce\"\n",
     );
-    // The check is on: a stranger with this reverse-path is refused.
+    let to = format!("user@{OURS}");
+    // The check is on: a stranger with this reverse-path is refused, and a stranger's mail to
+    // the same recipient carries our SPF result.
     let mut c = stranger(&s.relay);
     assert_reply(&c.cmd("MAIL FROM:<alice@reject.test>"), 550, "5.7.23");
-    // relay_networks: a sender whose SPF fails everywhere, to a foreign domain.
+    let msg = message(Some("<alice@good.test>"), "stranger", "Hello.");
+    let reply = send(&mut c, "alice@good.test", &[&to], msg.as_bytes());
+    assert_reply(&reply, 250, "2.0.0");
+    assert!(s.sink.wait_for(1, WAIT));
+    let got = s.sink.messages()[0].data.clone();
+    assert_eq!(result_of(&our_results(&got), "spf"), "pass");
+    // relay_networks: a sender whose SPF fails everywhere, to the same recipient and a
+    // foreign one.
     let mut c = client(&s.relay, "127.0.0.3", "internal.test");
     let msg = message(Some("<alice@reject.test>"), "internal", "Hello.");
     let reply = send(
         &mut c,
         "alice@reject.test",
-        &["bob@elsewhere.test"],
+        &[&to, "bob@elsewhere.test"],
         msg.as_bytes(),
     );
     assert_reply(&reply, 250, "2.0.0");
-    let got = delivered(&s.sink);
+    assert!(s.sink.wait_for(2, WAIT));
+    let got = s.sink.messages()[1].data.clone();
+    assert!(contains(&got, b"Subject: internal"));
     assert!(
         results_by(&got, AUTHSERV_ID).is_empty(),
         "{}",
@@ -547,12 +558,13 @@ fn spf_does_not_judge_authenticated_or_relay_networks_mail() {
     let reply = send(
         &mut a,
         "alice@good.test",
-        &["bob@elsewhere.test"],
+        &[&to, "bob@elsewhere.test"],
         msg.as_bytes(),
     );
     assert_reply(&reply, 250, "2.0.0");
-    assert!(s.sink.wait_for(2, WAIT));
-    let got = s.sink.messages()[1].data.clone();
+    assert!(s.sink.wait_for(3, WAIT));
+    let got = s.sink.messages()[2].data.clone();
+    assert!(contains(&got, b"Subject: submitted"));
     assert!(
         results_by(&got, AUTHSERV_ID).is_empty(),
         "{}",
