@@ -241,6 +241,20 @@ pub fn dig_short(port: u16, name: &str, rtype: &str, tcp: bool) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
+/// A UDP socket and a TCP listener on the same free port of 127.0.0.1.
+fn bind_udp_and_tcp() -> (UdpSocket, TcpListener, u16) {
+    loop {
+        let port = free_port();
+        let Ok(udp) = UdpSocket::bind(("127.0.0.1", port)) else {
+            continue;
+        };
+        let Ok(tcp) = TcpListener::bind(("127.0.0.1", port)) else {
+            continue;
+        };
+        return (udp, tcp, port);
+    }
+}
+
 /// A DNS "server" on 127.0.0.1 that never answers: a UDP socket nobody reads and a TCP
 /// listener nobody accepts from (the kernel completes the handshake, then nothing). Every
 /// query to it times out.
@@ -253,19 +267,11 @@ pub struct SilentDns {
 impl SilentDns {
     /// Bind both sockets on one free port.
     pub fn start() -> SilentDns {
-        loop {
-            let port = free_port();
-            let Ok(udp) = UdpSocket::bind(("127.0.0.1", port)) else {
-                continue;
-            };
-            let Ok(tcp) = TcpListener::bind(("127.0.0.1", port)) else {
-                continue;
-            };
-            return SilentDns {
-                _udp: udp,
-                _tcp: tcp,
-                port,
-            };
+        let (udp, tcp, port) = bind_udp_and_tcp();
+        SilentDns {
+            _udp: udp,
+            _tcp: tcp,
+            port,
         }
     }
 
@@ -487,16 +493,7 @@ impl SlowDns {
     pub fn start(upstream: u16, delay: Duration) -> SlowDns {
         use std::sync::Arc;
         use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-        let (udp, tcp, port) = loop {
-            let port = free_port();
-            let Ok(udp) = UdpSocket::bind(("127.0.0.1", port)) else {
-                continue;
-            };
-            let Ok(tcp) = TcpListener::bind(("127.0.0.1", port)) else {
-                continue;
-            };
-            break (udp, tcp, port);
-        };
+        let (udp, tcp, port) = bind_udp_and_tcp();
         udp.set_read_timeout(Some(Duration::from_millis(50)))
             .expect("set read timeout");
         let queries = Arc::new(AtomicUsize::new(0));
