@@ -225,8 +225,10 @@ fn doctor(path: Option<&Path>, domain: &str, json: bool) -> anyhow::Result<()> {
     let Some(path) = path else {
         return Err(UsageError("doctor needs --config FILE".into()).into());
     };
-    let domain = portcullis::envelope::canonical_domain(domain)
-        .map_err(|e| UsageError(format!("{domain}: not a domain name ({e})")))?;
+    let domain = portcullis::envelope::canonical_domain(domain).map_err(|e| {
+        let shown = portcullis::queue::report::clean(domain);
+        UsageError(format!("{shown}: not a domain name ({e})"))
+    })?;
     // A policy that cannot be loaded is not a usage error here: exit 1.
     let config = load_config(path).map_err(|e| anyhow::anyhow!("{e}"))?;
     let resolver =
@@ -237,7 +239,8 @@ fn doctor(path: Option<&Path>, domain: &str, json: bool) -> anyhow::Result<()> {
         .context("cannot start the async runtime")?;
     let report = runtime.block_on(portcullis::dns::doctor::run(&resolver, &config, &domain));
     if json {
-        println!("{}", serde_json::to_string(&report)?);
+        let value = serde_json::to_value(&report)?;
+        println!("{}", portcullis::queue::report::json_line(&value));
     } else {
         print!("{}", report.text());
     }

@@ -19,6 +19,7 @@ use serde::Serialize;
 use super::Resolver;
 use super::verify::SpfResult;
 use crate::config::Config;
+use crate::queue::report::clean;
 
 /// How a finding stands.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -74,10 +75,11 @@ impl Report {
             out.push(' ');
             out.push_str(f.check);
             out.push_str(": ");
-            out.push_str(&f.found);
+            // Findings quote DNS data: no control or invisible character reaches the terminal.
+            out.push_str(&clean(&f.found));
             if let Some(fix) = &f.fix {
                 out.push_str("; fix: ");
-                out.push_str(fix);
+                out.push_str(&clean(fix));
             }
             out.push('\n');
         }

@@ -331,3 +331,19 @@ async fn an_address_is_judged_as_the_relay_judges_it() {
         "192.0.2.7 is not authorised for example.test (Fail)"
     );
 }
+
+#[test]
+fn dns_text_with_control_characters_cannot_drive_the_terminal_or_forge_a_line() {
+    let hostile = "rua=mailto:\u{1b}[2Ja@x.test\nok spf: all good\u{202e}".to_string();
+    let report = Report {
+        domain: "example.test".into(),
+        findings: vec![finding(Status::Ok, "dmarc", hostile.clone(), Some(hostile))],
+    };
+    let text = report.text();
+    assert_eq!(text.lines().count(), 1, "{text:?}");
+    assert!(
+        !text.chars().any(|c| c.is_control() && c != '\n'),
+        "{text:?}"
+    );
+    assert!(!text.contains('\u{202e}'), "{text:?}");
+}
