@@ -10,6 +10,7 @@ use mail_auth::common::crypto::{Algorithm, DkimKey, SigningKey};
 use mail_auth::common::headers::{HeaderWriter, Writable};
 use mail_auth::dkim::{Canonicalization, DkimSigner};
 
+use super::verify::FromDomain;
 use crate::config::DkimSign;
 
 /// A message could not be signed.
@@ -68,43 +69,34 @@ pub fn sign(message: &[u8], entries: &[&DkimSign]) -> Result<String, SignError> 
     Ok(fields)
 }
 
-/// The entries that sign `message`: those whose `domain` is the domain of its one `From:`
-/// address (compared as lower-case A-labels), in configuration order; none when `From:` is
-/// missing or names several domains.
-///
-/// The header section must have exactly one `From:` field (RFC 5322 §3.6) whose addresses
-/// all have one domain; a message with several `From:` fields is signed by nobody, since
-/// receivers disagree on which one DMARC judges.
+/// The entries that sign `message`: those whose `domain` is its `From:` domain as DMARC
+/// judges it (`dns::verify::from_domain`: one `From:` field, one domain, a host name in
+/// lower-case A-labels), in configuration order; none when that is missing or several. The
+/// verifier and the signer read the one function, so the relay never signs for a domain it
+/// would not judge a message as coming from (a trailing dot, a literal); a message with
+/// several `From:` fields is signed by nobody, since receivers disagree on which one DMARC
+/// judges.
 pub fn signers_for<'a>(message: &[u8], entries: &'a [DkimSign]) -> Vec<&'a DkimSign> {
     if entries.is_empty() {
         return Vec::new();
     }
-    let Some(domain) = from_domain(message) else {
+    // The header section alone (mail-auth's own splitter is private; mail-parser's splits
+    // the same way, and its offsets give the raw name and value mail-auth would see).
+    let Some(parsed) = mail_parser::MessageParser::new().parse_headers(message) else {
         return Vec::new();
     };
-    entries.iter().filter(|e| e.domain == domain).collect()
-}
-
-/// The one domain of the one `From:` field of `message`, as a lower-case A-label.
-fn from_domain(message: &[u8]) -> Option<String> {
-    let parsed = mail_parser::MessageParser::new().parse_headers(message)?;
-    let mut values = parsed.header_values(mail_parser::HeaderName::From);
-    let value = values.next()?;
-    if values.next().is_some() {
-        return None;
+    let fields = parsed.root_part().headers().iter().filter_map(|h| {
+        let name =
+            message.get(h.offset_field as usize..(h.offset_start as usize).checked_sub(1)?)?;
+        Some((
+            name,
+            message.get(h.offset_start as usize..h.offset_end as usize)?,
+        ))
+    });
+    match super::verify::from_domain(fields) {
+        FromDomain::One(domain) => entries.iter().filter(|e| e.domain == domain).collect(),
+        FromDomain::Missing | FromDomain::Several => Vec::new(),
     }
-    let mut domain: Option<String> = None;
-    for addr in value.as_address()?.iter() {
-        let address = addr.address()?;
-        let (_, part) = address.rsplit_once('@')?;
-        let canonical = crate::envelope::canonical_domain(part.trim()).ok()?;
-        match &domain {
-            Some(d) if *d != canonical => return None,
-            Some(_) => {}
-            None => domain = Some(canonical),
-        }
-    }
-    domain
 }
 
 #[cfg(test)]

@@ -23,6 +23,8 @@ use mail_auth::{
     Error as AuthError, IprevResult as LibIprev, Parameters, RecordSet, ResolverCache, SpfOutput,
     SpfResult as LibSpf, Txt,
 };
+use mail_parser::HeaderValue;
+use mail_parser::parsers::MessageStream;
 use tokio::time::{Instant, timeout, timeout_at};
 
 use super::Resolver;
@@ -377,7 +379,7 @@ impl Resolver {
                 from: FromDomain::Missing,
             };
         };
-        let from = from_domain(&parsed);
+        let from = from_domain(parsed.headers.iter().copied());
         if !run_dkim {
             return MessageChecks {
                 dkim: Vec::new(),
@@ -809,27 +811,37 @@ fn parse_off_reactor(message: &[u8]) -> Option<AuthenticatedMessage<'_>> {
     }
 }
 
-/// The `From:` domains (RFC 7489 §6.6.1): the fields are counted here, since mail-auth
-/// merges the addresses of every `From:` field into one list. An address without a domain, or
-/// whose domain is not a host name as DMARC looks it up (a trailing dot, an empty or over-long
+/// The `From:` domain (RFC 7489 §6.6.1) of a message whose header fields are `fields`
+/// (name, value, as mail-auth splits them): the one DMARC judges and the one
+/// [`super::sign::signers_for`] signs for, so that the relay never signs mail for a domain it
+/// would not judge as that domain. The fields are counted here, since mail-auth merges the
+/// addresses of every `From:` field into one list. An address without a domain, or whose
+/// domain is not a host name as DMARC looks it up (a trailing dot, an empty or over-long
 /// label, a domain literal, any octet outside letters, digits, `-` and `_` once in A-labels),
 /// makes the whole field `Missing`: such a domain has no DMARC record to find, so it would
 /// otherwise slip past enforcement.
-fn from_domain(parsed: &AuthenticatedMessage<'_>) -> FromDomain {
-    let fields = parsed
-        .headers
-        .iter()
-        .filter(|(name, _)| is_field(name, "from"))
-        .count();
-    if fields > 1 {
+pub(crate) fn from_domain<'x>(
+    fields: impl IntoIterator<Item = (&'x [u8], &'x [u8])>,
+) -> FromDomain {
+    let mut from_fields = fields
+        .into_iter()
+        .filter(|(name, _)| is_field(name, "from"));
+    let Some((_, value)) = from_fields.next() else {
+        return FromDomain::Missing;
+    };
+    if from_fields.next().is_some() {
         return FromDomain::Several;
     }
+    // The addresses as mail-auth reads them for DMARC (entries without one are skipped).
+    let HeaderValue::Address(addresses) = MessageStream::new(value).parse_address() else {
+        return FromDomain::Missing;
+    };
     let mut domains = Vec::new();
-    for address in &parsed.from {
+    for address in addresses.iter().filter_map(|a| a.address.as_deref()) {
         let Some((_, domain)) = address.rsplit_once('@') else {
             return FromDomain::Missing;
         };
-        let domain = to_a_label(domain).to_ascii_lowercase();
+        let domain = to_a_label(&domain.to_lowercase()).to_ascii_lowercase();
         if !is_host_name(&domain) {
             return FromDomain::Missing;
         }

@@ -332,3 +332,23 @@ fn thread_cpu_time() -> Duration {
     assert_eq!(rc, 0, "clock_gettime");
     Duration::new(ts.tv_sec as u64, ts.tv_nsec as u32)
 }
+
+#[test]
+fn a_from_domain_dmarc_cannot_look_up_has_no_signer() {
+    // The signer reads the From: domain as the verifier does (dns::verify::from_domain): a
+    // domain DMARC would count as missing is never signed for.
+    let entries = [entry("example.test", "rsa", rsa_key())];
+    for from in [
+        "a@example.test.",
+        "A <a@example.test.>",
+        "a@example..test",
+        "a@[127.0.0.1]",
+        "a@example.test, b@",
+    ] {
+        let message = format!("From: {from}\r\n\r\nbody\r\n");
+        assert!(
+            signers_for(message.as_bytes(), &entries).is_empty(),
+            "{from}"
+        );
+    }
+}
