@@ -96,6 +96,9 @@ fn zones() -> Vec<Zone> {
         // Two SPF records (RFC 7208 §4.5: permerror), the first one authorising loopback.
         .record("twice IN TXT \"v=spf1 ip4:127.0.0.0/8 -all\"")
         .record("twice IN TXT \"v=spf1 -all\"")
+        // Two DMARC records (RFC 7489 §6.6.3: no policy), the first asking for reject.
+        .record("_dmarc.twodmarc IN TXT \"v=DMARC1; p=reject\"")
+        .record("_dmarc.twodmarc IN TXT \"v=DMARC1; p=none\"")
         // The DNSBL.
         .record("9.0.0.127.bl IN A 127.0.0.2")
         .record("9.0.0.127.bl IN TXT \"listed for testing\"")
@@ -603,6 +606,14 @@ fn spf_two_records_are_permerror_and_not_refused_under_enforce() {
     let msg = message(Some("<a@twice.test>"), "twice", "Hello.");
     let ar = send_and_read_results(&s, "a@twice.test", msg.as_bytes());
     assert_eq!(result_of(&ar, "spf"), "permerror", "{ar}");
+}
+
+#[test]
+fn dmarc_two_records_are_permerror_and_decide_nothing() {
+    let s = setup(UP_KEYS, "[dmarc]\nverify = \"enforce\"\n");
+    let msg = message(Some("<a@twodmarc.test>"), "two DMARC records", "Hello.");
+    let ar = send_and_read_results(&s, "a@elsewhere.test", msg.as_bytes());
+    assert_eq!(result_of(&ar, "dmarc"), "permerror", "{ar}");
 }
 
 #[test]

@@ -243,7 +243,7 @@ impl Resolver {
             check.detail = Some("not a domain name (RFC 7208 §4.3)".to_string());
             return check;
         }
-        if self.spf_records(domain).await > 1 {
+        if self.records_of(domain, SPF_VERSION).await > 1 {
             // mail-auth would take the first record that parses.
             check.result = SpfResult::PermError;
             check.detail = Some("several SPF records (RFC 7208 §4.5)".to_string());
@@ -566,6 +566,26 @@ impl Resolver {
         from_domain: &str,
     ) -> Option<DmarcCheck> {
         let deadline = Instant::now() + self.check_deadline();
+        let own = facts
+            .own_domains
+            .iter()
+            .map(|d| d.trim_end_matches('.'))
+            .any(|d| is_same_or_subdomain(from_domain, d));
+        if self
+            .records_of(&format!("_dmarc.{from_domain}"), DMARC_VERSION)
+            .await
+            > 1
+        {
+            // RFC 7489 §6.6.3: several records, no policy (mail-auth would use the first).
+            let check = DmarcCheck {
+                result: DmarcResult::PermError,
+                domain: from_domain.to_string(),
+                policy: DmarcPolicy::None,
+                own_domain: false,
+                detail: Some("several DMARC records (RFC 7489 §6.6.3)".to_string()),
+            };
+            return Some(own_domain_policy(check, own));
+        }
         let spf = SpfOutput::new(facts.mail_from_domain.to_string()).with_result(
             facts
                 .spf
@@ -575,7 +595,7 @@ impl Resolver {
         let evaluation = self
             .authenticator()
             .verify_dmarc(self.caches().parameters(params));
-        let mut check = match timeout_at(deadline, evaluation).await {
+        let check = match timeout_at(deadline, evaluation).await {
             Ok(output) if output.domain() != from_domain => {
                 // mail-auth reads the From: domains otherwise (it compares them as written):
                 // no DMARC verdict, which must not pass for one.
@@ -610,26 +630,15 @@ impl Resolver {
                 detail: Some(deadline_error().to_string()),
             },
         };
-        let own = facts
-            .own_domains
-            .iter()
-            .any(|d| d.trim_end_matches('.').eq_ignore_ascii_case(from_domain));
-        if own && check.result != DmarcResult::Pass {
-            // Judged as if the domain published p=reject: no record (or an unusable one)
-            // then means a failure, a DNS trouble stays a temperror.
-            if matches!(check.result, DmarcResult::None | DmarcResult::PermError) {
-                check.result = DmarcResult::Fail;
-            }
-            check.policy = DmarcPolicy::Reject;
-            check.own_domain = true;
-        }
-        Some(check)
+        Some(own_domain_policy(check, own))
     }
 
-    /// How many TXT records at `domain` are SPF records (RFC 7208 §4.5: more than one is a
-    /// permerror). A lookup that fails counts none: `check_host` then meets the same trouble.
-    async fn spf_records(&self, domain: &str) -> usize {
-        let Ok(name) = Name::from_str_relaxed(domain.to_fqdn().as_ref()) else {
+    /// How many TXT records at `name` are records of `version` (an SPF or DMARC record: RFC
+    /// 7208 §4.5 and RFC 7489 §6.6.3 make more than one an error, where mail-auth would take
+    /// the first that parses). A lookup that fails counts none: the check itself then meets
+    /// the same trouble.
+    async fn records_of(&self, name: &str, version: &[u8]) -> usize {
+        let Ok(name) = Name::from_str_relaxed(name.to_fqdn().as_ref()) else {
             return 0;
         };
         let lookup = self.authenticator().resolver().txt_lookup(name);
@@ -646,7 +655,7 @@ impl Resolver {
                         .iter()
                         .flat_map(|s| s.iter().copied())
                         .collect();
-                    is_spf_record(&text)
+                    is_record_of(&text, version)
                 }
                 _ => false,
             })
@@ -856,12 +865,44 @@ pub(crate) fn from_domain<'x>(
     }
 }
 
-/// A TXT record that is an SPF record: `v=spf1` alone or followed by a space (RFC 7208
-/// §4.5), in any case.
-fn is_spf_record(text: &[u8]) -> bool {
-    text.len() >= 6
-        && text[..6].eq_ignore_ascii_case(b"v=spf1")
-        && text.get(6).is_none_or(|&b| b == b' ')
+/// `[dmarc] own_domains = "reject"`: a From: domain of ours (or a subdomain of one, as a
+/// published `p=reject` covers subdomains without a record of their own through `sp`) is
+/// judged as if it published p=reject. No record, or an unusable one, then means a failure;
+/// a DNS trouble stays a temperror.
+fn own_domain_policy(mut check: DmarcCheck, own: bool) -> DmarcCheck {
+    if own && check.result != DmarcResult::Pass {
+        if matches!(check.result, DmarcResult::None | DmarcResult::PermError) {
+            check.result = DmarcResult::Fail;
+        }
+        check.policy = DmarcPolicy::Reject;
+        check.own_domain = true;
+    }
+    check
+}
+
+/// `domain` is `parent` or a name under it (both lower-case A-labels).
+fn is_same_or_subdomain(domain: &str, parent: &str) -> bool {
+    let (domain, parent) = (domain.as_bytes(), parent.as_bytes());
+    match domain.len().checked_sub(parent.len()) {
+        Some(0) => domain.eq_ignore_ascii_case(parent),
+        Some(dot) => domain[dot - 1] == b'.' && domain[dot..].eq_ignore_ascii_case(parent),
+        None => false,
+    }
+}
+
+/// The version tag an SPF record starts with (RFC 7208 §4.5).
+const SPF_VERSION: &[u8] = b"v=spf1";
+/// The version tag a DMARC record starts with (RFC 7489 §6.4).
+const DMARC_VERSION: &[u8] = b"v=DMARC1";
+
+/// A TXT record that starts with `version` (in any case), alone or followed by white space
+/// or, for DMARC's tag list, `;`.
+fn is_record_of(text: &[u8], version: &[u8]) -> bool {
+    text.len() >= version.len()
+        && text[..version.len()].eq_ignore_ascii_case(version)
+        && text
+            .get(version.len())
+            .is_none_or(|&b| b == b' ' || b == b'\t' || b == b';')
 }
 
 /// A host name in A-labels (RFC 1123 §2.1, `_` allowed as DNS allows it): 1 to 63 octets per

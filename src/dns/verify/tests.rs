@@ -677,3 +677,29 @@ async fn at_most_max_signatures_are_verified_and_recorded() {
         (DmarcResult::Fail, DmarcPolicy::Reject)
     );
 }
+
+#[tokio::test]
+async fn own_domains_reject_covers_their_subdomains_and_no_lookalike() {
+    let resolver = with_records(&keys(), None);
+    nxdomain(&resolver, "_dmarc.badexample.org.");
+    let own = ["example.org".to_string()];
+    for (from, ours) in [
+        ("a@sub.example.org", true),
+        ("a@SUB.Example.Org", true),
+        ("a@badexample.org", false),
+    ] {
+        let message = MESSAGE.replace("From: ", &format!("From: {from}\r\nX-Was: "));
+        let checks = resolver
+            .authenticate(message.as_bytes(), facts(None, &own))
+            .await;
+        let dmarc = checks.dmarc.expect("dmarc ran");
+        assert_eq!(dmarc.own_domain, ours, "{from}");
+        if ours {
+            assert_eq!(
+                (dmarc.result, dmarc.policy),
+                (DmarcResult::Fail, DmarcPolicy::Reject),
+                "{from}"
+            );
+        }
+    }
+}
