@@ -102,12 +102,7 @@ fn resolver_for(
     config: &Config,
     previous: Option<&Runtime>,
 ) -> Result<Option<crate::dns::Resolver>, AppError> {
-    use crate::config::Verify;
-    let needed = config.spf.verify != Verify::Off
-        || config.dkim.verify
-        || config.dmarc.verify != Verify::Off
-        || !config.dnsbl.zones.is_empty();
-    if !needed {
+    if !config.needs_resolver() {
         return Ok(None);
     }
     if let Some(previous) = previous

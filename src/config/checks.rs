@@ -138,3 +138,26 @@ pub struct Doctor {
     /// Our outbound addresses (the ones receivers see).
     pub egress: Vec<IpAddr>,
 }
+
+impl super::Config {
+    /// SPF runs for untrusted mail: `[spf]` verifies, or `[dmarc]` needs its result.
+    pub fn spf_runs(&self) -> bool {
+        self.spf.verify != Verify::Off || self.dmarc.verify != Verify::Off
+    }
+
+    /// DKIM signatures (and the ARC chain) are verified for untrusted mail: `[dkim] verify`,
+    /// or `[dmarc]` needs the results.
+    pub fn dkim_runs(&self) -> bool {
+        self.dkim.verify || self.dmarc.verify != Verify::Off
+    }
+
+    /// Any check of untrusted mail's sender or content runs (iprev is recorded with them).
+    pub fn message_checks_run(&self) -> bool {
+        self.spf_runs() || self.dkim_runs()
+    }
+
+    /// Something needs the resolver: a check of untrusted mail, or a DNSBL zone.
+    pub fn needs_resolver(&self) -> bool {
+        self.message_checks_run() || !self.dnsbl.zones.is_empty()
+    }
+}

@@ -151,10 +151,10 @@ pub(super) fn warnings(config: &Config) -> Vec<String> {
 fn dns_checks(c: &Config) -> Vec<&'static str> {
     let dmarc = c.dmarc.verify != Verify::Off;
     let mut checks = Vec::new();
-    if c.spf.verify != Verify::Off || dmarc {
+    if c.spf_runs() {
         checks.push("SPF");
     }
-    if c.dkim.verify || dmarc {
+    if c.dkim_runs() {
         checks.push("DKIM");
     }
     if dmarc {

@@ -28,6 +28,10 @@ pub(super) struct MailAuth {
     pub(super) dkim_verify: bool,
     /// `[dmarc] verify`.
     pub(super) dmarc: Verify,
+    /// SPF runs for untrusted mail ([`Config::spf_runs`]).
+    spf_runs: bool,
+    /// Any check of untrusted mail runs ([`Config::message_checks_run`]).
+    message_checks: bool,
     /// `[dmarc] quarantine_header`.
     quarantine: QuarantineHeader,
     /// `[dnsbl]`, when it has zones.
@@ -61,6 +65,8 @@ impl MailAuth {
             spf: config.spf.verify,
             dkim_verify: config.dkim.verify,
             dmarc: config.dmarc.verify,
+            spf_runs: config.spf_runs(),
+            message_checks: config.message_checks_run(),
             quarantine: config.dmarc.quarantine_header.clone(),
             dnsbl: (!config.dnsbl.zones.is_empty()).then(|| DnsblRule {
                 threshold: config.dnsbl.threshold.max(1),
@@ -77,11 +83,6 @@ impl MailAuth {
     pub(super) fn quarantine_name(&self) -> &str {
         &self.quarantine.name
     }
-
-    /// Any check of the message's content or its sender runs for untrusted mail.
-    fn any_message_check(&self) -> bool {
-        self.spf != Verify::Off || self.dkim_verify || self.dmarc != Verify::Off
-    }
 }
 
 impl Policy {
@@ -91,7 +92,7 @@ impl Policy {
     pub(super) fn lookup_applies(&self, lookup: Lookup, facts: &SessionFacts<'_>) -> bool {
         match lookup {
             Lookup::Dnsbl => self.dnsbl_applies(facts),
-            Lookup::Iprev => self.untrusted(facts) && self.mail_auth.any_message_check(),
+            Lookup::Iprev => self.untrusted(facts) && self.mail_auth.message_checks,
             #[cfg(test)]
             Lookup::Echo(_) => true,
         }
@@ -107,8 +108,7 @@ impl Policy {
     /// SPF runs at MAIL for an untrusted transaction when `[spf]` or `[dmarc]` verifies
     /// (DMARC needs SPF's result whatever `[spf]` says).
     pub(super) fn spf_runs(&self, facts: &SessionFacts<'_>) -> bool {
-        let a = &self.mail_auth;
-        self.untrusted(facts) && (a.spf != Verify::Off || a.dmarc != Verify::Off)
+        self.untrusted(facts) && self.mail_auth.spf_runs
     }
 
     /// Trusted mail is signed when a recipient's route has an upstream with `sign = true`
