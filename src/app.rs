@@ -17,8 +17,10 @@ use tracing::{error, info, warn};
 
 use crate::config::{Config, ConfigErrors};
 use crate::inbound::{self, Runtime, tls};
+use crate::observe::Telemetry;
 use crate::outbound;
 use crate::policy::Policy;
+use crate::queue::journal::Journal;
 use crate::queue::{Spool, SpoolError};
 
 /// How long the start waits for the capability probe of every upstream
@@ -175,8 +177,14 @@ pub async fn run(config: Config, path: Option<PathBuf>) -> Result<(), AppError> 
     let signals = Signals::install()?;
     let spool = prepare_spool(&config).await?;
     raise_fd_limit(config.limits.max_connections);
+    let telemetry = Arc::new(telemetry_for(&config, &spool));
     let delivery_stop = CancellationToken::new();
-    let delivery = outbound::start(&config, spool.clone(), delivery_stop.clone())?;
+    let delivery = outbound::start(
+        &config,
+        spool.clone(),
+        delivery_stop.clone(),
+        telemetry.clone(),
+    )?;
     // Learn what each upstream can carry before accepting mail, so the first sessions are
     // checked against what the upstreams say now rather than what they said last time.
     delivery
@@ -190,8 +198,10 @@ pub async fn run(config: Config, path: Option<PathBuf>) -> Result<(), AppError> 
         spool: spool.clone(),
         queued: delivery.wake.clone(),
         capabilities: delivery.capabilities.clone(),
+        telemetry: telemetry.clone(),
     };
     let inbound = inbound::start(runtime.clone(), deps).await?;
+    telemetry.gate.set_bound(true);
     let snapshot = runtime.load();
     info!(
         hostname = %snapshot.config.server.hostname,
@@ -208,6 +218,18 @@ pub async fn run(config: Config, path: Option<PathBuf>) -> Result<(), AppError> 
     stop_delivery(delivery, delivery_stop).await;
     info!("portcullis stopped");
     Ok(())
+}
+
+/// The relay's telemetry: named after this node, its upstreams declared, its events
+/// journaled under the spool.
+fn telemetry_for(config: &Config, spool: &Spool) -> Telemetry {
+    let telemetry = Telemetry::new(config.server.hostname.clone())
+        .with_journal(Box::new(Journal::open(spool, &config.log)));
+    let names: Vec<String> = config.upstreams.iter().map(|u| u.name.clone()).collect();
+    telemetry
+        .upstreams
+        .configure(&names, crate::envelope::unix_now(), &telemetry.metrics);
+    telemetry
 }
 
 /// Open the spool and recover it (off the reactor), then log the configuration's warnings.

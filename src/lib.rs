@@ -74,6 +74,7 @@ pub mod config;
 pub mod dns;
 pub mod envelope;
 pub mod inbound;
+pub mod observe;
 pub mod outbound;
 pub mod policy;
 pub mod queue;

@@ -16,9 +16,9 @@ use ipnet::IpNet;
 use crate::envelope::{Address, AddressError, canonical_domain};
 
 use super::raw::{
-    RawAuth, RawDkim, RawDkimSign, RawDmarc, RawDns, RawDnsbl, RawDnsblZone, RawDoctor, RawHeaders,
-    RawLimits, RawListener, RawQueue, RawRateLimits, RawRelay, RawServer, RawSize, RawSpf, RawTls,
-    RawUpstream,
+    RawAdmin, RawAlerts, RawAuth, RawDkim, RawDkimSign, RawDmarc, RawDns, RawDnsbl, RawDnsblZone,
+    RawDoctor, RawHeaders, RawLimits, RawListener, RawLog, RawQueue, RawRateLimits, RawRelay,
+    RawServer, RawSize, RawSpf, RawTls, RawUpstream,
 };
 use super::units::{UnitError, parse_duration, parse_rate, parse_size};
 use super::value::{DomainProblem, ValueError};
@@ -29,6 +29,7 @@ use super::{
 };
 
 mod checks;
+mod observe;
 
 /// Default `[server] spool_dir`.
 const DEFAULT_SPOOL_DIR: &str = "/var/spool/portcullis";
@@ -98,6 +99,9 @@ struct Sections {
     /// `[[dnsbl.zones]]`, read entry by entry apart from the rest of `[dnsbl]`.
     dnsbl_zones: Section<Vec<Option<RawDnsblZone>>>,
     doctor: Section<RawDoctor>,
+    admin: Section<RawAdmin>,
+    alerts: Section<RawAlerts>,
+    log: Section<RawLog>,
 }
 
 /// Compiles TOML text into a `Config`, or every error found.
@@ -141,6 +145,12 @@ pub(super) fn compile(text: &str, source: Option<&Path>) -> Result<Config, Confi
     let dmarc = c.dmarc(s.dmarc.or_default());
     let dnsbl = c.dnsbl(s.dnsbl.or_default(), s.dnsbl_zones);
     let doctor = c.doctor(s.doctor.or_default());
+    let admin = match s.admin {
+        Section::Parsed(raw) => c.admin(raw),
+        _ => None,
+    };
+    let alerts = c.alerts(s.alerts.or_default());
+    let log = c.log(s.log.or_default());
     // The quarantine field is ours to add: one arriving from a stranger is removed with the
     // other untrusted fields, so it cannot make a transport rule junk someone else's mail
     // (or, set by a spammer to something else, be mistaken for ours).
@@ -177,6 +187,9 @@ pub(super) fn compile(text: &str, source: Option<&Path>) -> Result<Config, Confi
         dmarc,
         dnsbl,
         doctor,
+        admin,
+        alerts,
+        log,
         source: source.map(Path::to_path_buf),
     })
 }
@@ -232,6 +245,9 @@ impl Compiler {
             dnsbl: Section::Absent,
             dnsbl_zones: Section::Absent,
             doctor: Section::Absent,
+            admin: Section::Absent,
+            alerts: Section::Absent,
+            log: Section::Absent,
         };
         let e = &mut self.errors;
         for (name, value) in document {
@@ -264,6 +280,9 @@ impl Compiler {
                     }
                 }
                 "doctor" => s.doctor = section(value, &name, e),
+                "admin" => s.admin = section(value, &name, e),
+                "alerts" => s.alerts = section(value, &name, e),
+                "log" => s.log = section(value, &name, e),
                 _ => e.push(ConfigError::new(name, "unknown key")),
             }
         }

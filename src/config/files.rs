@@ -14,7 +14,7 @@ use super::value::{HashProblem, ValueError};
 use super::{ConfigError, User, load};
 
 /// Reads a file named by `key`; a missing or unreadable file is an error on `key`.
-fn read(path: &Path, key: &str, errors: &mut Vec<ConfigError>) -> Option<String> {
+pub(super) fn read(path: &Path, key: &str, errors: &mut Vec<ConfigError>) -> Option<String> {
     match std::fs::read_to_string(path) {
         Ok(text) => Some(text),
         Err(e) => {

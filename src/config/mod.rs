@@ -14,6 +14,7 @@ mod checks;
 mod compile;
 mod files;
 mod load;
+mod observe;
 pub mod perms;
 mod report;
 #[cfg(test)]
@@ -24,6 +25,7 @@ pub use checks::{
     DEFAULT_DKIM_HEADERS, Dkim, DkimSign, Dmarc, Dns, Dnsbl, DnsblZone, Doctor, QuarantineHeader,
     Spf, Verify,
 };
+pub use observe::{Admin, Alerts, Log, LogFormat};
 
 use std::fmt;
 use std::net::SocketAddr;
@@ -73,6 +75,12 @@ pub struct Config {
     pub dnsbl: Dnsbl,
     /// `[doctor]`.
     pub doctor: Doctor,
+    /// `[admin]`: `None` when absent (no admin listener).
+    pub admin: Option<Admin>,
+    /// `[alerts]`.
+    pub alerts: Alerts,
+    /// `[log]`.
+    pub log: Log,
     /// Where the file came from (`None` for the embedded default). Relative paths in the file
     /// are resolved against the process working directory, not this file's directory, and
     /// are stored as written.

@@ -45,6 +45,12 @@ pub struct RawConfig {
     pub dnsbl: Option<RawDnsbl>,
     /// `[doctor]`
     pub doctor: Option<RawDoctor>,
+    /// `[admin]`
+    pub admin: Option<RawAdmin>,
+    /// `[alerts]`
+    pub alerts: Option<RawAlerts>,
+    /// `[log]`
+    pub log: Option<RawLog>,
 }
 
 /// `[server]`
@@ -328,6 +334,43 @@ pub struct RawDnsblZone {
 pub struct RawDoctor {
     /// Our outbound addresses.
     pub egress: Option<Vec<String>>,
+}
+
+/// `[admin]`
+#[derive(Debug, Clone, Default, Deserialize)]
+pub struct RawAdmin {
+    /// Socket address of the admin HTTP listener.
+    pub bind: Option<String>,
+    /// File holding the bearer token.
+    pub token_file: Option<String>,
+}
+
+/// `[alerts]`
+#[derive(Debug, Clone, Default, Deserialize)]
+pub struct RawAlerts {
+    /// Nothing accepted for this long.
+    pub no_inbound: Option<String>,
+    /// Messages queued and none delivered for this long.
+    pub no_delivery: Option<String>,
+    /// Messages queued (not held).
+    pub queue_depth: Option<i64>,
+    /// Age of the oldest queued message that is not held.
+    pub oldest_message: Option<String>,
+    /// An upstream down for this long.
+    pub upstream_down: Option<String>,
+    /// URL the alerts are POSTed to.
+    pub webhook: Option<String>,
+}
+
+/// `[log]`
+#[derive(Debug, Clone, Default, Deserialize)]
+pub struct RawLog {
+    /// `"text"` or `"json"`.
+    pub format: Option<String>,
+    /// How long journal files are kept.
+    pub journal_keep: Option<String>,
+    /// Most space the journal takes.
+    pub journal_max_size: Option<RawSize>,
 }
 
 /// The users file named by `auth.users_file`.

@@ -565,6 +565,10 @@ fn portcullis_toml_documents_only_known_keys_and_is_valid() {
             "/etc/portcullis/dkim/s2026.pem",
             dkim_key(dir.path(), "s2026.pem", "ed25519"),
         ),
+        (
+            "/etc/portcullis/admin.token",
+            write(dir.path(), "admin.token", "s3cret-token\n"),
+        ),
     ];
     let mut text = std::fs::read_to_string(concat!(
         env!("CARGO_MANIFEST_DIR"),
@@ -875,7 +879,7 @@ fn portcullis_toml_documents_every_key_of_raw_rs() {
     let mut expected = field_names::<RawConfig>();
     expected.sort_unstable();
     assert_eq!(top, expected, "top-level tables");
-    let sections: [(&str, Vec<&str>); 16] = [
+    let sections: [(&str, Vec<&str>); 19] = [
         ("server", field_names::<RawServer>()),
         ("tls", field_names::<RawTls>()),
         ("listeners", field_names::<RawListener>()),
@@ -892,6 +896,9 @@ fn portcullis_toml_documents_every_key_of_raw_rs() {
         ("dmarc", field_names::<RawDmarc>()),
         ("dnsbl", field_names::<RawDnsbl>()),
         ("doctor", field_names::<RawDoctor>()),
+        ("admin", field_names::<RawAdmin>()),
+        ("alerts", field_names::<RawAlerts>()),
+        ("log", field_names::<RawLog>()),
     ];
     let nested: [(&str, &str, Vec<&str>); 2] = [
         ("dkim", "sign", field_names::<RawDkimSign>()),

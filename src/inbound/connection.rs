@@ -144,6 +144,9 @@ pub struct Shared {
     /// The slots of message verifications in flight (see
     /// [`super::effects::VERIFICATIONS_PER_CORE`]).
     pub verifications: Arc<tokio::sync::Semaphore>,
+    /// Where session events are recorded (metrics, flow, journal) and whether the listeners
+    /// are paused.
+    pub telemetry: Arc<crate::observe::Telemetry>,
 }
 
 /// How a session ended, for the session log line.

@@ -73,6 +73,8 @@ pub struct Deps {
     pub queued: UnboundedSender<Committed>,
     /// What the route to each recipient can carry (checked at RCPT and after the final dot).
     pub capabilities: RouteCapabilities,
+    /// Where session events are recorded, and the listeners' gate (paused, bound).
+    pub telemetry: Arc<crate::observe::Telemetry>,
 }
 
 /// Why the inbound side could not start.
@@ -124,6 +126,7 @@ pub async fn start(runtime: Arc<ArcSwap<Runtime>>, deps: Deps) -> Result<Inbound
         capabilities: deps.capabilities,
         stress: counter.stress(),
         verifications: Arc::new(tokio::sync::Semaphore::new(effects::verification_slots())),
+        telemetry: deps.telemetry,
     };
     let sessions = TaskTracker::new();
     let snapshot = runtime.load_full();

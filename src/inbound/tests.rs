@@ -58,6 +58,7 @@ impl Parts {
             capabilities: RouteCapabilities::new(Arc::new(book)),
             stress: stress_rx,
             verifications: Arc::new(tokio::sync::Semaphore::new(2)),
+            telemetry: Arc::new(crate::observe::Telemetry::new("relay.test")),
         };
         Parts {
             shared,

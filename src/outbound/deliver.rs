@@ -26,6 +26,8 @@ pub struct Context {
     /// Our name: EHLO to upstreams, Reporting-MTA of bounces.
     pub hostname: String,
     pub queue: config::Queue,
+    /// Where delivery events are recorded (metrics, flow, journal).
+    pub telemetry: Arc<crate::observe::Telemetry>,
 }
 
 impl Courier for Context {
@@ -366,6 +368,7 @@ mod tests {
             upstreams: Arc::new(Upstreams::new(&config, book).unwrap()),
             hostname: "relay.example".into(),
             queue: config.queue.clone(),
+            telemetry: Arc::new(crate::observe::Telemetry::new("relay.example")),
         }
     }
 

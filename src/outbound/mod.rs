@@ -88,6 +88,7 @@ impl Delivery {
                 upstreams: old.upstreams.clone(),
                 hostname: old.hostname.clone(),
                 queue: config.queue.clone(),
+                telemetry: old.telemetry.clone(),
             }));
             return Ok(());
         }
@@ -100,6 +101,7 @@ impl Delivery {
             upstreams: Arc::new(upstreams),
             hostname: config.server.hostname.clone(),
             queue: config.queue.clone(),
+            telemetry: old.telemetry.clone(),
         });
         self.context.store(context.clone());
         self.capabilities.replace(book);
@@ -118,11 +120,13 @@ impl Delivery {
 /// How long a reload's capability probe of the new upstreams may take.
 const PROBE_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
 
-/// Start the queue manager over `spool` with `config`'s upstreams and queue policy.
+/// Start the queue manager over `spool` with `config`'s upstreams and queue policy, recording
+/// what happens in `telemetry`.
 pub fn start(
     config: &Config,
     spool: Spool,
     shutdown: CancellationToken,
+    telemetry: Arc<crate::observe::Telemetry>,
 ) -> Result<Delivery, ClientTlsError> {
     let (wake, incoming) = mpsc::unbounded_channel();
     let book = Arc::new(crate::routes::CapabilityBook::load(
@@ -133,10 +137,13 @@ pub fn start(
         upstreams: Arc::new(upstream::Upstreams::new(config, book.clone())?),
         hostname: config.server.hostname.clone(),
         queue: config.queue.clone(),
+        telemetry: telemetry.clone(),
     }));
     let tracker = TaskTracker::new();
     let manager = tokio::spawn(
-        Manager::new(spool, context.clone(), incoming, shutdown, tracker.clone()).run(),
+        Manager::new(spool, context.clone(), incoming, shutdown, tracker.clone())
+            .with_telemetry(telemetry)
+            .run(),
     );
     Ok(Delivery {
         wake,
@@ -199,7 +206,14 @@ mod tests {
         let spool = Spool::open(dir.path()).unwrap();
         let shutdown = CancellationToken::new();
         let (a, b) = (upstream("a"), upstream("b"));
-        let delivery = start(&config(&[&a], 60), spool.clone(), shutdown.clone()).unwrap();
+        let telemetry = Arc::new(crate::observe::Telemetry::new("relay.test"));
+        let delivery = start(
+            &config(&[&a], 60),
+            spool.clone(),
+            shutdown.clone(),
+            telemetry,
+        )
+        .unwrap();
         trip(&delivery, 0);
         let running = delivery.context.load().upstreams.clone();
 

@@ -29,6 +29,7 @@ use super::attempt::{self, Courier, Ended, on_spool};
 use super::schedule::{self, AfterAttempt};
 use super::{Committed, Loaded, Request, RetryTarget, Spool, SpoolError};
 use crate::envelope::QueueId;
+use crate::observe::Telemetry;
 
 /// How often operator requests are read and idle connections reaped.
 pub const CONTROL_INTERVAL: Duration = Duration::from_millis(500);
@@ -97,6 +98,8 @@ pub struct Manager<C: Courier> {
     /// once, dropped otherwise (it is read from the spool when its turn comes), so this holds
     /// at most one message's bytes and open file.
     fresh: Option<(QueueId, Loaded)>,
+    /// Where queue events and the census are recorded.
+    telemetry: Arc<Telemetry>,
 }
 
 impl<C: Courier> Manager<C> {
@@ -121,7 +124,16 @@ impl<C: Courier> Manager<C> {
             retry_when_done: HashSet::new(),
             hold_when_done: HashMap::new(),
             fresh: None,
+            telemetry: Arc::new(Telemetry::new("")),
         }
+    }
+
+    /// Record queue events and publish the census in `telemetry` (by default, a private one
+    /// nothing reads).
+    #[must_use]
+    pub fn with_telemetry(mut self, telemetry: Arc<Telemetry>) -> Manager<C> {
+        self.telemetry = telemetry;
+        self
     }
 
     /// Read the time from `clock` instead of the system clock (tests with paused time).

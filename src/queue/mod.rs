@@ -104,6 +104,7 @@ pub mod attempt;
 pub mod bounce;
 pub mod control;
 mod group;
+pub mod journal;
 pub mod manager;
 mod recover;
 mod recycle;

@@ -1,0 +1,73 @@
+//! The relay's status as one value: what `/api/status` serves as JSON, the status page
+//! renders, and `portcullis status` prints (live from the admin API, or rebuilt from the spool
+//! and journal when the relay is not running, with `live` false).
+
+use serde::{Deserialize, Serialize};
+
+use super::alerts::ActiveAlert;
+use super::flow::Minute;
+use super::upstreams::UpstreamState;
+use super::{QueueCensus, Telemetry};
+
+/// Most rules in [`Status::top_refusals`].
+pub const TOP_REFUSALS: usize = 10;
+
+/// The status at one moment.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Status {
+    /// This node (`[cluster] node`, else `server.hostname`).
+    pub node: String,
+    /// The relay's version.
+    pub version: String,
+    /// Unix seconds when this was taken.
+    pub now: u64,
+    /// True when read from the running relay; false when rebuilt from the spool and journal.
+    pub live: bool,
+    /// `/readyz`: listeners bound, not paused, spool writable above `min_free_space`.
+    pub ready: bool,
+    /// Why not ready (one line), when not.
+    pub not_ready: Option<String>,
+    /// `portcullis listeners pause` in effect.
+    pub paused: bool,
+    /// Every configured upstream.
+    pub upstreams: Vec<UpstreamState>,
+    /// The queue.
+    pub queue: QueueCensus,
+    /// The last 60 minutes, oldest first.
+    pub minutes: Vec<Minute>,
+    /// Sums over the last 1, 5, 15 and 60 minutes.
+    pub last_1m: Minute,
+    pub last_5m: Minute,
+    pub last_15m: Minute,
+    pub last_60m: Minute,
+    /// Firing alerts.
+    pub alerts: Vec<ActiveAlert>,
+    /// Refusals since the relay started, by rule, most first, at most [`TOP_REFUSALS`].
+    pub top_refusals: Vec<(String, u64)>,
+}
+
+impl Status {
+    /// The live status from `telemetry` at `now_unix`; `not_ready` is the readiness verdict
+    /// (`None`: ready) the admin listener computed.
+    pub fn live(telemetry: &Telemetry, now_unix: u64, not_ready: Option<String>) -> Status {
+        let flow = &telemetry.flow;
+        Status {
+            node: telemetry.node.clone(),
+            version: env!("CARGO_PKG_VERSION").to_owned(),
+            now: now_unix,
+            live: true,
+            ready: not_ready.is_none(),
+            not_ready,
+            paused: telemetry.gate.paused(),
+            upstreams: telemetry.upstreams.snapshot(now_unix),
+            queue: telemetry.queue(),
+            minutes: flow.minutes(now_unix),
+            last_1m: flow.last(1, now_unix),
+            last_5m: flow.last(5, now_unix),
+            last_15m: flow.last(15, now_unix),
+            last_60m: flow.last(60, now_unix),
+            alerts: telemetry.alerts.active(),
+            top_refusals: telemetry.metrics.top_refusals(TOP_REFUSALS),
+        }
+    }
+}
