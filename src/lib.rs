@@ -69,6 +69,7 @@
 //! small, to the queue manager → an attempt: plan (`queue::schedule`), send (`outbound`),
 //! record (bounce, then state or removal) → the file leaves the queue (kept for reuse).
 
+pub mod admin;
 pub mod app;
 pub mod config;
 pub mod dns;

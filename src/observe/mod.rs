@@ -24,6 +24,11 @@ use std::sync::atomic::{AtomicBool, Ordering};
 
 pub use event::{Event, EventKind};
 
+/// The configuration running now (a reload replaces it): what the admin listener and the
+/// alerts read at each request or evaluation, so a reloaded token or threshold applies at once.
+pub type ConfigSource =
+    std::sync::Arc<dyn Fn() -> std::sync::Arc<crate::config::Config> + Send + Sync>;
+
 /// Everything the relay records about itself; one per process, shared by `Arc`.
 #[derive(Debug)]
 pub struct Telemetry {

@@ -23,6 +23,34 @@ impl Journal {
     }
 }
 
+/// Why the journal could not be read.
+#[derive(Debug, thiserror::Error)]
+pub enum JournalError {
+    /// A journal file could not be listed or read.
+    #[error("{path}: {source}")]
+    Io {
+        path: std::path::PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// Call `visit` with every journaled event of `spool` at or after `since_ms` (Unix
+/// milliseconds), in time order. For `portcullis status` without a running relay (the flow of
+/// the last hour) and for `trace`.
+///
+/// # Errors
+/// [`JournalError::Io`] when the journal directory or a file cannot be read (a missing
+/// journal is no error: nothing is visited).
+pub fn scan(
+    spool: &Spool,
+    since_ms: u64,
+    visit: &mut dyn FnMut(&Event),
+) -> Result<(), JournalError> {
+    let _ = (spool, since_ms, visit);
+    Ok(())
+}
+
 impl EventSink for Journal {
     fn append(&self, event: &Event) {
         let _ = event;
