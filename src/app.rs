@@ -202,6 +202,15 @@ pub async fn run(config: Config, path: Option<PathBuf>) -> Result<(), AppError> 
     };
     let inbound = inbound::start(runtime.clone(), deps).await?;
     telemetry.gate.set_bound(true);
+    // Alerts log and show even without [admin] or a webhook; they stop with delivery.
+    crate::observe::alerts::spawn(
+        telemetry.clone(),
+        {
+            let runtime = runtime.clone();
+            Arc::new(move || runtime.load().config.clone())
+        },
+        delivery_stop.clone(),
+    );
     let snapshot = runtime.load();
     info!(
         hostname = %snapshot.config.server.hostname,

@@ -1,11 +1,50 @@
 //! The alerts of `[alerts]`, which need no Prometheus: each is evaluated from what the relay
-//! knows (flow, queue census, upstream states), starts and ends once (a documented hysteresis),
+//! knows (flow, queue census, upstream states), starts and ends once (the hysteresis below),
 //! is logged at error level with `alert=NAME`, shows in `/metrics`, `/api/status` and the
-//! status page, and is POSTed to `webhook` without ever blocking mail.
+//! status page, and is POSTed to `webhook` ([`super::webhook`]) without ever blocking mail.
+//!
+//! Three layers: [`evaluate`] is a pure function of the relay's state ([`Inputs`]), the
+//! thresholds and the time, giving one [`Condition`] per configured alert; [`Engine`] is the
+//! state machine that turns conditions into one start and one end per alert; [`task`] runs both
+//! every [`task::INTERVAL`] and carries out the transitions (log, metrics, board, webhook).
+//!
+//! # What each alert watches (held messages never count)
+//! - `no_inbound`: nothing accepted on any listener for the threshold, counted from the last
+//!   accepted message, or from the relay's start when none was accepted since.
+//! - `no_delivery`: messages queued and nothing delivered for the threshold, counted from the
+//!   later of the last delivery and the moment the queue last became non-empty (a queue that
+//!   was empty for an hour and got one message a second ago has not been stuck for an hour).
+//! - `queue_depth`: at least `queue_depth` messages queued.
+//! - `oldest_message`: the oldest queued message is at least the threshold old.
+//! - `upstream_down`: an upstream's circuit breaker has been open for the threshold.
+//! - `user_suspended`, `cluster_fallback`: raised and cleared from elsewhere
+//!   ([`AlertBoard::set_external`]).
+//!
+//! # Hysteresis: an alert starts once and ends once
+//! Each evaluation gives every alert a [`Level`]: `Firing`, `Hold` or `Clear`.
+//! - An alert **starts** at the first evaluation that finds it `Firing` (the time thresholds
+//!   are part of the condition: "nothing delivered for 5m" is only true after 5 minutes).
+//! - A started alert **ends** once it has been `Clear` at every evaluation for its clear time:
+//!   [`CLEAR_AFTER`] (60 s), or the alert's own threshold when that is shorter (a 2 s
+//!   `upstream_down` clears after 2 s up). A `Firing` or `Hold` evaluation restarts the clear
+//!   time. External alerts end at the first `Clear` (their raiser owns the hysteresis).
+//! - `Hold` is a band where a firing alert stays firing and a quiet one stays quiet:
+//!   `queue_depth` is `Clear` only below 90 % of the threshold, `oldest_message` only below
+//!   90 % of its age threshold, `upstream_down` only when every upstream is up (one down for
+//!   less than the threshold holds).
+//! - An alert whose key is removed by a reload ends at the next evaluation.
 
+pub mod task;
+#[cfg(test)]
+mod tests;
+
+use std::collections::BTreeMap;
 use std::sync::Mutex;
+use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
+
+pub use task::spawn;
 
 /// An alert name of the contract (also the `alert` label and the webhook's `alert`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
@@ -32,6 +71,10 @@ impl AlertName {
         AlertName::ClusterFallback,
     ];
 
+    /// The alerts raised from elsewhere ([`AlertBoard::set_external`]) rather than evaluated
+    /// from `[alerts]`.
+    pub const EXTERNAL: [AlertName; 2] = [AlertName::UserSuspended, AlertName::ClusterFallback];
+
     /// The name as the contract spells it.
     pub fn as_str(self) -> &'static str {
         match self {
@@ -47,23 +90,37 @@ impl AlertName {
 }
 
 /// A firing alert.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ActiveAlert {
     pub alert: AlertName,
     /// Unix seconds when it started.
     pub since: u64,
-    /// The value that made it fire (seconds, or a message count), as text.
+    /// The value that keeps it firing (seconds as `125s`, or a message count), as of the last
+    /// evaluation.
     pub value: String,
-    /// The threshold it crossed, as written in the policy.
+    /// The threshold it crossed, as written in the policy (`5m`, `10000`).
     pub threshold: String,
     /// One line for a person: what is wrong and where to look.
     pub text: String,
 }
 
-/// The alerts firing now (written by the alert task, read by the status).
+/// An alert raised from outside the evaluation ([`AlertBoard::set_external`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct External {
+    /// What makes it fire, as text (as [`ActiveAlert::value`]).
+    pub value: String,
+    /// The limit that was crossed, as text.
+    pub threshold: String,
+    /// One line for a person.
+    pub text: String,
+}
+
+/// The alerts firing now (written by the alert task, read by the status), and the external
+/// alerts raised for the task to pick up.
 #[derive(Debug, Default)]
 pub struct AlertBoard {
     active: Mutex<Vec<ActiveAlert>>,
+    external: Mutex<BTreeMap<AlertName, External>>,
 }
 
 impl AlertBoard {
@@ -79,5 +136,379 @@ impl AlertBoard {
     pub fn set(&self, mut active: Vec<ActiveAlert>) {
         active.sort_by_key(|a| a.alert);
         *self.active.lock().unwrap_or_else(|p| p.into_inner()) = active;
+    }
+
+    /// Raise (`Some`) or clear (`None`) an alert decided elsewhere: `user_suspended` (a login
+    /// suspended by containment) or `cluster_fallback` (the shared store unreachable). The
+    /// alert task starts or ends it at its next evaluation (within [`task::INTERVAL`]), with
+    /// the same log line, metric and webhook as the others. Names outside
+    /// [`AlertName::EXTERNAL`] are evaluated from `[alerts]` and ignored here.
+    pub fn set_external(&self, alert: AlertName, raised: Option<External>) {
+        if !AlertName::EXTERNAL.contains(&alert) {
+            return;
+        }
+        let mut external = self.external.lock().unwrap_or_else(|p| p.into_inner());
+        match raised {
+            Some(e) => external.insert(alert, e),
+            None => external.remove(&alert),
+        };
+    }
+
+    /// The external alerts as conditions: `Firing` when raised, else `Clear`.
+    pub fn external_conditions(&self) -> Vec<Condition> {
+        let external = self.external.lock().unwrap_or_else(|p| p.into_inner());
+        AlertName::EXTERNAL
+            .iter()
+            .map(|&alert| match external.get(&alert) {
+                Some(e) => Condition {
+                    alert,
+                    level: Level::Firing,
+                    value: e.value.clone(),
+                    threshold: e.threshold.clone(),
+                    text: e.text.clone(),
+                    clear_after: Duration::ZERO,
+                },
+                None => Condition {
+                    alert,
+                    level: Level::Clear,
+                    value: String::new(),
+                    threshold: String::new(),
+                    text: format!("{} cleared", alert.as_str()),
+                    clear_after: Duration::ZERO,
+                },
+            })
+            .collect()
+    }
+}
+
+/// Longest clear time: a started alert ends after its condition has been `Clear` this long
+/// (or its threshold, when shorter).
+pub const CLEAR_AFTER: Duration = Duration::from_secs(60);
+
+/// What the relay knows at one evaluation. Times in Unix milliseconds unless said otherwise.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Inputs {
+    /// When the relay started.
+    pub started: u64,
+    /// The last message accepted on any listener (0: none since start).
+    pub last_accepted: u64,
+    /// The last delivery an upstream accepted (0: none since start).
+    pub last_delivered: u64,
+    /// Messages queued, held ones not counted.
+    pub queued: u64,
+    /// Since when the queue (held messages not counted) has not been empty (`None`: empty).
+    pub queue_nonempty_since: Option<u64>,
+    /// Unix **seconds** of arrival of the oldest queued message that is not held.
+    pub oldest_arrival: Option<u64>,
+    /// The upstreams whose breaker is open, with the Unix **seconds** since when.
+    pub down: Vec<(String, u64)>,
+    /// The listeners are paused (`portcullis listeners pause`): said in `no_inbound`'s text.
+    pub paused: bool,
+}
+
+/// Where an alert stands at one evaluation (see the module doc for the hysteresis).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Level {
+    /// The alert's condition holds: a quiet alert starts.
+    Firing,
+    /// Between: a firing alert stays firing, a quiet one stays quiet.
+    Hold,
+    /// The condition is over: a firing alert ends after its clear time of `Clear`.
+    Clear,
+}
+
+/// One alert's state at one evaluation.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Condition {
+    pub alert: AlertName,
+    pub level: Level,
+    /// The value measured (seconds as `125s`, or a count).
+    pub value: String,
+    /// The threshold, as the policy spells it.
+    pub threshold: String,
+    /// One line for a person.
+    pub text: String,
+    /// How long it must be `Clear` before a firing alert ends.
+    pub clear_after: Duration,
+}
+
+/// Every alert `thresholds` configures, as it stands at `now` (Unix milliseconds) given
+/// `inputs`, in the contract's order. Pure: no clock, no I/O.
+pub fn evaluate(
+    inputs: &Inputs,
+    thresholds: &crate::config::Alerts,
+    now: u64,
+) -> Vec<Condition> {
+    let mut out = Vec::new();
+    if let Some(t) = thresholds.no_inbound {
+        out.push(no_inbound(inputs, t, now));
+    }
+    if let Some(t) = thresholds.no_delivery {
+        out.push(no_delivery(inputs, t, now));
+    }
+    if let Some(n) = thresholds.queue_depth {
+        out.push(queue_depth(inputs, n));
+    }
+    if let Some(t) = thresholds.oldest_message {
+        out.push(oldest_message(inputs, t, now));
+    }
+    if let Some(t) = thresholds.upstream_down {
+        out.push(upstream_down(inputs, t, now));
+    }
+    out
+}
+
+/// `Firing` when `elapsed` reached `threshold`, else `Clear`.
+fn reached(elapsed_ms: u64, threshold: Duration) -> Level {
+    if u128::from(elapsed_ms) >= threshold.as_millis() {
+        Level::Firing
+    } else {
+        Level::Clear
+    }
+}
+
+/// The clear time of an alert whose threshold is a duration.
+fn clear_after(threshold: Duration) -> Duration {
+    threshold.min(CLEAR_AFTER)
+}
+
+fn no_inbound(inputs: &Inputs, threshold: Duration, now: u64) -> Condition {
+    let idle = now.saturating_sub(inputs.last_accepted.max(inputs.started));
+    let mut text = if inputs.last_accepted == 0 {
+        format!(
+            "nothing accepted on any listener since the relay started {} ago",
+            secs(idle)
+        )
+    } else {
+        format!("nothing accepted on any listener for {}", secs(idle))
+    };
+    if inputs.paused {
+        text.push_str(" (the listeners are paused: portcullis listeners resume)");
+    }
+    Condition {
+        alert: AlertName::NoInbound,
+        level: reached(idle, threshold),
+        value: secs(idle),
+        threshold: duration_text(threshold),
+        text,
+        clear_after: clear_after(threshold),
+    }
+}
+
+fn no_delivery(inputs: &Inputs, threshold: Duration, now: u64) -> Condition {
+    let (level, stalled, text) = match inputs.queue_nonempty_since {
+        Some(since) if inputs.queued > 0 => {
+            let stalled = now.saturating_sub(inputs.last_delivered.max(since));
+            let text = format!(
+                "{} messages queued and none delivered for {}: see portcullis status for the \
+                 upstreams' last errors",
+                inputs.queued,
+                secs(stalled)
+            );
+            (reached(stalled, threshold), stalled, text)
+        }
+        _ => (Level::Clear, 0, "the queue is empty".to_owned()),
+    };
+    Condition {
+        alert: AlertName::NoDelivery,
+        level,
+        value: secs(stalled),
+        threshold: duration_text(threshold),
+        text,
+        clear_after: clear_after(threshold),
+    }
+}
+
+fn queue_depth(inputs: &Inputs, threshold: u64) -> Condition {
+    let queued = inputs.queued;
+    // Clear below 90 % of the threshold (in integers: queued / threshold < 9 / 10).
+    let level = if queued >= threshold {
+        Level::Firing
+    } else if u128::from(queued) * 10 < u128::from(threshold) * 9 {
+        Level::Clear
+    } else {
+        Level::Hold
+    };
+    Condition {
+        alert: AlertName::QueueDepth,
+        level,
+        value: queued.to_string(),
+        threshold: threshold.to_string(),
+        text: format!("{queued} messages queued (held messages not counted)"),
+        clear_after: CLEAR_AFTER,
+    }
+}
+
+fn oldest_message(inputs: &Inputs, threshold: Duration, now: u64) -> Condition {
+    let age = inputs
+        .oldest_arrival
+        .map_or(0, |arrival| now.saturating_sub(arrival.saturating_mul(1000)));
+    let (age_ms, limit_ms) = (u128::from(age), threshold.as_millis());
+    let level = if inputs.oldest_arrival.is_some() && age_ms >= limit_ms {
+        Level::Firing
+    } else if inputs.oldest_arrival.is_none() || age_ms * 10 < limit_ms * 9 {
+        Level::Clear
+    } else {
+        Level::Hold
+    };
+    let text = match inputs.oldest_arrival {
+        Some(_) => format!(
+            "the oldest queued message (not held) is {} old",
+            secs(age)
+        ),
+        None => "no message queued".to_owned(),
+    };
+    Condition {
+        alert: AlertName::OldestMessage,
+        level,
+        value: secs(age),
+        threshold: duration_text(threshold),
+        text,
+        clear_after: clear_after(threshold),
+    }
+}
+
+fn upstream_down(inputs: &Inputs, threshold: Duration, now: u64) -> Condition {
+    let down_for = |since: u64| now.saturating_sub(since.saturating_mul(1000));
+    let longest = inputs.down.iter().map(|(_, s)| down_for(*s)).max();
+    let level = match longest {
+        None => Level::Clear,
+        Some(ms) if reached(ms, threshold) == Level::Firing => Level::Firing,
+        Some(_) => Level::Hold,
+    };
+    let text = if inputs.down.is_empty() {
+        "every upstream is up".to_owned()
+    } else {
+        let each: Vec<String> = inputs
+            .down
+            .iter()
+            .map(|(name, since)| format!("{name} for {}", secs(down_for(*since))))
+            .collect();
+        format!(
+            "upstream down (circuit breaker open): {}; see portcullis status for the last error",
+            each.join(", ")
+        )
+    };
+    Condition {
+        alert: AlertName::UpstreamDown,
+        level,
+        value: secs(longest.unwrap_or(0)),
+        threshold: duration_text(threshold),
+        text,
+        clear_after: clear_after(threshold),
+    }
+}
+
+/// Milliseconds as whole seconds: `125s`.
+fn secs(ms: u64) -> String {
+    format!("{}s", ms / 1000)
+}
+
+/// A duration as the policy spells it: the largest unit that divides it (`5m`, `90s`,
+/// `1500ms`).
+pub fn duration_text(d: Duration) -> String {
+    let ms = d.as_millis();
+    for (unit, size) in [("d", 86_400_000), ("h", 3_600_000), ("m", 60_000), ("s", 1000)] {
+        if ms >= size && ms % size == 0 {
+            return format!("{}{unit}", ms / size);
+        }
+    }
+    format!("{ms}ms")
+}
+
+/// A start or an end, for the alert task to announce.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Transition {
+    /// The alert started (its `since` is now).
+    Started(ActiveAlert),
+    /// The alert ended at `at` (Unix seconds): `alert` as it last stood, with the value and
+    /// text of the evaluation that ended it.
+    Ended { alert: ActiveAlert, at: u64 },
+}
+
+/// A firing alert and since when its condition has been `Clear` (Unix milliseconds).
+#[derive(Debug, Clone)]
+struct Track {
+    active: ActiveAlert,
+    clear_since: Option<u64>,
+}
+
+/// The state machine of the hysteresis (module doc): which alerts are firing, and for each
+/// since when it has been clear. Takes the time as an argument; no clock of its own.
+#[derive(Debug, Default)]
+pub struct Engine {
+    tracks: BTreeMap<AlertName, Track>,
+}
+
+impl Engine {
+    /// Apply one evaluation's `conditions` at `now` (Unix milliseconds); the starts and ends
+    /// it makes, in the contract's order. A firing alert without a condition (its key removed
+    /// by a reload) ends.
+    pub fn step(&mut self, conditions: &[Condition], now: u64) -> Vec<Transition> {
+        let mut out = Vec::new();
+        for c in conditions {
+            match (self.tracks.get_mut(&c.alert), c.level) {
+                (None, Level::Firing) => {
+                    let active = ActiveAlert {
+                        alert: c.alert,
+                        since: now / 1000,
+                        value: c.value.clone(),
+                        threshold: c.threshold.clone(),
+                        text: c.text.clone(),
+                    };
+                    self.tracks.insert(
+                        c.alert,
+                        Track {
+                            active: active.clone(),
+                            clear_since: None,
+                        },
+                    );
+                    out.push(Transition::Started(active));
+                }
+                (None, _) => {}
+                (Some(track), level) => {
+                    track.active.value.clone_from(&c.value);
+                    track.active.threshold.clone_from(&c.threshold);
+                    track.active.text.clone_from(&c.text);
+                    if level != Level::Clear {
+                        track.clear_since = None;
+                        continue;
+                    }
+                    let since = *track.clear_since.get_or_insert(now);
+                    if u128::from(now - since.min(now)) >= c.clear_after.as_millis() {
+                        let alert = track.active.clone();
+                        self.tracks.remove(&c.alert);
+                        out.push(Transition::Ended {
+                            alert,
+                            at: now / 1000,
+                        });
+                    }
+                }
+            }
+        }
+        let unconfigured: Vec<AlertName> = self
+            .tracks
+            .keys()
+            .filter(|name| !conditions.iter().any(|c| c.alert == **name))
+            .copied()
+            .collect();
+        for name in unconfigured {
+            if let Some(mut track) = self.tracks.remove(&name) {
+                track.active.text = format!("{} is no longer configured", name.as_str());
+                out.push(Transition::Ended {
+                    alert: track.active,
+                    at: now / 1000,
+                });
+            }
+        }
+        out.sort_by_key(|t| match t {
+            Transition::Started(a) | Transition::Ended { alert: a, .. } => a.alert,
+        });
+        out
+    }
+
+    /// The firing alerts, in the contract's order.
+    pub fn active(&self) -> Vec<ActiveAlert> {
+        self.tracks.values().map(|t| t.active.clone()).collect()
     }
 }

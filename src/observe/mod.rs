@@ -18,6 +18,7 @@ pub mod flow;
 pub mod metrics;
 pub mod status;
 pub mod upstreams;
+pub mod webhook;
 
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, Ordering};
