@@ -234,11 +234,7 @@ pub struct Condition {
 
 /// Every alert `thresholds` configures, as it stands at `now` (Unix milliseconds) given
 /// `inputs`, in the contract's order. Pure: no clock, no I/O.
-pub fn evaluate(
-    inputs: &Inputs,
-    thresholds: &crate::config::Alerts,
-    now: u64,
-) -> Vec<Condition> {
+pub fn evaluate(inputs: &Inputs, thresholds: &crate::config::Alerts, now: u64) -> Vec<Condition> {
     let mut out = Vec::new();
     if let Some(t) = thresholds.no_inbound {
         out.push(no_inbound(inputs, t, now));
@@ -300,9 +296,9 @@ fn no_delivery(inputs: &Inputs, threshold: Duration, now: u64) -> Condition {
         Some(since) if inputs.queued > 0 => {
             let stalled = now.saturating_sub(inputs.last_delivered.max(since));
             let text = format!(
-                "{} messages queued and none delivered for {}: see portcullis status for the \
+                "{} queued and none delivered for {}: see portcullis status for the \
                  upstreams' last errors",
-                inputs.queued,
+                messages(inputs.queued),
                 secs(stalled)
             );
             (reached(stalled, threshold), stalled, text)
@@ -334,15 +330,15 @@ fn queue_depth(inputs: &Inputs, threshold: u64) -> Condition {
         level,
         value: queued.to_string(),
         threshold: threshold.to_string(),
-        text: format!("{queued} messages queued (held messages not counted)"),
+        text: format!("{} queued (held messages not counted)", messages(queued)),
         clear_after: CLEAR_AFTER,
     }
 }
 
 fn oldest_message(inputs: &Inputs, threshold: Duration, now: u64) -> Condition {
-    let age = inputs
-        .oldest_arrival
-        .map_or(0, |arrival| now.saturating_sub(arrival.saturating_mul(1000)));
+    let age = inputs.oldest_arrival.map_or(0, |arrival| {
+        now.saturating_sub(arrival.saturating_mul(1000))
+    });
     let (age_ms, limit_ms) = (u128::from(age), threshold.as_millis());
     let level = if inputs.oldest_arrival.is_some() && age_ms >= limit_ms {
         Level::Firing
@@ -352,10 +348,7 @@ fn oldest_message(inputs: &Inputs, threshold: Duration, now: u64) -> Condition {
         Level::Hold
     };
     let text = match inputs.oldest_arrival {
-        Some(_) => format!(
-            "the oldest queued message (not held) is {} old",
-            secs(age)
-        ),
+        Some(_) => format!("the oldest queued message (not held) is {} old", secs(age)),
         None => "no message queued".to_owned(),
     };
     Condition {
@@ -399,6 +392,15 @@ fn upstream_down(inputs: &Inputs, threshold: Duration, now: u64) -> Condition {
     }
 }
 
+/// `1 message`, `3 messages`.
+fn messages(n: u64) -> String {
+    if n == 1 {
+        "1 message".to_owned()
+    } else {
+        format!("{n} messages")
+    }
+}
+
 /// Milliseconds as whole seconds: `125s`.
 fn secs(ms: u64) -> String {
     format!("{}s", ms / 1000)
@@ -408,7 +410,12 @@ fn secs(ms: u64) -> String {
 /// `1500ms`).
 pub fn duration_text(d: Duration) -> String {
     let ms = d.as_millis();
-    for (unit, size) in [("d", 86_400_000), ("h", 3_600_000), ("m", 60_000), ("s", 1000)] {
+    for (unit, size) in [
+        ("d", 86_400_000),
+        ("h", 3_600_000),
+        ("m", 60_000),
+        ("s", 1000),
+    ] {
         if ms >= size && ms % size == 0 {
             return format!("{}{unit}", ms / size);
         }

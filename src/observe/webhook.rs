@@ -136,9 +136,6 @@ pub enum WebhookError {
     /// The HTTP exchange failed.
     #[error("HTTP: {0}")]
     Http(#[from] hyper::Error),
-    /// The receiver closed the connection before answering.
-    #[error("the receiver closed the connection without answering")]
-    Closed,
     /// The receiver answered with a status other than 2xx.
     #[error("the receiver answered {0}")]
     Status(u16),
@@ -259,17 +256,14 @@ impl Target {
             return Err(WebhookError::Url);
         }
         let port = authority.port_u16().unwrap_or(if tls { 443 } else { 80 });
-        let basic = authority
-            .as_str()
-            .rsplit_once('@')
-            .map(|(userinfo, _)| {
-                use base64::Engine;
-                let decoded = percent_decode(userinfo);
-                format!(
-                    "Basic {}",
-                    base64::engine::general_purpose::STANDARD.encode(decoded)
-                )
-            });
+        let basic = authority.as_str().rsplit_once('@').map(|(userinfo, _)| {
+            use base64::Engine;
+            let decoded = percent_decode(userinfo);
+            format!(
+                "Basic {}",
+                base64::engine::general_purpose::STANDARD.encode(decoded)
+            )
+        });
         let host_header = match authority.port() {
             Some(p) => format!("{host}:{p}"),
             None => host.to_owned(),
@@ -282,10 +276,7 @@ impl Target {
                 .to_owned(),
             port,
             authority: host_header,
-            path: uri
-                .path_and_query()
-                .map_or("/", |p| p.as_str())
-                .to_owned(),
+            path: uri.path_and_query().map_or("/", |p| p.as_str()).to_owned(),
             basic,
         })
     }
@@ -344,24 +335,27 @@ impl Client {
         let target = Target::parse(&n.url)?;
         // Serializing a struct of strings cannot fail.
         let body = Bytes::from(serde_json::to_vec(&n.body).unwrap_or_default());
-        let mut last = WebhookError::Closed;
-        for attempt in 1..=ATTEMPTS {
-            match tokio::time::timeout(ATTEMPT_TIMEOUT, self.post(&target, body.clone())).await {
-                Ok(Ok(status)) if (200..300).contains(&status) => return Ok(attempt),
-                Ok(Ok(status)) => last = WebhookError::Status(status),
-                Ok(Err(e)) => last = e,
-                Err(_) => last = WebhookError::Timeout(ATTEMPT_TIMEOUT),
-            }
+        let mut attempt = 1;
+        loop {
+            let error =
+                match tokio::time::timeout(ATTEMPT_TIMEOUT, self.post(&target, body.clone())).await
+                {
+                    Ok(Ok(status)) if (200..300).contains(&status) => return Ok(attempt),
+                    Ok(Ok(status)) => WebhookError::Status(status),
+                    Ok(Err(e)) => e,
+                    Err(_) => WebhookError::Timeout(ATTEMPT_TIMEOUT),
+                };
             tracing::debug!(
                 alert = n.body.alert.as_str(),
                 attempt,
-                "webhook attempt failed: {last}"
+                "webhook attempt failed: {error}"
             );
-            if attempt < ATTEMPTS {
-                tokio::time::sleep(PAUSE).await;
+            if attempt == ATTEMPTS {
+                return Err(error);
             }
+            attempt += 1;
+            tokio::time::sleep(PAUSE).await;
         }
-        Err(last)
     }
 
     /// One attempt: the response's status code.
@@ -412,11 +406,15 @@ where
 {
     let (mut sender, connection) = hyper::client::conn::http1::handshake(io).await?;
     let mut connection = std::pin::pin!(connection);
+    let mut response = std::pin::pin!(sender.send_request(request));
     tokio::select! {
-        response = sender.send_request(request) => Ok(response?.status().as_u16()),
+        biased;
+        response = &mut response => Ok(response?.status().as_u16()),
+        // The connection may end (`Connection: close`) in the same poll that hands over the
+        // response: the response, or why there is none, is then ready.
         closed = &mut connection => {
             closed?;
-            Err(WebhookError::Closed)
+            Ok(response.await?.status().as_u16())
         }
     }
 }
