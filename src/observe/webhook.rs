@@ -479,4 +479,27 @@ mod tests {
             })
         );
     }
+
+    #[test]
+    fn a_full_queue_drops_the_oldest_notification() {
+        let webhook = Webhook {
+            shared: Arc::default(),
+        };
+        let alert = ActiveAlert {
+            alert: AlertName::QueueDepth,
+            since: 0,
+            value: String::new(),
+            threshold: "1".into(),
+            text: String::new(),
+        };
+        for n in 0..=QUEUE {
+            let mut body = Body::new(State::Firing, &alert, 0, "edge-1");
+            body.value = n.to_string();
+            webhook.send("http://127.0.0.1:9/", body);
+        }
+        let queue = webhook.shared.queue.lock().unwrap();
+        let values: Vec<&str> = queue.iter().map(|n| n.body.value.as_str()).collect();
+        assert_eq!(values.len(), QUEUE);
+        assert_eq!((values[0], values[QUEUE - 1]), ("1", "64"));
+    }
 }

@@ -17,6 +17,7 @@
 pub mod dns;
 pub mod postfix;
 pub mod sink;
+pub mod webhook;
 
 use std::fs;
 use std::io::{self, Read, Write};
