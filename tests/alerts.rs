@@ -65,7 +65,10 @@ fn upstream_down_and_no_delivery_fire_on_the_webhook_and_resolve_after_queue_ret
         "since is RFC 3339 UTC: {since}"
     );
     assert!(
-        firing["text"].as_str().unwrap().contains("up for "),
+        firing["text"]
+            .as_str()
+            .unwrap()
+            .starts_with("circuit breaker open: up down for "),
         "{firing}"
     );
 

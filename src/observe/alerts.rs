@@ -200,11 +200,25 @@ pub struct Inputs {
     pub queue_nonempty_since: Option<u64>,
     /// Unix **seconds** of arrival of the oldest queued message that is not held.
     pub oldest_arrival: Option<u64>,
-    /// The upstreams whose breaker is open, with the Unix **seconds** since when.
-    pub down: Vec<(String, u64)>,
+    /// The upstreams whose breaker is open.
+    pub down: Vec<Down>,
     /// The listeners are paused (`portcullis listeners pause`): said in `no_inbound`'s text.
     pub paused: bool,
 }
+
+/// An upstream whose circuit breaker is open.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Down {
+    /// `[[upstreams]] name`.
+    pub name: String,
+    /// Unix **seconds** since when.
+    pub since: u64,
+    /// Its last error, if known (shortened to [`ERROR_CHARS`] in the alert's text).
+    pub error: Option<String>,
+}
+
+/// Most characters of an upstream's last error quoted in `upstream_down`'s text.
+pub const ERROR_CHARS: usize = 200;
 
 /// Where an alert stands at one evaluation (see the module doc for the hysteresis).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -363,7 +377,7 @@ fn oldest_message(inputs: &Inputs, threshold: Duration, now: u64) -> Condition {
 
 fn upstream_down(inputs: &Inputs, threshold: Duration, now: u64) -> Condition {
     let down_for = |since: u64| now.saturating_sub(since.saturating_mul(1000));
-    let longest = inputs.down.iter().map(|(_, s)| down_for(*s)).max();
+    let longest = inputs.down.iter().map(|d| down_for(d.since)).max();
     let level = match longest {
         None => Level::Clear,
         Some(ms) if reached(ms, threshold) == Level::Firing => Level::Firing,
@@ -375,12 +389,16 @@ fn upstream_down(inputs: &Inputs, threshold: Duration, now: u64) -> Condition {
         let each: Vec<String> = inputs
             .down
             .iter()
-            .map(|(name, since)| format!("{name} for {}", secs(down_for(*since))))
+            .map(|d| {
+                let mut one = format!("{} down for {}", d.name, secs(down_for(d.since)));
+                if let Some(error) = &d.error {
+                    let short: String = error.chars().take(ERROR_CHARS).collect();
+                    one.push_str(&format!(" ({short})"));
+                }
+                one
+            })
             .collect();
-        format!(
-            "upstream down (circuit breaker open): {}; see portcullis status for the last error",
-            each.join(", ")
-        )
+        format!("circuit breaker open: {}", each.join("; "))
     };
     Condition {
         alert: AlertName::UpstreamDown,
@@ -416,7 +434,7 @@ pub fn duration_text(d: Duration) -> String {
         ("m", 60_000),
         ("s", 1000),
     ] {
-        if ms >= size && ms % size == 0 {
+        if ms >= size && ms.is_multiple_of(size) {
             return format!("{}{unit}", ms / size);
         }
     }

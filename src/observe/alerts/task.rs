@@ -12,7 +12,7 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use tracing::{error, info};
 
-use super::{AlertName, Engine, Inputs, Transition, evaluate};
+use super::{AlertName, Down, Engine, Inputs, Transition, evaluate};
 use crate::observe::webhook::{Body, State, Webhook};
 use crate::observe::{ConfigSource, Telemetry};
 
@@ -126,7 +126,11 @@ fn gather(telemetry: &Telemetry, watch: &mut QueueWatch, started: u64, now: u64)
         .snapshot(now / 1000)
         .into_iter()
         .filter(|u| !u.up)
-        .map(|u| (u.name, u.since))
+        .map(|u| Down {
+            name: u.name,
+            since: u.since,
+            error: u.last_error,
+        })
         .collect();
     Inputs {
         started,

@@ -55,7 +55,11 @@ fn down(upstreams: &[(&str, u64)]) -> Inputs {
     Inputs {
         down: upstreams
             .iter()
-            .map(|(n, since)| ((*n).to_owned(), since / 1000))
+            .map(|(n, since)| Down {
+                name: (*n).to_owned(),
+                since: since / 1000,
+                error: Some("connection refused".to_owned()),
+            })
             .collect(),
         ..started()
     }
@@ -266,7 +270,10 @@ fn thresholds_clear_times_and_texts_say_what_is_wrong() {
         T0 + 301 * SEC,
         AlertName::UpstreamDown,
     );
-    assert!(c.text.contains("exchange-a for 301s"), "{}", c.text);
+    assert_eq!(
+        c.text,
+        "circuit breaker open: exchange-a down for 301s (connection refused)"
+    );
     let paused = Inputs {
         paused: true,
         ..started()
