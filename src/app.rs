@@ -203,7 +203,7 @@ pub async fn run(config: Config, path: Option<PathBuf>) -> Result<(), AppError> 
     let inbound = inbound::start(runtime.clone(), deps).await?;
     telemetry.gate.set_bound(true);
     // Alerts log and show even without [admin] or a webhook; they stop with delivery.
-    crate::observe::alerts::spawn(
+    let alerts = crate::observe::alerts::spawn(
         telemetry.clone(),
         {
             let runtime = runtime.clone();
@@ -225,6 +225,7 @@ pub async fn run(config: Config, path: Option<PathBuf>) -> Result<(), AppError> 
         .stop(runtime.load().config.limits.shutdown_grace)
         .await;
     stop_delivery(delivery, delivery_stop).await;
+    let _ = alerts.await;
     info!("portcullis stopped");
     Ok(())
 }

@@ -24,7 +24,8 @@ pub type Clock = Arc<dyn Fn() -> u64 + Send + Sync>;
 
 /// Start the alert task (and the webhook's) for `telemetry`, reading `[alerts]` from `config`
 /// at each evaluation so a reload applies at the next one. Both end when `shutdown` is
-/// cancelled. Every alert's gauge is set to 0 first, so each series exists from the start.
+/// cancelled; the handle completes when both have. Every alert's gauge is set to 0 first, so
+/// each series exists from the start.
 pub fn spawn(
     telemetry: Arc<Telemetry>,
     config: ConfigSource,
@@ -49,7 +50,7 @@ pub fn spawn_with_clock(
     for name in AlertName::ALL {
         telemetry.metrics.set_alert(name.as_str(), false);
     }
-    let (webhook, _sender) = Webhook::spawn(shutdown.clone());
+    let (webhook, sender) = Webhook::spawn(shutdown.clone());
     let started = clock();
     tokio::spawn(async move {
         let mut watch = QueueWatch::new(started);
@@ -59,7 +60,7 @@ pub fn spawn_with_clock(
         loop {
             tokio::select! {
                 _ = tick.tick() => {}
-                () = shutdown.cancelled() => return,
+                () = shutdown.cancelled() => break,
             }
             let now = clock();
             let config = config();
@@ -73,6 +74,8 @@ pub fn spawn_with_clock(
                 announce(&t, &telemetry, &webhook, config.alerts.webhook.as_deref());
             }
         }
+        // The webhook's task ends on the same cancellation; the handle covers both.
+        let _ = sender.await;
     })
 }
 
