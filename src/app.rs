@@ -194,14 +194,6 @@ pub async fn run(config: Config, path: Option<PathBuf>) -> Result<(), AppError> 
         .probe_all(&config.server.hostname, PROBE_WAIT)
         .await;
     let runtime = Arc::new(ArcSwap::from_pointee(build_runtime(config, None)?));
-    let deps = inbound::Deps {
-        spool: spool.clone(),
-        queued: delivery.wake.clone(),
-        capabilities: delivery.capabilities.clone(),
-        telemetry: telemetry.clone(),
-    };
-    let inbound = inbound::start(runtime.clone(), deps).await?;
-    telemetry.gate.set_bound(true);
     // Alerts log and show even without [admin] or a webhook; they stop with delivery.
     let alerts = crate::observe::alerts::spawn(
         telemetry.clone(),
@@ -211,6 +203,14 @@ pub async fn run(config: Config, path: Option<PathBuf>) -> Result<(), AppError> 
         },
         delivery_stop.clone(),
     );
+    let deps = inbound::Deps {
+        spool: spool.clone(),
+        queued: delivery.wake.clone(),
+        capabilities: delivery.capabilities.clone(),
+        telemetry: telemetry.clone(),
+    };
+    let inbound = inbound::start(runtime.clone(), deps).await?;
+    telemetry.gate.set_bound(true);
     let snapshot = runtime.load();
     info!(
         hostname = %snapshot.config.server.hostname,
