@@ -33,6 +33,11 @@
 //!   90 % of its age threshold, `upstream_down` only when every upstream is up (one down for
 //!   less than the threshold holds).
 //! - An alert whose key is removed by a reload ends at the next evaluation.
+//!
+//! `queue_depth`'s threshold is a count, so its clear time is always [`CLEAR_AFTER`].
+//! Precision: one evaluation a second, and upstream and arrival times in whole seconds, so an
+//! alert starts or ends up to about 2 s after the moment its rule names; thresholds shorter
+//! than a few seconds are not meaningful.
 
 pub mod task;
 #[cfg(test)]
