@@ -771,4 +771,48 @@ mod live {
         assert_eq!(hung.got()[5].at, Duration::from_secs(31));
         stop.cancel();
     }
+
+    #[tokio::test(start_paused = true)]
+    async fn without_a_webhook_upstream_down_still_shows_on_the_board_and_in_metrics() {
+        let config = config("upstream_down = \"3s\"\n");
+        let telemetry = Arc::new(Telemetry::new("edge-1"));
+        let clock = paused_clock(BASE);
+        let names = ["exchange".to_owned()];
+        telemetry
+            .upstreams
+            .configure(&names, clock() / 1000, &telemetry.metrics);
+        let stop = CancellationToken::new();
+        spawn_with_clock(
+            telemetry.clone(),
+            Arc::new(move || config.clone()),
+            stop.clone(),
+            clock.clone(),
+        );
+        let (metrics, upstreams) = (&telemetry.metrics, &telemetry.upstreams);
+        upstreams.set_up(
+            "exchange",
+            false,
+            Some("connection refused"),
+            clock() / 1000,
+            metrics,
+        );
+        sleep(Duration::from_millis(2500)).await;
+        assert!(telemetry.alerts.active().is_empty());
+        sleep(Duration::from_secs(1)).await; // 3.5 s: the evaluation at 3 s found it
+        let active = telemetry.alerts.active();
+        assert_eq!(active.len(), 1);
+        assert_eq!(
+            active[0].text,
+            "circuit breaker open: exchange down for 3s (connection refused)"
+        );
+        assert_eq!(alert_gauge(&telemetry, "upstream_down"), "1");
+        upstreams.set_up("exchange", true, None, clock() / 1000, metrics);
+        // Up from 3.5 s: clear at 4 s, ended 3 s later.
+        sleep(Duration::from_secs(3)).await; // 6.5 s
+        assert_eq!(alert_gauge(&telemetry, "upstream_down"), "1");
+        sleep(Duration::from_secs(1)).await; // 7.5 s
+        assert_eq!(alert_gauge(&telemetry, "upstream_down"), "0");
+        assert!(telemetry.alerts.active().is_empty());
+        stop.cancel();
+    }
 }
