@@ -815,4 +815,45 @@ mod live {
         assert!(telemetry.alerts.active().is_empty());
         stop.cancel();
     }
+
+    /// A TLS server on loopback with a self-signed certificate for 127.0.0.1 (outside the
+    /// system's roots); counts the handshakes it saw fail.
+    async fn self_signed_https() -> (String, Arc<AtomicUsize>) {
+        use tokio_rustls::rustls;
+        let cert = rcgen::generate_simple_self_signed(vec!["127.0.0.1".to_owned()]).unwrap();
+        let key = rustls_pki_types::PrivateKeyDer::Pkcs8(cert.signing_key.serialize_der().into());
+        let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+        let config = rustls::ServerConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_no_client_auth()
+            .with_single_cert(vec![cert.cert.der().clone()], key)
+            .unwrap();
+        let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("https://{}/hook", listener.local_addr().unwrap());
+        let failed = Arc::new(AtomicUsize::new(0));
+        let count = failed.clone();
+        tokio::spawn(async move {
+            loop {
+                let (stream, _) = listener.accept().await.unwrap();
+                if acceptor.accept(stream).await.is_err() {
+                    count.fetch_add(1, Ordering::SeqCst);
+                }
+            }
+        });
+        (url, failed)
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_https_webhook_whose_certificate_the_system_does_not_trust_gets_nothing() {
+        let (url, failed) = self_signed_https().await;
+        let stop = CancellationToken::new();
+        let (webhook, _task) = Webhook::spawn(stop.clone());
+        webhook.send(&url, body(AlertName::UpstreamDown));
+        sleep(Duration::from_secs(60)).await;
+        // Every attempt ended in the handshake: the body never left.
+        assert_eq!(failed.load(Ordering::SeqCst), 5);
+        stop.cancel();
+    }
 }
