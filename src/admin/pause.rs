@@ -41,11 +41,7 @@ pub struct MarkerError {
 
 fn io_err(op: &'static str, path: &Path) -> impl FnOnce(io::Error) -> MarkerError {
     let path = path.to_path_buf();
-    move |source| MarkerError {
-        op,
-        path,
-        source,
-    }
+    move |source| MarkerError { op, path, source }
 }
 
 /// `SPOOL/paused`.
@@ -85,8 +81,11 @@ pub fn pause(spool_root: &Path, now_unix: u64) -> Result<bool, MarkerError> {
             .create_new(true)
             .open(&tmp)
             .map_err(io_err("create", &tmp))?;
-        writeln!(file, "paused at {now_unix} (unix seconds) by portcullis listeners pause")
-            .map_err(io_err("write", &tmp))?;
+        writeln!(
+            file,
+            "paused at {now_unix} (unix seconds) by portcullis listeners pause"
+        )
+        .map_err(io_err("write", &tmp))?;
         file.sync_all().map_err(io_err("fsync", &tmp))
     })();
     if let Err(e) = written {
@@ -139,7 +138,11 @@ pub fn apply(telemetry: &Telemetry, paused: bool) {
 /// Look for the marker under `spool_root` every [`POLL_INTERVAL`] until `stop`, and apply
 /// what is found to the gate. A marker that cannot be looked at (an I/O error other than
 /// "not found") leaves the gate as it is.
-pub async fn watch(telemetry: std::sync::Arc<Telemetry>, spool_root: PathBuf, stop: CancellationToken) {
+pub async fn watch(
+    telemetry: std::sync::Arc<Telemetry>,
+    spool_root: PathBuf,
+    stop: CancellationToken,
+) {
     let marker = marker_path(&spool_root);
     loop {
         tokio::select! {
@@ -149,7 +152,9 @@ pub async fn watch(telemetry: std::sync::Arc<Telemetry>, spool_root: PathBuf, st
         match tokio::fs::symlink_metadata(&marker).await {
             Ok(_) => apply(&telemetry, true),
             Err(e) if e.kind() == io::ErrorKind::NotFound => apply(&telemetry, false),
-            Err(e) => debug!(error = %e, marker = %marker.display(), "cannot look at the pause marker"),
+            Err(e) => {
+                debug!(error = %e, marker = %marker.display(), "cannot look at the pause marker")
+            }
         }
     }
 }
@@ -178,7 +183,11 @@ mod tests {
         );
         assert!(!pause(root, 1).unwrap(), "already paused: unchanged");
         assert_eq!(fs::read_to_string(marker_path(root)).unwrap(), text);
-        assert_eq!(fs::read_dir(root.join("tmp")).unwrap().count(), 0, "no leftover");
+        assert_eq!(
+            fs::read_dir(root.join("tmp")).unwrap().count(),
+            0,
+            "no leftover"
+        );
         assert!(resume(root).unwrap());
         assert!(!is_paused(root).unwrap());
         assert!(!resume(root).unwrap(), "not paused: nothing to do");
@@ -198,7 +207,11 @@ mod tests {
         let dir = spool();
         let telemetry = std::sync::Arc::new(Telemetry::new("test"));
         let stop = CancellationToken::new();
-        let task = tokio::spawn(watch(telemetry.clone(), dir.path().to_path_buf(), stop.clone()));
+        let task = tokio::spawn(watch(
+            telemetry.clone(),
+            dir.path().to_path_buf(),
+            stop.clone(),
+        ));
         pause(dir.path(), 0).unwrap();
         // One poll interval later (paused time advances when every task waits).
         tokio::time::sleep(POLL_INTERVAL + Duration::from_millis(10)).await;

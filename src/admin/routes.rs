@@ -72,9 +72,10 @@ async fn guard(State(state): State<AdminState>, request: Request, next: Next) ->
     if !OPEN_PATHS.contains(&path.as_str()) && !authorized(&state, request.headers()) {
         refuse(StatusCode::UNAUTHORIZED, "token missing or wrong");
         let mut response = plain(StatusCode::UNAUTHORIZED, "token required\n");
-        response
-            .headers_mut()
-            .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static(CHALLENGE));
+        response.headers_mut().insert(
+            header::WWW_AUTHENTICATE,
+            HeaderValue::from_static(CHALLENGE),
+        );
         return response;
     }
     match tokio::time::timeout(REQUEST_TIMEOUT, next.run(request)).await {
@@ -92,12 +93,10 @@ fn has_body(headers: &HeaderMap) -> bool {
     if headers.contains_key(header::TRANSFER_ENCODING) {
         return true;
     }
-    headers.get_all(header::CONTENT_LENGTH).iter().any(|v| {
-        v.to_str()
-            .ok()
-            .and_then(|s| s.trim().parse::<u64>().ok())
-            != Some(0)
-    })
+    headers
+        .get_all(header::CONTENT_LENGTH)
+        .iter()
+        .any(|v| v.to_str().ok().and_then(|s| s.trim().parse::<u64>().ok()) != Some(0))
 }
 
 /// Whether the request carries the token the running configuration asks for (see

@@ -82,7 +82,8 @@ async fn connection(
     shutdown: CancellationToken,
 ) {
     let _ = tcp.set_nodelay(true);
-    let service = TowerToHyperService::new(router.layer(axum::Extension(super::routes::Peer(peer))));
+    let service =
+        TowerToHyperService::new(router.layer(axum::Extension(super::routes::Peer(peer))));
     let mut builder = http1::Builder::new();
     builder
         .timer(TokioTimer::new())

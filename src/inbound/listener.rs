@@ -102,7 +102,8 @@ impl ListenerTask {
     /// its own, without a session (delivery is not affected).
     fn refuse_paused(&self, tcp: tokio::net::TcpStream, peer: std::net::SocketAddr) {
         info!(listener = %self.config.name, peer = %peer.ip(), rule = "paused", reply = %reply::PAUSED, "rejected at connect");
-        self.tracker.spawn(async move { refuse(tcp, &reply::PAUSED).await });
+        self.tracker
+            .spawn(async move { refuse(tcp, &reply::PAUSED).await });
     }
 
     /// This listener as `runtime` configures it: a reload may have changed its lists and
