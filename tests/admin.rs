@@ -379,3 +379,59 @@ fn a_request_head_not_finished_within_ten_seconds_is_closed() {
         String::from_utf8_lossy(&out)
     );
 }
+
+#[test]
+fn without_a_token_the_loopback_admin_listener_is_open() {
+    let admin = free_port();
+    let relay = Relay::start(&config(
+        &[listener("mx", free_port(), "none")],
+        free_port(),
+        &format!("[admin]\nbind = \"127.0.0.1:{admin}\"\n"),
+    ));
+    assert!(wait_until(WAIT, || std::net::TcpStream::connect((
+        "127.0.0.1",
+        admin
+    ))
+    .is_ok()));
+    for path in ["/metrics", "/api/status", "/"] {
+        let r = get(admin, path, &[]);
+        assert_eq!(r.status, 200, "{path}: {r:?}");
+    }
+    drop(relay);
+}
+
+#[test]
+fn an_admin_bind_that_fails_stops_the_start_with_exit_status_1() {
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = taken.local_addr().unwrap().port();
+    let dir = TestDir::new();
+    let toml = dir.expand(&config(
+        &[listener("mx", free_port(), "none")],
+        free_port(),
+        &format!("[admin]\nbind = \"127.0.0.1:{port}\"\n"),
+    ));
+    let path = dir.write("portcullis.toml", toml);
+    let mut child = std::process::Command::new(BIN)
+        .args(["run", "--config"])
+        .arg(&path)
+        .current_dir(dir.path())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let exited = wait_until(WAIT, || child.try_wait().unwrap().is_some());
+    if !exited {
+        let _ = child.kill();
+    }
+    assert!(exited, "the relay kept running without its admin listener");
+    let out = child.wait_with_output().unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains(&format!(
+            "portcullis: admin listener: cannot bind 127.0.0.1:{port}: "
+        )),
+        "{stderr}"
+    );
+    drop(taken);
+}

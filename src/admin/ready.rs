@@ -101,10 +101,13 @@ mod tests {
         }
     }
 
+    /// One change to the facts of a ready node.
+    type Change = fn(&mut Facts);
+
     #[test]
     fn each_reason_makes_the_node_not_ready_with_its_own_line() {
         assert_eq!(verdict(&facts()), None);
-        let cases: [(fn(&mut Facts), &str); 6] = [
+        let cases: [(Change, &str); 6] = [
             (|f| f.bound = false, "listeners not bound"),
             (
                 |f| f.paused = true,

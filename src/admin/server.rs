@@ -8,6 +8,8 @@
 //!   beyond it hyper answers `431 Request Header Fields Too Large` and closes.
 //! - [`REQUEST_TIMEOUT`] to send a request head (an idle keep-alive connection included: it
 //!   is then closed without a response), and again for the handler to answer (`408`).
+//! - [`MAX_CONNECTION_AGE`] per connection, so a client that stops reading its response
+//!   cannot keep its slot.
 //! - No request body and only `GET`/`HEAD`: enforced by the router ([`super::routes`]).
 
 use std::time::Duration;
@@ -28,6 +30,9 @@ pub const MAX_CONNECTIONS: usize = 64;
 pub const MAX_HEAD_SIZE: usize = 8 * 1024;
 /// How long a client has to send a request head, and a handler to answer it.
 pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
+/// The longest a connection is kept: then it is closed after its request in flight (within
+/// [`SHUTDOWN_GRACE`]), and a scraper simply connects again.
+pub const MAX_CONNECTION_AGE: Duration = Duration::from_secs(60);
 /// How long connections still open at shutdown are given to finish their request.
 pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(1);
 /// How long a client refused for [`MAX_CONNECTIONS`] is given to read its `503`.
@@ -97,6 +102,13 @@ async fn connection(
             debug!(error = %e, "admin connection ended");
         },
         () = shutdown.cancelled() => {
+            conn.as_mut().graceful_shutdown();
+            let _ = tokio::time::timeout(SHUTDOWN_GRACE, conn).await;
+        }
+        // Also a client that never reads its response (hyper would wait on the write for
+        // ever) gives its slot back.
+        () = tokio::time::sleep(MAX_CONNECTION_AGE) => {
+            debug!("admin connection closed: too old");
             conn.as_mut().graceful_shutdown();
             let _ = tokio::time::timeout(SHUTDOWN_GRACE, conn).await;
         }
