@@ -19,8 +19,8 @@ pub struct Facts {
     pub bound: bool,
     /// `portcullis listeners pause` is in effect.
     pub paused: bool,
-    /// Whether the spool's `tmp/` can be written (by the effective user, RFC-free: `faccessat`
-    /// with `W_OK`, which also fails on a read-only file system).
+    /// Whether the spool's `tmp/` can be written by the effective user (`faccessat(2)` with
+    /// `W_OK`, which also fails on a read-only file system).
     pub writable: io::Result<()>,
     /// Free space of the spool's file system for unprivileged writers, in octets.
     pub free: io::Result<u64>,

@@ -242,6 +242,75 @@ mod tests {
         }
     }
 
+    /// Admin state whose configuration is a minimal policy plus `toml`, bound to
+    /// `bound`, started with `start_token`.
+    fn state(
+        dir: &std::path::Path,
+        toml: &str,
+        bound: &str,
+        start_token: Option<&str>,
+    ) -> AdminState {
+        let text = format!(
+            "[server]\nhostname = \"relay.test\"\nspool_dir = {:?}\n[[listeners]]\n\
+             bind = \"127.0.0.1:2525\"\ntls = \"none\"\n[[upstreams]]\naddress = \"127.0.0.1:25\"\n{toml}",
+            dir.join("spool")
+        );
+        let config = Arc::new(crate::config::Config::from_toml(&text, None).expect("valid"));
+        AdminState {
+            telemetry: Arc::new(crate::observe::Telemetry::new("relay.test")),
+            spool: crate::queue::Spool::open(&dir.join("spool")).expect("spool"),
+            config: Arc::new(move || config.clone()),
+            start_token: start_token.map(Arc::from),
+            bound: bound.parse().expect("socket address"),
+        }
+    }
+
+    fn bearer(token: &str) -> HeaderMap {
+        let mut headers = HeaderMap::new();
+        headers.insert(
+            header::AUTHORIZATION,
+            HeaderValue::from_str(&format!("Bearer {token}")).unwrap(),
+        );
+        headers
+    }
+
+    #[test]
+    fn the_token_comes_from_the_running_configuration_and_never_opens_up_on_reload() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("t"), "now\n").unwrap();
+        let with_token = format!(
+            "[admin]\nbind = \"127.0.0.1:9025\"\ntoken_file = {:?}\n",
+            dir.path().join("t")
+        );
+        // The configuration's token, not the one the listener started with.
+        let s = state(dir.path(), &with_token, "127.0.0.1:9025", Some("then"));
+        assert!(authorized(&s, &bearer("now")));
+        assert!(!authorized(&s, &bearer("then")));
+        assert!(!authorized(&s, &HeaderMap::new()));
+        // [admin] reloaded away: the start token still applies.
+        let s = state(dir.path(), "", "192.0.2.1:9025", Some("then"));
+        assert!(authorized(&s, &bearer("then")));
+        assert!(!authorized(&s, &HeaderMap::new()));
+        // No token at all: open on loopback only.
+        let open = "[admin]\nbind = \"127.0.0.1:9025\"\n";
+        assert!(authorized(
+            &state(dir.path(), open, "127.0.0.1:9025", None),
+            &HeaderMap::new()
+        ));
+        assert!(authorized(
+            &state(dir.path(), open, "[::1]:9025", None),
+            &HeaderMap::new()
+        ));
+        assert!(!authorized(
+            &state(dir.path(), open, "192.0.2.1:9025", None),
+            &HeaderMap::new()
+        ));
+        assert!(!authorized(
+            &state(dir.path(), open, "192.0.2.1:9025", None),
+            &bearer("x")
+        ));
+    }
+
     #[test]
     fn a_request_announcing_a_body_is_recognised() {
         let cases: [(&[(&str, &str)], bool); 6] = [
