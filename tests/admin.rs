@@ -234,6 +234,11 @@ fn a_paused_relay_answers_421_and_is_not_ready_while_its_queue_is_delivered() {
         c.try_read_reply().unwrap().is_none(),
         "closed after the 421"
     );
+    let metrics = get_bearer(admin, "/metrics", TOKEN).body;
+    assert!(
+        metrics.contains("\nportcullis_refusals_total{rule=\"paused\"} 1\n"),
+        "{metrics}"
+    );
     let status = get_bearer(admin, "/api/status", TOKEN);
     let json: serde_json::Value = serde_json::from_str(&status.body).unwrap();
     assert_eq!(json["paused"], true);
