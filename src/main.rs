@@ -9,6 +9,9 @@
 //! `queue retry|delete ID…` check every id's syntax first (one malformed id: exit 2, nothing
 //! done); an id that is well formed but not queued is reported on stderr, the other ids are
 //! still acted on, and the exit status is 1. `queue purge` that matches nothing exits 0.
+//!
+//! `listeners pause|resume` exit 0 whether or not the marker changed (the output says which),
+//! 2 when there is no spool, 1 when the marker cannot be written or removed.
 
 use std::io::Read;
 use std::path::{Path, PathBuf};
