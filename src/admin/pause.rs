@@ -203,7 +203,7 @@ mod tests {
     }
 
     #[tokio::test(start_paused = true)]
-    async fn the_watcher_follows_the_marker_within_one_poll() {
+    async fn the_watcher_pauses_and_resumes_the_gate_with_the_marker() {
         let dir = spool();
         let telemetry = std::sync::Arc::new(Telemetry::new("test"));
         let stop = CancellationToken::new();
