@@ -19,6 +19,12 @@ e.g. a build of the commit before a change, run beside the first in scenario A a
 "portcullis-before").
 Argument --smoke: scenario A for portcullis only (no Postfix, no scenarios B to E, no strace).
 Argument --auth: scenario F only (both relays, plus the DKIM signing cost).
+Argument --observe: the cost of observability (issue 15): scenario A (new connection per
+message) with this build, its admin listener on and scraped every BENCH_SCRAPE_S seconds (default
+1: /metrics and /api/status) and its journal written, against BENCH_BEFORE_BIN, a build of the
+commit before observability (bench/run builds it), alternating, BENCH_RUNS counted runs each
+(default 5 here). The figure that matters is relay CPU ms per message; msg/s drifts too much on
+these machines to resolve 5 %.
 
 Scenario F (issue 14) is scenario A with SPF, DKIM and DMARC verification on: portcullis
 (`[spf] verify = "record"`, `[dkim] verify = "record"`, `[dmarc] verify = "enforce"`, `[dns]`
@@ -52,6 +58,9 @@ BIN = os.environ["BENCH_BIN"]
 LOADGEN = os.environ["BENCH_LOADGEN"]
 SMOKE = "--smoke" in sys.argv[1:]
 AUTH_ONLY = "--auth" in sys.argv[1:]
+OBSERVE_ONLY = "--observe" in sys.argv[1:]
+# --observe: how often the scraper reads /metrics and /api/status during the counted runs.
+SCRAPE_S = float(os.environ.get("BENCH_SCRAPE_S", "1"))
 F_MESSAGES = int(os.environ.get("BENCH_F_MESSAGES", "5000"))
 F_WARMUP = int(os.environ.get("BENCH_F_WARMUP", "500"))
 F_RELAYS = [n.strip() for n in os.environ.get("BENCH_F_RELAYS", "portcullis,postfix").split(",")
@@ -382,7 +391,7 @@ class Portcullis:
     def __init__(self, sink_port, binary=None, name="portcullis", edit_config=None):
         self.name = name
         binary = binary or BIN
-        self.dir = os.path.join(TMP, name + ("-auth" if edit_config else ""))
+        self.dir = os.path.join(TMP, name + ("-edited" if edit_config else ""))
         os.makedirs(self.dir, exist_ok=True)
         self.port = free_port()
         self.tls_port = free_port()
@@ -1298,9 +1307,94 @@ def main_auth():
     fail_if_short(short)
 
 
+def admin_config(port):
+    """Edit the bench policy: the admin listener on 127.0.0.1:`port` (the journal is always on)."""
+    return lambda cfg: cfg + f'\n[admin]\nbind = "127.0.0.1:{port}"\n'
+
+
+class Scraper:
+    """GETs /metrics and /api/status of a relay's admin listener every SCRAPE_S seconds, as a
+    monitoring system would (Prometheus scrapes every 15 s by default: this is harsher)."""
+
+    def __init__(self, port):
+        self.port, self.stop_flag, self.scrapes, self.errors = port, threading.Event(), 0, 0
+        self.thread = threading.Thread(target=self.run, daemon=True)
+        self.thread.start()
+
+    def get(self, path):
+        with socket.create_connection(("127.0.0.1", self.port), timeout=5) as s:
+            s.sendall(f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n".encode())
+            data = b""
+            while chunk := s.recv(65536):
+                data += chunk
+        if not data.startswith(b"HTTP/1.1 200"):
+            raise OSError(f"{path}: {data[:40]!r}")
+
+    def run(self):
+        while not self.stop_flag.wait(SCRAPE_S):
+            try:
+                self.get("/metrics")
+                self.get("/api/status")
+                self.scrapes += 1
+            except OSError as e:
+                self.errors += 1
+                log(f"scrape failed: {e}")
+
+    def stop(self):
+        self.stop_flag.set()
+        self.thread.join()
+
+
+def main_observe():
+    """--observe: scenario A, admin listener scraped and journal on, against the build before."""
+    started = time.monotonic()
+    before = os.environ.get("BENCH_BEFORE_BIN")
+    if not before:
+        sys.exit("bench: --observe needs BENCH_BEFORE_BIN (bench/run builds it)")
+    sink = Sink(free_port())
+    admin_port = free_port()
+    relays = []
+    scraper = None
+    try:
+        relays.append(Portcullis(sink.port, name="portcullis", edit_config=admin_config(admin_port)))
+        relays.append(Portcullis(sink.port, before, "portcullis-before"))
+        scraper = Scraper(admin_port)
+        a = [scenario("A 1 KB, 20 sessions, new connection per message", relays, sink,
+                      MESSAGES, 20, SMALL, False, WARMUP)]
+        scraper.stop()
+        journal = os.path.join(relays[0].dir, "spool", "journal")
+        size = sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(journal) for f in fs) \
+            if os.path.isdir(journal) else 0
+        cpu = {name: statistics.median(r["cpu_ms"] for r in rs) for name, rs in a[0][1].items()}
+        lines = [f"Observability cost: scenario A, {MESSAGES} messages per counted run, {RUNS} counted "
+                 f"runs per relay after a {WARMUP}-message warm-up, alternating. \"portcullis\": "
+                 f"admin listener on, /metrics and /api/status scraped every {SCRAPE_S:g} s "
+                 f"({scraper.scrapes} scrapes, {scraper.errors} failed), journal on "
+                 f"({size / 1e6:.1f} MB written); \"portcullis-before\": the build before "
+                 "observability.", ""] + table_a(a) + [
+                 "", f"Relay CPU per message, medians: {cpu['portcullis']:.3f} vs "
+                 f"{cpu['portcullis-before']:.3f} ms = "
+                 f"{(cpu['portcullis'] / cpu['portcullis-before'] - 1) * 100:+.1f} %."]
+        publish(lines, started)
+        short = [f"{r['relay']} delivered {r['delivered']} of {r['sent']}"
+                 for _, res in a for rs in res.values() for r in rs if r["delivered"] < r["sent"]]
+        fail_if_short(short)
+    finally:
+        if scraper:
+            scraper.stop_flag.set()
+        for r in relays:
+            try:
+                r.stop()
+            except Exception as e:  # keep stopping the others
+                log(f"stopping {r.name}: {e}")
+        stop_proc(sink.proc)
+
+
 def main():
     if AUTH_ONLY:
         return main_auth()
+    if OBSERVE_ONLY:
+        return main_observe()
     started = time.monotonic()
     f_short = []
     sink = Sink(free_port())

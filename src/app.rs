@@ -15,9 +15,10 @@ use tokio::signal::unix::{Signal, SignalKind, signal};
 use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn};
 
+use crate::admin::{self, pause};
 use crate::config::{Config, ConfigErrors};
 use crate::inbound::{self, Runtime, tls};
-use crate::observe::Telemetry;
+use crate::observe::{ConfigSource, Telemetry};
 use crate::outbound;
 use crate::policy::Policy;
 use crate::queue::journal::Journal;
@@ -53,6 +54,9 @@ pub enum AppError {
     /// system configuration; exit status 2).
     #[error("dns: {0}")]
     Resolver(#[from] crate::dns::ResolverError),
+    /// The admin listener could not bind `[admin] bind`.
+    #[error(transparent)]
+    Admin(#[from] crate::admin::StartError),
     /// Signal handlers could not be installed.
     #[error("signals: {0}")]
     Signal(std::io::Error),
@@ -194,23 +198,33 @@ pub async fn run(config: Config, path: Option<PathBuf>) -> Result<(), AppError> 
         .probe_all(&config.server.hostname, PROBE_WAIT)
         .await;
     let runtime = Arc::new(ArcSwap::from_pointee(build_runtime(config, None)?));
-    // Alerts log and show even without [admin] or a webhook; they stop with delivery.
-    let alerts = crate::observe::alerts::spawn(
-        telemetry.clone(),
-        {
-            let runtime = runtime.clone();
-            Arc::new(move || runtime.load().config.clone())
-        },
-        delivery_stop.clone(),
-    );
     let deps = inbound::Deps {
         spool: spool.clone(),
         queued: delivery.wake.clone(),
         capabilities: delivery.capabilities.clone(),
         telemetry: telemetry.clone(),
     };
+    // A relay started while paused starts paused, before its first connection.
+    let observe_stop = CancellationToken::new();
+    start_pause_watch(&telemetry, &spool, &observe_stop);
+    // Alerts log and show even without [admin] or a webhook; they count from here.
+    let alerts = crate::observe::alerts::spawn(
+        telemetry.clone(),
+        {
+            let runtime = runtime.clone();
+            Arc::new(move || runtime.load().config.clone())
+        },
+        observe_stop.clone(),
+    );
     let inbound = inbound::start(runtime.clone(), deps).await?;
     telemetry.gate.set_bound(true);
+    let admin = match start_admin(&runtime, &telemetry, &spool, &observe_stop).await {
+        Ok(admin) => admin,
+        Err(e) => {
+            inbound.stop(Duration::ZERO).await;
+            return Err(e);
+        }
+    };
     let snapshot = runtime.load();
     info!(
         hostname = %snapshot.config.server.hostname,
@@ -220,14 +234,60 @@ pub async fn run(config: Config, path: Option<PathBuf>) -> Result<(), AppError> 
     drop(snapshot);
 
     wait_for_shutdown(signals, &runtime, path.as_deref(), &delivery, &spool).await;
+    // Not ready from here on (`/readyz` 503), while the admin listener still answers.
+    telemetry.gate.set_bound(false);
     // The grace of the configuration running now (a reload may have changed it).
     inbound
         .stop(runtime.load().config.limits.shutdown_grace)
         .await;
     stop_delivery(delivery, delivery_stop).await;
+    observe_stop.cancel();
+    if let Some(admin) = admin {
+        admin.stopped().await;
+    }
     let _ = alerts.await;
     info!("portcullis stopped");
     Ok(())
+}
+
+/// Apply the `SPOOL/paused` marker now, then follow it ([`pause::watch`]) until `stop`.
+fn start_pause_watch(telemetry: &Arc<Telemetry>, spool: &Spool, stop: &CancellationToken) {
+    let paused = pause::is_paused(spool.root()).unwrap_or_else(|e| {
+        warn!(error = %e, "cannot look at the pause marker; starting unpaused");
+        false
+    });
+    pause::apply(telemetry, paused);
+    tokio::spawn(pause::watch(
+        telemetry.clone(),
+        spool.root().to_path_buf(),
+        stop.clone(),
+    ));
+}
+
+/// Start the admin listener when `[admin]` is configured, reading the configuration running
+/// now at each request (so a reloaded token applies); it stops when `stop` is cancelled.
+async fn start_admin(
+    runtime: &Arc<ArcSwap<Runtime>>,
+    telemetry: &Arc<Telemetry>,
+    spool: &Spool,
+    stop: &CancellationToken,
+) -> Result<Option<admin::AdminServer>, AppError> {
+    let Some(settings) = runtime.load().config.admin.clone() else {
+        return Ok(None);
+    };
+    let source: ConfigSource = {
+        let runtime = runtime.clone();
+        Arc::new(move || runtime.load().config.clone())
+    };
+    let server = admin::start(
+        &settings,
+        telemetry.clone(),
+        spool.clone(),
+        source,
+        stop.clone(),
+    )
+    .await?;
+    Ok(Some(server))
 }
 
 /// The relay's telemetry: named after this node, its upstreams declared, its events

@@ -9,6 +9,9 @@
 //! `queue retry|delete ID…` check every id's syntax first (one malformed id: exit 2, nothing
 //! done); an id that is well formed but not queued is reported on stderr, the other ids are
 //! still acted on, and the exit status is 1. `queue purge` that matches nothing exits 0.
+//!
+//! `listeners pause|resume` exit 0 whether or not the marker changed (the output says which),
+//! 2 when there is no spool, 1 when the marker cannot be written or removed.
 
 use std::io::Read;
 use std::path::{Path, PathBuf};
@@ -44,6 +47,12 @@ enum Command {
     Queue {
         #[command(subcommand)]
         action: QueueAction,
+    },
+    /// Pause or resume accepting on every listener of the running relay (and of later
+    /// starts, until resumed): the marker file SPOOL/paused.
+    Listeners {
+        #[command(subcommand)]
+        action: ListenersAction,
     },
     /// Read one password line from stdin and print its argon2id hash.
     Passwd,
@@ -112,6 +121,15 @@ enum QueueAction {
     },
 }
 
+#[derive(Subcommand, Debug)]
+enum ListenersAction {
+    /// Within a second, every listener answers new connections `421 4.3.2` and closes them,
+    /// and /readyz answers 503; delivery of the queue goes on. Survives restarts.
+    Pause,
+    /// Accept again (within a second).
+    Resume,
+}
+
 /// An error in the operator's input: exit status 2.
 #[derive(Debug, thiserror::Error)]
 #[error("{0}")]
@@ -141,6 +159,7 @@ fn dispatch(cli: Cli) -> anyhow::Result<()> {
         Command::Run => run(cli.config),
         Command::CheckConfig => check_config(cli.config.as_deref()),
         Command::Queue { action } => queue(action, cli.config.as_deref(), cli.spool),
+        Command::Listeners { action } => listeners(&action, cli.config.as_deref(), cli.spool),
         Command::Passwd => passwd(),
         Command::Doctor { domain, json } => doctor(cli.config.as_deref(), &domain, json),
         Command::GenCert { out, name } => {
@@ -317,6 +336,43 @@ fn queue(action: QueueAction, config: Option<&Path>, spool: Option<PathBuf>) -> 
                 tally.add(p.outcome);
             }
             println!("{}", tally.summary());
+        }
+    }
+    Ok(())
+}
+
+/// `listeners pause|resume`: write or remove `SPOOL/paused` (exit 2 without a spool, 1 when
+/// the marker cannot be written or removed).
+fn listeners(
+    action: &ListenersAction,
+    config: Option<&Path>,
+    spool: Option<PathBuf>,
+) -> anyhow::Result<()> {
+    use portcullis::admin::pause;
+    let dir = spool_dir(config, spool)?;
+    let spool = open_spool(&dir, false)?;
+    let marker = pause::marker_path(spool.root());
+    match action {
+        ListenersAction::Pause => {
+            if pause::pause(spool.root(), unix_now())? {
+                println!(
+                    "listeners paused ({} written): the running relay answers new connections \
+                     421 4.3.2 within a second; delivery goes on",
+                    marker.display()
+                );
+            } else {
+                println!("listeners already paused ({} exists)", marker.display());
+            }
+        }
+        ListenersAction::Resume => {
+            if pause::resume(spool.root())? {
+                println!(
+                    "listeners resumed ({} removed): the running relay accepts again within a second",
+                    marker.display()
+                );
+            } else {
+                println!("listeners not paused (no {})", marker.display());
+            }
         }
     }
     Ok(())

@@ -491,7 +491,74 @@ pub(super) fn summary(c: &Config) -> String {
         if c.queue.bounces { "on" } else { "off" },
         format_duration(c.queue.delivery_grace)
     );
+    observe_summary(&mut s, c);
     s
+}
+
+/// The `[admin]`, `[alerts]` and `[log]` lines (each after a newline).
+fn observe_summary(s: &mut String, c: &Config) {
+    match &c.admin {
+        Some(a) => {
+            let token = match &a.token_file {
+                Some(file) => format!("token from {}", file.display()),
+                None => "no token (open to local users)".to_owned(),
+            };
+            let _ = write!(
+                s,
+                "\nadmin: http://{} (/metrics /healthz /readyz / /api/status), {token}",
+                a.bind
+            );
+        }
+        None => {
+            let _ = write!(s, "\nadmin: not configured");
+        }
+    }
+    let al = &c.alerts;
+    let mut on = Vec::new();
+    let mut after = |name: &str, d: Option<std::time::Duration>| {
+        if let Some(d) = d {
+            on.push(format!("{name} after {}", format_duration(d)));
+        }
+    };
+    after("no_inbound", al.no_inbound);
+    after("no_delivery", al.no_delivery);
+    after("oldest_message", al.oldest_message);
+    after("upstream_down", al.upstream_down);
+    if let Some(n) = al.queue_depth {
+        on.push(format!("queue_depth at {n}"));
+    }
+    let on = if on.is_empty() {
+        "none".to_owned()
+    } else {
+        on.join(", ")
+    };
+    let webhook = al
+        .webhook
+        .as_deref()
+        .and_then(|url| url.parse::<hyper::Uri>().ok())
+        // The host and port only: never userinfo a URL may carry.
+        .and_then(|uri| {
+            let host = uri.host()?;
+            Some(match uri.port_u16() {
+                Some(port) => format!("{host}:{port}"),
+                None => host.to_owned(),
+            })
+        })
+        .map_or_else(
+            || "no webhook".to_owned(),
+            |host| format!("webhook to {host}"),
+        );
+    let _ = write!(s, "\nalerts: {on}; {webhook}");
+    let format = match c.log.format {
+        super::LogFormat::Text => "text",
+        super::LogFormat::Json => "json",
+    };
+    let _ = write!(
+        s,
+        "\nlog: format {format}; journal kept {}, at most {}",
+        format_duration(c.log.journal_keep),
+        format_size(c.log.journal_max_size)
+    );
 }
 
 /// How a check's `verify` reads in the summary.

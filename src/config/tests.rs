@@ -1608,3 +1608,129 @@ fn selector_message_is_one_sentence_without_a_run_of_spaces() {
     );
     assert!(!text.contains("  "), "{text}");
 }
+
+#[test]
+fn admin_alerts_and_log_errors_name_their_keys() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let empty = write(dir.path(), "empty.token", " \n\t\n");
+    let missing = dir.path().join("missing.token").display().to_string();
+    let cases: Vec<(String, &str, String)> = vec![
+        (
+            "[admin]\nbind = \"0.0.0.0:9025\"".into(),
+            "admin.token_file",
+            "is required when admin.bind (0.0.0.0:9025) is not a loopback address: the status \
+             and the queue would be open to the network"
+                .into(),
+        ),
+        (
+            format!("[admin]\nbind = \"127.0.0.1:9025\"\ntoken_file = {empty:?}"),
+            "admin.token_file",
+            format!("{empty} is empty"),
+        ),
+        (
+            "[admin]\nbind = \"localhost:9025\"".into(),
+            "admin.bind",
+            "\"localhost:9025\" is not an IP:PORT socket address".into(),
+        ),
+        (
+            "[admin]\n".into(),
+            "admin.bind",
+            "is required in [admin] (e.g. \"127.0.0.1:9025\")".into(),
+        ),
+        (
+            "[alerts]\nwebhook = \"ftp://hooks.example/x\"".into(),
+            "alerts.webhook",
+            "\"ftp://hooks.example/x\" is not an http:// or https:// URL".into(),
+        ),
+        (
+            "[alerts]\nwebhook = \"http:///path\"".into(),
+            "alerts.webhook",
+            "\"http:///path\" is not an http:// or https:// URL".into(),
+        ),
+        (
+            "[alerts]\nwebhook = \"/just/a/path\"".into(),
+            "alerts.webhook",
+            "\"/just/a/path\" is not an http:// or https:// URL".into(),
+        ),
+        (
+            "[alerts]\nqueue_depth = 0".into(),
+            "alerts.queue_depth",
+            String::new(),
+        ),
+        (
+            "[log]\nformat = \"xml\"".into(),
+            "log.format",
+            String::new(),
+        ),
+        (
+            "[log]\njournal_max_size = 0".into(),
+            "log.journal_max_size",
+            "must be greater than zero".into(),
+        ),
+    ];
+    for (snippet, key, message) in cases {
+        let errors = errors(&format!("{MINIMAL}\n{snippet}\n"));
+        assert_eq!(errors.len(), 1, "{snippet}: {errors:?}");
+        assert_eq!(errors[0].0, key, "{snippet}: {errors:?}");
+        if !message.is_empty() {
+            assert_eq!(errors[0].1, message, "{snippet}");
+        }
+    }
+    // An unreadable token file: one error on its key, naming the file.
+    let errors = errors(&format!(
+        "{MINIMAL}\n[admin]\nbind = \"127.0.0.1:9025\"\ntoken_file = {missing:?}\n"
+    ));
+    assert_eq!(errors.len(), 1, "{errors:?}");
+    assert_eq!(errors[0].0, "admin.token_file");
+    assert!(errors[0].1.contains(&missing), "{errors:?}");
+}
+
+#[test]
+fn admin_token_is_read_trimmed_and_never_printed() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let file = write(dir.path(), "admin.token", "  s3cret-token \n");
+    let c = ok(&format!(
+        "{MINIMAL}\n[admin]\nbind = \"192.0.2.1:9025\"\ntoken_file = {file:?}\n"
+    ));
+    let admin = c.admin.as_ref().expect("[admin] compiled");
+    assert_eq!(admin.token.as_deref(), Some("s3cret-token"));
+    assert_eq!(admin.bind, "192.0.2.1:9025".parse().unwrap());
+    assert!(!format!("{admin:?}").contains("s3cret"));
+    assert!(!c.summary().contains("s3cret"));
+}
+
+#[test]
+fn check_config_summarises_admin_alerts_and_log() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let file = write(dir.path(), "admin.token", "t\n");
+    let c = ok(&format!(
+        "{MINIMAL}\n[admin]\nbind = \"127.0.0.1:9025\"\ntoken_file = {file:?}\n\
+         [alerts]\nno_delivery = \"5m\"\nqueue_depth = 100\n\
+         webhook = \"https://user:pw@hooks.example:8443/p?q=1\"\n\
+         [log]\nformat = \"json\"\njournal_keep = \"3d\"\njournal_max_size = \"2GiB\"\n"
+    ));
+    let summary = c.summary();
+    let tail: Vec<&str> = summary.lines().rev().take(3).collect();
+    assert_eq!(
+        tail,
+        [
+            "log: format json; journal kept 3d, at most 2GiB",
+            "alerts: no_delivery after 5m, queue_depth at 100; webhook to hooks.example:8443",
+            &format!(
+                "admin: http://127.0.0.1:9025 (/metrics /healthz /readyz / /api/status), \
+                 token from {file}"
+            ),
+        ]
+    );
+    assert!(!summary.contains("pw@"), "{summary}");
+    let plain = ok(MINIMAL).summary();
+    let tail: Vec<&str> = plain.lines().rev().take(3).collect();
+    assert_eq!(
+        tail,
+        [
+            "log: format text; journal kept 7d, at most 1GiB",
+            "alerts: none; no webhook",
+            "admin: not configured",
+        ]
+    );
+}

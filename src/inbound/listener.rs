@@ -56,6 +56,10 @@ impl ListenerTask {
                 }
             };
             let _ = tcp.set_nodelay(true);
+            if self.shared.telemetry.gate.paused() {
+                self.refuse_paused(tcp, peer);
+                continue;
+            }
             let runtime = self.runtime.load_full();
             let listener = self.current(&runtime);
             let limits = &runtime.config.limits;
@@ -92,6 +96,21 @@ impl ListenerTask {
             }
         }
         info!(listener = %self.config.name, "stopped listening");
+    }
+
+    /// `portcullis listeners pause` is in effect: `421 4.3.2` and close, by a short task of
+    /// its own, without a session (delivery is not affected); counted and journaled as a
+    /// refusal with rule `paused`.
+    fn refuse_paused(&self, tcp: tokio::net::TcpStream, peer: std::net::SocketAddr) {
+        info!(listener = %self.config.name, peer = %peer.ip(), rule = "paused", reply = %reply::PAUSED, "rejected at connect");
+        let mut event = crate::observe::Event::now(crate::observe::EventKind::Refused);
+        event.client = Some(peer.ip());
+        event.listener = Some(self.config.name.clone());
+        event.rule = Some("paused".to_owned());
+        event.reply = Some(reply::PAUSED.to_string());
+        self.shared.telemetry.record(&event);
+        self.tracker
+            .spawn(async move { refuse(tcp, &reply::PAUSED).await });
     }
 
     /// This listener as `runtime` configures it: a reload may have changed its lists and

@@ -99,6 +99,43 @@ fn delivery_buckets() -> impl Iterator<Item = f64> {
     exponential_buckets(0.005, 2.0, 15)
 }
 
+/// Registers each metric wrapped in [`AlwaysExposed`].
+struct Exposed<'r>(&'r mut Registry);
+
+impl Exposed<'_> {
+    fn register<M>(&mut self, name: &str, help: &str, metric: M)
+    where
+        M: prometheus_client::encoding::EncodeMetric + std::fmt::Debug + Send + Sync + 'static,
+    {
+        self.0.register(name, help, AlwaysExposed(metric));
+    }
+}
+
+/// A metric whose family is encoded (HELP and TYPE lines) even before it has a sample:
+/// prometheus-client leaves an empty labelled family out of the exposition, and the contract
+/// says every family is there from the start, so dashboards and alert rules can rely on it.
+#[derive(Debug)]
+struct AlwaysExposed<M>(M);
+
+impl<M: prometheus_client::encoding::EncodeMetric> prometheus_client::encoding::EncodeMetric
+    for AlwaysExposed<M>
+{
+    fn encode(
+        &self,
+        encoder: prometheus_client::encoding::MetricEncoder,
+    ) -> Result<(), std::fmt::Error> {
+        self.0.encode(encoder)
+    }
+
+    fn metric_type(&self) -> prometheus_client::metrics::MetricType {
+        self.0.metric_type()
+    }
+
+    fn is_empty(&self) -> bool {
+        false
+    }
+}
+
 /// The registry and every family in it.
 #[derive(Debug)]
 pub struct Metrics {
@@ -157,7 +194,8 @@ impl Metrics {
             alert_active: Family::default(),
             rules: std::sync::Mutex::default(),
         };
-        let r = &mut registry;
+        // Every family shows its HELP and TYPE lines from the start (DESIGN.md, "Metric names").
+        let r = &mut Exposed(&mut registry);
         r.register(
             "portcullis_sessions",
             "SMTP sessions ended, by listener and TLS version",

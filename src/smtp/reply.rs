@@ -129,6 +129,13 @@ pub const AUTH_OK: Reply = Reply::new(235, "2.7.0", "Authentication successful")
 pub const SHUTTING_DOWN: Reply = Reply::new(421, "4.3.0", "Service shutting down, try again later");
 pub const TOO_MANY_CONNECTIONS: Reply =
     Reply::new(421, "4.3.2", "Too many connections, try again later");
+/// `portcullis listeners pause` is in effect: every new connection gets this and is closed
+/// (RFC 5321 §3.8 and §4.2.3; RFC 3463 4.3.2 "system not accepting network messages").
+pub const PAUSED: Reply = Reply::new(
+    421,
+    "4.3.2",
+    "Service not available, closing transmission channel",
+);
 pub const TOO_MANY_FROM_IP: Reply = Reply::new(
     421,
     "4.7.0",

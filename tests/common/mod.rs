@@ -15,6 +15,7 @@
 #![allow(dead_code)]
 
 pub mod dns;
+pub mod http;
 pub mod postfix;
 pub mod sink;
 pub mod webhook;
