@@ -5,26 +5,54 @@ mod common;
 
 use std::time::Duration;
 
+use common::http;
 use common::sink::{Sink, SinkConfig};
 use common::webhook::WebhookReceiver;
-use common::{Relay, SmtpClient, free_port, listener, queue_id};
+use common::{Relay, SmtpClient, free_port, listener, queue_id, wait_until};
 
 /// Longest wait for one alert transition: the 2 s threshold (or clear time), the 1 s
 /// evaluation, and slack for a loaded machine.
 const WAIT: Duration = Duration::from_secs(8);
 
 /// One MX listener, loopback may relay, one upstream `up` at `upstream_port` whose breaker
-/// stays open (backoff 1h) and whose messages wait (retry 1h) until `queue retry`, and both
-/// alerts at 2 s.
-fn config(upstream_port: u16, webhook: &str) -> String {
+/// stays open (backoff 1h) and whose messages wait (retry 1h) until `queue retry`, both
+/// alerts at 2 s, and the admin listener on `admin` (loopback, no token).
+fn config(upstream_port: u16, webhook: &str, admin: u16) -> String {
     format!(
         "[server]\nhostname = \"relay.test\"\nspool_dir = \"{{dir}}/spool\"\n\n{}\n\
          [[upstreams]]\nname = \"up\"\naddress = \"127.0.0.1:{upstream_port}\"\ntls = \"none\"\n\
          backoff = \"1h\"\nconnect_timeout = \"2s\"\n\n\
          [relay]\nrelay_networks = [\"127.0.0.0/8\"]\n\n[queue]\nretry = [\"1h\"]\n\n\
-         [alerts]\nupstream_down = \"2s\"\nno_delivery = \"2s\"\nwebhook = \"{webhook}\"\n",
+         [alerts]\nupstream_down = \"2s\"\nno_delivery = \"2s\"\nwebhook = \"{webhook}\"\n\n\
+         [admin]\nbind = \"127.0.0.1:{admin}\"\n",
         listener("mx", free_port(), "none")
     )
+}
+
+/// The value of `portcullis_alert_active{alert="ALERT"}` on `/metrics`.
+fn alert_gauge(admin: u16, alert: &str) -> String {
+    let metrics = http::get(admin, "/metrics", &[]);
+    assert_eq!(metrics.status, 200);
+    let prefix = format!("portcullis_alert_active{{alert=\"{alert}\"}} ");
+    metrics
+        .body
+        .lines()
+        .find_map(|l| l.strip_prefix(&prefix))
+        .unwrap_or("(none)")
+        .to_owned()
+}
+
+/// The `alert` names of `/api/status`'s `alerts`.
+fn status_alerts(admin: u16) -> Vec<String> {
+    let status = http::get(admin, "/api/status", &[]);
+    assert_eq!(status.status, 200);
+    let json: serde_json::Value = serde_json::from_str(&status.body).unwrap();
+    json["alerts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|a| a["alert"].as_str().unwrap().to_owned())
+        .collect()
 }
 
 fn send_one(relay: &Relay) -> String {
@@ -40,7 +68,16 @@ fn send_one(relay: &Relay) -> String {
 fn upstream_down_and_no_delivery_fire_on_the_webhook_and_resolve_after_queue_retry() {
     let receiver = WebhookReceiver::start();
     let upstream_port = free_port(); // nothing listens there yet
-    let mut relay = Relay::start(&config(upstream_port, &receiver.url()));
+    let admin = free_port();
+    let mut relay = Relay::start(&config(upstream_port, &receiver.url(), admin));
+    assert!(
+        wait_until(WAIT, || std::net::TcpStream::connect(("127.0.0.1", admin))
+            .is_ok()),
+        "admin listener not accepting on {admin}"
+    );
+    // Every alert's series exists from the start.
+    assert_eq!(alert_gauge(admin, "upstream_down"), "0");
+    assert_eq!(alert_gauge(admin, "cluster_fallback"), "0");
     send_one(&relay);
 
     for alert in ["upstream_down", "no_delivery"] {
@@ -90,6 +127,10 @@ fn upstream_down_and_no_delivery_fire_on_the_webhook_and_resolve_after_queue_ret
             receiver.states()
         );
     }
+
+    assert_eq!(alert_gauge(admin, "upstream_down"), "0");
+    assert_eq!(alert_gauge(admin, "no_delivery"), "0");
+    assert!(status_alerts(admin).is_empty());
 
     // Once the relay has stopped nothing more can arrive: each alert started and ended once.
     relay.sigterm();
