@@ -123,6 +123,8 @@ pub struct Metrics {
     pub alert_active: Family<AlertLabel, Gauge>,
     /// The rules that have refused something (for [`Metrics::top_refusals`]).
     rules: std::sync::Mutex<std::collections::BTreeSet<String>>,
+    /// The listeners that have accepted something (for [`Metrics::accepted_by_listener`]).
+    listeners: std::sync::Mutex<std::collections::BTreeSet<String>>,
 }
 
 impl Default for Metrics {
@@ -156,6 +158,7 @@ impl Metrics {
             dns_errors: Family::default(),
             alert_active: Family::default(),
             rules: std::sync::Mutex::default(),
+            listeners: std::sync::Mutex::default(),
         };
         let r = &mut registry;
         r.register(
@@ -278,8 +281,14 @@ impl Metrics {
             EventKind::Queued => {
                 let listener = event.listener.clone().unwrap_or_default();
                 self.accepted
-                    .get_or_create(&ListenerLabel { listener })
+                    .get_or_create(&ListenerLabel {
+                        listener: listener.clone(),
+                    })
                     .inc();
+                let mut listeners = self.listeners.lock().unwrap_or_else(|p| p.into_inner());
+                if !listeners.contains(&listener) {
+                    listeners.insert(listener);
+                }
             }
             EventKind::Delivered => {
                 self.delivered.get_or_create(&upstream()).inc();
@@ -395,5 +404,47 @@ impl Metrics {
         rules.sort_by(|a, b| b.1.cmp(&a.1).then_with(|| a.0.cmp(&b.0)));
         rules.truncate(n);
         rules
+    }
+}
+
+impl Metrics {
+    /// `portcullis_messages_accepted_total` by listener, sorted by name: the series that
+    /// exist (a listener that accepted nothing since start has none).
+    pub fn accepted_by_listener(&self) -> Vec<(String, u64)> {
+        let seen: Vec<String> = self
+            .listeners
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+            .cloned()
+            .collect();
+        seen.into_iter()
+            .filter_map(|listener| {
+                let labels = ListenerLabel {
+                    listener: listener.clone(),
+                };
+                let count = self.accepted.get(&labels)?.get();
+                Some((listener, count))
+            })
+            .collect()
+    }
+
+    /// The series of `family` for each upstream in `names` that has one, in that order
+    /// (read only: no series is created).
+    pub fn by_upstream(
+        &self,
+        family: &Family<UpstreamLabel, Counter>,
+        names: &[String],
+    ) -> Vec<(String, u64)> {
+        names
+            .iter()
+            .filter_map(|name| {
+                let labels = UpstreamLabel {
+                    upstream: name.clone(),
+                };
+                let count = family.get(&labels)?.get();
+                Some((name.clone(), count))
+            })
+            .collect()
     }
 }
