@@ -3,4 +3,7 @@
 //!
 //! SKELETON: the admin part of the observability issue fills this in.
 
+pub mod client;
+pub mod offline;
 pub mod page;
+pub mod summary;

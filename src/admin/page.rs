@@ -152,12 +152,13 @@ body{margin:0;font:15px/1.45 system-ui,-apple-system,'Segoe UI',Roboto,sans-seri
 main{max-width:64rem;margin:0 auto;padding:.75rem}\
 h1{font-size:1.3rem;margin:0;padding:.8rem 1rem;border-radius:.5rem;color:#fff;overflow-wrap:anywhere}\
 h1.ok{background:#1f7a3a}h1.warn{background:#a86400}h1.bad{background:#b3261e}\
-h2{font-size:1.05rem;margin:1.2rem 0 .4rem}h3{font-size:.95rem;margin:.2rem 0}\
+h2{font-size:1.05rem;margin:.3rem 0 .4rem}h3{font-size:.95rem;margin:.2rem 0}\
 .meta{color:#555;font-size:.85rem;margin:.4rem 0 0}\
 section{background:#fff;border-radius:.5rem;padding:.6rem .8rem;margin:.6rem 0;box-shadow:0 1px 2px #0002}\
 table{border-collapse:collapse;width:100%}\
 th,td{text-align:left;padding:.2rem .4rem;border-bottom:1px solid #e3e5e8;vertical-align:top;overflow-wrap:anywhere}\
 td.n,th.n{text-align:right;font-variant-numeric:tabular-nums;white-space:nowrap}\
+table.kv th{width:1%;white-space:nowrap}\
 .cards{display:grid;grid-template-columns:repeat(auto-fit,minmax(17rem,1fr));gap:.6rem}\
 .card{border:1px solid #e3e5e8;border-radius:.4rem;padding:.5rem .6rem}\
 .card dl{display:grid;grid-template-columns:auto 1fr;gap:.1rem .6rem;margin:.3rem 0 0}\
@@ -304,7 +305,7 @@ fn queue(out: &mut String, status: &Status) {
     let q = &status.queue;
     let _ = write!(
         out,
-        "<section id=\"queue\">\n<h2>Queue</h2>\n<table>\n\
+        "<section id=\"queue\">\n<h2>Queue</h2>\n<table class=\"kv\">\n\
          <tr><th>Queued (not held)</th><td class=\"n\" id=\"queued\">{}</td></tr>\n\
          <tr><th>Held</th><td class=\"n\" id=\"held\">{}</td></tr>\n",
         q.queued(),
@@ -315,7 +316,7 @@ fn queue(out: &mut String, status: &Status) {
             let age = status.now.saturating_sub(*arrived);
             let _ = write!(
                 out,
-                "<tr><th>Oldest</th><td class=\"n\" data-metric=\"portcullis_queue_oldest_seconds\" \
+                "<tr><th>Oldest</th><td data-metric=\"portcullis_queue_oldest_seconds\" \
                  data-value=\"{}\">{} <code>{}</code> since <time>{}</time></td></tr>\n",
                 if status.live {
                     status.totals.queue_oldest_seconds
@@ -327,7 +328,7 @@ fn queue(out: &mut String, status: &Status) {
                 rfc3339(*arrived),
             );
         }
-        None => out.push_str("<tr><th>Oldest</th><td class=\"n\">none</td></tr>\n"),
+        None => out.push_str("<tr><th>Oldest</th><td>none</td></tr>\n"),
     }
     out.push_str("</table>\n<h3>By upstream</h3>\n");
     if q.by_upstream.is_empty() {
@@ -408,7 +409,7 @@ fn flow(out: &mut String, status: &Status) {
             chart(title, &values, colour, first, last)
         );
     }
-    out.push_str("</div>\n<h3>Sums</h3>\n<table>\n<tr><th></th>");
+    out.push_str("</div>\n<h3>Sums</h3>\n<table class=\"kv\">\n<tr><th></th>");
     let sums = [
         ("1 min", &status.last_1m),
         ("5 min", &status.last_5m),
@@ -511,7 +512,7 @@ fn since_start(out: &mut String, status: &Status) {
     );
     let _ = write!(
         out,
-        "<table>\n\
+        "<table class=\"kv\">\n\
          <tr><th>Bounced</th><td class=\"n\" data-metric=\"portcullis_messages_bounced_total\">{}</td></tr>\n\
          <tr><th>AUTH successes</th><td class=\"n\" data-metric=\"portcullis_auth_successes_total\">{}</td></tr>\n\
          <tr><th>AUTH failures</th><td class=\"n\" data-metric=\"portcullis_auth_failures_total\">{}</td></tr>\n\
