@@ -210,3 +210,6 @@ async fn fetch(addr: SocketAddr, token: Option<&str>) -> Result<Status, ClientEr
     driver.abort();
     serde_json::from_slice(&body).map_err(|source| ClientError::Json { addr, source })
 }
+
+#[cfg(test)]
+mod tests;
