@@ -78,7 +78,7 @@ fn without_admin_the_status_comes_from_the_spool_and_says_so() {
     assert!(lines[1].ends_with(": not live"), "{text}");
     let queue = lines.iter().position(|l| l.starts_with("queue: ")).unwrap();
     assert!(
-        lines[queue].starts_with(&format!("queue: 2 queued, 1 held; oldest ")),
+        lines[queue].starts_with("queue: 2 queued, 1 held; oldest "),
         "{text}"
     );
     assert!(

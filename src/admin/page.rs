@@ -67,7 +67,7 @@ fn grouped(n: u64) -> String {
     let digits = n.to_string();
     let mut out = String::with_capacity(digits.len() + digits.len() / 3);
     for (i, c) in digits.chars().enumerate() {
-        if i > 0 && (digits.len() - i) % 3 == 0 {
+        if i > 0 && (digits.len() - i).is_multiple_of(3) {
             out.push(',');
         }
         out.push(c);
@@ -214,11 +214,11 @@ fn alerts(out: &mut String, status: &Status) {
     }
     for a in &status.alerts {
         let name = a.alert.as_str();
-        let _ = write!(
+        let _ = writeln!(
             out,
             "<div class=\"alert\"><strong data-metric=\"portcullis_alert_active\" \
              data-alert=\"{name}\" data-value=\"1\">{name}</strong> since <time>{}</time>: {} \
-             <span class=\"meta\">(value {}, threshold {})</span></div>\n",
+             <span class=\"meta\">(value {}, threshold {})</span></div>",
             rfc3339(a.since),
             escape(&a.text),
             escape(&a.value),
@@ -314,10 +314,10 @@ fn queue(out: &mut String, status: &Status) {
     match &q.oldest {
         Some((id, arrived)) => {
             let age = status.now.saturating_sub(*arrived);
-            let _ = write!(
+            let _ = writeln!(
                 out,
                 "<tr><th>Oldest</th><td data-metric=\"portcullis_queue_oldest_seconds\" \
-                 data-value=\"{}\">{} <code>{}</code> since <time>{}</time></td></tr>\n",
+                 data-value=\"{}\">{} <code>{}</code> since <time>{}</time></td></tr>",
                 if status.live {
                     status.totals.queue_oldest_seconds
                 } else {
@@ -387,8 +387,11 @@ fn pairs_table(
     out.push_str("</table>\n");
 }
 
-/// The four series of the flow, in the order charted.
-const SERIES: [(&str, fn(&Minute) -> u64, &str); 4] = [
+/// One count of a [`Minute`].
+pub(crate) type MinuteField = fn(&Minute) -> u64;
+
+/// The four series of the flow, in the order charted: title, field, colour.
+pub(crate) const SERIES: [(&str, MinuteField, &str); 4] = [
     ("Accepted", |m| m.accepted, "#1f6feb"),
     ("Delivered", |m| m.delivered, "#1f7a3a"),
     ("Refused", |m| m.refused, "#b3261e"),

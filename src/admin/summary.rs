@@ -151,13 +151,8 @@ fn flow(out: &mut String, status: &Status) {
         "flow        {:>8} {:>8} {:>8} {:>8}",
         "1 min", "5 min", "15 min", "60 min"
     );
-    let rows: [(&str, fn(&Minute) -> u64); 4] = [
-        ("accepted", |m| m.accepted),
-        ("delivered", |m| m.delivered),
-        ("refused", |m| m.refused),
-        ("deferred", |m| m.deferred),
-    ];
-    for (name, value) in rows {
+    for (title, value, _) in super::page::SERIES {
+        let name = title.to_ascii_lowercase();
         let _ = writeln!(
             out,
             "  {name:<9} {:>8} {:>8} {:>8} {:>8}",

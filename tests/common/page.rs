@@ -30,7 +30,7 @@ pub fn http_get(port: u16, path: &str, token: &str) -> (u16, String) {
     let code = head[9..12].parse().expect("a status code");
     let chunked = head
         .lines()
-        .any(|l| l.to_ascii_lowercase() == "transfer-encoding: chunked");
+        .any(|l| l.eq_ignore_ascii_case("transfer-encoding: chunked"));
     (
         code,
         if chunked {
