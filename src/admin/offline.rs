@@ -17,6 +17,9 @@ use crate::routes::Routes;
 /// The upstream a message counts under when no route serves its recipient's domain.
 pub const NO_ROUTE: &str = "(none)";
 
+/// The marker file `portcullis listeners pause` leaves in the spool (DESIGN.md, `Gate`).
+const PAUSED_MARKER: &str = "paused";
+
 /// How far back the journal is read: the status's hour of flow.
 const HOUR_MS: u64 = 3_600_000;
 
@@ -66,6 +69,8 @@ pub fn status(config: &Config, spool: &Spool, now_unix: u64) -> Result<Status, O
     let mut status = Status::live(&telemetry, now_unix, Some("relay not answering".to_owned()));
     status.live = false;
     status.totals = Totals::default();
+    // `portcullis listeners pause` leaves this marker; the relay obeys it when it starts.
+    status.paused = spool.root().join(PAUSED_MARKER).exists();
     Ok(status)
 }
 

@@ -260,6 +260,13 @@ fn upstream_card(out: &mut String, status: &Status, u: &UpstreamState) {
         |e| format!("<code>{}</code>", escape(e)),
     );
     let _ = writeln!(out, "<dt>Last error</dt><dd>{error}</dd>");
+    let _ = writeln!(
+        out,
+        "<dt>Circuit breaker</dt><dd data-metric=\"portcullis_upstream_breaker_open\" \
+         data-upstream=\"{name}\" data-value=\"{}\">{}</dd>",
+        u8::from(!u.up),
+        if u.up { "closed" } else { "open" }
+    );
     let _ = writeln!(out, "<dt>Delivered, 5 min</dt><dd>{}</dd>", u.delivered_5m);
     match u.last_success {
         Some(at) => {
@@ -513,15 +520,52 @@ fn since_start(out: &mut String, status: &Status) {
         &t.accepted,
         Some(("portcullis_messages_accepted_total", "listener")),
     );
+    sessions(out, &t.sessions);
+    pairs_table(
+        out,
+        "DNS errors by check",
+        "Check",
+        "Errors",
+        &t.dns_errors,
+        Some(("portcullis_dns_errors_total", "check")),
+    );
+    pairs_table(
+        out,
+        "Removed by an operator",
+        "How",
+        "Messages",
+        &t.removed,
+        Some(("portcullis_messages_removed_total", "how")),
+    );
     let _ = write!(
         out,
-        "<table class=\"kv\">\n\
+        "<h3>Other</h3>\n<table class=\"kv\">\n\
          <tr><th>Bounced</th><td class=\"n\" data-metric=\"portcullis_messages_bounced_total\">{}</td></tr>\n\
          <tr><th>AUTH successes</th><td class=\"n\" data-metric=\"portcullis_auth_successes_total\">{}</td></tr>\n\
          <tr><th>AUTH failures</th><td class=\"n\" data-metric=\"portcullis_auth_failures_total\">{}</td></tr>\n\
          </table>\n</section>\n",
         t.bounced, t.auth_successes, t.auth_failures
     );
+}
+
+/// Sessions ended, by listener and TLS version.
+fn sessions(out: &mut String, sessions: &[(String, String, u64)]) {
+    out.push_str("<h3>Sessions by listener and TLS</h3>\n");
+    if sessions.is_empty() {
+        out.push_str("<p class=\"none\">None.</p>\n");
+        return;
+    }
+    out.push_str("<table>\n<tr><th>Listener</th><th>TLS</th><th class=\"n\">Sessions</th></tr>\n");
+    for (listener, tls, n) in sessions {
+        let (listener, tls) = (escape(listener), escape(tls));
+        let _ = writeln!(
+            out,
+            "<tr><td>{listener}</td><td>{tls}</td><td class=\"n\" \
+             data-metric=\"portcullis_sessions_total\" data-listener=\"{listener}\" \
+             data-tls=\"{tls}\">{n}</td></tr>"
+        );
+    }
+    out.push_str("</table>\n");
 }
 
 #[cfg(test)]

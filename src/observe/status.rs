@@ -70,6 +70,15 @@ pub struct Totals {
     pub auth_failures: u64,
     /// `portcullis_queue_oldest_seconds`: the gauge as the queue manager last set it.
     pub queue_oldest_seconds: u64,
+    /// `portcullis_sessions_total`: (listener, TLS version or `none`, sessions).
+    #[serde(default)]
+    pub sessions: Vec<(String, String, u64)>,
+    /// `portcullis_dns_errors_total`, by check.
+    #[serde(default)]
+    pub dns_errors: Vec<(String, u64)>,
+    /// `portcullis_messages_removed_total`, by how (delete, purge, quarantine).
+    #[serde(default)]
+    pub removed: Vec<(String, u64)>,
 }
 
 impl Status {
@@ -118,6 +127,9 @@ impl Totals {
             auth_successes: metrics.auth_successes.get(),
             auth_failures: metrics.auth_failures.get(),
             queue_oldest_seconds: u64::try_from(metrics.queue_oldest_seconds.get()).unwrap_or(0),
+            sessions: metrics.sessions_by_listener(),
+            dns_errors: metrics.dns_errors_by_check(),
+            removed: metrics.removed_by_how(),
         }
     }
 }

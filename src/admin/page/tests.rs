@@ -101,6 +101,12 @@ fn outage() -> Status {
             auth_successes: 9,
             auth_failures: 1,
             queue_oldest_seconds: NOW - OUTAGE_START - 2,
+            sessions: vec![
+                ("mx".into(), "1.3".into(), 4_100),
+                ("mx".into(), "none".into(), 950),
+            ],
+            dns_errors: vec![("spf".into(), 7)],
+            removed: vec![("purge".into(), 12)],
         },
     }
 }
@@ -249,12 +255,27 @@ fn numbers_in_metrics_carry_data_metric_attributes() {
         ),
         ("data-metric=\"portcullis_messages_bounced_total\"", "3"),
         ("data-metric=\"portcullis_auth_failures_total\"", "1"),
+        (
+            "data-metric=\"portcullis_sessions_total\" data-listener=\"mx\" data-tls=\"1.3\"",
+            "4100",
+        ),
+        (
+            "data-metric=\"portcullis_dns_errors_total\" data-check=\"spf\"",
+            "7",
+        ),
+        (
+            "data-metric=\"portcullis_messages_removed_total\" data-how=\"purge\"",
+            "12",
+        ),
     ];
     for (attrs, text) in cases {
         assert_eq!(element_text(&html, attrs), Some(text), "{attrs}");
     }
     assert!(html.contains(
         "data-metric=\"portcullis_upstream_up\" data-upstream=\"exchange\" data-value=\"0\">down"
+    ));
+    assert!(html.contains(
+        "data-metric=\"portcullis_upstream_breaker_open\" data-upstream=\"exchange\" data-value=\"1\">open"
     ));
     assert!(html.contains(&format!(
         "data-metric=\"portcullis_queue_oldest_seconds\" data-value=\"{}\"",
