@@ -87,14 +87,26 @@ fn without_admin_the_status_comes_from_the_spool_and_says_so() {
     );
     assert_eq!(lines[queue + 1], "  up: 2 queued, 1 held");
     assert_eq!(lines[queue + 2], "  top senders: a@example.org 2");
+    // From the journal: the refused connections to the upstream, and the last hour's flow.
+    let up = lines.iter().position(|l| *l == "upstreams:").unwrap();
     assert!(
-        text.contains("upstreams:\n  up: up; delivered in the last 5 min: 0; last success: none\n"),
+        lines[up + 1].starts_with("  up: DOWN since ")
+            && lines[up + 1].ends_with("; delivered in the last 5 min: 0; last success: none"),
         "{text}"
     );
-    assert!(
-        text.contains("\n  accepted         0        0        0        0\n"),
-        "{text}"
-    );
+    assert!(lines[up + 2].starts_with("    last error: "), "{text}");
+    assert!(lines[up + 2].contains("Connection refused"), "{text}");
+    let sixty = |name: &str| {
+        let line = lines
+            .iter()
+            .find(|l| l.trim_start().starts_with(name))
+            .unwrap();
+        line.split_whitespace().last().unwrap().to_owned()
+    };
+    assert_eq!(sixty("accepted"), "3", "{text}");
+    assert_eq!(sixty("deferred"), "3", "{text}");
+    assert_eq!(sixty("delivered"), "0", "{text}");
+    assert_eq!(lines.last(), Some(&"top refusal rules (last hour): none"));
 }
 
 #[test]
@@ -127,6 +139,8 @@ fn json_from_the_spool_is_one_status_object_with_the_notice_on_stderr() {
     assert_eq!(status["queue"]["oldest"][0], ids[0].as_str());
     assert_eq!(status["minutes"].as_array().unwrap().len(), 60);
     assert_eq!(status["upstreams"][0]["name"], "up");
+    assert_eq!(status["upstreams"][0]["up"], false);
+    assert_eq!(status["last_60m"]["accepted"], 2);
 }
 
 #[test]

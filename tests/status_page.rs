@@ -55,7 +55,8 @@ fn status_page_renders_in_chromium() {
 }
 
 /// A relay during an outage: `exchange` (example.com) on a closed port, `smarthost`
-/// (example.net) a recording sink; admin on with [`TOKEN`]. Five messages accepted (three
+/// (example.net) a recording sink; admin on with [`TOKEN`]; the `upstream_down` alert after
+/// 1 s. Five messages accepted (three
 /// for example.com, two for example.net), two recipients refused `relay_denied`.
 fn outage() -> (Relay, Sink, u16) {
     let sink = Sink::start(SinkConfig::default());
@@ -70,7 +71,8 @@ fn outage() -> (Relay, Sink, u16) {
          domains = [\"example.com\"]\n\n\
          [[upstreams]]\nname = \"smarthost\"\naddress = \"127.0.0.1:{}\"\ntls = \"none\"\n\
          domains = [\"example.net\"]\n\n\
-         [admin]\nbind = \"127.0.0.1:{admin}\"\ntoken_file = \"{{dir}}/admin.token\"\n",
+         [admin]\nbind = \"127.0.0.1:{admin}\"\ntoken_file = \"{{dir}}/admin.token\"\n\n\
+         [alerts]\nupstream_down = \"1s\"\n",
         listener("mx", free_port(), "none"),
         free_port(),
         sink.port(),
@@ -141,6 +143,10 @@ fn expected() -> Vec<(SeriesKey, f64)> {
         ),
         (
             series("portcullis_upstream_up", &[("upstream", "smarthost")]),
+            1.0,
+        ),
+        (
+            series("portcullis_alert_active", &[("alert", "upstream_down")]),
             1.0,
         ),
         (
