@@ -123,3 +123,6 @@ pub fn census(messages: &[QueuedMessage], config: &Config) -> QueueCensus {
         top_senders,
     }
 }
+
+#[cfg(test)]
+mod tests;
