@@ -163,3 +163,6 @@ fn flow(out: &mut String, status: &Status) {
         );
     }
 }
+
+#[cfg(test)]
+mod tests;

@@ -29,7 +29,8 @@ pub struct Status {
     pub not_ready: Option<String>,
     /// `portcullis listeners pause` in effect.
     pub paused: bool,
-    /// Every configured upstream.
+    /// Every configured upstream. When not live, each is up unless the journal's last
+    /// delivery attempt to it was deferred or failed (`admin::offline`).
     pub upstreams: Vec<UpstreamState>,
     /// The queue.
     pub queue: QueueCensus,
