@@ -54,6 +54,13 @@ enum Command {
         #[command(subcommand)]
         action: ListenersAction,
     },
+    /// Upstreams, queue, flow over the last hour and active alerts: from the running relay's
+    /// admin API, else (no [admin], or no answer) from the spool and journal, saying so.
+    Status {
+        /// Print the status as one JSON object.
+        #[arg(long)]
+        json: bool,
+    },
     /// Read one password line from stdin and print its argon2id hash.
     Passwd,
     /// Write DIR/cert.pem and DIR/key.pem: a self-signed ECDSA P-256 certificate for HOST.
@@ -160,6 +167,7 @@ fn dispatch(cli: Cli) -> anyhow::Result<()> {
         Command::CheckConfig => check_config(cli.config.as_deref()),
         Command::Queue { action } => queue(action, cli.config.as_deref(), cli.spool),
         Command::Listeners { action } => listeners(&action, cli.config.as_deref(), cli.spool),
+        Command::Status { json } => status(cli.config.as_deref(), cli.spool, json),
         Command::Passwd => passwd(),
         Command::Doctor { domain, json } => doctor(cli.config.as_deref(), &domain, json),
         Command::GenCert { out, name } => {
@@ -262,6 +270,40 @@ fn doctor(path: Option<&Path>, domain: &str, json: bool) -> anyhow::Result<()> {
         println!("{}", portcullis::queue::report::json_line(&value));
     } else {
         print!("{}", report.text());
+    }
+    Ok(())
+}
+
+/// `portcullis status [--json]`: gathered by `admin::client`; a 401 or any answer that is
+/// not a status exits 1, a relay that does not answer is no error (the status then comes from
+/// the spool and journal, and the first line says so: on stderr with `--json`).
+fn status(path: Option<&Path>, spool: Option<PathBuf>, json: bool) -> anyhow::Result<()> {
+    let Some(path) = path else {
+        return Err(UsageError("status needs --config FILE".into()).into());
+    };
+    let config = load_config(path)?;
+    let dir = spool.unwrap_or_else(|| config.server.spool_dir.clone());
+    let spool = open_spool(&dir, false)?;
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")?;
+    let gathered = runtime.block_on(portcullis::admin::client::gather(
+        &config,
+        &spool,
+        unix_now(),
+    ))?;
+    if json {
+        if let Some(notice) = &gathered.notice {
+            eprintln!("{notice}");
+        }
+        let value = serde_json::to_value(&gathered.status)?;
+        println!("{}", report::json_line(&value));
+    } else {
+        if let Some(notice) = &gathered.notice {
+            println!("{notice}");
+        }
+        print!("{}", portcullis::admin::summary::text(&gathered.status));
     }
     Ok(())
 }

@@ -9,11 +9,14 @@
 //! request, `GET` and `HEAD` only. [`routes`] holds the handlers and the token check,
 //! [`ready`] the readiness verdict of `/readyz`.
 
+pub mod client;
+pub mod offline;
 pub mod page;
 pub mod pause;
 pub mod ready;
 pub mod routes;
 pub mod server;
+pub mod summary;
 
 use std::net::SocketAddr;
 use std::sync::Arc;

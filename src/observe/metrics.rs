@@ -160,6 +160,9 @@ pub struct Metrics {
     pub alert_active: Family<AlertLabel, Gauge>,
     /// The rules that have refused something (for [`Metrics::top_refusals`]).
     rules: std::sync::Mutex<std::collections::BTreeSet<String>>,
+    /// The listeners that have ended a session or accepted a message (for
+    /// [`Metrics::accepted_by_listener`] and [`Metrics::sessions_by_listener`]).
+    listeners: std::sync::Mutex<std::collections::BTreeSet<String>>,
 }
 
 impl Default for Metrics {
@@ -193,6 +196,7 @@ impl Metrics {
             dns_errors: Family::default(),
             alert_active: Family::default(),
             rules: std::sync::Mutex::default(),
+            listeners: std::sync::Mutex::default(),
         };
         // Every family shows its HELP and TYPE lines from the start (DESIGN.md, "Metric names").
         let r = &mut Exposed(&mut registry);
@@ -316,8 +320,11 @@ impl Metrics {
             EventKind::Queued => {
                 let listener = event.listener.clone().unwrap_or_default();
                 self.accepted
-                    .get_or_create(&ListenerLabel { listener })
+                    .get_or_create(&ListenerLabel {
+                        listener: listener.clone(),
+                    })
                     .inc();
+                self.seen_listener(&listener);
             }
             EventKind::Delivered => {
                 self.delivered.get_or_create(&upstream()).inc();
@@ -368,6 +375,7 @@ impl Metrics {
             tls: tls.unwrap_or("none").to_owned(),
         };
         self.sessions.get_or_create(&labels).inc();
+        self.seen_listener(listener);
     }
 
     /// A DNS lookup of `check` failed (timeout, SERVFAIL).
@@ -433,5 +441,108 @@ impl Metrics {
         rules.sort_by(|a, b| b.1.cmp(&a.1).then_with(|| a.0.cmp(&b.0)));
         rules.truncate(n);
         rules
+    }
+}
+
+/// The `tls` label values of `portcullis_sessions_total`.
+pub const TLS_LABELS: [&str; 3] = ["none", "1.2", "1.3"];
+/// The `check` label values of `portcullis_dns_errors_total`.
+pub const DNS_CHECKS: [&str; 6] = ["spf", "dkim", "dmarc", "arc", "iprev", "dnsbl"];
+/// The `how` label values of `portcullis_messages_removed_total`.
+pub const REMOVED_HOW: [&str; 3] = ["delete", "purge", "quarantine"];
+
+impl Metrics {
+    fn seen_listener(&self, listener: &str) {
+        let mut listeners = self.listeners.lock().unwrap_or_else(|p| p.into_inner());
+        if !listeners.contains(listener) {
+            listeners.insert(listener.to_owned());
+        }
+    }
+
+    fn seen_listeners(&self) -> Vec<String> {
+        self.listeners
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+            .cloned()
+            .collect()
+    }
+
+    /// `portcullis_sessions_total` as `(listener, tls, count)`, the series that exist, by
+    /// listener then TLS version (read only: no series is created).
+    pub fn sessions_by_listener(&self) -> Vec<(String, String, u64)> {
+        let mut out = Vec::new();
+        for listener in self.seen_listeners() {
+            for tls in TLS_LABELS {
+                let labels = SessionLabels {
+                    listener: listener.clone(),
+                    tls: tls.to_owned(),
+                };
+                if let Some(counter) = self.sessions.get(&labels) {
+                    out.push((listener.clone(), tls.to_owned(), counter.get()));
+                }
+            }
+        }
+        out
+    }
+
+    /// `portcullis_dns_errors_total` by check, the series that exist.
+    pub fn dns_errors_by_check(&self) -> Vec<(String, u64)> {
+        DNS_CHECKS
+            .iter()
+            .filter_map(|check| {
+                let labels = CheckLabel {
+                    check: (*check).to_owned(),
+                };
+                Some(((*check).to_owned(), self.dns_errors.get(&labels)?.get()))
+            })
+            .collect()
+    }
+
+    /// `portcullis_messages_removed_total` by how, the series that exist.
+    pub fn removed_by_how(&self) -> Vec<(String, u64)> {
+        REMOVED_HOW
+            .iter()
+            .filter_map(|how| {
+                let labels = HowLabel {
+                    how: (*how).to_owned(),
+                };
+                Some(((*how).to_owned(), self.removed.get(&labels)?.get()))
+            })
+            .collect()
+    }
+
+    /// `portcullis_messages_accepted_total` by listener, sorted by name: the series that
+    /// exist (a listener that accepted nothing since start has none).
+    pub fn accepted_by_listener(&self) -> Vec<(String, u64)> {
+        self.seen_listeners()
+            .into_iter()
+            .filter_map(|listener| {
+                let labels = ListenerLabel {
+                    listener: listener.clone(),
+                };
+                let count = self.accepted.get(&labels)?.get();
+                Some((listener, count))
+            })
+            .collect()
+    }
+
+    /// The series of `family` for each upstream in `names` that has one, in that order
+    /// (read only: no series is created).
+    pub fn by_upstream(
+        &self,
+        family: &Family<UpstreamLabel, Counter>,
+        names: &[String],
+    ) -> Vec<(String, u64)> {
+        names
+            .iter()
+            .filter_map(|name| {
+                let labels = UpstreamLabel {
+                    upstream: name.clone(),
+                };
+                let count = family.get(&labels)?.get();
+                Some((name.clone(), count))
+            })
+            .collect()
     }
 }

@@ -29,7 +29,8 @@ pub struct Status {
     pub not_ready: Option<String>,
     /// `portcullis listeners pause` in effect.
     pub paused: bool,
-    /// Every configured upstream.
+    /// Every configured upstream. When not live, each is up unless the journal's last
+    /// delivery attempt to it was deferred or failed (`admin::offline`).
     pub upstreams: Vec<UpstreamState>,
     /// The queue.
     pub queue: QueueCensus,
@@ -44,6 +45,41 @@ pub struct Status {
     pub alerts: Vec<ActiveAlert>,
     /// Refusals since the relay started, by rule, most first, at most [`TOP_REFUSALS`].
     pub top_refusals: Vec<(String, u64)>,
+    /// Counters since the relay started, as `/metrics` serves them (all zero when rebuilt
+    /// from the spool and journal: a stopped relay has no counters).
+    #[serde(default)]
+    pub totals: Totals,
+}
+
+/// The counters of `/metrics` the status shows, since the relay started. Each list is sorted
+/// by name and holds the series `/metrics` has (a listener that accepted nothing yet has none).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct Totals {
+    /// `portcullis_messages_accepted_total`, by listener.
+    pub accepted: Vec<(String, u64)>,
+    /// `portcullis_messages_delivered_total`, by upstream.
+    pub delivered: Vec<(String, u64)>,
+    /// `portcullis_messages_deferred_total`, by upstream.
+    pub deferred: Vec<(String, u64)>,
+    /// `portcullis_messages_expired_total`, by upstream.
+    pub expired: Vec<(String, u64)>,
+    /// `portcullis_messages_bounced_total`.
+    pub bounced: u64,
+    /// `portcullis_auth_successes_total`.
+    pub auth_successes: u64,
+    /// `portcullis_auth_failures_total`.
+    pub auth_failures: u64,
+    /// `portcullis_queue_oldest_seconds`: the gauge as the queue manager last set it.
+    pub queue_oldest_seconds: u64,
+    /// `portcullis_sessions_total`: (listener, TLS version or `none`, sessions).
+    #[serde(default)]
+    pub sessions: Vec<(String, String, u64)>,
+    /// `portcullis_dns_errors_total`, by check.
+    #[serde(default)]
+    pub dns_errors: Vec<(String, u64)>,
+    /// `portcullis_messages_removed_total`, by how (delete, purge, quarantine).
+    #[serde(default)]
+    pub removed: Vec<(String, u64)>,
 }
 
 impl Status {
@@ -68,6 +104,33 @@ impl Status {
             last_60m: flow.last(60, now_unix),
             alerts: telemetry.alerts.active(),
             top_refusals: telemetry.metrics.top_refusals(TOP_REFUSALS),
+            totals: Totals::live(telemetry),
+        }
+    }
+}
+
+impl Totals {
+    /// The counters of `telemetry.metrics`; upstreams are the configured ones.
+    fn live(telemetry: &Telemetry) -> Totals {
+        let metrics = &telemetry.metrics;
+        let names: Vec<String> = telemetry
+            .upstreams
+            .snapshot(0)
+            .into_iter()
+            .map(|u| u.name)
+            .collect();
+        Totals {
+            accepted: metrics.accepted_by_listener(),
+            delivered: metrics.by_upstream(&metrics.delivered, &names),
+            deferred: metrics.by_upstream(&metrics.deferred, &names),
+            expired: metrics.by_upstream(&metrics.expired, &names),
+            bounced: metrics.bounced.get(),
+            auth_successes: metrics.auth_successes.get(),
+            auth_failures: metrics.auth_failures.get(),
+            queue_oldest_seconds: u64::try_from(metrics.queue_oldest_seconds.get()).unwrap_or(0),
+            sessions: metrics.sessions_by_listener(),
+            dns_errors: metrics.dns_errors_by_check(),
+            removed: metrics.removed_by_how(),
         }
     }
 }

@@ -16,6 +16,7 @@
 
 pub mod dns;
 pub mod http;
+pub mod page;
 pub mod postfix;
 pub mod sink;
 pub mod webhook;

@@ -1,0 +1,215 @@
+//! `portcullis status`: ask the running relay's admin API (`GET /api/status`, RFC 9110 §9.3.1)
+//! for its [`Status`], or, when no admin listener is configured or the relay does not answer,
+//! rebuild it from the spool and journal ([`super::offline`]) and say so.
+//!
+//! The request goes over one HTTP/1.1 connection made with hyper's client (no hand-written
+//! HTTP), to the configured address (an unspecified bind address is asked on loopback),
+//! with the token as `Authorization: Bearer` (RFC 6750 §2.1), bounded by [`TIMEOUT`] and
+//! [`MAX_BODY`].
+
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::time::Duration;
+
+use http_body_util::{BodyExt, Empty, Limited};
+use hyper::body::Bytes;
+use hyper::header::{ACCEPT, AUTHORIZATION, HOST};
+use hyper::{Request, StatusCode};
+use hyper_util::rt::TokioIo;
+
+use crate::config::Config;
+use crate::observe::status::Status;
+use crate::queue::Spool;
+
+use super::offline::{self, OfflineError};
+
+/// The whole request, connection included, must finish within this.
+pub const TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Largest `/api/status` body read (a status is a few KiB; the lists in it are bounded).
+pub const MAX_BODY: usize = 4 * 1024 * 1024;
+
+/// Why the admin API gave no status.
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    /// Nothing accepted the connection (the relay is not running, or listens elsewhere).
+    #[error("cannot connect to {addr}: {source}")]
+    Connect {
+        addr: SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
+    /// No complete answer within [`TIMEOUT`].
+    #[error("no answer from {addr} within {}s", TIMEOUT.as_secs())]
+    Timeout { addr: SocketAddr },
+    /// 401: the token is missing or wrong.
+    #[error(
+        "the admin API on {addr} refused the token (401 Unauthorized): check [admin] token_file \
+         against the running relay's"
+    )]
+    Unauthorized { addr: SocketAddr },
+    /// Any other status than 200.
+    #[error("the admin API on {addr} answered {status}")]
+    Status {
+        addr: SocketAddr,
+        status: StatusCode,
+    },
+    /// The HTTP exchange failed (connection closed, malformed response).
+    #[error("HTTP exchange with {addr} failed: {source}")]
+    Http {
+        addr: SocketAddr,
+        #[source]
+        source: hyper::Error,
+    },
+    /// The body could not be read, or exceeded [`MAX_BODY`].
+    #[error("cannot read the answer of {addr}: {message}")]
+    Body { addr: SocketAddr, message: String },
+    /// The body is not a status.
+    #[error("the answer of {addr} is not a status: {source}")]
+    Json {
+        addr: SocketAddr,
+        #[source]
+        source: serde_json::Error,
+    },
+}
+
+impl ClientError {
+    /// True when the relay is simply not there to ask (nothing listening, or no answer in
+    /// time): the status then comes from the spool and journal instead. Every other error
+    /// (a wrong token above all) is reported, not papered over.
+    pub fn not_answering(&self) -> bool {
+        matches!(
+            self,
+            ClientError::Connect { .. } | ClientError::Timeout { .. }
+        )
+    }
+}
+
+/// Why `portcullis status` has nothing to print.
+#[derive(Debug, thiserror::Error)]
+pub enum StatusError {
+    /// The admin API answered, but not with a status.
+    #[error(transparent)]
+    Client(#[from] ClientError),
+    /// The spool or journal could not be read.
+    #[error(transparent)]
+    Offline(#[from] OfflineError),
+}
+
+/// What `portcullis status` prints: the status, and when it is not live, the first line
+/// saying why.
+#[derive(Debug)]
+pub struct Gathered {
+    pub status: Status,
+    /// `relay not answering on ADDR: live state unavailable; from the spool and journal:` (or
+    /// the same for a policy without `[admin]`); `None` for a live status.
+    pub notice: Option<String>,
+}
+
+/// The address to ask for a listener bound to `bind`: the same, or loopback of the same
+/// family for an unspecified address (`0.0.0.0`, `[::]`).
+pub fn target(bind: SocketAddr) -> SocketAddr {
+    match bind.ip() {
+        IpAddr::V4(ip) if ip.is_unspecified() => {
+            SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), bind.port())
+        }
+        IpAddr::V6(ip) if ip.is_unspecified() => {
+            SocketAddr::new(IpAddr::V6(Ipv6Addr::LOCALHOST), bind.port())
+        }
+        _ => bind,
+    }
+}
+
+/// The status of the relay `config` describes, at `now_unix`: live from its admin API, else
+/// from `spool` and its journal.
+///
+/// # Errors
+/// [`StatusError::Client`] when the admin API answers with anything but a status (a 401
+/// for a wrong token); [`StatusError::Offline`] when the spool cannot be read.
+pub async fn gather(
+    config: &Config,
+    spool: &Spool,
+    now_unix: u64,
+) -> Result<Gathered, StatusError> {
+    let why = match &config.admin {
+        Some(admin) => {
+            let addr = target(admin.bind);
+            match fetch_status(addr, admin.token.as_deref()).await {
+                Ok(status) => {
+                    return Ok(Gathered {
+                        status,
+                        notice: None,
+                    });
+                }
+                Err(e) if e.not_answering() => format!("relay not answering on {addr}"),
+                Err(e) => return Err(e.into()),
+            }
+        }
+        None => "no [admin] listener configured".to_owned(),
+    };
+    let spool = spool.clone();
+    let config = config.clone();
+    let status = tokio::task::spawn_blocking(move || offline::status(&config, &spool, now_unix))
+        .await
+        .map_err(|e| OfflineError::Task(e.to_string()))??;
+    Ok(Gathered {
+        status,
+        notice: Some(format!(
+            "{why}: live state unavailable; from the spool and journal:"
+        )),
+    })
+}
+
+/// `GET /api/status` from the admin listener at `addr`, with `token` as a Bearer token.
+///
+/// # Errors
+/// See [`ClientError`]; [`ClientError::not_answering`] tells a relay that is not there from
+/// one that answered wrongly.
+pub async fn fetch_status(addr: SocketAddr, token: Option<&str>) -> Result<Status, ClientError> {
+    tokio::time::timeout(TIMEOUT, fetch(addr, token))
+        .await
+        .unwrap_or(Err(ClientError::Timeout { addr }))
+}
+
+async fn fetch(addr: SocketAddr, token: Option<&str>) -> Result<Status, ClientError> {
+    let http = |source| ClientError::Http { addr, source };
+    let stream = tokio::net::TcpStream::connect(addr)
+        .await
+        .map_err(|source| ClientError::Connect { addr, source })?;
+    let (mut sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+        .await
+        .map_err(http)?;
+    // The connection is driven beside the request; it ends when the sender is dropped.
+    let driver = tokio::spawn(connection);
+    let mut request = Request::get("/api/status")
+        .header(HOST, addr.to_string())
+        .header(ACCEPT, "application/json");
+    if let Some(token) = token {
+        request = request.header(AUTHORIZATION, format!("Bearer {token}"));
+    }
+    let request = request
+        .body(Empty::<Bytes>::new())
+        .map_err(|e| ClientError::Body {
+            addr,
+            message: e.to_string(),
+        })?;
+    let response = sender.send_request(request).await.map_err(http)?;
+    match response.status() {
+        StatusCode::OK => {}
+        StatusCode::UNAUTHORIZED => return Err(ClientError::Unauthorized { addr }),
+        status => return Err(ClientError::Status { addr, status }),
+    }
+    let body = Limited::new(response.into_body(), MAX_BODY)
+        .collect()
+        .await
+        .map_err(|e| ClientError::Body {
+            addr,
+            message: e.to_string(),
+        })?
+        .to_bytes();
+    drop(sender);
+    driver.abort();
+    serde_json::from_slice(&body).map_err(|source| ClientError::Json { addr, source })
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,128 @@
+//! The status of a relay that does not answer (stopped, or without `[admin]`), rebuilt from
+//! what it left on disk: the queue from the spool ([`census`]), and the last hour's flow,
+//! refusals and each upstream's last success, last error and delivered-in-five-minutes from
+//! the message journal (`queue::journal::scan`), replayed into a fresh [`Telemetry`] so the
+//! numbers are counted exactly as the running relay counts them. `live` is false; the
+//! counters since start ([`Totals`]) are zero, since a stopped relay has none.
+
+use std::collections::BTreeMap;
+
+use crate::config::Config;
+use crate::observe::status::{Status, Totals};
+use crate::observe::{Event, EventKind, QueueCensus, TOP_SENDERS, Telemetry, UpstreamCount};
+use crate::queue::journal::{self, JournalError};
+use crate::queue::{QueuedMessage, Spool, SpoolError};
+use crate::routes::Routes;
+
+/// The upstream a message counts under when no route serves its recipient's domain.
+pub const NO_ROUTE: &str = "(none)";
+
+/// The marker file `portcullis listeners pause` leaves in the spool (DESIGN.md, `Gate`).
+const PAUSED_MARKER: &str = "paused";
+
+/// How far back the journal is read: the status's hour of flow.
+const HOUR_MS: u64 = 3_600_000;
+
+/// Why the status could not be rebuilt.
+#[derive(Debug, thiserror::Error)]
+pub enum OfflineError {
+    /// The queue could not be listed.
+    #[error("cannot list the queue: {0}")]
+    Spool(#[from] SpoolError),
+    /// The journal could not be read.
+    #[error("cannot read the journal: {0}")]
+    Journal(#[from] JournalError),
+    /// The blocking task reading them failed (panicked or was cancelled).
+    #[error("reading the spool failed: {0}")]
+    Task(String),
+}
+
+/// The status of the relay of `config` from `spool` and its journal, at `now_unix`.
+///
+/// Each upstream counts as up unless the last delivery attempt the journal holds for it was
+/// deferred or failed (then down since that attempt, with its reply as the last error): a
+/// stopped relay has no circuit breaker to ask.
+///
+/// # Errors
+/// [`OfflineError`] when the queue or the journal cannot be read (a missing journal is none).
+pub fn status(config: &Config, spool: &Spool, now_unix: u64) -> Result<Status, OfflineError> {
+    let telemetry = Telemetry::new(config.server.hostname.clone());
+    let names: Vec<String> = config.upstreams.iter().map(|u| u.name.clone()).collect();
+    telemetry.upstreams.configure(&names, 0, &telemetry.metrics);
+    let since_ms = (now_unix * 1000).saturating_sub(HOUR_MS);
+    let mut last_attempt: BTreeMap<String, Event> = BTreeMap::new();
+    journal::scan(spool, since_ms, &mut |event| {
+        telemetry.record(event);
+        if let (Some(upstream), true) = (&event.upstream, is_attempt(event.kind)) {
+            last_attempt.insert(upstream.clone(), event.clone());
+        }
+    })?;
+    for (name, event) in &last_attempt {
+        let up = event.kind == EventKind::Delivered;
+        let error = event.reply.as_deref().filter(|_| !up);
+        telemetry
+            .upstreams
+            .set_up(name, up, error, event.at / 1000, &telemetry.metrics);
+    }
+    let messages = spool.list()?;
+    telemetry.set_queue(census(&messages, config), now_unix);
+    let mut status = Status::live(&telemetry, now_unix, Some("relay not answering".to_owned()));
+    status.live = false;
+    status.totals = Totals::default();
+    // `portcullis listeners pause` leaves this marker; the relay obeys it when it starts.
+    status.paused = spool.root().join(PAUSED_MARKER).exists();
+    Ok(status)
+}
+
+/// A delivery attempt's outcome.
+fn is_attempt(kind: EventKind) -> bool {
+    matches!(
+        kind,
+        EventKind::Delivered | EventKind::Deferred | EventKind::Failed
+    )
+}
+
+/// The queue as the queue manager counts it: each message under the upstream that serves
+/// its first pending recipient (by `config`'s routes; [`NO_ROUTE`] when none does), held
+/// ones apart; the oldest message and the top senders among those not held.
+pub fn census(messages: &[QueuedMessage], config: &Config) -> QueueCensus {
+    let routes = Routes::new(&config.upstreams);
+    let mut by_upstream: BTreeMap<String, UpstreamCount> = BTreeMap::new();
+    let mut senders: BTreeMap<String, u64> = BTreeMap::new();
+    let mut oldest: Option<(String, u64)> = None;
+    for m in messages {
+        let upstream = m
+            .pending()
+            .next()
+            .and_then(|rcpt| routes.route(rcpt.domain()).first())
+            .and_then(|&i| config.upstreams.get(i))
+            .map_or(NO_ROUTE, |u| u.name.as_str());
+        let count = by_upstream
+            .entry(upstream.to_owned())
+            .or_insert_with(|| UpstreamCount {
+                upstream: upstream.to_owned(),
+                ..UpstreamCount::default()
+            });
+        if m.state.hold.is_some() {
+            count.held += 1;
+            continue;
+        }
+        count.queued += 1;
+        *senders.entry(m.envelope.mail_from.to_string()).or_default() += 1;
+        let arrived = m.envelope.received_at;
+        if oldest.as_ref().is_none_or(|(_, t)| arrived < *t) {
+            oldest = Some((m.id().to_string(), arrived));
+        }
+    }
+    let mut top_senders: Vec<(String, u64)> = senders.into_iter().collect();
+    top_senders.sort_by(|a, b| b.1.cmp(&a.1).then_with(|| a.0.cmp(&b.0)));
+    top_senders.truncate(TOP_SENDERS);
+    QueueCensus {
+        by_upstream: by_upstream.into_values().collect(),
+        oldest,
+        top_senders,
+    }
+}
+
+#[cfg(test)]
+mod tests;

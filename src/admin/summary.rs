@@ -1,0 +1,168 @@
+//! `portcullis status` as text for a terminal: the state, active alerts, each upstream, the
+//! queue, the flow over the last 1/5/15/60 minutes and the top refusal rules. Times are UTC,
+//! RFC 3339; every string from outside (errors, senders, rules) passes through
+//! [`clean`] so it cannot move the cursor or hide text.
+
+use std::fmt::Write as _;
+
+use crate::observe::flow::Minute;
+use crate::observe::status::Status;
+use crate::queue::report::{clean, human_age, rfc3339};
+
+/// The status as lines of text, ending in a newline.
+pub fn text(status: &Status) -> String {
+    let mut out = String::new();
+    state(&mut out, status);
+    alerts(&mut out, status);
+    upstreams(&mut out, status);
+    queue(&mut out, status);
+    flow(&mut out, status);
+    let rules: Vec<String> = status
+        .top_refusals
+        .iter()
+        .map(|(rule, n)| format!("{} {n}", clean(rule)))
+        .collect();
+    let span = if status.live {
+        "since start"
+    } else {
+        "last hour"
+    };
+    let _ = writeln!(
+        out,
+        "top refusal rules ({span}): {}",
+        if rules.is_empty() {
+            "none".to_owned()
+        } else {
+            rules.join(", ")
+        }
+    );
+    out
+}
+
+fn state(out: &mut String, status: &Status) {
+    let ready = match (&status.not_ready, status.ready) {
+        (_, true) => "ready".to_owned(),
+        (Some(reason), false) => format!("not ready: {}", clean(reason)),
+        (None, false) => "not ready".to_owned(),
+    };
+    let _ = writeln!(
+        out,
+        "node {} (portcullis {}) at {}: {}{}",
+        clean(&status.node),
+        clean(&status.version),
+        rfc3339(status.now),
+        if status.live {
+            ready.as_str()
+        } else {
+            "not live"
+        },
+        if status.paused {
+            ", listeners PAUSED"
+        } else {
+            ""
+        }
+    );
+}
+
+fn alerts(out: &mut String, status: &Status) {
+    if status.alerts.is_empty() {
+        out.push_str("alerts: none\n");
+        return;
+    }
+    out.push_str("alerts:\n");
+    for a in &status.alerts {
+        let _ = writeln!(
+            out,
+            "  {} since {}: {} (value {}, threshold {})",
+            a.alert.as_str(),
+            rfc3339(a.since),
+            clean(&a.text),
+            clean(&a.value),
+            clean(&a.threshold)
+        );
+    }
+}
+
+fn upstreams(out: &mut String, status: &Status) {
+    out.push_str("upstreams:\n");
+    for u in &status.upstreams {
+        let state = match (u.up, u.since) {
+            (true, 0) => "up".to_owned(),
+            (true, since) => format!("up since {}", rfc3339(since)),
+            (false, since) => format!("DOWN since {}", rfc3339(since)),
+        };
+        let success = u.last_success.map_or_else(|| "none".to_owned(), rfc3339);
+        let _ = writeln!(
+            out,
+            "  {}: {state}; delivered in the last 5 min: {}; last success: {success}",
+            clean(&u.name),
+            u.delivered_5m
+        );
+        if let Some(error) = &u.last_error {
+            let _ = writeln!(out, "    last error: {}", clean(error));
+        }
+    }
+}
+
+fn queue(out: &mut String, status: &Status) {
+    let q = &status.queue;
+    let oldest = q.oldest.as_ref().map_or_else(String::new, |(id, at)| {
+        format!(
+            "; oldest {} ({}, since {})",
+            human_age(status.now.saturating_sub(*at)),
+            clean(id),
+            rfc3339(*at)
+        )
+    });
+    let _ = writeln!(
+        out,
+        "queue: {} queued, {} held{oldest}",
+        q.queued(),
+        q.held()
+    );
+    for u in &q.by_upstream {
+        let _ = writeln!(
+            out,
+            "  {}: {} queued, {} held",
+            clean(&u.upstream),
+            u.queued,
+            u.held
+        );
+    }
+    if !q.top_senders.is_empty() {
+        let senders: Vec<String> = q
+            .top_senders
+            .iter()
+            .map(|(s, n)| format!("{} {n}", clean(s)))
+            .collect();
+        let _ = writeln!(out, "  top senders: {}", senders.join(", "));
+    }
+}
+
+fn flow(out: &mut String, status: &Status) {
+    let sums: [&Minute; 4] = [
+        &status.last_1m,
+        &status.last_5m,
+        &status.last_15m,
+        &status.last_60m,
+    ];
+    let _ = writeln!(
+        out,
+        "flow        {:>8} {:>8} {:>8} {:>8}",
+        "1 min", "5 min", "15 min", "60 min"
+    );
+    for (title, value, _) in super::page::SERIES {
+        let name = title.to_ascii_lowercase();
+        let _ = writeln!(
+            out,
+            "  {name:<9} {:>8} {:>8} {:>8} {:>8}",
+            value(sums[0]),
+            value(sums[1]),
+            value(sums[2]),
+            value(sums[3])
+        );
+    }
+}
+
+#[cfg(test)]
+mod tests;
