@@ -12,9 +12,11 @@ use tracing::{error, info, warn};
 
 use super::client::{DotGate, MailTransaction, MessageSource, RcptOutcome, Sent};
 use super::error::ClientError;
+use super::events::{Facts, Transaction};
 use super::upstream::{UpstreamRt, Upstreams};
 use crate::config;
 use crate::envelope::{Address, QueueId, unix_now};
+use crate::observe::event::unix_millis;
 use crate::queue::attempt::{Consignment, Courier, MessageBytes, on_spool};
 use crate::queue::schedule::{AttemptReport, FailedRcpt, RcptResult};
 use crate::queue::{Attempt, SendLock, SpoolError};
@@ -41,6 +43,14 @@ impl Courier for Context {
 
     fn route(&self, domain: &str) -> Vec<usize> {
         self.upstreams.route(domain).to_vec()
+    }
+
+    fn upstream_name(&self, index: usize) -> Option<&str> {
+        self.upstreams.iter().nth(index).map(|u| u.name())
+    }
+
+    fn upstream_names(&self) -> Vec<String> {
+        self.upstreams.iter().map(|u| u.name().to_owned()).collect()
     }
 
     fn max_in_flight(&self) -> usize {
@@ -113,15 +123,16 @@ impl Sending<'_> {
     }
 
     /// Deliver `rcpts` (indexes into the envelope) over `route`; sets `report.deleted` when
-    /// the message turned out to be deleted by an operator.
+    /// the message turned out to be deleted by an operator. Each upstream tried, and a route
+    /// that could not be tried, is recorded as events in the telemetry.
     async fn try_route(&mut self, route: &[usize], rcpts: &[usize]) {
         let id = self.job.msg.id().clone();
         if route.is_empty() {
             let domain = self.address(rcpts[0]).domain().to_owned();
             error!(queue_id = %id, %domain, "no upstream route for this domain (no [[upstreams]] lists it and none has empty domains)");
-            self.report
-                .errors
-                .push(format!("no upstream route for {domain}"));
+            let why = format!("no upstream route for {domain}");
+            self.untried(NO_ROUTE, rcpts, why.clone());
+            self.report.errors.push(why);
             return;
         }
         let mut reopens = Vec::new();
@@ -134,6 +145,7 @@ impl Sending<'_> {
             };
             tried = true;
             let started = unix_now();
+            let clock = Instant::now();
             match self.attempt(&up, rcpts).await {
                 Ok(sent) if sent.aborted => {
                     info!(
@@ -145,12 +157,14 @@ impl Sending<'_> {
                 }
                 Ok(sent) => {
                     up.succeeded();
-                    self.record(&up, started, rcpts, sent);
+                    let seconds = clock.elapsed().as_secs_f64();
+                    self.record(&up, started, seconds, rcpts, sent);
                     return;
                 }
                 Err(f) => {
                     up.failed(Instant::now(), &f, pass);
                     info!(queue_id = %id, upstream = %up.name(), error = %f, "delivery attempt failed");
+                    self.untried(up.name(), rcpts, f.to_string());
                     self.report.history.push(Attempt {
                         at: started,
                         upstream: Some(up.name().to_owned()),
@@ -162,9 +176,33 @@ impl Sending<'_> {
                 }
             }
         }
-        if !tried && let Some(first) = reopens.into_iter().min() {
-            self.report.not_before = self.report.not_before.max(first);
+        if !tried {
+            // Every upstream of the route is down: the message waits for the first to reopen.
+            let first = self.ctx.upstreams.get(route[0]).clone();
+            let why = first.down().map_or_else(String::new, |(_, why)| why);
+            self.untried(
+                first.name(),
+                rcpts,
+                format!("circuit breaker open after: {why}"),
+            );
+            if let Some(first) = reopens.into_iter().min() {
+                self.report.not_before = self.report.not_before.max(first);
+            }
         }
+    }
+
+    /// Record that `rcpts` stay for later at `upstream` without a transaction, because of
+    /// `why`.
+    fn untried(&self, upstream: &str, rcpts: &[usize], why: String) {
+        let facts = Facts {
+            at: unix_millis(),
+            id: self.job.msg.id().as_str(),
+            upstream,
+            seconds: None,
+            size: self.job.msg.size,
+        };
+        let addresses = rcpts.iter().map(|&i| self.address(i).to_string()).collect();
+        self.ctx.telemetry.record(&facts.deferred(addresses, why));
     }
 
     /// An upstream skipped because its breaker is open: when it reopens (Unix seconds).
@@ -226,16 +264,24 @@ impl Sending<'_> {
         }
     }
 
-    /// Report a completed transaction's per-recipient outcomes, and log each.
-    fn record(&mut self, up: &UpstreamRt, started: u64, rcpts: &[usize], sent: Sent) {
+    /// Report a completed transaction's per-recipient outcomes, log each, and record them in
+    /// the telemetry (`seconds`: how long the transaction took).
+    fn record(&mut self, up: &UpstreamRt, started: u64, seconds: f64, rcpts: &[usize], sent: Sent) {
         let mut summary = Vec::new();
+        let mut tx = Transaction::default();
         for (&i, outcome) in rcpts.iter().zip(sent.rcpts) {
             let address = self.address(i).clone();
             let (result, text) = rcpt_result(self.job.msg.id(), up, i, &address, outcome);
-            if result == RcptResult::Deferred {
-                self.report
-                    .errors
-                    .push(format!("upstream {}: {text}", up.name()));
+            let line = (address.to_string(), text.clone());
+            match &result {
+                RcptResult::Delivered => tx.delivered.push(line),
+                RcptResult::Deferred => {
+                    self.report
+                        .errors
+                        .push(format!("upstream {}: {text}", up.name()));
+                    tx.deferred.push(line);
+                }
+                RcptResult::Failed(_) => tx.failed.push(line),
             }
             summary.push(format!("{address}: {text}"));
             self.report.results.push((i, result));
@@ -245,8 +291,21 @@ impl Sending<'_> {
             upstream: Some(up.name().to_owned()),
             outcome: summary.join("; "),
         });
+        let facts = Facts {
+            at: unix_millis(),
+            id: self.job.msg.id().as_str(),
+            upstream: up.name(),
+            seconds: Some(seconds),
+            size: self.job.msg.size,
+        };
+        for event in facts.transaction(tx) {
+            self.ctx.telemetry.record(&event);
+        }
     }
 }
+
+/// The `upstream` of events about recipients whose domain no route serves.
+pub const NO_ROUTE: &str = "(none)";
 
 /// The one place a transaction's outcome for recipient `index` becomes the queue's
 /// per-recipient result (and the text of it for the history), logged.
@@ -364,11 +423,12 @@ mod tests {
         config.upstreams[0].address = format!("localhost:{port}");
         config.upstreams[0].tls = UpstreamTls::None;
         let book = Arc::new(CapabilityBook::load(&config.upstreams, None));
+        let telemetry = Arc::new(crate::observe::Telemetry::new("relay.example"));
         Context {
-            upstreams: Arc::new(Upstreams::new(&config, book).unwrap()),
+            upstreams: Arc::new(Upstreams::new(&config, book, telemetry.clone()).unwrap()),
             hostname: "relay.example".into(),
             queue: config.queue.clone(),
-            telemetry: Arc::new(crate::observe::Telemetry::new("relay.example")),
+            telemetry,
         }
     }
 

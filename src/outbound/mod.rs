@@ -7,6 +7,8 @@
 //! - [`tls`]: the rustls client configuration of each upstream.
 //! - [`upstream`]: routing by recipient domain, failover order, circuit breakers and
 //!   connection pools.
+//! - [`events`]: the telemetry events of a transaction, and the upstream's own id read
+//!   from its reply.
 //! - [`deliver`]: the sending of one delivery attempt (the queue manager's
 //!   [`Courier`](crate::queue::attempt::Courier)): reports per-recipient results, writes
 //!   nothing.
@@ -21,6 +23,7 @@
 pub mod client;
 pub mod deliver;
 pub mod error;
+pub mod events;
 
 pub mod tls;
 pub mod upstream;
@@ -96,7 +99,12 @@ impl Delivery {
             &config.upstreams,
             Some(spool.root()),
         ));
-        let upstreams = upstream::Upstreams::renew(config, book.clone(), Some(&old.upstreams))?;
+        let upstreams = upstream::Upstreams::renew(
+            config,
+            book.clone(),
+            Some(&old.upstreams),
+            old.telemetry.clone(),
+        )?;
         let context = Arc::new(Context {
             upstreams: Arc::new(upstreams),
             hostname: config.server.hostname.clone(),
@@ -105,6 +113,14 @@ impl Delivery {
         });
         self.context.store(context.clone());
         self.capabilities.replace(book);
+        // The status lists the upstreams configured now, each with its breaker as it is: an
+        // unchanged one may still be down, one built anew starts up.
+        let names: Vec<String> = config.upstreams.iter().map(|u| u.name.clone()).collect();
+        let telemetry = &context.telemetry;
+        telemetry
+            .upstreams
+            .configure(&names, crate::envelope::unix_now(), &telemetry.metrics);
+        context.upstreams.publish_states();
         // Not in `tracker`: the probe is no delivery, and shutdown does not wait for it.
         tokio::spawn(async move {
             context
@@ -134,7 +150,11 @@ pub fn start(
         Some(spool.root()),
     ));
     let context = Arc::new(ArcSwap::from_pointee(Context {
-        upstreams: Arc::new(upstream::Upstreams::new(config, book.clone())?),
+        upstreams: Arc::new(upstream::Upstreams::new(
+            config,
+            book.clone(),
+            telemetry.clone(),
+        )?),
         hostname: config.server.hostname.clone(),
         queue: config.queue.clone(),
         telemetry: telemetry.clone(),

@@ -17,6 +17,7 @@ use super::schedule::{AttemptReport, FailedRcpt, RcptResult};
 use super::{DeliveryState, RetryTarget, Spool};
 use crate::config;
 use crate::envelope::{QueueId, RcptStatus, ReversePath, sample_envelope};
+use crate::observe::{Event, EventKind, EventSink, Telemetry};
 
 /// The Unix time the tests' clock starts at (the sample envelope's reception).
 const T0: u64 = 1_700_000_000;
@@ -60,8 +61,15 @@ impl Courier for Scripted {
     fn hostname(&self) -> &str {
         "relay.example"
     }
-    fn route(&self, _domain: &str) -> Vec<usize> {
-        vec![0]
+    /// `b.example` goes to `beta`, every other domain to `alpha`.
+    fn route(&self, domain: &str) -> Vec<usize> {
+        vec![usize::from(domain == "b.example")]
+    }
+    fn upstream_name(&self, index: usize) -> Option<&str> {
+        UPSTREAMS.get(index).copied()
+    }
+    fn upstream_names(&self) -> Vec<String> {
+        UPSTREAMS.iter().map(|&n| n.to_owned()).collect()
     }
     fn max_in_flight(&self) -> usize {
         self.max_in_flight
@@ -114,6 +122,19 @@ fn result(answer: Answer, index: usize, job: Consignment<'_>) -> RcptResult {
     }
 }
 
+/// The scripted courier's upstreams.
+const UPSTREAMS: [&str; 2] = ["alpha", "beta"];
+
+/// The journal of the tests: every event recorded, in order.
+#[derive(Debug, Clone, Default)]
+struct Journal(Arc<Mutex<Vec<Event>>>);
+
+impl EventSink for Journal {
+    fn append(&self, event: &Event) {
+        self.0.lock().unwrap().push(event.clone());
+    }
+}
+
 /// A running manager over a fresh spool.
 struct Harness {
     _dir: tempfile::TempDir,
@@ -124,6 +145,9 @@ struct Harness {
     stop: CancellationToken,
     /// Until [`Harness::run`].
     manager: Option<Manager<Scripted>>,
+    /// What the manager records.
+    telemetry: Arc<Telemetry>,
+    journal: Journal,
 }
 
 /// A manager with the retry schedule `retry` (seconds) and `max_age` ten times its sum.
@@ -149,6 +173,9 @@ fn start(retry: &[u64], max_in_flight: usize, gate: Option<Arc<Semaphore>>) -> H
     });
     let (wake, incoming) = mpsc::unbounded_channel();
     let stop = CancellationToken::new();
+    let journal = Journal::default();
+    let telemetry =
+        Arc::new(Telemetry::new("relay.example").with_journal(Box::new(journal.clone())));
     let manager = Manager::new(
         spool.clone(),
         Arc::new(ArcSwap::new(courier.clone())),
@@ -156,7 +183,8 @@ fn start(retry: &[u64], max_in_flight: usize, gate: Option<Arc<Semaphore>>) -> H
         stop.clone(),
         TaskTracker::new(),
     )
-    .with_clock(clock);
+    .with_clock(clock)
+    .with_telemetry(telemetry.clone());
     Harness {
         _dir: dir,
         spool,
@@ -165,6 +193,8 @@ fn start(retry: &[u64], max_in_flight: usize, gate: Option<Arc<Semaphore>>) -> H
         wake,
         stop,
         manager: Some(manager),
+        telemetry,
+        journal,
     }
 }
 

@@ -16,7 +16,7 @@
 //!                        (wrong owner or mode, not a regular file); moved here, never deleted,
 //!                        never delivered, listed or restored by any command
 //! SPOOL/control/         operator requests to the running relay (`retry.ID`, `retry.all`,
-//!                        `hold.ID`, `release.ID`)
+//!                        `hold.ID`, `release.ID`) and removal notices (`removed.NONCE`)
 //! SPOOL/free/            files of finished messages, reused for new ones (see [`recycle`])
 //! SPOOL/upstream-capabilities.json   what each upstream last announced; written by
 //!                        `crate::routes`, not by this module
@@ -102,6 +102,7 @@
 
 pub mod attempt;
 pub mod bounce;
+pub mod census;
 pub mod control;
 mod group;
 pub mod journal;
@@ -126,7 +127,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use crate::envelope::{Body, Envelope, QueueId};
 
 pub use control::{
-    BadPurgeFilter, DeleteOutcome, PurgeFilter, Purged, Request, RetryTarget, SendLock,
+    BadPurgeFilter, DeleteOutcome, PurgeFilter, Purged, Removal, RemovedHow, Request, RetryTarget,
+    SendLock,
 };
 pub use recover::RecoveryReport;
 pub use state::{Attempt, DeliveryState, Hold, StateMismatch};
