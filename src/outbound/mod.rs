@@ -231,9 +231,14 @@ mod tests {
             &config(&[&a], 60),
             spool.clone(),
             shutdown.clone(),
-            telemetry,
+            telemetry.clone(),
         )
         .unwrap();
+        // What the status shows: (name, up) of each upstream.
+        let board = || -> Vec<(String, bool)> {
+            let states = telemetry.upstreams.snapshot(crate::envelope::unix_now());
+            states.into_iter().map(|s| (s.name, s.up)).collect()
+        };
         trip(&delivery, 0);
         let running = delivery.context.load().upstreams.clone();
 
@@ -249,6 +254,7 @@ mod tests {
         assert!(!Arc::ptr_eq(&delivery.context.load().upstreams, &running));
         assert_eq!(delivery.context.load().upstreams.get(1).name(), "a");
         assert!(!down(&delivery, 0) && down(&delivery, 1));
+        assert_eq!(board(), [("a".into(), false), ("b".into(), true)]);
 
         // `a` changed (another address): a new upstream, with a closed breaker.
         let moved = Upstream {
@@ -257,6 +263,10 @@ mod tests {
         };
         delivery.reload(&config(&[&b, &moved], 5), &spool).unwrap();
         assert!(!down(&delivery, 1));
+        assert_eq!(board(), [("a".into(), true), ("b".into(), true)]);
+        // `b` alone: `a` is no longer listed.
+        delivery.reload(&config(&[&b], 5), &spool).unwrap();
+        assert_eq!(board(), [("b".into(), true)]);
 
         shutdown.cancel();
         delivery.manager.await.unwrap();

@@ -586,3 +586,82 @@ fn parse_removal(line: &str) -> Option<Removal> {
     let at_ms = words.next()?.parse().ok()?;
     words.next().is_none().then_some(Removal { id, how, at_ms })
 }
+
+#[cfg(test)]
+mod tests {
+    use std::os::unix::fs::PermissionsExt as _;
+
+    use super::*;
+
+    fn spool() -> (tempfile::TempDir, Spool) {
+        let dir = tempfile::tempdir().unwrap();
+        let spool = Spool::open(&dir.path().join("spool")).unwrap();
+        (dir, spool)
+    }
+
+    /// Every removal the pending requests list, in order.
+    fn removals(spool: &Spool) -> Vec<Removal> {
+        let mut out = Vec::new();
+        for request in spool.take_requests().unwrap() {
+            match request {
+                Request::Removed(list) => out.extend(list),
+                other => panic!("not a removal: {other:?}"),
+            }
+        }
+        out
+    }
+
+    #[test]
+    fn removal_notices_are_read_once_in_chunks_and_leave_nothing_behind() {
+        let (_dir, spool) = spool();
+        let ids: Vec<QueueId> = (0..=NOTICE_MAX_IDS).map(|_| QueueId::generate()).collect();
+        let before = crate::observe::event::unix_millis();
+        spool.notify_removed(RemovedHow::Purge, &ids).unwrap();
+        spool.notify_removed(RemovedHow::Delete, &ids[..1]).unwrap();
+        spool.notify_removed(RemovedHow::Delete, &[]).unwrap();
+        let control = spool.root().join("control");
+        assert_eq!(fs::read_dir(&control).unwrap().count(), 3);
+
+        let got = removals(&spool);
+        assert_eq!(got.len(), ids.len() + 1);
+        let purged: Vec<&QueueId> = got
+            .iter()
+            .filter(|r| r.how == RemovedHow::Purge)
+            .map(|r| &r.id)
+            .collect();
+        assert_eq!(purged, ids.iter().collect::<Vec<_>>());
+        assert!(got.iter().all(|r| r.at_ms >= before));
+        assert_eq!(fs::read_dir(&control).unwrap().count(), 0);
+        assert!(spool.take_requests().unwrap().is_empty());
+    }
+
+    #[test]
+    fn a_damaged_or_foreign_removal_notice_yields_only_its_valid_lines() {
+        let (_dir, spool) = spool();
+        let id = QueueId::generate();
+        let control = spool.root().join("control");
+        let text = format!(
+            "delete {id} 1700000000000\nquarantine {id} 1\ndelete ../../etc 1\npurge {id}\n\
+             purge {id} 12 extra\n\u{202e}delete {id} 1\npurge {} 5\n",
+            id.as_str().to_lowercase()
+        );
+        fs::write(control.join("removed.1-2-3"), text).unwrap();
+        let got = removals(&spool);
+        assert_eq!(
+            got,
+            [Removal {
+                id: id.clone(),
+                how: RemovedHow::Delete,
+                at_ms: 1_700_000_000_000,
+            }]
+        );
+        // Group-writable: not the relay's; removed unread. A name with a path in it is no
+        // notice either.
+        let path = control.join("removed.4-5-6");
+        fs::write(&path, format!("delete {id} 1\n")).unwrap();
+        fs::set_permissions(&path, fs::Permissions::from_mode(0o620)).unwrap();
+        fs::write(control.join("removed."), format!("delete {id} 1\n")).unwrap();
+        assert!(spool.take_requests().unwrap().is_empty());
+        assert_eq!(fs::read_dir(&control).unwrap().count(), 0);
+    }
+}
