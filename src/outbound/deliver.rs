@@ -177,17 +177,19 @@ impl Sending<'_> {
             }
         }
         if !tried {
-            // Every upstream of the route is down: the message waits for the first to reopen.
-            let first = self.ctx.upstreams.get(route[0]).clone();
-            let why = first.down().map_or_else(String::new, |(_, why)| why);
-            self.untried(
-                first.name(),
-                rcpts,
-                format!("circuit breaker open after: {why}"),
-            );
-            if let Some(first) = reopens.into_iter().min() {
-                self.report.not_before = self.report.not_before.max(first);
-            }
+            self.all_down(route, rcpts, reopens);
+        }
+    }
+
+    /// Every upstream of `route` is down (their breakers reopen at `reopens`, Unix seconds):
+    /// `rcpts` wait for the first to reopen, recorded under the first upstream of the route.
+    fn all_down(&mut self, route: &[usize], rcpts: &[usize], reopens: Vec<u64>) {
+        let first = self.ctx.upstreams.get(route[0]).clone();
+        let why = first.down().map_or_else(String::new, |(_, why)| why);
+        let why = format!("circuit breaker open after: {why}");
+        self.untried(first.name(), rcpts, why);
+        if let Some(first) = reopens.into_iter().min() {
+            self.report.not_before = self.report.not_before.max(first);
         }
     }
 

@@ -47,9 +47,7 @@ fn find_ascii_caseless(hay: &str, needle: &str) -> Option<usize> {
 
 /// The id at the start of `rest`: up to the first space, comma, `]`, `;` or `)`.
 fn token(rest: &str) -> Option<&str> {
-    let end = rest
-        .find(|c: char| matches!(c, ' ' | ',' | ']' | ';' | ')'))
-        .unwrap_or(rest.len());
+    let end = rest.find([' ', ',', ']', ';', ')']).unwrap_or(rest.len());
     let id = &rest[..end];
     let allowed = |b: u8| b.is_ascii_alphanumeric() || b"-._:+/=@".contains(&b);
     (!id.is_empty() && id.len() <= MAX_UPSTREAM_ID && id.bytes().all(allowed)).then_some(id)

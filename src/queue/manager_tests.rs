@@ -620,12 +620,12 @@ async fn a_removal_notice_is_counted_once_and_empties_the_upstreams_gauges() {
 
     assert_eq!(h.spool.delete(&a).unwrap(), super::DeleteOutcome::Deleted);
     h.spool
-        .notify_removed(RemovedHow::Delete, &[a.clone()])
+        .notify_removed(RemovedHow::Delete, std::slice::from_ref(&a))
         .unwrap();
     let purged = h.spool.purge(&PurgeFilter::All, false).unwrap();
     assert_eq!(purged.len(), 1);
     h.spool
-        .notify_removed(RemovedHow::Purge, &[b.clone()])
+        .notify_removed(RemovedHow::Purge, std::slice::from_ref(&b))
         .unwrap();
     h.census_until(|c| c.queued() == 0).await;
     assert_eq!(h.gauges(), [(0, 0), (0, 0)]);
