@@ -629,16 +629,19 @@ async fn a_removal_notice_is_counted_once_and_empties_the_upstreams_gauges() {
         .unwrap();
     h.census_until(|c| c.queued() == 0).await;
     assert_eq!(h.gauges(), [(0, 0), (0, 0)]);
-    // Ten more control rounds: each notice was acted on once.
-    tokio::time::sleep(10 * super::manager::CONTROL_INTERVAL).await;
+    // Sync point: a later notice is recorded, so the manager has read past the first two.
+    let later = id_at(2, 3);
+    h.spool
+        .notify_removed(RemovedHow::Delete, std::slice::from_ref(&later))
+        .unwrap();
+    let deleted = h.events_until(EventKind::Deleted, 2).await;
+    let ids: Vec<Option<&str>> = deleted.iter().map(|e| e.id.as_deref()).collect();
+    assert_eq!(ids, [Some(a.as_str()), Some(later.as_str())]);
     let removed = |how: &str| {
         let labels = HowLabel { how: how.into() };
         h.telemetry.metrics.removed.get_or_create(&labels).get()
     };
-    assert_eq!((removed("delete"), removed("purge")), (1, 1));
-    let deleted = h.events(EventKind::Deleted);
-    assert_eq!(deleted.len(), 1);
-    assert_eq!(deleted[0].id.as_deref(), Some(a.as_str()));
+    assert_eq!((removed("delete"), removed("purge")), (2, 1));
     assert_eq!(
         h.events(EventKind::Purged)[0].id.as_deref(),
         Some(b.as_str())
