@@ -18,6 +18,7 @@ use crate::config;
 use crate::envelope::{Address, QueueId, unix_now};
 use crate::observe::event::unix_millis;
 use crate::queue::attempt::{Consignment, Courier, MessageBytes, on_spool};
+use crate::queue::census::NO_ROUTE;
 use crate::queue::schedule::{AttemptReport, FailedRcpt, RcptResult};
 use crate::queue::{Attempt, SendLock, SpoolError};
 
@@ -305,9 +306,6 @@ impl Sending<'_> {
         }
     }
 }
-
-/// The `upstream` of events about recipients whose domain no route serves.
-pub const NO_ROUTE: &str = "(none)";
 
 /// The one place a transaction's outcome for recipient `index` becomes the queue's
 /// per-recipient result (and the text of it for the history), logged.

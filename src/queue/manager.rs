@@ -14,6 +14,13 @@
 //!
 //! The [`Courier`] is read anew for each attempt, so a reload that swaps it applies to new
 //! attempts while those in flight finish with the one they started with.
+//!
+//! Telemetry: the manager keeps the queue [`Census`] up to date as messages arrive, end an
+//! attempt, are held, released or removed by an operator (removal notices from `queue
+//! delete|purge`, see [`super::control`]), and publishes it at most every
+//! [`CENSUS_INTERVAL`] (again while a message waits, so the age of the oldest moves on). It
+//! records the `held`, `released`, `deleted` and `purged` events; each attempt records its
+//! own (`expired`, `bounced`, `finished`; the courier the delivery events).
 
 use std::collections::{BTreeSet, HashMap, HashSet};
 use std::sync::Arc;
@@ -106,6 +113,9 @@ pub struct Manager<C: Courier> {
     census: Census,
     /// When the census was last published (Unix milliseconds of `clock`).
     published_at: Option<u64>,
+    /// Messages an operator removed while they were being attempted: their attempt's end
+    /// is taken as their leaving the queue (it may have settled just before the removal).
+    removed_when_done: HashSet<QueueId>,
 }
 
 impl<C: Courier> Manager<C> {
@@ -133,6 +143,7 @@ impl<C: Courier> Manager<C> {
             telemetry: Arc::new(Telemetry::new("")),
             census: Census::default(),
             published_at: None,
+            removed_when_done: HashSet::new(),
         }
     }
 
@@ -217,8 +228,11 @@ impl<C: Courier> Manager<C> {
     }
 
     /// An attempt ended: schedule what it left (and its bounce).
-    async fn ended(&mut self, ended: Ended) {
+    async fn ended(&mut self, mut ended: Ended) {
         self.busy.remove(&ended.id);
+        if self.removed_when_done.remove(&ended.id) {
+            (ended.end, ended.facts) = (AttemptEnd::Left, None);
+        }
         self.count(&ended);
         let retry = self.retry_when_done.remove(&ended.id);
         let hold = self.hold_when_done.remove(&ended.id);
@@ -395,9 +409,9 @@ impl<C: Courier> Manager<C> {
             info!(queue_id = %r.id, how = r.how.as_str(), "removed by an operator");
             self.record(kind, &r.id, Some(r.at_ms));
             self.census.remove(&r.id);
-            if !self.busy.contains(&r.id)
-                && let Some(at) = self.when.remove(&r.id)
-            {
+            if self.busy.contains(&r.id) {
+                self.removed_when_done.insert(r.id);
+            } else if let Some(at) = self.when.remove(&r.id) {
                 self.due.remove(&(at, r.id));
             }
         }

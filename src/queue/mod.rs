@@ -95,8 +95,15 @@
 //!
 //! A new queue state (quarantine, say) goes the same way: a field of [`DeliveryState`] (absent
 //! from files that do not use it, so older spools read as before), a [`schedule::Plan`] that
-//! [`schedule::plan`] answers for it, the [`attempt::AttemptEnd`] its attempt reports, and
-//! what the manager does then in [`schedule::after_attempt`].
+//! [`schedule::plan`] answers for it, the [`attempt::AttemptEnd`] its attempt reports, what
+//! the manager does then in [`schedule::after_attempt`], and how the [`census`] counts it
+//! (apart from waiting messages, as held ones are).
+//!
+//! # Census
+//!
+//! The queue manager counts the queue as it changes ([`census`]: queued and held messages
+//! per upstream, the oldest waiting, the top senders) for the telemetry, without rescanning
+//! the spool.
 
 #![warn(clippy::too_many_lines)]
 
