@@ -1,6 +1,7 @@
 //! What one delivery transaction tells the telemetry: the journal events of each upstream
-//! tried ([`crate::observe::Event`]: delivered, deferred, failed) and the upstream's own id
-//! for the message, read from its reply to the final dot ([`upstream_id`], pure).
+//! tried ([`crate::observe::Event`]: delivered, deferred, failed), and the upstream's own id
+//! for the message and the Message-ID it names, read from its reply to the final dot
+//! ([`upstream_id`], [`reply_message_id`], pure).
 
 use crate::observe::{Event, EventKind};
 
@@ -36,6 +37,29 @@ pub fn upstream_id(reply: &str) -> Option<&str> {
         }
     }
     None
+}
+
+/// Longest Message-ID kept from a reply, in octets (RFC 5322 §2.1.1 line limit, less room).
+pub const MAX_REPLY_MESSAGE_ID: usize = 250;
+
+/// The Message-ID an upstream names in its reply to the final dot, angle brackets included:
+/// the word right after the code and enhanced code when it is `<…@…>`, as Exchange's
+/// `250 2.6.0 <msgid@host> [InternalId=…] Queued mail for delivery` has it. Untrusted text: at
+/// most [`MAX_REPLY_MESSAGE_ID`] octets of printable ASCII, else `None`.
+pub fn reply_message_id(reply: &str) -> Option<&str> {
+    let mut words = reply.split(' ').filter(|w| !w.is_empty());
+    words.next()?;
+    let mut word = words.next()?;
+    let enhanced =
+        |w: &str| w.split('.').count() == 3 && w.bytes().all(|b| b.is_ascii_digit() || b == b'.');
+    if enhanced(word) {
+        word = words.next()?;
+    }
+    let inner = word.strip_prefix('<')?.strip_suffix('>')?;
+    let printable = inner
+        .bytes()
+        .all(|b| b.is_ascii_graphic() && b != b'<' && b != b'>');
+    (word.len() <= MAX_REPLY_MESSAGE_ID && printable && inner.contains('@')).then_some(word)
 }
 
 /// The byte offset of `needle` (ASCII) in `hay`, ignoring ASCII case.
@@ -108,11 +132,9 @@ impl Facts<'_> {
         let delivered = !by_reply.is_empty();
         for (reply, rcpts) in by_reply {
             let mut event = self.event(EventKind::Delivered, rcpts, reply);
-            event.upstream_id = event
-                .reply
-                .as_deref()
-                .and_then(upstream_id)
-                .map(str::to_owned);
+            let reply = event.reply.as_deref().unwrap_or_default();
+            event.upstream_id = upstream_id(reply).map(str::to_owned);
+            event.message_id = reply_message_id(reply).map(str::to_owned);
             event.seconds = self.seconds;
             event.size = Some(self.size);
             events.push(event);
@@ -203,6 +225,28 @@ mod tests {
         assert_eq!(upstream_id("250 ééé"), None);
     }
 
+    #[test]
+    fn the_message_id_is_read_from_an_exchange_reply_only_where_it_stands() {
+        let table: [(&str, Option<&str>); 8] = [
+            (
+                "250 2.6.0 <a1.b2@ex.example> [InternalId=1, Hostname=EX01] Queued mail for delivery",
+                Some("<a1.b2@ex.example>"),
+            ),
+            ("250 <x@y> accepted", Some("<x@y>")),
+            ("250 2.0.0 Ok: queued as 4Xyz", None),
+            ("250 2.6.0 <no-at-sign> Queued", None),
+            ("250 2.6.0 Queued <a@b>", None),
+            ("250 2.6.0 <a b@c> Queued", None),
+            ("250 2.6.0 <a<b@c> Queued", None),
+            ("250", None),
+        ];
+        for (reply, want) in table {
+            assert_eq!(reply_message_id(reply), want, "{reply}");
+        }
+        let long = format!("250 2.6.0 <{}@example.com> Queued", "a".repeat(300));
+        assert_eq!(reply_message_id(&long), None);
+    }
+
     fn facts() -> Facts<'static> {
         Facts {
             at: 1_700_000_000_000,
@@ -248,6 +292,16 @@ mod tests {
         assert!(events.iter().all(|e| {
             e.id.as_deref() == Some("0123456789ABCDEF") && e.upstream.as_deref() == Some("exchange")
         }));
+
+        let exchange = facts().transaction(Transaction {
+            delivered: vec![rcpt(
+                "a@example.com",
+                "250 2.6.0 <m1@host.example> [InternalId=77, Hostname=EX01] Queued mail for delivery",
+            )],
+            ..Transaction::default()
+        });
+        assert_eq!(exchange[0].upstream_id.as_deref(), Some("77"));
+        assert_eq!(exchange[0].message_id.as_deref(), Some("<m1@host.example>"));
 
         let only_deferred = facts().transaction(Transaction {
             deferred: vec![rcpt("c@example.com", "DATA: 452 4.3.1 full")],
