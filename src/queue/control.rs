@@ -373,8 +373,9 @@ impl Spool {
     /// Consume the pending operator requests: each file in `control/` is read and unlinked
     /// before this returns, so act on every request returned. Retries are merged into at
     /// most one [`Request::Retry`] (first): `All` if anyone asked for all, else the sorted
-    /// ids; holds and releases follow in name order. Unknown names are removed with a
-    /// warning. Blocking.
+    /// ids; holds, releases and removal notices ([`Request::Removed`], one per notice) follow
+    /// in name order. Unknown names are removed with a warning, and so is a notice the
+    /// relay's user did not write (unread). Blocking.
     pub fn take_requests(&self) -> Result<Vec<Request>, SpoolError> {
         let dir = &self.inner.control;
         let mut all = false;
