@@ -22,7 +22,9 @@ use clap::{Parser, Subcommand};
 
 use portcullis::config::Config;
 use portcullis::envelope::{QueueId, unix_now};
-use portcullis::queue::{DeleteOutcome, PurgeFilter, RetryTarget, Spool, SpoolError, report};
+use portcullis::queue::{
+    DeleteOutcome, PurgeFilter, RemovedHow, RetryTarget, Spool, SpoolError, report,
+};
 
 #[derive(Parser, Debug)]
 #[command(name = "portcullis", version, about = "A hardened SMTP edge relay")]
@@ -378,6 +380,12 @@ fn queue(action: QueueAction, config: Option<&Path>, spool: Option<PathBuf>) -> 
                 tally.add(p.outcome);
             }
             println!("{}", tally.summary());
+            let removed: Vec<QueueId> = purged
+                .into_iter()
+                .filter(|p| p.outcome.is_some_and(|o| o != DeleteOutcome::NotFound))
+                .map(|p| p.id)
+                .collect();
+            spool.notify_removed(RemovedHow::Purge, &removed)?;
         }
     }
     Ok(())
@@ -462,8 +470,19 @@ fn retry(spool: &Spool, dir: &Path, ids: &[String], all: bool) -> anyhow::Result
 fn delete(spool: &Spool, dir: &Path, ids: &[String]) -> anyhow::Result<()> {
     let ids = parse_ids(ids)?;
     let mut tally = report::Tally::new(false);
+    let mut removed = Vec::new();
     for id in &ids {
-        let outcome = spool.delete(id)?;
+        let outcome = match spool.delete(id) {
+            Ok(outcome) => outcome,
+            Err(e) => {
+                // Tell the relay about those removed so far; the error is the one to report.
+                let _ = spool.notify_removed(RemovedHow::Delete, &removed);
+                return Err(e.into());
+            }
+        };
+        if outcome != DeleteOutcome::NotFound {
+            removed.push(id.clone());
+        }
         if outcome == DeleteOutcome::NotFound {
             eprintln!("portcullis: no message {id} in {}", dir.display());
         } else {
@@ -472,6 +491,7 @@ fn delete(spool: &Spool, dir: &Path, ids: &[String]) -> anyhow::Result<()> {
         tally.add(Some(outcome));
     }
     println!("{}", tally.summary());
+    spool.notify_removed(RemovedHow::Delete, &removed)?;
     if tally.not_found > 0 {
         bail!("{} of {} messages not found", tally.not_found, ids.len());
     }

@@ -12,10 +12,13 @@ use tracing::{error, info, warn};
 
 use super::client::{DotGate, MailTransaction, MessageSource, RcptOutcome, Sent};
 use super::error::ClientError;
+use super::events::{Facts, Transaction};
 use super::upstream::{UpstreamRt, Upstreams};
 use crate::config;
 use crate::envelope::{Address, QueueId, unix_now};
+use crate::observe::event::unix_millis;
 use crate::queue::attempt::{Consignment, Courier, MessageBytes, on_spool};
+use crate::queue::census::NO_ROUTE;
 use crate::queue::schedule::{AttemptReport, FailedRcpt, RcptResult};
 use crate::queue::{Attempt, SendLock, SpoolError};
 
@@ -41,6 +44,14 @@ impl Courier for Context {
 
     fn route(&self, domain: &str) -> Vec<usize> {
         self.upstreams.route(domain).to_vec()
+    }
+
+    fn upstream_name(&self, index: usize) -> Option<&str> {
+        self.upstreams.iter().nth(index).map(|u| u.name())
+    }
+
+    fn upstream_names(&self) -> Vec<String> {
+        self.upstreams.iter().map(|u| u.name().to_owned()).collect()
     }
 
     fn max_in_flight(&self) -> usize {
@@ -113,15 +124,16 @@ impl Sending<'_> {
     }
 
     /// Deliver `rcpts` (indexes into the envelope) over `route`; sets `report.deleted` when
-    /// the message turned out to be deleted by an operator.
+    /// the message turned out to be deleted by an operator. Each upstream tried, and a route
+    /// that could not be tried, is recorded as events in the telemetry.
     async fn try_route(&mut self, route: &[usize], rcpts: &[usize]) {
         let id = self.job.msg.id().clone();
         if route.is_empty() {
             let domain = self.address(rcpts[0]).domain().to_owned();
             error!(queue_id = %id, %domain, "no upstream route for this domain (no [[upstreams]] lists it and none has empty domains)");
-            self.report
-                .errors
-                .push(format!("no upstream route for {domain}"));
+            let why = format!("no upstream route for {domain}");
+            self.untried(NO_ROUTE, rcpts, why.clone());
+            self.report.errors.push(why);
             return;
         }
         let mut reopens = Vec::new();
@@ -134,6 +146,7 @@ impl Sending<'_> {
             };
             tried = true;
             let started = unix_now();
+            let clock = Instant::now();
             match self.attempt(&up, rcpts).await {
                 Ok(sent) if sent.aborted => {
                     info!(
@@ -145,12 +158,14 @@ impl Sending<'_> {
                 }
                 Ok(sent) => {
                     up.succeeded();
-                    self.record(&up, started, rcpts, sent);
+                    let seconds = clock.elapsed().as_secs_f64();
+                    self.record(&up, started, seconds, rcpts, sent);
                     return;
                 }
                 Err(f) => {
                     up.failed(Instant::now(), &f, pass);
                     info!(queue_id = %id, upstream = %up.name(), error = %f, "delivery attempt failed");
+                    self.untried(up.name(), rcpts, f.to_string());
                     self.report.history.push(Attempt {
                         at: started,
                         upstream: Some(up.name().to_owned()),
@@ -162,9 +177,35 @@ impl Sending<'_> {
                 }
             }
         }
-        if !tried && let Some(first) = reopens.into_iter().min() {
+        if !tried {
+            self.all_down(route, rcpts, reopens);
+        }
+    }
+
+    /// Every upstream of `route` is down (their breakers reopen at `reopens`, Unix seconds):
+    /// `rcpts` wait for the first to reopen, recorded under the first upstream of the route.
+    fn all_down(&mut self, route: &[usize], rcpts: &[usize], reopens: Vec<u64>) {
+        let first = self.ctx.upstreams.get(route[0]).clone();
+        let why = first.down().map_or_else(String::new, |(_, why)| why);
+        let why = format!("circuit breaker open after: {why}");
+        self.untried(first.name(), rcpts, why);
+        if let Some(first) = reopens.into_iter().min() {
             self.report.not_before = self.report.not_before.max(first);
         }
+    }
+
+    /// Record that `rcpts` stay for later at `upstream` without a transaction, because of
+    /// `why`.
+    fn untried(&self, upstream: &str, rcpts: &[usize], why: String) {
+        let facts = Facts {
+            at: unix_millis(),
+            id: self.job.msg.id().as_str(),
+            upstream,
+            seconds: None,
+            size: self.job.msg.size,
+        };
+        let addresses = rcpts.iter().map(|&i| self.address(i).to_string()).collect();
+        self.ctx.telemetry.record(&facts.deferred(addresses, why));
     }
 
     /// An upstream skipped because its breaker is open: when it reopens (Unix seconds).
@@ -226,16 +267,24 @@ impl Sending<'_> {
         }
     }
 
-    /// Report a completed transaction's per-recipient outcomes, and log each.
-    fn record(&mut self, up: &UpstreamRt, started: u64, rcpts: &[usize], sent: Sent) {
+    /// Report a completed transaction's per-recipient outcomes, log each, and record them in
+    /// the telemetry (`seconds`: how long the transaction took).
+    fn record(&mut self, up: &UpstreamRt, started: u64, seconds: f64, rcpts: &[usize], sent: Sent) {
         let mut summary = Vec::new();
+        let mut tx = Transaction::default();
         for (&i, outcome) in rcpts.iter().zip(sent.rcpts) {
             let address = self.address(i).clone();
             let (result, text) = rcpt_result(self.job.msg.id(), up, i, &address, outcome);
-            if result == RcptResult::Deferred {
-                self.report
-                    .errors
-                    .push(format!("upstream {}: {text}", up.name()));
+            let line = (address.to_string(), text.clone());
+            match &result {
+                RcptResult::Delivered => tx.delivered.push(line),
+                RcptResult::Deferred => {
+                    self.report
+                        .errors
+                        .push(format!("upstream {}: {text}", up.name()));
+                    tx.deferred.push(line);
+                }
+                RcptResult::Failed(_) => tx.failed.push(line),
             }
             summary.push(format!("{address}: {text}"));
             self.report.results.push((i, result));
@@ -245,6 +294,16 @@ impl Sending<'_> {
             upstream: Some(up.name().to_owned()),
             outcome: summary.join("; "),
         });
+        let facts = Facts {
+            at: unix_millis(),
+            id: self.job.msg.id().as_str(),
+            upstream: up.name(),
+            seconds: Some(seconds),
+            size: self.job.msg.size,
+        };
+        for event in facts.transaction(tx) {
+            self.ctx.telemetry.record(&event);
+        }
     }
 }
 
@@ -312,6 +371,8 @@ mod tests {
     use super::*;
     use crate::config::{Config, UpstreamTls};
     use crate::envelope::sample_envelope;
+    use crate::observe::metrics::UpstreamLabel;
+    use crate::observe::{Event, EventKind};
     use crate::queue::Spool;
     use crate::queue::schedule::RouteGroup;
     use crate::routes::CapabilityBook;
@@ -358,17 +419,44 @@ mod tests {
         }
     }
 
+    /// Every event recorded, in order.
+    #[derive(Debug, Clone, Default)]
+    struct Journal(Arc<std::sync::Mutex<Vec<Event>>>);
+
+    impl crate::observe::EventSink for Journal {
+        fn append(&self, event: &Event) {
+            self.0.lock().unwrap().push(event.clone());
+        }
+    }
+
+    impl Journal {
+        fn take(&self) -> Vec<Event> {
+            std::mem::take(&mut *self.0.lock().unwrap())
+        }
+    }
+
     fn context(port: u16) -> Context {
+        context_with(port, Journal::default())
+    }
+
+    fn context_with(port: u16, journal: Journal) -> Context {
         let mut config = Config::embedded_default();
         config.upstreams.truncate(1);
         config.upstreams[0].address = format!("localhost:{port}");
         config.upstreams[0].tls = UpstreamTls::None;
         let book = Arc::new(CapabilityBook::load(&config.upstreams, None));
+        let telemetry = Arc::new(
+            crate::observe::Telemetry::new("relay.example").with_journal(Box::new(journal)),
+        );
+        let names = ["default".to_owned()];
+        telemetry
+            .upstreams
+            .configure(&names, unix_now(), &telemetry.metrics);
         Context {
-            upstreams: Arc::new(Upstreams::new(&config, book).unwrap()),
+            upstreams: Arc::new(Upstreams::new(&config, book, telemetry.clone()).unwrap()),
             hostname: "relay.example".into(),
             queue: config.queue.clone(),
-            telemetry: Arc::new(crate::observe::Telemetry::new("relay.example")),
+            telemetry,
         }
     }
 
@@ -444,5 +532,158 @@ mod tests {
             remote_mta("mx1.example.net.:25").as_deref(),
             Some("mx1.example.net")
         );
+    }
+
+    /// A queued message to `rcpts`, loaded as an attempt has it, and its one route group.
+    fn queued(
+        spool: &Spool,
+        rcpts: &[&str],
+    ) -> (crate::queue::Loaded, MessageBytes, [RouteGroup; 1]) {
+        let env = sample_envelope(rcpts);
+        let id = spool.enqueue(&env, b"Subject: t\r\n\r\nhi\r\n").unwrap();
+        let loaded = spool.load_with_body(&id, 1 << 20).unwrap();
+        let bytes = MessageBytes::Memory(Arc::new(loaded.body.clone().unwrap()));
+        let groups = [RouteGroup {
+            route: vec![0],
+            rcpts: (0..rcpts.len()).collect(),
+        }];
+        (loaded, bytes, groups)
+    }
+
+    async fn send(ctx: &Context, spool: &Spool, rcpts: &[&str]) -> (QueueId, AttemptReport) {
+        let (loaded, bytes, groups) = queued(spool, rcpts);
+        let job = Consignment {
+            spool,
+            msg: &loaded.msg,
+            bytes: &bytes,
+            lock: &loaded.lock,
+            groups: &groups,
+        };
+        (loaded.msg.id().clone(), ctx.send(job).await)
+    }
+
+    fn counter(
+        family: &prometheus_client::metrics::family::Family<
+            UpstreamLabel,
+            prometheus_client::metrics::counter::Counter,
+        >,
+    ) -> u64 {
+        family
+            .get_or_create(&UpstreamLabel {
+                upstream: "default".into(),
+            })
+            .get()
+    }
+
+    fn gauge(
+        family: &prometheus_client::metrics::family::Family<
+            UpstreamLabel,
+            prometheus_client::metrics::gauge::Gauge,
+        >,
+    ) -> i64 {
+        family
+            .get_or_create(&UpstreamLabel {
+                upstream: "default".into(),
+            })
+            .get()
+    }
+
+    /// `portcullis_delivery_seconds_count`, as a scrape shows it.
+    fn delivery_count(m: &crate::observe::metrics::Metrics) -> u64 {
+        let text = m.encode();
+        let line = text
+            .lines()
+            .find_map(|l| l.strip_prefix("portcullis_delivery_seconds_count "))
+            .expect("the histogram is exposed");
+        line.parse().unwrap()
+    }
+
+    // Real time, as above.
+    #[tokio::test]
+    async fn a_transaction_is_recorded_as_delivered_and_failed_events_with_the_upstreams_id() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let journal = Journal::default();
+        let ctx = context_with(listener.local_addr().unwrap().port(), journal.clone());
+        tokio::spawn(upstream(listener));
+        let dir = tempfile::tempdir().unwrap();
+        let spool = Spool::open(dir.path()).unwrap();
+        let (id, _) = send(&ctx, &spool, &["a@example.com", "nobody@example.com"]).await;
+
+        let events = journal.take();
+        let kinds: Vec<EventKind> = events.iter().map(|e| e.kind).collect();
+        assert_eq!(kinds, [EventKind::Delivered, EventKind::Failed]);
+        let delivered = &events[0];
+        assert_eq!(delivered.id.as_deref(), Some(id.as_str()));
+        assert_eq!(delivered.upstream.as_deref(), Some("default"));
+        assert_eq!(delivered.rcpts, ["a@example.com"]);
+        assert_eq!(delivered.reply.as_deref(), Some("250 2.0.0 queued as UP1"));
+        assert_eq!(delivered.upstream_id.as_deref(), Some("UP1"));
+        assert!(delivered.seconds.is_some_and(|s| s > 0.0 && s < 10.0));
+        assert_eq!(events[1].rcpts, ["nobody@example.com"]);
+        assert_eq!(
+            events[1].reply.as_deref(),
+            Some("550 5.1.1 <nobody@example.com>: no such user")
+        );
+        let m = &ctx.telemetry.metrics;
+        assert_eq!((counter(&m.delivered), counter(&m.deferred)), (1, 0));
+        assert_eq!(delivery_count(m), 1);
+        let board = ctx.telemetry.upstreams.snapshot(unix_now());
+        assert!(board[0].last_success.is_some());
+        ctx.upstreams.close_all().await;
+    }
+
+    #[tokio::test]
+    async fn an_unreachable_upstream_is_deferred_marked_down_and_up_again_after_a_retry() {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .map(|a| a.port())
+            .unwrap();
+        let journal = Journal::default();
+        let ctx = context_with(port, journal.clone());
+        let m = &ctx.telemetry.metrics;
+        assert_eq!(
+            (gauge(&m.upstream_up), gauge(&m.upstream_breaker_open)),
+            (1, 0)
+        );
+        let dir = tempfile::tempdir().unwrap();
+        let spool = Spool::open(dir.path()).unwrap();
+
+        let (id, report) = send(&ctx, &spool, &["a@example.com"]).await;
+        assert!(report.results.is_empty());
+        let events = journal.take();
+        assert_eq!(events.len(), 1);
+        assert_eq!(events[0].kind, EventKind::Deferred);
+        assert_eq!(events[0].id.as_deref(), Some(id.as_str()));
+        assert_eq!(events[0].rcpts, ["a@example.com"]);
+        assert_eq!(events[0].seconds, None, "no transaction took place");
+        let error = events[0].reply.clone().unwrap();
+        assert!(error.starts_with("connect"), "{error}");
+        assert_eq!(counter(&m.deferred), 1);
+        assert_eq!(
+            (gauge(&m.upstream_up), gauge(&m.upstream_breaker_open)),
+            (0, 1)
+        );
+        let board = ctx.telemetry.upstreams.snapshot(unix_now());
+        assert!(!board[0].up);
+        assert_eq!(board[0].last_error.as_deref(), Some(error.as_str()));
+
+        // Breaker open: deferred at once, saying why.
+        send(&ctx, &spool, &["b@example.com"]).await;
+        let events = journal.take();
+        assert_eq!(events.len(), 1);
+        assert_eq!(
+            events[0].reply.as_deref(),
+            Some(format!("circuit breaker open after: {error}").as_str())
+        );
+        assert_eq!(counter(&m.deferred), 2);
+        assert_eq!(delivery_count(m), 0);
+
+        // `queue retry`: the breaker closes, the upstream is up.
+        ctx.reset_route(&[0]);
+        assert_eq!(
+            (gauge(&m.upstream_up), gauge(&m.upstream_breaker_open)),
+            (1, 0)
+        );
+        assert!(ctx.telemetry.upstreams.snapshot(unix_now())[0].up);
     }
 }

@@ -7,6 +7,8 @@
 //! - [`tls`]: the rustls client configuration of each upstream.
 //! - [`upstream`]: routing by recipient domain, failover order, circuit breakers and
 //!   connection pools.
+//! - [`events`]: the telemetry events of a transaction, and the upstream's own id read
+//!   from its reply.
 //! - [`deliver`]: the sending of one delivery attempt (the queue manager's
 //!   [`Courier`](crate::queue::attempt::Courier)): reports per-recipient results, writes
 //!   nothing.
@@ -21,6 +23,7 @@
 pub mod client;
 pub mod deliver;
 pub mod error;
+pub mod events;
 
 pub mod tls;
 pub mod upstream;
@@ -96,7 +99,12 @@ impl Delivery {
             &config.upstreams,
             Some(spool.root()),
         ));
-        let upstreams = upstream::Upstreams::renew(config, book.clone(), Some(&old.upstreams))?;
+        let upstreams = upstream::Upstreams::renew(
+            config,
+            book.clone(),
+            Some(&old.upstreams),
+            old.telemetry.clone(),
+        )?;
         let context = Arc::new(Context {
             upstreams: Arc::new(upstreams),
             hostname: config.server.hostname.clone(),
@@ -105,6 +113,14 @@ impl Delivery {
         });
         self.context.store(context.clone());
         self.capabilities.replace(book);
+        // The status lists the upstreams configured now, each with its breaker as it is: an
+        // unchanged one may still be down, one built anew starts up.
+        let names: Vec<String> = config.upstreams.iter().map(|u| u.name.clone()).collect();
+        let telemetry = &context.telemetry;
+        telemetry
+            .upstreams
+            .configure(&names, crate::envelope::unix_now(), &telemetry.metrics);
+        context.upstreams.publish_states();
         // Not in `tracker`: the probe is no delivery, and shutdown does not wait for it.
         tokio::spawn(async move {
             context
@@ -134,7 +150,11 @@ pub fn start(
         Some(spool.root()),
     ));
     let context = Arc::new(ArcSwap::from_pointee(Context {
-        upstreams: Arc::new(upstream::Upstreams::new(config, book.clone())?),
+        upstreams: Arc::new(upstream::Upstreams::new(
+            config,
+            book.clone(),
+            telemetry.clone(),
+        )?),
         hostname: config.server.hostname.clone(),
         queue: config.queue.clone(),
         telemetry: telemetry.clone(),
@@ -211,9 +231,14 @@ mod tests {
             &config(&[&a], 60),
             spool.clone(),
             shutdown.clone(),
-            telemetry,
+            telemetry.clone(),
         )
         .unwrap();
+        // What the status shows: (name, up) of each upstream.
+        let board = || -> Vec<(String, bool)> {
+            let states = telemetry.upstreams.snapshot(crate::envelope::unix_now());
+            states.into_iter().map(|s| (s.name, s.up)).collect()
+        };
         trip(&delivery, 0);
         let running = delivery.context.load().upstreams.clone();
 
@@ -229,6 +254,7 @@ mod tests {
         assert!(!Arc::ptr_eq(&delivery.context.load().upstreams, &running));
         assert_eq!(delivery.context.load().upstreams.get(1).name(), "a");
         assert!(!down(&delivery, 0) && down(&delivery, 1));
+        assert_eq!(board(), [("a".into(), false), ("b".into(), true)]);
 
         // `a` changed (another address): a new upstream, with a closed breaker.
         let moved = Upstream {
@@ -237,6 +263,10 @@ mod tests {
         };
         delivery.reload(&config(&[&b, &moved], 5), &spool).unwrap();
         assert!(!down(&delivery, 1));
+        assert_eq!(board(), [("a".into(), true), ("b".into(), true)]);
+        // `b` alone: `a` is no longer listed.
+        delivery.reload(&config(&[&b], 5), &spool).unwrap();
+        assert_eq!(board(), [("b".into(), true)]);
 
         shutdown.cancel();
         delivery.manager.await.unwrap();

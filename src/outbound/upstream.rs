@@ -40,6 +40,8 @@ use super::client::UpstreamConnection;
 use super::error::ClientError;
 use super::tls::{ClientTls, ClientTlsError, client_tls};
 use crate::config::{Config, Upstream, UpstreamTls};
+use crate::envelope::unix_now;
+use crate::observe::Telemetry;
 use crate::routes::CapabilityBook;
 
 /// How long an idle upstream connection is kept for the next message.
@@ -58,9 +60,13 @@ pub struct Upstreams {
 
 impl Upstreams {
     /// Build the run-time upstreams (TLS client configurations included) from `config`; each
-    /// records what it learns from EHLO in `book`.
-    pub fn new(config: &Config, book: Arc<CapabilityBook>) -> Result<Upstreams, ClientTlsError> {
-        Upstreams::renew(config, book, None)
+    /// records what it learns from EHLO in `book`, and its breaker's changes in `telemetry`.
+    pub fn new(
+        config: &Config,
+        book: Arc<CapabilityBook>,
+        telemetry: Arc<Telemetry>,
+    ) -> Result<Upstreams, ClientTlsError> {
+        Upstreams::renew(config, book, None, telemetry)
     }
 
     /// Like [`Upstreams::new`], for a reload that replaces `previous`: an upstream whose
@@ -75,10 +81,11 @@ impl Upstreams {
         config: &Config,
         book: Arc<CapabilityBook>,
         previous: Option<&Upstreams>,
+        telemetry: Arc<Telemetry>,
     ) -> Result<Upstreams, ClientTlsError> {
         let mut list = Vec::new();
         for (i, up) in config.upstreams.iter().enumerate() {
-            let mut rt = UpstreamRt::new(i, up, book.clone())?;
+            let mut rt = UpstreamRt::new(i, up, book.clone(), telemetry.clone())?;
             if let Some(same) = previous.and_then(|p| p.iter().find(|old| old.config == *up)) {
                 rt.slots = same.slots.clone();
                 rt.breaker = same.breaker.clone();
@@ -141,6 +148,22 @@ impl Upstreams {
         self.list.iter()
     }
 
+    /// Tell the telemetry each upstream's breaker as it is now (after a reload: an upstream
+    /// that kept its breaker may be down, one built anew is up).
+    pub fn publish_states(&self) {
+        for up in &self.list {
+            let down = up.down();
+            let error = down.as_ref().map(|(_, why)| why.as_str());
+            up.telemetry.upstreams.set_up(
+                up.name(),
+                down.is_none(),
+                error,
+                unix_now(),
+                &up.telemetry.metrics,
+            );
+        }
+    }
+
     /// Close every breaker (operator `queue retry --all`).
     pub fn reset_all(&self) {
         for up in &self.list {
@@ -189,6 +212,9 @@ pub struct UpstreamRt {
     idle: Mutex<Vec<Pooled>>,
     /// Shared with the same upstream's successor after a reload ([`Upstreams::renew`]).
     breaker: Arc<Mutex<Breaker>>,
+    /// Where the breaker's openings and closings are published (`upstream_up`,
+    /// `upstream_breaker_open`, the status's upstream state).
+    telemetry: Arc<Telemetry>,
 }
 
 /// An idle connection with its pool slot.
@@ -205,7 +231,8 @@ pub struct Lease {
 
 impl UpstreamRt {
     /// Upstream number `index` of `[[upstreams]]`, with its TLS client configuration, an
-    /// empty pool and a closed breaker; what it learns from EHLO goes to `book`.
+    /// empty pool and a closed breaker; what it learns from EHLO goes to `book`, its
+    /// breaker's changes to `telemetry`.
     ///
     /// # Errors
     /// [`ClientTlsError`] when its TLS client configuration cannot be built.
@@ -213,6 +240,7 @@ impl UpstreamRt {
         index: usize,
         config: &Upstream,
         book: Arc<CapabilityBook>,
+        telemetry: Arc<Telemetry>,
     ) -> Result<UpstreamRt, ClientTlsError> {
         Ok(UpstreamRt {
             index,
@@ -222,7 +250,16 @@ impl UpstreamRt {
             slots: Arc::new(Semaphore::new(config.max_connections)),
             idle: Mutex::new(Vec::new()),
             breaker: Arc::new(Mutex::new(Breaker::default())),
+            telemetry,
         })
+    }
+
+    /// Publish a change of the breaker: down (`error`: what opened it) or up.
+    fn publish(&self, up: bool, error: Option<&str>) {
+        let telemetry = &self.telemetry;
+        telemetry
+            .upstreams
+            .set_up(self.name(), up, error, unix_now(), &telemetry.metrics);
     }
 
     /// The upstream's name.
@@ -263,10 +300,13 @@ impl UpstreamRt {
             b.trip(now, self.config.backoff, pass)
         };
         match tripped {
-            Trip::Opened { backoff, failures } => warn!(
-                rule = "upstream_down", upstream = %self.name(), error = %failure, backoff_secs = backoff.as_secs(),
-                failed_probes = failures, "upstream marked down"
-            ),
+            Trip::Opened { backoff, failures } => {
+                warn!(
+                    rule = "upstream_down", upstream = %self.name(), error = %failure, backoff_secs = backoff.as_secs(),
+                    failed_probes = failures, "upstream marked down"
+                );
+                self.publish(false, Some(&failure.to_string()));
+            }
             Trip::Stale { remaining } => info!(
                 upstream = %self.name(), error = %failure, down_for_secs = remaining.as_secs(),
                 "delivery failed after the upstream was already marked down (or up again); back-off unchanged"
@@ -278,6 +318,7 @@ impl UpstreamRt {
     pub fn succeeded(&self) {
         if self.breaker().close() {
             info!(upstream = %self.name(), "upstream is up again");
+            self.publish(true, None);
         }
     }
 
@@ -285,6 +326,7 @@ impl UpstreamRt {
     pub fn reset_breaker(&self) {
         if self.breaker().close() {
             info!(upstream = %self.name(), "circuit breaker reset by queue retry");
+            self.publish(true, None);
         }
     }
 
@@ -458,6 +500,10 @@ impl Breaker {
 mod tests {
     use super::*;
 
+    fn telemetry() -> Arc<Telemetry> {
+        Arc::new(Telemetry::new("relay.test"))
+    }
+
     fn opened(backoff: u64, failures: u32) -> Trip {
         Trip::Opened {
             backoff: Duration::from_secs(backoff),
@@ -535,7 +581,7 @@ mod tests {
     fn only_the_upstreams_own_failures_open_its_breaker() {
         let config = Config::embedded_default();
         let book = Arc::new(CapabilityBook::load(&config.upstreams, None));
-        let up = UpstreamRt::new(0, &config.upstreams[0], book).unwrap();
+        let up = UpstreamRt::new(0, &config.upstreams[0], book, telemetry()).unwrap();
         let io = || std::io::Error::from(std::io::ErrorKind::ConnectionRefused);
         let not_its_fault = [
             ClientError::Stale(Box::new(ClientError::Closed {
@@ -566,21 +612,21 @@ mod tests {
     fn a_renewed_upstream_keeps_breaker_and_slots_only_when_its_entry_is_unchanged() {
         let config = Config::embedded_default();
         let book = || Arc::new(CapabilityBook::load(&config.upstreams, None));
-        let old = Upstreams::new(&config, book()).unwrap();
+        let old = Upstreams::new(&config, book(), telemetry()).unwrap();
         let mut added = config.upstreams[0].clone();
         added.name = "added".into();
         let mut changed = config.upstreams[0].clone();
         changed.max_connections += 1;
         let mut next = config.clone();
         next.upstreams = vec![added, config.upstreams[0].clone()];
-        let new = Upstreams::renew(&next, book(), Some(&old)).unwrap();
+        let new = Upstreams::renew(&next, book(), Some(&old), telemetry()).unwrap();
         assert!(Arc::ptr_eq(&new.get(1).slots, &old.get(0).slots));
         assert!(Arc::ptr_eq(&new.get(1).breaker, &old.get(0).breaker));
         assert!(!Arc::ptr_eq(&new.get(0).slots, &old.get(0).slots));
         assert!(new.configured_as(&next.upstreams) && !old.configured_as(&next.upstreams));
 
         next.upstreams = vec![changed];
-        let new = Upstreams::renew(&next, book(), Some(&old)).unwrap();
+        let new = Upstreams::renew(&next, book(), Some(&old), telemetry()).unwrap();
         assert!(!Arc::ptr_eq(&new.get(0).slots, &old.get(0).slots));
         assert!(!Arc::ptr_eq(&new.get(0).breaker, &old.get(0).breaker));
     }

@@ -111,7 +111,13 @@ fn upstream(port: u16, tls: UpstreamTls) -> Upstream {
 
 fn upstream_rt(config: &Upstream) -> UpstreamRt {
     let book = Arc::new(CapabilityBook::load(std::slice::from_ref(config), None));
-    UpstreamRt::new(0, config, book).unwrap()
+    UpstreamRt::new(
+        0,
+        config,
+        book,
+        Arc::new(crate::observe::Telemetry::new("relay.test")),
+    )
+    .unwrap()
 }
 
 struct AlwaysSend;

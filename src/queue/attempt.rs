@@ -15,6 +15,7 @@ use std::sync::Arc;
 use tracing::{error, info, warn};
 
 use super::bounce;
+use super::census::{self, Facts};
 use super::manager::Clock;
 use super::schedule::{
     self, AttemptFacts, AttemptReport, BounceDecision, FailedRcpt, Plan, RcptResult, RouteGroup,
@@ -22,7 +23,8 @@ use super::schedule::{
 };
 use super::{Loaded, QueuedMessage, SendLock, Spool, SpoolError};
 use crate::config;
-use crate::envelope::QueueId;
+use crate::envelope::{Address, QueueId};
+use crate::observe::{Event, EventKind, Telemetry};
 
 /// Messages up to this size are read into memory in one go; larger ones are streamed from
 /// the spool file.
@@ -37,6 +39,10 @@ pub trait Courier: Send + Sync + 'static {
     fn hostname(&self) -> &str;
     /// Upstream indexes serving `domain`, in failover order; empty when none does.
     fn route(&self, domain: &str) -> Vec<usize>;
+    /// The name of upstream `index` (an index [`Courier::route`] returned).
+    fn upstream_name(&self, index: usize) -> Option<&str>;
+    /// Every configured upstream's name, in `[[upstreams]]` order.
+    fn upstream_names(&self) -> Vec<String>;
     /// Most deliveries at once (at least 1).
     fn max_in_flight(&self) -> usize;
     /// Try every group of `job` on its route and report per-recipient results. Sends only:
@@ -89,8 +95,21 @@ pub enum AttemptEnd {
 pub struct Ended {
     pub id: QueueId,
     pub end: AttemptEnd,
-    /// A bounce queued by this attempt, to be scheduled now.
-    pub bounce: Option<QueueId>,
+    /// The message as the census counts it now, when it stays queued and was read.
+    pub facts: Option<Facts>,
+    /// A bounce queued by this attempt, to be scheduled now, with its census facts.
+    pub bounce: Option<(QueueId, Facts)>,
+}
+
+/// The name of the first upstream `domain` routes to with `courier`.
+pub fn route_name<C: Courier>(courier: &C, domain: &str) -> Option<String> {
+    let first = *courier.route(domain).first()?;
+    courier.upstream_name(first).map(str::to_owned)
+}
+
+/// The census facts of `msg` as `courier` routes it.
+pub fn facts_of<C: Courier>(courier: &C, msg: &QueuedMessage) -> Facts {
+    Facts::of(msg, |domain| route_name(courier, domain))
 }
 
 /// Run blocking spool work off the reactor. A panic in it is reported as an I/O error of the
@@ -118,13 +137,15 @@ fn close_off_reactor(lock: SendLock) {
     drop(tokio::task::spawn_blocking(move || drop(lock)));
 }
 
-/// Run one attempt of `id`, from `loaded` when the message is already in memory.
+/// Run one attempt of `id`, from `loaded` when the message is already in memory; what the
+/// queue does with it (expired, bounced, finished) is recorded in `telemetry`.
 pub async fn run<C: Courier>(
     spool: Spool,
     courier: Arc<C>,
     clock: Clock,
     id: QueueId,
     loaded: Option<Loaded>,
+    telemetry: Arc<Telemetry>,
 ) -> Ended {
     let soon = soon(courier.queue(), clock.now());
     let loaded = match loaded {
@@ -137,6 +158,7 @@ pub async fn run<C: Courier>(
     let end = |end| Ended {
         id: id.clone(),
         end,
+        facts: None,
         bounce: None,
     };
     match loaded {
@@ -145,6 +167,7 @@ pub async fn run<C: Courier>(
             courier: &*courier,
             clock,
             loaded,
+            telemetry: &telemetry,
         }
         .run()
         .await
@@ -167,6 +190,7 @@ struct Attempting<'a, C> {
     courier: &'a C,
     clock: Clock,
     loaded: Loaded,
+    telemetry: &'a Telemetry,
 }
 
 impl<C: Courier> Attempting<'_, C> {
@@ -187,12 +211,16 @@ impl<C: Courier> Attempting<'_, C> {
                 info!(queue_id = %id, "held: not attempted");
                 close_off_reactor(lock);
                 return Some(Ended {
+                    facts: Some(facts_of(self.courier, &msg)),
                     id,
                     end: AttemptEnd::Held,
                     bounce: None,
                 });
             }
-            Plan::Expired(failed) => expired(&id, failed),
+            Plan::Expired(failed) => {
+                record_expiry(self.courier, self.telemetry, self.clock, &msg, &failed);
+                expired(&id, failed)
+            }
             Plan::Send(groups) => {
                 let bytes = body.map_or(MessageBytes::Spooled, |b| MessageBytes::Memory(b.into()));
                 let job = Consignment {
@@ -209,29 +237,44 @@ impl<C: Courier> Attempting<'_, C> {
             close_off_reactor(lock);
             return None;
         }
-        let (not_before, errors) = (report.not_before, report.errors.clone());
-        let count = msg.envelope.recipients.len();
-        let failed = schedule::record(&mut msg.state, count, report);
         let recorder = Recorder {
             spool: self.spool,
             courier: self.courier,
             msg: &mut msg,
+            telemetry: self.telemetry,
+            clock: self.clock,
         };
-        let bounce = recorder.bounce(&failed).await;
-        let facts = AttemptFacts {
-            now,
-            failed: &failed,
-            bounce_queued: bounce.is_ok(),
-            not_before,
-            errors: &errors,
-        };
-        let end = recorder.settle(&facts, lock).await?;
+        let (end, bounce) = recorder.record(now, report, lock).await?;
+        let facts = matches!(end, AttemptEnd::Due(_)).then(|| facts_of(self.courier, &msg));
         Some(Ended {
             id,
             end,
-            bounce: bounce.ok().flatten(),
+            facts,
+            bounce,
         })
     }
+}
+
+/// Record that `msg` expired with `failed` still pending: the `expired` event, counted under
+/// the upstream of the first of them.
+fn record_expiry<C: Courier>(
+    courier: &C,
+    telemetry: &Telemetry,
+    clock: Clock,
+    msg: &QueuedMessage,
+    failed: &[FailedRcpt],
+) {
+    let mut event = Event::at(EventKind::Expired, clock.now_millis());
+    event.id = Some(msg.id().to_string());
+    event.upstream = Some(
+        failed
+            .first()
+            .and_then(|f| route_name(courier, f.address.domain()))
+            .unwrap_or_else(|| census::NO_ROUTE.to_owned()),
+    );
+    event.rcpts = failed.iter().map(|f| f.address.to_string()).collect();
+    event.reply = failed.first().map(|f| f.diagnostic.to_string());
+    telemetry.record(&event);
 }
 
 /// The report of an attempt that found the message expired: every pending recipient fails.
@@ -253,6 +296,8 @@ struct Recorder<'a, C> {
     spool: &'a Spool,
     courier: &'a C,
     msg: &'a mut QueuedMessage,
+    telemetry: &'a Telemetry,
+    clock: Clock,
 }
 
 /// A bounce was due but could not be queued (the error is logged).
@@ -260,9 +305,52 @@ struct Recorder<'a, C> {
 struct BounceNotQueued;
 
 impl<C: Courier> Recorder<'_, C> {
+    /// Record the outcome of the attempt that started at `now` and ended with `report`: the
+    /// bounce, then the state or the removal. The attempt's end and the bounce queued, if
+    /// any; `None` when the message was deleted meanwhile.
+    async fn record(
+        self,
+        now: u64,
+        report: AttemptReport,
+        lock: SendLock,
+    ) -> Option<(AttemptEnd, Option<(QueueId, Facts)>)> {
+        let (not_before, errors) = (report.not_before, report.errors.clone());
+        let count = self.msg.envelope.recipients.len();
+        let failed = schedule::record(&mut self.msg.state, count, report);
+        let bounce = self.bounce(&failed).await;
+        let facts = AttemptFacts {
+            now,
+            failed: &failed,
+            bounce_queued: bounce.is_ok(),
+            not_before,
+            errors: &errors,
+        };
+        let end = self.settle(&facts, lock).await?;
+        Some((end, bounce.ok().flatten()))
+    }
+
+    /// An event about this message, now.
+    fn event(&self, kind: EventKind) -> Event {
+        let mut event = Event::at(kind, self.clock.now_millis());
+        event.id = Some(self.msg.id().to_string());
+        event
+    }
+
+    /// Record the `bounced` event of `failed`: the bounce queued as `bounce_id`, or none.
+    fn record_bounce(&self, failed: &[FailedRcpt], bounce_id: Option<&QueueId>) {
+        let mut event = self.event(EventKind::Bounced);
+        event.from = Some(census::sender_name(&self.msg.envelope.mail_from));
+        event.rcpts = failed.iter().map(|f| f.address.to_string()).collect();
+        event.bounce_id = bounce_id.map(ToString::to_string);
+        self.telemetry.record(&event);
+    }
+
     /// Report `failed` to the sender as [`schedule::bounce_decision`] says. `Ok(Some(id))`: a
-    /// bounce was queued; `Ok(None)`: none was due.
-    async fn bounce(&self, failed: &[FailedRcpt]) -> Result<Option<QueueId>, BounceNotQueued> {
+    /// bounce was queued (with its census facts); `Ok(None)`: none was due.
+    async fn bounce(
+        &self,
+        failed: &[FailedRcpt],
+    ) -> Result<Option<(QueueId, Facts)>, BounceNotQueued> {
         if failed.is_empty() {
             return Ok(None);
         }
@@ -272,29 +360,42 @@ impl<C: Courier> Recorder<'_, C> {
             BounceDecision::Send(sender) => sender,
             BounceDecision::NullSender { dsn_lost } => {
                 log_unreported(id, failed, dsn_lost);
+                self.record_bounce(failed, None);
                 return Ok(None);
             }
             BounceDecision::Disabled(sender) => {
                 warn!(queue_id = %id, from = %sender, failed = failed.len(), "no bounce: [queue] bounces = false");
+                self.record_bounce(failed, None);
                 return Ok(None);
             }
         };
         let envelope = self.msg.envelope.clone();
         let hostname = self.courier.hostname().to_owned();
-        let failed = failed.to_vec();
+        let copy = failed.to_vec();
         let made = on_spool(self.spool, move |s| {
-            bounce::enqueue(s, &hostname, &envelope, &failed)
+            bounce::enqueue(s, &hostname, &envelope, &copy)
         })
         .await;
         match made {
             Ok(bounce_id) => {
                 info!(queue_id = %id, bounce_id = %bounce_id, to = %sender, "bounce queued");
-                Ok(Some(bounce_id))
+                self.record_bounce(failed, Some(&bounce_id));
+                Ok(Some((bounce_id, self.bounce_facts(&sender))))
             }
             Err(e) => {
                 error!(queue_id = %id, error = %e, "cannot queue the bounce; will try again");
                 Err(BounceNotQueued)
             }
+        }
+    }
+
+    /// How the census counts a bounce to `sender`.
+    fn bounce_facts(&self, sender: &Address) -> Facts {
+        Facts {
+            upstream: route_name(self.courier, sender.domain())
+                .unwrap_or_else(|| census::NO_ROUTE.to_owned()),
+            sender: "<>".to_owned(),
+            held: false,
         }
     }
 
@@ -319,6 +420,7 @@ impl<C: Courier> Recorder<'_, C> {
                 match removed {
                     Ok(()) | Err(SpoolError::NotFound(_)) => {
                         info!(queue_id = %id, delivered, failed, "removed from queue: finished");
+                        self.telemetry.record(&self.event(EventKind::Finished));
                         Some(AttemptEnd::Left)
                     }
                     Err(e) => {

@@ -17,6 +17,22 @@
 //! [`Spool::request_hold`] asks the same way to hold (`hold.ID`) or release (`release.ID`) a
 //! message; the relay's queue manager records the hold in `ID.state`.
 //!
+//! # Removal notices: `SPOOL/control/removed.NONCE`
+//!
+//! `queue delete` and `queue purge` remove messages themselves (see below); afterwards they
+//! tell the relay what they removed, so that it counts and journals each removal and stops
+//! counting the message in its census: [`Spool::notify_removed`] writes a file whose lines are
+//! `delete ID UNIX_MS` or `purge ID UNIX_MS` (at most [`NOTICE_MAX_IDS`] lines; a larger purge
+//! writes several files), the same way as a request (`tmp/`, fsync, rename, directory fsync),
+//! under a name no other notice has (the process id, a counter and the time). A notice has
+//! contents, so the relay cannot act only on its name; it still acts after the unlink, as for
+//! every request: it opens the file, unlinks it (if the unlink finds it gone, a concurrent
+//! consumer took it and acts on it), and only then reads it through the open descriptor. The
+//! name being unique, the file read is the file unlinked, never a later one renamed over it;
+//! and a notice is acted on once (a crash between the unlink and the recording loses that
+//! notice's journal lines, never a message). A relay that is not running reads it at its
+//! next start (the census, rebuilt from the spool then, no longer has the messages).
+//!
 //! The CLI never writes `queue/ID.state` to make a message due: a delivery worker may be
 //! replacing that file at the same moment, and one of the two writes would be lost. The relay
 //! owns the schedule; a request only asks it to change it.
@@ -69,6 +85,49 @@ const RETRY_ALL: &str = "retry.all";
 const HOLD_PREFIX: &str = "hold.";
 /// Prefix of release request file names in `control/`.
 const RELEASE_PREFIX: &str = "release.";
+/// Prefix of removal notice file names in `control/`.
+const REMOVED_PREFIX: &str = "removed.";
+/// Most removals listed in one notice (a line is at most 40 octets).
+pub const NOTICE_MAX_IDS: usize = 10_000;
+/// Largest removal notice read, in octets (a larger file is not one we wrote).
+const MAX_NOTICE: u64 = 1024 * 1024;
+
+/// How an operator removed a message.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RemovedHow {
+    /// `queue delete ID`.
+    Delete,
+    /// `queue purge`.
+    Purge,
+}
+
+impl RemovedHow {
+    /// The word in a removal notice (and the `how` label of
+    /// `portcullis_messages_removed_total`).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RemovedHow::Delete => "delete",
+            RemovedHow::Purge => "purge",
+        }
+    }
+
+    fn parse(word: &str) -> Option<RemovedHow> {
+        match word {
+            "delete" => Some(RemovedHow::Delete),
+            "purge" => Some(RemovedHow::Purge),
+            _ => None,
+        }
+    }
+}
+
+/// One message an operator removed, as a removal notice lists it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Removal {
+    pub id: QueueId,
+    pub how: RemovedHow,
+    /// When, in Unix milliseconds.
+    pub at_ms: u64,
+}
 
 /// Which messages a retry request is about.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -89,6 +148,8 @@ pub enum Request {
     Hold(QueueId),
     /// Release this held message: due now.
     Release(QueueId),
+    /// A `queue delete` or `queue purge` removed these messages.
+    Removed(Vec<Removal>),
 }
 
 /// One file of `control/`, understood.
@@ -97,12 +158,21 @@ enum Parsed {
     Retry(QueueId),
     Hold(QueueId),
     Release(QueueId),
+    Removed,
 }
 
 /// The request a `control/` file name stands for, if any.
 fn parse_request(name: &str) -> Option<Parsed> {
     if name == RETRY_ALL {
         return Some(Parsed::RetryAll);
+    }
+    if name.strip_prefix(REMOVED_PREFIX).is_some_and(|nonce| {
+        !nonce.is_empty()
+            && nonce
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'-')
+    }) {
+        return Some(Parsed::Removed);
     }
     let id = |prefix: &str| name.strip_prefix(prefix).and_then(exact_id);
     id(RETRY_PREFIX)
@@ -303,8 +373,9 @@ impl Spool {
     /// Consume the pending operator requests: each file in `control/` is read and unlinked
     /// before this returns, so act on every request returned. Retries are merged into at
     /// most one [`Request::Retry`] (first): `All` if anyone asked for all, else the sorted
-    /// ids; holds and releases follow in name order. Unknown names are removed with a
-    /// warning. Blocking.
+    /// ids; holds, releases and removal notices ([`Request::Removed`], one per notice) follow
+    /// in name order. Unknown names are removed with a warning, and so is a notice the
+    /// relay's user did not write (unread). Blocking.
     pub fn take_requests(&self) -> Result<Vec<Request>, SpoolError> {
         let dir = &self.inner.control;
         let mut all = false;
@@ -318,11 +389,21 @@ impl Spool {
         for entry in entries {
             let path = entry.path();
             let parsed = entry.file_name().to_str().and_then(parse_request);
+            // A notice is opened before its unlink and read after it (see the module docs).
+            let notice = match parsed {
+                Some(Parsed::Removed) => self.open_notice(&path),
+                _ => None,
+            };
             if !take_file(&entry)? {
                 // Consumed by a concurrent caller: it acts on it.
                 continue;
             }
             match parsed {
+                Some(Parsed::Removed) => {
+                    if let Some(file) = notice {
+                        others.push(Request::Removed(read_notice(file, &path)));
+                    }
+                }
                 Some(Parsed::RetryAll) => all = true,
                 Some(Parsed::Retry(id)) => ids.push(id),
                 Some(Parsed::Hold(id)) => others.push(Request::Hold(id)),
@@ -344,6 +425,57 @@ impl Spool {
             .into_iter()
             .chain(others)
             .collect())
+    }
+
+    /// Tell the relay that `ids` were removed `how`, now (see the module docs): one notice
+    /// per [`NOTICE_MAX_IDS`] ids, nothing when `ids` is empty. Blocking: writes and fsyncs.
+    pub fn notify_removed(&self, how: RemovedHow, ids: &[QueueId]) -> Result<(), SpoolError> {
+        if ids.is_empty() {
+            return Ok(());
+        }
+        let at_ms = crate::observe::event::unix_millis();
+        for chunk in ids.chunks(NOTICE_MAX_IDS) {
+            let mut text = String::with_capacity(chunk.len() * 40);
+            for id in chunk {
+                text.push_str(&format!("{} {id} {at_ms}\n", how.as_str()));
+            }
+            let n = super::TEMP_COUNTER.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            let name = format!("{REMOVED_PREFIX}{}-{n}-{at_ms}", std::process::id());
+            self.write_notice(&name, text.as_bytes())?;
+        }
+        sync_dir(&self.inner.control)
+    }
+
+    fn write_notice(&self, name: &str, text: &[u8]) -> Result<(), SpoolError> {
+        use std::io::Write as _;
+        let tmp = self.temp_path(name);
+        let written = create_new(&tmp).and_then(|mut file| {
+            file.write_all(text)
+                .and_then(|()| file.sync_data())
+                .map_err(SpoolError::io("write", &tmp))
+        });
+        if let Err(e) = written.and_then(|()| give_to(&tmp, self.inner.owner)) {
+            let _ = fs::remove_file(&tmp);
+            return Err(e);
+        }
+        let dest = self.inner.control.join(name);
+        fs::rename(&tmp, &dest).map_err(|e| {
+            let _ = fs::remove_file(&tmp);
+            SpoolError::io("rename", &dest)(e)
+        })
+    }
+
+    /// Open the notice at `path` if the relay's user wrote it (else it is removed unread,
+    /// with a warning).
+    fn open_notice(&self, path: &std::path::Path) -> Option<File> {
+        match super::open_trusted(path, self.inner.owner.0, false) {
+            Ok(file) => Some(file),
+            Err(e) => {
+                let e = e.into_spool_error(path);
+                tracing::warn!(error = %e, "removal notice not read; removing it");
+                None
+            }
+        }
     }
 
     /// True when `queue/ID` exists (a committed message, possibly leaving at this moment).
@@ -383,7 +515,9 @@ impl Spool {
 
     /// Delete every message `filter` selects (see [`Spool::delete`]), or with `dry_run` only
     /// list them; in queue order. A message that leaves the queue meanwhile is reported with
-    /// [`DeleteOutcome::NotFound`]. Blocking.
+    /// [`DeleteOutcome::NotFound`]. The caller tells the relay what was removed
+    /// ([`Spool::notify_removed`]); when a deletion fails, this tells it about those removed
+    /// before, then returns the error. Blocking.
     pub fn purge(&self, filter: &PurgeFilter, dry_run: bool) -> Result<Vec<Purged>, SpoolError> {
         let selected: Vec<QueuedMessage> = self
             .list()?
@@ -391,18 +525,144 @@ impl Spool {
             .filter(|m| filter.matches(&m.envelope.mail_from))
             .collect();
         let mut out = Vec::with_capacity(selected.len());
+        let mut removed = Vec::new();
+        let mut failure = None;
         for m in selected {
             let outcome = if dry_run {
                 None
             } else {
-                Some(self.delete(m.id())?)
+                match self.delete(m.id()) {
+                    Ok(outcome) => Some(outcome),
+                    Err(e) => {
+                        failure = Some(e);
+                        break;
+                    }
+                }
             };
+            if outcome.is_some_and(|o| o != DeleteOutcome::NotFound) {
+                removed.push(m.envelope.id.clone());
+            }
             out.push(Purged {
                 id: m.envelope.id,
                 sender: m.envelope.mail_from,
                 outcome,
             });
         }
-        Ok(out)
+        match failure {
+            Some(e) => {
+                // The error is the one to report; the relay still hears of those removed.
+                let _ = self.notify_removed(RemovedHow::Purge, &removed);
+                Err(e)
+            }
+            None => Ok(out),
+        }
+    }
+}
+
+/// The removals a notice lists (read through `file`, already unlinked); a line that is not
+/// `HOW ID UNIX_MS` is skipped with a warning, and at most [`MAX_NOTICE`] octets are read.
+fn read_notice(file: File, path: &std::path::Path) -> Vec<Removal> {
+    use std::io::Read as _;
+    let mut text = String::new();
+    if let Err(e) = file.take(MAX_NOTICE).read_to_string(&mut text) {
+        tracing::warn!(path = %path.display(), error = %e, "cannot read a removal notice");
+    }
+    let mut removals = Vec::new();
+    for line in text.lines() {
+        match parse_removal(line) {
+            Some(r) => removals.push(r),
+            None => {
+                tracing::warn!(path = %path.display(), line = %line.escape_debug(), "not a removal in a removal notice")
+            }
+        }
+    }
+    removals
+}
+
+/// One line of a removal notice: `delete ID UNIX_MS` or `purge ID UNIX_MS`.
+fn parse_removal(line: &str) -> Option<Removal> {
+    let mut words = line.split(' ');
+    let how = RemovedHow::parse(words.next()?)?;
+    let id = exact_id(words.next()?)?;
+    let at_ms = words.next()?.parse().ok()?;
+    words.next().is_none().then_some(Removal { id, how, at_ms })
+}
+
+#[cfg(test)]
+mod tests {
+    use std::os::unix::fs::PermissionsExt as _;
+
+    use super::*;
+
+    fn spool() -> (tempfile::TempDir, Spool) {
+        let dir = tempfile::tempdir().unwrap();
+        let spool = Spool::open(&dir.path().join("spool")).unwrap();
+        (dir, spool)
+    }
+
+    /// Every removal the pending requests list, in order.
+    fn removals(spool: &Spool) -> Vec<Removal> {
+        let mut out = Vec::new();
+        for request in spool.take_requests().unwrap() {
+            match request {
+                Request::Removed(list) => out.extend(list),
+                other => panic!("not a removal: {other:?}"),
+            }
+        }
+        out
+    }
+
+    #[test]
+    fn removal_notices_are_read_once_in_chunks_and_leave_nothing_behind() {
+        let (_dir, spool) = spool();
+        let ids: Vec<QueueId> = (0..=NOTICE_MAX_IDS).map(|_| QueueId::generate()).collect();
+        let before = crate::observe::event::unix_millis();
+        spool.notify_removed(RemovedHow::Purge, &ids).unwrap();
+        spool.notify_removed(RemovedHow::Delete, &ids[..1]).unwrap();
+        spool.notify_removed(RemovedHow::Delete, &[]).unwrap();
+        let control = spool.root().join("control");
+        assert_eq!(fs::read_dir(&control).unwrap().count(), 3);
+
+        let got = removals(&spool);
+        assert_eq!(got.len(), ids.len() + 1);
+        let purged: Vec<&QueueId> = got
+            .iter()
+            .filter(|r| r.how == RemovedHow::Purge)
+            .map(|r| &r.id)
+            .collect();
+        assert_eq!(purged, ids.iter().collect::<Vec<_>>());
+        assert!(got.iter().all(|r| r.at_ms >= before));
+        assert_eq!(fs::read_dir(&control).unwrap().count(), 0);
+        assert!(spool.take_requests().unwrap().is_empty());
+    }
+
+    #[test]
+    fn a_damaged_or_foreign_removal_notice_yields_only_its_valid_lines() {
+        let (_dir, spool) = spool();
+        let id = QueueId::generate();
+        let control = spool.root().join("control");
+        let text = format!(
+            "delete {id} 1700000000000\nquarantine {id} 1\ndelete ../../etc 1\npurge {id}\n\
+             purge {id} 12 extra\n\u{202e}delete {id} 1\npurge {} 5\n",
+            id.as_str().to_lowercase()
+        );
+        fs::write(control.join("removed.1-2-3"), text).unwrap();
+        let got = removals(&spool);
+        assert_eq!(
+            got,
+            [Removal {
+                id: id.clone(),
+                how: RemovedHow::Delete,
+                at_ms: 1_700_000_000_000,
+            }]
+        );
+        // Group-writable: not the relay's; removed unread. A name with a path in it is no
+        // notice either.
+        let path = control.join("removed.4-5-6");
+        fs::write(&path, format!("delete {id} 1\n")).unwrap();
+        fs::set_permissions(&path, fs::Permissions::from_mode(0o620)).unwrap();
+        fs::write(control.join("removed."), format!("delete {id} 1\n")).unwrap();
+        assert!(spool.take_requests().unwrap().is_empty());
+        assert_eq!(fs::read_dir(&control).unwrap().count(), 0);
     }
 }

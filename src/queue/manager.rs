@@ -14,6 +14,13 @@
 //!
 //! The [`Courier`] is read anew for each attempt, so a reload that swaps it applies to new
 //! attempts while those in flight finish with the one they started with.
+//!
+//! Telemetry: the manager keeps the queue [`Census`] up to date as messages arrive, end an
+//! attempt, are held, released or removed by an operator (removal notices from `queue
+//! delete|purge`, see [`super::control`]), and publishes it at most every
+//! [`CENSUS_INTERVAL`] (again while a message waits, so the age of the oldest moves on). It
+//! records the `held`, `released`, `deleted` and `purged` events; each attempt records its
+//! own (`expired`, `bounced`, `finished`; the courier the delivery events).
 
 use std::collections::{BTreeSet, HashMap, HashSet};
 use std::sync::Arc;
@@ -25,11 +32,13 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{Instrument, error, info, info_span, warn};
 
-use super::attempt::{self, Courier, Ended, on_spool};
+use super::attempt::{self, AttemptEnd, Courier, Ended, facts_of, on_spool};
+use super::census::Census;
+use super::control::{Removal, RemovedHow};
 use super::schedule::{self, AfterAttempt};
 use super::{Committed, Loaded, Request, RetryTarget, Spool, SpoolError};
 use crate::envelope::QueueId;
-use crate::observe::Telemetry;
+use crate::observe::{CENSUS_INTERVAL, Event, EventKind, Telemetry};
 
 /// How often operator requests are read and idle connections reaped.
 pub const CONTROL_INTERVAL: Duration = Duration::from_millis(500);
@@ -100,6 +109,13 @@ pub struct Manager<C: Courier> {
     fresh: Option<(QueueId, Loaded)>,
     /// Where queue events and the census are recorded.
     telemetry: Arc<Telemetry>,
+    /// The queue as counted now, kept up to date as messages come and go.
+    census: Census,
+    /// When the census was last published (Unix milliseconds of `clock`).
+    published_at: Option<u64>,
+    /// Messages an operator removed while they were being attempted: their attempt's end
+    /// is taken as their leaving the queue (it may have settled just before the removal).
+    removed_when_done: HashSet<QueueId>,
 }
 
 impl<C: Courier> Manager<C> {
@@ -125,6 +141,9 @@ impl<C: Courier> Manager<C> {
             hold_when_done: HashMap::new(),
             fresh: None,
             telemetry: Arc::new(Telemetry::new("")),
+            census: Census::default(),
+            published_at: None,
+            removed_when_done: HashSet::new(),
         }
     }
 
@@ -155,10 +174,7 @@ impl<C: Courier> Manager<C> {
                 biased;
                 () = self.shutdown.cancelled() => break,
                 Some(ended) = done_rx.recv() => self.ended(ended).await,
-                Some(new) = self.incoming.recv() => {
-                    self.schedule(new.id.clone(), 0);
-                    self.fresh = new.loaded.map(|loaded| (new.id, loaded));
-                }
+                Some(new) = self.incoming.recv() => self.arrived(new),
                 _ = control.tick() => self.control().await,
                 () = tokio::time::sleep(wait) => {}
             }
@@ -171,12 +187,15 @@ impl<C: Courier> Manager<C> {
         match on_spool(&self.spool, |s| s.list()).await {
             Ok(messages) => {
                 let count = messages.len();
+                let courier = self.courier.load_full();
                 for m in messages {
+                    self.census.set(m.id(), &facts_of(&*courier, &m));
                     if m.state.hold.is_none() {
                         self.schedule(m.envelope.id, m.state.next_attempt);
                     }
                 }
                 info!(messages = count, "delivery scheduler started");
+                self.publish();
             }
             Err(e) => {
                 error!(error = %e, "cannot list the spool; only new messages will be delivered until restart")
@@ -184,12 +203,40 @@ impl<C: Courier> Manager<C> {
         }
     }
 
+    /// A message was committed: due now, counted in the census when it came with its
+    /// envelope (a large one is counted once its first attempt has read it).
+    fn arrived(&mut self, new: Committed) {
+        self.schedule(new.id.clone(), 0);
+        if let Some(loaded) = &new.loaded {
+            let facts = facts_of(&*self.courier.load_full(), &loaded.msg);
+            self.census.set(&new.id, &facts);
+        }
+        self.fresh = new.loaded.map(|loaded| (new.id, loaded));
+    }
+
+    /// Count the outcome of an attempt in the census.
+    fn count(&mut self, ended: &Ended) {
+        match (&ended.end, &ended.facts) {
+            (AttemptEnd::Left, _) => self.census.remove(&ended.id),
+            (_, Some(facts)) => self.census.set(&ended.id, facts),
+            (AttemptEnd::Held, None) => self.census.set_held(&ended.id, true),
+            (AttemptEnd::Due(_), None) => {}
+        }
+        if let Some((bounce, facts)) = &ended.bounce {
+            self.census.set(bounce, facts);
+        }
+    }
+
     /// An attempt ended: schedule what it left (and its bounce).
-    async fn ended(&mut self, ended: Ended) {
+    async fn ended(&mut self, mut ended: Ended) {
         self.busy.remove(&ended.id);
+        if self.removed_when_done.remove(&ended.id) {
+            (ended.end, ended.facts) = (AttemptEnd::Left, None);
+        }
+        self.count(&ended);
         let retry = self.retry_when_done.remove(&ended.id);
         let hold = self.hold_when_done.remove(&ended.id);
-        if let Some(bounce) = ended.bounce {
+        if let Some((bounce, _)) = ended.bounce {
             self.schedule(bounce, 0);
         }
         match schedule::after_attempt(ended.end, retry, hold) {
@@ -216,22 +263,31 @@ impl<C: Courier> Manager<C> {
             let id = id.clone();
             move |s| {
                 let mut msg = s.load(&id)?;
+                let was = msg.state.hold.is_some();
                 if hold {
                     msg.state.hold(now, "held by request");
                 } else {
                     msg.state.release(now);
                 }
                 s.write_state(&id, &msg.state)
-                    .map(|()| msg.state.hold.is_some())
+                    .map(|()| (was, msg.state.hold.is_some()))
             }
         })
         .await;
         match written {
-            Ok(true) => {
-                info!(queue_id = %id, "held: not delivered, bounced or expired until released")
+            Ok((was, true)) => {
+                info!(queue_id = %id, "held: not delivered, bounced or expired until released");
+                self.census.set_held(&id, true);
+                if !was {
+                    self.record(EventKind::Held, &id, None);
+                }
             }
-            Ok(false) => {
+            Ok((was, false)) => {
                 info!(queue_id = %id, "released: due now");
+                self.census.set_held(&id, false);
+                if was {
+                    self.record(EventKind::Released, &id, None);
+                }
                 self.schedule(id, 0);
             }
             Err(SpoolError::NotFound(_)) => {}
@@ -299,6 +355,7 @@ impl<C: Courier> Manager<C> {
             self.clock,
             id,
             loaded,
+            self.telemetry.clone(),
         );
         let done = done.clone();
         self.tracker.spawn(
@@ -309,9 +366,61 @@ impl<C: Courier> Manager<C> {
         );
     }
 
+    /// Record an event about message `id`, at `at_ms` (Unix milliseconds; `None`: now).
+    fn record(&self, kind: EventKind, id: &QueueId, at_ms: Option<u64>) {
+        let mut event = Event::at(kind, at_ms.unwrap_or_else(|| self.clock.now_millis()));
+        event.id = Some(id.to_string());
+        self.telemetry.record(&event);
+    }
+
+    /// Publish the census when it changed, at most every [`CENSUS_INTERVAL`]; otherwise
+    /// publish it again while a message waits, so the age of the oldest one moves on.
+    fn publish(&mut self) {
+        let now_ms = self.clock.now_millis();
+        let interval = u64::try_from(CENSUS_INTERVAL.as_millis()).unwrap_or(u64::MAX);
+        if self
+            .published_at
+            .is_some_and(|at| now_ms.saturating_sub(at) < interval)
+        {
+            return;
+        }
+        let configured = self.courier.load().upstream_names();
+        if self.census.changed(&configured) || self.published_at.is_none() {
+            let census = self.census.report(&configured);
+            self.telemetry.set_queue(census, now_ms / 1000);
+        } else if !self.census.is_empty() {
+            // Unchanged: the same census, for the age of the oldest message.
+            self.telemetry
+                .set_queue(self.telemetry.queue(), now_ms / 1000);
+        } else {
+            return;
+        }
+        self.published_at = Some(now_ms);
+    }
+
+    /// `queue delete` or `queue purge` removed these messages (in another process): record
+    /// each removal, and forget the messages here.
+    fn removed(&mut self, removals: Vec<Removal>) {
+        for r in removals {
+            let kind = match r.how {
+                RemovedHow::Delete => EventKind::Deleted,
+                RemovedHow::Purge => EventKind::Purged,
+            };
+            info!(queue_id = %r.id, how = r.how.as_str(), "removed by an operator");
+            self.record(kind, &r.id, Some(r.at_ms));
+            self.census.remove(&r.id);
+            if self.busy.contains(&r.id) {
+                self.removed_when_done.insert(r.id);
+            } else if let Some(at) = self.when.remove(&r.id) {
+                self.due.remove(&(at, r.id));
+            }
+        }
+    }
+
     /// Operator requests and upkeep.
     async fn control(&mut self) {
         self.courier.load().upkeep();
+        self.publish();
         let requests = match on_spool(&self.spool, |s| s.take_requests()).await {
             Ok(r) => r,
             Err(e) => {
@@ -337,6 +446,7 @@ impl<C: Courier> Manager<C> {
                 }
                 Request::Hold(id) => self.hold(id, true).await,
                 Request::Release(id) => self.hold(id, false).await,
+                Request::Removed(removals) => self.removed(removals),
             }
         }
     }

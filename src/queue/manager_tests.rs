@@ -14,9 +14,11 @@ use super::Committed;
 use super::attempt::{Consignment, Courier, MessageBytes};
 use super::manager::{Clock, Manager};
 use super::schedule::{AttemptReport, FailedRcpt, RcptResult};
-use super::{DeliveryState, RetryTarget, Spool};
+use super::{DeliveryState, PurgeFilter, RemovedHow, RetryTarget, Spool};
 use crate::config;
 use crate::envelope::{QueueId, RcptStatus, ReversePath, sample_envelope};
+use crate::observe::metrics::{HowLabel, QueueLabels, UpstreamLabel};
+use crate::observe::{Event, EventKind, EventSink, QueueCensus, Telemetry};
 
 /// The Unix time the tests' clock starts at (the sample envelope's reception).
 const T0: u64 = 1_700_000_000;
@@ -60,8 +62,15 @@ impl Courier for Scripted {
     fn hostname(&self) -> &str {
         "relay.example"
     }
-    fn route(&self, _domain: &str) -> Vec<usize> {
-        vec![0]
+    /// `b.example` goes to `beta`, every other domain to `alpha`.
+    fn route(&self, domain: &str) -> Vec<usize> {
+        vec![usize::from(domain == "b.example")]
+    }
+    fn upstream_name(&self, index: usize) -> Option<&str> {
+        UPSTREAMS.get(index).copied()
+    }
+    fn upstream_names(&self) -> Vec<String> {
+        UPSTREAMS.iter().map(|&n| n.to_owned()).collect()
     }
     fn max_in_flight(&self) -> usize {
         self.max_in_flight
@@ -114,6 +123,19 @@ fn result(answer: Answer, index: usize, job: Consignment<'_>) -> RcptResult {
     }
 }
 
+/// The scripted courier's upstreams.
+const UPSTREAMS: [&str; 2] = ["alpha", "beta"];
+
+/// The journal of the tests: every event recorded, in order.
+#[derive(Debug, Clone, Default)]
+struct Journal(Arc<Mutex<Vec<Event>>>);
+
+impl EventSink for Journal {
+    fn append(&self, event: &Event) {
+        self.0.lock().unwrap().push(event.clone());
+    }
+}
+
 /// A running manager over a fresh spool.
 struct Harness {
     _dir: tempfile::TempDir,
@@ -124,6 +146,9 @@ struct Harness {
     stop: CancellationToken,
     /// Until [`Harness::run`].
     manager: Option<Manager<Scripted>>,
+    /// What the manager records.
+    telemetry: Arc<Telemetry>,
+    journal: Journal,
 }
 
 /// A manager with the retry schedule `retry` (seconds) and `max_age` ten times its sum.
@@ -149,6 +174,9 @@ fn start(retry: &[u64], max_in_flight: usize, gate: Option<Arc<Semaphore>>) -> H
     });
     let (wake, incoming) = mpsc::unbounded_channel();
     let stop = CancellationToken::new();
+    let journal = Journal::default();
+    let telemetry =
+        Arc::new(Telemetry::new("relay.example").with_journal(Box::new(journal.clone())));
     let manager = Manager::new(
         spool.clone(),
         Arc::new(ArcSwap::new(courier.clone())),
@@ -156,7 +184,8 @@ fn start(retry: &[u64], max_in_flight: usize, gate: Option<Arc<Semaphore>>) -> H
         stop.clone(),
         TaskTracker::new(),
     )
-    .with_clock(clock);
+    .with_clock(clock)
+    .with_telemetry(telemetry.clone());
     Harness {
         _dir: dir,
         spool,
@@ -165,6 +194,8 @@ fn start(retry: &[u64], max_in_flight: usize, gate: Option<Arc<Semaphore>>) -> H
         wake,
         stop,
         manager: Some(manager),
+        telemetry,
+        journal,
     }
 }
 
@@ -466,4 +497,202 @@ async fn a_hold_requested_during_an_attempt_holds_the_message_when_it_ends() {
     h.spool.request_hold(&id, false).unwrap();
     assert_eq!(h.next_sent().await.id, id);
     h.gone(&id).await;
+}
+
+/// An id made `secs` seconds after `T0` (the epoch of ids), distinct by `n`.
+fn id_at(secs: u64, n: u128) -> QueueId {
+    QueueId::from_bits(u128::from(secs * 1_000_000) << 30 | n)
+}
+
+impl Harness {
+    /// Commit a message with id `id` to `rcpts`, due at `due` (Unix seconds), before the
+    /// manager runs.
+    fn queue_as(&self, id: &QueueId, rcpts: &[&str], due: u64) {
+        let mut env = sample_envelope(rcpts);
+        env.id = id.clone();
+        env.received_at = T0;
+        self.spool
+            .enqueue(&env, b"Subject: t\r\n\r\nhi\r\n")
+            .unwrap();
+        let mut state = DeliveryState::fresh(T0);
+        state.next_attempt = due;
+        self.spool.write_state(id, &state).unwrap();
+    }
+
+    /// The events of `kind` recorded so far.
+    fn events(&self, kind: EventKind) -> Vec<Event> {
+        let all = self.journal.0.lock().unwrap();
+        all.iter().filter(|e| e.kind == kind).cloned().collect()
+    }
+
+    /// Wait until the published census satisfies `check`.
+    async fn census_until(&self, check: impl Fn(&QueueCensus) -> bool) -> QueueCensus {
+        for _ in 0..1000 {
+            let census = self.telemetry.queue();
+            if check(&census) {
+                return census;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        panic!("the census never got there: {:?}", self.telemetry.queue());
+    }
+
+    /// Wait until `kind` has been recorded `n` times.
+    async fn events_until(&self, kind: EventKind, n: usize) -> Vec<Event> {
+        for _ in 0..1000 {
+            let events = self.events(kind);
+            if events.len() >= n {
+                return events;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        panic!(
+            "{kind:?} recorded {} times, not {n}",
+            self.events(kind).len()
+        );
+    }
+
+    /// `portcullis_queue_messages{upstream, state}`.
+    fn gauge(&self, upstream: &str, state: &str) -> i64 {
+        let labels = QueueLabels {
+            upstream: upstream.into(),
+            state: state.into(),
+        };
+        self.telemetry
+            .metrics
+            .queue_messages
+            .get_or_create(&labels)
+            .get()
+    }
+
+    /// (queued, held) gauges of each upstream of the courier.
+    fn gauges(&self) -> [(i64, i64); 2] {
+        UPSTREAMS.map(|u| (self.gauge(u, "queued"), self.gauge(u, "held")))
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn the_census_counts_queued_and_held_messages_per_upstream_and_the_oldest() {
+    let mut h = start(&[600], 4, None);
+    *h.courier.answer.lock().unwrap() = Answer::Defer;
+    let (old, held, beta) = (id_at(0, 1), id_at(10, 2), id_at(30, 3));
+    h.queue_as(&old, &["a@example.com"], T0 + 3600);
+    h.queue_as(&held, &["a@example.com"], T0 + 3600);
+    h.queue_as(&beta, &["x@b.example"], T0 + 3600);
+    let mut state = h.spool.load(&held).unwrap().state;
+    state.hold(T0, "contained");
+    h.spool.write_state(&held, &state).unwrap();
+    h.run();
+
+    let census = h.census_until(|c| c.queued() == 2).await;
+    assert_eq!(h.gauges(), [(1, 1), (1, 0)]);
+    assert_eq!(census.oldest, Some((old.to_string(), T0)));
+    assert_eq!(census.top_senders, [("sender@example.org".into(), 2)]);
+    // The age of the oldest moves on with the clock, though nothing else changes.
+    tokio::time::sleep(Duration::from_millis(100_200)).await;
+    assert_eq!(h.telemetry.metrics.queue_oldest_seconds.get(), 100);
+
+    // Released: waiting (and due at once), one `released` event; then held again.
+    h.spool.request_hold(&held, false).unwrap();
+    h.census_until(|c| c.held() == 0).await;
+    assert_eq!(h.gauges(), [(2, 0), (1, 0)]);
+    assert_eq!(h.events(EventKind::Released).len(), 1);
+    h.spool.request_hold(&old, true).unwrap();
+    h.census_until(|c| c.held() == 1).await;
+    assert_eq!(h.gauges(), [(1, 1), (1, 0)]);
+    assert_eq!(
+        h.events(EventKind::Held)[0].id.as_deref(),
+        Some(old.as_str())
+    );
+    let census = h.telemetry.queue();
+    assert_eq!(census.oldest.map(|(id, _)| id), Some(held.to_string()));
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_removal_notice_is_counted_once_and_empties_the_upstreams_gauges() {
+    let mut h = start(&[600], 4, None);
+    let (a, b) = (id_at(0, 1), id_at(1, 2));
+    h.queue_as(&a, &["x@b.example"], T0 + 3600);
+    h.queue_as(&b, &["x@b.example"], T0 + 3600);
+    h.run();
+    h.census_until(|c| c.queued() == 2).await;
+    assert_eq!(h.gauges(), [(0, 0), (2, 0)]);
+
+    assert_eq!(h.spool.delete(&a).unwrap(), super::DeleteOutcome::Deleted);
+    h.spool
+        .notify_removed(RemovedHow::Delete, std::slice::from_ref(&a))
+        .unwrap();
+    let purged = h.spool.purge(&PurgeFilter::All, false).unwrap();
+    assert_eq!(purged.len(), 1);
+    h.spool
+        .notify_removed(RemovedHow::Purge, std::slice::from_ref(&b))
+        .unwrap();
+    h.census_until(|c| c.queued() == 0).await;
+    assert_eq!(h.gauges(), [(0, 0), (0, 0)]);
+    // Sync point: a later notice is recorded, so the manager has read past the first two.
+    let later = id_at(2, 3);
+    h.spool
+        .notify_removed(RemovedHow::Delete, std::slice::from_ref(&later))
+        .unwrap();
+    let deleted = h.events_until(EventKind::Deleted, 2).await;
+    let ids: Vec<Option<&str>> = deleted.iter().map(|e| e.id.as_deref()).collect();
+    assert_eq!(ids, [Some(a.as_str()), Some(later.as_str())]);
+    let removed = |how: &str| {
+        let labels = HowLabel { how: how.into() };
+        h.telemetry.metrics.removed.get_or_create(&labels).get()
+    };
+    assert_eq!((removed("delete"), removed("purge")), (2, 1));
+    assert_eq!(
+        h.events(EventKind::Purged)[0].id.as_deref(),
+        Some(b.as_str())
+    );
+    assert!(h.spool.take_requests().unwrap().is_empty());
+}
+
+#[tokio::test(start_paused = true)]
+async fn an_expired_message_is_counted_under_its_upstream_bounced_and_finished() {
+    // max_age: 50 s.
+    let mut h = start(&[5], 1, None);
+    *h.courier.answer.lock().unwrap() = Answer::Defer;
+    h.run();
+    let id = h.queue(&["x@b.example"], None);
+    tokio::time::sleep(Duration::from_secs(60)).await;
+    let bounced = h.events_until(EventKind::Bounced, 1).await;
+    let expired = h.events(EventKind::Expired);
+    assert_eq!(expired.len(), 1);
+    assert_eq!(expired[0].upstream.as_deref(), Some("beta"));
+    assert_eq!(expired[0].rcpts, ["x@b.example"]);
+    let expired_total = |u: &str| {
+        let labels = UpstreamLabel { upstream: u.into() };
+        h.telemetry.metrics.expired.get_or_create(&labels).get()
+    };
+    assert_eq!((expired_total("alpha"), expired_total("beta")), (0, 1));
+    assert_eq!(h.telemetry.metrics.bounced.get(), 1);
+    let bounce_id = bounced[0].bounce_id.clone().expect("a bounce was queued");
+    h.gone(&id).await;
+    let finished = h.events_until(EventKind::Finished, 1).await;
+    assert_eq!(finished[0].id.as_deref(), Some(id.as_str()));
+    // The bounce goes to sender@example.org: counted under alpha, from <>.
+    let census = h
+        .census_until(|c| c.top_senders.first().is_some_and(|s| s.0 == "<>"))
+        .await;
+    assert_eq!(census.oldest.map(|(id, _)| id), Some(bounce_id));
+    assert_eq!(h.gauges(), [(1, 0), (0, 0)]);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_bounce_that_cannot_be_bounced_is_counted_without_a_bounce_id() {
+    let mut h = start(&[60], 2, None);
+    *h.courier.answer.lock().unwrap() = Answer::Refuse;
+    h.run();
+    let id = h.queue(&["a@example.com"], None);
+    let bounced = h.events_until(EventKind::Bounced, 2).await;
+    assert_eq!(bounced[0].id.as_deref(), Some(id.as_str()));
+    let bounce_id = bounced[0].bounce_id.clone().expect("a DSN was queued");
+    assert_eq!(bounced[1].id.as_deref(), Some(bounce_id.as_str()));
+    assert_eq!(bounced[1].bounce_id, None, "no bounce of a bounce");
+    assert_eq!(h.telemetry.metrics.bounced.get(), 2);
+    h.events_until(EventKind::Finished, 2).await;
+    h.census_until(|c| c.queued() == 0 && c.oldest.is_none())
+        .await;
 }

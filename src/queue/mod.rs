@@ -16,7 +16,7 @@
 //!                        (wrong owner or mode, not a regular file); moved here, never deleted,
 //!                        never delivered, listed or restored by any command
 //! SPOOL/control/         operator requests to the running relay (`retry.ID`, `retry.all`,
-//!                        `hold.ID`, `release.ID`)
+//!                        `hold.ID`, `release.ID`) and removal notices (`removed.NONCE`)
 //! SPOOL/free/            files of finished messages, reused for new ones (see [`recycle`])
 //! SPOOL/upstream-capabilities.json   what each upstream last announced; written by
 //!                        `crate::routes`, not by this module
@@ -95,13 +95,21 @@
 //!
 //! A new queue state (quarantine, say) goes the same way: a field of [`DeliveryState`] (absent
 //! from files that do not use it, so older spools read as before), a [`schedule::Plan`] that
-//! [`schedule::plan`] answers for it, the [`attempt::AttemptEnd`] its attempt reports, and
-//! what the manager does then in [`schedule::after_attempt`].
+//! [`schedule::plan`] answers for it, the [`attempt::AttemptEnd`] its attempt reports, what
+//! the manager does then in [`schedule::after_attempt`], and how the [`census`] counts it
+//! (apart from waiting messages, as held ones are).
+//!
+//! # Census
+//!
+//! The queue manager counts the queue as it changes ([`census`]: queued and held messages
+//! per upstream, the oldest waiting, the top senders) for the telemetry, without rescanning
+//! the spool.
 
 #![warn(clippy::too_many_lines)]
 
 pub mod attempt;
 pub mod bounce;
+pub mod census;
 pub mod control;
 mod group;
 pub mod journal;
@@ -126,7 +134,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use crate::envelope::{Body, Envelope, QueueId};
 
 pub use control::{
-    BadPurgeFilter, DeleteOutcome, PurgeFilter, Purged, Request, RetryTarget, SendLock,
+    BadPurgeFilter, DeleteOutcome, PurgeFilter, Purged, Removal, RemovedHow, Request, RetryTarget,
+    SendLock,
 };
 pub use recover::RecoveryReport;
 pub use state::{Attempt, DeliveryState, Hold, StateMismatch};
