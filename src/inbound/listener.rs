@@ -17,7 +17,9 @@ use tracing::{Instrument, info, info_span, warn};
 use super::Runtime;
 use super::connection::{SessionDriver, Shared};
 use super::pressure::{ConnectionCounter, Full};
+use super::record::{self, Client, Refused};
 use crate::config::Listener;
+use crate::observe::EventKind;
 use crate::smtp::{Reply, reply};
 
 /// How long a client refused at connect with a `421` is given to read it.
@@ -82,16 +84,35 @@ impl ListenerTask {
                     );
                 }
                 Err(full) => {
-                    let (reply, rule) = match full {
-                        Full::Total => (reply::TOO_MANY_CONNECTIONS, "max_connections"),
-                        Full::PerIp => (reply::TOO_MANY_FROM_IP, "max_connections_per_ip"),
+                    let client = Client {
+                        listener: &listener.name,
+                        ip: peer.ip(),
+                        tls: None,
+                        login: None,
                     };
-                    span.in_scope(|| warn!(rule, reply = %reply, "rejected at connect"));
+                    let reply = span.in_scope(|| self.full(full, &client));
                     self.tracker.spawn(async move { refuse(tcp, &reply).await });
                 }
             }
         }
         info!(listener = %self.config.name, "stopped listening");
+    }
+
+    /// A connection cap is reached: log and record the refusal of `client`; the reply to
+    /// send.
+    fn full(&self, full: Full, client: &Client<'_>) -> Reply {
+        let (reply, rule) = match full {
+            Full::Total => (reply::TOO_MANY_CONNECTIONS, "max_connections"),
+            Full::PerIp => (reply::TOO_MANY_FROM_IP, "max_connections_per_ip"),
+        };
+        let refused = Refused::rule(rule, &reply).warning();
+        let event = client.event(EventKind::Refused);
+        record::refused(
+            &self.shared.telemetry,
+            event,
+            &refused.saying("rejected at connect"),
+        );
+        reply
     }
 
     /// This listener as `runtime` configures it: a reload may have changed its lists and

@@ -21,6 +21,7 @@ pub mod connection;
 pub mod effects;
 pub mod listener;
 pub mod pressure;
+pub mod record;
 pub mod tls;
 pub mod verifier;
 
