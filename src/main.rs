@@ -453,20 +453,23 @@ impl EscapingWriter {
     }
 }
 
+impl Escape {
+    /// `text` with every invisible character escaped this way (borrowed when there is none).
+    fn apply(self, text: &str) -> std::borrow::Cow<'_, str> {
+        portcullis::text::escape_invisible(text, |c, out| match self {
+            Escape::Text => out.extend(c.escape_unicode()),
+            Escape::Json => {
+                for unit in c.encode_utf16(&mut [0; 2]) {
+                    out.push_str(&format!("\\u{unit:04x}"));
+                }
+            }
+        })
+    }
+}
+
 impl std::io::Write for EscapingWriter {
     fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        let how = self.1;
-        let escaped = std::str::from_utf8(buf).map(|text| {
-            portcullis::text::escape_invisible(text, |c, out| match how {
-                Escape::Text => out.extend(c.escape_unicode()),
-                Escape::Json => {
-                    for unit in c.encode_utf16(&mut [0; 2]) {
-                        out.push_str(&format!("\\u{unit:04x}"));
-                    }
-                }
-            })
-        });
-        match escaped {
+        match std::str::from_utf8(buf).map(|text| self.1.apply(text)) {
             Ok(std::borrow::Cow::Owned(out)) => {
                 self.0.write_all(out.as_bytes())?;
                 Ok(buf.len())
@@ -477,5 +480,32 @@ impl std::io::Write for EscapingWriter {
 
     fn flush(&mut self) -> std::io::Result<()> {
         self.0.flush()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Escape;
+
+    /// A JSON line keeps parsing, and decodes to the very characters received, while no
+    /// invisible character reaches the terminal raw (one in the BMP, one above it).
+    #[test]
+    fn json_lines_escape_invisible_characters_as_json_escapes() {
+        let from = "<\u{202e}gro.elpmaxe@knab\u{e0001}>";
+        let line = serde_json::json!({ "message": "rejected", "from": from }).to_string();
+        let escaped = Escape::Json.apply(&line);
+        assert!(!escaped.contains('\u{202e}') && !escaped.contains('\u{e0001}'));
+        assert!(
+            escaped.contains("\\u202e") && escaped.contains("\\udb40\\udc01"),
+            "{escaped}"
+        );
+        let parsed: serde_json::Value = serde_json::from_str(&escaped).unwrap();
+        assert_eq!(parsed["from"], from);
+    }
+
+    #[test]
+    fn text_lines_escape_invisible_characters_in_rust_notation() {
+        let escaped = Escape::Text.apply("from=<\u{202e}x@y>");
+        assert_eq!(escaped, "from=<\\u{202e}x@y>");
     }
 }
