@@ -390,3 +390,28 @@ async fn an_auth_refused_by_the_lockout_counts_as_a_failure() {
     assert_eq!(sample(&h, "portcullis_auth_failures_total"), Some(1.0));
     assert_eq!(sample(&h, "portcullis_auth_successes_total"), Some(0.0));
 }
+
+/// The loopback resolver answers nothing it has not cached: under `[dmarc] verify =
+/// "record"` the message is accepted, and its SPF, DMARC and iprev lookups count as DNS
+/// errors of their checks, once each; there was no DKIM signature or ARC set to look up.
+#[tokio::test(start_paused = true)]
+async fn message_checks_whose_lookups_fail_count_dns_errors_by_check() {
+    let mut h = Harness::start(NO_TLS, "[dmarc]\nverify = \"record\"\n");
+    h.ready_for_data().await;
+    let message = "From: x@nowhere.test\r\nSubject: hi\r\n\r\nbody\r\n.";
+    assert!(h.cmd(message).await.starts_with("250 "));
+    h.cmd("QUIT").await;
+    h.until_closed().await;
+    let errors = |check: &str| {
+        sample(
+            &h,
+            &format!("portcullis_dns_errors_total{{check=\"{check}\"}}"),
+        )
+    };
+    assert_eq!(errors("spf"), Some(1.0));
+    assert_eq!(errors("dmarc"), Some(1.0));
+    assert_eq!(errors("dkim"), None);
+    assert_eq!(errors("arc"), None);
+    // The client's reverse lookup, started at connect for untrusted mail.
+    assert_eq!(errors("iprev"), Some(1.0));
+}
