@@ -176,30 +176,31 @@ pub fn refused(telemetry: &Telemetry, mut event: Event, r: &Refused<'_>) {
     telemetry.record(&event);
 }
 
-/// The log line of a refusal: its rule, its reply and what else it says.
+/// The log line of a refusal: its rule, its reply (written bare, as `reply=550 5.7.1 …`)
+/// and what else it says.
 fn log_refusal(r: &Refused<'_>, login: Option<&str>, reply: &str) {
     let (rule, what, user) = (r.rule, r.what, login.unwrap_or("-"));
     match r.detail {
-        None => rejected!(r.warning, user, rule, reply, "{what}"),
+        None => rejected!(r.warning, user, rule, reply = %reply, "{what}"),
         Some(Detail::Limit(limit)) => {
-            rejected!(r.warning, user, rule, limit = %limit, reply, "{what}");
+            rejected!(r.warning, user, rule, limit = %limit, reply = %reply, "{what}");
         }
         Some(Detail::Login(login)) => {
-            rejected!(r.warning, login = login.as_str(), rule, reply, "{what}");
+            rejected!(r.warning, login = login.as_str(), rule, reply = %reply, "{what}");
         }
         Some(Detail::FromHeader(from)) => rejected!(
             r.warning,
             user,
             from_header = from.as_str(),
             rule,
-            reply,
+            reply = %reply,
             "{what}"
         ),
         Some(Detail::Text(detail)) => {
-            rejected!(r.warning, user, rule, reply, detail = %detail, "{what}");
+            rejected!(r.warning, user, rule, reply = %reply, detail = %detail, "{what}");
         }
         Some(Detail::Dnsbl(listed)) => {
-            rejected!(r.warning, user, rule, reply, dnsbl = %listed, "{what}");
+            rejected!(r.warning, user, rule, reply = %reply, dnsbl = %listed, "{what}");
         }
     }
 }
