@@ -8,7 +8,9 @@
 //! ([`super::effects`]) and returns the verdict; a stage handler only builds its input and
 //! answers. A new check therefore never touches this file (see [`crate::policy::stage`]).
 //! It is deliberately short and boring. Its log lines carry the peer through the `session`
-//! span the listener opens.
+//! span the listener opens, and those about one message its queue id through a `message`
+//! span; every refusal is logged and recorded by one method, `SessionDriver::refused`
+//! (see [`super::record`]).
 
 use std::net::SocketAddr;
 use std::ops::ControlFlow;
@@ -920,8 +922,8 @@ impl SessionDriver {
         }
     }
 
-    /// The final dot: the end-of-data stage, then the commit and `250`.
-    /// Every line about the message from here on is in its `message` span (its queue id).
+    /// The final dot: the end-of-data stage, then the commit and `250`. Every line about
+    /// the message from here on is in its `message` span (its queue id).
     async fn data_end(&mut self) {
         self.message_ended();
         let Some(assembly) = self.assembly.take() else {
