@@ -253,7 +253,10 @@ impl SessionDriver {
         if result.is_err() {
             let what =
                 "session closed without a reply: its time limit passed while it was not reading";
-            self.refused(&Refused::closed("session_time_limit", what), About::Session);
+            self.refused(
+                &Refused::unanswered("session_time_limit", what),
+                About::Session,
+            );
             self.end.reason = "session time limit";
         }
         // An unfinished message's spool file is removed with it.
@@ -452,7 +455,7 @@ impl SessionDriver {
         if discarded > 0 {
             let detail = Detail::Text(format!("{discarded} octets pipelined after STARTTLS"));
             let what = "discarded commands pipelined after STARTTLS";
-            let refused = Refused::closed("starttls_injection", what).with_detail(&detail);
+            let refused = Refused::unanswered("starttls_injection", what).with_detail(&detail);
             self.refused(&refused, About::Session);
         }
         if self.flush(stream).await.is_err() {
@@ -859,7 +862,10 @@ impl SessionDriver {
             }
             None if Instant::now() >= session_end => {
                 let what = "session time limit reached during the TLS handshake; closed";
-                self.refused(&Refused::closed("session_time_limit", what), About::Session);
+                self.refused(
+                    &Refused::unanswered("session_time_limit", what),
+                    About::Session,
+                );
                 self.end.reason = "session time limit";
                 None
             }

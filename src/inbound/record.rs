@@ -128,8 +128,9 @@ impl<'a> Refused<'a> {
         }
     }
 
-    /// A connection closed by `rule` without a reply, at warning level.
-    pub fn closed(rule: &'static str, what: &'static str) -> Refused<'a> {
+    /// A refusal by `rule` that no reply tells (the connection is closed, or commands are
+    /// discarded unanswered), logged as `what`, at warning level.
+    pub fn unanswered(rule: &'static str, what: &'static str) -> Refused<'a> {
         Refused {
             rule,
             reply: None,
