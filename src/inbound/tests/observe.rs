@@ -415,3 +415,62 @@ async fn message_checks_whose_lookups_fail_count_dns_errors_by_check() {
     // The client's reverse lookup, started at connect for untrusted mail.
     assert_eq!(errors("iprev"), Some(1.0));
 }
+
+/// The accept loop refuses a connection over `max_connections` itself, before any session:
+/// one refusal of its rule, from that client on that listener, and no session counted.
+#[tokio::test]
+async fn a_connection_over_the_cap_is_one_refusal_at_connect_and_no_session() {
+    let dir = tempfile::tempdir().unwrap();
+    let runtime = Arc::new(runtime(
+        dir.path(),
+        NO_TLS,
+        "[limits]\nmax_connections = 1\n",
+    ));
+    let parts = Parts::new(dir.path(), &runtime);
+    let socket = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = socket.local_addr().unwrap();
+    let (telemetry, events) = (Arc::clone(&parts.shared.telemetry), parts.events.clone());
+    let tracker = tokio_util::task::TaskTracker::new();
+    let task = super::super::listener::ListenerTask {
+        config: runtime.config.listeners[0].clone(),
+        socket,
+        runtime: Arc::new(arc_swap::ArcSwap::new(Arc::clone(&runtime))),
+        shared: parts.shared.clone(),
+        counter: super::super::pressure::ConnectionCounter::default(),
+        tracker: tracker.clone(),
+    };
+    let accepting = tokio::spawn(task.run());
+    let mut first = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let mut greeting = [0u8; 4];
+    first.read_exact(&mut greeting).await.unwrap();
+    assert_eq!(&greeting, b"220 ");
+    let mut second = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let mut refusal = String::new();
+    second.read_to_string(&mut refusal).await.unwrap();
+    assert_eq!(refusal, wire(&reply::TOO_MANY_CONNECTIONS));
+    let refused: Vec<Event> = events
+        .all()
+        .into_iter()
+        .filter(|e| e.kind == EventKind::Refused)
+        .collect();
+    assert_eq!(refused.len(), 1, "{refused:?}");
+    assert_eq!(refused[0].rule.as_deref(), Some("max_connections"));
+    assert_eq!(refused[0].client, Some("127.0.0.1".parse().unwrap()));
+    assert_eq!(refused[0].listener.as_deref(), Some("mx"));
+    let text = telemetry.metrics.encode();
+    assert!(
+        text.contains("portcullis_refusals_total{rule=\"max_connections\"} 1\n"),
+        "{text}"
+    );
+    // The first client's session is still open: no session has ended.
+    assert!(!text.contains("portcullis_sessions_total{"), "{text}");
+    // Shutdown ends it: the one session counted is the first client's.
+    parts.shared.shutdown.cancel();
+    accepting.await.unwrap();
+    tracker.close();
+    tracker.wait().await;
+    let text = telemetry.metrics.encode();
+    let sessions = "portcullis_sessions_total{listener=\"mx\",tls=\"none\"} 1\n";
+    assert!(text.contains(sessions), "{text}");
+    drop(first);
+}
