@@ -33,9 +33,9 @@ macro_rules! rejected {
 /// were judged and refused (wrong password, unknown login), or the client is locked out
 /// after such failures and still trying (a guessing client keeps showing in the count while
 /// the lockout answers it). Not counted: a temporary failure on our side (`auth_busy`,
-/// `auth_verifier_failed`: nothing was judged) and protocol errors before any credentials
-/// (`auth_malformed`, `auth_cancelled`, `auth_mechanism`, `auth_without_tls`, …), which the
-/// engine refuses by itself. Each of these still counts in `portcullis_refusals_total{rule}`.
+/// `auth_verifier_failed`: nothing was judged) and what the protocol engine refuses by
+/// itself before any password is looked at (`auth_malformed`, `auth_cancelled`,
+/// `auth_mechanism`, `auth_without_tls`, `auth_authzid_mismatch`, …). Each of these still counts in `portcullis_refusals_total{rule}`.
 pub const AUTH_FAILURE_RULES: [&str; 3] =
     ["auth_bad_password", "auth_unknown_user", "auth_lockout"];
 
