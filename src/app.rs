@@ -413,6 +413,9 @@ fn reload(
     if old.config.server.spool_dir != new.config.server.spool_dir {
         warn!("reload: spool_dir changed; that takes a restart");
     }
+    if old.config.log.format != new.config.log.format {
+        warn!("reload: [log] format changed; that takes a restart");
+    }
     // When changed, or when an upstream names a `ca` bundle, which may have been replaced
     // under the same path (a SIGHUP reads every file the policy names again, as it does the
     // listeners' certificate); [`outbound::Delivery::reload`] keeps what did not change.

@@ -32,9 +32,10 @@
 //!   the effect runner (`effects`), TLS, connection accounting with stress mode (`pressure`),
 //!   message assembly ([`inbound::assembly::Assembly`]: envelope, `Received:`, header filter,
 //!   spool writer, commit; a new per-message header or check of the message's content lands
-//!   there), and the bounded pool of threads that verify passwords. [`inbound::start`] binds
-//!   the listeners. It hands each committed message on as a [`queue::Committed`] and never
-//!   names `outbound`.
+//!   there), the bounded pool of threads that verify passwords, and what the receiving side
+//!   records (`record`: every refusal logged and counted by one function; connect, queued,
+//!   sessions, AUTH outcomes, DNS errors). [`inbound::start`] binds the listeners. It hands
+//!   each committed message on as a [`queue::Committed`] and never names `outbound`.
 //! - [`queue`]: the durable spool, recovery, the operator control files behind the `queue`
 //!   commands (retry, delete, purge; hold and release), the reuse of finished message files,
 //!   the free-space reserve for messages in flight, the bounces (RFC 3464: built and queued),

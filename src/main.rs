@@ -195,14 +195,17 @@ fn load_config(path: &Path) -> anyhow::Result<Config> {
 }
 
 fn run(path: Option<PathBuf>) -> anyhow::Result<()> {
-    init_logging();
+    // The log format is the policy's: logging starts once it is loaded (an invalid policy is
+    // reported on stderr by `main`). A reload does not change it: the format is the one the
+    // relay started with.
     let config = match &path {
         Some(p) => load_config(p)?,
-        None => {
-            tracing::warn!("no --config given: running on the embedded default policy");
-            Config::embedded_default()
-        }
+        None => Config::embedded_default(),
     };
+    init_logging(config.log.format);
+    if path.is_none() {
+        tracing::warn!("no --config given: running on the embedded default policy");
+    }
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -514,33 +517,77 @@ fn passwd() -> anyhow::Result<()> {
     Ok(())
 }
 
-fn init_logging() {
+/// Log to stderr in `format` (`[log] format`), at the level `RUST_LOG` sets (`info`).
+///
+/// `json`: one JSON object per line (tracing-subscriber's JSON formatter): `timestamp`,
+/// `level`, `message` and the event's fields at the top level, and `spans`, the list of
+/// spans the line was written in with their fields, outermost first: `session` (`listener`,
+/// `client_port`, `peer`) for every line of an SMTP session, `message` or `delivery`
+/// (`queue_id`) for every line about one message.
+fn init_logging(format: portcullis::config::LogFormat) {
     use tracing_subscriber::EnvFilter;
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
-    tracing_subscriber::fmt()
+    let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(|| EscapingWriter(std::io::stderr()))
-        // Colour codes only on a terminal: a log file or journal gets plain text.
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .with_target(false)
-        .init();
+        .with_target(false);
+    match format {
+        portcullis::config::LogFormat::Text => builder
+            .with_writer(|| EscapingWriter::new(Escape::Text))
+            // Colour codes only on a terminal: a log file or journal gets plain text.
+            .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+            .init(),
+        portcullis::config::LogFormat::Json => builder
+            .json()
+            .flatten_event(true)
+            .with_current_span(false)
+            .with_span_list(true)
+            .with_writer(|| EscapingWriter::new(Escape::Json))
+            .with_ansi(false)
+            .init(),
+    }
+}
+
+/// How [`EscapingWriter`] writes an invisible character.
+#[derive(Clone, Copy)]
+enum Escape {
+    /// `\u{202e}`: Rust's notation, for people reading text lines.
+    Text,
+    /// `\u202e` (a surrogate pair above U+FFFF): a JSON string escape, so the line stays
+    /// valid JSON and a reader decodes the very character that was received. Invisible
+    /// characters only ever stand inside JSON strings (field names are the code's own).
+    Json,
 }
 
 /// The log's writer: stderr, with every invisible character (bidirectional overrides,
-/// zero-width characters: `portcullis::text::is_invisible`) written as `\u{…}`.
+/// zero-width characters: `portcullis::text::is_invisible`) escaped as [`Escape`] says.
 /// Log lines quote addresses, HELO names and headers from the network; raw, a U+202E would make
 /// `<\u{202e}gro.elpmaxe@knab-ecivres>` read as a trusted address in a terminal or pager. The
 /// formatter hands over one whole line per event, so a character is never split across writes.
-struct EscapingWriter(std::io::Stderr);
+struct EscapingWriter(std::io::Stderr, Escape);
+
+impl EscapingWriter {
+    fn new(escape: Escape) -> EscapingWriter {
+        EscapingWriter(std::io::stderr(), escape)
+    }
+}
+
+impl Escape {
+    /// `text` with every invisible character escaped this way (borrowed when there is none).
+    fn apply(self, text: &str) -> std::borrow::Cow<'_, str> {
+        portcullis::text::escape_invisible(text, |c, out| match self {
+            Escape::Text => out.extend(c.escape_unicode()),
+            Escape::Json => {
+                for unit in c.encode_utf16(&mut [0; 2]) {
+                    out.push_str(&format!("\\u{unit:04x}"));
+                }
+            }
+        })
+    }
+}
 
 impl std::io::Write for EscapingWriter {
     fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        let escaped = std::str::from_utf8(buf).map(|text| {
-            portcullis::text::escape_invisible(text, |c, out| {
-                out.extend(c.escape_unicode());
-            })
-        });
-        match escaped {
+        match std::str::from_utf8(buf).map(|text| self.1.apply(text)) {
             Ok(std::borrow::Cow::Owned(out)) => {
                 self.0.write_all(out.as_bytes())?;
                 Ok(buf.len())
@@ -551,5 +598,32 @@ impl std::io::Write for EscapingWriter {
 
     fn flush(&mut self) -> std::io::Result<()> {
         self.0.flush()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Escape;
+
+    /// A JSON line keeps parsing, and decodes to the very characters received, while no
+    /// invisible character reaches the terminal raw (one in the BMP, one above it).
+    #[test]
+    fn json_lines_escape_invisible_characters_as_json_escapes() {
+        let from = "<\u{202e}gro.elpmaxe@knab\u{e0001}>";
+        let line = serde_json::json!({ "message": "rejected", "from": from }).to_string();
+        let escaped = Escape::Json.apply(&line);
+        assert!(!escaped.contains('\u{202e}') && !escaped.contains('\u{e0001}'));
+        assert!(
+            escaped.contains("\\u202e") && escaped.contains("\\udb40\\udc01"),
+            "{escaped}"
+        );
+        let parsed: serde_json::Value = serde_json::from_str(&escaped).unwrap();
+        assert_eq!(parsed["from"], from);
+    }
+
+    #[test]
+    fn text_lines_escape_invisible_characters_in_rust_notation() {
+        let escaped = Escape::Text.apply("from=<\u{202e}x@y>");
+        assert_eq!(escaped, "from=<\\u{202e}x@y>");
     }
 }

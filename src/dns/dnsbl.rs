@@ -29,6 +29,17 @@ pub struct DnsblCheck {
     pub listed: Vec<Listing>,
     /// The sum of their weights.
     pub score: u32,
+    /// Zones whose lookup failed (SERVFAIL, refused, no answer) or timed out, counted as
+    /// not listing the client; "no such name" is an answer, not a failure. For
+    /// `portcullis_dns_errors_total{check="dnsbl"}`.
+    pub errors: u32,
+}
+
+/// What one zone's lookup found.
+enum ZoneAnswer {
+    Listed(Listing),
+    NotListed,
+    Failed,
 }
 
 /// The name queried for `ip` under `zone` (RFC 5782 §2.1, §2.4): IPv4 octets in reverse
@@ -90,14 +101,21 @@ impl Resolver {
     /// errs or times out does not list the client.
     pub async fn dnsbl(&self, ip: IpAddr, zones: &[DnsblZone]) -> DnsblCheck {
         let lookups = zones.iter().map(|zone| self.zone_lookup(ip, zone));
-        let listed: Vec<Listing> = join_all(lookups).await.into_iter().flatten().collect();
-        let score = listed
-            .iter()
-            .fold(0u32, |sum, l| sum.saturating_add(l.weight));
-        DnsblCheck { listed, score }
+        let mut check = DnsblCheck::default();
+        for answer in join_all(lookups).await {
+            match answer {
+                ZoneAnswer::Listed(listing) => {
+                    check.score = check.score.saturating_add(listing.weight);
+                    check.listed.push(listing);
+                }
+                ZoneAnswer::NotListed => {}
+                ZoneAnswer::Failed => check.errors += 1,
+            }
+        }
+        check
     }
 
-    async fn zone_lookup(&self, ip: IpAddr, zone: &DnsblZone) -> Option<Listing> {
+    async fn zone_lookup(&self, ip: IpAddr, zone: &DnsblZone) -> ZoneAnswer {
         let name = query_name(ip, &zone.zone);
         let lookup = self
             .authenticator()
@@ -106,15 +124,15 @@ impl Resolver {
             Ok(Ok(records)) => records.rrset,
             Ok(Err(mail_auth::Error::Dns(mail_auth::DnsError::RecordNotFound(_)))) => {
                 tracing::debug!(zone = %zone.name, %ip, "dnsbl: not listed");
-                return None;
+                return ZoneAnswer::NotListed;
             }
             Ok(Err(error)) => {
                 tracing::info!(zone = %zone.name, %ip, %error, "dnsbl: lookup failed, counted as not listed");
-                return None;
+                return ZoneAnswer::Failed;
             }
             Err(_) => {
                 tracing::info!(zone = %zone.name, %ip, timeout = ?self.timeout(), "dnsbl: lookup timed out, counted as not listed");
-                return None;
+                return ZoneAnswer::Failed;
             }
         };
         let mut listing = None;
@@ -135,7 +153,7 @@ impl Resolver {
                 }
             }
         }
-        listing
+        listing.map_or(ZoneAnswer::NotListed, ZoneAnswer::Listed)
     }
 }
 

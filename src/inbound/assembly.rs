@@ -221,6 +221,18 @@ impl Assembly {
         &self.envelope.id
     }
 
+    /// The envelope as it will be spooled (sender, recipients, client), for the events of
+    /// a message refused after its spool file was created.
+    pub fn envelope(&self) -> &Envelope {
+        &self.envelope
+    }
+
+    /// The message's `Message-ID:` value (see [`HeaderFilter::message_id`]), once the header
+    /// section has been read (after [`Assembly::finish`] at the latest).
+    pub fn message_id(&self) -> Option<&str> {
+        self.filter.message_id()
+    }
+
     /// Take the next message octets (un-dot-stuffed, in order). After a write failure they
     /// are dropped.
     pub fn push(&mut self, chunk: &[u8]) {
@@ -236,7 +248,8 @@ impl Assembly {
             self.writer.write(chunk)
         };
         if let Err(e) = result {
-            warn!(error = %e, "spool write failed; the message will be refused");
+            warn!(queue_id = %self.envelope.id, error = %e,
+                "spool write failed; the message will be refused");
             self.failure = Some(write_failure(&e));
         }
         if !self.hold_space() {
@@ -284,6 +297,7 @@ impl Assembly {
             Ok(Ok(())) => true,
             Ok(Err(short)) => {
                 warn!(
+                    queue_id = %self.envelope.id,
                     free = short.free,
                     reserved = short.reserved,
                     bytes = short.bytes,
@@ -294,7 +308,7 @@ impl Assembly {
                 false
             }
             Err(e) => {
-                warn!(error = %e, "cannot read spool free space");
+                warn!(queue_id = %self.envelope.id, error = %e, "cannot read spool free space");
                 false
             }
         }

@@ -8,7 +8,9 @@
 //! ([`super::effects`]) and returns the verdict; a stage handler only builds its input and
 //! answers. A new check therefore never touches this file (see [`crate::policy::stage`]).
 //! It is deliberately short and boring. Its log lines carry the peer through the `session`
-//! span the listener opens.
+//! span the listener opens, and those about one message its queue id through a `message`
+//! span; every refusal is logged and recorded by one method, `SessionDriver::refused`
+//! (see [`super::record`]).
 
 use std::net::SocketAddr;
 use std::ops::ControlFlow;
@@ -21,32 +23,23 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::time::Instant;
 use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
-use tracing::{debug, info, warn};
+use tracing::{Instrument, debug, info, info_span, warn};
 
 use super::Runtime;
 use super::assembly::{Arrival, Assembly, Space};
 use super::effects::Effects;
+use super::record::{self, Refused};
 use super::tls::session_info;
 use super::verifier::Verifier;
 use crate::config::{Listener, ListenerTls};
 use crate::envelope::{Address, ReversePath, TlsInfo};
+use crate::observe::{Event as Recorded, EventKind};
 use crate::policy::stage::{EndOfData, Input, RcptFacts, StageFacts, TransactionFacts};
 use crate::policy::{Detail, Refusal, SessionFacts};
 use crate::queue::{Committed, Spool};
 use crate::routes::RouteCapabilities;
 use crate::smtp::{Credentials, DataFault, Event, Reply, Session, SessionConfig, reply};
 use crate::stream::{ServerStream, Stream, closed};
-
-/// A refusal's log line, at warning level when `$warning`.
-macro_rules! rejected {
-    ($warning:expr, $($rest:tt)*) => {
-        if $warning {
-            warn!($($rest)*)
-        } else {
-            info!($($rest)*)
-        }
-    };
-}
 
 /// What the driver reads from and writes to: TCP on the wire, an in-memory pipe in tests.
 pub trait Io: AsyncRead + AsyncWrite + Unpin + Send {}
@@ -149,6 +142,22 @@ pub struct Shared {
     pub telemetry: Arc<crate::observe::Telemetry>,
 }
 
+/// What a refusal concerns besides the session, for its event (and so for `trace`).
+#[derive(Clone, Copy)]
+enum About<'a> {
+    /// The session, and its transaction's sender if one is open (HELO, AUTH, the engine's
+    /// own refusals, timeouts).
+    Session,
+    /// A MAIL command's sender.
+    Mail(&'a ReversePath),
+    /// A RCPT command's recipient, with the transaction's sender.
+    Rcpt(&'a Address),
+    /// The open transaction: its sender and every recipient (DATA).
+    Transaction,
+    /// A message whose spool file exists: its queue id, envelope and Message-ID.
+    Message(&'a Assembly),
+}
+
 /// How a session ended, for the session log line.
 #[derive(Debug, Default)]
 struct SessionEnd {
@@ -229,7 +238,11 @@ impl SessionDriver {
     pub async fn run<S: Io>(&mut self, io: S) {
         let refusal = Box::pin(self.stage(|_| Input::Connect)).await.err();
         if let Some(r) = refusal.as_ref().filter(|r| r.reply.code == 421) {
-            return closed_at_connect(io, r).await;
+            return self.closed_at_connect(io, r).await;
+        }
+        if refusal.is_none() {
+            let connected = self.client().event(EventKind::Connect);
+            self.shared.telemetry.record(&connected);
         }
         info!("session start");
         // The session itself says `421 4.4.2` at `session_timeout` (see `read`); this bounds
@@ -238,9 +251,11 @@ impl SessionDriver {
         let backstop = limits.session_timeout + limits.command_timeout + SESSION_GRACE;
         let result = tokio::time::timeout(backstop, self.serve(io, refusal)).await;
         if result.is_err() {
-            warn!(
-                rule = "session_time_limit",
-                "session closed without a reply: its time limit passed while it was not reading"
+            let what =
+                "session closed without a reply: its time limit passed while it was not reading";
+            self.refused(
+                &Refused::unanswered("session_time_limit", what),
+                About::Session,
             );
             self.end.reason = "session time limit";
         }
@@ -254,6 +269,63 @@ impl SessionDriver {
             reason = self.end.reason,
             "session end"
         );
+        let tls = record::tls_version(self.tls.as_ref());
+        (self.shared.telemetry.metrics).session_ended(&self.listener.name, tls);
+    }
+
+    /// A `421` closes the channel (RFC 5321 §3.8): a client the connect stage refuses so
+    /// (over its connection rate) is refused like one over a connection cap, before any TLS
+    /// handshake, with no session of its own (not counted in the sessions), and given the
+    /// listener's `REFUSAL_WRITE_TIMEOUT` to read it.
+    async fn closed_at_connect<S: Io>(&self, io: S, r: &Refusal) {
+        let refused = Refused::of(r).warning().saying("rejected at connect");
+        self.refused(&refused, About::Session);
+        super::listener::refuse(io, &r.reply).await;
+    }
+
+    /// This session as its events name it.
+    fn client(&self) -> record::Client<'_> {
+        record::Client {
+            listener: &self.listener.name,
+            ip: self.peer.ip(),
+            tls: self.tls.as_ref(),
+            login: self.session.user(),
+        }
+    }
+
+    /// The event of this session about `about` (sender, recipients, message), of `kind`.
+    fn event_about(&self, kind: EventKind, about: About<'_>) -> Recorded {
+        let mut event = self.client().event(kind);
+        let tx = self.session.transaction();
+        match about {
+            About::Message(message) => {
+                let envelope = message.envelope();
+                event.id = Some(envelope.id.as_str().to_owned());
+                event.message_id = message.message_id().map(str::to_owned);
+                event.from = Some(record::sender(&envelope.mail_from));
+                event.rcpts = record::recipients(envelope.recipients.iter().map(|r| &r.address));
+            }
+            About::Mail(from) => event.from = Some(record::sender(from)),
+            About::Rcpt(to) => {
+                event.from = tx.map(|t| record::sender(&t.from));
+                event.rcpts = vec![to.to_string()];
+            }
+            About::Transaction => {
+                event.from = tx.map(|t| record::sender(&t.from));
+                event.rcpts = tx
+                    .map(|t| record::recipients(&t.recipients))
+                    .unwrap_or_default();
+            }
+            About::Session => event.from = tx.map(|t| record::sender(&t.from)),
+        }
+        event
+    }
+
+    /// Log and record the refusal `r` of this session, about `about`: the one way a
+    /// refusal of a session is reported.
+    fn refused(&self, r: &Refused<'_>, about: About<'_>) {
+        let event = self.event_about(EventKind::Refused, about);
+        record::refused(&self.shared.telemetry, event, r);
     }
 
     /// The session's main loop: open, then dispatch each event of the protocol engine.
@@ -314,7 +386,8 @@ impl SessionDriver {
         };
         let pregreet = self.phase_timeout(self.runtime.config.limits.pregreet_wait);
         if !pregreet.is_zero() && refusal.is_none() && talks_first(&mut stream, pregreet).await {
-            warn!(rule = "pregreet", reply = %reply::EARLY_TALKER, "rejected");
+            let early = reply::EARLY_TALKER;
+            self.refused(&Refused::rule("pregreet", &early).warning(), About::Session);
             self.session.close_with(&reply::EARLY_TALKER);
             self.end.reason = "client talked before greeting";
             let _ = self.flush(&mut stream).await;
@@ -322,7 +395,8 @@ impl SessionDriver {
         }
         match refusal {
             Some(r) => {
-                warn!(rule = r.rule, reply = %r.reply, "rejected at connect");
+                let refused = Refused::of(&r).warning().saying("rejected at connect");
+                self.refused(&refused, About::Session);
                 self.session.refuse(&r.reply);
                 self.linger = Some(Instant::now() + REFUSED_LINGER);
             }
@@ -361,6 +435,9 @@ impl SessionDriver {
         if self.session.closed_for_junk() {
             self.end.reason = "too many commands without progress";
             self.log_rejection(&reply::TOO_MANY_JUNK_COMMANDS, "stress_junk_commands");
+        } else if self.session.closed_for_errors() {
+            self.end.reason = "too many errors";
+            self.log_rejection(&reply::TOO_MANY_ERRORS, "max_errors");
         }
         let _ = self.flush(stream).await;
         let _ = stream.shutdown().await;
@@ -376,11 +453,10 @@ impl SessionDriver {
         discarded: usize,
     ) -> ControlFlow<()> {
         if discarded > 0 {
-            warn!(
-                discarded,
-                rule = "starttls_injection",
-                "discarded commands pipelined after STARTTLS"
-            );
+            let detail = Detail::Text(format!("{discarded} octets pipelined after STARTTLS"));
+            let what = "discarded commands pipelined after STARTTLS";
+            let refused = Refused::unanswered("starttls_injection", what).with_detail(&detail);
+            self.refused(&refused, About::Session);
         }
         if self.flush(stream).await.is_err() {
             return ControlFlow::Break(());
@@ -447,18 +523,19 @@ impl SessionDriver {
         }
     }
 
-    /// Accept the pending command, or refuse it as the verdict says.
-    fn answer(&mut self, verdict: Result<(), Refusal>) {
+    /// Accept the pending command, or refuse it as the verdict says (the refusal is about
+    /// `about`).
+    fn answer(&mut self, verdict: Result<(), Refusal>, about: About<'_>) {
         match verdict {
             Ok(()) => self.session.accept(),
-            Err(r) => self.refuse(r),
+            Err(r) => self.refuse(r, about),
         }
     }
 
     async fn helo(&mut self, name: &str, extended: bool) {
         debug!(helo = %name, extended, "helo");
         let verdict = self.stage(|_| Input::Helo { name }).await;
-        self.answer(verdict);
+        self.answer(verdict, About::Session);
     }
 
     async fn auth(&mut self, credentials: Credentials) {
@@ -473,7 +550,8 @@ impl SessionDriver {
         if verdict.is_ok() {
             info!(user = %login, "authenticated");
         }
-        self.answer(verdict);
+        record::auth_outcome(&self.shared.telemetry, &verdict);
+        self.answer(verdict, About::Session);
     }
 
     async fn mail(&mut self, from: &ReversePath, size: Option<u64>) {
@@ -486,7 +564,7 @@ impl SessionDriver {
         if verdict.is_ok() {
             debug!(%from, "mail from");
         }
-        self.answer(verdict);
+        self.answer(verdict, About::Mail(from));
     }
 
     async fn rcpt(&mut self, to: &Address) {
@@ -503,38 +581,29 @@ impl SessionDriver {
             })
         }))
         .await;
-        self.answer(verdict);
+        self.answer(verdict, About::Rcpt(to));
     }
 
-    fn log_rejection(&self, reply: &Reply, rule: &str) {
-        info!(rule, reply = %reply, "rejected");
+    /// Log and record a refusal by `rule` with `reply` (the engine's own, timeouts): about
+    /// the message being received, if any.
+    fn log_rejection(&self, reply: &Reply, rule: &'static str) {
+        let about = self
+            .assembly
+            .as_deref()
+            .map_or(About::Session, About::Message);
+        self.refused(&Refused::rule(rule, reply), about);
     }
 
-    /// Log a refusal: its rule, its reply and what else it says.
-    fn refuse_log(&self, r: &Refusal) {
-        let user = self.session.user().unwrap_or("-");
-        let (rule, reply) = (r.rule, &r.reply);
-        match &r.detail {
-            None => rejected!(r.warning, user, rule, reply = %reply, "rejected"),
-            Some(Detail::Limit(limit)) => {
-                rejected!(r.warning, user, rule, limit = %limit, reply = %reply, "rejected");
-            }
-            Some(Detail::Login(login)) => {
-                rejected!(r.warning, login = login.as_str(), rule, reply = %reply, "rejected");
-            }
-            Some(Detail::FromHeader(from)) => rejected!(r.warning, user,
-                from_header = from.as_str(), rule, reply = %reply, "rejected"),
-            Some(Detail::Text(detail)) => {
-                rejected!(r.warning, user, rule, reply = %reply, detail = %detail, "rejected");
-            }
-            Some(Detail::Dnsbl(listed)) => {
-                rejected!(r.warning, user, rule, reply = %reply, dnsbl = %listed, "rejected");
-            }
-        }
+    /// Refuse the pending command with `r`, logged and recorded about `about`.
+    fn refuse(&mut self, r: Refusal, about: About<'_>) {
+        self.refused(&Refused::of(&r), about);
+        self.session.reject(&r.reply);
     }
 
-    fn refuse(&mut self, r: Refusal) {
-        self.refuse_log(&r);
+    /// Refuse the pending command with `r`, recorded as `event` (built before its message
+    /// was consumed).
+    fn refuse_as(&mut self, r: Refusal, event: Recorded) {
+        record::refused(&self.shared.telemetry, event, &Refused::of(&r));
         self.session.reject(&r.reply);
     }
 
@@ -728,8 +797,17 @@ impl SessionDriver {
     fn too_slow(&mut self) -> Option<usize> {
         self.end.reason = "data too slow";
         let (since, octets) = self.data_progress.unwrap_or((Instant::now(), 0));
-        warn!(octets, secs = since.elapsed().as_secs_f32(), min_rate = STRESS_MIN_DATA_RATE,
-            rule = "stress_data_rate", reply = %reply::DATA_TOO_SLOW, "rejected");
+        let secs = since.elapsed().as_secs_f32();
+        let detail = Detail::Text(format!(
+            "{octets} octets in {secs:.1} s, under {STRESS_MIN_DATA_RATE} octets/s"
+        ));
+        let slow = reply::DATA_TOO_SLOW;
+        let refused = Refused::rule("stress_data_rate", &slow).warning();
+        let about = self
+            .assembly
+            .as_deref()
+            .map_or(About::Session, About::Message);
+        self.refused(&refused.with_detail(&detail), about);
         self.session.close_with(&reply::DATA_TOO_SLOW);
         None
     }
@@ -783,9 +861,10 @@ impl SessionDriver {
                 None
             }
             None if Instant::now() >= session_end => {
-                info!(
-                    rule = "session_time_limit",
-                    "session time limit reached during the TLS handshake; closed"
+                let what = "session time limit reached during the TLS handshake; closed";
+                self.refused(
+                    &Refused::unanswered("session_time_limit", what),
+                    About::Session,
                 );
                 self.end.reason = "session time limit";
                 None
@@ -838,7 +917,7 @@ impl SessionDriver {
             }
             Err(e) => {
                 warn!(error = %e, "cannot create spool file");
-                self.refuse(e.refusal());
+                self.refuse(e.refusal(), About::Transaction);
             }
         }
     }
@@ -849,12 +928,20 @@ impl SessionDriver {
         }
     }
 
-    /// The final dot: the end-of-data stage, then the commit and `250`.
+    /// The final dot: the end-of-data stage, then the commit and `250`. Every line about
+    /// the message from here on is in its `message` span (its queue id).
     async fn data_end(&mut self) {
         self.message_ended();
-        let Some(mut assembly) = self.assembly.take() else {
-            return self.session.reject(&reply::LOCAL_ERROR);
+        let Some(assembly) = self.assembly.take() else {
+            let r = Refusal::new(reply::LOCAL_ERROR, "spool_write");
+            return self.refuse(r, About::Transaction);
         };
+        let span = info_span!("message", queue_id = %assembly.id().as_str());
+        self.end_message(assembly).instrument(span).await;
+    }
+
+    /// [`SessionDriver::data_end`] of the message `assembly` received.
+    async fn end_message(&mut self, mut assembly: Box<Assembly>) {
         assembly.finish();
         let verdict = self.end_of_data(&mut assembly).await;
         // Our Authentication-Results: (and quarantine field) or DKIM-Signature:s go above
@@ -864,32 +951,34 @@ impl SessionDriver {
             .message_fields(&self.runtime, &facts, assembly.id().as_str())
             .await;
         self.effects.message_ended();
+        // Its event, queued or refused, is built before the commit consumes the assembly.
+        let event = self.event_about(EventKind::Queued, About::Message(&assembly));
         // A refused message's spool file goes with its assembly.
         if let Err(r) = verdict {
-            // The refusal line carries the queue id too, so `rule=dmarc` and the results
-            // logged above are found together.
-            let span = tracing::info_span!("message", queue_id = %assembly.id().as_str());
-            return span.in_scope(|| self.refuse(r));
+            return self.refuse_as(r, event);
         }
         let size = assembly.size() + fields.len() as u64;
         match assembly.commit_with(fields).await {
-            Ok(committed) => self.queued(committed, size),
+            Ok(committed) => self.queued(committed, event, size),
             Err(e) => {
                 warn!(error = %e, "spool commit failed");
-                self.refuse(e.refusal());
+                self.refuse_as(e.refusal(), event);
             }
         }
     }
 
-    /// The message (`size` octets) is durable: log it, tell the session (`250`), hand it to
-    /// delivery.
-    fn queued(&mut self, committed: Committed, size: u64) {
+    /// The message (`size` octets) is durable: log and record it (`event`), tell the
+    /// session (`250`), hand it to delivery.
+    fn queued(&mut self, committed: Committed, mut event: Recorded, size: u64) {
         let id = &committed.id;
         if let Some(tx) = self.session.transaction() {
             info!(
                 queue_id = %id, from = %tx.from, rcpts = tx.recipients.len(), size, "queued"
             );
         }
+        event.kind = EventKind::Queued;
+        event.size = Some(size);
+        self.shared.telemetry.record(&event);
         self.end.messages += 1;
         self.session.queued(id.as_str());
         // After the 250 is queued for sending; a closed channel (shutdown) is fine: the
@@ -908,14 +997,15 @@ impl SessionDriver {
 
     fn data_rejected(&mut self, fault: DataFault) {
         self.message_ended();
-        self.assembly = None;
         let (reply, rule) = match fault {
             DataFault::BareLineEnding => {
                 (reply::BARE_LINE_ENDING_IN_DATA, "bare_line_ending_in_data")
             }
             DataFault::TooBig => (reply::MESSAGE_TOO_BIG, "max_message_size"),
         };
+        // Logged while the assembly is there: the refusal names its queue id.
         self.log_rejection(&reply, rule);
+        self.assembly = None;
     }
 
     /// The end-of-data stage over what the assembly found.
@@ -960,19 +1050,6 @@ enum Wake {
     Shutdown,
     /// Stress mode started (false: its sender is gone).
     Stress(bool),
-}
-
-/// A `421` closes the channel (RFC 5321 §3.8): a client the connect stage refuses so (over
-/// its connection rate) is refused like one over a connection cap, before any TLS handshake,
-/// with no session of its own, and given the listener's `REFUSAL_WRITE_TIMEOUT` to read it.
-async fn closed_at_connect<S: Io>(io: S, r: &Refusal) {
-    match &r.detail {
-        Some(Detail::Limit(limit)) => {
-            warn!(rule = r.rule, limit = %limit, reply = %r.reply, "rejected at connect");
-        }
-        _ => warn!(rule = r.rule, reply = %r.reply, "rejected at connect"),
-    }
-    super::listener::refuse(io, &r.reply).await;
 }
 
 /// The facts every stage reads about the session: the client's address and its AUTH

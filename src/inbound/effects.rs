@@ -31,6 +31,7 @@ use crate::dns::verify::{
     CHECK_DEADLINE_QUERIES, IprevCheck, IprevResult, MessageChecks, MessageFacts, SpfCheck,
 };
 use crate::envelope::ReversePath;
+use crate::observe::Telemetry;
 use crate::policy::Refusal;
 use crate::policy::credentials::CheckError;
 use crate::policy::lockout::{AuthAttempt, FailureReport, GateDecision, login_key};
@@ -187,12 +188,20 @@ impl Effects {
             Effect::ReserveSpace { bytes } => self.reserve(runtime, shared, bytes),
             Effect::Start(lookup) => {
                 let (resolver, zones) = (runtime.resolver.clone(), zones(runtime, lookup));
-                self.lookups
-                    .start(lookup, resolver, zones, facts.session.client_ip);
+                let ip = facts.session.client_ip;
+                let telemetry = Arc::clone(&shared.telemetry);
+                self.lookups.start(lookup, (resolver, telemetry), zones, ip);
                 Answer::Allowed
             }
             Effect::Await(lookup) => Answer::Looked(self.lookups.finish(lookup).await),
-            Effect::Spf => self.spf(runtime, facts).await,
+            Effect::Spf => {
+                let answer = self.spf(runtime, facts).await;
+                // Without a resolver nothing was looked up: no DNS error.
+                if let (Answer::Spf(check), Some(_)) = (&answer, &runtime.resolver) {
+                    count_dns_errors(&shared.telemetry, Some(check), None);
+                }
+                answer
+            }
             Effect::Authenticate { dmarc } => self.authenticate(step, dmarc).await,
             Effect::Sign => self.sign(step).await,
         }
@@ -271,6 +280,7 @@ impl Effects {
             warn!("message verification did not finish within the data timeout");
             return Answer::AuthenticationBusy;
         };
+        count_dns_errors(&step.shared.telemetry, None, Some(&checks));
         self.message = Some(Box::new(checks.clone()));
         Answer::Authenticated(Box::new(checks))
     }
@@ -554,6 +564,39 @@ fn spf_timed_out(helo: &str, reverse_path: Option<&str>) -> SpfCheck {
     }
 }
 
+/// Count the checks that ended in `temperror` (a DNS lookup failed or timed out) in
+/// `portcullis_dns_errors_total{check}`: SPF, and each DKIM signature, ARC and DMARC of a
+/// message. Each check is counted where it ends, once (iprev and DNSBL in [`resolve`]).
+fn count_dns_errors(
+    telemetry: &Telemetry,
+    spf: Option<&SpfCheck>,
+    message: Option<&MessageChecks>,
+) {
+    use crate::dns::verify::{ArcResult, DkimResult, DmarcResult, SpfResult};
+    let metrics = &telemetry.metrics;
+    if spf.is_some_and(|c| c.result == SpfResult::TempError) {
+        metrics.dns_error("spf");
+    }
+    let Some(m) = message else {
+        return;
+    };
+    for _ in m.dkim.iter().filter(|d| d.result == DkimResult::TempError) {
+        metrics.dns_error("dkim");
+    }
+    if m.arc
+        .as_ref()
+        .is_some_and(|a| a.result == ArcResult::TempError)
+    {
+        metrics.dns_error("arc");
+    }
+    if m.dmarc
+        .as_ref()
+        .is_some_and(|d| d.result == DmarcResult::TempError)
+    {
+        metrics.dns_error("dmarc");
+    }
+}
+
 /// The one log line of a message's authentication results, with its queue id.
 fn log_results(
     queue_id: &str,
@@ -610,19 +653,29 @@ enum Pending {
 struct Lookups(Vec<(Lookup, Pending)>);
 
 impl Lookups {
-    /// Start `lookup` for the client `ip` (its DNSBL `zones`, if it is one) through
-    /// `resolver`.
+    /// Start `lookup` for the client `ip` (its DNSBL `zones`, if it is one) through the
+    /// resolver of `via`, counting its DNS errors in the telemetry of `via`.
     fn start(
         &mut self,
         lookup: Lookup,
-        resolver: Option<Resolver>,
+        via: (Option<Resolver>, Arc<Telemetry>),
         zones: Vec<crate::config::DnsblZone>,
         ip: std::net::IpAddr,
     ) {
         // A lookup started twice is run once: keep the first.
         if self.0.iter().all(|(l, _)| *l != lookup) {
+            let (resolver, telemetry) = via;
+            // Without a resolver nothing was looked up: no DNS error.
+            let looked_up = resolver.is_some();
             // In the session's span: its log lines (a listing, a timeout) name the client.
-            let resolving = resolve(lookup, resolver, zones, ip).in_current_span();
+            let resolving = async move {
+                let result = resolve(lookup, resolver, zones, ip).await;
+                if looked_up {
+                    count_lookup_errors(&telemetry, &result);
+                }
+                result
+            }
+            .in_current_span();
             let task = tokio::spawn(resolving);
             self.0.push((lookup, Pending::Running(task)));
         }
@@ -653,6 +706,22 @@ impl Drop for Lookups {
                 task.abort();
             }
         }
+    }
+}
+
+/// Count a lookup that ended in error (`portcullis_dns_errors_total{check}`): an iprev
+/// `temperror`, and each DNSBL zone whose lookup failed or timed out.
+fn count_lookup_errors(telemetry: &Telemetry, result: &LookupResult) {
+    match result {
+        LookupResult::Iprev(check) if check.result == IprevResult::TempError => {
+            telemetry.metrics.dns_error("iprev");
+        }
+        LookupResult::Dnsbl(check) => {
+            for _ in 0..check.errors {
+                telemetry.metrics.dns_error("dnsbl");
+            }
+        }
+        _ => {}
     }
 }
 
@@ -691,7 +760,12 @@ async fn resolve(
                 }
                 Err(_) => {
                     warn!("DNSBL lookups did not finish in time; counted as not listed");
-                    not_listed()
+                    // Every zone's lookup is a failed one.
+                    let errors = u32::try_from(zones.len()).unwrap_or(u32::MAX);
+                    LookupResult::Dnsbl(DnsblCheck {
+                        errors,
+                        ..DnsblCheck::default()
+                    })
                 }
             }
         }
@@ -716,7 +790,8 @@ mod tests {
     async fn a_started_lookup_answers_every_read_and_one_never_started_reads_as_such() {
         let mut lookups = Lookups::default();
         let ip: std::net::IpAddr = "192.0.2.1".parse().unwrap();
-        let mut start = |l| lookups.start(l, None, Vec::new(), ip);
+        let telemetry = Arc::new(Telemetry::new("relay.test"));
+        let mut start = |l| lookups.start(l, (None, Arc::clone(&telemetry)), Vec::new(), ip);
         start(Lookup::Echo(7));
         // Started twice, run once.
         start(Lookup::Echo(7));

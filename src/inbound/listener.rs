@@ -17,7 +17,9 @@ use tracing::{Instrument, info, info_span, warn};
 use super::Runtime;
 use super::connection::{SessionDriver, Shared};
 use super::pressure::{ConnectionCounter, Full};
+use super::record::{self, Client, Refused};
 use crate::config::Listener;
+use crate::observe::EventKind;
 use crate::smtp::{Reply, reply};
 
 /// How long a client refused at connect with a `421` is given to read it.
@@ -86,11 +88,13 @@ impl ListenerTask {
                     );
                 }
                 Err(full) => {
-                    let (reply, rule) = match full {
-                        Full::Total => (reply::TOO_MANY_CONNECTIONS, "max_connections"),
-                        Full::PerIp => (reply::TOO_MANY_FROM_IP, "max_connections_per_ip"),
+                    let client = Client {
+                        listener: &listener.name,
+                        ip: peer.ip(),
+                        tls: None,
+                        login: None,
                     };
-                    span.in_scope(|| warn!(rule, reply = %reply, "rejected at connect"));
+                    let reply = span.in_scope(|| self.full(full, &client));
                     self.tracker.spawn(async move { refuse(tcp, &reply).await });
                 }
             }
@@ -99,18 +103,43 @@ impl ListenerTask {
     }
 
     /// `portcullis listeners pause` is in effect: `421 4.3.2` and close, by a short task of
-    /// its own, without a session (delivery is not affected); counted and journaled as a
-    /// refusal with rule `paused`.
+    /// its own, without a session (delivery is not affected); logged, counted and journaled as
+    /// a refusal with rule `paused` (at info level: the operator asked for it).
     fn refuse_paused(&self, tcp: tokio::net::TcpStream, peer: std::net::SocketAddr) {
-        info!(listener = %self.config.name, peer = %peer.ip(), rule = "paused", reply = %reply::PAUSED, "rejected at connect");
-        let mut event = crate::observe::Event::now(crate::observe::EventKind::Refused);
-        event.client = Some(peer.ip());
-        event.listener = Some(self.config.name.clone());
-        event.rule = Some("paused".to_owned());
-        event.reply = Some(reply::PAUSED.to_string());
-        self.shared.telemetry.record(&event);
+        let client = Client {
+            listener: &self.config.name,
+            ip: peer.ip(),
+            tls: None,
+            login: None,
+        };
+        let span = info_span!("session", listener = %self.config.name,
+            client_port = peer.port(), peer = %peer.ip());
+        span.in_scope(|| {
+            record::refused(
+                &self.shared.telemetry,
+                client.event(EventKind::Refused),
+                &Refused::rule("paused", &reply::PAUSED).saying("rejected at connect"),
+            );
+        });
         self.tracker
             .spawn(async move { refuse(tcp, &reply::PAUSED).await });
+    }
+
+    /// A connection cap is reached: log and record the refusal of `client`; the reply to
+    /// send.
+    fn full(&self, full: Full, client: &Client<'_>) -> Reply {
+        let (reply, rule) = match full {
+            Full::Total => (reply::TOO_MANY_CONNECTIONS, "max_connections"),
+            Full::PerIp => (reply::TOO_MANY_FROM_IP, "max_connections_per_ip"),
+        };
+        let refused = Refused::rule(rule, &reply).warning();
+        let event = client.event(EventKind::Refused);
+        record::refused(
+            &self.shared.telemetry,
+            event,
+            &refused.saying("rejected at connect"),
+        );
+        reply
     }
 
     /// This listener as `runtime` configures it: a reload may have changed its lists and

@@ -9,8 +9,9 @@
 //! budgets, the AUTH gate, password verification on the [`verifier`] pool, spool space,
 //! DNS lookups, the message's DKIM/ARC/DMARC verification in a bounded number of slots, DKIM
 //! signing); [`assembly`] turns one message into a committed spool file, our
-//! `Authentication-Results:` or `DKIM-Signature:` fields above it; [`tls`] builds the
-//! rustls configuration. Nothing here decides policy (it asks [`crate::policy`]) and nothing
+//! `Authentication-Results:` or `DKIM-Signature:` fields above it; [`record`] is what the
+//! side tells [`crate::observe::Telemetry`] (a refusal's log line and its event come from one
+//! function, so none is logged uncounted); [`tls`] builds the rustls configuration. Nothing here decides policy (it asks [`crate::policy`]) and nothing
 //! here knows delivery: a committed message leaves as a [`Committed`] on the channel `app`
 //! gives [`start`].
 
@@ -21,6 +22,7 @@ pub mod connection;
 pub mod effects;
 pub mod listener;
 pub mod pressure;
+pub mod record;
 pub mod tls;
 pub mod verifier;
 

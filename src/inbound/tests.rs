@@ -42,6 +42,25 @@ struct Parts {
     shared: Shared,
     queued: mpsc::UnboundedReceiver<Committed>,
     stress: watch::Sender<bool>,
+    /// Every event the sessions recorded, in order.
+    events: Journaled,
+}
+
+/// A journal that keeps the events in memory, for the tests to read.
+#[derive(Debug, Default, Clone)]
+struct Journaled(Arc<std::sync::Mutex<Vec<crate::observe::Event>>>);
+
+impl crate::observe::EventSink for Journaled {
+    fn append(&self, event: &crate::observe::Event) {
+        self.0.lock().unwrap().push(event.clone());
+    }
+}
+
+impl Journaled {
+    /// The events so far.
+    fn all(&self) -> Vec<crate::observe::Event> {
+        self.0.lock().unwrap().clone()
+    }
 }
 
 impl Parts {
@@ -50,6 +69,9 @@ impl Parts {
         let book = CapabilityBook::load(&runtime.config.upstreams, None);
         let (stress, stress_rx) = watch::channel(false);
         let (queued_tx, queued) = mpsc::unbounded_channel();
+        let events = Journaled::default();
+        let telemetry =
+            crate::observe::Telemetry::new("relay.test").with_journal(Box::new(events.clone()));
         let shared = Shared {
             spool: Spool::open(&dir.join("spool")).unwrap(),
             shutdown: CancellationToken::new(),
@@ -58,12 +80,13 @@ impl Parts {
             capabilities: RouteCapabilities::new(Arc::new(book)),
             stress: stress_rx,
             verifications: Arc::new(tokio::sync::Semaphore::new(2)),
-            telemetry: Arc::new(crate::observe::Telemetry::new("relay.test")),
+            telemetry: Arc::new(telemetry),
         };
         Parts {
             shared,
             queued,
             stress,
+            events,
         }
     }
 }
@@ -80,6 +103,9 @@ struct Harness {
     session: JoinHandle<()>,
     _stress: watch::Sender<bool>,
     dir: tempfile::TempDir,
+    /// What the session records: metrics, flow, and (in `events`) the journal.
+    telemetry: Arc<crate::observe::Telemetry>,
+    events: Journaled,
 }
 
 /// The runtime for a policy file made of a minimal relay and `more` (extra tables and keys,
@@ -152,6 +178,8 @@ impl Harness {
             session,
             _stress: parts.stress,
             dir,
+            telemetry: parts.shared.telemetry,
+            events: parts.events,
         }
     }
 
@@ -838,3 +866,5 @@ async fn a_dnsbl_server_that_never_answers_neither_delays_the_greeting_nor_refus
     h.until_closed().await;
     drop(silent);
 }
+
+mod observe;

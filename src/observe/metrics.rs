@@ -277,7 +277,7 @@ impl Metrics {
         );
         r.register(
             "portcullis_auth_failures",
-            "Failed AUTH",
+            "AUTH refused for its credentials (wrong password, unknown login) or by the lockout",
             m.auth_failures.clone(),
         );
         r.register(

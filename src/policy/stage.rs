@@ -1230,6 +1230,7 @@ mod tests {
                 answer: "127.0.0.2".parse().unwrap(),
             }],
             score,
+            errors: 0,
         }
     }
 

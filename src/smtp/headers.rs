@@ -7,7 +7,10 @@
 //!   [`StripRules`]), including an `Authentication-Results:` or `ARC-Authentication-Results:`
 //!   in our name (RFC 8601 §5, RFC 8617 §4.1.1);
 //! - hands each complete `From:` and `Sender:` field to a [`FieldInspector`] (the ownership
-//!   check of authenticated mail).
+//!   check of authenticated mail);
+//! - keeps the value of the first `Message-ID:` field (RFC 5322 §3.6.4), unfolded, for the
+//!   journal ([`HeaderFilter::message_id`]); it streams like any other field, a copy of at
+//!   most [`MAX_MESSAGE_ID`] octets is all that is held.
 //!
 //! Field names are read the way a conformant RFC 5322 reader (mail-parser 0.11) reads them:
 //! the name ends at the first colon; white space before the colon (RFC 5322 §4.5.3, obsolete
@@ -49,6 +52,11 @@ pub const MAX_WHOLE_FIELD: usize = 64 * 1024;
 /// Octets the reader holds at most at any time, whatever the client sends: one field name or
 /// one whole field.
 pub const MAX_BUFFERED: usize = MAX_WHOLE_FIELD;
+
+/// The longest `Message-ID:` value kept for the journal, in octets as received (folding
+/// included): the line limit of RFC 5322 §2.1.1. A longer one is not kept (the message
+/// passes; its events have no Message-ID), so no client can make the journal hold more.
+pub const MAX_MESSAGE_ID: usize = 998;
 
 /// A header-name pattern: exact (case-insensitive) or a prefix ending in `*`.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -206,7 +214,49 @@ pub struct HeaderFilter<I: FieldInspector = ()> {
     started: bool,
     /// A non-ASCII octet was written for the header section (removed fields do not count).
     non_ascii: bool,
+    /// The first `Message-ID:` field's value while it is read (at most [`MAX_MESSAGE_ID`]
+    /// octets, then `overflow`).
+    message_id: MessageIdCapture,
     inspector: I,
+}
+
+/// The first `Message-ID:` field of the header section, as it is read.
+#[derive(Debug, Default)]
+enum MessageIdCapture {
+    /// None seen yet.
+    #[default]
+    Waiting,
+    /// Reading its value (the octets so far).
+    Reading(Vec<u8>),
+    /// Read: its value unfolded and trimmed (`None`: empty, or over [`MAX_MESSAGE_ID`]).
+    Done(Option<String>),
+}
+
+impl MessageIdCapture {
+    /// Octets of the value being read; over the bound, the value is dropped for good.
+    fn take_value(&mut self, line: &[u8]) {
+        if let MessageIdCapture::Reading(value) = self {
+            if value.len() + line.len() > MAX_MESSAGE_ID {
+                *self = MessageIdCapture::Done(None);
+            } else {
+                value.extend_from_slice(line);
+            }
+        }
+    }
+
+    /// The field ended: unfold (RFC 5322 §2.2.3: a CRLF before white space is removed; a
+    /// bare CR or LF, refused anyway, is removed too) and trim it.
+    fn field_ended(&mut self) {
+        if let MessageIdCapture::Reading(value) = self {
+            let unfolded: Vec<u8> = value
+                .iter()
+                .copied()
+                .filter(|&b| b != b'\r' && b != b'\n')
+                .collect();
+            let text = String::from_utf8_lossy(unfolded.trim_ascii());
+            *self = MessageIdCapture::Done((!text.is_empty()).then(|| text.into_owned()));
+        }
+    }
 }
 
 impl HeaderFilter<()> {
@@ -232,6 +282,7 @@ impl<I: FieldInspector> HeaderFilter<I> {
             too_large: None,
             started: false,
             non_ascii: false,
+            message_id: MessageIdCapture::Waiting,
             inspector,
         }
     }
@@ -241,6 +292,18 @@ impl<I: FieldInspector> HeaderFilter<I> {
     /// envelope and header section are ASCII does not, whatever was declared.
     pub fn non_ascii(&self) -> bool {
         self.non_ascii
+    }
+
+    /// The value of the first `Message-ID:` field (RFC 5322 §3.6.4) as received, angle
+    /// brackets included, unfolded and trimmed of white space; `None` when there is none, it
+    /// is empty, removed by the rules, or longer than [`MAX_MESSAGE_ID`] octets. Complete
+    /// once the header section has ended (after [`HeaderFilter::finish`] at the latest).
+    /// Octets that are not UTF-8 are replaced by U+FFFD.
+    pub fn message_id(&self) -> Option<&str> {
+        match &self.message_id {
+            MessageIdCapture::Done(id) => id.as_deref(),
+            _ => None,
+        }
     }
 
     /// Number of `Received:` fields in the header section.
@@ -510,7 +573,14 @@ impl<I: FieldInspector> HeaderFilter<I> {
                 self.note_stripped(&name);
                 self.buf.clear();
             }
-            Action::Pass => out.append(&mut self.buf),
+            Action::Pass => {
+                if matches!(self.message_id, MessageIdCapture::Waiting)
+                    && compact.eq_ignore_ascii_case(b"Message-ID")
+                {
+                    self.message_id = MessageIdCapture::Reading(Vec::new());
+                }
+                out.append(&mut self.buf);
+            }
             Action::Hold(_) => {}
         }
         self.state = ReaderState::Value(action);
@@ -523,7 +593,10 @@ impl<I: FieldInspector> HeaderFilter<I> {
             None => (rest, &[][..], false),
         };
         match action {
-            Action::Pass => out.extend_from_slice(line),
+            Action::Pass => {
+                self.message_id.take_value(line);
+                out.extend_from_slice(line);
+            }
             Action::Strip => {}
             Action::Hold(_) => {
                 if self.buf.len() + line.len() > MAX_WHOLE_FIELD {
@@ -540,6 +613,7 @@ impl<I: FieldInspector> HeaderFilter<I> {
     }
 
     fn end_field(&mut self, action: Action, out: &mut Vec<u8>) {
+        self.message_id.field_ended();
         if let Action::Hold(kind) = action {
             match kind {
                 WholeField::AuthenticationResults | WholeField::ArcAuthenticationResults

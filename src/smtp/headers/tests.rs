@@ -536,3 +536,65 @@ fn only_the_header_section_counts_as_non_ascii_across_any_chunking() {
     f.finish(&mut out);
     assert!(!f.non_ascii());
 }
+
+/// The journal finds a message by its Message-ID: the first field's value is kept as
+/// received, unfolded and trimmed, whatever the chunking.
+#[test]
+fn the_first_message_id_is_kept_unfolded_across_chunk_boundaries() {
+    let msg = b"Subject: hi\r\nMessage-ID:\r\n <abc.123@mail.example>\r\nMessage-Id: <second@x>\r\n\r\nbody\r\n";
+    for step in STEPS {
+        let (out, f) = run(msg, StripRules::default(), step);
+        assert_eq!(
+            f.message_id(),
+            Some("<abc.123@mail.example>"),
+            "step {step}"
+        );
+        assert_eq!(out, msg, "step {step}: the field passes unchanged");
+    }
+}
+
+#[test]
+fn a_message_without_message_id_or_with_an_empty_one_has_none() {
+    let (_, f) = run(
+        b"Subject: hi\r\n\r\nMessage-ID: <in@body>\r\n",
+        StripRules::default(),
+        5,
+    );
+    assert_eq!(f.message_id(), None);
+    let (_, f) = run(b"Message-ID:  \r\n\r\n", StripRules::default(), 3);
+    assert_eq!(f.message_id(), None);
+}
+
+/// Held memory stays bounded: a value over `MAX_MESSAGE_ID` octets is not kept, and the
+/// field still passes whole.
+#[test]
+fn a_message_id_over_the_bound_is_not_kept_and_the_field_passes() {
+    let long = format!("<{}@x>", "a".repeat(MAX_MESSAGE_ID));
+    let msg = format!("Message-ID: {long}\r\n\r\nbody\r\n");
+    let (out, f) = run(msg.as_bytes(), StripRules::default(), 64);
+    assert_eq!(f.message_id(), None);
+    assert_eq!(out, msg.as_bytes());
+    // The value as received: a space, the id, CRLF.
+    let fits = format!("<{}@x>", "a".repeat(MAX_MESSAGE_ID - 7));
+    let msg = format!("Message-ID: {fits}\r\n\r\n");
+    let (_, f) = run(msg.as_bytes(), StripRules::default(), 64);
+    assert_eq!(f.message_id(), Some(fits.as_str()));
+}
+
+/// A header section that ends without a body (no blank line) still yields its Message-ID.
+#[test]
+fn a_message_id_at_the_very_end_is_kept() {
+    let (_, f) = run(b"Message-ID: <last@x>", StripRules::default(), 4);
+    assert_eq!(f.message_id(), Some("<last@x>"));
+}
+
+/// A removed field is not kept.
+#[test]
+fn a_stripped_message_id_is_not_kept() {
+    let rules = StripRules {
+        names: vec![NamePattern::new("Message-ID")],
+        auth_results_for: None,
+    };
+    let (_, f) = run(b"Message-ID: <x@y>\r\n\r\n", rules, 7);
+    assert_eq!(f.message_id(), None);
+}

@@ -163,6 +163,8 @@ pub struct Session {
     stressed: bool,
     /// The session was closed for too many junk commands (for the driver's log).
     junk_closed: bool,
+    /// The session was closed for reaching `max_errors`.
+    errors_closed: bool,
     input: Vec<u8>,
     start: usize,
     framer: LineFramer,
@@ -186,6 +188,7 @@ impl Session {
             junk: 0,
             stressed: false,
             junk_closed: false,
+            errors_closed: false,
             input: Vec::new(),
             start: 0,
             framer: LineFramer::default(),
@@ -331,6 +334,11 @@ impl Session {
     /// True when the session was closed by the junk-command limit of stress mode.
     pub fn closed_for_junk(&self) -> bool {
         self.junk_closed
+    }
+
+    /// True when the session was closed for reaching `max_errors` (`421 4.7.0`).
+    pub fn closed_for_errors(&self) -> bool {
+        self.errors_closed
     }
 
     /// Count a command that makes no progress; true when it passes the stress-mode limit,
@@ -520,6 +528,7 @@ impl Session {
         reply.write_to(&mut self.out);
         self.errors += 1;
         if self.errors >= self.config.max_errors {
+            self.errors_closed = !self.is_closed();
             self.close_with(&reply::TOO_MANY_ERRORS);
         } else {
             // A refused command made no progress.
