@@ -186,6 +186,14 @@ pub fn find(dir: &Path, query: &Query, since_ms: u64) -> io::Result<Found> {
         .into_iter()
         .filter(|s| s.reaches(since_ms))
         .collect();
+    if let Query::Id(id) = query {
+        // The query is the message's own key: its timeline is the whole answer.
+        let ids = HashSet::from([id.to_string()]);
+        return Ok(Found {
+            messages: timelines(&segments, &ids, since_ms)?,
+            ..Found::default()
+        });
+    }
     let keys = query.keys();
     let needles = query.needles();
     let mut first_seen: HashMap<String, u64> = HashMap::new();
