@@ -162,8 +162,14 @@ pub fn journal_fill(a: &Args) -> anyhow::Result<()> {
     let start = end - span;
     let began = Instant::now();
     let mut events = 0u64;
+    let mut next_tick = start;
     for n in 0..messages {
         let at = start + n * span / messages.max(1);
+        if at >= next_tick {
+            // What the relay's writer thread does every second: seal a segment an hour old.
+            w.tick(at)?;
+            next_tick = at + 60_000;
+        }
         for e in message(n, at) {
             w.write(&e, at)?;
             events += 1;

@@ -119,6 +119,7 @@ pub fn event_line(e: &Event) -> String {
             field(key, &value);
         }
     }
+    line.truncate(line.trim_end().len());
     line
 }
 

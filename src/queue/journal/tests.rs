@@ -545,7 +545,7 @@ fn trace_prints_timelines_and_json() {
          \x20 2026-05-28T20:26:40.010Z  delivered   rcpts=<bob@example.com> upstream=exchange \
          upstream_id=4bf3c2a1 reply=\"250 2.6.0 <m1@ex> [InternalId=4bf3c2a1] Queued mail for \
          delivery\"\n\
-         \x20 2026-05-28T20:26:40.011Z  finished   \n\n\
+         \x20 2026-05-28T20:26:40.011Z  finished\n\n\
          refused without a queue id\n\
          \x20 2026-05-28T20:26:40.007Z  refused     client=203.0.113.5 \
          from=<spam@bad.example> rcpts=<bob@example.com> rule=recipients_file \
