@@ -596,3 +596,79 @@ fn the_journal_thread_writes_every_appended_event_and_seals_on_close() {
     super::scan(&spool, T0 + 10, &mut |e| recent.push(e.kind)).unwrap();
     assert_eq!(recent, [EventKind::Delivered, EventKind::Finished]);
 }
+
+#[test]
+fn a_journal_that_cannot_open_drops_and_counts_every_event() {
+    let tmp = tempfile::tempdir().unwrap();
+    let file = tmp.path().join("a-file");
+    fs::write(&file, b"x").unwrap();
+    // The journal directory would be under a regular file: it cannot be made.
+    let journal = Journal::start(file.join("journal"), limits(), plenty());
+    use crate::observe::EventSink as _;
+    for e in two_messages() {
+        journal.append(&e);
+    }
+    let dropped = journal.dropped.clone();
+    journal.close();
+    assert_eq!(dropped.load(Ordering::SeqCst), 5);
+}
+
+/// A free-space source that blocks its caller (the writer thread) until released, and says
+/// when it is entered.
+fn blocking_space(
+    entered: std::sync::mpsc::Sender<()>,
+    release: std::sync::mpsc::Receiver<()>,
+) -> super::writer::FreeSpace {
+    let release = std::sync::Mutex::new(release);
+    Box::new(move || {
+        let _ = entered.send(());
+        let _ = release.lock().unwrap().recv();
+        Ok(u64::MAX)
+    })
+}
+
+#[test]
+fn appending_never_waits_for_a_stuck_writer_and_every_event_is_kept_or_counted() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("journal");
+    let (entered_tx, entered) = std::sync::mpsc::channel();
+    let (release, release_rx) = std::sync::mpsc::channel();
+    let journal = Journal::start(
+        dir.clone(),
+        limits(),
+        blocking_space(entered_tx, release_rx),
+    );
+    use crate::observe::EventSink as _;
+    // About 300 octets each: past 1 MiB the writer looks at the free space, and is stuck.
+    let mut event = delivered(ID_A, T0, "bob@example.com");
+    event.reply = Some("x".repeat(200));
+    let mut sent = 0u64;
+    while entered.try_recv().is_err() {
+        journal.append(&event);
+        sent += 1;
+        assert!(
+            sent < 1_000_000,
+            "the writer never looked at the free space"
+        );
+        if sent.is_multiple_of(1000) {
+            std::thread::yield_now();
+        }
+    }
+    // Stuck: a channel's worth and more are appended without waiting; the excess is dropped.
+    for _ in 0..super::CHANNEL_CAPACITY + 100 {
+        journal.append(&event);
+        sent += 1;
+    }
+    assert!(journal.dropped() >= 100, "dropped {}", journal.dropped());
+    let dropped = journal.dropped.clone();
+    drop(release);
+    journal.close();
+    let mut written = 0u64;
+    for seg in files(&dir, "jsonl") {
+        segment::lines(&seg, &mut |l| {
+            written += u64::from(segment::parse(l).is_some())
+        })
+        .unwrap();
+    }
+    assert_eq!(written + dropped.load(Ordering::SeqCst), sent);
+}
