@@ -232,20 +232,23 @@ impl Writer {
         let Some(mut open) = self.open.take() else {
             return Ok(());
         };
-        open.out.flush()?;
         let mut span = open.span;
         if span.events == 0 {
             span.first_at = 0;
         }
         let index_path = Segment::index_path(&open.path);
-        index::write(&index_path, &open.keys, span)?;
+        let written = open
+            .out
+            .flush()
+            .and_then(|()| index::write(&index_path, &open.keys, span));
         let index_len = fs::metadata(&index_path).map_or(0, |m| m.len());
+        // Counted for retention even when its index could not be written.
         self.sealed.push_back(Sealed {
             path: open.path,
             last_at: span.last_at,
             bytes: span.length + index_len,
         });
-        Ok(())
+        written
     }
 
     /// Octets of segments and sidecars, the open segment included.
@@ -310,7 +313,8 @@ impl Writer {
         }
         if verdict == Room::Stop && self.open.is_some() {
             // Nothing sealed is left: the open segment goes too, before mail runs short.
-            self.seal()?;
+            // It is removed at once: whether its index could be written does not matter.
+            let _ = self.seal();
             self.remove_oldest()?;
             verdict = room((self.free_space)()?, min_free);
         }
