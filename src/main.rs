@@ -6,12 +6,12 @@
 //! `doctor DOMAIN` exits 0 whenever its checks ran, whatever they found; 2 without
 //! `--config` or for a DOMAIN that is not a domain name; 1 when the policy cannot be loaded.
 //!
+//! `trace QUERY` exits 0 when events match, 1 when none does (said on stderr), 2 for a QUERY
+//! that is neither a queue id, a Message-ID, an address nor an IP, or a bad `--since`.
+//!
 //! `queue retry|delete ID…` check every id's syntax first (one malformed id: exit 2, nothing
 //! done); an id that is well formed but not queued is reported on stderr, the other ids are
 //! still acted on, and the exit status is 1. `queue purge` that matches nothing exits 0.
-//!
-//! `trace QUERY` exits 0 when events match, 1 when none does (said on stderr), 2 for a QUERY
-//! that is neither a queue id, a Message-ID, an address nor an IP, or a bad `--since`.
 
 use std::io::Read;
 use std::path::{Path, PathBuf};
@@ -242,34 +242,6 @@ fn check_config(path: Option<&Path>) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// `portcullis doctor DOMAIN`: the checks are in `dns::doctor`; this loads the policy and
-/// prints the report.
-fn doctor(path: Option<&Path>, domain: &str, json: bool) -> anyhow::Result<()> {
-    let Some(path) = path else {
-        return Err(UsageError("doctor needs --config FILE".into()).into());
-    };
-    let domain = portcullis::envelope::canonical_domain(domain).map_err(|e| {
-        let shown = portcullis::queue::report::clean(domain);
-        UsageError(format!("{shown}: not a domain name ({e})"))
-    })?;
-    // A policy that cannot be loaded is not a usage error here: exit 1.
-    let config = load_config(path).map_err(|e| anyhow::anyhow!("{e}"))?;
-    let resolver =
-        portcullis::dns::Resolver::new(&config.dns).context("cannot set up the resolver")?;
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .context("cannot start the async runtime")?;
-    let report = runtime.block_on(portcullis::dns::doctor::run(&resolver, &config, &domain));
-    if json {
-        let value = serde_json::to_value(&report)?;
-        println!("{}", portcullis::queue::report::json_line(&value));
-    } else {
-        print!("{}", report.text());
-    }
-    Ok(())
-}
-
 /// `portcullis trace`: the query and `--since` are checked first (exit 2), then the journal
 /// under the spool is searched; nothing found is exit 1.
 fn trace(
@@ -311,6 +283,34 @@ fn trace(
             "portcullis: {} older matching messages left out; narrow the query with --since",
             found.truncated
         );
+    }
+    Ok(())
+}
+
+/// `portcullis doctor DOMAIN`: the checks are in `dns::doctor`; this loads the policy and
+/// prints the report.
+fn doctor(path: Option<&Path>, domain: &str, json: bool) -> anyhow::Result<()> {
+    let Some(path) = path else {
+        return Err(UsageError("doctor needs --config FILE".into()).into());
+    };
+    let domain = portcullis::envelope::canonical_domain(domain).map_err(|e| {
+        let shown = portcullis::queue::report::clean(domain);
+        UsageError(format!("{shown}: not a domain name ({e})"))
+    })?;
+    // A policy that cannot be loaded is not a usage error here: exit 1.
+    let config = load_config(path).map_err(|e| anyhow::anyhow!("{e}"))?;
+    let resolver =
+        portcullis::dns::Resolver::new(&config.dns).context("cannot set up the resolver")?;
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")?;
+    let report = runtime.block_on(portcullis::dns::doctor::run(&resolver, &config, &domain));
+    if json {
+        let value = serde_json::to_value(&report)?;
+        println!("{}", portcullis::queue::report::json_line(&value));
+    } else {
+        print!("{}", report.text());
     }
     Ok(())
 }
