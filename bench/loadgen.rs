@@ -24,6 +24,8 @@
 //!   with a freshly generated Ed25519 key, relaxed/relaxed over the default header list of
 //!   `[[dkim.sign]]`, on one thread; reports that thread's CPU time (getrusage RUSAGE_THREAD)
 //!   and the wall time per signature, each including the `DKIM-Signature:` field's formatting.
+//! - `journal-fill --spool DIR --messages N [--days D]`: a synthetic message journal for
+//!   `bench/journal.py` (see `bench/journal_fill.rs`).
 //!
 //! TLS on both sides is portcullis's own: `tls-server` builds its configuration with
 //! `portcullis::inbound::tls::server_config` (`[tls] cert` and `key`, `min_version = "1.2"`),
@@ -73,6 +75,9 @@ const DEFAULT_IDLE_PARALLEL: usize = 64;
 /// Message size of `openloop`, headers included.
 const MESSAGE_SIZE: usize = 1024;
 
+#[path = "journal_fill.rs"]
+mod journal_fill;
+
 fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let Some((command, rest)) = args.split_first() else {
@@ -84,6 +89,7 @@ fn main() {
         "tls-server" => tls_server(&a),
         "tls" => tls_client(&a),
         "dkim-sign" => dkim_sign(&a),
+        "journal-fill" => journal_fill::journal_fill(&a),
         _ => usage(),
     });
     if let Err(e) = result {
@@ -98,7 +104,8 @@ fn usage() -> ! {
          \x20      loadgen idle --target ADDR --count N [--parallel P]\n\
          \x20      loadgen tls-server --listen ADDR --cert PEM --key PEM\n\
          \x20      loadgen tls --target ADDR --conns C --seconds S [--name HOST] [--cert PEM]\n\
-         \x20      loadgen dkim-sign --rsa-key PEM [--size BYTES] [--count N]"
+         \x20      loadgen dkim-sign --rsa-key PEM [--size BYTES] [--count N]\n\
+         \x20      loadgen journal-fill --spool DIR --messages N [--days D]"
     );
     std::process::exit(2);
 }

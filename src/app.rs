@@ -293,8 +293,9 @@ async fn start_admin(
 /// The relay's telemetry: named after this node, its upstreams declared, its events
 /// journaled under the spool.
 fn telemetry_for(config: &Config, spool: &Spool) -> Telemetry {
-    let telemetry = Telemetry::new(config.server.hostname.clone())
-        .with_journal(Box::new(Journal::open(spool, &config.log)));
+    let telemetry = Telemetry::new(config.server.hostname.clone()).with_journal(Box::new(
+        Journal::open(spool, &config.log, config.limits.min_free_space),
+    ));
     let names: Vec<String> = config.upstreams.iter().map(|u| u.name.clone()).collect();
     telemetry
         .upstreams

@@ -43,7 +43,9 @@
 //!   an attempt, record its results, next attempt, expiry, bounce or not, hold) carried out by
 //!   one task (`queue::manager`, one attempt's bookkeeping in `queue::attempt`). A new queue
 //!   state goes into `DeliveryState` (`queue/state.rs`), is decided in `schedule::plan` and
-//!   followed up in `schedule::after_attempt` (see the `queue` module's "Hold").
+//!   followed up in `schedule::after_attempt` (see the `queue` module's "Hold"). The message
+//!   journal behind `portcullis trace` is `queue::journal` (event segments under the spool,
+//!   each sealed with a Bloom-filter index, written by one thread that never blocks a sender).
 //! - [`outbound`]: the upstream SMTP client, failover and circuit breakers, connection pools,
 //!   and the sending of one attempt (`outbound::deliver`, the queue manager's `Courier`: it
 //!   sends and reports per-recipient results, it writes nothing). What can go wrong with an

@@ -6,6 +6,9 @@
 //! `doctor DOMAIN` exits 0 whenever its checks ran, whatever they found; 2 without
 //! `--config` or for a DOMAIN that is not a domain name; 1 when the policy cannot be loaded.
 //!
+//! `trace QUERY` exits 0 when events match, 1 when none does (said on stderr), 2 for a QUERY
+//! that is neither a queue id, a Message-ID, an address nor an IP, or a bad `--since`.
+//!
 //! `queue retry|delete ID…` check every id's syntax first (one malformed id: exit 2, nothing
 //! done); an id that is well formed but not queued is reported on stderr, the other ids are
 //! still acted on, and the exit status is 1. `queue purge` that matches nothing exits 0.
@@ -71,6 +74,19 @@ enum Command {
         out: PathBuf,
         #[arg(long, value_name = "HOST")]
         name: String,
+    },
+    /// Every journaled event of the messages matching QUERY (a queue id, a Message-ID, an
+    /// address or a client IP), per message in time order. Exit 1 when nothing matches.
+    Trace {
+        /// A queue id, a Message-ID (with or without <>), an address, or a client IP.
+        #[arg(value_name = "QUERY")]
+        query: String,
+        /// Only events this recent (e.g. 30m, 2h, 7d); default: the whole journal.
+        #[arg(long, value_name = "DUR")]
+        since: Option<String>,
+        /// One JSON object per event.
+        #[arg(long)]
+        json: bool,
     },
     /// Pre-flight our own outbound mail for DOMAIN: SPF, DKIM keys, DMARC, FCrDNS of the
     /// [doctor] egress addresses, each finding with its fix. Exit 0 whatever it finds.
@@ -172,6 +188,13 @@ fn dispatch(cli: Cli) -> anyhow::Result<()> {
         Command::Status { json } => status(cli.config.as_deref(), cli.spool, json),
         Command::Passwd => passwd(),
         Command::Doctor { domain, json } => doctor(cli.config.as_deref(), &domain, json),
+        Command::Trace { query, since, json } => trace(
+            cli.config.as_deref(),
+            cli.spool,
+            &query,
+            since.as_deref(),
+            json,
+        ),
         Command::GenCert { out, name } => {
             let (cert, key) = portcullis::inbound::tls::write_cert_files(&out, &name)
                 .map_err(|e| UsageError(e.to_string()))?;
@@ -248,6 +271,51 @@ fn check_config(path: Option<&Path>) -> anyhow::Result<()> {
         }
     }
     println!("\n{}: OK", path.display());
+    Ok(())
+}
+
+/// `portcullis trace`: the query and `--since` are checked first (exit 2), then the journal
+/// under the spool is searched; nothing found is exit 1.
+fn trace(
+    config: Option<&Path>,
+    spool: Option<PathBuf>,
+    query: &str,
+    since: Option<&str>,
+    json: bool,
+) -> anyhow::Result<()> {
+    use portcullis::queue::journal;
+    let parsed: journal::Query = query.parse().map_err(|e| UsageError(format!("{e}")))?;
+    let since_ms = match since {
+        Some(text) => {
+            let age = portcullis::config::units::parse_duration(text)
+                .map_err(|e| UsageError(format!("--since: {e}")))?;
+            let age = u64::try_from(age.as_millis()).unwrap_or(u64::MAX);
+            portcullis::observe::event::unix_millis().saturating_sub(age)
+        }
+        None => 0,
+    };
+    let dir = spool_dir(config, spool)?;
+    let found = journal::trace(&dir, &parsed, since_ms)?;
+    if found.is_empty() {
+        bail!(
+            "no journaled event matches {parsed}{} (journal: {})",
+            since
+                .map(|s| format!(" in the last {s}"))
+                .unwrap_or_default(),
+            journal::dir(&dir).display()
+        );
+    }
+    if json {
+        print!("{}", journal::show::json_lines(&found));
+    } else {
+        print!("{}", journal::show::text(&found));
+    }
+    if found.truncated > 0 {
+        eprintln!(
+            "portcullis: {} older matching messages left out; narrow the query with --since",
+            found.truncated
+        );
+    }
     Ok(())
 }
 

@@ -18,6 +18,8 @@
 //! SPOOL/control/         operator requests to the running relay (`retry.ID`, `retry.all`,
 //!                        `hold.ID`, `release.ID`) and removal notices (`removed.NONCE`)
 //! SPOOL/free/            files of finished messages, reused for new ones (see [`recycle`])
+//! SPOOL/journal/         the message journal behind `portcullis trace`: event segments and
+//!                        their indexes, bounded by `[log]` (see [`journal`])
 //! SPOOL/upstream-capabilities.json   what each upstream last announced; written by
 //!                        `crate::routes`, not by this module
 //! ```

@@ -1,0 +1,217 @@
+//! Journal segment files: their names, listing them, reading their lines, and the keys an
+//! event is indexed under.
+//!
+//! A segment is `SPOOL/journal/YYYYMMDDTHHMMSS.mmmZ.jsonl` (the UTC time it was opened, so
+//! names sort by time), one [`Event`] as JSON per line. Once sealed it has a sidecar
+//! `….idx` ([`super::index`]).
+
+use std::collections::HashSet;
+use std::fs::{self, File};
+use std::io::{self, BufRead, BufReader, Read};
+use std::path::{Path, PathBuf};
+
+use time::OffsetDateTime;
+
+use super::index::{self, KeyKind, Sidecar};
+use crate::observe::Event;
+
+/// Extension of a segment.
+pub const SEGMENT_EXT: &str = "jsonl";
+/// Extension of a sidecar index.
+pub const INDEX_EXT: &str = "idx";
+/// Longest journal line read, in octets; a longer one (hostile, or corrupt) is skipped. An
+/// event with 1,000 recipients of 254 octets is about 260 KB.
+pub const MAX_LINE: usize = 1 << 20;
+
+/// The file name of a segment opened at `ms` (Unix milliseconds).
+pub fn name_at(ms: u64) -> String {
+    let t = i64::try_from(ms / 1000)
+        .ok()
+        .and_then(|s| OffsetDateTime::from_unix_timestamp(s).ok())
+        .unwrap_or(OffsetDateTime::UNIX_EPOCH);
+    format!(
+        "{:04}{:02}{:02}T{:02}{:02}{:02}.{:03}Z.{SEGMENT_EXT}",
+        t.year(),
+        u8::from(t.month()),
+        t.day(),
+        t.hour(),
+        t.minute(),
+        t.second(),
+        ms % 1000
+    )
+}
+
+/// One segment on disk.
+#[derive(Debug)]
+pub struct Segment {
+    /// The `.jsonl` file.
+    pub path: PathBuf,
+    /// Its sidecar, when it has a valid one (sealed).
+    pub index: Option<Sidecar>,
+}
+
+impl Segment {
+    /// The sidecar's path of the segment at `path`.
+    pub fn index_path(path: &Path) -> PathBuf {
+        path.with_extension(INDEX_EXT)
+    }
+
+    /// Whether the segment may hold events at or after `since_ms` (true when unknown).
+    pub fn reaches(&self, since_ms: u64) -> bool {
+        self.index
+            .as_ref()
+            .is_none_or(|i| i.span.last_at >= since_ms)
+    }
+}
+
+/// Every segment in `dir`, oldest first, with its sidecar opened when valid. A missing `dir`
+/// is an empty journal.
+///
+/// # Errors
+/// The I/O error of listing `dir`.
+pub fn list(dir: &Path) -> io::Result<Vec<Segment>> {
+    let mut paths = segment_paths(dir)?;
+    paths.sort();
+    Ok(paths
+        .into_iter()
+        .map(|path| {
+            let index = Sidecar::open(&Segment::index_path(&path)).ok();
+            Segment { path, index }
+        })
+        .collect())
+}
+
+/// The paths of the segments in `dir`, unsorted (none when `dir` is missing).
+pub fn segment_paths(dir: &Path) -> io::Result<Vec<PathBuf>> {
+    let entries = match fs::read_dir(dir) {
+        Ok(entries) => entries,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(e) => return Err(e),
+    };
+    let mut paths = Vec::new();
+    for entry in entries {
+        let path = entry?.path();
+        if path.extension().is_some_and(|e| e == SEGMENT_EXT) {
+            paths.push(path);
+        }
+    }
+    Ok(paths)
+}
+
+/// Call `visit` with every whole line of the segment at `path` (without its `\n`). A final
+/// line without `\n` (being written right now, or cut by a crash) and lines over
+/// [`MAX_LINE`] are skipped. A segment removed meanwhile (retention) reads as empty.
+///
+/// # Errors
+/// The I/O error of opening or reading the file.
+pub fn lines(path: &Path, visit: &mut dyn FnMut(&[u8])) -> io::Result<()> {
+    let file = match File::open(path) {
+        Ok(file) => file,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => return Err(e),
+    };
+    let mut reader = BufReader::with_capacity(1 << 20, file);
+    let mut line = Vec::with_capacity(1024);
+    loop {
+        line.clear();
+        let n = (&mut reader)
+            .take(MAX_LINE as u64 + 1)
+            .read_until(b'\n', &mut line)?;
+        if n == 0 {
+            return Ok(());
+        }
+        if line.last() != Some(&b'\n') {
+            if line.len() <= MAX_LINE {
+                // End of file inside a line: not whole yet.
+                return Ok(());
+            }
+            skip_line(&mut reader)?;
+            continue;
+        }
+        line.pop();
+        visit(&line);
+    }
+}
+
+/// Read up to and including the next `\n` without keeping it.
+fn skip_line(reader: &mut impl BufRead) -> io::Result<()> {
+    loop {
+        let buf = reader.fill_buf()?;
+        if buf.is_empty() {
+            return Ok(());
+        }
+        match buf.iter().position(|&b| b == b'\n') {
+            Some(i) => {
+                reader.consume(i + 1);
+                return Ok(());
+            }
+            None => {
+                let n = buf.len();
+                reader.consume(n);
+            }
+        }
+    }
+}
+
+/// One journal line as an event; `None` for anything else (corrupt, truncated, foreign).
+pub fn parse(line: &[u8]) -> Option<Event> {
+    serde_json::from_slice(line).ok()
+}
+
+/// A Message-ID as indexed and compared: without surrounding blanks and angle brackets,
+/// ASCII lower case.
+pub fn message_id_key(text: &str) -> String {
+    let t = text.trim();
+    let t = t.strip_prefix('<').unwrap_or(t);
+    let t = t.strip_suffix('>').unwrap_or(t);
+    t.to_ascii_lowercase()
+}
+
+/// Add the key hashes of `event` to `keys`: its queue id, Message-ID, sender and
+/// recipients, client IP.
+pub fn add_keys(event: &Event, keys: &mut HashSet<u64>) {
+    if let Some(id) = &event.id {
+        keys.insert(index::key_hash(KeyKind::Id, id));
+    }
+    if let Some(mid) = &event.message_id {
+        keys.insert(index::key_hash(KeyKind::MessageId, &message_id_key(mid)));
+    }
+    for addr in event.from.iter().chain(&event.rcpts) {
+        if !addr.is_empty() {
+            keys.insert(index::key_hash(
+                KeyKind::Address,
+                &addr.to_ascii_lowercase(),
+            ));
+        }
+    }
+    if let Some(ip) = event.client {
+        keys.insert(index::key_hash(KeyKind::Client, &ip.to_string()));
+    }
+}
+
+/// Index the segment at `path` from its contents (a segment left without sidecar by a
+/// crash): collect its keys and span, and write its sidecar.
+///
+/// # Errors
+/// The I/O error of reading the segment or writing the sidecar.
+pub fn reindex(path: &Path) -> io::Result<()> {
+    let mut keys = HashSet::new();
+    let mut span = index::Span {
+        first_at: u64::MAX,
+        last_at: 0,
+        events: 0,
+        length: fs::metadata(path)?.len(),
+    };
+    lines(path, &mut |line| {
+        if let Some(event) = parse(line) {
+            add_keys(&event, &mut keys);
+            span.first_at = span.first_at.min(event.at);
+            span.last_at = span.last_at.max(event.at);
+            span.events += 1;
+        }
+    })?;
+    if span.events == 0 {
+        span.first_at = 0;
+    }
+    index::write(&Segment::index_path(path), &keys, span)
+}

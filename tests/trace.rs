@@ -1,0 +1,210 @@
+//! `portcullis trace` end to end: the real relay receives a message from 127.0.0.9 and
+//! delivers it to the test sink, which answers like Exchange (`250 2.6.0 <…>
+//! [InternalId=…] Queued mail for delivery`); `trace` then finds the message by its queue
+//! id, its Message-ID (with and without brackets), an address and the client IP, each time
+//! with its `queued` and `delivered` events and the upstream's own id, while the relay runs
+//! (the open journal segment is read). A refused RCPT without queue id shows too.
+
+mod common;
+
+use std::process::Output;
+use std::time::Duration;
+
+use common::sink::{Sink, SinkConfig};
+use common::*;
+
+const WAIT: Duration = Duration::from_secs(15);
+const CLIENT_IP: &str = "127.0.0.9";
+const MESSAGE_ID: &str = "<trace-e2e-1@client.example>";
+const INTERNAL_ID: &str = "1099511627781";
+
+/// The relay: an MX listener, loopback 127.0.0.1 alone may relay, example.com accepted, the
+/// sink as upstream.
+fn start(sink_port: u16) -> Relay {
+    let extra = "[relay]\naccepted_domains = [\"example.com\"]\n\
+                 relay_networks = [\"127.0.0.1/32\"]\n\n[queue]\nretry = [\"1s\"]\n";
+    Relay::start(&config(
+        &[listener("mx", free_port(), "none")],
+        sink_port,
+        extra,
+    ))
+}
+
+fn exchange_sink() -> Sink {
+    Sink::start(SinkConfig {
+        data_reply: Some(format!(
+            "250 2.6.0 <sinkid-42@ex01.corp.test> [InternalId={INTERNAL_ID}, \
+             Hostname=EX01.corp.test] Queued mail for delivery"
+        )),
+        ..SinkConfig::default()
+    })
+}
+
+/// From 127.0.0.9: one message to bob@example.com (queued), and one refused RCPT to
+/// x@elsewhere.test (not ours, no relaying for this client). Returns the queue id.
+fn send(relay: &Relay) -> String {
+    let mut c = SmtpClient::connect_from(CLIENT_IP, relay.port(0));
+    c.expect_reply(220);
+    c.expect("EHLO client.example", 250);
+    c.expect("MAIL FROM:<alice@sender.example>", 250);
+    c.expect("RCPT TO:<x@elsewhere.test>", 550);
+    c.expect("RCPT TO:<bob@example.com>", 250);
+    c.expect("DATA", 354);
+    let body = format!(
+        "From: <alice@sender.example>\r\nTo: <bob@example.com>\r\nMessage-ID: {MESSAGE_ID}\r\n\
+         Subject: trace\r\n\r\nhello\r\n"
+    );
+    c.send_raw(&dot_stuff(&body));
+    c.send_raw(b".\r\n");
+    let text = c.expect_reply(250);
+    c.cmd("QUIT");
+    queue_id(&text).expect("queue id in the 250")
+}
+
+fn trace(relay: &Relay, args: &[&str]) -> Output {
+    let mut all = vec!["trace"];
+    all.extend_from_slice(args);
+    relay.command(&all)
+}
+
+fn stdout(out: &Output) -> String {
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// The text lines of one kind (`queued`, `delivered`) in a trace's output.
+fn lines_of<'a>(text: &'a str, kind: &str) -> Vec<&'a str> {
+    text.lines()
+        .filter(|l| l.split_whitespace().nth(1) == Some(kind))
+        .collect()
+}
+
+#[test]
+fn trace_finds_a_delivered_message_by_each_kind_of_query() {
+    let sink = exchange_sink();
+    let relay = start(sink.port());
+    let id = send(&relay);
+    assert!(
+        wait_until(WAIT, || sink.messages().len() == 1),
+        "not delivered"
+    );
+    // The journal is written out within a fraction of a second; wait for the delivery.
+    let done = wait_until(WAIT, || {
+        stdout(&trace(&relay, &[&id])).contains(" delivered ")
+    });
+    assert!(
+        done,
+        "no delivered event: {}",
+        stdout(&trace(&relay, &[&id]))
+    );
+    let bare_mid = MESSAGE_ID.trim_matches(['<', '>']);
+    for query in [
+        id.as_str(),
+        MESSAGE_ID,
+        bare_mid,
+        "bob@EXAMPLE.com",
+        CLIENT_IP,
+    ] {
+        let out = trace(&relay, &[query]);
+        assert_eq!(out.status.code(), Some(0), "{query}: {out:?}");
+        let text = stdout(&out);
+        assert!(
+            text.starts_with(&format!("message {id}  Message-ID {MESSAGE_ID}\n")),
+            "{query}:\n{text}"
+        );
+        let queued = lines_of(&text, "queued");
+        assert_eq!(queued.len(), 1, "{query}:\n{text}");
+        for field in [
+            &format!("client={CLIENT_IP}"),
+            "listener=mx",
+            "from=<alice@sender.example>",
+            "rcpts=<bob@example.com>",
+            &format!("message_id={MESSAGE_ID}"),
+        ] {
+            assert!(
+                queued[0].contains(field),
+                "{query}: {field} missing in {}",
+                queued[0]
+            );
+        }
+        let delivered = lines_of(&text, "delivered");
+        assert_eq!(delivered.len(), 1, "{query}:\n{text}");
+        for field in [
+            "upstream=up",
+            &format!("upstream_id={INTERNAL_ID}"),
+            "rcpts=<bob@example.com>",
+        ] {
+            assert!(
+                delivered[0].contains(field),
+                "{query}: {field} missing in {}",
+                delivered[0]
+            );
+        }
+        assert!(
+            delivered[0].contains("reply=\"250 2.6.0 <sinkid-42@ex01.corp.test>"),
+            "{}",
+            delivered[0]
+        );
+    }
+}
+
+#[test]
+fn trace_json_refusals_and_exit_codes() {
+    let sink = exchange_sink();
+    let relay = start(sink.port());
+    let id = send(&relay);
+    assert!(
+        wait_until(WAIT, || sink.messages().len() == 1),
+        "not delivered"
+    );
+    let done = wait_until(WAIT, || {
+        stdout(&trace(&relay, &[&id])).contains(" delivered ")
+    });
+    assert!(done, "no delivered event");
+
+    let out = trace(&relay, &[MESSAGE_ID, "--json", "--since", "1h"]);
+    assert_eq!(out.status.code(), Some(0), "{out:?}");
+    let events: Vec<serde_json::Value> = stdout(&out)
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("one JSON object per line"))
+        .collect();
+    let of = |kind: &str| {
+        events
+            .iter()
+            .find(|e| e["kind"] == kind)
+            .cloned()
+            .unwrap_or_default()
+    };
+    assert_eq!(of("queued")["id"], id.as_str());
+    assert_eq!(of("queued")["message_id"], MESSAGE_ID);
+    assert_eq!(of("queued")["client"], CLIENT_IP);
+    assert_eq!(of("delivered")["upstream_id"], INTERNAL_ID);
+    assert!(
+        of("delivered")["time"]
+            .as_str()
+            .is_some_and(|t| t.ends_with('Z') && t.len() == 24)
+    );
+
+    // The refused RCPT has no queue id; it matches the client and the refused address.
+    for query in [CLIENT_IP, "x@elsewhere.test"] {
+        let text = stdout(&trace(&relay, &[query]));
+        let refused = lines_of(&text, "refused");
+        assert_eq!(refused.len(), 1, "{query}:\n{text}");
+        assert!(
+            refused[0].contains("rcpts=<x@elsewhere.test>"),
+            "{}",
+            refused[0]
+        );
+        assert!(refused[0].contains("reply=\"550 "), "{}", refused[0]);
+        assert!(refused[0].contains(" rule="), "{}", refused[0]);
+        assert!(text.contains("refused without a queue id\n"), "{text}");
+    }
+
+    let none = trace(&relay, &["nobody@example.com"]);
+    assert_eq!(none.status.code(), Some(1), "{none:?}");
+    assert!(none.stdout.is_empty());
+    assert!(String::from_utf8_lossy(&none.stderr).contains("no journaled event matches"));
+    for bad in [&["not a query"][..], &[id.as_str(), "--since", "yesterday"]] {
+        let out = trace(&relay, bad);
+        assert_eq!(out.status.code(), Some(2), "{bad:?}: {out:?}");
+    }
+}
