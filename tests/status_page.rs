@@ -18,6 +18,7 @@ use std::collections::BTreeMap;
 use std::process::Command;
 use std::time::Duration;
 
+use common::http;
 use common::page::*;
 use common::sink::{Sink, SinkConfig};
 use common::*;
@@ -105,9 +106,9 @@ fn outage() -> (Relay, Sink, u16) {
 
 /// The series `/metrics` serves now.
 fn scrape(port: u16) -> BTreeMap<SeriesKey, f64> {
-    let (code, body) = http_get(port, "/metrics", TOKEN);
-    assert_eq!(code, 200, "{body}");
-    parse_metrics(&body)
+    let response = http::get_bearer(port, "/metrics", TOKEN);
+    assert_eq!(response.status, 200, "{response:?}");
+    parse_metrics(&response.body)
 }
 
 fn series(name: &str, labels: &[(&str, &str)]) -> SeriesKey {
