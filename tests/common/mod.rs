@@ -924,6 +924,46 @@ pub fn dot_stuff(body: &str) -> Vec<u8> {
     out
 }
 
+/// A relay with an `mx` listener accepting mail for example.com, whose upstream (`up`) port is
+/// closed so accepted mail stays queued; `extra` tables follow `[relay]`.
+pub fn example_com_relay(extra: &str) -> Relay {
+    Relay::start(&config(
+        &[listener("mx", free_port(), "none")],
+        free_port(),
+        &format!("[relay]\naccepted_domains = [\"example.com\"]\n\n{extra}"),
+    ))
+}
+
+/// Send one message per sender to user@example.com over one session (`Subject: from
+/// SENDER`), each asserted `250`; their queue ids, in order.
+pub fn send_from(relay: &Relay, senders: &[&str]) -> Vec<String> {
+    let mut c = SmtpClient::greeted(relay.port(0));
+    let ids = senders
+        .iter()
+        .map(|from| {
+            let (code, reply) = c.send_message(
+                from,
+                &["user@example.com"],
+                &format!("Subject: from {from}\n\nhello\n"),
+            );
+            assert_eq!(code, 250, "{reply}");
+            queue_id(&reply).expect("queue id in reply")
+        })
+        .collect();
+    c.expect("QUIT", 221);
+    ids
+}
+
+/// A command's exit status, stdout and stderr, for an assertion's message.
+pub fn show(out: &Output) -> String {
+    format!(
+        "status {:?}\nstdout:\n{}stderr:\n{}",
+        out.status.code(),
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    )
+}
+
 /// The queue id in a `250 2.0.0 Ok: queued as ID` reply.
 pub fn queue_id(reply_text: &str) -> Option<String> {
     let rest = &reply_text[reply_text.find("queued as ")? + "queued as ".len()..];
