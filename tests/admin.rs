@@ -33,8 +33,7 @@ fn start(upstream_port: u16, extra: &str) -> (Relay, u16) {
     );
     let relay = Relay::start_in(dir, &toml);
     assert!(
-        wait_until(WAIT, || std::net::TcpStream::connect(("127.0.0.1", admin))
-            .is_ok()),
+        http::wait_accepting(admin, WAIT),
         "admin listener not accepting on {admin}"
     );
     assert_log_fields(&relay, &[("bind", &format!("127.0.0.1:{admin}"))]);
@@ -393,11 +392,7 @@ fn without_a_token_the_loopback_admin_listener_is_open() {
         free_port(),
         &format!("[admin]\nbind = \"127.0.0.1:{admin}\"\n"),
     ));
-    assert!(wait_until(WAIT, || std::net::TcpStream::connect((
-        "127.0.0.1",
-        admin
-    ))
-    .is_ok()));
+    assert!(http::wait_accepting(admin, WAIT));
     for path in ["/metrics", "/api/status", "/"] {
         let r = get(admin, path, &[]);
         assert_eq!(r.status, 200, "{path}: {r:?}");

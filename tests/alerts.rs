@@ -8,7 +8,7 @@ use std::time::Duration;
 use common::http;
 use common::sink::{Sink, SinkConfig};
 use common::webhook::WebhookReceiver;
-use common::{Relay, SmtpClient, free_port, listener, queue_id, wait_until};
+use common::{Relay, SmtpClient, free_port, listener, queue_id};
 
 /// Longest wait for one alert transition: the 2 s threshold (or clear time), the 1 s
 /// evaluation, and slack for a loaded machine.
@@ -71,8 +71,7 @@ fn upstream_down_and_no_delivery_fire_on_the_webhook_and_resolve_after_queue_ret
     let admin = free_port();
     let mut relay = Relay::start(&config(upstream_port, &receiver.url(), admin));
     assert!(
-        wait_until(WAIT, || std::net::TcpStream::connect(("127.0.0.1", admin))
-            .is_ok()),
+        http::wait_accepting(admin, WAIT),
         "admin listener not accepting on {admin}"
     );
     // Every alert's series exists from the start.
