@@ -433,9 +433,7 @@ impl Relay {
             let log = self.log();
             let this_run = log.get(log_start..).unwrap_or_default();
             pending.retain(|&port| {
-                let said = this_run
-                    .lines()
-                    .any(|l| l.contains(" listening ") && l.ends_with(&format!(":{port}")));
+                let said = this_run.lines().any(|l| says_listening(l, port));
                 !said
                     || TcpStream::connect_timeout(&SocketAddr::from(([127, 0, 0, 1], port)), POLL)
                         .is_err()
@@ -589,6 +587,23 @@ impl Relay {
             .current_dir(self.dir.path())
             .output()
             .expect("spawn portcullis")
+    }
+}
+
+/// Whether a log line, text or `[log] format = "json"`, is the relay's `listening` line for
+/// `port`.
+fn says_listening(line: &str, port: u16) -> bool {
+    let bind_end = format!(":{port}");
+    if line.starts_with('{') {
+        let Ok(json) = serde_json::from_str::<serde_json::Value>(line) else {
+            return false;
+        };
+        json["message"] == "listening"
+            && json["bind"]
+                .as_str()
+                .is_some_and(|bind| bind.ends_with(&bind_end))
+    } else {
+        line.contains(" listening ") && line.ends_with(&bind_end)
     }
 }
 
