@@ -98,7 +98,7 @@ fn the_token_is_required_as_bearer_or_basic_password_except_for_the_probes() {
     )
     .unwrap();
     relay.sighup();
-    assert!(relay.wait_for_log("configuration reloaded", WAIT));
+    assert!(relay.wait_for_fields(&[("rule", "reload")], WAIT));
     assert_unauthorized(&get_bearer(admin, "/metrics", TOKEN));
     assert_eq!(get_bearer(admin, "/metrics", "another-token").status, 200);
     // Never the token in the log.
@@ -179,8 +179,8 @@ fn metrics_expose_exactly_the_contract_families_from_the_start() {
     assert_eq!(head.body, "");
 }
 
-/// Send one message through `relay` (asserting its 250).
-fn send(relay: &Relay) {
+/// Send one message through `relay` (asserting its 250); its queue id.
+fn send(relay: &Relay) -> String {
     let mut c = SmtpClient::greeted(relay.port(0));
     let (code, text) = c.send_message(
         "a@example.org",
@@ -189,6 +189,7 @@ fn send(relay: &Relay) {
     );
     assert_eq!(code, 250, "{text}");
     c.cmd("QUIT");
+    queue_id(&text).expect("queue id in the 250")
 }
 
 #[track_caller]
@@ -225,9 +226,13 @@ fn a_paused_relay_answers_421_and_is_not_ready_while_its_queue_is_delivered() {
         ..SinkConfig::default()
     });
     let (mut relay, admin) = start(sink.port(), "");
-    send(&relay);
+    let id = send(&relay);
+    // The `deferred` line of the first attempt.
     assert!(
-        relay.wait_for_log("deferred", WAIT),
+        relay.wait_for_fields(
+            &[("queue_id", &id), ("attempts", "1"), ("pending", "1")],
+            WAIT
+        ),
         "first attempt deferred"
     );
 
@@ -333,7 +338,7 @@ fn readyz_follows_min_free_space_across_a_reload() {
     let text = std::fs::read_to_string(relay.config_path()).unwrap();
     std::fs::write(relay.config_path(), text.replace("1000000TiB", "1MiB")).unwrap();
     relay.sighup();
-    assert!(relay.wait_for_log("configuration reloaded", WAIT));
+    assert!(relay.wait_for_fields(&[("rule", "reload")], WAIT));
     assert_ready(admin);
 }
 
