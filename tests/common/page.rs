@@ -6,7 +6,7 @@ use std::collections::BTreeMap;
 use std::io::Read;
 use std::path::Path;
 use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 /// A series: family name and its labels, sorted by label name.
 pub type SeriesKey = (String, Vec<(String, String)>);
@@ -192,18 +192,16 @@ pub fn chromium(home: &Path, url: &str, mode: &[&str]) -> String {
         let mut out = String::new();
         stdout.read_to_string(&mut out).map(|_| out)
     });
-    let deadline = Instant::now() + Duration::from_secs(20);
-    let status = loop {
-        if let Some(status) = child.try_wait().unwrap() {
-            break status;
-        }
-        if Instant::now() > deadline {
-            let _ = child.kill();
-            let _ = child.wait();
-            panic!("chromium did not finish within 20 s");
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    };
+    let mut status = None;
+    if !super::wait_until(Duration::from_secs(20), || {
+        status = child.try_wait().unwrap();
+        status.is_some()
+    }) {
+        let _ = child.kill();
+        let _ = child.wait();
+        panic!("chromium did not finish within 20 s");
+    }
+    let status = status.unwrap();
     assert!(status.success(), "chromium failed: {status}");
     reader.join().unwrap().expect("chromium's output is UTF-8")
 }
