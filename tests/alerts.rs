@@ -93,8 +93,36 @@ fn upstream_down_and_no_delivery_fire_on_the_webhook_and_resolve_after_queue_ret
         .iter()
         .find(|b| b["alert"] == "upstream_down")
         .unwrap();
+    // Exactly the contract's keys (DESIGN.md, [alerts] webhook).
+    let mut keys: Vec<&str> = firing
+        .as_object()
+        .expect("a JSON object")
+        .keys()
+        .map(String::as_str)
+        .collect();
+    keys.sort_unstable();
+    assert_eq!(
+        keys,
+        [
+            "alert",
+            "node",
+            "since",
+            "state",
+            "text",
+            "threshold",
+            "value"
+        ],
+        "{firing}"
+    );
     assert_eq!(firing["node"], "relay.test");
     assert_eq!(firing["threshold"], "2s");
+    let value = firing["value"].as_str().unwrap_or_default();
+    assert!(
+        value
+            .strip_suffix('s')
+            .is_some_and(|n| n.parse::<u64>().is_ok_and(|n| n >= 2)),
+        "value is how long it has been down, at least the threshold: {firing}"
+    );
     let since = firing["since"].as_str().unwrap();
     assert!(
         since.len() == 20 && since.ends_with('Z') && &since[10..11] == "T",
