@@ -61,6 +61,29 @@ fn the_token_is_required_as_bearer_or_basic_password_except_for_the_probes() {
         assert_unauthorized(&get(admin, path, &[&basic(TOKEN, "wrong")]));
         assert_unauthorized(&get(admin, path, &[&format!("Authorization: {TOKEN}")]));
     }
+    // Paths that lead to a protected route by way of an open probe, or spell one otherwise,
+    // never pass without the token; nor does HEAD, nor an absolute-form request target.
+    for path in [
+        "/healthz/../metrics",
+        "/readyz/../api/status",
+        "//metrics",
+        "/metrics/",
+        "/%6detrics",
+        "/metrics?x=1",
+        "/api/status%00",
+    ] {
+        assert_unauthorized(&get(admin, path, &[]));
+    }
+    assert_unauthorized(&http::request(admin, "HEAD", "/metrics", &[]));
+    assert_unauthorized(&http::raw(
+        admin,
+        format!(
+            "GET http://127.0.0.1:{admin}/metrics HTTP/1.1\r\nHost: 127.0.0.1:{admin}\r\n\
+             Connection: close\r\n\r\n"
+        )
+        .as_bytes(),
+    ));
+
     let bearer = get_bearer(admin, "/metrics", TOKEN);
     assert_eq!(bearer.status, 200, "{bearer:?}");
     let basic_any_user = get(admin, "/metrics", &[&basic("anyone", TOKEN)]);
