@@ -43,8 +43,7 @@ fn delete_and_purge_are_recorded_by_the_running_relay_once_each() {
 fn a_removal_made_while_the_relay_is_stopped_is_recorded_at_its_next_start() {
     let mut relay = example_com_relay("");
     let ids = send_from(&relay, &["a@example.org"]);
-    relay.sigterm();
-    assert!(relay.wait_exit(Duration::from_secs(10)).is_some());
+    relay.stop();
     let out = relay.command(&["queue", "delete", &ids[0]]);
     assert_eq!(out.status.code(), Some(0), "{out:?}");
     assert_eq!(control_files(&relay), 1, "the notice waits in control/");

@@ -6,24 +6,14 @@
 mod common;
 
 use std::fs;
-use std::time::Duration;
 
 use common::*;
-
-/// Stop the relay (SIGTERM) and wait for it to exit.
-fn stop(relay: &mut Relay) {
-    relay.sigterm();
-    assert!(
-        relay.wait_exit(Duration::from_secs(10)).is_some(),
-        "relay did not stop"
-    );
-}
 
 #[test]
 fn without_admin_the_status_comes_from_the_spool_and_says_so() {
     let mut relay = example_com_relay("");
     let ids = send_from(&relay, &["a@example.org", "b@example.org", "a@example.org"]);
-    stop(&mut relay);
+    relay.stop();
     // The second message is held: counted apart, not among the top senders or the oldest.
     let state = relay.spool.join("queue").join(format!("{}.state", ids[1]));
     fs::write(
@@ -79,7 +69,7 @@ fn json_from_the_spool_is_one_status_object_with_the_notice_on_stderr() {
     let port = free_port();
     let mut relay = example_com_relay(&format!("[admin]\nbind = \"127.0.0.1:{port}\"\n"));
     let ids = send_from(&relay, &["a@example.org", ""]);
-    stop(&mut relay);
+    relay.stop();
 
     let out = relay.command(&["status", "--json"]);
     assert_eq!(out.status.code(), Some(0), "{}", show(&out));

@@ -518,6 +518,17 @@ impl Relay {
         self.signal(libc::SIGTERM);
     }
 
+    /// Stop the relay gracefully (SIGTERM) and wait up to 10 s for it to exit; fails the test
+    /// if it does not.
+    #[track_caller]
+    pub fn stop(&mut self) {
+        self.sigterm();
+        assert!(
+            self.wait_exit(Duration::from_secs(10)).is_some(),
+            "the relay did not stop on SIGTERM"
+        );
+    }
+
     /// Ask the relay to reload its configuration (SIGHUP).
     pub fn sighup(&self) {
         self.signal(libc::SIGHUP);
