@@ -14,7 +14,7 @@
 
 mod common;
 
-use std::process::{Command, Output};
+use std::process::Command;
 use std::time::Duration;
 
 use common::sink::{Sink, SinkConfig};
@@ -68,15 +68,6 @@ fn send_raw_envelope(relay: &Relay, mail: &str, rcpts: &[&str]) -> String {
     assert_eq!(code, 250, "{text}");
     c.expect("QUIT", 221);
     queue_id(&text).expect("queue id")
-}
-
-fn show(out: &Output) -> String {
-    format!(
-        "status {:?}\nstdout:\n{}stderr:\n{}",
-        out.status.code(),
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    )
 }
 
 #[test]

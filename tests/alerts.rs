@@ -8,7 +8,7 @@ use std::time::Duration;
 use common::http;
 use common::sink::{Sink, SinkConfig};
 use common::webhook::WebhookReceiver;
-use common::{Relay, SmtpClient, free_port, listener, queue_id, wait_until};
+use common::{Relay, SmtpClient, free_port, listener, queue_id};
 
 /// Longest wait for one alert transition: the 2 s threshold (or clear time), the 1 s
 /// evaluation, and slack for a loaded machine.
@@ -71,8 +71,7 @@ fn upstream_down_and_no_delivery_fire_on_the_webhook_and_resolve_after_queue_ret
     let admin = free_port();
     let mut relay = Relay::start(&config(upstream_port, &receiver.url(), admin));
     assert!(
-        wait_until(WAIT, || std::net::TcpStream::connect(("127.0.0.1", admin))
-            .is_ok()),
+        http::wait_accepting(admin, WAIT),
         "admin listener not accepting on {admin}"
     );
     // Every alert's series exists from the start.
@@ -94,8 +93,36 @@ fn upstream_down_and_no_delivery_fire_on_the_webhook_and_resolve_after_queue_ret
         .iter()
         .find(|b| b["alert"] == "upstream_down")
         .unwrap();
+    // Exactly the contract's keys (DESIGN.md, [alerts] webhook).
+    let mut keys: Vec<&str> = firing
+        .as_object()
+        .expect("a JSON object")
+        .keys()
+        .map(String::as_str)
+        .collect();
+    keys.sort_unstable();
+    assert_eq!(
+        keys,
+        [
+            "alert",
+            "node",
+            "since",
+            "state",
+            "text",
+            "threshold",
+            "value"
+        ],
+        "{firing}"
+    );
     assert_eq!(firing["node"], "relay.test");
     assert_eq!(firing["threshold"], "2s");
+    let value = firing["value"].as_str().unwrap_or_default();
+    assert!(
+        value
+            .strip_suffix('s')
+            .is_some_and(|n| n.parse::<u64>().is_ok_and(|n| n >= 2)),
+        "value is how long it has been down, at least the threshold: {firing}"
+    );
     let since = firing["since"].as_str().unwrap();
     assert!(
         since.len() == 20 && since.ends_with('Z') && &since[10..11] == "T",
@@ -133,8 +160,7 @@ fn upstream_down_and_no_delivery_fire_on_the_webhook_and_resolve_after_queue_ret
     assert!(status_alerts(admin).is_empty());
 
     // Once the relay has stopped nothing more can arrive: each alert started and ended once.
-    relay.sigterm();
-    assert!(relay.wait_exit(Duration::from_secs(10)).is_some());
+    relay.stop();
     let mut states = receiver.states();
     states.sort();
     let pair = |a: &str, s: &str| (a.to_owned(), s.to_owned());

@@ -9,30 +9,6 @@ use std::time::Duration;
 
 use common::*;
 
-/// A relay with an `mx` listener for example.com whose upstream port is closed.
-fn relay() -> Relay {
-    Relay::start(&config(
-        &[listener("mx", free_port(), "none")],
-        free_port(),
-        "[relay]\naccepted_domains = [\"example.com\"]\n",
-    ))
-}
-
-/// Send one message per sender; their queue ids, in order.
-fn send_from(relay: &Relay, senders: &[&str]) -> Vec<String> {
-    let mut c = SmtpClient::greeted(relay.port(0));
-    let ids = senders
-        .iter()
-        .map(|from| {
-            let (code, reply) = c.send_message(from, &["user@example.com"], "Subject: t\n\nhi\n");
-            assert_eq!(code, 250, "{reply}");
-            queue_id(&reply).expect("queue id in reply")
-        })
-        .collect();
-    c.expect("QUIT", 221);
-    ids
-}
-
 /// The number of files in the spool's `control/`.
 fn control_files(relay: &Relay) -> usize {
     std::fs::read_dir(relay.spool.join("control"))
@@ -42,7 +18,7 @@ fn control_files(relay: &Relay) -> usize {
 
 #[test]
 fn delete_and_purge_are_recorded_by_the_running_relay_once_each() {
-    let relay = relay();
+    let relay = example_com_relay("");
     let ids = send_from(&relay, &["a@example.org", "b@example.org", "c@example.org"]);
     let out = relay.command(&["queue", "delete", &ids[0]]);
     assert_eq!(out.status.code(), Some(0), "{out:?}");
@@ -65,10 +41,9 @@ fn delete_and_purge_are_recorded_by_the_running_relay_once_each() {
 
 #[test]
 fn a_removal_made_while_the_relay_is_stopped_is_recorded_at_its_next_start() {
-    let mut relay = relay();
+    let mut relay = example_com_relay("");
     let ids = send_from(&relay, &["a@example.org"]);
-    relay.sigterm();
-    assert!(relay.wait_exit(Duration::from_secs(10)).is_some());
+    relay.stop();
     let out = relay.command(&["queue", "delete", &ids[0]]);
     assert_eq!(out.status.code(), Some(0), "{out:?}");
     assert_eq!(control_files(&relay), 1, "the notice waits in control/");

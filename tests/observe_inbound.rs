@@ -4,31 +4,19 @@
 
 mod common;
 
-use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
-use common::{BIN, SmtpClient, TestDir, config, free_port, listener, wait_until};
+use common::{Relay, SmtpClient, config, free_port, listener, queue_id, wait_until};
 use serde_json::Value;
 
-/// The relay on `dir`'s `portcullis.toml`, its stdout and stderr in `relay.log`.
-fn spawn(dir: &TestDir) -> Child {
-    let log = std::fs::File::create(dir.join("relay.log")).unwrap();
-    Command::new(BIN)
-        .arg("run")
-        .arg("--config")
-        .arg(dir.join("portcullis.toml"))
-        .current_dir(dir.path())
-        .env("RUST_LOG", "info")
-        .stdin(Stdio::null())
-        .stdout(log.try_clone().unwrap())
-        .stderr(log)
-        .spawn()
-        .expect("spawn portcullis run")
-}
+/// The test's SMTP client connects from here.
+const CLIENT_IP: &str = "127.0.0.9";
+/// Where [`Relay::start`]'s readiness probe connects from.
+const PROBE_IP: &str = "127.0.0.1";
 
-/// Every line of the log, each parsed as JSON (a line that is not fails the test).
-fn json_lines(dir: &TestDir) -> Vec<Value> {
-    let text = std::fs::read_to_string(dir.join("relay.log")).unwrap_or_default();
+/// Every line of the relay's log, each parsed as JSON (a line that is not fails the test).
+fn json_lines(relay: &Relay) -> Vec<Value> {
+    let text = relay.log();
     text.lines()
         .map(|line| {
             serde_json::from_str::<Value>(line)
@@ -45,39 +33,25 @@ fn span<'a>(line: &'a Value, name: &str) -> Option<&'a Value> {
         .find(|s| s["name"] == name)
 }
 
+/// The `peer` of the `session` span a line was written in.
+fn peer_of(line: &Value) -> Option<&str> {
+    span(line, "session")?["peer"].as_str()
+}
+
 fn message(line: &Value) -> &str {
     line["message"].as_str().unwrap_or_default()
 }
 
-/// Stop the relay with SIGTERM (its shutdown lines are logged too) and wait for it.
-fn stop(mut child: Child) {
-    let pid = libc::pid_t::try_from(child.id()).unwrap();
-    // SAFETY: kill(2) on the relay this test started.
-    unsafe { libc::kill(pid, libc::SIGTERM) };
-    let exited = wait_until(Duration::from_secs(10), || {
-        child.try_wait().ok().flatten().is_some()
-    });
-    if !exited {
-        let _ = child.kill();
-        panic!("the relay did not stop on SIGTERM");
-    }
-}
-
 #[test]
 fn json_logs_are_one_object_per_line_with_the_peer_of_every_session_line_and_the_queue_id() {
-    let dir = TestDir::new();
-    let port = free_port();
     let extra = "[relay]\naccepted_domains = [\"example.com\"]\n[log]\nformat = \"json\"\n";
     // An upstream nobody listens on: the message is attempted, deferred and stays queued.
-    let policy = config(&[listener("mx", port, "none")], free_port(), extra);
-    dir.write("portcullis.toml", dir.expand(&policy));
-    let child = spawn(&dir);
-    let listening = wait_until(Duration::from_secs(10), || {
-        json_lines(&dir).iter().any(|l| message(l) == "listening")
-    });
-    assert!(listening, "no listening line");
+    let policy = config(&[listener("mx", free_port(), "none")], free_port(), extra);
+    // Started once its JSON `listening` line names the port (and the port accepts).
+    let mut relay = Relay::start(&policy);
 
-    let mut client = SmtpClient::connect(port);
+    // From an address of its own: the harness's readiness probe is a session from 127.0.0.1.
+    let mut client = SmtpClient::connect_from(CLIENT_IP, relay.port(0));
     client.expect_reply(220);
     client.expect("EHLO client.test", 250);
     client.expect("MAIL FROM:<a@sender.test>", 250);
@@ -86,21 +60,22 @@ fn json_logs_are_one_object_per_line_with_the_peer_of_every_session_line_and_the
     let body = "Message-ID: <json@client.test>\r\nSubject: hi\r\n\r\nbody\r\n";
     let (code, text) = client.send_message("a@sender.test", &["u@example.com"], body);
     assert_eq!(code, 250, "{text}");
-    let queue_id = text.rsplit(' ').next().unwrap().trim().to_string();
+    let queue_id = queue_id(&text).expect("queue id in the 250");
     client.expect("QUIT", 221);
     let attempted = wait_until(Duration::from_secs(10), || {
-        json_lines(&dir)
+        json_lines(&relay)
             .iter()
-            .any(|l| message(l) == "session end" && span(l, "session").is_some())
-            && json_lines(&dir)
+            .any(|l| message(l) == "session end" && peer_of(l) == Some(CLIENT_IP))
+            && json_lines(&relay)
                 .iter()
                 .any(|l| span(l, "delivery").is_some())
     });
     assert!(attempted, "no session end or delivery line");
-    stop(child);
+    // Stopped with SIGTERM: its shutdown lines are logged too.
+    relay.stop();
 
-    let lines = json_lines(&dir);
-    let peer = client.local_addr().ip().to_string();
+    let lines = json_lines(&relay);
+    assert_eq!(client.local_addr().ip().to_string(), CLIENT_IP);
     let mut session_lines = Vec::new();
     for line in &lines {
         assert!(
@@ -108,9 +83,12 @@ fn json_logs_are_one_object_per_line_with_the_peer_of_every_session_line_and_the
             "{line}"
         );
         if let Some(session) = span(line, "session") {
-            assert_eq!(session["peer"], peer.as_str(), "{line}");
+            let peer = session["peer"].as_str();
+            assert!(peer == Some(CLIENT_IP) || peer == Some(PROBE_IP), "{line}");
             assert_eq!(session["listener"], "mx", "{line}");
-            session_lines.push(message(line));
+            if peer == Some(CLIENT_IP) {
+                session_lines.push(message(line));
+            }
         }
         for name in ["message", "delivery"] {
             if let Some(span) = span(line, name) {

@@ -18,43 +18,6 @@ fn stderr(out: &Output) -> String {
     String::from_utf8_lossy(&out.stderr).into_owned()
 }
 
-fn show(out: &Output) -> String {
-    format!(
-        "status {:?}\nstdout:\n{}stderr:\n{}",
-        out.status.code(),
-        stdout(out),
-        stderr(out)
-    )
-}
-
-/// A relay with an `mx` listener for example.com whose upstream port is closed.
-fn relay() -> Relay {
-    Relay::start(&config(
-        &[listener("mx", free_port(), "none")],
-        free_port(),
-        "[relay]\naccepted_domains = [\"example.com\"]\n",
-    ))
-}
-
-/// Send one message per sender over one session; their queue ids, in order.
-fn send_from(relay: &Relay, senders: &[&str]) -> Vec<String> {
-    let mut c = SmtpClient::greeted(relay.port(0));
-    let ids = senders
-        .iter()
-        .map(|from| {
-            let (code, reply) = c.send_message(
-                from,
-                &["user@example.com"],
-                &format!("Subject: from {from}\n\nhello\n"),
-            );
-            assert_eq!(code, 250, "{reply}");
-            queue_id(&reply).expect("queue id in reply")
-        })
-        .collect();
-    c.expect("QUIT", 221);
-    ids
-}
-
 /// Ids of the message files left in the spool, sorted.
 fn queued(relay: &Relay) -> Vec<String> {
     relay
@@ -71,7 +34,7 @@ fn sorted(mut v: Vec<String>) -> Vec<String> {
 
 #[test]
 fn delete_removes_the_message_and_its_state() {
-    let relay = relay();
+    let relay = example_com_relay("");
     let ids = send_from(&relay, &["a@example.org", "b@example.org"]);
     let state = relay.spool.join("queue").join(format!("{}.state", ids[0]));
     fs::write(&state, br#"{"attempts":1,"next_attempt":1}"#).unwrap();
@@ -88,7 +51,7 @@ fn delete_removes_the_message_and_its_state() {
 
 #[test]
 fn delete_of_an_unknown_id_is_exit_1_and_still_deletes_the_others() {
-    let relay = relay();
+    let relay = example_com_relay("");
     let ids = send_from(&relay, &["a@example.org"]);
     let unknown = "0000000000000000";
     let out = relay.command(&["queue", "delete", unknown, &ids[0]]);
@@ -107,7 +70,7 @@ fn delete_of_an_unknown_id_is_exit_1_and_still_deletes_the_others() {
 
 #[test]
 fn invalid_id_is_a_usage_error_and_changes_nothing() {
-    let relay = relay();
+    let relay = example_com_relay("");
     let ids = send_from(&relay, &["a@example.org"]);
     for args in [
         &["queue", "delete", ids[0].as_str(), "../../etc/passwd"][..],
@@ -133,7 +96,7 @@ fn invalid_id_is_a_usage_error_and_changes_nothing() {
 
 #[test]
 fn bare_purge_is_a_usage_error() {
-    let relay = relay();
+    let relay = example_com_relay("");
     let ids = send_from(&relay, &["a@example.org"]);
     for args in [
         &["queue", "purge"][..],
@@ -151,7 +114,7 @@ fn bare_purge_is_a_usage_error() {
 
 #[test]
 fn purge_from_an_address_takes_only_the_junk_senders_mail() {
-    let relay = relay();
+    let relay = example_com_relay("");
     let ids = send_from(
         &relay,
         &[
@@ -208,7 +171,7 @@ fn purge_from_an_address_takes_only_the_junk_senders_mail() {
 
 #[test]
 fn purge_from_a_domain_and_of_bounces_and_all() {
-    let relay = relay();
+    let relay = example_com_relay("");
     let ids = send_from(
         &relay,
         &[
@@ -268,7 +231,7 @@ fn purge_from_a_domain_and_of_bounces_and_all() {
 
 #[test]
 fn retry_writes_one_request_per_message() {
-    let relay = relay();
+    let relay = example_com_relay("");
     let ids = send_from(&relay, &["a@example.org", "b@example.org"]);
     let control = relay.spool.join("control");
 
@@ -325,7 +288,7 @@ fn retry_writes_one_request_per_message() {
 
 #[test]
 fn delete_during_a_final_dot_says_it_may_have_been_delivered() {
-    let relay = relay();
+    let relay = example_com_relay("");
     let ids = send_from(&relay, &["a@example.org", "spam@junk.example"]);
     // What a delivery worker holds while its final dot is on the wire: a shared lock on the
     // open message file.

@@ -6,59 +6,14 @@
 mod common;
 
 use std::fs;
-use std::process::Output;
-use std::time::Duration;
 
 use common::*;
 
-fn show(out: &Output) -> String {
-    format!(
-        "status {:?}\nstdout:\n{}stderr:\n{}",
-        out.status.code(),
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    )
-}
-
-/// A relay with an `mx` listener for example.com whose upstream (`up`) port is closed, and
-/// `extra` tables.
-fn relay(extra: &str) -> Relay {
-    Relay::start(&config(
-        &[listener("mx", free_port(), "none")],
-        free_port(),
-        &format!("[relay]\naccepted_domains = [\"example.com\"]\n\n{extra}"),
-    ))
-}
-
-/// Send one message per sender over one session; their queue ids, in order.
-fn send_from(relay: &Relay, senders: &[&str]) -> Vec<String> {
-    let mut c = SmtpClient::greeted(relay.port(0));
-    let ids = senders
-        .iter()
-        .map(|from| {
-            let (code, reply) = c.send_message(from, &["user@example.com"], "Subject: s\n\nhi\n");
-            assert_eq!(code, 250, "{reply}");
-            queue_id(&reply).expect("queue id in reply")
-        })
-        .collect();
-    c.expect("QUIT", 221);
-    ids
-}
-
-/// Stop the relay (SIGTERM) and wait for it to exit.
-fn stop(relay: &mut Relay) {
-    relay.sigterm();
-    assert!(
-        relay.wait_exit(Duration::from_secs(10)).is_some(),
-        "relay did not stop"
-    );
-}
-
 #[test]
 fn without_admin_the_status_comes_from_the_spool_and_says_so() {
-    let mut relay = relay("");
+    let mut relay = example_com_relay("");
     let ids = send_from(&relay, &["a@example.org", "b@example.org", "a@example.org"]);
-    stop(&mut relay);
+    relay.stop();
     // The second message is held: counted apart, not among the top senders or the oldest.
     let state = relay.spool.join("queue").join(format!("{}.state", ids[1]));
     fs::write(
@@ -112,9 +67,9 @@ fn without_admin_the_status_comes_from_the_spool_and_says_so() {
 #[test]
 fn json_from_the_spool_is_one_status_object_with_the_notice_on_stderr() {
     let port = free_port();
-    let mut relay = relay(&format!("[admin]\nbind = \"127.0.0.1:{port}\"\n"));
+    let mut relay = example_com_relay(&format!("[admin]\nbind = \"127.0.0.1:{port}\"\n"));
     let ids = send_from(&relay, &["a@example.org", ""]);
-    stop(&mut relay);
+    relay.stop();
 
     let out = relay.command(&["status", "--json"]);
     assert_eq!(out.status.code(), Some(0), "{}", show(&out));

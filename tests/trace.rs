@@ -78,8 +78,9 @@ fn lines_of<'a>(text: &'a str, kind: &str) -> Vec<&'a str> {
         .collect()
 }
 
-#[test]
-fn trace_finds_a_delivered_message_by_each_kind_of_query() {
+/// The relay and its Exchange-like sink after [`send`]: the message delivered and its
+/// `delivered` event found by `trace`. The sink (kept alive), the relay, the queue id.
+fn delivered_and_journaled() -> (Sink, Relay, String) {
     let sink = exchange_sink();
     let relay = start(sink.port());
     let id = send(&relay);
@@ -96,6 +97,12 @@ fn trace_finds_a_delivered_message_by_each_kind_of_query() {
         "no delivered event: {}",
         stdout(&trace(&relay, &[&id]))
     );
+    (sink, relay, id)
+}
+
+#[test]
+fn trace_finds_a_delivered_message_by_each_kind_of_query() {
+    let (_sink, relay, id) = delivered_and_journaled();
     let bare_mid = MESSAGE_ID.trim_matches(['<', '>']);
     for query in [
         id.as_str(),
@@ -149,17 +156,7 @@ fn trace_finds_a_delivered_message_by_each_kind_of_query() {
 
 #[test]
 fn trace_json_refusals_and_exit_codes() {
-    let sink = exchange_sink();
-    let relay = start(sink.port());
-    let id = send(&relay);
-    assert!(
-        wait_until(WAIT, || sink.messages().len() == 1),
-        "not delivered"
-    );
-    let done = wait_until(WAIT, || {
-        stdout(&trace(&relay, &[&id])).contains(" delivered ")
-    });
-    assert!(done, "no delivered event");
+    let (_sink, relay, id) = delivered_and_journaled();
 
     let out = trace(&relay, &[MESSAGE_ID, "--json", "--since", "1h"]);
     assert_eq!(out.status.code(), Some(0), "{out:?}");

@@ -40,6 +40,12 @@ pub fn connect(port: u16) -> TcpStream {
     tcp
 }
 
+/// Wait until 127.0.0.1:`port` accepts connections (the admin listener is bound); false
+/// after `timeout`.
+pub fn wait_accepting(port: u16, timeout: Duration) -> bool {
+    super::wait_until(timeout, || TcpStream::connect(("127.0.0.1", port)).is_ok())
+}
+
 /// `GET path` with `headers` (each a full `Name: value`) and `Connection: close`.
 pub fn get(port: u16, path: &str, headers: &[&str]) -> Response {
     request(port, "GET", path, headers)

@@ -433,9 +433,7 @@ impl Relay {
             let log = self.log();
             let this_run = log.get(log_start..).unwrap_or_default();
             pending.retain(|&port| {
-                let said = this_run
-                    .lines()
-                    .any(|l| l.contains(" listening ") && l.ends_with(&format!(":{port}")));
+                let said = this_run.lines().any(|l| says_listening(l, port));
                 !said
                     || TcpStream::connect_timeout(&SocketAddr::from(([127, 0, 0, 1], port)), POLL)
                         .is_err()
@@ -520,6 +518,17 @@ impl Relay {
         self.signal(libc::SIGTERM);
     }
 
+    /// Stop the relay gracefully (SIGTERM) and wait up to 10 s for it to exit; fails the test
+    /// if it does not.
+    #[track_caller]
+    pub fn stop(&mut self) {
+        self.sigterm();
+        assert!(
+            self.wait_exit(Duration::from_secs(10)).is_some(),
+            "the relay did not stop on SIGTERM"
+        );
+    }
+
     /// Ask the relay to reload its configuration (SIGHUP).
     pub fn sighup(&self) {
         self.signal(libc::SIGHUP);
@@ -589,6 +598,23 @@ impl Relay {
             .current_dir(self.dir.path())
             .output()
             .expect("spawn portcullis")
+    }
+}
+
+/// Whether a log line, text or `[log] format = "json"`, is the relay's `listening` line for
+/// `port`.
+fn says_listening(line: &str, port: u16) -> bool {
+    let bind_end = format!(":{port}");
+    if line.starts_with('{') {
+        let Ok(json) = serde_json::from_str::<serde_json::Value>(line) else {
+            return false;
+        };
+        json["message"] == "listening"
+            && json["bind"]
+                .as_str()
+                .is_some_and(|bind| bind.ends_with(&bind_end))
+    } else {
+        line.contains(" listening ") && line.ends_with(&bind_end)
     }
 }
 
@@ -922,6 +948,46 @@ pub fn dot_stuff(body: &str) -> Vec<u8> {
         out.extend_from_slice(b"\r\n");
     }
     out
+}
+
+/// A relay with an `mx` listener accepting mail for example.com, whose upstream (`up`) port is
+/// closed so accepted mail stays queued; `extra` tables follow `[relay]`.
+pub fn example_com_relay(extra: &str) -> Relay {
+    Relay::start(&config(
+        &[listener("mx", free_port(), "none")],
+        free_port(),
+        &format!("[relay]\naccepted_domains = [\"example.com\"]\n\n{extra}"),
+    ))
+}
+
+/// Send one message per sender to user@example.com over one session (`Subject: from
+/// SENDER`), each asserted `250`; their queue ids, in order.
+pub fn send_from(relay: &Relay, senders: &[&str]) -> Vec<String> {
+    let mut c = SmtpClient::greeted(relay.port(0));
+    let ids = senders
+        .iter()
+        .map(|from| {
+            let (code, reply) = c.send_message(
+                from,
+                &["user@example.com"],
+                &format!("Subject: from {from}\n\nhello\n"),
+            );
+            assert_eq!(code, 250, "{reply}");
+            queue_id(&reply).expect("queue id in reply")
+        })
+        .collect();
+    c.expect("QUIT", 221);
+    ids
+}
+
+/// A command's exit status, stdout and stderr, for an assertion's message.
+pub fn show(out: &Output) -> String {
+    format!(
+        "status {:?}\nstdout:\n{}stderr:\n{}",
+        out.status.code(),
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    )
 }
 
 /// The queue id in a `250 2.0.0 Ok: queued as ID` reply.

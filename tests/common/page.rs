@@ -1,58 +1,15 @@
-//! Helpers of the status-page test: a blocking HTTP GET on loopback, the OpenMetrics text and
-//! the `data-metric` elements of a DOM read into comparable series, headless Chromium run
-//! with every flag that keeps it off the network, and a PNG header check.
+//! Helpers of the status-page test: the OpenMetrics text and the `data-metric` elements of a
+//! DOM read into comparable series, headless Chromium run with every flag that keeps it off
+//! the network, and a PNG header check. Its HTTP requests go through [`super::http`].
 
 use std::collections::BTreeMap;
-use std::io::{Read, Write};
-use std::net::TcpStream;
+use std::io::Read;
 use std::path::Path;
 use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 /// A series: family name and its labels, sorted by label name.
 pub type SeriesKey = (String, Vec<(String, String)>);
-
-/// `GET path` from `127.0.0.1:port` with `Authorization: Bearer token`, `Connection: close`;
-/// the status code and body. A chunked body is decoded.
-pub fn http_get(port: u16, path: &str, token: &str) -> (u16, String) {
-    let mut s = TcpStream::connect(("127.0.0.1", port)).expect("connect to the admin listener");
-    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-    write!(
-        s,
-        "GET {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nAuthorization: Bearer {token}\r\n\
-         Connection: close\r\n\r\n"
-    )
-    .unwrap();
-    let mut raw = Vec::new();
-    s.read_to_end(&mut raw).expect("read the answer");
-    let raw = String::from_utf8(raw).expect("UTF-8 answer");
-    let (head, body) = raw.split_once("\r\n\r\n").expect("a head and a body");
-    let code = head[9..12].parse().expect("a status code");
-    let chunked = head
-        .lines()
-        .any(|l| l.eq_ignore_ascii_case("transfer-encoding: chunked"));
-    (
-        code,
-        if chunked {
-            dechunk(body)
-        } else {
-            body.to_owned()
-        },
-    )
-}
-
-fn dechunk(mut body: &str) -> String {
-    let mut out = String::new();
-    loop {
-        let (size, rest) = body.split_once("\r\n").expect("chunk size line");
-        let size = usize::from_str_radix(size.split(';').next().unwrap().trim(), 16).unwrap();
-        if size == 0 {
-            return out;
-        }
-        out.push_str(&rest[..size]);
-        body = &rest[size + 2..];
-    }
-}
 
 /// Every sample of an OpenMetrics text (`name{l="v",…} value`), comments skipped.
 pub fn parse_metrics(text: &str) -> BTreeMap<SeriesKey, f64> {
@@ -235,18 +192,16 @@ pub fn chromium(home: &Path, url: &str, mode: &[&str]) -> String {
         let mut out = String::new();
         stdout.read_to_string(&mut out).map(|_| out)
     });
-    let deadline = Instant::now() + Duration::from_secs(20);
-    let status = loop {
-        if let Some(status) = child.try_wait().unwrap() {
-            break status;
-        }
-        if Instant::now() > deadline {
-            let _ = child.kill();
-            let _ = child.wait();
-            panic!("chromium did not finish within 20 s");
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    };
+    let mut status = None;
+    if !super::wait_until(Duration::from_secs(20), || {
+        status = child.try_wait().unwrap();
+        status.is_some()
+    }) {
+        let _ = child.kill();
+        let _ = child.wait();
+        panic!("chromium did not finish within 20 s");
+    }
+    let status = status.unwrap();
     assert!(status.success(), "chromium failed: {status}");
     reader.join().unwrap().expect("chromium's output is UTF-8")
 }

@@ -74,11 +74,18 @@ fn serve(stream: std::net::TcpStream) -> Option<serde_json::Value> {
     stream.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
     let mut reader = BufReader::new(stream.try_clone().ok()?);
     let mut head = Vec::new();
+    let mut head_octets = 0usize;
     let mut length = 0usize;
     let mut json = false;
     loop {
         let mut line = String::new();
-        if reader.read_line(&mut line).ok()? == 0 || head.len() > MAX_HEAD {
+        let read = reader
+            .by_ref()
+            .take((MAX_HEAD + 1 - head_octets) as u64)
+            .read_line(&mut line)
+            .ok()?;
+        head_octets += read;
+        if read == 0 || head_octets > MAX_HEAD {
             return None;
         }
         head.push(line.clone());
