@@ -10,8 +10,6 @@ use std::fs::{self, File};
 use std::io::{self, BufRead, BufReader, Read};
 use std::path::{Path, PathBuf};
 
-use time::OffsetDateTime;
-
 use super::index::{self, KeyKind, Sidecar};
 use crate::observe::Event;
 
@@ -23,22 +21,14 @@ pub const INDEX_EXT: &str = "idx";
 /// event with 1,000 recipients of 254 octets is about 260 KB.
 pub const MAX_LINE: usize = 1 << 20;
 
-/// The file name of a segment opened at `ms` (Unix milliseconds).
+/// The file name of a segment opened at `ms` (Unix milliseconds): its
+/// [`super::show::rfc3339_ms`] time without the `-` and `:` separators.
 pub fn name_at(ms: u64) -> String {
-    let t = i64::try_from(ms / 1000)
-        .ok()
-        .and_then(|s| OffsetDateTime::from_unix_timestamp(s).ok())
-        .unwrap_or(OffsetDateTime::UNIX_EPOCH);
-    format!(
-        "{:04}{:02}{:02}T{:02}{:02}{:02}.{:03}Z.{SEGMENT_EXT}",
-        t.year(),
-        u8::from(t.month()),
-        t.day(),
-        t.hour(),
-        t.minute(),
-        t.second(),
-        ms % 1000
-    )
+    let mut name = super::show::rfc3339_ms(ms);
+    name.retain(|c| c != '-' && c != ':');
+    name.push('.');
+    name.push_str(SEGMENT_EXT);
+    name
 }
 
 /// One segment on disk.
