@@ -120,6 +120,9 @@ pub struct Writer {
     /// Below the space floor: events are not written.
     stopped: bool,
     since_space_check: u64,
+    /// The line being written, kept between events so that serializing one allocates
+    /// nothing once it has grown to the longest event.
+    line: Vec<u8>,
 }
 
 impl std::fmt::Debug for Writer {
@@ -154,6 +157,7 @@ impl Writer {
             free_space,
             stopped: false,
             since_space_check: 0,
+            line: Vec::with_capacity(1024),
         })
     }
 
@@ -166,20 +170,22 @@ impl Writer {
         if self.stopped {
             return Ok(false);
         }
-        let mut line = serde_json::to_vec(event).map_err(io::Error::other)?;
-        line.push(b'\n');
+        self.line.clear();
+        serde_json::to_writer(&mut self.line, event).map_err(io::Error::other)?;
+        self.line.push(b'\n');
+        let len = self.line.len() as u64;
         if self.open.is_none() {
             self.open = Some(self.create(now_ms)?);
         }
         let open = self.open.as_mut().expect("opened above");
-        open.out.write_all(&line)?;
-        open.span.length += line.len() as u64;
+        open.out.write_all(&self.line)?;
+        open.span.length += len;
         open.span.events += 1;
         open.span.first_at = open.span.first_at.min(event.at);
         open.span.last_at = open.span.last_at.max(event.at);
         segment::add_keys(event, &mut open.keys);
         let full = open.span.length >= self.limits.segment_size;
-        self.since_space_check += line.len() as u64;
+        self.since_space_check += len;
         if full {
             self.seal()?;
             self.enforce_size()?;
