@@ -551,13 +551,11 @@ fn delete(spool: &Spool, dir: &Path, ids: &[String]) -> anyhow::Result<()> {
                 return Err(e.into());
             }
         };
-        if outcome != DeleteOutcome::NotFound {
-            removed.push(id.clone());
-        }
         if outcome == DeleteOutcome::NotFound {
             eprintln!("portcullis: no message {id} in {}", dir.display());
         } else {
             println!("{}", report::deletion_line(id, None, Some(outcome)));
+            removed.push(id.clone());
         }
         tally.add(Some(outcome));
     }
