@@ -307,14 +307,15 @@ fn trace(
     }
     if json {
         print!("{}", journal::show::json_lines(&found));
+        // The text report ends with this notice itself; JSON lines have no place for it.
+        if found.truncated > 0 {
+            eprintln!(
+                "portcullis: {} older matching messages left out; narrow the query with --since",
+                found.truncated
+            );
+        }
     } else {
         print!("{}", journal::show::text(&found));
-    }
-    if found.truncated > 0 {
-        eprintln!(
-            "portcullis: {} older matching messages left out; narrow the query with --since",
-            found.truncated
-        );
     }
     Ok(())
 }
