@@ -390,9 +390,10 @@ fn spool_dir(config: Option<&Path>, spool: Option<PathBuf>) -> anyhow::Result<Pa
     })
 }
 
-/// Open the spool for a `queue` command. Only `retry` creates files (its request), so only it
-/// opens the spool for writing (which may create missing subdirectories, given to the spool's
-/// owner); every other command creates and changes nothing but the messages it removes.
+/// Open the spool for a command. Only `retry` opens it for writing (which may create missing
+/// subdirectories, given to the spool's owner); the others make no directory. What they
+/// still write is small and named: `delete` and `purge` a notice of the ids they removed in
+/// `control/` (`Spool::notify_removed`), `listeners pause` the `paused` marker.
 fn open_spool(dir: &Path, writes: bool) -> anyhow::Result<Spool> {
     if !dir.join("queue").is_dir() {
         bail!(UsageError(format!(
