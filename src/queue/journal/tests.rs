@@ -688,13 +688,19 @@ fn a_query_keeps_the_most_recent_messages_and_refusals_and_counts_the_rest() {
     let mut events = Vec::new();
     for (i, id) in (0u64..).zip(ids) {
         let at = T0 + i * 10;
-        events.push(queued(id, at, "<m@ex>", "a@x.example", "b@y.example", "192.0.2.7"));
+        events.push(queued(
+            id,
+            at,
+            "<m@ex>",
+            "a@x.example",
+            "b@y.example",
+            "192.0.2.7",
+        ));
         events.push(refused(at + 1, "192.0.2.7", &format!("r{i}@y.example")));
         events.push(refused(at + 2, "192.0.2.7", &format!("s{i}@y.example")));
     }
     write_all(tmp.path(), &events, true);
-    let found =
-        query::find_at_most(tmp.path(), &"192.0.2.7".parse().unwrap(), 0, 3, 3).unwrap();
+    let found = query::find_at_most(tmp.path(), &"192.0.2.7".parse().unwrap(), 0, 3, 3).unwrap();
     let kept: Vec<&str> = found.messages.iter().map(|m| m.0.as_str()).collect();
     assert_eq!(kept, ids[2..]);
     assert_eq!(found.truncated, 2);
