@@ -60,9 +60,7 @@ impl Segment {
 /// # Errors
 /// The I/O error of listing `dir`.
 pub fn list(dir: &Path) -> io::Result<Vec<Segment>> {
-    let mut paths = segment_paths(dir)?;
-    paths.sort();
-    Ok(paths
+    Ok(segment_paths(dir)?
         .into_iter()
         .map(|path| {
             let index = Sidecar::open(&Segment::index_path(&path)).ok();
@@ -71,7 +69,8 @@ pub fn list(dir: &Path) -> io::Result<Vec<Segment>> {
         .collect())
 }
 
-/// The paths of the segments in `dir`, unsorted (none when `dir` is missing).
+/// The paths of the segments in `dir`, oldest first (their names sort by time; none when
+/// `dir` is missing).
 pub fn segment_paths(dir: &Path) -> io::Result<Vec<PathBuf>> {
     let entries = match fs::read_dir(dir) {
         Ok(entries) => entries,
@@ -85,6 +84,7 @@ pub fn segment_paths(dir: &Path) -> io::Result<Vec<PathBuf>> {
             paths.push(path);
         }
     }
+    paths.sort();
     Ok(paths)
 }
 

@@ -145,9 +145,10 @@ impl Writer {
     pub fn open(dir: &Path, limits: Limits, free_space: FreeSpace) -> io::Result<Writer> {
         DirBuilder::new().recursive(true).mode(0o700).create(dir)?;
         remove_strays(dir)?;
-        let mut paths = segment::segment_paths(dir)?;
-        paths.sort();
-        let sealed = paths.into_iter().map(|path| recover(&path)).collect();
+        let sealed = segment::segment_paths(dir)?
+            .iter()
+            .map(|path| recover(path))
+            .collect();
         Ok(Writer {
             dir: dir.to_path_buf(),
             limits,
