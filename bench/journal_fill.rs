@@ -20,6 +20,7 @@ use std::time::Instant;
 
 use anyhow::Context;
 use portcullis::config::Log;
+use portcullis::envelope::QueueId;
 use portcullis::observe::event::unix_millis;
 use portcullis::observe::{Event, EventKind};
 use portcullis::queue::journal::{self, writer};
@@ -27,7 +28,6 @@ use serde_json::json;
 
 use super::{Args, emit};
 
-const ALPHABET: &[u8; 32] = b"0123456789ABCDEFGHJKMNPQRSTVWXYZ";
 const SENDERS: u64 = 200_000;
 const RECIPIENTS: u64 = 5_000;
 const CLIENTS: u64 = 50_000;
@@ -40,16 +40,12 @@ fn mix(mut z: u64) -> u64 {
     z ^ (z >> 31)
 }
 
-/// A queue id as the relay makes them: microseconds of creation, then 30 bits of variety.
+/// A queue id as the relay makes them (`QueueId::generate`): microseconds of creation, then
+/// 30 bits of variety.
 fn queue_id(ms: u64, n: u64) -> String {
     let micros = (ms * 1000 + n % 1000).wrapping_sub(1_700_000_000_000_000) & ((1 << 50) - 1);
-    let mut value: u128 = (u128::from(micros) << 30) | u128::from(mix(n) & ((1 << 30) - 1));
-    let mut out = [0u8; 16];
-    for slot in out.iter_mut().rev() {
-        *slot = ALPHABET[(value & 31) as usize];
-        value >>= 5;
-    }
-    String::from_utf8_lossy(&out).into_owned()
+    QueueId::from_bits((u128::from(micros) << 30) | u128::from(mix(n) & ((1 << 30) - 1)))
+        .to_string()
 }
 
 fn sender(n: u64) -> String {

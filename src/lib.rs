@@ -54,13 +54,24 @@
 //!   message are per-recipient outcomes carrying the upstream's reply unchanged into the DSN.
 //!   `outbound::Delivery::reload` applies a reloaded `[[upstreams]]` and `[queue]` to new
 //!   attempts.
+//! - [`observe`]: what the relay knows about itself at run time, recorded by every layer
+//!   through `observe::Telemetry::record` (one [`observe::Event`] per step of a message's
+//!   life): the Prometheus metrics, the flow per minute over the last hour, each upstream's
+//!   state, the queue census, the alerts and their webhook, whether the listeners are paused;
+//!   each event also goes to the journal (through the `observe::EventSink` trait, so this
+//!   module never names `queue`). A leaf: recording never blocks and never refuses mail.
+//! - [`admin`]: the `[admin]` HTTP listener (`/metrics`, `/healthz`, `/readyz`, the status
+//!   page `/`, `/api/status`) reading `observe`; `portcullis status` (`admin::client`: the
+//!   running relay's API, else `admin::offline` from the spool and the journal); and the
+//!   `SPOOL/paused` marker behind `portcullis listeners pause|resume` (`admin::pause`).
 //! - [`routes`]: the routing table and the capabilities each upstream announced, shared by
 //!   delivery and the inbound checks at RCPT and DATA (the one module both sides use).
 //! - [`stream`]: a connection that is plain TCP or TLS, for both directions.
 //! - [`text`]: Unicode hygiene for network text: characters that display as nothing, and
 //!   look-alikes of `@` and `.` (one table for the queue commands, the log and the checks).
 //! - [`app`]: wires the above together (the only module that names both `inbound` and
-//!   `outbound`) and owns shutdown and reload.
+//!   `outbound`; it also opens the journal and hands it to `observe`, and starts `admin`)
+//!   and owns shutdown and reload.
 //!
 //! # One message
 //!
@@ -70,7 +81,10 @@
 //! end-of-data checks on what the assembly read → commit (fsync, rename, directory fsync shared
 //! with concurrent commits) → `250 2.0.0 Ok: queued as ID` → the message, still in memory when
 //! small, to the queue manager → an attempt: plan (`queue::schedule`), send (`outbound`),
-//! record (bounce, then state or removal) → the file leaves the queue (kept for reuse).
+//! record (bounce, then state or removal) → the file leaves the queue (kept for reuse). Each
+//! step (connect, queued or refused, deferred, delivered or failed, bounced, finished) is an
+//! `observe::Event`, counted by `observe` and appended to `queue::journal`, where `portcullis
+//! trace` finds it.
 
 pub mod admin;
 pub mod app;

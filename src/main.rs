@@ -307,14 +307,15 @@ fn trace(
     }
     if json {
         print!("{}", journal::show::json_lines(&found));
+        // The text report ends with this notice itself; JSON lines have no place for it.
+        if found.truncated > 0 {
+            eprintln!(
+                "portcullis: {} older matching messages left out; narrow the query with --since",
+                found.truncated
+            );
+        }
     } else {
         print!("{}", journal::show::text(&found));
-    }
-    if found.truncated > 0 {
-        eprintln!(
-            "portcullis: {} older matching messages left out; narrow the query with --since",
-            found.truncated
-        );
     }
     Ok(())
 }
@@ -389,9 +390,10 @@ fn spool_dir(config: Option<&Path>, spool: Option<PathBuf>) -> anyhow::Result<Pa
     })
 }
 
-/// Open the spool for a `queue` command. Only `retry` creates files (its request), so only it
-/// opens the spool for writing (which may create missing subdirectories, given to the spool's
-/// owner); every other command creates and changes nothing but the messages it removes.
+/// Open the spool for a command. Only `retry` opens it for writing (which may create missing
+/// subdirectories, given to the spool's owner); the others make no directory. What they
+/// still write is small and named: `delete` and `purge` a notice of the ids they removed in
+/// `control/` (`Spool::notify_removed`), `listeners pause` the `paused` marker.
 fn open_spool(dir: &Path, writes: bool) -> anyhow::Result<Spool> {
     if !dir.join("queue").is_dir() {
         bail!(UsageError(format!(
@@ -551,13 +553,11 @@ fn delete(spool: &Spool, dir: &Path, ids: &[String]) -> anyhow::Result<()> {
                 return Err(e.into());
             }
         };
-        if outcome != DeleteOutcome::NotFound {
-            removed.push(id.clone());
-        }
         if outcome == DeleteOutcome::NotFound {
             eprintln!("portcullis: no message {id} in {}", dir.display());
         } else {
             println!("{}", report::deletion_line(id, None, Some(outcome)));
+            removed.push(id.clone());
         }
         tally.add(Some(outcome));
     }

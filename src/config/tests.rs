@@ -1734,3 +1734,10 @@ fn check_config_summarises_admin_alerts_and_log() {
         ]
     );
 }
+
+/// `Log::default()` (what the journal benchmark starts from) writes the defaults out a second
+/// time, beside the strings the compiler applies: they must agree.
+#[test]
+fn log_default_is_what_an_absent_log_section_compiles_to() {
+    assert_eq!(ok(MINIMAL).log, Log::default());
+}

@@ -176,12 +176,27 @@ impl Found {
     }
 }
 
-/// Find the events of `query` at or after `since_ms` in the journal directory `dir`.
+/// Find the events of `query` at or after `since_ms` in the journal directory `dir`: at most
+/// [`MAX_MESSAGES`] messages and [`MAX_REFUSALS`] refusals.
 ///
 /// # Errors
 /// The I/O error of listing `dir` or reading a segment or sidecar (a segment removed
 /// meanwhile by retention is no error).
 pub fn find(dir: &Path, query: &Query, since_ms: u64) -> io::Result<Found> {
+    find_at_most(dir, query, since_ms, MAX_MESSAGES, MAX_REFUSALS)
+}
+
+/// [`find`] keeping the `max_messages` most recent messages and the `max_refusals` most
+/// recent refusals. Refusals are cut back to the most recent while the segments are read, so
+/// a client refused millions of times costs about twice the answer's memory, not the
+/// journal's.
+pub(super) fn find_at_most(
+    dir: &Path,
+    query: &Query,
+    since_ms: u64,
+    max_messages: usize,
+    max_refusals: usize,
+) -> io::Result<Found> {
     let segments: Vec<Segment> = segment::list(dir)?
         .into_iter()
         .filter(|s| s.reaches(since_ms))
@@ -211,22 +226,33 @@ pub fn find(dir: &Path, query: &Query, since_ms: u64) -> io::Result<Found> {
                     let at = first_seen.entry(id).or_insert(event.at);
                     *at = (*at).min(event.at);
                 }
-                None if event.kind == EventKind::Refused => refusals.push(event),
+                None if event.kind == EventKind::Refused => {
+                    refusals.push(event);
+                    if refusals.len() >= max_refusals.saturating_mul(2).max(1) {
+                        keep_newest(&mut refusals, max_refusals);
+                    }
+                }
                 None => {}
             }
         })?;
     }
-    let (ids, truncated) = newest(first_seen, MAX_MESSAGES);
+    let (ids, truncated) = newest(first_seen, max_messages);
     let messages = timelines(&segments, &ids, since_ms)?;
-    refusals.sort_by_key(|e| e.at);
-    if refusals.len() > MAX_REFUSALS {
-        refusals.drain(..refusals.len() - MAX_REFUSALS);
-    }
+    keep_newest(&mut refusals, max_refusals);
     Ok(Found {
         messages,
         refusals,
         truncated,
     })
+}
+
+/// Sort `events` by time (a stable sort: ties stay in the order read) and keep the `max`
+/// most recent.
+fn keep_newest(events: &mut Vec<Event>, max: usize) {
+    events.sort_by_key(|e| e.at);
+    if events.len() > max {
+        events.drain(..events.len() - max);
+    }
 }
 
 /// The `max` ids seen most recently, and how many were left out.

@@ -10,8 +10,6 @@ use std::fs::{self, File};
 use std::io::{self, BufRead, BufReader, Read};
 use std::path::{Path, PathBuf};
 
-use time::OffsetDateTime;
-
 use super::index::{self, KeyKind, Sidecar};
 use crate::observe::Event;
 
@@ -23,22 +21,14 @@ pub const INDEX_EXT: &str = "idx";
 /// event with 1,000 recipients of 254 octets is about 260 KB.
 pub const MAX_LINE: usize = 1 << 20;
 
-/// The file name of a segment opened at `ms` (Unix milliseconds).
+/// The file name of a segment opened at `ms` (Unix milliseconds): its
+/// [`super::show::rfc3339_ms`] time without the `-` and `:` separators.
 pub fn name_at(ms: u64) -> String {
-    let t = i64::try_from(ms / 1000)
-        .ok()
-        .and_then(|s| OffsetDateTime::from_unix_timestamp(s).ok())
-        .unwrap_or(OffsetDateTime::UNIX_EPOCH);
-    format!(
-        "{:04}{:02}{:02}T{:02}{:02}{:02}.{:03}Z.{SEGMENT_EXT}",
-        t.year(),
-        u8::from(t.month()),
-        t.day(),
-        t.hour(),
-        t.minute(),
-        t.second(),
-        ms % 1000
-    )
+    let mut name = super::show::rfc3339_ms(ms);
+    name.retain(|c| c != '-' && c != ':');
+    name.push('.');
+    name.push_str(SEGMENT_EXT);
+    name
 }
 
 /// One segment on disk.
@@ -70,9 +60,7 @@ impl Segment {
 /// # Errors
 /// The I/O error of listing `dir`.
 pub fn list(dir: &Path) -> io::Result<Vec<Segment>> {
-    let mut paths = segment_paths(dir)?;
-    paths.sort();
-    Ok(paths
+    Ok(segment_paths(dir)?
         .into_iter()
         .map(|path| {
             let index = Sidecar::open(&Segment::index_path(&path)).ok();
@@ -81,7 +69,8 @@ pub fn list(dir: &Path) -> io::Result<Vec<Segment>> {
         .collect())
 }
 
-/// The paths of the segments in `dir`, unsorted (none when `dir` is missing).
+/// The paths of the segments in `dir`, oldest first (their names sort by time; none when
+/// `dir` is missing).
 pub fn segment_paths(dir: &Path) -> io::Result<Vec<PathBuf>> {
     let entries = match fs::read_dir(dir) {
         Ok(entries) => entries,
@@ -95,6 +84,7 @@ pub fn segment_paths(dir: &Path) -> io::Result<Vec<PathBuf>> {
             paths.push(path);
         }
     }
+    paths.sort();
     Ok(paths)
 }
 
@@ -169,7 +159,7 @@ pub fn message_id_key(text: &str) -> String {
 
 /// Add the key hashes of `event` to `keys`: its queue id, Message-ID, sender and
 /// recipients, client IP.
-pub fn add_keys(event: &Event, keys: &mut HashSet<u64>) {
+fn add_keys(event: &Event, keys: &mut HashSet<u64>) {
     if let Some(id) = &event.id {
         keys.insert(index::key_hash(KeyKind::Id, id));
     }
@@ -189,29 +179,69 @@ pub fn add_keys(event: &Event, keys: &mut HashSet<u64>) {
     }
 }
 
+/// What a segment's sidecar is made of, gathered event by event: the key hashes of its
+/// events and its [`Span`](index::Span) (the writer adds each line's length to
+/// `span.length`; [`reindex`] takes the file's).
+#[derive(Debug)]
+pub struct Contents {
+    /// Times and count of the events added, and the segment's length.
+    pub span: index::Span,
+    keys: HashSet<u64>,
+}
+
+impl Default for Contents {
+    fn default() -> Contents {
+        Contents {
+            span: index::Span {
+                first_at: u64::MAX,
+                last_at: 0,
+                events: 0,
+                length: 0,
+            },
+            keys: HashSet::new(),
+        }
+    }
+}
+
+impl Contents {
+    /// Count `event`: its keys and time.
+    pub fn add(&mut self, event: &Event) {
+        add_keys(event, &mut self.keys);
+        self.span.first_at = self.span.first_at.min(event.at);
+        self.span.last_at = self.span.last_at.max(event.at);
+        self.span.events += 1;
+    }
+
+    /// The span as the sidecar records it (`first_at` 0 when no event was added).
+    pub fn span(&self) -> index::Span {
+        let mut span = self.span;
+        if span.events == 0 {
+            span.first_at = 0;
+        }
+        span
+    }
+
+    /// Write the sidecar of the segment at `path`.
+    ///
+    /// # Errors
+    /// The I/O error of [`index::write`].
+    pub fn write_index(&self, path: &Path) -> io::Result<()> {
+        index::write(&Segment::index_path(path), &self.keys, self.span())
+    }
+}
+
 /// Index the segment at `path` from its contents (a segment left without sidecar by a
 /// crash): collect its keys and span, and write its sidecar.
 ///
 /// # Errors
 /// The I/O error of reading the segment or writing the sidecar.
 pub fn reindex(path: &Path) -> io::Result<()> {
-    let mut keys = HashSet::new();
-    let mut span = index::Span {
-        first_at: u64::MAX,
-        last_at: 0,
-        events: 0,
-        length: fs::metadata(path)?.len(),
-    };
+    let mut contents = Contents::default();
+    contents.span.length = fs::metadata(path)?.len();
     lines(path, &mut |line| {
         if let Some(event) = parse(line) {
-            add_keys(&event, &mut keys);
-            span.first_at = span.first_at.min(event.at);
-            span.last_at = span.last_at.max(event.at);
-            span.events += 1;
+            contents.add(&event);
         }
     })?;
-    if span.events == 0 {
-        span.first_at = 0;
-    }
-    index::write(&Segment::index_path(path), &keys, span)
+    contents.write_index(path)
 }

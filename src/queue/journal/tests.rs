@@ -672,3 +672,38 @@ fn appending_never_waits_for_a_stuck_writer_and_every_event_is_kept_or_counted()
     }
     assert_eq!(written + dropped.load(Ordering::SeqCst), sent);
 }
+
+/// A client with more messages and refusals than a query returns: the most recent of each
+/// are kept (refusals cut back while the segments are read), the count left out is said.
+#[test]
+fn a_query_keeps_the_most_recent_messages_and_refusals_and_counts_the_rest() {
+    let tmp = tempfile::tempdir().unwrap();
+    let ids = [
+        "0AB1CD2EF3GH4JK1",
+        "0AB1CD2EF3GH4JK2",
+        "0AB1CD2EF3GH4JK3",
+        "0AB1CD2EF3GH4JK4",
+        "0AB1CD2EF3GH4JK5",
+    ];
+    let mut events = Vec::new();
+    for (i, id) in (0u64..).zip(ids) {
+        let at = T0 + i * 10;
+        events.push(queued(
+            id,
+            at,
+            "<m@ex>",
+            "a@x.example",
+            "b@y.example",
+            "192.0.2.7",
+        ));
+        events.push(refused(at + 1, "192.0.2.7", &format!("r{i}@y.example")));
+        events.push(refused(at + 2, "192.0.2.7", &format!("s{i}@y.example")));
+    }
+    write_all(tmp.path(), &events, true);
+    let found = query::find_at_most(tmp.path(), &"192.0.2.7".parse().unwrap(), 0, 3, 3).unwrap();
+    let kept: Vec<&str> = found.messages.iter().map(|m| m.0.as_str()).collect();
+    assert_eq!(kept, ids[2..]);
+    assert_eq!(found.truncated, 2);
+    let rcpts: Vec<&str> = found.refusals.iter().map(|e| e.rcpts[0].as_str()).collect();
+    assert_eq!(rcpts, ["s3@y.example", "r4@y.example", "s4@y.example"]);
+}

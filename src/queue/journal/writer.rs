@@ -5,7 +5,7 @@
 //! [`Writer`] is synchronous and owns the files; the relay drives it from one thread fed by a
 //! bounded channel ([`super::Journal`]), and the benchmark drives it directly.
 
-use std::collections::{HashSet, VecDeque};
+use std::collections::VecDeque;
 use std::fs::{self, DirBuilder, File, OpenOptions};
 use std::io::{self, BufWriter, Write};
 use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
@@ -13,8 +13,8 @@ use std::path::{Path, PathBuf};
 
 use tracing::{info, warn};
 
-use super::index::{self, Sidecar, Span};
-use super::segment::{self, Segment};
+use super::index::Sidecar;
+use super::segment::{self, Contents, Segment};
 use crate::config::Log;
 use crate::observe::Event;
 
@@ -106,8 +106,7 @@ struct Open {
     path: PathBuf,
     out: BufWriter<File>,
     opened_ms: u64,
-    span: Span,
-    keys: HashSet<u64>,
+    contents: Contents,
 }
 
 /// The journal's files in one directory, written by one writer.
@@ -120,6 +119,9 @@ pub struct Writer {
     /// Below the space floor: events are not written.
     stopped: bool,
     since_space_check: u64,
+    /// The line being written, kept between events so that serializing one allocates
+    /// nothing once it has grown to the longest event.
+    line: Vec<u8>,
 }
 
 impl std::fmt::Debug for Writer {
@@ -143,9 +145,10 @@ impl Writer {
     pub fn open(dir: &Path, limits: Limits, free_space: FreeSpace) -> io::Result<Writer> {
         DirBuilder::new().recursive(true).mode(0o700).create(dir)?;
         remove_strays(dir)?;
-        let mut paths = segment::segment_paths(dir)?;
-        paths.sort();
-        let sealed = paths.into_iter().map(|path| recover(&path)).collect();
+        let sealed = segment::segment_paths(dir)?
+            .iter()
+            .map(|path| recover(path))
+            .collect();
         Ok(Writer {
             dir: dir.to_path_buf(),
             limits,
@@ -154,6 +157,7 @@ impl Writer {
             free_space,
             stopped: false,
             since_space_check: 0,
+            line: Vec::with_capacity(1024),
         })
     }
 
@@ -166,20 +170,19 @@ impl Writer {
         if self.stopped {
             return Ok(false);
         }
-        let mut line = serde_json::to_vec(event).map_err(io::Error::other)?;
-        line.push(b'\n');
+        self.line.clear();
+        serde_json::to_writer(&mut self.line, event).map_err(io::Error::other)?;
+        self.line.push(b'\n');
+        let len = self.line.len() as u64;
         if self.open.is_none() {
             self.open = Some(self.create(now_ms)?);
         }
         let open = self.open.as_mut().expect("opened above");
-        open.out.write_all(&line)?;
-        open.span.length += line.len() as u64;
-        open.span.events += 1;
-        open.span.first_at = open.span.first_at.min(event.at);
-        open.span.last_at = open.span.last_at.max(event.at);
-        segment::add_keys(event, &mut open.keys);
-        let full = open.span.length >= self.limits.segment_size;
-        self.since_space_check += line.len() as u64;
+        open.out.write_all(&self.line)?;
+        open.contents.span.length += len;
+        open.contents.add(event);
+        let full = open.contents.span.length >= self.limits.segment_size;
+        self.since_space_check += len;
         if full {
             self.seal()?;
             self.enforce_size()?;
@@ -232,16 +235,12 @@ impl Writer {
         let Some(mut open) = self.open.take() else {
             return Ok(());
         };
-        let mut span = open.span;
-        if span.events == 0 {
-            span.first_at = 0;
-        }
-        let index_path = Segment::index_path(&open.path);
+        let span = open.contents.span();
         let written = open
             .out
             .flush()
-            .and_then(|()| index::write(&index_path, &open.keys, span));
-        let index_len = fs::metadata(&index_path).map_or(0, |m| m.len());
+            .and_then(|()| open.contents.write_index(&open.path));
+        let index_len = fs::metadata(Segment::index_path(&open.path)).map_or(0, |m| m.len());
         // Counted for retention even when its index could not be written.
         self.sealed.push_back(Sealed {
             path: open.path,
@@ -253,7 +252,7 @@ impl Writer {
 
     /// Octets of segments and sidecars, the open segment included.
     pub fn total_size(&self) -> u64 {
-        let open = self.open.as_ref().map_or(0, |o| o.span.length);
+        let open = self.open.as_ref().map_or(0, |o| o.contents.span.length);
         self.sealed.iter().map(|s| s.bytes).sum::<u64>() + open
     }
 
@@ -279,13 +278,7 @@ impl Writer {
                         path,
                         out: BufWriter::with_capacity(64 << 10, file),
                         opened_ms: now_ms,
-                        span: Span {
-                            first_at: u64::MAX,
-                            last_at: 0,
-                            events: 0,
-                            length: 0,
-                        },
-                        keys: HashSet::new(),
+                        contents: Contents::default(),
                     });
                 }
                 Err(e) if e.kind() == io::ErrorKind::AlreadyExists => at += 1,
