@@ -302,21 +302,21 @@ impl SessionDriver {
                 let envelope = message.envelope();
                 event.id = Some(envelope.id.as_str().to_owned());
                 event.message_id = message.message_id().map(str::to_owned);
-                event.from = Some(record::sender(&envelope.mail_from));
+                event.from = Some(envelope.mail_from.bare());
                 event.rcpts = record::recipients(envelope.recipients.iter().map(|r| &r.address));
             }
-            About::Mail(from) => event.from = Some(record::sender(from)),
+            About::Mail(from) => event.from = Some(from.bare()),
             About::Rcpt(to) => {
-                event.from = tx.map(|t| record::sender(&t.from));
+                event.from = tx.map(|t| t.from.bare());
                 event.rcpts = vec![to.to_string()];
             }
             About::Transaction => {
-                event.from = tx.map(|t| record::sender(&t.from));
+                event.from = tx.map(|t| t.from.bare());
                 event.rcpts = tx
                     .map(|t| record::recipients(&t.recipients))
                     .unwrap_or_default();
             }
-            About::Session => event.from = tx.map(|t| record::sender(&t.from)),
+            About::Session => event.from = tx.map(|t| t.from.bare()),
         }
         event
     }

@@ -13,7 +13,7 @@ use std::net::IpAddr;
 
 use tracing::{info, warn};
 
-use crate::envelope::{Address, ReversePath, TlsInfo};
+use crate::envelope::{Address, TlsInfo};
 use crate::observe::{Event, EventKind, Telemetry};
 use crate::policy::{Detail, Refusal};
 use crate::smtp::Reply;
@@ -73,14 +73,6 @@ pub fn tls_version(tls: Option<&TlsInfo>) -> Option<&'static str> {
         "TLSv1.2" => "1.2",
         _ => "other",
     })
-}
-
-/// The reverse-path as events carry it: the address, or empty for `<>`.
-pub fn sender(from: &ReversePath) -> String {
-    match from {
-        ReversePath::Null => String::new(),
-        ReversePath::Address(a) => a.to_string(),
-    }
 }
 
 /// The forward-paths as events carry them.

@@ -339,7 +339,7 @@ impl<C: Courier> Recorder<'_, C> {
     /// Record the `bounced` event of `failed`: the bounce queued as `bounce_id`, or none.
     fn record_bounce(&self, failed: &[FailedRcpt], bounce_id: Option<&QueueId>) {
         let mut event = self.event(EventKind::Bounced);
-        event.from = Some(census::sender_name(&self.msg.envelope.mail_from));
+        event.from = Some(self.msg.envelope.mail_from.bare());
         event.rcpts = failed.iter().map(|f| f.address.to_string()).collect();
         event.bounce_id = bounce_id.map(ToString::to_string);
         self.telemetry.record(&event);

@@ -15,7 +15,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 
-use crate::envelope::{QueueId, ReversePath};
+use crate::envelope::QueueId;
 use crate::observe::{QueueCensus, TOP_SENDERS, UpstreamCount};
 
 use super::QueuedMessage;
@@ -44,17 +44,9 @@ impl Facts {
             .unwrap_or_else(|| NO_ROUTE.to_owned());
         Facts {
             upstream,
-            sender: sender_name(&msg.envelope.mail_from),
+            sender: msg.envelope.mail_from.to_string(),
             held: msg.state.hold.is_some(),
         }
-    }
-}
-
-/// How the census names a sender: the address, or `<>`.
-pub fn sender_name(path: &ReversePath) -> String {
-    match path {
-        ReversePath::Null => "<>".to_owned(),
-        ReversePath::Address(a) => a.to_string(),
     }
 }
 

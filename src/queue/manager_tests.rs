@@ -691,6 +691,9 @@ async fn a_bounce_that_cannot_be_bounced_is_counted_without_a_bounce_id() {
     let bounce_id = bounced[0].bounce_id.clone().expect("a DSN was queued");
     assert_eq!(bounced[1].id.as_deref(), Some(bounce_id.as_str()));
     assert_eq!(bounced[1].bounce_id, None, "no bounce of a bounce");
+    // The sender as every event carries it: bare, empty for `<>` (as `trace` reads it).
+    assert_eq!(bounced[0].from.as_deref(), Some("sender@example.org"));
+    assert_eq!(bounced[1].from.as_deref(), Some(""));
     assert_eq!(h.telemetry.metrics.bounced.get(), 2);
     h.events_until(EventKind::Finished, 2).await;
     h.census_until(|c| c.queued() == 0 && c.oldest.is_none())
