@@ -290,17 +290,14 @@ async fn start_admin(
     Ok(Some(server))
 }
 
-/// The relay's telemetry: named after this node, its upstreams declared, its events
-/// journaled under the spool.
+/// The relay's telemetry: named after this node, its events journaled under the spool
+/// (delivery declares the upstreams, see [`outbound::start`]).
 fn telemetry_for(config: &Config, spool: &Spool) -> Telemetry {
-    let telemetry = Telemetry::new(config.server.hostname.clone()).with_journal(Box::new(
-        Journal::open(spool, &config.log, config.limits.min_free_space),
-    ));
-    let names: Vec<String> = config.upstreams.iter().map(|u| u.name.clone()).collect();
-    telemetry
-        .upstreams
-        .configure(&names, crate::envelope::unix_now(), &telemetry.metrics);
-    telemetry
+    Telemetry::new(config.server.hostname.clone()).with_journal(Box::new(Journal::open(
+        spool,
+        &config.log,
+        config.limits.min_free_space,
+    )))
 }
 
 /// Open the spool and recover it (off the reactor), then log the configuration's warnings.

@@ -448,12 +448,10 @@ mod tests {
         let telemetry = Arc::new(
             crate::observe::Telemetry::new("relay.example").with_journal(Box::new(journal)),
         );
-        let names = ["default".to_owned()];
-        telemetry
-            .upstreams
-            .configure(&names, unix_now(), &telemetry.metrics);
+        let upstreams = Upstreams::new(&config, book, telemetry.clone()).unwrap();
+        upstreams.publish_states(&telemetry);
         Context {
-            upstreams: Arc::new(Upstreams::new(&config, book, telemetry.clone()).unwrap()),
+            upstreams: Arc::new(upstreams),
             hostname: "relay.example".into(),
             queue: config.queue.clone(),
             telemetry,
