@@ -587,11 +587,14 @@ impl SessionDriver {
     /// Log and record a refusal by `rule` with `reply` (the engine's own, timeouts): about
     /// the message being received, if any.
     fn log_rejection(&self, reply: &Reply, rule: &'static str) {
-        let about = self
-            .assembly
+        self.refused(&Refused::rule(rule, reply), self.receiving());
+    }
+
+    /// What a refusal during DATA is about: the message being received, if any.
+    fn receiving(&self) -> About<'_> {
+        self.assembly
             .as_deref()
-            .map_or(About::Session, About::Message);
-        self.refused(&Refused::rule(rule, reply), about);
+            .map_or(About::Session, About::Message)
     }
 
     /// Refuse the pending command with `r`, logged and recorded about `about`.
@@ -803,11 +806,7 @@ impl SessionDriver {
         ));
         let slow = reply::DATA_TOO_SLOW;
         let refused = Refused::rule("stress_data_rate", &slow).warning();
-        let about = self
-            .assembly
-            .as_deref()
-            .map_or(About::Session, About::Message);
-        self.refused(&refused.with_detail(&detail), about);
+        self.refused(&refused.with_detail(&detail), self.receiving());
         self.session.close_with(&reply::DATA_TOO_SLOW);
         None
     }
