@@ -371,8 +371,9 @@ mod tests {
     use super::*;
     use crate::config::{Config, UpstreamTls};
     use crate::envelope::sample_envelope;
+    use crate::observe::kept::KeptEvents;
     use crate::observe::metrics::UpstreamLabel;
-    use crate::observe::{Event, EventKind};
+    use crate::observe::EventKind;
     use crate::queue::Spool;
     use crate::queue::schedule::RouteGroup;
     use crate::routes::CapabilityBook;
@@ -419,27 +420,11 @@ mod tests {
         }
     }
 
-    /// Every event recorded, in order.
-    #[derive(Debug, Clone, Default)]
-    struct Journal(Arc<std::sync::Mutex<Vec<Event>>>);
-
-    impl crate::observe::EventSink for Journal {
-        fn append(&self, event: &Event) {
-            self.0.lock().unwrap().push(event.clone());
-        }
-    }
-
-    impl Journal {
-        fn take(&self) -> Vec<Event> {
-            std::mem::take(&mut *self.0.lock().unwrap())
-        }
-    }
-
     fn context(port: u16) -> Context {
-        context_with(port, Journal::default())
+        context_with(port, KeptEvents::default())
     }
 
-    fn context_with(port: u16, journal: Journal) -> Context {
+    fn context_with(port: u16, journal: KeptEvents) -> Context {
         let mut config = Config::embedded_default();
         config.upstreams.truncate(1);
         config.upstreams[0].address = format!("localhost:{port}");
@@ -600,7 +585,7 @@ mod tests {
     #[tokio::test]
     async fn a_transaction_is_recorded_as_delivered_and_failed_events_with_the_upstreams_id() {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let journal = Journal::default();
+        let journal = KeptEvents::default();
         let ctx = context_with(listener.local_addr().unwrap().port(), journal.clone());
         tokio::spawn(upstream(listener));
         let dir = tempfile::tempdir().unwrap();
@@ -636,7 +621,7 @@ mod tests {
             .and_then(|l| l.local_addr())
             .map(|a| a.port())
             .unwrap();
-        let journal = Journal::default();
+        let journal = KeptEvents::default();
         let ctx = context_with(port, journal.clone());
         let m = &ctx.telemetry.metrics;
         assert_eq!(
