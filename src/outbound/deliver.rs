@@ -371,9 +371,9 @@ mod tests {
     use super::*;
     use crate::config::{Config, UpstreamTls};
     use crate::envelope::sample_envelope;
+    use crate::observe::EventKind;
     use crate::observe::kept::KeptEvents;
     use crate::observe::metrics::UpstreamLabel;
-    use crate::observe::EventKind;
     use crate::queue::Spool;
     use crate::queue::schedule::RouteGroup;
     use crate::routes::CapabilityBook;
