@@ -197,15 +197,21 @@ impl Sending<'_> {
     /// Record that `rcpts` stay for later at `upstream` without a transaction, because of
     /// `why`.
     fn untried(&self, upstream: &str, rcpts: &[usize], why: String) {
-        let facts = Facts {
+        let addresses = rcpts.iter().map(|&i| self.address(i).to_string()).collect();
+        let event = self.facts(upstream, None).deferred(addresses, why);
+        self.ctx.telemetry.record(&event);
+    }
+
+    /// What the events of this message at `upstream` share, now (`seconds`: how long its
+    /// transaction took, if one took place).
+    fn facts<'a>(&'a self, upstream: &'a str, seconds: Option<f64>) -> Facts<'a> {
+        Facts {
             at: unix_millis(),
             id: self.job.msg.id().as_str(),
             upstream,
-            seconds: None,
+            seconds,
             size: self.job.msg.size,
-        };
-        let addresses = rcpts.iter().map(|&i| self.address(i).to_string()).collect();
-        self.ctx.telemetry.record(&facts.deferred(addresses, why));
+        }
     }
 
     /// An upstream skipped because its breaker is open: when it reopens (Unix seconds).
@@ -294,14 +300,7 @@ impl Sending<'_> {
             upstream: Some(up.name().to_owned()),
             outcome: summary.join("; "),
         });
-        let facts = Facts {
-            at: unix_millis(),
-            id: self.job.msg.id().as_str(),
-            upstream: up.name(),
-            seconds: Some(seconds),
-            size: self.job.msg.size,
-        };
-        for event in facts.transaction(tx) {
+        for event in self.facts(up.name(), Some(seconds)).transaction(tx) {
             self.ctx.telemetry.record(&event);
         }
     }
