@@ -35,7 +35,8 @@ macro_rules! rejected {
 /// the lockout answers it). Not counted: a temporary failure on our side (`auth_busy`,
 /// `auth_verifier_failed`: nothing was judged) and what the protocol engine refuses by
 /// itself before any password is looked at (`auth_malformed`, `auth_cancelled`,
-/// `auth_mechanism`, `auth_without_tls`, `auth_authzid_mismatch`, …). Each of these still counts in `portcullis_refusals_total{rule}`.
+/// `auth_mechanism`, `auth_without_tls`, `auth_authzid_mismatch`, …). Each of these still
+/// counts in `portcullis_refusals_total{rule}`.
 pub const AUTH_FAILURE_RULES: [&str; 3] =
     ["auth_bad_password", "auth_unknown_user", "auth_lockout"];
 
