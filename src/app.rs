@@ -207,18 +207,18 @@ pub async fn run(config: Config, path: Option<PathBuf>) -> Result<(), AppError> 
     // A relay started while paused starts paused, before its first connection.
     let observe_stop = CancellationToken::new();
     start_pause_watch(&telemetry, &spool, &observe_stop);
+    // The alerts and the admin listener read the configuration running now at each
+    // evaluation or request, so a reloaded threshold or token applies at once.
+    let config_now: ConfigSource = {
+        let runtime = runtime.clone();
+        Arc::new(move || runtime.load().config.clone())
+    };
     // Alerts log and show even without [admin] or a webhook; they count from here.
-    let alerts = crate::observe::alerts::spawn(
-        telemetry.clone(),
-        {
-            let runtime = runtime.clone();
-            Arc::new(move || runtime.load().config.clone())
-        },
-        observe_stop.clone(),
-    );
+    let alerts =
+        crate::observe::alerts::spawn(telemetry.clone(), config_now.clone(), observe_stop.clone());
     let inbound = inbound::start(runtime.clone(), deps).await?;
     telemetry.gate.set_bound(true);
-    let admin = match start_admin(&runtime, &telemetry, &spool, &observe_stop).await {
+    let admin = match start_admin(config_now, &telemetry, &spool, &observe_stop).await {
         Ok(admin) => admin,
         Err(e) => {
             inbound.stop(Duration::ZERO).await;
@@ -265,19 +265,15 @@ fn start_pause_watch(telemetry: &Arc<Telemetry>, spool: &Spool, stop: &Cancellat
 }
 
 /// Start the admin listener when `[admin]` is configured, reading the configuration running
-/// now at each request (so a reloaded token applies); it stops when `stop` is cancelled.
+/// now (`source`) at each request; it stops when `stop` is cancelled.
 async fn start_admin(
-    runtime: &Arc<ArcSwap<Runtime>>,
+    source: ConfigSource,
     telemetry: &Arc<Telemetry>,
     spool: &Spool,
     stop: &CancellationToken,
 ) -> Result<Option<admin::AdminServer>, AppError> {
-    let Some(settings) = runtime.load().config.admin.clone() else {
+    let Some(settings) = source().admin.clone() else {
         return Ok(None);
-    };
-    let source: ConfigSource = {
-        let runtime = runtime.clone();
-        Arc::new(move || runtime.load().config.clone())
     };
     let server = admin::start(
         &settings,
@@ -290,17 +286,14 @@ async fn start_admin(
     Ok(Some(server))
 }
 
-/// The relay's telemetry: named after this node, its upstreams declared, its events
-/// journaled under the spool.
+/// The relay's telemetry: named after this node, its events journaled under the spool
+/// (delivery declares the upstreams, see [`outbound::start`]).
 fn telemetry_for(config: &Config, spool: &Spool) -> Telemetry {
-    let telemetry = Telemetry::new(config.server.hostname.clone()).with_journal(Box::new(
-        Journal::open(spool, &config.log, config.limits.min_free_space),
-    ));
-    let names: Vec<String> = config.upstreams.iter().map(|u| u.name.clone()).collect();
-    telemetry
-        .upstreams
-        .configure(&names, crate::envelope::unix_now(), &telemetry.metrics);
-    telemetry
+    Telemetry::new(config.server.hostname.clone()).with_journal(Box::new(Journal::open(
+        spool,
+        &config.log,
+        config.limits.min_free_space,
+    )))
 }
 
 /// Open the spool and recover it (off the reactor), then log the configuration's warnings.

@@ -515,6 +515,12 @@ impl ReversePath {
             ReversePath::Address(a) => Some(a),
         }
     }
+
+    /// The sender as events and the journal carry it: the bare address, empty for `<>`
+    /// ([`crate::observe::Event::from`]). Its `Display` writes `<>` instead.
+    pub fn bare(&self) -> String {
+        self.address().map_or_else(String::new, ToString::to_string)
+    }
 }
 
 impl fmt::Display for ReversePath {

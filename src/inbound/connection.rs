@@ -302,21 +302,21 @@ impl SessionDriver {
                 let envelope = message.envelope();
                 event.id = Some(envelope.id.as_str().to_owned());
                 event.message_id = message.message_id().map(str::to_owned);
-                event.from = Some(record::sender(&envelope.mail_from));
+                event.from = Some(envelope.mail_from.bare());
                 event.rcpts = record::recipients(envelope.recipients.iter().map(|r| &r.address));
             }
-            About::Mail(from) => event.from = Some(record::sender(from)),
+            About::Mail(from) => event.from = Some(from.bare()),
             About::Rcpt(to) => {
-                event.from = tx.map(|t| record::sender(&t.from));
+                event.from = tx.map(|t| t.from.bare());
                 event.rcpts = vec![to.to_string()];
             }
             About::Transaction => {
-                event.from = tx.map(|t| record::sender(&t.from));
+                event.from = tx.map(|t| t.from.bare());
                 event.rcpts = tx
                     .map(|t| record::recipients(&t.recipients))
                     .unwrap_or_default();
             }
-            About::Session => event.from = tx.map(|t| record::sender(&t.from)),
+            About::Session => event.from = tx.map(|t| t.from.bare()),
         }
         event
     }
@@ -587,11 +587,14 @@ impl SessionDriver {
     /// Log and record a refusal by `rule` with `reply` (the engine's own, timeouts): about
     /// the message being received, if any.
     fn log_rejection(&self, reply: &Reply, rule: &'static str) {
-        let about = self
-            .assembly
+        self.refused(&Refused::rule(rule, reply), self.receiving());
+    }
+
+    /// What a refusal during DATA is about: the message being received, if any.
+    fn receiving(&self) -> About<'_> {
+        self.assembly
             .as_deref()
-            .map_or(About::Session, About::Message);
-        self.refused(&Refused::rule(rule, reply), about);
+            .map_or(About::Session, About::Message)
     }
 
     /// Refuse the pending command with `r`, logged and recorded about `about`.
@@ -803,11 +806,7 @@ impl SessionDriver {
         ));
         let slow = reply::DATA_TOO_SLOW;
         let refused = Refused::rule("stress_data_rate", &slow).warning();
-        let about = self
-            .assembly
-            .as_deref()
-            .map_or(About::Session, About::Message);
-        self.refused(&refused.with_detail(&detail), about);
+        self.refused(&refused.with_detail(&detail), self.receiving());
         self.session.close_with(&reply::DATA_TOO_SLOW);
         None
     }

@@ -29,6 +29,7 @@ use crate::dns::Resolver;
 use crate::dns::dnsbl::DnsblCheck;
 use crate::dns::verify::{
     CHECK_DEADLINE_QUERIES, IprevCheck, IprevResult, MessageChecks, MessageFacts, SpfCheck,
+    SpfResult,
 };
 use crate::envelope::ReversePath;
 use crate::observe::Telemetry;
@@ -188,20 +189,12 @@ impl Effects {
             Effect::ReserveSpace { bytes } => self.reserve(runtime, shared, bytes),
             Effect::Start(lookup) => {
                 let (resolver, zones) = (runtime.resolver.clone(), zones(runtime, lookup));
-                let ip = facts.session.client_ip;
                 let telemetry = Arc::clone(&shared.telemetry);
-                self.lookups.start(lookup, (resolver, telemetry), zones, ip);
+                (self.lookups).start(lookup, resolver, telemetry, zones, facts.session.client_ip);
                 Answer::Allowed
             }
             Effect::Await(lookup) => Answer::Looked(self.lookups.finish(lookup).await),
-            Effect::Spf => {
-                let answer = self.spf(runtime, facts).await;
-                // Without a resolver nothing was looked up: no DNS error.
-                if let (Answer::Spf(check), Some(_)) = (&answer, &runtime.resolver) {
-                    count_dns_errors(&shared.telemetry, Some(check), None);
-                }
-                answer
-            }
+            Effect::Spf => self.spf(runtime, &shared.telemetry, facts).await,
             Effect::Authenticate { dmarc } => self.authenticate(step, dmarc).await,
             Effect::Sign => self.sign(step).await,
         }
@@ -209,7 +202,12 @@ impl Effects {
 
     /// SPF of the transaction: the reverse-path, or the HELO name for `<>`; kept for the
     /// transaction.
-    async fn spf(&mut self, runtime: &Runtime, facts: &StageFacts<'_>) -> Answer {
+    async fn spf(
+        &mut self,
+        runtime: &Runtime,
+        telemetry: &Telemetry,
+        facts: &StageFacts<'_>,
+    ) -> Answer {
         let Input::Mail { from, helo, .. } = facts.input else {
             return Answer::Allowed;
         };
@@ -222,10 +220,14 @@ impl Effects {
             Some(resolver) => {
                 let deadline = check_deadline(resolver);
                 let spf = resolver.spf(ip, helo, reverse_path.as_deref());
-                match tokio::time::timeout(deadline, spf).await {
+                let check = match tokio::time::timeout(deadline, spf).await {
                     Ok(check) => check,
                     Err(_) => spf_timed_out(helo, reverse_path.as_deref()),
+                };
+                if check.result == SpfResult::TempError {
+                    telemetry.metrics.dns_error("spf");
                 }
+                check
             }
             None => spf_timed_out(helo, reverse_path.as_deref()),
         };
@@ -280,7 +282,7 @@ impl Effects {
             warn!("message verification did not finish within the data timeout");
             return Answer::AuthenticationBusy;
         };
-        count_dns_errors(&step.shared.telemetry, None, Some(&checks));
+        count_dns_errors(&step.shared.telemetry, &checks);
         self.message = Some(Box::new(checks.clone()));
         Answer::Authenticated(Box::new(checks))
     }
@@ -549,7 +551,7 @@ fn check_deadline(resolver: &Resolver) -> Duration {
 
 /// The SPF result of a check that could not finish: `temperror`, never a pass.
 fn spf_timed_out(helo: &str, reverse_path: Option<&str>) -> SpfCheck {
-    use crate::dns::verify::{SpfIdentity, SpfResult};
+    use crate::dns::verify::SpfIdentity;
     let (identity, subject) = match reverse_path {
         Some(path) => (SpfIdentity::MailFrom, path),
         None => (SpfIdentity::Helo, helo),
@@ -564,22 +566,13 @@ fn spf_timed_out(helo: &str, reverse_path: Option<&str>) -> SpfCheck {
     }
 }
 
-/// Count the checks that ended in `temperror` (a DNS lookup failed or timed out) in
-/// `portcullis_dns_errors_total{check}`: SPF, and each DKIM signature, ARC and DMARC of a
-/// message. Each check is counted where it ends, once (iprev and DNSBL in [`resolve`]).
-fn count_dns_errors(
-    telemetry: &Telemetry,
-    spf: Option<&SpfCheck>,
-    message: Option<&MessageChecks>,
-) {
-    use crate::dns::verify::{ArcResult, DkimResult, DmarcResult, SpfResult};
+/// Count the checks of a message that ended in `temperror` (a DNS lookup failed or timed
+/// out) in `portcullis_dns_errors_total{check}`: each DKIM signature, ARC and DMARC. Each
+/// check is counted where its resolver answered, once (SPF in [`Effects::spf`], iprev and
+/// DNSBL in [`resolve`]); without a resolver nothing is looked up and nothing counted.
+fn count_dns_errors(telemetry: &Telemetry, m: &MessageChecks) {
+    use crate::dns::verify::{ArcResult, DkimResult, DmarcResult};
     let metrics = &telemetry.metrics;
-    if spf.is_some_and(|c| c.result == SpfResult::TempError) {
-        metrics.dns_error("spf");
-    }
-    let Some(m) = message else {
-        return;
-    };
     for _ in m.dkim.iter().filter(|d| d.result == DkimResult::TempError) {
         metrics.dns_error("dkim");
     }
@@ -653,29 +646,20 @@ enum Pending {
 struct Lookups(Vec<(Lookup, Pending)>);
 
 impl Lookups {
-    /// Start `lookup` for the client `ip` (its DNSBL `zones`, if it is one) through the
-    /// resolver of `via`, counting its DNS errors in the telemetry of `via`.
+    /// Start `lookup` for the client `ip` (its DNSBL `zones`, if it is one) through
+    /// `resolver`, counting its DNS errors in `telemetry`.
     fn start(
         &mut self,
         lookup: Lookup,
-        via: (Option<Resolver>, Arc<Telemetry>),
+        resolver: Option<Resolver>,
+        telemetry: Arc<Telemetry>,
         zones: Vec<crate::config::DnsblZone>,
         ip: std::net::IpAddr,
     ) {
         // A lookup started twice is run once: keep the first.
         if self.0.iter().all(|(l, _)| *l != lookup) {
-            let (resolver, telemetry) = via;
-            // Without a resolver nothing was looked up: no DNS error.
-            let looked_up = resolver.is_some();
             // In the session's span: its log lines (a listing, a timeout) name the client.
-            let resolving = async move {
-                let result = resolve(lookup, resolver, zones, ip).await;
-                if looked_up {
-                    count_lookup_errors(&telemetry, &result);
-                }
-                result
-            }
-            .in_current_span();
+            let resolving = resolve(lookup, resolver, telemetry, zones, ip).in_current_span();
             let task = tokio::spawn(resolving);
             self.0.push((lookup, Pending::Running(task)));
         }
@@ -709,22 +693,6 @@ impl Drop for Lookups {
     }
 }
 
-/// Count a lookup that ended in error (`portcullis_dns_errors_total{check}`): an iprev
-/// `temperror`, and each DNSBL zone whose lookup failed or timed out.
-fn count_lookup_errors(telemetry: &Telemetry, result: &LookupResult) {
-    match result {
-        LookupResult::Iprev(check) if check.result == IprevResult::TempError => {
-            telemetry.metrics.dns_error("iprev");
-        }
-        LookupResult::Dnsbl(check) => {
-            for _ in 0..check.errors {
-                telemetry.metrics.dns_error("dnsbl");
-            }
-        }
-        _ => {}
-    }
-}
-
 /// The zones a DNSBL lookup queries (none for other lookups).
 fn zones(runtime: &Runtime, lookup: Lookup) -> Vec<crate::config::DnsblZone> {
     match lookup {
@@ -734,46 +702,50 @@ fn zones(runtime: &Runtime, lookup: Lookup) -> Vec<crate::config::DnsblZone> {
 }
 
 /// Carry out one lookup, within [`check_deadline`]: a DNSBL lookup that fails or times out
-/// is "not listed", an iprev one `temperror`.
+/// is "not listed", an iprev one `temperror`. What the resolver could not answer is counted
+/// in `portcullis_dns_errors_total{check}` of `telemetry` (each DNSBL zone that failed, an
+/// iprev `temperror`); without a resolver nothing is looked up and nothing counted.
 async fn resolve(
     lookup: Lookup,
     resolver: Option<Resolver>,
+    telemetry: Arc<Telemetry>,
     zones: Vec<crate::config::DnsblZone>,
     ip: std::net::IpAddr,
 ) -> LookupResult {
-    let not_listed = || LookupResult::Dnsbl(DnsblCheck::default());
-    let iprev_failed = || {
-        LookupResult::Iprev(IprevCheck {
-            result: IprevResult::TempError,
-            name: None,
-        })
+    let iprev_failed = || IprevCheck {
+        result: IprevResult::TempError,
+        name: None,
     };
     match (lookup, resolver) {
         (Lookup::Dnsbl, Some(r)) => {
             let found = tokio::time::timeout(check_deadline(&r), r.dnsbl(ip, &zones)).await;
-            match found {
-                Ok(check) => {
-                    if !check.listed.is_empty() {
-                        info!(dnsbl = %crate::policy::mailauth::dnsbl_field(&check), "client listed");
-                    }
-                    LookupResult::Dnsbl(check)
+            let check = found.unwrap_or_else(|_| {
+                warn!("DNSBL lookups did not finish in time; counted as not listed");
+                // Every zone's lookup is a failed one.
+                let errors = u32::try_from(zones.len()).unwrap_or(u32::MAX);
+                DnsblCheck {
+                    errors,
+                    ..DnsblCheck::default()
                 }
-                Err(_) => {
-                    warn!("DNSBL lookups did not finish in time; counted as not listed");
-                    // Every zone's lookup is a failed one.
-                    let errors = u32::try_from(zones.len()).unwrap_or(u32::MAX);
-                    LookupResult::Dnsbl(DnsblCheck {
-                        errors,
-                        ..DnsblCheck::default()
-                    })
-                }
+            });
+            if !check.listed.is_empty() {
+                info!(dnsbl = %crate::policy::mailauth::dnsbl_field(&check), "client listed");
             }
+            for _ in 0..check.errors {
+                telemetry.metrics.dns_error("dnsbl");
+            }
+            LookupResult::Dnsbl(check)
         }
-        (Lookup::Dnsbl, None) => not_listed(),
-        (Lookup::Iprev, Some(r)) => tokio::time::timeout(check_deadline(&r), r.iprev(ip))
-            .await
-            .map_or_else(|_| iprev_failed(), LookupResult::Iprev),
-        (Lookup::Iprev, None) => iprev_failed(),
+        (Lookup::Dnsbl, None) => LookupResult::Dnsbl(DnsblCheck::default()),
+        (Lookup::Iprev, Some(r)) => {
+            let found = tokio::time::timeout(check_deadline(&r), r.iprev(ip)).await;
+            let check = found.unwrap_or_else(|_| iprev_failed());
+            if check.result == IprevResult::TempError {
+                telemetry.metrics.dns_error("iprev");
+            }
+            LookupResult::Iprev(check)
+        }
+        (Lookup::Iprev, None) => LookupResult::Iprev(iprev_failed()),
         #[cfg(test)]
         (Lookup::Echo(n), _) => {
             tokio::task::yield_now().await;
@@ -791,7 +763,7 @@ mod tests {
         let mut lookups = Lookups::default();
         let ip: std::net::IpAddr = "192.0.2.1".parse().unwrap();
         let telemetry = Arc::new(Telemetry::new("relay.test"));
-        let mut start = |l| lookups.start(l, (None, Arc::clone(&telemetry)), Vec::new(), ip);
+        let mut start = |l| lookups.start(l, None, Arc::clone(&telemetry), Vec::new(), ip);
         start(Lookup::Echo(7));
         // Started twice, run once.
         start(Lookup::Echo(7));
@@ -810,13 +782,18 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn lookups_without_a_resolver_count_as_not_listed_and_temperror() {
         let ip: std::net::IpAddr = "192.0.2.1".parse().unwrap();
+        let telemetry = Arc::new(Telemetry::new("relay.test"));
+        let resolve = |lookup| resolve(lookup, None, Arc::clone(&telemetry), Vec::new(), ip);
         assert_eq!(
-            resolve(Lookup::Dnsbl, None, Vec::new(), ip).await,
+            resolve(Lookup::Dnsbl).await,
             LookupResult::Dnsbl(DnsblCheck::default())
         );
-        let LookupResult::Iprev(iprev) = resolve(Lookup::Iprev, None, Vec::new(), ip).await else {
+        let LookupResult::Iprev(iprev) = resolve(Lookup::Iprev).await else {
             panic!("an iprev lookup answers iprev");
         };
         assert_eq!(iprev.result, IprevResult::TempError);
+        // Nothing was looked up: no DNS error is counted.
+        let errors = telemetry.metrics.encode();
+        assert!(!errors.contains("portcullis_dns_errors_total{"), "{errors}");
     }
 }

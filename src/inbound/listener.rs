@@ -2,15 +2,17 @@
 //! the connect stage), instrumented with a `session` span that gives every log line of the
 //! session its listener and peer.
 //!
-//! When a cap is reached the client is told `421` and closed by a short task of its own; the
-//! accept loop itself never waits on a client.
+//! When a cap is reached, or the listeners are paused (`portcullis listeners pause`), the
+//! client is told `421` and closed by a short task of its own; the accept loop itself never
+//! waits on a client.
 
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
 use tokio::io::{AsyncWrite, AsyncWriteExt};
-use tokio::net::TcpListener;
+use tokio::net::{TcpListener, TcpStream};
 use tokio_util::task::TaskTracker;
 use tracing::{Instrument, info, info_span, warn};
 
@@ -58,17 +60,21 @@ impl ListenerTask {
                 }
             };
             let _ = tcp.set_nodelay(true);
+            // The peer last, so a line reads `…peer=192.0.2.1}: session end …`. The
+            // refusals at connect carry it too.
+            let span = info_span!("session", listener = %self.config.name,
+                client_port = peer.port(), peer = %peer.ip());
             if self.shared.telemetry.gate.paused() {
-                self.refuse_paused(tcp, peer);
+                // `portcullis listeners pause` (delivery is not affected); at info level:
+                // the operator asked for it.
+                let paused = reply::PAUSED;
+                let refused = Refused::rule("paused", &paused);
+                span.in_scope(|| self.refuse_at_connect(tcp, peer, refused));
                 continue;
             }
             let runtime = self.runtime.load_full();
             let listener = self.current(&runtime);
             let limits = &runtime.config.limits;
-            // The peer last, so a line reads `…peer=192.0.2.1}: session end …`. The
-            // refusals of a full listener carry it too.
-            let span = info_span!("session", listener = %listener.name,
-                client_port = peer.port(), peer = %peer.ip());
             match self.counter.admit(
                 peer.ip(),
                 limits.max_connections,
@@ -88,58 +94,37 @@ impl ListenerTask {
                     );
                 }
                 Err(full) => {
-                    let client = Client {
-                        listener: &listener.name,
-                        ip: peer.ip(),
-                        tls: None,
-                        login: None,
+                    let (reply, rule) = match full {
+                        Full::Total => (reply::TOO_MANY_CONNECTIONS, "max_connections"),
+                        Full::PerIp => (reply::TOO_MANY_FROM_IP, "max_connections_per_ip"),
                     };
-                    let reply = span.in_scope(|| self.full(full, &client));
-                    self.tracker.spawn(async move { refuse(tcp, &reply).await });
+                    let full = Refused::rule(rule, &reply).warning();
+                    span.in_scope(|| self.refuse_at_connect(tcp, peer, full));
                 }
             }
         }
         info!(listener = %self.config.name, "stopped listening");
     }
 
-    /// `portcullis listeners pause` is in effect: `421 4.3.2` and close, by a short task of
-    /// its own, without a session (delivery is not affected); logged, counted and journaled as
-    /// a refusal with rule `paused` (at info level: the operator asked for it).
-    fn refuse_paused(&self, tcp: tokio::net::TcpStream, peer: std::net::SocketAddr) {
+    /// Refuse `peer` before any session (the listeners are paused, or a connection cap is
+    /// reached): log and record `refused` (in the caller's span), then send its `421` and
+    /// close, by a short task of its own (closed at once if `refused` has no reply).
+    fn refuse_at_connect(&self, tcp: TcpStream, peer: SocketAddr, refused: Refused<'_>) {
         let client = Client {
             listener: &self.config.name,
             ip: peer.ip(),
             tls: None,
             login: None,
         };
-        let span = info_span!("session", listener = %self.config.name,
-            client_port = peer.port(), peer = %peer.ip());
-        span.in_scope(|| {
-            record::refused(
-                &self.shared.telemetry,
-                client.event(EventKind::Refused),
-                &Refused::rule("paused", &reply::PAUSED).saying("rejected at connect"),
-            );
-        });
-        self.tracker
-            .spawn(async move { refuse(tcp, &reply::PAUSED).await });
-    }
-
-    /// A connection cap is reached: log and record the refusal of `client`; the reply to
-    /// send.
-    fn full(&self, full: Full, client: &Client<'_>) -> Reply {
-        let (reply, rule) = match full {
-            Full::Total => (reply::TOO_MANY_CONNECTIONS, "max_connections"),
-            Full::PerIp => (reply::TOO_MANY_FROM_IP, "max_connections_per_ip"),
-        };
-        let refused = Refused::rule(rule, &reply).warning();
-        let event = client.event(EventKind::Refused);
+        let refused = refused.saying("rejected at connect");
         record::refused(
             &self.shared.telemetry,
-            event,
-            &refused.saying("rejected at connect"),
+            client.event(EventKind::Refused),
+            &refused,
         );
-        reply
+        if let Some(reply) = refused.reply.cloned() {
+            self.tracker.spawn(async move { refuse(tcp, &reply).await });
+        }
     }
 
     /// This listener as `runtime` configures it: a reload may have changed its lists and

@@ -11,9 +11,9 @@
 //! signing); [`assembly`] turns one message into a committed spool file, our
 //! `Authentication-Results:` or `DKIM-Signature:` fields above it; [`record`] is what the
 //! side tells [`crate::observe::Telemetry`] (a refusal's log line and its event come from one
-//! function, so none is logged uncounted); [`tls`] builds the rustls configuration. Nothing here decides policy (it asks [`crate::policy`]) and nothing
-//! here knows delivery: a committed message leaves as a [`Committed`] on the channel `app`
-//! gives [`start`].
+//! function, so none is logged uncounted); [`tls`] builds the rustls configuration. Nothing
+//! here decides policy (it asks [`crate::policy`]) and nothing here knows delivery: a
+//! committed message leaves as a [`Committed`] on the channel `app` gives [`start`].
 
 #![warn(clippy::too_many_lines)]
 

@@ -13,7 +13,7 @@ use std::net::IpAddr;
 
 use tracing::{info, warn};
 
-use crate::envelope::{Address, ReversePath, TlsInfo};
+use crate::envelope::{Address, TlsInfo};
 use crate::observe::{Event, EventKind, Telemetry};
 use crate::policy::{Detail, Refusal};
 use crate::smtp::Reply;
@@ -35,7 +35,8 @@ macro_rules! rejected {
 /// the lockout answers it). Not counted: a temporary failure on our side (`auth_busy`,
 /// `auth_verifier_failed`: nothing was judged) and what the protocol engine refuses by
 /// itself before any password is looked at (`auth_malformed`, `auth_cancelled`,
-/// `auth_mechanism`, `auth_without_tls`, `auth_authzid_mismatch`, …). Each of these still counts in `portcullis_refusals_total{rule}`.
+/// `auth_mechanism`, `auth_without_tls`, `auth_authzid_mismatch`, …). Each of these still
+/// counts in `portcullis_refusals_total{rule}`.
 pub const AUTH_FAILURE_RULES: [&str; 3] =
     ["auth_bad_password", "auth_unknown_user", "auth_lockout"];
 
@@ -73,14 +74,6 @@ pub fn tls_version(tls: Option<&TlsInfo>) -> Option<&'static str> {
         "TLSv1.2" => "1.2",
         _ => "other",
     })
-}
-
-/// The reverse-path as events carry it: the address, or empty for `<>`.
-pub fn sender(from: &ReversePath) -> String {
-    match from {
-        ReversePath::Null => String::new(),
-        ReversePath::Address(a) => a.to_string(),
-    }
 }
 
 /// The forward-paths as events carry them.

@@ -19,6 +19,7 @@ use super::connection::{SessionDriver, Shared};
 use super::effects::Effects;
 use super::verifier::Verifier;
 use crate::config::Config;
+use crate::observe::kept::KeptEvents;
 use crate::policy::limits::RateLimit;
 use crate::policy::lockout::{AuthAttempt, GateDecision};
 use crate::policy::stage::{Check, Evaluation, Input, Lookup, StageFacts};
@@ -43,24 +44,7 @@ struct Parts {
     queued: mpsc::UnboundedReceiver<Committed>,
     stress: watch::Sender<bool>,
     /// Every event the sessions recorded, in order.
-    events: Journaled,
-}
-
-/// A journal that keeps the events in memory, for the tests to read.
-#[derive(Debug, Default, Clone)]
-struct Journaled(Arc<std::sync::Mutex<Vec<crate::observe::Event>>>);
-
-impl crate::observe::EventSink for Journaled {
-    fn append(&self, event: &crate::observe::Event) {
-        self.0.lock().unwrap().push(event.clone());
-    }
-}
-
-impl Journaled {
-    /// The events so far.
-    fn all(&self) -> Vec<crate::observe::Event> {
-        self.0.lock().unwrap().clone()
-    }
+    events: KeptEvents,
 }
 
 impl Parts {
@@ -69,7 +53,7 @@ impl Parts {
         let book = CapabilityBook::load(&runtime.config.upstreams, None);
         let (stress, stress_rx) = watch::channel(false);
         let (queued_tx, queued) = mpsc::unbounded_channel();
-        let events = Journaled::default();
+        let events = KeptEvents::default();
         let telemetry =
             crate::observe::Telemetry::new("relay.test").with_journal(Box::new(events.clone()));
         let shared = Shared {
@@ -105,7 +89,7 @@ struct Harness {
     dir: tempfile::TempDir,
     /// What the session records: metrics, flow, and (in `events`) the journal.
     telemetry: Arc<crate::observe::Telemetry>,
-    events: Journaled,
+    events: KeptEvents,
 }
 
 /// The runtime for a policy file made of a minimal relay and `more` (extra tables and keys,

@@ -15,6 +15,8 @@
 pub mod alerts;
 pub mod event;
 pub mod flow;
+#[cfg(test)]
+pub mod kept;
 pub mod metrics;
 pub mod status;
 pub mod upstreams;

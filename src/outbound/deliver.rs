@@ -197,15 +197,21 @@ impl Sending<'_> {
     /// Record that `rcpts` stay for later at `upstream` without a transaction, because of
     /// `why`.
     fn untried(&self, upstream: &str, rcpts: &[usize], why: String) {
-        let facts = Facts {
+        let addresses = rcpts.iter().map(|&i| self.address(i).to_string()).collect();
+        let event = self.facts(upstream, None).deferred(addresses, why);
+        self.ctx.telemetry.record(&event);
+    }
+
+    /// What the events of this message at `upstream` share, now (`seconds`: how long its
+    /// transaction took, if one took place).
+    fn facts<'a>(&'a self, upstream: &'a str, seconds: Option<f64>) -> Facts<'a> {
+        Facts {
             at: unix_millis(),
             id: self.job.msg.id().as_str(),
             upstream,
-            seconds: None,
+            seconds,
             size: self.job.msg.size,
-        };
-        let addresses = rcpts.iter().map(|&i| self.address(i).to_string()).collect();
-        self.ctx.telemetry.record(&facts.deferred(addresses, why));
+        }
     }
 
     /// An upstream skipped because its breaker is open: when it reopens (Unix seconds).
@@ -294,14 +300,7 @@ impl Sending<'_> {
             upstream: Some(up.name().to_owned()),
             outcome: summary.join("; "),
         });
-        let facts = Facts {
-            at: unix_millis(),
-            id: self.job.msg.id().as_str(),
-            upstream: up.name(),
-            seconds: Some(seconds),
-            size: self.job.msg.size,
-        };
-        for event in facts.transaction(tx) {
+        for event in self.facts(up.name(), Some(seconds)).transaction(tx) {
             self.ctx.telemetry.record(&event);
         }
     }
@@ -371,8 +370,9 @@ mod tests {
     use super::*;
     use crate::config::{Config, UpstreamTls};
     use crate::envelope::sample_envelope;
+    use crate::observe::EventKind;
+    use crate::observe::kept::KeptEvents;
     use crate::observe::metrics::UpstreamLabel;
-    use crate::observe::{Event, EventKind};
     use crate::queue::Spool;
     use crate::queue::schedule::RouteGroup;
     use crate::routes::CapabilityBook;
@@ -419,27 +419,11 @@ mod tests {
         }
     }
 
-    /// Every event recorded, in order.
-    #[derive(Debug, Clone, Default)]
-    struct Journal(Arc<std::sync::Mutex<Vec<Event>>>);
-
-    impl crate::observe::EventSink for Journal {
-        fn append(&self, event: &Event) {
-            self.0.lock().unwrap().push(event.clone());
-        }
-    }
-
-    impl Journal {
-        fn take(&self) -> Vec<Event> {
-            std::mem::take(&mut *self.0.lock().unwrap())
-        }
-    }
-
     fn context(port: u16) -> Context {
-        context_with(port, Journal::default())
+        context_with(port, KeptEvents::default())
     }
 
-    fn context_with(port: u16, journal: Journal) -> Context {
+    fn context_with(port: u16, journal: KeptEvents) -> Context {
         let mut config = Config::embedded_default();
         config.upstreams.truncate(1);
         config.upstreams[0].address = format!("localhost:{port}");
@@ -448,12 +432,10 @@ mod tests {
         let telemetry = Arc::new(
             crate::observe::Telemetry::new("relay.example").with_journal(Box::new(journal)),
         );
-        let names = ["default".to_owned()];
-        telemetry
-            .upstreams
-            .configure(&names, unix_now(), &telemetry.metrics);
+        let upstreams = Upstreams::new(&config, book, telemetry.clone()).unwrap();
+        upstreams.publish_states(&telemetry);
         Context {
-            upstreams: Arc::new(Upstreams::new(&config, book, telemetry.clone()).unwrap()),
+            upstreams: Arc::new(upstreams),
             hostname: "relay.example".into(),
             queue: config.queue.clone(),
             telemetry,
@@ -602,7 +584,7 @@ mod tests {
     #[tokio::test]
     async fn a_transaction_is_recorded_as_delivered_and_failed_events_with_the_upstreams_id() {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let journal = Journal::default();
+        let journal = KeptEvents::default();
         let ctx = context_with(listener.local_addr().unwrap().port(), journal.clone());
         tokio::spawn(upstream(listener));
         let dir = tempfile::tempdir().unwrap();
@@ -638,7 +620,7 @@ mod tests {
             .and_then(|l| l.local_addr())
             .map(|a| a.port())
             .unwrap();
-        let journal = Journal::default();
+        let journal = KeptEvents::default();
         let ctx = context_with(port, journal.clone());
         let m = &ctx.telemetry.metrics;
         assert_eq!(

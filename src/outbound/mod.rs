@@ -113,14 +113,8 @@ impl Delivery {
         });
         self.context.store(context.clone());
         self.capabilities.replace(book);
-        // The status lists the upstreams configured now, each with its breaker as it is: an
-        // unchanged one may still be down, one built anew starts up.
-        let names: Vec<String> = config.upstreams.iter().map(|u| u.name.clone()).collect();
-        let telemetry = &context.telemetry;
-        telemetry
-            .upstreams
-            .configure(&names, crate::envelope::unix_now(), &telemetry.metrics);
-        context.upstreams.publish_states();
+        // The status lists the upstreams configured now, each with its breaker as it is.
+        context.upstreams.publish_states(&context.telemetry);
         // Not in `tracker`: the probe is no delivery, and shutdown does not wait for it.
         tokio::spawn(async move {
             context
@@ -149,12 +143,10 @@ pub fn start(
         &config.upstreams,
         Some(spool.root()),
     ));
+    let upstreams = upstream::Upstreams::new(config, book.clone(), telemetry.clone())?;
+    upstreams.publish_states(&telemetry);
     let context = Arc::new(ArcSwap::from_pointee(Context {
-        upstreams: Arc::new(upstream::Upstreams::new(
-            config,
-            book.clone(),
-            telemetry.clone(),
-        )?),
+        upstreams: Arc::new(upstreams),
         hostname: config.server.hostname.clone(),
         queue: config.queue.clone(),
         telemetry: telemetry.clone(),

@@ -148,19 +148,15 @@ impl Upstreams {
         self.list.iter()
     }
 
-    /// Tell the telemetry each upstream's breaker as it is now (after a reload: an upstream
-    /// that kept its breaker may be down, one built anew is up).
-    pub fn publish_states(&self) {
+    /// Declare these upstreams to `telemetry` (one no longer configured is forgotten), each
+    /// with its breaker as it is now: at start every one is up; after a reload an upstream
+    /// that kept its breaker may be down, one built anew is up.
+    pub fn publish_states(&self, telemetry: &Telemetry) {
+        let names: Vec<String> = self.list.iter().map(|u| u.name().to_owned()).collect();
+        (telemetry.upstreams).configure(&names, unix_now(), &telemetry.metrics);
         for up in &self.list {
             let down = up.down();
-            let error = down.as_ref().map(|(_, why)| why.as_str());
-            up.telemetry.upstreams.set_up(
-                up.name(),
-                down.is_none(),
-                error,
-                unix_now(),
-                &up.telemetry.metrics,
-            );
+            up.publish(down.is_none(), down.as_ref().map(|(_, why)| why.as_str()));
         }
     }
 

@@ -101,10 +101,13 @@ pub struct Ended {
     pub bounce: Option<(QueueId, Facts)>,
 }
 
-/// The name of the first upstream `domain` routes to with `courier`.
-pub fn route_name<C: Courier>(courier: &C, domain: &str) -> Option<String> {
-    let first = *courier.route(domain).first()?;
-    courier.upstream_name(first).map(str::to_owned)
+/// The upstream mail to `domain` is counted under with `courier`: the first of its route,
+/// or [`census::NO_ROUTE`] when none serves it (or there is no domain: no recipient left).
+pub fn route_name<C: Courier>(courier: &C, domain: Option<&str>) -> String {
+    let first = domain.and_then(|d| courier.route(d).first().copied());
+    first
+        .and_then(|i| courier.upstream_name(i))
+        .map_or_else(|| census::NO_ROUTE.to_owned(), str::to_owned)
 }
 
 /// The census facts of `msg` as `courier` routes it.
@@ -266,12 +269,8 @@ fn record_expiry<C: Courier>(
 ) {
     let mut event = Event::at(EventKind::Expired, clock.now_millis());
     event.id = Some(msg.id().to_string());
-    event.upstream = Some(
-        failed
-            .first()
-            .and_then(|f| route_name(courier, f.address.domain()))
-            .unwrap_or_else(|| census::NO_ROUTE.to_owned()),
-    );
+    let domain = failed.first().map(|f| f.address.domain());
+    event.upstream = Some(route_name(courier, domain));
     event.rcpts = failed.iter().map(|f| f.address.to_string()).collect();
     event.reply = failed.first().map(|f| f.diagnostic.to_string());
     telemetry.record(&event);
@@ -339,7 +338,7 @@ impl<C: Courier> Recorder<'_, C> {
     /// Record the `bounced` event of `failed`: the bounce queued as `bounce_id`, or none.
     fn record_bounce(&self, failed: &[FailedRcpt], bounce_id: Option<&QueueId>) {
         let mut event = self.event(EventKind::Bounced);
-        event.from = Some(census::sender_name(&self.msg.envelope.mail_from));
+        event.from = Some(self.msg.envelope.mail_from.bare());
         event.rcpts = failed.iter().map(|f| f.address.to_string()).collect();
         event.bounce_id = bounce_id.map(ToString::to_string);
         self.telemetry.record(&event);
@@ -392,8 +391,7 @@ impl<C: Courier> Recorder<'_, C> {
     /// How the census counts a bounce to `sender`.
     fn bounce_facts(&self, sender: &Address) -> Facts {
         Facts {
-            upstream: route_name(self.courier, sender.domain())
-                .unwrap_or_else(|| census::NO_ROUTE.to_owned()),
+            upstream: route_name(self.courier, Some(sender.domain())),
             sender: "<>".to_owned(),
             held: false,
         }

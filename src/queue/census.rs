@@ -15,7 +15,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 
-use crate::envelope::{QueueId, ReversePath};
+use crate::envelope::QueueId;
 use crate::observe::{QueueCensus, TOP_SENDERS, UpstreamCount};
 
 use super::QueuedMessage;
@@ -35,26 +35,14 @@ pub struct Facts {
 }
 
 impl Facts {
-    /// The facts of `msg`; `upstream` names the upstream a recipient domain routes to first.
-    pub fn of(msg: &QueuedMessage, upstream: impl Fn(&str) -> Option<String>) -> Facts {
-        let upstream = msg
-            .pending()
-            .next()
-            .and_then(|rcpt| upstream(rcpt.domain()))
-            .unwrap_or_else(|| NO_ROUTE.to_owned());
+    /// The facts of `msg`; `upstream` names the upstream the domain of its first pending
+    /// recipient routes to first ([`NO_ROUTE`] for none, and for no recipient left).
+    pub fn of(msg: &QueuedMessage, upstream: impl Fn(Option<&str>) -> String) -> Facts {
         Facts {
-            upstream,
-            sender: sender_name(&msg.envelope.mail_from),
+            upstream: upstream(msg.pending().next().map(|rcpt| rcpt.domain())),
+            sender: msg.envelope.mail_from.to_string(),
             held: msg.state.hold.is_some(),
         }
-    }
-}
-
-/// How the census names a sender: the address, or `<>`.
-pub fn sender_name(path: &ReversePath) -> String {
-    match path {
-        ReversePath::Null => "<>".to_owned(),
-        ReversePath::Address(a) => a.to_string(),
     }
 }
 

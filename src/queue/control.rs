@@ -338,19 +338,31 @@ impl Spool {
     /// hold.
     pub fn request_retry(&self, target: &RetryTarget) -> Result<(), SpoolError> {
         match target {
-            RetryTarget::All => self.write_request(RETRY_ALL),
+            RetryTarget::All => self.write_request(RETRY_ALL, &[]),
             RetryTarget::Ids(ids) => ids
                 .iter()
-                .try_for_each(|id| self.write_request(&format!("{RETRY_PREFIX}{id}"))),
+                .try_for_each(|id| self.write_request(&format!("{RETRY_PREFIX}{id}"), &[])),
         }?;
         sync_dir(&self.inner.control)
     }
 
-    fn write_request(&self, name: &str) -> Result<(), SpoolError> {
+    /// Put the file `name` into `control/`: made in `tmp/` with `contents` (fsynced when
+    /// there are any: a removal notice), given to the relay's user, renamed in. The caller
+    /// syncs the directory.
+    fn write_request(&self, name: &str, contents: &[u8]) -> Result<(), SpoolError> {
+        use std::io::Write as _;
         let tmp = self.temp_path(name);
-        drop(create_new(&tmp)?);
+        let mut file = create_new(&tmp)?;
+        let written = if contents.is_empty() {
+            Ok(())
+        } else {
+            (file.write_all(contents))
+                .and_then(|()| file.sync_data())
+                .map_err(SpoolError::io("write", &tmp))
+        };
+        drop(file);
         // Run as root on the relay's spool, the request must still be the relay's to remove.
-        if let Err(e) = give_to(&tmp, self.inner.owner) {
+        if let Err(e) = written.and_then(|()| give_to(&tmp, self.inner.owner)) {
             let _ = fs::remove_file(&tmp);
             return Err(e);
         }
@@ -366,7 +378,7 @@ impl Spool {
     /// in the message's state, since it owns that file. Blocking.
     pub fn request_hold(&self, id: &QueueId, hold: bool) -> Result<(), SpoolError> {
         let prefix = if hold { HOLD_PREFIX } else { RELEASE_PREFIX };
-        self.write_request(&format!("{prefix}{id}"))?;
+        self.write_request(&format!("{prefix}{id}"), &[])?;
         sync_dir(&self.inner.control)
     }
 
@@ -441,28 +453,9 @@ impl Spool {
             }
             let n = super::TEMP_COUNTER.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             let name = format!("{REMOVED_PREFIX}{}-{n}-{at_ms}", std::process::id());
-            self.write_notice(&name, text.as_bytes())?;
+            self.write_request(&name, text.as_bytes())?;
         }
         sync_dir(&self.inner.control)
-    }
-
-    fn write_notice(&self, name: &str, text: &[u8]) -> Result<(), SpoolError> {
-        use std::io::Write as _;
-        let tmp = self.temp_path(name);
-        let written = create_new(&tmp).and_then(|mut file| {
-            file.write_all(text)
-                .and_then(|()| file.sync_data())
-                .map_err(SpoolError::io("write", &tmp))
-        });
-        if let Err(e) = written.and_then(|()| give_to(&tmp, self.inner.owner)) {
-            let _ = fs::remove_file(&tmp);
-            return Err(e);
-        }
-        let dest = self.inner.control.join(name);
-        fs::rename(&tmp, &dest).map_err(|e| {
-            let _ = fs::remove_file(&tmp);
-            SpoolError::io("rename", &dest)(e)
-        })
     }
 
     /// Open the notice at `path` if the relay's user wrote it (else it is removed unread,

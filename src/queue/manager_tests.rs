@@ -17,8 +17,9 @@ use super::schedule::{AttemptReport, FailedRcpt, RcptResult};
 use super::{DeliveryState, PurgeFilter, RemovedHow, RetryTarget, Spool};
 use crate::config;
 use crate::envelope::{QueueId, RcptStatus, ReversePath, sample_envelope};
+use crate::observe::kept::KeptEvents;
 use crate::observe::metrics::{HowLabel, QueueLabels, UpstreamLabel};
-use crate::observe::{Event, EventKind, EventSink, QueueCensus, Telemetry};
+use crate::observe::{Event, EventKind, QueueCensus, Telemetry};
 
 /// The Unix time the tests' clock starts at (the sample envelope's reception).
 const T0: u64 = 1_700_000_000;
@@ -126,16 +127,6 @@ fn result(answer: Answer, index: usize, job: Consignment<'_>) -> RcptResult {
 /// The scripted courier's upstreams.
 const UPSTREAMS: [&str; 2] = ["alpha", "beta"];
 
-/// The journal of the tests: every event recorded, in order.
-#[derive(Debug, Clone, Default)]
-struct Journal(Arc<Mutex<Vec<Event>>>);
-
-impl EventSink for Journal {
-    fn append(&self, event: &Event) {
-        self.0.lock().unwrap().push(event.clone());
-    }
-}
-
 /// A running manager over a fresh spool.
 struct Harness {
     _dir: tempfile::TempDir,
@@ -148,7 +139,7 @@ struct Harness {
     manager: Option<Manager<Scripted>>,
     /// What the manager records.
     telemetry: Arc<Telemetry>,
-    journal: Journal,
+    journal: KeptEvents,
 }
 
 /// A manager with the retry schedule `retry` (seconds) and `max_age` ten times its sum.
@@ -174,7 +165,7 @@ fn start(retry: &[u64], max_in_flight: usize, gate: Option<Arc<Semaphore>>) -> H
     });
     let (wake, incoming) = mpsc::unbounded_channel();
     let stop = CancellationToken::new();
-    let journal = Journal::default();
+    let journal = KeptEvents::default();
     let telemetry =
         Arc::new(Telemetry::new("relay.example").with_journal(Box::new(journal.clone())));
     let manager = Manager::new(
@@ -521,8 +512,8 @@ impl Harness {
 
     /// The events of `kind` recorded so far.
     fn events(&self, kind: EventKind) -> Vec<Event> {
-        let all = self.journal.0.lock().unwrap();
-        all.iter().filter(|e| e.kind == kind).cloned().collect()
+        let all = self.journal.all();
+        all.into_iter().filter(|e| e.kind == kind).collect()
     }
 
     /// Wait until the published census satisfies `check`.
@@ -691,6 +682,9 @@ async fn a_bounce_that_cannot_be_bounced_is_counted_without_a_bounce_id() {
     let bounce_id = bounced[0].bounce_id.clone().expect("a DSN was queued");
     assert_eq!(bounced[1].id.as_deref(), Some(bounce_id.as_str()));
     assert_eq!(bounced[1].bounce_id, None, "no bounce of a bounce");
+    // The sender as every event carries it: bare, empty for `<>` (as `trace` reads it).
+    assert_eq!(bounced[0].from.as_deref(), Some("sender@example.org"));
+    assert_eq!(bounced[1].from.as_deref(), Some(""));
     assert_eq!(h.telemetry.metrics.bounced.get(), 2);
     h.events_until(EventKind::Finished, 2).await;
     h.census_until(|c| c.queued() == 0 && c.oldest.is_none())

@@ -598,3 +598,15 @@ fn a_stripped_message_id_is_not_kept() {
     let (_, f) = run(b"Message-ID: <x@y>\r\n\r\n", rules, 7);
     assert_eq!(f.message_id(), None);
 }
+
+/// Hostile octets in the value: not UTF-8 is replaced (the journal is JSON text), and the
+/// field still passes unchanged.
+#[test]
+fn a_message_id_that_is_not_utf8_is_kept_with_replacement_characters() {
+    let msg = b"Message-ID: <a\xff\xfe@x>\r\n\r\nbody\r\n";
+    for step in STEPS {
+        let (out, f) = run(msg, StripRules::default(), step);
+        assert_eq!(f.message_id(), Some("<a\u{FFFD}\u{FFFD}@x>"), "step {step}");
+        assert_eq!(out, msg, "step {step}");
+    }
+}
