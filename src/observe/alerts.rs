@@ -49,6 +49,7 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
+use crate::config::units::format_duration;
 pub use task::spawn;
 
 /// An alert name of the contract (also the `alert` label and the webhook's `alert`).
@@ -304,7 +305,7 @@ fn no_inbound(inputs: &Inputs, threshold: Duration, now: u64) -> Condition {
         alert: AlertName::NoInbound,
         level: reached(idle, threshold),
         value: secs(idle),
-        threshold: duration_text(threshold),
+        threshold: format_duration(threshold),
         text,
         clear_after: clear_after(threshold),
     }
@@ -328,7 +329,7 @@ fn no_delivery(inputs: &Inputs, threshold: Duration, now: u64) -> Condition {
         alert: AlertName::NoDelivery,
         level,
         value: secs(stalled),
-        threshold: duration_text(threshold),
+        threshold: format_duration(threshold),
         text,
         clear_after: clear_after(threshold),
     }
@@ -374,7 +375,7 @@ fn oldest_message(inputs: &Inputs, threshold: Duration, now: u64) -> Condition {
         alert: AlertName::OldestMessage,
         level,
         value: secs(age),
-        threshold: duration_text(threshold),
+        threshold: format_duration(threshold),
         text,
         clear_after: clear_after(threshold),
     }
@@ -409,7 +410,7 @@ fn upstream_down(inputs: &Inputs, threshold: Duration, now: u64) -> Condition {
         alert: AlertName::UpstreamDown,
         level,
         value: secs(longest.unwrap_or(0)),
-        threshold: duration_text(threshold),
+        threshold: format_duration(threshold),
         text,
         clear_after: clear_after(threshold),
     }
@@ -427,23 +428,6 @@ fn messages(n: u64) -> String {
 /// Milliseconds as whole seconds: `125s`.
 fn secs(ms: u64) -> String {
     format!("{}s", ms / 1000)
-}
-
-/// A duration as the policy spells it: the largest unit that divides it (`5m`, `90s`,
-/// `1500ms`).
-pub fn duration_text(d: Duration) -> String {
-    let ms = d.as_millis();
-    for (unit, size) in [
-        ("d", 86_400_000),
-        ("h", 3_600_000),
-        ("m", 60_000),
-        ("s", 1000),
-    ] {
-        if ms >= size && ms.is_multiple_of(size) {
-            return format!("{}{unit}", ms / size);
-        }
-    }
-    format!("{ms}ms")
 }
 
 /// A start or an end, for the alert task to announce.
