@@ -93,10 +93,7 @@ fn paused_is_read_as_the_running_relay_reads_the_marker() {
     assert!(!status(&policy(), &spool, 1_000).unwrap().paused);
     // The relay's watcher looks with lstat: a marker that is a dangling symlink pauses it,
     // so the status of a stopped relay must say paused too.
-    std::os::unix::fs::symlink(
-        dir.path().join("nowhere"),
-        pause::marker_path(spool.root()),
-    )
-    .unwrap();
+    std::os::unix::fs::symlink(dir.path().join("nowhere"), pause::marker_path(spool.root()))
+        .unwrap();
     assert!(status(&policy(), &spool, 1_000).unwrap().paused);
 }
