@@ -501,43 +501,20 @@ impl Metrics {
 
     /// `portcullis_dns_errors_total` by check, the series that exist.
     pub fn dns_errors_by_check(&self) -> Vec<(String, u64)> {
-        DNS_CHECKS
-            .iter()
-            .filter_map(|check| {
-                let labels = CheckLabel {
-                    check: (*check).to_owned(),
-                };
-                Some(((*check).to_owned(), self.dns_errors.get(&labels)?.get()))
-            })
-            .collect()
+        existing(&self.dns_errors, DNS_CHECKS, |check| CheckLabel { check })
     }
 
     /// `portcullis_messages_removed_total` by how, the series that exist.
     pub fn removed_by_how(&self) -> Vec<(String, u64)> {
-        REMOVED_HOW
-            .iter()
-            .filter_map(|how| {
-                let labels = HowLabel {
-                    how: (*how).to_owned(),
-                };
-                Some(((*how).to_owned(), self.removed.get(&labels)?.get()))
-            })
-            .collect()
+        existing(&self.removed, REMOVED_HOW, |how| HowLabel { how })
     }
 
     /// `portcullis_messages_accepted_total` by listener, sorted by name: the series that
     /// exist (a listener that accepted nothing since start has none).
     pub fn accepted_by_listener(&self) -> Vec<(String, u64)> {
-        self.seen_listeners()
-            .into_iter()
-            .filter_map(|listener| {
-                let labels = ListenerLabel {
-                    listener: listener.clone(),
-                };
-                let count = self.accepted.get(&labels)?.get();
-                Some((listener, count))
-            })
-            .collect()
+        existing(&self.accepted, self.seen_listeners(), |listener| {
+            ListenerLabel { listener }
+        })
     }
 
     /// The series of `family` for each upstream in `names` that has one, in that order
@@ -547,17 +524,29 @@ impl Metrics {
         family: &Family<UpstreamLabel, Counter>,
         names: &[String],
     ) -> Vec<(String, u64)> {
-        names
-            .iter()
-            .filter_map(|name| {
-                let labels = UpstreamLabel {
-                    upstream: name.clone(),
-                };
-                let count = family.get(&labels)?.get();
-                Some((name.clone(), count))
-            })
-            .collect()
+        existing(family, names, |upstream| UpstreamLabel { upstream })
     }
+}
+
+/// `(value, count)` for each label value of `values` whose series exists in `family`, in
+/// that order (read only: no series is created); `labels` makes the label set of a value.
+fn existing<S, V>(
+    family: &Family<S, Counter>,
+    values: impl IntoIterator<Item = V>,
+    labels: impl Fn(String) -> S,
+) -> Vec<(String, u64)>
+where
+    S: Clone + std::hash::Hash + Eq,
+    V: AsRef<str>,
+{
+    values
+        .into_iter()
+        .filter_map(|value| {
+            let value = value.as_ref();
+            let count = family.get(&labels(value.to_owned()))?.get();
+            Some((value.to_owned(), count))
+        })
+        .collect()
 }
 
 #[cfg(test)]
@@ -603,5 +592,30 @@ mod tests {
                 .map(|(l, t, n)| ((*l).to_owned(), (*t).to_owned(), *n))
                 .collect();
         assert_eq!(m.sessions_by_listener(), sessions);
+    }
+
+    #[test]
+    fn read_backs_list_the_existing_series_in_the_order_asked() {
+        let m = Metrics::new();
+        m.dns_error("dnsbl");
+        m.dns_error("spf");
+        m.dns_error("dnsbl");
+        m.count(&event(EventKind::Purged, |_| {}));
+        for upstream in ["smarthost", "exchange", "smarthost"] {
+            m.count(&event(EventKind::Delivered, |e| {
+                e.upstream = Some(upstream.into())
+            }));
+        }
+        let owned = |v: &[(&str, u64)]| -> Vec<(String, u64)> {
+            v.iter().map(|(s, n)| ((*s).to_owned(), *n)).collect()
+        };
+        assert_eq!(m.dns_errors_by_check(), owned(&[("spf", 1), ("dnsbl", 2)]));
+        assert_eq!(m.removed_by_how(), owned(&[("purge", 1)]));
+        let names = ["exchange", "idle", "smarthost"].map(str::to_owned);
+        assert_eq!(
+            m.by_upstream(&m.delivered, &names),
+            owned(&[("exchange", 1), ("smarthost", 2)])
+        );
+        assert_eq!(m.by_upstream(&m.deferred, &names), owned(&[]));
     }
 }
