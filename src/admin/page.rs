@@ -187,11 +187,7 @@ fn head(out: &mut String, status: &Status, verdict: &Verdict) {
 }
 
 fn header(out: &mut String, status: &Status, verdict: &Verdict) {
-    let ready = match (&status.not_ready, status.ready) {
-        (_, true) => "ready".to_owned(),
-        (Some(reason), false) => format!("not ready: {}", escape(reason)),
-        (None, false) => "not ready".to_owned(),
-    };
+    let ready = status.readiness(escape);
     let _ = write!(
         out,
         "<header>\n<h1 id=\"verdict\" class=\"{}\">{}</h1>\n\

@@ -112,6 +112,19 @@ impl Status {
     }
 }
 
+impl Status {
+    /// Readiness in words, as the page and `portcullis status` show it: `ready`,
+    /// `not ready: REASON`, or `not ready`; the reason (text from outside, such as an I/O
+    /// error's) passed through `escape` for the medium.
+    pub fn readiness(&self, escape: impl Fn(&str) -> String) -> String {
+        match (&self.not_ready, self.ready) {
+            (_, true) => "ready".to_owned(),
+            (Some(reason), false) => format!("not ready: {}", escape(reason)),
+            (None, false) => "not ready".to_owned(),
+        }
+    }
+}
+
 impl Totals {
     /// The counters of `metrics`, per upstream for the configured `upstreams`.
     fn live(metrics: &Metrics, upstreams: &[UpstreamState]) -> Totals {

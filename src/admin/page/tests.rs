@@ -334,3 +334,16 @@ fn sums_over_one_five_fifteen_and_sixty_minutes_are_shown() {
         Some(status.last_60m.accepted.to_string().as_str())
     );
 }
+
+#[test]
+fn a_node_not_ready_says_why_with_the_reason_escaped() {
+    let mut status = outage();
+    status.ready = false;
+    status.not_ready = Some("spool <not> writable".into());
+    let html = render(&status);
+    assert!(
+        html.contains("not ready: spool &lt;not&gt; writable"),
+        "{html}"
+    );
+    assert!(!html.contains("spool <not>"));
+}
