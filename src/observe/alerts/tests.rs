@@ -566,6 +566,22 @@ mod live {
 
     const BASE: u64 = 1_796_097_600_000;
 
+    /// The alert task for `telemetry` on `config`, on `clock`: its stop token and handle.
+    fn start(
+        telemetry: &Arc<Telemetry>,
+        config: Arc<Config>,
+        clock: &Clock,
+    ) -> (CancellationToken, tokio::task::JoinHandle<()>) {
+        let stop = CancellationToken::new();
+        let task = spawn_with_clock(
+            telemetry.clone(),
+            Arc::new(move || config.clone()),
+            stop.clone(),
+            clock.clone(),
+        );
+        (stop, task)
+    }
+
     fn config(alerts: &str) -> Arc<Config> {
         let text = format!(
             "[server]\nhostname = \"relay.test\"\n[[listeners]]\nbind = \"127.0.0.1:2525\"\n\
@@ -604,13 +620,7 @@ mod live {
         ));
         let telemetry = Arc::new(Telemetry::new("edge-1"));
         let clock = paused_clock(BASE);
-        let stop = CancellationToken::new();
-        let task = spawn_with_clock(
-            telemetry.clone(),
-            Arc::new(move || config.clone()),
-            stop.clone(),
-            clock.clone(),
-        );
+        let (stop, task) = start(&telemetry, config, &clock);
         assert_eq!(alert_gauge(&telemetry, "no_delivery"), "0");
         assert_eq!(alert_gauge(&telemetry, "cluster_fallback"), "0");
         telemetry.record(&Event::at(EventKind::Queued, clock()));
@@ -752,13 +762,7 @@ mod live {
         ));
         let telemetry = Arc::new(Telemetry::new("edge-1"));
         let clock = paused_clock(BASE);
-        let stop = CancellationToken::new();
-        spawn_with_clock(
-            telemetry.clone(),
-            Arc::new(move || config.clone()),
-            stop.clone(),
-            clock.clone(),
-        );
+        let (stop, _task) = start(&telemetry, config, &clock);
         sleep(Duration::from_millis(2500)).await;
         assert_eq!(alert_gauge(&telemetry, "no_inbound"), "1");
         telemetry.set_queue(census(1, Some(clock() / 1000)), clock() / 1000);
@@ -783,13 +787,7 @@ mod live {
         telemetry
             .upstreams
             .configure(&names, clock() / 1000, &telemetry.metrics);
-        let stop = CancellationToken::new();
-        spawn_with_clock(
-            telemetry.clone(),
-            Arc::new(move || config.clone()),
-            stop.clone(),
-            clock.clone(),
-        );
+        let (stop, _task) = start(&telemetry, config, &clock);
         let (metrics, upstreams) = (&telemetry.metrics, &telemetry.upstreams);
         upstreams.set_up(
             "exchange",
