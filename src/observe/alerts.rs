@@ -283,6 +283,18 @@ fn reached(elapsed_ms: u64, threshold: Duration) -> Level {
     }
 }
 
+/// `Firing` at or over `threshold`, `Clear` below 90 % of it (in integers: value / threshold
+/// < 9 / 10), `Hold` between (the band of `queue_depth` and `oldest_message`).
+fn banded(value: u128, threshold: u128) -> Level {
+    if value >= threshold {
+        Level::Firing
+    } else if value * 10 < threshold * 9 {
+        Level::Clear
+    } else {
+        Level::Hold
+    }
+}
+
 /// The clear time of an alert whose threshold is a duration.
 fn clear_after(threshold: Duration) -> Duration {
     threshold.min(CLEAR_AFTER)
@@ -337,14 +349,7 @@ fn no_delivery(inputs: &Inputs, threshold: Duration, now: u64) -> Condition {
 
 fn queue_depth(inputs: &Inputs, threshold: u64) -> Condition {
     let queued = inputs.queued;
-    // Clear below 90 % of the threshold (in integers: queued / threshold < 9 / 10).
-    let level = if queued >= threshold {
-        Level::Firing
-    } else if u128::from(queued) * 10 < u128::from(threshold) * 9 {
-        Level::Clear
-    } else {
-        Level::Hold
-    };
+    let level = banded(u128::from(queued), u128::from(threshold));
     Condition {
         alert: AlertName::QueueDepth,
         level,
@@ -359,13 +364,9 @@ fn oldest_message(inputs: &Inputs, threshold: Duration, now: u64) -> Condition {
     let age = inputs.oldest_arrival.map_or(0, |arrival| {
         now.saturating_sub(arrival.saturating_mul(1000))
     });
-    let (age_ms, limit_ms) = (u128::from(age), threshold.as_millis());
-    let level = if inputs.oldest_arrival.is_some() && age_ms >= limit_ms {
-        Level::Firing
-    } else if inputs.oldest_arrival.is_none() || age_ms * 10 < limit_ms * 9 {
-        Level::Clear
-    } else {
-        Level::Hold
+    let level = match inputs.oldest_arrival {
+        Some(_) => banded(u128::from(age), threshold.as_millis()),
+        None => Level::Clear,
     };
     let text = match inputs.oldest_arrival {
         Some(_) => format!("the oldest queued message (not held) is {} old", secs(age)),
