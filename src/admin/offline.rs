@@ -8,6 +8,7 @@
 use std::collections::BTreeMap;
 
 use crate::config::Config;
+use crate::observe::flow;
 use crate::observe::status::{Status, Totals};
 use crate::observe::{Event, EventKind, QueueCensus, TOP_SENDERS, Telemetry, UpstreamCount};
 use crate::queue::census::Facts;
@@ -18,8 +19,8 @@ use crate::routes::Routes;
 
 use super::pause::{self, MarkerError};
 
-/// How far back the journal is read: the status's hour of flow.
-const HOUR_MS: u64 = 3_600_000;
+/// How far back the journal is read: the status's hour of flow ([`flow::MINUTES`]).
+const HOUR_MS: u64 = flow::MINUTES as u64 * 60_000;
 
 /// Why the status could not be rebuilt.
 #[derive(Debug, thiserror::Error)]
