@@ -3,7 +3,7 @@
 //! rebuild it from the spool and journal ([`super::offline`]) and say so.
 //!
 //! The request goes over one HTTP/1.1 connection made with hyper's client (no hand-written
-//! HTTP), to the configured address (an unspecified bind address is asked on loopback),
+//! HTTP; the exchange is the webhook's, `observe::webhook::exchange`), to the configured address (an unspecified bind address is asked on loopback),
 //! with the token as `Authorization: Bearer` (RFC 6750 §2.1), bounded by [`TIMEOUT`] and
 //! [`MAX_BODY`].
 
@@ -18,6 +18,7 @@ use hyper_util::rt::TokioIo;
 
 use crate::config::Config;
 use crate::observe::status::Status;
+use crate::observe::webhook::exchange;
 use crate::queue::Spool;
 
 use super::offline::{self, OfflineError};
@@ -171,15 +172,9 @@ pub async fn fetch_status(addr: SocketAddr, token: Option<&str>) -> Result<Statu
 }
 
 async fn fetch(addr: SocketAddr, token: Option<&str>) -> Result<Status, ClientError> {
-    let http = |source| ClientError::Http { addr, source };
     let stream = tokio::net::TcpStream::connect(addr)
         .await
         .map_err(|source| ClientError::Connect { addr, source })?;
-    let (mut sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
-        .await
-        .map_err(http)?;
-    // The connection is driven beside the request; it ends when the sender is dropped.
-    let driver = tokio::spawn(connection);
     let mut request = Request::get("/api/status")
         .header(HOST, addr.to_string())
         .header(ACCEPT, "application/json");
@@ -192,22 +187,23 @@ async fn fetch(addr: SocketAddr, token: Option<&str>) -> Result<Status, ClientEr
             addr,
             message: e.to_string(),
         })?;
-    let response = sender.send_request(request).await.map_err(http)?;
-    match response.status() {
-        StatusCode::OK => {}
-        StatusCode::UNAUTHORIZED => return Err(ClientError::Unauthorized { addr }),
-        status => return Err(ClientError::Status { addr, status }),
-    }
-    let body = Limited::new(response.into_body(), MAX_BODY)
-        .collect()
-        .await
-        .map_err(|e| ClientError::Body {
-            addr,
-            message: e.to_string(),
-        })?
-        .to_bytes();
-    drop(sender);
-    driver.abort();
+    let body = exchange(TokioIo::new(stream), request, |response| async move {
+        match response.status() {
+            StatusCode::OK => {}
+            StatusCode::UNAUTHORIZED => return Err(ClientError::Unauthorized { addr }),
+            status => return Err(ClientError::Status { addr, status }),
+        }
+        Limited::new(response.into_body(), MAX_BODY)
+            .collect()
+            .await
+            .map(|collected| collected.to_bytes())
+            .map_err(|e| ClientError::Body {
+                addr,
+                message: e.to_string(),
+            })
+    })
+    .await
+    .map_err(|source| ClientError::Http { addr, source })??;
     serde_json::from_slice(&body).map_err(|source| ClientError::Json { addr, source })
 }
 

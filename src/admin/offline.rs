@@ -8,20 +8,19 @@
 use std::collections::BTreeMap;
 
 use crate::config::Config;
+use crate::observe::flow;
 use crate::observe::status::{Status, Totals};
 use crate::observe::{Event, EventKind, QueueCensus, TOP_SENDERS, Telemetry, UpstreamCount};
+use crate::queue::census::Facts;
+pub use crate::queue::census::NO_ROUTE;
 use crate::queue::journal::{self, JournalError};
 use crate::queue::{QueuedMessage, Spool, SpoolError};
 use crate::routes::Routes;
 
-/// The upstream a message counts under when no route serves its recipient's domain.
-pub const NO_ROUTE: &str = "(none)";
+use super::pause::{self, MarkerError};
 
-/// The marker file `portcullis listeners pause` leaves in the spool (DESIGN.md, `Gate`).
-const PAUSED_MARKER: &str = "paused";
-
-/// How far back the journal is read: the status's hour of flow.
-const HOUR_MS: u64 = 3_600_000;
+/// How far back the journal is read: the status's hour of flow ([`flow::MINUTES`]).
+const HOUR_MS: u64 = flow::MINUTES as u64 * 60_000;
 
 /// Why the status could not be rebuilt.
 #[derive(Debug, thiserror::Error)]
@@ -32,6 +31,9 @@ pub enum OfflineError {
     /// The journal could not be read.
     #[error("cannot read the journal: {0}")]
     Journal(#[from] JournalError),
+    /// The pause marker could not be looked at.
+    #[error("cannot tell whether the listeners are paused: {0}")]
+    Marker(#[from] MarkerError),
     /// The blocking task reading them failed (panicked or was cancelled).
     #[error("reading the spool failed: {0}")]
     Task(String),
@@ -70,7 +72,7 @@ pub fn status(config: &Config, spool: &Spool, now_unix: u64) -> Result<Status, O
     status.live = false;
     status.totals = Totals::default();
     // `portcullis listeners pause` leaves this marker; the relay obeys it when it starts.
-    status.paused = spool.root().join(PAUSED_MARKER).exists();
+    status.paused = pause::is_paused(spool.root())?;
     Ok(status)
 }
 
@@ -91,24 +93,22 @@ pub fn census(messages: &[QueuedMessage], config: &Config) -> QueueCensus {
     let mut senders: BTreeMap<String, u64> = BTreeMap::new();
     let mut oldest: Option<(String, u64)> = None;
     for m in messages {
-        let upstream = m
-            .pending()
-            .next()
-            .and_then(|rcpt| routes.route(rcpt.domain()).first())
-            .and_then(|&i| config.upstreams.get(i))
-            .map_or(NO_ROUTE, |u| u.name.as_str());
+        let facts = Facts::of(m, |domain| {
+            let first = *routes.route(domain).first()?;
+            config.upstreams.get(first).map(|u| u.name.clone())
+        });
         let count = by_upstream
-            .entry(upstream.to_owned())
-            .or_insert_with(|| UpstreamCount {
-                upstream: upstream.to_owned(),
+            .entry(facts.upstream)
+            .or_insert_with_key(|upstream| UpstreamCount {
+                upstream: upstream.clone(),
                 ..UpstreamCount::default()
             });
-        if m.state.hold.is_some() {
+        if facts.held {
             count.held += 1;
             continue;
         }
         count.queued += 1;
-        *senders.entry(m.envelope.mail_from.to_string()).or_default() += 1;
+        *senders.entry(facts.sender).or_default() += 1;
         let arrived = m.envelope.received_at;
         if oldest.as_ref().is_none_or(|(_, t)| arrived < *t) {
             oldest = Some((m.id().to_string(), arrived));

@@ -22,6 +22,7 @@ use crate::observe::flow::Minute;
 use crate::observe::status::Status;
 use crate::observe::upstreams::UpstreamState;
 use crate::queue::report::{human_age, rfc3339};
+use crate::text::is_invisible;
 
 /// Seconds between the browser's reloads (`<meta http-equiv="refresh">`).
 pub const REFRESH_SECS: u32 = 30;
@@ -43,8 +44,10 @@ pub fn render(status: &Status) -> String {
 }
 
 /// `text` made safe for HTML element content and for quoted attribute values: `& < > " '`
-/// become character references, and control characters (which HTML forbids, and which could
-/// hide text) become U+FFFD.
+/// become character references, and control characters (which HTML forbids) and invisible
+/// ones ([`is_invisible`]: bidirectional overrides, zero-width characters, which could hide
+/// text or make an address display as another) become U+FFFD, as the terminal's
+/// `queue::report::clean` treats the same characters.
 pub fn escape(text: &str) -> String {
     let mut out = String::with_capacity(text.len());
     for c in text.chars() {
@@ -55,7 +58,7 @@ pub fn escape(text: &str) -> String {
             '"' => out.push_str("&quot;"),
             '\'' => out.push_str("&#39;"),
             '\t' | '\n' => out.push(' '),
-            c if c.is_control() => out.push('\u{FFFD}'),
+            c if c.is_control() || is_invisible(c) => out.push('\u{FFFD}'),
             c => out.push(c),
         }
     }
@@ -184,11 +187,7 @@ fn head(out: &mut String, status: &Status, verdict: &Verdict) {
 }
 
 fn header(out: &mut String, status: &Status, verdict: &Verdict) {
-    let ready = match (&status.not_ready, status.ready) {
-        (_, true) => "ready".to_owned(),
-        (Some(reason), false) => format!("not ready: {}", escape(reason)),
-        (None, false) => "not ready".to_owned(),
-    };
+    let ready = status.readiness(escape);
     let _ = write!(
         out,
         "<header>\n<h1 id=\"verdict\" class=\"{}\">{}</h1>\n\

@@ -40,11 +40,7 @@ pub fn text(status: &Status) -> String {
 }
 
 fn state(out: &mut String, status: &Status) {
-    let ready = match (&status.not_ready, status.ready) {
-        (_, true) => "ready".to_owned(),
-        (Some(reason), false) => format!("not ready: {}", clean(reason)),
-        (None, false) => "not ready".to_owned(),
-    };
+    let ready = status.readiness(clean);
     let _ = writeln!(
         out,
         "node {} (portcullis {}) at {}: {}{}",

@@ -49,6 +49,7 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
+use crate::config::units::format_duration;
 pub use task::spawn;
 
 /// An alert name of the contract (also the `alert` label and the webhook's `alert`).
@@ -282,6 +283,18 @@ fn reached(elapsed_ms: u64, threshold: Duration) -> Level {
     }
 }
 
+/// `Firing` at or over `threshold`, `Clear` below 90 % of it (in integers: value / threshold
+/// < 9 / 10), `Hold` between (the band of `queue_depth` and `oldest_message`).
+fn banded(value: u128, threshold: u128) -> Level {
+    if value >= threshold {
+        Level::Firing
+    } else if value * 10 < threshold * 9 {
+        Level::Clear
+    } else {
+        Level::Hold
+    }
+}
+
 /// The clear time of an alert whose threshold is a duration.
 fn clear_after(threshold: Duration) -> Duration {
     threshold.min(CLEAR_AFTER)
@@ -304,7 +317,7 @@ fn no_inbound(inputs: &Inputs, threshold: Duration, now: u64) -> Condition {
         alert: AlertName::NoInbound,
         level: reached(idle, threshold),
         value: secs(idle),
-        threshold: duration_text(threshold),
+        threshold: format_duration(threshold),
         text,
         clear_after: clear_after(threshold),
     }
@@ -328,7 +341,7 @@ fn no_delivery(inputs: &Inputs, threshold: Duration, now: u64) -> Condition {
         alert: AlertName::NoDelivery,
         level,
         value: secs(stalled),
-        threshold: duration_text(threshold),
+        threshold: format_duration(threshold),
         text,
         clear_after: clear_after(threshold),
     }
@@ -336,14 +349,7 @@ fn no_delivery(inputs: &Inputs, threshold: Duration, now: u64) -> Condition {
 
 fn queue_depth(inputs: &Inputs, threshold: u64) -> Condition {
     let queued = inputs.queued;
-    // Clear below 90 % of the threshold (in integers: queued / threshold < 9 / 10).
-    let level = if queued >= threshold {
-        Level::Firing
-    } else if u128::from(queued) * 10 < u128::from(threshold) * 9 {
-        Level::Clear
-    } else {
-        Level::Hold
-    };
+    let level = banded(u128::from(queued), u128::from(threshold));
     Condition {
         alert: AlertName::QueueDepth,
         level,
@@ -358,13 +364,9 @@ fn oldest_message(inputs: &Inputs, threshold: Duration, now: u64) -> Condition {
     let age = inputs.oldest_arrival.map_or(0, |arrival| {
         now.saturating_sub(arrival.saturating_mul(1000))
     });
-    let (age_ms, limit_ms) = (u128::from(age), threshold.as_millis());
-    let level = if inputs.oldest_arrival.is_some() && age_ms >= limit_ms {
-        Level::Firing
-    } else if inputs.oldest_arrival.is_none() || age_ms * 10 < limit_ms * 9 {
-        Level::Clear
-    } else {
-        Level::Hold
+    let level = match inputs.oldest_arrival {
+        Some(_) => banded(u128::from(age), threshold.as_millis()),
+        None => Level::Clear,
     };
     let text = match inputs.oldest_arrival {
         Some(_) => format!("the oldest queued message (not held) is {} old", secs(age)),
@@ -374,7 +376,7 @@ fn oldest_message(inputs: &Inputs, threshold: Duration, now: u64) -> Condition {
         alert: AlertName::OldestMessage,
         level,
         value: secs(age),
-        threshold: duration_text(threshold),
+        threshold: format_duration(threshold),
         text,
         clear_after: clear_after(threshold),
     }
@@ -409,7 +411,7 @@ fn upstream_down(inputs: &Inputs, threshold: Duration, now: u64) -> Condition {
         alert: AlertName::UpstreamDown,
         level,
         value: secs(longest.unwrap_or(0)),
-        threshold: duration_text(threshold),
+        threshold: format_duration(threshold),
         text,
         clear_after: clear_after(threshold),
     }
@@ -427,23 +429,6 @@ fn messages(n: u64) -> String {
 /// Milliseconds as whole seconds: `125s`.
 fn secs(ms: u64) -> String {
     format!("{}s", ms / 1000)
-}
-
-/// A duration as the policy spells it: the largest unit that divides it (`5m`, `90s`,
-/// `1500ms`).
-pub fn duration_text(d: Duration) -> String {
-    let ms = d.as_millis();
-    for (unit, size) in [
-        ("d", 86_400_000),
-        ("h", 3_600_000),
-        ("m", 60_000),
-        ("s", 1000),
-    ] {
-        if ms >= size && ms.is_multiple_of(size) {
-            return format!("{}{unit}", ms / size);
-        }
-    }
-    format!("{ms}ms")
 }
 
 /// A start or an end, for the alert task to announce.

@@ -100,23 +100,50 @@ impl Flow {
             .collect()
     }
 
-    /// The sums of the last `n` minutes (the current one included).
-    pub fn last(&self, n: usize, now_unix: u64) -> Minute {
-        let minutes = self.minutes(now_unix);
-        let mut sum = Minute::default();
-        for m in minutes.iter().rev().take(n) {
-            sum.start = m.start;
-            sum.accepted += m.accepted;
-            sum.delivered += m.delivered;
-            sum.refused += m.refused;
-            sum.deferred += m.deferred;
-        }
-        sum
-    }
-
     /// Unix milliseconds of the last accepted and last delivered message (0: none yet).
     pub fn last_times(&self) -> (u64, u64) {
         let ring = self.ring.lock().unwrap_or_else(|p| p.into_inner());
         (ring.last_accepted, ring.last_delivered)
+    }
+}
+
+/// The sums of the last `n` of `minutes` (oldest first, as [`Flow::minutes`] gives them);
+/// `start` is the last minute's.
+pub fn last(minutes: &[Minute], n: usize) -> Minute {
+    let mut sum = Minute::default();
+    for m in &minutes[minutes.len().saturating_sub(n)..] {
+        sum.start = m.start;
+        sum.accepted += m.accepted;
+        sum.delivered += m.delivered;
+        sum.refused += m.refused;
+        sum.deferred += m.deferred;
+    }
+    sum
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sums_cover_the_last_n_minutes_of_the_hour_only() {
+        let flow = Flow::default();
+        let now = 1_800_000_000 / 60 * 60 + 30; // 30 s into a minute
+        let event = |kind, secs_ago: u64| Event::at(kind, (now - secs_ago) * 1000);
+        flow.count(&event(EventKind::Queued, 0));
+        flow.count(&event(EventKind::Queued, 60)); // the minute before
+        flow.count(&event(EventKind::Delivered, 4 * 60));
+        flow.count(&event(EventKind::Refused, 14 * 60));
+        flow.count(&event(EventKind::Deferred, 59 * 60));
+        flow.count(&event(EventKind::Queued, 61 * 60)); // over an hour: in no sum
+        let minutes = flow.minutes(now);
+        assert_eq!(minutes.len(), MINUTES);
+        let counts = |m: Minute| (m.accepted, m.delivered, m.refused, m.deferred);
+        assert_eq!(counts(last(&minutes, 1)), (1, 0, 0, 0));
+        assert_eq!(counts(last(&minutes, 5)), (2, 1, 0, 0));
+        assert_eq!(counts(last(&minutes, 15)), (2, 1, 1, 0));
+        assert_eq!(counts(last(&minutes, 60)), (2, 1, 1, 1));
+        assert_eq!(last(&minutes, 5).start, now / 60 * 60);
+        assert_eq!(last(&minutes, 600), last(&minutes, 60));
     }
 }

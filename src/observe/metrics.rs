@@ -301,36 +301,36 @@ impl Metrics {
         out
     }
 
-    /// Count what `event` counts towards.
+    /// Count what `event` counts towards. On the per-message path: one label built per
+    /// family touched, and the sets of rules and listeners seen locked only when a series is
+    /// new (the first refusal by a rule, the first message on a listener).
     pub fn count(&self, event: &Event) {
         let upstream = || UpstreamLabel {
             upstream: event.upstream.clone().unwrap_or_default(),
         };
         match event.kind {
             EventKind::Refused => {
-                let rule = event.rule.clone().unwrap_or_default();
-                self.refusals
-                    .get_or_create(&RuleLabel { rule: rule.clone() })
-                    .inc();
-                let mut rules = self.rules.lock().unwrap_or_else(|p| p.into_inner());
-                if !rules.contains(&rule) {
-                    rules.insert(rule);
+                let label = RuleLabel {
+                    rule: event.rule.clone().unwrap_or_default(),
+                };
+                if inc_is_new(&self.refusals, &label) {
+                    seen(&self.rules, label.rule);
                 }
             }
             EventKind::Queued => {
-                let listener = event.listener.clone().unwrap_or_default();
-                self.accepted
-                    .get_or_create(&ListenerLabel {
-                        listener: listener.clone(),
-                    })
-                    .inc();
-                self.seen_listener(&listener);
+                let label = ListenerLabel {
+                    listener: event.listener.clone().unwrap_or_default(),
+                };
+                if inc_is_new(&self.accepted, &label) {
+                    seen(&self.listeners, label.listener);
+                }
             }
             EventKind::Delivered => {
-                self.delivered.get_or_create(&upstream()).inc();
+                let label = upstream();
+                self.delivered.get_or_create(&label).inc();
                 #[allow(clippy::cast_precision_loss)] // Unix milliseconds fit in f64's 52 bits
                 self.upstream_last_success
-                    .get_or_create(&upstream())
+                    .get_or_create(&label)
                     .set(event.at as f64 / 1000.0);
                 if let Some(seconds) = event.seconds {
                     self.delivery_seconds.observe(seconds);
@@ -374,8 +374,9 @@ impl Metrics {
             listener: listener.to_owned(),
             tls: tls.unwrap_or("none").to_owned(),
         };
-        self.sessions.get_or_create(&labels).inc();
-        self.seen_listener(listener);
+        if inc_is_new(&self.sessions, &labels) {
+            seen(&self.listeners, labels.listener);
+        }
     }
 
     /// A DNS lookup of `check` failed (timeout, SERVFAIL).
@@ -451,14 +452,26 @@ pub const DNS_CHECKS: [&str; 6] = ["spf", "dkim", "dmarc", "arc", "iprev", "dnsb
 /// The `how` label values of `portcullis_messages_removed_total`.
 pub const REMOVED_HOW: [&str; 3] = ["delete", "purge", "quarantine"];
 
-impl Metrics {
-    fn seen_listener(&self, listener: &str) {
-        let mut listeners = self.listeners.lock().unwrap_or_else(|p| p.into_inner());
-        if !listeners.contains(listener) {
-            listeners.insert(listener.to_owned());
-        }
+/// Increment the series of `labels` in `family`, creating it when there is none; true when
+/// it was created (two threads may both see it new: the callers' sets do not mind).
+fn inc_is_new<S>(family: &Family<S, Counter>, labels: &S) -> bool
+where
+    S: Clone + std::hash::Hash + Eq,
+{
+    // The read guard of `get` is dropped before `get_or_create` may take the write lock.
+    let existed = family.get(labels).map(|counter| counter.inc()).is_some();
+    if !existed {
+        family.get_or_create(labels).inc();
     }
+    !existed
+}
 
+/// Add `name` to a set of label values seen.
+fn seen(set: &std::sync::Mutex<std::collections::BTreeSet<String>>, name: String) {
+    set.lock().unwrap_or_else(|p| p.into_inner()).insert(name);
+}
+
+impl Metrics {
     fn seen_listeners(&self) -> Vec<String> {
         self.listeners
             .lock()
@@ -488,43 +501,20 @@ impl Metrics {
 
     /// `portcullis_dns_errors_total` by check, the series that exist.
     pub fn dns_errors_by_check(&self) -> Vec<(String, u64)> {
-        DNS_CHECKS
-            .iter()
-            .filter_map(|check| {
-                let labels = CheckLabel {
-                    check: (*check).to_owned(),
-                };
-                Some(((*check).to_owned(), self.dns_errors.get(&labels)?.get()))
-            })
-            .collect()
+        existing(&self.dns_errors, DNS_CHECKS, |check| CheckLabel { check })
     }
 
     /// `portcullis_messages_removed_total` by how, the series that exist.
     pub fn removed_by_how(&self) -> Vec<(String, u64)> {
-        REMOVED_HOW
-            .iter()
-            .filter_map(|how| {
-                let labels = HowLabel {
-                    how: (*how).to_owned(),
-                };
-                Some(((*how).to_owned(), self.removed.get(&labels)?.get()))
-            })
-            .collect()
+        existing(&self.removed, REMOVED_HOW, |how| HowLabel { how })
     }
 
     /// `portcullis_messages_accepted_total` by listener, sorted by name: the series that
     /// exist (a listener that accepted nothing since start has none).
     pub fn accepted_by_listener(&self) -> Vec<(String, u64)> {
-        self.seen_listeners()
-            .into_iter()
-            .filter_map(|listener| {
-                let labels = ListenerLabel {
-                    listener: listener.clone(),
-                };
-                let count = self.accepted.get(&labels)?.get();
-                Some((listener, count))
-            })
-            .collect()
+        existing(&self.accepted, self.seen_listeners(), |listener| {
+            ListenerLabel { listener }
+        })
     }
 
     /// The series of `family` for each upstream in `names` that has one, in that order
@@ -534,15 +524,98 @@ impl Metrics {
         family: &Family<UpstreamLabel, Counter>,
         names: &[String],
     ) -> Vec<(String, u64)> {
-        names
-            .iter()
-            .filter_map(|name| {
-                let labels = UpstreamLabel {
-                    upstream: name.clone(),
-                };
-                let count = family.get(&labels)?.get();
-                Some((name.clone(), count))
-            })
-            .collect()
+        existing(family, names, |upstream| UpstreamLabel { upstream })
+    }
+}
+
+/// `(value, count)` for each label value of `values` whose series exists in `family`, in
+/// that order (read only: no series is created); `labels` makes the label set of a value.
+fn existing<S, V>(
+    family: &Family<S, Counter>,
+    values: impl IntoIterator<Item = V>,
+    labels: impl Fn(String) -> S,
+) -> Vec<(String, u64)>
+where
+    S: Clone + std::hash::Hash + Eq,
+    V: AsRef<str>,
+{
+    values
+        .into_iter()
+        .filter_map(|value| {
+            let value = value.as_ref();
+            let count = family.get(&labels(value.to_owned()))?.get();
+            Some((value.to_owned(), count))
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn event(kind: EventKind, f: impl FnOnce(&mut Event)) -> Event {
+        let mut e = Event::at(kind, 1_000);
+        f(&mut e);
+        e
+    }
+
+    #[test]
+    fn series_read_back_count_every_event_not_only_the_first() {
+        let m = Metrics::new();
+        for rule in ["dnsbl", "rate", "dnsbl", "dnsbl", "rate", "spf"] {
+            m.count(&event(EventKind::Refused, |e| e.rule = Some(rule.into())));
+        }
+        for listener in ["mx", "submission", "mx"] {
+            m.count(&event(EventKind::Queued, |e| {
+                e.listener = Some(listener.into())
+            }));
+        }
+        m.session_ended("mx", Some("1.3"));
+        m.session_ended("mx", None);
+        m.session_ended("mx", Some("1.3"));
+        m.session_ended("relay", None);
+        let owned = |v: &[(&str, u64)]| -> Vec<(String, u64)> {
+            v.iter().map(|(s, n)| ((*s).to_owned(), *n)).collect()
+        };
+        assert_eq!(
+            m.top_refusals(10),
+            owned(&[("dnsbl", 3), ("rate", 2), ("spf", 1)])
+        );
+        assert_eq!(m.top_refusals(1), owned(&[("dnsbl", 3)]));
+        assert_eq!(
+            m.accepted_by_listener(),
+            owned(&[("mx", 2), ("submission", 1)])
+        );
+        let sessions: Vec<(String, String, u64)> =
+            [("mx", "none", 1), ("mx", "1.3", 2), ("relay", "none", 1)]
+                .iter()
+                .map(|(l, t, n)| ((*l).to_owned(), (*t).to_owned(), *n))
+                .collect();
+        assert_eq!(m.sessions_by_listener(), sessions);
+    }
+
+    #[test]
+    fn read_backs_list_the_existing_series_in_the_order_asked() {
+        let m = Metrics::new();
+        m.dns_error("dnsbl");
+        m.dns_error("spf");
+        m.dns_error("dnsbl");
+        m.count(&event(EventKind::Purged, |_| {}));
+        for upstream in ["smarthost", "exchange", "smarthost"] {
+            m.count(&event(EventKind::Delivered, |e| {
+                e.upstream = Some(upstream.into())
+            }));
+        }
+        let owned = |v: &[(&str, u64)]| -> Vec<(String, u64)> {
+            v.iter().map(|(s, n)| ((*s).to_owned(), *n)).collect()
+        };
+        assert_eq!(m.dns_errors_by_check(), owned(&[("spf", 1), ("dnsbl", 2)]));
+        assert_eq!(m.removed_by_how(), owned(&[("purge", 1)]));
+        let names = ["exchange", "idle", "smarthost"].map(str::to_owned);
+        assert_eq!(
+            m.by_upstream(&m.delivered, &names),
+            owned(&[("exchange", 1), ("smarthost", 2)])
+        );
+        assert_eq!(m.by_upstream(&m.deferred, &names), owned(&[]));
     }
 }

@@ -153,8 +153,8 @@ impl Telemetry {
         self
     }
 
-    /// Record one event of a message's life: the metrics and flow it counts towards, then
-    /// the journal. `now` is Unix milliseconds (the event's own time).
+    /// Record one event of a message's life: the metrics, flow and upstream state it counts
+    /// towards (at the event's own time, `event.at`), then the journal.
     pub fn record(&self, event: &Event) {
         self.metrics.count(event);
         self.flow.count(event);

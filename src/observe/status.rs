@@ -5,7 +5,8 @@
 use serde::{Deserialize, Serialize};
 
 use super::alerts::ActiveAlert;
-use super::flow::Minute;
+use super::flow::{self, Minute};
+use super::metrics::Metrics;
 use super::upstreams::UpstreamState;
 use super::{QueueCensus, Telemetry};
 
@@ -86,7 +87,9 @@ impl Status {
     /// The live status from `telemetry` at `now_unix`; `not_ready` is the readiness verdict
     /// (`None`: ready) the admin listener computed.
     pub fn live(telemetry: &Telemetry, now_unix: u64, not_ready: Option<String>) -> Status {
-        let flow = &telemetry.flow;
+        // One read of the flow, so the charts and the sums agree.
+        let minutes = telemetry.flow.minutes(now_unix);
+        let upstreams = telemetry.upstreams.snapshot(now_unix);
         Status {
             node: telemetry.node.clone(),
             version: env!("CARGO_PKG_VERSION").to_owned(),
@@ -95,30 +98,37 @@ impl Status {
             ready: not_ready.is_none(),
             not_ready,
             paused: telemetry.gate.paused(),
-            upstreams: telemetry.upstreams.snapshot(now_unix),
+            last_1m: flow::last(&minutes, 1),
+            last_5m: flow::last(&minutes, 5),
+            last_15m: flow::last(&minutes, 15),
+            last_60m: flow::last(&minutes, 60),
+            minutes,
             queue: telemetry.queue(),
-            minutes: flow.minutes(now_unix),
-            last_1m: flow.last(1, now_unix),
-            last_5m: flow.last(5, now_unix),
-            last_15m: flow.last(15, now_unix),
-            last_60m: flow.last(60, now_unix),
             alerts: telemetry.alerts.active(),
             top_refusals: telemetry.metrics.top_refusals(TOP_REFUSALS),
-            totals: Totals::live(telemetry),
+            totals: Totals::live(&telemetry.metrics, &upstreams),
+            upstreams,
+        }
+    }
+}
+
+impl Status {
+    /// Readiness in words, as the page and `portcullis status` show it: `ready`,
+    /// `not ready: REASON`, or `not ready`; the reason (text from outside, such as an I/O
+    /// error's) passed through `escape` for the medium.
+    pub fn readiness(&self, escape: impl Fn(&str) -> String) -> String {
+        match (&self.not_ready, self.ready) {
+            (_, true) => "ready".to_owned(),
+            (Some(reason), false) => format!("not ready: {}", escape(reason)),
+            (None, false) => "not ready".to_owned(),
         }
     }
 }
 
 impl Totals {
-    /// The counters of `telemetry.metrics`; upstreams are the configured ones.
-    fn live(telemetry: &Telemetry) -> Totals {
-        let metrics = &telemetry.metrics;
-        let names: Vec<String> = telemetry
-            .upstreams
-            .snapshot(0)
-            .into_iter()
-            .map(|u| u.name)
-            .collect();
+    /// The counters of `metrics`, per upstream for the configured `upstreams`.
+    fn live(metrics: &Metrics, upstreams: &[UpstreamState]) -> Totals {
+        let names: Vec<String> = upstreams.iter().map(|u| u.name.clone()).collect();
         Totals {
             accepted: metrics.accepted_by_listener(),
             delivered: metrics.by_upstream(&metrics.delivered, &names),

@@ -364,8 +364,9 @@ impl Client {
         let tcp = TcpStream::connect((target.host.as_str(), target.port))
             .await
             .map_err(WebhookError::Connect)?;
+        let status = |response: hyper::Response<_>| async move { response.status().as_u16() };
         if !target.tls {
-            return exchange(TokioIo::new(tcp), request).await;
+            return Ok(exchange(TokioIo::new(tcp), request, status).await?);
         }
         let name = rustls_pki_types::ServerName::try_from(target.host.clone())
             .map_err(|_| WebhookError::ServerName(target.host.clone()))?;
@@ -373,7 +374,7 @@ impl Client {
             .connect(name, tcp)
             .await
             .map_err(WebhookError::Tls)?;
-        exchange(TokioIo::new(stream), request).await
+        Ok(exchange(TokioIo::new(stream), request, status).await?)
     }
 
     fn tls_config(&mut self) -> Result<Arc<ClientConfig>, WebhookError> {
@@ -398,23 +399,40 @@ impl Client {
     }
 }
 
-/// Send `request` on `io` and read the response's status; the connection is driven in this
-/// same future (not a task of its own), so a timeout around it leaves nothing behind.
-async fn exchange<S>(io: S, request: hyper::Request<Full<Bytes>>) -> Result<u16, WebhookError>
+/// One HTTP/1.1 request on `io`, its response handed to `read` (which may read the body);
+/// the connection is driven in this same future, not a task of its own, so a timeout around
+/// it leaves nothing behind. The one client exchange of the relay: the webhook's POST, and
+/// `portcullis status` asking the admin API (`admin::client`).
+///
+/// # Errors
+/// The handshake or the exchange failed; what `read` makes of the response is its own value.
+pub(crate) async fn exchange<S, B, T, Fut>(
+    io: S,
+    request: hyper::Request<B>,
+    read: impl FnOnce(hyper::Response<hyper::body::Incoming>) -> Fut,
+) -> Result<T, hyper::Error>
 where
     S: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
+    B: hyper::body::Body + Send + 'static,
+    B::Data: Send,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    Fut: Future<Output = T>,
 {
     let (mut sender, connection) = hyper::client::conn::http1::handshake(io).await?;
     let mut connection = std::pin::pin!(connection);
-    let mut response = std::pin::pin!(sender.send_request(request));
+    let mut work = std::pin::pin!(async move {
+        let response = sender.send_request(request).await?;
+        Ok(read(response).await)
+    });
     tokio::select! {
         biased;
-        response = &mut response => Ok(response?.status().as_u16()),
+        done = &mut work => done,
         // The connection may end (`Connection: close`) in the same poll that hands over the
-        // response: the response, or why there is none, is then ready.
+        // response: the response, or why there is none, is then ready, and what is left of
+        // its body waits in the body's channel.
         closed = &mut connection => {
             closed?;
-            Ok(response.await?.status().as_u16())
+            work.await
         }
     }
 }

@@ -72,6 +72,17 @@ async fn an_answer_that_is_not_a_status_is_an_error() {
 }
 
 #[tokio::test]
+async fn an_answer_over_max_body_is_refused_unread() {
+    // A valid status padded past the bound: read whole, it would parse.
+    let mut body = serde_json::to_string(&sample()).unwrap();
+    body.push_str(&" ".repeat(MAX_BODY));
+    let addr = serve(body).await;
+    let err = fetch_status(addr, Some("s3cret")).await.unwrap_err();
+    assert!(matches!(err, ClientError::Body { .. }), "{err:?}");
+    assert!(!err.not_answering());
+}
+
+#[tokio::test]
 async fn a_port_nobody_listens_on_is_not_answering() {
     let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let addr = listener.local_addr().unwrap();

@@ -85,3 +85,15 @@ fn top_senders_are_bounded() {
     assert_eq!(census.top_senders.len(), TOP_SENDERS);
     assert_eq!(census.top_senders[0], ("s00@example.org".to_owned(), 1));
 }
+
+#[test]
+fn paused_is_read_as_the_running_relay_reads_the_marker() {
+    let dir = tempfile::tempdir().unwrap();
+    let spool = Spool::open(&dir.path().join("spool")).unwrap();
+    assert!(!status(&policy(), &spool, 1_000).unwrap().paused);
+    // The relay's watcher looks with lstat: a marker that is a dangling symlink pauses it,
+    // so the status of a stopped relay must say paused too.
+    std::os::unix::fs::symlink(dir.path().join("nowhere"), pause::marker_path(spool.root()))
+        .unwrap();
+    assert!(status(&policy(), &spool, 1_000).unwrap().paused);
+}

@@ -130,6 +130,27 @@ fn escape_neutralises_markup_and_control_characters() {
 }
 
 #[test]
+fn escape_neutralises_invisible_characters_that_disguise_an_address() {
+    // Right-to-left override: shows as a trusted-looking address; zero-width space and the
+    // isolates hide characters.
+    assert_eq!(
+        escape("<\u{202E}gro.elpmaxe@knab-ecivres>"),
+        "&lt;\u{FFFD}gro.elpmaxe@knab-ecivres&gt;"
+    );
+    assert_eq!(
+        escape("ex\u{200B}change\u{2066}\u{FEFF}"),
+        "ex\u{FFFD}change\u{FFFD}\u{FFFD}"
+    );
+    let mut status = outage();
+    let disguised = "a\u{202E}b@example.org";
+    status.queue.top_senders = vec![(disguised.into(), 2)];
+    status.upstreams[0].last_error = Some(disguised.into());
+    let html = render(&status);
+    assert!(!html.contains('\u{202E}'), "{html}");
+    assert!(html.contains("a\u{FFFD}b@example.org"));
+}
+
+#[test]
 fn strings_from_outside_are_escaped_everywhere() {
     let mut status = outage();
     let hostile = "<img src=x onerror=alert(1)>\"'";
@@ -312,4 +333,17 @@ fn sums_over_one_five_fifteen_and_sixty_minutes_are_shown() {
         element_text(&html, "data-sum=\"accepted\" data-span=\"60\""),
         Some(status.last_60m.accepted.to_string().as_str())
     );
+}
+
+#[test]
+fn a_node_not_ready_says_why_with_the_reason_escaped() {
+    let mut status = outage();
+    status.ready = false;
+    status.not_ready = Some("spool <not> writable".into());
+    let html = render(&status);
+    assert!(
+        html.contains("not ready: spool &lt;not&gt; writable"),
+        "{html}"
+    );
+    assert!(!html.contains("spool <not>"));
 }

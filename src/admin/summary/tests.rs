@@ -94,3 +94,22 @@ fn a_status_from_the_spool_says_it_is_not_live() {
     );
     assert!(text.ends_with("top refusal rules (last hour): spf 2, relay_denied 1\n"));
 }
+
+#[test]
+fn a_node_not_ready_says_why_with_the_reason_cleaned() {
+    let mut status = outage();
+    status.ready = false;
+    status.not_ready = Some("spool not writable: \u{1b}[2J\u{202E}".into());
+    let text = text(&status);
+    let first = text.lines().next().unwrap();
+    assert!(
+        first.ends_with(": not ready: spool not writable: ?[2J?"),
+        "{first}"
+    );
+    status.not_ready = None;
+    assert!(text_first_line(&status).ends_with(": not ready"));
+}
+
+fn text_first_line(status: &Status) -> String {
+    text(status).lines().next().unwrap().to_owned()
+}
