@@ -94,8 +94,10 @@ pub fn census(messages: &[QueuedMessage], config: &Config) -> QueueCensus {
     let mut oldest: Option<(String, u64)> = None;
     for m in messages {
         let facts = Facts::of(m, |domain| {
-            let first = *routes.route(domain).first()?;
-            config.upstreams.get(first).map(|u| u.name.clone())
+            domain
+                .and_then(|domain| routes.route(domain).first())
+                .and_then(|&first| config.upstreams.get(first))
+                .map_or_else(|| NO_ROUTE.to_owned(), |u| u.name.clone())
         });
         let count = by_upstream
             .entry(facts.upstream)
