@@ -1567,6 +1567,26 @@ fn a_dkim_key_readable_by_others_is_warned_about() {
 }
 
 #[test]
+fn an_admin_token_file_readable_by_others_is_warned_about() {
+    use std::os::unix::fs::PermissionsExt as _;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let file = write(dir.path(), "admin.token", "t0ken\n");
+    std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o600)).expect("chmod");
+    let policy = format!("{MINIMAL}\n[admin]\nbind = \"127.0.0.1:9025\"\ntoken_file = {file:?}\n");
+    assert_eq!(
+        perms::secret_file_warnings(&ok(&policy)),
+        Vec::<String>::new()
+    );
+    std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o644)).expect("chmod");
+    let warnings = perms::secret_file_warnings(&ok(&policy));
+    assert_eq!(warnings.len(), 1, "{warnings:?}");
+    assert!(
+        warnings[0].starts_with("admin.token_file ") && warnings[0].contains("every user"),
+        "{warnings:?}"
+    );
+}
+
+#[test]
 fn the_quarantine_field_is_stripped_from_untrusted_mail_while_dmarc_runs() {
     // (snippet, whether the default quarantine field is among the untrusted strip names, count)
     let cases = [
