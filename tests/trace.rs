@@ -205,3 +205,40 @@ fn trace_json_refusals_and_exit_codes() {
         assert_eq!(out.status.code(), Some(2), "{bad:?}: {out:?}");
     }
 }
+
+/// The relay accepts a quoted local part and prints it back; `trace` takes it as the relay
+/// wrote it (blanks and `<>` inside the quotes included), and shows the null sender as `<>`.
+#[test]
+fn trace_finds_quoted_local_parts_and_shows_the_null_sender_as_brackets() {
+    let sink = exchange_sink();
+    let relay = start(sink.port());
+    let mut c = SmtpClient::connect_from(CLIENT_IP, relay.port(0));
+    c.expect_reply(220);
+    c.expect("EHLO client.example", 250);
+    c.expect("MAIL FROM:<>", 250);
+    c.expect("RCPT TO:<\"john doe\"@example.com>", 250);
+    c.expect("RCPT TO:<\"<script>alert(1)</script>\"@example.com>", 250);
+    c.expect("DATA", 354);
+    c.send_raw(&dot_stuff("Subject: quoted\r\n\r\nhello\r\n"));
+    c.send_raw(b".\r\n");
+    let id = queue_id(&c.expect_reply(250)).expect("queue id in the 250");
+    c.cmd("QUIT");
+    for query in [
+        "\"john doe\"@example.com",
+        "\"John Doe\"@EXAMPLE.com",
+        "\"<script>alert(1)</script>\"@example.com",
+    ] {
+        let found = wait_until(WAIT, || trace(&relay, &[query]).status.code() == Some(0));
+        let out = trace(&relay, &[query]);
+        assert!(found, "{query}: {out:?}");
+        let text = stdout(&out);
+        assert!(
+            text.starts_with(&format!("message {id}")),
+            "{query}:\n{text}"
+        );
+        let queued = lines_of(&text, "queued");
+        assert_eq!(queued.len(), 1, "{query}:\n{text}");
+        assert!(queued[0].contains(" from=<> "), "{}", queued[0]);
+        assert!(!text.contains("<<>>"), "{text}");
+    }
+}

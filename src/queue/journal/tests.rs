@@ -707,3 +707,43 @@ fn a_query_keeps_the_most_recent_messages_and_refusals_and_counts_the_rest() {
     let rcpts: Vec<&str> = found.refusals.iter().map(|e| e.rcpts[0].as_str()).collect();
     assert_eq!(rcpts, ["s3@y.example", "r4@y.example", "s4@y.example"]);
 }
+
+#[test]
+fn a_quoted_local_part_is_queried_in_its_canonical_form() {
+    for (text, canonical) in [
+        ("\"john doe\"@Example.com", "\"john doe\"@example.com"),
+        (
+            "\"<script>alert(1)</script>\"@x.example",
+            "\"<script>alert(1)</script>\"@x.example",
+        ),
+        // Quotes that are not needed are not part of the canonical form.
+        ("\"bob\"@example.com", "bob@example.com"),
+    ] {
+        match text.parse::<Query>() {
+            Ok(Query::AddressOrMessageId { address, .. }) => assert_eq!(address, canonical),
+            other => panic!("{text}: {other:?}"),
+        }
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let mut w = writer(tmp.path(), limits());
+    let mut e = queued(ID_A, T0, "m@x", "", "\"john doe\"@example.com", "192.0.2.1");
+    e.rcpts = vec!["\"john doe\"@example.com".into()];
+    w.write(&e, T0).unwrap();
+    w.seal().unwrap();
+    assert_eq!(
+        find(tmp.path(), "\"John Doe\"@EXAMPLE.com").messages.len(),
+        1
+    );
+    let line = show::event_line(&e);
+    assert!(line.contains(" from=<> "), "{line}");
+}
+
+#[test]
+fn the_null_sender_shows_as_brackets_in_old_and_new_journals() {
+    for stored in ["", "<>"] {
+        let mut e = Event::at(EventKind::Bounced, T0);
+        e.from = Some(stored.into());
+        let line = show::event_line(&e);
+        assert!(line.ends_with(" from=<>"), "{stored:?}: {line}");
+    }
+}
