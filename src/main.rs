@@ -7,7 +7,8 @@
 //! `--config` or for a DOMAIN that is not a domain name; 1 when the policy cannot be loaded.
 //!
 //! `trace QUERY` exits 0 when events match, 1 when none does (said on stderr), 2 for a QUERY
-//! that is neither a queue id, a Message-ID, an address nor an IP, or a bad `--since`.
+//! that is neither a queue id, a Message-ID, an address nor an IP, a bad `--since`, or no
+//! spool (a spool without a journal yet: 1).
 //!
 //! `queue retry|delete ID…` check every id's syntax first (one malformed id: exit 2, nothing
 //! done); an id that is well formed but not queued is reported on stderr, the other ids are
@@ -295,6 +296,21 @@ fn trace(
         None => 0,
     };
     let dir = spool_dir(config, spool)?;
+    // Like `queue` and `listeners`: a wrong --config/--spool is a usage error.
+    if !dir.join("queue").is_dir() {
+        bail!(UsageError(format!(
+            "no spool at {} (no queue/ directory); pass --spool DIR or --config FILE",
+            dir.display()
+        )));
+    }
+    let journal_dir = journal::dir(&dir);
+    if !journal_dir.is_dir() {
+        bail!(
+            "no journaled event matches {parsed}: the spool {} has no journal yet (the relay \
+             starts one when it runs)",
+            dir.display()
+        );
+    }
     let found = journal::trace(&dir, &parsed, since_ms)?;
     if found.is_empty() {
         bail!(
@@ -302,7 +318,7 @@ fn trace(
             since
                 .map(|s| format!(" in the last {s}"))
                 .unwrap_or_default(),
-            journal::dir(&dir).display()
+            journal_dir.display()
         );
     }
     if json {

@@ -242,3 +242,39 @@ fn trace_finds_quoted_local_parts_and_shows_the_null_sender_as_brackets() {
         assert!(!text.contains("<<>>"), "{text}");
     }
 }
+
+fn stderr(out: &Output) -> String {
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+/// `trace` without a spool is a usage error (exit 2), like `queue` and `listeners`; a spool
+/// without a journal yet is not (exit 1, said so).
+#[test]
+fn trace_without_a_spool_exits_2_and_without_a_journal_1() {
+    let dir = TestDir::new();
+    let run = |args: &[&str]| {
+        std::process::Command::new(BIN)
+            .args(args)
+            .current_dir(dir.path())
+            .output()
+            .expect("spawn portcullis")
+    };
+    let missing = dir.join("nowhere");
+    for args in [
+        vec!["trace", "bob@example.com"],
+        vec![
+            "trace",
+            "bob@example.com",
+            "--spool",
+            missing.to_str().unwrap(),
+        ],
+    ] {
+        let out = run(&args);
+        assert_eq!(out.status.code(), Some(2), "{args:?}: {out:?}");
+        assert!(stderr(&out).contains("no spool at "), "{args:?}: {out:?}");
+    }
+    std::fs::create_dir_all(dir.join("spool/queue")).expect("mkdir");
+    let out = run(&["trace", "bob@example.com"]);
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    assert!(stderr(&out).contains("has no journal yet"), "{out:?}");
+}
