@@ -300,7 +300,7 @@ fn a_clean_stop_seals_the_open_journal_segment() {
 fn a_stopped_journal_is_visible_in_the_status_and_to_trace_running_or_not() {
     let sink = exchange_sink();
     let probe = TestDir::new();
-    let min_free_mib = free_space(probe.path()) * 6 / 10 >> 20;
+    let min_free_mib = (free_space(probe.path()) * 6 / 10) >> 20;
     let admin = free_port();
     let mut relay = start_with(
         sink.port(),
