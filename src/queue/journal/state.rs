@@ -102,6 +102,17 @@ pub fn mark_stopped(dir: &Path, since_ms: u64, reason: Reason) -> io::Result<()>
         .map(drop)
 }
 
+/// The stop of `dir` since `since_ms` goes on for another reason: its marker says so.
+///
+/// # Errors
+/// The I/O error of renaming the marker.
+pub fn change_reason(dir: &Path, since_ms: u64, from: Reason, to: Reason) -> io::Result<()> {
+    fs::rename(
+        dir.join(format!("{STOPPED}{since_ms}-{}", from.slug())),
+        dir.join(format!("{STOPPED}{since_ms}-{}", to.slug())),
+    )
+}
+
 /// The writer of `dir` writes again at `now_ms`: its `stopped-…` marker becomes a gap.
 ///
 /// # Errors

@@ -863,3 +863,24 @@ fn check_config_warns_when_the_spool_file_system_is_too_small_for_the_journal() 
     let tmp = tempfile::tempdir().unwrap();
     assert!(super::writer::file_system_size(tmp.path()).unwrap() > 0);
 }
+
+#[test]
+fn a_write_error_stop_ends_at_the_next_write_and_a_space_stop_takes_over_its_marker() {
+    let tmp = tempfile::tempdir().unwrap();
+    let free = Arc::new(AtomicU64::new(u64::MAX));
+    let mut w = writer_with_free(tmp.path(), &free);
+    w.failed(T0);
+    let stop = super::state::stopped(tmp.path()).unwrap().expect("marked");
+    assert_eq!(stop.reason, super::state::Reason::WriteError);
+    assert!(!w.stopped(), "a write error does not refuse the next event");
+    assert!(w.write(&finished(ID_A, T0 + 1), T0 + 1).unwrap());
+    assert_eq!(super::state::stopped(tmp.path()).unwrap(), None);
+    assert_eq!(super::state::read(tmp.path()).unwrap().gaps.len(), 1);
+    // Failing, then short of space: one marker, the first time, the new reason.
+    w.failed(T0 + 2);
+    free.store(150 * MIB, Ordering::SeqCst);
+    w.tick(T0 + 3).unwrap();
+    let stop = super::state::stopped(tmp.path()).unwrap().expect("marked");
+    assert_eq!(stop.reason, super::state::Reason::Space);
+    assert!(w.stopped());
+}

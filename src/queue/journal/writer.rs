@@ -351,7 +351,14 @@ impl Writer {
     /// stopped. A stop already in place keeps its time (and takes the new reason).
     fn stop_for(&mut self, reason: Reason, now_ms: u64) {
         match &mut self.stop {
-            Some(stop) => stop.reason = reason,
+            Some(stop) if stop.reason == reason => {}
+            Some(stop) => {
+                if let Err(e) = state::change_reason(&self.dir, stop.since_ms, stop.reason, reason)
+                {
+                    warn!(error = %e, "journal: cannot update its stopped marker");
+                }
+                stop.reason = reason;
+            }
             None => {
                 self.stop = Some(Stop {
                     since_ms: now_ms,
