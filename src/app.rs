@@ -241,6 +241,8 @@ pub async fn run(config: Config, path: Option<PathBuf>) -> Result<(), AppError> 
         .stop(runtime.load().config.limits.shutdown_grace)
         .await;
     stop_delivery(delivery, delivery_stop).await;
+    // Delivery's last events are in: write them out and seal the open segment.
+    telemetry.close_journal();
     observe_stop.cancel();
     if let Some(admin) = admin {
         admin.stopped().await;

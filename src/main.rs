@@ -7,7 +7,9 @@
 //! `--config` or for a DOMAIN that is not a domain name; 1 when the policy cannot be loaded.
 //!
 //! `trace QUERY` exits 0 when events match, 1 when none does (said on stderr), 2 for a QUERY
-//! that is neither a queue id, a Message-ID, an address nor an IP, or a bad `--since`.
+//! that is neither a queue id, a Message-ID, an address nor an IP, a bad `--since`, or no
+//! spool (a spool without a journal yet: 1). A journal that is or was stopped is noted on
+//! stderr, with the time of its oldest event.
 //!
 //! `queue retry|delete ID…` check every id's syntax first (one malformed id: exit 2, nothing
 //! done); an id that is well formed but not queued is reported on stderr, the other ids are
@@ -264,6 +266,10 @@ fn check_config(path: Option<&Path>) -> anyhow::Result<()> {
     print!("{}", config.summary());
     let mut warnings = config.warnings();
     warnings.extend(portcullis::config::perms::secret_file_warnings(&config));
+    warnings.extend(portcullis::queue::journal::writer::space_warning(
+        spool,
+        config.limits.min_free_space,
+    ));
     if !warnings.is_empty() {
         println!();
         for w in warnings {
@@ -295,14 +301,44 @@ fn trace(
         None => 0,
     };
     let dir = spool_dir(config, spool)?;
+    // Like `queue` and `listeners`: a wrong --config/--spool is a usage error.
+    if !dir.join("queue").is_dir() {
+        bail!(UsageError(format!(
+            "no spool at {} (no queue/ directory); pass --spool DIR or --config FILE",
+            dir.display()
+        )));
+    }
+    let journal_dir = journal::dir(&dir);
+    if !journal_dir.is_dir() {
+        bail!(
+            "no journaled event matches {parsed}: the spool {} has no journal yet (the relay \
+             starts one when it runs)",
+            dir.display()
+        );
+    }
+    // Said before the answer: "no match" may only mean the journal was not writing.
+    let (_, disk) = journal::state_on_disk(&journal_dir)
+        .with_context(|| format!("cannot read {}", journal_dir.display()))?;
+    let notes = journal_notes(&disk, since_ms);
+    for note in &notes {
+        eprintln!("portcullis: note: {note}");
+    }
     let found = journal::trace(&dir, &parsed, since_ms)?;
     if found.is_empty() {
+        let oldest = match disk.oldest_ms {
+            _ if !notes.is_empty() => String::new(),
+            Some(ms) => format!(
+                "; its oldest event is from {}",
+                journal::show::rfc3339_ms(ms)
+            ),
+            None => "; it holds no event".to_owned(),
+        };
         bail!(
-            "no journaled event matches {parsed}{} (journal: {})",
+            "no journaled event matches {parsed}{} (journal: {}{oldest})",
             since
                 .map(|s| format!(" in the last {s}"))
                 .unwrap_or_default(),
-            journal::dir(&dir).display()
+            journal_dir.display()
         );
     }
     if json {
@@ -318,6 +354,39 @@ fn trace(
         print!("{}", journal::show::text(&found));
     }
     Ok(())
+}
+
+/// What `trace` says on stderr about the journal itself: stopped now, or stopped for a while
+/// since `since_ms` (events of those times are not in it), with the time of its oldest event.
+fn journal_notes(disk: &portcullis::queue::journal::state::OnDisk, since_ms: u64) -> Vec<String> {
+    use portcullis::queue::journal::show::rfc3339_ms;
+    let mut notes: Vec<String> = disk
+        .gaps
+        .iter()
+        .filter(|g| g.until_ms.is_some_and(|until| until >= since_ms))
+        .map(|g| {
+            format!(
+                "the journal did not write from {} to {}: {}; events of that time are not in it",
+                rfc3339_ms(g.since_ms),
+                rfc3339_ms(g.until_ms.unwrap_or(g.since_ms)),
+                g.reason.text()
+            )
+        })
+        .collect();
+    if let Some(stop) = disk.stopped {
+        notes.push(format!(
+            "the journal is STOPPED: it has not written since {}: {}; later events are not in it",
+            rfc3339_ms(stop.since_ms),
+            stop.reason.text()
+        ));
+    }
+    if !notes.is_empty() {
+        notes.push(disk.oldest_ms.map_or_else(
+            || "the journal holds no event".to_owned(),
+            |ms| format!("the journal's oldest event is from {}", rfc3339_ms(ms)),
+        ));
+    }
+    notes
 }
 
 /// `portcullis doctor DOMAIN`: the checks are in `dns::doctor`; this loads the policy and

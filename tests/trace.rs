@@ -205,3 +205,200 @@ fn trace_json_refusals_and_exit_codes() {
         assert_eq!(out.status.code(), Some(2), "{bad:?}: {out:?}");
     }
 }
+
+/// The relay of [`start`] with `[limits]` and `[admin]` tables added.
+fn start_with(sink_port: u16, more: &str) -> Relay {
+    let extra = format!(
+        "[relay]\naccepted_domains = [\"example.com\"]\n\
+         relay_networks = [\"127.0.0.1/32\"]\n\n[queue]\nretry = [\"1s\"]\n\n{more}"
+    );
+    Relay::start(&config(
+        &[listener("mx", free_port(), "none")],
+        sink_port,
+        &extra,
+    ))
+}
+
+/// Free octets for unprivileged writers on the file system of `path`.
+fn free_space(path: &std::path::Path) -> u64 {
+    use std::os::unix::ffi::OsStrExt as _;
+    let c = std::ffi::CString::new(path.as_os_str().as_bytes()).expect("path");
+    // SAFETY: statvfs is plain old data, valid when zeroed; `c` outlives the call.
+    let mut stat: libc::statvfs = unsafe { std::mem::zeroed() };
+    assert_eq!(unsafe { libc::statvfs(c.as_ptr(), &mut stat) }, 0);
+    #[allow(clippy::unnecessary_cast)]
+    let free = (stat.f_bavail as u64) * (stat.f_frsize as u64);
+    free
+}
+
+fn stderr(out: &Output) -> String {
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+/// The relay accepts a quoted local part and prints it back; `trace` takes it as the relay
+/// wrote it (blanks and `<>` inside the quotes included), and shows the null sender as `<>`.
+#[test]
+fn trace_finds_quoted_local_parts_and_shows_the_null_sender_as_brackets() {
+    let sink = exchange_sink();
+    let relay = start(sink.port());
+    let mut c = SmtpClient::connect_from(CLIENT_IP, relay.port(0));
+    c.expect_reply(220);
+    c.expect("EHLO client.example", 250);
+    c.expect("MAIL FROM:<>", 250);
+    c.expect("RCPT TO:<\"john doe\"@example.com>", 250);
+    c.expect("RCPT TO:<\"<script>alert(1)</script>\"@example.com>", 250);
+    c.expect("DATA", 354);
+    c.send_raw(&dot_stuff("Subject: quoted\r\n\r\nhello\r\n"));
+    c.send_raw(b".\r\n");
+    let id = queue_id(&c.expect_reply(250)).expect("queue id in the 250");
+    c.cmd("QUIT");
+    for query in [
+        "\"john doe\"@example.com",
+        "\"John Doe\"@EXAMPLE.com",
+        "\"<script>alert(1)</script>\"@example.com",
+    ] {
+        let found = wait_until(WAIT, || trace(&relay, &[query]).status.code() == Some(0));
+        let out = trace(&relay, &[query]);
+        assert!(found, "{query}: {out:?}");
+        let text = stdout(&out);
+        assert!(
+            text.starts_with(&format!("message {id}")),
+            "{query}:\n{text}"
+        );
+        let queued = lines_of(&text, "queued");
+        assert_eq!(queued.len(), 1, "{query}:\n{text}");
+        assert!(queued[0].contains(" from=<> "), "{}", queued[0]);
+        assert!(!text.contains("<<>>"), "{text}");
+    }
+}
+
+/// A clean stop (SIGTERM) seals the open segment: every segment has its sidecar and no
+/// temporary file is left, so the next start has nothing to re-index.
+#[test]
+fn a_clean_stop_seals_the_open_journal_segment() {
+    let (_sink, mut relay, _id) = delivered_and_journaled();
+    relay.stop();
+    let journal = relay.dir().join("spool/journal");
+    let names: Vec<String> = std::fs::read_dir(&journal)
+        .expect("journal dir")
+        .map(|e| e.expect("entry").file_name().to_string_lossy().into_owned())
+        .collect();
+    let segments: Vec<&String> = names.iter().filter(|n| n.ends_with(".jsonl")).collect();
+    assert!(!segments.is_empty(), "{names:?}");
+    for seg in segments {
+        let idx = seg.replace(".jsonl", ".idx");
+        assert!(names.contains(&idx), "{seg} not sealed: {names:?}");
+    }
+    assert!(!names.iter().any(|n| n.ends_with(".tmp")), "{names:?}");
+}
+
+/// A journal that stops for want of space says so: in the live status (JSON and text), to
+/// `trace` on stderr, and still after the relay stopped (the marker it leaves). Here the
+/// space floor is set above the free space so that the journal stops at once while mail is
+/// still accepted (mail needs `min_free_space`, the journal that plus its margin).
+#[test]
+fn a_stopped_journal_is_visible_in_the_status_and_to_trace_running_or_not() {
+    let sink = exchange_sink();
+    let probe = TestDir::new();
+    let min_free_mib = (free_space(probe.path()) * 6 / 10) >> 20;
+    let admin = free_port();
+    let mut relay = start_with(
+        sink.port(),
+        &format!(
+            "[limits]\nmin_free_space = \"{min_free_mib}MiB\"\n\n\
+             [admin]\nbind = \"127.0.0.1:{admin}\"\n"
+        ),
+    );
+    let journal = relay.dir().join("spool/journal");
+    let marker = || {
+        std::fs::read_dir(&journal).ok().is_some_and(|entries| {
+            entries.filter_map(Result::ok).any(|e| {
+                e.file_name()
+                    .to_string_lossy()
+                    .starts_with("stopped-since-")
+            })
+        })
+    };
+    assert!(
+        wait_until(WAIT, marker),
+        "no stopped marker in {}",
+        journal.display()
+    );
+    let id = send(&relay);
+    assert!(
+        wait_until(WAIT, || sink.messages().len() == 1),
+        "not delivered"
+    );
+
+    // Live: the JSON has the journal's state, the text a line for it.
+    let out = relay.command(&["status", "--json"]);
+    assert_eq!(out.status.code(), Some(0), "{out:?}");
+    let status: serde_json::Value = serde_json::from_slice(&out.stdout).expect("status JSON");
+    assert_eq!(status["live"], true, "{status}");
+    assert!(status["journal"]["stopped_since"].is_u64(), "{status}");
+    assert!(
+        status["journal"]["why"]
+            .as_str()
+            .is_some_and(|w| w.contains("short of space")),
+        "{status}"
+    );
+    assert!(
+        status["journal"]["dropped"].as_u64().is_some_and(|n| n > 0),
+        "{status}"
+    );
+    let text = stdout(&relay.command(&["status"]));
+    assert!(text.contains("\njournal: STOPPED since "), "{text}");
+
+    // trace: no match, read correctly.
+    for running in [true, false] {
+        let out = trace(&relay, &[&id]);
+        assert_eq!(out.status.code(), Some(1), "running {running}: {out:?}");
+        let err = stderr(&out);
+        assert!(
+            err.contains("note: the journal is STOPPED: it has not written since "),
+            "running {running}: {err}"
+        );
+        assert!(err.contains("no journaled event matches"), "{err}");
+        if running {
+            relay.stop();
+            // Stopped: the status comes from the spool, and still says so.
+            let out = relay.command(&["status", "--json"]);
+            let status: serde_json::Value =
+                serde_json::from_slice(&out.stdout).expect("status JSON");
+            assert_eq!(status["live"], false, "{status}");
+            assert!(status["journal"]["stopped_since"].is_u64(), "{status}");
+        }
+    }
+}
+
+/// `trace` without a spool is a usage error (exit 2), like `queue` and `listeners`; a spool
+/// without a journal yet is not (exit 1, said so).
+#[test]
+fn trace_without_a_spool_exits_2_and_without_a_journal_1() {
+    let dir = TestDir::new();
+    let run = |args: &[&str]| {
+        std::process::Command::new(BIN)
+            .args(args)
+            .current_dir(dir.path())
+            .output()
+            .expect("spawn portcullis")
+    };
+    let missing = dir.join("nowhere");
+    for args in [
+        vec!["trace", "bob@example.com"],
+        vec![
+            "trace",
+            "bob@example.com",
+            "--spool",
+            missing.to_str().unwrap(),
+        ],
+    ] {
+        let out = run(&args);
+        assert_eq!(out.status.code(), Some(2), "{args:?}: {out:?}");
+        assert!(stderr(&out).contains("no spool at "), "{args:?}: {out:?}");
+    }
+    std::fs::create_dir_all(dir.join("spool/queue")).expect("mkdir");
+    let out = run(&["trace", "bob@example.com"]);
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    assert!(stderr(&out).contains("has no journal yet"), "{out:?}");
+}

@@ -73,6 +73,10 @@ pub fn status(config: &Config, spool: &Spool, now_unix: u64) -> Result<Status, O
     status.totals = Totals::default();
     // `portcullis listeners pause` leaves this marker; the relay obeys it when it starts.
     status.paused = pause::is_paused(spool.root())?;
+    // Stopped or not, as the journal's markers say (readable on a full disk).
+    status.journal = journal::state_on_disk(&journal::dir(spool.root()))
+        .ok()
+        .map(|(state, _)| state);
     Ok(status)
 }
 

@@ -16,6 +16,7 @@ pub fn text(status: &Status) -> String {
     alerts(&mut out, status);
     upstreams(&mut out, status);
     queue(&mut out, status);
+    journal(&mut out, status);
     flow(&mut out, status);
     let rules: Vec<String> = status
         .top_refusals
@@ -98,6 +99,31 @@ fn upstreams(out: &mut String, status: &Status) {
             let _ = writeln!(out, "    last error: {}", clean(error));
         }
     }
+}
+
+/// One line when the status has the journal's state: writing or STOPPED, and what it holds.
+fn journal(out: &mut String, status: &Status) {
+    let Some(j) = &status.journal else { return };
+    let state = match (j.stopped_since, &j.why) {
+        (None, _) => "writing".to_owned(),
+        (Some(since), why) => format!(
+            "STOPPED since {}{}",
+            rfc3339(since),
+            why.as_deref()
+                .map(|w| format!(" ({})", clean(w)))
+                .unwrap_or_default()
+        ),
+    };
+    let oldest = j.oldest.map_or_else(
+        || "; empty".to_owned(),
+        |t| format!("; oldest event {}", rfc3339(t)),
+    );
+    let dropped = j
+        .dropped
+        .filter(|&n| n > 0)
+        .map(|n| format!("; {n} events dropped since start"))
+        .unwrap_or_default();
+    let _ = writeln!(out, "journal: {state}{oldest}{dropped}");
 }
 
 fn queue(out: &mut String, status: &Status) {

@@ -1,5 +1,5 @@
 //! Who may read the secrets a policy names: the TLS private key, the AUTH users file (password
-//! hashes), the upstream password files and the DKIM signing keys.
+//! hashes), the upstream password files, the DKIM signing keys and the admin token file.
 //!
 //! [`secret_file_warnings`] warns when such a file is readable (or writable) by every user, or
 //! by a group the relay's user is not in: whoever is in that group can read the key or the
@@ -81,6 +81,9 @@ fn secret_files(config: &Config) -> Vec<(String, PathBuf)> {
     }
     for (i, s) in config.dkim.sign.iter().enumerate() {
         files.push((format!("dkim.sign[{i}].key"), s.key_path.clone()));
+    }
+    if let Some(path) = config.admin.as_ref().and_then(|a| a.token_file.clone()) {
+        files.push(("admin.token_file".to_string(), path));
     }
     files
 }

@@ -1567,6 +1567,26 @@ fn a_dkim_key_readable_by_others_is_warned_about() {
 }
 
 #[test]
+fn an_admin_token_file_readable_by_others_is_warned_about() {
+    use std::os::unix::fs::PermissionsExt as _;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let file = write(dir.path(), "admin.token", "t0ken\n");
+    std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o600)).expect("chmod");
+    let policy = format!("{MINIMAL}\n[admin]\nbind = \"127.0.0.1:9025\"\ntoken_file = {file:?}\n");
+    assert_eq!(
+        perms::secret_file_warnings(&ok(&policy)),
+        Vec::<String>::new()
+    );
+    std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o644)).expect("chmod");
+    let warnings = perms::secret_file_warnings(&ok(&policy));
+    assert_eq!(warnings.len(), 1, "{warnings:?}");
+    assert!(
+        warnings[0].starts_with("admin.token_file ") && warnings[0].contains("every user"),
+        "{warnings:?}"
+    );
+}
+
+#[test]
 fn the_quarantine_field_is_stripped_from_untrusted_mail_while_dmarc_runs() {
     // (snippet, whether the default quarantine field is among the untrusted strip names, count)
     let cases = [
@@ -1683,6 +1703,82 @@ fn admin_alerts_and_log_errors_name_their_keys() {
     assert_eq!(errors.len(), 1, "{errors:?}");
     assert_eq!(errors[0].0, "admin.token_file");
     assert!(errors[0].1.contains(&missing), "{errors:?}");
+}
+
+#[test]
+fn webhook_urls_with_a_bad_port_no_host_or_a_fragment_are_refused() {
+    let refused = [
+        "http://user:pw@127.0.0.1:notaport/hook",
+        "http://127.0.0.1:80800/hook",
+        "http://127.0.0.1:8o80/hook",
+        "http://127.0.0.1:/hook",
+        "http://127.0.0.1:0/hook",
+        "http://127.0.0.1:+80/hook",
+        "http://[::1]:x/hook",
+        "http://[::1]x/hook",
+        "http://[zz::1]/hook",
+        "http://user:pw@/hook",
+        "http://ho$t.example/hook",
+        "http://ho%41st.example/hook",
+        "http://-host.example/hook",
+        "http://host..example/hook",
+        "https://hooks.example/hook#frag",
+        "https://hooks.example#",
+    ];
+    for url in refused {
+        let errors = errors(&format!("{MINIMAL}\n[alerts]\nwebhook = {url:?}\n"));
+        assert_eq!(errors.len(), 1, "{url}: {errors:?}");
+        assert_eq!(errors[0].0, "alerts.webhook", "{url}");
+    }
+    let accepted = [
+        "http://127.0.0.1:8080/hook",
+        "https://user:p%40ss@hooks.example:65535/p?q=1",
+        "http://[::1]:9/",
+        "https://hooks.example",
+    ];
+    for url in accepted {
+        let c = ok(&format!("{MINIMAL}\n[alerts]\nwebhook = {url:?}\n"));
+        assert_eq!(c.alerts.webhook.as_deref(), Some(url));
+    }
+}
+
+#[test]
+fn webhook_credentials_are_masked_in_errors() {
+    let cases = [
+        (
+            "htps://user:hunter2pw@hooks.example/x",
+            "\"htps://user:***@hooks.example/x\" is not an http:// or https:// URL",
+        ),
+        (
+            "http://user:hunter2pw@127.0.0.1:notaport/hook",
+            "\"http://user:***@127.0.0.1:notaport/hook\" is not an http:// or https:// URL \
+             (its port is not a number in 1..=65535)",
+        ),
+        (
+            "https://hunter2pw@hooks.example/x#f",
+            "\"https://***@hooks.example/x#f\" is not an http:// or https:// URL \
+             (it has a #fragment)",
+        ),
+        (
+            "user:hunter2pw@hooks.example/x",
+            "\"user:***@hooks.example/x\" is not an http:// or https:// URL",
+        ),
+        (
+            "http://a:b@c:hunter2pw@/x",
+            "\"http://a:***@/x\" is not an http:// or https:// URL",
+        ),
+    ];
+    for (url, message) in cases {
+        let text = format!("{MINIMAL}\n[alerts]\nwebhook = {url:?}\n");
+        let errors = errors(&text);
+        assert_eq!(errors.len(), 1, "{url}: {errors:?}");
+        assert_eq!(errors[0].1, message, "{url}");
+        // The whole report, as check-config prints it and a refused reload logs it.
+        let report = Config::from_toml(&text, None)
+            .expect_err("refused")
+            .to_string();
+        assert!(!report.contains("hunter2pw"), "{report}");
+    }
 }
 
 #[test]

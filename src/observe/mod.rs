@@ -58,6 +58,14 @@ pub struct Telemetry {
 pub trait EventSink: Send + Sync + std::fmt::Debug {
     /// Keep `event`.
     fn append(&self, event: &Event);
+
+    /// Whether it is keeping events (`None`: it cannot tell).
+    fn state(&self) -> Option<status::JournalState> {
+        None
+    }
+
+    /// Keep what was appended and stop (waits for it); later events are dropped.
+    fn close(&self) {}
 }
 
 /// How many messages the queue holds, as the queue manager counts them (it publishes a new
@@ -161,6 +169,19 @@ impl Telemetry {
         self.upstreams.count(event);
         if let Some(journal) = &self.journal {
             journal.append(event);
+        }
+    }
+
+    /// The journal's state, when there is a journal.
+    pub fn journal_state(&self) -> Option<status::JournalState> {
+        self.journal.as_ref().and_then(|j| j.state())
+    }
+
+    /// Close the journal (at shutdown, once nothing records any more): its last events are
+    /// written and its open file sealed. Waits for its thread.
+    pub fn close_journal(&self) {
+        if let Some(journal) = &self.journal {
+            journal.close();
         }
     }
 

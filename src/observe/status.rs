@@ -50,6 +50,33 @@ pub struct Status {
     /// from the spool and journal: a stopped relay has no counters).
     #[serde(default)]
     pub totals: Totals,
+    /// Whether the message journal behind `portcullis trace` is writing (`None`: the relay
+    /// has none, e.g. a status from a relay older than this field).
+    #[serde(default)]
+    pub journal: Option<JournalState>,
+}
+
+/// The message journal's state: writing, or stopped since when and why, and what it still
+/// holds. Live it comes from the journal's writer; rebuilt from the spool it comes from the
+/// marker the writer leaves in `SPOOL/journal/` while it is stopped (`queue::journal`).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct JournalState {
+    /// Unix seconds since which it has not written, when it is stopped.
+    pub stopped_since: Option<u64>,
+    /// Why it is stopped (one line), when it is.
+    pub why: Option<String>,
+    /// Events not journaled since the relay started (writer behind, stopped, or failing);
+    /// `None` when not read from the running relay.
+    pub dropped: Option<u64>,
+    /// Unix seconds of the start of its oldest file: `trace` finds nothing older.
+    pub oldest: Option<u64>,
+}
+
+impl JournalState {
+    /// True unless it is stopped.
+    pub fn writing(&self) -> bool {
+        self.stopped_since.is_none()
+    }
 }
 
 /// The counters of `/metrics` the status shows, since the relay started. Each list is sorted
@@ -108,6 +135,7 @@ impl Status {
             top_refusals: telemetry.metrics.top_refusals(TOP_REFUSALS),
             totals: Totals::live(&telemetry.metrics, &upstreams),
             upstreams,
+            journal: telemetry.journal_state(),
         }
     }
 }

@@ -26,6 +26,9 @@
 //! sidecars together exceed `journal_max_size`. The space check: see [`writer::room`] — near
 //! `limits.min_free_space` the journal removes its oldest files, closer still it stops writing
 //! (logged once) until space returns. Files are 0600 and the directory 0700, like the spool.
+//! While it is stopped (short of space, or after a write error) a zero-byte marker in the
+//! directory says since when and why, and a gap marker records each past stop ([`state`]):
+//! the status, `trace` and the offline status read them, the relay running or not.
 //!
 //! # Reading
 //!
@@ -40,15 +43,16 @@ pub mod index;
 pub mod query;
 pub mod segment;
 pub mod show;
+pub mod state;
 pub mod writer;
 
 #[cfg(test)]
 mod tests;
 
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::mpsc::{self, Receiver, TryRecvError, SyncSender, TrySendError};
+use std::sync::mpsc::{self, Receiver, SyncSender, TryRecvError, TrySendError};
+use std::sync::{Arc, Mutex, PoisonError};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -56,6 +60,7 @@ use tracing::{error, warn};
 
 use crate::config::Log;
 use crate::observe::event::unix_millis;
+use crate::observe::status::JournalState;
 use crate::observe::{Event, EventSink};
 
 pub use query::{BadQuery, Found, Query};
@@ -83,12 +88,25 @@ pub fn dir(root: &Path) -> PathBuf {
     root.join("journal")
 }
 
+/// What the journal's thread is sent.
+#[derive(Debug)]
+enum Msg {
+    Event(Box<Event>),
+    /// Write what is buffered, seal the open segment, end.
+    Close,
+}
+
+/// Why the journal is not writing, as its thread last said: since when (Unix ms), and why.
+type LiveStop = Arc<Mutex<Option<(u64, String)>>>;
+
 /// The journal writer of one spool: a sender to its thread.
 #[derive(Debug)]
 pub struct Journal {
-    tx: Option<SyncSender<Box<Event>>>,
+    dir: PathBuf,
+    tx: Option<SyncSender<Msg>>,
     dropped: Arc<AtomicU64>,
-    thread: Option<JoinHandle<()>>,
+    stop: LiveStop,
+    thread: Mutex<Option<JoinHandle<()>>>,
 }
 
 impl Journal {
@@ -109,22 +127,33 @@ impl Journal {
     pub fn start(dir: PathBuf, limits: writer::Limits, free_space: writer::FreeSpace) -> Journal {
         let (tx, rx) = mpsc::sync_channel(CHANNEL_CAPACITY);
         let dropped = Arc::new(AtomicU64::new(0));
-        let counter = dropped.clone();
+        let stop: LiveStop = Arc::default();
+        let shared = Shared {
+            dropped: dropped.clone(),
+            stop: stop.clone(),
+        };
+        let thread_dir = dir.clone();
         let spawned = std::thread::Builder::new()
             .name("journal".into())
-            .spawn(move || run(&dir, limits, free_space, &rx, &counter));
+            .spawn(move || run(&thread_dir, limits, free_space, &rx, &shared));
         match spawned {
             Ok(thread) => Journal {
+                dir,
                 tx: Some(tx),
                 dropped,
-                thread: Some(thread),
+                stop,
+                thread: Mutex::new(Some(thread)),
             },
             Err(e) => {
                 error!(error = %e, "journal: cannot start its thread; events are not journaled");
+                *stop.lock().unwrap_or_else(PoisonError::into_inner) =
+                    Some((unix_millis(), format!("its thread cannot start: {e}")));
                 Journal {
+                    dir,
                     tx: None,
                     dropped,
-                    thread: None,
+                    stop,
+                    thread: Mutex::new(None),
                 }
             }
         }
@@ -136,11 +165,37 @@ impl Journal {
     }
 
     /// Stop: the thread writes what it has, seals the open segment, and ends; this waits for
-    /// it. (Dropping the journal does the same without waiting.)
-    pub fn close(mut self) {
-        self.tx = None;
-        if let Some(thread) = self.thread.take() {
-            let _ = thread.join();
+    /// it (behind the events already sent). Events appended later are dropped and counted.
+    /// Closing twice is closing once. (Dropping the journal ends the thread without waiting.)
+    pub fn close(&self) {
+        let thread = self
+            .thread
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .take();
+        let Some(thread) = thread else { return };
+        if let Some(tx) = &self.tx {
+            // Blocks while the channel is full: the thread is draining it.
+            let _ = tx.send(Msg::Close);
+        }
+        if thread.join().is_err() {
+            error!("journal: its thread panicked");
+        }
+    }
+
+    /// Its state now: the stop its thread reports, what it dropped, and its oldest event.
+    pub fn state(&self) -> JournalState {
+        let stop = self
+            .stop
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone();
+        let oldest = state::oldest_event(&self.dir).ok().flatten();
+        JournalState {
+            stopped_since: stop.as_ref().map(|(ms, _)| ms / 1000),
+            why: stop.map(|(_, why)| why),
+            dropped: Some(self.dropped()),
+            oldest: oldest.map(|ms| ms / 1000),
         }
     }
 }
@@ -148,7 +203,7 @@ impl Journal {
 impl EventSink for Journal {
     fn append(&self, event: &Event) {
         let sent = match &self.tx {
-            Some(tx) => match tx.try_send(Box::new(event.clone())) {
+            Some(tx) => match tx.try_send(Msg::Event(Box::new(event.clone()))) {
                 Ok(()) => true,
                 Err(TrySendError::Full(_) | TrySendError::Disconnected(_)) => false,
             },
@@ -158,6 +213,48 @@ impl EventSink for Journal {
             self.dropped.fetch_add(1, Ordering::Relaxed);
         }
     }
+
+    fn state(&self) -> Option<JournalState> {
+        Some(Journal::state(self))
+    }
+
+    fn close(&self) {
+        Journal::close(self);
+    }
+}
+
+/// The state of `dir`'s journal as its markers and files say (the relay running or not):
+/// for `trace` and the offline status.
+///
+/// # Errors
+/// The I/O error of listing `dir`.
+pub fn state_on_disk(dir: &Path) -> std::io::Result<(JournalState, state::OnDisk)> {
+    let disk = state::read(dir)?;
+    let shown = JournalState {
+        stopped_since: disk.stopped.map(|s| s.since_ms / 1000),
+        why: disk.stopped.map(|s| s.reason.text().to_owned()),
+        dropped: None,
+        oldest: disk.oldest_ms.map(|ms| ms / 1000),
+    };
+    Ok((shown, disk))
+}
+
+/// What the journal's thread shares with its [`Journal`].
+struct Shared {
+    dropped: Arc<AtomicU64>,
+    stop: LiveStop,
+}
+
+impl Shared {
+    /// Publish the writer's stop (a lock only when it changed).
+    fn publish(&self, stop: Option<state::Stop>, published: &mut Option<state::Stop>) {
+        if stop == *published {
+            return;
+        }
+        *published = stop;
+        *self.stop.lock().unwrap_or_else(PoisonError::into_inner) =
+            stop.map(|s| (s.since_ms, s.reason.text().to_owned()));
+    }
 }
 
 /// The journal thread: open the writer (recovering what a crash left), then write events
@@ -166,39 +263,40 @@ fn run(
     dir: &Path,
     limits: writer::Limits,
     free_space: writer::FreeSpace,
-    rx: &Receiver<Box<Event>>,
-    dropped: &AtomicU64,
+    rx: &Receiver<Msg>,
+    shared: &Shared,
 ) {
+    let dropped = &*shared.dropped;
     let mut w = match writer::Writer::open(dir, limits, free_space) {
         Ok(w) => w,
         Err(e) => {
             error!(dir = %dir.display(), error = %e, "journal: cannot open; events are not journaled");
-            while rx.recv().is_ok() {
+            *shared.stop.lock().unwrap_or_else(PoisonError::into_inner) = Some((
+                unix_millis(),
+                format!("it cannot open {}: {e}", dir.display()),
+            ));
+            while let Ok(Msg::Event(_)) = rx.recv() {
                 dropped.fetch_add(1, Ordering::Relaxed);
             }
             return;
         }
     };
+    let mut published = None;
+    shared.publish(w.stop(), &mut published);
     let mut state = Pace::new();
     // The thread never waits in `recv`: a receiver blocked there makes every `try_send` wake it
     // (a futex call and a context switch per event, several per message). It sleeps
     // DRAIN_INTERVAL instead and takes whatever arrived; senders then only touch atomics.
-    loop {
-        let mut disconnected = false;
+    'run: loop {
         loop {
             match rx.try_recv() {
-                Ok(event) => state.write(&mut w, &event, dropped),
+                Ok(Msg::Event(event)) => state.write(&mut w, &event, dropped),
+                Ok(Msg::Close) | Err(TryRecvError::Disconnected) => break 'run,
                 Err(TryRecvError::Empty) => break,
-                Err(TryRecvError::Disconnected) => {
-                    disconnected = true;
-                    break;
-                }
             }
         }
         state.housekeep(&mut w, dropped);
-        if disconnected {
-            break;
-        }
+        shared.publish(w.stop(), &mut published);
         std::thread::sleep(DRAIN_INTERVAL.min(state.wait()));
     }
     if let Err(e) = w.seal() {
@@ -255,6 +353,7 @@ impl Pace {
             Err(e) => {
                 dropped.fetch_add(1, Ordering::Relaxed);
                 error!(error = %e, "journal: cannot write; events are dropped for a while");
+                w.failed(unix_millis());
                 if let Err(e) = w.seal() {
                     warn!(error = %e, "journal: cannot seal the segment (indexed at next start)");
                 }

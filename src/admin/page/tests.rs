@@ -108,6 +108,7 @@ fn outage() -> Status {
             dns_errors: vec![("spf".into(), 7)],
             removed: vec![("purge".into(), 12)],
         },
+        journal: None,
     }
 }
 

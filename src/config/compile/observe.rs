@@ -113,12 +113,90 @@ impl Compiler {
     }
 }
 
-/// A webhook URL: absolute `http://` or `https://` with a host.
+/// A webhook URL: absolute `http://` or `https://`, a host name or IP address, a port (when
+/// written) in 1..=65535, no fragment. `hyper::Uri` alone lets through a port that is not a
+/// number (`:notaport`, `:80800`, `:`: the webhook would then post to the default port, with
+/// the credentials) and drops a fragment silently; both are refused here. The message quotes
+/// the URL with its user information masked ([`masked_url`]): it is printed by check-config
+/// and logged by a refused reload.
 fn check_webhook(url: &str) -> Result<(), String> {
-    let bad = || format!("{url:?} is not an http:// or https:// URL");
-    let uri: hyper::Uri = url.parse().map_err(|_| bad())?;
-    match uri.scheme_str() {
-        Some("http" | "https") if uri.host().is_some_and(|h| !h.is_empty()) => Ok(()),
-        _ => Err(bad()),
+    let shown = masked_url(url);
+    let bad = |why: &str| format!("{shown:?} is not an http:// or https:// URL{why}");
+    let uri: hyper::Uri = url.parse().map_err(|_| bad(""))?;
+    if !matches!(uri.scheme_str(), Some("http" | "https")) {
+        return Err(bad(""));
     }
+    if url.contains('#') {
+        return Err(bad(" (it has a #fragment)"));
+    }
+    let Some(authority) = uri.authority() else {
+        return Err(bad(""));
+    };
+    let host_port = authority
+        .as_str()
+        .rsplit_once('@')
+        .map_or(authority.as_str(), |(_, h)| h);
+    let (host, port) = split_host_port(host_port);
+    if !valid_host(host) {
+        return Err(bad(" (no valid host name or IP address)"));
+    }
+    match port {
+        None => Ok(()),
+        Some(p)
+            if p.bytes().all(|b| b.is_ascii_digit()) && p.parse::<u16>().is_ok_and(|n| n > 0) =>
+        {
+            Ok(())
+        }
+        Some(_) => Err(bad(" (its port is not a number in 1..=65535)")),
+    }
+}
+
+/// `host[:port]` split at the port's colon (after the `]` of an IPv6 literal); the port as
+/// written, possibly empty.
+fn split_host_port(text: &str) -> (&str, Option<&str>) {
+    let host_end = if text.starts_with('[') {
+        text.find(']').map_or(text.len(), |i| i + 1)
+    } else {
+        text.find(':').unwrap_or(text.len())
+    };
+    let (host, rest) = text.split_at(host_end);
+    (
+        host,
+        rest.strip_prefix(':')
+            .or(if rest.is_empty() { None } else { Some(rest) }),
+    )
+}
+
+/// A host the webhook can connect to: `[IPv6]`, or a DNS name / IPv4 address (letters,
+/// digits, `-` and `.`, not starting or ending with a dot or hyphen).
+fn valid_host(host: &str) -> bool {
+    if let Some(inner) = host.strip_prefix('[').and_then(|h| h.strip_suffix(']')) {
+        return inner.parse::<std::net::Ipv6Addr>().is_ok();
+    }
+    !host.is_empty()
+        && host
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.')
+        && !host.starts_with(['.', '-'])
+        && !host.ends_with('-')
+        && !host.contains("..")
+}
+
+/// `url` with the user information of its authority masked: `user:***@` (`***@` without a
+/// colon, where the whole of it may be a token). Works on any text, a URL or not, so that a
+/// value refused for any reason is never quoted with its secret.
+pub(crate) fn masked_url(url: &str) -> String {
+    let start = url.find("://").map_or(0, |i| i + 3);
+    let end = url[start..]
+        .find(['/', '?', '#'])
+        .map_or(url.len(), |i| start + i);
+    let Some(at) = url[start..end].rfind('@').map(|i| start + i) else {
+        return url.to_owned();
+    };
+    let userinfo = &url[start..at];
+    let shown = match userinfo.split_once(':') {
+        Some((user, _)) => format!("{user}:***"),
+        None => "***".to_owned(),
+    };
+    format!("{}{shown}{}", &url[..start], &url[at..])
 }

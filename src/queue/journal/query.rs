@@ -71,13 +71,22 @@ impl FromStr for Query {
         if let Ok(ip) = t.parse::<IpAddr>() {
             return Ok(Query::Client(ip));
         }
+        // An address the relay accepts, in any form it accepts (a quoted local part may hold
+        // blanks, `<` and `>`), compared in the canonical form the journal stores.
+        if let Ok(address) = Address::parse(t) {
+            return Ok(Query::AddressOrMessageId {
+                address: address.to_string().to_ascii_lowercase(),
+                message_id: segment::message_id_key(t),
+            });
+        }
         if t.starts_with('<') && t.ends_with('>') && t.len() > 2 {
             return Ok(Query::MessageId(segment::message_id_key(t)));
         }
         if t.contains('@') && !t.contains(['<', '>']) && !t.chars().any(char::is_whitespace) {
-            let address = Address::parse(t).map_or_else(|_| t.to_string(), |a| a.to_string());
+            // Not an address: a Message-ID written without brackets (or an address the
+            // journal may hold in an older form), looked for as both.
             return Ok(Query::AddressOrMessageId {
-                address: address.to_ascii_lowercase(),
+                address: t.to_ascii_lowercase(),
                 message_id: segment::message_id_key(t),
             });
         }

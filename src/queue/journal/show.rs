@@ -93,7 +93,13 @@ pub fn event_line(e: &Event) -> String {
         ("listener", opt(&e.listener)),
         ("login", opt(&e.login)),
         ("tls", opt(&e.tls)),
-        ("from", e.from.as_ref().map(|f| format!("<{f}>"))),
+        // The null sender is journaled empty (older journals wrote `<>`): shown `<>`.
+        (
+            "from",
+            e.from
+                .as_ref()
+                .map(|f| format!("<{}>", if f == "<>" { "" } else { f })),
+        ),
     ] {
         if let Some(value) = value {
             field(key, &value);

@@ -707,3 +707,180 @@ fn a_query_keeps_the_most_recent_messages_and_refusals_and_counts_the_rest() {
     let rcpts: Vec<&str> = found.refusals.iter().map(|e| e.rcpts[0].as_str()).collect();
     assert_eq!(rcpts, ["s3@y.example", "r4@y.example", "s4@y.example"]);
 }
+
+#[test]
+fn a_journal_stopped_for_space_leaves_a_marker_then_a_gap_when_it_resumes() {
+    let tmp = tempfile::tempdir().unwrap();
+    let free = Arc::new(AtomicU64::new(u64::MAX));
+    let mut w = writer_with_free(tmp.path(), &free);
+    w.write(&finished(ID_A, T0), T0).unwrap();
+    w.seal().unwrap();
+    assert_eq!(super::state::read(tmp.path()).unwrap().stopped, None);
+    free.store(150 * MIB, Ordering::SeqCst);
+    w.tick(T0 + 1).unwrap();
+    let disk = super::state::read(tmp.path()).unwrap();
+    let stop = disk.stopped.expect("a stopped marker");
+    assert_eq!(stop.reason, super::state::Reason::Space);
+    assert_eq!(disk.oldest_ms, None, "its history went for the space");
+    // A writer opened on it (the relay restarted, still short) carries the stop on, with
+    // its first time.
+    drop(w);
+    let mut w = writer_with_free(tmp.path(), &free);
+    assert!(w.stopped());
+    assert_eq!(w.stop().map(|s| s.since_ms), Some(stop.since_ms));
+    free.store(400 * MIB, Ordering::SeqCst);
+    w.tick(T0 + 2).unwrap();
+    assert!(!w.stopped());
+    assert!(w.write(&finished(ID_B, T0 + 3), T0 + 3).unwrap());
+    w.seal().unwrap();
+    let disk = super::state::read(tmp.path()).unwrap();
+    assert_eq!(disk.stopped, None);
+    assert_eq!(disk.gaps.len(), 1, "{disk:?}");
+    assert_eq!(disk.gaps[0].since_ms, stop.since_ms);
+    assert_eq!(disk.oldest_ms, Some(T0 + 3));
+    // Markers are no segments: queries read past them.
+    assert_eq!(find(tmp.path(), ID_B).messages.len(), 1);
+}
+
+#[test]
+fn a_journal_with_no_room_at_start_writes_not_even_its_first_event() {
+    let tmp = tempfile::tempdir().unwrap();
+    let free = Arc::new(AtomicU64::new(150 * MIB));
+    let mut w = writer_with_free(tmp.path(), &free);
+    assert!(!w.write(&finished(ID_A, T0), T0).unwrap());
+    assert!(files(tmp.path(), "jsonl").is_empty());
+    assert!(super::state::stopped(tmp.path()).unwrap().is_some());
+}
+
+#[test]
+fn the_running_journal_reports_its_stop_and_drops_in_its_state() {
+    let tmp = tempfile::tempdir().unwrap();
+    let journal = Journal::start(tmp.path().join("journal"), limits(), Box::new(|| Ok(MIB)));
+    use crate::observe::EventSink as _;
+    for e in two_messages() {
+        journal.append(&e);
+    }
+    let stopped = (0..500).any(|_| {
+        let state = journal.state();
+        std::thread::sleep(std::time::Duration::from_millis(10));
+        state.stopped_since.is_some() && state.dropped == Some(5)
+    });
+    let state = journal.state();
+    assert!(stopped, "{state:?}");
+    assert!(
+        state
+            .why
+            .as_deref()
+            .is_some_and(|w| w.contains("short of space"))
+    );
+    assert!(!state.writing());
+    journal.close();
+    let (on_disk, _) = super::state_on_disk(&tmp.path().join("journal")).unwrap();
+    assert_eq!(on_disk.stopped_since, state.stopped_since);
+    assert_eq!(on_disk.dropped, None);
+}
+
+#[test]
+fn closing_through_the_telemetry_seals_the_open_segment() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("journal");
+    let telemetry = crate::observe::Telemetry::new("n").with_journal(Box::new(Journal::start(
+        dir.clone(),
+        limits(),
+        plenty(),
+    )));
+    for e in two_messages() {
+        telemetry.record(&e);
+    }
+    telemetry.close_journal();
+    assert_eq!(files(&dir, "jsonl").len(), 1);
+    assert_eq!(files(&dir, "idx").len(), 1, "sealed on close");
+    // Closed twice is closed once; later events are counted as dropped, not written.
+    telemetry.close_journal();
+    telemetry.record(&finished(ID_A, T0 + 100));
+    assert_eq!(telemetry.journal_state().and_then(|s| s.dropped), Some(1));
+}
+
+#[test]
+fn a_quoted_local_part_is_queried_in_its_canonical_form() {
+    for (text, canonical) in [
+        ("\"john doe\"@Example.com", "\"john doe\"@example.com"),
+        (
+            "\"<script>alert(1)</script>\"@x.example",
+            "\"<script>alert(1)</script>\"@x.example",
+        ),
+        // Quotes that are not needed are not part of the canonical form.
+        ("\"bob\"@example.com", "bob@example.com"),
+    ] {
+        match text.parse::<Query>() {
+            Ok(Query::AddressOrMessageId { address, .. }) => assert_eq!(address, canonical),
+            other => panic!("{text}: {other:?}"),
+        }
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let mut w = writer(tmp.path(), limits());
+    let mut e = queued(ID_A, T0, "m@x", "", "\"john doe\"@example.com", "192.0.2.1");
+    e.rcpts = vec!["\"john doe\"@example.com".into()];
+    w.write(&e, T0).unwrap();
+    w.seal().unwrap();
+    assert_eq!(
+        find(tmp.path(), "\"John Doe\"@EXAMPLE.com").messages.len(),
+        1
+    );
+    let line = show::event_line(&e);
+    assert!(line.contains(" from=<> "), "{line}");
+}
+
+#[test]
+fn the_null_sender_shows_as_brackets_in_old_and_new_journals() {
+    for stored in ["", "<>"] {
+        let mut e = Event::at(EventKind::Bounced, T0);
+        e.from = Some(stored.into());
+        let line = show::event_line(&e);
+        assert!(line.ends_with(" from=<>"), "{stored:?}: {line}");
+    }
+}
+
+#[test]
+fn check_config_warns_when_the_spool_file_system_is_too_small_for_the_journal() {
+    use super::writer::space_warning_for;
+    let spool = Path::new("/var/spool/portcullis");
+    // 20 MiB with the default floor: the journal would never write.
+    let w = space_warning_for(spool, 20 * MIB, 0).expect("a warning");
+    assert!(
+        w.contains("of 20 MiB") && w.contains("would never write"),
+        "{w}"
+    );
+    assert!(w.contains("more than 64 MiB"), "{w}");
+    // Above the stop level, below the trim level: it would keep deleting its history.
+    let w = space_warning_for(spool, 100 * MIB, 0).expect("a warning");
+    assert!(w.contains("would keep deleting"), "{w}");
+    // The margin follows min_free_space when that is larger.
+    assert!(space_warning_for(spool, 250 * MIB, 100 * MIB).is_some());
+    assert_eq!(space_warning_for(spool, 128 * MIB, 0), None);
+    assert_eq!(space_warning_for(spool, 300 * MIB, 100 * MIB), None);
+    // The real file system of a temporary directory is measured.
+    let tmp = tempfile::tempdir().unwrap();
+    assert!(super::writer::file_system_size(tmp.path()).unwrap() > 0);
+}
+
+#[test]
+fn a_write_error_stop_ends_at_the_next_write_and_a_space_stop_takes_over_its_marker() {
+    let tmp = tempfile::tempdir().unwrap();
+    let free = Arc::new(AtomicU64::new(u64::MAX));
+    let mut w = writer_with_free(tmp.path(), &free);
+    w.failed(T0);
+    let stop = super::state::stopped(tmp.path()).unwrap().expect("marked");
+    assert_eq!(stop.reason, super::state::Reason::WriteError);
+    assert!(!w.stopped(), "a write error does not refuse the next event");
+    assert!(w.write(&finished(ID_A, T0 + 1), T0 + 1).unwrap());
+    assert_eq!(super::state::stopped(tmp.path()).unwrap(), None);
+    assert_eq!(super::state::read(tmp.path()).unwrap().gaps.len(), 1);
+    // Failing, then short of space: one marker, the first time, the new reason.
+    w.failed(T0 + 2);
+    free.store(150 * MIB, Ordering::SeqCst);
+    w.tick(T0 + 3).unwrap();
+    let stop = super::state::stopped(tmp.path()).unwrap().expect("marked");
+    assert_eq!(stop.reason, super::state::Reason::Space);
+    assert!(w.stopped());
+}

@@ -15,8 +15,10 @@ use tracing::{info, warn};
 
 use super::index::Sidecar;
 use super::segment::{self, Contents, Segment};
+use super::state::{self, Reason, Stop};
 use crate::config::Log;
 use crate::observe::Event;
+use crate::observe::event::unix_millis;
 
 /// Largest segment, in octets, before it is sealed and a new one opened.
 pub const SEGMENT_MAX: u64 = 64 << 20;
@@ -90,6 +92,61 @@ pub fn room(free: u64, min_free: u64) -> Room {
     }
 }
 
+/// Octets the file system at `path` would offer unprivileged writers were it empty: its size
+/// less the blocks kept for root (`statvfs`).
+///
+/// # Errors
+/// The I/O error of `statvfs`.
+pub fn file_system_size(path: &Path) -> io::Result<u64> {
+    use std::os::unix::ffi::OsStrExt as _;
+    let path = std::ffi::CString::new(path.as_os_str().as_bytes())
+        .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
+    // SAFETY: statvfs is plain old data, valid when zeroed; `path` is a NUL-terminated
+    // string that outlives the call and `stat` is a valid out-pointer.
+    let mut stat: libc::statvfs = unsafe { std::mem::zeroed() };
+    let rc = unsafe { libc::statvfs(path.as_ptr(), &mut stat) };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // The field types differ between platforms (u32 / u64), hence the casts.
+    #[allow(clippy::unnecessary_cast)]
+    let blocks = (stat.f_blocks as u64)
+        .saturating_sub((stat.f_bfree as u64).saturating_sub(stat.f_bavail as u64));
+    #[allow(clippy::unnecessary_cast)]
+    Ok(blocks.saturating_mul(stat.f_frsize as u64))
+}
+
+/// check-config's warning when the spool at `spool_dir` (if it exists) is on a file system too
+/// small for the journal even when empty: [`room`] would stop it or keep it trimming, so
+/// `trace` would find little or nothing. `min_free` is `limits.min_free_space` in octets.
+pub fn space_warning(spool_dir: &Path, min_free: u64) -> Option<String> {
+    let size = file_system_size(spool_dir).ok()?;
+    space_warning_for(spool_dir, size, min_free)
+}
+
+/// [`space_warning`] for a file system of `size` octets.
+pub(super) fn space_warning_for(spool_dir: &Path, size: u64, min_free: u64) -> Option<String> {
+    let margin = min_free.max(SPACE_MARGIN_MIN);
+    let mib = |n: u64| n.div_ceil(1 << 20);
+    let (what, needed) = match room(size, min_free) {
+        Room::Plenty => return None,
+        Room::Stop => ("would never write", min_free.saturating_add(margin)),
+        Room::Trim => (
+            "would keep deleting its oldest files",
+            min_free.saturating_add(margin.saturating_mul(2)),
+        ),
+    };
+    Some(format!(
+        "server.spool_dir {} is on a file system of {} MiB: the message journal (portcullis \
+         trace) {what}, since it leaves limits.min_free_space plus a margin of {} MiB to mail; \
+         it needs a file system of more than {} MiB",
+        spool_dir.display(),
+        mib(size),
+        mib(margin),
+        mib(needed)
+    ))
+}
+
 /// A sealed segment, as retention sees it.
 #[derive(Debug)]
 struct Sealed {
@@ -116,8 +173,11 @@ pub struct Writer {
     open: Option<Open>,
     sealed: VecDeque<Sealed>,
     free_space: FreeSpace,
-    /// Below the space floor: events are not written.
-    stopped: bool,
+    /// Not writing since when and why (mirrored by a marker file, [`state`]): below the
+    /// space floor events are not written; after a write error the next one tries again.
+    stop: Option<Stop>,
+    /// A segment was removed since gap markers were last pruned.
+    removed: bool,
     since_space_check: u64,
     /// The line being written, kept between events so that serializing one allocates
     /// nothing once it has grown to the longest event.
@@ -131,7 +191,7 @@ impl std::fmt::Debug for Writer {
             .field("limits", &self.limits)
             .field("open", &self.open.as_ref().map(|o| &o.path))
             .field("sealed", &self.sealed.len())
-            .field("stopped", &self.stopped)
+            .field("stop", &self.stop)
             .finish()
     }
 }
@@ -139,6 +199,8 @@ impl std::fmt::Debug for Writer {
 impl Writer {
     /// The writer of `dir` (created 0700 when missing). Segments a crash left without a
     /// sidecar are indexed now; stale temporary files and sidecars without segment removed.
+    /// A stop the markers record carries on until the free space (looked at now) allows
+    /// writing.
     ///
     /// # Errors
     /// The I/O error of creating or listing `dir`.
@@ -149,16 +211,23 @@ impl Writer {
             .iter()
             .map(|path| recover(path))
             .collect();
-        Ok(Writer {
+        let mut w = Writer {
             dir: dir.to_path_buf(),
             limits,
             open: None,
             sealed,
             free_space,
-            stopped: false,
+            stop: state::stopped(dir)?,
+            removed: true,
             since_space_check: 0,
             line: Vec::with_capacity(1024),
-        })
+        };
+        // Before the first event: a journal that has no room must not write one.
+        if let Err(e) = w.check_space() {
+            warn!(error = %e, "journal: cannot look at the free space");
+        }
+        w.prune_gaps();
+        Ok(w)
     }
 
     /// Append `event` at `now_ms` (Unix ms; opens a segment when none is). Returns false when
@@ -167,7 +236,7 @@ impl Writer {
     /// # Errors
     /// The I/O error of opening the segment or writing to it (the event is lost).
     pub fn write(&mut self, event: &Event, now_ms: u64) -> io::Result<bool> {
-        if self.stopped {
+        if self.stopped() {
             return Ok(false);
         }
         self.line.clear();
@@ -179,6 +248,11 @@ impl Writer {
         }
         let open = self.open.as_mut().expect("opened above");
         open.out.write_all(&self.line)?;
+        if self.stop.is_some() {
+            // Stopped by a write error, and writing again.
+            self.resume(now_ms);
+        }
+        let open = self.open.as_mut().expect("opened above");
         open.contents.span.length += len;
         open.contents.add(event);
         let full = open.contents.span.length >= self.limits.segment_size;
@@ -224,7 +298,9 @@ impl Writer {
             self.remove_oldest()?;
         }
         self.enforce_size()?;
-        self.check_space()
+        self.check_space()?;
+        self.prune_gaps();
+        Ok(())
     }
 
     /// Seal the open segment: flush it and write its sidecar. Nothing open: nothing done.
@@ -258,7 +334,62 @@ impl Writer {
 
     /// Whether events are refused for lack of space.
     pub fn stopped(&self) -> bool {
-        self.stopped
+        self.stop.is_some_and(|s| s.reason == Reason::Space)
+    }
+
+    /// Since when and why it is not writing, if it is not.
+    pub fn stop(&self) -> Option<Stop> {
+        self.stop
+    }
+
+    /// A write failed at `now_ms`: stopped (and marked so) until a write succeeds.
+    pub fn failed(&mut self, now_ms: u64) {
+        self.stop_for(Reason::WriteError, now_ms);
+    }
+
+    /// Not writing from `now_ms` for `reason`: the marker says so even when the relay is
+    /// stopped. A stop already in place keeps its time (and takes the new reason).
+    fn stop_for(&mut self, reason: Reason, now_ms: u64) {
+        match &mut self.stop {
+            Some(stop) if stop.reason == reason => {}
+            Some(stop) => {
+                if let Err(e) = state::change_reason(&self.dir, stop.since_ms, stop.reason, reason)
+                {
+                    warn!(error = %e, "journal: cannot update its stopped marker");
+                }
+                stop.reason = reason;
+            }
+            None => {
+                self.stop = Some(Stop {
+                    since_ms: now_ms,
+                    until_ms: None,
+                    reason,
+                });
+                if let Err(e) = state::mark_stopped(&self.dir, now_ms, reason) {
+                    warn!(error = %e, "journal: cannot leave its stopped marker");
+                }
+            }
+        }
+    }
+
+    /// Writing again at `now_ms`: the stop's marker becomes a gap marker.
+    fn resume(&mut self, now_ms: u64) {
+        self.stop = None;
+        if let Err(e) = state::mark_resumed(&self.dir, now_ms) {
+            warn!(error = %e, "journal: cannot turn its stopped marker into a gap marker");
+        }
+    }
+
+    /// Remove gap markers older than what the journal holds, after a segment went.
+    fn prune_gaps(&mut self) {
+        if !std::mem::take(&mut self.removed) {
+            return;
+        }
+        let pruned =
+            state::oldest_event(&self.dir).and_then(|oldest| state::prune_gaps(&self.dir, oldest));
+        if let Err(e) = pruned {
+            warn!(error = %e, "journal: cannot prune its gap markers");
+        }
     }
 
     /// A new segment file named after `now_ms` (one millisecond later while the name is
@@ -311,20 +442,23 @@ impl Writer {
             self.remove_oldest()?;
             verdict = room((self.free_space)()?, min_free);
         }
-        match (verdict, self.stopped) {
-            (Room::Stop, false) => {
-                self.stopped = true;
+        match (verdict, self.stop.map(|s| s.reason)) {
+            (Room::Stop, Some(Reason::Space)) | (Room::Trim | Room::Plenty, None) => {}
+            (Room::Stop, _) => {
+                self.stop_for(Reason::Space, unix_millis());
                 warn!(
                     min_free_space = min_free,
                     "journal: stopped, the spool's file system is short of space; events are \
                      not journaled until space returns"
                 );
             }
-            (Room::Plenty, true) => {
-                self.stopped = false;
+            (Room::Plenty, Some(_)) => {
+                self.resume(unix_millis());
                 info!("journal: space returned, journaling again");
             }
-            _ => {}
+            // Short of space but above the floor: a stop carries on until space returns
+            // (a write error's stop ends at the next write that succeeds).
+            (Room::Trim, Some(_)) => {}
         }
         Ok(())
     }
@@ -333,6 +467,7 @@ impl Writer {
         let Some(oldest) = self.sealed.pop_front() else {
             return Ok(());
         };
+        self.removed = true;
         remove_if_present(&oldest.path)?;
         remove_if_present(&Segment::index_path(&oldest.path))
     }
