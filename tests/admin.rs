@@ -366,9 +366,9 @@ fn readyz_follows_min_free_space_across_a_reload() {
 }
 
 #[test]
-fn the_65th_connection_gets_503_and_a_freed_slot_serves_again() {
+fn probes_stay_answerable_while_the_general_slots_are_held() {
     let (_relay, admin) = start(free_port(), "");
-    // 64 connections, each shown served (so each holds its slot).
+    // 64 connections, each shown served (so each holds its general slot).
     let mut open: Vec<_> = (0..64)
         .map(|_| {
             let mut tcp = http::connect(admin);
@@ -377,14 +377,37 @@ fn the_65th_connection_gets_503_and_a_freed_slot_serves_again() {
             tcp
         })
         .collect();
+    // 16 idle connections take the probe slots: the next connection is refused outright.
+    let mut idle: Vec<_> = (0..16).map(|_| http::connect(admin)).collect();
+    let accepted = Instant::now();
     let busy = http::raw(admin, b"GET /healthz HTTP/1.1\r\nHost: a\r\n\r\n");
     assert_eq!(busy.status, 503, "{busy:?}");
     assert_eq!(busy.body, "too many connections\n");
     assert_eq!(busy.header("connection"), Some("close"));
+    // ... but not for long: an idle probe connection is closed after two seconds, not ten.
+    for tcp in &mut idle {
+        let mut out = Vec::new();
+        let _ = tcp.read_to_end(&mut out);
+    }
+    let waited = accepted.elapsed();
+    assert!(waited < Duration::from_secs(5), "idle probe connections held {waited:?}");
+    // Then the probes answer, on connections of their own; anything else is 503.
+    assert!(
+        wait_until(WAIT, || get(admin, "/readyz", &[]).status == 200),
+        "/readyz answers with the general slots held"
+    );
+    assert_ready(admin);
+    assert_eq!(get(admin, "/healthz", &[]).status, 200);
+    let other = get_bearer(admin, "/metrics", TOKEN);
+    assert_eq!(
+        (other.status, other.body.as_str()),
+        (503, "too many connections\n"),
+        "{other:?}"
+    );
     drop(open.pop());
     assert!(
-        wait_until(WAIT, || get(admin, "/healthz", &[]).status == 200),
-        "a freed slot serves again"
+        wait_until(WAIT, || get_bearer(admin, "/metrics", TOKEN).status == 200),
+        "a freed general slot serves everything again"
     );
     drop(open);
 }

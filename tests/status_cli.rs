@@ -7,6 +7,7 @@ mod common;
 
 use std::fs;
 
+use common::http;
 use common::*;
 
 #[test]
@@ -188,4 +189,44 @@ fn a_wrong_token_exits_1_with_a_clear_message() {
              check [admin] token_file against the running relay's"
         )
     );
+}
+
+#[test]
+fn an_admin_api_answering_503_falls_back_to_the_spool_and_says_why() {
+    let dir = TestDir::new();
+    let (admin, port) = admin_with_token(&dir, "s3cret-token");
+    let relay = Relay::start_in(
+        dir,
+        &config(
+            &[listener("mx", free_port(), "none")],
+            free_port(),
+            &format!("[relay]\naccepted_domains = [\"example.com\"]\n\n{admin}"),
+        ),
+    );
+    assert!(http::wait_accepting(port, LOG_WAIT));
+    send_from(&relay, &["a@example.org"]);
+    // Every general admin slot held: /api/status answers 503.
+    let held: Vec<_> = (0..64)
+        .map(|_| {
+            let mut tcp = http::connect(port);
+            assert_eq!(http::get_on(&mut tcp, "/healthz").status, 200);
+            tcp
+        })
+        .collect();
+    let out = relay.command(&["status"]);
+    assert_eq!(out.status.code(), Some(0), "{}", show(&out));
+    let text = String::from_utf8(out.stdout).unwrap();
+    assert_eq!(
+        text.lines().next(),
+        Some(
+            format!(
+                "the admin API on 127.0.0.1:{port} answered 503 Service Unavailable: live state \
+                 unavailable; from the spool and journal:"
+            )
+            .as_str()
+        ),
+        "{text}"
+    );
+    assert!(text.contains("\nqueue: 1 queued, 0 held; oldest "), "{text}");
+    drop(held);
 }

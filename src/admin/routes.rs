@@ -48,6 +48,18 @@ pub fn router(state: AdminState) -> Router {
         .with_state(state)
 }
 
+/// The routes served on a connection beyond the general slots
+/// ([`super::server::PROBE_CONNECTIONS`]): the probes, with the same checks, and `503` for
+/// anything else.
+pub fn probe_router(state: AdminState) -> Router {
+    Router::new()
+        .route("/healthz", get(healthz))
+        .route("/readyz", get(readyz))
+        .fallback(busy)
+        .layer(middleware::from_fn_with_state(state.clone(), guard))
+        .with_state(state)
+}
+
 /// The checks of the module doc, steps 1 to 4.
 async fn guard(State(state): State<AdminState>, request: Request, next: Next) -> Response {
     let path = request.uri().path().to_owned();
@@ -204,6 +216,15 @@ async fn api_status(State(state): State<AdminState>) -> Json<Status> {
 /// `/`: the status page.
 async fn status_page(State(state): State<AdminState>) -> Html<String> {
     Html(page::render(&status(&state).await))
+}
+
+/// Anything but a probe on a probe-only connection.
+async fn busy() -> Response {
+    let mut response = plain(StatusCode::SERVICE_UNAVAILABLE, "too many connections\n");
+    response
+        .headers_mut()
+        .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+    response
 }
 
 async fn not_found() -> Response {
