@@ -413,6 +413,28 @@ fn probes_stay_answerable_while_the_general_slots_are_held() {
 }
 
 #[test]
+fn a_request_followed_by_a_half_close_is_answered() {
+    let (_relay, admin) = start(free_port(), "");
+    for path in ["/readyz", "/healthz", "/metrics"] {
+        for i in 0..100 {
+            let mut tcp = http::connect(admin);
+            let request = format!(
+                "GET {path} HTTP/1.0\r\nAuthorization: Bearer {TOKEN}\r\n\r\n"
+            );
+            tcp.write_all(request.as_bytes()).unwrap();
+            tcp.shutdown(std::net::Shutdown::Write).unwrap();
+            let mut out = Vec::new();
+            let _ = tcp.read_to_end(&mut out);
+            let text = String::from_utf8_lossy(&out);
+            assert!(
+                text.starts_with("HTTP/1.") && text[8..].starts_with(" 200 "),
+                "{path}, attempt {i}: {text:?}"
+            );
+        }
+    }
+}
+
+#[test]
 fn oversized_heads_bodies_and_other_methods_are_refused() {
     let (_relay, admin) = start(free_port(), "");
     let big = format!("X-Filler: {}", "a".repeat(9 * 1024));

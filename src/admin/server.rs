@@ -14,6 +14,8 @@
 //!   is then closed without a response), and again for the handler to answer (`408`).
 //! - [`MAX_CONNECTION_AGE`] per connection, so a client that stops reading its response
 //!   cannot keep its slot.
+//! - A client that half-closes after its request (`shutdown(SHUT_WR)`) still gets the
+//!   response (hyper's `half_close`).
 //! - No request body and only `GET`/`HEAD`: enforced by the router ([`super::routes`]).
 
 use std::time::Duration;
@@ -144,6 +146,9 @@ async fn connection(
         .timer(TokioTimer::new())
         .max_buf_size(MAX_HEAD_SIZE)
         .header_read_timeout(bounds.head_timeout)
+        // A client may send its request and shut down its side at once (`nc -N`): the
+        // response is still written, instead of the connection being dropped at EOF.
+        .half_close(true)
         .keep_alive(bounds.keep_alive);
     let conn = builder.serve_connection(TokioIo::new(tcp), service);
     tokio::pin!(conn);
