@@ -61,6 +61,11 @@ fn the_token_is_required_as_bearer_or_basic_password_except_for_the_probes() {
         assert_unauthorized(&get(admin, path, &[&basic(TOKEN, "wrong")]));
         assert_unauthorized(&get(admin, path, &[&format!("Authorization: {TOKEN}")]));
     }
+    // The refusal is logged with the peer's address itself (not `Some(ADDR)`).
+    assert_log_fields(
+        &relay,
+        &[("peer", "127.0.0.1:*"), ("path", "/metrics"), ("status", "401")],
+    );
     // Paths that lead to a protected route by way of an open probe, or spell one otherwise,
     // never pass without the token; nor does HEAD, nor an absolute-form request target.
     for path in [

@@ -64,10 +64,14 @@ pub fn probe_router(state: AdminState) -> Router {
 async fn guard(State(state): State<AdminState>, request: Request, next: Next) -> Response {
     let path = request.uri().path().to_owned();
     let method = request.method().clone();
-    let peer = request.extensions().get::<Peer>().map(|p| p.0);
+    // The address itself in the log (every connection has the extension).
+    let peer = request
+        .extensions()
+        .get::<Peer>()
+        .map_or_else(|| "unknown".to_owned(), |p| p.0.to_string());
     let refuse = |status: StatusCode, why: &str| {
         // Never the token or the Authorization header: only what was asked and why not.
-        info!(peer = ?peer, %method, path = %path, status = status.as_u16(), "admin request refused: {why}");
+        info!(%peer, %method, path = %path, status = status.as_u16(), "admin request refused: {why}");
     };
     if method != Method::GET && method != Method::HEAD {
         refuse(StatusCode::METHOD_NOT_ALLOWED, "method");
