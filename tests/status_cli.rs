@@ -32,6 +32,7 @@ fn without_admin_the_status_comes_from_the_spool_and_says_so() {
         "no [admin] listener configured: live state unavailable; from the spool and journal:"
     );
     assert!(lines[1].ends_with(": not live"), "{text}");
+    assert_eq!(lines[2], "alerts: unknown (live state unavailable)");
     let queue = lines.iter().position(|l| l.starts_with("queue: ")).unwrap();
     assert!(
         lines[queue].starts_with("queue: 2 queued, 1 held; oldest "),
@@ -93,6 +94,10 @@ fn json_from_the_spool_is_one_status_object_with_the_notice_on_stderr() {
         serde_json::json!([["<>", 1], ["a@example.org", 1]])
     );
     assert_eq!(status["queue"]["oldest"][0], ids[0].as_str());
+    // The one gauge among the totals agrees with the oldest message found.
+    let age = status["now"].as_u64().unwrap() - status["queue"]["oldest"][1].as_u64().unwrap();
+    assert_eq!(status["totals"]["queue_oldest_seconds"], age);
+    assert_eq!(status["alerts"], serde_json::json!([]));
     assert_eq!(status["minutes"].as_array().unwrap().len(), 60);
     assert_eq!(status["upstreams"][0]["name"], "up");
     assert_eq!(status["upstreams"][0]["up"], false);
