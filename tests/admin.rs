@@ -504,6 +504,55 @@ fn without_a_token_the_loopback_admin_listener_is_open() {
     drop(relay);
 }
 
+/// `GET path` with exactly `Host: host` (none when empty) and `headers`.
+fn get_with_host(admin: u16, path: &str, host: &str, headers: &[&str]) -> Response {
+    let mut head = format!("GET {path} HTTP/1.1\r\nConnection: close\r\n");
+    if !host.is_empty() {
+        head.push_str(&format!("Host: {host}\r\n"));
+    }
+    for h in headers {
+        head.push_str(&format!("{h}\r\n"));
+    }
+    head.push_str("\r\n");
+    http::raw(admin, head.as_bytes())
+}
+
+#[test]
+fn without_a_token_a_host_that_is_not_local_is_refused_against_dns_rebinding() {
+    let admin = free_port();
+    let relay = Relay::start(&config(
+        &[listener("mx", free_port(), "none")],
+        free_port(),
+        &format!("[admin]\nbind = \"127.0.0.1:{admin}\"\n"),
+    ));
+    assert!(http::wait_accepting(admin, WAIT));
+    for path in ["/api/status", "/metrics", "/"] {
+        let r = get_with_host(admin, path, &format!("rebind.example:{admin}"), &[]);
+        assert_eq!(r.status, 403, "{path}: {r:?}");
+    }
+    assert_log_fields(&relay, &[("path", "/api/status"), ("status", "403")]);
+    for host in [
+        format!("127.0.0.1:{admin}"),
+        format!("localhost:{admin}"),
+        "[::1]".to_owned(),
+        String::new(),
+    ] {
+        let r = get_with_host(admin, "/api/status", &host, &[]);
+        assert_eq!(r.status, 200, "Host {host:?}: {r:?}");
+    }
+    // The probes answer whatever the Host (a load balancer may send its own name).
+    let r = get_with_host(admin, "/readyz", "node-1.example", &[]);
+    assert_eq!(r.status, 200, "{r:?}");
+}
+
+#[test]
+fn with_a_token_any_host_is_served() {
+    let (_relay, admin) = start(free_port(), "");
+    let auth = format!("Authorization: Bearer {TOKEN}");
+    let r = get_with_host(admin, "/api/status", "relay.example:9025", &[&auth]);
+    assert_eq!(r.status, 200, "{r:?}");
+}
+
 #[test]
 fn an_admin_bind_that_fails_stops_the_start_with_exit_status_1() {
     let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
