@@ -280,7 +280,7 @@ fn a_paused_relay_answers_421_and_is_not_ready_while_its_queue_is_delivered() {
         "not ready within a second of the pause"
     );
     assert_not_ready(admin, "listeners paused (portcullis listeners resume)\n");
-    assert!(relay.wait_for_log("listeners paused", WAIT));
+    assert_log_fields(&relay, &[("paused", "true"), ("marker", "paused")]);
     let mut c = SmtpClient::connect(relay.port(0));
     let reply = c.read_reply();
     assert_reply(&reply, 421, "4.3.2");
@@ -330,7 +330,7 @@ fn a_paused_relay_answers_421_and_is_not_ready_while_its_queue_is_delivered() {
         readyz_turns(admin, 200),
         "ready within a second of the resume"
     );
-    assert!(relay.wait_for_log("listeners resumed", WAIT));
+    assert_log_fields(&relay, &[("paused", "false"), ("marker", "paused")]);
     send(&relay);
     assert!(sink.wait_for(2, WAIT), "accepting and delivering again");
     assert_eq!(
