@@ -14,6 +14,19 @@ use common::*;
 fn without_admin_the_status_comes_from_the_spool_and_says_so() {
     let mut relay = example_com_relay("");
     let ids = send_from(&relay, &["a@example.org", "b@example.org", "a@example.org"]);
+    // Stop only once the three first attempts are deferred and in the journal (read as the
+    // command reads it: without [admin], `status` reads the spool and journal even now).
+    for id in &ids {
+        assert_log_fields(&relay, &[("queue_id", id), ("attempts", "1")]);
+    }
+    assert!(
+        wait_until(LOG_WAIT, || {
+            let out = relay.command(&["status", "--json"]);
+            serde_json::from_slice::<serde_json::Value>(&out.stdout)
+                .is_ok_and(|s| s["last_60m"]["deferred"] == 3)
+        }),
+        "three deferrals journaled"
+    );
     relay.stop();
     // The second message is held: counted apart, not among the top senders or the oldest.
     let state = relay.spool.join("queue").join(format!("{}.state", ids[1]));
