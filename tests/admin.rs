@@ -319,6 +319,8 @@ fn a_paused_relay_answers_421_and_is_not_ready_while_its_queue_is_delivered() {
         format!("listeners already paused ({} exists)\n", marker.display())
     );
     relay.restart();
+    // The restart waits for the SMTP listeners; the admin listener is bound after them.
+    assert!(http::wait_accepting(admin, WAIT), "admin listener back");
     assert_not_ready(admin, "listeners paused (portcullis listeners resume)\n");
     let reply = SmtpClient::connect(relay.port(0)).read_reply();
     assert_eq!(reply.0, 421, "{reply:?}");
