@@ -64,7 +64,11 @@ fn the_token_is_required_as_bearer_or_basic_password_except_for_the_probes() {
     // The refusal is logged with the peer's address itself (not `Some(ADDR)`).
     assert_log_fields(
         &relay,
-        &[("peer", "127.0.0.1:*"), ("path", "/metrics"), ("status", "401")],
+        &[
+            ("peer", "127.0.0.1:*"),
+            ("path", "/metrics"),
+            ("status", "401"),
+        ],
     );
     // Paths that lead to a protected route by way of an open probe, or spell one otherwise,
     // never pass without the token; nor does HEAD, nor an absolute-form request target.
@@ -397,7 +401,10 @@ fn probes_stay_answerable_while_the_general_slots_are_held() {
         let _ = tcp.read_to_end(&mut out);
     }
     let waited = accepted.elapsed();
-    assert!(waited < Duration::from_secs(5), "idle probe connections held {waited:?}");
+    assert!(
+        waited < Duration::from_secs(5),
+        "idle probe connections held {waited:?}"
+    );
     // Then the probes answer, on connections of their own; anything else is 503.
     assert!(
         wait_until(WAIT, || get(admin, "/readyz", &[]).status == 200),
@@ -425,9 +432,7 @@ fn a_request_followed_by_a_half_close_is_answered() {
     for path in ["/readyz", "/healthz", "/metrics"] {
         for i in 0..100 {
             let mut tcp = http::connect(admin);
-            let request = format!(
-                "GET {path} HTTP/1.0\r\nAuthorization: Bearer {TOKEN}\r\n\r\n"
-            );
+            let request = format!("GET {path} HTTP/1.0\r\nAuthorization: Bearer {TOKEN}\r\n\r\n");
             tcp.write_all(request.as_bytes()).unwrap();
             tcp.shutdown(std::net::Shutdown::Write).unwrap();
             let mut out = Vec::new();

@@ -245,6 +245,9 @@ fn an_admin_api_answering_503_falls_back_to_the_spool_and_says_why() {
         ),
         "{text}"
     );
-    assert!(text.contains("\nqueue: 1 queued, 0 held; oldest "), "{text}");
+    assert!(
+        text.contains("\nqueue: 1 queued, 0 held; oldest "),
+        "{text}"
+    );
     drop(held);
 }

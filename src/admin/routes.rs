@@ -94,7 +94,10 @@ async fn guard(State(state): State<AdminState>, request: Request, next: Next) ->
         && expected_token(&state).is_none()
         && !names_a_local_host(request.headers(), request.uri())
     {
-        refuse(StatusCode::FORBIDDEN, "no token, and Host is not an IP literal or localhost");
+        refuse(
+            StatusCode::FORBIDDEN,
+            "no token, and Host is not an IP literal or localhost",
+        );
         return plain(StatusCode::FORBIDDEN, "forbidden host\n");
     }
     if !open && !authorized(&state, request.headers()) {
@@ -392,7 +395,11 @@ mod tests {
                 headers.append(header::HOST, HeaderValue::from_str(host).unwrap());
             }
             let uri: Uri = target.parse().unwrap();
-            assert_eq!(names_a_local_host(&headers, &uri), local, "{hosts:?} {target}");
+            assert_eq!(
+                names_a_local_host(&headers, &uri),
+                local,
+                "{hosts:?} {target}"
+            );
         }
     }
 

@@ -104,7 +104,9 @@ fn the_totals_oldest_gauge_agrees_with_the_oldest_message_found() {
     let spool = Spool::open(&dir.path().join("spool")).unwrap();
     let mut envelope = sample_envelope(&["p@example.com"]);
     envelope.received_at = 1_000;
-    spool.enqueue(&envelope, b"Subject: x\r\n\r\nx\r\n").unwrap();
+    spool
+        .enqueue(&envelope, b"Subject: x\r\n\r\nx\r\n")
+        .unwrap();
     let status = status(&policy(), &spool, 1_046).unwrap();
     assert_eq!(status.queue.oldest.as_ref().map(|(_, at)| *at), Some(1_000));
     assert_eq!(status.totals.queue_oldest_seconds, 46);
