@@ -1,6 +1,7 @@
 //! `portcullis status`: ask the running relay's admin API (`GET /api/status`, RFC 9110 §9.3.1)
-//! for its [`Status`], or, when no admin listener is configured or the relay does not answer,
-//! rebuild it from the spool and journal ([`super::offline`]) and say so.
+//! for its [`Status`], or, when no admin listener is configured, the relay does not answer,
+//! answers a server error or breaks off the exchange ([`ClientError::falls_back`]), rebuild it
+//! from the spool and journal ([`super::offline`]) and say why.
 //!
 //! The request goes over one HTTP/1.1 connection made with hyper's client (no hand-written
 //! HTTP; the exchange is the webhook's, `observe::webhook::exchange`), to the configured address (an unspecified bind address is asked on loopback),

@@ -80,8 +80,9 @@ const PROBE: Bounds = Bounds {
     max_age: REQUEST_TIMEOUT,
 };
 
-/// Accept on `socket` until `shutdown`, serving `router` on each connection ([`GENERAL`]),
-/// or `probes` when the general slots are full ([`PROBE`]); then give the open connections
+/// Accept on `socket` until `shutdown`, serving `router` on each of [`MAX_CONNECTIONS`]
+/// connections, or `probes` on [`PROBE_CONNECTIONS`] more (one request each, its head within
+/// [`PROBE_HEAD_TIMEOUT`]); then give the open connections
 /// [`SHUTDOWN_GRACE`] to finish.
 pub async fn serve(
     socket: TcpListener,
