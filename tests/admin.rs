@@ -61,6 +61,15 @@ fn the_token_is_required_as_bearer_or_basic_password_except_for_the_probes() {
         assert_unauthorized(&get(admin, path, &[&basic(TOKEN, "wrong")]));
         assert_unauthorized(&get(admin, path, &[&format!("Authorization: {TOKEN}")]));
     }
+    // The refusal is logged with the peer's address itself (not `Some(ADDR)`).
+    assert_log_fields(
+        &relay,
+        &[
+            ("peer", "127.0.0.1:*"),
+            ("path", "/metrics"),
+            ("status", "401"),
+        ],
+    );
     // Paths that lead to a protected route by way of an open probe, or spell one otherwise,
     // never pass without the token; nor does HEAD, nor an absolute-form request target.
     for path in [
@@ -275,7 +284,7 @@ fn a_paused_relay_answers_421_and_is_not_ready_while_its_queue_is_delivered() {
         "not ready within a second of the pause"
     );
     assert_not_ready(admin, "listeners paused (portcullis listeners resume)\n");
-    assert!(relay.wait_for_log("listeners paused", WAIT));
+    assert_log_fields(&relay, &[("paused", "true"), ("marker", "paused")]);
     let mut c = SmtpClient::connect(relay.port(0));
     let reply = c.read_reply();
     assert_reply(&reply, 421, "4.3.2");
@@ -314,6 +323,8 @@ fn a_paused_relay_answers_421_and_is_not_ready_while_its_queue_is_delivered() {
         format!("listeners already paused ({} exists)\n", marker.display())
     );
     relay.restart();
+    // The restart waits for the SMTP listeners; the admin listener is bound after them.
+    assert!(http::wait_accepting(admin, WAIT), "admin listener back");
     assert_not_ready(admin, "listeners paused (portcullis listeners resume)\n");
     let reply = SmtpClient::connect(relay.port(0)).read_reply();
     assert_eq!(reply.0, 421, "{reply:?}");
@@ -325,7 +336,7 @@ fn a_paused_relay_answers_421_and_is_not_ready_while_its_queue_is_delivered() {
         readyz_turns(admin, 200),
         "ready within a second of the resume"
     );
-    assert!(relay.wait_for_log("listeners resumed", WAIT));
+    assert_log_fields(&relay, &[("paused", "false"), ("marker", "paused")]);
     send(&relay);
     assert!(sink.wait_for(2, WAIT), "accepting and delivering again");
     assert_eq!(
@@ -366,9 +377,9 @@ fn readyz_follows_min_free_space_across_a_reload() {
 }
 
 #[test]
-fn the_65th_connection_gets_503_and_a_freed_slot_serves_again() {
+fn probes_stay_answerable_while_the_general_slots_are_held() {
     let (_relay, admin) = start(free_port(), "");
-    // 64 connections, each shown served (so each holds its slot).
+    // 64 connections, each shown served (so each holds its general slot).
     let mut open: Vec<_> = (0..64)
         .map(|_| {
             let mut tcp = http::connect(admin);
@@ -377,16 +388,62 @@ fn the_65th_connection_gets_503_and_a_freed_slot_serves_again() {
             tcp
         })
         .collect();
+    // 16 idle connections take the probe slots: the next connection is refused outright.
+    let mut idle: Vec<_> = (0..16).map(|_| http::connect(admin)).collect();
+    let accepted = Instant::now();
     let busy = http::raw(admin, b"GET /healthz HTTP/1.1\r\nHost: a\r\n\r\n");
     assert_eq!(busy.status, 503, "{busy:?}");
     assert_eq!(busy.body, "too many connections\n");
     assert_eq!(busy.header("connection"), Some("close"));
+    // ... but not for long: an idle probe connection is closed after two seconds, not ten.
+    for tcp in &mut idle {
+        let mut out = Vec::new();
+        let _ = tcp.read_to_end(&mut out);
+    }
+    let waited = accepted.elapsed();
+    assert!(
+        waited < Duration::from_secs(5),
+        "idle probe connections held {waited:?}"
+    );
+    // Then the probes answer, on connections of their own; anything else is 503.
+    assert!(
+        wait_until(WAIT, || get(admin, "/readyz", &[]).status == 200),
+        "/readyz answers with the general slots held"
+    );
+    assert_ready(admin);
+    assert_eq!(get(admin, "/healthz", &[]).status, 200);
+    let other = get_bearer(admin, "/metrics", TOKEN);
+    assert_eq!(
+        (other.status, other.body.as_str()),
+        (503, "too many connections\n"),
+        "{other:?}"
+    );
     drop(open.pop());
     assert!(
-        wait_until(WAIT, || get(admin, "/healthz", &[]).status == 200),
-        "a freed slot serves again"
+        wait_until(WAIT, || get_bearer(admin, "/metrics", TOKEN).status == 200),
+        "a freed general slot serves everything again"
     );
     drop(open);
+}
+
+#[test]
+fn a_request_followed_by_a_half_close_is_answered() {
+    let (_relay, admin) = start(free_port(), "");
+    for path in ["/readyz", "/healthz", "/metrics"] {
+        for i in 0..100 {
+            let mut tcp = http::connect(admin);
+            let request = format!("GET {path} HTTP/1.0\r\nAuthorization: Bearer {TOKEN}\r\n\r\n");
+            tcp.write_all(request.as_bytes()).unwrap();
+            tcp.shutdown(std::net::Shutdown::Write).unwrap();
+            let mut out = Vec::new();
+            let _ = tcp.read_to_end(&mut out);
+            let text = String::from_utf8_lossy(&out);
+            assert!(
+                text.starts_with("HTTP/1.") && text[8..].starts_with(" 200 "),
+                "{path}, attempt {i}: {text:?}"
+            );
+        }
+    }
 }
 
 #[test]
@@ -452,6 +509,55 @@ fn without_a_token_the_loopback_admin_listener_is_open() {
         assert_eq!(r.status, 200, "{path}: {r:?}");
     }
     drop(relay);
+}
+
+/// `GET path` with exactly `Host: host` (none when empty) and `headers`.
+fn get_with_host(admin: u16, path: &str, host: &str, headers: &[&str]) -> Response {
+    let mut head = format!("GET {path} HTTP/1.1\r\nConnection: close\r\n");
+    if !host.is_empty() {
+        head.push_str(&format!("Host: {host}\r\n"));
+    }
+    for h in headers {
+        head.push_str(&format!("{h}\r\n"));
+    }
+    head.push_str("\r\n");
+    http::raw(admin, head.as_bytes())
+}
+
+#[test]
+fn without_a_token_a_host_that_is_not_local_is_refused_against_dns_rebinding() {
+    let admin = free_port();
+    let relay = Relay::start(&config(
+        &[listener("mx", free_port(), "none")],
+        free_port(),
+        &format!("[admin]\nbind = \"127.0.0.1:{admin}\"\n"),
+    ));
+    assert!(http::wait_accepting(admin, WAIT));
+    for path in ["/api/status", "/metrics", "/"] {
+        let r = get_with_host(admin, path, &format!("rebind.example:{admin}"), &[]);
+        assert_eq!(r.status, 403, "{path}: {r:?}");
+    }
+    assert_log_fields(&relay, &[("path", "/api/status"), ("status", "403")]);
+    for host in [
+        format!("127.0.0.1:{admin}"),
+        format!("localhost:{admin}"),
+        "[::1]".to_owned(),
+        String::new(),
+    ] {
+        let r = get_with_host(admin, "/api/status", &host, &[]);
+        assert_eq!(r.status, 200, "Host {host:?}: {r:?}");
+    }
+    // The probes answer whatever the Host (a load balancer may send its own name).
+    let r = get_with_host(admin, "/readyz", "node-1.example", &[]);
+    assert_eq!(r.status, 200, "{r:?}");
+}
+
+#[test]
+fn with_a_token_any_host_is_served() {
+    let (_relay, admin) = start(free_port(), "");
+    let auth = format!("Authorization: Bearer {TOKEN}");
+    let r = get_with_host(admin, "/api/status", "relay.example:9025", &[&auth]);
+    assert_eq!(r.status, 200, "{r:?}");
 }
 
 #[test]

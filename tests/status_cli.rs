@@ -7,12 +7,26 @@ mod common;
 
 use std::fs;
 
+use common::http;
 use common::*;
 
 #[test]
 fn without_admin_the_status_comes_from_the_spool_and_says_so() {
     let mut relay = example_com_relay("");
     let ids = send_from(&relay, &["a@example.org", "b@example.org", "a@example.org"]);
+    // Stop only once the three first attempts are deferred and in the journal (read as the
+    // command reads it: without [admin], `status` reads the spool and journal even now).
+    for id in &ids {
+        assert_log_fields(&relay, &[("queue_id", id), ("attempts", "1")]);
+    }
+    assert!(
+        wait_until(LOG_WAIT, || {
+            let out = relay.command(&["status", "--json"]);
+            serde_json::from_slice::<serde_json::Value>(&out.stdout)
+                .is_ok_and(|s| s["last_60m"]["deferred"] == 3)
+        }),
+        "three deferrals journaled"
+    );
     relay.stop();
     // The second message is held: counted apart, not among the top senders or the oldest.
     let state = relay.spool.join("queue").join(format!("{}.state", ids[1]));
@@ -31,6 +45,7 @@ fn without_admin_the_status_comes_from_the_spool_and_says_so() {
         "no [admin] listener configured: live state unavailable; from the spool and journal:"
     );
     assert!(lines[1].ends_with(": not live"), "{text}");
+    assert_eq!(lines[2], "alerts: unknown (live state unavailable)");
     let queue = lines.iter().position(|l| l.starts_with("queue: ")).unwrap();
     assert!(
         lines[queue].starts_with("queue: 2 queued, 1 held; oldest "),
@@ -92,6 +107,10 @@ fn json_from_the_spool_is_one_status_object_with_the_notice_on_stderr() {
         serde_json::json!([["<>", 1], ["a@example.org", 1]])
     );
     assert_eq!(status["queue"]["oldest"][0], ids[0].as_str());
+    // The one gauge among the totals agrees with the oldest message found.
+    let age = status["now"].as_u64().unwrap() - status["queue"]["oldest"][1].as_u64().unwrap();
+    assert_eq!(status["totals"]["queue_oldest_seconds"], age);
+    assert_eq!(status["alerts"], serde_json::json!([]));
     assert_eq!(status["minutes"].as_array().unwrap().len(), 60);
     assert_eq!(status["upstreams"][0]["name"], "up");
     assert_eq!(status["upstreams"][0]["up"], false);
@@ -188,4 +207,47 @@ fn a_wrong_token_exits_1_with_a_clear_message() {
              check [admin] token_file against the running relay's"
         )
     );
+}
+
+#[test]
+fn an_admin_api_answering_503_falls_back_to_the_spool_and_says_why() {
+    let dir = TestDir::new();
+    let (admin, port) = admin_with_token(&dir, "s3cret-token");
+    let relay = Relay::start_in(
+        dir,
+        &config(
+            &[listener("mx", free_port(), "none")],
+            free_port(),
+            &format!("[relay]\naccepted_domains = [\"example.com\"]\n\n{admin}"),
+        ),
+    );
+    assert!(http::wait_accepting(port, LOG_WAIT));
+    send_from(&relay, &["a@example.org"]);
+    // Every general admin slot held: /api/status answers 503.
+    let held: Vec<_> = (0..64)
+        .map(|_| {
+            let mut tcp = http::connect(port);
+            assert_eq!(http::get_on(&mut tcp, "/healthz").status, 200);
+            tcp
+        })
+        .collect();
+    let out = relay.command(&["status"]);
+    assert_eq!(out.status.code(), Some(0), "{}", show(&out));
+    let text = String::from_utf8(out.stdout).unwrap();
+    assert_eq!(
+        text.lines().next(),
+        Some(
+            format!(
+                "the admin API on 127.0.0.1:{port} answered 503 Service Unavailable: live state \
+                 unavailable; from the spool and journal:"
+            )
+            .as_str()
+        ),
+        "{text}"
+    );
+    assert!(
+        text.contains("\nqueue: 1 queued, 0 held; oldest "),
+        "{text}"
+    );
+    drop(held);
 }

@@ -1,6 +1,7 @@
 //! `portcullis status`: ask the running relay's admin API (`GET /api/status`, RFC 9110 §9.3.1)
-//! for its [`Status`], or, when no admin listener is configured or the relay does not answer,
-//! rebuild it from the spool and journal ([`super::offline`]) and say so.
+//! for its [`Status`], or, when no admin listener is configured, the relay does not answer,
+//! answers a server error or breaks off the exchange ([`ClientError::falls_back`]), rebuild it
+//! from the spool and journal ([`super::offline`]) and say why.
 //!
 //! The request goes over one HTTP/1.1 connection made with hyper's client (no hand-written
 //! HTTP; the exchange is the webhook's, `observe::webhook::exchange`), to the configured address (an unspecified bind address is asked on loopback),
@@ -10,7 +11,7 @@
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::time::Duration;
 
-use http_body_util::{BodyExt, Empty, Limited};
+use http_body_util::{BodyExt, Empty, LengthLimitError, Limited};
 use hyper::body::Bytes;
 use hyper::header::{ACCEPT, AUTHORIZATION, HOST};
 use hyper::{Request, StatusCode};
@@ -61,9 +62,12 @@ pub enum ClientError {
         #[source]
         source: hyper::Error,
     },
-    /// The body could not be read, or exceeded [`MAX_BODY`].
+    /// The body exceeded [`MAX_BODY`], or the request could not be built.
     #[error("cannot read the answer of {addr}: {message}")]
     Body { addr: SocketAddr, message: String },
+    /// The connection failed while the body was being read.
+    #[error("the answer of {addr} was cut off: {message}")]
+    Cut { addr: SocketAddr, message: String },
     /// The body is not a status.
     #[error("the answer of {addr} is not a status: {source}")]
     Json {
@@ -75,13 +79,30 @@ pub enum ClientError {
 
 impl ClientError {
     /// True when the relay is simply not there to ask (nothing listening, or no answer in
-    /// time): the status then comes from the spool and journal instead. Every other error
-    /// (a wrong token above all) is reported, not papered over.
+    /// time).
     pub fn not_answering(&self) -> bool {
         matches!(
             self,
             ClientError::Connect { .. } | ClientError::Timeout { .. }
         )
+    }
+
+    /// True when the live state cannot be had but the relay's files can still tell: it is
+    /// not answering, it answered a server error (`5xx`, e.g. `503` with every admin slot
+    /// taken), or the exchange failed mid-way. The status then comes from the spool and
+    /// journal instead. Every other error (a wrong token above all: the operator's to fix)
+    /// is reported, not papered over.
+    pub fn falls_back(&self) -> bool {
+        match self {
+            ClientError::Connect { .. }
+            | ClientError::Timeout { .. }
+            | ClientError::Http { .. }
+            | ClientError::Cut { .. } => true,
+            ClientError::Status { status, .. } => status.is_server_error(),
+            ClientError::Unauthorized { .. }
+            | ClientError::Body { .. }
+            | ClientError::Json { .. } => false,
+        }
     }
 }
 
@@ -102,7 +123,8 @@ pub enum StatusError {
 pub struct Gathered {
     pub status: Status,
     /// `relay not answering on ADDR: live state unavailable; from the spool and journal:` (or
-    /// the same for a policy without `[admin]`); `None` for a live status.
+    /// the same with the admin API's failure, e.g. `the admin API on ADDR answered 503 Service
+    /// Unavailable`, or for a policy without `[admin]`); `None` for a live status.
     pub notice: Option<String>,
 }
 
@@ -124,8 +146,8 @@ pub fn target(bind: SocketAddr) -> SocketAddr {
 /// from `spool` and its journal.
 ///
 /// # Errors
-/// [`StatusError::Client`] when the admin API answers with anything but a status (a 401
-/// for a wrong token); [`StatusError::Offline`] when the spool cannot be read.
+/// [`StatusError::Client`] when the admin API answers with anything but a status and
+/// [`ClientError::falls_back`] is false (a 401 for a wrong token); [`StatusError::Offline`] when the spool cannot be read.
 pub async fn gather(
     config: &Config,
     spool: &Spool,
@@ -142,6 +164,7 @@ pub async fn gather(
                     });
                 }
                 Err(e) if e.not_answering() => format!("relay not answering on {addr}"),
+                Err(e) if e.falls_back() => e.to_string(),
                 Err(e) => return Err(e.into()),
             }
         }
@@ -197,9 +220,13 @@ async fn fetch(addr: SocketAddr, token: Option<&str>) -> Result<Status, ClientEr
             .collect()
             .await
             .map(|collected| collected.to_bytes())
-            .map_err(|e| ClientError::Body {
-                addr,
-                message: e.to_string(),
+            .map_err(|e| {
+                let message = e.to_string();
+                if e.is::<LengthLimitError>() {
+                    ClientError::Body { addr, message }
+                } else {
+                    ClientError::Cut { addr, message }
+                }
             })
     })
     .await

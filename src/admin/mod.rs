@@ -4,7 +4,8 @@
 //!
 //! [`start`] binds the address and runs our own accept loop ([`server`]) around hyper's
 //! HTTP/1.1 server, so every bound holds whatever a client does: at most
-//! [`server::MAX_CONNECTIONS`] connections, request heads of at most
+//! [`server::MAX_CONNECTIONS`] connections (and [`server::PROBE_CONNECTIONS`] more that
+//! answer only the probes, so they stay answerable), request heads of at most
 //! [`server::MAX_HEAD_SIZE`] octets, no request body, [`server::REQUEST_TIMEOUT`] per
 //! request, `GET` and `HEAD` only. [`routes`] holds the handlers and the token check,
 //! [`ready`] the readiness verdict of `/readyz`.
@@ -103,7 +104,12 @@ pub async fn start(
         bound: local_addr,
     };
     info!(bind = %local_addr, token = admin.token.is_some(), "admin listening");
-    let task = tokio::spawn(server::serve(socket, routes::router(state), shutdown));
+    let task = tokio::spawn(server::serve(
+        socket,
+        routes::router(state.clone()),
+        routes::probe_router(state),
+        shutdown,
+    ));
     Ok(AdminServer { local_addr, task })
 }
 

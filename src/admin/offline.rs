@@ -3,7 +3,8 @@
 //! refusals and each upstream's last success, last error and delivered-in-five-minutes from
 //! the message journal (`queue::journal::scan`), replayed into a fresh [`Telemetry`] so the
 //! numbers are counted exactly as the running relay counts them. `live` is false; the
-//! counters since start ([`Totals`]) are zero, since a stopped relay has none.
+//! counters since start ([`Totals`]) are zero, since a stopped relay has none; its one gauge,
+//! `queue_oldest_seconds`, is the age of the oldest message found, as `queue.oldest` says.
 
 use std::collections::BTreeMap;
 
@@ -70,7 +71,14 @@ pub fn status(config: &Config, spool: &Spool, now_unix: u64) -> Result<Status, O
     telemetry.set_queue(census(&messages, config), now_unix);
     let mut status = Status::live(&telemetry, now_unix, Some("relay not answering".to_owned()));
     status.live = false;
-    status.totals = Totals::default();
+    status.totals = Totals {
+        queue_oldest_seconds: status
+            .queue
+            .oldest
+            .as_ref()
+            .map_or(0, |(_, at)| now_unix.saturating_sub(*at)),
+        ..Totals::default()
+    };
     // `portcullis listeners pause` leaves this marker; the relay obeys it when it starts.
     status.paused = pause::is_paused(spool.root())?;
     // Stopped or not, as the journal's markers say (readable on a full disk).

@@ -123,14 +123,14 @@ fn sync_dir(dir: &Path) -> Result<(), MarkerError> {
 }
 
 /// Set the listeners' gate to `paused`, logging a change once (`listeners paused` /
-/// `listeners resumed`).
+/// `listeners resumed`, with the field `paused=true|false` for whoever matches the log).
 pub fn apply(telemetry: &Telemetry, paused: bool) {
     let was = telemetry.gate.set_paused(paused);
     if was != paused {
         if paused {
-            info!(marker = MARKER, "listeners paused");
+            info!(paused, marker = MARKER, "listeners paused");
         } else {
-            info!("listeners resumed");
+            info!(paused, marker = MARKER, "listeners resumed");
         }
     }
 }

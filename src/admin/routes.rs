@@ -2,16 +2,20 @@
 //! 1. method: `GET` or `HEAD` only, else `405` with `Allow: GET, HEAD` (RFC 9110 §15.5.6);
 //! 2. no body: a `Content-Length` other than 0 or any `Transfer-Encoding` is `413`
 //!    (RFC 9110 §15.5.14; the body is never read);
-//! 3. the token, for every path but `/healthz` and `/readyz` ([`authorized`]): else `401`
-//!    with `WWW-Authenticate: Basic realm="portcullis"` (RFC 9110 §11.6.1, RFC 7617);
+//! 3. for every path but `/healthz` and `/readyz`: without a token (a loopback listener),
+//!    the `Host` must name an IP literal or `localhost` ([`names_a_local_host`]), else `403`,
+//!    so that a page in a browser on the host cannot read the status by DNS rebinding (its
+//!    `Host` is the attacker's name); then the token ([`authorized`]): else `401` with
+//!    `WWW-Authenticate: Basic realm="portcullis"` (RFC 9110 §11.6.1, RFC 7617);
 //! 4. the handler, within [`REQUEST_TIMEOUT`], else `408`.
 
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 
 use axum::Router;
 use axum::extract::{Request, State};
-use axum::http::{HeaderMap, HeaderValue, Method, StatusCode, header};
+use axum::http::uri::Authority;
+use axum::http::{HeaderMap, HeaderValue, Method, StatusCode, Uri, header};
 use axum::middleware::{self, Next};
 use axum::response::{Html, IntoResponse, Json, Response};
 use axum::routing::get;
@@ -48,14 +52,30 @@ pub fn router(state: AdminState) -> Router {
         .with_state(state)
 }
 
+/// The routes served on a connection beyond the general slots
+/// ([`super::server::PROBE_CONNECTIONS`]): the probes, with the same checks, and `503` for
+/// anything else.
+pub fn probe_router(state: AdminState) -> Router {
+    Router::new()
+        .route("/healthz", get(healthz))
+        .route("/readyz", get(readyz))
+        .fallback(busy)
+        .layer(middleware::from_fn_with_state(state.clone(), guard))
+        .with_state(state)
+}
+
 /// The checks of the module doc, steps 1 to 4.
 async fn guard(State(state): State<AdminState>, request: Request, next: Next) -> Response {
     let path = request.uri().path().to_owned();
     let method = request.method().clone();
-    let peer = request.extensions().get::<Peer>().map(|p| p.0);
+    // The address itself in the log (every connection has the extension).
+    let peer = request
+        .extensions()
+        .get::<Peer>()
+        .map_or_else(|| "unknown".to_owned(), |p| p.0.to_string());
     let refuse = |status: StatusCode, why: &str| {
         // Never the token or the Authorization header: only what was asked and why not.
-        info!(peer = ?peer, %method, path = %path, status = status.as_u16(), "admin request refused: {why}");
+        info!(%peer, %method, path = %path, status = status.as_u16(), "admin request refused: {why}");
     };
     if method != Method::GET && method != Method::HEAD {
         refuse(StatusCode::METHOD_NOT_ALLOWED, "method");
@@ -69,7 +89,18 @@ async fn guard(State(state): State<AdminState>, request: Request, next: Next) ->
         refuse(StatusCode::PAYLOAD_TOO_LARGE, "request body");
         return plain(StatusCode::PAYLOAD_TOO_LARGE, "no request body allowed\n");
     }
-    if !OPEN_PATHS.contains(&path.as_str()) && !authorized(&state, request.headers()) {
+    let open = OPEN_PATHS.contains(&path.as_str());
+    if !open
+        && expected_token(&state).is_none()
+        && !names_a_local_host(request.headers(), request.uri())
+    {
+        refuse(
+            StatusCode::FORBIDDEN,
+            "no token, and Host is not an IP literal or localhost",
+        );
+        return plain(StatusCode::FORBIDDEN, "forbidden host\n");
+    }
+    if !open && !authorized(&state, request.headers()) {
         refuse(StatusCode::UNAUTHORIZED, "token missing or wrong");
         let mut response = plain(StatusCode::UNAUTHORIZED, "token required\n");
         response.headers_mut().insert(
@@ -116,6 +147,26 @@ pub fn authorized(state: &AdminState, headers: &HeaderMap) -> bool {
         return false;
     };
     presented.ct_eq(token.as_bytes()).into()
+}
+
+/// Whether every name the request gives for the server (each `Host` field, and the
+/// authority of an absolute-form target) is an IP literal or `localhost`, with or without a
+/// port (parsed as the http crate's [`Authority`]). A request with neither (HTTP/1.0 without
+/// `Host`) names nothing and passes: a browser always sends `Host`.
+pub fn names_a_local_host(headers: &HeaderMap, uri: &Uri) -> bool {
+    let is_local = |authority: &Authority| {
+        let host = authority.host();
+        let literal = host
+            .strip_prefix('[')
+            .and_then(|h| h.strip_suffix(']'))
+            .unwrap_or(host);
+        host.eq_ignore_ascii_case("localhost") || literal.parse::<IpAddr>().is_ok()
+    };
+    headers
+        .get_all(header::HOST)
+        .iter()
+        .all(|v| Authority::try_from(v.as_bytes()).is_ok_and(|a| is_local(&a)))
+        && uri.authority().is_none_or(is_local)
 }
 
 /// The token the running configuration asks for: `[admin]`'s, or the one the listener
@@ -204,6 +255,15 @@ async fn api_status(State(state): State<AdminState>) -> Json<Status> {
 /// `/`: the status page.
 async fn status_page(State(state): State<AdminState>) -> Html<String> {
     Html(page::render(&status(&state).await))
+}
+
+/// Anything but a probe on a probe-only connection.
+async fn busy() -> Response {
+    let mut response = plain(StatusCode::SERVICE_UNAVAILABLE, "too many connections\n");
+    response
+        .headers_mut()
+        .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+    response
 }
 
 async fn not_found() -> Response {
@@ -309,6 +369,38 @@ mod tests {
             &state(dir.path(), open, "192.0.2.1:9025", None),
             &bearer("x")
         ));
+    }
+
+    #[test]
+    fn only_an_ip_literal_or_localhost_names_a_local_host() {
+        let cases: [(&[&str], &str, bool); 14] = [
+            (&["127.0.0.1"], "/", true),
+            (&["127.0.0.1:9025"], "/", true),
+            (&["[::1]:9025"], "/", true),
+            (&["[::1]"], "/", true),
+            (&["localhost:9025"], "/", true),
+            (&["LocalHost"], "/", true),
+            (&["192.0.2.7:80"], "/", true),
+            (&[], "/", true),
+            (&["rebind.example:9025"], "/", false),
+            (&["localhost.rebind.example"], "/", false),
+            (&["127.0.0.1.nip.io"], "/", false),
+            (&["127.0.0.1", "rebind.example"], "/", false),
+            (&["bad host"], "/", false),
+            (&["127.0.0.1"], "http://rebind.example/api/status", false),
+        ];
+        for (hosts, target, local) in cases {
+            let mut headers = HeaderMap::new();
+            for host in hosts {
+                headers.append(header::HOST, HeaderValue::from_str(host).unwrap());
+            }
+            let uri: Uri = target.parse().unwrap();
+            assert_eq!(
+                names_a_local_host(&headers, &uri),
+                local,
+                "{hosts:?} {target}"
+            );
+        }
     }
 
     #[test]

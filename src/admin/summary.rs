@@ -62,6 +62,11 @@ fn state(out: &mut String, status: &Status) {
 }
 
 fn alerts(out: &mut String, status: &Status) {
+    // Alerts live in the running relay only: from the spool and journal, none is known.
+    if !status.live {
+        out.push_str("alerts: unknown (live state unavailable)\n");
+        return;
+    }
     if status.alerts.is_empty() {
         out.push_str("alerts: none\n");
         return;

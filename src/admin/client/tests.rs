@@ -59,6 +59,7 @@ async fn a_wrong_or_missing_token_is_an_error_not_a_fallback() {
         let err = fetch_status(addr, token).await.unwrap_err();
         assert!(matches!(err, ClientError::Unauthorized { .. }), "{err:?}");
         assert!(!err.not_answering());
+        assert!(!err.falls_back(), "a wrong token is the operator's to fix");
         assert!(err.to_string().contains("401 Unauthorized"), "{err}");
     }
 }
@@ -80,6 +81,7 @@ async fn an_answer_over_max_body_is_refused_unread() {
     let err = fetch_status(addr, Some("s3cret")).await.unwrap_err();
     assert!(matches!(err, ClientError::Body { .. }), "{err:?}");
     assert!(!err.not_answering());
+    assert!(!err.falls_back());
 }
 
 #[tokio::test]
@@ -113,5 +115,58 @@ fn an_unspecified_bind_address_is_asked_on_loopback() {
     ];
     for (bind, asked) in cases {
         assert_eq!(target(bind.parse().unwrap()).to_string(), asked);
+    }
+}
+
+/// An admin API on a loopback port answering `/api/status` with `status` and `body`.
+async fn serve_status(status: StatusCode, body: &'static str) -> SocketAddr {
+    let app = Router::new().route("/api/status", get(move || async move { (status, body) }));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    addr
+}
+
+#[tokio::test]
+async fn a_server_error_falls_back_and_a_client_error_does_not() {
+    for (status, falls_back) in [
+        (StatusCode::SERVICE_UNAVAILABLE, true),
+        (StatusCode::INTERNAL_SERVER_ERROR, true),
+        (StatusCode::NOT_FOUND, false),
+        (StatusCode::FORBIDDEN, false),
+    ] {
+        let addr = serve_status(status, "too many connections\n").await;
+        let err = fetch_status(addr, None).await.unwrap_err();
+        assert!(matches!(err, ClientError::Status { .. }), "{err:?}");
+        assert_eq!(err.falls_back(), falls_back, "{status}");
+        assert!(!err.not_answering());
+    }
+    let addr = serve(String::new()).await;
+    assert!(!fetch_status(addr, None).await.unwrap_err().falls_back());
+}
+
+#[tokio::test]
+async fn an_exchange_cut_mid_way_falls_back() {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    // A head promising more body than is sent, then the connection closed; and a connection
+    // closed before any answer.
+    for answer in [
+        &b"HTTP/1.1 200 OK\r\nContent-Length: 1000\r\n\r\n{\"node\""[..],
+        b"",
+    ] {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move {
+            let (mut tcp, _) = listener.accept().await.unwrap();
+            let mut head = [0u8; 1024];
+            let _ = tcp.read(&mut head).await;
+            let _ = tcp.write_all(answer).await;
+        });
+        let err = fetch_status(addr, None).await.unwrap_err();
+        assert!(
+            matches!(err, ClientError::Cut { .. } | ClientError::Http { .. }),
+            "{err:?}"
+        );
+        assert!(err.falls_back(), "{err:?}");
     }
 }

@@ -97,3 +97,25 @@ fn paused_is_read_as_the_running_relay_reads_the_marker() {
         .unwrap();
     assert!(status(&policy(), &spool, 1_000).unwrap().paused);
 }
+
+#[test]
+fn the_totals_oldest_gauge_agrees_with_the_oldest_message_found() {
+    let dir = tempfile::tempdir().unwrap();
+    let spool = Spool::open(&dir.path().join("spool")).unwrap();
+    let mut envelope = sample_envelope(&["p@example.com"]);
+    envelope.received_at = 1_000;
+    spool
+        .enqueue(&envelope, b"Subject: x\r\n\r\nx\r\n")
+        .unwrap();
+    let status = status(&policy(), &spool, 1_046).unwrap();
+    assert_eq!(status.queue.oldest.as_ref().map(|(_, at)| *at), Some(1_000));
+    assert_eq!(status.totals.queue_oldest_seconds, 46);
+    // Everything else among the totals counts since a start a stopped relay does not have.
+    assert_eq!(
+        Totals {
+            queue_oldest_seconds: 0,
+            ..status.totals
+        },
+        Totals::default()
+    );
+}

@@ -348,3 +348,48 @@ fn a_node_not_ready_says_why_with_the_reason_escaped() {
     );
     assert!(!html.contains("spool <not>"));
 }
+
+#[test]
+fn no_string_from_outside_brings_an_invisible_character_into_the_page() {
+    // A bidi override, a zero-width space, an isolate and a tag character in every string
+    // the page shows, with and without a down upstream and a not-ready reason.
+    let hide = |s: &str| format!("{s}\u{202E}\u{200B}\u{2066}\u{E0041}");
+    for variant in 0..3 {
+        let mut status = outage();
+        status.node = hide("edge");
+        status.version = hide("1");
+        for u in &mut status.upstreams {
+            u.name = hide(&u.name);
+            u.last_error = Some(hide("421 busy"));
+        }
+        status.alerts[0].text = hide("text");
+        status.alerts[0].value = hide("125s");
+        status.alerts[0].threshold = hide("5m");
+        status.queue.oldest = Some((hide("id"), OUTAGE_START));
+        for u in &mut status.queue.by_upstream {
+            u.upstream = hide(&u.upstream);
+        }
+        status.queue.top_senders = vec![(hide("a@example.org"), 2)];
+        status.top_refusals = vec![(hide("rule"), 1)];
+        let totals = &mut status.totals;
+        totals.accepted = vec![(hide("mx"), 1)];
+        totals.sessions = vec![(hide("mx"), hide("1.3"), 1)];
+        totals.dns_errors = vec![(hide("spf"), 1)];
+        totals.removed = vec![(hide("purge"), 1)];
+        match variant {
+            0 => {}
+            1 => {
+                status.upstreams.iter_mut().for_each(|u| u.up = true);
+                status.ready = false;
+                status.not_ready = Some(hide("spool not writable"));
+            }
+            _ => status.upstreams.iter_mut().for_each(|u| u.up = true),
+        }
+        let html = render(&status);
+        let shown: Vec<char> = html
+            .chars()
+            .filter(|&c| crate::text::is_invisible(c))
+            .collect();
+        assert!(shown.is_empty(), "variant {variant}: {shown:?}\n{html}");
+    }
+}

@@ -96,6 +96,22 @@ fn a_status_from_the_spool_says_it_is_not_live() {
 }
 
 #[test]
+fn alerts_from_the_spool_are_unknown_not_none() {
+    let mut status = outage();
+    status.live = false;
+    for alerts in [status.alerts.clone(), Vec::new()] {
+        status.alerts = alerts;
+        let text = text(&status);
+        assert!(
+            text.lines()
+                .any(|l| l == "alerts: unknown (live state unavailable)"),
+            "{text}"
+        );
+        assert!(!text.contains("alerts: none"), "{text}");
+    }
+}
+
+#[test]
 fn a_node_not_ready_says_why_with_the_reason_cleaned() {
     let mut status = outage();
     status.ready = false;
