@@ -31,9 +31,14 @@ fn config(upstream_port: u16, webhook: &str, admin: u16) -> String {
 
 /// The value of `portcullis_alert_active{alert="ALERT"}` on `/metrics`.
 fn alert_gauge(admin: u16, alert: &str) -> String {
+    gauge(admin, &format!("portcullis_alert_active{{alert=\"{alert}\"}}"))
+}
+
+/// The value of the series `series` (name and labels) on `/metrics`.
+fn gauge(admin: u16, series: &str) -> String {
     let metrics = http::get(admin, "/metrics", &[]);
     assert_eq!(metrics.status, 200);
-    let prefix = format!("portcullis_alert_active{{alert=\"{alert}\"}} ");
+    let prefix = format!("{series} ");
     metrics
         .body
         .lines()
@@ -128,11 +133,11 @@ fn upstream_down_and_no_delivery_fire_on_the_webhook_and_resolve_after_queue_ret
         since.len() == 20 && since.ends_with('Z') && &since[10..11] == "T",
         "since is RFC 3339 UTC: {since}"
     );
+    // Down from the start's probe (breaker closed), or from the delivery (breaker open).
+    let text = firing["text"].as_str().unwrap();
     assert!(
-        firing["text"]
-            .as_str()
-            .unwrap()
-            .starts_with("circuit breaker open: up down for "),
+        text.starts_with("upstream down: up down for ")
+            || text.starts_with("circuit breaker open: up down for "),
         "{firing}"
     );
 
@@ -172,5 +177,62 @@ fn upstream_down_and_no_delivery_fire_on_the_webhook_and_resolve_after_queue_ret
             pair("upstream_down", "firing"),
             pair("upstream_down", "resolved"),
         ]
+    );
+}
+
+/// `up`, `breaker_open` and `last_error` of upstream `name` in `/api/status`.
+fn status_upstream(admin: u16, name: &str) -> (bool, bool, String) {
+    let status = http::get(admin, "/api/status", &[]);
+    assert_eq!(status.status, 200);
+    let json: serde_json::Value = serde_json::from_str(&status.body).unwrap();
+    let up = json["upstreams"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|u| u["name"] == name)
+        .unwrap_or_else(|| panic!("no upstream {name}: {json}"))
+        .clone();
+    (
+        up["up"].as_bool().unwrap(),
+        up["breaker_open"].as_bool().unwrap(),
+        up["last_error"].as_str().unwrap_or_default().to_owned(),
+    )
+}
+
+/// A relay (re)started while its upstream is down knows it from the start's capability probe
+/// and says so everywhere at once, without waiting for a delivery: the status, the gauges
+/// (`upstream_up` 0; the breaker, which the probe leaves alone, closed) and `upstream_down`.
+/// The first delivery that gets through brings it up again.
+#[test]
+fn an_upstream_the_start_probe_cannot_reach_is_down_at_once_until_a_delivery_reaches_it() {
+    let receiver = WebhookReceiver::start();
+    let upstream_port = free_port(); // nothing listens there
+    let admin = free_port();
+    let relay = Relay::start(&config(upstream_port, &receiver.url(), admin));
+    assert!(http::wait_accepting(admin, WAIT));
+    let (up, breaker_open, error) = status_upstream(admin, "up");
+    assert!(!up && !breaker_open, "{up} {breaker_open}");
+    assert!(error.contains("refused"), "last error: {error}");
+    assert_eq!(gauge(admin, "portcullis_upstream_up{upstream=\"up\"}"), "0");
+    assert_eq!(
+        gauge(admin, "portcullis_upstream_breaker_open{upstream=\"up\"}"),
+        "0"
+    );
+    assert!(
+        receiver.wait_for("upstream_down", "firing", WAIT),
+        "{:?}",
+        receiver.states()
+    );
+
+    // The breaker was never opened: the first message goes out at once.
+    let sink = Sink::start_on(upstream_port, SinkConfig::default());
+    send_one(&relay);
+    assert!(sink.wait_for(1, WAIT), "the message was not delivered");
+    assert!(status_upstream(admin, "up").0);
+    assert_eq!(gauge(admin, "portcullis_upstream_up{upstream=\"up\"}"), "1");
+    assert!(
+        receiver.wait_for("upstream_down", "resolved", WAIT),
+        "{:?}",
+        receiver.states()
     );
 }

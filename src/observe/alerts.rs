@@ -16,7 +16,8 @@
 //!   was empty for an hour and got one message a second ago has not been stuck for an hour).
 //! - `queue_depth`: at least `queue_depth` messages queued.
 //! - `oldest_message`: the oldest queued message is at least the threshold old.
-//! - `upstream_down`: an upstream's circuit breaker has been open for the threshold.
+//! - `upstream_down`: an upstream has been down for the threshold: its circuit breaker open,
+//!   or its last connection failed (the capability probe at start or reload).
 //! - `user_suspended`, `cluster_fallback`: raised and cleared from elsewhere
 //!   ([`AlertBoard::set_external`]).
 //!
@@ -206,17 +207,20 @@ pub struct Inputs {
     pub queue_nonempty_since: Option<u64>,
     /// Unix **seconds** of arrival of the oldest queued message that is not held.
     pub oldest_arrival: Option<u64>,
-    /// The upstreams whose breaker is open.
+    /// The upstreams that are down: breaker open, or last connection failed.
     pub down: Vec<Down>,
     /// The listeners are paused (`portcullis listeners pause`): said in `no_inbound`'s text.
     pub paused: bool,
 }
 
-/// An upstream whose circuit breaker is open.
+/// An upstream that is down: its circuit breaker is open, or its last connection (the
+/// capability probe at start or reload, which leaves the breaker alone) failed.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Down {
     /// `[[upstreams]] name`.
     pub name: String,
+    /// Its circuit breaker is open (else only the probe failed).
+    pub breaker_open: bool,
     /// Unix **seconds** since when.
     pub since: u64,
     /// Its last error, if known (shortened to [`ERROR_CHARS`] in the alert's text).
@@ -405,7 +409,12 @@ fn upstream_down(inputs: &Inputs, threshold: Duration, now: u64) -> Condition {
                 one
             })
             .collect();
-        format!("circuit breaker open: {}", each.join("; "))
+        let what = if inputs.down.iter().all(|d| d.breaker_open) {
+            "circuit breaker open"
+        } else {
+            "upstream down"
+        };
+        format!("{what}: {}", each.join("; "))
     };
     Condition {
         alert: AlertName::UpstreamDown,

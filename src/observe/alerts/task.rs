@@ -131,6 +131,7 @@ fn gather(telemetry: &Telemetry, watch: &mut QueueWatch, started: u64, now: u64)
         .filter(|u| !u.up)
         .map(|u| Down {
             name: u.name,
+            breaker_open: u.breaker_open,
             since: u.since,
             error: u.last_error,
         })

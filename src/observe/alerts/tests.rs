@@ -57,6 +57,7 @@ fn down(upstreams: &[(&str, u64)]) -> Inputs {
             .iter()
             .map(|(n, since)| Down {
                 name: (*n).to_owned(),
+                breaker_open: true,
                 since: since / 1000,
                 error: Some("connection refused".to_owned()),
             })
