@@ -214,8 +214,13 @@ pub async fn run(config: Config, path: Option<PathBuf>) -> Result<(), AppError> 
         Arc::new(move || runtime.load().config.clone())
     };
     // Alerts log and show even without [admin] or a webhook; they count from here.
-    let alerts =
-        crate::observe::alerts::spawn(telemetry.clone(), config_now.clone(), observe_stop.clone());
+    // Their state is kept under the spool, so a restart neither forgets nor repeats them.
+    let alerts = crate::observe::alerts::spawn(
+        telemetry.clone(),
+        config_now.clone(),
+        observe_stop.clone(),
+        Some(spool.root().join(crate::observe::alerts::state::FILE_NAME)),
+    );
     let inbound = inbound::start(runtime.clone(), deps).await?;
     telemetry.gate.set_bound(true);
     let admin = match start_admin(config_now, &telemetry, &spool, &observe_stop).await {
@@ -520,10 +525,18 @@ mod tests {
         named(&admin(8025), &old, "[admin] bind changed");
         let mut keep = old.clone();
         keep.log.journal_keep = Duration::from_secs(3600);
-        named(&old, &keep, "[log] journal_keep or journal_max_size changed");
+        named(
+            &old,
+            &keep,
+            "[log] journal_keep or journal_max_size changed",
+        );
         let mut size = old.clone();
         size.log.journal_max_size /= 2;
-        named(&old, &size, "[log] journal_keep or journal_max_size changed");
+        named(
+            &old,
+            &size,
+            "[log] journal_keep or journal_max_size changed",
+        );
         let mut host = old.clone();
         host.server.hostname = "mx2.test".into();
         named(&old, &host, "server.hostname changed");

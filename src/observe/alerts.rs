@@ -34,12 +34,23 @@
 //!   90 % of its age threshold, `upstream_down` only when every upstream is up (one down for
 //!   less than the threshold holds).
 //! - An alert whose key is removed by a reload ends at the next evaluation.
+//! - A time counted from the relay's start (`no_inbound` with nothing accepted since,
+//!   `no_delivery` with nothing delivered and messages queued since the start) that has not
+//!   reached its threshold is `Hold`, not `Clear`: the relay cannot tell yet.
+//!
+//! # Across a restart
+//! The firing alerts are kept under the spool ([`state`]) and seed the engine at the next
+//! start ([`Engine::seed`]): one whose condition still holds carries on, same `since`, nothing
+//! announced; one whose condition is over ends after its clear time with a `resolved`. The
+//! `Hold` above is what lets a seeded `no_inbound` or `no_delivery` wait for its threshold
+//! after the start instead of ending and starting again.
 //!
 //! `queue_depth`'s threshold is a count, so its clear time is always [`CLEAR_AFTER`].
 //! Precision: one evaluation a second, and upstream and arrival times in whole seconds, so an
 //! alert starts or ends up to about 2 s after the moment its rule names; thresholds shorter
 //! than a few seconds are not meaningful.
 
+pub mod state;
 pub mod task;
 #[cfg(test)]
 mod tests;
@@ -287,6 +298,15 @@ fn reached(elapsed_ms: u64, threshold: Duration) -> Level {
     }
 }
 
+/// `level` of a time that is counted from the relay's start (`from_start`): not `Clear` but
+/// `Hold`, since it says only that the relay has not run for the threshold yet (module doc).
+fn from_start(level: Level, from_start: bool) -> Level {
+    match level {
+        Level::Clear if from_start => Level::Hold,
+        level => level,
+    }
+}
+
 /// `Firing` at or over `threshold`, `Clear` below 90 % of it (in integers: value / threshold
 /// < 9 / 10), `Hold` between (the band of `queue_depth` and `oldest_message`).
 fn banded(value: u128, threshold: u128) -> Level {
@@ -319,7 +339,7 @@ fn no_inbound(inputs: &Inputs, threshold: Duration, now: u64) -> Condition {
     }
     Condition {
         alert: AlertName::NoInbound,
-        level: reached(idle, threshold),
+        level: from_start(reached(idle, threshold), inputs.last_accepted == 0),
         value: secs(idle),
         threshold: format_duration(threshold),
         text,
@@ -330,14 +350,16 @@ fn no_inbound(inputs: &Inputs, threshold: Duration, now: u64) -> Condition {
 fn no_delivery(inputs: &Inputs, threshold: Duration, now: u64) -> Condition {
     let (level, stalled, text) = match inputs.queue_nonempty_since {
         Some(since) if inputs.queued > 0 => {
-            let stalled = now.saturating_sub(inputs.last_delivered.max(since));
+            let counted_from = inputs.last_delivered.max(since);
+            let stalled = now.saturating_sub(counted_from);
             let text = format!(
                 "{} queued and none delivered for {}: see portcullis status for the \
                  upstreams' last errors",
                 messages(inputs.queued),
                 secs(stalled)
             );
-            (reached(stalled, threshold), stalled, text)
+            let level = from_start(reached(stalled, threshold), counted_from <= inputs.started);
+            (level, stalled, text)
         }
         _ => (Level::Clear, 0, "the queue is empty".to_owned()),
     };
@@ -534,5 +556,19 @@ impl Engine {
     /// The firing alerts, in the contract's order.
     pub fn active(&self) -> Vec<ActiveAlert> {
         self.tracks.values().map(|t| t.active.clone()).collect()
+    }
+
+    /// Take up `alerts` as firing (kept from before a restart, [`state`]), each as it was:
+    /// the next evaluations carry them on or end them, and never start them again.
+    pub fn seed(&mut self, alerts: Vec<ActiveAlert>) {
+        for active in alerts {
+            self.tracks.insert(
+                active.alert,
+                Track {
+                    active,
+                    clear_since: None,
+                },
+            );
+        }
     }
 }

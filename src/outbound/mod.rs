@@ -298,7 +298,9 @@ mod tests {
         };
         let probe = || async {
             let upstreams = delivery.context.load_full().upstreams.clone();
-            upstreams.probe_all("relay.test", Duration::from_secs(5)).await;
+            upstreams
+                .probe_all("relay.test", Duration::from_secs(5))
+                .await;
         };
         assert_eq!(board(), ((true, false, None), (1, 0)));
 
