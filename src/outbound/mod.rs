@@ -312,11 +312,11 @@ mod tests {
 
         // Renewed by a reload with `a` unchanged: still down; its successor shares that.
         delivery.reload(&config(&[&b, &a], 60), &spool).unwrap();
-        assert_eq!(board().0.0, false);
+        assert!(!board().0.0);
         assert_eq!(delivery.context.load().upstreams.get(1).name(), "a");
         // A delivery that fails there opens the breaker; `queue retry` closes it: up.
         trip(&delivery, 1);
-        assert_eq!(board().0.0, false);
+        assert!(!board().0.0);
         assert_eq!((board().0.1, board().1), (true, (0, 1)));
         delivery.context.load().upstreams.reset_all();
         assert_eq!(board(), ((true, false, board().0.2), (1, 0)));
