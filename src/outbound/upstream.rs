@@ -265,23 +265,17 @@ impl UpstreamRt {
     }
 
     /// Publish the state the breaker holds: down while it is open or while the last probe
-    /// failed (module doc), with the failure that made it so; up otherwise.
+    /// failed (module doc), with the failure that made it so; up otherwise. Published under
+    /// the breaker's lock, so two changes in quick succession reach the board in their order.
     fn publish(&self) {
-        let (up, open, error) = {
-            let b = self.breaker();
-            let open = b.down_until.is_some();
-            let up = !open && !b.unreachable;
-            (up, open, b.last_failure.clone().filter(|_| !up))
-        };
+        let b = self.breaker();
+        let open = b.down_until.is_some();
+        let up = !open && !b.unreachable;
+        let error = b.last_failure.as_deref().filter(|_| !up);
         let telemetry = &self.telemetry;
-        telemetry.upstreams.set_state(
-            self.name(),
-            up,
-            open,
-            error.as_deref(),
-            unix_now(),
-            &telemetry.metrics,
-        );
+        telemetry
+            .upstreams
+            .set_state(self.name(), up, open, error, unix_now(), &telemetry.metrics);
     }
 
     /// The capability probe's outcome (`Some`: its failure). A connection-level failure
