@@ -214,8 +214,13 @@ pub async fn run(config: Config, path: Option<PathBuf>) -> Result<(), AppError> 
         Arc::new(move || runtime.load().config.clone())
     };
     // Alerts log and show even without [admin] or a webhook; they count from here.
-    let alerts =
-        crate::observe::alerts::spawn(telemetry.clone(), config_now.clone(), observe_stop.clone());
+    // Their state is kept under the spool, so a restart neither forgets nor repeats them.
+    let alerts = crate::observe::alerts::spawn(
+        telemetry.clone(),
+        config_now.clone(),
+        observe_stop.clone(),
+        Some(spool.root().join(crate::observe::alerts::state::FILE_NAME)),
+    );
     let inbound = inbound::start(runtime.clone(), deps).await?;
     telemetry.gate.set_bound(true);
     let admin = match start_admin(config_now, &telemetry, &spool, &observe_stop).await {
@@ -371,6 +376,51 @@ async fn stop_delivery(delivery: outbound::Delivery, stop: CancellationToken) {
     delivery.context.load_full().upstreams.close_all().await;
 }
 
+/// What differs between `old` and `new` among the settings read only at start, one warning
+/// each: a reload applies everything else, and must not pass over these in silence.
+fn restart_only_changes(old: &Config, new: &Config) -> Vec<&'static str> {
+    let binds = |c: &Config| {
+        c.listeners
+            .iter()
+            .map(|l| (l.name.clone(), l.bind))
+            .collect::<Vec<_>>()
+    };
+    // Added, removed or moved: the admin listener is bound once, at start (its token and what
+    // it reports follow the reload).
+    let admin = |c: &Config| c.admin.as_ref().map(|a| a.bind);
+    let journal = |c: &Config| (c.log.journal_keep, c.log.journal_max_size);
+    let checks = [
+        (
+            binds(old) != binds(new),
+            "listener names or binds changed; that takes a restart (new policy applies to the existing listeners)",
+        ),
+        (
+            old.server.spool_dir != new.server.spool_dir,
+            "spool_dir changed; that takes a restart",
+        ),
+        (
+            old.log.format != new.log.format,
+            "[log] format changed; that takes a restart",
+        ),
+        (
+            journal(old) != journal(new),
+            "[log] journal_keep or journal_max_size changed; that takes a restart (the journal keeps the values it started with)",
+        ),
+        (
+            admin(old) != admin(new),
+            "[admin] bind changed (or [admin] added or removed); that takes a restart (the admin listener stays as it started)",
+        ),
+        (
+            old.server.hostname != new.server.hostname,
+            "server.hostname changed; SMTP and delivery use the new one, but the alerts, the webhook and the status name this node by the old one until a restart",
+        ),
+    ];
+    checks
+        .into_iter()
+        .filter_map(|(changed, warning)| changed.then_some(warning))
+        .collect()
+}
+
 /// SIGHUP: load and validate the policy file; swap it in only if it is entirely valid (an
 /// upstream TLS client that cannot be built included). Its `[[upstreams]]` and `[queue]` go
 /// to `delivery` (new attempts and the RCPT route checks).
@@ -395,22 +445,8 @@ fn reload(
             return;
         }
     };
-    let binds = |c: &Config| {
-        c.listeners
-            .iter()
-            .map(|l| (l.name.clone(), l.bind))
-            .collect::<Vec<_>>()
-    };
-    if binds(&old.config) != binds(&new.config) {
-        warn!(
-            "reload: listener names or binds changed; that takes a restart (new policy applies to the existing listeners)"
-        );
-    }
-    if old.config.server.spool_dir != new.config.server.spool_dir {
-        warn!("reload: spool_dir changed; that takes a restart");
-    }
-    if old.config.log.format != new.config.log.format {
-        warn!("reload: [log] format changed; that takes a restart");
+    for warning in restart_only_changes(&old.config, &new.config) {
+        warn!("reload: {warning}");
     }
     // When changed, or when an upstream names a `ca` bundle, which may have been replaced
     // under the same path (a SIGHUP reads every file the policy names again, as it does the
@@ -461,5 +497,53 @@ mod tests {
         let changed = build_runtime(config(Verify::Record, 2), Some(&first)).unwrap();
         assert_ne!(caches(&first), caches(&changed));
         assert_eq!(changed.resolver.unwrap().timeout(), Duration::from_secs(2));
+    }
+
+    /// Every setting read only at start is named when a reload changes it, and nothing is
+    /// named when only reloadable settings change.
+    #[test]
+    fn a_reload_warns_of_every_setting_that_takes_a_restart() {
+        let old = config(Verify::Off, 5);
+        let mut reloadable = old.clone();
+        reloadable.spf.verify = Verify::Record;
+        reloadable.dns.timeout = Duration::from_secs(2);
+        assert!(restart_only_changes(&old, &reloadable).is_empty());
+
+        let admin = |port: u16| {
+            let text = format!(
+                "[server]\nhostname = \"relay.test\"\n[[listeners]]\nbind = \"127.0.0.1:2525\"\n\
+                 tls = \"none\"\n[[upstreams]]\naddress = \"127.0.0.1:25\"\n\
+                 [admin]\nbind = \"127.0.0.1:{port}\"\n"
+            );
+            Config::from_toml(&text, None).expect("valid test policy")
+        };
+        let named = |old: &Config, new: &Config, what: &str| {
+            let warnings = restart_only_changes(old, new);
+            assert_eq!(warnings.len(), 1, "{what}: {warnings:?}");
+            assert!(warnings[0].starts_with(what), "{what}: {warnings:?}");
+        };
+        named(&admin(8025), &admin(8026), "[admin] bind changed");
+        named(&old, &admin(8025), "[admin] bind changed");
+        named(&admin(8025), &old, "[admin] bind changed");
+        let mut keep = old.clone();
+        keep.log.journal_keep = Duration::from_secs(3600);
+        named(
+            &old,
+            &keep,
+            "[log] journal_keep or journal_max_size changed",
+        );
+        let mut size = old.clone();
+        size.log.journal_max_size /= 2;
+        named(
+            &old,
+            &size,
+            "[log] journal_keep or journal_max_size changed",
+        );
+        let mut host = old.clone();
+        host.server.hostname = "mx2.test".into();
+        named(&old, &host, "server.hostname changed");
+        let mut spool = old.clone();
+        spool.server.spool_dir = "/elsewhere".into();
+        named(&old, &spool, "spool_dir changed");
     }
 }

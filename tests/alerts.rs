@@ -31,9 +31,17 @@ fn config(upstream_port: u16, webhook: &str, admin: u16) -> String {
 
 /// The value of `portcullis_alert_active{alert="ALERT"}` on `/metrics`.
 fn alert_gauge(admin: u16, alert: &str) -> String {
+    gauge(
+        admin,
+        &format!("portcullis_alert_active{{alert=\"{alert}\"}}"),
+    )
+}
+
+/// The value of the series `series` (name and labels) on `/metrics`.
+fn gauge(admin: u16, series: &str) -> String {
     let metrics = http::get(admin, "/metrics", &[]);
     assert_eq!(metrics.status, 200);
-    let prefix = format!("portcullis_alert_active{{alert=\"{alert}\"}} ");
+    let prefix = format!("{series} ");
     metrics
         .body
         .lines()
@@ -128,11 +136,11 @@ fn upstream_down_and_no_delivery_fire_on_the_webhook_and_resolve_after_queue_ret
         since.len() == 20 && since.ends_with('Z') && &since[10..11] == "T",
         "since is RFC 3339 UTC: {since}"
     );
+    // Down from the start's probe (breaker closed), or from the delivery (breaker open).
+    let text = firing["text"].as_str().unwrap();
     assert!(
-        firing["text"]
-            .as_str()
-            .unwrap()
-            .starts_with("circuit breaker open: up down for "),
+        text.starts_with("upstream down: up down for ")
+            || text.starts_with("circuit breaker open: up down for "),
         "{firing}"
     );
 
@@ -171,6 +179,139 @@ fn upstream_down_and_no_delivery_fire_on_the_webhook_and_resolve_after_queue_ret
             pair("no_delivery", "resolved"),
             pair("upstream_down", "firing"),
             pair("upstream_down", "resolved"),
+        ]
+    );
+}
+
+/// `up`, `breaker_open` and `last_error` of upstream `name` in `/api/status`.
+fn status_upstream(admin: u16, name: &str) -> (bool, bool, String) {
+    let status = http::get(admin, "/api/status", &[]);
+    assert_eq!(status.status, 200);
+    let json: serde_json::Value = serde_json::from_str(&status.body).unwrap();
+    let up = json["upstreams"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|u| u["name"] == name)
+        .unwrap_or_else(|| panic!("no upstream {name}: {json}"))
+        .clone();
+    (
+        up["up"].as_bool().unwrap(),
+        up["breaker_open"].as_bool().unwrap(),
+        up["last_error"].as_str().unwrap_or_default().to_owned(),
+    )
+}
+
+/// A relay (re)started while its upstream is down knows it from the start's capability probe
+/// and says so everywhere at once, without waiting for a delivery: the status, the gauges
+/// (`upstream_up` 0; the breaker, which the probe leaves alone, closed) and `upstream_down`.
+/// The first delivery that gets through brings it up again.
+#[test]
+fn an_upstream_the_start_probe_cannot_reach_is_down_at_once_until_a_delivery_reaches_it() {
+    let receiver = WebhookReceiver::start();
+    let upstream_port = free_port(); // nothing listens there
+    let admin = free_port();
+    let relay = Relay::start(&config(upstream_port, &receiver.url(), admin));
+    assert!(http::wait_accepting(admin, WAIT));
+    let (up, breaker_open, error) = status_upstream(admin, "up");
+    assert!(!up && !breaker_open, "{up} {breaker_open}");
+    assert!(error.contains("refused"), "last error: {error}");
+    assert_eq!(gauge(admin, "portcullis_upstream_up{upstream=\"up\"}"), "0");
+    assert_eq!(
+        gauge(admin, "portcullis_upstream_breaker_open{upstream=\"up\"}"),
+        "0"
+    );
+    assert!(
+        receiver.wait_for("upstream_down", "firing", WAIT),
+        "{:?}",
+        receiver.states()
+    );
+
+    // The breaker was never opened: the first message goes out at once.
+    let sink = Sink::start_on(upstream_port, SinkConfig::default());
+    send_one(&relay);
+    assert!(sink.wait_for(1, WAIT), "the message was not delivered");
+    assert!(status_upstream(admin, "up").0);
+    assert_eq!(gauge(admin, "portcullis_upstream_up{upstream=\"up\"}"), "1");
+    assert!(
+        receiver.wait_for("upstream_down", "resolved", WAIT),
+        "{:?}",
+        receiver.states()
+    );
+}
+
+/// `since` (Unix seconds) and `value` of `alert` in `/api/status`, if it fires.
+fn status_alert(admin: u16, alert: &str) -> Option<(u64, String)> {
+    let status = http::get(admin, "/api/status", &[]);
+    assert_eq!(status.status, 200);
+    let json: serde_json::Value = serde_json::from_str(&status.body).unwrap();
+    json["alerts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|a| a["alert"] == alert)
+        .map(|a| {
+            (
+                a["since"].as_u64().unwrap(),
+                a["value"].as_str().unwrap().to_owned(),
+            )
+        })
+}
+
+/// "Starts once, ends once" holds across restarts: an alert firing when the relay stops is
+/// kept under the spool (0600); restarted while its condition still holds, the relay carries
+/// it on (same `since`, gauge 1, nothing sent); restarted once it is clear, it sends the one
+/// `resolved`.
+#[test]
+fn a_firing_alert_survives_a_restart_without_a_second_firing_and_resolves_after_one() {
+    use std::os::unix::fs::PermissionsExt as _;
+    let receiver = WebhookReceiver::start();
+    let upstream_port = free_port(); // nothing listens there
+    let admin = free_port();
+    let mut relay = Relay::start(&config(upstream_port, &receiver.url(), admin));
+    assert!(http::wait_accepting(admin, WAIT));
+    assert!(receiver.wait_for("upstream_down", "firing", WAIT));
+    let (since, _) = status_alert(admin, "upstream_down").expect("upstream_down on the status");
+    let kept = relay.spool.join("alerts.json");
+    let mode = std::fs::metadata(&kept).unwrap().permissions().mode();
+    assert_eq!(mode & 0o777, 0o600, "{}", kept.display());
+
+    // Still down after the restart: carried on from the start, with its since, past the
+    // moment (threshold after the start) a fresh alert would have started.
+    relay.stop();
+    relay.restart();
+    assert!(http::wait_accepting(admin, WAIT));
+    assert_eq!(alert_gauge(admin, "upstream_down"), "1");
+    let carried_past_threshold = common::wait_until(WAIT, || {
+        status_alert(admin, "upstream_down").is_some_and(|(s, value)| {
+            assert_eq!(s, since, "a new since: announced again");
+            value.trim_end_matches('s').parse::<u64>().unwrap() >= 3
+        })
+    });
+    assert!(
+        carried_past_threshold,
+        "{:?}",
+        status_alert(admin, "upstream_down")
+    );
+
+    // Up while the relay is stopped: the next start's probe finds it, the alert ends once.
+    relay.stop();
+    let _sink = Sink::start_on(upstream_port, SinkConfig::default());
+    relay.restart();
+    assert!(
+        receiver.wait_for("upstream_down", "resolved", WAIT),
+        "{:?}",
+        receiver.states()
+    );
+    assert_eq!(alert_gauge(admin, "upstream_down"), "0");
+    relay.stop();
+    // Notifications go out in order, so any second firing was sent before the resolved.
+    let pair = |a: &str, s: &str| (a.to_owned(), s.to_owned());
+    assert_eq!(
+        receiver.states(),
+        [
+            pair("upstream_down", "firing"),
+            pair("upstream_down", "resolved")
         ]
     );
 }

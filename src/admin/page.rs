@@ -263,8 +263,8 @@ fn upstream_card(out: &mut String, status: &Status, u: &UpstreamState) {
         out,
         "<dt>Circuit breaker</dt><dd data-metric=\"portcullis_upstream_breaker_open\" \
          data-upstream=\"{name}\" data-value=\"{}\">{}</dd>",
-        u8::from(!u.up),
-        if u.up { "closed" } else { "open" }
+        u8::from(u.breaker_open),
+        if u.breaker_open { "open" } else { "closed" }
     );
     let _ = writeln!(out, "<dt>Delivered, 5 min</dt><dd>{}</dd>", u.delivered_5m);
     match u.last_success {

@@ -16,7 +16,8 @@
 //!   was empty for an hour and got one message a second ago has not been stuck for an hour).
 //! - `queue_depth`: at least `queue_depth` messages queued.
 //! - `oldest_message`: the oldest queued message is at least the threshold old.
-//! - `upstream_down`: an upstream's circuit breaker has been open for the threshold.
+//! - `upstream_down`: an upstream has been down for the threshold: its circuit breaker open,
+//!   or its last connection failed (the capability probe at start or reload).
 //! - `user_suspended`, `cluster_fallback`: raised and cleared from elsewhere
 //!   ([`AlertBoard::set_external`]).
 //!
@@ -33,12 +34,23 @@
 //!   90 % of its age threshold, `upstream_down` only when every upstream is up (one down for
 //!   less than the threshold holds).
 //! - An alert whose key is removed by a reload ends at the next evaluation.
+//! - A time counted from the relay's start (`no_inbound` with nothing accepted since,
+//!   `no_delivery` with nothing delivered and messages queued since the start) that has not
+//!   reached its threshold is `Hold`, not `Clear`: the relay cannot tell yet.
+//!
+//! # Across a restart
+//! The firing alerts are kept under the spool ([`state`]) and seed the engine at the next
+//! start ([`Engine::seed`]): one whose condition still holds carries on, same `since`, nothing
+//! announced; one whose condition is over ends after its clear time with a `resolved`. The
+//! `Hold` above is what lets a seeded `no_inbound` or `no_delivery` wait for its threshold
+//! after the start instead of ending and starting again.
 //!
 //! `queue_depth`'s threshold is a count, so its clear time is always [`CLEAR_AFTER`].
 //! Precision: one evaluation a second, and upstream and arrival times in whole seconds, so an
 //! alert starts or ends up to about 2 s after the moment its rule names; thresholds shorter
 //! than a few seconds are not meaningful.
 
+pub mod state;
 pub mod task;
 #[cfg(test)]
 mod tests;
@@ -206,17 +218,20 @@ pub struct Inputs {
     pub queue_nonempty_since: Option<u64>,
     /// Unix **seconds** of arrival of the oldest queued message that is not held.
     pub oldest_arrival: Option<u64>,
-    /// The upstreams whose breaker is open.
+    /// The upstreams that are down: breaker open, or last connection failed.
     pub down: Vec<Down>,
     /// The listeners are paused (`portcullis listeners pause`): said in `no_inbound`'s text.
     pub paused: bool,
 }
 
-/// An upstream whose circuit breaker is open.
+/// An upstream that is down: its circuit breaker is open, or its last connection (the
+/// capability probe at start or reload, which leaves the breaker alone) failed.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Down {
     /// `[[upstreams]] name`.
     pub name: String,
+    /// Its circuit breaker is open (else only the probe failed).
+    pub breaker_open: bool,
     /// Unix **seconds** since when.
     pub since: u64,
     /// Its last error, if known (shortened to [`ERROR_CHARS`] in the alert's text).
@@ -283,6 +298,15 @@ fn reached(elapsed_ms: u64, threshold: Duration) -> Level {
     }
 }
 
+/// `level` of a time that is counted from the relay's start (`from_start`): not `Clear` but
+/// `Hold`, since it says only that the relay has not run for the threshold yet (module doc).
+fn from_start(level: Level, from_start: bool) -> Level {
+    match level {
+        Level::Clear if from_start => Level::Hold,
+        level => level,
+    }
+}
+
 /// `Firing` at or over `threshold`, `Clear` below 90 % of it (in integers: value / threshold
 /// < 9 / 10), `Hold` between (the band of `queue_depth` and `oldest_message`).
 fn banded(value: u128, threshold: u128) -> Level {
@@ -315,7 +339,7 @@ fn no_inbound(inputs: &Inputs, threshold: Duration, now: u64) -> Condition {
     }
     Condition {
         alert: AlertName::NoInbound,
-        level: reached(idle, threshold),
+        level: from_start(reached(idle, threshold), inputs.last_accepted == 0),
         value: secs(idle),
         threshold: format_duration(threshold),
         text,
@@ -326,14 +350,16 @@ fn no_inbound(inputs: &Inputs, threshold: Duration, now: u64) -> Condition {
 fn no_delivery(inputs: &Inputs, threshold: Duration, now: u64) -> Condition {
     let (level, stalled, text) = match inputs.queue_nonempty_since {
         Some(since) if inputs.queued > 0 => {
-            let stalled = now.saturating_sub(inputs.last_delivered.max(since));
+            let counted_from = inputs.last_delivered.max(since);
+            let stalled = now.saturating_sub(counted_from);
             let text = format!(
                 "{} queued and none delivered for {}: see portcullis status for the \
                  upstreams' last errors",
                 messages(inputs.queued),
                 secs(stalled)
             );
-            (reached(stalled, threshold), stalled, text)
+            let level = from_start(reached(stalled, threshold), counted_from <= inputs.started);
+            (level, stalled, text)
         }
         _ => (Level::Clear, 0, "the queue is empty".to_owned()),
     };
@@ -405,7 +431,12 @@ fn upstream_down(inputs: &Inputs, threshold: Duration, now: u64) -> Condition {
                 one
             })
             .collect();
-        format!("circuit breaker open: {}", each.join("; "))
+        let what = if inputs.down.iter().all(|d| d.breaker_open) {
+            "circuit breaker open"
+        } else {
+            "upstream down"
+        };
+        format!("{what}: {}", each.join("; "))
     };
     Condition {
         alert: AlertName::UpstreamDown,
@@ -525,5 +556,19 @@ impl Engine {
     /// The firing alerts, in the contract's order.
     pub fn active(&self) -> Vec<ActiveAlert> {
         self.tracks.values().map(|t| t.active.clone()).collect()
+    }
+
+    /// Take up `alerts` as firing (kept from before a restart, [`state`]), each as it was:
+    /// the next evaluations carry them on or end them, and never start them again.
+    pub fn seed(&mut self, alerts: Vec<ActiveAlert>) {
+        for active in alerts {
+            self.tracks.insert(
+                active.alert,
+                Track {
+                    active,
+                    clear_since: None,
+                },
+            );
+        }
     }
 }

@@ -8,7 +8,7 @@
 //!
 //! This module is a leaf: it knows the configuration types and the envelope's, never
 //! `inbound`, `outbound` or `queue` (which call into it), and it does no I/O of its own except
-//! the alerts' webhook. Recording is cheap and never blocks: atomics, short mutexes, and a
+//! the alerts' webhook and their state file under the spool ([`alerts::state`]). Recording is cheap and never blocks: atomics, short mutexes, and a
 //! channel to the journal's writer thread. Nothing here can refuse mail: a full journal or a
 //! webhook that hangs only costs their own records (DESIGN.md, `[log]`).
 

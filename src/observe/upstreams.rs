@@ -15,8 +15,13 @@ use super::metrics::{Metrics, UpstreamLabel};
 pub struct UpstreamState {
     /// `[[upstreams]] name`.
     pub name: String,
-    /// False while its circuit breaker is open.
+    /// False while its circuit breaker is open, and while its last connection (the capability
+    /// probe at start or reload) failed and nothing has reached it since.
     pub up: bool,
+    /// Its circuit breaker is open (deliveries skip it). An upstream can be down with its
+    /// breaker closed: the probe's failure leaves the breaker alone.
+    #[serde(default)]
+    pub breaker_open: bool,
     /// Unix seconds of the last change between up and down (the start, if none).
     pub since: u64,
     /// The last error (connection failure, or a reply that deferred or failed mail).
@@ -72,6 +77,21 @@ impl UpstreamBoard {
         now_unix: u64,
         metrics: &Metrics,
     ) {
+        self.set_state(name, up, !up, error, now_unix, metrics);
+    }
+
+    /// `name` is `up` or down, its breaker open or not (down with a closed breaker: its last
+    /// connection failed outside a delivery), `error` the failure that made it down. `since`
+    /// moves only when `up` changes.
+    pub fn set_state(
+        &self,
+        name: &str,
+        up: bool,
+        breaker_open: bool,
+        error: Option<&str>,
+        now_unix: u64,
+        metrics: &Metrics,
+    ) {
         let label = UpstreamLabel {
             upstream: name.to_owned(),
         };
@@ -79,10 +99,11 @@ impl UpstreamBoard {
         metrics
             .upstream_breaker_open
             .get_or_create(&label)
-            .set(i64::from(!up));
+            .set(i64::from(breaker_open));
         let mut states = self.states.lock().unwrap_or_else(|p| p.into_inner());
         let state = states.entry(name.to_owned()).or_default();
         state.name = name.to_owned();
+        state.breaker_open = breaker_open;
         if state.up != up || state.since == 0 {
             state.up = up;
             state.since = now_unix;

@@ -98,14 +98,18 @@ impl Body {
     }
 }
 
-/// Unix seconds as RFC 3339 in UTC (`2026-12-01T04:12:09Z`).
+/// Unix seconds as RFC 3339 in UTC (`2026-12-01T04:12:09Z`); the raw number when out of a
+/// date's range. The one spelling of a time in the webhook, the status and
+/// the queue reports (`queue::report` re-exports it: observe does not import queue).
 pub fn rfc3339(unix: u64) -> String {
-    let at = i64::try_from(unix)
+    i64::try_from(unix)
         .ok()
         .and_then(|s| time::OffsetDateTime::from_unix_timestamp(s).ok())
-        .unwrap_or(time::OffsetDateTime::UNIX_EPOCH);
-    at.format(&time::format_description::well_known::Rfc3339)
-        .unwrap_or_default()
+        .and_then(|t| {
+            t.format(&time::format_description::well_known::Rfc3339)
+                .ok()
+        })
+        .unwrap_or_else(|| unix.to_string())
 }
 
 /// Why one attempt failed.
@@ -477,6 +481,7 @@ mod tests {
     fn since_is_rfc3339_utc() {
         assert_eq!(rfc3339(0), "1970-01-01T00:00:00Z");
         assert_eq!(rfc3339(1_796_098_329), "2026-12-01T04:12:09Z");
+        assert_eq!(rfc3339(u64::MAX), u64::MAX.to_string());
     }
 
     #[test]

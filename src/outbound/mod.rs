@@ -263,4 +263,78 @@ mod tests {
         shutdown.cancel();
         delivery.manager.await.unwrap();
     }
+
+    /// The capability probe leaves the breaker alone, but an upstream it could not reach is
+    /// down on the board and in the gauges (breaker closed) until a connection reaches it;
+    /// a reload keeps that for an unchanged entry, a delivery failure opens the breaker, and
+    /// a success or `queue retry` brings it up.
+    #[tokio::test]
+    async fn a_failed_probe_shows_the_upstream_down_with_its_breaker_closed_until_reached() {
+        let dir = tempfile::tempdir().unwrap();
+        let spool = Spool::open(dir.path()).unwrap();
+        let shutdown = CancellationToken::new();
+        let (a, b) = (upstream("a"), upstream("b"));
+        let telemetry = Arc::new(crate::observe::Telemetry::new("relay.test"));
+        let delivery = start(
+            &config(&[&a], 60),
+            spool.clone(),
+            shutdown.clone(),
+            telemetry.clone(),
+        )
+        .unwrap();
+        // (up, breaker open, last error) on the board, and the two gauges, of `a`.
+        let board = || {
+            let states = telemetry.upstreams.snapshot(crate::envelope::unix_now());
+            let s = states.into_iter().find(|s| s.name == "a").unwrap();
+            let label = crate::observe::metrics::UpstreamLabel {
+                upstream: "a".into(),
+            };
+            let m = &telemetry.metrics;
+            let gauges = (
+                m.upstream_up.get_or_create(&label).get(),
+                m.upstream_breaker_open.get_or_create(&label).get(),
+            );
+            ((s.up, s.breaker_open, s.last_error), gauges)
+        };
+        let probe = || async {
+            let upstreams = delivery.context.load_full().upstreams.clone();
+            upstreams
+                .probe_all("relay.test", Duration::from_secs(5))
+                .await;
+        };
+        assert_eq!(board(), ((true, false, None), (1, 0)));
+
+        probe().await;
+        let ((up, open, error), gauges) = board();
+        assert_eq!((up, open, gauges), (false, false, (0, 0)));
+        assert!(error.unwrap().contains("refused"));
+        assert!(!down(&delivery, 0), "the probe opened the breaker");
+
+        // Renewed by a reload with `a` unchanged: still down; its successor shares that.
+        delivery.reload(&config(&[&b, &a], 60), &spool).unwrap();
+        assert!(!board().0.0);
+        assert_eq!(delivery.context.load().upstreams.get(1).name(), "a");
+        // A delivery that fails there opens the breaker; `queue retry` closes it: up.
+        trip(&delivery, 1);
+        assert!(!board().0.0);
+        assert_eq!((board().0.1, board().1), (true, (0, 1)));
+        delivery.context.load().upstreams.reset_all();
+        assert_eq!(board(), ((true, false, board().0.2), (1, 0)));
+
+        // Down again by a probe; a delivery that completes brings it up, breaker never open.
+        probe().await;
+        assert_eq!(board().1, (0, 0));
+        delivery.context.load().upstreams.get(1).succeeded();
+        assert_eq!(board().1, (1, 0));
+        assert!(board().0.0);
+
+        // Down again; a probe that reaches it brings it up.
+        probe().await;
+        assert_eq!(board().1, (0, 0));
+        delivery.context.load().upstreams.get(1).probed(None);
+        assert_eq!(board().1, (1, 0));
+
+        shutdown.cancel();
+        delivery.manager.await.unwrap();
+    }
 }

@@ -12,6 +12,14 @@
 //! skipping it until the probe ends); a success closes the breaker. `queue retry` closes it
 //! at once.
 //!
+//! The capability probe at start and reload ([`Upstreams::probe_all`]) is no delivery and
+//! leaves the breaker alone: mail recovered at start, or routed after a reload, does not wait
+//! out a back-off for a connection made before any delivery was due. What it learns still
+//! shows: an upstream it could not reach at the connection level is down on the board (the
+//! status, `upstream_up`, the `upstream_down` alert) with its breaker closed, until a
+//! connection reaches it (a delivery or the next probe) or `queue retry`; a delivery that
+//! fails there opens the breaker as usual, keeping the down's `since`.
+//!
 //! One back-off step per probe, not per failing message: each delivery that passes the
 //! breaker holds a [`Pass`] naming the breaker's period (closed, or one half-open probe). The
 //! first failure of a period opens the breaker and starts a new period; failures of deliveries
@@ -113,18 +121,25 @@ impl Upstreams {
     /// Connect to every upstream once, so each one's capabilities are known before mail is
     /// accepted; the connection stays in the pool for the first delivery. Waits at most
     /// `limit`; a failure is logged and leaves the breaker alone (the capabilities from the
-    /// spool, or [`crate::policy::capability::Capabilities::UNKNOWN`], stay in force).
+    /// spool, or [`crate::policy::capability::Capabilities::UNKNOWN`], stay in force), but a
+    /// connection-level one shows the upstream down ([`UpstreamRt::probed`], module doc).
     pub async fn probe_all(&self, hostname: &str, limit: Duration) {
         let mut probes = tokio::task::JoinSet::new();
         for up in &self.list {
             let (up, hostname) = (up.clone(), hostname.to_owned());
             probes.spawn(async move {
                 match up.lease(&hostname).await {
-                    Ok(lease) => up.release(lease),
-                    Err(f) => warn!(
-                        upstream = %up.name(), error = %f,
-                        "capability probe failed; using the capabilities last seen"
-                    ),
+                    Ok(lease) => {
+                        up.probed(None);
+                        up.release(lease);
+                    }
+                    Err(f) => {
+                        warn!(
+                            upstream = %up.name(), error = %f,
+                            "capability probe failed; using the capabilities last seen"
+                        );
+                        up.probed(Some(&f));
+                    }
                 }
             });
         }
@@ -149,14 +164,13 @@ impl Upstreams {
     }
 
     /// Declare these upstreams to `telemetry` (one no longer configured is forgotten), each
-    /// with its breaker as it is now: at start every one is up; after a reload an upstream
-    /// that kept its breaker may be down, one built anew is up.
+    /// as its breaker knows it now: at start every one is up; after a reload an upstream that
+    /// kept its breaker may be down, one built anew is up (until its probe says otherwise).
     pub fn publish_states(&self, telemetry: &Telemetry) {
         let names: Vec<String> = self.list.iter().map(|u| u.name().to_owned()).collect();
         (telemetry.upstreams).configure(&names, unix_now(), &telemetry.metrics);
         for up in &self.list {
-            let down = up.down();
-            up.publish(down.is_none(), down.as_ref().map(|(_, why)| why.as_str()));
+            up.publish();
         }
     }
 
@@ -250,12 +264,44 @@ impl UpstreamRt {
         })
     }
 
-    /// Publish a change of the breaker: down (`error`: what opened it) or up.
-    fn publish(&self, up: bool, error: Option<&str>) {
+    /// Publish the state the breaker holds: down while it is open or while the last probe
+    /// failed (module doc), with the failure that made it so; up otherwise. Published under
+    /// the breaker's lock, so two changes in quick succession reach the board in their order.
+    fn publish(&self) {
+        let b = self.breaker();
+        let open = b.down_until.is_some();
+        let up = !open && !b.unreachable;
+        let error = b.last_failure.as_deref().filter(|_| !up);
         let telemetry = &self.telemetry;
         telemetry
             .upstreams
-            .set_up(self.name(), up, error, unix_now(), &telemetry.metrics);
+            .set_state(self.name(), up, open, error, unix_now(), &telemetry.metrics);
+    }
+
+    /// The capability probe's outcome (`Some`: its failure). A connection-level failure
+    /// ([`ClientError::is_upstream_fault`]) while the breaker is closed shows the upstream
+    /// down, the breaker left closed; a connection that reached it shows it up again unless
+    /// its breaker is open.
+    pub fn probed(&self, failure: Option<&ClientError>) {
+        let changed = {
+            let mut b = self.breaker();
+            match failure {
+                Some(f) if !f.is_upstream_fault() => false,
+                Some(_) if b.down_until.is_some() => false,
+                Some(f) => {
+                    b.last_failure = Some(f.to_string());
+                    b.unreachable = true;
+                    true
+                }
+                None => std::mem::take(&mut b.unreachable),
+            }
+        };
+        if changed {
+            if failure.is_none() {
+                info!(upstream = %self.name(), "upstream reached again after a failed probe");
+            }
+            self.publish();
+        }
     }
 
     /// The upstream's name.
@@ -301,7 +347,7 @@ impl UpstreamRt {
                     rule = "upstream_down", upstream = %self.name(), error = %failure, backoff_secs = backoff.as_secs(),
                     failed_probes = failures, "upstream marked down"
                 );
-                self.publish(false, Some(&failure.to_string()));
+                self.publish();
             }
             Trip::Stale { remaining } => info!(
                 upstream = %self.name(), error = %failure, down_for_secs = remaining.as_secs(),
@@ -310,19 +356,29 @@ impl UpstreamRt {
         }
     }
 
-    /// Record a completed conversation.
+    /// Record a completed conversation: the breaker closes, and an upstream only the probe
+    /// found down is up again too.
     pub fn succeeded(&self) {
-        if self.breaker().close() {
+        let (was_open, was_down) = self.breaker().close();
+        if was_open {
             info!(upstream = %self.name(), "upstream is up again");
-            self.publish(true, None);
+        } else if was_down {
+            info!(upstream = %self.name(), "upstream reached again after a failed probe");
+        }
+        if was_down {
+            self.publish();
         }
     }
 
-    /// Close the breaker (operator `queue retry`).
+    /// Close the breaker (operator `queue retry`), and forget a failed probe: the next
+    /// delivery finds out.
     pub fn reset_breaker(&self) {
-        if self.breaker().close() {
+        let (was_open, was_down) = self.breaker().close();
+        if was_open {
             info!(upstream = %self.name(), "circuit breaker reset by queue retry");
-            self.publish(true, None);
+        }
+        if was_down {
+            self.publish();
         }
     }
 
@@ -433,8 +489,12 @@ struct Breaker {
     down_until: Option<Instant>,
     /// The current period: a new one starts when the breaker opens and when a probe passes.
     period: u64,
-    /// The failure that opened it, for the queue's `last_error`.
+    /// The failure that opened it (or that made the probe fail), for the queue's `last_error`
+    /// and the status.
     last_failure: Option<String>,
+    /// The capability probe failed at the connection level and nothing reached the upstream
+    /// since: down on the board, the breaker itself closed (module doc).
+    unreachable: bool,
 }
 
 impl Breaker {
@@ -479,16 +539,19 @@ impl Breaker {
         }
     }
 
-    /// Close; true when it was open. A new period starts, so failures of deliveries that
-    /// passed before cannot reopen it without a step of their own being counted afresh.
-    fn close(&mut self) -> bool {
+    /// Close, and forget a failed probe: (was open, was down: open or probe failed). A new
+    /// period starts, so failures of deliveries that passed before cannot reopen it without a
+    /// step of their own being counted afresh.
+    fn close(&mut self) -> (bool, bool) {
         let was_open = self.down_until.is_some();
         if was_open {
             self.period += 1;
         }
+        let was_down = was_open || self.unreachable;
         self.failures = 0;
         self.down_until = None;
-        was_open
+        self.unreachable = false;
+        (was_open, was_down)
     }
 }
 
@@ -527,9 +590,9 @@ mod tests {
             b.trip(t, base, probe);
         }
         assert_eq!(b.backoff(base), base * MAX_BACKOFF_FACTOR);
-        assert!(b.close());
+        assert!(b.close().0);
         assert!(b.try_pass(t, base).is_some());
-        assert!(!b.close());
+        assert!(!b.close().0);
     }
 
     /// Six queued messages started together while the breaker was closed and all failed
@@ -637,7 +700,7 @@ mod tests {
         let early = b.try_pass(t0, base).unwrap();
         let other = b.try_pass(t0, base).unwrap();
         assert_eq!(b.trip(t0, base, other), opened(30, 1));
-        assert!(b.close());
+        assert!(b.close().0);
         assert!(matches!(b.trip(t0, base, early), Trip::Stale { .. }));
         assert!(b.try_pass(t0, base).is_some());
     }

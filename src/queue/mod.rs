@@ -22,6 +22,8 @@
 //!                        their indexes, bounded by `[log]` (see [`journal`])
 //! SPOOL/upstream-capabilities.json   what each upstream last announced; written by
 //!                        `crate::routes`, not by this module
+//! SPOOL/alerts.json     the firing alerts, kept over a restart; written by
+//!                        `crate::observe::alerts::state`, not by this module
 //! ```
 //!
 //! A message file is the line `PORTCULLIS-SPOOL 1\n`, then the [`Envelope`] as one line of

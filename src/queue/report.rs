@@ -10,8 +10,6 @@ use std::fmt::Write as _;
 use std::net::SocketAddr;
 
 use serde_json::json;
-use time::OffsetDateTime;
-use time::format_description::well_known::Rfc3339;
 
 use super::{DeleteOutcome, DeliveryState, QueuedMessage};
 use crate::envelope::{Envelope, QueueId, RcptStatus, ReversePath};
@@ -326,15 +324,8 @@ fn find(haystack: &[u8], needle: &[u8]) -> Option<usize> {
     haystack.windows(needle.len()).position(|w| w == needle)
 }
 
-/// Seconds since the epoch as RFC 3339 UTC (`2024-05-01T12:00:00Z`); the raw number if out of
-/// range.
-pub fn rfc3339(secs: u64) -> String {
-    i64::try_from(secs)
-        .ok()
-        .and_then(|s| OffsetDateTime::from_unix_timestamp(s).ok())
-        .and_then(|t| t.format(&Rfc3339).ok())
-        .unwrap_or_else(|| secs.to_string())
-}
+/// Unix seconds as RFC 3339 in UTC: the observe layer's one function.
+pub use crate::observe::webhook::rfc3339;
 
 /// An age in the largest whole unit: `45s`, `12m`, `3h`, `2d`.
 pub fn human_age(secs: u64) -> String {

@@ -12,6 +12,7 @@ fn upstream(name: &str, up: bool, since: u64, error: Option<&str>) -> UpstreamSt
     let mut u = UpstreamState::default();
     u.name = name.to_owned();
     u.up = up;
+    u.breaker_open = !up;
     u.since = since;
     u.last_error = error.map(str::to_owned);
     u.last_success = Some(since - 3);

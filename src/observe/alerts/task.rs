@@ -5,14 +5,15 @@
 //! runs whether or not `[admin]` or `webhook` are set; an evaluation reads a few mutexes and
 //! never waits on I/O.
 
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
-use tracing::{error, info};
+use tracing::{error, info, warn};
 
-use super::{AlertName, Down, Engine, Inputs, Transition, evaluate};
+use super::{ActiveAlert, AlertName, Down, Engine, Inputs, Transition, evaluate, state};
 use crate::observe::webhook::{Body, State, Webhook};
 use crate::observe::{ConfigSource, Telemetry};
 
@@ -24,18 +25,22 @@ pub type Clock = Arc<dyn Fn() -> u64 + Send + Sync>;
 
 /// Start the alert task (and the webhook's) for `telemetry`, reading `[alerts]` from `config`
 /// at each evaluation so a reload applies at the next one. Both end when `shutdown` is
-/// cancelled; the handle completes when both have. Every alert's gauge is set to 0 first, so
-/// each series exists from the start.
+/// cancelled; the handle completes when both have (and the last alert state is written).
+/// Every alert's gauge is set to 0 first, so each series exists from the start. With
+/// `state_file` ([`state`]), the alerts firing there are taken up as firing (gauge 1, on the
+/// board, not announced again), and the file follows every start and end.
 pub fn spawn(
     telemetry: Arc<Telemetry>,
     config: ConfigSource,
     shutdown: CancellationToken,
+    state_file: Option<PathBuf>,
 ) -> JoinHandle<()> {
     spawn_with_clock(
         telemetry,
         config,
         shutdown,
         Arc::new(crate::observe::event::unix_millis),
+        state_file,
     )
 }
 
@@ -46,15 +51,36 @@ pub fn spawn_with_clock(
     config: ConfigSource,
     shutdown: CancellationToken,
     clock: Clock,
+    state_file: Option<PathBuf>,
 ) -> JoinHandle<()> {
     for name in AlertName::ALL {
         telemetry.metrics.set_alert(name.as_str(), false);
     }
+    let mut engine = Engine::default();
+    if let Some(path) = &state_file {
+        let kept = state::load(path);
+        for a in &kept {
+            info!(
+                alert = a.alert.as_str(),
+                since = a.since,
+                "alert firing before the restart; carried on"
+            );
+            telemetry.metrics.set_alert(a.alert.as_str(), true);
+        }
+        engine.seed(kept);
+        telemetry.alerts.set(engine.active());
+    }
     let (webhook, sender) = Webhook::spawn(shutdown.clone());
+    let (keep, writer) = match state_file {
+        Some(path) => {
+            let (keep, changes) = tokio::sync::mpsc::unbounded_channel();
+            (Some(keep), Some(tokio::spawn(write_state(path, changes))))
+        }
+        None => (None, None),
+    };
     let started = clock();
     tokio::spawn(async move {
         let mut watch = QueueWatch::new(started);
-        let mut engine = Engine::default();
         let mut tick = tokio::time::interval(INTERVAL);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
@@ -70,13 +96,40 @@ pub fn spawn_with_clock(
             let transitions = engine.step(&conditions, now);
             // Set at every evaluation: values change while an alert fires.
             telemetry.alerts.set(engine.active());
+            if let Some(keep) = keep.as_ref().filter(|_| !transitions.is_empty()) {
+                let _ = keep.send(engine.active());
+            }
             for t in transitions {
                 announce(&t, &telemetry, &webhook, config.alerts.webhook.as_deref());
             }
         }
-        // The webhook's task ends on the same cancellation; the handle covers both.
+        // The webhook's task ends on the same cancellation; the handle covers both, and the
+        // state writer, which ends once it has written the last state sent.
+        drop(keep);
         let _ = sender.await;
+        if let Some(writer) = writer {
+            let _ = writer.await;
+        }
     })
+}
+
+/// Write each alert state received to `path` (only the latest when several wait), off the
+/// reactor, until the sender is gone. A failure is logged: the alerts go on, only a restart
+/// would forget them.
+async fn write_state(
+    path: PathBuf,
+    mut changes: tokio::sync::mpsc::UnboundedReceiver<Vec<ActiveAlert>>,
+) {
+    while let Some(mut alerts) = changes.recv().await {
+        while let Ok(newer) = changes.try_recv() {
+            alerts = newer;
+        }
+        let target = path.clone();
+        let written = tokio::task::spawn_blocking(move || state::save(&target, &alerts)).await;
+        if let Ok(Err(e)) = written {
+            warn!(file = %path.display(), error = %e, "cannot write the alert state; a restart would forget the firing alerts");
+        }
+    }
 }
 
 /// Since when the queue (held messages not counted) has not been empty, as the census shows
@@ -131,6 +184,7 @@ fn gather(telemetry: &Telemetry, watch: &mut QueueWatch, started: u64, now: u64)
         .filter(|u| !u.up)
         .map(|u| Down {
             name: u.name,
+            breaker_open: u.breaker_open,
             since: u.since,
             error: u.last_error,
         })

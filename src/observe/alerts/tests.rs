@@ -57,6 +57,7 @@ fn down(upstreams: &[(&str, u64)]) -> Inputs {
             .iter()
             .map(|(n, since)| Down {
                 name: (*n).to_owned(),
+                breaker_open: true,
                 since: since / 1000,
                 error: Some("connection refused".to_owned()),
             })
@@ -74,12 +75,20 @@ fn cases() -> Vec<Case> {
     };
     vec![
         (
-            "nothing accepted, counted from start: just under",
+            "nothing accepted, counted from start: just under, cannot tell yet",
             started(),
             T0 + 15 * MIN - 1,
             NoInbound,
-            Clear,
+            Hold,
             "899s",
+        ),
+        (
+            "queued since start (recovered), nothing delivered, just under: cannot tell yet",
+            queued(3, T0, 0),
+            T0 + 5 * MIN - 1,
+            NoDelivery,
+            Hold,
+            "299s",
         ),
         (
             "nothing accepted, counted from start: reached",
@@ -578,6 +587,7 @@ mod live {
             Arc::new(move || config.clone()),
             stop.clone(),
             clock.clone(),
+            None,
         );
         (stop, task)
     }
@@ -609,6 +619,93 @@ mod live {
             .find_map(|l| l.strip_prefix(&prefix))
             .unwrap_or("(none)")
             .to_owned()
+    }
+
+    /// The alert task on `config` and `clock` keeping its state in `file`.
+    fn start_kept(
+        telemetry: &Arc<Telemetry>,
+        config: Arc<Config>,
+        clock: &Clock,
+        file: &std::path::Path,
+    ) -> (CancellationToken, tokio::task::JoinHandle<()>) {
+        let stop = CancellationToken::new();
+        let task = spawn_with_clock(
+            telemetry.clone(),
+            Arc::new(move || config.clone()),
+            stop.clone(),
+            clock.clone(),
+            Some(file.to_path_buf()),
+        );
+        (stop, task)
+    }
+
+    /// `no_inbound` counts from the start: after a restart it cannot fire again before its
+    /// threshold, yet a firing one carried over must neither end in the meantime nor start
+    /// again; it ends once, when a message is accepted.
+    #[tokio::test(start_paused = true)]
+    async fn a_no_inbound_carried_over_a_restart_neither_ends_nor_starts_again_until_mail_comes() {
+        let receiver = Receiver::start(vec![], Answer::Status(200)).await;
+        let config = config(&format!(
+            "no_inbound = \"2m\"\nwebhook = \"{}\"\n",
+            receiver.url
+        ));
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join(super::super::state::FILE_NAME);
+        let clock = paused_clock(BASE);
+        let first = Arc::new(Telemetry::new("edge-1"));
+        let (stop, task) = start_kept(&first, config.clone(), &clock, &file);
+        sleep(Duration::from_millis(120_500)).await;
+        assert_eq!(receiver.states(), [(AlertName::NoInbound, State::Firing)]);
+        let since = first.alerts.active()[0].since;
+        stop.cancel();
+        task.await.unwrap();
+
+        // Restarted 10 s later: a new start, nothing accepted since.
+        sleep(Duration::from_secs(10)).await;
+        let second = Arc::new(Telemetry::new("edge-1"));
+        let (stop, task) = start_kept(&second, config, &clock, &file);
+        assert_eq!(alert_gauge(&second, "no_inbound"), "1");
+        assert_eq!(second.alerts.active()[0].since, since);
+        // Past the clear time (60 s) and the threshold (2 m) after the start: carried on.
+        sleep(Duration::from_secs(125)).await;
+        assert_eq!(second.alerts.active()[0].since, since);
+        assert_eq!(receiver.states().len(), 1);
+        // Mail every second: clear from the next evaluation, ended 60 s later.
+        for _ in 0..62 {
+            second.record(&Event::at(EventKind::Queued, clock()));
+            sleep(Duration::from_secs(1)).await;
+        }
+        assert!(second.alerts.active().is_empty());
+        assert_eq!(
+            receiver.states(),
+            [
+                (AlertName::NoInbound, State::Firing),
+                (AlertName::NoInbound, State::Resolved)
+            ]
+        );
+        stop.cancel();
+        task.await.unwrap();
+        assert!(super::super::state::load(&file).is_empty());
+    }
+
+    /// A damaged state file is ignored: nothing is carried over, the alerts work as without
+    /// one, and the file is replaced at the next start or end.
+    #[tokio::test(start_paused = true)]
+    async fn a_damaged_alert_state_file_is_ignored_and_replaced() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join(super::super::state::FILE_NAME);
+        std::fs::write(&file, b"[{\"alert\": \"no_inb").unwrap();
+        let telemetry = Arc::new(Telemetry::new("edge-1"));
+        let clock = paused_clock(BASE);
+        let (stop, task) = start_kept(&telemetry, config("no_inbound = \"5s\"\n"), &clock, &file);
+        assert!(telemetry.alerts.active().is_empty());
+        assert_eq!(alert_gauge(&telemetry, "no_inbound"), "0");
+        sleep(Duration::from_millis(5500)).await;
+        stop.cancel();
+        task.await.unwrap();
+        let kept = super::super::state::load(&file);
+        assert_eq!(kept.len(), 1);
+        assert_eq!(kept[0].alert, AlertName::NoInbound);
     }
 
     #[tokio::test(start_paused = true)]
@@ -693,7 +790,13 @@ mod live {
             Arc::new(move || running.lock().unwrap().clone())
         };
         let stop = CancellationToken::new();
-        spawn_with_clock(telemetry.clone(), source, stop.clone(), paused_clock(BASE));
+        spawn_with_clock(
+            telemetry.clone(),
+            source,
+            stop.clone(),
+            paused_clock(BASE),
+            None,
+        );
         sleep(Duration::from_millis(10_500)).await;
         assert!(telemetry.alerts.active().is_empty());
         *running.lock().unwrap() = config("no_inbound = \"10s\"\n");
