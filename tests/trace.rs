@@ -330,10 +330,21 @@ fn a_stopped_journal_is_visible_in_the_status_and_to_trace_running_or_not() {
         "not delivered"
     );
 
-    // Live: the JSON has the journal's state, the text a line for it.
-    let out = relay.command(&["status", "--json"]);
-    assert_eq!(out.status.code(), Some(0), "{out:?}");
-    let status: serde_json::Value = serde_json::from_slice(&out.stdout).expect("status JSON");
+    // Live: the JSON has the journal's state, the text a line for it. The journal's thread
+    // counts the message's events as dropped when it next drains its channel (every 50 ms).
+    let live = || {
+        let out = relay.command(&["status", "--json"]);
+        assert_eq!(out.status.code(), Some(0), "{out:?}");
+        serde_json::from_slice::<serde_json::Value>(&out.stdout).expect("status JSON")
+    };
+    let mut status = live();
+    assert!(
+        wait_until(WAIT, || {
+            status = live();
+            status["journal"]["dropped"].as_u64().is_some_and(|n| n > 0)
+        }),
+        "{status}"
+    );
     assert_eq!(status["live"], true, "{status}");
     assert!(status["journal"]["stopped_since"].is_u64(), "{status}");
     assert!(
