@@ -90,6 +90,12 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Print a shell completion script for bash, zsh or fish on stdout (e.g.
+    /// `portcullis completions bash > /etc/bash_completion.d/portcullis`).
+    Completions {
+        #[arg(value_name = "SHELL")]
+        shell: CompletionShell,
+    },
     /// Pre-flight our own outbound mail for DOMAIN: SPF, DKIM keys, DMARC, FCrDNS of the
     /// [doctor] egress addresses, each finding with its fix. Exit 0 whatever it finds.
     Doctor {
@@ -100,6 +106,14 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+}
+
+/// The shells `portcullis completions` writes a script for.
+#[derive(clap::ValueEnum, Clone, Copy, Debug)]
+enum CompletionShell {
+    Bash,
+    Zsh,
+    Fish,
 }
 
 #[derive(Subcommand, Debug)]
@@ -190,6 +204,21 @@ fn dispatch(cli: Cli) -> anyhow::Result<()> {
         Command::Status { json } => status(cli.config.as_deref(), cli.spool, json),
         Command::Passwd => passwd(),
         Command::Doctor { domain, json } => doctor(cli.config.as_deref(), &domain, json),
+        Command::Completions { shell } => {
+            use clap::CommandFactory;
+            let shell = match shell {
+                CompletionShell::Bash => clap_complete::Shell::Bash,
+                CompletionShell::Zsh => clap_complete::Shell::Zsh,
+                CompletionShell::Fish => clap_complete::Shell::Fish,
+            };
+            clap_complete::generate(
+                shell,
+                &mut Cli::command(),
+                "portcullis",
+                &mut std::io::stdout(),
+            );
+            Ok(())
+        }
         Command::Trace { query, since, json } => trace(
             cli.config.as_deref(),
             cli.spool,
