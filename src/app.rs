@@ -237,8 +237,12 @@ pub async fn run(config: Config, path: Option<PathBuf>) -> Result<(), AppError> 
         "portcullis started"
     );
     drop(snapshot);
+    // systemd `Type=notify`: ready once every listener accepts (a no-op without
+    // NOTIFY_SOCKET). A failure to tell is logged; the relay serves regardless.
+    notify_service_manager(sd_notify::NotifyState::Ready);
 
     wait_for_shutdown(signals, &runtime, path.as_deref(), &delivery, &spool).await;
+    notify_service_manager(sd_notify::NotifyState::Stopping);
     // Not ready from here on (`/readyz` 503), while the admin listener still answers.
     telemetry.gate.set_bound(false);
     // The grace of the configuration running now (a reload may have changed it).
@@ -320,6 +324,14 @@ async fn prepare_spool(config: &Config) -> Result<Spool, AppError> {
         warn!("{w}");
     }
     Ok(spool)
+}
+
+/// Tell the service manager `state` (sd_notify(3): `READY=1`, `STOPPING=1`) when it gave us
+/// a `NOTIFY_SOCKET`; nothing otherwise.
+fn notify_service_manager(state: sd_notify::NotifyState<'_>) {
+    if let Err(e) = sd_notify::notify(&[state]) {
+        warn!(error = %e, "cannot notify the service manager (NOTIFY_SOCKET)");
+    }
 }
 
 /// The signals the relay acts on.
