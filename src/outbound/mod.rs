@@ -202,6 +202,36 @@ mod tests {
         up.failed(Instant::now(), &ClientError::Connect(refused), pass);
     }
 
+    /// Delivery started over a fresh spool with upstream `a` alone.
+    struct Started {
+        _dir: tempfile::TempDir,
+        spool: Spool,
+        shutdown: CancellationToken,
+        telemetry: Arc<crate::observe::Telemetry>,
+        delivery: Delivery,
+    }
+
+    fn started(a: &Upstream) -> Started {
+        let dir = tempfile::tempdir().unwrap();
+        let spool = Spool::open(dir.path()).unwrap();
+        let shutdown = CancellationToken::new();
+        let telemetry = Arc::new(crate::observe::Telemetry::new("relay.test"));
+        let delivery = start(
+            &config(&[a], 60),
+            spool.clone(),
+            shutdown.clone(),
+            telemetry.clone(),
+        )
+        .unwrap();
+        Started {
+            _dir: dir,
+            spool,
+            shutdown,
+            telemetry,
+            delivery,
+        }
+    }
+
     fn down(delivery: &Delivery, index: usize) -> bool {
         delivery
             .context
@@ -214,18 +244,14 @@ mod tests {
 
     #[tokio::test]
     async fn a_reload_keeps_the_breakers_and_pools_of_unchanged_upstreams() {
-        let dir = tempfile::tempdir().unwrap();
-        let spool = Spool::open(dir.path()).unwrap();
-        let shutdown = CancellationToken::new();
         let (a, b) = (upstream("a"), upstream("b"));
-        let telemetry = Arc::new(crate::observe::Telemetry::new("relay.test"));
-        let delivery = start(
-            &config(&[&a], 60),
-            spool.clone(),
-            shutdown.clone(),
-            telemetry.clone(),
-        )
-        .unwrap();
+        let Started {
+            _dir,
+            spool,
+            shutdown,
+            telemetry,
+            delivery,
+        } = started(&a);
         // What the status shows: (name, up) of each upstream.
         let board = || -> Vec<(String, bool)> {
             let states = telemetry.upstreams.snapshot(crate::envelope::unix_now());
@@ -270,18 +296,14 @@ mod tests {
     /// a success or `queue retry` brings it up.
     #[tokio::test]
     async fn a_failed_probe_shows_the_upstream_down_with_its_breaker_closed_until_reached() {
-        let dir = tempfile::tempdir().unwrap();
-        let spool = Spool::open(dir.path()).unwrap();
-        let shutdown = CancellationToken::new();
         let (a, b) = (upstream("a"), upstream("b"));
-        let telemetry = Arc::new(crate::observe::Telemetry::new("relay.test"));
-        let delivery = start(
-            &config(&[&a], 60),
-            spool.clone(),
-            shutdown.clone(),
-            telemetry.clone(),
-        )
-        .unwrap();
+        let Started {
+            _dir,
+            spool,
+            shutdown,
+            telemetry,
+            delivery,
+        } = started(&a);
         // (up, breaker open, last error) on the board, and the two gauges, of `a`.
         let board = || {
             let states = telemetry.upstreams.snapshot(crate::envelope::unix_now());
