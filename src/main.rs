@@ -25,14 +25,34 @@ use std::process::ExitCode;
 use anyhow::{Context, bail};
 use clap::{Parser, Subcommand};
 
+mod manual;
+
 use portcullis::config::Config;
 use portcullis::envelope::{QueueId, unix_now};
 use portcullis::queue::{
     DeleteOutcome, PurgeFilter, RemovedHow, RetryTarget, Spool, SpoolError, report,
 };
 
+/// `portcullis --version`: the crate's version and the commit it was built from (`unknown`
+/// when built outside its git checkout; see build.rs).
+const VERSION: &str = concat!(
+    env!("CARGO_PKG_VERSION"),
+    " (commit ",
+    env!("PORTCULLIS_COMMIT"),
+    ")"
+);
+
 #[derive(Parser, Debug)]
-#[command(name = "portcullis", version, about = "A hardened SMTP edge relay")]
+#[command(
+    name = "portcullis",
+    version = VERSION,
+    about = "A hardened SMTP edge relay",
+    long_about = "portcullis is an SMTP relay for the edge of a mail system: it receives mail from \
+the internet (port 25) and from users' mail programs (submission, ports 587 and 465), enforces \
+TLS, authentication, access lists and rate limits, writes every accepted message to its own \
+durable queue before answering 250, and forwards it to an upstream such as Microsoft Exchange. \
+Its policy is one TOML file; run `portcullis check-config` after every edit."
+)]
 struct Cli {
     /// Policy file (TOML). Without it, `run` uses the embedded default.
     #[arg(long, global = true, value_name = "FILE")]
@@ -95,6 +115,12 @@ enum Command {
     Completions {
         #[arg(value_name = "SHELL")]
         shell: CompletionShell,
+    },
+    /// Write the manual pages, portcullis(8) and one per subcommand, into DIR (packaging).
+    #[command(hide = true)]
+    ManPages {
+        #[arg(long, value_name = "DIR")]
+        out: PathBuf,
     },
     /// Pre-flight our own outbound mail for DOMAIN: SPF, DKIM keys, DMARC, FCrDNS of the
     /// [doctor] egress addresses, each finding with its fix. Exit 0 whatever it finds.
@@ -217,6 +243,17 @@ fn dispatch(cli: Cli) -> anyhow::Result<()> {
                 "portcullis",
                 &mut std::io::stdout(),
             );
+            Ok(())
+        }
+        Command::ManPages { out } => {
+            use clap::CommandFactory;
+            std::fs::create_dir_all(&out)
+                .with_context(|| format!("cannot create {}", out.display()))?;
+            for page in manual::write_all(Cli::command(), &out)
+                .with_context(|| format!("cannot write the manual pages into {}", out.display()))?
+            {
+                println!("{}", page.display());
+            }
             Ok(())
         }
         Command::Trace { query, since, json } => trace(
