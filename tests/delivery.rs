@@ -451,6 +451,69 @@ fn required_tls_verifies_the_upstream_certificate() {
     assert_clean(&sink);
 }
 
+/// A self-signed certificate naming only `name` (no IP address), from `portcullis gen-cert`.
+fn cert_for(dir: &std::path::Path, name: &str) -> (std::path::PathBuf, std::path::PathBuf) {
+    let out = std::process::Command::new(common::BIN)
+        .args(["gen-cert", "--name", name, "--out"])
+        .arg(dir)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    (dir.join("cert.pem"), dir.join("key.pem"))
+}
+
+#[test]
+fn tls_name_is_the_name_verified_when_the_address_is_an_ip() {
+    let dir = TestDir::new();
+    let (cert, key) = cert_for(&dir.join("exchange"), "ex01.corp.test");
+    let sink = Sink::start(SinkConfig {
+        starttls: true,
+        require_tls: true,
+        cert: Some((cert.clone(), key)),
+        ..SinkConfig::default()
+    });
+    let keys = format!("{}tls_name = \"EX01.corp.test\"\n", required_tls(&cert));
+    let relay = start_relay_in(dir, sink.port(), &keys, "");
+    send(
+        &relay,
+        "a@example.org",
+        &["b@example.com"],
+        &body("tls_name", "x\r\n"),
+    );
+    assert!(sink.wait_for(1, WAIT), "{}", queue_list(&relay));
+    assert!(sink.messages()[0].tls, "delivered without TLS");
+    assert_clean(&sink);
+}
+
+#[test]
+fn a_tls_name_the_certificate_does_not_hold_is_never_delivered_to() {
+    let dir = TestDir::new();
+    let (cert, key) = cert_for(&dir.join("exchange"), "ex01.corp.test");
+    let sink = Sink::start(SinkConfig {
+        starttls: true,
+        cert: Some((cert.clone(), key)),
+        ..SinkConfig::default()
+    });
+    let keys = format!("{}tls_name = \"ex02.corp.test\"\n", required_tls(&cert));
+    let relay = start_relay_in(dir, sink.port(), &keys, "");
+    let id = send(
+        &relay,
+        "a@example.org",
+        &["b@example.com"],
+        &body("wrong name", "x\r\n"),
+    );
+    // The attempt's own error, not the circuit breaker's after the capability probe failed.
+    let refused = || {
+        last_error_contains(&relay, &id, "TLS handshake")
+            && !last_error_contains(&relay, &id, "circuit breaker")
+    };
+    assert!(wait_until(WAIT, refused), "{}", queue_list(&relay));
+    assert!(
+        sink.messages().is_empty(),
+        "sent to an upstream with another name"
+    );
+}
+
 #[test]
 fn required_tls_with_an_untrusted_certificate_never_falls_back_to_plaintext() {
     let dir = TestDir::new();

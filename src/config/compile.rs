@@ -325,6 +325,25 @@ impl Compiler {
         }
     }
 
+    /// `upstreams[i].tls_name`: a domain name (an IP address belongs in `address`), and only
+    /// where TLS is used.
+    fn tls_name(&mut self, at: &str, raw: Option<String>, tls: UpstreamTls) -> Option<String> {
+        let name = match check_domain(&raw?) {
+            Ok(name) => name,
+            Err(message) => {
+                self.err(format!("{at}.tls_name"), message.to_string());
+                return None;
+            }
+        };
+        if tls == UpstreamTls::None {
+            self.err(
+                format!("{at}.tls_name"),
+                "needs tls = \"required\" (or \"opportunistic\"): with tls = \"none\" no certificate is seen",
+            );
+        }
+        Some(name)
+    }
+
     fn tls(&mut self, raw: RawTls) -> Tls {
         let min_version = self
             .choice(
@@ -669,6 +688,7 @@ impl Compiler {
             if let Some(ca) = &ca {
                 files::check_pem(ca, &format!("{at}.ca"), &mut self.errors);
             }
+            let tls_name = self.tls_name(&at, raw.tls_name, tls);
             let domains = self.domains(&format!("{at}.domains"), raw.domains);
             let auth_user = raw.auth_user;
             if auth_user.as_deref().is_some_and(|u| u.trim().is_empty()) {
@@ -724,6 +744,7 @@ impl Compiler {
                 address,
                 tls,
                 ca,
+                tls_name,
                 domains,
                 auth_user,
                 auth_password_file,

@@ -328,6 +328,10 @@ pub struct Upstream {
     pub tls: UpstreamTls,
     /// PEM CA bundle to verify it with, instead of the system roots; as written.
     pub ca: Option<PathBuf>,
+    /// The name sent as SNI and verified in the upstream's certificate (RFC 6125), in canonical
+    /// form (A-label, lower case), instead of the host of `address`: for an address that is an
+    /// IP or an internal alias while the certificate names the server. Never with `tls = "none"`.
+    pub tls_name: Option<String>,
     /// Recipient domains routed here, in canonical form (A-label, lower case); empty means
     /// the default route.
     pub domains: Vec<String>,
@@ -358,6 +362,7 @@ impl std::fmt::Debug for Upstream {
             .field("address", &self.address)
             .field("tls", &self.tls)
             .field("ca", &self.ca)
+            .field("tls_name", &self.tls_name)
             .field("domains", &self.domains)
             .field("auth_user", &self.auth_user)
             .field("auth_password_file", &self.auth_password_file)

@@ -216,6 +216,8 @@ pub struct RawUpstream {
     pub tls: Option<String>,
     /// PEM CA bundle used instead of the system roots.
     pub ca: Option<String>,
+    /// The name verified in the upstream's certificate, instead of the host in `address`.
+    pub tls_name: Option<String>,
     /// Recipient domains routed here; empty: the default route.
     pub domains: Option<Vec<String>>,
     /// AUTH user at the upstream.

@@ -468,6 +468,10 @@ pub(super) fn summary(c: &Config) -> String {
             .as_ref()
             .map_or_else(|| "no auth".to_owned(), |user| format!("auth as {user}"));
         let sign = if u.sign { ", DKIM-signs" } else { "" };
+        let tls = match &u.tls_name {
+            Some(name) => format!("{tls} (certificate name {name})"),
+            None => tls.to_owned(),
+        };
         let _ = writeln!(
             s,
             "  {} at {}: {route}, tls {tls}, {auth}, max {} connections, timeout {:?}, \

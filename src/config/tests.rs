@@ -487,6 +487,14 @@ fn value_errors_table() {
             "[[upstreams]]\naddress = \"a.example:25\"\ndomains = [\"A.Example.\", \"x y\"]",
             "upstreams[1].domains[1]",
         ),
+        (
+            "[[upstreams]]\naddress = \"10.0.0.5:25\"\ntls_name = \"10.0.0.5\"",
+            "upstreams[1].tls_name",
+        ),
+        (
+            "[[upstreams]]\naddress = \"10.0.0.5:25\"\ntls = \"none\"\ntls_name = \"ex01.example\"",
+            "upstreams[1].tls_name",
+        ),
     ];
     for (snippet, key) in cases {
         let text = format!("{MINIMAL}\n{snippet}\n");
@@ -500,6 +508,7 @@ fn accepted_values_table() {
         "{MINIMAL}\n[relay]\naccepted_domains = [\"Example.COM.\"]\nrelay_networks = [\"192.0.2.7\", \"10.1.2.3/8\"]\n\
          [[upstreams]]\naddress = \"[2001:db8::5]:25\"\ndomains = [\"B.Example\"]\n\
          [[upstreams]]\naddress = \"mx.example.org:2525\"\n\
+         [[upstreams]]\naddress = \"10.0.0.5:25\"\ntls_name = \"EX01.Corp.Example.\"\n\
          [[listeners]]\nbind = \"[::1]:2465\"\ntls = \"implicit\"\n[tls]\nmin_version = \"1.3\"\n\
          [rate_limits]\nconnections_per_ip = \"60/min\"\n"
     ));
@@ -513,6 +522,11 @@ fn accepted_values_table() {
     assert_eq!(nets, ["192.0.2.7/32", "10.0.0.0/8"]);
     assert_eq!(c.upstreams[1].domains, ["b.example"]);
     assert_eq!(c.upstreams[2].name, "upstream2");
+    assert_eq!(c.upstreams[2].tls_name, None);
+    assert_eq!(
+        c.upstreams[3].tls_name.as_deref(),
+        Some("ex01.corp.example")
+    );
     let implicit = &c.listeners[1];
     assert_eq!(
         (implicit.name.as_str(), implicit.tls),

@@ -94,7 +94,10 @@ pub fn client_tls(upstream: &Upstream) -> Result<Option<ClientTls>, ClientTlsErr
             .with_no_client_auth(),
         UpstreamTls::Opportunistic => unverified(builder, provider),
     };
-    let host = host_of(&upstream.address);
+    let host = upstream
+        .tls_name
+        .as_deref()
+        .unwrap_or_else(|| host_of(&upstream.address));
     let server_name =
         ServerName::try_from(host.to_owned()).map_err(|_| ClientTlsError::ServerName {
             upstream: upstream.name.clone(),

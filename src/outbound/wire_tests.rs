@@ -97,6 +97,7 @@ fn upstream(port: u16, tls: UpstreamTls) -> Upstream {
         address: format!("127.0.0.1:{port}"),
         tls,
         ca: None,
+        tls_name: None,
         domains: Vec::new(),
         auth_user: None,
         auth_password_file: None,
