@@ -462,8 +462,9 @@ fn cert_for(dir: &std::path::Path, name: &str) -> (std::path::PathBuf, std::path
     (dir.join("cert.pem"), dir.join("key.pem"))
 }
 
-#[test]
-fn tls_name_is_the_name_verified_when_the_address_is_an_ip() {
+/// A TLS upstream whose certificate names only ex01.corp.test, reached at 127.0.0.1 by a relay
+/// with `tls = "required"` and `tls_name`.
+fn relay_to_named_upstream(tls_name: &str) -> (Relay, Sink) {
     let dir = TestDir::new();
     let (cert, key) = cert_for(&dir.join("exchange"), "ex01.corp.test");
     let sink = Sink::start(SinkConfig {
@@ -472,8 +473,14 @@ fn tls_name_is_the_name_verified_when_the_address_is_an_ip() {
         cert: Some((cert.clone(), key)),
         ..SinkConfig::default()
     });
-    let keys = format!("{}tls_name = \"EX01.corp.test\"\n", required_tls(&cert));
+    let keys = format!("{}tls_name = \"{tls_name}\"\n", required_tls(&cert));
     let relay = start_relay_in(dir, sink.port(), &keys, "");
+    (relay, sink)
+}
+
+#[test]
+fn tls_name_is_the_name_verified_when_the_address_is_an_ip() {
+    let (relay, sink) = relay_to_named_upstream("EX01.corp.test");
     send(
         &relay,
         "a@example.org",
@@ -487,15 +494,7 @@ fn tls_name_is_the_name_verified_when_the_address_is_an_ip() {
 
 #[test]
 fn a_tls_name_the_certificate_does_not_hold_is_never_delivered_to() {
-    let dir = TestDir::new();
-    let (cert, key) = cert_for(&dir.join("exchange"), "ex01.corp.test");
-    let sink = Sink::start(SinkConfig {
-        starttls: true,
-        cert: Some((cert.clone(), key)),
-        ..SinkConfig::default()
-    });
-    let keys = format!("{}tls_name = \"ex02.corp.test\"\n", required_tls(&cert));
-    let relay = start_relay_in(dir, sink.port(), &keys, "");
+    let (relay, sink) = relay_to_named_upstream("ex02.corp.test");
     let id = send(
         &relay,
         "a@example.org",
@@ -508,10 +507,7 @@ fn a_tls_name_the_certificate_does_not_hold_is_never_delivered_to() {
             && !last_error_contains(&relay, &id, "circuit breaker")
     };
     assert!(wait_until(WAIT, refused), "{}", queue_list(&relay));
-    assert!(
-        sink.messages().is_empty(),
-        "sent to an upstream with another name"
-    );
+    assert!(sink.messages().is_empty(), "sent to an upstream with another name");
 }
 
 #[test]
