@@ -112,6 +112,7 @@
 #![warn(clippy::too_many_lines)]
 
 pub mod attempt;
+pub mod audit;
 pub mod bounce;
 pub mod census;
 pub mod control;
