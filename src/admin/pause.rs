@@ -11,6 +11,7 @@
 
 use std::fs;
 use std::io::{self, Write as _};
+use std::os::unix::fs::{MetadataExt as _, OpenOptionsExt as _};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -75,12 +76,22 @@ pub fn pause(spool_root: &Path, now_unix: u64) -> Result<bool, MarkerError> {
     let tmp = spool_root
         .join("tmp")
         .join(format!("{MARKER}.{}.tmp", std::process::id()));
+    // The marker belongs to the spool's owner, like every spool file, also when root writes it.
+    let owner = fs::metadata(spool_root)
+        .map(|m| (m.uid(), m.gid()))
+        .map_err(io_err("stat", spool_root))?;
     let written = (|| {
         let mut file = fs::OpenOptions::new()
             .write(true)
             .create_new(true)
+            .mode(0o600)
             .open(&tmp)
             .map_err(io_err("create", &tmp))?;
+        // SAFETY: geteuid has no preconditions.
+        if unsafe { libc::geteuid() } != owner.0 {
+            std::os::unix::fs::fchown(&file, Some(owner.0), Some(owner.1))
+                .map_err(io_err("chown", &tmp))?;
+        }
         writeln!(
             file,
             "paused at {now_unix} (unix seconds) by portcullis listeners pause"

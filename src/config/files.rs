@@ -166,6 +166,9 @@ pub(super) fn load_recipients(
     let Some(text) = read(path, key, errors) else {
         return Vec::new();
     };
+    // Windows tools (PowerShell 5.1's `-Encoding UTF8`) start the file with a byte order mark;
+    // kept, it would become part of the first address and refuse that mailbox.
+    let text = text.strip_prefix('\u{feff}').unwrap_or(&text);
     let mut recipients = Vec::new();
     for (n, line) in text.lines().enumerate() {
         let line = strip_comment(line).trim();
@@ -179,6 +182,18 @@ pub(super) fn load_recipients(
                 format!("{}: line {}: {message}", path.display(), n + 1),
             )),
         }
+    }
+    // An empty list refuses every recipient of the accepted domains but postmaster: what a
+    // failed export leaves behind, never what an administrator means.
+    if recipients.is_empty() && errors.iter().all(|e| e.key != key) {
+        errors.push(ConfigError::new(
+            key,
+            format!(
+                "{} holds no address: every recipient in accepted_domains would be refused \
+                 (an empty export?); list at least one, or remove recipients_file",
+                path.display()
+            ),
+        ));
     }
     recipients
 }

@@ -723,6 +723,32 @@ fn users_file_syntax_error_is_reported_under_its_key() {
 }
 
 #[test]
+fn an_empty_recipients_file_is_an_error_and_a_byte_order_mark_is_not_an_address() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let empty = write(dir.path(), "empty", "# exported 2026-12-01\n\n");
+    let errs = errors(&format!(
+        "{MINIMAL}\n[relay]\nrecipients_file = {empty:?}\n"
+    ));
+    assert_eq!(errs.len(), 1, "{errs:?}");
+    assert_eq!(errs[0].0, "relay.recipients_file");
+    assert!(errs[0].1.contains("holds no address"), "{}", errs[0].1);
+
+    let bom = write(
+        dir.path(),
+        "bom",
+        "\u{feff}alice@example.com\r\nbob@example.com\r\n",
+    );
+    let c = ok(&format!("{MINIMAL}\n[relay]\nrecipients_file = {bom:?}\n"));
+    assert_eq!(
+        c.relay
+            .recipients
+            .as_deref()
+            .map(|r| r.iter().map(String::as_str).collect::<Vec<_>>()),
+        Some(vec!["alice@example.com", "bob@example.com"])
+    );
+}
+
+#[test]
 fn recipients_and_password_files() {
     let dir = tempfile::tempdir().expect("tempdir");
     let rcpts = write(dir.path(), "rcpts", "ok@example.com\nnot an address\n");
