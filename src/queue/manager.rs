@@ -40,6 +40,9 @@ use super::{Committed, Loaded, Request, RetryTarget, Spool, SpoolError};
 use crate::envelope::QueueId;
 use crate::observe::{CENSUS_INTERVAL, Event, EventKind, Telemetry};
 
+/// The reason recorded for a hold asked for with `queue hold` (shown by `queue list|show`).
+pub const HOLD_REASON: &str = "queue hold";
+
 /// How often operator requests are read and idle connections reaped.
 pub const CONTROL_INTERVAL: Duration = Duration::from_millis(500);
 
@@ -165,6 +168,9 @@ impl<C: Courier> Manager<C> {
     /// Run until shutdown: load the spool, then schedule.
     pub async fn run(mut self) {
         self.load().await;
+        // Requests made while the relay was stopped, before anything is attempted: a message
+        // held then must not be sent by the first dispatch.
+        self.control().await;
         let (done_tx, mut done_rx) = mpsc::unbounded_channel::<Ended>();
         let mut control = tokio::time::interval(CONTROL_INTERVAL);
         control.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -264,25 +270,30 @@ impl<C: Courier> Manager<C> {
             move |s| {
                 let mut msg = s.load(&id)?;
                 let was = msg.state.hold.is_some();
+                if hold == was {
+                    // Nothing to record (a release of a message not held keeps its schedule).
+                    return Ok((was, was, msg.state.next_attempt));
+                }
                 if hold {
-                    msg.state.hold(now, "held by request");
+                    msg.state.hold(now, HOLD_REASON);
                 } else {
                     msg.state.release(now);
                 }
                 s.write_state(&id, &msg.state)
-                    .map(|()| (was, msg.state.hold.is_some()))
+                    .map(|()| (was, msg.state.hold.is_some(), msg.state.next_attempt))
             }
         })
         .await;
         match written {
-            Ok((was, true)) => {
+            Ok((false, false, next)) => self.schedule(id, was_due.unwrap_or(next)),
+            Ok((was, true, _)) => {
                 info!(queue_id = %id, "held: not delivered, bounced or expired until released");
                 self.census.set_held(&id, true);
                 if !was {
                     self.record(EventKind::Held, &id, None);
                 }
             }
-            Ok((was, false)) => {
+            Ok((was, false, _)) => {
                 info!(queue_id = %id, "released: due now");
                 self.census.set_held(&id, false);
                 if was {

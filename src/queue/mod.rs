@@ -124,6 +124,7 @@ mod recycle;
 pub mod report;
 pub mod reserve;
 pub mod schedule;
+pub mod select;
 mod state;
 mod writer;
 
