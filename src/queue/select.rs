@@ -196,7 +196,7 @@ pub fn skipped_line(action: HoldAction, id: &QueueId) -> String {
 }
 
 /// The count line of `queue hold|release`: `hold requested for 3 messages`, with
-/// `(1 already held)` / `(1 not held)` when some needed nothing; with `dry_run`,
+/// `, 1 already held` / `, 1 not held` when some needed nothing; with `dry_run`,
 /// `3 messages would be held (dry run)` / `… released (dry run)`.
 pub fn hold_summary(action: HoldAction, acted: usize, skipped: usize, dry_run: bool) -> String {
     let n = format!("{acted} message{}", if acted == 1 { "" } else { "s" });
@@ -214,7 +214,7 @@ pub fn hold_summary(action: HoldAction, acted: usize, skipped: usize, dry_run: b
             HoldAction::Hold => "already held",
             HoldAction::Release => "not held",
         };
-        let _ = write!(out, " ({skipped} {what})");
+        let _ = write!(out, ", {skipped} {what}");
     }
     out
 }
@@ -374,7 +374,7 @@ mod tests {
         );
         assert_eq!(
             hold_summary(HoldAction::Hold, 1, 2, false),
-            "hold requested for 1 message (2 already held)"
+            "hold requested for 1 message, 2 already held"
         );
         assert_eq!(
             hold_summary(HoldAction::Release, 3, 0, true),
