@@ -769,7 +769,7 @@ enum HoldTarget {
     /// These ids, as given.
     Ids(Vec<String>),
     /// Those the filters select (none: `release --all`), and the filters as given.
-    Select(Selection, Filters),
+    Select(Box<(Selection, Filters)>),
 }
 
 impl HoldTarget {
@@ -791,14 +791,15 @@ impl HoldTarget {
         if selection.is_empty() && !all {
             bail!(UsageError("give queue ids, --user or --from".into()));
         }
-        Ok(HoldTarget::Select(selection, filters))
+        Ok(HoldTarget::Select(Box::new((selection, filters))))
     }
 
     /// The arguments, for the audit log.
     fn args(&self) -> Vec<String> {
         match self {
             HoldTarget::Ids(ids) => ids.clone(),
-            HoldTarget::Select(selection, filters) => {
+            HoldTarget::Select(select) => {
+                let (selection, filters) = &**select;
                 let mut args = filters.args();
                 if selection.is_empty() {
                     args.push("--all".into());
@@ -850,7 +851,8 @@ fn hold_release(
             }
             found
         }
-        HoldTarget::Select(selection, _) => {
+        HoldTarget::Select(select) => {
+            let (selection, _) = &**select;
             let now = unix_now();
             (spool.list()?.into_iter())
                 .filter(|m| selection.matches(m, now))
