@@ -124,7 +124,8 @@ pub fn queue_fill(a: &Args) -> anyhow::Result<()> {
             })
             .collect();
         for w in workers {
-            w.join().map_err(|_| anyhow::anyhow!("a writer panicked"))??;
+            w.join()
+                .map_err(|_| anyhow::anyhow!("a writer panicked"))??;
         }
         Ok(())
     })?;

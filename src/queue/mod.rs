@@ -117,6 +117,7 @@ pub mod bounce;
 pub mod census;
 pub mod control;
 mod group;
+mod hold;
 pub mod journal;
 pub mod manager;
 mod recover;
@@ -661,6 +662,13 @@ impl Spool {
     /// to `queue/ID.state`, directory fsync. Blocking (call from `spawn_blocking`). Fails with
     /// [`SpoolError::NotFound`] when the message is gone (e.g. deleted by an operator).
     pub fn write_state(&self, id: &QueueId, state: &DeliveryState) -> Result<(), SpoolError> {
+        self.stage_state(id, state)?;
+        sync_dir(&self.inner.queue)
+    }
+
+    /// [`Spool::write_state`] without the directory fsync, which the caller makes (once for
+    /// many states) before it relies on them.
+    fn stage_state(&self, id: &QueueId, state: &DeliveryState) -> Result<(), SpoolError> {
         let json = serde_json::to_vec(state).map_err(|source| SpoolError::Encode {
             what: "state",
             source,
@@ -686,8 +694,7 @@ impl Spool {
             return Err(SpoolError::NotFound(id.clone()));
         }
         let dest = self.state_path(id);
-        fs::rename(tmp, &dest).map_err(SpoolError::io("rename", &dest))?;
-        sync_dir(&self.inner.queue)
+        fs::rename(tmp, &dest).map_err(SpoolError::io("rename", &dest))
     }
 
     /// Remove a message from the queue: `ID`, then `ID.state`, then fsync the directory.
