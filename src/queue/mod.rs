@@ -94,8 +94,10 @@
 //!
 //! A held message ([`DeliveryState::hold`]) is neither attempted, bounced nor expired until
 //! released; the time it spends held pushes its expiry back. Holds are asked for through
-//! `control/` ([`Spool::request_hold`]) and written by the queue manager, which owns the
-//! state files of a running relay.
+//! `control/` ([`Spool::request_hold`], [`Spool::request_holds`]; `queue hold|release`, whose
+//! selection is [`select`]) and written by the queue manager, which owns the state files of a
+//! running relay: all the requests it reads at once together ([`Spool::record_holds`], in
+//! `hold.rs`), before its first attempt at startup.
 //!
 //! A new queue state (quarantine, say) goes the same way: a field of [`DeliveryState`] (absent
 //! from files that do not use it, so older spools read as before), a [`schedule::Plan`] that
