@@ -48,6 +48,11 @@ fn accept(sink: &Sink) {
 /// (STARTTLS, AUTH required; `alice` and `bob`, password `secret`, each sending as
 /// LOGIN@example.com), listener 1 an open MX for 127.0.0.0/8.
 fn relay(upstream_port: u16) -> Relay {
+    relay_retrying(upstream_port, "1s")
+}
+
+/// [`relay`] retrying every `retry`.
+fn relay_retrying(upstream_port: u16, retry: &str) -> Relay {
     let dir = TestDir::new();
     let hash = secret_hash();
     dir.write(
@@ -64,8 +69,9 @@ fn relay(upstream_port: u16) -> Relay {
         ],
         upstream_port,
         "[relay]\naccepted_domains = [\"example.com\"]\nrelay_networks = [\"127.0.0.0/8\"]\n\n\
-         [auth]\nusers_file = \"{dir}/users.toml\"\n\n[queue]\nretry = [\"1s\"]\n",
+         [auth]\nusers_file = \"{dir}/users.toml\"\n\n[queue]\nretry = [\"RETRY\"]\n",
     )
+    .replace("RETRY", retry)
     .replace(
         "tls = \"none\"\n\n[relay]",
         "tls = \"none\"\nbackoff = \"1s\"\n\n[relay]",
@@ -451,6 +457,45 @@ fn the_last_of_a_hold_and_a_release_made_while_stopped_wins() {
     assert!(sink.wait_for(2, WAIT));
     assert_eq!(sorted(&delivered(&sink)), ["B", "D"]);
     wait_state(&relay, &[&a], "held");
+}
+
+#[test]
+fn release_is_due_at_once_and_a_release_of_a_message_not_held_keeps_its_back_off() {
+    let sink = refusing_sink();
+    let relay = relay_retrying(sink.port(), "1h");
+    let a = send(&relay, "a@src.example", "A");
+    let b = send(&relay, "b@src.example", "B");
+    // Both tried once: next attempt in an hour.
+    assert!(wait_until(WAIT, || {
+        let list = listed(&relay);
+        [&a, &b].iter().all(|id| list[*id]["attempts"] == 1)
+    }));
+    run(&relay, &["queue", "hold", &a], 0);
+    wait_state(&relay, &[&a], "held");
+    accept(&sink);
+    // A release of B, which is not held (the command itself would not ask: "not held"),
+    // and of A.
+    let control = relay.spool.join("control");
+    fs::write(control.join(format!("release.{b}")), "").unwrap();
+    assert_eq!(
+        run(&relay, &["queue", "release", &b, "--dry-run"], 0),
+        format!("{b} not held\n0 messages would be released (dry run), 1 not held\n")
+    );
+    run(&relay, &["queue", "release", &a], 0);
+    assert!(
+        sink.wait_for(1, WAIT),
+        "the released message was not sent at once"
+    );
+    assert_eq!(delivered(&sink), ["A"]);
+    assert!(wait_until(WAIT, || fs::read_dir(&control)
+        .unwrap()
+        .next()
+        .is_none()));
+    send(&relay, "c@src.example", "C");
+    assert!(sink.wait_for(2, WAIT));
+    assert_eq!(delivered(&sink), ["A", "C"]);
+    let list = listed(&relay);
+    assert_eq!((list.len(), list[&b]["attempts"].as_u64()), (1, Some(1)));
 }
 
 /// Names and contents of every file under `dir`, recursively.
