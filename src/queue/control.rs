@@ -15,7 +15,10 @@
 //! listing and the unlink is consumed, but the action that follows covers it too. Names it does
 //! not understand are removed with a warning (nothing but requests belongs there).
 //! [`Spool::request_hold`] asks the same way to hold (`hold.ID`) or release (`release.ID`) a
-//! message; the relay's queue manager records the hold in `ID.state`.
+//! message; the relay's queue manager records the hold in `ID.state`. Asking one removes a
+//! pending request of the other for the same message, so the last asked wins whatever order
+//! the relay reads them in; [`Spool::pending_holds`] lists the requests not yet taken, which
+//! `queue hold|release` count as done.
 //!
 //! # Removal notices: `SPOOL/control/removed.NONCE`
 //!
