@@ -26,6 +26,9 @@
 //!   and the wall time per signature, each including the `DKIM-Signature:` field's formatting.
 //! - `journal-fill --spool DIR --messages N [--days D]`: a synthetic message journal for
 //!   `bench/journal.py` (see `bench/journal_fill.rs`).
+//! - `queue-fill --spool DIR --messages N [--user LOGIN] [--share PERCENT] [--threads T]`: a
+//!   queue of N 1 KB messages, PERCENT % of them LOGIN's, for timing the `queue` commands
+//!   (see `bench/queue_fill.rs`).
 //!
 //! TLS on both sides is portcullis's own: `tls-server` builds its configuration with
 //! `portcullis::inbound::tls::server_config` (`[tls] cert` and `key`, `min_version = "1.2"`),
@@ -77,6 +80,8 @@ const MESSAGE_SIZE: usize = 1024;
 
 #[path = "journal_fill.rs"]
 mod journal_fill;
+#[path = "queue_fill.rs"]
+mod queue_fill;
 
 fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
@@ -90,6 +95,7 @@ fn main() {
         "tls" => tls_client(&a),
         "dkim-sign" => dkim_sign(&a),
         "journal-fill" => journal_fill::journal_fill(&a),
+        "queue-fill" => queue_fill::queue_fill(&a),
         _ => usage(),
     });
     if let Err(e) = result {
@@ -105,7 +111,8 @@ fn usage() -> ! {
          \x20      loadgen tls-server --listen ADDR --cert PEM --key PEM\n\
          \x20      loadgen tls --target ADDR --conns C --seconds S [--name HOST] [--cert PEM]\n\
          \x20      loadgen dkim-sign --rsa-key PEM [--size BYTES] [--count N]\n\
-         \x20      loadgen journal-fill --spool DIR --messages N [--days D]"
+         \x20      loadgen journal-fill --spool DIR --messages N [--days D]\n\
+         \x20      loadgen queue-fill --spool DIR --messages N [--user LOGIN] [--share PERCENT] [--threads T]"
     );
     std::process::exit(2);
 }

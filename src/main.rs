@@ -11,9 +11,10 @@
 //! spool (a spool without a journal yet: 1). A journal that is or was stopped is noted on
 //! stderr, with the time of its oldest event.
 //!
-//! `queue retry|delete ID…` check every id's syntax first (one malformed id: exit 2, nothing
-//! done); an id that is well formed but not queued is reported on stderr, the other ids are
-//! still acted on, and the exit status is 1. `queue purge` that matches nothing exits 0.
+//! `queue retry|delete|hold|release ID…` check every id's syntax first (one malformed id: exit
+//! 2, nothing done); an id that is well formed but not queued is reported on stderr, the other
+//! ids are still acted on, and the exit status is 1. `queue purge|hold|release` that matches
+//! nothing exits 0. `queue retry` skips held messages (saying so for ids given).
 //!
 //! `listeners pause|resume` exit 0 whether or not the marker changed (the output says which),
 //! 2 when there is no spool, 1 when the marker cannot be written or removed.
@@ -29,8 +30,10 @@ mod manual;
 
 use portcullis::config::Config;
 use portcullis::envelope::{QueueId, unix_now};
+use portcullis::queue::select::{self, Age, HoldAction, Selection};
 use portcullis::queue::{
-    DeleteOutcome, PurgeFilter, RemovedHow, RetryTarget, Spool, SpoolError, report,
+    DeleteOutcome, PurgeFilter, QueuedMessage, RemovedHow, RetryTarget, Spool, SpoolError, audit,
+    report,
 };
 
 /// `portcullis --version`: the crate's version and the commit it was built from (`unknown`
@@ -172,17 +175,80 @@ enum QueueAction {
         #[arg(value_name = "ID", required = true)]
         ids: Vec<String>,
     },
-    /// Remove every message from a sender, a domain, or all of them; no confirmation.
+    /// Remove the messages every given filter selects (--from, --user, --since or
+    /// --older-than, --to), or all of them; no confirmation.
     Purge {
         /// Envelope sender: ADDR (an ASCII local part in any case, a non-ASCII one exactly;
         /// the domain in any case, U-label or A-label), @DOMAIN (that domain, not its
         /// subdomains), or '<>' (bounces).
         #[arg(long, value_name = "ADDR", conflicts_with = "all")]
         from: Option<String>,
+        /// Submitted by this authenticated login (exactly, case included).
+        #[arg(long, value_name = "LOGIN", conflicts_with = "all")]
+        user: Option<String>,
+        /// Received within the last DUR (e.g. 30m, 2h, 1d).
+        #[arg(
+            long,
+            value_name = "DUR",
+            conflicts_with_all = ["all", "older_than"]
+        )]
+        since: Option<String>,
+        /// Received more than DUR ago.
+        #[arg(long, value_name = "DUR", conflicts_with = "all")]
+        older_than: Option<String>,
+        /// At least one recipient still pending (not yet delivered or failed) in this
+        /// domain (@DOMAIN; not its subdomains).
+        #[arg(long, value_name = "@DOMAIN", conflicts_with = "all")]
+        to: Option<String>,
         /// Every queued message.
         #[arg(long)]
         all: bool,
         /// Only list what would be deleted.
+        #[arg(long)]
+        dry_run: bool,
+    },
+    /// Hold messages: never attempted, bounced or expired until released (the time held
+    /// does not count towards queue.max_age). The running relay records it within a second
+    /// (a stopped relay when it next starts). --user and --from together select messages
+    /// matching both.
+    Hold {
+        /// Queue ids.
+        #[arg(
+            value_name = "ID",
+            required_unless_present_any = ["user", "from"],
+            conflicts_with_all = ["user", "from"]
+        )]
+        ids: Vec<String>,
+        /// Every message submitted by this authenticated login (exactly, case included).
+        #[arg(long, value_name = "LOGIN")]
+        user: Option<String>,
+        /// Every message from this envelope sender (ADDR, @DOMAIN or '<>', as purge --from).
+        #[arg(long, value_name = "ADDR")]
+        from: Option<String>,
+        /// Only list what would be held.
+        #[arg(long)]
+        dry_run: bool,
+    },
+    /// Release held messages: due at once. The running relay acts within a second (a
+    /// stopped relay when it next starts).
+    Release {
+        /// Queue ids.
+        #[arg(
+            value_name = "ID",
+            required_unless_present_any = ["user", "from", "all"],
+            conflicts_with_all = ["user", "from", "all"]
+        )]
+        ids: Vec<String>,
+        /// Held messages submitted by this authenticated login.
+        #[arg(long, value_name = "LOGIN", conflicts_with = "all")]
+        user: Option<String>,
+        /// Held messages from this envelope sender (ADDR, @DOMAIN or '<>').
+        #[arg(long, value_name = "ADDR", conflicts_with = "all")]
+        from: Option<String>,
+        /// Every held message.
+        #[arg(long)]
+        all: bool,
+        /// Only list what would be released.
         #[arg(long)]
         dry_run: bool,
     },
@@ -546,7 +612,11 @@ fn open_spool(dir: &Path, writes: bool) -> anyhow::Result<Spool> {
 
 fn queue(action: QueueAction, config: Option<&Path>, spool: Option<PathBuf>) -> anyhow::Result<()> {
     let dir = spool_dir(config, spool)?;
-    let spool = open_spool(&dir, matches!(action, QueueAction::Retry { .. }))?;
+    let writes = matches!(
+        action,
+        QueueAction::Retry { .. } | QueueAction::Hold { .. } | QueueAction::Release { .. }
+    );
+    let spool = open_spool(&dir, writes)?;
     match action {
         QueueAction::List { json } => {
             let msgs = spool.list()?;
@@ -568,17 +638,31 @@ fn queue(action: QueueAction, config: Option<&Path>, spool: Option<PathBuf>) -> 
         }
         QueueAction::Retry { ids, all } => retry(&spool, &dir, &ids, all)?,
         QueueAction::Delete { ids } => delete(&spool, &dir, &ids)?,
-        QueueAction::Purge { from, all, dry_run } => {
-            let filter = match (from, all) {
-                (Some(from), _) => {
-                    PurgeFilter::parse_from(&from).map_err(|e| UsageError(e.to_string()))?
-                }
-                (None, true) => PurgeFilter::All,
-                (None, false) => bail!(UsageError(
-                    "purge needs --from ADDR|@DOMAIN|'<>' or --all".into()
-                )),
+        QueueAction::Purge {
+            from,
+            user,
+            since,
+            older_than,
+            to,
+            all,
+            dry_run,
+        } => {
+            let filters = Filters {
+                from,
+                user,
+                since,
+                older_than,
+                to,
             };
-            let purged = spool.purge(&filter, dry_run)?;
+            let selection = filters.selection()?;
+            if selection.is_empty() && !all {
+                bail!(UsageError(
+                    "purge needs a filter (--from, --user, --since, --older-than, --to) or --all"
+                        .into()
+                ));
+            }
+            let now = unix_now();
+            let purged = spool.purge_where(|m| selection.matches(m, now), dry_run)?;
             let mut tally = report::Tally::new(dry_run);
             for p in &purged {
                 println!(
@@ -594,7 +678,225 @@ fn queue(action: QueueAction, config: Option<&Path>, spool: Option<PathBuf>) -> 
                 .map(|p| p.id)
                 .collect();
             spool.notify_removed(RemovedHow::Purge, &removed)?;
+            if !dry_run {
+                let mut args = filters.args();
+                if all {
+                    args.push("--all".into());
+                }
+                audit(&spool, "queue purge", &args, &removed)?;
+            }
         }
+        QueueAction::Hold {
+            ids,
+            user,
+            from,
+            dry_run,
+        } => {
+            let target = HoldTarget::new(ids, user, from, false)?;
+            hold_release(&spool, &dir, HoldAction::Hold, &target, dry_run)?;
+        }
+        QueueAction::Release {
+            ids,
+            user,
+            from,
+            all,
+            dry_run,
+        } => {
+            let target = HoldTarget::new(ids, user, from, all)?;
+            hold_release(&spool, &dir, HoldAction::Release, &target, dry_run)?;
+        }
+    }
+    Ok(())
+}
+
+/// The filters of `queue purge` (and `--user`/`--from` of `queue hold|release`), as given.
+#[derive(Default)]
+struct Filters {
+    from: Option<String>,
+    user: Option<String>,
+    since: Option<String>,
+    older_than: Option<String>,
+    to: Option<String>,
+}
+
+impl Filters {
+    /// Check every filter (a bad one is a usage error: exit 2).
+    fn selection(&self) -> anyhow::Result<Selection> {
+        let usage = |e: &dyn std::fmt::Display| UsageError(e.to_string());
+        let duration = |opt: &str, text: &str| {
+            portcullis::config::units::parse_duration(text)
+                .map_err(|e| UsageError(format!("{opt}: {e}")))
+        };
+        Ok(Selection {
+            from: (self.from.as_deref())
+                .map(PurgeFilter::parse_from)
+                .transpose()
+                .map_err(|e| usage(&e))?,
+            user: (self.user.as_deref())
+                .map(Selection::parse_user)
+                .transpose()
+                .map_err(|e| usage(&e))?,
+            age: match (&self.since, &self.older_than) {
+                (Some(t), _) => Some(Age::since(duration("--since", t)?)),
+                (None, Some(t)) => Some(Age::older_than(duration("--older-than", t)?)),
+                (None, None) => None,
+            },
+            to: (self.to.as_deref())
+                .map(Selection::parse_to)
+                .transpose()
+                .map_err(|e| usage(&e))?,
+        })
+    }
+
+    /// The filters as options, for the audit log.
+    fn args(&self) -> Vec<String> {
+        [
+            ("--from", &self.from),
+            ("--user", &self.user),
+            ("--since", &self.since),
+            ("--older-than", &self.older_than),
+            ("--to", &self.to),
+        ]
+        .into_iter()
+        .filter_map(|(opt, v)| v.as_ref().map(|v| [opt.to_string(), v.clone()]))
+        .flatten()
+        .collect()
+    }
+}
+
+/// Which messages `queue hold|release` is about.
+enum HoldTarget {
+    /// These ids, as given.
+    Ids(Vec<String>),
+    /// Those the filters select (none: `release --all`), and the filters as given.
+    Select(Box<(Selection, Filters)>),
+}
+
+impl HoldTarget {
+    fn new(
+        ids: Vec<String>,
+        user: Option<String>,
+        from: Option<String>,
+        all: bool,
+    ) -> anyhow::Result<HoldTarget> {
+        if !ids.is_empty() {
+            return Ok(HoldTarget::Ids(ids));
+        }
+        let filters = Filters {
+            from,
+            user,
+            ..Filters::default()
+        };
+        let selection = filters.selection()?;
+        if selection.is_empty() && !all {
+            bail!(UsageError("give queue ids, --user or --from".into()));
+        }
+        Ok(HoldTarget::Select(Box::new((selection, filters))))
+    }
+
+    /// The arguments, for the audit log.
+    fn args(&self) -> Vec<String> {
+        match self {
+            HoldTarget::Ids(ids) => ids.clone(),
+            HoldTarget::Select(select) => {
+                let (selection, filters) = &**select;
+                let mut args = filters.args();
+                if selection.is_empty() {
+                    args.push("--all".into());
+                }
+                args
+            }
+        }
+    }
+}
+
+/// Append one entry to the audit log: `affected` are queue ids.
+fn audit(
+    spool: &Spool,
+    command: &str,
+    args: &[String],
+    affected: &[QueueId],
+) -> anyhow::Result<()> {
+    let affected = affected.iter().map(ToString::to_string).collect();
+    spool
+        .audit(&audit::Entry::now(command, args, affected))
+        .context("the action was taken, but the audit log could not be written")
+}
+
+/// `queue hold|release`: select, print one line per message acted on and a count, write the
+/// requests (one directory fsync for all), record them in the audit log. Unknown ids: stderr,
+/// the others still acted on, exit 1.
+fn hold_release(
+    spool: &Spool,
+    dir: &Path,
+    action: HoldAction,
+    target: &HoldTarget,
+    dry_run: bool,
+) -> anyhow::Result<()> {
+    let pending = spool.pending_holds()?;
+    let mut unknown = 0;
+    let mut skipped = Vec::new();
+    let selected: Vec<QueuedMessage> = match target {
+        HoldTarget::Ids(ids) => {
+            let mut found = Vec::new();
+            for id in parse_ids(ids)? {
+                match spool.load(&id) {
+                    Ok(m) => found.push(m),
+                    Err(SpoolError::NotFound(_)) => {
+                        eprintln!("portcullis: no message {id} in {}", dir.display());
+                        unknown += 1;
+                    }
+                    Err(e) => return Err(e.into()),
+                }
+            }
+            found
+        }
+        HoldTarget::Select(select) => {
+            let (selection, _) = &**select;
+            let now = unix_now();
+            (spool.list()?.into_iter())
+                .filter(|m| selection.matches(m, now))
+                .collect()
+        }
+    };
+    let mut acted = Vec::new();
+    for m in selected {
+        if action.already(select::held_now(&m, &pending)) {
+            skipped.push(m.envelope.id);
+        } else {
+            acted.push((m.envelope.id, m.envelope.mail_from));
+        }
+    }
+    if let HoldTarget::Ids(_) = target {
+        for id in &skipped {
+            println!("{}", select::skipped_line(action, id));
+        }
+    }
+    let ids: Vec<QueueId> = acted.iter().map(|(id, _)| id.clone()).collect();
+    if !dry_run {
+        spool.request_holds(&ids, action.holds())?;
+    }
+    for (id, from) in &acted {
+        println!("{}", select::hold_line(action, id, from, dry_run));
+    }
+    println!(
+        "{}",
+        select::hold_summary(action, acted.len(), skipped.len(), dry_run)
+    );
+    if !dry_run {
+        println!("{}", select::HOLD_NOTE);
+        audit(
+            spool,
+            &format!("queue {}", action.verb()),
+            &target.args(),
+            &ids,
+        )?;
+    }
+    if unknown > 0 {
+        bail!(
+            "{unknown} of {} messages not found",
+            unknown + acted.len() + skipped.len()
+        );
     }
     Ok(())
 }
@@ -647,14 +949,33 @@ fn parse_ids(ids: &[String]) -> anyhow::Result<Vec<QueueId>> {
 fn retry(spool: &Spool, dir: &Path, ids: &[String], all: bool) -> anyhow::Result<()> {
     if all {
         spool.request_retry(&RetryTarget::All)?;
-        let n = spool.list()?.len();
-        println!("retry requested for all queued messages ({n} now)");
+        let pending = spool.pending_holds()?;
+        let (held, queued): (Vec<QueuedMessage>, Vec<QueuedMessage>) = (spool.list()?)
+            .into_iter()
+            .partition(|m| select::held_now(m, &pending));
+        let n = queued.len();
+        if held.is_empty() {
+            println!("retry requested for all queued messages ({n} now)");
+        } else {
+            println!(
+                "retry requested for all queued messages ({n} now; {} held, skipped)",
+                held.len()
+            );
+        }
     } else {
         let ids = parse_ids(ids)?;
         let (known, unknown): (Vec<QueueId>, Vec<QueueId>) =
             ids.into_iter().partition(|id| spool.contains(id));
         for id in &unknown {
             eprintln!("portcullis: no message {id} in {}", dir.display());
+        }
+        // A held message is not retried: it waits for `queue release`.
+        let pending = spool.pending_holds()?;
+        let (held, known): (Vec<QueueId>, Vec<QueueId>) = known
+            .into_iter()
+            .partition(|id| spool.load(id).is_ok_and(|m| select::held_now(&m, &pending)));
+        for id in &held {
+            println!("{id} held, skipped (queue release {id} delivers it)");
         }
         if !known.is_empty() {
             spool.request_retry(&RetryTarget::Ids(known.clone()))?;
@@ -666,7 +987,7 @@ fn retry(spool: &Spool, dir: &Path, ids: &[String], all: bool) -> anyhow::Result
             bail!(
                 "{} of {} messages not found",
                 unknown.len(),
-                unknown.len() + known.len()
+                unknown.len() + known.len() + held.len()
             );
         }
     }

@@ -23,9 +23,10 @@ const MAIN_SECTIONS: &[(&str, &[&str])] = &[
         &[
             "0 on success; 2 for bad input or an invalid policy file (every error is printed with \
              its key); 1 for any other failure.",
-            "queue retry and queue delete check every id first (one malformed id: 2, nothing \
-             done); an id that is well formed but not queued is reported and the others are still \
-             acted on, then the status is 1. queue purge that matches nothing exits 0.",
+            "queue retry, delete, hold and release check every id first (one malformed id: 2, \
+             nothing done); an id that is well formed but not queued is reported and the others \
+             are still acted on, then the status is 1. queue purge, hold and release that match \
+             nothing exit 0.",
             "trace exits 1 when no event matches. doctor exits 0 whenever its checks ran, whatever \
              they found. listeners pause and resume exit 0 whether or not the marker changed.",
         ],

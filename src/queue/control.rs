@@ -15,7 +15,10 @@
 //! listing and the unlink is consumed, but the action that follows covers it too. Names it does
 //! not understand are removed with a warning (nothing but requests belongs there).
 //! [`Spool::request_hold`] asks the same way to hold (`hold.ID`) or release (`release.ID`) a
-//! message; the relay's queue manager records the hold in `ID.state`.
+//! message; the relay's queue manager records the hold in `ID.state`. Asking one removes a
+//! pending request of the other for the same message, so the last asked wins whatever order
+//! the relay reads them in; [`Spool::pending_holds`] lists the requests not yet taken, which
+//! `queue hold|release` count as done.
 //!
 //! # Removal notices: `SPOOL/control/removed.NONCE`
 //!
@@ -377,9 +380,48 @@ impl Spool {
     /// `control/` like [`Spool::request_retry`]: the relay's queue manager records the hold
     /// in the message's state, since it owns that file. Blocking.
     pub fn request_hold(&self, id: &QueueId, hold: bool) -> Result<(), SpoolError> {
-        let prefix = if hold { HOLD_PREFIX } else { RELEASE_PREFIX };
-        self.write_request(&format!("{prefix}{id}"), &[])?;
+        self.request_holds(std::slice::from_ref(id), hold)
+    }
+
+    /// [`Spool::request_hold`] for many messages, with one directory fsync for all. A pending
+    /// request the other way for the same message (`release.ID` when holding) is removed
+    /// first, so the last request wins whatever order the relay reads them in. Blocking.
+    pub fn request_holds(&self, ids: &[QueueId], hold: bool) -> Result<(), SpoolError> {
+        let (prefix, opposite) = if hold {
+            (HOLD_PREFIX, RELEASE_PREFIX)
+        } else {
+            (RELEASE_PREFIX, HOLD_PREFIX)
+        };
+        for id in ids {
+            let stale = self.inner.control.join(format!("{opposite}{id}"));
+            match fs::remove_file(&stale) {
+                Ok(()) => {}
+                Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+                Err(e) => return Err(SpoolError::io("unlink", &stale)(e)),
+            }
+            self.write_request(&format!("{prefix}{id}"), &[])?;
+        }
         sync_dir(&self.inner.control)
+    }
+
+    /// The hold (true) and release (false) requests the relay has not taken yet, by message.
+    /// Read only: nothing is removed. Blocking.
+    pub fn pending_holds(&self) -> Result<std::collections::HashMap<QueueId, bool>, SpoolError> {
+        let dir = &self.inner.control;
+        let mut out = std::collections::HashMap::new();
+        for entry in fs::read_dir(dir).map_err(SpoolError::io("readdir", dir))? {
+            let entry = entry.map_err(SpoolError::io("readdir", dir))?;
+            match entry.file_name().to_str().and_then(parse_request) {
+                Some(Parsed::Hold(id)) => {
+                    out.insert(id, true);
+                }
+                Some(Parsed::Release(id)) => {
+                    out.insert(id, false);
+                }
+                _ => {}
+            }
+        }
+        Ok(out)
     }
 
     /// Consume the pending operator requests: each file in `control/` is read and unlinked
@@ -512,11 +554,16 @@ impl Spool {
     /// ([`Spool::notify_removed`]); when a deletion fails, this tells it about those removed
     /// before, then returns the error. Blocking.
     pub fn purge(&self, filter: &PurgeFilter, dry_run: bool) -> Result<Vec<Purged>, SpoolError> {
-        let selected: Vec<QueuedMessage> = self
-            .list()?
-            .into_iter()
-            .filter(|m| filter.matches(&m.envelope.mail_from))
-            .collect();
+        self.purge_where(|m| filter.matches(&m.envelope.mail_from), dry_run)
+    }
+
+    /// [`Spool::purge`] of the messages `select` picks (e.g. a [`super::select::Selection`]).
+    pub fn purge_where(
+        &self,
+        select: impl Fn(&QueuedMessage) -> bool,
+        dry_run: bool,
+    ) -> Result<Vec<Purged>, SpoolError> {
+        let selected: Vec<QueuedMessage> = self.list()?.into_iter().filter(select).collect();
         let mut out = Vec::with_capacity(selected.len());
         let mut removed = Vec::new();
         let mut failure = None;

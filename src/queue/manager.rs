@@ -35,10 +35,14 @@ use tracing::{Instrument, error, info, info_span, warn};
 use super::attempt::{self, AttemptEnd, Courier, Ended, facts_of, on_spool};
 use super::census::Census;
 use super::control::{Removal, RemovedHow};
+use super::hold::HoldChange;
 use super::schedule::{self, AfterAttempt};
 use super::{Committed, Loaded, Request, RetryTarget, Spool, SpoolError};
 use crate::envelope::QueueId;
 use crate::observe::{CENSUS_INTERVAL, Event, EventKind, Telemetry};
+
+/// The reason recorded for a hold asked for with `queue hold` (shown by `queue list|show`).
+pub const HOLD_REASON: &str = "queue hold";
 
 /// How often operator requests are read and idle connections reaped.
 pub const CONTROL_INTERVAL: Duration = Duration::from_millis(500);
@@ -165,6 +169,9 @@ impl<C: Courier> Manager<C> {
     /// Run until shutdown: load the spool, then schedule.
     pub async fn run(mut self) {
         self.load().await;
+        // Requests made while the relay was stopped, before anything is attempted: a message
+        // held then must not be sent by the first dispatch.
+        self.control().await;
         let (done_tx, mut done_rx) = mpsc::unbounded_channel::<Ended>();
         let mut control = tokio::time::interval(CONTROL_INTERVAL);
         control.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -246,43 +253,94 @@ impl<C: Courier> Manager<C> {
         }
     }
 
-    /// Hold (`hold` true) or release `id`, recorded in its state. A message being attempted
-    /// is held when its attempt ends (its outcome is recorded first); a released one is due
-    /// now.
+    /// Hold (`hold` true) or release `id`: [`Manager::hold_all`] of one.
     async fn hold(&mut self, id: QueueId, hold: bool) {
-        if self.busy.contains(&id) {
-            self.hold_when_done.insert(id, hold);
+        self.hold_all(vec![(id, hold)]).await;
+    }
+
+    /// Hold (true) or release each message of `asks` (the last ask for a message wins),
+    /// recorded in their states together ([`Spool::record_holds`]: one directory fsync for
+    /// all). A message being attempted is held or released when its attempt ends (its outcome
+    /// is recorded first); a released one is due now; a release of a message not held keeps
+    /// its schedule.
+    async fn hold_all(&mut self, asks: Vec<(QueueId, bool)>) {
+        let mut last: HashMap<QueueId, bool> = HashMap::with_capacity(asks.len());
+        let mut order = Vec::with_capacity(asks.len());
+        for (id, hold) in asks {
+            if last.insert(id.clone(), hold).is_none() {
+                order.push(id);
+            }
+        }
+        let mut todo = Vec::with_capacity(order.len());
+        let mut was_due = Vec::with_capacity(order.len());
+        for id in order {
+            let hold = last[&id];
+            if self.busy.contains(&id) {
+                self.hold_when_done.insert(id, hold);
+                continue;
+            }
+            let due = self.when.remove(&id);
+            if let Some(at) = due {
+                self.due.remove(&(at, id.clone()));
+            }
+            was_due.push(due);
+            todo.push((id, hold));
+        }
+        if todo.is_empty() {
             return;
         }
-        let was_due = self.when.remove(&id);
-        if let Some(at) = was_due {
-            self.due.remove(&(at, id.clone()));
-        }
         let now = self.clock.now();
-        let written = on_spool(&self.spool, {
-            let id = id.clone();
-            move |s| {
-                let mut msg = s.load(&id)?;
-                let was = msg.state.hold.is_some();
-                if hold {
-                    msg.state.hold(now, "held by request");
-                } else {
-                    msg.state.release(now);
-                }
-                s.write_state(&id, &msg.state)
-                    .map(|()| (was, msg.state.hold.is_some()))
-            }
+        let asks = todo.clone();
+        let results = on_spool(&self.spool, move |s| {
+            Ok(s.record_holds(&asks, now, HOLD_REASON))
         })
         .await;
-        match written {
-            Ok((was, true)) => {
+        let results = match results {
+            Ok(results) => results,
+            Err(e) => {
+                error!(error = %e, messages = todo.len(), "cannot record holds; the messages stay as they were");
+                let failed = |_: &(QueueId, bool)| {
+                    Err(SpoolError::Io {
+                        op: "spool task",
+                        path: self.spool.root().to_path_buf(),
+                        source: std::io::Error::other(e.to_string()),
+                    })
+                };
+                todo.iter().map(failed).collect()
+            }
+        };
+        for (((id, _), due), result) in todo.into_iter().zip(was_due).zip(results) {
+            self.settle_hold(id, due, result);
+        }
+    }
+
+    /// Follow up one message of [`Manager::hold_all`]: census, journal, schedule.
+    fn settle_hold(
+        &mut self,
+        id: QueueId,
+        was_due: Option<u64>,
+        result: Result<HoldChange, SpoolError>,
+    ) {
+        match result {
+            Ok(HoldChange {
+                was: false,
+                held: false,
+                next_attempt,
+            }) => {
+                self.schedule(id, was_due.unwrap_or(next_attempt));
+            }
+            Ok(HoldChange {
+                was, held: true, ..
+            }) => {
                 info!(queue_id = %id, "held: not delivered, bounced or expired until released");
                 self.census.set_held(&id, true);
                 if !was {
                     self.record(EventKind::Held, &id, None);
                 }
             }
-            Ok((was, false)) => {
+            Ok(HoldChange {
+                was, held: false, ..
+            }) => {
                 info!(queue_id = %id, "released: due now");
                 self.census.set_held(&id, false);
                 if was {
@@ -290,7 +348,7 @@ impl<C: Courier> Manager<C> {
                 }
                 self.schedule(id, 0);
             }
-            Err(SpoolError::NotFound(_)) => {}
+            Err(SpoolError::NotFound(gone)) if gone == id => {}
             Err(e) => {
                 error!(queue_id = %id, error = %e, "cannot record the hold; the message stays as it was");
                 // As it was: due when it was (an attempt finds a held message held).
@@ -428,6 +486,7 @@ impl<C: Courier> Manager<C> {
                 return;
             }
         };
+        let mut holds = Vec::new();
         for request in requests {
             match request {
                 Request::Retry(RetryTarget::All) => {
@@ -444,10 +503,13 @@ impl<C: Courier> Manager<C> {
                         self.retry(id).await;
                     }
                 }
-                Request::Hold(id) => self.hold(id, true).await,
-                Request::Release(id) => self.hold(id, false).await,
+                Request::Hold(id) => holds.push((id, true)),
+                Request::Release(id) => holds.push((id, false)),
                 Request::Removed(removals) => self.removed(removals),
             }
+        }
+        if !holds.is_empty() {
+            self.hold_all(holds).await;
         }
     }
 

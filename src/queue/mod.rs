@@ -94,8 +94,10 @@
 //!
 //! A held message ([`DeliveryState::hold`]) is neither attempted, bounced nor expired until
 //! released; the time it spends held pushes its expiry back. Holds are asked for through
-//! `control/` ([`Spool::request_hold`]) and written by the queue manager, which owns the
-//! state files of a running relay.
+//! `control/` ([`Spool::request_hold`], [`Spool::request_holds`]; `queue hold|release`, whose
+//! selection is [`select`]) and written by the queue manager, which owns the state files of a
+//! running relay: all the requests it reads at once together ([`Spool::record_holds`], in
+//! `hold.rs`), before its first attempt at startup.
 //!
 //! A new queue state (quarantine, say) goes the same way: a field of [`DeliveryState`] (absent
 //! from files that do not use it, so older spools read as before), a [`schedule::Plan`] that
@@ -117,6 +119,7 @@ pub mod bounce;
 pub mod census;
 pub mod control;
 mod group;
+mod hold;
 pub mod journal;
 pub mod manager;
 mod recover;
@@ -124,6 +127,7 @@ mod recycle;
 pub mod report;
 pub mod reserve;
 pub mod schedule;
+pub mod select;
 mod state;
 mod writer;
 
@@ -156,6 +160,11 @@ pub const MAX_ENVELOPE_LINE: u64 = 1024 * 1024;
 /// Longest `ID.state` file read. The history grows by one short entry per attempt and retries
 /// stop at `queue.max_age`, so a real state file stays far below this.
 pub const MAX_STATE_FILE: u64 = 4 * 1024 * 1024;
+
+/// Most threads [`Spool::list`] reads a large queue on.
+const LIST_THREADS: usize = 4;
+/// Fewest messages per thread of [`Spool::list`] (a small queue is read on one thread).
+const LIST_PER_THREAD: usize = 4096;
 
 /// Suffix of delivery state files in `queue/`.
 pub const STATE_SUFFIX: &str = ".state";
@@ -545,9 +554,35 @@ impl Spool {
             }
         }
         ids.sort();
+        // Reading is one open, read and parse per message, mostly system calls on cached
+        // files: a large queue is read on a few threads (in id order all the same).
+        let threads = std::thread::available_parallelism()
+            .map_or(1, usize::from)
+            .min(LIST_THREADS)
+            .min(ids.len() / LIST_PER_THREAD)
+            .max(1);
+        if threads == 1 {
+            return Ok(self.load_all(&ids));
+        }
+        let chunk = ids.len().div_ceil(threads);
+        Ok(std::thread::scope(|scope| {
+            let parts: Vec<_> = ids
+                .chunks(chunk)
+                .map(|part| scope.spawn(move || self.load_all(part)))
+                .collect();
+            parts
+                .into_iter()
+                .flat_map(|p| p.join().unwrap_or_else(|e| std::panic::resume_unwind(e)))
+                .collect()
+        }))
+    }
+
+    /// [`Spool::load`] of each of `ids`, in order, leaving out those gone and (logged) those
+    /// unreadable.
+    fn load_all(&self, ids: &[QueueId]) -> Vec<QueuedMessage> {
         let mut out = Vec::with_capacity(ids.len());
         for id in ids {
-            match self.load(&id) {
+            match self.load(id) {
                 Ok(msg) => out.push(msg),
                 Err(SpoolError::NotFound(_)) => {}
                 Err(e) => {
@@ -555,7 +590,7 @@ impl Spool {
                 }
             }
         }
-        Ok(out)
+        out
     }
 
     /// Read one committed message's envelope, state and size. A state file that cannot be
@@ -660,6 +695,13 @@ impl Spool {
     /// to `queue/ID.state`, directory fsync. Blocking (call from `spawn_blocking`). Fails with
     /// [`SpoolError::NotFound`] when the message is gone (e.g. deleted by an operator).
     pub fn write_state(&self, id: &QueueId, state: &DeliveryState) -> Result<(), SpoolError> {
+        self.stage_state(id, state)?;
+        sync_dir(&self.inner.queue)
+    }
+
+    /// [`Spool::write_state`] without the directory fsync, which the caller makes (once for
+    /// many states) before it relies on them.
+    fn stage_state(&self, id: &QueueId, state: &DeliveryState) -> Result<(), SpoolError> {
         let json = serde_json::to_vec(state).map_err(|source| SpoolError::Encode {
             what: "state",
             source,
@@ -685,8 +727,7 @@ impl Spool {
             return Err(SpoolError::NotFound(id.clone()));
         }
         let dest = self.state_path(id);
-        fs::rename(tmp, &dest).map_err(SpoolError::io("rename", &dest))?;
-        sync_dir(&self.inner.queue)
+        fs::rename(tmp, &dest).map_err(SpoolError::io("rename", &dest))
     }
 
     /// Remove a message from the queue: `ID`, then `ID.state`, then fsync the directory.

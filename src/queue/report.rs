@@ -50,7 +50,7 @@ pub fn list_table(msgs: &[QueuedMessage], now: u64) -> String {
                 clean(&m.envelope.mail_from.to_string()),
                 m.pending().count().to_string(),
                 m.state.attempts.to_string(),
-                rfc3339(m.state.next_attempt),
+                next_cell(&m.state),
                 error,
             ]
         })
@@ -67,6 +67,15 @@ pub fn list_table(msgs: &[QueuedMessage], now: u64) -> String {
         push_row(&mut out, row, &widths);
     }
     out
+}
+
+/// The NEXT cell of [`list_table`]: the next attempt, or `held (REASON)` for a held message
+/// (it has no next attempt until released).
+fn next_cell(state: &DeliveryState) -> String {
+    match &state.hold {
+        Some(hold) => format!("held ({})", clean(&hold.reason)),
+        None => rfc3339(state.next_attempt),
+    }
 }
 
 fn push_row(out: &mut String, cells: &[String; 8], widths: &[usize; 8]) {
@@ -86,7 +95,8 @@ fn push_row(out: &mut String, cells: &[String; 8], widths: &[usize; 8]) {
 /// Keys: `id`, `age_secs`, `size`, `from` (`<>` for the null sender), `rcpts` (pending
 /// recipient addresses), `recipients_total`, `attempts`, `next_attempt` (RFC 3339),
 /// `last_error` (null or string), `received_at` (RFC 3339), `listener`, `client_ip`,
-/// `auth_user` (null or string).
+/// `auth_user` (null or string), `state` (`queued` or `held`), `hold` (null, or `since`
+/// (RFC 3339) and `reason` of the hold).
 pub fn list_json(msgs: &[QueuedMessage], now: u64) -> String {
     let mut out = String::new();
     for m in msgs {
@@ -105,6 +115,11 @@ pub fn list_json(msgs: &[QueuedMessage], now: u64) -> String {
             "listener": env.listener,
             "client_ip": env.client_ip.to_string(),
             "auth_user": env.auth_user,
+            "state": if m.state.hold.is_some() { "held" } else { "queued" },
+            "hold": m.state.hold.as_ref().map(|h| json!({
+                "since": rfc3339(h.since),
+                "reason": h.reason,
+            })),
         });
         // serde_json escapes control characters, so one object is always one line;
         // json_line escapes the invisible ones too.
