@@ -298,7 +298,7 @@ fn read_lines(mut file: File, path: &Path, since_ms: u64, log: &mut Log) -> Resu
     let mut bytes = Vec::new();
     file.read_to_end(&mut bytes)
         .map_err(SpoolError::io("read", path))?;
-    let torn_at = (!bytes.is_empty() && !bytes.ends_with(b"\n")).then(|| bytes.len());
+    let torn_at = (!bytes.is_empty() && !bytes.ends_with(b"\n")).then_some(bytes.len());
     let mut start = 0;
     for (n, line) in bytes.split(|&b| b == b'\n').enumerate() {
         let end = start + line.len();
@@ -478,7 +478,7 @@ mod tests {
         file.write_all(br#"{"at_ms":1500,"command":"queue del"#)
             .unwrap();
         let log = read(dir.path(), 0).unwrap();
-        assert_eq!(log.entries, [first.clone()]);
+        assert_eq!(log.entries, std::slice::from_ref(&first));
         assert_eq!(
             log.skipped,
             [Skipped {
