@@ -183,7 +183,8 @@ fn open_checked(path: &Path, owner: (u32, u32)) -> Result<File, SpoolError> {
         .read(true)
         .append(true)
         .create(true)
-        .custom_flags(libc::O_NOFOLLOW)
+        // Not waiting on a FIFO put in its place (then refused below).
+        .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
         .mode(FILE_MODE)
         .open(path)
         .map_err(SpoolError::io("open", path))?;
@@ -282,16 +283,26 @@ pub fn read(root: &Path, since_ms: u64) -> Result<Log, SpoolError> {
     Ok(log)
 }
 
+/// Open a log file for reading, unless absent. Neither a symlink nor anything but a regular
+/// file is read (a FIFO in its place would leave the reader waiting forever).
 fn open_if_present(path: &Path) -> Result<Option<(File, PathBuf)>, SpoolError> {
-    match OpenOptions::new()
+    let file = match OpenOptions::new()
         .read(true)
-        .custom_flags(libc::O_NOFOLLOW)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
         .open(path)
     {
-        Ok(file) => Ok(Some((file, path.to_path_buf()))),
-        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
-        Err(e) => Err(SpoolError::io("open", path)(e)),
+        Ok(file) => file,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(SpoolError::io("open", path)(e)),
+    };
+    let meta = file.metadata().map_err(SpoolError::io("stat", path))?;
+    if !meta.file_type().is_file() {
+        return Err(SpoolError::Untrusted {
+            path: path.to_path_buf(),
+            reason: "not a regular file".into(),
+        });
     }
+    Ok(Some((file, path.to_path_buf())))
 }
 
 fn read_lines(mut file: File, path: &Path, since_ms: u64, log: &mut Log) -> Result<(), SpoolError> {
@@ -535,6 +546,19 @@ mod tests {
         let err = append(dir.path(), owner(dir.path()), &e, ROTATE_AT).unwrap_err();
         assert!(matches!(err, SpoolError::Untrusted { .. }), "{err}");
         assert_eq!(fs::read(&target).unwrap(), b"precious\n");
+    }
+
+    #[test]
+    fn a_fifo_in_place_of_the_log_is_refused_without_waiting() {
+        let dir = tempfile::tempdir().unwrap();
+        let fifo =
+            std::ffi::CString::new(path(dir.path()).into_os_string().into_encoded_bytes()).unwrap();
+        // SAFETY: a valid NUL-terminated path.
+        assert_eq!(unsafe { libc::mkfifo(fifo.as_ptr(), 0o600) }, 0);
+        let err = read(dir.path(), 0).unwrap_err();
+        assert!(matches!(err, SpoolError::Untrusted { .. }), "{err}");
+        let e = entry(1, "queue purge", &[]);
+        assert!(append(dir.path(), owner(dir.path()), &e, ROTATE_AT).is_err());
     }
 
     #[test]
