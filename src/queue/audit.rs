@@ -533,6 +533,38 @@ mod tests {
         assert_eq!(read(dir.path(), 0).unwrap().entries, entries[2..]);
     }
 
+    /// Commands running at once (threads here, each with its own open file as a process
+    /// would have), across rotations: every line is a whole entry.
+    #[test]
+    fn concurrent_writers_never_interleave_or_tear_lines() {
+        let dir = tempfile::tempdir().unwrap();
+        let owner = owner(dir.path());
+        let ids: Vec<String> = (0..50).map(|n| format!("2QBQXBTZBCKWR{n:03}")).collect();
+        std::thread::scope(|s| {
+            for t in 0..8 {
+                let (root, ids) = (dir.path(), &ids);
+                s.spawn(move || {
+                    for n in 0..40 {
+                        let affected: Vec<&str> = ids.iter().map(String::as_str).collect();
+                        let e = entry(t * 1000 + n, "queue purge", &affected);
+                        append(root, owner, &e, 16 * 1024).unwrap();
+                    }
+                });
+            }
+        });
+        let log = read(dir.path(), 0).unwrap();
+        assert!(log.skipped.is_empty(), "{:?}", log.skipped);
+        assert!(dir.path().join(OLD_FILE_NAME).exists());
+        // Per writer, its entries in the order it wrote them.
+        for t in 0..8 {
+            let mine: Vec<u64> = (log.entries.iter())
+                .map(|e| e.at_ms)
+                .filter(|ms| ms / 1000 == t)
+                .collect();
+            assert!(mine.windows(2).all(|w| w[0] < w[1]), "{mine:?}");
+        }
+    }
+
     #[test]
     fn a_symlink_or_a_hard_link_in_place_of_the_log_is_refused() {
         let dir = tempfile::tempdir().unwrap();
