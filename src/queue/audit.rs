@@ -112,7 +112,9 @@ impl Spool {
     ///
     /// # Errors
     /// [`SpoolError::Io`] when the log cannot be opened, locked, rotated, written or synced;
-    /// the caller reports it (the action itself has already been taken).
+    /// [`SpoolError::Untrusted`] when its name leads to something else than a private file of
+    /// the spool's owner (a hard link, a FIFO, a file of another user; a symlink is an `Io`
+    /// error). The caller reports it (the action itself has already been taken).
     pub fn audit(&self, entry: &Entry) -> Result<(), SpoolError> {
         append(self.root(), self.inner.owner, entry, ROTATE_AT)
     }
