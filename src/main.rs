@@ -18,6 +18,11 @@
 //!
 //! `listeners pause|resume` exit 0 whether or not the marker changed (the output says which),
 //! 2 when there is no spool, 1 when the marker cannot be written or removed.
+//!
+//! Every command that changes something (not with `--dry-run`) records itself in the audit log
+//! after acting (`queue::audit`); when that record cannot be written, the command says so and
+//! exits 1, its action done. `audit` exits 0 (an empty log: said on stderr), 2 for a bad
+//! `--since` or no spool, 1 when the log cannot be read.
 
 use std::io::Read;
 use std::path::{Path, PathBuf};
@@ -110,6 +115,17 @@ enum Command {
         #[arg(long, value_name = "DUR")]
         since: Option<String>,
         /// One JSON object per event.
+        #[arg(long)]
+        json: bool,
+    },
+    /// The operator commands that changed something (SPOOL/audit.jsonl), oldest first: time
+    /// (UTC), who (user, and the login user when sudo was used), command, arguments, what it
+    /// affected.
+    Audit {
+        /// Only entries this recent (e.g. 30m, 2h, 7d); default: the whole log.
+        #[arg(long, value_name = "DUR")]
+        since: Option<String>,
+        /// One JSON object per entry.
         #[arg(long)]
         json: bool,
     },
@@ -329,6 +345,9 @@ fn dispatch(cli: Cli) -> anyhow::Result<()> {
             since.as_deref(),
             json,
         ),
+        Command::Audit { since, json } => {
+            audit_log(cli.config.as_deref(), cli.spool, since.as_deref(), json)
+        }
         Command::GenCert { out, name } => {
             let (cert, key) = portcullis::inbound::tls::write_cert_files(&out, &name)
                 .map_err(|e| UsageError(e.to_string()))?;
@@ -594,7 +613,8 @@ fn spool_dir(config: Option<&Path>, spool: Option<PathBuf>) -> anyhow::Result<Pa
 /// Open the spool for a command. Only `retry` opens it for writing (which may create missing
 /// subdirectories, given to the spool's owner); the others make no directory. What they
 /// still write is small and named: `delete` and `purge` a notice of the ids they removed in
-/// `control/` (`Spool::notify_removed`), `listeners pause` the `paused` marker.
+/// `control/` (`Spool::notify_removed`), `listeners pause` the `paused` marker, and every
+/// command that changes something its entry in `audit.jsonl` (`Spool::audit`).
 fn open_spool(dir: &Path, writes: bool) -> anyhow::Result<Spool> {
     if !dir.join("queue").is_dir() {
         bail!(UsageError(format!(
@@ -677,13 +697,10 @@ fn queue(action: QueueAction, config: Option<&Path>, spool: Option<PathBuf>) -> 
                 .filter(|p| p.outcome.is_some_and(|o| o != DeleteOutcome::NotFound))
                 .map(|p| p.id)
                 .collect();
-            spool.notify_removed(RemovedHow::Purge, &removed)?;
             if !dry_run {
-                let mut args = filters.args();
-                if all {
-                    args.push("--all".into());
-                }
-                audit(&spool, "queue purge", &args, &removed)?;
+                let recorded = record(&spool, &["queue", "purge"], to_strings(&removed));
+                let notified = spool.notify_removed(RemovedHow::Purge, &removed);
+                return all_ok([recorded, notified.map_err(Into::into)]);
             }
         }
         QueueAction::Hold {
@@ -747,21 +764,6 @@ impl Filters {
                 .map_err(|e| usage(&e))?,
         })
     }
-
-    /// The filters as options, for the audit log.
-    fn args(&self) -> Vec<String> {
-        [
-            ("--from", &self.from),
-            ("--user", &self.user),
-            ("--since", &self.since),
-            ("--older-than", &self.older_than),
-            ("--to", &self.to),
-        ]
-        .into_iter()
-        .filter_map(|(opt, v)| v.as_ref().map(|v| [opt.to_string(), v.clone()]))
-        .flatten()
-        .collect()
-    }
 }
 
 /// Which messages `queue hold|release` is about.
@@ -793,34 +795,6 @@ impl HoldTarget {
         }
         Ok(HoldTarget::Select(Box::new((selection, filters))))
     }
-
-    /// The arguments, for the audit log.
-    fn args(&self) -> Vec<String> {
-        match self {
-            HoldTarget::Ids(ids) => ids.clone(),
-            HoldTarget::Select(select) => {
-                let (selection, filters) = &**select;
-                let mut args = filters.args();
-                if selection.is_empty() {
-                    args.push("--all".into());
-                }
-                args
-            }
-        }
-    }
-}
-
-/// Append one entry to the audit log: `affected` are queue ids.
-fn audit(
-    spool: &Spool,
-    command: &str,
-    args: &[String],
-    affected: &[QueueId],
-) -> anyhow::Result<()> {
-    let affected = affected.iter().map(ToString::to_string).collect();
-    spool
-        .audit(&audit::Entry::now(command, args, affected))
-        .context("the action was taken, but the audit log could not be written")
 }
 
 /// `queue hold|release`: select, print one line per message acted on and a count, write the
@@ -885,12 +859,7 @@ fn hold_release(
     );
     if !dry_run {
         println!("{}", select::HOLD_NOTE);
-        audit(
-            spool,
-            &format!("queue {}", action.verb()),
-            &target.args(),
-            &ids,
-        )?;
+        record(spool, &["queue", action.verb()], to_strings(&ids))?;
     }
     if unknown > 0 {
         bail!(
@@ -912,9 +881,10 @@ fn listeners(
     let dir = spool_dir(config, spool)?;
     let spool = open_spool(&dir, false)?;
     let marker = pause::marker_path(spool.root());
-    match action {
+    let changed = match action {
         ListenersAction::Pause => {
-            if pause::pause(spool.root(), unix_now())? {
+            let paused = pause::pause(spool.root(), unix_now())?;
+            if paused {
                 println!(
                     "listeners paused ({} written): the running relay answers new connections \
                      421 4.3.2 within a second; delivery goes on",
@@ -923,9 +893,11 @@ fn listeners(
             } else {
                 println!("listeners already paused ({} exists)", marker.display());
             }
+            paused
         }
         ListenersAction::Resume => {
-            if pause::resume(spool.root())? {
+            let resumed = pause::resume(spool.root())?;
+            if resumed {
                 println!(
                     "listeners resumed ({} removed): the running relay accepts again within a second",
                     marker.display()
@@ -933,9 +905,19 @@ fn listeners(
             } else {
                 println!("listeners not paused (no {})", marker.display());
             }
+            resumed
         }
-    }
-    Ok(())
+    };
+    let words = match action {
+        ListenersAction::Pause => ["listeners", "pause"],
+        ListenersAction::Resume => ["listeners", "resume"],
+    };
+    let affected = if changed {
+        vec!["listeners".to_owned()]
+    } else {
+        Vec::new()
+    };
+    record(&spool, &words, affected)
 }
 
 /// Parse every id first, so a typo changes nothing (exit 2).
@@ -947,7 +929,7 @@ fn parse_ids(ids: &[String]) -> anyhow::Result<Vec<QueueId>> {
 
 /// `queue retry`: one request file per known id (unknown ids: stderr, exit 1 at the end).
 fn retry(spool: &Spool, dir: &Path, ids: &[String], all: bool) -> anyhow::Result<()> {
-    if all {
+    let (affected, found) = if all {
         spool.request_retry(&RetryTarget::All)?;
         let pending = spool.pending_holds()?;
         let (held, queued): (Vec<QueuedMessage>, Vec<QueuedMessage>) = (spool.list()?)
@@ -962,6 +944,7 @@ fn retry(spool: &Spool, dir: &Path, ids: &[String], all: bool) -> anyhow::Result
                 held.len()
             );
         }
+        (queued.iter().map(|m| m.id().to_string()).collect(), Ok(()))
     } else {
         let ids = parse_ids(ids)?;
         let (known, unknown): (Vec<QueueId>, Vec<QueueId>) =
@@ -983,16 +966,19 @@ fn retry(spool: &Spool, dir: &Path, ids: &[String], all: bool) -> anyhow::Result
         for id in &known {
             println!("retry requested for {id}");
         }
-        if !unknown.is_empty() {
-            bail!(
+        let found = if unknown.is_empty() {
+            Ok(())
+        } else {
+            Err(anyhow::anyhow!(
                 "{} of {} messages not found",
                 unknown.len(),
                 unknown.len() + known.len() + held.len()
-            );
-        }
-    }
+            ))
+        };
+        (to_strings(&known), found)
+    };
     println!("{}", report::RETRY_NOTE);
-    Ok(())
+    all_ok([record(spool, &["queue", "retry"], affected), found])
 }
 
 /// `queue delete`: every known id is deleted even when some are unknown (stderr, exit 1).
@@ -1004,9 +990,11 @@ fn delete(spool: &Spool, dir: &Path, ids: &[String]) -> anyhow::Result<()> {
         let outcome = match spool.delete(id) {
             Ok(outcome) => outcome,
             Err(e) => {
-                // Tell the relay about those removed so far; the error is the one to report.
-                let _ = spool.notify_removed(RemovedHow::Delete, &removed);
-                return Err(e.into());
+                // Record and tell the relay about those removed so far; the error is the one
+                // to report.
+                let recorded = record(spool, &["queue", "delete"], to_strings(&removed));
+                let notified = spool.notify_removed(RemovedHow::Delete, &removed);
+                return all_ok([recorded, notified.map_err(Into::into), Err(e.into())]);
             }
         };
         if outcome == DeleteOutcome::NotFound {
@@ -1018,11 +1006,130 @@ fn delete(spool: &Spool, dir: &Path, ids: &[String]) -> anyhow::Result<()> {
         tally.add(Some(outcome));
     }
     println!("{}", tally.summary());
-    spool.notify_removed(RemovedHow::Delete, &removed)?;
-    if tally.not_found > 0 {
-        bail!("{} of {} messages not found", tally.not_found, ids.len());
+    let recorded = record(spool, &["queue", "delete"], to_strings(&removed));
+    let notified = spool.notify_removed(RemovedHow::Delete, &removed);
+    let found = if tally.not_found > 0 {
+        Err(anyhow::anyhow!(
+            "{} of {} messages not found",
+            tally.not_found,
+            ids.len()
+        ))
+    } else {
+        Ok(())
+    };
+    all_ok([recorded, notified.map_err(Into::into), found])
+}
+
+/// Record in the audit log the command named by `words` (e.g. `["queue", "purge"]`), which
+/// has acted: with its arguments as typed, and `affected`, what it changed (queue ids,
+/// `listeners`). An error says that the action was taken all the same (exit 1).
+fn record(spool: &Spool, words: &[&str], affected: Vec<String>) -> anyhow::Result<()> {
+    let args = own_args(std::env::args_os().skip(1), words);
+    let entry = audit::Entry::now(&words.join(" "), &args, affected);
+    spool.audit(&entry).with_context(|| {
+        format!(
+            "the {} was done, but it could not be recorded in the audit log",
+            words.join(" ")
+        )
+    })
+}
+
+/// The arguments of the command named by `words`, as typed: the command line without the
+/// program name, the global options (`--config`, `--spool` and their values) and the words.
+fn own_args(argv: impl Iterator<Item = std::ffi::OsString>, words: &[&str]) -> Vec<String> {
+    let mut argv = argv.map(|a| a.to_string_lossy().into_owned());
+    let mut words = words.iter().peekable();
+    let mut own = Vec::new();
+    while let Some(arg) = argv.next() {
+        let global = arg.starts_with("--config=") || arg.starts_with("--spool=");
+        if arg == "--config" || arg == "--spool" {
+            argv.next();
+        } else if !global && words.next_if(|w| **w == arg).is_none() {
+            own.push(arg);
+        }
     }
-    Ok(())
+    own
+}
+
+fn to_strings(ids: &[QueueId]) -> Vec<String> {
+    ids.iter().map(ToString::to_string).collect()
+}
+
+/// Ok when every one of `results` is, else the last error, each earlier one said on stderr
+/// (a command that failed in several ways reports them all, and exits 1 once).
+fn all_ok(results: impl IntoIterator<Item = anyhow::Result<()>>) -> anyhow::Result<()> {
+    let mut last = Ok(());
+    for result in results {
+        if let Err(e) = result
+            && let Err(earlier) = std::mem::replace(&mut last, Err(e))
+        {
+            eprintln!("portcullis: {earlier:#}");
+        }
+    }
+    last
+}
+
+/// `portcullis audit [--since DUR] [--json]`: the audit log, oldest first; lines it skipped
+/// (a write torn by a crash) are noted on stderr.
+fn audit_log(
+    config: Option<&Path>,
+    spool: Option<PathBuf>,
+    since: Option<&str>,
+    json: bool,
+) -> anyhow::Result<()> {
+    let since_ms = match since {
+        Some(text) => {
+            let age = portcullis::config::units::parse_duration(text)
+                .map_err(|e| UsageError(format!("--since: {e}")))?;
+            let age = u64::try_from(age.as_millis()).unwrap_or(u64::MAX);
+            portcullis::observe::event::unix_millis().saturating_sub(age)
+        }
+        None => 0,
+    };
+    let dir = spool_dir(config, spool)?;
+    if !dir.join("queue").is_dir() {
+        bail!(UsageError(format!(
+            "no spool at {} (no queue/ directory); pass --spool DIR or --config FILE",
+            dir.display()
+        )));
+    }
+    let log = audit::read(&dir, since_ms)?;
+    for skipped in &log.skipped {
+        eprintln!("portcullis: note: {skipped}");
+    }
+    if log.entries.is_empty() {
+        eprintln!(
+            "portcullis: no audit entry{} in {}",
+            since
+                .map(|s| format!(" in the last {s}"))
+                .unwrap_or_default(),
+            audit::path(&dir).display()
+        );
+        return Ok(());
+    }
+    let names: std::collections::HashMap<u32, Option<String>> = log
+        .entries
+        .iter()
+        .flat_map(|e| std::iter::once(e.uid).chain(e.login_uid))
+        .map(|uid| (uid, portcullis::config::perms::user_name(uid)))
+        .collect();
+    let name = |uid: u32| names.get(&uid).cloned().flatten();
+    let mut out = String::new();
+    for entry in &log.entries {
+        if json {
+            out.push_str(&report::json_line(&audit::json_value(entry, &name)));
+        } else {
+            out.push_str(&audit::text_line(entry, &name));
+        }
+        out.push('\n');
+    }
+    // Read through `head`: a closed pipe ends the output, it is no failure.
+    match std::io::Write::write_all(&mut std::io::stdout().lock(), out.as_bytes()) {
+        Err(e) if e.kind() != std::io::ErrorKind::BrokenPipe => {
+            Err(anyhow::Error::new(e).context("cannot write to stdout"))
+        }
+        _ => Ok(()),
+    }
 }
 
 fn passwd() -> anyhow::Result<()> {
@@ -1143,6 +1250,30 @@ mod tests {
         );
         let parsed: serde_json::Value = serde_json::from_str(&escaped).unwrap();
         assert_eq!(parsed["from"], from);
+    }
+
+    /// The audit log records a command's own arguments as typed, without the global options
+    /// (which may stand anywhere) and the words naming the command.
+    #[test]
+    fn own_args_leave_out_global_options_and_the_command_words() {
+        let argv = |line: &str| {
+            line.split(' ')
+                .map(std::ffi::OsString::from)
+                .collect::<Vec<_>>()
+        };
+        let own = |line: &str, words: &[&str]| super::own_args(argv(line).into_iter(), words);
+        assert_eq!(
+            own(
+                "--spool queue queue --config=/etc/p.toml purge --from queue@x --config c.toml --all",
+                &["queue", "purge"]
+            ),
+            ["--from", "queue@x", "--all"]
+        );
+        assert_eq!(
+            own("queue delete --spool s A B", &["queue", "delete"]),
+            ["A", "B"]
+        );
+        assert!(own("listeners pause", &["listeners", "pause"]).is_empty());
     }
 
     #[test]

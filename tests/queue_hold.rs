@@ -837,7 +837,8 @@ fn purge_filters_select_exactly_what_they_say() {
         audit(&root),
         [(
             "queue purge".to_string(),
-            ["--since", "1h", "--to", "@victim.example"]
+            // As typed (the global --spool left out).
+            ["--to", "@victim.example", "--since", "1h"]
                 .map(String::from)
                 .to_vec(),
             vec![ids[0].clone(), ids[4].clone()],

@@ -139,6 +139,11 @@ fn fix(mode: u32, gid: u32, user: &RelayUser, path: &Path) -> String {
     }
 }
 
+/// The login name of `uid` in the user database (`getpwuid_r`), if it has one.
+pub fn user_name(uid: u32) -> Option<String> {
+    passwd(uid).map(|(name, _)| name)
+}
+
 /// Login name and primary group of `uid` from the user database.
 fn passwd(uid: u32) -> Option<(String, u32)> {
     let mut buf = vec![0 as libc::c_char; 16 * 1024];

@@ -24,6 +24,8 @@
 //!                        `crate::routes`, not by this module
 //! SPOOL/alerts.json     the firing alerts, kept over a restart; written by
 //!                        `crate::observe::alerts::state`, not by this module
+//! SPOOL/audit.jsonl     the operator commands that changed something, one JSON line each
+//!                        (and `audit.jsonl.1`, the previous 16 MiB); see [`audit`]
 //! ```
 //!
 //! A message file is the line `PORTCULLIS-SPOOL 1\n`, then the [`Envelope`] as one line of
