@@ -154,6 +154,7 @@ fn start(retry: &[u64], max_in_flight: usize, gate: Option<Arc<Semaphore>>) -> H
             max_age: Duration::from_secs(10 * retry.iter().sum::<u64>()),
             bounces: true,
             delivery_grace: Duration::from_secs(10),
+            quarantine_keep: Duration::from_secs(7 * 86_400),
         },
         max_in_flight,
         clock,

@@ -16,7 +16,11 @@
 //!                        (wrong owner or mode, not a regular file); moved here, never deleted,
 //!                        never delivered, listed or restored by any command
 //! SPOOL/control/         operator requests to the running relay (`retry.ID`, `retry.all`,
-//!                        `hold.ID`, `release.ID`) and removal notices (`removed.NONCE`)
+//!                        `hold.ID`, `release.ID`, `restore.ID`) and removal notices
+//!                        (`removed.NONCE`)
+//! SPOOL/quarantine/      messages `queue purge --quarantine` put aside (`ID`, `ID.state`,
+//!                        `ID.quarantined`): never delivered, kept `[queue] quarantine_keep`,
+//!                        put back by `queue restore` (see [`quarantine`])
 //! SPOOL/free/            files of finished messages, reused for new ones (see [`recycle`])
 //! SPOOL/journal/         the message journal behind `portcullis trace`: event segments and
 //!                        their indexes, bounded by `[log]` (see [`journal`])
@@ -119,6 +123,7 @@ pub mod control;
 mod group;
 pub mod journal;
 pub mod manager;
+pub mod quarantine;
 mod recover;
 mod recycle;
 pub mod report;
@@ -161,7 +166,7 @@ pub const MAX_STATE_FILE: u64 = 4 * 1024 * 1024;
 pub const STATE_SUFFIX: &str = ".state";
 
 /// The subdirectories of the spool (see the module docs).
-const SUBDIRS: [&str; 5] = ["tmp", "queue", "rejected", "control", "free"];
+const SUBDIRS: [&str; 6] = ["tmp", "queue", "rejected", "control", "free", quarantine::DIR];
 
 /// Permissions of spool directories: messages are private to the relay's user.
 const DIR_MODE: u32 = 0o700;
@@ -580,10 +585,11 @@ impl Spool {
                 .map_err(SpoolError::io("read", &msg.path))?;
             Some(body)
         };
+        let path = msg.path.clone();
         Ok(Loaded {
             msg,
             body,
-            lock: SendLock::new(id.clone(), reader.into_inner()),
+            lock: SendLock::new(id.clone(), reader.into_inner(), path),
         })
     }
 
