@@ -30,7 +30,7 @@ mod manual;
 use portcullis::config::Config;
 use portcullis::envelope::{QueueId, unix_now};
 use portcullis::queue::{
-    DeleteOutcome, PurgeFilter, RemovedHow, RetryTarget, Spool, SpoolError, report,
+    DeleteOutcome, PurgeFilter, RemovedHow, RetryTarget, Spool, SpoolError, audit, report,
 };
 
 /// `portcullis --version`: the crate's version and the commit it was built from (`unknown`
@@ -148,6 +148,10 @@ enum QueueAction {
     List {
         #[arg(long)]
         json: bool,
+        /// List the messages `queue purge --quarantine` put aside instead, with when and by
+        /// which command.
+        #[arg(long)]
+        quarantined: bool,
     },
     /// Envelope, delivery history and headers of one message.
     Show { id: String },
@@ -183,6 +187,29 @@ enum QueueAction {
         #[arg(long)]
         all: bool,
         /// Only list what would be deleted.
+        #[arg(long)]
+        dry_run: bool,
+        /// Move the messages into SPOOL/quarantine/ instead of deleting them: kept for
+        /// [queue] quarantine_keep, listed by `queue list --quarantined`, put back by `queue
+        /// restore`.
+        #[arg(long)]
+        quarantine: bool,
+    },
+    /// Put quarantined messages back into the queue exactly as they were (same id, state and
+    /// bytes); the running relay delivers them within a second. An id queued already is
+    /// refused. Files startup recovery refused (SPOOL/rejected/) are never restored.
+    Restore {
+        /// Queue ids of quarantined messages.
+        #[arg(
+            value_name = "ID",
+            required_unless_present = "all",
+            conflicts_with = "all"
+        )]
+        ids: Vec<String>,
+        /// Every quarantined message.
+        #[arg(long)]
+        all: bool,
+        /// Only list what would be restored.
         #[arg(long)]
         dry_run: bool,
     },
@@ -548,7 +575,12 @@ fn queue(action: QueueAction, config: Option<&Path>, spool: Option<PathBuf>) -> 
     let dir = spool_dir(config, spool)?;
     let spool = open_spool(&dir, matches!(action, QueueAction::Retry { .. }))?;
     match action {
-        QueueAction::List { json } => {
+        QueueAction::List {
+            json,
+            quarantined: true,
+        } => list_quarantined(&spool, json)?,
+        QueueAction::Restore { ids, all, dry_run } => restore(&spool, &dir, &ids, all, dry_run)?,
+        QueueAction::List { json, .. } => {
             let msgs = spool.list()?;
             if json {
                 print!("{}", report::list_json(&msgs, unix_now()));
@@ -568,7 +600,16 @@ fn queue(action: QueueAction, config: Option<&Path>, spool: Option<PathBuf>) -> 
         }
         QueueAction::Retry { ids, all } => retry(&spool, &dir, &ids, all)?,
         QueueAction::Delete { ids } => delete(&spool, &dir, &ids)?,
-        QueueAction::Purge { from, all, dry_run } => {
+        QueueAction::Purge {
+            from,
+            all,
+            dry_run,
+            quarantine,
+        } => {
+            let mut args = match &from {
+                Some(from) => vec!["--from".to_owned(), from.clone()],
+                None => vec!["--all".to_owned()],
+            };
             let filter = match (from, all) {
                 (Some(from), _) => {
                     PurgeFilter::parse_from(&from).map_err(|e| UsageError(e.to_string()))?
@@ -578,6 +619,10 @@ fn queue(action: QueueAction, config: Option<&Path>, spool: Option<PathBuf>) -> 
                     "purge needs --from ADDR|@DOMAIN|'<>' or --all".into()
                 )),
             };
+            if quarantine {
+                args.push("--quarantine".to_owned());
+                return purge_quarantine(&spool, &filter, &args, dry_run);
+            }
             let purged = spool.purge(&filter, dry_run)?;
             let mut tally = report::Tally::new(dry_run);
             for p in &purged {
@@ -595,6 +640,110 @@ fn queue(action: QueueAction, config: Option<&Path>, spool: Option<PathBuf>) -> 
                 .collect();
             spool.notify_removed(RemovedHow::Purge, &removed)?;
         }
+    }
+    Ok(())
+}
+
+/// `queue list --quarantined [--json]`.
+fn list_quarantined(spool: &Spool, json: bool) -> anyhow::Result<()> {
+    use portcullis::queue::quarantine::report as q;
+    let msgs = spool.quarantined()?;
+    if json {
+        print!("{}", q::list_json(&msgs));
+    } else {
+        print!("{}", q::list_table(&msgs, unix_now()));
+    }
+    Ok(())
+}
+
+/// `queue purge … --quarantine`: move what `filter` selects into `quarantine/`, print a line
+/// each and the summary, tell the relay, record it in the audit log.
+fn purge_quarantine(
+    spool: &Spool,
+    filter: &PurgeFilter,
+    args: &[String],
+    dry_run: bool,
+) -> anyhow::Result<()> {
+    use portcullis::queue::quarantine::{Record, report as q};
+    let record = Record::now("queue purge", args);
+    let purged = spool.purge_quarantine(filter, &record, dry_run)?;
+    for p in &purged {
+        println!("{}", q::quarantine_line(&p.id, &p.sender, p.outcome));
+    }
+    let outcomes: Vec<Option<DeleteOutcome>> = purged.iter().map(|p| p.outcome).collect();
+    println!("{}", q::quarantine_summary(&outcomes, dry_run));
+    if dry_run {
+        return Ok(());
+    }
+    let moved: Vec<QueueId> = purged
+        .into_iter()
+        .filter(|p| p.outcome.is_some_and(|o| o != DeleteOutcome::NotFound))
+        .map(|p| p.id)
+        .collect();
+    spool.notify_removed(RemovedHow::Quarantine, &moved)?;
+    let affected = moved.iter().map(ToString::to_string).collect();
+    spool.audit(&audit::Entry::now("queue purge", args, affected))?;
+    Ok(())
+}
+
+/// `queue restore ID…|--all [--dry-run]`: every id is tried even when some are not
+/// quarantined or queued already (stderr, exit 1 at the end); an I/O error stops, after
+/// making what was restored durable and telling the relay.
+fn restore(
+    spool: &Spool,
+    dir: &Path,
+    ids: &[String],
+    all: bool,
+    dry_run: bool,
+) -> anyhow::Result<()> {
+    use portcullis::queue::quarantine::{RestoreOutcome, report as q};
+    let targets: Vec<QueueId> = if all {
+        spool.quarantined()?.into_iter().map(|m| m.msg.envelope.id).collect()
+    } else {
+        parse_ids(ids)?
+    };
+    let mut outcomes = Vec::with_capacity(targets.len());
+    let mut restored = Vec::new();
+    let mut failure = None;
+    for id in &targets {
+        match spool.restore(id, dry_run) {
+            Ok(outcome) => {
+                match q::restore_line(id, outcome) {
+                    Ok(line) => println!("{line}"),
+                    Err(line) => eprintln!("portcullis: {line} in {}", dir.display()),
+                }
+                if outcome == RestoreOutcome::Restored {
+                    restored.push(id.clone());
+                }
+                outcomes.push(outcome);
+            }
+            Err(e) => {
+                failure = Some(e);
+                break;
+            }
+        }
+    }
+    if !dry_run {
+        spool.finish_restore()?;
+        spool.request_restore(&restored)?;
+        let mut args: Vec<String> = if all { vec!["--all".into()] } else { ids.to_vec() };
+        args.retain(|a| !a.is_empty());
+        let affected = restored.iter().map(ToString::to_string).collect();
+        spool.audit(&audit::Entry::now("queue restore", &args, affected))?;
+    }
+    if let Some(e) = failure {
+        return Err(e.into());
+    }
+    println!("{}", q::restore_summary(&outcomes, dry_run));
+    if !dry_run && !restored.is_empty() {
+        println!("{}", report::RETRY_NOTE);
+    }
+    let refused = outcomes
+        .iter()
+        .filter(|o| matches!(o, RestoreOutcome::NotQuarantined | RestoreOutcome::AlreadyQueued))
+        .count();
+    if refused > 0 {
+        bail!("{refused} of {} messages not restored", outcomes.len());
     }
     Ok(())
 }
