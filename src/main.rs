@@ -698,7 +698,11 @@ fn restore(
 ) -> anyhow::Result<()> {
     use portcullis::queue::quarantine::{RestoreOutcome, report as q};
     let targets: Vec<QueueId> = if all {
-        spool.quarantined()?.into_iter().map(|m| m.msg.envelope.id).collect()
+        spool
+            .quarantined()?
+            .into_iter()
+            .map(|m| m.msg.envelope.id)
+            .collect()
     } else {
         parse_ids(ids)?
     };
@@ -726,7 +730,11 @@ fn restore(
     if !dry_run {
         spool.finish_restore()?;
         spool.request_restore(&restored)?;
-        let mut args: Vec<String> = if all { vec!["--all".into()] } else { ids.to_vec() };
+        let mut args: Vec<String> = if all {
+            vec!["--all".into()]
+        } else {
+            ids.to_vec()
+        };
         args.retain(|a| !a.is_empty());
         let affected = restored.iter().map(ToString::to_string).collect();
         spool.audit(&audit::Entry::now("queue restore", &args, affected))?;
@@ -740,7 +748,12 @@ fn restore(
     }
     let refused = outcomes
         .iter()
-        .filter(|o| matches!(o, RestoreOutcome::NotQuarantined | RestoreOutcome::AlreadyQueued))
+        .filter(|o| {
+            matches!(
+                o,
+                RestoreOutcome::NotQuarantined | RestoreOutcome::AlreadyQueued
+            )
+        })
         .count();
     if refused > 0 {
         bail!("{refused} of {} messages not restored", outcomes.len());

@@ -398,7 +398,10 @@ fn value_errors_table() {
         ("[queue]\nmax_age = \"5\"", "queue.max_age"),
         ("[queue]\ndelivery_grace = \"soon\"", "queue.delivery_grace"),
         ("[queue]\nquarantine_keep = \"0s\"", "queue.quarantine_keep"),
-        ("[queue]\nquarantine_keep = \"a week\"", "queue.quarantine_keep"),
+        (
+            "[queue]\nquarantine_keep = \"a week\"",
+            "queue.quarantine_keep",
+        ),
         (
             "[headers]\nstrip_untrusted = [\"X-Bad: *\"]",
             "headers.strip_untrusted[0]",

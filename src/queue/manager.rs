@@ -424,7 +424,10 @@ impl<C: Courier> Manager<C> {
             HashSet::new()
         } else {
             on_spool(&self.spool, move |s| {
-                Ok(quarantined.into_iter().filter(|id| s.contains(id)).collect())
+                Ok(quarantined
+                    .into_iter()
+                    .filter(|id| s.contains(id))
+                    .collect())
             })
             .await
             .unwrap_or_default()

@@ -166,7 +166,14 @@ pub const MAX_STATE_FILE: u64 = 4 * 1024 * 1024;
 pub const STATE_SUFFIX: &str = ".state";
 
 /// The subdirectories of the spool (see the module docs).
-const SUBDIRS: [&str; 6] = ["tmp", "queue", "rejected", "control", "free", quarantine::DIR];
+const SUBDIRS: [&str; 6] = [
+    "tmp",
+    "queue",
+    "rejected",
+    "control",
+    "free",
+    quarantine::DIR,
+];
 
 /// Permissions of spool directories: messages are private to the relay's user.
 const DIR_MODE: u32 = 0o700;

@@ -77,8 +77,7 @@ use serde::{Deserialize, Serialize};
 use super::control::{PurgeFilter, Purged, try_flock};
 use super::{
     DeleteOutcome, DeliveryState, QueuedMessage, STATE_SUFFIX, Spool, SpoolError, create_new,
-    exact_id, give_to, open_message_file, read_header, read_state_file, rename_noreplace,
-    sync_dir,
+    exact_id, give_to, open_message_file, read_header, read_state_file, rename_noreplace, sync_dir,
 };
 use crate::envelope::QueueId;
 
@@ -283,8 +282,7 @@ impl Spool {
         if dry_run {
             return Ok(out);
         }
-        let synced =
-            sync_dir(&self.quarantine_dir()).and_then(|()| sync_dir(&self.inner.queue));
+        let synced = sync_dir(&self.quarantine_dir()).and_then(|()| sync_dir(&self.inner.queue));
         match failure.map_or(synced, Err) {
             Ok(()) => Ok(out),
             Err(e) => {
@@ -346,9 +344,8 @@ impl Spool {
             .and_then(|()| give_to(&tmp, self.inner.owner));
         drop(file);
         let dest = self.quarantined_path(id, RECORD_SUFFIX);
-        let renamed = written.and_then(|()| {
-            fs::rename(&tmp, &dest).map_err(SpoolError::io("rename", &dest))
-        });
+        let renamed =
+            written.and_then(|()| fs::rename(&tmp, &dest).map_err(SpoolError::io("rename", &dest)));
         if renamed.is_err() {
             let _ = fs::remove_file(&tmp);
         }
@@ -409,7 +406,9 @@ impl Spool {
             .filter(|s| s.check_against(&envelope).is_ok())
             .unwrap_or_else(|| DeliveryState::fresh(envelope.received_at));
         let record = self.read_record(id);
-        let ctime_ms = u64::try_from(meta.ctime()).unwrap_or(0).saturating_mul(1000);
+        let ctime_ms = u64::try_from(meta.ctime())
+            .unwrap_or(0)
+            .saturating_mul(1000);
         Ok(Quarantined {
             at_ms: record.as_ref().map_or(ctime_ms, |r| r.at_ms),
             record,
@@ -530,7 +529,9 @@ impl Spool {
             }
         }
         for (id, suffix) in others {
-            if self.is_leftover(&id, suffix) && unlink_if_there(&self.quarantined_path(&id, suffix))? {
+            if self.is_leftover(&id, suffix)
+                && unlink_if_there(&self.quarantined_path(&id, suffix))?
+            {
                 sweep.leftovers += 1;
             }
         }
@@ -547,7 +548,11 @@ impl Spool {
             return Some(record.at_ms);
         }
         let meta = fs::symlink_metadata(self.quarantined_path(id, "")).ok()?;
-        Some(u64::try_from(meta.ctime()).unwrap_or(0).saturating_mul(1000))
+        Some(
+            u64::try_from(meta.ctime())
+                .unwrap_or(0)
+                .saturating_mul(1000),
+        )
     }
 
     /// True when `quarantine/ID{suffix}` belongs to no message: its message is in neither
@@ -568,7 +573,10 @@ impl Spool {
         if fs::symlink_metadata(self.quarantined_path(id, "")).is_err() {
             return Ok(false);
         }
-        let moved = rename_if_there(&self.state_path(id), &self.quarantined_path(id, STATE_SUFFIX))?;
+        let moved = rename_if_there(
+            &self.state_path(id),
+            &self.quarantined_path(id, STATE_SUFFIX),
+        )?;
         if moved {
             tracing::warn!(queue_id = %id, "moved the delivery state of a quarantined message into quarantine/ (a move a crash interrupted)");
             sync_dir(&self.quarantine_dir())?;

@@ -104,7 +104,11 @@ pub fn list_json(msgs: &[Quarantined]) -> String {
 /// One line of `queue purge --quarantine`: `quarantined ID from SENDER [MAYBE_SENT_NOTE]`,
 /// `would quarantine ID from SENDER` (dry run), or `gone ID from SENDER (left the queue
 /// meanwhile)`.
-pub fn quarantine_line(id: &QueueId, sender: &ReversePath, outcome: Option<DeleteOutcome>) -> String {
+pub fn quarantine_line(
+    id: &QueueId,
+    sender: &ReversePath,
+    outcome: Option<DeleteOutcome>,
+) -> String {
     let from = clean(&sender.to_string());
     match outcome {
         None => format!("would quarantine {id} from {from}"),
@@ -112,7 +116,9 @@ pub fn quarantine_line(id: &QueueId, sender: &ReversePath, outcome: Option<Delet
         Some(DeleteOutcome::DeletedMaybeSent) => {
             format!("quarantined {id} from {from} {MAYBE_SENT_NOTE}")
         }
-        Some(DeleteOutcome::NotFound) => format!("gone {id} from {from} (left the queue meanwhile)"),
+        Some(DeleteOutcome::NotFound) => {
+            format!("gone {id} from {from} (left the queue meanwhile)")
+        }
     }
 }
 
@@ -120,11 +126,20 @@ pub fn quarantine_line(id: &QueueId, sender: &ReversePath, outcome: Option<Delet
 /// delivered`, `, 1 not found` when nonzero), or `3 messages would be quarantined (dry
 /// run)`.
 pub fn quarantine_summary(outcomes: &[Option<DeleteOutcome>], dry_run: bool) -> String {
-    let count = |want: fn(&Option<DeleteOutcome>) -> bool| outcomes.iter().filter(|o| want(o)).count();
+    let count =
+        |want: fn(&Option<DeleteOutcome>) -> bool| outcomes.iter().filter(|o| want(o)).count();
     if dry_run {
-        return format!("{} would be quarantined (dry run)", messages(outcomes.len()));
+        return format!(
+            "{} would be quarantined (dry run)",
+            messages(outcomes.len())
+        );
     }
-    let moved = count(|o| matches!(o, Some(DeleteOutcome::Deleted | DeleteOutcome::DeletedMaybeSent)));
+    let moved = count(|o| {
+        matches!(
+            o,
+            Some(DeleteOutcome::Deleted | DeleteOutcome::DeletedMaybeSent)
+        )
+    });
     let mut out = format!("{} quarantined", messages(moved));
     let maybe = count(|o| *o == Some(DeleteOutcome::DeletedMaybeSent));
     if maybe > 0 {
@@ -144,9 +159,9 @@ pub fn restore_line(id: &QueueId, outcome: RestoreOutcome) -> Result<String, Str
         RestoreOutcome::Restored => Ok(format!("restored {id}")),
         RestoreOutcome::WouldRestore => Ok(format!("would restore {id}")),
         RestoreOutcome::NotQuarantined => Err(format!("no quarantined message {id}")),
-        RestoreOutcome::AlreadyQueued => {
-            Err(format!("{id} is queued already: not restored (the quarantined copy is kept)"))
-        }
+        RestoreOutcome::AlreadyQueued => Err(format!(
+            "{id} is queued already: not restored (the quarantined copy is kept)"
+        )),
     }
 }
 

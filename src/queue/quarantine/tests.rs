@@ -29,7 +29,10 @@ fn queued(spool: &Spool) -> QueueId {
 }
 
 fn record() -> Record {
-    Record::now("queue purge", &["--all".to_owned(), "--quarantine".to_owned()])
+    Record::now(
+        "queue purge",
+        &["--all".to_owned(), "--quarantine".to_owned()],
+    )
 }
 
 fn names(dir: &Path) -> Vec<String> {
@@ -48,7 +51,9 @@ fn q(spool: &Spool, id: &QueueId, suffix: &str) -> PathBuf {
 /// Quarantine `id` alone; its outcome.
 fn quarantine(spool: &Spool, id: &QueueId) -> Option<DeleteOutcome> {
     let msg = spool.load(id).unwrap();
-    let out = spool.quarantine_selected(vec![msg], &record(), false).unwrap();
+    let out = spool
+        .quarantine_selected(vec![msg], &record(), false)
+        .unwrap();
     out[0].outcome
 }
 
@@ -61,9 +66,16 @@ fn quarantine_then_restore_gives_back_the_very_files() {
     assert!(names(&spool.root().join("queue")).is_empty());
     assert_eq!(
         names(&spool.quarantine_dir()),
-        [id.to_string(), format!("{id}.quarantined"), format!("{id}.state")]
+        [
+            id.to_string(),
+            format!("{id}.quarantined"),
+            format!("{id}.state")
+        ]
     );
-    assert!(spool.list().unwrap().is_empty(), "a quarantined message is not queued");
+    assert!(
+        spool.list().unwrap().is_empty(),
+        "a quarantined message is not queued"
+    );
 
     let listed = spool.quarantined().unwrap();
     assert_eq!(listed.len(), 1);
@@ -71,28 +83,42 @@ fn quarantine_then_restore_gives_back_the_very_files() {
     assert_eq!(listed[0].msg.state.attempts, 2);
     assert_eq!(listed[0].msg.size, BODY.len() as u64);
     let rec = listed[0].record.clone().expect("record");
-    assert_eq!((rec.command.as_str(), rec.at_ms), ("queue purge", listed[0].at_ms));
+    assert_eq!(
+        (rec.command.as_str(), rec.at_ms),
+        ("queue purge", listed[0].at_ms)
+    );
 
     assert_eq!(spool.restore(&id, false).unwrap(), RestoreOutcome::Restored);
     spool.finish_restore().unwrap();
     assert_eq!(fs::read(spool.message_path(&id)).unwrap(), message);
     assert_eq!(fs::read(spool.state_path(&id)).unwrap(), STATE);
-    assert!(names(&spool.quarantine_dir()).is_empty(), "record left behind");
-    assert_eq!(spool.restore(&id, false).unwrap(), RestoreOutcome::NotQuarantined);
+    assert!(
+        names(&spool.quarantine_dir()).is_empty(),
+        "record left behind"
+    );
+    assert_eq!(
+        spool.restore(&id, false).unwrap(),
+        RestoreOutcome::NotQuarantined
+    );
 }
 
 #[test]
 fn dry_runs_move_nothing() {
     let (_d, spool) = spool();
     let id = queued(&spool);
-    let listed = spool.purge_quarantine(&PurgeFilter::All, &record(), true).unwrap();
+    let listed = spool
+        .purge_quarantine(&PurgeFilter::All, &record(), true)
+        .unwrap();
     assert_eq!((listed.len(), listed[0].outcome), (1, None));
     assert_eq!(names(&spool.root().join("queue")).len(), 2);
     assert!(names(&spool.quarantine_dir()).is_empty());
 
     quarantine(&spool, &id);
     let before = names(&spool.quarantine_dir());
-    assert_eq!(spool.restore(&id, true).unwrap(), RestoreOutcome::WouldRestore);
+    assert_eq!(
+        spool.restore(&id, true).unwrap(),
+        RestoreOutcome::WouldRestore
+    );
     assert_eq!(names(&spool.quarantine_dir()), before);
     assert!(!spool.contains(&id));
 }
@@ -105,10 +131,19 @@ fn restore_refuses_an_id_queued_already_and_moves_nothing() {
     quarantine(&spool, &id);
     // The same id queued again (a copy put back by hand).
     fs::write(spool.message_path(&id), &message).unwrap();
-    assert_eq!(spool.restore(&id, false).unwrap(), RestoreOutcome::AlreadyQueued);
-    assert_eq!(spool.restore(&id, true).unwrap(), RestoreOutcome::AlreadyQueued);
+    assert_eq!(
+        spool.restore(&id, false).unwrap(),
+        RestoreOutcome::AlreadyQueued
+    );
+    assert_eq!(
+        spool.restore(&id, true).unwrap(),
+        RestoreOutcome::AlreadyQueued
+    );
     assert_eq!(names(&spool.quarantine_dir()).len(), 3);
-    assert!(!spool.state_path(&id).exists(), "the state moved for a refused id");
+    assert!(
+        !spool.state_path(&id).exists(),
+        "the state moved for a refused id"
+    );
 }
 
 #[test]
@@ -119,7 +154,10 @@ fn rejected_and_planted_files_are_never_restored() {
     let message = fs::read(spool.message_path(&id)).unwrap();
     fs::remove_file(spool.message_path(&id)).unwrap();
     fs::write(spool.root().join("rejected").join(id.as_str()), &message).unwrap();
-    assert_eq!(spool.restore(&id, false).unwrap(), RestoreOutcome::NotQuarantined);
+    assert_eq!(
+        spool.restore(&id, false).unwrap(),
+        RestoreOutcome::NotQuarantined
+    );
 
     // In quarantine/ but writable by others: not the relay's, never queued.
     let planted = q(&spool, &id, "");
@@ -148,7 +186,10 @@ fn crash_between_the_renames_of_a_quarantine_keeps_the_state_with_the_message() 
     let report = spool.recover().unwrap();
     assert_eq!((report.queued, report.orphans_removed), (0, 0));
     assert!(report.rejected.is_empty());
-    assert!(names(&spool.root().join("queue")).is_empty(), "nothing to deliver");
+    assert!(
+        names(&spool.root().join("queue")).is_empty(),
+        "nothing to deliver"
+    );
     assert_eq!(fs::read(q(&spool, &id, STATE_SUFFIX)).unwrap(), STATE);
     assert_eq!(spool.restore(&id, false).unwrap(), RestoreOutcome::Restored);
     assert_eq!(spool.load(&id).unwrap().state.attempts, 2);
@@ -172,7 +213,10 @@ fn crash_between_the_renames_of_a_restore_leaves_the_message_quarantined() {
     // The state went back first; the message did not follow.
     fs::rename(q(&spool, &id, STATE_SUFFIX), spool.state_path(&id)).unwrap();
     spool.recover().unwrap();
-    assert!(spool.list().unwrap().is_empty(), "a quarantined message was queued");
+    assert!(
+        spool.list().unwrap().is_empty(),
+        "a quarantined message was queued"
+    );
     assert_eq!(fs::read(q(&spool, &id, STATE_SUFFIX)).unwrap(), STATE);
     assert_eq!(spool.quarantined().unwrap().len(), 1);
 }
@@ -199,8 +243,11 @@ fn spool_copy(spool: &Spool) -> (tempfile::TempDir, Spool) {
     let (dir, copy) = self::spool();
     for sub in ["queue", DIR] {
         for name in names(&spool.root().join(sub)) {
-            fs::copy(spool.root().join(sub).join(&name), copy.root().join(sub).join(&name))
-                .unwrap();
+            fs::copy(
+                spool.root().join(sub).join(&name),
+                copy.root().join(sub).join(&name),
+            )
+            .unwrap();
         }
     }
     (dir, copy)
@@ -239,9 +286,19 @@ fn sweep_deletes_what_is_older_than_keep_and_leftovers_only() {
     assert_eq!(sweep.expired, [old.clone()]);
     assert_eq!(sweep.leftovers, 1);
     assert_eq!(sweep.next_ms, Some(at(&young) + 1_800_000));
-    assert_eq!(names(&spool.quarantine_dir()).len(), 3, "young's three files stay");
-    assert_eq!(spool.restore(&old, false).unwrap(), RestoreOutcome::NotQuarantined);
-    assert_eq!(spool.restore(&young, false).unwrap(), RestoreOutcome::Restored);
+    assert_eq!(
+        names(&spool.quarantine_dir()).len(),
+        3,
+        "young's three files stay"
+    );
+    assert_eq!(
+        spool.restore(&old, false).unwrap(),
+        RestoreOutcome::NotQuarantined
+    );
+    assert_eq!(
+        spool.restore(&young, false).unwrap(),
+        RestoreOutcome::Restored
+    );
 }
 
 #[test]
@@ -258,7 +315,10 @@ fn a_worker_never_sends_a_quarantined_message_and_the_operator_hears_of_one_in_f
     let Loaded { lock, .. } = spool.load_with_body(&id, 1 << 20).unwrap();
     // The worker sends first: the quarantine says it may have been delivered.
     assert!(lock.begin_final_dot().unwrap());
-    assert_eq!(quarantine(&spool, &id), Some(DeleteOutcome::DeletedMaybeSent));
+    assert_eq!(
+        quarantine(&spool, &id),
+        Some(DeleteOutcome::DeletedMaybeSent)
+    );
     drop(lock);
     assert_eq!(spool.quarantined().unwrap().len(), 1);
 }
