@@ -283,7 +283,7 @@ fn sweep_deletes_what_is_older_than_keep_and_leftovers_only() {
     let keep = Duration::from_secs(1800);
     let now = at(&young) + 1;
     let sweep = spool.sweep_quarantine(keep, now).unwrap();
-    assert_eq!(sweep.expired, [old.clone()]);
+    assert_eq!(sweep.expired, std::slice::from_ref(&old));
     assert_eq!(sweep.leftovers, 1);
     assert_eq!(sweep.next_ms, Some(at(&young) + 1_800_000));
     assert_eq!(
