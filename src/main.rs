@@ -15,6 +15,11 @@
 //! done); an id that is well formed but not queued is reported on stderr, the other ids are
 //! still acted on, and the exit status is 1. `queue purge` that matches nothing exits 0.
 //!
+//! `queue purge … --quarantine` moves what purge selects into `SPOOL/quarantine/`, with the
+//! same exit codes as purge. `queue restore ID…` checks every id's syntax first (exit 2); an
+//! id that is not quarantined, or is queued already, is reported on stderr, the others are
+//! still restored, and the exit status is 1.
+//!
 //! `listeners pause|resume` exit 0 whether or not the marker changed (the output says which),
 //! 2 when there is no spool, 1 when the marker cannot be written or removed.
 
@@ -730,12 +735,11 @@ fn restore(
     if !dry_run {
         spool.finish_restore()?;
         spool.request_restore(&restored)?;
-        let mut args: Vec<String> = if all {
+        let args: Vec<String> = if all {
             vec!["--all".into()]
         } else {
             ids.to_vec()
         };
-        args.retain(|a| !a.is_empty());
         let affected = restored.iter().map(ToString::to_string).collect();
         spool.audit(&audit::Entry::now("queue restore", &args, affected))?;
     }

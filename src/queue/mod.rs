@@ -101,8 +101,11 @@
 //! `control/` ([`Spool::request_hold`]) and written by the queue manager, which owns the
 //! state files of a running relay.
 //!
-//! A new queue state (quarantine, say) goes the same way: a field of [`DeliveryState`] (absent
-//! from files that do not use it, so older spools read as before), a [`schedule::Plan`] that
+//! Quarantine is not a queue state but a place: a quarantined message is moved out of
+//! `queue/` into `quarantine/` with its state file unchanged ([`quarantine`]), so nothing that
+//! reads the queue (the manager, the census, `queue list`, recovery) sees it, and `restore` gives
+//! back the very files. A new queue state goes the way hold did: a field of [`DeliveryState`]
+//! (absent from files that do not use it, so older spools read as before), a [`schedule::Plan`] that
 //! [`schedule::plan`] answers for it, the [`attempt::AttemptEnd`] its attempt reports, what
 //! the manager does then in [`schedule::after_attempt`], and how the [`census`] counts it
 //! (apart from waiting messages, as held ones are).
