@@ -58,7 +58,7 @@ fn args() -> anyhow::Result<Args> {
 /// The envelope of message `n`: its login and sender as the module docs say.
 fn envelope(args: &Args, n: u64, now: u64) -> anyhow::Result<Envelope> {
     let every = 100 / args.share.clamp(1, 100);
-    let login = if n % every == 0 {
+    let login = if n.is_multiple_of(every) {
         args.user.clone()
     } else {
         format!("user{}", n % 1000)
