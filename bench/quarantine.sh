@@ -1,0 +1,50 @@
+#!/usr/bin/env bash
+# Time `queue purge --quarantine` on a big queue (BENCHMARKS.md, "Quarantine at 100,000 queued
+# messages"): fill a spool with N queued messages of 1 KB (bench/queue_fill.rs; 10 % of them
+# authenticated as mallory, sender mallory@corp.example), then time, each with its wall time and
+# peak RSS (GNU time): the purge with --dry-run, the purge, `queue list --quarantined`, `queue
+# restore --all --dry-run` and `queue restore --all`. No relay runs: the commands do the work.
+#
+#   bench/quarantine.sh [DIR]     DIR: where the spool goes (default a new temporary directory;
+#                                 removed at the end unless given)
+#
+# Knobs: BENCH_PROFILE (cargo profile, default "bench-smoke"; "release" = fat LTO),
+# BENCH_MESSAGES (default 100000), BENCH_FILTER (the purge's filter, default
+# "--from mallory@corp.example"; "--user mallory" where `purge --user` exists).
+set -euo pipefail
+
+cd "$(dirname "$0")/.."
+profile=${BENCH_PROFILE:-bench-smoke}
+messages=${BENCH_MESSAGES:-100000}
+read -r -a filter <<< "${BENCH_FILTER:---from mallory@corp.example}"
+cargo build --locked --profile "$profile" --bin portcullis --example queue_fill >&2
+bin="target/$profile/portcullis"
+fill="target/$profile/examples/queue_fill"
+
+if [[ $# -gt 0 ]]; then
+  dir=$1
+else
+  dir=$(mktemp -d)
+  trap 'rm -rf "$dir"' EXIT
+fi
+spool="$dir/spool"
+
+echo "fill: $("$fill" --spool "$spool" --messages "$messages")"
+sync
+
+# One command, timed: its wall time (s) and peak RSS (KiB), then its last output line.
+timed() {
+  local name=$1
+  shift
+  local out
+  out=$(/usr/bin/time -f '%e %M' -o "$dir/time" "$bin" "$@" --spool "$spool" | tail -n 1)
+  read -r wall rss < "$dir/time"
+  printf '%-40s wall %6.2f s  peak RSS %7d KiB  (%s)\n' "$name" "$wall" "$rss" "$out"
+}
+
+timed "purge ${filter[*]} --quarantine --dry-run" queue purge "${filter[@]}" --quarantine --dry-run
+timed "purge ${filter[*]} --quarantine" queue purge "${filter[@]}" --quarantine
+timed "list --quarantined" queue list --quarantined
+timed "restore --all --dry-run" queue restore --all --dry-run
+timed "restore --all" queue restore --all
+echo "queued afterwards: $(find "$spool/queue" -maxdepth 1 -type f ! -name '*.state' | wc -l)"
