@@ -18,8 +18,10 @@ profile=${BENCH_PROFILE:-bench-smoke}
 messages=${BENCH_MESSAGES:-100000}
 read -r -a filter <<< "${BENCH_FILTER:---from mallory@corp.example}"
 cargo build --locked --profile "$profile" --bin portcullis --example queue_fill >&2
-bin="target/$profile/portcullis"
-fill="target/$profile/examples/queue_fill"
+out_dir=$profile
+[[ $profile == dev ]] && out_dir=debug
+bin="target/$out_dir/portcullis"
+fill="target/$out_dir/examples/queue_fill"
 
 if [[ $# -gt 0 ]]; then
   dir=$1
@@ -37,7 +39,7 @@ timed() {
   local name=$1
   shift
   local out
-  out=$(/usr/bin/time -f '%e %M' -o "$dir/time" "$bin" "$@" --spool "$spool" | tail -n 1)
+  out=$(/usr/bin/time -f "%e %M" -o "$dir/time" "$bin" "$@" --spool "$spool" | grep -v "running relay" | tail -n 1)
   read -r wall rss < "$dir/time"
   printf '%-40s wall %6.2f s  peak RSS %7d KiB  (%s)\n' "$name" "$wall" "$rss" "$out"
 }
