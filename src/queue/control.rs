@@ -16,13 +16,15 @@
 //! not understand are removed with a warning (nothing but requests belongs there).
 //! [`Spool::request_hold`] asks the same way to hold (`hold.ID`) or release (`release.ID`) a
 //! message; the relay's queue manager records the hold in `ID.state`.
+//! [`Spool::request_restore`] asks it (`restore.ID`) to load and schedule a message `queue
+//! restore` put back into `queue/` (see [`super::quarantine`]).
 //!
 //! # Removal notices: `SPOOL/control/removed.NONCE`
 //!
 //! `queue delete` and `queue purge` remove messages themselves (see below); afterwards they
 //! tell the relay what they removed, so that it counts and journals each removal and stops
 //! counting the message in its census: [`Spool::notify_removed`] writes a file whose lines are
-//! `delete ID UNIX_MS` or `purge ID UNIX_MS` (at most [`NOTICE_MAX_IDS`] lines; a larger purge
+//! `delete ID UNIX_MS`, `purge ID UNIX_MS` or `quarantine ID UNIX_MS` (at most [`NOTICE_MAX_IDS`] lines; a larger purge
 //! writes several files), the same way as a request (`tmp/`, fsync, rename, directory fsync),
 //! under a name no other notice has (the process id, a counter and the time). A notice has
 //! contents, so the relay cannot act only on its name; it still acts after the unlink, as for
@@ -415,7 +417,7 @@ impl Spool {
     /// before this returns, so act on every request returned. Retries are merged into at
     /// most one [`Request::Retry`] (first): `All` if anyone asked for all, else the sorted
     /// ids; holds, releases and removal notices ([`Request::Removed`], one per notice) follow
-    /// in name order. Unknown names are removed with a warning, and so is a notice the
+    /// in name order; restores last, merged into one [`Request::Restore`]. Unknown names are removed with a warning, and so is a notice the
     /// relay's user did not write (unread). Blocking.
     pub fn take_requests(&self) -> Result<Vec<Request>, SpoolError> {
         let dir = &self.inner.control;
@@ -608,7 +610,8 @@ fn read_notice(file: File, path: &std::path::Path) -> Vec<Removal> {
     removals
 }
 
-/// One line of a removal notice: `delete ID UNIX_MS` or `purge ID UNIX_MS`.
+/// One line of a removal notice: `delete ID UNIX_MS`, `purge ID UNIX_MS` or `quarantine ID
+/// UNIX_MS`.
 fn parse_removal(line: &str) -> Option<Removal> {
     let mut words = line.split(' ');
     let how = RemovedHow::parse(words.next()?)?;
