@@ -322,3 +322,28 @@ fn a_worker_never_sends_a_quarantined_message_and_the_operator_hears_of_one_in_f
     drop(lock);
     assert_eq!(spool.quarantined().unwrap().len(), 1);
 }
+
+#[test]
+fn restore_requests_are_merged_and_come_after_the_removal_notices_read_with_them() {
+    use crate::queue::{RemovedHow, Request};
+    let (_d, spool) = spool();
+    let (a, b) = (QueueId::generate(), QueueId::generate());
+    spool.request_restore(&[b.clone(), a.clone()]).unwrap();
+    spool.request_restore(std::slice::from_ref(&a)).unwrap();
+    spool
+        .notify_removed(RemovedHow::Quarantine, std::slice::from_ref(&a))
+        .unwrap();
+    let requests = spool.take_requests().unwrap();
+    assert_eq!(requests.len(), 2, "{requests:?}");
+    match &requests[0] {
+        Request::Removed(list) => {
+            assert_eq!(list.len(), 1);
+            assert_eq!((&list[0].id, list[0].how), (&a, RemovedHow::Quarantine));
+        }
+        other => panic!("not the notice: {other:?}"),
+    }
+    let mut both = vec![a, b];
+    both.sort();
+    assert_eq!(requests[1], Request::Restore(both));
+    assert!(names(&spool.root().join("control")).is_empty());
+}
