@@ -703,11 +703,7 @@ fn restore(
 ) -> anyhow::Result<()> {
     use portcullis::queue::quarantine::{RestoreOutcome, report as q};
     let targets: Vec<QueueId> = if all {
-        spool
-            .quarantined()?
-            .into_iter()
-            .map(|m| m.msg.envelope.id)
-            .collect()
+        spool.quarantined_ids()?
     } else {
         parse_ids(ids)?
     };

@@ -359,6 +359,25 @@ impl Spool {
     /// [`SpoolError::Io`] when `quarantine/` cannot be listed (a spool without one has no
     /// quarantined messages).
     pub fn quarantined(&self) -> Result<Vec<Quarantined>, SpoolError> {
+        let ids = self.quarantined_ids()?;
+        let mut out = Vec::with_capacity(ids.len());
+        for id in ids {
+            match self.load_quarantined(&id) {
+                Ok(q) => out.push(q),
+                Err(SpoolError::NotFound(_)) => {}
+                Err(e) => {
+                    tracing::warn!(queue_id = %id, error = %e, "skipping unreadable quarantined file");
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    /// The ids of the quarantined messages, sorted (their files are not read). Blocking.
+    ///
+    /// # Errors
+    /// [`SpoolError::Io`] when `quarantine/` cannot be listed.
+    pub fn quarantined_ids(&self) -> Result<Vec<QueueId>, SpoolError> {
         let dir = self.quarantine_dir();
         let entries = match fs::read_dir(&dir) {
             Ok(entries) => entries,
@@ -373,22 +392,15 @@ impl Spool {
             }
         }
         ids.sort();
-        let mut out = Vec::with_capacity(ids.len());
-        for id in ids {
-            match self.load_quarantined(&id) {
-                Ok(q) => out.push(q),
-                Err(SpoolError::NotFound(_)) => {}
-                Err(e) => {
-                    tracing::warn!(queue_id = %id, error = %e, "skipping unreadable quarantined file");
-                }
-            }
-        }
-        Ok(out)
+        Ok(ids)
     }
 
-    /// Read one quarantined message: envelope (its id checked against the name), size,
-    /// state (fresh when absent or unreadable), record.
-    fn load_quarantined(&self, id: &QueueId) -> Result<Quarantined, SpoolError> {
+    /// Open `quarantine/ID` as the relay's and read its header, checking the envelope's id
+    /// against the name: the envelope, the header length and the file's metadata.
+    fn open_quarantined(
+        &self,
+        id: &QueueId,
+    ) -> Result<(crate::envelope::Envelope, u64, fs::Metadata), SpoolError> {
         let path = self.quarantined_path(id, "");
         let file = open_message_file(&path, id, self.inner.owner.0)?;
         let meta = file.metadata().map_err(SpoolError::io("stat", &path))?;
@@ -399,6 +411,14 @@ impl Spool {
                 format!("envelope id {} does not match the file name", envelope.id),
             ));
         }
+        Ok((envelope, header_len, meta))
+    }
+
+    /// Read one quarantined message: envelope (its id checked against the name), size,
+    /// state (fresh when absent or unreadable), record.
+    fn load_quarantined(&self, id: &QueueId) -> Result<Quarantined, SpoolError> {
+        let path = self.quarantined_path(id, "");
+        let (envelope, header_len, meta) = self.open_quarantined(id)?;
         let state_path = self.quarantined_path(id, STATE_SUFFIX);
         let state = read_state_file(&state_path, self.inner.owner.0)
             .ok()
@@ -439,7 +459,7 @@ impl Spool {
     /// is not a message the relay wrote (it is never put into the queue), I/O errors.
     pub fn restore(&self, id: &QueueId, dry_run: bool) -> Result<RestoreOutcome, SpoolError> {
         // A damaged or planted file never reaches the queue.
-        match self.load_quarantined(id) {
+        match self.open_quarantined(id) {
             Ok(_) => {}
             Err(SpoolError::NotFound(_)) => return Ok(RestoreOutcome::NotQuarantined),
             Err(e) => return Err(e),
