@@ -137,11 +137,14 @@ fn purge_quarantine_then_restore_gives_back_byte_identical_messages_delivered_un
             "no removal logged for {id}"
         );
     }
+    // Counted as removed, and no longer as queued (the good message alone is).
     let removed = "portcullis_messages_removed_total{how=\"quarantine\"} 2";
+    let queued = "portcullis_queue_messages{upstream=\"up\",state=\"queued\"} 1";
     assert!(
-        wait_until(WAIT, || http::get(admin, "/metrics", &[])
-            .body
-            .contains(removed)),
+        wait_until(WAIT, || {
+            let body = http::get(admin, "/metrics", &[]).body;
+            body.contains(removed) && body.contains(queued)
+        }),
         "{}",
         http::get(admin, "/metrics", &[]).body
     );
