@@ -24,10 +24,11 @@
 //! `queue delete` and `queue purge` remove messages themselves (see below); afterwards they
 //! tell the relay what they removed, so that it counts and journals each removal and stops
 //! counting the message in its census: [`Spool::notify_removed`] writes a file whose lines are
-//! `delete ID UNIX_MS`, `purge ID UNIX_MS` or `quarantine ID UNIX_MS` (at most [`NOTICE_MAX_IDS`] lines; a larger purge
-//! writes several files), the same way as a request (`tmp/`, fsync, rename, directory fsync),
-//! under a name no other notice has (the process id, a counter and the time). A notice has
-//! contents, so the relay cannot act only on its name; it still acts after the unlink, as for
+//! `delete ID UNIX_MS`, `purge ID UNIX_MS` or `quarantine ID UNIX_MS` (at most
+//! [`NOTICE_MAX_IDS`] lines; a larger purge writes several files), the same way as a request
+//! (`tmp/`, fsync, rename, directory fsync), under a name no other notice has (the process id,
+//! a counter and the time). A notice has contents, so the relay cannot act only on its name; it
+//! still acts after the unlink, as for
 //! every request: it opens the file, unlinks it (if the unlink finds it gone, a concurrent
 //! consumer took it and acts on it), and only then reads it through the open descriptor. The
 //! name being unique, the file read is the file unlinked, never a later one renamed over it;
