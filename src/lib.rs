@@ -37,8 +37,9 @@
 //!   sessions, AUTH outcomes, DNS errors). [`inbound::start`] binds the listeners. It hands
 //!   each committed message on as a [`queue::Committed`] and never names `outbound`.
 //! - [`queue`]: the durable spool, recovery, the operator control files behind the `queue`
-//!   commands (retry, delete, purge; hold and release; which messages their filters select:
-//!   `queue::select`), the reuse of finished message files,
+//!   commands (retry, delete, purge; hold and release, with the filters that select messages:
+//!   `queue::select`; quarantine and restore, `queue::quarantine`: `SPOOL/quarantine/`, outside
+//!   the queue), the reuse of finished message files,
 //!   the free-space reserve for messages in flight, the bounces (RFC 3464: built and queued),
 //!   and the queue manager: scheduling decisions as pure functions (`queue::schedule`: plan
 //!   an attempt, record its results, next attempt, expiry, bounce or not, hold) carried out by

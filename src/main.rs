@@ -16,6 +16,11 @@
 //! ids are still acted on, and the exit status is 1. `queue purge|hold|release` that matches
 //! nothing exits 0. `queue retry` skips held messages (saying so for ids given).
 //!
+//! `queue purge … --quarantine` moves what purge selects into `SPOOL/quarantine/`, with the
+//! same exit codes as purge. `queue restore ID…` checks every id's syntax first (exit 2); an
+//! id that is not quarantined, or is queued already, is reported on stderr, the others are
+//! still restored, and the exit status is 1.
+//!
 //! `listeners pause|resume` exit 0 whether or not the marker changed (the output says which),
 //! 2 when there is no spool, 1 when the marker cannot be written or removed.
 //!
@@ -167,6 +172,10 @@ enum QueueAction {
     List {
         #[arg(long)]
         json: bool,
+        /// List the messages `queue purge --quarantine` put aside instead, with when and by
+        /// which command.
+        #[arg(long)]
+        quarantined: bool,
     },
     /// Envelope, delivery history and headers of one message.
     Show { id: String },
@@ -220,6 +229,29 @@ enum QueueAction {
         #[arg(long)]
         all: bool,
         /// Only list what would be deleted.
+        #[arg(long)]
+        dry_run: bool,
+        /// Move the messages into SPOOL/quarantine/ instead of deleting them: kept for
+        /// [queue] quarantine_keep, listed by `queue list --quarantined`, put back by `queue
+        /// restore`.
+        #[arg(long)]
+        quarantine: bool,
+    },
+    /// Put quarantined messages back into the queue exactly as they were (same id, state and
+    /// bytes); the running relay delivers them within a second. An id queued already is
+    /// refused. Files startup recovery refused (SPOOL/rejected/) are never restored.
+    Restore {
+        /// Queue ids of quarantined messages.
+        #[arg(
+            value_name = "ID",
+            required_unless_present = "all",
+            conflicts_with = "all"
+        )]
+        ids: Vec<String>,
+        /// Every quarantined message.
+        #[arg(long)]
+        all: bool,
+        /// Only list what would be restored.
         #[arg(long)]
         dry_run: bool,
     },
@@ -638,7 +670,12 @@ fn queue(action: QueueAction, config: Option<&Path>, spool: Option<PathBuf>) -> 
     );
     let spool = open_spool(&dir, writes)?;
     match action {
-        QueueAction::List { json } => {
+        QueueAction::List {
+            json,
+            quarantined: true,
+        } => list_quarantined(&spool, json)?,
+        QueueAction::Restore { ids, all, dry_run } => restore(&spool, &dir, &ids, all, dry_run)?,
+        QueueAction::List { json, .. } => {
             let msgs = spool.list()?;
             if json {
                 print!("{}", report::list_json(&msgs, unix_now()));
@@ -666,6 +703,7 @@ fn queue(action: QueueAction, config: Option<&Path>, spool: Option<PathBuf>) -> 
             to,
             all,
             dry_run,
+            quarantine,
         } => {
             let filters = Filters {
                 from,
@@ -682,6 +720,9 @@ fn queue(action: QueueAction, config: Option<&Path>, spool: Option<PathBuf>) -> 
                 ));
             }
             let now = unix_now();
+            if quarantine {
+                return purge_quarantine(&spool, |m| selection.matches(m, now), dry_run);
+            }
             let purged = spool.purge_where(|m| selection.matches(m, now), dry_run)?;
             let mut tally = report::Tally::new(dry_run);
             for p in &purged {
@@ -866,6 +907,114 @@ fn hold_release(
             "{unknown} of {} messages not found",
             unknown + acted.len() + skipped.len()
         );
+    }
+    Ok(())
+}
+
+/// `queue list --quarantined [--json]`.
+fn list_quarantined(spool: &Spool, json: bool) -> anyhow::Result<()> {
+    use portcullis::queue::quarantine::report as q;
+    let msgs = spool.quarantined()?;
+    if json {
+        print!("{}", q::list_json(&msgs));
+    } else {
+        print!("{}", q::list_table(&msgs, unix_now()));
+    }
+    Ok(())
+}
+
+/// `queue purge … --quarantine`: move what `filter` selects into `quarantine/`, print a line
+/// each and the summary, tell the relay, record it in the audit log.
+fn purge_quarantine(
+    spool: &Spool,
+    select: impl Fn(&portcullis::queue::QueuedMessage) -> bool,
+    dry_run: bool,
+) -> anyhow::Result<()> {
+    use portcullis::queue::quarantine::{Record, report as q};
+    let words = ["queue", "purge"];
+    let why = Record::now(
+        &words.join(" "),
+        &own_args(std::env::args_os().skip(1), &words),
+    );
+    let purged = spool.purge_quarantine(select, &why, dry_run)?;
+    for p in &purged {
+        println!("{}", q::quarantine_line(&p.id, &p.sender, p.outcome));
+    }
+    let outcomes: Vec<Option<DeleteOutcome>> = purged.iter().map(|p| p.outcome).collect();
+    println!("{}", q::quarantine_summary(&outcomes, dry_run));
+    if dry_run {
+        return Ok(());
+    }
+    let moved: Vec<QueueId> = purged
+        .into_iter()
+        .filter(|p| p.outcome.is_some_and(|o| o != DeleteOutcome::NotFound))
+        .map(|p| p.id)
+        .collect();
+    let recorded = record(spool, &words, to_strings(&moved));
+    let notified = spool.notify_removed(RemovedHow::Quarantine, &moved);
+    all_ok([recorded, notified.map_err(Into::into)])
+}
+
+/// `queue restore ID…|--all [--dry-run]`: every id is tried even when some are not
+/// quarantined or queued already (stderr, exit 1 at the end); an I/O error stops, after
+/// making what was restored durable and telling the relay.
+fn restore(
+    spool: &Spool,
+    dir: &Path,
+    ids: &[String],
+    all: bool,
+    dry_run: bool,
+) -> anyhow::Result<()> {
+    use portcullis::queue::quarantine::{RestoreOutcome, report as q};
+    let targets: Vec<QueueId> = if all {
+        spool.quarantined_ids()?
+    } else {
+        parse_ids(ids)?
+    };
+    let mut outcomes = Vec::with_capacity(targets.len());
+    let mut restored = Vec::new();
+    let mut failure = None;
+    for id in &targets {
+        match spool.restore(id, dry_run) {
+            Ok(outcome) => {
+                match q::restore_line(id, outcome) {
+                    Ok(line) => println!("{line}"),
+                    Err(line) => eprintln!("portcullis: {line} in {}", dir.display()),
+                }
+                if outcome == RestoreOutcome::Restored {
+                    restored.push(id.clone());
+                }
+                outcomes.push(outcome);
+            }
+            Err(e) => {
+                failure = Some(e);
+                break;
+            }
+        }
+    }
+    if !dry_run {
+        spool.finish_restore()?;
+        spool.request_restore(&restored)?;
+        record(spool, &["queue", "restore"], to_strings(&restored))?;
+    }
+    if let Some(e) = failure {
+        return Err(e.into());
+    }
+    println!("{}", q::restore_summary(&outcomes, dry_run));
+    if !dry_run && !restored.is_empty() {
+        println!("{}", report::RETRY_NOTE);
+    }
+    let refused = outcomes
+        .iter()
+        .filter(|o| {
+            matches!(
+                o,
+                RestoreOutcome::NotQuarantined | RestoreOutcome::AlreadyQueued
+            )
+        })
+        .count();
+    if refused > 0 {
+        bail!("{refused} of {} messages not restored", outcomes.len());
     }
     Ok(())
 }

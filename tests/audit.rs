@@ -426,7 +426,6 @@ fn the_log_belongs_to_the_spools_owner_and_a_planted_link_is_refused() {
 
 /// The incident-response commands record themselves like the others; a dry run does not.
 #[test]
-#[ignore = "needs queue hold|release and queue purge --quarantine|restore: run once those are merged"]
 fn hold_release_quarantine_and_restore_each_leave_one_entry_and_a_dry_run_none() {
     let relay = example_com_relay("");
     let ids = send_from(&relay, &["a@example.org", "spam@junk.example"]);

@@ -795,6 +795,12 @@ impl Compiler {
             max_age: self.duration("queue.max_age", raw.max_age, "5d", false),
             bounces: raw.bounces.unwrap_or(true),
             delivery_grace: self.duration("queue.delivery_grace", raw.delivery_grace, "10s", true),
+            quarantine_keep: self.duration(
+                "queue.quarantine_keep",
+                raw.quarantine_keep,
+                "7d",
+                false,
+            ),
         }
     }
 

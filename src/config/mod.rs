@@ -402,6 +402,9 @@ pub struct Queue {
     /// up). One still running then is abandoned and tried again after the restart (at worst
     /// a duplicate, if its final dot was already sent). Default 10 s.
     pub delivery_grace: Duration,
+    /// How long a message `queue purge --quarantine` put aside is kept (> 0), counted from
+    /// its quarantine; the running relay then deletes it. Default 7 days.
+    pub quarantine_keep: Duration,
 }
 
 /// One thing wrong with a policy file: the dotted key that is wrong (`limits.max_errors`,

@@ -254,6 +254,8 @@ pub struct RawQueue {
     pub bounces: Option<bool>,
     /// How long shutdown waits for deliveries in flight.
     pub delivery_grace: Option<String>,
+    /// How long `queue purge --quarantine` keeps messages.
+    pub quarantine_keep: Option<String>,
 }
 
 /// `[dns]`

@@ -489,11 +489,12 @@ pub(super) fn summary(c: &Config) -> String {
     let retry: Vec<String> = c.queue.retry.iter().map(|d| format_duration(*d)).collect();
     let _ = write!(
         s,
-        "queue: retry {}, expire after {}, bounces {}, delivery grace {}",
+        "queue: retry {}, expire after {}, bounces {}, delivery grace {}, quarantine kept {}",
         retry.join(" "),
         format_duration(c.queue.max_age),
         if c.queue.bounces { "on" } else { "off" },
-        format_duration(c.queue.delivery_grace)
+        format_duration(c.queue.delivery_grace),
+        format_duration(c.queue.quarantine_keep)
     );
     observe_summary(&mut s, c);
     s

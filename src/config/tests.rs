@@ -174,6 +174,7 @@ fn defaults_are_applied() {
     assert_eq!(c.queue.max_age, Duration::from_secs(5 * 86_400));
     assert!(c.queue.bounces);
     assert_eq!(c.queue.delivery_grace, Duration::from_secs(10));
+    assert_eq!(c.queue.quarantine_keep, Duration::from_secs(7 * 86_400));
     assert!(c.warnings().is_empty(), "{:?}", c.warnings());
 }
 
@@ -396,6 +397,11 @@ fn value_errors_table() {
         ("[queue]\nretry = [\"1m\", \"0s\"]", "queue.retry[1]"),
         ("[queue]\nmax_age = \"5\"", "queue.max_age"),
         ("[queue]\ndelivery_grace = \"soon\"", "queue.delivery_grace"),
+        ("[queue]\nquarantine_keep = \"0s\"", "queue.quarantine_keep"),
+        (
+            "[queue]\nquarantine_keep = \"a week\"",
+            "queue.quarantine_keep",
+        ),
         (
             "[headers]\nstrip_untrusted = [\"X-Bad: *\"]",
             "headers.strip_untrusted[0]",

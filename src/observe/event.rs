@@ -42,6 +42,8 @@ pub enum EventKind {
     Held,
     /// Message `id` was released: due now.
     Released,
+    /// `queue restore` put quarantined message `id` back into the queue: due now.
+    Restored,
 }
 
 impl EventKind {
@@ -62,6 +64,7 @@ impl EventKind {
             EventKind::Quarantined => "quarantined",
             EventKind::Held => "held",
             EventKind::Released => "released",
+            EventKind::Restored => "restored",
         }
     }
 }

@@ -364,7 +364,8 @@ impl Metrics {
             | EventKind::Failed
             | EventKind::Finished
             | EventKind::Held
-            | EventKind::Released => {}
+            | EventKind::Released
+            | EventKind::Restored => {}
         }
     }
 

@@ -19,16 +19,19 @@
 //! pending request of the other for the same message, so the last asked wins whatever order
 //! the relay reads them in; [`Spool::pending_holds`] lists the requests not yet taken, which
 //! `queue hold|release` count as done.
+//! [`Spool::request_restore`] asks it (`restore.ID`) to load and schedule a message `queue
+//! restore` put back into `queue/` (see [`super::quarantine`]).
 //!
 //! # Removal notices: `SPOOL/control/removed.NONCE`
 //!
 //! `queue delete` and `queue purge` remove messages themselves (see below); afterwards they
 //! tell the relay what they removed, so that it counts and journals each removal and stops
 //! counting the message in its census: [`Spool::notify_removed`] writes a file whose lines are
-//! `delete ID UNIX_MS` or `purge ID UNIX_MS` (at most [`NOTICE_MAX_IDS`] lines; a larger purge
-//! writes several files), the same way as a request (`tmp/`, fsync, rename, directory fsync),
-//! under a name no other notice has (the process id, a counter and the time). A notice has
-//! contents, so the relay cannot act only on its name; it still acts after the unlink, as for
+//! `delete ID UNIX_MS`, `purge ID UNIX_MS` or `quarantine ID UNIX_MS` (at most
+//! [`NOTICE_MAX_IDS`] lines; a larger purge writes several files), the same way as a request
+//! (`tmp/`, fsync, rename, directory fsync), under a name no other notice has (the process id,
+//! a counter and the time). A notice has contents, so the relay cannot act only on its name; it
+//! still acts after the unlink, as for
 //! every request: it opens the file, unlinks it (if the unlink finds it gone, a concurrent
 //! consumer took it and acts on it), and only then reads it through the open descriptor. The
 //! name being unique, the file read is the file unlinked, never a later one renamed over it;
@@ -88,6 +91,8 @@ const RETRY_ALL: &str = "retry.all";
 const HOLD_PREFIX: &str = "hold.";
 /// Prefix of release request file names in `control/`.
 const RELEASE_PREFIX: &str = "release.";
+/// Prefix of restore request file names in `control/`.
+const RESTORE_PREFIX: &str = "restore.";
 /// Prefix of removal notice file names in `control/`.
 const REMOVED_PREFIX: &str = "removed.";
 /// Most removals listed in one notice (a line is at most 40 octets).
@@ -102,6 +107,8 @@ pub enum RemovedHow {
     Delete,
     /// `queue purge`.
     Purge,
+    /// `queue purge --quarantine`: moved to `quarantine/`, not deleted.
+    Quarantine,
 }
 
 impl RemovedHow {
@@ -111,6 +118,7 @@ impl RemovedHow {
         match self {
             RemovedHow::Delete => "delete",
             RemovedHow::Purge => "purge",
+            RemovedHow::Quarantine => "quarantine",
         }
     }
 
@@ -118,6 +126,7 @@ impl RemovedHow {
         match word {
             "delete" => Some(RemovedHow::Delete),
             "purge" => Some(RemovedHow::Purge),
+            "quarantine" => Some(RemovedHow::Quarantine),
             _ => None,
         }
     }
@@ -153,6 +162,9 @@ pub enum Request {
     Release(QueueId),
     /// A `queue delete` or `queue purge` removed these messages.
     Removed(Vec<Removal>),
+    /// `queue restore` put these messages back into `queue/` (sorted, no duplicates): load
+    /// and schedule them.
+    Restore(Vec<QueueId>),
 }
 
 /// One file of `control/`, understood.
@@ -161,6 +173,7 @@ enum Parsed {
     Retry(QueueId),
     Hold(QueueId),
     Release(QueueId),
+    Restore(QueueId),
     Removed,
 }
 
@@ -182,6 +195,7 @@ fn parse_request(name: &str) -> Option<Parsed> {
         .map(Parsed::Retry)
         .or_else(|| id(HOLD_PREFIX).map(Parsed::Hold))
         .or_else(|| id(RELEASE_PREFIX).map(Parsed::Release))
+        .or_else(|| id(RESTORE_PREFIX).map(Parsed::Restore))
 }
 
 /// What [`Spool::delete`] did.
@@ -288,11 +302,13 @@ pub struct Purged {
 pub struct SendLock {
     id: QueueId,
     file: File,
+    /// `queue/ID`, where the file must still be when its final dot is sent.
+    path: std::path::PathBuf,
 }
 
 impl SendLock {
-    pub(super) fn new(id: QueueId, file: File) -> Self {
-        SendLock { id, file }
+    pub(super) fn new(id: QueueId, file: File, path: std::path::PathBuf) -> Self {
+        SendLock { id, file, path }
     }
 
     /// The message this lock is on.
@@ -301,15 +317,22 @@ impl SendLock {
     }
 
     /// Called right before the final dot: takes the shared lock, then checks that the message
-    /// is still queued. `false` means it was deleted, or is being deleted: abort the
+    /// is still queued: linked, and still `queue/ID` (a quarantine moves the file, which
+    /// keeps its link). `false` means it was deleted or quarantined, or is being: abort the
     /// transaction (RSET) and drop the message. The lock stays held until `self` is dropped,
-    /// which must come after the outcome is recorded in the spool. Two system calls, no I/O.
+    /// which must come after the outcome is recorded in the spool. Three system calls, no
+    /// I/O.
     pub fn begin_final_dot(&self) -> Result<bool, SpoolError> {
         if !try_flock(&self.file, libc::LOCK_SH).map_err(|e| self.error("flock", e))? {
             return Ok(false);
         }
         let meta = self.file.metadata().map_err(|e| self.error("stat", e))?;
-        Ok(meta.nlink() > 0)
+        let here = match std::fs::symlink_metadata(&self.path) {
+            Ok(at) => at.dev() == meta.dev() && at.ino() == meta.ino(),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => false,
+            Err(e) => return Err(self.error("stat", e)),
+        };
+        Ok(meta.nlink() > 0 && here)
     }
 
     fn error(&self, op: &'static str, source: io::Error) -> SpoolError {
@@ -322,7 +345,7 @@ impl SendLock {
 }
 
 /// `flock(file, how | LOCK_NB)`: `Ok(false)` when another open file holds a conflicting lock.
-fn try_flock(file: &File, how: libc::c_int) -> io::Result<bool> {
+pub(super) fn try_flock(file: &File, how: libc::c_int) -> io::Result<bool> {
     // SAFETY: flock only reads its arguments; the descriptor is open for as long as `file`.
     if unsafe { libc::flock(file.as_raw_fd(), how | libc::LOCK_NB) } == 0 {
         return Ok(true);
@@ -374,6 +397,15 @@ impl Spool {
             let _ = fs::remove_file(&tmp);
             SpoolError::io("rename", &dest)(e)
         })
+    }
+
+    /// Ask the running relay to load the messages `queue restore` put back and schedule them
+    /// (`restore.ID`, as [`Spool::request_retry`]). Blocking.
+    pub fn request_restore(&self, ids: &[QueueId]) -> Result<(), SpoolError> {
+        for id in ids {
+            self.write_request(&format!("{RESTORE_PREFIX}{id}"), &[])?;
+        }
+        sync_dir(&self.inner.control)
     }
 
     /// Ask the running relay to hold `id` (`hold` true) or release it (false), through
@@ -428,13 +460,14 @@ impl Spool {
     /// before this returns, so act on every request returned. Retries are merged into at
     /// most one [`Request::Retry`] (first): `All` if anyone asked for all, else the sorted
     /// ids; holds, releases and removal notices ([`Request::Removed`], one per notice) follow
-    /// in name order. Unknown names are removed with a warning, and so is a notice the
+    /// in name order; restores last, merged into one [`Request::Restore`]. Unknown names are removed with a warning, and so is a notice the
     /// relay's user did not write (unread). Blocking.
     pub fn take_requests(&self) -> Result<Vec<Request>, SpoolError> {
         let dir = &self.inner.control;
         let mut all = false;
         let mut ids = Vec::new();
         let mut others = Vec::new();
+        let mut restores = Vec::new();
         let mut entries: Vec<fs::DirEntry> = fs::read_dir(dir)
             .map_err(SpoolError::io("readdir", dir))?
             .collect::<Result<_, _>>()
@@ -462,6 +495,7 @@ impl Spool {
                 Some(Parsed::Retry(id)) => ids.push(id),
                 Some(Parsed::Hold(id)) => others.push(Request::Hold(id)),
                 Some(Parsed::Release(id)) => others.push(Request::Release(id)),
+                Some(Parsed::Restore(id)) => restores.push(id),
                 None => {
                     tracing::warn!(path = %path.display(), "removed unknown file from the spool control directory")
                 }
@@ -474,10 +508,15 @@ impl Spool {
         } else {
             (!ids.is_empty()).then_some(RetryTarget::Ids(ids))
         };
+        restores.sort();
+        restores.dedup();
+        // Last: a removal notice read in the same pass is older than the restore.
+        let restore = (!restores.is_empty()).then_some(Request::Restore(restores));
         Ok(retry
             .map(Request::Retry)
             .into_iter()
             .chain(others)
+            .chain(restore)
             .collect())
     }
 
@@ -619,7 +658,8 @@ fn read_notice(file: File, path: &std::path::Path) -> Vec<Removal> {
     removals
 }
 
-/// One line of a removal notice: `delete ID UNIX_MS` or `purge ID UNIX_MS`.
+/// One line of a removal notice: `delete ID UNIX_MS`, `purge ID UNIX_MS` or `quarantine ID
+/// UNIX_MS`.
 fn parse_removal(line: &str) -> Option<Removal> {
     let mut words = line.split(' ');
     let how = RemovedHow::parse(words.next()?)?;
@@ -682,7 +722,7 @@ mod tests {
         let id = QueueId::generate();
         let control = spool.root().join("control");
         let text = format!(
-            "delete {id} 1700000000000\nquarantine {id} 1\ndelete ../../etc 1\npurge {id}\n\
+            "delete {id} 1700000000000\nrestore {id} 1\ndelete ../../etc 1\npurge {id}\n\
              purge {id} 12 extra\n\u{202e}delete {id} 1\npurge {} 5\n",
             id.as_str().to_lowercase()
         );

@@ -19,7 +19,8 @@
 //! attempt, are held, released or removed by an operator (removal notices from `queue
 //! delete|purge`, see [`super::control`]), and publishes it at most every
 //! [`CENSUS_INTERVAL`] (again while a message waits, so the age of the oldest moves on). It
-//! records the `held`, `released`, `deleted` and `purged` events; each attempt records its
+//! records the `held`, `released`, `deleted`, `purged`, `quarantined` and `restored` events,
+//! and sweeps `quarantine/` ([`Spool::sweep_quarantine`]); each attempt records its
 //! own (`expired`, `bounced`, `finished`; the courier the delivery events).
 
 use std::collections::{BTreeSet, HashMap, HashSet};
@@ -36,6 +37,7 @@ use super::attempt::{self, AttemptEnd, Courier, Ended, facts_of, on_spool};
 use super::census::Census;
 use super::control::{Removal, RemovedHow};
 use super::hold::HoldChange;
+use super::quarantine;
 use super::schedule::{self, AfterAttempt};
 use super::{Committed, Loaded, Request, RetryTarget, Spool, SpoolError};
 use crate::envelope::QueueId;
@@ -120,6 +122,11 @@ pub struct Manager<C: Courier> {
     /// Messages an operator removed while they were being attempted: their attempt's end
     /// is taken as their leaving the queue (it may have settled just before the removal).
     removed_when_done: HashSet<QueueId>,
+    /// Messages `queue restore` put back while an attempt of theirs (from before their
+    /// quarantine) was in flight: loaded and scheduled once it ends.
+    restored_when_done: HashSet<QueueId>,
+    /// When to sweep `quarantine/` next (Unix milliseconds of `clock`; 0: at start).
+    sweep_at_ms: u64,
 }
 
 impl<C: Courier> Manager<C> {
@@ -148,6 +155,8 @@ impl<C: Courier> Manager<C> {
             census: Census::default(),
             published_at: None,
             removed_when_done: HashSet::new(),
+            restored_when_done: HashSet::new(),
+            sweep_at_ms: 0,
         }
     }
 
@@ -246,10 +255,14 @@ impl<C: Courier> Manager<C> {
         if let Some((bounce, _)) = ended.bounce {
             self.schedule(bounce, 0);
         }
+        let restored = self.restored_when_done.remove(&ended.id);
         match schedule::after_attempt(ended.end, retry, hold) {
             AfterAttempt::Nothing => {}
-            AfterAttempt::Due(at) => self.schedule(ended.id, at),
-            AfterAttempt::Hold(hold) => self.hold(ended.id, hold).await,
+            AfterAttempt::Due(at) => self.schedule(ended.id.clone(), at),
+            AfterAttempt::Hold(hold) => self.hold(ended.id.clone(), hold).await,
+        }
+        if restored {
+            self.restored(vec![ended.id]).await;
         }
     }
 
@@ -457,15 +470,42 @@ impl<C: Courier> Manager<C> {
     }
 
     /// `queue delete` or `queue purge` removed these messages (in another process): record
-    /// each removal, and forget the messages here.
-    fn removed(&mut self, removals: Vec<Removal>) {
+    /// each removal, and forget the messages here. A quarantined message that is queued
+    /// again (restored before this notice was read) stays.
+    async fn removed(&mut self, removals: Vec<Removal>) {
+        let quarantined: Vec<QueueId> = removals
+            .iter()
+            .filter(|r| r.how == RemovedHow::Quarantine)
+            .map(|r| r.id.clone())
+            .collect();
+        let back: HashSet<QueueId> = if quarantined.is_empty() {
+            HashSet::new()
+        } else {
+            on_spool(&self.spool, move |s| {
+                Ok(quarantined
+                    .into_iter()
+                    .filter(|id| s.contains(id))
+                    .collect())
+            })
+            .await
+            .unwrap_or_default()
+        };
+        let keep_ms = u64::try_from(self.courier.load().queue().quarantine_keep.as_millis())
+            .unwrap_or(u64::MAX);
         for r in removals {
             let kind = match r.how {
                 RemovedHow::Delete => EventKind::Deleted,
                 RemovedHow::Purge => EventKind::Purged,
+                RemovedHow::Quarantine => {
+                    self.sweep_at_ms = self.sweep_at_ms.min(r.at_ms.saturating_add(keep_ms));
+                    EventKind::Quarantined
+                }
             };
             info!(queue_id = %r.id, how = r.how.as_str(), "removed by an operator");
             self.record(kind, &r.id, Some(r.at_ms));
+            if back.contains(&r.id) {
+                continue;
+            }
             self.census.remove(&r.id);
             if self.busy.contains(&r.id) {
                 self.removed_when_done.insert(r.id);
@@ -505,12 +545,86 @@ impl<C: Courier> Manager<C> {
                 }
                 Request::Hold(id) => holds.push((id, true)),
                 Request::Release(id) => holds.push((id, false)),
-                Request::Removed(removals) => self.removed(removals),
+                Request::Removed(removals) => self.removed(removals).await,
+                Request::Restore(ids) => self.restored(ids).await,
             }
         }
         if !holds.is_empty() {
             self.hold_all(holds).await;
         }
+        if self.clock.now_millis() >= self.sweep_at_ms {
+            self.sweep_quarantine().await;
+        }
+    }
+
+    /// `queue restore` put these messages back into `queue/`: count them and make them due
+    /// now (unless held). One whose earlier attempt is still in flight is taken up when that
+    /// attempt ends; one no longer queued (quarantined again) is left alone.
+    async fn restored(&mut self, ids: Vec<QueueId>) {
+        let mut load = Vec::with_capacity(ids.len());
+        for id in ids {
+            self.removed_when_done.remove(&id);
+            if self.busy.contains(&id) {
+                self.restored_when_done.insert(id);
+            } else {
+                load.push(id);
+            }
+        }
+        if load.is_empty() {
+            return;
+        }
+        let loaded = on_spool(&self.spool, move |s| {
+            Ok(load
+                .into_iter()
+                .map(|id| {
+                    let msg = s.load(&id);
+                    (id, msg)
+                })
+                .collect::<Vec<_>>())
+        })
+        .await
+        .unwrap_or_default();
+        let courier = self.courier.load_full();
+        for (id, msg) in loaded {
+            match msg {
+                Ok(msg) => {
+                    info!(queue_id = %id, "restored from quarantine: due now");
+                    self.census.set(&id, &facts_of(&*courier, &msg));
+                    self.record(EventKind::Restored, &id, None);
+                    if msg.state.hold.is_none() {
+                        self.schedule(id, 0);
+                    }
+                }
+                Err(SpoolError::NotFound(_)) => {}
+                Err(e) => {
+                    warn!(queue_id = %id, error = %e, "cannot read a restored message; its attempt will try again");
+                    self.schedule(id, 0);
+                }
+            }
+        }
+    }
+
+    /// Delete the quarantined messages older than `[queue] quarantine_keep`; sweep again
+    /// when the next one is due, and at least every [`quarantine::SWEEP_INTERVAL`].
+    async fn sweep_quarantine(&mut self) {
+        let now_ms = self.clock.now_millis();
+        let keep = self.courier.load().queue().quarantine_keep;
+        let interval = u64::try_from(quarantine::SWEEP_INTERVAL.as_millis()).unwrap_or(u64::MAX);
+        let mut next = now_ms.saturating_add(interval);
+        match on_spool(&self.spool, move |s| s.sweep_quarantine(keep, now_ms)).await {
+            Ok(sweep) => {
+                if !sweep.expired.is_empty() || sweep.leftovers > 0 {
+                    info!(
+                        deleted = sweep.expired.len(),
+                        leftovers = sweep.leftovers,
+                        "quarantine swept"
+                    );
+                }
+                next = next.min(sweep.next_ms.unwrap_or(u64::MAX));
+            }
+            Err(e) => warn!(error = %e, "cannot sweep the quarantine; trying again later"),
+        }
+        self.sweep_at_ms = next;
     }
 
     /// `queue retry ID`: reset the breakers of its routes, make it due now.

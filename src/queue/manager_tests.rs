@@ -154,6 +154,7 @@ fn start(retry: &[u64], max_in_flight: usize, gate: Option<Arc<Semaphore>>) -> H
             max_age: Duration::from_secs(10 * retry.iter().sum::<u64>()),
             bounces: true,
             delivery_grace: Duration::from_secs(10),
+            quarantine_keep: Duration::from_secs(7 * 86_400),
         },
         max_in_flight,
         clock,
@@ -689,4 +690,46 @@ async fn a_bounce_that_cannot_be_bounced_is_counted_without_a_bounce_id() {
     h.events_until(EventKind::Finished, 2).await;
     h.census_until(|c| c.queued() == 0 && c.oldest.is_none())
         .await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_quarantined_message_leaves_the_census_and_once_restored_is_attempted_at_once() {
+    use super::quarantine::{Record, RestoreOutcome};
+    let mut h = start(&[600], 4, None);
+    let a = id_at(0, 1);
+    // Due in an hour: only the restore can make it due sooner.
+    h.queue_as(&a, &["x@b.example"], T0 + 3600);
+    h.run();
+    h.census_until(|c| c.queued() == 1).await;
+
+    let record = Record::now("queue purge", &["--all".into(), "--quarantine".into()]);
+    let moved = h.spool.purge_quarantine(|_| true, &record, false);
+    assert_eq!(
+        moved.unwrap()[0].outcome,
+        Some(super::DeleteOutcome::Deleted)
+    );
+    h.spool
+        .notify_removed(RemovedHow::Quarantine, std::slice::from_ref(&a))
+        .unwrap();
+    let quarantined = h.events_until(EventKind::Quarantined, 1).await;
+    assert_eq!(quarantined[0].id.as_deref(), Some(a.as_str()));
+    h.census_until(|c| c.queued() == 0).await;
+    let labels = HowLabel {
+        how: "quarantine".into(),
+    };
+    assert_eq!(h.telemetry.metrics.removed.get_or_create(&labels).get(), 1);
+
+    let restored_at = h.courier.clock.now();
+    assert_eq!(
+        h.spool.restore(&a, false).unwrap(),
+        RestoreOutcome::Restored
+    );
+    h.spool.finish_restore().unwrap();
+    h.spool.request_restore(std::slice::from_ref(&a)).unwrap();
+    let seen = h.next_sent().await;
+    assert_eq!(seen.id, a);
+    assert!(seen.at <= restored_at + 1, "attempted at {}", seen.at);
+    assert_eq!(h.events(EventKind::Restored).len(), 1);
+    h.gone(&a).await;
+    assert!(h.spool.quarantined().unwrap().is_empty());
 }

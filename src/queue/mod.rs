@@ -16,7 +16,11 @@
 //!                        (wrong owner or mode, not a regular file); moved here, never deleted,
 //!                        never delivered, listed or restored by any command
 //! SPOOL/control/         operator requests to the running relay (`retry.ID`, `retry.all`,
-//!                        `hold.ID`, `release.ID`) and removal notices (`removed.NONCE`)
+//!                        `hold.ID`, `release.ID`, `restore.ID`) and removal notices
+//!                        (`removed.NONCE`)
+//! SPOOL/quarantine/      messages `queue purge --quarantine` put aside (`ID`, `ID.state`,
+//!                        `ID.quarantined`): never delivered, kept `[queue] quarantine_keep`,
+//!                        put back by `queue restore` (see [`quarantine`])
 //! SPOOL/free/            files of finished messages, reused for new ones (see [`recycle`])
 //! SPOOL/journal/         the message journal behind `portcullis trace`: event segments and
 //!                        their indexes, bounded by `[log]` (see [`journal`])
@@ -101,8 +105,11 @@
 //! running relay: all the requests it reads at once together ([`Spool::record_holds`], in
 //! `hold.rs`), before its first attempt at startup.
 //!
-//! A new queue state (quarantine, say) goes the same way: a field of [`DeliveryState`] (absent
-//! from files that do not use it, so older spools read as before), a [`schedule::Plan`] that
+//! Quarantine is not a queue state but a place: a quarantined message is moved out of
+//! `queue/` into `quarantine/` with its state file unchanged ([`quarantine`]), so nothing that
+//! reads the queue (the manager, the census, `queue list`, recovery) sees it, and `restore` gives
+//! back the very files. A new queue state goes the way hold did: a field of [`DeliveryState`]
+//! (absent from files that do not use it, so older spools read as before), a [`schedule::Plan`] that
 //! [`schedule::plan`] answers for it, the [`attempt::AttemptEnd`] its attempt reports, what
 //! the manager does then in [`schedule::after_attempt`], and how the [`census`] counts it
 //! (apart from waiting messages, as held ones are).
@@ -124,6 +131,7 @@ mod group;
 mod hold;
 pub mod journal;
 pub mod manager;
+pub mod quarantine;
 mod recover;
 mod recycle;
 pub mod report;
@@ -172,7 +180,14 @@ const LIST_PER_THREAD: usize = 4096;
 pub const STATE_SUFFIX: &str = ".state";
 
 /// The subdirectories of the spool (see the module docs).
-const SUBDIRS: [&str; 5] = ["tmp", "queue", "rejected", "control", "free"];
+const SUBDIRS: [&str; 6] = [
+    "tmp",
+    "queue",
+    "rejected",
+    "control",
+    "free",
+    quarantine::DIR,
+];
 
 /// Permissions of spool directories: messages are private to the relay's user.
 const DIR_MODE: u32 = 0o700;
@@ -617,10 +632,11 @@ impl Spool {
                 .map_err(SpoolError::io("read", &msg.path))?;
             Some(body)
         };
+        let path = msg.path.clone();
         Ok(Loaded {
             msg,
             body,
-            lock: SendLock::new(id.clone(), reader.into_inner()),
+            lock: SendLock::new(id.clone(), reader.into_inner(), path),
         })
     }
 

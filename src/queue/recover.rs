@@ -14,6 +14,10 @@
 //! - An `ID.state` whose message is gone is removed: the message left the queue (delivered or
 //!   deleted) and a crash came between the two unlinks of [`Spool::remove`].
 //! - `control/` is left alone: a request made while the relay was stopped takes effect now.
+//! - `quarantine/` is left alone (never delivered, never rejected), except that a delivery
+//!   state a crash left on the wrong side of a quarantine or restore goes to where its message
+//!   is (see [`super::quarantine`]): an orphan `queue/ID.state` whose message is quarantined
+//!   is moved into `quarantine/`, not removed.
 //!
 //! Recovery runs once at startup, before delivery workers start; it is not meant to run
 //! concurrently with a relay using the same spool.
@@ -100,6 +104,8 @@ impl Spool {
             tmp_removed: self.clear_tmp()?,
             ..RecoveryReport::default()
         };
+        // Before the scan, so a state moved back is checked with its message.
+        self.return_quarantined_states()?;
         let scan = self.scan_queue(&mut report)?;
         let checked = self.check_messages(scan.messages, scan.rejected, &mut report)?;
         self.check_states(scan.states, &checked, &mut report)?;
@@ -192,6 +198,8 @@ impl Spool {
                 if checked.rejected.contains(&id) {
                     // Keep the progress next to the message it describes.
                     self.reject(&path, "its message was rejected", report)?;
+                } else if self.adopt_quarantined_state(&id)? {
+                    // Its message is quarantined: the state went with it.
                 } else {
                     tracing::warn!(queue_id = %id, path = %path.display(), "removing delivery state of a message no longer queued");
                     fs::remove_file(&path).map_err(SpoolError::io("unlink", &path))?;

@@ -327,6 +327,7 @@ mod tests {
             max_age: Duration::from_secs(max_age),
             bounces,
             delivery_grace: Duration::from_secs(10),
+            quarantine_keep: Duration::from_secs(7 * 86_400),
         }
     }
 

@@ -36,7 +36,7 @@ fn names(dir: &Path) -> Vec<String> {
 fn open_creates_private_directories() {
     use std::os::unix::fs::PermissionsExt;
     let (_d, spool) = spool();
-    for sub in ["tmp", "queue", "rejected", "control", "free"] {
+    for sub in ["tmp", "queue", "rejected", "control", "free", "quarantine"] {
         let meta = fs::metadata(spool.root().join(sub)).unwrap();
         assert!(meta.is_dir());
         assert_eq!(meta.permissions().mode() & 0o777, 0o700, "{sub}");

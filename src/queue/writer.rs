@@ -299,10 +299,10 @@ impl SpoolWriter {
                 state: DeliveryState::fresh(envelope.received_at),
                 envelope,
                 size: self.written,
-                path,
+                path: path.clone(),
             },
             body: Some(Arc::unwrap_or_clone(body)),
-            lock: SendLock::new(id.clone(), file),
+            lock: SendLock::new(id.clone(), file, path),
         };
         Ok((id, Some(loaded)))
     }
