@@ -223,7 +223,12 @@ pub async fn run(config: Config, path: Option<PathBuf>) -> Result<(), AppError> 
     );
     let inbound = inbound::start(runtime.clone(), deps).await?;
     telemetry.gate.set_bound(true);
-    let admin = match start_admin(config_now, &telemetry, &spool, &observe_stop).await {
+    // `/api/explain-state` reads the budgets of the policy running now.
+    let store_now: crate::policy::store::StoreSource = {
+        let runtime = runtime.clone();
+        Arc::new(move || runtime.load().policy.store().clone())
+    };
+    let admin = match start_admin(config_now, store_now, &telemetry, &spool, &observe_stop).await {
         Ok(admin) => admin,
         Err(e) => {
             inbound.stop(Duration::ZERO).await;
@@ -279,6 +284,7 @@ fn start_pause_watch(telemetry: &Arc<Telemetry>, spool: &Spool, stop: &Cancellat
 /// now (`source`) at each request; it stops when `stop` is cancelled.
 async fn start_admin(
     source: ConfigSource,
+    store: crate::policy::store::StoreSource,
     telemetry: &Arc<Telemetry>,
     spool: &Spool,
     stop: &CancellationToken,
@@ -291,6 +297,7 @@ async fn start_admin(
         telemetry.clone(),
         spool.clone(),
         source,
+        store,
         stop.clone(),
     )
     .await?;

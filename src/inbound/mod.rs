@@ -20,6 +20,7 @@
 pub mod assembly;
 pub mod connection;
 pub mod effects;
+pub mod explain;
 pub mod listener;
 pub mod pressure;
 pub mod record;

@@ -84,6 +84,65 @@ impl Store {
     }
 }
 
+/// The running store, as whoever reads it without taking part in sessions (the admin API's
+/// `/api/explain-state`) finds it now: a reload may replace it.
+pub type StoreSource = Arc<dyn Fn() -> Store + Send + Sync>;
+
+/// What the stateful rules would say of one client (and login) now, read without taking a
+/// budget or recording anything: what `portcullis policy explain` answers the stage
+/// evaluators' rate and lockout effects with.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct ClientState {
+    /// Seconds the client stays locked out of AUTH (`None`: not locked out).
+    pub locked_out_secs: Option<u64>,
+    /// Every configured `[rate_limits]` budget of the client (and of the login, for
+    /// `messages_per_user`).
+    pub budgets: Vec<Budget>,
+}
+
+/// One `[rate_limits]` budget in a [`ClientState`].
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Budget {
+    /// The policy key, e.g. `rate_limits.messages_per_ip`.
+    pub rule: String,
+    /// Events the budget lets through now (0: the next one is refused).
+    pub available: u32,
+    /// The configured rate as the policy file writes it (`120/min`).
+    pub limit: String,
+}
+
+impl Store {
+    /// What the stateful rules say of the client `ip` (and `login`, if any) at `now`, taking
+    /// nothing and recording nothing.
+    pub fn client_state(&self, ip: IpAddr, login: Option<&str>, now: Instant) -> ClientState {
+        let Store::Local(l) = self;
+        let client = RateKey::Client(ip);
+        let user = login.map(|l| RateKey::Login(l.to_string()));
+        let keyed = [
+            (RateLimit::ConnectionsPerIp, Some(&client)),
+            (RateLimit::MessagesPerUser, user.as_ref()),
+            (RateLimit::MessagesPerIp, Some(&client)),
+            (RateLimit::RecipientsPerIp, Some(&client)),
+        ];
+        let budgets = keyed
+            .into_iter()
+            .filter_map(|(limit, key)| {
+                let (available, rate) = l.limiters.available(limit, key?, now)?;
+                Some(Budget {
+                    rule: limit.rule().to_string(),
+                    available,
+                    limit: crate::config::units::format_rate(rate),
+                })
+            })
+            .collect();
+        let locked_out = l.auth_guard.as_ref().and_then(|g| g.locked_out(ip, now));
+        ClientState {
+            locked_out_secs: locked_out.map(|d| d.as_secs().max(1)),
+            budgets,
+        }
+    }
+}
+
 impl Store {
     /// Resolves once any AUTH attempt of this store has ended; `None` when there are no
     /// AUTH failure records (the gate never holds an attempt back then). See
