@@ -380,22 +380,64 @@ fn explain_looks_the_client_up_in_the_dnsbl_as_a_session_does_unless_no_dns() {
 
 /// A relay on [`policy`] with `[admin]`, `messages_per_ip = "2/hour"` and an AUTH lockout
 /// after 2 failures.
-fn stateful_relay() -> Relay {
+fn stateful_relay() -> (Relay, u16) {
     let dir = TestDir::new();
+    dir.write("admin.token", format!("{TOKEN}\n"));
+    let admin = free_port();
     let extra = format!(
         "max_failures = 2\nfailure_window = \"10m\"\nlockout = \"1h\"\n\n\
          [rate_limits]\nmessages_per_ip = \"2/hour\"\n\n\
-         [admin]\nbind = \"127.0.0.1:{}\"\n",
-        free_port()
+         [admin]\nbind = \"127.0.0.1:{admin}\"\ntoken_file = \"{{dir}}/admin.token\"\n"
     );
     let toml = policy(&dir, &extra);
-    Relay::start_in(dir, &toml)
+    let relay = Relay::start_in(dir, &toml);
+    assert!(
+        common::http::wait_accepting(admin, std::time::Duration::from_secs(10)),
+        "admin listener not accepting on {admin}"
+    );
+    (relay, admin)
+}
+
+/// The admin token of [`stateful_relay`].
+const TOKEN: &str = "explain-token";
+
+#[test]
+fn the_explain_state_route_needs_the_token_and_reads_without_taking() {
+    use common::http::{get, get_bearer};
+    let (relay, admin) = stateful_relay();
+    let path = "/api/explain-state?ip=127.0.0.12&user=alice";
+    assert_eq!(get(admin, path, &[]).status, 401);
+    assert_eq!(get_bearer(admin, path, "wrong").status, 401);
+    assert_eq!(
+        get_bearer(admin, "/api/explain-state?ip=not-an-ip", TOKEN).status,
+        400
+    );
+    for _ in 0..3 {
+        let response = get_bearer(admin, path, TOKEN);
+        assert_eq!(response.status, 200, "{response:?}");
+        let state: serde_json::Value = serde_json::from_str(&response.body).unwrap();
+        assert_eq!(
+            state,
+            serde_json::json!({
+                "locked_out_secs": null,
+                "budgets": [{"rule": "rate_limits.messages_per_ip", "available": 2, "limit": "2/hour"}]
+            })
+        );
+    }
+    let case = Case {
+        ip: "127.0.0.12",
+        ..mx(&["u@example.com"])
+    };
+    assert_eq!(real(&relay, &case), "250 2.1.5 Recipient ok");
+    let response = get_bearer(admin, path, TOKEN);
+    let state: serde_json::Value = serde_json::from_str(&response.body).unwrap();
+    assert_eq!(state["budgets"][0]["available"], 1, "{state}");
 }
 
 #[test]
 fn a_rate_limited_client_is_explained_as_the_next_real_session_is_refused_and_explain_takes_nothing()
  {
-    let relay = stateful_relay();
+    let (relay, _admin) = stateful_relay();
     let case = Case {
         ip: "127.0.0.7",
         ..mx(&["u@example.com"])
@@ -441,7 +483,7 @@ fn a_rate_limited_client_is_explained_as_the_next_real_session_is_refused_and_ex
 
 #[test]
 fn a_locked_out_client_is_explained_as_the_next_real_session_is_refused() {
-    let relay = stateful_relay();
+    let (relay, _admin) = stateful_relay();
     let case = Case {
         listener: "submission",
         ip: "127.0.0.9",

@@ -546,9 +546,16 @@ async fn decide(
     let mut seen = 0;
     let passed = |checks: &mut Vec<CheckOutcome>, ran: &[Check]| {
         for &c in ran {
+            // A check that works through an effect and asked for none does not apply here
+            // (no user for a user budget, no `[spf]`, a trusted client for the DNSBL).
+            let outcome = if asks_effects(c) {
+                "does not apply"
+            } else {
+                "passed"
+            };
             checks.push(CheckOutcome {
                 check: check_name(c),
-                outcome: "passed".to_string(),
+                outcome: outcome.to_string(),
             });
         }
     };
@@ -585,6 +592,23 @@ async fn decide(
             }
         }
     }
+}
+
+/// Whether `check` decides through an effect (when it applies) rather than by itself.
+fn asks_effects(check: Check) -> bool {
+    !matches!(
+        check,
+        Check::ListenerDeny
+            | Check::ListenerAllow
+            | Check::SenderOwned
+            | Check::RecipientAllowed
+            | Check::RouteCarries
+            | Check::HeaderSize
+            | Check::HopLimit
+            | Check::SpoolWritten
+            | Check::FromHeader
+            | Check::RoutesCarry
+    )
 }
 
 /// A check's name: `ListenerDeny` as `listener_deny`, `Start(Dnsbl)` as `start(dnsbl)`.

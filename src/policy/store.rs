@@ -218,4 +218,60 @@ mod tests {
         ));
         assert!(fresh.take(RateLimit::MessagesPerIp, &client, t0).is_ok());
     }
+
+    #[test]
+    fn client_state_reads_budgets_and_lockouts_without_taking_or_recording() {
+        let (_d, c) = config(
+            "max_failures = 1\nlockout = \"1h\"",
+            "messages_per_ip = \"3/hour\"\nmessages_per_user = \"2/hour\"",
+        );
+        let t0 = Instant::now();
+        let ip: IpAddr = "192.0.2.1".parse().unwrap();
+        let store = Store::new(&c, None, t0);
+        let available = |s: &ClientState, rule: &str| {
+            s.budgets
+                .iter()
+                .find(|b| b.rule == rule)
+                .map(|b| (b.available, b.limit.clone()))
+        };
+        let fresh = store.client_state(ip, Some("alice"), t0);
+        assert_eq!(
+            available(&fresh, "rate_limits.messages_per_ip"),
+            Some((3, "3/hour".to_string()))
+        );
+        assert_eq!(
+            available(&fresh, "rate_limits.messages_per_user"),
+            Some((2, "2/hour".to_string()))
+        );
+        // Not configured: not listed; no login: no user budget.
+        assert_eq!(available(&fresh, "rate_limits.recipients_per_ip"), None);
+        let anonymous = store.client_state(ip, None, t0);
+        assert_eq!(available(&anonymous, "rate_limits.messages_per_user"), None);
+        assert_eq!(fresh.locked_out_secs, None);
+        // Reading took nothing: the whole budget is still there.
+        let key = RateKey::Client(ip);
+        for _ in 0..3 {
+            store.client_state(ip, Some("alice"), t0);
+            assert!(store.take(RateLimit::MessagesPerIp, &key, t0).is_ok());
+        }
+        let spent = store.client_state(ip, Some("alice"), t0);
+        assert_eq!(
+            available(&spent, "rate_limits.messages_per_ip").unwrap().0,
+            0
+        );
+        assert!(store.take(RateLimit::MessagesPerIp, &key, t0).is_err());
+        // A lockout is read, and reading it does not lock anyone else out.
+        match store.auth_gate(ip, "alice", t0) {
+            GateDecision::Proceed(a) => a.settle(false, t0),
+            other => panic!("{other:?}"),
+        };
+        let locked = store.client_state(ip, None, t0);
+        assert_eq!(locked.locked_out_secs, Some(3600));
+        let other: IpAddr = "198.51.100.1".parse().unwrap();
+        assert_eq!(store.client_state(other, None, t0).locked_out_secs, None);
+        assert!(matches!(
+            store.auth_gate(other, "alice", t0),
+            GateDecision::Proceed(_)
+        ));
+    }
 }
