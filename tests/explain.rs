@@ -479,6 +479,17 @@ fn a_rate_limited_client_is_explained_as_the_next_real_session_is_refused_and_ex
         verdict(&explain(&relay, &other, &[])),
         "250 2.1.5 Recipient ok"
     );
+    // With the relay gone, the budgets are evaluated on empty state, and that is said.
+    let mut relay = relay;
+    relay.stop();
+    let output = explain(&relay, &case, &[]);
+    assert_eq!(verdict(&output), "250 2.1.5 Recipient ok", "{output}");
+    assert!(
+        output.contains(
+            "rate limits and AUTH lockout: empty state: relay not answering on 127.0.0.1:"
+        ),
+        "{output}"
+    );
 }
 
 #[test]
