@@ -419,6 +419,7 @@ fn the_explain_state_route_needs_the_token_and_reads_without_taking() {
         assert_eq!(
             state,
             serde_json::json!({
+                "at_accept": null,
                 "locked_out_secs": null,
                 "budgets": [{"rule": "rate_limits.messages_per_ip", "available": 2, "limit": "2/hour"}]
             })
@@ -537,4 +538,60 @@ fn a_locked_out_client_is_explained_as_the_next_real_session_is_refused() {
         verdict(&explain(&relay, &other, &[])),
         "250 2.1.5 Recipient ok"
     );
+}
+
+#[test]
+fn a_client_over_its_connection_cap_or_a_paused_relay_is_explained_as_the_next_connection_is_refused()
+ {
+    let dir = TestDir::new();
+    let admin = free_port();
+    let extra = format!(
+        "\n[limits]\nmax_connections_per_ip = 2\n\n[admin]\nbind = \"127.0.0.1:{admin}\"\n"
+    );
+    let toml = policy(&dir, &extra);
+    let relay = Relay::start_in(dir, &toml);
+    assert!(common::http::wait_accepting(
+        admin,
+        std::time::Duration::from_secs(10)
+    ));
+    let case = Case {
+        ip: "127.0.0.14",
+        ..mx(&["u@example.com"])
+    };
+    assert_eq!(
+        verdict(&explain(&relay, &case, &[])),
+        "250 2.1.5 Recipient ok"
+    );
+    // Two sessions open (greeted, so counted) from the client: the cap is reached.
+    let open: Vec<SmtpClient> = (0..2)
+        .map(|_| {
+            let mut c = SmtpClient::connect_from(case.ip, relay.port(0));
+            c.expect_reply(220);
+            c
+        })
+        .collect();
+    let output = explain(&relay, &case, &[]);
+    let explained = verdict(&output);
+    assert_eq!(
+        explained, "421 4.7.0 Too many connections from your address, try again later",
+        "{output}"
+    );
+    assert!(
+        output.contains("  decided by: max_connections_per_ip\n"),
+        "{output}"
+    );
+    assert_eq!(explained, real(&relay, &case));
+    drop(open);
+    // Paused: every new connection is refused, and so is the explained one.
+    let out = relay.command(&["listeners", "pause"]);
+    assert_eq!(out.status.code(), Some(0), "{}", show(&out));
+    let paused = "421 4.3.2 Service not available, closing transmission channel";
+    assert!(
+        wait_until(std::time::Duration::from_secs(5), || real(&relay, &case)
+            == paused),
+        "the relay did not pause"
+    );
+    let output = explain(&relay, &case, &[]);
+    assert_eq!(verdict(&output), paused, "{output}");
+    assert!(output.contains("  decided by: paused\n"), "{output}");
 }

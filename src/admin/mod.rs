@@ -30,7 +30,7 @@ use tracing::info;
 
 use crate::config::Admin;
 use crate::observe::{ConfigSource, Telemetry};
-use crate::policy::store::StoreSource;
+use crate::policy::store::ClientStateSource;
 use crate::queue::Spool;
 
 /// Why the admin listener could not start.
@@ -62,9 +62,9 @@ pub struct AdminState {
     pub start_token: Option<Arc<str>>,
     /// The address the listener is bound to (a bind takes a restart to change).
     pub bound: SocketAddr,
-    /// The running rate budgets and AUTH lockouts, read (never taken) by
+    /// What the running relay's stateful rules say of a client, read (never taken) by
     /// `/api/explain-state`; `None`: that route answers `404`.
-    pub store: Option<StoreSource>,
+    pub client_state: Option<ClientStateSource>,
 }
 
 impl std::fmt::Debug for AdminState {
@@ -93,7 +93,7 @@ pub async fn start(
     telemetry: Arc<Telemetry>,
     spool: Spool,
     config: ConfigSource,
-    store: StoreSource,
+    client_state: ClientStateSource,
     shutdown: CancellationToken,
 ) -> Result<AdminServer, StartError> {
     let bind_error = |source| StartError::Bind {
@@ -108,7 +108,7 @@ pub async fn start(
         config,
         start_token: admin.token.clone(),
         bound: local_addr,
-        store: Some(store),
+        client_state: Some(client_state),
     };
     info!(bind = %local_addr, token = admin.token.is_some(), "admin listening");
     let task = tokio::spawn(server::serve(

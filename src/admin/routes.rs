@@ -262,18 +262,17 @@ pub struct ExplainQuery {
     pub user: Option<String>,
 }
 
-/// `/api/explain-state?ip=IP[&user=LOGIN]`: what the rate limits and the AUTH lockout say of
-/// that client now ([`crate::policy::store::ClientState`]), read without taking a budget or
+/// `/api/explain-state?ip=IP[&user=LOGIN]`: what the pause, the connection caps, the rate
+/// limits and the AUTH lockout say of that client now ([`crate::policy::store::ClientState`]), read without taking a budget or
 /// recording anything. A malformed query is `400` (axum's `Query` rejection).
 async fn explain_state(
     State(state): State<AdminState>,
     axum::extract::Query(query): axum::extract::Query<ExplainQuery>,
 ) -> Response {
-    let Some(store) = &state.store else {
+    let Some(client_state) = &state.client_state else {
         return not_found().await.into_response();
     };
-    let now = std::time::Instant::now();
-    Json(store().client_state(query.ip, query.user.as_deref(), now)).into_response()
+    Json(client_state(query.ip, query.user.as_deref())).into_response()
 }
 
 /// `/`: the status page.
@@ -346,7 +345,7 @@ mod tests {
             config: Arc::new(move || config.clone()),
             start_token: start_token.map(Arc::from),
             bound: bound.parse().expect("socket address"),
-            store: None,
+            client_state: None,
         }
     }
 

@@ -10,9 +10,11 @@
 //! comes from the engine. Nothing here decides a rule: only the effects are answered
 //! differently from a session's ([`Answers`]):
 //!
-//! - rate budgets and the AUTH lockout gate from a [`ClientState`]: the running relay's
-//!   (read through its admin API, nothing taken) or a fresh store's ("empty state"). A budget
-//!   is counted down within the run (two recipients take two), never on the relay;
+//! - the pause and the connection caps of the accept loop, rate budgets and the AUTH lockout
+//!   gate from a [`ClientState`]: the running relay's ([`running_state`], read through its
+//!   admin API, nothing taken) or a fresh store's ("empty state": no connection open, not
+//!   paused). A budget is counted down within the run (two recipients take two), never on
+//!   the relay;
 //! - the password is not verified: the login is taken as authenticated (a login the users
 //!   file does not hold is refused as the relay refuses it);
 //! - spool space is not reserved;
@@ -30,6 +32,7 @@ use serde::Serialize;
 
 use super::connection::session_config;
 use super::effects::{resolve, spf_check};
+use super::listener::AtAccept;
 use crate::config::{Config, Listener, ListenerTls, Rate};
 use crate::dns::Resolver;
 use crate::dns::verify::{SpfCheck, SpfIdentity, SpfResult};
@@ -44,6 +47,34 @@ use crate::policy::store::ClientState;
 use crate::policy::{Policy, Refusal, SessionFacts};
 use crate::routes::CapabilityBook;
 use crate::smtp::{Event, Session};
+
+/// What the running relay's stateful rules say of the client `ip` (and `login`) now, taking
+/// nothing: the pause and connection caps (`counter`, the listeners' own count; `paused`,
+/// the listeners' gate), then the rate budgets and the AUTH lockout of `runtime`'s store.
+/// The relay answers `/api/explain-state` with it.
+pub fn running_state(
+    runtime: &super::Runtime,
+    counter: &super::ConnectionCounter,
+    paused: bool,
+    ip: IpAddr,
+    login: Option<&str>,
+) -> ClientState {
+    let mut state = runtime
+        .policy
+        .store()
+        .client_state(ip, login, Instant::now());
+    let limits = &runtime.config.limits;
+    let refused = if paused {
+        Some(AtAccept::Paused)
+    } else {
+        counter
+            .admission(ip, limits.max_connections, limits.max_connections_per_ip)
+            .err()
+            .map(AtAccept::Full)
+    };
+    state.at_accept = refused.map(|r| r.refusal().1.to_string());
+    state
+}
 
 /// The HELO name used when none is given.
 pub const DEFAULT_HELO: &str = "client.invalid";
@@ -338,6 +369,26 @@ impl Play<'_> {
 
     /// The connect stage and the greeting; false when the client is refused.
     async fn connect(&mut self) -> bool {
+        let command = format!("connection from {} to {}", self.ip, self.listener.name);
+        // Refused by the accept loop (paused, a connection cap): no session at all.
+        let at_accept = self.answers.state.at_accept.as_deref();
+        if let Some(refused) = at_accept.and_then(AtAccept::from_rule) {
+            let (reply, rule) = refused.refusal();
+            self.session.close_with(&reply);
+            let reply = self.take_reply();
+            self.steps.push(Step {
+                stage: "connect",
+                command,
+                checks: vec![CheckOutcome {
+                    check: "accept".to_string(),
+                    outcome: format!("refused ({rule})"),
+                }],
+                rule: Some(rule.to_string()),
+                reply,
+                closed: true,
+            });
+            return false;
+        }
         let mut checks = Vec::new();
         let verdict = {
             let facts = StageFacts {
@@ -369,7 +420,7 @@ impl Play<'_> {
         let reply = self.take_reply();
         self.steps.push(Step {
             stage: "connect",
-            command: format!("connection from {} to {}", self.ip, self.listener.name),
+            command,
             checks,
             rule,
             reply,

@@ -84,15 +84,21 @@ impl Store {
     }
 }
 
-/// The running store, as whoever reads it without taking part in sessions (the admin API's
-/// `/api/explain-state`) finds it now: a reload may replace it.
-pub type StoreSource = Arc<dyn Fn() -> Store + Send + Sync>;
+/// What the running relay's stateful rules say of a client (its address and, optionally,
+/// login) now, read without taking anything: what the admin API's `/api/explain-state`
+/// answers (the relay builds it from its store, connection counts and pause state).
+pub type ClientStateSource = Arc<dyn Fn(IpAddr, Option<&str>) -> ClientState + Send + Sync>;
 
 /// What the stateful rules would say of one client (and login) now, read without taking a
 /// budget or recording anything: what `portcullis policy explain` answers the stage
 /// evaluators' rate and lockout effects with.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct ClientState {
+    /// The rule that refuses a new connection before any session (`paused`,
+    /// `max_connections`, `max_connections_per_ip`); `None`: it would be accepted (a
+    /// store knows no connections: always `None` from [`Store::client_state`]).
+    #[serde(default)]
+    pub at_accept: Option<String>,
     /// Seconds the client stays locked out of AUTH (`None`: not locked out).
     pub locked_out_secs: Option<u64>,
     /// Every configured `[rate_limits]` budget of the client (and of the login, for
@@ -137,6 +143,7 @@ impl Store {
             .collect();
         let locked_out = l.auth_guard.as_ref().and_then(|g| g.locked_out(ip, now));
         ClientState {
+            at_accept: None,
             locked_out_secs: locked_out.map(|d| d.as_secs().max(1)),
             budgets,
         }
