@@ -15,6 +15,9 @@
 //! done); an id that is well formed but not queued is reported on stderr, the other ids are
 //! still acted on, and the exit status is 1. `queue purge` that matches nothing exits 0.
 //!
+//! `policy explain` exits 0 whatever the verdict, 2 for an unknown listener, a malformed IP or
+//! address, no `--config` or an invalid policy, 1 when the resolver cannot be built.
+//!
 //! `listeners pause|resume` exit 0 whether or not the marker changed (the output says which),
 //! 2 when there is no spool, 1 when the marker cannot be written or removed.
 
