@@ -183,6 +183,8 @@ pub struct Report {
     pub password_checked: bool,
     /// DNS checks were performed (false: `--no-dns`).
     pub dns: bool,
+    /// The policy has DNS checks (DNSBL zones, SPF, DKIM or DMARC verification).
+    pub dns_configured: bool,
     pub steps: Vec<Step>,
     /// Checks that need the message, not evaluated.
     pub not_evaluated: Vec<&'static str>,
@@ -244,7 +246,9 @@ pub async fn explain(
         steps: Vec::new(),
     };
     play.run(&commands, request).await;
-    Ok(play.report(request, origin))
+    let mut report = play.report(request, origin);
+    report.dns_configured = config.needs_resolver();
+    Ok(report)
 }
 
 /// The command lines to play, checked before anything is played.
@@ -290,10 +294,13 @@ impl Commands {
                 Ok(format!("RCPT TO:<{r}>"))
             })
             .collect::<Result<Vec<_>, ExplainError>>()?;
+        // A client with a non-ASCII address says SMTPUTF8 (RFC 6531 §3.4), as any would.
+        let utf8 = !from.is_ascii() || request.rcpts.iter().any(|r| !r.is_ascii());
+        let smtputf8 = if utf8 { " SMTPUTF8" } else { "" };
         Ok(Commands {
             helo: format!("EHLO {}", request.helo),
             auth,
-            mail: format!("MAIL FROM:<{from}>"),
+            mail: format!("MAIL FROM:<{from}>{smtputf8}"),
             rcpts,
         })
     }
@@ -567,6 +574,7 @@ impl Play<'_> {
             state,
             password_checked: false,
             dns: request.dns,
+            dns_configured: false,
             reply: last.map(|s| s.reply.clone()).unwrap_or_default(),
             rule: refused.and_then(|s| s.rule.clone()),
             not_evaluated: NOT_EVALUATED.to_vec(),
@@ -880,10 +888,10 @@ pub fn text(report: &Report) -> String {
             .unwrap_or_default()
     );
     let _ = writeln!(out, "rate limits and AUTH lockout: {}", report.state.text);
-    let dns = if report.dns {
-        "performed"
-    } else {
-        "skipped (--no-dns)"
+    let dns = match (report.dns, report.dns_configured) {
+        (true, true) => "performed",
+        (true, false) => "none configured",
+        (false, _) => "skipped (--no-dns)",
     };
     let _ = writeln!(out, "DNS checks: {dns}");
     for step in &report.steps {
@@ -907,4 +915,120 @@ pub fn text(report: &Report) -> String {
     );
     let _ = writeln!(out, "{}", report.reply);
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A policy with one open listener `mx`, example.com accepted, `recipients_per_ip =
+    /// "2/hour"`.
+    fn config() -> Config {
+        let text = "[server]\nhostname = \"relay.test\"\n[[listeners]]\nname = \"mx\"\n\
+                    bind = \"127.0.0.1:2525\"\ntls = \"none\"\n\
+                    [relay]\naccepted_domains = [\"example.com\"]\n\
+                    [rate_limits]\nrecipients_per_ip = \"2/hour\"\n\
+                    [[upstreams]]\naddress = \"127.0.0.1:25\"\n";
+        Config::from_toml(text, None).expect("valid test policy")
+    }
+
+    fn request(from: &str, rcpts: &[&str]) -> Request {
+        Request {
+            listener: "mx".to_string(),
+            ip: "192.0.2.1".parse().unwrap(),
+            helo: DEFAULT_HELO.to_string(),
+            tls: false,
+            user: None,
+            from: from.to_string(),
+            rcpts: rcpts.iter().map(|r| r.to_string()).collect(),
+            dns: false,
+        }
+    }
+
+    async fn run(request: &Request) -> Report {
+        let why = Err("test".to_string());
+        explain(&config(), request, why, None)
+            .await
+            .expect("explained")
+    }
+
+    #[tokio::test]
+    async fn a_budget_is_counted_down_within_one_explanation_only() {
+        let r = request(
+            "a@sender.test",
+            &["u@example.com", "v@example.com", "w@example.com"],
+        );
+        let report = run(&r).await;
+        let replies: Vec<&str> = report.steps.iter().map(|s| s.reply.as_str()).collect();
+        assert_eq!(
+            replies,
+            [
+                "220 relay.test ESMTP ready",
+                "250 relay.test",
+                "250 2.1.0 Sender ok",
+                "250 2.1.5 Recipient ok",
+                "250 2.1.5 Recipient ok",
+                "451 4.7.1 Rate limit exceeded, try again later",
+            ]
+        );
+        assert_eq!(
+            report.rule.as_deref(),
+            Some("rate_limits.recipients_per_ip")
+        );
+        assert_eq!(report.reply, replies[5]);
+        assert_eq!(
+            report.steps[4].checks.last(),
+            Some(&CheckOutcome {
+                check: "rate_limits.recipients_per_ip".to_string(),
+                outcome: "allowed (0 left of 2/hour)".to_string(),
+            })
+        );
+        // A second explanation starts from the same state: nothing was taken.
+        let again = run(&request("a@sender.test", &["u@example.com"])).await;
+        assert_eq!(again.reply, "250 2.1.5 Recipient ok");
+        assert!(text(&again).ends_with("\n250 2.1.5 Recipient ok\n"));
+        assert!(text(&again).contains("DNS checks: skipped (--no-dns)\n"));
+    }
+
+    #[tokio::test]
+    async fn the_first_refusal_is_the_verdict_and_a_non_ascii_address_says_smtputf8() {
+        let report = run(&request(
+            "a@sender.test",
+            &["x@elsewhere.test", "u@example.com"],
+        ))
+        .await;
+        assert_eq!(report.reply, "550 5.7.1 Relay access denied");
+        assert_eq!(report.rule.as_deref(), Some("relay_denied"));
+        assert_eq!(report.steps.last().unwrap().reply, "250 2.1.5 Recipient ok");
+        let report = run(&request("jörg@sender.test", &["u@example.com"])).await;
+        assert_eq!(
+            report.steps[2].command,
+            "MAIL FROM:<jörg@sender.test> SMTPUTF8"
+        );
+    }
+
+    #[tokio::test]
+    async fn bad_input_is_an_error_before_anything_is_played() {
+        let mut r = request("a@sender.test", &["u@example.com"]);
+        r.listener = "submission".to_string();
+        let e = explain(&config(), &r, Err(String::new()), None)
+            .await
+            .unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "no listener named \"submission\" (the policy has: mx)"
+        );
+        for (from, rcpt) in [("a@b>c", "u@example.com"), ("a@sender.test", "bare")] {
+            let r = request(from, &[rcpt]);
+            let e = explain(&config(), &r, Err(String::new()), None).await;
+            assert!(matches!(e, Err(ExplainError::BadAddress { .. })), "{e:?}");
+        }
+    }
+
+    #[test]
+    fn check_names_are_snake_case() {
+        assert_eq!(check_name(Check::ListenerDeny), "listener_deny");
+        assert_eq!(check_name(Check::Start(Lookup::Dnsbl)), "start(dnsbl)");
+        assert_eq!(check_name(Check::Spf), "spf");
+    }
 }
