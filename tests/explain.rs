@@ -212,6 +212,11 @@ fn explain_gives_the_reply_a_real_session_gets_for_each_rule() {
             "553 5.7.1",
         ),
         (
+            "unknown login",
+            submission(true, Some("mallory"), "alice@example.com"),
+            "535 5.7.8",
+        ),
+        (
             "owned sender relays",
             submission(true, Some("alice"), "alice@example.com"),
             "250 2.1.5",

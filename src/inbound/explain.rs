@@ -653,21 +653,34 @@ async fn decide(
     }
 }
 
-/// Whether `check` decides through an effect (when it applies) rather than by itself.
+/// Whether `check` decides through an effect (when it applies) rather than by itself. An
+/// exhaustive match: a new check must be placed here.
 fn asks_effects(check: Check) -> bool {
-    !matches!(
-        check,
+    match check {
         Check::ListenerDeny
-            | Check::ListenerAllow
-            | Check::SenderOwned
-            | Check::RecipientAllowed
-            | Check::RouteCarries
-            | Check::HeaderSize
-            | Check::HopLimit
-            | Check::SpoolWritten
-            | Check::FromHeader
-            | Check::RoutesCarry
-    )
+        | Check::ListenerAllow
+        | Check::SenderOwned
+        | Check::RecipientAllowed
+        | Check::RouteCarries
+        | Check::HeaderSize
+        | Check::HopLimit
+        | Check::SpoolWritten
+        | Check::FromHeader
+        | Check::RoutesCarry => false,
+        Check::ConnectionRate
+        | Check::AuthLockout
+        | Check::AuthPassword
+        | Check::UserMessageRate
+        | Check::ClientMessageRate
+        | Check::SpoolSpace
+        | Check::RecipientRate
+        | Check::Spf
+        | Check::Dnsbl
+        | Check::Authenticate
+        | Check::Sign
+        | Check::Start(_)
+        | Check::Await(_) => true,
+    }
 }
 
 /// A check's name: `ListenerDeny` as `listener_deny`, `Start(Dnsbl)` as `start(dnsbl)`.
