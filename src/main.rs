@@ -201,8 +201,9 @@ enum PolicyAction {
     /// Play a client's session (connect, EHLO, STARTTLS, AUTH, MAIL, each RCPT) through the
     /// same checks the relay runs, and print each stage, the rule that decided and the reply;
     /// the last line is the reply a client would get. Takes no rate budget and records no
-    /// failure: rate limits and AUTH lockouts are read from the running relay ([admin]), else
-    /// evaluated on empty state (said so). Exit 0 whatever the verdict.
+    /// failure: the pause, connection caps, rate limits and AUTH lockouts are read from the
+    /// running relay ([admin]), else evaluated on empty state (said so). Exit 0 whatever the
+    /// verdict.
     Explain(ExplainArgs),
 }
 
@@ -619,8 +620,9 @@ fn policy_explain(path: Option<&Path>, args: ExplainArgs) -> anyhow::Result<()> 
     Ok(())
 }
 
-/// What the running relay's rate limits and AUTH lockout say of `ip` (and `user`), with where
-/// it came from; `Err(why)` when it cannot be had (no `[admin]`, no answer, a refused token).
+/// What the running relay's stateful rules (pause, connection caps, rate limits, AUTH
+/// lockout) say of `ip` (and `user`), with where it came from; `Err(why)` when it cannot be
+/// had (no `[admin]`, no answer, a refused token).
 async fn running_state(
     config: &Config,
     ip: std::net::IpAddr,

@@ -507,7 +507,10 @@ fn a_tls_name_the_certificate_does_not_hold_is_never_delivered_to() {
             && !last_error_contains(&relay, &id, "circuit breaker")
     };
     assert!(wait_until(WAIT, refused), "{}", queue_list(&relay));
-    assert!(sink.messages().is_empty(), "sent to an upstream with another name");
+    assert!(
+        sink.messages().is_empty(),
+        "sent to an upstream with another name"
+    );
 }
 
 #[test]

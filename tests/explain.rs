@@ -492,7 +492,7 @@ fn a_rate_limited_client_is_explained_as_the_next_real_session_is_refused_and_ex
     assert_eq!(verdict(&output), "250 2.1.5 Recipient ok", "{output}");
     assert!(
         output.contains(
-            "rate limits and AUTH lockout: empty state: relay not answering on 127.0.0.1:"
+            "pause, connection caps, rate limits, AUTH lockout: empty state: relay not answering on 127.0.0.1:"
         ),
         "{output}"
     );

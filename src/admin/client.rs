@@ -200,7 +200,7 @@ async fn fetch(addr: SocketAddr, token: Option<&str>) -> Result<Status, ClientEr
 }
 
 /// `GET /api/explain-state?ip=IP[&user=LOGIN]` from the admin listener at `addr`: what the
-/// running relay's rate limits and AUTH lockout say of that client now, read without taking
+/// running relay's pause, connection caps, rate limits and AUTH lockout say of that client now, read without taking
 /// anything (see [`ClientState`]).
 ///
 /// # Errors

@@ -173,18 +173,23 @@ pub struct Step {
 /// The whole explanation.
 #[derive(Debug, Clone, Serialize)]
 pub struct Report {
+    /// The listener's name.
     pub listener: String,
+    /// The client's address.
     pub ip: IpAddr,
+    /// `--tls` was given.
     pub tls: bool,
+    /// The login the client authenticated as (`--user`).
     pub user: Option<String>,
     /// Where rate budgets and lockouts came from.
     pub state: StateOrigin,
-    /// The password was not checked (a login was given).
+    /// Always false: explain never verifies a password (a login is taken as authenticated).
     pub password_checked: bool,
     /// DNS checks were performed (false: `--no-dns`).
     pub dns: bool,
     /// The policy has DNS checks (DNSBL zones, SPF, DKIM or DMARC verification).
     pub dns_configured: bool,
+    /// The played commands, in order, up to the first refusal before RCPT (every RCPT).
     pub steps: Vec<Step>,
     /// Checks that need the message, not evaluated.
     pub not_evaluated: Vec<&'static str>,
@@ -195,8 +200,8 @@ pub struct Report {
 }
 
 /// Explain `request` under `config`. `state`: the running relay's [`ClientState`] for the
-/// client and login (with where it came from), or `None` for empty state (`why`: the reason
-/// given in the output).
+/// client and login with where it came from, or `Err(why)` for empty state (`why` is said in
+/// the output). `resolver`: the one DNS checks use (`None`: no DNS check looks anything up).
 ///
 /// # Errors
 /// [`ExplainError`] when the request does not fit the policy (unknown listener, a malformed
@@ -900,7 +905,11 @@ pub fn text(report: &Report) -> String {
             .map(|u| format!(", AUTH as {u} (assumed authenticated: the password is not checked)"))
             .unwrap_or_default()
     );
-    let _ = writeln!(out, "rate limits and AUTH lockout: {}", report.state.text);
+    let _ = writeln!(
+        out,
+        "pause, connection caps, rate limits, AUTH lockout: {}",
+        report.state.text
+    );
     let dns = match (report.dns, report.dns_configured) {
         (true, true) => "performed",
         (true, false) => "none configured",
