@@ -33,6 +33,7 @@ use serde::Serialize;
 use super::connection::session_config;
 use super::effects::{resolve, spf_check};
 use super::listener::AtAccept;
+use crate::config::units::parse_rate;
 use crate::config::{Config, Listener, ListenerTls, Rate};
 use crate::dns::Resolver;
 use crate::dns::verify::{SpfCheck, SpfIdentity, SpfResult};
@@ -778,35 +779,39 @@ impl Answers {
         }
     }
 
-    /// A budget: counted down within this run (never on the relay).
+    /// A budget: counted down within this run (never on the relay). The rate is the one the
+    /// budget was read with (the running relay's), else the policy file's.
     fn rate(&mut self, limit: RateLimit) -> (Answer, String) {
-        let rate = self
+        let configured = self
             .config_rates
             .iter()
             .find(|(l, _)| *l == limit)
             .and_then(|(_, r)| *r);
-        let budget = self
+        let Some(b) = self
             .state
             .budgets
             .iter_mut()
-            .find(|b| b.rule == limit.rule());
-        match (budget, rate) {
-            (Some(b), Some(rate)) if b.available == 0 => (
+            .find(|b| b.rule == limit.rule())
+        else {
+            return (Answer::Allowed, "not configured".to_string());
+        };
+        let rate = parse_rate(&b.limit).ok().or(configured);
+        match (b.available, rate) {
+            (0, Some(rate)) => (
                 Answer::Limited(Limited {
                     rule: limit.rule(),
                     limit: rate,
                 }),
                 format!("spent ({})", b.limit),
             ),
-            (Some(b), _) => {
-                b.available -= 1;
+            (available, _) => {
+                b.available = available.saturating_sub(1);
                 let left = b.available;
                 (
                     Answer::Allowed,
                     format!("allowed ({left} left of {})", b.limit),
                 )
             }
-            _ => (Answer::Allowed, "not configured".to_string()),
         }
     }
 
