@@ -2,13 +2,13 @@
 //! real one runs, to show why a client would be refused (or accepted) and with which reply.
 //!
 //! The dialogue is the protocol engine's ([`crate::smtp::Session`], configured for the
-//! listener by [`super::connection::session_config`], as the session driver configures it):
+//! listener by `connection::session_config`, as the session driver configures it):
 //! the greeting, `EHLO`, `STARTTLS` when asked for (the handshake is taken as done), `AUTH
 //! PLAIN` as the login when one is given, `MAIL FROM`, then each `RCPT TO`. Every stage is
 //! decided by [`Policy::evaluate`] with the checks of [`crate::policy::stage::Stage::checks`];
 //! what the engine refuses by itself (`require_tls`, `auth = "required"`, AUTH before TLS)
 //! comes from the engine. Nothing here decides a rule: only the effects are answered
-//! differently from a session's ([`Answers`]):
+//! differently from a session's (`Answers`):
 //!
 //! - the pause and the connection caps of the accept loop, rate budgets and the AUTH lockout
 //!   gate from a [`ClientState`]: the running relay's ([`running_state`], read through its
