@@ -461,6 +461,11 @@ fn a_rate_limited_client_is_explained_as_the_next_real_session_is_refused_and_ex
             "{output}"
         );
     }
+    let json: serde_json::Value =
+        serde_json::from_str(explain(&relay, &case, &["--json"]).trim()).expect("one JSON object");
+    assert_eq!(json["state"]["live"], true, "{json}");
+    assert_eq!(json["reply"], "250 2.1.5 Recipient ok", "{json}");
+    assert_eq!(json["rule"], serde_json::Value::Null, "{json}");
     // Two real messages spend the budget.
     for _ in 0..2 {
         assert_eq!(real(&relay, &case), "250 2.1.5 Recipient ok");
