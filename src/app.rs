@@ -223,7 +223,17 @@ pub async fn run(config: Config, path: Option<PathBuf>) -> Result<(), AppError> 
     );
     let inbound = inbound::start(runtime.clone(), deps).await?;
     telemetry.gate.set_bound(true);
-    let admin = match start_admin(config_now, &telemetry, &spool, &observe_stop).await {
+    // `/api/explain-state` reads the state of the policy and listeners running now.
+    let client_state: crate::policy::store::ClientStateSource = {
+        let (runtime, telemetry) = (runtime.clone(), telemetry.clone());
+        let counter = inbound.connections();
+        Arc::new(move |ip, login| {
+            let paused = telemetry.gate.paused();
+            inbound::explain::running_state(&runtime.load(), &counter, paused, ip, login)
+        })
+    };
+    let admin = match start_admin(config_now, client_state, &telemetry, &spool, &observe_stop).await
+    {
         Ok(admin) => admin,
         Err(e) => {
             inbound.stop(Duration::ZERO).await;
@@ -279,6 +289,7 @@ fn start_pause_watch(telemetry: &Arc<Telemetry>, spool: &Spool, stop: &Cancellat
 /// now (`source`) at each request; it stops when `stop` is cancelled.
 async fn start_admin(
     source: ConfigSource,
+    client_state: crate::policy::store::ClientStateSource,
     telemetry: &Arc<Telemetry>,
     spool: &Spool,
     stop: &CancellationToken,
@@ -291,6 +302,7 @@ async fn start_admin(
         telemetry.clone(),
         spool.clone(),
         source,
+        client_state,
         stop.clone(),
     )
     .await?;

@@ -34,7 +34,9 @@
 //!   spool writer, commit; a new per-message header or check of the message's content lands
 //!   there), the bounded pool of threads that verify passwords, and what the receiving side
 //!   records (`record`: every refusal logged and counted by one function; connect, queued,
-//!   sessions, AUTH outcomes, DNS errors). [`inbound::start`] binds the listeners. It hands
+//!   sessions, AUTH outcomes, DNS errors), and `explain` (`portcullis policy explain`: a
+//!   session played through the same engine and stage checks without a socket, its effects
+//!   answered from the running relay's state). [`inbound::start`] binds the listeners. It hands
 //!   each committed message on as a [`queue::Committed`] and never names `outbound`.
 //! - [`queue`]: the durable spool, recovery, the operator control files behind the `queue`
 //!   commands (retry, delete, purge; hold and release, with the filters that select messages:
@@ -63,7 +65,8 @@
 //!   each event also goes to the journal (through the `observe::EventSink` trait, so this
 //!   module never names `queue`). A leaf: recording never blocks and never refuses mail.
 //! - [`admin`]: the `[admin]` HTTP listener (`/metrics`, `/healthz`, `/readyz`, the status
-//!   page `/`, `/api/status`) reading `observe`; `portcullis status` (`admin::client`: the
+//!   page `/`, `/api/status`, `/api/explain-state`) reading `observe` (and, for
+//!   explain-state, a function `app` gives it); `portcullis status` (`admin::client`: the
 //!   running relay's API, else `admin::offline` from the spool and the journal); and the
 //!   `SPOOL/paused` marker behind `portcullis listeners pause|resume` (`admin::pause`).
 //! - [`routes`]: the routing table and the capabilities each upstream announced, shared by

@@ -21,6 +21,9 @@
 //! id that is not quarantined, or is queued already, is reported on stderr, the others are
 //! still restored, and the exit status is 1.
 //!
+//! `policy explain` exits 0 whatever the verdict, 2 for an unknown listener, a malformed IP or
+//! address, no `--config` or an invalid policy, 1 when the resolver cannot be built.
+//!
 //! `listeners pause|resume` exit 0 whether or not the marker changed (the output says which),
 //! 2 when there is no spool, 1 when the marker cannot be written or removed.
 //!
@@ -133,6 +136,11 @@ enum Command {
         /// One JSON object per entry.
         #[arg(long)]
         json: bool,
+    },
+    /// Policy tools: `policy explain` shows the verdict a client would get, stage by stage.
+    Policy {
+        #[command(subcommand)]
+        action: PolicyAction,
     },
     /// Print a shell completion script for bash, zsh or fish on stdout (e.g.
     /// `portcullis completions bash > /etc/bash_completion.d/portcullis`).
@@ -303,6 +311,49 @@ enum QueueAction {
 }
 
 #[derive(Subcommand, Debug)]
+enum PolicyAction {
+    /// Play a client's session (connect, EHLO, STARTTLS, AUTH, MAIL, each RCPT) through the
+    /// same checks the relay runs, and print each stage, the rule that decided and the reply;
+    /// the last line is the reply a client would get. Takes no rate budget and records no
+    /// failure: the pause, connection caps, rate limits and AUTH lockouts are read from the
+    /// running relay ([admin]), else evaluated on empty state (said so). Exit 0 whatever the
+    /// verdict.
+    Explain(ExplainArgs),
+}
+
+/// The arguments of `portcullis policy explain`.
+#[derive(clap::Args, Debug)]
+struct ExplainArgs {
+    /// The [[listeners]] name the client connects to.
+    #[arg(long, value_name = "NAME")]
+    listener: String,
+    /// The client's address.
+    #[arg(long, value_name = "IP")]
+    ip: String,
+    /// The EHLO name (default: client.invalid).
+    #[arg(long, value_name = "NAME")]
+    helo: Option<String>,
+    /// The client starts TLS (STARTTLS on a starttls listener).
+    #[arg(long)]
+    tls: bool,
+    /// The login the client authenticates as (assumed authenticated: no password is checked).
+    #[arg(long, value_name = "LOGIN")]
+    user: Option<String>,
+    /// The envelope sender ('<>' for the null sender).
+    #[arg(long, value_name = "ADDR")]
+    from: String,
+    /// A recipient (repeat for several).
+    #[arg(long = "rcpt", value_name = "ADDR", required = true)]
+    rcpts: Vec<String>,
+    /// Skip the DNS checks (DNSBL, SPF), saying so.
+    #[arg(long)]
+    no_dns: bool,
+    /// Print one JSON object.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Subcommand, Debug)]
 enum ListenersAction {
     /// Within a second, every listener answers new connections `421 4.3.2` and closes them,
     /// and /readyz answers 503; delivery of the queue goes on. Survives restarts.
@@ -344,6 +395,9 @@ fn dispatch(cli: Cli) -> anyhow::Result<()> {
         Command::Status { json } => status(cli.config.as_deref(), cli.spool, json),
         Command::Passwd => passwd(),
         Command::Doctor { domain, json } => doctor(cli.config.as_deref(), &domain, json),
+        Command::Policy {
+            action: PolicyAction::Explain(args),
+        } => policy_explain(cli.config.as_deref(), args),
         Command::Completions { shell } => {
             use clap::CommandFactory;
             let shell = match shell {
@@ -632,6 +686,75 @@ fn status(path: Option<&Path>, spool: Option<PathBuf>, json: bool) -> anyhow::Re
         print!("{}", portcullis::admin::summary::text(&gathered.status));
     }
     Ok(())
+}
+
+/// `portcullis policy explain`: the request is checked (exit 2), the running relay's state for
+/// the client read through the admin API when `[admin]` is set, then the session is played
+/// (`inbound::explain`).
+fn policy_explain(path: Option<&Path>, args: ExplainArgs) -> anyhow::Result<()> {
+    use portcullis::inbound::explain;
+    let Some(path) = path else {
+        return Err(UsageError("policy explain needs --config FILE".into()).into());
+    };
+    let config = load_config(path)?;
+    let ip: std::net::IpAddr = args
+        .ip
+        .trim()
+        .parse()
+        .map_err(|_| UsageError(format!("--ip {:?}: not an IP address", args.ip)))?;
+    let request = explain::Request {
+        listener: args.listener,
+        ip,
+        helo: args
+            .helo
+            .unwrap_or_else(|| explain::DEFAULT_HELO.to_string()),
+        tls: args.tls,
+        user: args.user,
+        from: args.from,
+        rcpts: args.rcpts,
+        dns: !args.no_dns,
+    };
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")?;
+    let report = runtime.block_on(async {
+        let state = running_state(&config, ip, request.user.as_deref()).await;
+        let resolver = match request.dns && config.needs_resolver() {
+            true => Some(portcullis::dns::Resolver::new(&config.dns)?),
+            false => None,
+        };
+        explain::explain(&config, &request, state, resolver)
+            .await
+            .map_err(|e| anyhow::Error::from(UsageError(e.to_string())))
+    })?;
+    if args.json {
+        let value = serde_json::to_value(&report)?;
+        println!("{}", report::json_line(&value));
+    } else {
+        print!("{}", explain::text(&report));
+    }
+    Ok(())
+}
+
+/// What the running relay's stateful rules (pause, connection caps, rate limits, AUTH
+/// lockout) say of `ip` (and `user`), with where it came from; `Err(why)` when it cannot be
+/// had (no `[admin]`, no answer, a refused token).
+async fn running_state(
+    config: &Config,
+    ip: std::net::IpAddr,
+    user: Option<&str>,
+) -> Result<(portcullis::policy::store::ClientState, String), String> {
+    use portcullis::admin::client;
+    let Some(admin) = &config.admin else {
+        return Err("no [admin] listener configured".to_owned());
+    };
+    let addr = client::target(admin.bind);
+    match client::fetch_client_state(addr, admin.token.as_deref(), ip, user).await {
+        Ok(state) => Ok((state, format!("from the running relay at {addr}"))),
+        Err(e) if e.not_answering() => Err(format!("relay not answering on {addr}")),
+        Err(e) => Err(e.to_string()),
+    }
 }
 
 fn spool_dir(config: Option<&Path>, spool: Option<PathBuf>) -> anyhow::Result<PathBuf> {

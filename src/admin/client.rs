@@ -20,6 +20,7 @@ use hyper_util::rt::TokioIo;
 use crate::config::Config;
 use crate::observe::status::Status;
 use crate::observe::webhook::exchange;
+use crate::policy::store::ClientState;
 use crate::queue::Spool;
 
 use super::offline::{self, OfflineError};
@@ -68,8 +69,8 @@ pub enum ClientError {
     /// The connection failed while the body was being read.
     #[error("the answer of {addr} was cut off: {message}")]
     Cut { addr: SocketAddr, message: String },
-    /// The body is not a status.
-    #[error("the answer of {addr} is not a status: {source}")]
+    /// The body is not what was asked for (a status, a client state).
+    #[error("the answer of {addr} is not what was asked for: {source}")]
     Json {
         addr: SocketAddr,
         #[source]
@@ -195,10 +196,53 @@ pub async fn fetch_status(addr: SocketAddr, token: Option<&str>) -> Result<Statu
 }
 
 async fn fetch(addr: SocketAddr, token: Option<&str>) -> Result<Status, ClientError> {
+    get_json(addr, token, "/api/status").await
+}
+
+/// `GET /api/explain-state?ip=IP[&user=LOGIN]` from the admin listener at `addr`: what the
+/// running relay's pause, connection caps, rate limits and AUTH lockout say of that client now, read without taking
+/// anything (see [`ClientState`]).
+///
+/// # Errors
+/// See [`ClientError`], as for [`fetch_status`].
+pub async fn fetch_client_state(
+    addr: SocketAddr,
+    token: Option<&str>,
+    ip: IpAddr,
+    user: Option<&str>,
+) -> Result<ClientState, ClientError> {
+    let mut path = format!("/api/explain-state?ip={}", query_escape(&ip.to_string()));
+    if let Some(user) = user {
+        path.push_str("&user=");
+        path.push_str(&query_escape(user));
+    }
+    tokio::time::timeout(TIMEOUT, get_json(addr, token, &path))
+        .await
+        .unwrap_or(Err(ClientError::Timeout { addr }))
+}
+
+/// `text` as a query value: every octet but unreserved ones percent-encoded (RFC 3986 §2).
+fn query_escape(text: &str) -> String {
+    text.bytes()
+        .map(|b| match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'.' | b'_' | b'~' => {
+                (b as char).to_string()
+            }
+            _ => format!("%{b:02X}"),
+        })
+        .collect()
+}
+
+/// `GET path` with the token, and the `200` answer's JSON body read as a `T`.
+async fn get_json<T: serde::de::DeserializeOwned>(
+    addr: SocketAddr,
+    token: Option<&str>,
+    path: &str,
+) -> Result<T, ClientError> {
     let stream = tokio::net::TcpStream::connect(addr)
         .await
         .map_err(|source| ClientError::Connect { addr, source })?;
-    let mut request = Request::get("/api/status")
+    let mut request = Request::get(path)
         .header(HOST, addr.to_string())
         .header(ACCEPT, "application/json");
     if let Some(token) = token {

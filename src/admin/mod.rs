@@ -1,5 +1,6 @@
 //! The admin HTTP listener (`[admin]`): `/metrics`, `/healthz`, `/readyz`, `/` (the status
-//! page) and `/api/status`, served with axum on the relay's tokio runtime; and
+//! page), `/api/status` and `/api/explain-state` (what `portcullis policy explain` reads of
+//! the running rate budgets and AUTH lockouts), served with axum on the relay's tokio runtime; and
 //! `portcullis listeners pause|resume` ([`pause`]).
 //!
 //! [`start`] binds the address and runs our own accept loop ([`server`]) around hyper's
@@ -29,6 +30,7 @@ use tracing::info;
 
 use crate::config::Admin;
 use crate::observe::{ConfigSource, Telemetry};
+use crate::policy::store::ClientStateSource;
 use crate::queue::Spool;
 
 /// Why the admin listener could not start.
@@ -60,6 +62,9 @@ pub struct AdminState {
     pub start_token: Option<Arc<str>>,
     /// The address the listener is bound to (a bind takes a restart to change).
     pub bound: SocketAddr,
+    /// What the running relay's stateful rules say of a client, read (never taken) by
+    /// `/api/explain-state`; `None`: that route answers `404`.
+    pub client_state: Option<ClientStateSource>,
 }
 
 impl std::fmt::Debug for AdminState {
@@ -88,6 +93,7 @@ pub async fn start(
     telemetry: Arc<Telemetry>,
     spool: Spool,
     config: ConfigSource,
+    client_state: ClientStateSource,
     shutdown: CancellationToken,
 ) -> Result<AdminServer, StartError> {
     let bind_error = |source| StartError::Bind {
@@ -102,6 +108,7 @@ pub async fn start(
         config,
         start_token: admin.token.clone(),
         bound: local_addr,
+        client_state: Some(client_state),
     };
     info!(bind = %local_addr, token = admin.token.is_some(), "admin listening");
     let task = tokio::spawn(server::serve(

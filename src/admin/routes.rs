@@ -46,6 +46,7 @@ pub fn router(state: AdminState) -> Router {
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
         .route("/api/status", get(api_status))
+        .route("/api/explain-state", get(explain_state))
         .route("/", get(status_page))
         .fallback(not_found)
         .layer(middleware::from_fn_with_state(state.clone(), guard))
@@ -252,6 +253,28 @@ async fn api_status(State(state): State<AdminState>) -> Json<Status> {
     Json(status(&state).await)
 }
 
+/// The query of `/api/explain-state`: the client's address and, optionally, its login.
+#[derive(Debug, serde::Deserialize)]
+pub struct ExplainQuery {
+    /// The client address.
+    pub ip: IpAddr,
+    /// The AUTH login.
+    pub user: Option<String>,
+}
+
+/// `/api/explain-state?ip=IP[&user=LOGIN]`: what the pause, the connection caps, the rate
+/// limits and the AUTH lockout say of that client now ([`crate::policy::store::ClientState`]), read without taking a budget or
+/// recording anything. A malformed query is `400` (axum's `Query` rejection).
+async fn explain_state(
+    State(state): State<AdminState>,
+    axum::extract::Query(query): axum::extract::Query<ExplainQuery>,
+) -> Response {
+    let Some(client_state) = &state.client_state else {
+        return not_found().await.into_response();
+    };
+    Json(client_state(query.ip, query.user.as_deref())).into_response()
+}
+
 /// `/`: the status page.
 async fn status_page(State(state): State<AdminState>) -> Html<String> {
     Html(page::render(&status(&state).await))
@@ -322,6 +345,7 @@ mod tests {
             config: Arc::new(move || config.clone()),
             start_token: start_token.map(Arc::from),
             bound: bound.parse().expect("socket address"),
+            client_state: None,
         }
     }
 

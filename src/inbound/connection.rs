@@ -31,7 +31,7 @@ use super::effects::Effects;
 use super::record::{self, Refused};
 use super::tls::session_info;
 use super::verifier::Verifier;
-use crate::config::{Listener, ListenerTls};
+use crate::config::{Config, Listener, ListenerTls};
 use crate::envelope::{Address, ReversePath, TlsInfo};
 use crate::observe::{Event as Recorded, EventKind};
 use crate::policy::stage::{EndOfData, Input, RcptFacts, StageFacts, TransactionFacts};
@@ -200,20 +200,11 @@ impl SessionDriver {
         shared: Shared,
         peer: SocketAddr,
     ) -> Self {
-        let c = &runtime.config;
-        let session = Session::new(SessionConfig {
-            hostname: c.server.hostname.clone(),
-            postmaster: c.relay.postmaster.clone(),
-            max_command_length: c.limits.max_command_length,
-            max_message_size: c.limits.max_message_size,
-            max_recipients: c.limits.max_recipients,
-            max_errors: c.limits.max_errors,
-            starttls: listener.tls == ListenerTls::StartTls && runtime.tls.is_some(),
-            implicit_tls: listener.tls == ListenerTls::Implicit,
-            require_tls: listener.require_tls,
-            auth_enabled: listener.auth != crate::config::AuthMode::Off,
-            auth_required: listener.auth == crate::config::AuthMode::Required,
-        });
+        let session = Session::new(session_config(
+            &runtime.config,
+            &listener,
+            runtime.tls.is_some(),
+        ));
         SessionDriver {
             runtime,
             listener,
@@ -1049,6 +1040,28 @@ enum Wake {
     Shutdown,
     /// Stress mode started (false: its sender is gone).
     Stress(bool),
+}
+
+/// The protocol engine's settings for a session on `listener` under `c`; `tls_available`:
+/// the relay has a certificate (STARTTLS may be offered).
+pub(crate) fn session_config(
+    c: &Config,
+    listener: &Listener,
+    tls_available: bool,
+) -> SessionConfig {
+    SessionConfig {
+        hostname: c.server.hostname.clone(),
+        postmaster: c.relay.postmaster.clone(),
+        max_command_length: c.limits.max_command_length,
+        max_message_size: c.limits.max_message_size,
+        max_recipients: c.limits.max_recipients,
+        max_errors: c.limits.max_errors,
+        starttls: listener.tls == ListenerTls::StartTls && tls_available,
+        implicit_tls: listener.tls == ListenerTls::Implicit,
+        require_tls: listener.require_tls,
+        auth_enabled: listener.auth != crate::config::AuthMode::Off,
+        auth_required: listener.auth == crate::config::AuthMode::Required,
+    }
 }
 
 /// The facts every stage reads about the session: the client's address and its AUTH

@@ -211,26 +211,14 @@ impl Effects {
         let Input::Mail { from, helo, .. } = facts.input else {
             return Answer::Allowed;
         };
-        let ip = facts.session.client_ip;
-        let reverse_path = match from {
-            ReversePath::Address(a) => Some(a.to_string()),
-            ReversePath::Null => None,
-        };
-        let check = match &runtime.resolver {
-            Some(resolver) => {
-                let deadline = check_deadline(resolver);
-                let spf = resolver.spf(ip, helo, reverse_path.as_deref());
-                let check = match tokio::time::timeout(deadline, spf).await {
-                    Ok(check) => check,
-                    Err(_) => spf_timed_out(helo, reverse_path.as_deref()),
-                };
-                if check.result == SpfResult::TempError {
-                    telemetry.metrics.dns_error("spf");
-                }
-                check
-            }
-            None => spf_timed_out(helo, reverse_path.as_deref()),
-        };
+        let check = spf_check(
+            runtime.resolver.as_ref(),
+            telemetry,
+            facts.session.client_ip,
+            helo,
+            from,
+        )
+        .await;
         self.spf = Some(check.clone());
         Answer::Spf(check)
     }
@@ -542,6 +530,35 @@ fn log_auth_report(login: &str, report: &FailureReport, delay: Duration) {
     }
 }
 
+/// SPF of a transaction from `ip` (RFC 7208 §2.3–2.4): the reverse-path `from`, or the HELO
+/// name for `<>`, within [`check_deadline`]; without a resolver, or out of time, `temperror`
+/// (counted in `telemetry`'s DNS errors when the resolver failed).
+pub(super) async fn spf_check(
+    resolver: Option<&Resolver>,
+    telemetry: &Telemetry,
+    ip: std::net::IpAddr,
+    helo: &str,
+    from: &ReversePath,
+) -> SpfCheck {
+    let reverse_path = match from {
+        ReversePath::Address(a) => Some(a.to_string()),
+        ReversePath::Null => None,
+    };
+    let Some(resolver) = resolver else {
+        return spf_timed_out(helo, reverse_path.as_deref());
+    };
+    let deadline = check_deadline(resolver);
+    let spf = resolver.spf(ip, helo, reverse_path.as_deref());
+    let check = match tokio::time::timeout(deadline, spf).await {
+        Ok(check) => check,
+        Err(_) => spf_timed_out(helo, reverse_path.as_deref()),
+    };
+    if check.result == SpfResult::TempError {
+        telemetry.metrics.dns_error("spf");
+    }
+    check
+}
+
 /// The time one whole check may take: [`CHECK_DEADLINE_QUERIES`] queries' timeouts (the dns
 /// functions bound themselves; this is the backstop that keeps a session from waiting on a
 /// resolver that never answers).
@@ -705,7 +722,7 @@ fn zones(runtime: &Runtime, lookup: Lookup) -> Vec<crate::config::DnsblZone> {
 /// is "not listed", an iprev one `temperror`. What the resolver could not answer is counted
 /// in `portcullis_dns_errors_total{check}` of `telemetry` (each DNSBL zone that failed, an
 /// iprev `temperror`); without a resolver nothing is looked up and nothing counted.
-async fn resolve(
+pub(super) async fn resolve(
     lookup: Lookup,
     resolver: Option<Resolver>,
     telemetry: Arc<Telemetry>,

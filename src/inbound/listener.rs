@@ -67,8 +67,8 @@ impl ListenerTask {
             if self.shared.telemetry.gate.paused() {
                 // `portcullis listeners pause` (delivery is not affected); at info level:
                 // the operator asked for it.
-                let paused = reply::PAUSED;
-                let refused = Refused::rule("paused", &paused);
+                let (paused, rule) = AtAccept::Paused.refusal();
+                let refused = Refused::rule(rule, &paused);
                 span.in_scope(|| self.refuse_at_connect(tcp, peer, refused));
                 continue;
             }
@@ -94,10 +94,7 @@ impl ListenerTask {
                     );
                 }
                 Err(full) => {
-                    let (reply, rule) = match full {
-                        Full::Total => (reply::TOO_MANY_CONNECTIONS, "max_connections"),
-                        Full::PerIp => (reply::TOO_MANY_FROM_IP, "max_connections_per_ip"),
-                    };
+                    let (reply, rule) = AtAccept::Full(full).refusal();
                     let full = Refused::rule(rule, &reply).warning();
                     span.in_scope(|| self.refuse_at_connect(tcp, peer, full));
                 }
@@ -152,4 +149,36 @@ pub(super) async fn refuse<S: AsyncWrite + Unpin>(mut io: S, reply: &Reply) {
         io.shutdown().await
     })
     .await;
+}
+
+/// Why the accept loop refuses a connection before any session starts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AtAccept {
+    /// `portcullis listeners pause`.
+    Paused,
+    /// A connection cap is reached.
+    Full(Full),
+}
+
+impl AtAccept {
+    /// Every refusal at accept, for [`AtAccept::from_rule`].
+    const ALL: [AtAccept; 3] = [
+        AtAccept::Paused,
+        AtAccept::Full(Full::Total),
+        AtAccept::Full(Full::PerIp),
+    ];
+
+    /// The reply the client gets (then the connection is closed) and the rule logged.
+    pub fn refusal(self) -> (Reply, &'static str) {
+        match self {
+            AtAccept::Paused => (reply::PAUSED, "paused"),
+            AtAccept::Full(Full::Total) => (reply::TOO_MANY_CONNECTIONS, "max_connections"),
+            AtAccept::Full(Full::PerIp) => (reply::TOO_MANY_FROM_IP, "max_connections_per_ip"),
+        }
+    }
+
+    /// The refusal whose rule is `rule`, if any.
+    pub fn from_rule(rule: &str) -> Option<AtAccept> {
+        AtAccept::ALL.into_iter().find(|a| a.refusal().1 == rule)
+    }
 }

@@ -20,6 +20,7 @@
 pub mod assembly;
 pub mod connection;
 pub mod effects;
+pub mod explain;
 pub mod listener;
 pub mod pressure;
 pub mod record;
@@ -48,7 +49,7 @@ use crate::queue::{Committed, Spool};
 use crate::routes::RouteCapabilities;
 use connection::Shared;
 use listener::ListenerTask;
-use pressure::ConnectionCounter;
+pub use pressure::ConnectionCounter;
 use verifier::{MAX_WAITING_VERIFICATIONS, Verifier, hash_slots};
 
 /// One configuration snapshot as the inbound side uses it. A session takes an `Arc` of this
@@ -160,6 +161,12 @@ pub async fn start(runtime: Arc<ArcSwap<Runtime>>, deps: Deps) -> Result<Inbound
 }
 
 impl Inbound {
+    /// The open connections, counted as the listeners count them (for
+    /// [`explain::running_state`]).
+    pub fn connections(&self) -> ConnectionCounter {
+        self.counter.clone()
+    }
+
     /// Stop: close every listener, tell idle sessions `421 4.3.0`, and give sessions in DATA
     /// up to `grace` (`[limits] shutdown_grace`) to finish their message. False when some were
     /// still open after it: they are abandoned (their spool files are removed as they drop,

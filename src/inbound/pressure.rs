@@ -52,6 +52,16 @@ struct Counts {
     stress_at: usize,
 }
 
+impl Counts {
+    /// The cap a new connection from `ip` would exceed, total first.
+    fn full(&self, ip: &ClientKey, max_total: usize, max_per_ip: usize) -> Option<Full> {
+        if self.total >= max_total {
+            return Some(Full::Total);
+        }
+        (self.per_ip.get(ip).copied().unwrap_or(0) >= max_per_ip).then_some(Full::PerIp)
+    }
+}
+
 /// Why a connection was not admitted.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Full {
@@ -73,14 +83,15 @@ impl ConnectionCounter {
         let ip = ClientKey::new(ip);
         let mut c = self.inner.lock().unwrap_or_else(|e| e.into_inner());
         c.stress_at = stress_at;
-        if c.total >= max_total {
-            self.enter_stress(c.total, "max_connections reached");
-            return Err(Full::Total);
+        match c.full(&ip, max_total, max_per_ip) {
+            Some(Full::Total) => {
+                self.enter_stress(c.total, "max_connections reached");
+                return Err(Full::Total);
+            }
+            Some(full) => return Err(full),
+            None => {}
         }
         let n = c.per_ip.entry(ip).or_insert(0);
-        if *n >= max_per_ip {
-            return Err(Full::PerIp);
-        }
         *n += 1;
         c.total += 1;
         if c.total >= stress_at {
@@ -90,6 +101,17 @@ impl ConnectionCounter {
             counter: self.clone(),
             ip,
         })
+    }
+
+    /// Whether a connection from `ip` would be admitted now under these caps, taking no
+    /// slot and starting nothing (`portcullis policy explain`).
+    ///
+    /// # Errors
+    /// The cap that would refuse it, as [`ConnectionCounter::admit`] decides.
+    pub fn admission(&self, ip: IpAddr, max_total: usize, max_per_ip: usize) -> Result<(), Full> {
+        let c = self.inner.lock().unwrap_or_else(|e| e.into_inner());
+        c.full(&ClientKey::new(ip), max_total, max_per_ip)
+            .map_or(Ok(()), Err)
     }
 
     /// Start stress mode unless already in it (called with the counts locked, so start and

@@ -363,9 +363,13 @@ impl<K: TableKey> Budgets<K> {
         self.tables.lock().unwrap_or_else(|e| e.into_inner())
     }
 
+    /// Run governor's decision `f` on `key`'s theoretical arrival time and, when `f` allows
+    /// the event and `replace`, store the new time (`replace` false: a dry check, nothing
+    /// taken).
     fn measure_and_replace<T, E>(
         &self,
         key: &K,
+        replace: bool,
         f: impl Fn(Option<Nanos>) -> Result<(T, Nanos), E>,
     ) -> Result<T, E> {
         // The latest time any caller passed in: never earlier than the time governor reads
@@ -376,6 +380,9 @@ impl<K: TableKey> Budgets<K> {
         let level = t.home(key, now, self.bounds);
         let held = t.get(level, key);
         let outcome = f(held.map(Nanos::new));
+        if !replace {
+            return outcome.map(|(result, _)| result);
+        }
         if let Ok((_, tat)) = &outcome {
             t.insert(level, key, tat.as_u64());
         }
@@ -416,8 +423,12 @@ impl<K: TableKey> Budgets<K> {
 }
 
 /// The [`StateStore`] a governor limiter reads and writes: a handle on the [`Budgets`] that
-/// [`KeyedLimit`] also holds, for pruning.
-struct SharedBudgets<K: TableKey>(Arc<Budgets<K>>);
+/// [`KeyedLimit`] also holds, for pruning. `dry`: the limiter only reads (see
+/// [`KeyedLimit::available`]): governor's own decision, nothing taken.
+struct SharedBudgets<K: TableKey> {
+    budgets: Arc<Budgets<K>>,
+    dry: bool,
+}
 
 impl<K: TableKey> StateStore for SharedBudgets<K> {
     type Key = K;
@@ -426,7 +437,7 @@ impl<K: TableKey> StateStore for SharedBudgets<K> {
     where
         F: Fn(Option<Nanos>) -> Result<(T, Nanos), E>,
     {
-        self.0.measure_and_replace(key, f)
+        self.budgets.measure_and_replace(key, !self.dry, f)
     }
 }
 
@@ -438,6 +449,8 @@ pub struct KeyedLimit<K: TableKey> {
     rate: Rate,
     store: Arc<Budgets<K>>,
     limiter: Limiter<K>,
+    /// The same limit over the same budgets, reading only ([`KeyedLimit::available`]).
+    dry_limiter: Limiter<K>,
     /// Clock reading (nanoseconds) of the last pruning.
     last_prune: AtomicU64,
 }
@@ -475,11 +488,17 @@ impl<K: TableKey> KeyedLimit<K> {
             rate,
             tables: Mutex::new(Tables::new()),
         });
-        let limiter = RateLimiter::new(quota, SharedBudgets(Arc::clone(&store)), clock);
+        let shared = |dry| SharedBudgets {
+            budgets: Arc::clone(&store),
+            dry,
+        };
+        let limiter = RateLimiter::new(quota, shared(false), clock.clone());
+        let dry_limiter = RateLimiter::new(quota, shared(true), clock);
         KeyedLimit {
             rate,
             store,
             limiter,
+            dry_limiter,
             last_prune: AtomicU64::new(0),
         }
     }
@@ -496,6 +515,30 @@ impl<K: TableKey> KeyedLimit<K> {
         let t = self.store.clock.set(now);
         self.housekeep(t);
         self.limiter.check_key(key).is_ok()
+    }
+
+    /// How many events `key`'s budget would let through at `now`, taking nothing: the
+    /// largest `n` (at most the rate's count) that governor's own check of `n` events at once
+    /// allows, so the next `n` calls of [`KeyedLimit::check`] at `now` succeed and the one
+    /// after fails (unless time passes). 0: the next check fails.
+    pub fn available(&self, key: &K, now: Instant) -> u32 {
+        let t = self.store.clock.set(now);
+        self.housekeep(t);
+        let fits = |n: u32| {
+            NonZeroU32::new(n)
+                .is_none_or(|n| matches!(self.dry_limiter.check_key_n(key, n), Ok(Ok(()))))
+        };
+        // `fits` is monotone: binary search for the largest n that fits.
+        let (mut low, mut high) = (0, self.rate.count.max(1));
+        while low < high {
+            let mid = low + (high - low).div_ceil(2);
+            if fits(mid) {
+                low = mid;
+            } else {
+                high = mid - 1;
+            }
+        }
+        low
     }
 
     /// Keys held now, at every level.
@@ -601,27 +644,53 @@ impl Limiters {
     /// [`Limited`] when the budget is spent.
     pub fn take(&self, limit: RateLimit, key: &RateKey, now: Instant) -> Result<(), Limited> {
         let rule = limit.rule();
+        match self.keyed(limit, key) {
+            Some(Keyed::Client(table, key)) => take(table, rule, &key, now),
+            Some(Keyed::Login(table, key)) => take(table, rule, &key, now),
+            None => Ok(()),
+        }
+    }
+
+    /// What `limit`'s budget of `key` would let through at `now`, taking nothing (see
+    /// [`KeyedLimit::available`]) and its configured rate; `None` when the limit is not
+    /// configured or `key` is of the wrong kind for it (never limited, as in
+    /// [`Limiters::take`]).
+    pub fn available(&self, limit: RateLimit, key: &RateKey, now: Instant) -> Option<(u32, Rate)> {
+        match self.keyed(limit, key)? {
+            Keyed::Client(Some(table), key) => Some((table.available(&key, now), table.rate())),
+            Keyed::Login(Some(table), key) => Some((table.available(&key, now), table.rate())),
+            _ => None,
+        }
+    }
+
+    /// The table of `limit` and the key it counts `key` by; `None` for a key of the wrong
+    /// kind. A login's budget is keyed by [`login_key`].
+    fn keyed(&self, limit: RateLimit, key: &RateKey) -> Option<Keyed<'_>> {
         let clients = match limit {
             RateLimit::ConnectionsPerIp => &self.connections_per_ip,
             RateLimit::MessagesPerIp => &self.messages_per_ip,
             RateLimit::RecipientsPerIp => &self.recipients_per_ip,
             RateLimit::MessagesPerUser => {
                 return match key {
-                    RateKey::Login(user) => take(
+                    RateKey::Login(user) => Some(Keyed::Login(
                         &self.messages_per_user,
-                        rule,
-                        &login_key(user).to_string(),
-                        now,
-                    ),
-                    RateKey::Client(_) => Ok(()),
+                        login_key(user).to_string(),
+                    )),
+                    RateKey::Client(_) => None,
                 };
             }
         };
         match key {
-            RateKey::Client(ip) => take(clients, rule, &ClientKey::new(*ip), now),
-            RateKey::Login(_) => Ok(()),
+            RateKey::Client(ip) => Some(Keyed::Client(clients, ClientKey::new(*ip))),
+            RateKey::Login(_) => None,
         }
     }
+}
+
+/// A table of [`Limiters`] and the key one budget is counted by there.
+enum Keyed<'a> {
+    Client(&'a Option<Arc<KeyedLimit<ClientKey>>>, ClientKey),
+    Login(&'a Option<Arc<KeyedLimit<String>>>, String),
 }
 
 #[cfg(test)]

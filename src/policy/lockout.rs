@@ -144,6 +144,15 @@ impl Settings {
     }
 }
 
+/// A lockout at any level the client (its prefixes `nets`) belongs to holds, whichever level
+/// counts it now: how long the longest still runs at `now`.
+fn locked(t: &Tables, nets: &[IpNet; LEVELS], now: Instant) -> Option<Duration> {
+    nets.iter()
+        .zip(&t.clients)
+        .filter_map(|(net, level)| level.map.get(net).and_then(|r| r.locked(now)))
+        .max()
+}
+
 /// What to do with an AUTH before verifying its password.
 #[derive(Debug)]
 pub enum GateDecision {
@@ -419,13 +428,7 @@ impl AuthGuard {
         let nets = prefixes(ip);
         let mut t = self.lock();
         let t = &mut *t;
-        // A lockout at any level the client belongs to holds, whichever level counts it now.
-        if let Some(remaining) = nets
-            .iter()
-            .zip(&t.clients)
-            .filter_map(|(net, level)| level.map.get(net).and_then(|r| r.locked(now)))
-            .max()
-        {
+        if let Some(remaining) = locked(t, &nets, now) {
             return GateDecision::LockedOut { remaining };
         }
         let level = self.home(t, &nets, now);
@@ -467,6 +470,12 @@ impl AuthGuard {
                 started: now,
             }),
         })
+    }
+
+    /// How long the client `ip` stays locked out of AUTH at `now` (`None`: not locked out),
+    /// as [`AuthGuard::begin`] decides it, recording nothing.
+    pub fn locked_out(&self, ip: IpAddr, now: Instant) -> Option<Duration> {
+        locked(&self.lock(), &prefixes(ip), now)
     }
 
     /// The level that counts a client ([`home`]).

@@ -413,6 +413,12 @@ impl Evaluation {
     pub fn of(checks: &'static [Check]) -> Evaluation {
         Evaluation { checks, next: 0 }
     }
+
+    /// The checks run so far, in order: the last one asked for the effect being answered,
+    /// or refused (for `portcullis policy explain`, which shows each check's outcome).
+    pub fn ran(&self) -> &'static [Check] {
+        &self.checks[..self.next]
+    }
 }
 
 impl Policy {

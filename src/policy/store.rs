@@ -84,6 +84,72 @@ impl Store {
     }
 }
 
+/// What the running relay's stateful rules say of a client (its address and, optionally,
+/// login) now, read without taking anything: what the admin API's `/api/explain-state`
+/// answers (the relay builds it from its store, connection counts and pause state).
+pub type ClientStateSource = Arc<dyn Fn(IpAddr, Option<&str>) -> ClientState + Send + Sync>;
+
+/// What the stateful rules would say of one client (and login) now, read without taking a
+/// budget or recording anything: what `portcullis policy explain` answers the stage
+/// evaluators' rate and lockout effects with.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct ClientState {
+    /// The rule that refuses a new connection before any session (`paused`,
+    /// `max_connections`, `max_connections_per_ip`); `None`: it would be accepted (a
+    /// store knows no connections: always `None` from [`Store::client_state`]).
+    #[serde(default)]
+    pub at_accept: Option<String>,
+    /// Seconds the client stays locked out of AUTH (`None`: not locked out).
+    pub locked_out_secs: Option<u64>,
+    /// Every configured `[rate_limits]` budget of the client (and of the login, for
+    /// `messages_per_user`).
+    pub budgets: Vec<Budget>,
+}
+
+/// One `[rate_limits]` budget in a [`ClientState`].
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Budget {
+    /// The policy key, e.g. `rate_limits.messages_per_ip`.
+    pub rule: String,
+    /// Events the budget lets through now (0: the next one is refused).
+    pub available: u32,
+    /// The configured rate as the policy file writes it (`120/min`).
+    pub limit: String,
+}
+
+impl Store {
+    /// What the stateful rules say of the client `ip` (and `login`, if any) at `now`, taking
+    /// nothing and recording nothing.
+    pub fn client_state(&self, ip: IpAddr, login: Option<&str>, now: Instant) -> ClientState {
+        let Store::Local(l) = self;
+        let client = RateKey::Client(ip);
+        let user = login.map(|l| RateKey::Login(l.to_string()));
+        let keyed = [
+            (RateLimit::ConnectionsPerIp, Some(&client)),
+            (RateLimit::MessagesPerUser, user.as_ref()),
+            (RateLimit::MessagesPerIp, Some(&client)),
+            (RateLimit::RecipientsPerIp, Some(&client)),
+        ];
+        let budgets = keyed
+            .into_iter()
+            .filter_map(|(limit, key)| {
+                let (available, rate) = l.limiters.available(limit, key?, now)?;
+                Some(Budget {
+                    rule: limit.rule().to_string(),
+                    available,
+                    limit: crate::config::units::format_rate(rate),
+                })
+            })
+            .collect();
+        let locked_out = l.auth_guard.as_ref().and_then(|g| g.locked_out(ip, now));
+        ClientState {
+            at_accept: None,
+            locked_out_secs: locked_out.map(|d| d.as_secs().max(1)),
+            budgets,
+        }
+    }
+}
+
 impl Store {
     /// Resolves once any AUTH attempt of this store has ended; `None` when there are no
     /// AUTH failure records (the gate never holds an attempt back then). See
@@ -158,5 +224,61 @@ mod tests {
             GateDecision::Proceed(_)
         ));
         assert!(fresh.take(RateLimit::MessagesPerIp, &client, t0).is_ok());
+    }
+
+    #[test]
+    fn client_state_reads_budgets_and_lockouts_without_taking_or_recording() {
+        let (_d, c) = config(
+            "max_failures = 1\nlockout = \"1h\"",
+            "messages_per_ip = \"3/hour\"\nmessages_per_user = \"2/hour\"",
+        );
+        let t0 = Instant::now();
+        let ip: IpAddr = "192.0.2.1".parse().unwrap();
+        let store = Store::new(&c, None, t0);
+        let available = |s: &ClientState, rule: &str| {
+            s.budgets
+                .iter()
+                .find(|b| b.rule == rule)
+                .map(|b| (b.available, b.limit.clone()))
+        };
+        let fresh = store.client_state(ip, Some("alice"), t0);
+        assert_eq!(
+            available(&fresh, "rate_limits.messages_per_ip"),
+            Some((3, "3/hour".to_string()))
+        );
+        assert_eq!(
+            available(&fresh, "rate_limits.messages_per_user"),
+            Some((2, "2/hour".to_string()))
+        );
+        // Not configured: not listed; no login: no user budget.
+        assert_eq!(available(&fresh, "rate_limits.recipients_per_ip"), None);
+        let anonymous = store.client_state(ip, None, t0);
+        assert_eq!(available(&anonymous, "rate_limits.messages_per_user"), None);
+        assert_eq!(fresh.locked_out_secs, None);
+        // Reading took nothing: the whole budget is still there.
+        let key = RateKey::Client(ip);
+        for _ in 0..3 {
+            store.client_state(ip, Some("alice"), t0);
+            assert!(store.take(RateLimit::MessagesPerIp, &key, t0).is_ok());
+        }
+        let spent = store.client_state(ip, Some("alice"), t0);
+        assert_eq!(
+            available(&spent, "rate_limits.messages_per_ip").unwrap().0,
+            0
+        );
+        assert!(store.take(RateLimit::MessagesPerIp, &key, t0).is_err());
+        // A lockout is read, and reading it does not lock anyone else out.
+        match store.auth_gate(ip, "alice", t0) {
+            GateDecision::Proceed(a) => a.settle(false, t0),
+            other => panic!("{other:?}"),
+        };
+        let locked = store.client_state(ip, None, t0);
+        assert_eq!(locked.locked_out_secs, Some(3600));
+        let other: IpAddr = "198.51.100.1".parse().unwrap();
+        assert_eq!(store.client_state(other, None, t0).locked_out_secs, None);
+        assert!(matches!(
+            store.auth_gate(other, "alice", t0),
+            GateDecision::Proceed(_)
+        ));
     }
 }
