@@ -528,23 +528,10 @@ fn trace(
 ) -> anyhow::Result<()> {
     use portcullis::queue::journal;
     let parsed: journal::Query = query.parse().map_err(|e| UsageError(format!("{e}")))?;
-    let since_ms = match since {
-        Some(text) => {
-            let age = portcullis::config::units::parse_duration(text)
-                .map_err(|e| UsageError(format!("--since: {e}")))?;
-            let age = u64::try_from(age.as_millis()).unwrap_or(u64::MAX);
-            portcullis::observe::event::unix_millis().saturating_sub(age)
-        }
-        None => 0,
-    };
+    let since_ms = since_millis(since)?;
     let dir = spool_dir(config, spool)?;
     // Like `queue` and `listeners`: a wrong --config/--spool is a usage error.
-    if !dir.join("queue").is_dir() {
-        bail!(UsageError(format!(
-            "no spool at {} (no queue/ directory); pass --spool DIR or --config FILE",
-            dir.display()
-        )));
-    }
+    require_spool(&dir)?;
     let journal_dir = journal::dir(&dir);
     if !journal_dir.is_dir() {
         bail!(
@@ -771,12 +758,7 @@ fn spool_dir(config: Option<&Path>, spool: Option<PathBuf>) -> anyhow::Result<Pa
 /// `control/` (`Spool::notify_removed`), `listeners pause` the `paused` marker, and every
 /// command that changes something its entry in `audit.jsonl` (`Spool::audit`).
 fn open_spool(dir: &Path, writes: bool) -> anyhow::Result<Spool> {
-    if !dir.join("queue").is_dir() {
-        bail!(UsageError(format!(
-            "no spool at {} (no queue/ directory); pass --spool DIR or --config FILE",
-            dir.display()
-        )));
-    }
+    require_spool(dir)?;
     let spool = if writes {
         Spool::open(dir)
     } else {
@@ -1192,6 +1174,26 @@ fn listeners(
     record(&spool, &words, affected)
 }
 
+/// `--since DUR` as Unix milliseconds (0 without it); a bad duration is a usage error.
+fn since_millis(since: Option<&str>) -> anyhow::Result<u64> {
+    let Some(text) = since else { return Ok(0) };
+    let age = portcullis::config::units::parse_duration(text)
+        .map_err(|e| UsageError(format!("--since: {e}")))?;
+    let age = u64::try_from(age.as_millis()).unwrap_or(u64::MAX);
+    Ok(portcullis::observe::event::unix_millis().saturating_sub(age))
+}
+
+/// A usage error unless `dir` is a spool (has `queue/`): a wrong --config/--spool.
+fn require_spool(dir: &Path) -> anyhow::Result<()> {
+    if dir.join("queue").is_dir() {
+        return Ok(());
+    }
+    bail!(UsageError(format!(
+        "no spool at {} (no queue/ directory); pass --spool DIR or --config FILE",
+        dir.display()
+    )))
+}
+
 /// Parse every id first, so a typo changes nothing (exit 2).
 fn parse_ids(ids: &[String]) -> anyhow::Result<Vec<QueueId>> {
     ids.iter()
@@ -1349,22 +1351,9 @@ fn audit_log(
     since: Option<&str>,
     json: bool,
 ) -> anyhow::Result<()> {
-    let since_ms = match since {
-        Some(text) => {
-            let age = portcullis::config::units::parse_duration(text)
-                .map_err(|e| UsageError(format!("--since: {e}")))?;
-            let age = u64::try_from(age.as_millis()).unwrap_or(u64::MAX);
-            portcullis::observe::event::unix_millis().saturating_sub(age)
-        }
-        None => 0,
-    };
+    let since_ms = since_millis(since)?;
     let dir = spool_dir(config, spool)?;
-    if !dir.join("queue").is_dir() {
-        bail!(UsageError(format!(
-            "no spool at {} (no queue/ directory); pass --spool DIR or --config FILE",
-            dir.display()
-        )));
-    }
+    require_spool(&dir)?;
     let log = audit::read(&dir, since_ms)?;
     for skipped in &log.skipped {
         eprintln!("portcullis: note: {skipped}");
