@@ -27,8 +27,12 @@ const MAIN_SECTIONS: &[(&str, &[&str])] = &[
              nothing done); an id that is well formed but not queued is reported and the others \
              are still acted on, then the status is 1. queue purge, hold and release that match \
              nothing exit 0.",
-            "trace exits 1 when no event matches. doctor exits 0 whenever its checks ran, whatever \
-             they found. listeners pause and resume exit 0 whether or not the marker changed.",
+            "queue hold, release and restore treat ids as retry does. trace exits 1 when no event \
+             matches. doctor and policy explain exit 0 whenever they ran, whatever they found. \
+             audit exits 0 with an empty log (said on standard error). listeners pause and resume \
+             exit 0 whether or not the marker changed.",
+            "A command that changed something but could not record it in the audit log \
+             (SPOOL/audit.jsonl) says so and exits 1; the change stays made.",
         ],
     ),
     (
