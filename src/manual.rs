@@ -23,12 +23,11 @@ const MAIN_SECTIONS: &[(&str, &[&str])] = &[
         &[
             "0 on success; 2 for bad input or an invalid policy file (every error is printed with \
              its key); 1 for any other failure.",
-            "queue retry, delete, hold and release check every id first (one malformed id: 2, \
-             nothing done); an id that is well formed but not queued is reported and the others \
-             are still acted on, then the status is 1. queue purge, hold and release that match \
+            "queue retry, delete, hold, release and restore check every id first (one malformed \
+             id: 2, nothing done); an id that is well formed but not there is reported and the \
+             others are still acted on, then the status is 1. queue purge, hold and release that match \
              nothing exit 0.",
-            "queue hold, release and restore treat ids as retry does. trace exits 1 when no event \
-             matches. doctor and policy explain exit 0 whenever they ran, whatever they found. \
+            "trace exits 1 when no event matches. doctor and policy explain exit 0 whenever they ran, whatever they found. \
              audit exits 0 with an empty log (said on standard error). listeners pause and resume \
              exit 0 whether or not the marker changed.",
             "A command that changed something but could not record it in the audit log \
