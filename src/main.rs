@@ -1040,6 +1040,7 @@ fn purge_quarantine(
     let why = Record::now(
         &words.join(" "),
         &own_args(std::env::args_os().skip(1), &words),
+        Vec::new(),
     );
     let purged = spool.purge_quarantine(select, &why, dry_run)?;
     for p in &purged {

@@ -81,7 +81,8 @@ pub struct Entry {
     /// person; absent when the kernel does not know one (no login session, or no audit).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub login_uid: Option<u32>,
-    /// What it affected: queue ids, logins, or `listeners`.
+    /// What it affected: queue ids, logins, or `listeners` (empty in a quarantine record).
+    #[serde(default)]
     pub affected: Vec<String>,
 }
 

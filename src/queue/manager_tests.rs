@@ -702,7 +702,11 @@ async fn a_quarantined_message_leaves_the_census_and_once_restored_is_attempted_
     h.run();
     h.census_until(|c| c.queued() == 1).await;
 
-    let record = Record::now("queue purge", &["--all".into(), "--quarantine".into()]);
+    let record = Record::now(
+        "queue purge",
+        &["--all".into(), "--quarantine".into()],
+        Vec::new(),
+    );
     let moved = h.spool.purge_quarantine(|_| true, &record, false);
     assert_eq!(
         moved.unwrap()[0].outcome,

@@ -72,8 +72,6 @@ use std::os::unix::fs::MetadataExt as _;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use serde::{Deserialize, Serialize};
-
 use super::control::{Purged, try_flock};
 use super::{
     DeleteOutcome, DeliveryState, QueuedMessage, STATE_SUFFIX, Spool, SpoolError, create_new,
@@ -94,35 +92,9 @@ const MAX_RECORD: u64 = 64 * 1024;
 /// The sweep runs at least this often, whatever `quarantine_keep` is.
 pub const SWEEP_INTERVAL: Duration = Duration::from_secs(3600);
 
-/// When a message was quarantined and by which command: `quarantine/ID.quarantined`.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Record {
-    /// When, in Unix milliseconds.
-    pub at_ms: u64,
-    /// The command, as typed after `portcullis` (`queue purge`).
-    pub command: String,
-    /// Its arguments and options, as given.
-    pub args: Vec<String>,
-    /// The real user id of the process that ran it.
-    pub uid: u32,
-    /// Its login uid (`/proc/self/loginuid`), when the kernel knows one.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub login_uid: Option<u32>,
-}
-
-impl Record {
-    /// A record of `command` with `args`, stamped now with this process's user ids.
-    pub fn now(command: &str, args: &[String]) -> Record {
-        let entry = super::audit::Entry::now(command, args, Vec::new());
-        Record {
-            at_ms: entry.at_ms,
-            command: entry.command,
-            args: entry.args,
-            uid: entry.uid,
-            login_uid: entry.login_uid,
-        }
-    }
-}
+/// When a message was quarantined and by which command: `quarantine/ID.quarantined`, in the
+/// audit log's form (the command that moved it; `affected` left empty).
+pub type Record = super::audit::Entry;
 
 /// One quarantined message, as `queue list --quarantined` shows it.
 #[derive(Debug, Clone, PartialEq, Eq)]

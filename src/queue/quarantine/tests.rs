@@ -31,6 +31,7 @@ fn record() -> Record {
     Record::now(
         "queue purge",
         &["--all".to_owned(), "--quarantine".to_owned()],
+        Vec::new(),
     )
 }
 
