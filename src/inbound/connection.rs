@@ -560,18 +560,7 @@ impl SessionDriver {
 
     async fn rcpt(&mut self, to: &Address) {
         let route = self.shared.capabilities.for_domain(to.domain());
-        let verdict = (self.stage(|session| {
-            Input::Rcpt(RcptFacts {
-                to,
-                bare_postmaster: session.rcpt_is_postmaster(),
-                transaction: session.transaction().map(|t| TransactionFacts {
-                    from: &t.from,
-                    params: &t.params,
-                }),
-                route,
-            })
-        }))
-        .await;
+        let verdict = (self.stage(|session| rcpt_input(session, to, route))).await;
         self.answer(verdict, About::Rcpt(to));
     }
 
@@ -1044,6 +1033,24 @@ enum Wake {
 
 /// The protocol engine's settings for a session on `listener` under `c`; `tls_available`:
 /// the relay has a certificate (STARTTLS may be offered).
+/// The RCPT stage's input for `to` in `session` as it stands, `route` being what the route to
+/// `to` can carry (a session and `policy explain` build it the same way).
+pub(crate) fn rcpt_input<'a>(
+    session: &'a Session,
+    to: &'a Address,
+    route: Option<crate::policy::capability::Capabilities>,
+) -> Input<'a> {
+    Input::Rcpt(RcptFacts {
+        to,
+        bare_postmaster: session.rcpt_is_postmaster(),
+        transaction: session.transaction().map(|t| TransactionFacts {
+            from: &t.from,
+            params: &t.params,
+        }),
+        route,
+    })
+}
+
 pub(crate) fn session_config(
     c: &Config,
     listener: &Listener,

@@ -30,7 +30,7 @@ use std::time::Instant;
 
 use serde::Serialize;
 
-use super::connection::session_config;
+use super::connection::{rcpt_input, session_config};
 use super::effects::{resolve, spf_check};
 use super::listener::AtAccept;
 use crate::config::units::parse_rate;
@@ -41,8 +41,7 @@ use crate::envelope::{Address, ReversePath};
 use crate::observe::Telemetry;
 use crate::policy::limits::{Limited, RateLimit};
 use crate::policy::stage::{
-    Answer, Check, Effect, Evaluation, Input, Lookup, LookupResult, RcptFacts, StageFacts,
-    TransactionFacts, Verdict,
+    Answer, Check, Effect, Evaluation, Input, Lookup, LookupResult, StageFacts, Verdict,
 };
 use crate::policy::store::ClientState;
 use crate::policy::{Policy, Refusal, SessionFacts};
@@ -517,15 +516,7 @@ impl Play<'_> {
                 user: session.user(),
             },
             listener: self.listener,
-            input: Input::Rcpt(RcptFacts {
-                to,
-                bare_postmaster: session.rcpt_is_postmaster(),
-                transaction: session.transaction().map(|t| TransactionFacts {
-                    from: &t.from,
-                    params: &t.params,
-                }),
-                route,
-            }),
+            input: rcpt_input(session, to, route),
         };
         decide(&self.policy, &mut self.answers, &facts, checks).await
     }
