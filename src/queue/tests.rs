@@ -8,7 +8,8 @@ use crate::envelope::sample_envelope as envelope;
 
 const BODY: &[u8] = b"Subject: hi\r\nFrom: a@example.org\r\n\r\nbody line\r\n.leading dot\r\n";
 
-fn spool() -> (tempfile::TempDir, Spool) {
+/// A fresh spool in a temporary directory (kept alive by the returned guard).
+pub(super) fn spool() -> (tempfile::TempDir, Spool) {
     let dir = tempfile::tempdir().unwrap();
     let spool = Spool::open(&dir.path().join("spool")).unwrap();
     (dir, spool)
@@ -23,7 +24,8 @@ fn commit(spool: &Spool, env: &Envelope, body: &[u8]) -> QueueId {
     w.commit().unwrap()
 }
 
-fn names(dir: &Path) -> Vec<String> {
+/// The file names in `dir`, sorted.
+pub(super) fn names(dir: &Path) -> Vec<String> {
     let mut v: Vec<String> = fs::read_dir(dir)
         .unwrap()
         .map(|e| e.unwrap().file_name().into_string().unwrap())

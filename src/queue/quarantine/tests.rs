@@ -7,17 +7,12 @@ use std::time::Duration;
 
 use super::*;
 use crate::envelope::{Envelope, sample_envelope};
+use crate::queue::tests::{names, spool};
 use crate::queue::{DeleteOutcome, Loaded};
 
 const BODY: &[u8] = b"Subject: hi\r\n\r\nquarantine me\r\n";
 const STATE: &[u8] = br#"{"attempts":2,"next_attempt":1,"last_error":"451 later"}"#;
 const NEWER_STATE: &[u8] = br#"{"attempts":3,"next_attempt":9,"last_error":"451 later"}"#;
-
-fn spool() -> (tempfile::TempDir, Spool) {
-    let dir = tempfile::tempdir().unwrap();
-    let spool = Spool::open(&dir.path().join("spool")).unwrap();
-    (dir, spool)
-}
 
 /// A committed message with a state file; its id.
 fn queued(spool: &Spool) -> QueueId {
@@ -33,15 +28,6 @@ fn record() -> Record {
         &["--all".to_owned(), "--quarantine".to_owned()],
         Vec::new(),
     )
-}
-
-fn names(dir: &Path) -> Vec<String> {
-    let mut v: Vec<String> = fs::read_dir(dir)
-        .unwrap()
-        .map(|e| e.unwrap().file_name().into_string().unwrap())
-        .collect();
-    v.sort();
-    v
 }
 
 fn q(spool: &Spool, id: &QueueId, suffix: &str) -> PathBuf {
