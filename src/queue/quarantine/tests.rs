@@ -2,7 +2,7 @@
 //! the sweep, and the worker's final-dot check against a move.
 
 use std::fs;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::time::Duration;
 
 use super::*;
