@@ -338,7 +338,7 @@ impl Compiler {
         if tls == UpstreamTls::None {
             self.err(
                 format!("{at}.tls_name"),
-                "needs tls = \"required\" (or \"opportunistic\"): with tls = \"none\" no certificate is seen",
+                "needs tls = \"required\": with tls = \"none\" no certificate is seen",
             );
         }
         Some(name)

@@ -13,10 +13,15 @@ use super::raw::RawUser;
 use super::value::{HashProblem, ValueError};
 use super::{ConfigError, User, load};
 
-/// Reads a file named by `key`; a missing or unreadable file is an error on `key`.
+/// Reads a file named by `key`; a missing or unreadable file is an error on `key`. A leading
+/// UTF-8 byte order mark (what Windows PowerShell 5.1's `-Encoding UTF8` writes) is dropped:
+/// kept, it would become part of the first address, user name or password.
 pub(super) fn read(path: &Path, key: &str, errors: &mut Vec<ConfigError>) -> Option<String> {
     match std::fs::read_to_string(path) {
-        Ok(text) => Some(text),
+        Ok(text) => Some(match text.strip_prefix('\u{feff}') {
+            Some(rest) => rest.to_owned(),
+            None => text,
+        }),
         Err(e) => {
             errors.push(ConfigError::new(
                 key,
@@ -166,9 +171,6 @@ pub(super) fn load_recipients(
     let Some(text) = read(path, key, errors) else {
         return Vec::new();
     };
-    // Windows tools (PowerShell 5.1's `-Encoding UTF8`) start the file with a byte order mark;
-    // kept, it would become part of the first address and refuse that mailbox.
-    let text = text.strip_prefix('\u{feff}').unwrap_or(&text);
     let mut recipients = Vec::new();
     for (n, line) in text.lines().enumerate() {
         let line = strip_comment(line).trim();

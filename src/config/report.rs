@@ -119,6 +119,14 @@ pub(super) fn warnings(config: &Config) -> Vec<String> {
                 }
             ));
         }
+        if u.tls_name.is_some() && u.tls == UpstreamTls::Opportunistic {
+            w.push(format!(
+                "Upstream {:?} sets tls_name but has tls = \"opportunistic\": the name is sent \
+                 as SNI, never verified in the certificate (only tls = \"required\" verifies); \
+                 use tls = \"required\".",
+                u.name
+            ));
+        }
         if u.auth_user.is_some() && u.tls != UpstreamTls::Required {
             w.push(format!(
                 "Upstream {:?} authenticates with tls = \"opportunistic\": the upstream's \

@@ -755,6 +755,24 @@ fn an_empty_recipients_file_is_an_error_and_a_byte_order_mark_is_not_an_address(
 }
 
 #[test]
+fn a_byte_order_mark_never_becomes_part_of_a_password_and_tls_name_unverified_is_warned() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let pass = write(dir.path(), "smarthost.pass", "\u{feff}s3cret\r\n");
+    let c = ok(&format!(
+        "{MINIMAL}\n[[upstreams]]\naddress = \"10.0.0.5:25\"\ntls = \"opportunistic\"\n\
+         tls_name = \"ex01.example\"\nauth_user = \"u\"\nauth_password_file = {pass:?}\n"
+    ));
+    assert_eq!(c.upstreams[1].auth_password.as_deref(), Some("s3cret"));
+    assert!(
+        c.warnings()
+            .iter()
+            .any(|w| w.contains("sets tls_name but has tls = \"opportunistic\"")),
+        "{:?}",
+        c.warnings()
+    );
+}
+
+#[test]
 fn recipients_and_password_files() {
     let dir = tempfile::tempdir().expect("tempdir");
     let rcpts = write(dir.path(), "rcpts", "ok@example.com\nnot an address\n");

@@ -333,9 +333,13 @@ fn rcpt_result(
                 address: address.clone(),
                 status: rejection.status(),
                 diagnostic: rejection.diagnostic(),
+                // Its name: `tls_name` (the name its certificate holds) when set, else the
+                // host of its address when that is a name.
                 upstream: rejection
                     .is_remote()
-                    .then(|| remote_mta(&up.config.address))
+                    .then(|| {
+                        (up.config.tls_name.clone()).or_else(|| remote_mta(&up.config.address))
+                    })
                     .flatten(),
             };
             (RcptResult::Failed(failed), text)
