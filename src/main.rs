@@ -738,6 +738,17 @@ async fn running_state(
     };
     let addr = client::target(admin.bind);
     match client::fetch_client_state(addr, admin.token.as_deref(), ip, user).await {
+        // A refusal at accept this version cannot name is never read as "accepted".
+        Ok(state)
+            if state.at_accept.as_deref().is_some_and(|rule| {
+                portcullis::inbound::listener::AtAccept::from_rule(rule).is_none()
+            }) =>
+        {
+            Err(format!(
+                "the relay at {addr} refuses at accept by a rule this version does not know ({})",
+                state.at_accept.unwrap_or_default()
+            ))
+        }
         Ok(state) => Ok((state, format!("from the running relay at {addr}"))),
         Err(e) if e.not_answering() => Err(format!("relay not answering on {addr}")),
         Err(e) => Err(e.to_string()),
@@ -769,9 +780,12 @@ fn open_spool(dir: &Path, writes: bool) -> anyhow::Result<Spool> {
 
 fn queue(action: QueueAction, config: Option<&Path>, spool: Option<PathBuf>) -> anyhow::Result<()> {
     let dir = spool_dir(config, spool)?;
+    // A dry run changes nothing, not even a missing directory.
     let writes = matches!(
         action,
-        QueueAction::Retry { .. } | QueueAction::Hold { .. } | QueueAction::Release { .. }
+        QueueAction::Retry { .. }
+            | QueueAction::Hold { dry_run: false, .. }
+            | QueueAction::Release { dry_run: false, .. }
     );
     let spool = open_spool(&dir, writes)?;
     match action {
@@ -916,8 +930,8 @@ impl Filters {
 enum HoldTarget {
     /// These ids, as given.
     Ids(Vec<String>),
-    /// Those the filters select (none: `release --all`), and the filters as given.
-    Select(Box<(Selection, Filters)>),
+    /// Those the filters select (none: `release --all`).
+    Select(Selection),
 }
 
 impl HoldTarget {
@@ -939,7 +953,7 @@ impl HoldTarget {
         if selection.is_empty() && !all {
             bail!(UsageError("give queue ids, --user or --from".into()));
         }
-        Ok(HoldTarget::Select(Box::new((selection, filters))))
+        Ok(HoldTarget::Select(selection))
     }
 }
 
@@ -972,7 +986,7 @@ fn hold_release(
             found
         }
         HoldTarget::Select(select) => {
-            let (selection, _) = &**select;
+            let selection = select;
             let now = unix_now();
             (spool.list()?.into_iter())
                 .filter(|m| selection.matches(m, now))
@@ -993,8 +1007,10 @@ fn hold_release(
         }
     }
     let ids: Vec<QueueId> = acted.iter().map(|(id, _)| id.clone()).collect();
-    if !dry_run {
-        spool.request_holds(&ids, action.holds())?;
+    if !dry_run && let Err(e) = spool.request_holds(&ids, action.holds()) {
+        // Requests written before the failure are acted on: the log names every id asked for.
+        let recorded = record(spool, &["queue", action.verb()], to_strings(&ids));
+        return all_ok([Err(e.into()), recorded]);
     }
     for (id, from) in &acted {
         println!("{}", select::hold_line(action, id, from, dry_run));
@@ -1003,17 +1019,21 @@ fn hold_release(
         "{}",
         select::hold_summary(action, acted.len(), skipped.len(), dry_run)
     );
-    if !dry_run {
+    let recorded = if dry_run {
+        Ok(())
+    } else {
         println!("{}", select::HOLD_NOTE);
-        record(spool, &["queue", action.verb()], to_strings(&ids))?;
-    }
-    if unknown > 0 {
-        bail!(
+        record(spool, &["queue", action.verb()], to_strings(&ids))
+    };
+    let found = if unknown > 0 {
+        Err(anyhow::anyhow!(
             "{unknown} of {} messages not found",
             unknown + acted.len() + skipped.len()
-        );
-    }
-    Ok(())
+        ))
+    } else {
+        Ok(())
+    };
+    all_ok([recorded, found])
 }
 
 /// `queue list --quarantined [--json]`.

@@ -91,7 +91,7 @@ impl Entry {
     /// user ids.
     pub fn now(command: &str, args: &[String], affected: Vec<String>) -> Entry {
         Entry {
-            at_ms: now_ms(),
+            at_ms: crate::observe::event::unix_millis(),
             command: command.to_owned(),
             args: args.to_vec(),
             // SAFETY: getuid has no preconditions.
@@ -426,12 +426,6 @@ fn login_uid() -> Option<u32> {
 /// is in no login session (a daemon, a container, a kernel without audit support).
 fn parse_login_uid(text: &str) -> Option<u32> {
     text.trim().parse().ok().filter(|&uid| uid != u32::MAX)
-}
-
-fn now_ms() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
 }
 
 #[cfg(test)]

@@ -573,6 +573,7 @@ impl<C: Courier> Manager<C> {
         if load.is_empty() {
             return;
         }
+        let ids = load.clone();
         let loaded = on_spool(&self.spool, move |s| {
             Ok(load
                 .into_iter()
@@ -582,8 +583,19 @@ impl<C: Courier> Manager<C> {
                 })
                 .collect::<Vec<_>>())
         })
-        .await
-        .unwrap_or_default();
+        .await;
+        // A failed spool task (the blocking pool gone) must not forget them: they are back in
+        // queue/, and their attempts read them again.
+        let loaded = match loaded {
+            Ok(loaded) => loaded,
+            Err(e) => {
+                warn!(error = %e, "cannot read restored messages; their attempts will try again");
+                for id in ids {
+                    self.schedule(id, 0);
+                }
+                return;
+            }
+        };
         let courier = self.courier.load_full();
         for (id, msg) in loaded {
             match msg {
