@@ -309,6 +309,17 @@ impl<K: TableKey> Tables<K> {
         })
     }
 
+    /// The level that holds `key` already, making no room ([`prefix::held_at`]); `None`: no
+    /// level counts it yet, so its budget is whole.
+    fn held_at(&mut self, key: &K, now: u64, bounds: Bounds) -> Option<usize> {
+        prefix::held_at(&KeyLevels {
+            tables: self,
+            key,
+            bounds,
+            now,
+        })
+    }
+
     /// Drop every restored budget; release memory a flood left behind.
     fn prune(&mut self, now: u64) {
         self.exact.map.retain(|_, &mut tat| in_use(tat, now));
@@ -377,12 +388,15 @@ impl<K: TableKey> Budgets<K> {
         // microseconds before, for a check racing one with a later time).
         let now = self.clock.nanos();
         let mut t = self.lock();
+        if !replace {
+            // A dry check reads: making room for a key no level holds yet would evict (and
+            // spend the once-per-interval allowance) on behalf of a client that never came.
+            let held = (t.held_at(key, now, self.bounds)).and_then(|level| t.get(level, key));
+            return f(held.map(Nanos::new)).map(|(result, _)| result);
+        }
         let level = t.home(key, now, self.bounds);
         let held = t.get(level, key);
         let outcome = f(held.map(Nanos::new));
-        if !replace {
-            return outcome.map(|(result, _)| result);
-        }
         if let Ok((_, tat)) = &outcome {
             t.insert(level, key, tat.as_u64());
         }
@@ -755,6 +769,28 @@ mod tests {
             taken += 1;
             assert!(taken <= 1_000_000, "the budget never ran out");
         }
+    }
+
+    #[test]
+    fn a_dry_read_of_a_full_table_makes_no_room_and_takes_nothing() {
+        let t0 = Instant::now();
+        let l = small(rate(10, 3600), t0, 2, 1);
+        assert!(l.check(&client("192.0.2.1"), t0));
+        assert!(l.check(&client("192.0.2.2"), t0));
+        // The exact table is full of budgets in use: a real check of a stranger would look
+        // for room; a dry read must not.
+        let later = t0 + Duration::from_secs(1);
+        let before = levels(&l);
+        assert_eq!(before[0], 2);
+        assert_eq!(l.available(&client("198.51.100.7"), later), 10);
+        assert_eq!(levels(&l), before, "a dry read made room");
+        assert_eq!(l.available(&client("192.0.2.1"), later), 9);
+        assert_eq!(
+            l.available(&client("192.0.2.1"), later),
+            9,
+            "a dry read took one"
+        );
+        assert_eq!(levels(&l), before);
     }
 
     #[test]

@@ -112,11 +112,17 @@ pub trait Levels {
 /// entry can change only when that entry is dropped: a finer entry created later for someone
 /// else would cover them both, and the coarser entry covers that someone.
 pub fn home(table: &mut impl Levels) -> usize {
-    let last = table.levels() - 1;
-    if let Some(level) = (0..=last).find(|&l| table.holds(l)) {
+    if let Some(level) = held_at(table) {
         return level;
     }
+    let last = table.levels() - 1;
     (0..last).find(|&l| table.make_room(l)).unwrap_or(last)
+}
+
+/// The level that already holds the key, if any, changing nothing: what a read that must not
+/// make room (`policy explain`'s) sees.
+pub fn held_at(table: &impl Levels) -> Option<usize> {
+    (0..table.levels()).find(|&l| table.holds(l))
 }
 
 #[cfg(test)]
