@@ -558,8 +558,13 @@ impl Spool {
     /// `quarantine/`, move the state there (replacing the older one; see the module docs) and
     /// return true; false (nothing done) otherwise. No directory fsync (recovery syncs).
     pub(super) fn adopt_quarantined_state(&self, id: &QueueId) -> Result<bool, SpoolError> {
-        if fs::symlink_metadata(self.quarantined_path(id, "")).is_err() {
-            return Ok(false);
+        // Only "no such file" means not quarantined: any other error (EACCES, EIO) must stop
+        // recovery rather than let it drop the state of a message that is in quarantine.
+        let message = self.quarantined_path(id, "");
+        match fs::symlink_metadata(&message) {
+            Ok(_) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(false),
+            Err(e) => return Err(SpoolError::io("stat", &message)(e)),
         }
         let moved = rename_if_there(
             &self.state_path(id),
@@ -577,8 +582,10 @@ impl Spool {
     /// module docs). Returns how many moved; both directories are fsynced when any did.
     pub(super) fn return_quarantined_states(&self) -> Result<usize, SpoolError> {
         let dir = self.quarantine_dir();
-        let Ok(entries) = fs::read_dir(&dir) else {
-            return Ok(0);
+        let entries = match fs::read_dir(&dir) {
+            Ok(entries) => entries,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(0),
+            Err(e) => return Err(SpoolError::io("read", &dir)(e)),
         };
         let exists = |p: PathBuf| fs::symlink_metadata(p).is_ok();
         let mut back = 0;
