@@ -16,16 +16,16 @@ use ipnet::IpNet;
 use crate::envelope::{Address, AddressError, canonical_domain};
 
 use super::raw::{
-    RawAdmin, RawAlerts, RawAuth, RawDkim, RawDkimSign, RawDmarc, RawDns, RawDnsbl, RawDnsblZone,
-    RawDoctor, RawHeaders, RawLimits, RawListener, RawLog, RawQueue, RawRateLimits, RawRelay,
-    RawServer, RawSize, RawSpf, RawTls, RawUpstream,
+    RawAdmin, RawAlerts, RawAuth, RawContainment, RawDkim, RawDkimSign, RawDmarc, RawDns, RawDnsbl,
+    RawDnsblZone, RawDoctor, RawHeaders, RawLimits, RawListener, RawLog, RawQueue, RawRateLimits,
+    RawRelay, RawServer, RawSize, RawSpf, RawTls, RawUpstream,
 };
 use super::units::{UnitError, parse_duration, parse_rate, parse_size};
 use super::value::{DomainProblem, ValueError};
 use super::{
-    Auth, AuthMode, BareLf, CertSource, Config, ConfigError, ConfigErrors, Headers, Limits,
-    Listener, ListenerTls, Queue, Rate, RateLimits, Relay, Server, Tls, TlsVersion, Upstream,
-    UpstreamTls, Verify, files, load,
+    Auth, AuthMode, BareLf, CertSource, Config, ConfigError, ConfigErrors, Containment, Headers,
+    Limits, Listener, ListenerTls, Queue, Rate, RateLimits, Relay, Server, Tls, TlsVersion,
+    Upstream, UpstreamTls, Verify, files, load,
 };
 
 mod checks;
@@ -102,6 +102,7 @@ struct Sections {
     admin: Section<RawAdmin>,
     alerts: Section<RawAlerts>,
     log: Section<RawLog>,
+    containment: Section<RawContainment>,
 }
 
 /// Compiles TOML text into a `Config`, or every error found.
@@ -151,6 +152,7 @@ pub(super) fn compile(text: &str, source: Option<&Path>) -> Result<Config, Confi
     };
     let alerts = c.alerts(s.alerts.or_default());
     let log = c.log(s.log.or_default());
+    let containment = c.containment(s.containment.or_default());
     // The quarantine field is ours to add: one arriving from a stranger is removed with the
     // other untrusted fields, so it cannot make a transport rule junk someone else's mail
     // (or, set by a spammer to something else, be mistaken for ours).
@@ -190,6 +192,7 @@ pub(super) fn compile(text: &str, source: Option<&Path>) -> Result<Config, Confi
         admin,
         alerts,
         log,
+        containment,
         source: source.map(Path::to_path_buf),
     })
 }
@@ -197,6 +200,23 @@ pub(super) fn compile(text: &str, source: Option<&Path>) -> Result<Config, Confi
 /// Accumulates errors while compiling.
 struct Compiler {
     errors: Vec<ConfigError>,
+}
+
+impl Compiler {
+    /// `[containment]`: every trigger optional, each from 1 to 1,000,000.
+    fn containment(&mut self, raw: RawContainment) -> Containment {
+        let mut trigger = |key: &str, raw: Option<i64>| {
+            raw.map(|n| self.count(&format!("containment.{key}"), Some(n), 1, 1, 1_000_000))
+        };
+        Containment {
+            rate_limit_hits: trigger("rate_limit_hits", raw.rate_limit_hits),
+            recipient_domains_per_hour: trigger(
+                "recipient_domains_per_hour",
+                raw.recipient_domains_per_hour,
+            ),
+            client_ips_per_hour: trigger("client_ips_per_hour", raw.client_ips_per_hour),
+        }
+    }
 }
 
 impl Compiler {
@@ -248,6 +268,7 @@ impl Compiler {
             admin: Section::Absent,
             alerts: Section::Absent,
             log: Section::Absent,
+            containment: Section::Absent,
         };
         let e = &mut self.errors;
         for (name, value) in document {
@@ -283,6 +304,7 @@ impl Compiler {
                 "admin" => s.admin = section(value, &name, e),
                 "alerts" => s.alerts = section(value, &name, e),
                 "log" => s.log = section(value, &name, e),
+                "containment" => s.containment = section(value, &name, e),
                 _ => e.push(ConfigError::new(name, "unknown key")),
             }
         }

@@ -81,6 +81,8 @@ pub struct Config {
     pub alerts: Alerts,
     /// `[log]`.
     pub log: Log,
+    /// `[containment]`: every trigger off unless set.
+    pub containment: Containment,
     /// Where the file came from (`None` for the embedded default). Relative paths in the file
     /// are resolved against the process working directory, not this file's directory, and
     /// are stored as written.
@@ -405,6 +407,31 @@ pub struct Queue {
     /// How long a message `queue purge --quarantine` put aside is kept (> 0), counted from
     /// its quarantine; the running relay then deletes it. Default 7 days.
     pub quarantine_keep: Duration,
+}
+
+/// `[containment]`: when an authenticated login is suspended automatically (see
+/// [`crate::policy::containment`]). Each trigger is `None` (off) unless set; a set one is at
+/// least 1. The hour is a sliding window; client addresses are counted as the rate limits count
+/// them (IPv4 by address, IPv6 by /64).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Containment {
+    /// `rate_limit_hits`: suspended at this many `messages_per_user` refusals within an hour.
+    pub rate_limit_hits: Option<u32>,
+    /// `recipient_domains_per_hour`: suspended when a recipient would make the login's
+    /// distinct recipient domains within an hour more than this.
+    pub recipient_domains_per_hour: Option<u32>,
+    /// `client_ips_per_hour`: suspended when a successful AUTH would make the login's distinct
+    /// client addresses within an hour more than this.
+    pub client_ips_per_hour: Option<u32>,
+}
+
+impl Containment {
+    /// Whether any trigger is set.
+    pub fn any(&self) -> bool {
+        self.rate_limit_hits.is_some()
+            || self.recipient_domains_per_hour.is_some()
+            || self.client_ips_per_hour.is_some()
+    }
 }
 
 /// One thing wrong with a policy file: the dotted key that is wrong (`limits.max_errors`,

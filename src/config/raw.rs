@@ -51,6 +51,8 @@ pub struct RawConfig {
     pub alerts: Option<RawAlerts>,
     /// `[log]`
     pub log: Option<RawLog>,
+    /// `[containment]`
+    pub containment: Option<RawContainment>,
 }
 
 /// `[server]`
@@ -364,6 +366,17 @@ pub struct RawAlerts {
     pub upstream_down: Option<String>,
     /// URL the alerts are POSTed to.
     pub webhook: Option<String>,
+}
+
+/// `[containment]`
+#[derive(Debug, Clone, Default, Deserialize)]
+pub struct RawContainment {
+    /// `messages_per_user` refusals of one login within an hour that suspend it.
+    pub rate_limit_hits: Option<i64>,
+    /// Distinct recipient domains one login may send to within an hour.
+    pub recipient_domains_per_hour: Option<i64>,
+    /// Distinct client addresses one login may authenticate from within an hour.
+    pub client_ips_per_hour: Option<i64>,
 }
 
 /// `[log]`

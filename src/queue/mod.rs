@@ -21,6 +21,8 @@
 //! SPOOL/quarantine/      messages `queue purge --quarantine` put aside (`ID`, `ID.state`,
 //!                        `ID.quarantined`): never delivered, kept `[queue] quarantine_keep`,
 //!                        put back by `queue restore` (see [`quarantine`])
+//! SPOOL/suspended/       suspended logins, one record each: written by containment and
+//!                        `user suspend`, removed by `user resume` (see [`suspended`])
 //! SPOOL/free/            files of finished messages, reused for new ones (see [`recycle`])
 //! SPOOL/journal/         the message journal behind `portcullis trace`: event segments and
 //!                        their indexes, bounded by `[log]` (see [`journal`])
@@ -139,6 +141,7 @@ pub mod reserve;
 pub mod schedule;
 pub mod select;
 mod state;
+pub mod suspended;
 mod writer;
 
 use std::ffi::CString;
@@ -180,13 +183,14 @@ const LIST_PER_THREAD: usize = 4096;
 pub const STATE_SUFFIX: &str = ".state";
 
 /// The subdirectories of the spool (see the module docs).
-const SUBDIRS: [&str; 6] = [
+const SUBDIRS: [&str; 7] = [
     "tmp",
     "queue",
     "rejected",
     "control",
     "free",
     quarantine::DIR,
+    suspended::DIR,
 ];
 
 /// Permissions of spool directories: messages are private to the relay's user.

@@ -1,0 +1,290 @@
+//! Suspended logins, kept under the spool: `SPOOL/suspended/NAME`, one file per login.
+//!
+//! A login is suspended by containment ([`crate::policy::containment`]) in the running relay,
+//! or by `portcullis user suspend` from another process; `portcullis user resume` lifts it.
+//! The file is the suspension: the relay keeps a copy in memory and follows the directory
+//! (about every [`crate::policy::containment::POLL_INTERVAL`]), so a suspension survives
+//! restarts and reloads, and both sides see each other's changes without a socket.
+//!
+//! A file is written as every spool file is (created in `tmp/`, fsynced, renamed without
+//! replacing, directory fsynced) and holds one JSON [`Suspension`]. Its name is the login in
+//! lower-case hex, so any octet of a login is safe in it; a login longer than
+//! [`HEX_NAME_MAX`] octets is named by its first octets and a hash of the whole. The record
+//! inside names the login in full, and is what counts; a file whose record cannot be read
+//! still suspends the login its name decodes to (never fail open).
+
+use std::fs;
+use std::io::{self, Read, Write};
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use super::{SpoolError, create_new, give_to, owner_of, rename_noreplace, sync_dir};
+
+/// The directory under the spool.
+pub const DIR: &str = "suspended";
+
+/// Longest login, in octets, whose file name is its whole hex form (2 characters an octet,
+/// within the 255 of a file name).
+pub const HEX_NAME_MAX: usize = 120;
+
+/// Largest record read, in octets (a record is a few hundred).
+const MAX_RECORD: u64 = 64 * 1024;
+
+/// Why a login is suspended, and since when.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Suspension {
+    /// The login (the SASL authentication identity, as in the users file).
+    pub login: String,
+    /// The rule that suspended it: `containment_rate_limit_hits`,
+    /// `containment_recipient_domains`, `containment_client_ips`, or `operator`.
+    pub rule: String,
+    /// One line for a person: what tripped, or the operator's `--reason`.
+    pub reason: String,
+    /// When it was suspended, in milliseconds since the Unix epoch.
+    pub since_ms: u64,
+}
+
+/// The file name of `login`'s suspension.
+pub fn file_name(login: &str) -> String {
+    let bytes = login.as_bytes();
+    if bytes.len() <= HEX_NAME_MAX {
+        return hex(bytes);
+    }
+    format!("{}~{:016x}", hex(&bytes[..HEX_NAME_MAX - 20]), fnv1a(bytes))
+}
+
+/// The login a file name encodes, when it is a whole hex form (not a long login's).
+fn login_of(name: &str) -> Option<String> {
+    if name.len() % 2 != 0 {
+        return None;
+    }
+    let bytes: Option<Vec<u8>> = (0..name.len())
+        .step_by(2)
+        .map(|i| u8::from_str_radix(name.get(i..i + 2)?, 16).ok())
+        .collect();
+    String::from_utf8(bytes?).ok()
+}
+
+fn hex(bytes: &[u8]) -> String {
+    use std::fmt::Write as _;
+    bytes.iter().fold(String::new(), |mut s, b| {
+        let _ = write!(s, "{b:02x}");
+        s
+    })
+}
+
+/// FNV-1a, 64 bits: stable across builds and releases (unlike the standard hasher).
+fn fnv1a(bytes: &[u8]) -> u64 {
+    bytes.iter().fold(0xcbf2_9ce4_8422_2325, |h, &b| {
+        (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
+    })
+}
+
+impl super::Spool {
+    fn suspended_dir(&self) -> PathBuf {
+        self.root().join(DIR)
+    }
+
+    /// Record `s` durably. Returns false, changing nothing, when its login is suspended
+    /// already (the first reason and time stay). Blocking.
+    ///
+    /// # Errors
+    /// The step that failed (create, write, fsync, chown, rename, directory fsync); nothing
+    /// is left in `suspended/` then.
+    pub fn suspend_login(&self, s: &Suspension) -> Result<bool, SpoolError> {
+        let dir = self.suspended_dir();
+        let path = dir.join(file_name(&s.login));
+        if fs::symlink_metadata(&path).is_ok() {
+            return Ok(false);
+        }
+        let tmp = self.temp_path("suspension");
+        let written = (|| {
+            let mut file = create_new(&tmp)?;
+            let mut record = serde_json::to_vec(s).map_err(|e| SpoolError::Io {
+                op: "encode",
+                path: tmp.clone(),
+                source: io::Error::other(e),
+            })?;
+            record.push(b'\n');
+            file.write_all(&record)
+                .and_then(|()| file.sync_all())
+                .map_err(SpoolError::io("write", &tmp))?;
+            give_to(&tmp, owner_of(self.root())?)
+        })();
+        if let Err(e) = written {
+            let _ = fs::remove_file(&tmp);
+            return Err(e);
+        }
+        match rename_noreplace(&tmp, &path) {
+            Ok(()) => {}
+            Err(e) => {
+                let _ = fs::remove_file(&tmp);
+                if e.kind() == io::ErrorKind::AlreadyExists {
+                    return Ok(false);
+                }
+                return Err(SpoolError::io("rename", &path)(e));
+            }
+        }
+        sync_dir(&dir)?;
+        Ok(true)
+    }
+
+    /// Lift `login`'s suspension durably. Returns false when it was not suspended. Blocking.
+    ///
+    /// # Errors
+    /// `unlink(2)` or the directory's fsync failed.
+    pub fn resume_login(&self, login: &str) -> Result<bool, SpoolError> {
+        let dir = self.suspended_dir();
+        let path = dir.join(file_name(login));
+        match fs::remove_file(&path) {
+            Ok(()) => {}
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(false),
+            Err(e) => return Err(SpoolError::io("unlink", &path)(e)),
+        }
+        sync_dir(&dir)?;
+        Ok(true)
+    }
+
+    /// `login`'s suspension, if it is suspended. Blocking.
+    ///
+    /// # Errors
+    /// The file exists and cannot be read.
+    pub fn suspension(&self, login: &str) -> Result<Option<Suspension>, SpoolError> {
+        let name = file_name(login);
+        let path = self.suspended_dir().join(&name);
+        match fs::symlink_metadata(&path) {
+            Ok(_) => Ok(Some(read_record(&path, &name)?)),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(SpoolError::io("stat", &path)(e)),
+        }
+    }
+
+    /// Every suspension, in no particular order. A missing directory (a spool made before
+    /// suspensions existed) holds none. Blocking.
+    ///
+    /// # Errors
+    /// The directory or a file in it cannot be read.
+    pub fn suspensions(&self) -> Result<Vec<Suspension>, SpoolError> {
+        let dir = self.suspended_dir();
+        let entries = match fs::read_dir(&dir) {
+            Ok(entries) => entries,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Vec::new()),
+            Err(e) => return Err(SpoolError::io("readdir", &dir)(e)),
+        };
+        let mut all = Vec::new();
+        for entry in entries {
+            let entry = entry.map_err(SpoolError::io("readdir", &dir))?;
+            let name = entry.file_name().to_string_lossy().into_owned();
+            match read_record(&entry.path(), &name) {
+                Ok(s) => all.push(s),
+                // Gone between the listing and the read: resumed meanwhile.
+                Err(SpoolError::Io { source, .. }) if source.kind() == io::ErrorKind::NotFound => {}
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(all)
+    }
+}
+
+/// Read the record in `path` (named `name`). A record that cannot be parsed, or names
+/// another login than the file name, still suspends the login the name encodes (logged);
+/// a name that encodes none and an unreadable record is an error.
+fn read_record(path: &Path, name: &str) -> Result<Suspension, SpoolError> {
+    let mut text = Vec::new();
+    fs::File::open(path)
+        .and_then(|f| f.take(MAX_RECORD).read_to_end(&mut text))
+        .map_err(SpoolError::io("read", path))?;
+    match serde_json::from_slice::<Suspension>(&text) {
+        Ok(s) if file_name(&s.login) == name => Ok(s),
+        parsed => {
+            let Some(login) = login_of(name) else {
+                return Err(SpoolError::Io {
+                    op: "parse",
+                    path: path.to_path_buf(),
+                    source: io::Error::other("not a suspension record"),
+                });
+            };
+            tracing::warn!(path = %path.display(), login = %login,
+                "unreadable suspension record: the login stays suspended");
+            Ok(Suspension {
+                login,
+                rule: "operator".into(),
+                reason: match parsed {
+                    Ok(_) => "record names another login".into(),
+                    Err(_) => "unreadable suspension record".into(),
+                },
+                since_ms: 0,
+            })
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::queue::Spool;
+
+    fn suspension(login: &str) -> Suspension {
+        Suspension {
+            login: login.into(),
+            rule: "operator".into(),
+            reason: "stolen password".into(),
+            since_ms: 1_700_000_000_000,
+        }
+    }
+
+    #[test]
+    fn a_suspension_is_kept_until_resumed_and_the_first_one_stays() {
+        let dir = tempfile::tempdir().unwrap();
+        let spool = Spool::open(dir.path()).unwrap();
+        assert_eq!(spool.suspensions().unwrap(), vec![]);
+        assert!(spool.suspend_login(&suspension("alice@example.com")).unwrap());
+        let mut later = suspension("alice@example.com");
+        later.reason = "again".into();
+        assert!(!spool.suspend_login(&later).unwrap());
+        assert_eq!(
+            spool.suspension("alice@example.com").unwrap(),
+            Some(suspension("alice@example.com"))
+        );
+        assert_eq!(spool.suspensions().unwrap(), vec![suspension("alice@example.com")]);
+        assert!(spool.resume_login("alice@example.com").unwrap());
+        assert!(!spool.resume_login("alice@example.com").unwrap());
+        assert_eq!(spool.suspension("alice@example.com").unwrap(), None);
+        // Nothing left behind in tmp/.
+        assert_eq!(fs::read_dir(dir.path().join("tmp")).unwrap().count(), 0);
+    }
+
+    #[test]
+    fn any_login_makes_a_safe_file_name_and_long_ones_stay_distinct() {
+        let long_a = format!("{}a", "x".repeat(300));
+        let long_b = format!("{}b", "x".repeat(300));
+        for login in ["../../etc/passwd", "a/b\0c\n", "é@例え.jp", &long_a] {
+            let name = file_name(login);
+            assert!(name.len() <= 255, "{login}");
+            assert!(name.bytes().all(|b| b.is_ascii_hexdigit() || b == b'~'));
+        }
+        assert_ne!(file_name(&long_a), file_name(&long_b));
+        assert_eq!(login_of(&file_name("bob@example.com")).unwrap(), "bob@example.com");
+        let dir = tempfile::tempdir().unwrap();
+        let spool = Spool::open(dir.path()).unwrap();
+        assert!(spool.suspend_login(&suspension(&long_a)).unwrap());
+        assert_eq!(spool.suspension(&long_b).unwrap(), None);
+        assert_eq!(spool.suspensions().unwrap(), vec![suspension(&long_a)]);
+    }
+
+    #[test]
+    fn a_damaged_record_still_suspends_the_login_its_name_names() {
+        let dir = tempfile::tempdir().unwrap();
+        let spool = Spool::open(dir.path()).unwrap();
+        let path = dir.path().join(DIR).join(file_name("carol"));
+        fs::write(&path, b"{not json").unwrap();
+        let found = spool.suspension("carol").unwrap().unwrap();
+        assert_eq!(found.login, "carol");
+        assert_eq!(found.reason, "unreadable suspension record");
+        assert_eq!(spool.suspensions().unwrap().len(), 1);
+        // A stray file whose name encodes no login is an error, not a silent skip.
+        fs::write(dir.path().join(DIR).join("zz"), b"junk").unwrap();
+        assert!(spool.suspensions().is_err());
+    }
+}
