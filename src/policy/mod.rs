@@ -20,6 +20,7 @@
 
 pub mod access;
 pub mod capability;
+pub mod containment;
 pub mod credentials;
 pub mod limits;
 pub mod lockout;

@@ -239,7 +239,11 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let spool = Spool::open(dir.path()).unwrap();
         assert_eq!(spool.suspensions().unwrap(), vec![]);
-        assert!(spool.suspend_login(&suspension("alice@example.com")).unwrap());
+        assert!(
+            spool
+                .suspend_login(&suspension("alice@example.com"))
+                .unwrap()
+        );
         let mut later = suspension("alice@example.com");
         later.reason = "again".into();
         assert!(!spool.suspend_login(&later).unwrap());
@@ -247,7 +251,10 @@ mod tests {
             spool.suspension("alice@example.com").unwrap(),
             Some(suspension("alice@example.com"))
         );
-        assert_eq!(spool.suspensions().unwrap(), vec![suspension("alice@example.com")]);
+        assert_eq!(
+            spool.suspensions().unwrap(),
+            vec![suspension("alice@example.com")]
+        );
         assert!(spool.resume_login("alice@example.com").unwrap());
         assert!(!spool.resume_login("alice@example.com").unwrap());
         assert_eq!(spool.suspension("alice@example.com").unwrap(), None);
@@ -265,7 +272,10 @@ mod tests {
             assert!(name.bytes().all(|b| b.is_ascii_hexdigit() || b == b'~'));
         }
         assert_ne!(file_name(&long_a), file_name(&long_b));
-        assert_eq!(login_of(&file_name("bob@example.com")).unwrap(), "bob@example.com");
+        assert_eq!(
+            login_of(&file_name("bob@example.com")).unwrap(),
+            "bob@example.com"
+        );
         let dir = tempfile::tempdir().unwrap();
         let spool = Spool::open(dir.path()).unwrap();
         assert!(spool.suspend_login(&suspension(&long_a)).unwrap());
