@@ -21,6 +21,7 @@ use crate::inbound::{self, Runtime, tls};
 use crate::observe::{ConfigSource, Telemetry};
 use crate::outbound;
 use crate::policy::Policy;
+use crate::policy::containment::Containment;
 use crate::queue::journal::Journal;
 use crate::queue::{Spool, SpoolError};
 
@@ -182,12 +183,15 @@ pub async fn run(config: Config, path: Option<PathBuf>) -> Result<(), AppError> 
     let spool = prepare_spool(&config).await?;
     raise_fd_limit(config.limits.max_connections);
     let telemetry = Arc::new(telemetry_for(&config, &spool));
+    // The suspended logins, read before any session or delivery starts.
+    let containment = Arc::new(Containment::open(spool.clone(), telemetry.clone()));
     let delivery_stop = CancellationToken::new();
     let delivery = outbound::start(
         &config,
         spool.clone(),
         delivery_stop.clone(),
         telemetry.clone(),
+        containment.clone(),
     )?;
     // Learn what each upstream can carry before accepting mail, so the first sessions are
     // checked against what the upstreams say now rather than what they said last time.
@@ -203,10 +207,12 @@ pub async fn run(config: Config, path: Option<PathBuf>) -> Result<(), AppError> 
         queued: delivery.wake.clone(),
         capabilities: delivery.capabilities.clone(),
         telemetry: telemetry.clone(),
+        containment: containment.clone(),
     };
     // A relay started while paused starts paused, before its first connection.
     let observe_stop = CancellationToken::new();
     start_pause_watch(&telemetry, &spool, &observe_stop);
+    tokio::spawn(containment.clone().watch(observe_stop.clone()));
     // The alerts and the admin listener read the configuration running now at each
     // evaluation or request, so a reloaded threshold or token applies at once.
     let config_now: ConfigSource = {

@@ -387,6 +387,7 @@ impl Assembly {
             info!(headers = ?self.filter.stripped(),
                 count = self.filter.stripped_count(), "removed untrusted headers");
         }
+        let auth_user = self.envelope.auth_user.clone();
         let mut writer = self.writer;
         // The copy, fsync, rename and directory fsync block: run them off the reactor.
         let (id, loaded) = tokio::task::spawn_blocking(move || {
@@ -397,7 +398,11 @@ impl Assembly {
         })
         .await
         .map_err(AssemblyError::CommitTask)??;
-        Ok(Committed { id, loaded })
+        Ok(Committed {
+            id,
+            loaded,
+            auth_user,
+        })
     }
 
     /// Hold space for two copies of the message plus `extra` octets while

@@ -140,6 +140,8 @@ pub struct Shared {
     /// Where session events are recorded (metrics, flow, journal) and whether the listeners
     /// are paused.
     pub telemetry: Arc<crate::observe::Telemetry>,
+    /// `[containment]`'s counters and the suspended logins.
+    pub containment: Arc<crate::policy::containment::Containment>,
 }
 
 /// What a refusal concerns besides the session, for its event (and so for `trace`).
@@ -580,14 +582,27 @@ impl SessionDriver {
     /// Refuse the pending command with `r`, logged and recorded about `about`.
     fn refuse(&mut self, r: Refusal, about: About<'_>) {
         self.refused(&Refused::of(&r), about);
-        self.session.reject(&r.reply);
+        self.reject(&r.reply);
+    }
+
+    /// Refuse the pending command with `reply`; a `421` also closes the session (RFC 5321
+    /// §3.8).
+    fn reject(&mut self, reply: &Reply) {
+        if reply.code == 421 {
+            if reply == &reply::ACCOUNT_SUSPENDED {
+                self.end.reason = "account suspended";
+            }
+            self.session.close_with(reply);
+        } else {
+            self.session.reject(reply);
+        }
     }
 
     /// Refuse the pending command with `r`, recorded as `event` (built before its message
     /// was consumed).
     fn refuse_as(&mut self, r: Refusal, event: Recorded) {
         record::refused(&self.shared.telemetry, event, &Refused::of(&r));
-        self.session.reject(&r.reply);
+        self.reject(&r.reply);
     }
 
     /// Sleep for `normal`, or until `limits.stress_timeout` after stress mode starts (from
@@ -675,7 +690,15 @@ impl SessionDriver {
                 r = stress.wait_for(|s| *s), if watching => Wake::Stress(r.is_ok()),
             };
             match wake {
-                Wake::Read(r) => return self.count_read(r),
+                Wake::Read(r) => {
+                    let read = self.count_read(r);
+                    // The next command of a session whose login was suspended meanwhile is
+                    // answered `421 4.7.0`, whatever it is.
+                    if read.is_some_and(|n| n > 0) && !in_data && self.login_suspended() {
+                        return None;
+                    }
+                    return read;
+                }
                 Wake::Deadline if session_ends => return self.session_time_limit(),
                 Wake::Deadline if too_slow => return self.too_slow(),
                 Wake::Deadline => return self.timed_out(stressed),
@@ -694,6 +717,23 @@ impl SessionDriver {
                 }
             }
         }
+    }
+
+    /// When the session's login is suspended: close it with `421 4.7.0` (logged, recorded)
+    /// and say so.
+    fn login_suspended(&mut self) -> bool {
+        let Some(user) = self.session.user() else {
+            return false;
+        };
+        if !self.shared.containment.is_suspended(user) {
+            return false;
+        }
+        let suspended = reply::ACCOUNT_SUSPENDED;
+        let refused = Refused::rule("account_suspended", &suspended).warning();
+        self.refused(&refused, self.receiving());
+        self.session.close_with(&reply::ACCOUNT_SUSPENDED);
+        self.end.reason = "account suspended";
+        true
     }
 
     /// Stress mode started during a read: a command's deadline is cut to `stress_timeout`.
@@ -922,7 +962,13 @@ impl SessionDriver {
     /// [`SessionDriver::data_end`] of the message `assembly` received.
     async fn end_message(&mut self, mut assembly: Box<Assembly>) {
         assembly.finish();
-        let verdict = self.end_of_data(&mut assembly).await;
+        let mut verdict = self.end_of_data(&mut assembly).await;
+        // A login suspended while its message came: not queued.
+        if verdict.is_ok()
+            && (self.session.user()).is_some_and(|u| self.shared.containment.is_suspended(u))
+        {
+            verdict = Err(Refusal::new(reply::ACCOUNT_SUSPENDED, "account_suspended").warning());
+        }
         // Our Authentication-Results: (and quarantine field) or DKIM-Signature:s go above
         // our Received:; what the checks found is logged with the queue id, refused or not.
         let facts = session_facts(self.peer, &self.session);
@@ -958,6 +1004,9 @@ impl SessionDriver {
         event.kind = EventKind::Queued;
         event.size = Some(size);
         self.shared.telemetry.record(&event);
+        if let Some(user) = self.session.user() {
+            (self.shared.containment).accepted(user, Instant::now().into_std());
+        }
         self.end.messages += 1;
         self.session.queued(id.as_str());
         // After the 250 is queued for sending; a closed channel (shutdown) is fine: the

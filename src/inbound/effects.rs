@@ -35,10 +35,12 @@ use crate::envelope::ReversePath;
 use crate::observe::Telemetry;
 use crate::policy::Refusal;
 use crate::policy::credentials::CheckError;
+use crate::policy::limits::RateLimit;
 use crate::policy::lockout::{AuthAttempt, FailureReport, GateDecision, login_key};
 use crate::policy::stage::{
     Answer, Effect, Evaluation, Input, Lookup, LookupResult, StageFacts, Verdict,
 };
+use crate::policy::store::RateKey;
 use crate::queue::reserve::Reservation;
 
 /// How long an AUTH waits for its client's verifications in flight before `454 4.7.0`, and
@@ -175,7 +177,15 @@ impl Effects {
         match effect {
             Effect::Rate(limit, key) => match store.take(limit, &key, now) {
                 Ok(()) => Answer::Allowed,
-                Err(limited) => Answer::Limited(limited),
+                Err(limited) => {
+                    if let (RateLimit::MessagesPerUser, RateKey::Login(login)) = (limit, &key) {
+                        let settings = &runtime.config.containment;
+                        if let Some(trip) = shared.containment.rate_limited(settings, login, now) {
+                            shared.containment.suspend(login, trip).await;
+                        }
+                    }
+                    Answer::Limited(limited)
+                }
             },
             Effect::AuthGate { login } => auth_gate(runtime, facts, &login, attempt).await,
             Effect::VerifyPassword { hash, known } => {
@@ -184,7 +194,20 @@ impl Effects {
                 };
                 let attempt = attempt.take().unwrap_or_else(AuthAttempt::unguarded);
                 let password = password.to_string();
-                verify(shared, attempt, (hash, known), login, password).await
+                let ip = facts.session.client_ip;
+                let who = Who { runtime, login, ip };
+                verify(shared, attempt, (hash, known), who, password).await
+            }
+            Effect::RecipientDomain { login, domain } => {
+                let settings = &runtime.config.containment;
+                let containment = &shared.containment;
+                match containment.recipient(settings, &login, &domain, now) {
+                    Some(trip) => {
+                        containment.suspend(&login, trip).await;
+                        Answer::Suspended
+                    }
+                    None => Answer::Allowed,
+                }
             }
             Effect::ReserveSpace { bytes } => self.reserve(runtime, shared, bytes),
             Effect::Start(lookup) => {
@@ -445,15 +468,27 @@ async fn auth_gate(
     }
 }
 
+/// Who an AUTH is from: the login and the client, under the configuration running now.
+#[derive(Clone, Copy)]
+struct Who<'a> {
+    runtime: &'a Runtime,
+    login: &'a str,
+    ip: std::net::IpAddr,
+}
+
 /// Verify on the verifier pool, settle the attempt with the result, and answer no
-/// sooner than the attempt's delay (a sprayed login).
+/// sooner than the attempt's delay (a sprayed login). The right password of a suspended
+/// login, or of one this login suspends (`[containment] client_ips_per_hour`), is answered
+/// [`Answer::Suspended`] at the same moment, and its attempt given back uncounted: neither a
+/// failure towards the lockout and spraying counters nor a success that clears them.
 async fn verify(
     shared: &Shared,
     attempt: AuthAttempt,
     (hash, known): (Arc<str>, bool),
-    login: &str,
+    who: Who<'_>,
     password: String,
 ) -> Answer {
+    let login = who.login;
     let lane = if attempt.known {
         Lane::Known
     } else {
@@ -492,11 +527,34 @@ async fn verify(
             return Answer::VerifierFailed(error);
         }
     };
+    if matched && known && suspended(shared, who).await {
+        attempt.release();
+        tokio::time::sleep_until(answer_at).await;
+        return Answer::Suspended;
+    }
     let report = attempt.settle(matched && known, Instant::now().into_std());
     // A sprayed login is answered no sooner than `delay`, right password or wrong.
     tokio::time::sleep_until(answer_at).await;
     log_auth_report(login, &report, delay);
     Answer::Password { matched }
+}
+
+/// Whether the right password of `who` must be refused: its login is suspended, or this
+/// login, from a client address new to it, suspends it now.
+async fn suspended(shared: &Shared, who: Who<'_>) -> bool {
+    let containment = &shared.containment;
+    if containment.is_suspended(who.login) {
+        return true;
+    }
+    let settings = &who.runtime.config.containment;
+    let now = Instant::now().into_std();
+    match containment.authenticated(settings, who.login, who.ip, now) {
+        Some(trip) => {
+            containment.suspend(who.login, trip).await;
+            true
+        }
+        None => false,
+    }
 }
 
 /// Log what an AUTH outcome led to: a lockout, a spraying alert, a delayed answer. The login

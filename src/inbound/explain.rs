@@ -45,6 +45,8 @@ use crate::policy::stage::{
 };
 use crate::policy::store::ClientState;
 use crate::policy::{Policy, Refusal, SessionFacts};
+use crate::queue::Spool;
+use crate::queue::suspended::Suspension;
 use crate::routes::CapabilityBook;
 use crate::smtp::{Event, Session};
 
@@ -671,6 +673,7 @@ fn asks_effects(check: Check) -> bool {
         | Check::ClientMessageRate
         | Check::SpoolSpace
         | Check::RecipientRate
+        | Check::RecipientDomains
         | Check::Spf
         | Check::Dnsbl
         | Check::Authenticate
@@ -718,6 +721,9 @@ struct Answers {
     /// Nothing is recorded anywhere: a telemetry of this run only, for the lookups' counters.
     telemetry: Arc<Telemetry>,
     lookups: Vec<(Lookup, LookupResult)>,
+    /// The login's suspension as recorded under the spool (the running relay's too), or
+    /// why it could not be read.
+    suspension: Result<Option<Suspension>, String>,
 }
 
 impl Answers {
@@ -741,6 +747,14 @@ impl Answers {
             zones: config.dnsbl.zones.clone(),
             telemetry: Arc::new(Telemetry::new(config.server.hostname.clone())),
             lookups: Vec::new(),
+            suspension: match &request.user {
+                // No spool yet: nothing is suspended.
+                Some(_) if !config.server.spool_dir.exists() => Ok(None),
+                Some(login) => Spool::open_existing(&config.server.spool_dir)
+                    .and_then(|spool| spool.suspension(login))
+                    .map_err(|e| e.to_string()),
+                None => Ok(None),
+            },
         }
     }
 
@@ -752,9 +766,28 @@ impl Answers {
                 Some(secs) => (Answer::LockedOut, format!("locked out for {secs}s more")),
                 None => (Answer::Allowed, "not locked out".to_string()),
             },
-            Effect::VerifyPassword { .. } => (
-                Answer::Password { matched: true },
-                "not verified: taken as right".to_string(),
+            Effect::VerifyPassword { .. } => match &self.suspension {
+                Ok(Some(s)) => (
+                    Answer::Suspended,
+                    format!(
+                        "not verified; the login is suspended ({}: {}), answered as a wrong password",
+                        s.rule,
+                        crate::queue::report::clean(&s.reason)
+                    ),
+                ),
+                Ok(None) => (
+                    Answer::Password { matched: true },
+                    "not verified: taken as right; not suspended".to_string(),
+                ),
+                Err(why) => (
+                    Answer::Password { matched: true },
+                    format!("not verified: taken as right; suspension unknown ({why})"),
+                ),
+            },
+            Effect::RecipientDomain { .. } => (
+                Answer::Allowed,
+                "not counted: explain counts nothing, and reads no containment counters"
+                    .to_string(),
             ),
             Effect::ReserveSpace { .. } => (
                 Answer::Allowed,
@@ -994,8 +1027,9 @@ mod tests {
             Some("rate_limits.recipients_per_ip")
         );
         assert_eq!(report.reply, replies[5]);
+        let checks = &report.steps[4].checks;
         assert_eq!(
-            report.steps[4].checks.last(),
+            checks.iter().rev().nth(1),
             Some(&CheckOutcome {
                 check: "rate_limits.recipients_per_ip".to_string(),
                 outcome: "allowed (0 left of 2/hour)".to_string(),

@@ -78,6 +78,8 @@ pub struct Deps {
     pub capabilities: RouteCapabilities,
     /// Where session events are recorded, and the listeners' gate (paused, bound).
     pub telemetry: Arc<crate::observe::Telemetry>,
+    /// `[containment]`'s counters and the suspended logins.
+    pub containment: Arc<crate::policy::containment::Containment>,
 }
 
 /// Why the inbound side could not start.
@@ -130,6 +132,7 @@ pub async fn start(runtime: Arc<ArcSwap<Runtime>>, deps: Deps) -> Result<Inbound
         stress: counter.stress(),
         verifications: Arc::new(tokio::sync::Semaphore::new(effects::verification_slots())),
         telemetry: deps.telemetry,
+        containment: deps.containment,
     };
     let sessions = TaskTracker::new();
     let snapshot = runtime.load_full();

@@ -31,14 +31,18 @@ macro_rules! rejected {
 
 /// The AUTH refusals counted in `portcullis_auth_failures_total`: the client's credentials
 /// were judged and refused (wrong password, unknown login), or the client is locked out
-/// after such failures and still trying (a guessing client keeps showing in the count while
+/// after such failures and still trying, or its login is suspended (a guessing client keeps showing in the count while
 /// the lockout answers it). Not counted: a temporary failure on our side (`auth_busy`,
 /// `auth_verifier_failed`: nothing was judged) and what the protocol engine refuses by
 /// itself before any password is looked at (`auth_malformed`, `auth_cancelled`,
 /// `auth_mechanism`, `auth_without_tls`, `auth_authzid_mismatch`, …). Each of these still
 /// counts in `portcullis_refusals_total{rule}`.
-pub const AUTH_FAILURE_RULES: [&str; 3] =
-    ["auth_bad_password", "auth_unknown_user", "auth_lockout"];
+pub const AUTH_FAILURE_RULES: [&str; 4] = [
+    "auth_bad_password",
+    "auth_unknown_user",
+    "auth_lockout",
+    "auth_suspended",
+];
 
 /// The session an event belongs to: what every event of the receiving side carries.
 #[derive(Debug, Clone, Copy)]

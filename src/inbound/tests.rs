@@ -48,23 +48,37 @@ struct Parts {
 }
 
 impl Parts {
-    /// A spool under `dir`, one verifier thread, no stress.
-    fn new(dir: &std::path::Path, runtime: &Runtime) -> Parts {
+    /// A spool under `dir`, one verifier thread, no stress; containment of its own unless
+    /// `containment` is given (sessions sharing suspensions).
+    fn new(
+        dir: &std::path::Path,
+        runtime: &Runtime,
+        containment: Option<Arc<crate::policy::containment::Containment>>,
+    ) -> Parts {
         let book = CapabilityBook::load(&runtime.config.upstreams, None);
         let (stress, stress_rx) = watch::channel(false);
         let (queued_tx, queued) = mpsc::unbounded_channel();
         let events = KeptEvents::default();
         let telemetry =
             crate::observe::Telemetry::new("relay.test").with_journal(Box::new(events.clone()));
+        let spool = Spool::open(&dir.join("spool")).unwrap();
+        let telemetry = Arc::new(telemetry);
+        let containment = containment.unwrap_or_else(|| {
+            Arc::new(crate::policy::containment::Containment::open(
+                spool.clone(),
+                telemetry.clone(),
+            ))
+        });
         let shared = Shared {
-            spool: Spool::open(&dir.join("spool")).unwrap(),
+            spool,
             shutdown: CancellationToken::new(),
             verifier: Arc::new(Verifier::start(1, 4).unwrap()),
             queued: queued_tx,
             capabilities: RouteCapabilities::new(Arc::new(book)),
             stress: stress_rx,
             verifications: Arc::new(tokio::sync::Semaphore::new(2)),
-            telemetry: Arc::new(telemetry),
+            telemetry,
+            containment,
         };
         Parts {
             shared,
@@ -89,6 +103,8 @@ struct Harness {
     dir: tempfile::TempDir,
     /// What the session records: metrics, flow, and (in `events`) the journal.
     telemetry: Arc<crate::observe::Telemetry>,
+    /// The suspended logins and trigger counters the session uses.
+    containment: Arc<crate::policy::containment::Containment>,
     events: KeptEvents,
 }
 
@@ -142,7 +158,16 @@ impl Harness {
     }
 
     fn with_runtime(dir: tempfile::TempDir, runtime: Arc<Runtime>) -> Harness {
-        let parts = Parts::new(dir.path(), &runtime);
+        Harness::sharing(dir, runtime, None)
+    }
+
+    /// [`Harness::with_runtime`], with `containment` shared with other sessions.
+    fn sharing(
+        dir: tempfile::TempDir,
+        runtime: Arc<Runtime>,
+        containment: Option<Arc<crate::policy::containment::Containment>>,
+    ) -> Harness {
+        let parts = Parts::new(dir.path(), &runtime, containment);
         let (client, server) = tokio::io::duplex(64 * 1024);
         let listener = runtime.config.listeners[0].clone();
         let peer: SocketAddr = PEER.parse().unwrap();
@@ -163,6 +188,7 @@ impl Harness {
             _stress: parts.stress,
             dir,
             telemetry: parts.shared.telemetry,
+            containment: parts.shared.containment,
             events: parts.events,
         }
     }
@@ -421,7 +447,7 @@ async fn a_client_over_its_connection_rate_that_does_not_read_is_closed_after_th
     let more =
         "[rate_limits]\nconnections_per_ip = \"1/hour\"\n[limits]\ncommand_timeout = \"5m\"\n";
     let runtime = Arc::new(runtime(dir.path(), NO_TLS, more));
-    let parts = Parts::new(dir.path(), &runtime);
+    let parts = Parts::new(dir.path(), &runtime, None);
     let peer: SocketAddr = PEER.parse().unwrap();
     // An earlier connection spent the budget.
     let now = tokio::time::Instant::now().into_std();
@@ -447,7 +473,7 @@ async fn auth_held_back_by(end: impl FnOnce(AuthAttempt)) -> (&'static str, Dura
     write_users(dir.path());
     let more = "[auth]\nusers_file = \"{dir}/users.toml\"\nmax_failures = 1\n";
     let runtime = runtime(dir.path(), "tls = \"none\"\nauth = \"optional\"", more);
-    let parts = Parts::new(dir.path(), &runtime);
+    let parts = Parts::new(dir.path(), &runtime, None);
     let ip = PEER.parse::<SocketAddr>().unwrap().ip();
     let now = tokio::time::Instant::now().into_std();
     let GateDecision::Proceed(in_flight) = runtime.policy.store().auth_gate(ip, "alice", now)
@@ -511,7 +537,7 @@ async fn a_lookup_started_at_connect_is_read_at_rcpt_from_the_sessions_pending_e
     const AT_RCPT: &[Check] = &[Check::Await(Lookup::Echo(7))];
     let dir = tempfile::tempdir().unwrap();
     let runtime = runtime(dir.path(), NO_TLS, "");
-    let parts = Parts::new(dir.path(), &runtime);
+    let parts = Parts::new(dir.path(), &runtime, None);
     let facts = StageFacts {
         session: SessionFacts {
             client_ip: PEER.parse::<SocketAddr>().unwrap().ip(),
@@ -851,4 +877,5 @@ async fn a_dnsbl_server_that_never_answers_neither_delays_the_greeting_nor_refus
     drop(silent);
 }
 
+mod containment;
 mod observe;

@@ -131,12 +131,14 @@ impl Delivery {
 const PROBE_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
 
 /// Start the queue manager over `spool` with `config`'s upstreams and queue policy, recording
-/// what happens in `telemetry`.
+/// what happens in `telemetry`; it holds the queued mail of the logins `containment`
+/// suspends.
 pub fn start(
     config: &Config,
     spool: Spool,
     shutdown: CancellationToken,
     telemetry: Arc<crate::observe::Telemetry>,
+    containment: Arc<crate::policy::containment::Containment>,
 ) -> Result<Delivery, ClientTlsError> {
     let (wake, incoming) = mpsc::unbounded_channel();
     let book = Arc::new(crate::routes::CapabilityBook::load(
@@ -155,6 +157,7 @@ pub fn start(
     let manager = tokio::spawn(
         Manager::new(spool, context.clone(), incoming, shutdown, tracker.clone())
             .with_telemetry(telemetry)
+            .with_containment(containment)
             .run(),
     );
     Ok(Delivery {
@@ -221,6 +224,10 @@ mod tests {
             spool.clone(),
             shutdown.clone(),
             telemetry.clone(),
+            Arc::new(crate::policy::containment::Containment::open(
+                spool.clone(),
+                telemetry.clone(),
+            )),
         )
         .unwrap();
         Started {

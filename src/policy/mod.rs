@@ -149,6 +149,8 @@ pub struct Policy {
     dummy_hash: Arc<str>,
     /// SPF, DKIM, DMARC, DNSBL and signing ([`mailauth`]).
     mail_auth: mailauth::MailAuth,
+    /// `[containment]`: its triggers.
+    containment: crate::config::Containment,
 }
 
 impl Policy {
@@ -157,6 +159,7 @@ impl Policy {
     pub fn new(config: &Config, previous: Option<&Policy>, now: Instant) -> Policy {
         let mail_auth = mailauth::MailAuth::new(config);
         Policy {
+            containment: config.containment,
             store: Store::new(config, previous.map(|p| &p.store), now),
             max_message_size: config.limits.max_message_size,
             hop_limit: usize::try_from(config.limits.hop_limit).unwrap_or(usize::MAX),

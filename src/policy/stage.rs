@@ -70,7 +70,9 @@ pub enum Check {
     AuthLockout,
     /// Verify the password (an effect): `535 5.7.8`, rule `auth_bad_password` or
     /// `auth_unknown_user`; a verifier that cannot check: `454 4.7.0`,
-    /// `auth_verifier_failed`; no verifier free: `auth_busy`.
+    /// `auth_verifier_failed`; no verifier free: `auth_busy`. The right password of a
+    /// suspended login (or one whose login now trips `[containment] client_ips_per_hour`):
+    /// the same `535 5.7.8`, rule `auth_suspended`, not counted as a failure.
     AuthPassword,
     /// An authenticated user may use only the senders it owns: `553 5.7.1`, rule
     /// `sender_not_owned`.
@@ -90,6 +92,10 @@ pub enum Check {
     RouteCarries,
     /// `[rate_limits] recipients_per_ip` (an effect): `451 4.7.1`.
     RecipientRate,
+    /// `[containment] recipient_domains_per_hour` (an effect, authenticated sessions): a
+    /// recipient domain past the login's hourly count suspends the login, `421 4.7.0`, rule
+    /// `account_suspended`, and the session closes.
+    RecipientDomains,
     /// A header field over [`crate::smtp::headers::MAX_WHOLE_FIELD`]: `552`, rule
     /// `header_too_large`.
     HeaderSize,
@@ -153,7 +159,13 @@ impl Stage {
                 SpoolSpace,
             ],
             // A relay attempt is refused as such whether or not the client is listed.
-            Stage::Rcpt => &[RecipientAllowed, Dnsbl, RouteCarries, RecipientRate],
+            Stage::Rcpt => &[
+                RecipientAllowed,
+                Dnsbl,
+                RouteCarries,
+                RecipientRate,
+                RecipientDomains,
+            ],
             // The cheap checks of what was received first; signatures are verified (or
             // made) only for a message nothing else refuses.
             Stage::DataEnd => &[
@@ -214,6 +226,11 @@ pub enum Effect {
     /// DKIM-sign the message with the `[[dkim.sign]]` entries of its `From:` domain (none:
     /// nothing to do) off the reactor: [`Answer::Signed`] or [`Answer::SignFailed`].
     Sign,
+    /// Count `domain` among the recipient domains of `login` within the hour
+    /// ([`crate::policy::containment::Containment::recipient`]); past
+    /// `recipient_domains_per_hour` the login is suspended: [`Answer::Allowed`] or
+    /// [`Answer::Suspended`].
+    RecipientDomain { login: String, domain: String },
 }
 
 /// An asynchronous lookup that may be started at one stage and read at a later one. A DNS
@@ -260,6 +277,8 @@ pub enum Answer {
     Busy,
     /// The password was verified: whether it matched.
     Password { matched: bool },
+    /// The login is suspended (by containment or an operator), or has just been.
+    Suspended,
     /// The verification itself failed (not the client's fault): nothing counted.
     VerifierFailed(CheckError),
     /// The spool's free space, minus messages in flight, is below `min_free_space`.
@@ -488,6 +507,17 @@ impl Policy {
             (Check::RecipientAllowed, Input::Rcpt(r)) => refused(self.recipient_allowed(facts, r)),
             (Check::RouteCarries, Input::Rcpt(r)) => refused(route_carries(r)),
             (Check::RecipientRate, _) => effect(Effect::Rate(RateLimit::RecipientsPerIp, client())),
+            (Check::RecipientDomains, Input::Rcpt(r))
+                if self.containment.recipient_domains_per_hour.is_some() =>
+            {
+                match facts.session.user {
+                    Some(login) => effect(Effect::RecipientDomain {
+                        login: login.to_string(),
+                        domain: r.to.domain().to_string(),
+                    }),
+                    None => Verdict::Accept,
+                }
+            }
             (Check::Start(lookup), _) if self.lookup_applies(lookup, &facts.session) => {
                 effect(Effect::Start(lookup))
             }
@@ -587,6 +617,17 @@ impl Policy {
                 .with_detail(shown())
                 .warning(),
             Answer::Busy => Refusal::new(reply::AUTH_TEMPORARY, "auth_busy").with_detail(shown()),
+            // No oracle: the reply of a wrong password, only the rule in the log differs.
+            Answer::Suspended if matches!(facts.input, Input::Auth { .. }) => {
+                Refusal::new(reply::AUTH_FAILED, "auth_suspended")
+                    .with_detail(shown())
+                    .warning()
+            }
+            Answer::Suspended => Refusal::new(reply::ACCOUNT_SUSPENDED, "account_suspended")
+                .with_detail(Detail::Login(
+                    super::lockout::login_key(facts.session.user.unwrap_or_default()).to_string(),
+                ))
+                .warning(),
             Answer::Password { matched } => {
                 let known = self.password_hashes.contains_key(login);
                 if matched && known {

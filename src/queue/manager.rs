@@ -22,6 +22,12 @@
 //! records the `held`, `released`, `deleted`, `purged`, `quarantined` and `restored` events,
 //! and sweeps `quarantine/` ([`Spool::sweep_quarantine`]); each attempt records its
 //! own (`expired`, `bounced`, `finished`; the courier the delivery events).
+//!
+//! Containment ([`Manager::with_containment`]): the queued mail of a suspended login is
+//! held, with the reason [`SUSPENDED_REASON`]: at start (a message not held whose login is
+//! suspended), when a login is suspended (its messages found by a listing of the spool off
+//! this task, then held together), and when one of its messages arrives (committed just as
+//! the suspension came). Resuming a login releases nothing: an operator does.
 
 use std::collections::{BTreeSet, HashMap, HashSet};
 use std::sync::Arc;
@@ -42,9 +48,16 @@ use super::schedule::{self, AfterAttempt};
 use super::{Committed, Loaded, Request, RetryTarget, Spool, SpoolError};
 use crate::envelope::QueueId;
 use crate::observe::{CENSUS_INTERVAL, Event, EventKind, Telemetry};
+use crate::policy::containment::Containment;
 
 /// The reason recorded for a hold asked for with `queue hold` (shown by `queue list|show`).
 pub const HOLD_REASON: &str = "queue hold";
+
+/// A suspended login and its queued messages not held.
+type Found = (String, Vec<QueueId>);
+
+/// The reason recorded for the hold of a suspended login's message.
+pub const SUSPENDED_REASON: &str = "login suspended";
 
 /// How often operator requests are read and idle connections reaped.
 pub const CONTROL_INTERVAL: Duration = Duration::from_millis(500);
@@ -127,6 +140,12 @@ pub struct Manager<C: Courier> {
     restored_when_done: HashSet<QueueId>,
     /// When to sweep `quarantine/` next (Unix milliseconds of `clock`; 0: at start).
     sweep_at_ms: u64,
+    /// The suspended logins, whose queued mail is held (`None`: no containment).
+    containment: Option<Arc<Containment>>,
+    /// The suspended logins whose mail was looked for.
+    suspended_seen: HashSet<String>,
+    /// A suspended login's messages not held, found off this task.
+    found: (mpsc::UnboundedSender<Found>, UnboundedReceiver<Found>),
 }
 
 impl<C: Courier> Manager<C> {
@@ -157,7 +176,17 @@ impl<C: Courier> Manager<C> {
             removed_when_done: HashSet::new(),
             restored_when_done: HashSet::new(),
             sweep_at_ms: 0,
+            containment: None,
+            suspended_seen: HashSet::new(),
+            found: mpsc::unbounded_channel(),
         }
+    }
+
+    /// Hold the queued mail of the logins `containment` suspends (see the module doc).
+    #[must_use]
+    pub fn with_containment(mut self, containment: Arc<Containment>) -> Manager<C> {
+        self.containment = Some(containment);
+        self
     }
 
     /// Record queue events and publish the census in `telemetry` (by default, a private one
@@ -184,14 +213,17 @@ impl<C: Courier> Manager<C> {
         let (done_tx, mut done_rx) = mpsc::unbounded_channel::<Ended>();
         let mut control = tokio::time::interval(CONTROL_INTERVAL);
         control.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut suspensions = self.containment.as_ref().map(|c| c.subscribe());
         loop {
             let wait = self.dispatch(&done_tx);
             tokio::select! {
                 biased;
                 () = self.shutdown.cancelled() => break,
                 Some(ended) = done_rx.recv() => self.ended(ended).await,
-                Some(new) = self.incoming.recv() => self.arrived(new),
+                Some(new) = self.incoming.recv() => self.arrived(new).await,
                 _ = control.tick() => self.control().await,
+                Some(()) = changed(&mut suspensions) => self.suspensions_changed(),
+                Some((login, ids)) = self.found.1.recv() => self.hold_found(&login, ids).await,
                 () = tokio::time::sleep(wait) => {}
             }
         }
@@ -200,17 +232,31 @@ impl<C: Courier> Manager<C> {
 
     /// Schedule every queued message that is not held, at its next attempt time.
     async fn load(&mut self) {
+        self.suspended_seen = self.suspended_logins();
         match on_spool(&self.spool, |s| s.list()).await {
             Ok(messages) => {
                 let count = messages.len();
                 let courier = self.courier.load_full();
+                let mut suspended = Vec::new();
                 for m in messages {
                     self.census.set(m.id(), &facts_of(&*courier, &m));
-                    if m.state.hold.is_none() {
+                    if m.state.hold.is_some() {
+                        continue;
+                    }
+                    if self.is_suspended(m.envelope.auth_user.as_deref()) {
+                        suspended.push((m.envelope.id, true));
+                    } else {
                         self.schedule(m.envelope.id, m.state.next_attempt);
                     }
                 }
                 info!(messages = count, "delivery scheduler started");
+                if !suspended.is_empty() {
+                    info!(
+                        messages = suspended.len(),
+                        "holding the queued mail of suspended logins"
+                    );
+                    self.hold_all(suspended, SUSPENDED_REASON).await;
+                }
                 self.publish();
             }
             Err(e) => {
@@ -220,14 +266,71 @@ impl<C: Courier> Manager<C> {
     }
 
     /// A message was committed: due now, counted in the census when it came with its
-    /// envelope (a large one is counted once its first attempt has read it).
-    fn arrived(&mut self, new: Committed) {
-        self.schedule(new.id.clone(), 0);
+    /// envelope (a large one is counted once its first attempt has read it). One from a
+    /// suspended login (committed as the suspension came) is held instead.
+    async fn arrived(&mut self, new: Committed) {
         if let Some(loaded) = &new.loaded {
             let facts = facts_of(&*self.courier.load_full(), &loaded.msg);
             self.census.set(&new.id, &facts);
         }
+        if self.is_suspended(new.auth_user.as_deref()) {
+            info!(queue_id = %new.id, "from a suspended login: held");
+            return self.hold_all(vec![(new.id, true)], SUSPENDED_REASON).await;
+        }
+        self.schedule(new.id.clone(), 0);
         self.fresh = new.loaded.map(|loaded| (new.id, loaded));
+    }
+
+    /// Whether `login` (a message's, if any) is suspended.
+    fn is_suspended(&self, login: Option<&str>) -> bool {
+        match (&self.containment, login) {
+            (Some(c), Some(login)) => c.is_suspended(login),
+            _ => false,
+        }
+    }
+
+    fn suspended_logins(&self) -> HashSet<String> {
+        let all = self.containment.as_ref().map(|c| c.suspensions());
+        all.into_iter().flatten().map(|s| s.login).collect()
+    }
+
+    /// The suspended set changed: look for the queued mail of each newly suspended login off
+    /// this task ([`Manager::hold_found`] holds it).
+    fn suspensions_changed(&mut self) {
+        let now = self.suspended_logins();
+        for login in now.difference(&self.suspended_seen) {
+            let (spool, login, found) = (self.spool.clone(), login.clone(), self.found.0.clone());
+            tokio::spawn(async move {
+                let wanted = login.clone();
+                let listed = on_spool(&spool, move |s| s.list()).await;
+                match listed {
+                    Ok(messages) => {
+                        let ids = (messages.into_iter())
+                            .filter(|m| m.state.hold.is_none())
+                            .filter(|m| m.envelope.auth_user.as_deref() == Some(wanted.as_str()))
+                            .map(|m| m.envelope.id)
+                            .collect();
+                        let _ = found.send((login, ids));
+                    }
+                    Err(e) => {
+                        error!(login = %crate::policy::lockout::login_key(&login), error = %e,
+                        "cannot list the spool for a suspended login's mail; each message is held when it is next due")
+                    }
+                }
+            });
+        }
+        self.suspended_seen = now;
+    }
+
+    /// Hold `ids`, the queued mail of `login`, if it is still suspended.
+    async fn hold_found(&mut self, login: &str, ids: Vec<QueueId>) {
+        if !self.is_suspended(Some(login)) || ids.is_empty() {
+            return;
+        }
+        info!(login = %crate::policy::lockout::login_key(login), messages = ids.len(),
+            "holding the queued mail of a suspended login");
+        let asks = ids.into_iter().map(|id| (id, true)).collect();
+        self.hold_all(asks, SUSPENDED_REASON).await;
     }
 
     /// Count the outcome of an attempt in the census.
@@ -268,7 +371,7 @@ impl<C: Courier> Manager<C> {
 
     /// Hold (`hold` true) or release `id`: [`Manager::hold_all`] of one.
     async fn hold(&mut self, id: QueueId, hold: bool) {
-        self.hold_all(vec![(id, hold)]).await;
+        self.hold_all(vec![(id, hold)], HOLD_REASON).await;
     }
 
     /// Hold (true) or release each message of `asks` (the last ask for a message wins),
@@ -276,7 +379,7 @@ impl<C: Courier> Manager<C> {
     /// all). A message being attempted is held or released when its attempt ends (its outcome
     /// is recorded first); a released one is due now; a release of a message not held keeps
     /// its schedule.
-    async fn hold_all(&mut self, asks: Vec<(QueueId, bool)>) {
+    async fn hold_all(&mut self, asks: Vec<(QueueId, bool)>, reason: &'static str) {
         let mut last: HashMap<QueueId, bool> = HashMap::with_capacity(asks.len());
         let mut order = Vec::with_capacity(asks.len());
         for (id, hold) in asks {
@@ -304,10 +407,7 @@ impl<C: Courier> Manager<C> {
         }
         let now = self.clock.now();
         let asks = todo.clone();
-        let results = on_spool(&self.spool, move |s| {
-            Ok(s.record_holds(&asks, now, HOLD_REASON))
-        })
-        .await;
+        let results = on_spool(&self.spool, move |s| Ok(s.record_holds(&asks, now, reason))).await;
         let results = match results {
             Ok(results) => results,
             Err(e) => {
@@ -550,7 +650,7 @@ impl<C: Courier> Manager<C> {
             }
         }
         if !holds.is_empty() {
-            self.hold_all(holds).await;
+            self.hold_all(holds, HOLD_REASON).await;
         }
         if self.clock.now_millis() >= self.sweep_at_ms {
             self.sweep_quarantine().await;
@@ -660,5 +760,13 @@ impl<C: Courier> Manager<C> {
         for rcpt in msg.pending() {
             courier.reset_route(&courier.route(rcpt.domain()));
         }
+    }
+}
+
+/// The next change of the suspended set (never, without containment).
+async fn changed(suspensions: &mut Option<tokio::sync::watch::Receiver<u64>>) -> Option<()> {
+    match suspensions {
+        Some(rx) => rx.changed().await.ok(),
+        None => std::future::pending().await,
     }
 }

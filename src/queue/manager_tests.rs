@@ -217,6 +217,7 @@ impl Harness {
                 .send(Committed {
                     id: id.clone(),
                     loaded: None,
+                    auth_user: None,
                 })
                 .unwrap(),
         }

@@ -27,6 +27,9 @@ pub struct Committed {
     /// ([`SpoolWriter::commit_and_keep`], at most `KEEP_MAX` octets); `None`: read it from
     /// the spool.
     pub loaded: Option<Loaded>,
+    /// The login that submitted it, if its client authenticated (its mail is held while
+    /// the login is suspended).
+    pub auth_user: Option<String>,
 }
 
 /// A message being written into `tmp/ID`, made visible in `queue/` only by [`commit`].

@@ -146,6 +146,10 @@ pub const CONNECTION_RATE: Reply = Reply::new(
     "4.7.0",
     "Connection rate limit exceeded, try again later",
 );
+/// A session authenticated as a login that is now suspended (`[containment]` or `portcullis
+/// user suspend`), at its next command or final dot; the session is closed.
+pub const ACCOUNT_SUSPENDED: Reply =
+    Reply::new(421, "4.7.0", "Account suspended, closing connection");
 pub const TOO_MANY_ERRORS: Reply = Reply::new(421, "4.7.0", "Too many errors, closing connection");
 pub const TIMEOUT: Reply = Reply::new(421, "4.4.2", "Timeout exceeded, closing connection");
 /// Stress mode: a second command that makes no progress (RFC 5321 §4.2.5 lets a server close

@@ -426,7 +426,7 @@ async fn a_connection_over_the_cap_is_one_refusal_at_connect_and_no_session() {
         NO_TLS,
         "[limits]\nmax_connections = 1\n",
     ));
-    let parts = Parts::new(dir.path(), &runtime);
+    let parts = Parts::new(dir.path(), &runtime, None);
     let socket = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = socket.local_addr().unwrap();
     let (telemetry, events) = (Arc::clone(&parts.shared.telemetry), parts.events.clone());
