@@ -56,7 +56,7 @@ pub fn file_name(login: &str) -> String {
 
 /// The login a file name encodes, when it is a whole hex form (not a long login's).
 fn login_of(name: &str) -> Option<String> {
-    if name.len() % 2 != 0 {
+    if !name.len().is_multiple_of(2) {
         return None;
     }
     let bytes: Option<Vec<u8>> = (0..name.len())
