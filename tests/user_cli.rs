@@ -429,6 +429,29 @@ fn the_users_route_needs_the_token_and_list_reads_it_from_the_running_relay() {
         "{text}"
     );
 
+    // A token the relay refuses: the counts are unknown, and why is said (the list is still
+    // printed: the counts are the only part that comes from the relay).
+    relay.dir().write("wrong.token", "not-the-token\n");
+    let text = fs::read_to_string(relay.config_path()).unwrap();
+    let wrong = relay
+        .dir()
+        .write("wrong.toml", text.replace("admin.token", "wrong.token"));
+    let out = Command::new(BIN)
+        .args(["user", "list", "--config"])
+        .arg(&wrong)
+        .output()
+        .unwrap();
+    let text = expect(&out, 0);
+    assert_eq!(text.lines().count(), 3, "{text}");
+    assert_eq!(
+        stderr(&out),
+        format!(
+            "portcullis: messages in the last hour unknown (shown as -): the admin API on \
+             127.0.0.1:{admin} refused the token (401 Unauthorized): check [admin] token_file \
+             against the running relay's\n"
+        )
+    );
+
     // The relay gone: unknown, and said why.
     relay.kill9();
     let out = relay.command(&["user", "list", "--json"]);
