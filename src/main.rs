@@ -27,6 +27,12 @@
 //! `listeners pause|resume` exit 0 whether or not the marker changed (the output says which),
 //! 2 when there is no spool, 1 when the marker cannot be written or removed.
 //!
+//! `user suspend|resume` exit 0 whether or not the login's state changed (the output says
+//! which), 2 without `--config`, for a login neither in the users file nor suspended under the
+//! spool, a bad `--reason` or no spool, 1 when the record cannot be written or removed. `user
+//! list` exits 0 when the running relay cannot be asked for the counts (they show as `-`, the
+//! reason on stderr).
+//!
 //! Every command that changes something (not with `--dry-run`) records itself in the audit log
 //! after acting (`queue::audit`); when that record cannot be written, the command says so and
 //! exits 1, its action done. `audit` exits 0 (an empty log: said on stderr), 2 for a bad
