@@ -309,6 +309,7 @@ async fn start_admin(
         spool.clone(),
         source,
         client_state,
+        Arc::new(std::collections::HashMap::new),
         stop.clone(),
     )
     .await?;

@@ -65,10 +65,11 @@
 //!   each event also goes to the journal (through the `observe::EventSink` trait, so this
 //!   module never names `queue`). A leaf: recording never blocks and never refuses mail.
 //! - [`admin`]: the `[admin]` HTTP listener (`/metrics`, `/healthz`, `/readyz`, the status
-//!   page `/`, `/api/status`, `/api/explain-state`) reading `observe` (and, for
-//!   explain-state, a function `app` gives it); `portcullis status` (`admin::client`: the
-//!   running relay's API, else `admin::offline` from the spool and the journal); and the
-//!   `SPOOL/paused` marker behind `portcullis listeners pause|resume` (`admin::pause`).
+//!   page `/`, `/api/status`, `/api/explain-state`, `/api/users`) reading `observe` (and, for
+//!   explain-state and users, functions `app` gives it); `portcullis status` (`admin::client`:
+//!   the running relay's API, else `admin::offline` from the spool and the journal); the
+//!   `SPOOL/paused` marker behind `portcullis listeners pause|resume` (`admin::pause`); and
+//!   `portcullis user list|suspend|resume` (`admin::users`, over `queue::suspended`).
 //! - [`routes`]: the routing table and the capabilities each upstream announced, shared by
 //!   delivery and the inbound checks at RCPT and DATA (the one module both sides use).
 //! - [`stream`]: a connection that is plain TCP or TLS, for both directions.

@@ -29,7 +29,9 @@ const MAIN_SECTIONS: &[(&str, &[&str])] = &[
              nothing exit 0.",
             "trace exits 1 when no event matches. doctor and policy explain exit 0 whenever they ran, whatever they found. \
              audit exits 0 with an empty log (said on standard error). listeners pause and resume \
-             exit 0 whether or not the marker changed.",
+             exit 0 whether or not the marker changed; user suspend and resume whether or not \
+             the login's state changed, and 2 for a login neither in the users file nor \
+             suspended.",
             "A command that changed something but could not record it in the audit log \
              (SPOOL/audit.jsonl) says so and exits 1; the change stays made.",
         ],

@@ -221,6 +221,20 @@ pub async fn fetch_client_state(
         .unwrap_or(Err(ClientError::Timeout { addr }))
 }
 
+/// `GET /api/users` from the admin listener at `addr`: the messages each login sent within
+/// the last hour (see [`super::users::UsersActivity`]).
+///
+/// # Errors
+/// See [`ClientError`], as for [`fetch_status`].
+pub async fn fetch_users(
+    addr: SocketAddr,
+    token: Option<&str>,
+) -> Result<super::users::UsersActivity, ClientError> {
+    tokio::time::timeout(TIMEOUT, get_json(addr, token, "/api/users"))
+        .await
+        .unwrap_or(Err(ClientError::Timeout { addr }))
+}
+
 /// `text` as a query value: every octet but unreserved ones percent-encoded (RFC 3986 §2).
 fn query_escape(text: &str) -> String {
     text.bytes()

@@ -1,7 +1,9 @@
 //! The admin HTTP listener (`[admin]`): `/metrics`, `/healthz`, `/readyz`, `/` (the status
-//! page), `/api/status` and `/api/explain-state` (what `portcullis policy explain` reads of
-//! the running rate budgets and AUTH lockouts), served with axum on the relay's tokio runtime; and
-//! `portcullis listeners pause|resume` ([`pause`]).
+//! page), `/api/status`, `/api/explain-state` (what `portcullis policy explain` reads of
+//! the running rate budgets and AUTH lockouts) and `/api/users` (what `portcullis user list`
+//! reads of each login's messages in the last hour, [`users`]), served with axum on the
+//! relay's tokio runtime; `portcullis listeners pause|resume` ([`pause`]); and `portcullis
+//! user list|suspend|resume` ([`users`]).
 //!
 //! [`start`] binds the address and runs our own accept loop ([`server`]) around hyper's
 //! HTTP/1.1 server, so every bound holds whatever a client does: at most
@@ -19,6 +21,7 @@ pub mod ready;
 pub mod routes;
 pub mod server;
 pub mod summary;
+pub mod users;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -32,6 +35,7 @@ use crate::config::Admin;
 use crate::observe::{ConfigSource, Telemetry};
 use crate::policy::store::ClientStateSource;
 use crate::queue::Spool;
+use users::UsersSource;
 
 /// Why the admin listener could not start.
 #[derive(Debug, thiserror::Error)]
@@ -65,6 +69,9 @@ pub struct AdminState {
     /// What the running relay's stateful rules say of a client, read (never taken) by
     /// `/api/explain-state`; `None`: that route answers `404`.
     pub client_state: Option<ClientStateSource>,
+    /// What the running relay knows of its logins, read by `/api/users`; `None`: that route
+    /// answers `404`.
+    pub users: Option<UsersSource>,
 }
 
 impl std::fmt::Debug for AdminState {
@@ -84,7 +91,8 @@ pub struct AdminServer {
 }
 
 /// Bind `admin.bind` and serve until `shutdown` is cancelled (with the relay). Called by
-/// `app` after the SMTP listeners are bound.
+/// `app` after the SMTP listeners are bound; `client_state` answers `/api/explain-state`,
+/// `users` `/api/users`.
 ///
 /// # Errors
 /// [`StartError::Bind`] when the address cannot be bound (the relay does not start).
@@ -94,6 +102,7 @@ pub async fn start(
     spool: Spool,
     config: ConfigSource,
     client_state: ClientStateSource,
+    users: UsersSource,
     shutdown: CancellationToken,
 ) -> Result<AdminServer, StartError> {
     let bind_error = |source| StartError::Bind {
@@ -109,6 +118,7 @@ pub async fn start(
         start_token: admin.token.clone(),
         bound: local_addr,
         client_state: Some(client_state),
+        users: Some(users),
     };
     info!(bind = %local_addr, token = admin.token.is_some(), "admin listening");
     let task = tokio::spawn(server::serve(

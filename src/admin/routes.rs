@@ -24,6 +24,7 @@ use subtle::ConstantTimeEq as _;
 use tracing::info;
 
 use super::server::REQUEST_TIMEOUT;
+use super::users::UsersActivity;
 use super::{AdminState, page, ready};
 use crate::envelope::unix_now;
 use crate::observe::metrics::CONTENT_TYPE;
@@ -47,6 +48,7 @@ pub fn router(state: AdminState) -> Router {
         .route("/metrics", get(metrics))
         .route("/api/status", get(api_status))
         .route("/api/explain-state", get(explain_state))
+        .route("/api/users", get(api_users))
         .route("/", get(status_page))
         .fallback(not_found)
         .layer(middleware::from_fn_with_state(state.clone(), guard))
@@ -275,6 +277,18 @@ async fn explain_state(
     Json(client_state(query.ip, query.user.as_deref())).into_response()
 }
 
+/// `/api/users`: [`UsersActivity`], the messages each login sent within the last hour, as the
+/// running relay counts them.
+async fn api_users(State(state): State<AdminState>) -> Response {
+    let Some(users) = &state.users else {
+        return not_found().await.into_response();
+    };
+    Json(UsersActivity {
+        messages_last_hour: users().into_iter().collect(),
+    })
+    .into_response()
+}
+
 /// `/`: the status page.
 async fn status_page(State(state): State<AdminState>) -> Html<String> {
     Html(page::render(&status(&state).await))
@@ -346,6 +360,7 @@ mod tests {
             start_token: start_token.map(Arc::from),
             bound: bound.parse().expect("socket address"),
             client_state: None,
+            users: None,
         }
     }
 
