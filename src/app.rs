@@ -238,8 +238,13 @@ pub async fn run(config: Config, path: Option<PathBuf>) -> Result<(), AppError> 
             inbound::explain::running_state(&runtime.load(), &counter, paused, ip, login)
         })
     };
-    let admin = match start_admin(config_now, client_state, &telemetry, &spool, &observe_stop).await
-    {
+    // `/api/users` reads the messages each login sent within the hour.
+    let users: admin::users::UsersSource = {
+        let containment = containment.clone();
+        Arc::new(move || containment.messages_last_hour(std::time::Instant::now()))
+    };
+    let sources = (client_state, users);
+    let admin = match start_admin(config_now, sources, &telemetry, &spool, &observe_stop).await {
         Ok(admin) => admin,
         Err(e) => {
             inbound.stop(Duration::ZERO).await;
@@ -295,7 +300,10 @@ fn start_pause_watch(telemetry: &Arc<Telemetry>, spool: &Spool, stop: &Cancellat
 /// now (`source`) at each request; it stops when `stop` is cancelled.
 async fn start_admin(
     source: ConfigSource,
-    client_state: crate::policy::store::ClientStateSource,
+    (client_state, users): (
+        crate::policy::store::ClientStateSource,
+        admin::users::UsersSource,
+    ),
     telemetry: &Arc<Telemetry>,
     spool: &Spool,
     stop: &CancellationToken,
@@ -309,7 +317,7 @@ async fn start_admin(
         spool.clone(),
         source,
         client_state,
-        Arc::new(std::collections::HashMap::new),
+        users,
         stop.clone(),
     )
     .await?;

@@ -86,15 +86,29 @@ impl super::Spool {
         self.root().join(DIR)
     }
 
+    /// The path of `login`'s record; an empty login has none (its name would be the
+    /// directory's).
+    fn record_path(&self, login: &str) -> Result<PathBuf, SpoolError> {
+        let dir = self.suspended_dir();
+        if login.is_empty() {
+            return Err(SpoolError::Io {
+                op: "name",
+                path: dir,
+                source: io::Error::new(io::ErrorKind::InvalidInput, "an empty login"),
+            });
+        }
+        Ok(dir.join(file_name(login)))
+    }
+
     /// Record `s` durably. Returns false, changing nothing, when its login is suspended
     /// already (the first reason and time stay). Blocking.
     ///
     /// # Errors
-    /// The step that failed (create, write, fsync, chown, rename, directory fsync); nothing
-    /// is left in `suspended/` then.
+    /// An empty login; the step that failed (create, write, fsync, chown, rename, directory
+    /// fsync), and nothing is left in `suspended/` then.
     pub fn suspend_login(&self, s: &Suspension) -> Result<bool, SpoolError> {
         let dir = self.suspended_dir();
-        let path = dir.join(file_name(&s.login));
+        let path = self.record_path(&s.login)?;
         if fs::symlink_metadata(&path).is_ok() {
             return Ok(false);
         }
@@ -133,10 +147,10 @@ impl super::Spool {
     /// Lift `login`'s suspension durably. Returns false when it was not suspended. Blocking.
     ///
     /// # Errors
-    /// `unlink(2)` or the directory's fsync failed.
+    /// An empty login; `unlink(2)` or the directory's fsync failed.
     pub fn resume_login(&self, login: &str) -> Result<bool, SpoolError> {
         let dir = self.suspended_dir();
-        let path = dir.join(file_name(login));
+        let path = self.record_path(login)?;
         match fs::remove_file(&path) {
             Ok(()) => {}
             Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(false),
@@ -149,10 +163,10 @@ impl super::Spool {
     /// `login`'s suspension, if it is suspended. Blocking.
     ///
     /// # Errors
-    /// The file exists and cannot be read.
+    /// An empty login; the file exists and cannot be read.
     pub fn suspension(&self, login: &str) -> Result<Option<Suspension>, SpoolError> {
         let name = file_name(login);
-        let path = self.suspended_dir().join(&name);
+        let path = self.record_path(login)?;
         match fs::symlink_metadata(&path) {
             Ok(_) => Ok(Some(read_record(&path, &name)?)),
             Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
@@ -272,6 +286,11 @@ mod tests {
             assert!(name.bytes().all(|b| b.is_ascii_hexdigit() || b == b'~'));
         }
         assert_ne!(file_name(&long_a), file_name(&long_b));
+        let dir = tempfile::tempdir().unwrap();
+        let spool = Spool::open(dir.path()).unwrap();
+        assert!(spool.suspend_login(&suspension("")).is_err());
+        assert!(spool.resume_login("").is_err());
+        assert!(spool.suspension("").is_err());
         assert_eq!(
             login_of(&file_name("bob@example.com")).unwrap(),
             "bob@example.com"
