@@ -1161,7 +1161,7 @@ fn hold_release(
     let recorded = if dry_run {
         Ok(())
     } else {
-        println!("{}", select::HOLD_NOTE);
+        println!("{}", action.note());
         record(spool, &["queue", action.verb()], to_strings(&ids))
     };
     let found = if unknown > 0 {

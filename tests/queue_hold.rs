@@ -27,6 +27,10 @@ const NOTE: &str = "the running relay records this within a second (a stopped re
                     next starts); a message being sent at that moment is held once its attempt \
                     ends";
 
+/// The note `queue release` ends with.
+const RELEASE_NOTE: &str = "the running relay records this within a second (a stopped relay \
+                            when it next starts); released messages are due at once";
+
 fn stdout(out: &Output) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
@@ -241,7 +245,7 @@ fn held_messages_are_not_delivered_until_released() {
     assert_eq!(
         out,
         format!(
-            "release requested for {a} from a@src.example\nrelease requested for 1 message\n{NOTE}\n"
+            "release requested for {a} from a@src.example\nrelease requested for 1 message\n{RELEASE_NOTE}\n"
         )
     );
     assert!(sink.wait_for(3, WAIT));
@@ -346,7 +350,7 @@ fn hold_by_user_or_sender_takes_exactly_their_mail_and_release_gives_it_back() {
         out,
         format!(
             "release requested for {alice1} from alice@example.com\nrelease requested for \
-             {alice2} from alice@example.com\nrelease requested for 2 messages\n{NOTE}\n"
+             {alice2} from alice@example.com\nrelease requested for 2 messages\n{RELEASE_NOTE}\n"
         )
     );
     assert!(sink.wait_for(5, WAIT));

@@ -250,7 +250,9 @@ impl Containment {
                 .collect();
             for login in resumed {
                 suspended.remove(&login);
-                self.lock_counters().remove(&login);
+                if let Some(c) = self.lock_counters().get_mut(&login) {
+                    c.clear_triggers();
+                }
                 info!(login = %super::lockout::login_key(&login), "account resumed: AUTH allowed again; its held mail stays held until released");
                 changed = true;
             }

@@ -160,6 +160,14 @@ impl HoldAction {
         self == HoldAction::Hold
     }
 
+    /// The last line of the command's output (not with `--dry-run`).
+    pub fn note(self) -> &'static str {
+        match self {
+            HoldAction::Hold => HOLD_NOTE,
+            HoldAction::Release => RELEASE_NOTE,
+        }
+    }
+
     /// `hold` or `release`.
     pub fn verb(self) -> &'static str {
         match self {
@@ -219,9 +227,13 @@ pub fn hold_summary(action: HoldAction, acted: usize, skipped: usize, dry_run: b
     out
 }
 
-/// Last line of `queue hold|release` (not with `--dry-run`): when the request takes effect.
+/// Last line of `queue hold` (not with `--dry-run`): when the request takes effect.
 pub const HOLD_NOTE: &str = "the running relay records this within a second (a stopped relay \
      when it next starts); a message being sent at that moment is held once its attempt ends";
+
+/// Last line of `queue release` (not with `--dry-run`): when the request takes effect.
+pub const RELEASE_NOTE: &str = "the running relay records this within a second (a stopped \
+     relay when it next starts); released messages are due at once";
 
 #[cfg(test)]
 mod tests {
