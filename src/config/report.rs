@@ -17,6 +17,27 @@ fn is_everyone(net: &IpNet) -> bool {
     net.prefix_len() == 0
 }
 
+/// `[containment]` triggers that can never trip.
+fn containment_warnings(config: &Config, auth_used: bool) -> Vec<String> {
+    let c = &config.containment;
+    let mut w = Vec::new();
+    if c.any() && !auth_used {
+        w.push(
+            "[containment] is set but no listener allows AUTH: it only ever suspends \
+             authenticated logins, so it does nothing here."
+                .to_owned(),
+        );
+    }
+    if c.rate_limit_hits.is_some() && config.rate_limits.messages_per_user.is_none() {
+        w.push(
+            "containment.rate_limit_hits counts rate_limits.messages_per_user refusals, and \
+             messages_per_user is not set: it never trips."
+                .to_owned(),
+        );
+    }
+    w
+}
+
 /// Warnings, one sentence each.
 pub(super) fn warnings(config: &Config) -> Vec<String> {
     let mut w = Vec::new();
@@ -83,6 +104,7 @@ pub(super) fn warnings(config: &Config) -> Vec<String> {
                 .to_owned(),
         );
     }
+    w.extend(containment_warnings(config, auth_used));
     if let Some(auth) = &config.auth
         && auth_used
     {

@@ -995,6 +995,39 @@ fn portcullis_toml_documents_every_key_of_raw_rs() {
 }
 
 #[test]
+fn warnings_for_containment_that_can_never_trip() {
+    let nothing = ok(&format!("{MINIMAL}\n[containment]\nrate_limit_hits = 3\n"))
+        .warnings()
+        .join("\n");
+    assert!(nothing.contains("no listener allows AUTH"), "{nothing}");
+    assert!(
+        nothing.contains("messages_per_user is not set: it never trips"),
+        "{nothing}"
+    );
+    let domains = ok(&format!(
+        "{MINIMAL}\n[containment]\nrecipient_domains_per_hour = 50\n"
+    ))
+    .warnings()
+    .join("\n");
+    assert!(!domains.contains("never trips"), "{domains}");
+    assert!(
+        ok(MINIMAL)
+            .warnings()
+            .iter()
+            .all(|w| !w.contains("containment"))
+    );
+    let zero = Config::from_toml(
+        &format!("{MINIMAL}\n[containment]\nclient_ips_per_hour = 0\n"),
+        None,
+    );
+    let errors = zero.expect_err("0 is refused").to_string();
+    assert!(
+        errors.contains("containment.client_ips_per_hour: must be at least 1"),
+        "{errors}"
+    );
+}
+
+#[test]
 fn warnings_for_auth_without_user_budget_and_users_who_own_no_sender() {
     let dir = tempfile::tempdir().expect("tempdir");
     let hash = argon2id_hash("pw");

@@ -507,8 +507,11 @@ async fn verify(
     // recorded like any other (a failure counts), so a client cannot have more checks in
     // flight than the lockout allows by letting earlier ones time out.
     let Ok(result) = tokio::time::timeout(AUTH_WAIT, &mut result).await else {
+        let (containment, login) = (Arc::clone(&shared.containment), login.to_string());
         tokio::spawn(async move {
             match result.await {
+                // A suspended login's right password counts neither way, late or not.
+                Ok(Ok(true)) if known && containment.is_suspended(&login) => attempt.release(),
                 Ok(Ok(matched)) => {
                     attempt.settle(matched && known, Instant::now().into_std());
                 }
