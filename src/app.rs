@@ -184,7 +184,11 @@ pub async fn run(config: Config, path: Option<PathBuf>) -> Result<(), AppError> 
     raise_fd_limit(config.limits.max_connections);
     let telemetry = Arc::new(telemetry_for(&config, &spool));
     // The suspended logins, read before any session or delivery starts.
-    let containment = Arc::new(Containment::open(spool.clone(), telemetry.clone()));
+    let containment = {
+        let (spool, telemetry) = (spool.clone(), telemetry.clone());
+        let opened = tokio::task::spawn_blocking(move || Containment::open(spool, telemetry)).await;
+        Arc::new(opened.map_err(AppError::Recovery)??)
+    };
     let delivery_stop = CancellationToken::new();
     let delivery = outbound::start(
         &config,

@@ -781,6 +781,7 @@ fn user(action: UserAction, path: Option<&Path>, spool: Option<PathBuf>) -> anyh
         return Err(UsageError("user commands need --config FILE".into()).into());
     };
     let config = load_config(path)?;
+    let given = (path, spool.clone());
     let dir = spool.unwrap_or_else(|| config.server.spool_dir.clone());
     let usage = |e: users::UserError| -> anyhow::Error {
         if e.is_usage() {
@@ -801,12 +802,21 @@ fn user(action: UserAction, path: Option<&Path>, spool: Option<PathBuf>) -> anyh
             let now = portcullis::observe::event::unix_millis();
             let outcome =
                 users::suspend(&config, &spool, &login, reason, now, dry_run).map_err(usage)?;
-            user_changed(&spool, &["user", "suspend"], login, &outcome, dry_run, path)
+            let given = (given.0, given.1.as_deref());
+            user_changed(
+                &spool,
+                &["user", "suspend"],
+                login,
+                &outcome,
+                dry_run,
+                given,
+            )
         }
         UserAction::Resume { login, dry_run } => {
             let spool = open_spool(&dir, false)?;
             let outcome = users::resume(&config, &spool, &login, dry_run).map_err(usage)?;
-            user_changed(&spool, &["user", "resume"], login, &outcome, dry_run, path)
+            let given = (given.0, given.1.as_deref());
+            user_changed(&spool, &["user", "resume"], login, &outcome, dry_run, given)
         }
     }
 }
@@ -819,14 +829,14 @@ fn user_changed(
     login: String,
     outcome: &portcullis::admin::users::Outcome,
     dry_run: bool,
-    config_path: &Path,
+    (config_path, spool_given): (&Path, Option<&Path>),
 ) -> anyhow::Result<()> {
     let text = portcullis::admin::users::outcome_text(
         &login,
         outcome,
         dry_run,
         spool.root(),
-        Some(config_path),
+        (Some(config_path), spool_given),
     );
     print!("{text}");
     if dry_run {
@@ -872,26 +882,19 @@ async fn running_state(
     user: Option<&str>,
 ) -> Result<(portcullis::policy::store::ClientState, String), String> {
     use portcullis::admin::client;
-    let Some(admin) = &config.admin else {
-        return Err("no [admin] listener configured".to_owned());
+    let fetch = |addr, token: Option<std::sync::Arc<str>>| async move {
+        client::fetch_client_state(addr, token.as_deref(), ip, user).await
     };
-    let addr = client::target(admin.bind);
-    match client::fetch_client_state(addr, admin.token.as_deref(), ip, user).await {
-        // A refusal at accept this version cannot name is never read as "accepted".
-        Ok(state)
-            if state.at_accept.as_deref().is_some_and(|rule| {
-                portcullis::inbound::listener::AtAccept::from_rule(rule).is_none()
-            }) =>
-        {
-            Err(format!(
-                "the relay at {addr} refuses at accept by a rule this version does not know ({})",
-                state.at_accept.unwrap_or_default()
-            ))
-        }
-        Ok(state) => Ok((state, format!("from the running relay at {addr}"))),
-        Err(e) if e.not_answering() => Err(format!("relay not answering on {addr}")),
-        Err(e) => Err(e.to_string()),
+    let (state, addr) = client::ask_running(config, fetch).await?;
+    // A refusal at accept this version cannot name is never read as "accepted".
+    if let Some(rule) = state.at_accept.as_deref()
+        && portcullis::inbound::listener::AtAccept::from_rule(rule).is_none()
+    {
+        return Err(format!(
+            "the relay at {addr} refuses at accept by a rule this version does not know ({rule})"
+        ));
     }
+    Ok((state, format!("from the running relay at {addr}")))
 }
 
 fn spool_dir(config: Option<&Path>, spool: Option<PathBuf>) -> anyhow::Result<PathBuf> {

@@ -248,20 +248,18 @@ fn repeated_user_rate_refusals_suspend_the_login() {
         "[rate_limits]\nmessages_per_user = \"1/hour\"\n",
     );
     send_as(&relay, "alice", "A1");
+    let wrong = auth_reply(&relay, "alice", "not the password", "127.0.0.1");
     let mut c = session(&relay, "alice", "127.0.0.1");
     assert_reply(&c.cmd("MAIL FROM:<alice@example.com>"), 451, "4.7.1");
-    assert_reply(&c.cmd("MAIL FROM:<alice@example.com>"), 451, "4.7.1");
-    assert_reply(&c.cmd("NOOP"), 421, "4.7.0");
+    // The second refusal within the hour suspends, and closes the session.
+    assert_reply(&c.cmd("MAIL FROM:<alice@example.com>"), 421, "4.7.0");
+    assert_eq!(c.read_to_close(), "");
     assert!(relay.wait_for_fields(
         &[("login", "alice"), ("rule", "containment_rate_limit_hits")],
         WAIT
     ));
     wait_gauge(admin, "1");
-    assert_reply(
-        &auth_reply(&relay, "alice", "secret", "127.0.0.1"),
-        535,
-        "5.7.8",
-    );
+    assert_eq!(auth_reply(&relay, "alice", "secret", "127.0.0.1"), wrong);
     // bob is not alice.
     send_as(&relay, "bob", "B1");
     assert!(sink.wait_for(2, WAIT));
@@ -271,21 +269,17 @@ fn repeated_user_rate_refusals_suspend_the_login() {
 fn logins_from_too_many_addresses_suspend_the_login() {
     let sink = Sink::start(SinkConfig::default());
     let (relay, admin) = relay(sink.port(), "client_ips_per_hour = 2", "");
+    let wrong = auth_reply(&relay, "alice", "not the password", "127.0.0.3");
     session(&relay, "alice", "127.0.0.1");
     session(&relay, "alice", "127.0.0.2");
     // Again from a known address: still two.
     session(&relay, "alice", "127.0.0.1");
-    let third = auth_reply(&relay, "alice", "secret", "127.0.0.3");
-    assert_reply(&third, 535, "5.7.8");
+    assert_eq!(auth_reply(&relay, "alice", "secret", "127.0.0.3"), wrong);
     assert!(relay.wait_for_fields(
         &[("login", "alice"), ("rule", "containment_client_ips")],
         WAIT
     ));
-    assert_reply(
-        &auth_reply(&relay, "alice", "secret", "127.0.0.1"),
-        535,
-        "5.7.8",
-    );
+    assert_eq!(auth_reply(&relay, "alice", "secret", "127.0.0.1"), wrong);
     wait_gauge(admin, "1");
 }
 
@@ -314,4 +308,31 @@ fn a_login_suspended_while_the_relay_was_stopped_has_its_mail_held_before_any_at
         535,
         "5.7.8",
     );
+}
+
+#[test]
+fn an_operator_suspension_reaches_the_running_relay_within_a_second() {
+    let sink = refusing_sink();
+    let (relay, admin) = relay(sink.port(), "", "");
+    let a1 = send_as(&relay, "alice", "A1");
+    let b1 = send_as(&relay, "bob", "B1");
+    wait_states(&relay, &[&a1, &b1], "queued");
+    let wrong = auth_reply(&relay, "alice", "not the password", "127.0.0.1");
+    let mut idle = session(&relay, "alice", "127.0.0.1");
+    let asked = std::time::Instant::now();
+    let out = run(&relay, &["user", "suspend", "alice", "--reason", "phished"]);
+    assert!(String::from_utf8_lossy(&out.stdout).starts_with("suspended alice"));
+    wait_states(&relay, &[&a1], "held");
+    assert!(
+        asked.elapsed() < Duration::from_secs(3),
+        "{:?}",
+        asked.elapsed()
+    );
+    assert_reply(&idle.cmd("NOOP"), 421, "4.7.0");
+    assert_eq!(idle.read_to_close(), "");
+    assert_eq!(auth_reply(&relay, "alice", "secret", "127.0.0.1"), wrong);
+    assert!(relay.wait_for_fields(&[("login", "alice"), ("rule", "operator")], WAIT));
+    wait_gauge(admin, "1");
+    // bob's mail is not touched.
+    assert_eq!(states(&relay).get(&b1).map(String::as_str), Some("queued"));
 }

@@ -190,12 +190,6 @@ pub async fn gather(
 /// See [`ClientError`]; [`ClientError::not_answering`] tells a relay that is not there from
 /// one that answered wrongly.
 pub async fn fetch_status(addr: SocketAddr, token: Option<&str>) -> Result<Status, ClientError> {
-    tokio::time::timeout(TIMEOUT, fetch(addr, token))
-        .await
-        .unwrap_or(Err(ClientError::Timeout { addr }))
-}
-
-async fn fetch(addr: SocketAddr, token: Option<&str>) -> Result<Status, ClientError> {
     get_json(addr, token, "/api/status").await
 }
 
@@ -216,9 +210,7 @@ pub async fn fetch_client_state(
         path.push_str("&user=");
         path.push_str(&query_escape(user));
     }
-    tokio::time::timeout(TIMEOUT, get_json(addr, token, &path))
-        .await
-        .unwrap_or(Err(ClientError::Timeout { addr }))
+    get_json(addr, token, &path).await
 }
 
 /// `GET /api/users` from the admin listener at `addr`: the messages each login sent within
@@ -230,9 +222,29 @@ pub async fn fetch_users(
     addr: SocketAddr,
     token: Option<&str>,
 ) -> Result<super::users::UsersActivity, ClientError> {
-    tokio::time::timeout(TIMEOUT, get_json(addr, token, "/api/users"))
-        .await
-        .unwrap_or(Err(ClientError::Timeout { addr }))
+    get_json(addr, token, "/api/users").await
+}
+
+/// The running relay's answer to `request` (given the admin listener's address and token),
+/// with that address; or, for a person, why there is none: no `[admin]`, the relay not
+/// answering, or the error.
+///
+/// # Errors
+/// That reason.
+pub async fn ask_running<T, F, Fut>(config: &Config, request: F) -> Result<(T, SocketAddr), String>
+where
+    F: FnOnce(SocketAddr, Option<std::sync::Arc<str>>) -> Fut,
+    Fut: std::future::Future<Output = Result<T, ClientError>>,
+{
+    let Some(admin) = &config.admin else {
+        return Err("no [admin] listener configured".to_owned());
+    };
+    let addr = target(admin.bind);
+    match request(addr, admin.token.clone()).await {
+        Ok(answer) => Ok((answer, addr)),
+        Err(e) if e.not_answering() => Err(format!("relay not answering on {addr}")),
+        Err(e) => Err(e.to_string()),
+    }
 }
 
 /// `text` as a query value: every octet but unreserved ones percent-encoded (RFC 3986 §2).
@@ -247,8 +259,20 @@ fn query_escape(text: &str) -> String {
         .collect()
 }
 
-/// `GET path` with the token, and the `200` answer's JSON body read as a `T`.
+/// `GET path` with the token, and the `200` answer's JSON body read as a `T`, all within
+/// [`TIMEOUT`].
 async fn get_json<T: serde::de::DeserializeOwned>(
+    addr: SocketAddr,
+    token: Option<&str>,
+    path: &str,
+) -> Result<T, ClientError> {
+    tokio::time::timeout(TIMEOUT, get_json_unbounded(addr, token, path))
+        .await
+        .unwrap_or(Err(ClientError::Timeout { addr }))
+}
+
+/// [`get_json`] without its time bound.
+async fn get_json_unbounded<T: serde::de::DeserializeOwned>(
     addr: SocketAddr,
     token: Option<&str>,
     path: &str,

@@ -284,7 +284,7 @@ async fn api_users(State(state): State<AdminState>) -> Response {
         return not_found().await.into_response();
     };
     Json(UsersActivity {
-        messages_last_hour: users().into_iter().collect(),
+        messages_last_hour: users(),
     })
     .into_response()
 }

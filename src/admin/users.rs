@@ -19,7 +19,7 @@
 //! Everything printed passes through [`clean`]: a login or reason may hold control characters
 //! (a users file can name any string), which must neither break a row nor reach the terminal.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 use std::fmt::Write as _;
 use std::path::Path;
 use std::sync::Arc;
@@ -38,7 +38,7 @@ use crate::queue::{Spool, SpoolError};
 /// What the running relay knows of its logins for `/api/users`: messages queued from each
 /// within the last hour (a login that sent none may be left out). Called on each request; it
 /// must not block for long.
-pub type UsersSource = Arc<dyn Fn() -> HashMap<String, u64> + Send + Sync>;
+pub type UsersSource = Arc<dyn Fn() -> BTreeMap<String, u64> + Send + Sync>;
 
 /// The body of `GET /api/users`.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -226,31 +226,24 @@ pub fn shown(login: &str) -> String {
     format!("{head}… ({} octets)", login.len())
 }
 
-/// `text` as one shell word: bare when it holds only characters no shell treats specially,
-/// else in single quotes (a `'` inside written `'\''`).
-fn shell_word(text: &str) -> String {
-    let plain = !text.is_empty()
-        && text
-            .chars()
-            .all(|c| c.is_ascii_alphanumeric() || "@%+=:,./_-".contains(c));
-    if plain {
-        text.to_owned()
-    } else {
-        format!("'{}'", text.replace('\'', r"'\''"))
-    }
-}
-
-/// The command that releases `login`'s held mail, with `--config FILE` when one was given; or,
-/// for a login `queue release --user` cannot take (whitespace, control or invisible
-/// characters), how to release it by id instead.
-pub fn release_hint(login: &str, config_path: Option<&Path>) -> String {
-    let config = config_path
-        .map(|p| format!(" --config {}", shell_word(&p.display().to_string())))
-        .unwrap_or_default();
+/// The command that releases `login`'s held mail, with `--config FILE` and `--spool DIR` when
+/// they were given; or, for a login `queue release --user` cannot take (whitespace, control or
+/// invisible characters), how to release it by id instead.
+pub fn release_hint(login: &str, config_path: Option<&Path>, spool: Option<&Path>) -> String {
+    let option = |name: &str, p: &Path| {
+        format!(
+            " --{name} {}",
+            crate::queue::audit::quote(&p.display().to_string())
+        )
+    };
+    let config = [("config", config_path), ("spool", spool)]
+        .into_iter()
+        .filter_map(|(name, p)| p.map(|p| option(name, p)))
+        .collect::<String>();
     match Selection::parse_user(login) {
         Ok(_) => format!(
             "portcullis queue release --user {}{config}",
-            shell_word(login)
+            crate::queue::audit::quote(login)
         ),
         Err(_) => format!(
             "portcullis queue list{config}, then portcullis queue release ID…{config} (this \
@@ -276,17 +269,17 @@ fn since(s: &Suspension) -> Option<String> {
 }
 
 /// What `user suspend|resume` prints for `outcome` of `login`, one line each, the last
-/// ending in a newline. `spool_dir` is where the record is; `config_path` goes into the
-/// release command shown.
+/// ending in a newline. `spool_dir` is where the record is; `given` (the `--config` and
+/// `--spool` the operator gave) goes into the release command shown.
 pub fn outcome_text(
     login: &str,
     outcome: &Outcome,
     dry_run: bool,
     spool_dir: &Path,
-    config_path: Option<&Path>,
+    given: (Option<&Path>, Option<&Path>),
 ) -> String {
     let name = shown(login);
-    let release = release_hint(login, config_path);
+    let release = release_hint(login, given.0, given.1);
     let record = clean(
         &spool_dir
             .join(crate::queue::suspended::DIR)
@@ -430,15 +423,11 @@ pub fn json(rows: &[Row]) -> Value {
 /// `Err(why)` when it cannot be had: no `[admin]`, the relay not answering, or any other
 /// failure of the request (a refused token included), said for a person.
 pub async fn messages_last_hour(config: &Config) -> Result<BTreeMap<String, u64>, String> {
-    let Some(admin) = &config.admin else {
-        return Err("no [admin] listener configured".to_owned());
+    let fetch = |addr, token: Option<std::sync::Arc<str>>| async move {
+        super::client::fetch_users(addr, token.as_deref()).await
     };
-    let addr = super::client::target(admin.bind);
-    match super::client::fetch_users(addr, admin.token.as_deref()).await {
-        Ok(activity) => Ok(activity.messages_last_hour),
-        Err(e) if e.not_answering() => Err(format!("relay not answering on {addr}")),
-        Err(e) => Err(e.to_string()),
-    }
+    let (activity, _) = super::client::ask_running(config, fetch).await?;
+    Ok(activity.messages_last_hour)
 }
 
 #[cfg(test)]

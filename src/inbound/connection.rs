@@ -501,6 +501,11 @@ impl SessionDriver {
             ..
         } = self;
         let session: &'d Session = session;
+        // Every stage of a login suspended meanwhile (a command read before the suspension,
+        // the final dot) is refused before anything else is looked at.
+        if (session.user()).is_some_and(|u| shared.containment.is_suspended(u)) {
+            return Err(suspended());
+        }
         let facts = StageFacts {
             session: session_facts(*peer, session),
             listener,
@@ -582,19 +587,17 @@ impl SessionDriver {
     /// Refuse the pending command with `r`, logged and recorded about `about`.
     fn refuse(&mut self, r: Refusal, about: About<'_>) {
         self.refused(&Refused::of(&r), about);
-        self.reject(&r.reply);
+        self.reject(&r);
     }
 
-    /// Refuse the pending command with `reply`; a `421` also closes the session (RFC 5321
-    /// §3.8).
-    fn reject(&mut self, reply: &Reply) {
-        if reply.code == 421 {
-            if reply == &reply::ACCOUNT_SUSPENDED {
-                self.end.reason = "account suspended";
-            }
-            self.session.close_with(reply);
+    /// Refuse the pending command with `r`'s reply; a `421` also closes the session (RFC 5321
+    /// §3.8), its rule the session's end reason.
+    fn reject(&mut self, r: &Refusal) {
+        if r.reply.code == 421 {
+            self.end.reason = r.rule;
+            self.session.close_with(&r.reply);
         } else {
-            self.session.reject(reply);
+            self.session.reject(&r.reply);
         }
     }
 
@@ -602,7 +605,7 @@ impl SessionDriver {
     /// was consumed).
     fn refuse_as(&mut self, r: Refusal, event: Recorded) {
         record::refused(&self.shared.telemetry, event, &Refused::of(&r));
-        self.reject(&r.reply);
+        self.reject(&r);
     }
 
     /// Sleep for `normal`, or until `limits.stress_timeout` after stress mode starts (from
@@ -728,11 +731,7 @@ impl SessionDriver {
         if !self.shared.containment.is_suspended(user) {
             return false;
         }
-        let suspended = reply::ACCOUNT_SUSPENDED;
-        let refused = Refused::rule("account_suspended", &suspended).warning();
-        self.refused(&refused, self.receiving());
-        self.session.close_with(&reply::ACCOUNT_SUSPENDED);
-        self.end.reason = "account suspended";
+        self.refuse(suspended(), About::Session);
         true
     }
 
@@ -962,13 +961,7 @@ impl SessionDriver {
     /// [`SessionDriver::data_end`] of the message `assembly` received.
     async fn end_message(&mut self, mut assembly: Box<Assembly>) {
         assembly.finish();
-        let mut verdict = self.end_of_data(&mut assembly).await;
-        // A login suspended while its message came: not queued.
-        if verdict.is_ok()
-            && (self.session.user()).is_some_and(|u| self.shared.containment.is_suspended(u))
-        {
-            verdict = Err(Refusal::new(reply::ACCOUNT_SUSPENDED, "account_suspended").warning());
-        }
+        let verdict = self.end_of_data(&mut assembly).await;
         // Our Authentication-Results: (and quarantine field) or DKIM-Signature:s go above
         // our Received:; what the checks found is logged with the queue id, refused or not.
         let facts = session_facts(self.peer, &self.session);
@@ -1069,6 +1062,12 @@ impl SessionDriver {
         }))
         .await
     }
+}
+
+/// The refusal of a command, or final dot, of a session whose login is suspended: `421 4.7.0`,
+/// and the session closes.
+fn suspended() -> Refusal {
+    Refusal::new(reply::ACCOUNT_SUSPENDED, "account_suspended").warning()
 }
 
 /// What ended a wait in [`SessionDriver::read`].

@@ -35,7 +35,7 @@ use crate::envelope::ReversePath;
 use crate::observe::Telemetry;
 use crate::policy::Refusal;
 use crate::policy::credentials::CheckError;
-use crate::policy::limits::RateLimit;
+use crate::policy::limits::{Limited, RateLimit};
 use crate::policy::lockout::{AuthAttempt, FailureReport, GateDecision, login_key};
 use crate::policy::stage::{
     Answer, Effect, Evaluation, Input, Lookup, LookupResult, StageFacts, Verdict,
@@ -177,15 +177,7 @@ impl Effects {
         match effect {
             Effect::Rate(limit, key) => match store.take(limit, &key, now) {
                 Ok(()) => Answer::Allowed,
-                Err(limited) => {
-                    if let (RateLimit::MessagesPerUser, RateKey::Login(login)) = (limit, &key) {
-                        let settings = &runtime.config.containment;
-                        if let Some(trip) = shared.containment.rate_limited(settings, login, now) {
-                            shared.containment.suspend(login, trip).await;
-                        }
-                    }
-                    Answer::Limited(limited)
-                }
+                Err(limited) => rate_limited(runtime, shared, limited, (limit, &key)).await,
             },
             Effect::AuthGate { login } => auth_gate(runtime, facts, &login, attempt).await,
             Effect::VerifyPassword { hash, known } => {
@@ -198,12 +190,15 @@ impl Effects {
                 let who = Who { runtime, login, ip };
                 verify(shared, attempt, (hash, known), who, password).await
             }
-            Effect::RecipientDomain { login, domain } => {
+            Effect::RecipientDomain => {
+                let (Some(login), Input::Rcpt(r)) = (facts.session.user, &facts.input) else {
+                    return Answer::Allowed;
+                };
                 let settings = &runtime.config.containment;
                 let containment = &shared.containment;
-                match containment.recipient(settings, &login, &domain, now) {
+                match containment.recipient(settings, login, r.to.domain(), now) {
                     Some(trip) => {
-                        containment.suspend(&login, trip).await;
+                        containment.suspend(login, trip).await;
                         Answer::Suspended
                     }
                     None => Answer::Allowed,
@@ -466,6 +461,26 @@ async fn auth_gate(
             return Answer::Busy;
         }
     }
+}
+
+/// A spent budget: [`Answer::Limited`], unless it is a login's `messages_per_user` refusal
+/// that trips `[containment] rate_limit_hits`: then the login is suspended
+/// ([`Answer::Suspended`]).
+async fn rate_limited(
+    runtime: &Runtime,
+    shared: &Shared,
+    limited: Limited,
+    budget: (RateLimit, &RateKey),
+) -> Answer {
+    if let (RateLimit::MessagesPerUser, RateKey::Login(login)) = budget {
+        let settings = &runtime.config.containment;
+        let now = Instant::now().into_std();
+        if let Some(trip) = shared.containment.rate_limited(settings, login, now) {
+            shared.containment.suspend(login, trip).await;
+            return Answer::Suspended;
+        }
+    }
+    Answer::Limited(limited)
 }
 
 /// Who an AUTH is from: the login and the client, under the configuration running now.

@@ -30,9 +30,9 @@ macro_rules! rejected {
 }
 
 /// The AUTH refusals counted in `portcullis_auth_failures_total`: the client's credentials
-/// were judged and refused (wrong password, unknown login), or the client is locked out
-/// after such failures and still trying, or its login is suspended (a guessing client keeps showing in the count while
-/// the lockout answers it). Not counted: a temporary failure on our side (`auth_busy`,
+/// were judged and refused (wrong password, unknown login, a suspended login), or the client
+/// is locked out after such failures and still trying (a guessing client keeps showing in
+/// the count while the lockout answers it). Not counted: a temporary failure on our side (`auth_busy`,
 /// `auth_verifier_failed`: nothing was judged) and what the protocol engine refuses by
 /// itself before any password is looked at (`auth_malformed`, `auth_cancelled`,
 /// `auth_mechanism`, `auth_without_tls`, `auth_authzid_mismatch`, …). Each of these still

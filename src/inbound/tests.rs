@@ -64,10 +64,10 @@ impl Parts {
         let spool = Spool::open(&dir.join("spool")).unwrap();
         let telemetry = Arc::new(telemetry);
         let containment = containment.unwrap_or_else(|| {
-            Arc::new(crate::policy::containment::Containment::open(
-                spool.clone(),
-                telemetry.clone(),
-            ))
+            Arc::new(
+                crate::policy::containment::Containment::open(spool.clone(), telemetry.clone())
+                    .unwrap(),
+            )
         });
         let shared = Shared {
             spool,

@@ -224,10 +224,10 @@ mod tests {
             spool.clone(),
             shutdown.clone(),
             telemetry.clone(),
-            Arc::new(crate::policy::containment::Containment::open(
-                spool.clone(),
-                telemetry.clone(),
-            )),
+            Arc::new(
+                crate::policy::containment::Containment::open(spool.clone(), telemetry.clone())
+                    .unwrap(),
+            ),
         )
         .unwrap();
         Started {

@@ -26,7 +26,7 @@
 //! suspension that cannot be written is kept in memory (logged) and written again at each
 //! poll: a disk error never lifts one.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::net::IpAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
@@ -39,8 +39,8 @@ use super::limits::ClientKey;
 use crate::config;
 use crate::observe::Telemetry;
 use crate::observe::alerts::{AlertName, External};
-use crate::queue::Spool;
-use crate::queue::suspended::Suspension;
+use crate::queue::suspended::{Listing, Suspension};
+use crate::queue::{Spool, SpoolError};
 
 /// How often the relay reads `SPOOL/suspended/` for changes made by `portcullis user`.
 pub const POLL_INTERVAL: Duration = Duration::from_millis(500);
@@ -49,7 +49,7 @@ pub const POLL_INTERVAL: Duration = Duration::from_millis(500);
 pub const WINDOW: Duration = Duration::from_secs(3600);
 
 /// The rule of a suspension made by `portcullis user suspend`.
-pub const OPERATOR: &str = "operator";
+pub const OPERATOR: &str = crate::queue::suspended::OPERATOR_RULE;
 
 /// A trigger that tripped: the suspension's rule and reason.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -111,6 +111,8 @@ pub struct Containment {
     count: AtomicUsize,
     /// Serialises the spool side: a suspension's write and the poll's read of the directory.
     disk: Mutex<()>,
+    /// The entries of `suspended/` that are not sound records, already logged.
+    warned: Mutex<HashSet<String>>,
     counters: Mutex<HashMap<String, Counters>>,
     /// Bumped at every change of the suspended set.
     changed: tokio::sync::watch::Sender<u64>,
@@ -119,21 +121,26 @@ pub struct Containment {
 }
 
 impl Containment {
-    /// Containment over `spool`, with the suspensions recorded there now (a directory that
-    /// cannot be read is logged and starts empty; the next poll reads it again). Blocking.
-    pub fn open(spool: Spool, telemetry: Arc<Telemetry>) -> Containment {
+    /// Containment over `spool`, with the suspensions recorded there now. Blocking.
+    ///
+    /// # Errors
+    /// `SPOOL/suspended/` cannot be read: the relay must not start without knowing whom it
+    /// suspended.
+    pub fn open(spool: Spool, telemetry: Arc<Telemetry>) -> Result<Containment, SpoolError> {
+        let listing = spool.list_suspended()?;
         let containment = Containment {
             spool,
             telemetry,
             suspended: RwLock::new(HashMap::new()),
             count: AtomicUsize::new(0),
             disk: Mutex::new(()),
+            warned: Mutex::new(HashSet::new()),
             counters: Mutex::new(HashMap::new()),
             changed: tokio::sync::watch::Sender::new(0),
             epoch: Instant::now(),
         };
-        containment.refresh();
-        containment
+        containment.follow(listing);
+        Ok(containment)
     }
 
     /// Whether `login` is suspended.
@@ -163,37 +170,37 @@ impl Containment {
             reason: trip.reason,
             since_ms: crate::observe::event::unix_millis(),
         };
+        // Not yet saved: a poll meanwhile neither takes it for resumed nor loses it.
+        if !self.insert(suspension.clone(), false) {
+            return;
+        }
+        self.published();
         let this = Arc::clone(self);
-        let saved = tokio::task::spawn_blocking(move || this.suspend_blocking(suspension)).await;
+        let saved = tokio::task::spawn_blocking(move || {
+            let _disk = this.disk.lock().unwrap_or_else(|p| p.into_inner());
+            let saved = this.save(&suspension);
+            if let Some(held) = this.write().get_mut(&suspension.login) {
+                held.saved |= saved;
+            }
+        })
+        .await;
         if let Err(e) = saved {
             error!(login = %super::lockout::login_key(login), error = %e, "suspension task failed");
         }
     }
 
-    fn suspend_blocking(&self, suspension: Suspension) {
-        let _disk = self.disk.lock().unwrap_or_else(|p| p.into_inner());
-        let login = suspension.login.clone();
-        {
-            let mut suspended = self.write();
-            if suspended.contains_key(&login) {
-                return;
-            }
-            warn!(login = %super::lockout::login_key(&login), rule = %suspension.rule,
-                reason = %suspension.reason,
-                "account suspended: AUTH refused, open sessions closed, queued mail held");
-            suspended.insert(
-                login.clone(),
-                Held {
-                    suspension: suspension.clone(),
-                    saved: false,
-                },
-            );
+    /// Hold `suspension` (`saved`: its record is on the spool), logged; false when its login
+    /// was suspended already.
+    fn insert(&self, suspension: Suspension, saved: bool) -> bool {
+        let mut suspended = self.write();
+        if suspended.contains_key(&suspension.login) {
+            return false;
         }
-        self.published();
-        let saved = self.save(&suspension);
-        if let Some(held) = self.write().get_mut(&login) {
-            held.saved = saved;
-        }
+        warn!(login = %super::lockout::login_key(&suspension.login), rule = %suspension.rule,
+            reason = %super::lockout::login_key(&suspension.reason),
+            "account suspended: AUTH refused, open sessions closed, queued mail held");
+        suspended.insert(suspension.login.clone(), Held { suspension, saved });
+        true
     }
 
     fn save(&self, suspension: &Suspension) -> bool {
@@ -212,13 +219,29 @@ impl Containment {
     /// counters), suspensions not yet written are written again. Blocking.
     pub fn refresh(&self) {
         let _disk = self.disk.lock().unwrap_or_else(|p| p.into_inner());
-        let on_disk = match self.spool.suspensions() {
-            Ok(all) => all,
-            Err(e) => {
-                warn!(error = %e, "cannot read the suspended logins; keeping those known");
-                return;
+        match self.spool.list_suspended() {
+            Ok(listing) => self.follow(listing),
+            Err(e) => warn!(error = %e, "cannot read the suspended logins; keeping those known"),
+        }
+    }
+
+    /// [`Containment::refresh`] with `listing` read: each entry that is not a sound record
+    /// is logged once.
+    fn follow(&self, listing: Listing) {
+        let Listing {
+            suspensions: on_disk,
+            strays,
+        } = listing;
+        {
+            let mut warned = self.warned.lock().unwrap_or_else(|p| p.into_inner());
+            for stray in strays {
+                if !warned.contains(&stray) {
+                    warn!(entry = %super::lockout::login_key(&stray),
+                        "not a sound suspension record in the spool's suspended/; a login its name encodes stays suspended");
+                    warned.insert(stray);
+                }
             }
-        };
+        }
         let unsaved: Vec<Suspension> = (self.read().values())
             .filter(|h| !h.saved)
             .map(|h| h.suspension.clone())
@@ -238,8 +261,7 @@ impl Containment {
             let listed: HashMap<&str, &Suspension> =
                 on_disk.iter().map(|s| (s.login.as_str(), s)).collect();
             // Written by this refresh, after the listing: not resumed.
-            let retried: std::collections::HashSet<&str> =
-                unsaved.iter().map(|s| s.login.as_str()).collect();
+            let retried: HashSet<&str> = unsaved.iter().map(|s| s.login.as_str()).collect();
             let resumed: Vec<String> = (suspended.iter())
                 .filter(|(login, h)| {
                     h.saved
@@ -256,22 +278,9 @@ impl Containment {
                 info!(login = %super::lockout::login_key(&login), "account resumed: AUTH allowed again; its held mail stays held until released");
                 changed = true;
             }
-            for s in on_disk {
-                if suspended.contains_key(&s.login) {
-                    continue;
-                }
-                warn!(login = %super::lockout::login_key(&s.login), rule = %s.rule,
-                    reason = %s.reason,
-                    "account suspended: AUTH refused, open sessions closed, queued mail held");
-                suspended.insert(
-                    s.login.clone(),
-                    Held {
-                        suspension: s,
-                        saved: true,
-                    },
-                );
-                changed = true;
-            }
+        }
+        for s in on_disk {
+            changed |= self.insert(s, true);
         }
         if changed {
             self.published();
@@ -340,7 +349,8 @@ impl Containment {
         })
     }
 
-    /// A recipient in `domain` accepted for `login` at `now`: the trip when it would make
+    /// A recipient in `domain` (lower case, as [`crate::envelope::Address::domain`] gives it)
+    /// accepted for `login` at `now`: the trip when it would make
     /// more than `recipient_domains_per_hour` distinct domains within the hour (the domain is
     /// then not counted).
     pub fn recipient(
@@ -351,9 +361,8 @@ impl Containment {
         now: Instant,
     ) -> Option<Trip> {
         let limit = settings.recipient_domains_per_hour? as usize;
-        let domain = domain.to_ascii_lowercase();
         self.counting(login, now, |c| {
-            if let Some(seen) = c.domains.get_mut(&domain) {
+            if let Some(seen) = c.domains.get_mut(domain) {
                 *seen = now;
                 return None;
             }
@@ -363,7 +372,7 @@ impl Containment {
                     reason: format!("more than {limit} recipient domains within an hour"),
                 });
             }
-            c.domains.insert(domain, now);
+            c.domains.insert(domain.to_owned(), now);
             None
         })
     }
@@ -401,18 +410,23 @@ impl Containment {
     pub fn accepted(&self, login: &str, now: Instant) {
         let minute = self.minute(now);
         let mut counters = self.lock_counters();
-        let c = counters.entry(login.to_string()).or_default();
+        let c = counters_of(&mut counters, login);
         match c.messages.back_mut() {
             Some((m, n)) if *m == minute => *n = n.saturating_add(1),
             _ => c.messages.push_back((minute, 1)),
         }
-        while c.messages.front().is_some_and(|(m, _)| minute - m >= 60) {
+        while c
+            .messages
+            .front()
+            .is_some_and(|(m, _)| minute.saturating_sub(*m) >= 60)
+        {
             c.messages.pop_front();
         }
     }
 
-    /// Messages queued from each login within the hour before `now`.
-    pub fn messages_last_hour(&self, now: Instant) -> HashMap<String, u64> {
+    /// Messages queued from each login within the hour before `now` (logins that sent none
+    /// left out).
+    pub fn messages_last_hour(&self, now: Instant) -> std::collections::BTreeMap<String, u64> {
         let minute = self.minute(now);
         (self.lock_counters().iter())
             .map(|(login, c)| {
@@ -438,7 +452,7 @@ impl Containment {
         count: impl FnOnce(&mut Counters) -> Option<Trip>,
     ) -> Option<Trip> {
         let mut counters = self.lock_counters();
-        let c = counters.entry(login.to_string()).or_default();
+        let c = counters_of(&mut counters, login);
         c.prune(now);
         let trip = count(c);
         if trip.is_some() {
@@ -460,6 +474,14 @@ impl Containment {
     }
 }
 
+/// `login`'s counters, made on first use (an allocation only then).
+fn counters_of<'a>(counters: &'a mut HashMap<String, Counters>, login: &str) -> &'a mut Counters {
+    if !counters.contains_key(login) {
+        counters.insert(login.to_owned(), Counters::default());
+    }
+    counters.get_mut(login).expect("just inserted")
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -468,7 +490,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let spool = Spool::open(dir.path()).unwrap();
         let telemetry = Arc::new(Telemetry::new("test"));
-        (dir, Arc::new(Containment::open(spool, telemetry)))
+        (dir, Arc::new(Containment::open(spool, telemetry).unwrap()))
     }
 
     fn settings(hits: u32, domains: u32, ips: u32) -> config::Containment {
@@ -518,9 +540,9 @@ mod tests {
         let s = settings(3, 2, 10);
         let now = Instant::now();
         assert_eq!(c.recipient(&s, "alice", "a.example", now), None);
-        assert_eq!(c.recipient(&s, "alice", "B.example", now), None);
+        assert_eq!(c.recipient(&s, "alice", "b.example", now), None);
         for _ in 0..5 {
-            assert_eq!(c.recipient(&s, "alice", "b.EXAMPLE", now), None);
+            assert_eq!(c.recipient(&s, "alice", "b.example", now), None);
         }
         let trip = c.recipient(&s, "alice", "c.example", now).unwrap();
         assert_eq!(trip.rule, "containment_recipient_domains");
@@ -591,7 +613,7 @@ mod tests {
         spool.suspend_login(&by_hand).unwrap();
         c.refresh();
         assert!(c.is_suspended("bob"));
-        let restarted = Containment::open(spool, Arc::new(Telemetry::new("t")));
+        let restarted = Containment::open(spool, Arc::new(Telemetry::new("t"))).unwrap();
         assert_eq!(restarted.suspensions(), vec![by_hand]);
     }
 

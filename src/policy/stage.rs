@@ -77,7 +77,9 @@ pub enum Check {
     /// An authenticated user may use only the senders it owns: `553 5.7.1`, rule
     /// `sender_not_owned`.
     SenderOwned,
-    /// `[rate_limits] messages_per_user` (an effect, authenticated sessions): `451 4.7.1`.
+    /// `[rate_limits] messages_per_user` (an effect, authenticated sessions): `451 4.7.1`;
+    /// the refusal that trips `[containment] rate_limit_hits` suspends the login: `421 4.7.0`,
+    /// rule `account_suspended`, and the session closes.
     UserMessageRate,
     /// `[rate_limits] messages_per_ip` (an effect): `451 4.7.1`.
     ClientMessageRate,
@@ -226,11 +228,11 @@ pub enum Effect {
     /// DKIM-sign the message with the `[[dkim.sign]]` entries of its `From:` domain (none:
     /// nothing to do) off the reactor: [`Answer::Signed`] or [`Answer::SignFailed`].
     Sign,
-    /// Count `domain` among the recipient domains of `login` within the hour
-    /// ([`crate::policy::containment::Containment::recipient`]); past
+    /// Count the RCPT's domain among the recipient domains of the session's login within the
+    /// hour ([`crate::policy::containment::Containment::recipient`]); past
     /// `recipient_domains_per_hour` the login is suspended: [`Answer::Allowed`] or
     /// [`Answer::Suspended`].
-    RecipientDomain { login: String, domain: String },
+    RecipientDomain,
 }
 
 /// An asynchronous lookup that may be started at one stage and read at a later one. A DNS
@@ -507,16 +509,11 @@ impl Policy {
             (Check::RecipientAllowed, Input::Rcpt(r)) => refused(self.recipient_allowed(facts, r)),
             (Check::RouteCarries, Input::Rcpt(r)) => refused(route_carries(r)),
             (Check::RecipientRate, _) => effect(Effect::Rate(RateLimit::RecipientsPerIp, client())),
-            (Check::RecipientDomains, Input::Rcpt(r))
-                if self.containment.recipient_domains_per_hour.is_some() =>
+            (Check::RecipientDomains, Input::Rcpt(_))
+                if self.containment.recipient_domains_per_hour.is_some()
+                    && facts.session.user.is_some() =>
             {
-                match facts.session.user {
-                    Some(login) => effect(Effect::RecipientDomain {
-                        login: login.to_string(),
-                        domain: r.to.domain().to_string(),
-                    }),
-                    None => Verdict::Accept,
-                }
+                effect(Effect::RecipientDomain)
             }
             (Check::Start(lookup), _) if self.lookup_applies(lookup, &facts.session) => {
                 effect(Effect::Start(lookup))
@@ -623,11 +620,9 @@ impl Policy {
                     .with_detail(shown())
                     .warning()
             }
-            Answer::Suspended => Refusal::new(reply::ACCOUNT_SUSPENDED, "account_suspended")
-                .with_detail(Detail::Login(
-                    super::lockout::login_key(facts.session.user.unwrap_or_default()).to_string(),
-                ))
-                .warning(),
+            Answer::Suspended => {
+                Refusal::new(reply::ACCOUNT_SUSPENDED, "account_suspended").warning()
+            }
             Answer::Password { matched } => {
                 let known = self.password_hashes.contains_key(login);
                 if matched && known {

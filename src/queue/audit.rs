@@ -61,10 +61,11 @@ const SHOWN: usize = 3;
 /// How many arguments the text form shows before `…`.
 const SHOWN_ARGS: usize = 8;
 
-/// How many times a writer reopens a log that was rotated under it before it gives up (a
-/// rotation happens once per 16 MiB, so more than one in a row means something else renames
-/// the file).
-const REOPEN_TRIES: usize = 8;
+/// How many times a writer reopens a log that was rotated under it before it gives up. A
+/// rotation happens once per 16 MiB, so more than a few in a row mean something else renames
+/// the file; the bound is loose because, with a small rotation size (tests) and many writers
+/// on a loaded machine, one writer can lose the race several times running.
+const REOPEN_TRIES: usize = 64;
 
 /// One operator action, as logged.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -368,10 +369,11 @@ fn user(uid: u32, name: &dyn Fn(u32) -> Option<String>) -> String {
     name(uid).map_or_else(|| format!("uid {uid}"), |n| format!("{n}({uid})"))
 }
 
-/// An argument as the operator would type it in a shell: bare when it has no special
-/// character, else in single quotes.
-fn quote(arg: &str) -> String {
-    let plain = |c: char| c.is_alphanumeric() || "@%+=:,./_-".contains(c);
+/// An argument as the operator would type it in a shell: bare when it holds only ASCII
+/// letters, digits and characters no shell treats specially, else in single quotes (a `'`
+/// inside written `'\''`).
+pub fn quote(arg: &str) -> String {
+    let plain = |c: char| c.is_ascii_alphanumeric() || "@%+=:,./_-".contains(c);
     if !arg.is_empty() && arg.chars().all(plain) {
         arg.to_owned()
     } else {

@@ -53,8 +53,8 @@ use crate::policy::containment::Containment;
 /// The reason recorded for a hold asked for with `queue hold` (shown by `queue list|show`).
 pub const HOLD_REASON: &str = "queue hold";
 
-/// A suspended login and its queued messages not held.
-type Found = (String, Vec<QueueId>);
+/// Newly suspended logins' queued messages not held, with each one's login.
+type Found = Vec<(String, QueueId)>;
 
 /// The reason recorded for the hold of a suspended login's message.
 pub const SUSPENDED_REASON: &str = "login suspended";
@@ -144,7 +144,7 @@ pub struct Manager<C: Courier> {
     containment: Option<Arc<Containment>>,
     /// The suspended logins whose mail was looked for.
     suspended_seen: HashSet<String>,
-    /// A suspended login's messages not held, found off this task.
+    /// Suspended logins' messages not held, found off this task.
     found: (mpsc::UnboundedSender<Found>, UnboundedReceiver<Found>),
 }
 
@@ -206,6 +206,8 @@ impl<C: Courier> Manager<C> {
 
     /// Run until shutdown: load the spool, then schedule.
     pub async fn run(mut self) {
+        // Subscribed before the load, so a suspension made during it is acted on.
+        let mut suspensions = self.containment.as_ref().map(|c| c.subscribe());
         self.load().await;
         // Requests made while the relay was stopped, before anything is attempted: a message
         // held then must not be sent by the first dispatch.
@@ -213,7 +215,6 @@ impl<C: Courier> Manager<C> {
         let (done_tx, mut done_rx) = mpsc::unbounded_channel::<Ended>();
         let mut control = tokio::time::interval(CONTROL_INTERVAL);
         control.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        let mut suspensions = self.containment.as_ref().map(|c| c.subscribe());
         loop {
             let wait = self.dispatch(&done_tx);
             tokio::select! {
@@ -223,7 +224,7 @@ impl<C: Courier> Manager<C> {
                 Some(new) = self.incoming.recv() => self.arrived(new).await,
                 _ = control.tick() => self.control().await,
                 Some(()) = changed(&mut suspensions) => self.suspensions_changed(),
-                Some((login, ids)) = self.found.1.recv() => self.hold_found(&login, ids).await,
+                Some(found) = self.found.1.recv() => self.hold_found(found).await,
                 () = tokio::time::sleep(wait) => {}
             }
         }
@@ -275,6 +276,18 @@ impl<C: Courier> Manager<C> {
         }
         if self.is_suspended(new.auth_user.as_deref()) {
             info!(queue_id = %new.id, "from a suspended login: held");
+            if new.loaded.is_none() {
+                // A large message: counted from its envelope, as its first attempt would.
+                let id = new.id.clone();
+                match on_spool(&self.spool, move |s| s.load(&id)).await {
+                    Ok(msg) => {
+                        let facts = facts_of(&*self.courier.load_full(), &msg);
+                        self.census.set(&new.id, &facts);
+                    }
+                    Err(e) => warn!(queue_id = %new.id, error = %e,
+                        "cannot read a held message's envelope for the census"),
+                }
+            }
             return self.hold_all(vec![(new.id, true)], SUSPENDED_REASON).await;
         }
         self.schedule(new.id.clone(), 0);
@@ -294,43 +307,51 @@ impl<C: Courier> Manager<C> {
         all.into_iter().flatten().map(|s| s.login).collect()
     }
 
-    /// The suspended set changed: look for the queued mail of each newly suspended login off
-    /// this task ([`Manager::hold_found`] holds it).
+    /// The suspended set changed: look for the queued mail of the newly suspended logins in
+    /// one listing of the spool, off this task ([`Manager::hold_found`] holds it).
     fn suspensions_changed(&mut self) {
         let now = self.suspended_logins();
-        for login in now.difference(&self.suspended_seen) {
-            let (spool, login, found) = (self.spool.clone(), login.clone(), self.found.0.clone());
-            tokio::spawn(async move {
-                let wanted = login.clone();
-                let listed = on_spool(&spool, move |s| s.list()).await;
-                match listed {
-                    Ok(messages) => {
-                        let ids = (messages.into_iter())
-                            .filter(|m| m.state.hold.is_none())
-                            .filter(|m| m.envelope.auth_user.as_deref() == Some(wanted.as_str()))
-                            .map(|m| m.envelope.id)
-                            .collect();
-                        let _ = found.send((login, ids));
-                    }
-                    Err(e) => {
-                        error!(login = %crate::policy::lockout::login_key(&login), error = %e,
-                        "cannot list the spool for a suspended login's mail; each message is held when it is next due")
-                    }
-                }
-            });
-        }
+        let new: HashSet<String> = now.difference(&self.suspended_seen).cloned().collect();
         self.suspended_seen = now;
-    }
-
-    /// Hold `ids`, the queued mail of `login`, if it is still suspended.
-    async fn hold_found(&mut self, login: &str, ids: Vec<QueueId>) {
-        if !self.is_suspended(Some(login)) || ids.is_empty() {
+        if new.is_empty() {
             return;
         }
-        info!(login = %crate::policy::lockout::login_key(login), messages = ids.len(),
-            "holding the queued mail of a suspended login");
-        let asks = ids.into_iter().map(|id| (id, true)).collect();
-        self.hold_all(asks, SUSPENDED_REASON).await;
+        let (spool, found) = (self.spool.clone(), self.found.0.clone());
+        tokio::spawn(async move {
+            match on_spool(&spool, |s| s.list()).await {
+                Ok(messages) => {
+                    let ids = (messages.into_iter())
+                        .filter(|m| m.state.hold.is_none())
+                        .filter_map(|m| {
+                            let login = m.envelope.auth_user.filter(|u| new.contains(u))?;
+                            Some((login, m.envelope.id))
+                        })
+                        .collect();
+                    let _ = found.send(ids);
+                }
+                Err(e) => error!(logins = new.len(), error = %e,
+                    "cannot list the spool for suspended logins' mail; it is held when a message of theirs arrives or at the next start"),
+            }
+        });
+    }
+
+    /// Hold `found`, the queued mail of newly suspended logins, of those still suspended.
+    async fn hold_found(&mut self, found: Found) {
+        let mut asks = Vec::with_capacity(found.len());
+        let mut per_login: HashMap<String, usize> = HashMap::new();
+        for (login, id) in found {
+            if self.is_suspended(Some(&login)) {
+                *per_login.entry(login).or_default() += 1;
+                asks.push((id, true));
+            }
+        }
+        for (login, messages) in per_login {
+            info!(login = %crate::policy::lockout::login_key(&login), messages,
+                "holding the queued mail of a suspended login");
+        }
+        if !asks.is_empty() {
+            self.hold_all(asks, SUSPENDED_REASON).await;
+        }
     }
 
     /// Count the outcome of an attempt in the census.

@@ -19,7 +19,7 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
-use super::{SpoolError, create_new, give_to, owner_of, rename_noreplace, sync_dir};
+use super::{SpoolError, create_new, give_to, rename_noreplace, sync_dir};
 
 /// The directory under the spool.
 pub const DIR: &str = "suspended";
@@ -27,6 +27,9 @@ pub const DIR: &str = "suspended";
 /// Longest login, in octets, whose file name is its whole hex form (2 characters an octet,
 /// within the 255 of a file name).
 pub const HEX_NAME_MAX: usize = 120;
+
+/// The rule of a suspension made by an operator (and of a damaged record).
+pub const OPERATOR_RULE: &str = "operator";
 
 /// Largest record read, in octets (a record is a few hundred).
 const MAX_RECORD: u64 = 64 * 1024;
@@ -115,16 +118,15 @@ impl super::Spool {
         let tmp = self.temp_path("suspension");
         let written = (|| {
             let mut file = create_new(&tmp)?;
-            let mut record = serde_json::to_vec(s).map_err(|e| SpoolError::Io {
-                op: "encode",
-                path: tmp.clone(),
-                source: io::Error::other(e),
+            let mut record = serde_json::to_vec(s).map_err(|source| SpoolError::Encode {
+                what: "suspension",
+                source,
             })?;
             record.push(b'\n');
             file.write_all(&record)
                 .and_then(|()| file.sync_all())
                 .map_err(SpoolError::io("write", &tmp))?;
-            give_to(&tmp, owner_of(self.root())?)
+            give_to(&tmp, self.inner.owner)
         })();
         if let Err(e) = written {
             let _ = fs::remove_file(&tmp);
@@ -160,77 +162,120 @@ impl super::Spool {
         Ok(true)
     }
 
-    /// `login`'s suspension, if it is suspended. Blocking.
+    /// `login`'s suspension, if it is suspended. A record that cannot be read or trusted still
+    /// suspends its login (with why, as the reason). Blocking.
     ///
     /// # Errors
-    /// An empty login; the file exists and cannot be read.
+    /// An empty login; the record's directory entry cannot be looked at.
     pub fn suspension(&self, login: &str) -> Result<Option<Suspension>, SpoolError> {
-        let name = file_name(login);
         let path = self.record_path(login)?;
         match fs::symlink_metadata(&path) {
-            Ok(_) => Ok(Some(read_record(&path, &name)?)),
-            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
-            Err(e) => Err(SpoolError::io("stat", &path)(e)),
+            Ok(_) => {}
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(SpoolError::io("stat", &path)(e)),
         }
+        Ok(match self.read_suspension(&path, &file_name(login)) {
+            Entry::Record(s) | Entry::Damaged(s, _) => Some(s),
+            Entry::Stray(why) => Some(damaged(login.to_owned(), why)),
+            Entry::Gone => None,
+        })
     }
 
-    /// Every suspension, in no particular order. A missing directory (a spool made before
+    /// Every suspension, in no particular order ([`Spool::list_suspended`] without its
+    /// strays). Blocking.
+    ///
+    /// # Errors
+    /// The directory cannot be read.
+    pub fn suspensions(&self) -> Result<Vec<Suspension>, SpoolError> {
+        Ok(self.list_suspended()?.suspensions)
+    }
+
+    /// What `suspended/` holds. A record that cannot be read or trusted still suspends the
+    /// login its name encodes, and is also listed among the strays with why; an entry whose
+    /// name encodes no login is only a stray. A missing directory (a spool made before
     /// suspensions existed) holds none. Blocking.
     ///
     /// # Errors
-    /// The directory or a file in it cannot be read.
-    pub fn suspensions(&self) -> Result<Vec<Suspension>, SpoolError> {
+    /// The directory cannot be read: nothing can be said of any login.
+    pub fn list_suspended(&self) -> Result<Listing, SpoolError> {
         let dir = self.suspended_dir();
         let entries = match fs::read_dir(&dir) {
             Ok(entries) => entries,
-            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Vec::new()),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Listing::default()),
             Err(e) => return Err(SpoolError::io("readdir", &dir)(e)),
         };
-        let mut all = Vec::new();
+        let mut listing = Listing::default();
         for entry in entries {
             let entry = entry.map_err(SpoolError::io("readdir", &dir))?;
             let name = entry.file_name().to_string_lossy().into_owned();
-            match read_record(&entry.path(), &name) {
-                Ok(s) => all.push(s),
-                // Gone between the listing and the read: resumed meanwhile.
-                Err(SpoolError::Io { source, .. }) if source.kind() == io::ErrorKind::NotFound => {}
-                Err(e) => return Err(e),
+            match self.read_suspension(&entry.path(), &name) {
+                Entry::Record(s) => listing.suspensions.push(s),
+                Entry::Damaged(s, why) => {
+                    listing.strays.push(format!("{name}: {why}"));
+                    listing.suspensions.push(s);
+                }
+                Entry::Stray(why) => listing.strays.push(format!("{name}: {why}")),
+                Entry::Gone => {}
             }
         }
-        Ok(all)
+        Ok(listing)
+    }
+
+    /// Read the record in `path`, named `name`, as every spool file is read (no link
+    /// followed, owned by the spool's owner, writable by no one else).
+    fn read_suspension(&self, path: &Path, name: &str) -> Entry {
+        let mut text = Vec::new();
+        let read = match super::open_trusted(path, self.inner.owner.0, false) {
+            Ok(file) => file
+                .take(MAX_RECORD)
+                .read_to_end(&mut text)
+                .map_err(|e| e.to_string()),
+            Err(super::Opened::Io(e)) if e.kind() == io::ErrorKind::NotFound => {
+                return Entry::Gone;
+            }
+            Err(super::Opened::Io(e)) => Err(e.to_string()),
+            Err(super::Opened::Untrusted(why)) => Err(format!("untrusted record: {why}")),
+        };
+        let why = match read.map(|_| serde_json::from_slice::<Suspension>(&text)) {
+            Ok(Ok(s)) if file_name(&s.login) == name => return Entry::Record(s),
+            Ok(Ok(_)) => "the record names another login".to_owned(),
+            Ok(Err(_)) => "unreadable record".to_owned(),
+            Err(why) => why,
+        };
+        match login_of(name) {
+            Some(login) => Entry::Damaged(damaged(login, why.clone()), why),
+            None => Entry::Stray(why),
+        }
     }
 }
 
-/// Read the record in `path` (named `name`). A record that cannot be parsed, or names
-/// another login than the file name, still suspends the login the name encodes (logged);
-/// a name that encodes none and an unreadable record is an error.
-fn read_record(path: &Path, name: &str) -> Result<Suspension, SpoolError> {
-    let mut text = Vec::new();
-    fs::File::open(path)
-        .and_then(|f| f.take(MAX_RECORD).read_to_end(&mut text))
-        .map_err(SpoolError::io("read", path))?;
-    match serde_json::from_slice::<Suspension>(&text) {
-        Ok(s) if file_name(&s.login) == name => Ok(s),
-        parsed => {
-            let Some(login) = login_of(name) else {
-                return Err(SpoolError::Io {
-                    op: "parse",
-                    path: path.to_path_buf(),
-                    source: io::Error::other("not a suspension record"),
-                });
-            };
-            tracing::warn!(path = %path.display(), login = %login,
-                "unreadable suspension record: the login stays suspended");
-            Ok(Suspension {
-                login,
-                rule: "operator".into(),
-                reason: match parsed {
-                    Ok(_) => "record names another login".into(),
-                    Err(_) => "unreadable suspension record".into(),
-                },
-                since_ms: 0,
-            })
-        }
+/// What `suspended/` holds ([`Spool::list_suspended`]).
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct Listing {
+    /// The suspended logins.
+    pub suspensions: Vec<Suspension>,
+    /// Entries that are not a sound record: `NAME: why`.
+    pub strays: Vec<String>,
+}
+
+/// One entry of `suspended/`, read.
+enum Entry {
+    Record(Suspension),
+    /// Not a sound record, for a login its name encodes: still suspended.
+    Damaged(Suspension, String),
+    /// Not a record, and its name encodes no login.
+    Stray(String),
+    /// Removed meanwhile (resumed).
+    Gone,
+}
+
+/// The suspension a damaged record of `login` stands for.
+fn damaged(login: String, why: String) -> Suspension {
+    Suspension {
+        login,
+        rule: OPERATOR_RULE.into(),
+        reason: format!("damaged suspension record ({why})"),
+        since_ms: 0,
     }
 }
 
@@ -310,10 +355,39 @@ mod tests {
         fs::write(&path, b"{not json").unwrap();
         let found = spool.suspension("carol").unwrap().unwrap();
         assert_eq!(found.login, "carol");
-        assert_eq!(found.reason, "unreadable suspension record");
-        assert_eq!(spool.suspensions().unwrap().len(), 1);
-        // A stray file whose name encodes no login is an error, not a silent skip.
+        assert_eq!(
+            found.reason,
+            "damaged suspension record (unreadable record)"
+        );
+        assert_eq!(spool.suspensions().unwrap(), vec![found.clone()]);
+        // A stray whose name encodes no login is reported, and hides no sound record.
         fs::write(dir.path().join(DIR).join("zz"), b"junk").unwrap();
-        assert!(spool.suspensions().is_err());
+        assert!(spool.suspend_login(&suspension("dave")).unwrap());
+        let listing = spool.list_suspended().unwrap();
+        let mut logins: Vec<&str> = listing
+            .suspensions
+            .iter()
+            .map(|s| s.login.as_str())
+            .collect();
+        logins.sort_unstable();
+        assert_eq!(logins, ["carol", "dave"]);
+        let mut strays = listing.strays.clone();
+        strays.sort();
+        assert_eq!(
+            strays,
+            [
+                format!("{}: unreadable record", file_name("carol")),
+                "zz: unreadable record".into()
+            ]
+        );
+        // A link planted in the login's name is not followed, and still suspends it.
+        let erin = dir.path().join(DIR).join(file_name("erin"));
+        std::os::unix::fs::symlink("/etc/passwd", &erin).unwrap();
+        let found = spool.suspension("erin").unwrap().unwrap();
+        assert!(
+            found.reason.starts_with("damaged suspension record ("),
+            "{}",
+            found.reason
+        );
     }
 }

@@ -91,7 +91,7 @@ fn control_and_invisible_characters_never_reach_the_terminal() {
     assert_eq!(value[0]["login"], login);
     assert_eq!(value[0]["reason"], reason);
     let outcome = Outcome::AlreadySuspended(suspension(login, "operator", reason));
-    let said = outcome_text(login, &outcome, false, Path::new("/spool"), None);
+    let said = outcome_text(login, &outcome, false, Path::new("/spool"), (None, None));
     assert_eq!(
         said,
         "mallory??alice  active?[2J? is already suspended since 2023-11-14T22:13:20.000Z \
@@ -273,17 +273,22 @@ fn a_reason_is_one_bounded_line() {
 fn the_release_command_is_one_a_shell_runs_as_shown() {
     let config = Path::new("/etc/portcullis/portcullis.toml");
     assert_eq!(
-        release_hint("alice@example.com", Some(config)),
+        release_hint("alice@example.com", Some(config), None),
         "portcullis queue release --user alice@example.com --config /etc/portcullis/portcullis.toml"
     );
     assert_eq!(
-        release_hint("o'neil$(rm)", None),
+        release_hint("o'neil$(rm)", None, None),
         r"portcullis queue release --user 'o'\''neil$(rm)'"
     );
     assert_eq!(
-        release_hint("al ice", Some(Path::new("/my policy.toml"))),
+        release_hint("al ice", Some(Path::new("/my policy.toml")), None),
         "portcullis queue list --config '/my policy.toml', then portcullis queue release ID… \
          --config '/my policy.toml' (this login cannot be given to --user)"
+    );
+    assert_eq!(
+        release_hint("bob", Some(config), Some(Path::new("/srv/spool"))),
+        "portcullis queue release --user bob --config /etc/portcullis/portcullis.toml \
+         --spool /srv/spool"
     );
 }
 
@@ -291,7 +296,7 @@ fn the_release_command_is_one_a_shell_runs_as_shown() {
 fn each_outcome_says_what_happened_and_what_comes_next() {
     let spool = Path::new("/var/spool/portcullis");
     let s = suspension("alice", OPERATOR, "phished");
-    let text = |o: &Outcome, dry: bool| outcome_text("alice", o, dry, spool, None);
+    let text = |o: &Outcome, dry: bool| outcome_text("alice", o, dry, spool, (None, None));
     assert_eq!(
         text(&Outcome::Suspended(s.clone()), false),
         "suspended alice (rule operator: phished), recorded in /var/spool/portcullis/suspended/\n\

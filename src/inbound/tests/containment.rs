@@ -53,9 +53,69 @@ async fn auth(h: &mut Harness, password: &str) -> String {
 
 fn operator() -> Trip {
     Trip {
-        rule: "containment_rate_limit_hits",
+        rule: crate::policy::containment::OPERATOR,
         reason: "test".into(),
     }
+}
+
+#[tokio::test]
+async fn a_suspended_logins_right_password_neither_counts_as_a_failure_nor_clears_them() {
+    let mut h = start("");
+    h.containment.suspend("alice@example.com", operator()).await;
+    let ip = PEER.parse::<SocketAddr>().unwrap().ip();
+    let gate = |h: &Harness| {
+        let now = tokio::time::Instant::now().into_std();
+        h.runtime
+            .policy
+            .store()
+            .auth_gate(ip, "alice@example.com", now)
+    };
+    // max_failures = 2: one wrong password, then the suspended right one.
+    assert_eq!(auth(&mut h, "wrong").await, wire(&reply::AUTH_FAILED));
+    let mut right = beside(&h);
+    assert_eq!(auth(&mut right, "secret").await, wire(&reply::AUTH_FAILED));
+    match gate(&h) {
+        GateDecision::Proceed(attempt) => attempt.release(),
+        other => panic!("not counted as a failure: {other:?}"),
+    }
+    // Nor as a success: the first failure still counts, and one more locks the client out.
+    let mut again = beside(&h);
+    assert_eq!(auth(&mut again, "wrong").await, wire(&reply::AUTH_FAILED));
+    assert!(matches!(gate(&h), GateDecision::LockedOut { .. }));
+}
+
+#[tokio::test]
+async fn other_logins_and_strangers_carry_on_while_one_login_is_suspended() {
+    let mut h = start("");
+    h.containment
+        .suspend("mallory@example.com", operator())
+        .await;
+    assert!(auth(&mut h, "secret").await.starts_with("235 "));
+    assert!(
+        h.cmd("MAIL FROM:<alice@example.com>")
+            .await
+            .starts_with("250 ")
+    );
+    assert!(h.cmd("RCPT TO:<u@example.com>").await.starts_with("250 "));
+    assert!(h.cmd("DATA").await.starts_with("354 "));
+    let queued = h.cmd("From: alice@example.com\r\n\r\nbody\r\n.").await;
+    assert!(queued.starts_with("250 "), "{queued}");
+    let mut stranger = beside(&h);
+    stranger.reply().await;
+    assert!(stranger.cmd("EHLO client.test").await.starts_with("250"));
+    assert!(
+        stranger
+            .cmd("MAIL FROM:<x@sender.test>")
+            .await
+            .starts_with("250 ")
+    );
+    assert!(
+        stranger
+            .cmd("RCPT TO:<u@example.com>")
+            .await
+            .starts_with("250 ")
+    );
+    assert!(stranger.cmd("NOOP").await.starts_with("250 "));
 }
 
 #[tokio::test]
@@ -98,6 +158,22 @@ async fn an_open_session_of_a_suspended_login_gets_421_at_its_next_command() {
     assert!(h.cmd("NOOP").await.starts_with("250 "));
     h.containment.suspend("alice@example.com", operator()).await;
     assert_eq!(h.cmd("NOOP").await, wire(&reply::ACCOUNT_SUSPENDED));
+    assert_eq!(h.until_closed().await, "");
+}
+
+#[tokio::test]
+async fn commands_after_the_suspension_are_refused_pipelined_or_not() {
+    let mut h = start("");
+    assert!(auth(&mut h, "secret").await.starts_with("235 "));
+    assert!(
+        h.cmd("MAIL FROM:<alice@example.com>")
+            .await
+            .starts_with("250 ")
+    );
+    h.containment.suspend("alice@example.com", operator()).await;
+    // RCPT and DATA in one write: refused at once, the session closed; neither is decided.
+    h.send("RCPT TO:<u@example.com>\r\nDATA").await;
+    assert_eq!(h.reply().await, wire(&reply::ACCOUNT_SUSPENDED));
     assert_eq!(h.until_closed().await, "");
 }
 
@@ -163,11 +239,11 @@ async fn repeated_user_rate_refusals_suspend_the_login_and_close_its_session() {
     let limited = h.cmd("MAIL FROM:<alice@example.com>").await;
     assert!(limited.starts_with("451 4.7.1"), "{limited}");
     assert!(!h.containment.is_suspended("alice@example.com"));
-    // The second refusal within the hour suspends; the next command closes the session.
-    let limited = h.cmd("MAIL FROM:<alice@example.com>").await;
-    assert!(limited.starts_with("451 4.7.1"), "{limited}");
+    // The second refusal within the hour suspends, and closes the session.
+    let suspended = h.cmd("MAIL FROM:<alice@example.com>").await;
+    assert_eq!(suspended, wire(&reply::ACCOUNT_SUSPENDED));
     assert!(h.containment.is_suspended("alice@example.com"));
-    assert_eq!(h.cmd("NOOP").await, wire(&reply::ACCOUNT_SUSPENDED));
+    assert_eq!(h.until_closed().await, "");
 }
 
 #[tokio::test]
