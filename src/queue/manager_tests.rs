@@ -412,9 +412,15 @@ async fn the_last_of_a_hold_and_a_release_both_pending_at_start_wins_in_either_o
         h.queue(&["b@example.com"], Some(T0)),
     );
     // A: held, then released; B: released, then held. Both due, neither request taken yet.
-    h.spool.request_holds(std::slice::from_ref(&a), true).unwrap();
-    h.spool.request_holds(&[b.clone(), a.clone()], false).unwrap();
-    h.spool.request_holds(std::slice::from_ref(&b), true).unwrap();
+    h.spool
+        .request_holds(std::slice::from_ref(&a), true)
+        .unwrap();
+    h.spool
+        .request_holds(&[b.clone(), a.clone()], false)
+        .unwrap();
+    h.spool
+        .request_holds(std::slice::from_ref(&b), true)
+        .unwrap();
     h.run();
     let sent = h.next_sent().await;
     assert_eq!(sent.id, a);
