@@ -18,13 +18,13 @@
 //! them in and fsyncs the directory, and only then lets go of the lock. A pass of the relay
 //! lists `control/` in full before it unlinks anything, and applies the batches it took in
 //! `SEQ` order, passes in the order they ran. That order is the order the requests were asked
-//! in: a file the relay has not yet taken is still there when the next writer lists under the
-//! lock, so that writer numbers above it; and a writer that finds `control/` empty (its
-//! numbers start again at 1) writes after every earlier file was listed by a pass that came
-//! before, which is applied first. `NONCE` (process id, a counter and the time) keeps names
-//! unique, so the file the relay reads is the one it unlinked. [`Spool::pending_holds`] reads
-//! the pending files in the same order, for `queue hold|release` to count as done what is
-//! already asked.
+//! in. A file the relay has not unlinked is still there when the next writer lists under the
+//! lock, so that writer numbers above it; one the writer does not see was unlinked, so a pass
+//! had listed it before, and that pass cannot take the new file (renamed in after the
+//! writer's listing): it is applied first. So numbering may start again at 1 once the relay
+//! has taken every file. `NONCE` (process id, a counter and the time) keeps names unique, so
+//! the file the relay reads is the one it unlinked. [`Spool::pending_holds`] reads the pending
+//! files in the same order, for `queue hold|release` to count as done what is already asked.
 //!
 //! The relay's queue manager records holds in `ID.state`, since it owns that file; at startup
 //! it does so before its first attempt. It still reads the `hold.ID` and `release.ID` files of
