@@ -17,6 +17,7 @@ use common::*;
 use portcullis::envelope::{
     Address, Envelope, MailParams, QueueId, RcptStatus, Recipient, ReversePath, unix_now,
 };
+use portcullis::queue::control::NOTICE_MAX_IDS;
 use portcullis::queue::{DeliveryState, Spool};
 use serde_json::Value;
 
@@ -447,13 +448,20 @@ fn the_last_of_a_hold_and_a_release_made_while_stopped_wins() {
         out.starts_with(&format!("release requested for {b} ")),
         "{out}"
     );
-    let control: Vec<String> = sorted(
-        &fs::read_dir(relay.spool.join("control"))
-            .unwrap()
-            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
-            .collect::<Vec<_>>(),
+    // One request file each, numbered in the order asked; the relay applies them in it.
+    let asked: Vec<String> = control_files(&relay)
+        .iter()
+        .map(|path| fs::read_to_string(path).unwrap())
+        .collect();
+    assert_eq!(
+        asked,
+        [
+            format!("release {a}\n"),
+            format!("hold {a}\n"),
+            format!("hold {b}\n"),
+            format!("release {b}\n")
+        ]
     );
-    assert_eq!(control, [format!("hold.{a}"), format!("release.{b}")]);
     accept(&sink);
     relay.restart();
     assert!(sink.wait_for(1, WAIT));
@@ -461,6 +469,95 @@ fn the_last_of_a_hold_and_a_release_made_while_stopped_wins() {
     assert!(sink.wait_for(2, WAIT));
     assert_eq!(sorted(&delivered(&sink)), ["B", "D"]);
     wait_state(&relay, &[&a], "held");
+}
+
+/// The files in `SPOOL/control/`, by name (hold requests: in the order they were asked).
+fn control_files(relay: &Relay) -> Vec<PathBuf> {
+    sorted(
+        &fs::read_dir(relay.spool.join("control"))
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .collect::<Vec<_>>(),
+    )
+}
+
+/// Queue `n` messages submitted by `login` (from LOGIN@example.com, `Subject: LOGIN`), due
+/// now, written into the spool at `root` as the relay writes them, on 8 threads; their ids.
+fn fill(root: &Path, login: &str, n: usize) -> Vec<String> {
+    let spool = Spool::open(root).unwrap();
+    let body = format!("Subject: {login}\r\n\r\nhello\r\n");
+    let one = || {
+        let envelope = Envelope {
+            id: QueueId::generate(),
+            received_at: unix_now(),
+            listener: "submission".into(),
+            client_ip: "127.0.0.1".parse().unwrap(),
+            client_port: 1000,
+            helo: "client.test".into(),
+            tls: None,
+            auth_user: Some(login.into()),
+            mail_from: ReversePath::Address(
+                Address::parse(&format!("{login}@example.com")).unwrap(),
+            ),
+            mail_params: MailParams::default(),
+            recipients: vec![Recipient::new(Address::parse("rcpt@dest.example").unwrap())],
+        };
+        spool
+            .enqueue(&envelope, body.as_bytes())
+            .unwrap()
+            .to_string()
+    };
+    std::thread::scope(|scope| {
+        let workers: Vec<_> = (0..8)
+            .map(|k| scope.spawn(move || (k..n).step_by(8).map(|_| one()).collect::<Vec<_>>()))
+            .collect();
+        workers
+            .into_iter()
+            .flat_map(|w| w.join().unwrap())
+            .collect()
+    })
+}
+
+#[test]
+fn a_hold_of_thousands_is_one_request_file_taken_at_start_before_any_attempt() {
+    const N: usize = 2_500;
+    let sink = Sink::start(SinkConfig::default());
+    let mut relay = relay(sink.port());
+    relay.stop();
+    let mallory = fill(&relay.spool, "mallory", N);
+    fill(&relay.spool, "alice", 1);
+
+    let out = run(&relay, &["queue", "hold", "--user", "mallory"], 0);
+    assert!(
+        out.contains(&format!("\nhold requested for {N} messages\n")),
+        "{out}"
+    );
+    let files = control_files(&relay);
+    assert_eq!(files.len(), N.div_ceil(NOTICE_MAX_IDS), "{files:?}");
+    let asked = fs::read_to_string(&files[0]).unwrap();
+    assert_eq!(asked.lines().count(), N);
+    // The requests not yet taken count as done.
+    let out = run(
+        &relay,
+        &["queue", "hold", "--user", "mallory", "--dry-run"],
+        0,
+    );
+    assert_eq!(
+        out.lines().last(),
+        Some(format!("0 messages would be held (dry run), {N} already held").as_str())
+    );
+
+    // Every message is due; the relay takes the request before its first attempt. Alice's
+    // message and one sent now are delivered, none of Mallory's.
+    relay.restart();
+    assert!(sink.wait_for(1, WAIT));
+    send(&relay, "d@src.example", "D");
+    assert!(sink.wait_for(2, WAIT));
+    assert_eq!(sorted(&delivered(&sink)), ["D", "alice"]);
+    let ids: Vec<&String> = mallory.iter().collect();
+    wait_state(&relay, &ids, "held");
+    assert_eq!(listed(&relay).len(), N);
+    assert!(control_files(&relay).is_empty());
 }
 
 #[test]
@@ -626,13 +723,11 @@ fn bad_input_is_exit_2_and_changes_nothing() {
     assert_eq!(out.status.code(), Some(1), "{}", show(&out));
     assert!(String::from_utf8_lossy(&out.stderr).contains(&format!("no message {unknown}")));
     assert!(stdout(&out).starts_with(&format!("hold requested for {a} from a@src.example\n")));
-    assert!(
-        relay
-            .spool
-            .join("control")
-            .join(format!("hold.{a}"))
-            .is_file()
-    );
+    let asked: Vec<String> = control_files(&relay)
+        .iter()
+        .map(|path| fs::read_to_string(path).unwrap())
+        .collect();
+    assert_eq!(asked, [format!("hold {a}\n")]);
 }
 
 // ---- purge filters, on a spool written directly (messages of chosen ages) --------------------

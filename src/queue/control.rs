@@ -14,11 +14,11 @@
 //! after the unlink is what makes the protocol lossless: a request renamed in between the
 //! listing and the unlink is consumed, but the action that follows covers it too. Names it does
 //! not understand are removed with a warning (nothing but requests belongs there).
-//! [`Spool::request_hold`] asks the same way to hold (`hold.ID`) or release (`release.ID`) a
-//! message; the relay's queue manager records the hold in `ID.state`. Asking one removes a
-//! pending request of the other for the same message, so the last asked wins whatever order
-//! the relay reads them in; [`Spool::pending_holds`] lists the requests not yet taken, which
-//! `queue hold|release` count as done.
+//! [`Spool::request_holds`] asks to hold or release messages with files that list them
+//! (`holds.SEQ.NONCE`, read as removal notices are, below), numbered under a lock so that the
+//! last asked wins for a message whatever order the relay reads them in; the relay's queue
+//! manager records the hold in `ID.state`. [`Spool::pending_holds`] lists the requests not
+//! yet taken, which `queue hold|release` count as done. See [`super::hold`].
 //! [`Spool::request_restore`] asks it (`restore.ID`) to load and schedule a message `queue
 //! restore` put back into `queue/` (see [`super::quarantine`]).
 //!
@@ -79,7 +79,7 @@ use std::io;
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::MetadataExt;
 
-use super::{QueuedMessage, Spool, SpoolError, create_new, exact_id, give_to, sync_dir};
+use super::{QueuedMessage, Spool, SpoolError, create_new, exact_id, give_to, hold, sync_dir};
 use crate::envelope::{Address, QueueId, ReversePath};
 use crate::policy::pattern::AddressPattern;
 
@@ -87,10 +87,6 @@ use crate::policy::pattern::AddressPattern;
 const RETRY_PREFIX: &str = "retry.";
 /// Name of the "retry everything" request.
 const RETRY_ALL: &str = "retry.all";
-/// Prefix of hold request file names in `control/`.
-const HOLD_PREFIX: &str = "hold.";
-/// Prefix of release request file names in `control/`.
-const RELEASE_PREFIX: &str = "release.";
 /// Prefix of restore request file names in `control/`.
 const RESTORE_PREFIX: &str = "restore.";
 /// Prefix of removal notice file names in `control/`.
@@ -156,10 +152,10 @@ pub enum Request {
     /// Make these messages due now, overriding back-off, and reset the circuit breaker of
     /// their upstream.
     Retry(RetryTarget),
-    /// Hold this message: not delivered, bounced or expired until released.
-    Hold(QueueId),
-    /// Release this held message: due now.
-    Release(QueueId),
+    /// Hold (true: not delivered, bounced or expired until released) or release (false: due
+    /// now) each of these messages, in the order asked: when a message is named more than
+    /// once, the last wins (see [`super::hold`]).
+    Holds(Vec<(QueueId, bool)>),
     /// A `queue delete` or `queue purge` removed these messages.
     Removed(Vec<Removal>),
     /// `queue restore` put these messages back into `queue/` (sorted, no duplicates): load
@@ -171,8 +167,10 @@ pub enum Request {
 enum Parsed {
     RetryAll,
     Retry(QueueId),
-    Hold(QueueId),
-    Release(QueueId),
+    /// A `hold.ID` (true) or `release.ID` (false) of an earlier version.
+    LegacyHold(QueueId, bool),
+    /// `holds.SEQ.NONCE`: hold and release requests, in the order of `SEQ`.
+    Holds(u64),
     Restore(QueueId),
     Removed,
 }
@@ -190,11 +188,15 @@ fn parse_request(name: &str) -> Option<Parsed> {
     }) {
         return Some(Parsed::Removed);
     }
+    if let Some(seq) = hold::batch_seq(name) {
+        return Some(Parsed::Holds(seq));
+    }
+    if let Some((id, hold)) = hold::legacy_request(name) {
+        return Some(Parsed::LegacyHold(id, hold));
+    }
     let id = |prefix: &str| name.strip_prefix(prefix).and_then(exact_id);
     id(RETRY_PREFIX)
         .map(Parsed::Retry)
-        .or_else(|| id(HOLD_PREFIX).map(Parsed::Hold))
-        .or_else(|| id(RELEASE_PREFIX).map(Parsed::Release))
         .or_else(|| id(RESTORE_PREFIX).map(Parsed::Restore))
 }
 
@@ -373,9 +375,9 @@ impl Spool {
     }
 
     /// Put the file `name` into `control/`: made in `tmp/` with `contents` (fsynced when
-    /// there are any: a removal notice), given to the relay's user, renamed in. The caller
-    /// syncs the directory.
-    fn write_request(&self, name: &str, contents: &[u8]) -> Result<(), SpoolError> {
+    /// there are any: a removal notice, a batch of holds), given to the relay's user, renamed
+    /// in. The caller syncs the directory.
+    pub(super) fn write_request(&self, name: &str, contents: &[u8]) -> Result<(), SpoolError> {
         use std::io::Write as _;
         let tmp = self.temp_path(name);
         let mut file = create_new(&tmp)?;
@@ -408,77 +410,30 @@ impl Spool {
         sync_dir(&self.inner.control)
     }
 
-    /// Ask the running relay to hold `id` (`hold` true) or release it (false), through
-    /// `control/` like [`Spool::request_retry`]: the relay's queue manager records the hold
-    /// in the message's state, since it owns that file. Blocking.
-    pub fn request_hold(&self, id: &QueueId, hold: bool) -> Result<(), SpoolError> {
-        self.request_holds(std::slice::from_ref(id), hold)
-    }
-
-    /// [`Spool::request_hold`] for many messages, with one directory fsync for all. A pending
-    /// request the other way for the same message (`release.ID` when holding) is removed
-    /// first, so the last request wins whatever order the relay reads them in. Blocking.
-    pub fn request_holds(&self, ids: &[QueueId], hold: bool) -> Result<(), SpoolError> {
-        let (prefix, opposite) = if hold {
-            (HOLD_PREFIX, RELEASE_PREFIX)
-        } else {
-            (RELEASE_PREFIX, HOLD_PREFIX)
-        };
-        for id in ids {
-            let stale = self.inner.control.join(format!("{opposite}{id}"));
-            match fs::remove_file(&stale) {
-                Ok(()) => {}
-                Err(e) if e.kind() == io::ErrorKind::NotFound => {}
-                Err(e) => return Err(SpoolError::io("unlink", &stale)(e)),
-            }
-            self.write_request(&format!("{prefix}{id}"), &[])?;
-        }
-        sync_dir(&self.inner.control)
-    }
-
-    /// The hold (true) and release (false) requests the relay has not taken yet, by message.
-    /// Read only: nothing is removed. Blocking.
-    pub fn pending_holds(&self) -> Result<std::collections::HashMap<QueueId, bool>, SpoolError> {
-        let dir = &self.inner.control;
-        let mut out = std::collections::HashMap::new();
-        for entry in fs::read_dir(dir).map_err(SpoolError::io("readdir", dir))? {
-            let entry = entry.map_err(SpoolError::io("readdir", dir))?;
-            match entry.file_name().to_str().and_then(parse_request) {
-                Some(Parsed::Hold(id)) => {
-                    out.insert(id, true);
-                }
-                Some(Parsed::Release(id)) => {
-                    out.insert(id, false);
-                }
-                _ => {}
-            }
-        }
-        Ok(out)
-    }
-
     /// Consume the pending operator requests: each file in `control/` is read and unlinked
     /// before this returns, so act on every request returned. Retries are merged into at
-    /// most one [`Request::Retry`] (first): `All` if anyone asked for all, else the sorted
-    /// ids; holds, releases and removal notices ([`Request::Removed`], one per notice) follow
-    /// in name order; restores last, merged into one [`Request::Restore`]. Unknown names are removed with a warning, and so is a notice the
-    /// relay's user did not write (unread). Blocking.
+    /// most one [`Request::Retry`] (first); then the holds and releases, merged into at most
+    /// one [`Request::Holds`] in the order they were asked (those of an earlier version's
+    /// `hold.ID`/`release.ID` first, then each `holds.SEQ.NONCE` by `SEQ`); then removal
+    /// notices ([`Request::Removed`], one per notice) in name order; restores last, merged
+    /// into one [`Request::Restore`]. Unknown names are removed with a warning, and so is a
+    /// file with contents (a notice, a batch of holds) the relay's user did not write
+    /// (unread). Blocking.
     pub fn take_requests(&self) -> Result<Vec<Request>, SpoolError> {
         let dir = &self.inner.control;
-        let mut all = false;
-        let mut ids = Vec::new();
-        let mut others = Vec::new();
-        let mut restores = Vec::new();
         let mut entries: Vec<fs::DirEntry> = fs::read_dir(dir)
             .map_err(SpoolError::io("readdir", dir))?
             .collect::<Result<_, _>>()
             .map_err(SpoolError::io("readdir", dir))?;
         entries.sort_by_key(fs::DirEntry::file_name);
+        let mut taken = Taken::default();
         for entry in entries {
             let path = entry.path();
             let parsed = entry.file_name().to_str().and_then(parse_request);
-            // A notice is opened before its unlink and read after it (see the module docs).
-            let notice = match parsed {
-                Some(Parsed::Removed) => self.open_notice(&path),
+            // A file with contents is opened before its unlink and read after it (see the
+            // module docs).
+            let contents = match parsed {
+                Some(Parsed::Removed | Parsed::Holds(_)) => self.open_contents(&path),
                 _ => None,
             };
             if !take_file(&entry)? {
@@ -486,38 +441,13 @@ impl Spool {
                 continue;
             }
             match parsed {
-                Some(Parsed::Removed) => {
-                    if let Some(file) = notice {
-                        others.push(Request::Removed(read_notice(file, &path)));
-                    }
-                }
-                Some(Parsed::RetryAll) => all = true,
-                Some(Parsed::Retry(id)) => ids.push(id),
-                Some(Parsed::Hold(id)) => others.push(Request::Hold(id)),
-                Some(Parsed::Release(id)) => others.push(Request::Release(id)),
-                Some(Parsed::Restore(id)) => restores.push(id),
+                Some(parsed) => taken.add(parsed, contents, &path),
                 None => {
                     tracing::warn!(path = %path.display(), "removed unknown file from the spool control directory")
                 }
             }
         }
-        ids.sort();
-        ids.dedup();
-        let retry = if all {
-            Some(RetryTarget::All)
-        } else {
-            (!ids.is_empty()).then_some(RetryTarget::Ids(ids))
-        };
-        restores.sort();
-        restores.dedup();
-        // Last: a removal notice read in the same pass is older than the restore.
-        let restore = (!restores.is_empty()).then_some(Request::Restore(restores));
-        Ok(retry
-            .map(Request::Retry)
-            .into_iter()
-            .chain(others)
-            .chain(restore)
-            .collect())
+        Ok(taken.into_requests())
     }
 
     /// Tell the relay that `ids` were removed `how`, now (see the module docs): one notice
@@ -539,14 +469,14 @@ impl Spool {
         sync_dir(&self.inner.control)
     }
 
-    /// Open the notice at `path` if the relay's user wrote it (else it is removed unread,
-    /// with a warning).
-    fn open_notice(&self, path: &std::path::Path) -> Option<File> {
+    /// Open the request file (a removal notice, a batch of holds) at `path` if the relay's
+    /// user wrote it (else it is removed unread, with a warning).
+    fn open_contents(&self, path: &std::path::Path) -> Option<File> {
         match super::open_trusted(path, self.inner.owner.0, false) {
             Ok(file) => Some(file),
             Err(e) => {
                 let e = e.into_spool_error(path);
-                tracing::warn!(error = %e, "removal notice not read; removing it");
+                tracing::warn!(error = %e, "control file not read; removing it");
                 None
             }
         }
@@ -635,6 +565,70 @@ impl Spool {
             }
             None => Ok(out),
         }
+    }
+}
+
+/// The requests of one pass of [`Spool::take_requests`], as they are taken.
+#[derive(Default)]
+struct Taken {
+    /// Someone asked `retry.all`.
+    all: bool,
+    retries: Vec<QueueId>,
+    /// `hold.ID` (true) and `release.ID` (false) of an earlier version, in name order.
+    legacy_holds: Vec<(QueueId, bool)>,
+    /// Each `holds.SEQ.NONCE`: its `SEQ` and its requests.
+    hold_batches: Vec<(u64, Vec<(QueueId, bool)>)>,
+    removed: Vec<Request>,
+    restores: Vec<QueueId>,
+}
+
+impl Taken {
+    /// Add the request of a file already unlinked; `contents`: the file, opened before the
+    /// unlink, of a request that has contents (`None` when it was not to be read).
+    fn add(&mut self, parsed: Parsed, contents: Option<File>, path: &std::path::Path) {
+        match parsed {
+            Parsed::Removed => {
+                if let Some(file) = contents {
+                    self.removed.push(Request::Removed(read_notice(file, path)));
+                }
+            }
+            Parsed::Holds(seq) => {
+                if let Some(file) = contents {
+                    self.hold_batches.push((seq, hold::read_batch(file, path)));
+                }
+            }
+            Parsed::RetryAll => self.all = true,
+            Parsed::Retry(id) => self.retries.push(id),
+            Parsed::LegacyHold(id, hold) => self.legacy_holds.push((id, hold)),
+            Parsed::Restore(id) => self.restores.push(id),
+        }
+    }
+
+    /// The requests in the order [`Spool::take_requests`] documents.
+    fn into_requests(mut self) -> Vec<Request> {
+        self.retries.sort();
+        self.retries.dedup();
+        let retry = if self.all {
+            Some(RetryTarget::All)
+        } else {
+            (!self.retries.is_empty()).then_some(RetryTarget::Ids(self.retries))
+        };
+        // Stable: two batches with one sequence number (possible only if one was written
+        // without the lock) keep their name order.
+        self.hold_batches.sort_by_key(|(seq, _)| *seq);
+        let mut holds = self.legacy_holds;
+        holds.extend(self.hold_batches.into_iter().flat_map(|(_, asks)| asks));
+        self.restores.sort();
+        self.restores.dedup();
+        // Last: a removal notice read in the same pass is older than the restore.
+        let restore = (!self.restores.is_empty()).then_some(Request::Restore(self.restores));
+        retry
+            .map(Request::Retry)
+            .into_iter()
+            .chain((!holds.is_empty()).then_some(Request::Holds(holds)))
+            .chain(self.removed)
+            .chain(restore)
+            .collect()
     }
 }
 

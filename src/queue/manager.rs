@@ -664,8 +664,7 @@ impl<C: Courier> Manager<C> {
                         self.retry(id).await;
                     }
                 }
-                Request::Hold(id) => holds.push((id, true)),
-                Request::Release(id) => holds.push((id, false)),
+                Request::Holds(asks) => holds.extend(asks),
                 Request::Removed(removals) => self.removed(removals).await,
                 Request::Restore(ids) => self.restored(ids).await,
             }

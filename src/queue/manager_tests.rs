@@ -405,6 +405,37 @@ async fn a_held_message_is_neither_attempted_nor_expired_until_released() {
     h.gone(&held).await;
 }
 
+#[tokio::test(start_paused = true)]
+async fn the_last_of_a_hold_and_a_release_both_pending_at_start_wins_in_either_order() {
+    let mut h = start(&[5], 1, None);
+    let (a, b) = (
+        h.queue(&["a@example.com"], Some(T0)),
+        h.queue(&["b@example.com"], Some(T0)),
+    );
+    // A: held, then released; B: released, then held. Both due, neither request taken yet.
+    h.spool
+        .request_holds(std::slice::from_ref(&a), true)
+        .unwrap();
+    h.spool
+        .request_holds(&[b.clone(), a.clone()], false)
+        .unwrap();
+    h.spool
+        .request_holds(std::slice::from_ref(&b), true)
+        .unwrap();
+    h.run();
+    let sent = h.next_sent().await;
+    assert_eq!(sent.id, a);
+    h.gone(&a).await;
+    h.state_until(&b, |s| s.hold.is_some()).await;
+    // Sync point: a message queued now is attempted; B never was.
+    let other = h.queue(&["other@example.com"], None);
+    assert_eq!(h.next_sent().await.id, other);
+    h.gone(&other).await;
+    let state = h.spool.load(&b).unwrap().state;
+    assert_eq!((state.attempts, state.hold.map(|h| h.since)), (0, Some(T0)));
+    assert_eq!(h.events(EventKind::Held).len(), 1);
+}
+
 /// A message file as the previous version wrote it: each recipient with `"status":"pending"`.
 fn write_previous_version_file(spool: &Spool, rcpts: &[&str]) -> QueueId {
     use std::io::Write as _;

@@ -16,7 +16,7 @@
 //!                        (wrong owner or mode, not a regular file); moved here, never deleted,
 //!                        never delivered, listed or restored by any command
 //! SPOOL/control/         operator requests to the running relay (`retry.ID`, `retry.all`,
-//!                        `hold.ID`, `release.ID`, `restore.ID`) and removal notices
+//!                        `holds.SEQ.NONCE`, `restore.ID`) and removal notices
 //!                        (`removed.NONCE`)
 //! SPOOL/quarantine/      messages `queue purge --quarantine` put aside (`ID`, `ID.state`,
 //!                        `ID.quarantined`): never delivered, kept `[queue] quarantine_keep`,
@@ -102,8 +102,9 @@
 //!
 //! A held message ([`DeliveryState::hold`]) is neither attempted, bounced nor expired until
 //! released; the time it spends held pushes its expiry back. Holds are asked for through
-//! `control/` ([`Spool::request_hold`], [`Spool::request_holds`]; `queue hold|release`, whose
-//! selection is [`select`]) and written by the queue manager, which owns the state files of a
+//! `control/` ([`Spool::request_holds`]: one file names up to [`control::NOTICE_MAX_IDS`] messages, and
+//! the last asked wins, see [`hold`]; `queue hold|release`, whose selection is [`select`]) and
+//! written by the queue manager, which owns the state files of a
 //! running relay: all the requests it reads at once together ([`Spool::record_holds`], in
 //! `hold.rs`), before its first attempt at startup.
 //!
@@ -130,7 +131,7 @@ pub mod bounce;
 pub mod census;
 pub mod control;
 mod group;
-mod hold;
+pub mod hold;
 pub mod journal;
 pub mod manager;
 pub mod quarantine;

@@ -9,7 +9,7 @@
 //!
 //! Whether a message is held, as a command sees it ([`held_now`]), is its recorded hold
 //! ([`super::DeliveryState::hold`]) unless a request not yet taken by the relay says
-//! otherwise (`control/hold.ID`, `control/release.ID`): `queue hold X` followed at once by
+//! otherwise (`control/holds.SEQ.NONCE`, see [`super::hold`]): `queue hold X` followed at once by
 //! `queue release X` must release X, although the relay has not yet written the hold.
 
 use std::collections::HashMap;

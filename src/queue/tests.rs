@@ -575,24 +575,31 @@ fn from(env: Envelope, sender: &str) -> Envelope {
 }
 
 #[test]
-fn hold_and_release_requests_follow_the_merged_retry_in_name_order() {
+fn hold_and_release_requests_follow_the_merged_retry_in_the_order_asked() {
     let (_d, spool) = spool();
-    let (a, b) = (QueueId::generate(), QueueId::generate());
+    let (a, b, c) = (
+        QueueId::generate(),
+        QueueId::generate(),
+        QueueId::generate(),
+    );
     spool.request_hold(&b, false).unwrap();
     spool.request_hold(&a, true).unwrap();
     spool
         .request_retry(&RetryTarget::Ids(vec![b.clone()]))
         .unwrap();
-    fs::write(spool.root().join("control").join("hold.not-an-id"), b"").unwrap();
+    let control = spool.root().join("control");
+    fs::write(control.join("hold.not-an-id"), b"").unwrap();
+    // An earlier version's request: taken before the numbered ones, which came after it.
+    fs::write(control.join(format!("release.{c}")), b"").unwrap();
+    spool.request_hold(&c, true).unwrap();
     assert_eq!(
         spool.take_requests().unwrap(),
         [
             Request::Retry(RetryTarget::Ids(vec![b.clone()])),
-            Request::Hold(a),
-            Request::Release(b),
+            Request::Holds(vec![(c.clone(), false), (b, false), (a, true), (c, true)]),
         ]
     );
-    assert!(names(&spool.root().join("control")).is_empty());
+    assert!(names(&control).is_empty());
 }
 
 #[test]
