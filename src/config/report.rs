@@ -481,6 +481,15 @@ pub(super) fn summary(c: &Config) -> String {
         rate(r.messages_per_user),
         rate(r.recipients_per_ip)
     );
+    let k = &c.containment;
+    let trigger = |n: Option<u32>| n.map_or_else(|| "off".to_owned(), |n| n.to_string());
+    let _ = writeln!(
+        s,
+        "containment: rate-limit hits {}, recipient domains/hour {}, client addresses/hour {}",
+        trigger(k.rate_limit_hits),
+        trigger(k.recipient_domains_per_hour),
+        trigger(k.client_ips_per_hour)
+    );
     let _ = writeln!(s, "upstreams:");
     for u in &c.upstreams {
         let tls = match u.tls {

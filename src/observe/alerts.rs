@@ -448,6 +448,11 @@ fn upstream_down(inputs: &Inputs, threshold: Duration, now: u64) -> Condition {
     }
 }
 
+/// An alert's value as a number, for comparing two (text that is not one: 0).
+fn number(value: &str) -> u64 {
+    value.parse().unwrap_or(0)
+}
+
 /// `1 message`, `3 messages`.
 fn messages(n: u64) -> String {
     if n == 1 {
@@ -470,6 +475,10 @@ pub enum Transition {
     /// The alert ended at `at` (Unix seconds): `alert` as it last stood, with the value and
     /// text of the evaluation that ended it.
     Ended { alert: ActiveAlert, at: u64 },
+    /// A firing external alert whose value grew (another login suspended): announced again
+    /// as firing, with its new value and text and its first `since`, so that the second
+    /// compromised account is not missed while the first is still suspended.
+    Grew(ActiveAlert),
 }
 
 /// A firing alert and since when its condition has been `Clear` (Unix milliseconds).
@@ -513,9 +522,15 @@ impl Engine {
                 }
                 (None, _) => {}
                 (Some(track), level) => {
+                    let grew = level == Level::Firing
+                        && AlertName::EXTERNAL.contains(&c.alert)
+                        && number(&c.value) > number(&track.active.value);
                     track.active.value.clone_from(&c.value);
                     track.active.threshold.clone_from(&c.threshold);
                     track.active.text.clone_from(&c.text);
+                    if grew {
+                        out.push(Transition::Grew(track.active.clone()));
+                    }
                     if level != Level::Clear {
                         track.clear_since = None;
                         continue;
@@ -548,7 +563,9 @@ impl Engine {
             }
         }
         out.sort_by_key(|t| match t {
-            Transition::Started(a) | Transition::Ended { alert: a, .. } => a.alert,
+            Transition::Started(a) | Transition::Grew(a) | Transition::Ended { alert: a, .. } => {
+                a.alert
+            }
         });
         out
     }

@@ -9,6 +9,7 @@
 //! load until the outcome is on disk, so a `queue delete` in between knows the message may
 //! have been delivered.
 
+use crate::policy::containment::Containment;
 use std::future::Future;
 use std::sync::Arc;
 
@@ -88,6 +89,8 @@ pub enum AttemptEnd {
     Left,
     /// The message is held: not scheduled until released.
     Held,
+    /// The message's login is suspended: not attempted; the manager holds it.
+    Suspended,
 }
 
 /// What the manager learns from one attempt.
@@ -133,6 +136,30 @@ pub async fn on_spool<T: Send + 'static>(
         })
 }
 
+/// Whether `msg` is not held and its login is suspended in `containment` (it must not be
+/// attempted).
+fn suspended(containment: Option<&Containment>, msg: &QueuedMessage) -> bool {
+    let login = msg.envelope.auth_user.as_deref();
+    msg.state.hold.is_none()
+        && containment.is_some_and(|c| login.is_some_and(|u| c.is_suspended(u)))
+}
+
+/// The end of an attempt of `msg` that sent nothing (`end`: held, or suspended).
+fn not_attempted<C: Courier>(
+    courier: &C,
+    msg: &QueuedMessage,
+    lock: SendLock,
+    end: AttemptEnd,
+) -> Ended {
+    close_off_reactor(lock);
+    Ended {
+        facts: Some(facts_of(courier, msg)),
+        id: msg.envelope.id.clone(),
+        end,
+        bounce: None,
+    }
+}
+
 /// Close `queue/ID` off the reactor: if it was unlinked (removed here, or deleted by an
 /// operator), the last close frees its blocks, which on a file system mounted with `discard`
 /// waits for the disk.
@@ -146,9 +173,9 @@ pub async fn run<C: Courier>(
     spool: Spool,
     courier: Arc<C>,
     clock: Clock,
-    id: QueueId,
-    loaded: Option<Loaded>,
+    (id, loaded): (QueueId, Option<Loaded>),
     telemetry: Arc<Telemetry>,
+    containment: Option<Arc<Containment>>,
 ) -> Ended {
     let soon = soon(courier.queue(), clock.now());
     let loaded = match loaded {
@@ -171,6 +198,7 @@ pub async fn run<C: Courier>(
             clock,
             loaded,
             telemetry: &telemetry,
+            containment: containment.as_deref(),
         }
         .run()
         .await
@@ -194,6 +222,8 @@ struct Attempting<'a, C> {
     clock: Clock,
     loaded: Loaded,
     telemetry: &'a Telemetry,
+    /// The suspended logins: their mail is never attempted.
+    containment: Option<&'a Containment>,
 }
 
 impl<C: Courier> Attempting<'_, C> {
@@ -208,17 +238,21 @@ impl<C: Courier> Attempting<'_, C> {
         let queue = self.courier.queue();
         // The attempt's time: expiry is judged and the next attempt counted from its start.
         let now = self.clock.now();
+        if suspended(self.containment, &msg) {
+            // Restored, released by hand, or its hold not recorded: never sent.
+            info!(queue_id = %id, "from a suspended login: not attempted");
+            return Some(not_attempted(
+                self.courier,
+                &msg,
+                lock,
+                AttemptEnd::Suspended,
+            ));
+        }
         let plan = schedule::plan(&msg, now, queue, |d| self.courier.route(d));
         let report = match plan {
             Plan::Held => {
                 info!(queue_id = %id, "held: not attempted");
-                close_off_reactor(lock);
-                return Some(Ended {
-                    facts: Some(facts_of(self.courier, &msg)),
-                    id,
-                    end: AttemptEnd::Held,
-                    bounce: None,
-                });
+                return Some(not_attempted(self.courier, &msg, lock, AttemptEnd::Held));
             }
             Plan::Expired(failed) => {
                 record_expiry(self.courier, self.telemetry, self.clock, &msg, &failed);

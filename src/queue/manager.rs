@@ -27,7 +27,9 @@
 //! held, with the reason [`SUSPENDED_REASON`]: at start (a message not held whose login is
 //! suspended), when a login is suspended (its messages found by a listing of the spool off
 //! this task, then held together), and when one of its messages arrives (committed just as
-//! the suspension came). Resuming a login releases nothing: an operator does.
+//! the suspension came). Whatever else brings one due (restored from quarantine, released by
+//! hand, a hold that could not be recorded), its attempt sends nothing and asks for the hold
+//! ([`AttemptEnd::Suspended`]). Resuming a login releases nothing: an operator does.
 
 use std::collections::{BTreeSet, HashMap, HashSet};
 use std::sync::Arc;
@@ -55,6 +57,10 @@ pub const HOLD_REASON: &str = "queue hold";
 
 /// Newly suspended logins' queued messages not held, with each one's login.
 type Found = Vec<(String, QueueId)>;
+
+/// How long after a failed hold of a suspended login's message it is looked at again (its
+/// attempt then sends nothing and asks for the hold once more).
+pub const SUSPENDED_HOLD_RETRY: Duration = Duration::from_secs(30);
 
 /// The reason recorded for the hold of a suspended login's message.
 pub const SUSPENDED_REASON: &str = "login suspended";
@@ -121,7 +127,7 @@ pub struct Manager<C: Courier> {
     retry_when_done: HashSet<QueueId>,
     /// Messages to hold (true) or release (false) once their attempt in flight ends: the
     /// last such request wins.
-    hold_when_done: HashMap<QueueId, bool>,
+    hold_when_done: HashMap<QueueId, (bool, &'static str)>,
     /// A message just received, in memory, until the next dispatch: used if it starts at
     /// once, dropped otherwise (it is read from the spool when its turn comes), so this holds
     /// at most one message's bytes and open file.
@@ -360,7 +366,7 @@ impl<C: Courier> Manager<C> {
             (AttemptEnd::Left, _) => self.census.remove(&ended.id),
             (_, Some(facts)) => self.census.set(&ended.id, facts),
             (AttemptEnd::Held, None) => self.census.set_held(&ended.id, true),
-            (AttemptEnd::Due(_), None) => {}
+            (AttemptEnd::Due(_) | AttemptEnd::Suspended, None) => {}
         }
         if let Some((bounce, facts)) = &ended.bounce {
             self.census.set(bounce, facts);
@@ -375,24 +381,24 @@ impl<C: Courier> Manager<C> {
         }
         self.count(&ended);
         let retry = self.retry_when_done.remove(&ended.id);
-        let hold = self.hold_when_done.remove(&ended.id);
+        let asked = self.hold_when_done.remove(&ended.id);
         if let Some((bounce, _)) = ended.bounce {
             self.schedule(bounce, 0);
         }
         let restored = self.restored_when_done.remove(&ended.id);
-        match schedule::after_attempt(ended.end, retry, hold) {
+        let reason = match (ended.end, asked) {
+            (AttemptEnd::Suspended, _) => SUSPENDED_REASON,
+            (_, Some((_, reason))) => reason,
+            (_, None) => HOLD_REASON,
+        };
+        match schedule::after_attempt(ended.end, retry, asked.map(|(hold, _)| hold)) {
             AfterAttempt::Nothing => {}
             AfterAttempt::Due(at) => self.schedule(ended.id.clone(), at),
-            AfterAttempt::Hold(hold) => self.hold(ended.id.clone(), hold).await,
+            AfterAttempt::Hold(hold) => self.hold_all(vec![(ended.id.clone(), hold)], reason).await,
         }
         if restored {
             self.restored(vec![ended.id]).await;
         }
-    }
-
-    /// Hold (`hold` true) or release `id`: [`Manager::hold_all`] of one.
-    async fn hold(&mut self, id: QueueId, hold: bool) {
-        self.hold_all(vec![(id, hold)], HOLD_REASON).await;
     }
 
     /// Hold (true) or release each message of `asks` (the last ask for a message wins),
@@ -413,7 +419,7 @@ impl<C: Courier> Manager<C> {
         for id in order {
             let hold = last[&id];
             if self.busy.contains(&id) {
-                self.hold_when_done.insert(id, hold);
+                self.hold_when_done.insert(id, (hold, reason));
                 continue;
             }
             let due = self.when.remove(&id);
@@ -444,7 +450,7 @@ impl<C: Courier> Manager<C> {
             }
         };
         for (((id, _), due), result) in todo.into_iter().zip(was_due).zip(results) {
-            self.settle_hold(id, due, result);
+            self.settle_hold(id, due, result, reason);
         }
     }
 
@@ -454,6 +460,7 @@ impl<C: Courier> Manager<C> {
         id: QueueId,
         was_due: Option<u64>,
         result: Result<HoldChange, SpoolError>,
+        reason: &'static str,
     ) {
         match result {
             Ok(HoldChange {
@@ -483,6 +490,12 @@ impl<C: Courier> Manager<C> {
                 self.schedule(id, 0);
             }
             Err(SpoolError::NotFound(gone)) if gone == id => {}
+            Err(e) if reason == SUSPENDED_REASON => {
+                error!(queue_id = %id, error = %e, "cannot record the hold of a suspended login's message; it is not sent, and held at its next attempt");
+                // Its attempts find the login suspended and send nothing; not a loop meanwhile.
+                let retry = self.clock.now() + SUSPENDED_HOLD_RETRY.as_secs();
+                self.schedule(id, was_due.unwrap_or(0).max(retry));
+            }
             Err(e) => {
                 error!(queue_id = %id, error = %e, "cannot record the hold; the message stays as it was");
                 // As it was: due when it was (an attempt finds a held message held).
@@ -545,9 +558,9 @@ impl<C: Courier> Manager<C> {
             self.spool.clone(),
             self.courier.load_full(),
             self.clock,
-            id,
-            loaded,
+            (id, loaded),
             self.telemetry.clone(),
+            self.containment.clone(),
         );
         let done = done.clone();
         self.tracker.spawn(

@@ -769,3 +769,77 @@ async fn a_quarantined_message_leaves_the_census_and_once_restored_is_attempted_
     h.gone(&a).await;
     assert!(h.spool.quarantined().unwrap().is_empty());
 }
+
+/// Commit a message from `login` (authenticated) to one recipient, due now; told to the
+/// manager when `fresh`.
+fn queue_from(h: &Harness, login: &str, fresh: bool) -> QueueId {
+    let mut env = sample_envelope(&["rcpt@example.com"]);
+    env.received_at = h.courier.clock.now();
+    env.auth_user = Some(login.to_owned());
+    let id = h.spool.enqueue(&env, b"Subject: t\r\n\r\nhi\r\n").unwrap();
+    if fresh {
+        let committed = Committed {
+            id: id.clone(),
+            loaded: None,
+            auth_user: Some(login.to_owned()),
+        };
+        h.wake.send(committed).unwrap();
+    } else {
+        let mut state = DeliveryState::fresh(env.received_at);
+        state.next_attempt = T0;
+        h.spool.write_state(&id, &state).unwrap();
+    }
+    id
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_suspended_logins_mail_is_held_whatever_brings_it_due_and_never_sent() {
+    let mut h = start(&[5], 1, None);
+    let containment = Arc::new(
+        crate::policy::containment::Containment::open(h.spool.clone(), h.telemetry.clone())
+            .unwrap(),
+    );
+    let trip = crate::policy::containment::Trip {
+        rule: crate::policy::containment::OPERATOR,
+        reason: "test".into(),
+    };
+    containment.suspend("mallory", trip).await;
+    // Queued before the start, not held: held by the load.
+    let queued = queue_from(&h, "mallory", false);
+    h.manager = h
+        .manager
+        .take()
+        .map(|m| m.with_containment(containment.clone()));
+    h.run();
+    h.state_until(&queued, |s| s.hold.is_some()).await;
+    // Committed while suspended: held on arrival.
+    let fresh = queue_from(&h, "mallory", true);
+    h.state_until(&fresh, |s| s.hold.is_some()).await;
+    // Released by hand while still suspended: its attempt sends nothing and holds it again.
+    h.spool.request_hold(&queued, false).unwrap();
+    let kinds = |h: &Harness| -> Vec<EventKind> {
+        let all = h.journal.all();
+        let mine = all
+            .iter()
+            .filter(|e| e.id.as_deref() == Some(queued.as_str()));
+        mine.map(|e| e.kind).collect()
+    };
+    for _ in 0..1000 {
+        if kinds(&h).len() >= 3 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let held_again = [EventKind::Held, EventKind::Released, EventKind::Held];
+    assert_eq!(kinds(&h), held_again);
+    let reason = h.spool.load(&queued).unwrap().state.hold.unwrap().reason;
+    assert_eq!(reason, super::manager::SUSPENDED_REASON);
+    // Sync point: another login's message is sent, and is the only one ever sent.
+    let other = queue_from(&h, "bob", true);
+    assert_eq!(h.next_sent().await.id, other);
+    h.gone(&other).await;
+    assert!(h.sent.try_recv().is_err());
+    for id in [&queued, &fresh] {
+        assert_eq!(h.spool.load(id).unwrap().state.attempts, 0, "{id}");
+    }
+}

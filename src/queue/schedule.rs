@@ -289,6 +289,8 @@ pub enum AfterAttempt {
 /// held message is being looked at is carried out, not lost.
 pub fn after_attempt(end: AttemptEnd, retry: bool, hold: Option<bool>) -> AfterAttempt {
     match (end, hold) {
+        // A suspended login's message is held whatever was asked meanwhile.
+        (AttemptEnd::Suspended, _) => AfterAttempt::Hold(true),
         (AttemptEnd::Left, _) | (AttemptEnd::Held, None | Some(true)) => AfterAttempt::Nothing,
         (AttemptEnd::Held, Some(false)) | (AttemptEnd::Due(_), Some(true)) => {
             AfterAttempt::Hold(hold == Some(true))
@@ -617,6 +619,8 @@ mod tests {
             (AttemptEnd::Held, true, Some(false), Hold(false)),
             (AttemptEnd::Left, true, Some(true), Nothing),
             (AttemptEnd::Left, false, Some(false), Nothing),
+            (AttemptEnd::Suspended, false, None, Hold(true)),
+            (AttemptEnd::Suspended, true, Some(false), Hold(true)),
         ];
         for (end, retry, hold, expected) in cases {
             assert_eq!(

@@ -204,7 +204,7 @@ fn gather(telemetry: &Telemetry, watch: &mut QueueWatch, started: u64, now: u64)
 /// Log, gauge and webhook for one start or end.
 fn announce(t: &Transition, telemetry: &Telemetry, webhook: &Webhook, url: Option<&str>) {
     let (state, alert, since) = match t {
-        Transition::Started(a) => (State::Firing, a, a.since),
+        Transition::Started(a) | Transition::Grew(a) => (State::Firing, a, a.since),
         Transition::Ended { alert, at } => (State::Resolved, alert, *at),
     };
     let name = alert.alert.as_str();

@@ -337,6 +337,7 @@ fn run(engine: &mut Engine, from: u64, levels: &[Level], clear_after_s: u64) -> 
         for t in engine.step(&[c], T0 + second * SEC) {
             out.push(match t {
                 Transition::Started(_) => format!("+{second}"),
+                Transition::Grew(_) => format!("^{second}"),
                 Transition::Ended { .. } => format!("-{second}"),
             });
         }
@@ -430,8 +431,29 @@ fn external_alerts_start_when_raised_and_end_when_cleared() {
         matches!(&t[..], [Transition::Started(a)] if a.alert == AlertName::UserSuspended && a.text == "login x suspended"),
         "{t:?}"
     );
-    board.set_external(AlertName::UserSuspended, None);
+    // A second login suspended while the first still is: announced again, since unchanged.
+    let second = External {
+        value: "2".into(),
+        threshold: "0".into(),
+        text: "logins x, y suspended".into(),
+    };
+    board.set_external(AlertName::UserSuspended, Some(second));
     let t = engine.step(&board.external_conditions(), T0 + 2 * SEC);
+    assert!(
+        matches!(&t[..], [Transition::Grew(a)] if a.value == "2" && a.since == (T0 + SEC) / 1000),
+        "{t:?}"
+    );
+    // Fewer is not news; nor is the same again.
+    let one = External {
+        value: "1".into(),
+        threshold: "0".into(),
+        text: "login y suspended".into(),
+    };
+    board.set_external(AlertName::UserSuspended, Some(one));
+    assert_eq!(engine.step(&board.external_conditions(), T0 + 3 * SEC), []);
+    assert_eq!(engine.step(&board.external_conditions(), T0 + 4 * SEC), []);
+    board.set_external(AlertName::UserSuspended, None);
+    let t = engine.step(&board.external_conditions(), T0 + 5 * SEC);
     assert!(
         matches!(&t[..], [Transition::Ended { alert, .. }] if alert.alert == AlertName::UserSuspended),
         "{t:?}"
