@@ -11,23 +11,12 @@ use std::collections::BTreeMap;
 use std::process::Output;
 use std::time::Duration;
 
+use common::queue::{accept, delivered, listed, refusing_sink, wait_state};
 use common::sink::{Sink, SinkConfig};
 use common::*;
 use serde_json::Value;
 
 const WAIT: Duration = Duration::from_secs(15);
-
-/// A sink that answers MAIL with `451` (everything stays queued) until [`accept`].
-fn refusing_sink() -> Sink {
-    Sink::start(SinkConfig {
-        mail_reply: Some("451 4.3.0 try again later".into()),
-        ..SinkConfig::default()
-    })
-}
-
-fn accept(sink: &Sink) {
-    sink.set_config(SinkConfig::default());
-}
 
 /// A relay forwarding to `upstream_port`, retrying every second, with `containment` as its
 /// `[containment]` table and `more` appended: listener 0 is submission (STARTTLS, AUTH
@@ -35,14 +24,7 @@ fn accept(sink: &Sink) {
 /// listener 1 an open MX for 127.0.0.0/8; the admin listener on the port returned.
 fn relay(upstream_port: u16, containment: &str, more: &str) -> (Relay, u16) {
     let dir = TestDir::new();
-    let hash = secret_hash();
-    dir.write(
-        "users.toml",
-        format!(
-            "[[users]]\nname = \"alice\"\npassword_hash = \"{hash}\"\nsenders = [\"alice@example.com\"]\n\n\
-             [[users]]\nname = \"bob\"\npassword_hash = \"{hash}\"\nsenders = [\"bob@example.com\"]\n"
-        ),
-    );
+    write_alice_and_bob(&dir);
     let admin = free_port();
     let toml = config(
         &[
@@ -89,41 +71,9 @@ fn auth_reply(relay: &Relay, login: &str, password: &str, ip: &str) -> (u16, Str
     c.cmd(&auth_plain(login, password))
 }
 
-/// `queue list --json`: the state of each message by id.
-fn states(relay: &Relay) -> BTreeMap<String, String> {
-    let out = relay.command(&["queue", "list", "--json"]);
-    assert_eq!(out.status.code(), Some(0), "{}", show(&out));
-    String::from_utf8_lossy(&out.stdout)
-        .lines()
-        .map(|l| {
-            let v: Value = serde_json::from_str(l).unwrap();
-            let state = v["state"].as_str().unwrap().to_string();
-            (v["id"].as_str().unwrap().to_string(), state)
-        })
-        .collect()
-}
-
-#[track_caller]
-fn wait_states(relay: &Relay, ids: &[&String], state: &str) {
-    let ok = wait_until(WAIT, || {
-        let now = states(relay);
-        ids.iter()
-            .all(|id| now.get(*id).is_some_and(|s| s == state))
-    });
-    assert!(ok, "not all {state}: {ids:?}\n{:#?}", states(relay));
-}
-
-/// The subjects the sink accepted, sorted.
-fn delivered(sink: &Sink) -> Vec<String> {
-    let mut subjects: Vec<String> = (sink.messages().iter())
-        .map(|m| {
-            let text = String::from_utf8_lossy(&m.data);
-            let line = text.lines().find(|l| l.starts_with("Subject: ")).unwrap();
-            line["Subject: ".len()..].to_string()
-        })
-        .collect();
-    subjects.sort();
-    subjects
+fn sorted(mut v: Vec<String>) -> Vec<String> {
+    v.sort();
+    v
 }
 
 /// `portcullis_alert_active{alert="user_suspended"}` on `/metrics`.
@@ -167,7 +117,7 @@ fn a_login_over_its_recipient_domains_is_suspended_its_sessions_closed_and_its_m
     let a1 = send_as(&relay, "alice", "A1");
     let a2 = send_as(&relay, "alice", "A2");
     let b1 = send_as(&relay, "bob", "B1");
-    wait_states(&relay, &[&a1, &a2, &b1], "queued");
+    wait_state(&relay, &[&a1, &a2, &b1], "queued");
     assert_eq!(suspended_gauge(admin), "0");
     let users = user_list(&relay);
     assert_eq!(users["alice"]["messages_last_hour"], 2);
@@ -196,7 +146,7 @@ fn a_login_over_its_recipient_domains_is_suspended_its_sessions_closed_and_its_m
     assert_log(&relay, "account suspended");
     // The right password now gets exactly the wrong password's reply.
     assert_eq!(auth_reply(&relay, "alice", "secret", "127.0.0.1"), wrong);
-    wait_states(&relay, &[&a1, &a2], "held");
+    wait_state(&relay, &[&a1, &a2], "held");
     wait_gauge(admin, "1");
     let users = user_list(&relay);
     assert_eq!(users["alice"]["suspended"], true);
@@ -206,9 +156,9 @@ fn a_login_over_its_recipient_domains_is_suspended_its_sessions_closed_and_its_m
     // The upstream takes mail again: bob's is delivered, alice's stays held.
     accept(&sink);
     assert!(sink.wait_for(1, WAIT));
-    assert_eq!(delivered(&sink), ["B1"]);
-    assert_eq!(states(&relay).get(&b1), None);
-    wait_states(&relay, &[&a1, &a2], "held");
+    assert_eq!(sorted(delivered(&sink)), ["B1"]);
+    assert!(!listed(&relay).contains_key(&b1));
+    wait_state(&relay, &[&a1, &a2], "held");
 
     // Over a restart and a crash: still suspended, still held.
     relay.restart();
@@ -216,7 +166,7 @@ fn a_login_over_its_recipient_domains_is_suspended_its_sessions_closed_and_its_m
     relay.kill9();
     relay.restart();
     assert_eq!(auth_reply(&relay, "alice", "secret", "127.0.0.1"), wrong);
-    wait_states(&relay, &[&a1, &a2], "held");
+    wait_state(&relay, &[&a1, &a2], "held");
     wait_gauge(admin, "1");
 
     // Resumed: alice may send again; her held mail stays held until released.
@@ -231,11 +181,11 @@ fn a_login_over_its_recipient_domains_is_suspended_its_sessions_closed_and_its_m
     wait_gauge(admin, "0");
     send_as(&relay, "alice", "A3");
     assert!(sink.wait_for(2, WAIT));
-    assert_eq!(delivered(&sink), ["A3", "B1"]);
-    wait_states(&relay, &[&a1, &a2], "held");
+    assert_eq!(sorted(delivered(&sink)), ["A3", "B1"]);
+    wait_state(&relay, &[&a1, &a2], "held");
     run(&relay, &["queue", "release", "--user", "alice"]);
     assert!(sink.wait_for(4, WAIT));
-    assert_eq!(delivered(&sink), ["A1", "A2", "A3", "B1"]);
+    assert_eq!(sorted(delivered(&sink)), ["A1", "A2", "A3", "B1"]);
     assert!(relay.wait_for_queue_len(0, WAIT));
 }
 
@@ -289,19 +239,19 @@ fn a_login_suspended_while_the_relay_was_stopped_has_its_mail_held_before_any_at
     let (mut relay, admin) = relay(sink.port(), "", "");
     let a1 = send_as(&relay, "alice", "A1");
     let b1 = send_as(&relay, "bob", "B1");
-    wait_states(&relay, &[&a1, &b1], "queued");
+    wait_state(&relay, &[&a1, &b1], "queued");
     relay.stop();
     let out = run(&relay, &["user", "suspend", "alice", "--reason", "phished"]);
     assert!(String::from_utf8_lossy(&out.stdout).contains("alice"));
     accept(&sink);
     relay.restart();
     assert!(sink.wait_for(1, WAIT));
-    wait_states(&relay, &[&a1], "held");
+    wait_state(&relay, &[&a1], "held");
     // A later message of bob's is delivered while alice's stays held: it was never tried.
     send_as(&relay, "bob", "B2");
     assert!(sink.wait_for(2, WAIT));
-    assert_eq!(delivered(&sink), ["B1", "B2"]);
-    wait_states(&relay, &[&a1], "held");
+    assert_eq!(sorted(delivered(&sink)), ["B1", "B2"]);
+    wait_state(&relay, &[&a1], "held");
     wait_gauge(admin, "1");
     assert_reply(
         &auth_reply(&relay, "alice", "secret", "127.0.0.1"),
@@ -316,13 +266,13 @@ fn an_operator_suspension_reaches_the_running_relay_within_a_second() {
     let (relay, admin) = relay(sink.port(), "", "");
     let a1 = send_as(&relay, "alice", "A1");
     let b1 = send_as(&relay, "bob", "B1");
-    wait_states(&relay, &[&a1, &b1], "queued");
+    wait_state(&relay, &[&a1, &b1], "queued");
     let wrong = auth_reply(&relay, "alice", "not the password", "127.0.0.1");
     let mut idle = session(&relay, "alice", "127.0.0.1");
     let asked = std::time::Instant::now();
     let out = run(&relay, &["user", "suspend", "alice", "--reason", "phished"]);
     assert!(String::from_utf8_lossy(&out.stdout).starts_with("suspended alice"));
-    wait_states(&relay, &[&a1], "held");
+    wait_state(&relay, &[&a1], "held");
     assert!(
         asked.elapsed() < Duration::from_secs(3),
         "{:?}",
@@ -334,5 +284,5 @@ fn an_operator_suspension_reaches_the_running_relay_within_a_second() {
     assert!(relay.wait_for_fields(&[("login", "alice"), ("rule", "operator")], WAIT));
     wait_gauge(admin, "1");
     // bob's mail is not touched.
-    assert_eq!(states(&relay).get(&b1).map(String::as_str), Some("queued"));
+    assert_eq!(listed(&relay)[&b1]["state"], "queued");
 }

@@ -12,6 +12,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::time::Duration;
 
+use common::queue::{accept, delivered, listed, refusing_sink, wait_state};
 use common::sink::{Sink, SinkConfig};
 use common::*;
 use portcullis::envelope::{
@@ -36,19 +37,6 @@ fn stdout(out: &Output) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
-/// A sink that answers MAIL with `451`: the relay keeps everything queued, retrying each
-/// message every second, until [`accept`] turns it into a plain accepting server.
-fn refusing_sink() -> Sink {
-    Sink::start(SinkConfig {
-        mail_reply: Some("451 4.3.0 try again later".into()),
-        ..SinkConfig::default()
-    })
-}
-
-fn accept(sink: &Sink) {
-    sink.set_config(SinkConfig::default());
-}
-
 /// A relay forwarding to `upstream_port`, retrying every second: listener 0 is submission
 /// (STARTTLS, AUTH required; `alice` and `bob`, password `secret`, each sending as
 /// LOGIN@example.com), listener 1 an open MX for 127.0.0.0/8.
@@ -59,14 +47,7 @@ fn relay(upstream_port: u16) -> Relay {
 /// [`relay`] retrying every `retry`.
 fn relay_retrying(upstream_port: u16, retry: &str) -> Relay {
     let dir = TestDir::new();
-    let hash = secret_hash();
-    dir.write(
-        "users.toml",
-        format!(
-            "[[users]]\nname = \"alice\"\npassword_hash = \"{hash}\"\nsenders = [\"alice@example.com\"]\n\n\
-             [[users]]\nname = \"bob\"\npassword_hash = \"{hash}\"\nsenders = [\"bob@example.com\"]\n"
-        ),
-    );
+    write_alice_and_bob(&dir);
     let toml = config(
         &[
             listener("submission", free_port(), "starttls") + "auth = \"required\"\n",
@@ -111,46 +92,10 @@ fn send_as(relay: &Relay, login: &str, tag: &str) -> String {
     queue_id(&reply).expect("queue id")
 }
 
-/// The subjects of the messages the sink accepted, in order.
-fn delivered(sink: &Sink) -> Vec<String> {
-    sink.messages()
-        .iter()
-        .map(|m| {
-            let text = String::from_utf8_lossy(&m.data);
-            let line = text.lines().find(|l| l.starts_with("Subject: ")).unwrap();
-            line["Subject: ".len()..].to_string()
-        })
-        .collect()
-}
-
 fn sorted<T: Ord + Clone>(v: &[T]) -> Vec<T> {
     let mut v = v.to_vec();
     v.sort();
     v
-}
-
-/// `queue list --json`, by id.
-fn listed(relay: &Relay) -> BTreeMap<String, Value> {
-    let out = relay.command(&["queue", "list", "--json"]);
-    assert_eq!(out.status.code(), Some(0), "{}", show(&out));
-    stdout(&out)
-        .lines()
-        .map(|l| {
-            let v: Value = serde_json::from_str(l).unwrap();
-            (v["id"].as_str().unwrap().to_string(), v)
-        })
-        .collect()
-}
-
-/// Wait until `queue list --json` says `state` for each of `ids`.
-#[track_caller]
-fn wait_state(relay: &Relay, ids: &[&String], state: &str) {
-    let ok = wait_until(WAIT, || {
-        let list = listed(relay);
-        ids.iter()
-            .all(|id| list.get(*id).is_some_and(|v| v["state"] == state))
-    });
-    assert!(ok, "not all {state}: {ids:?}\n{:#?}", listed(relay));
 }
 
 /// Run a queue command and check its exit status; its stdout.

@@ -18,6 +18,7 @@ pub mod dns;
 pub mod http;
 pub mod page;
 pub mod postfix;
+pub mod queue;
 pub mod sink;
 pub mod webhook;
 
@@ -1054,6 +1055,19 @@ pub fn passwd(password: &str) -> String {
 pub fn secret_hash() -> &'static str {
     static HASH: std::sync::OnceLock<String> = std::sync::OnceLock::new();
     HASH.get_or_init(|| passwd("secret"))
+}
+
+/// `users.toml` in `dir`: `alice` and `bob`, both with the password `secret`, each sending as
+/// LOGIN@example.com.
+pub fn write_alice_and_bob(dir: &TestDir) {
+    let hash = secret_hash();
+    dir.write(
+        "users.toml",
+        format!(
+            "[[users]]\nname = \"alice\"\npassword_hash = \"{hash}\"\nsenders = [\"alice@example.com\"]\n\n\
+             [[users]]\nname = \"bob\"\npassword_hash = \"{hash}\"\nsenders = [\"bob@example.com\"]\n"
+        ),
+    );
 }
 
 /// Connected from `ip`, through STARTTLS and EHLO again: ready for AUTH.

@@ -51,6 +51,13 @@ async fn auth(h: &mut Harness, password: &str) -> String {
     h.cmd(&plain("alice@example.com", password)).await
 }
 
+/// [`auth`] with the right password, then `MAIL FROM:<alice@example.com>`, both accepted.
+async fn authenticated_mail(h: &mut Harness) {
+    assert!(auth(h, "secret").await.starts_with("235 "));
+    let mail = h.cmd("MAIL FROM:<alice@example.com>").await;
+    assert!(mail.starts_with("250 "), "{mail}");
+}
+
 fn operator() -> Trip {
     Trip {
         rule: crate::policy::containment::OPERATOR,
@@ -90,12 +97,7 @@ async fn other_logins_and_strangers_carry_on_while_one_login_is_suspended() {
     h.containment
         .suspend("mallory@example.com", operator())
         .await;
-    assert!(auth(&mut h, "secret").await.starts_with("235 "));
-    assert!(
-        h.cmd("MAIL FROM:<alice@example.com>")
-            .await
-            .starts_with("250 ")
-    );
+    authenticated_mail(&mut h).await;
     assert!(h.cmd("RCPT TO:<u@example.com>").await.starts_with("250 "));
     assert!(h.cmd("DATA").await.starts_with("354 "));
     let queued = h.cmd("From: alice@example.com\r\n\r\nbody\r\n.").await;
@@ -164,12 +166,7 @@ async fn an_open_session_of_a_suspended_login_gets_421_at_its_next_command() {
 #[tokio::test]
 async fn commands_after_the_suspension_are_refused_pipelined_or_not() {
     let mut h = start("");
-    assert!(auth(&mut h, "secret").await.starts_with("235 "));
-    assert!(
-        h.cmd("MAIL FROM:<alice@example.com>")
-            .await
-            .starts_with("250 ")
-    );
+    authenticated_mail(&mut h).await;
     h.containment.suspend("alice@example.com", operator()).await;
     // RCPT and DATA in one write: refused at once, the session closed; neither is decided.
     h.send("RCPT TO:<u@example.com>\r\nDATA").await;
@@ -180,12 +177,7 @@ async fn commands_after_the_suspension_are_refused_pipelined_or_not() {
 #[tokio::test]
 async fn a_message_whose_login_is_suspended_during_data_is_not_queued() {
     let mut h = start("");
-    assert!(auth(&mut h, "secret").await.starts_with("235 "));
-    assert!(
-        h.cmd("MAIL FROM:<alice@example.com>")
-            .await
-            .starts_with("250 ")
-    );
+    authenticated_mail(&mut h).await;
     assert!(h.cmd("RCPT TO:<u@example.com>").await.starts_with("250 "));
     assert!(h.cmd("DATA").await.starts_with("354 "));
     h.send("From: alice@example.com\r\nSubject: hi\r\n\r\nbody")
@@ -203,12 +195,7 @@ async fn a_message_whose_login_is_suspended_during_data_is_not_queued() {
 #[tokio::test]
 async fn too_many_recipient_domains_suspend_the_login_at_the_rcpt_that_goes_over() {
     let mut h = start("[containment]\nrecipient_domains_per_hour = 2\n");
-    assert!(auth(&mut h, "secret").await.starts_with("235 "));
-    assert!(
-        h.cmd("MAIL FROM:<alice@example.com>")
-            .await
-            .starts_with("250 ")
-    );
+    authenticated_mail(&mut h).await;
     for rcpt in ["a@one.test", "b@two.test", "c@ONE.test"] {
         let reply = h.cmd(&format!("RCPT TO:<{rcpt}>")).await;
         assert!(reply.starts_with("250 "), "{rcpt}: {reply}");
@@ -229,12 +216,7 @@ async fn repeated_user_rate_refusals_suspend_the_login_and_close_its_session() {
     let mut h = start(
         "[rate_limits]\nmessages_per_user = \"1/hour\"\n[containment]\nrate_limit_hits = 2\n",
     );
-    assert!(auth(&mut h, "secret").await.starts_with("235 "));
-    assert!(
-        h.cmd("MAIL FROM:<alice@example.com>")
-            .await
-            .starts_with("250 ")
-    );
+    authenticated_mail(&mut h).await;
     assert!(h.cmd("RSET").await.starts_with("250 "));
     let limited = h.cmd("MAIL FROM:<alice@example.com>").await;
     assert!(limited.starts_with("451 4.7.1"), "{limited}");
@@ -268,12 +250,7 @@ async fn logins_from_too_many_addresses_suspend_the_login_at_the_one_that_goes_o
 #[tokio::test]
 async fn without_containment_nothing_is_counted_or_suspended() {
     let mut h = start("[rate_limits]\nmessages_per_user = \"1/hour\"\n");
-    assert!(auth(&mut h, "secret").await.starts_with("235 "));
-    assert!(
-        h.cmd("MAIL FROM:<alice@example.com>")
-            .await
-            .starts_with("250 ")
-    );
+    authenticated_mail(&mut h).await;
     for domain in ["one", "two", "three", "four"] {
         let reply = h.cmd(&format!("RCPT TO:<x@{domain}.test>")).await;
         assert!(reply.starts_with("250 "), "{reply}");
