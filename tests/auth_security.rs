@@ -31,7 +31,7 @@ fn hash_with(m: u32, t: u32, password: &str) -> String {
 /// `users.toml` with `alice` and `bob` (both `secret`) and the policy around it: a STARTTLS
 /// submission listener requiring AUTH, `[auth]` with `auth_keys`.
 fn policy(dir: &TestDir, auth_keys: &str) -> String {
-    write_alice_and_bob(&dir);
+    write_alice_and_bob(dir);
     config(
         &[listener("submission", free_port(), "starttls")
             + "require_tls = true\nauth = \"required\"\n"],
