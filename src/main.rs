@@ -773,16 +773,31 @@ fn policy_explain(path: Option<&Path>, args: ExplainArgs) -> anyhow::Result<()> 
 }
 
 /// `portcullis user list|suspend|resume` (`admin::users`): the policy is needed for its users
-/// file (no `--config`, an invalid policy, an unknown login or a bad `--reason`: exit 2). A
-/// change is recorded in the audit log after it is made; a dry run records nothing.
+/// file (an invalid policy, an unknown login or a bad `--reason`: exit 2). In an emergency,
+/// with a policy that does not load, `--spool DIR` alone works: the login is then not checked
+/// against the users file (said on stderr). A change is recorded in the audit log after it is
+/// made; a dry run records nothing.
 fn user(action: UserAction, path: Option<&Path>, spool: Option<PathBuf>) -> anyhow::Result<()> {
     use portcullis::admin::users;
-    let Some(path) = path else {
-        return Err(UsageError("user commands need --config FILE".into()).into());
+    let config = match (path, &spool) {
+        (Some(path), _) => Some(load_config(path)?),
+        (None, Some(_)) => {
+            eprintln!(
+                "portcullis: no --config: logins are not checked against a users file, and the relay's counts are not read"
+            );
+            None
+        }
+        (None, None) => {
+            return Err(
+                UsageError("user commands need --config FILE (or --spool DIR)".into()).into(),
+            );
+        }
     };
-    let config = load_config(path)?;
     let given = (path, spool.clone());
-    let dir = spool.unwrap_or_else(|| config.server.spool_dir.clone());
+    let Some(dir) = spool.or_else(|| config.as_ref().map(|c| c.server.spool_dir.clone())) else {
+        unreachable!("a policy or a spool directory was given");
+    };
+    let config = config.as_ref();
     let usage = |e: users::UserError| -> anyhow::Error {
         if e.is_usage() {
             UsageError(e.to_string()).into()
@@ -791,7 +806,7 @@ fn user(action: UserAction, path: Option<&Path>, spool: Option<PathBuf>) -> anyh
         }
     };
     match action {
-        UserAction::List { json } => user_list(&config, &dir, json),
+        UserAction::List { json } => user_list(config, &dir, json),
         UserAction::Suspend {
             login,
             reason,
@@ -801,7 +816,7 @@ fn user(action: UserAction, path: Option<&Path>, spool: Option<PathBuf>) -> anyh
             let spool = open_spool(&dir, !dry_run)?;
             let now = portcullis::observe::event::unix_millis();
             let outcome =
-                users::suspend(&config, &spool, &login, reason, now, dry_run).map_err(usage)?;
+                users::suspend(config, &spool, &login, reason, now, dry_run).map_err(usage)?;
             let given = (given.0, given.1.as_deref());
             user_changed(
                 &spool,
@@ -814,7 +829,7 @@ fn user(action: UserAction, path: Option<&Path>, spool: Option<PathBuf>) -> anyh
         }
         UserAction::Resume { login, dry_run } => {
             let spool = open_spool(&dir, false)?;
-            let outcome = users::resume(&config, &spool, &login, dry_run).map_err(usage)?;
+            let outcome = users::resume(config, &spool, &login, dry_run).map_err(usage)?;
             let given = (given.0, given.1.as_deref());
             user_changed(&spool, &["user", "resume"], login, &outcome, dry_run, given)
         }
@@ -829,15 +844,10 @@ fn user_changed(
     login: String,
     outcome: &portcullis::admin::users::Outcome,
     dry_run: bool,
-    (config_path, spool_given): (&Path, Option<&Path>),
+    given: (Option<&Path>, Option<&Path>),
 ) -> anyhow::Result<()> {
-    let text = portcullis::admin::users::outcome_text(
-        &login,
-        outcome,
-        dry_run,
-        spool.root(),
-        (Some(config_path), spool_given),
-    );
+    let text =
+        portcullis::admin::users::outcome_text(&login, outcome, dry_run, spool.root(), given);
     print!("{text}");
     if dry_run {
         return Ok(());
@@ -852,15 +862,25 @@ fn user_changed(
 
 /// `portcullis user list [--json]`: the counts from the running relay, else `-`/`null` and
 /// the reason on stderr.
-fn user_list(config: &Config, dir: &Path, json: bool) -> anyhow::Result<()> {
+fn user_list(config: Option<&Config>, dir: &Path, json: bool) -> anyhow::Result<()> {
     use portcullis::admin::users;
     let spool = open_spool(dir, false)?;
-    let suspensions = spool.suspensions()?;
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .context("cannot start the async runtime")?;
-    let counts = runtime.block_on(users::messages_last_hour(config));
+    let listing = spool.list_suspended()?;
+    for stray in &listing.strays {
+        eprintln!(
+            "portcullis: not a sound suspension record: {}",
+            report::clean(stray)
+        );
+    }
+    let suspensions = listing.suspensions;
+    let counts = match config {
+        Some(config) => tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .context("cannot start the async runtime")?
+            .block_on(users::messages_last_hour(config)),
+        None => Err("no --config".to_owned()),
+    };
     if let Err(why) = &counts {
         eprintln!("portcullis: messages in the last hour unknown (shown as -): {why}");
     }

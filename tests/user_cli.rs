@@ -302,17 +302,55 @@ fn an_unknown_login_exits_2_and_changes_nothing_whatever_it_holds() {
             assert!(!err.contains('\r') && err.len() < 400, "{err:?}");
         }
     }
-    // A bad --reason is bad input too; no --config, likewise.
+    // A bad --reason is bad input too; neither --config nor --spool, likewise; with --spool
+    // only, a login --user would not take.
     let out = s.run(&["user", "suspend", "alice", "--reason", "two\nlines"]);
     assert_eq!(out.status.code(), Some(2), "{}", show(&out));
     let out = Command::new(BIN)
-        .args(["user", "suspend", "alice", "--spool"])
+        .args(["user", "suspend", "alice"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2), "{}", show(&out));
+    let out = Command::new(BIN)
+        .args(["user", "suspend", "bad login", "--spool"])
         .arg(&s.spool)
         .output()
         .unwrap();
     assert_eq!(out.status.code(), Some(2), "{}", show(&out));
     assert_eq!(suspended_files(&s.spool), 0);
     assert!(!s.spool.join("audit.jsonl").exists());
+}
+
+/// In an emergency the policy may not load (a typo while changing a password): `--spool`
+/// alone still suspends and resumes, saying the login was not checked.
+#[test]
+fn with_only_the_spool_a_login_is_suspended_and_resumed_unchecked() {
+    let s = Setup::new();
+    let spool_only = |args: &[&str]| {
+        Command::new(BIN)
+            .args(args)
+            .arg("--spool")
+            .arg(&s.spool)
+            .output()
+            .unwrap()
+    };
+    let out = spool_only(&["user", "suspend", "alice", "--reason", "phished"]);
+    assert_eq!(out.status.code(), Some(0), "{}", show(&out));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("not checked against a users file"));
+    assert!(String::from_utf8_lossy(&out.stdout).contains(&format!(
+        "portcullis queue release --user alice --spool {}",
+        s.spool.display()
+    )));
+    assert_eq!(suspended_files(&s.spool), 1);
+    let out = spool_only(&["user", "list", "--json"]);
+    assert_eq!(out.status.code(), Some(0), "{}", show(&out));
+    let list: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(list[0]["login"], "alice");
+    assert_eq!(list[0]["suspended"], true);
+    assert_eq!(list[0]["messages_last_hour"], Value::Null);
+    let out = spool_only(&["user", "resume", "alice"]);
+    assert_eq!(out.status.code(), Some(0), "{}", show(&out));
+    assert_eq!(suspended_files(&s.spool), 0);
 }
 
 #[test]

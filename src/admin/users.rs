@@ -106,29 +106,37 @@ impl Outcome {
     }
 }
 
-/// The logins of the users file, in its order.
-fn user_names(config: &Config) -> impl Iterator<Item = &str> {
-    (config.auth.iter()).flat_map(|auth| auth.users.iter().map(|u| u.name.as_str()))
+/// The logins of the users file, in its order (none without a policy).
+fn user_names(config: Option<&Config>) -> impl Iterator<Item = &str> {
+    (config.into_iter().flat_map(|c| c.auth.iter()))
+        .flat_map(|auth| auth.users.iter().map(|u| u.name.as_str()))
 }
 
 /// `login`'s suspension now, after checking that the login is known (in the users file, or
-/// suspended under the spool).
+/// suspended under the spool). Without a policy (`--spool` only, when the policy cannot be
+/// loaded in an emergency) any login `queue hold --user` accepts is taken.
 ///
 /// # Errors
 /// [`UserError::Unknown`] for any other login; [`UserError::Spool`] when its record cannot be
 /// read.
-pub fn known(config: &Config, spool: &Spool, login: &str) -> Result<Option<Suspension>, UserError> {
+pub fn known(
+    config: Option<&Config>,
+    spool: &Spool,
+    login: &str,
+) -> Result<Option<Suspension>, UserError> {
     // The empty login names no user (the users file refuses blank names) and no record (its
     // file name would be `suspended/` itself).
     if !login.is_empty() {
         let suspension = spool.suspension(login)?;
-        if suspension.is_some() || user_names(config).any(|name| name == login) {
+        let unchecked = config.is_none() && Selection::parse_user(login).is_ok();
+        if suspension.is_some() || unchecked || user_names(config).any(|name| name == login) {
             return Ok(suspension);
         }
     }
-    let file = match config.auth.as_ref().and_then(|a| a.users_file.as_ref()) {
-        Some(path) => format!(" ({})", clean(&path.display().to_string())),
-        None => " (the policy names none)".to_owned(),
+    let file = match config.map(|c| c.auth.as_ref().and_then(|a| a.users_file.as_ref())) {
+        Some(Some(path)) => format!(" ({})", clean(&path.display().to_string())),
+        Some(None) => " (the policy names none)".to_owned(),
+        None => " (no --config; nor a login --user takes)".to_owned(),
     };
     Err(UserError::Unknown {
         shown: shown(login),
@@ -168,7 +176,7 @@ pub fn reason(given: Option<&str>) -> Result<String, UserError> {
 /// See [`known`]; [`UserError::Spool`] when the record cannot be written (then nothing is
 /// left under `suspended/`).
 pub fn suspend(
-    config: &Config,
+    config: Option<&Config>,
     spool: &Spool,
     login: &str,
     reason: String,
@@ -199,7 +207,7 @@ pub fn suspend(
 /// # Errors
 /// See [`known`]; [`UserError::Spool`] when the record cannot be removed.
 pub fn resume(
-    config: &Config,
+    config: Option<&Config>,
     spool: &Spool,
     login: &str,
     dry_run: bool,
@@ -335,7 +343,7 @@ pub struct Row {
 /// login (`suspensions`), with their counts from `counts` (a login missing from a known map
 /// sent nothing: 0).
 pub fn rows(
-    config: &Config,
+    config: Option<&Config>,
     suspensions: Vec<Suspension>,
     counts: Option<&BTreeMap<String, u64>>,
 ) -> Vec<Row> {

@@ -133,7 +133,7 @@ fn rows_join_the_users_file_and_the_suspended_logins_sorted_by_login() {
         suspension("gone", "containment_rate_limit_hits", "y"),
     ];
     let counts: BTreeMap<String, u64> = [("alice".to_owned(), 7)].into();
-    let got = rows(&config, suspended.clone(), Some(&counts));
+    let got = rows(Some(&config), suspended.clone(), Some(&counts));
     let summary: Vec<(&str, bool, Option<u64>)> = (got.iter())
         .map(|r| {
             (
@@ -152,14 +152,14 @@ fn rows_join_the_users_file_and_the_suspended_logins_sorted_by_login() {
             ("zoe", false, Some(0)),
         ]
     );
-    let unknown = rows(&config, suspended, None);
+    let unknown = rows(Some(&config), suspended, None);
     assert!(unknown.iter().all(|r| r.messages_last_hour.is_none()));
     assert_eq!(
         rows(
-            &Config {
+            Some(&Config {
                 auth: None,
                 ..config
-            },
+            }),
             vec![],
             None
         ),
@@ -175,29 +175,53 @@ fn suspend_and_resume_change_the_record_once_and_a_dry_run_never() {
     let now = 1_700_000_000_000;
     let record = suspension("alice", OPERATOR, DEFAULT_REASON);
 
-    let dry = suspend(&config, &spool, "alice", reason(None).unwrap(), now, true).unwrap();
+    let dry = suspend(
+        Some(&config),
+        &spool,
+        "alice",
+        reason(None).unwrap(),
+        now,
+        true,
+    )
+    .unwrap();
     assert_eq!(dry, Outcome::Suspended(record.clone()));
     assert_eq!(spool.suspension("alice").unwrap(), None);
-    let done = suspend(&config, &spool, "alice", reason(None).unwrap(), now, false).unwrap();
+    let done = suspend(
+        Some(&config),
+        &spool,
+        "alice",
+        reason(None).unwrap(),
+        now,
+        false,
+    )
+    .unwrap();
     assert_eq!(done, Outcome::Suspended(record.clone()));
     assert_eq!(spool.suspension("alice").unwrap(), Some(record.clone()));
     // Again, with another reason: the first suspension stays.
-    let again = suspend(&config, &spool, "alice", "other".into(), now + 5, false).unwrap();
+    let again = suspend(
+        Some(&config),
+        &spool,
+        "alice",
+        "other".into(),
+        now + 5,
+        false,
+    )
+    .unwrap();
     assert_eq!(again, Outcome::AlreadySuspended(record.clone()));
     assert!(!again.changes());
 
     assert_eq!(
-        resume(&config, &spool, "alice", true).unwrap(),
+        resume(Some(&config), &spool, "alice", true).unwrap(),
         Outcome::Resumed(record.clone())
     );
     assert_eq!(spool.suspension("alice").unwrap(), Some(record.clone()));
     assert_eq!(
-        resume(&config, &spool, "alice", false).unwrap(),
+        resume(Some(&config), &spool, "alice", false).unwrap(),
         Outcome::Resumed(record)
     );
     assert_eq!(spool.suspension("alice").unwrap(), None);
     assert_eq!(
-        resume(&config, &spool, "alice", false).unwrap(),
+        resume(Some(&config), &spool, "alice", false).unwrap(),
         Outcome::NotSuspended
     );
 }
@@ -211,28 +235,28 @@ fn a_login_is_known_by_the_users_file_or_its_suspension_only() {
     spool
         .suspend_login(&suspension("gone", "containment_client_ips", "z"))
         .unwrap();
-    assert!(known(&config, &spool, "gone").unwrap().is_some());
+    assert!(known(Some(&config), &spool, "gone").unwrap().is_some());
     assert!(matches!(
-        resume(&config, &spool, "gone", false).unwrap(),
+        resume(Some(&config), &spool, "gone", false).unwrap(),
         Outcome::Resumed(_)
     ));
     for login in ["gone", "Alice", "alice\r\n", ""] {
-        let err = suspend(&config, &spool, login, "r".into(), 1, false).unwrap_err();
+        let err = suspend(Some(&config), &spool, login, "r".into(), 1, false).unwrap_err();
         assert!(err.is_usage(), "{login:?}: {err}");
         assert!(
-            resume(&config, &spool, login, false)
+            resume(Some(&config), &spool, login, false)
                 .unwrap_err()
                 .is_usage()
         );
     }
-    let err = known(&config, &spool, "bad\r\nlogin").unwrap_err();
+    let err = known(Some(&config), &spool, "bad\r\nlogin").unwrap_err();
     assert_eq!(
         err.to_string(),
         "unknown login \"bad??login\": not in the users file (/etc/portcullis/users.toml), \
          and not suspended under the spool"
     );
     let long = "x".repeat(10_000);
-    let err = known(&config, &spool, &long).unwrap_err().to_string();
+    let err = known(Some(&config), &spool, &long).unwrap_err().to_string();
     assert!(
         err.starts_with(&format!(
             "unknown login \"{}… (10000 octets)\"",
@@ -245,7 +269,7 @@ fn a_login_is_known_by_the_users_file_or_its_suspension_only() {
         ..config
     };
     assert!(
-        (known(&none, &spool, "alice").unwrap_err().to_string())
+        (known(Some(&none), &spool, "alice").unwrap_err().to_string())
             .contains("not in the users file (the policy names none)")
     );
     assert_eq!(spool.suspensions().unwrap(), vec![]);
@@ -324,4 +348,20 @@ fn each_outcome_says_what_happened_and_what_comes_next() {
         text(&Outcome::NotSuspended, false),
         "alice is not suspended; nothing changed\n"
     );
+}
+
+#[test]
+fn without_a_policy_any_login_user_takes_is_known_and_no_other() {
+    let dir = tempfile::tempdir().unwrap();
+    let spool = Spool::open(dir.path()).unwrap();
+    assert_eq!(known(None, &spool, "alice").unwrap(), None);
+    let err = known(None, &spool, "bad\r\nlogin").unwrap_err();
+    assert!(err.is_usage());
+    assert!(
+        err.to_string().ends_with(
+            "(no --config; nor a login --user takes), and not suspended under the spool"
+        ),
+        "{err}"
+    );
+    assert!(known(None, &spool, "").is_err());
 }
