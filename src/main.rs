@@ -1169,7 +1169,14 @@ fn hold_release(
         }
     }
     let ids: Vec<QueueId> = acted.iter().map(|(id, _)| id.clone()).collect();
-    if !dry_run && let Err(e) = spool.request_holds(&ids, action.holds()) {
+    // A release is asked for the messages not held too: one being sent now may have a hold
+    // the relay records only when that attempt ends, and the release must win over it (for a
+    // message not held, the relay changes nothing).
+    let asked: Vec<QueueId> = match action {
+        HoldAction::Release => ids.iter().chain(&skipped).cloned().collect(),
+        HoldAction::Hold => ids.clone(),
+    };
+    if !dry_run && let Err(e) = spool.request_holds(&asked, action.holds()) {
         // Requests written before the failure are acted on: the log names every id asked for.
         let recorded = record(spool, &["queue", action.verb()], to_strings(&ids));
         return all_ok([Err(e.into()), recorded]);
