@@ -27,7 +27,8 @@
 //!   Rate budgets and AUTH failure records live in `policy::store::Store` (in this process
 //!   today). A new check is a `Check` in its stage's list; one that needs I/O is also a new
 //!   `Effect`, carried out once in `inbound::effects`.
-//! - [`inbound`]: listeners (one `session` tracing span per connection), the session driver
+//! - [`inbound`]: listeners (one `session` tracing span per connection; the PROXY protocol
+//!   header of a listener's `trusted_proxies`, `proxy`), the session driver
 //!   (`connection`: generic over its byte stream, one method per stage, only moving bytes),
 //!   the effect runner (`effects`), TLS, connection accounting with stress mode (`pressure`),
 //!   message assembly ([`inbound::assembly::Assembly`]: envelope, `Received:`, header filter,

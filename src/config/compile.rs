@@ -522,6 +522,7 @@ impl Compiler {
                     ],
                 )
                 .unwrap_or(BareLf::Trusted);
+            let trusted_proxies = self.nets(&format!("{at}.trusted_proxies"), raw.trusted_proxies, &[]);
             if let Some(bind) = bind {
                 listeners.push(Listener {
                     name,
@@ -532,6 +533,7 @@ impl Compiler {
                     allow,
                     deny,
                     bare_lf,
+                    trusted_proxies,
                 });
             }
         }

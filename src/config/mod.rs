@@ -191,6 +191,10 @@ pub struct Listener {
     pub deny: Vec<IpNet>,
     /// What a bare LF inside DATA gets.
     pub bare_lf: BareLf,
+    /// Load balancers (networks, host bits cleared) whose connections must begin with a
+    /// PROXY v1 or v2 header naming the client (see [`crate::inbound::proxy`]); empty: none,
+    /// and a PROXY line is an SMTP command like any other.
+    pub trusted_proxies: Vec<IpNet>,
 }
 
 /// `[relay]`.

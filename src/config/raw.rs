@@ -96,6 +96,8 @@ pub struct RawListener {
     pub deny: Option<Vec<String>>,
     /// `"reject"`, `"normalize"` or `"trusted"`.
     pub bare_lf: Option<String>,
+    /// Load balancers whose connections start with a PROXY v1/v2 header (CIDRs).
+    pub trusted_proxies: Option<Vec<String>>,
 }
 
 /// `[relay]`

@@ -71,6 +71,17 @@ pub(super) fn warnings(config: &Config) -> Vec<String> {
                 l.name
             ));
         }
+        let wide: Vec<String> = (l.trusted_proxies.iter())
+            .filter(|n| n.prefix_len() <= OPEN_RELAY_MAX_PREFIX)
+            .map(ToString::to_string)
+            .collect();
+        if !wide.is_empty() {
+            w.push(format!(
+                "Listener {:?} trusts PROXY headers from {}: anyone there can claim any client                  address (and with it relay_networks); list only the load balancers' addresses.",
+                l.name,
+                wide.join(", ")
+            ));
+        }
     }
     if !config.relay.accepted_domains.is_empty() && config.relay.recipients_file.is_none() {
         for l in &config.listeners {
@@ -399,6 +410,13 @@ pub(super) fn summary(c: &Config) -> String {
             nets(&l.allow),
             nets(&l.deny)
         );
+        if !l.trusted_proxies.is_empty() {
+            let _ = writeln!(
+                s,
+                "    trusted proxies (PROXY v1/v2 header required, its client used by every rule): {}",
+                nets(&l.trusted_proxies)
+            );
+        }
     }
     let _ = writeln!(s, "relay:");
     let _ = writeln!(s, "  accepted domains: {}", list(&c.relay.accepted_domains));

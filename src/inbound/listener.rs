@@ -5,6 +5,17 @@
 //! When a cap is reached, or the listeners are paused (`portcullis listeners pause`), the
 //! client is told `421` and closed by a short task of its own; the accept loop itself never
 //! waits on a client.
+//!
+//! A connection from one of the listener's `trusted_proxies` counts only towards
+//! `max_connections` at accept; its session task first reads the PROXY header
+//! ([`super::proxy`]) and only then counts the client it names towards
+//! `max_connections_per_ip` (a slow proxy never holds up the accept loop). From there on that
+//! client is the session's peer for every rule, log line (the span's `peer`; the proxy is its
+//! `proxy` field), event and `Received:` field. A `LOCAL` header (or one naming no TCP
+//! client) makes a session from the proxy itself; a connection that closes before sending a
+//! byte (a TCP health check) is not logged above debug; a missing, malformed, oversized or
+//! late header closes the connection (`rule=proxy_header`). A PROXY line from any other peer
+//! is an SMTP command like any other (`500`), never believed.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -14,13 +25,17 @@ use arc_swap::ArcSwap;
 use tokio::io::{AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio_util::task::TaskTracker;
-use tracing::{Instrument, info, info_span, warn};
+use tracing::field::{Empty, display};
+use tracing::{Instrument, Span, debug, info, info_span, warn};
 
 use super::Runtime;
-use super::connection::{SessionDriver, Shared};
-use super::pressure::{ConnectionCounter, Full};
+use super::connection::{Io, SessionDriver, Shared};
+use super::pressure::{ConnectionCounter, Full, Slot};
+use super::proxy::{self, HeaderError, Origin};
 use super::record::{self, Client, Refused};
 use crate::config::Listener;
+use crate::policy::Detail;
+use crate::policy::access::{contains, normalize};
 use crate::observe::EventKind;
 use crate::smtp::{Reply, reply};
 
@@ -60,65 +75,69 @@ impl ListenerTask {
                 }
             };
             let _ = tcp.set_nodelay(true);
-            // The peer last, so a line reads `…peer=192.0.2.1}: session end …`. The
-            // refusals at connect carry it too.
-            let span = info_span!("session", listener = %self.config.name,
-                client_port = peer.port(), peer = %peer.ip());
-            if self.shared.telemetry.gate.paused() {
-                // `portcullis listeners pause` (delivery is not affected); at info level:
-                // the operator asked for it.
-                let (paused, rule) = AtAccept::Paused.refusal();
-                let refused = Refused::rule(rule, &paused);
-                span.in_scope(|| self.refuse_at_connect(tcp, peer, refused));
-                continue;
-            }
-            let runtime = self.runtime.load_full();
-            let listener = self.current(&runtime);
-            let limits = &runtime.config.limits;
-            match self.counter.admit(
-                peer.ip(),
-                limits.max_connections,
-                limits.max_connections_per_ip,
-                limits.stress_connections,
-            ) {
-                Ok(slot) => {
-                    let shared = self.shared.clone();
-                    self.tracker.spawn(
-                        async move {
-                            let _slot = slot;
-                            SessionDriver::new(runtime, listener, shared, peer)
-                                .run(tcp)
-                                .await;
-                        }
-                        .instrument(span),
-                    );
-                }
-                Err(full) => {
-                    let (reply, rule) = AtAccept::Full(full).refusal();
-                    let full = Refused::rule(rule, &reply).warning();
-                    span.in_scope(|| self.refuse_at_connect(tcp, peer, full));
-                }
-            }
+            self.admit(tcp, peer);
         }
         info!(listener = %self.config.name, "stopped listening");
+    }
+
+    /// Admit the connection from `peer` (or refuse it) and start its session task, in a
+    /// `session` span that gives every line of the session its listener and peer (and, from a
+    /// trusted proxy, the proxy; the peer is then the client its header names).
+    fn admit(&self, tcp: TcpStream, peer: SocketAddr) {
+        // The peer last, so a line reads `…peer=192.0.2.1}: session end …`. The refusals at
+        // connect carry it too. Recorded once known: after the PROXY header from a proxy.
+        let span = info_span!("session", listener = %self.config.name, proxy = Empty,
+            client_port = Empty, peer = Empty);
+        let runtime = self.runtime.load_full();
+        let listener = self.current(&runtime);
+        let proxied = contains(&listener.trusted_proxies, normalize(peer.ip()));
+        if proxied {
+            span.record("proxy", display(peer.ip()));
+        } else {
+            record_peer(&span, peer);
+        }
+        if self.shared.telemetry.gate.paused() {
+            // `portcullis listeners pause` (delivery is not affected); at info level:
+            // the operator asked for it.
+            let (paused, rule) = AtAccept::Paused.refusal();
+            let refused = Refused::rule(rule, &paused);
+            span.in_scope(|| self.refuse_at_connect(tcp, peer, refused));
+            return;
+        }
+        let limits = &runtime.config.limits;
+        let (total, per_ip) = (limits.max_connections, limits.max_connections_per_ip);
+        let slot = if proxied {
+            // Its client is counted once its header names it.
+            self.counter.admit_proxied(total, limits.stress_connections)
+        } else {
+            (self.counter).admit(peer.ip(), total, per_ip, limits.stress_connections)
+        };
+        match slot {
+            Ok(slot) => {
+                let accepted = Accepted {
+                    runtime,
+                    listener,
+                    shared: self.shared.clone(),
+                    peer,
+                    slot,
+                };
+                self.tracker
+                    .spawn(accepted.serve(tcp, proxied).instrument(span));
+            }
+            Err(full) => {
+                let (reply, rule) = AtAccept::Full(full).refusal();
+                let full = Refused::rule(rule, &reply).warning();
+                span.in_scope(|| self.refuse_at_connect(tcp, peer, full));
+            }
+        }
     }
 
     /// Refuse `peer` before any session (the listeners are paused, or a connection cap is
     /// reached): log and record `refused` (in the caller's span), then send its `421` and
     /// close, by a short task of its own (closed at once if `refused` has no reply).
     fn refuse_at_connect(&self, tcp: TcpStream, peer: SocketAddr, refused: Refused<'_>) {
-        let client = Client {
-            listener: &self.config.name,
-            ip: peer.ip(),
-            tls: None,
-            login: None,
-        };
         let refused = refused.saying("rejected at connect");
-        record::refused(
-            &self.shared.telemetry,
-            client.event(EventKind::Refused),
-            &refused,
-        );
+        record_at_connect(&self.shared, &self.config.name, peer, &refused);
         if let Some(reply) = refused.reply.cloned() {
             self.tracker.spawn(async move { refuse(tcp, &reply).await });
         }
@@ -134,6 +153,98 @@ impl ListenerTask {
             .find(|l| l.name == self.config.name)
             .cloned()
             .unwrap_or_else(|| self.config.clone())
+    }
+}
+
+/// Log and record a refusal of `peer` on `listener` before its session started (in the
+/// caller's span).
+fn record_at_connect(shared: &Shared, listener: &str, peer: SocketAddr, refused: &Refused<'_>) {
+    let client = Client {
+        listener,
+        ip: peer.ip(),
+        tls: None,
+        login: None,
+    };
+    record::refused(&shared.telemetry, client.event(EventKind::Refused), refused);
+}
+
+/// Record the session's client in its span (`client_port`, then `peer`).
+fn record_peer(span: &Span, client: SocketAddr) {
+    span.record("client_port", client.port());
+    span.record("peer", display(client.ip()));
+}
+
+/// One admitted connection: what its session task needs.
+pub(super) struct Accepted {
+    /// The configuration snapshot the session keeps to its end.
+    pub runtime: Arc<Runtime>,
+    /// The listener as that snapshot configures it.
+    pub listener: Listener,
+    pub shared: Shared,
+    /// The TCP peer: the client, or a trusted proxy.
+    pub peer: SocketAddr,
+    /// Its place in the connection counts, held until the session ends.
+    pub slot: Slot,
+}
+
+impl Accepted {
+    /// Serve the connection `io`: with `proxied` (its peer is one of the listener's
+    /// `trusted_proxies`), first read its PROXY header ([`proxy::read_header`], bounded by
+    /// [`proxy::HEADER_TIMEOUT`]) and count the client it names towards
+    /// `max_connections_per_ip`; then the session, whose client is that address (or the
+    /// proxy's own for a `LOCAL` header).
+    pub(super) async fn serve<S: Io>(mut self, mut io: S, proxied: bool) {
+        let client = if proxied {
+            match self.proxied_client(&mut io).await {
+                Some(client) => client,
+                None => return,
+            }
+        } else {
+            self.peer
+        };
+        let mut driver = SessionDriver::new(self.runtime, self.listener, self.shared, client);
+        driver.run(io).await;
+        drop(self.slot);
+    }
+
+    /// The client a trusted proxy's connection is from, per its header; `None`: closed
+    /// (no valid header, logged with `rule=proxy_header`; or over the client's
+    /// `max_connections_per_ip`, told `421`).
+    async fn proxied_client<S: Io>(&mut self, io: &mut S) -> Option<SocketAddr> {
+        let span = Span::current();
+        let origin = match proxy::read_header(io).await {
+            Ok(origin) => origin,
+            // A TCP health check: it connects and leaves.
+            Err(HeaderError::Silent) => {
+                debug!("trusted proxy closed without sending anything");
+                return None;
+            }
+            Err(e) => {
+                let detail = Detail::Text(e.to_string());
+                let what = "closed: no valid PROXY header from a trusted proxy";
+                let refused = Refused::unanswered("proxy_header", what).with_detail(&detail);
+                record_at_connect(&self.shared, &self.listener.name, self.peer, &refused);
+                return None;
+            }
+        };
+        let Origin::Client(client) = origin else {
+            // The proxy's own session: its address counts only towards max_connections.
+            record_peer(&span, self.peer);
+            if origin == Origin::Unknown {
+                info!("PROXY header names no TCP client (UNKNOWN or UNSPEC): the proxy's own session");
+            }
+            return Some(self.peer);
+        };
+        record_peer(&span, client);
+        let max_per_ip = self.runtime.config.limits.max_connections_per_ip;
+        if let Err(full) = self.slot.claim(client.ip(), max_per_ip) {
+            let (reply, rule) = AtAccept::Full(full).refusal();
+            let refused = Refused::rule(rule, &reply).warning().saying("rejected at connect");
+            record_at_connect(&self.shared, &self.listener.name, client, &refused);
+            refuse(&mut *io, &reply).await;
+            return None;
+        }
+        Some(client)
     }
 }
 

@@ -2,7 +2,8 @@
 //!
 //! [`start`] binds every listener and returns the [`Inbound`] handle `app` stops them with;
 //! [`listener`] accepts connections and enforces the connection caps (refusing with `421`
-//! rather than blocking), opening a `session` tracing span per connection; [`pressure`]
+//! rather than blocking), opening a `session` tracing span per connection; [`proxy`] reads the
+//! PROXY header of a connection from a listener's `trusted_proxies`; [`pressure`]
 //! counts connections and decides stress mode; [`connection`] drives one
 //! [`crate::smtp::Session`] over any byte stream (plain, then TLS), dispatching each event to
 //! its stage; [`effects`] carries out what the policy's stage evaluators ask for (rate
@@ -23,6 +24,7 @@ pub mod effects;
 pub mod explain;
 pub mod listener;
 pub mod pressure;
+pub mod proxy;
 pub mod record;
 pub mod tls;
 pub mod verifier;

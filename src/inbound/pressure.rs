@@ -80,10 +80,32 @@ impl ConnectionCounter {
         max_per_ip: usize,
         stress_at: usize,
     ) -> Result<Slot, Full> {
-        let ip = ClientKey::new(ip);
+        self.take(Some(ClientKey::new(ip)), max_total, max_per_ip, stress_at)
+    }
+
+    /// Take a slot counted only towards `max_total`: a connection from a trusted proxy
+    /// before its PROXY header names the client ([`Slot::claim`] then counts the client).
+    ///
+    /// # Errors
+    /// [`Full::Total`] when `max_total` connections are open (stress mode starts).
+    pub fn admit_proxied(&self, max_total: usize, stress_at: usize) -> Result<Slot, Full> {
+        self.take(None, max_total, usize::MAX, stress_at)
+    }
+
+    fn take(
+        &self,
+        ip: Option<ClientKey>,
+        max_total: usize,
+        max_per_ip: usize,
+        stress_at: usize,
+    ) -> Result<Slot, Full> {
         let mut c = self.inner.lock().unwrap_or_else(|e| e.into_inner());
         c.stress_at = stress_at;
-        match c.full(&ip, max_total, max_per_ip) {
+        let full = match &ip {
+            Some(ip) => c.full(ip, max_total, max_per_ip),
+            None => (c.total >= max_total).then_some(Full::Total),
+        };
+        match full {
             Some(Full::Total) => {
                 self.enter_stress(c.total, "max_connections reached");
                 return Err(Full::Total);
@@ -91,8 +113,9 @@ impl ConnectionCounter {
             Some(full) => return Err(full),
             None => {}
         }
-        let n = c.per_ip.entry(ip).or_insert(0);
-        *n += 1;
+        if let Some(ip) = ip {
+            *c.per_ip.entry(ip).or_insert(0) += 1;
+        }
         c.total += 1;
         if c.total >= stress_at {
             self.enter_stress(c.total, "stress_threshold reached");
@@ -151,18 +174,54 @@ impl ConnectionCounter {
 #[derive(Debug)]
 pub struct Slot {
     counter: ConnectionCounter,
-    ip: ClientKey,
+    /// Whom it counts towards `max_connections_per_ip`; `None`: only towards the total (a
+    /// trusted proxy's connection, before or without a client in its header).
+    ip: Option<ClientKey>,
+}
+
+impl Slot {
+    /// Count this slot (taken by [`ConnectionCounter::admit_proxied`]) towards `ip`'s
+    /// connections too, the client a PROXY header names, if that stays within
+    /// `max_per_ip`.
+    ///
+    /// # Errors
+    /// [`Full::PerIp`] when `ip` has `max_per_ip` connections open already; the slot then
+    /// still counts towards the total only.
+    pub fn claim(&mut self, ip: IpAddr, max_per_ip: usize) -> Result<(), Full> {
+        let key = ClientKey::new(ip);
+        let mut c = self.counter.inner.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(old) = self.ip.take() {
+            release(&mut c, &old);
+        }
+        let n = c.per_ip.entry(key).or_insert(0);
+        if *n >= max_per_ip {
+            if *n == 0 {
+                c.per_ip.remove(&key);
+            }
+            return Err(Full::PerIp);
+        }
+        *n += 1;
+        self.ip = Some(key);
+        Ok(())
+    }
+}
+
+/// Give back one connection of `ip` (the counts locked).
+fn release(c: &mut Counts, ip: &ClientKey) {
+    if let Some(n) = c.per_ip.get_mut(ip) {
+        *n -= 1;
+        if *n == 0 {
+            c.per_ip.remove(ip);
+        }
+    }
 }
 
 impl Drop for Slot {
     fn drop(&mut self) {
         let mut c = self.counter.inner.lock().unwrap_or_else(|e| e.into_inner());
         c.total = c.total.saturating_sub(1);
-        if let Some(n) = c.per_ip.get_mut(&self.ip) {
-            *n -= 1;
-            if *n == 0 {
-                c.per_ip.remove(&self.ip);
-            }
+        if let Some(ip) = &self.ip {
+            release(&mut c, ip);
         }
         if c.total < c.stress_at.div_ceil(2)
             && self
@@ -196,6 +255,28 @@ mod tests {
         assert!(counter.admit(other, 100, 3, 100).is_ok());
         drop(held);
         assert!(counter.admit(ip(9), 100, 3, 100).is_ok());
+    }
+
+    #[test]
+    fn a_proxied_slot_counts_its_client_only_once_claimed() {
+        let c = ConnectionCounter::default();
+        let client: IpAddr = "203.0.113.9".parse().unwrap();
+        // The proxy's own connections count towards the total only, however many.
+        let mut a = c.admit_proxied(3, 100).unwrap();
+        let mut b = c.admit_proxied(3, 100).unwrap();
+        assert_eq!(c.admission(client, 3, 1), Ok(()));
+        a.claim(client, 1).unwrap();
+        assert_eq!(c.admission(client, 3, 1), Err(Full::PerIp));
+        assert_eq!(b.claim(client, 1), Err(Full::PerIp));
+        let _direct = c.admit("192.0.2.7".parse().unwrap(), 3, 1, 100).unwrap();
+        assert_eq!(c.admit_proxied(3, 100).unwrap_err(), Full::Total);
+        assert_eq!(c.total(), 3);
+        drop(a);
+        assert_eq!(c.admission(client, 3, 1), Ok(()));
+        b.claim(client, 1).unwrap();
+        drop(b);
+        assert_eq!(c.total(), 1);
+        assert!(c.inner.lock().unwrap().per_ip.len() == 1);
     }
 
     #[test]

@@ -63,7 +63,9 @@ pub enum Check {
     ListenerDeny,
     /// The listener's `allow` list: `554 5.7.1`, rule `listener_allow`.
     ListenerAllow,
-    /// `[rate_limits] connections_per_ip` (an effect): `421 4.7.0`.
+    /// `[rate_limits] connections_per_ip` (an effect): `421 4.7.0`. Not for the listener's
+    /// `trusted_proxies` themselves: a session from a proxy's own address is its health
+    /// check (every client it forwards is counted by the address in its header).
     ConnectionRate,
     /// The AUTH lockout gate (an effect): `454 4.7.0`, rule `auth_lockout`; a client whose
     /// budget stays held by verifications in flight: `454 4.7.0`, rule `auth_busy`.
@@ -480,6 +482,11 @@ impl Policy {
             (Check::ListenerAllow, _) if !contains(&facts.listener.allow, normalize(ip)) => {
                 Verdict::Refuse(Refusal::new(reply::ACCESS_DENIED, "listener_allow"))
             }
+            (Check::ConnectionRate, _)
+                if contains(&facts.listener.trusted_proxies, normalize(ip)) =>
+            {
+                Verdict::Accept
+            }
             (Check::ConnectionRate, _) => {
                 effect(Effect::Rate(RateLimit::ConnectionsPerIp, client()))
             }
@@ -855,6 +862,22 @@ mod tests {
         assert_eq!(connect("192.0.2.1", allowed), (vec![rate.clone()], None));
         let over = connect("192.0.2.1", |_| limited(RateLimit::ConnectionsPerIp));
         assert_eq!(over, (vec![rate], Some("rate_limits.connections_per_ip")));
+    }
+
+    #[test]
+    fn a_trusted_proxys_own_sessions_take_no_connection_budget() {
+        let (_d, c, p) =
+            policy_with(|c| c.listeners[0].trusted_proxies = vec!["192.0.2.5/32".parse().unwrap()]);
+        let connect = |ip| {
+            let facts = facts(&c, ip, None, Input::Connect);
+            run(&p, Evaluation::new(Stage::Connect), &facts, allowed)
+        };
+        // Its health checks (a v2 LOCAL header: the session is the proxy's own).
+        assert_eq!(connect("192.0.2.5"), (vec![], None));
+        assert_eq!(connect("::ffff:192.0.2.5"), (vec![], None));
+        // A client it forwards, and everyone else, are counted.
+        let rate = Effect::Rate(RateLimit::ConnectionsPerIp, client("192.0.2.6"));
+        assert_eq!(connect("192.0.2.6"), (vec![rate], None));
     }
 
     #[test]
