@@ -522,7 +522,8 @@ impl Compiler {
                     ],
                 )
                 .unwrap_or(BareLf::Trusted);
-            let trusted_proxies = self.nets(&format!("{at}.trusted_proxies"), raw.trusted_proxies, &[]);
+            let trusted_proxies =
+                self.nets(&format!("{at}.trusted_proxies"), raw.trusted_proxies, &[]);
             if let Some(bind) = bind {
                 listeners.push(Listener {
                     name,

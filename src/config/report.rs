@@ -77,7 +77,8 @@ pub(super) fn warnings(config: &Config) -> Vec<String> {
             .collect();
         if !wide.is_empty() {
             w.push(format!(
-                "Listener {:?} trusts PROXY headers from {}: anyone there can claim any client                  address (and with it relay_networks); list only the load balancers' addresses.",
+                "Listener {:?} trusts PROXY headers from {}: anyone there can claim any client \
+                 address (and with it relay_networks); list only the load balancers' addresses.",
                 l.name,
                 wide.join(", ")
             ));

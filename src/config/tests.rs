@@ -1934,3 +1934,39 @@ fn check_config_summarises_admin_alerts_and_log() {
 fn log_default_is_what_an_absent_log_section_compiles_to() {
     assert_eq!(ok(MINIMAL).log, Log::default());
 }
+
+#[test]
+fn trusted_proxies_compile_report_and_warn() {
+    let c = ok(&MINIMAL.replace(
+        "tls = \"none\"",
+        "tls = \"none\"\ntrusted_proxies = [\"10.0.0.5\", \"2001:db8::7/127\"]",
+    ));
+    let nets: Vec<String> = (c.listeners[0].trusted_proxies.iter())
+        .map(ToString::to_string)
+        .collect();
+    assert_eq!(nets, ["10.0.0.5/32", "2001:db8::6/127"]);
+    assert!(
+        c.summary().lines().any(|l| l
+            == "    trusted proxies (PROXY v1/v2 header required, its client used by every rule): \
+                10.0.0.5/32, 2001:db8::6/127"),
+        "{}",
+        c.summary()
+    );
+    assert!(ok(MINIMAL).listeners[0].trusted_proxies.is_empty());
+    assert!(!ok(MINIMAL).summary().contains("trusted proxies"));
+    let bad = MINIMAL.replace(
+        "tls = \"none\"",
+        "tls = \"none\"\ntrusted_proxies = [\"10.0.0.5\", \"haproxy\"]",
+    );
+    assert_eq!(keys(&bad), ["listeners[0].trusted_proxies[1]"]);
+    let wide = MINIMAL.replace(
+        "tls = \"none\"",
+        "tls = \"none\"\ntrusted_proxies = [\"0.0.0.0/0\"]",
+    );
+    let warnings = ok(&wide).warnings();
+    assert_eq!(warnings.len(), 1, "{warnings:?}");
+    assert!(
+        warnings[0].contains("can claim any client address"),
+        "{warnings:?}"
+    );
+}

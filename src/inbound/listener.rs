@@ -17,7 +17,7 @@
 //! late header closes the connection (`rule=proxy_header`). A PROXY line from any other peer
 //! is an SMTP command like any other (`500`), never believed.
 
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -33,10 +33,10 @@ use super::connection::{Io, SessionDriver, Shared};
 use super::pressure::{ConnectionCounter, Full, Slot};
 use super::proxy::{self, HeaderError, Origin};
 use super::record::{self, Client, Refused};
-use crate::config::Listener;
+use crate::config::{Limits, Listener};
+use crate::observe::EventKind;
 use crate::policy::Detail;
 use crate::policy::access::{contains, normalize};
-use crate::observe::EventKind;
 use crate::smtp::{Reply, reply};
 
 /// How long a client refused at connect with a `421` is given to read it.
@@ -90,7 +90,7 @@ impl ListenerTask {
             client_port = Empty, peer = Empty);
         let runtime = self.runtime.load_full();
         let listener = self.current(&runtime);
-        let proxied = contains(&listener.trusted_proxies, normalize(peer.ip()));
+        let proxied = from_proxy(&listener, peer.ip());
         if proxied {
             span.record("proxy", display(peer.ip()));
         } else {
@@ -104,15 +104,7 @@ impl ListenerTask {
             span.in_scope(|| self.refuse_at_connect(tcp, peer, refused));
             return;
         }
-        let limits = &runtime.config.limits;
-        let (total, per_ip) = (limits.max_connections, limits.max_connections_per_ip);
-        let slot = if proxied {
-            // Its client is counted once its header names it.
-            self.counter.admit_proxied(total, limits.stress_connections)
-        } else {
-            (self.counter).admit(peer.ip(), total, per_ip, limits.stress_connections)
-        };
-        match slot {
+        match take_slot(&self.counter, &runtime.config.limits, peer.ip(), proxied) {
             Ok(slot) => {
                 let accepted = Accepted {
                     runtime,
@@ -166,6 +158,32 @@ fn record_at_connect(shared: &Shared, listener: &str, peer: SocketAddr, refused:
         login: None,
     };
     record::refused(&shared.telemetry, client.event(EventKind::Refused), refused);
+}
+
+/// Whether `peer` is one of `listener`'s `trusted_proxies`: its connections must begin with
+/// a PROXY header.
+pub(super) fn from_proxy(listener: &Listener, peer: IpAddr) -> bool {
+    contains(&listener.trusted_proxies, normalize(peer))
+}
+
+/// Take the connection slot of a connection from `peer` under `limits`: counted towards
+/// both caps, or only towards `max_connections` when it comes from a trusted proxy
+/// (`proxied`; its client is counted once its header names it, [`Slot::claim`]).
+///
+/// # Errors
+/// The cap that refuses it.
+pub(super) fn take_slot(
+    counter: &ConnectionCounter,
+    limits: &Limits,
+    peer: IpAddr,
+    proxied: bool,
+) -> Result<Slot, Full> {
+    let (total, stress_at) = (limits.max_connections, limits.stress_connections);
+    if proxied {
+        counter.admit_proxied(total, stress_at)
+    } else {
+        counter.admit(peer, total, limits.max_connections_per_ip, stress_at)
+    }
 }
 
 /// Record the session's client in its span (`client_port`, then `peer`).
@@ -231,7 +249,9 @@ impl Accepted {
             // The proxy's own session: its address counts only towards max_connections.
             record_peer(&span, self.peer);
             if origin == Origin::Unknown {
-                info!("PROXY header names no TCP client (UNKNOWN or UNSPEC): the proxy's own session");
+                info!(
+                    "PROXY header names no TCP client (UNKNOWN or UNSPEC): the proxy's own session"
+                );
             }
             return Some(self.peer);
         };
@@ -239,7 +259,9 @@ impl Accepted {
         let max_per_ip = self.runtime.config.limits.max_connections_per_ip;
         if let Err(full) = self.slot.claim(client.ip(), max_per_ip) {
             let (reply, rule) = AtAccept::Full(full).refusal();
-            let refused = Refused::rule(rule, &reply).warning().saying("rejected at connect");
+            let refused = Refused::rule(rule, &reply)
+                .warning()
+                .saying("rejected at connect");
             record_at_connect(&self.shared, &self.listener.name, client, &refused);
             refuse(&mut *io, &reply).await;
             return None;

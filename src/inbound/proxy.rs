@@ -222,9 +222,9 @@ async fn read_until_done<S: AsyncRead + Unpin>(
             Progress::Need(n) => n,
         };
         let got = read.len();
-        read.resize(got + need, 0);
-        let n = io.read(&mut read[got..]).await;
-        read.truncate(got + *n.as_ref().unwrap_or(&0));
+        read.reserve(need);
+        // At most `need` octets, appended as they arrive (so a timeout sees what came).
+        let n = (&mut *io).take(need as u64).read_buf(read).await;
         match n {
             Ok(0) if got == 0 => return Err(HeaderError::Silent),
             Ok(0) => return Err(HeaderError::Truncated(got)),
@@ -297,13 +297,18 @@ mod tests {
             a = "ffff:ffff:ffff:ffff:ffff:ffff:ffff:ffff"
         );
         assert_eq!(longest.len(), 104);
-        let ff = "[ffff:ffff:ffff:ffff:ffff:ffff:ffff:ffff]:65535".parse().unwrap();
+        let ff = "[ffff:ffff:ffff:ffff:ffff:ffff:ffff:ffff]:65535"
+            .parse()
+            .unwrap();
         assert_eq!(parse(longest.as_bytes()).unwrap(), Origin::Client(ff));
         let unknown = format!("PROXY UNKNOWN {}\r\n", "x".repeat(V1_MAX_LEN - 16));
         assert_eq!(unknown.len(), V1_MAX_LEN);
         assert_eq!(parse(unknown.as_bytes()).unwrap(), Origin::Unknown);
         let over = format!("PROXY UNKNOWN {}\r\n", "x".repeat(V1_MAX_LEN - 15));
-        assert!(matches!(parse(over.as_bytes()), Err(HeaderError::V1TooLong)));
+        assert!(matches!(
+            parse(over.as_bytes()),
+            Err(HeaderError::V1TooLong)
+        ));
     }
 
     #[test]
@@ -326,10 +331,16 @@ mod tests {
                 parse(bad)
             );
         }
-        assert!(matches!(parse(b"EHLO x"), Err(HeaderError::NotProxy)));
-        assert!(matches!(progress(b"PROXY X\nEHLO x\r\n"), Err(HeaderError::V1(_))));
+        assert!(matches!(progress(b"EHLO x"), Err(HeaderError::NotProxy)));
+        assert!(matches!(
+            progress(b"PROXY X\nEHLO x\r\n"),
+            Err(HeaderError::V1(_))
+        ));
         assert!(matches!(progress(b"PROXX"), Err(HeaderError::NotProxy)));
-        assert!(matches!(progress(b"\r\n\r\n\0\r\nQUIT!"), Err(HeaderError::NotProxy)));
+        assert!(matches!(
+            progress(b"\r\n\r\n\0\r\nQUIT!"),
+            Err(HeaderError::NotProxy)
+        ));
     }
 
     #[test]
@@ -337,12 +348,20 @@ mod tests {
         let tcp4 = v2(1, 0x11, &[203, 0, 113, 9, 192, 0, 2, 25, 0xc7, 0x38, 0, 25]);
         assert_eq!(parse(&tcp4).unwrap(), addr("203.0.113.9:51000"));
         let mut body = Vec::new();
-        body.extend_from_slice(&"2001:db8::9".parse::<std::net::Ipv6Addr>().unwrap().octets());
+        body.extend_from_slice(
+            &"2001:db8::9"
+                .parse::<std::net::Ipv6Addr>()
+                .unwrap()
+                .octets(),
+        );
         body.extend_from_slice(&[0; 16]);
         body.extend_from_slice(&[0xc7, 0x38, 0, 25]);
         // A TLV (PP2_TYPE_AUTHORITY) after the addresses is ignored.
         body.extend_from_slice(&[0x02, 0, 4, b'm', b'x', b'.', b't']);
-        assert_eq!(parse(&v2(1, 0x21, &body)).unwrap(), addr("[2001:db8::9]:51000"));
+        assert_eq!(
+            parse(&v2(1, 0x21, &body)).unwrap(),
+            addr("[2001:db8::9]:51000")
+        );
         assert_eq!(parse(&v2(0, 0x00, &[])).unwrap(), Origin::Local);
         // LOCAL ignores whatever addresses it carries.
         assert_eq!(parse(&v2(0, 0x11, &tcp4[16..])).unwrap(), Origin::Local);
@@ -353,19 +372,34 @@ mod tests {
     #[test]
     fn malformed_and_oversized_v2_headers_are_refused() {
         let addrs = [203, 0, 113, 9, 192, 0, 2, 25, 0xc7, 0x38, 0, 25];
-        assert!(matches!(parse(&v2(1, 0x12, &addrs)), Err(HeaderError::Datagram)));
+        assert!(matches!(
+            parse(&v2(1, 0x12, &addrs)),
+            Err(HeaderError::Datagram)
+        ));
         // Too short for its family, an unknown command, a version 1 binary header.
-        assert!(matches!(parse(&v2(1, 0x11, &addrs[..8])), Err(HeaderError::V2(_))));
-        assert!(matches!(parse(&v2(2, 0x11, &addrs)), Err(HeaderError::V2(_))));
+        assert!(matches!(
+            parse(&v2(1, 0x11, &addrs[..8])),
+            Err(HeaderError::V2(_))
+        ));
+        assert!(matches!(
+            parse(&v2(2, 0x11, &addrs)),
+            Err(HeaderError::V2(_))
+        ));
         let mut version1 = v2(1, 0x11, &addrs);
         version1[12] = 0x11;
         assert!(matches!(parse(&version1), Err(HeaderError::V2(_))));
         // The length field alone decides: nothing past the limit is read.
         let mut huge = v2(1, 0x11, &addrs);
         huge[14..16].copy_from_slice(&0xffffu16.to_be_bytes());
-        assert!(matches!(progress(&huge[..16]), Err(HeaderError::V2TooLong(65_551))));
+        assert!(matches!(
+            progress(&huge[..16]),
+            Err(HeaderError::V2TooLong(65_551))
+        ));
         let limit = v2(1, 0x11, &vec![0; V2_MAX_LEN - 16]);
-        assert_eq!(parse(&limit).unwrap(), Origin::Client("0.0.0.0:0".parse().unwrap()));
+        assert_eq!(
+            parse(&limit).unwrap(),
+            Origin::Client("0.0.0.0:0".parse().unwrap())
+        );
         let over = v2(1, 0x11, &vec![0; V2_MAX_LEN - 15]);
         assert!(matches!(parse(&over), Err(HeaderError::V2TooLong(4097))));
     }
@@ -391,13 +425,19 @@ mod tests {
     async fn silence_truncation_and_timeout() {
         let (client, mut server) = tokio::io::duplex(1024);
         drop(client);
-        assert!(matches!(read_header(&mut server).await, Err(HeaderError::Silent)));
+        assert!(matches!(
+            read_header(&mut server).await,
+            Err(HeaderError::Silent)
+        ));
 
         let (mut client, mut server) = tokio::io::duplex(1024);
         use tokio::io::AsyncWriteExt;
         client.write_all(b"PROXY TCP4 203.0.113.9").await.unwrap();
         drop(client);
-        assert!(matches!(read_header(&mut server).await, Err(HeaderError::Truncated(22))));
+        assert!(matches!(
+            read_header(&mut server).await,
+            Err(HeaderError::Truncated(22))
+        ));
 
         let (mut client, mut server) = tokio::io::duplex(1024);
         client.write_all(b"PROXY TCP4 203.0.113.9").await.unwrap();

@@ -177,8 +177,20 @@ impl Harness {
             let mut driver = SessionDriver::new(driver_runtime, listener, shared, peer);
             driver.run(server).await;
         });
+        Harness::assemble(dir, runtime, parts, Box::new(client), session)
+    }
+
+    /// The harness of the session task `session` over `parts`, the client's end of its pipe
+    /// being `io`.
+    fn assemble(
+        dir: tempfile::TempDir,
+        runtime: Arc<Runtime>,
+        parts: Parts,
+        io: Box<dyn ClientIo>,
+        session: JoinHandle<()>,
+    ) -> Harness {
         Harness {
-            io: Box::new(client),
+            io,
             runtime,
             shutdown: parts.shared.shutdown,
             verifier: parts.shared.verifier,
@@ -243,6 +255,11 @@ impl Harness {
     /// STARTTLS, trusting the certificate [`Harness::start`] wrote.
     async fn starttls(&mut self) {
         assert!(self.cmd("STARTTLS").await.starts_with("220 "));
+        self.tls_handshake().await;
+    }
+
+    /// The client's TLS handshake, trusting the certificate in the test's directory.
+    async fn tls_handshake(&mut self) {
         let pem = std::fs::read(self.dir.path().join("cert.pem")).unwrap();
         let mut roots = rustls::RootCertStore::empty();
         use rustls::pki_types::pem::PemObject;
@@ -879,3 +896,4 @@ async fn a_dnsbl_server_that_never_answers_neither_delays_the_greeting_nor_refus
 
 mod containment;
 mod observe;
+mod proxy;
