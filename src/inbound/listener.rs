@@ -256,8 +256,12 @@ impl Accepted {
             return Some(self.peer);
         };
         record_peer(&span, client);
+        // A header naming the proxy itself (HAProxy's v1 health check names its own
+        // connection) leaves it counted towards max_connections only.
         let max_per_ip = self.runtime.config.limits.max_connections_per_ip;
-        if let Err(full) = self.slot.claim(client.ip(), max_per_ip) {
+        if !from_proxy(&self.listener, client.ip())
+            && let Err(full) = self.slot.claim(client.ip(), max_per_ip)
+        {
             let (reply, rule) = AtAccept::Full(full).refusal();
             let refused = Refused::rule(rule, &reply)
                 .warning()

@@ -309,7 +309,7 @@ async fn deny_allow_and_relay_networks_judge_the_proxied_client() {
 
 #[tokio::test(start_paused = true)]
 async fn per_ip_caps_count_the_proxied_client_and_never_the_proxy() {
-    let limits = "[limits]\nmax_connections = 5\nmax_connections_per_ip = 1\n";
+    let limits = "[limits]\nmax_connections = 6\nmax_connections_per_ip = 1\n";
     let counter = ConnectionCounter::default();
     let listener = behind_proxy("");
     let open = |header: Vec<u8>| {
@@ -336,9 +336,12 @@ async fn per_ip_caps_count_the_proxied_client_and_never_the_proxy() {
     assert!(local.reply().await.starts_with("220 "));
     let mut local2 = open(v2(0, "0.0.0.0:0".parse().unwrap())).await;
     assert!(local2.reply().await.starts_with("220 "));
-    // …but every connection counts towards max_connections: 4 open, one more, then full.
-    let _fifth = open(v1("203.0.113.11 51000")).await;
-    assert_eq!(counter.total(), 5);
+    // (nor when a header names the proxy itself, as HAProxy's v1 health check does)…
+    let mut named = open(v1("192.0.2.1 40001")).await;
+    assert!(named.reply().await.starts_with("220 "));
+    // …but every connection counts towards max_connections: 5 open, one more, then full.
+    let _sixth = open(v1("203.0.113.11 51000")).await;
+    assert_eq!(counter.total(), 6);
     let full = Harness::accepted(&listener, limits, PROXY, &counter).err();
     assert_eq!(full, Some(Full::Total));
     // The client's slot is given back with its session.
