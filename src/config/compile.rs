@@ -534,7 +534,7 @@ impl Compiler {
                     allow,
                     deny,
                     bare_lf,
-                    trusted_proxies,
+                    trusted_proxies: std::sync::Arc::new(trusted_proxies),
                 });
             }
         }

@@ -193,8 +193,9 @@ pub struct Listener {
     pub bare_lf: BareLf,
     /// Load balancers (networks, host bits cleared) whose connections must begin with a
     /// PROXY v1 or v2 header naming the client (see [`crate::inbound::proxy`]); empty: none,
-    /// and a PROXY line is an SMTP command like any other.
-    pub trusted_proxies: Vec<IpNet>,
+    /// and a PROXY line is an SMTP command like any other. Behind an `Arc` (a thin pointer):
+    /// every session holds its listener, and an idle session's size is kept small.
+    pub trusted_proxies: std::sync::Arc<Vec<IpNet>>,
 }
 
 /// `[relay]`.

@@ -866,8 +866,9 @@ mod tests {
 
     #[test]
     fn a_trusted_proxys_own_sessions_take_no_connection_budget() {
-        let (_d, c, p) =
-            policy_with(|c| c.listeners[0].trusted_proxies = vec!["192.0.2.5/32".parse().unwrap()]);
+        let (_d, c, p) = policy_with(|c| {
+            c.listeners[0].trusted_proxies = Arc::new(vec!["192.0.2.5/32".parse().unwrap()])
+        });
         let connect = |ip| {
             let facts = facts(&c, ip, None, Input::Connect);
             run(&p, Evaluation::new(Stage::Connect), &facts, allowed)
