@@ -39,9 +39,11 @@ const V2_FIXED_LEN: usize = 16;
 /// The v1 signature.
 const V1_SIGNATURE: &[u8] = b"PROXY ";
 
-/// How long a trusted proxy has to send its whole header, from accept. A load balancer sends
-/// it at once with the connection (HAProxy in the same segment as nothing else), so 5 s is
-/// generous; a connection that has not sent it by then is closed (`rule=proxy_header`).
+/// How long a trusted proxy has to send its whole header, from accept (a constant of its
+/// own: no other limit fits a step that takes one packet). A load balancer sends it as soon
+/// as its connection is up, before any client octet, so 5 s is generous; a connection that
+/// has not sent it by then is closed (`rule=proxy_header`). It holds a slot of
+/// `max_connections` meanwhile, never one of `max_connections_per_ip`.
 pub const HEADER_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Whom a header says the connection is from.
