@@ -259,6 +259,17 @@ async fn a_proxy_header_from_an_untrusted_peer_is_a_command_like_any_other() {
     let line = String::from_utf8(v1("203.0.113.9 51000")).unwrap();
     let reply = h.cmd(line.trim_end()).await;
     assert!(reply.starts_with("500 5.5.1 "), "{reply}");
+    // A v2 header is lines of junk: two empty ones, a NUL, and one whose bare LF never ends
+    // it (completed here by a NOOP's CRLF).
+    h.io.write_all(&v2(1, "203.0.113.9:51000".parse().unwrap()))
+        .await
+        .unwrap();
+    h.send("NOOP").await;
+    let mut replies = Vec::new();
+    for _ in 0..4 {
+        replies.push(h.reply().await);
+    }
+    assert!(replies.iter().all(|r| r.starts_with("500 ")), "{replies:?}");
     let message = h.queue_one("u@example.com").await;
     assert!(
         message.starts_with("Received: from client.test ([192.0.2.1])\r\n"),
