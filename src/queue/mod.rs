@@ -125,6 +125,7 @@
 
 #![warn(clippy::too_many_lines)]
 
+pub mod adopt;
 pub mod attempt;
 pub mod audit;
 pub mod bounce;

@@ -1,0 +1,701 @@
+//! `queue adopt DIR`: import every message of another node's spool (a dead node's, mounted
+//! read-only or copied) into this spool, once, with its state and id, and mark `DIR` so that
+//! its node never delivers them again.
+//!
+//! # What is taken
+//!
+//! Each `DIR/queue/ID` is checked as startup recovery checks a message ([`super::recover`]):
+//! a regular file (a symlink is never followed, a FIFO never waited on) no one but its owner
+//! may write, with the spool header, an envelope line under [`super::MAX_ENVELOPE_LINE`] and
+//! the id of its name. Unlike recovery, any owner is accepted: the operator vouched for
+//! `DIR`, which is another machine's, or a copy. A file that fails is refused and reported,
+//! left where it is (nothing in `DIR` is moved or changed), and never stops the others.
+//! `ID.state` goes with its message unchanged (held, attempts, recipients delivered, next
+//! attempt, history); one that fails the checks is left behind and the message is imported
+//! fresh (it may reach a recipient twice, never none: as recovery does).
+//!
+//! Not taken, and reported as left: `DIR/tmp/` (messages never acknowledged: their clients
+//! still have them), `DIR/quarantine/`, `DIR/rejected/`, and the requests in `DIR/control/`.
+//!
+//! # Ids
+//!
+//! A message keeps its id unless this spool has one by that id (in `queue/` or
+//! `quarantine/`). When that one is the same message (same envelope, same bytes) it is
+//! "already here" and skipped; otherwise the message gets a new id with the same time part
+//! (so it sorts by age as before), derived from the old id: an adopt run again derives the
+//! same one and finds its own copy. The ledger, the output and the audit log name both ids.
+//!
+//! # Order on disk, and a crash at any point
+//!
+//! Per message: its state is written into `queue/ID.state` (temp file, fsync, rename), then
+//! the message (a copy in `tmp/`, fsync, rename without replacing into `queue/ID`), then
+//! `queue/` is fsynced, then a line `{from, id}` is appended to the ledger
+//! `SPOOL/adoptions.jsonl` and fsynced, and only then is the running relay asked to load and
+//! schedule it (`control/restore.ID`, read within a second: see [`super::control`]; a
+//! stopped relay reads it when it starts). So:
+//!
+//! - a crash before the message's rename leaves at most an orphan state (removed by recovery)
+//!   and a temp file: a rerun imports the message;
+//! - a crash between the rename and the ledger line leaves the copy, which the rerun finds
+//!   (same bytes under the same id, or the same derived id) and records; the relay has not
+//!   been told of it yet, so it has not been sent (unless the relay restarted in between: then
+//!   it may be sent twice, never lost);
+//! - a message in the ledger is never imported again, even once delivered and gone from here;
+//!   a rerun asks the relay again for those still queued here, in case the crash came before
+//!   it was told;
+//! - a crash between the import and the marker: the rerun imports nothing and writes it.
+//!
+//! The ledger is locked for the whole run: a second `queue adopt` on this spool is refused.
+//!
+//! # The marker: `DIR/adopted`
+//!
+//! Written after everything was imported (temp file in `DIR`, fsync, rename, fsync of `DIR`),
+//! naming this node, this spool and the time ([`ledger::Marker`]). A relay refuses to start
+//! on a spool that has one (`crate::app`), before recovery touches anything. When `DIR` is
+//! read-only no marker can be written: the report says so, and that the source must be wiped
+//! before its node returns. A `DIR` marked by another node (or for another spool) is refused:
+//! adopting it twice would deliver its messages twice.
+
+pub mod ledger;
+pub mod report;
+#[cfg(test)]
+mod tests;
+
+use std::fs::{self, File};
+use std::io::{self, BufRead, BufReader, Read, Seek, SeekFrom, Write as _};
+use std::os::unix::fs::{MetadataExt as _, OpenOptionsExt as _};
+use std::path::{Path, PathBuf};
+
+use super::{
+    DeliveryState, MAGIC, MAX_STATE_FILE, STATE_SUFFIX, Spool, SpoolError, create_new, exact_id,
+    give_to, read_header, rename_noreplace, sync_dir,
+};
+use crate::envelope::{Envelope, QueueId};
+pub use ledger::{LEDGER, Ledger, LedgerError, MARKER, Marker};
+
+/// The relay is asked to load the imported messages at least once per this many.
+const TELL_BATCH: usize = 1000;
+/// How many derived ids are tried for a message whose id is taken here.
+const MAX_NEW_IDS: u32 = 16;
+
+/// Why `queue adopt` did not run, or stopped.
+#[derive(Debug, thiserror::Error)]
+pub enum AdoptError {
+    /// `DIR` has no `queue/` directory (exit status 2).
+    #[error("{}: not a spool (no queue/ directory in it)", .0.display())]
+    NotASpool(PathBuf),
+    /// `DIR` is this relay's own spool (exit status 2).
+    #[error("{}: that is this relay's own spool", .0.display())]
+    OwnSpool(PathBuf),
+    /// `DIR` was adopted already by another node or into another spool (exit status 2).
+    #[error("{} was adopted already {marker}: adopting it again would deliver its messages twice", dir.display())]
+    AdoptedElsewhere {
+        /// The spool given.
+        dir: PathBuf,
+        /// What its marker says.
+        marker: String,
+    },
+    /// `DIR` cannot be listed.
+    #[error("cannot read {}: {source}", path.display())]
+    Source {
+        /// The directory.
+        path: PathBuf,
+        /// The error.
+        #[source]
+        source: io::Error,
+    },
+    /// The free space of this spool would fall below `limits.min_free_space`: stopped; what
+    /// was imported stays imported, and a rerun goes on from there.
+    #[error("stopped before {id}: {source}")]
+    Space {
+        /// The message that did not fit.
+        id: QueueId,
+        /// The numbers.
+        #[source]
+        source: super::reserve::Insufficient,
+    },
+    /// The ledger is locked by another adopt, or cannot be used.
+    #[error(transparent)]
+    Ledger(#[from] LedgerError),
+    /// This spool cannot be written (stopped; a rerun goes on from there).
+    #[error(transparent)]
+    Spool(#[from] SpoolError),
+}
+
+impl AdoptError {
+    /// True for errors in the operator's input (exit status 2).
+    pub fn is_usage(&self) -> bool {
+        matches!(
+            self,
+            AdoptError::NotASpool(_)
+                | AdoptError::OwnSpool(_)
+                | AdoptError::AdoptedElsewhere { .. }
+        )
+    }
+}
+
+/// What one message of `DIR` came to.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Outcome {
+    /// Copied here as `id` (`from` unless that id was taken), held or not. `fresh`: its state
+    /// file was refused (why), so it starts again with no attempts.
+    Imported {
+        from: QueueId,
+        id: QueueId,
+        held: bool,
+        fresh: Option<String>,
+    },
+    /// A dry run: it would be imported as `id`.
+    WouldImport {
+        from: QueueId,
+        id: QueueId,
+        held: bool,
+    },
+    /// Imported before (the ledger), or the same message is here already, as `id`.
+    AlreadyHere { from: QueueId, id: QueueId },
+    /// The file `name` of `DIR/queue/` is not taken: why.
+    Refused { name: String, reason: String },
+}
+
+/// What is left in `DIR`, not imported.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Left {
+    /// Entries of `DIR/tmp/`: messages never acknowledged.
+    pub unfinished: usize,
+    /// Messages in `DIR/quarantine/`.
+    pub quarantined: usize,
+    /// Entries of `DIR/rejected/`.
+    pub rejected: usize,
+    /// Operator requests in `DIR/control/`, not carried over.
+    pub requests: usize,
+}
+
+/// What became of the marker.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum MarkerOutcome {
+    /// Written at this path.
+    Written(PathBuf),
+    /// There already, from an earlier run of this node into this spool.
+    Already(Marker),
+    /// Could not be written (a read-only `DIR`): why.
+    NotWritten(String),
+    /// A dry run writes nothing.
+    DryRun,
+}
+
+/// The whole run.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Report {
+    /// `DIR` as given.
+    pub dir: PathBuf,
+    /// Per message (and per refused file), in id order.
+    pub outcomes: Vec<Outcome>,
+    /// What stays in `DIR`.
+    pub left: Left,
+    /// The marker.
+    pub marker: MarkerOutcome,
+}
+
+/// What the operator asked.
+#[derive(Debug, Clone)]
+pub struct Options {
+    /// The spool to adopt.
+    pub dir: PathBuf,
+    /// This node's name, for the marker.
+    pub node: String,
+    /// `limits.min_free_space` of this spool, in bytes (0: no check).
+    pub min_free: u64,
+    /// Only say what would be done.
+    pub dry_run: bool,
+}
+
+/// Adopt `opts.dir` into `spool` (see the module docs). Blocking.
+///
+/// # Errors
+/// As [`Adoption::start`], then the first error of this spool's side (I/O, free space),
+/// after telling the relay about what was imported before it.
+pub fn adopt(spool: &Spool, opts: &Options) -> Result<Report, AdoptError> {
+    let mut run = Adoption::start(spool, opts)?;
+    for name in run.names() {
+        if let Err(e) = run.import(&name) {
+            run.tell_now()?;
+            return Err(e);
+        }
+    }
+    run.finish()
+}
+
+/// One run of `queue adopt`, message by message.
+pub struct Adoption<'a> {
+    spool: &'a Spool,
+    opts: &'a Options,
+    source_queue: PathBuf,
+    ledger: Ledger,
+    /// Marker already there from an earlier run of ours.
+    marker: Option<Marker>,
+    names: Vec<String>,
+    outcomes: Vec<Outcome>,
+    /// Imported, not yet told to the relay.
+    tell: Vec<QueueId>,
+}
+
+impl<'a> Adoption<'a> {
+    /// Check `DIR` (a spool, not this one, not adopted by someone else), take the ledger's
+    /// lock (not in a dry run) and list `DIR/queue/`.
+    ///
+    /// # Errors
+    /// The usage errors of [`AdoptError`], [`AdoptError::Source`] when `DIR` cannot be read,
+    /// [`AdoptError::Ledger`].
+    pub fn start(spool: &'a Spool, opts: &'a Options) -> Result<Adoption<'a>, AdoptError> {
+        let source_queue = opts.dir.join("queue");
+        if !fs::metadata(&source_queue).is_ok_and(|m| m.is_dir()) {
+            return Err(AdoptError::NotASpool(opts.dir.clone()));
+        }
+        let same = |a: &Path, b: &Path| matches!((fs::canonicalize(a), fs::canonicalize(b)), (Ok(a), Ok(b)) if a == b);
+        if same(&opts.dir, spool.root()) {
+            return Err(AdoptError::OwnSpool(opts.dir.clone()));
+        }
+        let marker = existing_marker(spool, opts)?;
+        let ledger = Ledger::open(spool, !opts.dry_run)?;
+        let names = list_names(&source_queue)?;
+        Ok(Adoption {
+            spool,
+            opts,
+            source_queue,
+            ledger,
+            marker,
+            names,
+            outcomes: Vec::new(),
+            tell: Vec::new(),
+        })
+    }
+
+    /// The names in `DIR/queue/` to go through, in order (state files go with their message).
+    pub fn names(&self) -> Vec<String> {
+        self.names.clone()
+    }
+
+    /// Import the file `name` of `DIR/queue/`; a file that is not taken is an
+    /// [`Outcome::Refused`], not an error.
+    ///
+    /// # Errors
+    /// This spool's side failed (I/O, free space): stop there.
+    pub fn import(&mut self, name: &str) -> Result<(), AdoptError> {
+        let outcome = match exact_id(name) {
+            Some(from) => self.import_message(from)?,
+            None => Outcome::Refused {
+                name: name.to_owned(),
+                reason: "not a spool file name".to_owned(),
+            },
+        };
+        self.outcomes.push(outcome);
+        if self.tell.len() >= TELL_BATCH {
+            self.tell_now()?;
+        }
+        Ok(())
+    }
+
+    /// Ask the running relay to load what was imported since it was last asked.
+    fn tell_now(&mut self) -> Result<(), SpoolError> {
+        if self.opts.dry_run || self.tell.is_empty() {
+            return Ok(());
+        }
+        self.spool.request_restore(&self.tell)?;
+        self.tell.clear();
+        Ok(())
+    }
+
+    /// Tell the relay about the rest, write the marker, count what is left.
+    ///
+    /// # Errors
+    /// The control request cannot be written.
+    pub fn finish(mut self) -> Result<Report, AdoptError> {
+        self.tell_now()?;
+        let marker = if self.opts.dry_run {
+            MarkerOutcome::DryRun
+        } else if let Some(marker) = self.marker.take() {
+            MarkerOutcome::Already(marker)
+        } else {
+            let imported = self
+                .outcomes
+                .iter()
+                .filter(|o| matches!(o, Outcome::Imported { .. }))
+                .count();
+            let marker = Marker {
+                node: self.opts.node.clone(),
+                spool: spool_name(self.spool),
+                at_ms: crate::observe::event::unix_millis(),
+                imported,
+            };
+            match ledger::write_marker(&self.opts.dir, &marker) {
+                Ok(path) => MarkerOutcome::Written(path),
+                Err(e) => MarkerOutcome::NotWritten(e.to_string()),
+            }
+        };
+        Ok(Report {
+            dir: self.opts.dir.clone(),
+            outcomes: self.outcomes,
+            left: left_in(&self.opts.dir),
+            marker,
+        })
+    }
+
+    /// One message of `DIR/queue/`.
+    fn import_message(&mut self, from: QueueId) -> Result<Outcome, AdoptError> {
+        if let Some(id) = self.ledger.get(&from).cloned() {
+            if !self.opts.dry_run && self.spool.contains(&id) {
+                // Told again: the crash that interrupted the last run may have come before.
+                self.tell.push(id.clone());
+            }
+            return Ok(Outcome::AlreadyHere { from, id });
+        }
+        let path = self.source_queue.join(from.as_str());
+        let mut source = match Source::open(&path, &from) {
+            Ok(source) => source,
+            Err(reason) => {
+                return Ok(Outcome::Refused {
+                    name: from.to_string(),
+                    reason,
+                });
+            }
+        };
+        let state_path = self.source_queue.join(format!("{from}{STATE_SUFFIX}"));
+        let state = read_source_state(&state_path, &source.envelope);
+        let id = match self.place(&from, &mut source)? {
+            Place::Here(id) => return self.already_here(from, id),
+            Place::Free(id) => id,
+        };
+        let held = matches!(&state, Ok(Some(s)) if s.hold.is_some());
+        if self.opts.dry_run {
+            return Ok(Outcome::WouldImport { from, id, held });
+        }
+        // The state file is small; a page covers it.
+        match self.spool.reserve(source.len + 4096, self.opts.min_free) {
+            Ok(Ok(_reservation)) => {}
+            Ok(Err(source)) => return Err(AdoptError::Space { id: from, source }),
+            Err(e) => return Err(SpoolError::io("statvfs", self.spool.root())(e).into()),
+        }
+        let fresh = state.as_ref().err().cloned();
+        let state = state.ok().flatten();
+        self.write(&id, &mut source, state.as_ref())?;
+        self.ledger.record(&from, &id, &self.opts.dir)?;
+        self.tell.push(id.clone());
+        Ok(Outcome::Imported {
+            from,
+            id,
+            held,
+            fresh,
+        })
+    }
+
+    /// The same message is here already as `id`: record it (and tell the relay when queued).
+    fn already_here(&mut self, from: QueueId, id: QueueId) -> Result<Outcome, AdoptError> {
+        if !self.opts.dry_run {
+            self.ledger.record(&from, &id, &self.opts.dir)?;
+            if self.spool.contains(&id) {
+                self.tell.push(id.clone());
+            }
+        }
+        Ok(Outcome::AlreadyHere { from, id })
+    }
+
+    /// The id message `from` takes here: its own, else the first derived one that is free,
+    /// or the one under which the same message is here already.
+    fn place(&self, from: &QueueId, source: &mut Source) -> Result<Place, AdoptError> {
+        let candidates =
+            std::iter::once(from.clone()).chain((1..=MAX_NEW_IDS).map(|k| derived_id(from, k)));
+        for (k, id) in candidates.enumerate() {
+            if k > 0 && id == *from {
+                continue;
+            }
+            let places = [
+                self.spool.message_path(&id),
+                self.spool.quarantined_path(&id, ""),
+            ];
+            let mut taken = false;
+            for local in places.iter().filter(|p| fs::symlink_metadata(p).is_ok()) {
+                if source.same_as(local, &id, self.spool.inner.owner.0)? {
+                    return Ok(Place::Here(id));
+                }
+                taken = true;
+            }
+            if !taken {
+                return Ok(Place::Free(id));
+            }
+        }
+        Err(SpoolError::AlreadyExists(from.clone()).into())
+    }
+
+    /// Write the state (when there is one) then the message as `id` (see the module docs).
+    fn write(
+        &self,
+        id: &QueueId,
+        source: &mut Source,
+        state: Option<&DeliveryState>,
+    ) -> Result<(), SpoolError> {
+        let spool = self.spool;
+        let state_dest = spool.state_path(id);
+        if let Some(state) = state {
+            let json = serde_json::to_vec(state).map_err(|source| SpoolError::Encode {
+                what: "state",
+                source,
+            })?;
+            let tmp = spool.temp_path(&format!("{id}{STATE_SUFFIX}"));
+            let put = write_private(spool, &tmp, |f| f.write_all(&json)).and_then(|()| {
+                fs::rename(&tmp, &state_dest).map_err(SpoolError::io("rename", &tmp))
+            });
+            if let Err(e) = put {
+                let _ = fs::remove_file(&tmp);
+                return Err(e);
+            }
+        }
+        let tmp = spool.temp_path(id.as_str());
+        let dest = spool.message_path(id);
+        let put = write_private(spool, &tmp, |f| source.copy_as(id, f)).and_then(|()| {
+            rename_noreplace(&tmp, &dest).map_err(|e| match e.kind() {
+                io::ErrorKind::AlreadyExists => SpoolError::AlreadyExists(id.clone()),
+                _ => SpoolError::io("rename", &dest)(e),
+            })
+        });
+        if let Err(e) = put {
+            let _ = fs::remove_file(&tmp);
+            if state.is_some() {
+                let _ = fs::remove_file(&state_dest);
+            }
+            return Err(e);
+        }
+        sync_dir(&spool.inner.queue)
+    }
+}
+
+/// Where a message goes.
+enum Place {
+    /// This id is free here.
+    Free(QueueId),
+    /// The same message is here under this id.
+    Here(QueueId),
+}
+
+/// An open message file of `DIR/queue/`, its header read.
+struct Source {
+    file: File,
+    envelope: Envelope,
+    header_len: u64,
+    /// The file's length.
+    len: u64,
+}
+
+impl Source {
+    /// Open and check `path` (module docs); `Err` says why it is refused.
+    fn open(path: &Path, from: &QueueId) -> Result<Source, String> {
+        let file = open_source(path)?;
+        let len = file
+            .metadata()
+            .map_err(|e| format!("cannot stat: {e}"))?
+            .len();
+        let mut reader = BufReader::new(&file);
+        let (envelope, header_len) = read_header(&mut reader, path).map_err(|e| match e {
+            SpoolError::Corrupt { reason, .. } => reason,
+            e => e.to_string(),
+        })?;
+        if envelope.id != *from {
+            return Err(format!(
+                "envelope id {} does not match the file name",
+                envelope.id
+            ));
+        }
+        Ok(Source {
+            file,
+            envelope,
+            header_len,
+            len,
+        })
+    }
+
+    /// Write the message as `id` into `out`: the very file when `id` is its own, else the
+    /// same envelope with `id` and the same message bytes.
+    fn copy_as(&mut self, id: &QueueId, out: &mut File) -> io::Result<()> {
+        if *id == self.envelope.id {
+            self.file.seek(SeekFrom::Start(0))?;
+        } else {
+            let mut envelope = self.envelope.clone();
+            envelope.id = id.clone();
+            out.write_all(MAGIC)?;
+            out.write_all(&serde_json::to_vec(&envelope).map_err(io::Error::other)?)?;
+            out.write_all(b"\n")?;
+            self.file.seek(SeekFrom::Start(self.header_len))?;
+        }
+        io::copy(&mut self.file, out)?;
+        Ok(())
+    }
+
+    /// True when the message file `local` (of this spool) holds this message as `id`: the
+    /// same envelope but for the id, and the same message bytes. A file this spool does not
+    /// trust, or cannot parse, is not it.
+    fn same_as(&mut self, local: &Path, id: &QueueId, owner: u32) -> Result<bool, SpoolError> {
+        let Ok(file) = super::open_trusted(local, owner, false) else {
+            return Ok(false);
+        };
+        let len = file
+            .metadata()
+            .map_err(SpoolError::io("stat", local))?
+            .len();
+        let mut reader = BufReader::new(file);
+        let Ok((envelope, header_len)) = read_header(&mut reader, local) else {
+            return Ok(false);
+        };
+        let mut expected = self.envelope.clone();
+        expected.id = id.clone();
+        if envelope != expected || len - header_len != self.len - self.header_len {
+            return Ok(false);
+        }
+        self.file
+            .seek(SeekFrom::Start(self.header_len))
+            .map_err(SpoolError::io("seek", local))?;
+        same_bytes(reader, BufReader::new(&self.file)).map_err(SpoolError::io("read", local))
+    }
+}
+
+/// Open a file of `DIR` for reading: no symlink followed, no FIFO waited on, a regular file
+/// no one but its owner (whoever that is) may write. `Err` says why not.
+fn open_source(path: &Path) -> Result<File, String> {
+    let file = File::options()
+        .read(true)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
+        .open(path)
+        .map_err(|e| match e.raw_os_error() {
+            Some(libc::ELOOP) => "a symlink (never followed)".to_owned(),
+            _ => format!("cannot open: {e}"),
+        })?;
+    let meta = file.metadata().map_err(|e| format!("cannot stat: {e}"))?;
+    super::trust(&meta, meta.uid()).map_err(|d| d.to_string())?;
+    Ok(file)
+}
+
+/// The state of the message at `path` (`Ok(None)`: none, a fresh message), or why the file
+/// there is refused.
+fn read_source_state(path: &Path, envelope: &Envelope) -> Result<Option<DeliveryState>, String> {
+    let file = match open_source(path) {
+        Ok(file) => file,
+        Err(_) if fs::symlink_metadata(path).is_err() => return Ok(None),
+        Err(why) => return Err(why),
+    };
+    let mut bytes = Vec::new();
+    file.take(MAX_STATE_FILE + 1)
+        .read_to_end(&mut bytes)
+        .map_err(|e| format!("cannot read: {e}"))?;
+    if bytes.len() as u64 > MAX_STATE_FILE {
+        return Err("state file too large".to_owned());
+    }
+    let state: DeliveryState =
+        serde_json::from_slice(&bytes).map_err(|e| format!("state JSON: {e}"))?;
+    state.check_against(envelope).map_err(|e| e.to_string())?;
+    Ok(Some(state))
+}
+
+/// Create `path` (private), fill it with `fill`, fsync it, give it to the spool's owner.
+fn write_private(
+    spool: &Spool,
+    path: &Path,
+    fill: impl FnOnce(&mut File) -> io::Result<()>,
+) -> Result<(), SpoolError> {
+    let mut file = create_new(path)?;
+    fill(&mut file)
+        .and_then(|()| file.sync_data())
+        .map_err(SpoolError::io("write", path))?;
+    give_to(path, spool.inner.owner)
+}
+
+/// Whether two streams hold the same bytes.
+fn same_bytes(mut a: impl BufRead, mut b: impl BufRead) -> io::Result<bool> {
+    loop {
+        let (x, y) = (a.fill_buf()?, b.fill_buf()?);
+        if x.is_empty() || y.is_empty() {
+            return Ok(x.is_empty() && y.is_empty());
+        }
+        let n = x.len().min(y.len());
+        if x[..n] != y[..n] {
+            return Ok(false);
+        }
+        a.consume(n);
+        b.consume(n);
+    }
+}
+
+/// The `k`-th id tried for `from` when its own is taken: its time part, and a tail derived
+/// from it and `k` (FNV-1a), so every run derives the same ones.
+fn derived_id(from: &QueueId, k: u32) -> QueueId {
+    const TAIL: u128 = (1 << 30) - 1;
+    let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in from.as_str().bytes().chain(k.to_le_bytes()) {
+        hash ^= u64::from(b);
+        hash = hash.wrapping_mul(0x0100_0000_01b3);
+    }
+    QueueId::from_bits((from.to_bits() & !TAIL) | (u128::from(hash) & TAIL))
+}
+
+/// The names in `queue_dir` to go through, sorted: every name but the state files.
+fn list_names(queue_dir: &Path) -> Result<Vec<String>, AdoptError> {
+    let err = |source| AdoptError::Source {
+        path: queue_dir.to_path_buf(),
+        source,
+    };
+    let mut names = Vec::new();
+    for entry in fs::read_dir(queue_dir).map_err(err)? {
+        let name = entry.map_err(err)?.file_name();
+        let name = name.to_string_lossy().into_owned();
+        let state = name.strip_suffix(STATE_SUFFIX).and_then(exact_id).is_some();
+        if !state {
+            names.push(name);
+        }
+    }
+    names.sort();
+    Ok(names)
+}
+
+/// The marker already in `DIR`, when it is this node's for this spool (a rerun); one of
+/// anyone else refuses the adoption.
+fn existing_marker(spool: &Spool, opts: &Options) -> Result<Option<Marker>, AdoptError> {
+    let found = ledger::read_marker(&opts.dir).map_err(|source| AdoptError::Source {
+        path: opts.dir.join(MARKER),
+        source,
+    })?;
+    match found {
+        None => Ok(None),
+        Some(Ok(m)) if m.node == opts.node && m.spool == spool_name(spool) => Ok(Some(m)),
+        Some(Ok(m)) => Err(AdoptError::AdoptedElsewhere {
+            dir: opts.dir.clone(),
+            marker: m.describe(),
+        }),
+        Some(Err(why)) => Err(AdoptError::AdoptedElsewhere {
+            dir: opts.dir.clone(),
+            marker: format!("({why})"),
+        }),
+    }
+}
+
+/// This spool's path as the marker names it (canonical when it can be).
+fn spool_name(spool: &Spool) -> String {
+    fs::canonicalize(spool.root())
+        .unwrap_or_else(|_| spool.root().to_path_buf())
+        .display()
+        .to_string()
+}
+
+/// Count what stays in `DIR` (directories that are missing or unreadable count nothing).
+fn left_in(dir: &Path) -> Left {
+    let count = |sub: &str, only_ids: bool| {
+        fs::read_dir(dir.join(sub)).map_or(0, |entries| {
+            entries
+                .flatten()
+                .filter(|e| !only_ids || e.file_name().to_str().and_then(exact_id).is_some())
+                .count()
+        })
+    };
+    Left {
+        unfinished: count("tmp", false),
+        quarantined: count(super::quarantine::DIR, true),
+        rejected: count("rejected", false),
+        requests: count("control", false),
+    }
+}
