@@ -192,7 +192,7 @@ fn a_copy_left_by_a_crash_before_the_ledger_line_is_found_not_copied_again() {
             id: id.clone()
         }]
     );
-    assert_eq!(told(&ours), [id.clone()]);
+    assert_eq!(told(&ours), std::slice::from_ref(&id));
     assert!(Ledger::open(&ours, false).unwrap().get(&id) == Some(&id));
 }
 
@@ -237,15 +237,14 @@ fn an_id_taken_here_by_another_message_gets_a_derived_id_found_again_by_a_rerun(
     assert_eq!(ours.list().unwrap().len(), 2);
 }
 
-#[test]
-fn hostile_files_are_refused_one_by_one_and_the_rest_imported() {
-    let (dir, theirs, ours) = spools();
-    let good = queue(&theirs, BODY, None);
+/// Plant in `theirs` beside message `good`: a symlink to `outside`, a file of another
+/// format, a huge envelope line, a copy of `good` under another id, a FIFO (those five
+/// names returned), a stray name, and a world-writable state for `good`.
+fn plant_hostile(theirs: &Spool, good: &QueueId, outside: &Path) -> Vec<String> {
     let q = theirs.root().join("queue");
-    let outside = dir.path().join("secret");
-    fs::write(&outside, b"PORTCULLIS-SPOOL 1\n").unwrap();
+    fs::write(outside, b"PORTCULLIS-SPOOL 1\n").unwrap();
     let names: Vec<String> = (0..5).map(|_| QueueId::generate().to_string()).collect();
-    std::os::unix::fs::symlink(&outside, q.join(&names[0])).unwrap();
+    std::os::unix::fs::symlink(outside, q.join(&names[0])).unwrap();
     fs::write(
         q.join(&names[1]),
         b"From: someone\r\n\r\nnot a spool file\r\n",
@@ -257,16 +256,23 @@ fn hostile_files_are_refused_one_by_one_and_the_rest_imported() {
         b'{',
     );
     fs::write(q.join(&names[2]), huge).unwrap();
-    fs::write(q.join(&names[3]), file(&theirs, good.as_str())).unwrap();
+    fs::write(q.join(&names[3]), file(theirs, good.as_str())).unwrap();
     let fifo = std::ffi::CString::new(q.join(&names[4]).to_str().unwrap()).unwrap();
     // SAFETY: a valid NUL-terminated path.
     assert_eq!(unsafe { libc::mkfifo(fifo.as_ptr(), 0o600) }, 0);
     fs::write(q.join("notes.txt"), b"hello").unwrap();
-    // A state planted beside the good message: refused, the message imported fresh.
     let state = q.join(format!("{good}.state"));
     fs::write(&state, serde_json::to_vec(&half_delivered()).unwrap()).unwrap();
     fs::set_permissions(&state, fs::Permissions::from_mode(0o666)).unwrap();
+    names
+}
 
+#[test]
+fn hostile_files_are_refused_one_by_one_and_the_rest_imported() {
+    let (dir, theirs, ours) = spools();
+    let good = queue(&theirs, BODY, None);
+    let outside = dir.path().join("secret");
+    let names = plant_hostile(&theirs, &good, &outside);
     let report = adopt(&ours, &options(&theirs)).unwrap();
     let reason = |name: &str| {
         report.outcomes.iter().find_map(|o| match o {
@@ -295,7 +301,7 @@ fn hostile_files_are_refused_one_by_one_and_the_rest_imported() {
         reason("notes.txt").as_deref(),
         Some("not a spool file name")
     );
-    assert_eq!(imported(&report), [good.clone()]);
+    assert_eq!(imported(&report), std::slice::from_ref(&good));
     assert!(report.outcomes.iter().any(|o| matches!(o,
         Outcome::Imported { fresh: Some(why), .. } if why == "group- or world-writable (mode 0666)")));
     assert_eq!(
