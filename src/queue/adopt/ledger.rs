@@ -26,6 +26,9 @@ const MAX_MARKER: u64 = 64 * 1024;
 pub struct LedgerLine {
     /// Its id in the adopted spool.
     pub from: QueueId,
+    /// The FNV-1a hash of its whole file there, in hex: another message by the same id (in
+    /// another spool) is not this one.
+    pub hash: String,
     /// Its id here (the same unless that id was taken).
     pub id: QueueId,
     /// When it was imported, in Unix milliseconds.
@@ -39,8 +42,8 @@ pub struct LedgerLine {
 pub struct Ledger {
     path: PathBuf,
     file: Option<File>,
-    /// Source id → id here.
-    done: HashMap<QueueId, QueueId>,
+    /// (Source id, hash of its file) → id here.
+    done: HashMap<(QueueId, String), QueueId>,
     /// The last line was torn by a crash: the next append starts a new line first.
     torn: bool,
 }
@@ -100,21 +103,24 @@ impl Ledger {
         })
     }
 
-    /// The id here of message `from` of an adopted spool, when it was imported.
-    pub fn get(&self, from: &QueueId) -> Option<&QueueId> {
-        self.done.get(from)
+    /// The id here of message `from` of an adopted spool whose file hashes to `hash`, when
+    /// it was imported.
+    pub fn get(&self, from: &QueueId, hash: u64) -> Option<&QueueId> {
+        self.done.get(&(from.clone(), format!("{hash:016x}")))
     }
 
-    /// Record that `from` (of `source`) is `id` here: appended and fsynced before this
-    /// returns. Fails on a ledger opened without `write`.
+    /// Record that `from` (of `source`, its file hashing to `hash`) is `id` here: appended
+    /// and fsynced before this returns. Fails on a ledger opened without `write`.
     pub fn record(
         &mut self,
         from: &QueueId,
+        hash: u64,
         id: &QueueId,
         source: &Path,
     ) -> Result<(), SpoolError> {
         let line = LedgerLine {
             from: from.clone(),
+            hash: format!("{hash:016x}"),
             id: id.clone(),
             at_ms: crate::observe::event::unix_millis(),
             source: source.display().to_string(),
@@ -137,17 +143,17 @@ impl Ledger {
             .and_then(|()| file.sync_data())
             .map_err(SpoolError::io("write", path))?;
         self.torn = false;
-        self.done.insert(from.clone(), id.clone());
+        self.done.insert((line.from, line.hash), id.clone());
         Ok(())
     }
 }
 
-/// The ledger's lines, source id → id here; lines that are not one (torn by a crash) are
-/// skipped.
-fn parse(text: &[u8]) -> HashMap<QueueId, QueueId> {
+/// The ledger's lines, (source id, hash) → id here; lines that are not one (torn by a crash)
+/// are skipped.
+fn parse(text: &[u8]) -> HashMap<(QueueId, String), QueueId> {
     text.split(|b| *b == b'\n')
         .filter_map(|line| serde_json::from_slice::<LedgerLine>(line).ok())
-        .map(|l| (l.from, l.id))
+        .map(|l| ((l.from, l.hash), l.id))
         .collect()
 }
 

@@ -29,8 +29,9 @@
 //!
 //! Per message: its state is written into `queue/ID.state` (temp file, fsync, rename), then
 //! the message (a copy in `tmp/`, fsync, rename without replacing into `queue/ID`), then
-//! `queue/` is fsynced, then a line `{from, id}` is appended to the ledger
-//! `SPOOL/adoptions.jsonl` and fsynced, and only then is the running relay asked to load and
+//! `queue/` is fsynced, then a line `{from, hash, id}` is appended to the ledger
+//! `SPOOL/adoptions.jsonl` and fsynced (`hash`: FNV-1a of the whole source file, so that a
+//! message of another spool that happens to bear the same id is not taken for this one), and only then is the running relay asked to load and
 //! schedule it (`control/restore.ID`, read within a second: see [`super::control`]; a
 //! stopped relay reads it when it starts). So:
 //!
@@ -342,13 +343,6 @@ impl<'a> Adoption<'a> {
 
     /// One message of `DIR/queue/`.
     fn import_message(&mut self, from: QueueId) -> Result<Outcome, AdoptError> {
-        if let Some(id) = self.ledger.get(&from).cloned() {
-            if !self.opts.dry_run && self.spool.contains(&id) {
-                // Told again: the crash that interrupted the last run may have come before.
-                self.tell.push(id.clone());
-            }
-            return Ok(Outcome::AlreadyHere { from, id });
-        }
         let path = self.source_queue.join(from.as_str());
         let mut source = match Source::open(&path, &from) {
             Ok(source) => source,
@@ -359,10 +353,17 @@ impl<'a> Adoption<'a> {
                 });
             }
         };
+        if let Some(id) = self.ledger.get(&from, source.hash).cloned() {
+            if !self.opts.dry_run && self.spool.contains(&id) {
+                // Told again: the crash that interrupted the last run may have come before.
+                self.tell.push(id.clone());
+            }
+            return Ok(Outcome::AlreadyHere { from, id });
+        }
         let state_path = self.source_queue.join(format!("{from}{STATE_SUFFIX}"));
         let state = read_source_state(&state_path, &source.envelope);
         let id = match self.place(&from, &mut source)? {
-            Place::Here(id) => return self.already_here(from, id),
+            Place::Here(id) => return self.already_here(from, source.hash, id),
             Place::Free(id) => id,
         };
         let held = matches!(&state, Ok(Some(s)) if s.hold.is_some());
@@ -378,7 +379,8 @@ impl<'a> Adoption<'a> {
         let fresh = state.as_ref().err().cloned();
         let state = state.ok().flatten();
         self.write(&id, &mut source, state.as_ref())?;
-        self.ledger.record(&from, &id, &self.opts.dir)?;
+        self.ledger
+            .record(&from, source.hash, &id, &self.opts.dir)?;
         self.tell.push(id.clone());
         Ok(Outcome::Imported {
             from,
@@ -389,9 +391,14 @@ impl<'a> Adoption<'a> {
     }
 
     /// The same message is here already as `id`: record it (and tell the relay when queued).
-    fn already_here(&mut self, from: QueueId, id: QueueId) -> Result<Outcome, AdoptError> {
+    fn already_here(
+        &mut self,
+        from: QueueId,
+        hash: u64,
+        id: QueueId,
+    ) -> Result<Outcome, AdoptError> {
         if !self.opts.dry_run {
-            self.ledger.record(&from, &id, &self.opts.dir)?;
+            self.ledger.record(&from, hash, &id, &self.opts.dir)?;
             if self.spool.contains(&id) {
                 self.tell.push(id.clone());
             }
@@ -483,6 +490,8 @@ struct Source {
     header_len: u64,
     /// The file's length.
     len: u64,
+    /// FNV-1a of the whole file: with the id, what the ledger knows it by.
+    hash: u64,
 }
 
 impl Source {
@@ -504,11 +513,13 @@ impl Source {
                 envelope.id
             ));
         }
+        let hash = fnv(&file).map_err(|e| format!("cannot read: {e}"))?;
         Ok(Source {
             file,
             envelope,
             header_len,
             len,
+            hash,
         })
     }
 
@@ -622,15 +633,39 @@ fn same_bytes(mut a: impl BufRead, mut b: impl BufRead) -> io::Result<bool> {
     }
 }
 
+/// FNV-1a (64 bits) of `bytes`, continuing from `hash`.
+fn fnv_step(mut hash: u64, bytes: impl IntoIterator<Item = u8>) -> u64 {
+    for b in bytes {
+        hash ^= u64::from(b);
+        hash = hash.wrapping_mul(0x0100_0000_01b3);
+    }
+    hash
+}
+
+/// The FNV-1a offset basis.
+const FNV_START: u64 = 0xcbf2_9ce4_8422_2325;
+
+/// FNV-1a of the whole of `file`, read from its start.
+fn fnv(mut file: &File) -> io::Result<u64> {
+    file.seek(SeekFrom::Start(0))?;
+    let mut reader = BufReader::with_capacity(64 * 1024, file);
+    let mut hash = FNV_START;
+    loop {
+        let chunk = reader.fill_buf()?;
+        if chunk.is_empty() {
+            return Ok(hash);
+        }
+        hash = fnv_step(hash, chunk.iter().copied());
+        let n = chunk.len();
+        reader.consume(n);
+    }
+}
+
 /// The `k`-th id tried for `from` when its own is taken: its time part, and a tail derived
 /// from it and `k` (FNV-1a), so every run derives the same ones.
 fn derived_id(from: &QueueId, k: u32) -> QueueId {
     const TAIL: u128 = (1 << 30) - 1;
-    let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
-    for b in from.as_str().bytes().chain(k.to_le_bytes()) {
-        hash ^= u64::from(b);
-        hash = hash.wrapping_mul(0x0100_0000_01b3);
-    }
+    let hash = fnv_step(FNV_START, from.as_str().bytes().chain(k.to_le_bytes()));
     QueueId::from_bits((from.to_bits() & !TAIL) | (u128::from(hash) & TAIL))
 }
 

@@ -193,7 +193,41 @@ fn a_copy_left_by_a_crash_before_the_ledger_line_is_found_not_copied_again() {
         }]
     );
     assert_eq!(told(&ours), std::slice::from_ref(&id));
-    assert!(Ledger::open(&ours, false).unwrap().get(&id) == Some(&id));
+    let lines = ledger_lines(&ours);
+    assert_eq!(lines.len(), 1);
+    assert_eq!((&lines[0].from, &lines[0].id), (&id, &id));
+}
+
+fn ledger_lines(spool: &Spool) -> Vec<ledger::LedgerLine> {
+    fs::read_to_string(spool.root().join(LEDGER))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
+}
+
+#[test]
+fn another_spools_message_by_an_id_adopted_before_is_imported_under_a_new_id() {
+    let (d, theirs, ours) = spools();
+    let id = queue(&theirs, BODY, None);
+    // A copy of their spool taken earlier, in which that message differs.
+    let copy = Spool::open(&d.path().join("copy")).unwrap();
+    let mut bytes = file(&theirs, id.as_str());
+    bytes.extend_from_slice(b"changed\r\n");
+    fs::write(copy.root().join("queue").join(id.as_str()), bytes).unwrap();
+    adopt(&ours, &options(&theirs)).unwrap();
+    let report = adopt(&ours, &options(&copy)).unwrap();
+    let [Outcome::Imported { from, id: new, .. }] = &report.outcomes[..] else {
+        panic!("{:?}", report.outcomes);
+    };
+    assert_eq!(from, &id);
+    assert_ne!(new, &id);
+    assert_eq!(
+        ours.read_message(new).unwrap(),
+        [BODY, b"changed\r\n"].concat()
+    );
+    assert_eq!(ours.read_message(&id).unwrap(), BODY);
+    assert_eq!(ledger_lines(&ours).len(), 2);
 }
 
 #[test]
