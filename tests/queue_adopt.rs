@@ -232,3 +232,175 @@ fn adopted_mail_is_delivered_once_byte_for_byte_held_stays_held_and_a_rerun_take
     // Refused before recovery touched anything: the messages are still there, untouched.
     assert_eq!(fs::read_dir(from.join("queue")).unwrap().count(), 6);
 }
+
+#[test]
+fn a_message_whose_id_is_taken_here_gets_a_new_one_and_is_delivered_under_it() {
+    let dead = dead_node();
+    let from = dead.relay.spool.clone();
+    // A copy of the dead node's spool taken earlier, in which `held` differs.
+    let other = dead.relay.dir().join("other-copy");
+    copy_tree(&from, &other);
+    let path = other.join("queue").join(&dead.held);
+    let mut bytes = fs::read(&path).unwrap();
+    bytes.extend_from_slice(b"changed since\r\n");
+    fs::write(&path, bytes).unwrap();
+    let sink = Sink::start(SinkConfig::default());
+    let relay = relay_to(sink.port());
+    assert_eq!(adopt(&relay, &from, &[]).status.code(), Some(0));
+    assert!(sink.wait_for(2, WAIT));
+
+    let out = adopt(&relay, &other, &[]);
+    assert_eq!(out.status.code(), Some(0), "{}", show(&out));
+    let text = stdout(&out);
+    let line = text.lines().nth(1).unwrap();
+    let new = line
+        .strip_prefix(&format!("imported {} as ", dead.held))
+        .and_then(|rest| rest.strip_suffix(" (its id is taken here) (held)"))
+        .unwrap_or_else(|| panic!("{text}"));
+    assert_ne!(new, dead.held);
+    assert_eq!(new.len(), 16);
+    assert!(
+        text.starts_with(&format!(
+            "already here {}\n{line}\nalready here {}\n1 message imported (1 held, 1 under a new \
+             id), 2 already here, 0 refused\n",
+            dead.plain, dead.part
+        )),
+        "{text}"
+    );
+    // Both are here, each with its own bytes; released, the new one goes under its new id.
+    assert_eq!(relay.spool_files().len(), 2);
+    let changed = message_bytes(&other, &dead.held);
+    assert_eq!(message_bytes(&relay.spool, new), changed);
+    assert_eq!(
+        message_bytes(&relay.spool, &dead.held),
+        message_bytes(&from, &dead.held)
+    );
+    let out = relay.command(&["queue", "release", new]);
+    assert_eq!(out.status.code(), Some(0), "{}", show(&out));
+    assert!(sink.wait_for(3, WAIT));
+    assert!(sink.messages().iter().any(|m| m.data == changed));
+    assert!(relay.wait_for_fields(&[("queue_id", new), ("upstream", "up")], WAIT));
+    let audit = stdout(&relay.command(&["audit", "--json"]));
+    assert!(
+        audit.contains(&format!("\"{new}<-{}\"", dead.held)),
+        "{audit}"
+    );
+}
+
+/// Make `dir` read-only: a read-only bind mount when root (`chmod` does not stop root),
+/// else mode 0500. `None` (said on stderr) when neither can be had here.
+fn read_only(dir: &Path) -> Option<ReadOnly> {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        use std::os::unix::fs::PermissionsExt as _;
+        fs::set_permissions(dir, fs::Permissions::from_mode(0o500)).unwrap();
+        return Some(ReadOnly(None));
+    }
+    let mount = |args: &[&str]| {
+        Command::new("mount")
+            .args(args)
+            .arg(dir)
+            .arg(dir)
+            .status()
+            .is_ok_and(|s| s.success())
+    };
+    if mount(&["--bind"]) {
+        if mount(&["-o", "remount,bind,ro"]) {
+            return Some(ReadOnly(Some(dir.to_path_buf())));
+        }
+        let _ = Command::new("umount").arg(dir).status();
+    }
+    eprintln!("skipped: cannot make a read-only bind mount here");
+    None
+}
+
+/// Undoes the bind mount on drop.
+struct ReadOnly(Option<PathBuf>);
+
+impl Drop for ReadOnly {
+    fn drop(&mut self) {
+        if let Some(dir) = &self.0 {
+            let _ = Command::new("umount").arg(dir).status();
+        }
+    }
+}
+
+#[test]
+fn a_read_only_spool_is_imported_and_the_report_says_it_is_not_marked() {
+    let dead = dead_node();
+    let ro = dead.relay.dir().join("mounted");
+    copy_tree(&dead.relay.spool, &ro);
+    let Some(_guard) = read_only(&ro) else {
+        return;
+    };
+    let sink = Sink::start(SinkConfig::default());
+    let relay = relay_to(sink.port());
+    let dry = adopt(&relay, &ro, &["--dry-run"]);
+    assert_eq!(dry.status.code(), Some(0), "{}", show(&dry));
+    assert_eq!(
+        stdout(&dry),
+        format!(
+            "would import {}\nwould import {} (held)\nwould import {}\n3 messages would be \
+             imported (1 held, 0 under a new id), 0 already here, 0 refused (dry run)\n",
+            dead.plain, dead.held, dead.part
+        )
+    );
+    assert!(relay.spool_files().is_empty());
+    let out = adopt(&relay, &ro, &[]);
+    assert_eq!(out.status.code(), Some(0), "{}", show(&out));
+    let text = stdout(&out);
+    assert!(
+        text.contains("3 messages imported (1 held, 0 under a new id)"),
+        "{text}"
+    );
+    assert!(
+        text.contains(&format!(
+            "{} NOT marked adopted (Read-only file system (os error 30)): wipe it before its \
+             node returns, or that node delivers these messages again\n",
+            ro.display()
+        )) || text.contains(" NOT marked adopted (Permission denied"),
+        "{text}"
+    );
+    assert!(!ro.join("adopted").exists());
+    assert!(sink.wait_for(2, WAIT));
+    assert_eq!(relay.spool_files().len(), 3 - 2);
+}
+
+#[test]
+fn hostile_files_are_refused_one_by_one_and_reported_the_rest_imported() {
+    let dead = dead_node();
+    let copy = dead.relay.dir().join("copy");
+    copy_tree(&dead.relay.spool, &copy);
+    let q = copy.join("queue");
+    let (link, other, huge) = ("0000000000000001", "0000000000000002", "0000000000000003");
+    let secret = dead.relay.dir().write("secret", "PORTCULLIS-SPOOL 1\n");
+    std::os::unix::fs::symlink(&secret, q.join(link)).unwrap();
+    fs::write(q.join(other), "From: x@y\r\n\r\nnot a spool file\r\n").unwrap();
+    let mut big = b"PORTCULLIS-SPOOL 1\n{\"id\":\"".to_vec();
+    big.resize(2 * 1024 * 1024, b'A');
+    fs::write(q.join(huge), big).unwrap();
+    let sink = Sink::start(SinkConfig::default());
+    let relay = relay_to(sink.port());
+    let out = adopt(&relay, &copy, &[]);
+    assert_eq!(out.status.code(), Some(1), "{}", show(&out));
+    let q = q.display();
+    assert_eq!(
+        stderr(&out),
+        format!(
+            "portcullis: refused {q}/{link}: a symlink (never followed); left in place\n\
+             portcullis: refused {q}/{other}: missing PORTCULLIS-SPOOL 1 header; left in place\n\
+             portcullis: refused {q}/{huge}: envelope line truncated or longer than the limit; \
+             left in place\nportcullis: 3 files of {q} refused\n"
+        )
+    );
+    assert!(
+        stdout(&out).contains(
+            "3 messages imported (1 held, 0 under a new id), 0 already here, 3 refused\n"
+        ),
+        "{}",
+        show(&out)
+    );
+    assert!(copy.join("adopted").exists());
+    assert!(sink.wait_for(2, WAIT));
+    assert_eq!(fs::read(&secret).unwrap(), b"PORTCULLIS-SPOOL 1\n");
+}
