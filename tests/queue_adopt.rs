@@ -175,6 +175,7 @@ fn adopted_mail_is_delivered_once_byte_for_byte_held_stays_held_and_a_rerun_take
             .unwrap_or_else(|| panic!("{id} not intact"));
         assert_eq!(m.rcpts, rcpts, "{id}: only the pending recipient");
     }
+    assert!(relay.has_fields(&[("queue_id", &dead.plain), ("adopted_from", &dead.plain)]));
     let held = fs::read_to_string(
         relay
             .spool
@@ -285,6 +286,14 @@ fn a_message_whose_id_is_taken_here_gets_a_new_one_and_is_delivered_under_it() {
         audit.contains(&format!("\"{new}<-{}\"", dead.held)),
         "{audit}"
     );
+    // Logged and journaled with both ids.
+    assert!(relay.has_fields(&[("queue_id", new), ("adopted_from", &dead.held)]));
+    let adopted = format!(" adopted     adopted_from={}\n", dead.held);
+    let traced = wait_until(WAIT, || {
+        let trace = stdout(&relay.command(&["trace", new]));
+        trace.contains(&adopted) && trace.contains(" delivered ")
+    });
+    assert!(traced, "{}", show(&relay.command(&["trace", new])));
 }
 
 /// Make `dir` read-only: a read-only bind mount when root (`chmod` does not stop root),

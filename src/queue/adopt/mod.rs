@@ -32,8 +32,9 @@
 //! `queue/` is fsynced, then a line `{from, hash, id}` is appended to the ledger
 //! `SPOOL/adoptions.jsonl` and fsynced (`hash`: FNV-1a of the whole source file, so that a
 //! message of another spool that happens to bear the same id is not taken for this one), and only then is the running relay asked to load and
-//! schedule it (`control/restore.ID`, read within a second: see [`super::control`]; a
-//! stopped relay reads it when it starts). So:
+//! schedule it (`control/adopted.ID.FROM`, read within a second: see [`super::control`];
+//! a stopped relay reads it when it starts), which it journals as `adopted` (with
+//! `adopted_from` when the id changed) and logs with both ids. So:
 //!
 //! - a crash before the message's rename leaves at most an orphan state (removed by recovery)
 //!   and a temp file: a rerun imports the message;
@@ -236,8 +237,8 @@ pub struct Adoption<'a> {
     marker: Option<Marker>,
     names: Vec<String>,
     outcomes: Vec<Outcome>,
-    /// Imported, not yet told to the relay.
-    tell: Vec<QueueId>,
+    /// Imported, not yet told to the relay: (id here, id there).
+    tell: Vec<(QueueId, QueueId)>,
 }
 
 impl<'a> Adoption<'a> {
@@ -301,7 +302,7 @@ impl<'a> Adoption<'a> {
         if self.opts.dry_run || self.tell.is_empty() {
             return Ok(());
         }
-        self.spool.request_restore(&self.tell)?;
+        self.spool.request_adopted(&self.tell)?;
         self.tell.clear();
         Ok(())
     }
@@ -356,7 +357,7 @@ impl<'a> Adoption<'a> {
         if let Some(id) = self.ledger.get(&from, source.hash).cloned() {
             if !self.opts.dry_run && self.spool.contains(&id) {
                 // Told again: the crash that interrupted the last run may have come before.
-                self.tell.push(id.clone());
+                self.tell.push((id.clone(), from.clone()));
             }
             return Ok(Outcome::AlreadyHere { from, id });
         }
@@ -381,7 +382,7 @@ impl<'a> Adoption<'a> {
         self.write(&id, &mut source, state.as_ref())?;
         self.ledger
             .record(&from, source.hash, &id, &self.opts.dir)?;
-        self.tell.push(id.clone());
+        self.tell.push((id.clone(), from.clone()));
         Ok(Outcome::Imported {
             from,
             id,
@@ -400,7 +401,7 @@ impl<'a> Adoption<'a> {
         if !self.opts.dry_run {
             self.ledger.record(&from, hash, &id, &self.opts.dir)?;
             if self.spool.contains(&id) {
-                self.tell.push(id.clone());
+                self.tell.push((id.clone(), from.clone()));
             }
         }
         Ok(Outcome::AlreadyHere { from, id })

@@ -56,15 +56,20 @@ fn file(spool: &Spool, name: &str) -> Vec<u8> {
 
 /// The ids the relay is asked to load, sorted.
 fn told(spool: &Spool) -> Vec<QueueId> {
-    let mut ids = Vec::new();
+    told_pairs(spool).into_iter().map(|(id, _)| id).collect()
+}
+
+/// (id here, id there) of each message the relay is asked to load, sorted.
+fn told_pairs(spool: &Spool) -> Vec<(QueueId, QueueId)> {
+    let mut pairs = Vec::new();
     for request in spool.take_requests().unwrap() {
         match request {
-            Request::Restore(list) => ids.extend(list),
-            other => panic!("not a restore: {other:?}"),
+            Request::Adopted(list) => pairs.extend(list),
+            other => panic!("not an adoption: {other:?}"),
         }
     }
-    ids.sort();
-    ids
+    pairs.sort();
+    pairs
 }
 
 fn imported(report: &Report) -> Vec<QueueId> {
@@ -255,6 +260,7 @@ fn an_id_taken_here_by_another_message_gets_a_derived_id_found_again_by_a_rerun(
     expected.id = new.clone();
     assert_eq!(copy.envelope, expected);
     assert_eq!(copy.state, held());
+    assert_eq!(told_pairs(&ours), [(new.clone(), id.clone())]);
     assert_eq!(ours.read_message(new).unwrap(), BODY);
     assert_eq!(ours.read_message(&id).unwrap(), b"Subject: mine\r\n\r\n");
     // A crash before the ledger line: the rerun derives the same id and finds its copy.
