@@ -1389,6 +1389,11 @@ fn adopt(spool: &Spool, config: Option<&Path>, dir: PathBuf, dry_run: bool) -> a
         }
         record(spool, &["queue", "adopt"], affected)?;
     }
+    if let Some(why) = &report.stopped {
+        bail!(
+            "stopped: {why}; what was imported stays imported: run the same command again to go on"
+        );
+    }
     if refused > 0 {
         bail!(
             "{refused} files of {} refused",

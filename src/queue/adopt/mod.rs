@@ -183,6 +183,8 @@ pub enum MarkerOutcome {
     NotWritten(String),
     /// A dry run writes nothing.
     DryRun,
+    /// Not written: the run stopped before the end.
+    Stopped,
 }
 
 /// The whole run.
@@ -196,6 +198,9 @@ pub struct Report {
     pub left: Left,
     /// The marker.
     pub marker: MarkerOutcome,
+    /// Why the run stopped before the end (this spool's side: I/O, free space); what
+    /// `outcomes` lists was done, and a rerun goes on from there.
+    pub stopped: Option<String>,
 }
 
 /// What the operator asked.
@@ -213,15 +218,16 @@ pub struct Options {
 
 /// Adopt `opts.dir` into `spool` (see the module docs). Blocking.
 ///
+/// The first error of this spool's side (I/O, free space) stops the run: the report then
+/// says why ([`Report::stopped`]), after the relay was told about what was imported before.
+///
 /// # Errors
-/// As [`Adoption::start`], then the first error of this spool's side (I/O, free space),
-/// after telling the relay about what was imported before it.
+/// As [`Adoption::start`]; the control request cannot be written.
 pub fn adopt(spool: &Spool, opts: &Options) -> Result<Report, AdoptError> {
     let mut run = Adoption::start(spool, opts)?;
     for name in run.names() {
         if let Err(e) = run.import(&name) {
-            run.tell_now()?;
-            return Err(e);
+            return run.stop(&e);
         }
     }
     run.finish()
@@ -307,6 +313,21 @@ impl<'a> Adoption<'a> {
         Ok(())
     }
 
+    /// The run stops on `why`: tell the relay about what was imported, write no marker.
+    ///
+    /// # Errors
+    /// The control request cannot be written.
+    pub fn stop(mut self, why: &AdoptError) -> Result<Report, AdoptError> {
+        self.tell_now()?;
+        Ok(Report {
+            dir: self.opts.dir.clone(),
+            outcomes: self.outcomes,
+            left: left_in(&self.opts.dir),
+            marker: MarkerOutcome::Stopped,
+            stopped: Some(why.to_string()),
+        })
+    }
+
     /// Tell the relay about the rest, write the marker, count what is left.
     ///
     /// # Errors
@@ -339,6 +360,7 @@ impl<'a> Adoption<'a> {
             outcomes: self.outcomes,
             left: left_in(&self.opts.dir),
             marker,
+            stopped: None,
         })
     }
 

@@ -116,5 +116,8 @@ pub fn marker(outcome: &MarkerOutcome, dir: &std::path::Path) -> Option<String> 
             clean(why)
         )),
         MarkerOutcome::DryRun => None,
+        MarkerOutcome::Stopped => Some(format!(
+            "{dir} not marked adopted: the run stopped before the end"
+        )),
     }
 }

@@ -459,3 +459,27 @@ fn a_ledger_line_torn_by_a_crash_costs_no_other_line() {
     let report = adopt(&ours, &opts).unwrap();
     assert_eq!(imported(&report), [b]);
 }
+
+#[test]
+fn short_of_space_the_run_stops_before_the_floor_and_a_rerun_goes_on() {
+    let (_d, theirs, ours) = spools();
+    let ids: Vec<QueueId> = (0..2).map(|_| queue(&theirs, BODY, None)).collect();
+    let tight = Options {
+        min_free: u64::MAX / 4,
+        ..options(&theirs)
+    };
+    let report = adopt(&ours, &tight).unwrap();
+    assert!(report.outcomes.is_empty());
+    assert_eq!(report.marker, MarkerOutcome::Stopped);
+    let why = report.stopped.unwrap();
+    assert!(
+        why.starts_with(&format!("stopped before {}: ", ids[0])),
+        "{why}"
+    );
+    assert!(why.contains("below min_free_space"), "{why}");
+    assert!(ours.list().unwrap().is_empty());
+    assert!(!theirs.root().join(MARKER).exists());
+    let report = adopt(&ours, &options(&theirs)).unwrap();
+    assert_eq!(imported(&report), ids);
+    assert_eq!(report.stopped, None);
+}
