@@ -21,6 +21,11 @@
 //! id that is not quarantined, or is queued already, is reported on stderr, the others are
 //! still restored, and the exit status is 1.
 //!
+//! `queue adopt DIR` exits 0 when every message of DIR was imported (or was already here),
+//! whether or not DIR could be marked (the output says which); 1 when a file of DIR was
+//! refused (the others still imported) or this spool stopped the run (free space, I/O: run
+//! it again); 2 for a DIR that is not a spool, this spool itself, or one another node adopted.
+//!
 //! `policy explain` exits 0 whatever the verdict, 2 for an unknown listener, a malformed IP or
 //! address, no `--config` or an invalid policy, 1 when the resolver cannot be built.
 //!
