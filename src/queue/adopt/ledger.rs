@@ -109,29 +109,34 @@ impl Ledger {
         self.done.get(&(from.clone(), format!("{hash:016x}")))
     }
 
-    /// Record that `from` (of `source`, its file hashing to `hash`) is `id` here: appended
-    /// and fsynced before this returns. Fails on a ledger opened without `write`.
-    pub fn record(
+    /// Record each (`from`, its file's `hash`, `id` here) of `lines` (messages of `source`):
+    /// appended in one write and fsynced before this returns. Fails on a ledger opened
+    /// without `write`.
+    pub fn record_all(
         &mut self,
-        from: &QueueId,
-        hash: u64,
-        id: &QueueId,
+        lines: &[(QueueId, u64, QueueId)],
         source: &Path,
     ) -> Result<(), SpoolError> {
-        let line = LedgerLine {
-            from: from.clone(),
-            hash: format!("{hash:016x}"),
-            id: id.clone(),
-            at_ms: crate::observe::event::unix_millis(),
-            source: source.display().to_string(),
-        };
-        let mut bytes = serde_json::to_vec(&line).map_err(|source| SpoolError::Encode {
-            what: "adoption",
-            source,
-        })?;
-        bytes.push(b'\n');
+        let at_ms = crate::observe::event::unix_millis();
+        let mut bytes = Vec::with_capacity(lines.len() * 160 + 1);
         if self.torn {
-            bytes.insert(0, b'\n');
+            bytes.push(b'\n');
+        }
+        let mut parsed = Vec::with_capacity(lines.len());
+        for (from, hash, id) in lines {
+            let line = LedgerLine {
+                from: from.clone(),
+                hash: format!("{hash:016x}"),
+                id: id.clone(),
+                at_ms,
+                source: source.display().to_string(),
+            };
+            serde_json::to_writer(&mut bytes, &line).map_err(|source| SpoolError::Encode {
+                what: "adoption",
+                source,
+            })?;
+            bytes.push(b'\n');
+            parsed.push(line);
         }
         let path = &self.path;
         let Some(file) = self.file.as_mut() else {
@@ -143,7 +148,8 @@ impl Ledger {
             .and_then(|()| file.sync_data())
             .map_err(SpoolError::io("write", path))?;
         self.torn = false;
-        self.done.insert((line.from, line.hash), id.clone());
+        self.done
+            .extend(parsed.into_iter().map(|l| ((l.from, l.hash), l.id)));
         Ok(())
     }
 }

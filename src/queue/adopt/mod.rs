@@ -28,20 +28,21 @@
 //! # Order on disk, and a crash at any point
 //!
 //! Per message: its state is written into `queue/ID.state` (temp file, fsync, rename), then
-//! the message (a copy in `tmp/`, fsync, rename without replacing into `queue/ID`), then
-//! `queue/` is fsynced, then a line `{from, hash, id}` is appended to the ledger
-//! `SPOOL/adoptions.jsonl` and fsynced (`hash`: FNV-1a of the whole source file, so that a
-//! message of another spool that happens to bear the same id is not taken for this one), and only then is the running relay asked to load and
-//! schedule it (`control/adopted.ID.FROM`, read within a second: see [`super::control`];
-//! a stopped relay reads it when it starts), which it journals as `adopted` (with
+//! the message (a copy in `tmp/`, fsync, rename without replacing into `queue/ID`). Per batch
+//! of up to [`BATCH`] messages: `queue/` is fsynced, then a line `{from, hash, id}` per
+//! message is appended to the ledger `SPOOL/adoptions.jsonl` and fsynced (`hash`: FNV-1a of
+//! the whole source file, so that a message of another spool that happens to bear the same
+//! id is not taken for this one), and only then is the running relay asked to load and
+//! schedule them (`control/adopted.ID.FROM`, read within a second: see [`super::control`]; a
+//! stopped relay reads them when it starts), which it journals as `adopted` (with
 //! `adopted_from` when the id changed) and logs with both ids. So:
 //!
 //! - a crash before the message's rename leaves at most an orphan state (removed by recovery)
 //!   and a temp file: a rerun imports the message;
-//! - a crash between the rename and the ledger line leaves the copy, which the rerun finds
-//!   (same bytes under the same id, or the same derived id) and records; the relay has not
-//!   been told of it yet, so it has not been sent (unless the relay restarted in between: then
-//!   it may be sent twice, never lost);
+//! - a crash after the rename, before its batch's ledger lines, may leave the copy, which the
+//!   rerun finds (same envelope and bytes under the same id, or the same derived id) and
+//!   records; the relay has not been told of it yet, so it has not been sent (unless the relay
+//!   restarted in between: then it may be sent twice, never lost);
 //! - a message in the ledger is never imported again, even once delivered and gone from here;
 //!   a rerun asks the relay again for those still queued here, in case the crash came before
 //!   it was told;
@@ -75,8 +76,9 @@ use super::{
 use crate::envelope::{Envelope, QueueId};
 pub use ledger::{LEDGER, Ledger, LedgerError, MARKER, Marker};
 
-/// The relay is asked to load the imported messages at least once per this many.
-const TELL_BATCH: usize = 1000;
+/// Messages copied before `queue/` is fsynced, their ledger lines written (one fsync) and
+/// the relay asked to load them: a batch.
+const BATCH: usize = 256;
 /// How many derived ids are tried for a message whose id is taken here.
 const MAX_NEW_IDS: u32 = 16;
 
@@ -243,8 +245,9 @@ pub struct Adoption<'a> {
     marker: Option<Marker>,
     names: Vec<String>,
     outcomes: Vec<Outcome>,
-    /// Imported, not yet told to the relay: (id here, id there).
-    tell: Vec<(QueueId, QueueId)>,
+    /// Copied into `queue/` (or found there) since the last batch: (id there, its hash, id
+    /// here); not yet fsynced, in the ledger, or told to the relay.
+    batch: Vec<(QueueId, u64, QueueId)>,
 }
 
 impl<'a> Adoption<'a> {
@@ -274,7 +277,7 @@ impl<'a> Adoption<'a> {
             marker,
             names,
             outcomes: Vec::new(),
-            tell: Vec::new(),
+            batch: Vec::new(),
         })
     }
 
@@ -297,20 +300,26 @@ impl<'a> Adoption<'a> {
             },
         };
         self.outcomes.push(outcome);
-        if self.tell.len() >= TELL_BATCH {
-            self.tell_now()?;
+        if self.batch.len() >= BATCH {
+            self.flush()?;
         }
         Ok(())
     }
 
-    /// Ask the running relay to load what was imported since it was last asked.
-    fn tell_now(&mut self) -> Result<(), SpoolError> {
-        if self.opts.dry_run || self.tell.is_empty() {
+    /// End the batch: fsync `queue/` (the copies are durable), write their ledger lines
+    /// (one fsync), then ask the running relay to load them (see the module docs).
+    fn flush(&mut self) -> Result<(), SpoolError> {
+        if self.batch.is_empty() {
             return Ok(());
         }
-        self.spool.request_adopted(&self.tell)?;
-        self.tell.clear();
-        Ok(())
+        sync_dir(&self.spool.inner.queue)?;
+        self.ledger.record_all(&self.batch, &self.opts.dir)?;
+        let tell: Vec<(QueueId, QueueId)> = self
+            .batch
+            .drain(..)
+            .map(|(from, _, id)| (id, from))
+            .collect();
+        self.spool.request_adopted(&tell)
     }
 
     /// The run stops on `why`: tell the relay about what was imported, write no marker.
@@ -318,7 +327,7 @@ impl<'a> Adoption<'a> {
     /// # Errors
     /// The control request cannot be written.
     pub fn stop(mut self, why: &AdoptError) -> Result<Report, AdoptError> {
-        self.tell_now()?;
+        self.flush()?;
         Ok(Report {
             dir: self.opts.dir.clone(),
             outcomes: self.outcomes,
@@ -333,7 +342,7 @@ impl<'a> Adoption<'a> {
     /// # Errors
     /// The control request cannot be written.
     pub fn finish(mut self) -> Result<Report, AdoptError> {
-        self.tell_now()?;
+        self.flush()?;
         let marker = if self.opts.dry_run {
             MarkerOutcome::DryRun
         } else if let Some(marker) = self.marker.take() {
@@ -379,7 +388,7 @@ impl<'a> Adoption<'a> {
         if let Some(id) = self.ledger.get(&from, source.hash).cloned() {
             if !self.opts.dry_run && self.spool.contains(&id) {
                 // Told again: the crash that interrupted the last run may have come before.
-                self.tell.push((id.clone(), from.clone()));
+                self.spool.request_adopted(&[(id.clone(), from.clone())])?;
             }
             return Ok(Outcome::AlreadyHere { from, id });
         }
@@ -402,9 +411,7 @@ impl<'a> Adoption<'a> {
         let fresh = state.as_ref().err().cloned();
         let state = state.ok().flatten();
         self.write(&id, &mut source, state.as_ref())?;
-        self.ledger
-            .record(&from, source.hash, &id, &self.opts.dir)?;
-        self.tell.push((id.clone(), from.clone()));
+        self.batch.push((from.clone(), source.hash, id.clone()));
         Ok(Outcome::Imported {
             from,
             id,
@@ -421,10 +428,9 @@ impl<'a> Adoption<'a> {
         id: QueueId,
     ) -> Result<Outcome, AdoptError> {
         if !self.opts.dry_run {
-            self.ledger.record(&from, hash, &id, &self.opts.dir)?;
-            if self.spool.contains(&id) {
-                self.tell.push((id.clone(), from.clone()));
-            }
+            // Found, not made, by this run: it may not be durable yet (a crash came right
+            // after its copy); the batch makes it so before the ledger names it.
+            self.batch.push((from.clone(), hash, id.clone()));
         }
         Ok(Outcome::AlreadyHere { from, id })
     }
@@ -494,7 +500,7 @@ impl<'a> Adoption<'a> {
             }
             return Err(e);
         }
-        sync_dir(&spool.inner.queue)
+        Ok(())
     }
 }
 

@@ -157,17 +157,31 @@ fn an_interrupted_adopt_run_again_imports_each_message_once_even_one_delivered_m
     let opts = options(&theirs);
     {
         let mut run = Adoption::start(&ours, &opts).unwrap();
-        for name in run.names().iter().take(2) {
-            run.import(name).unwrap();
-        }
-        // Stopped here: no finish, no marker, the relay never told.
+        let names = run.names();
+        run.import(&names[0]).unwrap();
+        run.import(&names[1]).unwrap();
+        // A batch ends: durable, in the ledger, the relay told.
+        run.flush().unwrap();
+        run.import(&names[2]).unwrap();
+        // Stopped here: the third copied but not in the ledger, no marker.
     }
-    assert_eq!(ours.list().unwrap().len(), 2);
+    assert_eq!(told(&ours), ids[..2].to_vec());
+    assert_eq!(ours.list().unwrap().len(), 3);
     assert!(ledger::read_marker(theirs.root()).unwrap().is_none());
-    // The relay delivered the first meanwhile (a restart read it): gone from here.
+    // The relay delivered the first meanwhile: gone from here.
     ours.remove(&ids[0]).unwrap();
     let report = adopt(&ours, &opts).unwrap();
-    assert_eq!(imported(&report), ids[2..].to_vec());
+    assert_eq!(imported(&report), ids[3..].to_vec());
+    assert_eq!(
+        report.outcomes[..3],
+        ids[..3]
+            .iter()
+            .map(|id| Outcome::AlreadyHere {
+                from: id.clone(),
+                id: id.clone()
+            })
+            .collect::<Vec<_>>()
+    );
     let here: Vec<QueueId> = ours
         .list()
         .unwrap()
@@ -175,8 +189,9 @@ fn an_interrupted_adopt_run_again_imports_each_message_once_even_one_delivered_m
         .map(|m| m.envelope.id)
         .collect();
     assert_eq!(here, ids[1..].to_vec());
-    // The delivered one is not asked for again; the one never told is.
+    // The delivered one is not asked for again; the others are.
     assert_eq!(told(&ours), ids[1..].to_vec());
+    assert_eq!(ledger_lines(&ours).len(), 5);
     assert!(matches!(report.marker, MarkerOutcome::Written(_)));
 }
 
@@ -454,6 +469,7 @@ fn a_ledger_line_torn_by_a_crash_costs_no_other_line() {
     let opts = options(&theirs);
     let mut run = Adoption::start(&ours, &opts).unwrap();
     run.import(a.as_str()).unwrap();
+    run.flush().unwrap();
     drop(run);
     ours.remove(&a).unwrap();
     let report = adopt(&ours, &opts).unwrap();
