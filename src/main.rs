@@ -565,6 +565,17 @@ fn check_config(path: Option<&Path>) -> anyhow::Result<()> {
                 ))
             })?;
     }
+    // A spool another node adopted (`queue adopt`): the relay would refuse to start on it.
+    if let Ok(Some(marker)) = portcullis::queue::adopt::ledger::read_marker(spool) {
+        let said = marker.map_or_else(|why| format!("({why})"), |m| m.describe());
+        return Err(UsageError(format!(
+            "{} is invalid:\nserver.spool_dir: spool {} was adopted {said}: its messages are \
+             delivered by that node; wipe it (or use an empty one) before starting",
+            path.display(),
+            spool.display()
+        ))
+        .into());
+    }
     print!("{}", config.summary());
     let mut warnings = config.warnings();
     warnings.extend(portcullis::config::perms::secret_file_warnings(&config));

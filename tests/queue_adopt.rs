@@ -221,6 +221,16 @@ fn adopted_mail_is_delivered_once_byte_for_byte_held_stays_held_and_a_rerun_take
         "{audit}"
     );
 
+    let check = dead.relay.command(&["check-config"]);
+    assert_eq!(check.status.code(), Some(2), "{}", show(&check));
+    assert!(
+        stderr(&check).contains(&format!(
+            "server.spool_dir: spool {} was adopted by relay.test into ",
+            from.display()
+        )),
+        "{}",
+        show(&check)
+    );
     let (code, err) = start_again(&dead.relay);
     assert_eq!(code, Some(2), "{err}");
     assert!(
