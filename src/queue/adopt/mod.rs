@@ -4,7 +4,7 @@
 //!
 //! # What is taken
 //!
-//! Each `DIR/queue/ID` is checked as startup recovery checks a message ([`super::recover`]):
+//! Each `DIR/queue/ID` is checked as startup recovery checks a message (`queue::recover`):
 //! a regular file (a symlink is never followed, a FIFO never waited on) no one but its owner
 //! may write, with the spool header, an envelope line under [`super::MAX_ENVELOPE_LINE`] and
 //! the id of its name. Unlike recovery, any owner is accepted: the operator vouched for
@@ -29,7 +29,7 @@
 //!
 //! Per message: its state is written into `queue/ID.state` (temp file, fsync, rename), then
 //! the message (a copy in `tmp/`, fsync, rename without replacing into `queue/ID`). Per batch
-//! of up to [`BATCH`] messages: `queue/` is fsynced, then a line `{from, hash, id}` per
+//! of up to `BATCH` (256) messages: `queue/` is fsynced, then a line `{from, hash, id}` per
 //! message is appended to the ledger `SPOOL/adoptions.jsonl` and fsynced (`hash`: FNV-1a of
 //! the whole source file, so that a message of another spool that happens to bear the same
 //! id is not taken for this one), and only then is the running relay asked to load and
