@@ -27,18 +27,19 @@
 //!
 //! # Order on disk, and a crash at any point
 //!
-//! Per message: its state is written into `queue/ID.state` (temp file, fsync, rename), then
-//! the message (a copy in `tmp/`, fsync, rename without replacing into `queue/ID`). Per batch
-//! of up to `BATCH` (256) messages: `queue/` is fsynced, then a line `{from, hash, id}` per
-//! message is appended to the ledger `SPOOL/adoptions.jsonl` and fsynced (`hash`: FNV-1a of
-//! the whole source file, so that a message of another spool that happens to bear the same
-//! id is not taken for this one), and only then is the running relay asked to load and
-//! schedule them (`control/adopted.ID.FROM`, read within a second: see [`super::control`]; a
-//! stopped relay reads them when it starts), which it journals as `adopted` (with
-//! `adopted_from` when the id changed) and logs with both ids. So:
+//! Per message: its state (when it has one) and the message are copied into `tmp/`, not
+//! fsynced one by one. Per batch of up to `BATCH` (256) messages: the file system is flushed
+//! once (`syncfs(2)`: every copy's data is on disk), then each copy is renamed into `queue/`
+//! (the state first, then the message, without replacing anything), `queue/` is fsynced, a
+//! line `{from, hash, id}` per message is appended to the ledger `SPOOL/adoptions.jsonl` and
+//! fsynced (`hash`: FNV-1a of the whole source file, so that a message of another spool that
+//! happens to bear the same id is not taken for this one), and only then is the running relay
+//! asked to load and schedule them (`control/adopted.ID.FROM`, read within a second: see
+//! [`super::control`]; a stopped relay reads them when it starts), which it journals as
+//! `adopted` (with `adopted_from` when the id changed) and logs with both ids. So:
 //!
-//! - a crash before the message's rename leaves at most an orphan state (removed by recovery)
-//!   and a temp file: a rerun imports the message;
+//! - a crash before a copy's rename leaves at most temp files and an orphan state (removed by
+//!   recovery): a rerun imports the message;
 //! - a crash after the rename, before its batch's ledger lines, may leave the copy, which the
 //!   rerun finds (same envelope and bytes under the same id, or the same derived id) and
 //!   records; the relay has not been told of it yet, so it has not been sent (unless the relay
@@ -245,8 +246,10 @@ pub struct Adoption<'a> {
     marker: Option<Marker>,
     names: Vec<String>,
     outcomes: Vec<Outcome>,
-    /// Copied into `queue/` (or found there) since the last batch: (id there, its hash, id
-    /// here); not yet fsynced, in the ledger, or told to the relay.
+    /// Copied into `tmp/` since the last batch, not yet flushed or renamed into `queue/`.
+    staged: Vec<Staged>,
+    /// In `queue/` (renamed there, or found there) since the last batch: (id there, its
+    /// hash, id here); `queue/` not yet fsynced, not in the ledger, not told to the relay.
     batch: Vec<(QueueId, u64, QueueId)>,
 }
 
@@ -277,6 +280,7 @@ impl<'a> Adoption<'a> {
             marker,
             names,
             outcomes: Vec::new(),
+            staged: Vec::new(),
             batch: Vec::new(),
         })
     }
@@ -294,13 +298,14 @@ impl<'a> Adoption<'a> {
     pub fn import(&mut self, name: &str) -> Result<(), AdoptError> {
         let outcome = match exact_id(name) {
             Some(from) => self.import_message(from)?,
-            None => Outcome::Refused {
+            None => Some(Outcome::Refused {
                 name: name.to_owned(),
                 reason: "not a spool file name".to_owned(),
-            },
+            }),
         };
-        self.outcomes.push(outcome);
-        if self.batch.len() >= BATCH {
+        // A copy is reported once its batch put it into queue/.
+        self.outcomes.extend(outcome);
+        if self.staged.len() + self.batch.len() >= BATCH {
             self.flush()?;
         }
         Ok(())
@@ -309,6 +314,18 @@ impl<'a> Adoption<'a> {
     /// End the batch: fsync `queue/` (the copies are durable), write their ledger lines
     /// (one fsync), then ask the running relay to load them (see the module docs).
     fn flush(&mut self) -> Result<(), SpoolError> {
+        if !self.staged.is_empty() {
+            // One flush of the file system for the whole batch, before any rename: the data
+            // of every copy is on disk before its name is in queue/.
+            syncfs(&self.spool.inner.tmp)?;
+            let mut staged = std::mem::take(&mut self.staged).into_iter();
+            while let Some(copy) = staged.next() {
+                if let Err(e) = self.commit(copy) {
+                    staged.for_each(Staged::discard);
+                    return Err(e);
+                }
+            }
+        }
         if self.batch.is_empty() {
             return Ok(());
         }
@@ -327,7 +344,9 @@ impl<'a> Adoption<'a> {
     /// # Errors
     /// The control request cannot be written.
     pub fn stop(mut self, why: &AdoptError) -> Result<Report, AdoptError> {
-        self.flush()?;
+        let flushed = self.flush();
+        sort_outcomes(&mut self.outcomes);
+        flushed?;
         Ok(Report {
             dir: self.opts.dir.clone(),
             outcomes: self.outcomes,
@@ -343,6 +362,7 @@ impl<'a> Adoption<'a> {
     /// The control request cannot be written.
     pub fn finish(mut self) -> Result<Report, AdoptError> {
         self.flush()?;
+        sort_outcomes(&mut self.outcomes);
         let marker = if self.opts.dry_run {
             MarkerOutcome::DryRun
         } else if let Some(marker) = self.marker.take() {
@@ -374,15 +394,15 @@ impl<'a> Adoption<'a> {
     }
 
     /// One message of `DIR/queue/`.
-    fn import_message(&mut self, from: QueueId) -> Result<Outcome, AdoptError> {
+    fn import_message(&mut self, from: QueueId) -> Result<Option<Outcome>, AdoptError> {
         let path = self.source_queue.join(from.as_str());
         let mut source = match Source::open(&path, &from) {
             Ok(source) => source,
             Err(reason) => {
-                return Ok(Outcome::Refused {
+                return Ok(Some(Outcome::Refused {
                     name: from.to_string(),
                     reason,
-                });
+                }));
             }
         };
         if let Some(id) = self.ledger.get(&from, source.hash).cloned() {
@@ -390,17 +410,17 @@ impl<'a> Adoption<'a> {
                 // Told again: the crash that interrupted the last run may have come before.
                 self.spool.request_adopted(&[(id.clone(), from.clone())])?;
             }
-            return Ok(Outcome::AlreadyHere { from, id });
+            return Ok(Some(Outcome::AlreadyHere { from, id }));
         }
         let state_path = self.source_queue.join(format!("{from}{STATE_SUFFIX}"));
         let state = read_source_state(&state_path, &source.envelope);
         let id = match self.place(&from, &mut source)? {
-            Place::Here(id) => return self.already_here(from, source.hash, id),
+            Place::Here(id) => return Ok(Some(self.already_here(from, source.hash, id))),
             Place::Free(id) => id,
         };
         let held = matches!(&state, Ok(Some(s)) if s.hold.is_some());
         if self.opts.dry_run {
-            return Ok(Outcome::WouldImport { from, id, held });
+            return Ok(Some(Outcome::WouldImport { from, id, held }));
         }
         // The state file is small; a page covers it.
         match self.spool.reserve(source.len + 4096, self.opts.min_free) {
@@ -410,29 +430,29 @@ impl<'a> Adoption<'a> {
         }
         let fresh = state.as_ref().err().cloned();
         let state = state.ok().flatten();
-        self.write(&id, &mut source, state.as_ref())?;
-        self.batch.push((from.clone(), source.hash, id.clone()));
-        Ok(Outcome::Imported {
-            from,
-            id,
-            held,
-            fresh,
-        })
+        let (state, message) = self.stage(&id, &mut source, state.as_ref())?;
+        self.staged.push(Staged {
+            outcome: Outcome::Imported {
+                from: from.clone(),
+                id: id.clone(),
+                held,
+                fresh,
+            },
+            hash: source.hash,
+            state,
+            message,
+        });
+        Ok(None)
     }
 
     /// The same message is here already as `id`: record it (and tell the relay when queued).
-    fn already_here(
-        &mut self,
-        from: QueueId,
-        hash: u64,
-        id: QueueId,
-    ) -> Result<Outcome, AdoptError> {
+    fn already_here(&mut self, from: QueueId, hash: u64, id: QueueId) -> Outcome {
         if !self.opts.dry_run {
             // Found, not made, by this run: it may not be durable yet (a crash came right
             // after its copy); the batch makes it so before the ledger names it.
             self.batch.push((from.clone(), hash, id.clone()));
         }
-        Ok(Outcome::AlreadyHere { from, id })
+        Outcome::AlreadyHere { from, id }
     }
 
     /// The id message `from` takes here: its own, else the first derived one that is free,
@@ -462,45 +482,114 @@ impl<'a> Adoption<'a> {
         Err(SpoolError::AlreadyExists(from.clone()).into())
     }
 
-    /// Write the state (when there is one) then the message as `id` (see the module docs).
-    fn write(
+    /// Copy the state (when there is one) and the message, as `id`, into `tmp/`: their
+    /// paths there. Not flushed: see [`Adoption::flush`].
+    fn stage(
         &self,
         id: &QueueId,
         source: &mut Source,
         state: Option<&DeliveryState>,
-    ) -> Result<(), SpoolError> {
+    ) -> Result<(Option<PathBuf>, PathBuf), SpoolError> {
         let spool = self.spool;
-        let state_dest = spool.state_path(id);
-        if let Some(state) = state {
-            let json = serde_json::to_vec(state).map_err(|source| SpoolError::Encode {
-                what: "state",
-                source,
-            })?;
-            let tmp = spool.temp_path(&format!("{id}{STATE_SUFFIX}"));
-            let put = write_private(spool, &tmp, |f| f.write_all(&json)).and_then(|()| {
-                fs::rename(&tmp, &state_dest).map_err(SpoolError::io("rename", &tmp))
-            });
-            if let Err(e) = put {
-                let _ = fs::remove_file(&tmp);
-                return Err(e);
+        let state_tmp = match state {
+            Some(state) => {
+                let json = serde_json::to_vec(state).map_err(|source| SpoolError::Encode {
+                    what: "state",
+                    source,
+                })?;
+                let tmp = spool.temp_path(&format!("{id}{STATE_SUFFIX}"));
+                write_private(spool, &tmp, |f| f.write_all(&json)).inspect_err(|_| {
+                    let _ = fs::remove_file(&tmp);
+                })?;
+                Some(tmp)
             }
-        }
+            None => None,
+        };
         let tmp = spool.temp_path(id.as_str());
-        let dest = spool.message_path(id);
-        let put = write_private(spool, &tmp, |f| source.copy_as(id, f)).and_then(|()| {
-            rename_noreplace(&tmp, &dest).map_err(|e| match e.kind() {
-                io::ErrorKind::AlreadyExists => SpoolError::AlreadyExists(id.clone()),
-                _ => SpoolError::io("rename", &dest)(e),
-            })
-        });
-        if let Err(e) = put {
+        if let Err(e) = write_private(spool, &tmp, |f| source.copy_as(id, f)) {
             let _ = fs::remove_file(&tmp);
-            if state.is_some() {
-                let _ = fs::remove_file(&state_dest);
-            }
+            state_tmp.map(fs::remove_file);
             return Err(e);
         }
+        Ok((state_tmp, tmp))
+    }
+
+    /// Put a flushed copy into `queue/`: its state, then the message (without replacing);
+    /// then it is reported and joins the batch.
+    fn commit(&mut self, copy: Staged) -> Result<(), SpoolError> {
+        let Outcome::Imported { from, id, .. } = &copy.outcome else {
+            unreachable!("only imports are staged");
+        };
+        let (from, id) = (from.clone(), id.clone());
+        let state_dest = self.spool.state_path(&id);
+        if let Some(tmp) = &copy.state
+            && let Err(e) = fs::rename(tmp, &state_dest)
+        {
+            copy.discard();
+            return Err(SpoolError::io("rename", &state_dest)(e));
+        }
+        let dest = self.spool.message_path(&id);
+        if let Err(e) = rename_noreplace(&copy.message, &dest) {
+            if copy.state.is_some() {
+                let _ = fs::remove_file(&state_dest);
+            }
+            copy.discard();
+            return Err(match e.kind() {
+                io::ErrorKind::AlreadyExists => SpoolError::AlreadyExists(id),
+                _ => SpoolError::io("rename", &dest)(e),
+            });
+        }
+        self.batch.push((from, copy.hash, id));
+        self.outcomes.push(copy.outcome);
         Ok(())
+    }
+}
+
+/// A message copied into `tmp/`, with its state, waiting for its batch.
+struct Staged {
+    /// The [`Outcome::Imported`] reported once it is in `queue/`.
+    outcome: Outcome,
+    /// The hash of its source file.
+    hash: u64,
+    /// Its state's copy, if it has one.
+    state: Option<PathBuf>,
+    /// Its copy.
+    message: PathBuf,
+}
+
+impl Staged {
+    /// Remove the copies (a batch that failed; what is left is removed by recovery anyway).
+    fn discard(self) {
+        let _ = fs::remove_file(&self.message);
+        if let Some(state) = &self.state {
+            let _ = fs::remove_file(state);
+        }
+    }
+}
+
+/// Flush the file system holding `dir` (`syncfs(2)`): every file written there is on disk.
+fn syncfs(dir: &Path) -> Result<(), SpoolError> {
+    use std::os::fd::AsRawFd as _;
+    let d = File::open(dir).map_err(SpoolError::io("open", dir))?;
+    // SAFETY: a valid descriptor, owned by `d` for the whole call.
+    if unsafe { libc::syncfs(d.as_raw_fd()) } != 0 {
+        return Err(SpoolError::io("syncfs", dir)(io::Error::last_os_error()));
+    }
+    Ok(())
+}
+
+/// Put the outcomes in the order of the names in `DIR/queue/` (copies are reported when their
+/// batch ends, after the others of the batch).
+fn sort_outcomes(outcomes: &mut [Outcome]) {
+    outcomes.sort_by(|a, b| outcome_name(a).cmp(outcome_name(b)));
+}
+
+fn outcome_name(o: &Outcome) -> &str {
+    match o {
+        Outcome::Imported { from, .. }
+        | Outcome::WouldImport { from, .. }
+        | Outcome::AlreadyHere { from, .. } => from.as_str(),
+        Outcome::Refused { name, .. } => name,
     }
 }
 
@@ -633,16 +722,15 @@ fn read_source_state(path: &Path, envelope: &Envelope) -> Result<Option<Delivery
     Ok(Some(state))
 }
 
-/// Create `path` (private), fill it with `fill`, fsync it, give it to the spool's owner.
+/// Create `path` (private), fill it with `fill`, give it to the spool's owner. Not fsynced:
+/// its batch flushes the file system.
 fn write_private(
     spool: &Spool,
     path: &Path,
     fill: impl FnOnce(&mut File) -> io::Result<()>,
 ) -> Result<(), SpoolError> {
     let mut file = create_new(path)?;
-    fill(&mut file)
-        .and_then(|()| file.sync_data())
-        .map_err(SpoolError::io("write", path))?;
+    fill(&mut file).map_err(SpoolError::io("write", path))?;
     give_to(path, spool.inner.owner)
 }
 
