@@ -265,7 +265,10 @@ impl<'a> Adoption<'a> {
         if !fs::metadata(&source_queue).is_ok_and(|m| m.is_dir()) {
             return Err(AdoptError::NotASpool(opts.dir.clone()));
         }
-        let same = |a: &Path, b: &Path| matches!((fs::canonicalize(a), fs::canonicalize(b)), (Ok(a), Ok(b)) if a == b);
+        let same = |a: &Path, b: &Path| {
+            let (a, b) = (fs::canonicalize(a), fs::canonicalize(b));
+            matches!((a, b), (Ok(a), Ok(b)) if a == b)
+        };
         if same(&opts.dir, spool.root()) {
             return Err(AdoptError::OwnSpool(opts.dir.clone()));
         }
@@ -311,8 +314,9 @@ impl<'a> Adoption<'a> {
         Ok(())
     }
 
-    /// End the batch: fsync `queue/` (the copies are durable), write their ledger lines
-    /// (one fsync), then ask the running relay to load them (see the module docs).
+    /// End the batch: flush the file system, rename the copies into `queue/`, fsync it, write
+    /// the batch's ledger lines (one fsync), then ask the running relay to load them (see the
+    /// module docs).
     fn flush(&mut self) -> Result<(), SpoolError> {
         if !self.staged.is_empty() {
             // One flush of the file system for the whole batch, before any rename: the data
