@@ -251,6 +251,9 @@ pub struct Adoption<'a> {
     /// In `queue/` (renamed there, or found there) since the last batch: (id there, its
     /// hash, id here); `queue/` not yet fsynced, not in the ledger, not told to the relay.
     batch: Vec<(QueueId, u64, QueueId)>,
+    /// Imported by an earlier run and still queued here: (id here, id there), to ask the
+    /// relay about again (that run may have stopped before it asked).
+    retell: Vec<(QueueId, QueueId)>,
 }
 
 impl<'a> Adoption<'a> {
@@ -285,6 +288,7 @@ impl<'a> Adoption<'a> {
             outcomes: Vec::new(),
             staged: Vec::new(),
             batch: Vec::new(),
+            retell: Vec::new(),
         })
     }
 
@@ -308,7 +312,7 @@ impl<'a> Adoption<'a> {
         };
         // A copy is reported once its batch put it into queue/.
         self.outcomes.extend(outcome);
-        if self.staged.len() + self.batch.len() >= BATCH {
+        if self.staged.len() + self.batch.len() + self.retell.len() >= BATCH {
             self.flush()?;
         }
         Ok(())
@@ -330,16 +334,15 @@ impl<'a> Adoption<'a> {
                 }
             }
         }
-        if self.batch.is_empty() {
+        let mut tell = std::mem::take(&mut self.retell);
+        if !self.batch.is_empty() {
+            sync_dir(&self.spool.inner.queue)?;
+            self.ledger.record_all(&self.batch, &self.opts.dir)?;
+            tell.extend(self.batch.drain(..).map(|(from, _, id)| (id, from)));
+        }
+        if tell.is_empty() {
             return Ok(());
         }
-        sync_dir(&self.spool.inner.queue)?;
-        self.ledger.record_all(&self.batch, &self.opts.dir)?;
-        let tell: Vec<(QueueId, QueueId)> = self
-            .batch
-            .drain(..)
-            .map(|(from, _, id)| (id, from))
-            .collect();
         self.spool.request_adopted(&tell)
     }
 
@@ -412,7 +415,7 @@ impl<'a> Adoption<'a> {
         if let Some(id) = self.ledger.get(&from, source.hash).cloned() {
             if !self.opts.dry_run && self.spool.contains(&id) {
                 // Told again: the crash that interrupted the last run may have come before.
-                self.spool.request_adopted(&[(id.clone(), from.clone())])?;
+                self.retell.push((id.clone(), from.clone()));
             }
             return Ok(Some(Outcome::AlreadyHere { from, id }));
         }
