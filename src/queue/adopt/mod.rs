@@ -142,24 +142,40 @@ impl AdoptError {
 /// What one message of `DIR` came to.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Outcome {
-    /// Copied here as `id` (`from` unless that id was taken), held or not. `fresh`: its state
-    /// file was refused (why), so it starts again with no attempts.
+    /// Copied here (into `queue/`, durably), with its state.
     Imported {
+        /// Its id in `DIR`.
         from: QueueId,
+        /// Its id here: `from` unless that id was taken here.
         id: QueueId,
+        /// Its state holds it.
         held: bool,
+        /// Why its state file was refused, when it was: it starts again with no attempts.
         fresh: Option<String>,
     },
-    /// A dry run: it would be imported as `id`.
+    /// A dry run: it would be imported.
     WouldImport {
+        /// Its id in `DIR`.
         from: QueueId,
+        /// The id it would have here.
         id: QueueId,
+        /// Its state holds it.
         held: bool,
     },
-    /// Imported before (the ledger), or the same message is here already, as `id`.
-    AlreadyHere { from: QueueId, id: QueueId },
-    /// The file `name` of `DIR/queue/` is not taken: why.
-    Refused { name: String, reason: String },
+    /// Imported before (the ledger says so), or the same message is here already.
+    AlreadyHere {
+        /// Its id in `DIR`.
+        from: QueueId,
+        /// Its id here.
+        id: QueueId,
+    },
+    /// A file of `DIR/queue/` that is not taken (left where it is).
+    Refused {
+        /// Its name in `DIR/queue/`.
+        name: String,
+        /// Why.
+        reason: String,
+    },
 }
 
 /// What is left in `DIR`, not imported.
