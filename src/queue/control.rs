@@ -771,3 +771,40 @@ mod tests {
         assert_eq!(fs::read_dir(&control).unwrap().count(), 0);
     }
 }
+
+#[cfg(test)]
+mod adopted_tests {
+    use super::*;
+
+    #[test]
+    fn adoption_requests_name_both_ids_and_malformed_ones_are_dropped() {
+        let dir = tempfile::tempdir().unwrap();
+        let spool = Spool::open(&dir.path().join("spool")).unwrap();
+        let (a, b, c) = (
+            QueueId::generate(),
+            QueueId::generate(),
+            QueueId::generate(),
+        );
+        spool
+            .request_adopted(&[(b.clone(), c.clone()), (a.clone(), a.clone())])
+            .unwrap();
+        spool.request_restore(std::slice::from_ref(&c)).unwrap();
+        let control = spool.root().join("control");
+        for bad in [
+            format!("adopted.{a}"),
+            format!("adopted.{a}."),
+            format!("adopted.{a}.{b}.{c}"),
+            format!("adopted.{}.{b}", a.as_str().to_lowercase()),
+            "adopted..".to_owned(),
+        ] {
+            fs::write(control.join(bad), b"").unwrap();
+        }
+        let mut pairs = vec![(a.clone(), a), (b, c.clone())];
+        pairs.sort();
+        assert_eq!(
+            spool.take_requests().unwrap(),
+            [Request::Restore(vec![c]), Request::Adopted(pairs)]
+        );
+        assert_eq!(fs::read_dir(&control).unwrap().count(), 0);
+    }
+}
