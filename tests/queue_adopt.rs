@@ -427,3 +427,89 @@ fn hostile_files_are_refused_one_by_one_and_reported_the_rest_imported() {
     assert!(sink.wait_for(2, WAIT));
     assert_eq!(fs::read(&secret).unwrap(), b"PORTCULLIS-SPOOL 1\n");
 }
+
+/// A spool of `n` copies of `template` (a message file of queue id `id`), each under its own
+/// id; the ids, sorted.
+fn large_spool(dir: &Path, template: &[u8], id: &str, n: usize) -> Vec<String> {
+    const ALPHABET: &[u8] = b"0123456789ABCDEFGHJKMNPQRSTVWXYZ";
+    for sub in ["queue", "tmp", "control", "rejected"] {
+        fs::create_dir_all(dir.join(sub)).unwrap();
+    }
+    let ids: Vec<String> = (0..n)
+        .map(|i| {
+            let tail: String = (0..6)
+                .rev()
+                .map(|k| ALPHABET[(i >> (5 * k)) & 31] as char)
+                .collect();
+            format!("{}{tail}", &id[..10])
+        })
+        .collect();
+    let text = String::from_utf8_lossy(template).into_owned();
+    for new in &ids {
+        fs::write(dir.join("queue").join(new), text.replacen(id, new, 1)).unwrap();
+    }
+    ids
+}
+
+#[test]
+fn an_adopt_killed_midway_and_run_again_imports_every_message_exactly_once() {
+    use std::os::unix::fs::PermissionsExt as _;
+    let dead = dead_node();
+    let template = fs::read(dead.relay.spool.join("queue").join(&dead.plain)).unwrap();
+    let big = dead.relay.dir().join("big");
+    let ids = large_spool(&big, &template, &dead.plain, 3000);
+    let target = dead.relay.dir().join("target");
+    fs::create_dir_all(target.join("queue")).unwrap();
+    fs::set_permissions(&target, fs::Permissions::from_mode(0o700)).unwrap();
+    let ledger = target.join("adoptions.jsonl");
+    let args = |dir: &Path| {
+        let mut cmd = Command::new(BIN);
+        cmd.args(["queue", "adopt"])
+            .arg(dir)
+            .arg("--spool")
+            .arg(&target);
+        cmd
+    };
+    let mut child = args(&big)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let lines = || fs::read_to_string(&ledger).map_or(0, |t| t.lines().count());
+    // Killed once its first batch is in (or at the latest when it ends by itself).
+    assert!(wait_until(WAIT, || lines() > 0 || child.try_wait().unwrap().is_some()));
+    // SAFETY: the pid of our own child, not yet reaped.
+    unsafe { libc::kill(child.id() as i32, libc::SIGKILL) };
+    let status = child.wait().unwrap();
+    let at_kill = lines();
+    eprintln!(
+        "killed ({status}) with {at_kill} of {} in the ledger",
+        ids.len()
+    );
+    assert!(!big.join("adopted").exists() || at_kill == ids.len());
+
+    let out = args(&big).output().unwrap();
+    assert_eq!(out.status.code(), Some(0), "{}", show(&out));
+    let mut here: Vec<String> = fs::read_dir(target.join("queue"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .collect();
+    here.sort();
+    assert_eq!(here, ids, "each message once, under its own id");
+    let mut ledgered: Vec<String> = fs::read_to_string(&ledger)
+        .unwrap()
+        .lines()
+        .map(|l| {
+            serde_json::from_str::<serde_json::Value>(l).unwrap()["from"]
+                .as_str()
+                .unwrap()
+                .to_owned()
+        })
+        .collect();
+    ledgered.sort();
+    assert_eq!(ledgered, ids, "one ledger line per message");
+    for id in [&ids[0], &ids[ids.len() - 1]] {
+        assert_eq!(message_bytes(&target, id), message_bytes(&big, id));
+    }
+    assert!(big.join("adopted").exists());
+}
