@@ -1,8 +1,8 @@
 //! Wires config, listeners and the spool together; owns shutdown and reload.
 //!
-//! Start: open and recover the spool (refusing one another node adopted, see
-//! [`crate::queue::adopt`], before touching it), build the TLS configuration, bind every listener (a bind
-//! failure stops the start), then serve. SIGTERM/SIGINT: stop accepting, tell idle sessions
+//! Start: open and recover the spool (refusing, before touching it, one another node adopted:
+//! [`crate::queue::adopt`]), build the TLS configuration, bind every listener (a bind failure
+//! stops the start), then serve. SIGTERM/SIGINT: stop accepting, tell idle sessions
 //! `421 4.3.0`, give sessions in DATA up to `[limits] shutdown_grace` to finish, exit. SIGHUP: load
 //! the policy file again; a valid one applies to new sessions, an invalid one is logged and
 //! the running one stays (DESIGN.md invariant 6).
