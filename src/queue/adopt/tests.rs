@@ -499,3 +499,24 @@ fn short_of_space_the_run_stops_before_the_floor_and_a_rerun_goes_on() {
     assert_eq!(imported(&report), ids);
     assert_eq!(report.stopped, None);
 }
+
+#[test]
+fn files_of_another_owner_are_taken_and_the_copies_are_this_spools() {
+    use std::os::unix::fs::MetadataExt as _;
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        eprintln!("skipped: giving a file to another user needs root");
+        return;
+    }
+    let (_d, theirs, ours) = spools();
+    let id = queue(&theirs, BODY, Some(held()));
+    let q = theirs.root().join("queue");
+    for name in [id.to_string(), format!("{id}{STATE_SUFFIX}")] {
+        std::os::unix::fs::chown(q.join(name), Some(4242), Some(4242)).unwrap();
+    }
+    let report = adopt(&ours, &options(&theirs)).unwrap();
+    assert_eq!(imported(&report), std::slice::from_ref(&id));
+    let copy = fs::metadata(ours.root().join("queue").join(id.as_str())).unwrap();
+    assert_eq!(copy.uid(), fs::metadata(ours.root()).unwrap().uid());
+    assert_eq!(ours.load(&id).unwrap().state, held());
+}
