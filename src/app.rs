@@ -1,7 +1,8 @@
 //! Wires config, listeners and the spool together; owns shutdown and reload.
 //!
-//! Start: open and recover the spool, build the TLS configuration, bind every listener (a bind
-//! failure stops the start), then serve. SIGTERM/SIGINT: stop accepting, tell idle sessions
+//! Start: open and recover the spool (refusing, before touching it, one another node adopted:
+//! [`crate::queue::adopt`]), build the TLS configuration, bind every listener (a bind failure
+//! stops the start), then serve. SIGTERM/SIGINT: stop accepting, tell idle sessions
 //! `421 4.3.0`, give sessions in DATA up to `[limits] shutdown_grace` to finish, exit. SIGHUP: load
 //! the policy file again; a valid one applies to new sessions, an invalid one is logged and
 //! the running one stays (DESIGN.md invariant 6).
@@ -61,6 +62,19 @@ pub enum AppError {
     /// Signal handlers could not be installed.
     #[error("signals: {0}")]
     Signal(std::io::Error),
+    /// The spool was adopted by another node (`queue adopt`, the marker `SPOOL/adopted`): its
+    /// messages are that node's now, and this one must not deliver them again (exit status 2).
+    #[error(
+        "spool {} was adopted {marker}: its messages are delivered by that node; wipe this \
+         spool (or point server.spool_dir at an empty one) before starting",
+        dir.display()
+    )]
+    Adopted {
+        /// The spool directory.
+        dir: PathBuf,
+        /// What its marker says (node, spool, time), or why it cannot be read.
+        marker: String,
+    },
 }
 
 impl AppError {
@@ -73,6 +87,7 @@ impl AppError {
                 | AppError::UpstreamTls(_)
                 | AppError::Resolver(_)
                 | AppError::Spool(SpoolError::Unsafe { .. })
+                | AppError::Adopted { .. }
         )
     }
 }
@@ -164,6 +179,19 @@ fn raise_fd_limit(max_connections: usize) {
 /// Open the spool, refusing one another user could write into (see [`Spool::check_safe`]):
 /// checked before anything is created in it, and again after.
 fn open_spool(dir: &std::path::Path) -> Result<Spool, AppError> {
+    // Before anything reads or changes it: another node delivers these messages now.
+    let adopted =
+        crate::queue::adopt::ledger::read_marker(dir).map_err(|source| SpoolError::Io {
+            op: "stat",
+            path: dir.join(crate::queue::adopt::MARKER),
+            source,
+        })?;
+    if let Some(marker) = adopted {
+        return Err(AppError::Adopted {
+            dir: dir.to_path_buf(),
+            marker: marker.map_or_else(|why| format!("({why})"), |m| m.describe()),
+        });
+    }
     // SAFETY: geteuid has no preconditions.
     let uid = unsafe { libc::geteuid() };
     if dir.exists() {

@@ -43,6 +43,7 @@
 //!   commands (retry, delete, purge; hold and release, with the filters that select messages:
 //!   `queue::select`; quarantine and restore, `queue::quarantine`: `SPOOL/quarantine/`, outside
 //!   the queue), the reuse of finished message files,
+//!   `queue adopt` (another node's spool imported once, then marked: `queue::adopt`),
 //!   the free-space reserve for messages in flight, the bounces (RFC 3464: built and queued),
 //!   and the queue manager: scheduling decisions as pure functions (`queue::schedule`: plan
 //!   an attempt, record its results, next attempt, expiry, bounce or not, hold) carried out by

@@ -21,6 +21,11 @@
 //! id that is not quarantined, or is queued already, is reported on stderr, the others are
 //! still restored, and the exit status is 1.
 //!
+//! `queue adopt DIR` exits 0 when every message of DIR was imported (or was already here),
+//! whether or not DIR could be marked (the output says which); 1 when a file of DIR was
+//! refused (the others still imported) or this spool stopped the run (free space, I/O: run
+//! it again); 2 for a DIR that is not a spool, this spool itself, or one another node adopted.
+//!
 //! `policy explain` exits 0 whatever the verdict, 2 for an unknown listener, a malformed IP or
 //! address, no `--config` or an invalid policy, 1 when the resolver cannot be built.
 //!
@@ -272,6 +277,18 @@ enum QueueAction {
         #[arg(long)]
         all: bool,
         /// Only list what would be restored.
+        #[arg(long)]
+        dry_run: bool,
+    },
+    /// Import every message of another node's spool (a dead node's, mounted read-only or
+    /// copied) into this one, once, keeping ids and states; the running relay delivers them
+    /// within a second. DIR is marked adopted (DIR/adopted) when it can be written: its node
+    /// then refuses to start on it. A read-only DIR must be wiped before its node returns.
+    Adopt {
+        /// The other node's spool directory (the one holding queue/).
+        #[arg(value_name = "DIR")]
+        dir: PathBuf,
+        /// Only say what would be imported.
         #[arg(long)]
         dry_run: bool,
     },
@@ -547,6 +564,17 @@ fn check_config(path: Option<&Path>) -> anyhow::Result<()> {
                     path.display()
                 ))
             })?;
+    }
+    // A spool another node adopted (`queue adopt`): the relay would refuse to start on it.
+    if let Ok(Some(marker)) = portcullis::queue::adopt::ledger::read_marker(spool) {
+        let said = marker.map_or_else(|why| format!("({why})"), |m| m.describe());
+        return Err(UsageError(format!(
+            "{} is invalid:\nserver.spool_dir: spool {} was adopted {said}: its messages are \
+             delivered by that node; wipe it (or use an empty one) before starting",
+            path.display(),
+            spool.display()
+        ))
+        .into());
     }
     print!("{}", config.summary());
     let mut warnings = config.warnings();
@@ -946,6 +974,7 @@ fn queue(action: QueueAction, config: Option<&Path>, spool: Option<PathBuf>) -> 
     let writes = matches!(
         action,
         QueueAction::Retry { .. }
+            | QueueAction::Adopt { dry_run: false, .. }
             | QueueAction::Hold { dry_run: false, .. }
             | QueueAction::Release { dry_run: false, .. }
     );
@@ -956,6 +985,7 @@ fn queue(action: QueueAction, config: Option<&Path>, spool: Option<PathBuf>) -> 
             quarantined: true,
         } => list_quarantined(&spool, json)?,
         QueueAction::Restore { ids, all, dry_run } => restore(&spool, &dir, &ids, all, dry_run)?,
+        QueueAction::Adopt { dir: from, dry_run } => adopt(&spool, config, from, dry_run)?,
         QueueAction::List { json, .. } => {
             let msgs = spool.list()?;
             if json {
@@ -1312,6 +1342,94 @@ fn restore(
         bail!("{refused} of {} messages not restored", outcomes.len());
     }
     Ok(())
+}
+
+/// `queue adopt DIR [--dry-run]` (`queue::adopt`): a line per message, the summary, what is
+/// left in DIR and whether it was marked; recorded in the audit log (the ids here, `ID<-FROM`
+/// for one whose id was taken). Exit 2 for a DIR that is no spool, this spool, or adopted
+/// elsewhere; 1 when a file of DIR was refused or this spool failed (a rerun goes on).
+fn adopt(spool: &Spool, config: Option<&Path>, dir: PathBuf, dry_run: bool) -> anyhow::Result<()> {
+    use portcullis::queue::adopt::{self, Outcome, report as r};
+    // The node is named as its policy names it; with --spool alone, by the host name (and
+    // the free-space floor is the default policy's).
+    let (config, node) = match config {
+        Some(path) => {
+            let config = load_config(path)?;
+            let node = config.server.hostname.clone();
+            (config, node)
+        }
+        None => (Config::embedded_default(), host_name()),
+    };
+    let opts = adopt::Options {
+        dir,
+        node,
+        min_free: config.limits.min_free_space,
+        dry_run,
+    };
+    let report = adopt::adopt(spool, &opts).map_err(|e| -> anyhow::Error {
+        if e.is_usage() {
+            UsageError(e.to_string()).into()
+        } else {
+            e.into()
+        }
+    })?;
+    let mut refused = 0;
+    let mut affected = Vec::new();
+    for outcome in &report.outcomes {
+        match r::line(outcome, &report.dir) {
+            Ok(line) => println!("{line}"),
+            Err(line) => {
+                refused += 1;
+                eprintln!("portcullis: {line}");
+            }
+        }
+        if let Outcome::Imported { from, id, .. } = outcome {
+            affected.push(if from == id {
+                id.to_string()
+            } else {
+                format!("{id}<-{from}")
+            });
+        }
+    }
+    println!("{}", r::summary(&report, dry_run));
+    let notes = [
+        r::left(&report.left, &report.dir),
+        r::marker(&report.marker, &report.dir),
+    ];
+    for note in notes.into_iter().flatten() {
+        println!("{note}");
+    }
+    if !dry_run {
+        if !affected.is_empty() {
+            println!("{}", report::RETRY_NOTE);
+        }
+        record(spool, &["queue", "adopt"], affected)?;
+    }
+    if let Some(why) = &report.stopped {
+        bail!(
+            "stopped: {why}; what was imported stays imported: run the same command again to go on"
+        );
+    }
+    if refused > 0 {
+        bail!(
+            "{refused} files of {} refused",
+            report.dir.join("queue").display()
+        );
+    }
+    Ok(())
+}
+
+/// This machine's host name (`gethostname`), for a policy without `[server] hostname`.
+fn host_name() -> String {
+    let mut buf = [0u8; 256];
+    // SAFETY: the buffer is valid for its length; gethostname NUL-terminates within it or
+    // truncates, and the last byte is never written past.
+    let rc = unsafe { libc::gethostname(buf.as_mut_ptr().cast(), buf.len() - 1) };
+    if rc != 0 {
+        return "unknown".to_owned();
+    }
+    let end = buf.iter().position(|b| *b == 0).unwrap_or(buf.len());
+    String::from_utf8_lossy(&buf[..end]).into_owned()
 }
 
 /// `listeners pause|resume`: write or remove `SPOOL/paused` (exit 2 without a spool, 1 when

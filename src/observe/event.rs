@@ -44,6 +44,9 @@ pub enum EventKind {
     Released,
     /// `queue restore` put quarantined message `id` back into the queue: due now.
     Restored,
+    /// `queue adopt` imported message `id` from another node's spool, where its id was
+    /// `adopted_from` (set only when it differs): due now unless held.
+    Adopted,
 }
 
 impl EventKind {
@@ -65,6 +68,7 @@ impl EventKind {
             EventKind::Held => "held",
             EventKind::Released => "released",
             EventKind::Restored => "restored",
+            EventKind::Adopted => "adopted",
         }
     }
 }
@@ -121,6 +125,9 @@ pub struct Event {
     /// Seconds the delivery transaction took (connection to reply to the final dot).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub seconds: Option<f64>,
+    /// The id an adopted message had in the spool it came from, when its id was taken here.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub adopted_from: Option<String>,
 }
 
 impl Event {
@@ -144,6 +151,7 @@ impl Event {
             size: None,
             bounce_id: None,
             seconds: None,
+            adopted_from: None,
         }
     }
 

@@ -365,7 +365,8 @@ impl Metrics {
             | EventKind::Finished
             | EventKind::Held
             | EventKind::Released
-            | EventKind::Restored => {}
+            | EventKind::Restored
+            | EventKind::Adopted => {}
         }
     }
 

@@ -182,7 +182,7 @@ fn open_locked(root: &Path, owner: (u32, u32), rotate_at: u64) -> Result<(File, 
 /// private file of the spool's owner (or of this process, which just made it) is refused, so
 /// that neither a symlink nor a hard link can make root append to, or give away, another file.
 /// A file this process made is given to the spool's owner.
-fn open_checked(path: &Path, owner: (u32, u32)) -> Result<File, SpoolError> {
+pub(super) fn open_checked(path: &Path, owner: (u32, u32)) -> Result<File, SpoolError> {
     let file = OpenOptions::new()
         .read(true)
         .append(true)

@@ -20,7 +20,9 @@
 //! manager records the hold in `ID.state`. [`Spool::pending_holds`] lists the requests not
 //! yet taken, which `queue hold|release` count as done. See [`super::hold`].
 //! [`Spool::request_restore`] asks it (`restore.ID`) to load and schedule a message `queue
-//! restore` put back into `queue/` (see [`super::quarantine`]).
+//! restore` put back into `queue/` (see [`super::quarantine`]); [`Spool::request_adopted`]
+//! (`adopted.ID.FROM`) the same for a message `queue adopt` imported, `FROM` being its id in
+//! the spool it came from (see [`super::adopt`]).
 //!
 //! # Removal notices: `SPOOL/control/removed.NONCE`
 //!
@@ -89,6 +91,8 @@ const RETRY_PREFIX: &str = "retry.";
 const RETRY_ALL: &str = "retry.all";
 /// Prefix of restore request file names in `control/`.
 const RESTORE_PREFIX: &str = "restore.";
+/// Prefix of adoption request file names in `control/` (`adopted.ID.FROM`).
+const ADOPTED_PREFIX: &str = "adopted.";
 /// Prefix of removal notice file names in `control/`.
 const REMOVED_PREFIX: &str = "removed.";
 /// Most removals listed in one notice (a line is at most 40 octets).
@@ -161,6 +165,9 @@ pub enum Request {
     /// `queue restore` put these messages back into `queue/` (sorted, no duplicates): load
     /// and schedule them.
     Restore(Vec<QueueId>),
+    /// `queue adopt` imported these messages: (id here, id in the spool they came from),
+    /// sorted, no duplicates. Load and schedule them.
+    Adopted(Vec<(QueueId, QueueId)>),
 }
 
 /// One file of `control/`, understood.
@@ -172,6 +179,7 @@ enum Parsed {
     /// `holds.SEQ.NONCE`: hold and release requests, in the order of `SEQ`.
     Holds(u64),
     Restore(QueueId),
+    Adopted(QueueId, QueueId),
     Removed,
 }
 
@@ -193,6 +201,13 @@ fn parse_request(name: &str) -> Option<Parsed> {
     }
     if let Some((id, hold)) = hold::legacy_request(name) {
         return Some(Parsed::LegacyHold(id, hold));
+    }
+    if let Some((id, from)) = name
+        .strip_prefix(ADOPTED_PREFIX)
+        .and_then(|rest| rest.split_once('.'))
+        .and_then(|(id, from)| Some((exact_id(id)?, exact_id(from)?)))
+    {
+        return Some(Parsed::Adopted(id, from));
     }
     let id = |prefix: &str| name.strip_prefix(prefix).and_then(exact_id);
     id(RETRY_PREFIX)
@@ -410,13 +425,23 @@ impl Spool {
         sync_dir(&self.inner.control)
     }
 
+    /// Ask the running relay to load the messages `queue adopt` imported and schedule them
+    /// (`adopted.ID.FROM` for each (id here, id it came with), as [`Spool::request_retry`]).
+    /// Blocking.
+    pub fn request_adopted(&self, ids: &[(QueueId, QueueId)]) -> Result<(), SpoolError> {
+        for (id, from) in ids {
+            self.write_request(&format!("{ADOPTED_PREFIX}{id}.{from}"), &[])?;
+        }
+        sync_dir(&self.inner.control)
+    }
+
     /// Consume the pending operator requests: each file in `control/` is read and unlinked
     /// before this returns, so act on every request returned. Retries are merged into at
     /// most one [`Request::Retry`] (first); then the holds and releases, merged into at most
     /// one [`Request::Holds`] in the order they were asked (those of an earlier version's
     /// `hold.ID`/`release.ID` first, then each `holds.SEQ.NONCE` by `SEQ`); then removal
-    /// notices ([`Request::Removed`], one per notice) in name order; restores last, merged
-    /// into one [`Request::Restore`]. Unknown names are removed with a warning, and so is a
+    /// notices ([`Request::Removed`], one per notice) in name order; restores, merged
+    /// into one [`Request::Restore`]; adoptions last, merged into one [`Request::Adopted`]. Unknown names are removed with a warning, and so is a
     /// file with contents (a notice, a batch of holds) the relay's user did not write
     /// (unread). Blocking.
     pub fn take_requests(&self) -> Result<Vec<Request>, SpoolError> {
@@ -580,6 +605,7 @@ struct Taken {
     hold_batches: Vec<(u64, Vec<(QueueId, bool)>)>,
     removed: Vec<Request>,
     restores: Vec<QueueId>,
+    adopted: Vec<(QueueId, QueueId)>,
 }
 
 impl Taken {
@@ -601,6 +627,7 @@ impl Taken {
             Parsed::Retry(id) => self.retries.push(id),
             Parsed::LegacyHold(id, hold) => self.legacy_holds.push((id, hold)),
             Parsed::Restore(id) => self.restores.push(id),
+            Parsed::Adopted(id, from) => self.adopted.push((id, from)),
         }
     }
 
@@ -622,12 +649,16 @@ impl Taken {
         self.restores.dedup();
         // Last: a removal notice read in the same pass is older than the restore.
         let restore = (!self.restores.is_empty()).then_some(Request::Restore(self.restores));
+        self.adopted.sort();
+        self.adopted.dedup();
+        let adopted = (!self.adopted.is_empty()).then_some(Request::Adopted(self.adopted));
         retry
             .map(Request::Retry)
             .into_iter()
             .chain((!holds.is_empty()).then_some(Request::Holds(holds)))
             .chain(self.removed)
             .chain(restore)
+            .chain(adopted)
             .collect()
     }
 }
@@ -737,6 +768,43 @@ mod tests {
         fs::set_permissions(&path, fs::Permissions::from_mode(0o620)).unwrap();
         fs::write(control.join("removed."), format!("delete {id} 1\n")).unwrap();
         assert!(spool.take_requests().unwrap().is_empty());
+        assert_eq!(fs::read_dir(&control).unwrap().count(), 0);
+    }
+}
+
+#[cfg(test)]
+mod adopted_tests {
+    use super::*;
+
+    #[test]
+    fn adoption_requests_name_both_ids_and_malformed_ones_are_dropped() {
+        let dir = tempfile::tempdir().unwrap();
+        let spool = Spool::open(&dir.path().join("spool")).unwrap();
+        let (a, b, c) = (
+            QueueId::generate(),
+            QueueId::generate(),
+            QueueId::generate(),
+        );
+        spool
+            .request_adopted(&[(b.clone(), c.clone()), (a.clone(), a.clone())])
+            .unwrap();
+        spool.request_restore(std::slice::from_ref(&c)).unwrap();
+        let control = spool.root().join("control");
+        for bad in [
+            format!("adopted.{a}"),
+            format!("adopted.{a}."),
+            format!("adopted.{a}.{b}.{c}"),
+            format!("adopted.{}.{b}", a.as_str().to_lowercase()),
+            "adopted..".to_owned(),
+        ] {
+            fs::write(control.join(bad), b"").unwrap();
+        }
+        let mut pairs = vec![(a.clone(), a), (b, c.clone())];
+        pairs.sort();
+        assert_eq!(
+            spool.take_requests().unwrap(),
+            [Request::Restore(vec![c]), Request::Adopted(pairs)]
+        );
         assert_eq!(fs::read_dir(&control).unwrap().count(), 0);
     }
 }

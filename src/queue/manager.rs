@@ -397,7 +397,7 @@ impl<C: Courier> Manager<C> {
             AfterAttempt::Hold(hold) => self.hold_all(vec![(ended.id.clone(), hold)], reason).await,
         }
         if restored {
-            self.restored(vec![ended.id]).await;
+            self.restored(vec![ended.id], &HashMap::new()).await;
         }
     }
 
@@ -679,7 +679,12 @@ impl<C: Courier> Manager<C> {
                 }
                 Request::Holds(asks) => holds.extend(asks),
                 Request::Removed(removals) => self.removed(removals).await,
-                Request::Restore(ids) => self.restored(ids).await,
+                Request::Restore(ids) => self.restored(ids, &HashMap::new()).await,
+                Request::Adopted(pairs) => {
+                    let ids = pairs.iter().map(|(id, _)| id.clone()).collect();
+                    let from: HashMap<QueueId, QueueId> = pairs.into_iter().collect();
+                    self.restored(ids, &from).await;
+                }
             }
         }
         if !holds.is_empty() {
@@ -690,10 +695,11 @@ impl<C: Courier> Manager<C> {
         }
     }
 
-    /// `queue restore` put these messages back into `queue/`: count them and make them due
-    /// now (unless held). One whose earlier attempt is still in flight is taken up when that
-    /// attempt ends; one no longer queued (quarantined again) is left alone.
-    async fn restored(&mut self, ids: Vec<QueueId>) {
+    /// `queue restore` put these messages back into `queue/` (or `queue adopt` brought them
+    /// in: those in `adopted`, with the id each had where it came from): count them and make
+    /// them due now (unless held). One whose earlier attempt is still in flight is taken up
+    /// when that attempt ends; one no longer queued (quarantined again) is left alone.
+    async fn restored(&mut self, ids: Vec<QueueId>, adopted: &HashMap<QueueId, QueueId>) {
         let mut load = Vec::with_capacity(ids.len());
         for id in ids {
             self.removed_when_done.remove(&id);
@@ -733,9 +739,8 @@ impl<C: Courier> Manager<C> {
         for (id, msg) in loaded {
             match msg {
                 Ok(msg) => {
-                    info!(queue_id = %id, "restored from quarantine: due now");
                     self.census.set(&id, &facts_of(&*courier, &msg));
-                    self.record(EventKind::Restored, &id, None);
+                    self.record_brought_in(&id, adopted.get(&id));
                     if msg.state.hold.is_none() {
                         self.schedule(id, 0);
                     }
@@ -747,6 +752,21 @@ impl<C: Courier> Manager<C> {
                 }
             }
         }
+    }
+
+    /// Log and journal a message restored from quarantine (`from`: `None`), or adopted from
+    /// another spool where its id was `from`.
+    fn record_brought_in(&self, id: &QueueId, from: Option<&QueueId>) {
+        let Some(from) = from else {
+            info!(queue_id = %id, "restored from quarantine: due now");
+            self.record(EventKind::Restored, id, None);
+            return;
+        };
+        info!(queue_id = %id, adopted_from = %from, "adopted from another node's spool: due now unless held");
+        let mut event = Event::at(EventKind::Adopted, self.clock.now_millis());
+        event.id = Some(id.to_string());
+        event.adopted_from = (from != id).then(|| from.to_string());
+        self.telemetry.record(&event);
     }
 
     /// Delete the quarantined messages older than `[queue] quarantine_keep`; sweep again

@@ -16,8 +16,8 @@
 //!                        (wrong owner or mode, not a regular file); moved here, never deleted,
 //!                        never delivered, listed or restored by any command
 //! SPOOL/control/         operator requests to the running relay (`retry.ID`, `retry.all`,
-//!                        `holds.SEQ.NONCE`, `restore.ID`) and removal notices
-//!                        (`removed.NONCE`)
+//!                        `holds.SEQ.NONCE`, `restore.ID`, `adopted.ID.FROM`) and removal
+//!                        notices (`removed.NONCE`)
 //! SPOOL/quarantine/      messages `queue purge --quarantine` put aside (`ID`, `ID.state`,
 //!                        `ID.quarantined`): never delivered, kept `[queue] quarantine_keep`,
 //!                        put back by `queue restore` (see [`quarantine`])
@@ -32,6 +32,10 @@
 //!                        `crate::observe::alerts::state`, not by this module
 //! SPOOL/audit.jsonl     the operator commands that changed something, one JSON line each
 //!                        (and `audit.jsonl.1`, the previous 16 MiB); see [`audit`]
+//! SPOOL/adoptions.jsonl  the messages `queue adopt` took from other nodes' spools (which id
+//!                        there became which id here), so none is taken twice; see [`adopt`]
+//! SPOOL/adopted          present only in a spool another node adopted: the relay refuses
+//!                        to start on it (see [`adopt`])
 //! ```
 //!
 //! A message file is the line `PORTCULLIS-SPOOL 1\n`, then the [`Envelope`] as one line of
@@ -125,6 +129,7 @@
 
 #![warn(clippy::too_many_lines)]
 
+pub mod adopt;
 pub mod attempt;
 pub mod audit;
 pub mod bounce;

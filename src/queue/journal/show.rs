@@ -120,6 +120,7 @@ pub fn event_line(e: &Event) -> String {
         ("rule", opt(&e.rule)),
         ("reply", opt(&e.reply)),
         ("bounce_id", opt(&e.bounce_id)),
+        ("adopted_from", opt(&e.adopted_from)),
     ] {
         if let Some(value) = value {
             field(key, &value);

@@ -175,7 +175,7 @@ impl Spool {
         self.root().join(DIR)
     }
 
-    fn quarantined_path(&self, id: &QueueId, suffix: &str) -> PathBuf {
+    pub(in crate::queue) fn quarantined_path(&self, id: &QueueId, suffix: &str) -> PathBuf {
         self.quarantine_dir().join(format!("{id}{suffix}"))
     }
 
