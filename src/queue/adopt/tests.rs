@@ -4,6 +4,7 @@ use std::os::unix::fs::PermissionsExt as _;
 use super::*;
 use crate::envelope::{RcptStatus, sample_envelope};
 use crate::queue::Request;
+use crate::queue::tests::names;
 
 const BODY: &[u8] = b"Subject: hi\r\n\r\nbody line\r\n.leading dot\r\n";
 
@@ -139,15 +140,6 @@ fn imports_every_message_with_its_id_state_and_bytes_then_a_rerun_imports_nothin
     assert_eq!(ours.list().unwrap().len(), 3);
     // Asked again for those still queued here (the last run may have stopped before).
     assert_eq!(told(&ours), all);
-}
-
-fn names(dir: &Path) -> Vec<String> {
-    let mut v: Vec<String> = fs::read_dir(dir)
-        .unwrap()
-        .map(|e| e.unwrap().file_name().into_string().unwrap())
-        .collect();
-    v.sort();
-    v
 }
 
 #[test]
