@@ -75,6 +75,16 @@ pub enum AppError {
         /// What its marker says (node, spool, time), or why it cannot be read.
         marker: String,
     },
+    /// Another relay runs on this spool (it holds `SPOOL/relay.lock`; exit status 2).
+    #[error(
+        "spool {}: another relay is running on it (it holds {}); stop it first",
+        dir.display(),
+        crate::queue::running::LOCK_FILE
+    )]
+    Running {
+        /// The spool directory.
+        dir: PathBuf,
+    },
 }
 
 impl AppError {
@@ -88,6 +98,7 @@ impl AppError {
                 | AppError::Resolver(_)
                 | AppError::Spool(SpoolError::Unsafe { .. })
                 | AppError::Adopted { .. }
+                | AppError::Running { .. }
         )
     }
 }
@@ -208,7 +219,7 @@ pub async fn run(config: Config, path: Option<PathBuf>) -> Result<(), AppError> 
     // capability probe would otherwise kill the process by the signal's default action. Both
     // are taken up once the relay serves.
     let signals = Signals::install()?;
-    let spool = prepare_spool(&config).await?;
+    let (spool, _running) = prepare_spool(&config).await?;
     raise_fd_limit(config.limits.max_connections);
     let telemetry = Arc::new(telemetry_for(&config, &spool));
     // The suspended logins, read before any session or delivery starts.
@@ -367,8 +378,24 @@ fn telemetry_for(config: &Config, spool: &Spool) -> Telemetry {
 }
 
 /// Open the spool and recover it (off the reactor), then log the configuration's warnings.
-async fn prepare_spool(config: &Config) -> Result<Spool, AppError> {
+async fn prepare_spool(
+    config: &Config,
+) -> Result<(Spool, crate::queue::running::RelayLock), AppError> {
     let spool = open_spool(&config.server.spool_dir)?;
+    // Held until the process ends: no second relay, and no `queue adopt`, on this spool.
+    let lock = crate::queue::running::lock(spool.root()).map_err(|e| {
+        if e.kind() == std::io::ErrorKind::WouldBlock {
+            AppError::Running {
+                dir: spool.root().to_path_buf(),
+            }
+        } else {
+            AppError::Spool(SpoolError::Io {
+                op: "lock",
+                path: spool.root().join(crate::queue::running::LOCK_FILE),
+                source: e,
+            })
+        }
+    })?;
     let report = {
         let spool = spool.clone();
         tokio::task::spawn_blocking(move || spool.recover())
@@ -382,7 +409,7 @@ async fn prepare_spool(config: &Config) -> Result<Spool, AppError> {
     for w in crate::config::perms::secret_file_warnings(config) {
         warn!("{w}");
     }
-    Ok(spool)
+    Ok((spool, lock))
 }
 
 /// Tell the service manager `state` (sd_notify(3): `READY=1`, `STOPPING=1`) when it gave us

@@ -423,9 +423,22 @@ fn hostile_files_are_refused_one_by_one_and_reported_the_rest_imported() {
         "{}",
         show(&out)
     );
-    assert!(copy.join("adopted").exists());
+    // Not marked while refused files are left: wiping it would lose them.
+    assert!(
+        stdout(&out).contains("NOT marked adopted: 3 refused file(s) are still in its queue/"),
+        "{}",
+        show(&out)
+    );
+    assert!(!copy.join("adopted").exists());
     assert!(sink.wait_for(2, WAIT));
     assert_eq!(fs::read(&secret).unwrap(), b"PORTCULLIS-SPOOL 1\n");
+    // The refused files taken away, the same command marks it and takes nothing twice.
+    for name in [link, other, huge] {
+        fs::remove_file(copy.join("queue").join(name)).unwrap();
+    }
+    let again = adopt(&relay, &copy, &[]);
+    assert_eq!(again.status.code(), Some(0), "{}", show(&again));
+    assert!(copy.join("adopted").exists());
 }
 
 /// A spool of `n` copies of `template` (a message file of queue id `id`), each under its own

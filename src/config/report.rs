@@ -83,6 +83,24 @@ pub(super) fn warnings(config: &Config) -> Vec<String> {
                 wide.join(", ")
             ));
         }
+        // A LOCAL/UNKNOWN header (a health check, a UNIX-socket frontend) is a session of the
+        // proxy itself, with the proxy's rights.
+        let relaying: Vec<String> = (l.trusted_proxies.iter())
+            .filter(|p| {
+                (config.relay.relay_networks.iter())
+                    .any(|r| r.contains(&p.network()) || p.contains(&r.network()))
+            })
+            .map(ToString::to_string)
+            .collect();
+        if !relaying.is_empty() {
+            w.push(format!(
+                "Listener {:?} trusts PROXY headers from {}, which relay.relay_networks also \
+                 covers: a session the proxy opens for itself (a health check, a LOCAL or UNKNOWN \
+                 header) may relay to any domain; keep the load balancers out of relay_networks.",
+                l.name,
+                relaying.join(", ")
+            ));
+        }
     }
     if !config.relay.accepted_domains.is_empty() && config.relay.recipients_file.is_none() {
         for l in &config.listeners {

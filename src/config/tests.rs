@@ -1969,4 +1969,17 @@ fn trusted_proxies_compile_report_and_warn() {
         warnings[0].contains("can claim any client address"),
         "{warnings:?}"
     );
+    // A load balancer inside relay_networks: its own sessions could relay.
+    let relaying = format!(
+        "{}\n[relay]\nrelay_networks = [\"10.0.0.0/24\"]\n",
+        MINIMAL.replace(
+            "tls = \"none\"",
+            "tls = \"none\"\ntrusted_proxies = [\"10.0.0.5\"]",
+        )
+    );
+    let warnings = ok(&relaying).warnings().join("\n");
+    assert!(
+        warnings.contains("keep the load balancers out of relay_networks"),
+        "{warnings}"
+    );
 }

@@ -21,6 +21,7 @@
 //! SPOOL/quarantine/      messages `queue purge --quarantine` put aside (`ID`, `ID.state`,
 //!                        `ID.quarantined`): never delivered, kept `[queue] quarantine_keep`,
 //!                        put back by `queue restore` (see [`quarantine`])
+//! SPOOL/relay.lock       locked by the running relay (see [`running`])
 //! SPOOL/suspended/       suspended logins, one record each: written by containment and
 //!                        `user suspend`, removed by `user resume` (see [`suspended`])
 //! SPOOL/free/            files of finished messages, reused for new ones (see [`recycle`])
@@ -144,6 +145,7 @@ mod recover;
 mod recycle;
 pub mod report;
 pub mod reserve;
+pub mod running;
 pub mod schedule;
 pub mod select;
 mod state;

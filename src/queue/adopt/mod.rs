@@ -89,6 +89,10 @@ pub enum AdoptError {
     /// `DIR` has no `queue/` directory (exit status 2).
     #[error("{}: not a spool (no queue/ directory in it)", .0.display())]
     NotASpool(PathBuf),
+    /// A relay is running on `DIR` (it holds `DIR/relay.lock`): it would deliver the same
+    /// messages, and go on accepting mail into a spool marked adopted (exit status 2).
+    #[error("{}: a relay is running on it; stop that relay (or its node) first", .0.display())]
+    Running(PathBuf),
     /// `DIR` is this relay's own spool (exit status 2).
     #[error("{}: that is this relay's own spool", .0.display())]
     OwnSpool(PathBuf),
@@ -134,6 +138,7 @@ impl AdoptError {
             self,
             AdoptError::NotASpool(_)
                 | AdoptError::OwnSpool(_)
+                | AdoptError::Running(_)
                 | AdoptError::AdoptedElsewhere { .. }
         )
     }
@@ -204,6 +209,9 @@ pub enum MarkerOutcome {
     DryRun,
     /// Not written: the run stopped before the end.
     Stopped,
+    /// Not written: this many files of `DIR/queue/` were refused and are still there (a
+    /// marker would tell the operator to wipe them).
+    Refused(usize),
 }
 
 /// The whole run.
@@ -284,12 +292,24 @@ impl<'a> Adoption<'a> {
         if !fs::metadata(&source_queue).is_ok_and(|m| m.is_dir()) {
             return Err(AdoptError::NotASpool(opts.dir.clone()));
         }
+        // The same directory by device and inode, whatever the path (a symlink, a bind mount).
         let same = |a: &Path, b: &Path| {
-            let (a, b) = (fs::canonicalize(a), fs::canonicalize(b));
-            matches!((a, b), (Ok(a), Ok(b)) if a == b)
+            use std::os::unix::fs::MetadataExt as _;
+            let (a, b) = (fs::metadata(a), fs::metadata(b));
+            matches!((a, b), (Ok(a), Ok(b)) if (a.dev(), a.ino()) == (b.dev(), b.ino()))
         };
         if same(&opts.dir, spool.root()) {
             return Err(AdoptError::OwnSpool(opts.dir.clone()));
+        }
+        match super::running::is_running(&opts.dir) {
+            Ok(false) => {}
+            Ok(true) => return Err(AdoptError::Running(opts.dir.clone())),
+            Err(source) => {
+                return Err(AdoptError::Source {
+                    path: opts.dir.join(super::running::LOCK_FILE),
+                    source,
+                });
+            }
         }
         let marker = existing_marker(spool, opts)?;
         let ledger = Ledger::open(spool, !opts.dry_run)?;
@@ -390,6 +410,11 @@ impl<'a> Adoption<'a> {
             MarkerOutcome::DryRun
         } else if let Some(marker) = self.marker.take() {
             MarkerOutcome::Already(marker)
+        } else if let refused @ 1.. = (self.outcomes.iter())
+            .filter(|o| matches!(o, Outcome::Refused { .. }))
+            .count()
+        {
+            MarkerOutcome::Refused(refused)
         } else {
             let imported = self
                 .outcomes

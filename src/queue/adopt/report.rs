@@ -119,5 +119,10 @@ pub fn marker(outcome: &MarkerOutcome, dir: &std::path::Path) -> Option<String> 
         MarkerOutcome::Stopped => Some(format!(
             "{dir} not marked adopted: the run stopped before the end"
         )),
+        MarkerOutcome::Refused(n) => Some(format!(
+            "{dir} NOT marked adopted: {n} refused file(s) are still in its queue/; make them \
+             sound (owner, mode, format) and run the same command again, which imports them and \
+             marks it (the messages taken now are not taken twice)"
+        )),
     }
 }

@@ -512,3 +512,22 @@ fn files_of_another_owner_are_taken_and_the_copies_are_this_spools() {
     assert_eq!(copy.uid(), fs::metadata(ours.root()).unwrap().uid());
     assert_eq!(ours.load(&id).unwrap().state, held());
 }
+
+#[test]
+fn a_spool_a_relay_runs_on_or_this_one_by_another_path_is_refused() {
+    let (d, theirs, ours) = spools();
+    queue(&theirs, BODY, None);
+    let running = crate::queue::running::lock(theirs.root()).unwrap();
+    let refused = Adoption::start(&ours, &options(&theirs)).err().unwrap();
+    assert!(matches!(refused, AdoptError::Running(_)), "{refused}");
+    assert!(refused.is_usage());
+    drop(running);
+    assert!(Adoption::start(&ours, &options(&theirs)).is_ok());
+    // This spool under another name: refused by device and inode, not by path.
+    let alias = d.path().join("alias");
+    std::os::unix::fs::symlink(ours.root(), &alias).unwrap();
+    let mut own = options(&ours);
+    own.dir = alias.join(".");
+    let refused = Adoption::start(&ours, &own).err().unwrap();
+    assert!(matches!(refused, AdoptError::OwnSpool(_)), "{refused}");
+}
