@@ -40,16 +40,6 @@ fn bare_spool(dir: &TestDir) -> PathBuf {
     spool
 }
 
-/// `portcullis audit --json` on `spool`: exit 0, every line a JSON object.
-fn entries(spool: &Path) -> Vec<Value> {
-    let out = run(spool, &["audit", "--json"]);
-    assert_eq!(out.status.code(), Some(0), "{}", show(&out));
-    stdout(&out)
-        .lines()
-        .map(|line| serde_json::from_str(line).unwrap_or_else(|e| panic!("{e}: {line}")))
-        .collect()
-}
-
 /// The login uid this test runs with, as the kernel tells it; `None` when unset (4294967295,
 /// as in a container started outside a login session): then the entries have no `login_uid`.
 fn login_uid() -> Option<u64> {
@@ -106,7 +96,7 @@ fn delete_purge_and_retry_each_leave_one_entry_and_a_dry_run_none() {
     );
     let out = relay.command(&["queue", "delete", &ids[0].to_lowercase()]);
     assert_eq!(out.status.code(), Some(0), "{}", show(&out));
-    let log = entries(&relay.spool);
+    let log = audit_entries(&relay.spool);
     assert_eq!(log.len(), 1, "{log:?}");
     assert_eq!(log[0]["command"], "queue delete");
     // The arguments as typed (without the global --config), what was affected canonical.
@@ -117,10 +107,14 @@ fn delete_purge_and_retry_each_leave_one_entry_and_a_dry_run_none() {
     let purge = ["queue", "purge", "--from", "@junk.example"];
     let out = relay.command(&[&purge[..], &["--dry-run"]].concat());
     assert_eq!(out.status.code(), Some(0), "{}", show(&out));
-    assert_eq!(entries(&relay.spool).len(), 1, "a dry run was recorded");
+    assert_eq!(
+        audit_entries(&relay.spool).len(),
+        1,
+        "a dry run was recorded"
+    );
     let out = relay.command(&purge);
     assert_eq!(out.status.code(), Some(0), "{}", show(&out));
-    let log = entries(&relay.spool);
+    let log = audit_entries(&relay.spool);
     assert_eq!(log.len(), 2, "{log:?}");
     assert_eq!(log[1]["command"], "queue purge");
     assert_eq!(log[1]["args"], json!(["--from", "@junk.example"]));
@@ -132,7 +126,7 @@ fn delete_purge_and_retry_each_leave_one_entry_and_a_dry_run_none() {
     assert_eq!(out.status.code(), Some(1), "{}", show(&out));
     let out = relay.command(&["queue", "retry", "--all"]);
     assert_eq!(out.status.code(), Some(0), "{}", show(&out));
-    let log = entries(&relay.spool);
+    let log = audit_entries(&relay.spool);
     assert_eq!(log.len(), 4, "{log:?}");
     assert_eq!(log[2]["command"], "queue retry");
     assert_eq!(log[2]["args"], json!([ids[3], "0000000000000000"]));
@@ -155,17 +149,8 @@ fn listeners_pause_and_resume_record_what_they_changed() {
         let out = run(&spool, args);
         assert_eq!(out.status.code(), Some(0), "{args:?}: {}", show(&out));
     }
-    let log = entries(&spool);
-    let seen: Vec<(Value, Value, Value)> = log
-        .iter()
-        .map(|e| {
-            (
-                e["command"].clone(),
-                e["args"].clone(),
-                e["affected"].clone(),
-            )
-        })
-        .collect();
+    let log = audit_entries(&spool);
+    let seen = audit_summary(&log);
     assert_eq!(
         seen,
         [
@@ -370,7 +355,7 @@ fn the_login_uid_names_the_person_behind_sudo() {
         return;
     }
     assert_eq!(out.status.code(), Some(0), "{}", show(&out));
-    let log = entries(&spool);
+    let log = audit_entries(&spool);
     assert_eq!(log.len(), 1, "{log:?}");
     assert_eq!(log[0]["login_uid"], 65534);
     assert_eq!(log[0]["login_user"], "nobody");
@@ -454,13 +439,13 @@ fn hold_release_quarantine_and_restore_each_leave_one_entry_and_a_dry_run_none()
         let dry = relay.command(&[words, &args[..], &["--dry-run"]].concat());
         assert_eq!(dry.status.code(), Some(0), "{command}: {}", show(&dry));
         assert_eq!(
-            entries(&relay.spool).len(),
+            audit_entries(&relay.spool).len(),
             n,
             "{command} --dry-run was recorded"
         );
         let out = relay.command(&[words, &args[..]].concat());
         assert_eq!(out.status.code(), Some(0), "{command}: {}", show(&out));
-        let log = entries(&relay.spool);
+        let log = audit_entries(&relay.spool);
         assert_eq!(log.len(), n + 1, "{log:?}");
         assert_eq!(log[n]["command"], command);
         assert_eq!(log[n]["args"], json!(args));

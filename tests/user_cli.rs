@@ -111,14 +111,7 @@ fn list_json(run: impl Fn(&[&str]) -> Output) -> Vec<Value> {
 
 /// The audit log's entries for `user` commands.
 fn user_entries(spool: &Path) -> Vec<Value> {
-    let out = Command::new(BIN)
-        .args(["audit", "--json", "--spool"])
-        .arg(spool)
-        .output()
-        .unwrap();
-    expect(&out, 0)
-        .lines()
-        .map(|l| serde_json::from_str::<Value>(l).unwrap())
+    (audit_entries(spool).into_iter())
         .filter(|e| e["command"].as_str().unwrap().starts_with("user "))
         .collect()
 }
@@ -188,16 +181,7 @@ fn suspend_and_resume_write_and_remove_the_record_and_list_follows() {
     assert_eq!(list[0]["suspended"], false);
 
     // Each command recorded, with the login affected when it changed something.
-    let log = user_entries(&s.spool);
-    let summary: Vec<(Value, Value, Value)> = (log.iter())
-        .map(|e| {
-            (
-                e["command"].clone(),
-                e["args"].clone(),
-                e["affected"].clone(),
-            )
-        })
-        .collect();
+    let summary = audit_summary(&user_entries(&s.spool));
     assert_eq!(
         summary,
         [

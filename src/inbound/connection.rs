@@ -503,7 +503,7 @@ impl SessionDriver {
         let session: &'d Session = session;
         // Every stage of a login suspended meanwhile (a command read before the suspension,
         // the final dot) is refused before anything else is looked at.
-        if (session.user()).is_some_and(|u| shared.containment.is_suspended(u)) {
+        if login_suspended(session, shared) {
             return Err(suspended());
         }
         let facts = StageFacts {
@@ -725,10 +725,7 @@ impl SessionDriver {
     /// When the session's login is suspended: close it with `421 4.7.0` (logged, recorded)
     /// and say so.
     fn login_suspended(&mut self) -> bool {
-        let Some(user) = self.session.user() else {
-            return false;
-        };
-        if !self.shared.containment.is_suspended(user) {
+        if !login_suspended(&self.session, &self.shared) {
             return false;
         }
         self.refuse(suspended(), About::Session);
@@ -1062,6 +1059,11 @@ impl SessionDriver {
         }))
         .await
     }
+}
+
+/// Whether `session` authenticated as a login that is suspended now.
+fn login_suspended(session: &Session, shared: &Shared) -> bool {
+    (session.user()).is_some_and(|u| shared.containment.is_suspended(u))
 }
 
 /// The refusal of a command, or final dot, of a session whose login is suspended: `421 4.7.0`,

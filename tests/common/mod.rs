@@ -1057,6 +1057,34 @@ pub fn secret_hash() -> &'static str {
     HASH.get_or_init(|| passwd("secret"))
 }
 
+/// Every entry of the audit log of the spool at `spool`, as `portcullis audit --json` prints
+/// them, oldest first.
+#[track_caller]
+pub fn audit_entries(spool: &Path) -> Vec<serde_json::Value> {
+    let out = Command::new(BIN)
+        .args(["audit", "--json", "--spool"])
+        .arg(spool)
+        .output()
+        .expect("spawn portcullis");
+    assert_eq!(out.status.code(), Some(0), "{}", show(&out));
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(|line| serde_json::from_str(line).unwrap_or_else(|e| panic!("{e}: {line}")))
+        .collect()
+}
+
+/// Each audit entry as (command, args, affected).
+pub fn audit_summary(
+    entries: &[serde_json::Value],
+) -> Vec<(serde_json::Value, serde_json::Value, serde_json::Value)> {
+    (entries.iter())
+        .map(|e| {
+            let field = |name: &str| e[name].clone();
+            (field("command"), field("args"), field("affected"))
+        })
+        .collect()
+}
+
 /// `users.toml` in `dir`: `alice` and `bob`, both with the password `secret`, each sending as
 /// LOGIN@example.com.
 pub fn write_alice_and_bob(dir: &TestDir) {
