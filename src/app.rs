@@ -17,6 +17,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn};
 
 use crate::admin::{self, pause};
+use crate::cluster::Cluster;
 use crate::config::{Config, ConfigErrors};
 use crate::inbound::{self, Runtime, tls};
 use crate::observe::{ConfigSource, Telemetry};
@@ -228,6 +229,8 @@ pub async fn run(config: Config, path: Option<PathBuf>) -> Result<(), AppError> 
         let opened = tokio::task::spawn_blocking(move || Containment::open(spool, telemetry)).await;
         Arc::new(opened.map_err(AppError::Recovery)??)
     };
+    // The shared store: nothing is connected until the watch task or a session asks.
+    let cluster = Cluster::new(&config.cluster, telemetry.clone());
     let delivery_stop = CancellationToken::new();
     let delivery = outbound::start(
         &config,
@@ -251,11 +254,15 @@ pub async fn run(config: Config, path: Option<PathBuf>) -> Result<(), AppError> 
         capabilities: delivery.capabilities.clone(),
         telemetry: telemetry.clone(),
         containment: containment.clone(),
+        cluster: cluster.clone(),
     };
     // A relay started while paused starts paused, before its first connection.
     let observe_stop = CancellationToken::new();
     start_pause_watch(&telemetry, &spool, &observe_stop);
     tokio::spawn(containment.clone().watch(observe_stop.clone()));
+    if let Some(cluster) = &cluster {
+        tokio::spawn(cluster.clone().watch(observe_stop.clone()));
+    }
     // The alerts and the admin listener read the configuration running now at each
     // evaluation or request, so a reloaded threshold or token applies at once.
     let config_now: ConfigSource = {
@@ -370,7 +377,7 @@ async fn start_admin(
 /// The relay's telemetry: named after this node, its events journaled under the spool
 /// (delivery declares the upstreams, see [`outbound::start`]).
 fn telemetry_for(config: &Config, spool: &Spool) -> Telemetry {
-    Telemetry::new(config.server.hostname.clone()).with_journal(Box::new(Journal::open(
+    Telemetry::new(config.cluster.node.clone()).with_journal(Box::new(Journal::open(
         spool,
         &config.log,
         config.limits.min_free_space,

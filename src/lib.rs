@@ -96,6 +96,7 @@
 
 pub mod admin;
 pub mod app;
+pub mod cluster;
 pub mod config;
 pub mod dns;
 pub mod envelope;

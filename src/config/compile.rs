@@ -16,16 +16,16 @@ use ipnet::IpNet;
 use crate::envelope::{Address, AddressError, canonical_domain};
 
 use super::raw::{
-    RawAdmin, RawAlerts, RawAuth, RawContainment, RawDkim, RawDkimSign, RawDmarc, RawDns, RawDnsbl,
-    RawDnsblZone, RawDoctor, RawHeaders, RawLimits, RawListener, RawLog, RawQueue, RawRateLimits,
-    RawRelay, RawServer, RawSize, RawSpf, RawTls, RawUpstream,
+    RawAdmin, RawAlerts, RawAuth, RawCluster, RawContainment, RawDkim, RawDkimSign, RawDmarc,
+    RawDns, RawDnsbl, RawDnsblZone, RawDoctor, RawHeaders, RawLimits, RawListener, RawLog,
+    RawQueue, RawRateLimits, RawRelay, RawServer, RawSize, RawSpf, RawTls, RawUpstream,
 };
 use super::units::{UnitError, parse_duration, parse_rate, parse_size};
 use super::value::{DomainProblem, ValueError};
 use super::{
-    Auth, AuthMode, BareLf, CertSource, Config, ConfigError, ConfigErrors, Containment, Headers,
-    Limits, Listener, ListenerTls, Queue, Rate, RateLimits, Relay, Server, Tls, TlsVersion,
-    Upstream, UpstreamTls, Verify, files, load,
+    Auth, AuthMode, BareLf, CertSource, Cluster, Config, ConfigError, ConfigErrors, Containment,
+    Headers, Limits, Listener, ListenerTls, OnError, Queue, Rate, RateLimits, RedisUrl, Relay,
+    Server, Tls, TlsVersion, Upstream, UpstreamTls, Verify, files, load,
 };
 
 mod checks;
@@ -103,6 +103,7 @@ struct Sections {
     alerts: Section<RawAlerts>,
     log: Section<RawLog>,
     containment: Section<RawContainment>,
+    cluster: Section<RawCluster>,
 }
 
 /// Compiles TOML text into a `Config`, or every error found.
@@ -153,6 +154,7 @@ pub(super) fn compile(text: &str, source: Option<&Path>) -> Result<Config, Confi
     let alerts = c.alerts(s.alerts.or_default());
     let log = c.log(s.log.or_default());
     let containment = c.containment(s.containment.or_default());
+    let cluster = c.cluster(s.cluster.or_default(), &server.hostname);
     // The quarantine field is ours to add: one arriving from a stranger is removed with the
     // other untrusted fields, so it cannot make a transport rule junk someone else's mail
     // (or, set by a spammer to something else, be mistaken for ours).
@@ -193,6 +195,7 @@ pub(super) fn compile(text: &str, source: Option<&Path>) -> Result<Config, Confi
         alerts,
         log,
         containment,
+        cluster,
         source: source.map(Path::to_path_buf),
     })
 }
@@ -215,6 +218,52 @@ impl Compiler {
                 raw.recipient_domains_per_hour,
             ),
             client_ips_per_hour: trigger("client_ips_per_hour", raw.client_ips_per_hour),
+        }
+    }
+}
+
+impl Compiler {
+    /// `[cluster]`: the Redis URL (`redis://` or `redis+unix://`/`unix://`, parsed by
+    /// redis-rs; never echoed in an error, it may hold a password), the node name (1 to 64
+    /// octets of letters, digits, `.`, `-`, `_`; default `server.hostname`), `on_error` and
+    /// `timeout` (10 ms to 10 s).
+    fn cluster(&mut self, raw: RawCluster, hostname: &str) -> Cluster {
+        let redis = raw.redis.and_then(|url| match RedisUrl::parse(&url) {
+            Ok(url) => Some(url),
+            Err(e) => {
+                self.err("cluster.redis", e);
+                None
+            }
+        });
+        let node = match raw.node {
+            None => hostname.to_string(),
+            Some(node) if Cluster::valid_node(&node) => node,
+            Some(node) => {
+                self.err(
+                    "cluster.node",
+                    format!(
+                        "{:?} is not a node name (1 to 64 letters, digits, '.', '-', '_')",
+                        node.chars().take(80).collect::<String>()
+                    ),
+                );
+                hostname.to_string()
+            }
+        };
+        let on_error = self.choice(
+            "cluster.on_error",
+            raw.on_error,
+            OnError::Local,
+            &[("local", OnError::Local), ("tempfail", OnError::Tempfail)],
+        );
+        let timeout = self.duration("cluster.timeout", raw.timeout, "250ms", false);
+        if !(Cluster::MIN_TIMEOUT..=Cluster::MAX_TIMEOUT).contains(&timeout) {
+            self.err("cluster.timeout", "must be between 10ms and 10s");
+        }
+        Cluster {
+            redis,
+            node,
+            on_error: on_error.unwrap_or(OnError::Local),
+            timeout,
         }
     }
 }
@@ -269,6 +318,7 @@ impl Compiler {
             alerts: Section::Absent,
             log: Section::Absent,
             containment: Section::Absent,
+            cluster: Section::Absent,
         };
         let e = &mut self.errors;
         for (name, value) in document {
@@ -305,6 +355,7 @@ impl Compiler {
                 "alerts" => s.alerts = section(value, &name, e),
                 "log" => s.log = section(value, &name, e),
                 "containment" => s.containment = section(value, &name, e),
+                "cluster" => s.cluster = section(value, &name, e),
                 _ => e.push(ConfigError::new(name, "unknown key")),
             }
         }

@@ -83,6 +83,8 @@ pub struct Config {
     pub log: Log,
     /// `[containment]`: every trigger off unless set.
     pub containment: Containment,
+    /// `[cluster]`: the shared store and this node's name.
+    pub cluster: Cluster,
     /// Where the file came from (`None` for the embedded default). Relative paths in the file
     /// are resolved against the process working directory, not this file's directory, and
     /// are stored as written.
@@ -436,6 +438,118 @@ impl Containment {
         self.rate_limit_hits.is_some()
             || self.recipient_domains_per_hour.is_some()
             || self.client_ips_per_hour.is_some()
+    }
+}
+
+/// `[cluster]`: the Redis store several nodes share their rate budgets, AUTH failure records
+/// and suspended logins through (see [`crate::cluster`]), and this node's name.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Cluster {
+    /// `redis`: the shared store; `None` (the default): every node keeps its own state.
+    pub redis: Option<RedisUrl>,
+    /// `node`: this node's name in logs, the journal, the status, alerts and the `Received:`
+    /// field it adds. Default `server.hostname`.
+    pub node: String,
+    /// `on_error`: what a node does while the store cannot be reached or does not answer
+    /// within `timeout`.
+    pub on_error: OnError,
+    /// `timeout`: the longest one Redis operation (connecting included) may take, from
+    /// [`Cluster::MIN_TIMEOUT`] to [`Cluster::MAX_TIMEOUT`]. Default 250 ms.
+    pub timeout: Duration,
+}
+
+impl Cluster {
+    /// Shortest `timeout`.
+    pub const MIN_TIMEOUT: Duration = Duration::from_millis(10);
+    /// Longest `timeout`: well under any SMTP command timeout.
+    pub const MAX_TIMEOUT: Duration = Duration::from_secs(10);
+
+    /// Whether `node` is a node name: 1 to 64 octets of ASCII letters, digits, `.`, `-`, `_`
+    /// (it is written into log lines and a `Received:` field as it is).
+    pub fn valid_node(node: &str) -> bool {
+        (1..=64).contains(&node.len())
+            && node
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'-' | b'_'))
+    }
+}
+
+/// `[cluster] on_error`: what a node does while the shared store is unavailable.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OnError {
+    /// `"local"`: each node counts on its own in-memory state (logged, the `cluster_fallback`
+    /// alert) until the store answers again.
+    Local,
+    /// `"tempfail"`: refuse what needs the shared state with a temporary reply: `421 4.3.0`
+    /// at the greeting, `454 4.7.0` to AUTH, `451 4.3.0` at MAIL and RCPT.
+    Tempfail,
+}
+
+/// A Redis URL (`redis://[user:password@]host[:port][/db]`, `redis+unix:///path`,
+/// `unix:///path`) as redis-rs reads it. Its password is never shown: `Display` and `Debug`
+/// print [`RedisUrl::redacted`].
+#[derive(Clone, PartialEq, Eq)]
+pub struct RedisUrl(String);
+
+impl RedisUrl {
+    /// Check `url` the way the Redis client will read it.
+    ///
+    /// # Errors
+    /// What is wrong, in words that never repeat the URL (it may hold a password): not a URL
+    /// redis-rs reads, or `rediss://` (TLS to Redis is not built in: run Redis on a private
+    /// network or a Unix socket).
+    pub fn parse(url: &str) -> Result<RedisUrl, String> {
+        if url.starts_with("rediss://") || url.starts_with("valkeys://") {
+            return Err(
+                "rediss:// (TLS to Redis) is not supported; use redis:// on a private \
+                        network or redis+unix:// for a socket"
+                    .to_string(),
+            );
+        }
+        match redis::Client::open(url) {
+            Ok(_) => Ok(RedisUrl(url.to_string())),
+            Err(e) => Err(format!(
+                "not a Redis URL (redis://host:port/db or redis+unix:///path): {}",
+                e.detail().unwrap_or("unreadable")
+            )),
+        }
+    }
+
+    /// The URL as given, password included: only for connecting.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+
+    /// The URL with any password replaced by `***`.
+    pub fn redacted(&self) -> String {
+        match self.0.split_once("://") {
+            Some((scheme, rest)) => {
+                let (authority, path) = match rest.find('/') {
+                    Some(i) => rest.split_at(i),
+                    None => (rest, ""),
+                };
+                match authority.rsplit_once('@') {
+                    Some((userinfo, host)) => {
+                        let user = userinfo.split_once(':').map_or("", |(u, _)| u);
+                        format!("{scheme}://{user}:***@{host}{path}")
+                    }
+                    None => self.0.clone(),
+                }
+            }
+            None => "(redis url)".to_string(),
+        }
+    }
+}
+
+impl std::fmt::Display for RedisUrl {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.redacted())
+    }
+}
+
+impl std::fmt::Debug for RedisUrl {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "RedisUrl({})", self.redacted())
     }
 }
 

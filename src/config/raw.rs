@@ -53,6 +53,8 @@ pub struct RawConfig {
     pub log: Option<RawLog>,
     /// `[containment]`
     pub containment: Option<RawContainment>,
+    /// `[cluster]`
+    pub cluster: Option<RawCluster>,
 }
 
 /// `[server]`
@@ -379,6 +381,19 @@ pub struct RawContainment {
     pub recipient_domains_per_hour: Option<i64>,
     /// Distinct client addresses one login may authenticate from within an hour.
     pub client_ips_per_hour: Option<i64>,
+}
+
+/// `[cluster]`
+#[derive(Debug, Clone, Default, Deserialize)]
+pub struct RawCluster {
+    /// The Redis URL of the shared store.
+    pub redis: Option<String>,
+    /// This node's name.
+    pub node: Option<String>,
+    /// `"local"` or `"tempfail"`.
+    pub on_error: Option<String>,
+    /// How long one Redis operation may take.
+    pub timeout: Option<String>,
 }
 
 /// `[log]`

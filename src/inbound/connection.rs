@@ -142,6 +142,9 @@ pub struct Shared {
     pub telemetry: Arc<crate::observe::Telemetry>,
     /// `[containment]`'s counters and the suspended logins.
     pub containment: Arc<crate::policy::containment::Containment>,
+    /// The store shared with the other nodes (`[cluster] redis`); `None`: this node's state
+    /// is its own.
+    pub cluster: Option<Arc<crate::cluster::Cluster>>,
 }
 
 /// What a refusal concerns besides the session, for its event (and so for `trace`).

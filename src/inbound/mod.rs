@@ -82,6 +82,8 @@ pub struct Deps {
     pub telemetry: Arc<crate::observe::Telemetry>,
     /// `[containment]`'s counters and the suspended logins.
     pub containment: Arc<crate::policy::containment::Containment>,
+    /// The store shared with the other nodes (`[cluster] redis`), if any.
+    pub cluster: Option<Arc<crate::cluster::Cluster>>,
 }
 
 /// Why the inbound side could not start.
@@ -135,6 +137,7 @@ pub async fn start(runtime: Arc<ArcSwap<Runtime>>, deps: Deps) -> Result<Inbound
         verifications: Arc::new(tokio::sync::Semaphore::new(effects::verification_slots())),
         telemetry: deps.telemetry,
         containment: deps.containment,
+        cluster: deps.cluster,
     };
     let sessions = TaskTracker::new();
     let snapshot = runtime.load_full();

@@ -79,6 +79,7 @@ impl Parts {
             verifications: Arc::new(tokio::sync::Semaphore::new(2)),
             telemetry,
             containment,
+            cluster: None,
         };
         Parts {
             shared,
