@@ -40,6 +40,9 @@ use crate::config::{self, OnError, RedisUrl};
 use crate::observe::Telemetry;
 use crate::observe::alerts::{AlertName, External};
 
+#[doc(hidden)]
+pub mod testing;
+
 /// The prefix of every key portcullis writes (so one Redis can serve other software too).
 pub const KEY_PREFIX: &str = "portcullis:";
 
@@ -312,3 +315,6 @@ pub fn key(parts: &[&str]) -> String {
     key.push_str(&parts.join(":"));
     key
 }
+
+#[cfg(test)]
+mod tests;
