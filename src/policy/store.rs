@@ -84,6 +84,20 @@ impl Store {
     }
 }
 
+impl Store {
+    /// The configured rate of `limit` (`None`: not configured), as a shared store counts it.
+    pub fn rate(&self, limit: RateLimit) -> Option<crate::config::Rate> {
+        let Store::Local(l) = self;
+        l.limiters.rate(limit)
+    }
+
+    /// The `[auth]` lockout settings; `None` without `[auth]` (nothing is counted).
+    pub fn auth_settings(&self) -> Option<Settings> {
+        let Store::Local(l) = self;
+        l.auth_guard.as_ref().map(|g| g.settings())
+    }
+}
+
 /// What the running relay's stateful rules say of a client (its address and, optionally,
 /// login) now, read without taking anything: what the admin API's `/api/explain-state`
 /// answers (the relay builds it from its store, connection counts and pause state).
