@@ -321,3 +321,5 @@ pub fn key(parts: &[&str]) -> String {
 
 #[cfg(test)]
 mod tests;
+#[cfg(test)]
+mod tests_store;

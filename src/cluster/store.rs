@@ -22,7 +22,7 @@ use crate::policy::lockout::{AuthAttempt, FailureReport, GateDecision, Settings,
 use crate::policy::store::{RateKey, Store};
 
 /// The result of taking one event from a budget.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Taken {
     /// The budget had room; one event is taken.
     Allowed,
