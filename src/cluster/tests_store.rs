@@ -49,7 +49,11 @@ impl Node {
     /// Begin an AUTH and settle it with `success`; `None` when the gate did not let it
     /// through (then the gate's answer).
     async fn auth(&self, client: &str, login: &str, success: bool) -> Result<FailureReport, Gate> {
-        match self.stores().auth_gate(ip(client), login, Instant::now()).await {
+        match self
+            .stores()
+            .auth_gate(ip(client), login, Instant::now())
+            .await
+        {
             Gate::Proceed(attempt) => Ok(attempt.settle(success, Instant::now()).await),
             other => Err(other),
         }
