@@ -125,11 +125,11 @@ impl<'a> SharedStore<'a> {
                 delay: (proceed.delay).max(spray_delay(login_failures, settings.max_failures)),
                 known: proceed.known,
                 local: Some(proceed),
-                shared: Some(Reservation {
+                shared: Some(Box::new(Reservation {
                     cluster: Arc::clone(cluster),
                     keys,
                     settings,
-                }),
+                })),
             }),
             Err(_) => match cluster.on_error() {
                 OnError::Local => Gate::Proceed(Attempt::local(proceed)),
@@ -161,7 +161,8 @@ pub struct Attempt {
     /// The pair is known to this node ([`AuthAttempt::known`]).
     pub known: bool,
     local: Option<AuthAttempt>,
-    shared: Option<Reservation>,
+    /// Boxed, so that a [`Gate`] stays small.
+    shared: Option<Box<Reservation>>,
 }
 
 /// A failure reserved on the shared store.
