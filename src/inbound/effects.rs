@@ -469,13 +469,13 @@ async fn auth_gate(
         let Some(settled) = settled.as_pin_mut() else {
             return Answer::Busy;
         };
-        let wait = if poll {
-            deadline.min(Instant::now() + SHARED_BUSY_POLL)
+        if poll {
+            // Not woken by this node's attempts ending: each would make every waiter ask
+            // the store again at once (and its own gate's check wake the others).
+            tokio::time::sleep_until(deadline.min(Instant::now() + SHARED_BUSY_POLL)).await;
         } else {
-            deadline
-        };
-        // A poll's timeout is not the end: the deadline is.
-        let _ = tokio::time::timeout_at(wait, settled).await;
+            let _ = tokio::time::timeout_at(deadline, settled).await;
+        }
         if Instant::now() >= deadline {
             return Answer::Busy;
         }

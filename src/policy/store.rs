@@ -2,8 +2,9 @@
 //! rate budgets (`[rate_limits]`) and the AUTH failure tables (`[auth]` lockout and
 //! spraying). The session driver carries an [`Effect`](super::stage::Effect) out by asking
 //! the store and hands the answer back to the evaluator, so where the state lives is the
-//! store's business: today in this process ([`Store::Local`]); a store shared by several
-//! nodes (Redis) is another variant, with no change to the evaluators or the driver.
+//! store's business: in this process ([`Store::Local`]). With `[cluster]` the store several
+//! nodes share (Redis) is asked too, and decides while it answers; the two are composed in
+//! one place, `crate::cluster::store`, and these tables keep counting as its fallback.
 //!
 //! Every call takes the time as an argument; nothing here reads a clock or touches a socket.
 

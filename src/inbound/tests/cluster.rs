@@ -110,3 +110,50 @@ async fn a_message_costs_one_operation_per_budget_and_auth_two() {
         assert!((1..=60_000).contains(&pttl), "{key}: {pttl}");
     }
 }
+
+#[tokio::test]
+async fn an_auth_held_back_by_another_nodes_verifications_goes_on_once_they_end() {
+    let Some(redis) = TestRedis::start() else {
+        return;
+    };
+    let (mut h, cluster) = start(&redis);
+    // Another node verifies three passwords of this client: its whole failure budget.
+    let settings = crate::policy::lockout::Settings {
+        max_failures: 3,
+        failure_window: Duration::from_secs(600),
+        lockout: Duration::from_secs(900),
+    };
+    let other = Arc::clone(&cluster);
+    let keys = crate::cluster::auth::Keys::new(PEER.parse::<SocketAddr>().unwrap().ip(), "bob");
+    for _ in 0..3 {
+        let begun = crate::cluster::auth::begin(&other, &keys, settings).await;
+        assert!(matches!(
+            begun,
+            Ok(crate::cluster::auth::Begun::Reserved { .. })
+        ));
+    }
+    assert!(h.reply().await.starts_with("220 "));
+    h.cmd("EHLO client.test").await;
+    h.starttls().await;
+    h.cmd("EHLO client.test").await;
+    let release = tokio::spawn(async move {
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        for _ in 0..3 {
+            crate::cluster::auth::release(&other, &keys).await.unwrap();
+        }
+    });
+    let started = std::time::Instant::now();
+    let encoded = base64::Engine::encode(
+        &base64::engine::general_purpose::STANDARD,
+        "\0alice\0secret",
+    );
+    let auth = h.cmd(&format!("AUTH PLAIN {encoded}")).await;
+    assert!(auth.starts_with("235 "), "{auth}");
+    // Answered within a poll or two of the release, not at the end of AUTH_WAIT.
+    let waited = started.elapsed();
+    assert!(
+        waited >= Duration::from_millis(300) && waited < Duration::from_secs(2),
+        "{waited:?}"
+    );
+    release.await.unwrap();
+}
