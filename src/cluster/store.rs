@@ -15,11 +15,11 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use super::auth::{self, Begun, Keys};
-use super::{Cluster, limits};
+use super::{Cluster, Unavailable, limits};
 use crate::config::OnError;
 use crate::policy::limits::{Limited, RateLimit};
 use crate::policy::lockout::{AuthAttempt, FailureReport, GateDecision, Settings, spray_delay};
-use crate::policy::store::{RateKey, Store};
+use crate::policy::store::{ClientState, RateKey, Store};
 
 /// The result of taking one event from a budget.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -141,6 +141,64 @@ impl<'a> SharedStore<'a> {
         }
     }
 }
+
+impl SharedStore<'_> {
+    /// With `[cluster]`: replace what `state` (this node's [`Store::client_state`]) says of
+    /// the client's budgets and lockout with the shared store's records, read without taking
+    /// anything, and say so in `state.store` (`shared`, or `local (why)` when the store did
+    /// not answer: the local view is kept). Without `[cluster]`, `state` is left as it is.
+    pub async fn read_shared(&self, state: &mut ClientState, ip: IpAddr, login: Option<&str>) {
+        let Some(cluster) = self.cluster else {
+            return;
+        };
+        state.store = Some(match self.shared_state(cluster, state, ip, login).await {
+            Ok(()) => "shared".to_string(),
+            Err(e) => format!("local ({e})"),
+        });
+    }
+
+    async fn shared_state(
+        &self,
+        cluster: &Cluster,
+        state: &mut ClientState,
+        ip: IpAddr,
+        login: Option<&str>,
+    ) -> Result<(), Unavailable> {
+        let mut budgets = state.budgets.clone();
+        for budget in &mut budgets {
+            let Some(&limit) = RATE_LIMITS.iter().find(|l| l.rule() == budget.rule) else {
+                continue;
+            };
+            let key = match (limit, login) {
+                (RateLimit::MessagesPerUser, Some(login)) => RateKey::Login(login.to_string()),
+                _ => RateKey::Client(ip),
+            };
+            let (Some(rate), Some(name)) =
+                (self.local.rate(limit), limits::budget_key(limit, &key))
+            else {
+                continue;
+            };
+            budget.available = limits::available(cluster, &name, rate).await?;
+        }
+        if self.local.auth_settings().is_some() {
+            // A lockout this node knows of holds too (see `auth_gate`): the longer one.
+            let shared = auth::locked_out(cluster, ip)
+                .await?
+                .map(|ms| ms.div_ceil(1000));
+            state.locked_out_secs = state.locked_out_secs.max(shared);
+        }
+        state.budgets = budgets;
+        Ok(())
+    }
+}
+
+/// Every `[rate_limits]` budget.
+const RATE_LIMITS: [RateLimit; 4] = [
+    RateLimit::ConnectionsPerIp,
+    RateLimit::MessagesPerIp,
+    RateLimit::MessagesPerUser,
+    RateLimit::RecipientsPerIp,
+];
 
 /// The local answer under `on_error = "local"`, else [`Taken::Unavailable`].
 fn fallback(cluster: &Cluster, local: Taken) -> Taken {

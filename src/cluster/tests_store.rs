@@ -465,3 +465,65 @@ async fn redis_stopped_falls_back_to_local_or_tempfails_and_redis_back_is_shared
         &tempfail.take(RateLimit::MessagesPerIp, &key).await
     ));
 }
+
+#[tokio::test]
+async fn the_explained_state_reads_the_shared_budgets_and_lockout_and_says_when_it_cannot() {
+    let Some(mut redis) = TestRedis::start() else {
+        return;
+    };
+    let policy = "max_failures = 1\nlockout = \"1h\"\n[rate_limits]\nmessages_per_ip = \"4/hour\"\n\
+                  messages_per_user = \"3/hour\"";
+    let (a, b) = (
+        Node::new(&redis, OnError::Local, policy),
+        Node::new(&redis, OnError::Local, policy),
+    );
+    let client_ip = ip("192.0.2.60");
+    let key = RateKey::Client(client_ip);
+    a.take(RateLimit::MessagesPerIp, &key).await;
+    a.take(RateLimit::MessagesPerIp, &key).await;
+    a.take(RateLimit::MessagesPerUser, &RateKey::Login("alice".into()))
+        .await;
+    a.auth("192.0.2.60", "alice", false).await.unwrap();
+    // Node b saw none of it; what it explains is the shared view.
+    let state = read(&b, client_ip).await;
+    assert_eq!(state.store.as_deref(), Some("shared"));
+    let available = |rule: &str| {
+        state
+            .budgets
+            .iter()
+            .find(|x| x.rule == rule)
+            .unwrap()
+            .available
+    };
+    assert_eq!(available("rate_limits.messages_per_ip"), 2);
+    assert_eq!(available("rate_limits.messages_per_user"), 2);
+    assert_eq!(state.locked_out_secs, Some(3600));
+    // Reading took nothing.
+    assert_eq!(read(&b, client_ip).await, state);
+
+    redis.stop();
+    let state = read(&b, client_ip).await;
+    let store = state.store.as_deref().unwrap();
+    assert!(store.starts_with("local (shared store"), "{store}");
+    let available = |rule: &str| {
+        state
+            .budgets
+            .iter()
+            .find(|x| x.rule == rule)
+            .unwrap()
+            .available
+    };
+    assert_eq!(available("rate_limits.messages_per_ip"), 4);
+    assert_eq!(state.locked_out_secs, None);
+}
+
+/// What node `node` explains of `client` (and alice): its own view, then the shared one.
+async fn read(node: &Node, client: IpAddr) -> crate::policy::store::ClientState {
+    let mut state = node
+        .store
+        .client_state(client, Some("alice"), Instant::now());
+    node.stores()
+        .read_shared(&mut state, client, Some("alice"))
+        .await;
+    state
+}

@@ -101,8 +101,13 @@ impl Store {
 
 /// What the running relay's stateful rules say of a client (its address and, optionally,
 /// login) now, read without taking anything: what the admin API's `/api/explain-state`
-/// answers (the relay builds it from its store, connection counts and pause state).
-pub type ClientStateSource = Arc<dyn Fn(IpAddr, Option<&str>) -> ClientState + Send + Sync>;
+/// answers (the relay builds it from its store, connection counts and pause state, and the
+/// shared store's records when `[cluster]` is configured, hence a future).
+pub type ClientStateSource = Arc<
+    dyn Fn(IpAddr, Option<String>) -> futures_util::future::BoxFuture<'static, ClientState>
+        + Send
+        + Sync,
+>;
 
 /// What the stateful rules would say of one client (and login) now, read without taking a
 /// budget or recording anything: what `portcullis policy explain` answers the stage
@@ -119,6 +124,12 @@ pub struct ClientState {
     /// Every configured `[rate_limits]` budget of the client (and of the login, for
     /// `messages_per_user`).
     pub budgets: Vec<Budget>,
+    /// With `[cluster]`: where the budgets and the lockout were read: `shared` (the store
+    /// every node shares), or `local (...)` with why the shared store did not answer (the
+    /// node decides by its own tables then, under `on_error = "local"`). Absent without
+    /// `[cluster]`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub store: Option<String>,
 }
 
 /// One `[rate_limits]` budget in a [`ClientState`].
@@ -161,6 +172,7 @@ impl Store {
             at_accept: None,
             locked_out_secs: locked_out.map(|d| d.as_secs().max(1)),
             budgets,
+            store: None,
         }
     }
 }
