@@ -89,7 +89,8 @@ fn a_message_budget_and_a_lockout_are_shared_by_two_nodes() {
     };
     let rates = "messages_per_ip = \"2/hour\"";
     let one = node(&redis, "edge-1", "local", rates, free_port());
-    let two = node(&redis, "edge-2", "local", rates, free_port());
+    let admin = free_port();
+    let two = node(&redis, "edge-2", "local", rates, admin);
 
     assert_eq!(send(&one, "127.0.0.5").0, 250);
     assert_eq!(send(&two, "127.0.0.5").0, 250);
@@ -107,6 +108,14 @@ fn a_message_budget_and_a_lockout_are_shared_by_two_nodes() {
         redis.command(&["EXISTS", "portcullis:rate:messages_per_ip:127.0.0.5"]),
         Some("1".into())
     );
+
+    // Node two explains the shared budget: spent, though it took only one message itself.
+    let explained = http::get(admin, "/api/explain-state?ip=127.0.0.5", &[]);
+    assert_eq!(explained.status, 200);
+    let state: serde_json::Value = serde_json::from_str(&explained.body).unwrap();
+    assert_eq!(state["store"], "shared");
+    assert_eq!(state["budgets"][0]["rule"], "rate_limits.messages_per_ip");
+    assert_eq!(state["budgets"][0]["available"], 0);
 
     // Two wrong passwords on node one lock the client out of node two too, unverified.
     let mut c = submission_from(&one, "127.0.0.6");
