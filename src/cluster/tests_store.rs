@@ -527,3 +527,42 @@ async fn read(node: &Node, client: IpAddr) -> crate::policy::store::ClientState 
         .await;
     state
 }
+
+#[tokio::test]
+async fn a_hostile_login_is_keyed_by_its_first_256_octets_and_cannot_reach_other_keys() {
+    let Some(redis) = TestRedis::start() else {
+        return;
+    };
+    let policy = "max_failures = 2\n[rate_limits]\nmessages_per_user = \"1/hour\"";
+    let (a, b) = (
+        Node::new(&redis, OnError::Local, policy),
+        Node::new(&redis, OnError::Local, policy),
+    );
+    // Separators, glob characters, a Lua quote and 12 KiB: one login, cut like locally.
+    let login = format!("x:*'\\\n]{}", "é".repeat(6 * 1024));
+    let cut = crate::policy::lockout::login_key(&login);
+    assert_eq!(cut.len(), 255, "cut on a character boundary");
+    a.auth("192.0.2.90", &login, false).await.unwrap();
+    // The same 256 octets from another client, on the other node: the same login record.
+    let longer = format!("{login}tail");
+    b.auth("192.0.2.91", &longer, false).await.unwrap();
+    let key = format!("portcullis:auth:login:{cut}");
+    assert_eq!(redis.command(&["HGET", &key, "f"]).as_deref(), Some("2"));
+    let user = RateKey::Login(login.clone());
+    assert_eq!(
+        a.take(RateLimit::MessagesPerUser, &user).await,
+        Taken::Allowed
+    );
+    let user = RateKey::Login(longer);
+    assert!(limited("rate_limits.messages_per_user")(
+        &b.take(RateLimit::MessagesPerUser, &user).await
+    ));
+    // Nothing else was written: the two clients' records, the login's and its budget.
+    assert_eq!(redis.command(&["DBSIZE"]).as_deref(), Some("4"));
+    for client in ["192.0.2.90", "192.0.2.91"] {
+        let hash = format!("portcullis:auth:client:{client}");
+        assert_eq!(redis.command(&["HGET", &hash, "f"]).as_deref(), Some("1"));
+    }
+    let budget = format!("portcullis:rate:messages_per_user:{cut}");
+    assert_eq!(redis.command(&["EXISTS", &budget]).as_deref(), Some("1"));
+}
