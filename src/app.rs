@@ -223,14 +223,16 @@ pub async fn run(config: Config, path: Option<PathBuf>) -> Result<(), AppError> 
     let (spool, _running) = prepare_spool(&config).await?;
     raise_fd_limit(config.limits.max_connections);
     let telemetry = Arc::new(telemetry_for(&config, &spool));
-    // The suspended logins, read before any session or delivery starts.
-    let containment = {
-        let (spool, telemetry) = (spool.clone(), telemetry.clone());
-        let opened = tokio::task::spawn_blocking(move || Containment::open(spool, telemetry)).await;
-        Arc::new(opened.map_err(AppError::Recovery)??)
-    };
     // The shared store: nothing is connected until the watch task or a session asks.
     let cluster = Cluster::new(&config.cluster, telemetry.clone());
+    // The suspended logins, read before any session or delivery starts (those of the shared
+    // store are added at the first poll).
+    let containment = {
+        let (spool, telemetry, cluster) = (spool.clone(), telemetry.clone(), cluster.clone());
+        let opened =
+            tokio::task::spawn_blocking(move || Containment::open(spool, telemetry, cluster)).await;
+        Arc::new(opened.map_err(AppError::Recovery)??)
+    };
     let delivery_stop = CancellationToken::new();
     let delivery = outbound::start(
         &config,

@@ -833,8 +833,11 @@ fn user(action: UserAction, path: Option<&Path>, spool: Option<PathBuf>) -> anyh
             e.into()
         }
     };
+    // `[cluster] redis`: the suspensions are shared through the store (its own link).
+    let store = config.map(users::Store::open).transpose()?.flatten();
+    let store = store.as_ref();
     match action {
-        UserAction::List { json } => user_list(config, &dir, json),
+        UserAction::List { json } => user_list(config, store, &dir, json),
         UserAction::Suspend {
             login,
             reason,
@@ -843,8 +846,21 @@ fn user(action: UserAction, path: Option<&Path>, spool: Option<PathBuf>) -> anyh
             let reason = users::reason(reason.as_deref()).map_err(usage)?;
             let spool = open_spool(&dir, !dry_run)?;
             let now = portcullis::observe::event::unix_millis();
-            let outcome =
-                users::suspend(config, &spool, &login, reason, now, dry_run).map_err(usage)?;
+            let (outcome, sharing) =
+                users::suspend(config, &spool, store, &login, reason, now, dry_run)
+                    .map_err(usage)?;
+            let url = store.map(users::Store::shown_url).unwrap_or_default();
+            match sharing {
+                users::Sharing::Local => {}
+                users::Sharing::Shared => {
+                    println!("shared through the store {url}: every node holds it within a second");
+                }
+                users::Sharing::Pending(e) => eprintln!(
+                    "portcullis: the shared store {url} cannot be reached ({e}): suspended on this \
+                     node only for now; its relay puts the suspension in the store when it answers, \
+                     and every node holds the login from then"
+                ),
+            }
             let given = (given.0, given.1.as_deref());
             user_changed(
                 &spool,
@@ -857,7 +873,7 @@ fn user(action: UserAction, path: Option<&Path>, spool: Option<PathBuf>) -> anyh
         }
         UserAction::Resume { login, dry_run } => {
             let spool = open_spool(&dir, false)?;
-            let outcome = users::resume(config, &spool, &login, dry_run).map_err(usage)?;
+            let outcome = users::resume(config, &spool, store, &login, dry_run).map_err(usage)?;
             let given = (given.0, given.1.as_deref());
             user_changed(&spool, &["user", "resume"], login, &outcome, dry_run, given)
         }
@@ -890,7 +906,12 @@ fn user_changed(
 
 /// `portcullis user list [--json]`: the counts from the running relay, else `-`/`null` and
 /// the reason on stderr.
-fn user_list(config: Option<&Config>, dir: &Path, json: bool) -> anyhow::Result<()> {
+fn user_list(
+    config: Option<&Config>,
+    store: Option<&portcullis::admin::users::Store>,
+    dir: &Path,
+    json: bool,
+) -> anyhow::Result<()> {
     use portcullis::admin::users;
     let spool = open_spool(dir, false)?;
     let listing = spool.list_suspended()?;
@@ -900,7 +921,27 @@ fn user_list(config: Option<&Config>, dir: &Path, json: bool) -> anyhow::Result<
             report::clean(stray)
         );
     }
-    let suspensions = listing.suspensions;
+    let mut suspensions = listing.suspensions;
+    if let Some(store) = store {
+        // The union, the store's view first (a login resumed elsewhere and not yet followed
+        // here is shown as the store has it: still suspended here until the relay polls).
+        match store.read() {
+            Ok(remote) => {
+                if !remote.complete() {
+                    eprintln!(
+                        "portcullis: the shared store holds {} suspended logins; {} shown",
+                        remote.total, remote.read
+                    );
+                }
+                suspensions.retain(|s| !remote.suspensions.contains_key(&s.login));
+                suspensions.extend(remote.suspensions.into_values());
+            }
+            Err(e) => eprintln!(
+                "portcullis: the shared store {} cannot be reached ({e}): this node's suspensions only",
+                store.shown_url()
+            ),
+        }
+    }
     let counts = match config {
         Some(config) => tokio::runtime::Builder::new_current_thread()
             .enable_all()

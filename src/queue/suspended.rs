@@ -46,6 +46,15 @@ pub struct Suspension {
     pub reason: String,
     /// When it was suspended, in milliseconds since the Unix epoch.
     pub since_ms: u64,
+    /// The `[cluster] node` that suspended it; `None` without `[cluster]` (and in records
+    /// written before it was recorded).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub node: Option<String>,
+    /// Whether the shared store (`[cluster] redis`) is known to hold it: a shared record whose
+    /// login is no longer in the store was resumed on another node. False in records written
+    /// before it was recorded, and without `[cluster]`.
+    #[serde(default)]
+    pub shared: bool,
 }
 
 /// The file name of `login`'s suspension.
@@ -157,6 +166,46 @@ impl super::Spool {
             Ok(()) => {}
             Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(false),
             Err(e) => return Err(SpoolError::io("unlink", &path)(e)),
+        }
+        sync_dir(&dir)?;
+        Ok(true)
+    }
+
+    /// Mark `login`'s record as held by the shared store (`shared = true`), replacing it
+    /// durably (written in `tmp/`, fsynced, renamed over, directory fsynced). Returns false,
+    /// writing nothing, when it has no sound record (resumed meanwhile, or damaged: a damaged
+    /// record is left as it is). Blocking.
+    ///
+    /// # Errors
+    /// An empty login; the step that failed (the record is then left as it was).
+    pub fn mark_shared(&self, login: &str) -> Result<bool, SpoolError> {
+        let dir = self.suspended_dir();
+        let path = self.record_path(login)?;
+        let mut record = match self.read_suspension(&path, &file_name(login)) {
+            Entry::Record(s) if s.login == login => s,
+            _ => return Ok(false),
+        };
+        if record.shared {
+            return Ok(true);
+        }
+        record.shared = true;
+        let tmp = self.temp_path("suspension");
+        let written = (|| {
+            let mut file = create_new(&tmp)?;
+            let mut text = serde_json::to_vec(&record).map_err(|source| SpoolError::Encode {
+                what: "suspension",
+                source,
+            })?;
+            text.push(b'\n');
+            file.write_all(&text)
+                .and_then(|()| file.sync_all())
+                .map_err(SpoolError::io("write", &tmp))?;
+            give_to(&tmp, self.inner.owner)?;
+            fs::rename(&tmp, &path).map_err(SpoolError::io("rename", &path))
+        })();
+        if let Err(e) = written {
+            let _ = fs::remove_file(&tmp);
+            return Err(e);
         }
         sync_dir(&dir)?;
         Ok(true)
@@ -276,6 +325,8 @@ fn damaged(login: String, why: String) -> Suspension {
         rule: OPERATOR_RULE.into(),
         reason: format!("damaged suspension record ({why})"),
         since_ms: 0,
+        node: None,
+        shared: false,
     }
 }
 
@@ -290,6 +341,8 @@ mod tests {
             rule: "operator".into(),
             reason: "stolen password".into(),
             since_ms: 1_700_000_000_000,
+            node: None,
+            shared: false,
         }
     }
 

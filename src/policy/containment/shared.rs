@@ -1,0 +1,358 @@
+//! Suspensions shared through the store of `[cluster] redis`: the hash
+//! `portcullis:suspended`, field = the login, value = a JSON [`Stored`].
+//!
+//! It is the one thing in the store without a TTL: a suspension lasts until an operator
+//! resumes it (`HDEL`), on whichever node. Each node's `SPOOL/suspended/` stays its durable
+//! view (what its queue manager, `user list`, `policy explain` and a restart while the store
+//! is down read); a record there says whether the store is known to hold it
+//! ([`Suspension::shared`]). Every poll of [`super::Containment::watch`] brings both in line:
+//! - a login in the store and not here: recorded here (`shared`) and held;
+//! - a record here not yet shared: `HSETNX` (the first suspension of a login stays), then
+//!   marked shared;
+//! - a shared record here whose login the store no longer holds: resumed on another node,
+//!   removed here.
+//!
+//! Ordering makes the last rule safe: the poll reads `SPOOL/suspended/` before the store, and
+//! whoever writes a shared record (`portcullis user suspend`, this module) writes the store
+//! first; so a shared record the poll knows of is in the store snapshot unless it was resumed.
+//!
+//! A value that is not a sound [`Stored`] (damaged, or written by other software) still
+//! suspends the login its field names (never fail open), with a reason saying so, logged once;
+//! it is left in the store for an operator (`user resume` removes it). A field that is not a
+//! login (empty, not UTF-8) is logged once and otherwise ignored: no AUTH can name it.
+
+use std::collections::HashMap;
+
+use serde::{Deserialize, Serialize};
+
+use crate::cluster::{self, Cluster, Unavailable};
+use crate::queue::suspended::{OPERATOR_RULE, Suspension};
+
+/// Most suspended logins read from the store in one poll; past it the rest are not seen
+/// (logged), and no shared record is taken for resumed while it is reached.
+pub const READ_MAX: usize = 10_000;
+
+/// Longest value read from the store, in octets (a sound one is a few hundred); a longer one
+/// is cut, and so read as damaged.
+pub const VALUE_MAX: usize = 4096;
+
+/// The hash of the suspended logins.
+pub fn hash_key() -> String {
+    cluster::key(&["suspended"])
+}
+
+/// A suspension as the store holds it (the login is the field).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Stored {
+    /// The rule that suspended it (see [`Suspension::rule`]).
+    pub rule: String,
+    /// One line for a person.
+    pub reason: String,
+    /// When it was suspended, in milliseconds since the Unix epoch.
+    pub since_ms: u64,
+    /// The `[cluster] node` that suspended it.
+    #[serde(default)]
+    pub node: Option<String>,
+}
+
+/// What one read of the store found.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct Remote {
+    /// The suspended logins read (at most [`READ_MAX`]), each as a local record
+    /// (`shared = true`).
+    pub suspensions: HashMap<String, Suspension>,
+    /// Fields read whose value is not a sound [`Stored`] (they are in `suspensions` too, as
+    /// damaged), and fields that are not logins: `field: why`, for the log.
+    pub damaged: Vec<String>,
+    /// How many fields the store holds; more than `read` when [`READ_MAX`] was reached.
+    pub total: u64,
+    /// How many fields were read.
+    pub read: u64,
+}
+
+impl Remote {
+    /// Whether every field of the store was read.
+    pub fn complete(&self) -> bool {
+        self.total <= self.read
+    }
+}
+
+/// Reads at most ARGV[1] fields of KEYS[1], values cut to ARGV[2] octets: {HLEN, {f, v, ...}}.
+const READ_SCRIPT: &str = r"
+local cap = tonumber(ARGV[1])
+local cut = tonumber(ARGV[2])
+local total = redis.call('HLEN', KEYS[1])
+local out = {}
+local cursor = '0'
+repeat
+  local r = redis.call('HSCAN', KEYS[1], cursor, 'COUNT', 1000)
+  cursor = r[1]
+  for i = 1, #r[2], 2 do
+    if #out >= cap * 2 then return {total, out} end
+    out[#out + 1] = r[2][i]
+    out[#out + 1] = string.sub(r[2][i + 1], 1, cut)
+  end
+until cursor == '0'
+return {total, out}
+";
+
+/// Every suspended login of the store (at most [`READ_MAX`]), in one atomic script.
+///
+/// # Errors
+/// [`Unavailable`]: the store is not reachable (nothing can be said of any login).
+pub async fn read(cluster: &Cluster) -> Result<Remote, Unavailable> {
+    read_at_most(cluster, READ_MAX).await
+}
+
+/// [`read`], at most `cap` logins.
+///
+/// # Errors
+/// As [`read`].
+pub async fn read_at_most(cluster: &Cluster, cap: usize) -> Result<Remote, Unavailable> {
+    let script = redis::Script::new(READ_SCRIPT);
+    let mut invocation = script.key(hash_key());
+    invocation.arg(cap).arg(VALUE_MAX);
+    let (total, flat): (u64, Vec<Vec<u8>>) = cluster.script(&invocation).await?;
+    let mut remote = Remote {
+        total,
+        read: (flat.len() / 2) as u64,
+        ..Remote::default()
+    };
+    for pair in flat.chunks_exact(2) {
+        let field = match String::from_utf8(pair[0].clone()) {
+            Ok(login) if !login.is_empty() => login,
+            _ => {
+                let shown = String::from_utf8_lossy(&pair[0]).into_owned();
+                remote.damaged.push(format!("{shown:?}: not a login"));
+                continue;
+            }
+        };
+        let suspension = match serde_json::from_slice::<Stored>(&pair[1]) {
+            Ok(stored) => local(&field, stored),
+            Err(e) => {
+                remote.damaged.push(format!("{field}: {e}"));
+                damaged(&field)
+            }
+        };
+        remote.suspensions.insert(field, suspension);
+    }
+    Ok(remote)
+}
+
+/// The local record of `login` for `stored` (`shared = true`).
+pub fn local(login: &str, stored: Stored) -> Suspension {
+    Suspension {
+        login: login.to_owned(),
+        rule: stored.rule,
+        reason: stored.reason,
+        since_ms: stored.since_ms,
+        node: stored.node,
+        shared: true,
+    }
+}
+
+/// What a damaged value of the store suspends `login` as.
+fn damaged(login: &str) -> Suspension {
+    Suspension {
+        login: login.to_owned(),
+        rule: OPERATOR_RULE.to_owned(),
+        reason: "damaged suspension record in the shared store".to_owned(),
+        since_ms: 0,
+        node: None,
+        shared: true,
+    }
+}
+
+/// Put `s` in the store unless its login is there already (`HSETNX`: the first suspension
+/// stays). True when this one was stored.
+///
+/// # Errors
+/// [`Unavailable`]: not stored.
+pub async fn push(cluster: &Cluster, s: &Suspension) -> Result<bool, Unavailable> {
+    let stored = Stored {
+        rule: s.rule.clone(),
+        reason: s.reason.clone(),
+        since_ms: s.since_ms,
+        node: s.node.clone(),
+    };
+    let value = serde_json::to_string(&stored).unwrap_or_default();
+    let set: i64 = cluster
+        .command(
+            redis::cmd("HSETNX")
+                .arg(hash_key())
+                .arg(&s.login)
+                .arg(value),
+        )
+        .await?;
+    Ok(set == 1)
+}
+
+/// `login`'s suspension in the store, if it holds one (a damaged value as [`read`] takes it).
+///
+/// # Errors
+/// [`Unavailable`].
+pub async fn get(cluster: &Cluster, login: &str) -> Result<Option<Suspension>, Unavailable> {
+    let value: Option<Vec<u8>> = cluster
+        .command(redis::cmd("HGET").arg(hash_key()).arg(login))
+        .await?;
+    Ok(value.map(|v| match serde_json::from_slice::<Stored>(&v) {
+        Ok(stored) => local(login, stored),
+        Err(_) => damaged(login),
+    }))
+}
+
+/// Remove `login` from the store (`HDEL`): resumed on every node. True when it was there.
+///
+/// # Errors
+/// [`Unavailable`]: nothing removed.
+pub async fn lift(cluster: &Cluster, login: &str) -> Result<bool, Unavailable> {
+    let removed: i64 = cluster
+        .command(redis::cmd("HDEL").arg(hash_key()).arg(login))
+        .await?;
+    Ok(removed == 1)
+}
+
+impl super::Containment {
+    /// One exchange with the store (see the module doc): read it, push the suspensions it
+    /// does not hold yet, then bring the spool and memory in line. Nothing without a store,
+    /// and nothing while it is unreachable (the link logs that and raises `cluster_fallback`;
+    /// every local suspension holds meanwhile).
+    pub async fn sync_store(self: &std::sync::Arc<Self>) {
+        let Some(cluster) = self.cluster.clone() else {
+            return;
+        };
+        let _sync = self.sync.lock().await;
+        let Ok(remote) = read(&cluster).await else {
+            return;
+        };
+        self.note_remote(&remote);
+        let pushed = self.push_unshared(&cluster).await;
+        let this = std::sync::Arc::clone(self);
+        let settled = tokio::task::spawn_blocking(move || this.settle(&remote, &pushed)).await;
+        if let Err(e) = settled {
+            tracing::error!(error = %e, "following the shared suspended logins failed");
+        }
+    }
+
+    /// Log what [`read`] found wrong, each field once; and the cap, once each time it is
+    /// reached.
+    fn note_remote(&self, remote: &Remote) {
+        let mut warned = self.warned_store.lock().unwrap_or_else(|p| p.into_inner());
+        for why in &remote.damaged {
+            if warned.insert(why.clone()) {
+                tracing::warn!(entry = %crate::policy::lockout::login_key(why),
+                    "not a sound suspension in the shared store; a login it names stays suspended on every node until resumed");
+            }
+        }
+        let capped = !remote.complete();
+        if capped && !self.capped.swap(true, std::sync::atomic::Ordering::Relaxed) {
+            tracing::error!(
+                total = remote.total,
+                read = remote.read,
+                limit = READ_MAX,
+                "more suspended logins in the shared store than a poll reads; the rest are not seen here, and no suspension is taken for resumed elsewhere until they are fewer"
+            );
+        } else if !capped {
+            self.capped
+                .store(false, std::sync::atomic::Ordering::Relaxed);
+        }
+    }
+
+    /// Push every suspension held here that the store is not known to hold, then mark each
+    /// record shared. Stops at the first failure (the store is down: the rest wait for the
+    /// next poll). The logins pushed.
+    pub(super) async fn push_unshared(
+        self: &std::sync::Arc<Self>,
+        cluster: &Cluster,
+    ) -> Vec<String> {
+        let unshared: Vec<Suspension> = (self.read().values())
+            .filter(|h| !h.suspension.shared)
+            .map(|h| h.suspension.clone())
+            .collect();
+        let mut pushed = Vec::new();
+        for s in unshared {
+            if push(cluster, &s).await.is_err() {
+                break;
+            }
+            pushed.push(s.login);
+        }
+        if pushed.is_empty() {
+            return pushed;
+        }
+        let this = std::sync::Arc::clone(self);
+        let logins = pushed.clone();
+        let marked = tokio::task::spawn_blocking(move || this.mark_shared(&logins)).await;
+        if let Err(e) = marked {
+            tracing::error!(error = %e, "marking the suspensions shared failed");
+        }
+        pushed
+    }
+
+    /// Mark `logins`' records shared, on the spool and then in memory. Blocking.
+    fn mark_shared(&self, logins: &[String]) {
+        let _disk = self.disk.lock().unwrap_or_else(|p| p.into_inner());
+        for login in logins {
+            match self.spool.mark_shared(login) {
+                Ok(true) => {
+                    if let Some(held) = self.write().get_mut(login) {
+                        held.suspension.shared = true;
+                    }
+                }
+                // No sound record (not written yet, or damaged): pushed again next poll.
+                Ok(false) => {}
+                Err(e) => {
+                    tracing::error!(login = %crate::policy::lockout::login_key(login), error = %e,
+                        "cannot mark the suspension record shared; it is pushed again at the next poll");
+                }
+            }
+        }
+    }
+
+    /// Bring the spool and memory in line with `remote` (read before `pushed` were pushed):
+    /// its logins not held here are recorded and held; shared ones it lacks were resumed
+    /// elsewhere and are removed. Blocking.
+    fn settle(&self, remote: &Remote, pushed: &[String]) {
+        let _disk = self.disk.lock().unwrap_or_else(|p| p.into_inner());
+        let mut changed = false;
+        let new: Vec<&Suspension> = (remote.suspensions.values())
+            .filter(|s| !self.read().contains_key(&s.login))
+            .collect();
+        for s in new {
+            let saved = match self.spool.suspend_login(s) {
+                Ok(_) => true,
+                Err(e) => {
+                    tracing::error!(login = %crate::policy::lockout::login_key(&s.login), error = %e,
+                        "cannot record a shared suspension under the spool; it holds in memory");
+                    false
+                }
+            };
+            changed |= self.insert(s.clone(), saved);
+        }
+        let resumed: Vec<String> = if remote.complete() {
+            (self.read().iter())
+                .filter(|(login, h)| {
+                    h.suspension.shared
+                        && !remote.suspensions.contains_key(login.as_str())
+                        && !pushed.contains(login)
+                })
+                .map(|(login, _)| login.clone())
+                .collect()
+        } else {
+            Vec::new()
+        };
+        for login in resumed {
+            if let Err(e) = self.spool.resume_login(&login) {
+                tracing::error!(login = %crate::policy::lockout::login_key(&login), error = %e,
+                    "resumed on another node, but its record here cannot be removed; it stays suspended here until it can");
+                continue;
+            }
+            self.forget(&login);
+            tracing::info!(login = %crate::policy::lockout::login_key(&login),
+                "account resumed (on another node, through the shared store): AUTH allowed again; its held mail stays held until released");
+            changed = true;
+        }
+        if changed {
+            self.published();
+        }
+    }
+}
