@@ -287,7 +287,7 @@ pub fn suspend(
     if let Some(existing) = known(config, spool, login)? {
         return Ok((Outcome::AlreadySuspended(existing), Sharing::Local));
     }
-    let mut record = Suspension {
+    let record = Suspension {
         login: login.to_owned(),
         rule: OPERATOR.to_owned(),
         reason,
@@ -296,23 +296,21 @@ pub fn suspend(
             .filter(|_| store.is_some())
             .map(|c| c.cluster.node.clone()),
         shared: false,
+        store: None,
     };
     if dry_run {
         return Ok((Outcome::Suspended(record), Sharing::Local));
     }
     let mut sharing = Sharing::Local;
     if let Some(store) = store {
-        // The store first: a shared record here always has its login in the store (what
-        // tells the relays "resumed elsewhere" apart from "not yet pushed").
+        // The store first, so that every node holds the login within a poll.
         match store.get(login).and_then(|found| match found {
             Some(existing) => Ok(Err(existing)),
             None => store.push(&record).map(Ok),
         }) {
             Ok(Err(existing)) => return Ok((Outcome::AlreadySuspended(existing), Sharing::Local)),
-            Ok(Ok(_)) => {
-                record.shared = true;
-                sharing = Sharing::Shared;
-            }
+            // The record here stays unshared: the relay marks it, with the store's id.
+            Ok(Ok(_)) => sharing = Sharing::Shared,
             Err(e) => sharing = Sharing::Pending(e),
         }
     }
@@ -361,9 +359,8 @@ pub fn resume(
     }
     lifted |= spool.resume_login(login)?;
     if let Some(store) = store {
-        // A relay that read the local record before it was removed may have pushed it again
-        // meanwhile; lifted once more (a failure here is caught by that relay's next poll
-        // only if it pushed nothing, so it is reported).
+        // This node's relay may have pushed the record (still unshared) after the first
+        // HDEL and before it was removed here: removed once more.
         store.lift(login).map_err(|e| store.unavailable(e))?;
     }
     if lifted {

@@ -136,6 +136,8 @@ pub struct Containment {
     warned_store: Mutex<HashSet<String>>,
     /// Whether the last poll's read stopped at [`shared::READ_MAX`] (logged once per episode).
     capped: std::sync::atomic::AtomicBool,
+    /// The store's id as the last poll read it (`None` before the first one that reached it).
+    store_id: Mutex<Option<String>>,
 }
 
 impl Containment {
@@ -165,6 +167,7 @@ impl Containment {
             sync: tokio::sync::Mutex::new(()),
             warned_store: Mutex::new(HashSet::new()),
             capped: std::sync::atomic::AtomicBool::new(false),
+            store_id: Mutex::new(None),
         };
         containment.follow(listing);
         Ok(containment)
@@ -199,6 +202,7 @@ impl Containment {
             since_ms: crate::observe::event::unix_millis(),
             node: self.cluster.as_ref().map(|c| c.node().to_owned()),
             shared: false,
+            store: None,
         };
         // Not yet saved: a poll meanwhile neither takes it for resumed nor loses it.
         if !self.insert(suspension.clone(), false) {
@@ -217,9 +221,16 @@ impl Containment {
         if let Err(e) = saved {
             error!(login = %super::lockout::login_key(login), error = %e, "suspension task failed");
         }
-        if let Some(cluster) = self.cluster.clone().filter(|c| c.is_up()) {
+        let store = self
+            .store_id
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
+        if let (Some(cluster), Some(store)) = (self.cluster.clone(), store)
+            && cluster.is_up()
+        {
             let _sync = self.sync.lock().await;
-            self.push_unshared(&cluster).await;
+            self.push_unshared(&cluster, &store).await;
         }
     }
 
@@ -321,11 +332,6 @@ impl Containment {
             }
         }
         for s in on_disk {
-            if s.shared
-                && let Some(held) = self.write().get_mut(&s.login)
-            {
-                held.suspension.shared = true;
-            }
             changed |= self.insert(s, true);
         }
         if changed {
@@ -673,6 +679,7 @@ mod tests {
             since_ms: 1,
             node: None,
             shared: false,
+            store: None,
         };
         spool.suspend_login(&by_hand).unwrap();
         c.refresh();

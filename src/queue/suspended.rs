@@ -55,6 +55,11 @@ pub struct Suspension {
     /// before it was recorded, and without `[cluster]`.
     #[serde(default)]
     pub shared: bool,
+    /// The id of the store that holds it (`portcullis:suspended:id`) when `shared`: a store
+    /// found with another id lost its data (a restart without persistence, a flush), and the
+    /// suspension is put in it again rather than taken for resumed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub store: Option<String>,
 }
 
 /// The file name of `login`'s suspension.
@@ -171,24 +176,25 @@ impl super::Spool {
         Ok(true)
     }
 
-    /// Mark `login`'s record as held by the shared store (`shared = true`), replacing it
+    /// Mark `login`'s record as held by the shared store whose id is `store` (`shared`), replacing it
     /// durably (written in `tmp/`, fsynced, renamed over, directory fsynced). Returns false,
     /// writing nothing, when it has no sound record (resumed meanwhile, or damaged: a damaged
     /// record is left as it is). Blocking.
     ///
     /// # Errors
     /// An empty login; the step that failed (the record is then left as it was).
-    pub fn mark_shared(&self, login: &str) -> Result<bool, SpoolError> {
+    pub fn mark_shared(&self, login: &str, store: &str) -> Result<bool, SpoolError> {
         let dir = self.suspended_dir();
         let path = self.record_path(login)?;
         let mut record = match self.read_suspension(&path, &file_name(login)) {
             Entry::Record(s) if s.login == login => s,
             _ => return Ok(false),
         };
-        if record.shared {
+        if record.shared && record.store.as_deref() == Some(store) {
             return Ok(true);
         }
         record.shared = true;
+        record.store = Some(store.to_owned());
         let tmp = self.temp_path("suspension");
         let written = (|| {
             let mut file = create_new(&tmp)?;
@@ -327,6 +333,7 @@ fn damaged(login: String, why: String) -> Suspension {
         since_ms: 0,
         node: None,
         shared: false,
+        store: None,
     }
 }
 
@@ -343,6 +350,7 @@ mod tests {
             since_ms: 1_700_000_000_000,
             node: None,
             shared: false,
+            store: None,
         }
     }
 

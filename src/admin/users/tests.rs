@@ -35,6 +35,7 @@ fn suspension(login: &str, rule: &str, reason: &str) -> Suspension {
         since_ms: 1_700_000_000_000,
         node: None,
         shared: false,
+        store: None,
     }
 }
 

@@ -5,16 +5,22 @@
 //! resumes it (`HDEL`), on whichever node. Each node's `SPOOL/suspended/` stays its durable
 //! view (what its queue manager, `user list`, `policy explain` and a restart while the store
 //! is down read); a record there says whether the store is known to hold it
-//! ([`Suspension::shared`]). Every poll of [`super::Containment::watch`] brings both in line:
-//! - a login in the store and not here: recorded here (`shared`) and held;
+//! ([`Suspension::shared`], with the store's id). Every poll of
+//! [`super::Containment::watch`] brings both in line:
+//! - a login in the store and not here: recorded here (shared) and held;
 //! - a record here not yet shared: `HSETNX` (the first suspension of a login stays), then
 //!   marked shared;
 //! - a shared record here whose login the store no longer holds: resumed on another node,
 //!   removed here.
 //!
-//! Ordering makes the last rule safe: the poll reads `SPOOL/suspended/` before the store, and
-//! whoever writes a shared record (`portcullis user suspend`, this module) writes the store
-//! first; so a shared record the poll knows of is in the store snapshot unless it was resumed.
+//! Only the relay marks a record shared, and only after its push succeeded and under the
+//! lock of its exchanges with the store; so a shared record is missing from a later read of
+//! the store only when someone removed it there (`portcullis user resume`).
+//!
+//! A store that lost its data (restarted without persistence, flushed) must not read as
+//! "every login resumed": the store carries an id (`portcullis:suspended:id`, set by the first
+//! node that reads it), each shared record names it, and a record shared with another id is
+//! pushed again instead.
 //!
 //! A value that is not a sound [`Stored`] (damaged, or written by other software) still
 //! suspends the login its field names (never fail open), with a reason saying so, logged once;
@@ -39,6 +45,11 @@ pub const VALUE_MAX: usize = 4096;
 /// The hash of the suspended logins.
 pub fn hash_key() -> String {
     cluster::key(&["suspended"])
+}
+
+/// The key of the store's id (see the module doc).
+pub fn id_key() -> String {
+    cluster::key(&["suspended", "id"])
 }
 
 /// A suspension as the store holds it (the login is the field).
@@ -68,6 +79,8 @@ pub struct Remote {
     pub total: u64,
     /// How many fields were read.
     pub read: u64,
+    /// The store's id.
+    pub store: String,
 }
 
 impl Remote {
@@ -77,10 +90,16 @@ impl Remote {
     }
 }
 
-/// Reads at most ARGV[1] fields of KEYS[1], values cut to ARGV[2] octets: {HLEN, {f, v, ...}}.
+/// Reads at most ARGV[1] fields of KEYS[1], values cut to ARGV[2] octets, and the store's
+/// id KEYS[2] (set to ARGV[3] when it has none): {HLEN, id, {f, v, ...}}.
 const READ_SCRIPT: &str = r"
 local cap = tonumber(ARGV[1])
 local cut = tonumber(ARGV[2])
+local id = redis.call('GET', KEYS[2])
+if not id then
+  id = ARGV[3]
+  redis.call('SET', KEYS[2], id)
+end
 local total = redis.call('HLEN', KEYS[1])
 local out = {}
 local cursor = '0'
@@ -88,12 +107,12 @@ repeat
   local r = redis.call('HSCAN', KEYS[1], cursor, 'COUNT', 1000)
   cursor = r[1]
   for i = 1, #r[2], 2 do
-    if #out >= cap * 2 then return {total, out} end
+    if #out >= cap * 2 then return {total, id, out} end
     out[#out + 1] = r[2][i]
     out[#out + 1] = string.sub(r[2][i + 1], 1, cut)
   end
 until cursor == '0'
-return {total, out}
+return {total, id, out}
 ";
 
 /// Every suspended login of the store (at most [`READ_MAX`]), in one atomic script.
@@ -111,11 +130,21 @@ pub async fn read(cluster: &Cluster) -> Result<Remote, Unavailable> {
 pub async fn read_at_most(cluster: &Cluster, cap: usize) -> Result<Remote, Unavailable> {
     let script = redis::Script::new(READ_SCRIPT);
     let mut invocation = script.key(hash_key());
-    invocation.arg(cap).arg(VALUE_MAX);
-    let (total, flat): (u64, Vec<Vec<u8>>) = cluster.script(&invocation).await?;
+    // A fresh id, should the store have none: unique enough across nodes and restarts.
+    let fresh = format!(
+        "{}-{}-{}",
+        cluster.node(),
+        std::process::id(),
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos())
+    );
+    invocation.key(id_key()).arg(cap).arg(VALUE_MAX).arg(fresh);
+    let (total, store, flat): (u64, String, Vec<Vec<u8>>) = cluster.script(&invocation).await?;
     let mut remote = Remote {
         total,
         read: (flat.len() / 2) as u64,
+        store,
         ..Remote::default()
     };
     for pair in flat.chunks_exact(2) {
@@ -127,19 +156,20 @@ pub async fn read_at_most(cluster: &Cluster, cap: usize) -> Result<Remote, Unava
                 continue;
             }
         };
-        let suspension = match serde_json::from_slice::<Stored>(&pair[1]) {
+        let mut suspension = match serde_json::from_slice::<Stored>(&pair[1]) {
             Ok(stored) => local(&field, stored),
             Err(e) => {
                 remote.damaged.push(format!("{field}: {e}"));
                 damaged(&field)
             }
         };
+        suspension.store = Some(remote.store.clone());
         remote.suspensions.insert(field, suspension);
     }
     Ok(remote)
 }
 
-/// The local record of `login` for `stored` (`shared = true`).
+/// The local record of `login` for `stored` (shared; the store's id not set).
 pub fn local(login: &str, stored: Stored) -> Suspension {
     Suspension {
         login: login.to_owned(),
@@ -148,6 +178,7 @@ pub fn local(login: &str, stored: Stored) -> Suspension {
         since_ms: stored.since_ms,
         node: stored.node,
         shared: true,
+        store: None,
     }
 }
 
@@ -160,6 +191,7 @@ fn damaged(login: &str) -> Suspension {
         since_ms: 0,
         node: None,
         shared: true,
+        store: None,
     }
 }
 
@@ -226,7 +258,8 @@ impl super::Containment {
             return;
         };
         self.note_remote(&remote);
-        let pushed = self.push_unshared(&cluster).await;
+        *self.store_id.lock().unwrap_or_else(|p| p.into_inner()) = Some(remote.store.clone());
+        let pushed = self.push_unshared(&cluster, &remote.store).await;
         let this = std::sync::Arc::clone(self);
         let settled = tokio::task::spawn_blocking(move || this.settle(&remote, &pushed)).await;
         if let Err(e) = settled {
@@ -258,15 +291,16 @@ impl super::Containment {
         }
     }
 
-    /// Push every suspension held here that the store is not known to hold, then mark each
-    /// record shared. Stops at the first failure (the store is down: the rest wait for the
-    /// next poll). The logins pushed.
+    /// Push every suspension held here that the store (whose id is `store`) is not known to
+    /// hold, then mark each record shared. Stops at the first failure (the store is down: the
+    /// rest wait for the next poll). The logins pushed.
     pub(super) async fn push_unshared(
         self: &std::sync::Arc<Self>,
         cluster: &Cluster,
+        store: &str,
     ) -> Vec<String> {
         let unshared: Vec<Suspension> = (self.read().values())
-            .filter(|h| !h.suspension.shared)
+            .filter(|h| !known_to(&h.suspension, store))
             .map(|h| h.suspension.clone())
             .collect();
         let mut pushed = Vec::new();
@@ -280,22 +314,24 @@ impl super::Containment {
             return pushed;
         }
         let this = std::sync::Arc::clone(self);
-        let logins = pushed.clone();
-        let marked = tokio::task::spawn_blocking(move || this.mark_shared(&logins)).await;
+        let (logins, store) = (pushed.clone(), store.to_owned());
+        let marked = tokio::task::spawn_blocking(move || this.mark_shared(&logins, &store)).await;
         if let Err(e) = marked {
             tracing::error!(error = %e, "marking the suspensions shared failed");
         }
         pushed
     }
 
-    /// Mark `logins`' records shared, on the spool and then in memory. Blocking.
-    fn mark_shared(&self, logins: &[String]) {
+    /// Mark `logins`' records shared with the store `store`, on the spool and then in memory.
+    /// Blocking.
+    fn mark_shared(&self, logins: &[String], store: &str) {
         let _disk = self.disk.lock().unwrap_or_else(|p| p.into_inner());
         for login in logins {
-            match self.spool.mark_shared(login) {
+            match self.spool.mark_shared(login, store) {
                 Ok(true) => {
                     if let Some(held) = self.write().get_mut(login) {
                         held.suspension.shared = true;
+                        held.suspension.store = Some(store.to_owned());
                     }
                 }
                 // No sound record (not written yet, or damaged): pushed again next poll.
@@ -331,7 +367,7 @@ impl super::Containment {
         let resumed: Vec<String> = if remote.complete() {
             (self.read().iter())
                 .filter(|(login, h)| {
-                    h.suspension.shared
+                    known_to(&h.suspension, &remote.store)
                         && !remote.suspensions.contains_key(login.as_str())
                         && !pushed.contains(login)
                 })
@@ -355,4 +391,9 @@ impl super::Containment {
             self.published();
         }
     }
+}
+
+/// Whether `s` is known to be held by the store whose id is `store`.
+fn known_to(s: &Suspension, store: &str) -> bool {
+    s.shared && s.store.as_deref() == Some(store)
 }
