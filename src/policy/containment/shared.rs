@@ -397,3 +397,237 @@ impl super::Containment {
 fn known_to(s: &Suspension, store: &str) -> bool {
     s.shared && s.store.as_deref() == Some(store)
 }
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+    use std::time::Duration;
+
+    use super::*;
+    use crate::cluster::testing::TestRedis;
+    use crate::config::{Cluster as Settings, OnError, RedisUrl};
+    use crate::observe::Telemetry;
+    use crate::policy::containment::{Containment, Trip};
+    use crate::queue::Spool;
+
+    /// One node: its spool, its link, its containment.
+    struct Node {
+        _dir: tempfile::TempDir,
+        spool: Spool,
+        cluster: Arc<Cluster>,
+        containment: Arc<Containment>,
+    }
+
+    fn node(redis: &TestRedis, name: &str) -> Node {
+        let dir = tempfile::tempdir().unwrap();
+        let spool = Spool::open(dir.path()).unwrap();
+        let telemetry = Arc::new(Telemetry::new(name));
+        let settings = Settings {
+            redis: Some(RedisUrl::parse(&redis.url()).unwrap()),
+            node: name.into(),
+            on_error: OnError::Local,
+            timeout: Duration::from_millis(250),
+        };
+        let cluster = Cluster::new(&settings, telemetry.clone()).unwrap();
+        let containment =
+            Containment::open(spool.clone(), telemetry, Some(cluster.clone())).unwrap();
+        Node {
+            _dir: dir,
+            spool,
+            cluster,
+            containment: Arc::new(containment),
+        }
+    }
+
+    fn trip() -> Trip {
+        Trip {
+            rule: "containment_client_ips",
+            reason: "logins from more than 3 client addresses within an hour".into(),
+        }
+    }
+
+    /// Poll `node` until `done` (the store was marked down and is asked again after
+    /// [`crate::cluster::RETRY_INTERVAL`]); at most 5 s.
+    async fn sync_until(node: &Node, done: impl Fn(&Node) -> bool) {
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        while !done(node) {
+            assert!(std::time::Instant::now() < deadline, "not in line in 5 s");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            node.containment.sync_store().await;
+        }
+    }
+
+    #[tokio::test]
+    async fn a_suspension_on_one_node_holds_on_the_other_and_a_resume_there_lifts_it_here() {
+        let Some(redis) = TestRedis::start() else {
+            return;
+        };
+        let (one, two) = (node(&redis, "edge-1"), node(&redis, "edge-2"));
+        one.containment.sync_store().await;
+        two.containment.sync_store().await;
+        let changes = two.containment.subscribe();
+        one.containment.suspend("alice", trip()).await;
+        // Pushed at once, with the node that suspended it.
+        let value = redis
+            .command(&["HGET", "portcullis:suspended", "alice"])
+            .unwrap();
+        let stored: Stored = serde_json::from_str(&value).unwrap();
+        assert_eq!(stored.rule, "containment_client_ips");
+        assert_eq!(stored.node.as_deref(), Some("edge-1"));
+        let id = redis.command(&["GET", "portcullis:suspended:id"]).unwrap();
+        let mine = one.spool.suspension("alice").unwrap().unwrap();
+        assert!(mine.shared);
+        assert_eq!(mine.store.as_deref(), Some(id.as_str()));
+
+        // One poll of node 2: recorded on its spool, held, subscribers told.
+        assert!(!two.containment.is_suspended("alice"));
+        two.containment.sync_store().await;
+        assert!(two.containment.is_suspended("alice"));
+        assert!(changes.has_changed().unwrap());
+        let theirs = two.spool.suspension("alice").unwrap().unwrap();
+        assert_eq!(theirs.node.as_deref(), Some("edge-1"));
+        assert_eq!(theirs.since_ms, mine.since_ms);
+        assert!(theirs.shared);
+
+        // Resumed on node 2 as `user resume` does it: the store first, then its record.
+        assert!(lift(&two.cluster, "alice").await.unwrap());
+        assert!(two.spool.resume_login("alice").unwrap());
+        two.containment.refresh();
+        assert!(!two.containment.is_suspended("alice"));
+        // Node 1's next poll: resumed elsewhere, its record removed.
+        one.containment.sync_store().await;
+        assert!(!one.containment.is_suspended("alice"));
+        assert_eq!(one.spool.suspension("alice").unwrap(), None);
+        // And not pushed back by either.
+        two.containment.sync_store().await;
+        assert_eq!(
+            redis.command(&["HLEN", "portcullis:suspended"]).unwrap(),
+            "0"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_suspension_made_while_the_store_is_down_is_pushed_when_it_returns() {
+        let Some(mut redis) = TestRedis::start() else {
+            return;
+        };
+        let one = node(&redis, "edge-1");
+        one.containment.sync_store().await;
+        one.containment.suspend("carol", trip()).await;
+        redis.stop();
+        one.containment.suspend("bob", trip()).await;
+        // Held here all along, recorded unshared.
+        assert!(one.containment.is_suspended("bob"));
+        assert!(!one.spool.suspension("bob").unwrap().unwrap().shared);
+        one.containment.sync_store().await;
+        assert!(one.containment.is_suspended("bob"));
+        assert!(one.containment.is_suspended("carol"));
+        // It returns empty (no persistence): carol, shared with the store that was, is not
+        // taken for resumed but put in the new one; bob is pushed.
+        redis.restart();
+        sync_until(&one, |n| {
+            n.spool.suspension("bob").unwrap().unwrap().shared
+                && n.spool.suspension("carol").unwrap().unwrap().store
+                    == n.spool.suspension("bob").unwrap().unwrap().store
+        })
+        .await;
+        assert!(one.containment.is_suspended("carol"));
+        let mut held = redis
+            .command(&["HKEYS", "portcullis:suspended"])
+            .unwrap()
+            .lines()
+            .map(str::to_owned)
+            .collect::<Vec<_>>();
+        held.sort();
+        assert_eq!(held, ["bob", "carol"]);
+    }
+
+    #[tokio::test]
+    async fn a_damaged_value_in_the_store_suspends_its_login_and_is_left_there() {
+        let Some(redis) = TestRedis::start() else {
+            return;
+        };
+        let one = node(&redis, "edge-1");
+        redis
+            .command(&["HSET", "portcullis:suspended", "mallory", "{not json"])
+            .unwrap();
+        let huge = format!(
+            "{{\"rule\":\"operator\",\"reason\":\"{}\"",
+            "x".repeat(10_000)
+        );
+        redis
+            .command(&["HSET", "portcullis:suspended", "oscar", &huge])
+            .unwrap();
+        redis
+            .command(&["HSET", "portcullis:suspended", "", "{}"])
+            .unwrap();
+        let remote = read(&one.cluster).await.unwrap();
+        assert_eq!(remote.total, 3);
+        assert_eq!(remote.damaged.len(), 3, "{:?}", remote.damaged);
+        one.containment.sync_store().await;
+        for login in ["mallory", "oscar"] {
+            assert!(one.containment.is_suspended(login), "{login}");
+            let record = one.spool.suspension(login).unwrap().unwrap();
+            assert_eq!(
+                record.reason,
+                "damaged suspension record in the shared store"
+            );
+            assert_eq!(record.rule, "operator");
+        }
+        // Left for an operator; a second poll changes nothing.
+        one.containment.sync_store().await;
+        assert_eq!(
+            redis
+                .command(&["HGET", "portcullis:suspended", "mallory"])
+                .unwrap(),
+            "{not json"
+        );
+        assert_eq!(
+            redis.command(&["HLEN", "portcullis:suspended"]).unwrap(),
+            "3"
+        );
+    }
+
+    #[tokio::test]
+    async fn past_the_cap_the_rest_are_not_read_and_nothing_is_taken_for_resumed() {
+        let Some(redis) = TestRedis::start() else {
+            return;
+        };
+        let one = node(&redis, "edge-1");
+        one.containment.suspend("zed", trip()).await;
+        one.containment.sync_store().await;
+        assert!(one.spool.suspension("zed").unwrap().unwrap().shared);
+        for i in 0..5 {
+            let login = format!("user{i}");
+            let value = r#"{"rule":"operator","reason":"r","since_ms":1}"#;
+            redis
+                .command(&["HSET", "portcullis:suspended", &login, value])
+                .unwrap();
+        }
+        let remote = read_at_most(&one.cluster, 3).await.unwrap();
+        assert_eq!((remote.total, remote.read), (6, 3));
+        assert!(!remote.complete());
+        assert_eq!(remote.suspensions.len(), 3);
+        // A read that missed zed does not resume it.
+        let store = remote.store.clone();
+        let missed = Remote {
+            suspensions: (remote.suspensions.into_iter())
+                .filter(|(login, _)| login != "zed")
+                .collect(),
+            ..remote
+        };
+        assert_eq!(missed.store, store);
+        one.containment.settle(&missed, &[]);
+        assert!(one.containment.is_suspended("zed"));
+        assert!(one.spool.suspension("zed").unwrap().is_some());
+        // A complete read that lacks it does.
+        let complete = Remote {
+            total: 0,
+            read: 0,
+            store,
+            ..Remote::default()
+        };
+        one.containment.settle(&complete, &[]);
+        assert!(!one.containment.is_suspended("zed"));
+    }
+}
