@@ -379,11 +379,18 @@ async fn start_admin(
 /// The relay's telemetry: named after this node, its events journaled under the spool
 /// (delivery declares the upstreams, see [`outbound::start`]).
 fn telemetry_for(config: &Config, spool: &Spool) -> Telemetry {
-    Telemetry::new(config.cluster.node.clone()).with_journal(Box::new(Journal::open(
-        spool,
-        &config.log,
-        config.limits.min_free_space,
-    )))
+    let journal = Journal::open(spool, &config.log, config.limits.min_free_space)
+        .with_node(named_node(config).map(str::to_owned));
+    Telemetry::new(config.cluster.node.clone()).with_journal(Box::new(journal))
+}
+
+/// The node that log lines and journal events name: `[cluster] node` when `[cluster]` is in
+/// use (a store, or a node name other than `server.hostname`); `None` otherwise, and they are
+/// written as without `[cluster]`.
+pub fn named_node(config: &Config) -> Option<&str> {
+    let cluster = &config.cluster;
+    (cluster.redis.is_some() || cluster.node != config.server.hostname)
+        .then_some(cluster.node.as_str())
 }
 
 /// Open the spool and recover it (off the reactor), then log the configuration's warnings.

@@ -529,7 +529,7 @@ fn run(path: Option<PathBuf>) -> anyhow::Result<()> {
         Some(p) => load_config(p)?,
         None => Config::embedded_default(),
     };
-    init_logging(config.log.format);
+    init_logging(config.log.format, log_node(&config));
     if path.is_none() {
         tracing::warn!("no --config given: running on the embedded default policy");
     }
@@ -1758,14 +1758,21 @@ fn passwd() -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Log to stderr in `format` (`[log] format`), at the level `RUST_LOG` sets (`info`).
+/// The node every log line names ([`portcullis::app::named_node`]); `None`: lines unchanged.
+fn log_node(config: &Config) -> Option<std::sync::Arc<str>> {
+    portcullis::app::named_node(config).map(Into::into)
+}
+
+/// Log to stderr in `format` (`[log] format`), at the level `RUST_LOG` sets (`info`), each
+/// line naming `node` when given (JSON: a top-level `"node"` field, first; text: `node=NAME`
+/// at the end), added by the writer so that it reaches the lines of every task.
 ///
 /// `json`: one JSON object per line (tracing-subscriber's JSON formatter): `timestamp`,
 /// `level`, `message` and the event's fields at the top level, and `spans`, the list of
 /// spans the line was written in with their fields, outermost first: `session` (`listener`,
 /// `client_port`, `peer`) for every line of an SMTP session, `message` or `delivery`
 /// (`queue_id`) for every line about one message.
-fn init_logging(format: portcullis::config::LogFormat) {
+fn init_logging(format: portcullis::config::LogFormat, node: Option<std::sync::Arc<str>>) {
     use tracing_subscriber::EnvFilter;
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
     let builder = tracing_subscriber::fmt()
@@ -1773,7 +1780,7 @@ fn init_logging(format: portcullis::config::LogFormat) {
         .with_target(false);
     match format {
         portcullis::config::LogFormat::Text => builder
-            .with_writer(|| EscapingWriter::new(Escape::Text))
+            .with_writer(move || EscapingWriter::new(Escape::Text, node.clone()))
             // Colour codes only on a terminal: a log file or journal gets plain text.
             .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
             .init(),
@@ -1782,7 +1789,7 @@ fn init_logging(format: portcullis::config::LogFormat) {
             .flatten_event(true)
             .with_current_span(false)
             .with_span_list(true)
-            .with_writer(|| EscapingWriter::new(Escape::Json))
+            .with_writer(move || EscapingWriter::new(Escape::Json, node.clone()))
             .with_ansi(false)
             .init(),
     }
@@ -1803,12 +1810,30 @@ enum Escape {
 /// zero-width characters: `portcullis::text::is_invisible`) escaped as [`Escape`] says.
 /// Log lines quote addresses, HELO names and headers from the network; raw, a U+202E would make
 /// `<\u{202e}gro.elpmaxe@knab-ecivres>` read as a trusted address in a terminal or pager. The
-/// formatter hands over one whole line per event, so a character is never split across writes.
-struct EscapingWriter(std::io::Stderr, Escape);
+/// formatter hands over one whole line per event, so a character is never split across writes
+/// and the node's name (a `[cluster] node`: letters, digits, `.`, `-`, `_` only, nothing to
+/// escape) can be added to the line.
+struct EscapingWriter(std::io::Stderr, Escape, Option<std::sync::Arc<str>>);
 
 impl EscapingWriter {
-    fn new(escape: Escape) -> EscapingWriter {
-        EscapingWriter(std::io::stderr(), escape)
+    fn new(escape: Escape, node: Option<std::sync::Arc<str>>) -> EscapingWriter {
+        EscapingWriter(std::io::stderr(), escape, node)
+    }
+}
+
+/// `line` (one whole log line) naming `node`: JSON `{"node":"NAME",…`, text `… node=NAME`
+/// before the line's end. A buffer that is not one line is left as it is.
+fn with_node<'a>(line: &'a str, node: &str, escape: Escape) -> std::borrow::Cow<'a, str> {
+    match escape {
+        Escape::Json => match line.strip_prefix('{') {
+            Some(rest) if rest.starts_with('}') => format!("{{\"node\":\"{node}\"{rest}").into(),
+            Some(rest) => format!("{{\"node\":\"{node}\",{rest}").into(),
+            None => line.into(),
+        },
+        Escape::Text => match line.strip_suffix('\n') {
+            Some(body) => format!("{body} node={node}\n").into(),
+            None => line.into(),
+        },
     }
 }
 
@@ -1828,13 +1853,21 @@ impl Escape {
 
 impl std::io::Write for EscapingWriter {
     fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        match std::str::from_utf8(buf).map(|text| self.1.apply(text)) {
-            Ok(std::borrow::Cow::Owned(out)) => {
-                self.0.write_all(out.as_bytes())?;
-                Ok(buf.len())
-            }
-            _ => self.0.write(buf),
+        let Ok(text) = std::str::from_utf8(buf) else {
+            return self.0.write(buf);
+        };
+        let named = match &self.2 {
+            Some(node) => with_node(text, node, self.1),
+            None => std::borrow::Cow::Borrowed(text),
+        };
+        let escaped = self.1.apply(&named);
+        if matches!(named, std::borrow::Cow::Borrowed(_))
+            && matches!(escaped, std::borrow::Cow::Borrowed(_))
+        {
+            return self.0.write(buf);
         }
+        self.0.write_all(escaped.as_bytes())?;
+        Ok(buf.len())
     }
 
     fn flush(&mut self) -> std::io::Result<()> {
@@ -1884,6 +1917,35 @@ mod tests {
             ["A", "B"]
         );
         assert!(own("listeners pause", &["listeners", "pause"]).is_empty());
+    }
+
+    /// With `[cluster]`, every line names the node: JSON as its first field (still one valid
+    /// object), text as `node=NAME` at the end.
+    #[test]
+    fn lines_name_the_node_in_json_and_in_text() {
+        let line = "{\"timestamp\":\"t\",\"level\":\"INFO\",\"message\":\"m\"}\n";
+        let named = super::with_node(line, "edge-1", Escape::Json);
+        assert_eq!(
+            named,
+            "{\"node\":\"edge-1\",\"timestamp\":\"t\",\"level\":\"INFO\",\"message\":\"m\"}\n"
+        );
+        let parsed: serde_json::Value = serde_json::from_str(&named).unwrap();
+        assert_eq!(parsed["node"], "edge-1");
+        assert_eq!(
+            super::with_node("{}\n", "n", Escape::Json),
+            "{\"node\":\"n\"}\n"
+        );
+        assert_eq!(
+            super::with_node(
+                "2026-12-01T14:00:00Z  INFO relay started\n",
+                "edge-1",
+                Escape::Text
+            ),
+            "2026-12-01T14:00:00Z  INFO relay started node=edge-1\n"
+        );
+        // Not a whole line: left alone.
+        assert_eq!(super::with_node("partial", "n", Escape::Text), "partial");
+        assert_eq!(super::with_node("partial", "n", Escape::Json), "partial");
     }
 
     #[test]
