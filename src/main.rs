@@ -1765,7 +1765,7 @@ fn log_node(config: &Config) -> Option<std::sync::Arc<str>> {
 
 /// Log to stderr in `format` (`[log] format`), at the level `RUST_LOG` sets (`info`), each
 /// line naming `node` when given (JSON: a top-level `"node"` field, first; text: `node=NAME`
-/// at the end), added by the writer so that it reaches the lines of every task.
+/// after the level), added by the writer so that it reaches the lines of every task.
 ///
 /// `json`: one JSON object per line (tracing-subscriber's JSON formatter): `timestamp`,
 /// `level`, `message` and the event's fields at the top level, and `spans`, the list of
@@ -1821,8 +1821,16 @@ impl EscapingWriter {
     }
 }
 
-/// `line` (one whole log line) naming `node`: JSON `{"node":"NAME",…`, text `… node=NAME`
-/// before the line's end. A buffer that is not one line is left as it is.
+/// Where the level of a text log line ends: after its first word (the timestamp), the blanks,
+/// and its second (the level, perhaps in colour codes).
+fn after_level(line: &str) -> Option<usize> {
+    let stamp = line.find(' ')?;
+    let level = stamp + line[stamp..].find(|c| c != ' ')?;
+    Some(level + line[level..].find(' ')?)
+}
+
+/// `line` (one whole log line) naming `node`: JSON `{"node":"NAME",…`, text
+/// `TIMESTAMP LEVEL node=NAME …`. A buffer that is not one line is left as it is.
 fn with_node<'a>(line: &'a str, node: &str, escape: Escape) -> std::borrow::Cow<'a, str> {
     match escape {
         Escape::Json => match line.strip_prefix('{') {
@@ -1830,8 +1838,13 @@ fn with_node<'a>(line: &'a str, node: &str, escape: Escape) -> std::borrow::Cow<
             Some(rest) => format!("{{\"node\":\"{node}\",{rest}").into(),
             None => line.into(),
         },
+        // After the timestamp and the level (`2026-…Z  INFO node=NAME …`), where a reader
+        // of a merged log looks first; a line of another shape gets it at its end.
         Escape::Text => match line.strip_suffix('\n') {
-            Some(body) => format!("{body} node={node}\n").into(),
+            Some(body) => match after_level(body) {
+                Some(at) => format!("{} node={node}{}\n", &body[..at], &body[at..]).into(),
+                None => format!("{body} node={node}\n").into(),
+            },
             None => line.into(),
         },
     }
@@ -1937,11 +1950,15 @@ mod tests {
         );
         assert_eq!(
             super::with_node(
-                "2026-12-01T14:00:00Z  INFO relay started\n",
+                "2026-12-01T14:00:00Z  INFO listening bind=127.0.0.1:25\n",
                 "edge-1",
                 Escape::Text
             ),
-            "2026-12-01T14:00:00Z  INFO relay started node=edge-1\n"
+            "2026-12-01T14:00:00Z  INFO node=edge-1 listening bind=127.0.0.1:25\n"
+        );
+        assert_eq!(
+            super::with_node("oddline\n", "n", Escape::Text),
+            "oddline node=n\n"
         );
         // Not a whole line: left alone.
         assert_eq!(super::with_node("partial", "n", Escape::Text), "partial");
