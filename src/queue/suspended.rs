@@ -53,7 +53,7 @@ pub struct Suspension {
     /// Whether the shared store (`[cluster] redis`) is known to hold it: a shared record whose
     /// login is no longer in the store was resumed on another node. False in records written
     /// before it was recorded, and without `[cluster]`.
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub shared: bool,
     /// The id of the store that holds it (`portcullis:suspended:id`) when `shared`: a store
     /// found with another id lost its data (a restart without persistence, a flush), and the
