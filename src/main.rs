@@ -34,9 +34,11 @@
 //!
 //! `user suspend|resume` exit 0 whether or not the login's state changed (the output says
 //! which), 2 without `--config`, for a login neither in the users file nor suspended under the
-//! spool, a bad `--reason` or no spool, 1 when the record cannot be written or removed. `user
-//! list` exits 0 when the running relay cannot be asked for the counts (they show as `-`, the
-//! reason on stderr).
+//! spool, a bad `--reason` or no spool, 1 when the record cannot be written or removed, and
+//! (`[cluster] redis`) `resume` 1 when the shared store cannot be reached (nothing changed;
+//! `suspend` then records the login on this node alone, exit 0, said on stderr). `user list`
+//! exits 0 when the running relay cannot be asked for the counts (they show as `-`, the reason
+//! on stderr), or the shared store for its suspensions (this node's shown, said on stderr).
 //!
 //! Every command that changes something (not with `--dry-run`) records itself in the audit log
 //! after acting (`queue::audit`); when that record cannot be written, the command says so and

@@ -119,6 +119,21 @@ fn a_suspension_on_one_node_holds_on_the_other_and_a_resume_there_lifts_it_on_bo
     assert_eq!(row["suspended"], true);
     assert_eq!(row["reason"], "phished");
 
+    // A dry run touches neither the store nor the spool.
+    let out = one.command(&["user", "suspend", "bob", "--dry-run"]);
+    assert_eq!(out.status.code(), Some(0), "{}", show(&out));
+    let out = two.command(&["user", "resume", "alice", "--dry-run"]);
+    assert!(
+        stdout(&out).starts_with("would resume alice"),
+        "{}",
+        show(&out)
+    );
+    assert_eq!(
+        redis.command(&["HKEYS", "portcullis:suspended"]),
+        Some("alice".into())
+    );
+    assert_eq!(users(&two)["alice"]["suspended"], true);
+
     // Resumed on node 2: both accept her again; her held mail stays held.
     let out = two.command(&["user", "resume", "alice"]);
     assert_eq!(out.status.code(), Some(0), "{}", show(&out));
