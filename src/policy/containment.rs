@@ -221,15 +221,13 @@ impl Containment {
         if let Err(e) = saved {
             error!(login = %super::lockout::login_key(login), error = %e, "suspension task failed");
         }
-        let store = self
-            .store_id
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .clone();
+        // Pushed now unless a poll is exchanging with the store (the session does not wait
+        // for it): that poll, or the next, pushes it.
+        let store = (self.store_id.lock().unwrap_or_else(|p| p.into_inner())).clone();
         if let (Some(cluster), Some(store)) = (self.cluster.clone(), store)
             && cluster.is_up()
+            && let Ok(_sync) = self.sync.try_lock()
         {
-            let _sync = self.sync.lock().await;
             self.push_unshared(&cluster, &store).await;
         }
     }

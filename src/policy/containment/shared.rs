@@ -42,6 +42,14 @@ pub const READ_MAX: usize = 10_000;
 /// is cut, and so read as damaged.
 pub const VALUE_MAX: usize = 4096;
 
+/// Longest field (login) taken from the store, in octets; a longer one is not a login (an
+/// AUTH command line could not carry it).
+pub const LOGIN_MAX: usize = 4096;
+
+/// Most damaged fields remembered as logged (past it, the memory starts afresh and they are
+/// logged again).
+const WARNED_MAX: usize = 10_000;
+
 /// The hash of the suspended logins.
 pub fn hash_key() -> String {
     cluster::key(&["suspended"])
@@ -149,9 +157,9 @@ pub async fn read_at_most(cluster: &Cluster, cap: usize) -> Result<Remote, Unava
     };
     for pair in flat.chunks_exact(2) {
         let field = match String::from_utf8(pair[0].clone()) {
-            Ok(login) if !login.is_empty() => login,
+            Ok(login) if !login.is_empty() && login.len() <= LOGIN_MAX => login,
             _ => {
-                let shown = String::from_utf8_lossy(&pair[0]).into_owned();
+                let shown: String = String::from_utf8_lossy(&pair[0]).chars().take(64).collect();
                 remote.damaged.push(format!("{shown:?}: not a login"));
                 continue;
             }
@@ -271,6 +279,9 @@ impl super::Containment {
     /// reached.
     fn note_remote(&self, remote: &Remote) {
         let mut warned = self.warned_store.lock().unwrap_or_else(|p| p.into_inner());
+        if warned.len() > WARNED_MAX {
+            warned.clear();
+        }
         for why in &remote.damaged {
             if warned.insert(why.clone()) {
                 tracing::warn!(entry = %crate::policy::lockout::login_key(why),
@@ -561,9 +572,16 @@ mod tests {
         redis
             .command(&["HSET", "portcullis:suspended", "", "{}"])
             .unwrap();
+        let long = "x".repeat(LOGIN_MAX + 1);
+        let sound = r#"{"rule":"operator","reason":"r","since_ms":1}"#;
+        redis
+            .command(&["HSET", "portcullis:suspended", &long, sound])
+            .unwrap();
         let remote = read(&one.cluster).await.unwrap();
-        assert_eq!(remote.total, 3);
-        assert_eq!(remote.damaged.len(), 3, "{:?}", remote.damaged);
+        assert_eq!(remote.total, 4);
+        assert_eq!(remote.damaged.len(), 4, "{:?}", remote.damaged);
+        // Neither the empty field nor the over-long one is a login.
+        assert_eq!(remote.suspensions.len(), 2);
         one.containment.sync_store().await;
         for login in ["mallory", "oscar"] {
             assert!(one.containment.is_suspended(login), "{login}");
@@ -584,8 +602,9 @@ mod tests {
         );
         assert_eq!(
             redis.command(&["HLEN", "portcullis:suspended"]).unwrap(),
-            "3"
+            "4"
         );
+        assert_eq!(one.containment.suspensions().len(), 2);
     }
 
     #[tokio::test]
