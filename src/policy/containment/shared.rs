@@ -25,7 +25,14 @@
 //! A value that is not a sound [`Stored`] (damaged, or written by other software) still
 //! suspends the login its field names (never fail open), with a reason saying so, logged once;
 //! it is left in the store for an operator (`user resume` removes it). A field that is not a
-//! login (empty, not UTF-8) is logged once and otherwise ignored: no AUTH can name it.
+//! login (empty, not UTF-8, longer than [`LOGIN_MAX`]) is logged once and otherwise ignored:
+//! no AUTH can name it.
+//!
+//! Whatever `[cluster] on_error` says, a node that cannot reach the store keeps every
+//! suspension it holds (suspensions fail closed) and catches up when the store answers. One
+//! narrow window remains: a login suspended with `portcullis user suspend` is pushed by the
+//! command, and marked shared by the node's relay at its next poll (within 500 ms); resumed on
+//! another node inside that window, it is pushed again and must be resumed once more.
 
 use std::collections::HashMap;
 
