@@ -92,6 +92,10 @@ fn a_suspension_on_one_node_holds_on_the_other_and_a_resume_there_lifts_it_on_bo
     let other = send_as(&two, "bob", "B2");
     wait_state(&two, &[&queued, &other], "queued");
 
+    // The relays have read the store (and given it its id).
+    assert!(wait_until(WAIT, || redis
+        .command(&["GET", "portcullis:suspended:id"])
+        .is_some_and(|id| !id.is_empty())));
     let out = one.command(&["user", "suspend", "alice", "--reason", "phished"]);
     assert_eq!(out.status.code(), Some(0), "{}", show(&out));
     assert!(
@@ -101,6 +105,19 @@ fn a_suspension_on_one_node_holds_on_the_other_and_a_resume_there_lifts_it_on_bo
         )),
         "{}",
         show(&out)
+    );
+    // Recorded on node 1 as held by the store (its id: the relays read it before).
+    let record: Value = serde_json::from_slice(
+        &std::fs::read(one.dir().join("spool/suspended/616c696365")).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(record["shared"], true);
+    assert_eq!(record["node"], "edge-1");
+    assert_eq!(
+        record["store"].as_str(),
+        redis
+            .command(&["GET", "portcullis:suspended:id"])
+            .as_deref()
     );
     // Node 2 holds alice's queued mail, and only hers, and refuses her AUTH.
     wait_state(&two, &[&queued], "held");

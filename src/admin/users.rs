@@ -179,8 +179,12 @@ impl Store {
         self.runtime.block_on(shared::get(&self.cluster, login))
     }
 
-    fn push(&self, s: &Suspension) -> Result<bool, Unavailable> {
-        self.runtime.block_on(shared::push(&self.cluster, s))
+    /// `s` put in the store; `Some(id)`: it holds it now, and its id is known.
+    fn push(&self, s: &Suspension) -> Result<Option<String>, Unavailable> {
+        self.runtime.block_on(async {
+            shared::push(&self.cluster, s).await?;
+            shared::store_id(&self.cluster).await
+        })
     }
 
     fn lift(&self, login: &str) -> Result<bool, Unavailable> {
@@ -287,7 +291,7 @@ pub fn suspend(
     if let Some(existing) = known(config, spool, login)? {
         return Ok((Outcome::AlreadySuspended(existing), Sharing::Local));
     }
-    let record = Suspension {
+    let mut record = Suspension {
         login: login.to_owned(),
         rule: OPERATOR.to_owned(),
         reason,
@@ -309,8 +313,14 @@ pub fn suspend(
             None => store.push(&record).map(Ok),
         }) {
             Ok(Err(existing)) => return Ok((Outcome::AlreadySuspended(existing), Sharing::Local)),
-            // The record here stays unshared: the relay marks it, with the store's id.
-            Ok(Ok(_)) => sharing = Sharing::Shared,
+            // Shared with the store's id: written after the store, so a relay that reads it
+            // finds the login in its next read of the store unless it was resumed. A store
+            // no relay has read yet has no id: the relay marks the record.
+            Ok(Ok(id)) => {
+                record.shared = id.is_some();
+                record.store = id;
+                sharing = Sharing::Shared;
+            }
             Err(e) => sharing = Sharing::Pending(e),
         }
     }

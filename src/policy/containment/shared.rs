@@ -13,9 +13,11 @@
 //! - a shared record here whose login the store no longer holds: resumed on another node,
 //!   removed here.
 //!
-//! Only the relay marks a record shared, and only after its push succeeded and under the
-//! lock of its exchanges with the store; so a shared record is missing from a later read of
-//! the store only when someone removed it there (`portcullis user resume`).
+//! A record is marked shared only after its login was put in the store (by the relay, under
+//! the lock of its exchanges with the store; by `portcullis user suspend`, before it writes
+//! the record), and a poll reads `SPOOL/suspended/` before the store: so a shared record is
+//! missing from a later read of the store only when someone removed it there (`portcullis
+//! user resume`).
 //!
 //! A store that lost its data (restarted without persistence, flushed) must not read as
 //! "every login resumed": the store carries an id (`portcullis:suspended:id`, set by the first
@@ -29,10 +31,7 @@
 //! no AUTH can name it.
 //!
 //! Whatever `[cluster] on_error` says, a node that cannot reach the store keeps every
-//! suspension it holds (suspensions fail closed) and catches up when the store answers. One
-//! narrow window remains: a login suspended with `portcullis user suspend` is pushed by the
-//! command, and marked shared by the node's relay at its next poll (within 500 ms); resumed on
-//! another node inside that window, it is pushed again and must be resumed once more.
+//! suspension it holds (suspensions fail closed) and catches up when the store answers.
 
 use std::collections::HashMap;
 
@@ -246,6 +245,14 @@ pub async fn get(cluster: &Cluster, login: &str) -> Result<Option<Suspension>, U
         Ok(stored) => local(login, stored),
         Err(_) => damaged(login),
     }))
+}
+
+/// The store's id (see the module doc); `None` before a relay first read the store.
+///
+/// # Errors
+/// [`Unavailable`].
+pub async fn store_id(cluster: &Cluster) -> Result<Option<String>, Unavailable> {
+    cluster.command(redis::cmd("GET").arg(id_key())).await
 }
 
 /// Remove `login` from the store (`HDEL`): resumed on every node. True when it was there.
