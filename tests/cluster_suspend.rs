@@ -166,6 +166,22 @@ fn a_suspension_on_one_node_holds_on_the_other_and_a_resume_there_lifts_it_on_bo
     assert!(one.wait_for_log("account resumed (on another node", WAIT));
     assert_eq!(users(&one)["alice"]["suspended"], false);
     assert_eq!(listed(&two)[&queued]["state"], "held");
+
+    // A damaged value written into the store by hand suspends its login on every node; `user
+    // resume` removes it, though the login is in no users file.
+    redis.command(&["HSET", "portcullis:suspended", "mallory", "{not json"]);
+    assert!(wait_until(WAIT, || users(&one).get("mallory").is_some_and(
+        |r| r["reason"] == "damaged suspension record in the shared store"
+    )));
+    let out = one.command(&["user", "resume", "mallory"]);
+    assert_eq!(out.status.code(), Some(0), "{}", show(&out));
+    assert_eq!(
+        redis.command(&["HLEN", "portcullis:suspended"]),
+        Some("0".into())
+    );
+    for relay in [&one, &two] {
+        assert!(wait_until(WAIT, || !users(relay).contains_key("mallory")));
+    }
 }
 
 #[test]
