@@ -96,6 +96,7 @@ fn a_suspension_on_one_node_holds_on_the_other_and_a_resume_there_lifts_it_on_bo
     assert!(wait_until(WAIT, || redis
         .command(&["GET", "portcullis:suspended:id"])
         .is_some_and(|id| !id.is_empty())));
+    let asked = std::time::Instant::now();
     let out = one.command(&["user", "suspend", "alice", "--reason", "phished"]);
     assert_eq!(out.status.code(), Some(0), "{}", show(&out));
     assert!(
@@ -121,6 +122,11 @@ fn a_suspension_on_one_node_holds_on_the_other_and_a_resume_there_lifts_it_on_bo
     );
     // Node 2 holds alice's queued mail, and only hers, and refuses her AUTH.
     wait_state(&two, &[&queued], "held");
+    // Within a poll of node 2 (500 ms) plus the queue manager's hold; 3 s leaves room for a
+    // loaded machine.
+    let took = asked.elapsed();
+    eprintln!("suspended on node 1, held on node 2 after {took:?}");
+    assert!(took < Duration::from_secs(3), "{took:?}");
     let list = listed(&two);
     assert_eq!(
         list[&queued]["hold"]["reason"], "login suspended",

@@ -523,8 +523,10 @@ mod tests {
         one.containment.sync_store().await;
         assert!(!one.containment.is_suspended("alice"));
         assert_eq!(one.spool.suspension("alice").unwrap(), None);
-        // And not pushed back by either.
+        // And not pushed back by either. A poll with nothing to push is one operation.
+        let before = two.cluster.operations();
         two.containment.sync_store().await;
+        assert_eq!(two.cluster.operations() - before, 1);
         assert_eq!(
             redis.command(&["HLEN", "portcullis:suspended"]).unwrap(),
             "0"
