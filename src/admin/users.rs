@@ -102,6 +102,19 @@ pub enum UserError {
         /// Why.
         source: Unavailable,
     },
+    /// `resume` with `[cluster] redis`: the login was removed from the store and here, but the
+    /// store stopped answering before the second removal that undoes a push this node's relay
+    /// may have made meanwhile. Run the command again once the store answers.
+    #[error(
+        "resumed here and in the shared store {url}, which then stopped answering ({source}); \
+         run the command again once it answers, to make sure no node put it back"
+    )]
+    StoreLost {
+        /// The store, password hidden.
+        url: String,
+        /// Why.
+        source: Unavailable,
+    },
     /// The async runtime for the store could not be started.
     #[error("cannot start the async runtime: {0}")]
     Runtime(std::io::Error),
@@ -371,7 +384,10 @@ pub fn resume(
     if let Some(store) = store {
         // This node's relay may have pushed the record (still unshared) after the first
         // HDEL and before it was removed here: removed once more.
-        store.lift(login).map_err(|e| store.unavailable(e))?;
+        store.lift(login).map_err(|source| UserError::StoreLost {
+            url: store.shown_url(),
+            source,
+        })?;
     }
     if lifted {
         Ok(Outcome::Resumed(existing))
