@@ -337,7 +337,8 @@ impl Containment {
         }
     }
 
-    /// Follow `SPOOL/suspended/` every [`POLL_INTERVAL`] until `stop`.
+    /// Follow `SPOOL/suspended/` every [`POLL_INTERVAL`] until `stop`, and after each read of
+    /// it the shared store, when there is one ([`Containment::sync_store`]).
     pub async fn watch(self: Arc<Self>, stop: CancellationToken) {
         let mut tick = tokio::time::interval(POLL_INTERVAL);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);

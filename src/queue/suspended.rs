@@ -12,6 +12,10 @@
 //! [`HEX_NAME_MAX`] octets is named by its first octets and a hash of the whole. The record
 //! inside names the login in full, and is what counts; a file whose record cannot be read
 //! still suspends the login its name decodes to (never fail open).
+//!
+//! With `[cluster] redis` the records are this node's durable copy of the suspensions every
+//! node shares through the store ([`crate::policy::containment::shared`]); a record says
+//! whether the store is known to hold it ([`Suspension::shared`], [`Suspension::store`]).
 
 use std::fs;
 use std::io::{self, Read, Write};
