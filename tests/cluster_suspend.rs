@@ -1,6 +1,7 @@
 //! Suspended logins shared through `[cluster] redis`, against the real binary: two relays
 //! (two spools) on one real redis-server, each reached directly. A login suspended with node
-//! 1's `user suspend` has its AUTH refused (`535 5.7.8`) and its queued mail held on node 2;
+//! 1's `user suspend` has its AUTH refused (`535 5.7.8`), its open session closed (`421
+//! 4.7.0`) and its queued mail held on node 2;
 //! `user resume` on node 2 lifts it on both; `user resume` while the store is down refuses
 //! (exit 1) and changes nothing, while `user suspend` then records it on the node alone and
 //! says so. Each node names itself in its JSON log lines, its journal (`trace --json`) and the
@@ -96,6 +97,9 @@ fn a_suspension_on_one_node_holds_on_the_other_and_a_resume_there_lifts_it_on_bo
     assert!(wait_until(WAIT, || redis
         .command(&["GET", "portcullis:suspended:id"])
         .is_some_and(|id| !id.is_empty())));
+    // An authenticated session of alice's on node 2, open across the suspension.
+    let mut open = tls_from(&two, "127.0.0.1");
+    assert_reply(&open.cmd(&auth_plain("alice", "secret")), 235, "2.7.0");
     let asked = std::time::Instant::now();
     let out = one.command(&["user", "suspend", "alice", "--reason", "phished"]);
     assert_eq!(out.status.code(), Some(0), "{}", show(&out));
@@ -134,6 +138,7 @@ fn a_suspension_on_one_node_holds_on_the_other_and_a_resume_there_lifts_it_on_bo
     );
     assert_eq!(list[&other]["state"], "queued");
     assert_reply(&auth(&two, "alice"), 535, "5.7.8");
+    assert_reply(&open.cmd("NOOP"), 421, "4.7.0");
     // Node 1 follows its own spool (within a poll too).
     assert!(wait_until(WAIT, || auth(&one, "alice").0 == 535));
     assert_reply(&auth(&one, "alice"), 535, "5.7.8");
