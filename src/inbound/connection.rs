@@ -916,6 +916,7 @@ impl SessionDriver {
             auth_user: self.session.user(),
             transaction: tx,
             hostname: &self.runtime.config.server.hostname,
+            node: &self.runtime.config.cluster.node,
         };
         let space = Space {
             reservation: &mut self.effects.reservation,

@@ -65,8 +65,12 @@ impl Parts {
         let telemetry = Arc::new(telemetry);
         let containment = containment.unwrap_or_else(|| {
             Arc::new(
-                crate::policy::containment::Containment::open(spool.clone(), telemetry.clone())
-                    .unwrap(),
+                crate::policy::containment::Containment::open(
+                    spool.clone(),
+                    telemetry.clone(),
+                    None,
+                )
+                .unwrap(),
             )
         });
         let shared = Shared {
