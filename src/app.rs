@@ -543,11 +543,11 @@ fn restart_only_changes(old: &Config, new: &Config) -> Vec<&'static str> {
         ),
         (
             old.server.hostname != new.server.hostname || old.cluster.node != new.cluster.node,
-            "server.hostname or [cluster] node changed; SMTP and delivery use the new host name, but the alerts, the webhook, the status and the journal name this node by the old one until a restart",
+            "server.hostname or [cluster] node changed; SMTP and delivery use the new host name, but the node keeps its name (logs, the journal, Received:, the alerts, the webhook, the status) until a restart",
         ),
         (
             store(old) != store(new),
-            "[cluster] redis, on_error or timeout changed; that takes a restart (the node keeps the shared store it started with)",
+            "[cluster] redis, on_error or timeout changed; that takes a restart (the node keeps the [cluster] it started with)",
         ),
     ];
     checks
@@ -570,17 +570,23 @@ fn reload(
         return;
     };
     let old = runtime.load_full();
+    let mut warnings = Vec::new();
     let new = match Config::load(path)
         .map_err(AppError::from)
-        .and_then(|config| build_runtime(config, Some(&old)))
-    {
+        .and_then(|mut config| {
+            warnings = restart_only_changes(&old.config, &config);
+            // `[cluster]` is read at start: the node keeps its name and store, and everything
+            // that reads the configuration (Received:, warnings, the status) says what runs.
+            config.cluster = old.config.cluster.clone();
+            build_runtime(config, Some(&old))
+        }) {
         Ok(rt) => rt,
         Err(e) => {
             error!(rule = "reload_refused", file = %path.display(), "reload refused, keeping the running configuration: {e}");
             return;
         }
     };
-    for warning in restart_only_changes(&old.config, &new.config) {
+    for warning in warnings {
         warn!("reload: {warning}");
     }
     // When changed, or when an upstream names a `ca` bundle, which may have been replaced

@@ -61,6 +61,14 @@ fn cluster_warnings(config: &Config) -> Vec<String> {
                 .to_owned(),
         );
     }
+    if config.cluster.node == config.server.hostname {
+        w.push(format!(
+            "[cluster] node is {:?}, the server.hostname: nodes behind one load balancer or MX name \
+             usually share the host name, and would then share one node name in logs, the \
+             journal and Received:; give each node its own [cluster] node.",
+            config.cluster.node
+        ));
+    }
     if config.cluster.on_error == OnError::Tempfail {
         w.push(
             "cluster.on_error = \"tempfail\": while Redis is unreachable every new session is \

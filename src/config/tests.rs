@@ -2016,6 +2016,16 @@ fn cluster_keys_are_checked_and_the_password_never_shown() {
         warnings.contains("a Redis outage stops all mail"),
         "{warnings}"
     );
+    assert!(!warnings.contains("[cluster] node is"), "{warnings}");
+    let unnamed = ok(&format!(
+        "{MINIMAL}\n[cluster]\nredis = \"redis://127.0.0.1:6379/0\"\n"
+    ));
+    let warnings = unnamed.warnings().join("\n");
+    assert!(
+        warnings.contains("give each node its own [cluster] node"),
+        "{warnings}"
+    );
+    assert!(!plain.warnings().join("\n").contains("[cluster]"));
 
     let bad = errors(&format!(
         "{MINIMAL}\n[cluster]\nredis = \"rediss://u:s3cret@127.0.0.1/0\"\nnode = \"edge 1\"\n\
