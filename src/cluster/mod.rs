@@ -466,10 +466,33 @@ fn is_oom(e: &redis::RedisError) -> bool {
 }
 
 /// A key of the store: [`KEY_PREFIX`], then the parts joined by `:`.
+///
+/// Each part is written as printable ASCII: an octet outside `!`..`~`, and `%`, is written
+/// `%XX` (a login with a line break, a space or non-ASCII letters makes a key an operator
+/// can list and pass on with `redis-cli --scan`). Parts are never empty in practice; a `:`
+/// inside one is kept (an IPv6 prefix), since the last part is always the free-form one.
 pub fn key(parts: &[&str]) -> String {
     let mut key = String::from(KEY_PREFIX);
-    key.push_str(&parts.join(":"));
+    for (i, part) in parts.iter().enumerate() {
+        if i > 0 {
+            key.push(':');
+        }
+        key.push_str(&key_part(part));
+    }
     key
+}
+
+/// `part` as [`key`] writes it.
+pub fn key_part(part: &str) -> String {
+    let mut out = String::with_capacity(part.len());
+    for b in part.bytes() {
+        if b.is_ascii_graphic() && b != b'%' {
+            out.push(char::from(b));
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
 }
 
 #[cfg(test)]
