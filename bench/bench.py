@@ -33,7 +33,8 @@ redis-server, against the same node without [cluster]: scenario A, and open-loop
 BENCH_CL_RATE msg/s (default 400) for BENCH_CL_SECONDS (default 15; 0 skips them) for the
 accept->250 latency, with Redis's commands per message (INFO commandstats before and after each
 run); then the sizes of the keys left in Redis (MEMORY USAGE) and redis-benchmark. Messages per
-counted run: BENCH_CL_MESSAGES (default 10000); BENCH_SETTLE defaults to 10 s here.
+counted run: BENCH_CL_MESSAGES (default 10000); BENCH_SETTLE defaults to 10 s here;
+BENCH_CL_PARTS: "haproxy", "redis" or both (default "haproxy,redis").
 
 Scenario F (issue 14) is scenario A with SPF, DKIM and DMARC verification on: portcullis
 (`[spf] verify = "record"`, `[dkim] verify = "record"`, `[dmarc] verify = "enforce"`, `[dns]`
@@ -73,6 +74,8 @@ CLUSTER_ONLY = "--cluster" in sys.argv[1:]
 CL_MESSAGES = int(os.environ.get("BENCH_CL_MESSAGES", "10000"))
 CL_RATE = float(os.environ.get("BENCH_CL_RATE", "400"))
 CL_SECONDS = float(os.environ.get("BENCH_CL_SECONDS", "15"))
+# --cluster: which parts run ("haproxy", "redis" or both, comma-separated).
+CL_PARTS = {p.strip() for p in os.environ.get("BENCH_CL_PARTS", "haproxy,redis").split(",")}
 # --observe: how often the scraper reads /metrics and /api/status during the counted runs.
 SCRAPE_S = float(os.environ.get("BENCH_SCRAPE_S", "1"))
 F_MESSAGES = int(os.environ.get("BENCH_F_MESSAGES", "5000"))
@@ -1470,7 +1473,7 @@ class HAProxy:
                           for n in nodes)
         cfg = f"""# written by bench/bench.py --cluster
 global
-    maxconn 20000
+    maxconn 8000
     log stderr format raw local0 notice
 defaults
     mode tcp
@@ -1604,22 +1607,25 @@ def cluster_latency(relays, sink, rate, seconds):
 
 
 def redis_benchmark(redis, requests=200000):
-    """redis-benchmark against the bench's Redis (50 clients, no pipelining): SET, GET, INCR and
-    an EVAL of a small counting script on random keys, requests/s each."""
+    """redis-benchmark against the bench's Redis (50 clients): SET, GET, INCR and an EVAL of a
+    small counting script on random keys, without pipelining, and the EVAL again with 16
+    requests in flight per client (as a node's one multiplexed connection pipelines its
+    sessions' operations); requests/s each."""
     base = ["redis-benchmark", "-h", "127.0.0.1", "-p", str(redis.port), "-q", "-n", str(requests),
             "-r", "100000"]
     script = ("local n = redis.call('INCR', KEYS[1]) "
               "if n == 1 then redis.call('PEXPIRE', KEYS[1], 60000) end return n")
     out = []
-    for args in (["-t", "set,get,incr"],
-                 ["EVAL", script, "1", "portcullis:bench:__rand_int__"]):
+    evalsha = ["EVAL", script, "1", "portcullis:bench:__rand_int__"]
+    for args in (["-t", "set,get,incr"], evalsha, ["-P", "16", *evalsha]):
         text = subprocess.run(base + args, capture_output=True, text=True, timeout=300,
                               check=True).stdout
         for line in re.split(r"[\r\n]+", text):
-            m = re.match(r"\s*([A-Za-z_\" ]+?):\s*([\d.]+) requests per second", line)
+            m = re.match(r"\s*(.*?):\s*([\d.]+) requests per second", line)
             if m:
-                name = "EVAL (INCR + PEXPIRE script)" if args[0] == "EVAL" else m.group(1)
-                out.append((name, float(m.group(2))))
+                name = "EVAL (INCR + PEXPIRE script)" if "EVAL" in args else m.group(1)
+                out.append((name + (f", pipeline {args[1]}" if args[0] == "-P" else ""),
+                            float(m.group(2))))
     redis.cli("EVAL", "for _, k in ipairs(redis.call('KEYS', 'portcullis:bench:*')) do "
               "redis.call('DEL', k) end return 0", "0")
     return out
@@ -1653,86 +1659,107 @@ def commands_line(rs):
                      for k in names)
 
 
+def cluster_haproxy(sink, procs):
+    """--cluster, part "haproxy": scenario A through HAProxy to two nodes vs one node direct.
+    Returns (report lines, runs)."""
+    n1 = Portcullis(sink.port, name="node-1", edit_config=node_config("node-1"))
+    procs.append(n1)
+    n2 = Portcullis(sink.port, name="node-2", edit_config=node_config("node-2"))
+    procs.append(n2)
+    front = HAProxy([n1, n2], "HAProxy → 2 nodes")
+    procs.append(front)
+    direct = Direct(n1, "1 node direct")
+    log(f"HAProxy on 127.0.0.1:{front.port} (pid {front.proxy_root}) → "
+        f"{n1.port} (pid {n1.root}), {n2.port} (pid {n2.root})")
+    a = [scenario("A 1 KB, 20 sessions, new connection per message", [front, direct], sink,
+                  CL_MESSAGES, 20, SMALL, False, WARMUP)]
+    for p in (front, n1, n2):
+        p.stop()
+        procs.remove(p)
+    lines = [f"Scale-out, HAProxy 2.6 (TCP mode, send-proxy-v2, round robin, TCP checks every "
+             f"2 s) in front of two portcullis nodes on this machine, against one of the "
+             f"nodes used directly: {CL_MESSAGES} messages per counted run, {RUNS} counted "
+             f"runs per path after a {WARMUP}-message warm-up, alternating, {SETTLE_S:g} s "
+             "settle before each.", ""] + table_cluster(a, "1 node direct")
+    return lines, a
+
+
+def cluster_redis(sink, procs):
+    """--cluster, part "redis": shared rate limits through Redis vs the same limits kept
+    locally; Redis's key sizes and redis-benchmark. Returns (report lines, runs, open-loop
+    runs)."""
+    redis = Redis()
+    procs.append(redis)
+    shared = Portcullis(sink.port, name="cluster-on",
+                        edit_config=node_config("cluster-on", redis.port))
+    procs.append(shared)
+    local = Portcullis(sink.port, name="cluster-off", edit_config=node_config("cluster-off", 0))
+    procs.append(local)
+    meter(shared, redis)
+    c = [scenario("A 1 KB, 20 sessions, new connection per message", [shared, local], sink,
+                  CL_MESSAGES, 20, SMALL, False, WARMUP)]
+    lat = cluster_latency([shared, local], sink, CL_RATE, CL_SECONDS) if CL_SECONDS > 0 else {}
+    sizes = redis.key_sizes()
+    used = re.search(r"used_memory:(\d+)", redis.cli("INFO", "memory"))
+    bench = redis_benchmark(redis)
+    lines = ["Shared limits: node \"cluster-on\" with the four [rate_limits] keys at "
+             f"{NEVER_REFUSE} (never refusing) and [cluster] on a local Redis 7.0 "
+             "(noeviction, appendonly yes, appendfsync everysec); node \"cluster-off\" with "
+             "the same limits and no [cluster]. No AUTH in this load, so messages_per_user, "
+             "the lockout and spraying counters are not exercised. Scenario A "
+             f"({CL_MESSAGES} messages per counted run, {RUNS} counted runs per node after a "
+             f"{WARMUP}-message warm-up), alternating; Redis ops/msg from INFO commandstats "
+             "before and after each run (INFO itself left out).", ""] + \
+        table_cluster(c, "cluster-off")
+    lines += ["", "Redis commands per message (cluster-on, scenario A, medians): "
+              + commands_line(c[0][1]["cluster-on"]) + "."]
+    if lat:
+        lines += ["", f"Open loop (loadgen, a new connection every 1/{CL_RATE:.0f} s for "
+                  f"{CL_SECONDS:.0f} s, {RUNS} runs per node, alternating): latency from "
+                  "the scheduled start to the 250 after the final dot.", "",
+                  "| node | accept→250 p50 ms | accept→250 p99 ms | failed | Redis ops/msg | "
+                  "added p50 / p99 ms (medians) |", "|---|---|---|---|---|---|"]
+        off = lat["cluster-off"]
+        for name, rs in lat.items():
+            added = ""
+            if name == "cluster-on":
+                added = "%+.2f / %+.2f" % (
+                    statistics.median(r["p50_ms"] for r in rs) -
+                    statistics.median(r["p50_ms"] for r in off),
+                    statistics.median(r["p99_ms"] for r in rs) -
+                    statistics.median(r["p99_ms"] for r in off))
+            ops = fmt([r["redis_ops"] for r in rs], ".2f") if "redis_ops" in rs[0] else ""
+            lines.append(f"| {name} | {fmt([r['p50_ms'] for r in rs], '.2f')} | "
+                         f"{fmt([r['p99_ms'] for r in rs], '.2f')} | "
+                         f"{sum(r['failed'] for r in rs)} | {ops} | {added} |")
+    lines += ["", "Keys in Redis after the runs (MEMORY USAGE, bytes): " + (
+        "; ".join(f"{p}: {n} keys, median {b:.0f} B" for p, (n, b) in sizes.items())
+        or "none") + (f"; used_memory {int(used.group(1)) / 1e6:.1f} MB." if used else "."),
+        "", "redis-benchmark on this machine (50 clients, 200000 requests each, random "
+        "keys; no pipelining unless said): " +
+        ", ".join(f"{n} {v:,.0f}/s" for n, v in bench) + "."]
+    for p in (shared, local, redis):
+        p.stop()
+        procs.remove(p)
+    return lines, c, lat
+
+
 def main_cluster():
-    """--cluster: scenario A through HAProxy to two nodes vs one node direct; then a node with
-    the four rate limits shared through Redis vs the same limits kept locally (scenario A, and
-    open-loop latency), Redis operations per message, Redis's key sizes and its own speed."""
+    """--cluster: the parts of BENCH_CL_PARTS (cluster_haproxy, cluster_redis)."""
     started = time.monotonic()
     sink = Sink(free_port())
     procs = []
     try:
-        n1 = Portcullis(sink.port, name="node-1", edit_config=node_config("node-1"))
-        procs.append(n1)
-        n2 = Portcullis(sink.port, name="node-2", edit_config=node_config("node-2"))
-        procs.append(n2)
-        front = HAProxy([n1, n2], "HAProxy → 2 nodes")
-        procs.append(front)
-        direct = Direct(n1, "1 node direct")
-        log(f"HAProxy on 127.0.0.1:{front.port} (pid {front.proxy_root}) → "
-            f"{n1.port} (pid {n1.root}), {n2.port} (pid {n2.root})")
-        a = [scenario("A 1 KB, 20 sessions, new connection per message", [front, direct], sink,
-                      CL_MESSAGES, 20, SMALL, False, WARMUP)]
-        for p in (front, n1, n2):
-            p.stop()
-        procs.clear()
-        lines = [f"Scale-out, HAProxy 2.6 (TCP mode, send-proxy-v2, round robin, TCP checks every "
-                 f"2 s) in front of two portcullis nodes on this machine, against one of the "
-                 f"nodes used directly: {CL_MESSAGES} messages per counted run, {RUNS} counted "
-                 f"runs per path after a {WARMUP}-message warm-up, alternating, {SETTLE_S:g} s "
-                 "settle before each.", ""] + table_cluster(a, "1 node direct")
-
-        redis = Redis()
-        procs.append(redis)
-        shared = Portcullis(sink.port, name="cluster-on",
-                            edit_config=node_config("cluster-on", redis.port))
-        procs.append(shared)
-        local = Portcullis(sink.port, name="cluster-off", edit_config=node_config("cluster-off", 0))
-        procs.append(local)
-        meter(shared, redis)
-        c = [scenario("A 1 KB, 20 sessions, new connection per message", [shared, local], sink,
-                      CL_MESSAGES, 20, SMALL, False, WARMUP)]
-        lat = cluster_latency([shared, local], sink, CL_RATE, CL_SECONDS) if CL_SECONDS > 0 else {}
-        sizes = redis.key_sizes()
-        info = redis.cli("INFO", "memory")
-        used = re.search(r"used_memory:(\d+)", info)
-        bench = redis_benchmark(redis)
-        lines += ["", "Shared limits: node \"cluster-on\" with the four [rate_limits] keys at "
-                  f"{NEVER_REFUSE} (never refusing) and [cluster] on a local Redis 7.0 "
-                  "(noeviction, appendonly yes, appendfsync everysec); node \"cluster-off\" with "
-                  "the same limits and no [cluster]. No AUTH in this load, so messages_per_user, "
-                  "the lockout and spraying counters are not exercised. Scenario A as above, "
-                  "alternating; Redis ops/msg from INFO commandstats before and after each run "
-                  "(INFO itself left out).", ""] + table_cluster(c, "cluster-off")
-        lines += ["", "Redis commands per message (cluster-on, scenario A, medians): "
-                  + commands_line(c[0][1]["cluster-on"]) + "."]
-        if lat:
-            lines += ["", f"Open loop (loadgen, a new connection every 1/{CL_RATE:.0f} s for "
-                      f"{CL_SECONDS:.0f} s, {RUNS} runs per node, alternating): latency from "
-                      "the scheduled start to the 250 after the final dot.", "",
-                      "| node | accept→250 p50 ms | accept→250 p99 ms | failed | Redis ops/msg | "
-                      "added p50 / p99 ms (medians) |", "|---|---|---|---|---|---|"]
-            off = lat["cluster-off"]
-            for name, rs in lat.items():
-                added = ""
-                if name == "cluster-on":
-                    added = "%+.2f / %+.2f" % (
-                        statistics.median(r["p50_ms"] for r in rs) -
-                        statistics.median(r["p50_ms"] for r in off),
-                        statistics.median(r["p99_ms"] for r in rs) -
-                        statistics.median(r["p99_ms"] for r in off))
-                ops = fmt([r["redis_ops"] for r in rs], ".2f") if "redis_ops" in rs[0] else ""
-                lines.append(f"| {name} | {fmt([r['p50_ms'] for r in rs], '.2f')} | "
-                             f"{fmt([r['p99_ms'] for r in rs], '.2f')} | "
-                             f"{sum(r['failed'] for r in rs)} | {ops} | {added} |")
-        lines += ["", "Keys in Redis after the runs (MEMORY USAGE, bytes): " + (
-            "; ".join(f"{p}: {n} keys, median {b:.0f} B" for p, (n, b) in sizes.items())
-            or "none") + (f"; used_memory {int(used.group(1)) / 1e6:.1f} MB." if used else "."),
-            "", "redis-benchmark on this machine (50 clients, no pipelining, "
-            "200000 requests each, random keys): " +
-            ", ".join(f"{n} {v:,.0f}/s" for n, v in bench) + "."]
+        lines, runs, lat = [], [], {}
+        if "haproxy" in CL_PARTS:
+            part, a = cluster_haproxy(sink, procs)
+            lines, runs = lines + part, runs + a
+        if "redis" in CL_PARTS:
+            part, c, lat = cluster_redis(sink, procs)
+            lines, runs = lines + ([""] if lines else []) + part, runs + c
         publish(lines, started)
         short = [f"{r['relay']} delivered {r['delivered']} of {r['sent']}"
-                 for _, res in a + c for rs in res.values() for r in rs
+                 for _, res in runs for rs in res.values() for r in rs
                  if r["delivered"] < r["sent"]]
         short += [f"{name}: {r['failed']} open-loop sessions failed"
                   for name, rs in lat.items() for r in rs if r["failed"]]
@@ -1742,7 +1769,7 @@ def main_cluster():
             try:
                 p.stop()
             except Exception as e:  # keep stopping the others
-                log(f"stopping {p.name if hasattr(p, 'name') else p}: {e}")
+                log(f"stopping {getattr(p, 'name', p)}: {e}")
         stop_proc(sink.proc)
 
 
