@@ -223,14 +223,16 @@ pub async fn run(config: Config, path: Option<PathBuf>) -> Result<(), AppError> 
     let (spool, _running) = prepare_spool(&config).await?;
     raise_fd_limit(config.limits.max_connections);
     let telemetry = Arc::new(telemetry_for(&config, &spool));
-    // The suspended logins, read before any session or delivery starts.
-    let containment = {
-        let (spool, telemetry) = (spool.clone(), telemetry.clone());
-        let opened = tokio::task::spawn_blocking(move || Containment::open(spool, telemetry)).await;
-        Arc::new(opened.map_err(AppError::Recovery)??)
-    };
     // The shared store: nothing is connected until the watch task or a session asks.
     let cluster = Cluster::new(&config.cluster, telemetry.clone());
+    // The suspended logins, read before any session or delivery starts (those of the shared
+    // store are added at the first poll).
+    let containment = {
+        let (spool, telemetry, cluster) = (spool.clone(), telemetry.clone(), cluster.clone());
+        let opened =
+            tokio::task::spawn_blocking(move || Containment::open(spool, telemetry, cluster)).await;
+        Arc::new(opened.map_err(AppError::Recovery)??)
+    };
     let delivery_stop = CancellationToken::new();
     let delivery = outbound::start(
         &config,
@@ -283,9 +285,19 @@ pub async fn run(config: Config, path: Option<PathBuf>) -> Result<(), AppError> 
     let client_state: crate::policy::store::ClientStateSource = {
         let (runtime, telemetry) = (runtime.clone(), telemetry.clone());
         let counter = inbound.connections();
+        let cluster = cluster.clone();
         Arc::new(move |ip, login| {
             let paused = telemetry.gate.paused();
-            inbound::explain::running_state(&runtime.load(), &counter, paused, ip, login)
+            let running = runtime.load_full();
+            let mut state =
+                inbound::explain::running_state(&running, &counter, paused, ip, login.as_deref());
+            let cluster = cluster.clone();
+            Box::pin(async move {
+                let store = running.policy.store();
+                let stores = crate::cluster::store::SharedStore::new(store, cluster.as_ref());
+                stores.read_shared(&mut state, ip, login.as_deref()).await;
+                state
+            })
         })
     };
     // `/api/users` reads the messages each login sent within the hour.
@@ -377,11 +389,18 @@ async fn start_admin(
 /// The relay's telemetry: named after this node, its events journaled under the spool
 /// (delivery declares the upstreams, see [`outbound::start`]).
 fn telemetry_for(config: &Config, spool: &Spool) -> Telemetry {
-    Telemetry::new(config.cluster.node.clone()).with_journal(Box::new(Journal::open(
-        spool,
-        &config.log,
-        config.limits.min_free_space,
-    )))
+    let journal = Journal::open(spool, &config.log, config.limits.min_free_space)
+        .with_node(named_node(config).map(str::to_owned));
+    Telemetry::new(config.cluster.node.clone()).with_journal(Box::new(journal))
+}
+
+/// The node that log lines and journal events name: `[cluster] node` when `[cluster]` is in
+/// use (a store, or a node name other than `server.hostname`); `None` otherwise, and they are
+/// written as without `[cluster]`.
+pub fn named_node(config: &Config) -> Option<&str> {
+    let cluster = &config.cluster;
+    (cluster.redis.is_some() || cluster.node != config.server.hostname)
+        .then_some(cluster.node.as_str())
 }
 
 /// Open the spool and recover it (off the reactor), then log the configuration's warnings.
@@ -494,6 +513,13 @@ fn restart_only_changes(old: &Config, new: &Config) -> Vec<&'static str> {
     // it reports follow the reload).
     let admin = |c: &Config| c.admin.as_ref().map(|a| a.bind);
     let journal = |c: &Config| (c.log.journal_keep, c.log.journal_max_size);
+    let store = |c: &Config| {
+        (
+            c.cluster.redis.clone(),
+            c.cluster.on_error,
+            c.cluster.timeout,
+        )
+    };
     let checks = [
         (
             binds(old) != binds(new),
@@ -516,8 +542,12 @@ fn restart_only_changes(old: &Config, new: &Config) -> Vec<&'static str> {
             "[admin] bind changed (or [admin] added or removed); that takes a restart (the admin listener stays as it started)",
         ),
         (
-            old.server.hostname != new.server.hostname,
-            "server.hostname changed; SMTP and delivery use the new one, but the alerts, the webhook and the status name this node by the old one until a restart",
+            old.server.hostname != new.server.hostname || old.cluster.node != new.cluster.node,
+            "server.hostname or [cluster] node changed; SMTP and delivery use the new host name, but the alerts, the webhook, the status and the journal name this node by the old one until a restart",
+        ),
+        (
+            store(old) != store(new),
+            "[cluster] redis, on_error or timeout changed; that takes a restart (the node keeps the shared store it started with)",
         ),
     ];
     checks
@@ -646,7 +676,14 @@ mod tests {
         );
         let mut host = old.clone();
         host.server.hostname = "mx2.test".into();
-        named(&old, &host, "server.hostname changed");
+        named(&old, &host, "server.hostname or [cluster] node changed");
+        let mut node = old.clone();
+        node.cluster.node = "edge-2".into();
+        named(&old, &node, "server.hostname or [cluster] node changed");
+        let mut store = old.clone();
+        store.cluster.redis =
+            Some(crate::config::RedisUrl::parse("redis://127.0.0.1:6379/0").unwrap());
+        named(&old, &store, "[cluster] redis, on_error or timeout changed");
         let mut spool = old.clone();
         spool.server.spool_dir = "/elsewhere".into();
         named(&old, &spool, "spool_dir changed");

@@ -52,7 +52,7 @@ pub struct ListenerTask {
     pub socket: TcpListener,
     /// The current configuration snapshot; replaced on reload.
     pub runtime: Arc<ArcSwap<Runtime>>,
-    pub shared: Shared,
+    pub shared: Arc<Shared>,
     pub counter: ConnectionCounter,
     pub tracker: TaskTracker,
 }
@@ -198,7 +198,7 @@ pub(super) struct Accepted {
     pub runtime: Arc<Runtime>,
     /// The listener as that snapshot configures it.
     pub listener: Listener,
-    pub shared: Shared,
+    pub shared: Arc<Shared>,
     /// The TCP peer: the client, or a trusted proxy.
     pub peer: SocketAddr,
     /// Its place in the connection counts, held until the session ends.
@@ -241,6 +241,9 @@ impl Accepted {
                 let detail = Detail::Text(e.to_string());
                 let what = "closed: no valid PROXY header from a trusted proxy";
                 let refused = Refused::unanswered("proxy_header", what).with_detail(&detail);
+                // No client is known: the line names the proxy as the peer too, so a search
+                // by either address finds it.
+                record_peer(&span, self.peer);
                 record_at_connect(&self.shared, &self.listener.name, self.peer, &refused);
                 return None;
             }
