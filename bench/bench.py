@@ -25,6 +25,16 @@ message) with this build, its admin listener on and scraped every BENCH_SCRAPE_S
 commit before observability (bench/run builds it), alternating, BENCH_RUNS counted runs each
 (default 5 here). The figure that matters is relay CPU ms per message; msg/s drifts too much on
 these machines to resolve 5 %.
+Argument --cluster: scale-out (issue 17). Scenario A (1 KB, new connection per message) through
+HAProxy (TCP mode, send-proxy-v2, round robin, from 127.0.0.2, the nodes' trusted_proxies) to
+two portcullis nodes, against one of the nodes used directly, alternating; HAProxy's CPU apart.
+Then a node with all four [rate_limits] keys set never to refuse and [cluster] on a local
+redis-server, against the same node without [cluster]: scenario A, and open-loop runs at
+BENCH_CL_RATE msg/s (default 400) for BENCH_CL_SECONDS (default 15; 0 skips them) for the
+accept->250 latency, with Redis's commands per message (INFO commandstats before and after each
+run); then the sizes of the keys left in Redis (MEMORY USAGE) and redis-benchmark. Messages per
+counted run: BENCH_CL_MESSAGES (default 10000); BENCH_SETTLE defaults to 10 s here;
+BENCH_CL_PARTS: "haproxy", "redis" or both (default "haproxy,redis").
 
 Scenario F (issue 14) is scenario A with SPF, DKIM and DMARC verification on: portcullis
 (`[spf] verify = "record"`, `[dkim] verify = "record"`, `[dmarc] verify = "enforce"`, `[dns]`
@@ -59,6 +69,13 @@ LOADGEN = os.environ["BENCH_LOADGEN"]
 SMOKE = "--smoke" in sys.argv[1:]
 AUTH_ONLY = "--auth" in sys.argv[1:]
 OBSERVE_ONLY = "--observe" in sys.argv[1:]
+CLUSTER_ONLY = "--cluster" in sys.argv[1:]
+# --cluster: messages per counted run and the open-loop rate and length of the latency runs.
+CL_MESSAGES = int(os.environ.get("BENCH_CL_MESSAGES", "10000"))
+CL_RATE = float(os.environ.get("BENCH_CL_RATE", "400"))
+CL_SECONDS = float(os.environ.get("BENCH_CL_SECONDS", "15"))
+# --cluster: which parts run ("haproxy", "redis" or both, comma-separated).
+CL_PARTS = {p.strip() for p in os.environ.get("BENCH_CL_PARTS", "haproxy,redis").split(",")}
 # --observe: how often the scraper reads /metrics and /api/status during the counted runs.
 SCRAPE_S = float(os.environ.get("BENCH_SCRAPE_S", "1"))
 F_MESSAGES = int(os.environ.get("BENCH_F_MESSAGES", "5000"))
@@ -82,7 +99,8 @@ STALL_S = float(os.environ.get("BENCH_STALL_S", "30"))
 # slower (687 vs 1,741 msg/s, 2.0 vs 0.7 ms CPU/msg) than after a 30 s pause: the machine needs to
 # settle (cause not yet known), so every run, of either relay, starts after this pause.
 # --smoke runs portcullis alone, so it needs no pause by default.
-SETTLE_S = float(os.environ.get("BENCH_SETTLE", "0" if SMOKE else "30"))
+# --cluster: 10 s, as its runs are short and alternate the same relays.
+SETTLE_S = float(os.environ.get("BENCH_SETTLE", "0" if SMOKE else "10" if CLUSTER_ONLY else "30"))
 C_SECONDS = float(os.environ.get("BENCH_C_SECONDS", "15"))
 D_IDLE = int(os.environ.get("BENCH_D_IDLE", "10000"))
 D_SECONDS = float(os.environ.get("BENCH_D_SECONDS", "15"))
@@ -242,6 +260,12 @@ def cpu_ticks(root):
         if st:
             total += st[1]
     return total
+
+
+def proxy_ticks(relay):
+    """CPU time of the load balancer in front of a relay (HAProxy in --cluster), or 0."""
+    root = getattr(relay, "proxy_root", None)
+    return cpu_ticks(root) if root else 0
 
 
 def stack_ticks(relay):
@@ -528,6 +552,8 @@ def run_once(relay, sink, messages, sessions, size, reuse, rss=False, source=Non
     peak_sum = 0
     c0 = stack_ticks(relay)
     d0 = cpu_ticks(dns_root) if dns_root else 0
+    p0 = proxy_ticks(relay)
+    m0 = relay.sample() if hasattr(relay, "sample") else None
     t0 = time.monotonic()
     src = spawn(cmd, stdout=subprocess.DEVNULL, stderr=open(os.path.join(TMP, "source.err"), "a"))
     deadline = t0 + max(120, messages * size / 5e6, messages / 50)
@@ -546,6 +572,8 @@ def run_once(relay, sink, messages, sessions, size, reuse, rss=False, source=Non
     time.sleep(0.3)  # let the relay finish bookkeeping for the last message before reading CPU
     c1 = stack_ticks(relay)
     d1 = cpu_ticks(dns_root) if dns_root else 0
+    p1 = proxy_ticks(relay)
+    m1 = relay.sample() if m0 is not None else None
     delivered = got - base
     if src.returncode != 0:
         log(f"warning: smtp-source exited {src.returncode} ({relay.name})")
@@ -562,7 +590,10 @@ def run_once(relay, sink, messages, sessions, size, reuse, rss=False, source=Non
         "cpu_ms": (c1 - c0) * 1000 / CLK_TCK / max(delivered, 1),
         "gen_cpu_ms": (ru.ru_utime + ru.ru_stime) * 1000 / max(messages, 1),
         "dns_cpu_ms": (d1 - d0) * 1000 / CLK_TCK / max(delivered, 1),
+        "proxy_cpu_ms": (p1 - p0) * 1000 / CLK_TCK / max(delivered, 1),
     }
+    if m0 is not None:
+        r.update(relay.per_message(m0, m1, delivered))
     if rss:
         r["rss_mb"] = (status_kb(relay.root, "VmHWM") / 1024 if relay.name == "portcullis"
                        else peak_sum / 1024)
@@ -1390,11 +1421,373 @@ def main_observe():
         stop_proc(sink.proc)
 
 
+# ---- --cluster: scale-out (issue 17) ------------------------------------------------------
+
+# The address HAProxy connects to the nodes from (`source`): the nodes' trusted_proxies. The
+# load generator and wait_port connect from 127.0.0.1, so each node still serves them directly.
+PROXY_SOURCE = "127.0.0.2"
+# Every [rate_limits] key, so high that no run is ever refused (smtp-source and loadgen send
+# everything from 127.0.0.1): the cost of counting, never of refusing.
+NEVER_REFUSE = "1000000000/hour"
+
+
+def node_config(node, redis_port=None):
+    """Edit the bench policy for --cluster: the plain listener trusts PROXY_SOURCE; the node's
+    name; with `redis_port`, the four rate limits (NEVER_REFUSE) and, if `redis_port` is not
+    0, [cluster] on that Redis."""
+    def edit(cfg):
+        cfg = cfg.replace('name = "bench"\n',
+                          f'name = "bench"\ntrusted_proxies = ["{PROXY_SOURCE}/32"]\n', 1)
+        if redis_port is not None:
+            cfg += "\n[rate_limits]\n" + "".join(
+                f'{k} = "{NEVER_REFUSE}"\n' for k in
+                ("connections_per_ip", "messages_per_ip", "messages_per_user", "recipients_per_ip"))
+        cfg += f'\n[cluster]\nnode = "{node}"\n'
+        if redis_port:
+            cfg += f'redis = "redis://127.0.0.1:{redis_port}/0"\n'
+        return cfg
+    return edit
+
+
+def http_ok(port, path):
+    """Whether GET http://127.0.0.1:PORT/PATH answers 200."""
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=2) as s:
+            s.sendall(f"GET {path} HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n".encode())
+            return s.recv(64).startswith((b"HTTP/1.0 200", b"HTTP/1.1 200"))
+    except OSError:
+        return False
+
+
+class HAProxy:
+    """HAProxy in TCP mode in front of `nodes`: round robin, send-proxy-v2, a TCP health check
+    (which sends a v2 LOCAL header), option redispatch. As a relay for run_once: its port is the
+    frontend, its CPU is the nodes' together, and HAProxy's own CPU is reported apart."""
+
+    def __init__(self, nodes, name):
+        self.name, self.nodes = name, nodes
+        self.dir = os.path.join(TMP, "haproxy")
+        os.makedirs(self.dir, exist_ok=True)
+        self.port, monitor = free_port(), free_port()
+        servers = "".join(f"    server {n.name} 127.0.0.1:{n.port} send-proxy-v2 check inter 2s\n"
+                          for n in nodes)
+        cfg = f"""# written by bench/bench.py --cluster
+global
+    maxconn 8000
+    log stderr format raw local0 notice
+defaults
+    mode tcp
+    log global
+    option redispatch
+    retries 2
+    timeout connect 5s
+    timeout client 11m
+    timeout server 11m
+    timeout check 3s
+frontend ready
+    mode http
+    bind 127.0.0.1:{monitor}
+    monitor-uri /ready
+frontend smtp
+    bind 127.0.0.1:{self.port}
+    default_backend relays
+backend relays
+    balance roundrobin
+    source {PROXY_SOURCE}
+{servers}"""
+        self.config = os.path.join(self.dir, "haproxy.cfg")
+        with open(self.config, "w") as f:
+            f.write(cfg)
+        subprocess.run(["haproxy", "-c", "-q", "-f", self.config], check=True, timeout=30)
+        self.proc = spawn(["haproxy", "-db", "-f", self.config],
+                          stdout=open(os.path.join(self.dir, "log"), "w"), stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + 30
+        while not http_ok(monitor, "/ready"):
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"haproxy did not start (see {self.dir}/log)")
+            time.sleep(0.1)
+        self.proxy_root = self.proc.pid
+        self.root = nodes[0].root
+        self.companions = [n.root for n in nodes[1:]]
+        wait_port(self.port, proc=self.proc)  # a session through HAProxy: both sides serve
+
+    def stop(self):
+        stop_proc(self.proc)
+
+
+class Direct:
+    """One node of an HAProxy pool, used directly (the baseline of the two-node figure)."""
+
+    def __init__(self, node, name):
+        self.name, self.port, self.root, self.node = name, node.port, node.root, node
+
+    def stop(self):
+        pass
+
+
+class Redis:
+    """redis-server on 127.0.0.1 as docs/deploy-cluster.md sets it up: maxmemory-policy
+    noeviction, append-only file fsynced every second, no RDB snapshots."""
+
+    def __init__(self):
+        self.dir = os.path.join(TMP, "redis")
+        os.makedirs(self.dir, exist_ok=True)
+        self.port = free_port()
+        self.proc = spawn(["redis-server", "--bind", "127.0.0.1", "--port", str(self.port),
+                           "--save", "", "--appendonly", "yes", "--appendfsync", "everysec",
+                           "--maxmemory", "256mb", "--maxmemory-policy", "noeviction",
+                           "--dir", self.dir, "--daemonize", "no",
+                           "--logfile", os.path.join(self.dir, "log")],
+                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        self.root = self.proc.pid
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                if self.cli("PING").strip() == "PONG":
+                    break
+            except subprocess.CalledProcessError:
+                pass
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"redis-server did not start (see {self.dir}/log)")
+            time.sleep(0.1)
+
+    def cli(self, *args):
+        return subprocess.run(["redis-cli", "-h", "127.0.0.1", "-p", str(self.port), *args],
+                              capture_output=True, text=True, timeout=60, check=True).stdout
+
+    def commands(self):
+        """{command: calls} from INFO commandstats, without INFO (our own reading)."""
+        out = {}
+        for line in self.cli("INFO", "commandstats").splitlines():
+            m = re.match(r"cmdstat_([^:]+):calls=(\d+)", line)
+            if m and m.group(1) != "info":
+                out[m.group(1)] = int(m.group(2))
+        return out
+
+    def key_sizes(self):
+        """{key pattern: (keys, median bytes of MEMORY USAGE)} over every portcullis: key; a
+        pattern is the key with each part that holds a digit (an address, a time) as '*'."""
+        keys = [k for k in self.cli("--scan", "--pattern", "portcullis:*").splitlines() if k]
+        groups = {}
+        for k in keys:
+            pattern = ":".join("*" if re.search(r"\d", part) else part for part in k.split(":"))
+            groups.setdefault(pattern, []).append(int(self.cli("MEMORY", "USAGE", k).strip() or 0))
+        return {p: (len(v), statistics.median(v)) for p, v in sorted(groups.items())}
+
+    def stop(self):
+        stop_proc(self.proc)
+
+
+def meter(relay, redis):
+    """Make run_once (and cluster_latency) count `redis`'s commands and CPU around each run of
+    `relay`: per message, redis_ops (script calls: round trips), redis_cmds_total (every
+    command, those run inside the scripts included), redis_cmds ({command: calls}) and
+    redis_cpu_ms."""
+    relay.sample = lambda: (redis.commands(), cpu_ticks(redis.root))
+
+    def per_message(m0, m1, n):
+        n = max(n, 1)
+        cmds = {k: (v - m0[0].get(k, 0)) / n for k, v in m1[0].items() if v > m0[0].get(k, 0)}
+        # A script call is one round trip; commandstats also counts each command the script
+        # runs inside Redis (GET, SET, TIME …), so both are reported.
+        calls = sum(v for k, v in cmds.items() if k.startswith(("eval", "fcall")))
+        return {"redis_ops": calls, "redis_cmds_total": sum(cmds.values()), "redis_cmds": cmds,
+                "redis_cpu_ms": (m1[1] - m0[1]) * 1000 / CLK_TCK / n}
+    relay.per_message = per_message
+
+
+def cluster_latency(relays, sink, rate, seconds):
+    """Open-loop runs (loadgen, as scenario D's active load) alternating over `relays`: p50/p99
+    of accept->250, and Redis operations per message for a metered relay."""
+    log(f"== open loop at {rate:.0f} msg/s for {seconds:.0f} s")
+    results = {r.name: [] for r in relays}
+    for _ in range(RUNS):
+        for relay in relays:
+            m0 = relay.sample() if hasattr(relay, "sample") else None
+            r = active_run(relay, sink, rate, seconds)
+            if m0 is not None:
+                r.update(relay.per_message(m0, relay.sample(), r["ok"]))
+            results[relay.name].append(r)
+    return results
+
+
+def redis_benchmark(redis, requests=200000):
+    """redis-benchmark against the bench's Redis (50 clients): SET, GET, INCR and an EVAL of a
+    small counting script on random keys, without pipelining, and the EVAL again with 16
+    requests in flight per client (as a node's one multiplexed connection pipelines its
+    sessions' operations); requests/s each."""
+    base = ["redis-benchmark", "-h", "127.0.0.1", "-p", str(redis.port), "-q", "-n", str(requests),
+            "-r", "100000"]
+    script = ("local n = redis.call('INCR', KEYS[1]) "
+              "if n == 1 then redis.call('PEXPIRE', KEYS[1], 60000) end return n")
+    out = []
+    evalsha = ["EVAL", script, "1", "portcullis:bench:__rand_int__"]
+    for args in (["-t", "set,get,incr"], evalsha, ["-P", "16", *evalsha]):
+        text = subprocess.run(base + args, capture_output=True, text=True, timeout=300,
+                              check=True).stdout
+        for line in re.split(r"[\r\n]+", text):
+            m = re.match(r"\s*(.*?):\s*([\d.]+) requests per second", line)
+            if m:
+                name = "EVAL (INCR + PEXPIRE script)" if "EVAL" in args else m.group(1)
+                out.append((name + (f", pipeline {args[1]}" if args[0] == "-P" else ""),
+                            float(m.group(2))))
+    redis.cli("EVAL", "for _, k in ipairs(redis.call('KEYS', 'portcullis:bench:*')) do "
+              "redis.call('DEL', k) end return 0", "0")
+    return out
+
+
+def table_cluster(rows, base):
+    """Scenario A rows with the relays' CPU, HAProxy's and Redis's, against relay `base`."""
+    out = ["| scenario | path | end-to-end msg/s median (range) | relay CPU ms/msg (all nodes) | "
+           "HAProxy CPU ms/msg | Redis scripts/msg (commands in all) | Redis CPU ms/msg | "
+           "smtp-source CPU ms/msg | "
+           f"msg/s vs {base} |", "|---|---|---|---|---|---|---|---|---|"]
+    for title, res in rows:
+        ref = statistics.median(r["msgs"] for r in res[base]) if base in res else None
+        for name, rs in res.items():
+            med = statistics.median(r["msgs"] for r in rs)
+            proxy = fmt([r["proxy_cpu_ms"] for r in rs], ".2f") if rs[0]["proxy_cpu_ms"] else ""
+            ops = (fmt([r["redis_ops"] for r in rs], ".2f") + " (%.2f)" % statistics.median(
+                r["redis_cmds_total"] for r in rs)) if "redis_ops" in rs[0] else ""
+            rcpu = fmt([r["redis_cpu_ms"] for r in rs], ".3f") if "redis_ops" in rs[0] else ""
+            out.append(f"| {title} | {name} | {fmt([r['msgs'] for r in rs], '.0f')} | "
+                       f"{fmt([r['cpu_ms'] for r in rs], '.2f')} | {proxy} | {ops} | {rcpu} | "
+                       f"{statistics.median(r['gen_cpu_ms'] for r in rs):.2f} | "
+                       f"{'%.2f×' % (med / ref) if ref and name != base else ''} |")
+    return out
+
+
+def commands_line(rs):
+    """Redis commands per message, medians over the runs, e.g. "EVALSHA 3.00, …"."""
+    names = sorted({k for r in rs for k in r.get("redis_cmds", {})})
+    if not names:
+        return "none"
+    return ", ".join(f"{k.upper()} {statistics.median(r['redis_cmds'].get(k, 0) for r in rs):.2f}"
+                     for k in names)
+
+
+def cluster_haproxy(sink, procs):
+    """--cluster, part "haproxy": scenario A through HAProxy to two nodes vs one node direct.
+    Returns (report lines, runs)."""
+    n1 = Portcullis(sink.port, name="node-1", edit_config=node_config("node-1"))
+    procs.append(n1)
+    n2 = Portcullis(sink.port, name="node-2", edit_config=node_config("node-2"))
+    procs.append(n2)
+    front = HAProxy([n1, n2], "HAProxy → 2 nodes")
+    procs.append(front)
+    direct = Direct(n1, "1 node direct")
+    log(f"HAProxy on 127.0.0.1:{front.port} (pid {front.proxy_root}) → "
+        f"{n1.port} (pid {n1.root}), {n2.port} (pid {n2.root})")
+    a = [scenario("A 1 KB, 20 sessions, new connection per message", [front, direct], sink,
+                  CL_MESSAGES, 20, SMALL, False, WARMUP)]
+    for p in (front, n1, n2):
+        p.stop()
+        procs.remove(p)
+    lines = [f"Scale-out, HAProxy 2.6 (TCP mode, send-proxy-v2, round robin, TCP checks every "
+             f"2 s) in front of two portcullis nodes on this machine, against one of the "
+             f"nodes used directly: {CL_MESSAGES} messages per counted run, {RUNS} counted "
+             f"runs per path after a {WARMUP}-message warm-up, alternating, {SETTLE_S:g} s "
+             "settle before each.", ""] + table_cluster(a, "1 node direct")
+    return lines, a
+
+
+def cluster_redis(sink, procs):
+    """--cluster, part "redis": shared rate limits through Redis vs the same limits kept
+    locally; Redis's key sizes and redis-benchmark. Returns (report lines, runs, open-loop
+    runs)."""
+    redis = Redis()
+    procs.append(redis)
+    shared = Portcullis(sink.port, name="cluster-on",
+                        edit_config=node_config("cluster-on", redis.port))
+    procs.append(shared)
+    local = Portcullis(sink.port, name="cluster-off", edit_config=node_config("cluster-off", 0))
+    procs.append(local)
+    meter(shared, redis)
+    c = [scenario("A 1 KB, 20 sessions, new connection per message", [shared, local], sink,
+                  CL_MESSAGES, 20, SMALL, False, WARMUP)]
+    lat = cluster_latency([shared, local], sink, CL_RATE, CL_SECONDS) if CL_SECONDS > 0 else {}
+    sizes = redis.key_sizes()
+    used = re.search(r"used_memory:(\d+)", redis.cli("INFO", "memory"))
+    bench = redis_benchmark(redis)
+    lines = ["Shared limits: node \"cluster-on\" with the four [rate_limits] keys at "
+             f"{NEVER_REFUSE} (never refusing) and [cluster] on a local Redis 7.0 "
+             "(noeviction, appendonly yes, appendfsync everysec); node \"cluster-off\" with "
+             "the same limits and no [cluster]. No AUTH in this load, so messages_per_user, "
+             "the lockout and spraying counters are not exercised. Scenario A "
+             f"({CL_MESSAGES} messages per counted run, {RUNS} counted runs per node after a "
+             f"{WARMUP}-message warm-up), alternating; Redis ops/msg from INFO commandstats "
+             "before and after each run (INFO itself left out): a script call is one round trip, "
+             "and commandstats also counts each command it runs inside Redis.", ""] + \
+        table_cluster(c, "cluster-off")
+    lines += ["", "Redis commands per message (cluster-on, scenario A, medians): "
+              + commands_line(c[0][1]["cluster-on"]) + "."]
+    if lat:
+        lines += ["", f"Open loop (loadgen, a new connection every 1/{CL_RATE:.0f} s for "
+                  f"{CL_SECONDS:.0f} s, {RUNS} runs per node, alternating): latency from "
+                  "the scheduled start to the 250 after the final dot.", "",
+                  "| node | accept→250 p50 ms | accept→250 p99 ms | failed | Redis scripts/msg | "
+                  "added p50 / p99 ms (medians) |", "|---|---|---|---|---|---|"]
+        off = lat["cluster-off"]
+        for name, rs in lat.items():
+            added = ""
+            if name == "cluster-on":
+                added = "%+.2f / %+.2f" % (
+                    statistics.median(r["p50_ms"] for r in rs) -
+                    statistics.median(r["p50_ms"] for r in off),
+                    statistics.median(r["p99_ms"] for r in rs) -
+                    statistics.median(r["p99_ms"] for r in off))
+            ops = fmt([r["redis_ops"] for r in rs], ".2f") if "redis_ops" in rs[0] else ""
+            lines.append(f"| {name} | {fmt([r['p50_ms'] for r in rs], '.2f')} | "
+                         f"{fmt([r['p99_ms'] for r in rs], '.2f')} | "
+                         f"{sum(r['failed'] for r in rs)} | {ops} | {added} |")
+    lines += ["", "Keys in Redis after the runs (MEMORY USAGE, bytes): " + (
+        "; ".join(f"{p}: {n} keys, median {b:.0f} B" for p, (n, b) in sizes.items())
+        or "none") + (f"; used_memory {int(used.group(1)) / 1e6:.1f} MB." if used else "."),
+        "", "redis-benchmark on this machine (50 clients, 200000 requests each, random "
+        "keys; no pipelining unless said): " +
+        ", ".join(f"{n} {v:,.0f}/s" for n, v in bench) + "."]
+    for p in (shared, local, redis):
+        p.stop()
+        procs.remove(p)
+    return lines, c, lat
+
+
+def main_cluster():
+    """--cluster: the parts of BENCH_CL_PARTS (cluster_haproxy, cluster_redis)."""
+    started = time.monotonic()
+    sink = Sink(free_port())
+    procs = []
+    try:
+        lines, runs, lat = [], [], {}
+        if "haproxy" in CL_PARTS:
+            part, a = cluster_haproxy(sink, procs)
+            lines, runs = lines + part, runs + a
+        if "redis" in CL_PARTS:
+            part, c, lat = cluster_redis(sink, procs)
+            lines, runs = lines + ([""] if lines else []) + part, runs + c
+        publish(lines, started)
+        short = [f"{r['relay']} delivered {r['delivered']} of {r['sent']}"
+                 for _, res in runs for rs in res.values() for r in rs
+                 if r["delivered"] < r["sent"]]
+        short += [f"{name}: {r['failed']} open-loop sessions failed"
+                  for name, rs in lat.items() for r in rs if r["failed"]]
+        fail_if_short(short)
+    finally:
+        for p in reversed(procs):
+            try:
+                p.stop()
+            except Exception as e:  # keep stopping the others
+                log(f"stopping {getattr(p, 'name', p)}: {e}")
+        stop_proc(sink.proc)
+
+
 def main():
     if AUTH_ONLY:
         return main_auth()
     if OBSERVE_ONLY:
         return main_observe()
+    if CLUSTER_ONLY:
+        return main_cluster()
     started = time.monotonic()
     f_short = []
     sink = Sink(free_port())
