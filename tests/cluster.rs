@@ -11,6 +11,15 @@
 //! pinned to each node. Clients connect from their own loopback addresses (127.0.0.2, …), so
 //! the address each node believes is the one in the PROXY header.
 //!
+//! What it shows: the client's address (PROXY v1 and v2) decides `deny` and `relay_networks`
+//! and is the one in `Received:`, the logs and the journal, on both nodes, and a PROXY line a
+//! client sends itself is a command, never believed; a per-IP message limit, an AUTH lockout
+//! and a suspension hold across the nodes (shared through Redis); with Redis stopped, mail
+//! flows on each node's own state (`on_error = "local"`) or is refused for now (`"tempfail"`),
+//! and with Redis back the nodes share again; a node killed with SIGKILL mid-load: HAProxy
+//! sends new sessions to the survivor, and once the survivor has adopted the dead node's spool
+//! (`queue adopt`) every message acknowledged with `250` reaches the upstream, once.
+//!
 //! Skipped when haproxy or redis-server is missing, unless `PORTCULLIS_REQUIRE_HAPROXY=1` or
 //! `PORTCULLIS_REQUIRE_REDIS=1` (both set by `.ci/run`).
 
