@@ -494,6 +494,13 @@ fn restart_only_changes(old: &Config, new: &Config) -> Vec<&'static str> {
     // it reports follow the reload).
     let admin = |c: &Config| c.admin.as_ref().map(|a| a.bind);
     let journal = |c: &Config| (c.log.journal_keep, c.log.journal_max_size);
+    let store = |c: &Config| {
+        (
+            c.cluster.redis.clone(),
+            c.cluster.on_error,
+            c.cluster.timeout,
+        )
+    };
     let checks = [
         (
             binds(old) != binds(new),
@@ -516,8 +523,12 @@ fn restart_only_changes(old: &Config, new: &Config) -> Vec<&'static str> {
             "[admin] bind changed (or [admin] added or removed); that takes a restart (the admin listener stays as it started)",
         ),
         (
-            old.server.hostname != new.server.hostname,
-            "server.hostname changed; SMTP and delivery use the new one, but the alerts, the webhook and the status name this node by the old one until a restart",
+            old.server.hostname != new.server.hostname || old.cluster.node != new.cluster.node,
+            "server.hostname or [cluster] node changed; SMTP and delivery use the new host name, but the alerts, the webhook, the status and the journal name this node by the old one until a restart",
+        ),
+        (
+            store(old) != store(new),
+            "[cluster] redis, on_error or timeout changed; that takes a restart (the node keeps the shared store it started with)",
         ),
     ];
     checks
@@ -646,7 +657,14 @@ mod tests {
         );
         let mut host = old.clone();
         host.server.hostname = "mx2.test".into();
-        named(&old, &host, "server.hostname changed");
+        named(&old, &host, "server.hostname or [cluster] node changed");
+        let mut node = old.clone();
+        node.cluster.node = "edge-2".into();
+        named(&old, &node, "server.hostname or [cluster] node changed");
+        let mut store = old.clone();
+        store.cluster.redis =
+            Some(crate::config::RedisUrl::parse("redis://127.0.0.1:6379/0").unwrap());
+        named(&old, &store, "[cluster] redis, on_error or timeout changed");
         let mut spool = old.clone();
         spool.server.spool_dir = "/elsewhere".into();
         named(&old, &spool, "spool_dir changed");

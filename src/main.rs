@@ -1350,12 +1350,12 @@ fn restore(
 /// elsewhere; 1 when a file of DIR was refused or this spool failed (a rerun goes on).
 fn adopt(spool: &Spool, config: Option<&Path>, dir: PathBuf, dry_run: bool) -> anyhow::Result<()> {
     use portcullis::queue::adopt::{self, Outcome, report as r};
-    // The node is named as its policy names it; with --spool alone, by the host name (and
-    // the free-space floor is the default policy's).
+    // The node is named as its policy names it (`[cluster] node`, else `[server] hostname`);
+    // with --spool alone, by the host name (and the free-space floor is the default policy's).
     let (config, node) = match config {
         Some(path) => {
             let config = load_config(path)?;
-            let node = config.server.hostname.clone();
+            let node = config.cluster.node.clone();
             (config, node)
         }
         None => (Config::embedded_default(), host_name()),

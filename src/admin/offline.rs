@@ -49,7 +49,7 @@ pub enum OfflineError {
 /// # Errors
 /// [`OfflineError`] when the queue or the journal cannot be read (a missing journal is none).
 pub fn status(config: &Config, spool: &Spool, now_unix: u64) -> Result<Status, OfflineError> {
-    let telemetry = Telemetry::new(config.server.hostname.clone());
+    let telemetry = Telemetry::new(config.cluster.node.clone());
     let names: Vec<String> = config.upstreams.iter().map(|u| u.name.clone()).collect();
     telemetry.upstreams.configure(&names, 0, &telemetry.metrics);
     let since_ms = (now_unix * 1000).saturating_sub(HOUR_MS);

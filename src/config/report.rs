@@ -7,7 +7,8 @@ use ipnet::IpNet;
 
 use super::units::{format_duration, format_rate, format_size};
 use super::{
-    AuthMode, BareLf, CertSource, Config, ListenerTls, Rate, TlsVersion, UpstreamTls, Verify,
+    AuthMode, BareLf, CertSource, Config, ListenerTls, OnError, Rate, TlsVersion, UpstreamTls,
+    Verify,
 };
 
 /// IPv4 (or IPv6) prefixes this short or shorter in `relay_networks` make an open relay.
@@ -32,6 +33,38 @@ fn containment_warnings(config: &Config, auth_used: bool) -> Vec<String> {
         w.push(
             "containment.rate_limit_hits counts rate_limits.messages_per_user refusals, and \
              messages_per_user is not set: it never trips."
+                .to_owned(),
+        );
+    }
+    w
+}
+
+/// `[cluster]` settings that share less than an operator would think.
+fn cluster_warnings(config: &Config) -> Vec<String> {
+    let mut w = Vec::new();
+    if config.cluster.redis.is_none() {
+        return w;
+    }
+    if config
+        .listeners
+        .iter()
+        .any(|l| l.trusted_proxies.is_empty())
+        && config
+            .listeners
+            .iter()
+            .any(|l| !l.trusted_proxies.is_empty())
+    {
+        w.push(
+            "[cluster] is set and some listeners have no trusted_proxies while others do: behind \
+             a load balancer every listener it forwards to needs them, or every client is seen as \
+             the load balancer."
+                .to_owned(),
+        );
+    }
+    if config.cluster.on_error == OnError::Tempfail {
+        w.push(
+            "cluster.on_error = \"tempfail\": while Redis is unreachable every new session is \
+             refused with 421 4.3.0; a Redis outage stops all mail."
                 .to_owned(),
         );
     }
@@ -135,6 +168,7 @@ pub(super) fn warnings(config: &Config) -> Vec<String> {
         );
     }
     w.extend(containment_warnings(config, auth_used));
+    w.extend(cluster_warnings(config));
     if let Some(auth) = &config.auth
         && auth_used
     {
@@ -527,6 +561,21 @@ pub(super) fn summary(c: &Config) -> String {
         trigger(k.recipient_domains_per_hour),
         trigger(k.client_ips_per_hour)
     );
+    let cl = &c.cluster;
+    let _ = match &cl.redis {
+        Some(url) => writeln!(
+            s,
+            "cluster: node {}, shared store {url} (rate limits, AUTH lockouts, suspensions), \
+             on error {}, timeout {}",
+            cl.node,
+            match cl.on_error {
+                OnError::Local => "local",
+                OnError::Tempfail => "tempfail",
+            },
+            format_duration(cl.timeout)
+        ),
+        None => writeln!(s, "cluster: node {}, no shared store", cl.node),
+    };
     let _ = writeln!(s, "upstreams:");
     for u in &c.upstreams {
         let tls = match u.tls {

@@ -1983,3 +1983,56 @@ fn trusted_proxies_compile_report_and_warn() {
         "{warnings}"
     );
 }
+
+#[test]
+fn cluster_keys_are_checked_and_the_password_never_shown() {
+    let plain = ok(MINIMAL);
+    assert_eq!(plain.cluster.redis, None);
+    assert_eq!(plain.cluster.node, plain.server.hostname);
+    assert_eq!(plain.cluster.on_error, crate::config::OnError::Local);
+    assert_eq!(plain.cluster.timeout, Duration::from_millis(250));
+    assert!(
+        plain.summary().contains("cluster: node "),
+        "{}",
+        plain.summary()
+    );
+
+    let c = ok(&format!(
+        "{MINIMAL}\n[cluster]\nredis = \"redis://relay:s3cret@127.0.0.1:6379/1\"\nnode = \"edge-1\"\n\
+         on_error = \"tempfail\"\ntimeout = \"100ms\"\n"
+    ));
+    assert_eq!(c.cluster.node, "edge-1");
+    assert_eq!(c.cluster.on_error, crate::config::OnError::Tempfail);
+    assert_eq!(c.cluster.timeout, Duration::from_millis(100));
+    let summary = c.summary();
+    assert!(!summary.contains("s3cret"), "{summary}");
+    assert!(
+        summary.contains("shared store redis://relay:***@127.0.0.1:6379/1"),
+        "{summary}"
+    );
+    assert!(!format!("{c:?}").contains("s3cret"));
+    let warnings = c.warnings().join("\n");
+    assert!(
+        warnings.contains("a Redis outage stops all mail"),
+        "{warnings}"
+    );
+
+    let bad = errors(&format!(
+        "{MINIMAL}\n[cluster]\nredis = \"rediss://u:s3cret@127.0.0.1/0\"\nnode = \"edge 1\"\n\
+         on_error = \"ignore\"\ntimeout = \"1ms\"\n"
+    ));
+    let keys: Vec<&str> = bad.iter().map(|(k, _)| k.as_str()).collect();
+    assert_eq!(
+        keys,
+        [
+            "cluster.redis",
+            "cluster.node",
+            "cluster.on_error",
+            "cluster.timeout"
+        ],
+        "{bad:?}"
+    );
+    assert!(bad.iter().all(|(_, m)| !m.contains("s3cret")), "{bad:?}");
+    let unknown = errors(&format!("{MINIMAL}\n[cluster]\nredis_url = \"x\"\n"));
+    assert_eq!(unknown[0].0, "cluster.redis_url", "{unknown:?}");
+}

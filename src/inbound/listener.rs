@@ -241,6 +241,9 @@ impl Accepted {
                 let detail = Detail::Text(e.to_string());
                 let what = "closed: no valid PROXY header from a trusted proxy";
                 let refused = Refused::unanswered("proxy_header", what).with_detail(&detail);
+                // No client is known: the line names the proxy as the peer too, so a search
+                // by either address finds it.
+                record_peer(&span, self.peer);
                 record_at_connect(&self.shared, &self.listener.name, self.peer, &refused);
                 return None;
             }
