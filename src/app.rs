@@ -283,9 +283,19 @@ pub async fn run(config: Config, path: Option<PathBuf>) -> Result<(), AppError> 
     let client_state: crate::policy::store::ClientStateSource = {
         let (runtime, telemetry) = (runtime.clone(), telemetry.clone());
         let counter = inbound.connections();
+        let cluster = cluster.clone();
         Arc::new(move |ip, login| {
             let paused = telemetry.gate.paused();
-            inbound::explain::running_state(&runtime.load(), &counter, paused, ip, login)
+            let running = runtime.load_full();
+            let mut state =
+                inbound::explain::running_state(&running, &counter, paused, ip, login.as_deref());
+            let cluster = cluster.clone();
+            Box::pin(async move {
+                let store = running.policy.store();
+                let stores = crate::cluster::store::SharedStore::new(store, cluster.as_ref());
+                stores.read_shared(&mut state, ip, login.as_deref()).await;
+                state
+            })
         })
     };
     // `/api/users` reads the messages each login sent within the hour.

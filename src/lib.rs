@@ -24,8 +24,8 @@
 //!   order, in `Stage::checks`, and each step answers one `Verdict`: accept, refuse (reply and
 //!   rule), or an `Effect` for the driver (a rate budget, the AUTH lockout gate, a password
 //!   verification, spool space, a lookup started at one stage and awaited at a later one).
-//!   Rate budgets and AUTH failure records live in `policy::store::Store` (in this process
-//!   today). A new check is a `Check` in its stage's list; one that needs I/O is also a new
+//!   Rate budgets and AUTH failure records live in `policy::store::Store` (in this process;
+//!   shared through [`cluster`] when configured). A new check is a `Check` in its stage's list; one that needs I/O is also a new
 //!   `Effect`, carried out once in `inbound::effects`.
 //! - [`inbound`]: listeners (one `session` tracing span per connection; the PROXY protocol
 //!   header of a listener's `trusted_proxies`, `proxy`), the session driver
@@ -72,6 +72,11 @@
 //!   the running relay's API, else `admin::offline` from the spool and the journal); the
 //!   `SPOOL/paused` marker behind `portcullis listeners pause|resume` (`admin::pause`); and
 //!   `portcullis user list|suspend|resume` (`admin::users`, over `queue::suspended`).
+//! - [`cluster`]: the store several nodes share (`[cluster] redis`): the link (bounded
+//!   operations, down/up with the `cluster_fallback` alert), the Lua scripts of the shared
+//!   rate budgets (`cluster::limits`) and AUTH failure records (`cluster::auth`), and their
+//!   composition with `policy::store` and `on_error` (`cluster::store`), which
+//!   `inbound::effects` asks.
 //! - [`routes`]: the routing table and the capabilities each upstream announced, shared by
 //!   delivery and the inbound checks at RCPT and DATA (the one module both sides use).
 //! - [`stream`]: a connection that is plain TCP or TLS, for both directions.

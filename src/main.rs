@@ -942,7 +942,14 @@ async fn running_state(
             "the relay at {addr} refuses at accept by a rule this version does not know ({rule})"
         ));
     }
-    Ok((state, format!("from the running relay at {addr}")))
+    let origin = match state.store.as_deref() {
+        // `[cluster]`: whether its budgets and lockout came from the shared store.
+        Some(store) => {
+            format!("from the running relay at {addr} (rate budgets and lockout: {store})")
+        }
+        None => format!("from the running relay at {addr}"),
+    };
+    Ok((state, origin))
 }
 
 fn spool_dir(config: Option<&Path>, spool: Option<PathBuf>) -> anyhow::Result<PathBuf> {

@@ -274,7 +274,7 @@ async fn explain_state(
     let Some(client_state) = &state.client_state else {
         return not_found().await.into_response();
     };
-    Json(client_state(query.ip, query.user.as_deref())).into_response()
+    Json(client_state(query.ip, query.user).await).into_response()
 }
 
 /// `/api/users`: [`UsersActivity`], the messages each login sent within the last hour, as the

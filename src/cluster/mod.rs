@@ -40,6 +40,9 @@ use crate::config::{self, OnError, RedisUrl};
 use crate::observe::Telemetry;
 use crate::observe::alerts::{AlertName, External};
 
+pub mod auth;
+pub mod limits;
+pub mod store;
 #[doc(hidden)]
 pub mod testing;
 
@@ -318,3 +321,5 @@ pub fn key(parts: &[&str]) -> String {
 
 #[cfg(test)]
 mod tests;
+#[cfg(test)]
+mod tests_store;

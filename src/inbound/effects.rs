@@ -25,6 +25,7 @@ use super::Runtime;
 use super::assembly::Assembly;
 use super::connection::Shared;
 use super::verifier::Lane;
+use crate::cluster::store::{Attempt, Gate, SHARED_BUSY_POLL, SharedStore, Taken};
 use crate::dns::Resolver;
 use crate::dns::dnsbl::DnsblCheck;
 use crate::dns::verify::{
@@ -36,7 +37,7 @@ use crate::observe::Telemetry;
 use crate::policy::Refusal;
 use crate::policy::credentials::CheckError;
 use crate::policy::limits::{Limited, RateLimit};
-use crate::policy::lockout::{AuthAttempt, FailureReport, GateDecision, login_key};
+use crate::policy::lockout::{FailureReport, login_key};
 use crate::policy::stage::{
     Answer, Effect, Evaluation, Input, Lookup, LookupResult, StageFacts, Verdict,
 };
@@ -164,7 +165,7 @@ impl Effects {
         &mut self,
         effect: Effect,
         step: Step<'_>,
-        attempt: &mut Option<AuthAttempt>,
+        attempt: &mut Option<Attempt>,
     ) -> Answer {
         let Step {
             runtime,
@@ -175,16 +176,22 @@ impl Effects {
         let store = runtime.policy.store();
         let now = Instant::now().into_std();
         match effect {
-            Effect::Rate(limit, key) => match store.take(limit, &key, now) {
-                Ok(()) => Answer::Allowed,
-                Err(limited) => rate_limited(runtime, shared, limited, (limit, &key)).await,
-            },
-            Effect::AuthGate { login } => auth_gate(runtime, facts, &login, attempt).await,
+            Effect::Rate(limit, key) => {
+                let stores = SharedStore::new(store, shared.cluster.as_ref());
+                match stores.take(limit, &key, now).await {
+                    Taken::Allowed => Answer::Allowed,
+                    Taken::Limited(limited) => {
+                        rate_limited(runtime, shared, limited, (limit, &key)).await
+                    }
+                    Taken::Unavailable => Answer::Unavailable,
+                }
+            }
+            Effect::AuthGate { login } => auth_gate(runtime, shared, facts, &login, attempt).await,
             Effect::VerifyPassword { hash, known } => {
                 let Input::Auth { login, password } = facts.input else {
                     return Answer::Busy;
                 };
-                let attempt = attempt.take().unwrap_or_else(AuthAttempt::unguarded);
+                let attempt = attempt.take().unwrap_or_else(Attempt::unguarded);
                 let password = password.to_string();
                 let ip = facts.session.client_ip;
                 let who = Who { runtime, login, ip };
@@ -428,16 +435,19 @@ impl Effects {
 }
 
 /// The AUTH gate: a locked-out client is answered at once; while the client's failure
-/// budget is held by verifications in flight, wait until one ends (every attempt that
-/// ends wakes the waiters, see [`crate::policy::lockout::AuthGuard::settled`]), for at
-/// most [`AUTH_WAIT`], then [`Answer::Busy`].
+/// budget is held by verifications in flight, wait until one ends (every attempt of this
+/// node that ends wakes the waiters, see [`crate::policy::lockout::AuthGuard::settled`];
+/// one held on the shared store, possibly by another node, is asked again every
+/// [`SHARED_BUSY_POLL`]), for at most [`AUTH_WAIT`], then [`Answer::Busy`].
 async fn auth_gate(
     runtime: &Runtime,
+    shared: &Shared,
     facts: &StageFacts<'_>,
     login: &str,
-    attempt: &mut Option<AuthAttempt>,
+    attempt: &mut Option<Attempt>,
 ) -> Answer {
     let store = runtime.policy.store();
+    let stores = SharedStore::new(store, shared.cluster.as_ref());
     let deadline = Instant::now() + AUTH_WAIT;
     loop {
         // Registered before the check, so an attempt ending in between is not missed.
@@ -446,18 +456,27 @@ async fn auth_gate(
         if let Some(settled) = settled.as_mut().as_pin_mut() {
             settled.enable();
         }
-        match store.auth_gate(facts.session.client_ip, login, Instant::now().into_std()) {
-            GateDecision::LockedOut { .. } => return Answer::LockedOut,
-            GateDecision::Proceed(proceed) => {
+        let now = Instant::now().into_std();
+        let poll = match stores.auth_gate(facts.session.client_ip, login, now).await {
+            Gate::LockedOut => return Answer::LockedOut,
+            Gate::Unavailable => return Answer::Unavailable,
+            Gate::Proceed(proceed) => {
                 *attempt = Some(proceed);
                 return Answer::Allowed;
             }
-            GateDecision::Busy => {}
-        }
+            Gate::Busy { shared } => shared,
+        };
         let Some(settled) = settled.as_pin_mut() else {
             return Answer::Busy;
         };
-        if tokio::time::timeout_at(deadline, settled).await.is_err() {
+        if poll {
+            // Not woken by this node's attempts ending: each would make every waiter ask
+            // the store again at once (and its own gate's check wake the others).
+            tokio::time::sleep_until(deadline.min(Instant::now() + SHARED_BUSY_POLL)).await;
+        } else {
+            let _ = tokio::time::timeout_at(deadline, settled).await;
+        }
+        if Instant::now() >= deadline {
             return Answer::Busy;
         }
     }
@@ -498,7 +517,7 @@ struct Who<'a> {
 /// failure towards the lockout and spraying counters nor a success that clears them.
 async fn verify(
     shared: &Shared,
-    attempt: AuthAttempt,
+    attempt: Attempt,
     (hash, known): (Arc<str>, bool),
     who: Who<'_>,
     password: String,
@@ -513,7 +532,7 @@ async fn verify(
     let answer_at = Instant::now() + delay;
     let Ok(mut result) = shared.verifier.submit(hash, password, login, lane) else {
         // Nothing was verified: the reservation is given back, not counted.
-        attempt.release();
+        attempt.release().await;
         return Answer::Busy;
     };
     // The wait for a verifier thread is bounded too: under a flood that outlasts
@@ -526,12 +545,16 @@ async fn verify(
         tokio::spawn(async move {
             match result.await {
                 // A suspended login's right password counts neither way, late or not.
-                Ok(Ok(true)) if known && containment.is_suspended(&login) => attempt.release(),
+                Ok(Ok(true)) if known && containment.is_suspended(&login) => {
+                    attempt.release().await;
+                }
                 Ok(Ok(matched)) => {
-                    attempt.settle(matched && known, Instant::now().into_std());
+                    attempt
+                        .settle(matched && known, Instant::now().into_std())
+                        .await;
                 }
                 // Not verified (a local failure): nothing to count.
-                _ => attempt.release(),
+                _ => attempt.release().await,
             }
         });
         return Answer::Busy;
@@ -541,16 +564,18 @@ async fn verify(
         Ok(matched) => matched,
         Err(error) => {
             // Given back, not recorded: a broken verifier cannot lock users out.
-            attempt.release();
+            attempt.release().await;
             return Answer::VerifierFailed(error);
         }
     };
     if matched && known && suspended(shared, who).await {
-        attempt.release();
+        attempt.release().await;
         tokio::time::sleep_until(answer_at).await;
         return Answer::Suspended;
     }
-    let report = attempt.settle(matched && known, Instant::now().into_std());
+    let report = attempt
+        .settle(matched && known, Instant::now().into_std())
+        .await;
     // A sprayed login is answered no sooner than `delay`, right password or wrong.
     tokio::time::sleep_until(answer_at).await;
     log_auth_report(login, &report, delay);

@@ -895,6 +895,7 @@ async fn a_dnsbl_server_that_never_answers_neither_delays_the_greeting_nor_refus
     drop(silent);
 }
 
+mod cluster;
 mod containment;
 mod observe;
 mod proxy;

@@ -677,6 +677,16 @@ impl Limiters {
         }
     }
 
+    /// The configured rate of `limit`; `None`: not configured (never limited).
+    pub fn rate(&self, limit: RateLimit) -> Option<Rate> {
+        match limit {
+            RateLimit::ConnectionsPerIp => self.connections_per_ip.as_ref().map(|t| t.rate()),
+            RateLimit::MessagesPerIp => self.messages_per_ip.as_ref().map(|t| t.rate()),
+            RateLimit::MessagesPerUser => self.messages_per_user.as_ref().map(|t| t.rate()),
+            RateLimit::RecipientsPerIp => self.recipients_per_ip.as_ref().map(|t| t.rate()),
+        }
+    }
+
     /// The table of `limit` and the key it counts `key` by; `None` for a key of the wrong
     /// kind. A login's budget is keyed by [`login_key`].
     fn keyed(&self, limit: RateLimit, key: &RateKey) -> Option<Keyed<'_>> {

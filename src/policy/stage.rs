@@ -285,6 +285,10 @@ pub enum Answer {
     Suspended,
     /// The verification itself failed (not the client's fault): nothing counted.
     VerifierFailed(CheckError),
+    /// The shared store (`[cluster]`) did not answer and `on_error = "tempfail"`: a
+    /// temporary refusal, rule `cluster_unavailable` (`421 4.3.0` at connect, closing;
+    /// `454 4.7.0` to AUTH; `451 4.3.0` otherwise).
+    Unavailable,
     /// The spool's free space, minus messages in flight, is below `min_free_space`.
     NoSpace(Insufficient),
     /// The spool's free space could not be read (`statvfs` failed).
@@ -621,6 +625,14 @@ impl Policy {
                 .with_detail(shown())
                 .warning(),
             Answer::Busy => Refusal::new(reply::AUTH_TEMPORARY, "auth_busy").with_detail(shown()),
+            Answer::Unavailable => {
+                let reply = match facts.input {
+                    Input::Connect => reply::STORE_UNAVAILABLE,
+                    Input::Auth { .. } => reply::AUTH_TEMPORARY,
+                    _ => reply::LOCAL_ERROR,
+                };
+                Refusal::new(reply, "cluster_unavailable").warning()
+            }
             // No oracle: the reply of a wrong password, only the rule in the log differs.
             Answer::Suspended if matches!(facts.input, Input::Auth { .. }) => {
                 Refusal::new(reply::AUTH_FAILED, "auth_suspended")

@@ -2,8 +2,9 @@
 //! rate budgets (`[rate_limits]`) and the AUTH failure tables (`[auth]` lockout and
 //! spraying). The session driver carries an [`Effect`](super::stage::Effect) out by asking
 //! the store and hands the answer back to the evaluator, so where the state lives is the
-//! store's business: today in this process ([`Store::Local`]); a store shared by several
-//! nodes (Redis) is another variant, with no change to the evaluators or the driver.
+//! store's business: in this process ([`Store::Local`]). With `[cluster]` the store several
+//! nodes share (Redis) is asked too, and decides while it answers; the two are composed in
+//! one place, `crate::cluster::store`, and these tables keep counting as its fallback.
 //!
 //! Every call takes the time as an argument; nothing here reads a clock or touches a socket.
 
@@ -84,10 +85,29 @@ impl Store {
     }
 }
 
+impl Store {
+    /// The configured rate of `limit` (`None`: not configured), as a shared store counts it.
+    pub fn rate(&self, limit: RateLimit) -> Option<crate::config::Rate> {
+        let Store::Local(l) = self;
+        l.limiters.rate(limit)
+    }
+
+    /// The `[auth]` lockout settings; `None` without `[auth]` (nothing is counted).
+    pub fn auth_settings(&self) -> Option<Settings> {
+        let Store::Local(l) = self;
+        l.auth_guard.as_ref().map(|g| g.settings())
+    }
+}
+
 /// What the running relay's stateful rules say of a client (its address and, optionally,
 /// login) now, read without taking anything: what the admin API's `/api/explain-state`
-/// answers (the relay builds it from its store, connection counts and pause state).
-pub type ClientStateSource = Arc<dyn Fn(IpAddr, Option<&str>) -> ClientState + Send + Sync>;
+/// answers (the relay builds it from its store, connection counts and pause state, and the
+/// shared store's records when `[cluster]` is configured, hence a future).
+pub type ClientStateSource = Arc<
+    dyn Fn(IpAddr, Option<String>) -> futures_util::future::BoxFuture<'static, ClientState>
+        + Send
+        + Sync,
+>;
 
 /// What the stateful rules would say of one client (and login) now, read without taking a
 /// budget or recording anything: what `portcullis policy explain` answers the stage
@@ -104,6 +124,12 @@ pub struct ClientState {
     /// Every configured `[rate_limits]` budget of the client (and of the login, for
     /// `messages_per_user`).
     pub budgets: Vec<Budget>,
+    /// With `[cluster]`: where the budgets and the lockout were read: `shared` (the store
+    /// every node shares), or `local (...)` with why the shared store did not answer (the
+    /// node decides by its own tables then, under `on_error = "local"`). Absent without
+    /// `[cluster]`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub store: Option<String>,
 }
 
 /// One `[rate_limits]` budget in a [`ClientState`].
@@ -146,6 +172,7 @@ impl Store {
             at_accept: None,
             locked_out_secs: locked_out.map(|d| d.as_secs().max(1)),
             budgets,
+            store: None,
         }
     }
 }

@@ -172,6 +172,14 @@ pub const LINE_FLOOD: Reply = Reply::new(
     "4.7.0",
     "Line too long without end, closing connection",
 );
+/// `[cluster] on_error = "tempfail"` with the shared store unavailable, at connect: the
+/// session is closed (RFC 5321 §3.8; RFC 3463 4.3.0 "other or undefined mail system status").
+/// At MAIL and RCPT the reply is [`LOCAL_ERROR`], to AUTH [`AUTH_TEMPORARY`] (RFC 4954 §6).
+pub const STORE_UNAVAILABLE: Reply = Reply::new(
+    421,
+    "4.3.0",
+    "Service temporarily unavailable, closing connection",
+);
 pub const LOCAL_ERROR: Reply =
     Reply::new(451, "4.3.0", "Local error in processing, try again later");
 pub const RATE_LIMITED: Reply = Reply::new(451, "4.7.1", "Rate limit exceeded, try again later");
@@ -416,6 +424,7 @@ mod tests {
             TOO_MANY_JUNK_COMMANDS,
             DATA_TOO_SLOW,
             AUTH_LOCKED_OUT,
+            STORE_UNAVAILABLE,
         ] {
             let class = (r.code / 100).to_string();
             assert!(r.enhanced.starts_with(&class), "{r}");
