@@ -440,7 +440,6 @@ fn a_proxy_header_a_client_sends_through_haproxy_is_a_command_never_believed() {
 // --- 2. A per-IP message limit shared by both nodes -------------------------------------------
 
 #[test]
-#[ignore = "needs the shared rate limits ([cluster] store) on main"]
 fn a_per_ip_message_limit_counts_the_messages_of_both_nodes() {
     let test = "a_per_ip_message_limit_counts_the_messages_of_both_nodes";
     let policy = Policy {
@@ -485,7 +484,6 @@ fn a_per_ip_message_limit_counts_the_messages_of_both_nodes() {
 // --- 3. An AUTH lockout earned on one node holds on the other ---------------------------------
 
 #[test]
-#[ignore = "needs the shared AUTH lockout ([cluster] store) on main"]
 fn an_auth_lockout_earned_on_edge_1_refuses_on_edge_2_without_verifying() {
     let test = "an_auth_lockout_earned_on_edge_1_refuses_on_edge_2_without_verifying";
     let policy = Policy {
@@ -594,7 +592,6 @@ fn one_message(ip: &str, port: u16, tag: &str) -> (u16, String) {
 }
 
 #[test]
-#[ignore = "needs the shared rate limits ([cluster] store) on main"]
 fn with_redis_gone_mail_flows_on_local_state_and_is_shared_again_when_it_returns() {
     let test = "with_redis_gone_mail_flows_on_local_state_and_is_shared_again_when_it_returns";
     let policy = Policy {
@@ -652,7 +649,6 @@ fn with_redis_gone_mail_flows_on_local_state_and_is_shared_again_when_it_returns
 }
 
 #[test]
-#[ignore = "needs the shared rate limits ([cluster] store) on main"]
 fn with_redis_gone_and_on_error_tempfail_both_nodes_refuse_for_now_until_it_returns() {
     let test = "with_redis_gone_and_on_error_tempfail_both_nodes_refuse_for_now_until_it_returns";
     let policy = Policy {
