@@ -223,14 +223,16 @@ pub async fn run(config: Config, path: Option<PathBuf>) -> Result<(), AppError> 
     let (spool, _running) = prepare_spool(&config).await?;
     raise_fd_limit(config.limits.max_connections);
     let telemetry = Arc::new(telemetry_for(&config, &spool));
-    // The suspended logins, read before any session or delivery starts.
-    let containment = {
-        let (spool, telemetry) = (spool.clone(), telemetry.clone());
-        let opened = tokio::task::spawn_blocking(move || Containment::open(spool, telemetry)).await;
-        Arc::new(opened.map_err(AppError::Recovery)??)
-    };
     // The shared store: nothing is connected until the watch task or a session asks.
     let cluster = Cluster::new(&config.cluster, telemetry.clone());
+    // The suspended logins, read before any session or delivery starts (those of the shared
+    // store are added at the first poll).
+    let containment = {
+        let (spool, telemetry, cluster) = (spool.clone(), telemetry.clone(), cluster.clone());
+        let opened =
+            tokio::task::spawn_blocking(move || Containment::open(spool, telemetry, cluster)).await;
+        Arc::new(opened.map_err(AppError::Recovery)??)
+    };
     let delivery_stop = CancellationToken::new();
     let delivery = outbound::start(
         &config,
@@ -387,11 +389,18 @@ async fn start_admin(
 /// The relay's telemetry: named after this node, its events journaled under the spool
 /// (delivery declares the upstreams, see [`outbound::start`]).
 fn telemetry_for(config: &Config, spool: &Spool) -> Telemetry {
-    Telemetry::new(config.cluster.node.clone()).with_journal(Box::new(Journal::open(
-        spool,
-        &config.log,
-        config.limits.min_free_space,
-    )))
+    let journal = Journal::open(spool, &config.log, config.limits.min_free_space)
+        .with_node(named_node(config).map(str::to_owned));
+    Telemetry::new(config.cluster.node.clone()).with_journal(Box::new(journal))
+}
+
+/// The node that log lines and journal events name: `[cluster] node` when `[cluster]` is in
+/// use (a store, or a node name other than `server.hostname`); `None` otherwise, and they are
+/// written as without `[cluster]`.
+pub fn named_node(config: &Config) -> Option<&str> {
+    let cluster = &config.cluster;
+    (cluster.redis.is_some() || cluster.node != config.server.hostname)
+        .then_some(cluster.node.as_str())
 }
 
 /// Open the spool and recover it (off the reactor), then log the configuration's warnings.

@@ -34,9 +34,11 @@
 //!
 //! `user suspend|resume` exit 0 whether or not the login's state changed (the output says
 //! which), 2 without `--config`, for a login neither in the users file nor suspended under the
-//! spool, a bad `--reason` or no spool, 1 when the record cannot be written or removed. `user
-//! list` exits 0 when the running relay cannot be asked for the counts (they show as `-`, the
-//! reason on stderr).
+//! spool, a bad `--reason` or no spool, 1 when the record cannot be written or removed, and
+//! (`[cluster] redis`) `resume` 1 when the shared store cannot be reached (nothing changed;
+//! `suspend` then records the login on this node alone, exit 0, said on stderr). `user list`
+//! exits 0 when the running relay cannot be asked for the counts (they show as `-`, the reason
+//! on stderr), or the shared store for its suspensions (this node's shown, said on stderr).
 //!
 //! Every command that changes something (not with `--dry-run`) records itself in the audit log
 //! after acting (`queue::audit`); when that record cannot be written, the command says so and
@@ -529,7 +531,7 @@ fn run(path: Option<PathBuf>) -> anyhow::Result<()> {
         Some(p) => load_config(p)?,
         None => Config::embedded_default(),
     };
-    init_logging(config.log.format);
+    init_logging(config.log.format, log_node(&config));
     if path.is_none() {
         tracing::warn!("no --config given: running on the embedded default policy");
     }
@@ -833,8 +835,11 @@ fn user(action: UserAction, path: Option<&Path>, spool: Option<PathBuf>) -> anyh
             e.into()
         }
     };
+    // `[cluster] redis`: the suspensions are shared through the store (its own link).
+    let store = config.map(users::Store::open).transpose()?.flatten();
+    let store = store.as_ref();
     match action {
-        UserAction::List { json } => user_list(config, &dir, json),
+        UserAction::List { json } => user_list(config, store, &dir, json),
         UserAction::Suspend {
             login,
             reason,
@@ -843,8 +848,21 @@ fn user(action: UserAction, path: Option<&Path>, spool: Option<PathBuf>) -> anyh
             let reason = users::reason(reason.as_deref()).map_err(usage)?;
             let spool = open_spool(&dir, !dry_run)?;
             let now = portcullis::observe::event::unix_millis();
-            let outcome =
-                users::suspend(config, &spool, &login, reason, now, dry_run).map_err(usage)?;
+            let (outcome, sharing) =
+                users::suspend(config, &spool, store, &login, reason, now, dry_run)
+                    .map_err(usage)?;
+            let url = store.map(users::Store::shown_url).unwrap_or_default();
+            match sharing {
+                users::Sharing::Local => {}
+                users::Sharing::Shared => {
+                    println!("shared through the store {url}: every node holds it within a second");
+                }
+                users::Sharing::Pending(e) => eprintln!(
+                    "portcullis: the shared store {url} cannot be reached ({e}): suspended on this \
+                     node only for now; its relay puts the suspension in the store when it answers, \
+                     and every node holds the login from then"
+                ),
+            }
             let given = (given.0, given.1.as_deref());
             user_changed(
                 &spool,
@@ -857,7 +875,7 @@ fn user(action: UserAction, path: Option<&Path>, spool: Option<PathBuf>) -> anyh
         }
         UserAction::Resume { login, dry_run } => {
             let spool = open_spool(&dir, false)?;
-            let outcome = users::resume(config, &spool, &login, dry_run).map_err(usage)?;
+            let outcome = users::resume(config, &spool, store, &login, dry_run).map_err(usage)?;
             let given = (given.0, given.1.as_deref());
             user_changed(&spool, &["user", "resume"], login, &outcome, dry_run, given)
         }
@@ -890,7 +908,12 @@ fn user_changed(
 
 /// `portcullis user list [--json]`: the counts from the running relay, else `-`/`null` and
 /// the reason on stderr.
-fn user_list(config: Option<&Config>, dir: &Path, json: bool) -> anyhow::Result<()> {
+fn user_list(
+    config: Option<&Config>,
+    store: Option<&portcullis::admin::users::Store>,
+    dir: &Path,
+    json: bool,
+) -> anyhow::Result<()> {
     use portcullis::admin::users;
     let spool = open_spool(dir, false)?;
     let listing = spool.list_suspended()?;
@@ -900,7 +923,27 @@ fn user_list(config: Option<&Config>, dir: &Path, json: bool) -> anyhow::Result<
             report::clean(stray)
         );
     }
-    let suspensions = listing.suspensions;
+    let mut suspensions = listing.suspensions;
+    if let Some(store) = store {
+        // The union, the store's view first (a login resumed elsewhere and not yet followed
+        // here is shown as the store has it: still suspended here until the relay polls).
+        match store.read() {
+            Ok(remote) => {
+                if !remote.complete() {
+                    eprintln!(
+                        "portcullis: the shared store holds {} suspended logins; {} shown",
+                        remote.total, remote.read
+                    );
+                }
+                suspensions.retain(|s| !remote.suspensions.contains_key(&s.login));
+                suspensions.extend(remote.suspensions.into_values());
+            }
+            Err(e) => eprintln!(
+                "portcullis: the shared store {} cannot be reached ({e}): this node's suspensions only",
+                store.shown_url()
+            ),
+        }
+    }
     let counts = match config {
         Some(config) => tokio::runtime::Builder::new_current_thread()
             .enable_all()
@@ -1724,14 +1767,21 @@ fn passwd() -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Log to stderr in `format` (`[log] format`), at the level `RUST_LOG` sets (`info`).
+/// The node every log line names ([`portcullis::app::named_node`]); `None`: lines unchanged.
+fn log_node(config: &Config) -> Option<std::sync::Arc<str>> {
+    portcullis::app::named_node(config).map(Into::into)
+}
+
+/// Log to stderr in `format` (`[log] format`), at the level `RUST_LOG` sets (`info`), each
+/// line naming `node` when given (JSON: a top-level `"node"` field, first; text: `node=NAME`
+/// after the level), added by the writer so that it reaches the lines of every task.
 ///
 /// `json`: one JSON object per line (tracing-subscriber's JSON formatter): `timestamp`,
 /// `level`, `message` and the event's fields at the top level, and `spans`, the list of
 /// spans the line was written in with their fields, outermost first: `session` (`listener`,
 /// `client_port`, `peer`) for every line of an SMTP session, `message` or `delivery`
 /// (`queue_id`) for every line about one message.
-fn init_logging(format: portcullis::config::LogFormat) {
+fn init_logging(format: portcullis::config::LogFormat, node: Option<std::sync::Arc<str>>) {
     use tracing_subscriber::EnvFilter;
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
     let builder = tracing_subscriber::fmt()
@@ -1739,7 +1789,7 @@ fn init_logging(format: portcullis::config::LogFormat) {
         .with_target(false);
     match format {
         portcullis::config::LogFormat::Text => builder
-            .with_writer(|| EscapingWriter::new(Escape::Text))
+            .with_writer(move || EscapingWriter::new(Escape::Text, node.clone()))
             // Colour codes only on a terminal: a log file or journal gets plain text.
             .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
             .init(),
@@ -1748,7 +1798,7 @@ fn init_logging(format: portcullis::config::LogFormat) {
             .flatten_event(true)
             .with_current_span(false)
             .with_span_list(true)
-            .with_writer(|| EscapingWriter::new(Escape::Json))
+            .with_writer(move || EscapingWriter::new(Escape::Json, node.clone()))
             .with_ansi(false)
             .init(),
     }
@@ -1769,12 +1819,43 @@ enum Escape {
 /// zero-width characters: `portcullis::text::is_invisible`) escaped as [`Escape`] says.
 /// Log lines quote addresses, HELO names and headers from the network; raw, a U+202E would make
 /// `<\u{202e}gro.elpmaxe@knab-ecivres>` read as a trusted address in a terminal or pager. The
-/// formatter hands over one whole line per event, so a character is never split across writes.
-struct EscapingWriter(std::io::Stderr, Escape);
+/// formatter hands over one whole line per event, so a character is never split across writes
+/// and the node's name (a `[cluster] node`: letters, digits, `.`, `-`, `_` only, nothing to
+/// escape) can be added to the line.
+struct EscapingWriter(std::io::Stderr, Escape, Option<std::sync::Arc<str>>);
 
 impl EscapingWriter {
-    fn new(escape: Escape) -> EscapingWriter {
-        EscapingWriter(std::io::stderr(), escape)
+    fn new(escape: Escape, node: Option<std::sync::Arc<str>>) -> EscapingWriter {
+        EscapingWriter(std::io::stderr(), escape, node)
+    }
+}
+
+/// Where the level of a text log line ends: after its first word (the timestamp), the blanks,
+/// and its second (the level, perhaps in colour codes).
+fn after_level(line: &str) -> Option<usize> {
+    let stamp = line.find(' ')?;
+    let level = stamp + line[stamp..].find(|c| c != ' ')?;
+    Some(level + line[level..].find(' ')?)
+}
+
+/// `line` (one whole log line) naming `node`: JSON `{"node":"NAME",…`, text
+/// `TIMESTAMP LEVEL node=NAME …`. A buffer that is not one line is left as it is.
+fn with_node<'a>(line: &'a str, node: &str, escape: Escape) -> std::borrow::Cow<'a, str> {
+    match escape {
+        Escape::Json => match line.strip_prefix('{') {
+            Some(rest) if rest.starts_with('}') => format!("{{\"node\":\"{node}\"{rest}").into(),
+            Some(rest) => format!("{{\"node\":\"{node}\",{rest}").into(),
+            None => line.into(),
+        },
+        // After the timestamp and the level (`2026-…Z  INFO node=NAME …`), where a reader
+        // of a merged log looks first; a line of another shape gets it at its end.
+        Escape::Text => match line.strip_suffix('\n') {
+            Some(body) => match after_level(body) {
+                Some(at) => format!("{} node={node}{}\n", &body[..at], &body[at..]).into(),
+                None => format!("{body} node={node}\n").into(),
+            },
+            None => line.into(),
+        },
     }
 }
 
@@ -1794,13 +1875,21 @@ impl Escape {
 
 impl std::io::Write for EscapingWriter {
     fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        match std::str::from_utf8(buf).map(|text| self.1.apply(text)) {
-            Ok(std::borrow::Cow::Owned(out)) => {
-                self.0.write_all(out.as_bytes())?;
-                Ok(buf.len())
-            }
-            _ => self.0.write(buf),
+        let Ok(text) = std::str::from_utf8(buf) else {
+            return self.0.write(buf);
+        };
+        let named = match &self.2 {
+            Some(node) => with_node(text, node, self.1),
+            None => std::borrow::Cow::Borrowed(text),
+        };
+        let escaped = self.1.apply(&named);
+        if matches!(named, std::borrow::Cow::Borrowed(_))
+            && matches!(escaped, std::borrow::Cow::Borrowed(_))
+        {
+            return self.0.write(buf);
         }
+        self.0.write_all(escaped.as_bytes())?;
+        Ok(buf.len())
     }
 
     fn flush(&mut self) -> std::io::Result<()> {
@@ -1850,6 +1939,39 @@ mod tests {
             ["A", "B"]
         );
         assert!(own("listeners pause", &["listeners", "pause"]).is_empty());
+    }
+
+    /// With `[cluster]`, every line names the node: JSON as its first field (still one valid
+    /// object), text as `node=NAME` at the end.
+    #[test]
+    fn lines_name_the_node_in_json_and_in_text() {
+        let line = "{\"timestamp\":\"t\",\"level\":\"INFO\",\"message\":\"m\"}\n";
+        let named = super::with_node(line, "edge-1", Escape::Json);
+        assert_eq!(
+            named,
+            "{\"node\":\"edge-1\",\"timestamp\":\"t\",\"level\":\"INFO\",\"message\":\"m\"}\n"
+        );
+        let parsed: serde_json::Value = serde_json::from_str(&named).unwrap();
+        assert_eq!(parsed["node"], "edge-1");
+        assert_eq!(
+            super::with_node("{}\n", "n", Escape::Json),
+            "{\"node\":\"n\"}\n"
+        );
+        assert_eq!(
+            super::with_node(
+                "2026-12-01T14:00:00Z  INFO listening bind=127.0.0.1:25\n",
+                "edge-1",
+                Escape::Text
+            ),
+            "2026-12-01T14:00:00Z  INFO node=edge-1 listening bind=127.0.0.1:25\n"
+        );
+        assert_eq!(
+            super::with_node("oddline\n", "n", Escape::Text),
+            "oddline node=n\n"
+        );
+        // Not a whole line: left alone.
+        assert_eq!(super::with_node("partial", "n", Escape::Text), "partial");
+        assert_eq!(super::with_node("partial", "n", Escape::Json), "partial");
     }
 
     #[test]

@@ -11,6 +11,16 @@
 //! sessions and holds its queued mail; a stopped relay reads it when it starts. Resuming
 //! releases nothing: held mail waits for `portcullis queue release --user LOGIN`.
 //!
+//! With `[cluster] redis` in the policy the suspensions are shared by every node through the
+//! store ([`crate::policy::containment::shared`]), which these commands reach over a link of
+//! their own ([`Store`]; its password is never shown): `suspend` puts the login in the store
+//! and then writes the local record (marked shared); when the store cannot be reached it
+//! writes the local record alone and the relay pushes it when the store returns (said on
+//! stderr). `resume` removes the login from the store first and then the local record; when
+//! the store cannot be reached it refuses ([`UserError::StoreUnavailable`], exit 1), since the
+//! relay's next exchange with the store would suspend the login again here. `list` shows the
+//! union of the local records and the store's (the store's view when it answers).
+//!
 //! `list` prints one row per login. The messages each sent in the last hour are known only to
 //! the running relay: they are read from `GET /api/users` ([`super::client::fetch_users`]),
 //! and shown as `-` (JSON `null`) when it cannot be asked, with the reason
@@ -27,8 +37,10 @@ use std::sync::Arc;
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 
+use crate::cluster::{Cluster, Unavailable};
 use crate::config::Config;
 use crate::policy::containment::OPERATOR;
+use crate::policy::containment::shared;
 use crate::queue::journal::show::rfc3339_ms;
 use crate::queue::report::clean;
 use crate::queue::select::Selection;
@@ -77,6 +89,35 @@ pub enum UserError {
     /// The spool could not be read or written.
     #[error(transparent)]
     Spool(#[from] SpoolError),
+    /// `resume` with `[cluster] redis`, and the store cannot be reached: nothing was changed
+    /// (removing only the local record would be undone by the relay's next exchange with the
+    /// store).
+    #[error(
+        "the shared store {url} cannot be reached ({source}); nothing was changed: a login is \
+         resumed in the store first, or the nodes would suspend it again. Retry when it answers"
+    )]
+    StoreUnavailable {
+        /// The store, password hidden.
+        url: String,
+        /// Why.
+        source: Unavailable,
+    },
+    /// `resume` with `[cluster] redis`: the login was removed from the store and here, but the
+    /// store stopped answering before the second removal that undoes a push this node's relay
+    /// may have made meanwhile. Run the command again once the store answers.
+    #[error(
+        "resumed here and in the shared store {url}, which then stopped answering ({source}); \
+         run the command again once it answers, to make sure no node put it back"
+    )]
+    StoreLost {
+        /// The store, password hidden.
+        url: String,
+        /// Why.
+        source: Unavailable,
+    },
+    /// The async runtime for the store could not be started.
+    #[error("cannot start the async runtime: {0}")]
+    Runtime(std::io::Error),
 }
 
 impl UserError {
@@ -103,6 +144,80 @@ impl Outcome {
     /// Whether the login's state changed (or would, in a dry run).
     pub fn changes(&self) -> bool {
         matches!(self, Outcome::Suspended(_) | Outcome::Resumed(_))
+    }
+}
+
+/// Whether a suspension made here reached the shared store.
+#[derive(Debug, Clone)]
+pub enum Sharing {
+    /// No `[cluster] redis`, or nothing was changed.
+    Local,
+    /// In the store: every node holds it within a poll.
+    Shared,
+    /// The store could not be reached: recorded here only; the relay pushes it to the store
+    /// when it answers.
+    Pending(Unavailable),
+}
+
+/// The shared store of `[cluster] redis` as the `user` commands reach it: a link of their own
+/// on a runtime of their own.
+pub struct Store {
+    cluster: Arc<Cluster>,
+    runtime: tokio::runtime::Runtime,
+}
+
+impl Store {
+    /// The store of `config`, or `None` without `[cluster] redis`. Nothing is connected yet.
+    ///
+    /// # Errors
+    /// [`UserError::Runtime`].
+    pub fn open(config: &Config) -> Result<Option<Store>, UserError> {
+        let telemetry = Arc::new(crate::observe::Telemetry::new(config.cluster.node.clone()));
+        let Some(cluster) = Cluster::new(&config.cluster, telemetry) else {
+            return Ok(None);
+        };
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .map_err(UserError::Runtime)?;
+        Ok(Some(Store { cluster, runtime }))
+    }
+
+    /// The store's URL as it may be shown (password hidden).
+    pub fn shown_url(&self) -> String {
+        self.cluster.url().to_string()
+    }
+
+    fn get(&self, login: &str) -> Result<Option<Suspension>, Unavailable> {
+        self.runtime.block_on(shared::get(&self.cluster, login))
+    }
+
+    /// `s` put in the store; `Some(id)`: it holds it now, and its id is known.
+    fn push(&self, s: &Suspension) -> Result<Option<String>, Unavailable> {
+        self.runtime.block_on(async {
+            shared::push(&self.cluster, s).await?;
+            shared::store_id(&self.cluster).await
+        })
+    }
+
+    fn lift(&self, login: &str) -> Result<bool, Unavailable> {
+        self.runtime.block_on(shared::lift(&self.cluster, login))
+    }
+
+    /// Every suspension of the store (at most [`shared::READ_MAX`]; `Remote::complete` says
+    /// whether that was all).
+    ///
+    /// # Errors
+    /// [`Unavailable`].
+    pub fn read(&self) -> Result<shared::Remote, Unavailable> {
+        self.runtime.block_on(shared::read(&self.cluster))
+    }
+
+    fn unavailable(&self, source: Unavailable) -> UserError {
+        UserError::StoreUnavailable {
+            url: self.shown_url(),
+            source,
+        }
     }
 }
 
@@ -169,53 +284,112 @@ pub fn reason(given: Option<&str>) -> Result<String, UserError> {
 }
 
 /// `portcullis user suspend LOGIN`: record the suspension of a known `login` (rule
-/// [`OPERATOR`], `reason`, since `now_ms`), unless it is suspended already. With `dry_run`,
-/// only say what would be done. Blocking.
+/// [`OPERATOR`], `reason`, since `now_ms`), unless it is suspended already; with `store`
+/// (`[cluster] redis`), in the store first (see the module doc). With `dry_run`, only say what
+/// would be done (the store is not asked). Blocking.
 ///
 /// # Errors
 /// See [`known`]; [`UserError::Spool`] when the record cannot be written (then nothing is
-/// left under `suspended/`).
+/// left under `suspended/`, though the store may hold it: every node, this one included
+/// once its relay polls, holds the login then).
 pub fn suspend(
     config: Option<&Config>,
     spool: &Spool,
+    store: Option<&Store>,
     login: &str,
     reason: String,
     now_ms: u64,
     dry_run: bool,
-) -> Result<Outcome, UserError> {
+) -> Result<(Outcome, Sharing), UserError> {
     if let Some(existing) = known(config, spool, login)? {
-        return Ok(Outcome::AlreadySuspended(existing));
+        return Ok((Outcome::AlreadySuspended(existing), Sharing::Local));
     }
-    let record = Suspension {
+    let mut record = Suspension {
         login: login.to_owned(),
         rule: OPERATOR.to_owned(),
         reason,
         since_ms: now_ms,
+        node: config
+            .filter(|_| store.is_some())
+            .map(|c| c.cluster.node.clone()),
+        shared: false,
+        store: None,
     };
-    if dry_run || spool.suspend_login(&record)? {
-        return Ok(Outcome::Suspended(record));
+    if dry_run {
+        return Ok((Outcome::Suspended(record), Sharing::Local));
+    }
+    let mut sharing = Sharing::Local;
+    if let Some(store) = store {
+        // The store first, so that every node holds the login within a poll.
+        match store.get(login).and_then(|found| match found {
+            Some(existing) => Ok(Err(existing)),
+            None => store.push(&record).map(Ok),
+        }) {
+            Ok(Err(existing)) => return Ok((Outcome::AlreadySuspended(existing), Sharing::Local)),
+            // Shared with the store's id: written after the store, so a relay that reads it
+            // finds the login in its next read of the store unless it was resumed. A store
+            // no relay has read yet has no id: the relay marks the record.
+            Ok(Ok(id)) => {
+                record.shared = id.is_some();
+                record.store = id;
+                sharing = Sharing::Shared;
+            }
+            Err(e) => sharing = Sharing::Pending(e),
+        }
+    }
+    if spool.suspend_login(&record)? {
+        return Ok((Outcome::Suspended(record), sharing));
     }
     // Suspended meanwhile (by the relay's containment, or another operator): that one stays.
-    Ok(Outcome::AlreadySuspended(
-        spool.suspension(login)?.unwrap_or(record),
+    Ok((
+        Outcome::AlreadySuspended(spool.suspension(login)?.unwrap_or(record)),
+        Sharing::Local,
     ))
 }
 
-/// `portcullis user resume LOGIN`: remove a known `login`'s suspension, if it has one. With
-/// `dry_run`, only say what would be done. Blocking.
+/// `portcullis user resume LOGIN`: remove a known `login`'s suspension, if it has one; with
+/// `store` (`[cluster] redis`), from the store first, then here (a login suspended only in
+/// the store is known too). With `dry_run`, only say what would be done. Blocking.
 ///
 /// # Errors
-/// See [`known`]; [`UserError::Spool`] when the record cannot be removed.
+/// See [`known`]; [`UserError::StoreUnavailable`] when the store cannot be reached (nothing
+/// changed); [`UserError::Spool`] when the record cannot be removed (the store no longer
+/// holds the login then, and this node's relay resumes it at its next poll).
 pub fn resume(
     config: Option<&Config>,
     spool: &Spool,
+    store: Option<&Store>,
     login: &str,
     dry_run: bool,
 ) -> Result<Outcome, UserError> {
-    let Some(existing) = known(config, spool, login)? else {
+    let remote = match store {
+        Some(store) if !login.is_empty() => store.get(login).map_err(|e| store.unavailable(e))?,
+        _ => None,
+    };
+    let local = match remote {
+        Some(_) => spool.suspension(login)?,
+        None => known(config, spool, login)?,
+    };
+    let Some(existing) = remote.or(local) else {
         return Ok(Outcome::NotSuspended);
     };
-    if dry_run || spool.resume_login(login)? {
+    if dry_run {
+        return Ok(Outcome::Resumed(existing));
+    }
+    let mut lifted = false;
+    if let Some(store) = store {
+        lifted = store.lift(login).map_err(|e| store.unavailable(e))?;
+    }
+    lifted |= spool.resume_login(login)?;
+    if let Some(store) = store {
+        // This node's relay may have pushed the record (still unshared) after the first
+        // HDEL and before it was removed here: removed once more.
+        store.lift(login).map_err(|source| UserError::StoreLost {
+            url: store.shown_url(),
+            source,
+        })?;
+    }
+    if lifted {
         Ok(Outcome::Resumed(existing))
     } else {
         // Resumed meanwhile by someone else.

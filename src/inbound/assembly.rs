@@ -52,6 +52,9 @@ pub struct Arrival<'a> {
     pub transaction: &'a Transaction,
     /// The relay's own name (`[server] hostname`), the `by` of `Received:`.
     pub hostname: &'a str,
+    /// This node's name (`[cluster] node`), named in `Received:` when it differs from
+    /// `hostname`.
+    pub node: &'a str,
 }
 
 /// What an assembly is told of the free space: the transaction's reservation (taken from the
@@ -458,6 +461,7 @@ fn received_header(arrival: &Arrival<'_>, envelope: &Envelope) -> String {
         helo: &envelope.helo,
         client_ip: envelope.client_ip,
         hostname: arrival.hostname,
+        node: arrival.node,
         extended: arrival.extended,
         tls: arrival.tls,
         authenticated: envelope.auth_user.is_some(),

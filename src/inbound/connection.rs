@@ -174,7 +174,7 @@ struct SessionEnd {
 pub struct SessionDriver {
     runtime: Arc<Runtime>,
     listener: Listener,
-    shared: Shared,
+    shared: Arc<Shared>,
     peer: SocketAddr,
     session: Session,
     tls: Option<TlsInfo>,
@@ -202,7 +202,7 @@ impl SessionDriver {
     pub fn new(
         runtime: Arc<Runtime>,
         listener: Listener,
-        shared: Shared,
+        shared: Arc<Shared>,
         peer: SocketAddr,
     ) -> Self {
         let session = Session::new(session_config(
@@ -916,6 +916,7 @@ impl SessionDriver {
             auth_user: self.session.user(),
             transaction: tx,
             hostname: &self.runtime.config.server.hostname,
+            node: &self.runtime.config.cluster.node,
         };
         let space = Space {
             reservation: &mut self.effects.reservation,

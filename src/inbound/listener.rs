@@ -52,7 +52,7 @@ pub struct ListenerTask {
     pub socket: TcpListener,
     /// The current configuration snapshot; replaced on reload.
     pub runtime: Arc<ArcSwap<Runtime>>,
-    pub shared: Shared,
+    pub shared: Arc<Shared>,
     pub counter: ConnectionCounter,
     pub tracker: TaskTracker,
 }
@@ -198,7 +198,7 @@ pub(super) struct Accepted {
     pub runtime: Arc<Runtime>,
     /// The listener as that snapshot configures it.
     pub listener: Listener,
-    pub shared: Shared,
+    pub shared: Arc<Shared>,
     /// The TCP peer: the client, or a trusted proxy.
     pub peer: SocketAddr,
     /// Its place in the connection counts, held until the session ends.

@@ -127,7 +127,7 @@ pub async fn start(runtime: Arc<ArcSwap<Runtime>>, deps: Deps) -> Result<Inbound
     let shutdown = CancellationToken::new();
     let verifier =
         Verifier::start(hash_slots(), MAX_WAITING_VERIFICATIONS).map_err(StartError::Verifier)?;
-    let shared = Shared {
+    let shared = Arc::new(Shared {
         spool: deps.spool,
         shutdown: shutdown.clone(),
         verifier: Arc::new(verifier),
@@ -138,7 +138,7 @@ pub async fn start(runtime: Arc<ArcSwap<Runtime>>, deps: Deps) -> Result<Inbound
         telemetry: deps.telemetry,
         containment: deps.containment,
         cluster: deps.cluster,
-    };
+    });
     let sessions = TaskTracker::new();
     let snapshot = runtime.load_full();
     let mut tasks = Vec::new();

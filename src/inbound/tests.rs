@@ -65,8 +65,12 @@ impl Parts {
         let telemetry = Arc::new(telemetry);
         let containment = containment.unwrap_or_else(|| {
             Arc::new(
-                crate::policy::containment::Containment::open(spool.clone(), telemetry.clone())
-                    .unwrap(),
+                crate::policy::containment::Containment::open(
+                    spool.clone(),
+                    telemetry.clone(),
+                    None,
+                )
+                .unwrap(),
             )
         });
         let shared = Shared {
@@ -175,7 +179,7 @@ impl Harness {
         let driver_runtime = Arc::clone(&runtime);
         let shared = parts.shared.clone();
         let session = tokio::spawn(async move {
-            let mut driver = SessionDriver::new(driver_runtime, listener, shared, peer);
+            let mut driver = SessionDriver::new(driver_runtime, listener, Arc::new(shared), peer);
             driver.run(server).await;
         });
         Harness::assemble(dir, runtime, parts, Box::new(client), session)
@@ -472,7 +476,8 @@ async fn a_client_over_its_connection_rate_that_does_not_read_is_closed_after_th
     let (limit, key) = (RateLimit::ConnectionsPerIp, RateKey::Client(peer.ip()));
     assert!(runtime.policy.store().take(limit, &key, now).is_ok());
     let listener = runtime.config.listeners[0].clone();
-    let mut driver = SessionDriver::new(Arc::clone(&runtime), listener, parts.shared, peer);
+    let mut driver =
+        SessionDriver::new(Arc::clone(&runtime), listener, Arc::new(parts.shared), peer);
     // This one's pipe holds less than the `421`, and the client never reads.
     let (mut client, server) = tokio::io::duplex(8);
     let started = tokio::time::Instant::now();

@@ -128,6 +128,10 @@ pub struct Event {
     /// The id an adopted message had in the spool it came from, when its id was taken here.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub adopted_from: Option<String>,
+    /// The `[cluster] node` that recorded it (set by the journal with `[cluster]`; absent in
+    /// older journals and without `[cluster]`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub node: Option<String>,
 }
 
 impl Event {
@@ -152,6 +156,7 @@ impl Event {
             bounce_id: None,
             seconds: None,
             adopted_from: None,
+            node: None,
         }
     }
 

@@ -225,8 +225,12 @@ mod tests {
             shutdown.clone(),
             telemetry.clone(),
             Arc::new(
-                crate::policy::containment::Containment::open(spool.clone(), telemetry.clone())
-                    .unwrap(),
+                crate::policy::containment::Containment::open(
+                    spool.clone(),
+                    telemetry.clone(),
+                    None,
+                )
+                .unwrap(),
             ),
         )
         .unwrap();

@@ -25,6 +25,11 @@
 //! queued mail, and raises the `user_suspended` alert while any login is suspended. A
 //! suspension that cannot be written is kept in memory (logged) and written again at each
 //! poll: a disk error never lifts one.
+//!
+//! With `[cluster] redis` the suspensions are shared by every node through the store
+//! ([`shared`]): each poll also brings `SPOOL/suspended/` in line with it, and a suspension
+//! made here is pushed to it at once when it is reachable (else at the next poll that reaches
+//! it). Without the store nothing is shared and nothing else changes.
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::net::IpAddr;
@@ -36,11 +41,14 @@ use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn};
 
 use super::limits::ClientKey;
+use crate::cluster::Cluster;
 use crate::config;
 use crate::observe::Telemetry;
 use crate::observe::alerts::{AlertName, External};
 use crate::queue::suspended::{Listing, Suspension};
 use crate::queue::{Spool, SpoolError};
+
+pub mod shared;
 
 /// How often the relay reads `SPOOL/suspended/` for changes made by `portcullis user`.
 pub const POLL_INTERVAL: Duration = Duration::from_millis(500);
@@ -118,15 +126,32 @@ pub struct Containment {
     changed: tokio::sync::watch::Sender<u64>,
     /// Minutes of the message counts are counted from here.
     epoch: Instant,
+    /// The shared store (`[cluster] redis`), if any.
+    cluster: Option<Arc<Cluster>>,
+    /// Serialises the exchanges with the store: a poll's read, pushes and their settling, and
+    /// a new suspension's push (so a poll never takes a suspension pushed after its read of
+    /// the store for one resumed elsewhere).
+    sync: tokio::sync::Mutex<()>,
+    /// The store's fields already logged as damaged or not logins.
+    warned_store: Mutex<HashSet<String>>,
+    /// Whether the last poll's read stopped at [`shared::READ_MAX`] (logged once per episode).
+    capped: std::sync::atomic::AtomicBool,
+    /// The store's id as the last poll read it (`None` before the first one that reached it).
+    store_id: Mutex<Option<String>>,
 }
 
 impl Containment {
-    /// Containment over `spool`, with the suspensions recorded there now. Blocking.
+    /// Containment over `spool`, with the suspensions recorded there now, shared through
+    /// `cluster` when given (`[cluster] redis`). Blocking; the store is not asked yet.
     ///
     /// # Errors
     /// `SPOOL/suspended/` cannot be read: the relay must not start without knowing whom it
     /// suspended.
-    pub fn open(spool: Spool, telemetry: Arc<Telemetry>) -> Result<Containment, SpoolError> {
+    pub fn open(
+        spool: Spool,
+        telemetry: Arc<Telemetry>,
+        cluster: Option<Arc<Cluster>>,
+    ) -> Result<Containment, SpoolError> {
         let listing = spool.list_suspended()?;
         let containment = Containment {
             spool,
@@ -138,6 +163,11 @@ impl Containment {
             counters: Mutex::new(HashMap::new()),
             changed: tokio::sync::watch::Sender::new(0),
             epoch: Instant::now(),
+            cluster,
+            sync: tokio::sync::Mutex::new(()),
+            warned_store: Mutex::new(HashSet::new()),
+            capped: std::sync::atomic::AtomicBool::new(false),
+            store_id: Mutex::new(None),
         };
         containment.follow(listing);
         Ok(containment)
@@ -161,14 +191,18 @@ impl Containment {
     }
 
     /// Suspend `login` for `trip` now: in memory at once (every session sees it from here
-    /// on), then on the spool, off the reactor. Logged with the login; a write that fails is
-    /// logged and retried at the next poll.
+    /// on), then on the spool, off the reactor, then in the shared store when there is one
+    /// and it is reachable (else at the next poll that reaches it). Logged with the login; a
+    /// write that fails is logged and retried at the next poll.
     pub async fn suspend(self: &Arc<Self>, login: &str, trip: Trip) {
         let suspension = Suspension {
             login: login.to_string(),
             rule: trip.rule.to_string(),
             reason: trip.reason,
             since_ms: crate::observe::event::unix_millis(),
+            node: self.cluster.as_ref().map(|c| c.node().to_owned()),
+            shared: false,
+            store: None,
         };
         // Not yet saved: a poll meanwhile neither takes it for resumed nor loses it.
         if !self.insert(suspension.clone(), false) {
@@ -187,6 +221,15 @@ impl Containment {
         if let Err(e) = saved {
             error!(login = %super::lockout::login_key(login), error = %e, "suspension task failed");
         }
+        // Pushed now unless a poll is exchanging with the store (the session does not wait
+        // for it): that poll, or the next, pushes it.
+        let store = (self.store_id.lock().unwrap_or_else(|p| p.into_inner())).clone();
+        if let (Some(cluster), Some(store)) = (self.cluster.clone(), store)
+            && cluster.is_up()
+            && let Ok(_sync) = self.sync.try_lock()
+        {
+            self.push_unshared(&cluster, &store).await;
+        }
     }
 
     /// Hold `suspension` (`saved`: its record is on the spool), logged; false when its login
@@ -196,9 +239,18 @@ impl Containment {
         if suspended.contains_key(&suspension.login) {
             return false;
         }
-        warn!(login = %super::lockout::login_key(&suspension.login), rule = %suspension.rule,
-            reason = %super::lockout::login_key(&suspension.reason),
-            "account suspended: AUTH refused, open sessions closed, queued mail held");
+        match &suspension.node {
+            Some(by) => {
+                warn!(login = %super::lockout::login_key(&suspension.login), rule = %suspension.rule,
+                reason = %super::lockout::login_key(&suspension.reason), by_node = %super::lockout::login_key(by),
+                "account suspended: AUTH refused, open sessions closed, queued mail held")
+            }
+            None => {
+                warn!(login = %super::lockout::login_key(&suspension.login), rule = %suspension.rule,
+                reason = %super::lockout::login_key(&suspension.reason),
+                "account suspended: AUTH refused, open sessions closed, queued mail held")
+            }
+        }
         suspended.insert(suspension.login.clone(), Held { suspension, saved });
         true
     }
@@ -272,9 +324,7 @@ impl Containment {
                 .collect();
             for login in resumed {
                 suspended.remove(&login);
-                if let Some(c) = self.lock_counters().get_mut(&login) {
-                    c.clear_triggers();
-                }
+                self.clear_triggers(&login);
                 info!(login = %super::lockout::login_key(&login), "account resumed: AUTH allowed again; its held mail stays held until released");
                 changed = true;
             }
@@ -287,7 +337,8 @@ impl Containment {
         }
     }
 
-    /// Follow `SPOOL/suspended/` every [`POLL_INTERVAL`] until `stop`.
+    /// Follow `SPOOL/suspended/` every [`POLL_INTERVAL`] until `stop`, and after each read of
+    /// it the shared store, when there is one ([`Containment::sync_store`]).
     pub async fn watch(self: Arc<Self>, stop: CancellationToken) {
         let mut tick = tokio::time::interval(POLL_INTERVAL);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -300,6 +351,7 @@ impl Containment {
             if let Err(e) = tokio::task::spawn_blocking(move || this.refresh()).await {
                 error!(error = %e, "reading the suspended logins failed");
             }
+            self.sync_store().await;
         }
     }
 
@@ -461,6 +513,18 @@ impl Containment {
         trip
     }
 
+    /// Stop holding `login` (its record is gone), and start its counters afresh.
+    fn forget(&self, login: &str) {
+        self.write().remove(login);
+        self.clear_triggers(login);
+    }
+
+    fn clear_triggers(&self, login: &str) {
+        if let Some(c) = self.lock_counters().get_mut(login) {
+            c.clear_triggers();
+        }
+    }
+
     fn read(&self) -> std::sync::RwLockReadGuard<'_, HashMap<String, Held>> {
         self.suspended.read().unwrap_or_else(|p| p.into_inner())
     }
@@ -490,7 +554,10 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let spool = Spool::open(dir.path()).unwrap();
         let telemetry = Arc::new(Telemetry::new("test"));
-        (dir, Arc::new(Containment::open(spool, telemetry).unwrap()))
+        (
+            dir,
+            Arc::new(Containment::open(spool, telemetry, None).unwrap()),
+        )
     }
 
     fn settings(hits: u32, domains: u32, ips: u32) -> config::Containment {
@@ -609,11 +676,14 @@ mod tests {
             rule: OPERATOR.into(),
             reason: "phished".into(),
             since_ms: 1,
+            node: None,
+            shared: false,
+            store: None,
         };
         spool.suspend_login(&by_hand).unwrap();
         c.refresh();
         assert!(c.is_suspended("bob"));
-        let restarted = Containment::open(spool, Arc::new(Telemetry::new("t"))).unwrap();
+        let restarted = Containment::open(spool, Arc::new(Telemetry::new("t")), None).unwrap();
         assert_eq!(restarted.suspensions(), vec![by_hand]);
     }
 

@@ -107,6 +107,8 @@ pub struct Journal {
     dropped: Arc<AtomicU64>,
     stop: LiveStop,
     thread: Mutex<Option<JoinHandle<()>>>,
+    /// The `[cluster] node` each event is recorded with ([`Journal::with_node`]).
+    node: Option<String>,
 }
 
 impl Journal {
@@ -120,6 +122,14 @@ impl Journal {
             writer::Limits::new(log, min_free_space),
             Box::new(move || probe.free_space()),
         )
+    }
+
+    /// The same, recording `node` (`[cluster] node`) in each event that names none: `trace`
+    /// then shows which node of a cluster saw it. `None`: events recorded as they are.
+    #[must_use]
+    pub fn with_node(mut self, node: Option<String>) -> Journal {
+        self.node = node;
+        self
     }
 
     /// The journal of directory `dir` with explicit limits and free-space source (the
@@ -143,6 +153,7 @@ impl Journal {
                 dropped,
                 stop,
                 thread: Mutex::new(Some(thread)),
+                node: None,
             },
             Err(e) => {
                 error!(error = %e, "journal: cannot start its thread; events are not journaled");
@@ -154,6 +165,7 @@ impl Journal {
                     dropped,
                     stop,
                     thread: Mutex::new(None),
+                    node: None,
                 }
             }
         }
@@ -202,8 +214,12 @@ impl Journal {
 
 impl EventSink for Journal {
     fn append(&self, event: &Event) {
+        let mut event = Box::new(event.clone());
+        if event.node.is_none() {
+            event.node.clone_from(&self.node);
+        }
         let sent = match &self.tx {
-            Some(tx) => match tx.try_send(Msg::Event(Box::new(event.clone()))) {
+            Some(tx) => match tx.try_send(Msg::Event(event)) {
                 Ok(()) => true,
                 Err(TrySendError::Full(_) | TrySendError::Disconnected(_)) => false,
             },

@@ -796,7 +796,7 @@ fn queue_from(h: &Harness, login: &str, fresh: bool) -> QueueId {
 async fn a_suspended_logins_mail_is_held_whatever_brings_it_due_and_never_sent() {
     let mut h = start(&[5], 1, None);
     let containment = Arc::new(
-        crate::policy::containment::Containment::open(h.spool.clone(), h.telemetry.clone())
+        crate::policy::containment::Containment::open(h.spool.clone(), h.telemetry.clone(), None)
             .unwrap(),
     );
     let trip = crate::policy::containment::Trip {

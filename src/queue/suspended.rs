@@ -12,6 +12,10 @@
 //! [`HEX_NAME_MAX`] octets is named by its first octets and a hash of the whole. The record
 //! inside names the login in full, and is what counts; a file whose record cannot be read
 //! still suspends the login its name decodes to (never fail open).
+//!
+//! With `[cluster] redis` the records are this node's durable copy of the suspensions every
+//! node shares through the store ([`crate::policy::containment::shared`]); a record says
+//! whether the store is known to hold it ([`Suspension::shared`], [`Suspension::store`]).
 
 use std::fs;
 use std::io::{self, Read, Write};
@@ -46,6 +50,20 @@ pub struct Suspension {
     pub reason: String,
     /// When it was suspended, in milliseconds since the Unix epoch.
     pub since_ms: u64,
+    /// The `[cluster] node` that suspended it; `None` without `[cluster]` (and in records
+    /// written before it was recorded).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub node: Option<String>,
+    /// Whether the shared store (`[cluster] redis`) is known to hold it: a shared record whose
+    /// login is no longer in the store was resumed on another node. False in records written
+    /// before it was recorded, and without `[cluster]`.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub shared: bool,
+    /// The id of the store that holds it (`portcullis:suspended:id`) when `shared`: a store
+    /// found with another id lost its data (a restart without persistence, a flush), and the
+    /// suspension is put in it again rather than taken for resumed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub store: Option<String>,
 }
 
 /// The file name of `login`'s suspension.
@@ -157,6 +175,47 @@ impl super::Spool {
             Ok(()) => {}
             Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(false),
             Err(e) => return Err(SpoolError::io("unlink", &path)(e)),
+        }
+        sync_dir(&dir)?;
+        Ok(true)
+    }
+
+    /// Mark `login`'s record as held by the shared store whose id is `store` (`shared`), replacing it
+    /// durably (written in `tmp/`, fsynced, renamed over, directory fsynced). Returns false,
+    /// writing nothing, when it has no sound record (resumed meanwhile, or damaged: a damaged
+    /// record is left as it is). Blocking.
+    ///
+    /// # Errors
+    /// An empty login; the step that failed (the record is then left as it was).
+    pub fn mark_shared(&self, login: &str, store: &str) -> Result<bool, SpoolError> {
+        let dir = self.suspended_dir();
+        let path = self.record_path(login)?;
+        let mut record = match self.read_suspension(&path, &file_name(login)) {
+            Entry::Record(s) if s.login == login => s,
+            _ => return Ok(false),
+        };
+        if record.shared && record.store.as_deref() == Some(store) {
+            return Ok(true);
+        }
+        record.shared = true;
+        record.store = Some(store.to_owned());
+        let tmp = self.temp_path("suspension");
+        let written = (|| {
+            let mut file = create_new(&tmp)?;
+            let mut text = serde_json::to_vec(&record).map_err(|source| SpoolError::Encode {
+                what: "suspension",
+                source,
+            })?;
+            text.push(b'\n');
+            file.write_all(&text)
+                .and_then(|()| file.sync_all())
+                .map_err(SpoolError::io("write", &tmp))?;
+            give_to(&tmp, self.inner.owner)?;
+            fs::rename(&tmp, &path).map_err(SpoolError::io("rename", &path))
+        })();
+        if let Err(e) = written {
+            let _ = fs::remove_file(&tmp);
+            return Err(e);
         }
         sync_dir(&dir)?;
         Ok(true)
@@ -276,6 +335,9 @@ fn damaged(login: String, why: String) -> Suspension {
         rule: OPERATOR_RULE.into(),
         reason: format!("damaged suspension record ({why})"),
         since_ms: 0,
+        node: None,
+        shared: false,
+        store: None,
     }
 }
 
@@ -290,6 +352,9 @@ mod tests {
             rule: "operator".into(),
             reason: "stolen password".into(),
             since_ms: 1_700_000_000_000,
+            node: None,
+            shared: false,
+            store: None,
         }
     }
 

@@ -14,6 +14,9 @@ pub struct Trace<'a> {
     pub helo: &'a str,
     pub client_ip: IpAddr,
     pub hostname: &'a str,
+    /// This node's name (`[cluster] node`): written as `(portcullis node NODE)` when it
+    /// differs from `hostname`.
+    pub node: &'a str,
     pub extended: bool,
     pub tls: Option<&'a TlsInfo>,
     pub authenticated: bool,
@@ -46,8 +49,13 @@ pub fn header(t: &Trace<'_>) -> String {
         .chars()
         .map(|c| if c.is_ascii_graphic() { c } else { '?' })
         .collect();
+    let by = if t.node == t.hostname {
+        "portcullis".to_owned()
+    } else {
+        format!("portcullis node {}", t.node)
+    };
     let mut h = format!(
-        "Received: from {helo} ([{ip}])\r\n\tby {} (portcullis) with {protocol} id {}",
+        "Received: from {helo} ([{ip}])\r\n\tby {} ({by}) with {protocol} id {}",
         t.hostname, t.queue_id
     );
     if let Some(tls) = t.tls {
@@ -81,6 +89,7 @@ mod tests {
             helo: "client.example",
             client_ip: "192.0.2.7".parse().unwrap(),
             hostname: "relay.example.com",
+            node: "relay.example.com",
             extended: true,
             tls: Some(&tls),
             authenticated: true,
@@ -97,11 +106,33 @@ with ESMTPSA id 0123456789ABCDEF\r\n\t(using TLSv1.3 with cipher TLS13_AES_256_G
     }
 
     #[test]
+    fn a_node_named_otherwise_than_the_host_is_named_in_the_by_clause() {
+        let h = header(&Trace {
+            helo: "client.example",
+            client_ip: "192.0.2.7".parse().unwrap(),
+            hostname: "mx.example.com",
+            node: "edge-2",
+            extended: true,
+            tls: None,
+            authenticated: false,
+            queue_id: "0123456789ABCDEF",
+            single_recipient: None,
+            now: 1_700_000_000,
+        });
+        assert_eq!(
+            h,
+            "Received: from client.example ([192.0.2.7])\r\n\tby mx.example.com (portcullis node \
+edge-2) with ESMTP id 0123456789ABCDEF;\r\n\tTue, 14 Nov 2023 22:13:20 +0000\r\n"
+        );
+    }
+
+    #[test]
     fn plain_helo_and_hostile_helo_text() {
         let h = header(&Trace {
             helo: "evil\u{7f}name with space",
             client_ip: "::ffff:127.0.0.1".parse().unwrap(),
             hostname: "r",
+            node: "r",
             extended: false,
             tls: None,
             authenticated: false,

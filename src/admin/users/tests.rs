@@ -33,6 +33,9 @@ fn suspension(login: &str, rule: &str, reason: &str) -> Suspension {
         reason: reason.into(),
         // 2023-11-14T22:13:20.000Z
         since_ms: 1_700_000_000_000,
+        node: None,
+        shared: false,
+        store: None,
     }
 }
 
@@ -178,50 +181,56 @@ fn suspend_and_resume_change_the_record_once_and_a_dry_run_never() {
     let dry = suspend(
         Some(&config),
         &spool,
+        None,
         "alice",
         reason(None).unwrap(),
         now,
         true,
     )
-    .unwrap();
+    .unwrap()
+    .0;
     assert_eq!(dry, Outcome::Suspended(record.clone()));
     assert_eq!(spool.suspension("alice").unwrap(), None);
     let done = suspend(
         Some(&config),
         &spool,
+        None,
         "alice",
         reason(None).unwrap(),
         now,
         false,
     )
-    .unwrap();
+    .unwrap()
+    .0;
     assert_eq!(done, Outcome::Suspended(record.clone()));
     assert_eq!(spool.suspension("alice").unwrap(), Some(record.clone()));
     // Again, with another reason: the first suspension stays.
     let again = suspend(
         Some(&config),
         &spool,
+        None,
         "alice",
         "other".into(),
         now + 5,
         false,
     )
-    .unwrap();
+    .unwrap()
+    .0;
     assert_eq!(again, Outcome::AlreadySuspended(record.clone()));
     assert!(!again.changes());
 
     assert_eq!(
-        resume(Some(&config), &spool, "alice", true).unwrap(),
+        resume(Some(&config), &spool, None, "alice", true).unwrap(),
         Outcome::Resumed(record.clone())
     );
     assert_eq!(spool.suspension("alice").unwrap(), Some(record.clone()));
     assert_eq!(
-        resume(Some(&config), &spool, "alice", false).unwrap(),
+        resume(Some(&config), &spool, None, "alice", false).unwrap(),
         Outcome::Resumed(record)
     );
     assert_eq!(spool.suspension("alice").unwrap(), None);
     assert_eq!(
-        resume(Some(&config), &spool, "alice", false).unwrap(),
+        resume(Some(&config), &spool, None, "alice", false).unwrap(),
         Outcome::NotSuspended
     );
 }
@@ -237,14 +246,14 @@ fn a_login_is_known_by_the_users_file_or_its_suspension_only() {
         .unwrap();
     assert!(known(Some(&config), &spool, "gone").unwrap().is_some());
     assert!(matches!(
-        resume(Some(&config), &spool, "gone", false).unwrap(),
+        resume(Some(&config), &spool, None, "gone", false).unwrap(),
         Outcome::Resumed(_)
     ));
     for login in ["gone", "Alice", "alice\r\n", ""] {
-        let err = suspend(Some(&config), &spool, login, "r".into(), 1, false).unwrap_err();
+        let err = suspend(Some(&config), &spool, None, login, "r".into(), 1, false).unwrap_err();
         assert!(err.is_usage(), "{login:?}: {err}");
         assert!(
-            resume(Some(&config), &spool, login, false)
+            resume(Some(&config), &spool, None, login, false)
                 .unwrap_err()
                 .is_usage()
         );

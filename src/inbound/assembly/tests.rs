@@ -31,6 +31,7 @@ fn arrival(tx: &Transaction) -> Arrival<'_> {
         auth_user: None,
         transaction: tx,
         hostname: "relay.example.net",
+        node: "relay.example.net",
     }
 }
 

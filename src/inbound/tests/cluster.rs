@@ -20,7 +20,7 @@ fn clustered(dir: tempfile::TempDir, runtime: Arc<Runtime>, cluster: &Arc<Cluste
     let peer: SocketAddr = PEER.parse().unwrap();
     let (driver_runtime, shared) = (Arc::clone(&runtime), parts.shared.clone());
     let session = tokio::spawn(async move {
-        let mut driver = SessionDriver::new(driver_runtime, listener, shared, peer);
+        let mut driver = SessionDriver::new(driver_runtime, listener, Arc::new(shared), peer);
         driver.run(server).await;
     });
     Harness::assemble(dir, runtime, parts, Box::new(client), session)

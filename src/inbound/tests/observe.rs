@@ -435,7 +435,7 @@ async fn a_connection_over_the_cap_is_one_refusal_at_connect_and_no_session() {
         config: runtime.config.listeners[0].clone(),
         socket,
         runtime: Arc::new(arc_swap::ArcSwap::new(Arc::clone(&runtime))),
-        shared: parts.shared.clone(),
+        shared: Arc::new(parts.shared.clone()),
         counter: super::super::pressure::ConnectionCounter::default(),
         tracker: tracker.clone(),
     };

@@ -93,7 +93,7 @@ impl Harness {
         let accepted = Accepted {
             runtime: runtime.clone(),
             listener,
-            shared: parts.shared.clone(),
+            shared: Arc::new(parts.shared.clone()),
             peer,
             slot,
         };

@@ -121,6 +121,7 @@ pub fn event_line(e: &Event) -> String {
         ("reply", opt(&e.reply)),
         ("bounce_id", opt(&e.bounce_id)),
         ("adopted_from", opt(&e.adopted_from)),
+        ("node", opt(&e.node)),
     ] {
         if let Some(value) = value {
             field(key, &value);

@@ -884,3 +884,32 @@ fn a_write_error_stop_ends_at_the_next_write_and_a_space_stop_takes_over_its_mar
     assert_eq!(stop.reason, super::state::Reason::Space);
     assert!(w.stopped());
 }
+
+#[test]
+fn a_node_named_journal_records_the_node_and_trace_shows_it_while_old_lines_still_read() {
+    let tmp = tempfile::tempdir().unwrap();
+    let spool = crate::queue::Spool::open(tmp.path()).unwrap();
+    let dir = super::dir(spool.root());
+    // An older segment, written before events named their node.
+    write_all(&dir, &[finished(ID_B, T0 - 5)], true);
+    let journal = Journal::start(dir.clone(), limits(), plenty()).with_node(Some("edge-2".into()));
+    use crate::observe::EventSink as _;
+    journal.append(&finished(ID_A, T0));
+    journal.close();
+    let text = fs::read_to_string(files(&dir, "jsonl").last().unwrap()).unwrap();
+    assert!(text.contains(r#""node":"edge-2""#), "{text}");
+    let found = find(&dir, ID_A);
+    let event = &found.messages[0].1[0];
+    assert_eq!(event.node.as_deref(), Some("edge-2"));
+    assert!(
+        show::event_line(event).ends_with(" node=edge-2"),
+        "{}",
+        show::event_line(event)
+    );
+    let json: serde_json::Value =
+        serde_json::from_str(show::json_lines(&found).lines().next().unwrap()).unwrap();
+    assert_eq!(json["node"], "edge-2");
+    let old = find(&dir, ID_B);
+    assert_eq!(old.messages[0].1[0].node, None);
+    assert!(!show::event_line(&old.messages[0].1[0]).contains("node="));
+}
