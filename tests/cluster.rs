@@ -12,9 +12,10 @@
 //! the address each node believes is the one in the PROXY header.
 //!
 //! What it shows: the client's address (PROXY v1 and v2) decides `deny` and `relay_networks`
-//! and is the one in `Received:`, the logs and the journal, on both nodes, and a PROXY line a
-//! client sends itself is a command, never believed; a per-IP message limit, an AUTH lockout
-//! and a suspension hold across the nodes (shared through Redis); with Redis stopped, mail
+//! and is the one in `Received:`, the logs and the journal (each naming its node), on both
+//! nodes, and a PROXY line a client sends itself is a command, never believed; a per-IP
+//! message limit, an AUTH lockout and a suspension hold across the nodes (shared through
+//! Redis); with Redis stopped, mail
 //! flows on each node's own state (`on_error = "local"`) or is refused for now (`"tempfail"`),
 //! and with Redis back the nodes share again; a node killed with SIGKILL mid-load: HAProxy
 //! sends new sessions to the survivor, and once the survivor has adopted the dead node's spool
@@ -269,9 +270,10 @@ fn field(message: &Received, name: &str) -> String {
         .to_string()
 }
 
-/// The start of the `Received:` field `node` adds to a message from `ip` (EHLO client.test).
+/// The start of the `Received:` field `node` adds to a message from `ip` (EHLO client.test):
+/// its hostname, and its `[cluster] node` name (which differs from it here).
 fn received_by(ip: &str, node: &str) -> String {
-    format!("Received: from client.test ([{ip}])\r\n\tby {node}.test (portcullis")
+    format!("Received: from client.test ([{ip}])\r\n\tby {node}.test (portcullis node {node}) ")
 }
 
 /// How many of the sink's messages carry [`received_by`] `ip` and `node`.
@@ -381,7 +383,7 @@ fn client_addresses_through_proxy_v1_and_v2_decide_the_rules_and_the_received_fi
         assert!(!text.contains("[127.0.0.1]"), "{text}");
     }
     // Each node's journal (`portcullis trace CLIENT`) has the stranger's two messages under
-    // the stranger's address.
+    // the stranger's address and the node's name.
     for node in NODES {
         let journaled = || traced(edge.node(node), STRANGER);
         assert!(
@@ -391,6 +393,7 @@ fn client_addresses_through_proxy_v1_and_v2_decide_the_rules_and_the_received_fi
         );
         for event in journaled() {
             assert_eq!(event["client"], STRANGER, "{event}");
+            assert_eq!(event["node"], node, "{event}");
         }
     }
     let log = edge.haproxy.log();
@@ -536,7 +539,6 @@ fn an_auth_lockout_earned_on_edge_1_refuses_on_edge_2_without_verifying() {
 // --- 4. A suspension on one node holds on the other -------------------------------------------
 
 #[test]
-#[ignore = "needs shared suspensions ([cluster] store) on main"]
 fn a_suspension_made_with_edge_1_s_policy_holds_on_edge_2() {
     let test = "a_suspension_made_with_edge_1_s_policy_holds_on_edge_2";
     let Some(edge) = Edge::start(test, refusing_sink(), Policy::default()) else {
@@ -951,7 +953,7 @@ fn a_node_killed_mid_load_loses_nothing_once_the_survivor_adopts_its_spool() {
         if let Some(a) = on_dead.iter().find(|a| a.tag == tag) {
             let text = String::from_utf8_lossy(&m.data);
             assert!(
-                text.contains("\tby edge-1.test (portcullis"),
+                text.contains("\tby edge-1.test (portcullis node edge-1) "),
                 "{a:?}: {text}"
             );
         }
