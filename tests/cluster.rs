@@ -559,6 +559,9 @@ fn a_suspension_made_with_edge_1_s_policy_holds_on_edge_2() {
     c.expect("QUIT", 221);
     let edge2 = edge.node("edge-2");
     wait_state(edge2, &[&id], "queued");
+    // An idle session of alice's on edge-2.
+    let (_, mut idle) = greeted_tls(&edge, client, edge.pinned[1]);
+    assert_reply(&idle.cmd(&auth_plain("alice", "secret")), 235, "2.7.0");
 
     let out = edge
         .node("edge-1")
@@ -575,6 +578,12 @@ fn a_suspension_made_with_edge_1_s_policy_holds_on_edge_2() {
     let state = std::fs::read_to_string(edge2.spool.join("queue").join(format!("{id}.state")))
         .expect("state file");
     assert!(state.contains("\"reason\":\"login suspended\""), "{state}");
+    assert_reply(&idle.cmd("NOOP"), 421, "4.7.0");
+    assert_eq!(idle.read_to_close(), "");
+    let shared = edge
+        .redis
+        .command(&["HEXISTS", "portcullis:suspended", "alice"]);
+    assert_eq!(shared.as_deref(), Some("1"));
     for port in edge.pinned {
         let (_, mut c) = greeted_tls(&edge, client, port);
         assert_reply(&c.cmd(&auth_plain("alice", "secret")), 535, "5.7.8");
