@@ -54,6 +54,33 @@ use clap::{Parser, Subcommand};
 
 mod manual;
 
+/// `print!` for the commands' output: a reader that went away (`portcullis … | head`) ends
+/// the output, never the command, so what it was doing (and its audit record) is finished.
+macro_rules! out {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        output_written(write!(std::io::stdout(), $($arg)*));
+    }};
+}
+
+/// `println!` as [`out!`].
+macro_rules! outln {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        output_written(writeln!(std::io::stdout(), $($arg)*));
+    }};
+}
+
+/// What [`out!`] does with a failed write: a closed pipe is the reader's choice (silent);
+/// anything else (a full disk under `> file`) is said on stderr, once per write.
+fn output_written(result: std::io::Result<()>) {
+    if let Err(e) = result
+        && e.kind() != std::io::ErrorKind::BrokenPipe
+    {
+        eprintln!("portcullis: cannot write to stdout: {e}");
+    }
+}
+
 use portcullis::config::Config;
 use portcullis::envelope::{QueueId, unix_now};
 use portcullis::queue::select::{self, Age, HoldAction, Selection};
@@ -487,7 +514,7 @@ fn dispatch(cli: Cli) -> anyhow::Result<()> {
             for page in manual::write_all(Cli::command(), &out)
                 .with_context(|| format!("cannot write the manual pages into {}", out.display()))?
             {
-                println!("{}", page.display());
+                outln!("{}", page.display());
             }
             Ok(())
         }
@@ -504,7 +531,7 @@ fn dispatch(cli: Cli) -> anyhow::Result<()> {
         Command::GenCert { out, name } => {
             let (cert, key) = portcullis::inbound::tls::write_cert_files(&out, &name)
                 .map_err(|e| UsageError(e.to_string()))?;
-            println!("wrote {} and {}", cert.display(), key.display());
+            outln!("wrote {} and {}", cert.display(), key.display());
             Ok(())
         }
     }
@@ -578,7 +605,7 @@ fn check_config(path: Option<&Path>) -> anyhow::Result<()> {
         ))
         .into());
     }
-    print!("{}", config.summary());
+    out!("{}", config.summary());
     let mut warnings = config.warnings();
     warnings.extend(portcullis::config::perms::secret_file_warnings(&config));
     warnings.extend(portcullis::queue::journal::writer::space_warning(
@@ -586,12 +613,12 @@ fn check_config(path: Option<&Path>) -> anyhow::Result<()> {
         config.limits.min_free_space,
     ));
     if !warnings.is_empty() {
-        println!();
+        outln!();
         for w in warnings {
-            println!("warning: {w}");
+            outln!("warning: {w}");
         }
     }
-    println!("\n{}: OK", path.display());
+    outln!("\n{}: OK", path.display());
     Ok(())
 }
 
@@ -644,7 +671,7 @@ fn trace(
         );
     }
     if json {
-        print!("{}", journal::show::json_lines(&found));
+        out!("{}", journal::show::json_lines(&found));
         // The text report ends with this notice itself; JSON lines have no place for it.
         if found.truncated > 0 {
             eprintln!(
@@ -653,7 +680,7 @@ fn trace(
             );
         }
     } else {
-        print!("{}", journal::show::text(&found));
+        out!("{}", journal::show::text(&found));
     }
     Ok(())
 }
@@ -712,9 +739,9 @@ fn doctor(path: Option<&Path>, domain: &str, json: bool) -> anyhow::Result<()> {
     let report = runtime.block_on(portcullis::dns::doctor::run(&resolver, &config, &domain));
     if json {
         let value = serde_json::to_value(&report)?;
-        println!("{}", portcullis::queue::report::json_line(&value));
+        outln!("{}", portcullis::queue::report::json_line(&value));
     } else {
-        print!("{}", report.text());
+        out!("{}", report.text());
     }
     Ok(())
 }
@@ -743,12 +770,12 @@ fn status(path: Option<&Path>, spool: Option<PathBuf>, json: bool) -> anyhow::Re
             eprintln!("{notice}");
         }
         let value = serde_json::to_value(&gathered.status)?;
-        println!("{}", report::json_line(&value));
+        outln!("{}", report::json_line(&value));
     } else {
         if let Some(notice) = &gathered.notice {
-            println!("{notice}");
+            outln!("{notice}");
         }
-        print!("{}", portcullis::admin::summary::text(&gathered.status));
+        out!("{}", portcullis::admin::summary::text(&gathered.status));
     }
     Ok(())
 }
@@ -795,9 +822,9 @@ fn policy_explain(path: Option<&Path>, args: ExplainArgs) -> anyhow::Result<()> 
     })?;
     if args.json {
         let value = serde_json::to_value(&report)?;
-        println!("{}", report::json_line(&value));
+        outln!("{}", report::json_line(&value));
     } else {
-        print!("{}", explain::text(&report));
+        out!("{}", explain::text(&report));
     }
     Ok(())
 }
@@ -855,7 +882,7 @@ fn user(action: UserAction, path: Option<&Path>, spool: Option<PathBuf>) -> anyh
             match sharing {
                 users::Sharing::Local => {}
                 users::Sharing::Shared => {
-                    println!("shared through the store {url}: every node holds it within a second");
+                    outln!("shared through the store {url}: every node holds it within a second");
                 }
                 users::Sharing::Pending(e) => eprintln!(
                     "portcullis: the shared store {url} cannot be reached ({e}): suspended on this \
@@ -894,7 +921,7 @@ fn user_changed(
 ) -> anyhow::Result<()> {
     let text =
         portcullis::admin::users::outcome_text(&login, outcome, dry_run, spool.root(), given);
-    print!("{text}");
+    out!("{text}");
     if dry_run {
         return Ok(());
     }
@@ -957,9 +984,9 @@ fn user_list(
     }
     let rows = users::rows(config, suspensions, counts.as_ref().ok());
     if json {
-        println!("{}", report::json_line(&users::json(&rows)));
+        outln!("{}", report::json_line(&users::json(&rows)));
     } else {
-        print!("{}", users::table(&rows));
+        out!("{}", users::table(&rows));
     }
     Ok(())
 }
@@ -1039,9 +1066,9 @@ fn queue(action: QueueAction, config: Option<&Path>, spool: Option<PathBuf>) -> 
         QueueAction::List { json, .. } => {
             let msgs = spool.list()?;
             if json {
-                print!("{}", report::list_json(&msgs, unix_now()));
+                out!("{}", report::list_json(&msgs, unix_now()));
             } else {
-                print!("{}", report::list_table(&msgs, unix_now()));
+                out!("{}", report::list_table(&msgs, unix_now()));
             }
         }
         QueueAction::Show { id } => {
@@ -1052,7 +1079,7 @@ fn queue(action: QueueAction, config: Option<&Path>, spool: Option<PathBuf>) -> 
                 Err(e) => return Err(e.into()),
             };
             let head = spool.read_message_head(&id, report::SHOW_HEADER_LIMIT as u64)?;
-            print!("{}", report::show(&msg, &head));
+            out!("{}", report::show(&msg, &head));
         }
         QueueAction::Retry { ids, all } => retry(&spool, &dir, &ids, all)?,
         QueueAction::Delete { ids } => delete(&spool, &dir, &ids)?,
@@ -1087,13 +1114,13 @@ fn queue(action: QueueAction, config: Option<&Path>, spool: Option<PathBuf>) -> 
             let purged = spool.purge_where(|m| selection.matches(m, now), dry_run)?;
             let mut tally = report::Tally::new(dry_run);
             for p in &purged {
-                println!(
+                outln!(
                     "{}",
                     report::deletion_line(&p.id, Some(&p.sender), p.outcome)
                 );
                 tally.add(p.outcome);
             }
-            println!("{}", tally.summary());
+            outln!("{}", tally.summary());
             let removed: Vec<QueueId> = purged
                 .into_iter()
                 .filter(|p| p.outcome.is_some_and(|o| o != DeleteOutcome::NotFound))
@@ -1245,7 +1272,7 @@ fn hold_release(
     }
     if let HoldTarget::Ids(_) = target {
         for id in &skipped {
-            println!("{}", select::skipped_line(action, id));
+            outln!("{}", select::skipped_line(action, id));
         }
     }
     let ids: Vec<QueueId> = acted.iter().map(|(id, _)| id.clone()).collect();
@@ -1262,16 +1289,16 @@ fn hold_release(
         return all_ok([Err(e.into()), recorded]);
     }
     for (id, from) in &acted {
-        println!("{}", select::hold_line(action, id, from, dry_run));
+        outln!("{}", select::hold_line(action, id, from, dry_run));
     }
-    println!(
+    outln!(
         "{}",
         select::hold_summary(action, acted.len(), skipped.len(), dry_run)
     );
     let recorded = if dry_run {
         Ok(())
     } else {
-        println!("{}", action.note());
+        outln!("{}", action.note());
         record(spool, &["queue", action.verb()], to_strings(&ids))
     };
     let found = if unknown > 0 {
@@ -1290,9 +1317,9 @@ fn list_quarantined(spool: &Spool, json: bool) -> anyhow::Result<()> {
     use portcullis::queue::quarantine::report as q;
     let msgs = spool.quarantined()?;
     if json {
-        print!("{}", q::list_json(&msgs));
+        out!("{}", q::list_json(&msgs));
     } else {
-        print!("{}", q::list_table(&msgs, unix_now()));
+        out!("{}", q::list_table(&msgs, unix_now()));
     }
     Ok(())
 }
@@ -1313,10 +1340,10 @@ fn purge_quarantine(
     );
     let purged = spool.purge_quarantine(select, &why, dry_run)?;
     for p in &purged {
-        println!("{}", q::quarantine_line(&p.id, &p.sender, p.outcome));
+        outln!("{}", q::quarantine_line(&p.id, &p.sender, p.outcome));
     }
     let outcomes: Vec<Option<DeleteOutcome>> = purged.iter().map(|p| p.outcome).collect();
-    println!("{}", q::quarantine_summary(&outcomes, dry_run));
+    outln!("{}", q::quarantine_summary(&outcomes, dry_run));
     if dry_run {
         return Ok(());
     }
@@ -1353,7 +1380,7 @@ fn restore(
         match spool.restore(id, dry_run) {
             Ok(outcome) => {
                 match q::restore_line(id, outcome) {
-                    Ok(line) => println!("{line}"),
+                    Ok(line) => outln!("{line}"),
                     Err(line) => eprintln!("portcullis: {line} in {}", dir.display()),
                 }
                 if outcome == RestoreOutcome::Restored {
@@ -1375,9 +1402,9 @@ fn restore(
     if let Some(e) = failure {
         return Err(e.into());
     }
-    println!("{}", q::restore_summary(&outcomes, dry_run));
+    outln!("{}", q::restore_summary(&outcomes, dry_run));
     if !dry_run && !restored.is_empty() {
-        println!("{}", report::RETRY_NOTE);
+        outln!("{}", report::RETRY_NOTE);
     }
     let refused = outcomes
         .iter()
@@ -1427,7 +1454,7 @@ fn adopt(spool: &Spool, config: Option<&Path>, dir: PathBuf, dry_run: bool) -> a
     let mut affected = Vec::new();
     for outcome in &report.outcomes {
         match r::line(outcome, &report.dir) {
-            Ok(line) => println!("{line}"),
+            Ok(line) => outln!("{line}"),
             Err(line) => {
                 refused += 1;
                 eprintln!("portcullis: {line}");
@@ -1441,17 +1468,17 @@ fn adopt(spool: &Spool, config: Option<&Path>, dir: PathBuf, dry_run: bool) -> a
             });
         }
     }
-    println!("{}", r::summary(&report, dry_run));
+    outln!("{}", r::summary(&report, dry_run));
     let notes = [
         r::left(&report.left, &report.dir),
         r::marker(&report.marker, &report.dir),
     ];
     for note in notes.into_iter().flatten() {
-        println!("{note}");
+        outln!("{note}");
     }
     if !dry_run {
         if !affected.is_empty() {
-            println!("{}", report::RETRY_NOTE);
+            outln!("{}", report::RETRY_NOTE);
         }
         record(spool, &["queue", "adopt"], affected)?;
     }
@@ -1497,25 +1524,25 @@ fn listeners(
         ListenersAction::Pause => {
             let paused = pause::pause(spool.root(), unix_now())?;
             if paused {
-                println!(
+                outln!(
                     "listeners paused ({} written): the running relay answers new connections \
                      421 4.3.2 within a second; delivery goes on",
                     marker.display()
                 );
             } else {
-                println!("listeners already paused ({} exists)", marker.display());
+                outln!("listeners already paused ({} exists)", marker.display());
             }
             paused
         }
         ListenersAction::Resume => {
             let resumed = pause::resume(spool.root())?;
             if resumed {
-                println!(
+                outln!(
                     "listeners resumed ({} removed): the running relay accepts again within a second",
                     marker.display()
                 );
             } else {
-                println!("listeners not paused (no {})", marker.display());
+                outln!("listeners not paused (no {})", marker.display());
             }
             resumed
         }
@@ -1569,9 +1596,9 @@ fn retry(spool: &Spool, dir: &Path, ids: &[String], all: bool) -> anyhow::Result
             .partition(|m| select::held_now(m, &pending));
         let n = queued.len();
         if held.is_empty() {
-            println!("retry requested for all queued messages ({n} now)");
+            outln!("retry requested for all queued messages ({n} now)");
         } else {
-            println!(
+            outln!(
                 "retry requested for all queued messages ({n} now; {} held, skipped)",
                 held.len()
             );
@@ -1590,13 +1617,13 @@ fn retry(spool: &Spool, dir: &Path, ids: &[String], all: bool) -> anyhow::Result
             .into_iter()
             .partition(|id| spool.load(id).is_ok_and(|m| select::held_now(&m, &pending)));
         for id in &held {
-            println!("{id} held, skipped (queue release {id} delivers it)");
+            outln!("{id} held, skipped (queue release {id} delivers it)");
         }
         if !known.is_empty() {
             spool.request_retry(&RetryTarget::Ids(known.clone()))?;
         }
         for id in &known {
-            println!("retry requested for {id}");
+            outln!("retry requested for {id}");
         }
         let found = if unknown.is_empty() {
             Ok(())
@@ -1609,7 +1636,7 @@ fn retry(spool: &Spool, dir: &Path, ids: &[String], all: bool) -> anyhow::Result
         };
         (to_strings(&known), found)
     };
-    println!("{}", report::RETRY_NOTE);
+    outln!("{}", report::RETRY_NOTE);
     all_ok([record(spool, &["queue", "retry"], affected), found])
 }
 
@@ -1632,12 +1659,12 @@ fn delete(spool: &Spool, dir: &Path, ids: &[String]) -> anyhow::Result<()> {
         if outcome == DeleteOutcome::NotFound {
             eprintln!("portcullis: no message {id} in {}", dir.display());
         } else {
-            println!("{}", report::deletion_line(id, None, Some(outcome)));
+            outln!("{}", report::deletion_line(id, None, Some(outcome)));
             removed.push(id.clone());
         }
         tally.add(Some(outcome));
     }
-    println!("{}", tally.summary());
+    outln!("{}", tally.summary());
     let recorded = record(spool, &["queue", "delete"], to_strings(&removed));
     let notified = spool.notify_removed(RemovedHow::Delete, &removed);
     let found = if tally.not_found > 0 {
@@ -1763,7 +1790,7 @@ fn passwd() -> anyhow::Result<()> {
     }
     let hash = portcullis::policy::credentials::hash_password(password)
         .map_err(|e| anyhow::anyhow!("cannot hash password: {e}"))?;
-    println!("{hash}");
+    outln!("{hash}");
     Ok(())
 }
 

@@ -489,3 +489,25 @@ fn the_users_route_needs_the_token_and_list_reads_it_from_the_running_relay() {
         )
     );
 }
+
+#[test]
+fn a_reader_that_goes_away_ends_the_output_not_the_command() {
+    let s = Setup::new();
+    // `portcullis user suspend bob | head -0`: the pipe is closed before anything is written.
+    let (reader, writer) = std::io::pipe().unwrap();
+    drop(reader);
+    let out = Command::new(BIN)
+        .args(["user", "suspend", "bob", "--reason", "closed pipe"])
+        .arg("--config")
+        .arg(&s.config)
+        .stdout(writer)
+        .stderr(std::process::Stdio::piped())
+        .output()
+        .expect("spawn portcullis");
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    assert_eq!(stderr(&out), "");
+    assert!(s.record_path("bob").exists());
+    let entries = user_entries(&s.spool);
+    assert_eq!(entries.len(), 1, "{entries:?}");
+    assert_eq!(entries[0]["command"], "user suspend");
+}

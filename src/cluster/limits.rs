@@ -95,6 +95,10 @@ async fn run(
     let (interval, tolerance) = arguments(rate);
     let mut invocation = SCRIPT.key(budget);
     invocation.arg(interval).arg(tolerance).arg(u8::from(take));
-    let (allowed, available): (i64, i64) = cluster.script(&invocation).await?;
+    let (allowed, available): (i64, i64) = if take {
+        cluster.script(&invocation).await?
+    } else {
+        cluster.read_script(&invocation).await?
+    };
     Ok((allowed == 1, available))
 }

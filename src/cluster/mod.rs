@@ -15,16 +15,23 @@
 //!
 //! # Reaching the store
 //! [`Cluster`] holds one multiplexed connection, opened on first use and again after any
-//! failure. Every operation, connecting included, is bounded by `[cluster] timeout`. A failed
-//! or slow operation marks the store *down*: for [`RETRY_INTERVAL`] every operation fails at
-//! once (no session waits on a dead store), then the next one tries again; the task of
-//! [`Cluster::watch`] pings it meanwhile so it comes back even without traffic. Going down and
-//! coming back are logged once each and raise and clear the `cluster_fallback` alert.
+//! failure. Every operation, connecting included (connect and the eviction check together),
+//! is bounded by `[cluster] timeout`. A failed or slow operation marks the store *down*: for
+//! [`RETRY_INTERVAL`] every operation fails at once, sessions queued behind a failed connect
+//! included (no session waits on a dead store), then the next one tries again; the task of
+//! [`Cluster::watch`] meanwhile writes a small probe key so the store comes back even without
+//! traffic. A write refused for memory (`OOM`) marks the store *full* instead: it keeps the
+//! connection, since reads still answer, and a lockout or a spent budget the store holds still
+//! refuses (see [`store`]); the next write it takes ends it. Going down and coming back are
+//! logged once each and raise and clear the `cluster_fallback` alert; a changed cause during an
+//! outage (the store came back evicting, a password changed) is logged too, at most once per
+//! [`CAUSE_LOG_INTERVAL`], and shown in the alert.
 //!
 //! Redis must run with `maxmemory-policy noeviction`: an evicting Redis would drop lockouts and
 //! spent budgets under memory pressure, exactly what an attacker flooding the tables wants.
-//! A store found with another policy is treated as unavailable (logged as an error), and a
-//! write it refuses for memory (`OOM`) is an error like any other.
+//! The policy is checked on every connect and every [`RETRY_INTERVAL`] by the watch task (an
+//! operator may change it under a running node); a store found with another policy is
+//! treated as down (logged as an error).
 
 use std::sync::Arc;
 use std::sync::Mutex;
@@ -53,7 +60,7 @@ pub const KEY_PREFIX: &str = "portcullis:";
 pub const RETRY_INTERVAL: Duration = Duration::from_secs(1);
 
 /// Why the shared store did not answer. Whatever the cause, the node falls back
-/// (`on_error`); the cause is logged when the store goes down.
+/// (`on_error`); the cause is logged when the store goes down and whenever it changes.
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum Unavailable {
     /// A recent operation failed; the store is not asked again until [`RETRY_INTERVAL`] has
@@ -67,10 +74,29 @@ pub enum Unavailable {
     /// never contains the password).
     #[error("shared store error: {0}")]
     Redis(String),
+    /// Redis refused a write for memory (`OOM`: `maxmemory` reached under `noeviction`).
+    /// The store still answers reads: a lockout recorded there still holds.
+    #[error("shared store full: {0}")]
+    Full(String),
     /// Redis runs with an eviction policy other than `noeviction`.
     #[error("shared store runs with maxmemory-policy {0}; portcullis needs noeviction")]
     Evicting(String),
 }
+
+/// What the node last said (log and alert) about the store.
+#[derive(Debug, Default)]
+struct Health {
+    /// Why the store is down (unreachable, slow, an error, evicting); `None`: reachable.
+    down: Option<String>,
+    /// Why the store refuses writes (`OOM`); cleared by the next write it takes.
+    full: Option<String>,
+    /// The cause last logged, and when: a changed cause is logged at most once per
+    /// [`CAUSE_LOG_INTERVAL`].
+    logged: Option<(String, Instant)>,
+}
+
+/// How often a changed cause of an ongoing outage is logged at most.
+pub const CAUSE_LOG_INTERVAL: Duration = Duration::from_secs(60);
 
 /// The shared store of `[cluster]` and this node's view of whether it is reachable.
 pub struct Cluster {
@@ -86,8 +112,11 @@ pub struct Cluster {
     client: redis::Client,
     /// The connection in use; `None` before the first operation and after a failure.
     connection: tokio::sync::Mutex<Option<MultiplexedConnection>>,
-    /// Whether the last operation succeeded (starts `true`: nothing is known to be wrong).
+    /// Whether the store is reachable and takes writes (starts `true`: nothing is known to
+    /// be wrong); [`Health`] says why not.
     up: AtomicBool,
+    /// What was said about the store, and why it is not up.
+    health: Mutex<Health>,
     /// Until when operations fail at once after a failure.
     retry_at: Mutex<Option<Instant>>,
     /// Operations sent to the store (for the benchmarks' operations per message).
@@ -121,6 +150,7 @@ impl Cluster {
             client,
             connection: tokio::sync::Mutex::new(None),
             up: AtomicBool::new(true),
+            health: Mutex::new(Health::default()),
             retry_at: Mutex::new(None),
             operations: AtomicU64::new(0),
             telemetry,
@@ -137,7 +167,8 @@ impl Cluster {
         self.on_error
     }
 
-    /// Whether the last operation reached the store (`true` until one fails).
+    /// Whether the store is reachable and takes writes, as far as the last operations tell
+    /// (`true` until one fails).
     pub fn is_up(&self) -> bool {
         self.up.load(Ordering::Relaxed)
     }
@@ -152,23 +183,45 @@ impl Cluster {
         &self.url
     }
 
-    /// Run one script invocation atomically on the store.
+    /// Run one script invocation atomically on the store (a write: its success shows the
+    /// store takes writes again).
     ///
     /// # Errors
-    /// [`Unavailable`] when the store is down, slow or answers an error (the store is then
-    /// marked down; see the module's "Reaching the store").
+    /// [`Unavailable`] when the store is down, slow, full or answers an error (see the
+    /// module's "Reaching the store").
     pub async fn script<T: redis::FromRedisValue>(
         &self,
         invocation: &redis::ScriptInvocation<'_>,
+    ) -> Result<T, Unavailable> {
+        self.invoke(invocation, true).await
+    }
+
+    /// Run one script that only reads (or writes only when the store lacks what it reads): as
+    /// [`Cluster::script`], but its success does not show that the store takes writes.
+    ///
+    /// # Errors
+    /// As [`Cluster::script`].
+    pub async fn read_script<T: redis::FromRedisValue>(
+        &self,
+        invocation: &redis::ScriptInvocation<'_>,
+    ) -> Result<T, Unavailable> {
+        self.invoke(invocation, false).await
+    }
+
+    async fn invoke<T: redis::FromRedisValue>(
+        &self,
+        invocation: &redis::ScriptInvocation<'_>,
+        writes: bool,
     ) -> Result<T, Unavailable> {
         let mut connection = self.connection().await?;
         let result = self
             .bounded(async { invocation.invoke_async(&mut connection).await })
             .await;
-        self.settle(result).await
+        self.settle(result, writes).await
     }
 
-    /// Run one command on the store.
+    /// Run one command on the store (taken as a read: its success does not show that the
+    /// store takes writes).
     ///
     /// # Errors
     /// As [`Cluster::script`].
@@ -176,11 +229,19 @@ impl Cluster {
         &self,
         command: &redis::Cmd,
     ) -> Result<T, Unavailable> {
+        self.run(command, false).await
+    }
+
+    async fn run<T: redis::FromRedisValue>(
+        &self,
+        command: &redis::Cmd,
+        writes: bool,
+    ) -> Result<T, Unavailable> {
         let mut connection = self.connection().await?;
         let result = self
             .bounded(async { command.query_async(&mut connection).await })
             .await;
-        self.settle(result).await
+        self.settle(result, writes).await
     }
 
     /// `fut` bounded by the timeout, counted as one operation.
@@ -191,100 +252,135 @@ impl Cluster {
         self.operations.fetch_add(1, Ordering::Relaxed);
         match tokio::time::timeout(self.timeout, fut).await {
             Ok(Ok(value)) => Ok(value),
+            Ok(Err(e)) if is_oom(&e) => Err(Unavailable::Full(e.to_string())),
             Ok(Err(e)) => Err(Unavailable::Redis(e.to_string())),
             Err(_) => Err(Unavailable::Timeout(self.timeout)),
         }
     }
 
     /// Record how an operation ended: a failure marks the store down (and drops the
-    /// connection), a success after a failure marks it up again.
-    async fn settle<T>(&self, result: Result<T, Unavailable>) -> Result<T, Unavailable> {
+    /// connection) or, for a refused write, full; a success marks it reachable again, and a
+    /// write that succeeded, no longer full.
+    async fn settle<T>(
+        &self,
+        result: Result<T, Unavailable>,
+        writes: bool,
+    ) -> Result<T, Unavailable> {
         match &result {
-            Ok(_) => self.mark_up(),
+            Ok(_) => self.succeeded(writes),
+            // The store is there and still answers reads: keep the connection.
+            Err(e @ Unavailable::Full(_)) => self.failed(e),
             Err(e) => {
                 *self.connection.lock().await = None;
-                self.mark_down(e);
+                self.failed(e);
             }
         }
         result
     }
 
     /// The connection, opened (and its eviction policy checked) if there is none; fails at
-    /// once while the store is marked down and [`RETRY_INTERVAL`] has not passed.
+    /// once while the store is marked down and [`RETRY_INTERVAL`] has not passed (checked
+    /// again once the connection is ours: sessions that queued behind a failed connect do not
+    /// each try again).
     async fn connection(&self) -> Result<MultiplexedConnection, Unavailable> {
-        let retry_at = *self.retry_at.lock().unwrap_or_else(|p| p.into_inner());
-        if retry_at.is_some_and(|at| Instant::now() < at) {
-            return Err(Unavailable::Down);
-        }
+        self.retry_due()?;
         let mut slot = self.connection.lock().await;
         if let Some(connection) = slot.as_ref() {
             return Ok(connection.clone());
         }
-        let opened = self.open().await;
-        match opened {
+        self.retry_due()?;
+        match self.open().await {
             Ok(connection) => {
                 *slot = Some(connection.clone());
                 Ok(connection)
             }
             Err(e) => {
                 drop(slot);
-                self.mark_down(&e);
+                self.failed(&e);
                 Err(e)
             }
         }
     }
 
-    /// Connect and check that the store never evicts keys.
-    async fn open(&self) -> Result<MultiplexedConnection, Unavailable> {
-        let mut connection = self
-            .bounded(self.client.get_multiplexed_async_connection())
-            .await?;
-        let info: String = self
-            .bounded(async {
-                redis::cmd("INFO")
-                    .arg("memory")
-                    .query_async(&mut connection)
-                    .await
-            })
-            .await?;
-        let policy = info
-            .lines()
-            .find_map(|l| l.strip_prefix("maxmemory_policy:"))
-            .map(str::trim)
-            .unwrap_or("unknown");
-        if policy != "noeviction" {
-            return Err(Unavailable::Evicting(policy.to_string()));
+    /// `Err(Down)` while the store is not to be asked.
+    fn retry_due(&self) -> Result<(), Unavailable> {
+        let retry_at = *self.retry_at.lock().unwrap_or_else(|p| p.into_inner());
+        match retry_at {
+            Some(at) if Instant::now() < at => Err(Unavailable::Down),
+            _ => Ok(()),
         }
+    }
+
+    /// Connect and check that the store never evicts keys, both within one timeout.
+    async fn open(&self) -> Result<MultiplexedConnection, Unavailable> {
+        self.operations.fetch_add(2, Ordering::Relaxed);
+        let opening = async {
+            let mut connection = self.client.get_multiplexed_async_connection().await?;
+            let info: String = redis::cmd("INFO")
+                .arg("memory")
+                .query_async(&mut connection)
+                .await?;
+            Ok::<_, redis::RedisError>((connection, info))
+        };
+        let (connection, info) = match tokio::time::timeout(self.timeout, opening).await {
+            Ok(Ok(opened)) => opened,
+            Ok(Err(e)) => return Err(Unavailable::Redis(e.to_string())),
+            Err(_) => return Err(Unavailable::Timeout(self.timeout)),
+        };
+        eviction_policy(&info)?;
         Ok(connection)
     }
 
-    fn mark_up(&self) {
+    fn succeeded(&self, wrote: bool) {
         *self.retry_at.lock().unwrap_or_else(|p| p.into_inner()) = None;
-        if !self.up.swap(true, Ordering::Relaxed) {
-            info!(
-                redis = %self.url,
-                node = %self.node,
-                "shared store reachable again; limits, lockouts and suspensions are shared again"
-            );
-            (self.telemetry.alerts).set_external(AlertName::ClusterFallback, None);
-        }
-    }
-
-    fn mark_down(&self, cause: &Unavailable) {
-        *self.retry_at.lock().unwrap_or_else(|p| p.into_inner()) =
-            Some(Instant::now() + RETRY_INTERVAL);
-        if matches!(cause, Unavailable::Down) || !self.up.swap(false, Ordering::Relaxed) {
+        if self.is_up() {
             return;
         }
-        let fallback = match self.on_error {
-            OnError::Local => "this node counts on its own state until it returns",
-            OnError::Tempfail => "this node answers with temporary refusals until it returns",
-        };
-        if let Unavailable::Evicting(_) = cause {
-            error!(redis = %self.url, node = %self.node, error = %cause, rule = "cluster_fallback", "shared store refused: {fallback}");
-        } else {
-            warn!(redis = %self.url, node = %self.node, error = %cause, rule = "cluster_fallback", "shared store unavailable: {fallback}");
+        let mut health = self.health.lock().unwrap_or_else(|p| p.into_inner());
+        health.down = None;
+        if wrote {
+            health.full = None;
         }
+        self.announce(&mut health);
+    }
+
+    fn failed(&self, cause: &Unavailable) {
+        let mut health = self.health.lock().unwrap_or_else(|p| p.into_inner());
+        match cause {
+            Unavailable::Down => return,
+            Unavailable::Full(_) => health.full = Some(cause.to_string()),
+            _ => {
+                *self.retry_at.lock().unwrap_or_else(|p| p.into_inner()) =
+                    Some(Instant::now() + RETRY_INTERVAL);
+                health.down = Some(cause.to_string());
+            }
+        }
+        self.announce(&mut health);
+    }
+
+    /// Log and raise (or clear) `cluster_fallback` for the state `health` now says: going
+    /// down and coming back once each, a changed cause at most once per
+    /// [`CAUSE_LOG_INTERVAL`].
+    fn announce(&self, health: &mut Health) {
+        let cause = health.down.clone().or_else(|| health.full.clone());
+        self.up.store(cause.is_none(), Ordering::Relaxed);
+        let Some(cause) = cause else {
+            if health.logged.take().is_some() {
+                info!(
+                    redis = %self.url,
+                    node = %self.node,
+                    "shared store reachable again; limits, lockouts and suspensions are shared again"
+                );
+                (self.telemetry.alerts).set_external(AlertName::ClusterFallback, None);
+            }
+            return;
+        };
+        let now = Instant::now();
+        let (still, quiet) = match &health.logged {
+            None => (false, false),
+            Some((last, _)) if *last == cause => return,
+            Some((_, at)) => (true, now < *at + CAUSE_LOG_INTERVAL),
+        };
         (self.telemetry.alerts).set_external(
             AlertName::ClusterFallback,
             Some(External {
@@ -293,23 +389,80 @@ impl Cluster {
                 text: format!("shared store {} unavailable: {cause}", self.url),
             }),
         );
+        if quiet {
+            return;
+        }
+        health.logged = Some((cause.clone(), now));
+        let fallback = match self.on_error {
+            OnError::Local => "this node counts on its own state until it returns",
+            OnError::Tempfail => "this node answers with temporary refusals until it returns",
+        };
+        let what = if still {
+            "shared store still unavailable, now"
+        } else {
+            "shared store unavailable"
+        };
+        if cause.contains("maxmemory-policy") || cause.contains("full") {
+            error!(redis = %self.url, node = %self.node, error = %cause, rule = "cluster_fallback", "{what}: {fallback}");
+        } else {
+            warn!(redis = %self.url, node = %self.node, error = %cause, rule = "cluster_fallback", "{what}: {fallback}");
+        }
     }
 
-    /// Until `stop`: connect at once, then while the store is down ping it every
-    /// [`RETRY_INTERVAL`], so it is found again (and the alert cleared) without traffic.
+    /// Until `stop`, every [`RETRY_INTERVAL`]: connect if there is no connection, check the
+    /// store's eviction policy again (an operator may change it under a running node), and
+    /// while it is down or full try a small write (`portcullis:probe:NODE`, expiring), so it
+    /// is found again (and the alert cleared) without traffic.
     pub async fn watch(self: Arc<Self>, stop: CancellationToken) {
         let mut tick = tokio::time::interval(RETRY_INTERVAL);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let probe = key(&["probe", &self.node]);
         loop {
             tokio::select! {
                 () = stop.cancelled() => return,
                 _ = tick.tick() => {}
             }
-            if !self.is_up() || self.connection.lock().await.is_none() {
-                let _ = self.command::<String>(&redis::cmd("PING")).await;
+            self.check_eviction().await;
+            if !self.is_up() {
+                let mut write = redis::cmd("SET");
+                write.arg(&probe).arg(1).arg("PX").arg(10_000);
+                let _ = self.run::<()>(&write, true).await;
             }
         }
     }
+
+    /// Read the eviction policy on the connection in use; a store that evicts is down.
+    async fn check_eviction(&self) {
+        let Ok(info) = self
+            .command::<String>(redis::cmd("INFO").arg("memory"))
+            .await
+        else {
+            return;
+        };
+        if let Err(e) = eviction_policy(&info) {
+            *self.connection.lock().await = None;
+            self.failed(&e);
+        }
+    }
+}
+
+/// `Err(Evicting)` unless `INFO memory` says `maxmemory_policy:noeviction`.
+fn eviction_policy(info: &str) -> Result<(), Unavailable> {
+    let policy = info
+        .lines()
+        .find_map(|l| l.strip_prefix("maxmemory_policy:"))
+        .map(str::trim)
+        .unwrap_or("unknown");
+    if policy == "noeviction" {
+        Ok(())
+    } else {
+        Err(Unavailable::Evicting(policy.to_string()))
+    }
+}
+
+/// Whether Redis refused for memory: the `OOM` error, also when a script's write met it.
+fn is_oom(e: &redis::RedisError) -> bool {
+    e.code() == Some("OOM") || e.to_string().contains("OOM command not allowed")
 }
 
 /// A key of the store: [`KEY_PREFIX`], then the parts joined by `:`.

@@ -90,12 +90,19 @@ impl<'a> SharedStore<'a> {
         let Some(budget) = limits::budget_key(limit, key) else {
             return local;
         };
+        let spent = Taken::Limited(Limited {
+            rule: limit.rule(),
+            limit: rate,
+        });
         match limits::take(cluster, &budget, rate).await {
             Ok(true) => Taken::Allowed,
-            Ok(false) => Taken::Limited(Limited {
-                rule: limit.rule(),
-                limit: rate,
-            }),
+            Ok(false) => spent,
+            // A full store still answers reads: a budget spent there stays spent.
+            Err(Unavailable::Full(_))
+                if matches!(limits::available(cluster, &budget, rate).await, Ok(0)) =>
+            {
+                spent
+            }
             Err(_) => fallback(cluster, local),
         }
     }
@@ -131,6 +138,14 @@ impl<'a> SharedStore<'a> {
                     settings,
                 })),
             }),
+            // A full store refuses the reservation but still answers reads: a lockout
+            // recorded there (by any node) still holds.
+            Err(Unavailable::Full(_))
+                if matches!(auth::locked_out(cluster, ip).await, Ok(Some(_))) =>
+            {
+                proceed.release();
+                Gate::LockedOut
+            }
             Err(_) => match cluster.on_error() {
                 OnError::Local => Gate::Proceed(Attempt::local(proceed)),
                 OnError::Tempfail => {

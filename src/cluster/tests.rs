@@ -34,6 +34,15 @@ fn a_redis_url_never_shows_its_password() {
         format!("{url:?}"),
         "RedisUrl(redis://relay:***@127.0.0.1:6379/2)"
     );
+    let socket = RedisUrl::parse("redis+unix:///run/redis/redis.sock?db=2&pass=s3cret").unwrap();
+    assert_eq!(
+        socket.to_string(),
+        "redis+unix:///run/redis/redis.sock?db=2&pass=***"
+    );
+    let user_only = RedisUrl::parse("redis://relay@127.0.0.1/0").unwrap();
+    assert_eq!(user_only.to_string(), "redis://relay@127.0.0.1/0");
+    let odd = RedisUrl::parse("redis://relay:s3c@r:et@127.0.0.1:6379/0?password=s3cret").unwrap();
+    assert!(!odd.to_string().contains("s3c"), "{odd}");
     let bare = RedisUrl::parse("redis://127.0.0.1:6379/0").unwrap();
     assert_eq!(bare.to_string(), "redis://127.0.0.1:6379/0");
     let error = RedisUrl::parse("rediss://relay:s3cret@127.0.0.1/0").unwrap_err();

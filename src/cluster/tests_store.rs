@@ -566,3 +566,137 @@ async fn a_hostile_login_is_keyed_by_its_first_256_octets_and_cannot_reach_other
     let budget = format!("portcullis:rate:messages_per_user:{cut}");
     assert_eq!(redis.command(&["EXISTS", &budget]).as_deref(), Some("1"));
 }
+
+/// Set `redis`'s `maxmemory` below what it uses now, so every write is refused (`OOM` under
+/// noeviction) while reads still answer.
+fn fill(redis: &TestRedis) {
+    let used: u64 = redis
+        .command(&["INFO", "memory"])
+        .unwrap()
+        .lines()
+        .find_map(|l| l.strip_prefix("used_memory:"))
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    let limit = (used / 2).to_string();
+    assert_eq!(
+        redis
+            .command(&["CONFIG", "SET", "maxmemory", &limit])
+            .as_deref(),
+        Some("OK")
+    );
+    let refused = redis.command(&["SET", "portcullis:filler", "x"]);
+    assert!(
+        refused.as_deref().is_some_and(|r| r.contains("OOM")),
+        "{refused:?}"
+    );
+}
+
+#[tokio::test]
+async fn a_full_store_still_holds_a_lockout_and_a_spent_budget_earned_on_another_node() {
+    let Some(redis) = TestRedis::start() else {
+        return;
+    };
+    let policy = "max_failures = 2\nlockout = \"1m\"\nfailure_window = \"10m\"";
+    let rates = "[rate_limits]\nmessages_per_ip = \"2/hour\"";
+    let policy = format!("{policy}\n{rates}");
+    let (a, b) = (
+        Node::new(&redis, OnError::Local, &policy),
+        Node::new(&redis, OnError::Local, &policy),
+    );
+    for _ in 0..2 {
+        b.auth("192.0.2.70", "alice", false).await.unwrap();
+    }
+    let key = client("192.0.2.71");
+    for _ in 0..2 {
+        assert_eq!(b.take(RateLimit::MessagesPerIp, &key).await, Taken::Allowed);
+    }
+    fill(&redis);
+    // Node a never saw the client; the store refuses every write, yet what it holds holds.
+    assert!(matches!(
+        a.auth("192.0.2.70", "alice", true).await,
+        Err(Gate::LockedOut)
+    ));
+    let spent = a.take(RateLimit::MessagesPerIp, &key).await;
+    assert!(limited("rate_limits.messages_per_ip")(&spent), "{spent:?}");
+    // A client the store knows nothing of falls back to node a's own tables (on_error local),
+    // and the node says the store is full.
+    assert_eq!(
+        a.take(RateLimit::MessagesPerIp, &client("192.0.2.72"))
+            .await,
+        Taken::Allowed
+    );
+    assert!(!a.cluster.is_up());
+}
+
+#[tokio::test]
+async fn a_store_switched_to_an_eviction_policy_while_in_use_is_refused() {
+    let Some(redis) = TestRedis::start() else {
+        return;
+    };
+    let a = Node::new(&redis, OnError::Tempfail, "max_failures = 3");
+    let stop = tokio_util::sync::CancellationToken::new();
+    tokio::spawn(Arc::clone(&a.cluster).watch(stop.clone()));
+    assert_eq!(
+        a.auth("192.0.2.80", "alice", false).await.unwrap(),
+        FailureReport::default()
+    );
+    assert!(a.cluster.is_up());
+    redis.command(&["CONFIG", "SET", "maxmemory-policy", "allkeys-lru"]);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while a.cluster.is_up() {
+        assert!(
+            Instant::now() < deadline,
+            "the eviction policy was not noticed"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(matches!(
+        a.auth("192.0.2.80", "alice", true).await,
+        Err(Gate::Unavailable)
+    ));
+    redis.command(&["CONFIG", "SET", "maxmemory-policy", "noeviction"]);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while !a.cluster.is_up() {
+        assert!(Instant::now() < deadline, "the store did not come back");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    stop.cancel();
+}
+
+#[tokio::test]
+async fn a_hung_store_holds_no_operation_longer_than_the_timeout() {
+    // A listener that accepts and never answers: a hung Redis.
+    let hung = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = hung.local_addr().unwrap().port();
+    tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((socket, _)) = hung.accept().await {
+            held.push(socket);
+        }
+    });
+    let settings = Settings {
+        redis: Some(RedisUrl::parse(&format!("redis://127.0.0.1:{port}/0")).unwrap()),
+        node: "edge".into(),
+        on_error: OnError::Local,
+        timeout: Duration::from_millis(250),
+    };
+    let cluster = Cluster::new(&settings, Arc::new(Telemetry::new("edge"))).unwrap();
+    let started = Instant::now();
+    let calls = (0..40).map(|_| {
+        let cluster = Arc::clone(&cluster);
+        tokio::spawn(async move {
+            let begun = Instant::now();
+            let result = cluster.command::<String>(&redis::cmd("PING")).await;
+            (begun.elapsed(), result.is_err())
+        })
+    });
+    for call in calls.collect::<Vec<_>>() {
+        let (took, failed) = call.await.unwrap();
+        assert!(failed);
+        // One connect attempt within the timeout; the sessions queued behind it fail at once.
+        assert!(took < Duration::from_millis(400), "{took:?}");
+    }
+    assert!(started.elapsed() < Duration::from_millis(600));
+}

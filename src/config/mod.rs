@@ -520,24 +520,46 @@ impl RedisUrl {
         &self.0
     }
 
-    /// The URL with any password replaced by `***`.
+    /// The URL with any password replaced by `***`: the one in the user information
+    /// (`redis://user:***@host`) and the `pass` or `password` query parameter that a
+    /// `redis+unix://` URL carries it in (`?pass=***`).
     pub fn redacted(&self) -> String {
-        match self.0.split_once("://") {
-            Some((scheme, rest)) => {
-                let (authority, path) = match rest.find('/') {
-                    Some(i) => rest.split_at(i),
-                    None => (rest, ""),
-                };
-                match authority.rsplit_once('@') {
-                    Some((userinfo, host)) => {
-                        let user = userinfo.split_once(':').map_or("", |(u, _)| u);
-                        format!("{scheme}://{user}:***@{host}{path}")
+        let Some((scheme, rest)) = self.0.split_once("://") else {
+            return "(redis url)".to_string();
+        };
+        let (before_query, query) = match rest.split_once('?') {
+            Some((before, query)) => (before, Some(query)),
+            None => (rest, None),
+        };
+        let (authority, path) = match before_query.find('/') {
+            Some(i) => before_query.split_at(i),
+            None => (before_query, ""),
+        };
+        let authority = match authority.rsplit_once('@') {
+            Some((userinfo, host)) => match userinfo.split_once(':') {
+                Some((user, _)) => format!("{user}:***@{host}"),
+                None => format!("{userinfo}@{host}"),
+            },
+            None => authority.to_string(),
+        };
+        let mut shown = format!("{scheme}://{authority}{path}");
+        if let Some(query) = query {
+            let params: Vec<String> = query
+                .split('&')
+                .map(|param| match param.split_once('=') {
+                    Some((name, _))
+                        if name.eq_ignore_ascii_case("pass")
+                            || name.eq_ignore_ascii_case("password") =>
+                    {
+                        format!("{name}=***")
                     }
-                    None => self.0.clone(),
-                }
-            }
-            None => "(redis url)".to_string(),
+                    _ => param.to_string(),
+                })
+                .collect();
+            shown.push('?');
+            shown.push_str(&params.join("&"));
         }
+        shown
     }
 }
 

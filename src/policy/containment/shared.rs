@@ -154,7 +154,8 @@ pub async fn read_at_most(cluster: &Cluster, cap: usize) -> Result<Remote, Unava
             .map_or(0, |d| d.as_nanos())
     );
     invocation.key(id_key()).arg(cap).arg(VALUE_MAX).arg(fresh);
-    let (total, store, flat): (u64, String, Vec<Vec<u8>>) = cluster.script(&invocation).await?;
+    let (total, store, flat): (u64, String, Vec<Vec<u8>>) =
+        cluster.read_script(&invocation).await?;
     let mut remote = Remote {
         total,
         read: (flat.len() / 2) as u64,
