@@ -10,93 +10,20 @@
 
 mod common;
 
-use std::fs;
-use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
+use common::haproxy::{self, Haproxy, proxy_warnings, skip_without_haproxy};
 use common::sink::{Sink, SinkConfig};
 use common::*;
 
-/// How long HAProxy gets to answer its readiness probe.
-const HAPROXY_READY: Duration = Duration::from_secs(10);
-
 /// The client's address; HAProxy connects to the relay from 127.0.0.1.
 const CLIENT: &str = "127.0.0.2";
-
-/// A running `haproxy -db`, stopped (SIGTERM, then waited for) on drop.
-struct Haproxy {
-    child: Child,
-    log: PathBuf,
-}
-
-impl Haproxy {
-    /// Start HAProxy on `cfg` (written to `dir`) and wait until its monitor frontend on
-    /// `ready_port` answers.
-    fn start(dir: &TestDir, cfg: &str, ready_port: u16) -> Haproxy {
-        let path = dir.write("haproxy.cfg", cfg);
-        let log = dir.join("haproxy.log");
-        let check = Command::new("haproxy")
-            .arg("-c")
-            .arg("-f")
-            .arg(&path)
-            .output()
-            .expect("run haproxy -c");
-        assert!(check.status.success(), "haproxy.cfg: {}", show(&check));
-        let child = Command::new("haproxy")
-            .arg("-db")
-            .arg("-f")
-            .arg(&path)
-            .stdin(Stdio::null())
-            .stdout(fs::File::create(dir.join("haproxy.out")).unwrap())
-            .stderr(fs::File::create(&log).unwrap())
-            .spawn()
-            .expect("spawn haproxy");
-        let haproxy = Haproxy { child, log };
-        let ready = wait_until(HAPROXY_READY, || {
-            http::wait_accepting(ready_port, Duration::from_millis(100))
-                && http::get(ready_port, "/ready", &[]).status == 200
-        });
-        assert!(ready, "haproxy not ready:\n{}", haproxy.log());
-        haproxy
-    }
-
-    fn log(&self) -> String {
-        fs::read_to_string(&self.log).unwrap_or_default()
-    }
-}
-
-impl Drop for Haproxy {
-    fn drop(&mut self) {
-        // SIGTERM is HAProxy's hard stop (it exits by the signal, status 143).
-        if let Ok(pid) = i32::try_from(self.child.id()) {
-            unsafe { libc::kill(pid, libc::SIGTERM) };
-        }
-        let _ = self.child.wait();
-    }
-}
-
-/// Why HAProxy cannot be used here, if it cannot.
-fn haproxy_available() -> Result<(), String> {
-    match Command::new("haproxy").arg("-v").output() {
-        Ok(out) if out.status.success() => Ok(()),
-        Ok(out) => Err(format!("haproxy -v failed: {}", show(&out))),
-        Err(e) => Err(format!(
-            "haproxy is missing ({e}): apt-get install -y haproxy"
-        )),
-    }
-}
 
 /// The HAProxy configuration: a monitor frontend on `ready`, then for each `(name, frontend
 /// port, relay port, backend option, server options)` a TCP frontend and its backend of one
 /// server.
 fn haproxy_cfg(ready: u16, routes: &[(&str, u16, u16, &str, &str)]) -> String {
-    let mut cfg = format!(
-        "global\n    log stderr format raw local0 info\n\
-         defaults\n    mode tcp\n    log global\n    timeout connect 2s\n    \
-         timeout client 30s\n    timeout server 30s\n    timeout check 2s\n\
-         frontend ready\n    mode http\n    bind 127.0.0.1:{ready}\n    monitor-uri /ready\n"
-    );
+    let mut cfg = haproxy::preamble(ready);
     for (name, front, relay, option, server) in routes {
         cfg.push_str(&format!(
             "frontend {name}\n    bind 127.0.0.1:{front}\n    default_backend {name}_relays\n\
@@ -106,23 +33,9 @@ fn haproxy_cfg(ready: u16, routes: &[(&str, u16, u16, &str, &str)]) -> String {
     cfg
 }
 
-/// The relay's log lines at warning or error level about the load balancer's own
-/// connections (its address as the peer), or about a PROXY header.
-fn proxy_warnings(log: &str) -> Vec<&str> {
-    log.lines()
-        .filter(|l| l.contains(" WARN ") || l.contains(" ERROR "))
-        .filter(|l| line_has_field(l, "peer", "127.0.0.1") || l.contains("proxy_header"))
-        .collect()
-}
-
 #[test]
 fn clients_behind_haproxy_are_seen_by_their_own_address() {
-    if let Err(why) = haproxy_available() {
-        assert!(
-            std::env::var("PORTCULLIS_REQUIRE_HAPROXY").as_deref() != Ok("1"),
-            "PORTCULLIS_REQUIRE_HAPROXY=1 but {why}"
-        );
-        eprintln!("SKIPPED clients_behind_haproxy_are_seen_by_their_own_address: {why}");
+    if skip_without_haproxy("clients_behind_haproxy_are_seen_by_their_own_address") {
         return;
     }
     let sink = Sink::start(SinkConfig::default());

@@ -15,6 +15,7 @@
 #![allow(dead_code)]
 
 pub mod dns;
+pub mod haproxy;
 pub mod http;
 pub mod page;
 pub mod postfix;
