@@ -334,6 +334,16 @@ impl super::Containment {
             if push(cluster, &s).await.is_err() {
                 break;
             }
+            let login = crate::policy::lockout::login_key(&s.login);
+            if s.shared {
+                // Known to an earlier store: this one lost its data (or was replaced), and the
+                // suspension goes back rather than reading as resumed.
+                tracing::warn!(%login, node = cluster.node(),
+                    "suspension put back into the shared store, which lost its data (its id changed); \
+                     `portcullis user resume` lifts it on every node");
+            } else {
+                tracing::info!(%login, node = cluster.node(), "suspension shared with the other nodes");
+            }
             pushed.push(s.login);
         }
         if pushed.is_empty() {
