@@ -29,27 +29,6 @@ fn config(upstream_port: u16, webhook: &str, admin: u16) -> String {
     )
 }
 
-/// The value of `portcullis_alert_active{alert="ALERT"}` on `/metrics`.
-fn alert_gauge(admin: u16, alert: &str) -> String {
-    gauge(
-        admin,
-        &format!("portcullis_alert_active{{alert=\"{alert}\"}}"),
-    )
-}
-
-/// The value of the series `series` (name and labels) on `/metrics`.
-fn gauge(admin: u16, series: &str) -> String {
-    let metrics = http::get(admin, "/metrics", &[]);
-    assert_eq!(metrics.status, 200);
-    let prefix = format!("{series} ");
-    metrics
-        .body
-        .lines()
-        .find_map(|l| l.strip_prefix(&prefix))
-        .unwrap_or("(none)")
-        .to_owned()
-}
-
 /// The `alert` names of `/api/status`'s `alerts`.
 fn status_alerts(admin: u16) -> Vec<String> {
     let status = http::get(admin, "/api/status", &[]);
@@ -83,8 +62,8 @@ fn upstream_down_and_no_delivery_fire_on_the_webhook_and_resolve_after_queue_ret
         "admin listener not accepting on {admin}"
     );
     // Every alert's series exists from the start.
-    assert_eq!(alert_gauge(admin, "upstream_down"), "0");
-    assert_eq!(alert_gauge(admin, "cluster_fallback"), "0");
+    assert_eq!(http::alert_gauge(admin, "upstream_down"), "0");
+    assert_eq!(http::alert_gauge(admin, "cluster_fallback"), "0");
     send_one(&relay);
 
     for alert in ["upstream_down", "no_delivery"] {
@@ -163,8 +142,8 @@ fn upstream_down_and_no_delivery_fire_on_the_webhook_and_resolve_after_queue_ret
         );
     }
 
-    assert_eq!(alert_gauge(admin, "upstream_down"), "0");
-    assert_eq!(alert_gauge(admin, "no_delivery"), "0");
+    assert_eq!(http::alert_gauge(admin, "upstream_down"), "0");
+    assert_eq!(http::alert_gauge(admin, "no_delivery"), "0");
     assert!(status_alerts(admin).is_empty());
 
     // Once the relay has stopped nothing more can arrive: each alert started and ended once.
@@ -216,9 +195,12 @@ fn an_upstream_the_start_probe_cannot_reach_is_down_at_once_until_a_delivery_rea
     let (up, breaker_open, error) = status_upstream(admin, "up");
     assert!(!up && !breaker_open, "{up} {breaker_open}");
     assert!(error.contains("refused"), "last error: {error}");
-    assert_eq!(gauge(admin, "portcullis_upstream_up{upstream=\"up\"}"), "0");
     assert_eq!(
-        gauge(admin, "portcullis_upstream_breaker_open{upstream=\"up\"}"),
+        http::metric(admin, "portcullis_upstream_up{upstream=\"up\"}"),
+        "0"
+    );
+    assert_eq!(
+        http::metric(admin, "portcullis_upstream_breaker_open{upstream=\"up\"}"),
         "0"
     );
     assert!(
@@ -232,7 +214,10 @@ fn an_upstream_the_start_probe_cannot_reach_is_down_at_once_until_a_delivery_rea
     send_one(&relay);
     assert!(sink.wait_for(1, WAIT), "the message was not delivered");
     assert!(status_upstream(admin, "up").0);
-    assert_eq!(gauge(admin, "portcullis_upstream_up{upstream=\"up\"}"), "1");
+    assert_eq!(
+        http::metric(admin, "portcullis_upstream_up{upstream=\"up\"}"),
+        "1"
+    );
     assert!(
         receiver.wait_for("upstream_down", "resolved", WAIT),
         "{:?}",
@@ -281,7 +266,7 @@ fn a_firing_alert_survives_a_restart_without_a_second_firing_and_resolves_after_
     relay.stop();
     relay.restart();
     assert!(http::wait_accepting(admin, WAIT));
-    assert_eq!(alert_gauge(admin, "upstream_down"), "1");
+    assert_eq!(http::alert_gauge(admin, "upstream_down"), "1");
     let carried_past_threshold = common::wait_until(WAIT, || {
         status_alert(admin, "upstream_down").is_some_and(|(s, value)| {
             assert_eq!(s, since, "a new since: announced again");
@@ -303,7 +288,7 @@ fn a_firing_alert_survives_a_restart_without_a_second_firing_and_resolves_after_
         "{:?}",
         receiver.states()
     );
-    assert_eq!(alert_gauge(admin, "upstream_down"), "0");
+    assert_eq!(http::alert_gauge(admin, "upstream_down"), "0");
     relay.stop();
     // Notifications go out in order, so any second firing was sent before the resolved.
     let pair = |a: &str, s: &str| (a.to_owned(), s.to_owned());

@@ -284,16 +284,6 @@ fn received_count(sink: &Sink, ip: &str, node: &str) -> usize {
         .count()
 }
 
-/// `portcullis_alert_active{alert="ALERT"}` on the `/metrics` of the admin listener `admin`.
-fn alert_gauge(admin: u16, alert: &str) -> String {
-    let metrics = http::get(admin, "/metrics", &[]).body;
-    let series = format!("portcullis_alert_active{{alert=\"{alert}\"}} ");
-    (metrics.lines())
-        .find_map(|l| l.strip_prefix(&series))
-        .unwrap_or("absent")
-        .to_string()
-}
-
 // --- 1. Client addresses through PROXY v1 and v2 on both nodes --------------------------------
 
 /// On each node, over the frontend `port`: a stranger's message for example.com is accepted
@@ -628,9 +618,9 @@ fn with_redis_gone_mail_flows_on_local_state_and_is_shared_again_when_it_returns
         assert_eq!(received_count(&edge.sink, "127.0.0.9", node), 1);
         let admin = edge.admin[i];
         assert!(
-            wait_until(WAIT, || alert_gauge(admin, "cluster_fallback") == "1"),
+            wait_until(WAIT, || http::alert_gauge(admin, "cluster_fallback") == "1"),
             "{node}: cluster_fallback {}",
-            alert_gauge(admin, "cluster_fallback")
+            http::alert_gauge(admin, "cluster_fallback")
         );
     }
 
@@ -643,7 +633,10 @@ fn with_redis_gone_mail_flows_on_local_state_and_is_shared_again_when_it_returns
         });
         assert!(back, "{node}:\n{}", relay.log());
         let admin = edge.admin[i];
-        assert!(wait_until(WAIT, || alert_gauge(admin, "cluster_fallback") == "0"));
+        assert!(wait_until(WAIT, || http::alert_gauge(
+            admin,
+            "cluster_fallback"
+        ) == "0"));
     }
     // Shared again: a new client's budget of 3 is spent across both nodes.
     let limited = (451, "4.7.1".to_string());
@@ -679,7 +672,10 @@ fn with_redis_gone_and_on_error_tempfail_both_nodes_refuse_for_now_until_it_retu
         let relay = &edge.nodes[i];
         assert_log_fields(relay, &[("rule", "cluster_fallback"), ("node", NODES[i])]);
         let admin = edge.admin[i];
-        assert!(wait_until(WAIT, || alert_gauge(admin, "cluster_fallback") == "1"));
+        assert!(wait_until(WAIT, || http::alert_gauge(
+            admin,
+            "cluster_fallback"
+        ) == "1"));
     }
     edge.redis.restart();
     for (i, port) in edge.pinned.into_iter().enumerate() {

@@ -69,19 +69,6 @@ fn send(relay: &Relay, ip: &str) -> (u16, String) {
     )
 }
 
-/// The value of `portcullis_alert_active{alert="ALERT"}` on `/metrics`.
-fn alert_gauge(admin: u16, alert: &str) -> String {
-    let metrics = http::get(admin, "/metrics", &[]);
-    assert_eq!(metrics.status, 200);
-    let prefix = format!("portcullis_alert_active{{alert=\"{alert}\"}} ");
-    metrics
-        .body
-        .lines()
-        .find_map(|l| l.strip_prefix(&prefix))
-        .unwrap_or("(none)")
-        .to_owned()
-}
-
 #[test]
 fn a_message_budget_and_a_lockout_are_shared_by_two_nodes() {
     let Some(redis) = TestRedis::start() else {
@@ -200,7 +187,7 @@ fn local_fallback_with_redis_stopped_keeps_accepting_mail_and_raises_the_alert()
         admin,
     );
     assert_eq!(send(&relay, "127.0.0.10").0, 250);
-    assert_eq!(alert_gauge(admin, "cluster_fallback"), "0");
+    assert_eq!(http::alert_gauge(admin, "cluster_fallback"), "0");
 
     redis.stop();
     assert_eq!(send(&relay, "127.0.0.10").0, 250);
@@ -208,13 +195,13 @@ fn local_fallback_with_redis_stopped_keeps_accepting_mail_and_raises_the_alert()
     assert_log(&relay, "shared store unavailable");
     // The alert is published by the relay's next evaluation of its alerts.
     assert!(
-        wait_until(WAIT, || alert_gauge(admin, "cluster_fallback") == "1"),
+        wait_until(WAIT, || http::alert_gauge(admin, "cluster_fallback") == "1"),
         "cluster_fallback not raised"
     );
 
     redis.restart();
     assert!(
-        wait_until(WAIT, || alert_gauge(admin, "cluster_fallback") == "0"),
+        wait_until(WAIT, || http::alert_gauge(admin, "cluster_fallback") == "0"),
         "cluster_fallback still raised with Redis back"
     );
     assert_eq!(send(&relay, "127.0.0.10").0, 250);

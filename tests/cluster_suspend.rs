@@ -44,20 +44,6 @@ fn node(redis: &str, node: &str, upstream_port: u16, format: &str) -> Relay {
     Relay::start_in(dir, &toml)
 }
 
-/// Send one message as `login` to rcpt@dest.example, `Subject: tag`; its queue id.
-fn send_as(relay: &Relay, login: &str, tag: &str) -> String {
-    let mut c = tls_from(relay, "127.0.0.1");
-    assert_reply(&c.cmd(&auth_plain(login, "secret")), 235, "2.7.0");
-    let (code, reply) = c.send_message(
-        &format!("{login}@example.com"),
-        &["rcpt@dest.example"],
-        &format!("From: <{login}@example.com>\nSubject: {tag}\n\nhello\n"),
-    );
-    assert_eq!(code, 250, "{reply}");
-    c.expect("QUIT", 221);
-    queue_id(&reply).expect("queue id")
-}
-
 /// The reply to AUTH as `login` (right password) in a new session.
 fn auth(relay: &Relay, login: &str) -> (u16, String) {
     tls_from(relay, "127.0.0.1").cmd(&auth_plain(login, "secret"))

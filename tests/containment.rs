@@ -52,19 +52,6 @@ fn session(relay: &Relay, login: &str, ip: &str) -> SmtpClient {
     c
 }
 
-/// Send one message as `login` to rcpt@dest.example, `Subject: tag`; its queue id.
-fn send_as(relay: &Relay, login: &str, tag: &str) -> String {
-    let mut c = session(relay, login, "127.0.0.1");
-    let (code, reply) = c.send_message(
-        &format!("{login}@example.com"),
-        &["rcpt@dest.example"],
-        &format!("From: <{login}@example.com>\nSubject: {tag}\n\nhello\n"),
-    );
-    assert_eq!(code, 250, "{reply}");
-    c.expect("QUIT", 221);
-    queue_id(&reply).expect("queue id")
-}
-
 /// The raw reply to AUTH as `login` with `password` from `ip`, in a new session.
 fn auth_reply(relay: &Relay, login: &str, password: &str, ip: &str) -> (u16, String) {
     let mut c = tls_from(relay, ip);

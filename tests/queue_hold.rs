@@ -79,19 +79,6 @@ fn send(relay: &Relay, from: &str, tag: &str) -> String {
     queue_id(&reply).expect("queue id")
 }
 
-/// Send one message as `login` (authenticated, from LOGIN@example.com), `Subject: tag`.
-fn send_as(relay: &Relay, login: &str, tag: &str) -> String {
-    let mut c = tls_from(relay, "127.0.0.1");
-    assert_reply(&c.cmd(&auth_plain(login, "secret")), 235, "2.7.0");
-    let (code, reply) = c.send_message(
-        &format!("{login}@example.com"),
-        &["rcpt@dest.example"],
-        &format!("From: <{login}@example.com>\nSubject: {tag}\n\nhello\n"),
-    );
-    assert_eq!(code, 250, "{reply}");
-    queue_id(&reply).expect("queue id")
-}
-
 fn sorted<T: Ord + Clone>(v: &[T]) -> Vec<T> {
     let mut v = v.to_vec();
     v.sort();

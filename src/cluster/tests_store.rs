@@ -38,6 +38,14 @@ impl Node {
         }
     }
 
+    /// Two nodes on `redis` under one policy.
+    fn pair(redis: &TestRedis, on_error: OnError, policy: &str) -> (Node, Node) {
+        (
+            Node::new(redis, on_error, policy),
+            Node::new(redis, on_error, policy),
+        )
+    }
+
     fn stores(&self) -> SharedStore<'_> {
         SharedStore::new(&self.store, Some(&self.cluster))
     }
@@ -110,10 +118,7 @@ async fn a_per_ip_message_budget_of_n_gives_n_across_two_nodes_not_2n() {
         return;
     };
     let policy = "max_failures = 3\n[rate_limits]\nmessages_per_ip = \"4/hour\"";
-    let (a, b) = (
-        Node::new(&redis, OnError::Local, policy),
-        Node::new(&redis, OnError::Local, policy),
-    );
+    let (a, b) = Node::pair(&redis, OnError::Local, policy);
     let key = client("192.0.2.7");
     let answers = alternate([&a, &b], RateLimit::MessagesPerIp, &key, 6).await;
     assert_eq!(answers[..4], [Taken::Allowed; 4]);
@@ -140,10 +145,7 @@ async fn a_per_user_budget_is_shared_and_ipv6_is_keyed_by_its_64() {
         return;
     };
     let policy = "[rate_limits]\nmessages_per_user = \"3/hour\"\nrecipients_per_ip = \"2/hour\"";
-    let (a, b) = (
-        Node::new(&redis, OnError::Local, policy),
-        Node::new(&redis, OnError::Local, policy),
-    );
+    let (a, b) = Node::pair(&redis, OnError::Local, policy);
     let alice = RateKey::Login("alice".into());
     let answers = alternate([&a, &b], RateLimit::MessagesPerUser, &alice, 4).await;
     assert_eq!(answers[..3], [Taken::Allowed; 3]);
@@ -190,10 +192,7 @@ async fn budgets_refill_one_event_every_per_over_n_and_their_keys_expire_when_wh
         return;
     };
     let policy = "[rate_limits]\nmessages_per_ip = \"5/s\"";
-    let (a, b) = (
-        Node::new(&redis, OnError::Local, policy),
-        Node::new(&redis, OnError::Local, policy),
-    );
+    let (a, b) = Node::pair(&redis, OnError::Local, policy);
     let key = client("198.51.100.4");
     let burst = alternate([&a, &b], RateLimit::MessagesPerIp, &key, 6).await;
     assert_eq!(burst[..5], [Taken::Allowed; 5]);
@@ -224,10 +223,7 @@ async fn a_lockout_earned_on_one_node_refuses_on_the_other_and_expires() {
         return;
     };
     let policy = "max_failures = 2\nlockout = \"1s\"\nfailure_window = \"10m\"";
-    let (a, b) = (
-        Node::new(&redis, OnError::Local, policy),
-        Node::new(&redis, OnError::Local, policy),
-    );
+    let (a, b) = Node::pair(&redis, OnError::Local, policy);
     assert_eq!(
         a.auth("192.0.2.9", "alice", false)
             .await
@@ -268,10 +264,7 @@ async fn spraying_is_counted_across_nodes_and_a_success_clears_only_its_own_logi
         return;
     };
     let policy = "max_failures = 3\nfailure_window = \"10m\"";
-    let (a, b) = (
-        Node::new(&redis, OnError::Local, policy),
-        Node::new(&redis, OnError::Local, policy),
-    );
+    let (a, b) = Node::pair(&redis, OnError::Local, policy);
     a.auth("192.0.2.1", "alice", false).await.unwrap();
     b.auth("192.0.2.2", "alice", false).await.unwrap();
     let report = a.auth("192.0.2.3", "alice", false).await.unwrap();
@@ -316,10 +309,7 @@ async fn concurrent_begins_from_two_nodes_never_exceed_max_failures() {
         return;
     };
     let policy = "max_failures = 3";
-    let (a, b) = (
-        Node::new(&redis, OnError::Local, policy),
-        Node::new(&redis, OnError::Local, policy),
-    );
+    let (a, b) = Node::pair(&redis, OnError::Local, policy);
     let settings = LockoutSettings {
         max_failures: 3,
         failure_window: Duration::from_secs(600),
@@ -473,10 +463,7 @@ async fn the_explained_state_reads_the_shared_budgets_and_lockout_and_says_when_
     };
     let policy = "max_failures = 1\nlockout = \"1h\"\n[rate_limits]\nmessages_per_ip = \"4/hour\"\n\
                   messages_per_user = \"3/hour\"";
-    let (a, b) = (
-        Node::new(&redis, OnError::Local, policy),
-        Node::new(&redis, OnError::Local, policy),
-    );
+    let (a, b) = Node::pair(&redis, OnError::Local, policy);
     let client_ip = ip("192.0.2.60");
     let key = RateKey::Client(client_ip);
     a.take(RateLimit::MessagesPerIp, &key).await;
@@ -534,10 +521,7 @@ async fn a_hostile_login_is_keyed_by_its_first_256_octets_and_cannot_reach_other
         return;
     };
     let policy = "max_failures = 2\n[rate_limits]\nmessages_per_user = \"1/hour\"";
-    let (a, b) = (
-        Node::new(&redis, OnError::Local, policy),
-        Node::new(&redis, OnError::Local, policy),
-    );
+    let (a, b) = Node::pair(&redis, OnError::Local, policy);
     // Separators, glob characters, a Lua quote and 12 KiB: one login, cut like locally.
     let login = format!("x:*'\\\n]{}", "é".repeat(6 * 1024));
     let cut = crate::policy::lockout::login_key(&login);
@@ -605,10 +589,7 @@ async fn a_full_store_still_holds_a_lockout_and_a_spent_budget_earned_on_another
     let policy = "max_failures = 2\nlockout = \"1m\"\nfailure_window = \"10m\"";
     let rates = "[rate_limits]\nmessages_per_ip = \"2/hour\"";
     let policy = format!("{policy}\n{rates}");
-    let (a, b) = (
-        Node::new(&redis, OnError::Local, &policy),
-        Node::new(&redis, OnError::Local, &policy),
-    );
+    let (a, b) = Node::pair(&redis, OnError::Local, &policy);
     for _ in 0..2 {
         b.auth("192.0.2.70", "alice", false).await.unwrap();
     }

@@ -52,6 +52,26 @@ pub fn get(port: u16, path: &str, headers: &[&str]) -> Response {
 }
 
 /// `GET path` with `Authorization: Bearer token`.
+/// The value of the series `series` (name and labels, e.g. `portcullis_alert_active{alert="x"}`)
+/// on the `/metrics` of the admin listener `port`; `(none)` when it is not there.
+pub fn metric(port: u16, series: &str) -> String {
+    let metrics = get(port, "/metrics", &[]);
+    assert_eq!(metrics.status, 200);
+    let prefix = format!("{series} ");
+    (metrics.body.lines())
+        .find_map(|l| l.strip_prefix(&prefix))
+        .unwrap_or("(none)")
+        .to_owned()
+}
+
+/// `portcullis_alert_active{alert="ALERT"}` on the `/metrics` of the admin listener `port`.
+pub fn alert_gauge(port: u16, alert: &str) -> String {
+    metric(
+        port,
+        &format!("portcullis_alert_active{{alert=\"{alert}\"}}"),
+    )
+}
+
 pub fn get_bearer(port: u16, path: &str, token: &str) -> Response {
     get(port, path, &[&format!("Authorization: Bearer {token}")])
 }

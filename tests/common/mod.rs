@@ -1109,6 +1109,21 @@ pub fn tls_from(relay: &Relay, ip: &str) -> SmtpClient {
     c
 }
 
+/// Send one message as `login` (password `secret`, through STARTTLS from 127.0.0.1, from
+/// LOGIN@example.com) to rcpt@dest.example with `Subject: tag`, in its own session; its queue id.
+pub fn send_as(relay: &Relay, login: &str, tag: &str) -> String {
+    let mut c = tls_from(relay, "127.0.0.1");
+    assert_reply(&c.cmd(&auth_plain(login, "secret")), 235, "2.7.0");
+    let (code, reply) = c.send_message(
+        &format!("{login}@example.com"),
+        &["rcpt@dest.example"],
+        &format!("From: <{login}@example.com>\nSubject: {tag}\n\nhello\n"),
+    );
+    assert_eq!(code, 250, "{reply}");
+    c.expect("QUIT", 221);
+    queue_id(&reply).expect("queue id")
+}
+
 /// `AUTH PLAIN` with the initial response for `user` and `pass` (RFC 4616).
 pub fn auth_plain(user: &str, pass: &str) -> String {
     use base64::Engine;
