@@ -274,6 +274,9 @@ pub const DATA_SYNTAX: Reply = Reply::new(501, "5.5.4", "Syntax: DATA");
 /// RFC 5321 §4.1.1.5: RSET takes no parameters.
 pub const RSET_SYNTAX: Reply = Reply::new(501, "5.5.4", "Syntax: RSET");
 pub const BAD_BASE64: Reply = Reply::new(501, "5.5.2", "Invalid base64 data");
+/// RFC 4954 §4: a response that decodes but is not a SASL message of the mechanism (RFC 4616
+/// §2 for PLAIN: `authzid NUL authcid NUL passwd`, UTF-8, non-empty login and password).
+pub const BAD_SASL_MESSAGE: Reply = Reply::new(501, "5.5.2", "Malformed SASL message");
 pub const AUTH_CANCELLED: Reply = Reply::new(501, "5.7.0", "Authentication cancelled");
 pub const NOT_IMPLEMENTED: Reply = Reply::new(502, "5.5.1", "Command not implemented");
 pub const VRFY_DISABLED: Reply = Reply::new(502, "5.5.1", "VRFY command is disabled");

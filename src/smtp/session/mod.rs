@@ -998,7 +998,7 @@ impl Session {
                 let (reply, rule) = match e {
                     SaslError::Cancelled => (reply::AUTH_CANCELLED, "auth_cancelled"),
                     SaslError::BadBase64 => (reply::BAD_BASE64, "auth_bad_base64"),
-                    SaslError::Malformed => (reply::BAD_BASE64, "auth_malformed"),
+                    SaslError::Malformed => (reply::BAD_SASL_MESSAGE, "auth_malformed"),
                     SaslError::AuthzidMismatch => (reply::AUTH_FAILED, "auth_authzid_mismatch"),
                 };
                 self.refuse_command(reply, rule)

@@ -1041,6 +1041,15 @@ fn auth_failures() {
 }
 
 #[test]
+fn a_response_that_decodes_but_is_no_sasl_message_is_told_apart_from_bad_base64() {
+    let mut t = T::tls(auth_cfg());
+    let r = t.send(&format!("AUTH PLAIN {}", b64(b"\0alice\0secret\0extra")));
+    assert_eq!(r.text(), "501 5.5.2 Malformed SASL message\r\n");
+    let r = t.send("AUTH PLAIN !!notbase64");
+    assert_eq!(r.text(), "501 5.5.2 Invalid base64 data\r\n");
+}
+
+#[test]
 fn auth_rejected_then_retry() {
     let mut t = T::tls(auth_cfg());
     t.reject_next(reply::AUTH_FAILED);
