@@ -71,6 +71,19 @@ pub enum Stage {
     Dot,
 }
 
+/// What a [`Sink`] does after accepting a message at its final dot.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum AfterDot {
+    /// Reply and go on.
+    #[default]
+    Reply,
+    /// Reply, then close the connection (the client learns it only at its next command).
+    ReplyThenClose,
+    /// Close without replying: the message is recorded, the client never hears of it (a
+    /// delivery cut after the final dot, which the client must retry: a duplicate).
+    CloseWithoutReply,
+}
+
 /// How a [`Sink`] behaves. `SinkConfig::default()` is a plain, accepting ESMTP server.
 #[derive(Clone, Debug)]
 pub struct SinkConfig {
@@ -112,6 +125,8 @@ pub struct SinkConfig {
     /// `(n, reply)`: once a transaction has `n` recipients, every further RCPT in it gets
     /// `reply` (e.g. `"552 5.5.3 Too many recipients"`, as older servers send).
     pub max_rcpts: Option<(usize, String)>,
+    /// After accepting a message at its final dot.
+    pub after_dot: AfterDot,
 }
 
 impl Default for SinkConfig {
@@ -134,6 +149,7 @@ impl Default for SinkConfig {
             stall_at: None,
             dot_delay: None,
             max_rcpts: None,
+            after_dot: AfterDot::Reply,
         }
     }
 }
@@ -976,7 +992,8 @@ impl Session<'_> {
                 .clone()
                 .unwrap_or_else(|| "250 2.6.0 <id@sink.test> Queued mail for delivery".to_owned()),
         };
-        if reply.starts_with('2') {
+        let accepted = reply.starts_with('2');
+        if accepted {
             lock(&self.shared.messages).push(Received {
                 helo: self.helo.clone().unwrap_or_default(),
                 tls: self.tls,
@@ -989,8 +1006,17 @@ impl Session<'_> {
                 conn: self.conn,
             });
         }
-        self.reply(&reply)?;
-        Ok(Flow::Go)
+        match (accepted, config.after_dot) {
+            (true, AfterDot::CloseWithoutReply) => Ok(Flow::End),
+            (true, AfterDot::ReplyThenClose) => {
+                self.reply(&reply)?;
+                Ok(Flow::End)
+            }
+            _ => {
+                self.reply(&reply)?;
+                Ok(Flow::Go)
+            }
+        }
     }
 
     /// Record bare CR, bare LF and over-long lines in one line of message data (with its LF).
