@@ -13,11 +13,49 @@ use super::raw::RawUser;
 use super::value::{HashProblem, ValueError};
 use super::{ConfigError, User, load};
 
+/// The most a file the policy names (the policy itself, users, recipients, a token, PEM
+/// certificates and CA bundles) may hold: 64 MiB, far above any real one, so that a path to
+/// `/dev/zero` or a runaway file is an error rather than a relay reading forever.
+pub const MAX_FILE: u64 = 64 * 1024 * 1024;
+
+/// Read at most `max` octets of `path` (a regular file, or a pipe such as `<(…)`).
+///
+/// # Errors
+/// The file's own I/O error, or [`std::io::ErrorKind::FileTooLarge`] when it holds more than
+/// `max` octets.
+pub fn read_limited(path: &Path, max: u64) -> std::io::Result<Vec<u8>> {
+    use std::io::Read as _;
+    let mut bytes = Vec::new();
+    std::fs::File::open(path)?
+        .take(max + 1)
+        .read_to_end(&mut bytes)?;
+    if bytes.len() as u64 > max {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::FileTooLarge,
+            format!("larger than {} MiB", max / (1024 * 1024)),
+        ));
+    }
+    Ok(bytes)
+}
+
+/// [`read_limited`] to [`MAX_FILE`], as UTF-8 text.
+///
+/// # Errors
+/// As [`read_limited`], and [`std::io::ErrorKind::InvalidData`] for text that is not UTF-8.
+pub fn read_text(path: &Path) -> std::io::Result<String> {
+    String::from_utf8(read_limited(path, MAX_FILE)?).map_err(|_| {
+        std::io::Error::new(
+            std::io::ErrorKind::InvalidData,
+            "stream did not contain valid UTF-8",
+        )
+    })
+}
+
 /// Reads a file named by `key`; a missing or unreadable file is an error on `key`. A leading
 /// UTF-8 byte order mark (what Windows PowerShell 5.1's `-Encoding UTF8` writes) is dropped:
 /// kept, it would become part of the first address, user name or password.
 pub(super) fn read(path: &Path, key: &str, errors: &mut Vec<ConfigError>) -> Option<String> {
-    match std::fs::read_to_string(path) {
+    match read_text(path) {
         Ok(text) => Some(match text.strip_prefix('\u{feff}') {
             Some(rest) => rest.to_owned(),
             None => text,

@@ -12,7 +12,7 @@ pub mod units;
 
 mod checks;
 mod compile;
-mod files;
+pub mod files;
 mod load;
 mod observe;
 pub mod perms;
@@ -624,7 +624,7 @@ impl Config {
     /// Reads and compiles the policy file at `path`. A file that cannot be read is one error
     /// with key `(file)`.
     pub fn load(path: &Path) -> Result<Config, ConfigErrors> {
-        let text = std::fs::read_to_string(path).map_err(|e| {
+        let text = files::read_text(path).map_err(|e| {
             ConfigErrors(vec![ConfigError::new(
                 "(file)",
                 format!("cannot read {}: {e}", path.display()),

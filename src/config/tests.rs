@@ -2046,3 +2046,26 @@ fn cluster_keys_are_checked_and_the_password_never_shown() {
     let unknown = errors(&format!("{MINIMAL}\n[cluster]\nredis_url = \"x\"\n"));
     assert_eq!(unknown[0].0, "cluster.redis_url", "{unknown:?}");
 }
+
+#[test]
+fn a_file_the_policy_names_that_never_ends_is_an_error_not_a_hang() {
+    let endless = errors(&format!(
+        "{MINIMAL}\n[auth]\nusers_file = \"/dev/zero\"\n\n[relay]\nrecipients_file = \"/dev/zero\"\n"
+    ));
+    let keys: Vec<&str> = endless.iter().map(|(k, _)| k.as_str()).collect();
+    assert_eq!(
+        keys,
+        ["relay.recipients_file", "auth.users_file"],
+        "{endless:?}"
+    );
+    assert!(
+        endless
+            .iter()
+            .all(|(_, m)| m == "cannot read /dev/zero: larger than 64 MiB"),
+        "{endless:?}"
+    );
+    let policy = Config::load(Path::new("/dev/zero"))
+        .unwrap_err()
+        .to_string();
+    assert!(policy.contains("larger than 64 MiB"), "{policy}");
+}

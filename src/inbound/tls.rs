@@ -232,8 +232,8 @@ fn self_signed(hostname: &str) -> Result<(rcgen::Certificate, KeyPair), TlsError
 
 /// Every certificate in the PEM file `path`, leaf first; at least one.
 fn load_cert_chain(path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsError> {
-    let chain = CertificateDer::pem_file_iter(path)
-        .map_err(|e| pem_error(path, e))?
+    let pem = read_pem(path)?;
+    let chain = CertificateDer::pem_slice_iter(&pem)
         .collect::<Result<Vec<_>, _>>()
         .map_err(|e| pem_error(path, e))?;
     if chain.is_empty() {
@@ -246,7 +246,7 @@ fn load_cert_chain(path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsError
 
 /// The first private key in the PEM file `path`.
 fn load_private_key(path: &Path) -> Result<PrivateKeyDer<'static>, TlsError> {
-    PrivateKeyDer::from_pem_file(path).map_err(|e| match e {
+    PrivateKeyDer::from_pem_slice(&read_pem(path)?).map_err(|e| match e {
         pem::Error::NoItemsFound => TlsError::NoPrivateKey {
             path: path.to_path_buf(),
         },
@@ -286,6 +286,16 @@ fn certified_key(
             reason: e.to_string(),
         }),
     }
+}
+
+/// The PEM file `path`, at most [`crate::config::files::MAX_FILE`] octets.
+fn read_pem(path: &Path) -> Result<Vec<u8>, TlsError> {
+    crate::config::files::read_limited(path, crate::config::files::MAX_FILE).map_err(|source| {
+        TlsError::Read {
+            path: path.to_path_buf(),
+            source,
+        }
+    })
 }
 
 fn pem_error(path: &Path, e: pem::Error) -> TlsError {

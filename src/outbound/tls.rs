@@ -171,8 +171,12 @@ fn roots(upstream: &Upstream) -> Result<RootCertStore, ClientTlsError> {
     Ok(store)
 }
 
+/// Every certificate of the PEM file `path` (at most [`crate::config::files::MAX_FILE`]
+/// octets).
 fn read_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, rustls_pki_types::pem::Error> {
-    CertificateDer::pem_file_iter(path)?.collect()
+    let pem = crate::config::files::read_limited(path, crate::config::files::MAX_FILE)
+        .map_err(rustls_pki_types::pem::Error::Io)?;
+    CertificateDer::pem_slice_iter(&pem).collect()
 }
 
 /// Accepts any certificate but still checks the handshake signatures, so the session keys
