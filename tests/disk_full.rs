@@ -20,7 +20,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
-use common::queue::{accept, refusing_sink};
+use common::queue::{accept, delivery_counts, refusing_sink};
 use common::*;
 
 const WAIT: Duration = Duration::from_secs(10);
@@ -214,20 +214,22 @@ fn a_full_disk_never_gets_a_false_250_and_the_relay_recovers_by_itself() {
         acknowledged.len(),
         relay.log()
     );
-    let mut delivered = BTreeMap::new();
     for m in sink.messages() {
         let text = String::from_utf8_lossy(&m.data).into_owned();
         let tag = text
             .lines()
             .find_map(|l| l.strip_prefix("Subject: "))
-            .expect("a Subject")
-            .to_owned();
-        assert!(text.ends_with(&body(&tag)[body(&tag).find("\r\n\r\n").unwrap() + 4..]));
-        *delivered.entry(tag).or_insert(0) += 1;
+            .expect("a Subject");
+        let sent = body(tag);
+        assert!(
+            text.ends_with(&sent[sent.find("\r\n\r\n").unwrap() + 4..]),
+            "{tag}"
+        );
     }
-    let expected: BTreeMap<String, i32> = acknowledged.keys().map(|t| (t.clone(), 1)).collect();
+    let expected: BTreeMap<String, usize> = acknowledged.keys().map(|t| (t.clone(), 1)).collect();
     assert_eq!(
-        delivered, expected,
+        delivery_counts(&sink),
+        expected,
         "delivered exactly the acknowledged, once each"
     );
 

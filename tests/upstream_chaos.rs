@@ -11,6 +11,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
+use common::queue::delivery_counts;
 use common::sink::{AfterDot, Sink, SinkConfig, Stage};
 use common::*;
 
@@ -46,21 +47,6 @@ fn send(port: u16, ip: &str, tag: &str) {
     c.expect("QUIT", 221);
 }
 
-/// How many times each subject reached the sink.
-fn deliveries(sink: &Sink) -> BTreeMap<String, usize> {
-    let mut seen = BTreeMap::new();
-    for m in sink.messages() {
-        let text = String::from_utf8_lossy(&m.data).into_owned();
-        let subject = text
-            .lines()
-            .find_map(|l| l.strip_prefix("Subject: "))
-            .expect("a Subject")
-            .to_owned();
-        *seen.entry(subject).or_insert(0) += 1;
-    }
-    seen
-}
-
 /// With the upstream behaving as `fault`, one message is sent; the relay's log shows the
 /// attempt failing with `error`; then the upstream behaves and the message arrives `times`.
 fn fault_then_recovery(fault: SinkConfig, error: &str, times: usize) {
@@ -75,7 +61,7 @@ fn fault_then_recovery(fault: SinkConfig, error: &str, times: usize) {
     sink.set_config(SinkConfig::default());
     assert!(relay.wait_for_queue_len(0, WAIT), "{}", relay.log());
     assert_eq!(
-        deliveries(&sink),
+        delivery_counts(&sink),
         BTreeMap::from([("chaos".to_owned(), times)]),
         "{}",
         relay.log()
@@ -136,7 +122,7 @@ fn an_upstream_that_answers_250_and_closes_gets_each_message_once() {
     }
     assert!(relay.wait_for_queue_len(0, WAIT));
     let expected: BTreeMap<String, usize> = (0..5).map(|i| (format!("m{i}"), 1)).collect();
-    assert_eq!(deliveries(&sink), expected, "{}", relay.log());
+    assert_eq!(delivery_counts(&sink), expected, "{}", relay.log());
 }
 
 #[test]
@@ -203,5 +189,5 @@ fn a_flapping_upstream_under_load_loses_nothing_and_duplicates_nothing() {
     let expected: BTreeMap<String, usize> = (0..4)
         .flat_map(|c| (0..15).map(move |m| (format!("c{c}-m{m:02}"), 1)))
         .collect();
-    assert_eq!(deliveries(&sink), expected, "{}", relay.log());
+    assert_eq!(delivery_counts(&sink), expected, "{}", relay.log());
 }

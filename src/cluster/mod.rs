@@ -83,6 +83,12 @@ pub enum Unavailable {
     Evicting(String),
 }
 
+/// One operation for [`Cluster::send`]: a script (EVALSHA, loaded on first use) or a command.
+enum Request<'a> {
+    Script(&'a redis::ScriptInvocation<'a>),
+    Command(&'a redis::Cmd),
+}
+
 /// What the node last said (log and alert) about the store.
 #[derive(Debug, Default)]
 struct Health {
@@ -193,7 +199,7 @@ impl Cluster {
         &self,
         invocation: &redis::ScriptInvocation<'_>,
     ) -> Result<T, Unavailable> {
-        self.invoke(invocation, true).await
+        self.send(Request::Script(invocation), true).await
     }
 
     /// Run one script that only reads (or writes only when the store lacks what it reads): as
@@ -205,19 +211,7 @@ impl Cluster {
         &self,
         invocation: &redis::ScriptInvocation<'_>,
     ) -> Result<T, Unavailable> {
-        self.invoke(invocation, false).await
-    }
-
-    async fn invoke<T: redis::FromRedisValue>(
-        &self,
-        invocation: &redis::ScriptInvocation<'_>,
-        writes: bool,
-    ) -> Result<T, Unavailable> {
-        let mut connection = self.connection().await?;
-        let result = self
-            .bounded(async { invocation.invoke_async(&mut connection).await })
-            .await;
-        self.settle(result, writes).await
+        self.send(Request::Script(invocation), false).await
     }
 
     /// Run one command on the store (taken as a read: its success does not show that the
@@ -229,18 +223,21 @@ impl Cluster {
         &self,
         command: &redis::Cmd,
     ) -> Result<T, Unavailable> {
-        self.run(command, false).await
+        self.send(Request::Command(command), false).await
     }
 
-    async fn run<T: redis::FromRedisValue>(
+    /// Send `request` on the connection (opened if need be), bounded by the timeout, and
+    /// record how it ended ([`Cluster::settle`]).
+    async fn send<T: redis::FromRedisValue>(
         &self,
-        command: &redis::Cmd,
+        request: Request<'_>,
         writes: bool,
     ) -> Result<T, Unavailable> {
         let mut connection = self.connection().await?;
-        let result = self
-            .bounded(async { command.query_async(&mut connection).await })
-            .await;
+        let result = match request {
+            Request::Script(s) => self.bounded(s.invoke_async(&mut connection)).await,
+            Request::Command(c) => self.bounded(c.query_async(&mut connection)).await,
+        };
         self.settle(result, writes).await
     }
 
@@ -426,7 +423,7 @@ impl Cluster {
             if !self.is_up() {
                 let mut write = redis::cmd("SET");
                 write.arg(&probe).arg(1).arg("PX").arg(10_000);
-                let _ = self.run::<()>(&write, true).await;
+                let _ = self.send::<()>(Request::Command(&write), true).await;
             }
         }
     }

@@ -9,7 +9,7 @@ use super::auth::{self, Begun, Keys};
 use super::store::{Gate, SharedStore, Taken};
 use super::testing::TestRedis;
 use super::*;
-use crate::config::{Cluster as Settings, Config, OnError, RedisUrl};
+use crate::config::{Cluster as Settings, OnError, RedisUrl};
 use crate::policy::limits::RateLimit;
 use crate::policy::lockout::Settings as LockoutSettings;
 use crate::policy::store::{RateKey, Store};
@@ -30,7 +30,7 @@ impl Node {
             timeout: Duration::from_millis(250),
         };
         let cluster = Cluster::new(&settings, Arc::new(Telemetry::new("edge"))).unwrap();
-        let (dir, config) = config(policy);
+        let (dir, config) = crate::policy::store::alice_policy(policy);
         Node {
             cluster,
             store: Store::new(&config, None, Instant::now()),
@@ -69,27 +69,6 @@ impl Node {
 }
 
 use crate::policy::lockout::FailureReport;
-
-fn config(policy: &str) -> (tempfile::TempDir, Config) {
-    let dir = tempfile::tempdir().unwrap();
-    let users = dir.path().join("users.toml");
-    let hash = crate::policy::credentials::DUMMY_HASH;
-    std::fs::write(
-        &users,
-        format!("[[users]]\nname = \"alice\"\npassword_hash = \"{hash}\"\n"),
-    )
-    .unwrap();
-    let text = format!(
-        "[server]\nhostname = \"relay.test\"\n[[listeners]]\nbind = \"127.0.0.1:2525\"\n\
-         tls = \"none\"\n[auth]\nusers_file = {:?}\n{policy}\n\
-         [[upstreams]]\naddress = \"127.0.0.1:25\"\n",
-        users.display().to_string()
-    );
-    (
-        dir,
-        Config::from_toml(&text, None).expect("valid test policy"),
-    )
-}
 
 fn ip(s: &str) -> IpAddr {
     s.parse().unwrap()

@@ -188,30 +188,37 @@ impl Store {
     }
 }
 
+/// A policy with `[auth]` naming a users file that holds alice (`DUMMY_HASH`), then `extra`
+/// (more `[auth]` keys, other tables), in a fresh directory kept alive by the returned guard.
+#[cfg(test)]
+pub(crate) fn alice_policy(extra: &str) -> (tempfile::TempDir, Config) {
+    let dir = tempfile::tempdir().unwrap();
+    let users = dir.path().join("users.toml");
+    let hash = crate::policy::credentials::DUMMY_HASH;
+    std::fs::write(
+        &users,
+        format!("[[users]]\nname = \"alice\"\npassword_hash = \"{hash}\"\n"),
+    )
+    .unwrap();
+    let text = format!(
+        "[server]\nhostname = \"relay.test\"\n[[listeners]]\nbind = \"127.0.0.1:2525\"\n\
+         tls = \"none\"\n[auth]\nusers_file = {:?}\n{extra}\n\
+         [[upstreams]]\naddress = \"127.0.0.1:25\"\n",
+        users.display().to_string()
+    );
+    (
+        dir,
+        Config::from_toml(&text, None).expect("valid test policy"),
+    )
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::policy::lockout::GateDecision;
 
     fn config(auth: &str, rates: &str) -> (tempfile::TempDir, Config) {
-        let dir = tempfile::tempdir().unwrap();
-        let users = dir.path().join("users.toml");
-        let hash = crate::policy::credentials::DUMMY_HASH;
-        std::fs::write(
-            &users,
-            format!("[[users]]\nname = \"alice\"\npassword_hash = \"{hash}\"\n"),
-        )
-        .unwrap();
-        let text = format!(
-            "[server]\nhostname = \"relay.test\"\n[[listeners]]\nbind = \"127.0.0.1:2525\"\n\
-             tls = \"none\"\n[auth]\nusers_file = {:?}\n{auth}\n[rate_limits]\n{rates}\n\
-             [[upstreams]]\naddress = \"127.0.0.1:25\"\n",
-            users.display().to_string()
-        );
-        (
-            dir,
-            Config::from_toml(&text, None).expect("valid test policy"),
-        )
+        alice_policy(&format!("{auth}\n[rate_limits]\n{rates}"))
     }
 
     #[test]

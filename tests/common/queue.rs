@@ -38,6 +38,15 @@ pub fn delivered(sink: &Sink) -> Vec<String> {
         .collect()
 }
 
+/// How many times `sink` accepted each subject.
+pub fn delivery_counts(sink: &Sink) -> BTreeMap<String, usize> {
+    let mut counts = BTreeMap::new();
+    for subject in delivered(sink) {
+        *counts.entry(subject).or_insert(0) += 1;
+    }
+    counts
+}
+
 /// `queue list --json`, by id.
 #[track_caller]
 pub fn listed(relay: &Relay) -> BTreeMap<String, Value> {
