@@ -615,6 +615,12 @@ fn with_redis_gone_mail_flows_on_local_state_and_is_shared_again_when_it_returns
         let relay = edge.node(node);
         assert_log_fields(relay, &[("rule", "cluster_fallback"), ("node", node)]);
         assert_log(relay, "shared store unavailable");
+        // Named once, by the log writer: the store's own lines add no second `node`.
+        let log = relay.log();
+        let fallback = (log.lines())
+            .find(|l| l.contains("shared store unavailable"))
+            .unwrap();
+        assert_eq!(fallback.matches("node=").count(), 1, "{fallback}");
         assert_eq!(received_count(&edge.sink, "127.0.0.9", node), 1);
         let admin = edge.admin[i];
         assert!(

@@ -280,6 +280,11 @@ fn each_node_names_itself_in_its_json_log_its_journal_and_received() {
     for line in &lines {
         assert_eq!(line["node"], "edge-1", "{line}");
     }
+    // Exactly one `node` key per line (a JSON object with two is read differently by each
+    // parser).
+    for l in log.lines() {
+        assert_eq!(l.matches("\"node\":").count(), 1, "{l}");
+    }
     assert!(
         lines
             .iter()

@@ -75,7 +75,9 @@ pub enum Unavailable {
     #[error("shared store error: {0}")]
     Redis(String),
     /// Redis refused a write for memory (`OOM`: `maxmemory` reached under `noeviction`).
-    /// The store still answers reads: a lockout recorded there still holds.
+    /// Only the write is refused: the store is not marked down and keeps answering, and
+    /// since every script reads before it writes, a lockout or a spent budget it holds is
+    /// still answered as such by every node.
     #[error("shared store full: {0}")]
     Full(String),
     /// Redis runs with an eviction policy other than `noeviction`.
@@ -104,7 +106,9 @@ struct Health {
 /// How often a changed cause of an ongoing outage is logged at most.
 pub const CAUSE_LOG_INTERVAL: Duration = Duration::from_secs(60);
 
-/// The shared store of `[cluster]` and this node's view of whether it is reachable.
+/// The shared store of `[cluster]` and this node's view of whether it is reachable. Its log
+/// lines carry no `node` field of their own: with `[cluster]` the log writer names the node
+/// on every line.
 pub struct Cluster {
     /// The store (its password never shown).
     url: RedisUrl,
@@ -365,7 +369,6 @@ impl Cluster {
             if health.logged.take().is_some() {
                 info!(
                     redis = %self.url,
-                    node = %self.node,
                     "shared store reachable again; limits, lockouts and suspensions are shared again"
                 );
                 (self.telemetry.alerts).set_external(AlertName::ClusterFallback, None);
@@ -400,9 +403,9 @@ impl Cluster {
             "shared store unavailable"
         };
         if cause.contains("maxmemory-policy") || cause.contains("full") {
-            error!(redis = %self.url, node = %self.node, error = %cause, rule = "cluster_fallback", "{what}: {fallback}");
+            error!(redis = %self.url, error = %cause, rule = "cluster_fallback", "{what}: {fallback}");
         } else {
-            warn!(redis = %self.url, node = %self.node, error = %cause, rule = "cluster_fallback", "{what}: {fallback}");
+            warn!(redis = %self.url, error = %cause, rule = "cluster_fallback", "{what}: {fallback}");
         }
     }
 

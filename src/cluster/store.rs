@@ -97,12 +97,8 @@ impl<'a> SharedStore<'a> {
         match limits::take(cluster, &budget, rate).await {
             Ok(true) => Taken::Allowed,
             Ok(false) => spent,
-            // A full store still answers reads: a budget spent there stays spent.
-            Err(Unavailable::Full(_))
-                if matches!(limits::available(cluster, &budget, rate).await, Ok(0)) =>
-            {
-                spent
-            }
+            // A full store (OOM) refuses only the write of a budget with room: the script
+            // reads first, so a spent budget is answered as such; see `Unavailable::Full`.
             Err(_) => fallback(cluster, local),
         }
     }
@@ -138,14 +134,8 @@ impl<'a> SharedStore<'a> {
                     settings,
                 })),
             }),
-            // A full store refuses the reservation but still answers reads: a lockout
-            // recorded there (by any node) still holds.
-            Err(Unavailable::Full(_))
-                if matches!(auth::locked_out(cluster, ip).await, Ok(Some(_))) =>
-            {
-                proceed.release();
-                Gate::LockedOut
-            }
+            // BEGIN reads the lock before it writes anything, so a full store still answers
+            // a locked-out client (see `Unavailable::Full`).
             Err(_) => match cluster.on_error() {
                 OnError::Local => Gate::Proceed(Attempt::local(proceed)),
                 OnError::Tempfail => {

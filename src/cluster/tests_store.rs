@@ -577,21 +577,22 @@ async fn a_full_store_still_holds_a_lockout_and_a_spent_budget_earned_on_another
         assert_eq!(b.take(RateLimit::MessagesPerIp, &key).await, Taken::Allowed);
     }
     fill(&redis);
-    // Node a never saw the client; the store refuses every write, yet what it holds holds.
-    assert!(matches!(
-        a.auth("192.0.2.70", "alice", true).await,
-        Err(Gate::LockedOut)
-    ));
-    let spent = a.take(RateLimit::MessagesPerIp, &key).await;
-    assert!(limited("rate_limits.messages_per_ip")(&spent), "{spent:?}");
-    // A client the store knows nothing of falls back to node a's own tables (on_error local),
-    // and the node says the store is full.
+    // First a write the full store refuses: a client it knows nothing of falls back to node
+    // a's own tables (on_error local), and node a says the store is full. It must not take the
+    // store for gone: reads still answer.
     assert_eq!(
         a.take(RateLimit::MessagesPerIp, &client("192.0.2.72"))
             .await,
         Taken::Allowed
     );
     assert!(!a.cluster.is_up());
+    // Node a never saw these clients; the store refuses every write, yet what it holds holds.
+    assert!(matches!(
+        a.auth("192.0.2.70", "alice", true).await,
+        Err(Gate::LockedOut)
+    ));
+    let spent = a.take(RateLimit::MessagesPerIp, &key).await;
+    assert!(limited("rate_limits.messages_per_ip")(&spent), "{spent:?}");
 }
 
 #[tokio::test]

@@ -338,11 +338,11 @@ impl super::Containment {
             if s.shared {
                 // Known to an earlier store: this one lost its data (or was replaced), and the
                 // suspension goes back rather than reading as resumed.
-                tracing::warn!(%login, node = cluster.node(),
+                tracing::warn!(%login,
                     "suspension put back into the shared store, which lost its data (its id changed); \
                      `portcullis user resume` lifts it on every node");
             } else {
-                tracing::info!(%login, node = cluster.node(), "suspension shared with the other nodes");
+                tracing::info!(%login, "suspension shared with the other nodes");
             }
             pushed.push(s.login);
         }
