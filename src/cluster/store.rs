@@ -115,8 +115,8 @@ impl<'a> SharedStore<'a> {
             return Gate::Proceed(Attempt::local(proceed));
         };
         let keys = Keys::new(ip, login);
-        match auth::begin(cluster, &keys, settings).await {
-            Ok(Begun::LockedOut { .. }) => {
+        match auth::begin(cluster, &keys, settings, auth::RESERVATION_HOLD).await {
+            Ok(Begun::LockedOut) => {
                 proceed.release();
                 Gate::LockedOut
             }
@@ -124,13 +124,14 @@ impl<'a> SharedStore<'a> {
                 proceed.release();
                 Gate::Busy { shared: true }
             }
-            Ok(Begun::Reserved { login_failures, .. }) => Gate::Proceed(Attempt {
+            Ok(Begun::Reserved { login_failures, id }) => Gate::Proceed(Attempt {
                 delay: (proceed.delay).max(spray_delay(login_failures, settings.max_failures)),
                 known: proceed.known,
                 local: Some(proceed),
                 shared: Some(Box::new(Reservation {
                     cluster: Arc::clone(cluster),
                     keys,
+                    id,
                     settings,
                 })),
             }),
@@ -215,7 +216,8 @@ fn fallback(cluster: &Cluster, local: Taken) -> Taken {
 
 /// An AUTH allowed to verify: its reservations, locally and (when the store answered) on the
 /// shared store, each counting as a failure until settled. Dropped unsettled, both stay
-/// failures (the shared one is recorded by a task).
+/// failures (the shared one is recorded by a task; if that fails too, the reservation lapses
+/// after [`auth::RESERVATION_HOLD`]).
 #[derive(Debug)]
 pub struct Attempt {
     /// Answer no sooner than this (a sprayed login, by the larger of the local and the
@@ -233,6 +235,8 @@ pub struct Attempt {
 struct Reservation {
     cluster: Arc<Cluster>,
     keys: Keys,
+    /// Its id in the client's set of verifications in flight.
+    id: String,
     settings: Settings,
 }
 
@@ -263,7 +267,7 @@ impl Attempt {
         let Some(r) = self.shared.take() else {
             return local;
         };
-        auth::settle(&r.cluster, &r.keys, r.settings, success)
+        auth::settle(&r.cluster, &r.keys, &r.id, r.settings, success)
             .await
             .unwrap_or(local)
     }
@@ -274,8 +278,8 @@ impl Attempt {
             a.release();
         }
         if let Some(r) = self.shared.take() {
-            // Unanswered, it stays counted until the client's window ends.
-            let _ = auth::release(&r.cluster, &r.keys).await;
+            // Unanswered, it lapses after its hold.
+            let _ = auth::release(&r.cluster, &r.keys, &r.id).await;
         }
     }
 }
@@ -288,7 +292,7 @@ impl Drop for Attempt {
         };
         if let Ok(runtime) = tokio::runtime::Handle::try_current() {
             runtime.spawn(async move {
-                let _ = auth::settle(&r.cluster, &r.keys, r.settings, false).await;
+                let _ = auth::settle(&r.cluster, &r.keys, &r.id, r.settings, false).await;
             });
         }
     }

@@ -279,7 +279,8 @@ async fn spraying_is_counted_across_nodes_and_a_success_clears_only_its_own_logi
         redis.command(&["HGET", hash, "l:carol"]).as_deref(),
         Some("1")
     );
-    assert_eq!(redis.command(&["HGET", hash, "r"]).as_deref(), Some("0"));
+    let in_flight = "portcullis:auth:inflight:192.0.2.77";
+    assert_eq!(redis.command(&["ZCARD", in_flight]).as_deref(), Some("0"));
 }
 
 #[tokio::test]
@@ -295,35 +296,40 @@ async fn concurrent_begins_from_two_nodes_never_exceed_max_failures() {
         lockout: Duration::from_secs(900),
     };
     let keys = Keys::new(ip("203.0.113.5"), "alice");
+    let hold = auth::RESERVATION_HOLD;
     let begins = (0..20).map(|i| {
         let cluster = if i % 2 == 0 { &a.cluster } else { &b.cluster };
-        auth::begin(cluster, &keys, settings)
+        auth::begin(cluster, &keys, settings, hold)
     });
     let answers: Vec<Begun> = futures_util::future::join_all(begins)
         .await
         .into_iter()
         .map(Result::unwrap)
         .collect();
-    let reserved = answers
-        .iter()
-        .filter(|b| matches!(b, Begun::Reserved { .. }))
-        .count();
-    assert_eq!(reserved, 3);
+    let ids: Vec<String> = (answers.iter())
+        .filter_map(|b| match b {
+            Begun::Reserved { id, .. } => Some(id.clone()),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(ids.len(), 3);
     assert_eq!(answers.iter().filter(|b| **b == Begun::Busy).count(), 17);
     // Two settle as failures, one is released: one more may begin.
-    auth::settle(&a.cluster, &keys, settings, false)
+    auth::settle(&a.cluster, &keys, &ids[0], settings, false)
         .await
         .unwrap();
-    auth::settle(&b.cluster, &keys, settings, false)
+    auth::settle(&b.cluster, &keys, &ids[1], settings, false)
         .await
         .unwrap();
-    auth::release(&a.cluster, &keys).await.unwrap();
+    auth::release(&a.cluster, &keys, &ids[2]).await.unwrap();
     assert!(matches!(
-        auth::begin(&b.cluster, &keys, settings).await,
+        auth::begin(&b.cluster, &keys, settings, hold).await,
         Ok(Begun::Reserved { .. })
     ));
     assert_eq!(
-        auth::begin(&a.cluster, &keys, settings).await.unwrap(),
+        auth::begin(&a.cluster, &keys, settings, hold)
+            .await
+            .unwrap(),
         Begun::Busy
     );
 
@@ -339,6 +345,24 @@ async fn concurrent_begins_from_two_nodes_never_exceed_max_failures() {
     let b1 = Node::new(&redis, OnError::Local, "max_failures = 1");
     let a1 = Node::new(&redis, OnError::Local, "max_failures = 1");
     drop(held);
+    // Dropped without a result, it is recorded as a failure by a task, and its reservation
+    // is gone.
+    let client_hash = "portcullis:auth:client:203.0.113.9";
+    let recorded = || redis.command(&["HGET", client_hash, "f"]).as_deref() == Some("1");
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while !recorded() {
+        assert!(
+            Instant::now() < deadline,
+            "the dropped attempt was not recorded"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(
+        redis
+            .command(&["ZCARD", "portcullis:auth:inflight:203.0.113.9"])
+            .as_deref(),
+        Some("0")
+    );
     let first = a1
         .stores()
         .auth_gate(ip("203.0.113.10"), "alice", Instant::now())
@@ -664,4 +688,68 @@ async fn a_hung_store_holds_no_operation_longer_than_the_timeout() {
         assert!(took < Duration::from_millis(400), "{took:?}");
     }
     assert!(started.elapsed() < Duration::from_millis(600));
+}
+
+#[tokio::test]
+async fn a_reservation_never_settled_lapses_after_its_hold_and_a_lowered_limit_locks_out() {
+    let Some(redis) = TestRedis::start() else {
+        return;
+    };
+    let a = Node::new(&redis, OnError::Local, "max_failures = 1");
+    let settings = LockoutSettings {
+        max_failures: 1,
+        failure_window: Duration::from_secs(600),
+        lockout: Duration::from_secs(900),
+    };
+    let keys = Keys::new(ip("203.0.113.30"), "alice");
+    // A node that reserved and then lost its settle (died, or the store did not answer it).
+    let hold = Duration::from_millis(300);
+    let lost = auth::begin(&a.cluster, &keys, settings, hold)
+        .await
+        .unwrap();
+    assert!(matches!(lost, Begun::Reserved { .. }), "{lost:?}");
+    assert_eq!(
+        auth::begin(&a.cluster, &keys, settings, hold)
+            .await
+            .unwrap(),
+        Begun::Busy
+    );
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        match auth::begin(&a.cluster, &keys, settings, hold)
+            .await
+            .unwrap()
+        {
+            Begun::Reserved { .. } => break,
+            Begun::Busy => assert!(
+                Instant::now() < deadline,
+                "the lost reservation never lapsed"
+            ),
+            other => panic!("{other:?}"),
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // Failures at or above a lowered max_failures (a reload, or nodes mid-change) lock out
+    // rather than answer "busy" for the rest of the window.
+    let other = Keys::new(ip("203.0.113.31"), "alice");
+    let loose = LockoutSettings {
+        max_failures: 3,
+        ..settings
+    };
+    for _ in 0..2 {
+        let Begun::Reserved { id, .. } =
+            auth::begin(&a.cluster, &other, loose, hold).await.unwrap()
+        else {
+            panic!("not reserved");
+        };
+        auth::settle(&a.cluster, &other, &id, loose, false)
+            .await
+            .unwrap();
+    }
+    assert_eq!(
+        auth::begin(&a.cluster, &other, settings, hold)
+            .await
+            .unwrap(),
+        Begun::LockedOut
+    );
 }

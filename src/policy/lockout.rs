@@ -551,12 +551,7 @@ impl AuthGuard {
         if !record.clients.contains(&key) && record.clients.len() < MAX_CLIENTS_PER_LOGIN {
             record.clients.push(key);
         }
-        // Report when the threshold is reached and at every further multiple of it, not on
-        // every failure, so an attack does not flood the log.
-        let f = record.window.failures;
-        if record.clients.len() >= 2 && f >= s.max_failures && f.is_multiple_of(s.max_failures) {
-            report.spraying = Some((f, record.clients.len()));
-        }
+        report.spraying = spraying(record.window.failures, record.clients.len(), s.max_failures);
         report
     }
 
@@ -607,6 +602,14 @@ fn remember_known(
         }
     }
     known.insert(pair, now);
+}
+
+/// What a login's failure record reports as spraying: `(failures, clients)` when the failures
+/// come from two or more clients and reach `max_failures` or a further multiple of it (not
+/// every failure, so an attack does not flood the log); else `None`.
+pub fn spraying(failures: u32, clients: usize, max_failures: u32) -> Option<(u32, usize)> {
+    (clients >= 2 && failures >= max_failures && failures.is_multiple_of(max_failures))
+        .then_some((failures, clients))
 }
 
 /// The delay before answering an AUTH for a login with `failures` recent failures.

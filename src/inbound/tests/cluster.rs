@@ -125,12 +125,13 @@ async fn an_auth_held_back_by_another_nodes_verifications_goes_on_once_they_end(
     };
     let other = Arc::clone(&cluster);
     let keys = crate::cluster::auth::Keys::new(PEER.parse::<SocketAddr>().unwrap().ip(), "bob");
+    let mut ids = Vec::new();
     for _ in 0..3 {
-        let begun = crate::cluster::auth::begin(&other, &keys, settings).await;
-        assert!(matches!(
-            begun,
-            Ok(crate::cluster::auth::Begun::Reserved { .. })
-        ));
+        let begun = crate::cluster::auth::begin(&other, &keys, settings, Duration::from_secs(60));
+        match begun.await {
+            Ok(crate::cluster::auth::Begun::Reserved { id, .. }) => ids.push(id),
+            other => panic!("{other:?}"),
+        }
     }
     assert!(h.reply().await.starts_with("220 "));
     h.cmd("EHLO client.test").await;
@@ -138,8 +139,10 @@ async fn an_auth_held_back_by_another_nodes_verifications_goes_on_once_they_end(
     h.cmd("EHLO client.test").await;
     let release = tokio::spawn(async move {
         tokio::time::sleep(Duration::from_millis(300)).await;
-        for _ in 0..3 {
-            crate::cluster::auth::release(&other, &keys).await.unwrap();
+        for id in &ids {
+            crate::cluster::auth::release(&other, &keys, id)
+                .await
+                .unwrap();
         }
     });
     let started = std::time::Instant::now();
