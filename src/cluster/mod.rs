@@ -78,8 +78,8 @@ pub enum Unavailable {
     /// Only the write is refused: the store is not marked down and keeps answering, and
     /// since every script reads before it writes, a lockout or a spent budget it holds is
     /// still answered as such by every node.
-    #[error("shared store full: {0}")]
-    Full(String),
+    #[error("shared store full: writes refused for memory (OOM, maxmemory reached)")]
+    Full,
     /// Redis runs with an eviction policy other than `noeviction`.
     #[error("shared store runs with maxmemory-policy {0}; portcullis needs noeviction")]
     Evicting(String),
@@ -95,9 +95,9 @@ enum Request<'a> {
 #[derive(Debug, Default)]
 struct Health {
     /// Why the store is down (unreachable, slow, an error, evicting); `None`: reachable.
-    down: Option<String>,
-    /// Why the store refuses writes (`OOM`); cleared by the next write it takes.
-    full: Option<String>,
+    down: Option<Unavailable>,
+    /// Whether the store refuses writes (`OOM`); cleared by the next write it takes.
+    full: bool,
     /// The cause last logged, and when: a changed cause is logged at most once per
     /// [`CAUSE_LOG_INTERVAL`].
     logged: Option<(String, Instant)>,
@@ -150,8 +150,17 @@ impl Cluster {
     /// The store of `config`, or `None` without `[cluster] redis`. Nothing is connected yet.
     pub fn new(config: &config::Cluster, telemetry: Arc<Telemetry>) -> Option<Arc<Cluster>> {
         let url = config.redis.clone()?;
-        // Checked when the policy was compiled; a failure here would be a redis-rs change.
-        let client = redis::Client::open(url.expose()).ok()?;
+        // Checked when the policy was compiled (`RedisUrl::parse` opens a client the same
+        // way), so this cannot fail; if it ever did, the node says so loudly and keeps its
+        // own limits.
+        let client = match redis::Client::open(url.expose()) {
+            Ok(client) => client,
+            Err(e) => {
+                error!(redis = %url, error = %e, rule = "cluster_fallback",
+                    "cannot use the shared store; this node counts on its own state");
+                return None;
+            }
+        };
         Some(Arc::new(Cluster {
             url,
             node: config.node.clone(),
@@ -253,7 +262,7 @@ impl Cluster {
         self.operations.fetch_add(1, Ordering::Relaxed);
         match tokio::time::timeout(self.timeout, fut).await {
             Ok(Ok(value)) => Ok(value),
-            Ok(Err(e)) if is_oom(&e) => Err(Unavailable::Full(e.to_string())),
+            Ok(Err(e)) if is_oom(&e) => Err(Unavailable::Full),
             Ok(Err(e)) => Err(Unavailable::Redis(e.to_string())),
             Err(_) => Err(Unavailable::Timeout(self.timeout)),
         }
@@ -270,7 +279,7 @@ impl Cluster {
         match &result {
             Ok(_) => self.succeeded(writes),
             // The store is there and still answers reads: keep the connection.
-            Err(e @ Unavailable::Full(_)) => self.failed(e),
+            Err(e @ Unavailable::Full) => self.failed(e),
             Err(e) => {
                 *self.connection.lock().await = None;
                 self.failed(e);
@@ -340,7 +349,7 @@ impl Cluster {
         let mut health = self.health.lock().unwrap_or_else(|p| p.into_inner());
         health.down = None;
         if wrote {
-            health.full = None;
+            health.full = false;
         }
         self.announce(&mut health);
     }
@@ -349,11 +358,11 @@ impl Cluster {
         let mut health = self.health.lock().unwrap_or_else(|p| p.into_inner());
         match cause {
             Unavailable::Down => return,
-            Unavailable::Full(_) => health.full = Some(cause.to_string()),
+            Unavailable::Full => health.full = true,
             _ => {
                 *self.retry_at.lock().unwrap_or_else(|p| p.into_inner()) =
                     Some(Instant::now() + RETRY_INTERVAL);
-                health.down = Some(cause.to_string());
+                health.down = Some(cause.clone());
             }
         }
         self.announce(&mut health);
@@ -363,7 +372,10 @@ impl Cluster {
     /// down and coming back once each, a changed cause at most once per
     /// [`CAUSE_LOG_INTERVAL`].
     fn announce(&self, health: &mut Health) {
-        let cause = health.down.clone().or_else(|| health.full.clone());
+        let cause = health
+            .down
+            .clone()
+            .or_else(|| health.full.then_some(Unavailable::Full));
         self.up.store(cause.is_none(), Ordering::Relaxed);
         let Some(cause) = cause else {
             if health.logged.take().is_some() {
@@ -378,7 +390,7 @@ impl Cluster {
         let now = Instant::now();
         let (still, quiet) = match &health.logged {
             None => (false, false),
-            Some((last, _)) if *last == cause => return,
+            Some((last, _)) if *last == cause.to_string() => return,
             Some((_, at)) => (true, now < *at + CAUSE_LOG_INTERVAL),
         };
         (self.telemetry.alerts).set_external(
@@ -392,7 +404,7 @@ impl Cluster {
         if quiet {
             return;
         }
-        health.logged = Some((cause.clone(), now));
+        health.logged = Some((cause.to_string(), now));
         let fallback = match self.on_error {
             OnError::Local => "this node counts on its own state until it returns",
             OnError::Tempfail => "this node answers with temporary refusals until it returns",
@@ -402,7 +414,7 @@ impl Cluster {
         } else {
             "shared store unavailable"
         };
-        if cause.contains("maxmemory-policy") || cause.contains("full") {
+        if matches!(cause, Unavailable::Evicting(_) | Unavailable::Full) {
             error!(redis = %self.url, error = %cause, rule = "cluster_fallback", "{what}: {fallback}");
         } else {
             warn!(redis = %self.url, error = %cause, rule = "cluster_fallback", "{what}: {fallback}");

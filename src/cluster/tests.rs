@@ -41,6 +41,11 @@ fn a_redis_url_never_shows_its_password() {
     );
     let user_only = RedisUrl::parse("redis://relay@127.0.0.1/0").unwrap();
     assert_eq!(user_only.to_string(), "redis://relay@127.0.0.1/0");
+    let encoded = RedisUrl::parse("redis+unix:///run/redis.sock?db=1&%70ass=s3cret").unwrap();
+    assert_eq!(
+        encoded.to_string(),
+        "redis+unix:///run/redis.sock?db=1&%70ass=***"
+    );
     let odd = RedisUrl::parse("redis://relay:s3c@r:et@127.0.0.1:6379/0?password=s3cret").unwrap();
     assert!(!odd.to_string().contains("s3c"), "{odd}");
     let bare = RedisUrl::parse("redis://127.0.0.1:6379/0").unwrap();

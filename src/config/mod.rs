@@ -521,8 +521,8 @@ impl RedisUrl {
     }
 
     /// The URL with any password replaced by `***`: the one in the user information
-    /// (`redis://user:***@host`) and the `pass` or `password` query parameter that a
-    /// `redis+unix://` URL carries it in (`?pass=***`).
+    /// (`redis://user:***@host`), and every query parameter's value but `db` and `protocol`
+    /// (a `redis+unix://` URL carries its password as `?pass=`, however its name is encoded).
     pub fn redacted(&self) -> String {
         let Some((scheme, rest)) = self.0.split_once("://") else {
             return "(redis url)".to_string();
@@ -544,13 +544,12 @@ impl RedisUrl {
         };
         let mut shown = format!("{scheme}://{authority}{path}");
         if let Some(query) = query {
+            // Every value but the few harmless ones is hidden: redis-rs decodes parameter
+            // names (`%70ass` is `pass`), so matching names as written would miss some.
             let params: Vec<String> = query
                 .split('&')
                 .map(|param| match param.split_once('=') {
-                    Some((name, _))
-                        if name.eq_ignore_ascii_case("pass")
-                            || name.eq_ignore_ascii_case("password") =>
-                    {
+                    Some((name, _)) if !matches!(name, "db" | "protocol") => {
                         format!("{name}=***")
                     }
                     _ => param.to_string(),
