@@ -499,12 +499,10 @@ fn dispatch(cli: Cli) -> anyhow::Result<()> {
                 CompletionShell::Zsh => clap_complete::Shell::Zsh,
                 CompletionShell::Fish => clap_complete::Shell::Fish,
             };
-            clap_complete::generate(
-                shell,
-                &mut Cli::command(),
-                "portcullis",
-                &mut std::io::stdout(),
-            );
+            // Into memory, then out! like every other output (a closed pipe ends it quietly).
+            let mut script = Vec::new();
+            clap_complete::generate(shell, &mut Cli::command(), "portcullis", &mut script);
+            out!("{}", String::from_utf8_lossy(&script));
             Ok(())
         }
         Command::ManPages { out } => {

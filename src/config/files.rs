@@ -18,21 +18,50 @@ use super::{ConfigError, User, load};
 /// `/dev/zero` or a runaway file is an error rather than a relay reading forever.
 pub const MAX_FILE: u64 = 64 * 1024 * 1024;
 
-/// Read at most `max` octets of `path` (a regular file, or a pipe such as `<(…)`).
+/// Read at most `max` octets of `path`: a regular file, or a pipe such as `<(…)`. It is
+/// opened without waiting (`O_NONBLOCK`, cleared once open), so a FIFO nobody writes to is an
+/// error instead of a wait forever.
 ///
 /// # Errors
-/// The file's own I/O error, or [`std::io::ErrorKind::FileTooLarge`] when it holds more than
-/// `max` octets.
+/// The file's own I/O error; [`std::io::ErrorKind::WouldBlock`] for a FIFO with no writer;
+/// [`std::io::ErrorKind::FileTooLarge`] when it holds more than `max` octets.
 pub fn read_limited(path: &Path, max: u64) -> std::io::Result<Vec<u8>> {
     use std::io::Read as _;
+    use std::os::fd::AsRawFd as _;
+    use std::os::unix::fs::{FileTypeExt as _, OpenOptionsExt as _};
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK)
+        .open(path)?;
     let mut bytes = Vec::new();
-    std::fs::File::open(path)?
-        .take(max + 1)
-        .read_to_end(&mut bytes)?;
+    if file.metadata()?.file_type().is_fifo() {
+        // Opened without a writer, a FIFO reads as empty at once: an error, not an empty
+        // file. With a writer it either has data or would block.
+        let mut first = vec![0u8; 64 * 1024];
+        match (&file).read(&mut first) {
+            Ok(0) => {
+                return Err(std::io::Error::new(
+                    std::io::ErrorKind::WouldBlock,
+                    "a FIFO nobody writes to",
+                ));
+            }
+            Ok(n) => bytes.extend_from_slice(&first[..n]),
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+            Err(e) => return Err(e),
+        }
+    }
+    // SAFETY: fcntl on a descriptor this function owns, for the life of the call: reads wait
+    // again (for the writer that is there).
+    unsafe {
+        let flags = libc::fcntl(file.as_raw_fd(), libc::F_GETFL);
+        libc::fcntl(file.as_raw_fd(), libc::F_SETFL, flags & !libc::O_NONBLOCK);
+    }
+    let left = (max + 1).saturating_sub(bytes.len() as u64);
+    file.take(left).read_to_end(&mut bytes)?;
     if bytes.len() as u64 > max {
         return Err(std::io::Error::new(
             std::io::ErrorKind::FileTooLarge,
-            format!("larger than {} MiB", max / (1024 * 1024)),
+            format!("larger than {}", super::units::format_size(max)),
         ));
     }
     Ok(bytes)

@@ -2061,11 +2061,27 @@ fn a_file_the_policy_names_that_never_ends_is_an_error_not_a_hang() {
     assert!(
         endless
             .iter()
-            .all(|(_, m)| m == "cannot read /dev/zero: larger than 64 MiB"),
+            .all(|(_, m)| m == "cannot read /dev/zero: larger than 64MiB"),
         "{endless:?}"
     );
     let policy = Config::load(Path::new("/dev/zero"))
         .unwrap_err()
         .to_string();
-    assert!(policy.contains("larger than 64 MiB"), "{policy}");
+    assert!(policy.contains("larger than 64MiB"), "{policy}");
+    let pem = errors(&format!(
+        "{MINIMAL}\n[tls]\ncert = \"/dev/zero\"\nkey = \"/dev/zero\"\n"
+    ));
+    let keys: Vec<&str> = pem.iter().map(|(k, _)| k.as_str()).collect();
+    assert_eq!(keys, ["tls.cert", "tls.key"], "{pem:?}");
+    // A FIFO nobody writes to: an error at once, not a wait forever.
+    let dir = tempfile::tempdir().unwrap();
+    let fifo = dir.path().join("users.fifo");
+    let c = std::ffi::CString::new(fifo.to_str().unwrap()).unwrap();
+    // SAFETY: mkfifo on a path in our own temporary directory.
+    assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
+    let started = std::time::Instant::now();
+    let stuck = errors(&format!("{MINIMAL}\n[auth]\nusers_file = {fifo:?}\n"));
+    assert!(started.elapsed() < Duration::from_secs(5));
+    assert_eq!(stuck[0].0, "auth.users_file", "{stuck:?}");
+    assert!(stuck[0].1.ends_with("a FIFO nobody writes to"), "{stuck:?}");
 }

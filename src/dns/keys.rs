@@ -7,7 +7,6 @@
 //! treat 1024 as weak. The public half is kept in the form a DKIM key record's `p=` carries,
 //! so `portcullis doctor` can compare it with what is published.
 
-use std::io::Read as _;
 use std::path::{Path, PathBuf};
 
 use aws_lc_rs::encoding::AsDer as _;
@@ -221,23 +220,20 @@ impl SigningKey {
     }
 }
 
-/// Reads at most [`MAX_KEY_FILE`] bytes of `path`.
+/// Reads at most [`MAX_KEY_FILE`] bytes of `path` ([`crate::config::files::read_limited`]).
 fn read_limited(path: &Path) -> Result<Vec<u8>, KeyError> {
-    let unreadable = |source| KeyError::Unreadable {
-        path: path.to_path_buf(),
-        source,
-    };
-    let file = std::fs::File::open(path).map_err(unreadable)?;
-    let mut bytes = Vec::new();
-    file.take(MAX_KEY_FILE + 1)
-        .read_to_end(&mut bytes)
-        .map_err(unreadable)?;
-    if bytes.len() as u64 > MAX_KEY_FILE {
-        return Err(KeyError::TooLarge {
-            path: path.to_path_buf(),
-        });
-    }
-    Ok(bytes)
+    crate::config::files::read_limited(path, MAX_KEY_FILE).map_err(|source| {
+        if source.kind() == std::io::ErrorKind::FileTooLarge {
+            KeyError::TooLarge {
+                path: path.to_path_buf(),
+            }
+        } else {
+            KeyError::Unreadable {
+                path: path.to_path_buf(),
+                source,
+            }
+        }
+    })
 }
 
 /// How an RSA private key is encoded.

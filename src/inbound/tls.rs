@@ -299,11 +299,8 @@ fn read_pem(path: &Path) -> Result<Vec<u8>, TlsError> {
 }
 
 fn pem_error(path: &Path, e: pem::Error) -> TlsError {
+    // Parsed from memory (`read_pem`): a read failure is `TlsError::Read` already.
     match e {
-        pem::Error::Io(source) => TlsError::Read {
-            path: path.to_path_buf(),
-            source,
-        },
         pem::Error::NoItemsFound => TlsError::NoCertificate {
             path: path.to_path_buf(),
         },
