@@ -192,11 +192,15 @@ impl Store {
         self.runtime.block_on(shared::get(&self.cluster, login))
     }
 
-    /// `s` put in the store; `Some(id)`: it holds it now, and its id is known.
-    fn push(&self, s: &Suspension) -> Result<Option<String>, Unavailable> {
+    /// `s` put in the store unless it holds the login already (`HSETNX`): `Err(existing)`
+    /// then, the suspension it holds; else `Ok(id)`, the store's id when it has one.
+    fn push(&self, s: &Suspension) -> Result<Result<Option<String>, Suspension>, Unavailable> {
         self.runtime.block_on(async {
-            shared::push(&self.cluster, s).await?;
-            shared::store_id(&self.cluster).await
+            if !shared::push(&self.cluster, s).await? {
+                let existing = shared::get(&self.cluster, &s.login).await?;
+                return Ok(Err(existing.unwrap_or_else(|| s.clone())));
+            }
+            shared::store_id(&self.cluster).await.map(Ok)
         })
     }
 
@@ -321,10 +325,7 @@ pub fn suspend(
     let mut sharing = Sharing::Local;
     if let Some(store) = store {
         // The store first, so that every node holds the login within a poll.
-        match store.get(login).and_then(|found| match found {
-            Some(existing) => Ok(Err(existing)),
-            None => store.push(&record).map(Ok),
-        }) {
+        match store.push(&record) {
             Ok(Err(existing)) => return Ok((Outcome::AlreadySuspended(existing), Sharing::Local)),
             // Shared with the store's id: written after the store, so a relay that reads it
             // finds the login in its next read of the store unless it was resumed. A store
@@ -366,11 +367,11 @@ pub fn resume(
         Some(store) if !login.is_empty() => store.get(login).map_err(|e| store.unavailable(e))?,
         _ => None,
     };
-    let local = match remote {
-        Some(_) => spool.suspension(login)?,
+    let existing = match remote {
+        Some(remote) => Some(remote),
         None => known(config, spool, login)?,
     };
-    let Some(existing) = remote.or(local) else {
+    let Some(existing) = existing else {
         return Ok(Outcome::NotSuspended);
     };
     if dry_run {

@@ -133,23 +133,7 @@ impl super::Spool {
         if fs::symlink_metadata(&path).is_ok() {
             return Ok(false);
         }
-        let tmp = self.temp_path("suspension");
-        let written = (|| {
-            let mut file = create_new(&tmp)?;
-            let mut record = serde_json::to_vec(s).map_err(|source| SpoolError::Encode {
-                what: "suspension",
-                source,
-            })?;
-            record.push(b'\n');
-            file.write_all(&record)
-                .and_then(|()| file.sync_all())
-                .map_err(SpoolError::io("write", &tmp))?;
-            give_to(&tmp, self.inner.owner)
-        })();
-        if let Err(e) = written {
-            let _ = fs::remove_file(&tmp);
-            return Err(e);
-        }
+        let tmp = self.stage_suspension(s)?;
         match rename_noreplace(&tmp, &path) {
             Ok(()) => {}
             Err(e) => {
@@ -199,26 +183,41 @@ impl super::Spool {
         }
         record.shared = true;
         record.store = Some(store.to_owned());
-        let tmp = self.temp_path("suspension");
-        let written = (|| {
-            let mut file = create_new(&tmp)?;
-            let mut text = serde_json::to_vec(&record).map_err(|source| SpoolError::Encode {
-                what: "suspension",
-                source,
-            })?;
-            text.push(b'\n');
-            file.write_all(&text)
-                .and_then(|()| file.sync_all())
-                .map_err(SpoolError::io("write", &tmp))?;
-            give_to(&tmp, self.inner.owner)?;
-            fs::rename(&tmp, &path).map_err(SpoolError::io("rename", &path))
-        })();
-        if let Err(e) = written {
+        let tmp = self.stage_suspension(&record)?;
+        if let Err(e) = fs::rename(&tmp, &path) {
             let _ = fs::remove_file(&tmp);
-            return Err(e);
+            return Err(SpoolError::io("rename", &path)(e));
         }
         sync_dir(&dir)?;
         Ok(true)
+    }
+
+    /// `s` written as a record into a new file in `tmp/`, fsynced and owned as spool files
+    /// are: its path, for the caller to rename into `suspended/`. Blocking.
+    ///
+    /// # Errors
+    /// The step that failed (create, encode, write, fsync, chown); nothing is left in `tmp/`.
+    fn stage_suspension(&self, s: &Suspension) -> Result<std::path::PathBuf, SpoolError> {
+        let tmp = self.temp_path("suspension");
+        let written = (|| {
+            let mut file = create_new(&tmp)?;
+            let mut record = serde_json::to_vec(s).map_err(|source| SpoolError::Encode {
+                what: "suspension",
+                source,
+            })?;
+            record.push(b'\n');
+            file.write_all(&record)
+                .and_then(|()| file.sync_all())
+                .map_err(SpoolError::io("write", &tmp))?;
+            give_to(&tmp, self.inner.owner)
+        })();
+        match written {
+            Ok(()) => Ok(tmp),
+            Err(e) => {
+                let _ = fs::remove_file(&tmp);
+                Err(e)
+            }
+        }
     }
 
     /// `login`'s suspension, if it is suspended. A record that cannot be read or trusted still
