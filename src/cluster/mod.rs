@@ -121,7 +121,10 @@ pub struct Cluster {
     /// The client (parses the URL once).
     client: redis::Client,
     /// The connection in use; `None` before the first operation and after a failure.
-    connection: tokio::sync::Mutex<Option<MultiplexedConnection>>,
+    connection: tokio::sync::Mutex<Option<(u64, MultiplexedConnection)>>,
+    /// Connections opened so far: the number of the one in the slot, so that a failure on an
+    /// older connection does not drop a newer one.
+    opened: AtomicU64,
     /// Whether the store is reachable and takes writes (starts `true`: nothing is known to
     /// be wrong); [`Health`] says why not.
     up: AtomicBool,
@@ -168,6 +171,7 @@ impl Cluster {
             timeout: config.timeout,
             client,
             connection: tokio::sync::Mutex::new(None),
+            opened: AtomicU64::new(0),
             up: AtomicBool::new(true),
             health: Mutex::new(Health::default()),
             retry_at: Mutex::new(None),
@@ -246,12 +250,12 @@ impl Cluster {
         request: Request<'_>,
         writes: bool,
     ) -> Result<T, Unavailable> {
-        let mut connection = self.connection().await?;
+        let (generation, mut connection) = self.connection().await?;
         let result = match request {
             Request::Script(s) => self.bounded(s.invoke_async(&mut connection)).await,
             Request::Command(c) => self.bounded(c.query_async(&mut connection)).await,
         };
-        self.settle(result, writes).await
+        self.settle(result, writes, generation).await
     }
 
     /// `fut` bounded by the timeout, counted as one operation.
@@ -275,34 +279,44 @@ impl Cluster {
         &self,
         result: Result<T, Unavailable>,
         writes: bool,
+        generation: u64,
     ) -> Result<T, Unavailable> {
         match &result {
             Ok(_) => self.succeeded(writes),
             // The store is there and still answers reads: keep the connection.
             Err(e @ Unavailable::Full) => self.failed(e),
             Err(e) => {
-                *self.connection.lock().await = None;
+                self.drop_connection(generation).await;
                 self.failed(e);
             }
         }
         result
     }
 
+    /// Drop the connection numbered `generation` if it is still the one in use.
+    async fn drop_connection(&self, generation: u64) {
+        let mut slot = self.connection.lock().await;
+        if slot.as_ref().is_some_and(|(g, _)| *g == generation) {
+            *slot = None;
+        }
+    }
+
     /// The connection, opened (and its eviction policy checked) if there is none; fails at
     /// once while the store is marked down and [`RETRY_INTERVAL`] has not passed (checked
     /// again once the connection is ours: sessions that queued behind a failed connect do not
     /// each try again).
-    async fn connection(&self) -> Result<MultiplexedConnection, Unavailable> {
+    async fn connection(&self) -> Result<(u64, MultiplexedConnection), Unavailable> {
         self.retry_due()?;
         let mut slot = self.connection.lock().await;
-        if let Some(connection) = slot.as_ref() {
-            return Ok(connection.clone());
+        if let Some((generation, connection)) = slot.as_ref() {
+            return Ok((*generation, connection.clone()));
         }
         self.retry_due()?;
         match self.open().await {
             Ok(connection) => {
-                *slot = Some(connection.clone());
-                Ok(connection)
+                let generation = self.opened.fetch_add(1, Ordering::Relaxed) + 1;
+                *slot = Some((generation, connection.clone()));
+                Ok((generation, connection))
             }
             Err(e) => {
                 drop(slot);
@@ -342,10 +356,11 @@ impl Cluster {
     }
 
     fn succeeded(&self, wrote: bool) {
-        *self.retry_at.lock().unwrap_or_else(|p| p.into_inner()) = None;
+        // Up: nothing to clear (no retry time is set while the store is up).
         if self.is_up() {
             return;
         }
+        *self.retry_at.lock().unwrap_or_else(|p| p.into_inner()) = None;
         let mut health = self.health.lock().unwrap_or_else(|p| p.into_inner());
         health.down = None;
         if wrote {

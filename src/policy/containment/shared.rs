@@ -142,8 +142,9 @@ pub async fn read(cluster: &Cluster) -> Result<Remote, Unavailable> {
 /// # Errors
 /// As [`read`].
 pub async fn read_at_most(cluster: &Cluster, cap: usize) -> Result<Remote, Unavailable> {
-    let script = redis::Script::new(READ_SCRIPT);
-    let mut invocation = script.key(hash_key());
+    static SCRIPT: std::sync::LazyLock<redis::Script> =
+        std::sync::LazyLock::new(|| redis::Script::new(READ_SCRIPT));
+    let mut invocation = SCRIPT.key(hash_key());
     // A fresh id, should the store have none: unique enough across nodes and restarts.
     let fresh = format!(
         "{}-{}-{}",
