@@ -19,7 +19,7 @@ use super::{Cluster, Unavailable, limits};
 use crate::config::OnError;
 use crate::policy::limits::{Limited, RateLimit};
 use crate::policy::lockout::{AuthAttempt, FailureReport, GateDecision, Settings, spray_delay};
-use crate::policy::store::{ClientState, RateKey, Store};
+use crate::policy::store::{ClientState, RateKey, Store, budgets_of};
 
 /// The result of taking one event from a budget.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -171,17 +171,14 @@ impl SharedStore<'_> {
         login: Option<&str>,
     ) -> Result<(), Unavailable> {
         let mut budgets = state.budgets.clone();
-        for budget in &mut budgets {
-            let Some(&limit) = RATE_LIMITS.iter().find(|l| l.rule() == budget.rule) else {
+        for (limit, key) in budgets_of(ip, login) {
+            let Some(budget) = budgets.iter_mut().find(|b| b.rule == limit.rule()) else {
                 continue;
             };
-            let key = match (limit, login) {
-                (RateLimit::MessagesPerUser, Some(login)) => RateKey::Login(login.to_string()),
-                _ => RateKey::Client(ip),
-            };
-            let (Some(rate), Some(name)) =
-                (self.local.rate(limit), limits::budget_key(limit, &key))
-            else {
+            let (Some(rate), Some(name)) = (
+                self.local.rate(limit),
+                key.and_then(|key| limits::budget_key(limit, &key)),
+            ) else {
                 continue;
             };
             budget.available = limits::available(cluster, &name, rate).await?;
@@ -197,14 +194,6 @@ impl SharedStore<'_> {
         Ok(())
     }
 }
-
-/// Every `[rate_limits]` budget.
-const RATE_LIMITS: [RateLimit; 4] = [
-    RateLimit::ConnectionsPerIp,
-    RateLimit::MessagesPerIp,
-    RateLimit::MessagesPerUser,
-    RateLimit::RecipientsPerIp,
-];
 
 /// The local answer under `on_error = "local"`, else [`Taken::Unavailable`].
 fn fallback(cluster: &Cluster, local: Taken) -> Taken {

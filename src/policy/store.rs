@@ -143,23 +143,29 @@ pub struct Budget {
     pub limit: String,
 }
 
+/// Every `[rate_limits]` budget of the client `ip` and of its `login` (`None` for
+/// `messages_per_user` without one), in the order a [`ClientState`] lists them.
+pub fn budgets_of(ip: IpAddr, login: Option<&str>) -> [(RateLimit, Option<RateKey>); 4] {
+    [
+        (RateLimit::ConnectionsPerIp, Some(RateKey::Client(ip))),
+        (
+            RateLimit::MessagesPerUser,
+            login.map(|l| RateKey::Login(l.to_string())),
+        ),
+        (RateLimit::MessagesPerIp, Some(RateKey::Client(ip))),
+        (RateLimit::RecipientsPerIp, Some(RateKey::Client(ip))),
+    ]
+}
+
 impl Store {
     /// What the stateful rules say of the client `ip` (and `login`, if any) at `now`, taking
     /// nothing and recording nothing.
     pub fn client_state(&self, ip: IpAddr, login: Option<&str>, now: Instant) -> ClientState {
         let Store::Local(l) = self;
-        let client = RateKey::Client(ip);
-        let user = login.map(|l| RateKey::Login(l.to_string()));
-        let keyed = [
-            (RateLimit::ConnectionsPerIp, Some(&client)),
-            (RateLimit::MessagesPerUser, user.as_ref()),
-            (RateLimit::MessagesPerIp, Some(&client)),
-            (RateLimit::RecipientsPerIp, Some(&client)),
-        ];
-        let budgets = keyed
+        let budgets = budgets_of(ip, login)
             .into_iter()
             .filter_map(|(limit, key)| {
-                let (available, rate) = l.limiters.available(limit, key?, now)?;
+                let (available, rate) = l.limiters.available(limit, &key?, now)?;
                 Some(Budget {
                     rule: limit.rule().to_string(),
                     available,
