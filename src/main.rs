@@ -72,14 +72,20 @@ macro_rules! outln {
 }
 
 /// What [`out!`] does with a failed write: a closed pipe is the reader's choice (silent);
-/// anything else (a full disk under `> file`) is said on stderr, once per write.
+/// anything else (a full disk under `> file`) is said on stderr once, and the command exits 1
+/// once it has finished.
 fn output_written(result: std::io::Result<()>) {
     if let Err(e) = result
         && e.kind() != std::io::ErrorKind::BrokenPipe
+        && !OUTPUT_FAILED.swap(true, std::sync::atomic::Ordering::Relaxed)
     {
         eprintln!("portcullis: cannot write to stdout: {e}");
     }
 }
+
+/// Set by [`output_written`] when the output was lost for another reason than a reader that
+/// went away: the command still finishes (and records), then exits 1.
+static OUTPUT_FAILED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
 
 use portcullis::config::Config;
 use portcullis::envelope::{QueueId, unix_now};
@@ -463,6 +469,7 @@ struct UsageError(String);
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match dispatch(cli) {
+        Ok(()) if OUTPUT_FAILED.load(std::sync::atomic::Ordering::Relaxed) => ExitCode::FAILURE,
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             if let Some(app) = e.downcast_ref::<portcullis::app::AppError>() {

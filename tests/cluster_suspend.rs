@@ -200,13 +200,16 @@ fn resume_with_the_store_down_refuses_and_suspend_records_on_this_node_alone() {
     ));
     let policy = dir.write("portcullis.toml", text);
     portcullis::queue::Spool::open(&dir.join("spool")).unwrap();
+    // Every command's output is checked for the password.
     let run = |args: &[&str]| -> Output {
-        Command::new(BIN)
+        let out = Command::new(BIN)
             .args(args)
             .arg("--config")
             .arg(&policy)
             .output()
-            .unwrap()
+            .unwrap();
+        assert!(!show(&out).contains("s3cret"), "{args:?}: {}", show(&out));
+        out
     };
     redis.stop();
     let record = dir.join("spool/suspended").join("616c696365");
@@ -252,7 +255,6 @@ fn resume_with_the_store_down_refuses_and_suspend_records_on_this_node_alone() {
         "{}",
         show(&out)
     );
-    assert!(!show(&out).contains("s3cret"), "{}", show(&out));
 }
 
 #[test]

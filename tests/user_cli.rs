@@ -511,3 +511,30 @@ fn a_reader_that_goes_away_ends_the_output_not_the_command() {
     assert_eq!(entries.len(), 1, "{entries:?}");
     assert_eq!(entries[0]["command"], "user suspend");
 }
+
+#[test]
+fn output_lost_to_a_full_device_is_said_and_exits_1_after_the_work_is_done() {
+    let s = Setup::new();
+    let full = std::fs::OpenOptions::new()
+        .write(true)
+        .open("/dev/full")
+        .unwrap();
+    let out = Command::new(BIN)
+        .args(["user", "suspend", "bob", "--reason", "full device"])
+        .arg("--config")
+        .arg(&s.config)
+        .stdout(full)
+        .output()
+        .expect("spawn portcullis");
+    assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
+    assert_eq!(
+        stderr(&out)
+            .matches("portcullis: cannot write to stdout: ")
+            .count(),
+        1,
+        "{}",
+        stderr(&out)
+    );
+    assert!(s.record_path("bob").exists());
+    assert_eq!(user_entries(&s.spool).len(), 1);
+}

@@ -253,7 +253,7 @@ impl Compiler {
             "cluster.on_error",
             raw.on_error,
             OnError::Local,
-            &[("local", OnError::Local), ("tempfail", OnError::Tempfail)],
+            &[OnError::Local, OnError::Tempfail].map(|o| (o.as_str(), o)),
         );
         let timeout = self.duration("cluster.timeout", raw.timeout, "250ms", false);
         if !(Cluster::MIN_TIMEOUT..=Cluster::MAX_TIMEOUT).contains(&timeout) {

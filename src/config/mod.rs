@@ -485,6 +485,16 @@ pub enum OnError {
     Tempfail,
 }
 
+impl OnError {
+    /// The value as the policy file writes it.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            OnError::Local => "local",
+            OnError::Tempfail => "tempfail",
+        }
+    }
+}
+
 /// A Redis URL (`redis://[user:password@]host[:port][/db]`, `redis+unix:///path`,
 /// `unix:///path`) as redis-rs reads it. Its password is never shown: `Display` and `Debug`
 /// print [`RedisUrl::redacted`].

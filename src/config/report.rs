@@ -576,10 +576,7 @@ pub(super) fn summary(c: &Config) -> String {
             "cluster: node {}, shared store {url} (rate limits, AUTH lockouts, suspensions), \
              on error {}, timeout {}",
             cl.node,
-            match cl.on_error {
-                OnError::Local => "local",
-                OnError::Tempfail => "tempfail",
-            },
+            cl.on_error.as_str(),
             format_duration(cl.timeout)
         ),
         None => writeln!(s, "cluster: node {}, no shared store", cl.node),

@@ -239,18 +239,11 @@ impl Containment {
         if suspended.contains_key(&suspension.login) {
             return false;
         }
-        match &suspension.node {
-            Some(by) => {
-                warn!(login = %super::lockout::login_key(&suspension.login), rule = %suspension.rule,
-                reason = %super::lockout::login_key(&suspension.reason), by_node = %super::lockout::login_key(by),
-                "account suspended: AUTH refused, open sessions closed, queued mail held")
-            }
-            None => {
-                warn!(login = %super::lockout::login_key(&suspension.login), rule = %suspension.rule,
-                reason = %super::lockout::login_key(&suspension.reason),
-                "account suspended: AUTH refused, open sessions closed, queued mail held")
-            }
-        }
+        let by_node = (suspension.node.as_deref())
+            .map(|n| tracing::field::display(super::lockout::login_key(n)));
+        warn!(login = %super::lockout::login_key(&suspension.login), rule = %suspension.rule,
+            reason = %super::lockout::login_key(&suspension.reason), by_node,
+            "account suspended: AUTH refused, open sessions closed, queued mail held");
         suspended.insert(suspension.login.clone(), Held { suspension, saved });
         true
     }
