@@ -80,6 +80,9 @@
 //! - [`routes`]: the routing table and the capabilities each upstream announced, shared by
 //!   delivery and the inbound checks at RCPT and DATA (the one module both sides use).
 //! - [`stream`]: a connection that is plain TCP or TLS, for both directions.
+//! - [`failpoint`]: the named steps (spool commit, state, removal, control files, recovery,
+//!   delivery) where the failpoint build of the reliability tests fails an operation or kills
+//!   the process; nothing at all in any other build.
 //! - [`text`]: Unicode hygiene for network text: characters that display as nothing, and
 //!   look-alikes of `@` and `.` (one table for the queue commands, the log and the checks).
 //! - [`app`]: wires the above together (the only module that names both `inbound` and
@@ -105,6 +108,7 @@ pub mod cluster;
 pub mod config;
 pub mod dns;
 pub mod envelope;
+pub mod failpoint;
 pub mod inbound;
 pub mod observe;
 pub mod outbound;

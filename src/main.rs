@@ -467,6 +467,7 @@ enum ListenersAction {
 struct UsageError(String);
 
 fn main() -> ExitCode {
+    portcullis::failpoint::setup();
     let cli = Cli::parse();
     match dispatch(cli) {
         Ok(()) if OUTPUT_FAILED.load(std::sync::atomic::Ordering::Relaxed) => ExitCode::FAILURE,

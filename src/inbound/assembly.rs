@@ -360,8 +360,8 @@ impl Assembly {
     ///
     /// # Errors
     /// [`AssemblyError::Rewrite`], [`AssemblyError::Commit`] or [`AssemblyError::CommitTask`];
-    /// the spool file is then gone (a commit whose directory fsync failed excepted, see
-    /// [`SpoolWriter::commit`]), never half-written in `queue/`.
+    /// the spool file is then gone (unless a crash comes first, see [`SpoolWriter::commit`]),
+    /// never half-written in `queue/`.
     pub async fn commit(self) -> Result<Committed, AssemblyError> {
         self.commit_with(String::new()).await
     }

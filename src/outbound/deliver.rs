@@ -157,6 +157,8 @@ impl Sending<'_> {
                     return;
                 }
                 Ok(sent) => {
+                    // A crash point only (the upstream has the message; an error is no error).
+                    let _ = crate::failpoint::step("deliver.after_dot");
                     up.succeeded();
                     let seconds = clock.elapsed().as_secs_f64();
                     self.record(&up, started, seconds, rcpts, sent);

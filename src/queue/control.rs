@@ -83,6 +83,7 @@ use std::os::unix::fs::MetadataExt;
 
 use super::{QueuedMessage, Spool, SpoolError, create_new, exact_id, give_to, hold, sync_dir};
 use crate::envelope::{Address, QueueId, ReversePath};
+use crate::failpoint;
 use crate::policy::pattern::AddressPattern;
 
 /// Prefix of retry request file names in `control/`.
@@ -386,7 +387,14 @@ impl Spool {
                 .iter()
                 .try_for_each(|id| self.write_request(&format!("{RETRY_PREFIX}{id}"), &[])),
         }?;
-        sync_dir(&self.inner.control)
+        self.sync_control()
+    }
+
+    /// fsync `control/`, making the requests renamed into it durable.
+    pub(super) fn sync_control(&self) -> Result<(), SpoolError> {
+        let dir = &self.inner.control;
+        failpoint::step("control.dir_fsync").map_err(SpoolError::io("fsync", dir))?;
+        sync_dir(dir)
     }
 
     /// Put the file `name` into `control/`: made in `tmp/` with `contents` (fsynced when
@@ -396,13 +404,15 @@ impl Spool {
         use std::io::Write as _;
         let tmp = self.temp_path(name);
         let mut file = create_new(&tmp)?;
-        let written = if contents.is_empty() {
-            Ok(())
-        } else {
-            (file.write_all(contents))
-                .and_then(|()| file.sync_data())
-                .map_err(SpoolError::io("write", &tmp))
-        };
+        let written = failpoint::step("control.write")
+            .and_then(|()| {
+                if contents.is_empty() {
+                    Ok(())
+                } else {
+                    file.write_all(contents).and_then(|()| file.sync_data())
+                }
+            })
+            .map_err(SpoolError::io("write", &tmp));
         drop(file);
         // Run as root on the relay's spool, the request must still be the relay's to remove.
         if let Err(e) = written.and_then(|()| give_to(&tmp, self.inner.owner)) {
@@ -410,7 +420,8 @@ impl Spool {
             return Err(e);
         }
         let dest = self.inner.control.join(name);
-        fs::rename(&tmp, &dest).map_err(|e| {
+        let renamed = failpoint::step("control.rename").and_then(|()| fs::rename(&tmp, &dest));
+        renamed.map_err(|e| {
             let _ = fs::remove_file(&tmp);
             SpoolError::io("rename", &dest)(e)
         })
@@ -422,7 +433,7 @@ impl Spool {
         for id in ids {
             self.write_request(&format!("{RESTORE_PREFIX}{id}"), &[])?;
         }
-        sync_dir(&self.inner.control)
+        self.sync_control()
     }
 
     /// Ask the running relay to load the messages `queue adopt` imported and schedule them
@@ -432,7 +443,7 @@ impl Spool {
         for (id, from) in ids {
             self.write_request(&format!("{ADOPTED_PREFIX}{id}.{from}"), &[])?;
         }
-        sync_dir(&self.inner.control)
+        self.sync_control()
     }
 
     /// Consume the pending operator requests: each file in `control/` is read and unlinked
@@ -491,7 +502,7 @@ impl Spool {
             let name = format!("{REMOVED_PREFIX}{}-{n}-{at_ms}", std::process::id());
             self.write_request(&name, text.as_bytes())?;
         }
-        sync_dir(&self.inner.control)
+        self.sync_control()
     }
 
     /// Open the request file (a removal notice, a batch of holds) at `path` if the relay's

@@ -50,6 +50,7 @@ use std::thread;
 use super::control::NOTICE_MAX_IDS;
 use super::{DeliveryState, Opened, Spool, SpoolError, exact_id, open_trusted, sync_dir};
 use crate::envelope::QueueId;
+use crate::failpoint;
 
 /// Prefix of the hold and release request files in `control/` (`holds.SEQ.NONCE`).
 const BATCH_PREFIX: &str = "holds.";
@@ -187,7 +188,7 @@ impl Spool {
             );
             self.write_request(&name, text.as_bytes())?;
         }
-        sync_dir(control)
+        self.sync_control()
     }
 
     /// The highest `SEQ` of the request files in `control/`; 0 when there are none.
@@ -275,7 +276,12 @@ impl Spool {
         let written = results
             .iter()
             .any(|r| r.as_ref().is_ok_and(|c| c.was != c.held));
-        if written && let Err(e) = sync_dir(&self.inner.queue) {
+        let synced = || {
+            failpoint::step("spool.state.dir_fsync")
+                .map_err(SpoolError::io("fsync", &self.inner.queue))
+                .and_then(|()| sync_dir(&self.inner.queue))
+        };
+        if written && let Err(e) = synced() {
             // Not durable: report every change as failed (the manager keeps the message as it
             // was; a crash may undo the renames, which is the same).
             for r in &mut results {

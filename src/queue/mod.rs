@@ -61,9 +61,11 @@
 //!   the directory is on disk a crash may undo it, losing a message already acknowledged.
 //!
 //! If a step fails the caller answers with a temporary error (4xx) instead of `250`. If only
-//! the final directory fsync fails the file is already visible in `queue/` and is left there:
-//! the client retries and the message may be delivered twice, which invariant 1 allows
-//! (at-least-once), whereas deleting it could race with a worker already sending it.
+//! the final directory fsync fails the file is already visible in `queue/`: it is unlinked
+//! again (no worker knows of it yet: the queue manager is handed a message only after a
+//! commit succeeds), so it neither waits unscheduled until the next start nor goes out beside
+//! the copy the client sends again. A crash before that unlink leaves it to recovery, and it
+//! may then be delivered twice, which invariant 1 allows (at-least-once).
 //! `ID.state` is replaced the same way (temp file in `tmp/`, fsync, rename, directory fsync).
 //!
 //! # Use from async code
@@ -162,6 +164,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use crate::envelope::{Body, Envelope, QueueId};
+use crate::failpoint;
 
 pub use control::{
     BadPurgeFilter, DeleteOutcome, PurgeFilter, Purged, Removal, RemovedHow, Request, RetryTarget,
@@ -726,6 +729,8 @@ impl Spool {
     /// [`SpoolError::NotFound`] when the message is gone (e.g. deleted by an operator).
     pub fn write_state(&self, id: &QueueId, state: &DeliveryState) -> Result<(), SpoolError> {
         self.stage_state(id, state)?;
+        failpoint::step("spool.state.dir_fsync")
+            .map_err(SpoolError::io("fsync", &self.inner.queue))?;
         sync_dir(&self.inner.queue)
     }
 
@@ -747,8 +752,12 @@ impl Spool {
 
     fn write_state_via(&self, tmp: &Path, id: &QueueId, json: &[u8]) -> Result<(), SpoolError> {
         let mut file = create_new(tmp)?;
-        file.write_all(json).map_err(SpoolError::io("write", tmp))?;
-        file.sync_data().map_err(SpoolError::io("fsync", tmp))?;
+        failpoint::step("spool.state.write")
+            .and_then(|()| file.write_all(json))
+            .map_err(SpoolError::io("write", tmp))?;
+        failpoint::step("spool.state.fsync")
+            .and_then(|()| file.sync_data())
+            .map_err(SpoolError::io("fsync", tmp))?;
         drop(file);
         // Narrows (does not close) the window in which a state could be written for a message
         // being deleted; recovery removes such orphans.
@@ -757,7 +766,9 @@ impl Spool {
             return Err(SpoolError::NotFound(id.clone()));
         }
         let dest = self.state_path(id);
-        fs::rename(tmp, &dest).map_err(SpoolError::io("rename", &dest))
+        failpoint::step("spool.state.rename")
+            .and_then(|()| fs::rename(tmp, &dest))
+            .map_err(SpoolError::io("rename", &dest))
     }
 
     /// Remove a message from the queue: `ID`, then `ID.state`, then fsync the directory.
@@ -766,12 +777,15 @@ impl Spool {
     /// (DESIGN invariant 2).
     pub fn remove(&self, id: &QueueId) -> Result<(), SpoolError> {
         let path = self.message_path(id);
-        let removed = match fs::remove_file(&path) {
-            Ok(()) => true,
-            Err(e) if e.kind() == io::ErrorKind::NotFound => false,
-            Err(e) => return Err(SpoolError::io("unlink", &path)(e)),
-        };
+        let removed =
+            match failpoint::step("spool.remove.unlink").and_then(|()| fs::remove_file(&path)) {
+                Ok(()) => true,
+                Err(e) if e.kind() == io::ErrorKind::NotFound => false,
+                Err(e) => return Err(SpoolError::io("unlink", &path)(e)),
+            };
         self.remove_state(id)?;
+        failpoint::step("spool.remove.dir_fsync")
+            .map_err(SpoolError::io("fsync", &self.inner.queue))?;
         sync_dir(&self.inner.queue)?;
         found(removed, id)
     }
@@ -793,10 +807,8 @@ impl Spool {
     ) -> Result<(), SpoolError> {
         let path = self.message_path(id);
         // The header is small; what matters is whether the file is worth keeping.
-        let removed = self
-            .inner
-            .free
-            .give(&path, id.as_str(), size)
+        let removed = failpoint::step("spool.remove.unlink")
+            .and_then(|()| self.inner.free.give(&path, id.as_str(), size))
             .map_err(SpoolError::io("unlink", &path))?;
         if attempts > 0 {
             self.remove_state(id)?;
@@ -812,7 +824,7 @@ impl Spool {
     /// Unlink `queue/ID.state`, if there is one.
     fn remove_state(&self, id: &QueueId) -> Result<(), SpoolError> {
         let state = self.state_path(id);
-        match fs::remove_file(&state) {
+        match failpoint::step("spool.remove.state").and_then(|()| fs::remove_file(&state)) {
             Err(e) if e.kind() != io::ErrorKind::NotFound => {
                 Err(SpoolError::io("unlink", &state)(e))
             }

@@ -31,6 +31,7 @@ use std::path::{Path, PathBuf};
 
 use super::{STATE_SUFFIX, Spool, SpoolError, exact_id, read_header, read_state_file, sync_dir};
 use crate::envelope::{Envelope, QueueId};
+use crate::failpoint;
 
 /// What [`Spool::recover`] found and did.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -202,7 +203,9 @@ impl Spool {
                     // Its message is quarantined: the state went with it.
                 } else {
                     tracing::warn!(queue_id = %id, path = %path.display(), "removing delivery state of a message no longer queued");
-                    fs::remove_file(&path).map_err(SpoolError::io("unlink", &path))?;
+                    failpoint::step("recover.orphan")
+                        .and_then(|()| fs::remove_file(&path))
+                        .map_err(SpoolError::io("unlink", &path))?;
                     report.orphans_removed += 1;
                 }
                 continue;
@@ -239,11 +242,13 @@ impl Spool {
             let path = entry.path();
             tracing::warn!(path = %path.display(), "removing unfinished spool file");
             let is_dir = entry.file_type().is_ok_and(|t| t.is_dir());
-            let result = if is_dir {
-                fs::remove_dir_all(&path)
-            } else {
-                fs::remove_file(&path)
-            };
+            let result = failpoint::step("recover.tmp").and_then(|()| {
+                if is_dir {
+                    fs::remove_dir_all(&path)
+                } else {
+                    fs::remove_file(&path)
+                }
+            });
             result.map_err(SpoolError::io("unlink", &path))?;
             removed += 1;
         }

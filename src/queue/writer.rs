@@ -8,6 +8,7 @@ use std::sync::Arc;
 
 use super::{Dirs, Loaded, MAGIC, QueuedMessage, SendLock, SpoolError, rename_noreplace};
 use crate::envelope::{Envelope, MailParams, QueueId};
+use crate::failpoint;
 use crate::queue::DeliveryState;
 
 /// Size of the write buffer: DATA arrives in small chunks, the disk prefers large ones.
@@ -174,7 +175,7 @@ impl SpoolWriter {
     /// the whole message for [`SpoolWriter::message`].
     pub fn flush(&mut self) -> Result<(), SpoolError> {
         let result = match self.file.as_mut() {
-            Some(file) => file.flush(),
+            Some(file) => failpoint::step("spool.write").and_then(|()| file.flush()),
             None => Err(std::io::ErrorKind::Other.into()),
         };
         result.map_err(|e| self.io_error("write", e))
@@ -282,7 +283,8 @@ impl SpoolWriter {
     /// Make the message durable and visible: flush, fsync the data, rename `tmp/ID` to
     /// `queue/ID`, fsync `queue/` (shared with concurrent commits: the `group` module).
     /// Blocking: call from `spawn_blocking`. Only after this returns `Ok` may the client be
-    /// told `250`.
+    /// told `250`. On an error the file is in neither `tmp/` nor `queue/` (a failed directory
+    /// fsync unlinks the renamed file again; a crash before that leaves it to recovery).
     pub fn commit(mut self) -> Result<QueueId, SpoolError> {
         self.commit_file()?;
         Ok(self.id.clone())
@@ -316,6 +318,7 @@ impl SpoolWriter {
             // Unreachable: only a commit takes the file, and it consumes the writer.
             return Err(self.io_error("flush", std::io::ErrorKind::Other.into()));
         };
+        failpoint::step("spool.commit.write").map_err(|e| self.io_error("write", e))?;
         let file = buffered
             .into_inner()
             .map_err(|e| self.io_error("write", e.into_error()))?;
@@ -324,24 +327,38 @@ impl SpoolWriter {
             file.set_len(self.length)
                 .map_err(|e| self.io_error("truncate", e))?;
         }
-        file.sync_data().map_err(|e| self.io_error("fsync", e))?;
+        failpoint::step("spool.commit.fsync")
+            .and_then(|()| file.sync_data())
+            .map_err(|e| self.io_error("fsync", e))?;
         let queue_path = self.dirs.queue.join(self.id.as_str());
-        rename_noreplace(self.tmp_path(), &queue_path).map_err(|source| {
-            if source.kind() == std::io::ErrorKind::AlreadyExists {
-                SpoolError::AlreadyExists(self.id.clone())
-            } else {
-                SpoolError::Io {
-                    op: "rename",
-                    path: queue_path.clone(),
-                    source,
+        failpoint::step("spool.commit.rename")
+            .and_then(|()| rename_noreplace(self.tmp_path(), &queue_path))
+            .map_err(|source| {
+                if source.kind() == std::io::ErrorKind::AlreadyExists {
+                    SpoolError::AlreadyExists(self.id.clone())
+                } else {
+                    SpoolError::Io {
+                        op: "rename",
+                        path: queue_path.clone(),
+                        source,
+                    }
                 }
-            }
-        })?;
+            })?;
         self.gone = true;
-        if let Err(e) = self.dirs.queue_sync.sync() {
-            // The file is visible in queue/ but maybe not durable: the caller answers 4xx and
-            // the message may be delivered twice (allowed); removing it could race a worker.
-            tracing::warn!(queue_id = %self.id, error = %e, "queue directory fsync failed after commit");
+        let synced = failpoint::step("spool.commit.dir_fsync")
+            .map_err(SpoolError::io("fsync", &self.dirs.queue))
+            .and_then(|()| self.dirs.queue_sync.sync())
+            .and_then(|()| {
+                failpoint::step("spool.commit.reply").map_err(SpoolError::io("commit", &queue_path))
+            });
+        if let Err(e) = synced {
+            // Visible in queue/ but maybe not durable, and the client is answered 4xx: take it
+            // back out, or it would wait unscheduled (nothing else knows of it) until the next
+            // start, and then go out beside the copy the client sends again. A crash before
+            // this unlink leaves it there: recovered, delivered, possibly twice (allowed).
+            let removed = fs::remove_file(&queue_path);
+            tracing::warn!(queue_id = %self.id, error = %e, removed = removed.is_ok(),
+                "queue directory fsync failed after the rename: the message is refused");
             return Err(e);
         }
         Ok((file, queue_path))
@@ -354,7 +371,7 @@ impl SpoolWriter {
 
     fn put(&mut self, data: &[u8]) -> Result<(), SpoolError> {
         let result = match self.file.as_mut() {
-            Some(file) => file.write_all(data),
+            Some(file) => failpoint::step("spool.write").and_then(|()| file.write_all(data)),
             None => Err(std::io::ErrorKind::Other.into()),
         };
         self.length += data.len() as u64;
