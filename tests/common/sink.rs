@@ -263,6 +263,17 @@ impl Sink {
         lock(&self.shared.messages).clone()
     }
 
+    /// Remove and return the messages accepted so far, in order (a long test keeps its memory
+    /// bounded this way).
+    pub fn take_messages(&self) -> Vec<Received> {
+        std::mem::take(&mut *lock(&self.shared.messages))
+    }
+
+    /// Connections still open (their threads not yet ended).
+    pub fn active(&self) -> usize {
+        self.shared.active.load(Ordering::SeqCst)
+    }
+
     /// Wait until at least `count` messages were accepted; false after `timeout`.
     pub fn wait_for(&self, count: usize, timeout: Duration) -> bool {
         super::wait_until(timeout, || lock(&self.shared.messages).len() >= count)
