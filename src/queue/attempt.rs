@@ -456,7 +456,29 @@ impl<C: Courier> Recorder<'_, C> {
                         Some(AttemptEnd::Left)
                     }
                     Err(e) => {
-                        error!(queue_id = %id, error = %e, "cannot remove a finished message; it may be delivered again");
+                        // Still in queue/ (or its state is), so it is attempted again soon.
+                        // That attempt must only remove it: the state on disk may still have
+                        // every recipient pending (none written yet, or an older one), and
+                        // would have it delivered again while the relay runs. So record it
+                        // finished first; counted as an attempt, so that the removal then
+                        // takes its state too. If that fails as well (the same disk), a
+                        // second delivery is possible (at-least-once, invariant 1).
+                        self.msg.state.attempts += 1;
+                        let recorded = on_spool(self.spool, {
+                            let (id, state) = (id.clone(), self.msg.state.clone());
+                            move |s| s.write_state(&id, &state)
+                        })
+                        .await;
+                        match recorded {
+                            // NotFound: the message file went and a later step failed; only
+                            // its state is left, an orphan that recovery removes.
+                            Ok(()) | Err(SpoolError::NotFound(_)) => {
+                                error!(queue_id = %id, error = %e, "cannot remove a finished message; recorded as finished, its removal is tried again")
+                            }
+                            Err(again) => {
+                                error!(queue_id = %id, error = %e, state_error = %again, "cannot remove a finished message nor record it finished; it may be delivered again")
+                            }
+                        }
                         Some(AttemptEnd::Due(soon(queue, facts.now)))
                     }
                 }
