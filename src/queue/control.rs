@@ -380,14 +380,31 @@ impl Spool {
     /// Ask the running relay to retry `target` now (see the module docs). Blocking: writes
     /// and fsyncs. Does not check that the messages exist; the relay ignores ids it does not
     /// hold.
+    ///
+    /// When it fails, the requests it renamed into `control/` are unlinked again, so that a
+    /// command that says it failed has asked nothing (a failed directory fsync leaves them
+    /// visible but not durable). Best effort: one the relay took meanwhile is acted on, which
+    /// is harmless, since a retry asked twice is one retry.
     pub fn request_retry(&self, target: &RetryTarget) -> Result<(), SpoolError> {
-        match target {
-            RetryTarget::All => self.write_request(RETRY_ALL, &[]),
-            RetryTarget::Ids(ids) => ids
-                .iter()
-                .try_for_each(|id| self.write_request(&format!("{RETRY_PREFIX}{id}"), &[])),
-        }?;
-        self.sync_control()
+        let names: Vec<String> = match target {
+            RetryTarget::All => vec![RETRY_ALL.to_owned()],
+            RetryTarget::Ids(ids) => ids.iter().map(|id| format!("{RETRY_PREFIX}{id}")).collect(),
+        };
+        let mut written = 0;
+        let result = names
+            .iter()
+            .try_for_each(|name| {
+                self.write_request(name, &[])?;
+                written += 1;
+                Ok(())
+            })
+            .and_then(|()| self.sync_control());
+        if result.is_err() {
+            for name in &names[..written] {
+                let _ = fs::remove_file(self.inner.control.join(name));
+            }
+        }
+        result
     }
 
     /// fsync `control/`, making the requests renamed into it durable.
