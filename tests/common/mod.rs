@@ -593,11 +593,18 @@ impl Relay {
     /// Run another `portcullis` command (e.g. `queue list`) against this relay's config;
     /// `--config FILE` is appended.
     pub fn command(&self, args: &[&str]) -> Output {
+        self.command_env(args, &[])
+    }
+
+    /// [`Relay::command`] with extra environment variables (e.g. `FAILPOINTS` for the
+    /// failpoint build). The relay's own `env` is not passed on: each process is armed alone.
+    pub fn command_env(&self, args: &[&str], env: &[(&str, &str)]) -> Output {
         Command::new(BIN)
             .args(args)
             .arg("--config")
             .arg(&self.config_path)
             .current_dir(self.dir.path())
+            .envs(env.iter().copied())
             .output()
             .expect("spawn portcullis")
     }
