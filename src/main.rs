@@ -1655,11 +1655,20 @@ fn delete(spool: &Spool, dir: &Path, ids: &[String]) -> anyhow::Result<()> {
         let outcome = match spool.delete(id) {
             Ok(outcome) => outcome,
             Err(e) => {
+                // Unlinking queue/ID is the deletion: when a later step failed (its state's
+                // unlink, the directory fsync), the message has left the queue all the same,
+                // so it is recorded and announced with those removed before (invariant 2).
+                let e = if spool.contains(id) {
+                    anyhow::Error::new(e)
+                } else {
+                    removed.push(id.clone());
+                    anyhow::Error::new(e).context(format!("{id} was deleted, but not cleanly"))
+                };
                 // Record and tell the relay about those removed so far; the error is the one
                 // to report.
                 let recorded = record(spool, &["queue", "delete"], to_strings(&removed));
                 let notified = spool.notify_removed(RemovedHow::Delete, &removed);
-                return all_ok([recorded, notified.map_err(Into::into), Err(e.into())]);
+                return all_ok([recorded, notified.map_err(Into::into), Err(e)]);
             }
         };
         if outcome == DeleteOutcome::NotFound {

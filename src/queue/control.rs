@@ -596,6 +596,11 @@ impl Spool {
                 match self.delete(m.id()) {
                     Ok(outcome) => Some(outcome),
                     Err(e) => {
+                        // Gone all the same when a step after its unlink failed (see
+                        // `queue delete` in main.rs): the relay hears of it too.
+                        if !self.contains(m.id()) {
+                            removed.push(m.envelope.id.clone());
+                        }
                         failure = Some(e);
                         break;
                     }
