@@ -418,34 +418,72 @@ fn queued_message(tag: &str) -> (Sink, Relay, String) {
     (sink, relay, id)
 }
 
+/// Whether the audit log of `relay` has a `queue delete` that removed `id`.
+fn audited_delete(relay: &Relay, id: &str) -> bool {
+    audit_summary(&audit_entries(&relay.spool))
+        .iter()
+        .any(|(command, _, affected)| {
+            *command == "queue delete"
+                && affected
+                    .as_array()
+                    .is_some_and(|a| a.iter().any(|x| *x == id))
+        })
+}
+
 #[test]
-fn a_queue_delete_whose_removal_fails_says_so() {
-    // `queue delete` removes in its own process (Spool::remove: unlink the message, its state,
-    // fsync queue/), so FAILPOINTS is given to the command.
-    for (step, message_left) in [
-        ("spool.remove.unlink", true),
-        ("spool.remove.state", false),
-        ("spool.remove.dir_fsync", false),
+fn a_queue_delete_whose_removal_fails_says_so_and_records_what_it_removed() {
+    // `queue delete` removes in its own process (Spool::remove: unlink the message, then its
+    // state, then fsync queue/), so FAILPOINTS is given to the command. Unlinking the message
+    // is the deletion: a failure before it changes nothing (run again, it works); a failure
+    // after it leaves the message deleted, and then the command says so, records it in the
+    // audit log and tells the relay, which logs the removal, all with the queue id (DESIGN
+    // invariant 2), besides failing (exit 1) with the error.
+    for (step, deleted) in [
+        ("spool.remove.unlink", false),
+        ("spool.remove.state", true),
+        ("spool.remove.dir_fsync", true),
     ] {
-        let (_sink, relay, id) = queued_message("delete-me");
+        let (sink, mut relay, id) = queued_message("delete-me");
         let state = format!("{id}.state");
         assert_eq!(names(&relay, "queue"), vec![id.clone(), state.clone()]);
         let fp = format!("{step}=1*return(eio)");
         let out = relay.command_env(&["queue", "delete", &id], &[("FAILPOINTS", &fp)]);
         assert_eq!(out.status.code(), Some(1), "{step}: {}", show(&out));
         let stderr = String::from_utf8_lossy(&out.stderr);
-        assert!(stderr.contains(EIO), "{step}: {}", show(&out));
-        let left = names(&relay, "queue");
-        assert_eq!(left.contains(&id), message_left, "{step}: {left:?}");
-        // Run again without the failpoint: deleted (or already gone), and nothing left.
-        let again = relay.command(&["queue", "delete", &id]);
-        if message_left {
+        assert!(
+            stderr.starts_with("portcullis: ") && stderr.contains(EIO),
+            "{step}: {}",
+            show(&out)
+        );
+        let said_deleted = stderr.contains(&format!("{id} was deleted, but not cleanly"));
+        assert_eq!(said_deleted, deleted, "{step}: {}", show(&out));
+        assert_eq!(names(&relay, "queue").contains(&id), !deleted, "{step}");
+        assert_eq!(audited_delete(&relay, &id), deleted, "{step}");
+        if !deleted {
+            let again = relay.command(&["queue", "delete", &id]);
             assert_eq!(again.status.code(), Some(0), "{step}: {}", show(&again));
+            assert!(audited_delete(&relay, &id), "{step}");
+        }
+        assert_line(
+            &relay,
+            &[&format!("queue_id={id}"), "removed by an operator"],
+        );
+        // What is left: nothing, or (its state's unlink failed) an orphan state, removed by
+        // recovery at the next start.
+        let orphan = step == "spool.remove.state";
+        let expected = if orphan {
+            vec![state.clone()]
+        } else {
+            Vec::new()
+        };
+        assert_eq!(names(&relay, "queue"), expected, "{step}");
+        if orphan {
+            relay.restart();
+            assert_eq!(names(&relay, "queue"), Vec::<String>::new(), "{step}");
         }
         assert!(
-            wait_until(WAIT, || names(&relay, "queue").iter().all(|n| *n == state)),
-            "{step}: {:?}",
-            names(&relay, "queue")
+            sink.messages().is_empty(),
+            "{step}: a deleted message was delivered"
         );
     }
 }
