@@ -470,10 +470,13 @@ impl<C: Courier> Recorder<'_, C> {
                         })
                         .await;
                         match recorded {
-                            // NotFound: the message file went and a later step failed; only
-                            // its state is left, an orphan that recovery removes.
-                            Ok(()) | Err(SpoolError::NotFound(_)) => {
+                            Ok(()) => {
                                 error!(queue_id = %id, error = %e, "cannot remove a finished message; recorded as finished, its removal is tried again")
+                            }
+                            // The message file went and a later step failed: only its state
+                            // is left, an orphan that recovery removes at the next start.
+                            Err(SpoolError::NotFound(_)) => {
+                                error!(queue_id = %id, error = %e, "cannot remove a finished message's state; left to recovery at the next start")
                             }
                             Err(again) => {
                                 error!(queue_id = %id, error = %e, state_error = %again, "cannot remove a finished message nor record it finished; it may be delivered again")
