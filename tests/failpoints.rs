@@ -147,106 +147,71 @@ enum At {
     Dot,
 }
 
-/// One row of the commit matrix.
-struct CommitCase {
-    /// The `FAILPOINTS` value.
-    failpoints: &'static str,
-    at: At,
-    code: u16,
-    enhanced: &'static str,
-    /// The `rule` of the refusal's log line.
-    rule: &'static str,
-    /// How the error prints in the log.
-    errno: &'static str,
-}
-
-const fn case(
-    failpoints: &'static str,
-    at: At,
-    eio: bool,
-    rule_if_eio: &'static str,
-) -> CommitCase {
-    if eio {
-        CommitCase {
-            failpoints,
-            at,
-            code: 451,
-            enhanced: "4.3.0",
-            rule: rule_if_eio,
-            errno: EIO,
-        }
-    } else {
-        CommitCase {
-            failpoints,
-            at,
-            code: 452,
-            enhanced: "4.3.1",
-            rule: "min_free_space",
-            errno: ENOSPC,
-        }
-    }
-}
-
-/// Every step of a message being received and committed, failed once with `EIO` and once
-/// with `ENOSPC`. `spool.write` is met first while the spool file is created at `DATA` (its
-/// header: 4 writes, then our `Received:`, 1 more), then for the message octets: the sixth hit
-/// (`5*off->`) is the first write of the message itself.
-const COMMIT_CASES: &[CommitCase] = &[
-    case("spool.write=1*return(eio)", At::Data, true, "spool_create"),
-    case("spool.write=1*return(enospc)", At::Data, false, ""),
-    case(
-        "spool.write=5*off->1*return(eio)",
+/// Every step of a message being received and committed: the step and when it fires (the
+/// action follows), where the client is answered, the rule of the refusal when the error is
+/// `EIO`, and the failing operation as the error names it (`spool OP PATH: …`).
+///
+/// `spool.write` is met first while the spool file is created at `DATA` (its header: 4
+/// writes, then our `Received:`, 1 more), then for the message octets: its sixth hit
+/// (`5*off->`) is the first write of the message itself. `spool.commit.reply` comes after the
+/// directory fsync, before the `250`: the relay handles it as a failed directory fsync.
+const COMMIT_STEPS: &[(&str, At, &str, &str)] = &[
+    ("spool.write=1*", At::Data, "spool_create", "spool write"),
+    (
+        "spool.write=5*off->1*",
         At::Dot,
-        true,
         "spool_write",
+        "spool write",
     ),
-    case("spool.write=5*off->1*return(enospc)", At::Dot, false, ""),
-    case(
-        "spool.commit.write=1*return(eio)",
+    (
+        "spool.commit.write=1*",
         At::Dot,
-        true,
         "spool_commit",
+        "spool write",
     ),
-    case("spool.commit.write=1*return(enospc)", At::Dot, false, ""),
-    case(
-        "spool.commit.fsync=1*return(eio)",
+    (
+        "spool.commit.fsync=1*",
         At::Dot,
-        true,
         "spool_commit",
+        "spool fsync",
     ),
-    case("spool.commit.fsync=1*return(enospc)", At::Dot, false, ""),
-    case(
-        "spool.commit.rename=1*return(eio)",
+    (
+        "spool.commit.rename=1*",
         At::Dot,
-        true,
         "spool_commit",
+        "spool rename",
     ),
-    case("spool.commit.rename=1*return(enospc)", At::Dot, false, ""),
-    case(
-        "spool.commit.dir_fsync=1*return(eio)",
+    (
+        "spool.commit.dir_fsync=1*",
         At::Dot,
-        true,
         "spool_commit",
+        "spool fsync",
     ),
-    case(
-        "spool.commit.dir_fsync=1*return(enospc)",
+    (
+        "spool.commit.reply=1*",
         At::Dot,
-        false,
-        "",
-    ),
-    case(
-        "spool.commit.reply=1*return(eio)",
-        At::Dot,
-        true,
         "spool_commit",
+        "spool commit",
     ),
-    case("spool.commit.reply=1*return(enospc)", At::Dot, false, ""),
 ];
 
-/// One row: the refusal, exactly, at its command; a log line naming the rule and the error;
-/// nothing in `queue/` or `tmp/`; then the same session's next message is taken and
-/// delivered once, intact, and the refused one never.
-fn commit_fails_once(case: &CommitCase) {
+/// One row of the commit matrix: `failpoints` (the `FAILPOINTS` value) answered at `at` with
+/// `code enhanced` under `rule`, the error `errno` of the operation `op` logged.
+struct CommitCase<'a> {
+    failpoints: &'a str,
+    at: At,
+    code: u16,
+    enhanced: &'a str,
+    rule: &'a str,
+    op: &'a str,
+    errno: &'a str,
+}
+
+/// One row: the refusal, exactly, at its command; a log line naming the failing operation and
+/// the error, and the refusal's line naming the rule and the reply; nothing in `queue/` or
+/// `tmp/`; then the same session's next message is taken and delivered once, intact, and the
+/// refused one never.
+fn commit_fails_once(case: &CommitCase<'_>) {
     let sink = Sink::start(SinkConfig::default());
     let relay = relay(sink.port(), "1s", case.failpoints);
     let name = case.failpoints;
@@ -269,9 +234,10 @@ fn commit_fails_once(case: &CommitCase) {
         relay.log()
     );
     assert_reply(&reply, case.code, case.enhanced);
-    // The refusal's own line names the rule; the error line names what failed.
-    assert_line(&relay, &[&format!("rule=\"{}\"", case.rule)]);
-    assert_line(&relay, &[case.errno]);
+    assert_line(&relay, &["error=", &format!("{} ", case.op), case.errno]);
+    let rule = format!("rule=\"{}\"", case.rule);
+    let replied = format!("reply={} {} ", case.code, case.enhanced);
+    assert_line(&relay, &["rejected", &rule, &replied]);
     assert_eq!(names(&relay, "queue"), Vec::<String>::new(), "{name}");
     assert_eq!(names(&relay, "tmp"), Vec::<String>::new(), "{name}");
     // The session goes on: the next message is taken and delivered, once, intact. A `451`
@@ -290,8 +256,23 @@ fn commit_fails_once(case: &CommitCase) {
 
 #[test]
 fn a_failing_commit_step_gets_the_exact_temporary_reply_and_loses_no_session() {
-    for case in COMMIT_CASES {
-        commit_fails_once(case);
+    for &(step, at, rule, op) in COMMIT_STEPS {
+        // A failing disk: try again later; a full one: insufficient storage (RFC 3463 4.3.1),
+        // whatever the operation that met it.
+        for (code, enhanced, rule, action, errno) in [
+            (451, "4.3.0", rule, "return(eio)", EIO),
+            (452, "4.3.1", "min_free_space", "return(enospc)", ENOSPC),
+        ] {
+            commit_fails_once(&CommitCase {
+                failpoints: &format!("{step}{action}"),
+                at,
+                code,
+                enhanced,
+                rule,
+                op,
+                errno,
+            });
+        }
     }
 }
 
@@ -348,7 +329,7 @@ fn a_delivered_message_whose_unlink_fails_is_removed_later_not_sent_again() {
         &relay,
         &[
             &format!("queue_id={id}"),
-            "cannot remove a finished message",
+            "cannot remove a finished message; recorded as finished",
             EIO,
         ],
     );
@@ -377,13 +358,16 @@ fn a_delivered_message_whose_state_unlink_fails_leaves_an_orphan_removed_at_rest
     });
     let mut relay = relay(sink.port(), "1s", "spool.remove.state=1*return(eio)");
     let id = send_one(&relay, "orphan");
-    assert_line(&relay, &[&format!("queue_id={id}"), "deferred"]);
+    assert_line(
+        &relay,
+        &[&format!("queue_id={id}"), "deferred", "pending=1"],
+    );
     sink.set_config(SinkConfig::default());
     assert_line(
         &relay,
         &[
             &format!("queue_id={id}"),
-            "cannot remove a finished message",
+            "cannot remove a finished message's state; left to recovery",
             EIO,
         ],
     );
