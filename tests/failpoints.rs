@@ -348,6 +348,48 @@ fn a_delivered_message_whose_unlink_fails_is_removed_later_not_sent_again() {
 }
 
 #[test]
+fn a_delivered_message_whose_unlink_fails_is_not_sent_again_after_a_restart() {
+    // As above, but the removal is tried again only in an hour, and the relay is killed and
+    // started again (without the failpoint) first: the leftover's state says no recipient is
+    // pending, so recovery's attempt removes it without sending it.
+    let sink = Sink::start(SinkConfig::default());
+    let mut relay = relay(sink.port(), "1h", "spool.remove.unlink=1*return(eio)");
+    let id = send_one(&relay, "once");
+    assert_line(&relay, &[&format!("queue_id={id}"), "recorded as finished"]);
+    assert_eq!(
+        names(&relay, "queue"),
+        vec![id.clone(), format!("{id}.state")]
+    );
+    relay.kill9();
+    relay.restart_env(&[]);
+    assert_delivered(&relay, &sink, &[("once", 1)]);
+    assert_eq!(names(&relay, "queue"), Vec::<String>::new());
+}
+
+#[test]
+fn a_delivered_message_neither_removed_nor_recorded_finished_is_delivered_again() {
+    // The removal fails and so does the state write that would record it finished (the
+    // same failing disk): the next attempt finds it pending and sends it again. The one
+    // duplicate invariant 1 allows (at-least-once), said in the log; then it leaves.
+    let sink = Sink::start(SinkConfig::default());
+    let relay = relay(
+        sink.port(),
+        "1s",
+        "spool.remove.unlink=1*return(eio);spool.state.write=1*return(eio)",
+    );
+    let id = send_one(&relay, "twice");
+    assert_line(
+        &relay,
+        &[
+            &format!("queue_id={id}"),
+            "nor record it finished; it may be delivered again",
+            EIO,
+        ],
+    );
+    assert_delivered(&relay, &sink, &[("twice", 2)]);
+}
+
+#[test]
 fn a_delivered_message_whose_state_unlink_fails_leaves_an_orphan_removed_at_restart() {
     // Deferred once (so it has a state file), then delivered; the message file goes, its
     // state's unlink fails: an orphan state, which the next attempt (message not found) leaves

@@ -455,6 +455,16 @@ impl Relay {
         self.spawn();
     }
 
+    /// [`Relay::restart`] with `env` instead of the environment it was started with (e.g. a
+    /// start without the `FAILPOINTS` of the first).
+    pub fn restart_env(&mut self, env: &[(&str, &str)]) {
+        self.env = env
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        self.restart();
+    }
+
     /// The relay's temporary directory.
     pub fn dir(&self) -> &TestDir {
         &self.dir
