@@ -477,7 +477,7 @@ fn main() -> ExitCode {
                 eprintln!("portcullis: {app}");
                 return ExitCode::from(if app.is_config() { 2 } else { 1 });
             }
-            eprintln!("portcullis: {e:#}");
+            eprintln!("portcullis: {}", error_text(&e));
             if e.downcast_ref::<UsageError>().is_some() {
                 ExitCode::from(2)
             } else {
@@ -485,6 +485,26 @@ fn main() -> ExitCode {
             }
         }
     }
+}
+
+/// `error` and its causes, as `{:#}` prints them (`context: error: cause`), but without a
+/// cause its parent already ends with: the spool's I/O errors name their `io::Error` in their
+/// own text and as their source, which `{:#}` printed twice (`…: Input/output error (os
+/// error 5): Input/output error (os error 5)`).
+fn error_text(error: &anyhow::Error) -> String {
+    let mut text = String::new();
+    let mut parent = String::new();
+    for cause in error.chain() {
+        let this = cause.to_string();
+        if !parent.ends_with(&this) {
+            if !text.is_empty() {
+                text.push_str(": ");
+            }
+            text.push_str(&this);
+        }
+        parent = this;
+    }
+    text
 }
 
 fn dispatch(cli: Cli) -> anyhow::Result<()> {
@@ -1737,7 +1757,7 @@ fn all_ok(results: impl IntoIterator<Item = anyhow::Result<()>>) -> anyhow::Resu
         if let Err(e) = result
             && let Err(earlier) = std::mem::replace(&mut last, Err(e))
         {
-            eprintln!("portcullis: {earlier:#}");
+            eprintln!("portcullis: {}", error_text(&earlier));
         }
     }
     last
