@@ -615,36 +615,33 @@ fn start_expecting_exit(relay: &Relay, failpoints: &str) -> Output {
     child.wait_with_output().unwrap()
 }
 
-/// A queued message and a leftover that startup recovery must remove (`leftover` writes it
-/// into the spool); the relay started with `step` failing refuses to start, naming the file,
-/// and changes nothing; started without, it removes the leftover and delivers the message.
-fn recovery_fails_once(step: &str, leftover: impl Fn(&Path, &str) -> String) {
-    let (sink, mut relay, id) = queued_message("recovered");
-    relay.kill9();
-    let path = leftover(&relay.spool, &id);
-    let before: Vec<(String, Vec<u8>)> = names(&relay, "queue")
-        .into_iter()
+/// The files in `spool/queue/` with their bytes.
+fn queue_contents(relay: &Relay) -> Vec<(String, Vec<u8>)> {
+    (names(relay, "queue").into_iter())
         .map(|n| {
             let bytes = fs::read(relay.spool.join("queue").join(&n)).unwrap();
             (n, bytes)
         })
-        .collect();
+        .collect()
+}
+
+/// A queued message and a leftover that startup recovery must remove (`crash` makes it and
+/// stops the relay, as a crash would; the leftover's path): the relay started with `step`
+/// failing refuses to start (exit 1), naming the file and the error, and changes nothing in
+/// `queue/`; started without, it removes the leftover and delivers the message, once.
+fn recovery_fails_once(step: &str, crash: impl FnOnce(&mut Relay, &str) -> String) {
+    let (sink, mut relay, id) = queued_message("recovered");
+    let path = crash(&mut relay, &id);
+    let before = queue_contents(&relay);
     let out = start_expecting_exit(&relay, &format!("{step}=1*return(eio)"));
     assert_eq!(out.status.code(), Some(1), "{step}: {}", show(&out));
     let stderr = String::from_utf8_lossy(&out.stderr);
+    let said = format!("portcullis: spool: spool unlink {path}: Input/output error {EIO}");
+    assert!(stderr.contains(&said), "{step}: {}", show(&out));
     assert!(
-        stderr.contains(&path) && stderr.contains(EIO),
-        "{step}: {}",
-        show(&out)
+        before == queue_contents(&relay),
+        "{step}: the queue changed"
     );
-    let after: Vec<(String, Vec<u8>)> = names(&relay, "queue")
-        .into_iter()
-        .map(|n| {
-            let bytes = fs::read(relay.spool.join("queue").join(&n)).unwrap();
-            (n, bytes)
-        })
-        .collect();
-    assert!(before == after, "{step}: the queue changed");
     assert!(Path::new(&path).exists(), "{step}: {path} removed");
     common::queue::accept(&sink);
     relay.restart();
@@ -659,16 +656,26 @@ fn recovery_fails_once(step: &str, leftover: impl Fn(&Path, &str) -> String) {
 
 #[test]
 fn a_failing_recovery_refuses_to_start_and_the_next_start_recovers() {
-    // A message cut short mid-DATA by a crash: its file in tmp/.
-    recovery_fails_once("recover.tmp", |spool, _| {
-        let path = spool.join("tmp/0000000000000001");
-        fs::write(&path, b"PORTCULLIS-SPOOL 1\n{\"id\":").unwrap();
-        path.display().to_string()
+    // A message cut short mid-DATA by a crash: its file in tmp/ (created at DATA), never
+    // delivered.
+    recovery_fails_once("recover.tmp", |relay, _| {
+        let mut c = SmtpClient::greeted(relay.port(0));
+        c.expect("MAIL FROM:<a@example.org>", 250);
+        c.expect("RCPT TO:<b@example.com>", 250);
+        c.expect("DATA", 354);
+        c.send_raw(b"Subject: cut\r\n\r\nhalf a mess");
+        assert!(wait_until(WAIT, || names(relay, "tmp").len() == 1));
+        relay.kill9();
+        let name = &names(relay, "tmp")[0];
+        relay.spool.join("tmp").join(name).display().to_string()
     });
-    // The state of a message no longer queued (its removal was cut short by a crash).
-    recovery_fails_once("recover.orphan", |spool, _| {
-        let path = spool.join("queue/0000000000000001.state");
-        fs::write(&path, b"{}").unwrap();
+    // The state of a message no longer queued (its removal cut short by a crash), here a copy
+    // of the queued message's own.
+    recovery_fails_once("recover.orphan", |relay, id| {
+        relay.kill9();
+        let queue = relay.spool.join("queue");
+        let path = queue.join("0000000000000001.state");
+        fs::copy(queue.join(format!("{id}.state")), &path).unwrap();
         path.display().to_string()
     });
 }
