@@ -16,7 +16,8 @@
 //! process kills itself exactly there: the commit's write, fsync, rename and directory fsync
 //! and the moment before its `250`; the replacement of a delivery state; a message's removal;
 //! right after the upstream's reply to the final dot; inside a `queue` command (`queue retry`,
-//! `queue delete`, which run as their own process); during the startup recovery. The first
+//! `hold`, `release` and `delete`, which run as their own process); during the startup
+//! recovery. The first
 //! rounds take every step once, so every run of at least that many rounds hits each of them;
 //! a step a round did not reach fails the test. The run ends with a life without a crash that
 //! delivers everything still queued, and every acknowledged message must then have arrived.
@@ -53,11 +54,13 @@ const STEP_DEADLINE: Duration = Duration::from_secs(4);
 /// How long the relay may take to listen after its start.
 const START_LIMIT: Duration = Duration::from_secs(10);
 /// How long the last life may take to deliver what is left.
-const DRAIN_LIMIT: Duration = Duration::from_secs(60);
+const DRAIN_LIMIT: Duration = Duration::from_secs(120);
 /// One line of a message body: 60 octets with its CRLF.
 const LINE: usize = 60;
 /// Lines of a 1 MB message.
 const BIG_LINES: usize = 17_000;
+/// The envelope sender of every message the clients send.
+const SENDER: &str = "load@example.org";
 /// An orphan delivery state planted for the `recover.orphan` step (its message never existed).
 const ORPHAN_STATE: &str = "0000000000000000.state";
 
@@ -137,7 +140,8 @@ impl Plan {
         };
         let upstream = match end {
             End::Step(step) if step.starts_with("spool.state.") => Upstream::Defers,
-            End::Step("spool.remove.dir_fsync") => Upstream::Defers,
+            // Mail stays queued for the commands to act on.
+            End::Step(step) if matches!(where_of(step), Where::Command) => Upstream::Defers,
             End::Step("spool.remove.state") => Upstream::DefersThenAccepts,
             End::Step("deliver.after_dot" | "spool.remove.unlink") => Upstream::Accepts,
             _ => [
@@ -459,23 +463,45 @@ impl Run {
 
     /// Run the `queue` command that reaches `step`, armed to crash there.
     fn run_command(&mut self, step: &'static str, plan: &Plan, log: &Path) {
-        let mut cmd = Command::new(BIN);
-        if step == "spool.remove.dir_fsync" {
-            let (id, tag) = self
-                .wait_for_queued()
-                .unwrap_or_else(|| panic!("nothing queued to delete:\n{}", read(log)));
+        // The control-file steps take each command that writes one in turn, starting with a
+        // different one each, so that a run of `STEPS.len()` rounds has all three.
+        let position = STEPS.iter().position(|s| *s == step).unwrap_or_default();
+        let turn = (self.hits.get(step).copied().unwrap_or_default() + position) % 3;
+        // A command with nothing to act on writes nothing: wait for mail in the queue.
+        let (id, tag) = self
+            .wait_for_queued()
+            .unwrap_or_else(|| panic!("nothing queued for the command:\n{}", read(log)));
+        let args: Vec<String> = if step == "spool.remove.dir_fsync" {
             self.ledger.sent().entry(tag).or_default().deleted = true;
-            cmd.args(["queue", "delete", &id]);
+            vec!["delete".into(), id]
         } else {
-            cmd.args(["queue", "retry", "--all"]);
-        }
-        let out = cmd
-            .arg("--config")
-            .arg(&self.config)
-            .env("FAILPOINTS", plan.failpoints().unwrap_or_default())
-            .output()
-            .expect("spawn portcullis queue");
+            let verb = ["retry", "hold", "release"][turn];
+            match verb {
+                "retry" => vec![verb.into(), "--all".into()],
+                _ => vec![verb.into(), "--from".into(), SENDER.into()],
+            }
+        };
+        let out = self.queue_command(&args, plan.failpoints().as_deref());
         self.expect_crash(step, out.status, &String::from_utf8_lossy(&out.stderr));
+        if args[0] == "hold" {
+            // A hold that landed despite the crash (it did when only the directory fsync was
+            // cut short) would keep the mail queued for good: undone, as an operator would.
+            let out = self.queue_command(&["release".into(), "--from".into(), SENDER.into()], None);
+            assert!(out.status.success(), "queue release: {}", show(&out));
+        }
+    }
+
+    /// `portcullis queue ARGS` on the relay's policy, with `failpoints` armed.
+    fn queue_command(&self, args: &[String], failpoints: Option<&str>) -> std::process::Output {
+        let mut cmd = Command::new(BIN);
+        cmd.arg("queue")
+            .args(args)
+            .arg("--config")
+            .arg(&self.config);
+        if let Some(failpoints) = failpoints {
+            cmd.env("FAILPOINTS", failpoints);
+        }
+        cmd.output().expect("spawn portcullis queue")
     }
 
     /// A message in `queue/` (id, tag), waited for up to 3 s.
@@ -576,12 +602,17 @@ impl Run {
             .start(None, &log)
             .unwrap_or_else(|status| panic!("{status}:\n{}", read(&log)));
         let emptied = wait_until(DRAIN_LIMIT, || message_files(&self.spool).is_empty());
+        let left = if emptied {
+            String::new()
+        } else {
+            show(&self.queue_command(&["list".into()], None))
+        };
         // SAFETY: kill(2) on our own child has no memory-safety preconditions.
         unsafe { libc::kill(child.id() as libc::pid_t, libc::SIGTERM) };
         let _ = child.wait();
         assert!(
             emptied,
-            "the queue did not empty within {DRAIN_LIMIT:?}:\n{}",
+            "the queue did not empty within {DRAIN_LIMIT:?}:\n{}\nqueue list:\n{left}",
             read(&log)
         );
         self.check(life);
@@ -697,7 +728,7 @@ fn load(
                 ledger.sent().insert(tag.clone(), Sent::default());
                 let to: Vec<String> = (0..rcpts).map(|i| format!("u{i}@example.com")).collect();
                 let to: Vec<&str> = to.iter().map(String::as_str).collect();
-                let (code, text) = c.send_message("load@example.org", &to, &message(&tag, lines));
+                let (code, text) = c.send_message(SENDER, &to, &message(&tag, lines));
                 match code {
                     250 => ledger.sent().get_mut(&tag).expect("recorded").acknowledged = true,
                     400..=499 => break,
