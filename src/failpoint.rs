@@ -51,6 +51,8 @@ pub const STEPS: &[&str] = &[
     "control.write",
     "control.rename",
     "control.dir_fsync",
+    // The relay took requests from control/ (there were some) and has acted on none yet.
+    "control.take",
     // Startup recovery (queue::recover): before each file it changes.
     "recover.tmp",
     "recover.orphan",

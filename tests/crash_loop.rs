@@ -16,8 +16,8 @@
 //! process kills itself exactly there: the commit's write, fsync, rename and directory fsync
 //! and the moment before its `250`; the replacement of a delivery state; a message's removal;
 //! right after the upstream's reply to the final dot; inside a `queue` command (`queue retry`,
-//! `hold`, `release` and `delete`, which run as their own process); during the startup
-//! recovery. The first
+//! `hold`, `release` and `delete`, which run as their own process); when the relay has taken a
+//! `queue hold` and not yet recorded it; during the startup recovery. The first
 //! rounds take every step once, so every run of at least that many rounds hits each of them;
 //! a step a round did not reach fails the test. The run ends with a life without a crash that
 //! delivers everything still queued, and every acknowledged message must then have arrived.
@@ -52,7 +52,7 @@ const CLIENTS: usize = 4;
 /// then (and fails the run).
 const STEP_DEADLINE: Duration = Duration::from_secs(4);
 /// How long the relay may take to listen after its start.
-const START_LIMIT: Duration = Duration::from_secs(10);
+const START_LIMIT: Duration = Duration::from_secs(30);
 /// How long the last life may take to deliver what is left.
 const DRAIN_LIMIT: Duration = Duration::from_secs(120);
 /// One line of a message body: 60 octets with its CRLF.
@@ -141,7 +141,9 @@ impl Plan {
         let upstream = match end {
             End::Step(step) if step.starts_with("spool.state.") => Upstream::Defers,
             // Mail stays queued for the commands to act on.
-            End::Step(step) if matches!(where_of(step), Where::Command) => Upstream::Defers,
+            End::Step(step) if matches!(where_of(step), Where::Command | Where::Taking) => {
+                Upstream::Defers
+            }
             End::Step("spool.remove.state") => Upstream::DefersThenAccepts,
             End::Step("deliver.after_dot" | "spool.remove.unlink") => Upstream::Accepts,
             _ => [
@@ -200,11 +202,15 @@ enum Where {
     Recovery,
     /// In a `queue` command run during the load.
     Command,
+    /// In the relay, once it takes the request of a `queue` command run during the load.
+    Taking,
 }
 
 fn where_of(step: &str) -> Where {
     if step.starts_with("recover.") {
         Where::Recovery
+    } else if step == "control.take" {
+        Where::Taking
     } else if step.starts_with("control.") || step == "spool.remove.dir_fsync" {
         // `queue retry` writes a control file; `queue delete` removes with a directory fsync
         // (the relay's own removals of delivered mail leave that fsync to the next commit).
@@ -304,7 +310,7 @@ impl Run {
                 self.plant(step.unwrap_or_default());
                 plan.failpoints()
             }
-            Some(Where::Relay) => plan.failpoints(),
+            Some(Where::Relay | Where::Taking) => plan.failpoints(),
             Some(Where::Command) | None => None,
         };
         let log = self.dir.join(format!("relay-{round}.log"));
@@ -363,6 +369,14 @@ impl Run {
                     assert!(wait_exit(&mut child, after).is_none(), "{}", read(&log));
                     "command crashed"
                 } else {
+                    let taking = matches!(where_of(step), Where::Taking);
+                    if taking {
+                        // A hold for the relay to take; it dies before recording it.
+                        self.wait_for_queued()
+                            .unwrap_or_else(|| panic!("nothing queued to hold:\n{}", read(&log)));
+                        let out = self.queue_command(&hold_args("hold"), None);
+                        assert!(out.status.success(), "queue hold: {}", show(&out));
+                    }
                     let switch = matches!(plan.upstream, Upstream::DefersThenAccepts);
                     let status = self.wait_for_step(&mut child, listening, switch);
                     let status = status.unwrap_or_else(|| {
@@ -372,6 +386,11 @@ impl Run {
                         )
                     });
                     self.expect_crash(step, status, &read(&log));
+                    if taking {
+                        // The next life applies the hold it did not record, then this.
+                        let out = self.queue_command(&hold_args("release"), None);
+                        assert!(out.status.success(), "queue release: {}", show(&out));
+                    }
                     "crashed"
                 }
             }
@@ -475,10 +494,9 @@ impl Run {
             self.ledger.sent().entry(tag).or_default().deleted = true;
             vec!["delete".into(), id]
         } else {
-            let verb = ["retry", "hold", "release"][turn];
-            match verb {
-                "retry" => vec![verb.into(), "--all".into()],
-                _ => vec![verb.into(), "--from".into(), SENDER.into()],
+            match ["retry", "hold", "release"][turn] {
+                "retry" => vec!["retry".into(), "--all".into()],
+                verb => hold_args(verb),
             }
         };
         let out = self.queue_command(&args, plan.failpoints().as_deref());
@@ -486,7 +504,7 @@ impl Run {
         if args[0] == "hold" {
             // A hold that landed despite the crash (it did when only the directory fsync was
             // cut short) would keep the mail queued for good: undone, as an operator would.
-            let out = self.queue_command(&["release".into(), "--from".into(), SENDER.into()], None);
+            let out = self.queue_command(&hold_args("release"), None);
             assert!(out.status.success(), "queue release: {}", show(&out));
         }
     }
@@ -665,6 +683,11 @@ impl Run {
             }
         }
     }
+}
+
+/// `queue hold` or `queue release` (`verb`) of every message the clients send.
+fn hold_args(verb: &str) -> Vec<String> {
+    vec![verb.into(), "--from".into(), SENDER.into()]
 }
 
 /// The sink's configuration for `upstream`.

@@ -318,18 +318,18 @@ fn a_failing_state_write_is_logged_and_the_message_still_delivered_once() {
 }
 
 #[test]
-fn a_hold_whose_state_cannot_be_recorded_is_logged_and_can_be_asked_again() {
+fn a_hold_whose_state_cannot_be_recorded_is_logged_and_recorded_at_the_next_pass() {
     // The other writer of delivery states: the relay recording an operator's hold (the
     // batched form, one directory fsync for many). The first hit of each step is the state of
     // the deferral, the second the hold's. The relay logs the failure with the queue id and
-    // keeps the message as it was; asked again, the hold is recorded; released, the message
-    // is delivered once. When only the directory fsync failed, the held state is already
-    // renamed in (not durable): `queue list` shows it held and a second hold is skipped.
-    for (step, held_anyway) in [
-        ("spool.state.write", false),
-        ("spool.state.fsync", false),
-        ("spool.state.rename", false),
-        ("spool.state.dir_fsync", true),
+    // keeps the message as it was; the request, still in control/ (it is unlinked only once
+    // recorded), is read again at the next pass and the hold recorded, without asking twice;
+    // released, the message is delivered once.
+    for step in [
+        "spool.state.write",
+        "spool.state.fsync",
+        "spool.state.rename",
+        "spool.state.dir_fsync",
     ] {
         let sink = common::queue::refusing_sink();
         let relay = relay(sink.port(), "1h", &format!("{step}=1*off->1*return(eio)"));
@@ -344,17 +344,55 @@ fn a_hold_whose_state_cannot_be_recorded_is_logged_and_can_be_asked_again() {
             &relay,
             &[&format!("queue_id={id}"), "cannot record the hold", EIO],
         );
-        let state = if held_anyway { "held" } else { "queued" };
-        assert_eq!(common::queue::listed(&relay)[&id]["state"], state, "{step}");
-        let again = relay.command(&["queue", "hold", &id]);
-        assert_eq!(again.status.code(), Some(0), "{step}: {}", show(&again));
-        let skipped = String::from_utf8_lossy(&again.stdout).contains("already held");
-        assert_eq!(skipped, held_anyway, "{step}: {}", show(&again));
         common::queue::wait_state(&relay, &[&id], "held");
+        assert!(
+            wait_until(WAIT, || names(&relay, "control").is_empty()),
+            "{step}: the hold request is not unlinked once recorded: {:?}",
+            names(&relay, "control")
+        );
         common::queue::accept(&sink);
         let out = relay.command(&["queue", "release", &id]);
         assert_eq!(out.status.code(), Some(0), "{step}: {}", show(&out));
         assert_delivered(&relay, &sink, &[("held", 1)]);
+    }
+}
+
+#[test]
+fn a_hold_the_relay_took_but_did_not_record_is_not_lost() {
+    // Taking the requests of control/ and recording a hold are two steps; between them the
+    // relay may fail to read on (EIO) or die (a crash). The request file stays until the
+    // hold is recorded: read again at the next pass, or at the next start.
+    for (failpoints, crash) in [
+        ("control.take=1*return(eio)", false),
+        ("control.take=return(crash)", true),
+    ] {
+        let (sink, mut relay, id) = queued_message_with("queued", failpoints);
+        let out = relay.command(&["queue", "hold", &id]);
+        assert_eq!(out.status.code(), Some(0), "{failpoints}: {}", show(&out));
+        if crash {
+            let status = relay
+                .wait_exit(WAIT)
+                .expect("the relay crashed at control.take");
+            assert_eq!(
+                std::os::unix::process::ExitStatusExt::signal(&status),
+                Some(libc::SIGKILL),
+                "{failpoints}"
+            );
+            assert_log(&relay, "failpoint control.take: crash");
+            relay.restart_env(&[]);
+        } else {
+            assert_line(&relay, &["cannot read queue control requests", EIO]);
+        }
+        common::queue::wait_state(&relay, &[&id], "held");
+        assert!(
+            wait_until(WAIT, || names(&relay, "control").is_empty()),
+            "{failpoints}: {:?}",
+            names(&relay, "control")
+        );
+        common::queue::accept(&sink);
+        let out = relay.command(&["queue", "release", &id]);
+        assert_eq!(out.status.code(), Some(0), "{failpoints}: {}", show(&out));
+        assert_delivered(&relay, &sink, &[("queued", 1)]);
     }
 }
 
@@ -474,8 +512,13 @@ fn a_delivered_message_whose_state_unlink_fails_leaves_an_orphan_removed_at_rest
 
 /// A message kept queued: the upstream refuses MAIL, the retry interval is an hour.
 fn queued_message(tag: &str) -> (Sink, Relay, String) {
+    queued_message_with(tag, "")
+}
+
+/// [`queued_message`] on a relay armed with `failpoints`.
+fn queued_message_with(tag: &str, failpoints: &str) -> (Sink, Relay, String) {
     let sink = common::queue::refusing_sink();
-    let relay = relay(sink.port(), "1h", "");
+    let relay = relay(sink.port(), "1h", failpoints);
     let id = send_one(&relay, tag);
     // The line after its state is written.
     assert_line(

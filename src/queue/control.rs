@@ -13,7 +13,10 @@
 //! lists `control/`, unlinks each file, and only then returns the requests to act on. Acting
 //! after the unlink is what makes the protocol lossless: a request renamed in between the
 //! listing and the unlink is consumed, but the action that follows covers it too. Names it does
-//! not understand are removed with a warning (nothing but requests belongs there).
+//! not understand are removed with a warning (nothing but requests belongs there). Batches
+//! of holds are the exception: they stay until their holds are recorded (see [`super::hold`]),
+//! since a lost retry only waits for the next scheduled attempt but a lost hold sends mail an
+//! operator stopped.
 //! [`Spool::request_holds`] asks to hold or release messages with files that list them
 //! (`holds.SEQ.NONCE`, read as removal notices are, below), numbered under a lock so that the
 //! last asked wins for a message whatever order the relay reads them in; the relay's queue
@@ -76,10 +79,12 @@
 //! the file is closed, so a crash leaves nothing stale behind, and the handshake costs two
 //! system calls on an already open file (no file is created or removed per message).
 
+use std::collections::HashSet;
 use std::fs::{self, File};
 use std::io;
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::MetadataExt;
+use std::path::PathBuf;
 
 use super::{QueuedMessage, Spool, SpoolError, create_new, exact_id, give_to, hold, sync_dir};
 use crate::envelope::{Address, QueueId, ReversePath};
@@ -158,9 +163,15 @@ pub enum Request {
     /// their upstream.
     Retry(RetryTarget),
     /// Hold (true: not delivered, bounced or expired until released) or release (false: due
-    /// now) each of these messages, in the order asked: when a message is named more than
-    /// once, the last wins (see [`super::hold`]).
-    Holds(Vec<(QueueId, bool)>),
+    /// now) each message of `asks`, in the order asked: when a message is named more than
+    /// once, the last wins (see [`super::hold`]). `files` are the `holds.SEQ.NONCE` files
+    /// they were read from, in `SEQ` order, still in `control/`: unlink them with
+    /// [`Spool::finish_holds`] once every ask is recorded, so that a crash before that finds
+    /// them again at the next start.
+    Holds {
+        asks: Vec<(QueueId, bool)>,
+        files: Vec<PathBuf>,
+    },
     /// A `queue delete` or `queue purge` removed these messages.
     Removed(Vec<Removal>),
     /// `queue restore` put these messages back into `queue/` (sorted, no duplicates): load
@@ -464,7 +475,10 @@ impl Spool {
     }
 
     /// Consume the pending operator requests: each file in `control/` is read and unlinked
-    /// before this returns, so act on every request returned. Retries are merged into at
+    /// before this returns, so act on every request returned; except the batches of holds
+    /// (`holds.SEQ.NONCE`), which stay until [`Spool::finish_holds`] (a crash between taking
+    /// and recording a hold must not lose it), and are not read again while their path is in
+    /// `applied` (the files taken and applied already by this process). Retries are merged into at
     /// most one [`Request::Retry`] (first); then the holds and releases, merged into at most
     /// one [`Request::Holds`] in the order they were asked (those of an earlier version's
     /// `hold.ID`/`release.ID` first, then each `holds.SEQ.NONCE` by `SEQ`); then removal
@@ -472,7 +486,7 @@ impl Spool {
     /// into one [`Request::Restore`]; adoptions last, merged into one [`Request::Adopted`]. Unknown names are removed with a warning, and so is a
     /// file with contents (a notice, a batch of holds) the relay's user did not write
     /// (unread). Blocking.
-    pub fn take_requests(&self) -> Result<Vec<Request>, SpoolError> {
+    pub fn take_requests(&self, applied: &HashSet<PathBuf>) -> Result<Vec<Request>, SpoolError> {
         let dir = &self.inner.control;
         let mut entries: Vec<fs::DirEntry> = fs::read_dir(dir)
             .map_err(SpoolError::io("readdir", dir))?
@@ -483,10 +497,22 @@ impl Spool {
         for entry in entries {
             let path = entry.path();
             let parsed = entry.file_name().to_str().and_then(parse_request);
+            if let Some(Parsed::Holds(seq)) = parsed {
+                // Left in place until its holds are recorded (Spool::finish_holds); read
+                // once per start.
+                if !applied.contains(&path) {
+                    match self.open_contents(&path) {
+                        Some(contents) => taken.add(Parsed::Holds(seq), Some(contents), &path),
+                        // Not the relay's: removed unread.
+                        None => _ = take_file(&entry)?,
+                    }
+                }
+                continue;
+            }
             // A file with contents is opened before its unlink and read after it (see the
             // module docs).
             let contents = match parsed {
-                Some(Parsed::Removed | Parsed::Holds(_)) => self.open_contents(&path),
+                Some(Parsed::Removed) => self.open_contents(&path),
                 _ => None,
             };
             if !take_file(&entry)? {
@@ -500,7 +526,27 @@ impl Spool {
                 }
             }
         }
-        Ok(taken.into_requests())
+        let requests = taken.into_requests();
+        if !requests.is_empty() {
+            failpoint::step("control.take").map_err(SpoolError::io("read", dir))?;
+        }
+        Ok(requests)
+    }
+
+    /// Unlink the `holds.SEQ.NONCE` files of [`Request::Holds`] once their holds are
+    /// recorded, oldest first, each unlink made durable (`control/` fsynced) before the next:
+    /// a crash leaves the newest ones, which the next start applies again, in order (a hold
+    /// or release asked twice is the same). Blocking.
+    pub fn finish_holds(&self, files: &[PathBuf]) -> Result<(), SpoolError> {
+        for file in files {
+            match fs::remove_file(file) {
+                Err(e) if e.kind() != io::ErrorKind::NotFound => {
+                    return Err(SpoolError::io("unlink", file)(e));
+                }
+                _ => self.sync_control()?,
+            }
+        }
+        Ok(())
     }
 
     /// Tell the relay that `ids` were removed `how`, now (see the module docs): one notice
@@ -626,6 +672,9 @@ impl Spool {
     }
 }
 
+/// One `holds.SEQ.NONCE` file: its `SEQ`, its requests and its path.
+type HoldBatch = (u64, Vec<(QueueId, bool)>, PathBuf);
+
 /// The requests of one pass of [`Spool::take_requests`], as they are taken.
 #[derive(Default)]
 struct Taken {
@@ -634,8 +683,8 @@ struct Taken {
     retries: Vec<QueueId>,
     /// `hold.ID` (true) and `release.ID` (false) of an earlier version, in name order.
     legacy_holds: Vec<(QueueId, bool)>,
-    /// Each `holds.SEQ.NONCE`: its `SEQ` and its requests.
-    hold_batches: Vec<(u64, Vec<(QueueId, bool)>)>,
+    /// Each `holds.SEQ.NONCE`, left in `control/`.
+    hold_batches: Vec<HoldBatch>,
     removed: Vec<Request>,
     restores: Vec<QueueId>,
     adopted: Vec<(QueueId, QueueId)>,
@@ -653,7 +702,8 @@ impl Taken {
             }
             Parsed::Holds(seq) => {
                 if let Some(file) = contents {
-                    self.hold_batches.push((seq, hold::read_batch(file, path)));
+                    let asks = hold::read_batch(file, path);
+                    self.hold_batches.push((seq, asks, path.to_path_buf()));
                 }
             }
             Parsed::RetryAll => self.all = true,
@@ -675,9 +725,15 @@ impl Taken {
         };
         // Stable: two batches with one sequence number (possible only if one was written
         // without the lock) keep their name order.
-        self.hold_batches.sort_by_key(|(seq, _)| *seq);
-        let mut holds = self.legacy_holds;
-        holds.extend(self.hold_batches.into_iter().flat_map(|(_, asks)| asks));
+        self.hold_batches.sort_by_key(|(seq, _, _)| *seq);
+        let mut asks = self.legacy_holds;
+        let mut files = Vec::with_capacity(self.hold_batches.len());
+        for (_, batch, path) in self.hold_batches {
+            asks.extend(batch);
+            files.push(path);
+        }
+        let holds =
+            (!asks.is_empty() || !files.is_empty()).then_some(Request::Holds { asks, files });
         self.restores.sort();
         self.restores.dedup();
         // Last: a removal notice read in the same pass is older than the restore.
@@ -688,7 +744,7 @@ impl Taken {
         retry
             .map(Request::Retry)
             .into_iter()
-            .chain((!holds.is_empty()).then_some(Request::Holds(holds)))
+            .chain(holds)
             .chain(self.removed)
             .chain(restore)
             .chain(adopted)
@@ -741,7 +797,7 @@ mod tests {
     /// Every removal the pending requests list, in order.
     fn removals(spool: &Spool) -> Vec<Removal> {
         let mut out = Vec::new();
-        for request in spool.take_requests().unwrap() {
+        for request in spool.take_requests(&Default::default()).unwrap() {
             match request {
                 Request::Removed(list) => out.extend(list),
                 other => panic!("not a removal: {other:?}"),
@@ -771,7 +827,7 @@ mod tests {
         assert_eq!(purged, ids.iter().collect::<Vec<_>>());
         assert!(got.iter().all(|r| r.at_ms >= before));
         assert_eq!(fs::read_dir(&control).unwrap().count(), 0);
-        assert!(spool.take_requests().unwrap().is_empty());
+        assert!(spool.take_requests(&Default::default()).unwrap().is_empty());
     }
 
     #[test]
@@ -800,7 +856,7 @@ mod tests {
         fs::write(&path, format!("delete {id} 1\n")).unwrap();
         fs::set_permissions(&path, fs::Permissions::from_mode(0o620)).unwrap();
         fs::write(control.join("removed."), format!("delete {id} 1\n")).unwrap();
-        assert!(spool.take_requests().unwrap().is_empty());
+        assert!(spool.take_requests(&Default::default()).unwrap().is_empty());
         assert_eq!(fs::read_dir(&control).unwrap().count(), 0);
     }
 }
@@ -835,7 +891,7 @@ mod adopted_tests {
         let mut pairs = vec![(a.clone(), a), (b, c.clone())];
         pairs.sort();
         assert_eq!(
-            spool.take_requests().unwrap(),
+            spool.take_requests(&Default::default()).unwrap(),
             [Request::Restore(vec![c]), Request::Adopted(pairs)]
         );
         assert_eq!(fs::read_dir(&control).unwrap().count(), 0);

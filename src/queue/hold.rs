@@ -8,8 +8,13 @@
 //! a line `hold ID` or `release ID` per message, written as a removal notice is (made in
 //! `tmp/`, fsynced, given to the relay's user, renamed into `control/`, the directory fsynced
 //! before the command returns, so a request made while the relay is stopped survives a crash
-//! until its next start) and read the same way ([`Spool::take_requests`]: opened, unlinked,
-//! then read through the open descriptor, so it is acted on once).
+//! until its next start). Unlike every other request, the relay leaves a batch in `control/`
+//! after reading it ([`Spool::take_requests`]) until every hold it asks for is recorded, then
+//! unlinks it ([`Spool::finish_holds`]): a relay that dies between taking a hold and recording
+//! it (or cannot record it) finds the file again, at its next start (or pass), and applies it
+//! again, with every later batch, in order. Asking twice for the same hold changes nothing,
+//! so applying a batch again is harmless; the running relay does not read a batch it took
+//! twice.
 //!
 //! The last asked wins for a message, whatever order the relay reads the files in: `SEQ` (20
 //! zero-padded digits) orders them. A writer takes an exclusive `flock(2)` on the `control/`
@@ -22,7 +27,7 @@
 //! lock, so that writer numbers above it; one the writer does not see was unlinked, so a pass
 //! had listed it before, and that pass cannot take the new file (renamed in after the
 //! writer's listing): it is applied first. So numbering may start again at 1 once the relay
-//! has taken every file. `NONCE` (process id, a counter and the time) keeps names unique, so
+//! has recorded (and unlinked) every file. `NONCE` (process id, a counter and the time) keeps names unique, so
 //! the file the relay reads is the one it unlinked. [`Spool::pending_holds`] reads the pending
 //! files in the same order, for `queue hold|release` to count as done what is already asked.
 //!
@@ -358,10 +363,13 @@ mod tests {
         names
     }
 
-    /// The asks of the one [`Request::Holds`] the pending requests make.
+    /// The asks of the one [`Request::Holds`] the pending requests make; its files finished.
     fn take_holds(spool: &Spool) -> Vec<(QueueId, bool)> {
-        match spool.take_requests().unwrap().as_slice() {
-            [Request::Holds(asks)] => asks.clone(),
+        match spool.take_requests(&Default::default()).unwrap().as_slice() {
+            [Request::Holds { asks, files }] => {
+                spool.finish_holds(files).unwrap();
+                asks.clone()
+            }
             other => panic!("not one Holds: {other:?}"),
         }
     }
@@ -384,7 +392,7 @@ mod tests {
         let want: Vec<(QueueId, bool)> = ids.iter().map(|id| (id.clone(), true)).collect();
         assert_eq!(take_holds(&spool), want);
         assert!(control_names(&spool).is_empty());
-        assert!(spool.take_requests().unwrap().is_empty());
+        assert!(spool.take_requests(&Default::default()).unwrap().is_empty());
         assert!(spool.pending_holds().unwrap().is_empty());
         let tmp = fs::read_dir(dir.path().join("spool/tmp")).unwrap().count();
         assert_eq!(tmp, 0);
@@ -484,7 +492,11 @@ mod tests {
             HashMap::from([(id.clone(), false)])
         );
         assert_eq!(take_holds(&spool), want);
-        assert!(control_names(&spool).is_empty());
+        assert!(
+            control_names(&spool).is_empty(),
+            "{:?}",
+            control_names(&spool)
+        );
     }
 
     fn queue(spool: &Spool, n: usize) -> Vec<QueueId> {

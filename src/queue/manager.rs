@@ -32,6 +32,7 @@
 //! ([`AttemptEnd::Suspended`]). Resuming a login releases nothing: an operator does.
 
 use std::collections::{BTreeSet, HashMap, HashSet};
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -128,6 +129,10 @@ pub struct Manager<C: Courier> {
     /// Messages to hold (true) or release (false) once their attempt in flight ends: the
     /// last such request wins.
     hold_when_done: HashMap<QueueId, (bool, &'static str)>,
+    /// The `holds.SEQ.NONCE` files whose holds this manager took and has not recorded in
+    /// full yet, oldest first: left in `control/` (a crash finds them again at the next start)
+    /// and not read again, until [`Manager::finish_hold_files`] unlinks them.
+    hold_files: Vec<PathBuf>,
     /// A message just received, in memory, until the next dispatch: used if it starts at
     /// once, dropped otherwise (it is read from the spool when its turn comes), so this holds
     /// at most one message's bytes and open file.
@@ -175,6 +180,7 @@ impl<C: Courier> Manager<C> {
             busy: HashSet::new(),
             retry_when_done: HashSet::new(),
             hold_when_done: HashMap::new(),
+            hold_files: Vec::new(),
             fresh: None,
             telemetry: Arc::new(Telemetry::new("")),
             census: Census::default(),
@@ -294,7 +300,9 @@ impl<C: Courier> Manager<C> {
                         "cannot read a held message's envelope for the census"),
                 }
             }
-            return self.hold_all(vec![(new.id, true)], SUSPENDED_REASON).await;
+            // A failure is retried by the containment's own schedule (SUSPENDED_HOLD_RETRY).
+            self.hold_all(vec![(new.id, true)], SUSPENDED_REASON).await;
+            return;
         }
         self.schedule(new.id.clone(), 0);
         self.fresh = new.loaded.map(|loaded| (new.id, loaded));
@@ -394,7 +402,13 @@ impl<C: Courier> Manager<C> {
         match schedule::after_attempt(ended.end, retry, asked.map(|(hold, _)| hold)) {
             AfterAttempt::Nothing => {}
             AfterAttempt::Due(at) => self.schedule(ended.id.clone(), at),
-            AfterAttempt::Hold(hold) => self.hold_all(vec![(ended.id.clone(), hold)], reason).await,
+            AfterAttempt::Hold(hold) => {
+                let recorded = self.hold_all(vec![(ended.id.clone(), hold)], reason).await;
+                if !recorded && reason == HOLD_REASON {
+                    // Read the operator's requests again, in order, at the next pass.
+                    self.hold_files.clear();
+                }
+            }
         }
         if restored {
             self.restored(vec![ended.id], &HashMap::new()).await;
@@ -405,8 +419,8 @@ impl<C: Courier> Manager<C> {
     /// recorded in their states together ([`Spool::record_holds`]: one directory fsync for
     /// all). A message being attempted is held or released when its attempt ends (its outcome
     /// is recorded first); a released one is due now; a release of a message not held keeps
-    /// its schedule.
-    async fn hold_all(&mut self, asks: Vec<(QueueId, bool)>, reason: &'static str) {
+    /// its schedule. False when a hold or release could not be recorded (logged).
+    async fn hold_all(&mut self, asks: Vec<(QueueId, bool)>, reason: &'static str) -> bool {
         let mut last: HashMap<QueueId, bool> = HashMap::with_capacity(asks.len());
         let mut order = Vec::with_capacity(asks.len());
         for (id, hold) in asks {
@@ -430,7 +444,7 @@ impl<C: Courier> Manager<C> {
             todo.push((id, hold));
         }
         if todo.is_empty() {
-            return;
+            return true;
         }
         let now = self.clock.now();
         let asks = todo.clone();
@@ -449,19 +463,38 @@ impl<C: Courier> Manager<C> {
                 todo.iter().map(failed).collect()
             }
         };
+        let mut recorded = true;
         for (((id, _), due), result) in todo.into_iter().zip(was_due).zip(results) {
-            self.settle_hold(id, due, result, reason);
+            recorded &= self.settle_hold(id, due, result, reason);
+        }
+        recorded
+    }
+
+    /// Unlink the operator's hold files once every hold they asked for is recorded (none
+    /// waits for an attempt to end); on failure they stay, and this is tried again at the
+    /// next pass.
+    async fn finish_hold_files(&mut self) {
+        let waiting = self.hold_when_done.values().any(|(_, r)| *r == HOLD_REASON);
+        if self.hold_files.is_empty() || waiting {
+            return;
+        }
+        let files = std::mem::take(&mut self.hold_files);
+        let finished = files.clone();
+        if let Err(e) = on_spool(&self.spool, move |s| s.finish_holds(&finished)).await {
+            warn!(error = %e, "cannot remove hold requests already recorded; tried again");
+            self.hold_files = files;
         }
     }
 
-    /// Follow up one message of [`Manager::hold_all`]: census, journal, schedule.
+    /// Follow up one message of [`Manager::hold_all`]: census, journal, schedule. False when
+    /// its hold could not be recorded.
     fn settle_hold(
         &mut self,
         id: QueueId,
         was_due: Option<u64>,
         result: Result<HoldChange, SpoolError>,
         reason: &'static str,
-    ) {
+    ) -> bool {
         match result {
             Ok(HoldChange {
                 was: false,
@@ -495,13 +528,16 @@ impl<C: Courier> Manager<C> {
                 // Its attempts find the login suspended and send nothing; not a loop meanwhile.
                 let retry = self.clock.now() + SUSPENDED_HOLD_RETRY.as_secs();
                 self.schedule(id, was_due.unwrap_or(0).max(retry));
+                return false;
             }
             Err(e) => {
-                error!(queue_id = %id, error = %e, "cannot record the hold; the message stays as it was");
+                error!(queue_id = %id, error = %e, "cannot record the hold; the message stays as it was, and the request is read again");
                 // As it was: due when it was (an attempt finds a held message held).
                 self.schedule(id, was_due.unwrap_or(0));
+                return false;
             }
         }
+        true
     }
 
     /// Put `id` in the schedule, due at `at` (Unix seconds; 0 = now). A message being
@@ -653,14 +689,15 @@ impl<C: Courier> Manager<C> {
     async fn control(&mut self) {
         self.courier.load().upkeep();
         self.publish();
-        let requests = match on_spool(&self.spool, |s| s.take_requests()).await {
+        let applied: HashSet<PathBuf> = self.hold_files.iter().cloned().collect();
+        let requests = match on_spool(&self.spool, move |s| s.take_requests(&applied)).await {
             Ok(r) => r,
             Err(e) => {
                 warn!(error = %e, "cannot read queue control requests");
                 return;
             }
         };
-        let mut holds = Vec::new();
+        let (mut holds, mut hold_files) = (Vec::new(), Vec::new());
         for request in requests {
             match request {
                 Request::Retry(RetryTarget::All) => {
@@ -677,7 +714,10 @@ impl<C: Courier> Manager<C> {
                         self.retry(id).await;
                     }
                 }
-                Request::Holds(asks) => holds.extend(asks),
+                Request::Holds { asks, files } => {
+                    holds.extend(asks);
+                    hold_files.extend(files);
+                }
                 Request::Removed(removals) => self.removed(removals).await,
                 Request::Restore(ids) => self.restored(ids, &HashMap::new()).await,
                 Request::Adopted(pairs) => {
@@ -687,9 +727,14 @@ impl<C: Courier> Manager<C> {
                 }
             }
         }
-        if !holds.is_empty() {
-            self.hold_all(holds, HOLD_REASON).await;
+        // Taken first, so that none is read again while an attempt it waits for runs.
+        self.hold_files.extend(hold_files);
+        if !holds.is_empty() && !self.hold_all(holds, HOLD_REASON).await {
+            // Read every file not yet unlinked again, in order, at the next pass: asking
+            // again what was recorded changes nothing, and the last ask still wins.
+            self.hold_files.clear();
         }
+        self.finish_hold_files().await;
         if self.clock.now_millis() >= self.sweep_at_ms {
             self.sweep_quarantine().await;
         }

@@ -12,7 +12,7 @@ use tokio_util::task::TaskTracker;
 
 use super::Committed;
 use super::attempt::{Consignment, Courier, MessageBytes};
-use super::manager::{Clock, Manager};
+use super::manager::{CONTROL_INTERVAL, Clock, Manager};
 use super::schedule::{AttemptReport, FailedRcpt, RcptResult};
 use super::{DeliveryState, PurgeFilter, RemovedHow, RetryTarget, Spool};
 use crate::config;
@@ -243,7 +243,8 @@ impl Harness {
         panic!("{id} never left the queue");
     }
 
-    /// Wait until the manager has taken every request in `control/`.
+    /// Wait until `control/` is empty: the manager has taken every request (and recorded
+    /// every hold).
     async fn requests_taken(&self) {
         let control = self.spool.root().join("control");
         for _ in 0..1000 {
@@ -505,11 +506,14 @@ async fn a_hold_requested_during_an_attempt_holds_the_message_when_it_ends() {
     let id = h.queue(&["a@example.com"], None);
     h.next_sent().await;
     h.spool.request_hold(&id, true).unwrap();
-    // The manager takes the request while the attempt is still in flight.
-    h.requests_taken().await;
+    // The manager takes the request while the attempt is still in flight: three control
+    // passes of paused time. The request file stays until the hold is recorded.
+    tokio::time::sleep(CONTROL_INTERVAL * 3).await;
+    assert_eq!(h.spool.pending_holds().unwrap().len(), 1);
     gate.add_permits(10);
     h.state_until(&id, |s| s.hold.is_some() && s.attempts == 1)
         .await;
+    h.requests_taken().await;
     // Past its retry time (60 s): a message queued now is the next one attempted.
     tokio::time::sleep(Duration::from_secs(120)).await;
     *h.courier.answer.lock().unwrap() = Answer::Deliver;
@@ -670,7 +674,12 @@ async fn a_removal_notice_is_counted_once_and_empties_the_upstreams_gauges() {
         h.events(EventKind::Purged)[0].id.as_deref(),
         Some(b.as_str())
     );
-    assert!(h.spool.take_requests().unwrap().is_empty());
+    assert!(
+        h.spool
+            .take_requests(&Default::default())
+            .unwrap()
+            .is_empty()
+    );
 }
 
 #[tokio::test(start_paused = true)]

@@ -592,13 +592,27 @@ fn hold_and_release_requests_follow_the_merged_retry_in_the_order_asked() {
     // An earlier version's request: taken before the numbered ones, which came after it.
     fs::write(control.join(format!("release.{c}")), b"").unwrap();
     spool.request_hold(&c, true).unwrap();
+    let requests = spool.take_requests(&Default::default()).unwrap();
+    let Some(Request::Holds { files, .. }) = requests.get(1) else {
+        panic!("no holds: {requests:?}");
+    };
+    assert_eq!(files.len(), 3, "the numbered files, left in control/");
     assert_eq!(
-        spool.take_requests().unwrap(),
+        requests,
         [
             Request::Retry(RetryTarget::Ids(vec![b.clone()])),
-            Request::Holds(vec![(c.clone(), false), (b, false), (a, true), (c, true)]),
+            Request::Holds {
+                asks: vec![(c.clone(), false), (b, false), (a, true), (c, true)],
+                files: files.clone()
+            },
         ]
     );
+    // The hold files stay until their holds are recorded; taken already, they are not read
+    // again; finished, they are gone.
+    assert_eq!(names(&control).len(), 3);
+    let applied: std::collections::HashSet<_> = files.iter().cloned().collect();
+    assert!(spool.take_requests(&applied).unwrap().is_empty());
+    spool.finish_holds(files).unwrap();
     assert!(names(&control).is_empty());
 }
 
@@ -624,16 +638,16 @@ fn retry_requests_are_merged_consumed_once_and_junk_is_removed() {
     let mut want = vec![a.clone(), b.clone()];
     want.sort();
     assert_eq!(
-        spool.take_requests().unwrap(),
+        spool.take_requests(&Default::default()).unwrap(),
         [Request::Retry(RetryTarget::Ids(want))]
     );
     assert!(names(&control).is_empty(), "requests and junk are consumed");
-    assert!(spool.take_requests().unwrap().is_empty());
+    assert!(spool.take_requests(&Default::default()).unwrap().is_empty());
 
     spool.request_retry(&RetryTarget::Ids(vec![a])).unwrap();
     spool.request_retry(&RetryTarget::All).unwrap();
     assert_eq!(
-        spool.take_requests().unwrap(),
+        spool.take_requests(&Default::default()).unwrap(),
         [Request::Retry(RetryTarget::All)]
     );
     assert!(names(&control).is_empty());

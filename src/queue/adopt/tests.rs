@@ -63,7 +63,7 @@ fn told(spool: &Spool) -> Vec<QueueId> {
 /// (id here, id there) of each message the relay is asked to load, sorted.
 fn told_pairs(spool: &Spool) -> Vec<(QueueId, QueueId)> {
     let mut pairs = Vec::new();
-    for request in spool.take_requests().unwrap() {
+    for request in spool.take_requests(&Default::default()).unwrap() {
         match request {
             Request::Adopted(list) => pairs.extend(list),
             other => panic!("not an adoption: {other:?}"),

@@ -317,7 +317,7 @@ fn restore_requests_are_merged_and_come_after_the_removal_notices_read_with_them
     spool
         .notify_removed(RemovedHow::Quarantine, std::slice::from_ref(&a))
         .unwrap();
-    let requests = spool.take_requests().unwrap();
+    let requests = spool.take_requests(&Default::default()).unwrap();
     assert_eq!(requests.len(), 2, "{requests:?}");
     match &requests[0] {
         Request::Removed(list) => {
