@@ -410,7 +410,7 @@ impl Run {
 
     /// Start a life of the relay (appending to `log`): the child once it listens, or how it
     /// exited before.
-    fn start(&self, failpoints: Option<&str>, log: &Path) -> Result<Child, ExitStatus> {
+    fn start(&self, failpoints: Option<&str>, log: &Path) -> Result<Life, ExitStatus> {
         let out = fs::File::create(log).expect("create the relay log");
         let mut cmd = Command::new(BIN);
         cmd.args(["run", "--config"])
@@ -424,7 +424,7 @@ impl Run {
         if let Some(failpoints) = failpoints {
             cmd.env("FAILPOINTS", failpoints);
         }
-        let mut child = cmd.spawn().expect("spawn portcullis run");
+        let mut child = Life(cmd.spawn().expect("spawn portcullis run"));
         let deadline = Instant::now() + START_LIMIT;
         loop {
             if let Some(status) = child.try_wait().expect("wait for the relay") {
@@ -463,7 +463,7 @@ impl Run {
     /// [`STEP_DEADLINE`]. With `switch`, the upstream starts accepting after 1.3 s.
     fn wait_for_step(
         &self,
-        child: &mut Child,
+        child: &mut Life,
         listening: Instant,
         mut switch: bool,
     ) -> Option<ExitStatus> {
@@ -849,8 +849,32 @@ fn message_files(spool: &Path) -> Vec<PathBuf> {
     files
 }
 
+/// A life of the relay: killed and reaped when dropped, a failing round included (the panic
+/// of a check must not leave a relay running).
+struct Life(Child);
+
+impl std::ops::Deref for Life {
+    type Target = Child;
+    fn deref(&self) -> &Child {
+        &self.0
+    }
+}
+
+impl std::ops::DerefMut for Life {
+    fn deref_mut(&mut self) -> &mut Child {
+        &mut self.0
+    }
+}
+
+impl Drop for Life {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
 /// Wait up to `limit` for `child` to exit; its status, or `None` if it still runs.
-fn wait_exit(child: &mut Child, limit: Duration) -> Option<ExitStatus> {
+fn wait_exit(child: &mut Life, limit: Duration) -> Option<ExitStatus> {
     let deadline = Instant::now() + limit;
     loop {
         if let Some(status) = child.try_wait().expect("wait for the relay") {
