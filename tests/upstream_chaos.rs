@@ -1,6 +1,7 @@
 //! An upstream that misbehaves, on loopback: it resets the connection at DATA, stalls after the
 //! final dot until the relay's timeout, answers `250` and then closes, loses its reply to the
-//! final dot, or flaps between up and down under load. Nothing acknowledged is lost; a message
+//! final dot, flaps between up and down under load, or goes away and comes back (its circuit
+//! breaker opens, mail waits, and is delivered once it returns). Nothing acknowledged is lost; a message
 //! reaches the upstream twice only when the cut came after its final dot (the relay cannot know
 //! the upstream took it), never otherwise; the relay retries by itself and its queue empties.
 
@@ -189,5 +190,43 @@ fn a_flapping_upstream_under_load_loses_nothing_and_duplicates_nothing() {
     let expected: BTreeMap<String, usize> = (0..4)
         .flat_map(|c| (0..15).map(move |m| (format!("c{c}-m{m:02}"), 1)))
         .collect();
+    assert_eq!(delivery_counts(&sink), expected, "{}", relay.log());
+}
+
+#[test]
+fn an_upstream_gone_opens_the_breaker_and_its_return_delivers_the_queue_once() {
+    // The upstream goes away (its port refuses connections): the breaker opens (logged
+    // rule=upstream_down), mail queued meanwhile waits for it without an attempt of its own
+    // reaching the upstream (`(circuit breaker)` as its last error), and once the upstream is
+    // back on its port the back-off (1 s) and the retry schedule (1 s) deliver everything,
+    // each message once, with no restart and no operator.
+    let sink = Sink::start(SinkConfig::default());
+    let port = sink.port();
+    let relay = relay(&sink);
+    sink.stop();
+    for i in 0..3 {
+        send(relay.port(0), "127.0.0.1", &format!("while-down-{i}"));
+    }
+    assert!(
+        relay.wait_for_fields(&[("rule", "upstream_down"), ("upstream", "up")], WAIT),
+        "{}",
+        relay.log()
+    );
+    let held_by_breaker = || {
+        common::queue::listed(&relay).values().any(|m| {
+            m["last_error"]
+                .as_str()
+                .is_some_and(|e| e.contains("(circuit breaker)"))
+        })
+    };
+    assert!(
+        wait_until(WAIT, held_by_breaker),
+        "no message deferred by the breaker: {:#?}",
+        common::queue::listed(&relay)
+    );
+    let sink = Sink::start_on(port, SinkConfig::default());
+    assert!(relay.wait_for_queue_len(0, WAIT), "{}", relay.log());
+    let expected: BTreeMap<String, usize> =
+        (0..3).map(|i| (format!("while-down-{i}"), 1)).collect();
     assert_eq!(delivery_counts(&sink), expected, "{}", relay.log());
 }
