@@ -165,12 +165,13 @@ pub enum Request {
     /// Hold (true: not delivered, bounced or expired until released) or release (false: due
     /// now) each message of `asks`, in the order asked: when a message is named more than
     /// once, the last wins (see [`super::hold`]). `files` are the `holds.SEQ.NONCE` files
-    /// they were read from, in `SEQ` order, still in `control/`: unlink them with
-    /// [`Spool::finish_holds`] once every ask is recorded, so that a crash before that finds
-    /// them again at the next start.
+    /// they were read from, in `SEQ` order, each with the number of asks it gave (the last
+    /// ones of `asks`; those before come from an earlier version's `hold.ID` and
+    /// `release.ID`), still in `control/`: unlink them with [`Spool::finish_holds`] once
+    /// their asks are recorded, so that a crash before that finds them again at the next start.
     Holds {
         asks: Vec<(QueueId, bool)>,
-        files: Vec<PathBuf>,
+        files: Vec<(PathBuf, usize)>,
     },
     /// A `queue delete` or `queue purge` removed these messages.
     Removed(Vec<Removal>),
@@ -494,17 +495,22 @@ impl Spool {
             .map_err(SpoolError::io("readdir", dir))?;
         entries.sort_by_key(fs::DirEntry::file_name);
         let mut taken = Taken::default();
+        // A batch of holds that cannot be opened now stops the later ones (in name order,
+        // which is SEQ order) for this pass: they are applied after it, never before.
+        let mut holds_blocked = false;
         for entry in entries {
             let path = entry.path();
             let parsed = entry.file_name().to_str().and_then(parse_request);
             if let Some(Parsed::Holds(seq)) = parsed {
                 // Left in place until its holds are recorded (Spool::finish_holds); read
                 // once per start.
-                if !applied.contains(&path) {
+                if !applied.contains(&path) && !holds_blocked {
                     match self.open_contents(&path) {
-                        Some(contents) => taken.add(Parsed::Holds(seq), Some(contents), &path),
-                        // Not the relay's: removed unread.
-                        None => _ = take_file(&entry)?,
+                        Ok(Some(contents)) => {
+                            taken.add(Parsed::Holds(seq), Some(contents), &path);
+                        }
+                        Ok(None) => _ = take_file(&entry)?,
+                        Err(()) => holds_blocked = true,
                     }
                 }
                 continue;
@@ -512,7 +518,10 @@ impl Spool {
             // A file with contents is opened before its unlink and read after it (see the
             // module docs).
             let contents = match parsed {
-                Some(Parsed::Removed) => self.open_contents(&path),
+                Some(Parsed::Removed) => match self.open_contents(&path) {
+                    Ok(contents) => contents,
+                    Err(()) => continue,
+                },
                 _ => None,
             };
             if !take_file(&entry)? {
@@ -526,27 +535,23 @@ impl Spool {
                 }
             }
         }
-        let requests = taken.into_requests();
-        if !requests.is_empty() {
-            failpoint::step("control.take").map_err(SpoolError::io("read", dir))?;
-        }
-        Ok(requests)
+        Ok(taken.into_requests())
     }
 
     /// Unlink the `holds.SEQ.NONCE` files of [`Request::Holds`] once their holds are
-    /// recorded, oldest first, each unlink made durable (`control/` fsynced) before the next:
-    /// a crash leaves the newest ones, which the next start applies again, in order (a hold
-    /// or release asked twice is the same). Blocking.
+    /// recorded, oldest first, then fsync `control/` once: a crash before that fsync may
+    /// leave some of them, which the next start applies again, in order. Stops at the first
+    /// failure: the files from there on stay. Blocking.
     pub fn finish_holds(&self, files: &[PathBuf]) -> Result<(), SpoolError> {
         for file in files {
             match fs::remove_file(file) {
                 Err(e) if e.kind() != io::ErrorKind::NotFound => {
                     return Err(SpoolError::io("unlink", file)(e));
                 }
-                _ => self.sync_control()?,
+                _ => {}
             }
         }
-        Ok(())
+        self.sync_control()
     }
 
     /// Tell the relay that `ids` were removed `how`, now (see the module docs): one notice
@@ -570,13 +575,18 @@ impl Spool {
 
     /// Open the request file (a removal notice, a batch of holds) at `path` if the relay's
     /// user wrote it (else it is removed unread, with a warning).
-    fn open_contents(&self, path: &std::path::Path) -> Option<File> {
+    /// `Ok(None)`: not the relay's, to be removed unread; `Err`: it cannot be opened now
+    /// (e.g. out of file descriptors), left for the next pass; both logged.
+    fn open_contents(&self, path: &std::path::Path) -> Result<Option<File>, ()> {
         match super::open_trusted(path, self.inner.owner.0, false) {
-            Ok(file) => Some(file),
-            Err(e) => {
-                let e = e.into_spool_error(path);
-                tracing::warn!(error = %e, "control file not read; removing it");
-                None
+            Ok(file) => Ok(Some(file)),
+            Err(super::Opened::Untrusted(reason)) => {
+                tracing::warn!(path = %path.display(), reason, "control file not written by the relay; removing it unread");
+                Ok(None)
+            }
+            Err(super::Opened::Io(e)) => {
+                tracing::warn!(path = %path.display(), error = %e, "cannot open a control file; tried again");
+                Err(())
             }
         }
     }
@@ -729,8 +739,8 @@ impl Taken {
         let mut asks = self.legacy_holds;
         let mut files = Vec::with_capacity(self.hold_batches.len());
         for (_, batch, path) in self.hold_batches {
+            files.push((path, batch.len()));
             asks.extend(batch);
-            files.push(path);
         }
         let holds =
             (!asks.is_empty() || !files.is_empty()).then_some(Request::Holds { asks, files });

@@ -32,9 +32,11 @@
 //! files in the same order, for `queue hold|release` to count as done what is already asked.
 //!
 //! The relay's queue manager records holds in `ID.state`, since it owns that file; at startup
-//! it does so before its first attempt. It still reads the `hold.ID` and `release.ID` files of
-//! an earlier version (one per message, empty), before the numbered ones: a command of this
-//! version came after them.
+//! it does so before its first attempt. One it cannot record is logged and asked again after
+//! `manager::HOLD_RETRY`, unless a later request names the message first; the file stays
+//! meanwhile. It still reads the `hold.ID` and `release.ID` files of an earlier version (one
+//! per message, empty), before the numbered ones: a command of this version came after them;
+//! those are unlinked when taken, as before.
 //!
 //! # Recording
 //!
@@ -209,10 +211,11 @@ impl Spool {
         Ok(last)
     }
 
-    /// The hold (true) and release (false) requests the relay has not taken yet, by message:
-    /// the last asked for each, in the order the relay applies them. A file the relay takes
-    /// meanwhile, or one it would not read (not written by its user), is left out. Read only:
-    /// nothing is removed. Blocking.
+    /// The hold (true) and release (false) requests the relay has not recorded yet (a batch
+    /// stays in `control/` until its holds are recorded), by message: the last asked for
+    /// each, in the order the relay applies them. A file the relay unlinks meanwhile, or one
+    /// it would not read (not written by its user), is left out. Read only: nothing is
+    /// removed. Blocking.
     pub fn pending_holds(&self) -> Result<HashMap<QueueId, bool>, SpoolError> {
         let dir = &self.inner.control;
         let mut out = HashMap::new();
@@ -278,19 +281,21 @@ impl Spool {
                     .collect()
             })
         };
-        let written = results
-            .iter()
-            .any(|r| r.as_ref().is_ok_and(|c| c.was != c.held));
         let synced = || {
             failpoint::step("spool.state.dir_fsync")
                 .map_err(SpoolError::io("fsync", &self.inner.queue))
                 .and_then(|()| sync_dir(&self.inner.queue))
         };
-        if written && let Err(e) = synced() {
-            // Not durable: report every change as failed (the manager keeps the message as it
-            // was; a crash may undo the renames, which is the same).
+        // Also when nothing was written: a state found as asked may be one an earlier call
+        // renamed in and could not make durable, and this call's success is what lets the
+        // request go (Spool::finish_holds).
+        if results.iter().any(Result::is_ok)
+            && let Err(e) = synced()
+        {
+            // Not durable: report every one as failed (the manager keeps the message as it
+            // was and asks again; a crash may undo the renames, which is the same).
             for r in &mut results {
-                if r.as_ref().is_ok_and(|c| c.was != c.held) {
+                if r.is_ok() {
                     *r = Err(clone_error(&e));
                 }
             }
@@ -367,7 +372,9 @@ mod tests {
     fn take_holds(spool: &Spool) -> Vec<(QueueId, bool)> {
         match spool.take_requests(&Default::default()).unwrap().as_slice() {
             [Request::Holds { asks, files }] => {
-                spool.finish_holds(files).unwrap();
+                spool
+                    .finish_holds(&files.iter().map(|(f, _)| f.clone()).collect::<Vec<_>>())
+                    .unwrap();
                 asks.clone()
             }
             other => panic!("not one Holds: {other:?}"),

@@ -31,7 +31,7 @@
 //! hand, a hold that could not be recorded), its attempt sends nothing and asks for the hold
 //! ([`AttemptEnd::Suspended`]). Resuming a login releases nothing: an operator does.
 
-use std::collections::{BTreeSet, HashMap, HashSet};
+use std::collections::{BTreeSet, HashMap, HashSet, VecDeque};
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -58,6 +58,10 @@ pub const HOLD_REASON: &str = "queue hold";
 
 /// Newly suspended logins' queued messages not held, with each one's login.
 type Found = Vec<(String, QueueId)>;
+
+/// How long after a failed record of an operator's hold or release it is asked again (a
+/// failing disk is logged once per message and interval, not at every pass).
+pub const HOLD_RETRY: Duration = Duration::from_secs(5);
 
 /// How long after a failed hold of a suspended login's message it is looked at again (its
 /// attempt then sends nothing and asks for the hold once more).
@@ -129,10 +133,15 @@ pub struct Manager<C: Courier> {
     /// Messages to hold (true) or release (false) once their attempt in flight ends: the
     /// last such request wins.
     hold_when_done: HashMap<QueueId, (bool, &'static str)>,
-    /// The `holds.SEQ.NONCE` files whose holds this manager took and has not recorded in
-    /// full yet, oldest first: left in `control/` (a crash finds them again at the next start)
-    /// and not read again, until [`Manager::finish_hold_files`] unlinks them.
-    hold_files: Vec<PathBuf>,
+    /// The `holds.SEQ.NONCE` files this manager took, oldest first, each with the messages
+    /// it names: left in `control/` (a crash finds them again at the next start) and not
+    /// read again, until [`Manager::finish_hold_files`] unlinks those whose holds are all
+    /// recorded.
+    hold_files: VecDeque<(PathBuf, Vec<QueueId>)>,
+    /// Operator holds (true) and releases that could not be recorded, asked again at
+    /// `hold_retry_at` (Unix seconds) unless a later request names the message first.
+    hold_retry: HashMap<QueueId, bool>,
+    hold_retry_at: u64,
     /// A message just received, in memory, until the next dispatch: used if it starts at
     /// once, dropped otherwise (it is read from the spool when its turn comes), so this holds
     /// at most one message's bytes and open file.
@@ -180,7 +189,9 @@ impl<C: Courier> Manager<C> {
             busy: HashSet::new(),
             retry_when_done: HashSet::new(),
             hold_when_done: HashMap::new(),
-            hold_files: Vec::new(),
+            hold_files: VecDeque::new(),
+            hold_retry: HashMap::new(),
+            hold_retry_at: 0,
             fresh: None,
             telemetry: Arc::new(Telemetry::new("")),
             census: Census::default(),
@@ -403,10 +414,9 @@ impl<C: Courier> Manager<C> {
             AfterAttempt::Nothing => {}
             AfterAttempt::Due(at) => self.schedule(ended.id.clone(), at),
             AfterAttempt::Hold(hold) => {
-                let recorded = self.hold_all(vec![(ended.id.clone(), hold)], reason).await;
-                if !recorded && reason == HOLD_REASON {
-                    // Read the operator's requests again, in order, at the next pass.
-                    self.hold_files.clear();
+                let failed = self.hold_all(vec![(ended.id.clone(), hold)], reason).await;
+                if reason == HOLD_REASON {
+                    self.retry_holds(failed);
                 }
             }
         }
@@ -419,8 +429,12 @@ impl<C: Courier> Manager<C> {
     /// recorded in their states together ([`Spool::record_holds`]: one directory fsync for
     /// all). A message being attempted is held or released when its attempt ends (its outcome
     /// is recorded first); a released one is due now; a release of a message not held keeps
-    /// its schedule. False when a hold or release could not be recorded (logged).
-    async fn hold_all(&mut self, asks: Vec<(QueueId, bool)>, reason: &'static str) -> bool {
+    /// its schedule. Returns the asks that could not be recorded (logged).
+    async fn hold_all(
+        &mut self,
+        asks: Vec<(QueueId, bool)>,
+        reason: &'static str,
+    ) -> Vec<(QueueId, bool)> {
         let mut last: HashMap<QueueId, bool> = HashMap::with_capacity(asks.len());
         let mut order = Vec::with_capacity(asks.len());
         for (id, hold) in asks {
@@ -444,7 +458,7 @@ impl<C: Courier> Manager<C> {
             todo.push((id, hold));
         }
         if todo.is_empty() {
-            return true;
+            return Vec::new();
         }
         let now = self.clock.now();
         let asks = todo.clone();
@@ -463,26 +477,75 @@ impl<C: Courier> Manager<C> {
                 todo.iter().map(failed).collect()
             }
         };
-        let mut recorded = true;
-        for (((id, _), due), result) in todo.into_iter().zip(was_due).zip(results) {
-            recorded &= self.settle_hold(id, due, result, reason);
+        let mut failed = Vec::new();
+        for (((id, hold), due), result) in todo.into_iter().zip(was_due).zip(results) {
+            if !self.settle_hold(id.clone(), due, result, reason) {
+                failed.push((id, hold));
+            }
         }
-        recorded
+        failed
     }
 
-    /// Unlink the operator's hold files once every hold they asked for is recorded (none
-    /// waits for an attempt to end); on failure they stay, and this is tried again at the
-    /// next pass.
+    /// Record the holds and releases of the operator's requests of this pass (`files`: their
+    /// files, with the messages each names), after those that could not be recorded before
+    /// (when due; a message a new request names is asked for as that request says, the last
+    /// ask winning), then unlink the files whose holds are all recorded.
+    async fn operator_holds(
+        &mut self,
+        holds: Vec<(QueueId, bool)>,
+        files: Vec<(PathBuf, Vec<QueueId>)>,
+    ) {
+        self.hold_files.extend(files);
+        for (id, _) in &holds {
+            self.hold_retry.remove(id);
+        }
+        let mut asks = Vec::new();
+        if !self.hold_retry.is_empty() && self.clock.now() >= self.hold_retry_at {
+            asks.extend(self.hold_retry.drain());
+        }
+        asks.extend(holds);
+        if !asks.is_empty() {
+            let failed = self.hold_all(asks, HOLD_REASON).await;
+            self.retry_holds(failed);
+        }
+        self.finish_hold_files().await;
+    }
+
+    /// Ask again, after [`HOLD_RETRY`], for the operator holds that could not be recorded
+    /// (their request files stay meanwhile).
+    fn retry_holds(&mut self, failed: Vec<(QueueId, bool)>) {
+        if !failed.is_empty() {
+            self.hold_retry.extend(failed);
+            self.hold_retry_at = self.clock.now() + HOLD_RETRY.as_secs();
+        }
+    }
+
+    /// Unlink the operator's hold files whose holds are all recorded (none waits for an
+    /// attempt to end or to be asked again), oldest first and stopping at the first that
+    /// waits, so that what a crash leaves is always the newest ones; on failure they stay, and
+    /// this is tried again at the next pass.
     async fn finish_hold_files(&mut self) {
-        let waiting = self.hold_when_done.values().any(|(_, r)| *r == HOLD_REASON);
-        if self.hold_files.is_empty() || waiting {
+        let waits =
+            |id: &QueueId| self.hold_when_done.contains_key(id) || self.hold_retry.contains_key(id);
+        let ready = self
+            .hold_files
+            .iter()
+            .take_while(|(_, ids)| !ids.iter().any(waits))
+            .count();
+        if ready == 0 {
             return;
         }
-        let files = std::mem::take(&mut self.hold_files);
-        let finished = files.clone();
-        if let Err(e) = on_spool(&self.spool, move |s| s.finish_holds(&finished)).await {
-            warn!(error = %e, "cannot remove hold requests already recorded; tried again");
-            self.hold_files = files;
+        let files: Vec<PathBuf> = self
+            .hold_files
+            .iter()
+            .take(ready)
+            .map(|(f, _)| f.clone())
+            .collect();
+        match on_spool(&self.spool, move |s| s.finish_holds(&files)).await {
+            Ok(()) => drop(self.hold_files.drain(..ready)),
+            Err(e) => {
+                warn!(error = %e, "cannot remove hold requests already recorded; tried again")
+            }
         }
     }
 
@@ -689,7 +752,7 @@ impl<C: Courier> Manager<C> {
     async fn control(&mut self) {
         self.courier.load().upkeep();
         self.publish();
-        let applied: HashSet<PathBuf> = self.hold_files.iter().cloned().collect();
+        let applied: HashSet<PathBuf> = self.hold_files.iter().map(|(f, _)| f.clone()).collect();
         let requests = match on_spool(&self.spool, move |s| s.take_requests(&applied)).await {
             Ok(r) => r,
             Err(e) => {
@@ -697,6 +760,10 @@ impl<C: Courier> Manager<C> {
                 return;
             }
         };
+        if !requests.is_empty() {
+            // A crash point only: taken, none acted on.
+            let _ = crate::failpoint::step("control.take");
+        }
         let (mut holds, mut hold_files) = (Vec::new(), Vec::new());
         for request in requests {
             match request {
@@ -715,8 +782,14 @@ impl<C: Courier> Manager<C> {
                     }
                 }
                 Request::Holds { asks, files } => {
+                    // Each file's asks are the last ones, in order.
+                    let mut at = asks.len() - files.iter().map(|(_, n)| n).sum::<usize>();
+                    for (file, n) in files {
+                        let ids = asks[at..at + n].iter().map(|(id, _)| id.clone()).collect();
+                        hold_files.push((file, ids));
+                        at += n;
+                    }
                     holds.extend(asks);
-                    hold_files.extend(files);
                 }
                 Request::Removed(removals) => self.removed(removals).await,
                 Request::Restore(ids) => self.restored(ids, &HashMap::new()).await,
@@ -727,14 +800,7 @@ impl<C: Courier> Manager<C> {
                 }
             }
         }
-        // Taken first, so that none is read again while an attempt it waits for runs.
-        self.hold_files.extend(hold_files);
-        if !holds.is_empty() && !self.hold_all(holds, HOLD_REASON).await {
-            // Read every file not yet unlinked again, in order, at the next pass: asking
-            // again what was recorded changes nothing, and the last ask still wins.
-            self.hold_files.clear();
-        }
-        self.finish_hold_files().await;
+        self.operator_holds(holds, hold_files).await;
         if self.clock.now_millis() >= self.sweep_at_ms {
             self.sweep_quarantine().await;
         }

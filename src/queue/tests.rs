@@ -610,9 +610,11 @@ fn hold_and_release_requests_follow_the_merged_retry_in_the_order_asked() {
     // The hold files stay until their holds are recorded; taken already, they are not read
     // again; finished, they are gone.
     assert_eq!(names(&control).len(), 3);
-    let applied: std::collections::HashSet<_> = files.iter().cloned().collect();
+    let applied: std::collections::HashSet<_> = files.iter().map(|(f, _)| f.clone()).collect();
     assert!(spool.take_requests(&applied).unwrap().is_empty());
-    spool.finish_holds(files).unwrap();
+    spool
+        .finish_holds(&files.iter().map(|(f, _)| f.clone()).collect::<Vec<_>>())
+        .unwrap();
     assert!(names(&control).is_empty());
 }
 
