@@ -256,6 +256,11 @@ class Counters:
         with self.lock:
             self.counts[what] = self.counts.get(what, 0) + n
 
+    def acknowledged_as(self, what, soak_id):
+        with self.lock:
+            self.counts[what] = self.counts.get(what, 0) + 1
+            self.acknowledged.add(soak_id)
+
 
 TLS = ssl.create_default_context()
 TLS.check_hostname = False
@@ -292,9 +297,7 @@ def mx_load(port, c, stop):
                     s.starttls(context=TLS)
                 s.sendmail("sender@remote.example", [f"user{n % 50}@example.com"],
                            message(soak_id, "sender@remote.example", "user@example.com", big))
-            c.add("big" if big else "mx")
-            with c.lock:
-                c.acknowledged.add(soak_id)
+            c.acknowledged_as("big" if big else "mx", soak_id)
         except Exception:
             c.add("mx_failed")
             raise
@@ -310,9 +313,7 @@ def submission_load(port, c, stop):
                 s.login("alice", PASSWORD)
                 s.sendmail("alice@example.com", ["friend@dest.example"],
                            message(soak_id, "alice@example.com", "friend@dest.example", False))
-            c.add("submission")
-            with c.lock:
-                c.acknowledged.add(soak_id)
+            c.acknowledged_as("submission", soak_id)
         except Exception:
             c.add("submission_failed")
             raise

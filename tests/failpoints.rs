@@ -344,17 +344,24 @@ fn a_hold_whose_state_cannot_be_recorded_is_logged_and_recorded_on_a_retry() {
             &relay,
             &[&format!("queue_id={id}"), "cannot record the hold", EIO],
         );
-        common::queue::wait_state(&relay, &[&id], "held");
-        assert!(
-            wait_until(WAIT, || names(&relay, "control").is_empty()),
-            "{step}: the hold request is not unlinked once recorded: {:?}",
-            names(&relay, "control")
-        );
-        common::queue::accept(&sink);
-        let out = relay.command(&["queue", "release", &id]);
-        assert_eq!(out.status.code(), Some(0), "{step}: {}", show(&out));
-        assert_delivered(&relay, &sink, &[("held", 1)]);
+        held_then_released(&relay, &sink, &id, "held");
     }
+}
+
+/// `id` (tagged `tag`) ends held, its request gone from `control/` (unlinked once recorded);
+/// then the upstream accepts, an operator releases it, and it is delivered once.
+#[track_caller]
+fn held_then_released(relay: &Relay, sink: &Sink, id: &str, tag: &str) {
+    common::queue::wait_state(relay, &[&id.to_owned()], "held");
+    assert!(
+        wait_until(WAIT, || names(relay, "control").is_empty()),
+        "the hold request is not unlinked once recorded: {:?}",
+        names(relay, "control")
+    );
+    common::queue::accept(sink);
+    let out = relay.command(&["queue", "release", id]);
+    assert_eq!(out.status.code(), Some(0), "{}", show(&out));
+    assert_delivered(relay, sink, &[(tag, 1)]);
 }
 
 #[test]
@@ -374,16 +381,7 @@ fn a_hold_the_relay_took_but_did_not_record_is_not_lost() {
     );
     assert_log(&relay, "failpoint control.take: crash");
     relay.restart_env(&[]);
-    common::queue::wait_state(&relay, &[&id], "held");
-    assert!(
-        wait_until(WAIT, || names(&relay, "control").is_empty()),
-        "{:?}",
-        names(&relay, "control")
-    );
-    common::queue::accept(&sink);
-    let out = relay.command(&["queue", "release", &id]);
-    assert_eq!(out.status.code(), Some(0), "{}", show(&out));
-    assert_delivered(&relay, &sink, &[("queued", 1)]);
+    held_then_released(&relay, &sink, &id, "queued");
 }
 
 #[test]
