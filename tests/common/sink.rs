@@ -188,8 +188,9 @@ struct Shared {
     /// Connection threads still running.
     active: AtomicUsize,
     stop: AtomicBool,
-    /// A clone of every accepted socket, to shut them all down on stop.
-    sockets: Mutex<Vec<TcpStream>>,
+    /// A clone of every open connection's socket, by connection number, to shut them all
+    /// down on stop (removed when its connection ends: a long test makes many thousands).
+    sockets: Mutex<HashMap<usize, TcpStream>>,
 }
 
 /// Lock a mutex, ignoring poison: a panicking test thread must not hide the sink's records.
@@ -314,10 +315,10 @@ impl Sink {
         self.shared.stop.store(true, Ordering::SeqCst);
         if let Some(acceptor) = self.acceptor.take() {
             // The accept loop polls the stop flag; once it returns, the listener is closed
-            // and every accepted socket is in `sockets`.
+            // and every open connection's socket is in `sockets`.
             let _ = acceptor.join();
         }
-        for socket in lock(&self.shared.sockets).drain(..) {
+        for (_, socket) in lock(&self.shared.sockets).drain() {
             let _ = socket.shutdown(Shutdown::Both);
         }
         let deadline = Instant::now() + STOP_GRACE;
@@ -342,7 +343,7 @@ fn accept_loop(listener: TcpListener, shared: Arc<Shared>) {
                     continue;
                 }
                 match stream.try_clone() {
-                    Ok(clone) => lock(&shared.sockets).push(clone),
+                    Ok(clone) => _ = lock(&shared.sockets).insert(n, clone),
                     Err(_) => continue,
                 }
                 shared.active.fetch_add(1, Ordering::SeqCst);
@@ -352,9 +353,11 @@ fn accept_loop(listener: TcpListener, shared: Arc<Shared>) {
                         .name(format!("sink-conn-{n}"))
                         .spawn(move || {
                             serve(stream, n, &conn_shared);
+                            lock(&conn_shared.sockets).remove(&n);
                             conn_shared.active.fetch_sub(1, Ordering::SeqCst);
                         });
                 if spawned.is_err() {
+                    lock(&shared.sockets).remove(&n);
                     shared.active.fetch_sub(1, Ordering::SeqCst);
                 }
             }
