@@ -1085,7 +1085,7 @@ fn spool_dir(config: Option<&Path>, spool: Option<PathBuf>) -> anyhow::Result<Pa
 fn open_spool(dir: &Path, writes: bool) -> anyhow::Result<Spool> {
     require_spool(dir)?;
     let spool = if writes {
-        Spool::open(dir)
+        Spool::open_for_command(dir)
     } else {
         Spool::open_existing(dir)
     };

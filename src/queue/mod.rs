@@ -367,8 +367,19 @@ impl Spool {
     /// `control/` and `free/` (mode 0700) when missing, and check that it is writable by
     /// creating and removing a probe file in `tmp/`. Does not run recovery. What it creates
     /// is given to the owner of `root` when that is not the caller (a `queue` command run as
-    /// root on the relay's spool), so the relay can still write it.
+    /// root on the relay's spool), so the relay can still write it. Loads `free/` for reuse:
+    /// for the relay only (see [`Spool::open_for_command`]).
     pub fn open(root: &Path) -> Result<Spool, SpoolError> {
+        Spool::open_with(root, true)
+    }
+
+    /// [`Spool::open`] for a `queue` command that writes, beside a running relay: `free/` is
+    /// neither read nor changed (it is the relay's; a command unlinks, it never recycles).
+    pub fn open_for_command(root: &Path) -> Result<Spool, SpoolError> {
+        Spool::open_with(root, false)
+    }
+
+    fn open_with(root: &Path, recycle: bool) -> Result<Spool, SpoolError> {
         let mut builder = fs::DirBuilder::new();
         builder.recursive(true).mode(DIR_MODE);
         builder
@@ -386,8 +397,11 @@ impl Spool {
             give_to(&dir, owner)?;
         }
         let free = root.join("free");
-        let pool =
-            recycle::FreePool::load(&free, owner.0).map_err(SpoolError::io("readdir", &free))?;
+        let pool = if recycle {
+            recycle::FreePool::load(&free, owner.0).map_err(SpoolError::io("readdir", &free))?
+        } else {
+            recycle::FreePool::empty(&free)
+        };
         let spool = Spool::with(root, owner, pool);
         let probe = spool.temp_path("probe");
         let mut file = create_new(&probe)?;

@@ -55,12 +55,20 @@ impl FreePool {
             let regular = entry
                 .metadata()
                 .is_ok_and(|m| super::trust(&m, owner).is_ok());
-            match name {
-                Some(name) if regular && names.len() < FREE_MAX => names.push(name),
-                _ if entry.file_type().is_ok_and(|t| t.is_dir()) => {
-                    fs::remove_dir_all(entry.path())?
+            let removed = match name {
+                Some(name) if regular && names.len() < FREE_MAX => {
+                    names.push(name);
+                    Ok(())
                 }
-                _ => fs::remove_file(entry.path())?,
+                _ if entry.file_type().is_ok_and(|t| t.is_dir()) => {
+                    fs::remove_dir_all(entry.path())
+                }
+                _ => fs::remove_file(entry.path()),
+            };
+            match removed {
+                // Gone since the listing: nothing to remove.
+                Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+                other => other?,
             }
         }
         Ok(FreePool {

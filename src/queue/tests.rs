@@ -721,6 +721,26 @@ fn final_dot_lock_tells_delete_and_delete_tells_the_worker() {
 }
 
 #[test]
+fn a_queue_command_leaves_the_relays_free_files_alone() {
+    // A command that writes opens the spool beside the running relay: it must neither read
+    // nor clean free/ (the relay takes files from it at any moment; found by the crash loop,
+    // where `queue hold` failed with ENOENT on a free file the relay had just taken).
+    use std::os::unix::fs::PermissionsExt;
+    let (_d, spool) = spool();
+    let free = spool.root().join("free");
+    let foreign = free.join("foreign");
+    fs::write(&foreign, b"x").unwrap();
+    fs::set_permissions(&foreign, fs::Permissions::from_mode(0o660)).unwrap();
+    fs::create_dir(free.join("a-directory")).unwrap();
+    let command = Spool::open_for_command(spool.root()).unwrap();
+    assert_eq!(command.free_files(), 0);
+    assert_eq!(names(&free), ["a-directory", "foreign"]);
+    // The relay's own open cleans it.
+    Spool::open(spool.root()).unwrap();
+    assert!(names(&free).is_empty());
+}
+
+#[test]
 fn finished_messages_are_recycled_and_written_over_exactly() {
     use std::os::unix::fs::MetadataExt;
     let (_d, spool) = spool();
