@@ -76,6 +76,11 @@ fn dead_node() -> Dead {
     let out = relay.command(&["queue", "hold", &held]);
     assert_eq!(out.status.code(), Some(0), "{}", show(&out));
     assert!(wait_until(WAIT, || state(&held).is_ok_and(|s| s.contains("\"hold\""))));
+    // The hold's request file goes once the hold is recorded: a node killed in between would
+    // leave it, and `queue adopt` would report it as a request not carried over.
+    let control = relay.spool.join("control");
+    assert!(wait_until(WAIT, || std::fs::read_dir(&control)
+        .is_ok_and(|mut d| d.next().is_none())));
     assert!(
         state(&part).unwrap().contains("\"delivered\""),
         "{:?}",
