@@ -361,6 +361,8 @@ fn the_last_of_a_hold_and_a_release_made_while_stopped_wins() {
     let b = send(&relay, "b@src.example", "B");
     run(&relay, &["queue", "hold", &a], 0);
     wait_state(&relay, &[&a], "held");
+    // Its request goes once the hold is recorded.
+    assert!(wait_until(WAIT, || control_files(&relay).is_empty()));
     relay.stop();
     // A: released, then held again. B: held, then released. Each command sees the one
     // before it, though the relay has read neither.
