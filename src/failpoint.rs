@@ -53,9 +53,26 @@ pub const STEPS: &[&str] = &[
     "control.dir_fsync",
     // The relay took requests from control/ (there were some) and has acted on none yet.
     "control.take",
+    // Inside the moves of `queue purge --quarantine` and `queue restore`
+    // (queue::quarantine): between the message's rename and its state's. Crash points only.
+    "quarantine.move",
+    "restore.move",
+    // `queue adopt` (queue::adopt): a batch's copies renamed into queue/ and fsynced, the
+    // ledger lines not yet written. A crash point only.
+    "adopt.ledger",
     // Startup recovery (queue::recover): before each file it changes.
     "recover.tmp",
     "recover.orphan",
+];
+
+/// The steps where only `crash` does anything: an error armed there is ignored (their
+/// operations have no error of their own to stand for).
+pub const CRASH_ONLY: &[&str] = &[
+    "deliver.after_dot",
+    "control.take",
+    "quarantine.move",
+    "restore.move",
+    "adopt.ledger",
 ];
 
 /// Run the named step: `Ok(())` unless the failpoint build armed it (see the module docs).

@@ -15,15 +15,16 @@
 //! failpoint build (`src/failpoint.rs`), armed with `FAILPOINTS=STEP=return(crash)` so that the
 //! process kills itself exactly there: the commit's write, fsync, rename and directory fsync
 //! and the moment before its `250`; the replacement of a delivery state; a message's removal;
-//! right after the upstream's reply to the final dot; inside a `queue` command (`queue retry`,
-//! `hold`, `release` and `delete`, which run as their own process); when the relay has taken a
+//! right after the upstream's reply to the final dot; inside a `queue` command, which runs as
+//! its own process (`queue retry`, `hold`, `release`, `delete`, `purge`, `purge --quarantine`,
+//! `restore`, and `adopt` of a node killed for the purpose); when the relay has taken a
 //! `queue hold` and not yet recorded it; during the startup recovery. The first
 //! rounds take every step once, so every run of at least that many rounds hits each of them;
 //! a step a round did not reach fails the test. The run ends with a life without a crash that
 //! delivers everything still queued, and every acknowledged message must then have arrived.
 //!
-//! `PORTCULLIS_CRASH_ROUNDS` (20 by default: what `.ci/run` runs; `bench/crash-loop` runs
-//! 1,000) and `PORTCULLIS_CRASH_SEED` (random by default; printed, to replay a run). Each round
+//! `PORTCULLIS_CRASH_ROUNDS` (by default one round per step, `failpoint::STEPS.len()`: what
+//! `.ci/run` runs; `bench/crash-loop` runs 1,000) and `PORTCULLIS_CRASH_SEED` (random by default; printed, to replay a run). Each round
 //! prints one line; the last line sums the run up.
 
 mod common;
@@ -70,7 +71,7 @@ const ORPHAN_STATE: &str = "0000000000000000.state";
 
 #[test]
 fn acknowledged_mail_survives_a_crash_at_any_moment() {
-    let rounds: usize = env_or("PORTCULLIS_CRASH_ROUNDS", 20);
+    let rounds: usize = env_or("PORTCULLIS_CRASH_ROUNDS", crash_steps().len());
     let seed: u64 = env_or("PORTCULLIS_CRASH_SEED", rand::random());
     eprintln!("crash loop: {rounds} rounds, PORTCULLIS_CRASH_SEED={seed}");
     quiet_client_panics();
@@ -214,12 +215,61 @@ enum Where {
     Taking,
 }
 
+/// The `queue` command a command round crashes.
+#[derive(Clone, Copy)]
+enum Cmd {
+    Retry,
+    Hold,
+    Release,
+    Delete,
+    Purge,
+    Quarantine,
+    Restore,
+    Adopt,
+}
+
+impl Cmd {
+    const ALL: [Cmd; 8] = [
+        Cmd::Retry,
+        Cmd::Hold,
+        Cmd::Release,
+        Cmd::Delete,
+        Cmd::Purge,
+        Cmd::Quarantine,
+        Cmd::Restore,
+        Cmd::Adopt,
+    ];
+
+    fn name(self) -> &'static str {
+        match self {
+            Cmd::Retry => "retry",
+            Cmd::Hold => "hold",
+            Cmd::Release => "release",
+            Cmd::Delete => "delete",
+            Cmd::Purge => "purge",
+            Cmd::Quarantine => "purge --quarantine",
+            Cmd::Restore => "restore",
+            Cmd::Adopt => "adopt",
+        }
+    }
+}
+
+/// Owned arguments of a `queue` command.
+fn args(list: &[&str]) -> Vec<String> {
+    list.iter().map(|s| s.to_string()).collect()
+}
+
 fn where_of(step: &str) -> Where {
     if step.starts_with("recover.") {
         Where::Recovery
     } else if step == "control.take" {
         Where::Taking
-    } else if step.starts_with("control.") || step == "spool.remove.dir_fsync" {
+    } else if step.starts_with("control.")
+        || matches!(
+            step,
+            "spool.remove.dir_fsync" | "quarantine.move" | "restore.move" | "adopt.ledger"
+        )
+    {
         // `queue retry` writes a control file; `queue delete` removes with a directory fsync
         // (the relay's own removals of delivered mail leave that fsync to the next commit).
         Where::Command
@@ -266,6 +316,11 @@ struct Run {
     checked: HashMap<PathBuf, String>,
     /// Times each step was reached.
     hits: BTreeMap<&'static str, usize>,
+    /// Times each `queue` command was killed at a step.
+    commands: BTreeMap<&'static str, usize>,
+    /// Rounds killed at a `control.*` step in a command, which takes the six commands that
+    /// write a request in turn.
+    control_rounds: usize,
     kills: usize,
     duplicates: usize,
     longest: Duration,
@@ -278,19 +333,10 @@ impl Run {
         write_certs(&dir.join("certs"));
         let sink = Sink::start(SinkConfig::default());
         let (mx, submission) = (free_port(), free_port());
-        let text = dir.expand(&format!(
-            "[server]\nhostname = \"relay.test\"\nspool_dir = \"{{dir}}/spool\"\n\n\
-             [tls]\ncert = \"{{dir}}/certs/cert.pem\"\nkey = \"{{dir}}/certs/key.pem\"\n\n\
-             {}\n{}\n\
-             [relay]\nrelay_networks = [\"127.0.0.0/8\"]\n\n\
-             [[upstreams]]\nname = \"up\"\naddress = \"127.0.0.1:{}\"\ntls = \"none\"\n\
-             backoff = \"1s\"\ntimeout = \"2s\"\nconnect_timeout = \"2s\"\n\n\
-             [queue]\nretry = [\"1s\"]\ndelivery_grace = \"0s\"\n",
-            listener("mx", mx, "none"),
-            listener("submission", submission, "starttls"),
-            sink.port()
-        ));
-        let config = dir.write("portcullis.toml", &text);
+        let config = dir.write(
+            "portcullis.toml",
+            &relay_config(&dir, "spool", mx, submission, sink.port()),
+        );
         Run {
             spool: dir.join("spool"),
             cert: dir.join("certs/cert.pem"),
@@ -302,13 +348,34 @@ impl Run {
             queued_now: HashSet::new(),
             checked: HashMap::new(),
             hits: BTreeMap::new(),
+            commands: BTreeMap::new(),
+            control_rounds: 0,
             kills: 0,
             duplicates: 0,
             longest: Duration::ZERO,
             total: Duration::ZERO,
         }
     }
+}
 
+/// The policy of a relay with its spool in `dir/spool`, listening on `mx` (plain) and
+/// `submission` (STARTTLS), relaying for loopback to the sink on `upstream`.
+fn relay_config(dir: &TestDir, spool: &str, mx: u16, submission: u16, upstream: u16) -> String {
+    dir.expand(&format!(
+        "[server]\nhostname = \"relay.test\"\nspool_dir = \"{{dir}}/{spool}\"\n\n\
+             [tls]\ncert = \"{{dir}}/certs/cert.pem\"\nkey = \"{{dir}}/certs/key.pem\"\n\n\
+             {}\n{}\n\
+             [relay]\nrelay_networks = [\"127.0.0.0/8\"]\n\n\
+             [[upstreams]]\nname = \"up\"\naddress = \"127.0.0.1:{}\"\ntls = \"none\"\n\
+             backoff = \"1s\"\ntimeout = \"2s\"\nconnect_timeout = \"2s\"\n\n\
+             [queue]\nretry = [\"1s\"]\ndelivery_grace = \"0s\"\n",
+        listener("mx", mx, "none"),
+        listener("submission", submission, "starttls"),
+        upstream
+    ))
+}
+
+impl Run {
     /// One life of the relay, under load until it dies as `plan` says; what ended it.
     fn round(&mut self, round: usize, plan: &Plan, rng: &mut StdRng) -> &'static str {
         self.sink.set_config(sink_config(plan.upstream));
@@ -374,7 +441,7 @@ impl Run {
             }
             End::Step(step) => {
                 if matches!(where_of(step), Where::Command) {
-                    self.run_command(step, plan, &log);
+                    self.run_command(step, plan, round, rng, &log);
                     // The relay goes on; it dies at a random moment after the command.
                     let after = Duration::from_millis(rng.random_range(100..800));
                     assert!(wait_exit(&mut child, after).is_none(), "{}", read(&log));
@@ -422,10 +489,22 @@ impl Run {
     /// Start a life of the relay (appending to `log`): the child once it listens, or how it
     /// exited before.
     fn start(&self, failpoints: Option<&str>, log: &Path) -> Result<Life, ExitStatus> {
+        self.start_node(&self.config, &self.ports, failpoints, log)
+    }
+
+    /// Start a relay on `config`, listening on `ports`: the child once it listens on all of
+    /// them, or how it exited before.
+    fn start_node(
+        &self,
+        config: &Path,
+        ports: &[u16],
+        failpoints: Option<&str>,
+        log: &Path,
+    ) -> Result<Life, ExitStatus> {
         let out = fs::File::create(log).expect("create the relay log");
         let mut cmd = Command::new(BIN);
         cmd.args(["run", "--config"])
-            .arg(&self.config)
+            .arg(config)
             .current_dir(self.dir.path())
             .env("RUST_LOG", "info")
             .env("NO_COLOR", "1")
@@ -442,7 +521,7 @@ impl Run {
                 return Err(status);
             }
             let text = read(log);
-            let listening = self.ports.iter().all(|port| {
+            let listening = ports.iter().all(|port| {
                 text.lines()
                     .any(|l| l.contains(" listening ") && l.ends_with(&format!(":{port}")))
             });
@@ -491,33 +570,149 @@ impl Run {
         None
     }
 
-    /// Run the `queue` command that reaches `step`, armed to crash there.
-    fn run_command(&mut self, step: &'static str, plan: &Plan, log: &Path) {
-        // The control-file steps take each command that writes one in turn, starting with a
-        // different one each, so that a run of `STEPS.len()` rounds has all three.
-        let position = STEPS.iter().position(|s| *s == step).unwrap_or_default();
-        let turn = (self.hits.get(step).copied().unwrap_or_default() + position) % 3;
+    /// Run the `queue` command that reaches `step`, armed to crash there, and what an
+    /// operator would run after it (a `hold` undone, a quarantine restored, an adopt run
+    /// again).
+    fn run_command(
+        &mut self,
+        step: &'static str,
+        plan: &Plan,
+        round: usize,
+        rng: &mut StdRng,
+        log: &Path,
+    ) {
+        // The steps shared by several commands take each in turn.
+        let turn = self.hits.get(step).copied().unwrap_or_default();
+        let command = match step {
+            "quarantine.move" => Cmd::Quarantine,
+            "restore.move" => Cmd::Restore,
+            "adopt.ledger" => Cmd::Adopt,
+            "spool.remove.dir_fsync" => [Cmd::Delete, Cmd::Purge][turn % 2],
+            _ => {
+                self.control_rounds += 1;
+                [
+                    Cmd::Retry,
+                    Cmd::Hold,
+                    Cmd::Release,
+                    Cmd::Quarantine,
+                    Cmd::Restore,
+                    Cmd::Adopt,
+                ][(self.control_rounds - 1) % 6]
+            }
+        };
         // A command with nothing to act on writes nothing: wait for mail in the queue.
         let (id, tag) = self
             .wait_for_queued()
             .unwrap_or_else(|| panic!("nothing queued for the command:\n{}", read(log)));
-        let args: Vec<String> = if step == "spool.remove.dir_fsync" {
-            self.ledger.sent().entry(tag).or_default().deleted = true;
-            vec!["delete".into(), id]
-        } else {
-            match ["retry", "hold", "release"][turn] {
-                "retry" => vec!["retry".into(), "--all".into()],
-                verb => hold_args(verb),
-            }
+        *self.commands.entry(command.name()).or_default() += 1;
+        let armed = plan.failpoints();
+        let crash = |run: &mut Run, args: &[String]| {
+            let out = run.queue_command(args, armed.as_deref());
+            run.expect_crash(step, out.status, &String::from_utf8_lossy(&out.stderr));
         };
-        let out = self.queue_command(&args, plan.failpoints().as_deref());
-        self.expect_crash(step, out.status, &String::from_utf8_lossy(&out.stderr));
-        if args[0] == "hold" {
-            // A hold that landed despite the crash (it did when only the directory fsync was
-            // cut short) would keep the mail queued for good: undone, as an operator would.
-            let out = self.queue_command(&hold_args("release"), None);
-            assert!(out.status.success(), "queue release: {}", show(&out));
+        match command {
+            Cmd::Retry => crash(self, &args(&["retry", "--all"])),
+            Cmd::Hold => {
+                crash(self, &hold_args("hold"));
+                // A hold that landed despite the crash (it did when only the directory fsync
+                // was cut short) would keep the mail queued for good: undone.
+                self.command_ok(&hold_args("release"));
+            }
+            Cmd::Release => crash(self, &hold_args("release")),
+            Cmd::Delete => {
+                self.ledger.sent().entry(tag).or_default().deleted = true;
+                crash(self, &args(&["delete", &id]));
+            }
+            Cmd::Purge => {
+                // The upstream defers: nothing leaves the queue but by the purge, which dies
+                // at the fsync after its first removal.
+                let before = self.queued_tags();
+                crash(self, &args(&["purge", "--from", SENDER]));
+                let after = self.queued_tags();
+                let gone: Vec<_> = before.difference(&after).collect();
+                assert!(
+                    gone.len() <= 1,
+                    "purge removed {gone:?} before its first fsync"
+                );
+                let mut sent = self.ledger.sent();
+                for tag in gone {
+                    sent.entry(tag.clone()).or_default().deleted = true;
+                }
+            }
+            Cmd::Quarantine => {
+                crash(self, &args(&["purge", "--quarantine", "--from", SENDER]));
+                self.command_ok(&args(&["restore", "--all"]));
+            }
+            Cmd::Restore => {
+                self.command_ok(&args(&["purge", "--quarantine", "--from", SENDER]));
+                crash(self, &args(&["restore", "--all"]));
+                self.command_ok(&args(&["restore", "--all"]));
+            }
+            Cmd::Adopt => {
+                let dead = self.dead_node(round, rng);
+                let dead = dead.to_string_lossy().into_owned();
+                crash(self, &args(&["adopt", &dead]));
+                self.command_ok(&args(&["adopt", &dead]));
+            }
         }
+    }
+
+    /// Run `portcullis queue ARGS` unarmed; it must succeed.
+    #[track_caller]
+    fn command_ok(&self, args: &[String]) {
+        let out = self.queue_command(args, None);
+        assert!(
+            out.status.success(),
+            "queue {}: {}",
+            args.join(" "),
+            show(&out)
+        );
+    }
+
+    /// A node that died with mail queued, for `queue adopt`: a second relay on its own spool
+    /// (`node-ROUND/spool`), sent mail by one client until it has queued a few messages (the
+    /// upstream defers), then killed. Its messages are in the ledger like any other.
+    fn dead_node(&self, round: usize, rng: &mut StdRng) -> PathBuf {
+        let name = format!("node-{round}");
+        let (mx, submission) = (free_port(), free_port());
+        let config = self.dir.write(
+            &format!("{name}.toml"),
+            &relay_config(
+                &self.dir,
+                &format!("{name}/spool"),
+                mx,
+                submission,
+                self.sink.port(),
+            ),
+        );
+        let log = self.dir.join(format!("{name}.log"));
+        let mut node = self
+            .start_node(&config, &[mx, submission], None, &log)
+            .unwrap_or_else(|status| panic!("the node exited ({status}):\n{}", read(&log)));
+        let spool = self.dir.join(&name).join("spool");
+        let stop = Arc::new(AtomicBool::new(false));
+        let client = {
+            let (stop, ledger, seed) = (stop.clone(), self.ledger.clone(), rng.random());
+            thread::Builder::new()
+                .name("load-node".into())
+                .spawn(move || load(mx, None, round, CLIENTS, seed, &stop, &ledger))
+                .expect("spawn the node's client")
+        };
+        let queued = wait_until(Duration::from_secs(5), || message_files(&spool).len() >= 3);
+        let _ = node.kill();
+        let _ = node.wait();
+        stop.store(true, Ordering::SeqCst);
+        client.join().expect("the node's client");
+        assert!(queued, "the node queued nothing:\n{}", read(&log));
+        spool
+    }
+
+    /// The tags of the messages in `queue/` now.
+    fn queued_tags(&self) -> HashSet<String> {
+        message_files(&self.spool)
+            .iter()
+            .filter_map(|path| subject(&parse_spool_file(&fs::read(path).ok()?).1))
+            .collect()
     }
 
     /// `portcullis queue ARGS` on the relay's policy, with `failpoints` armed.
@@ -698,9 +893,20 @@ impl Run {
             (self.total / rounds.max(1) as u32).as_millis()
         );
         eprintln!("steps reached: {:?}", self.hits);
+        eprintln!("queue commands killed: {:?}", self.commands);
         if rounds >= crash_steps().len() {
             for step in crash_steps() {
                 assert!(self.hits.contains_key(step), "{step} was never reached");
+            }
+        }
+        // Three control steps in every `2 * STEPS.len()` rounds after the first `STEPS.len()`.
+        if rounds >= 5 * crash_steps().len() {
+            for command in Cmd::ALL {
+                assert!(
+                    self.commands.contains_key(command.name()),
+                    "queue {} was never killed",
+                    command.name()
+                );
             }
         }
     }

@@ -373,6 +373,7 @@ impl<'a> Adoption<'a> {
         let mut tell = std::mem::take(&mut self.retell);
         if !self.batch.is_empty() {
             sync_dir(&self.spool.inner.queue)?;
+            let _ = crate::failpoint::step("adopt.ledger");
             self.ledger.record_all(&self.batch, &self.opts.dir)?;
             tell.extend(self.batch.drain(..).map(|(from, _, id)| (id, from)));
         }

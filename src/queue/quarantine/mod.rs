@@ -282,6 +282,7 @@ impl Spool {
             }
             Err(e) => return Err(SpoolError::io("rename", &path)(e)),
         }
+        let _ = crate::failpoint::step("quarantine.move");
         rename_if_there(
             &self.state_path(id),
             &self.quarantined_path(id, STATE_SUFFIX),
@@ -448,6 +449,7 @@ impl Spool {
         } else {
             rename_if_there(&kept_state, &state)?
         };
+        let _ = crate::failpoint::step("restore.move");
         match rename_noreplace(&self.quarantined_path(id, ""), &queued) {
             Ok(()) => {}
             Err(e) => {
