@@ -335,7 +335,7 @@ impl Run {
         let (mx, submission) = (free_port(), free_port());
         let config = dir.write(
             "portcullis.toml",
-            &relay_config(&dir, "spool", mx, submission, sink.port()),
+            relay_config(&dir, "spool", mx, submission, sink.port()),
         );
         Run {
             spool: dir.join("spool"),
@@ -676,8 +676,8 @@ impl Run {
         let name = format!("node-{round}");
         let (mx, submission) = (free_port(), free_port());
         let config = self.dir.write(
-            &format!("{name}.toml"),
-            &relay_config(
+            format!("{name}.toml"),
+            relay_config(
                 &self.dir,
                 &format!("{name}/spool"),
                 mx,
