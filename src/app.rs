@@ -25,7 +25,7 @@ use crate::outbound;
 use crate::policy::Policy;
 use crate::policy::containment::Containment;
 use crate::queue::journal::Journal;
-use crate::queue::{Spool, SpoolError};
+use crate::queue::{RecoveryReport, Spool, SpoolError};
 
 /// How long the start waits for the capability probe of every upstream
 /// ([`outbound::upstream::Upstreams::probe_all`]) before it opens the listeners anyway.
@@ -220,7 +220,20 @@ pub async fn run(config: Config, path: Option<PathBuf>) -> Result<(), AppError> 
     // capability probe would otherwise kill the process by the signal's default action. Both
     // are taken up once the relay serves.
     let signals = Signals::install()?;
-    let (spool, _running) = prepare_spool(&config).await?;
+    let (spool, _running, report) = prepare_spool(&config).await?;
+    // The rest of the recovery (every file of queue/) runs while the relay starts and
+    // accepts mail; delivery waits for it (see `queue::recover`).
+    let (recovered_tx, recovered) = tokio::sync::watch::channel(false);
+    let recovery = {
+        let spool = spool.clone();
+        let mut report = report;
+        tokio::task::spawn_blocking(move || {
+            let started = std::time::Instant::now();
+            spool.recover_queue(&mut report)?;
+            let _ = recovered_tx.send(true);
+            Ok((report, started.elapsed()))
+        })
+    };
     raise_fd_limit(config.limits.max_connections);
     let telemetry = Arc::new(telemetry_for(&config, &spool));
     // The shared store: nothing is connected until the watch task or a session asks.
@@ -240,6 +253,7 @@ pub async fn run(config: Config, path: Option<PathBuf>) -> Result<(), AppError> 
         delivery_stop.clone(),
         telemetry.clone(),
         containment.clone(),
+        recovered,
     )?;
     // Learn what each upstream can carry before accepting mail, so the first sessions are
     // checked against what the upstreams say now rather than what they said last time.
@@ -324,7 +338,16 @@ pub async fn run(config: Config, path: Option<PathBuf>) -> Result<(), AppError> 
     // NOTIFY_SOCKET). A failure to tell is logged; the relay serves regardless.
     notify_service_manager(sd_notify::NotifyState::Ready);
 
-    wait_for_shutdown(signals, &runtime, path.as_deref(), &delivery, &spool).await;
+    let spool_dir = runtime.load().config.server.spool_dir.clone();
+    let stopped = wait_for_shutdown(
+        signals,
+        &runtime,
+        path.as_deref(),
+        &delivery,
+        &spool,
+        (recovery, &spool_dir),
+    )
+    .await;
     notify_service_manager(sd_notify::NotifyState::Stopping);
     // Not ready from here on (`/readyz` 503), while the admin listener still answers.
     telemetry.gate.set_bound(false);
@@ -341,7 +364,7 @@ pub async fn run(config: Config, path: Option<PathBuf>) -> Result<(), AppError> 
     }
     let _ = alerts.await;
     info!("portcullis stopped");
-    Ok(())
+    stopped
 }
 
 /// Apply the `SPOOL/paused` marker now, then follow it ([`pause::watch`]) until `stop`.
@@ -403,10 +426,15 @@ pub fn named_node(config: &Config) -> Option<&str> {
         .then_some(cluster.node.as_str())
 }
 
-/// Open the spool and recover it (off the reactor), then log the configuration's warnings.
+/// A recovery of `queue/` running in the background: its report and how long it took.
+type Recovery = tokio::task::JoinHandle<Result<(RecoveryReport, Duration), SpoolError>>;
+
+/// Open and lock the spool and run the first part of its recovery off the reactor
+/// ([`Spool::recover_start`]: `tmp/` and the quarantine's leftovers, not `queue/`), then log
+/// the configuration's warnings.
 async fn prepare_spool(
     config: &Config,
-) -> Result<(Spool, crate::queue::running::RelayLock), AppError> {
+) -> Result<(Spool, crate::queue::running::RelayLock, RecoveryReport), AppError> {
     let spool = open_spool(&config.server.spool_dir)?;
     // Held until the process ends: no second relay, and no `queue adopt`, on this spool.
     let lock = crate::queue::running::lock(spool.root()).map_err(|e| {
@@ -424,18 +452,19 @@ async fn prepare_spool(
     })?;
     let report = {
         let spool = spool.clone();
-        tokio::task::spawn_blocking(move || spool.recover())
+        tokio::task::spawn_blocking(move || spool.recover_start())
             .await
             .map_err(AppError::Recovery)??
     };
-    info!(spool = %config.server.spool_dir.display(), %report, "spool recovered");
+    info!(spool = %config.server.spool_dir.display(), temp_files_removed = report.tmp_removed,
+        "recovering the queue; accepting mail meanwhile, delivering once it is done");
     for w in config.warnings() {
         warn!("{w}");
     }
     for w in crate::config::perms::secret_file_warnings(config) {
         warn!("{w}");
     }
-    Ok((spool, lock))
+    Ok((spool, lock, report))
 }
 
 /// Tell the service manager `state` (sd_notify(3): `READY=1`, `STOPPING=1`) when it gave us
@@ -464,19 +493,35 @@ impl Signals {
     }
 }
 
-/// Serve SIGHUP (reload) until SIGTERM or SIGINT.
+/// Serve SIGHUP (reload) until SIGTERM or SIGINT, and log the end of the background
+/// recovery (`recovery`, of the spool in `dir`). A recovery that fails stops the relay like a
+/// SIGTERM: `Err` with its error, for `main` to print and exit 1 (what is queued stays queued
+/// for the next start, which recovers it again).
 async fn wait_for_shutdown(
     mut signals: Signals,
     runtime: &ArcSwap<Runtime>,
     path: Option<&std::path::Path>,
     delivery: &outbound::Delivery,
     spool: &Spool,
-) {
+    (recovery, dir): (Recovery, &std::path::Path),
+) -> Result<(), AppError> {
+    let mut recovery = Some(recovery);
     loop {
         tokio::select! {
-            _ = signals.term.recv() => { info!("SIGTERM: shutting down"); return; }
-            _ = signals.int.recv() => { info!("SIGINT: shutting down"); return; }
+            _ = signals.term.recv() => { info!("SIGTERM: shutting down"); return Ok(()); }
+            _ = signals.int.recv() => { info!("SIGINT: shutting down"); return Ok(()); }
             _ = signals.hup.recv() => reload(runtime, path, delivery, spool),
+            ended = async { recovery.as_mut().expect("guarded").await }, if recovery.is_some() => {
+                recovery = None;
+                match ended.map_err(AppError::Recovery)? {
+                    Ok((report, took)) => info!(spool = %dir.display(), %report,
+                        secs = took.as_secs_f64(), "spool recovered; delivering"),
+                    Err(e) => {
+                        error!(error = %e, "spool recovery failed: shutting down (nothing queued is lost: the next start recovers it)");
+                        return Err(AppError::Spool(e));
+                    }
+                }
+            }
         }
     }
 }

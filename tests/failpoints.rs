@@ -13,8 +13,9 @@
 //!   delivered again while the relay runs; an operator's `queue delete` that fails says so;
 //! - control (`control.*`): `queue retry --all` fails with a clear message, exit 1, and leaves
 //!   no request behind; run again it works;
-//! - recovery (`recover.*`): the relay refuses to start, the queue untouched; started again it
-//!   recovers and delivers.
+//! - recovery (`recover.*`): the relay refuses to start (`recover.tmp`, before it listens) or
+//!   stops (`recover.orphan`, in the recovery of `queue/` that runs while it accepts mail), the
+//!   queue untouched; started again it recovers and delivers.
 //!
 //! Plus [`every_step_in_the_sources_is_in_steps_and_back`], so a step cannot be added without
 //! this matrix knowing it.
@@ -709,6 +710,45 @@ fn a_failing_recovery_refuses_to_start_and_the_next_start_recovers() {
         fs::copy(queue.join(format!("{id}.state")), &path).unwrap();
         path.display().to_string()
     });
+}
+
+#[test]
+fn the_relay_accepts_mail_while_it_recovers_the_queue_and_delivers_all_after() {
+    // The recovery of queue/ runs while the relay listens (queue::recover); held up here by
+    // 3 s at its one orphan state (`sleep` is the fail crate's own action).
+    let (sink, mut relay, id) = queued_message("old");
+    relay.kill9();
+    let queue = relay.spool.join("queue");
+    let orphan = queue.join("0000000000000001.state");
+    fs::copy(queue.join(format!("{id}.state")), &orphan).unwrap();
+    common::queue::accept(&sink);
+    let first_life = relay.log().len();
+    relay.restart_env(&[("FAILPOINTS", "recover.orphan=sleep(3000)")]);
+    assert_line(&relay, &["recovering the queue; accepting mail meanwhile"]);
+    // Accepted, and durable, before the recovery ends; nothing delivered before it ends.
+    let new = send_one(&relay, "new");
+    let log = relay.log().split_off(first_life);
+    assert!(
+        !log.contains("spool recovered"),
+        "the 250 came after the recovery:\n{log}"
+    );
+    assert!(names(&relay, "queue").contains(&new));
+    assert_eq!(sink.messages().len(), 0, "{log}");
+    assert_line(
+        &relay,
+        &["spool recovered; delivering", "1 orphan states removed"],
+    );
+    assert!(!orphan.exists());
+    // The old message's next attempt is an hour away: asked for now.
+    let out = relay.command(&["queue", "retry", "--all"]);
+    assert_eq!(out.status.code(), Some(0), "{}", show(&out));
+    assert_delivered(&relay, &sink, &[("old", 1), ("new", 1)]);
+    let delivered: Vec<String> = sink
+        .messages()
+        .iter()
+        .map(|m| String::from_utf8_lossy(&m.data).into_owned())
+        .collect();
+    assert!(delivered[0].contains("Subject: new"), "new mail goes first");
 }
 
 /// Every `failpoint::step("NAME")` call in `src/`, by name.

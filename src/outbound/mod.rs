@@ -132,13 +132,15 @@ const PROBE_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
 
 /// Start the queue manager over `spool` with `config`'s upstreams and queue policy, recording
 /// what happens in `telemetry`; it holds the queued mail of the logins `containment`
-/// suspends.
+/// suspends, and loads the queue once `recovered` is true (the startup recovery of `queue/`
+/// done).
 pub fn start(
     config: &Config,
     spool: Spool,
     shutdown: CancellationToken,
     telemetry: Arc<crate::observe::Telemetry>,
     containment: Arc<crate::policy::containment::Containment>,
+    recovered: tokio::sync::watch::Receiver<bool>,
 ) -> Result<Delivery, ClientTlsError> {
     let (wake, incoming) = mpsc::unbounded_channel();
     let book = Arc::new(crate::routes::CapabilityBook::load(
@@ -158,6 +160,7 @@ pub fn start(
         Manager::new(spool, context.clone(), incoming, shutdown, tracker.clone())
             .with_telemetry(telemetry)
             .with_containment(containment)
+            .after_recovery(recovered)
             .run(),
     );
     Ok(Delivery {
@@ -232,6 +235,7 @@ mod tests {
                 )
                 .unwrap(),
             ),
+            tokio::sync::watch::channel(true).1,
         )
         .unwrap();
         Started {

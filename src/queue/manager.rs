@@ -166,6 +166,9 @@ pub struct Manager<C: Courier> {
     suspended_seen: HashSet<String>,
     /// Suspended logins' messages not held, found off this task.
     found: (mpsc::UnboundedSender<Found>, UnboundedReceiver<Found>),
+    /// True once the startup recovery of `queue/` is done; the queue is loaded only then
+    /// (`None`: recovered before this manager was made).
+    recovered: Option<tokio::sync::watch::Receiver<bool>>,
 }
 
 impl<C: Courier> Manager<C> {
@@ -202,7 +205,17 @@ impl<C: Courier> Manager<C> {
             containment: None,
             suspended_seen: HashSet::new(),
             found: mpsc::unbounded_channel(),
+            recovered: None,
         }
+    }
+
+    /// Load the queue only once `recovered` says true: the relay accepts mail while
+    /// [`Spool::recover_queue`] runs, and delivers (new mail too) after it. A recovery that
+    /// fails drops the sender: this manager then waits for the shutdown that follows.
+    #[must_use]
+    pub fn after_recovery(mut self, recovered: tokio::sync::watch::Receiver<bool>) -> Manager<C> {
+        self.recovered = Some(recovered);
+        self
     }
 
     /// Hold the queued mail of the logins `containment` suspends (see the module doc).
@@ -231,6 +244,16 @@ impl<C: Courier> Manager<C> {
     pub async fn run(mut self) {
         // Subscribed before the load, so a suspension made during it is acted on.
         let mut suspensions = self.containment.as_ref().map(|c| c.subscribe());
+        if let Some(mut recovered) = self.recovered.take() {
+            let done = async { recovered.wait_for(|done| *done).await.is_ok() };
+            tokio::select! {
+                () = self.shutdown.cancelled() => return,
+                done = done => if !done {
+                    self.shutdown.cancelled().await;
+                    return;
+                },
+            }
+        }
         self.load().await;
         // Requests made while the relay was stopped, before anything is attempted: a message
         // held then must not be sent by the first dispatch.

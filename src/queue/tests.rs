@@ -15,7 +15,7 @@ pub(super) fn spool() -> (tempfile::TempDir, Spool) {
     (dir, spool)
 }
 
-fn commit(spool: &Spool, env: &Envelope, body: &[u8]) -> QueueId {
+pub(super) fn commit(spool: &Spool, env: &Envelope, body: &[u8]) -> QueueId {
     let mut w = spool.create(env).unwrap();
     for chunk in body.chunks(7) {
         w.write(chunk).unwrap();
