@@ -671,12 +671,7 @@ impl Spool {
 
     /// Open `queue/ID`, parse its header and state; the reader is positioned at the message.
     fn load_open(&self, id: &QueueId) -> Result<(QueuedMessage, BufReader<File>), SpoolError> {
-        let (reader, envelope, header_len, path) = self.open_verified(id)?;
-        let len = reader
-            .get_ref()
-            .metadata()
-            .map_err(SpoolError::io("stat", &path))?
-            .len();
+        let (reader, envelope, header_len, path, len) = self.open_verified(id)?;
         let state = match self.read_state(id, &envelope) {
             Ok(Some(state)) => state,
             Ok(None) => DeliveryState::fresh(envelope.received_at),
@@ -713,7 +708,7 @@ impl Spool {
     /// Open a committed message for streaming: the file, positioned at the first message byte,
     /// and that offset. The open file stays readable even if the message is removed meanwhile.
     pub fn open_message(&self, id: &QueueId) -> Result<(File, u64), SpoolError> {
-        let (reader, _, offset, path) = self.open_verified(id)?;
+        let (reader, _, offset, path, _) = self.open_verified(id)?;
         let mut file = reader.into_inner();
         file.seek(SeekFrom::Start(offset))
             .map_err(SpoolError::io("seek", &path))?;
@@ -725,9 +720,10 @@ impl Spool {
     fn open_verified(
         &self,
         id: &QueueId,
-    ) -> Result<(BufReader<File>, Envelope, u64, PathBuf), SpoolError> {
+    ) -> Result<(BufReader<File>, Envelope, u64, PathBuf, u64), SpoolError> {
         let path = self.message_path(id);
-        let mut reader = BufReader::new(open_message_file(&path, id, self.inner.owner.0)?);
+        let (file, meta) = open_message_file(&path, id, self.inner.owner.0)?;
+        let mut reader = BufReader::new(file);
         let (envelope, header_len) = read_header(&mut reader, &path)?;
         if envelope.id != *id {
             return Err(SpoolError::corrupt(
@@ -735,7 +731,7 @@ impl Spool {
                 format!("envelope id {} does not match the file name", envelope.id),
             ));
         }
-        Ok((reader, envelope, header_len, path))
+        Ok((reader, envelope, header_len, path, meta.len()))
     }
 
     /// Replace the delivery state of a message atomically: temp file in `tmp/`, fsync, rename
@@ -894,8 +890,13 @@ fn exact_id(name: &str) -> Option<QueueId> {
 /// Open a message file, mapping "absent" to [`SpoolError::NotFound`]. Symlinks are not
 /// followed: nothing legitimate puts one in `queue/`, and following it could read a file
 /// outside the spool.
-fn open_message_file(path: &Path, id: &QueueId, owner: u32) -> Result<File, SpoolError> {
-    open_trusted(path, owner, false).map_err(|e| match e {
+/// Also the open file's metadata.
+fn open_message_file(
+    path: &Path,
+    id: &QueueId,
+    owner: u32,
+) -> Result<(File, fs::Metadata), SpoolError> {
+    open_trusted_with_meta(path, owner, false).map_err(|e| match e {
         Opened::Io(e) if e.kind() == io::ErrorKind::NotFound => SpoolError::NotFound(id.clone()),
         e => e.into_spool_error(path),
     })
@@ -926,6 +927,15 @@ impl Opened {
 /// be swapped in between) passes [`trust`] for `owner`. For reading, or for writing when
 /// `write`. Every reader of spool files goes through here.
 pub(crate) fn open_trusted(path: &Path, owner: u32, write: bool) -> Result<File, Opened> {
+    open_trusted_with_meta(path, owner, write).map(|(file, _)| file)
+}
+
+/// [`open_trusted`], and the metadata of the open file it checked (one `fstat` for both).
+pub(crate) fn open_trusted_with_meta(
+    path: &Path,
+    owner: u32,
+    write: bool,
+) -> Result<(File, fs::Metadata), Opened> {
     let file = OpenOptions::new()
         .read(!write)
         .write(write)
@@ -934,7 +944,7 @@ pub(crate) fn open_trusted(path: &Path, owner: u32, write: bool) -> Result<File,
         .map_err(Opened::Io)?;
     let meta = file.metadata().map_err(Opened::Io)?;
     trust(&meta, owner).map_err(|d| Opened::Untrusted(d.to_string()))?;
-    Ok(file)
+    Ok((file, meta))
 }
 
 /// Why a spool file is not trusted as written by the relay.
@@ -1082,18 +1092,19 @@ fn read_header(reader: &mut impl BufRead, path: &Path) -> Result<(Envelope, u64)
 
 /// Read and parse a state file: `None` when absent.
 fn read_state_file(path: &Path, owner: u32) -> Result<Option<DeliveryState>, SpoolError> {
-    let file = match open_trusted(path, owner, false) {
-        Ok(f) => f,
+    let (mut file, meta) = match open_trusted_with_meta(path, owner, false) {
+        Ok(opened) => opened,
         Err(Opened::Io(e)) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
         Err(e) => return Err(e.into_spool_error(path)),
     };
-    let mut bytes = Vec::new();
-    file.take(MAX_STATE_FILE + 1)
-        .read_to_end(&mut bytes)
-        .map_err(SpoolError::io("read", path))?;
-    if bytes.len() as u64 > MAX_STATE_FILE {
+    if meta.len() > MAX_STATE_FILE {
         return Err(SpoolError::corrupt(path, "state file too large"));
     }
+    // A state file is replaced by a rename, never written in place: its length is the one
+    // of the open file, read in one call (no probe for the end).
+    let mut bytes = vec![0; meta.len() as usize];
+    file.read_exact(&mut bytes)
+        .map_err(SpoolError::io("read", path))?;
     serde_json::from_slice(&bytes)
         .map(Some)
         .map_err(|e| SpoolError::corrupt(path, format!("state JSON: {e}")))

@@ -372,7 +372,7 @@ fn check_message(
     path: &Path,
     owner: u32,
 ) -> Result<crate::envelope::Envelope, SpoolError> {
-    let file = super::open_message_file(path, id, owner)?;
+    let (file, _) = super::open_message_file(path, id, owner)?;
     let (envelope, _) = read_header(&mut BufReader::new(file), path)?;
     if envelope.id != *id {
         return Err(SpoolError::corrupt(

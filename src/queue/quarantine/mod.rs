@@ -371,7 +371,7 @@ impl Spool {
         id: &QueueId,
     ) -> Result<(crate::envelope::Envelope, u64, fs::Metadata), SpoolError> {
         let path = self.quarantined_path(id, "");
-        let file = open_message_file(&path, id, self.inner.owner.0)?;
+        let (file, _) = open_message_file(&path, id, self.inner.owner.0)?;
         let meta = file.metadata().map_err(SpoolError::io("stat", &path))?;
         let (envelope, header_len) = read_header(&mut BufReader::new(file), &path)?;
         if envelope.id != *id {
