@@ -494,9 +494,9 @@ impl Signals {
 }
 
 /// Serve SIGHUP (reload) until SIGTERM or SIGINT, and log the end of the background
-/// recovery (`recovery`, of the spool in `dir`). A recovery that fails stops the relay like a
-/// SIGTERM: `Err` with its error, for `main` to print and exit 1 (what is queued stays queued
-/// for the next start, which recovers it again).
+/// recovery (`recovery`, of the spool in `dir`). A recovery that fails (`queue/` cannot be
+/// listed: a file it cannot deal with is only logged) stops the relay like a SIGTERM: `Err`
+/// with its error, for `main` to print and exit 1; what is queued stays queued.
 async fn wait_for_shutdown(
     mut signals: Signals,
     runtime: &ArcSwap<Runtime>,
@@ -515,9 +515,9 @@ async fn wait_for_shutdown(
                 recovery = None;
                 match ended.map_err(AppError::Recovery)? {
                     Ok((report, took)) => info!(spool = %dir.display(), %report,
-                        secs = took.as_secs_f64(), "spool recovered; delivering"),
+                        secs = took.as_secs_f64(), "spool recovered; loading the queue for delivery"),
                     Err(e) => {
-                        error!(error = %e, "spool recovery failed: shutting down (nothing queued is lost: the next start recovers it)");
+                        error!(error = %e, "spool recovery failed: cannot list the queue, so nothing queued can be delivered; shutting down (nothing queued is lost)");
                         return Err(AppError::Spool(e));
                     }
                 }

@@ -613,7 +613,11 @@ fn run(path: Option<PathBuf>) -> anyhow::Result<()> {
         .enable_all()
         .build()
         .context("cannot start the async runtime")?;
-    runtime.block_on(portcullis::app::run(config, path))?;
+    let ran = runtime.block_on(portcullis::app::run(config, path));
+    // A recovery of queue/ still running (a stop during the start) is abandoned, as a crash
+    // would abandon it: the next start does it again. Anything else has ended by now.
+    runtime.shutdown_timeout(std::time::Duration::from_secs(1));
+    ran?;
     Ok(())
 }
 

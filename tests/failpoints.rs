@@ -13,9 +13,10 @@
 //!   delivered again while the relay runs; an operator's `queue delete` that fails says so;
 //! - control (`control.*`): `queue retry --all` fails with a clear message, exit 1, and leaves
 //!   no request behind; run again it works;
-//! - recovery (`recover.*`): the relay refuses to start (`recover.tmp`, before it listens) or
-//!   stops (`recover.orphan`, in the recovery of `queue/` that runs while it accepts mail), the
-//!   queue untouched; started again it recovers and delivers.
+//! - recovery (`recover.*`): the relay refuses to start (`recover.tmp`, before it listens), the
+//!   queue untouched, and started again it recovers and delivers; or (`recover.orphan`, in the
+//!   recovery of `queue/` that runs while it accepts mail) it logs the file, leaves it, and
+//!   delivers the rest.
 //!
 //! Plus [`every_step_in_the_sources_is_in_steps_and_back`], so a step cannot be added without
 //! this matrix knowing it.
@@ -489,7 +490,7 @@ fn a_delivered_message_whose_state_unlink_fails_leaves_an_orphan_removed_at_rest
         &relay,
         &[
             &format!("queue_id={id}"),
-            "removing delivery state of a message no longer queued",
+            "removed the delivery state of a message no longer queued",
         ],
     );
     assert_eq!(names(&relay, "queue"), Vec::<String>::new());
@@ -701,15 +702,39 @@ fn a_failing_recovery_refuses_to_start_and_the_next_start_recovers() {
         let name = &names(relay, "tmp")[0];
         relay.spool.join("tmp").join(name).display().to_string()
     });
+}
+
+#[test]
+fn an_orphan_state_recovery_cannot_remove_is_logged_and_left_and_the_queue_still_delivered() {
     // The state of a message no longer queued (its removal cut short by a crash), here a copy
-    // of the queued message's own.
-    recovery_fails_once("recover.orphan", |relay, id| {
-        relay.kill9();
-        let queue = relay.spool.join("queue");
-        let path = queue.join("0000000000000001.state");
-        fs::copy(queue.join(format!("{id}.state")), &path).unwrap();
-        path.display().to_string()
-    });
+    // of the queued message's own. The recovery of queue/ runs while the relay accepts mail:
+    // one file it cannot deal with must not stop the delivery of the rest.
+    let (sink, mut relay, id) = queued_message("recovered");
+    relay.kill9();
+    let queue = relay.spool.join("queue");
+    let orphan = queue.join("0000000000000001.state");
+    fs::copy(queue.join(format!("{id}.state")), &orphan).unwrap();
+    common::queue::accept(&sink);
+    relay.restart_env(&[("FAILPOINTS", "recover.orphan=1*return(eio)")]);
+    let path = orphan.display().to_string();
+    assert_line(
+        &relay,
+        &[
+            "cannot remove the delivery state of a message no longer queued; left in place",
+            "rule=\"spool_recovery\"",
+            &path,
+            EIO,
+        ],
+    );
+    assert_line(&relay, &["spool recovered", "1 left in place"]);
+    let out = relay.command(&["queue", "retry", "--all"]);
+    assert_eq!(out.status.code(), Some(0), "{}", show(&out));
+    assert_delivered(&relay, &sink, &[("recovered", 1)]);
+    assert!(orphan.exists(), "left in place");
+    relay.restart_env(&[("FAILPOINTS", "")]);
+    assert_line(&relay, &["removed the delivery state", &path]);
+    assert!(!orphan.exists());
+    assert_eq!(delivery_counts(&sink).len(), 1, "{}", relay.log());
 }
 
 #[test]
@@ -736,7 +761,10 @@ fn the_relay_accepts_mail_while_it_recovers_the_queue_and_delivers_all_after() {
     assert_eq!(sink.messages().len(), 0, "{log}");
     assert_line(
         &relay,
-        &["spool recovered; delivering", "1 orphan states removed"],
+        &[
+            "spool recovered; loading the queue",
+            "1 orphan states removed",
+        ],
     );
     assert!(!orphan.exists());
     // The old message's next attempt is an hour away: asked for now.

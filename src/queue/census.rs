@@ -195,6 +195,12 @@ impl Census {
         self.changed = true;
     }
 
+    /// Whether `id` is counted (waiting or held).
+    pub fn contains(&self, id: &QueueId) -> bool {
+        let bits = id.to_bits();
+        self.waiting.contains_key(&bits) || self.held.contains_key(&bits)
+    }
+
     /// Messages counted (waiting and held).
     pub fn len(&self) -> usize {
         self.waiting.len() + self.held.len()

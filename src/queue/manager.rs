@@ -255,6 +255,11 @@ impl<C: Courier> Manager<C> {
             }
         }
         self.load().await;
+        // Arrivals buffered during the recovery and the load, before any request is read: one
+        // the load listed is known already and ignored (see `arrived`).
+        while let Ok(new) = self.incoming.try_recv() {
+            self.arrived(new).await;
+        }
         // Requests made while the relay was stopped, before anything is attempted: a message
         // held then must not be sent by the first dispatch.
         self.control().await;
@@ -316,6 +321,11 @@ impl<C: Courier> Manager<C> {
     /// envelope (a large one is counted once its first attempt has read it). One from a
     /// suspended login (committed as the suspension came) is held instead.
     async fn arrived(&mut self, new: Committed) {
+        // Committed while the queue was recovered and listed by the load: scheduled (or held)
+        // from the spool already. Its copy here may be older than a hold recorded since.
+        if self.census.contains(&new.id) {
+            return;
+        }
         if let Some(loaded) = &new.loaded {
             let facts = facts_of(&*self.courier.load_full(), &loaded.msg);
             self.census.set(&new.id, &facts);

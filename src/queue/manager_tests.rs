@@ -852,3 +852,33 @@ async fn a_suspended_logins_mail_is_held_whatever_brings_it_due_and_never_sent()
         assert_eq!(h.spool.load(id).unwrap().state.attempts, 0, "{id}");
     }
 }
+
+#[tokio::test(start_paused = true)]
+async fn mail_committed_during_the_recovery_and_held_before_delivery_stays_held() {
+    // The relay accepts mail while the queue is recovered; the manager waits for it. A
+    // message committed then is listed by the load and its arrival, with the copy kept at
+    // commit, is still in the channel when the hold comes: that copy must not reschedule it.
+    let mut h = start(&[5], 1, None);
+    let (recovered_tx, recovered) = tokio::sync::watch::channel(false);
+    h.manager = h.manager.take().map(|m| m.after_recovery(recovered));
+    h.run();
+    let env = sample_envelope(&["held@example.com"]);
+    let mut w = h.spool.create(&env).unwrap();
+    w.write(b"Subject: t\r\n\r\nhi\r\n").unwrap();
+    let (held, kept) = w.commit_and_keep().unwrap();
+    let committed = Committed {
+        id: held.clone(),
+        loaded: kept,
+        auth_user: None,
+    };
+    h.wake.send(committed).unwrap();
+    h.spool.request_hold(&held, true).unwrap();
+    recovered_tx.send(true).unwrap();
+    h.state_until(&held, |s| s.hold.is_some()).await;
+    // Sync point: a message queued now is attempted; the held one never was.
+    let other = h.queue(&["other@example.com"], None);
+    assert_eq!(h.next_sent().await.id, other);
+    h.gone(&other).await;
+    let state = h.spool.load(&held).unwrap().state;
+    assert_eq!((state.attempts, state.hold.is_some()), (0, true));
+}

@@ -52,6 +52,10 @@ pub struct RecoveryReport {
     pub rejected: Vec<PathBuf>,
     /// State files removed because their message no longer exists.
     pub orphans_removed: usize,
+    /// Files to be set aside or removed that could not be (each logged with
+    /// `rule=spool_recovery`): left where they are, tried again at the next start. The relay
+    /// never delivers them: it skips what it cannot read or trust.
+    pub left: usize,
 }
 
 impl fmt::Display for RecoveryReport {
@@ -63,7 +67,11 @@ impl fmt::Display for RecoveryReport {
             self.tmp_removed,
             self.rejected.len(),
             self.orphans_removed
-        )
+        )?;
+        if self.left > 0 {
+            write!(f, ", {} left in place (see the errors above)", self.left)?;
+        }
+        Ok(())
     }
 }
 
@@ -162,21 +170,50 @@ impl Spool {
     /// on up to [`RECOVER_THREADS`] threads.
     ///
     /// # Errors
-    /// The first I/O error that would leave the spool unchecked (a file that cannot be moved
-    /// into `rejected/`, an orphan that cannot be removed); an unreadable message is logged
-    /// and left in place instead.
+    /// `queue/` cannot be listed. A file that cannot be read, set aside or removed is logged
+    /// and left in place instead (counted in [`RecoveryReport::left`]): one bad file must not
+    /// stop the delivery of the rest.
     pub fn recover_queue(&self, report: &mut RecoveryReport) -> Result<(), SpoolError> {
         let report = &mut *report;
         let scan = self.scan_queue(report)?;
         let checked = self.check_messages(scan.messages, scan.rejected, report)?;
         self.check_states(scan.states, &checked, report)?;
+        // Without these fsyncs a power cut may undo a move or removal, which the next start
+        // does again: an error is logged, not fatal.
+        let mut dirs = Vec::new();
         if !report.rejected.is_empty() {
-            sync_dir(&self.inner.rejected)?;
+            dirs.push(&self.inner.rejected);
         }
         if !report.rejected.is_empty() || report.orphans_removed > 0 {
-            sync_dir(&self.inner.queue)?;
+            dirs.push(&self.inner.queue);
+        }
+        for dir in dirs {
+            if let Err(e) = sync_dir(dir) {
+                tracing::error!(error = %e, rule = "spool_recovery", "cannot fsync the spool after its recovery");
+            }
         }
         Ok(())
+    }
+
+    /// [`Spool::reject`], and when that fails, the file logged and counted as left in place.
+    fn set_aside(&self, path: &Path, reason: &str, report: &mut RecoveryReport) {
+        if let Err(e) = self.reject(path, reason, report) {
+            left_in_place(path, &format!("cannot set aside ({reason})"), &e, report);
+        }
+    }
+
+    /// Whether the orphan state `path` of `id` belongs to a quarantined message and went to
+    /// it; an error is logged and counted as left in place (true: nothing more to do).
+    fn moved_to_quarantine(&self, id: &QueueId, path: &Path, report: &mut RecoveryReport) -> bool {
+        self.adopt_quarantined_state(id).unwrap_or_else(|e| {
+            left_in_place(
+                path,
+                "cannot move a state to its quarantined message",
+                &e,
+                report,
+            );
+            true
+        })
     }
 
     /// List `queue/`: message and state files the relay wrote, by id; reject the rest.
@@ -199,13 +236,13 @@ impl Spool {
                 (Entry::Message(id), Ok(())) => scan.messages.push((id, path)),
                 (Entry::State(id), Ok(())) => scan.states.push((id, path)),
                 (Entry::Message(id), Err(reason)) => {
-                    self.reject(&path, &reason.to_string(), report)?;
+                    self.set_aside(&path, &reason.to_string(), report);
                     scan.rejected.insert(id);
                 }
                 (Entry::State(_), Err(reason)) => {
-                    self.reject(&path, &reason.to_string(), report)?;
+                    self.set_aside(&path, &reason.to_string(), report);
                 }
-                (Entry::Stray, _) => self.reject(&path, "not a spool file name", report)?,
+                (Entry::Stray, _) => self.set_aside(&path, "not a spool file name", report),
             }
         }
         Ok(scan)
@@ -233,7 +270,7 @@ impl Spool {
                     present.insert(id);
                 }
                 Err(SpoolError::Corrupt { reason, .. } | SpoolError::Untrusted { reason, .. }) => {
-                    self.reject(&path, &reason, report)?;
+                    self.set_aside(&path, &reason, report);
                     rejected.insert(id);
                 }
                 // Deleted by a `queue` command since the listing.
@@ -276,19 +313,27 @@ impl Spool {
             let Some(parsed) = parsed else {
                 if checked.rejected.contains(&id) {
                     // Keep the progress next to the message it describes.
-                    self.reject(&path, "its message was rejected", report)?;
-                } else if self.adopt_quarantined_state(&id)? {
+                    self.set_aside(&path, "its message was rejected", report);
+                } else if self.moved_to_quarantine(&id, &path, report) {
                     // Its message is quarantined: the state went with it.
                 } else if fs::symlink_metadata(self.message_path(&id)).is_ok() {
                     // Its message was committed after the listing passed its name (the relay
                     // accepts mail during recovery), then attempted: not an orphan.
                 } else {
-                    tracing::warn!(queue_id = %id, path = %path.display(), "removing delivery state of a message no longer queued");
                     match failpoint::step("recover.orphan").and_then(|()| fs::remove_file(&path)) {
+                        Ok(()) => {
+                            tracing::warn!(queue_id = %id, path = %path.display(), "removed the delivery state of a message no longer queued");
+                            report.orphans_removed += 1;
+                        }
+                        // Moved or removed by a `queue` command since the listing.
                         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-                        removed => removed.map_err(SpoolError::io("unlink", &path))?,
+                        Err(e) => left_in_place(
+                            &path,
+                            "cannot remove the delivery state of a message no longer queued",
+                            &SpoolError::io("unlink", &path)(e),
+                            report,
+                        ),
                     }
-                    report.orphans_removed += 1;
                 }
                 continue;
             };
@@ -297,7 +342,7 @@ impl Spool {
                 Err(SpoolError::Corrupt { reason, .. } | SpoolError::Untrusted { reason, .. }) => {
                     // The message stays queued and restarts with a fresh state: it may be
                     // delivered again to some recipients (at-least-once), never lost.
-                    self.reject(&path, &reason, report)?;
+                    self.set_aside(&path, &reason, report);
                 }
                 Err(e) => {
                     tracing::warn!(queue_id = %id, error = %e, "cannot read delivery state; leaving it in place");
@@ -364,6 +409,13 @@ impl Spool {
         report.rejected.push(dest);
         Ok(())
     }
+}
+
+/// Log a file recovery could not deal with (`what`, `error`) and count it in `report.left`.
+fn left_in_place(path: &Path, what: &str, error: &SpoolError, report: &mut RecoveryReport) {
+    tracing::error!(path = %path.display(), %error, rule = "spool_recovery",
+        "{what}; left in place, tried again at the next start");
+    report.left += 1;
 }
 
 /// Read the header of a message file and check its id against the file name.
