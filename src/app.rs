@@ -236,6 +236,14 @@ pub async fn run(config: Config, path: Option<PathBuf>) -> Result<(), AppError> 
     };
     raise_fd_limit(config.limits.max_connections);
     let telemetry = Arc::new(telemetry_for(&config, &spool));
+    // Until the queue manager has loaded the queue (`portcullis status`, `/api/status`).
+    telemetry.set_queue(
+        crate::observe::QueueCensus {
+            loading: true,
+            ..Default::default()
+        },
+        crate::observe::event::unix_millis() / 1000,
+    );
     // The shared store: nothing is connected until the watch task or a session asks.
     let cluster = Cluster::new(&config.cluster, telemetry.clone());
     // The suspended logins, read before any session or delivery starts (those of the shared

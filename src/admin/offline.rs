@@ -135,6 +135,7 @@ pub fn census(messages: &[QueuedMessage], config: &Config) -> QueueCensus {
         by_upstream: by_upstream.into_values().collect(),
         oldest,
         top_senders,
+        loading: false,
     }
 }
 

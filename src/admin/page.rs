@@ -336,7 +336,14 @@ fn queue(out: &mut String, status: &Status) {
         }
         None => out.push_str("<tr><th>Oldest</th><td>none</td></tr>\n"),
     }
-    out.push_str("</table>\n<h3>By upstream</h3>\n");
+    out.push_str("</table>\n");
+    if q.loading {
+        out.push_str(
+            "<p class=\"warn\">Loading after the start: the spool is being recovered; delivery \
+             waits for it. The counts below are not the queue yet.</p>\n",
+        );
+    }
+    out.push_str("<h3>By upstream</h3>\n");
     if q.by_upstream.is_empty() {
         out.push_str("<p class=\"none\">Empty.</p>\n");
     } else {

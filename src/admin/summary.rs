@@ -141,12 +141,21 @@ fn queue(out: &mut String, status: &Status) {
             rfc3339(*at)
         )
     });
-    let _ = writeln!(
-        out,
-        "queue: {} queued, {} held{oldest}",
-        q.queued(),
-        q.held()
-    );
+    if q.loading {
+        let _ = writeln!(
+            out,
+            "queue: loading after the start (recovery of the spool): delivery waits for it; counted so far: {} queued, {} held",
+            q.queued(),
+            q.held()
+        );
+    } else {
+        let _ = writeln!(
+            out,
+            "queue: {} queued, {} held{oldest}",
+            q.queued(),
+            q.held()
+        );
+    }
     for u in &q.by_upstream {
         let _ = writeln!(
             out,

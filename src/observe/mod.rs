@@ -79,6 +79,11 @@ pub struct QueueCensus {
     /// The envelope senders with the most queued messages (not held), most first, at most
     /// [`TOP_SENDERS`]; `<>` for bounces.
     pub top_senders: Vec<(String, u64)>,
+    /// True from the start until the queue manager has loaded the queue (the recovery of
+    /// `queue/` runs while the relay accepts mail, delivery waits for it): the counts above
+    /// are not the queue yet.
+    #[serde(default)]
+    pub loading: bool,
 }
 
 /// Most senders in [`QueueCensus::top_senders`].

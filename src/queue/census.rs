@@ -253,6 +253,7 @@ impl Census {
             by_upstream,
             oldest,
             top_senders: top,
+            loading: false,
         }
     }
 

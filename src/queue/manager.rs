@@ -255,6 +255,8 @@ impl<C: Courier> Manager<C> {
             }
         }
         self.load().await;
+        // The census says "loading" until this first publication (also when the load failed).
+        self.publish();
         // Arrivals buffered during the recovery and the load, before any request is read: one
         // the load listed is known already and ignored (see `arrived`).
         while let Ok(new) = self.incoming.try_recv() {

@@ -79,6 +79,7 @@ fn outage() -> Status {
             ],
             oldest: Some(("0A1B2C3D4E5F".into(), OUTAGE_START + 2)),
             top_senders: vec![("billing@example.com".into(), 311)],
+            loading: false,
         },
         last_1m: sum(1),
         last_5m: sum(5),

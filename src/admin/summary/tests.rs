@@ -40,6 +40,7 @@ fn outage() -> Status {
         }],
         oldest: Some(("0A1B2C3D4E5F".into(), T + 5)),
         top_senders: vec![("billing@example.com".into(), 900), ("<>".into(), 3)],
+        loading: false,
     };
     telemetry.set_queue(census, T + 65);
     telemetry.alerts.set(vec![ActiveAlert {
@@ -128,4 +129,18 @@ fn a_node_not_ready_says_why_with_the_reason_cleaned() {
 
 fn text_first_line(status: &Status) -> String {
     text(status).lines().next().unwrap().to_owned()
+}
+
+#[test]
+fn a_queue_still_loading_after_the_start_says_so() {
+    let mut status = outage();
+    status.queue.loading = true;
+    let text = text(&status);
+    assert!(
+        text.contains(
+            "queue: loading after the start (recovery of the spool): delivery waits for it; \
+             counted so far: 1234 queued, 2 held\n"
+        ),
+        "{text}"
+    );
 }

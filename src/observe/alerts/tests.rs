@@ -631,6 +631,7 @@ mod live {
             }],
             oldest: oldest.map(|at| ("Q1".to_owned(), at)),
             top_senders: Vec::new(),
+            loading: false,
         }
     }
 
