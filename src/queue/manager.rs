@@ -53,6 +53,10 @@ use crate::envelope::QueueId;
 use crate::observe::{CENSUS_INTERVAL, Event, EventKind, Telemetry};
 use crate::policy::containment::Containment;
 
+/// Messages the load at start reads at a time (`Manager::load`): about 1.6 KB each while
+/// read, so a few MB whatever the length of the queue.
+const LOAD_CHUNK: usize = 4096;
+
 /// The reason recorded for a hold asked for with `queue hold` (shown by `queue list|show`).
 pub const HOLD_REASON: &str = "queue hold";
 
@@ -284,39 +288,51 @@ impl<C: Courier> Manager<C> {
         info!(in_flight = self.busy.len(), "delivery scheduler stopping");
     }
 
-    /// Schedule every queued message that is not held, at its next attempt time.
+    /// Schedule every queued message that is not held, at its next attempt time. Read
+    /// [`LOAD_CHUNK`] messages at a time, so that a long queue never sits in memory whole.
     async fn load(&mut self) {
         self.suspended_seen = self.suspended_logins();
-        match on_spool(&self.spool, |s| s.list()).await {
-            Ok(messages) => {
-                let count = messages.len();
-                let courier = self.courier.load_full();
-                let mut suspended = Vec::new();
-                for m in messages {
-                    self.census.set(m.id(), &facts_of(&*courier, &m));
-                    if m.state.hold.is_some() {
-                        continue;
-                    }
-                    if self.is_suspended(m.envelope.auth_user.as_deref()) {
-                        suspended.push((m.envelope.id, true));
-                    } else {
-                        self.schedule(m.envelope.id, m.state.next_attempt);
-                    }
-                }
-                info!(messages = count, "delivery scheduler started");
-                if !suspended.is_empty() {
-                    info!(
-                        messages = suspended.len(),
-                        "holding the queued mail of suspended logins"
-                    );
-                    self.hold_all(suspended, SUSPENDED_REASON).await;
-                }
-                self.publish();
-            }
+        let ids = match on_spool(&self.spool, |s| s.queued_ids()).await {
+            Ok(ids) => ids,
             Err(e) => {
-                error!(error = %e, "cannot list the spool; only new messages will be delivered until restart")
+                error!(error = %e, "cannot list the spool; only new messages will be delivered until restart");
+                return;
+            }
+        };
+        let mut count = 0;
+        let mut suspended = Vec::new();
+        for chunk in ids.chunks(LOAD_CHUNK) {
+            let chunk = chunk.to_vec();
+            let messages = match on_spool(&self.spool, move |s| Ok(s.load_many(&chunk))).await {
+                Ok(messages) => messages,
+                Err(e) => {
+                    error!(error = %e, "cannot load part of the queue; it is delivered after a restart");
+                    continue;
+                }
+            };
+            count += messages.len();
+            let courier = self.courier.load_full();
+            for m in messages {
+                self.census.set(m.id(), &facts_of(&*courier, &m));
+                if m.state.hold.is_some() {
+                    continue;
+                }
+                if self.is_suspended(m.envelope.auth_user.as_deref()) {
+                    suspended.push((m.envelope.id, true));
+                } else {
+                    self.schedule(m.envelope.id, m.state.next_attempt);
+                }
             }
         }
+        info!(messages = count, "delivery scheduler started");
+        if !suspended.is_empty() {
+            info!(
+                messages = suspended.len(),
+                "holding the queued mail of suspended logins"
+            );
+            self.hold_all(suspended, SUSPENDED_REASON).await;
+        }
+        self.publish();
     }
 
     /// A message was committed: due now, counted in the census when it came with its

@@ -590,6 +590,14 @@ impl Spool {
     /// (recovery moves it to `rejected/`) and a
     /// message removed while listing is silently left out.
     pub fn list(&self) -> Result<Vec<QueuedMessage>, SpoolError> {
+        Ok(self.load_many(&self.queued_ids()?))
+    }
+
+    /// The ids of the messages in `queue/`, sorted (oldest first). Blocking.
+    ///
+    /// # Errors
+    /// `queue/` cannot be read.
+    pub fn queued_ids(&self) -> Result<Vec<QueueId>, SpoolError> {
         let dir = &self.inner.queue;
         let entries = fs::read_dir(dir).map_err(SpoolError::io("readdir", dir))?;
         let mut ids = Vec::new();
@@ -600,6 +608,12 @@ impl Spool {
             }
         }
         ids.sort();
+        Ok(ids)
+    }
+
+    /// [`Spool::load`] of each of `ids`, in order, leaving out those gone and (logged) those
+    /// unreadable; a long list is read on a few threads. Blocking.
+    pub fn load_many(&self, ids: &[QueueId]) -> Vec<QueuedMessage> {
         // Reading is one open, read and parse per message, mostly system calls on cached
         // files: a large queue is read on a few threads (in id order all the same).
         let threads = std::thread::available_parallelism()
@@ -608,10 +622,10 @@ impl Spool {
             .min(ids.len() / LIST_PER_THREAD)
             .max(1);
         if threads == 1 {
-            return Ok(self.load_all(&ids));
+            return self.load_all(ids);
         }
         let chunk = ids.len().div_ceil(threads);
-        Ok(std::thread::scope(|scope| {
+        std::thread::scope(|scope| {
             let parts: Vec<_> = ids
                 .chunks(chunk)
                 .map(|part| scope.spawn(move || self.load_all(part)))
@@ -620,7 +634,7 @@ impl Spool {
                 .into_iter()
                 .flat_map(|p| p.join().unwrap_or_else(|e| std::panic::resume_unwind(e)))
                 .collect()
-        }))
+        })
     }
 
     /// [`Spool::load`] of each of `ids`, in order, leaving out those gone and (logged) those

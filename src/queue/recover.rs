@@ -130,13 +130,20 @@ fn check_all<T: Sync, R: Send>(items: &[T], check: impl Fn(&T) -> R + Sync) -> V
     })
 }
 
-/// The messages after their envelopes were read.
+/// The messages after their envelopes (and states) were read.
 struct Checked {
     /// Ids whose message file stays in `queue/`.
     present: HashSet<QueueId>,
     rejected: HashSet<QueueId>,
-    envelopes: HashMap<QueueId, Envelope>,
+    /// The state files of present messages that failed their check, by id. Each state is
+    /// read with its message, so no envelope is kept: memory stays flat however long the
+    /// queue.
+    bad_states: HashMap<QueueId, SpoolError>,
 }
+
+/// What the check of one message found: the message's envelope check, and its state's
+/// (`None`: it has no state file, or its message is not present).
+type MessageCheck = (Result<(), SpoolError>, Option<Result<(), SpoolError>>);
 
 impl Spool {
     /// Recover the spool after a restart or crash (see the module docs of `recover`): empty
@@ -176,8 +183,8 @@ impl Spool {
     pub fn recover_queue(&self, report: &mut RecoveryReport) -> Result<(), SpoolError> {
         let report = &mut *report;
         let scan = self.scan_queue(report)?;
-        let checked = self.check_messages(scan.messages, scan.rejected, report)?;
-        self.check_states(scan.states, &checked, report)?;
+        let checked = self.check_messages(scan.messages, &scan.states, scan.rejected, report)?;
+        self.check_states(scan.states, checked, report)?;
         // Without these fsyncs a power cut may undo a move or removal, which the next start
         // does again: an error is logged, not fatal.
         let mut dirs = Vec::new();
@@ -248,25 +255,42 @@ impl Spool {
         Ok(scan)
     }
 
-    /// Read every message's envelope; reject those that cannot be understood or were not
-    /// written by the relay (joining `rejected`).
+    /// Read every message's envelope, and its state against it; reject the messages that
+    /// cannot be understood or were not written by the relay (joining `rejected`).
     fn check_messages(
         &self,
         messages: Vec<(QueueId, PathBuf)>,
+        states: &[(QueueId, PathBuf)],
         mut rejected: HashSet<QueueId>,
         report: &mut RecoveryReport,
     ) -> Result<Checked, SpoolError> {
         // Ids whose message file stays in queue/ (readable, or unreadable for a reason that
         // may pass, such as an I/O error: those are left alone, not rejected).
         let mut present = HashSet::new();
-        let mut envelopes = HashMap::new();
+        let mut bad_states = HashMap::new();
+        let with_state: HashMap<&QueueId, &PathBuf> = states.iter().map(|(i, p)| (i, p)).collect();
         let owner = self.inner.owner.0;
-        let results = check_all(&messages, |(id, path)| check_message(id, path, owner));
-        for ((id, path), result) in messages.into_iter().zip(results) {
+        let results = check_all(&messages, |(id, path)| -> MessageCheck {
+            let state = |envelope| with_state.get(id).map(|p| check_state(p, envelope, owner));
+            match check_message(id, path, owner) {
+                Ok(envelope) => (Ok(()), state(Some(&envelope))),
+                Err(
+                    e @ (SpoolError::Corrupt { .. }
+                    | SpoolError::Untrusted { .. }
+                    | SpoolError::NotFound(_)),
+                ) => (Err(e), None),
+                // Present, unreadable now (an I/O error that may pass): its state is still
+                // parsed.
+                Err(e) => (Err(e), state(None)),
+            }
+        });
+        for ((id, path), (result, state)) in messages.into_iter().zip(results) {
+            if let Some(Err(e)) = state {
+                bad_states.insert(id.clone(), e);
+            }
             match result {
-                Ok(envelope) => {
+                Ok(()) => {
                     report.queued += 1;
-                    envelopes.insert(id.clone(), envelope);
                     present.insert(id);
                 }
                 Err(SpoolError::Corrupt { reason, .. } | SpoolError::Untrusted { reason, .. }) => {
@@ -284,7 +308,7 @@ impl Spool {
         Ok(Checked {
             present,
             rejected,
-            envelopes,
+            bad_states,
         })
     }
 
@@ -292,25 +316,11 @@ impl Spool {
     fn check_states(
         &self,
         states: Vec<(QueueId, PathBuf)>,
-        checked: &Checked,
+        mut checked: Checked,
         report: &mut RecoveryReport,
     ) -> Result<(), SpoolError> {
-        let owner = self.inner.owner.0;
-        let parsed = check_all(&states, |(id, path)| {
-            if !checked.present.contains(id) {
-                return None;
-            }
-            Some(read_state_file(path, owner).and_then(|state| {
-                match (state, checked.envelopes.get(id)) {
-                    (Some(state), Some(envelope)) => state
-                        .check_against(envelope)
-                        .map_err(|mismatch| SpoolError::corrupt(path, mismatch.to_string())),
-                    _ => Ok(()),
-                }
-            }))
-        });
-        for ((id, path), parsed) in states.into_iter().zip(parsed) {
-            let Some(parsed) = parsed else {
+        for (id, path) in states {
+            if !checked.present.contains(&id) {
                 if checked.rejected.contains(&id) {
                     // Keep the progress next to the message it describes.
                     self.set_aside(&path, "its message was rejected", report);
@@ -336,15 +346,15 @@ impl Spool {
                     }
                 }
                 continue;
-            };
-            match parsed {
-                Ok(()) => {}
-                Err(SpoolError::Corrupt { reason, .. } | SpoolError::Untrusted { reason, .. }) => {
+            }
+            match checked.bad_states.remove(&id) {
+                None => {}
+                Some(SpoolError::Corrupt { reason, .. } | SpoolError::Untrusted { reason, .. }) => {
                     // The message stays queued and restarts with a fresh state: it may be
                     // delivered again to some recipients (at-least-once), never lost.
                     self.set_aside(&path, &reason, report);
                 }
-                Err(e) => {
+                Some(e) => {
                     tracing::warn!(queue_id = %id, error = %e, "cannot read delivery state; leaving it in place");
                 }
             }
@@ -418,6 +428,17 @@ fn left_in_place(path: &Path, what: &str, error: &SpoolError, report: &mut Recov
     report.left += 1;
 }
 
+/// Read the state file at `path` and check it against its message's `envelope` (when the
+/// message could be read).
+fn check_state(path: &Path, envelope: Option<&Envelope>, owner: u32) -> Result<(), SpoolError> {
+    match (read_state_file(path, owner)?, envelope) {
+        (Some(state), Some(envelope)) => state
+            .check_against(envelope)
+            .map_err(|mismatch| SpoolError::corrupt(path, mismatch.to_string())),
+        _ => Ok(()),
+    }
+}
+
 /// Read the header of a message file and check its id against the file name.
 fn check_message(
     id: &QueueId,
@@ -461,14 +482,14 @@ mod tests {
         let checked = Checked {
             present: HashSet::new(),
             rejected: HashSet::new(),
-            envelopes: HashMap::new(),
+            bad_states: HashMap::new(),
         };
         let states = vec![
             (late.clone(), spool.state_path(&late)),
             (gone, orphan.clone()),
         ];
         let mut report = RecoveryReport::default();
-        spool.check_states(states, &checked, &mut report).unwrap();
+        spool.check_states(states, checked, &mut report).unwrap();
         assert_eq!(report.orphans_removed, 1);
         assert!(!orphan.exists());
         assert_eq!(spool.load(&late).unwrap().state.next_attempt, 9);
