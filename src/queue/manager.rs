@@ -821,9 +821,16 @@ impl<C: Courier> Manager<C> {
                 Request::Retry(RetryTarget::All) => {
                     info!("queue retry --all: every message is due now; circuit breakers reset");
                     self.courier.load().reset_all();
-                    let ids: Vec<QueueId> = self.when.keys().cloned().collect();
-                    for id in ids {
-                        self.schedule(id, 0);
+                    // Due now, not at 0 as new mail is: mail arriving during the drain of a
+                    // backlog goes ahead of it (the backlog in order of age after it).
+                    let now = self.clock.now();
+                    let due: Vec<(QueueId, u64)> = self
+                        .when
+                        .iter()
+                        .map(|(id, &at)| (id.clone(), at.min(now)))
+                        .collect();
+                    for (id, at) in due {
+                        self.schedule(id, at);
                     }
                     self.retry_when_done.extend(self.busy.iter().cloned());
                 }

@@ -882,3 +882,29 @@ async fn mail_committed_during_the_recovery_and_held_before_delivery_stays_held(
     let state = h.spool.load(&held).unwrap().state;
     assert_eq!((state.attempts, state.hold.is_some()), (0, true));
 }
+
+#[tokio::test(start_paused = true)]
+async fn new_mail_goes_ahead_of_a_backlog_retried_with_retry_all() {
+    // The upstream was down for hours; the operator asks for the backlog with `queue retry
+    // --all` while new mail keeps coming: the new mail is sent first, then the backlog by age.
+    let gate = Arc::new(Semaphore::new(0));
+    let mut h = start(&[3600], 1, Some(gate.clone()));
+    let (a, b) = (
+        h.queue(&["a@example.com"], Some(T0 + 3600)),
+        h.queue(&["b@example.com"], Some(T0 + 3600)),
+    );
+    h.run();
+    // One attempt in flight, held at the gate, fills the one slot.
+    let blocker = h.queue(&["blocker@example.com"], None);
+    assert_eq!(h.next_sent().await.id, blocker);
+    h.spool.request_retry(&RetryTarget::All).unwrap();
+    h.requests_taken().await;
+    let new = h.queue(&["new@example.com"], None);
+    gate.add_permits(10);
+    let order = [
+        h.next_sent().await.id,
+        h.next_sent().await.id,
+        h.next_sent().await.id,
+    ];
+    assert_eq!(order, [new, a, b]);
+}
