@@ -18,6 +18,19 @@ BENCH_OUT (also write the tables to this file), BENCH_BEFORE_BIN (a second portc
 e.g. a build of the commit before a change, run beside the first in scenario A as
 "portcullis-before").
 Argument --smoke: scenario A for portcullis only (no Postfix, no scenarios B to E, no strace).
+Argument --backlog: the Backlog scenario only (issue 19; also part of the full run, after the
+fsync check). For each relay, alternating which goes first, BENCH_BACKLOG_RUNS passes (default
+2), each on a fresh instance: the second client's rate on the idle relay; smtp-sink stopped (the
+upstream refuses connections); BENCH_BACKLOG messages (default 100000; 0 skips the scenario in the
+full run) of 1 KB queued by smtp-source (20 sessions, a new connection per message) and attempted
+once by the relay (portcullis: a state file per message; Postfix: all in `deferred`); the relay
+stopped (SIGTERM) and started, warm page cache, then again after dropping it: start to first 220,
+and portcullis's recovery log lines; `queue list` (and --json) against `postqueue -p`, median of 3
+after an untimed one; smtp-sink started, `queue retry --all` against `postqueue -f`, timed to an
+empty queue, while a second smtp-source (10 sessions, BENCH_BACKLOG_NEW messages, default 5000,
+to new@example.net) sends new mail. Both relays put their second attempt an hour away
+(BACKLOG_RETRY_S). BENCH_MAX_LOAD: before each pass, wait up to BENCH_LOAD_WAIT seconds (default
+900) until the 1-minute load average is at most this (default 0: do not wait).
 Argument --auth: scenario F only (both relays, plus the DKIM signing cost).
 Argument --observe: the cost of observability (issue 15): scenario A (new connection per
 message) with this build, its admin listener on and scraped every BENCH_SCRAPE_S seconds (default
@@ -50,11 +63,13 @@ Every process started here is recorded in $BENCH_TMP/pids so that bench/run's tr
 by PID even if this script dies; on a normal exit this script stops them itself.
 """
 
+import datetime
 import json
 import os
 import re
 import resource
 import select
+import shutil
 import signal
 import socket
 import statistics
@@ -70,6 +85,16 @@ SMOKE = "--smoke" in sys.argv[1:]
 AUTH_ONLY = "--auth" in sys.argv[1:]
 OBSERVE_ONLY = "--observe" in sys.argv[1:]
 CLUSTER_ONLY = "--cluster" in sys.argv[1:]
+BACKLOG_ONLY = "--backlog" in sys.argv[1:]
+# Backlog (issue 19): messages queued during the outage, runs per relay, the second client's
+# messages; 0 messages skips the scenario in the full run.
+BACKLOG = int(os.environ.get("BENCH_BACKLOG", "100000"))
+BACKLOG_RUNS = int(os.environ.get("BENCH_BACKLOG_RUNS", "2"))
+BACKLOG_NEW = int(os.environ.get("BENCH_BACKLOG_NEW", "5000"))
+# Before each backlog pass, wait (at most LOAD_WAIT_S) until the 1-minute load average is at
+# most MAX_LOAD (0: do not wait): the two cores are shared with other jobs.
+MAX_LOAD = float(os.environ.get("BENCH_MAX_LOAD", "0"))
+LOAD_WAIT_S = float(os.environ.get("BENCH_LOAD_WAIT", "900"))
 # --cluster: messages per counted run and the open-loop rate and length of the latency runs.
 CL_MESSAGES = int(os.environ.get("BENCH_CL_MESSAGES", "10000"))
 CL_RATE = float(os.environ.get("BENCH_CL_RATE", "400"))
@@ -435,10 +460,16 @@ class Portcullis:
         self.config = os.path.join(self.dir, "portcullis.toml")
         with open(self.config, "w") as f:
             f.write(cfg)
-        self.proc = spawn([binary, "run", "--config", self.config], cwd=self.dir,
-                          stdout=open(os.path.join(self.dir, "log"), "w"), stderr=subprocess.STDOUT,
-                          preexec_fn=raise_nofile)
+        self.binary = binary
+        self.launch()
         wait_port(self.port, proc=self.proc)
+
+    def launch(self, log_name="log"):
+        """Start the relay (its log in DIR/`log_name`) without waiting for it to serve."""
+        self.log_path = os.path.join(self.dir, log_name)
+        self.proc = spawn([self.binary, "run", "--config", self.config], cwd=self.dir,
+                          stdout=open(self.log_path, "w"), stderr=subprocess.STDOUT,
+                          preexec_fn=raise_nofile)
         self.root = self.proc.pid
 
     def queued(self):
@@ -446,8 +477,8 @@ class Portcullis:
         q = os.path.join(self.dir, "spool", "queue")
         return sum(1 for n in os.listdir(q) if not n.endswith(".state"))
 
-    def stop(self):
-        stop_proc(self.proc)
+    def stop(self, timeout=10):
+        stop_proc(self.proc, timeout)
 
 
 class Postfix:
@@ -509,13 +540,22 @@ biff = no
         subprocess.run(["postfix", "-c", etc, "set-permissions"], check=True, timeout=60,
                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         subprocess.run(["postfix", "-c", etc, "check"], check=True, timeout=60)
-        self.proc = spawn(["postfix", "-c", etc, "start-fg"],
-                          stdout=open(os.path.join(self.dir, "log"), "w"), stderr=subprocess.STDOUT)
+        self.queue = queue
+        self.launch()
         wait_port(self.port, proc=self.proc)
-        with open(os.path.join(queue, "pid", "master.pid")) as f:
+        self.find_master()
+
+    def launch(self, log_name="log"):
+        """`postfix start-fg` (its output in DIR/`log_name`) without waiting for it to serve."""
+        self.proc = spawn(["postfix", "-c", self.etc, "start-fg"],
+                          stdout=open(os.path.join(self.dir, log_name), "w"),
+                          stderr=subprocess.STDOUT)
+
+    def find_master(self):
+        """Read the master's PID (the root of the process tree) once it serves."""
+        with open(os.path.join(self.queue, "pid", "master.pid")) as f:
             self.root = int(f.read().strip())
         record_pid(self.root)
-        self.queue = queue
 
     def queued(self):
         """Messages anywhere in Postfix's queue (maildrop, incoming, active, deferred, hold)."""
@@ -525,12 +565,12 @@ biff = no
                 n += len(files)
         return n
 
-    def stop(self):
+    def stop(self, timeout=10):
         subprocess.run(["postfix", "-c", self.etc, "stop"], timeout=30,
                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         for pid in reversed(tree(self.root)):
             kill_pid(pid)
-        stop_proc(self.proc)
+        stop_proc(self.proc, timeout)
 
 
 # ---- one run -----------------------------------------------------------------------------
@@ -900,6 +940,478 @@ def strace_pass(relay, sink, messages):
     per = {k: v / max(r["delivered"], 1) for k, v in counts.items()}
     log(f"strace {relay.name}: {counts} over {r['delivered']} messages")
     return relay.name, r["delivered"], counts, per
+
+
+# ---- Backlog: a queue built up during an outage (issue 19) ----------------------------------
+
+# Both relays wait this long before their second attempt of a deferred message (portcullis
+# `[queue] retry`, Postfix `minimal_backoff_time`), so that between the first attempt of the
+# backlog and `queue retry --all` / `postqueue -f` neither relay retries anything on its own:
+# the restarts and listings are measured on a queue that sits still, as in the middle of a long
+# outage. Postfix also keeps a dead destination dead this long (its throttle lasts
+# minimal_backoff_time), portcullis keeps its circuit breaker open up to 16 × 30 s.
+BACKLOG_RETRY_S = 3600
+# How long the relay's peak RSS is watched after the cold restart: until the drain starts.
+# Postfix's tree is sampled this often (each sample reads /proc of every process).
+PSS_SAMPLE_S = 0.25
+# The second client starts once the sink has counted this many of the backlog (the drain is
+# under way, not just asked for).
+BACKLOG_NEW_AFTER = 1000
+
+
+def backlog_portcullis_config(cfg):
+    """The bench policy with a first retry an hour away (BACKLOG_RETRY_S)."""
+    cfg, n = re.subn(r"(?m)^retry = .*$", f'retry = ["{BACKLOG_RETRY_S}s"]', cfg)
+    if n != 1:
+        raise RuntimeError("bench/portcullis.toml: expected one `retry =` line in [queue]")
+    return cfg
+
+
+def backlog_relay(kind, sink, run):
+    """A fresh relay of `kind` ("portcullis" or "postfix") with its own empty queue."""
+    if kind == "portcullis":
+        return Portcullis(sink.port, name=f"portcullis-backlog-{run}",
+                          edit_config=backlog_portcullis_config)
+    return Postfix(sink.port, name=f"postfix-backlog-{run}",
+                   main_extra=f"minimal_backoff_time = {BACKLOG_RETRY_S}s\n")
+
+
+def wait_for_quiet_machine():
+    """Wait (at most BENCH_LOAD_WAIT seconds) until the 1-minute load average is at most
+    BENCH_MAX_LOAD, when set: other jobs on the two cores. Returns the load average then."""
+    if MAX_LOAD > 0:
+        deadline = time.monotonic() + LOAD_WAIT_S
+        while os.getloadavg()[0] > MAX_LOAD and time.monotonic() < deadline:
+            time.sleep(5)
+        if os.getloadavg()[0] > MAX_LOAD:
+            log(f"warning: load average {os.getloadavg()[0]:.2f} still above {MAX_LOAD} "
+                f"after {LOAD_WAIT_S:.0f} s; going on")
+    return os.getloadavg()[0]
+
+
+def smtp_source(port, messages, sessions, rcpt):
+    """smtp-source with 1 KB messages to `rcpt`, a new connection per message, run to its end:
+    its wall time in seconds (every message accepted by then, or it fails)."""
+    cmd = ["smtp-source", "-s", str(sessions), "-m", str(messages), "-l", str(SMALL),
+           "-f", "bench@example.com", "-t", rcpt, f"127.0.0.1:{port}"]
+    t0 = time.monotonic()
+    src = spawn(cmd, stdout=subprocess.DEVNULL, stderr=open(os.path.join(TMP, "source.err"), "a"))
+    try:
+        rc = src.wait(timeout=max(120, messages / 50))
+    except subprocess.TimeoutExpired:
+        src.kill()
+        src.wait(5)
+        raise RuntimeError(f"smtp-source timed out: {' '.join(cmd)}")
+    if rc != 0:
+        raise RuntimeError(f"smtp-source exited {rc} (see {TMP}/source.err): {' '.join(cmd)}")
+    return time.monotonic() - t0
+
+
+def new_mail(relay, sink, messages):
+    """The second client of the backlog scenario on a relay whose upstream is up: 10 sessions,
+    `messages` to new@example.net. Returns its accepted msg/s and waits until the sink has
+    them all."""
+    base = sink.count
+    wall = smtp_source(relay.port, messages, 10, "new@example.net")
+    got, _ = sink.wait_for(base + messages)
+    if got - base < messages:
+        raise RuntimeError(f"{relay.name}: only {got - base} of {messages} new messages arrived")
+    return messages / wall
+
+
+def attempted(relay):
+    """Messages the relay has attempted and deferred: portcullis's state files in queue/ (one
+    per message after its first attempt), or the files in Postfix's deferred queue."""
+    if isinstance(relay, Portcullis):
+        return sum(1 for n in os.listdir(os.path.join(relay.dir, "spool", "queue"))
+                   if n.endswith(".state"))
+    return sum(len(files) for _, _, files in os.walk(os.path.join(relay.queue, "deferred")))
+
+
+def wait_attempted(relay, n, stall=60.0):
+    """Wait until the relay has attempted all `n` messages; fails when the count stops moving."""
+    last, moved = -1, time.monotonic()
+    while True:
+        k = attempted(relay)
+        now = time.monotonic()
+        if k >= n:
+            return now
+        if k != last:
+            last, moved = k, now
+        elif now - moved > stall:
+            raise RuntimeError(f"{relay.name}: {k} of {n} messages attempted, no progress in {stall:.0f} s")
+        time.sleep(0.5)
+
+
+def alive(pid):
+    """True while `pid` exists and is not a zombie."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            s = f.read()
+    except OSError:
+        return False
+    return s[s.rindex(")") + 2] != "Z"
+
+
+def wait_gone(pids, timeout=60.0):
+    """Wait until none of `pids` is alive (a stopped relay's whole process tree)."""
+    deadline = time.monotonic() + timeout
+    while any(alive(p) for p in pids):
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"processes still alive {timeout:.0f} s after the stop: "
+                               f"{[p for p in pids if alive(p)]}")
+        time.sleep(0.05)
+
+
+def first_220(port, t0, proc, timeout=300.0):
+    """Seconds from `t0` (time.monotonic()) until a connection to `port` is greeted with a 220
+    line: connect every 5 ms until one is accepted, then wait for its first line."""
+    while True:
+        if proc.poll() is not None:
+            raise RuntimeError(f"{proc.args[0]} exited ({proc.returncode}) before its first 220")
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=1) as s:
+                s.settimeout(timeout)
+                line = s.makefile("rb").readline()
+                t = time.monotonic()
+                if line.startswith(b"220"):
+                    s.sendall(b"QUIT\r\n")
+                    return t - t0
+                log(f"greeting on port {port}: {line!r}; trying again")
+        except OSError:
+            pass
+        if time.monotonic() - t0 > timeout:
+            raise RuntimeError(f"no 220 on 127.0.0.1:{port} within {timeout:.0f} s of the start")
+        time.sleep(0.005)
+
+
+LOG_TIME = re.compile(r"^(\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d+)Z")
+
+
+def portcullis_recovery(path, started, timeout=600.0):
+    """Wait for portcullis's log lines "spool recovered; delivering" and "delivery scheduler
+    started" in the log at `path`; return the seconds from `started` (time.time() at the
+    start) to each, by their own timestamps, and the recovery's `secs=` field."""
+    want = {"recovered": "spool recovered; delivering", "loaded": "delivery scheduler started"}
+    found = {}
+    deadline = time.monotonic() + timeout
+    with open(path) as f:
+        while not all(key in found for key in want):
+            line = f.readline()
+            if not line.endswith("\n"):  # nothing new yet, or half a line: read it again
+                f.seek(f.tell() - len(line))
+                if time.monotonic() > deadline:
+                    missing = [want[k] for k in want if k not in found]
+                    raise RuntimeError(f"{path}: no line {missing} within {timeout:.0f} s")
+                time.sleep(0.05)
+                continue
+            for key, text in want.items():
+                if text in line and key not in found:
+                    m = LOG_TIME.match(line)
+                    at = datetime.datetime.strptime(m.group(1)[:26], "%Y-%m-%dT%H:%M:%S.%f")
+                    found[key] = at.replace(tzinfo=datetime.timezone.utc).timestamp() - started
+                    secs = re.search(r"\bsecs=([0-9.]+)", line)
+                    if secs:
+                        found["recovered_secs"] = float(secs.group(1))
+    return found
+
+
+class PeakRss:
+    """A relay's peak RSS over a stretch of time, in MB. portcullis: VmHWM of its process
+    (since its start, or since this object when `reset`: clear_refs). Postfix: the largest sum
+    of Pss over its process tree, sampled every PSS_SAMPLE_S by a thread (Pss splits shared
+    pages among the processes that map them, so they are not counted once per process)."""
+
+    def __init__(self, relay, reset):
+        self.relay, self.peak_kb = relay, 0
+        self.done = threading.Event()
+        if isinstance(relay, Portcullis):
+            if reset:
+                with open(f"/proc/{relay.root}/clear_refs", "w") as f:
+                    f.write("5")
+            self.thread = None
+        else:
+            self.thread = threading.Thread(target=self._sample, daemon=True)
+            self.thread.start()
+
+    def _sample(self):
+        while not self.done.is_set():
+            self.peak_kb = max(self.peak_kb, sum(pss_kb(p) for p in tree(self.relay.root)))
+            self.done.wait(PSS_SAMPLE_S)
+
+    def stop(self):
+        if self.thread is None:
+            return status_kb(self.relay.root, "VmHWM") / 1024
+        self.done.set()
+        self.thread.join(10)
+        return self.peak_kb / 1024
+
+
+def restart(relay, cold):
+    """Stop the relay (SIGTERM; for Postfix `postfix stop`, then SIGTERM to what is left) and
+    start it again, after dropping the page cache if `cold`. Returns the seconds the stop took,
+    from the start to the first 220 and, for portcullis, to its recovery log lines, and a
+    PeakRss that runs from this start (portcullis) or from the first 220 (Postfix)."""
+    old = tree(relay.root)
+    t = time.monotonic()
+    relay.stop(timeout=120)
+    wait_gone(old)
+    r = {"stop_s": time.monotonic() - t}
+    if cold:
+        os.sync()
+        with open("/proc/sys/vm/drop_caches", "w") as f:
+            f.write("3")
+    which = "cold" if cold else "warm"
+    started, t0 = time.time(), time.monotonic()
+    relay.launch(f"log.{which}")
+    r[f"{which}_220"] = first_220(relay.port, t0, relay.proc)
+    if isinstance(relay, Portcullis):
+        rec = portcullis_recovery(relay.log_path, started)
+        r[f"{which}_recovered"] = rec["recovered"]
+        r[f"{which}_recovered_secs"] = rec.get("recovered_secs")
+        r[f"{which}_loaded"] = rec["loaded"]
+    else:
+        relay.find_master()
+    log(f"{relay.name}: {which} restart: {r}")
+    return r, PeakRss(relay, reset=False)
+
+
+def timed_command(cmd, cwd=None):
+    """Run `cmd` to its end, its stdout read into memory as a pipe reader would: (wall s,
+    CPU s, peak RSS MB, stdout)."""
+    t0 = time.monotonic()
+    p = spawn(cmd, cwd=cwd, stdout=subprocess.PIPE,
+              stderr=open(os.path.join(TMP, "commands.err"), "a"))
+    chunks = []
+    reader = threading.Thread(target=lambda: chunks.extend(iter(lambda: p.stdout.read(1 << 20), b"")))
+    reader.start()
+    _, status, ru = os.wait4(p.pid, 0)
+    wall = time.monotonic() - t0
+    p.returncode = os.waitstatus_to_exitcode(status)
+    reader.join()
+    p.stdout.close()
+    if p.returncode != 0:
+        raise RuntimeError(f"{' '.join(cmd)} exited {p.returncode} (see {TMP}/commands.err)")
+    return wall, ru.ru_utime + ru.ru_stime, ru.ru_maxrss / 1024, b"".join(chunks)
+
+
+# The first line of each entry of `postqueue -p`: queue id (with * when active, ! when held),
+# size, arrival time, sender.
+POSTQUEUE_ENTRY = re.compile(rb"(?m)^[0-9A-Za-z]{6,}[*!]?\s+\d+\s")
+
+
+def list_queue(relay, json_out=False):
+    """List the queue once: portcullis `queue list [--json] --config CFG` (its lines: a header
+    and one per message, or one JSON object per message), Postfix `postqueue -c DIR -p` (its
+    entries). Returns (wall s, CPU s, peak RSS MB of the command, messages listed). The CPU is
+    the command's plus the relay's during it: postqueue only copies what Postfix's showq
+    daemon reads from the queue (portcullis's relay has no part in a listing)."""
+    c0 = cpu_ticks(relay.root)
+    if isinstance(relay, Portcullis):
+        cmd = [relay.binary, "queue", "list", "--config", relay.config]
+        wall, cpu, rss, out = timed_command(cmd + (["--json"] if json_out else []), cwd=relay.dir)
+        lines = out.count(b"\n")
+        count = lines if json_out else lines - 1
+    else:
+        wall, cpu, rss, out = timed_command(["postqueue", "-c", relay.etc, "-p"])
+        count = len(POSTQUEUE_ENTRY.findall(out))
+    return wall, cpu + (cpu_ticks(relay.root) - c0) / CLK_TCK, rss, count
+
+
+def listing(relay, n, json_out=False):
+    """One untimed listing (so the cache is warm), then three timed: the medians of wall, CPU
+    and peak RSS. Fails if a listing did not show the `n` messages."""
+    runs = [list_queue(relay, json_out) for _ in range(4)][1:]
+    for wall, _, _, count in runs:
+        if count != n:
+            raise RuntimeError(f"{relay.name}: the listing shows {count} messages, not {n}")
+    return tuple(statistics.median(r[i] for r in runs) for i in range(3))
+
+
+def drain(relay, sink, n, new):
+    """Start the sink, ask the relay to deliver its backlog now (portcullis `queue retry --all`,
+    Postfix `postqueue -f`) and time it from the command to an empty queue with every message at
+    the sink. Once the sink has counted BACKLOG_NEW_AFTER of the backlog, `new` new messages
+    are sent meanwhile (10 sessions, to new@example.net): their accepted msg/s."""
+    sink.start()  # its count starts again from 0
+    peak = PeakRss(relay, reset=True)
+    c0 = cpu_ticks(relay.root)
+    t0 = time.monotonic()
+    if isinstance(relay, Portcullis):
+        cmd, cwd = [relay.binary, "queue", "retry", "--all", "--config", relay.config], relay.dir
+    else:
+        cmd, cwd = ["postqueue", "-c", relay.etc, "-f"], None
+    command_s, command_cpu, _, _ = timed_command(cmd, cwd)
+    second = {}
+
+    def client():
+        try:
+            with sink.cv:
+                sink.cv.wait_for(lambda: sink.count >= min(BACKLOG_NEW_AFTER, n // 10),
+                                 timeout=STALL_S * 4)
+            second["start"] = time.monotonic()
+            second["wall"] = smtp_source(relay.port, new, 10, "new@example.net")
+            second["end"] = time.monotonic()
+        except Exception as e:  # reported after the drain
+            second["error"] = e
+
+    th = threading.Thread(target=client, daemon=True)
+    th.start()
+    got, t_sink = sink.wait_for(n + new)
+    t_end = t_sink  # unless the queue is found empty only later
+    while relay.queued() and time.monotonic() - t_sink < STALL_S:
+        time.sleep(0.05)
+        t_end = time.monotonic()
+    left = relay.queued()
+    c1 = cpu_ticks(relay.root)
+    th.join(STALL_S)
+    if "error" in second:
+        raise second["error"]
+    if got < n + new or left:
+        raise RuntimeError(f"{relay.name}: drain incomplete: {got} of {n} + {new} at the sink, "
+                           f"{left} still queued")
+    elapsed = t_end - t0
+    r = {"retry_cmd_s": command_s, "drain_s": elapsed, "drain_rate": n / elapsed,
+         "drain_cpu_ms": ((c1 - c0) / CLK_TCK + command_cpu) * 1000 / (n + new),
+         "rss_drain": peak.stop(),
+         "new_drain": new / second["wall"], "new_at": second["start"] - t0,
+         "new_end": second["end"] - t0}
+    log(f"{relay.name}: drain {r}")
+    return r
+
+
+def backlog_run(kind, sink, n, new, run):
+    """One pass of the Backlog scenario for one relay, on a fresh instance: the second client's
+    rate on the idle relay; the upstream down (smtp-sink stopped); `n` messages queued through
+    smtp-source (20 sessions, a new connection per message) and attempted once; a warm and a cold
+    restart; the listings; the drain with the second client sending meanwhile."""
+    relay = backlog_relay(kind, sink, run)
+    r = {"relay": kind}
+    try:
+        settle()
+        r["load"] = wait_for_quiet_machine()
+        r["new_idle"] = new_mail(relay, sink, new)
+        wait_drained([relay])
+        sink.stop()
+        settle()
+        t0 = time.monotonic()
+        wall = smtp_source(relay.port, n, 20, "rcpt@example.net")
+        r["fill_rate"] = n / wall
+        r["attempted_s"] = wait_attempted(relay, n) - t0
+        log(f"{relay.name}: {n} queued at {r['fill_rate']:.0f} msg/s, all attempted after "
+            f"{r['attempted_s']:.1f} s")
+        warm, peak = restart(relay, cold=False)
+        peak.stop()
+        cold, peak = restart(relay, cold=True)
+        r.update(warm)
+        r.update(cold)
+        r["stop_s"] = warm["stop_s"]
+        r["list_s"], r["list_cpu"], rss = listing(relay, n)
+        if isinstance(relay, Portcullis):  # postqueue's own RSS says nothing (showq does the work)
+            r["list_rss"] = rss
+            r["json_s"], r["json_cpu"], r["json_rss"] = listing(relay, n, json_out=True)
+        r["rss_restart"] = peak.stop()
+        r.update(drain(relay, sink, n, new))
+        r["new_ratio"] = r["new_drain"] / r["new_idle"]
+        return r
+    finally:
+        if sink.proc.poll() is not None:
+            sink.start()
+        try:
+            relay.stop(timeout=120)
+        finally:
+            shutil.rmtree(relay.dir, ignore_errors=True)
+
+
+# The rows of the Backlog tables: (label, key, format, whether the ratio portcullis/Postfix
+# means something); a key missing for a relay is "—".
+BACKLOG_ROWS = [
+    ("load average (1 min) at the start", "load", ".2f", False),
+    ("queued during the outage: smtp-source accept rate, msg/s", "fill_rate", ".0f", True),
+    ("… every message attempted once, s after the first", "attempted_s", ".1f", True),
+    ("stop (SIGTERM to exited), s", "stop_s", ".2f", True),
+    ("start → first 220, warm cache, s", "warm_220", ".3f", True),
+    ("start → \"spool recovered; delivering\", warm, s", "warm_recovered", ".2f", True),
+    ("… its `secs=`, warm", "warm_recovered_secs", ".2f", True),
+    ("start → \"delivery scheduler started\", warm, s", "warm_loaded", ".2f", True),
+    ("start → first 220, cold cache, s", "cold_220", ".3f", True),
+    ("start → \"spool recovered; delivering\", cold, s", "cold_recovered", ".2f", True),
+    ("… its `secs=`, cold", "cold_recovered_secs", ".2f", True),
+    ("start → \"delivery scheduler started\", cold, s", "cold_loaded", ".2f", True),
+    ("peak RSS from the cold start to the drain, MB", "rss_restart", ".0f", True),
+    ("list the queue (`queue list` / `postqueue -p`), s", "list_s", ".2f", True),
+    ("… its CPU (with the relay's during it: showq), s", "list_cpu", ".2f", True),
+    ("… its peak RSS, MB", "list_rss", ".0f", True),
+    ("`queue list --json`, s", "json_s", ".2f", True),
+    ("… its peak RSS, MB", "json_rss", ".0f", True),
+    ("`queue retry --all` / `postqueue -f` returned after, s", "retry_cmd_s", ".3f", False),
+    ("drain: command → queue empty, every message at the sink, s", "drain_s", ".1f", True),
+    ("drain rate (backlog ÷ drain time), msg/s", "drain_rate", ".0f", True),
+    ("relay CPU during the drain ÷ messages delivered (backlog + new), ms", "drain_cpu_ms", ".2f", True),
+    ("peak RSS during the drain, MB", "rss_drain", ".0f", True),
+    ("new mail on the idle relay, msg/s", "new_idle", ".0f", True),
+    ("new mail during the drain, msg/s", "new_drain", ".0f", True),
+    ("… during ÷ idle", "new_ratio", ".2f", True),
+    ("… started, s after the drain command", "new_at", ".1f", False),
+    ("… ended (smtp-source exited), s after the drain command", "new_end", ".1f", False),
+]
+
+
+def backlog_table(per_relay, cell):
+    """One Markdown table, both relays side by side: `per_relay` maps a relay to its list of
+    results, `cell` formats a list of values. The ratio is of the medians."""
+    out = ["| figure | portcullis | Postfix | portcullis/Postfix |", "|---|---:|---:|---:|"]
+    for label, key, spec, ratio_means in BACKLOG_ROWS:
+        vals = {k: [r[key] for r in rs if r.get(key) is not None] for k, rs in per_relay.items()}
+        cells = [cell(vals.get(k, []), spec) for k in ("portcullis", "postfix")]
+        ratio = ""
+        if ratio_means and vals.get("portcullis") and vals.get("postfix"):
+            pf = statistics.median(vals["postfix"])
+            if pf:
+                ratio = "%.2f×" % (statistics.median(vals["portcullis"]) / pf)
+        out.append(f"| {label} | {cells[0]} | {cells[1]} | {ratio} |")
+    return out
+
+
+def backlog_goals(res):
+    """The goals of issue 19, on the medians: (goal, measured, met)."""
+    med = lambda k, rel="portcullis": statistics.median(r[k] for r in res[rel])
+    out = [("start → first 220 ≤ 2 s, warm cache", f"{med('warm_220'):.3f} s", med("warm_220") <= 2),
+           ("`queue list` ≤ 1 s", f"{med('list_s'):.2f} s", med("list_s") <= 1),
+           ("new mail during the drain ≥ 50 % of the idle rate",
+            f"{100 * med('new_ratio'):.0f} %", med("new_ratio") >= 0.5)]
+    if res.get("postfix"):
+        ratio = med("drain_rate") / med("drain_rate", "postfix")
+        out.insert(2, ("drain ≥ 2× Postfix's rate",
+                       f"{ratio:.2f}× ({med('drain_rate'):.0f} vs "
+                       f"{med('drain_rate', 'postfix'):.0f} msg/s)", ratio >= 2))
+    return out
+
+
+def scenario_backlog(sink, n, runs, new, relays=("portcullis", "postfix")):
+    """The Backlog scenario: `runs` passes per relay, alternating which relay goes first."""
+    log(f"== Backlog: {n} messages queued during an outage, {runs} runs per relay")
+    res = {k: [] for k in relays}
+    lines = [f"Backlog (issue 19): {n} messages of 1 KB queued by smtp-source (20 sessions, a new "
+             "connection per message) while nothing listens on the upstream port, each attempted "
+             "once; the relay restarted with a warm, then a cold page cache; the queue listed; "
+             f"then the sink started and the drain asked for, while a second smtp-source (10 "
+             f"sessions, {new} messages) sends new mail. Second attempt an hour away on both "
+             f"relays. {runs} runs per relay, alternating the order; a fresh instance each.", ""]
+    for i in range(runs):
+        order = list(relays) if i % 2 == 0 else list(reversed(relays))
+        for kind in order:
+            res[kind].append(backlog_run(kind, sink, n, new, i + 1))
+        lines += [f"Run {i + 1} ({', then '.join(order)}):", ""] + backlog_table(
+            {k: [res[k][-1]] for k in relays}, lambda v, spec: f"{v[0]:{spec}}" if v else "—")
+        lines.append("")
+        print("\n".join(lines[-len(BACKLOG_ROWS) - 5:]), file=sys.stderr, flush=True)
+    lines += [f"Backlog, median (range) of {runs} runs:", ""]
+    lines += backlog_table(res, lambda v, spec: (fmt(v, spec) if len(v) > 1 else f"{v[0]:{spec}}")
+                           if v else "—")
+    lines += ["", "| goal (issue 19) | measured (median) | met |", "|---|---|---|"]
+    lines += [f"| {g} | {m} | {'yes' if ok else 'no'} |" for g, m, ok in backlog_goals(res)]
+    return lines
 
 
 # ---- scenario F: SPF + DKIM + DMARC verification (issue 14) --------------------------------
@@ -1781,9 +2293,21 @@ def main_cluster():
         stop_proc(sink.proc)
 
 
+def main_backlog():
+    """--backlog: the Backlog scenario alone."""
+    started = time.monotonic()
+    sink = Sink(free_port())
+    try:
+        publish(scenario_backlog(sink, BACKLOG, BACKLOG_RUNS, BACKLOG_NEW), started)
+    finally:
+        stop_proc(sink.proc)
+
+
 def main():
     if AUTH_ONLY:
         return main_auth()
+    if BACKLOG_ONLY:
+        return main_backlog()
     if OBSERVE_ONLY:
         return main_observe()
     if CLUSTER_ONLY:
@@ -1835,6 +2359,8 @@ def main():
                     lines.append(f"| {name} | {n} | " +
                                  ", ".join(f"{k} {v}" for k, v in sorted(counts.items())) + " | " +
                                  ", ".join(f"{k} {v:.2f}" for k, v in sorted(per.items())) + " |")
+        if not SMOKE and BACKLOG > 0:
+            lines += [""] + scenario_backlog(sink, BACKLOG, BACKLOG_RUNS, BACKLOG_NEW)
         if not SMOKE:
             f_lines, f_short = scenario_f()
             lines += [""] + f_lines
