@@ -968,12 +968,62 @@ def backlog_portcullis_config(cfg):
 
 
 def backlog_relay(kind, sink, run):
-    """A fresh relay of `kind` ("portcullis" or "postfix") with its own empty queue."""
+    """A fresh relay of `kind` ("portcullis" or "postfix") with its own empty queue. Postfix
+    logs to a file (maillog_file, through postlogd) as portcullis does: there is no syslog
+    here, and the log tells when each new message was delivered."""
     if kind == "portcullis":
         return Portcullis(sink.port, name=f"portcullis-backlog-{run}",
                           edit_config=backlog_portcullis_config)
-    return Postfix(sink.port, name=f"postfix-backlog-{run}",
-                   main_extra=f"minimal_backoff_time = {BACKLOG_RETRY_S}s\n")
+    name = f"postfix-backlog-{run}"
+    return Postfix(sink.port, name=name,
+                   main_extra=f"minimal_backoff_time = {BACKLOG_RETRY_S}s\n"
+                   f"maillog_file = {os.path.join(TMP, name, 'maillog')}\n"
+                   f"maillog_file_prefixes = /var, /dev/stdout, {TMP}\n")
+
+
+def relay_log(relay):
+    """The file the relay logs to now: portcullis's output, Postfix's maillog_file."""
+    return relay.log_path if isinstance(relay, Portcullis) else os.path.join(relay.dir, "maillog")
+
+
+def log_size(path):
+    try:
+        return os.path.getsize(path)
+    except OSError:
+        return 0
+
+
+PC_QUEUED = re.compile(r"^(\S+)Z .*: queued queue_id=(\w+)")
+PC_FINISHED = re.compile(r"^(\S+)Z .*: removed from queue: finished queue_id=(\w+)")
+PF_NEW_SENT = re.compile(r"to=<new@example\.net>,.* delay=([0-9.]+),.* status=sent")
+
+
+def log_epoch(stamp):
+    """A portcullis log timestamp (RFC 3339, UTC, without the Z) in Unix seconds."""
+    at = datetime.datetime.strptime(stamp[:26], "%Y-%m-%dT%H:%M:%S.%f")
+    return at.replace(tzinfo=datetime.timezone.utc).timestamp()
+
+
+def new_mail_delays(relay, offset):
+    """Seconds from acceptance to delivery of each message sent to new@example.net, from the
+    relay's log after byte `offset`: portcullis's "queued" and "removed from queue: finished"
+    lines of the same queue id (every message queued after `offset` is new mail), Postfix's
+    `delay=` of its status=sent lines to that recipient."""
+    with open(relay_log(relay), errors="replace") as f:
+        f.seek(offset)
+        lines = f.readlines()
+    if not isinstance(relay, Portcullis):
+        return [float(m.group(1)) for m in map(PF_NEW_SENT.search, lines) if m]
+    queued, delays = {}, []
+    for line in lines:
+        m = PC_QUEUED.match(line)
+        if m:
+            queued[m.group(2)] = log_epoch(m.group(1))
+            continue
+        m = PC_FINISHED.match(line)
+        if m and m.group(2) in queued:
+            delays.append(log_epoch(m.group(1)) - queued[m.group(2)])
+    return delays
 
 
 def wait_for_quiet_machine():
@@ -1107,9 +1157,7 @@ def portcullis_recovery(path, started, timeout=600.0):
                 continue
             for key, text in want.items():
                 if text in line and key not in found:
-                    m = LOG_TIME.match(line)
-                    at = datetime.datetime.strptime(m.group(1)[:26], "%Y-%m-%dT%H:%M:%S.%f")
-                    found[key] = at.replace(tzinfo=datetime.timezone.utc).timestamp() - started
+                    found[key] = log_epoch(LOG_TIME.match(line).group(1)) - started
                     secs = re.search(r"\bsecs=([0-9.]+)", line)
                     if secs:
                         found["recovered_secs"] = float(secs.group(1))
@@ -1232,8 +1280,10 @@ def drain(relay, sink, n, new):
     """Start the sink, ask the relay to deliver its backlog now (portcullis `queue retry --all`,
     Postfix `postqueue -f`) and time it from the command to an empty queue with every message at
     the sink. Once the sink has counted BACKLOG_NEW_AFTER of the backlog, `new` new messages
-    are sent meanwhile (10 sessions, to new@example.net): their accepted msg/s."""
+    are sent meanwhile (10 sessions, to new@example.net): their accepted msg/s, and from the
+    relay's log how long each waited from its acceptance to its delivery."""
     sink.start()  # its count starts again from 0
+    offset = log_size(relay_log(relay))
     peak = PeakRss(relay, reset=True)
     c0 = cpu_ticks(relay.root)
     t0 = time.monotonic()
@@ -1271,11 +1321,16 @@ def drain(relay, sink, n, new):
         raise RuntimeError(f"{relay.name}: drain incomplete: {got} of {n} + {new} at the sink, "
                            f"{left} still queued")
     elapsed = t_end - t0
+    delays = sorted(new_mail_delays(relay, offset))
+    if len(delays) != new:
+        log(f"warning: {relay.name}: the log shows {len(delays)} of the {new} new messages delivered")
     r = {"retry_cmd_s": command_s, "drain_s": elapsed, "drain_rate": n / elapsed,
          "drain_cpu_ms": ((c1 - c0) / CLK_TCK + command_cpu) * 1000 / (n + new),
          "rss_drain": peak.stop(),
          "new_drain": new / second["wall"], "new_at": second["start"] - t0,
-         "new_end": second["end"] - t0}
+         "new_end": second["end"] - t0,
+         "new_delay_p50": statistics.median(delays) if delays else None,
+         "new_delay_max": delays[-1] if delays else None}
     log(f"{relay.name}: drain {r}")
     return r
 
@@ -1354,6 +1409,8 @@ BACKLOG_ROWS = [
     ("… during ÷ idle", "new_ratio", ".2f", True),
     ("… started, s after the drain command", "new_at", ".1f", False),
     ("… ended (smtp-source exited), s after the drain command", "new_end", ".1f", False),
+    ("… from its acceptance to its delivery, median, s", "new_delay_p50", ".2f", True),
+    ("… the same, longest, s", "new_delay_max", ".2f", True),
 ]
 
 
