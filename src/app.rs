@@ -230,8 +230,11 @@ pub async fn run(config: Config, path: Option<PathBuf>) -> Result<(), AppError> 
         tokio::task::spawn_blocking(move || {
             let started = std::time::Instant::now();
             spool.recover_queue(&mut report)?;
+            // Logged here, before the scheduler is told: its lines come after this one.
+            info!(spool = %spool.root().display(), %report, secs = started.elapsed().as_secs_f64(),
+                "spool recovered; loading the queue for delivery");
             let _ = recovered_tx.send(true);
-            Ok((report, started.elapsed()))
+            Ok(())
         })
     };
     raise_fd_limit(config.limits.max_connections);
@@ -346,14 +349,13 @@ pub async fn run(config: Config, path: Option<PathBuf>) -> Result<(), AppError> 
     // NOTIFY_SOCKET). A failure to tell is logged; the relay serves regardless.
     notify_service_manager(sd_notify::NotifyState::Ready);
 
-    let spool_dir = runtime.load().config.server.spool_dir.clone();
     let stopped = wait_for_shutdown(
         signals,
         &runtime,
         path.as_deref(),
         &delivery,
         &spool,
-        (recovery, &spool_dir),
+        recovery,
     )
     .await;
     notify_service_manager(sd_notify::NotifyState::Stopping);
@@ -434,8 +436,8 @@ pub fn named_node(config: &Config) -> Option<&str> {
         .then_some(cluster.node.as_str())
 }
 
-/// A recovery of `queue/` running in the background: its report and how long it took.
-type Recovery = tokio::task::JoinHandle<Result<(RecoveryReport, Duration), SpoolError>>;
+/// A recovery of `queue/` running in the background (it logs its report when done).
+type Recovery = tokio::task::JoinHandle<Result<(), SpoolError>>;
 
 /// Open and lock the spool and run the first part of its recovery off the reactor
 /// ([`Spool::recover_start`]: `tmp/` and the quarantine's leftovers, not `queue/`), then log
@@ -501,8 +503,8 @@ impl Signals {
     }
 }
 
-/// Serve SIGHUP (reload) until SIGTERM or SIGINT, and log the end of the background
-/// recovery (`recovery`, of the spool in `dir`). A recovery that fails (`queue/` cannot be
+/// Serve SIGHUP (reload) until SIGTERM or SIGINT, and watch the background `recovery` of the
+/// spool. A recovery that fails (`queue/` cannot be
 /// listed: a file it cannot deal with is only logged) stops the relay like a SIGTERM: `Err`
 /// with its error, for `main` to print and exit 1; what is queued stays queued.
 async fn wait_for_shutdown(
@@ -511,7 +513,7 @@ async fn wait_for_shutdown(
     path: Option<&std::path::Path>,
     delivery: &outbound::Delivery,
     spool: &Spool,
-    (recovery, dir): (Recovery, &std::path::Path),
+    recovery: Recovery,
 ) -> Result<(), AppError> {
     let mut recovery = Some(recovery);
     loop {
@@ -522,8 +524,7 @@ async fn wait_for_shutdown(
             ended = async { recovery.as_mut().expect("guarded").await }, if recovery.is_some() => {
                 recovery = None;
                 match ended.map_err(AppError::Recovery)? {
-                    Ok((report, took)) => info!(spool = %dir.display(), %report,
-                        secs = took.as_secs_f64(), "spool recovered; loading the queue for delivery"),
+                    Ok(()) => {}
                     Err(e) => {
                         error!(error = %e, "spool recovery failed: cannot list the queue, so nothing queued can be delivered; shutting down (nothing queued is lost)");
                         return Err(AppError::Spool(e));
