@@ -1039,6 +1039,30 @@ def wait_for_quiet_machine():
     return os.getloadavg()[0]
 
 
+def machine_busy_ticks():
+    """CPU time the whole machine has been busy (all CPUs: user, nice, system, irq, softirq,
+    steal), in clock ticks, from /proc/stat."""
+    with open("/proc/stat") as f:
+        user, nice, system, _idle, _iowait, irq, softirq, steal = (
+            int(x) for x in f.readline().split()[1:9])
+    return user + nice + system + irq + softirq + steal
+
+
+class OtherCpu:
+    """The CPU the rest of the machine used over a stretch of time, as a share of all its
+    cores: the machine's busy time less that of this script's process tree (the relays,
+    clients, sink and commands it started, reaped ones included). That is other jobs on the
+    shared cores, and kernel threads (writeback among them, partly on the relays' behalf)."""
+
+    def __init__(self):
+        self.t0, self.busy0, self.ours0 = time.monotonic(), machine_busy_ticks(), cpu_ticks(os.getpid())
+
+    def share(self):
+        wall = time.monotonic() - self.t0
+        others = (machine_busy_ticks() - self.busy0) - (cpu_ticks(os.getpid()) - self.ours0)
+        return max(others, 0) / CLK_TCK / (wall * (os.cpu_count() or 1))
+
+
 def smtp_source(port, messages, sessions, rcpt):
     """smtp-source with 1 KB messages to `rcpt`, a new connection per message, run to its end:
     its wall time in seconds (every message accepted by then, or it fails)."""
@@ -1285,6 +1309,7 @@ def drain(relay, sink, n, new):
     sink.start()  # its count starts again from 0
     offset = log_size(relay_log(relay))
     peak = PeakRss(relay, reset=True)
+    others = OtherCpu()
     c0 = cpu_ticks(relay.root)
     t0 = time.monotonic()
     if isinstance(relay, Portcullis):
@@ -1314,6 +1339,7 @@ def drain(relay, sink, n, new):
         t_end = time.monotonic()
     left = relay.queued()
     c1 = cpu_ticks(relay.root)
+    others_share = others.share()
     th.join(STALL_S)
     if "error" in second:
         raise second["error"]
@@ -1326,7 +1352,7 @@ def drain(relay, sink, n, new):
         log(f"warning: {relay.name}: the log shows {len(delays)} of the {new} new messages delivered")
     r = {"retry_cmd_s": command_s, "drain_s": elapsed, "drain_rate": n / elapsed,
          "drain_cpu_ms": ((c1 - c0) / CLK_TCK + command_cpu) * 1000 / (n + new),
-         "rss_drain": peak.stop(),
+         "rss_drain": peak.stop(), "others_drain": 100 * others_share,
          "new_drain": new / second["wall"], "new_at": second["start"] - t0,
          "new_end": second["end"] - t0,
          "new_delay_p50": statistics.median(delays) if delays else None,
@@ -1345,6 +1371,7 @@ def backlog_run(kind, sink, n, new, run):
     try:
         settle()
         r["load"] = wait_for_quiet_machine()
+        others = OtherCpu()
         r["new_idle"] = new_mail(relay, sink, new)
         wait_drained([relay])
         sink.stop()
@@ -1368,6 +1395,7 @@ def backlog_run(kind, sink, n, new, run):
         r["rss_restart"] = peak.stop()
         r.update(drain(relay, sink, n, new))
         r["new_ratio"] = r["new_drain"] / r["new_idle"]
+        r["others_pass"] = 100 * others.share()
         return r
     finally:
         if sink.proc.poll() is not None:
@@ -1382,6 +1410,8 @@ def backlog_run(kind, sink, n, new, run):
 # means something); a key missing for a relay is "—".
 BACKLOG_ROWS = [
     ("load average (1 min) at the start", "load", ".2f", False),
+    ("CPU used outside the benchmark during the pass, % of all cores", "others_pass", ".0f", False),
+    ("… during the drain", "others_drain", ".0f", False),
     ("queued during the outage: smtp-source accept rate, msg/s", "fill_rate", ".0f", True),
     ("… every message attempted once, s after the first", "attempted_s", ".1f", True),
     ("stop (SIGTERM to exited), s", "stop_s", ".2f", True),
