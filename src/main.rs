@@ -1115,11 +1115,14 @@ fn queue(action: QueueAction, config: Option<&Path>, spool: Option<PathBuf>) -> 
         QueueAction::Restore { ids, all, dry_run } => restore(&spool, &dir, &ids, all, dry_run)?,
         QueueAction::Adopt { dir: from, dry_run } => adopt(&spool, config, from, dry_run)?,
         QueueAction::List { json, .. } => {
-            let msgs = spool.list()?;
+            // Each row is made on the thread that read its message, which keeps no envelope.
+            let now = unix_now();
             if json {
-                out!("{}", report::list_json(&msgs, unix_now()));
+                let lines = spool.list_map(|m| report::json_row(&m, now))?;
+                out!("{}", lines.concat());
             } else {
-                out!("{}", report::list_table(&msgs, unix_now()));
+                let rows = spool.list_map(|m| report::table_row(&m, now))?;
+                out!("{}", report::table(&rows));
             }
         }
         QueueAction::Show { id } => {
@@ -1642,9 +1645,10 @@ fn retry(spool: &Spool, dir: &Path, ids: &[String], all: bool) -> anyhow::Result
     let (affected, found) = if all {
         spool.request_retry(&RetryTarget::All)?;
         let pending = spool.pending_holds()?;
-        let (held, queued): (Vec<QueuedMessage>, Vec<QueuedMessage>) = (spool.list()?)
+        let (held, queued): (Vec<_>, Vec<_>) = spool
+            .list_map(|m| (select::held_now(&m, &pending), m.envelope.id))?
             .into_iter()
-            .partition(|m| select::held_now(m, &pending));
+            .partition(|(held, _)| *held);
         let n = queued.len();
         if held.is_empty() {
             outln!("retry requested for all queued messages ({n} now)");
@@ -1654,7 +1658,10 @@ fn retry(spool: &Spool, dir: &Path, ids: &[String], all: bool) -> anyhow::Result
                 held.len()
             );
         }
-        (queued.iter().map(|m| m.id().to_string()).collect(), Ok(()))
+        (
+            queued.iter().map(|(_, id)| id.to_string()).collect(),
+            Ok(()),
+        )
     } else {
         let ids = parse_ids(ids)?;
         let (known, unknown): (Vec<QueueId>, Vec<QueueId>) =

@@ -590,7 +590,20 @@ impl Spool {
     /// (recovery moves it to `rejected/`) and a
     /// message removed while listing is silently left out.
     pub fn list(&self) -> Result<Vec<QueuedMessage>, SpoolError> {
-        Ok(self.load_many(&self.queued_ids()?))
+        self.list_map(|m| m)
+    }
+
+    /// [`Spool::list`], each message turned into `f(message)` on the thread that read it, in
+    /// the same order: a large queue is read and turned on a few threads, and only what `f`
+    /// keeps stays in memory (a table row, say, rather than the whole envelope). Blocking.
+    ///
+    /// # Errors
+    /// `queue/` cannot be read.
+    pub fn list_map<T: Send>(
+        &self,
+        f: impl Fn(QueuedMessage) -> T + Sync,
+    ) -> Result<Vec<T>, SpoolError> {
+        Ok(self.load_many_map(&self.queued_ids()?, f))
     }
 
     /// The ids of the messages in `queue/`, sorted (oldest first). Blocking.
@@ -614,6 +627,15 @@ impl Spool {
     /// [`Spool::load`] of each of `ids`, in order, leaving out those gone and (logged) those
     /// unreadable; a long list is read on a few threads. Blocking.
     pub fn load_many(&self, ids: &[QueueId]) -> Vec<QueuedMessage> {
+        self.load_many_map(ids, |m| m)
+    }
+
+    /// [`Spool::load_many`], each message turned into `f(message)` on the thread that read it.
+    fn load_many_map<T: Send>(
+        &self,
+        ids: &[QueueId],
+        f: impl Fn(QueuedMessage) -> T + Sync,
+    ) -> Vec<T> {
         // Reading is one open, read and parse per message, mostly system calls on cached
         // files: a large queue is read on a few threads (in id order all the same).
         let threads = std::thread::available_parallelism()
@@ -622,13 +644,14 @@ impl Spool {
             .min(ids.len() / LIST_PER_THREAD)
             .max(1);
         if threads == 1 {
-            return self.load_all(ids);
+            return self.load_all(ids, &f);
         }
         let chunk = ids.len().div_ceil(threads);
+        let f = &f;
         std::thread::scope(|scope| {
             let parts: Vec<_> = ids
                 .chunks(chunk)
-                .map(|part| scope.spawn(move || self.load_all(part)))
+                .map(|part| scope.spawn(move || self.load_all(part, f)))
                 .collect();
             parts
                 .into_iter()
@@ -637,13 +660,13 @@ impl Spool {
         })
     }
 
-    /// [`Spool::load`] of each of `ids`, in order, leaving out those gone and (logged) those
-    /// unreadable.
-    fn load_all(&self, ids: &[QueueId]) -> Vec<QueuedMessage> {
+    /// `f` of [`Spool::load`] of each of `ids`, in order, leaving out those gone and (logged)
+    /// those unreadable.
+    fn load_all<T>(&self, ids: &[QueueId], f: impl Fn(QueuedMessage) -> T) -> Vec<T> {
         let mut out = Vec::with_capacity(ids.len());
         for id in ids {
             match self.load(id) {
-                Ok(msg) => out.push(msg),
+                Ok(msg) => out.push(f(msg)),
                 Err(SpoolError::NotFound(_)) => {}
                 Err(e) => {
                     tracing::warn!(queue_id = %id, error = %e, "skipping unreadable queue file")
@@ -896,6 +919,10 @@ impl Spool {
 /// The id a `queue/` file name stands for, if it is exactly a queue id (upper case, as
 /// written). Anything else (state files, lower case, stray names) is not a message.
 fn exact_id(name: &str) -> Option<QueueId> {
+    // Half the names in queue/ are states (`ID.state`): refused before any allocation.
+    if name.len() != crate::envelope::QUEUE_ID_LEN {
+        return None;
+    }
     name.parse::<QueueId>()
         .ok()
         .filter(|id| id.as_str() == name)

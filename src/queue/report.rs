@@ -36,34 +36,44 @@ const COLUMNS: [&str; 8] = [
 /// The `queue list` table: a header row, then one row per message, columns aligned. An empty
 /// queue gives the header row alone. `now` is the current Unix time (for AGE).
 pub fn list_table(msgs: &[QueuedMessage], now: u64) -> String {
-    let rows: Vec<[String; 8]> = msgs
-        .iter()
-        .map(|m| {
-            let error = m.state.last_error.as_deref().map_or_else(
-                || "-".to_string(),
-                |e| truncate(&clean(e), TABLE_ERROR_WIDTH),
-            );
-            [
-                m.envelope.id.to_string(),
-                human_age(now.saturating_sub(m.envelope.received_at)),
-                m.size.to_string(),
-                clean(&m.envelope.mail_from.to_string()),
-                m.pending().count().to_string(),
-                m.state.attempts.to_string(),
-                next_cell(&m.state),
-                error,
-            ]
-        })
-        .collect();
+    let rows: Vec<TableRow> = msgs.iter().map(|m| table_row(m, now)).collect();
+    table(&rows)
+}
+
+/// One message's cells of the [`list_table`] table, before the columns are aligned (made on the
+/// thread that read the message, by `Spool::list_map`).
+pub struct TableRow([String; 8]);
+
+/// The cells of `m`'s row of [`list_table`]; `now` is the current Unix time (for AGE).
+pub fn table_row(m: &QueuedMessage, now: u64) -> TableRow {
+    let error = m.state.last_error.as_deref().map_or_else(
+        || "-".to_string(),
+        |e| truncate(&clean(e), TABLE_ERROR_WIDTH),
+    );
+    TableRow([
+        m.envelope.id.to_string(),
+        human_age(now.saturating_sub(m.envelope.received_at)),
+        m.size.to_string(),
+        clean(&m.envelope.mail_from.to_string()),
+        m.pending().count().to_string(),
+        m.state.attempts.to_string(),
+        next_cell(&m.state),
+        error,
+    ])
+}
+
+/// [`list_table`] of rows made by [`table_row`]: the header row, then each row, columns
+/// aligned.
+pub fn table(rows: &[TableRow]) -> String {
     let mut widths = COLUMNS.map(str::len);
-    for row in &rows {
+    for TableRow(row) in rows {
         for (w, cell) in widths.iter_mut().zip(row) {
             *w = (*w).max(cell.chars().count());
         }
     }
-    let mut out = String::new();
-    push_row(&mut out, &COLUMNS.map(String::from), &widths);
-    for row in &rows {
+    let mut out = String::with_capacity(rows.len() * widths.iter().sum::<usize>());
+    push_row(&mut out, &COLUMNS, &widths);
+    for TableRow(row) in rows {
         push_row(&mut out, row, &widths);
     }
     out
@@ -78,16 +88,19 @@ fn next_cell(state: &DeliveryState) -> String {
     }
 }
 
-fn push_row(out: &mut String, cells: &[String; 8], widths: &[usize; 8]) {
-    let mut line = String::new();
+/// One aligned row (its trailing spaces trimmed) and its newline, appended to `out`.
+fn push_row(out: &mut String, cells: &[impl AsRef<str>; 8], widths: &[usize; 8]) {
+    let start = out.len();
     for (i, (cell, width)) in cells.iter().zip(widths).enumerate() {
-        if i + 1 == cells.len() {
-            line.push_str(cell);
-        } else {
-            let _ = write!(line, "{cell:<width$}  ");
+        let cell = cell.as_ref();
+        out.push_str(cell);
+        if i + 1 < cells.len() {
+            let pad = width.saturating_sub(cell.chars().count()) + 2;
+            out.extend(std::iter::repeat_n(' ', pad));
         }
     }
-    out.push_str(line.trim_end());
+    let end = start + out[start..].trim_end().len();
+    out.truncate(end);
     out.push('\n');
 }
 
@@ -98,35 +111,37 @@ fn push_row(out: &mut String, cells: &[String; 8], widths: &[usize; 8]) {
 /// `auth_user` (null or string), `state` (`queued` or `held`), `hold` (null, or `since`
 /// (RFC 3339) and `reason` of the hold).
 pub fn list_json(msgs: &[QueuedMessage], now: u64) -> String {
-    let mut out = String::new();
-    for m in msgs {
-        let env = &m.envelope;
-        let value = json!({
-            "id": env.id.as_str(),
-            "age_secs": now.saturating_sub(env.received_at),
-            "size": m.size,
-            "from": env.mail_from.to_string(),
-            "rcpts": m.pending().map(|a| a.to_string()).collect::<Vec<_>>(),
-            "recipients_total": env.recipients.len(),
-            "attempts": m.state.attempts,
-            "next_attempt": rfc3339(m.state.next_attempt),
-            "last_error": m.state.last_error,
-            "received_at": rfc3339(env.received_at),
-            "listener": env.listener,
-            "client_ip": env.client_ip.to_string(),
-            "auth_user": env.auth_user,
-            "state": if m.state.hold.is_some() { "held" } else { "queued" },
-            "hold": m.state.hold.as_ref().map(|h| json!({
-                "since": rfc3339(h.since),
-                "reason": h.reason,
-            })),
-        });
-        // serde_json escapes control characters, so one object is always one line;
-        // json_line escapes the invisible ones too.
-        out.push_str(&json_line(&value));
-        out.push('\n');
-    }
-    out
+    msgs.iter().map(|m| json_row(m, now)).collect()
+}
+
+/// `m`'s line of [`list_json`], with its newline; `now` is the current Unix time.
+pub fn json_row(m: &QueuedMessage, now: u64) -> String {
+    let env = &m.envelope;
+    let value = json!({
+        "id": env.id.as_str(),
+        "age_secs": now.saturating_sub(env.received_at),
+        "size": m.size,
+        "from": env.mail_from.to_string(),
+        "rcpts": m.pending().map(|a| a.to_string()).collect::<Vec<_>>(),
+        "recipients_total": env.recipients.len(),
+        "attempts": m.state.attempts,
+        "next_attempt": rfc3339(m.state.next_attempt),
+        "last_error": m.state.last_error,
+        "received_at": rfc3339(env.received_at),
+        "listener": env.listener,
+        "client_ip": env.client_ip.to_string(),
+        "auth_user": env.auth_user,
+        "state": if m.state.hold.is_some() { "held" } else { "queued" },
+        "hold": m.state.hold.as_ref().map(|h| json!({
+            "since": rfc3339(h.since),
+            "reason": h.reason,
+        })),
+    });
+    // serde_json escapes control characters, so one object is always one line;
+    // json_line escapes the invisible ones too.
+    let mut line = json_line(&value);
+    line.push('\n');
+    line
 }
 
 /// `queue show ID`: the envelope, the delivery state, then the message header section taken
@@ -358,6 +373,10 @@ pub fn human_age(secs: u64) -> String {
 /// is not (`<\u{202E}gro.elpmaxe@knab-ecivres>` shows as a trusted-looking address). Tabs
 /// become spaces.
 pub fn clean(text: &str) -> String {
+    // Printable ASCII, by far the most common text, has nothing to replace.
+    if text.bytes().all(|b| (0x20..0x7f).contains(&b)) {
+        return text.to_string();
+    }
     text.chars()
         .map(|c| match c {
             '\t' => ' ',
