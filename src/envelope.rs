@@ -19,6 +19,29 @@ const ID_ALPHABET: &[u8; 32] = b"0123456789ABCDEFGHJKMNPQRSTVWXYZ";
 /// Length of a queue id in characters.
 pub const QUEUE_ID_LEN: usize = 16;
 
+/// What [`ID_DIGITS`] gives a byte that is no character of [`ID_ALPHABET`].
+const NOT_DIGIT: u8 = u8::MAX;
+
+/// The value of each byte as a digit of [`ID_ALPHABET`], a lower-case letter counting as its
+/// capital, or [`NOT_DIGIT`]: one lookup a character where ids are read by the hundred
+/// thousand (`queue list`, the queue's load at start).
+const ID_DIGITS: [u8; 256] = {
+    let mut table = [NOT_DIGIT; 256];
+    let mut i = 0;
+    while i < ID_ALPHABET.len() {
+        let c = ID_ALPHABET[i];
+        table[c as usize] = i as u8;
+        table[c.to_ascii_lowercase() as usize] = i as u8;
+        i += 1;
+    }
+    table
+};
+
+/// Whether `s` has the shape of a queue id, in either case.
+fn is_queue_id(s: &str) -> bool {
+    s.len() == QUEUE_ID_LEN && s.bytes().all(|b| ID_DIGITS[usize::from(b)] != NOT_DIGIT)
+}
+
 /// Identifier of one queued message: 16 characters of Crockford base32.
 ///
 /// The first ten characters encode the microsecond of creation (so ids sort by age), the
@@ -69,9 +92,8 @@ impl QueueId {
     /// ids are (by age), for tables that hold many ids.
     pub fn to_bits(&self) -> u128 {
         self.0.bytes().fold(0u128, |value, b| {
-            // The constructor admits only alphabet characters.
-            let digit = ID_ALPHABET.iter().position(|&a| a == b).unwrap_or(0);
-            (value << 5) | digit as u128
+            // The constructors admit only alphabet characters.
+            (value << 5) | u128::from(ID_DIGITS[usize::from(b)] & 31)
         })
     }
 
@@ -101,9 +123,8 @@ impl FromStr for QueueId {
     type Err = BadQueueId;
 
     fn from_str(s: &str) -> Result<Self, Self::Err> {
-        let upper = s.to_ascii_uppercase();
-        if upper.len() == QUEUE_ID_LEN && upper.bytes().all(|b| ID_ALPHABET.contains(&b)) {
-            Ok(QueueId(upper))
+        if is_queue_id(s) {
+            Ok(QueueId(s.to_ascii_uppercase()))
         } else {
             Err(BadQueueId(s.to_string()))
         }
@@ -112,8 +133,14 @@ impl FromStr for QueueId {
 
 impl TryFrom<String> for QueueId {
     type Error = BadQueueId;
-    fn try_from(s: String) -> Result<Self, Self::Error> {
-        s.parse()
+    /// [`QueueId::from_str`], reusing the string (how ids are read from the spool's JSON).
+    fn try_from(mut s: String) -> Result<Self, Self::Error> {
+        if is_queue_id(&s) {
+            s.make_ascii_uppercase();
+            Ok(QueueId(s))
+        } else {
+            Err(BadQueueId(s))
+        }
     }
 }
 
@@ -722,8 +749,29 @@ mod tests {
             "0123456789ABCDE",
             "0123456789ABCDEFG",
             "0123456789ABCDE/",
+            // I, L, O and U are not in the alphabet, in either case; nor is anything else.
+            "0123456789ABCDEI",
+            "0123456789ABCDEl",
+            "0123456789ABCDEO",
+            "0123456789ABCDEu",
+            "0123456789ABCD\u{e9}",
+            "0123456789ABCDE\0",
         ] {
             assert!(bad.parse::<QueueId>().is_err(), "{bad:?} accepted");
+            assert!(
+                QueueId::try_from(bad.to_owned()).is_err(),
+                "{bad:?} accepted"
+            );
+        }
+        // Every character of the alphabet, in either case, and its value.
+        for (value, &c) in ID_ALPHABET.iter().enumerate() {
+            for c in [c, c.to_ascii_lowercase()] {
+                let text = format!("000000000000000{}", char::from(c));
+                let id: QueueId = text.parse().unwrap();
+                assert_eq!(id, QueueId::try_from(text).unwrap());
+                assert_eq!(id.to_bits(), value as u128);
+                assert_eq!(id.as_str(), id.as_str().to_ascii_uppercase());
+            }
         }
     }
 
