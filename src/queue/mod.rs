@@ -636,12 +636,22 @@ impl Spool {
         ids: &[QueueId],
         f: impl Fn(QueuedMessage) -> T + Sync,
     ) -> Vec<T> {
+        self.load_many_split(ids, f, LIST_PER_THREAD)
+    }
+
+    /// [`Spool::load_many_map`] with at least `per_thread` messages on each thread.
+    fn load_many_split<T: Send>(
+        &self,
+        ids: &[QueueId],
+        f: impl Fn(QueuedMessage) -> T + Sync,
+        per_thread: usize,
+    ) -> Vec<T> {
         // Reading is one open, read and parse per message, mostly system calls on cached
         // files: a large queue is read on a few threads (in id order all the same).
         let threads = std::thread::available_parallelism()
             .map_or(1, usize::from)
             .min(LIST_THREADS)
-            .min(ids.len() / LIST_PER_THREAD)
+            .min(ids.len() / per_thread.max(1))
             .max(1);
         if threads == 1 {
             return self.load_all(ids, &f);

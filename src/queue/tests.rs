@@ -120,6 +120,25 @@ fn list_is_sorted_and_skips_unparseable_files() {
 }
 
 #[test]
+fn a_list_read_on_several_threads_keeps_the_order_and_leaves_out_the_gone_and_unreadable() {
+    let (_d, spool) = spool();
+    let mut ids: Vec<QueueId> = (0..9)
+        .map(|i| commit(&spool, &envelope(&[&format!("r{i}@example.com")]), BODY))
+        .collect();
+    ids.sort();
+    let gone = QueueId::generate();
+    let bad = QueueId::generate();
+    fs::write(spool.root().join("queue").join(bad.as_str()), b"garbage").unwrap();
+    let mut asked = ids.clone();
+    asked.insert(3, gone);
+    asked.insert(7, bad);
+    // Two messages a thread: as many threads as the machine has, up to LIST_THREADS.
+    let read = spool.load_many_split(&asked, |m| (m.envelope.id, m.envelope.recipients.len()), 2);
+    let expected: Vec<(QueueId, usize)> = ids.into_iter().map(|id| (id, 1)).collect();
+    assert_eq!(read, expected);
+}
+
+#[test]
 fn create_refuses_an_id_already_committed() {
     let (_d, spool) = spool();
     let env = envelope(&["a@example.com"]);
