@@ -528,7 +528,9 @@ impl Starttls {
             return Ok(None);
         };
         let mut roots = RootCertStore::empty();
-        for cert in CertificateDer::pem_file_iter(&ca).with_context(|| format!("cannot read {ca}"))? {
+        for cert in
+            CertificateDer::pem_file_iter(&ca).with_context(|| format!("cannot read {ca}"))?
+        {
             roots.add(cert.with_context(|| format!("{ca}: bad certificate"))?)?;
         }
         let provider = Arc::new(tokio_rustls::rustls::crypto::aws_lc_rs::default_provider());
@@ -609,8 +611,13 @@ fn send(a: &Args) -> anyhow::Result<()> {
     rt.block_on(async {
         let loops: Vec<_> = (0..sessions)
             .map(|_| {
-                let (next, ok, errors, tls, run) =
-                    (next.clone(), ok.clone(), errors.clone(), tls.clone(), run.clone());
+                let (next, ok, errors, tls, run) = (
+                    next.clone(),
+                    ok.clone(),
+                    errors.clone(),
+                    tls.clone(),
+                    run.clone(),
+                );
                 tokio::spawn(async move {
                     loop {
                         let seq = next.fetch_add(1, Ordering::Relaxed) as usize;
@@ -821,7 +828,7 @@ async fn sink_dialogue<S: AsyncRead + AsyncWrite + Unpin>(
     s: &mut BufReader<S>,
     mut out: Vec<u8>,
     offer_tls: bool,
-    arrived: &mut dyn FnMut(Option<String>),
+    arrived: &mut (dyn FnMut(Option<String>) + Send),
 ) -> anyhow::Result<SinkEnd> {
     let mut line = Vec::with_capacity(1024);
     loop {
