@@ -1593,9 +1593,10 @@ class TlsSink(Sink):
         self.reader.start()
         wait_port(self.port, proc=self.proc)
 
-    def over_tls(self):
-        """Messages received over TLS so far (as of the last line the sink printed)."""
-        m = re.findall(rb"tls=(\d+)", self.tail)
+    def field(self, name):
+        """A counter of the sink's last line: "tls" (messages received over TLS so far),
+        "sessions" (connections accepted)."""
+        m = re.findall(rb"\b" + name.encode() + rb"=(\d+)", self.tail)
         return int(m[-1]) if m else 0
 
 
@@ -1660,13 +1661,15 @@ def atls_throughput(ca, sink, kind, run, messages, warmup):
         if warmup:
             log(f"warm-up {relay.name} ({warmup} messages)")
             run_once(relay, sink, warmup, 20, SMALL, False, client=atls_send(relay, ca, warmup))
-        tls0 = sink.over_tls()
+        tls0, conns0 = sink.field("tls"), sink.field("sessions")
         r = run_once(relay, sink, messages, 20, SMALL, False, rss=True,
                      client=atls_send(relay, ca, messages))
         r["relay"] = kind
-        r["upstream_tls"] = sink.over_tls() - tls0
+        r["upstream_tls"] = sink.field("tls") - tls0
+        r["upstream_conns"] = sink.field("sessions") - conns0
         c = r.get("client", {})
-        log(f"{relay.name}: client {c}; {r['upstream_tls']} of {r['delivered']} over TLS upstream")
+        log(f"{relay.name}: client {c}; {r['upstream_tls']} of {r['delivered']} over TLS upstream, "
+            f"{r['upstream_conns']} new connections to the sink")
         return r
     finally:
         drop_relay(relay)
@@ -1719,15 +1722,16 @@ def scenario_atls(ca, sink, messages, runs, warmup, seconds, plain=None):
              "RSS: VmHWM of portcullis; for Postfix the largest sum of Pss over its processes, "
              "sampled every 50 ms.", "",
              "| relay | msg/s median (range) | relay CPU ms/msg | peak RSS MB | loadgen CPU ms/msg | "
-             "client handshakes resumed | over TLS to the sink | negotiated (client leg) | "
-             "ratio portcullis/Postfix msg/s |", "|---|---|---|---|---|---|---|---|---|"]
+             "client handshakes resumed | over TLS to the sink | new connections to the sink | "
+             "negotiated (client leg) | ratio portcullis/Postfix msg/s |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for k, rs in res.items():
         n = neg.get(k) or {}
         lines.append(f"| {k} | {fmt([r['msgs'] for r in rs], '.0f')} | "
                      f"{fmt([r['cpu_ms'] for r in rs], '.2f')} | {fmt([r['rss_mb'] for r in rs], '.0f')} | "
                      f"{statistics.median(r['gen_cpu_ms'] for r in rs):.2f} | {resumed(rs):.0f} % | "
                      f"{sum(r['upstream_tls'] for r in rs)} of {sum(r['delivered'] for r in rs)} | "
-                     f"{n.get('version')} {n.get('kx')} | {'%.2f×' % ratio if k == 'portcullis' else ''} |")
+                     f"{sum(r['upstream_conns'] for r in rs)} | {n.get('version')} {n.get('kx')} | {'%.2f×' % ratio if k == 'portcullis' else ''} |")
     lines += ["", f"Relay CPU per message, portcullis/Postfix: "
               f"{med('cpu_ms', 'portcullis') / med('cpu_ms', 'postfix'):.2f}×."]
     goals = []
