@@ -32,6 +32,22 @@ to new@example.net) sends new mail. Both relays put their second attempt an hour
 (BACKLOG_RETRY_S). BENCH_MAX_LOAD: before each pass, wait up to BENCH_LOAD_WAIT seconds (default
 900) until the 1-minute load average is at most this (default 0: do not wait).
 Argument --auth: scenario F only (both relays, plus the DKIM signing cost).
+Argument --atls: scenario A-TLS only (issue 19; also part of the full run, after the fsync check,
+where the plaintext ratio comes from the run's own scenario A), after plaintext scenario A for
+the ratio (BENCH_ATLS_PLAIN=0 skips it). A-TLS is scenario A (1 KB, 20 sessions, a new connection
+per message) with STARTTLS on both hops: the client is `loadgen send --ca` (smtp-source has no
+TLS; one rustls session store for the run, so sessions resume), the upstream of both relays is
+`loadgen sink` offering STARTTLS (smtp-sink has none), and a CA and one ECDSA P-256 certificate
+made with openssl for the run serve both relays and the sink. portcullis requires TLS on its
+STARTTLS listener and `tls = "required"` (verified against the CA) upstream; Postfix has
+smtpd_tls_security_level = may, smtp_tls_security_level = verify against the CA, both session
+caches (btree) and smtp_tls_connection_reuse = yes (tlsproxy added to master.cf). For each
+relay, BENCH_RUNS passes alternating which relay goes first, each on a fresh instance:
+BENCH_ATLS_WARMUP messages (default 500), then BENCH_ATLS_MESSAGES (default BENCH_MESSAGES),
+msg/s, relay CPU per message and peak RSS; then BENCH_RUNS open-loop passes per relay (loadgen
+openloop with STARTTLS, fresh instances) at BENCH_ATLS_RATE msg/s (default half of Postfix's
+A-TLS median) for BENCH_ATLS_SECONDS (default BENCH_C_SECONDS; 0 skips them): p99 accept->250.
+BENCH_ATLS_MESSAGES=0 leaves A-TLS out of the full run.
 Argument --observe: the cost of observability (issue 15): scenario A (new connection per
 message) with this build, its admin listener on and scraped every BENCH_SCRAPE_S seconds (default
 1: /metrics and /api/status) and its journal written, against BENCH_BEFORE_BIN, a build of the
@@ -86,6 +102,7 @@ AUTH_ONLY = "--auth" in sys.argv[1:]
 OBSERVE_ONLY = "--observe" in sys.argv[1:]
 CLUSTER_ONLY = "--cluster" in sys.argv[1:]
 BACKLOG_ONLY = "--backlog" in sys.argv[1:]
+ATLS_ONLY = "--atls" in sys.argv[1:]
 # Backlog (issue 19): messages queued during the outage, runs per relay, the second client's
 # messages; 0 messages skips the scenario in the full run.
 BACKLOG = int(os.environ.get("BENCH_BACKLOG", "100000"))
@@ -113,6 +130,11 @@ RUNS = int(os.environ.get("BENCH_RUNS", "3"))
 WARMUP = int(os.environ.get("BENCH_WARMUP", str(min(2000, MESSAGES))))
 BIG_MESSAGES = int(os.environ.get("BENCH_BIG_MESSAGES", "50"))
 STRACE_MESSAGES = int(os.environ.get("BENCH_STRACE_MESSAGES", "1000"))
+ATLS_MESSAGES = int(os.environ.get("BENCH_ATLS_MESSAGES", str(MESSAGES)))
+ATLS_WARMUP = int(os.environ.get("BENCH_ATLS_WARMUP", str(min(500, ATLS_MESSAGES))))
+ATLS_SECONDS = float(os.environ.get("BENCH_ATLS_SECONDS", os.environ.get("BENCH_C_SECONDS", "15")))
+ATLS_RATE = float(os.environ.get("BENCH_ATLS_RATE", "0") or 0)
+ATLS_PLAIN = os.environ.get("BENCH_ATLS_PLAIN", "1") != "0"
 BENCH_DIR = os.path.dirname(os.path.abspath(__file__))
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 PAGE = os.sysconf("SC_PAGE_SIZE")
@@ -389,6 +411,7 @@ class Sink:
         """Start smtp-sink on the port; its count starts again from 0. With `dump` (a directory
         writable by nobody) every message is also written there, one file each."""
         self.count = 0
+        self.tail = b""
         self.t_last = time.monotonic()
         extra = ["-d", os.path.join(dump, "%H%M%S.")] if dump else []
         self.proc = spawn(["smtp-sink", "-u", "nobody", *extra, "-c", f"127.0.0.1:{self.port}", "1024"],
@@ -412,6 +435,7 @@ class Sink:
                 return
             now = time.monotonic()
             tail = (tail + chunk)[-256:]
+            self.tail = tail
             m = re.findall(rb"mesg=(\d+)", tail)
             if m:
                 n = int(m[-1])
@@ -575,15 +599,21 @@ biff = no
 
 # ---- one run -----------------------------------------------------------------------------
 
-def run_once(relay, sink, messages, sessions, size, reuse, rss=False, source=None, dns_root=None):
+def run_once(relay, sink, messages, sessions, size, reuse, rss=False, source=None, dns_root=None,
+             client=None):
     """One counted run. `source` replaces smtp-source's sender, recipient and message
     arguments (scenario F: -F FILE, -M HELO, -f, -t); `dns_root` is a DNS server whose CPU per
-    message is reported as dns_cpu_ms."""
+    message is reported as dns_cpu_ms; `client` replaces smtp-source altogether (A-TLS:
+    loadgen send), its JSON line kept as r["client"]."""
     cmd = ["smtp-source", "-s", str(sessions), "-m", str(messages)]
     cmd += source or ["-l", str(size), "-f", "bench@example.com", "-t", "rcpt@example.net"]
     if reuse:
         cmd.append("-d")
     cmd.append(f"127.0.0.1:{relay.port}")
+    client_out = None
+    if client:
+        cmd = client
+        client_out = os.path.join(TMP, "client.out")
     settle()
     base = sink.count
     if rss and relay.name == "portcullis":
@@ -595,7 +625,8 @@ def run_once(relay, sink, messages, sessions, size, reuse, rss=False, source=Non
     p0 = proxy_ticks(relay)
     m0 = relay.sample() if hasattr(relay, "sample") else None
     t0 = time.monotonic()
-    src = spawn(cmd, stdout=subprocess.DEVNULL, stderr=open(os.path.join(TMP, "source.err"), "a"))
+    src = spawn(cmd, stdout=open(client_out, "w") if client_out else subprocess.DEVNULL,
+                stderr=open(os.path.join(TMP, "source.err"), "a"))
     deadline = t0 + max(120, messages * size / 5e6, messages / 50)
     while True:
         pid, status, ru = os.wait4(src.pid, os.WNOHANG)
@@ -616,7 +647,7 @@ def run_once(relay, sink, messages, sessions, size, reuse, rss=False, source=Non
     m1 = relay.sample() if m0 is not None else None
     delivered = got - base
     if src.returncode != 0:
-        log(f"warning: smtp-source exited {src.returncode} ({relay.name})")
+        log(f"warning: {os.path.basename(cmd[0])} exited {src.returncode} ({relay.name})")
     if delivered < messages:
         log(f"warning: {relay.name}: only {delivered} of {messages} messages reached the sink")
     elapsed = t_last - t0
@@ -634,6 +665,10 @@ def run_once(relay, sink, messages, sessions, size, reuse, rss=False, source=Non
     }
     if m0 is not None:
         r.update(relay.per_message(m0, m1, delivered))
+    if client_out:
+        with open(client_out) as f:
+            lines = f.read().strip().splitlines()
+        r["client"] = json.loads(lines[-1]) if lines else {}
     if rss:
         r["rss_mb"] = (status_kb(relay.root, "VmHWM") / 1024 if relay.name == "portcullis"
                        else peak_sum / 1024)
@@ -1499,6 +1534,285 @@ def scenario_backlog(sink, n, runs, new, relays=("portcullis", "postfix")):
     lines += ["", "| goal (issue 19) | measured (median) | met |", "|---|---|---|"]
     lines += [f"| {g} | {m} | {'yes' if ok else 'no'} |" for g, m, ok in backlog_goals(res)]
     return lines
+
+
+# ---- A-TLS: scenario A with STARTTLS on both hops (issue 19) -------------------------------
+
+# The names in the benchmark's certificate: the relays present it (both, the same one), and so
+# does the sink; each client verifies it against the run's own CA for the name it expects.
+RELAY_TLS_NAME = "bench.portcullis.test"
+SINK_TLS_NAME = "sink.bench.test"
+# Messages sent through a fresh instance before its A-TLS latency run (not counted).
+ATLS_LATENCY_WARMUP = 200
+
+
+class BenchCA:
+    """A CA made with openssl for this run, and one ECDSA P-256 server certificate it signed
+    for RELAY_TLS_NAME and SINK_TLS_NAME: both relays and the sink present it."""
+
+    def __init__(self):
+        self.dir = os.path.join(TMP, "atls-ca")
+        os.makedirs(self.dir, exist_ok=True)
+        self.ca, self.cert, self.key = (os.path.join(self.dir, n) for n in ("ca.pem", "cert.pem", "key.pem"))
+        ca_key, csr, ext = (os.path.join(self.dir, n) for n in ("ca.key", "cert.csr", "cert.ext"))
+        with open(ext, "w") as f:
+            f.write(f"subjectAltName = DNS:{RELAY_TLS_NAME}, DNS:{SINK_TLS_NAME}\n"
+                    "basicConstraints = critical, CA:FALSE\n"
+                    "keyUsage = critical, digitalSignature\n"
+                    "extendedKeyUsage = serverAuth\n")
+        for cmd in (
+                ["genpkey", "-algorithm", "EC", "-pkeyopt", "ec_paramgen_curve:P-256", "-out", ca_key],
+                ["req", "-x509", "-new", "-key", ca_key, "-sha256", "-days", "2",
+                 "-subj", "/CN=portcullis bench CA", "-out", self.ca],
+                ["genpkey", "-algorithm", "EC", "-pkeyopt", "ec_paramgen_curve:P-256", "-out", self.key],
+                ["req", "-new", "-key", self.key, "-subj", f"/CN={RELAY_TLS_NAME}", "-out", csr],
+                ["x509", "-req", "-in", csr, "-CA", self.ca, "-CAkey", ca_key, "-CAcreateserial",
+                 "-days", "2", "-sha256", "-extfile", ext, "-out", self.cert]):
+            subprocess.run(["openssl", *cmd], check=True, timeout=60,
+                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        os.chmod(self.key, 0o600)
+
+
+class TlsSink(Sink):
+    """The one upstream of A-TLS for both relays: `loadgen sink` offering STARTTLS with the
+    bench certificate (smtp-sink has no TLS). It prints smtp-sink's `mesg=N` field, so the
+    Sink machinery counts it alike, and `tls=M`, the messages that came over TLS."""
+
+    def __init__(self, port, ca):
+        self.ca = ca
+        super().__init__(port)
+
+    def start(self, dump=None):
+        self.count = 0
+        self.tail = b""
+        self.t_last = time.monotonic()
+        self.proc = spawn([LOADGEN, "sink", "--listen", f"127.0.0.1:{self.port}",
+                           "--cert", self.ca.cert, "--key", self.ca.key],
+                          stdout=subprocess.PIPE, stderr=open(os.path.join(TMP, "loadgen.err"), "a"))
+        self.reader = threading.Thread(target=self._read, daemon=True)
+        self.reader.start()
+        wait_port(self.port, proc=self.proc)
+
+    def field(self, name):
+        """A counter of the sink's last line: "tls" (messages received over TLS so far),
+        "sessions" (connections accepted)."""
+        m = re.findall(rb"\b" + name.encode() + rb"=(\d+)", self.tail)
+        return int(m[-1]) if m else 0
+
+
+def atls_portcullis_config(ca):
+    """The bench policy for A-TLS: the bench certificate; the STARTTLS listener requires TLS
+    (MAIL before it → 530); the upstream requires STARTTLS and verifies the sink's certificate
+    against the bench CA for SINK_TLS_NAME."""
+    def edit(cfg):
+        edits = [('cert = "./tls/cert.pem"', f'cert = "{ca.cert}"'),
+                 ('key = "./tls/key.pem"', f'key = "{ca.key}"'),
+                 ('name = "bench-tls"\n', 'name = "bench-tls"\nrequire_tls = true\n'),
+                 ('tls = "none"\nmax_connections = 20\n',
+                  f'tls = "required"\nca = "{ca.ca}"\ntls_name = "{SINK_TLS_NAME}"\n'
+                  'max_connections = 20\n')]
+        for old, new in edits:
+            if cfg.count(old) != 1:
+                raise RuntimeError(f"bench/portcullis.toml: expected one {old.strip()!r}")
+            cfg = cfg.replace(old, new)
+        return cfg
+    return edit
+
+
+def atls_relay(kind, ca, sink, run):
+    """A fresh relay of `kind` set up for A-TLS; `atls_port` is where its STARTTLS is."""
+    if kind == "portcullis":
+        relay = Portcullis(sink.port, name=f"portcullis-atls-{run}", edit_config=atls_portcullis_config(ca))
+        relay.atls_port = relay.tls_port
+        return relay
+    name = f"postfix-atls-{run}"
+    data = os.path.join(TMP, name, "data")
+    relay = Postfix(sink.port, name=name, main_extra=f"""smtpd_tls_cert_file = {ca.cert}
+smtpd_tls_key_file = {ca.key}
+smtpd_tls_security_level = may
+smtpd_tls_session_cache_database = btree:{data}/smtpd_scache
+smtp_tls_security_level = verify
+smtp_tls_CAfile = {ca.ca}
+smtp_tls_verify_cert_match = {SINK_TLS_NAME}
+smtp_tls_session_cache_database = btree:{data}/smtp_scache
+smtp_tls_connection_reuse = yes
+""", master_extra="tlsproxy  unix  -       -       n       -       0       tlsproxy\n")
+    relay.atls_port = relay.port
+    return relay
+
+
+def atls_send(relay, ca, messages):
+    """loadgen send: 20 sessions, a new connection per 1 KB message, STARTTLS in each."""
+    return [LOADGEN, "send", "--target", f"127.0.0.1:{relay.atls_port}", "--sessions", "20",
+            "--messages", str(messages), "--ca", ca.ca, "--name", RELAY_TLS_NAME]
+
+
+def drop_relay(relay):
+    try:
+        relay.stop(timeout=60)
+    finally:
+        shutil.rmtree(relay.dir, ignore_errors=True)
+
+
+def atls_throughput(ca, sink, kind, run, messages, warmup):
+    """One A-TLS pass on a fresh instance: a warm-up, then a counted run with peak RSS."""
+    relay = atls_relay(kind, ca, sink, run)
+    try:
+        if warmup:
+            log(f"warm-up {relay.name} ({warmup} messages)")
+            run_once(relay, sink, warmup, 20, SMALL, False, client=atls_send(relay, ca, warmup))
+        tls0, conns0 = sink.field("tls"), sink.field("sessions")
+        r = run_once(relay, sink, messages, 20, SMALL, False, rss=True,
+                     client=atls_send(relay, ca, messages))
+        r["relay"] = kind
+        r["upstream_tls"] = sink.field("tls") - tls0
+        r["upstream_conns"] = sink.field("sessions") - conns0
+        c = r.get("client", {})
+        log(f"{relay.name}: client {c}; {r['upstream_tls']} of {r['delivered']} over TLS upstream, "
+            f"{r['upstream_conns']} new connections to the sink")
+        return r
+    finally:
+        drop_relay(relay)
+
+
+def atls_latency(ca, sink, kind, run, rate, seconds):
+    """One open-loop A-TLS run at `rate` on a fresh instance (after a short warm-up)."""
+    relay = atls_relay(kind, ca, sink, run)
+    try:
+        base = sink.count
+        loadgen(atls_send(relay, ca, ATLS_LATENCY_WARMUP)[1:], timeout=120)
+        sink.wait_for(base + ATLS_LATENCY_WARMUP)
+        settle()
+        base = sink.count
+        r = loadgen(["openloop", "--target", f"127.0.0.1:{relay.atls_port}", "--rate", str(rate),
+                     "--seconds", str(seconds), "--ca", ca.ca, "--name", RELAY_TLS_NAME],
+                    timeout=seconds + 180)
+        got, _ = sink.wait_for(base + r["ok"])
+        r["relay"] = kind
+        r["arrived"] = got - base
+        log(f"{relay.name}: {r}")
+        return r
+    finally:
+        drop_relay(relay)
+
+
+def scenario_atls(ca, sink, messages, runs, warmup, seconds, plain=None):
+    """A-TLS: `runs` throughput passes per relay and `runs` open-loop passes at half of
+    Postfix's A-TLS median (or BENCH_ATLS_RATE), alternating which relay goes first, a fresh
+    instance for each pass. `plain` is scenario A (plaintext) of the same run, for its ratio.
+    Returns (report lines, short deliveries)."""
+    kinds = ("portcullis", "postfix")
+    log(f"== A-TLS: {messages} messages per counted run, {runs} runs per relay")
+    res = {k: [] for k in kinds}
+    for i in range(runs):
+        for kind in (kinds if i % 2 == 0 else kinds[::-1]):
+            res[kind].append(atls_throughput(ca, sink, kind, i + 1, messages, warmup))
+    med = lambda k, rel: statistics.median(r[k] for r in res[rel])
+    c = lambda r: r.get("client", {})
+    resumed = lambda rs: 100 * sum(c(r).get("tls_resumed", 0) for r in rs) / max(
+        sum(c(r).get("tls_resumed", 0) + c(r).get("tls_full", 0) for r in rs), 1)
+    neg = {k: next((c(r)["negotiated"] for r in rs if c(r).get("negotiated")), {}) for k, rs in res.items()}
+    ratio = med("msgs", "portcullis") / med("msgs", "postfix")
+    lines = [f"A-TLS: scenario A (1 KB, 20 sessions, a new connection per message) with STARTTLS "
+             f"from the client (loadgen send, one rustls session store for the run, so sessions "
+             f"resume) and STARTTLS to the upstream (loadgen sink, verified against the run's "
+             f"own CA on both relays); ECDSA P-256 certificate, the same for both relays and "
+             f"the sink. {messages} messages per counted run after a {warmup}-message warm-up, "
+             f"{runs} runs per relay alternating which goes first, a fresh instance each. Peak "
+             "RSS: VmHWM of portcullis; for Postfix the largest sum of Pss over its processes, "
+             "sampled every 50 ms.", "",
+             "| relay | msg/s median (range) | relay CPU ms/msg | peak RSS MB | loadgen CPU ms/msg | "
+             "client handshakes resumed | over TLS to the sink | new connections to the sink | "
+             "negotiated (client leg) | ratio portcullis/Postfix msg/s |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for k, rs in res.items():
+        n = neg.get(k) or {}
+        lines.append(f"| {k} | {fmt([r['msgs'] for r in rs], '.0f')} | "
+                     f"{fmt([r['cpu_ms'] for r in rs], '.2f')} | {fmt([r['rss_mb'] for r in rs], '.0f')} | "
+                     f"{statistics.median(r['gen_cpu_ms'] for r in rs):.2f} | {resumed(rs):.0f} % | "
+                     f"{sum(r['upstream_tls'] for r in rs)} of {sum(r['delivered'] for r in rs)} | "
+                     f"{sum(r['upstream_conns'] for r in rs)} | {n.get('version')} {n.get('kx')} | {'%.2f×' % ratio if k == 'portcullis' else ''} |")
+    lines += ["", f"Relay CPU per message, portcullis/Postfix: "
+              f"{med('cpu_ms', 'portcullis') / med('cpu_ms', 'postfix'):.2f}×."]
+    goals = []
+    if plain and "postfix" in plain and "portcullis" in plain:
+        p_ratio = (statistics.median(r["msgs"] for r in plain["portcullis"]) /
+                   statistics.median(r["msgs"] for r in plain["postfix"]))
+        lines.append(f"Plaintext scenario A of the same run (smtp-source, new connection per "
+                     f"message): portcullis/Postfix {p_ratio:.2f}×.")
+        goals.append(("A-TLS msg/s ratio ≥ the plaintext A ratio of the same run",
+                      f"{ratio:.2f}× vs {p_ratio:.2f}×", ratio >= p_ratio))
+    lat = {k: [] for k in kinds}
+    rate = 0
+    if seconds > 0:
+        rate = ATLS_RATE or 0.5 * med("msgs", "postfix")
+        why = "BENCH_ATLS_RATE" if ATLS_RATE else "half of Postfix's A-TLS median"
+        log(f"== A-TLS open loop at {rate:.0f} msg/s for {seconds:.0f} s")
+        for i in range(runs):
+            for kind in (kinds if i % 2 == 0 else kinds[::-1]):
+                lat[kind].append(atls_latency(ca, sink, kind, i + 1, rate, seconds))
+        p99 = {k: statistics.median(r["p99_ms"] for r in rs) for k, rs in lat.items()}
+        lines += ["", f"A-TLS open loop (loadgen openloop with STARTTLS): a new connection every "
+                  f"1/{rate:.0f} s ({why}) "
+                  f"for {seconds:.0f} s, {runs} runs per relay alternating, a fresh instance each "
+                  f"after {ATLS_LATENCY_WARMUP} messages; latency from the scheduled start to the "
+                  "250 after the final dot.", "",
+                  "| relay | accept→250 p50 ms | accept→250 p99 ms | max ms | failed | not arrived | "
+                  "resumed | ratio p99 portcullis/Postfix |", "|---|---|---|---|---|---|---|---|"]
+        for k, rs in lat.items():
+            lines.append(f"| {k} | {fmt([r['p50_ms'] for r in rs], '.1f')} | "
+                         f"{fmt([r['p99_ms'] for r in rs], '.1f')} | "
+                         f"{max(r['max_ms'] or 0 for r in rs):.0f} | {sum(r['failed'] for r in rs)} | "
+                         f"{sum(r['ok'] - r['arrived'] for r in rs)} | {resumed([{'client': r} for r in rs]):.0f} % | "
+                         f"{'%.2f×' % (p99['portcullis'] / p99['postfix']) if k == 'portcullis' else ''} |")
+        goals.append(("A-TLS accept→250 p99 at half of Postfix's capacity ≤ ½ of Postfix's",
+                      f"{p99['portcullis']:.1f} vs {p99['postfix']:.1f} ms "
+                      f"({p99['portcullis'] / p99['postfix']:.2f}×)", p99["portcullis"] <= 0.5 * p99["postfix"]))
+    if goals:
+        lines += ["", "| goal (issue 19) | measured (medians) | met |", "|---|---|---|"]
+        lines += [f"| {g} | {m} | {'yes' if ok else 'no'} |" for g, m, ok in goals]
+    short = [f"A-TLS {r['relay']} delivered {r['delivered']} of {r['sent']}"
+             for rs in res.values() for r in rs if r["delivered"] < r["sent"]]
+    short += [f"A-TLS {r['relay']}: {r['delivered'] - r['upstream_tls']} delivered without TLS"
+              for rs in res.values() for r in rs if r["upstream_tls"] < r["delivered"]]
+    short += [f"A-TLS open loop {r['relay']}: {r['failed']} failed, {r['ok'] - r['arrived']} not arrived"
+              for rs in lat.values() for r in rs if r["failed"] or r["arrived"] < r["ok"]]
+    return lines, short
+
+
+def main_atls():
+    """--atls: plaintext scenario A (unless BENCH_ATLS_PLAIN=0), then A-TLS."""
+    started = time.monotonic()
+    ca = BenchCA()
+    lines, short, plain = [], [], None
+    if ATLS_PLAIN:
+        sink = Sink(free_port())
+        relays = []
+        try:
+            relays = [Portcullis(sink.port), Postfix(sink.port)]
+            a = [scenario("A 1 KB, 20 sessions, new connection per message", relays, sink,
+                          ATLS_MESSAGES, 20, SMALL, False, WARMUP)]
+            plain = a[0][1]
+            lines += [f"Scenario A (plaintext, for the ratio): {ATLS_MESSAGES} messages per counted "
+                      f"run, {RUNS} counted runs per relay after a {WARMUP}-message warm-up, "
+                      "alternating.", ""] + table_a(a) + [""]
+            short += [f"{r['relay']} delivered {r['delivered']} of {r['sent']}"
+                      for rs in plain.values() for r in rs if r["delivered"] < r["sent"]]
+        finally:
+            for r in relays:
+                try:
+                    r.stop()
+                except Exception as e:  # keep stopping the others
+                    log(f"stopping {r.name}: {e}")
+            stop_proc(sink.proc)
+    tls_sink = TlsSink(free_port(), ca)
+    try:
+        a_lines, a_short = scenario_atls(ca, tls_sink, ATLS_MESSAGES, RUNS, ATLS_WARMUP,
+                                         ATLS_SECONDS, plain)
+    finally:
+        tls_sink.stop()
+    publish(lines + a_lines, started)
+    fail_if_short(short + a_short)
 
 
 # ---- scenario F: SPF + DKIM + DMARC verification (issue 14) --------------------------------
@@ -2395,12 +2709,14 @@ def main():
         return main_auth()
     if BACKLOG_ONLY:
         return main_backlog()
+    if ATLS_ONLY:
+        return main_atls()
     if OBSERVE_ONLY:
         return main_observe()
     if CLUSTER_ONLY:
         return main_cluster()
     started = time.monotonic()
-    f_short = []
+    f_short, atls_short = [], []
     sink = Sink(free_port())
     relays = []
     try:
@@ -2446,6 +2762,14 @@ def main():
                     lines.append(f"| {name} | {n} | " +
                                  ", ".join(f"{k} {v}" for k, v in sorted(counts.items())) + " | " +
                                  ", ".join(f"{k} {v:.2f}" for k, v in sorted(per.items())) + " |")
+        if not SMOKE and ATLS_MESSAGES > 0:
+            tls_sink = TlsSink(free_port(), BenchCA())
+            try:
+                atls_lines, atls_short = scenario_atls(tls_sink.ca, tls_sink, ATLS_MESSAGES, RUNS,
+                                                       ATLS_WARMUP, ATLS_SECONDS, a[0][1])
+            finally:
+                tls_sink.stop()
+            lines += [""] + atls_lines
         if not SMOKE and BACKLOG > 0:
             lines += [""] + scenario_backlog(sink, BACKLOG, BACKLOG_RUNS, BACKLOG_NEW)
         if not SMOKE:
@@ -2455,7 +2779,7 @@ def main():
         # A run that lost messages measured nothing: fail (this is what the CI smoke pass checks).
         short = [f"{r['relay']} delivered {r['delivered']} of {r['sent']}"
                  for _, res in a for rs in res.values() for r in rs if r["delivered"] < r["sent"]]
-        fail_if_short(short + f_short)
+        fail_if_short(short + f_short + atls_short)
     finally:
         for r in relays:
             try:

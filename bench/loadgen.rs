@@ -1,14 +1,23 @@
-//! Load generator for `bench/run`: scenarios C, D and E of BENCHMARKS.md.
+//! Load generator for `bench/run`: scenarios C, D, E and A-TLS of BENCHMARKS.md.
 //!
-//! One binary, four subcommands; each prints exactly one JSON line on stdout (the figures) and
-//! writes nothing else there, so `bench/bench.py` can parse it.
+//! One binary, several subcommands; each prints exactly one JSON line on stdout (the figures)
+//! and writes nothing else there, so `bench/bench.py` can parse it (`sink` excepted: it prints
+//! counters in smtp-sink's manner).
 //!
 //! - `openloop --target ADDR --rate R --seconds S [--sink ADDR] [--wait S]`: starts one SMTP
 //!   session (new connection, EHLO, MAIL, RCPT, DATA, a 1 KB message, QUIT) every 1/R s on a
 //!   fixed schedule, whatever the server does, and measures from the *scheduled* start to the
 //!   250 after the final dot. With `--sink` the same process is also the relay's upstream: an
 //!   ESMTP sink that finds each message's `X-Bench-Seq` header and notes when its final dot
-//!   arrived, giving scheduled start → arrived at the sink.
+//!   arrived, giving scheduled start → arrived at the sink. With `--ca PEM [--name HOST]` each
+//!   session uses STARTTLS (see "STARTTLS client" below).
+//! - `send --target ADDR --sessions S --messages N [--ca PEM [--name HOST]]`: closed loop, as
+//!   `smtp-source -s S -m N` (a new connection per 1 KB message, S at a time); with `--ca`,
+//!   STARTTLS in every session (scenario A-TLS: smtp-source has no TLS).
+//! - `sink --listen ADDR [--cert PEM --key PEM]`: an ESMTP sink offering STARTTLS (scenario
+//!   A-TLS's one upstream for both relays: smtp-sink has no TLS). It prints
+//!   `mesg=N tls=M sessions=S failed=F` whenever its counts move (at most every 10 ms), in the
+//!   manner of `smtp-sink -c`, until SIGTERM.
 //! - `idle --target ADDR --count N [--parallel P]`: opens N sessions, reads the banner, sends
 //!   EHLO, reads the reply, and holds them; prints its line once all are open, then waits for
 //!   stdin to reach EOF (or SIGTERM/SIGINT) and closes them.
@@ -37,6 +46,11 @@
 //! so every handshake is a full one against either server. With `--cert` the client also fails
 //! a session whose server presented another certificate.
 //!
+//! The STARTTLS client of `openloop` and `send` verifies the relay's certificate against the
+//! benchmark's CA (`--ca`) for `--name` (default bench.portcullis.test) and keeps one rustls
+//! client configuration, hence one session store, for the whole run: sessions are resumed as a
+//! busy sending MTA resumes them; the JSON line counts full and resumed handshakes.
+//!
 //! It is a measuring tool: a failure is counted (and the first one described in the JSON line),
 //! never retried, so a struggling server shows up in the figures.
 
@@ -53,13 +67,13 @@ use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, ServerName, UnixTime};
 use serde_json::json;
 use tokio::io::{
-    AsyncBufRead, AsyncBufReadExt, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader,
+    AsyncBufRead, AsyncBufReadExt, AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader,
 };
 use tokio::net::{TcpListener, TcpStream};
 use tokio::signal::unix::{SignalKind, signal};
 use tokio::sync::Semaphore;
 use tokio_rustls::rustls::client::Resumption;
-use tokio_rustls::rustls::{ClientConfig, ServerConfig};
+use tokio_rustls::rustls::{ClientConfig, HandshakeKind, RootCertStore, ServerConfig};
 use tokio_rustls::{TlsAcceptor, TlsConnector};
 
 /// Longest reply or command line accepted, CRLF included (message lines too, at the sink).
@@ -90,6 +104,8 @@ fn main() {
     };
     let result = Args::parse(rest).and_then(|a| match command.as_str() {
         "openloop" => openloop(&a),
+        "send" => send(&a),
+        "sink" => sink(&a),
         "idle" => idle(&a),
         "tls-server" => tls_server(&a),
         "tls" => tls_client(&a),
@@ -107,6 +123,9 @@ fn main() {
 fn usage() -> ! {
     eprintln!(
         "usage: loadgen openloop --target ADDR --rate R --seconds S [--sink ADDR] [--wait S]\n\
+         \x20                       [--ca PEM [--name HOST]]\n\
+         \x20      loadgen send --target ADDR --sessions S --messages N [--ca PEM [--name HOST]]\n\
+         \x20      loadgen sink --listen ADDR [--cert PEM --key PEM]\n\
          \x20      loadgen idle --target ADDR --count N [--parallel P]\n\
          \x20      loadgen tls-server --listen ADDR --cert PEM --key PEM\n\
          \x20      loadgen tls --target ADDR --conns C --seconds S [--name HOST] [--cert PEM]\n\
@@ -355,6 +374,7 @@ fn openloop(a: &Args) -> anyhow::Result<()> {
     let seconds: f64 = a.get("seconds")?;
     let sink: Option<SocketAddr> = a.opt("sink")?;
     let wait = Duration::from_secs_f64(a.opt("wait")?.unwrap_or(DEFAULT_SINK_WAIT_S));
+    let tls = Starttls::from_args(a)?;
     if !(rate > 0.0 && seconds > 0.0) {
         bail!("--rate and --seconds must be positive");
     }
@@ -391,10 +411,11 @@ fn openloop(a: &Args) -> anyhow::Result<()> {
         } else {
             max_lag = max_lag.max(now - at);
         }
-        let (timeline, errors) = (timeline.clone(), errors.clone());
+        let (timeline, errors, tls) = (timeline.clone(), errors.clone(), tls.clone());
         sessions.push(rt.spawn(async move {
             let msg = message(&timeline.run, seq);
-            match tokio::time::timeout(SESSION_TIMEOUT, send_one(target, &msg)).await {
+            let once = send_one(target, &msg, tls.as_deref());
+            match tokio::time::timeout(SESSION_TIMEOUT, once).await {
                 Ok(Ok(t250)) => {
                     timeline.stamp(&timeline.replied[seq], t250);
                 }
@@ -435,27 +456,316 @@ fn openloop(a: &Args) -> anyhow::Result<()> {
         out["sink_p50_ms"] = json!(percentile_ms(&arr, 0.50));
         out["sink_p99_ms"] = json!(percentile_ms(&arr, 0.99));
     }
+    if let Some(tls) = &tls {
+        tls.report(&mut out);
+    }
     emit(out)?;
     // Sessions still held by the relays at the sink are simply dropped with the runtime.
     rt.shutdown_background();
     Ok(())
 }
 
-/// One session: returns the instant the 250 after the final dot was read.
-async fn send_one(target: SocketAddr, msg: &[u8]) -> anyhow::Result<Instant> {
+/// One session: returns the instant the 250 after the final dot was read. With `tls`, STARTTLS
+/// after the first EHLO, then EHLO again and the transaction over TLS.
+async fn send_one(
+    target: SocketAddr,
+    msg: &[u8],
+    tls: Option<&Starttls>,
+) -> anyhow::Result<Instant> {
     let mut s = BufReader::with_capacity(1024, connect(target).await?);
     let mut buf = Vec::with_capacity(256);
     expect(&mut s, &mut buf, 2, "connect").await?;
     command(&mut s, &mut buf, "EHLO loadgen.bench\r\n", 2).await?;
-    command(&mut s, &mut buf, "MAIL FROM:<bench@example.com>\r\n", 2).await?;
-    command(&mut s, &mut buf, "RCPT TO:<rcpt@example.net>\r\n", 2).await?;
-    command(&mut s, &mut buf, "DATA\r\n", 3).await?;
+    let Some(tls) = tls else {
+        return transaction(&mut s, &mut buf, msg).await;
+    };
+    command(&mut s, &mut buf, "STARTTLS\r\n", 2).await?;
+    if !s.buffer().is_empty() {
+        bail!("server sent data after its STARTTLS reply");
+    }
+    let mut s = BufReader::with_capacity(1024, tls.handshake(s.into_inner()).await?);
+    command(&mut s, &mut buf, "EHLO loadgen.bench\r\n", 2).await?;
+    transaction(&mut s, &mut buf, msg).await
+}
+
+/// MAIL, RCPT, DATA, the message, QUIT; the instant the 250 after the final dot was read.
+async fn transaction<S: AsyncBufRead + AsyncWrite + Unpin>(
+    s: &mut S,
+    buf: &mut Vec<u8>,
+    msg: &[u8],
+) -> anyhow::Result<Instant> {
+    command(s, buf, "MAIL FROM:<bench@example.com>\r\n", 2).await?;
+    command(s, buf, "RCPT TO:<rcpt@example.net>\r\n", 2).await?;
+    command(s, buf, "DATA\r\n", 3).await?;
     s.write_all(msg).await?;
     s.flush().await?;
-    expect(&mut s, &mut buf, 2, "the final dot").await?;
+    expect(s, buf, 2, "the final dot").await?;
     let t250 = Instant::now();
-    quit(&mut s, &mut buf).await;
+    quit(s, buf).await;
     Ok(t250)
+}
+
+// ---- STARTTLS client (openloop and send with --ca) -------------------------------------------
+
+/// `--ca PEM [--name HOST]`: STARTTLS to the relay, its certificate verified against the
+/// benchmark's CA for HOST. One rustls client configuration for the whole run, so one session
+/// store: every connection after the first few resumes a session (TLS 1.3 tickets or TLS 1.2
+/// session IDs), as a busy sending MTA does.
+struct Starttls {
+    connector: TlsConnector,
+    name: ServerName<'static>,
+    full: AtomicU64,
+    resumed: AtomicU64,
+    negotiated: Negotiated,
+}
+
+/// Sessions kept by the client's store (rustls's default size).
+const CLIENT_SESSIONS: usize = 256;
+
+impl Starttls {
+    fn from_args(a: &Args) -> anyhow::Result<Option<Arc<Starttls>>> {
+        let Some(ca) = a.opt::<String>("ca")? else {
+            return Ok(None);
+        };
+        let mut roots = RootCertStore::empty();
+        for cert in
+            CertificateDer::pem_file_iter(&ca).with_context(|| format!("cannot read {ca}"))?
+        {
+            roots.add(cert.with_context(|| format!("{ca}: bad certificate"))?)?;
+        }
+        let provider = Arc::new(tokio_rustls::rustls::crypto::aws_lc_rs::default_provider());
+        let mut config = ClientConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()?
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+        config.resumption = Resumption::in_memory_sessions(CLIENT_SESSIONS);
+        let name = a
+            .opt::<String>("name")?
+            .unwrap_or_else(|| "bench.portcullis.test".to_owned());
+        Ok(Some(Arc::new(Starttls {
+            connector: TlsConnector::from(Arc::new(config)),
+            name: ServerName::try_from(name)?,
+            full: AtomicU64::new(0),
+            resumed: AtomicU64::new(0),
+            negotiated: Negotiated::default(),
+        })))
+    }
+
+    async fn handshake(
+        &self,
+        tcp: TcpStream,
+    ) -> anyhow::Result<tokio_rustls::client::TlsStream<TcpStream>> {
+        let tls = self
+            .connector
+            .connect(self.name.clone(), tcp)
+            .await
+            .context("TLS handshake")?;
+        let conn = tls.get_ref().1;
+        if conn.handshake_kind() == Some(HandshakeKind::Resumed) {
+            self.resumed.fetch_add(1, Ordering::Relaxed);
+        } else {
+            self.full.fetch_add(1, Ordering::Relaxed);
+        }
+        let mut slot = self.negotiated.0.lock().unwrap_or_else(|p| p.into_inner());
+        if slot.is_none() {
+            *slot = Some(json!({
+                "version": conn.protocol_version().map(|v| format!("{v:?}")),
+                "suite": conn.negotiated_cipher_suite().map(|s| format!("{:?}", s.suite())),
+                "kx": conn.negotiated_key_exchange_group().map(|g| format!("{:?}", g.name())),
+            }));
+        }
+        drop(slot);
+        Ok(tls)
+    }
+
+    /// Adds the handshake counts to a result line.
+    fn report(&self, out: &mut serde_json::Value) {
+        out["tls_full"] = json!(self.full.load(Ordering::Relaxed));
+        out["tls_resumed"] = json!(self.resumed.load(Ordering::Relaxed));
+        out["negotiated"] = json!(
+            self.negotiated
+                .0
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .clone()
+        );
+    }
+}
+
+// ---- send ----------------------------------------------------------------------------------
+
+/// Closed loop, as smtp-source without -d: `--sessions` concurrent loops each sending one
+/// 1 KB message per new connection until `--messages` have been started. With `--ca`, every
+/// session uses STARTTLS (scenario A-TLS; smtp-source has no TLS).
+fn send(a: &Args) -> anyhow::Result<()> {
+    let target: SocketAddr = a.get("target")?;
+    let sessions: usize = a.get::<usize>("sessions")?.max(1);
+    let messages: usize = a.get("messages")?;
+    let tls = Starttls::from_args(a)?;
+    let rt = runtime()?;
+    let run = format!("{:x}", std::process::id());
+    let next = Arc::new(AtomicU64::new(0));
+    let ok = Arc::new(AtomicU64::new(0));
+    let errors = Arc::new(FirstError::default());
+    let t0 = Instant::now();
+    rt.block_on(async {
+        let loops: Vec<_> = (0..sessions)
+            .map(|_| {
+                let (next, ok, errors, tls, run) = (
+                    next.clone(),
+                    ok.clone(),
+                    errors.clone(),
+                    tls.clone(),
+                    run.clone(),
+                );
+                tokio::spawn(async move {
+                    loop {
+                        let seq = next.fetch_add(1, Ordering::Relaxed) as usize;
+                        if seq >= messages {
+                            break;
+                        }
+                        let msg = message(&run, seq);
+                        let once = send_one(target, &msg, tls.as_deref());
+                        match tokio::time::timeout(SESSION_TIMEOUT, once).await {
+                            Ok(Ok(_)) => {
+                                ok.fetch_add(1, Ordering::Relaxed);
+                            }
+                            Ok(Err(e)) => errors.note(&e),
+                            Err(_) => errors.note(&anyhow!("session timed out")),
+                        }
+                    }
+                })
+            })
+            .collect();
+        for l in loops {
+            let _ = l.await;
+        }
+    });
+    let seconds = t0.elapsed().as_secs_f64();
+    let ok = ok.load(Ordering::Relaxed) as usize;
+    let mut out = json!({
+        "sent": messages,
+        "ok": ok,
+        "failed": messages - ok,
+        "seconds": seconds,
+        "per_sec": ok as f64 / seconds,
+        "sessions": sessions,
+        "first_error": errors.get(),
+    });
+    if let Some(tls) = &tls {
+        tls.report(&mut out);
+    }
+    emit(out)
+}
+
+// ---- sink ----------------------------------------------------------------------------------
+
+/// How often `sink` prints its count when it has moved.
+const SINK_REPORT: Duration = Duration::from_millis(10);
+
+#[derive(Default)]
+struct SinkCounters {
+    messages: AtomicU64,
+    over_tls: AtomicU64,
+    sessions: AtomicU64,
+    failed: AtomicU64,
+}
+
+impl SinkCounters {
+    fn line(&self) -> String {
+        format!(
+            "mesg={} tls={} sessions={} failed={}",
+            self.messages.load(Ordering::Relaxed),
+            self.over_tls.load(Ordering::Relaxed),
+            self.sessions.load(Ordering::Relaxed),
+            self.failed.load(Ordering::Relaxed)
+        )
+    }
+}
+
+/// The TLS-capable upstream of scenario A-TLS (smtp-sink has no TLS): an ESMTP sink offering
+/// STARTTLS with `--cert`/`--key` (the relay's own server configuration, as `tls-server`),
+/// discarding messages. Its counts go to stdout as `mesg=N tls=M sessions=S failed=F` lines
+/// (smtp-sink -c's `mesg=` field, so bench.py reads both alike), at most every `SINK_REPORT`
+/// and whenever they move, and once more at SIGTERM or SIGINT, when it exits.
+fn sink(a: &Args) -> anyhow::Result<()> {
+    let listen: SocketAddr = a.get("listen")?;
+    let acceptor = match (a.opt::<String>("cert")?, a.opt::<String>("key")?) {
+        (Some(cert), Some(key)) => Some(TlsAcceptor::from(server_config(&cert, &key)?)),
+        (None, None) => None,
+        _ => bail!("--cert and --key go together"),
+    };
+    let rt = runtime()?;
+    let counters = Arc::new(SinkCounters::default());
+    rt.block_on(async {
+        let listener = bind_retrying(listen).await?;
+        let printer = counters.clone();
+        tokio::spawn(async move {
+            let mut last = String::new();
+            loop {
+                tokio::time::sleep(SINK_REPORT).await;
+                let line = printer.line();
+                if line != last {
+                    let mut out = io::stdout().lock();
+                    let _ = writeln!(out, "{line}").and_then(|()| out.flush());
+                    last = line;
+                }
+            }
+        });
+        let mut term = signal(SignalKind::terminate())?;
+        let mut int = signal(SignalKind::interrupt())?;
+        loop {
+            let accepted = tokio::select! {
+                r = listener.accept() => r,
+                _ = term.recv() => break,
+                _ = int.recv() => break,
+            };
+            let Ok((tcp, _)) = accepted else {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+                continue;
+            };
+            let _ = tcp.set_nodelay(true);
+            let (acceptor, counters) = (acceptor.clone(), counters.clone());
+            tokio::spawn(async move {
+                counters.sessions.fetch_add(1, Ordering::Relaxed);
+                if sink_connection(tcp, acceptor, &counters).await.is_err() {
+                    counters.failed.fetch_add(1, Ordering::Relaxed);
+                }
+            });
+        }
+        anyhow::Ok(())
+    })?;
+    let mut out = io::stdout().lock();
+    writeln!(out, "{}", counters.line())?;
+    out.flush()?;
+    Ok(())
+}
+
+/// One relay connection to `sink`: plaintext until STARTTLS, then the rest over TLS.
+async fn sink_connection(
+    tcp: TcpStream,
+    acceptor: Option<TlsAcceptor>,
+    counters: &SinkCounters,
+) -> anyhow::Result<()> {
+    let mut s = BufReader::with_capacity(16 * 1024, tcp);
+    let mut plain = |_: Option<String>| {
+        counters.messages.fetch_add(1, Ordering::Relaxed);
+    };
+    let end = sink_dialogue(&mut s, SINK_BANNER.to_vec(), acceptor.is_some(), &mut plain).await?;
+    let (SinkEnd::StartTls, Some(acceptor)) = (end, acceptor) else {
+        return Ok(());
+    };
+    let tls = tokio::time::timeout(SESSION_TIMEOUT, acceptor.accept(s.into_inner()))
+        .await
+        .context("TLS handshake timed out")??;
+    let mut s = BufReader::with_capacity(16 * 1024, tls);
+    let mut encrypted = |_: Option<String>| {
+        counters.messages.fetch_add(1, Ordering::Relaxed);
+        counters.over_tls.fetch_add(1, Ordering::Relaxed);
+    };
+    sink_dialogue(&mut s, Vec::new(), false, &mut encrypted).await?;
+    s.get_mut().shutdown().await?;
+    Ok(())
 }
 
 /// Bind the sink's port, retrying for a few seconds: the previous sink on that port may still be
@@ -488,41 +798,74 @@ async fn sink_accept(listener: TcpListener, timeline: Arc<Timeline>) {
     }
 }
 
-/// One relay connection to the sink: any number of transactions, pipelined commands answered in
-/// order. Replies are gathered and written when no more input is buffered, so a pipelined group
-/// gets its replies in one write and a lone command is answered at once.
+/// One relay connection to openloop's sink: plaintext, each message noted in the timeline.
 async fn sink_session(tcp: TcpStream, timeline: &Timeline) -> anyhow::Result<()> {
     let mut s = BufReader::with_capacity(16 * 1024, tcp);
-    let mut out: Vec<u8> = b"220 loadgen.sink ESMTP\r\n".to_vec();
+    let mut arrived = |seq: Option<String>| timeline.arrival(seq.as_deref(), Instant::now());
+    sink_dialogue(&mut s, SINK_BANNER.to_vec(), false, &mut arrived).await?;
+    Ok(())
+}
+
+const SINK_BANNER: &[u8] = b"220 loadgen.sink ESMTP\r\n";
+const SINK_EHLO: &[u8] =
+    b"250-loadgen.sink\r\n250-PIPELINING\r\n250-8BITMIME\r\n250 SIZE 104857600\r\n";
+const SINK_EHLO_TLS: &[u8] = b"250-loadgen.sink\r\n250-PIPELINING\r\n250-8BITMIME\r\n\
+    250-STARTTLS\r\n250 SIZE 104857600\r\n";
+
+/// How a sink dialogue ended.
+enum SinkEnd {
+    Quit,
+    /// The client asked for STARTTLS and got its 220: the handshake comes next.
+    StartTls,
+}
+
+/// The sink's side of one connection (after `out`, the banner if any): any number of
+/// transactions, pipelined commands answered in order; STARTTLS offered and accepted when
+/// `offer_tls`. Replies are gathered and written when no more input is buffered, so a pipelined
+/// group gets its replies in one write and a lone command is answered at once. `arrived` is
+/// called at each final dot with the message's `X-Bench-Seq` value.
+async fn sink_dialogue<S: AsyncRead + AsyncWrite + Unpin>(
+    s: &mut BufReader<S>,
+    mut out: Vec<u8>,
+    offer_tls: bool,
+    arrived: &mut (dyn FnMut(Option<String>) + Send),
+) -> anyhow::Result<SinkEnd> {
     let mut line = Vec::with_capacity(1024);
     loop {
         if s.buffer().is_empty() && !out.is_empty() {
             s.get_mut().write_all(&out).await?;
             out.clear();
         }
-        read_line(&mut s, &mut line).await?;
+        read_line(s, &mut line).await?;
         let verb = line
             .get(..4)
             .map(|v| v.to_ascii_uppercase())
             .unwrap_or_default();
         match verb.as_slice() {
-            b"EHLO" => out.extend_from_slice(
-                b"250-loadgen.sink\r\n250-PIPELINING\r\n250-8BITMIME\r\n250 SIZE 104857600\r\n",
-            ),
+            b"EHLO" if offer_tls => out.extend_from_slice(SINK_EHLO_TLS),
+            b"EHLO" => out.extend_from_slice(SINK_EHLO),
             b"HELO" => out.extend_from_slice(b"250 loadgen.sink\r\n"),
             b"MAIL" | b"RCPT" | b"RSET" | b"NOOP" => out.extend_from_slice(b"250 2.0.0 Ok\r\n"),
+            b"STAR" if offer_tls => {
+                // Nothing may be pipelined after STARTTLS (it would be plaintext injection).
+                if !s.buffer().is_empty() {
+                    bail!("data pipelined after STARTTLS");
+                }
+                out.extend_from_slice(b"220 2.0.0 Ready to start TLS\r\n");
+                s.get_mut().write_all(&out).await?;
+                return Ok(SinkEnd::StartTls);
+            }
             b"DATA" => {
                 out.extend_from_slice(b"354 End data with <CR><LF>.<CR><LF>\r\n");
                 s.get_mut().write_all(&out).await?;
                 out.clear();
-                let seq = sink_data(&mut s, &mut line).await?;
-                timeline.arrival(seq.as_deref(), Instant::now());
+                arrived(sink_data(s, &mut line).await?);
                 out.extend_from_slice(b"250 2.0.0 Ok: queued\r\n");
             }
             b"QUIT" => {
                 out.extend_from_slice(b"221 2.0.0 Bye\r\n");
                 s.get_mut().write_all(&out).await?;
-                return Ok(());
+                return Ok(SinkEnd::Quit);
             }
             _ => out.extend_from_slice(b"502 5.5.2 Command not recognized\r\n"),
         }
@@ -530,8 +873,8 @@ async fn sink_session(tcp: TcpStream, timeline: &Timeline) -> anyhow::Result<()>
 }
 
 /// Read a message up to its final dot; return the value of its `X-Bench-Seq` header.
-async fn sink_data(
-    s: &mut BufReader<TcpStream>,
+async fn sink_data<S: AsyncRead + Unpin>(
+    s: &mut BufReader<S>,
     line: &mut Vec<u8>,
 ) -> anyhow::Result<Option<String>> {
     const HEADER: &[u8] = b"x-bench-seq:";
