@@ -1119,7 +1119,14 @@ fn queue(action: QueueAction, config: Option<&Path>, spool: Option<PathBuf>) -> 
             let now = unix_now();
             if json {
                 let lines = spool.list_map(|m| report::json_row(&m, now))?;
-                out!("{}", lines.concat());
+                // Through one buffer, line by line: no second copy of the whole output.
+                let mut w = std::io::BufWriter::with_capacity(1 << 16, std::io::stdout().lock());
+                output_written(
+                    lines
+                        .iter()
+                        .try_for_each(|line| std::io::Write::write_all(&mut w, line.as_bytes()))
+                        .and_then(|()| std::io::Write::flush(&mut w)),
+                );
             } else {
                 let rows = spool.list_map(|m| report::table_row(&m, now))?;
                 out!("{}", report::table(&rows));
