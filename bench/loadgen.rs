@@ -712,18 +712,8 @@ fn sink(a: &Args) -> anyhow::Result<()> {
                 }
             }
         });
-        let mut term = signal(SignalKind::terminate())?;
-        let mut int = signal(SignalKind::interrupt())?;
-        loop {
-            let accepted = tokio::select! {
-                r = listener.accept() => r,
-                _ = term.recv() => break,
-                _ = int.recv() => break,
-            };
-            let Ok((tcp, _)) = accepted else {
-                tokio::time::sleep(Duration::from_millis(10)).await;
-                continue;
-            };
+        let mut stop = Stop::new()?;
+        while let Some(tcp) = stop.accept(&listener, Duration::from_millis(10)).await {
             let _ = tcp.set_nodelay(true);
             let (acceptor, counters) = (acceptor.clone(), counters.clone());
             tokio::spawn(async move {
@@ -998,6 +988,36 @@ async fn wait_for_release() -> anyhow::Result<()> {
     Ok(())
 }
 
+/// SIGTERM and SIGINT, which end the servers of `sink` and `tls-server`.
+struct Stop {
+    term: tokio::signal::unix::Signal,
+    int: tokio::signal::unix::Signal,
+}
+
+impl Stop {
+    fn new() -> anyhow::Result<Stop> {
+        Ok(Stop {
+            term: signal(SignalKind::terminate())?,
+            int: signal(SignalKind::interrupt())?,
+        })
+    }
+
+    /// The next connection on `listener`, or `None` once either signal arrives. A failed
+    /// accept (out of descriptors, say) waits `pause` and tries again.
+    async fn accept(&mut self, listener: &TcpListener, pause: Duration) -> Option<TcpStream> {
+        loop {
+            tokio::select! {
+                r = listener.accept() => match r {
+                    Ok((tcp, _)) => return Some(tcp),
+                    Err(_) => tokio::time::sleep(pause).await,
+                },
+                _ = self.term.recv() => return None,
+                _ = self.int.recv() => return None,
+            }
+        }
+    }
+}
+
 // ---- tls-server ----------------------------------------------------------------------------
 
 /// The server configuration portcullis itself builds for `[tls] cert`, `key` and
@@ -1036,18 +1056,8 @@ fn tls_server(a: &Args) -> anyhow::Result<()> {
         let listener = TcpListener::bind(listen)
             .await
             .with_context(|| format!("cannot bind {listen}"))?;
-        let mut term = signal(SignalKind::terminate())?;
-        let mut int = signal(SignalKind::interrupt())?;
-        loop {
-            let accepted = tokio::select! {
-                r = listener.accept() => r,
-                _ = term.recv() => break,
-                _ = int.recv() => break,
-            };
-            let Ok((tcp, _)) = accepted else {
-                tokio::time::sleep(Duration::from_millis(100)).await;
-                continue;
-            };
+        let mut stop = Stop::new()?;
+        while let Some(tcp) = stop.accept(&listener, Duration::from_millis(100)).await {
             counters.accepted.fetch_add(1, Ordering::Relaxed);
             let (acceptor, counters) = (acceptor.clone(), counters.clone());
             tokio::spawn(async move {
