@@ -34,17 +34,19 @@ const COLUMNS: [&str; 8] = [
 ];
 
 /// The `queue list` table: a header row, then one row per message, columns aligned. An empty
-/// queue gives the header row alone. `now` is the current Unix time (for AGE).
+/// queue gives the header row alone. `now` is the current Unix time (for AGE). The command
+/// itself makes each row on the thread that read its message ([`table_row`], then [`table`]).
+#[cfg(test)]
 pub fn list_table(msgs: &[QueuedMessage], now: u64) -> String {
     let rows: Vec<TableRow> = msgs.iter().map(|m| table_row(m, now)).collect();
     table(&rows)
 }
 
-/// One message's cells of the [`list_table`] table, before the columns are aligned (made on the
+/// One message's cells of the `queue list` table, before the columns are aligned (made on the
 /// thread that read the message, by `Spool::list_map`).
 pub struct TableRow([String; 8]);
 
-/// The cells of `m`'s row of [`list_table`]; `now` is the current Unix time (for AGE).
+/// The cells of `m`'s row of the `queue list` table; `now` is the current Unix time (for AGE).
 pub fn table_row(m: &QueuedMessage, now: u64) -> TableRow {
     let error = m.state.last_error.as_deref().map_or_else(
         || "-".to_string(),
@@ -62,7 +64,7 @@ pub fn table_row(m: &QueuedMessage, now: u64) -> TableRow {
     ])
 }
 
-/// [`list_table`] of rows made by [`table_row`]: the header row, then each row, columns
+/// The `queue list` table of rows made by [`table_row`]: the header row, then each row, columns
 /// aligned.
 pub fn table(rows: &[TableRow]) -> String {
     let mut widths = COLUMNS.map(str::len);
@@ -109,12 +111,14 @@ fn push_row(out: &mut String, cells: &[impl AsRef<str>; 8], widths: &[usize; 8])
 /// recipient addresses), `recipients_total`, `attempts`, `next_attempt` (RFC 3339),
 /// `last_error` (null or string), `received_at` (RFC 3339), `listener`, `client_ip`,
 /// `auth_user` (null or string), `state` (`queued` or `held`), `hold` (null, or `since`
-/// (RFC 3339) and `reason` of the hold).
+/// (RFC 3339) and `reason` of the hold). The command itself writes [`json_row`] of each
+/// message, made on the thread that read it.
+#[cfg(test)]
 pub fn list_json(msgs: &[QueuedMessage], now: u64) -> String {
     msgs.iter().map(|m| json_row(m, now)).collect()
 }
 
-/// `m`'s line of [`list_json`], with its newline; `now` is the current Unix time.
+/// `m`'s line of `queue list --json` (keys: see `list_json`), with its newline; `now` is the current Unix time.
 pub fn json_row(m: &QueuedMessage, now: u64) -> String {
     let env = &m.envelope;
     let value = json!({

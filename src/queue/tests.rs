@@ -1132,6 +1132,27 @@ fn a_free_file_of_another_user_is_never_written_into() {
 }
 
 #[test]
+fn clean_replaces_every_control_character_at_the_edges_of_printable_ascii() {
+    // Printable ASCII (0x20 to 0x7e) is copied as it is; everything next to it is not.
+    assert_eq!(report::clean(" !az~"), " !az~");
+    assert_eq!(report::clean("a\tb"), "a b");
+    for control in [
+        "\0", "\x1f", "\r", "\n", "\x1b[2J", "\x7f", "\u{85}", "\u{9b}",
+    ] {
+        let cleaned = report::clean(&format!("x{control}y"));
+        assert!(
+            cleaned.starts_with("x?") && cleaned.ends_with('y'),
+            "{control:?}: {cleaned:?}"
+        );
+        assert!(
+            !cleaned.chars().any(char::is_control),
+            "{control:?}: {cleaned:?}"
+        );
+    }
+    assert_eq!(report::clean("caf\u{e9} \u{202e}x"), "caf\u{e9} ?x");
+}
+
+#[test]
 fn list_and_show_escape_bidi_and_zero_width_characters() {
     // U+202E makes `<\u{202e}gro.elpmaxe@knab-ecivres>` display as a bank's address.
     let spoof = "\u{202e}gro.elpmaxe@knab-ecivres";
