@@ -717,13 +717,21 @@ impl UpstreamConnection {
             let refused = RcptOutcome::from_reply(UpstreamStage::Data, &data_reply);
             return Ok(replies.finish(refused, false));
         }
-        self.write_message(message).await?;
+        let mut tail = self.write_message(message).await?;
         if !gate.allow() {
             self.reusable = false;
             self.io = Stream::Closed;
             return Ok(replies.finish(RcptOutcome::Deferred(Deferral::Aborted), true));
         }
-        self.write(UpstreamStage::Dot, b".\r\n").await?;
+        // The message's last chunk and the final dot in one write (one segment for a small
+        // message): the gate above still comes before any of the dot leaves.
+        let stage = if tail.is_empty() {
+            UpstreamStage::Dot
+        } else {
+            UpstreamStage::Data
+        };
+        tail.extend_from_slice(b".\r\n");
+        self.write(stage, &tail).await?;
         let reply = self
             .read_reply(UpstreamStage::Dot, self.timeout * 2)
             .await?;
@@ -742,18 +750,23 @@ impl UpstreamConnection {
         Ok(replies.finish(accepted, false))
     }
 
-    /// Send the message dot-stuffed (RFC 5321 §4.5.2), ending in CRLF. The spool holds CRLF
-    /// line endings only (a bare CR is refused at DATA, a bare LF refused or stored as CRLF),
-    /// so stuffing after each LF is exact.
-    async fn write_message(&mut self, message: &mut MessageSource) -> Result<(), ClientError> {
+    /// Send the message dot-stuffed (RFC 5321 §4.5.2), ending in CRLF, all but its last
+    /// chunk: that one (at most [`CHUNK`] octets of message, stuffed, and the CRLF it may
+    /// need) is returned, to go out with the final dot. The spool holds CRLF line endings
+    /// only (a bare CR is refused at DATA, a bare LF refused or stored as CRLF), so stuffing
+    /// after each LF is exact.
+    async fn write_message(&mut self, message: &mut MessageSource) -> Result<Vec<u8>, ClientError> {
         let mut stuffer = Stuffer::default();
-        let mut out = Vec::with_capacity(CHUNK + CHUNK / 8);
+        let mut out = Vec::with_capacity(CHUNK + CHUNK / 8 + 5);
         match message {
             MessageSource::Memory(bytes) => {
-                for chunk in bytes.as_slice().chunks(CHUNK) {
+                let mut chunks = bytes.as_slice().chunks(CHUNK).peekable();
+                while let Some(chunk) = chunks.next() {
                     out.clear();
                     stuffer.push(chunk, &mut out);
-                    self.write(UpstreamStage::Data, &out).await?;
+                    if chunks.peek().is_some() {
+                        self.write(UpstreamStage::Data, &out).await?;
+                    }
                 }
             }
             MessageSource::File { file, start, sent } => {
@@ -772,16 +785,19 @@ impl UpstreamConnection {
                     if n == 0 {
                         break;
                     }
-                    out.clear();
+                    // The chunk before this one was not the last: send it.
+                    if !out.is_empty() {
+                        self.write(UpstreamStage::Data, &out).await?;
+                        out.clear();
+                    }
                     stuffer.push(&buf[..n], &mut out);
-                    self.write(UpstreamStage::Data, &out).await?;
                 }
             }
         }
         if stuffer.last_two != [b'\r', b'\n'] {
-            self.write(UpstreamStage::Data, b"\r\n").await?;
+            out.extend_from_slice(b"\r\n");
         }
-        Ok(())
+        Ok(out)
     }
 
     /// Send `line` and read its reply.

@@ -440,15 +440,31 @@ impl<C: Courier> Recorder<'_, C> {
         match settled {
             Settled::Finished { delivered, failed } => {
                 let (size, attempts) = (self.msg.size, self.msg.state.attempts);
-                let removed = on_spool(self.spool, {
-                    let id = id.clone();
-                    move |s| {
-                        let removed = s.remove_finished(&id, size, attempts);
+                // Most messages leave by one rename into free/, which waits for no disk: done
+                // here, it saves two thread hops per message. Anything else (a state file to
+                // unlink, a file to free) runs off the reactor, as does the last close of a
+                // file that lost its name.
+                let removed = match self.spool.recycle_finished(&id, size, attempts) {
+                    Some(Ok(())) => {
                         drop(lock);
-                        removed
+                        Ok(())
                     }
-                })
-                .await;
+                    Some(Err(e)) => {
+                        close_off_reactor(lock);
+                        Err(e)
+                    }
+                    None => {
+                        on_spool(self.spool, {
+                            let id = id.clone();
+                            move |s| {
+                                let removed = s.remove_finished(&id, size, attempts);
+                                drop(lock);
+                                removed
+                            }
+                        })
+                        .await
+                    }
+                };
                 match removed {
                     Ok(()) | Err(SpoolError::NotFound(_)) => {
                         info!(queue_id = %id, delivered, failed, "removed from queue: finished");

@@ -6,11 +6,15 @@
 //! already may have started before it), and starts one itself when none is running. Under load
 //! one fsync covers all the sessions that committed while the previous one ran, instead of
 //! one each; a lone commit costs exactly what it did (DESIGN invariant 1, "group commit").
+//!
+//! The directory stays open between fsyncs (no `open` and `close` per commit). A descriptor
+//! opened before a write-back error is also the one that reports it (`errseq` semantics); after
+//! a failed fsync the directory is opened afresh for the next one.
 
 use std::fs::File;
 use std::io;
 use std::path::PathBuf;
-use std::sync::{Condvar, Mutex, MutexGuard};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 
 use super::SpoolError;
 
@@ -32,6 +36,8 @@ struct Rounds {
     running: bool,
     /// The outcome of fsync number `finished`.
     last: Result<(), FsyncFailed>,
+    /// The directory, open since the first fsync (or since the last failed one).
+    open: Option<Arc<File>>,
 }
 
 /// A failed fsync, kept to be reported to every caller it covered.
@@ -59,6 +65,7 @@ impl DirSync {
                 finished: 0,
                 running: false,
                 last: Ok(()),
+                open: None,
             }),
             finished: Condvar::new(),
         }
@@ -81,14 +88,20 @@ impl DirSync {
             state.running = true;
             state.started += 1;
             let number = state.started;
+            let open = state.open.clone();
             drop(state);
-            let result = File::open(&self.dir)
-                .and_then(|d| d.sync_all())
-                .map_err(FsyncFailed::from);
+            let dir = match open {
+                Some(dir) => Ok(dir),
+                None => File::open(&self.dir).map(Arc::new),
+            };
+            let result = dir.and_then(|d| d.sync_all().map(|()| d));
             state = self.lock();
             state.running = false;
             state.finished = number;
-            state.last = result;
+            (state.open, state.last) = match result {
+                Ok(dir) => (Some(dir), Ok(())),
+                Err(e) => (None, Err(FsyncFailed::from(e))),
+            };
             self.finished.notify_all();
         }
     }
@@ -108,6 +121,7 @@ impl DirSync {
 
 #[cfg(test)]
 mod tests {
+    use std::fs;
     use std::sync::Arc;
 
     use super::*;
@@ -140,6 +154,29 @@ mod tests {
             state.finished, state.started,
             "every fsync started also finished"
         );
+    }
+
+    #[test]
+    fn the_directory_stays_open_between_fsyncs_and_is_reopened_after_a_failure() {
+        let dir = tempfile::tempdir().unwrap();
+        let sync = DirSync::new(dir.path().to_path_buf());
+        sync.sync().unwrap();
+        let first = sync.lock().open.clone().expect("kept open");
+        sync.sync().unwrap();
+        let second = sync.lock().open.clone().expect("still open");
+        assert!(
+            Arc::ptr_eq(&first, &second),
+            "the same descriptor, not a new open"
+        );
+        assert_eq!(sync.lock().finished, 2);
+
+        // A failed fsync drops the descriptor; the next one opens the directory again.
+        let gone = DirSync::new(dir.path().join("not-yet"));
+        assert!(gone.sync().is_err());
+        assert!(gone.lock().open.is_none());
+        fs::create_dir(dir.path().join("not-yet")).unwrap();
+        gone.sync().unwrap();
+        assert!(gone.lock().open.is_some());
     }
 
     #[test]

@@ -9,7 +9,11 @@
 //! they are committed (the inbound side sends the id, and the message itself when small,
 //! after the `250`), so delivery starts without any polling delay or reading the file back.
 //! At most [`Courier::max_in_flight`] attempts run at once, and one message is never
-//! attempted twice at the same time. Each attempt ([`super::attempt`]) runs in its own task
+//! attempted twice at the same time. New mail (and whatever an operator makes due at once) is
+//! due before everything already queued; and while new mail arrives (the last within
+//! [`NEW_MAIL_WINDOW`]), mail queued before takes at most half of those attempts, so that
+//! draining a backlog (after `queue retry --all`, say) leaves new mail its share of the
+//! upstream connections and of the CPU that accepts it. Each attempt ([`super::attempt`]) runs in its own task
 //! under a `delivery` span carrying its `queue_id`.
 //!
 //! The [`Courier`] is read anew for each attempt, so a reload that swaps it applies to new
@@ -77,6 +81,11 @@ pub const SUSPENDED_REASON: &str = "login suspended";
 /// How often operator requests are read and idle connections reaped.
 pub const CONTROL_INTERVAL: Duration = Duration::from_millis(500);
 
+/// How long after new mail last arrived mail queued before keeps to half the attempts in
+/// flight (see the module docs). One second: long enough to span the gaps between a client's
+/// messages, short enough that a drain gets its full width back at once when they stop.
+pub const NEW_MAIL_WINDOW: Duration = Duration::from_secs(1);
+
 /// Where the manager reads the time, in Unix milliseconds.
 #[derive(Debug, Clone, Copy)]
 pub enum Clock {
@@ -132,6 +141,11 @@ pub struct Manager<C: Courier> {
     when: HashMap<QueueId, u64>,
     /// Messages being attempted now.
     busy: HashSet<QueueId>,
+    /// Those of them that were queued before: not due at once (new mail, a bounce, or what an
+    /// operator made due) but at a time of their own.
+    backlog_busy: HashSet<QueueId>,
+    /// When new mail last arrived (Unix milliseconds of `clock`).
+    new_mail_at: Option<u64>,
     /// Messages an operator asked to retry while they were being attempted.
     retry_when_done: HashSet<QueueId>,
     /// Messages to hold (true) or release (false) once their attempt in flight ends: the
@@ -194,6 +208,8 @@ impl<C: Courier> Manager<C> {
             due: BTreeSet::new(),
             when: HashMap::new(),
             busy: HashSet::new(),
+            backlog_busy: HashSet::new(),
+            new_mail_at: None,
             retry_when_done: HashSet::new(),
             hold_when_done: HashMap::new(),
             hold_files: VecDeque::new(),
@@ -367,6 +383,7 @@ impl<C: Courier> Manager<C> {
             return;
         }
         self.schedule(new.id.clone(), 0);
+        self.new_mail_at = Some(self.clock.now_millis());
         self.fresh = new.loaded.map(|loaded| (new.id, loaded));
     }
 
@@ -446,6 +463,7 @@ impl<C: Courier> Manager<C> {
     /// An attempt ended: schedule what it left (and its bounce).
     async fn ended(&mut self, mut ended: Ended) {
         self.busy.remove(&ended.id);
+        self.backlog_busy.remove(&ended.id);
         if self.removed_when_done.remove(&ended.id) {
             (ended.end, ended.facts) = (AttemptEnd::Left, None);
         }
@@ -672,22 +690,44 @@ impl<C: Courier> Manager<C> {
         let now_ms = self.clock.now_millis();
         let now = now_ms / 1000;
         let max_in_flight = self.courier.load().max_in_flight().max(1);
+        // New mail within the window: the backlog keeps to half (see the module docs).
+        let new_mail_until = self
+            .new_mail_at
+            .map(|at| at + NEW_MAIL_WINDOW.as_millis() as u64)
+            .filter(|&until| until > now_ms);
+        let backlog_max = match new_mail_until {
+            Some(_) => max_in_flight.div_ceil(2),
+            None => max_in_flight,
+        };
+        let mut capped = false;
         while self.busy.len() < max_in_flight {
-            let Some((at, _)) = self.due.first() else {
+            let Some(&(at, _)) = self.due.first() else {
                 break;
             };
-            if *at > now {
+            if at > now {
+                break;
+            }
+            // Due at 0 comes first, so what follows is all backlog.
+            if at != 0 && self.backlog_busy.len() >= backlog_max {
+                capped = true;
                 break;
             }
             let Some((_, id)) = self.due.pop_first() else {
                 break;
             };
+            if at != 0 {
+                self.backlog_busy.insert(id.clone());
+            }
             self.start(id, done);
         }
         self.fresh = None;
         if self.busy.len() >= max_in_flight {
             // Woken by a finished attempt.
             return Duration::from_secs(3600);
+        }
+        if let (true, Some(until)) = (capped, new_mail_until) {
+            // Woken by a finished attempt or new mail, or when the window closes.
+            return Duration::from_millis(until - now_ms);
         }
         match self.due.first() {
             Some((at, _)) => Duration::from_millis((at * 1000).saturating_sub(now_ms).max(1)),

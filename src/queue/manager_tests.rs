@@ -39,6 +39,8 @@ struct Seen {
     rcpts: Vec<usize>,
     /// The manager's clock when the attempt was sent (Unix seconds).
     at: u64,
+    /// The same, in milliseconds.
+    at_ms: u64,
     null_sender: bool,
     /// The message bytes (every test message is small enough to be held in memory).
     bytes: Vec<u8>,
@@ -84,6 +86,7 @@ impl Courier for Scripted {
             id: job.msg.id().clone(),
             rcpts: rcpts.clone(),
             at: self.clock.now(),
+            at_ms: self.clock.now_millis(),
             null_sender: job.msg.envelope.mail_from == ReversePath::Null,
             bytes: match job.bytes {
                 MessageBytes::Memory(b) => b.to_vec(),
@@ -907,4 +910,39 @@ async fn new_mail_goes_ahead_of_a_backlog_retried_with_retry_all() {
         h.next_sent().await.id,
     ];
     assert_eq!(order, [new, a, b]);
+}
+
+#[tokio::test(start_paused = true)]
+async fn while_new_mail_arrives_the_backlog_keeps_to_half_the_attempts_in_flight() {
+    // A backlog comes due while new mail arrives: the new mail first, the backlog in at most
+    // half the slots until NEW_MAIL_WINDOW has passed without new mail.
+    let gate = Arc::new(Semaphore::new(0));
+    let mut h = start(&[3600], 6, Some(gate.clone()));
+    let backlog: Vec<QueueId> = (0..8)
+        .map(|_| h.queue(&["old@example.com"], Some(T0 + 5)))
+        .collect();
+    h.run();
+    // Long after the manager has loaded the spool (paused time moves on only when every task
+    // waits), so this one arrives as new mail.
+    tokio::time::sleep(Duration::from_millis(4500)).await;
+    let new = h.queue(&["new@example.com"], None);
+    assert_eq!(h.next_sent().await.id, new);
+    // Due at T0 + 5 s, within the window: three of the six slots (half), though five are free.
+    for _ in 0..3 {
+        let seen = h.next_sent().await;
+        assert!(backlog.contains(&seen.id));
+        assert_eq!(seen.at_ms, (T0 + 5) * 1000);
+    }
+    // The other two go to the backlog when the window closes, a second after the new mail.
+    for _ in 0..2 {
+        let seen = h.next_sent().await;
+        assert!(backlog.contains(&seen.id));
+        assert_eq!(seen.at_ms, T0 * 1000 + 5500);
+    }
+    assert_eq!(h.courier.in_flight.load(Ordering::SeqCst), 6);
+    gate.add_permits(20);
+    for id in backlog.iter().chain([&new]) {
+        h.gone(id).await;
+    }
+    assert_eq!(h.courier.most_in_flight.load(Ordering::SeqCst), 6);
 }

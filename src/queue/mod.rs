@@ -557,10 +557,10 @@ impl Spool {
             source,
         })?;
         let (file, path, reused) = match self.inner.free.take() {
-            Some((file, path)) => (file, path, true),
+            Some((file, path, length)) => (file, path, Some(length)),
             None => {
                 let tmp = self.inner.tmp.join(id.as_str());
-                (create_new(&tmp)?, tmp, false)
+                (create_new(&tmp)?, tmp, None)
             }
         };
         // Room for `BODY=8BITMIME`, should the message turn out to be 8-bit without declaring
@@ -871,6 +871,32 @@ impl Spool {
             self.remove_state(id)?;
         }
         found(removed, id)
+    }
+
+    /// [`Spool::remove_finished`] when it needs no disk wait, so it may run on the reactor: the
+    /// message has no state file (`attempts` is 0) and its file goes into `free/` by one rename
+    /// (see [`FreePool::recycle`](recycle::FreePool::recycle)). `None` when that does not
+    /// apply or the rename failed other than by the file being gone (nothing done: call
+    /// [`Spool::remove_finished`] off the reactor); else its outcome, as that would give it.
+    /// The caller's open descriptor of the file is then safe to close on the reactor after
+    /// `Some(Ok(()))` only: the file still has a name, so closing it frees nothing.
+    pub fn recycle_finished(
+        &self,
+        id: &QueueId,
+        size: u64,
+        attempts: u32,
+    ) -> Option<Result<(), SpoolError>> {
+        if attempts > 0 {
+            return None;
+        }
+        let path = self.message_path(id);
+        if let Err(e) = failpoint::step("spool.remove.unlink") {
+            return Some(Err(SpoolError::io("unlink", &path)(e)));
+        }
+        match self.inner.free.recycle(&path, id.as_str(), size)? {
+            Ok(renamed) => Some(found(renamed, id)),
+            Err(_) => None,
+        }
     }
 
     /// How many files `free/` holds for reuse.

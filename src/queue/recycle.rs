@@ -92,17 +92,18 @@ impl FreePool {
     /// commit), and its path. It stays in `free/` while the new message is written into it,
     /// and leaves by the commit's rename into `queue/`: a crash meanwhile leaves a free file
     /// with junk in it, which is what free files hold anyway. `None` when the pool is empty or
-    /// no file could be opened (then the caller creates a new one in `tmp/`).
-    pub fn take(&self) -> Option<(File, PathBuf)> {
+    /// no file could be opened (then the caller creates a new one in `tmp/`). The third
+    /// element is the file's length in octets (from the `fstat` that checked it).
+    pub fn take(&self) -> Option<(File, PathBuf, u64)> {
         loop {
             let name = self.names().pop()?;
             let path = self.dir.join(&name);
-            match super::open_trusted(&path, self.owner, true) {
+            match super::open_trusted_with_meta(&path, self.owner, true) {
                 // A free file must have no other name. Only a crash in the middle of a rename,
                 // repaired by fsck on a file system without a journal, could leave one also
                 // linked in `queue/`: writing over it would destroy a queued message.
-                Ok(file) if file.metadata().is_ok_and(|m| m.nlink() == 1) => {
-                    return Some((file, path));
+                Ok((file, meta)) if meta.nlink() == 1 => {
+                    return Some((file, path, meta.len()));
                 }
                 Ok(_) | Err(super::Opened::Untrusted(_)) => {
                     tracing::warn!(path = %path.display(), "a free spool file has another name or was not written by the relay; not reusing it");
@@ -123,24 +124,41 @@ impl FreePool {
     /// into the pool when it is small and there is room, unlinked otherwise. `Ok(false)` when
     /// `path` did not exist.
     pub fn give(&self, path: &Path, name: &str, len: u64) -> io::Result<bool> {
-        let mut names = self.names();
-        if len <= RECYCLE_MAX && names.len() < FREE_MAX {
-            match fs::rename(path, self.dir.join(name)) {
-                Ok(()) => {
-                    names.push(name.to_string());
-                    return Ok(true);
-                }
-                Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(false),
-                // E.g. free/ removed by hand: unlink instead.
-                Err(_) => {}
-            }
+        match self.recycle(path, name, len) {
+            Some(Ok(renamed)) => return Ok(renamed),
+            // Too big, no room, or e.g. free/ removed by hand: unlink instead.
+            Some(Err(_)) | None => {}
         }
-        drop(names);
         match fs::remove_file(path) {
             Ok(()) => Ok(true),
             Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(false),
             Err(e) => Err(e),
         }
+    }
+
+    /// The first half of [`FreePool::give`]: rename `path` into the pool when `len` is at most
+    /// [`RECYCLE_MAX`] and the pool holds fewer than [`FREE_MAX`] files. `None` when it is too
+    /// big or the pool is full (nothing done); `Ok(true)` renamed, `Ok(false)` when `path` did
+    /// not exist; an error when the rename failed otherwise (`free/` itself missing, say), with
+    /// `path` left where it was. A rename frees no block and allocates no inode, so this never
+    /// waits for the disk on a warm directory.
+    pub fn recycle(&self, path: &Path, name: &str, len: u64) -> Option<io::Result<bool>> {
+        let mut names = self.names();
+        if len > RECYCLE_MAX || names.len() >= FREE_MAX {
+            return None;
+        }
+        Some(match fs::rename(path, self.dir.join(name)) {
+            Ok(()) => {
+                names.push(name.to_string());
+                Ok(true)
+            }
+            // ENOENT names no side: the message gone (deleted meanwhile), or free/ gone.
+            Err(e) if e.kind() == io::ErrorKind::NotFound => match fs::symlink_metadata(path) {
+                Err(gone) if gone.kind() == io::ErrorKind::NotFound => Ok(false),
+                _ => Err(e),
+            },
+            Err(e) => Err(e),
+        })
     }
 
     /// How many files the pool holds.

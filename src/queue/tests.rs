@@ -824,6 +824,50 @@ fn finished_messages_are_recycled_and_written_over_exactly() {
 }
 
 #[test]
+fn a_finished_message_is_recycled_on_the_spot_only_by_a_lone_rename() {
+    let (_d, spool) = spool();
+    let queue = spool.root().join("queue");
+    let free = spool.root().join("free");
+    // Never attempted (no state file) and small: one rename into free/.
+    let id = commit(&spool, &envelope(&["a@example.com"]), BODY);
+    let size = BODY.len() as u64;
+    assert!(matches!(spool.recycle_finished(&id, size, 0), Some(Ok(()))));
+    assert!(names(&queue).is_empty());
+    assert_eq!(names(&free), [id.to_string()]);
+    // Gone meanwhile (deleted by an operator): NotFound, as remove_finished says it.
+    assert!(matches!(
+        spool.recycle_finished(&id, size, 0),
+        Some(Err(SpoolError::NotFound(_)))
+    ));
+
+    // A state file to unlink, or a file too big to keep: nothing done, left to
+    // remove_finished (off the reactor).
+    let attempted = commit(&spool, &envelope(&["b@example.com"]), BODY);
+    spool
+        .write_state(&attempted, &DeliveryState::fresh(5))
+        .unwrap();
+    assert!(spool.recycle_finished(&attempted, size, 1).is_none());
+    let big = vec![b'x'; super::recycle::RECYCLE_MAX as usize + 1];
+    let big_id = commit(&spool, &envelope(&["c@example.com"]), &big);
+    assert!(
+        spool
+            .recycle_finished(&big_id, big.len() as u64, 0)
+            .is_none()
+    );
+    assert_eq!(names(&queue).len(), 3, "both messages and the state stay");
+
+    // free/ removed by hand: the rename fails with ENOENT although the message is there.
+    // Not taken for a message deleted meanwhile: nothing done here, and remove_finished
+    // unlinks it instead.
+    fs::remove_dir(&free).unwrap();
+    let small = commit(&spool, &envelope(&["d@example.com"]), BODY);
+    assert!(spool.recycle_finished(&small, size, 0).is_none());
+    assert!(queue.join(small.as_str()).exists());
+    spool.remove_finished(&small, size, 0).unwrap();
+    assert!(!queue.join(small.as_str()).exists());
+}
+
+#[test]
 fn recovery_keeps_requests() {
     let (_d, spool) = spool();
     commit(&spool, &envelope(&["a@example.com"]), BODY);

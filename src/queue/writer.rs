@@ -49,9 +49,9 @@ pub struct SpoolWriter {
     written: u64,
     /// All bytes written, header included: the file's length at commit.
     length: u64,
-    /// The file was reused from `free/` (and is written there) and may be longer than what is
-    /// written into it.
-    reused: bool,
+    /// The file was reused from `free/` (and is written there): its length when taken, which
+    /// may be more than what is written into it (cut at commit unless it is exactly that).
+    reused: Option<u64>,
     /// The file being written (see [`SpoolWriter::tmp_path`]).
     path: PathBuf,
     /// The temp file no longer exists in `tmp/` (renamed or removed).
@@ -71,7 +71,7 @@ impl SpoolWriter {
         envelope: &Envelope,
         file: File,
         path: PathBuf,
-        reused: bool,
+        reused: Option<u64>,
         dirs: Arc<Dirs>,
     ) -> Self {
         SpoolWriter {
@@ -248,7 +248,7 @@ impl SpoolWriter {
             // Recovery removes a leftover temp file; one in `free/` is written over later.
             tracing::debug!(queue_id = %self.id, error = %e, "could not remove the replaced spool file");
         }
-        self.reused = false;
+        self.reused = None;
         self.written += fields.len() as u64;
         self.length += fields.len() as u64;
         if let Some((_, kept)) = &mut self.kept {
@@ -322,8 +322,9 @@ impl SpoolWriter {
         let file = buffered
             .into_inner()
             .map_err(|e| self.io_error("write", e.into_error()))?;
-        if self.reused {
-            // Cut what is left of the file's previous message; the fsync below covers it.
+        if self.reused.is_some_and(|old| old != self.length) {
+            // Cut what is left of the file's previous message (or the blocks it would need),
+            // unless the new one has exactly its length; the fsync below covers it.
             file.set_len(self.length)
                 .map_err(|e| self.io_error("truncate", e))?;
         }
