@@ -108,6 +108,9 @@ ATLS_ONLY = "--atls" in sys.argv[1:]
 BACKLOG = int(os.environ.get("BENCH_BACKLOG", "100000"))
 BACKLOG_RUNS = int(os.environ.get("BENCH_BACKLOG_RUNS", "2"))
 BACKLOG_NEW = int(os.environ.get("BENCH_BACKLOG_NEW", "5000"))
+# --backlog only: the relays to run it on (comma-separated; default both), e.g. "portcullis"
+# to measure a change of portcullis alone.
+BACKLOG_RELAYS = tuple(os.environ.get("BENCH_BACKLOG_RELAYS", "portcullis,postfix").split(","))
 # Before each backlog pass, wait (at most LOAD_WAIT_S) until the 1-minute load average is at
 # most MAX_LOAD (0: do not wait): the two cores are shared with other jobs.
 MAX_LOAD = float(os.environ.get("BENCH_MAX_LOAD", "0"))
@@ -2701,7 +2704,8 @@ def main_backlog():
     started = time.monotonic()
     sink = Sink(free_port())
     try:
-        publish(scenario_backlog(sink, BACKLOG, BACKLOG_RUNS, BACKLOG_NEW), started)
+        publish(scenario_backlog(sink, BACKLOG, BACKLOG_RUNS, BACKLOG_NEW, BACKLOG_RELAYS),
+                started)
     finally:
         stop_proc(sink.proc)
 

@@ -66,7 +66,9 @@ pub fn fold_lookalike(c: char) -> char {
 /// `text` with every character of [`is_invisible`] replaced by what `escape` writes for it
 /// (the rest unchanged); borrowed, with no copy, when there is none.
 pub fn escape_invisible(text: &str, escape: impl Fn(char, &mut String)) -> Cow<'_, str> {
-    if !text.chars().any(is_invisible) {
+    // Every invisible character is above U+00AC: ASCII text has none (the common case, looked
+    // at a word at a time).
+    if text.is_ascii() || !text.chars().any(is_invisible) {
         return Cow::Borrowed(text);
     }
     let mut out = String::with_capacity(text.len() + 16);

@@ -439,32 +439,7 @@ impl<C: Courier> Recorder<'_, C> {
         let id = self.msg.envelope.id.clone();
         match settled {
             Settled::Finished { delivered, failed } => {
-                let (size, attempts) = (self.msg.size, self.msg.state.attempts);
-                // Most messages leave by one rename into free/, which waits for no disk: done
-                // here, it saves two thread hops per message. Anything else (a state file to
-                // unlink, a file to free) runs off the reactor, as does the last close of a
-                // file that lost its name.
-                let removed = match self.spool.recycle_finished(&id, size, attempts) {
-                    Some(Ok(())) => {
-                        drop(lock);
-                        Ok(())
-                    }
-                    Some(Err(e)) => {
-                        close_off_reactor(lock);
-                        Err(e)
-                    }
-                    None => {
-                        on_spool(self.spool, {
-                            let id = id.clone();
-                            move |s| {
-                                let removed = s.remove_finished(&id, size, attempts);
-                                drop(lock);
-                                removed
-                            }
-                        })
-                        .await
-                    }
-                };
+                let removed = self.remove_finished(&id, lock).await;
                 match removed {
                     Ok(()) | Err(SpoolError::NotFound(_)) => {
                         info!(queue_id = %id, delivered, failed, "removed from queue: finished");
@@ -506,6 +481,33 @@ impl<C: Courier> Recorder<'_, C> {
                 let end = self.write_state(facts.now).await;
                 close_off_reactor(lock);
                 end.map(|()| AttemptEnd::Due(next))
+            }
+        }
+    }
+
+    /// Take the finished message out of the queue, then let go of its `lock`. Most messages
+    /// leave by one rename into free/, which waits for no disk: done here, it saves two thread
+    /// hops per message. Anything else (a state file to unlink, a file to free) runs off the
+    /// reactor, as does the last close of a file that lost its name.
+    async fn remove_finished(&self, id: &QueueId, lock: SendLock) -> Result<(), SpoolError> {
+        let (size, attempts) = (self.msg.size, self.msg.state.attempts);
+        match self.spool.recycle_finished(id, size, attempts) {
+            Some(Ok(())) => {
+                drop(lock);
+                Ok(())
+            }
+            Some(Err(e)) => {
+                close_off_reactor(lock);
+                Err(e)
+            }
+            None => {
+                let id = id.clone();
+                on_spool(self.spool, move |s| {
+                    let removed = s.remove_finished(&id, size, attempts);
+                    drop(lock);
+                    removed
+                })
+                .await
             }
         }
     }

@@ -124,11 +124,10 @@ impl FreePool {
     /// into the pool when it is small and there is room, unlinked otherwise. `Ok(false)` when
     /// `path` did not exist.
     pub fn give(&self, path: &Path, name: &str, len: u64) -> io::Result<bool> {
-        match self.recycle(path, name, len) {
-            Some(Ok(renamed)) => return Ok(renamed),
-            // Too big, no room, or e.g. free/ removed by hand: unlink instead.
-            Some(Err(_)) | None => {}
+        if let Some(Ok(renamed)) = self.recycle(path, name, len) {
+            return Ok(renamed);
         }
+        // Too big, no room, or e.g. free/ removed by hand: unlink instead.
         match fs::remove_file(path) {
             Ok(()) => Ok(true),
             Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(false),
