@@ -11,7 +11,7 @@
 //! At most [`Courier::max_in_flight`] attempts run at once, and one message is never
 //! attempted twice at the same time. New mail (and whatever an operator makes due at once) is
 //! due before everything already queued; and while new mail arrives (the last within
-//! [`NEW_MAIL_WINDOW`]), mail queued before takes at most half of those attempts, so that
+//! [`NEW_MAIL_WINDOW`]), mail queued before takes at most a quarter of those attempts, so that
 //! draining a backlog (after `queue retry --all`, say) leaves new mail its share of the
 //! upstream connections and of the CPU that accepts it. Each attempt ([`super::attempt`]) runs in its own task
 //! under a `delivery` span carrying its `queue_id`.
@@ -81,8 +81,8 @@ pub const SUSPENDED_REASON: &str = "login suspended";
 /// How often operator requests are read and idle connections reaped.
 pub const CONTROL_INTERVAL: Duration = Duration::from_millis(500);
 
-/// How long after new mail last arrived mail queued before keeps to half the attempts in
-/// flight (see the module docs). One second: long enough to span the gaps between a client's
+/// How long after new mail last arrived mail queued before keeps to a quarter of the attempts
+/// in flight (see the module docs). One second: long enough to span the gaps between a client's
 /// messages, short enough that a drain gets its full width back at once when they stop.
 pub const NEW_MAIL_WINDOW: Duration = Duration::from_secs(1);
 
@@ -690,13 +690,14 @@ impl<C: Courier> Manager<C> {
         let now_ms = self.clock.now_millis();
         let now = now_ms / 1000;
         let max_in_flight = self.courier.load().max_in_flight().max(1);
-        // New mail within the window: the backlog keeps to half (see the module docs).
+        // New mail within the window: the backlog keeps to a quarter (see the module docs). A
+        // half left new mail 40 % of its idle rate in the Backlog benchmark (BENCHMARKS.md).
         let new_mail_until = self
             .new_mail_at
             .map(|at| at + NEW_MAIL_WINDOW.as_millis() as u64)
             .filter(|&until| until > now_ms);
         let backlog_max = match new_mail_until {
-            Some(_) => max_in_flight.div_ceil(2),
+            Some(_) => max_in_flight.div_ceil(4),
             None => max_in_flight,
         };
         let mut capped = false;
