@@ -7,9 +7,11 @@
 //! one fsync covers all the sessions that committed while the previous one ran, instead of
 //! one each; a lone commit costs exactly what it did (DESIGN invariant 1, "group commit").
 //!
-//! The directory stays open between fsyncs (no `open` and `close` per commit). A descriptor
-//! opened before a write-back error is also the one that reports it (`errseq` semantics); after
-//! a failed fsync the directory is opened afresh for the next one.
+//! The directory stays open between fsyncs (a `stat` of its path per fsync instead of an
+//! `open` and a `close`). A descriptor opened before a write-back error is also the one that
+//! reports it (`errseq` semantics); after a failed fsync, or when the path no longer names the
+//! directory held open (`queue/` replaced by another, a file system mounted again), the
+//! directory is opened afresh.
 
 use std::fs::File;
 use std::io;
@@ -37,7 +39,7 @@ struct Rounds {
     /// The outcome of fsync number `finished`.
     last: Result<(), FsyncFailed>,
     /// The directory, open since the first fsync (or since the last failed one).
-    open: Option<Arc<File>>,
+    open: Option<Arc<OpenDir>>,
 }
 
 /// A failed fsync, kept to be reported to every caller it covered.
@@ -53,6 +55,33 @@ impl From<io::Error> for FsyncFailed {
             kind: e.kind(),
             text: e.to_string(),
         }
+    }
+}
+
+/// The directory held open, and which one it is.
+#[derive(Debug)]
+struct OpenDir {
+    file: File,
+    dev: u64,
+    ino: u64,
+}
+
+impl OpenDir {
+    fn open(path: &std::path::Path) -> io::Result<OpenDir> {
+        use std::os::unix::fs::MetadataExt;
+        let file = File::open(path)?;
+        let meta = file.metadata()?;
+        Ok(OpenDir {
+            file,
+            dev: meta.dev(),
+            ino: meta.ino(),
+        })
+    }
+
+    /// Whether `path` still names this directory.
+    fn is_at(&self, path: &std::path::Path) -> bool {
+        use std::os::unix::fs::MetadataExt;
+        std::fs::metadata(path).is_ok_and(|m| m.dev() == self.dev && m.ino() == self.ino)
     }
 }
 
@@ -90,11 +119,11 @@ impl DirSync {
             let number = state.started;
             let open = state.open.clone();
             drop(state);
-            let dir = match open {
+            let dir = match open.filter(|d| d.is_at(&self.dir)) {
                 Some(dir) => Ok(dir),
-                None => File::open(&self.dir).map(Arc::new),
+                None => OpenDir::open(&self.dir).map(Arc::new),
             };
-            let result = dir.and_then(|d| d.sync_all().map(|()| d));
+            let result = dir.and_then(|d| d.file.sync_all().map(|()| d));
             state = self.lock();
             state.running = false;
             state.finished = number;
@@ -177,6 +206,16 @@ mod tests {
         fs::create_dir(dir.path().join("not-yet")).unwrap();
         gone.sync().unwrap();
         assert!(gone.lock().open.is_some());
+
+        // queue/ replaced by another directory while open: the next fsync is of the new one.
+        let path = dir.path().join("not-yet");
+        let old = gone.lock().open.clone().unwrap();
+        fs::rename(&path, dir.path().join("old")).unwrap();
+        fs::create_dir(&path).unwrap();
+        gone.sync().unwrap();
+        let new = gone.lock().open.clone().unwrap();
+        assert!(!Arc::ptr_eq(&old, &new));
+        assert!(new.is_at(&path) && !old.is_at(&path));
     }
 
     #[test]

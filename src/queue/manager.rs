@@ -144,8 +144,9 @@ pub struct Manager<C: Courier> {
     /// Those of them that were queued before: not due at once (new mail, a bounce, or what an
     /// operator made due) but at a time of their own.
     backlog_busy: HashSet<QueueId>,
-    /// When new mail last arrived (Unix milliseconds of `clock`).
-    new_mail_at: Option<u64>,
+    /// When new mail last arrived (monotonic: a step of the wall clock neither opens nor
+    /// holds the window).
+    new_mail_at: Option<tokio::time::Instant>,
     /// Messages an operator asked to retry while they were being attempted.
     retry_when_done: HashSet<QueueId>,
     /// Messages to hold (true) or release (false) once their attempt in flight ends: the
@@ -383,7 +384,7 @@ impl<C: Courier> Manager<C> {
             return;
         }
         self.schedule(new.id.clone(), 0);
-        self.new_mail_at = Some(self.clock.now_millis());
+        self.new_mail_at = Some(tokio::time::Instant::now());
         self.fresh = new.loaded.map(|loaded| (new.id, loaded));
     }
 
@@ -694,8 +695,8 @@ impl<C: Courier> Manager<C> {
         // half left new mail 40 % of its idle rate in the Backlog benchmark (BENCHMARKS.md).
         let new_mail_until = self
             .new_mail_at
-            .map(|at| at + NEW_MAIL_WINDOW.as_millis() as u64)
-            .filter(|&until| until > now_ms);
+            .map(|at| at + NEW_MAIL_WINDOW)
+            .filter(|&until| until > tokio::time::Instant::now());
         let backlog_max = match new_mail_until {
             Some(_) => max_in_flight.div_ceil(4),
             None => max_in_flight,
@@ -728,7 +729,7 @@ impl<C: Courier> Manager<C> {
         }
         if let (true, Some(until)) = (capped, new_mail_until) {
             // Woken by a finished attempt or new mail, or when the window closes.
-            return Duration::from_millis(until - now_ms);
+            return until.saturating_duration_since(tokio::time::Instant::now());
         }
         match self.due.first() {
             Some((at, _)) => Duration::from_millis((at * 1000).saturating_sub(now_ms).max(1)),

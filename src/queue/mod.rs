@@ -854,8 +854,9 @@ impl Spool {
     /// (at-least-once); it can never be lost this way, and the next fsync of `queue/` (the
     /// next commit, typically milliseconds later) makes it durable anyway. This saves one disk
     /// flush per message on the busiest path. `size` (the message's, as loaded) decides
-    /// whether the file is kept for reuse; a message with no `attempts` recorded has no state
-    /// file to remove (an unreadable one, loaded as fresh, is left to recovery as an orphan).
+    /// whether the file is kept for reuse; a message with no `attempts` recorded has a state
+    /// file to remove only if a hold and its release wrote one (looked for; an unreadable
+    /// one, loaded as fresh, is removed the same way).
     pub fn remove_finished(
         &self,
         id: &QueueId,
@@ -867,14 +868,23 @@ impl Spool {
         let removed = failpoint::step("spool.remove.unlink")
             .and_then(|()| self.inner.free.give(&path, id.as_str(), size))
             .map_err(SpoolError::io("unlink", &path))?;
-        if attempts > 0 {
+        if self.has_state(id, attempts) {
             self.remove_state(id)?;
         }
         found(removed, id)
     }
 
+    /// Whether `queue/ID.state` may exist for a message loaded with `attempts`: always after an
+    /// attempt; before one, when a hold (released since) wrote it. An error of the `lstat`
+    /// counts as "may".
+    fn has_state(&self, id: &QueueId, attempts: u32) -> bool {
+        attempts > 0
+            || !matches!(fs::symlink_metadata(self.state_path(id)),
+                Err(e) if e.kind() == io::ErrorKind::NotFound)
+    }
+
     /// [`Spool::remove_finished`] when it needs no disk wait, so it may run on the reactor: the
-    /// message has no state file (`attempts` is 0) and its file goes into `free/` by one rename
+    /// message has no state file (no attempt, no hold) and its file goes into `free/` by one rename
     /// (see [`FreePool::recycle`](recycle::FreePool::recycle)). `None` when that does not
     /// apply or the rename failed other than by the file being gone (nothing done: call
     /// [`Spool::remove_finished`] off the reactor); else its outcome, as that would give it.
@@ -886,7 +896,7 @@ impl Spool {
         size: u64,
         attempts: u32,
     ) -> Option<Result<(), SpoolError>> {
-        if attempts > 0 {
+        if self.has_state(id, attempts) {
             return None;
         }
         let path = self.message_path(id);

@@ -847,6 +847,16 @@ fn a_finished_message_is_recycled_on_the_spot_only_by_a_lone_rename() {
         .write_state(&attempted, &DeliveryState::fresh(5))
         .unwrap();
     assert!(spool.recycle_finished(&attempted, size, 1).is_none());
+    // Held and released before any attempt: a state file with no attempt recorded. Left to
+    // remove_finished too, which removes it with the message.
+    let released = commit(&spool, &envelope(&["r@example.com"]), BODY);
+    spool
+        .write_state(&released, &DeliveryState::fresh(5))
+        .unwrap();
+    assert!(spool.recycle_finished(&released, size, 0).is_none());
+    spool.remove_finished(&released, size, 0).unwrap();
+    assert!(!queue.join(format!("{released}.state")).exists());
+    assert!(!queue.join(released.as_str()).exists());
     let big = vec![b'x'; super::recycle::RECYCLE_MAX as usize + 1];
     let big_id = commit(&spool, &envelope(&["c@example.com"]), &big);
     assert!(
