@@ -186,7 +186,7 @@ mod tests {
     }
 
     #[test]
-    fn the_directory_stays_open_between_fsyncs_and_is_reopened_after_a_failure() {
+    fn the_directory_stays_open_between_fsyncs_and_is_reopened_after_a_failure_or_a_replacement() {
         let dir = tempfile::tempdir().unwrap();
         let sync = DirSync::new(dir.path().to_path_buf());
         sync.sync().unwrap();

@@ -1140,6 +1140,15 @@ fn found(removed: bool, id: &QueueId) -> Result<(), SpoolError> {
     }
 }
 
+/// Whether `e`, from renaming `from`, means that `from` is gone. A rename fails with ENOENT
+/// for a missing source and for a missing destination directory alike (`free/` or
+/// `quarantine/` removed by hand): only an `lstat` of `from` tells them apart, and it runs only
+/// on that error.
+pub(crate) fn rename_source_gone(e: &io::Error, from: &Path) -> bool {
+    e.kind() == io::ErrorKind::NotFound
+        && matches!(fs::symlink_metadata(from), Err(gone) if gone.kind() == io::ErrorKind::NotFound)
+}
+
 /// fsync a directory, making renames and unlinks in it durable.
 fn sync_dir(dir: &Path) -> Result<(), SpoolError> {
     File::open(dir)

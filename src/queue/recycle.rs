@@ -151,11 +151,8 @@ impl FreePool {
                 names.push(name.to_string());
                 Ok(true)
             }
-            // ENOENT names no side: the message gone (deleted meanwhile), or free/ gone.
-            Err(e) if e.kind() == io::ErrorKind::NotFound => match fs::symlink_metadata(path) {
-                Err(gone) if gone.kind() == io::ErrorKind::NotFound => Ok(false),
-                _ => Err(e),
-            },
+            // The message deleted meanwhile; not free/ gone, which is an error.
+            Err(e) if super::rename_source_gone(&e, path) => Ok(false),
             Err(e) => Err(e),
         })
     }

@@ -151,11 +151,12 @@ fn classify(name: &str) -> Name {
         .unwrap_or(Name::Stray)
 }
 
-/// `Ok(true)` when `from` was renamed to `to`, `Ok(false)` when `from` did not exist.
+/// `Ok(true)` when `from` was renamed to `to`, `Ok(false)` when `from` did not exist (a
+/// missing destination directory is an error).
 fn rename_if_there(from: &Path, to: &Path) -> Result<bool, SpoolError> {
     match fs::rename(from, to) {
         Ok(()) => Ok(true),
-        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(false),
+        Err(e) if super::rename_source_gone(&e, from) => Ok(false),
         Err(e) => Err(SpoolError::io("rename", from)(e)),
     }
 }
@@ -276,7 +277,7 @@ impl Spool {
         let dest = self.quarantined_path(id, "");
         match rename_noreplace(&path, &dest) {
             Ok(()) => {}
-            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(DeleteOutcome::NotFound),
+            Err(e) if super::rename_source_gone(&e, &path) => return Ok(DeleteOutcome::NotFound),
             Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {
                 return Err(SpoolError::AlreadyExists(id.clone()));
             }
@@ -456,8 +457,9 @@ impl Spool {
                 if moved_state {
                     let _ = fs::rename(&state, &kept_state);
                 }
+                let from = self.quarantined_path(id, "");
                 return match e.kind() {
-                    io::ErrorKind::NotFound => Ok(RestoreOutcome::NotQuarantined),
+                    _ if super::rename_source_gone(&e, &from) => Ok(RestoreOutcome::NotQuarantined),
                     io::ErrorKind::AlreadyExists => Ok(RestoreOutcome::AlreadyQueued),
                     _ => Err(SpoolError::io("rename", &queued)(e)),
                 };

@@ -331,3 +331,17 @@ fn restore_requests_are_merged_and_come_after_the_removal_notices_read_with_them
     assert_eq!(requests[1], Request::Restore(both));
     assert!(names(&spool.root().join("control")).is_empty());
 }
+
+#[test]
+fn a_quarantine_directory_removed_by_hand_is_made_again_and_the_message_moves_whole() {
+    // The sibling of free/ removed by hand (recycle.rs): here the move makes quarantine/
+    // again first, so the rename's ENOENT can only mean the message is gone.
+    let (_d, spool) = spool();
+    let id = queued(&spool);
+    fs::remove_dir_all(spool.root().join("quarantine")).unwrap();
+    assert_eq!(quarantine(&spool, &id), Some(DeleteOutcome::Deleted));
+    assert!(!spool.message_path(&id).exists());
+    assert!(!spool.state_path(&id).exists());
+    assert!(!fs::read(q(&spool, &id, "")).unwrap().is_empty());
+    assert_eq!(fs::read(q(&spool, &id, STATE_SUFFIX)).unwrap(), STATE);
+}
