@@ -1811,15 +1811,9 @@ def main_atls():
             lines += [f"Scenario A (plaintext, for the ratio): {ATLS_MESSAGES} messages per counted "
                       f"run, {RUNS} counted runs per relay after a {WARMUP}-message warm-up, "
                       "alternating.", ""] + table_a(a) + [""]
-            short += [f"{r['relay']} delivered {r['delivered']} of {r['sent']}"
-                      for rs in plain.values() for r in rs if r["delivered"] < r["sent"]]
+            short += short_runs([(None, plain)])
         finally:
-            for r in relays:
-                try:
-                    r.stop()
-                except Exception as e:  # keep stopping the others
-                    log(f"stopping {r.name}: {e}")
-            stop_proc(sink.proc)
+            stop_all(relays, sink)
     tls_sink = TlsSink(free_port(), ca)
     try:
         a_lines, a_short = scenario_atls(ca, tls_sink, ATLS_MESSAGES, RUNS, ATLS_WARMUP,
@@ -2251,6 +2245,23 @@ def publish(lines, started):
             f.write(text + "\n")
 
 
+def short_runs(scenarios):
+    """Each run of `scenarios` ((title, {relay: [run]}) pairs) that lost messages, as a line."""
+    return [f"{r['relay']} delivered {r['delivered']} of {r['sent']}"
+            for _, res in scenarios for rs in res.values() for r in rs if r["delivered"] < r["sent"]]
+
+
+def stop_all(procs, sink):
+    """Stop each relay (or companion) of `procs`, newest first, logging what fails without
+    stopping the others, then the sink."""
+    for p in reversed(procs):
+        try:
+            p.stop()
+        except Exception as e:  # keep stopping the others
+            log(f"stopping {getattr(p, 'name', p)}: {e}")
+    stop_proc(sink.proc)
+
+
 def fail_if_short(short):
     """A run that lost messages measured nothing: fail (what the CI smoke pass checks)."""
     if short:
@@ -2335,18 +2346,11 @@ def main_observe():
                  f"{cpu['portcullis-before']:.3f} ms = "
                  f"{(cpu['portcullis'] / cpu['portcullis-before'] - 1) * 100:+.1f} %."]
         publish(lines, started)
-        short = [f"{r['relay']} delivered {r['delivered']} of {r['sent']}"
-                 for _, res in a for rs in res.values() for r in rs if r["delivered"] < r["sent"]]
-        fail_if_short(short)
+        fail_if_short(short_runs(a))
     finally:
         if scraper:
             scraper.stop_flag.set()
-        for r in relays:
-            try:
-                r.stop()
-            except Exception as e:  # keep stopping the others
-                log(f"stopping {r.name}: {e}")
-        stop_proc(sink.proc)
+        stop_all(relays, sink)
 
 
 def main_cost():
@@ -2386,18 +2390,11 @@ def main_cost():
                  f"| relay CPU per message at least 20 % below the build before | "
                  f"{change * 100:+.1f} % | {'yes' if change <= -0.20 else 'no'} |"]
         publish(lines, started)
-        short = [f"{r['relay']} delivered {r['delivered']} of {r['sent']}"
-                 for _, res in a for rs in res.values() for r in rs if r["delivered"] < r["sent"]]
-        fail_if_short(short)
+        fail_if_short(short_runs(a))
     finally:
         for sc in scrapers:
             sc.stop_flag.set()
-        for r in relays:
-            try:
-                r.stop()
-            except Exception as e:  # keep stopping the others
-                log(f"stopping {r.name}: {e}")
-        stop_proc(sink.proc)
+        stop_all(relays, sink)
 
 
 # ---- --cluster: scale-out (issue 17) ------------------------------------------------------
@@ -2752,12 +2749,7 @@ def main_cluster():
                   for name, rs in lat.items() for r in rs if r["failed"]]
         fail_if_short(short)
     finally:
-        for p in reversed(procs):
-            try:
-                p.stop()
-            except Exception as e:  # keep stopping the others
-                log(f"stopping {getattr(p, 'name', p)}: {e}")
-        stop_proc(sink.proc)
+        stop_all(procs, sink)
 
 
 def main_backlog():
@@ -2785,7 +2777,7 @@ def main():
     if CLUSTER_ONLY:
         return main_cluster()
     started = time.monotonic()
-    f_short, atls_short = [], []
+    f_short, atls_short, b = [], [], []
     sink = Sink(free_port())
     relays = []
     try:
@@ -2846,16 +2838,9 @@ def main():
             lines += [""] + f_lines
         publish(lines, started)
         # A run that lost messages measured nothing: fail (this is what the CI smoke pass checks).
-        short = [f"{r['relay']} delivered {r['delivered']} of {r['sent']}"
-                 for _, res in a for rs in res.values() for r in rs if r["delivered"] < r["sent"]]
-        fail_if_short(short + f_short + atls_short)
+        fail_if_short(short_runs(a + b) + f_short + atls_short)
     finally:
-        for r in relays:
-            try:
-                r.stop()
-            except Exception as e:  # keep stopping the others
-                log(f"stopping {r.name}: {e}")
-        stop_proc(sink.proc)
+        stop_all(relays, sink)
 
 
 if __name__ == "__main__":
