@@ -83,11 +83,12 @@ fn output_written(result: std::io::Result<()>) {
     }
 }
 
-/// The process's allocator: mimalloc instead of glibc's malloc. Measured on scenario A (1 KB
-/// messages, a new connection per message; BENCHMARKS.md "Cost per message"): glibc's malloc
-/// and free were a quarter of the relay's user time, and mimalloc spends 7–10 % less CPU per
-/// message, holds an idle session in half the memory (1.8 KB against 3.6) and a 10 MiB
-/// message in less (peak RSS 27 MB against 37). The library's own tests keep the system
+/// The process's allocator: mimalloc 2 without transparent huge pages (Cargo.toml) instead of
+/// glibc's malloc. Measured by hand on scenario A (1 KB messages, a new connection per message;
+/// BENCHMARKS.md "Second step: the allocator"): glibc's malloc and free were a quarter of the
+/// relay's user time; this spends 7 % less CPU per message, 2.3 KB per idle session against
+/// 3.6, and peaks at 34.5 MB for 10 MiB messages against 37. (mimalloc 3 with its defaults
+/// was faster but took three times the memory.) The library's own tests keep the system
 /// allocator; every integration test runs this binary, so runs on this one.
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;

@@ -451,19 +451,18 @@ impl Spool {
             rename_if_there(&kept_state, &state)?
         };
         let _ = crate::failpoint::step("restore.move");
-        match rename_noreplace(&self.quarantined_path(id, ""), &queued) {
-            Ok(()) => {}
-            Err(e) => {
-                if moved_state {
-                    let _ = fs::rename(&state, &kept_state);
-                }
-                let from = self.quarantined_path(id, "");
-                return match e.kind() {
-                    _ if super::rename_source_gone(&e, &from) => Ok(RestoreOutcome::NotQuarantined),
-                    io::ErrorKind::AlreadyExists => Ok(RestoreOutcome::AlreadyQueued),
-                    _ => Err(SpoolError::io("rename", &queued)(e)),
-                };
+        let kept = self.quarantined_path(id, "");
+        if let Err(e) = rename_noreplace(&kept, &queued) {
+            if moved_state {
+                let _ = fs::rename(&state, &kept_state);
             }
+            return if super::rename_source_gone(&e, &kept) {
+                Ok(RestoreOutcome::NotQuarantined)
+            } else if e.kind() == io::ErrorKind::AlreadyExists {
+                Ok(RestoreOutcome::AlreadyQueued)
+            } else {
+                Err(SpoolError::io("rename", &queued)(e))
+            };
         }
         unlink_if_there(&self.quarantined_path(id, RECORD_SUFFIX))?;
         Ok(RestoreOutcome::Restored)
