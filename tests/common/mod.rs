@@ -585,12 +585,16 @@ impl Relay {
     }
 
     /// Every queued message as `(envelope JSON, raw message)`, in file-name order.
+    ///
+    /// A running relay may finish a message between the listing and the read: a file gone by
+    /// then (`ENOENT`) has left the queue and is not in the answer. Any other error panics.
     pub fn queued_messages(&self) -> Vec<(serde_json::Value, Vec<u8>)> {
         self.spool_files()
             .iter()
-            .map(|p| {
-                let bytes = fs::read(p).unwrap_or_else(|e| panic!("read {}: {e}", p.display()));
-                parse_spool_file(&bytes)
+            .filter_map(|p| match fs::read(p) {
+                Ok(bytes) => Some(parse_spool_file(&bytes)),
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
+                Err(e) => panic!("read {}: {e}", p.display()),
             })
             .collect()
     }
