@@ -2315,6 +2315,25 @@ class Scraper:
         self.thread.join()
 
 
+def a_against_before(relays, sink, scrapers):
+    """Scenario A (1 KB, 20 sessions, a new connection per message) over `relays`, alternating
+    "portcullis" (this build) and "portcullis-before"; stops `scrapers` when it ends. Returns
+    the scenario's rows and each build's relay CPU per message, run by run (ms)."""
+    a = [scenario("A 1 KB, 20 sessions, new connection per message", relays, sink,
+                  MESSAGES, 20, SMALL, False, WARMUP)]
+    for sc in scrapers:
+        sc.stop()
+    res = a[0][1]
+    now, old = ([r["cpu_ms"] for r in res[n]] for n in ("portcullis", "portcullis-before"))
+    return a, now, old
+
+
+def a_intro(per):
+    """The first words of an --observe or --cost report: what was run, `per` relay or build."""
+    return (f"scenario A, {MESSAGES} messages per counted run, {RUNS} counted runs per {per} "
+            f"after a {WARMUP}-message warm-up, alternating.")
+
+
 def main_observe():
     """--observe: scenario A, admin listener scraped and journal on, against the build before."""
     started = time.monotonic()
@@ -2329,22 +2348,18 @@ def main_observe():
         relays.append(Portcullis(sink.port, name="portcullis", edit_config=admin_config(admin_port)))
         relays.append(Portcullis(sink.port, before, "portcullis-before"))
         scraper = Scraper(admin_port)
-        a = [scenario("A 1 KB, 20 sessions, new connection per message", relays, sink,
-                      MESSAGES, 20, SMALL, False, WARMUP)]
-        scraper.stop()
+        a, now, old = a_against_before(relays, sink, [scraper])
         journal = os.path.join(relays[0].dir, "spool", "journal")
         size = sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(journal) for f in fs) \
             if os.path.isdir(journal) else 0
-        cpu = {name: statistics.median(r["cpu_ms"] for r in rs) for name, rs in a[0][1].items()}
-        lines = [f"Observability cost: scenario A, {MESSAGES} messages per counted run, {RUNS} counted "
-                 f"runs per relay after a {WARMUP}-message warm-up, alternating. \"portcullis\": "
+        lines = [f"Observability cost: {a_intro('relay')} \"portcullis\": "
                  f"admin listener on, /metrics and /api/status scraped every {SCRAPE_S:g} s "
                  f"({scraper.scrapes} scrapes, {scraper.errors} failed), journal on "
                  f"({size / 1e6:.1f} MB written); \"portcullis-before\": the build before "
                  "observability.", ""] + table_a(a) + [
-                 "", f"Relay CPU per message, medians: {cpu['portcullis']:.3f} vs "
-                 f"{cpu['portcullis-before']:.3f} ms = "
-                 f"{(cpu['portcullis'] / cpu['portcullis-before'] - 1) * 100:+.1f} %."]
+                 "", f"Relay CPU per message, medians: {statistics.median(now):.3f} vs "
+                 f"{statistics.median(old):.3f} ms = "
+                 f"{(statistics.median(now) / statistics.median(old) - 1) * 100:+.1f} %."]
         publish(lines, started)
         fail_if_short(short_runs(a))
     finally:
@@ -2369,16 +2384,10 @@ def main_cost():
             port = free_port()
             relays.append(Portcullis(sink.port, binary, name, edit_config=admin_config(port)))
             scrapers.append(Scraper(port))
-        a = [scenario("A 1 KB, 20 sessions, new connection per message", relays, sink,
-                      MESSAGES, 20, SMALL, False, WARMUP)]
-        for sc in scrapers:
-            sc.stop()
-        res = a[0][1]
-        now, old = ([r["cpu_ms"] for r in res[n]] for n in ("portcullis", "portcullis-before"))
+        a, now, old = a_against_before(relays, sink, scrapers)
         change = statistics.median(now) / statistics.median(old) - 1
         pairs = ", ".join(f"{(x / y - 1) * 100:+.0f} %" for x, y in zip(now, old))
-        lines = [f"Cost per message: scenario A, {MESSAGES} messages per counted run, {RUNS} counted "
-                 f"runs per build after a {WARMUP}-message warm-up, alternating; both builds with "
+        lines = [f"Cost per message: {a_intro('build')} Both builds with "
                  f"the admin listener on and scraped every {SCRAPE_S:g} s "
                  f"({sum(sc.scrapes for sc in scrapers)} scrapes, "
                  f"{sum(sc.errors for sc in scrapers)} failed) and the journal on. "
