@@ -2330,7 +2330,7 @@ def a_against_before(relays, sink, scrapers):
 
 def a_intro(per):
     """The first words of an --observe or --cost report: what was run, `per` relay or build."""
-    return (f"scenario A, {MESSAGES} messages per counted run, {RUNS} counted runs per {per} "
+    return (f"scenario A, {MESSAGES} messages per counted run, {RUNS} counted run{'s' if RUNS != 1 else ''} per {per} "
             f"after a {WARMUP}-message warm-up, alternating.")
 
 
