@@ -2328,10 +2328,24 @@ def a_against_before(relays, sink, scrapers):
     return a, now, old
 
 
-def a_intro(per):
-    """The first words of an --observe or --cost report: what was run, `per` relay or build."""
-    return (f"scenario A, {MESSAGES} messages per counted run, {RUNS} counted run{'s' if RUNS != 1 else ''} per {per} "
-            f"after a {WARMUP}-message warm-up, alternating.")
+def scraped(scrapers):
+    """How often `scrapers` scraped, for a report: "scraped every S s (N scrapes, M failed)"."""
+    return (f"scraped every {SCRAPE_S:g} s ({sum(sc.scrapes for sc in scrapers)} scrapes, "
+            f"{sum(sc.errors for sc in scrapers)} failed)")
+
+
+def a_report(title, per, setup, a, now, old):
+    """The lines of an --observe or --cost report: `title`, what was run (`per` relay or
+    build), `setup`, the table, and the change of the median relay CPU per message with its
+    change run by run. Returns the lines and that change (a fraction, negative when lower)."""
+    change = statistics.median(now) / statistics.median(old) - 1
+    pairs = ", ".join(f"{(x / y - 1) * 100:+.0f} %" for x, y in zip(now, old))
+    runs = f"{RUNS} counted run{'s' if RUNS != 1 else ''}"
+    return [f"{title}: scenario A, {MESSAGES} messages per counted run, {runs} per {per} after "
+            f"a {WARMUP}-message warm-up, alternating. {setup}", ""] + table_a(a) + [
+            "", f"Relay CPU per message, medians: {statistics.median(now):.3f} against "
+            f"{statistics.median(old):.3f} ms = **{change * 100:+.1f} %** (run by run: {pairs})."
+            ], change
 
 
 def main_observe():
@@ -2352,14 +2366,11 @@ def main_observe():
         journal = os.path.join(relays[0].dir, "spool", "journal")
         size = sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(journal) for f in fs) \
             if os.path.isdir(journal) else 0
-        lines = [f"Observability cost: {a_intro('relay')} \"portcullis\": "
-                 f"admin listener on, /metrics and /api/status scraped every {SCRAPE_S:g} s "
-                 f"({scraper.scrapes} scrapes, {scraper.errors} failed), journal on "
-                 f"({size / 1e6:.1f} MB written); \"portcullis-before\": the build before "
-                 "observability.", ""] + table_a(a) + [
-                 "", f"Relay CPU per message, medians: {statistics.median(now):.3f} vs "
-                 f"{statistics.median(old):.3f} ms = "
-                 f"{(statistics.median(now) / statistics.median(old) - 1) * 100:+.1f} %."]
+        lines, _ = a_report(
+            "Observability cost", "relay",
+            f"\"portcullis\": admin listener on, /metrics and /api/status {scraped([scraper])}, "
+            f"journal on ({size / 1e6:.1f} MB written); \"portcullis-before\": the build "
+            "before observability.", a, now, old)
         publish(lines, started)
         fail_if_short(short_runs(a))
     finally:
@@ -2385,17 +2396,11 @@ def main_cost():
             relays.append(Portcullis(sink.port, binary, name, edit_config=admin_config(port)))
             scrapers.append(Scraper(port))
         a, now, old = a_against_before(relays, sink, scrapers)
-        change = statistics.median(now) / statistics.median(old) - 1
-        pairs = ", ".join(f"{(x / y - 1) * 100:+.0f} %" for x, y in zip(now, old))
-        lines = [f"Cost per message: {a_intro('build')} Both builds with "
-                 f"the admin listener on and scraped every {SCRAPE_S:g} s "
-                 f"({sum(sc.scrapes for sc in scrapers)} scrapes, "
-                 f"{sum(sc.errors for sc in scrapers)} failed) and the journal on. "
-                 "\"portcullis-before\": BENCH_BEFORE_BIN.", ""] + table_a(a) + [
-                 "", f"Relay CPU per message, medians: {statistics.median(now):.3f} against "
-                 f"{statistics.median(old):.3f} ms = **{change * 100:+.1f} %** "
-                 f"(run by run: {pairs}).", "",
-                 "| goal | measured | met |", "|---|---|---|",
+        lines, change = a_report(
+            "Cost per message", "build",
+            f"Both builds with the admin listener on and {scraped(scrapers)} and the journal "
+            "on. \"portcullis-before\": BENCH_BEFORE_BIN.", a, now, old)
+        lines += ["", "| goal | measured | met |", "|---|---|---|",
                  f"| relay CPU per message at least 20 % below the build before | "
                  f"{change * 100:+.1f} % | {'yes' if change <= -0.20 else 'no'} |"]
         publish(lines, started)
