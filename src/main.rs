@@ -1128,7 +1128,7 @@ fn queue(action: QueueAction, config: Option<&Path>, spool: Option<PathBuf>) -> 
             // Each row is made on the thread that read its message, which keeps no envelope.
             let now = unix_now();
             if json {
-                let lines = spool.list_map(|m| report::json_row(&m, now))?;
+                let lines = spool.report_map(|m| report::json_row(&m, now))?;
                 // Through one buffer, line by line: no second copy of the whole output.
                 let mut w = std::io::BufWriter::with_capacity(1 << 16, std::io::stdout().lock());
                 output_written(
@@ -1138,7 +1138,7 @@ fn queue(action: QueueAction, config: Option<&Path>, spool: Option<PathBuf>) -> 
                         .and_then(|()| std::io::Write::flush(&mut w)),
                 );
             } else {
-                let rows = spool.list_map(|m| report::table_row(&m, now))?;
+                let rows = spool.report_map(|m| report::table_row(&m, now))?;
                 out!("{}", report::table(&rows));
             }
         }

@@ -606,22 +606,52 @@ impl Spool {
         Ok(self.load_many_map(&self.queued_ids()?, f))
     }
 
+    /// [`Spool::list_map`] for a report to an operator (`queue list`): a message whose
+    /// `ID.state` was not in the directory listing is taken as never attempted without a
+    /// second look, which spares a failed `open` per such message (a fifth of the listing's
+    /// system calls at 100,000 fresh messages). A state written between the listing and the
+    /// read is therefore not seen, as one written just after the read is not: a snapshot.
+    /// Whatever acts on a message's state (holds, releases, delivery) uses
+    /// [`Spool::list_map`], which always looks. Blocking.
+    ///
+    /// # Errors
+    /// `queue/` cannot be read.
+    pub fn report_map<T: Send>(
+        &self,
+        f: impl Fn(QueuedMessage) -> T + Sync,
+    ) -> Result<Vec<T>, SpoolError> {
+        let (ids, states) = self.listing()?;
+        let load = |id: &QueueId| self.load_open_as(id, states.binary_search(id).is_ok());
+        Ok(self.load_many_split(&ids, load, f, LIST_PER_THREAD))
+    }
+
     /// The ids of the messages in `queue/`, sorted (oldest first). Blocking.
     ///
     /// # Errors
     /// `queue/` cannot be read.
     pub fn queued_ids(&self) -> Result<Vec<QueueId>, SpoolError> {
+        self.listing().map(|(ids, _)| ids)
+    }
+
+    /// One listing of `queue/`: the ids of its messages and the ids of its `ID.state` files,
+    /// each sorted. Blocking.
+    fn listing(&self) -> Result<(Vec<QueueId>, Vec<QueueId>), SpoolError> {
         let dir = &self.inner.queue;
         let entries = fs::read_dir(dir).map_err(SpoolError::io("readdir", dir))?;
-        let mut ids = Vec::new();
+        let (mut ids, mut states) = (Vec::new(), Vec::new());
         for entry in entries {
             let entry = entry.map_err(SpoolError::io("readdir", dir))?;
-            if let Some(id) = entry.file_name().to_str().and_then(exact_id) {
+            let name = entry.file_name();
+            let Some(name) = name.to_str() else { continue };
+            if let Some(id) = exact_id(name) {
                 ids.push(id);
+            } else if let Some(id) = name.strip_suffix(STATE_SUFFIX).and_then(exact_id) {
+                states.push(id);
             }
         }
         ids.sort();
-        Ok(ids)
+        states.sort();
+        Ok((ids, states))
     }
 
     /// [`Spool::load`] of each of `ids`, in order, leaving out those gone and (logged) those
@@ -636,13 +666,15 @@ impl Spool {
         ids: &[QueueId],
         f: impl Fn(QueuedMessage) -> T + Sync,
     ) -> Vec<T> {
-        self.load_many_split(ids, f, LIST_PER_THREAD)
+        self.load_many_split(ids, |id| self.load(id), f, LIST_PER_THREAD)
     }
 
-    /// [`Spool::load_many_map`] with at least `per_thread` messages on each thread.
+    /// [`Spool::load_many_map`], each message read by `load`, with at least `per_thread`
+    /// messages on each thread.
     fn load_many_split<T: Send>(
         &self,
         ids: &[QueueId],
+        load: impl Fn(&QueueId) -> Result<QueuedMessage, SpoolError> + Sync,
         f: impl Fn(QueuedMessage) -> T + Sync,
         per_thread: usize,
     ) -> Vec<T> {
@@ -654,14 +686,14 @@ impl Spool {
             .min(ids.len() / per_thread.max(1))
             .max(1);
         if threads == 1 {
-            return self.load_all(ids, &f);
+            return load_all(ids, &load, &f);
         }
         let chunk = ids.len().div_ceil(threads);
-        let f = &f;
+        let (load, f) = (&load, &f);
         std::thread::scope(|scope| {
             let parts: Vec<_> = ids
                 .chunks(chunk)
-                .map(|part| scope.spawn(move || self.load_all(part, f)))
+                .map(|part| scope.spawn(move || load_all(part, load, f)))
                 .collect();
             parts
                 .into_iter()
@@ -672,19 +704,6 @@ impl Spool {
 
     /// `f` of [`Spool::load`] of each of `ids`, in order, leaving out those gone and (logged)
     /// those unreadable.
-    fn load_all<T>(&self, ids: &[QueueId], f: impl Fn(QueuedMessage) -> T) -> Vec<T> {
-        let mut out = Vec::with_capacity(ids.len());
-        for id in ids {
-            match self.load(id) {
-                Ok(msg) => out.push(f(msg)),
-                Err(SpoolError::NotFound(_)) => {}
-                Err(e) => {
-                    tracing::warn!(queue_id = %id, error = %e, "skipping unreadable queue file")
-                }
-            }
-        }
-        out
-    }
 
     /// Read one committed message's envelope, state and size. A state file that cannot be
     /// parsed (or is untrusted) is logged and treated as fresh (recovery rejects it): retrying a message is
@@ -719,14 +738,7 @@ impl Spool {
     /// Open `queue/ID`, parse its header and state; the reader is positioned at the message.
     fn load_open(&self, id: &QueueId) -> Result<(QueuedMessage, BufReader<File>), SpoolError> {
         let (reader, envelope, header_len, path, len) = self.open_verified(id)?;
-        let state = match self.read_state(id, &envelope) {
-            Ok(Some(state)) => state,
-            Ok(None) => DeliveryState::fresh(envelope.received_at),
-            Err(e) => {
-                tracing::warn!(queue_id = %id, error = %e, "ignoring unreadable delivery state");
-                DeliveryState::fresh(envelope.received_at)
-            }
-        };
+        let state = self.state_or_fresh(id, &envelope);
         let msg = QueuedMessage {
             size: len.saturating_sub(header_len),
             envelope,
@@ -734,6 +746,34 @@ impl Spool {
             path,
         };
         Ok((msg, reader))
+    }
+
+    /// [`Spool::load`], looking for `ID.state` only when `has_state` (for
+    /// [`Spool::report_map`]: the listing it made said whether there is one).
+    fn load_open_as(&self, id: &QueueId, has_state: bool) -> Result<QueuedMessage, SpoolError> {
+        if has_state {
+            return self.load(id);
+        }
+        let (_, envelope, header_len, path, len) = self.open_verified(id)?;
+        Ok(QueuedMessage {
+            size: len.saturating_sub(header_len),
+            state: DeliveryState::fresh(envelope.received_at),
+            envelope,
+            path,
+        })
+    }
+
+    /// The delivery state of `id` from `ID.state`; never attempted when there is none, and
+    /// when it cannot be read (logged: retrying a message is safe, losing it is not).
+    fn state_or_fresh(&self, id: &QueueId, envelope: &Envelope) -> DeliveryState {
+        match self.read_state(id, envelope) {
+            Ok(Some(state)) => state,
+            Ok(None) => DeliveryState::fresh(envelope.received_at),
+            Err(e) => {
+                tracing::warn!(queue_id = %id, error = %e, "ignoring unreadable delivery state");
+                DeliveryState::fresh(envelope.received_at)
+            }
+        }
     }
 
     /// The raw message bytes of a committed message (for tests and `queue show`; delivery
@@ -964,6 +1004,26 @@ impl Spool {
 
 /// The id a `queue/` file name stands for, if it is exactly a queue id (upper case, as
 /// written). Anything else (state files, lower case, stray names) is not a message.
+/// `load` of each of `ids`, in order, turned into `f(message)`; those gone are left out and
+/// those unreadable logged and left out.
+fn load_all<T>(
+    ids: &[QueueId],
+    load: impl Fn(&QueueId) -> Result<QueuedMessage, SpoolError>,
+    f: impl Fn(QueuedMessage) -> T,
+) -> Vec<T> {
+    let mut out = Vec::with_capacity(ids.len());
+    for id in ids {
+        match load(id) {
+            Ok(msg) => out.push(f(msg)),
+            Err(SpoolError::NotFound(_)) => {}
+            Err(e) => {
+                tracing::warn!(queue_id = %id, error = %e, "skipping unreadable queue file")
+            }
+        }
+    }
+    out
+}
+
 fn exact_id(name: &str) -> Option<QueueId> {
     // Half the names in queue/ are states (`ID.state`): refused before any allocation.
     if name.len() != crate::envelope::QUEUE_ID_LEN {

@@ -133,9 +133,50 @@ fn a_list_read_on_several_threads_keeps_the_order_and_leaves_out_the_gone_and_un
     asked.insert(3, gone);
     asked.insert(7, bad);
     // Two messages a thread: as many threads as the machine has, up to LIST_THREADS.
-    let read = spool.load_many_split(&asked, |m| (m.envelope.id, m.envelope.recipients.len()), 2);
+    let read = spool.load_many_split(
+        &asked,
+        |id| spool.load(id),
+        |m| (m.envelope.id, m.envelope.recipients.len()),
+        2,
+    );
     let expected: Vec<(QueueId, usize)> = ids.into_iter().map(|id| (id, 1)).collect();
     assert_eq!(read, expected);
+}
+
+#[test]
+fn report_map_reads_the_states_the_listing_saw_and_takes_the_others_as_fresh() {
+    let (_d, spool) = spool();
+    let ids: Vec<QueueId> = (0..6)
+        .map(|i| commit(&spool, &envelope(&[&format!("r{i}@example.com")]), BODY))
+        .collect();
+    let mut attempted = DeliveryState::fresh(7);
+    attempted.attempts = 3;
+    attempted.last_error = Some("451 4.3.0 try later".into());
+    spool.write_state(&ids[1], &attempted).unwrap();
+    let mut held = DeliveryState::fresh(9);
+    held.hold(1_700_000_000, "account contained");
+    spool.write_state(&ids[4], &held).unwrap();
+    // A state file whose message is gone, and a stray name: neither is a message.
+    fs::write(
+        spool.root().join("queue").join("0000000000000000.state"),
+        b"{}",
+    )
+    .unwrap();
+    fs::write(spool.root().join("queue").join("notes.txt"), b"x").unwrap();
+
+    let row = |m: QueuedMessage| (m.envelope.id.clone(), m.size, m.state);
+    let report = spool.report_map(row).unwrap();
+    assert_eq!(report, spool.list_map(row).unwrap());
+    let mut sorted = ids.clone();
+    sorted.sort();
+    assert_eq!(
+        report.iter().map(|r| r.0.clone()).collect::<Vec<_>>(),
+        sorted
+    );
+    let state_of = |id: &QueueId| &report.iter().find(|r| &r.0 == id).unwrap().2;
+    assert_eq!(state_of(&ids[1]), &attempted);
+    assert!(state_of(&ids[4]).hold.is_some());
+    assert_eq!(state_of(&ids[0]).attempts, 0);
 }
 
 #[test]
