@@ -702,9 +702,6 @@ impl Spool {
         })
     }
 
-    /// `f` of [`Spool::load`] of each of `ids`, in order, leaving out those gone and (logged)
-    /// those unreadable.
-
     /// Read one committed message's envelope, state and size. A state file that cannot be
     /// parsed (or is untrusted) is logged and treated as fresh (recovery rejects it): retrying a message is
     /// safe, losing it is not.
@@ -1002,8 +999,6 @@ impl Spool {
     }
 }
 
-/// The id a `queue/` file name stands for, if it is exactly a queue id (upper case, as
-/// written). Anything else (state files, lower case, stray names) is not a message.
 /// `load` of each of `ids`, in order, turned into `f(message)`; those gone are left out and
 /// those unreadable logged and left out.
 fn load_all<T>(
@@ -1024,6 +1019,8 @@ fn load_all<T>(
     out
 }
 
+/// The id a `queue/` file name stands for, if it is exactly a queue id (upper case, as
+/// written). Anything else (state files, lower case, stray names) is not a message.
 fn exact_id(name: &str) -> Option<QueueId> {
     // Half the names in queue/ are states (`ID.state`): refused before any allocation.
     if name.len() != crate::envelope::QUEUE_ID_LEN {
