@@ -621,7 +621,10 @@ impl Spool {
         f: impl Fn(QueuedMessage) -> T + Sync,
     ) -> Result<Vec<T>, SpoolError> {
         let (ids, states) = self.listing()?;
-        let load = |id: &QueueId| self.load_open_as(id, states.binary_search(id).is_ok());
+        let load = |id: &QueueId| {
+            self.load_open_as(id, states.binary_search(id).is_ok())
+                .map(|(msg, _)| msg)
+        };
         Ok(self.load_many_split(&ids, load, f, LIST_PER_THREAD))
     }
 
@@ -734,8 +737,26 @@ impl Spool {
 
     /// Open `queue/ID`, parse its header and state; the reader is positioned at the message.
     fn load_open(&self, id: &QueueId) -> Result<(QueuedMessage, BufReader<File>), SpoolError> {
+        self.load_open_as(id, true)
+    }
+
+    /// [`Spool::load_open`], looking for `ID.state` only when `has_state` (false for
+    /// [`Spool::report_map`] when its listing held none: the message is taken as never
+    /// attempted).
+    fn load_open_as(
+        &self,
+        id: &QueueId,
+        has_state: bool,
+    ) -> Result<(QueuedMessage, BufReader<File>), SpoolError> {
         let (reader, envelope, header_len, path, len) = self.open_verified(id)?;
-        let state = self.state_or_fresh(id, &envelope);
+        let state = match has_state.then(|| self.read_state(id, &envelope)) {
+            Some(Ok(Some(state))) => state,
+            None | Some(Ok(None)) => DeliveryState::fresh(envelope.received_at),
+            Some(Err(e)) => {
+                tracing::warn!(queue_id = %id, error = %e, "ignoring unreadable delivery state");
+                DeliveryState::fresh(envelope.received_at)
+            }
+        };
         let msg = QueuedMessage {
             size: len.saturating_sub(header_len),
             envelope,
@@ -743,34 +764,6 @@ impl Spool {
             path,
         };
         Ok((msg, reader))
-    }
-
-    /// [`Spool::load`], looking for `ID.state` only when `has_state` (for
-    /// [`Spool::report_map`]: the listing it made said whether there is one).
-    fn load_open_as(&self, id: &QueueId, has_state: bool) -> Result<QueuedMessage, SpoolError> {
-        if has_state {
-            return self.load(id);
-        }
-        let (_, envelope, header_len, path, len) = self.open_verified(id)?;
-        Ok(QueuedMessage {
-            size: len.saturating_sub(header_len),
-            state: DeliveryState::fresh(envelope.received_at),
-            envelope,
-            path,
-        })
-    }
-
-    /// The delivery state of `id` from `ID.state`; never attempted when there is none, and
-    /// when it cannot be read (logged: retrying a message is safe, losing it is not).
-    fn state_or_fresh(&self, id: &QueueId, envelope: &Envelope) -> DeliveryState {
-        match self.read_state(id, envelope) {
-            Ok(Some(state)) => state,
-            Ok(None) => DeliveryState::fresh(envelope.received_at),
-            Err(e) => {
-                tracing::warn!(queue_id = %id, error = %e, "ignoring unreadable delivery state");
-                DeliveryState::fresh(envelope.received_at)
-            }
-        }
     }
 
     /// The raw message bytes of a committed message (for tests and `queue show`; delivery

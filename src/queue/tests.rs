@@ -177,6 +177,12 @@ fn report_map_reads_the_states_the_listing_saw_and_takes_the_others_as_fresh() {
     assert_eq!(state_of(&ids[1]), &attempted);
     assert!(state_of(&ids[4]).hold.is_some());
     assert_eq!(state_of(&ids[0]).attempts, 0);
+    // The listing decides: told there is no state, the load does not look for one.
+    let (unlooked, _) = spool.load_open_as(&ids[1], false).unwrap();
+    assert_eq!(
+        unlooked.state,
+        DeliveryState::fresh(unlooked.envelope.received_at)
+    );
 }
 
 #[test]
